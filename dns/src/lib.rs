@@ -1,0 +1,1 @@
+//! Internal DNS (see issue 5).

@@ -1,0 +1,455 @@
+//! The routing snapshot: an immutable, versioned view of the routing table that
+//! every shard reads on each accept.
+//!
+//! The control thread builds a new [`RoutingSnapshot`] whenever `routing.db`
+//! changes and publishes it with [`SnapshotHandle::publish`]. Shards call
+//! [`SnapshotHandle::load`] once per accepted connection. A snapshot never
+//! changes after it is built, so a connection that picked a backend from an old
+//! snapshot keeps that backend; only new connections see the new table.
+//!
+//! Live per-backend state (open connection count, connect failures) lives in
+//! [`BackendLive`], shared by `Arc` between the snapshots that contain the same
+//! backend id: counts survive snapshot swaps. [`LiveRegistry`] hands out those
+//! `Arc`s when snapshots are built.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// An ISO 3166-1 alpha-2 country code, upper case ASCII (`*b"BR"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Country(pub [u8; 2]);
+
+impl Country {
+    /// Parses a two-letter code, case-insensitively. `None` for anything else.
+    pub fn parse(code: &str) -> Option<Self> {
+        let b = code.trim().as_bytes();
+        if b.len() == 2 && b.iter().all(u8::is_ascii_alphabetic) {
+            Some(Country([
+                b[0].to_ascii_uppercase(),
+                b[1].to_ascii_uppercase(),
+            ]))
+        } else {
+            None
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever built from ASCII letters.
+        std::str::from_utf8(&self.0).unwrap_or("??")
+    }
+}
+
+impl std::fmt::Display for Country {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Index of a region name in [`RoutingSnapshot::regions`]. Regions are interned
+/// when a snapshot is built so scoring compares integers, not strings.
+pub type RegionId = u16;
+
+/// Index of a backend in [`RoutingSnapshot::backends`].
+pub type BackendIdx = u32;
+
+/// Live state of one backend, shared across shards and across snapshots.
+#[derive(Debug, Default)]
+pub struct BackendLive {
+    /// Connections currently open to this backend, across all shards.
+    pub active: AtomicU32,
+    /// Connect attempts that failed (refused, timed out, unreachable).
+    pub connect_failures: AtomicU64,
+    /// Connections ever proxied to this backend.
+    pub total: AtomicU64,
+}
+
+impl BackendLive {
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Holds one connection's place in [`BackendLive::active`]; dropping it gives
+/// the place back, however the connection ends.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<BackendLive>);
+
+impl ActiveGuard {
+    pub fn new(live: &Arc<BackendLive>) -> Self {
+        live.active.fetch_add(1, Ordering::Relaxed);
+        live.total.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(live))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One routable backend, validated and parsed when the snapshot was built.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub id: Arc<str>,
+    pub app: Arc<str>,
+    pub region: RegionId,
+    pub country: Option<Country>,
+    pub addr: SocketAddr,
+    pub healthy: bool,
+    /// Always ≥ 1 (a stored weight below 1 is clamped to 1 when building).
+    pub weight: u32,
+    /// Always ≥ 1.
+    pub soft_limit: u32,
+    /// 0 means "no hard limit".
+    pub hard_limit: u32,
+    pub live: Arc<BackendLive>,
+}
+
+impl Backend {
+    /// Open connections to this backend right now, across all shards.
+    pub fn active(&self) -> u32 {
+        self.live.active()
+    }
+
+    /// True when the backend may take one more connection by its hard limit.
+    pub fn under_hard_limit(&self, active: u32) -> bool {
+        self.hard_limit == 0 || active < self.hard_limit
+    }
+}
+
+/// A row as read from the store, before validation. Produced by the control
+/// plane's store, consumed by [`SnapshotBuilder`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendRecord {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub country: Option<String>,
+    /// The original schema calls this `wg_ip`: the backend's address on the
+    /// private network (IPv4 or IPv6, no port).
+    pub ip: String,
+    pub port: i64,
+    pub healthy: bool,
+    pub weight: i64,
+    pub soft_limit: i64,
+    pub hard_limit: i64,
+    pub deleted: bool,
+}
+
+/// Why a record was left out of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("empty id")]
+    EmptyId,
+    #[error("invalid ip address {0:?}")]
+    BadIp(String),
+    #[error("port {0} out of range 1..=65535")]
+    BadPort(i64),
+    #[error("negative {field} ({value})")]
+    NegativeLimit { field: &'static str, value: i64 },
+    #[error("invalid country code {0:?}")]
+    BadCountry(String),
+    #[error("duplicate id")]
+    DuplicateId,
+}
+
+/// The whole routing table as the data plane sees it.
+#[derive(Debug, Default)]
+pub struct RoutingSnapshot {
+    /// Monotonic; bumps on every publish.
+    pub version: u64,
+    pub backends: Vec<Backend>,
+    /// Interned region names; `Backend::region` indexes this.
+    pub regions: Vec<Arc<str>>,
+    /// Backend indices per app, in table order.
+    by_app: HashMap<Arc<str>, Vec<BackendIdx>>,
+    /// All backend indices, in table order (for listeners serving every app).
+    all: Vec<BackendIdx>,
+    by_id: HashMap<Arc<str>, BackendIdx>,
+}
+
+impl RoutingSnapshot {
+    /// Candidate backends for a listener: those of `app`, or all when `None`.
+    pub fn candidates(&self, app: Option<&str>) -> &[BackendIdx] {
+        match app {
+            None => &self.all,
+            Some(app) => self.by_app.get(app).map(Vec::as_slice).unwrap_or(&[]),
+        }
+    }
+
+    pub fn backend(&self, idx: BackendIdx) -> &Backend {
+        &self.backends[idx as usize]
+    }
+
+    pub fn find(&self, id: &str) -> Option<BackendIdx> {
+        self.by_id.get(id).copied()
+    }
+
+    pub fn region_id(&self, name: &str) -> Option<RegionId> {
+        self.regions
+            .iter()
+            .position(|r| r.eq_ignore_ascii_case(name))
+            .map(|i| i as RegionId)
+    }
+
+    pub fn region_name(&self, id: RegionId) -> &str {
+        self.regions.get(id as usize).map(|r| &**r).unwrap_or("")
+    }
+
+    /// Number of apps with at least one backend.
+    pub fn app_count(&self) -> usize {
+        self.by_app.len()
+    }
+}
+
+/// Hands out the shared [`BackendLive`] for each backend id so that live counts
+/// carry over from one snapshot to the next. Owned by the control thread.
+#[derive(Debug, Default)]
+pub struct LiveRegistry {
+    by_id: HashMap<Arc<str>, Arc<BackendLive>>,
+}
+
+impl LiveRegistry {
+    fn get(&mut self, id: &Arc<str>) -> Arc<BackendLive> {
+        Arc::clone(self.by_id.entry(Arc::clone(id)).or_default())
+    }
+
+    /// Forgets backends that no snapshot references any more and that have no
+    /// open connection, so the registry does not grow without bound.
+    fn retain_ids(&mut self, keep: &HashMap<Arc<str>, BackendIdx>) {
+        self.by_id
+            .retain(|id, live| keep.contains_key(id) || live.active() > 0);
+    }
+}
+
+/// Builds snapshots from store records.
+#[derive(Debug, Default)]
+pub struct SnapshotBuilder {
+    live: LiveRegistry,
+    next_version: u64,
+}
+
+/// Result of building a snapshot: the snapshot and the records left out.
+#[derive(Debug)]
+pub struct Built {
+    pub snapshot: RoutingSnapshot,
+    pub skipped: Vec<(String, RecordError)>,
+}
+
+impl SnapshotBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds the next snapshot. Deleted records are left out silently; invalid
+    /// ones are left out and reported in [`Built::skipped`]. Unhealthy backends
+    /// stay in (selection excludes them) so that their live counts persist.
+    pub fn build(&mut self, records: &[BackendRecord]) -> Built {
+        self.next_version += 1;
+        let mut snap = RoutingSnapshot {
+            version: self.next_version,
+            ..Default::default()
+        };
+        let mut skipped = Vec::new();
+        for rec in records.iter().filter(|r| !r.deleted) {
+            match validate(rec) {
+                Err(e) => skipped.push((rec.id.clone(), e)),
+                Ok(v) => {
+                    let id: Arc<str> = Arc::from(rec.id.as_str());
+                    if snap.by_id.contains_key(&id) {
+                        skipped.push((rec.id.clone(), RecordError::DuplicateId));
+                        continue;
+                    }
+                    let region = intern(&mut snap.regions, &rec.region);
+                    let app: Arc<str> = match snap.by_app.get_key_value(rec.app.as_str()) {
+                        Some((k, _)) => Arc::clone(k),
+                        None => Arc::from(rec.app.as_str()),
+                    };
+                    let idx = snap.backends.len() as BackendIdx;
+                    snap.by_id.insert(Arc::clone(&id), idx);
+                    snap.by_app.entry(Arc::clone(&app)).or_default().push(idx);
+                    snap.all.push(idx);
+                    let live = self.live.get(&id);
+                    snap.backends.push(Backend {
+                        id,
+                        app,
+                        region,
+                        country: v.country,
+                        addr: v.addr,
+                        healthy: rec.healthy,
+                        weight: v.weight,
+                        soft_limit: v.soft_limit,
+                        hard_limit: v.hard_limit,
+                        live,
+                    });
+                }
+            }
+        }
+        self.live.retain_ids(&snap.by_id);
+        Built {
+            snapshot: snap,
+            skipped,
+        }
+    }
+}
+
+struct Validated {
+    addr: SocketAddr,
+    country: Option<Country>,
+    weight: u32,
+    soft_limit: u32,
+    hard_limit: u32,
+}
+
+fn validate(rec: &BackendRecord) -> Result<Validated, RecordError> {
+    if rec.id.trim().is_empty() {
+        return Err(RecordError::EmptyId);
+    }
+    let ip: std::net::IpAddr = rec
+        .ip
+        .trim()
+        .parse()
+        .map_err(|_| RecordError::BadIp(rec.ip.clone()))?;
+    if !(1..=65535).contains(&rec.port) {
+        return Err(RecordError::BadPort(rec.port));
+    }
+    for (field, value) in [
+        ("weight", rec.weight),
+        ("soft_limit", rec.soft_limit),
+        ("hard_limit", rec.hard_limit),
+    ] {
+        if value < 0 {
+            return Err(RecordError::NegativeLimit { field, value });
+        }
+    }
+    let country = match rec.country.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(c) => Some(Country::parse(c).ok_or_else(|| RecordError::BadCountry(c.to_string()))?),
+    };
+    let clamp = |v: i64| v.clamp(1, u32::MAX as i64) as u32;
+    Ok(Validated {
+        addr: SocketAddr::new(ip, rec.port as u16),
+        country,
+        weight: clamp(rec.weight),
+        soft_limit: clamp(rec.soft_limit),
+        hard_limit: rec.hard_limit.min(u32::MAX as i64) as u32,
+    })
+}
+
+fn intern(regions: &mut Vec<Arc<str>>, name: &str) -> RegionId {
+    let name = name.trim();
+    if let Some(i) = regions.iter().position(|r| r.eq_ignore_ascii_case(name)) {
+        return i as RegionId;
+    }
+    regions.push(Arc::from(name.to_ascii_lowercase().as_str()));
+    (regions.len() - 1) as RegionId
+}
+
+/// The published snapshot, shared by the control thread (writer) and every
+/// shard (readers). Loading is lock-free.
+#[derive(Debug, Clone)]
+pub struct SnapshotHandle(Arc<ArcSwap<RoutingSnapshot>>);
+
+impl SnapshotHandle {
+    pub fn new(initial: RoutingSnapshot) -> Self {
+        SnapshotHandle(Arc::new(ArcSwap::from_pointee(initial)))
+    }
+
+    /// The current snapshot. Cheap; hold the guard only for the duration of a
+    /// selection, never across an await that may last.
+    pub fn load(&self) -> arc_swap::Guard<Arc<RoutingSnapshot>> {
+        self.0.load()
+    }
+
+    /// The current snapshot as an owned `Arc`.
+    pub fn load_full(&self) -> Arc<RoutingSnapshot> {
+        self.0.load_full()
+    }
+
+    pub fn publish(&self, snapshot: RoutingSnapshot) {
+        self.0.store(Arc::new(snapshot));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(
+        id: &str,
+        app: &str,
+        region: &str,
+        country: Option<&str>,
+        port: i64,
+    ) -> BackendRecord {
+        BackendRecord {
+            id: id.into(),
+            app: app.into(),
+            region: region.into(),
+            country: country.map(Into::into),
+            ip: "127.0.0.1".into(),
+            port,
+            healthy: true,
+            weight: 2,
+            soft_limit: 100,
+            hard_limit: 150,
+            deleted: false,
+        }
+    }
+
+    #[test]
+    fn invalid_records_are_skipped_with_their_id() {
+        let mut bad_ip = record("b1", "web", "sa", None, 80);
+        bad_ip.ip = "10.0.0.300".into();
+        let bad_port = record("b2", "web", "sa", None, 0);
+        let mut neg = record("b3", "web", "sa", None, 80);
+        neg.soft_limit = -1;
+        let good = record("b4", "web", "sa", Some("br"), 80);
+        let mut deleted = record("b5", "web", "sa", None, 80);
+        deleted.deleted = true;
+        let built = SnapshotBuilder::new().build(&[bad_ip, bad_port, neg, good, deleted]);
+        assert_eq!(built.snapshot.backends.len(), 1);
+        assert_eq!(&*built.snapshot.backends[0].id, "b4");
+        assert_eq!(built.snapshot.backends[0].country, Some(Country(*b"BR")));
+        let ids: Vec<_> = built.skipped.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, ["b1", "b2", "b3"]);
+    }
+
+    #[test]
+    fn live_counts_survive_rebuilds() {
+        let mut builder = SnapshotBuilder::new();
+        let first = builder
+            .build(&[record("b1", "web", "sa", None, 80)])
+            .snapshot;
+        let guard = ActiveGuard::new(&first.backends[0].live);
+        let mut changed = record("b1", "web", "sa", None, 81);
+        changed.weight = 5;
+        let second = builder.build(&[changed]).snapshot;
+        assert!(second.version > first.version);
+        assert_eq!(second.backends[0].active(), 1);
+        drop(guard);
+        assert_eq!(second.backends[0].active(), 0);
+    }
+
+    #[test]
+    fn candidates_by_app_and_regions_interned() {
+        let built = SnapshotBuilder::new().build(&[
+            record("a", "web", "sa", None, 80),
+            record("b", "api", "SA", None, 81),
+            record("c", "web", "eu", None, 82),
+        ]);
+        let s = built.snapshot;
+        assert_eq!(s.candidates(Some("web")), &[0, 2]);
+        assert_eq!(s.candidates(Some("api")), &[1]);
+        assert_eq!(s.candidates(Some("none")), &[] as &[u32]);
+        assert_eq!(s.candidates(None), &[0, 1, 2]);
+        assert_eq!(s.backends[0].region, s.backends[1].region);
+        assert_eq!(s.region_id("EU"), Some(s.backends[2].region));
+    }
+}

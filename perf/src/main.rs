@@ -1,0 +1,3 @@
+fn main() {
+    eprintln!("perf suite: not built yet (see issue 3)");
+}
