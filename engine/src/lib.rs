@@ -2,10 +2,20 @@
 //!
 //! Pure logic (snapshot, selection, affinity, geo, PROXY protocol) is
 //! runtime-free and tested deterministically; everything that touches compio
-//! lives in [`rt`] and the shard and connection modules built on it.
+//! lives in [`rt`], used by the shard and connection modules.
 
 pub mod affinity;
+mod conn;
+mod engine;
 pub mod geo;
+pub mod listener;
 pub mod proxy_protocol;
+pub mod rt;
 pub mod select;
+mod shard;
+pub mod settings;
 pub mod snapshot;
+pub mod stats;
+
+pub use engine::{Engine, EngineError, RunningListener};
+pub use settings::{EngineSettings, Knobs, ListenerSpec};

@@ -1,0 +1,817 @@
+//! Configuration: one TOML file plus `EDGEPROXY_*` environment overrides.
+//!
+//! Loading is two steps: [`RawConfig`] mirrors the file (every field optional,
+//! unknown keys rejected), then [`Config::from_raw`] applies the environment,
+//! fills defaults and validates into typed values (`SocketAddr`, `Duration`,
+//! `NonZero*`). Every error names the key it is about. With no file at all the
+//! environment alone (the original edgeProxy's variables) gives a working
+//! configuration, so an existing deployment can swap binaries.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything that can go wrong loading configuration. Each message names the
+/// file, key or variable involved.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment variable {var}={value:?}: {reason}")]
+    Env {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written. All fields optional; defaults are applied in `from_raw`.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub pop: RawPop,
+    #[serde(default)]
+    pub runtime: RawRuntime,
+    #[serde(default)]
+    pub routing: RawRouting,
+    #[serde(default)]
+    pub affinity: RawAffinity,
+    #[serde(default)]
+    pub geo: RawGeo,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default, rename = "listener")]
+    pub listeners: Option<Vec<RawListener>>,
+    #[serde(default)]
+    pub demo: RawDemo,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPop {
+    pub region: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntime {
+    pub shards: Option<u32>,
+    pub pin_cores: Option<bool>,
+    pub buffer_count: Option<u32>,
+    pub buffer_size: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub db_path: Option<PathBuf>,
+    pub reload_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAffinity {
+    pub ttl_secs: Option<u64>,
+    pub gc_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeo {
+    pub db_path: Option<PathBuf>,
+    pub default_region: Option<String>,
+    pub regions: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(default, rename = "override")]
+    pub overrides: Vec<RawGeoOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGeoOverride {
+    pub cidr: String,
+    pub country: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<u32>,
+    pub max_connections_per_shard: Option<u32>,
+    pub connect_timeout_ms: Option<u64>,
+    pub connect_attempts: Option<u32>,
+    pub idle_timeout_secs: Option<u64>,
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Option<String>,
+    pub addr: String,
+    pub app: Option<String>,
+    pub accept_proxy_protocol: Option<bool>,
+    pub send_proxy_protocol: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDemo {
+    pub backends: Option<u32>,
+    pub app: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// The effective, validated configuration.
+// ---------------------------------------------------------------------------
+
+/// The effective configuration. Serializes back to TOML for `check-config`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub pop: Pop,
+    pub runtime: Runtime,
+    pub routing: Routing,
+    pub affinity: Affinity,
+    pub geo: Geo,
+    pub limits: Limits,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<Listener>,
+    pub demo: Demo,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pop {
+    /// Region of this POP; backends in it get geo tier 2 ("local POP").
+    pub region: String,
+    /// Free-form name used in logs.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Runtime {
+    /// Data-plane shards (one io_uring runtime per core). 0 in the file means
+    /// one per available core; here it is already resolved.
+    pub shards: u32,
+    pub pin_cores: bool,
+    /// Provided receive buffers per shard (rounded up to a power of two).
+    pub buffer_count: u32,
+    /// Bytes per provided buffer.
+    pub buffer_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Routing {
+    pub db_path: PathBuf,
+    #[serde(serialize_with = "ser_ms")]
+    pub reload_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Affinity {
+    #[serde(serialize_with = "ser_secs")]
+    pub ttl: Duration,
+    #[serde(serialize_with = "ser_secs")]
+    pub gc_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Geo {
+    /// `None`: the embedded DB-IP Lite country database.
+    pub db_path: Option<PathBuf>,
+    pub default_region: String,
+    /// `None`: the built-in region map.
+    pub regions: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(rename = "override")]
+    pub overrides: Vec<GeoOverride>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GeoOverride {
+    #[serde(serialize_with = "ser_display")]
+    pub cidr: ipnet::IpNet,
+    pub country: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Limits {
+    /// 0 = unlimited.
+    pub max_connections: u32,
+    /// 0 = unlimited.
+    pub max_connections_per_shard: u32,
+    #[serde(serialize_with = "ser_ms")]
+    pub connect_timeout: Duration,
+    pub connect_attempts: NonZeroU32,
+    /// 0 = never time out idle connections.
+    #[serde(serialize_with = "ser_secs")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "ser_secs")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listener {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// `None`: the listener serves every app.
+    pub app: Option<String>,
+    pub accept_proxy_protocol: bool,
+    pub send_proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Demo {
+    /// Demo HTTP backends started in-process and registered in the routing
+    /// table at start (0 = none).
+    pub backends: u32,
+    pub app: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Log {
+    pub level: String,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// Defaults. Those shared with the original edgeProxy keep its values
+/// (listen 0.0.0.0:8080, routing.db, region "sa", binding TTL 600 s, GC 60 s);
+/// the reload interval is 1 s instead of its 5 s.
+pub mod defaults {
+    pub const LISTEN_ADDR: &str = "0.0.0.0:8080";
+    pub const DB_PATH: &str = "routing.db";
+    pub const REGION: &str = "sa";
+    pub const RELOAD_INTERVAL_MS: u64 = 1000;
+    pub const BINDING_TTL_SECS: u64 = 600;
+    pub const BINDING_GC_INTERVAL_SECS: u64 = 60;
+    pub const DEFAULT_GEO_REGION: &str = "us";
+    pub const BUFFER_COUNT: u32 = 1024;
+    pub const BUFFER_SIZE: u32 = 16 * 1024;
+    pub const MAX_CONNECTIONS: u32 = 100_000;
+    pub const CONNECT_TIMEOUT_MS: u64 = 2000;
+    pub const CONNECT_ATTEMPTS: u32 = 3;
+    pub const IDLE_TIMEOUT_SECS: u64 = 300;
+    pub const SHUTDOWN_GRACE_SECS: u64 = 30;
+    pub const DEMO_APP: &str = "demo";
+}
+
+/// The environment, as a lookup function so tests need not touch the process
+/// environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<const N: usize> Env for [(&str, &str); N] {
+    fn var(&self, name: &str) -> Option<String> {
+        self.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.to_string())
+    }
+}
+
+fn env_parse<T: std::str::FromStr>(
+    env: &dyn Env,
+    var: &'static str,
+) -> Result<Option<T>, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env.var(var) {
+        None => Ok(None),
+        Some(value) => value
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e: T::Err| ConfigError::Env {
+                var,
+                value,
+                reason: e.to_string(),
+            }),
+    }
+}
+
+fn env_bool(env: &dyn Env, var: &'static str) -> Result<Option<bool>, ConfigError> {
+    match env.var(var) {
+        None => Ok(None),
+        Some(value) => match value.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(Some(true)),
+            "0" | "false" | "no" | "off" | "" => Ok(Some(false)),
+            _ => Err(ConfigError::Env {
+                var,
+                value,
+                reason: "expected true/false or 1/0".into(),
+            }),
+        },
+    }
+}
+
+/// Reads and parses a TOML file.
+pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_toml(path, &text)
+}
+
+pub fn parse_toml(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string().trim_end().replace('\n', " | "),
+    })
+}
+
+/// Loads the effective configuration: the file (if given) then the
+/// environment on top.
+pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+    let raw = match path {
+        Some(p) => read_file(p)?,
+        None => RawConfig::default(),
+    };
+    Config::from_raw(raw, env)
+}
+
+fn available_cores() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+impl Config {
+    pub fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+        // --- pop
+        let region = env
+            .var("EDGEPROXY_REGION")
+            .or(raw.pop.region)
+            .unwrap_or_else(|| defaults::REGION.into())
+            .trim()
+            .to_ascii_lowercase();
+        if region.is_empty() {
+            return Err(invalid("pop.region", "must not be empty"));
+        }
+        let pop = Pop {
+            name: raw.pop.name.unwrap_or_else(|| format!("pop-{region}")),
+            region,
+        };
+
+        // --- runtime
+        let cores = available_cores();
+        let shards = match raw.runtime.shards.unwrap_or(0) {
+            0 => cores,
+            n if n > 1024 => return Err(invalid("runtime.shards", "at most 1024")),
+            n => n,
+        };
+        let buffer_count = raw.runtime.buffer_count.unwrap_or(defaults::BUFFER_COUNT);
+        if !(1..=32768).contains(&buffer_count) {
+            return Err(invalid("runtime.buffer_count", "must be in 1..=32768"));
+        }
+        let buffer_size = raw.runtime.buffer_size.unwrap_or(defaults::BUFFER_SIZE);
+        if !(512..=1 << 20).contains(&buffer_size) {
+            return Err(invalid(
+                "runtime.buffer_size",
+                "must be in 512..=1048576 bytes",
+            ));
+        }
+        let runtime = Runtime {
+            shards,
+            pin_cores: raw.runtime.pin_cores.unwrap_or(true),
+            buffer_count: buffer_count.next_power_of_two(),
+            buffer_size,
+        };
+
+        // --- routing
+        let db_path = env
+            .var("EDGEPROXY_DB_PATH")
+            .map(PathBuf::from)
+            .or(raw.routing.db_path)
+            .unwrap_or_else(|| PathBuf::from(defaults::DB_PATH));
+        if db_path.as_os_str().is_empty() {
+            return Err(invalid("routing.db_path", "must not be empty"));
+        }
+        let reload_ms = match env_parse::<u64>(env, "EDGEPROXY_DB_RELOAD_SECS")? {
+            Some(secs) => secs.saturating_mul(1000),
+            None => raw
+                .routing
+                .reload_interval_ms
+                .unwrap_or(defaults::RELOAD_INTERVAL_MS),
+        };
+        if !(10..=3_600_000).contains(&reload_ms) {
+            return Err(invalid(
+                "routing.reload_interval_ms",
+                "must be between 10 ms and 1 hour",
+            ));
+        }
+        let routing = Routing {
+            db_path,
+            reload_interval: Duration::from_millis(reload_ms),
+        };
+
+        // --- affinity
+        let ttl = env_parse::<u64>(env, "EDGEPROXY_BINDING_TTL_SECS")?
+            .or(raw.affinity.ttl_secs)
+            .unwrap_or(defaults::BINDING_TTL_SECS);
+        let gc = env_parse::<u64>(env, "EDGEPROXY_BINDING_GC_INTERVAL_SECS")?
+            .or(raw.affinity.gc_interval_secs)
+            .unwrap_or(defaults::BINDING_GC_INTERVAL_SECS);
+        if gc == 0 {
+            return Err(invalid("affinity.gc_interval_secs", "must be at least 1"));
+        }
+        let affinity = Affinity {
+            ttl: Duration::from_secs(ttl),
+            gc_interval: Duration::from_secs(gc),
+        };
+
+        // --- geo
+        let geo_path = env
+            .var("EDGEPROXY_GEOIP_PATH")
+            .filter(|p| !p.trim().is_empty())
+            .map(PathBuf::from)
+            .or(raw.geo.db_path.filter(|p| !p.as_os_str().is_empty()));
+        let default_region = raw
+            .geo
+            .default_region
+            .unwrap_or_else(|| defaults::DEFAULT_GEO_REGION.into())
+            .to_ascii_lowercase();
+        if let Some(regions) = &raw.geo.regions {
+            for (region, countries) in regions {
+                for c in countries {
+                    if engine::snapshot::Country::parse(c).is_none() {
+                        return Err(invalid(
+                            format!("geo.regions.{region}"),
+                            format!("{c:?} is not a two-letter country code"),
+                        ));
+                    }
+                }
+            }
+        }
+        let mut overrides = Vec::with_capacity(raw.geo.overrides.len());
+        for (i, o) in raw.geo.overrides.into_iter().enumerate() {
+            let cidr: ipnet::IpNet = o.cidr.trim().parse().map_err(|e| {
+                invalid(
+                    format!("geo.override[{i}].cidr"),
+                    format!("{:?}: {e}", o.cidr),
+                )
+            })?;
+            let country = engine::snapshot::Country::parse(&o.country).ok_or_else(|| {
+                invalid(
+                    format!("geo.override[{i}].country"),
+                    format!("{:?} is not a two-letter country code", o.country),
+                )
+            })?;
+            overrides.push(GeoOverride {
+                cidr: cidr.trunc(),
+                country: country.to_string(),
+            });
+        }
+        let geo = Geo {
+            db_path: geo_path,
+            default_region,
+            regions: raw.geo.regions.map(|m| {
+                m.into_iter()
+                    .map(|(r, cs)| {
+                        (
+                            r.to_ascii_lowercase(),
+                            cs.iter().map(|c| c.trim().to_ascii_uppercase()).collect(),
+                        )
+                    })
+                    .collect()
+            }),
+            overrides,
+        };
+
+        // --- limits
+        let l = raw.limits;
+        let attempts = l.connect_attempts.unwrap_or(defaults::CONNECT_ATTEMPTS);
+        let connect_attempts = NonZeroU32::new(attempts)
+            .filter(|n| n.get() <= 16)
+            .ok_or_else(|| invalid("limits.connect_attempts", "must be in 1..=16"))?;
+        let connect_ms = l.connect_timeout_ms.unwrap_or(defaults::CONNECT_TIMEOUT_MS);
+        if !(1..=600_000).contains(&connect_ms) {
+            return Err(invalid(
+                "limits.connect_timeout_ms",
+                "must be between 1 ms and 10 minutes",
+            ));
+        }
+        let limits = Limits {
+            max_connections: l.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+            max_connections_per_shard: l.max_connections_per_shard.unwrap_or(0),
+            connect_timeout: Duration::from_millis(connect_ms),
+            connect_attempts,
+            idle_timeout: Duration::from_secs(
+                l.idle_timeout_secs.unwrap_or(defaults::IDLE_TIMEOUT_SECS),
+            ),
+            shutdown_grace: Duration::from_secs(
+                l.shutdown_grace_secs
+                    .unwrap_or(defaults::SHUTDOWN_GRACE_SECS),
+            ),
+        };
+
+        // --- listeners
+        let mut raw_listeners = raw.listeners.unwrap_or_default();
+        if raw_listeners.is_empty() {
+            raw_listeners.push(RawListener {
+                name: None,
+                addr: defaults::LISTEN_ADDR.into(),
+                app: None,
+                accept_proxy_protocol: None,
+                send_proxy_protocol: None,
+            });
+        }
+        // EDGEPROXY_LISTEN_ADDR replaces the first listener's address, which
+        // with no file is the only one: the original's single listener.
+        if let Some(addr) = env.var("EDGEPROXY_LISTEN_ADDR") {
+            addr.trim()
+                .parse::<SocketAddr>()
+                .map_err(|e| ConfigError::Env {
+                    var: "EDGEPROXY_LISTEN_ADDR",
+                    value: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            raw_listeners[0].addr = addr;
+        }
+        let mut listeners = Vec::with_capacity(raw_listeners.len());
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, rl) in raw_listeners.into_iter().enumerate() {
+            let key = format!("listener[{i}]");
+            let name = rl.name.unwrap_or_else(|| {
+                if i == 0 {
+                    "default".into()
+                } else {
+                    format!("listener-{i}")
+                }
+            });
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("{name:?} is empty or used twice"),
+                ));
+            }
+            let addr: SocketAddr = rl
+                .addr
+                .trim()
+                .parse()
+                .map_err(|e| invalid(format!("{key}.addr"), format!("{:?}: {e}", rl.addr)))?;
+            if addr.port() != 0 && !addrs.insert(addr) {
+                return Err(invalid(
+                    format!("{key}.addr"),
+                    format!("{addr} is used by another listener"),
+                ));
+            }
+            let app = rl.app.map(|a| a.trim().to_string());
+            if app.as_deref() == Some("") {
+                return Err(invalid(
+                    format!("{key}.app"),
+                    "must not be empty (omit it to serve every app)",
+                ));
+            }
+            listeners.push(Listener {
+                name,
+                addr,
+                app,
+                accept_proxy_protocol: rl.accept_proxy_protocol.unwrap_or(false),
+                send_proxy_protocol: rl.send_proxy_protocol.unwrap_or(false),
+            });
+        }
+
+        // --- demo
+        let demo_backends = raw.demo.backends.unwrap_or(0);
+        if demo_backends > 16 {
+            return Err(invalid("demo.backends", "at most 16"));
+        }
+        let demo = Demo {
+            backends: demo_backends,
+            app: raw.demo.app.unwrap_or_else(|| defaults::DEMO_APP.into()),
+        };
+
+        // --- log: DEBUG=1 (the original's switch) raises the level.
+        let mut level = raw.log.level.unwrap_or_else(|| "info".into());
+        if env_bool(env, "DEBUG")?.unwrap_or(false) {
+            level = "debug".into();
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+            return Err(invalid(
+                "log.level",
+                format!("{level:?} is not one of error, warn, info, debug, trace"),
+            ));
+        }
+
+        Ok(Config {
+            pop,
+            runtime,
+            routing,
+            affinity,
+            geo,
+            limits,
+            listeners,
+            demo,
+            log: Log { level },
+        })
+    }
+
+    /// The effective configuration as TOML, for `check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        Config::from_raw(parse_toml(Path::new("t.toml"), text)?, env)
+    }
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    #[test]
+    fn empty_file_gives_the_originals_defaults() {
+        let c = from("", &NO_ENV).unwrap();
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.routing.db_path, PathBuf::from("routing.db"));
+        assert_eq!(c.pop.region, "sa");
+        assert_eq!(c.affinity.ttl, Duration::from_secs(600));
+        assert_eq!(c.affinity.gc_interval, Duration::from_secs(60));
+        assert_eq!(c.routing.reload_interval, Duration::from_secs(1));
+        assert!(c.runtime.shards >= 1);
+    }
+
+    #[test]
+    fn original_env_vars_override_the_file() {
+        let env = [
+            ("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:9999"),
+            ("EDGEPROXY_DB_PATH", "/tmp/x.db"),
+            ("EDGEPROXY_REGION", "EU"),
+            ("EDGEPROXY_DB_RELOAD_SECS", "3"),
+            ("EDGEPROXY_BINDING_TTL_SECS", "5"),
+            ("EDGEPROXY_BINDING_GC_INTERVAL_SECS", "7"),
+            ("EDGEPROXY_GEOIP_PATH", "/tmp/geo.mmdb"),
+            ("DEBUG", "1"),
+        ];
+        let c = from(
+            "[pop]\nregion = \"ap\"\n[[listener]]\naddr = \"127.0.0.1:1\"\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].addr, "127.0.0.1:9999".parse().unwrap());
+        assert_eq!(c.routing.db_path, PathBuf::from("/tmp/x.db"));
+        assert_eq!(c.pop.region, "eu");
+        assert_eq!(c.routing.reload_interval, Duration::from_secs(3));
+        assert_eq!(c.affinity.ttl, Duration::from_secs(5));
+        assert_eq!(c.affinity.gc_interval, Duration::from_secs(7));
+        assert_eq!(c.geo.db_path, Some(PathBuf::from("/tmp/geo.mmdb")));
+        assert_eq!(c.log.level, "debug");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = from("[limits]\nmax_conections = 5\n", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = from("[limits]\nconnect_timeout_ms = \"fast\"\n", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("connect_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn bad_listener_address_is_named() {
+        let err = from("[[listener]]\naddr = \"localhost:http\"\n", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("listener[0].addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_env_value_is_named() {
+        let err = from("", &[("EDGEPROXY_DB_RELOAD_SECS", "soon")]).unwrap_err();
+        assert!(
+            err.to_string().contains("EDGEPROXY_DB_RELOAD_SECS"),
+            "{err}"
+        );
+        let err = from("", &[("EDGEPROXY_LISTEN_ADDR", "nope")]).unwrap_err();
+        assert!(err.to_string().contains("EDGEPROXY_LISTEN_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_listener_names_and_addrs_rejected() {
+        let two = "[[listener]]\nname=\"a\"\naddr=\"127.0.0.1:1000\"\n[[listener]]\nname=\"a\"\naddr=\"127.0.0.1:1001\"\n";
+        assert!(from(two, &NO_ENV)
+            .unwrap_err()
+            .to_string()
+            .contains("listener[1].name"));
+        let two = "[[listener]]\naddr=\"127.0.0.1:1000\"\n[[listener]]\naddr=\"127.0.0.1:1000\"\n";
+        assert!(from(two, &NO_ENV)
+            .unwrap_err()
+            .to_string()
+            .contains("listener[1].addr"));
+    }
+
+    #[test]
+    fn geo_overrides_and_regions_validated() {
+        let ok = from(
+            "[geo]\nregions = { sa = [\"br\"], eu = [\"DE\"] }\n[[geo.override]]\ncidr = \"10.1.2.0/24\"\ncountry = \"de\"\n",
+            &NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(ok.geo.overrides[0].country, "DE");
+        assert_eq!(ok.geo.regions.unwrap()["sa"], vec!["BR".to_string()]);
+        let err = from(
+            "[[geo.override]]\ncidr = \"10.1.2.0/33\"\ncountry = \"DE\"\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("geo.override[0].cidr"), "{err}");
+        let err = from(
+            "[[geo.override]]\ncidr = \"10.0.0.0/8\"\ncountry = \"Germany\"\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("geo.override[0].country"), "{err}");
+    }
+
+    #[test]
+    fn limits_bounds_enforced() {
+        for (text, key) in [
+            (
+                "[limits]\nconnect_attempts = 0\n",
+                "limits.connect_attempts",
+            ),
+            (
+                "[limits]\nconnect_timeout_ms = 0\n",
+                "limits.connect_timeout_ms",
+            ),
+            ("[runtime]\nbuffer_size = 10\n", "runtime.buffer_size"),
+            (
+                "[routing]\nreload_interval_ms = 0\n",
+                "routing.reload_interval_ms",
+            ),
+            (
+                "[affinity]\ngc_interval_secs = 0\n",
+                "affinity.gc_interval_secs",
+            ),
+            ("[log]\nlevel = \"loud\"\n", "log.level"),
+        ] {
+            let err = from(text, &NO_ENV).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn effective_config_renders_as_toml_and_reparses() {
+        let c = from("[[listener]]\naddr=\"127.0.0.1:0\"\napp=\"web\"\n", &NO_ENV).unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("app = \"web\""), "{text}");
+        // The rendering is for humans, but it must at least be valid TOML.
+        text.parse::<toml::Table>().unwrap();
+    }
+}

@@ -1,0 +1,294 @@
+//! One client connection: read the PROXY header if the listener expects one,
+//! locate the client, pick a backend (affinity first), connect with bounded
+//! retries, then pump bytes both ways until both sides are done.
+//!
+//! Half-close is preserved: a FIN from one side is passed on as a FIN
+//! (`shutdown(SHUT_WR)`) and the other direction keeps flowing. An error on
+//! either side ends both directions. A connection with no bytes either way for
+//! the idle timeout is closed.
+
+use std::cell::Cell;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{select, try_join, Either};
+
+use crate::proxy_protocol::{self, Parsed};
+use crate::rt::{self, Chunk, TcpStream};
+use crate::select::{self, Choice, ClientGeo};
+use crate::shard::{ConnSlot, ListenerCtx, ShardCtx};
+use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
+use crate::stats::ShardStats;
+
+/// Why a client connection ended early. Logged at debug level and counted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("invalid PROXY protocol header: {0}")]
+    ProxyHeader(String),
+    #[error("no PROXY protocol header within {0:?}")]
+    ProxyHeaderTimeout(Duration),
+    #[error("no eligible backend (after {attempts} failed attempts)")]
+    NoBackend { attempts: usize },
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub(crate) async fn serve(
+    ctx: Rc<ShardCtx>,
+    lctx: Rc<ListenerCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _slot: ConnSlot,
+) {
+    match serve_inner(&ctx, &lctx, &client, peer).await {
+        Ok(()) => {}
+        Err(e) => {
+            let counter = match &e {
+                ConnError::ProxyHeader(_) | ConnError::ProxyHeaderTimeout(_) => {
+                    Some(&ctx.stats.rejected_proxy_header)
+                }
+                ConnError::NoBackend { .. } => Some(&ctx.stats.no_backend),
+                ConnError::Idle(_) => Some(&ctx.stats.idle_timeouts),
+                ConnError::Io(_) => None,
+            };
+            if let Some(c) = counter {
+                ShardStats::bump(c);
+            }
+            tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, %peer, error = %e, "connection ended");
+        }
+    }
+}
+
+async fn serve_inner(
+    ctx: &ShardCtx,
+    lctx: &ListenerCtx,
+    client: &TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ConnError> {
+    let knobs = ctx.shared.knobs.load_full();
+    let buffer_len = ctx.shared.settings.buffer_size as usize;
+
+    let (client_addr, pending) = if lctx.spec.accept_proxy_protocol {
+        match rt::timeout(
+            knobs.proxy_header_timeout,
+            read_proxy_header(client, buffer_len),
+        )
+        .await
+        {
+            Some(r) => r?,
+            None => return Err(ConnError::ProxyHeaderTimeout(knobs.proxy_header_timeout)),
+        }
+    } else {
+        (peer, None)
+    };
+    let client_ip = canonical_ip(client_addr.ip());
+    let (country, region) = ctx.shared.geo.locate(client_ip);
+
+    // Try backends, best first, until one accepts the connection.
+    let mut failed: Vec<Arc<str>> = Vec::new();
+    let attempts = knobs.connect_attempts.get() as usize;
+    let (backend, live) = loop {
+        let (addr, live, id) = {
+            let snap = ctx.shared.snapshot.load();
+            let client_geo = ClientGeo {
+                country,
+                region: region.and_then(|r| snap.region_id(r)),
+            };
+            let local_region = snap.region_id(&ctx.shared.settings.local_region);
+            let exclude: Vec<BackendIdx> = failed.iter().filter_map(|id| snap.find(id)).collect();
+            let candidates = snap.candidates(lctx.spec.app.as_deref());
+            let now = Instant::now();
+            let route = |table: &mut crate::affinity::AffinityTable| {
+                select::route(
+                    &snap,
+                    candidates,
+                    client_ip,
+                    &client_geo,
+                    local_region,
+                    &exclude,
+                    table,
+                    now,
+                    |b| b.active(),
+                )
+            };
+            let choice: Option<Choice> = if lctx.local_affinity {
+                route(&mut ctx.affinity.borrow_mut())
+            } else {
+                match ctx.shared.shared_affinity.lock() {
+                    Ok(mut table) => route(&mut table),
+                    Err(poisoned) => route(&mut poisoned.into_inner()),
+                }
+            };
+            let Some(choice) = choice else {
+                return Err(ConnError::NoBackend {
+                    attempts: failed.len(),
+                });
+            };
+            if choice.sticky {
+                ShardStats::bump(&ctx.stats.affinity_hits);
+            }
+            ctx.stats.count_tier(choice.tier);
+            let b = snap.backend(choice.idx);
+            (b.addr, Arc::clone(&b.live), Arc::clone(&b.id))
+        };
+        let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
+            Some(Ok(stream)) => break (stream, live),
+            Some(Err(e)) => e.to_string(),
+            None => format!("timed out after {:?}", knobs.connect_timeout),
+        };
+        record_connect_failure(ctx, &live);
+        tracing::warn!(shard = ctx.id, backend = %id, %addr, %error, "backend connect failed");
+        failed.push(id);
+        if failed.len() >= attempts {
+            return Err(ConnError::NoBackend {
+                attempts: failed.len(),
+            });
+        }
+        ShardStats::bump(&ctx.stats.retries);
+    };
+    let _active = ActiveGuard::new(&live);
+    tracing::debug!(shard = ctx.id, client = %client_addr, backend = ?backend.peer_addr().ok(), "proxying");
+
+    if lctx.spec.send_proxy_protocol {
+        let destination = client.local_addr()?;
+        let mut header = [0u8; proxy_protocol::V2_MAX_ENCODED];
+        let len = proxy_protocol::encode_v2(client_addr, destination, &mut header);
+        rt::write_bytes(&backend, header, len).await?;
+    }
+    if let Some(early) = pending {
+        ShardStats::add(&ctx.stats.bytes_client_to_backend, early.len() as u64);
+        rt::write_chunk(&backend, early).await?;
+    }
+    splice(ctx, client, &backend, knobs.idle_timeout, buffer_len).await
+}
+
+fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {
+    live.connect_failures
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ShardStats::bump(&ctx.stats.connect_failures);
+}
+
+/// `::ffff:a.b.c.d` (a v4 client on a dual-stack socket) → `a.b.c.d`.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Reads the PROXY header; returns the client address it carries (or the TCP
+/// peer for LOCAL/UNKNOWN headers... which then have no address: the caller
+/// gets the peer) and any payload bytes that followed it.
+async fn read_proxy_header(
+    client: &TcpStream,
+    buffer_len: usize,
+) -> Result<(SocketAddr, Option<Chunk>), ConnError> {
+    let peer = client.peer_addr()?;
+    let mut gathered: Option<Vec<u8>> = None;
+    loop {
+        let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
+            return Err(ConnError::ProxyHeader(
+                "connection closed before the header ended".into(),
+            ));
+        };
+        // Usually the whole header is in the first read; only a header split
+        // across reads is gathered into a heap buffer.
+        let chunk = match gathered.as_mut() {
+            None => chunk,
+            Some(acc) => {
+                acc.extend_from_slice(chunk.as_slice());
+                Chunk::Owned(std::mem::take(acc))
+            }
+        };
+        match proxy_protocol::parse(chunk.as_slice()) {
+            Ok(Parsed::Complete { header, consumed }) => {
+                let rest = chunk.advance(consumed);
+                let pending = (!rest.is_empty()).then_some(rest);
+                return Ok((header.source.unwrap_or(peer), pending));
+            }
+            Ok(Parsed::Incomplete) => {
+                if chunk.len() >= proxy_protocol::MAX_HEADER_LEN {
+                    return Err(ConnError::ProxyHeader("header too long".into()));
+                }
+                gathered = Some(chunk.as_slice().to_vec());
+            }
+            Err(e) => return Err(ConnError::ProxyHeader(e.to_string())),
+        }
+    }
+}
+
+/// Pumps bytes both ways until both directions have ended.
+async fn splice(
+    ctx: &ShardCtx,
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    buffer_len: usize,
+) -> Result<(), ConnError> {
+    let activity = Cell::new(Instant::now());
+    let up = pump(
+        client,
+        backend,
+        &activity,
+        buffer_len,
+        &ctx.stats.bytes_client_to_backend,
+    );
+    let down = pump(
+        backend,
+        client,
+        &activity,
+        buffer_len,
+        &ctx.stats.bytes_backend_to_client,
+    );
+    let both = try_join(up, down);
+    if idle.is_zero() {
+        both.await?;
+        return Ok(());
+    }
+    let outcome = match select(pin!(both), pin!(idle_watch(&activity, idle))).await {
+        Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
+        Either::Right(_) => Err(ConnError::Idle(idle)),
+    };
+    outcome
+}
+
+/// Copies `src` to `dst` until `src` ends, then half-closes `dst`.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    activity: &Cell<Instant>,
+    buffer_len: usize,
+    bytes: &std::sync::atomic::AtomicU64,
+) -> io::Result<()> {
+    loop {
+        match rt::read_chunk(src, buffer_len).await? {
+            None => {
+                // The peer may already be gone; nothing more to tell it.
+                let _ = rt::shutdown_write(dst).await;
+                return Ok(());
+            }
+            Some(chunk) => {
+                activity.set(Instant::now());
+                ShardStats::add(bytes, chunk.len() as u64);
+                rt::write_chunk(dst, chunk).await?;
+            }
+        }
+    }
+}
+
+/// Resolves when no byte moved either way for `idle`.
+async fn idle_watch(activity: &Cell<Instant>, idle: Duration) {
+    loop {
+        let deadline = activity.get() + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        rt::sleep_until(deadline).await;
+    }
+}

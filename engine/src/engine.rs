@@ -1,0 +1,240 @@
+//! The data plane as the control thread sees it: start it, add and remove
+//! listeners, change knobs, read stats, shut it down.
+//!
+//! Call order: [`Engine::start`] binds every listener first (a bad address or
+//! a port in use fails here, before any thread starts), then starts one shard
+//! per configured core and hands each its sockets. Later calls are cheap
+//! messages to the shards; [`Engine::shutdown`] blocks until every shard has
+//! drained or its grace period ran out.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::affinity::{AffinityTable, SharedAffinity};
+use crate::geo::GeoResolver;
+use crate::listener;
+use crate::settings::{EngineSettings, Knobs, ListenerSpec};
+use crate::shard::{self, Command};
+use crate::snapshot::SnapshotHandle;
+use crate::stats::{ShardStats, StatsSummary};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    #[error("listener {0:?} exists already")]
+    DuplicateListener(String),
+    #[error("shard {shard}: cannot start io_uring runtime: {source}")]
+    Runtime { shard: usize, source: io::Error },
+    #[error("cannot start shard thread: {0}")]
+    Thread(io::Error),
+}
+
+/// State every shard reads; written only by the control thread.
+pub(crate) struct Shared {
+    pub settings: EngineSettings,
+    pub snapshot: SnapshotHandle,
+    pub geo: Arc<GeoResolver>,
+    pub knobs: ArcSwap<Knobs>,
+    /// Open client connections across shards (only counted when a global
+    /// limit is set).
+    pub active_total: AtomicU32,
+    /// Affinity for connections that cannot be steered to one shard.
+    pub shared_affinity: SharedAffinity,
+}
+
+struct ShardHandle {
+    commands: async_channel::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<ShardStats>,
+}
+
+/// A listener that is running on every shard.
+#[derive(Debug, Clone)]
+pub struct RunningListener {
+    pub spec: Arc<ListenerSpec>,
+    pub local_addr: SocketAddr,
+    /// Connections steered to shards by client address (see `listener`).
+    pub steered: bool,
+}
+
+pub struct Engine {
+    shared: Arc<Shared>,
+    shards: Vec<ShardHandle>,
+    listeners: Vec<RunningListener>,
+}
+
+impl Engine {
+    pub fn start(
+        settings: EngineSettings,
+        knobs: Knobs,
+        listeners: &[ListenerSpec],
+        snapshot: SnapshotHandle,
+        geo: Arc<GeoResolver>,
+    ) -> Result<Engine, EngineError> {
+        let shard_count = settings.shards.max(1);
+        let mut groups = Vec::with_capacity(listeners.len());
+        for spec in listeners {
+            groups.push((Arc::new(spec.clone()), bind(spec, shard_count)?));
+        }
+        let shared = Arc::new(Shared {
+            shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
+            settings,
+            snapshot,
+            geo,
+            knobs: ArcSwap::from_pointee(knobs),
+            active_total: AtomicU32::new(0),
+        });
+        let mut engine = Engine {
+            shared,
+            shards: Vec::with_capacity(shard_count),
+            listeners: Vec::new(),
+        };
+        for id in 0..shard_count {
+            if let Err(e) = engine.start_shard(id) {
+                engine.stop(Duration::ZERO);
+                return Err(e);
+            }
+        }
+        for (spec, group) in groups {
+            engine.hand_out(spec, group);
+        }
+        Ok(engine)
+    }
+
+    fn start_shard(&mut self, id: usize) -> Result<(), EngineError> {
+        let (tx, rx) = async_channel::unbounded();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(ShardStats::default());
+        let shared = Arc::clone(&self.shared);
+        let thread_stats = Arc::clone(&stats);
+        let thread = std::thread::Builder::new()
+            .name(format!("shard-{id}"))
+            .spawn(move || shard::run(id, shared, thread_stats, rx, ready_tx))
+            .map_err(EngineError::Thread)?;
+        let handle = ShardHandle {
+            commands: tx,
+            thread: Some(thread),
+            stats,
+        };
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("shard thread exited during start")));
+        self.shards.push(handle);
+        ready.map_err(|source| EngineError::Runtime { shard: id, source })
+    }
+
+    fn hand_out(&mut self, spec: Arc<ListenerSpec>, group: listener::BoundGroup) {
+        if !group.steered {
+            tracing::warn!(listener = %spec.name,
+                "kernel refused the reuseport steering program; affinity uses a shared table");
+        }
+        for (shard, socket) in self.shards.iter().zip(group.sockets) {
+            let _ = shard.commands.try_send(Command::AddListener {
+                spec: Arc::clone(&spec),
+                socket,
+                steered: group.steered,
+            });
+        }
+        self.listeners.push(RunningListener {
+            spec,
+            local_addr: group.local_addr,
+            steered: group.steered,
+        });
+    }
+
+    pub fn listeners(&self) -> &[RunningListener] {
+        &self.listeners
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Starts a new listener on every shard.
+    pub fn add_listener(&mut self, spec: ListenerSpec) -> Result<SocketAddr, EngineError> {
+        if self.listeners.iter().any(|l| l.spec.name == spec.name) {
+            return Err(EngineError::DuplicateListener(spec.name.to_string()));
+        }
+        let group = bind(&spec, self.shards.len())?;
+        let addr = group.local_addr;
+        self.hand_out(Arc::new(spec), group);
+        Ok(addr)
+    }
+
+    /// Stops accepting on a listener; its open connections go on.
+    pub fn remove_listener(&mut self, name: &str) -> bool {
+        let Some(pos) = self.listeners.iter().position(|l| &*l.spec.name == name) else {
+            return false;
+        };
+        let removed = self.listeners.remove(pos);
+        for shard in &self.shards {
+            let _ = shard
+                .commands
+                .try_send(Command::RemoveListener(Arc::clone(&removed.spec.name)));
+        }
+        true
+    }
+
+    /// New connections use `knobs` from now on.
+    pub fn set_knobs(&self, knobs: Knobs) {
+        self.shared.knobs.store(Arc::new(knobs));
+    }
+
+    pub fn knobs(&self) -> Arc<Knobs> {
+        self.shared.knobs.load_full()
+    }
+
+    pub fn stats(&self) -> StatsSummary {
+        StatsSummary::sum(self.shards.iter().map(|s| &*s.stats))
+    }
+
+    pub fn active_connections(&self) -> u64 {
+        self.stats().active
+    }
+
+    /// Stops accepting everywhere, lets open connections finish for up to
+    /// `grace`, then closes what is left and joins every shard thread.
+    pub fn shutdown(mut self, grace: Duration) {
+        self.stop(grace);
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        for shard in &self.shards {
+            let _ = shard.commands.try_send(Command::Shutdown { grace });
+        }
+        for shard in &mut self.shards {
+            shard.commands.close();
+            if let Some(thread) = shard.thread.take() {
+                if thread.join().is_err() {
+                    tracing::error!("a shard thread panicked during shutdown");
+                }
+            }
+        }
+        self.listeners.clear();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+fn bind(spec: &ListenerSpec, shards: usize) -> Result<listener::BoundGroup, EngineError> {
+    listener::bind_group(spec.addr, shards).map_err(|source| EngineError::Bind {
+        listener: spec.name.to_string(),
+        addr: spec.addr,
+        source,
+    })
+}

@@ -1,0 +1,188 @@
+//! Listening sockets: one SO_REUSEPORT socket per shard for each listener,
+//! all bound before any shard starts so that a bad address or a port in use
+//! fails the start cleanly.
+//!
+//! **Steering.** The kernel spreads connections over a reuseport group by a
+//! hash of the 4-tuple, so two connections from one client usually land on
+//! different shards. To keep affinity bindings shard-local (no locks), a
+//! classic BPF program (`SO_ATTACH_REUSEPORT_CBPF`) picks the socket from the
+//! client's source address alone: every connection from one IP reaches the
+//! same shard. The program's result indexes the group in the order the sockets
+//! started listening, which is shard order here. If the kernel refuses the
+//! program the group still works, unsteered, and the caller falls back to a
+//! shared affinity table.
+
+use std::io;
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog per socket.
+const BACKLOG: i32 = 4096;
+
+/// A listener's sockets, one per shard, in shard order.
+#[derive(Debug)]
+pub struct BoundGroup {
+    pub sockets: Vec<std::net::TcpListener>,
+    /// The bound address (the real port when 0 was asked for).
+    pub local_addr: SocketAddr,
+    /// Whether connections are steered to shards by client address.
+    pub steered: bool,
+}
+
+/// Binds `count` reuseport sockets on `addr` and tries to attach the steering
+/// program.
+pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<BoundGroup> {
+    let mut sockets = Vec::with_capacity(count);
+    let mut bind_addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        // Accepted sockets inherit TCP_NODELAY on Linux.
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&bind_addr.into())?;
+        socket.listen(BACKLOG)?;
+        if bind_addr.port() == 0 {
+            // Every later socket joins the group on the port the kernel chose.
+            bind_addr = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound address is not an IP socket"))?;
+        }
+        socket.set_nonblocking(true)?;
+        sockets.push(std::net::TcpListener::from(socket));
+    }
+    // One socket needs no steering: every connection reaches the one shard.
+    let steered = count <= 1 || attach_steering(&sockets[0], count as u32).is_ok();
+    Ok(BoundGroup {
+        local_addr: bind_addr,
+        sockets,
+        steered,
+    })
+}
+
+// Classic BPF opcodes (linux/filter.h), spelled out to keep the program
+// readable.
+const BPF_LD_B_ABS: u16 = 0x00 | 0x10 | 0x20;
+const BPF_LD_W_ABS: u16 = 0x20;
+const BPF_ALU_RSH_K: u16 = 0x04 | 0x70;
+const BPF_ALU_MUL_K: u16 = 0x04 | 0x20;
+const BPF_ALU_MOD_K: u16 = 0x04 | 0x90;
+const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+const BPF_JMP_JA: u16 = 0x05;
+const BPF_RET_A: u16 = 0x06 | 0x10;
+/// Offsets from here address the network (IP) header.
+const SKF_NET_OFF: i32 = -0x100000;
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// `shard = hash(client IP) % shards`: IPv4 source word, or the low word of an
+/// IPv6 source (which for a dual-stack socket may still carry IPv4 packets,
+/// hence the version check).
+fn steering_program(shards: u32) -> [libc::sock_filter; 10] {
+    let net = |off: i32| (SKF_NET_OFF + off) as u32;
+    [
+        insn(BPF_LD_B_ABS, 0, 0, net(0)),       // 0: A = version/IHL byte
+        insn(BPF_ALU_RSH_K, 0, 0, 4),           // 1: A = IP version
+        insn(BPF_JMP_JEQ_K, 2, 0, 6),           // 2: IPv6 → 5
+        insn(BPF_LD_W_ABS, 0, 0, net(12)),      // 3: A = IPv4 source
+        insn(BPF_JMP_JA, 0, 0, 1),              // 4: → 6
+        insn(BPF_LD_W_ABS, 0, 0, net(8 + 12)),  // 5: A = low word of IPv6 source
+        insn(BPF_ALU_MUL_K, 0, 0, 0x9E37_79B1), // 6: Fibonacci hash
+        insn(BPF_ALU_RSH_K, 0, 0, 16),          // 7
+        insn(BPF_ALU_MOD_K, 0, 0, shards),      // 8
+        insn(BPF_RET_A, 0, 0, 0),               // 9: socket index
+    ]
+}
+
+fn attach_steering(socket: &std::net::TcpListener, shards: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let program = steering_program(shards);
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel
+    // copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, TcpStream};
+
+    /// Index of the socket in the group that has a pending connection.
+    fn accepted_on(group: &BoundGroup) -> usize {
+        loop {
+            for (i, s) in group.sockets.iter().enumerate() {
+                if s.accept().is_ok() {
+                    return i;
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    fn connect_from(src: Ipv4Addr, to: SocketAddr) -> TcpStream {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::new(IpAddr::V4(src), 0).into())
+            .unwrap();
+        socket.connect(&to.into()).unwrap();
+        socket.into()
+    }
+
+    #[test]
+    fn port_zero_binds_every_socket_to_one_port() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        assert_ne!(group.local_addr.port(), 0);
+        for s in &group.sockets {
+            assert_eq!(s.local_addr().unwrap(), group.local_addr);
+        }
+    }
+
+    #[test]
+    fn port_in_use_is_an_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = bind_group(taken.local_addr().unwrap(), 2).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn connections_from_one_client_ip_reach_one_socket() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+        assert!(group.steered, "kernel refused the steering program");
+        let mut shards_seen = std::collections::HashSet::new();
+        for last in 1..=40u8 {
+            let src = Ipv4Addr::new(127, 0, 0, last);
+            let first = {
+                let _c = connect_from(src, group.local_addr);
+                accepted_on(&group)
+            };
+            for _ in 0..5 {
+                let _c = connect_from(src, group.local_addr);
+                assert_eq!(accepted_on(&group), first, "client {src} moved shard");
+            }
+            shards_seen.insert(first);
+        }
+        // Different clients spread over the shards.
+        assert!(shards_seen.len() >= 3, "{shards_seen:?}");
+    }
+}

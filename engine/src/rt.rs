@@ -1,0 +1,148 @@
+//! The one module that knows the async runtime (compio on io_uring).
+//!
+//! Everything else in the engine talks to sockets, timers and tasks through
+//! these few functions, so a runtime change touches only this file.
+//!
+//! Reads use compio's *provided buffers* (an io_uring buffer ring owned by the
+//! shard): the kernel picks a buffer only when data arrives, so an idle
+//! connection holds no user-space buffer at all. When the ring is momentarily
+//! empty the read falls back to a heap buffer for that one read.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::time::{Duration, Instant};
+
+use compio::buf::{BufResult, IoBuf};
+use compio::driver::{BufferRef, ProactorBuilder};
+use compio::io::{AsyncRead, AsyncReadManaged, AsyncWrite, AsyncWriteExt};
+
+pub use compio::net::{TcpListener, TcpStream};
+pub use compio::runtime::JoinHandle;
+
+/// Builds a shard's runtime: io_uring with cooperative task running and the
+/// task-run flag (completions do not interrupt other cores), and a provided
+/// buffer ring of `buffer_count` × `buffer_size` bytes.
+pub fn build_runtime(buffer_count: u16, buffer_size: u32) -> io::Result<compio::runtime::Runtime> {
+    let mut proactor = ProactorBuilder::new();
+    proactor
+        .coop_taskrun(true)
+        .taskrun_flag(true)
+        .buffer_pool_size(NonZeroU16::new(buffer_count.max(1)).expect("max(1)"))
+        .buffer_pool_buffer_len(buffer_size as usize);
+    compio::runtime::RuntimeBuilder::new()
+        .with_proactor(proactor)
+        .build()
+}
+
+/// Spawns a task on the current shard.
+pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
+    compio::runtime::spawn(future)
+}
+
+pub async fn sleep(duration: Duration) {
+    compio::runtime::time::sleep(duration).await
+}
+
+pub async fn sleep_until(deadline: Instant) {
+    compio::runtime::time::sleep_until(deadline).await
+}
+
+/// `None` when `duration` passed first.
+pub async fn timeout<F: Future>(duration: Duration, future: F) -> Option<F::Output> {
+    compio::runtime::time::timeout(duration, future).await.ok()
+}
+
+pub fn listener_from_std(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+    TcpListener::from_std(listener)
+}
+
+pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Bytes read from a socket, waiting to be written to the other.
+pub enum Chunk {
+    /// A buffer from the shard's ring (returned to the ring when dropped), or a
+    /// tail of one.
+    Pooled(compio::buf::Slice<BufferRef>),
+    /// A heap buffer: the ring was empty, or bytes were gathered by hand.
+    Owned(Vec<u8>),
+}
+
+impl Chunk {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Chunk::Pooled(b) => b.as_init(),
+            Chunk::Owned(v) => v,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes from `start` on.
+    pub fn advance(self, start: usize) -> Chunk {
+        match self {
+            Chunk::Pooled(mut b) => {
+                b.set_begin(b.begin() + start);
+                Chunk::Pooled(b)
+            }
+            Chunk::Owned(mut v) => {
+                v.drain(..start);
+                Chunk::Owned(v)
+            }
+        }
+    }
+}
+
+/// Reads what is available (at most one buffer). `Ok(None)` at end of stream.
+pub async fn read_chunk(stream: &TcpStream, fallback_len: usize) -> io::Result<Option<Chunk>> {
+    let mut reader = stream;
+    match reader.read_managed(0).await {
+        Ok(Some(buf)) if buf.buf_len() > 0 => Ok(Some(Chunk::Pooled(buf.slice(..)))),
+        Ok(_) => Ok(None),
+        // The ring is empty: every buffer is in flight on this shard.
+        Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
+            let BufResult(n, buf) = reader.read(Vec::with_capacity(fallback_len)).await;
+            match n? {
+                0 => Ok(None),
+                _ => Ok(Some(Chunk::Owned(buf))),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the whole chunk, then drops it (returning a pooled buffer).
+pub async fn write_chunk(stream: &TcpStream, chunk: Chunk) -> io::Result<()> {
+    let mut writer = stream;
+    match chunk {
+        Chunk::Pooled(b) => writer.write_all(b).await.0,
+        Chunk::Owned(v) => writer.write_all(v).await.0,
+    }
+}
+
+/// Writes a small fixed buffer (a PROXY header).
+pub async fn write_bytes<const N: usize>(
+    stream: &TcpStream,
+    bytes: [u8; N],
+    len: usize,
+) -> io::Result<()> {
+    let mut writer = stream;
+    writer.write_all(bytes.slice(..len.min(N))).await.0
+}
+
+/// Half-closes: sends FIN, keeps reading.
+pub async fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    let mut writer = stream;
+    writer.shutdown().await
+}

@@ -1,0 +1,247 @@
+//! A shard: one thread, one compio runtime, pinned to one core.
+//!
+//! The shard owns its accept loops, its connections and its affinity table.
+//! The control side talks to it only through [`Command`]s; the shard reads the
+//! routing snapshot and the knobs lock-free.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::affinity::AffinityTable;
+use crate::conn;
+use crate::engine::Shared;
+use crate::rt;
+use crate::settings::ListenerSpec;
+use crate::stats::ShardStats;
+
+pub(crate) enum Command {
+    AddListener {
+        spec: Arc<ListenerSpec>,
+        socket: std::net::TcpListener,
+        steered: bool,
+    },
+    RemoveListener(Arc<str>),
+    /// Stop accepting, wait up to `grace` for open connections, then exit.
+    Shutdown {
+        grace: Duration,
+    },
+}
+
+/// What every connection task of a shard shares.
+pub(crate) struct ShardCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub stats: Arc<ShardStats>,
+    /// Bindings of clients steered to this shard; private, so no lock.
+    pub affinity: RefCell<AffinityTable>,
+}
+
+/// A listener as one shard sees it.
+pub(crate) struct ListenerCtx {
+    pub spec: Arc<ListenerSpec>,
+    /// Every connection from one client IP reaches this shard, so the shard's
+    /// own affinity table is enough. False for PROXY-protocol listeners (the
+    /// TCP peer is the load balancer, not the client) and when the kernel
+    /// refused the steering program.
+    pub local_affinity: bool,
+}
+
+/// Keeps a connection counted (shard and process) until dropped.
+pub(crate) struct ConnSlot {
+    ctx: Rc<ShardCtx>,
+    counted_globally: bool,
+}
+
+impl ConnSlot {
+    /// Takes a slot, or `None` when a limit is reached.
+    fn take(ctx: &Rc<ShardCtx>) -> Option<ConnSlot> {
+        let knobs = ctx.shared.knobs.load();
+        let shard_max = knobs.max_connections_per_shard;
+        if shard_max != 0 && ctx.stats.active() >= shard_max {
+            return None;
+        }
+        let global_max = knobs.max_connections;
+        if global_max != 0 {
+            let before = ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
+            if before >= global_max {
+                ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+        Some(ConnSlot {
+            ctx: Rc::clone(ctx),
+            counted_globally: global_max != 0,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+        if self.counted_globally {
+            self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Thread body of shard `id`. Reports on `ready` whether its runtime started.
+pub(crate) fn run(
+    id: usize,
+    shared: Arc<Shared>,
+    stats: Arc<ShardStats>,
+    commands: async_channel::Receiver<Command>,
+    ready: std::sync::mpsc::Sender<io::Result<()>>,
+) {
+    if shared.settings.pin_cores {
+        if let Some(cores) = core_affinity::get_core_ids().filter(|c| !c.is_empty()) {
+            let core = cores[id % cores.len()];
+            if !core_affinity::set_for_current(core) {
+                tracing::warn!(shard = id, core = core.id, "could not pin shard to core");
+            }
+        }
+    }
+    let runtime = match rt::build_runtime(shared.settings.buffer_count, shared.settings.buffer_size)
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let ttl = shared.knobs.load().affinity_ttl;
+    let ctx = Rc::new(ShardCtx {
+        id,
+        shared,
+        stats,
+        affinity: RefCell::new(AffinityTable::new(ttl)),
+    });
+    let _ = ready.send(Ok(()));
+    runtime.block_on(shard_main(ctx, commands));
+}
+
+async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command>) {
+    let mut accept_loops: HashMap<Arc<str>, rt::JoinHandle<()>> = HashMap::new();
+    let _gc = rt::spawn(affinity_gc(Rc::clone(&ctx)));
+    while let Ok(command) = commands.recv().await {
+        match command {
+            Command::AddListener {
+                spec,
+                socket,
+                steered,
+            } => match rt::listener_from_std(socket) {
+                Ok(listener) => {
+                    let lctx = Rc::new(ListenerCtx {
+                        local_affinity: steered && !spec.accept_proxy_protocol,
+                        spec: Arc::clone(&spec),
+                    });
+                    let task = rt::spawn(accept_loop(Rc::clone(&ctx), lctx, listener));
+                    // Replacing a handle drops (cancels) the old accept loop.
+                    accept_loops.insert(Arc::clone(&spec.name), task);
+                }
+                Err(e) => tracing::error!(shard = ctx.id, listener = %spec.name, error = %e,
+                    "cannot register listener with the runtime"),
+            },
+            Command::RemoveListener(name) => {
+                // Dropping the handle cancels the accept loop and closes this
+                // shard's socket; open connections are separate tasks and go on.
+                accept_loops.remove(&name);
+            }
+            Command::Shutdown { grace } => {
+                accept_loops.clear();
+                drain(&ctx, grace).await;
+                break;
+            }
+        }
+    }
+}
+
+/// Waits for this shard's connections to finish, at most `grace`.
+async fn drain(ctx: &ShardCtx, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    // Connections end on their own schedule; a short poll costs nothing next
+    // to a drain that lasts seconds, and needs no wake-up plumbing in every
+    // connection.
+    while ctx.stats.active() > 0 && Instant::now() < deadline {
+        rt::sleep(Duration::from_millis(20).min(grace)).await;
+    }
+    let left = ctx.stats.active();
+    if left > 0 {
+        tracing::warn!(
+            shard = ctx.id,
+            connections = left,
+            "grace period over: closing connections still open"
+        );
+    }
+}
+
+async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                ShardStats::bump(&ctx.stats.accepted);
+                let Some(slot) = ConnSlot::take(&ctx) else {
+                    ShardStats::bump(&ctx.stats.rejected_limit);
+                    tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
+                    continue;
+                };
+                rt::spawn(conn::serve(
+                    Rc::clone(&ctx),
+                    Rc::clone(&lctx),
+                    stream,
+                    peer,
+                    slot,
+                ))
+                .detach();
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                let starved = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                if starved {
+                    tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
+                        "accept failed; backing off 100 ms");
+                    rt::sleep(Duration::from_millis(100)).await;
+                } else {
+                    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, error = %e, "accept failed");
+                }
+            }
+        }
+    }
+}
+
+/// Sweeps expired affinity bindings; shard 0 also sweeps the shared table.
+async fn affinity_gc(ctx: Rc<ShardCtx>) {
+    loop {
+        let (interval, ttl) = {
+            let k = ctx.shared.knobs.load();
+            (
+                k.affinity_gc_interval.max(Duration::from_secs(1)),
+                k.affinity_ttl,
+            )
+        };
+        rt::sleep(interval).await;
+        let now = Instant::now();
+        let removed = {
+            let mut table = ctx.affinity.borrow_mut();
+            table.set_ttl(ttl);
+            table.gc(now)
+        };
+        if ctx.id == 0 {
+            if let Ok(mut shared) = ctx.shared.shared_affinity.lock() {
+                shared.set_ttl(ttl);
+                shared.gc(now);
+            }
+        }
+        if removed > 0 {
+            tracing::debug!(shard = ctx.id, removed, "expired affinity bindings swept");
+        }
+    }
+}
