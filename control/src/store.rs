@@ -1,0 +1,1230 @@
+//! The routing store: `routing.db`, owned by the control thread.
+//!
+//! The file format is the original edgeProxy's: one `backends` table with
+//! columns `id, app, region, wg_ip, port, healthy, weight, soft_limit,
+//! hard_limit, deleted`, plus `country`, which old files lack and which
+//! [`RoutingStore::open`] adds. A `routing.db` written by the original loads
+//! unchanged; original columns are never dropped or renamed.
+//!
+//! The store keeps one long-lived connection in WAL mode. The control thread
+//! asks [`RoutingStore::changed`] on every reload tick (cheap: a
+//! `PRAGMA data_version` and two `stat`s) and calls [`RoutingStore::load`] only
+//! when it says yes. Operators may edit the file with the `sqlite3` CLI, or
+//! replace it wholesale (`mv new.db routing.db`); both are noticed. Any
+//! failure (the file is gone, corrupt, not a database) is returned as an
+//! error, the caller keeps its last good snapshot, and the next call starts
+//! over with a fresh connection, so the store recovers as soon as the file is
+//! valid again.
+//!
+//! Reading is lenient per row: a row with a value of the wrong type lands in
+//! [`Loaded::bad_rows`] with its id and the reason, and the other rows still
+//! load. Semantic checks (address syntax, port range, negative limits) are the
+//! snapshot builder's job, not the store's.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use engine::snapshot::BackendRecord;
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, Row, TransactionBehavior};
+use tracing::{debug, info, warn};
+
+/// The original edgeProxy's table, verbatim (`sql/create_routing_db.sql` in
+/// andrebassi/edgeproxy). A new database gets exactly this and then goes
+/// through the same migrations as an old file, so every `routing.db`, old or
+/// new, ends up with the same layout: the original columns, then `country`.
+const CREATE_BACKENDS: &str = "CREATE TABLE backends (
+    id TEXT PRIMARY KEY,
+    app TEXT,
+    region TEXT,
+    wg_ip TEXT,
+    port INTEGER,
+    healthy INTEGER,
+    weight INTEGER,
+    soft_limit INTEGER,
+    hard_limit INTEGER,
+    deleted INTEGER DEFAULT 0
+)";
+
+/// Migration 1: the geo-routing column the original added after its first
+/// schema. Nullable: old rows have no country.
+const ADD_COUNTRY: &str = "ALTER TABLE backends ADD COLUMN country TEXT";
+
+/// Schema version recorded in `PRAGMA user_version` (the original leaves it
+/// at 0). 1 = `backends` has a `country` column.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// How long a statement waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Columns `load` needs. `country` is optional (read as NULL when absent, e.g.
+/// in a read-only file the migration could not touch).
+const REQUIRED_COLUMNS: [&str; 10] = [
+    "id",
+    "app",
+    "region",
+    "wg_ip",
+    "port",
+    "healthy",
+    "weight",
+    "soft_limit",
+    "hard_limit",
+    "deleted",
+];
+
+/// What went wrong with the routing store. Every message names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite could not open the file (missing directory, permissions, ...).
+    #[error("cannot open routing store {}: {cause}", .path.display())]
+    Open {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    /// The file exists but is not an SQLite database, or is corrupt.
+    #[error("routing store {} is not a database or is corrupt: {cause}", .path.display())]
+    NotADatabase {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    /// Creating or upgrading the `backends` table failed.
+    #[error("cannot migrate routing store {}: {cause}", .path.display())]
+    Migrate {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    /// Reading the table failed.
+    #[error("cannot read routing store {}: {cause}", .path.display())]
+    Read {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    /// Writing a backend failed.
+    #[error("cannot write routing store {}: {cause}", .path.display())]
+    Write {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    /// The file could not be stat'ed (typically: it was removed).
+    #[error("cannot stat routing store {}: {cause}", .path.display())]
+    Stat { path: PathBuf, cause: io::Error },
+    /// The database has no `backends` table (e.g. replaced by another file).
+    #[error("routing store {} has no backends table", .path.display())]
+    NoBackendsTable { path: PathBuf },
+    /// The `backends` table lacks columns the proxy needs.
+    #[error("routing store {}: table backends lacks column(s) {}", .path.display(), .missing.join(", "))]
+    MissingColumns { path: PathBuf, missing: Vec<String> },
+}
+
+impl StoreError {
+    /// The underlying SQLite error, if there is one.
+    pub fn sqlite_error(&self) -> Option<&rusqlite::Error> {
+        match self {
+            StoreError::Open { cause, .. }
+            | StoreError::NotADatabase { cause, .. }
+            | StoreError::Migrate { cause, .. }
+            | StoreError::Read { cause, .. }
+            | StoreError::Write { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Op {
+    Open,
+    Migrate,
+    Read,
+    Write,
+}
+
+fn sql_err(path: &Path, op: Op, cause: rusqlite::Error) -> StoreError {
+    let path = path.to_path_buf();
+    if matches!(
+        cause.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt)
+    ) {
+        return StoreError::NotADatabase { path, cause };
+    }
+    match op {
+        Op::Open => StoreError::Open { path, cause },
+        Op::Migrate => StoreError::Migrate { path, cause },
+        Op::Read => StoreError::Read { path, cause },
+        Op::Write => StoreError::Write { path, cause },
+    }
+}
+
+/// Every row of `backends`, as read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Loaded {
+    /// Rows that could be read, deleted ones included, in table order.
+    pub records: Vec<BackendRecord>,
+    /// Rows that could not: (id, or `"rowid N"` when the id itself is
+    /// unreadable; reason).
+    pub bad_rows: Vec<(String, String)>,
+}
+
+/// Identity and version of a file: which file (dev, inode) and whether its
+/// contents may have changed (size, mtime, ctime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    #[cfg(unix)]
+    fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.len(),
+            mtime: meta.modified().ok(),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileStamp {
+            dev: 0,
+            ino: 0,
+            size: meta.len(),
+            mtime: meta.modified().ok(),
+            ctime: (0, 0),
+        }
+    }
+
+    fn same_file(&self, other: &FileStamp) -> bool {
+        self.dev == other.dev && self.ino == other.ino
+    }
+}
+
+/// Everything [`RoutingStore::changed`] compares against the last load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    /// `PRAGMA data_version` on our connection: moves when another connection
+    /// commits.
+    data_version: i64,
+    main: FileStamp,
+    /// Size and mtime of the `-wal` file, if there is one.
+    wal: Option<(u64, Option<SystemTime>)>,
+}
+
+/// The open connection and the main file as that connection last knew it.
+/// When the file on disk no longer matches `stamp`, it was replaced or
+/// rewritten behind SQLite's back and the connection (and its page cache) is
+/// thrown away.
+#[derive(Debug)]
+struct Live {
+    conn: Connection,
+    stamp: FileStamp,
+}
+
+/// The routing table on disk. See the module docs.
+#[derive(Debug)]
+pub struct RoutingStore {
+    path: PathBuf,
+    /// `None` after an error or before the first successful reopen; the next
+    /// call opens a fresh connection.
+    live: Option<Live>,
+    /// State at the last successful `load`.
+    seen: Option<Fingerprint>,
+    /// This store wrote since the last `load`. (`data_version` does not move
+    /// for a connection's own commits.)
+    dirty: bool,
+}
+
+impl RoutingStore {
+    /// Opens `path`, creating the file if it is missing, in WAL mode with a
+    /// busy timeout, and brings the schema up to date: creates `backends` if
+    /// absent (the original's exact table), adds `country` if absent, records
+    /// [`SCHEMA_VERSION`] in `PRAGMA user_version`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let exists = path.try_exists().map_err(|cause| StoreError::Stat {
+            path: path.to_path_buf(),
+            cause,
+        })?;
+        if !exists {
+            info!(path = %path.display(), "routing store does not exist, creating it");
+        }
+        let mut conn = connect(path, true)?;
+        migrate(&mut conn, path, true)?;
+        let stamp = stat_main(path)?;
+        Ok(RoutingStore {
+            path: path.to_path_buf(),
+            live: Some(Live { conn, stamp }),
+            seen: None,
+            dirty: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads every row, deleted ones included (the snapshot builder filters
+    /// them). Rows with unreadable values go to [`Loaded::bad_rows`].
+    pub fn load(&mut self) -> Result<Loaded, StoreError> {
+        let result = self.load_inner();
+        if result.is_err() {
+            self.live = None;
+        }
+        result
+    }
+
+    fn load_inner(&mut self) -> Result<Loaded, StoreError> {
+        let path = &self.path;
+        let (live, _) = fresh(path, &mut self.live)?;
+        // Fold the WAL into the main file while we are at it: an empty WAL is
+        // what makes a later `mv new.db routing.db` safe (see `retire`).
+        if wal_len(path)? > 0 && checkpoint(&live.conn, path) {
+            live.stamp = stat_main(path)?;
+        }
+        // Before reading: a commit that lands in between shows up as a change
+        // on the next tick instead of being missed.
+        let fp = fingerprint(&live.conn, path)?;
+        let loaded = read_rows(&live.conn, path)?;
+        self.seen = Some(fp);
+        self.dirty = false;
+        Ok(loaded)
+    }
+
+    /// True if anything may have changed since the last [`load`]: another
+    /// connection committed, this store wrote, or the file (or its WAL) was
+    /// rewritten or replaced. Does not read rows. A replaced file gets a new
+    /// connection.
+    ///
+    /// [`load`]: RoutingStore::load
+    pub fn changed(&mut self) -> Result<bool, StoreError> {
+        let result = self.changed_inner();
+        if result.is_err() {
+            self.live = None;
+        }
+        result
+    }
+
+    fn changed_inner(&mut self) -> Result<bool, StoreError> {
+        let (live, reopened) = fresh(&self.path, &mut self.live)?;
+        if reopened {
+            return Ok(true);
+        }
+        let fp = fingerprint(&live.conn, &self.path)?;
+        Ok(self.dirty || self.seen != Some(fp))
+    }
+
+    /// Inserts the backend, or updates the row with its id in place, in one
+    /// transaction.
+    pub fn upsert(&mut self, rec: &BackendRecord) -> Result<(), StoreError> {
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let values = params![
+                rec.app,
+                rec.region,
+                rec.country,
+                rec.ip,
+                rec.port,
+                rec.healthy,
+                rec.weight,
+                rec.soft_limit,
+                rec.hard_limit,
+                rec.deleted,
+                rec.id,
+            ];
+            // UPDATE-then-INSERT rather than ON CONFLICT: works on hand-made
+            // tables without a primary key, and keeps the rowid (table order).
+            let updated = tx.execute(
+                "UPDATE backends SET app = ?1, region = ?2, country = ?3, wg_ip = ?4, \
+                 port = ?5, healthy = ?6, weight = ?7, soft_limit = ?8, hard_limit = ?9, \
+                 deleted = ?10 WHERE id = ?11",
+                values,
+            )?;
+            if updated == 0 {
+                tx.execute(
+                    "INSERT INTO backends (app, region, country, wg_ip, port, healthy, weight, \
+                     soft_limit, hard_limit, deleted, id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    values,
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Marks the backend deleted (`deleted = 1`; the row stays, as in the
+    /// original). Returns whether a row with that id existed.
+    pub fn mark_deleted(&mut self, id: &str) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            conn.execute("UPDATE backends SET deleted = 1 WHERE id = ?1", [id])
+                .map(|n| n > 0)
+        })
+    }
+
+    fn write<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let path = &self.path;
+        let result = fresh(path, &mut self.live).and_then(|(live, _)| {
+            let out = f(&mut live.conn).map_err(|e| sql_err(path, Op::Write, e))?;
+            checkpoint(&live.conn, path);
+            // Our own write (and checkpoint) moved the main file; that is not
+            // a reason to distrust the connection.
+            live.stamp = stat_main(path)?;
+            Ok(out)
+        });
+        match result {
+            Ok(out) => {
+                self.dirty = true;
+                Ok(out)
+            }
+            Err(e) => {
+                self.live = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Returns a connection that matches the file now on disk, opening a new one
+/// if there is none or if the file was replaced or rewritten since the
+/// connection last saw it. The bool says whether it was (re)opened.
+fn fresh<'a>(path: &Path, slot: &'a mut Option<Live>) -> Result<(&'a mut Live, bool), StoreError> {
+    let kept = match slot.take() {
+        None => None,
+        Some(live) => match stat_main(path) {
+            Ok(now) if now == live.stamp => Some(live),
+            Ok(now) if now.same_file(&live.stamp) => {
+                debug!(path = %path.display(), "routing store rewritten in place, reopening");
+                drop(live);
+                None
+            }
+            Ok(_) => {
+                debug!(path = %path.display(), "routing store replaced, reopening");
+                retire(live, path);
+                None
+            }
+            Err(e) => {
+                retire(live, path);
+                return Err(e);
+            }
+        },
+    };
+    let (live, reopened) = match kept {
+        Some(live) => (live, false),
+        None => (reopen(path)?, true),
+    };
+    Ok((slot.insert(live), reopened))
+}
+
+/// Opens a connection to an existing file (a missing file is an error here:
+/// only `open` creates). Migrates `country` in if possible, but does not
+/// create `backends`: a replacement file without the table is an error for
+/// `load` to report, not an empty routing table.
+fn reopen(path: &Path) -> Result<Live, StoreError> {
+    // Stat before opening: if the file changes between the two, the next
+    // check sees a mismatch and reopens again, rather than trusting a
+    // connection to a file it has not seen.
+    let stamp = stat_main(path)?;
+    let mut conn = connect(path, false)?;
+    migrate(&mut conn, path, false)?;
+    Ok(Live { conn, stamp })
+}
+
+/// Closes a connection whose file was replaced or removed. Its `-wal` file is
+/// named after the path, which now belongs to another file (or none), and
+/// SQLite does not delete the WAL of a moved database on close: left with
+/// frames in it, the next connection would replay the old database's pages
+/// into the new file. Checkpoint and truncate it first. Best effort: if
+/// another connection blocks the checkpoint, there is nothing more to do.
+fn retire(live: Live, path: &Path) {
+    checkpoint(&live.conn, path);
+    drop(live);
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)` without waiting on other connections.
+/// Returns whether it ran (even if it could not finish because of a reader).
+fn checkpoint(conn: &Connection, path: &Path) -> bool {
+    let _ = conn.busy_timeout(Duration::ZERO);
+    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        r.get::<_, i64>(0)
+    });
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
+    match result {
+        Ok(0) => true,
+        Ok(_) => {
+            debug!(path = %path.display(), "wal checkpoint incomplete: database busy");
+            true
+        }
+        Err(e) => {
+            debug!(path = %path.display(), error = %e, "wal checkpoint failed");
+            false
+        }
+    }
+}
+
+fn connect(path: &Path, create: bool) -> Result<Connection, StoreError> {
+    // No SQLITE_OPEN_URI: the path is a file name, never a `file:` URI.
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let err = |e| sql_err(path, Op::Open, e);
+    let conn = Connection::open_with_flags(path, flags).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    // The first statement that reads the header: a non-database fails here.
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        warn!(path = %path.display(), journal_mode = %mode, "routing store could not switch to WAL mode");
+    }
+    Ok(conn)
+}
+
+struct SchemaState {
+    has_table: bool,
+    has_country: bool,
+    version: i64,
+}
+
+fn schema_state(conn: &Connection) -> rusqlite::Result<SchemaState> {
+    let columns = table_columns(conn)?;
+    let version = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    Ok(SchemaState {
+        has_table: !columns.is_empty(),
+        has_country: columns.iter().any(|c| c == "country"),
+        version,
+    })
+}
+
+/// Column names of `backends`, lower case; empty if there is no such table.
+fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare("PRAGMA table_info(backends)")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    names.map(|n| n.map(|n| n.to_ascii_lowercase())).collect()
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`]. Writes nothing when there is
+/// nothing to do (so reopening a current file leaves it untouched).
+fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), StoreError> {
+    let err = |e| sql_err(path, Op::Migrate, e);
+    let state = schema_state(conn).map_err(err)?;
+    if state.version > SCHEMA_VERSION {
+        warn!(
+            path = %path.display(),
+            version = state.version,
+            supported = SCHEMA_VERSION,
+            "routing store schema is newer than this edgeproxy; reading it anyway"
+        );
+    }
+    let work = if state.has_table {
+        !state.has_country || state.version < SCHEMA_VERSION
+    } else {
+        create
+    };
+    if !work {
+        return Ok(());
+    }
+
+    let apply = |conn: &mut Connection| -> rusqlite::Result<(bool, bool)> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Again under the write lock: another process may have migrated.
+        let state = schema_state(&tx)?;
+        let mut created = false;
+        if !state.has_table {
+            if !create {
+                return Ok((false, false));
+            }
+            tx.execute_batch(CREATE_BACKENDS)?;
+            created = true;
+        }
+        let added_country = !state.has_country;
+        if added_country {
+            tx.execute_batch(ADD_COUNTRY)?;
+        }
+        if state.version < SCHEMA_VERSION {
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        tx.commit()?;
+        Ok((created, added_country))
+    };
+    match apply(conn) {
+        Ok((created, added_country)) => {
+            if created {
+                info!(path = %path.display(), "created table backends");
+            }
+            if added_country {
+                info!(path = %path.display(), "added column country to table backends");
+            }
+            Ok(())
+        }
+        // A read-only file that has the table is still usable: `load` reads
+        // a missing country as NULL.
+        Err(e) if state.has_table && e.sqlite_error_code() == Some(ErrorCode::ReadOnly) => {
+            warn!(path = %path.display(), error = %e, "routing store is read-only; not migrating its schema");
+            Ok(())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+fn stat_main(path: &Path) -> Result<FileStamp, StoreError> {
+    std::fs::metadata(path)
+        .map(|m| FileStamp::of(&m))
+        .map_err(|cause| StoreError::Stat {
+            path: path.to_path_buf(),
+            cause,
+        })
+}
+
+fn wal_path(path: &Path) -> PathBuf {
+    let mut p = OsString::from(path.as_os_str());
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
+fn stat_wal(path: &Path) -> Result<Option<(u64, Option<SystemTime>)>, StoreError> {
+    let wal = wal_path(path);
+    match std::fs::metadata(&wal) {
+        Ok(m) => Ok(Some((m.len(), m.modified().ok()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(cause) => Err(StoreError::Stat { path: wal, cause }),
+    }
+}
+
+fn wal_len(path: &Path) -> Result<u64, StoreError> {
+    Ok(stat_wal(path)?.map_or(0, |(len, _)| len))
+}
+
+fn fingerprint(conn: &Connection, path: &Path) -> Result<Fingerprint, StoreError> {
+    let data_version = conn
+        .query_row("PRAGMA data_version", [], |r| r.get(0))
+        .map_err(|e| sql_err(path, Op::Read, e))?;
+    Ok(Fingerprint {
+        data_version,
+        main: stat_main(path)?,
+        wal: stat_wal(path)?,
+    })
+}
+
+fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
+    let err = |e| sql_err(path, Op::Read, e);
+    // One read transaction: the column check and the rows see the same file.
+    let tx = conn.unchecked_transaction().map_err(err)?;
+    let columns = table_columns(&tx).map_err(err)?;
+    if columns.is_empty() {
+        return Err(StoreError::NoBackendsTable {
+            path: path.to_path_buf(),
+        });
+    }
+    let missing: Vec<String> = REQUIRED_COLUMNS
+        .iter()
+        .filter(|c| !columns.iter().any(|have| have == *c))
+        .map(|c| c.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(StoreError::MissingColumns {
+            path: path.to_path_buf(),
+            missing,
+        });
+    }
+    let country = if columns.iter().any(|c| c == "country") {
+        "country"
+    } else {
+        "NULL"
+    };
+    let sql = format!(
+        "SELECT rowid, id, app, region, {country}, wg_ip, port, healthy, weight, \
+         soft_limit, hard_limit, deleted FROM backends ORDER BY rowid"
+    );
+    let mut loaded = Loaded::default();
+    {
+        let mut stmt = tx.prepare(&sql).map_err(err)?;
+        let mut rows = stmt.query([]).map_err(err)?;
+        while let Some(row) = rows.next().map_err(err)? {
+            match parse_row(row) {
+                Ok(rec) => loaded.records.push(rec),
+                Err(bad) => loaded.bad_rows.push(bad),
+            }
+        }
+    }
+    tx.commit().map_err(err)?;
+    Ok(loaded)
+}
+
+/// Converts one row (columns in `read_rows`' SELECT order), or says why not:
+/// (id or `"rowid N"`, every problem found).
+fn parse_row(row: &Row<'_>) -> Result<BackendRecord, (String, String)> {
+    let rowid = match row.get_ref(0) {
+        Ok(ValueRef::Integer(n)) => n.to_string(),
+        _ => "?".to_string(),
+    };
+    let label = match row.get_ref(1) {
+        Ok(v) => match text(v, "id") {
+            Ok(id) if !id.trim().is_empty() => id,
+            _ => format!("rowid {rowid}"),
+        },
+        Err(_) => format!("rowid {rowid}"),
+    };
+    let mut problems = Vec::new();
+    let p = &mut problems;
+    let id = field(row, 1, "id", text, p);
+    let app = field(row, 2, "app", text, p);
+    let region = field(row, 3, "region", text, p);
+    let country = field(row, 4, "country", optional_text, p);
+    let ip = field(row, 5, "wg_ip", text, p);
+    let port = field(row, 6, "port", integer, p);
+    let healthy = field(row, 7, "healthy", boolean, p);
+    let weight = field(row, 8, "weight", integer, p);
+    let soft_limit = field(row, 9, "soft_limit", integer, p);
+    let hard_limit = field(row, 10, "hard_limit", integer, p);
+    let deleted = field(row, 11, "deleted", deleted_flag, p);
+    let (
+        Some(id),
+        Some(app),
+        Some(region),
+        Some(country),
+        Some(ip),
+        Some(port),
+        Some(healthy),
+        Some(weight),
+        Some(soft_limit),
+        Some(hard_limit),
+        Some(deleted),
+    ) = (
+        id, app, region, country, ip, port, healthy, weight, soft_limit, hard_limit, deleted,
+    )
+    else {
+        return Err((label, problems.join("; ")));
+    };
+    Ok(BackendRecord {
+        id,
+        app,
+        region,
+        country,
+        ip,
+        port,
+        healthy,
+        weight,
+        soft_limit,
+        hard_limit,
+        deleted,
+    })
+}
+
+type Convert<T> = fn(ValueRef<'_>, &str) -> Result<T, String>;
+
+fn field<T>(
+    row: &Row<'_>,
+    idx: usize,
+    name: &str,
+    convert: Convert<T>,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    let value = row
+        .get_ref(idx)
+        .map_err(|e| format!("{name}: {e}"))
+        .and_then(|v| convert(v, name));
+    match value {
+        Ok(v) => Some(v),
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
+    }
+}
+
+/// A value for an error message: the type, and the value itself if short.
+fn describe(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Null => "NULL".to_string(),
+        ValueRef::Integer(n) => format!("integer {n}"),
+        ValueRef::Real(f) => format!("real {f}"),
+        ValueRef::Text(b) => {
+            let s = String::from_utf8_lossy(b);
+            if s.chars().count() > 40 {
+                let cut: String = s.chars().take(40).collect();
+                format!("text {cut:?}...")
+            } else {
+                format!("text {s:?}")
+            }
+        }
+        ValueRef::Blob(b) => format!("a {}-byte blob", b.len()),
+    }
+}
+
+fn text(v: ValueRef<'_>, col: &str) -> Result<String, String> {
+    match v {
+        ValueRef::Null => Err(format!("{col} is NULL")),
+        ValueRef::Text(b) => std::str::from_utf8(b)
+            .map(str::to_owned)
+            .map_err(|_| format!("{col} is not valid UTF-8")),
+        // Only in tables without column affinity; harmless to accept.
+        ValueRef::Integer(n) => Ok(n.to_string()),
+        other => Err(format!("{col}: expected text, found {}", describe(other))),
+    }
+}
+
+/// `country`: NULL or blank means "no country".
+fn optional_text(v: ValueRef<'_>, col: &str) -> Result<Option<String>, String> {
+    match v {
+        ValueRef::Null => Ok(None),
+        v => text(v, col).map(|s| (!s.trim().is_empty()).then_some(s)),
+    }
+}
+
+fn integer(v: ValueRef<'_>, col: &str) -> Result<i64, String> {
+    let bad = |v| Err(format!("{col}: expected an integer, found {}", describe(v)));
+    match v {
+        ValueRef::Integer(n) => Ok(n),
+        ValueRef::Null => Err(format!("{col} is NULL")),
+        // 8080.0, from a tool that writes reals.
+        ValueRef::Real(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        ValueRef::Text(b) => match std::str::from_utf8(b).ok().map(|s| s.trim().parse()) {
+            Some(Ok(n)) => Ok(n),
+            _ => bad(v),
+        },
+        other => bad(other),
+    }
+}
+
+/// 0/1 (any non-zero integer is true, as in the original), or
+/// `true`/`false` text.
+fn boolean(v: ValueRef<'_>, col: &str) -> Result<bool, String> {
+    let bad = |v| {
+        Err(format!(
+            "{col}: expected 0/1 or true/false, found {}",
+            describe(v)
+        ))
+    };
+    match v {
+        ValueRef::Integer(n) => Ok(n != 0),
+        ValueRef::Null => Err(format!("{col} is NULL")),
+        ValueRef::Real(f) if f == 0.0 || f == 1.0 => Ok(f == 1.0),
+        ValueRef::Text(b) => {
+            let s = String::from_utf8_lossy(b);
+            match s.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" => Ok(true),
+                "0" | "false" => Ok(false),
+                _ => bad(v),
+            }
+        }
+        other => bad(other),
+    }
+}
+
+/// Like [`boolean`], but NULL means "not deleted": the original selects
+/// `WHERE deleted IS NULL OR deleted = 0`.
+fn deleted_flag(v: ValueRef<'_>, col: &str) -> Result<bool, String> {
+    match v {
+        ValueRef::Null => Ok(false),
+        v => boolean(v, col),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The original edgeProxy's table, as its `sql/create_routing_db.sql`
+    /// creates it (no `country`).
+    const ORIGINAL_SCHEMA: &str = "CREATE TABLE backends (
+        id TEXT PRIMARY KEY,
+        app TEXT,
+        region TEXT,
+        wg_ip TEXT,
+        port INTEGER,
+        healthy INTEGER,
+        weight INTEGER,
+        soft_limit INTEGER,
+        hard_limit INTEGER,
+        deleted INTEGER DEFAULT 0
+    );";
+
+    /// A separate connection, as the sqlite3 CLI or another process would
+    /// have.
+    fn other(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        conn
+    }
+
+    /// Writes a database the way the original's tooling does: its schema, its
+    /// inserts, default (rollback journal) mode.
+    fn original_db(path: &Path, rows: &str) {
+        let conn = other(path);
+        conn.execute_batch(ORIGINAL_SCHEMA).unwrap();
+        conn.execute_batch(rows).unwrap();
+    }
+
+    fn rec(id: &str, port: i64) -> BackendRecord {
+        BackendRecord {
+            id: id.into(),
+            app: "myapp".into(),
+            region: "sa".into(),
+            country: None,
+            ip: "10.0.0.1".into(),
+            port,
+            healthy: true,
+            weight: 1,
+            soft_limit: 100,
+            hard_limit: 150,
+            deleted: false,
+        }
+    }
+
+    fn ids(loaded: &Loaded) -> Vec<&str> {
+        loaded.records.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    fn column_names(path: &Path) -> Vec<String> {
+        table_columns(&other(path)).unwrap()
+    }
+
+    #[test]
+    fn original_database_migrates_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        original_db(
+            &path,
+            "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+             VALUES ('sa-node-1', 'myapp', 'sa', '10.50.1.1', 8080, 1, 2, 50, 100),
+                    ('us-node-1', 'myapp', 'us', '10.50.2.1', 8080, 0, 1, 50, 100);
+             INSERT INTO backends VALUES ('eu-node-1', 'myapp', 'eu', '10.50.3.1', 8081, 1, 1, 100, 200, 1);",
+        );
+
+        let mut store = RoutingStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.bad_rows, []);
+        assert_eq!(ids(&loaded), ["sa-node-1", "us-node-1", "eu-node-1"]);
+        assert!(loaded.records.iter().all(|r| r.country.is_none()));
+        assert_eq!(
+            loaded.records[0],
+            BackendRecord {
+                id: "sa-node-1".into(),
+                app: "myapp".into(),
+                region: "sa".into(),
+                country: None,
+                ip: "10.50.1.1".into(),
+                port: 8080,
+                healthy: true,
+                weight: 2,
+                soft_limit: 50,
+                hard_limit: 100,
+                deleted: false,
+            }
+        );
+        assert!(!loaded.records[1].healthy);
+        assert!(loaded.records[2].deleted);
+
+        // Original columns untouched, country appended, version recorded.
+        assert_eq!(
+            column_names(&path),
+            [
+                "id",
+                "app",
+                "region",
+                "wg_ip",
+                "port",
+                "healthy",
+                "weight",
+                "soft_limit",
+                "hard_limit",
+                "deleted",
+                "country"
+            ]
+        );
+        let conn = other(&path);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+
+        // Reopening a migrated file is a no-op.
+        drop(store);
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_eq!(store.load().unwrap(), loaded);
+    }
+
+    #[test]
+    fn missing_file_is_created_with_the_original_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert!(path.exists());
+        assert_eq!(store.path(), path);
+        assert_eq!(store.load().unwrap(), Loaded::default());
+        let cols = column_names(&path);
+        assert_eq!(cols.len(), 11);
+        assert_eq!(cols.last().map(String::as_str), Some("country"));
+
+        // The original's own inserts still work on a new file.
+        other(&path)
+            .execute_batch(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'myapp', 'sa', '10.0.0.1', 80, 1, 1, 100, 200)",
+            )
+            .unwrap();
+        assert_eq!(ids(&store.load().unwrap()), ["a"]);
+    }
+
+    #[test]
+    fn open_in_missing_directory_fails_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope").join("routing.db");
+        let err = RoutingStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err:?}");
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+    }
+
+    #[test]
+    fn bad_rows_are_reported_by_id_and_the_rest_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        other(&path)
+            .execute_batch(
+                "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted) VALUES
+                   ('good', 'myapp', 'sa', 'BR', '10.0.0.1', 80, 1, 1, 100, 150, 0),
+                   ('bad-port', 'myapp', 'sa', NULL, '10.0.0.2', 'abc', 1, 1, 100, 150, 0),
+                   ('no-ip', 'myapp', 'sa', NULL, NULL, 80, 1, 1, 100, 150, 0),
+                   ('text-flags', 'myapp', 'us', '', '10.0.0.3', '8080', 'true', 2, 10, 20, 'false'),
+                   ('null-deleted', 'myapp', 'us', NULL, '10.0.0.4', 81, 0, 1, 10, 20, NULL),
+                   ('bad-flag', 'myapp', 'us', NULL, '10.0.0.5', 81, 'maybe', 1.5, 10, 20, 0),
+                   (NULL, 'myapp', 'eu', NULL, '10.0.0.6', 82, 1, 1, 10, 20, 0);",
+            )
+            .unwrap();
+
+        let loaded = store.load().unwrap();
+        assert_eq!(ids(&loaded), ["good", "text-flags", "null-deleted"]);
+        assert_eq!(loaded.records[0].country.as_deref(), Some("BR"));
+        let flags = &loaded.records[1];
+        assert_eq!(
+            (flags.port, flags.healthy, flags.deleted),
+            (8080, true, false)
+        );
+        assert_eq!(flags.country, None);
+        assert!(!loaded.records[2].deleted);
+
+        let bad: Vec<&str> = loaded.bad_rows.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(bad, ["bad-port", "no-ip", "bad-flag", "rowid 7"]);
+        let reason = |id: &str| &loaded.bad_rows.iter().find(|(i, _)| i == id).unwrap().1;
+        assert!(
+            reason("bad-port").contains("port"),
+            "{}",
+            reason("bad-port")
+        );
+        assert!(reason("bad-port").contains("abc"), "{}", reason("bad-port"));
+        assert!(
+            reason("no-ip").contains("wg_ip is NULL"),
+            "{}",
+            reason("no-ip")
+        );
+        assert!(
+            reason("bad-flag").contains("healthy"),
+            "{}",
+            reason("bad-flag")
+        );
+        assert!(
+            reason("bad-flag").contains("weight"),
+            "{}",
+            reason("bad-flag")
+        );
+        assert!(
+            reason("rowid 7").contains("id is NULL"),
+            "{}",
+            reason("rowid 7")
+        );
+    }
+
+    #[test]
+    fn changed_tracks_other_connections_and_replacement() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert!(store.changed().unwrap(), "never loaded");
+        store.load().unwrap();
+        assert!(!store.changed().unwrap());
+        assert!(!store.changed().unwrap());
+
+        let settle = |store: &mut RoutingStore| {
+            let loaded = store.load().unwrap();
+            assert!(!store.changed().unwrap());
+            assert!(!store.changed().unwrap());
+            loaded
+        };
+
+        other(&path)
+            .execute_batch(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'myapp', 'sa', '10.0.0.1', 80, 1, 1, 100, 150),
+                        ('b', 'myapp', 'sa', '10.0.0.2', 80, 1, 1, 100, 150)",
+            )
+            .unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(ids(&settle(&mut store)), ["a", "b"]);
+
+        other(&path)
+            .execute("UPDATE backends SET weight = 5 WHERE id = 'a'", [])
+            .unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(settle(&mut store).records[0].weight, 5);
+
+        other(&path)
+            .execute("DELETE FROM backends WHERE id = 'b'", [])
+            .unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(ids(&settle(&mut store)), ["a"]);
+
+        // Our own writes count too.
+        store.upsert(&rec("c", 90)).unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(ids(&settle(&mut store)), ["a", "c"]);
+
+        // Replaced wholesale, right after another connection wrote (so the
+        // old WAL still holds frames): the new file's content, not the old.
+        other(&path)
+            .execute("UPDATE backends SET port = 1234", [])
+            .unwrap();
+        let new = dir.path().join("new.db");
+        original_db(
+            &new,
+            "INSERT INTO backends VALUES ('x', 'other', 'eu', '10.9.9.9', 443, 1, 1, 10, 20, 0)",
+        );
+        std::fs::rename(&new, &path).unwrap();
+        assert!(store.changed().unwrap());
+        let loaded = settle(&mut store);
+        assert_eq!(ids(&loaded), ["x"]);
+        assert_eq!(loaded.records[0].port, 443);
+        // ... and it was migrated like any old file.
+        assert!(column_names(&path).contains(&"country".to_string()));
+
+        // The store keeps following the new file.
+        other(&path)
+            .execute("UPDATE backends SET healthy = 0 WHERE id = 'x'", [])
+            .unwrap();
+        assert!(store.changed().unwrap());
+        assert!(!settle(&mut store).records[0].healthy);
+    }
+
+    #[test]
+    fn garbage_file_is_an_error_and_the_store_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.upsert(&rec("a", 80)).unwrap();
+        assert_eq!(ids(&store.load().unwrap()), ["a"]);
+
+        std::fs::write(&path, vec![0xA5u8; 8192]).unwrap();
+        let err = store.changed().unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+        assert!(store.changed().is_err());
+
+        let fresh = dir.path().join("fresh.db");
+        original_db(
+            &fresh,
+            "INSERT INTO backends VALUES ('b', 'myapp', 'us', '10.0.0.2', 81, 1, 1, 10, 20, 0)",
+        );
+        std::fs::rename(&fresh, &path).unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(ids(&store.load().unwrap()), ["b"]);
+        assert!(!store.changed().unwrap());
+    }
+
+    #[test]
+    fn removed_file_is_an_error_not_a_new_empty_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.upsert(&rec("a", 80)).unwrap();
+        store.load().unwrap();
+
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(store.changed(), Err(StoreError::Stat { .. })));
+        assert!(store.load().is_err());
+        assert!(!path.exists(), "reload must not create the file");
+
+        original_db(
+            &path,
+            "INSERT INTO backends VALUES ('b', 'myapp', 'us', '10.0.0.2', 81, 1, 1, 10, 20, 0)",
+        );
+        assert!(store.changed().unwrap());
+        assert_eq!(ids(&store.load().unwrap()), ["b"]);
+    }
+
+    #[test]
+    fn replacement_without_backends_table_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.load().unwrap();
+        let new = dir.path().join("new.db");
+        other(&new).execute_batch("CREATE TABLE t (x)").unwrap();
+        std::fs::rename(&new, &path).unwrap();
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StoreError::NoBackendsTable { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn non_database_at_open_is_an_error_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        std::fs::write(&path, "id,app,region\nsa-node-1,myapp,sa\n".repeat(200)).unwrap();
+        let err = RoutingStore::open(&path).unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&*path.to_string_lossy()), "{msg}");
+        assert!(msg.contains("file is not a database"), "{msg}");
+    }
+
+    #[test]
+    fn upsert_inserts_then_updates_in_place_and_mark_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.upsert(&rec("a", 80)).unwrap();
+        store.upsert(&rec("b", 81)).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.records, [rec("a", 80), rec("b", 81)]);
+
+        let mut a = rec("a", 8080);
+        a.country = Some("BR".into());
+        a.healthy = false;
+        a.weight = 3;
+        store.upsert(&a).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded.records,
+            [a.clone(), rec("b", 81)],
+            "updated in place"
+        );
+        let rowid: i64 = other(&path)
+            .query_row("SELECT rowid FROM backends WHERE id = 'a'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(rowid, 1);
+
+        assert!(store.mark_deleted("a").unwrap());
+        assert!(!store.mark_deleted("nope").unwrap());
+        let loaded = store.load().unwrap();
+        assert!(loaded.records[0].deleted);
+        assert!(!loaded.records[1].deleted);
+        assert_eq!(loaded.records.len(), 2, "soft delete keeps the row");
+    }
+}
