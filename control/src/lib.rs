@@ -1,2 +1,11 @@
+//! edgeproxy control plane: configuration, the routing store and its reload
+//! loop, process composition and signals. Runs on its own thread; never on a
+//! shard.
 
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod logging;
+pub mod routing;
 pub mod store;

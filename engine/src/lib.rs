@@ -12,8 +12,8 @@ pub mod listener;
 pub mod proxy_protocol;
 pub mod rt;
 pub mod select;
-mod shard;
 pub mod settings;
+mod shard;
 pub mod snapshot;
 pub mod stats;
 

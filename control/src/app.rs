@@ -1,0 +1,251 @@
+//! Composes the process: config → GeoIP → routing store → data plane, then
+//! runs the control loop on this thread until SIGTERM/SIGINT.
+//!
+//! The control loop (a single-threaded Tokio runtime) owns everything that
+//! may block: SQLite, config files, signals. The shards never wait on it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use engine::geo::{GeoDb, GeoResolver, RegionMap};
+use engine::snapshot::Country;
+use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{self, Config};
+use crate::routing::RoutingReloader;
+use crate::store::RoutingStore;
+
+/// Runs the proxy until a stop signal. Errors before the proxy is up are
+/// returned (the caller prints them and exits non-zero).
+pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
+    crate::logging::init(&config.log.level);
+    let geo = Arc::new(build_geo(&config)?);
+
+    let mut store = RoutingStore::open(&config.routing.db_path)?;
+    if config.demo.backends > 0 {
+        let records =
+            crate::demo::start(config.demo.backends, &config.demo.app, &config.pop.region)
+                .context("cannot start demo backends")?;
+        for rec in &records {
+            store.upsert(rec)?;
+        }
+    }
+    let mut reloader = RoutingReloader::start(store)?;
+    let snapshot = reloader.handle().clone();
+    let first = snapshot.load();
+    tracing::info!(
+        version = first.version,
+        backends = first.backends.len(),
+        apps = first.app_count(),
+        db = %config.routing.db_path.display(),
+        "routing table loaded"
+    );
+    drop(first);
+
+    let mut engine = Engine::start(
+        engine_settings(&config),
+        knobs(&config),
+        &listener_specs(&config),
+        snapshot,
+        geo,
+    )?;
+    for l in engine.listeners() {
+        tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
+            proxy_protocol = l.spec.accept_proxy_protocol, steered = l.steered, "listening");
+    }
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        pop = %config.pop.name,
+        region = %config.pop.region,
+        shards = engine.shard_count(),
+        reload_interval_ms = config.routing.reload_interval.as_millis() as u64,
+        "edgeproxy ready"
+    );
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+    let grace = runtime.block_on(control_loop(
+        config_path,
+        config,
+        &mut reloader,
+        &mut engine,
+    ))?;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        open = engine.active_connections(),
+        "shutting down: stopped accepting, draining open connections"
+    );
+    engine.shutdown(grace);
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// Loads and validates the configuration as `run` would, without starting
+/// anything, and returns the effective configuration.
+pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
+    let config = config::load(config_path, &config::ProcessEnv)?;
+    build_geo(&config)?;
+    Ok(config)
+}
+
+/// Returns the drain grace period once a stop signal arrives.
+async fn control_loop(
+    config_path: Option<PathBuf>,
+    mut config: Config,
+    reloader: &mut RoutingReloader,
+    engine: &mut Engine,
+) -> anyhow::Result<Duration> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let mut ticker = tokio::time::interval(config.routing.reload_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                // SQLite calls are short and local; they run inline on the
+                // control thread, which serves nothing latency-critical.
+                reloader.tick();
+            }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: re-reading configuration and routing table");
+                match &config_path {
+                    None => tracing::info!("no config file given; only the routing table is re-read"),
+                    Some(path) => match config::load(Some(path), &config::ProcessEnv) {
+                        Ok(new) => {
+                            apply(&config, &new, engine);
+                            if new.routing.reload_interval != config.routing.reload_interval {
+                                ticker = tokio::time::interval(new.routing.reload_interval);
+                                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            }
+                            config = new;
+                        }
+                        Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
+                    },
+                }
+                reloader.reload();
+            }
+            _ = term.recv() => return Ok(config.limits.shutdown_grace),
+            _ = int.recv() => return Ok(config.limits.shutdown_grace),
+        }
+    }
+}
+
+/// Applies what can change without a restart and logs the rest.
+fn apply(old: &Config, new: &Config, engine: &mut Engine) {
+    let new_knobs = knobs(new);
+    if *engine.knobs() != new_knobs {
+        tracing::info!(?new_knobs, "limits and timeouts updated");
+        engine.set_knobs(new_knobs);
+    }
+    // Listeners: removed or changed ones stop; added or changed ones start.
+    for l in &old.listeners {
+        let kept = new.listeners.iter().any(|n| n == l);
+        if !kept && engine.remove_listener(&l.name) {
+            tracing::info!(listener = %l.name, addr = %l.addr, "listener stopped");
+        }
+    }
+    for spec in listener_specs(new) {
+        if old
+            .listeners
+            .iter()
+            .any(|o| o.name == *spec.name && spec_of(o) == spec)
+        {
+            continue;
+        }
+        let name = spec.name.clone();
+        match engine.add_listener(spec) {
+            Ok(addr) => tracing::info!(listener = %name, %addr, "listening"),
+            Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
+        }
+    }
+    let restart_only = [
+        ("runtime", old.runtime != new.runtime),
+        (
+            "routing.db_path",
+            old.routing.db_path != new.routing.db_path,
+        ),
+        ("geo", old.geo != new.geo),
+        ("pop", old.pop != new.pop),
+        ("demo", old.demo != new.demo),
+        ("log", old.log != new.log),
+    ];
+    for (section, changed) in restart_only {
+        if changed {
+            tracing::warn!(
+                section,
+                "this setting changed but takes effect only after a restart"
+            );
+        }
+    }
+}
+
+fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {
+    let db = match &config.geo.db_path {
+        Some(path) => GeoDb::open(path)
+            .with_context(|| format!("cannot load GeoIP database {}", path.display()))?,
+        None => GeoDb::embedded().context("cannot load the embedded GeoIP database")?,
+    };
+    let regions = match &config.geo.regions {
+        None => RegionMap::default(),
+        Some(map) => RegionMap::new(
+            &config.geo.default_region,
+            map.iter().map(|(region, countries)| {
+                (
+                    region.clone(),
+                    countries.iter().filter_map(|c| Country::parse(c)).collect(),
+                )
+            }),
+        ),
+    };
+    let overrides = config
+        .geo
+        .overrides
+        .iter()
+        .filter_map(|o| Some((o.cidr, Country::parse(&o.country)?)))
+        .collect();
+    Ok(GeoResolver::new(overrides, Some(db), regions))
+}
+
+fn engine_settings(config: &Config) -> EngineSettings {
+    EngineSettings {
+        shards: config.runtime.shards as usize,
+        pin_cores: config.runtime.pin_cores,
+        buffer_count: config.runtime.buffer_count.min(32768) as u16,
+        buffer_size: config.runtime.buffer_size,
+        local_region: Arc::from(config.pop.region.as_str()),
+    }
+}
+
+fn knobs(config: &Config) -> Knobs {
+    Knobs {
+        max_connections: config.limits.max_connections,
+        max_connections_per_shard: config.limits.max_connections_per_shard,
+        connect_timeout: config.limits.connect_timeout,
+        connect_attempts: config.limits.connect_attempts,
+        idle_timeout: config.limits.idle_timeout,
+        affinity_ttl: config.affinity.ttl,
+        affinity_gc_interval: config.affinity.gc_interval,
+        ..Knobs::default()
+    }
+}
+
+fn spec_of(l: &config::Listener) -> ListenerSpec {
+    ListenerSpec {
+        name: Arc::from(l.name.as_str()),
+        addr: l.addr,
+        app: l.app.as_deref().map(Arc::from),
+        accept_proxy_protocol: l.accept_proxy_protocol,
+        send_proxy_protocol: l.send_proxy_protocol,
+    }
+}
+
+fn listener_specs(config: &Config) -> Vec<ListenerSpec> {
+    config.listeners.iter().map(spec_of).collect()
+}

@@ -1,0 +1,64 @@
+//! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "edgeproxy",
+    version,
+    about = "Edge TCP proxy for Points of Presence",
+    long_about = "Edge TCP proxy for Points of Presence.\n\n\
+        Proxies TCP connections to the best backend in the routing table \
+        (routing.db, SQLite): same country, then same region, then this POP's \
+        region, then anywhere, by load and weight; clients stick to their \
+        backend for the binding TTL. The routing table is re-read when it \
+        changes, without dropping connections.\n\n\
+        Without --config, settings come from defaults and the original \
+        edgeProxy's environment variables (EDGEPROXY_LISTEN_ADDR, \
+        EDGEPROXY_DB_PATH, EDGEPROXY_REGION, ...). Signals: SIGHUP re-reads \
+        the config file and the routing table; SIGTERM/SIGINT stop accepting \
+        and drain open connections for limits.shutdown_grace_secs."
+)]
+pub struct Cli {
+    /// TOML configuration file (see config/edgeproxy.toml for every key).
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "EDGEPROXY_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration (file plus environment) and print the
+    /// effective settings as TOML.
+    CheckConfig,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or(Command::Run) {
+        Command::Run => crate::app::run(cli.config),
+        Command::CheckConfig => crate::app::check(cli.config.as_deref()).map(|config| {
+            print!("{}", config.to_toml());
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgeproxy: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

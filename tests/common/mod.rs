@@ -1,0 +1,467 @@
+//! Test harness: the real `edgeproxy` binary, real backends on loopback, a real
+//! `routing.db`.
+//!
+//! Readiness comes from the proxy's own log: tests wait for the
+//! `edgeproxy ready` line and read each listener's bound address from its
+//! `listening` line (listeners bind port 0, so tests never race for ports).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
+
+/// How long anything in a test may take before it counts as hung.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A scratch directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "edgeproxy-test-{tag}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Log lines of a running proxy, collected by a reader thread.
+#[derive(Default)]
+struct LogBook {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+pub struct Proxy {
+    child: Child,
+    log: Arc<LogBook>,
+    pub listeners: Vec<(String, SocketAddr)>,
+}
+
+impl Proxy {
+    /// Starts the binary with `args` and `env` (the variables are added to a
+    /// clean environment with PATH only) and waits for it to be ready.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut proxy = Proxy::spawn(args, env);
+        proxy
+            .wait_for_log("edgeproxy ready", PATIENCE)
+            .unwrap_or_else(|| {
+                panic!(
+                    "proxy did not become ready; log:\n{}",
+                    proxy.log_text()
+                )
+            });
+        proxy.listeners = proxy
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(" listening "))
+            .filter_map(|l| Some((field(l, "listener")?, field(l, "addr")?.parse().ok()?)))
+            .collect();
+        proxy
+    }
+
+    /// Starts with a config file written from `toml` inside `dir`.
+    pub fn with_config(dir: &TempDir, toml: &str) -> Proxy {
+        let path = dir.join("edgeproxy.toml");
+        std::fs::write(&path, toml).unwrap();
+        Proxy::start(&["--config", path.to_str().unwrap()], &[])
+    }
+
+    /// Starts the binary without waiting for readiness.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("cannot start edgeproxy");
+        let log = Arc::new(LogBook::default());
+        for stream in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    log.lines.lock().unwrap().push(line);
+                    log.grew.notify_all();
+                }
+            });
+        }
+        Proxy {
+            child,
+            log,
+            listeners: Vec::new(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.listeners.first().expect("no listener").1
+    }
+
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no listener {name}: {:?}", self.listeners))
+            .1
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// Number of log lines so far; pass it to `wait_for_log_after` to wait for a
+    /// line written after this point.
+    pub fn log_mark(&self) -> usize {
+        self.log.lines.lock().unwrap().len()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_log_after(0, needle, timeout)
+    }
+
+    pub fn wait_for_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().skip(mark).find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        let rc = unsafe { libc_kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+pub const SIGHUP: i32 = 1;
+pub const SIGINT: i32 = 2;
+pub const SIGTERM: i32 = 15;
+
+/// `key=value` from a log line (value ends at whitespace; quotes stripped).
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches('"').to_string())
+}
+
+/// Runs the binary to completion: (exit status, stdout, stderr).
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("cannot run edgeproxy");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------
+
+/// A backend that greets each connection with `<name>\n`, then echoes every
+/// byte back until the client half-closes, then closes its side.
+pub struct TagBackend {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TagBackend {
+    pub fn start(name: &str) -> TagBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
+        let tag = format!("{name}\n");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let tag = tag.clone();
+                std::thread::spawn(move || {
+                    if stream.write_all(tag.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        TagBackend {
+            name: name.to_string(),
+            addr,
+            connections,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+/// Connects through the proxy and returns the name of the backend that
+/// answered (its greeting line), keeping the stream open.
+pub fn connect_tagged(proxy: SocketAddr) -> (String, TcpStream) {
+    let stream = TcpStream::connect(proxy).expect("connect to proxy");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let name = read_line(&stream).expect("no greeting from backend");
+    (name, stream)
+}
+
+/// Which backend answers a fresh connection.
+pub fn which_backend(proxy: SocketAddr) -> String {
+    connect_tagged(proxy).0
+}
+
+/// Reads one `\n`-terminated line byte by byte (so no bytes after it are
+/// consumed).
+pub fn read_line(mut stream: &TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(1) if byte[0] == b'\n' => return String::from_utf8(line).ok(),
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+}
+
+/// A port nothing listens on (bound then closed).
+pub fn dead_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------
+// routing.db
+// ---------------------------------------------------------------------------
+
+/// The original edgeProxy's `backends` table, without the later `country`.
+pub const ORIGINAL_SCHEMA_NO_COUNTRY: &str = "CREATE TABLE backends (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    region TEXT NOT NULL,
+    wg_ip TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    healthy INTEGER NOT NULL DEFAULT 1,
+    weight INTEGER NOT NULL DEFAULT 1,
+    soft_limit INTEGER NOT NULL DEFAULT 100,
+    hard_limit INTEGER NOT NULL DEFAULT 150,
+    deleted INTEGER NOT NULL DEFAULT 0
+)";
+
+/// The original schema with `country`.
+pub const ORIGINAL_SCHEMA: &str = "CREATE TABLE backends (
+    id TEXT PRIMARY KEY,
+    app TEXT NOT NULL,
+    region TEXT NOT NULL,
+    country TEXT,
+    wg_ip TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    healthy INTEGER NOT NULL DEFAULT 1,
+    weight INTEGER NOT NULL DEFAULT 1,
+    soft_limit INTEGER NOT NULL DEFAULT 100,
+    hard_limit INTEGER NOT NULL DEFAULT 150,
+    deleted INTEGER NOT NULL DEFAULT 0
+)";
+
+/// A handle on a routing.db as an operator (or the sqlite3 CLI) would edit it.
+pub struct Db {
+    pub path: PathBuf,
+    conn: rusqlite::Connection,
+}
+
+/// One row, with the original's defaults.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: String,
+    pub app: String,
+    pub region: String,
+    pub country: Option<String>,
+    pub ip: String,
+    pub port: u16,
+    pub healthy: bool,
+    pub weight: i64,
+    pub soft_limit: i64,
+    pub hard_limit: i64,
+}
+
+impl Row {
+    pub fn new(id: &str, app: &str, region: &str, port: u16) -> Row {
+        Row {
+            id: id.into(),
+            app: app.into(),
+            region: region.into(),
+            country: None,
+            ip: "127.0.0.1".into(),
+            port,
+            healthy: true,
+            weight: 1,
+            soft_limit: 100,
+            hard_limit: 150,
+        }
+    }
+
+    pub fn country(mut self, c: &str) -> Row {
+        self.country = Some(c.into());
+        self
+    }
+}
+
+impl Db {
+    pub fn create(path: PathBuf) -> Db {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(ORIGINAL_SCHEMA).unwrap();
+        Db { path, conn }
+    }
+
+    pub fn open(path: PathBuf) -> Db {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.busy_timeout(Duration::from_secs(5)).unwrap();
+        Db { path, conn }
+    }
+
+    pub fn upsert(&self, r: &Row) {
+        self.conn
+            .execute(
+                "INSERT INTO backends (id, app, region, country, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 0)
+                 ON CONFLICT(id) DO UPDATE SET app=?2, region=?3, country=?4, wg_ip=?5, port=?6,
+                   healthy=?7, weight=?8, soft_limit=?9, hard_limit=?10, deleted=0",
+                rusqlite::params![
+                    r.id, r.app, r.region, r.country, r.ip, r.port, r.healthy, r.weight,
+                    r.soft_limit, r.hard_limit
+                ],
+            )
+            .unwrap();
+    }
+
+    pub fn exec(&self, sql: &str) {
+        self.conn.execute_batch(sql).unwrap();
+    }
+}
+
+/// Retries `probe` until it returns true or `timeout` passes; returns
+/// whether it succeeded. For waiting on a state the proxy reaches on its own
+/// schedule (a routing reload), where the proxy offers no signal to wait on.
+pub fn eventually(timeout: Duration, mut probe: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal config: one listener on a free loopback port, the given db,
+/// fast reloads, one extra TOML fragment.
+pub fn config(db: &Path, extra: &str) -> String {
+    format!(
+        "[routing]\ndb_path = {db:?}\nreload_interval_ms = 100\n\n[runtime]\nshards = 2\n\n{extra}\n{listener}",
+        db = db.display().to_string(),
+        listener = if extra.contains("[[listener]]") {
+            ""
+        } else {
+            "[[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n"
+        }
+    )
+}
