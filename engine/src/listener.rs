@@ -62,9 +62,9 @@ pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<BoundGroup> {
     })
 }
 
-// Classic BPF opcodes (linux/filter.h), spelled out to keep the program
-// readable.
-const BPF_LD_B_ABS: u16 = 0x00 | 0x10 | 0x20;
+// Classic BPF opcodes (linux/filter.h: class | size | mode), spelled out to
+// keep the program readable. BPF_LD is class 0 and BPF_W size 0.
+const BPF_LD_B_ABS: u16 = 0x10 | 0x20;
 const BPF_LD_W_ABS: u16 = 0x20;
 const BPF_ALU_RSH_K: u16 = 0x04 | 0x70;
 const BPF_ALU_MUL_K: u16 = 0x04 | 0x20;
