@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::{self, Config};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
+use crate::tls::TlsListeners;
 
 /// Runs the proxy until a stop signal. Errors before the proxy is up are
 /// returned (the caller prints them and exits non-zero).
@@ -46,16 +47,22 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     drop(first);
 
+    let mut tls = TlsListeners::default();
+    let specs = config
+        .listeners
+        .iter()
+        .map(|l| spec_of(l, &mut tls))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut engine = Engine::start(
         engine_settings(&config),
         knobs(&config),
-        &listener_specs(&config),
+        &specs,
         snapshot,
         geo,
     )?;
     for l in engine.listeners() {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
-            proxy_protocol = l.spec.accept_proxy_protocol, steered = l.steered, "listening");
+            proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -75,6 +82,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         config,
         &mut reloader,
         &mut engine,
+        &mut tls,
     ))?;
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -91,6 +99,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
     let config = config::load(config_path, &config::ProcessEnv)?;
     build_geo(&config)?;
+    let mut tls = TlsListeners::default();
+    for l in &config.listeners {
+        spec_of(l, &mut tls)?;
+    }
     Ok(config)
 }
 
@@ -100,6 +112,7 @@ async fn control_loop(
     mut config: Config,
     reloader: &mut RoutingReloader,
     engine: &mut Engine,
+    tls: &mut TlsListeners,
 ) -> anyhow::Result<Duration> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
@@ -112,6 +125,7 @@ async fn control_loop(
                 // SQLite calls are short and local; they run inline on the
                 // control thread, which serves nothing latency-critical.
                 reloader.tick();
+                tls.refresh(false);
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
@@ -119,7 +133,7 @@ async fn control_loop(
                     None => tracing::info!("no config file given; only the routing table is re-read"),
                     Some(path) => match config::load(Some(path), &config::ProcessEnv) {
                         Ok(new) => {
-                            apply(&config, &new, engine);
+                            apply(&config, &new, engine, tls);
                             if new.routing.reload_interval != config.routing.reload_interval {
                                 ticker = tokio::time::interval(new.routing.reload_interval);
                                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -130,6 +144,7 @@ async fn control_loop(
                     },
                 }
                 reloader.reload();
+                tls.refresh(true);
             }
             _ = term.recv() => return Ok(config.limits.shutdown_grace),
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
@@ -138,7 +153,7 @@ async fn control_loop(
 }
 
 /// Applies what can change without a restart and logs the rest.
-fn apply(old: &Config, new: &Config, engine: &mut Engine) {
+fn apply(old: &Config, new: &Config, engine: &mut Engine, tls: &mut TlsListeners) {
     let new_knobs = knobs(new);
     if *engine.knobs() != new_knobs {
         tracing::info!(?new_knobs, "limits and timeouts updated");
@@ -151,15 +166,23 @@ fn apply(old: &Config, new: &Config, engine: &mut Engine) {
             tracing::info!(listener = %l.name, addr = %l.addr, "listener stopped");
         }
     }
-    for spec in listener_specs(new) {
-        if old
-            .listeners
+    tls.retain(|name| {
+        new.listeners
             .iter()
-            .any(|o| o.name == *spec.name && spec_of(o) == spec)
-        {
+            .any(|l| l.name == name && l.tls.is_some())
+    });
+    for l in &new.listeners {
+        if old.listeners.contains(l) {
             continue;
         }
-        let name = spec.name.clone();
+        let name = l.name.clone();
+        let spec = match spec_of(l, tls) {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::error!(listener = %name, error = %e, "cannot start listener");
+                continue;
+            }
+        };
         match engine.add_listener(spec) {
             Ok(addr) => tracing::info!(listener = %name, %addr, "listening"),
             Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
@@ -236,16 +259,20 @@ fn knobs(config: &Config) -> Knobs {
     }
 }
 
-fn spec_of(l: &config::Listener) -> ListenerSpec {
-    ListenerSpec {
+fn spec_of(l: &config::Listener, tls: &mut TlsListeners) -> anyhow::Result<ListenerSpec> {
+    let termination = match &l.tls {
+        None => None,
+        Some(settings) => Some(
+            tls.termination_for(&l.name, settings)
+                .with_context(|| format!("listener {:?}", l.name))?,
+        ),
+    };
+    Ok(ListenerSpec {
         name: Arc::from(l.name.as_str()),
         addr: l.addr,
         app: l.app.as_deref().map(Arc::from),
         accept_proxy_protocol: l.accept_proxy_protocol,
         send_proxy_protocol: l.send_proxy_protocol,
-    }
-}
-
-fn listener_specs(config: &Config) -> Vec<ListenerSpec> {
-    config.listeners.iter().map(spec_of).collect()
+        tls: termination,
+    })
 }

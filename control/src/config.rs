@@ -20,10 +20,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // `cause`, not `source`: the message already includes it, and a
+    // `source` would be printed a second time by `{:#}` error chains.
+    #[error("cannot read config file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -137,6 +139,8 @@ pub struct RawListener {
     pub app: Option<String>,
     pub accept_proxy_protocol: Option<bool>,
     pub send_proxy_protocol: Option<bool>,
+    /// Terminate TLS on this listener.
+    pub tls: Option<crate::tls::RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,7 +160,8 @@ pub struct RawLog {
 // The effective, validated configuration.
 // ---------------------------------------------------------------------------
 
-/// The effective configuration. Serializes back to TOML for `check-config`.
+/// The effective configuration. Serializes back to TOML for `check-config`,
+/// under the file's key names, so the output is itself a valid config file.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub pop: Pop,
@@ -194,15 +199,15 @@ pub struct Runtime {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Routing {
     pub db_path: PathBuf,
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(rename = "reload_interval_ms", serialize_with = "ser_ms")]
     pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Affinity {
-    #[serde(serialize_with = "ser_secs")]
+    #[serde(rename = "ttl_secs", serialize_with = "ser_secs")]
     pub ttl: Duration,
-    #[serde(serialize_with = "ser_secs")]
+    #[serde(rename = "gc_interval_secs", serialize_with = "ser_secs")]
     pub gc_interval: Duration,
 }
 
@@ -230,13 +235,13 @@ pub struct Limits {
     pub max_connections: u32,
     /// 0 = unlimited.
     pub max_connections_per_shard: u32,
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(rename = "connect_timeout_ms", serialize_with = "ser_ms")]
     pub connect_timeout: Duration,
     pub connect_attempts: NonZeroU32,
     /// 0 = never time out idle connections.
-    #[serde(serialize_with = "ser_secs")]
+    #[serde(rename = "idle_timeout_secs", serialize_with = "ser_secs")]
     pub idle_timeout: Duration,
-    #[serde(serialize_with = "ser_secs")]
+    #[serde(rename = "shutdown_grace_secs", serialize_with = "ser_secs")]
     pub shutdown_grace: Duration,
 }
 
@@ -248,6 +253,8 @@ pub struct Listener {
     pub app: Option<String>,
     pub accept_proxy_protocol: bool,
     pub send_proxy_protocol: bool,
+    /// `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -353,11 +360,62 @@ fn env_bool(env: &dyn Env, var: &'static str) -> Result<Option<bool>, ConfigErro
     }
 }
 
+/// The original's TLS variables: `EDGEPROXY_TLS_ENABLED=true` adds a TLS
+/// listener named "tls" (unless one is configured) on
+/// `EDGEPROXY_TLS_LISTEN_ADDR` (default 0.0.0.0:8443) with
+/// `EDGEPROXY_TLS_CERT` / `EDGEPROXY_TLS_KEY`, or a self-signed certificate
+/// when those are unset. The address and files also override the first
+/// configured TLS listener.
+fn apply_tls_env(env: &dyn Env, listeners: &mut Vec<RawListener>) -> Result<(), ConfigError> {
+    let enabled = env_bool(env, "EDGEPROXY_TLS_ENABLED")?.unwrap_or(false);
+    let addr = env.var("EDGEPROXY_TLS_LISTEN_ADDR");
+    let cert = env.var("EDGEPROXY_TLS_CERT").map(PathBuf::from);
+    let key = env.var("EDGEPROXY_TLS_KEY").map(PathBuf::from);
+    if let Some(a) = &addr {
+        a.trim()
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::Env {
+                var: "EDGEPROXY_TLS_LISTEN_ADDR",
+                value: a.clone(),
+                reason: e.to_string(),
+            })?;
+    }
+    let existing = listeners.iter_mut().find(|l| l.tls.is_some());
+    let target = match existing {
+        Some(l) => l,
+        None if enabled => {
+            listeners.push(RawListener {
+                name: Some("tls".into()),
+                addr: crate::tls::DEFAULT_TLS_LISTEN_ADDR.into(),
+                app: None,
+                accept_proxy_protocol: None,
+                send_proxy_protocol: None,
+                tls: Some(crate::tls::RawTls {
+                    self_signed: Some(cert.is_none() && key.is_none()),
+                    ..Default::default()
+                }),
+            });
+            listeners.last_mut().expect("just pushed")
+        }
+        None => return Ok(()),
+    };
+    if let Some(a) = addr {
+        target.addr = a;
+    }
+    let tls = target.tls.get_or_insert_with(Default::default);
+    if cert.is_some() || key.is_some() {
+        tls.self_signed = Some(false);
+        tls.cert = cert.or(tls.cert.take());
+        tls.key = key.or(tls.key.take());
+    }
+    Ok(())
+}
+
 /// Reads and parses a TOML file.
 pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     parse_toml(path, &text)
 }
@@ -563,8 +621,10 @@ impl Config {
                 app: None,
                 accept_proxy_protocol: None,
                 send_proxy_protocol: None,
+                tls: None,
             });
         }
+        apply_tls_env(env, &mut raw_listeners)?;
         // EDGEPROXY_LISTEN_ADDR replaces the first listener's address, which
         // with no file is the only one: the original's single listener.
         if let Some(addr) = env.var("EDGEPROXY_LISTEN_ADDR") {
@@ -619,6 +679,7 @@ impl Config {
                 app,
                 accept_proxy_protocol: rl.accept_proxy_protocol.unwrap_or(false),
                 send_proxy_protocol: rl.send_proxy_protocol.unwrap_or(false),
+                tls: rl.tls.map(|t| t.validate(&format!("{key}.tls"))).transpose()?,
             });
         }
 

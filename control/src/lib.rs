@@ -9,3 +9,4 @@ pub mod demo;
 pub mod logging;
 pub mod routing;
 pub mod store;
+pub mod tls;

@@ -23,6 +23,7 @@ use crate::select::{self, Choice, ClientGeo};
 use crate::shard::{ConnSlot, ListenerCtx, ShardCtx};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
 use crate::stats::ShardStats;
+use crate::tls_conn::{TlsError, TlsSession};
 
 /// Why a client connection ended early. Logged at debug level and counted.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,12 @@ pub enum ConnError {
     NoBackend { attempts: usize },
     #[error("idle for {0:?}")]
     Idle(Duration),
+    #[error("tls handshake: {0}")]
+    TlsHandshake(TlsError),
+    #[error("no tls handshake within {0:?}")]
+    TlsHandshakeTimeout(Duration),
+    #[error("{0}")]
+    Tls(#[from] TlsError),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -55,7 +62,10 @@ pub(crate) async fn serve(
                 }
                 ConnError::NoBackend { .. } => Some(&ctx.stats.no_backend),
                 ConnError::Idle(_) => Some(&ctx.stats.idle_timeouts),
-                ConnError::Io(_) => None,
+                ConnError::TlsHandshake(_) | ConnError::TlsHandshakeTimeout(_) => {
+                    Some(&ctx.stats.tls_handshake_failures)
+                }
+                ConnError::Io(_) | ConnError::Tls(_) => None,
             };
             if let Some(c) = counter {
                 ShardStats::bump(c);
@@ -86,6 +96,23 @@ async fn serve_inner(
         }
     } else {
         (peer, None)
+    };
+    // TLS first: a client that cannot finish a handshake never costs a
+    // backend connection. The handshake runs on this shard, in this task.
+    let (tls, pending) = match &lctx.spec.tls {
+        None => (None, pending),
+        Some(tls) => {
+            let handshake = TlsSession::accept(client, tls.current(), pending, buffer_len);
+            match rt::timeout(tls.handshake_timeout, handshake).await {
+                Some(Ok((session, early))) => {
+                    ShardStats::bump(&ctx.stats.tls_handshakes);
+                    tracing::debug!(shard = ctx.id, sni = ?session.sni(), alpn = ?session.alpn(), "tls handshake done");
+                    (Some(session), early)
+                }
+                Some(Err(e)) => return Err(ConnError::TlsHandshake(e)),
+                None => return Err(ConnError::TlsHandshakeTimeout(tls.handshake_timeout)),
+            }
+        }
     };
     let client_ip = canonical_ip(client_addr.ip());
     let (country, region) = ctx.shared.geo.locate(client_ip);
@@ -165,7 +192,20 @@ async fn serve_inner(
         ShardStats::add(&ctx.stats.bytes_client_to_backend, early.len() as u64);
         rt::write_chunk(&backend, early).await?;
     }
-    splice(ctx, client, &backend, knobs.idle_timeout, buffer_len).await
+    match &tls {
+        None => splice(ctx, client, &backend, knobs.idle_timeout, buffer_len).await,
+        Some(session) => {
+            splice_tls(
+                ctx,
+                session,
+                client,
+                &backend,
+                knobs.idle_timeout,
+                buffer_len,
+            )
+            .await
+        }
+    }
 }
 
 fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {
@@ -254,6 +294,42 @@ async fn splice(
     let outcome = match select(pin!(both), pin!(idle_watch(&activity, idle))).await {
         Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
         Either::Right(_) => Err(ConnError::Idle(idle)),
+    };
+    outcome
+}
+
+/// `splice` for a TLS client: decrypt up, encrypt down.
+async fn splice_tls(
+    ctx: &ShardCtx,
+    session: &TlsSession,
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Duration,
+    buffer_len: usize,
+) -> Result<(), ConnError> {
+    let activity = Cell::new(Instant::now());
+    let up = session.pump_up(
+        client,
+        backend,
+        &activity,
+        buffer_len,
+        &ctx.stats.bytes_client_to_backend,
+    );
+    let down = session.pump_down(
+        backend,
+        client,
+        &activity,
+        buffer_len,
+        &ctx.stats.bytes_backend_to_client,
+    );
+    let both = try_join(up, down);
+    let outcome = if idle.is_zero() {
+        both.await.map(drop).map_err(ConnError::from)
+    } else {
+        match select(pin!(both), pin!(idle_watch(&activity, idle))).await {
+            Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
+            Either::Right(_) => Err(ConnError::Idle(idle)),
+        }
     };
     outcome
 }

@@ -16,6 +16,8 @@ pub mod settings;
 mod shard;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
+mod tls_conn;
 
 pub use engine::{Engine, EngineError, RunningListener};
 pub use settings::{EngineSettings, Knobs, ListenerSpec};

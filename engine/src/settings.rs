@@ -22,6 +22,8 @@ pub struct ListenerSpec {
     pub accept_proxy_protocol: bool,
     /// Send a PROXY protocol v2 header to the backend with the client address.
     pub send_proxy_protocol: bool,
+    /// Terminate TLS and proxy the plaintext; `None` proxies bytes as they are.
+    pub tls: Option<crate::tls::TlsTermination>,
 }
 
 /// Fixed at start.

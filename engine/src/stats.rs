@@ -32,6 +32,10 @@ pub struct ShardStats {
     pub bytes_backend_to_client: AtomicU64,
     /// Connections closed by the idle timeout.
     pub idle_timeouts: AtomicU64,
+    /// TLS handshakes completed.
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
 }
 
 impl ShardStats {
@@ -70,6 +74,8 @@ pub struct StatsSummary {
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
     pub idle_timeouts: u64,
+    pub tls_handshakes: u64,
+    pub tls_handshake_failures: u64,
 }
 
 impl StatsSummary {
@@ -91,6 +97,8 @@ impl StatsSummary {
             s.bytes_client_to_backend += r(&sh.bytes_client_to_backend);
             s.bytes_backend_to_client += r(&sh.bytes_backend_to_client);
             s.idle_timeouts += r(&sh.idle_timeouts);
+            s.tls_handshakes += r(&sh.tls_handshakes);
+            s.tls_handshake_failures += r(&sh.tls_handshake_failures);
         }
         s
     }

@@ -1,0 +1,429 @@
+//! TLS listeners on the control side: the `tls` table of a `[[listener]]`,
+//! loading certificates (PEM files or a generated self-signed one), and
+//! rotating them when their files change or on SIGHUP.
+//!
+//! A certificate that fails to load at start is a startup error. At rotation a
+//! broken file keeps the old certificate and logs why; connections already
+//! established are never touched (see `engine::tls`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use engine::tls::{CertEntry, SniResolver, TlsTermination};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+/// `[listener.tls]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM certificate chain of the default certificate.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the default certificate.
+    pub key: Option<PathBuf>,
+    /// Generate a self-signed default certificate at start.
+    pub self_signed: Option<bool>,
+    /// Names in the self-signed certificate (default: localhost).
+    pub self_signed_names: Option<Vec<String>>,
+    /// Further certificates, chosen by SNI.
+    #[serde(default)]
+    pub sni: Vec<RawSniCert>,
+    pub alpn: Option<Vec<String>>,
+    pub handshake_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSniCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Names served; default: the certificate's DNS subject alternative names.
+    pub names: Option<Vec<String>>,
+}
+
+/// Validated TLS settings of one listener.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TlsSettings {
+    pub default: CertSource,
+    pub sni: Vec<SniCert>,
+    pub alpn: Vec<String>,
+    #[serde(serialize_with = "ser_ms")]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum CertSource {
+    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned { self_signed_names: Vec<String> },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SniCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub names: Option<Vec<String>>,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// The original edgeProxy's TLS port.
+pub const DEFAULT_TLS_LISTEN_ADDR: &str = "0.0.0.0:8443";
+
+impl RawTls {
+    /// Validates; `key` names the table in errors (`listener[1].tls`).
+    pub fn validate(self, key: &str) -> Result<TlsSettings, ConfigError> {
+        let invalid = |k: &str, reason: String| ConfigError::Invalid {
+            key: format!("{key}.{k}"),
+            reason,
+        };
+        let default = match (self.cert, self.key, self.self_signed.unwrap_or(false)) {
+            (Some(cert), Some(key), false) => CertSource::Files { cert, key },
+            (None, None, true) => CertSource::SelfSigned {
+                self_signed_names: self
+                    .self_signed_names
+                    .unwrap_or_else(|| vec!["localhost".into()]),
+            },
+            (Some(_), Some(_), true) => {
+                return Err(invalid(
+                    "self_signed",
+                    "set either cert and key, or self_signed = true, not both".into(),
+                ))
+            }
+            (Some(_), None, _) => return Err(invalid("key", "cert is set but key is not".into())),
+            (None, Some(_), _) => return Err(invalid("cert", "key is set but cert is not".into())),
+            (None, None, false) => {
+                return Err(invalid(
+                    "cert",
+                    "a TLS listener needs cert and key, or self_signed = true".into(),
+                ))
+            }
+        };
+        let alpn = self.alpn.unwrap_or_default();
+        if let Some(bad) = alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+            return Err(invalid("alpn", format!("{bad:?} must be 1..=255 bytes")));
+        }
+        let ms = self
+            .handshake_timeout_ms
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_MS);
+        if !(1..=600_000).contains(&ms) {
+            return Err(invalid(
+                "handshake_timeout_ms",
+                "must be between 1 ms and 10 minutes".into(),
+            ));
+        }
+        Ok(TlsSettings {
+            default,
+            sni: self
+                .sni
+                .into_iter()
+                .map(|s| SniCert {
+                    cert: s.cert,
+                    key: s.key,
+                    names: s.names,
+                })
+                .collect(),
+            alpn,
+            handshake_timeout: Duration::from_millis(ms),
+        })
+    }
+}
+
+/// Why certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsLoadError {
+    #[error("cannot read certificate {path}: {reason}")]
+    Cert { path: PathBuf, reason: String },
+    #[error("cannot read private key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("key {key} does not match certificate {cert}: {reason}")]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("cannot generate a self-signed certificate: {0}")]
+    SelfSigned(String),
+    #[error("invalid TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loads a PEM chain and key and checks they belong together.
+pub fn load_pair(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<CertifiedKey>, Vec<String>), TlsLoadError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsLoadError::Cert {
+            path: cert.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if chain.is_empty() {
+        return Err(TlsLoadError::Cert {
+            path: cert.to_owned(),
+            reason: "no CERTIFICATE block in the file".into(),
+        });
+    }
+    let names = dns_names(&chain[0]).map_err(|reason| TlsLoadError::Cert {
+        path: cert.to_owned(),
+        reason,
+    })?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsLoadError::Key {
+        path: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| {
+        TlsLoadError::Mismatch {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok((Arc::new(certified), names))
+}
+
+/// DNS names of a certificate: its subject alternative names, else its CN.
+fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::DNSName(n) = name {
+                names.push(n.to_ascii_lowercase());
+            }
+        }
+    }
+    if names.is_empty() {
+        if let Some(cn) = parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+        {
+            names.push(cn.to_ascii_lowercase());
+        }
+    }
+    Ok(names)
+}
+
+/// A fresh self-signed certificate (the original's behaviour when TLS is on
+/// and no certificate is given).
+pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, TlsLoadError> {
+    let generated = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| TlsLoadError::SelfSigned(e.to_string()))?;
+    let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der())
+        .map_err(|e| TlsLoadError::SelfSigned(e.to_string()))?;
+    let certified = CertifiedKey::from_der(vec![generated.cert.der().clone()], key, &provider())
+        .map_err(|e| TlsLoadError::SelfSigned(e.to_string()))?;
+    Ok(Arc::new(certified))
+}
+
+/// Builds the rustls server config for one listener's settings.
+pub fn build(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, TlsLoadError> {
+    let default = match &settings.default {
+        CertSource::Files { cert, key } => load_pair(cert, key)?.0,
+        CertSource::SelfSigned { self_signed_names } => self_signed(self_signed_names)?,
+    };
+    let mut entries = Vec::with_capacity(settings.sni.len());
+    for sni in &settings.sni {
+        let (key, names) = load_pair(&sni.cert, &sni.key)?;
+        entries.push(CertEntry {
+            names: sni.names.clone().unwrap_or(names),
+            key,
+        });
+    }
+    let alpn = settings
+        .alpn
+        .iter()
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    Ok(engine::tls::server_config(
+        SniResolver::new(default, &entries),
+        alpn,
+    )?)
+}
+
+/// Identity of a file at one moment; a change means "reload".
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp(Option<(SystemTime, u64, u64)>);
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    Stamp(std::fs::metadata(path).ok().map(|m| {
+        (
+            m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            m.len(),
+            m.ino(),
+        )
+    }))
+}
+
+fn files(settings: &TlsSettings) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    if let CertSource::Files { cert, key } = &settings.default {
+        files.push(cert.clone());
+        files.push(key.clone());
+    }
+    for sni in &settings.sni {
+        files.push(sni.cert.clone());
+        files.push(sni.key.clone());
+    }
+    files
+}
+
+struct Entry {
+    settings: TlsSettings,
+    termination: TlsTermination,
+    stamps: Vec<Stamp>,
+}
+
+/// The TLS state of every TLS listener, by listener name.
+#[derive(Default)]
+pub struct TlsListeners {
+    entries: HashMap<String, Entry>,
+}
+
+impl TlsListeners {
+    /// The termination for `listener`: the existing one if its settings are
+    /// unchanged, else a new one built from `settings`.
+    pub fn termination_for(
+        &mut self,
+        listener: &str,
+        settings: &TlsSettings,
+    ) -> Result<TlsTermination, TlsLoadError> {
+        if let Some(entry) = self.entries.get(listener) {
+            if entry.settings == *settings {
+                return Ok(entry.termination.clone());
+            }
+        }
+        let stamps = files(settings).iter().map(|p| stamp(p)).collect();
+        let termination = TlsTermination::new(build(settings)?, settings.handshake_timeout);
+        self.entries.insert(
+            listener.to_string(),
+            Entry {
+                settings: settings.clone(),
+                termination: termination.clone(),
+                stamps,
+            },
+        );
+        Ok(termination)
+    }
+
+    /// Forgets listeners that no longer exist.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.entries.retain(|name, _| keep(name));
+    }
+
+    /// Reloads the certificates of listeners whose files changed (or all, when
+    /// `force`: SIGHUP). A broken file keeps the old certificate. Returns the
+    /// number of listeners rotated.
+    pub fn refresh(&mut self, force: bool) -> usize {
+        let mut rotated = 0;
+        for (name, entry) in &mut self.entries {
+            let stamps: Vec<Stamp> = files(&entry.settings).iter().map(|p| stamp(p)).collect();
+            if !force && stamps == entry.stamps {
+                continue;
+            }
+            // Remember what was seen so a broken file is reported once, not
+            // on every tick.
+            entry.stamps = stamps;
+            if files(&entry.settings).is_empty() {
+                // Self-signed only: nothing on disk to reload.
+                continue;
+            }
+            match build(&entry.settings) {
+                Ok(config) => {
+                    entry.termination.rotate(config);
+                    rotated += 1;
+                    tracing::info!(listener = %name, "tls certificates reloaded");
+                }
+                Err(e) => tracing::error!(listener = %name, error = %e,
+                    "cannot reload tls certificates; keeping the previous ones"),
+            }
+        }
+        rotated
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(toml_text: &str) -> RawTls {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn needs_cert_and_key_or_self_signed() {
+        let err = raw("").validate("listener[0].tls").unwrap_err();
+        assert!(err.to_string().contains("listener[0].tls.cert"), "{err}");
+        let err = raw("cert = \"a.pem\"").validate("l.tls").unwrap_err();
+        assert!(err.to_string().contains("l.tls.key"), "{err}");
+        let err = raw("cert = \"a\"\nkey = \"b\"\nself_signed = true")
+            .validate("l.tls")
+            .unwrap_err();
+        assert!(err.to_string().contains("l.tls.self_signed"), "{err}");
+        let ok = raw("self_signed = true").validate("l.tls").unwrap();
+        assert_eq!(
+            ok.default,
+            CertSource::SelfSigned {
+                self_signed_names: vec!["localhost".into()]
+            }
+        );
+        assert_eq!(ok.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn self_signed_config_builds() {
+        let settings = raw("self_signed = true\nalpn = [\"http/1.1\"]")
+            .validate("t")
+            .unwrap();
+        let config = build(&settings).unwrap();
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    }
+
+    #[test]
+    fn pem_files_load_and_names_come_from_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let generated =
+            rcgen::generate_simple_self_signed(vec!["a.example".into(), "b.example".into()])
+                .unwrap();
+        let cert = dir.path().join("c.pem");
+        let key = dir.path().join("k.pem");
+        std::fs::write(&cert, generated.cert.pem()).unwrap();
+        std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+        let (_, names) = load_pair(&cert, &key).unwrap();
+        assert_eq!(
+            names,
+            vec!["a.example".to_string(), "b.example".to_string()]
+        );
+
+        // A key from another certificate is refused.
+        let other = rcgen::generate_simple_self_signed(vec!["x".into()]).unwrap();
+        std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
+        let err = load_pair(&cert, &key).unwrap_err();
+        assert!(matches!(err, TlsLoadError::Mismatch { .. }), "{err}");
+
+        // Garbage is refused with the path in the message.
+        std::fs::write(&cert, "not a pem").unwrap();
+        let err = load_pair(&cert, &key).unwrap_err();
+        assert!(err.to_string().contains("c.pem"), "{err}");
+    }
+}

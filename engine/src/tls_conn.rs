@@ -1,0 +1,182 @@
+//! A TLS-terminated client connection, driven by hand: rustls is sans-IO (the
+//! caller moves bytes in and out of a `ServerConnection`), so the shard keeps
+//! its own io_uring reads with provided buffers and no TLS adapter layer.
+//!
+//! Both directions share one `ServerConnection` in a `RefCell`; a borrow is
+//! never held across an await. Writes to the client socket go through one
+//! async lock so TLS records from the two directions never interleave.
+
+use std::cell::{Cell, RefCell};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::lock::Mutex;
+use rustls::{ServerConfig, ServerConnection};
+
+use crate::rt::{self, Chunk, TcpStream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls: {0}")]
+    Protocol(#[from] rustls::Error),
+    #[error("client closed the connection during the handshake")]
+    ClosedInHandshake,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+pub(crate) struct TlsSession {
+    conn: RefCell<ServerConnection>,
+    /// Serialises writes of TLS records to the client socket.
+    client_write: Mutex<()>,
+}
+
+/// The most plaintext moved per step; matches the largest TLS record.
+const PLAINTEXT_CHUNK: usize = 16 * 1024;
+
+impl TlsSession {
+    /// Runs the handshake. Returns the session and any application data that
+    /// arrived with the client's last handshake flight.
+    /// `initial` holds TLS bytes already read (those that followed a PROXY
+    /// protocol header).
+    pub(crate) async fn accept(
+        client: &TcpStream,
+        config: Arc<ServerConfig>,
+        initial: Option<Chunk>,
+        buffer_len: usize,
+    ) -> Result<(TlsSession, Option<Chunk>), TlsError> {
+        let session = TlsSession {
+            conn: RefCell::new(ServerConnection::new(config)?),
+            client_write: Mutex::new(()),
+        };
+        let mut early = Vec::new();
+        if let Some(bytes) = initial {
+            if let Err(e) = session.absorb(bytes.as_slice(), &mut early) {
+                let _ = session.flush(client).await;
+                return Err(e);
+            }
+        }
+        loop {
+            session.flush(client).await?;
+            if !session.conn.borrow().is_handshaking() {
+                break;
+            }
+            let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
+                return Err(TlsError::ClosedInHandshake);
+            };
+            if let Err(e) = session.absorb(chunk.as_slice(), &mut early) {
+                // Tell the client why (the alert is queued by rustls).
+                let _ = session.flush(client).await;
+                return Err(e);
+            }
+        }
+        // TLS 1.3 session tickets go out after the handshake.
+        session.flush(client).await?;
+        Ok((session, (!early.is_empty()).then_some(Chunk::Owned(early))))
+    }
+
+    pub(crate) fn alpn(&self) -> Option<Vec<u8>> {
+        self.conn.borrow().alpn_protocol().map(<[u8]>::to_vec)
+    }
+
+    pub(crate) fn sni(&self) -> Option<String> {
+        self.conn.borrow().server_name().map(str::to_string)
+    }
+
+    /// Feeds TLS bytes from the client and appends the plaintext they carry to
+    /// `plain`. Returns true once the client sent close_notify.
+    fn absorb(&self, mut tls: &[u8], plain: &mut Vec<u8>) -> Result<bool, TlsError> {
+        let mut conn = self.conn.borrow_mut();
+        let mut closed = false;
+        while !tls.is_empty() {
+            conn.read_tls(&mut tls)?;
+            let state = conn.process_new_packets()?;
+            closed |= state.peer_has_closed();
+            let pending = state.plaintext_bytes_to_read();
+            if pending > 0 {
+                let start = plain.len();
+                plain.resize(start + pending, 0);
+                let n = conn.reader().read(&mut plain[start..])?;
+                plain.truncate(start + n);
+            }
+        }
+        Ok(closed)
+    }
+
+    /// Writes every pending TLS record to the client.
+    async fn flush(&self, client: &TcpStream) -> io::Result<()> {
+        let _turn = self.client_write.lock().await;
+        loop {
+            let mut out = Vec::new();
+            {
+                let mut conn = self.conn.borrow_mut();
+                if !conn.wants_write() {
+                    return Ok(());
+                }
+                conn.write_tls(&mut out)?;
+            }
+            rt::write_chunk(client, Chunk::Owned(out)).await?;
+        }
+    }
+
+    /// Client → backend: decrypts until the client closes (close_notify or
+    /// FIN), then half-closes the backend.
+    pub(crate) async fn pump_up(
+        &self,
+        client: &TcpStream,
+        backend: &TcpStream,
+        activity: &Cell<Instant>,
+        buffer_len: usize,
+        bytes: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), TlsError> {
+        loop {
+            let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
+                break;
+            };
+            activity.set(Instant::now());
+            let mut plain = Vec::new();
+            let result = self.absorb(chunk.as_slice(), &mut plain);
+            drop(chunk);
+            // Key updates and alerts may need an answer.
+            self.flush(client).await?;
+            let closed = result?;
+            if !plain.is_empty() {
+                crate::stats::ShardStats::add(bytes, plain.len() as u64);
+                rt::write_chunk(backend, Chunk::Owned(plain)).await?;
+            }
+            if closed {
+                break;
+            }
+        }
+        let _ = rt::shutdown_write(backend).await;
+        Ok(())
+    }
+
+    /// Backend → client: encrypts until the backend closes, then sends
+    /// close_notify and half-closes the client.
+    pub(crate) async fn pump_down(
+        &self,
+        backend: &TcpStream,
+        client: &TcpStream,
+        activity: &Cell<Instant>,
+        buffer_len: usize,
+        bytes: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), TlsError> {
+        loop {
+            let Some(chunk) = rt::read_chunk(backend, buffer_len).await? else {
+                break;
+            };
+            activity.set(Instant::now());
+            crate::stats::ShardStats::add(bytes, chunk.len() as u64);
+            for piece in chunk.as_slice().chunks(PLAINTEXT_CHUNK) {
+                self.conn.borrow_mut().writer().write_all(piece)?;
+                self.flush(client).await?;
+            }
+        }
+        self.conn.borrow_mut().send_close_notify();
+        self.flush(client).await?;
+        let _ = rt::shutdown_write(client).await;
+        Ok(())
+    }
+}
