@@ -35,7 +35,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             store.upsert(rec)?;
         }
     }
-    let mut reloader = RoutingReloader::start(store)?;
+    let mut reloader =
+        RoutingReloader::start_with_ttl(store, Some(config.api.heartbeat_ttl))?;
     let snapshot = reloader.handle().clone();
     let first = snapshot.load();
     tracing::info!(
@@ -47,6 +48,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     drop(first);
 
+    let metrics_listener = match config.metrics.enabled {
+        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
+        false => None,
+    };
     let mut tls = TlsListeners::default();
     let specs = config
         .listeners
@@ -64,6 +69,30 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
     }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+    if let Some(listener) = metrics_listener {
+        let addr = listener.local_addr()?;
+        let sources = crate::metrics::Sources {
+            engine: engine.stats_view(),
+            snapshot: reloader.handle().clone(),
+            started: std::time::Instant::now(),
+        };
+        runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
+        tracing::info!(%addr, "metrics listening");
+    }
+    // The discovery API: bound here (a taken port fails the start), its
+    // requests executed by the control loop, which owns the routing store.
+    let api = match crate::api::bind(&config.api)? {
+        None => None,
+        Some(bound) => {
+            Some(runtime.block_on(async { bound.serve(reloader.handle().clone()) })?)
+        }
+    };
+    // Every listener and service is up: tests and operators wait for this.
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         pop = %config.pop.name,
@@ -72,17 +101,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         reload_interval_ms = config.routing.reload_interval.as_millis() as u64,
         "edgeproxy ready"
     );
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the control runtime")?;
     let grace = runtime.block_on(control_loop(
         config_path,
         config,
         &mut reloader,
         &mut engine,
         &mut tls,
+        api,
     ))?;
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -113,6 +138,7 @@ async fn control_loop(
     reloader: &mut RoutingReloader,
     engine: &mut Engine,
     tls: &mut TlsListeners,
+    mut api: Option<crate::api::Server>,
 ) -> anyhow::Result<Duration> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
@@ -148,6 +174,9 @@ async fn control_loop(
             }
             _ = term.recv() => return Ok(config.limits.shutdown_grace),
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
+            // Discovery API calls: store writes and reads, each write
+            // published before the caller hears back.
+            cmd = crate::api::next_command(&mut api) => crate::api::execute(cmd, reloader),
         }
     }
 }
@@ -198,6 +227,7 @@ fn apply(old: &Config, new: &Config, engine: &mut Engine, tls: &mut TlsListeners
         ("pop", old.pop != new.pop),
         ("demo", old.demo != new.demo),
         ("log", old.log != new.log),
+        ("api", old.api != new.api),
     ];
     for (section, changed) in restart_only {
         if changed {

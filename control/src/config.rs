@@ -39,7 +39,7 @@ pub enum ConfigError {
     Invalid { key: String, reason: String },
 }
 
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         reason: reason.into(),
@@ -71,6 +71,18 @@ pub struct RawConfig {
     pub demo: RawDemo,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+    /// `[api]`: the discovery API, see `crate::api::config`.
+    #[serde(default)]
+    pub api: crate::api::config::RawApi,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub enabled: Option<bool>,
+    pub listen_addr: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +186,15 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub demo: Demo,
     pub log: Log,
+    pub metrics: Metrics,
+    pub api: crate::api::config::Api,
+}
+
+/// The Prometheus admin listener.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Metrics {
+    pub enabled: bool,
+    pub listen_addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -299,6 +320,7 @@ pub mod defaults {
     pub const IDLE_TIMEOUT_SECS: u64 = 300;
     pub const SHUTDOWN_GRACE_SECS: u64 = 30;
     pub const DEMO_APP: &str = "demo";
+    pub const METRICS_LISTEN_ADDR: &str = "127.0.0.1:9090";
 }
 
 /// The environment, as a lookup function so tests need not touch the process
@@ -324,7 +346,7 @@ impl<const N: usize> Env for [(&str, &str); N] {
     }
 }
 
-fn env_parse<T: std::str::FromStr>(
+pub(crate) fn env_parse<T: std::str::FromStr>(
     env: &dyn Env,
     var: &'static str,
 ) -> Result<Option<T>, ConfigError>
@@ -345,7 +367,7 @@ where
     }
 }
 
-fn env_bool(env: &dyn Env, var: &'static str) -> Result<Option<bool>, ConfigError> {
+pub(crate) fn env_bool(env: &dyn Env, var: &'static str) -> Result<Option<bool>, ConfigError> {
     match env.var(var) {
         None => Ok(None),
         Some(value) => match value.trim().to_ascii_lowercase().as_str() {
@@ -409,6 +431,39 @@ fn apply_tls_env(env: &dyn Env, listeners: &mut Vec<RawListener>) -> Result<(), 
         tls.key = key.or(tls.key.take());
     }
     Ok(())
+}
+
+/// `[metrics]`: off unless enabled in the file, by `EDGEPROXY_METRICS_ENABLED`,
+/// or by setting `EDGEPROXY_METRICS_LISTEN_ADDR`. Default address
+/// 127.0.0.1:9090 (loopback: metrics reveal the routing table).
+fn metrics_from(raw: RawMetrics, env: &dyn Env) -> Result<Metrics, ConfigError> {
+    let env_addr = env.var("EDGEPROXY_METRICS_LISTEN_ADDR");
+    let enabled = env_bool(env, "EDGEPROXY_METRICS_ENABLED")?
+        .or(env_addr.as_ref().map(|_| true))
+        .or(raw.enabled)
+        .unwrap_or(false);
+    let listen_addr = match env_addr {
+        Some(a) => a
+            .trim()
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ConfigError::Env {
+                var: "EDGEPROXY_METRICS_LISTEN_ADDR",
+                value: a.clone(),
+                reason: e.to_string(),
+            })?,
+        None => {
+            let a = raw
+                .listen_addr
+                .unwrap_or_else(|| defaults::METRICS_LISTEN_ADDR.into());
+            a.trim()
+                .parse()
+                .map_err(|e| invalid("metrics.listen_addr", format!("{a:?}: {e}")))?
+        }
+    };
+    Ok(Metrics {
+        enabled,
+        listen_addr,
+    })
 }
 
 /// Reads and parses a TOML file.
@@ -679,7 +734,10 @@ impl Config {
                 app,
                 accept_proxy_protocol: rl.accept_proxy_protocol.unwrap_or(false),
                 send_proxy_protocol: rl.send_proxy_protocol.unwrap_or(false),
-                tls: rl.tls.map(|t| t.validate(&format!("{key}.tls"))).transpose()?,
+                tls: rl
+                    .tls
+                    .map(|t| t.validate(&format!("{key}.tls")))
+                    .transpose()?,
             });
         }
 
@@ -715,6 +773,8 @@ impl Config {
             listeners,
             demo,
             log: Log { level },
+            metrics: metrics_from(raw.metrics, env)?,
+            api: crate::api::config::from_raw(raw.api, env)?,
         })
     }
 
@@ -874,5 +934,23 @@ mod tests {
         assert!(text.contains("app = \"web\""), "{text}");
         // The rendering is for humans, but it must at least be valid TOML.
         text.parse::<toml::Table>().unwrap();
+    }
+
+    #[test]
+    fn metrics_off_by_default_and_enabled_by_env_address() {
+        let c = from("", &NO_ENV).unwrap();
+        assert!(!c.metrics.enabled);
+        assert_eq!(c.metrics.listen_addr, "127.0.0.1:9090".parse().unwrap());
+        let c = from("", &[("EDGEPROXY_METRICS_LISTEN_ADDR", "127.0.0.1:9191")]).unwrap();
+        assert!(c.metrics.enabled);
+        assert_eq!(c.metrics.listen_addr, "127.0.0.1:9191".parse().unwrap());
+        let c = from(
+            "[metrics]\nenabled = true\nlisten_addr = \"[::1]:0\"\n",
+            &NO_ENV,
+        )
+        .unwrap();
+        assert!(c.metrics.enabled);
+        let err = from("[metrics]\nlisten_addr = \"nowhere\"\n", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("metrics.listen_addr"), "{err}");
     }
 }

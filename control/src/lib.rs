@@ -2,11 +2,13 @@
 //! loop, process composition and signals. Runs on its own thread; never on a
 //! shard.
 
+pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod logging;
+pub mod metrics;
 pub mod routing;
 pub mod store;
 pub mod tls;

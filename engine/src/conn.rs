@@ -69,6 +69,7 @@ pub(crate) async fn serve(
             };
             if let Some(c) = counter {
                 ShardStats::bump(c);
+                ShardStats::bump(&lctx.stats.rejected_other);
             }
             tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, %peer, error = %e, "connection ended");
         }
@@ -164,8 +165,12 @@ async fn serve_inner(
             let b = snap.backend(choice.idx);
             (b.addr, Arc::clone(&b.live), Arc::clone(&b.id))
         };
+        let started = Instant::now();
         let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
-            Some(Ok(stream)) => break (stream, live),
+            Some(Ok(stream)) => {
+                ctx.stats.connect_latency.record(started.elapsed());
+                break (stream, live);
+            }
             Some(Err(e)) => e.to_string(),
             None => format!("timed out after {:?}", knobs.connect_timeout),
         };

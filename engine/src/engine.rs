@@ -21,21 +21,23 @@ use crate::listener;
 use crate::settings::{EngineSettings, Knobs, ListenerSpec};
 use crate::shard::{self, Command};
 use crate::snapshot::SnapshotHandle;
-use crate::stats::{ShardStats, StatsSummary};
+use crate::stats::{ListenerStats, ShardStats, StatsSummary};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
-    #[error("listener {listener:?}: cannot listen on {addr}: {source}")]
+    // The io::Error is in the message, so it is a plain field (`cause`), not
+    // a `source`: `{:#}` error chains would print it twice.
+    #[error("listener {listener:?}: cannot listen on {addr}: {cause}")]
     Bind {
         listener: String,
         addr: SocketAddr,
-        source: io::Error,
+        cause: io::Error,
     },
     #[error("listener {0:?} exists already")]
     DuplicateListener(String),
-    #[error("shard {shard}: cannot start io_uring runtime: {source}")]
-    Runtime { shard: usize, source: io::Error },
+    #[error("shard {shard}: cannot start io_uring runtime: {cause}")]
+    Runtime { shard: usize, cause: io::Error },
     #[error("cannot start shard thread: {0}")]
     Thread(io::Error),
 }
@@ -66,12 +68,70 @@ pub struct RunningListener {
     pub local_addr: SocketAddr,
     /// Connections steered to shards by client address (see `listener`).
     pub steered: bool,
+    /// The listener's counters, one per shard.
+    pub stats: Vec<Arc<ListenerStats>>,
+}
+
+/// A read-only view of every counter of the data plane, for metrics. Cheap to
+/// clone; reading sums the per-shard counters.
+#[derive(Clone)]
+pub struct StatsView {
+    shards: Arc<Vec<Arc<ShardStats>>>,
+    listeners: Arc<Mutex<Vec<RunningListener>>>,
+}
+
+/// One listener's counters summed over shards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerSummary {
+    pub name: String,
+    pub accepted: u64,
+    pub rejected_limit: u64,
+    pub rejected_other: u64,
+    pub active: u64,
+}
+
+impl StatsView {
+    pub fn summary(&self) -> StatsSummary {
+        StatsSummary::sum(self.shards.iter().map(|s| &**s))
+    }
+
+    /// Connections accepted by each shard, in shard order.
+    pub fn accepted_per_shard(&self) -> Vec<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shards
+            .iter()
+            .map(|s| s.accepted.load(Relaxed))
+            .collect()
+    }
+
+    pub fn listeners(&self) -> Vec<ListenerSummary> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let running = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter()
+            .map(|l| {
+                let mut s = ListenerSummary {
+                    name: l.spec.name.to_string(),
+                    ..Default::default()
+                };
+                for st in &l.stats {
+                    s.accepted += st.accepted.load(Relaxed);
+                    s.rejected_limit += st.rejected_limit.load(Relaxed);
+                    s.rejected_other += st.rejected_other.load(Relaxed);
+                    s.active += u64::from(st.active.load(Relaxed));
+                }
+                s
+            })
+            .collect()
+    }
 }
 
 pub struct Engine {
     shared: Arc<Shared>,
     shards: Vec<ShardHandle>,
     listeners: Vec<RunningListener>,
+    /// The same listeners, for [`StatsView`] readers on other threads.
+    published_listeners: Arc<Mutex<Vec<RunningListener>>>,
 }
 
 impl Engine {
@@ -99,6 +159,7 @@ impl Engine {
             shared,
             shards: Vec::with_capacity(shard_count),
             listeners: Vec::new(),
+            published_listeners: Arc::default(),
         };
         for id in 0..shard_count {
             if let Err(e) = engine.start_shard(id) {
@@ -131,7 +192,7 @@ impl Engine {
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("shard thread exited during start")));
         self.shards.push(handle);
-        ready.map_err(|source| EngineError::Runtime { shard: id, source })
+        ready.map_err(|cause| EngineError::Runtime { shard: id, cause })
     }
 
     fn hand_out(&mut self, spec: Arc<ListenerSpec>, group: listener::BoundGroup) {
@@ -139,18 +200,37 @@ impl Engine {
             tracing::warn!(listener = %spec.name,
                 "kernel refused the reuseport steering program; affinity uses a shared table");
         }
-        for (shard, socket) in self.shards.iter().zip(group.sockets) {
+        let stats: Vec<Arc<ListenerStats>> = self.shards.iter().map(|_| Arc::default()).collect();
+        for ((shard, socket), stats) in self.shards.iter().zip(group.sockets).zip(&stats) {
             let _ = shard.commands.try_send(Command::AddListener {
                 spec: Arc::clone(&spec),
                 socket,
                 steered: group.steered,
+                stats: Arc::clone(stats),
             });
         }
         self.listeners.push(RunningListener {
             spec,
             local_addr: group.local_addr,
             steered: group.steered,
+            stats,
         });
+        self.publish_listeners();
+    }
+
+    fn publish_listeners(&self) {
+        *self
+            .published_listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = self.listeners.clone();
+    }
+
+    /// A view of the counters for a metrics exporter on another thread.
+    pub fn stats_view(&self) -> StatsView {
+        StatsView {
+            shards: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()),
+            listeners: Arc::clone(&self.published_listeners),
+        }
     }
 
     pub fn listeners(&self) -> &[RunningListener] {
@@ -178,6 +258,7 @@ impl Engine {
             return false;
         };
         let removed = self.listeners.remove(pos);
+        self.publish_listeners();
         for shard in &self.shards {
             let _ = shard
                 .commands
@@ -232,9 +313,9 @@ impl Drop for Engine {
 }
 
 fn bind(spec: &ListenerSpec, shards: usize) -> Result<listener::BoundGroup, EngineError> {
-    listener::bind_group(spec.addr, shards).map_err(|source| EngineError::Bind {
+    listener::bind_group(spec.addr, shards).map_err(|cause| EngineError::Bind {
         listener: spec.name.to_string(),
         addr: spec.addr,
-        source,
+        cause,
     })
 }

@@ -19,5 +19,5 @@ pub mod stats;
 pub mod tls;
 mod tls_conn;
 
-pub use engine::{Engine, EngineError, RunningListener};
+pub use engine::{Engine, EngineError, ListenerSummary, RunningListener, StatsView};
 pub use settings::{EngineSettings, Knobs, ListenerSpec};

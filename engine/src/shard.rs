@@ -17,13 +17,14 @@ use crate::conn;
 use crate::engine::Shared;
 use crate::rt;
 use crate::settings::ListenerSpec;
-use crate::stats::ShardStats;
+use crate::stats::{ListenerStats, ShardStats};
 
 pub(crate) enum Command {
     AddListener {
         spec: Arc<ListenerSpec>,
         socket: std::net::TcpListener,
         steered: bool,
+        stats: Arc<ListenerStats>,
     },
     RemoveListener(Arc<str>),
     /// Stop accepting, wait up to `grace` for open connections, then exit.
@@ -49,17 +50,20 @@ pub(crate) struct ListenerCtx {
     /// TCP peer is the load balancer, not the client) and when the kernel
     /// refused the steering program.
     pub local_affinity: bool,
+    /// This listener's counters on this shard.
+    pub stats: Arc<ListenerStats>,
 }
 
 /// Keeps a connection counted (shard and process) until dropped.
 pub(crate) struct ConnSlot {
     ctx: Rc<ShardCtx>,
+    lctx: Rc<ListenerCtx>,
     counted_globally: bool,
 }
 
 impl ConnSlot {
     /// Takes a slot, or `None` when a limit is reached.
-    fn take(ctx: &Rc<ShardCtx>) -> Option<ConnSlot> {
+    fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> Option<ConnSlot> {
         let knobs = ctx.shared.knobs.load();
         let shard_max = knobs.max_connections_per_shard;
         if shard_max != 0 && ctx.stats.active() >= shard_max {
@@ -74,8 +78,10 @@ impl ConnSlot {
             }
         }
         ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+        lctx.stats.active.fetch_add(1, Ordering::Relaxed);
         Some(ConnSlot {
             ctx: Rc::clone(ctx),
+            lctx: Rc::clone(lctx),
             counted_globally: global_max != 0,
         })
     }
@@ -84,6 +90,7 @@ impl ConnSlot {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.lctx.stats.active.fetch_sub(1, Ordering::Relaxed);
         if self.counted_globally {
             self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
         }
@@ -134,11 +141,13 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
                 spec,
                 socket,
                 steered,
+                stats,
             } => match rt::listener_from_std(socket) {
                 Ok(listener) => {
                     let lctx = Rc::new(ListenerCtx {
                         local_affinity: steered && !spec.accept_proxy_protocol,
                         spec: Arc::clone(&spec),
+                        stats,
                     });
                     let task = rt::spawn(accept_loop(Rc::clone(&ctx), lctx, listener));
                     // Replacing a handle drops (cancels) the old accept loop.
@@ -185,8 +194,10 @@ async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::Tcp
         match listener.accept().await {
             Ok((stream, peer)) => {
                 ShardStats::bump(&ctx.stats.accepted);
-                let Some(slot) = ConnSlot::take(&ctx) else {
+                ShardStats::bump(&lctx.stats.accepted);
+                let Some(slot) = ConnSlot::take(&ctx, &lctx) else {
                     ShardStats::bump(&ctx.stats.rejected_limit);
+                    ShardStats::bump(&lctx.stats.rejected_limit);
                     tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
                     continue;
                 };

@@ -36,6 +36,47 @@ pub struct ShardStats {
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
+    /// Time to connect to a backend (successful connects only).
+    pub connect_latency: LatencyHistogram,
+}
+
+/// Upper bounds (seconds) of the connect-latency buckets; a last `+Inf`
+/// bucket is implied.
+pub const CONNECT_LATENCY_BOUNDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A fixed-bucket histogram that records without locks or allocation.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Non-cumulative counts; index `CONNECT_LATENCY_BOUNDS.len()` is +Inf.
+    pub buckets: [AtomicU64; CONNECT_LATENCY_BOUNDS.len() + 1],
+    pub sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let secs = elapsed.as_secs_f64();
+        let idx = CONNECT_LATENCY_BOUNDS
+            .iter()
+            .position(|&bound| secs <= bound)
+            .unwrap_or(CONNECT_LATENCY_BOUNDS.len());
+        self.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Counters of one listener on one shard.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct ListenerStats {
+    pub accepted: AtomicU64,
+    /// Closed at once: a connection limit was reached.
+    pub rejected_limit: AtomicU64,
+    /// Closed early: bad PROXY header, failed TLS handshake or no backend.
+    pub rejected_other: AtomicU64,
+    pub active: AtomicU32,
 }
 
 impl ShardStats {
@@ -60,7 +101,7 @@ impl ShardStats {
 }
 
 /// A sum over shards, for logs and metrics.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct StatsSummary {
     pub accepted: u64,
     pub rejected_limit: u64,
@@ -76,12 +117,18 @@ pub struct StatsSummary {
     pub idle_timeouts: u64,
     pub tls_handshakes: u64,
     pub tls_handshake_failures: u64,
+    /// Cumulative counts per bucket of `CONNECT_LATENCY_BOUNDS` plus +Inf.
+    pub connect_latency_cumulative: Vec<u64>,
+    pub connect_latency_sum_secs: f64,
 }
 
 impl StatsSummary {
     pub fn sum<'a>(shards: impl IntoIterator<Item = &'a ShardStats>) -> Self {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut s = StatsSummary::default();
+        let mut s = StatsSummary {
+            connect_latency_cumulative: vec![0; CONNECT_LATENCY_BOUNDS.len() + 1],
+            ..StatsSummary::default()
+        };
         for sh in shards {
             s.accepted += r(&sh.accepted);
             s.rejected_limit += r(&sh.rejected_limit);
@@ -99,7 +146,44 @@ impl StatsSummary {
             s.idle_timeouts += r(&sh.idle_timeouts);
             s.tls_handshakes += r(&sh.tls_handshakes);
             s.tls_handshake_failures += r(&sh.tls_handshake_failures);
+            for (total, bucket) in s
+                .connect_latency_cumulative
+                .iter_mut()
+                .zip(&sh.connect_latency.buckets)
+            {
+                *total += r(bucket);
+            }
+            s.connect_latency_sum_secs += r(&sh.connect_latency.sum_nanos) as f64 / 1e9;
+        }
+        let mut running = 0;
+        for c in &mut s.connect_latency_cumulative {
+            running += *c;
+            *c = running;
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_across_shards() {
+        let a = ShardStats::default();
+        let b = ShardStats::default();
+        a.connect_latency.record(Duration::from_micros(50)); // ≤ 0.1 ms
+        a.connect_latency.record(Duration::from_millis(3)); // ≤ 5 ms
+        b.connect_latency.record(Duration::from_secs(10)); // +Inf
+        let s = StatsSummary::sum([&a, &b]);
+        assert_eq!(
+            s.connect_latency_cumulative.len(),
+            CONNECT_LATENCY_BOUNDS.len() + 1
+        );
+        assert_eq!(s.connect_latency_cumulative[0], 1);
+        assert_eq!(s.connect_latency_cumulative[5], 2);
+        assert_eq!(*s.connect_latency_cumulative.last().unwrap(), 3);
+        assert!((s.connect_latency_sum_secs - 10.00305).abs() < 1e-6);
     }
 }

@@ -1,0 +1,362 @@
+//! Prometheus metrics on an admin listener (`GET /metrics`, text format
+//! 0.0.4), served by the control thread.
+//!
+//! Nothing here touches the hot path: shards bump their own relaxed atomics
+//! (`engine::stats`), and a scrape sums them. Per-backend counts come from the
+//! current routing snapshot's live state, which shards share anyway for load
+//! scoring.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use anyhow::Context;
+use engine::select::Tier;
+use engine::snapshot::SnapshotHandle;
+use engine::stats::CONNECT_LATENCY_BOUNDS;
+use engine::StatsView;
+
+/// What a scrape reads.
+#[derive(Clone)]
+pub struct Sources {
+    pub engine: StatsView,
+    pub snapshot: SnapshotHandle,
+    pub started: std::time::Instant,
+}
+
+/// Binds the admin listener. Done before the data plane starts, so a bind
+/// failure is a clean startup error.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Serves `/metrics` on the current Tokio runtime.
+pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let sources = sources.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        render(&sources),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/",
+            axum::routing::get(|| async { "edgeproxy admin: GET /metrics\n" }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok(())
+}
+
+/// Writes one metric family: HELP, TYPE and its samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.header(name, kind, help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// Label values escape backslash, double quote and newline.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn render(sources: &Sources) -> String {
+    let mut out = String::with_capacity(8 * 1024);
+    let mut f = Family { out: &mut out };
+    let s = sources.engine.summary();
+    let listeners = sources.engine.listeners();
+
+    f.header(
+        "edgeproxy_listener_connections_accepted_total",
+        "counter",
+        "Client connections accepted, per listener.",
+    );
+    for l in &listeners {
+        f.sample(
+            "edgeproxy_listener_connections_accepted_total",
+            &[("listener", &l.name)],
+            l.accepted,
+        );
+    }
+    f.header(
+        "edgeproxy_listener_connections_active",
+        "gauge",
+        "Client connections open now, per listener.",
+    );
+    for l in &listeners {
+        f.sample(
+            "edgeproxy_listener_connections_active",
+            &[("listener", &l.name)],
+            l.active,
+        );
+    }
+    f.header(
+        "edgeproxy_listener_connections_rejected_total",
+        "counter",
+        "Client connections closed early, per listener and reason (limit: a connection limit; other: bad PROXY header, failed TLS handshake or no backend).",
+    );
+    for l in &listeners {
+        f.sample(
+            "edgeproxy_listener_connections_rejected_total",
+            &[("listener", &l.name), ("reason", "limit")],
+            l.rejected_limit,
+        );
+        f.sample(
+            "edgeproxy_listener_connections_rejected_total",
+            &[("listener", &l.name), ("reason", "other")],
+            l.rejected_other,
+        );
+    }
+    f.header(
+        "edgeproxy_shard_connections_accepted_total",
+        "counter",
+        "Client connections accepted, per shard.",
+    );
+    for (shard, n) in sources.engine.accepted_per_shard().iter().enumerate() {
+        f.sample(
+            "edgeproxy_shard_connections_accepted_total",
+            &[("shard", &shard.to_string())],
+            n,
+        );
+    }
+    f.single(
+        "edgeproxy_connections_active",
+        "gauge",
+        "Client connections open now.",
+        s.active,
+    );
+    f.header(
+        "edgeproxy_connections_rejected_total",
+        "counter",
+        "Client connections closed early, by reason.",
+    );
+    for (reason, n) in [
+        ("limit", s.rejected_limit),
+        ("proxy_header", s.rejected_proxy_header),
+        ("no_backend", s.no_backend),
+        ("tls_handshake", s.tls_handshake_failures),
+    ] {
+        f.sample(
+            "edgeproxy_connections_rejected_total",
+            &[("reason", reason)],
+            n,
+        );
+    }
+    f.single(
+        "edgeproxy_idle_timeouts_total",
+        "counter",
+        "Connections closed by the idle timeout.",
+        s.idle_timeouts,
+    );
+    f.header(
+        "edgeproxy_bytes_total",
+        "counter",
+        "Bytes proxied, by direction.",
+    );
+    f.sample(
+        "edgeproxy_bytes_total",
+        &[("direction", "client_to_backend")],
+        s.bytes_client_to_backend,
+    );
+    f.sample(
+        "edgeproxy_bytes_total",
+        &[("direction", "backend_to_client")],
+        s.bytes_backend_to_client,
+    );
+    f.single(
+        "edgeproxy_backend_connect_failures_total",
+        "counter",
+        "Backend connect attempts that failed (refused, unreachable, timed out).",
+        s.connect_failures,
+    );
+    f.single(
+        "edgeproxy_backend_connect_retries_total",
+        "counter",
+        "Further backends tried after a failed connect.",
+        s.retries,
+    );
+    f.header(
+        "edgeproxy_selections_total",
+        "counter",
+        "Backends chosen, by geo tier (country, region, local POP region, fallback).",
+    );
+    for tier in Tier::ALL {
+        f.sample(
+            "edgeproxy_selections_total",
+            &[("tier", tier.name())],
+            s.tier[tier as usize],
+        );
+    }
+    f.single(
+        "edgeproxy_affinity_hits_total",
+        "counter",
+        "Backends chosen from a client affinity binding.",
+        s.affinity_hits,
+    );
+    f.single(
+        "edgeproxy_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed.",
+        s.tls_handshakes,
+    );
+    f.single(
+        "edgeproxy_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed or timed out.",
+        s.tls_handshake_failures,
+    );
+
+    f.header(
+        "edgeproxy_backend_connect_seconds",
+        "histogram",
+        "Time to connect to a backend (successful connects).",
+    );
+    for (i, bound) in CONNECT_LATENCY_BOUNDS.iter().enumerate() {
+        f.sample(
+            "edgeproxy_backend_connect_seconds_bucket",
+            &[("le", &bound.to_string())],
+            s.connect_latency_cumulative[i],
+        );
+    }
+    let count = *s.connect_latency_cumulative.last().unwrap_or(&0);
+    f.sample(
+        "edgeproxy_backend_connect_seconds_bucket",
+        &[("le", "+Inf")],
+        count,
+    );
+    f.sample(
+        "edgeproxy_backend_connect_seconds_sum",
+        &[],
+        s.connect_latency_sum_secs,
+    );
+    f.sample("edgeproxy_backend_connect_seconds_count", &[], count);
+
+    let snap = sources.snapshot.load();
+    f.single(
+        "edgeproxy_routing_snapshot_version",
+        "gauge",
+        "Version of the routing snapshot in use (bumps on every publish).",
+        snap.version,
+    );
+    f.single(
+        "edgeproxy_routing_reloads_total",
+        "counter",
+        "Routing snapshots published after the first.",
+        snap.version.saturating_sub(1),
+    );
+    f.single(
+        "edgeproxy_routing_backends",
+        "gauge",
+        "Backends in the routing snapshot (deleted and invalid rows left out).",
+        snap.backends.len(),
+    );
+    f.header(
+        "edgeproxy_backend_connections_active",
+        "gauge",
+        "Connections open to each backend, across shards.",
+    );
+    for b in &snap.backends {
+        f.sample(
+            "edgeproxy_backend_connections_active",
+            &[("backend", &b.id), ("app", &b.app)],
+            b.live.active(),
+        );
+    }
+    f.header(
+        "edgeproxy_backend_connections_total",
+        "counter",
+        "Connections proxied to each backend.",
+    );
+    for b in &snap.backends {
+        f.sample(
+            "edgeproxy_backend_connections_total",
+            &[("backend", &b.id), ("app", &b.app)],
+            b.live.total.load(Relaxed),
+        );
+    }
+    f.header(
+        "edgeproxy_backend_connect_failures_by_backend_total",
+        "counter",
+        "Failed connect attempts, per backend.",
+    );
+    for b in &snap.backends {
+        f.sample(
+            "edgeproxy_backend_connect_failures_by_backend_total",
+            &[("backend", &b.id), ("app", &b.app)],
+            b.live.connect_failures.load(Relaxed),
+        );
+    }
+    f.header(
+        "edgeproxy_backend_healthy",
+        "gauge",
+        "1 if the backend may take new connections.",
+    );
+    for b in &snap.backends {
+        f.sample(
+            "edgeproxy_backend_healthy",
+            &[("backend", &b.id), ("app", &b.app)],
+            u8::from(b.healthy),
+        );
+    }
+    f.single(
+        "edgeproxy_uptime_seconds",
+        "gauge",
+        "Seconds since the process started.",
+        sources.started.elapsed().as_secs(),
+    );
+    drop(snap);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}
