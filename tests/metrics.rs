@@ -1,0 +1,204 @@
+//! `/metrics` parses with a real Prometheus text parser and its counters move
+//! with traffic.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+
+use common::*;
+
+fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let body = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .expect("scrape")
+        .into_body()
+        .read_to_string()
+        .expect("body");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("not valid Prometheus text format")
+}
+
+/// The value of `name` with all of `labels`, summed over other labels.
+fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .filter(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(v)))
+        .map(|x| match x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn metrics_addr(proxy: &Proxy) -> SocketAddr {
+    let line = proxy
+        .wait_for_log("metrics listening", PATIENCE)
+        .expect("no metrics listener");
+    field(&line, "addr").unwrap().parse().unwrap()
+}
+
+#[test]
+fn counters_move_with_traffic() {
+    let dir = TempDir::new("metrics");
+    let live = TagBackend::start("live");
+    let db = Db::create(dir.join("routing.db"));
+    // The dead backend scores best (weight), so every connection tries it
+    // first, fails, and retries onto the live one.
+    let mut dead = Row::new("dead", "web", "sa", dead_port());
+    dead.weight = 100;
+    db.upsert(&dead);
+    db.upsert(&Row::new("live", "web", "sa", live.port()));
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            "[affinity]\nttl_secs = 0\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        ),
+    );
+    let metrics = metrics_addr(&proxy);
+
+    let before = scrape(metrics);
+    assert_eq!(
+        value(
+            &before,
+            "edgeproxy_listener_connections_accepted_total",
+            &[("listener", "main")]
+        ),
+        0.0
+    );
+    assert_eq!(value(&before, "edgeproxy_routing_backends", &[]), 2.0);
+
+    const N: usize = 5;
+    for _ in 0..N {
+        let (name, mut stream) = connect_tagged(proxy.addr());
+        assert_eq!(name, "live");
+        stream.write_all(b"ping").unwrap();
+        let mut echo = [0u8; 4];
+        stream.read_exact(&mut echo).unwrap();
+    }
+    // Open one more and keep it: the active gauges must show it.
+    let (_, held) = connect_tagged(proxy.addr());
+
+    let after = scrape(metrics);
+    let n = N as f64 + 1.0;
+    assert_eq!(
+        value(
+            &after,
+            "edgeproxy_listener_connections_accepted_total",
+            &[("listener", "main")]
+        ),
+        n
+    );
+    assert_eq!(
+        value(&after, "edgeproxy_shard_connections_accepted_total", &[]),
+        n
+    );
+    assert_eq!(
+        value(
+            &after,
+            "edgeproxy_listener_connections_active",
+            &[("listener", "main")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "edgeproxy_backend_connections_active",
+            &[("backend", "live")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "edgeproxy_backend_connections_total",
+            &[("backend", "live")]
+        ),
+        n
+    );
+    assert_eq!(
+        value(&after, "edgeproxy_backend_connect_failures_total", &[]),
+        n
+    );
+    assert_eq!(
+        value(
+            &after,
+            "edgeproxy_backend_connect_failures_by_backend_total",
+            &[("backend", "dead")]
+        ),
+        n
+    );
+    assert_eq!(
+        value(&after, "edgeproxy_backend_connect_retries_total", &[]),
+        n
+    );
+    // Both the failed and the successful pick count as selections (local POP tier).
+    assert_eq!(
+        value(&after, "edgeproxy_selections_total", &[("tier", "local")]),
+        2.0 * n
+    );
+    // Greeting "live\n" (5 bytes) + echoed "ping" per finished connection.
+    assert!(
+        value(
+            &after,
+            "edgeproxy_bytes_total",
+            &[("direction", "client_to_backend")]
+        ) >= 4.0 * N as f64
+    );
+    assert!(
+        value(
+            &after,
+            "edgeproxy_bytes_total",
+            &[("direction", "backend_to_client")]
+        ) >= 9.0 * N as f64
+    );
+
+    // The connect-latency histogram counted every successful connect.
+    let histogram = after
+        .samples
+        .iter()
+        .find(|s| s.metric == "edgeproxy_backend_connect_seconds")
+        .expect("histogram missing");
+    match &histogram.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            let inf = buckets.iter().find(|b| b.less_than.is_infinite()).unwrap();
+            assert_eq!(inf.count, n);
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    drop(held);
+}
+
+#[test]
+fn routing_version_and_reloads_follow_the_table() {
+    let dir = TempDir::new("metrics-reload");
+    let backend = TagBackend::start("a");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("a", "web", "sa", backend.port()));
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        ),
+    );
+    let metrics = metrics_addr(&proxy);
+    let first = value(&scrape(metrics), "edgeproxy_routing_snapshot_version", &[]);
+    let mark = proxy.log_mark();
+    db.upsert(&Row::new("b", "web", "sa", backend.port()));
+    proxy
+        .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+        .expect("no reload");
+    let s = scrape(metrics);
+    assert_eq!(
+        value(&s, "edgeproxy_routing_snapshot_version", &[]),
+        first + 1.0
+    );
+    assert_eq!(value(&s, "edgeproxy_routing_reloads_total", &[]), first);
+    assert_eq!(value(&s, "edgeproxy_routing_backends", &[]), 2.0);
+}
