@@ -66,7 +66,24 @@ impl Proxy {
     /// Starts the binary with `args` and `env` (the variables are added to a
     /// clean environment with PATH only) and waits for it to be ready.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Proxy {
-        let mut proxy = Proxy::spawn(args, env);
+        Proxy::spawn(args, env).ready()
+    }
+
+    /// Like [`Proxy::start`], but `rust_log` replaces the harness's
+    /// `RUST_LOG=info` (`None`: RUST_LOG unset, so the proxy's own level
+    /// settings, e.g. `DEBUG=1`, apply).
+    pub fn start_with_rust_log(
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
+        Proxy::spawn_with_rust_log(args, env, rust_log).ready()
+    }
+
+    /// Waits for `edgeproxy ready` (panics with the log if it does not come)
+    /// and reads the listeners' bound addresses.
+    pub fn ready(self) -> Proxy {
+        let mut proxy = self;
         proxy
             .wait_for_log("edgeproxy ready", PATIENCE)
             .unwrap_or_else(|| {
@@ -93,14 +110,33 @@ impl Proxy {
 
     /// Starts the binary without waiting for readiness.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        Proxy::spawn_with_rust_log(args, env, Some("info"))
+    }
+
+    /// Writes `toml` to `edgeproxy.toml` in `dir` and starts the binary on it
+    /// without waiting for readiness.
+    pub fn spawn_with_config(dir: &TempDir, toml: &str) -> Proxy {
+        let path = dir.join("edgeproxy.toml");
+        std::fs::write(&path, toml).unwrap();
+        Proxy::spawn(&["--config", path.to_str().unwrap()], &[])
+    }
+
+    /// Like [`Proxy::spawn`], with `RUST_LOG` set to `rust_log` (or unset).
+    pub fn spawn_with_rust_log(
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(level) = rust_log {
+            cmd.env("RUST_LOG", level);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -464,4 +500,62 @@ pub fn config(db: &Path, extra: &str) -> String {
             "[[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n"
         }
     )
+}
+
+/// What a fresh connection to `addr` sees when it only listens.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// connect(2) failed: nothing listens.
+    Refused,
+    /// Accepted, then closed (FIN or RST) before a single byte arrived.
+    ClosedWithoutData,
+    /// Bytes arrived (e.g. a backend's greeting).
+    Data(Vec<u8>),
+    /// Accepted and still open, silent, after `wait`.
+    Silent,
+}
+
+/// Connects to `addr` and reads for at most `wait`, without sending.
+pub fn probe(addr: SocketAddr, wait: Duration) -> Probe {
+    let mut stream = match TcpStream::connect_timeout(&addr, PATIENCE) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Refused,
+        Err(e) => panic!("connect to {addr}: {e}"),
+    };
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 256];
+    match stream.read(&mut buf) {
+        Ok(0) => Probe::ClosedWithoutData,
+        Ok(n) => Probe::Data(buf[..n].to_vec()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Probe::ClosedWithoutData,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Probe::Silent
+        }
+        Err(e) => panic!("read from {addr}: {e}"),
+    }
+}
+
+/// A backend that runs `handler` on its own thread for every accepted
+/// connection; returns its address. For tests that need a backend with a
+/// particular behaviour (half-close, bulk source or sink).
+pub fn custom_backend<F>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let handler = Arc::clone(&handler);
+            std::thread::spawn(move || handler(stream));
+        }
+    });
+    addr
 }

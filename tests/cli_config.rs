@@ -1,0 +1,400 @@
+//! The command line and configuration loading, through the real binary:
+//! `--help`, `--version`, `check-config`, environment overrides, and the one
+//! clear message (and non-zero exit) for each kind of bad configuration.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use common::{run_to_end, Proxy, TempDir, PATIENCE};
+
+/// The shipped configuration file.
+const SHIPPED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/edgeproxy.toml");
+/// A valid country database (the one the engine embeds), as a file.
+const GEO_DB: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/engine/geoip/dbip-country.mmdb"
+);
+
+fn parse(stdout: &str) -> toml::Table {
+    stdout
+        .parse::<toml::Table>()
+        .unwrap_or_else(|e| panic!("check-config output is not TOML ({e}):\n{stdout}"))
+}
+
+/// `table.a.b`, for a path of plain keys.
+fn get<'a>(table: &'a toml::Table, path: &str) -> &'a toml::Value {
+    let mut parts = path.split('.');
+    let mut value = table
+        .get(parts.next().unwrap())
+        .unwrap_or_else(|| panic!("no `{path}` in:\n{table}"));
+    for part in parts {
+        value = value
+            .get(part)
+            .unwrap_or_else(|| panic!("no `{path}` in:\n{table}"));
+    }
+    value
+}
+
+fn first_listener(table: &toml::Table) -> &toml::Table {
+    get(table, "listener").as_array().expect("listener array")[0]
+        .as_table()
+        .expect("listener table")
+}
+
+/// Writes `text` as a config file in `dir` and returns its path.
+fn write_config(dir: &TempDir, text: &str) -> String {
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// Asserts a failed run: non-zero exit, nothing on stdout, and exactly one
+/// line on stderr, the error, which contains every one of `needles`. Returns
+/// that line.
+fn assert_one_error(
+    what: &str,
+    (status, stdout, stderr): (ExitStatus, String, String),
+    needles: &[&str],
+) -> String {
+    assert!(!status.success(), "{what}: exit {status}, expected failure");
+    assert_eq!(stdout.trim(), "", "{what}: unexpected stdout");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one error line, got:\n{stderr}"
+    );
+    let line = lines[0];
+    assert!(line.starts_with("edgeproxy: error:"), "{what}: {line}");
+    for needle in needles {
+        assert!(
+            line.contains(needle),
+            "{what}: {needle:?} missing from: {line}"
+        );
+    }
+    line.to_string()
+}
+
+/// `run` expected to fail at start: waits (bounded) for the process to exit,
+/// so a configuration wrongly accepted fails the test instead of hanging it.
+/// Listens on loopback port 0 with a scratch routing.db, should it start.
+fn run_expecting_failure(
+    what: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    needles: &[&str],
+) -> String {
+    let dir = TempDir::new("run-fail");
+    let db = dir.join("routing.db");
+    let mut full_env = vec![
+        ("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0"),
+        ("EDGEPROXY_DB_PATH", db.to_str().unwrap()),
+    ];
+    full_env.extend_from_slice(env);
+    let mut proxy = Proxy::spawn(args, &full_env);
+    let status = proxy
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("{what}: proxy started:\n{}", proxy.log_text()));
+    // The exit closes the pipes; wait for the reader threads to see the end.
+    proxy.wait_for_log("edgeproxy: error", Duration::from_secs(5));
+    let log = proxy.log_text();
+    assert_one_error(what, (status, String::new(), log), needles)
+}
+
+fn check_config(file: &str, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    run_to_end(&["check-config", "--config", file], env)
+}
+
+#[test]
+fn help_explains_commands_and_config_option() {
+    let (status, stdout, stderr) = run_to_end(&["--help"], &[]);
+    assert!(status.success(), "--help failed: {stderr}");
+    for needle in ["run", "check-config", "--config"] {
+        assert!(
+            stdout.contains(needle),
+            "--help lacks {needle:?}:\n{stdout}"
+        );
+    }
+    // Each subcommand comes with an explanation, not just its name.
+    let line = |cmd: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(cmd))
+            .unwrap_or_else(|| panic!("no line for {cmd} in:\n{stdout}"))
+            .to_string()
+    };
+    assert!(line("run").len() > "run".len() + 10, "{}", line("run"));
+    assert!(
+        line("check-config").to_lowercase().contains("valid"),
+        "{}",
+        line("check-config")
+    );
+
+    // The subcommand's own help mentions --config as well.
+    let (status, stdout, _) = run_to_end(&["check-config", "--help"], &[]);
+    assert!(status.success());
+    assert!(stdout.contains("--config"), "{stdout}");
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let (status, stdout, _) = run_to_end(&["--version"], &[]);
+    assert!(status.success());
+    assert_eq!(
+        stdout.trim(),
+        format!("edgeproxy {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn shipped_config_checks_and_prints_effective_toml() {
+    let (status, stdout, stderr) = check_config(SHIPPED, &[]);
+    assert!(status.success(), "check-config failed: {stderr}");
+    let t = parse(&stdout);
+    assert_eq!(get(&t, "pop.region").as_str(), Some("sa"));
+    assert_eq!(get(&t, "routing.db_path").as_str(), Some("routing.db"));
+    assert_eq!(get(&t, "demo.backends").as_integer(), Some(2));
+    assert_eq!(get(&t, "log.level").as_str(), Some("info"));
+    // `shards = 0` is resolved to a real count.
+    assert!(get(&t, "runtime.shards").as_integer().unwrap() >= 1);
+    let l = first_listener(&t);
+    assert_eq!(l["name"].as_str(), Some("default"));
+    assert_eq!(l["addr"].as_str(), Some("127.0.0.1:8080"));
+}
+
+#[test]
+fn effective_config_uses_the_files_keys_and_reads_back() {
+    // What check-config prints is a configuration file: fed back, it is
+    // accepted and means the same.
+    let (status, first, stderr) = check_config(SHIPPED, &[]);
+    assert!(status.success(), "{stderr}");
+    let t = parse(&first);
+    assert_eq!(
+        get(&t, "routing.reload_interval_ms").as_integer(),
+        Some(1000)
+    );
+    assert_eq!(get(&t, "affinity.ttl_secs").as_integer(), Some(600));
+    assert_eq!(get(&t, "limits.idle_timeout_secs").as_integer(), Some(300));
+    assert_eq!(get(&t, "limits.shutdown_grace_secs").as_integer(), Some(30));
+
+    let dir = TempDir::new("roundtrip");
+    let path = write_config(&dir, &first);
+    let (status, second, stderr) = check_config(&path, &[]);
+    assert!(
+        status.success(),
+        "printed config rejected: {stderr}\n{first}"
+    );
+    assert_eq!(first, second);
+}
+
+#[test]
+fn environment_overrides_show_in_check_config() {
+    let env = [
+        ("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:7777"),
+        ("EDGEPROXY_DB_PATH", "/var/tmp/other-routing.db"),
+        ("EDGEPROXY_REGION", "EU"),
+        ("EDGEPROXY_DB_RELOAD_SECS", "3"),
+        ("EDGEPROXY_BINDING_TTL_SECS", "5"),
+        ("EDGEPROXY_BINDING_GC_INTERVAL_SECS", "7"),
+        ("EDGEPROXY_GEOIP_PATH", GEO_DB),
+        ("DEBUG", "1"),
+    ];
+    let (status, stdout, stderr) = check_config(SHIPPED, &env);
+    assert!(status.success(), "{stderr}");
+    let t = parse(&stdout);
+    assert_eq!(first_listener(&t)["addr"].as_str(), Some("127.0.0.1:7777"));
+    assert_eq!(
+        get(&t, "routing.db_path").as_str(),
+        Some("/var/tmp/other-routing.db")
+    );
+    assert_eq!(get(&t, "pop.region").as_str(), Some("eu"));
+    assert_eq!(
+        get(&t, "routing.reload_interval_ms").as_integer(),
+        Some(3000)
+    );
+    assert_eq!(get(&t, "affinity.ttl_secs").as_integer(), Some(5));
+    assert_eq!(get(&t, "affinity.gc_interval_secs").as_integer(), Some(7));
+    assert_eq!(get(&t, "geo.db_path").as_str(), Some(GEO_DB));
+    assert_eq!(get(&t, "log.level").as_str(), Some("debug"));
+
+    // Without a file, the environment alone is the configuration.
+    let (status, stdout, stderr) = run_to_end(&["check-config"], &env);
+    assert!(status.success(), "{stderr}");
+    let t = parse(&stdout);
+    assert_eq!(first_listener(&t)["addr"].as_str(), Some("127.0.0.1:7777"));
+    assert_eq!(get(&t, "pop.region").as_str(), Some("eu"));
+    assert_eq!(get(&t, "demo.backends").as_integer(), Some(0));
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let dir = TempDir::new("unknown");
+    let path = write_config(&dir, "[limits]\nmax_conections = 5\n");
+    assert_one_error(
+        "unknown key",
+        check_config(&path, &[]),
+        &["max_conections", "unknown field"],
+    );
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let dir = TempDir::new("type");
+    let path = write_config(&dir, "[limits]\nconnect_timeout_ms = \"fast\"\n");
+    assert_one_error(
+        "wrong type",
+        check_config(&path, &[]),
+        &["connect_timeout_ms", "invalid type"],
+    );
+}
+
+#[test]
+fn bad_listener_address_is_named() {
+    let dir = TempDir::new("addr");
+    let path = write_config(
+        &dir,
+        "[[listener]]\nname = \"ok\"\naddr = \"127.0.0.1:0\"\n\
+         [[listener]]\nname = \"bad\"\naddr = \"localhost:http\"\n",
+    );
+    assert_one_error(
+        "bad listener address",
+        check_config(&path, &[]),
+        &["listener[1].addr", "localhost:http"],
+    );
+}
+
+#[test]
+fn bad_environment_values_are_named() {
+    for (var, value) in [
+        ("EDGEPROXY_DB_RELOAD_SECS", "soon"),
+        ("EDGEPROXY_LISTEN_ADDR", "nope"),
+        ("EDGEPROXY_BINDING_TTL_SECS", "-1"),
+        ("DEBUG", "maybe"),
+    ] {
+        let out = run_to_end(&["check-config"], &[(var, value)]);
+        assert_one_error(&format!("{var}={value}"), out, &[var, value]);
+        // `run` rejects it the same way, before starting anything.
+        run_expecting_failure(
+            &format!("run with {var}={value}"),
+            &["run"],
+            &[(var, value)],
+            &[var, value],
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_is_named_once() {
+    let dir = TempDir::new("missing");
+    let path = dir.join("nope.toml");
+    let path = path.to_str().unwrap();
+    let needles = [path, "No such file or directory"];
+    for line in [
+        assert_one_error(
+            "check-config with missing file",
+            run_to_end(&["check-config", "--config", path], &[]),
+            &needles,
+        ),
+        run_expecting_failure(
+            "run with missing file",
+            &["run", "--config", path],
+            &[],
+            &needles,
+        ),
+    ] {
+        // The cause is given once, not repeated.
+        assert_eq!(
+            line.matches("No such file or directory").count(),
+            1,
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn invalid_geo_db_path_is_named() {
+    let dir = TempDir::new("geo");
+    let missing = dir.join("missing.mmdb");
+    let missing = missing.to_str().unwrap();
+    let path = write_config(&dir, &format!("[geo]\ndb_path = {missing:?}\n"));
+    assert_one_error(
+        "missing geo db",
+        check_config(&path, &[]),
+        &[missing, "No such file or directory"],
+    );
+
+    let garbage = dir.join("garbage.mmdb");
+    std::fs::write(&garbage, b"this is not a MaxMind database").unwrap();
+    let garbage = garbage.to_str().unwrap();
+    let path = write_config(&dir, &format!("[geo]\ndb_path = {garbage:?}\n"));
+    assert_one_error(
+        "garbage geo db",
+        check_config(&path, &[]),
+        &[garbage, "MaxMind"],
+    );
+
+    // Via the environment, and for `run`: it fails before starting.
+    run_expecting_failure(
+        "run with missing geo db",
+        &["run"],
+        &[("EDGEPROXY_GEOIP_PATH", missing)],
+        &[missing],
+    );
+}
+
+/// Polls until nothing accepts on `addr`.
+fn refuses(addr: SocketAddr) -> bool {
+    common::eventually(Duration::from_secs(2), || {
+        matches!(
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+}
+
+#[test]
+fn port_in_use_fails_cleanly_and_nothing_half_starts() {
+    let dir = TempDir::new("inuse");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    // The first listener would bind fine; the second cannot.
+    let free_addr: SocketAddr = format!("127.0.0.1:{}", common::dead_port())
+        .parse()
+        .unwrap();
+    let db = dir.join("routing.db");
+    let text = format!(
+        "[routing]\ndb_path = {db:?}\n[runtime]\nshards = 2\n\
+         [[listener]]\nname = \"front\"\naddr = \"{free_addr}\"\n\
+         [[listener]]\nname = \"busy\"\naddr = \"{taken_addr}\"\n",
+        db = db.display().to_string()
+    );
+    let mut proxy = Proxy::spawn_with_config(&dir, &text);
+    let started = Instant::now();
+    let status = proxy
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("proxy kept running:\n{}", proxy.log_text()));
+    assert!(!status.success(), "exit {status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let line = proxy
+        .wait_for_log("edgeproxy: error", PATIENCE)
+        .unwrap_or_else(|| panic!("no error line:\n{}", proxy.log_text()));
+    for needle in ["busy", &taken_addr.to_string(), "in use"] {
+        assert!(line.contains(needle), "{needle:?} missing from: {line}");
+    }
+    assert_eq!(line.matches("in use").count(), 1, "cause repeated: {line}");
+    let log = proxy.log_text();
+    let errors = log
+        .lines()
+        .filter(|l| l.contains("error") || l.contains("ERROR"))
+        .count();
+    assert_eq!(errors, 1, "expected one error line:\n{log}");
+    assert!(!log.contains("edgeproxy ready"), "{log}");
+    assert!(!log.contains(" listening "), "{log}");
+    // The listener that did bind was released with the process.
+    assert!(refuses(free_addr), "{free_addr} still accepts connections");
+    drop(taken);
+}
