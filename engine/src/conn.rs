@@ -82,7 +82,7 @@ async fn serve_inner(
     client: &TcpStream,
     peer: SocketAddr,
 ) -> Result<(), ConnError> {
-    let knobs = ctx.shared.knobs.load_full();
+    let knobs = ctx.knobs();
     let buffer_len = ctx.shared.settings.buffer_size as usize;
 
     let (client_addr, pending) = if lctx.spec.accept_proxy_protocol {
@@ -122,7 +122,7 @@ async fn serve_inner(
     let mut failed: Vec<Arc<str>> = Vec::new();
     let attempts = knobs.connect_attempts.get() as usize;
     let (backend, live) = loop {
-        let (addr, live, id) = {
+        let (addr, live) = {
             let snap = ctx.shared.snapshot.load();
             let client_geo = ClientGeo {
                 country,
@@ -163,7 +163,7 @@ async fn serve_inner(
             }
             ctx.stats.count_tier(choice.tier);
             let b = snap.backend(choice.idx);
-            (b.addr, Arc::clone(&b.live), Arc::clone(&b.id))
+            (b.addr, Arc::clone(&b.live))
         };
         let started = Instant::now();
         let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
@@ -175,8 +175,8 @@ async fn serve_inner(
             None => format!("timed out after {:?}", knobs.connect_timeout),
         };
         record_connect_failure(ctx, &live);
-        tracing::warn!(shard = ctx.id, backend = %id, %addr, %error, "backend connect failed");
-        failed.push(id);
+        tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error, "backend connect failed");
+        failed.push(Arc::clone(&live.id));
         if failed.len() >= attempts {
             return Err(ConnError::NoBackend {
                 attempts: failed.len(),
@@ -184,7 +184,7 @@ async fn serve_inner(
         }
         ShardStats::bump(&ctx.stats.retries);
     };
-    let _active = ActiveGuard::new(&live);
+    let _active = ActiveGuard::new(live);
     tracing::debug!(shard = ctx.id, client = %client_addr, backend = ?backend.peer_addr().ok(), "proxying");
 
     if lctx.spec.send_proxy_protocol {

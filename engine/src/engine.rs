@@ -47,7 +47,7 @@ pub(crate) struct Shared {
     pub settings: EngineSettings,
     pub snapshot: SnapshotHandle,
     pub geo: Arc<GeoResolver>,
-    pub knobs: ArcSwap<Knobs>,
+    pub knobs: Arc<ArcSwap<Knobs>>,
     /// Open client connections across shards (only counted when a global
     /// limit is set).
     pub active_total: AtomicU32,
@@ -152,7 +152,7 @@ impl Engine {
             settings,
             snapshot,
             geo,
-            knobs: ArcSwap::from_pointee(knobs),
+            knobs: Arc::new(ArcSwap::from_pointee(knobs)),
             active_total: AtomicU32::new(0),
         });
         let mut engine = Engine {

@@ -41,8 +41,9 @@ pub struct EngineSettings {
     pub local_region: Arc<str>,
 }
 
-/// Settings that a SIGHUP can change without a restart.
-#[derive(Debug, Clone, PartialEq)]
+/// Settings that a SIGHUP can change without a restart. `Copy`, so a
+/// connection takes its own copy without touching a shared refcount.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Knobs {
     /// Whole-process connection limit; 0 = unlimited.
     pub max_connections: u32,

@@ -16,7 +16,7 @@ use crate::affinity::AffinityTable;
 use crate::conn;
 use crate::engine::Shared;
 use crate::rt;
-use crate::settings::ListenerSpec;
+use crate::settings::{Knobs, ListenerSpec};
 use crate::stats::{ListenerStats, ShardStats};
 
 pub(crate) enum Command {
@@ -40,6 +40,16 @@ pub(crate) struct ShardCtx {
     pub stats: Arc<ShardStats>,
     /// Bindings of clients steered to this shard; private, so no lock.
     pub affinity: RefCell<AffinityTable>,
+    /// This shard's view of the knobs: re-read only after a change, so
+    /// connections don't bump a shared refcount.
+    knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
+}
+
+impl ShardCtx {
+    /// The current knobs, copied.
+    pub fn knobs(&self) -> Knobs {
+        **self.knobs.borrow_mut().load()
+    }
 }
 
 /// A listener as one shard sees it.
@@ -64,7 +74,7 @@ pub(crate) struct ConnSlot {
 impl ConnSlot {
     /// Takes a slot, or `None` when a limit is reached.
     fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> Option<ConnSlot> {
-        let knobs = ctx.shared.knobs.load();
+        let knobs = ctx.knobs();
         let shard_max = knobs.max_connections_per_shard;
         if shard_max != 0 && ctx.stats.active() >= shard_max {
             return None;
@@ -124,6 +134,7 @@ pub(crate) fn run(
     let ttl = shared.knobs.load().affinity_ttl;
     let ctx = Rc::new(ShardCtx {
         id,
+        knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
         shared,
         stats,
         affinity: RefCell::new(AffinityTable::new(ttl)),

@@ -59,6 +59,8 @@ pub type BackendIdx = u32;
 /// Live state of one backend, shared across shards and across snapshots.
 #[derive(Debug, Default)]
 pub struct BackendLive {
+    /// The backend's id, so a connection holding only this can name it.
+    pub id: Arc<str>,
     /// Connections currently open to this backend, across all shards.
     pub active: AtomicU32,
     /// Connect attempts that failed (refused, timed out, unreachable).
@@ -79,10 +81,10 @@ impl BackendLive {
 pub struct ActiveGuard(Arc<BackendLive>);
 
 impl ActiveGuard {
-    pub fn new(live: &Arc<BackendLive>) -> Self {
+    pub fn new(live: Arc<BackendLive>) -> Self {
         live.active.fetch_add(1, Ordering::Relaxed);
         live.total.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(Arc::clone(live))
+        ActiveGuard(live)
     }
 }
 
@@ -217,7 +219,13 @@ pub struct LiveRegistry {
 
 impl LiveRegistry {
     fn get(&mut self, id: &Arc<str>) -> Arc<BackendLive> {
-        Arc::clone(self.by_id.entry(Arc::clone(id)).or_default())
+        let live = self.by_id.entry(Arc::clone(id)).or_insert_with(|| {
+            Arc::new(BackendLive {
+                id: Arc::clone(id),
+                ..BackendLive::default()
+            })
+        });
+        Arc::clone(live)
     }
 
     /// Forgets backends that no snapshot references any more and that have no
@@ -427,7 +435,7 @@ mod tests {
         let first = builder
             .build(&[record("b1", "web", "sa", None, 80)])
             .snapshot;
-        let guard = ActiveGuard::new(&first.backends[0].live);
+        let guard = ActiveGuard::new(Arc::clone(&first.backends[0].live));
         let mut changed = record("b1", "web", "sa", None, 81);
         changed.weight = 5;
         let second = builder.build(&[changed]).snapshot;
