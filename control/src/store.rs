@@ -20,6 +20,13 @@
 //! [`Loaded::bad_rows`] with its id and the reason, and the other rows still
 //! load. Semantic checks (address syntax, port range, negative limits) are the
 //! snapshot builder's job, not the store's.
+//!
+//! Migration 2 adds the discovery API's per-backend state ([`Lifecycle`]):
+//! `draining`, `last_heartbeat_ms` and `registered_at_ms`. Rows written by the
+//! original or by hand have `draining = 0` and NULL timestamps, which means
+//! "not managed by heartbeats": they never expire. What the state means for
+//! routing (drained and expired backends take no new connections) is decided
+//! by `crate::routing`, not here.
 
 use std::ffi::OsString;
 use std::io;
@@ -52,9 +59,29 @@ const CREATE_BACKENDS: &str = "CREATE TABLE backends (
 /// schema. Nullable: old rows have no country.
 const ADD_COUNTRY: &str = "ALTER TABLE backends ADD COLUMN country TEXT";
 
+/// Migration 2: the discovery API's per-backend state, appended after
+/// `country`. `draining` defaults to 0 so the original's inserts (which do
+/// not name it) create serving rows; NULL timestamps mean "never registered
+/// through the API", and such rows never expire.
+const LIFECYCLE_COLUMNS: [(&str, &str); 3] = [
+    (
+        "draining",
+        "ALTER TABLE backends ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "last_heartbeat_ms",
+        "ALTER TABLE backends ADD COLUMN last_heartbeat_ms INTEGER",
+    ),
+    (
+        "registered_at_ms",
+        "ALTER TABLE backends ADD COLUMN registered_at_ms INTEGER",
+    ),
+];
+
 /// Schema version recorded in `PRAGMA user_version` (the original leaves it
-/// at 0). 1 = `backends` has a `country` column.
-pub const SCHEMA_VERSION: i64 = 1;
+/// at 0). 1 = `backends` has a `country` column; 2 = it also has the
+/// [`Lifecycle`] columns.
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -157,11 +184,35 @@ fn sql_err(path: &Path, op: Op, cause: rusqlite::Error) -> StoreError {
     }
 }
 
+/// A row's discovery-API state (migration 2 columns). All times are Unix
+/// milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Drained: takes no new connections; open ones go on.
+    pub draining: bool,
+    /// Last registration or heartbeat. `None`: the row is not managed by
+    /// heartbeats (written by hand or by the original) and never expires.
+    pub last_heartbeat_ms: Option<i64>,
+    /// First registration (reset when a deleted id registers again).
+    pub registered_at_ms: Option<i64>,
+}
+
+/// What [`RoutingStore::register`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// No live row had this id: one was inserted (or a deleted one revived).
+    Created,
+    /// A live row with this id was updated in place.
+    Updated,
+}
+
 /// Every row of `backends`, as read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
     /// Rows that could be read, deleted ones included, in table order.
     pub records: Vec<BackendRecord>,
+    /// The discovery-API state of each row of `records`, at the same index.
+    pub lifecycle: Vec<Lifecycle>,
     /// Rows that could not: (id, or `"rowid N"` when the id itself is
     /// unreadable; reason).
     pub bad_rows: Vec<(String, String)>,
@@ -367,6 +418,177 @@ impl RoutingStore {
         })
     }
 
+    /// Registers a backend (the discovery API's register), in one
+    /// transaction: a live row with `rec.id` is updated in place, keeping its
+    /// rowid and `registered_at_ms`; otherwise the row is inserted, or a
+    /// deleted row with that id is revived as a new registration. Either way
+    /// the backend ends up healthy, not deleted, not draining, with its
+    /// heartbeat at `now_ms`. `rec.healthy` and `rec.deleted` are ignored.
+    pub fn register(&mut self, rec: &BackendRecord, now_ms: i64) -> Result<Registered, StoreError> {
+        self.write(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let live: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM backends WHERE id = ?1 AND (deleted IS NULL OR deleted = 0))",
+                [&rec.id],
+                |r| r.get(0),
+            )?;
+            let values = params![
+                rec.app,
+                rec.region,
+                rec.country,
+                rec.ip,
+                rec.port,
+                rec.weight,
+                rec.soft_limit,
+                rec.hard_limit,
+                now_ms,
+                rec.id,
+            ];
+            // SET expressions see the row as it was: `deleted` in the CASE is
+            // the old value.
+            let updated = tx.execute(
+                "UPDATE backends SET app = ?1, region = ?2, country = ?3, wg_ip = ?4, \
+                 port = ?5, healthy = 1, weight = ?6, soft_limit = ?7, hard_limit = ?8, \
+                 draining = 0, last_heartbeat_ms = ?9, \
+                 registered_at_ms = CASE WHEN deleted IS NULL OR deleted = 0 \
+                   THEN COALESCE(registered_at_ms, ?9) ELSE ?9 END, \
+                 deleted = 0 WHERE id = ?10",
+                values,
+            )?;
+            if updated == 0 {
+                tx.execute(
+                    "INSERT INTO backends (app, region, country, wg_ip, port, healthy, weight, \
+                     soft_limit, hard_limit, deleted, draining, last_heartbeat_ms, \
+                     registered_at_ms, id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, 0, 0, ?9, ?9, ?10)",
+                    values,
+                )?;
+            }
+            tx.commit()?;
+            Ok(if live {
+                Registered::Updated
+            } else {
+                Registered::Created
+            })
+        })
+    }
+
+    /// Records a heartbeat at `now_ms` for a live (not deleted) backend;
+    /// returns whether there was one.
+    ///
+    /// A heartbeat by itself changes no route, so unlike other writes it does
+    /// not make [`changed`] say yes (when nothing else changed since the last
+    /// load): a fleet of heartbeating backends does not rebuild the snapshot
+    /// every tick. A caller whose heartbeat does change routing (it revives
+    /// an expired backend) reloads on its own.
+    ///
+    /// [`changed`]: RoutingStore::changed
+    pub fn heartbeat(&mut self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        self.write_quiet(|conn| {
+            conn.execute(
+                "UPDATE backends SET last_heartbeat_ms = ?1 \
+                 WHERE id = ?2 AND (deleted IS NULL OR deleted = 0)",
+                params![now_ms, id],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    /// Sets or clears `draining` on a live backend; returns whether there was
+    /// one.
+    pub fn set_draining(&mut self, id: &str, draining: bool) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            conn.execute(
+                "UPDATE backends SET draining = ?1 WHERE id = ?2 AND (deleted IS NULL OR deleted = 0)",
+                params![draining, id],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    /// Like [`mark_deleted`], but only for a live row: returns false for an
+    /// id that is unknown or already deleted (the API's 404).
+    ///
+    /// [`mark_deleted`]: RoutingStore::mark_deleted
+    pub fn deregister(&mut self, id: &str) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            conn.execute(
+                "UPDATE backends SET deleted = 1 WHERE id = ?1 AND (deleted IS NULL OR deleted = 0)",
+                [id],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    /// Reads every row like [`load`], but leaves change detection alone: the
+    /// next [`changed`] answers as if this read had not happened. For readers
+    /// other than the reloader (the discovery API's GETs).
+    ///
+    /// [`load`]: RoutingStore::load
+    /// [`changed`]: RoutingStore::changed
+    pub fn peek(&mut self) -> Result<Loaded, StoreError> {
+        let result = fresh(&self.path, &mut self.live)
+            .and_then(|(live, _)| read_rows(&live.conn, &self.path));
+        if result.is_err() {
+            self.live = None;
+        }
+        result
+    }
+
+    /// [`write`] for a change that moves no route: when nothing else changed
+    /// since the last load, the store stays "unchanged" afterwards.
+    ///
+    /// [`write`]: RoutingStore::write
+    fn write_quiet<T>(
+        &mut self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let path = &self.path;
+        let (seen, dirty) = (self.seen, self.dirty);
+        let result = fresh(path, &mut self.live).and_then(|(live, reopened)| {
+            let err = |e| sql_err(path, Op::Write, e);
+            let (out, before) = {
+                let tx = live
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(err)?;
+                // Under the write lock no one else can commit: if the file is
+                // still as the last load saw it, our commit is the only change.
+                let before = match (reopened || dirty, seen) {
+                    (false, Some(seen)) => {
+                        let now = fingerprint(&tx, path)?;
+                        (now == seen).then_some(now)
+                    }
+                    _ => None,
+                };
+                let out = f(&tx).map_err(err)?;
+                tx.commit().map_err(err)?;
+                (out, before)
+            };
+            checkpoint(&live.conn, path);
+            live.stamp = stat_main(path)?;
+            let after = fingerprint(&live.conn, path)?;
+            // `data_version` moves only for other connections' commits: if it
+            // did not, the file differs from `before` by our write alone.
+            let quiet = before.filter(|b| b.data_version == after.data_version);
+            Ok((out, quiet.map(|_| after)))
+        });
+        match result {
+            Ok((out, Some(after))) => {
+                self.seen = Some(after);
+                Ok(out)
+            }
+            Ok((out, None)) => {
+                self.dirty = true;
+                Ok(out)
+            }
+            Err(e) => {
+                self.live = None;
+                Err(e)
+            }
+        }
+    }
+
     fn write<T>(
         &mut self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
@@ -492,6 +714,8 @@ fn connect(path: &Path, create: bool) -> Result<Connection, StoreError> {
 struct SchemaState {
     has_table: bool,
     has_country: bool,
+    /// Migration 2 columns not there yet (`ALTER TABLE` statements).
+    missing_lifecycle: Vec<&'static str>,
     version: i64,
 }
 
@@ -501,6 +725,11 @@ fn schema_state(conn: &Connection) -> rusqlite::Result<SchemaState> {
     Ok(SchemaState {
         has_table: !columns.is_empty(),
         has_country: columns.iter().any(|c| c == "country"),
+        missing_lifecycle: LIFECYCLE_COLUMNS
+            .iter()
+            .filter(|(name, _)| !columns.iter().any(|c| c == name))
+            .map(|(_, sql)| *sql)
+            .collect(),
         version,
     })
 }
@@ -526,7 +755,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         );
     }
     let work = if state.has_table {
-        !state.has_country || state.version < SCHEMA_VERSION
+        !state.has_country || !state.missing_lifecycle.is_empty() || state.version < SCHEMA_VERSION
     } else {
         create
     };
@@ -534,14 +763,14 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         return Ok(());
     }
 
-    let apply = |conn: &mut Connection| -> rusqlite::Result<(bool, bool)> {
+    let apply = |conn: &mut Connection| -> rusqlite::Result<(bool, bool, bool)> {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         // Again under the write lock: another process may have migrated.
         let state = schema_state(&tx)?;
         let mut created = false;
         if !state.has_table {
             if !create {
-                return Ok((false, false));
+                return Ok((false, false, false));
             }
             tx.execute_batch(CREATE_BACKENDS)?;
             created = true;
@@ -550,19 +779,27 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         if added_country {
             tx.execute_batch(ADD_COUNTRY)?;
         }
+        // (A table created just now lacks all of them.)
+        for sql in &state.missing_lifecycle {
+            tx.execute_batch(sql)?;
+        }
         if state.version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
         tx.commit()?;
-        Ok((created, added_country))
+        Ok((created, added_country, !state.missing_lifecycle.is_empty()))
     };
     match apply(conn) {
-        Ok((created, added_country)) => {
+        Ok((created, added_country, added_lifecycle)) => {
             if created {
                 info!(path = %path.display(), "created table backends");
             }
-            if added_country {
+            if added_country && !created {
                 info!(path = %path.display(), "added column country to table backends");
+            }
+            if added_lifecycle && !created {
+                info!(path = %path.display(),
+                    "added columns draining, last_heartbeat_ms, registered_at_ms to table backends");
             }
             Ok(())
         }
@@ -636,14 +873,23 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
             missing,
         });
     }
-    let country = if columns.iter().any(|c| c == "country") {
-        "country"
-    } else {
-        "NULL"
+    // Columns a migration adds may be missing from a file that could not be
+    // migrated (read-only): read them as their defaults.
+    let or = |name: &'static str, default: &'static str| {
+        if columns.iter().any(|c| c == name) {
+            name
+        } else {
+            default
+        }
     };
+    let country = or("country", "NULL");
+    let draining = or("draining", "0");
+    let heartbeat = or("last_heartbeat_ms", "NULL");
+    let registered = or("registered_at_ms", "NULL");
     let sql = format!(
         "SELECT rowid, id, app, region, {country}, wg_ip, port, healthy, weight, \
-         soft_limit, hard_limit, deleted FROM backends ORDER BY rowid"
+         soft_limit, hard_limit, deleted, {draining}, {heartbeat}, {registered} \
+         FROM backends ORDER BY rowid"
     );
     let mut loaded = Loaded::default();
     {
@@ -651,7 +897,10 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
         let mut rows = stmt.query([]).map_err(err)?;
         while let Some(row) = rows.next().map_err(err)? {
             match parse_row(row) {
-                Ok(rec) => loaded.records.push(rec),
+                Ok((rec, lifecycle)) => {
+                    loaded.records.push(rec);
+                    loaded.lifecycle.push(lifecycle);
+                }
                 Err(bad) => loaded.bad_rows.push(bad),
             }
         }
@@ -662,7 +911,7 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
 
 /// Converts one row (columns in `read_rows`' SELECT order), or says why not:
 /// (id or `"rowid N"`, every problem found).
-fn parse_row(row: &Row<'_>) -> Result<BackendRecord, (String, String)> {
+fn parse_row(row: &Row<'_>) -> Result<(BackendRecord, Lifecycle), (String, String)> {
     let rowid = match row.get_ref(0) {
         Ok(ValueRef::Integer(n)) => n.to_string(),
         _ => "?".to_string(),
@@ -687,6 +936,9 @@ fn parse_row(row: &Row<'_>) -> Result<BackendRecord, (String, String)> {
     let soft_limit = field(row, 9, "soft_limit", integer, p);
     let hard_limit = field(row, 10, "hard_limit", integer, p);
     let deleted = field(row, 11, "deleted", deleted_flag, p);
+    let draining = field(row, 12, "draining", deleted_flag, p);
+    let last_heartbeat_ms = field(row, 13, "last_heartbeat_ms", optional_integer, p);
+    let registered_at_ms = field(row, 14, "registered_at_ms", optional_integer, p);
     let (
         Some(id),
         Some(app),
@@ -699,13 +951,10 @@ fn parse_row(row: &Row<'_>) -> Result<BackendRecord, (String, String)> {
         Some(soft_limit),
         Some(hard_limit),
         Some(deleted),
+        Some(draining),
+        Some(last_heartbeat_ms),
+        Some(registered_at_ms),
     ) = (
-        id, app, region, country, ip, port, healthy, weight, soft_limit, hard_limit, deleted,
-    )
-    else {
-        return Err((label, problems.join("; ")));
-    };
-    Ok(BackendRecord {
         id,
         app,
         region,
@@ -717,7 +966,32 @@ fn parse_row(row: &Row<'_>) -> Result<BackendRecord, (String, String)> {
         soft_limit,
         hard_limit,
         deleted,
-    })
+        draining,
+        last_heartbeat_ms,
+        registered_at_ms,
+    )
+    else {
+        return Err((label, problems.join("; ")));
+    };
+    let lifecycle = Lifecycle {
+        draining,
+        last_heartbeat_ms,
+        registered_at_ms,
+    };
+    let record = BackendRecord {
+        id,
+        app,
+        region,
+        country,
+        ip,
+        port,
+        healthy,
+        weight,
+        soft_limit,
+        hard_limit,
+        deleted,
+    };
+    Ok((record, lifecycle))
 }
 
 type Convert<T> = fn(ValueRef<'_>, &str) -> Result<T, String>;
@@ -793,6 +1067,14 @@ fn integer(v: ValueRef<'_>, col: &str) -> Result<i64, String> {
             _ => bad(v),
         },
         other => bad(other),
+    }
+}
+
+/// NULL, or an integer as [`integer`] reads it.
+fn optional_integer(v: ValueRef<'_>, col: &str) -> Result<Option<i64>, String> {
+    match v {
+        ValueRef::Null => Ok(None),
+        v => integer(v, col).map(Some),
     }
 }
 
@@ -925,7 +1207,8 @@ mod tests {
         assert!(!loaded.records[1].healthy);
         assert!(loaded.records[2].deleted);
 
-        // Original columns untouched, country appended, version recorded.
+        // Original columns untouched, country and the lifecycle columns
+        // appended, version recorded.
         assert_eq!(
             column_names(&path),
             [
@@ -939,9 +1222,13 @@ mod tests {
                 "soft_limit",
                 "hard_limit",
                 "deleted",
-                "country"
+                "country",
+                "draining",
+                "last_heartbeat_ms",
+                "registered_at_ms"
             ]
         );
+        assert!(loaded.lifecycle.iter().all(|l| *l == Lifecycle::default()));
         let conn = other(&path);
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -967,8 +1254,9 @@ mod tests {
         assert_eq!(store.path(), path);
         assert_eq!(store.load().unwrap(), Loaded::default());
         let cols = column_names(&path);
-        assert_eq!(cols.len(), 11);
-        assert_eq!(cols.last().map(String::as_str), Some("country"));
+        assert_eq!(cols.len(), 14);
+        assert_eq!(cols[10], "country");
+        assert_eq!(cols.last().map(String::as_str), Some("registered_at_ms"));
 
         // The original's own inserts still work on a new file.
         other(&path)
@@ -1226,5 +1514,188 @@ mod tests {
         assert!(loaded.records[0].deleted);
         assert!(!loaded.records[1].deleted);
         assert_eq!(loaded.records.len(), 2, "soft delete keeps the row");
+    }
+
+    fn lifecycle_of(store: &mut RoutingStore, id: &str) -> (BackendRecord, Lifecycle) {
+        let loaded = store.peek().unwrap();
+        let i = loaded.records.iter().position(|r| r.id == id).unwrap();
+        (loaded.records[i].clone(), loaded.lifecycle[i])
+    }
+
+    #[test]
+    fn version_1_file_gains_the_lifecycle_columns_with_serving_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        original_db(
+            &path,
+            "INSERT INTO backends VALUES ('a', 'myapp', 'sa', '10.0.0.1', 80, 1, 1, 10, 20, 0);
+             ALTER TABLE backends ADD COLUMN country TEXT;
+             PRAGMA user_version = 1;",
+        );
+        let mut store = RoutingStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(ids(&loaded), ["a"]);
+        assert_eq!(loaded.lifecycle, [Lifecycle::default()]);
+        assert!(column_names(&path).ends_with(&[
+            "country".to_string(),
+            "draining".to_string(),
+            "last_heartbeat_ms".to_string(),
+            "registered_at_ms".to_string()
+        ]));
+        // The original's inserts, which name none of them, still work.
+        other(&path)
+            .execute_batch(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('b', 'myapp', 'sa', '10.0.0.2', 80, 1, 1, 10, 20)",
+            )
+            .unwrap();
+        assert_eq!(lifecycle_of(&mut store, "b").1, Lifecycle::default());
+    }
+
+    #[test]
+    fn register_creates_updates_in_place_and_revives_deleted_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.upsert(&rec("first", 79)).unwrap();
+
+        assert_eq!(
+            store.register(&rec("a", 80), 1_000).unwrap(),
+            Registered::Created
+        );
+        let (r, l) = lifecycle_of(&mut store, "a");
+        assert_eq!(r, rec("a", 80));
+        assert_eq!(
+            l,
+            Lifecycle {
+                draining: false,
+                last_heartbeat_ms: Some(1_000),
+                registered_at_ms: Some(1_000)
+            }
+        );
+
+        // Update in place: new fields, same row, same registration time; the
+        // health flag and a drain are reset.
+        store.set_draining("a", true).unwrap();
+        other(&path)
+            .execute("UPDATE backends SET healthy = 0 WHERE id = 'a'", [])
+            .unwrap();
+        let mut changed = rec("a", 8080);
+        changed.weight = 5;
+        changed.healthy = false; // ignored
+        assert_eq!(
+            store.register(&changed, 2_000).unwrap(),
+            Registered::Updated
+        );
+        let (r, l) = lifecycle_of(&mut store, "a");
+        assert_eq!((r.port, r.weight, r.healthy), (8080, 5, true));
+        assert_eq!(
+            l,
+            Lifecycle {
+                draining: false,
+                last_heartbeat_ms: Some(2_000),
+                registered_at_ms: Some(1_000)
+            }
+        );
+        assert_eq!(
+            ids(&store.peek().unwrap()),
+            ["first", "a"],
+            "table order kept"
+        );
+
+        // Deregistered, then registered again: a new registration.
+        assert!(store.deregister("a").unwrap());
+        assert!(!store.deregister("a").unwrap(), "already deleted");
+        assert!(lifecycle_of(&mut store, "a").0.deleted);
+        assert_eq!(
+            store.register(&rec("a", 81), 3_000).unwrap(),
+            Registered::Created
+        );
+        let (r, l) = lifecycle_of(&mut store, "a");
+        assert!(!r.deleted);
+        assert_eq!(l.registered_at_ms, Some(3_000));
+
+        // A hand-written row becomes managed (it gets a heartbeat) when it
+        // registers.
+        assert_eq!(
+            store.register(&rec("first", 79), 4_000).unwrap(),
+            Registered::Updated
+        );
+        assert_eq!(
+            lifecycle_of(&mut store, "first").1.registered_at_ms,
+            Some(4_000)
+        );
+    }
+
+    #[test]
+    fn heartbeat_drain_and_deregister_need_a_live_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert!(!store.heartbeat("nope", 1).unwrap());
+        assert!(!store.set_draining("nope", true).unwrap());
+        assert!(!store.deregister("nope").unwrap());
+
+        store.register(&rec("a", 80), 1_000).unwrap();
+        assert!(store.heartbeat("a", 5_000).unwrap());
+        assert_eq!(
+            lifecycle_of(&mut store, "a").1.last_heartbeat_ms,
+            Some(5_000)
+        );
+        assert!(store.set_draining("a", true).unwrap());
+        assert!(lifecycle_of(&mut store, "a").1.draining);
+
+        store.deregister("a").unwrap();
+        assert!(!store.heartbeat("a", 6_000).unwrap());
+        assert!(!store.set_draining("a", false).unwrap());
+    }
+
+    #[test]
+    fn heartbeats_and_peeks_are_not_routing_changes_but_other_writes_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.register(&rec("a", 80), 1_000).unwrap();
+        assert!(store.changed().unwrap());
+        store.load().unwrap();
+        assert!(!store.changed().unwrap());
+
+        // A heartbeat alone: nothing to reload, and it is on disk.
+        assert!(store.heartbeat("a", 2_000).unwrap());
+        assert!(!store.changed().unwrap());
+        store.peek().unwrap();
+        assert!(!store.changed().unwrap());
+        assert_eq!(
+            other(&path)
+                .query_row(
+                    "SELECT last_heartbeat_ms FROM backends WHERE id = 'a'",
+                    [],
+                    |r| r.get::<_, i64>(0)
+                )
+                .unwrap(),
+            2_000
+        );
+
+        // Another writer's change is not hidden by a later heartbeat.
+        other(&path)
+            .execute("UPDATE backends SET weight = 9 WHERE id = 'a'", [])
+            .unwrap();
+        assert!(store.heartbeat("a", 3_000).unwrap());
+        assert!(store.changed().unwrap());
+        assert_eq!(store.load().unwrap().records[0].weight, 9);
+        assert!(!store.changed().unwrap());
+
+        // Nor is our own unpublished write.
+        store.set_draining("a", true).unwrap();
+        assert!(store.heartbeat("a", 4_000).unwrap());
+        assert!(store.changed().unwrap());
+        store.load().unwrap();
+
+        // A peek does not swallow a change the reloader has not seen.
+        other(&path)
+            .execute("UPDATE backends SET weight = 3 WHERE id = 'a'", [])
+            .unwrap();
+        store.peek().unwrap();
+        assert!(store.changed().unwrap());
     }
 }
