@@ -35,8 +35,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             store.upsert(rec)?;
         }
     }
-    let mut reloader =
-        RoutingReloader::start_with_ttl(store, Some(config.api.heartbeat_ttl))?;
+    let mut reloader = RoutingReloader::start_with_ttl(store, Some(config.api.heartbeat_ttl))?;
     let snapshot = reloader.handle().clone();
     let first = snapshot.load();
     tracing::info!(
@@ -88,9 +87,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // requests executed by the control loop, which owns the routing store.
     let api = match crate::api::bind(&config.api)? {
         None => None,
-        Some(bound) => {
-            Some(runtime.block_on(async { bound.serve(reloader.handle().clone()) })?)
-        }
+        Some(bound) => Some(runtime.block_on(async { bound.serve(reloader.handle().clone()) })?),
     };
     // Every listener and service is up: tests and operators wait for this.
     tracing::info!(

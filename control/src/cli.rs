@@ -1,4 +1,5 @@
-//! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`.
+//! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
+//! `edgeproxy backends list|add|rm|drain` (the discovery API's client).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +45,9 @@ pub enum Command {
     /// Validate the configuration (file plus environment) and print the
     /// effective settings as TOML.
     CheckConfig,
+    /// Manage backends through a running proxy's discovery API:
+    /// list, add (register or update), rm (deregister), drain.
+    Backends(crate::api::client::BackendsArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -53,6 +57,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig => crate::app::check(cli.config.as_deref()).map(|config| {
             print!("{}", config.to_toml());
         }),
+        Command::Backends(args) => crate::api::client::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,351 @@
+//! `edgeproxy backends list|add|rm|drain`: the discovery API's command-line
+//! client (the original shipped shell tasks wrapping curl for this).
+//!
+//! Talks HTTP/1.1 to a running proxy's API (`--api`, default
+//! `http://127.0.0.1:8081`) with the bearer token from `--token`,
+//! `EDGEPROXY_API_TOKEN` or `--token-file`. Prints a table, or the API's JSON
+//! with `--json`. Any answer other than 2xx is an error naming the status and
+//! the API's reason.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, Args)]
+pub struct BackendsArgs {
+    /// Base URL of the proxy's discovery API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_URL",
+        default_value = "http://127.0.0.1:8081",
+        value_name = "URL"
+    )]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (when --token is not given).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON answer instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: Action,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// List every backend in the routing table with its state.
+    List,
+    /// Register a backend, or update it in place if the id exists (which
+    /// also ends a drain).
+    Add(AddArgs),
+    /// Deregister a backend (its row is marked deleted).
+    Rm {
+        /// Backend id.
+        id: String,
+    },
+    /// Drain a backend: no new connections; open ones go on.
+    Drain {
+        /// Backend id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// Backend id (letters, digits and - _ . :).
+    pub id: String,
+    #[arg(long)]
+    pub app: String,
+    /// Region code, e.g. sa, us, eu, ap.
+    #[arg(long)]
+    pub region: String,
+    /// Backend address (IPv4 or IPv6, no port).
+    #[arg(long)]
+    pub ip: String,
+    #[arg(long)]
+    pub port: u16,
+    /// Two-letter country code.
+    #[arg(long)]
+    pub country: Option<String>,
+    /// Load-balancing weight (API default 2).
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// Soft connection limit (API default 100).
+    #[arg(long)]
+    pub soft_limit: Option<u32>,
+    /// Hard connection limit (API default 150).
+    #[arg(long)]
+    pub hard_limit: Option<u32>,
+}
+
+/// Runs one `backends` subcommand.
+pub fn run(args: BackendsArgs) -> anyhow::Result<()> {
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) if !t.is_empty() => Some(t.clone()),
+        (_, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    };
+    let api = Client::new(&args.api, token)?;
+    match &args.action {
+        Action::List => {
+            let body = api.call("GET", "/api/v1/backends", None)?;
+            if args.json {
+                return print_json(&body);
+            }
+            print!("{}", table(&body));
+        }
+        Action::Add(a) => {
+            let mut req = Map::new();
+            req.insert("id".into(), json!(a.id));
+            req.insert("app".into(), json!(a.app));
+            req.insert("region".into(), json!(a.region));
+            req.insert("ip".into(), json!(a.ip));
+            req.insert("port".into(), json!(a.port));
+            // Unset options are left out: the API's defaults apply.
+            for (key, value) in [
+                ("country", a.country.as_ref().map(|c| json!(c))),
+                ("weight", a.weight.map(|v| json!(v))),
+                ("soft_limit", a.soft_limit.map(|v| json!(v))),
+                ("hard_limit", a.hard_limit.map(|v| json!(v))),
+            ] {
+                if let Some(v) = value {
+                    req.insert(key.into(), v);
+                }
+            }
+            let body = api.call("POST", "/api/v1/register", Some(Value::Object(req)))?;
+            if args.json {
+                return print_json(&body);
+            }
+            let verb = if body["updated"] == json!(true) {
+                "updated"
+            } else {
+                "registered"
+            };
+            println!("{verb} {}", a.id);
+        }
+        Action::Rm { id } => {
+            let body = api.call("DELETE", &format!("/api/v1/backends/{}", escape(id)), None)?;
+            if args.json {
+                return print_json(&body);
+            }
+            println!("deregistered {id}");
+        }
+        Action::Drain { id } => {
+            let body = api.call(
+                "POST",
+                &format!("/api/v1/backends/{}/drain", escape(id)),
+                None,
+            )?;
+            if args.json {
+                return print_json(&body);
+            }
+            println!(
+                "draining {id}: no new connections; {} open connection(s) go on",
+                body["active_connections"].as_u64().unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_json(body: &Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(body)?);
+    Ok(())
+}
+
+struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
+        let base = base.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") {
+            bail!("--api {base:?}: only http:// URLs are supported");
+        }
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(15)))
+            .build()
+            .new_agent();
+        Ok(Client { base, token, agent })
+    }
+
+    /// One request; the JSON body of a 2xx answer, or an error with the
+    /// status and the API's `error` text.
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let result = match method {
+            "GET" => with_auth(self.agent.get(&url), auth.as_deref()).call(),
+            "DELETE" => with_auth(self.agent.delete(&url), auth.as_deref()).call(),
+            _ => {
+                let req = with_auth(self.agent.post(&url), auth.as_deref());
+                match body {
+                    Some(b) => req
+                        .header("Content-Type", "application/json")
+                        .send(b.to_string()),
+                    None => req.send_empty(),
+                }
+            }
+        };
+        let mut resp =
+            result.with_context(|| format!("cannot reach the discovery API at {}", self.base))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("{method} {url}: cannot read the answer"))?;
+        let json: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !(200..300).contains(&status) {
+            let reason = json["error"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| json.to_string());
+            if status == 401 {
+                bail!(
+                    "{method} {path}: HTTP 401: {reason} (pass --token or set EDGEPROXY_API_TOKEN)"
+                );
+            }
+            bail!("{method} {path}: HTTP {status}: {reason}");
+        }
+        Ok(json)
+    }
+}
+
+fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
+    match auth {
+        Some(value) => req.header("Authorization", value),
+        None => req,
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for an id
+/// in a path (ids written by hand may hold anything).
+fn escape(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The list answer as an aligned table.
+fn table(body: &Value) -> String {
+    let header = [
+        "ID",
+        "APP",
+        "REGION",
+        "COUNTRY",
+        "ADDRESS",
+        "WEIGHT",
+        "SOFT",
+        "HARD",
+        "STATE",
+        "CONNS",
+        "HEARTBEAT",
+    ];
+    let text = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for b in body["backends"].as_array().into_iter().flatten() {
+        let addr = match b["ip"].as_str() {
+            Some(ip) if ip.contains(':') => format!("[{ip}]:{}", text(&b["port"])),
+            _ => format!("{}:{}", text(&b["ip"]), text(&b["port"])),
+        };
+        let heartbeat = match b["last_heartbeat_secs"].as_u64() {
+            Some(s) => format!("{s}s ago"),
+            None => "-".into(),
+        };
+        rows.push(vec![
+            text(&b["id"]),
+            text(&b["app"]),
+            text(&b["region"]),
+            text(&b["country"]),
+            addr,
+            text(&b["weight"]),
+            text(&b["soft_limit"]),
+            text(&b["hard_limit"]),
+            text(&b["state"]),
+            text(&b["active_connections"]),
+            heartbeat,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_escaped_for_paths() {
+        assert_eq!(escape("b-1_x.y~"), "b-1_x.y~");
+        assert_eq!(escape("a/b c:d"), "a%2Fb%20c%3Ad");
+    }
+
+    #[test]
+    fn table_aligns_and_shows_missing_values_as_dashes() {
+        let body = json!({"backends": [
+            {"id": "b1", "app": "web", "region": "eu", "country": null, "ip": "10.0.0.1",
+             "port": 80, "weight": 2, "soft_limit": 100, "hard_limit": 150, "state": "serving",
+             "active_connections": 3, "last_heartbeat_secs": 4},
+            {"id": "long-backend", "app": "web", "region": "eu", "country": "DE", "ip": "fd00::1",
+             "port": 81, "weight": 1, "soft_limit": 1, "hard_limit": 1, "state": "draining",
+             "active_connections": 0, "last_heartbeat_secs": null},
+        ], "total": 2});
+        let t = table(&body);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("ID            APP"), "{t}");
+        assert!(
+            lines[1].contains("10.0.0.1:80") && lines[1].contains("4s ago"),
+            "{t}"
+        );
+        assert!(
+            lines[2].contains("[fd00::1]:81") && lines[2].contains("draining"),
+            "{t}"
+        );
+        assert!(lines[1].contains(" -  "), "country shown as '-': {t}");
+    }
+}

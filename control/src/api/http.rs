@@ -1,0 +1,263 @@
+//! The HTTP side: routes, the guards every request passes (rate limit,
+//! browser origin, loopback host, token), handlers that turn requests into
+//! [`Op`]s, and the accept loop.
+//!
+//! The accept loop is ours rather than `axum::serve` so that connections are
+//! bounded (count, header read time, lifetime): the API shares the control
+//! thread with the routing reload, and a client that opens sockets and sends
+//! nothing must not pile up tasks there.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use engine::snapshot::SnapshotHandle;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::auth;
+use super::config::ApiToken;
+use super::limit::RateLimiter;
+use super::ops::{Command, Op, Reply};
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// A request's head must arrive within this.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must arrive within this.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection is closed (after its request in flight) at this age.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+
+pub(super) struct Shared {
+    pub commands: mpsc::Sender<Command>,
+    pub token: Option<ApiToken>,
+    /// No token: requests must name the host by address or `localhost`.
+    pub loopback_only: bool,
+    pub limiter: Mutex<RateLimiter>,
+    pub max_body: usize,
+    pub snapshot: SnapshotHandle,
+    pub started: Instant,
+}
+
+type AppState = Arc<Shared>;
+
+/// The client's address, attached to each request by the accept loop.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+fn reply(r: Reply) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(r.body)).into_response()
+}
+
+fn error(status: u16, reason: &str) -> Response {
+    reply(Reply::error(status, reason, json!({})))
+}
+
+pub(super) fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/api/v1/register", post(register))
+        .route("/api/v1/heartbeat/{id}", post(heartbeat))
+        .route("/api/v1/backends", get(list))
+        .route("/api/v1/backends/{id}", get(get_one).delete(deregister))
+        .route("/api/v1/backends/{id}/drain", post(drain))
+        .fallback(|| async { error(404, "no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .with_state(state)
+}
+
+/// Runs before every route (and the fallback), in this order: rate limit
+/// (429), browser origin (403), loopback host (403), token (401).
+async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    if let Some(peer) = peer {
+        let verdict = s
+            .limiter
+            .lock()
+            .map(|mut l| l.check(peer.ip(), Instant::now()))
+            .unwrap_or(Ok(()));
+        if let Err(wait) = verdict {
+            let mut resp = error(429, "rate limit exceeded");
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return resp;
+        }
+    }
+    // Browsers send Origin on cross-site POSTs; no API client does. This
+    // keeps web pages from driving a tokenless API on loopback.
+    if req.headers().contains_key(header::ORIGIN) {
+        return error(403, "requests from web pages are not accepted");
+    }
+    if s.loopback_only {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if !auth::is_local_host(host) {
+            return error(
+                403,
+                "without a token the API answers only to Host: localhost or an address",
+            );
+        }
+    }
+    let public = req.uri().path() == "/health"
+        && (req.method() == Method::GET || req.method() == Method::HEAD);
+    if let (Some(token), false) = (&s.token, public) {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| auth::bearer(h.as_bytes()));
+        if !presented.is_some_and(|p| token.matches(p)) {
+            tracing::warn!(peer = ?peer, method = %req.method(), path = %req.uri().path(),
+                "discovery API: request without a valid token refused");
+            let mut resp = error(401, "missing or invalid bearer token");
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"edgeproxy\""),
+            );
+            return resp;
+        }
+    }
+    next.run(req).await
+}
+
+/// Sends `op` to the control loop and waits for its answer.
+async fn call(s: &Shared, op: Op) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if s.commands.send(Command { op, reply: tx }).await.is_err() {
+        return error(503, "the control loop is not running");
+    }
+    match rx.await {
+        Ok(r) => reply(r),
+        Err(_) => error(503, "the control loop dropped the request"),
+    }
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let snap = s.snapshot.load();
+    let n = snap.backends.len();
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "registered_backends": n,
+        "backends": n,
+        "uptime_secs": s.started.elapsed().as_secs(),
+        "routing_version": snap.version,
+    }))
+    .into_response()
+}
+
+async fn register(State(s): State<AppState>, req: Request) -> Response {
+    let too_big = || {
+        reply(Reply::error(
+            400,
+            format!("body: larger than {} bytes", s.max_body),
+            json!({ "field": "body" }),
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.max_body as u64) {
+        return too_big();
+    }
+    let body = match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(req.into_body(), s.max_body),
+    )
+    .await
+    {
+        Err(_) => {
+            return reply(Reply::error(
+                400,
+                "body: not received in time",
+                json!({ "field": "body" }),
+            ))
+        }
+        Ok(Err(_)) => return too_big(),
+        Ok(Ok(body)) => body,
+    };
+    match super::validate::registration(&body) {
+        Ok(rec) => call(&s, Op::Register(rec)).await,
+        Err(e) => {
+            tracing::debug!(error = %e, "discovery API: registration refused");
+            reply(Reply::error(
+                400,
+                e.to_string(),
+                json!({ "field": e.field }),
+            ))
+        }
+    }
+}
+
+async fn heartbeat(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    call(&s, Op::Heartbeat(id)).await
+}
+
+async fn list(State(s): State<AppState>) -> Response {
+    call(&s, Op::List).await
+}
+
+async fn get_one(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    call(&s, Op::Get(id)).await
+}
+
+async fn deregister(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    call(&s, Op::Deregister(id)).await
+}
+
+async fn drain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+    call(&s, Op::Drain(id)).await
+}
+
+/// Accepts connections and serves each in its own task, at most
+/// [`MAX_CONNECTIONS`] at once.
+pub(super) async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "discovery API: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(64 * 1024);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(BODY_READ_TIMEOUT, conn).await;
+        });
+    }
+}

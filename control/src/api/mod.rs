@@ -1,0 +1,148 @@
+//! The discovery API: backends register themselves, send heartbeats, and are
+//! drained or removed over HTTP, compatible with the original edgeProxy's
+//! auto-discovery API (same paths, JSON fields and defaults), plus drain,
+//! update in place, and authentication.
+//!
+//! Call order: [`bind`] the socket while the process starts (before it
+//! reports ready, so a taken port is a startup error), then, on the control
+//! thread's Tokio runtime, [`Bound::serve`] spawns the HTTP server, and the
+//! control loop feeds every [`Command`] from [`next_command`] to
+//! [`execute`]. Handlers never touch `routing.db`: the control loop, which
+//! owns the store and the reloader, does each write and publishes the new
+//! snapshot before the client gets its answer.
+//!
+//! Registrations live in `routing.db` (they survive a restart). A registered
+//! backend whose last heartbeat is older than `[api] heartbeat_ttl_secs` is
+//! **kept, as expired**: routed as unhealthy (no new connections; open ones go
+//! on), listed with `"state": "expired"`, and back in service with its next
+//! heartbeat. Only `DELETE` removes it (the original dropped expired backends
+//! from memory instead; here a restart of the proxy, or a network blip
+//! longer than the TTL, does not force every backend to register again).
+//! Rows not registered through the API (written by hand or by the original)
+//! have no heartbeat and never expire.
+//!
+//! Security: with a token, every endpoint but `GET /health` needs
+//! `Authorization: Bearer <token>`. Without one the API binds loopback only,
+//! unless `allow_open` is set. Requests carrying an `Origin` header (web
+//! pages) are refused; without a token, so are requests whose `Host` is a
+//! name other than `localhost` (DNS rebinding).
+
+pub mod auth;
+pub mod client;
+pub mod config;
+mod http;
+pub mod limit;
+pub mod ops;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context;
+use engine::snapshot::SnapshotHandle;
+use tokio::sync::mpsc;
+
+pub use config::{Api as ApiConfig, Exposure};
+pub use ops::{execute, Command};
+
+/// Commands queued for the control loop before handlers wait.
+const QUEUE: usize = 64;
+
+/// The API's socket, bound, not yet served.
+pub struct Bound {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+    config: ApiConfig,
+    exposure: Exposure,
+}
+
+/// Binds the API's socket as [`ApiConfig::bind_plan`] decides and logs
+/// `api listening addr=ADDR` with who can reach it. `None` when the API is
+/// disabled.
+pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
+    if !config.enabled {
+        return Ok(None);
+    }
+    let (addr, exposure) = config.bind_plan();
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("discovery API: cannot listen on {addr}"))?;
+    listener
+        .set_nonblocking(true)
+        .context("discovery API: cannot make the socket non-blocking")?;
+    let addr = listener.local_addr().unwrap_or(addr);
+    match exposure {
+        Exposure::Token => {}
+        Exposure::LoopbackOnly { narrowed_from } => tracing::warn!(
+            asked = ?narrowed_from.map(|a| a.to_string()),
+            "discovery API has no token: it listens on loopback only \
+             (set api.token or EDGEPROXY_API_TOKEN to serve other hosts, \
+             or api.allow_open = true to serve them without a token)"
+        ),
+        Exposure::Open => tracing::warn!(
+            "discovery API is OPEN: no token, and allow_open is set; anyone who \
+             reaches it can change the routing table"
+        ),
+    }
+    tracing::info!(%addr, auth = if config.token.is_some() { "token" } else { "none" },
+        heartbeat_ttl_secs = config.heartbeat_ttl.as_secs(), "api listening");
+    Ok(Some(Bound {
+        listener,
+        addr,
+        config: config.clone(),
+        exposure,
+    }))
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
+    /// `/health` reports on and where live connection counts come from.
+    pub fn serve(self, snapshot: SnapshotHandle) -> anyhow::Result<Server> {
+        let listener = tokio::net::TcpListener::from_std(self.listener)
+            .context("discovery API: cannot register the socket")?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let shared = Arc::new(http::Shared {
+            commands: tx,
+            token: self.config.token.clone(),
+            loopback_only: matches!(self.exposure, Exposure::LoopbackOnly { .. }),
+            limiter: Mutex::new(limit::RateLimiter::new(
+                self.config.rate_limit_per_sec,
+                self.config.rate_limit_burst,
+            )),
+            max_body: self.config.max_body_bytes,
+            snapshot,
+            started: Instant::now(),
+        });
+        let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
+        Ok(Server { commands: rx, task })
+    }
+}
+
+/// The running HTTP server. Dropping it stops it.
+pub struct Server {
+    commands: mpsc::Receiver<Command>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The next command for the control loop. Never resolves when there is no
+/// server (the API is disabled), so it can sit in a `select!` either way.
+pub async fn next_command(server: &mut Option<Server>) -> Command {
+    match server {
+        Some(s) => match s.commands.recv().await {
+            Some(cmd) => cmd,
+            // The server task ended (it never does on its own).
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,420 @@
+//! Registration requests: JSON body in, a routing record or the first bad
+//! field out. Pure: no I/O, no clock.
+//!
+//! The fields and defaults are the original edgeProxy's `RegisterRequest`
+//! (`id, app, region, country?, ip, port, weight = 2, soft_limit = 100,
+//! hard_limit = 150`); unknown fields are ignored as there. It is stricter
+//! about values the original accepted and then could not route: weight or
+//! soft limit 0 (a division by zero in scoring), a hard limit below the soft
+//! limit, an address that cannot be connected to, an id that cannot appear in
+//! a URL path.
+
+use std::net::IpAddr;
+
+use engine::snapshot::{BackendRecord, Country};
+use serde_json::{Map, Value};
+
+pub const DEFAULT_WEIGHT: i64 = 2;
+pub const DEFAULT_SOFT_LIMIT: i64 = 100;
+pub const DEFAULT_HARD_LIMIT: i64 = 150;
+/// Longest id or app name, in bytes.
+pub const MAX_NAME_LEN: usize = 128;
+/// Longest region name, in bytes.
+pub const MAX_REGION_LEN: usize = 32;
+
+/// The first problem found in a request body: which field (`"body"` for the
+/// document itself) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.reason)
+    }
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Parses and validates a `POST /api/v1/register` body. Fields are checked
+/// in the order `id, app, region, country, ip, port, weight, soft_limit,
+/// hard_limit`; the first bad one is reported. The record comes out healthy
+/// and not deleted.
+pub fn registration(body: &[u8]) -> Result<BackendRecord, FieldError> {
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| bad("body", format!("malformed JSON: {e}")))?;
+    let Value::Object(obj) = doc else {
+        return Err(bad("body", "must be a JSON object"));
+    };
+
+    let id = required_str(&obj, "id")?;
+    if id.len() > MAX_NAME_LEN {
+        return Err(bad("id", format!("longer than {MAX_NAME_LEN} bytes")));
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err(bad("id", "may contain only letters, digits and - _ . :"));
+    }
+
+    let app = required_str(&obj, "app")?;
+    if app.len() > MAX_NAME_LEN {
+        return Err(bad("app", format!("longer than {MAX_NAME_LEN} bytes")));
+    }
+    if app.trim() != app || app.chars().any(char::is_control) {
+        return Err(bad(
+            "app",
+            "must not have surrounding spaces or control characters",
+        ));
+    }
+
+    let region = required_str(&obj, "region")?;
+    if region.len() > MAX_REGION_LEN
+        || !region
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+    {
+        return Err(bad(
+            "region",
+            format!("must be up to {MAX_REGION_LEN} letters, digits, - or _ (e.g. \"sa\")"),
+        ));
+    }
+
+    let country = match obj.get("country") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(
+            Country::parse(s)
+                .filter(|_| s.trim() == s)
+                .ok_or_else(|| bad("country", format!("{s:?} is not a two-letter country code")))?
+                .to_string(),
+        ),
+        Some(other) => {
+            return Err(bad(
+                "country",
+                format!("must be a string, not {}", kind(other)),
+            ))
+        }
+    };
+
+    let ip_text = required_str(&obj, "ip")?;
+    let ip: IpAddr = ip_text
+        .parse()
+        .map_err(|_| bad("ip", format!("{ip_text:?} is not an IPv4 or IPv6 address")))?;
+    if ip.is_unspecified() || ip.is_multicast() {
+        return Err(bad(
+            "ip",
+            format!("{ip} is not a unicast address a backend can listen on"),
+        ));
+    }
+
+    let port = integer(&obj, "port", None, 1, 65_535)?;
+    let weight = integer(&obj, "weight", Some(DEFAULT_WEIGHT), 1, 255)?;
+    let soft_limit = integer(
+        &obj,
+        "soft_limit",
+        Some(DEFAULT_SOFT_LIMIT),
+        1,
+        u32::MAX as i64,
+    )?;
+    let hard_limit = integer(
+        &obj,
+        "hard_limit",
+        Some(DEFAULT_HARD_LIMIT),
+        1,
+        u32::MAX as i64,
+    )?;
+    if hard_limit < soft_limit {
+        return Err(bad(
+            "hard_limit",
+            format!("{hard_limit} is below soft_limit {soft_limit}"),
+        ));
+    }
+
+    Ok(BackendRecord {
+        id: id.to_string(),
+        app: app.to_string(),
+        region: region.to_ascii_lowercase(),
+        country,
+        ip: ip.to_string(),
+        port,
+        healthy: true,
+        weight,
+        soft_limit,
+        hard_limit,
+        deleted: false,
+    })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn required_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, FieldError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(bad(field, "is required")),
+        Some(Value::String(s)) if s.is_empty() => Err(bad(field, "must not be empty")),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(bad(field, format!("must be a string, not {}", kind(other)))),
+    }
+}
+
+/// An integer field in `min..=max`; `default` when absent or null (`None`:
+/// required).
+fn integer(
+    obj: &Map<String, Value>,
+    field: &'static str,
+    default: Option<i64>,
+    min: i64,
+    max: i64,
+) -> Result<i64, FieldError> {
+    let range = || format!("must be an integer in {min}..={max}");
+    match obj.get(field) {
+        None | Some(Value::Null) => default.ok_or_else(|| bad(field, "is required")),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(v) if (min..=max).contains(&v) => Ok(v),
+            Some(v) => Err(bad(field, format!("{v} is out of range: {}", range()))),
+            None if n.is_u64() => Err(bad(field, format!("{n} is out of range: {}", range()))),
+            None => Err(bad(field, format!("{n} is not an integer: {}", range()))),
+        },
+        Some(other) => Err(bad(field, format!("{}, not {}", range(), kind(other)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(body: &str) -> BackendRecord {
+        registration(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"))
+    }
+
+    fn field_of(body: &str) -> &'static str {
+        match registration(body.as_bytes()) {
+            Ok(r) => panic!("{body} was accepted: {r:?}"),
+            Err(e) => e.field,
+        }
+    }
+
+    const MIN: &str = r#""id":"b1","app":"myapp","region":"eu","ip":"10.50.1.1","port":8080"#;
+
+    fn with(extra: &str) -> String {
+        format!("{{{MIN}{extra}}}")
+    }
+
+    #[test]
+    fn the_originals_defaults_apply() {
+        let r = ok(&with(""));
+        assert_eq!(
+            r,
+            BackendRecord {
+                id: "b1".into(),
+                app: "myapp".into(),
+                region: "eu".into(),
+                country: None,
+                ip: "10.50.1.1".into(),
+                port: 8080,
+                healthy: true,
+                weight: 2,
+                soft_limit: 100,
+                hard_limit: 150,
+                deleted: false,
+            }
+        );
+    }
+
+    #[test]
+    fn the_originals_documented_example_is_accepted() {
+        let r = ok(r#"{
+            "id": "backend-eu-1", "app": "myapp", "region": "eu", "country": "DE",
+            "ip": "10.50.1.1", "port": 8080, "weight": 2, "soft_limit": 100, "hard_limit": 150
+        }"#);
+        assert_eq!(r.country.as_deref(), Some("DE"));
+        assert_eq!((r.weight, r.soft_limit, r.hard_limit), (2, 100, 150));
+    }
+
+    #[test]
+    fn optional_values_are_normalised() {
+        let r = ok(&with(r#","country":"br","weight":null,"extra":[1]"#));
+        assert_eq!(r.country.as_deref(), Some("BR"));
+        assert_eq!(r.weight, 2);
+        let r = ok(r#"{"id":"x","app":"a","region":"SA","ip":"fd00::1","port":1,"country":""}"#);
+        assert_eq!(
+            (r.region.as_str(), r.ip.as_str(), r.country),
+            ("sa", "fd00::1", None)
+        );
+        let r = ok(&with(r#","soft_limit":10,"hard_limit":10"#));
+        assert_eq!((r.soft_limit, r.hard_limit), (10, 10));
+    }
+
+    #[test]
+    fn malformed_documents_are_body_errors() {
+        for body in [
+            "",
+            "{",
+            "not json",
+            "[1,2]",
+            "\"x\"",
+            "null",
+            "{\"id\":\"a\",}",
+        ] {
+            assert_eq!(field_of(body), "body", "{body:?}");
+        }
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"app":"a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "id",
+            ),
+            (
+                r#"{"id":"","app":"a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "id",
+            ),
+            (
+                r#"{"id":"a/b","app":"a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "id",
+            ),
+            (
+                r#"{"id":" a","app":"a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "id",
+            ),
+            (
+                r#"{"id":7,"app":"a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "id",
+            ),
+            (
+                r#"{"id":"a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "app",
+            ),
+            (
+                r#"{"id":"a","app":" a","region":"eu","ip":"10.0.0.1","port":1}"#,
+                "app",
+            ),
+            (r#"{"id":"a","app":"a","ip":"10.0.0.1","port":1}"#, "region"),
+            (
+                r#"{"id":"a","app":"a","region":"e u","ip":"10.0.0.1","port":1}"#,
+                "region",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","country":"Germany","ip":"10.0.0.1","port":1}"#,
+                "country",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","country":1,"ip":"10.0.0.1","port":1}"#,
+                "country",
+            ),
+            (r#"{"id":"a","app":"a","region":"eu","port":1}"#, "ip"),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.300","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1:80","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"0.0.0.0","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"224.0.0.1","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"example.com","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1"}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":0}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":65536}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":-1}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":80.5}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":"80"}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":18446744073709551615}"#,
+                "port",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":1,"weight":0}"#,
+                "weight",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":1,"weight":256}"#,
+                "weight",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":1,"soft_limit":0}"#,
+                "soft_limit",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":1,"hard_limit":99}"#,
+                "hard_limit",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":1,"soft_limit":10,"hard_limit":9}"#,
+                "hard_limit",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(body), *field, "{body}");
+        }
+    }
+
+    #[test]
+    fn long_names_are_refused() {
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        let body = format!(r#"{{"id":"{long}","app":"a","region":"eu","ip":"10.0.0.1","port":1}}"#);
+        assert_eq!(field_of(&body), "id");
+        let body = format!(r#"{{"id":"a","app":"{long}","region":"eu","ip":"10.0.0.1","port":1}}"#);
+        assert_eq!(field_of(&body), "app");
+    }
+
+    #[test]
+    fn errors_read_as_field_and_reason() {
+        let e = registration(br#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","port":0}"#)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "port: 0 is out of range: must be an integer in 1..=65535"
+        );
+    }
+}
