@@ -1,0 +1,639 @@
+//! The discovery API against the real binary: real HTTP clients, traffic
+//! through the proxy, `routing.db` read back with SQLite.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// A proxy with the API enabled on an ephemeral loopback port.
+struct Api {
+    proxy: Proxy,
+    addr: SocketAddr,
+    db: std::path::PathBuf,
+    agent: ureq::Agent,
+}
+
+/// `[api]` with the given extra keys, affinity off (every test client is
+/// 127.0.0.1, and these tests watch selection, not stickiness).
+fn api_config(db: &std::path::Path, api_keys: &str) -> String {
+    config(
+        db,
+        &format!(
+            "[affinity]\nttl_secs = 0\n\n[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n{api_keys}\n"
+        ),
+    )
+}
+
+impl Api {
+    fn start(dir: &TempDir, api_keys: &str, env: &[(&str, &str)]) -> Api {
+        let db = dir.join("routing.db");
+        let path = dir.join("edgeproxy.toml");
+        std::fs::write(&path, api_config(&db, api_keys)).unwrap();
+        let proxy = Proxy::start(&["--config", path.to_str().unwrap()], env);
+        let line = proxy
+            .wait_for_log("api listening", PATIENCE)
+            .unwrap_or_else(|| panic!("no api listening line:\n{}", proxy.log_text()));
+        let addr = field(&line, "addr").unwrap().parse().unwrap();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(PATIENCE))
+            .build()
+            .new_agent();
+        Api {
+            proxy,
+            addr,
+            db,
+            agent,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// One request: (status, JSON body, WWW-Authenticate header).
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, Value, Option<String>) {
+        let url = self.url(path);
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let result = match method {
+            "GET" => {
+                let r = self.agent.get(&url);
+                match &auth {
+                    Some(a) => r.header("Authorization", a).call(),
+                    None => r.call(),
+                }
+            }
+            "DELETE" => {
+                let r = self.agent.delete(&url);
+                match &auth {
+                    Some(a) => r.header("Authorization", a).call(),
+                    None => r.call(),
+                }
+            }
+            "POST" => {
+                let mut r = self.agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                match body {
+                    Some(b) => r
+                        .header("Content-Type", "application/json")
+                        .send(b.as_bytes()),
+                    None => r.send_empty(),
+                }
+            }
+            other => panic!("method {other}"),
+        };
+        let mut resp = result.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let challenge = resp
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_string());
+        let text = resp.body_mut().read_to_string().unwrap();
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
+        (status, json, challenge)
+    }
+
+    /// With the test token.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, json, _) = self.send(method, path, Some(TOKEN), body);
+        (status, json)
+    }
+
+    fn register(&self, id: &str, port: u16) -> (u16, Value) {
+        let body = json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1", "port": port});
+        self.call("POST", "/api/v1/register", Some(&body.to_string()))
+    }
+
+    fn state(&self, id: &str) -> Value {
+        let (status, b) = self.call("GET", &format!("/api/v1/backends/{id}"), None);
+        assert_eq!(status, 200, "{b}");
+        b
+    }
+}
+
+/// Every row of `backends`, every column, as text: what "nothing written"
+/// is checked against.
+fn dump(db: &std::path::Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT quote(id), quote(app), quote(region), quote(country), quote(wg_ip), quote(port), quote(healthy), quote(weight), quote(soft_limit), quote(hard_limit), quote(deleted), quote(draining), quote(last_heartbeat_ms), quote(registered_at_ms) FROM backends ORDER BY rowid")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| {
+            (0..14)
+                .map(|i| r.get::<_, String>(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.join("|"))
+        })
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// (deleted, draining) of one row.
+fn flags(db: &std::path::Path, id: &str) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT deleted, draining FROM backends WHERE id = ?1",
+        [id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// Sends a line through an open proxied connection and reads the echo.
+fn echoes(stream: &mut TcpStream, text: &str) -> bool {
+    let line = format!("{text}\n");
+    if stream.write_all(line.as_bytes()).is_err() {
+        return false;
+    }
+    read_line(stream).as_deref() == Some(text)
+}
+
+/// Which backends answer `n` fresh connections.
+fn answers(proxy: SocketAddr, n: usize) -> Vec<String> {
+    (0..n).map(|_| which_backend(proxy)).collect()
+}
+
+/// Heartbeats `id` every 200 ms until dropped.
+struct Heartbeat {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    fn start(api: SocketAddr, id: &str) -> Heartbeat {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let url = format!("http://{api}/api/v1/heartbeat/{id}");
+        let thread = std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .new_agent();
+            while !flag.load(Ordering::Relaxed) {
+                let _ = agent
+                    .post(&url)
+                    .header("Authorization", &format!("Bearer {TOKEN}"))
+                    .send_empty();
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Heartbeat {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn register_route_expire_revive_drain_deregister_with_traffic_flowing() {
+    let dir = TempDir::new("api-cycle");
+    let b1 = TagBackend::start("b1");
+    let b2 = TagBackend::start("b2");
+    let api = Api::start(
+        &dir,
+        &format!("token = {TOKEN:?}\nheartbeat_ttl_secs = 2\n"),
+        &[],
+    );
+    let proxy = api.proxy.addr();
+
+    // Registered: the very next connection reaches it (the snapshot is
+    // published before the API answers).
+    let (status, body) = api.register("b1", b1.port());
+    let registered = Instant::now();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["registered"], true);
+    let (name, mut to_b1) = connect_tagged(proxy);
+    assert_eq!(name, "b1");
+    assert!(
+        registered.elapsed() < Duration::from_millis(100),
+        "registration took {:?} to route",
+        registered.elapsed()
+    );
+    assert!(echoes(&mut to_b1, "hello b1"));
+
+    // b2 registers and keeps heartbeating; b1 goes silent.
+    assert_eq!(api.register("b2", b2.port()).0, 201);
+    let beat = Heartbeat::start(api.addr, "b2");
+    let (name, mut to_b2) = connect_tagged(proxy);
+    assert_eq!(name, "b2", "b1 is busier, b2 takes the next one");
+
+    // After the TTL b1 takes no new connections but is kept, as expired,
+    // and its open connection goes on.
+    assert!(
+        api.proxy
+            .wait_for_log("backend heartbeat expired", Duration::from_secs(5))
+            .is_some_and(|l| l.contains("b1")),
+        "{}",
+        api.proxy.log_text()
+    );
+    let got = answers(proxy, 5);
+    assert!(
+        got.iter().all(|n| n == "b2"),
+        "{got:?}\n{}",
+        api.proxy.log_text()
+    );
+    let s = api.state("b1");
+    assert_eq!(
+        (&s["state"], &s["healthy"]),
+        (&json!("expired"), &json!(false))
+    );
+    assert_eq!(s["active_connections"], 1);
+    assert_eq!(flags(&api.db, "b1"), (0, 0), "expired rows are kept");
+    assert!(echoes(&mut to_b1, "still here"));
+    assert_eq!(api.state("b2")["state"], "serving");
+
+    // b1's heartbeat brings it back; draining b2 sends new connections to
+    // b1 while b2's open connection goes on.
+    assert_eq!(
+        api.call("POST", "/api/v1/heartbeat/b1", None),
+        (200, json!({"id": "b1", "status": "ok"}))
+    );
+    let (status, body) = api.call("POST", "/api/v1/backends/b2/drain", None);
+    assert_eq!((status, &body["draining"]), (200, &json!(true)), "{body}");
+    assert_eq!(body["active_connections"], 1);
+    assert!(answers(proxy, 5).iter().all(|n| n == "b1"));
+    assert!(echoes(&mut to_b2, "draining but open"));
+    assert_eq!(api.state("b2")["state"], "draining");
+    assert_eq!(flags(&api.db, "b2"), (0, 1));
+
+    // Deregistered: no new connections anywhere (b2 drains), b1's open
+    // connection still goes on, and the id is gone from the API.
+    assert_eq!(
+        api.call("DELETE", "/api/v1/backends/b1", None),
+        (200, json!({"id": "b1", "deregistered": true}))
+    );
+    assert_eq!(
+        probe(proxy, Duration::from_secs(2)),
+        Probe::ClosedWithoutData,
+        "no backend left for new connections"
+    );
+    assert!(echoes(&mut to_b1, "deregistered but open"));
+    assert_eq!(api.call("GET", "/api/v1/backends/b1", None).0, 404);
+    assert_eq!(api.call("POST", "/api/v1/heartbeat/b1", None).0, 404);
+    assert_eq!(flags(&api.db, "b1").0, 1);
+    let (_, list) = api.call("GET", "/api/v1/backends", None);
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["backends"][0]["id"], "b2");
+    drop(beat);
+}
+
+#[test]
+fn registrations_survive_a_restart_and_update_in_place() {
+    let dir = TempDir::new("api-restart");
+    let b1 = TagBackend::start("b1");
+    let b1_new = TagBackend::start("b1-new");
+    let keys = format!("token = {TOKEN:?}\n");
+    {
+        let api = Api::start(&dir, &keys, &[]);
+        assert_eq!(api.register("b1", b1.port()).0, 201);
+        assert_eq!(which_backend(api.proxy.addr()), "b1");
+    }
+    let api = Api::start(&dir, &keys, &[]);
+    assert_eq!(
+        which_backend(api.proxy.addr()),
+        "b1",
+        "routed after restart"
+    );
+    let before = api.state("b1");
+
+    // Same id, new port and weight: updated in place, routed at once.
+    let body = json!({"id": "b1", "app": "web", "region": "sa", "ip": "127.0.0.1",
+        "port": b1_new.port(), "weight": 7});
+    let (status, reply) = api.call("POST", "/api/v1/register", Some(&body.to_string()));
+    assert_eq!((status, &reply["updated"]), (201, &json!(true)), "{reply}");
+    assert_eq!(which_backend(api.proxy.addr()), "b1-new");
+    let after = api.state("b1");
+    assert_eq!(after["weight"], 7);
+    assert!(after["registered_secs"].as_u64() >= before["registered_secs"].as_u64());
+    assert_eq!(dump(&api.db).len(), 1, "one row, updated in place");
+}
+
+#[test]
+fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
+    let dir = TempDir::new("api-bad-input");
+    let api = Api::start(
+        &dir,
+        &format!("token = {TOKEN:?}\nmax_body_bytes = 1024\n"),
+        &[],
+    );
+    assert_eq!(api.register("keep", 9).0, 201);
+    let before = dump(&api.db);
+
+    let valid = json!({"id": "new", "app": "web", "region": "sa", "ip": "10.0.0.1", "port": 80});
+    let with = |key: &str, value: Value| {
+        let mut v = valid.clone();
+        v[key] = value;
+        v.to_string()
+    };
+    let without = |key: &str| {
+        let mut v = valid.clone();
+        v.as_object_mut().unwrap().remove(key);
+        v.to_string()
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("{\"id\": \"new\", ".into(), "body"),
+        ("not json at all".into(), "body"),
+        ("[1, 2, 3]".into(), "body"),
+        (String::new(), "body"),
+        (without("id"), "id"),
+        (with("id", json!("")), "id"),
+        (with("id", json!("a/b")), "id"),
+        (without("app"), "app"),
+        (without("region"), "region"),
+        (with("country", json!("Germany")), "country"),
+        (without("ip"), "ip"),
+        (with("ip", json!("10.0.0.300")), "ip"),
+        (with("ip", json!("backend.example")), "ip"),
+        (without("port"), "port"),
+        (with("port", json!(0)), "port"),
+        (with("port", json!(65536)), "port"),
+        (with("port", json!("80")), "port"),
+        (with("weight", json!(0)), "weight"),
+        (with("soft_limit", json!(-5)), "soft_limit"),
+        (with("hard_limit", json!(50)), "hard_limit"),
+        (
+            format!(
+                r#"{{"id":"new","app":"{}","region":"sa","ip":"10.0.0.1","port":80}}"#,
+                "x".repeat(2000)
+            ),
+            "body",
+        ),
+    ];
+    for (body, field) in &cases {
+        let (status, reply) = api.call("POST", "/api/v1/register", Some(body));
+        assert_eq!(status, 400, "{body:.80}: {reply}");
+        assert_eq!(reply["field"], *field, "{body:.80}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().starts_with(field),
+            "the message names the field: {reply}"
+        );
+    }
+
+    // Unknown ids: 404, the original's messages.
+    assert_eq!(
+        api.call("POST", "/api/v1/heartbeat/nope", None),
+        (
+            404,
+            json!({"id": "nope", "error": "backend not registered"})
+        )
+    );
+    for (method, path) in [
+        ("GET", "/api/v1/backends/nope"),
+        ("DELETE", "/api/v1/backends/nope"),
+        ("POST", "/api/v1/backends/nope/drain"),
+    ] {
+        let (status, reply) = api.call(method, path, None);
+        assert_eq!(
+            (status, &reply["error"]),
+            (404, &json!("backend not found")),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(api.call("GET", "/api/v1/nothing-here", None).0, 404);
+
+    assert_eq!(dump(&api.db), before, "routing.db unchanged");
+    assert_eq!(api.state("keep")["state"], "serving");
+}
+
+#[test]
+fn requests_beyond_the_rate_limit_get_429() {
+    let dir = TempDir::new("api-rate");
+    let api = Api::start(
+        &dir,
+        &format!("token = {TOKEN:?}\nrate_limit_per_sec = 1\nrate_limit_burst = 5\n"),
+        &[],
+    );
+    let statuses: Vec<u16> = (0..8)
+        .map(|_| api.send("GET", "/health", None, None).0)
+        .collect();
+    assert_eq!(&statuses[..5], [200; 5]);
+    assert!(statuses[5..].iter().all(|&s| s == 429), "{statuses:?}");
+    let (_, body, _) = api.send("GET", "/api/v1/backends", Some(TOKEN), None);
+    assert_eq!(body["error"], "rate limit exceeded");
+}
+
+#[test]
+fn with_a_token_every_endpoint_but_health_needs_it() {
+    let dir = TempDir::new("api-token");
+    // The token from the environment, as the original's deployments set
+    // their API settings.
+    let api = Api::start(&dir, "", &[("EDGEPROXY_API_TOKEN", TOKEN)]);
+    assert_eq!(api.register("b1", 9).0, 201);
+    let before = dump(&api.db);
+
+    let register =
+        json!({"id": "b2", "app": "web", "region": "sa", "ip": "10.0.0.1", "port": 80}).to_string();
+    let endpoints: [(&str, &str, Option<&str>); 6] = [
+        ("POST", "/api/v1/register", Some(&register)),
+        ("POST", "/api/v1/heartbeat/b1", None),
+        ("GET", "/api/v1/backends", None),
+        ("GET", "/api/v1/backends/b1", None),
+        ("POST", "/api/v1/backends/b1/drain", None),
+        ("DELETE", "/api/v1/backends/b1", None),
+    ];
+    for (method, path, body) in endpoints {
+        for token in [
+            None,
+            Some("wrong-token-0123456789abcdef"),
+            Some(&TOKEN[..TOKEN.len() - 1]),
+        ] {
+            let (status, reply, challenge) = api.send(method, path, token, body);
+            assert_eq!(status, 401, "{method} {path} with {token:?}: {reply}");
+            assert_eq!(challenge.as_deref(), Some("Bearer realm=\"edgeproxy\""));
+        }
+    }
+    assert_eq!(dump(&api.db), before, "refused requests wrote nothing");
+
+    let (status, health, _) = api.send("GET", "/health", None, None);
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(health["registered_backends"], 1);
+    assert!(health["uptime_secs"].is_u64());
+
+    // With the token, all of them work.
+    let statuses: Vec<u16> = endpoints
+        .iter()
+        .map(|(m, p, b)| api.call(m, p, *b).0)
+        .collect();
+    assert_eq!(statuses, [201, 200, 200, 200, 200, 200]);
+}
+
+/// Sends a raw HTTP/1.1 request and returns the status code.
+fn raw_status(addr: SocketAddr, request: &str) -> u16 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+#[test]
+fn without_a_token_the_api_listens_on_loopback_only() {
+    let dir = TempDir::new("api-open");
+    let db = dir.join("routing.db");
+    let path = dir.join("edgeproxy.toml");
+    // Asked for every address, no token: narrowed to loopback, and said so.
+    let text = config(&db, "[api]\nenabled = true\nlisten_addr = \"0.0.0.0:0\"\n");
+    std::fs::write(&path, text).unwrap();
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+    let line = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    let addr: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+    assert!(addr.ip().is_loopback(), "{line}");
+    assert!(
+        line.contains("auth=\"none\"") || line.contains("auth=none"),
+        "{line}"
+    );
+    assert!(
+        proxy.log_text().contains("loopback only"),
+        "{}",
+        proxy.log_text()
+    );
+
+    // Local clients need no token...
+    let get = |host: &str, extra: &str| {
+        raw_status(
+            addr,
+            &format!(
+                "GET /api/v1/backends HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+            ),
+        )
+    };
+    assert_eq!(get(&addr.to_string(), ""), 200);
+    assert_eq!(get(&format!("localhost:{}", addr.port()), ""), 200);
+    // ...but web pages (Origin) and DNS-rebound names are refused.
+    assert_eq!(
+        get(&addr.to_string(), "Origin: http://evil.example\r\n"),
+        403
+    );
+    assert_eq!(get(&format!("evil.example:{}", addr.port()), ""), 403);
+    drop(proxy);
+
+    // The explicit opt-in binds as asked, with a warning.
+    std::fs::write(
+        &path,
+        config(
+            &db,
+            "[api]\nenabled = true\nlisten_addr = \"0.0.0.0:0\"\nallow_open = true\n",
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+    let line = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    assert!(line.contains("addr=0.0.0.0:"), "{line}");
+    assert!(
+        proxy.log_text().contains("discovery API is OPEN"),
+        "{}",
+        proxy.log_text()
+    );
+}
+
+#[test]
+fn the_cli_lists_adds_drains_and_removes_backends() {
+    let dir = TempDir::new("api-cli");
+    let b1 = TagBackend::start("b1");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    let url = format!("http://{}", api.addr);
+    let cli = |args: &[&str]| {
+        let mut all = vec!["backends", "--api", url.as_str()];
+        all.extend_from_slice(args);
+        run_to_end(&all, &[("EDGEPROXY_API_TOKEN", TOKEN)])
+    };
+
+    let port = b1.port().to_string();
+    let (status, out, err) = cli(&[
+        "add",
+        "b1",
+        "--app",
+        "web",
+        "--region",
+        "sa",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--country",
+        "BR",
+    ]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(out.trim(), "registered b1");
+    assert_eq!(which_backend(api.proxy.addr()), "b1");
+
+    let (status, out, err) = cli(&["list"]);
+    assert!(status.success(), "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ID"), "{out}");
+    assert!(
+        lines[1].starts_with("b1 ") && lines[1].contains("serving") && lines[1].contains("BR"),
+        "{out}"
+    );
+
+    let (status, out, _) = cli(&["list", "--json"]);
+    assert!(status.success());
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["total"], 1);
+
+    let (status, out, err) = cli(&["drain", "b1"]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.starts_with("draining b1"), "{out}");
+    assert_eq!(api.state("b1")["state"], "draining");
+
+    let (status, out, err) = cli(&["rm", "b1"]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(out.trim(), "deregistered b1");
+
+    // Errors: the status and the API's reason, and a failing exit code.
+    let (status, _, err) = cli(&["rm", "b1"]);
+    assert!(!status.success());
+    assert!(
+        err.contains("HTTP 404") && err.contains("backend not found"),
+        "{err}"
+    );
+    let (status, _, err) = run_to_end(&["backends", "--api", &url, "list"], &[]);
+    assert!(!status.success());
+    assert!(err.contains("HTTP 401"), "{err}");
+    let (status, _, err) = cli(&[
+        "add",
+        "b9",
+        "--app",
+        "web",
+        "--region",
+        "sa",
+        "--ip",
+        "999.0.0.1",
+        "--port",
+        "80",
+    ]);
+    assert!(!status.success());
+    assert!(err.contains("HTTP 400") && err.contains("ip"), "{err}");
+}
