@@ -113,6 +113,15 @@ fn status(
     })
 }
 
+/// `ip:port`, IPv6 in brackets.
+fn addr_of(rec: &BackendRecord) -> String {
+    if rec.ip.contains(':') {
+        format!("[{}]:{}", rec.ip, rec.port)
+    } else {
+        format!("{}:{}", rec.ip, rec.port)
+    }
+}
+
 fn store_failed(e: &crate::store::StoreError) -> Reply {
     tracing::error!(error = %e, "discovery API: routing store error");
     Reply::error(500, format!("routing store error: {e}"), json!({}))
@@ -133,7 +142,7 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                 reloader.reload_at(now);
                 let updated = outcome == Registered::Updated;
                 tracing::info!(backend = %rec.id, app = %rec.app, region = %rec.region,
-                    addr = %format_args!("{}:{}", rec.ip, rec.port), updated, "backend registered");
+                    addr = %addr_of(&rec), updated, "backend registered");
                 let message = if updated {
                     "Backend updated successfully"
                 } else {
