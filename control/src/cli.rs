@@ -47,7 +47,7 @@ pub enum Command {
     CheckConfig,
     /// Manage backends through a running proxy's discovery API:
     /// list, add (register or update), rm (deregister), drain.
-    Backends(crate::api::client::BackendsArgs),
+    Backends(Box<crate::api::client::BackendsArgs>),
 }
 
 pub fn main() -> ExitCode {
@@ -57,7 +57,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig => crate::app::check(cli.config.as_deref()).map(|config| {
             print!("{}", config.to_toml());
         }),
-        Command::Backends(args) => crate::api::client::run(args),
+        Command::Backends(args) => crate::api::client::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
