@@ -25,10 +25,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "edgeproxy-test-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("edgeproxy-test-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -86,12 +84,7 @@ impl Proxy {
         let mut proxy = self;
         proxy
             .wait_for_log("edgeproxy ready", PATIENCE)
-            .unwrap_or_else(|| {
-                panic!(
-                    "proxy did not become ready; log:\n{}",
-                    proxy.log_text()
-                )
-            });
+            .unwrap_or_else(|| panic!("proxy did not become ready; log:\n{}", proxy.log_text()));
         proxy.listeners = proxy
             .log_lines()
             .iter()
@@ -193,7 +186,12 @@ impl Proxy {
         self.wait_for_log_after(0, needle, timeout)
     }
 
-    pub fn wait_for_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> Option<String> {
+    pub fn wait_for_log_after(
+        &self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Option<String> {
         let deadline = Instant::now() + timeout;
         let mut lines = self.log.lines.lock().unwrap();
         loop {
@@ -581,5 +579,123 @@ impl Proxy {
             }
             lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// PROXY protocol clients, log counting, closed-connection checks
+// ---------------------------------------------------------------------------
+
+/// A PROXY protocol v1 line for a client at `src` talking to `dst`.
+pub fn proxy_v1(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut out = [0u8; engine::proxy_protocol::V1_MAX_ENCODED];
+    let n = engine::proxy_protocol::encode_v1(src, dst, &mut out);
+    out[..n].to_vec()
+}
+
+/// A PROXY protocol v2 header for a client at `src` talking to `dst`.
+pub fn proxy_v2(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    let mut out = [0u8; engine::proxy_protocol::V2_MAX_ENCODED];
+    let n = engine::proxy_protocol::encode_v2(src, dst, &mut out);
+    out[..n].to_vec()
+}
+
+/// `ip` with an arbitrary client port, for PROXY headers.
+pub fn client_at(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("client ip"), 40_000)
+}
+
+/// Connects to `proxy`, sends `prefix` (a PROXY header, say) and returns the
+/// greeting of the backend that answered, or `None` if the connection was
+/// closed first.
+pub fn connect_with(proxy: SocketAddr, prefix: &[u8]) -> (Option<String>, TcpStream) {
+    let mut stream = TcpStream::connect(proxy).expect("connect to proxy");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(prefix).expect("send prefix");
+    let name = read_line(&stream);
+    (name, stream)
+}
+
+/// The backend reached through a PROXY-protocol listener by a client at
+/// `src` (v1 header when `v2` is false); panics if the proxy closed instead.
+pub fn which_backend_via(proxy: SocketAddr, src: &str, v2: bool) -> String {
+    let src = client_at(src);
+    let header = if v2 {
+        proxy_v2(src, proxy)
+    } else {
+        proxy_v1(src, proxy)
+    };
+    connect_with(proxy, &header)
+        .0
+        .unwrap_or_else(|| panic!("proxy closed the connection of client {src}"))
+}
+
+/// Reads until the peer closes (FIN or RST) and returns what arrived before.
+/// Panics if the connection is still open after `PATIENCE`.
+pub fn read_until_closed(mut stream: &TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("connection not closed within {PATIENCE:?}: {e}; got {got:?}"),
+        }
+    }
+}
+
+impl Proxy {
+    /// Log lines containing `needle` written after `mark`.
+    pub fn log_lines_after(&self, mark: usize, needle: &str) -> Vec<String> {
+        self.log.lines.lock().unwrap()[mark..]
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until at least `count` lines containing `needle` were written
+    /// after `mark`; returns whether they were.
+    pub fn wait_for_log_count_after(
+        &self,
+        mark: usize,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if lines
+                .iter()
+                .skip(mark)
+                .filter(|l| l.contains(needle))
+                .count()
+                >= count
+            {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            lines = self.log.grew.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
+}
+
+impl Db {
+    /// The underlying connection, for statements `upsert`/`exec` do not cover.
+    pub fn conn(&self) -> &rusqlite::Connection {
+        &self.conn
+    }
+}
+
+impl TagBackend {
+    /// Connections this backend has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

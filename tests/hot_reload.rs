@@ -1,0 +1,365 @@
+//! Hot reload under load, through the real binary.
+//!
+//! A hundred client connections stream a deterministic pseudo-random byte
+//! stream each through the proxy to echo backends, and check every echoed
+//! byte, while another SQLite connection changes the routing table sixty
+//! times (adds, soft and hard deletes, health flips, weight changes), some of
+//! them on the very backends the streams are using. No stream may fail or
+//! lose a byte. After every change the test waits for the proxy's
+//! `routing table reloaded` line and checks that new connections go where the
+//! new table says.
+//!
+//! Layout (clients come from 127.0.0.1: no country, no region, so the
+//! selection tiers are "local POP" for region `sa`, "fallback" otherwise;
+//! affinity is off so that every connection is a fresh pick):
+//! - `s1`, `s2`: region `far` (fallback tier). The streams are spread over
+//!   them. With 50 streams each, the one with weight 4 scores 50/100/4 and
+//!   wins over the one with weight 1 (50/100/1): the test moves new
+//!   connections between them by swapping weights.
+//! - `p0`..`p5`: region `sa` (local POP tier), added one at a time: while one
+//!   is in the table and healthy it gets every new connection.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const STREAMS: usize = 100;
+const ITERATIONS: usize = 6;
+/// How long a reload may take after a change. The interval is 100 ms; the
+/// bound is generous because a debug build on a loaded 2-core machine is
+/// slow, and this is not a benchmark.
+const RELOAD_BOUND: Duration = Duration::from_secs(2);
+
+/// xorshift64*: the byte stream of one connection, and its chunk sizes.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            *b = (self.next() >> 32) as u8;
+        }
+    }
+}
+
+struct Stream {
+    backend: String,
+    /// Bytes echoed back and verified so far.
+    verified: Arc<AtomicU64>,
+    writer: JoinHandle<Result<u64, String>>,
+    reader: JoinHandle<Result<u64, String>>,
+}
+
+/// Opens a streaming connection: a writer thread sends the stream of `seed`
+/// in chunks of 1..=1024 bytes every 5 ms until `stop`, then half-closes; a
+/// reader thread checks every echoed byte until the proxy closes.
+fn start_stream(proxy: SocketAddr, seed: u64, stop: &Arc<AtomicBool>) -> Stream {
+    let (backend, stream) = connect_tagged(proxy);
+    stream.set_write_timeout(Some(PATIENCE)).unwrap();
+    let verified = Arc::new(AtomicU64::new(0));
+
+    let mut out = stream.try_clone().unwrap();
+    let stop = Arc::clone(stop);
+    let writer = std::thread::spawn(move || {
+        let mut bytes = Rng::new(seed);
+        let mut sizes = Rng::new(seed ^ 0x5555);
+        let mut buf = vec![0u8; 4096];
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let n = 1 + (sizes.next() % 1024) as usize;
+            bytes.fill(&mut buf[..n]);
+            out.write_all(&buf[..n])
+                .map_err(|e| format!("write after {sent} bytes: {e}"))?;
+            sent += n as u64;
+            // Pacing, so that a hundred streams do not starve the rest of
+            // the machine (the proxy's control thread included).
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        out.shutdown(Shutdown::Write)
+            .map_err(|e| format!("shutdown: {e}"))?;
+        Ok(sent)
+    });
+
+    let mut inp = stream;
+    let progress = Arc::clone(&verified);
+    let reader = std::thread::spawn(move || {
+        let mut expected = Rng::new(seed);
+        let mut buf = vec![0u8; 16384];
+        let mut want = vec![0u8; 16384];
+        let mut got = 0u64;
+        loop {
+            let n = match inp.read(&mut buf) {
+                Ok(0) => return Ok(got),
+                Ok(n) => n,
+                Err(e) => return Err(format!("read after {got} bytes: {e}")),
+            };
+            expected.fill(&mut want[..n]);
+            if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+                return Err(format!("byte {} differs", got + i as u64));
+            }
+            got += n as u64;
+            progress.store(got, Ordering::Relaxed);
+        }
+    });
+    Stream {
+        backend,
+        verified,
+        writer,
+        reader,
+    }
+}
+
+/// The routing table as the test last wrote it, to predict `backends=N`.
+struct Table {
+    db: Db,
+    live_rows: usize,
+}
+
+struct Run<'a> {
+    proxy: &'a Proxy,
+    table: Table,
+    changes: usize,
+    slowest: Duration,
+}
+
+impl Run<'_> {
+    /// Applies `sql` (which leaves `live_rows` non-deleted rows), waits for
+    /// the reload, then checks that new connections reach `expect`.
+    fn change(&mut self, what: &str, sql: &str, live_rows: usize, expect: &str) {
+        let mark = self.proxy.log_mark();
+        let t0 = Instant::now();
+        // One transaction, so one commit for the proxy to notice.
+        self.table
+            .db
+            .exec(&format!("BEGIN IMMEDIATE; {sql}; COMMIT;"));
+        let line = self
+            .proxy
+            .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+            .unwrap_or_else(|| panic!("{what}: no reload; log:\n{}", self.proxy.log_text()));
+        let took = t0.elapsed();
+        assert!(
+            took <= RELOAD_BOUND,
+            "{what}: reload came {took:?} after the change (interval 100 ms)"
+        );
+        self.slowest = self.slowest.max(took);
+        self.changes += 1;
+        self.table.live_rows = live_rows;
+        assert_eq!(
+            field(&line, "backends").as_deref(),
+            Some(live_rows.to_string().as_str()),
+            "{what}: {line}"
+        );
+        // Two connections held together: the second sees the first's load,
+        // and still goes to the same place.
+        let addr = self.proxy.addr();
+        let (first, _a) = connect_tagged(addr);
+        let (second, _b) = connect_tagged(addr);
+        assert_eq!(
+            (first.as_str(), second.as_str()),
+            (expect, expect),
+            "{what}: new connections went to the wrong backend"
+        );
+    }
+}
+
+fn row(id: &str, region: &str, port: u16, weight: i64) -> String {
+    format!(
+        "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+         VALUES ('{id}', 'web', '{region}', '127.0.0.1', {port}, 1, {weight}, 100, 0, 0)"
+    )
+}
+
+#[test]
+fn routing_changes_under_streaming_load_lose_nothing_and_apply_at_once() {
+    let dir = TempDir::new("hot-reload");
+    let s1 = TagBackend::start("s1");
+    let s2 = TagBackend::start("s2");
+    let probes: Vec<TagBackend> = (0..ITERATIONS)
+        .map(|i| TagBackend::start(&format!("p{i}")))
+        .collect();
+    let db = Db::create(dir.join("routing.db"));
+    db.exec(&row("s1", "far", s1.port(), 1));
+    db.exec(&row("s2", "far", s2.port(), 1));
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            "[pop]\nregion = \"sa\"\n\n[affinity]\nttl_secs = 0\n",
+        ),
+    );
+    let addr = proxy.addr();
+
+    // The streams: equal weights, so they alternate between s1 and s2.
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams: Vec<Stream> = (0..STREAMS)
+        .map(|i| start_stream(addr, 1000 + i as u64, &stop))
+        .collect();
+    let on_s1 = streams.iter().filter(|s| s.backend == "s1").count();
+    let on_s2 = streams.iter().filter(|s| s.backend == "s2").count();
+    assert_eq!(on_s1 + on_s2, STREAMS);
+    assert!(
+        on_s1 >= 40 && on_s2 >= 40,
+        "streams not spread: s1={on_s1} s2={on_s2}"
+    );
+
+    // Data is flowing on every stream before the first change.
+    assert!(
+        eventually(PATIENCE, || streams
+            .iter()
+            .all(|s| s.verified.load(Ordering::Relaxed) > 0)),
+        "some streams never got an echo"
+    );
+
+    let mut run = Run {
+        proxy: &proxy,
+        table: Table { db, live_rows: 2 },
+        changes: 0,
+        slowest: Duration::ZERO,
+    };
+    let (mut best, mut other) = ("s2", "s1");
+    let sql_weights = |best: &str, other: &str| {
+        format!(
+            "UPDATE backends SET weight = 4 WHERE id = '{best}'; UPDATE backends SET weight = 1 WHERE id = '{other}';"
+        )
+    };
+    run.change("s2 weight 4", &sql_weights(best, other), 2, best);
+
+    for (i, p) in probes.iter().enumerate() {
+        let id = p.name.as_str();
+        let n = run.table.live_rows;
+        run.change(&format!("add {id}"), &row(id, "sa", p.port(), 1), n + 1, id);
+        run.change(
+            &format!("{id} unhealthy"),
+            &format!("UPDATE backends SET healthy = 0 WHERE id = '{id}'"),
+            n + 1,
+            best,
+        );
+        run.change(
+            &format!("{id} healthy"),
+            &format!("UPDATE backends SET healthy = 1 WHERE id = '{id}'"),
+            n + 1,
+            id,
+        );
+        run.change(
+            &format!("{id} deleted=1"),
+            &format!("UPDATE backends SET deleted = 1 WHERE id = '{id}'"),
+            n,
+            best,
+        );
+        std::mem::swap(&mut best, &mut other);
+        run.change(
+            &format!("weights: {best} 4, {other} 1"),
+            &sql_weights(best, other),
+            n,
+            best,
+        );
+        // The backend half of the streams use goes unhealthy: they go on.
+        run.change(
+            &format!("{best} unhealthy"),
+            &format!("UPDATE backends SET healthy = 0 WHERE id = '{best}'"),
+            n,
+            other,
+        );
+        run.change(
+            &format!("{best} healthy"),
+            &format!("UPDATE backends SET healthy = 1 WHERE id = '{best}'"),
+            n,
+            best,
+        );
+        run.change(
+            &format!("{id} deleted=0"),
+            &format!("UPDATE backends SET deleted = 0 WHERE id = '{id}'"),
+            n + 1,
+            id,
+        );
+        run.change(
+            &format!("DELETE {id}"),
+            &format!("DELETE FROM backends WHERE id = '{id}'"),
+            n,
+            best,
+        );
+        if i % 2 == 1 {
+            // The row of a backend with open streams disappears, and comes
+            // back.
+            let port = if best == "s1" { s1.port() } else { s2.port() };
+            run.change(
+                &format!("DELETE {best}"),
+                &format!("DELETE FROM backends WHERE id = '{best}'"),
+                n - 1,
+                other,
+            );
+            run.change(
+                &format!("re-add {best}"),
+                &row(best, "far", port, 4),
+                n,
+                best,
+            );
+        }
+    }
+    assert!(run.changes >= 50, "only {} changes", run.changes);
+    eprintln!(
+        "{} routing changes under {STREAMS} streams; slowest reload {:?}",
+        run.changes, run.slowest
+    );
+
+    // Every stream is still moving after the last change.
+    let seen: Vec<u64> = streams
+        .iter()
+        .map(|s| s.verified.load(Ordering::Relaxed))
+        .collect();
+    let stalled = AtomicUsize::new(0);
+    let moving = eventually(PATIENCE, || {
+        let n = streams
+            .iter()
+            .zip(&seen)
+            .filter(|(s, &before)| s.verified.load(Ordering::Relaxed) <= before)
+            .count();
+        stalled.store(n, Ordering::Relaxed);
+        n == 0
+    });
+    assert!(
+        moving,
+        "{} streams stalled",
+        stalled.load(Ordering::Relaxed)
+    );
+
+    // Stop writing; every stream must end cleanly with every byte echoed.
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    let mut total = 0u64;
+    for (i, s) in streams.into_iter().enumerate() {
+        let sent = s.writer.join().unwrap();
+        let got = s.reader.join().unwrap();
+        match (sent, got) {
+            (Ok(sent), Ok(got)) if sent == got => total += got,
+            (sent, got) => failures.push(format!(
+                "stream {i} via {}: sent {sent:?}, echoed {got:?}",
+                s.backend
+            )),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} streams failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("{total} bytes echoed and verified");
+}

@@ -1,0 +1,194 @@
+//! Connect retries through the real binary: a dead backend that scores best
+//! is skipped for the next one, a client is closed only when nothing is left
+//! to try, and `connect_attempts = 1` turns the retry off.
+//!
+//! The dead backend is made the best by geography: it is the only BR backend
+//! and the clients send PROXY headers from a BR address (200.160.2.3), while
+//! the live ones are in the US.
+
+mod common;
+
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr};
+
+use common::*;
+
+const BR: &str = "200.160.2.3";
+const US: &str = "8.8.8.8";
+
+fn setup(
+    tag: &str,
+    live: &[&str],
+    dead: &[&str],
+    extra: &str,
+) -> (TempDir, Vec<TagBackend>, Proxy) {
+    let dir = TempDir::new(tag);
+    let db = Db::create(dir.join("routing.db"));
+    for id in dead {
+        db.upsert(&Row::new(id, "web", "sa", dead_port()).country("BR"));
+    }
+    let backends: Vec<TagBackend> = live.iter().map(|n| TagBackend::start(n)).collect();
+    for b in &backends {
+        db.upsert(&Row::new(&b.name, "web", "us", b.port()).country("US"));
+    }
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            &format!(
+                "{extra}\n[[listener]]\nname = \"pp\"\naddr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n"
+            ),
+        ),
+    );
+    (dir, backends, proxy)
+}
+
+/// A BR client's connection: its greeting (or `None` if closed), and an
+/// echo round trip when it got one.
+fn br_client(addr: SocketAddr, n: usize) -> Option<String> {
+    let header = if n % 2 == 0 {
+        proxy_v1(client_at(BR), addr)
+    } else {
+        proxy_v2(client_at(BR), addr)
+    };
+    let (name, mut s) = connect_with(addr, &header);
+    let name = name?;
+    let msg = format!("message {n}\n");
+    s.write_all(msg.as_bytes()).unwrap();
+    assert_eq!(
+        read_line(&s),
+        Some(msg.trim_end().to_string()),
+        "echo through {name}"
+    );
+    s.shutdown(Shutdown::Write).unwrap();
+    assert!(read_until_closed(&s).is_empty());
+    Some(name)
+}
+
+/// Returns once every line the proxy logged before this call has been read:
+/// the SIGHUP line comes after them on the same stderr.
+fn log_barrier(proxy: &Proxy) {
+    let mark = proxy.log_mark();
+    proxy.signal(SIGHUP);
+    proxy
+        .wait_for_log_after(mark, "SIGHUP:", PATIENCE)
+        .expect("SIGHUP acknowledged");
+}
+
+#[test]
+fn a_dead_best_backend_is_skipped_for_a_live_one() {
+    // No affinity: every connection scores the dead backend first.
+    let (_dir, backends, proxy) = setup(
+        "retry-dead-best",
+        &["live-1", "live-2"],
+        &["dead-br"],
+        "[affinity]\nttl_secs = 0\n",
+    );
+    let addr = proxy.listener("pp");
+    let mark = proxy.log_mark();
+
+    const CLIENTS: usize = 24;
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|n| std::thread::spawn(move || br_client(addr, n)))
+        .collect();
+    for (n, t) in threads.into_iter().enumerate() {
+        let name = t.join().unwrap();
+        assert!(
+            matches!(name.as_deref(), Some("live-1" | "live-2")),
+            "client {n} got {name:?}"
+        );
+    }
+    assert_eq!(
+        backends.iter().map(TagBackend::accepted).sum::<usize>(),
+        CLIENTS
+    );
+    // Each of them tried the dead one first: that is what the retry saved.
+    assert!(
+        proxy.wait_for_log_count_after(mark, "backend=dead-br", CLIENTS, PATIENCE),
+        "expected {CLIENTS} failed attempts on dead-br; log:\n{}",
+        proxy.log_text()
+    );
+    log_barrier(&proxy);
+    let failures = proxy.log_lines_after(mark, "backend connect failed");
+    assert!(
+        failures.iter().all(|l| l.contains("backend=dead-br")),
+        "{failures:#?}"
+    );
+}
+
+#[test]
+fn with_affinity_a_client_is_rebound_away_from_the_dead_backend() {
+    let (_dir, _backends, proxy) = setup("retry-rebind", &["live-1"], &["dead-br"], "");
+    let addr = proxy.listener("pp");
+    let mark = proxy.log_mark();
+    for n in 0..5 {
+        assert_eq!(
+            br_client(addr, n).as_deref(),
+            Some("live-1"),
+            "connection {n}"
+        );
+    }
+    // Another BR client (no binding yet) tries the dead one first, too.
+    assert_eq!(which_backend_via(addr, "200.160.2.4", true), "live-1");
+    assert!(proxy.wait_for_log_count_after(mark, "backend=dead-br", 2, PATIENCE));
+    log_barrier(&proxy);
+    // Only the first attempt of each client hit the dead backend: the
+    // binding moved to the live one.
+    let failed = proxy.log_lines_after(mark, "backend connect failed");
+    assert_eq!(failed.len(), 2, "{failed:#?}");
+}
+
+#[test]
+fn with_every_backend_dead_the_client_is_closed() {
+    let (_dir, _backends, proxy) = setup(
+        "retry-all-dead",
+        &[],
+        &["dead-1", "dead-2"],
+        "[limits]\nconnect_timeout_ms = 1000\n",
+    );
+    let addr = proxy.listener("pp");
+    let mark = proxy.log_mark();
+    for v2 in [false, true] {
+        let header = if v2 {
+            proxy_v2(client_at(BR), addr)
+        } else {
+            proxy_v1(client_at(US), addr)
+        };
+        let (name, s) = connect_with(addr, &header);
+        assert_eq!(name, None, "v2={v2}");
+        assert!(read_until_closed(&s).is_empty());
+    }
+    // Both were tried for each client before giving up.
+    assert!(proxy.wait_for_log_count_after(mark, "backend=dead-1", 2, PATIENCE));
+    assert!(proxy.wait_for_log_count_after(mark, "backend=dead-2", 2, PATIENCE));
+}
+
+#[test]
+fn one_connect_attempt_means_no_retry() {
+    let (_dir, backends, proxy) = setup(
+        "retry-one-attempt",
+        &["live-1"],
+        &["dead-br"],
+        "[affinity]\nttl_secs = 0\n\n[limits]\nconnect_attempts = 1\n",
+    );
+    let addr = proxy.listener("pp");
+    let mark = proxy.log_mark();
+    for n in 0..4 {
+        assert_eq!(
+            br_client(addr, n),
+            None,
+            "connection {n} should have failed"
+        );
+    }
+    assert_eq!(backends[0].accepted(), 0, "the live backend was tried");
+    // The live backend is fine for a client it is best for.
+    assert_eq!(which_backend_via(addr, US, false), "live-1");
+    log_barrier(&proxy);
+    // One attempt per failed client, none for the US one.
+    let failed = proxy.log_lines_after(mark, "backend connect failed");
+    assert_eq!(failed.len(), 4, "{failed:#?}");
+    assert!(
+        failed.iter().all(|l| l.contains("backend=dead-br")),
+        "{failed:#?}"
+    );
+}

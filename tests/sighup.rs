@@ -1,0 +1,232 @@
+//! SIGHUP re-reads the config file, through the real binary: listeners come
+//! and go (open connections of a removed one go on), limits change for new
+//! connections, and a bad file changes nothing.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+
+const LISTENER: &str = "[[listener]]\naddr = \"127.0.0.1:0\"\nname = ";
+
+/// A proxy with one backend, `x`, and the config file `extra` (which lists
+/// the listeners).
+struct Setup {
+    dir: TempDir,
+    db: Db,
+    _backend: TagBackend,
+    proxy: Proxy,
+}
+
+impl Setup {
+    fn new(tag: &str, extra: &str) -> Setup {
+        let dir = TempDir::new(tag);
+        let backend = TagBackend::start("x");
+        let db = Db::create(dir.join("routing.db"));
+        db.upsert(&Row::new("x", "web", "sa", backend.port()));
+        let proxy = Proxy::with_config(&dir, &config(&db.path, extra));
+        Setup {
+            dir,
+            db,
+            _backend: backend,
+            proxy,
+        }
+    }
+
+    /// Rewrites the config file with `extra`, sends SIGHUP and waits until
+    /// the proxy has handled it (the routing re-read comes last). Returns the
+    /// log mark from before the signal.
+    fn reload(&self, extra: &str) -> usize {
+        std::fs::write(
+            self.dir.join("edgeproxy.toml"),
+            config(&self.db.path, extra),
+        )
+        .unwrap();
+        let mark = self.proxy.log_mark();
+        self.proxy.signal(SIGHUP);
+        self.proxy
+            .wait_for_log_after(mark, "SIGHUP: ", PATIENCE)
+            .unwrap_or_else(|| panic!("SIGHUP not acknowledged; log:\n{}", self.proxy.log_text()));
+        self.proxy
+            .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+            .unwrap_or_else(|| panic!("SIGHUP not finished; log:\n{}", self.proxy.log_text()));
+        mark
+    }
+}
+
+fn listeners(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{LISTENER}\"{n}\"\n"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An echo round trip on a connection the backend already greeted.
+fn echo(mut s: &TcpStream, msg: &str) {
+    s.write_all(format!("{msg}\n").as_bytes()).unwrap();
+    assert_eq!(read_line(s).as_deref(), Some(msg));
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect(addr),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+#[test]
+fn listeners_are_added_and_removed_and_open_connections_go_on() {
+    let s = Setup::new("sighup-listeners", &listeners(&["a", "b"]));
+    let a = s.proxy.listener("a");
+    let b = s.proxy.listener("b");
+    let (name, through_b) = connect_tagged(b);
+    assert_eq!(name, "x");
+    echo(&through_b, "before");
+
+    let mark = s.reload(&listeners(&["a", "c"]));
+    let stopped = s.proxy.log_lines_after(mark, "listener stopped");
+    assert_eq!(stopped.len(), 1, "{stopped:#?}");
+    assert_eq!(field(&stopped[0], "listener").as_deref(), Some("b"));
+    let started = s.proxy.log_lines_after(mark, "listening");
+    assert_eq!(
+        started.len(),
+        1,
+        "only the new listener starts: {started:#?}"
+    );
+    assert_eq!(field(&started[0], "listener").as_deref(), Some("c"));
+    let c: SocketAddr = field(&started[0], "addr").unwrap().parse().unwrap();
+
+    // The new listener serves.
+    assert_eq!(which_backend(c), "x");
+    // The removed one stops accepting (the shards close their sockets on
+    // their own schedule after the log line).
+    assert!(
+        eventually(PATIENCE, || refused(b)),
+        "listener b still accepts after SIGHUP removed it"
+    );
+    // ... while its open connection goes on, both ways.
+    echo(&through_b, "after");
+    echo(&through_b, "and again");
+    // The unchanged one was not restarted: same address, still serving.
+    assert_eq!(which_backend(a), "x");
+
+    // A removed listener can come back, on a new port.
+    let mark = s.reload(&listeners(&["a", "b", "c"]));
+    let started = s.proxy.log_lines_after(mark, "listening");
+    assert_eq!(started.len(), 1, "{started:#?}");
+    assert_eq!(field(&started[0], "listener").as_deref(), Some("b"));
+    let b2: SocketAddr = field(&started[0], "addr").unwrap().parse().unwrap();
+    assert_eq!(which_backend(b2), "x");
+    assert_eq!(which_backend(c), "x");
+    echo(&through_b, "still");
+}
+
+#[test]
+fn a_lowered_connection_limit_applies_to_new_connections() {
+    let limits = |n: u32| {
+        format!(
+            "[limits]\nmax_connections = {n}\n\n{}",
+            listeners(&["main"])
+        )
+    };
+    let s = Setup::new("sighup-limits", &limits(100));
+    let addr = s.proxy.listener("main");
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let (name, stream) = connect_tagged(addr);
+            assert_eq!(name, "x");
+            stream
+        })
+        .collect();
+
+    let mark = s.reload(&limits(4));
+    let updated = s.proxy.log_lines_after(mark, "limits and timeouts updated");
+    assert_eq!(updated.len(), 1, "{updated:#?}");
+    assert!(updated[0].contains("max_connections: 4"), "{}", updated[0]);
+    // Four are open: a fifth is closed unanswered.
+    for _ in 0..3 {
+        let (name, stream) = connect_with(addr, b"");
+        assert_eq!(name, None, "a connection over the new limit was served");
+        assert!(read_until_closed(&stream).is_empty());
+    }
+    // The open ones are not touched.
+    for (i, h) in held.iter().enumerate() {
+        echo(h, &format!("held {i}"));
+    }
+
+    s.reload(&limits(10));
+    let (name, extra) = connect_tagged(addr);
+    assert_eq!(name, "x");
+    echo(&extra, "room again");
+}
+
+#[test]
+fn an_invalid_file_is_rejected_and_the_running_config_stays() {
+    let base = format!("[limits]\nmax_connections = 2\n\n{}", listeners(&["a"]));
+    let s = Setup::new("sighup-invalid", &base);
+    let a = s.proxy.listener("a");
+    let (_, held) = connect_tagged(a);
+
+    // Each of these would remove listener a, add z and lift the limit, were
+    // it accepted.
+    let invalid = [
+        format!("[limits]\nmax_connections = 100\nno_such_key = 1\n\n{}", listeners(&["z"])),
+        format!("[limits]\nmax_connections = \"lots\"\n\n{}", listeners(&["z"])),
+        format!("[limits]\nmax_connections = 100\nconnect_attempts = 0\n\n{}", listeners(&["z"])),
+        format!("[limits]\nmax_connections = 100\n\n[[listener]]\nname = \"z\"\naddr = \"no address\"\n"),
+        format!("[limits]\nmax_connections = 100\n\n{} this is not TOML", listeners(&["z"])),
+    ];
+    for text in &invalid {
+        let mark = s.reload(text);
+        let rejected = s
+            .proxy
+            .log_lines_after(mark, "new configuration rejected; keeping the running one");
+        assert_eq!(rejected.len(), 1, "{text}\nlog:\n{}", s.proxy.log_text());
+        assert!(rejected[0].contains("ERROR"), "{}", rejected[0]);
+        assert!(
+            field(&rejected[0], "error").is_some(),
+            "says why: {}",
+            rejected[0]
+        );
+        for other in [
+            "listener stopped",
+            "listening",
+            "limits and timeouts updated",
+        ] {
+            assert!(
+                s.proxy.log_lines_after(mark, other).is_empty(),
+                "{other} after {text}"
+            );
+        }
+        // Listener a still serves, and the limit of 2 still holds. (A
+        // connection closed by the previous round counts until the proxy
+        // has seen it close: there is no signal for that, so poll.)
+        let mut second = None;
+        assert!(
+            eventually(PATIENCE, || {
+                let (name, stream) = connect_with(a, b"");
+                second = name.map(|_| stream);
+                second.is_some()
+            }),
+            "listener a no longer serves after {text}"
+        );
+        let (name, third) = connect_with(a, b"");
+        assert_eq!(name, None, "limit lifted by a rejected file: {text}");
+        assert!(read_until_closed(&third).is_empty());
+    }
+    echo(&held, "still fine");
+
+    // SIGHUP still works after all that.
+    let mark = s.reload(&format!(
+        "[limits]\nmax_connections = 100\n\n{}",
+        listeners(&["a", "z"])
+    ));
+    let started = s.proxy.log_lines_after(mark, "listening");
+    assert_eq!(started.len(), 1, "{started:#?}");
+    let z: SocketAddr = field(&started[0], "addr").unwrap().parse().unwrap();
+    assert_eq!(which_backend(z), "x");
+    assert_eq!(which_backend(a), "x");
+}
