@@ -231,10 +231,13 @@ fn register_route_expire_revive_drain_deregister_with_traffic_flowing() {
     let registered = Instant::now();
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["registered"], true);
+    // The first connection after the answer, no retry: routing was updated
+    // 0 ms after the reply (the bound below only catches a gross stall of
+    // the connection itself on a loaded machine).
     let (name, mut to_b1) = connect_tagged(proxy);
     assert_eq!(name, "b1");
     assert!(
-        registered.elapsed() < Duration::from_millis(100),
+        registered.elapsed() < Duration::from_millis(500),
         "registration took {:?} to route",
         registered.elapsed()
     );
