@@ -1,3 +1,120 @@
-fn main() {
-    eprintln!("perf suite: not built yet (see issue 3)");
+//! `perf`: the edgeproxy perf suite. See README, section "Performance".
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use perf::targets::Kind;
+use perf::Options;
+
+/// Runs edgeproxy, a direct connection, HAProxy and nginx side by side on
+/// this machine and reports throughput, latency percentiles, CPU per request /
+/// connection / GB and memory per idle connection.
+#[derive(Parser, Debug)]
+#[command(name = "perf", version)]
+struct Args {
+    /// CI smoke settings: short runs, one open-loop rate; under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Targets, comma-separated: direct,edgeproxy,haproxy,nginx.
+    #[arg(long, value_delimiter = ',')]
+    targets: Option<Vec<String>>,
+    /// Scenario letters: a keep-alive, b open loop, c connection per request,
+    /// d bulk, e idle memory, f TLS, g hot reload.
+    #[arg(long)]
+    scenarios: Option<String>,
+    /// Runs per target per scenario (interleaved). Default 3.
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Measured seconds per run. Default 3 (quick: 0.3).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Warm-up seconds per run. Default 0.5 (quick: 0.1).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Keep-alive connections. Default 50.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Open-loop rates as fractions of direct's keep-alive max. Default
+    /// 0.25,0.5,0.75 (quick: 0.5).
+    #[arg(long, value_delimiter = ',')]
+    rates: Option<Vec<f64>>,
+    /// Idle connections in the memory scenario. Default 5000 (quick: 500).
+    #[arg(long)]
+    idle_connections: Option<usize>,
+    /// Proxy worker threads/processes (edgeproxy shards, HAProxy threads,
+    /// nginx workers). Default 1.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// CPUs for the proxies, e.g. 1 or 0-1. Default: the last CPU.
+    #[arg(long)]
+    proxy_cpus: Option<String>,
+    /// CPUs for the load generator and backends. Default: all but the last.
+    #[arg(long)]
+    loadgen_cpus: Option<String>,
+    /// edgeproxy binary. Default: next to this one, or $EDGEPROXY_BIN.
+    #[arg(long)]
+    edgeproxy: Option<PathBuf>,
+    /// Output directory (report.json, report.txt, *.svg).
+    #[arg(long, default_value = "perf-report")]
+    out: PathBuf,
+}
+
+fn cpus(s: &str) -> anyhow::Result<Vec<usize>> {
+    let mut out = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => out.extend(a.trim().parse::<usize>()?..=b.trim().parse::<usize>()?),
+            None => out.push(part.trim().parse()?),
+        }
+    }
+    Ok(out)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut o = Options::defaults(args.quick);
+    o.command = std::env::args().collect::<Vec<_>>().join(" ");
+    if let Some(t) = args.targets {
+        o.targets = t
+            .iter()
+            .map(|s| Kind::parse(s.trim()).ok_or_else(|| anyhow::anyhow!("unknown target {s:?}")))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    if let Some(s) = args.scenarios {
+        o.scenarios = s;
+    }
+    if let Some(r) = args.runs {
+        o.runs = r.max(1);
+    }
+    if let Some(d) = args.duration {
+        o.duration = Duration::from_secs_f64(d);
+    }
+    if let Some(w) = args.warmup {
+        o.warmup = Duration::from_secs_f64(w);
+    }
+    if let Some(c) = args.connections {
+        o.connections = c.max(1);
+    }
+    if let Some(r) = args.rates {
+        o.open_fractions = r;
+    }
+    if let Some(n) = args.idle_connections {
+        o.idle_connections = n;
+    }
+    if let Some(w) = args.workers {
+        o.workers = w.max(1);
+    }
+    if let Some(c) = args.proxy_cpus {
+        o.proxy_cpus = cpus(&c)?;
+    }
+    if let Some(c) = args.loadgen_cpus {
+        o.loadgen_cpus = cpus(&c)?;
+    }
+    if let Some(e) = args.edgeproxy {
+        o.edgeproxy_bin = e;
+    }
+    o.out_dir = args.out;
+    perf::run(&o)?;
+    Ok(())
 }

@@ -1,0 +1,442 @@
+//! edgeproxy's perf suite: on one machine, by itself, it starts its own
+//! backends on loopback, starts the proxies under test (edgeproxy, a direct
+//! connection, HAProxy and nginx when installed), runs the scenarios with
+//! interleaved runs and writes a report: a terminal table, `report.json` with
+//! every figure, and a latency-percentile SVG per scenario.
+//!
+//! Entry point: [`run`] with [`Options`] (the `perf` binary parses them from
+//! the command line; `tests/perf_smoke.rs` builds them by hand).
+
+pub mod backends;
+pub mod loadgen;
+pub mod plot;
+pub mod procfs;
+pub mod report;
+pub mod scenarios;
+pub mod targets;
+pub mod tls;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::report::{Goal, PeerStatus, Report, Variant};
+use crate::targets::{Kind, Running};
+
+/// Scenarios by letter, as in the README.
+pub const SCENARIOS: &str = "abcdefg";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub quick: bool,
+    /// Targets to run; missing peers among them are reported as missing.
+    pub targets: Vec<Kind>,
+    /// Scenario letters (`a`..`g`).
+    pub scenarios: String,
+    /// Runs per target per scenario (interleaved).
+    pub runs: usize,
+    /// Measured time per run (after the warm-up).
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Keep-alive connections (scenarios a, b).
+    pub connections: usize,
+    /// Sessions in flight in the connection-per-request scenarios (c, g).
+    pub connect_concurrency: usize,
+    /// Open-loop rates as fractions of direct's keep-alive maximum.
+    pub open_fractions: Vec<f64>,
+    /// Open-loop rate (req/s) when direct's maximum is unknown.
+    pub fallback_rate: f64,
+    /// Connection rate of the hot-reload scenario.
+    pub reload_rate: f64,
+    pub bulk_streams: usize,
+    pub idle_connections: usize,
+    /// Proxy worker threads/processes.
+    pub workers: usize,
+    pub proxy_cpus: Vec<usize>,
+    pub loadgen_cpus: Vec<usize>,
+    /// Loopback source addresses the load generator spreads over.
+    pub sources: usize,
+    pub edgeproxy_bin: PathBuf,
+    pub haproxy_bin: String,
+    pub nginx_bin: String,
+    pub out_dir: PathBuf,
+    /// The command line, for the report.
+    pub command: String,
+    /// Print the report to stdout as well.
+    pub print: bool,
+}
+
+impl Options {
+    /// Defaults for a full run (`quick` = the CI smoke settings). On a
+    /// machine with two or more CPUs the proxy gets the last CPU and the load
+    /// generator and backends the others.
+    pub fn defaults(quick: bool) -> Options {
+        let cpus = procfs::cpu_count();
+        let (proxy_cpus, loadgen_cpus) = if cpus >= 2 {
+            (vec![cpus - 1], (0..cpus - 1).collect())
+        } else {
+            (vec![], vec![])
+        };
+        Options {
+            quick,
+            targets: Kind::ALL.to_vec(),
+            scenarios: SCENARIOS.into(),
+            runs: 3,
+            duration: if quick {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(3)
+            },
+            warmup: if quick {
+                Duration::from_millis(100)
+            } else {
+                Duration::from_millis(500)
+            },
+            connections: 50,
+            connect_concurrency: 16,
+            open_fractions: if quick {
+                vec![0.5]
+            } else {
+                vec![0.25, 0.5, 0.75]
+            },
+            fallback_rate: 10_000.0,
+            reload_rate: if quick { 1000.0 } else { 2000.0 },
+            bulk_streams: 2,
+            idle_connections: if quick { 500 } else { 5000 },
+            workers: 1,
+            proxy_cpus,
+            loadgen_cpus,
+            sources: 8,
+            edgeproxy_bin: default_edgeproxy_bin(),
+            haproxy_bin: "haproxy".into(),
+            nginx_bin: "nginx".into(),
+            out_dir: PathBuf::from("perf-report"),
+            command: String::new(),
+            print: true,
+        }
+    }
+}
+
+/// `edgeproxy` next to the running executable (`target/release/` when run
+/// with `cargo run --release -p perf`), or `EDGEPROXY_BIN`.
+pub fn default_edgeproxy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGEPROXY_BIN") {
+        return p.into();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("edgeproxy")))
+        .unwrap_or_else(|| PathBuf::from("edgeproxy"))
+}
+
+/// Runs the suite and writes the report files into `opts.out_dir`.
+pub fn run(opts: &Options) -> anyhow::Result<Report> {
+    let started_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let load_before = procfs::loadavg();
+    procfs::raise_nofile();
+    // The suite's own threads (and so the load generator) stay off the
+    // proxy's CPUs.
+    let _ = procfs::pin_current_thread(&opts.loadgen_cpus);
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
+    let work_dir = std::env::temp_dir().join(format!("edgeproxy-perf-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)?;
+    let setup = targets::Setup {
+        workers: opts.workers.max(1),
+        cpus: opts.proxy_cpus.clone(),
+        edgeproxy_bin: opts.edgeproxy_bin.clone(),
+        haproxy_bin: opts.haproxy_bin.clone(),
+        nginx_bin: opts.nginx_bin.clone(),
+        work_dir: work_dir.clone(),
+    };
+    let result = run_in(opts, &setup, started_unix, load_before);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    result
+}
+
+fn run_in(
+    opts: &Options,
+    setup: &targets::Setup,
+    started_unix: u64,
+    load_before: f64,
+) -> anyhow::Result<Report> {
+    let backends = backends::Backends::start(&opts.loadgen_cpus)?;
+    let mut peers = BTreeMap::new();
+    let mut kinds = Vec::new();
+    for kind in Kind::ALL {
+        if !opts.targets.contains(&kind) {
+            peers.insert(kind, PeerStatus::NotSelected);
+            continue;
+        }
+        match targets::availability(kind, setup) {
+            Ok(version) => {
+                peers.insert(kind, PeerStatus::Available(version));
+                kinds.push(kind);
+            }
+            Err(why) => {
+                if kind == Kind::Edgeproxy {
+                    anyhow::bail!(
+                        "edgeproxy binary not usable ({why}); build it first: cargo build --release"
+                    );
+                }
+                peers.insert(kind, PeerStatus::Missing(why));
+            }
+        }
+    }
+    let missing: BTreeMap<Kind, String> = peers
+        .iter()
+        .filter_map(|(k, s)| match s {
+            PeerStatus::Missing(why) => Some((*k, why.clone())),
+            _ => None,
+        })
+        .collect();
+    let mut running: Vec<Running> = Vec::new();
+    for &kind in &kinds {
+        running.push(
+            targets::start(kind, setup, &backends, "main", &Default::default())
+                .with_context(|| format!("cannot start {}", kind.name()))?,
+        );
+    }
+    let has = |c: char| opts.scenarios.contains(c);
+    let mut variants: Vec<Variant> = Vec::new();
+    let mut plots: Vec<(usize, report::Series)> = Vec::new();
+    let progress = |v: &Variant| {
+        if opts.print {
+            eprint!("{}", v.render());
+        }
+    };
+
+    let mut direct_max = None;
+    if has('a') {
+        let v = scenarios::keepalive(opts, &mut running);
+        direct_max = v.median(Kind::Direct, "rps");
+        progress(&v);
+        variants.push(v);
+    }
+    if has('b') {
+        for &f in &opts.open_fractions {
+            let (rate, label) = match direct_max {
+                Some(max) => (max * f, format!("{:.0}% of direct's max", f * 100.0)),
+                None => (
+                    opts.fallback_rate * f,
+                    format!("{:.0}% of {:.0}", f * 100.0, opts.fallback_rate),
+                ),
+            };
+            let v = scenarios::open_loop(opts, &mut running, rate, &label);
+            progress(&v);
+            variants.push(v);
+        }
+    }
+    if has('c') {
+        let v = scenarios::connection_per_request(opts, &mut running);
+        progress(&v);
+        variants.push(v);
+    }
+    if has('d') {
+        for upload in [false, true] {
+            let v = scenarios::bulk(opts, &mut running, &backends, upload);
+            progress(&v);
+            variants.push(v);
+        }
+    }
+    drop(running);
+    if has('e') {
+        let v = scenarios::idle_memory(opts, &kinds, setup, &backends);
+        progress(&v);
+        variants.push(v);
+    }
+    if has('f') {
+        let v = tls::scenario(opts, setup);
+        progress(&v);
+        variants.push(v);
+    }
+    if has('g') && kinds.contains(&Kind::Edgeproxy) {
+        match scenarios::hot_reload(opts, setup, &backends) {
+            Ok((v, hists)) => {
+                progress(&v);
+                plots.push((variants.len(), hists));
+                variants.push(v);
+            }
+            Err(e) => {
+                let mut v = Variant::new("g_hot_reload", "(g) hot reload", &[]);
+                v.notes.push(format!("failed: {e:#}"));
+                variants.push(v);
+            }
+        }
+    }
+    for v in variants.iter_mut() {
+        for (k, why) in &missing {
+            v.missing.insert(*k, why.clone());
+        }
+    }
+
+    // Plots: one per scenario with latencies.
+    for (i, v) in variants.iter_mut().enumerate() {
+        let mut series: report::Series = Vec::new();
+        if let Some((_, hists)) = plots.iter().find(|(j, _)| *j == i) {
+            series = hists.clone();
+        } else {
+            for &k in &kinds {
+                if let Some(h) = v.merged_latency(k) {
+                    series.push((k.name().to_string(), h));
+                }
+            }
+        }
+        if series.iter().all(|(_, h)| h.is_empty()) {
+            continue;
+        }
+        let refs: Vec<(String, &hdrhistogram::Histogram<u64>)> =
+            series.iter().map(|(n, h)| (n.clone(), h)).collect();
+        let name = format!("{}.svg", v.id);
+        std::fs::write(
+            opts.out_dir.join(&name),
+            plot::percentile_svg(&v.title, &refs),
+        )?;
+        v.plot = Some(opts.out_dir.join(&name).display().to_string());
+    }
+
+    let goals = goals(&variants, opts);
+    let report = Report {
+        started_unix,
+        command: opts.command.clone(),
+        machine: report::machine(),
+        setup: serde_json::json!({
+            "quick": opts.quick,
+            "runs": opts.runs,
+            "duration_ms": opts.duration.as_millis() as u64,
+            "warmup_ms": opts.warmup.as_millis() as u64,
+            "connections": opts.connections,
+            "connect_concurrency": opts.connect_concurrency,
+            "open_fractions": opts.open_fractions,
+            "bulk_streams": opts.bulk_streams,
+            "idle_connections": opts.idle_connections,
+            "workers": opts.workers,
+            "proxy_cpus": opts.proxy_cpus,
+            "loadgen_cpus": opts.loadgen_cpus,
+            "sources": opts.sources,
+            "edgeproxy_bin": opts.edgeproxy_bin,
+        }),
+        peers,
+        variants,
+        goals,
+        load_before,
+        load_after: procfs::loadavg(),
+        notes: vec![
+            "CPU figures are the proxy process's time on CPU (schedstat, all threads and children) per request / connection / GB".into(),
+            "ratios are medians of this run divided by medians of the other target in the same run".into(),
+        ],
+    };
+    std::fs::write(
+        opts.out_dir.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let text = report.render();
+    std::fs::write(opts.out_dir.join("report.txt"), &text)?;
+    if opts.print {
+        println!("{text}");
+        println!("report: {}", opts.out_dir.join("report.json").display());
+    }
+    Ok(report)
+}
+
+/// The goals, checked against this run's medians.
+fn goals(variants: &[Variant], opts: &Options) -> Vec<Goal> {
+    let find = |id: &str| variants.iter().find(|v| v.id == id);
+    let ratio = |id: &str, key: &str, other: Kind| -> Option<f64> {
+        let v = find(id)?;
+        Some(v.median(Kind::Edgeproxy, key)? / v.median(other, key)?)
+    };
+    let mut out = Vec::new();
+    let mut at_most = |goal: &str, r: Option<f64>, limit: f64, what: &str| {
+        out.push(Goal {
+            goal: goal.into(),
+            met: r.map(|r| r <= limit),
+            detail: match r {
+                Some(r) => format!("{what} = {r:.2}× (limit {limit}×)"),
+                None => "not measured".into(),
+            },
+        });
+    };
+    at_most(
+        "CPU per keep-alive request ≤ 0.7× HAProxy's",
+        ratio("a_keepalive", "cpu_us_per_req", Kind::Haproxy),
+        0.7,
+        "edgeproxy/haproxy",
+    );
+    at_most(
+        "CPU per new connection ≤ 0.6× HAProxy's",
+        ratio("c_connections", "cpu_us_per_conn", Kind::Haproxy),
+        0.6,
+        "edgeproxy/haproxy",
+    );
+    for dir in ["download", "upload"] {
+        at_most(
+            &format!("CPU per GB of bulk ({dir}) ≤ 0.5× HAProxy's"),
+            ratio(&format!("d_bulk_{dir}"), "cpu_ms_per_gb", Kind::Haproxy),
+            0.5,
+            "edgeproxy/haproxy",
+        );
+    }
+    for (id, key, what) in [
+        ("a_keepalive", "rps", "keep-alive req/s"),
+        ("c_connections", "cps", "connections/s"),
+        ("d_bulk_download", "mbps", "bulk download MB/s"),
+        ("d_bulk_upload", "mbps", "bulk upload MB/s"),
+    ] {
+        for peer in [Kind::Haproxy, Kind::Nginx] {
+            let r = ratio(id, key, peer);
+            out.push(Goal {
+                goal: format!("{what} ≥ {}'s", peer.name()),
+                met: r.map(|r| r >= 1.0),
+                detail: r.map_or("not measured".into(), |r| {
+                    format!("edgeproxy/{} = {r:.2}×", peer.name())
+                }),
+            });
+        }
+    }
+    let half = opts
+        .open_fractions
+        .iter()
+        .position(|f| (*f - 0.5).abs() < 1e-9)
+        .and_then(|_| variants.iter().find(|v| v.id == "b_open_50"));
+    let added = |k: Kind| half.and_then(|v| v.median(k, "added_p99_us"));
+    out.push(Goal {
+        goal: "added p99 at half of direct's max rate ≤ HAProxy's".into(),
+        met: added(Kind::Edgeproxy)
+            .zip(added(Kind::Haproxy))
+            .map(|(e, h)| e <= h),
+        detail: match (added(Kind::Edgeproxy), added(Kind::Haproxy)) {
+            (Some(e), Some(h)) => format!("edgeproxy +{e:.1} µs, haproxy +{h:.1} µs"),
+            _ => "not measured".into(),
+        },
+    });
+    let mem = |k: Kind| find("e_idle_memory").and_then(|v| v.median(k, "rss_mb_per_1k"));
+    out.push(Goal {
+        goal: "RSS per 1,000 idle connections ≤ HAProxy's".into(),
+        met: mem(Kind::Edgeproxy)
+            .zip(mem(Kind::Haproxy))
+            .map(|(e, h)| e <= h),
+        detail: match (mem(Kind::Edgeproxy), mem(Kind::Haproxy)) {
+            (Some(e), Some(h)) => format!("edgeproxy {e:.2} MB, haproxy {h:.2} MB"),
+            _ => "not measured".into(),
+        },
+    });
+    let reload = find("g_hot_reload").and_then(|v| {
+        Some((
+            v.median(Kind::Edgeproxy, "reload_p99_us")?,
+            v.median(Kind::Edgeproxy, "steady_p99_us")?,
+        ))
+    });
+    out.push(Goal {
+        goal: "p99 during hot reload within 10% of steady".into(),
+        met: reload.map(|(r, s)| r <= s * 1.1),
+        detail: reload.map_or("not measured".into(), |(r, s)| {
+            format!("reload {r:.1} µs vs steady {s:.1} µs = {:.2}×", r / s)
+        }),
+    });
+    out
+}

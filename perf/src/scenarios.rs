@@ -1,0 +1,582 @@
+//! The scenarios. Each runs every target `runs` times, interleaved
+//! (direct, edgeproxy, haproxy, nginx, direct, …), and returns one
+//! [`Variant`] per table (an open-loop rate, a bulk direction).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::backends::{Backends, BULK_CMD_LEN};
+use crate::loadgen::{self, LoadSpec, Pace};
+use crate::procfs::{self, CpuSample};
+use crate::report::{col, Column, Sample, Variant};
+use crate::targets::{self, Kind, Running};
+use crate::Options;
+
+/// Proxy CPU and machine IPIs at one instant.
+#[derive(Clone, Copy, Default)]
+struct Probe {
+    cpu: CpuSample,
+    ipis: u64,
+}
+
+fn probe(pid: Option<u32>) -> Probe {
+    Probe {
+        cpu: pid.map(procfs::cpu).unwrap_or_default(),
+        ipis: procfs::ipis(),
+    }
+}
+
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+/// Latency and CPU metrics of a request/response run.
+#[allow(clippy::too_many_arguments)]
+fn rr_sample(
+    opts: &Options,
+    target: &Running,
+    run: usize,
+    spec: LoadSpec,
+    rate_key: &'static str,
+    cpu_key: &'static str,
+) -> anyhow::Result<Sample> {
+    let pid = target.pid();
+    let (mut p0, mut p1) = (Probe::default(), Probe::default());
+    let (res, elapsed) = loadgen::run_window(
+        spec,
+        &opts.loadgen_cpus,
+        opts.warmup,
+        opts.duration,
+        || p0 = probe(pid),
+        || p1 = probe(pid),
+    )?;
+    let n = res.completed.max(1) as f64;
+    let h = &res.latency;
+    let mut m = std::collections::BTreeMap::new();
+    m.insert(rate_key, res.completed as f64 / elapsed.as_secs_f64());
+    m.insert("p50_us", us(h.value_at_quantile(0.50)));
+    m.insert("p90_us", us(h.value_at_quantile(0.90)));
+    m.insert("p99_us", us(h.value_at_quantile(0.99)));
+    m.insert("p999_us", us(h.value_at_quantile(0.999)));
+    m.insert("max_us", us(h.max()));
+    m.insert("errors", res.errors as f64);
+    m.insert("ipi_per_req", (p1.ipis - p0.ipis) as f64 / n);
+    if pid.is_some() {
+        let cpu = p1.cpu.since(&p0.cpu);
+        m.insert(cpu_key, cpu.total().as_nanos() as f64 / 1000.0 / n);
+        m.insert("user_us", cpu.user_ns as f64 / 1000.0 / n);
+        m.insert("sys_us", cpu.sys_ns as f64 / 1000.0 / n);
+        m.insert("ctx_switches_per_req", cpu.ctx_switches as f64 / n);
+        m.insert(
+            "proxy_cpu_util",
+            cpu.total().as_secs_f64() / elapsed.as_secs_f64(),
+        );
+    }
+    if res.completed == 0 {
+        anyhow::bail!("no request completed ({} errors)", res.errors);
+    }
+    Ok(Sample {
+        target: target.kind,
+        run,
+        metrics: m,
+        latency: Some(res.latency),
+    })
+}
+
+fn spec(opts: &Options, to: SocketAddr, pace: Pace, keepalive: bool, conns: usize) -> LoadSpec {
+    LoadSpec {
+        target: to,
+        connections: conns,
+        pace,
+        keepalive,
+        sources: loadgen::loopback_sources(opts.sources),
+    }
+}
+
+/// Runs `f` for every target, `runs` times, interleaved.
+fn interleaved(
+    opts: &Options,
+    targets: &mut [Running],
+    v: &mut Variant,
+    mut f: impl FnMut(&mut Running, usize) -> anyhow::Result<Sample>,
+) {
+    for run in 0..opts.runs {
+        for t in targets.iter_mut() {
+            match f(t, run) {
+                Ok(s) => v.samples.push(s),
+                Err(e) => v.notes.push(format!(
+                    "{} run {}: failed: {e:#}{}",
+                    t.kind.name(),
+                    run + 1,
+                    if t.alive() {
+                        String::new()
+                    } else {
+                        format!("\n{}", t.log_tail())
+                    }
+                )),
+            }
+        }
+    }
+    v.finish();
+}
+
+const RR_COLUMNS: &[Column] = &[
+    col("rps", "req/s", false),
+    col("p50_us", "p50 µs", true),
+    col("p99_us", "p99 µs", true),
+    col("p999_us", "p99.9 µs", true),
+    col("cpu_us_per_req", "CPU µs/req", true),
+    col("ipi_per_req", "IPI/req", true),
+];
+
+/// (a) keep-alive request/response, closed loop.
+pub fn keepalive(opts: &Options, targets: &mut [Running]) -> Variant {
+    let mut v = Variant::new(
+        "a_keepalive",
+        format!(
+            "(a) keep-alive request/response, closed loop: {} connections, {} runs × {:?}",
+            opts.connections, opts.runs, opts.duration
+        ),
+        RR_COLUMNS,
+    );
+    interleaved(opts, targets, &mut v, |t, run| {
+        let s = spec(opts, t.fronts.http, Pace::Closed, true, opts.connections);
+        rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")
+    });
+    v
+}
+
+/// (b) open loop at `rate` requests/s.
+pub fn open_loop(opts: &Options, targets: &mut [Running], rate: f64, label: &str) -> Variant {
+    let mut v = Variant::new(
+        format!("b_open_{}", label.split('%').next().unwrap_or(label)),
+        format!(
+            "(b) open loop at {:.0} req/s ({label}), {} connections, latency from the scheduled time",
+            rate, opts.connections
+        ),
+        &[
+            col("rps", "req/s", false),
+            col("p50_us", "p50 µs", true),
+            col("p99_us", "p99 µs", true),
+            col("p999_us", "p99.9 µs", true),
+            col("added_p99_us", "added p99 µs", true),
+            col("cpu_us_per_req", "CPU µs/req", true),
+        ],
+    );
+    interleaved(opts, targets, &mut v, |t, run| {
+        let s = spec(
+            opts,
+            t.fronts.http,
+            Pace::Open(rate),
+            true,
+            opts.connections,
+        );
+        rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")
+    });
+    // Added latency: each proxy's p99 minus direct's median p99.
+    if let Some(direct) = v.median(Kind::Direct, "p99_us") {
+        for s in v.samples.iter_mut() {
+            if s.target.is_proxy() {
+                if let Some(p) = s.metrics.get("p99_us").copied() {
+                    s.metrics.insert("added_p99_us", p - direct);
+                }
+            }
+        }
+        v.finish();
+    }
+    v
+}
+
+/// (c) a new connection per request, closed loop.
+pub fn connection_per_request(opts: &Options, targets: &mut [Running]) -> Variant {
+    let conns = opts.connect_concurrency;
+    let mut v = Variant::new(
+        "c_connections",
+        format!(
+            "(c) new connection per request (Connection: close; server closes first), {conns} concurrent, {} runs × {:?}",
+            opts.runs, opts.duration
+        ),
+        &[
+            col("cps", "conn/s", false),
+            col("p50_us", "p50 µs", true),
+            col("p99_us", "p99 µs", true),
+            col("cpu_us_per_conn", "CPU µs/conn", true),
+            col("errors", "errors", true),
+        ],
+    );
+    interleaved(opts, targets, &mut v, |t, run| {
+        let s = spec(opts, t.fronts.http, Pace::Closed, false, conns);
+        rr_sample(opts, t, run, s, "cps", "cpu_us_per_conn")
+    });
+    v
+}
+
+/// (d) bulk transfer in one direction.
+pub fn bulk(opts: &Options, targets: &mut [Running], backends: &Backends, upload: bool) -> Variant {
+    let dir = if upload {
+        "upload (client → backend)"
+    } else {
+        "download (backend → client)"
+    };
+    let mut v = Variant::new(
+        if upload {
+            "d_bulk_upload"
+        } else {
+            "d_bulk_download"
+        },
+        format!(
+            "(d) bulk {dir}: {} streams, {} runs × {:?}",
+            opts.bulk_streams, opts.runs, opts.duration
+        ),
+        &[
+            col("mbps", "MB/s", false),
+            col("cpu_ms_per_gb", "CPU ms/GB", true),
+            col("proxy_cpu_util", "proxy CPU %/100", true),
+        ],
+    );
+    interleaved(opts, targets, &mut v, |t, run| {
+        bulk_sample(opts, t, run, backends, upload)
+    });
+    v
+}
+
+fn bulk_sample(
+    opts: &Options,
+    target: &Running,
+    run: usize,
+    backends: &Backends,
+    upload: bool,
+) -> anyhow::Result<Sample> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let downloaded = Arc::new(AtomicU64::new(0));
+    let sources = loadgen::loopback_sources(opts.sources);
+    let mut threads = Vec::new();
+    for i in 0..opts.bulk_streams.max(1) {
+        let stream =
+            loadgen::connect_blocking(target.fronts.bulk, Some(sources[i % sources.len()]))
+                .context("bulk connect")?;
+        let (stop, downloaded) = (Arc::clone(&stop), Arc::clone(&downloaded));
+        let cpus = opts.loadgen_cpus.clone();
+        threads.push(std::thread::spawn(move || {
+            let _ = procfs::pin_current_thread(&cpus);
+            let _ = bulk_client(stream, upload, &stop, &downloaded);
+        }));
+    }
+    let counter = || {
+        if upload {
+            backends.bulk_received.load(Ordering::Relaxed)
+        } else {
+            downloaded.load(Ordering::Relaxed)
+        }
+    };
+    let pid = target.pid();
+    std::thread::sleep(opts.warmup);
+    let (b0, p0, t0) = (counter(), probe(pid), Instant::now());
+    std::thread::sleep(opts.duration);
+    let (b1, p1, elapsed) = (counter(), probe(pid), t0.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let bytes = (b1 - b0) as f64;
+    if bytes == 0.0 {
+        anyhow::bail!("no byte moved");
+    }
+    let mut m = std::collections::BTreeMap::new();
+    m.insert("mbps", bytes / 1e6 / elapsed.as_secs_f64());
+    if pid.is_some() {
+        let cpu = p1.cpu.since(&p0.cpu);
+        m.insert(
+            "cpu_ms_per_gb",
+            cpu.total().as_secs_f64() * 1000.0 / (bytes / 1e9),
+        );
+        m.insert(
+            "proxy_cpu_util",
+            cpu.total().as_secs_f64() / elapsed.as_secs_f64(),
+        );
+    }
+    Ok(Sample {
+        target: target.kind,
+        run,
+        metrics: m,
+        latency: None,
+    })
+}
+
+fn bulk_client(
+    mut s: std::net::TcpStream,
+    upload: bool,
+    stop: &AtomicBool,
+    downloaded: &AtomicU64,
+) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    s.set_write_timeout(Some(Duration::from_millis(100)))?;
+    let mut cmd = [0u8; BULK_CMD_LEN];
+    cmd[0] = if upload { b'U' } else { b'D' };
+    cmd[1..].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
+    s.write_all(&cmd)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        let r = if upload {
+            s.write(&buf)
+        } else {
+            s.read(&mut buf)
+        };
+        match r {
+            Ok(0) => break,
+            Ok(n) => {
+                if !upload {
+                    downloaded.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// (e) RSS per 1,000 idle proxied connections; a fresh proxy per run.
+pub fn idle_memory(
+    opts: &Options,
+    kinds: &[Kind],
+    setup: &targets::Setup,
+    backends: &Backends,
+) -> Variant {
+    let n = opts.idle_connections;
+    let mut v = Variant::new(
+        "e_idle_memory",
+        format!(
+            "(e) memory: RSS growth per 1,000 idle proxied connections ({n} open, each echoed one byte), fresh proxy per run"
+        ),
+        &[
+            col("rss_mb_per_1k", "MB per 1k conns", true),
+            col("rss_before_mb", "RSS before MB", true),
+            col("rss_after_mb", "RSS after MB", true),
+        ],
+    );
+    v.notes
+        .push("direct has no proxy process: not applicable".into());
+    for run in 0..opts.runs {
+        for &kind in kinds.iter().filter(|k| k.is_proxy()) {
+            match idle_sample(opts, kind, setup, backends, run) {
+                Ok(s) => v.samples.push(s),
+                Err(e) => v
+                    .notes
+                    .push(format!("{} run {}: failed: {e:#}", kind.name(), run + 1)),
+            }
+        }
+    }
+    v.finish();
+    v
+}
+
+fn ping(s: &mut std::net::TcpStream) -> std::io::Result<()> {
+    s.write_all(b"x")?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+}
+
+fn idle_sample(
+    opts: &Options,
+    kind: Kind,
+    setup: &targets::Setup,
+    backends: &Backends,
+    run: usize,
+) -> anyhow::Result<Sample> {
+    let target = targets::start(
+        kind,
+        setup,
+        backends,
+        &format!("mem{run}"),
+        &Default::default(),
+    )?;
+    let pid = target.pid().context("no pid")?;
+    let sources = loadgen::loopback_sources(opts.sources);
+    let settle = if opts.quick {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_millis(500)
+    };
+    // Warm up: the first connections allocate what every later one shares.
+    for i in 0..32 {
+        let mut s =
+            loadgen::connect_blocking(target.fronts.echo, Some(sources[i % sources.len()]))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        ping(&mut s)?;
+    }
+    std::thread::sleep(settle);
+    let before = procfs::rss_bytes(pid);
+    let mut held = Vec::with_capacity(opts.idle_connections);
+    for i in 0..opts.idle_connections {
+        let mut s = loadgen::connect_blocking(target.fronts.echo, Some(sources[i % sources.len()]))
+            .with_context(|| format!("connection {i}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        ping(&mut s).with_context(|| format!("echo on connection {i}"))?;
+        held.push(s);
+    }
+    std::thread::sleep(settle);
+    let after = procfs::rss_bytes(pid);
+    drop(held);
+    let n = opts.idle_connections.max(1) as f64;
+    let mut m = std::collections::BTreeMap::new();
+    m.insert(
+        "rss_mb_per_1k",
+        (after as f64 - before as f64) / n * 1000.0 / 1e6,
+    );
+    m.insert("rss_before_mb", before as f64 / 1e6);
+    m.insert("rss_after_mb", after as f64 / 1e6);
+    Ok(Sample {
+        target: kind,
+        run,
+        metrics: m,
+        latency: None,
+    })
+}
+
+/// (g) edgeproxy latency while the routing table changes every 100 ms,
+/// interleaved with the same load on an unchanging table. Connection per
+/// request, open loop: every request reads the routing snapshot.
+pub fn hot_reload(
+    opts: &Options,
+    setup: &targets::Setup,
+    backends: &Backends,
+) -> anyhow::Result<(Variant, crate::report::Series)> {
+    let rows = 100;
+    let edge = targets::EdgeOptions {
+        reload_interval_ms: 50,
+        rows_per_app: rows,
+    };
+    let mut target = targets::start(Kind::Edgeproxy, setup, backends, "reload", &edge)?;
+    let rate = opts.reload_rate;
+    let mut v = Variant::new(
+        "g_hot_reload",
+        format!(
+            "(g) hot reload: open loop {rate:.0} conn/s (connection per request) through edgeproxy, {rows} routing rows; \
+             'reload' runs change a row every 100 ms (reload interval 50 ms), 'steady' runs change nothing"
+        ),
+        &[
+            col("steady_p50_us", "steady p50 µs", true),
+            col("steady_p99_us", "steady p99 µs", true),
+            col("reload_p50_us", "reload p50 µs", true),
+            col("reload_p99_us", "reload p99 µs", true),
+            col("reload_p999_us", "reload p99.9 µs", true),
+            col("reloads", "reloads/run", false),
+        ],
+    );
+    let db = target.routing_db.clone().context("routing db")?;
+    let mut steady_h = loadgen::new_histogram();
+    let mut reload_h = loadgen::new_histogram();
+    for run in 0..opts.runs {
+        for reloading in [false, true] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = reloading.then(|| {
+                let stop = Arc::clone(&stop);
+                let db = db.clone();
+                std::thread::spawn(move || table_writer(&db, rows, &stop))
+            });
+            let reloads0 = target.reloads.load(Ordering::Relaxed);
+            let s = spec(
+                opts,
+                target.fronts.http,
+                Pace::Open(rate),
+                false,
+                opts.connect_concurrency,
+            );
+            let res = rr_sample(opts, &target, run, s, "cps", "cpu_us_per_conn");
+            stop.store(true, Ordering::Relaxed);
+            let changes = writer.map(|w| w.join().unwrap_or(0));
+            let reloads = target.reloads.load(Ordering::Relaxed) - reloads0;
+            match res {
+                Ok(mut s) => {
+                    let h = s.latency.take().unwrap_or_else(loadgen::new_histogram);
+                    let prefix = if reloading { "reload" } else { "steady" };
+                    let mut m = std::collections::BTreeMap::new();
+                    for (key, q) in [("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)] {
+                        let name: &'static str = match (prefix, key) {
+                            ("steady", "p50_us") => "steady_p50_us",
+                            ("steady", "p99_us") => "steady_p99_us",
+                            ("steady", _) => "steady_p999_us",
+                            (_, "p50_us") => "reload_p50_us",
+                            (_, "p99_us") => "reload_p99_us",
+                            _ => "reload_p999_us",
+                        };
+                        m.insert(name, us(h.value_at_quantile(q)));
+                    }
+                    if let Some(c) = s.metrics.get("cpu_us_per_conn") {
+                        m.insert(
+                            if reloading {
+                                "reload_cpu_us_per_conn"
+                            } else {
+                                "steady_cpu_us_per_conn"
+                            },
+                            *c,
+                        );
+                    }
+                    if reloading {
+                        m.insert("reloads", reloads as f64);
+                        m.insert("changes", changes.unwrap_or(0) as f64);
+                        let _ = reload_h.add(&h);
+                    } else {
+                        let _ = steady_h.add(&h);
+                    }
+                    s.metrics = m;
+                    v.samples.push(s);
+                }
+                Err(e) => v.notes.push(format!("run {}: failed: {e:#}", run + 1)),
+            }
+        }
+    }
+    v.finish();
+    if !target.alive() {
+        v.notes
+            .push(format!("edgeproxy died:\n{}", target.log_tail()));
+    }
+    Ok((
+        v,
+        vec![
+            ("steady".into(), steady_h),
+            ("reload every 100 ms".into(), reload_h),
+        ],
+    ))
+}
+
+/// Changes one routing row every 100 ms until `stop`; returns the number of
+/// changes made.
+fn table_writer(db: &std::path::Path, rows: usize, stop: &AtomicBool) -> u64 {
+    let Ok(conn) = rusqlite::Connection::open(db) else {
+        return 0;
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(1));
+    // Numbered across runs, so that every write really changes the table
+    // (rewriting a row with the values it has changes nothing).
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let row = (k as usize * 7919) % rows;
+        let weight = 2 + (k % 97) as i64;
+        if conn
+            .execute(
+                "UPDATE backends SET weight = ?1 WHERE id = ?2",
+                rusqlite::params![weight, format!("http-{row}")],
+            )
+            .is_ok()
+        {
+            n += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    n
+}

@@ -1,0 +1,589 @@
+//! The proxies under test, each started and configured by the suite:
+//! edgeproxy from this workspace, a direct connection (the limit), HAProxy and
+//! nginx (stream module) when installed.
+//!
+//! Every proxy gets the same settings: `workers` worker threads/processes,
+//! the same CPU set (the process is started with that affinity mask, and each
+//! proxy's own per-worker pinning maps worker *i* to the *i*-th CPU of the
+//! set), TCP mode, no access logging, TCP_NODELAY, a 2 s connect timeout and
+//! a 300 s idle timeout. Each proxy listens three times: in front of the HTTP,
+//! echo and bulk backends.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::backends::Backends;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Direct,
+    Edgeproxy,
+    Haproxy,
+    Nginx,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Edgeproxy, Kind::Haproxy, Kind::Nginx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Direct => "direct",
+            Kind::Edgeproxy => "edgeproxy",
+            Kind::Haproxy => "haproxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    pub fn is_proxy(self) -> bool {
+        self != Kind::Direct
+    }
+}
+
+/// How every proxy is set up.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    pub workers: usize,
+    /// CPUs the proxy may run on (empty: any).
+    pub cpus: Vec<usize>,
+    pub edgeproxy_bin: PathBuf,
+    pub haproxy_bin: String,
+    pub nginx_bin: String,
+    /// Scratch space for configs and routing databases.
+    pub work_dir: PathBuf,
+}
+
+/// Whether a peer can run here, and its version.
+pub fn availability(kind: Kind, setup: &Setup) -> Result<String, String> {
+    let (bin, arg) = match kind {
+        Kind::Direct => return Ok("-".into()),
+        Kind::Edgeproxy => (
+            setup.edgeproxy_bin.to_string_lossy().into_owned(),
+            "--version",
+        ),
+        Kind::Haproxy => (setup.haproxy_bin.clone(), "-v"),
+        Kind::Nginx => (setup.nginx_bin.clone(), "-v"),
+    };
+    let out = Command::new(&bin)
+        .arg(arg)
+        .output()
+        .map_err(|e| format!("{bin}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = text.lines().next().unwrap_or("").trim().to_string();
+    if kind == Kind::Nginx && nginx_stream_module().is_none() {
+        return Err("nginx is installed but its stream module is not (libnginx-mod-stream)".into());
+    }
+    Ok(version)
+}
+
+fn nginx_stream_module() -> Option<PathBuf> {
+    [
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "/usr/lib64/nginx/modules/ngx_stream_module.so",
+        "/usr/share/nginx/modules/ngx_stream_module.so",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// Addresses of the three front ends.
+#[derive(Clone, Copy, Debug)]
+pub struct Fronts {
+    pub http: SocketAddr,
+    pub echo: SocketAddr,
+    pub bulk: SocketAddr,
+}
+
+/// A running target.
+pub struct Running {
+    pub kind: Kind,
+    pub fronts: Fronts,
+    child: Option<Child>,
+    /// Lines the process logged (stderr), kept for error messages.
+    log: LogLines,
+    /// edgeproxy only: routing-table reloads it logged.
+    pub reloads: Arc<AtomicU64>,
+    pub routing_db: Option<PathBuf>,
+}
+
+impl Running {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let log = self.log.lock().unwrap();
+        log[log.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            None => true,
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // The whole tree: nginx workers are children of its master.
+            for pid in crate::procfs::process_tree(c.id()).into_iter().rev() {
+                // SAFETY: kill(2) on our child or one of its descendants.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Options for an edgeproxy instance beyond [`Setup`].
+#[derive(Clone, Debug)]
+pub struct EdgeOptions {
+    pub reload_interval_ms: u64,
+    /// Rows per app in routing.db (all pointing at the one backend).
+    pub rows_per_app: usize,
+}
+
+impl Default for EdgeOptions {
+    fn default() -> Self {
+        EdgeOptions {
+            reload_interval_ms: 1000,
+            rows_per_app: 1,
+        }
+    }
+}
+
+pub fn start(
+    kind: Kind,
+    setup: &Setup,
+    backends: &Backends,
+    tag: &str,
+    edge: &EdgeOptions,
+) -> anyhow::Result<Running> {
+    let dir = setup.work_dir.join(format!("{}-{tag}", kind.name()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    match kind {
+        Kind::Direct => Ok(Running {
+            kind,
+            fronts: Fronts {
+                http: backends.http,
+                echo: backends.echo,
+                bulk: backends.bulk,
+            },
+            child: None,
+            log: Default::default(),
+            reloads: Default::default(),
+            routing_db: None,
+        }),
+        Kind::Edgeproxy => start_edgeproxy(setup, backends, &dir, edge),
+        Kind::Haproxy => start_haproxy(setup, backends, &dir),
+        Kind::Nginx => start_nginx(setup, backends, &dir),
+    }
+}
+
+/// Lines a child logged, shared with the thread that reads them.
+type LogLines = Arc<Mutex<Vec<String>>>;
+
+/// Starts `cmd` restricted to `cpus`, with stderr collected by a thread that
+/// also forwards each line on the returned channel.
+fn spawn(
+    mut cmd: Command,
+    cpus: &[usize],
+) -> anyhow::Result<(Child, LogLines, std::sync::mpsc::Receiver<String>)> {
+    let cpus = cpus.to_vec();
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls (sched_setaffinity) between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if !cpus.is_empty() {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                for &c in &cpus {
+                    libc::CPU_SET(c, &mut set);
+                }
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let stderr = child.stderr.take().expect("piped");
+    let log: LogLines = Default::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let log = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line.clone());
+                let mut log = log.lock().unwrap();
+                if log.len() < 10_000 {
+                    log.push(line);
+                }
+            }
+        });
+    }
+    Ok((child, log, rx))
+}
+
+fn start_edgeproxy(
+    setup: &Setup,
+    backends: &Backends,
+    dir: &Path,
+    edge: &EdgeOptions,
+) -> anyhow::Result<Running> {
+    let db = dir.join("routing.db");
+    write_routing_db(&db, backends, edge.rows_per_app)?;
+    let mut toml = format!(
+        r#"# Written by the perf suite.
+[pop]
+region = "sa"
+
+[runtime]
+shards = {shards}
+pin_cores = true
+
+[routing]
+db_path = "{db}"
+reload_interval_ms = {reload}
+
+[demo]
+backends = 0
+
+[log]
+level = "info"
+"#,
+        shards = setup.workers,
+        db = db.display(),
+        reload = edge.reload_interval_ms,
+    );
+    for app in ["http", "echo", "bulk"] {
+        toml.push_str(&format!(
+            "\n[[listener]]\nname = \"{app}\"\naddr = \"127.0.0.1:0\"\napp = \"{app}\"\n"
+        ));
+    }
+    let config = dir.join("edgeproxy.toml");
+    std::fs::write(&config, toml)?;
+    let mut cmd = Command::new(&setup.edgeproxy_bin);
+    cmd.arg("--config")
+        .arg(&config)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .current_dir(dir);
+    let (child, log, rx) = spawn(cmd, &setup.cpus)?;
+    let reloads = Arc::new(AtomicU64::new(0));
+    let mut running = Running {
+        kind: Kind::Edgeproxy,
+        fronts: Fronts {
+            http: backends.http,
+            echo: backends.echo,
+            bulk: backends.bulk,
+        },
+        child: Some(child),
+        log,
+        reloads: Arc::clone(&reloads),
+        routing_db: Some(db),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut found = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+            Ok(l) => strip_ansi(&l),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if !running.alive() || left.is_zero() {
+                    bail!("edgeproxy did not start:\n{}", running.log_tail());
+                }
+                continue;
+            }
+            Err(_) => bail!("edgeproxy exited:\n{}", running.log_tail()),
+        };
+        if line.contains("listening") {
+            let field = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            if let (Some(name), Some(addr)) = (field("listener="), field("addr=")) {
+                let addr: SocketAddr = addr.parse().context("listening addr")?;
+                match name.as_str() {
+                    "http" => running.fronts.http = addr,
+                    "echo" => running.fronts.echo = addr,
+                    "bulk" => running.fronts.bulk = addr,
+                    _ => continue,
+                }
+                found += 1;
+            }
+        }
+        if line.contains("edgeproxy ready") {
+            break;
+        }
+    }
+    if found < 3 {
+        bail!(
+            "edgeproxy did not report its listeners:\n{}",
+            running.log_tail()
+        );
+    }
+    // Keep counting reloads after start.
+    std::thread::spawn(move || {
+        for line in rx {
+            if line.contains("routing table reloaded") {
+                reloads.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Ok(running)
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The original edgeProxy schema; edgeproxy migrates it on open.
+pub fn write_routing_db(
+    path: &Path,
+    backends: &Backends,
+    rows_per_app: usize,
+) -> anyhow::Result<()> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "CREATE TABLE backends (
+            id TEXT PRIMARY KEY, app TEXT, region TEXT, wg_ip TEXT, port INTEGER,
+            healthy INTEGER, weight INTEGER, soft_limit INTEGER, hard_limit INTEGER,
+            deleted INTEGER DEFAULT 0)",
+    )?;
+    for (app, addr) in [
+        ("http", backends.http),
+        ("echo", backends.echo),
+        ("bulk", backends.bulk),
+    ] {
+        for i in 0..rows_per_app.max(1) {
+            conn.execute(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+                 VALUES (?1, ?2, 'sa', ?3, ?4, 1, 1, 100000, 0, 0)",
+                rusqlite::params![
+                    format!("{app}-{i}"),
+                    app,
+                    addr.ip().to_string(),
+                    addr.port()
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+/// Waits until every address accepts a connection.
+fn wait_listening(running: &mut Running, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for addr in [
+        running.fronts.http,
+        running.fronts.echo,
+        running.fronts.bulk,
+    ] {
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if !running.alive() || Instant::now() > deadline {
+                bail!(
+                    "{what} did not start listening on {addr}:\n{}",
+                    running.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// Connection limit that fits the open-file limit (a proxied connection
+/// needs two descriptors).
+fn maxconn() -> u64 {
+    let nofile = crate::procfs::raise_nofile();
+    (nofile.saturating_sub(512) / 2).max(256)
+}
+
+fn start_haproxy(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result<Running> {
+    let fronts = Fronts {
+        http: free_port()?,
+        echo: free_port()?,
+        bulk: free_port()?,
+    };
+    let n = setup.workers.max(1);
+    let cpu_map = if setup.cpus.is_empty() {
+        String::new()
+    } else {
+        // Thread i on the i-th CPU of the set, as edgeproxy pins shard i.
+        (0..n)
+            .map(|i| {
+                format!(
+                    "    cpu-map 1/{} {}\n",
+                    i + 1,
+                    setup.cpus[i % setup.cpus.len()]
+                )
+            })
+            .collect()
+    };
+    let mut cfg = format!(
+        "# Written by the perf suite: TCP mode, no logging, {n} thread(s).
+global
+    nbthread {n}
+{cpu_map}    maxconn {maxconn}
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 300s
+    timeout server 300s
+    maxconn {maxconn}
+",
+        maxconn = maxconn()
+    );
+    for (name, front, back) in [
+        ("http", fronts.http, backends.http),
+        ("echo", fronts.echo, backends.echo),
+        ("bulk", fronts.bulk, backends.bulk),
+    ] {
+        cfg.push_str(&format!(
+            "\nlisten {name}\n    bind {front}\n    server s1 {back}\n"
+        ));
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(&setup.haproxy_bin);
+    cmd.arg("-f").arg(&path).arg("-db").current_dir(dir);
+    let (child, log, _rx) = spawn(cmd, &setup.cpus)?;
+    let mut running = Running {
+        kind: Kind::Haproxy,
+        fronts,
+        child: Some(child),
+        log,
+        reloads: Default::default(),
+        routing_db: None,
+    };
+    wait_listening(&mut running, "haproxy")?;
+    Ok(running)
+}
+
+fn start_nginx(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result<Running> {
+    let module = nginx_stream_module().context("nginx stream module not installed")?;
+    let fronts = Fronts {
+        http: free_port()?,
+        echo: free_port()?,
+        bulk: free_port()?,
+    };
+    let n = setup.workers.max(1);
+    let affinity = if setup.cpus.is_empty() {
+        String::new()
+    } else {
+        // Worker i on the i-th CPU of the set.
+        let masks: Vec<String> = (0..n)
+            .map(|i| {
+                let cpu = setup.cpus[i % setup.cpus.len()];
+                let mut m = vec![b'0'; cpu + 1];
+                m[0] = b'1';
+                String::from_utf8(m).unwrap()
+            })
+            .collect();
+        format!("worker_cpu_affinity {};\n", masks.join(" "))
+    };
+    let maxconn = maxconn();
+    let mut cfg = format!(
+        "# Written by the perf suite: stream (TCP) proxy, no logging, {n} worker(s).
+load_module {module};
+daemon off;
+master_process on;
+worker_processes {n};
+{affinity}worker_rlimit_nofile {nofile};
+pid {dir}/nginx.pid;
+error_log stderr error;
+events {{
+    worker_connections {conns};
+}}
+stream {{
+    proxy_connect_timeout 2s;
+    proxy_timeout 300s;
+    tcp_nodelay on;
+",
+        module = module.display(),
+        dir = dir.display(),
+        nofile = maxconn * 2 + 256,
+        conns = maxconn * 2,
+    );
+    for (front, back) in [
+        (fronts.http, backends.http),
+        (fronts.echo, backends.echo),
+        (fronts.bulk, backends.bulk),
+    ] {
+        cfg.push_str(&format!(
+            "    server {{\n        listen {front} reuseport;\n        proxy_pass {back};\n    }}\n"
+        ));
+    }
+    cfg.push_str("}\n");
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = Command::new(&setup.nginx_bin);
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .arg("-e")
+        .arg("stderr")
+        .current_dir(dir);
+    let (child, log, _rx) = spawn(cmd, &setup.cpus)?;
+    let mut running = Running {
+        kind: Kind::Nginx,
+        fronts,
+        child: Some(child),
+        log,
+        reloads: Default::default(),
+        routing_db: None,
+    };
+    wait_listening(&mut running, "nginx")?;
+    Ok(running)
+}

@@ -1,0 +1,86 @@
+//! The perf suite runs end to end against the real binary (a CI smoke run):
+//! edgeproxy and direct only, every scenario, one short run each. Checks that
+//! every scenario reports, not how fast anything is.
+
+use std::time::Duration;
+
+use perf::targets::Kind;
+
+#[test]
+fn perf_suite_quick_run_reports_every_scenario() {
+    let out = std::env::temp_dir().join(format!("edgeproxy-perf-smoke-{}", std::process::id()));
+    let mut o = perf::Options::defaults(true);
+    o.targets = vec![Kind::Direct, Kind::Edgeproxy];
+    o.runs = 1;
+    o.duration = Duration::from_millis(200);
+    o.warmup = Duration::from_millis(50);
+    o.idle_connections = 200;
+    o.reload_rate = 500.0;
+    // Other tests run alongside: no pinning.
+    o.proxy_cpus.clear();
+    o.loadgen_cpus.clear();
+    o.edgeproxy_bin = env!("CARGO_BIN_EXE_edgeproxy").into();
+    o.out_dir = out.clone();
+    o.print = false;
+    let report = perf::run(&o).expect("perf suite run");
+
+    let variant = |id: &str| {
+        report
+            .variants
+            .iter()
+            .find(|v| v.id == id)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {id} in {:?}",
+                    report.variants.iter().map(|v| &v.id).collect::<Vec<_>>()
+                )
+            })
+    };
+    let keepalive = variant("a_keepalive");
+    assert!(
+        keepalive.median(Kind::Direct, "rps").unwrap() > 0.0,
+        "{}",
+        keepalive.render()
+    );
+    assert!(
+        keepalive.median(Kind::Edgeproxy, "rps").unwrap() > 0.0,
+        "{}",
+        keepalive.render()
+    );
+    assert!(keepalive.median(Kind::Edgeproxy, "cpu_us_per_req").unwrap() > 0.0);
+    assert!(variant("b_open_50")
+        .median(Kind::Edgeproxy, "p99_us")
+        .is_some());
+    assert!(
+        variant("c_connections")
+            .median(Kind::Edgeproxy, "cps")
+            .unwrap()
+            > 0.0
+    );
+    for dir in ["download", "upload"] {
+        let v = variant(&format!("d_bulk_{dir}"));
+        assert!(
+            v.median(Kind::Edgeproxy, "mbps").unwrap() > 0.0,
+            "{}",
+            v.render()
+        );
+    }
+    assert!(variant("e_idle_memory")
+        .median(Kind::Edgeproxy, "rss_mb_per_1k")
+        .is_some());
+    assert!(!variant("f_tls").notes.is_empty());
+    let reload = variant("g_hot_reload");
+    assert!(
+        reload.median(Kind::Edgeproxy, "reload_p99_us").is_some(),
+        "{}",
+        reload.render()
+    );
+    // Peers that were not asked for are not reported missing.
+    assert!(keepalive.missing.is_empty());
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert!(json["variants"].as_array().unwrap().len() >= 7);
+    assert!(out.join("a_keepalive.svg").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
