@@ -28,6 +28,9 @@ pub enum TlsError {
 
 pub(crate) struct TlsSession {
     conn: RefCell<ServerConnection>,
+    /// The client's close_notify arrived with its last handshake flight
+    /// (TLS 1.3 lets Finished, data and close_notify share one write).
+    closed_in_handshake: Cell<bool>,
     /// Serialises writes of TLS records to the client socket.
     client_write: Mutex<()>,
 }
@@ -48,13 +51,18 @@ impl TlsSession {
     ) -> Result<(TlsSession, Option<Chunk>), TlsError> {
         let session = TlsSession {
             conn: RefCell::new(ServerConnection::new(config)?),
+            closed_in_handshake: Cell::new(false),
             client_write: Mutex::new(()),
         };
         let mut early = Vec::new();
         if let Some(bytes) = initial {
-            if let Err(e) = session.absorb(bytes.as_slice(), &mut early) {
-                let _ = session.flush(client).await;
-                return Err(e);
+            match session.absorb(bytes.as_slice(), &mut early) {
+                Ok(true) => session.closed_in_handshake.set(true),
+                Ok(false) => {}
+                Err(e) => {
+                    let _ = session.flush(client).await;
+                    return Err(e);
+                }
             }
         }
         loop {
@@ -65,10 +73,14 @@ impl TlsSession {
             let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
                 return Err(TlsError::ClosedInHandshake);
             };
-            if let Err(e) = session.absorb(chunk.as_slice(), &mut early) {
-                // Tell the client why (the alert is queued by rustls).
-                let _ = session.flush(client).await;
-                return Err(e);
+            match session.absorb(chunk.as_slice(), &mut early) {
+                Ok(true) => session.closed_in_handshake.set(true),
+                Ok(false) => {}
+                Err(e) => {
+                    // Tell the client why (the alert is queued by rustls).
+                    let _ = session.flush(client).await;
+                    return Err(e);
+                }
             }
         }
         // TLS 1.3 session tickets go out after the handshake.
@@ -130,7 +142,8 @@ impl TlsSession {
         buffer_len: usize,
         bytes: &std::sync::atomic::AtomicU64,
     ) -> Result<(), TlsError> {
-        loop {
+        // Already closed: its early data went to the backend before this.
+        while !self.closed_in_handshake.get() {
             let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
                 break;
             };
