@@ -118,6 +118,13 @@ impl TlsSession {
 
     /// Writes every pending TLS record to the client.
     async fn flush(&self, client: &TcpStream) -> io::Result<()> {
+        // Nothing to send: do not queue for the turn. `pump_down` holds it
+        // while the client's window is full, and `pump_up` (which flushes
+        // after every read, usually with nothing to send) must not stall on
+        // that: the upload goes on while the download is backpressured.
+        if !self.conn.borrow().wants_write() {
+            return Ok(());
+        }
         let _turn = self.client_write.lock().await;
         loop {
             let mut out = Vec::new();
