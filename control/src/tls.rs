@@ -47,27 +47,48 @@ pub struct RawSniCert {
     pub names: Option<Vec<String>>,
 }
 
-/// Validated TLS settings of one listener.
+/// Validated TLS settings of one listener. Serializes with the keys of
+/// `[listener.tls]`, so `check-config` prints a table that reads back.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TlsSettings {
+    #[serde(flatten)]
     pub default: CertSource,
     pub sni: Vec<SniCert>,
     pub alpn: Vec<String>,
-    #[serde(serialize_with = "ser_ms")]
+    #[serde(rename = "handshake_timeout_ms", serialize_with = "ser_ms")]
     pub handshake_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum CertSource {
     Files { cert: PathBuf, key: PathBuf },
     SelfSigned { self_signed_names: Vec<String> },
+}
+
+/// `cert` + `key`, or `self_signed = true` + `self_signed_names`.
+impl Serialize for CertSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        match self {
+            CertSource::Files { cert, key } => {
+                map.serialize_entry("cert", cert)?;
+                map.serialize_entry("key", key)?;
+            }
+            CertSource::SelfSigned { self_signed_names } => {
+                map.serialize_entry("self_signed", &true)?;
+                map.serialize_entry("self_signed_names", self_signed_names)?;
+            }
+        }
+        map.end()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SniCert {
     pub cert: PathBuf,
     pub key: PathBuf,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub names: Option<Vec<String>>,
 }
 
