@@ -1,0 +1,472 @@
+//! Answering one DNS query: bytes in, bytes out, no I/O.
+//!
+//! [`Answerer::answer`] takes the query exactly as received, the client's
+//! address, the transport and the routing snapshot to answer from, and writes
+//! the reply into a caller-owned buffer. It never fails: a query it cannot
+//! decode gets FORMERR, and one too short to carry a message ID (or that is a
+//! response, not a query) gets no reply at all, as RFC 1035 servers do.
+//!
+//! # Semantics
+//!
+//! - A name outside the zone: REFUSED (we are authoritative only, no
+//!   recursion), without the AA bit.
+//! - A name in the zone with no records of any type: NXDOMAIN, the SOA in the
+//!   authority section (negative caching, RFC 2308).
+//! - A name with records, but none of the type asked: NOERROR with no answer
+//!   ("NODATA"), the SOA in the authority section.
+//! - Opcodes other than QUERY: NOTIMP. Zone transfers (AXFR, IXFR): REFUSED.
+//!   Classes other than IN (and ANY): REFUSED. QDCOUNT other than 1, several
+//!   OPT records, a malformed ECS option: FORMERR. EDNS version above 0:
+//!   BADVERS.
+//! - Over UDP a reply is at most 512 bytes without EDNS, else the client's
+//!   advertised size clamped to `512..=MAX_UDP_PAYLOAD`. A reply over that
+//!   first loses its additional section (glue is optional), then, if still
+//!   too large, everything but the question and OPT, with TC set, so the
+//!   client retries over TCP.
+//!
+//! # Records
+//!
+//! `<app>` answers A or AAAA with the one backend the proxy would pick for
+//! this client (`engine::select::pick`: same tiers, same load score; the
+//! client located by ECS or else by its address). Other names: see
+//! [`crate::names`].
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use engine::geo::GeoResolver;
+use engine::select::{pick, tier_of, ClientGeo};
+use engine::snapshot::{BackendIdx, RoutingSnapshot};
+use hickory_proto::op::{
+    emit_message_parts, Edns, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
+};
+use hickory_proto::rr::rdata::{A, AAAA, SRV};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinEncoder;
+
+use crate::ecs::{client_location, ClientLocation};
+use crate::index::{IndexCache, ZoneIndex};
+use crate::names::{classify, relative, Placement, Target};
+use crate::zone::ZoneConfig;
+
+/// The largest UDP reply we send, whatever the client advertises: 1232 bytes
+/// avoids IP fragmentation on any path with a 1280-byte IPv6 MTU (the DNS
+/// Flag Day 2020 recommendation).
+pub const MAX_UDP_PAYLOAD: u16 = 1232;
+
+/// A reply's size limit without EDNS (RFC 1035).
+const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// How the query arrived; decides the reply size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// What happened to one query, for logs and counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answered {
+    pub rcode: ResponseCode,
+    /// TC was set (UDP only).
+    pub truncated: bool,
+}
+
+/// Answers queries for one zone. Cheap to clone: clones share the
+/// per-snapshot index; each keeps its own scratch space, so give each task
+/// its own clone.
+#[derive(Debug, Clone)]
+pub struct Answerer {
+    zone: Arc<ZoneConfig>,
+    geo: Arc<GeoResolver>,
+    cache: IndexCache,
+    /// Scratch: the query name relative to the zone.
+    rel: String,
+    /// Scratch: the reply being built (its vectors keep their capacity).
+    reply: Message,
+}
+
+impl Answerer {
+    pub fn new(zone: Arc<ZoneConfig>, geo: Arc<GeoResolver>) -> Self {
+        Answerer {
+            zone,
+            geo,
+            cache: IndexCache::default(),
+            rel: String::new(),
+            reply: Message::new(0, MessageType::Response, OpCode::Query),
+        }
+    }
+
+    pub fn zone(&self) -> &ZoneConfig {
+        &self.zone
+    }
+
+    /// Answers `query` from `client` into `out` (cleared first). `None`: send
+    /// nothing (`out` is then empty).
+    pub fn answer(
+        &mut self,
+        query: &[u8],
+        client: IpAddr,
+        transport: Transport,
+        snapshot: &RoutingSnapshot,
+        out: &mut Vec<u8>,
+    ) -> Option<Answered> {
+        out.clear();
+        // ID (2 bytes), then QR in the top bit of byte 2. Without a full
+        // header there is no ID to answer to; a response is never answered
+        // (that is how reflection loops between servers start).
+        if query.len() < 12 || query[2] & 0x80 != 0 {
+            return None;
+        }
+        let request = match Message::from_vec(query) {
+            Ok(m) => m,
+            Err(_) => {
+                let id = u16::from_be_bytes([query[0], query[1]]);
+                let op_code = OpCode::from_u8((query[2] >> 3) & 0x0f);
+                let mut meta = Metadata::new(id, MessageType::Response, op_code);
+                meta.recursion_desired = query[2] & 0x01 != 0;
+                meta.response_code = ResponseCode::FormErr;
+                return Some(self.emit_bare(meta, None, None, transport, out));
+            }
+        };
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        let query_edns = request.edns.as_ref();
+        if request.metadata.op_code != OpCode::Query {
+            meta.response_code = ResponseCode::NotImp;
+            let q = request.queries.first();
+            return Some(self.emit_bare(meta, q, query_edns, transport, out));
+        }
+        let [question] = request.queries.as_slice() else {
+            meta.response_code = ResponseCode::FormErr;
+            return Some(self.emit_bare(meta, None, query_edns, transport, out));
+        };
+        if let Some(edns) = query_edns {
+            if edns.version() > 0 {
+                meta.response_code = ResponseCode::BADVERS;
+                return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+            }
+        }
+        let location = match client_location(query_edns) {
+            Ok(l) => l,
+            Err(_) => {
+                meta.response_code = ResponseCode::FormErr;
+                return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+            }
+        };
+        if !matches!(question.query_class(), DNSClass::IN | DNSClass::ANY)
+            || matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR)
+        {
+            meta.response_code = ResponseCode::Refused;
+            return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+        }
+        let placement = relative(question.name(), self.zone.domain(), &mut self.rel);
+        if placement == Placement::Outside {
+            meta.response_code = ResponseCode::Refused;
+            return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+        }
+
+        meta.authoritative = true;
+        self.reply.metadata = meta;
+        self.reply.queries.clear();
+        self.reply.queries.push(question.clone());
+        self.reply.answers.clear();
+        self.reply.authorities.clear();
+        self.reply.additionals.clear();
+        self.reply.edns = reply_edns(query_edns, &location);
+
+        let exists = placement == Placement::Inside && {
+            let index = self.cache.get(snapshot, &self.zone);
+            let geo_ip = location.geo_address(client);
+            let mut lookup = Lookup {
+                zone: &self.zone,
+                geo: &self.geo,
+                snapshot,
+                index: &index,
+                qname: question.name(),
+                qtype: question.query_type(),
+                geo_ip,
+                reply: &mut self.reply,
+            };
+            lookup.run(&self.rel)
+        };
+        if !exists {
+            self.reply.metadata.response_code = ResponseCode::NXDomain;
+        }
+        if self.reply.answers.is_empty() {
+            let soa = self.zone.soa(serial(snapshot));
+            self.reply.authorities.push(soa);
+        }
+        Some(self.emit_reply(query_edns, transport, out))
+    }
+
+    /// A reply with no records: errors, refusals.
+    fn emit_bare(
+        &mut self,
+        meta: Metadata,
+        question: Option<&Query>,
+        query_edns: Option<&Edns>,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Answered {
+        self.reply.metadata = meta;
+        self.reply.queries.clear();
+        self.reply.queries.extend(question.cloned());
+        self.reply.answers.clear();
+        self.reply.authorities.clear();
+        self.reply.additionals.clear();
+        self.reply.edns = reply_edns(query_edns, &ClientLocation::Source);
+        self.emit_reply(query_edns, transport, out)
+    }
+
+    /// Encodes `self.reply` within the transport's size limit, shedding
+    /// sections (see the module documentation) when it does not fit.
+    fn emit_reply(
+        &mut self,
+        query_edns: Option<&Edns>,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> Answered {
+        let limit = match (transport, query_edns) {
+            (Transport::Tcp, _) => u16::MAX,
+            (Transport::Udp, None) => CLASSIC_UDP_PAYLOAD,
+            (Transport::Udp, Some(e)) => e
+                .max_payload()
+                .clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD),
+        };
+        let rcode = self.reply.metadata.response_code;
+        if encode(&self.reply, limit, out) {
+            return Answered {
+                rcode,
+                truncated: false,
+            };
+        }
+        self.reply.additionals.clear();
+        if encode(&self.reply, limit, out) {
+            return Answered {
+                rcode,
+                truncated: false,
+            };
+        }
+        self.reply.answers.clear();
+        self.reply.authorities.clear();
+        self.reply.metadata.truncation = true;
+        // Header, one question (≤ 259 bytes) and an OPT with one ECS option
+        // always fit in 512 bytes.
+        encode(&self.reply, limit, out);
+        Answered {
+            rcode,
+            truncated: true,
+        }
+    }
+}
+
+/// The SOA serial: the snapshot version (it bumps on every routing change).
+fn serial(snapshot: &RoutingSnapshot) -> u32 {
+    snapshot.version as u32
+}
+
+/// The reply's OPT record: present when the query had one (RFC 6891),
+/// advertising our own UDP limit, DO copied (RFC 3225), ECS echoed.
+fn reply_edns(query_edns: Option<&Edns>, location: &ClientLocation) -> Option<Edns> {
+    let q = query_edns?;
+    let mut edns = Edns::new();
+    edns.set_max_payload(MAX_UDP_PAYLOAD);
+    edns.set_version(0);
+    edns.set_dnssec_ok(q.flags().dnssec_ok);
+    if let Some(option) = location.reply_option() {
+        edns.options_mut().insert(option);
+    }
+    Some(edns)
+}
+
+/// Encodes `msg` into `out` (cleared first) with at most `limit` bytes.
+/// Returns false when something did not fit (the bytes are then unusable).
+fn encode(msg: &Message, limit: u16, out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut encoder = BinEncoder::new(out);
+    encoder.set_max_size(limit);
+    let result = emit_message_parts(
+        &msg.metadata,
+        &mut msg.queries.iter(),
+        &mut msg.answers.iter(),
+        &mut msg.authorities.iter(),
+        &mut msg.additionals.iter(),
+        msg.edns.as_ref(),
+        None,
+        &mut encoder,
+    );
+    match result {
+        Ok(header) => msg.metadata.truncation || !header.truncation,
+        Err(_) => false,
+    }
+}
+
+/// One in-zone lookup: fills the reply's sections.
+struct Lookup<'a> {
+    zone: &'a ZoneConfig,
+    geo: &'a GeoResolver,
+    snapshot: &'a RoutingSnapshot,
+    index: &'a ZoneIndex,
+    qname: &'a Name,
+    qtype: RecordType,
+    geo_ip: Option<IpAddr>,
+    reply: &'a mut Message,
+}
+
+impl Lookup<'_> {
+    /// Adds the records for `rel` (the query name relative to the zone);
+    /// returns whether the name exists.
+    fn run(&mut self, rel: &str) -> bool {
+        match classify(rel) {
+            Target::Apex => {
+                if self.wants(RecordType::SOA) {
+                    let soa = self.zone.soa(serial(self.snapshot));
+                    self.reply.answers.push(soa);
+                }
+                if self.wants(RecordType::NS) {
+                    self.reply.answers.push(self.zone.ns());
+                    let ns = self.zone.ns_name().clone();
+                    for &ip in self.zone.ns_addrs() {
+                        self.reply.additionals.push(address_record(&ns, self.zone.ttl(), ip));
+                    }
+                }
+                true
+            }
+            Target::NsHost => {
+                for &ip in self.zone.ns_addrs() {
+                    self.add_address(ip);
+                }
+                true
+            }
+            Target::RegionBackends(region) => {
+                let Some(list) = self.index.region(region) else {
+                    return false;
+                };
+                let mut seen: Vec<IpAddr> = Vec::new();
+                for &idx in list {
+                    let ip = self.snapshot.backend(idx).addr.ip();
+                    // Backends sharing an address (different ports) give one
+                    // record: an RRset holds no duplicates.
+                    if !seen.contains(&ip) {
+                        seen.push(ip);
+                        self.add_address(ip);
+                    }
+                }
+                true
+            }
+            Target::RegionPops(region) => {
+                let mut any = false;
+                for pop in self.zone.pops_in(region) {
+                    any = true;
+                    self.add_address(pop.addr);
+                }
+                any
+            }
+            Target::Srv(app) => {
+                let Some(entry) = self.index.app(app) else {
+                    return self.index.is_empty_nonterminal(rel);
+                };
+                if self.wants(RecordType::SRV) {
+                    self.add_srv(&entry.srv);
+                }
+                true
+            }
+            Target::Node(rel) => self.node(rel),
+        }
+    }
+
+    /// An app, `<id>.<app>`, or an empty non-terminal.
+    fn node(&mut self, rel: &str) -> bool {
+        if let Some(entry) = self.index.app(rel) {
+            let client = self.client_geo();
+            let local = self.snapshot.region_id(self.zone.local_region());
+            for (qtype, candidates) in [(RecordType::A, &entry.v4), (RecordType::AAAA, &entry.v6)] {
+                if !self.wants(qtype) {
+                    continue;
+                }
+                let choice = pick(self.snapshot, candidates, &client, local, &[], |b| {
+                    b.active()
+                });
+                if let Some(choice) = choice {
+                    let ip = self.snapshot.backend(choice.idx).addr.ip();
+                    self.add_address(ip);
+                }
+            }
+            return true;
+        }
+        if let Some((id, app)) = rel.split_once('.') {
+            if let Some(idx) = self.index.app(app).and_then(|e| e.backend(id)) {
+                let ip = self.snapshot.backend(idx).addr.ip();
+                self.add_address(ip);
+                return true;
+            }
+        }
+        self.index.is_empty_nonterminal(rel)
+    }
+
+    /// SRV records for every healthy backend of the app that has a name:
+    /// priority is the backend's geo tier for this client (closest first, as
+    /// the proxy prefers), weight the backend's weight; glue in additional.
+    fn add_srv(&mut self, targets: &[(BackendIdx, Name)]) {
+        let client = self.client_geo();
+        let local = self.snapshot.region_id(self.zone.local_region());
+        let mut records: Vec<(u16, Record, Record)> = targets
+            .iter()
+            .map(|(idx, target)| {
+                let b = self.snapshot.backend(*idx);
+                let tier = tier_of(b, &client, local) as u16;
+                let weight = u16::try_from(b.weight).unwrap_or(u16::MAX);
+                let srv = SRV::new(tier, weight, b.addr.port(), target.clone());
+                let ttl = self.zone.ttl();
+                (
+                    tier,
+                    Record::from_rdata(self.qname.clone(), ttl, RData::SRV(srv)),
+                    address_record(target, ttl, b.addr.ip()),
+                )
+            })
+            .collect();
+        records.sort_by_key(|(tier, _, _)| *tier);
+        for (_, srv, glue) in records {
+            self.reply.answers.push(srv);
+            self.reply.additionals.push(glue);
+        }
+    }
+
+    fn client_geo(&self) -> ClientGeo {
+        let Some(ip) = self.geo_ip else {
+            return ClientGeo::default();
+        };
+        let (country, region) = self.geo.locate(ip);
+        ClientGeo {
+            country,
+            region: region.and_then(|r| self.snapshot.region_id(r)),
+        }
+    }
+
+    fn wants(&self, t: RecordType) -> bool {
+        self.qtype == t || self.qtype == RecordType::ANY
+    }
+
+    /// An A or AAAA answer at the query name, if that type was asked.
+    fn add_address(&mut self, ip: IpAddr) {
+        let t = match ip {
+            IpAddr::V4(_) => RecordType::A,
+            IpAddr::V6(_) => RecordType::AAAA,
+        };
+        if self.wants(t) {
+            let record = address_record(self.qname, self.zone.ttl(), ip);
+            self.reply.answers.push(record);
+        }
+    }
+}
+
+fn address_record(name: &Name, ttl: u32, ip: IpAddr) -> Record {
+    let rdata = match ip {
+        IpAddr::V4(v4) => RData::A(A(v4)),
+        IpAddr::V6(v6) => RData::AAAA(AAAA(v6)),
+    };
+    Record::from_rdata(name.clone(), ttl, rdata)
+}
+
+#[cfg(test)]
+mod tests;

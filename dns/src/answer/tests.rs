@@ -1,0 +1,587 @@
+//! Answers for every kind of name and error, decoded back with hickory.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use engine::geo::{GeoResolver, RegionMap};
+use engine::snapshot::{ActiveGuard, BackendRecord, Country, RoutingSnapshot, SnapshotBuilder};
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+
+use super::*;
+use crate::zone::PopEntry;
+
+fn rec(id: &str, app: &str, region: &str, country: &str, ip: &str) -> BackendRecord {
+    BackendRecord {
+        id: id.into(),
+        app: app.into(),
+        region: region.into(),
+        country: Some(country.into()),
+        ip: ip.into(),
+        port: 8080,
+        healthy: true,
+        weight: 1,
+        soft_limit: 10,
+        hard_limit: 0,
+        deleted: false,
+    }
+}
+
+/// Clients: 200.160.2.0/24 is in BR (sa), 10.9.0.0/16 in DE (eu),
+/// 10.8.0.0/16 in US; anything else is unknown.
+fn geo() -> Arc<GeoResolver> {
+    let c = |s| Country::parse(s).unwrap();
+    Arc::new(GeoResolver::new(
+        vec![
+            ("200.160.2.0/24".parse().unwrap(), c("BR")),
+            ("10.9.0.0/16".parse().unwrap(), c("DE")),
+            ("10.8.0.0/16".parse().unwrap(), c("US")),
+        ],
+        None,
+        RegionMap::default(),
+    ))
+}
+
+fn zone(ttl: u32) -> Arc<ZoneConfig> {
+    let pop = |name: &str, region: &str, addr: &str| PopEntry {
+        name: name.into(),
+        region: region.into(),
+        addr: addr.parse().unwrap(),
+    };
+    Arc::new(
+        ZoneConfig::new(
+            "internal",
+            ttl,
+            "sa",
+            vec![
+                pop("gru-1", "sa", "10.50.0.1"),
+                pop("gru-2", "sa", "fdaa::2"),
+                pop("fra-1", "eu", "10.60.0.1"),
+            ],
+            vec!["10.50.0.1".parse().unwrap()],
+        )
+        .unwrap(),
+    )
+}
+
+fn table() -> RoutingSnapshot {
+    SnapshotBuilder::new()
+        .build(&[
+            rec("sa-1", "web", "sa", "BR", "10.1.0.1"),
+            rec("eu-1", "web", "eu", "DE", "10.2.0.1"),
+            rec("us-1", "web", "us", "US", "10.3.0.1"),
+            rec("eu-6", "web", "eu", "DE", "fd00::2:1"),
+            rec("v6-1", "api", "eu", "DE", "fd00::9"),
+        ])
+        .snapshot
+}
+
+struct Fixture {
+    answerer: Answerer,
+    snapshot: RoutingSnapshot,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture::with(table())
+    }
+
+    fn with(snapshot: RoutingSnapshot) -> Fixture {
+        Fixture {
+            answerer: Answerer::new(zone(5), geo()),
+            snapshot,
+        }
+    }
+
+    fn raw(&mut self, bytes: &[u8], client: &str, transport: Transport) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let client: IpAddr = client.parse().unwrap();
+        self.answerer
+            .answer(bytes, client, transport, &self.snapshot, &mut out)
+            .map(|_| out)
+    }
+
+    fn send(&mut self, msg: &Message, client: &str, transport: Transport) -> Message {
+        let reply = self
+            .raw(&msg.to_vec().unwrap(), client, transport)
+            .expect("a reply");
+        let reply = Message::from_vec(&reply).expect("reply decodes");
+        assert_eq!(reply.metadata.id, msg.metadata.id);
+        assert_eq!(reply.metadata.message_type, MessageType::Response);
+        reply
+    }
+
+    fn ask(&mut self, name: &str, qtype: RecordType) -> Message {
+        self.send(&query(name, qtype), "127.0.0.1", Transport::Udp)
+    }
+}
+
+fn query(name: &str, qtype: RecordType) -> Message {
+    let mut msg = Message::new(0x1234, MessageType::Query, OpCode::Query);
+    msg.metadata.recursion_desired = true;
+    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    msg
+}
+
+fn with_edns(mut msg: Message, size: u16, subnet: Option<&str>) -> Message {
+    let mut edns = Edns::new();
+    edns.set_max_payload(size);
+    if let Some(s) = subnet {
+        let net: ClientSubnet = s.parse().unwrap();
+        edns.options_mut().insert(EdnsOption::Subnet(net));
+    }
+    msg.set_edns(edns);
+    msg
+}
+
+/// The addresses in the answer section, in order.
+fn addrs(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn authority_is_soa(m: &Message) -> bool {
+    m.authorities.len() == 1 && m.authorities[0].record_type() == RecordType::SOA
+}
+
+#[test]
+fn app_answer_is_the_backend_the_proxy_would_pick_for_the_client() {
+    let mut f = Fixture::new();
+    let q = query("web.internal.", RecordType::A);
+    let for_client = |f: &mut Fixture, ip: &str| addrs(&f.send(&q, ip, Transport::Udp));
+    assert_eq!(for_client(&mut f, "200.160.2.9"), ["10.1.0.1"]);
+    assert_eq!(for_client(&mut f, "10.9.1.1"), ["10.2.0.1"]);
+    assert_eq!(for_client(&mut f, "10.8.1.1"), ["10.3.0.1"]);
+    // Unknown client: the local POP's region (sa) wins.
+    assert_eq!(for_client(&mut f, "192.0.2.1"), ["10.1.0.1"]);
+    let reply = f.send(&q, "10.9.1.1", Transport::Udp);
+    assert!(reply.metadata.authoritative);
+    assert!(!reply.metadata.recursion_available);
+    assert!(reply.metadata.recursion_desired, "RD is copied");
+    assert_eq!(reply.answers[0].ttl, 5);
+    assert_eq!(reply.answers[0].name.to_ascii(), "web.internal.");
+}
+
+#[test]
+fn load_steers_within_a_tier_like_the_proxy() {
+    let snap = SnapshotBuilder::new()
+        .build(&[
+            rec("a", "web", "sa", "BR", "10.1.0.1"),
+            rec("b", "web", "sa", "BR", "10.1.0.2"),
+        ])
+        .snapshot;
+    let busy = ActiveGuard::new(Arc::clone(&snap.backends[0].live));
+    let mut f = Fixture::with(snap);
+    let q = query("web.internal.", RecordType::A);
+    assert_eq!(addrs(&f.send(&q, "200.160.2.1", Transport::Udp)), ["10.1.0.2"]);
+    drop(busy);
+    assert_eq!(addrs(&f.send(&q, "200.160.2.1", Transport::Udp)), ["10.1.0.1"]);
+}
+
+#[test]
+fn client_subnet_overrides_the_source_and_is_echoed_with_scope() {
+    let mut f = Fixture::new();
+    let q = with_edns(
+        query("web.internal.", RecordType::A),
+        1232,
+        Some("10.9.0.0/16"),
+    );
+    let reply = f.send(&q, "200.160.2.9", Transport::Udp);
+    assert_eq!(addrs(&reply), ["10.2.0.1"]);
+    let edns = reply.edns.expect("OPT in reply");
+    let Some(EdnsOption::Subnet(s)) = edns.option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet)
+    else {
+        panic!("no ECS in reply")
+    };
+    assert_eq!((s.source_prefix(), s.scope_prefix()), (16, 16));
+    assert_eq!(edns.max_payload(), MAX_UDP_PAYLOAD);
+    // /0: the client opts out; not even the source address is used.
+    let q = with_edns(query("web.internal.", RecordType::A), 1232, Some("0.0.0.0/0"));
+    assert_eq!(addrs(&f.send(&q, "10.9.1.1", Transport::Udp)), ["10.1.0.1"]);
+}
+
+#[test]
+fn malformed_client_subnet_is_formerr() {
+    let mut f = Fixture::new();
+    let mut q = query("web.internal.", RecordType::A);
+    let mut edns = Edns::new();
+    // Bits beyond the /12 prefix (0x09 in the second byte).
+    let bad = ClientSubnet::new("10.9.0.0".parse().unwrap(), 12, 0);
+    edns.options_mut().insert(EdnsOption::Subnet(bad));
+    q.set_edns(edns);
+    let reply = f.send(&q, "127.0.0.1", Transport::Udp);
+    assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    assert!(reply.answers.is_empty());
+}
+
+#[test]
+fn aaaa_answers_from_ipv6_backends_and_a_from_ipv4() {
+    let mut f = Fixture::new();
+    assert_eq!(addrs(&f.ask("web.internal.", RecordType::AAAA)), ["fd00::2:1"]);
+    assert_eq!(addrs(&f.ask("api.internal.", RecordType::AAAA)), ["fd00::9"]);
+    // api has no IPv4 backend: NODATA, not NXDOMAIN.
+    let reply = f.ask("api.internal.", RecordType::A);
+    assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+    assert!(reply.answers.is_empty());
+    assert!(authority_is_soa(&reply));
+    let both = f.ask("web.internal.", RecordType::ANY);
+    assert_eq!(addrs(&both), ["10.1.0.1", "fd00::2:1"]);
+}
+
+#[test]
+fn unhealthy_and_deleted_backends_never_appear() {
+    let mut sick = rec("sa-1", "web", "sa", "BR", "10.1.0.1");
+    sick.healthy = false;
+    let mut gone = rec("sa-2", "web", "sa", "BR", "10.1.0.2");
+    gone.deleted = true;
+    let mut alone = rec("x-1", "lonely", "sa", "BR", "10.1.0.9");
+    alone.healthy = false;
+    let snap = SnapshotBuilder::new()
+        .build(&[sick, gone, rec("eu-1", "web", "eu", "DE", "10.2.0.1"), alone])
+        .snapshot;
+    let mut f = Fixture::with(snap);
+    let reply = f.send(
+        &query("web.internal.", RecordType::A),
+        "200.160.2.1",
+        Transport::Udp,
+    );
+    assert_eq!(addrs(&reply), ["10.2.0.1"]);
+    assert_eq!(addrs(&f.ask("sa.backends.internal.", RecordType::A)), Vec::<String>::new());
+    assert!(f.ask("_web._tcp.internal.", RecordType::SRV).answers.len() == 1);
+    assert_eq!(f.ask("sa-1.web.internal.", RecordType::A).metadata.response_code, ResponseCode::NXDomain);
+    // An app whose only backend is unhealthy has no records at all.
+    let reply = f.ask("lonely.internal.", RecordType::A);
+    assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn region_backends_pops_and_name_server() {
+    let mut f = Fixture::new();
+    let eu = f.ask("eu.backends.internal.", RecordType::A);
+    assert_eq!(addrs(&eu), ["10.2.0.1"]);
+    let eu6 = f.ask("EU.Backends.internal.", RecordType::AAAA);
+    assert_eq!(addrs(&eu6), ["fd00::2:1", "fd00::9"]);
+    assert_eq!(addrs(&f.ask("sa.pops.internal.", RecordType::A)), ["10.50.0.1"]);
+    assert_eq!(addrs(&f.ask("sa.pops.internal.", RecordType::AAAA)), ["fdaa::2"]);
+    assert_eq!(addrs(&f.ask("eu.pops.internal.", RecordType::A)), ["10.60.0.1"]);
+    let none = f.ask("ap.pops.internal.", RecordType::A);
+    assert_eq!(none.metadata.response_code, ResponseCode::NXDomain);
+    let none = f.ask("ap.backends.internal.", RecordType::A);
+    assert_eq!(none.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(addrs(&f.ask("ns.internal.", RecordType::A)), ["10.50.0.1"]);
+    // Parents of those names exist (empty non-terminals): NODATA.
+    for ent in ["backends.internal.", "pops.internal.", "_tcp.internal."] {
+        let r = f.ask(ent, RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{ent}");
+        assert!(r.answers.is_empty() && authority_is_soa(&r), "{ent}");
+    }
+}
+
+#[test]
+fn backends_sharing_an_address_give_one_record() {
+    let snap = SnapshotBuilder::new()
+        .build(&[
+            rec("a", "web", "sa", "BR", "10.1.0.1"),
+            rec("b", "api", "sa", "BR", "10.1.0.1"),
+        ])
+        .snapshot;
+    let mut f = Fixture::with(snap);
+    assert_eq!(addrs(&f.ask("sa.backends.internal.", RecordType::A)), ["10.1.0.1"]);
+}
+
+#[test]
+fn srv_lists_backends_closest_first_with_weights_ports_and_glue() {
+    let mut t = rec("eu-1", "web", "eu", "DE", "10.2.0.1");
+    t.weight = 7;
+    t.port = 9000;
+    let snap = SnapshotBuilder::new()
+        .build(&[t, rec("sa-1", "web", "sa", "BR", "10.1.0.1")])
+        .snapshot;
+    let mut f = Fixture::with(snap);
+    let reply = f.send(
+        &query("_web._tcp.internal.", RecordType::SRV),
+        "10.9.0.1",
+        Transport::Udp,
+    );
+    let srv: Vec<(u16, u16, u16, String)> = reply
+        .answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::SRV(s) => (s.priority, s.weight, s.port, s.target.to_ascii()),
+            other => panic!("not SRV: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        srv,
+        [
+            (0, 7, 9000, "eu-1.web.internal.".to_string()),
+            (2, 1, 8080, "sa-1.web.internal.".to_string())
+        ]
+    );
+    let glue: Vec<String> = reply
+        .additionals
+        .iter()
+        .map(|r| format!("{} {}", r.name, r.data))
+        .collect();
+    assert_eq!(glue, ["eu-1.web.internal. 10.2.0.1", "sa-1.web.internal. 10.1.0.1"]);
+    // The targets resolve.
+    assert_eq!(addrs(&f.ask("EU-1.web.internal.", RecordType::A)), ["10.2.0.1"]);
+    // Known name, other type.
+    let r = f.ask("_web._tcp.internal.", RecordType::A);
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+    let r = f.ask("_nope._tcp.internal.", RecordType::SRV);
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn apex_has_soa_and_ns_with_glue() {
+    let mut f = Fixture::new();
+    let soa = f.ask("internal.", RecordType::SOA);
+    assert_eq!(soa.answers.len(), 1);
+    let RData::SOA(s) = &soa.answers[0].data else {
+        panic!("not SOA")
+    };
+    assert_eq!(s.mname.to_ascii(), "ns.internal.");
+    assert_eq!(s.serial, f.snapshot.version as u32);
+    let ns = f.ask("Internal.", RecordType::NS);
+    assert_eq!(ns.answers.len(), 1);
+    assert_eq!(ns.additionals.len(), 1);
+    let a = f.ask("internal.", RecordType::A);
+    assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+    assert!(a.answers.is_empty() && authority_is_soa(&a));
+}
+
+#[test]
+fn unknown_names_are_nxdomain_with_soa() {
+    let mut f = Fixture::new();
+    for name in ["nope.internal.", "x.web.internal.", "a.sa.backends.internal."] {
+        let r = f.ask(name, RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(r.metadata.authoritative);
+        assert!(authority_is_soa(&r), "{name}");
+        assert_eq!(r.authorities[0].ttl, 5);
+    }
+}
+
+#[test]
+fn known_name_other_type_is_nodata() {
+    let mut f = Fixture::new();
+    for t in [RecordType::MX, RecordType::TXT, RecordType::SRV, RecordType::CNAME] {
+        let r = f.ask("web.internal.", t);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{t}");
+        assert!(r.answers.is_empty() && authority_is_soa(&r), "{t}");
+    }
+}
+
+#[test]
+fn names_outside_the_zone_are_refused() {
+    let mut f = Fixture::new();
+    for name in ["example.com.", "internal.example.", "."] {
+        let r = f.ask(name, RecordType::A);
+        assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{name}");
+        assert!(!r.metadata.authoritative);
+        assert!(r.answers.is_empty() && r.authorities.is_empty());
+    }
+}
+
+#[test]
+fn names_are_case_insensitive_and_keep_the_askers_case() {
+    let mut f = Fixture::new();
+    let r = f.ask("WeB.InTeRnAl.", RecordType::A);
+    assert_eq!(addrs(&r), ["10.1.0.1"]);
+    assert_eq!(r.queries[0].name.to_ascii(), "WeB.InTeRnAl.");
+}
+
+#[test]
+fn undecodable_queries_get_formerr_and_non_queries_nothing() {
+    let mut f = Fixture::new();
+    let good = query("web.internal.", RecordType::A).to_vec().unwrap();
+    // Header promises a question that is cut off.
+    let cut = &good[..good.len() - 3];
+    let r = Message::from_vec(&f.raw(cut, "127.0.0.1", Transport::Udp).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(r.metadata.id, 0x1234);
+    // Shorter than a header: no ID to answer.
+    assert_eq!(f.raw(&good[..11], "127.0.0.1", Transport::Udp), None);
+    // A response is never answered.
+    let mut resp = good.clone();
+    resp[2] |= 0x80;
+    assert_eq!(f.raw(&resp, "127.0.0.1", Transport::Udp), None);
+    // Two questions.
+    let mut two = query("web.internal.", RecordType::A);
+    two.add_query(Query::query(Name::from_ascii("api.internal.").unwrap(), RecordType::A));
+    let r = f.send(&two, "127.0.0.1", Transport::Udp);
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    // No question.
+    let none = Message::new(7, MessageType::Query, OpCode::Query);
+    let r = f.send(&none, "127.0.0.1", Transport::Udp);
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+}
+
+#[test]
+fn other_opcodes_classes_transfers_and_edns_versions() {
+    let mut f = Fixture::new();
+    let mut notify = query("internal.", RecordType::SOA);
+    notify.metadata.op_code = OpCode::Notify;
+    assert_eq!(f.send(&notify, "127.0.0.1", Transport::Udp).metadata.response_code, ResponseCode::NotImp);
+    let mut chaos = query("version.bind.", RecordType::TXT);
+    chaos.queries[0].set_query_class(DNSClass::CH);
+    assert_eq!(f.send(&chaos, "127.0.0.1", Transport::Udp).metadata.response_code, ResponseCode::Refused);
+    let axfr = query("internal.", RecordType::AXFR);
+    assert_eq!(f.send(&axfr, "127.0.0.1", Transport::Tcp).metadata.response_code, ResponseCode::Refused);
+    let mut v1 = with_edns(query("web.internal.", RecordType::A), 1232, None);
+    v1.edns.as_mut().unwrap().set_version(1);
+    let r = f.send(&v1, "127.0.0.1", Transport::Udp);
+    // BADVERS and BADSIG share the value 16; hickory decodes it as BADSIG.
+    assert_eq!(u16::from(r.metadata.response_code), 16);
+    assert_eq!(r.edns.unwrap().version(), 0);
+    assert!(r.answers.is_empty());
+}
+
+#[test]
+fn edns_is_echoed_with_our_payload_size_and_the_do_bit() {
+    let mut f = Fixture::new();
+    let plain = f.ask("web.internal.", RecordType::A);
+    assert!(plain.edns.is_none(), "no OPT unless asked");
+    let mut q = with_edns(query("web.internal.", RecordType::A), 4096, None);
+    q.edns.as_mut().unwrap().set_dnssec_ok(true);
+    let r = f.send(&q, "127.0.0.1", Transport::Udp);
+    let edns = r.edns.unwrap();
+    assert_eq!(edns.max_payload(), MAX_UDP_PAYLOAD);
+    assert!(edns.flags().dnssec_ok);
+}
+
+fn big_region(n: usize) -> RoutingSnapshot {
+    let records: Vec<BackendRecord> = (0..n)
+        .map(|i| rec(&format!("b{i}"), "big", "sa", "BR", &format!("10.7.{}.{}", i / 250, i % 250 + 1)))
+        .collect();
+    SnapshotBuilder::new().build(&records).snapshot
+}
+
+#[test]
+fn oversized_udp_replies_are_truncated_and_complete_over_tcp() {
+    let mut f = Fixture::with(big_region(100));
+    let q = query("sa.backends.internal.", RecordType::A);
+    let udp = f.send(&q, "127.0.0.1", Transport::Udp);
+    assert!(udp.metadata.truncation);
+    assert!(udp.answers.is_empty());
+    assert_eq!(udp.queries.len(), 1);
+    let raw = f.raw(&q.to_vec().unwrap(), "127.0.0.1", Transport::Udp).unwrap();
+    assert!(raw.len() <= 512);
+    let tcp = f.send(&q, "127.0.0.1", Transport::Tcp);
+    assert!(!tcp.metadata.truncation);
+    assert_eq!(tcp.answers.len(), 100);
+    // With EDNS the limit is the client's size, capped at 1232: 60 A
+    // records (16 bytes each after compression) fit, 100 do not.
+    let mut f = Fixture::with(big_region(60));
+    let q = with_edns(query("sa.backends.internal.", RecordType::A), 4096, None);
+    let r = f.send(&q, "127.0.0.1", Transport::Udp);
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 60);
+    assert!(r.edns.is_some());
+}
+
+#[test]
+fn glue_is_dropped_before_answers_are() {
+    // 24 SRV records (43 bytes each: targets are never compressed, RFC
+    // 2782) fit in 1232 bytes; with their 24 glue records (16 bytes each)
+    // they do not.
+    let records: Vec<BackendRecord> = (0..24)
+        .map(|i| rec(&format!("backend-{i:02}"), "web", "sa", "BR", &format!("10.7.0.{}", i + 1)))
+        .collect();
+    let mut f = Fixture::with(SnapshotBuilder::new().build(&records).snapshot);
+    let q = with_edns(query("_web._tcp.internal.", RecordType::SRV), 1232, None);
+    let r = f.send(&q, "127.0.0.1", Transport::Udp);
+    assert!(!r.metadata.truncation);
+    assert_eq!(r.answers.len(), 24);
+    assert!(r.additionals.is_empty());
+    assert!(r.edns.is_some(), "the OPT record stays");
+    let r = f.send(&q, "127.0.0.1", Transport::Tcp);
+    assert_eq!(r.additionals.len(), 24);
+}
+
+#[test]
+fn answers_follow_a_new_snapshot() {
+    let mut builder = SnapshotBuilder::new();
+    let first = builder.build(&[rec("a", "web", "sa", "BR", "10.1.0.1")]).snapshot;
+    let mut f = Fixture::with(first);
+    assert_eq!(addrs(&f.ask("web.internal.", RecordType::A)), ["10.1.0.1"]);
+    f.snapshot = builder.build(&[rec("b", "web", "sa", "BR", "10.1.0.2")]).snapshot;
+    assert_eq!(addrs(&f.ask("web.internal.", RecordType::A)), ["10.1.0.2"]);
+    f.snapshot = builder.build(&[]).snapshot;
+    let r = f.ask("web.internal.", RecordType::A);
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn ttl_is_configurable() {
+    let mut f = Fixture::new();
+    f.answerer = Answerer::new(zone(60), geo());
+    let r = f.ask("web.internal.", RecordType::A);
+    assert_eq!(r.answers[0].ttl, 60);
+    let r = f.ask("nope.internal.", RecordType::A);
+    let RData::SOA(soa) = &r.authorities[0].data else {
+        panic!("not SOA")
+    };
+    assert_eq!(soa.minimum, 60);
+}
+
+/// Deterministic xorshift, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn random_and_mutated_packets_never_panic() {
+    let mut f = Fixture::new();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let seeds: Vec<Vec<u8>> = [
+        query("web.internal.", RecordType::A),
+        with_edns(query("_web._tcp.internal.", RecordType::SRV), 1232, Some("10.9.0.0/16")),
+        with_edns(query("sa.backends.internal.", RecordType::AAAA), 512, None),
+    ]
+    .iter()
+    .map(|m| m.to_vec().unwrap())
+    .collect();
+    for i in 0..20_000 {
+        let packet: Vec<u8> = if i % 3 == 0 {
+            let len = (rng.next() % 600) as usize;
+            (0..len).map(|_| rng.next() as u8).collect()
+        } else {
+            let mut p = seeds[i % seeds.len()].clone();
+            for _ in 0..=(rng.next() % 4) {
+                let at = (rng.next() as usize) % p.len();
+                p[at] = rng.next() as u8;
+            }
+            let keep = (rng.next() as usize) % (p.len() + 1);
+            if i % 2 == 0 {
+                p.truncate(keep);
+            }
+            p
+        };
+        let transport = if i % 5 == 0 { Transport::Tcp } else { Transport::Udp };
+        if let Some(reply) = f.raw(&packet, "10.9.0.1", transport) {
+            if transport == Transport::Udp {
+                assert!(reply.len() <= MAX_UDP_PAYLOAD as usize, "packet {i}");
+            }
+            Message::from_vec(&reply).unwrap_or_else(|e| panic!("reply {i} undecodable: {e}"));
+        }
+    }
+    // Still answering normally.
+    assert_eq!(addrs(&f.ask("web.internal.", RecordType::A)), ["10.1.0.1"]);
+}

@@ -1,0 +1,260 @@
+//! The DNS server: a thin Tokio driver around [`Answerer`].
+//!
+//! [`DnsServer::bind`] binds both sockets synchronously (UDP first, then TCP
+//! on the port UDP got, so port 0 works), so a bind failure is a startup
+//! error. [`DnsServer::run`] must be called on a Tokio runtime (the control
+//! thread's current-thread runtime); it serves until that runtime stops.
+//!
+//! - UDP: one task, one datagram at a time; the reply is sent before the next
+//!   datagram is read, so a flood queues in the socket's receive buffer and
+//!   is dropped by the kernel there, not in our memory.
+//! - TCP (RFC 7766): two-byte length-prefixed messages, answered in order on
+//!   each connection (pipelining works); a connection silent for
+//!   `tcp_idle_timeout` is closed, as is one that sends something that is not
+//!   a query. At most `tcp_max_connections` connections are served at once;
+//!   further ones wait in the listen backlog until one closes.
+//! - Every answer runs under `catch_unwind`: a bug triggered by one packet
+//!   costs that packet, not the server.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engine::snapshot::SnapshotHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use crate::answer::{Answerer, Transport};
+
+/// Largest DNS message over TCP (and largest datagram we read).
+const MAX_MESSAGE: usize = 65535;
+/// Receive buffer asked for the UDP socket: absorbs bursts while the control
+/// thread is busy with something else (the kernel may cap it lower).
+const UDP_RECV_BUFFER: usize = 4 << 20;
+/// Pause after accept fails for lack of file descriptors, instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Server settings, validated by the caller's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// UDP and TCP address; port 0 picks a free port (the same for both).
+    pub listen: SocketAddr,
+    /// A TCP connection with no complete query for this long is closed.
+    pub tcp_idle_timeout: Duration,
+    /// TCP connections served at once; ≥ 1.
+    pub tcp_max_connections: usize,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    #[error("cannot bind DNS UDP socket on {addr}: {source}")]
+    Udp { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind DNS TCP listener on {addr}: {source}")]
+    Tcp { addr: SocketAddr, source: io::Error },
+}
+
+/// Both sockets, bound, not yet served.
+#[derive(Debug)]
+pub struct DnsServer {
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    settings: ServerSettings,
+}
+
+impl DnsServer {
+    /// Binds UDP on `settings.listen`, then TCP on the same address and the
+    /// port UDP got. With port 0, a TCP port clash is retried on a new port.
+    pub fn bind(settings: ServerSettings) -> Result<DnsServer, BindError> {
+        let want = settings.listen;
+        let mut attempts = if want.port() == 0 { 8 } else { 1 };
+        loop {
+            let udp = bind_udp(want).map_err(|source| BindError::Udp { addr: want, source })?;
+            let got = udp
+                .local_addr()
+                .map_err(|source| BindError::Udp { addr: want, source })?;
+            match bind_tcp(got) {
+                Ok(tcp) => {
+                    return Ok(DnsServer { udp, tcp, settings });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts > 1 => {
+                    attempts -= 1;
+                }
+                Err(source) => return Err(BindError::Tcp { addr: got, source }),
+            }
+        }
+    }
+
+    pub fn udp_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    pub fn tcp_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Serves both sockets until the runtime stops. Returns early only if the
+    /// sockets cannot be registered with the runtime.
+    pub async fn run(self, answerer: Answerer, snapshot: SnapshotHandle) -> io::Result<()> {
+        let udp = UdpSocket::from_std(self.udp)?;
+        let tcp = TcpListener::from_std(self.tcp)?;
+        let tcp_task = tokio::spawn(serve_tcp(
+            tcp,
+            answerer.clone(),
+            snapshot.clone(),
+            self.settings.clone(),
+        ));
+        serve_udp(udp, answerer, snapshot).await;
+        tcp_task.abort();
+        Ok(())
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer only drops more of a burst.
+    let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Runs one answer, containing any panic.
+fn answer_guarded(
+    answerer: &mut Answerer,
+    query: &[u8],
+    client: IpAddr,
+    transport: Transport,
+    snapshot: &SnapshotHandle,
+    out: &mut Vec<u8>,
+) -> bool {
+    let snap = snapshot.load();
+    match catch_unwind(AssertUnwindSafe(|| {
+        answerer.answer(query, client, transport, &snap, out)
+    })) {
+        Ok(answered) => answered.is_some(),
+        Err(_) => {
+            tracing::error!(%client, len = query.len(), ?transport,
+                "dns: answering panicked; query dropped (this is a bug)");
+            out.clear();
+            false
+        }
+    }
+}
+
+async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: SnapshotHandle) {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut out = Vec::with_capacity(crate::MAX_UDP_PAYLOAD as usize);
+    loop {
+        let (len, peer) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here (ECONNREFUSED);
+                // they concern one peer, never the socket.
+                tracing::debug!(error = %e, "dns: udp receive failed");
+                continue;
+            }
+        };
+        let q = &buf[..len];
+        if answer_guarded(&mut answerer, q, peer.ip(), Transport::Udp, &snapshot, &mut out) {
+            if let Err(e) = socket.send_to(&out, peer).await {
+                tracing::debug!(%peer, error = %e, "dns: udp send failed");
+            }
+        }
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    answerer: Answerer,
+    snapshot: SnapshotHandle,
+    settings: ServerSettings,
+) {
+    let slots = Arc::new(Semaphore::new(settings.tcp_max_connections.max(1)));
+    loop {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return; // the semaphore is never closed
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                tracing::warn!(error = %e, "dns: tcp accept failed");
+                if out_of_fds {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
+        };
+        let answerer = answerer.clone();
+        let snapshot = snapshot.clone();
+        let idle = settings.tcp_idle_timeout;
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_connection(stream, peer, answerer, snapshot, idle).await {
+                tracing::debug!(%peer, error = %e, "dns: tcp connection ended");
+            }
+        });
+    }
+}
+
+/// Why a TCP connection ended, other than the client closing it.
+#[derive(Debug, thiserror::Error)]
+enum ConnEnd {
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+    #[error("not a query")]
+    NotAQuery,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    mut answerer: Answerer,
+    snapshot: SnapshotHandle,
+    idle: Duration,
+) -> Result<(), ConnEnd> {
+    let _ = stream.set_nodelay(true);
+    let mut query = Vec::new();
+    let mut out = Vec::new();
+    let mut frame = Vec::new();
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(idle, stream.read_exact(&mut len)).await {
+            Err(_) => return Err(ConnEnd::Idle(idle)),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Ok(r) => r?,
+        };
+        let len = u16::from_be_bytes(len) as usize;
+        query.resize(len, 0);
+        match tokio::time::timeout(idle, stream.read_exact(&mut query)).await {
+            Err(_) => return Err(ConnEnd::Idle(idle)),
+            Ok(r) => r?,
+        };
+        if !answer_guarded(&mut answerer, &query, peer.ip(), Transport::Tcp, &snapshot, &mut out)
+        {
+            return Err(ConnEnd::NotAQuery);
+        }
+        // One write per reply: length and message in one segment.
+        frame.clear();
+        frame.extend_from_slice(&(out.len() as u16).to_be_bytes());
+        frame.extend_from_slice(&out);
+        match tokio::time::timeout(idle, stream.write_all(&frame)).await {
+            Err(_) => return Err(ConnEnd::Idle(idle)),
+            Ok(r) => r?,
+        }
+    }
+}
