@@ -57,6 +57,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .iter()
         .map(|l| spec_of(l, &mut tls))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Internal DNS: bound now (a bind failure stops startup), served on the
+    // control runtime below. See `internal_dns`.
+    let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
     let mut engine = Engine::start(
         engine_settings(&config),
         knobs(&config),
@@ -89,6 +92,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         None => None,
         Some(bound) => Some(runtime.block_on(async { bound.serve(reloader.handle().clone()) })?),
     };
+    if let Some(dns) = dns {
+        runtime.spawn(dns.serve());
+    }
     // Every listener and service is up: tests and operators wait for this.
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -225,6 +231,7 @@ fn apply(old: &Config, new: &Config, engine: &mut Engine, tls: &mut TlsListeners
         ("demo", old.demo != new.demo),
         ("log", old.log != new.log),
         ("api", old.api != new.api),
+        ("dns", old.dns != new.dns),
     ];
     for (section, changed) in restart_only {
         if changed {

@@ -76,6 +76,8 @@ pub struct RawConfig {
     /// `[api]`: the discovery API, see `crate::api::config`.
     #[serde(default)]
     pub api: crate::api::config::RawApi,
+    #[serde(default)]
+    pub dns: RawDns,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -168,6 +170,27 @@ pub struct RawLog {
     pub level: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDns {
+    pub enabled: Option<bool>,
+    pub listen_addr: Option<String>,
+    pub domain: Option<String>,
+    pub ttl_secs: Option<u32>,
+    pub tcp_idle_timeout_secs: Option<u64>,
+    pub tcp_max_connections: Option<u32>,
+    #[serde(default, rename = "pop")]
+    pub pops: Vec<RawDnsPop>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDnsPop {
+    pub name: String,
+    pub region: String,
+    pub addr: String,
+}
+
 // ---------------------------------------------------------------------------
 // The effective, validated configuration.
 // ---------------------------------------------------------------------------
@@ -188,6 +211,7 @@ pub struct Config {
     pub log: Log,
     pub metrics: Metrics,
     pub api: crate::api::config::Api,
+    pub dns: Dns,
 }
 
 /// The Prometheus admin listener.
@@ -291,6 +315,37 @@ pub struct Log {
     pub level: String,
 }
 
+/// The internal DNS server (`dns` crate): `.internal` names answered from the
+/// routing table.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Dns {
+    pub enabled: bool,
+    /// UDP and TCP (same port; port 0 picks a free one).
+    #[serde(serialize_with = "ser_display")]
+    pub listen_addr: SocketAddr,
+    /// Zone served, lower case, no trailing dot (`internal`).
+    pub domain: String,
+    /// TTL of every answer and of negative answers, seconds (0..=86400).
+    pub ttl_secs: u32,
+    /// A TCP client silent this long is disconnected.
+    #[serde(rename = "tcp_idle_timeout_secs", serialize_with = "ser_secs")]
+    pub tcp_idle_timeout: Duration,
+    /// TCP connections served at once; more wait in the listen backlog.
+    pub tcp_max_connections: NonZeroU32,
+    /// POPs listed under `<region>.pops.<domain>`.
+    #[serde(rename = "pop")]
+    pub pops: Vec<DnsPop>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DnsPop {
+    pub name: String,
+    /// Lower case.
+    pub region: String,
+    #[serde(serialize_with = "ser_display")]
+    pub addr: std::net::IpAddr,
+}
+
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_millis() as u64)
 }
@@ -321,6 +376,19 @@ pub mod defaults {
     pub const SHUTDOWN_GRACE_SECS: u64 = 30;
     pub const DEMO_APP: &str = "demo";
     pub const METRICS_LISTEN_ADDR: &str = "127.0.0.1:9090";
+    /// The original edgeProxy's DNS port and domain.
+    pub const DNS_LISTEN_ADDR: &str = "0.0.0.0:5353";
+    pub const DNS_DOMAIN: &str = "internal";
+    /// 5 s, not the original's 30 s: an `<app>` answer is one backend chosen
+    /// by health and live load, so it goes stale as fast as load shifts, and a
+    /// backend that fails stays in resolvers' caches for up to a TTL. 5 s is
+    /// what cluster DNS commonly uses (CoreDNS's Kubernetes default); at
+    /// 100k+ answers/s per core the extra queries cost little.
+    pub const DNS_TTL_SECS: u32 = 5;
+    /// RFC 7766 asks servers to close idle TCP connections after seconds,
+    /// not minutes.
+    pub const DNS_TCP_IDLE_TIMEOUT_SECS: u64 = 10;
+    pub const DNS_TCP_MAX_CONNECTIONS: u32 = 256;
 }
 
 /// The environment, as a lookup function so tests need not touch the process
@@ -763,6 +831,8 @@ impl Config {
             ));
         }
 
+        let dns = dns_section(raw.dns, env)?;
+
         Ok(Config {
             pop,
             runtime,
@@ -775,6 +845,7 @@ impl Config {
             log: Log { level },
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
+            dns,
         })
     }
 
@@ -782,6 +853,98 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// `[dns]` with `EDGEPROXY_DNS_ENABLED`, `EDGEPROXY_DNS_LISTEN_ADDR` and
+/// `EDGEPROXY_DNS_DOMAIN` (the original's variables) over the file.
+fn dns_section(raw: RawDns, env: &dyn Env) -> Result<Dns, ConfigError> {
+    let enabled = env_bool(env, "EDGEPROXY_DNS_ENABLED")?
+        .or(raw.enabled)
+        .unwrap_or(false);
+    let listen_addr = match env.var("EDGEPROXY_DNS_LISTEN_ADDR") {
+        Some(value) => value.trim().parse().map_err(|e: std::net::AddrParseError| {
+            ConfigError::Env {
+                var: "EDGEPROXY_DNS_LISTEN_ADDR",
+                value: value.clone(),
+                reason: e.to_string(),
+            }
+        })?,
+        None => {
+            let text = raw
+                .listen_addr
+                .unwrap_or_else(|| defaults::DNS_LISTEN_ADDR.into());
+            text.trim()
+                .parse()
+                .map_err(|e| invalid("dns.listen_addr", format!("{text:?}: {e}")))?
+        }
+    };
+    let domain = match env.var("EDGEPROXY_DNS_DOMAIN") {
+        Some(value) => dns::zone::parse_domain(&value).map_err(|e| ConfigError::Env {
+            var: "EDGEPROXY_DNS_DOMAIN",
+            value: value.clone(),
+            reason: e.to_string(),
+        })?,
+        None => {
+            let text = raw.domain.unwrap_or_else(|| defaults::DNS_DOMAIN.into());
+            dns::zone::parse_domain(&text).map_err(|e| invalid("dns.domain", e.to_string()))?
+        }
+    };
+    let ttl_secs = raw.ttl_secs.unwrap_or(defaults::DNS_TTL_SECS);
+    if ttl_secs > 86_400 {
+        return Err(invalid("dns.ttl_secs", "must be at most 86400 (one day)"));
+    }
+    let idle = raw
+        .tcp_idle_timeout_secs
+        .unwrap_or(defaults::DNS_TCP_IDLE_TIMEOUT_SECS);
+    if !(1..=3600).contains(&idle) {
+        return Err(invalid(
+            "dns.tcp_idle_timeout_secs",
+            "must be between 1 s and 1 hour",
+        ));
+    }
+    let tcp_max_connections = NonZeroU32::new(
+        raw.tcp_max_connections
+            .unwrap_or(defaults::DNS_TCP_MAX_CONNECTIONS),
+    )
+    .filter(|n| n.get() <= 65_535)
+    .ok_or_else(|| invalid("dns.tcp_max_connections", "must be in 1..=65535"))?;
+    let mut pops: Vec<DnsPop> = Vec::with_capacity(raw.pops.len());
+    for (i, p) in raw.pops.into_iter().enumerate() {
+        let key = format!("dns.pop[{i}]");
+        let name = p.name.trim().to_string();
+        if name.is_empty() || pops.iter().any(|q| q.name == name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("{name:?} is empty or used twice"),
+            ));
+        }
+        let region = p.region.trim().to_ascii_lowercase();
+        let label_ok = (1..=63).contains(&region.len())
+            && region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !label_ok {
+            return Err(invalid(
+                format!("{key}.region"),
+                format!("{:?} is not one DNS label", p.region),
+            ));
+        }
+        let addr = p
+            .addr
+            .trim()
+            .parse()
+            .map_err(|e| invalid(format!("{key}.addr"), format!("{:?}: {e}", p.addr)))?;
+        pops.push(DnsPop { name, region, addr });
+    }
+    Ok(Dns {
+        enabled,
+        listen_addr,
+        domain: domain.to_ascii().trim_end_matches('.').to_string(),
+        ttl_secs,
+        tcp_idle_timeout: Duration::from_secs(idle),
+        tcp_max_connections,
+        pops,
+    })
 }
 
 #[cfg(test)]
@@ -952,5 +1115,74 @@ mod tests {
         assert!(c.metrics.enabled);
         let err = from("[metrics]\nlisten_addr = \"nowhere\"\n", &NO_ENV).unwrap_err();
         assert!(err.to_string().contains("metrics.listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn dns_is_off_by_default_with_the_originals_port_and_domain() {
+        let c = from("", &NO_ENV).unwrap();
+        assert!(!c.dns.enabled);
+        assert_eq!(c.dns.listen_addr, "0.0.0.0:5353".parse().unwrap());
+        assert_eq!(c.dns.domain, "internal");
+        assert_eq!(c.dns.ttl_secs, 5);
+        assert_eq!(c.dns.tcp_idle_timeout, Duration::from_secs(10));
+        assert_eq!(c.dns.tcp_max_connections.get(), 256);
+        assert!(c.dns.pops.is_empty());
+    }
+
+    #[test]
+    fn dns_section_is_read_and_env_overrides_it() {
+        let text = "[dns]\nenabled = false\nlisten_addr = \"127.0.0.1:53\"\ndomain = \"Svc.Internal.\"\nttl_secs = 30\ntcp_idle_timeout_secs = 4\ntcp_max_connections = 8\n[[dns.pop]]\nname = \"gru-1\"\nregion = \"SA\"\naddr = \"fdaa::1\"\n";
+        let c = from(text, &NO_ENV).unwrap();
+        assert_eq!(c.dns.listen_addr, "127.0.0.1:53".parse().unwrap());
+        assert_eq!(c.dns.domain, "svc.internal");
+        assert_eq!(c.dns.ttl_secs, 30);
+        assert_eq!(c.dns.tcp_idle_timeout, Duration::from_secs(4));
+        assert_eq!(c.dns.tcp_max_connections.get(), 8);
+        assert_eq!(c.dns.pops[0].region, "sa");
+        assert_eq!(c.dns.pops[0].addr, "fdaa::1".parse::<std::net::IpAddr>().unwrap());
+        let env = [
+            ("EDGEPROXY_DNS_ENABLED", "true"),
+            ("EDGEPROXY_DNS_LISTEN_ADDR", "127.0.0.1:5300"),
+            ("EDGEPROXY_DNS_DOMAIN", "corp"),
+        ];
+        let c = from(text, &env).unwrap();
+        assert!(c.dns.enabled);
+        assert_eq!(c.dns.listen_addr, "127.0.0.1:5300".parse().unwrap());
+        assert_eq!(c.dns.domain, "corp");
+    }
+
+    #[test]
+    fn dns_values_are_validated_and_named() {
+        for (text, key) in [
+            ("[dns]\nlisten_addr = \"nowhere\"\n", "dns.listen_addr"),
+            ("[dns]\ndomain = \"bad domain\"\n", "dns.domain"),
+            ("[dns]\ndomain = \".\"\n", "dns.domain"),
+            ("[dns]\nttl_secs = 86401\n", "dns.ttl_secs"),
+            ("[dns]\ntcp_idle_timeout_secs = 0\n", "dns.tcp_idle_timeout_secs"),
+            ("[dns]\ntcp_max_connections = 0\n", "dns.tcp_max_connections"),
+            ("[[dns.pop]]\nname = \"\"\nregion = \"sa\"\naddr = \"10.0.0.1\"\n", "dns.pop[0].name"),
+            ("[[dns.pop]]\nname = \"a\"\nregion = \"s.a\"\naddr = \"10.0.0.1\"\n", "dns.pop[0].region"),
+            ("[[dns.pop]]\nname = \"a\"\nregion = \"sa\"\naddr = \"10.0.0.1:53\"\n", "dns.pop[0].addr"),
+            ("[dns]\nport = 53\n", "port"),
+        ] {
+            let err = from(text, &NO_ENV).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        for (var, value) in [
+            ("EDGEPROXY_DNS_ENABLED", "maybe"),
+            ("EDGEPROXY_DNS_LISTEN_ADDR", "5353"),
+            ("EDGEPROXY_DNS_DOMAIN", "a..b"),
+        ] {
+            let err = from("", &[(var, value)]).unwrap_err();
+            assert!(err.to_string().contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn dns_section_renders_back_to_an_equal_config() {
+        let text = "[dns]\nenabled = true\nlisten_addr = \"[::1]:5353\"\nttl_secs = 0\n[[dns.pop]]\nname = \"fra-1\"\nregion = \"eu\"\naddr = \"10.9.0.1\"\n";
+        let c = from(text, &NO_ENV).unwrap();
+        let again = from(&c.to_toml(), &NO_ENV).unwrap();
+        assert_eq!(again.dns, c.dns);
     }
 }

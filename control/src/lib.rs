@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod internal_dns;
 pub mod logging;
 pub mod metrics;
 pub mod routing;

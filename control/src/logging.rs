@@ -4,8 +4,15 @@
 use std::io::IsTerminal;
 
 pub fn init(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // hickory-proto warns about each malformed DNS packet it decodes; the DNS
+    // server answers those with FORMERR, so the warnings are noise that a
+    // flood of junk packets would turn into a flood of logs. Unless RUST_LOG
+    // asks for them.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
+        filter = filter.add_directive("hickory_proto=error".parse().expect("valid directive"));
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

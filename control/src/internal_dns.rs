@@ -1,0 +1,81 @@
+//! Starts the internal DNS server (`dns` crate) from configuration.
+//!
+//! [`bind`] runs during startup, before `edgeproxy ready`: it binds both
+//! sockets, so a bad or busy address stops the process like a proxy listener
+//! would, and logs `dns listening udp=ADDR tcp=ADDR`. [`Bound::serve`] then
+//! runs on the control thread's Tokio runtime for the life of the process.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use dns::server::{DnsServer, ServerSettings};
+use dns::{Answerer, PopEntry, ZoneConfig};
+use engine::geo::GeoResolver;
+use engine::snapshot::SnapshotHandle;
+
+use crate::config::Config;
+
+/// Sockets bound, not yet served.
+pub struct Bound {
+    server: DnsServer,
+    answerer: Answerer,
+    snapshot: SnapshotHandle,
+}
+
+/// Binds the DNS server if `[dns] enabled`; `None` when disabled.
+pub fn bind(
+    config: &Config,
+    snapshot: SnapshotHandle,
+    geo: Arc<GeoResolver>,
+) -> anyhow::Result<Option<Bound>> {
+    let c = &config.dns;
+    if !c.enabled {
+        return Ok(None);
+    }
+    let pops: Vec<PopEntry> = c
+        .pops
+        .iter()
+        .map(|p| PopEntry {
+            name: p.name.clone(),
+            region: p.region.clone(),
+            addr: p.addr,
+        })
+        .collect();
+    // `ns.<domain>` is this POP: its own entry in the POP list, else the
+    // listen address when it is a concrete one.
+    let mut ns_addrs: Vec<IpAddr> = c
+        .pops
+        .iter()
+        .filter(|p| p.name == config.pop.name)
+        .map(|p| p.addr)
+        .collect();
+    if ns_addrs.is_empty() && !c.listen_addr.ip().is_unspecified() {
+        ns_addrs.push(c.listen_addr.ip());
+    }
+    let zone = ZoneConfig::new(&c.domain, c.ttl_secs, &config.pop.region, pops, ns_addrs)
+        .context("invalid [dns] configuration")?;
+    let server = DnsServer::bind(ServerSettings {
+        listen: c.listen_addr,
+        tcp_idle_timeout: c.tcp_idle_timeout,
+        tcp_max_connections: c.tcp_max_connections.get() as usize,
+    })?;
+    let udp = server.udp_addr().context("dns udp socket")?;
+    let tcp = server.tcp_addr().context("dns tcp listener")?;
+    tracing::info!(%udp, %tcp, domain = %c.domain, ttl_secs = c.ttl_secs, pops = c.pops.len(),
+        "dns listening");
+    Ok(Some(Bound {
+        server,
+        answerer: Answerer::new(Arc::new(zone), geo),
+        snapshot,
+    }))
+}
+
+impl Bound {
+    /// Serves until the runtime stops. Spawn it on the control runtime.
+    pub async fn serve(self) {
+        if let Err(e) = self.server.run(self.answerer, self.snapshot).await {
+            tracing::error!(error = %e, "dns server stopped");
+        }
+    }
+}
