@@ -1,0 +1,601 @@
+//! Internal DNS against the real binary, with real resolver clients: `dig`
+//! (bind9-dnsutils), `kdig` (knot-dnsutils) and a Rust client built on
+//! hickory-proto, over UDP and TCP.
+//!
+//! `dig` and `kdig` are required: CI installs them (`.ci/run`); a missing one
+//! fails the test, it never skips it.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+// ---------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------
+
+/// Geo: 10.9.0.0/16 is Germany (eu), 10.8.0.0/16 the US; loopback clients
+/// have no country, so the local POP's region (sa) wins for them.
+const DNS_CONFIG: &str = r#"
+[pop]
+region = "sa"
+name = "gru-1"
+
+[[geo.override]]
+cidr = "10.9.0.0/16"
+country = "DE"
+
+[[geo.override]]
+cidr = "10.8.0.0/16"
+country = "US"
+
+[dns]
+enabled = true
+listen_addr = "127.0.0.1:0"
+ttl_secs = 42
+tcp_idle_timeout_secs = 2
+
+[[dns.pop]]
+name = "gru-1"
+region = "sa"
+addr = "10.50.0.1"
+
+[[dns.pop]]
+name = "fra-1"
+region = "eu"
+addr = "fdaa::60:1"
+"#;
+
+struct Dns {
+    proxy: Proxy,
+    addr: SocketAddr,
+    db: Db,
+    _dir: TempDir,
+}
+
+/// The usual table: app `web` in three regions and over IPv6, app `api`
+/// IPv6 only.
+fn rows() -> Vec<Row> {
+    let at = |id: &str, app: &str, region: &str, country: &str, ip: &str| {
+        let mut r = Row::new(id, app, region, 8080).country(country);
+        r.ip = ip.into();
+        r
+    };
+    vec![
+        at("sa-1", "web", "sa", "BR", "10.1.0.1"),
+        at("eu-1", "web", "eu", "DE", "10.2.0.1"),
+        at("us-1", "web", "us", "US", "10.3.0.1"),
+        at("eu-6", "web", "eu", "DE", "fd00::2:1"),
+        at("api-1", "api", "eu", "DE", "fd00::9"),
+    ]
+}
+
+fn start_with(rows: &[Row], extra: &str) -> Dns {
+    let dir = TempDir::new("dns");
+    let db = Db::create(dir.join("routing.db"));
+    for r in rows {
+        db.upsert(r);
+    }
+    let proxy = Proxy::with_config(&dir, &config(&db.path, &format!("{DNS_CONFIG}\n{extra}")));
+    let addr = dns_addr(&proxy);
+    Dns {
+        proxy,
+        addr,
+        db,
+        _dir: dir,
+    }
+}
+
+fn start() -> Dns {
+    start_with(&rows(), "")
+}
+
+/// The UDP address from `dns listening udp=… tcp=…`; checks TCP has the
+/// same one.
+fn dns_addr(proxy: &Proxy) -> SocketAddr {
+    let line = proxy
+        .wait_for_log("dns listening", PATIENCE)
+        .unwrap_or_else(|| panic!("no `dns listening` line:\n{}", proxy.log_text()));
+    let udp: SocketAddr = field(&line, "udp").unwrap().parse().unwrap();
+    let tcp: SocketAddr = field(&line, "tcp").unwrap().parse().unwrap();
+    assert_eq!(udp, tcp, "{line}");
+    udp
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// Runs a resolver tool installed from Debian; fails loudly when missing.
+/// The output comes back with runs of whitespace collapsed to one space.
+fn tool(name: &str, package: &str, addr: SocketAddr, args: &[&str]) -> String {
+    let patience: &[&str] = if name == "kdig" {
+        &["+timeout=3", "+retry=0"]
+    } else {
+        &["+time=3", "+tries=1"]
+    };
+    let out = Command::new(name)
+        .arg(format!("@{}", addr.ip()))
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(patience)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run `{name}` ({e}): install the Debian package {package} (.ci/run does)")
+        });
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn dig(addr: SocketAddr, args: &[&str]) -> String {
+    tool("dig", "bind9-dnsutils", addr, args)
+}
+
+fn kdig(addr: SocketAddr, args: &[&str]) -> String {
+    tool("kdig", "knot-dnsutils", addr, args)
+}
+
+/// `+short` output as sorted lines.
+fn short(out: &str) -> Vec<String> {
+    let mut v: Vec<String> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with(';'))
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+fn status(out: &str) -> String {
+    let at = out
+        .find("status: ")
+        .unwrap_or_else(|| panic!("no status in:\n{out}"));
+    out[at + 8..]
+        .split(|c: char| c == ',' || c == ';' || c.is_whitespace())
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn query(name: &str, qtype: RecordType) -> Message {
+    let mut msg = Message::new(0xbeef, MessageType::Query, OpCode::Query);
+    msg.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    msg
+}
+
+fn udp_exchange(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.send_to(bytes, addr).unwrap();
+    let mut buf = vec![0u8; 65535];
+    match sock.recv_from(&mut buf) {
+        Ok((n, _)) => Some(buf[..n].to_vec()),
+        Err(_) => None,
+    }
+}
+
+fn tcp_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp_send(&mut s, bytes);
+    tcp_recv(&mut s).expect("a reply over TCP")
+}
+
+fn tcp_send(s: &mut TcpStream, bytes: &[u8]) {
+    let mut frame = (bytes.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(bytes);
+    s.write_all(&frame).unwrap();
+}
+
+fn tcp_recv(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).ok()?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    s.read_exact(&mut msg).ok()?;
+    Some(msg)
+}
+
+fn ask_udp(addr: SocketAddr, msg: &Message) -> Message {
+    let reply = udp_exchange(addr, &msg.to_vec().unwrap()).expect("a reply over UDP");
+    Message::from_vec(&reply).unwrap()
+}
+
+fn ask_tcp(addr: SocketAddr, msg: &Message) -> Message {
+    Message::from_vec(&tcp_exchange(addr, &msg.to_vec().unwrap())).unwrap()
+}
+
+fn addrs(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            RData::AAAA(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+// ---------------------------------------------------------------------------
+// Names
+// ---------------------------------------------------------------------------
+
+#[test]
+fn app_resolves_to_the_backend_the_proxy_would_pick_with_every_client() {
+    let d = start();
+    for transport in ["+notcp", "+tcp"] {
+        // Loopback has no country: the local POP's region (sa) wins.
+        assert_eq!(short(&dig(d.addr, &[transport, "+short", "web.internal", "A"])), ["10.1.0.1"]);
+        assert_eq!(short(&kdig(d.addr, &[transport, "+short", "web.internal", "A"])), ["10.1.0.1"]);
+        // EDNS Client Subnet: the client's network, not the resolver's.
+        let eu = ["+subnet=10.9.0.0/16", transport, "+short", "web.internal", "A"];
+        assert_eq!(short(&dig(d.addr, &eu)), ["10.2.0.1"]);
+        assert_eq!(short(&kdig(d.addr, &eu)), ["10.2.0.1"]);
+        let us = ["+subnet=10.8.1.0/24", transport, "+short", "web.internal", "A"];
+        assert_eq!(short(&dig(d.addr, &us)), ["10.3.0.1"]);
+        assert_eq!(short(&dig(d.addr, &[transport, "+short", "web.internal", "AAAA"])), ["fd00::2:1"]);
+        assert_eq!(short(&kdig(d.addr, &[transport, "+short", "api.internal", "AAAA"])), ["fd00::9"]);
+    }
+    let full = dig(d.addr, &["+subnet=10.9.0.0/16", "web.internal", "A"]);
+    assert!(full.contains("CLIENT-SUBNET: 10.9.0.0/16/16"), "scope echoed:\n{full}");
+    assert!(full.contains("flags: qr aa"), "{full}");
+    assert!(full.contains("web.internal. 42 IN A 10.2.0.1"), "ttl_secs applies:\n{full}");
+    // Rust client, both transports.
+    let q = query("web.internal.", RecordType::A);
+    assert_eq!(addrs(&ask_udp(d.addr, &q)), ["10.1.0.1"]);
+    assert_eq!(addrs(&ask_tcp(d.addr, &q)), ["10.1.0.1"]);
+}
+
+#[test]
+fn region_pop_srv_and_apex_records() {
+    let d = start();
+    for transport in ["+notcp", "+tcp"] {
+        let eu = short(&dig(d.addr, &[transport, "+short", "eu.backends.internal", "A"]));
+        assert_eq!(eu, ["10.2.0.1"]);
+        let eu6 = short(&kdig(d.addr, &[transport, "+short", "eu.backends.internal", "AAAA"]));
+        assert_eq!(eu6, ["fd00::2:1", "fd00::9"]);
+        assert_eq!(short(&dig(d.addr, &[transport, "+short", "sa.pops.internal", "A"])), ["10.50.0.1"]);
+        assert_eq!(short(&kdig(d.addr, &[transport, "+short", "eu.pops.internal", "AAAA"])), ["fdaa::60:1"]);
+        let srv = short(&dig(d.addr, &[transport, "+short", "_web._tcp.internal", "SRV"]));
+        assert_eq!(
+            srv,
+            [
+                "2 1 8080 sa-1.web.internal.",
+                "3 1 8080 eu-1.web.internal.",
+                "3 1 8080 eu-6.web.internal.",
+                "3 1 8080 us-1.web.internal.",
+            ]
+        );
+        assert_eq!(short(&dig(d.addr, &[transport, "+short", "eu-1.web.internal", "A"])), ["10.2.0.1"]);
+        let soa = short(&kdig(d.addr, &[transport, "+short", "internal", "SOA"]));
+        assert_eq!(soa.len(), 1);
+        assert!(soa[0].starts_with("ns.internal. hostmaster.internal. "), "{soa:?}");
+        assert_eq!(short(&dig(d.addr, &[transport, "+short", "internal", "NS"])), ["ns.internal."]);
+        // This POP (gru-1) is the name server.
+        assert_eq!(short(&dig(d.addr, &[transport, "+short", "ns.internal", "A"])), ["10.50.0.1"]);
+    }
+    // SRV glue comes in the additional section.
+    let srv = ask_udp(d.addr, &query("_web._tcp.internal.", RecordType::SRV));
+    assert_eq!(srv.additionals.len(), 4);
+}
+
+#[test]
+fn dns_semantics_for_unknown_names_other_types_and_outside_names() {
+    let d = start();
+    for transport in ["+notcp", "+tcp"] {
+        for run in [dig, kdig] {
+            let nx = run(d.addr, &[transport, "nope.internal", "A"]);
+            assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
+            assert!(nx.contains("AUTHORITY SECTION"), "SOA in authority:\n{nx}");
+            assert!(nx.contains("SOA ns.internal. hostmaster.internal."), "{nx}");
+            let nodata = run(d.addr, &[transport, "web.internal", "MX"]);
+            assert_eq!(status(&nodata), "NOERROR", "{nodata}");
+            assert!(nodata.contains("ANSWER: 0"), "{nodata}");
+            assert!(nodata.contains("SOA ns.internal."), "{nodata}");
+            let outside = run(d.addr, &[transport, "example.com", "A"]);
+            assert_eq!(status(&outside), "REFUSED", "{outside}");
+            let mixed = run(d.addr, &[transport, "+short", "WeB.InTeRnAl", "A"]);
+            assert_eq!(short(&mixed), ["10.1.0.1"]);
+        }
+    }
+    // Rust client.
+    let nx = ask_tcp(d.addr, &query("nope.internal.", RecordType::A));
+    assert_eq!(nx.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(nx.authorities[0].record_type(), RecordType::SOA);
+    let refused = ask_udp(d.addr, &query("example.com.", RecordType::A));
+    assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+}
+
+#[test]
+fn malformed_queries_get_formerr_over_udp_and_tcp() {
+    let d = start();
+    let good = query("web.internal.", RecordType::A).to_vec().unwrap();
+    let cut = &good[..good.len() - 3];
+    let r = Message::from_vec(&udp_exchange(d.addr, cut).unwrap()).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    assert_eq!(r.metadata.id, 0xbeef);
+    let r = Message::from_vec(&tcp_exchange(d.addr, cut)).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+    // EDNS version 1: BADVERS (dig prints it).
+    let out = dig(d.addr, &["+edns=1", "+noednsneg", "web.internal", "A"]);
+    assert_eq!(status(&out), "BADVERS", "{out}");
+}
+
+#[test]
+fn edns0_is_answered_with_our_payload_size() {
+    let d = start();
+    let out = dig(d.addr, &["web.internal", "A"]);
+    assert!(out.contains("EDNS: version: 0, flags:; udp: 1232"), "{out}");
+    let out = dig(d.addr, &["+noedns", "web.internal", "A"]);
+    assert!(!out.contains("OPT PSEUDOSECTION"), "{out}");
+    let out = kdig(d.addr, &["+edns", "web.internal", "A"]);
+    assert!(out.contains("EDNS PSEUDOSECTION"), "{out}");
+}
+
+#[test]
+fn large_answers_set_tc_over_udp_and_clients_retry_over_tcp() {
+    let mut many: Vec<Row> = (0..80)
+        .map(|i| {
+            let mut r = Row::new(&format!("b{i}"), "big", "ap", 8080).country("JP");
+            r.ip = format!("10.7.0.{}", i + 1);
+            r
+        })
+        .collect();
+    many.extend(rows());
+    let d = start_with(&many, "");
+    // Without EDNS the limit is 512 bytes: TC, no answers.
+    let udp = dig(d.addr, &["+ignore", "+noedns", "ap.backends.internal", "A"]);
+    assert!(udp.contains("flags: qr tc aa") || udp.contains("flags: qr aa tc"), "{udp}");
+    assert!(udp.contains("ANSWER: 0"), "{udp}");
+    // dig retries over TCP on its own and gets all 80.
+    let retried = dig(d.addr, &["+noedns", "ap.backends.internal", "A"]);
+    assert!(retried.contains("Truncated, retrying in TCP mode"), "{retried}");
+    assert!(retried.contains("ANSWER: 80"), "{retried}");
+    // kdig too.
+    let k = kdig(d.addr, &["+noedns", "ap.backends.internal", "A"]);
+    assert!(k.contains("ANSWER: 80"), "{k}");
+    // Rust client: TC over UDP, everything over TCP.
+    let q = query("ap.backends.internal.", RecordType::A);
+    let udp = ask_udp(d.addr, &q);
+    assert!(udp.metadata.truncation);
+    assert_eq!(ask_tcp(d.addr, &q).answers.len(), 80);
+    // With EDNS (1232 bytes) 80 A records (16 bytes each) do not fit either.
+    let mut q = q;
+    q.set_edns(Edns::new()).edns.as_mut().unwrap().set_max_payload(4096);
+    let udp = udp_exchange(d.addr, &q.to_vec().unwrap()).unwrap();
+    assert!(udp.len() <= 1232);
+    assert!(Message::from_vec(&udp).unwrap().metadata.truncation);
+}
+
+#[test]
+fn answers_follow_routing_changes_and_drop_unhealthy_and_deleted_backends() {
+    let d = start();
+    let a = |d: &Dns| addrs(&ask_udp(d.addr, &query("web.internal.", RecordType::A)));
+    assert_eq!(a(&d), ["10.1.0.1"]);
+    d.db.exec("UPDATE backends SET healthy = 0 WHERE id = 'sa-1'");
+    assert!(eventually(PATIENCE, || a(&d) == ["10.3.0.1"] || a(&d) == ["10.2.0.1"]));
+    let sa = short(&dig(d.addr, &["+short", "sa.backends.internal", "A"]));
+    assert!(sa.is_empty(), "unhealthy backend listed: {sa:?}");
+    let srv = short(&dig(d.addr, &["+short", "_web._tcp.internal", "SRV"]));
+    assert!(!srv.iter().any(|l| l.contains("sa-1")), "{srv:?}");
+    d.db.exec("UPDATE backends SET deleted = 1 WHERE app = 'web'");
+    let gone = || {
+        ask_udp(d.addr, &query("web.internal.", RecordType::A)).metadata.response_code
+            == ResponseCode::NXDomain
+    };
+    assert!(eventually(PATIENCE, gone));
+    let mut fresh = Row::new("new-1", "web", "sa", 9000).country("BR");
+    fresh.ip = "10.1.0.77".into();
+    d.db.upsert(&fresh);
+    assert!(eventually(PATIENCE, || a(&d) == ["10.1.0.77"]));
+    assert_eq!(
+        short(&dig(d.addr, &["+tcp", "+short", "_web._tcp.internal", "SRV"])),
+        ["2 1 9000 new-1.web.internal."]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Robustness
+// ---------------------------------------------------------------------------
+
+/// Deterministic xorshift, so a failure reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn random_and_truncated_packets_neither_crash_nor_stop_the_server() {
+    let mut d = start();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut seed_q = query("_web._tcp.internal.", RecordType::SRV);
+    seed_q.set_edns(Edns::new());
+    let seeds = [
+        query("web.internal.", RecordType::A).to_vec().unwrap(),
+        seed_q.to_vec().unwrap(),
+    ];
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut sent = 0;
+    for i in 0..6000 {
+        let packet: Vec<u8> = match i % 3 {
+            0 => (0..rng.next() % 700).map(|_| rng.next() as u8).collect(),
+            1 => {
+                let s = &seeds[i % 2];
+                s[..(rng.next() as usize) % s.len()].to_vec()
+            }
+            _ => {
+                let mut p = seeds[i % 2].clone();
+                for _ in 0..=(rng.next() % 3) {
+                    let at = (rng.next() as usize) % p.len();
+                    p[at] = rng.next() as u8;
+                }
+                p
+            }
+        };
+        sock.send_to(&packet, d.addr).unwrap();
+        sent += 1;
+        // Drain replies now and then so our own socket does not fill up.
+        while sock.recv_from(&mut buf).is_ok() {}
+    }
+    assert_eq!(sent, 6000);
+    // Over TCP: garbage frames, short frames, frames cut mid-way.
+    for i in 0..300u64 {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let body: Vec<u8> = (0..rng.next() % 300).map(|_| rng.next() as u8).collect();
+        match i % 3 {
+            0 => tcp_send(&mut s, &body),
+            1 => {
+                // Promise more than we send, then hang up.
+                let _ = s.write_all(&[0x01, 0x00]);
+                let _ = s.write_all(&body);
+            }
+            _ => {
+                let _ = s.write_all(&seeds[0][..(i as usize) % seeds[0].len()]);
+            }
+        }
+        drop(s);
+    }
+    // Still alive, still answering, over both transports.
+    assert!(d.proxy.wait_exit(Duration::from_millis(100)).is_none(), "the process died");
+    let q = query("web.internal.", RecordType::A);
+    assert_eq!(addrs(&ask_udp(d.addr, &q)), ["10.1.0.1"]);
+    assert_eq!(addrs(&ask_tcp(d.addr, &q)), ["10.1.0.1"]);
+    assert_eq!(short(&dig(d.addr, &["+short", "web.internal"])), ["10.1.0.1"]);
+    assert!(!d.proxy.log_text().contains("panicked"), "{}", d.proxy.log_text());
+}
+
+#[test]
+fn idle_tcp_connections_are_closed_and_the_connection_limit_holds() {
+    let d = start_with(&rows(), "");
+    // tcp_idle_timeout_secs = 2 in DNS_CONFIG.
+    let mut idle = TcpStream::connect(d.addr).unwrap();
+    idle.set_read_timeout(Some(PATIENCE)).unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    assert_eq!(idle.read(&mut byte).unwrap_or(0), 0, "closed without data");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6), "{waited:?}");
+    // Pipelined queries on one connection are answered in order.
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut a = query("web.internal.", RecordType::A);
+    let mut b = query("api.internal.", RecordType::AAAA);
+    a.metadata.id = 1;
+    b.metadata.id = 2;
+    tcp_send(&mut s, &a.to_vec().unwrap());
+    tcp_send(&mut s, &b.to_vec().unwrap());
+    let first = Message::from_vec(&tcp_recv(&mut s).unwrap()).unwrap();
+    let second = Message::from_vec(&tcp_recv(&mut s).unwrap()).unwrap();
+    assert_eq!((first.metadata.id, second.metadata.id), (1, 2));
+    assert_eq!(addrs(&second), ["fd00::9"]);
+}
+
+#[test]
+fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
+    let dir = TempDir::new("dns-limit");
+    let db = Db::create(dir.join("routing.db"));
+    for r in rows() {
+        db.upsert(&r);
+    }
+    let text = config(&db.path, &DNS_CONFIG.replace(
+        "tcp_idle_timeout_secs = 2",
+        "tcp_idle_timeout_secs = 30\ntcp_max_connections = 1",
+    ));
+    let proxy = Proxy::with_config(&dir, &text);
+    let addr = dns_addr(&proxy);
+    let holder = TcpStream::connect(addr).unwrap();
+    // Make sure the holder is being served before the second one connects.
+    let mut holder = holder;
+    holder.set_read_timeout(Some(PATIENCE)).unwrap();
+    tcp_send(&mut holder, &query("web.internal.", RecordType::A).to_vec().unwrap());
+    assert!(tcp_recv(&mut holder).is_some());
+    let mut waiting = TcpStream::connect(addr).unwrap();
+    waiting.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    tcp_send(&mut waiting, &query("web.internal.", RecordType::A).to_vec().unwrap());
+    assert!(tcp_recv(&mut waiting).is_none(), "served beyond tcp_max_connections");
+    drop(holder);
+    waiting.set_read_timeout(Some(PATIENCE)).unwrap();
+    let reply = tcp_recv(&mut waiting).expect("served once a slot frees");
+    assert_eq!(addrs(&Message::from_vec(&reply).unwrap()), ["10.1.0.1"]);
+    // UDP is unaffected by the TCP limit.
+    assert_eq!(addrs(&ask_udp(addr, &query("web.internal.", RecordType::A))), ["10.1.0.1"]);
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_originals_env_vars_enable_dns_with_its_address_and_domain() {
+    let dir = TempDir::new("dns-env");
+    let db = Db::create(dir.join("routing.db"));
+    for r in rows() {
+        db.upsert(&r);
+    }
+    let proxy = Proxy::start(
+        &[],
+        &[
+            ("EDGEPROXY_DB_PATH", db.path.to_str().unwrap()),
+            ("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0"),
+            ("EDGEPROXY_DNS_ENABLED", "true"),
+            ("EDGEPROXY_DNS_LISTEN_ADDR", "127.0.0.1:0"),
+            ("EDGEPROXY_DNS_DOMAIN", "Corp"),
+        ],
+    );
+    let addr = dns_addr(&proxy);
+    assert_eq!(short(&dig(addr, &["+short", "web.corp", "A"])), ["10.1.0.1"]);
+    assert_eq!(status(&dig(addr, &["web.internal", "A"])), "REFUSED");
+}
+
+#[test]
+fn a_busy_dns_port_is_a_startup_error() {
+    let dir = TempDir::new("dns-busy");
+    let db = Db::create(dir.join("routing.db"));
+    for (busy, message) in [("udp", "cannot bind DNS UDP socket"), ("tcp", "cannot bind DNS TCP listener")] {
+        // Hold the port on one transport only.
+        let udp_holder;
+        let tcp_holder;
+        let port = if busy == "udp" {
+            udp_holder = UdpSocket::bind("127.0.0.1:0").unwrap();
+            udp_holder.local_addr().unwrap().port()
+        } else {
+            tcp_holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            tcp_holder.local_addr().unwrap().port()
+        };
+        let text = config(
+            &db.path,
+            &format!("[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:{port}\"\n"),
+        );
+        let path = dir.join("edgeproxy.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut proxy = Proxy::spawn(&["--config", path.to_str().unwrap()], &[]);
+        let status = proxy.wait_exit(PATIENCE).expect("exits");
+        assert!(!status.success(), "{busy}: exited 0");
+        let line = proxy.wait_for_log(message, PATIENCE);
+        let log = proxy.log_text();
+        assert!(line.is_some_and(|l| l.contains(&port.to_string())), "{busy}:\n{log}");
+        assert!(!log.contains("edgeproxy ready"), "{log}");
+    }
+}
