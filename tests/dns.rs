@@ -130,7 +130,8 @@ fn tool(name: &str, package: &str, addr: SocketAddr, args: &[&str]) -> String {
         .unwrap_or_else(|e| {
             panic!("cannot run `{name}` ({e}): install the Debian package {package} (.ci/run does)")
         });
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     text.lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
@@ -238,21 +239,54 @@ fn app_resolves_to_the_backend_the_proxy_would_pick_with_every_client() {
     let d = start();
     for transport in ["+notcp", "+tcp"] {
         // Loopback has no country: the local POP's region (sa) wins.
-        assert_eq!(short(&dig(d.addr, &[transport, "+short", "web.internal", "A"])), ["10.1.0.1"]);
-        assert_eq!(short(&kdig(d.addr, &[transport, "+short", "web.internal", "A"])), ["10.1.0.1"]);
+        assert_eq!(
+            short(&dig(d.addr, &[transport, "+short", "web.internal", "A"])),
+            ["10.1.0.1"]
+        );
+        assert_eq!(
+            short(&kdig(d.addr, &[transport, "+short", "web.internal", "A"])),
+            ["10.1.0.1"]
+        );
         // EDNS Client Subnet: the client's network, not the resolver's.
-        let eu = ["+subnet=10.9.0.0/16", transport, "+short", "web.internal", "A"];
+        let eu = [
+            "+subnet=10.9.0.0/16",
+            transport,
+            "+short",
+            "web.internal",
+            "A",
+        ];
         assert_eq!(short(&dig(d.addr, &eu)), ["10.2.0.1"]);
         assert_eq!(short(&kdig(d.addr, &eu)), ["10.2.0.1"]);
-        let us = ["+subnet=10.8.1.0/24", transport, "+short", "web.internal", "A"];
+        let us = [
+            "+subnet=10.8.1.0/24",
+            transport,
+            "+short",
+            "web.internal",
+            "A",
+        ];
         assert_eq!(short(&dig(d.addr, &us)), ["10.3.0.1"]);
-        assert_eq!(short(&dig(d.addr, &[transport, "+short", "web.internal", "AAAA"])), ["fd00::2:1"]);
-        assert_eq!(short(&kdig(d.addr, &[transport, "+short", "api.internal", "AAAA"])), ["fd00::9"]);
+        assert_eq!(
+            short(&dig(d.addr, &[transport, "+short", "web.internal", "AAAA"])),
+            ["fd00::2:1"]
+        );
+        assert_eq!(
+            short(&kdig(
+                d.addr,
+                &[transport, "+short", "api.internal", "AAAA"]
+            )),
+            ["fd00::9"]
+        );
     }
     let full = dig(d.addr, &["+subnet=10.9.0.0/16", "web.internal", "A"]);
-    assert!(full.contains("CLIENT-SUBNET: 10.9.0.0/16/16"), "scope echoed:\n{full}");
+    assert!(
+        full.contains("CLIENT-SUBNET: 10.9.0.0/16/16"),
+        "scope echoed:\n{full}"
+    );
     assert!(full.contains("flags: qr aa"), "{full}");
-    assert!(full.contains("web.internal. 42 IN A 10.2.0.1"), "ttl_secs applies:\n{full}");
+    assert!(
+        full.contains("web.internal. 42 IN A 10.2.0.1"),
+        "ttl_secs applies:\n{full}"
+    );
     // Rust client, both transports.
     let q = query("web.internal.", RecordType::A);
     assert_eq!(addrs(&ask_udp(d.addr, &q)), ["10.1.0.1"]);
@@ -263,13 +297,34 @@ fn app_resolves_to_the_backend_the_proxy_would_pick_with_every_client() {
 fn region_pop_srv_and_apex_records() {
     let d = start();
     for transport in ["+notcp", "+tcp"] {
-        let eu = short(&dig(d.addr, &[transport, "+short", "eu.backends.internal", "A"]));
+        let eu = short(&dig(
+            d.addr,
+            &[transport, "+short", "eu.backends.internal", "A"],
+        ));
         assert_eq!(eu, ["10.2.0.1"]);
-        let eu6 = short(&kdig(d.addr, &[transport, "+short", "eu.backends.internal", "AAAA"]));
+        let eu6 = short(&kdig(
+            d.addr,
+            &[transport, "+short", "eu.backends.internal", "AAAA"],
+        ));
         assert_eq!(eu6, ["fd00::2:1", "fd00::9"]);
-        assert_eq!(short(&dig(d.addr, &[transport, "+short", "sa.pops.internal", "A"])), ["10.50.0.1"]);
-        assert_eq!(short(&kdig(d.addr, &[transport, "+short", "eu.pops.internal", "AAAA"])), ["fdaa::60:1"]);
-        let srv = short(&dig(d.addr, &[transport, "+short", "_web._tcp.internal", "SRV"]));
+        assert_eq!(
+            short(&dig(
+                d.addr,
+                &[transport, "+short", "sa.pops.internal", "A"]
+            )),
+            ["10.50.0.1"]
+        );
+        assert_eq!(
+            short(&kdig(
+                d.addr,
+                &[transport, "+short", "eu.pops.internal", "AAAA"]
+            )),
+            ["fdaa::60:1"]
+        );
+        let srv = short(&dig(
+            d.addr,
+            &[transport, "+short", "_web._tcp.internal", "SRV"],
+        ));
         assert_eq!(
             srv,
             [
@@ -279,13 +334,28 @@ fn region_pop_srv_and_apex_records() {
                 "3 1 8080 us-1.web.internal.",
             ]
         );
-        assert_eq!(short(&dig(d.addr, &[transport, "+short", "eu-1.web.internal", "A"])), ["10.2.0.1"]);
+        assert_eq!(
+            short(&dig(
+                d.addr,
+                &[transport, "+short", "eu-1.web.internal", "A"]
+            )),
+            ["10.2.0.1"]
+        );
         let soa = short(&kdig(d.addr, &[transport, "+short", "internal", "SOA"]));
         assert_eq!(soa.len(), 1);
-        assert!(soa[0].starts_with("ns.internal. hostmaster.internal. "), "{soa:?}");
-        assert_eq!(short(&dig(d.addr, &[transport, "+short", "internal", "NS"])), ["ns.internal."]);
+        assert!(
+            soa[0].starts_with("ns.internal. hostmaster.internal. "),
+            "{soa:?}"
+        );
+        assert_eq!(
+            short(&dig(d.addr, &[transport, "+short", "internal", "NS"])),
+            ["ns.internal."]
+        );
         // This POP (gru-1) is the name server.
-        assert_eq!(short(&dig(d.addr, &[transport, "+short", "ns.internal", "A"])), ["10.50.0.1"]);
+        assert_eq!(
+            short(&dig(d.addr, &[transport, "+short", "ns.internal", "A"])),
+            ["10.50.0.1"]
+        );
     }
     // SRV glue comes in the additional section.
     let srv = ask_udp(d.addr, &query("_web._tcp.internal.", RecordType::SRV));
@@ -358,11 +428,17 @@ fn large_answers_set_tc_over_udp_and_clients_retry_over_tcp() {
     let d = start_with(&many, "");
     // Without EDNS the limit is 512 bytes: TC, no answers.
     let udp = dig(d.addr, &["+ignore", "+noedns", "ap.backends.internal", "A"]);
-    assert!(udp.contains("flags: qr tc aa") || udp.contains("flags: qr aa tc"), "{udp}");
+    assert!(
+        udp.contains("flags: qr tc aa") || udp.contains("flags: qr aa tc"),
+        "{udp}"
+    );
     assert!(udp.contains("ANSWER: 0"), "{udp}");
     // dig retries over TCP on its own and gets all 80.
     let retried = dig(d.addr, &["+noedns", "ap.backends.internal", "A"]);
-    assert!(retried.contains("Truncated, retrying in TCP mode"), "{retried}");
+    assert!(
+        retried.contains("Truncated, retrying in TCP mode"),
+        "{retried}"
+    );
     assert!(retried.contains("ANSWER: 80"), "{retried}");
     // kdig too.
     let k = kdig(d.addr, &["+noedns", "ap.backends.internal", "A"]);
@@ -374,7 +450,11 @@ fn large_answers_set_tc_over_udp_and_clients_retry_over_tcp() {
     assert_eq!(ask_tcp(d.addr, &q).answers.len(), 80);
     // With EDNS (1232 bytes) 80 A records (16 bytes each) do not fit either.
     let mut q = q;
-    q.set_edns(Edns::new()).edns.as_mut().unwrap().set_max_payload(4096);
+    q.set_edns(Edns::new())
+        .edns
+        .as_mut()
+        .unwrap()
+        .set_max_payload(4096);
     let udp = udp_exchange(d.addr, &q.to_vec().unwrap()).unwrap();
     assert!(udp.len() <= 1232);
     assert!(Message::from_vec(&udp).unwrap().metadata.truncation);
@@ -393,7 +473,9 @@ fn answers_follow_routing_changes_and_drop_unhealthy_and_deleted_backends() {
     assert!(!srv.iter().any(|l| l.contains("sa-1")), "{srv:?}");
     d.db.exec("UPDATE backends SET deleted = 1 WHERE app = 'web'");
     let gone = || {
-        ask_udp(d.addr, &query("web.internal.", RecordType::A)).metadata.response_code
+        ask_udp(d.addr, &query("web.internal.", RecordType::A))
+            .metadata
+            .response_code
             == ResponseCode::NXDomain
     };
     assert!(eventually(PATIENCE, gone));
@@ -402,7 +484,10 @@ fn answers_follow_routing_changes_and_drop_unhealthy_and_deleted_backends() {
     d.db.upsert(&fresh);
     assert!(eventually(PATIENCE, || a(&d) == ["10.1.0.77"]));
     assert_eq!(
-        short(&dig(d.addr, &["+tcp", "+short", "_web._tcp.internal", "SRV"])),
+        short(&dig(
+            d.addr,
+            &["+tcp", "+short", "_web._tcp.internal", "SRV"]
+        )),
         ["2 1 9000 new-1.web.internal."]
     );
 }
@@ -434,7 +519,8 @@ fn random_and_truncated_packets_neither_crash_nor_stop_the_server() {
         seed_q.to_vec().unwrap(),
     ];
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(1)))
+        .unwrap();
     let mut buf = [0u8; 2048];
     let mut sent = 0;
     for i in 0..6000 {
@@ -478,12 +564,22 @@ fn random_and_truncated_packets_neither_crash_nor_stop_the_server() {
         drop(s);
     }
     // Still alive, still answering, over both transports.
-    assert!(d.proxy.wait_exit(Duration::from_millis(100)).is_none(), "the process died");
+    assert!(
+        d.proxy.wait_exit(Duration::from_millis(100)).is_none(),
+        "the process died"
+    );
     let q = query("web.internal.", RecordType::A);
     assert_eq!(addrs(&ask_udp(d.addr, &q)), ["10.1.0.1"]);
     assert_eq!(addrs(&ask_tcp(d.addr, &q)), ["10.1.0.1"]);
-    assert_eq!(short(&dig(d.addr, &["+short", "web.internal"])), ["10.1.0.1"]);
-    assert!(!d.proxy.log_text().contains("panicked"), "{}", d.proxy.log_text());
+    assert_eq!(
+        short(&dig(d.addr, &["+short", "web.internal"])),
+        ["10.1.0.1"]
+    );
+    assert!(
+        !d.proxy.log_text().contains("panicked"),
+        "{}",
+        d.proxy.log_text()
+    );
 }
 
 #[test]
@@ -496,7 +592,10 @@ fn idle_tcp_connections_are_closed_and_the_connection_limit_holds() {
     let mut byte = [0u8; 1];
     assert_eq!(idle.read(&mut byte).unwrap_or(0), 0, "closed without data");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
     // Pipelined queries on one connection are answered in order.
     let mut s = TcpStream::connect(d.addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -519,28 +618,45 @@ fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
     for r in rows() {
         db.upsert(&r);
     }
-    let text = config(&db.path, &DNS_CONFIG.replace(
-        "tcp_idle_timeout_secs = 2",
-        "tcp_idle_timeout_secs = 30\ntcp_max_connections = 1",
-    ));
+    let text = config(
+        &db.path,
+        &DNS_CONFIG.replace(
+            "tcp_idle_timeout_secs = 2",
+            "tcp_idle_timeout_secs = 30\ntcp_max_connections = 1",
+        ),
+    );
     let proxy = Proxy::with_config(&dir, &text);
     let addr = dns_addr(&proxy);
     let holder = TcpStream::connect(addr).unwrap();
     // Make sure the holder is being served before the second one connects.
     let mut holder = holder;
     holder.set_read_timeout(Some(PATIENCE)).unwrap();
-    tcp_send(&mut holder, &query("web.internal.", RecordType::A).to_vec().unwrap());
+    tcp_send(
+        &mut holder,
+        &query("web.internal.", RecordType::A).to_vec().unwrap(),
+    );
     assert!(tcp_recv(&mut holder).is_some());
     let mut waiting = TcpStream::connect(addr).unwrap();
-    waiting.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
-    tcp_send(&mut waiting, &query("web.internal.", RecordType::A).to_vec().unwrap());
-    assert!(tcp_recv(&mut waiting).is_none(), "served beyond tcp_max_connections");
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    tcp_send(
+        &mut waiting,
+        &query("web.internal.", RecordType::A).to_vec().unwrap(),
+    );
+    assert!(
+        tcp_recv(&mut waiting).is_none(),
+        "served beyond tcp_max_connections"
+    );
     drop(holder);
     waiting.set_read_timeout(Some(PATIENCE)).unwrap();
     let reply = tcp_recv(&mut waiting).expect("served once a slot frees");
     assert_eq!(addrs(&Message::from_vec(&reply).unwrap()), ["10.1.0.1"]);
     // UDP is unaffected by the TCP limit.
-    assert_eq!(addrs(&ask_udp(addr, &query("web.internal.", RecordType::A))), ["10.1.0.1"]);
+    assert_eq!(
+        addrs(&ask_udp(addr, &query("web.internal.", RecordType::A))),
+        ["10.1.0.1"]
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -565,7 +681,10 @@ fn the_originals_env_vars_enable_dns_with_its_address_and_domain() {
         ],
     );
     let addr = dns_addr(&proxy);
-    assert_eq!(short(&dig(addr, &["+short", "web.corp", "A"])), ["10.1.0.1"]);
+    assert_eq!(
+        short(&dig(addr, &["+short", "web.corp", "A"])),
+        ["10.1.0.1"]
+    );
     assert_eq!(status(&dig(addr, &["web.internal", "A"])), "REFUSED");
 }
 
@@ -573,7 +692,10 @@ fn the_originals_env_vars_enable_dns_with_its_address_and_domain() {
 fn a_busy_dns_port_is_a_startup_error() {
     let dir = TempDir::new("dns-busy");
     let db = Db::create(dir.join("routing.db"));
-    for (busy, message) in [("udp", "cannot bind DNS UDP socket"), ("tcp", "cannot bind DNS TCP listener")] {
+    for (busy, message) in [
+        ("udp", "cannot bind DNS UDP socket"),
+        ("tcp", "cannot bind DNS TCP listener"),
+    ] {
         // Hold the port on one transport only.
         let udp_holder;
         let tcp_holder;
@@ -595,7 +717,10 @@ fn a_busy_dns_port_is_a_startup_error() {
         assert!(!status.success(), "{busy}: exited 0");
         let line = proxy.wait_for_log(message, PATIENCE);
         let log = proxy.log_text();
-        assert!(line.is_some_and(|l| l.contains(&port.to_string())), "{busy}:\n{log}");
+        assert!(
+            line.is_some_and(|l| l.contains(&port.to_string())),
+            "{busy}:\n{log}"
+        );
         assert!(!log.contains("edgeproxy ready"), "{log}");
     }
 }

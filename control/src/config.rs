@@ -862,13 +862,14 @@ fn dns_section(raw: RawDns, env: &dyn Env) -> Result<Dns, ConfigError> {
         .or(raw.enabled)
         .unwrap_or(false);
     let listen_addr = match env.var("EDGEPROXY_DNS_LISTEN_ADDR") {
-        Some(value) => value.trim().parse().map_err(|e: std::net::AddrParseError| {
-            ConfigError::Env {
+        Some(value) => value
+            .trim()
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ConfigError::Env {
                 var: "EDGEPROXY_DNS_LISTEN_ADDR",
                 value: value.clone(),
                 reason: e.to_string(),
-            }
-        })?,
+            })?,
         None => {
             let text = raw
                 .listen_addr
@@ -1139,7 +1140,10 @@ mod tests {
         assert_eq!(c.dns.tcp_idle_timeout, Duration::from_secs(4));
         assert_eq!(c.dns.tcp_max_connections.get(), 8);
         assert_eq!(c.dns.pops[0].region, "sa");
-        assert_eq!(c.dns.pops[0].addr, "fdaa::1".parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(
+            c.dns.pops[0].addr,
+            "fdaa::1".parse::<std::net::IpAddr>().unwrap()
+        );
         let env = [
             ("EDGEPROXY_DNS_ENABLED", "true"),
             ("EDGEPROXY_DNS_LISTEN_ADDR", "127.0.0.1:5300"),
@@ -1158,11 +1162,26 @@ mod tests {
             ("[dns]\ndomain = \"bad domain\"\n", "dns.domain"),
             ("[dns]\ndomain = \".\"\n", "dns.domain"),
             ("[dns]\nttl_secs = 86401\n", "dns.ttl_secs"),
-            ("[dns]\ntcp_idle_timeout_secs = 0\n", "dns.tcp_idle_timeout_secs"),
-            ("[dns]\ntcp_max_connections = 0\n", "dns.tcp_max_connections"),
-            ("[[dns.pop]]\nname = \"\"\nregion = \"sa\"\naddr = \"10.0.0.1\"\n", "dns.pop[0].name"),
-            ("[[dns.pop]]\nname = \"a\"\nregion = \"s.a\"\naddr = \"10.0.0.1\"\n", "dns.pop[0].region"),
-            ("[[dns.pop]]\nname = \"a\"\nregion = \"sa\"\naddr = \"10.0.0.1:53\"\n", "dns.pop[0].addr"),
+            (
+                "[dns]\ntcp_idle_timeout_secs = 0\n",
+                "dns.tcp_idle_timeout_secs",
+            ),
+            (
+                "[dns]\ntcp_max_connections = 0\n",
+                "dns.tcp_max_connections",
+            ),
+            (
+                "[[dns.pop]]\nname = \"\"\nregion = \"sa\"\naddr = \"10.0.0.1\"\n",
+                "dns.pop[0].name",
+            ),
+            (
+                "[[dns.pop]]\nname = \"a\"\nregion = \"s.a\"\naddr = \"10.0.0.1\"\n",
+                "dns.pop[0].region",
+            ),
+            (
+                "[[dns.pop]]\nname = \"a\"\nregion = \"sa\"\naddr = \"10.0.0.1:53\"\n",
+                "dns.pop[0].addr",
+            ),
             ("[dns]\nport = 53\n", "port"),
         ] {
             let err = from(text, &NO_ENV).unwrap_err();

@@ -229,9 +229,9 @@ impl Answerer {
         let limit = match (transport, query_edns) {
             (Transport::Tcp, _) => u16::MAX,
             (Transport::Udp, None) => CLASSIC_UDP_PAYLOAD,
-            (Transport::Udp, Some(e)) => e
-                .max_payload()
-                .clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD),
+            (Transport::Udp, Some(e)) => {
+                e.max_payload().clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
+            }
         };
         let rcode = self.reply.metadata.response_code;
         if encode(&self.reply, limit, out) {
@@ -327,7 +327,9 @@ impl Lookup<'_> {
                     self.reply.answers.push(self.zone.ns());
                     let ns = self.zone.ns_name().clone();
                     for &ip in self.zone.ns_addrs() {
-                        self.reply.additionals.push(address_record(&ns, self.zone.ttl(), ip));
+                        self.reply
+                            .additionals
+                            .push(address_record(&ns, self.zone.ttl(), ip));
                     }
                 }
                 true

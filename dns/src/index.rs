@@ -52,7 +52,10 @@ pub struct ZoneIndex {
 }
 
 fn key_of(snapshot: &RoutingSnapshot) -> (u64, usize) {
-    (snapshot.version, snapshot as *const RoutingSnapshot as usize)
+    (
+        snapshot.version,
+        snapshot as *const RoutingSnapshot as usize,
+    )
 }
 
 /// True when `text` can be one label of a host-like name.
@@ -99,7 +102,11 @@ impl ZoneIndex {
             names.extend(entry.ids.keys().map(|id| format!("{id}.{app}")));
         }
         names.extend(regions.keys().map(|r| format!("{r}.{BACKENDS_LABEL}")));
-        names.extend(zone.pops().iter().map(|p| format!("{}.{POPS_LABEL}", p.region)));
+        names.extend(
+            zone.pops()
+                .iter()
+                .map(|p| format!("{}.{POPS_LABEL}", p.region)),
+        );
         let mut empty_nonterminals = HashSet::new();
         for name in &names {
             let mut rest = name.as_str();

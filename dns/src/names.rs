@@ -89,7 +89,10 @@ pub fn classify(rel: &str) -> Target<'_> {
             return Target::RegionPops(first);
         }
     }
-    if let Some(service) = rel.strip_suffix(TCP_LABEL).and_then(|s| s.strip_suffix('.')) {
+    if let Some(service) = rel
+        .strip_suffix(TCP_LABEL)
+        .and_then(|s| s.strip_suffix('.'))
+    {
         if let Some(app) = service.strip_prefix('_').filter(|a| !a.is_empty()) {
             return Target::Srv(app);
         }

@@ -167,7 +167,14 @@ async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: Snapshot
             }
         };
         let q = &buf[..len];
-        if answer_guarded(&mut answerer, q, peer.ip(), Transport::Udp, &snapshot, &mut out) {
+        if answer_guarded(
+            &mut answerer,
+            q,
+            peer.ip(),
+            Transport::Udp,
+            &snapshot,
+            &mut out,
+        ) {
             if let Err(e) = socket.send_to(&out, peer).await {
                 tracing::debug!(%peer, error = %e, "dns: udp send failed");
             }
@@ -244,8 +251,14 @@ async fn serve_connection(
             Err(_) => return Err(ConnEnd::Idle(idle)),
             Ok(r) => r?,
         };
-        if !answer_guarded(&mut answerer, &query, peer.ip(), Transport::Tcp, &snapshot, &mut out)
-        {
+        if !answer_guarded(
+            &mut answerer,
+            &query,
+            peer.ip(),
+            Transport::Tcp,
+            &snapshot,
+            &mut out,
+        ) {
             return Err(ConnEnd::NotAQuery);
         }
         // One write per reply: length and message in one segment.

@@ -180,9 +180,15 @@ fn load_steers_within_a_tier_like_the_proxy() {
     let busy = ActiveGuard::new(Arc::clone(&snap.backends[0].live));
     let mut f = Fixture::with(snap);
     let q = query("web.internal.", RecordType::A);
-    assert_eq!(addrs(&f.send(&q, "200.160.2.1", Transport::Udp)), ["10.1.0.2"]);
+    assert_eq!(
+        addrs(&f.send(&q, "200.160.2.1", Transport::Udp)),
+        ["10.1.0.2"]
+    );
     drop(busy);
-    assert_eq!(addrs(&f.send(&q, "200.160.2.1", Transport::Udp)), ["10.1.0.1"]);
+    assert_eq!(
+        addrs(&f.send(&q, "200.160.2.1", Transport::Udp)),
+        ["10.1.0.1"]
+    );
 }
 
 #[test]
@@ -203,7 +209,11 @@ fn client_subnet_overrides_the_source_and_is_echoed_with_scope() {
     assert_eq!((s.source_prefix(), s.scope_prefix()), (16, 16));
     assert_eq!(edns.max_payload(), MAX_UDP_PAYLOAD);
     // /0: the client opts out; not even the source address is used.
-    let q = with_edns(query("web.internal.", RecordType::A), 1232, Some("0.0.0.0/0"));
+    let q = with_edns(
+        query("web.internal.", RecordType::A),
+        1232,
+        Some("0.0.0.0/0"),
+    );
     assert_eq!(addrs(&f.send(&q, "10.9.1.1", Transport::Udp)), ["10.1.0.1"]);
 }
 
@@ -224,8 +234,14 @@ fn malformed_client_subnet_is_formerr() {
 #[test]
 fn aaaa_answers_from_ipv6_backends_and_a_from_ipv4() {
     let mut f = Fixture::new();
-    assert_eq!(addrs(&f.ask("web.internal.", RecordType::AAAA)), ["fd00::2:1"]);
-    assert_eq!(addrs(&f.ask("api.internal.", RecordType::AAAA)), ["fd00::9"]);
+    assert_eq!(
+        addrs(&f.ask("web.internal.", RecordType::AAAA)),
+        ["fd00::2:1"]
+    );
+    assert_eq!(
+        addrs(&f.ask("api.internal.", RecordType::AAAA)),
+        ["fd00::9"]
+    );
     // api has no IPv4 backend: NODATA, not NXDOMAIN.
     let reply = f.ask("api.internal.", RecordType::A);
     assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
@@ -244,7 +260,12 @@ fn unhealthy_and_deleted_backends_never_appear() {
     let mut alone = rec("x-1", "lonely", "sa", "BR", "10.1.0.9");
     alone.healthy = false;
     let snap = SnapshotBuilder::new()
-        .build(&[sick, gone, rec("eu-1", "web", "eu", "DE", "10.2.0.1"), alone])
+        .build(&[
+            sick,
+            gone,
+            rec("eu-1", "web", "eu", "DE", "10.2.0.1"),
+            alone,
+        ])
         .snapshot;
     let mut f = Fixture::with(snap);
     let reply = f.send(
@@ -253,9 +274,17 @@ fn unhealthy_and_deleted_backends_never_appear() {
         Transport::Udp,
     );
     assert_eq!(addrs(&reply), ["10.2.0.1"]);
-    assert_eq!(addrs(&f.ask("sa.backends.internal.", RecordType::A)), Vec::<String>::new());
+    assert_eq!(
+        addrs(&f.ask("sa.backends.internal.", RecordType::A)),
+        Vec::<String>::new()
+    );
     assert!(f.ask("_web._tcp.internal.", RecordType::SRV).answers.len() == 1);
-    assert_eq!(f.ask("sa-1.web.internal.", RecordType::A).metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(
+        f.ask("sa-1.web.internal.", RecordType::A)
+            .metadata
+            .response_code,
+        ResponseCode::NXDomain
+    );
     // An app whose only backend is unhealthy has no records at all.
     let reply = f.ask("lonely.internal.", RecordType::A);
     assert_eq!(reply.metadata.response_code, ResponseCode::NXDomain);
@@ -268,9 +297,18 @@ fn region_backends_pops_and_name_server() {
     assert_eq!(addrs(&eu), ["10.2.0.1"]);
     let eu6 = f.ask("EU.Backends.internal.", RecordType::AAAA);
     assert_eq!(addrs(&eu6), ["fd00::2:1", "fd00::9"]);
-    assert_eq!(addrs(&f.ask("sa.pops.internal.", RecordType::A)), ["10.50.0.1"]);
-    assert_eq!(addrs(&f.ask("sa.pops.internal.", RecordType::AAAA)), ["fdaa::2"]);
-    assert_eq!(addrs(&f.ask("eu.pops.internal.", RecordType::A)), ["10.60.0.1"]);
+    assert_eq!(
+        addrs(&f.ask("sa.pops.internal.", RecordType::A)),
+        ["10.50.0.1"]
+    );
+    assert_eq!(
+        addrs(&f.ask("sa.pops.internal.", RecordType::AAAA)),
+        ["fdaa::2"]
+    );
+    assert_eq!(
+        addrs(&f.ask("eu.pops.internal.", RecordType::A)),
+        ["10.60.0.1"]
+    );
     let none = f.ask("ap.pops.internal.", RecordType::A);
     assert_eq!(none.metadata.response_code, ResponseCode::NXDomain);
     let none = f.ask("ap.backends.internal.", RecordType::A);
@@ -293,7 +331,10 @@ fn backends_sharing_an_address_give_one_record() {
         ])
         .snapshot;
     let mut f = Fixture::with(snap);
-    assert_eq!(addrs(&f.ask("sa.backends.internal.", RecordType::A)), ["10.1.0.1"]);
+    assert_eq!(
+        addrs(&f.ask("sa.backends.internal.", RecordType::A)),
+        ["10.1.0.1"]
+    );
 }
 
 #[test]
@@ -330,9 +371,15 @@ fn srv_lists_backends_closest_first_with_weights_ports_and_glue() {
         .iter()
         .map(|r| format!("{} {}", r.name, r.data))
         .collect();
-    assert_eq!(glue, ["eu-1.web.internal. 10.2.0.1", "sa-1.web.internal. 10.1.0.1"]);
+    assert_eq!(
+        glue,
+        ["eu-1.web.internal. 10.2.0.1", "sa-1.web.internal. 10.1.0.1"]
+    );
     // The targets resolve.
-    assert_eq!(addrs(&f.ask("EU-1.web.internal.", RecordType::A)), ["10.2.0.1"]);
+    assert_eq!(
+        addrs(&f.ask("EU-1.web.internal.", RecordType::A)),
+        ["10.2.0.1"]
+    );
     // Known name, other type.
     let r = f.ask("_web._tcp.internal.", RecordType::A);
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
@@ -362,7 +409,11 @@ fn apex_has_soa_and_ns_with_glue() {
 #[test]
 fn unknown_names_are_nxdomain_with_soa() {
     let mut f = Fixture::new();
-    for name in ["nope.internal.", "x.web.internal.", "a.sa.backends.internal."] {
+    for name in [
+        "nope.internal.",
+        "x.web.internal.",
+        "a.sa.backends.internal.",
+    ] {
         let r = f.ask(name, RecordType::A);
         assert_eq!(r.metadata.response_code, ResponseCode::NXDomain, "{name}");
         assert!(r.metadata.authoritative);
@@ -374,7 +425,12 @@ fn unknown_names_are_nxdomain_with_soa() {
 #[test]
 fn known_name_other_type_is_nodata() {
     let mut f = Fixture::new();
-    for t in [RecordType::MX, RecordType::TXT, RecordType::SRV, RecordType::CNAME] {
+    for t in [
+        RecordType::MX,
+        RecordType::TXT,
+        RecordType::SRV,
+        RecordType::CNAME,
+    ] {
         let r = f.ask("web.internal.", t);
         assert_eq!(r.metadata.response_code, ResponseCode::NoError, "{t}");
         assert!(r.answers.is_empty() && authority_is_soa(&r), "{t}");
@@ -417,7 +473,10 @@ fn undecodable_queries_get_formerr_and_non_queries_nothing() {
     assert_eq!(f.raw(&resp, "127.0.0.1", Transport::Udp), None);
     // Two questions.
     let mut two = query("web.internal.", RecordType::A);
-    two.add_query(Query::query(Name::from_ascii("api.internal.").unwrap(), RecordType::A));
+    two.add_query(Query::query(
+        Name::from_ascii("api.internal.").unwrap(),
+        RecordType::A,
+    ));
     let r = f.send(&two, "127.0.0.1", Transport::Udp);
     assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
     // No question.
@@ -431,12 +490,27 @@ fn other_opcodes_classes_transfers_and_edns_versions() {
     let mut f = Fixture::new();
     let mut notify = query("internal.", RecordType::SOA);
     notify.metadata.op_code = OpCode::Notify;
-    assert_eq!(f.send(&notify, "127.0.0.1", Transport::Udp).metadata.response_code, ResponseCode::NotImp);
+    assert_eq!(
+        f.send(&notify, "127.0.0.1", Transport::Udp)
+            .metadata
+            .response_code,
+        ResponseCode::NotImp
+    );
     let mut chaos = query("version.bind.", RecordType::TXT);
     chaos.queries[0].set_query_class(DNSClass::CH);
-    assert_eq!(f.send(&chaos, "127.0.0.1", Transport::Udp).metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        f.send(&chaos, "127.0.0.1", Transport::Udp)
+            .metadata
+            .response_code,
+        ResponseCode::Refused
+    );
     let axfr = query("internal.", RecordType::AXFR);
-    assert_eq!(f.send(&axfr, "127.0.0.1", Transport::Tcp).metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        f.send(&axfr, "127.0.0.1", Transport::Tcp)
+            .metadata
+            .response_code,
+        ResponseCode::Refused
+    );
     let mut v1 = with_edns(query("web.internal.", RecordType::A), 1232, None);
     v1.edns.as_mut().unwrap().set_version(1);
     let r = f.send(&v1, "127.0.0.1", Transport::Udp);
@@ -461,7 +535,15 @@ fn edns_is_echoed_with_our_payload_size_and_the_do_bit() {
 
 fn big_region(n: usize) -> RoutingSnapshot {
     let records: Vec<BackendRecord> = (0..n)
-        .map(|i| rec(&format!("b{i}"), "big", "sa", "BR", &format!("10.7.{}.{}", i / 250, i % 250 + 1)))
+        .map(|i| {
+            rec(
+                &format!("b{i}"),
+                "big",
+                "sa",
+                "BR",
+                &format!("10.7.{}.{}", i / 250, i % 250 + 1),
+            )
+        })
         .collect();
     SnapshotBuilder::new().build(&records).snapshot
 }
@@ -474,7 +556,9 @@ fn oversized_udp_replies_are_truncated_and_complete_over_tcp() {
     assert!(udp.metadata.truncation);
     assert!(udp.answers.is_empty());
     assert_eq!(udp.queries.len(), 1);
-    let raw = f.raw(&q.to_vec().unwrap(), "127.0.0.1", Transport::Udp).unwrap();
+    let raw = f
+        .raw(&q.to_vec().unwrap(), "127.0.0.1", Transport::Udp)
+        .unwrap();
     assert!(raw.len() <= 512);
     let tcp = f.send(&q, "127.0.0.1", Transport::Tcp);
     assert!(!tcp.metadata.truncation);
@@ -495,7 +579,15 @@ fn glue_is_dropped_before_answers_are() {
     // 2782) fit in 1232 bytes; with their 24 glue records (16 bytes each)
     // they do not.
     let records: Vec<BackendRecord> = (0..24)
-        .map(|i| rec(&format!("backend-{i:02}"), "web", "sa", "BR", &format!("10.7.0.{}", i + 1)))
+        .map(|i| {
+            rec(
+                &format!("backend-{i:02}"),
+                "web",
+                "sa",
+                "BR",
+                &format!("10.7.0.{}", i + 1),
+            )
+        })
         .collect();
     let mut f = Fixture::with(SnapshotBuilder::new().build(&records).snapshot);
     let q = with_edns(query("_web._tcp.internal.", RecordType::SRV), 1232, None);
@@ -511,10 +603,14 @@ fn glue_is_dropped_before_answers_are() {
 #[test]
 fn answers_follow_a_new_snapshot() {
     let mut builder = SnapshotBuilder::new();
-    let first = builder.build(&[rec("a", "web", "sa", "BR", "10.1.0.1")]).snapshot;
+    let first = builder
+        .build(&[rec("a", "web", "sa", "BR", "10.1.0.1")])
+        .snapshot;
     let mut f = Fixture::with(first);
     assert_eq!(addrs(&f.ask("web.internal.", RecordType::A)), ["10.1.0.1"]);
-    f.snapshot = builder.build(&[rec("b", "web", "sa", "BR", "10.1.0.2")]).snapshot;
+    f.snapshot = builder
+        .build(&[rec("b", "web", "sa", "BR", "10.1.0.2")])
+        .snapshot;
     assert_eq!(addrs(&f.ask("web.internal.", RecordType::A)), ["10.1.0.2"]);
     f.snapshot = builder.build(&[]).snapshot;
     let r = f.ask("web.internal.", RecordType::A);
@@ -552,7 +648,11 @@ fn random_and_mutated_packets_never_panic() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let seeds: Vec<Vec<u8>> = [
         query("web.internal.", RecordType::A),
-        with_edns(query("_web._tcp.internal.", RecordType::SRV), 1232, Some("10.9.0.0/16")),
+        with_edns(
+            query("_web._tcp.internal.", RecordType::SRV),
+            1232,
+            Some("10.9.0.0/16"),
+        ),
         with_edns(query("sa.backends.internal.", RecordType::AAAA), 512, None),
     ]
     .iter()
@@ -574,7 +674,11 @@ fn random_and_mutated_packets_never_panic() {
             }
             p
         };
-        let transport = if i % 5 == 0 { Transport::Tcp } else { Transport::Udp };
+        let transport = if i % 5 == 0 {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
         if let Some(reply) = f.raw(&packet, "10.9.0.1", transport) {
             if transport == Transport::Udp {
                 assert!(reply.len() <= MAX_UDP_PAYLOAD as usize, "packet {i}");
