@@ -12,7 +12,7 @@ use anyhow::Context;
 use engine::geo::{GeoDb, GeoResolver, RegionMap};
 use engine::snapshot::Country;
 use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{self, Config};
 use crate::routing::RoutingReloader;
@@ -76,6 +76,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the control runtime")?;
+    // Stop and reload signals are handled from here on, before anything says
+    // the proxy is ready (see `Signals`).
+    let signals = {
+        let _context = runtime.enter();
+        Signals::install()?
+    };
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
@@ -105,6 +111,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         "edgeproxy ready"
     );
     let grace = runtime.block_on(control_loop(
+        signals,
         config_path,
         config,
         &mut reloader,
@@ -134,8 +141,32 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// SIGHUP, SIGTERM and SIGINT, caught from the moment [`Signals::install`]
+/// returns. Installed before `edgeproxy ready` is logged: until then a stop
+/// signal would get the default action (the process dies without draining),
+/// so a supervisor that signals as soon as the proxy says it is ready must
+/// find the handlers in place. A signal that arrives before the control loop
+/// polls for it is kept and seen by that first poll.
+struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    /// Must run inside the control runtime's context.
+    fn install() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
+            term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+        })
+    }
+}
+
 /// Returns the drain grace period once a stop signal arrives.
 async fn control_loop(
+    signals: Signals,
     config_path: Option<PathBuf>,
     mut config: Config,
     reloader: &mut RoutingReloader,
@@ -143,9 +174,11 @@ async fn control_loop(
     tls: &mut TlsListeners,
     mut api: Option<crate::api::Server>,
 ) -> anyhow::Result<Duration> {
-    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
