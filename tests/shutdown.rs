@@ -157,3 +157,27 @@ fn grace_period_closes_connections_still_open() {
         .wait_for_log_after(mark, "grace period over", PATIENCE)
         .unwrap_or_else(|| panic!("no grace-period warning:\n{}", proxy.log_text()));
 }
+
+#[test]
+fn stop_signal_right_after_ready_is_graceful() {
+    // `edgeproxy ready` promises that the proxy handles stop signals: one
+    // sent the moment the line appears drains and exits 0, it does not kill
+    // the process (or go unnoticed). The window is small; try a few times.
+    for sig in [SIGTERM, SIGINT, SIGTERM, SIGINT, SIGTERM, SIGTERM] {
+        let dir = TempDir::new("early-signal");
+        let db = Db::create(dir.join("routing.db"));
+        let mut proxy = Proxy::with_config(&dir, &config(&db.path, ""));
+        proxy.signal(sig);
+        let status = proxy
+            .wait_exit(PATIENCE)
+            .unwrap_or_else(|| panic!("signal {sig} ignored:\n{}", proxy.log_text()));
+        assert!(
+            status.success(),
+            "signal {sig} right after ready: exit {status}:\n{}",
+            proxy.log_text()
+        );
+        proxy
+            .wait_for_log("shutdown complete", PATIENCE)
+            .unwrap_or_else(|| panic!("no orderly shutdown:\n{}", proxy.log_text()));
+    }
+}
