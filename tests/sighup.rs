@@ -230,3 +230,38 @@ fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     assert_eq!(which_backend(z), "x");
     assert_eq!(which_backend(a), "x");
 }
+
+/// A SIGHUP whose new TLS certificates cannot be loaded changes nothing: the
+/// TLS listener keeps serving with its old settings, a listener added by the
+/// same file does not start, and limits stay.
+#[test]
+fn sighup_with_unloadable_certificates_changes_nothing() {
+    let tls_ok = "[[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n\
+                  [[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\n[listener.tls]\nself_signed = true\n";
+    let s = Setup::new("sighup-tls", tls_ok);
+    let tls_addr = s.proxy.listener("tls");
+    let broken = "[limits]\nmax_connections = 1\n\
+                  [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n\
+                  [[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\n[listener.tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+                  [[listener]]\nname = \"extra\"\naddr = \"127.0.0.1:0\"\n";
+    let mark = s.reload(broken);
+    let rejected = s
+        .proxy
+        .wait_for_log_after(mark, "new configuration rejected", PATIENCE)
+        .expect("broken certificates were not reported");
+    assert!(rejected.contains("/nonexistent/cert.pem"), "{rejected}");
+    let after: Vec<String> = s.proxy.log_lines().into_iter().skip(mark).collect();
+    assert!(
+        !after
+            .iter()
+            .any(|l| l.contains("listener stopped") || l.contains("listener=extra")),
+        "a listener changed: {after:?}"
+    );
+    // The TLS listener still accepts, and the old limit (100000) still holds:
+    // two plain connections at once both reach the backend.
+    let probe = TcpStream::connect(tls_addr).expect("tls listener went away");
+    drop(probe);
+    let (a, _ka) = connect_tagged(s.proxy.listener("main"));
+    let (b, _kb) = connect_tagged(s.proxy.listener("main"));
+    assert_eq!((a.as_str(), b.as_str()), ("x", "x"));
+}

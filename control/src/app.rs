@@ -101,7 +101,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
     }
-    // Every listener and service is up: tests and operators wait for this.
+    // Every listener and service is up and the signal handlers are in place:
+    // tests and operators wait for this line.
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         pop = %config.pop.name,
@@ -194,14 +195,16 @@ async fn control_loop(
                 match &config_path {
                     None => tracing::info!("no config file given; only the routing table is re-read"),
                     Some(path) => match config::load(Some(path), &config::ProcessEnv) {
-                        Ok(new) => {
-                            apply(&config, &new, engine, tls);
-                            if new.routing.reload_interval != config.routing.reload_interval {
-                                ticker = tokio::time::interval(new.routing.reload_interval);
-                                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        Ok(new) => match apply(&config, &new, engine, tls) {
+                            Ok(()) => {
+                                if new.routing.reload_interval != config.routing.reload_interval {
+                                    ticker = tokio::time::interval(new.routing.reload_interval);
+                                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                }
+                                config = new;
                             }
-                            config = new;
-                        }
+                            Err(e) => tracing::error!(error = format!("{e:#}"), "new configuration rejected; keeping the running one"),
+                        },
                         Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
                     },
                 }
@@ -218,7 +221,21 @@ async fn control_loop(
 }
 
 /// Applies what can change without a restart and logs the rest.
-fn apply(old: &Config, new: &Config, engine: &mut Engine, tls: &mut TlsListeners) {
+///
+/// Everything the new listeners need (certificates) is built first: if any of
+/// it fails, nothing changes and the error is returned.
+fn apply(
+    old: &Config,
+    new: &Config,
+    engine: &mut Engine,
+    tls: &mut TlsListeners,
+) -> anyhow::Result<()> {
+    let mut starting = Vec::new();
+    for l in &new.listeners {
+        if !old.listeners.contains(l) {
+            starting.push(spec_of(l, tls)?);
+        }
+    }
     let new_knobs = knobs(new);
     if *engine.knobs() != new_knobs {
         tracing::info!(?new_knobs, "limits and timeouts updated");
@@ -236,18 +253,8 @@ fn apply(old: &Config, new: &Config, engine: &mut Engine, tls: &mut TlsListeners
             .iter()
             .any(|l| l.name == name && l.tls.is_some())
     });
-    for l in &new.listeners {
-        if old.listeners.contains(l) {
-            continue;
-        }
-        let name = l.name.clone();
-        let spec = match spec_of(l, tls) {
-            Ok(spec) => spec,
-            Err(e) => {
-                tracing::error!(listener = %name, error = %e, "cannot start listener");
-                continue;
-            }
-        };
+    for spec in starting {
+        let name = spec.name.clone();
         match engine.add_listener(spec) {
             Ok(addr) => tracing::info!(listener = %name, %addr, "listening"),
             Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
@@ -274,6 +281,7 @@ fn apply(old: &Config, new: &Config, engine: &mut Engine, tls: &mut TlsListeners
             );
         }
     }
+    Ok(())
 }
 
 fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {
