@@ -398,3 +398,32 @@ fn port_in_use_fails_cleanly_and_nothing_half_starts() {
     assert!(refuses(free_addr), "{free_addr} still accepts connections");
     drop(taken);
 }
+
+/// A second edgeproxy on the address of a running one must not start: its
+/// SO_REUSEPORT sockets would otherwise join the first one's and silently
+/// split the traffic.
+#[test]
+fn a_second_instance_on_the_same_address_is_refused() {
+    let dir = TempDir::new("second");
+    let addr: SocketAddr = format!("127.0.0.1:{}", common::dead_port())
+        .parse()
+        .unwrap();
+    let db = dir.join("routing.db");
+    let text = format!(
+        "[routing]\ndb_path = {db:?}\n[runtime]\nshards = 2\n[[listener]]\nname = \"front\"\naddr = \"{addr}\"\n",
+        db = db.display().to_string()
+    );
+    let first = Proxy::with_config(&dir, &text);
+    assert_eq!(first.addr(), addr);
+
+    let second_dir = TempDir::new("second-b");
+    let mut second = Proxy::spawn_with_config(&second_dir, &text);
+    let status = second
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("second instance kept running:\n{}", second.log_text()));
+    assert!(!status.success(), "exit {status}");
+    let line = second
+        .wait_for_log("edgeproxy: error", PATIENCE)
+        .unwrap_or_else(|| panic!("no error line:\n{}", second.log_text()));
+    assert!(line.contains("front") && line.contains("in use"), "{line}");
+}

@@ -132,6 +132,8 @@ pub struct Engine {
     listeners: Vec<RunningListener>,
     /// The same listeners, for [`StatsView`] readers on other threads.
     published_listeners: Arc<Mutex<Vec<RunningListener>>>,
+    /// Addresses of listeners removed at run time.
+    retired_addrs: Vec<SocketAddr>,
 }
 
 impl Engine {
@@ -145,7 +147,7 @@ impl Engine {
         let shard_count = settings.shards.max(1);
         let mut groups = Vec::with_capacity(listeners.len());
         for spec in listeners {
-            groups.push((Arc::new(spec.clone()), bind(spec, shard_count)?));
+            groups.push((Arc::new(spec.clone()), bind(spec, shard_count, true)?));
         }
         let shared = Arc::new(Shared {
             shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
@@ -160,6 +162,7 @@ impl Engine {
             shards: Vec::with_capacity(shard_count),
             listeners: Vec::new(),
             published_listeners: Arc::default(),
+            retired_addrs: Vec::new(),
         };
         for id in 0..shard_count {
             if let Err(e) = engine.start_shard(id) {
@@ -246,7 +249,11 @@ impl Engine {
         if self.listeners.iter().any(|l| l.spec.name == spec.name) {
             return Err(EngineError::DuplicateListener(spec.name.to_string()));
         }
-        let group = bind(&spec, self.shards.len())?;
+        // A listener restarted on its own old address (a SIGHUP change) may
+        // still have sockets closing on the shards; only there is joining the
+        // existing group expected.
+        let exclusive = !self.retired_addrs.contains(&spec.addr);
+        let group = bind(&spec, self.shards.len(), exclusive)?;
         let addr = group.local_addr;
         self.hand_out(Arc::new(spec), group);
         Ok(addr)
@@ -258,6 +265,9 @@ impl Engine {
             return false;
         };
         let removed = self.listeners.remove(pos);
+        if !self.retired_addrs.contains(&removed.local_addr) {
+            self.retired_addrs.push(removed.local_addr);
+        }
         self.publish_listeners();
         for shard in &self.shards {
             let _ = shard
@@ -312,10 +322,22 @@ impl Drop for Engine {
     }
 }
 
-fn bind(spec: &ListenerSpec, shards: usize) -> Result<listener::BoundGroup, EngineError> {
-    listener::bind_group(spec.addr, shards).map_err(|cause| EngineError::Bind {
-        listener: spec.name.to_string(),
-        addr: spec.addr,
-        cause,
-    })
+/// Binds a listener's sockets. With `exclusive`, an address something else
+/// already listens on is refused (see `listener::ensure_unused`).
+fn bind(
+    spec: &ListenerSpec,
+    shards: usize,
+    exclusive: bool,
+) -> Result<listener::BoundGroup, EngineError> {
+    let exclusive_check = match exclusive {
+        true => listener::ensure_unused(spec.addr),
+        false => Ok(()),
+    };
+    exclusive_check
+        .and_then(|()| listener::bind_group(spec.addr, shards))
+        .map_err(|cause| EngineError::Bind {
+            listener: spec.name.to_string(),
+            addr: spec.addr,
+            cause,
+        })
 }

@@ -30,6 +30,20 @@ pub struct BoundGroup {
     pub steered: bool,
 }
 
+/// Fails with `AddrInUse` if anything listens on `addr` already — including
+/// another process's `SO_REUSEPORT` sockets, which [`bind_group`] would
+/// otherwise join silently and split traffic with. Port 0 is always free.
+pub fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    // No SO_REUSEPORT: the bind conflicts with every listening socket on the
+    // address. SO_REUSEADDR only lets it ignore TIME_WAIT leftovers.
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())
+}
+
 /// Binds `count` reuseport sockets on `addr` and tries to attach the steering
 /// program.
 pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<BoundGroup> {
@@ -156,6 +170,16 @@ mod tests {
         for s in &group.sockets {
             assert_eq!(s.local_addr().unwrap(), group.local_addr);
         }
+    }
+
+    #[test]
+    fn a_running_reuseport_group_is_seen_as_in_use() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let err = ensure_unused(group.local_addr).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let free = group.local_addr;
+        drop(group);
+        ensure_unused(free).unwrap();
     }
 
     #[test]
