@@ -103,12 +103,20 @@ async fn serve_inner(
     let (tls, pending) = match &lctx.spec.tls {
         None => (None, pending),
         Some(tls) => {
-            let handshake = TlsSession::accept(client, tls.current(), pending, buffer_len);
+            // Boxed, like the session and its pumps below: a rustls session
+            // is kilobytes, and inline it would enlarge every connection's
+            // task, plain TCP included, for the connection's whole life.
+            let handshake = Box::pin(TlsSession::accept(
+                client,
+                tls.current(),
+                pending,
+                buffer_len,
+            ));
             match rt::timeout(tls.handshake_timeout, handshake).await {
                 Some(Ok((session, early))) => {
                     ShardStats::bump(&ctx.stats.tls_handshakes);
                     tracing::debug!(shard = ctx.id, sni = ?session.sni(), alpn = ?session.alpn(), "tls handshake done");
-                    (Some(session), early)
+                    (Some(Box::new(session)), early)
                 }
                 Some(Err(e)) => return Err(ConnError::TlsHandshake(e)),
                 None => return Err(ConnError::TlsHandshakeTimeout(tls.handshake_timeout)),
@@ -200,14 +208,14 @@ async fn serve_inner(
     match &tls {
         None => splice(ctx, client, &backend, knobs.idle_timeout, buffer_len).await,
         Some(session) => {
-            splice_tls(
+            Box::pin(splice_tls(
                 ctx,
                 session,
                 client,
                 &backend,
                 knobs.idle_timeout,
                 buffer_len,
-            )
+            ))
             .await
         }
     }

@@ -12,6 +12,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU16;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use compio::buf::{BufResult, IoBuf};
@@ -50,8 +52,42 @@ pub async fn sleep_until(deadline: Instant) {
 }
 
 /// `None` when `duration` passed first.
-pub async fn timeout<F: Future>(duration: Duration, future: F) -> Option<F::Output> {
-    compio::runtime::time::timeout(duration, future).await.ok()
+///
+/// A plain combinator rather than compio's `timeout` (a `select!` in an async
+/// fn, which stores the future three times over): it adds only the timer to
+/// the future's size, and the caller's task keeps that size for its life.
+pub fn timeout<F: Future>(
+    duration: Duration,
+    future: F,
+) -> impl Future<Output = Option<F::Output>> {
+    Timeout {
+        future,
+        sleep: compio::runtime::time::sleep(duration),
+    }
+}
+
+struct Timeout<F, S> {
+    future: F,
+    sleep: S,
+}
+
+impl<F: Future, S: Future<Output = ()>> Future for Timeout<F, S> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning: neither field is moved out of `self`,
+        // and `Timeout` has no Drop impl nor Unpin impl of its own.
+        let this = unsafe { self.get_unchecked_mut() };
+        let future = unsafe { Pin::new_unchecked(&mut this.future) };
+        if let Poll::Ready(out) = future.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        let sleep = unsafe { Pin::new_unchecked(&mut this.sleep) };
+        match sleep.poll(cx) {
+            Poll::Ready(()) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 pub fn listener_from_std(listener: std::net::TcpListener) -> io::Result<TcpListener> {
@@ -122,12 +158,30 @@ pub async fn read_chunk(stream: &TcpStream, fallback_len: usize) -> io::Result<O
     }
 }
 
+/// A chunk is itself an I/O buffer, so that one write path serves both
+/// kinds (one future type, not one per kind: a connection's task is as large
+/// as its largest await).
+impl IoBuf for Chunk {
+    fn as_init(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
 /// Writes the whole chunk, then drops it (returning a pooled buffer).
 pub async fn write_chunk(stream: &TcpStream, chunk: Chunk) -> io::Result<()> {
     let mut writer = stream;
-    match chunk {
-        Chunk::Pooled(b) => writer.write_all(b).await.0,
-        Chunk::Owned(v) => writer.write_all(v).await.0,
+    let mut chunk = chunk;
+    loop {
+        let BufResult(written, back) = writer.write(chunk).await;
+        let n = written?;
+        if n >= back.len() {
+            return Ok(());
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // A short write (the socket buffer filled up): send the rest.
+        chunk = back.advance(n);
     }
 }
 

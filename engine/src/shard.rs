@@ -267,3 +267,19 @@ async fn affinity_gc(ctx: Rc<ShardCtx>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// An idle proxied connection costs little more than its task, whose size
+    /// is the size of `conn::serve`'s future: keep it small (TLS state and
+    /// rare paths are boxed for that reason).
+    #[test]
+    fn connection_task_stays_small() {
+        fn output_size<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+            std::mem::size_of::<R>()
+        }
+        let serve: fn(_, _, _, _, _) -> _ = crate::conn::serve;
+        let size = output_size(serve);
+        assert!(size <= 2560, "conn::serve's future is {size} bytes");
+    }
+}
