@@ -173,6 +173,7 @@ impl Answerer {
         self.reply.authorities.clear();
         self.reply.additionals.clear();
         self.reply.edns = reply_edns(query_edns, &location);
+        let limit = size_limit(transport, query_edns);
 
         let exists = placement == Placement::Inside && {
             let index = self.cache.get(snapshot, &self.zone);
@@ -185,6 +186,7 @@ impl Answerer {
                 qname: question.name(),
                 qtype: question.query_type(),
                 geo_ip,
+                max_answers: (usize::from(limit) - 12) / 12,
                 reply: &mut self.reply,
             };
             lookup.run(&self.rel)
@@ -226,29 +228,36 @@ impl Answerer {
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> Answered {
-        let limit = match (transport, query_edns) {
-            (Transport::Tcp, _) => u16::MAX,
-            (Transport::Udp, None) => CLASSIC_UDP_PAYLOAD,
-            (Transport::Udp, Some(e)) => {
-                e.max_payload().clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD)
-            }
-        };
+        let limit = size_limit(transport, query_edns);
         let rcode = self.reply.metadata.response_code;
-        if encode(&self.reply, limit, out) {
-            return Answered {
-                rcode,
-                truncated: false,
-            };
-        }
-        self.reply.additionals.clear();
-        if encode(&self.reply, limit, out) {
-            return Answered {
-                rcode,
-                truncated: false,
-            };
+        // Every record takes at least 12 bytes (a compressed owner name and
+        // the fixed fields): skip encodings that cannot fit (a region's list
+        // of hundreds of backends over UDP) instead of trying them.
+        let at_least = |records: usize| 12 + 12 * records;
+        let needed = self.reply.answers.len() + self.reply.authorities.len();
+        let hopeless = at_least(needed) > usize::from(limit);
+        if !hopeless {
+            let extra = self.reply.additionals.len();
+            if at_least(needed + extra) <= usize::from(limit) && encode(&self.reply, limit, out) {
+                return Answered {
+                    rcode,
+                    truncated: false,
+                };
+            }
+            // Glue and other additional data are optional (RFC 2181 §9).
+            if extra > 0 {
+                self.reply.additionals.clear();
+                if encode(&self.reply, limit, out) {
+                    return Answered {
+                        rcode,
+                        truncated: false,
+                    };
+                }
+            }
         }
         self.reply.answers.clear();
         self.reply.authorities.clear();
+        self.reply.additionals.clear();
         self.reply.metadata.truncation = true;
         // Header, one question (≤ 259 bytes) and an OPT with one ECS option
         // always fit in 512 bytes.
@@ -257,6 +266,15 @@ impl Answerer {
             rcode,
             truncated: true,
         }
+    }
+}
+
+/// The largest reply `transport` allows for a query with `query_edns`.
+fn size_limit(transport: Transport, query_edns: Option<&Edns>) -> u16 {
+    match (transport, query_edns) {
+        (Transport::Tcp, _) => u16::MAX,
+        (Transport::Udp, None) => CLASSIC_UDP_PAYLOAD,
+        (Transport::Udp, Some(e)) => e.max_payload().clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD),
     }
 }
 
@@ -310,6 +328,10 @@ struct Lookup<'a> {
     qname: &'a Name,
     qtype: RecordType,
     geo_ip: Option<IpAddr>,
+    /// More answers than this cannot fit the reply (12 bytes each at least):
+    /// past it, building more records is wasted work, the reply will be
+    /// truncated whatever they are.
+    max_answers: usize,
     reply: &'a mut Message,
 }
 
@@ -346,6 +368,9 @@ impl Lookup<'_> {
                 };
                 let mut seen: Vec<IpAddr> = Vec::new();
                 for &idx in list {
+                    if self.reply.answers.len() > self.max_answers {
+                        break;
+                    }
                     let ip = self.snapshot.backend(idx).addr.ip();
                     // Backends sharing an address (different ports) give one
                     // record: an RRset holds no duplicates.

@@ -5,9 +5,10 @@
 //! error. [`DnsServer::run`] must be called on a Tokio runtime (the control
 //! thread's current-thread runtime); it serves until that runtime stops.
 //!
-//! - UDP: one task, one datagram at a time; the reply is sent before the next
-//!   datagram is read, so a flood queues in the socket's receive buffer and
-//!   is dropped by the kernel there, not in our memory.
+//! - UDP: one task. It reads up to 32 datagrams with one `recvmmsg`,
+//!   answers them, and sends the replies with one `sendmmsg` before reading
+//!   again ([`udp_batch`]); so a flood queues in the socket's receive buffer
+//!   and is dropped by the kernel there, not in our memory.
 //! - TCP (RFC 7766): two-byte length-prefixed messages, answered in order on
 //!   each connection (pipelining works); a connection silent for
 //!   `tcp_idle_timeout` is closed, as is one that sends something that is not
@@ -29,8 +30,8 @@ use tokio::sync::Semaphore;
 
 use crate::answer::{Answerer, Transport};
 
-/// Largest DNS message over TCP (and largest datagram we read).
-const MAX_MESSAGE: usize = 65535;
+mod udp_batch;
+
 /// Receive buffer asked for the UDP socket: absorbs bursts while the control
 /// thread is busy with something else (the kernel may cap it lower).
 const UDP_RECV_BUFFER: usize = 4 << 20;
@@ -154,11 +155,10 @@ fn answer_guarded(
 }
 
 async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: SnapshotHandle) {
-    let mut buf = vec![0u8; MAX_MESSAGE];
-    let mut out = Vec::with_capacity(crate::MAX_UDP_PAYLOAD as usize);
+    let mut batch = udp_batch::Batch::new();
     loop {
-        let (len, peer) = match socket.recv_from(&mut buf).await {
-            Ok(r) => r,
+        let received = match batch.recv(&socket).await {
+            Ok(n) => n,
             Err(e) => {
                 // ICMP errors from earlier sends surface here (ECONNREFUSED);
                 // they concern one peer, never the socket.
@@ -166,18 +166,29 @@ async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: Snapshot
                 continue;
             }
         };
-        let q = &buf[..len];
-        if answer_guarded(
-            &mut answerer,
-            q,
-            peer.ip(),
-            Transport::Udp,
-            &snapshot,
-            &mut out,
-        ) {
-            if let Err(e) = socket.send_to(&out, peer).await {
-                tracing::debug!(%peer, error = %e, "dns: udp send failed");
+        let mut replies = 0;
+        for slot in 0..received {
+            // Reply buffers live in the batch too: take one out while the
+            // query is borrowed, then put it back with its slot.
+            let mut out = std::mem::take(&mut batch.replies[replies].1);
+            let (query, peer) = batch.datagram(slot);
+            let answered = peer.is_some_and(|peer| {
+                answer_guarded(
+                    &mut answerer,
+                    query,
+                    peer.ip(),
+                    Transport::Udp,
+                    &snapshot,
+                    &mut out,
+                )
+            });
+            batch.replies[replies] = (slot, out);
+            if answered {
+                replies += 1;
             }
+        }
+        if replies > 0 {
+            batch.send(&socket, replies).await;
         }
     }
 }
