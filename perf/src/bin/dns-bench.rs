@@ -1,0 +1,508 @@
+//! DNS benchmark: edgeproxy's internal DNS against Knot DNS (Debian `knot`)
+//! serving an equivalent zone, measured by `dnsperf` in the same run,
+//! alternately (edgeproxy, knot, edgeproxy, knot, ...).
+//!
+//! ```text
+//! cargo build --release --bin edgeproxy
+//! cargo run --release -p perf --bin dns-bench -- [--backends 1000] [--runs 3] [--duration 10]
+//! ```
+//!
+//! Both servers listen on loopback and answer the same query mix from the
+//! same data: a routing.db of `--backends` backends in `--apps` apps over
+//! four regions, and for Knot a zone file with the records edgeproxy answers
+//! for a loopback client (the `<app>` record is the backend edgeproxy's
+//! scoring picks for it: the first one in the local region). Knot runs
+//! twice: with its defaults (one UDP worker thread per core) and with one
+//! UDP worker, since edgeproxy answers DNS on its one control thread.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "edgeproxy internal DNS vs Knot DNS, measured with dnsperf")]
+struct Args {
+    /// Backends in routing.db.
+    #[arg(long, default_value_t = 1000)]
+    backends: usize,
+    /// Apps the backends are spread over.
+    #[arg(long, default_value_t = 100)]
+    apps: usize,
+    /// Measurements per server (alternating).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// dnsperf clients (-c): sockets, each with its own source port.
+    #[arg(long, default_value_t = 8)]
+    clients: u32,
+    /// dnsperf outstanding queries (-q).
+    #[arg(long, default_value_t = 200)]
+    outstanding: u32,
+    /// The edgeproxy binary (default: next to this one, or EDGEPROXY_BIN).
+    #[arg(long)]
+    edgeproxy_bin: Option<PathBuf>,
+    #[arg(long, default_value = "knotd")]
+    knotd: String,
+    #[arg(long, default_value = "dnsperf")]
+    dnsperf: String,
+}
+
+const REGIONS: [(&str, &str); 4] = [("sa", "BR"), ("us", "US"), ("eu", "DE"), ("ap", "JP")];
+const LOCAL_REGION: &str = "sa";
+const TTL: u32 = 5;
+
+struct Backend {
+    id: String,
+    app: String,
+    region: &'static str,
+    country: &'static str,
+    ip: String,
+    port: u16,
+}
+
+/// Deterministic table: backend i is in app i % apps, region i % 4; every
+/// tenth backend is IPv6.
+fn table(n: usize, apps: usize) -> Vec<Backend> {
+    (0..n)
+        .map(|i| {
+            let (region, country) = REGIONS[i % REGIONS.len()];
+            let ip = if i % 10 == 9 {
+                format!("fd00::{:x}", i + 1)
+            } else {
+                format!("10.{}.{}.{}", 1 + i / 62500, (i / 250) % 250, i % 250 + 1)
+            };
+            Backend {
+                id: format!("b{i}"),
+                app: format!("app{}", i % apps.max(1)),
+                region,
+                country,
+                ip,
+                port: 8000 + (i % 1000) as u16,
+            }
+        })
+        .collect()
+}
+
+fn write_db(path: &Path, rows: &[Backend]) -> anyhow::Result<()> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT NOT NULL, region TEXT NOT NULL,
+         country TEXT, wg_ip TEXT NOT NULL, port INTEGER NOT NULL, healthy INTEGER NOT NULL DEFAULT 1,
+         weight INTEGER NOT NULL DEFAULT 1, soft_limit INTEGER NOT NULL DEFAULT 100,
+         hard_limit INTEGER NOT NULL DEFAULT 150, deleted INTEGER NOT NULL DEFAULT 0)",
+    )?;
+    let tx = conn.unchecked_transaction()?;
+    for b in rows {
+        tx.execute(
+            "INSERT INTO backends (id, app, region, country, wg_ip, port) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            rusqlite::params![b.id, b.app, b.region, b.country, b.ip, b.port],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The zone edgeproxy serves to a loopback client, as a Knot zone file.
+fn zone_file(rows: &[Backend], pops: &[(&str, &str, &str)]) -> String {
+    let mut z = String::new();
+    let _ = writeln!(z, "$ORIGIN internal.\n$TTL {TTL}");
+    let _ = writeln!(
+        z,
+        "@ SOA ns.internal. hostmaster.internal. 1 3600 600 86400 {TTL}\n@ NS ns.internal.\nns A 10.50.0.1"
+    );
+    let is_v6 = |b: &Backend| b.ip.contains(':');
+    let mut apps: Vec<&str> = rows.iter().map(|b| b.app.as_str()).collect();
+    apps.sort();
+    apps.dedup();
+    for app in apps {
+        let of_app: Vec<&Backend> = rows.iter().filter(|b| b.app == app).collect();
+        // edgeproxy's pick for a client with no location, no load: the
+        // first backend (table order) in the local POP's region, per family.
+        for v6 in [false, true] {
+            let family: Vec<&&Backend> = of_app.iter().filter(|b| is_v6(b) == v6).collect();
+            let best = family
+                .iter()
+                .find(|b| b.region == LOCAL_REGION)
+                .or(family.first());
+            if let Some(b) = best {
+                let _ = writeln!(z, "{app} {} {}", if v6 { "AAAA" } else { "A" }, b.ip);
+            }
+        }
+        for b in &of_app {
+            let t = if is_v6(b) { "AAAA" } else { "A" };
+            let _ = writeln!(z, "{}.{app} {t} {}", b.id, b.ip);
+            let prio = match b.region {
+                LOCAL_REGION => 2,
+                _ => 3,
+            };
+            let _ = writeln!(z, "_{app}._tcp SRV {prio} 1 {} {}.{app}", b.port, b.id);
+        }
+    }
+    for (region, _) in REGIONS {
+        let mut ips: Vec<&Backend> = rows.iter().filter(|b| b.region == region).collect();
+        ips.dedup_by(|a, b| a.ip == b.ip);
+        for b in ips {
+            let t = if is_v6(b) { "AAAA" } else { "A" };
+            let _ = writeln!(z, "{region}.backends {t} {}", b.ip);
+        }
+    }
+    for (_, region, addr) in pops {
+        let _ = writeln!(z, "{region}.pops A {addr}");
+    }
+    z
+}
+
+const POPS: [(&str, &str, &str); 2] = [("gru-1", "sa", "10.50.0.1"), ("fra-1", "eu", "10.60.0.1")];
+
+/// The query mix, the same for both servers: mostly `<app>` A, then AAAA,
+/// SRV, backend names, a few region lists (large: truncated over UDP) and
+/// unknown names.
+fn queries(rows: &[Backend], apps: usize, n: usize) -> String {
+    let mut q = String::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let app = format!("app{}", x as usize % apps.max(1));
+        let line = match i % 20 {
+            0..=11 => format!("{app}.internal A"),
+            12 | 13 => format!("{app}.internal AAAA"),
+            14 | 15 => format!("_{app}._tcp.internal SRV"),
+            16 => format!(
+                "{}.{}.internal A",
+                rows[x as usize % rows.len()].id,
+                rows[x as usize % rows.len()].app
+            ),
+            17 => format!("{}.pops.internal A", ["sa", "eu"][i % 2]),
+            18 => format!("{}.backends.internal A", REGIONS[i % 4].0),
+            _ => format!("nope{i}.internal A"),
+        };
+        q.push_str(&line);
+        q.push('\n');
+    }
+    q
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    // A port free on both UDP and TCP right now.
+    for _ in 0..20 {
+        let u = UdpSocket::bind("127.0.0.1:0")?;
+        let port = u.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port")
+}
+
+/// Waits until `addr` answers a DNS query.
+fn wait_answering(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    // SOA query for internal., id 0x4242.
+    let mut q = vec![0x42, 0x42, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(b"\x08internal\x00\x00\x06\x00\x01");
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        sock.send_to(&q, addr)?;
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if n >= 12 && buf[0] == 0x42 && buf[3] & 0x0f == 0 {
+                return Ok(());
+            }
+        }
+    }
+    bail!("{what} does not answer on {addr}")
+}
+
+struct Server {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_edgeproxy(bin: &Path, dir: &Path) -> anyhow::Result<Server> {
+    let cfg = dir.join("edgeproxy.toml");
+    let mut text = format!(
+        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 1\n[[listener]]\naddr = \"127.0.0.1:0\"\n[demo]\nbackends = 0\n[pop]\nregion = \"{LOCAL_REGION}\"\nname = \"gru-1\"\n[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nttl_secs = {TTL}\n",
+        dir.join("routing.db").display().to_string()
+    );
+    for (name, region, addr) in POPS {
+        let _ = write!(
+            text,
+            "[[dns.pop]]\nname = \"{name}\"\nregion = \"{region}\"\naddr = \"{addr}\"\n"
+        );
+    }
+    std::fs::write(&cfg, text)?;
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (cargo build --release --bin edgeproxy)",
+                bin.display()
+            )
+        })?;
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.find(" udp=") {
+                let addr = line[at + 5..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr: SocketAddr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .context("edgeproxy did not log `dns listening`")?
+        .parse()?;
+    let server = Server {
+        name: "edgeproxy",
+        addr,
+        child,
+    };
+    wait_answering(addr, "edgeproxy")?;
+    Ok(server)
+}
+
+/// `workers`: `None` for Knot's defaults, else UDP, TCP and background
+/// workers each.
+fn start_knot(
+    knotd: &str,
+    dir: &Path,
+    zone: &str,
+    name: &'static str,
+    workers: Option<u32>,
+) -> anyhow::Result<Server> {
+    let kdir = dir.join(name);
+    std::fs::create_dir_all(&kdir)?;
+    std::fs::write(kdir.join("internal.zone"), zone)?;
+    let port = free_port()?;
+    let conf = format!(
+        "server:\n    rundir: \"{d}\"\n    listen: 127.0.0.1@{port}\n{w}\
+         control:\n    listen: \"{d}/knot.sock\"\n\
+         database:\n    storage: \"{d}\"\n\
+         log:\n  - target: stderr\n    any: warning\n\
+         template:\n  - id: default\n    storage: \"{d}\"\n    semantic-checks: off\n\
+         zone:\n  - domain: internal\n    file: \"{d}/internal.zone\"\n",
+        d = kdir.display(),
+        w = workers.map_or(String::new(), |n| format!(
+            "    udp-workers: {n}\n    tcp-workers: {n}\n    background-workers: {n}\n"
+        )),
+    );
+    let conf_path = kdir.join("knot.conf");
+    std::fs::write(&conf_path, conf)?;
+    let child = Command::new(knotd)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {knotd} (apt-get install knot)"))?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let server = Server { name, addr, child };
+    wait_answering(addr, "knotd")?;
+    Ok(server)
+}
+
+fn version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned()
+                + &String::from_utf8_lossy(&o.stderr);
+            text.lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|e| format!("unavailable: {e}"))
+}
+
+#[derive(Debug, Default, Clone)]
+struct Measure {
+    qps: f64,
+    avg_ms: f64,
+    stddev_ms: f64,
+    max_ms: f64,
+    lost_pct: f64,
+    completed: u64,
+    /// Server CPU time per completed query, microseconds.
+    cpu_us: f64,
+}
+
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    let at = text.find(key)? + key.len();
+    text[at..]
+        .split_whitespace()
+        .next()?
+        .trim_matches(|c: char| c == '(' || c == ')' || c == '%' || c == ',')
+        .parse()
+        .ok()
+}
+
+fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure> {
+    let out = Command::new(&args.dnsperf)
+        .args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .arg("-d")
+        .arg(data)
+        .args(["-l", &args.duration.to_string()])
+        .args(["-c", &args.clients.to_string()])
+        .args(["-q", &args.outstanding.to_string()])
+        .args(["-T", "1", "-t", "2"])
+        .output()
+        .with_context(|| format!("cannot run {} (apt-get install dnsperf)", args.dnsperf))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let qps = number_after(&text, "Queries per second:")
+        .with_context(|| format!("unexpected dnsperf output:\n{text}"))?;
+    let avg = number_after(&text, "Average Latency (s):").unwrap_or(f64::NAN);
+    let max = text
+        .find("Average Latency (s):")
+        .and_then(|at| number_after(&text[at..], "max"))
+        .unwrap_or(f64::NAN);
+    Ok(Measure {
+        qps,
+        avg_ms: avg * 1e3,
+        stddev_ms: number_after(&text, "Latency StdDev (s):").unwrap_or(f64::NAN) * 1e3,
+        max_ms: max * 1e3,
+        lost_pct: text
+            .find("Queries lost:")
+            .and_then(|at| text[at..].find('(').map(|p| at + p))
+            .and_then(|p| number_after(&text[p - 1..], " "))
+            .unwrap_or(0.0),
+        completed: number_after(&text, "Queries completed:").unwrap_or(0.0) as u64,
+        cpu_us: f64::NAN,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin = args
+        .edgeproxy_bin
+        .clone()
+        .unwrap_or_else(perf::default_edgeproxy_bin);
+    let dir = std::env::temp_dir().join(format!("edgeproxy-dns-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&args, &bin, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    let rows = table(args.backends, args.apps);
+    write_db(&dir.join("routing.db"), &rows)?;
+    let data = dir.join("queries.txt");
+    std::fs::write(&data, queries(&rows, args.apps, 10_000))?;
+    let edge = start_edgeproxy(bin, dir)?;
+    let zone = zone_file(&rows, &POPS);
+    let knot = start_knot(&args.knotd, dir, &zone, "knot", None)?;
+    let knot1 = start_knot(&args.knotd, dir, &zone, "knot-1-worker", Some(1))?;
+
+    println!("# edgeproxy internal DNS vs Knot DNS (dnsperf, loopback)");
+    println!(
+        "# {} backends in {} apps; {} runs x {} s each, alternating; dnsperf -c {} -q {} -T 1",
+        args.backends, args.apps, args.runs, args.duration, args.clients, args.outstanding
+    );
+    println!(
+        "# knotd: {}; dnsperf: {}",
+        version(&args.knotd, "--version"),
+        version(&args.dnsperf, "-h").replace("Usage: ", "")
+    );
+    println!(
+        "# cores: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut results: Vec<(&'static str, Measure)> = Vec::new();
+    for run in 1..=args.runs {
+        for server in [&edge, &knot, &knot1] {
+            let pid = server.child.id();
+            let before = perf::procfs::cpu(pid);
+            let mut m = dnsperf(args, server.addr, &data)?;
+            let cpu = perf::procfs::cpu(pid).since(&before).total();
+            m.cpu_us = cpu.as_secs_f64() * 1e6 / (m.completed.max(1) as f64);
+            println!(
+                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} |",
+                server.name, m.qps, m.avg_ms, m.stddev_ms, m.max_ms, m.lost_pct, m.cpu_us
+            );
+            if m.completed == 0 {
+                bail!("{} answered nothing", server.name);
+            }
+            results.push((server.name, m));
+        }
+    }
+    let pick = |name: &str, f: fn(&Measure) -> f64| {
+        median(
+            results
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, m)| f(m))
+                .collect(),
+        )
+    };
+    println!();
+    println!("| median | queries/s | avg latency ms | server CPU µs/query |");
+    println!("|---|---|---|---|");
+    for name in ["edgeproxy", "knot", "knot-1-worker"] {
+        println!(
+            "| {name} | {:.0} | {:.3} | {:.2} |",
+            pick(name, |m| m.qps),
+            pick(name, |m| m.avg_ms),
+            pick(name, |m| m.cpu_us)
+        );
+    }
+    println!();
+    for peer in ["knot", "knot-1-worker"] {
+        println!(
+            "edgeproxy/{peer}: queries/s x{:.2}, avg latency x{:.2}, CPU per query x{:.2}",
+            pick("edgeproxy", |m| m.qps) / pick(peer, |m| m.qps),
+            pick("edgeproxy", |m| m.avg_ms) / pick(peer, |m| m.avg_ms),
+            pick("edgeproxy", |m| m.cpu_us) / pick(peer, |m| m.cpu_us),
+        );
+    }
+    Ok(())
+}
