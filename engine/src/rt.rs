@@ -200,7 +200,19 @@ pub async fn write_bytes<const N: usize>(
 }
 
 /// Half-closes: sends FIN, keeps reading.
+///
+/// A direct `shutdown(2)`, not an io_uring op: io_uring has no non-blocking
+/// path for SHUTDOWN and always hands it to a kernel worker thread (io-wq),
+/// which cost 15% of the proxy's CPU per new connection (measured with
+/// `perf record`: every io-wq sample was `io_shutdown`). The call itself
+/// never blocks on a TCP socket.
 pub async fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    let mut writer = stream;
-    writer.shutdown().await
+    use std::os::fd::AsRawFd;
+    // SAFETY: shutdown(2) on a descriptor `stream` owns and keeps open.
+    let rc = unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
