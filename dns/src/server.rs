@@ -21,7 +21,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use engine::snapshot::SnapshotHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -138,11 +138,12 @@ fn answer_guarded(
     client: IpAddr,
     transport: Transport,
     snapshot: &SnapshotHandle,
+    now: Instant,
     out: &mut Vec<u8>,
 ) -> bool {
     let snap = snapshot.load();
     match catch_unwind(AssertUnwindSafe(|| {
-        answerer.answer(query, client, transport, &snap, out)
+        answerer.answer_at(query, client, transport, &snap, now, out)
     })) {
         Ok(answered) => answered.is_some(),
         Err(_) => {
@@ -166,6 +167,7 @@ async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: Snapshot
                 continue;
             }
         };
+        let now = Instant::now();
         let mut replies = 0;
         for slot in 0..received {
             // Reply buffers live in the batch too: take one out while the
@@ -179,6 +181,7 @@ async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: Snapshot
                     peer.ip(),
                     Transport::Udp,
                     &snapshot,
+                    now,
                     &mut out,
                 )
             });
@@ -268,6 +271,7 @@ async fn serve_connection(
             peer.ip(),
             Transport::Tcp,
             &snapshot,
+            Instant::now(),
             &mut out,
         ) {
             return Err(ConnEnd::NotAQuery);

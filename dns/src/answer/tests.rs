@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use engine::geo::{GeoResolver, RegionMap};
 use engine::snapshot::{ActiveGuard, BackendRecord, Country, RoutingSnapshot, SnapshotBuilder};
@@ -688,4 +689,94 @@ fn random_and_mutated_packets_never_panic() {
     }
     // Still answering normally.
     assert_eq!(addrs(&f.ask("web.internal.", RecordType::A)), ["10.1.0.1"]);
+}
+
+#[test]
+fn reply_cache_serves_equal_bytes_with_the_askers_id() {
+    let mut f = Fixture::new();
+    let now = Instant::now();
+    let client: IpAddr = "10.9.1.1".parse().unwrap();
+    let mut q = query("web.internal.", RecordType::A);
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    let snap = &f.snapshot;
+    f.answerer
+        .answer_at(
+            &q.to_vec().unwrap(),
+            client,
+            Transport::Udp,
+            snap,
+            now,
+            &mut first,
+        )
+        .unwrap();
+    q.metadata.id = 0x4321;
+    let a = f
+        .answerer
+        .answer_at(
+            &q.to_vec().unwrap(),
+            client,
+            Transport::Udp,
+            snap,
+            now,
+            &mut second,
+        )
+        .unwrap();
+    assert_eq!(a.rcode, ResponseCode::NoError);
+    assert_eq!(&second[..2], &[0x43, 0x21]);
+    assert_eq!(first[2..], second[2..]);
+    // Another country is another entry: the DE client got eu, BR gets sa.
+    let br: IpAddr = "200.160.2.9".parse().unwrap();
+    let mut third = Vec::new();
+    f.answerer
+        .answer_at(
+            &q.to_vec().unwrap(),
+            br,
+            Transport::Udp,
+            snap,
+            now,
+            &mut third,
+        )
+        .unwrap();
+    assert_eq!(addrs(&Message::from_vec(&third).unwrap()), ["10.1.0.1"]);
+    assert_eq!(addrs(&Message::from_vec(&second).unwrap()), ["10.2.0.1"]);
+}
+
+#[test]
+fn reply_cache_follows_load_after_its_ttl_and_snapshots_at_once() {
+    let mut builder = SnapshotBuilder::new();
+    let records = [
+        rec("a", "web", "sa", "BR", "10.1.0.1"),
+        rec("b", "web", "sa", "BR", "10.1.0.2"),
+    ];
+    let snap = builder.build(&records).snapshot;
+    let mut answerer = Answerer::new(zone(5), geo());
+    let client: IpAddr = "200.160.2.1".parse().unwrap();
+    let q = query("web.internal.", RecordType::A).to_vec().unwrap();
+    let ask = |answerer: &mut Answerer, snap: &RoutingSnapshot, at: Instant| {
+        let mut out = Vec::new();
+        answerer
+            .answer_at(&q, client, Transport::Udp, snap, at, &mut out)
+            .unwrap();
+        addrs(&Message::from_vec(&out).unwrap())
+    };
+    let t0 = Instant::now();
+    assert_eq!(ask(&mut answerer, &snap, t0), ["10.1.0.1"]);
+    let busy = ActiveGuard::new(Arc::clone(&snap.backends[0].live));
+    assert_eq!(
+        ask(&mut answerer, &snap, t0 + REPLY_CACHE_TTL / 2),
+        ["10.1.0.1"]
+    );
+    assert_eq!(
+        ask(&mut answerer, &snap, t0 + REPLY_CACHE_TTL),
+        ["10.1.0.2"]
+    );
+    drop(busy);
+    let moved = builder
+        .build(&[rec("c", "web", "sa", "BR", "10.1.0.3")])
+        .snapshot;
+    assert_eq!(
+        ask(&mut answerer, &moved, t0 + REPLY_CACHE_TTL),
+        ["10.1.0.3"]
+    );
 }
