@@ -8,9 +8,10 @@
 //! the idle timeout is closed.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -299,15 +300,7 @@ async fn splice(
         buffer_len,
         &ctx.stats.bytes_backend_to_client,
     );
-    let both = try_join(up, down);
-    if idle.is_zero() {
-        both.await?;
-        return Ok(());
-    }
-    let outcome = match select(pin!(both), pin!(idle_watch(&activity, idle))).await {
-        Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
-        Either::Right(_) => Err(ConnError::Idle(idle)),
-    };
+    let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome
 }
 
@@ -335,14 +328,29 @@ async fn splice_tls(
         buffer_len,
         &ctx.stats.bytes_backend_to_client,
     );
-    let both = try_join(up, down);
-    let outcome = if idle.is_zero() {
-        both.await.map(drop).map_err(ConnError::from)
-    } else {
-        match select(pin!(both), pin!(idle_watch(&activity, idle))).await {
-            Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
-            Either::Right(_) => Err(ConnError::Idle(idle)),
-        }
+    let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
+    outcome
+}
+
+/// Runs both directions (`both`) until they end, or until no byte moved for
+/// `idle` (zero: never).
+///
+/// Takes `both` pinned by the caller so it is stored once in the connection's
+/// task (the task's size is what an idle connection costs).
+async fn until_idle<E>(
+    mut both: Pin<&mut impl Future<Output = Result<((), ()), E>>>,
+    activity: &Cell<Instant>,
+    idle: Duration,
+) -> Result<(), ConnError>
+where
+    ConnError: From<E>,
+{
+    if idle.is_zero() {
+        return both.await.map(drop).map_err(ConnError::from);
+    }
+    let outcome = match select(both.as_mut(), pin!(idle_watch(activity, idle))).await {
+        Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
+        Either::Right(_) => Err(ConnError::Idle(idle)),
     };
     outcome
 }
