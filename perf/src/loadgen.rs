@@ -96,6 +96,9 @@ struct Slot {
     started: Instant,
     /// Open loop: scheduled times of requests waiting for this connection.
     queue: VecDeque<Instant>,
+    /// A request waits for the connect in progress (false: connected ahead
+    /// of time, during the warm-up).
+    request_waiting: bool,
     source: Option<IpAddr>,
 }
 
@@ -127,6 +130,7 @@ pub fn run(spec: &LoadSpec, window: &Window) -> io::Result<LoadResult> {
             received: 0,
             started: now,
             queue: VecDeque::new(),
+            request_waiting: false,
             source: (!spec.sources.is_empty()).then(|| spec.sources[i % spec.sources.len()]),
         })
         .collect();
@@ -154,6 +158,12 @@ pub fn run(spec: &LoadSpec, window: &Window) -> io::Result<LoadResult> {
     if interval.is_none() {
         for (i, slot) in slots.iter_mut().enumerate() {
             ctx.begin(slot, i, Instant::now(), &mut result);
+        }
+    } else if spec.keepalive {
+        // Connect every slot now, in the warm-up, so that no scheduled
+        // request waits for a handshake.
+        for (i, slot) in slots.iter_mut().enumerate() {
+            ctx.connect_only(slot, i, &mut result);
         }
     }
     while !window.stop.load(Ordering::Relaxed) {
@@ -204,11 +214,18 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Opens `slot`'s connection without sending anything.
+    fn connect_only(&mut self, slot: &mut Slot, i: usize, result: &mut LoadResult) {
+        self.begin(slot, i, Instant::now(), result);
+        slot.request_waiting = false;
+    }
+
     /// Starts a request on `slot`, due at `due` (latency counts from there).
     fn begin(&mut self, slot: &mut Slot, i: usize, due: Instant, result: &mut LoadResult) {
         slot.started = due;
         slot.sent = 0;
         slot.received = 0;
+        slot.request_waiting = true;
         if slot.stream.is_none() {
             match connect(self.spec.target, slot.source) {
                 Ok(mut s) => {
@@ -278,7 +295,14 @@ impl Ctx<'_> {
                 return;
             };
             match s.take_error() {
-                Ok(None) if s.peer_addr().is_ok() => slot.state = State::Writing,
+                Ok(None) if s.peer_addr().is_ok() => {
+                    if !slot.request_waiting {
+                        slot.state = State::Idle;
+                        self.restart(slot, i, result, closed_loop);
+                        return;
+                    }
+                    slot.state = State::Writing;
+                }
                 // Still in progress: a spurious wake-up.
                 Ok(None) => return,
                 Ok(Some(_)) | Err(_) => {
