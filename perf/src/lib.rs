@@ -51,6 +51,8 @@ pub struct Options {
     /// Connection rate of the hot-reload scenario.
     pub reload_rate: f64,
     pub bulk_streams: usize,
+    /// Client threads in the TLS handshake scenario.
+    pub tls_threads: usize,
     pub idle_connections: usize,
     /// Proxy worker threads/processes.
     pub workers: usize,
@@ -104,6 +106,7 @@ impl Options {
             fallback_rate: 10_000.0,
             reload_rate: if quick { 1000.0 } else { 2000.0 },
             bulk_streams: 2,
+            tls_threads: 2,
             idle_connections: if quick { 500 } else { 5000 },
             workers: 1,
             proxy_cpus,
@@ -152,6 +155,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         haproxy_bin: opts.haproxy_bin.clone(),
         nginx_bin: opts.nginx_bin.clone(),
         work_dir: work_dir.clone(),
+        tls: None,
     };
     let result = run_in(opts, &setup, started_unix, load_before);
     let _ = std::fs::remove_dir_all(&work_dir);
@@ -187,6 +191,26 @@ fn run_in(
             }
         }
     }
+    // TLS (f): measured when this edgeproxy build has TLS listeners.
+    let has = |c: char| opts.scenarios.contains(c);
+    let mut setup = setup.clone();
+    let tls_unavailable = if !has('f') {
+        None
+    } else if !kinds.contains(&Kind::Edgeproxy) {
+        Some("edgeproxy not selected".to_string())
+    } else {
+        match tls::edgeproxy_has_tls(&setup) {
+            Err(why) => Some(why),
+            Ok(()) => match tls::TlsMaterial::generate(&setup.work_dir.join("tls")) {
+                Ok(m) => {
+                    setup.tls = Some(std::sync::Arc::new(m));
+                    None
+                }
+                Err(e) => Some(format!("cannot make a test certificate: {e:#}")),
+            },
+        }
+    };
+    let setup = &setup;
     let missing: BTreeMap<Kind, String> = peers
         .iter()
         .filter_map(|(k, s)| match s {
@@ -201,7 +225,6 @@ fn run_in(
                 .with_context(|| format!("cannot start {}", kind.name()))?,
         );
     }
-    let has = |c: char| opts.scenarios.contains(c);
     let mut variants: Vec<Variant> = Vec::new();
     let mut plots: Vec<(usize, report::Series)> = Vec::new();
     let progress = |v: &Variant| {
@@ -243,14 +266,15 @@ fn run_in(
             variants.push(v);
         }
     }
+    if has('f') {
+        for v in tls::scenarios(opts, setup, &mut running, tls_unavailable) {
+            progress(&v);
+            variants.push(v);
+        }
+    }
     drop(running);
     if has('e') {
         let v = scenarios::idle_memory(opts, &kinds, setup, &backends);
-        progress(&v);
-        variants.push(v);
-    }
-    if has('f') {
-        let v = tls::scenario(opts, setup);
         progress(&v);
         variants.push(v);
     }

@@ -63,6 +63,8 @@ pub struct Setup {
     pub nginx_bin: String,
     /// Scratch space for configs and routing databases.
     pub work_dir: PathBuf,
+    /// When set, every proxy also terminates TLS (scenario f) with it.
+    pub tls: Option<Arc<crate::tls::TlsMaterial>>,
 }
 
 /// Whether a peer can run here, and its version.
@@ -103,12 +105,15 @@ fn nginx_stream_module() -> Option<PathBuf> {
     .find(|p| p.exists())
 }
 
-/// Addresses of the three front ends.
+/// Addresses of the front ends.
 #[derive(Clone, Copy, Debug)]
 pub struct Fronts {
     pub http: SocketAddr,
     pub echo: SocketAddr,
     pub bulk: SocketAddr,
+    /// TLS terminated by the proxy, then the HTTP / bulk backend.
+    pub tls_http: Option<SocketAddr>,
+    pub tls_bulk: Option<SocketAddr>,
 }
 
 /// A running target.
@@ -189,6 +194,8 @@ pub fn start(
                 http: backends.http,
                 echo: backends.echo,
                 bulk: backends.bulk,
+                tls_http: None,
+                tls_bulk: None,
             },
             child: None,
             log: Default::default(),
@@ -286,6 +293,10 @@ level = "info"
             "\n[[listener]]\nname = \"{app}\"\naddr = \"127.0.0.1:0\"\napp = \"{app}\"\n"
         ));
     }
+    if let Some(m) = &setup.tls {
+        toml.push_str(&crate::tls::edgeproxy_listener("tls-http", "http", m));
+        toml.push_str(&crate::tls::edgeproxy_listener("tls-bulk", "bulk", m));
+    }
     let config = dir.join("edgeproxy.toml");
     std::fs::write(&config, toml)?;
     let mut cmd = Command::new(&setup.edgeproxy_bin);
@@ -303,6 +314,8 @@ level = "info"
             http: backends.http,
             echo: backends.echo,
             bulk: backends.bulk,
+            tls_http: None,
+            tls_bulk: None,
         },
         child: Some(child),
         log,
@@ -335,6 +348,8 @@ level = "info"
                     "http" => running.fronts.http = addr,
                     "echo" => running.fronts.echo = addr,
                     "bulk" => running.fronts.bulk = addr,
+                    "tls-http" => running.fronts.tls_http = Some(addr),
+                    "tls-bulk" => running.fronts.tls_bulk = Some(addr),
                     _ => continue,
                 }
                 found += 1;
@@ -344,7 +359,7 @@ level = "info"
             break;
         }
     }
-    if found < 3 {
+    if found < if setup.tls.is_some() { 5 } else { 3 } {
         bail!(
             "edgeproxy did not report its listeners:\n{}",
             running.log_tail()
@@ -420,11 +435,12 @@ fn free_port() -> anyhow::Result<SocketAddr> {
 /// Waits until every address accepts a connection.
 fn wait_listening(running: &mut Running, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    for addr in [
-        running.fronts.http,
-        running.fronts.echo,
-        running.fronts.bulk,
-    ] {
+    let f = running.fronts;
+    for addr in [f.http, f.echo, f.bulk]
+        .into_iter()
+        .chain(f.tls_http)
+        .chain(f.tls_bulk)
+    {
         loop {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 break;
@@ -453,6 +469,8 @@ fn start_haproxy(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Resu
         http: free_port()?,
         echo: free_port()?,
         bulk: free_port()?,
+        tls_http: setup.tls.as_ref().map(|_| free_port()).transpose()?,
+        tls_bulk: setup.tls.as_ref().map(|_| free_port()).transpose()?,
     };
     let n = setup.workers.max(1);
     let cpu_map = if setup.cpus.is_empty() {
@@ -493,6 +511,17 @@ defaults
             "\nlisten {name}\n    bind {front}\n    server s1 {back}\n"
         ));
     }
+    if let (Some(m), Some(th), Some(tb)) = (&setup.tls, fronts.tls_http, fronts.tls_bulk) {
+        for (name, front, back) in [
+            ("tls-http", th, backends.http),
+            ("tls-bulk", tb, backends.bulk),
+        ] {
+            cfg.push_str(&format!(
+                "\nlisten {name}\n    bind {front} ssl crt {}\n    server s1 {back}\n",
+                m.combined.display()
+            ));
+        }
+    }
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(&setup.haproxy_bin);
@@ -516,6 +545,8 @@ fn start_nginx(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result
         http: free_port()?,
         echo: free_port()?,
         bulk: free_port()?,
+        tls_http: setup.tls.as_ref().map(|_| free_port()).transpose()?,
+        tls_bulk: setup.tls.as_ref().map(|_| free_port()).transpose()?,
     };
     let n = setup.workers.max(1);
     let affinity = if setup.cpus.is_empty() {
@@ -563,6 +594,15 @@ stream {{
         cfg.push_str(&format!(
             "    server {{\n        listen {front} reuseport;\n        proxy_pass {back};\n    }}\n"
         ));
+    }
+    if let (Some(m), Some(th), Some(tb)) = (&setup.tls, fronts.tls_http, fronts.tls_bulk) {
+        for (front, back) in [(th, backends.http), (tb, backends.bulk)] {
+            cfg.push_str(&format!(
+                "    server {{\n        listen {front} ssl reuseport;\n        ssl_certificate {};\n        ssl_certificate_key {};\n        proxy_pass {back};\n    }}\n",
+                m.cert.display(),
+                m.key.display()
+            ));
+        }
     }
     cfg.push_str("}\n");
     let path = dir.join("nginx.conf");

@@ -1,25 +1,79 @@
-//! (f) TLS handshakes/s and TLS bulk.
+//! (f) TLS: full handshakes per second (a new connection, a TLS 1.3 handshake
+//! without resumption, one HTTP request, close) and TLS bulk download.
 //!
-//! Not measured yet: the scenario first asks the edgeproxy binary whether it
-//! accepts a TLS listener (`check-config` on a config with one), and reports
-//! why not. To enable it once the suite has a TLS client: implement
-//! [`measure`] (handshakes with a rustls client against each target's TLS
-//! front, bulk over TLS) and give HAProxy (`bind … ssl crt`) and nginx
-//! (`listen … ssl`) the same certificate.
+//! TLS is measured only when the edgeproxy binary accepts a TLS listener
+//! (`check-config` on a config with one); otherwise the scenario reports
+//! "TLS: not available in this build". Every proxy terminates TLS with the
+//! same self-signed ECDSA P-256 certificate (generated per suite run) and
+//! forwards plaintext to the same backends; direct has no TLS.
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use crate::report::Variant;
-use crate::targets::Setup;
+use anyhow::Context;
+use rustls::pki_types::ServerName;
+
+use crate::backends::{BULK_CMD_LEN, REQUEST_CLOSE, RESPONSE_CLOSE};
+use crate::loadgen;
+use crate::procfs;
+use crate::report::{col, Sample, Variant};
+use crate::targets::{Running, Setup};
 use crate::Options;
 
+/// The certificate every proxy serves, and a client that trusts it.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Certificate and key in one file (HAProxy's `crt`).
+    pub combined: PathBuf,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl TlsMaterial {
+    pub fn generate(dir: &Path) -> anyhow::Result<TlsMaterial> {
+        std::fs::create_dir_all(dir)?;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])?;
+        let (cert_pem, key_pem) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+        let (cert, key, combined) = (
+            dir.join("cert.pem"),
+            dir.join("key.pem"),
+            dir.join("combined.pem"),
+        );
+        std::fs::write(&cert, &cert_pem)?;
+        std::fs::write(&key, &key_pem)?;
+        std::fs::write(&combined, format!("{cert_pem}{key_pem}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ck.cert.der().clone())?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // Every connection pays a full handshake.
+        client.resumption = rustls::client::Resumption::disabled();
+        Ok(TlsMaterial {
+            cert,
+            key,
+            combined,
+            client: Arc::new(client),
+        })
+    }
+}
+
 /// A listener with TLS terminated by edgeproxy, as its config spells it.
-pub const TLS_LISTENER_TOML: &str = r#"
-[[listener]]
-name = "tls"
-addr = "127.0.0.1:0"
-tls = { self_signed = true }
-"#;
+pub fn edgeproxy_listener(name: &str, app: &str, m: &TlsMaterial) -> String {
+    format!(
+        "\n[[listener]]\nname = \"{name}\"\naddr = \"127.0.0.1:0\"\napp = \"{app}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+        m.cert.display(),
+        m.key.display()
+    )
+}
 
 /// Whether `edgeproxy check-config` accepts a TLS listener.
 pub fn edgeproxy_has_tls(setup: &Setup) -> Result<(), String> {
@@ -27,7 +81,7 @@ pub fn edgeproxy_has_tls(setup: &Setup) -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let path = dir.join("edgeproxy.toml");
     let toml = format!(
-        "[routing]\ndb_path = \"{}\"\n[demo]\nbackends = 0\n{TLS_LISTENER_TOML}",
+        "[routing]\ndb_path = \"{}\"\n[demo]\nbackends = 0\n\n[[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\ntls = {{ self_signed = true }}\n",
         dir.join("routing.db").display()
     );
     std::fs::write(&path, toml).map_err(|e| e.to_string())?;
@@ -49,17 +103,270 @@ pub fn edgeproxy_has_tls(setup: &Setup) -> Result<(), String> {
     }
 }
 
-pub fn scenario(_opts: &Options, setup: &Setup) -> Variant {
-    let mut v = Variant::new("f_tls", "(f) TLS handshakes/s and TLS bulk", &[]);
-    match edgeproxy_has_tls(setup) {
-        Err(why) => v
-            .notes
-            .push(format!("TLS: not available in this build ({why})")),
-        Ok(()) => v.notes.push(
-            "TLS: this edgeproxy build accepts TLS listeners, but the suite's TLS client is not \
-             written yet (perf/src/tls.rs): not measured"
-                .into(),
+/// Runs (f) on the targets that have TLS fronts.
+pub fn scenarios(
+    opts: &Options,
+    setup: &Setup,
+    targets: &mut [Running],
+    unavailable: Option<String>,
+) -> Vec<Variant> {
+    let mut hs = Variant::new(
+        "f_tls_handshakes",
+        format!(
+            "(f) TLS handshakes: new connection + full TLS 1.3 handshake (ECDSA P-256, no resumption) + one request, {} client threads",
+            opts.tls_threads
         ),
+        &[
+            col("hps", "handshakes/s", false),
+            col("p50_us", "p50 µs", true),
+            col("p99_us", "p99 µs", true),
+            col("cpu_us_per_handshake", "CPU µs/handshake", true),
+        ],
+    );
+    let mut bulk = Variant::new(
+        "f_tls_bulk",
+        format!(
+            "(f) TLS bulk download (backend → client through TLS): {} streams",
+            opts.bulk_streams
+        ),
+        &[
+            col("mbps", "MB/s", false),
+            col("cpu_ms_per_gb", "CPU ms/GB", true),
+        ],
+    );
+    let material = match (&unavailable, &setup.tls) {
+        (Some(why), _) => {
+            hs.notes
+                .push(format!("TLS: not available in this build ({why})"));
+            return vec![hs];
+        }
+        (None, None) => {
+            hs.notes.push("TLS: no certificate material".into());
+            return vec![hs];
+        }
+        (None, Some(m)) => Arc::clone(m),
+    };
+    hs.notes
+        .push("direct has no TLS: not applicable; CPU is the proxy's".into());
+    for run in 0..opts.runs {
+        for t in targets.iter_mut() {
+            let (Some(front), Some(bulk_front)) = (t.fronts.tls_http, t.fronts.tls_bulk) else {
+                continue;
+            };
+            match handshake_sample(opts, t, run, front, &material) {
+                Ok(s) => hs.samples.push(s),
+                Err(e) => {
+                    hs.notes
+                        .push(format!("{} run {}: failed: {e:#}", t.kind.name(), run + 1))
+                }
+            }
+            match bulk_sample(opts, t, run, bulk_front, &material) {
+                Ok(s) => bulk.samples.push(s),
+                Err(e) => {
+                    bulk.notes
+                        .push(format!("{} run {}: failed: {e:#}", t.kind.name(), run + 1))
+                }
+            }
+        }
     }
-    v
+    hs.finish();
+    bulk.finish();
+    vec![hs, bulk]
+}
+
+fn tls_connect(
+    front: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    m: &TlsMaterial,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let tcp = loadgen::connect_blocking(front, source)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let conn = rustls::ClientConnection::new(
+        Arc::clone(&m.client),
+        ServerName::try_from("localhost").expect("valid name"),
+    )?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).context("TLS handshake")?;
+    }
+    Ok(s)
+}
+
+fn handshake_sample(
+    opts: &Options,
+    t: &Running,
+    run: usize,
+    front: SocketAddr,
+    m: &Arc<TlsMaterial>,
+) -> anyhow::Result<Sample> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let recording = Arc::new(AtomicBool::new(false));
+    let hist = Arc::new(Mutex::new(loadgen::new_histogram()));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let sources = loadgen::loopback_sources(opts.sources);
+    let mut threads = Vec::new();
+    for i in 0..opts.tls_threads.max(1) {
+        let (stop, recording, hist, done, errors) = (
+            Arc::clone(&stop),
+            Arc::clone(&recording),
+            Arc::clone(&hist),
+            Arc::clone(&done),
+            Arc::clone(&errors),
+        );
+        let (m, cpus, source) = (
+            Arc::clone(m),
+            opts.loadgen_cpus.clone(),
+            sources[i % sources.len()],
+        );
+        threads.push(std::thread::spawn(move || {
+            let _ = procfs::pin_current_thread(&cpus);
+            let mut local = loadgen::new_histogram();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let ok = (|| -> anyhow::Result<()> {
+                    let mut s = tls_connect(front, Some(source), &m)?;
+                    s.write_all(REQUEST_CLOSE)?;
+                    s.flush()?;
+                    let mut got = 0;
+                    let mut buf = [0u8; 512];
+                    while got < RESPONSE_CLOSE.len() {
+                        match s.read(&mut buf)? {
+                            0 => anyhow::bail!("closed after {got} bytes"),
+                            n => got += n,
+                        }
+                    }
+                    Ok(())
+                })();
+                if recording.load(Ordering::Relaxed) {
+                    match ok {
+                        Ok(()) => {
+                            let _ = local.record(started.elapsed().as_nanos().max(1) as u64);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            let _ = hist.lock().unwrap().add(&local);
+        }));
+    }
+    let pid = t.pid();
+    std::thread::sleep(opts.warmup);
+    let (c0, t0) = (pid.map(procfs::cpu).unwrap_or_default(), Instant::now());
+    recording.store(true, Ordering::Relaxed);
+    std::thread::sleep(opts.duration);
+    recording.store(false, Ordering::Relaxed);
+    let (c1, elapsed) = (pid.map(procfs::cpu).unwrap_or_default(), t0.elapsed());
+    let n = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        let _ = th.join();
+    }
+    if n == 0 {
+        anyhow::bail!(
+            "no handshake completed ({} errors)",
+            errors.load(Ordering::Relaxed)
+        );
+    }
+    let h = hist.lock().unwrap().clone();
+    let mut metrics = std::collections::BTreeMap::new();
+    metrics.insert("hps", n as f64 / elapsed.as_secs_f64());
+    metrics.insert("p50_us", h.value_at_quantile(0.5) as f64 / 1000.0);
+    metrics.insert("p99_us", h.value_at_quantile(0.99) as f64 / 1000.0);
+    metrics.insert("errors", errors.load(Ordering::Relaxed) as f64);
+    if pid.is_some() {
+        metrics.insert(
+            "cpu_us_per_handshake",
+            c1.since(&c0).total().as_nanos() as f64 / 1000.0 / n as f64,
+        );
+    }
+    Ok(Sample {
+        target: t.kind,
+        run,
+        metrics,
+        latency: Some(h),
+    })
+}
+
+fn bulk_sample(
+    opts: &Options,
+    t: &Running,
+    run: usize,
+    front: SocketAddr,
+    m: &Arc<TlsMaterial>,
+) -> anyhow::Result<Sample> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let sources = loadgen::loopback_sources(opts.sources);
+    let mut threads = Vec::new();
+    for i in 0..opts.bulk_streams.max(1) {
+        let mut s = tls_connect(front, Some(sources[i % sources.len()]), m)?;
+        s.sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let mut cmd = [0u8; BULK_CMD_LEN];
+        cmd[0] = b'D';
+        cmd[1..].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
+        s.write_all(&cmd)?;
+        s.flush()?;
+        let (stop, bytes, cpus) = (
+            Arc::clone(&stop),
+            Arc::clone(&bytes),
+            opts.loadgen_cpus.clone(),
+        );
+        threads.push(std::thread::spawn(move || {
+            let _ = procfs::pin_current_thread(&cpus);
+            let mut buf = vec![0u8; 256 * 1024];
+            while !stop.load(Ordering::Relaxed) {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    let pid = t.pid();
+    std::thread::sleep(opts.warmup);
+    let (b0, c0, t0) = (
+        bytes.load(Ordering::Relaxed),
+        pid.map(procfs::cpu).unwrap_or_default(),
+        Instant::now(),
+    );
+    std::thread::sleep(opts.duration);
+    let (b1, c1, elapsed) = (
+        bytes.load(Ordering::Relaxed),
+        pid.map(procfs::cpu).unwrap_or_default(),
+        t0.elapsed(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for th in threads {
+        let _ = th.join();
+    }
+    let moved = (b1 - b0) as f64;
+    if moved == 0.0 {
+        anyhow::bail!("no byte moved");
+    }
+    let mut metrics = std::collections::BTreeMap::new();
+    metrics.insert("mbps", moved / 1e6 / elapsed.as_secs_f64());
+    if pid.is_some() {
+        metrics.insert(
+            "cpu_ms_per_gb",
+            c1.since(&c0).total().as_secs_f64() * 1000.0 / (moved / 1e9),
+        );
+    }
+    Ok(Sample {
+        target: t.kind,
+        run,
+        metrics,
+        latency: None,
+    })
 }
