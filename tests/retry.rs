@@ -46,7 +46,7 @@ fn setup(
 /// A BR client's connection: its greeting (or `None` if closed), and an
 /// echo round trip when it got one.
 fn br_client(addr: SocketAddr, n: usize) -> Option<String> {
-    let header = if n % 2 == 0 {
+    let header = if n.is_multiple_of(2) {
         proxy_v1(client_at(BR), addr)
     } else {
         proxy_v2(client_at(BR), addr)
