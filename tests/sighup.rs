@@ -173,11 +173,24 @@ fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     // Each of these would remove listener a, add z and lift the limit, were
     // it accepted.
     let invalid = [
-        format!("[limits]\nmax_connections = 100\nno_such_key = 1\n\n{}", listeners(&["z"])),
-        format!("[limits]\nmax_connections = \"lots\"\n\n{}", listeners(&["z"])),
-        format!("[limits]\nmax_connections = 100\nconnect_attempts = 0\n\n{}", listeners(&["z"])),
-        "[limits]\nmax_connections = 100\n\n[[listener]]\nname = \"z\"\naddr = \"no address\"\n".to_string(),
-        format!("[limits]\nmax_connections = 100\n\n{} this is not TOML", listeners(&["z"])),
+        format!(
+            "[limits]\nmax_connections = 100\nno_such_key = 1\n\n{}",
+            listeners(&["z"])
+        ),
+        format!(
+            "[limits]\nmax_connections = \"lots\"\n\n{}",
+            listeners(&["z"])
+        ),
+        format!(
+            "[limits]\nmax_connections = 100\nconnect_attempts = 0\n\n{}",
+            listeners(&["z"])
+        ),
+        "[limits]\nmax_connections = 100\n\n[[listener]]\nname = \"z\"\naddr = \"no address\"\n"
+            .to_string(),
+        format!(
+            "[limits]\nmax_connections = 100\n\n{} this is not TOML",
+            listeners(&["z"])
+        ),
     ];
     for text in &invalid {
         let mark = s.reload(text);
