@@ -20,7 +20,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Scenario letters: a keep-alive, b open loop, c connection per request,
-    /// d bulk, e idle memory, f TLS, g hot reload.
+    /// d bulk, e idle memory, f TLS, g hot reload, s syscall census (perf
+    /// stat tracepoints). Default: all (quick: all but s).
     #[arg(long)]
     scenarios: Option<String>,
     /// Runs per target per scenario (interleaved). Default 3.

@@ -580,3 +580,105 @@ fn table_writer(db: &std::path::Path, rows: usize, stop: &AtomicBool) -> u64 {
     }
     n
 }
+
+/// Tracepoints counted by the syscall census, and their metric names.
+const CENSUS_EVENTS: [(&str, &str); 3] = [
+    ("raw_syscalls:sys_enter", "syscalls_per_req"),
+    ("io_uring:io_uring_submit_req", "uring_ops_per_req"),
+    ("irq:softirq_entry", "softirqs_per_req"),
+];
+
+/// (s) Syscall census: one extra keep-alive run per proxy with `perf stat`
+/// counting tracepoints on the proxy's process for the measured window:
+/// syscalls, io_uring operations and softirqs per request. Separate from (a)
+/// because tracepoints cost a little per event, and a proxy making more
+/// syscalls would pay more: its CPU figures stay in (a).
+pub fn syscall_census(opts: &Options, targets: &mut [Running]) -> Variant {
+    let mut v = Variant::new(
+        "s_syscall_census",
+        format!(
+            "(s) syscall census: keep-alive closed loop, {} connections, `perf stat` tracepoints on the proxy, {:?}",
+            opts.connections, opts.duration
+        ),
+        &[
+            col("rps", "req/s", false),
+            col("syscalls_per_req", "syscalls/req", true),
+            col("uring_ops_per_req", "io_uring ops/req", true),
+            col("softirqs_per_req", "softirqs/req", true),
+        ],
+    );
+    let probe = std::process::Command::new("perf")
+        .args(["stat", "-x,", "-e", CENSUS_EVENTS[0].0, "--", "true"])
+        .output();
+    if !matches!(&probe, Ok(o) if o.status.success()) {
+        v.notes
+            .push("`perf stat` with tracepoints is not usable here: not measured".into());
+        return v;
+    }
+    for t in targets.iter().filter(|t| t.kind.is_proxy()) {
+        let Some(pid) = t.pid() else { continue };
+        let out = std::env::temp_dir().join(format!("perf-census-{}-{pid}", std::process::id()));
+        let child: std::cell::RefCell<Option<std::process::Child>> = Default::default();
+        let events: Vec<&str> = CENSUS_EVENTS.iter().map(|(e, _)| *e).collect();
+        // The whole tree: nginx's workers are children of its master.
+        let tree: Vec<String> = procfs::process_tree(pid)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let tree = tree.join(",");
+        let s = spec(opts, t.fronts.http, Pace::Closed, true, opts.connections);
+        let run = loadgen::run_window(
+            s,
+            &opts.loadgen_cpus,
+            opts.warmup,
+            opts.duration,
+            || {
+                *child.borrow_mut() = std::process::Command::new("perf")
+                    .args(["stat", "-x,", "-o"])
+                    .arg(&out)
+                    .args(["-e", &events.join(","), "-p", &tree])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .ok();
+            },
+            || {
+                if let Some(c) = child.borrow_mut().as_mut() {
+                    // SAFETY: kill(2) on our own child.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+                    let _ = c.wait();
+                }
+            },
+        );
+        let (res, elapsed) = match run {
+            Ok(r) => r,
+            Err(e) => {
+                v.notes.push(format!("{}: failed: {e}", t.kind.name()));
+                continue;
+            }
+        };
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let _ = std::fs::remove_file(&out);
+        let n = res.completed.max(1) as f64;
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("rps", res.completed as f64 / elapsed.as_secs_f64());
+        for (event, key) in CENSUS_EVENTS {
+            let count = text.lines().find_map(|l| {
+                let mut f = l.split(',');
+                let value = f.next()?;
+                (f.nth(1)? == event).then(|| value.parse::<f64>().ok())?
+            });
+            if let Some(c) = count {
+                m.insert(key, c / n);
+            }
+        }
+        v.samples.push(Sample {
+            target: t.kind,
+            run: 0,
+            metrics: m,
+            latency: None,
+        });
+    }
+    v.finish();
+    v
+}
