@@ -738,7 +738,7 @@ fn schema_state(conn: &Connection) -> rusqlite::Result<SchemaState> {
 
 /// Column names of `backends`, lower case; empty if there is no such table.
 fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare("PRAGMA table_info(backends)")?;
+    let mut stmt = conn.prepare_cached("PRAGMA table_info(backends)")?;
     let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
     names.map(|n| n.map(|n| n.to_ascii_lowercase())).collect()
 }
@@ -894,7 +894,7 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     );
     let mut loaded = Loaded::default();
     {
-        let mut stmt = tx.prepare(&sql).map_err(err)?;
+        let mut stmt = tx.prepare_cached(&sql).map_err(err)?;
         let mut rows = stmt.query([]).map_err(err)?;
         while let Some(row) = rows.next().map_err(err)? {
             match parse_row(row) {
