@@ -236,9 +236,9 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Reads the PROXY header; returns the client address it carries (or the TCP
-/// peer for LOCAL/UNKNOWN headers... which then have no address: the caller
-/// gets the peer) and any payload bytes that followed it.
+/// Reads the PROXY header; returns the client address it carries (the TCP
+/// peer for a LOCAL or UNKNOWN header, which carries none) and any payload
+/// bytes that followed it.
 async fn read_proxy_header(
     client: &TcpStream,
     buffer_len: usize,
