@@ -179,6 +179,7 @@ pub struct RawDns {
     pub ttl_secs: Option<u32>,
     pub tcp_idle_timeout_secs: Option<u64>,
     pub tcp_max_connections: Option<u32>,
+    pub udp_workers: Option<u32>,
     #[serde(default, rename = "pop")]
     pub pops: Vec<RawDnsPop>,
 }
@@ -332,6 +333,9 @@ pub struct Dns {
     pub tcp_idle_timeout: Duration,
     /// TCP connections served at once; more wait in the listen backlog.
     pub tcp_max_connections: NonZeroU32,
+    /// UDP sockets answering in parallel (one on the control thread, each
+    /// further one on a thread of its own). 0 in the file: one per core.
+    pub udp_workers: u32,
     /// POPs listed under `<region>.pops.<domain>`.
     #[serde(rename = "pop")]
     pub pops: Vec<DnsPop>,
@@ -913,6 +917,11 @@ fn dns_section(raw: RawDns, env: &dyn Env) -> Result<Dns, ConfigError> {
     )
     .filter(|n| n.get() <= 65_535)
     .ok_or_else(|| invalid("dns.tcp_max_connections", "must be in 1..=65535"))?;
+    let udp_workers = match raw.udp_workers.unwrap_or(0) {
+        0 => available_cores(),
+        n if n > 64 => return Err(invalid("dns.udp_workers", "at most 64")),
+        n => n,
+    };
     let mut pops: Vec<DnsPop> = Vec::with_capacity(raw.pops.len());
     for (i, p) in raw.pops.into_iter().enumerate() {
         let key = format!("dns.pop[{i}]");
@@ -948,6 +957,7 @@ fn dns_section(raw: RawDns, env: &dyn Env) -> Result<Dns, ConfigError> {
         ttl_secs,
         tcp_idle_timeout: Duration::from_secs(idle),
         tcp_max_connections,
+        udp_workers,
         pops,
     })
 }

@@ -59,11 +59,12 @@ pub fn bind(
         listen: c.listen_addr,
         tcp_idle_timeout: c.tcp_idle_timeout,
         tcp_max_connections: c.tcp_max_connections.get() as usize,
+        udp_workers: c.udp_workers as usize,
     })?;
     let udp = server.udp_addr().context("dns udp socket")?;
     let tcp = server.tcp_addr().context("dns tcp listener")?;
     tracing::info!(%udp, %tcp, domain = %c.domain, ttl_secs = c.ttl_secs, pops = c.pops.len(),
-        "dns listening");
+        udp_workers = c.udp_workers, "dns listening");
     Ok(Some(Bound {
         server,
         answerer: Answerer::new(Arc::new(zone), geo),

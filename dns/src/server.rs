@@ -5,10 +5,13 @@
 //! error. [`DnsServer::run`] must be called on a Tokio runtime (the control
 //! thread's current-thread runtime); it serves until that runtime stops.
 //!
-//! - UDP: one task. It reads up to 32 datagrams with one `recvmmsg`,
-//!   answers them, and sends the replies with one `sendmmsg` before reading
-//!   again ([`udp_batch`]); so a flood queues in the socket's receive buffer
-//!   and is dropped by the kernel there, not in our memory.
+//! - UDP: `udp_workers` sockets in one `SO_REUSEPORT` group (the kernel
+//!   spreads clients over them by address and port). The first is served on
+//!   the control runtime, each further one by a thread of its own, so answers
+//!   use more than one core. Each worker reads up to 32 datagrams with one
+//!   `recvmmsg`, answers them, and sends the replies with one `sendmmsg`
+//!   before reading again ([`udp_batch`]); so a flood queues in the socket's
+//!   receive buffer and is dropped by the kernel there, not in our memory.
 //! - TCP (RFC 7766): two-byte length-prefixed messages, answered in order on
 //!   each connection (pipelining works); a connection silent for
 //!   `tcp_idle_timeout` is closed, as is one that sends something that is not
@@ -47,6 +50,8 @@ pub struct ServerSettings {
     pub tcp_idle_timeout: Duration,
     /// TCP connections served at once; ≥ 1.
     pub tcp_max_connections: usize,
+    /// UDP sockets (and threads answering them); ≥ 1.
+    pub udp_workers: usize,
 }
 
 /// Why the server could not start.
@@ -62,7 +67,8 @@ pub enum BindError {
 /// Both sockets, bound, not yet served.
 #[derive(Debug)]
 pub struct DnsServer {
-    udp: std::net::UdpSocket,
+    /// One per UDP worker, all on one address.
+    udp: Vec<std::net::UdpSocket>,
     tcp: std::net::TcpListener,
     settings: ServerSettings,
 }
@@ -73,11 +79,18 @@ impl DnsServer {
     pub fn bind(settings: ServerSettings) -> Result<DnsServer, BindError> {
         let want = settings.listen;
         let mut attempts = if want.port() == 0 { 8 } else { 1 };
+        // Nothing else may listen there: with SO_REUSEPORT another process's
+        // sockets would be joined silently and share the queries.
+        ensure_udp_unused(want).map_err(|source| BindError::Udp { addr: want, source })?;
         loop {
-            let udp = bind_udp(want).map_err(|source| BindError::Udp { addr: want, source })?;
-            let got = udp
+            let first = bind_udp(want).map_err(|source| BindError::Udp { addr: want, source })?;
+            let got = first
                 .local_addr()
                 .map_err(|source| BindError::Udp { addr: want, source })?;
+            let mut udp = vec![first];
+            for _ in 1..settings.udp_workers.max(1) {
+                udp.push(bind_udp(got).map_err(|source| BindError::Udp { addr: got, source })?);
+            }
             match bind_tcp(got) {
                 Ok(tcp) => {
                     return Ok(DnsServer { udp, tcp, settings });
@@ -91,7 +104,7 @@ impl DnsServer {
     }
 
     pub fn udp_addr(&self) -> io::Result<SocketAddr> {
-        self.udp.local_addr()
+        self.udp[0].local_addr()
     }
 
     pub fn tcp_addr(&self) -> io::Result<SocketAddr> {
@@ -101,7 +114,11 @@ impl DnsServer {
     /// Serves both sockets until the runtime stops. Returns early only if the
     /// sockets cannot be registered with the runtime.
     pub async fn run(self, answerer: Answerer, snapshot: SnapshotHandle) -> io::Result<()> {
-        let udp = UdpSocket::from_std(self.udp)?;
+        let mut sockets = self.udp.into_iter();
+        let udp = UdpSocket::from_std(sockets.next().expect("at least one UDP socket"))?;
+        for (i, socket) in sockets.enumerate() {
+            spawn_udp_worker(i + 1, socket, answerer.clone(), snapshot.clone())?;
+        }
         let tcp = TcpListener::from_std(self.tcp)?;
         let tcp_task = tokio::spawn(serve_tcp(
             tcp,
@@ -115,9 +132,46 @@ impl DnsServer {
     }
 }
 
+/// A further UDP worker: a thread with its own current-thread runtime, for
+/// the life of the process.
+fn spawn_udp_worker(
+    id: usize,
+    socket: std::net::UdpSocket,
+    answerer: Answerer,
+    snapshot: SnapshotHandle,
+) -> io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("dns-udp-{id}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                match UdpSocket::from_std(socket) {
+                    Ok(socket) => serve_udp(socket, answerer, snapshot).await,
+                    Err(e) => {
+                        tracing::error!(worker = id, error = %e, "dns: cannot serve udp socket")
+                    }
+                }
+            })
+        })?;
+    Ok(())
+}
+
+/// Fails if anything is bound to `addr` already (a probe without
+/// SO_REUSEPORT conflicts with every socket there). Port 0 is always free.
+fn ensure_udp_unused(addr: SocketAddr) -> io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    std::net::UdpSocket::bind(addr).map(drop)
+}
+
 fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_port(true)?;
     // Best effort: a smaller buffer only drops more of a burst.
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
     socket.set_nonblocking(true)?;
@@ -284,5 +338,39 @@ async fn serve_connection(
             Err(_) => return Err(ConnEnd::Idle(idle)),
             Ok(r) => r?,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(listen: SocketAddr, udp_workers: usize) -> ServerSettings {
+        ServerSettings {
+            listen,
+            tcp_idle_timeout: Duration::from_secs(1),
+            tcp_max_connections: 1,
+            udp_workers,
+        }
+    }
+
+    #[test]
+    fn every_udp_worker_socket_shares_the_address() {
+        let server = DnsServer::bind(settings("127.0.0.1:0".parse().unwrap(), 3)).unwrap();
+        let addr = server.udp_addr().unwrap();
+        assert_eq!(server.udp.len(), 3);
+        for socket in &server.udp {
+            assert_eq!(socket.local_addr().unwrap(), addr);
+        }
+        assert_eq!(server.tcp_addr().unwrap().port(), addr.port());
+    }
+
+    #[test]
+    fn an_address_in_use_by_another_server_is_refused() {
+        let first = DnsServer::bind(settings("127.0.0.1:0".parse().unwrap(), 2)).unwrap();
+        let addr = first.udp_addr().unwrap();
+        // Without the probe, SO_REUSEPORT would let this join `first`'s group.
+        let err = DnsServer::bind(settings(addr, 2)).unwrap_err();
+        assert!(matches!(err, BindError::Udp { .. }), "{err}");
     }
 }
