@@ -272,6 +272,7 @@ fn apply(
         ("log", old.log != new.log),
         ("api", old.api != new.api),
         ("dns", old.dns != new.dns),
+        ("metrics", old.metrics != new.metrics),
     ];
     for (section, changed) in restart_only {
         if changed {
