@@ -116,6 +116,21 @@ pub struct Fronts {
     pub tls_bulk: Option<SocketAddr>,
 }
 
+impl Fronts {
+    /// Free loopback ports for a peer proxy's front ends (TLS ones only when
+    /// the run measures TLS).
+    fn on_free_ports(setup: &Setup) -> anyhow::Result<Fronts> {
+        let tls_port = || setup.tls.as_ref().map(|_| free_port()).transpose();
+        Ok(Fronts {
+            http: free_port()?,
+            echo: free_port()?,
+            bulk: free_port()?,
+            tls_http: tls_port()?,
+            tls_bulk: tls_port()?,
+        })
+    }
+}
+
 /// A running target.
 pub struct Running {
     pub kind: Kind,
@@ -465,13 +480,7 @@ fn maxconn() -> u64 {
 }
 
 fn start_haproxy(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result<Running> {
-    let fronts = Fronts {
-        http: free_port()?,
-        echo: free_port()?,
-        bulk: free_port()?,
-        tls_http: setup.tls.as_ref().map(|_| free_port()).transpose()?,
-        tls_bulk: setup.tls.as_ref().map(|_| free_port()).transpose()?,
-    };
+    let fronts = Fronts::on_free_ports(setup)?;
     let n = setup.workers.max(1);
     let cpu_map = if setup.cpus.is_empty() {
         String::new()
@@ -541,13 +550,7 @@ defaults
 
 fn start_nginx(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result<Running> {
     let module = nginx_stream_module().context("nginx stream module not installed")?;
-    let fronts = Fronts {
-        http: free_port()?,
-        echo: free_port()?,
-        bulk: free_port()?,
-        tls_http: setup.tls.as_ref().map(|_| free_port()).transpose()?,
-        tls_bulk: setup.tls.as_ref().map(|_| free_port()).transpose()?,
-    };
+    let fronts = Fronts::on_free_ports(setup)?;
     let n = setup.workers.max(1);
     let affinity = if setup.cpus.is_empty() {
         String::new()
