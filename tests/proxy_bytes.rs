@@ -364,6 +364,32 @@ fn connection_limit_closes_extra_clients_without_a_backend() {
     echo(&mut second, b"two still");
 }
 
+/// `max_connections_per_shard` caps one shard even when the process-wide
+/// limit is far away: every connection from 127.0.0.1 is steered to the same
+/// shard, so a second one from there is closed unserved.
+#[test]
+fn per_shard_limit_closes_extra_clients_of_that_shard() {
+    let dir = TempDir::new("shard-limit");
+    let backend = TagBackend::start("limited");
+    let proxy = proxy_for(
+        &dir,
+        &[backend.port()],
+        "[limits]\nmax_connections = 100000\nmax_connections_per_shard = 1\n",
+    );
+    let (_, mut first) = connect_tagged(proxy.addr());
+    assert_eq!(
+        probe(proxy.addr(), Duration::from_secs(5)),
+        Probe::ClosedWithoutData
+    );
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    echo(&mut first, b"still served");
+}
+
 #[test]
 fn app_listener_reaches_only_its_apps_backends() {
     let dir = TempDir::new("apps");
