@@ -9,7 +9,9 @@
 //! The store keeps one long-lived connection in WAL mode. The control thread
 //! asks [`RoutingStore::changed`] on every reload tick (cheap: a
 //! `PRAGMA data_version` and two `stat`s) and calls [`RoutingStore::load`] only
-//! when it says yes. Operators may edit the file with the `sqlite3` CLI, or
+//! when it says yes. Neither a load nor a write checkpoints the WAL (that
+//! `fsync`s); `changed` folds it back once the table has been quiet for a
+//! second, and a load once it passes 1 MiB. Operators may edit the file with the `sqlite3` CLI, or
 //! replace it wholesale (`mv new.db routing.db`); both are noticed. Any
 //! failure (the file is gone, corrupt, not a database) is returned as an
 //! error, the caller keeps its last good snapshot, and the next call starts
@@ -31,7 +33,7 @@
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use engine::snapshot::BackendRecord;
 use rusqlite::types::ValueRef;
@@ -293,7 +295,26 @@ pub struct RoutingStore {
     /// This store wrote since the last `load`. (`data_version` does not move
     /// for a connection's own commits.)
     dirty: bool,
+    /// When the table last changed as far as this store knows (a load, a
+    /// write, a WAL fold): the WAL is folded back once this is
+    /// [`QUIET_BEFORE_CHECKPOINT`] old.
+    last_activity: Instant,
+    /// [`QUIET_BEFORE_CHECKPOINT`], or zero in tests.
+    quiet_before_checkpoint: Duration,
 }
+
+/// How long the table must stay unchanged before [`RoutingStore::changed`]
+/// folds the WAL back into the main file. A checkpoint writes and `fsync`s
+/// the main file: done on every reload it was a third of the control thread's
+/// CPU per reload, taken from the shards' cores while routes change every
+/// 100 ms. An empty WAL matters only for an operator's `mv new.db routing.db`
+/// (see [`retire`]), which happens when the table is quiet.
+const QUIET_BEFORE_CHECKPOINT: Duration = Duration::from_secs(1);
+
+/// A WAL this big is folded on the next load even while changes keep coming,
+/// so a table that never goes quiet does not grow its WAL without bound
+/// (SQLite's own auto-checkpoint runs only in the writing connection).
+const CHECKPOINT_WAL_BYTES: u64 = 1 << 20;
 
 impl RoutingStore {
     /// Opens `path`, creating the file if it is missing, in WAL mode with a
@@ -316,6 +337,8 @@ impl RoutingStore {
             live: Some(Live { conn, stamp }),
             seen: None,
             dirty: false,
+            last_activity: Instant::now(),
+            quiet_before_checkpoint: QUIET_BEFORE_CHECKPOINT,
         })
     }
 
@@ -336,9 +359,9 @@ impl RoutingStore {
     fn load_inner(&mut self) -> Result<Loaded, StoreError> {
         let path = &self.path;
         let (live, _) = fresh(path, &mut self.live)?;
-        // Fold the WAL into the main file while we are at it: an empty WAL is
-        // what makes a later `mv new.db routing.db` safe (see `retire`).
-        if wal_len(path)? > 0 && checkpoint(&live.conn, path) {
+        // A busy table's WAL is folded here once it is big; a quiet table's
+        // by `changed` (see `QUIET_BEFORE_CHECKPOINT`).
+        if wal_len(path)? > CHECKPOINT_WAL_BYTES && checkpoint(&live.conn, path) {
             live.stamp = stat_main(path)?;
         }
         // Before reading: a commit that lands in between shows up as a change
@@ -347,6 +370,7 @@ impl RoutingStore {
         let loaded = read_rows(&live.conn, path)?;
         self.seen = Some(fp);
         self.dirty = false;
+        self.last_activity = Instant::now();
         Ok(loaded)
     }
 
@@ -370,7 +394,41 @@ impl RoutingStore {
             return Ok(true);
         }
         let fp = fingerprint(&live.conn, &self.path)?;
-        Ok(self.dirty || self.seen != Some(fp))
+        if self.dirty || self.seen != Some(fp) {
+            return Ok(true);
+        }
+        if self.last_activity.elapsed() >= self.quiet_before_checkpoint {
+            return self.fold_quiet_wal(fp);
+        }
+        Ok(false)
+    }
+
+    /// Folds the WAL into the main file when the table has been quiet, so a
+    /// later `mv new.db routing.db` finds it empty. `seen` is the fingerprint
+    /// that still matches the last load. Returns whether the table changed
+    /// meanwhile (another connection committed between the two looks).
+    fn fold_quiet_wal(&mut self, seen: Fingerprint) -> Result<bool, StoreError> {
+        self.last_activity = Instant::now();
+        let path = &self.path;
+        let Some(live) = self.live.as_mut() else {
+            return Ok(true);
+        };
+        if wal_len(path)? == 0 || !checkpoint(&live.conn, path) {
+            return Ok(false);
+        }
+        // The checkpoint rewrote the main file: that is our doing, not a
+        // reason to reopen, unless the path now names another file.
+        let stamp = stat_main(path)?;
+        if !stamp.same_file(&live.stamp) {
+            return Ok(true);
+        }
+        live.stamp = stamp;
+        let after = fingerprint(&live.conn, path)?;
+        if after.data_version != seen.data_version {
+            return Ok(true);
+        }
+        self.seen = Some(after);
+        Ok(false)
     }
 
     /// Inserts the backend, or updates the row with its id in place, in one
@@ -567,7 +625,6 @@ impl RoutingStore {
                 tx.commit().map_err(err)?;
                 (out, before)
             };
-            checkpoint(&live.conn, path);
             live.stamp = stat_main(path)?;
             let after = fingerprint(&live.conn, path)?;
             // `data_version` moves only for other connections' commits: if it
@@ -575,6 +632,9 @@ impl RoutingStore {
             let quiet = before.filter(|b| b.data_version == after.data_version);
             Ok((out, quiet.map(|_| after)))
         });
+        if result.is_ok() {
+            self.last_activity = Instant::now();
+        }
         match result {
             Ok((out, Some(after))) => {
                 self.seen = Some(after);
@@ -598,15 +658,16 @@ impl RoutingStore {
         let path = &self.path;
         let result = fresh(path, &mut self.live).and_then(|(live, _)| {
             let out = f(&mut live.conn).map_err(|e| sql_err(path, Op::Write, e))?;
-            checkpoint(&live.conn, path);
-            // Our own write (and checkpoint) moved the main file; that is not
-            // a reason to distrust the connection.
+            // Our own write may have moved the main file (SQLite checkpoints
+            // a big WAL itself); that is not a reason to distrust the
+            // connection.
             live.stamp = stat_main(path)?;
             Ok(out)
         });
         match result {
             Ok(out) => {
                 self.dirty = true;
+                self.last_activity = Instant::now();
                 Ok(out)
             }
             Err(e) => {
@@ -1413,8 +1474,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.db");
         let mut store = RoutingStore::open(&path).unwrap();
+        store.quiet_before_checkpoint = Duration::ZERO;
         store.upsert(&rec("a", 80)).unwrap();
         assert_eq!(ids(&store.load().unwrap()), ["a"]);
+        // Quiet: the WAL is folded, so the rows live in the main file only
+        // (left in the WAL, they would mask the garbage below).
+        assert!(!store.changed().unwrap());
+        assert_eq!(wal_len(&path).unwrap(), 0);
 
         std::fs::write(&path, vec![0xA5u8; 8192]).unwrap();
         let err = store.changed().unwrap_err();
@@ -1432,6 +1498,67 @@ mod tests {
         std::fs::rename(&fresh, &path).unwrap();
         assert!(store.changed().unwrap());
         assert_eq!(ids(&store.load().unwrap()), ["b"]);
+        assert!(!store.changed().unwrap());
+    }
+
+    #[test]
+    fn reloads_leave_the_wal_alone_until_the_table_is_quiet() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.load().unwrap();
+        let writer = other(&path);
+        writer
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .unwrap();
+        writer
+            .execute(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'myapp', 'sa', '10.0.0.1', 80, 1, 1, 100, 150)",
+                [],
+            )
+            .unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(ids(&store.load().unwrap()), ["a"]);
+        // No checkpoint (and no fsync) on the reload path.
+        assert!(wal_len(&path).unwrap() > 0, "load checkpointed");
+        // Within the quiet period nothing is folded either.
+        assert!(!store.changed().unwrap());
+        assert!(
+            wal_len(&path).unwrap() > 0,
+            "changed checkpointed too early"
+        );
+
+        // Once quiet, `changed` folds the WAL and does not call its own
+        // checkpoint a change.
+        store.quiet_before_checkpoint = Duration::ZERO;
+        assert!(!store.changed().unwrap());
+        assert_eq!(wal_len(&path).unwrap(), 0, "quiet table's WAL not folded");
+        assert!(!store.changed().unwrap());
+
+        // And changes after the fold are still seen.
+        writer
+            .execute("UPDATE backends SET port = 81 WHERE id = 'a'", [])
+            .unwrap();
+        assert!(store.changed().unwrap());
+        assert_eq!(store.load().unwrap().records[0].port, 81);
+    }
+
+    #[test]
+    fn a_big_wal_is_folded_by_the_next_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        let writer = other(&path);
+        writer
+            .execute_batch(
+                "PRAGMA wal_autocheckpoint = 0; CREATE TABLE scratch (b BLOB);
+                 INSERT INTO scratch VALUES (zeroblob(2000000));",
+            )
+            .unwrap();
+        assert!(wal_len(&path).unwrap() > CHECKPOINT_WAL_BYTES);
+        store.load().unwrap();
+        assert_eq!(wal_len(&path).unwrap(), 0);
         assert!(!store.changed().unwrap());
     }
 
