@@ -905,8 +905,10 @@ fn wal_len(path: &Path) -> Result<u64, StoreError> {
 }
 
 fn fingerprint(conn: &Connection, path: &Path) -> Result<Fingerprint, StoreError> {
+    // Cached: this runs on every reload tick.
     let data_version = conn
-        .query_row("PRAGMA data_version", [], |r| r.get(0))
+        .prepare_cached("PRAGMA data_version")
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
         .map_err(|e| sql_err(path, Op::Read, e))?;
     Ok(Fingerprint {
         data_version,
