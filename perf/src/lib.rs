@@ -459,17 +459,21 @@ fn goals(variants: &[Variant], opts: &Options) -> Vec<Goal> {
             _ => "not measured".into(),
         },
     });
+    // Pooled over all runs (see `scenarios::hot_reload`).
     let reload = find("g_hot_reload").and_then(|v| {
         Some((
-            v.median(Kind::Edgeproxy, "reload_p99_us")?,
-            v.median(Kind::Edgeproxy, "steady_p99_us")?,
+            *v.pooled.get("reload_p99_us")?,
+            *v.pooled.get("steady_p99_us")?,
         ))
     });
     out.push(Goal {
         goal: "p99 during hot reload within 10% of steady".into(),
         met: reload.map(|(r, s)| r <= s * 1.1),
         detail: reload.map_or("not measured".into(), |(r, s)| {
-            format!("reload {r:.1} µs vs steady {s:.1} µs = {:.2}×", r / s)
+            format!(
+                "all runs pooled: reload {r:.1} µs vs steady {s:.1} µs = {:.2}×",
+                r / s
+            )
         }),
     });
     out

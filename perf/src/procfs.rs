@@ -136,6 +136,37 @@ pub fn cpu(pid: u32) -> CpuSample {
     s
 }
 
+/// Time on CPU of one thread (`/proc/PID/task/TID/schedstat`), if it exists.
+pub fn thread_cpu_ns(pid: u32, tid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Time spent runnable but waiting for a CPU (`schedstat`'s second field),
+/// summed over the threads of `pid` whose name starts with `prefix`: the
+/// delay other threads on their cores impose on them.
+pub fn threads_wait_ns(pid: u32, prefix: &str) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut total = 0;
+    for t in tasks.flatten() {
+        let base = t.path();
+        let named = fs::read_to_string(base.join("comm")).is_ok_and(|c| c.starts_with(prefix));
+        if !named {
+            continue;
+        }
+        if let Ok(text) = fs::read_to_string(base.join("schedstat")) {
+            total += text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// Resident set size of `pid` and its descendants, bytes.
 pub fn rss_bytes(pid: u32) -> u64 {
     process_tree(pid)

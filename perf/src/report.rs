@@ -87,6 +87,9 @@ pub struct Variant {
     pub columns: Vec<Column>,
     /// Name of the plot file, if one was drawn.
     pub plot: Option<String>,
+    /// Figures over all runs pooled into one histogram (scenario g), by name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pooled: BTreeMap<String, f64>,
 }
 
 impl Variant {
@@ -101,6 +104,7 @@ impl Variant {
             notes: Vec::new(),
             columns: columns.to_vec(),
             plot: None,
+            pooled: BTreeMap::new(),
         }
     }
 
