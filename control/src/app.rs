@@ -2,7 +2,9 @@
 //! runs the control loop on this thread until SIGTERM/SIGINT.
 //!
 //! The control loop (a single-threaded Tokio runtime) owns everything that
-//! may block: SQLite, config files, signals. The shards never wait on it.
+//! may block: config files, signals, the discovery API's SQLite writes. The
+//! periodic routing reload runs on its own low-priority thread
+//! (`reload_thread`). The shards never wait on either.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{self, Config};
+use crate::reload_thread::{ReloadThread, SharedReloader};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
 use crate::tls::TlsListeners;
@@ -35,8 +38,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             store.upsert(rec)?;
         }
     }
-    let mut reloader = RoutingReloader::start_with_ttl(store, Some(config.api.heartbeat_ttl))?;
-    let snapshot = reloader.handle().clone();
+    let reloader = SharedReloader::new(RoutingReloader::start_with_ttl(
+        store,
+        Some(config.api.heartbeat_ttl),
+    )?);
+    let snapshot = reloader.lock().handle().clone();
     let first = snapshot.load();
     tracing::info!(
         version = first.version,
@@ -64,7 +70,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         engine_settings(&config),
         knobs(&config),
         &specs,
-        snapshot,
+        snapshot.clone(),
         geo,
     )?;
     for l in engine.listeners() {
@@ -86,7 +92,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
             engine: engine.stats_view(),
-            snapshot: reloader.handle().clone(),
+            snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
@@ -96,7 +102,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // requests executed by the control loop, which owns the routing store.
     let api = match crate::api::bind(&config.api)? {
         None => None,
-        Some(bound) => Some(runtime.block_on(async { bound.serve(reloader.handle().clone()) })?),
+        Some(bound) => Some(runtime.block_on(async { bound.serve(snapshot.clone()) })?),
     };
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
@@ -111,15 +117,18 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         reload_interval_ms = config.routing.reload_interval.as_millis() as u64,
         "edgeproxy ready"
     );
+    let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
+        .context("cannot start the routing reload thread")?;
     let grace = runtime.block_on(control_loop(
         signals,
         config_path,
         config,
-        &mut reloader,
+        (&reloader, &ticks),
         &mut engine,
         &mut tls,
         api,
     ))?;
+    ticks.stop();
     tracing::info!(
         grace_secs = grace.as_secs(),
         open = engine.active_connections(),
@@ -170,7 +179,7 @@ async fn control_loop(
     signals: Signals,
     config_path: Option<PathBuf>,
     mut config: Config,
-    reloader: &mut RoutingReloader,
+    (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
     mut api: Option<crate::api::Server>,
@@ -184,10 +193,9 @@ async fn control_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => {
-                // SQLite calls are short and local; they run inline on the
-                // control thread, which serves nothing latency-critical.
-                reloader.tick();
+            // Certificate files are polled at the routing reload interval;
+            // with no TLS listener there is nothing to wake up for.
+            _ = ticker.tick(), if !tls.is_empty() => {
                 tls.refresh(false);
             }
             _ = hup.recv() => {
@@ -198,6 +206,7 @@ async fn control_loop(
                         Ok(new) => match apply(&config, &new, engine, tls) {
                             Ok(()) => {
                                 if new.routing.reload_interval != config.routing.reload_interval {
+                                    ticks.set_interval(new.routing.reload_interval);
                                     ticker = tokio::time::interval(new.routing.reload_interval);
                                     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                                 }
@@ -208,14 +217,14 @@ async fn control_loop(
                         Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
                     },
                 }
-                reloader.reload();
+                reloader.lock().reload();
                 tls.refresh(true);
             }
             _ = term.recv() => return Ok(config.limits.shutdown_grace),
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut api) => crate::api::execute(cmd, reloader),
+            cmd = crate::api::next_command(&mut api) => crate::api::execute(cmd, &mut reloader.lock()),
         }
     }
 }

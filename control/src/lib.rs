@@ -10,6 +10,7 @@ pub mod demo;
 pub mod internal_dns;
 pub mod logging;
 pub mod metrics;
+pub mod reload_thread;
 pub mod routing;
 pub mod store;
 pub mod tls;

@@ -347,6 +347,11 @@ impl TlsListeners {
         Ok(termination)
     }
 
+    /// No listener terminates TLS.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Forgets listeners that no longer exist.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.entries.retain(|name, _| keep(name));

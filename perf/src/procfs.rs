@@ -136,35 +136,40 @@ pub fn cpu(pid: u32) -> CpuSample {
     s
 }
 
-/// Time on CPU of one thread (`/proc/PID/task/TID/schedstat`), if it exists.
-pub fn thread_cpu_ns(pid: u32, tid: u32) -> Option<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")).ok()?;
-    text.split_whitespace().next()?.parse().ok()
+/// Time on CPU (`schedstat`'s first field) summed over the threads of `pid`
+/// whose name starts with `prefix`, or `None` if no thread has that name.
+pub fn threads_cpu_ns(pid: u32, prefix: &str) -> Option<u64> {
+    let threads = named_threads(pid, prefix);
+    (!threads.is_empty()).then(|| threads.iter().map(|t| schedstat_field(t, 0)).sum())
 }
 
 /// Time spent runnable but waiting for a CPU (`schedstat`'s second field),
 /// summed over the threads of `pid` whose name starts with `prefix`: the
 /// delay other threads on their cores impose on them.
 pub fn threads_wait_ns(pid: u32, prefix: &str) -> u64 {
+    named_threads(pid, prefix)
+        .iter()
+        .map(|t| schedstat_field(t, 1))
+        .sum()
+}
+
+/// `/proc/PID/task/TID` of the threads whose name starts with `prefix`.
+fn named_threads(pid: u32, prefix: &str) -> Vec<std::path::PathBuf> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return Vec::new();
     };
-    let mut total = 0;
-    for t in tasks.flatten() {
-        let base = t.path();
-        let named = fs::read_to_string(base.join("comm")).is_ok_and(|c| c.starts_with(prefix));
-        if !named {
-            continue;
-        }
-        if let Ok(text) = fs::read_to_string(base.join("schedstat")) {
-            total += text
-                .split_whitespace()
-                .nth(1)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    total
+    tasks
+        .flatten()
+        .map(|t| t.path())
+        .filter(|t| fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with(prefix)))
+        .collect()
+}
+
+fn schedstat_field(task: &std::path::Path, i: usize) -> u64 {
+    fs::read_to_string(task.join("schedstat"))
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(i)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Resident set size of `pid` and its descendants, bytes.
