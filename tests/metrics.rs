@@ -202,3 +202,68 @@ fn routing_version_and_reloads_follow_the_table() {
     assert_eq!(value(&s, "edgeproxy_routing_reloads_total", &[]), first);
     assert_eq!(value(&s, "edgeproxy_routing_backends", &[]), 2.0);
 }
+
+/// Echoes `len` bytes through `stream` (a writer thread sends, this thread
+/// reads back) and returns how many came back.
+fn echo_bulk(stream: std::net::TcpStream, len: usize) -> usize {
+    let writer_end = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let block = vec![0x5au8; 256 * 1024];
+        let mut left = len;
+        let mut w = &writer_end;
+        while left > 0 {
+            let n = left.min(block.len());
+            w.write_all(&block[..n]).unwrap();
+            left -= n;
+        }
+        writer_end.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut got = 0;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut r = &stream;
+    loop {
+        match r.read(&mut buf).unwrap() {
+            0 => break,
+            n => {
+                assert!(buf[..n].iter().all(|b| *b == 0x5a), "corrupted echo");
+                got += n;
+            }
+        }
+    }
+    writer.join().unwrap();
+    got
+}
+
+#[test]
+fn bulk_flows_are_spliced_unless_disabled() {
+    for splice in [true, false] {
+        let dir = TempDir::new("splice");
+        let backend = TagBackend::start("echo");
+        let db = Db::create(dir.join("routing.db"));
+        db.upsert(&Row::new("echo", "web", "sa", backend.port()));
+        let toml = format!(
+            "[routing]\ndb_path = {db:?}\nreload_interval_ms = 100\n\
+             [runtime]\nshards = 1\nsplice_bulk = {splice}\n\
+             [metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n\
+             [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n",
+            db = db.path.display().to_string()
+        );
+        let proxy = Proxy::with_config(&dir, &toml);
+        let metrics = metrics_addr(&proxy);
+        let spliced = || value(&scrape(metrics), "edgeproxy_spliced_flows_total", &[]);
+
+        // Small exchanges never fill a buffer: copied, not spliced.
+        let (_, mut small) = connect_tagged(proxy.addr());
+        small.write_all(b"hello\n").unwrap();
+        assert_eq!(read_line(&small).as_deref(), Some("hello"));
+        drop(small);
+        assert_eq!(spliced(), 0.0, "splice_bulk = {splice}");
+
+        // 32 MiB echoed: both directions fill whole buffers.
+        let (_, bulk) = connect_tagged(proxy.addr());
+        let len = 32 << 20;
+        assert_eq!(echo_bulk(bulk, len), len, "splice_bulk = {splice}");
+        let expected = if splice { 2.0 } else { 0.0 };
+        assert_eq!(spliced(), expected, "splice_bulk = {splice}");
+    }
+}

@@ -327,6 +327,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
         pin_cores: config.runtime.pin_cores,
         buffer_count: config.runtime.buffer_count.min(32768) as u16,
         buffer_size: config.runtime.buffer_size,
+        splice_bulk: config.runtime.splice_bulk,
         local_region: Arc::from(config.pop.region.as_str()),
     }
 }

@@ -101,6 +101,7 @@ pub struct RawRuntime {
     pub pin_cores: Option<bool>,
     pub buffer_count: Option<u32>,
     pub buffer_size: Option<u32>,
+    pub splice_bulk: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -240,6 +241,8 @@ pub struct Runtime {
     pub buffer_count: u32,
     /// Bytes per provided buffer.
     pub buffer_size: u32,
+    /// Move bulk flows with splice(2) instead of copying them.
+    pub splice_bulk: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -614,6 +617,7 @@ impl Config {
             pin_cores: raw.runtime.pin_cores.unwrap_or(true),
             buffer_count: buffer_count.next_power_of_two(),
             buffer_size,
+            splice_bulk: raw.runtime.splice_bulk.unwrap_or(true),
         };
 
         // --- routing

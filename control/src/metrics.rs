@@ -207,6 +207,12 @@ pub fn render(sources: &Sources) -> String {
         s.bytes_backend_to_client,
     );
     f.single(
+        "edgeproxy_spliced_flows_total",
+        "counter",
+        "Directions of connections moved with splice(2), without copying through user space, after a read filled a whole buffer (runtime.splice_bulk).",
+        s.spliced_flows,
+    );
+    f.single(
         "edgeproxy_backend_connect_failures_total",
         "counter",
         "Backend connect attempts that failed (refused, unreachable, timed out).",

@@ -286,12 +286,19 @@ async fn splice(
     buffer_len: usize,
 ) -> Result<(), ConnError> {
     let activity = Cell::new(Instant::now());
+    // Where switched flows are counted, when bulk flows are spliced at all.
+    let spliced = ctx
+        .shared
+        .settings
+        .splice_bulk
+        .then_some(&ctx.stats.spliced_flows);
     let up = pump(
         client,
         backend,
         &activity,
         buffer_len,
         &ctx.stats.bytes_client_to_backend,
+        spliced,
     );
     let down = pump(
         backend,
@@ -299,6 +306,7 @@ async fn splice(
         &activity,
         buffer_len,
         &ctx.stats.bytes_backend_to_client,
+        spliced,
     );
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome
@@ -355,13 +363,16 @@ where
     outcome
 }
 
-/// Copies `src` to `dst` until `src` ends, then half-closes `dst`.
+/// Copies `src` to `dst` until `src` ends, then half-closes `dst`. With
+/// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
+/// the rest of the flow to splice(2) and is counted there.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     activity: &Cell<Instant>,
     buffer_len: usize,
     bytes: &std::sync::atomic::AtomicU64,
+    spliced: Option<&std::sync::atomic::AtomicU64>,
 ) -> io::Result<()> {
     loop {
         match rt::read_chunk(src, buffer_len).await? {
@@ -373,7 +384,19 @@ async fn pump(
             Some(chunk) => {
                 activity.set(Instant::now());
                 ShardStats::add(bytes, chunk.len() as u64);
+                // A read that filled a whole buffer is a bulk flow: from here
+                // on the kernel moves its bytes (see `rt::splice_to_end`).
+                let bulk = chunk.len() >= buffer_len;
                 rt::write_chunk(dst, chunk).await?;
+                if let (true, Some(spliced)) = (bulk, spliced) {
+                    spliced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Boxed: only bulk flows pay for its state.
+                    return Box::pin(rt::splice_to_end(src, dst, |n| {
+                        activity.set(Instant::now());
+                        ShardStats::add(bytes, n as u64);
+                    }))
+                    .await;
+                }
             }
         }
     }

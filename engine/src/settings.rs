@@ -37,6 +37,9 @@ pub struct EngineSettings {
     pub buffer_count: u16,
     /// Bytes per provided buffer; also the largest single read.
     pub buffer_size: u32,
+    /// Move a direction's bytes with splice(2) once a read fills a whole
+    /// buffer (a bulk flow): no copy through user space.
+    pub splice_bulk: bool,
     /// Region of this POP, for the "local POP" selection tier.
     pub local_region: Arc<str>,
 }

@@ -30,6 +30,8 @@ pub struct ShardStats {
     pub affinity_hits: AtomicU64,
     pub bytes_client_to_backend: AtomicU64,
     pub bytes_backend_to_client: AtomicU64,
+    /// Directions of connections switched to splice(2) (bulk flows).
+    pub spliced_flows: AtomicU64,
     /// Connections closed by the idle timeout.
     pub idle_timeouts: AtomicU64,
     /// TLS handshakes completed.
@@ -114,6 +116,7 @@ pub struct StatsSummary {
     pub affinity_hits: u64,
     pub bytes_client_to_backend: u64,
     pub bytes_backend_to_client: u64,
+    pub spliced_flows: u64,
     pub idle_timeouts: u64,
     pub tls_handshakes: u64,
     pub tls_handshake_failures: u64,
@@ -143,6 +146,7 @@ impl StatsSummary {
             s.affinity_hits += r(&sh.affinity_hits);
             s.bytes_client_to_backend += r(&sh.bytes_client_to_backend);
             s.bytes_backend_to_client += r(&sh.bytes_backend_to_client);
+            s.spliced_flows += r(&sh.spliced_flows);
             s.idle_timeouts += r(&sh.idle_timeouts);
             s.tls_handshakes += r(&sh.tls_handshakes);
             s.tls_handshake_failures += r(&sh.tls_handshake_failures);
