@@ -62,6 +62,8 @@ pub struct Options {
     /// Loopback source addresses the load generator spreads over.
     pub sources: usize,
     pub edgeproxy_bin: PathBuf,
+    /// The `minimal` target's binary (built with this crate).
+    pub minimal_bin: PathBuf,
     pub haproxy_bin: String,
     pub nginx_bin: String,
     pub out_dir: PathBuf,
@@ -118,6 +120,10 @@ impl Options {
             loadgen_cpus,
             sources: 8,
             edgeproxy_bin: default_edgeproxy_bin(),
+            minimal_bin: std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.join("minimal-proxy")))
+                .unwrap_or_else(|| PathBuf::from("minimal-proxy")),
             haproxy_bin: "haproxy".into(),
             nginx_bin: "nginx".into(),
             out_dir: PathBuf::from("perf-report"),
@@ -157,6 +163,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         workers: opts.workers.max(1),
         cpus: opts.proxy_cpus.clone(),
         edgeproxy_bin: opts.edgeproxy_bin.clone(),
+        minimal_bin: opts.minimal_bin.clone(),
         haproxy_bin: opts.haproxy_bin.clone(),
         nginx_bin: opts.nginx_bin.clone(),
         work_dir: work_dir.clone(),

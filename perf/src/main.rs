@@ -16,7 +16,8 @@ struct Args {
     /// CI smoke settings: short runs, one open-loop rate; under a minute.
     #[arg(long)]
     quick: bool,
-    /// Targets, comma-separated: direct,edgeproxy,haproxy,nginx.
+    /// Targets, comma-separated: direct,edgeproxy,minimal,haproxy,nginx
+    /// (minimal: the bare compio proxy built with this suite).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Scenario letters: a keep-alive, b open loop, c connection per request,

@@ -1,6 +1,7 @@
 //! The proxies under test, each started and configured by the suite:
-//! edgeproxy from this workspace, a direct connection (the limit), HAProxy and
-//! nginx (stream module) when installed.
+//! edgeproxy from this workspace, a direct connection (the limit), the
+//! minimal compio proxy (`minimal-proxy`, edgeproxy's runtime doing nothing
+//! else: the bar), HAProxy and nginx (stream module) when installed.
 //!
 //! Every proxy gets the same settings: `workers` worker threads/processes,
 //! the same CPU set (the process is started with that affinity mask, and each
@@ -27,17 +28,25 @@ use crate::backends::Backends;
 pub enum Kind {
     Direct,
     Edgeproxy,
+    Minimal,
     Haproxy,
     Nginx,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Direct, Kind::Edgeproxy, Kind::Haproxy, Kind::Nginx];
+    pub const ALL: [Kind; 5] = [
+        Kind::Direct,
+        Kind::Edgeproxy,
+        Kind::Minimal,
+        Kind::Haproxy,
+        Kind::Nginx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::Edgeproxy => "edgeproxy",
+            Kind::Minimal => "minimal",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
         }
@@ -59,6 +68,7 @@ pub struct Setup {
     /// CPUs the proxy may run on (empty: any).
     pub cpus: Vec<usize>,
     pub edgeproxy_bin: PathBuf,
+    pub minimal_bin: PathBuf,
     pub haproxy_bin: String,
     pub nginx_bin: String,
     /// Scratch space for configs and routing databases.
@@ -75,6 +85,16 @@ pub fn availability(kind: Kind, setup: &Setup) -> Result<String, String> {
             setup.edgeproxy_bin.to_string_lossy().into_owned(),
             "--version",
         ),
+        Kind::Minimal => {
+            return if setup.minimal_bin.exists() {
+                Ok("compio minimal proxy (this workspace)".into())
+            } else {
+                Err(format!(
+                    "{} not built (cargo build --release -p perf)",
+                    setup.minimal_bin.display()
+                ))
+            };
+        }
         Kind::Haproxy => (setup.haproxy_bin.clone(), "-v"),
         Kind::Nginx => (setup.nginx_bin.clone(), "-v"),
     };
@@ -218,6 +238,7 @@ pub fn start(
             routing_db: None,
         }),
         Kind::Edgeproxy => start_edgeproxy(setup, backends, &dir, edge),
+        Kind::Minimal => start_minimal(setup, backends),
         Kind::Haproxy => start_haproxy(setup, backends, &dir),
         Kind::Nginx => start_nginx(setup, backends, &dir),
     }
@@ -545,6 +566,35 @@ defaults
         routing_db: None,
     };
     wait_listening(&mut running, "haproxy")?;
+    Ok(running)
+}
+
+fn start_minimal(setup: &Setup, backends: &Backends) -> anyhow::Result<Running> {
+    // No TLS: the minimal proxy has none, and (f) reports it as not run.
+    let fronts = Fronts {
+        tls_http: None,
+        tls_bulk: None,
+        ..Fronts::on_free_ports(setup)?
+    };
+    let mut cmd = Command::new(&setup.minimal_bin);
+    cmd.arg("--workers").arg(setup.workers.max(1).to_string());
+    for (front, back) in [
+        (fronts.http, backends.http),
+        (fronts.echo, backends.echo),
+        (fronts.bulk, backends.bulk),
+    ] {
+        cmd.arg(format!("{front}={back}"));
+    }
+    let (child, log, _rx) = spawn(cmd, &setup.cpus)?;
+    let mut running = Running {
+        kind: Kind::Minimal,
+        fronts,
+        child: Some(child),
+        log,
+        reloads: Default::default(),
+        routing_db: None,
+    };
+    wait_listening(&mut running, "minimal-proxy")?;
     Ok(running)
 }
 

@@ -148,6 +148,12 @@ pub fn scenarios(
     };
     hs.notes
         .push("direct has no TLS: not applicable; CPU is the proxy's".into());
+    if targets
+        .iter()
+        .any(|t| t.kind == crate::targets::Kind::Minimal)
+    {
+        hs.notes.push("minimal has no TLS: not run".into());
+    }
     for run in 0..opts.runs {
         for t in targets.iter_mut() {
             let (Some(front), Some(bulk_front)) = (t.fronts.tls_http, t.fronts.tls_bulk) else {

@@ -1,0 +1,207 @@
+//! The minimal compio L4 proxy the perf suite measures as `minimal`: the bar
+//! edgeproxy's data plane must keep while doing real work (DESIGN.md: "Minimal
+//! compio proxies measured on this machine set the bar").
+//!
+//! Same runtime settings as an edgeproxy shard (io_uring, single issuer,
+//! deferred task running, a ring of 256 provided 64 KiB buffers), one thread
+//! per worker pinned like edgeproxy's shards, one `SO_REUSEPORT` listener per
+//! front per thread, TCP_NODELAY both sides. And nothing else: a fixed
+//! backend per front, no routing table, no GeoIP, no affinity, no limits, no
+//! counters, no timeouts, no PROXY protocol, no TLS, no splice. The gap
+//! between this and edgeproxy in the same suite run is what that work costs.
+//!
+//! Usage: `minimal-proxy --workers N FRONT=BACKEND...`; prints
+//! `minimal-proxy listening` on stderr once every listener is bound.
+
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroU16;
+use std::rc::Rc;
+
+use compio::buf::{BufResult, IoBuf};
+use compio::io::{AsyncReadManaged, AsyncWrite};
+use compio::net::{TcpListener, TcpStream};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("minimal-proxy: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let mut workers = 1usize;
+    let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+    while let Some(arg) = args.next() {
+        if arg == "--workers" {
+            workers = args
+                .next()
+                .and_then(|n| n.parse().ok())
+                .filter(|n| *n > 0)
+                .ok_or("--workers needs a positive number")?;
+            continue;
+        }
+        let (front, back) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("expected FRONT=BACKEND, got {arg:?}"))?;
+        let parse = |s: &str| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| format!("bad address {s:?}: {e}"))
+        };
+        routes.push((parse(front)?, parse(back)?));
+    }
+    if routes.is_empty() {
+        return Err("usage: minimal-proxy [--workers N] FRONT=BACKEND...".into());
+    }
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut threads = Vec::new();
+    for i in 0..workers {
+        let routes = routes.clone();
+        let core = (!cores.is_empty()).then(|| cores[i % cores.len()]);
+        let ready = ready_tx.clone();
+        threads.push(std::thread::spawn(move || {
+            if let Some(core) = core {
+                core_affinity::set_for_current(core);
+            }
+            if let Err(e) = worker(&routes, &ready) {
+                let _ = ready.send(Err(e.to_string()));
+            }
+        }));
+    }
+    for _ in 0..workers {
+        ready_rx
+            .recv()
+            .map_err(|_| "a worker died during start".to_string())??;
+    }
+    eprintln!("minimal-proxy listening");
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn worker(
+    routes: &[(SocketAddr, SocketAddr)],
+    ready: &std::sync::mpsc::Sender<Result<(), String>>,
+) -> io::Result<()> {
+    let mut proactor = compio::driver::ProactorBuilder::new();
+    proactor
+        .single_issuer(true)
+        .defer_taskrun(true)
+        .buffer_pool_size(NonZeroU16::new(256).expect("nonzero"))
+        .buffer_pool_buffer_len(64 * 1024);
+    let runtime = compio::runtime::RuntimeBuilder::new()
+        .with_proactor(proactor)
+        .build()?;
+    runtime.block_on(async {
+        let mut listeners = Vec::new();
+        for &(front, back) in routes {
+            listeners.push((reuseport_listener(front)?, back));
+        }
+        let _ = ready.send(Ok(()));
+        let mut tasks = Vec::new();
+        for (listener, back) in listeners {
+            tasks.push(compio::runtime::spawn(accept_loop(Rc::new(listener), back)));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        Ok(())
+    })
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+async fn accept_loop(listener: Rc<TcpListener>, back: SocketAddr) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        compio::runtime::spawn(async move {
+            let _ = serve(client, back).await;
+        })
+        .detach();
+    }
+}
+
+async fn serve(client: TcpStream, back: SocketAddr) -> io::Result<()> {
+    let backend = TcpStream::connect(back).await?;
+    backend.set_nodelay(true)?;
+    let up = pump(&client, &backend);
+    let down = pump(&backend, &client);
+    let _ = futures_join(up, down).await;
+    Ok(())
+}
+
+/// Both directions to their end (no extra dependency for a join).
+async fn futures_join(
+    a: impl std::future::Future<Output = io::Result<()>>,
+    b: impl std::future::Future<Output = io::Result<()>>,
+) -> (io::Result<()>, io::Result<()>) {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let std::task::Poll::Ready(r) = a.as_mut().poll(cx) {
+                ra = Some(r);
+            }
+        }
+        if rb.is_none() {
+            if let std::task::Poll::Ready(r) = b.as_mut().poll(cx) {
+                rb = Some(r);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    (ra.expect("ready"), rb.expect("ready"))
+}
+
+/// Copies `src` to `dst` through provided buffers, then half-closes `dst`.
+async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    let mut reader = src;
+    let mut writer = dst;
+    loop {
+        let buf = match reader.read_managed(0).await? {
+            Some(buf) if !buf.as_init().is_empty() => buf,
+            _ => {
+                // SAFETY: shutdown(2) on a descriptor `dst` keeps open.
+                unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(dst), libc::SHUT_WR) };
+                return Ok(());
+            }
+        };
+        let mut chunk = buf.slice(..);
+        loop {
+            let BufResult(n, back) = writer.write(chunk).await;
+            let n = n?;
+            if n >= back.as_init().len() {
+                break;
+            }
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            let mut back = back;
+            back.set_begin(back.begin() + n);
+            chunk = back;
+        }
+    }
+}
