@@ -508,92 +508,105 @@ pub fn hot_reload(
     let db = target.routing_db.clone().context("routing db")?;
     let mut steady_h = loadgen::new_histogram();
     let mut reload_h = loadgen::new_histogram();
-    // p99 reloading ÷ p99 steady of each pair of adjacent runs.
-    let mut pair_ratios = Vec::new();
+    // The same pairs against `direct` (no proxy; the writer still writes):
+    // how much of a pair's difference is the machine and the harness.
+    let direct = targets::start(Kind::Direct, setup, backends, "reload-direct", &edge)?;
+    // p99 reloading ÷ p99 steady of each pair of adjacent runs, per target.
+    let mut pair_ratios: std::collections::BTreeMap<Kind, Vec<f64>> = Default::default();
     for run in 0..opts.runs * 2 {
-        let mut steady_p99 = None;
-        for reloading in [false, true] {
-            let stop = Arc::new(AtomicBool::new(false));
-            let writer = reloading.then(|| {
-                let stop = Arc::clone(&stop);
-                let db = db.clone();
-                std::thread::spawn(move || table_writer(&db, rows, &stop))
-            });
-            let reloads0 = target.reloads.load(Ordering::Relaxed);
-            let control0 = control_cpu(&target);
-            let wait0 = shard_wait(&target);
-            let started = Instant::now();
-            let s = spec(
-                opts,
-                target.fronts.http,
-                Pace::Open(rate),
-                false,
-                opts.connect_concurrency,
-            );
-            let res = rr_sample(opts, &target, run, s, "cps", "cpu_us_per_conn");
-            stop.store(true, Ordering::Relaxed);
-            let changes = writer.map(|w| w.join().unwrap_or(0));
-            let reloads = target.reloads.load(Ordering::Relaxed) - reloads0;
-            let control_ns = control_cpu(&target).saturating_sub(control0);
-            let wait_ns = shard_wait(&target).saturating_sub(wait0);
-            let wall = started.elapsed();
-            match res {
-                Ok(mut s) => {
-                    let h = s.latency.take().unwrap_or_else(loadgen::new_histogram);
-                    let prefix = if reloading { "reload" } else { "steady" };
-                    let mut m = std::collections::BTreeMap::new();
-                    for (key, q) in [("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)] {
-                        let name: &'static str = match (prefix, key) {
-                            ("steady", "p50_us") => "steady_p50_us",
-                            ("steady", "p99_us") => "steady_p99_us",
-                            ("steady", _) => "steady_p999_us",
-                            (_, "p50_us") => "reload_p50_us",
-                            (_, "p99_us") => "reload_p99_us",
-                            _ => "reload_p999_us",
-                        };
-                        m.insert(name, us(h.value_at_quantile(q)));
-                    }
-                    let p99 = us(h.value_at_quantile(0.99));
-                    match (reloading, steady_p99) {
-                        (false, _) => steady_p99 = Some(p99),
-                        (true, Some(steady)) if steady > 0.0 => pair_ratios.push(p99 / steady),
-                        _ => {}
-                    }
-                    if let Some(c) = s.metrics.get("cpu_us_per_conn") {
-                        m.insert(
-                            if reloading {
-                                "reload_cpu_us_per_conn"
-                            } else {
-                                "steady_cpu_us_per_conn"
-                            },
-                            *c,
-                        );
-                    }
-                    m.insert(
-                        if reloading {
-                            "reload_shard_wait_ms_per_s"
-                        } else {
-                            "steady_shard_wait_ms_per_s"
-                        },
-                        wait_ns as f64 / 1e6 / wall.as_secs_f64(),
-                    );
-                    if reloading {
-                        m.insert("reloads", reloads as f64);
-                        if reloads > 0 {
+        for t in [&direct, &target] {
+            let mut steady_p99 = None;
+            for reloading in [false, true] {
+                let stop = Arc::new(AtomicBool::new(false));
+                let writer = reloading.then(|| {
+                    let stop = Arc::clone(&stop);
+                    let db = db.clone();
+                    std::thread::spawn(move || table_writer(&db, rows, &stop))
+                });
+                let reloads0 = t.reloads.load(Ordering::Relaxed);
+                let control0 = control_cpu(t);
+                let wait0 = shard_wait(t);
+                let started = Instant::now();
+                let s = spec(
+                    opts,
+                    t.fronts.http,
+                    Pace::Open(rate),
+                    false,
+                    opts.connect_concurrency,
+                );
+                let res = rr_sample(opts, t, run, s, "cps", "cpu_us_per_conn");
+                stop.store(true, Ordering::Relaxed);
+                let changes = writer.map(|w| w.join().unwrap_or(0));
+                let reloads = t.reloads.load(Ordering::Relaxed) - reloads0;
+                let control_ns = control_cpu(t).saturating_sub(control0);
+                let wait_ns = shard_wait(t).saturating_sub(wait0);
+                let wall = started.elapsed();
+                match res {
+                    Ok(mut s) => {
+                        let h = s.latency.take().unwrap_or_else(loadgen::new_histogram);
+                        let prefix = if reloading { "reload" } else { "steady" };
+                        let mut m = std::collections::BTreeMap::new();
+                        for (key, q) in [("p50_us", 0.5), ("p99_us", 0.99), ("p999_us", 0.999)] {
+                            let name: &'static str = match (prefix, key) {
+                                ("steady", "p50_us") => "steady_p50_us",
+                                ("steady", "p99_us") => "steady_p99_us",
+                                ("steady", _) => "steady_p999_us",
+                                (_, "p50_us") => "reload_p50_us",
+                                (_, "p99_us") => "reload_p99_us",
+                                _ => "reload_p999_us",
+                            };
+                            m.insert(name, us(h.value_at_quantile(q)));
+                        }
+                        let p99 = us(h.value_at_quantile(0.99));
+                        match (reloading, steady_p99) {
+                            (false, _) => steady_p99 = Some(p99),
+                            (true, Some(steady)) if steady > 0.0 => {
+                                pair_ratios.entry(t.kind).or_default().push(p99 / steady)
+                            }
+                            _ => {}
+                        }
+                        if let Some(c) = s.metrics.get("cpu_us_per_conn") {
                             m.insert(
-                                "control_us_per_reload",
-                                control_ns as f64 / 1e3 / reloads as f64,
+                                if reloading {
+                                    "reload_cpu_us_per_conn"
+                                } else {
+                                    "steady_cpu_us_per_conn"
+                                },
+                                *c,
                             );
                         }
-                        m.insert("changes", changes.unwrap_or(0) as f64);
-                        let _ = reload_h.add(&h);
-                    } else {
-                        let _ = steady_h.add(&h);
+                        m.insert(
+                            if reloading {
+                                "reload_shard_wait_ms_per_s"
+                            } else {
+                                "steady_shard_wait_ms_per_s"
+                            },
+                            wait_ns as f64 / 1e6 / wall.as_secs_f64(),
+                        );
+                        if t.kind != Kind::Edgeproxy {
+                            // Only latency means anything without a proxy.
+                            m.retain(|k, _| k.ends_with("_us"));
+                        } else if reloading {
+                            m.insert("reloads", reloads as f64);
+                            if reloads > 0 {
+                                m.insert(
+                                    "control_us_per_reload",
+                                    control_ns as f64 / 1e3 / reloads as f64,
+                                );
+                            }
+                            m.insert("changes", changes.unwrap_or(0) as f64);
+                            let _ = reload_h.add(&h);
+                        } else {
+                            let _ = steady_h.add(&h);
+                        }
+                        s.metrics = m;
+                        v.samples.push(s);
                     }
-                    s.metrics = m;
-                    v.samples.push(s);
+                    Err(e) => {
+                        v.notes
+                            .push(format!("{} run {}: failed: {e:#}", t.kind.name(), run + 1))
+                    }
                 }
-                Err(e) => v.notes.push(format!("run {}: failed: {e:#}", run + 1)),
             }
         }
     }
@@ -605,8 +618,8 @@ pub fn hot_reload(
                     .insert(format!("{name}_{key}"), us(h.value_at_quantile(q)));
             }
         }
-        if !pair_ratios.is_empty() {
-            let mut sorted = pair_ratios.clone();
+        for (kind, ratios) in &pair_ratios {
+            let mut sorted = ratios.clone();
             sorted.sort_by(f64::total_cmp);
             let mid = sorted.len() / 2;
             let median = if sorted.len() % 2 == 1 {
@@ -614,10 +627,15 @@ pub fn hot_reload(
             } else {
                 (sorted[mid - 1] + sorted[mid]) / 2.0
             };
-            v.pooled.insert("p99_ratio_median_of_pairs".into(), median);
+            let key = match kind {
+                Kind::Edgeproxy => "p99_ratio_median_of_pairs".to_string(),
+                other => format!("{}_p99_ratio_median_of_pairs", other.name()),
+            };
+            v.pooled.insert(key, median);
             v.notes.push(format!(
-                "p99 reloading ÷ steady per pair of adjacent runs: {} (median {median:.2}×)",
-                pair_ratios
+                "{}: p99 with the writer ÷ without, per pair of adjacent runs: {} (median {median:.2}×)",
+                kind.name(),
+                ratios
                     .iter()
                     .map(|r| format!("{r:.2}×"))
                     .collect::<Vec<_>>()
@@ -656,6 +674,13 @@ fn table_writer(db: &std::path::Path, rows: usize, stop: &AtomicBool) -> u64 {
         return 0;
     };
     let _ = conn.busy_timeout(Duration::from_secs(1));
+    // The writer stands in for an operator's tool and shares the load
+    // generator's core: it must not delay the load generator's own
+    // measurements. So: no fsync per commit (only edgeproxy's reads are under
+    // test), and the lowest scheduling priority.
+    let _ = conn.execute_batch("PRAGMA synchronous = OFF");
+    // SAFETY: setpriority on this thread's own id.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
     // Numbered across runs, so that every write really changes the table
     // (rewriting a row with the values it has changes nothing).
     static NEXT: AtomicU64 = AtomicU64::new(0);
