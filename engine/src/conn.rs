@@ -372,7 +372,7 @@ async fn pump(
     activity: &Cell<Instant>,
     buffer_len: usize,
     bytes: &std::sync::atomic::AtomicU64,
-    spliced: Option<&std::sync::atomic::AtomicU64>,
+    mut spliced: Option<&std::sync::atomic::AtomicU64>,
 ) -> io::Result<()> {
     loop {
         match rt::read_chunk(src, buffer_len).await? {
@@ -388,14 +388,23 @@ async fn pump(
                 // on the kernel moves its bytes (see `rt::splice_to_end`).
                 let bulk = chunk.len() >= buffer_len;
                 rt::write_chunk(dst, chunk).await?;
-                if let (true, Some(spliced)) = (bulk, spliced) {
-                    spliced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // Boxed: only bulk flows pay for its state.
-                    return Box::pin(rt::splice_to_end(src, dst, |n| {
-                        activity.set(Instant::now());
-                        ShardStats::add(bytes, n as u64);
-                    }))
-                    .await;
+                if let (true, Some(counter)) = (bulk, spliced) {
+                    match rt::Pipe::for_splice() {
+                        Ok(pipe) => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            // Boxed: only bulk flows pay for its state.
+                            return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
+                                activity.set(Instant::now());
+                                ShardStats::add(bytes, n as u64);
+                            }))
+                            .await;
+                        }
+                        // No pipe to be had: this flow goes on copying.
+                        Err(e) => {
+                            tracing::debug!(error = %e, "bulk flow not spliced");
+                            spliced = None;
+                        }
+                    }
                 }
             }
         }

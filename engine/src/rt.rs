@@ -217,7 +217,7 @@ pub async fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// Moves everything `src` still sends to `dst` with splice(2) through a pipe,
+/// Moves everything `src` still sends to `dst` with splice(2) through `pipe`,
 /// never copying it into user space, then half-closes `dst`. `moved` hears of
 /// every batch as it enters the pipe.
 ///
@@ -228,12 +228,12 @@ pub async fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
 /// sockets are switched to `O_NONBLOCK` for that (io_uring's own RECV/SEND on
 /// them, in the other direction, still wait for readiness inside the kernel).
 pub async fn splice_to_end(
+    pipe: Pipe,
     src: &TcpStream,
     dst: &TcpStream,
     mut moved: impl FnMut(usize),
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let pipe = Pipe::new()?;
     set_nonblocking(src.as_raw_fd())?;
     set_nonblocking(dst.as_raw_fd())?;
     let (src_ready, dst_ready) = (src.to_poll_fd()?, dst.to_poll_fd()?);
@@ -327,23 +327,39 @@ fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A non-blocking pipe, closed on drop.
-struct Pipe {
+/// A non-blocking pipe for [`splice_to_end`], closed on drop.
+pub struct Pipe {
     read: std::os::fd::RawFd,
     write: std::os::fd::RawFd,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    /// A pipe that holds a whole [`PIPE_BATCH`], or an error: out of
+    /// descriptors, or the user's pipe-buffer allowance
+    /// (`/proc/sys/fs/pipe-user-pages-soft`, 1,024 default pipes for a
+    /// non-root user) is spent and the kernel hands out one-page pipes, which
+    /// would splice 4 KiB per call. The caller then keeps copying.
+    pub fn for_splice() -> io::Result<Pipe> {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into `fds`.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Pipe {
+        let pipe = Pipe {
             read: fds[0],
             write: fds[1],
-        })
+        };
+        // SAFETY: fcntl on a descriptor we own.
+        let capacity = unsafe { libc::fcntl(pipe.write, libc::F_GETPIPE_SZ) };
+        if capacity < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if (capacity as usize) < PIPE_BATCH {
+            return Err(io::Error::other(format!(
+                "pipe holds only {capacity} bytes (pipe-user-pages-soft reached)"
+            )));
+        }
+        Ok(pipe)
     }
 }
 
@@ -409,7 +425,10 @@ mod tests {
             yield_now().await;
             let before = ticks.get();
             let mut moved = 0;
-            splice_to_end(&src, &dst, |n| moved += n).await.unwrap();
+            let pipe = Pipe::for_splice().unwrap();
+            splice_to_end(pipe, &src, &dst, |n| moved += n)
+                .await
+                .unwrap();
             (moved, ticks.get() - before)
         });
         assert_eq!(moved, LEN);
