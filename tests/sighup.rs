@@ -278,3 +278,38 @@ fn sighup_with_unloadable_certificates_changes_nothing() {
     let (b, _kb) = connect_tagged(s.proxy.listener("main"));
     assert_eq!((a.as_str(), b.as_str()), ("x", "x"));
 }
+
+#[test]
+fn sighup_changes_the_routing_reload_interval() {
+    let dir = TempDir::new("interval");
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("a", "web", "sa", a.port()));
+    let toml = |ms: u64| {
+        format!(
+            "[routing]\ndb_path = {:?}\nreload_interval_ms = {ms}\n[runtime]\nshards = 1\n{LISTENER}\"main\"\n",
+            db.path.display().to_string()
+        )
+    };
+    // Started checking the table once an hour.
+    let proxy = Proxy::with_config(&dir, &toml(3_600_000));
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    std::fs::write(dir.join("edgeproxy.toml"), toml(100)).unwrap();
+    let mark = proxy.log_mark();
+    proxy.signal(SIGHUP);
+    proxy
+        .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+        .unwrap_or_else(|| panic!("SIGHUP not finished; log:\n{}", proxy.log_text()));
+
+    // A change after the SIGHUP: only the new 100 ms check can find it
+    // within the test's patience.
+    let mark = proxy.log_mark();
+    db.upsert(&Row::new("b", "web", "sa", b.port()));
+    db.exec("UPDATE backends SET deleted = 1 WHERE id = 'a'");
+    proxy
+        .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+        .unwrap_or_else(|| panic!("change not picked up; log:\n{}", proxy.log_text()));
+    assert_eq!(which_backend(proxy.addr()), "b");
+}
