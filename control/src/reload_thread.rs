@@ -6,9 +6,10 @@
 //! came out of a shard's core at the shard's own priority: in the perf suite's
 //! hot-reload scenario (a change every 100 ms) the shard then waited for its
 //! core about 0.5 ms per reload, and its p99 rose with it. A reload is not
-//! latency-critical, so the tick runs here at nice 19: when a shard wakes up
-//! it gets its core back at once, and under full load routing changes take
-//! effect a little later instead of every connection paying for them.
+//! latency-critical, so the tick runs here at nice 19: when both want the
+//! core, the shard's weight is about 70 times the reload's, and under full
+//! load routing changes take effect a little later instead of every
+//! connection paying for them.
 //!
 //! The control thread keeps the same reloader (behind a mutex) for what must
 //! happen before it answers: discovery API writes are published before the

@@ -6,13 +6,13 @@
 //! [`RoutingStore::open`] adds. A `routing.db` written by the original loads
 //! unchanged; original columns are never dropped or renamed.
 //!
-//! The store keeps one long-lived connection in WAL mode. The control thread
-//! asks [`RoutingStore::changed`] on every reload tick (cheap: a
+//! The store keeps one long-lived connection in WAL mode. The reloader asks
+//! [`RoutingStore::changed`] on every reload tick (cheap: a
 //! `PRAGMA data_version` and two `stat`s) and calls [`RoutingStore::load`] only
 //! when it says yes. Neither a load nor a write checkpoints the WAL (that
 //! `fsync`s); `changed` folds it back once the table has been quiet for a
-//! second, and a load once it passes 1 MiB. Operators may edit the file with the `sqlite3` CLI, or
-//! replace it wholesale (`mv new.db routing.db`); both are noticed. Any
+//! second, and a load once it passes 1 MiB. Operators may edit the file with
+//! the `sqlite3` CLI, or replace it wholesale (`mv new.db routing.db`); both are noticed. Any
 //! failure (the file is gone, corrupt, not a database) is returned as an
 //! error, the caller keeps its last good snapshot, and the next call starts
 //! over with a fresh connection, so the store recovers as soon as the file is
