@@ -137,6 +137,18 @@ pub struct Fronts {
 }
 
 impl Fronts {
+    /// The backends themselves, without TLS: what `direct` talks to, and
+    /// edgeproxy's addresses until it reports its own.
+    fn backends(backends: &Backends) -> Fronts {
+        Fronts {
+            http: backends.http,
+            echo: backends.echo,
+            bulk: backends.bulk,
+            tls_http: None,
+            tls_bulk: None,
+        }
+    }
+
     /// Free loopback ports for a peer proxy's front ends (TLS ones only when
     /// the run measures TLS).
     fn on_free_ports(setup: &Setup) -> anyhow::Result<Fronts> {
@@ -225,13 +237,7 @@ pub fn start(
     match kind {
         Kind::Direct => Ok(Running {
             kind,
-            fronts: Fronts {
-                http: backends.http,
-                echo: backends.echo,
-                bulk: backends.bulk,
-                tls_http: None,
-                tls_bulk: None,
-            },
+            fronts: Fronts::backends(backends),
             child: None,
             log: Default::default(),
             reloads: Default::default(),
@@ -346,13 +352,7 @@ level = "info"
     let reloads = Arc::new(AtomicU64::new(0));
     let mut running = Running {
         kind: Kind::Edgeproxy,
-        fronts: Fronts {
-            http: backends.http,
-            echo: backends.echo,
-            bulk: backends.bulk,
-            tls_http: None,
-            tls_bulk: None,
-        },
+        fronts: Fronts::backends(backends),
         child: Some(child),
         log,
         reloads: Arc::clone(&reloads),
@@ -556,16 +556,22 @@ defaults
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(&setup.haproxy_bin);
     cmd.arg("-f").arg(&path).arg("-db").current_dir(dir);
+    start_peer(Kind::Haproxy, cmd, setup, fronts)
+}
+
+/// Starts a peer proxy (not edgeproxy, which the suite also watches for
+/// reloads) and waits until every front end accepts connections.
+fn start_peer(kind: Kind, cmd: Command, setup: &Setup, fronts: Fronts) -> anyhow::Result<Running> {
     let (child, log, _rx) = spawn(cmd, &setup.cpus)?;
     let mut running = Running {
-        kind: Kind::Haproxy,
+        kind,
         fronts,
         child: Some(child),
         log,
         reloads: Default::default(),
         routing_db: None,
     };
-    wait_listening(&mut running, "haproxy")?;
+    wait_listening(&mut running, kind.name())?;
     Ok(running)
 }
 
@@ -585,17 +591,7 @@ fn start_minimal(setup: &Setup, backends: &Backends) -> anyhow::Result<Running> 
     ] {
         cmd.arg(format!("{front}={back}"));
     }
-    let (child, log, _rx) = spawn(cmd, &setup.cpus)?;
-    let mut running = Running {
-        kind: Kind::Minimal,
-        fronts,
-        child: Some(child),
-        log,
-        reloads: Default::default(),
-        routing_db: None,
-    };
-    wait_listening(&mut running, "minimal-proxy")?;
-    Ok(running)
+    start_peer(Kind::Minimal, cmd, setup, fronts)
 }
 
 fn start_nginx(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result<Running> {
@@ -668,15 +664,5 @@ stream {{
         .arg("-e")
         .arg("stderr")
         .current_dir(dir);
-    let (child, log, _rx) = spawn(cmd, &setup.cpus)?;
-    let mut running = Running {
-        kind: Kind::Nginx,
-        fronts,
-        child: Some(child),
-        log,
-        reloads: Default::default(),
-        routing_db: None,
-    };
-    wait_listening(&mut running, "nginx")?;
-    Ok(running)
+    start_peer(Kind::Nginx, cmd, setup, fronts)
 }
