@@ -619,13 +619,8 @@ pub fn hot_reload(
             }
         }
         for (kind, ratios) in &pair_ratios {
-            let mut sorted = ratios.clone();
-            sorted.sort_by(f64::total_cmp);
-            let mid = sorted.len() / 2;
-            let median = if sorted.len() % 2 == 1 {
-                sorted[mid]
-            } else {
-                (sorted[mid - 1] + sorted[mid]) / 2.0
+            let Some(median) = crate::report::Stat::of(ratios).map(|s| s.median) else {
+                continue;
             };
             let key = match kind {
                 Kind::Edgeproxy => "p99_ratio_median_of_pairs".to_string(),
