@@ -6,6 +6,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod config_env;
 pub mod demo;
 pub mod internal_dns;
 pub mod logging;

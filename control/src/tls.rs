@@ -17,7 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use crate::config::ConfigError;
+use crate::config_env::ConfigError;
 
 /// `[listener.tls]` as written.
 #[derive(Debug, Default, Deserialize)]

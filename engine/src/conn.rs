@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{select, try_join, Either};
 
+use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx};
 use crate::proxy_protocol::{self, Parsed};
 use crate::rt::{self, Chunk, TcpStream};
 use crate::select::{self, Choice, ClientGeo};
-use crate::shard::{ConnSlot, ListenerCtx, ShardCtx};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
 use crate::stats::ShardStats;
 use crate::tls_conn::{TlsError, TlsSession};

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::affinity::{AffinityTable, SharedAffinity};
+use crate::affinity::AffinityTable;
+use crate::ctx::Shared;
 use crate::geo::GeoResolver;
 use crate::listener;
 use crate::settings::{EngineSettings, Knobs, ListenerSpec};
@@ -40,19 +41,6 @@ pub enum EngineError {
     Runtime { shard: usize, cause: io::Error },
     #[error("cannot start shard thread: {0}")]
     Thread(io::Error),
-}
-
-/// State every shard reads; written only by the control thread.
-pub(crate) struct Shared {
-    pub settings: EngineSettings,
-    pub snapshot: SnapshotHandle,
-    pub geo: Arc<GeoResolver>,
-    pub knobs: Arc<ArcSwap<Knobs>>,
-    /// Open client connections across shards (only counted when a global
-    /// limit is set).
-    pub active_total: AtomicU32,
-    /// Affinity for connections that cannot be steered to one shard.
-    pub shared_affinity: SharedAffinity,
 }
 
 struct ShardHandle {

@@ -6,6 +6,7 @@
 
 pub mod affinity;
 mod conn;
+mod ctx;
 mod engine;
 pub mod geo;
 pub mod listener;

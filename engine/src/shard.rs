@@ -4,19 +4,17 @@
 //! The control side talks to it only through [`Command`]s; the shard reads the
 //! routing snapshot and the knobs lock-free.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::affinity::AffinityTable;
 use crate::conn;
-use crate::engine::Shared;
+use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx, Shared};
 use crate::rt;
-use crate::settings::{Knobs, ListenerSpec};
+use crate::settings::ListenerSpec;
 use crate::stats::{ListenerStats, ShardStats};
 
 pub(crate) enum Command {
@@ -31,80 +29,6 @@ pub(crate) enum Command {
     Shutdown {
         grace: Duration,
     },
-}
-
-/// What every connection task of a shard shares.
-pub(crate) struct ShardCtx {
-    pub id: usize,
-    pub shared: Arc<Shared>,
-    pub stats: Arc<ShardStats>,
-    /// Bindings of clients steered to this shard; private, so no lock.
-    pub affinity: RefCell<AffinityTable>,
-    /// This shard's view of the knobs: re-read only after a change, so
-    /// connections don't bump a shared refcount.
-    knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
-}
-
-impl ShardCtx {
-    /// The current knobs, copied.
-    pub fn knobs(&self) -> Knobs {
-        **self.knobs.borrow_mut().load()
-    }
-}
-
-/// A listener as one shard sees it.
-pub(crate) struct ListenerCtx {
-    pub spec: Arc<ListenerSpec>,
-    /// Every connection from one client IP reaches this shard, so the shard's
-    /// own affinity table is enough. False for PROXY-protocol listeners (the
-    /// TCP peer is the load balancer, not the client) and when the kernel
-    /// refused the steering program.
-    pub local_affinity: bool,
-    /// This listener's counters on this shard.
-    pub stats: Arc<ListenerStats>,
-}
-
-/// Keeps a connection counted (shard and process) until dropped.
-pub(crate) struct ConnSlot {
-    ctx: Rc<ShardCtx>,
-    lctx: Rc<ListenerCtx>,
-    counted_globally: bool,
-}
-
-impl ConnSlot {
-    /// Takes a slot, or `None` when a limit is reached.
-    fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> Option<ConnSlot> {
-        let knobs = ctx.knobs();
-        let shard_max = knobs.max_connections_per_shard;
-        if shard_max != 0 && ctx.stats.active() >= shard_max {
-            return None;
-        }
-        let global_max = knobs.max_connections;
-        if global_max != 0 {
-            let before = ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
-            if before >= global_max {
-                ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
-                return None;
-            }
-        }
-        ctx.stats.active.fetch_add(1, Ordering::Relaxed);
-        lctx.stats.active.fetch_add(1, Ordering::Relaxed);
-        Some(ConnSlot {
-            ctx: Rc::clone(ctx),
-            lctx: Rc::clone(lctx),
-            counted_globally: global_max != 0,
-        })
-    }
-}
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-        self.lctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-        if self.counted_globally {
-            self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
 }
 
 /// Thread body of shard `id`. Reports on `ready` whether its runtime started.
@@ -132,13 +56,7 @@ pub(crate) fn run(
         }
     };
     let ttl = shared.knobs.load().affinity_ttl;
-    let ctx = Rc::new(ShardCtx {
-        id,
-        knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
-        shared,
-        stats,
-        affinity: RefCell::new(AffinityTable::new(ttl)),
-    });
+    let ctx = Rc::new(ShardCtx::new(id, shared, stats, AffinityTable::new(ttl)));
     let _ = ready.send(Ok(()));
     runtime.block_on(shard_main(ctx, commands));
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{env_bool, env_parse, invalid, ConfigError, Env};
+use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
 
 /// Defaults. Address, TTL and the enable switch are the original's.
 pub mod defaults {

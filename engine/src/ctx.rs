@@ -1,0 +1,122 @@
+//! What a shard's tasks share: the state every shard reads ([`Shared`],
+//! written only by the control thread), the shard's own context
+//! ([`ShardCtx`]), a listener as one shard sees it ([`ListenerCtx`]) and the
+//! guard that keeps a connection counted ([`ConnSlot`]).
+//!
+//! A leaf of the data plane's import graph: `engine` creates these, `shard`
+//! runs them, `conn` uses them, and this module imports none of the three.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::affinity::{AffinityTable, SharedAffinity};
+use crate::geo::GeoResolver;
+use crate::settings::{EngineSettings, Knobs, ListenerSpec};
+use crate::snapshot::SnapshotHandle;
+use crate::stats::{ListenerStats, ShardStats};
+
+/// State every shard reads; written only by the control thread.
+pub(crate) struct Shared {
+    pub settings: EngineSettings,
+    pub snapshot: SnapshotHandle,
+    pub geo: Arc<GeoResolver>,
+    pub knobs: Arc<ArcSwap<Knobs>>,
+    /// Open client connections across shards (only counted when a global
+    /// limit is set).
+    pub active_total: AtomicU32,
+    /// Affinity for connections that cannot be steered to one shard.
+    pub shared_affinity: SharedAffinity,
+}
+
+/// What every connection task of a shard shares.
+pub(crate) struct ShardCtx {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    pub stats: Arc<ShardStats>,
+    /// Bindings of clients steered to this shard; private, so no lock.
+    pub affinity: RefCell<AffinityTable>,
+    /// This shard's view of the knobs: re-read only after a change, so
+    /// connections don't bump a shared refcount.
+    knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
+}
+
+impl ShardCtx {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        stats: Arc<ShardStats>,
+        affinity: AffinityTable,
+    ) -> Self {
+        ShardCtx {
+            id,
+            knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
+            shared,
+            stats,
+            affinity: RefCell::new(affinity),
+        }
+    }
+
+    /// The current knobs, copied.
+    pub fn knobs(&self) -> Knobs {
+        **self.knobs.borrow_mut().load()
+    }
+}
+
+/// A listener as one shard sees it.
+pub(crate) struct ListenerCtx {
+    pub spec: Arc<ListenerSpec>,
+    /// Every connection from one client IP reaches this shard, so the shard's
+    /// own affinity table is enough. False for PROXY-protocol listeners (the
+    /// TCP peer is the load balancer, not the client) and when the kernel
+    /// refused the steering program.
+    pub local_affinity: bool,
+    /// This listener's counters on this shard.
+    pub stats: Arc<ListenerStats>,
+}
+
+/// Keeps a connection counted (shard and process) until dropped.
+pub(crate) struct ConnSlot {
+    ctx: Rc<ShardCtx>,
+    lctx: Rc<ListenerCtx>,
+    counted_globally: bool,
+}
+
+impl ConnSlot {
+    /// Takes a slot, or `None` when a limit is reached.
+    pub fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> Option<ConnSlot> {
+        let knobs = ctx.knobs();
+        let shard_max = knobs.max_connections_per_shard;
+        if shard_max != 0 && ctx.stats.active() >= shard_max {
+            return None;
+        }
+        let global_max = knobs.max_connections;
+        if global_max != 0 {
+            let before = ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
+            if before >= global_max {
+                ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+        lctx.stats.active.fetch_add(1, Ordering::Relaxed);
+        Some(ConnSlot {
+            ctx: Rc::clone(ctx),
+            lctx: Rc::clone(lctx),
+            counted_globally: global_max != 0,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.lctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+        if self.counted_globally {
+            self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
