@@ -12,6 +12,7 @@ pub mod internal_dns;
 pub mod logging;
 pub mod metrics;
 pub mod reload_thread;
+pub mod replication;
 pub mod routing;
 pub mod store;
 pub mod tls;
