@@ -19,10 +19,13 @@
 //! (the cluster CA derived from the secret, mutual TLS for QUIC),
 //! `transport` (quinn), `driver` (the event loop), `config`, `status`.
 
+pub mod config;
+pub mod db;
 pub mod hlc;
 pub mod keys;
 pub mod membership;
 pub mod node;
+pub mod pki;
 pub mod replica;
 pub mod seal;
 pub mod sim;
