@@ -30,6 +30,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let geo = Arc::new(build_geo(&config)?);
 
     let mut store = RoutingStore::open(&config.routing.db_path)?;
+    store.set_node_id(&config.replication.node_id);
     if config.demo.backends > 0 {
         let records =
             crate::demo::start(config.demo.backends, &config.demo.app, &config.pop.region)
@@ -66,6 +67,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Internal DNS: bound now (a bind failure stops startup), served on the
     // control runtime below. See `internal_dns`.
     let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
+    // Replication's UDP sockets: bound now, started on the control runtime.
+    let replication = crate::replication::driver::bind(&config)?;
     let mut engine = Engine::start(
         engine_settings(&config),
         knobs(&config),
@@ -88,12 +91,20 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let _context = runtime.enter();
         Signals::install()?
     };
+    let replication = match replication {
+        None => None,
+        Some(bound) => {
+            let _context = runtime.enter();
+            Some(bound.start(reloader.clone())?)
+        }
+    };
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
             engine: engine.stats_view(),
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
+            replication: replication.as_ref().map(|r| r.status()),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -102,7 +113,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // requests executed by the control loop, which owns the routing store.
     let api = match crate::api::bind(&config.api)? {
         None => None,
-        Some(bound) => Some(runtime.block_on(async { bound.serve(snapshot.clone()) })?),
+        Some(bound) => Some(runtime.block_on(async {
+            bound.serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
+        })?),
     };
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
@@ -126,8 +139,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        api,
+        (api, replication.as_ref()),
     ))?;
+    if let Some(r) = &replication {
+        // Leave the cluster first: the other POPs mark this one down at
+        // once instead of after the suspicion timeout.
+        runtime.block_on(r.shutdown(Duration::from_secs(2)));
+    }
     ticks.stop();
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -182,7 +200,10 @@ async fn control_loop(
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    mut api: Option<crate::api::Server>,
+    (mut api, replication): (
+        Option<crate::api::Server>,
+        Option<&crate::replication::driver::Handle>,
+    ),
 ) -> anyhow::Result<Duration> {
     let Signals {
         mut hup,
@@ -224,7 +245,14 @@ async fn control_loop(
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut api) => crate::api::execute(cmd, &mut reloader.lock()),
+            cmd = crate::api::next_command(&mut api) => {
+                crate::api::execute(cmd, &mut reloader.lock());
+                // A write goes out to the other POPs now, not at the next
+                // change-log poll.
+                if let Some(r) = replication {
+                    r.poke();
+                }
+            }
         }
     }
 }
@@ -282,6 +310,7 @@ fn apply(
         ("api", old.api != new.api),
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
+        ("replication", old.replication != new.replication),
     ];
     for (section, changed) in restart_only {
         if changed {
