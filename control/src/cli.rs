@@ -1,5 +1,6 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
-//! `edgeproxy backends list|add|rm|drain` (the discovery API's client).
+//! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
+//! `edgeproxy cluster status` (replication's view).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Manage backends through a running proxy's discovery API:
     /// list, add (register or update), rm (deregister), drain.
     Backends(Box<crate::api::client::BackendsArgs>),
+    /// Replication between POPs, through a running POP's API: `status`
+    /// lists the members, their state, round trip, last sync and lag.
+    Cluster(Box<crate::replication::cli::ClusterArgs>),
 }
 
 pub fn main() -> ExitCode {
@@ -58,6 +62,7 @@ pub fn main() -> ExitCode {
             print!("{}", config.to_toml());
         }),
         Command::Backends(args) => crate::api::client::run(*args),
+        Command::Cluster(args) => crate::replication::cli::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
