@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::config_env::{env_bool, env_parse, invalid};
+use crate::config_env::{ser_display, ser_display_list, ser_ms, ser_secs};
 pub use crate::config_env::{ConfigError, Env, ProcessEnv};
 
 // ---------------------------------------------------------------------------
@@ -335,22 +336,6 @@ pub struct DnsPop {
     pub region: String,
     #[serde(serialize_with = "ser_display")]
     pub addr: std::net::IpAddr,
-}
-
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
-fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_secs())
-}
-fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
-}
-fn ser_display_list<T: std::fmt::Display, S: serde::Serializer>(
-    v: &[T],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
 /// Defaults. Those shared with the original edgeProxy keep its values
