@@ -76,6 +76,15 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
+    // Health checks and the circuit breaker: their state weighs on every
+    // snapshot from now on (see `health`); the driver starts on the control
+    // runtime below. Without either, shards' passive events go nowhere.
+    let health = (config.health.any_enabled() || config.circuit_breaker.enabled).then(|| {
+        let link = crate::health::HealthLink::new(&config.health, &config.circuit_breaker);
+        reloader.lock().set_health(link.clone());
+        link
+    });
+    let passive_events = engine.take_passive_events().filter(|_| health.is_some());
     for l in engine.listeners() {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
@@ -105,6 +114,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
+            health: health.clone(),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -119,6 +129,25 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
+    }
+    if let Some(link) = &health {
+        runtime.spawn(
+            crate::health::driver::Driver {
+                link: link.clone(),
+                snapshots: snapshot.clone(),
+                reloader: reloader.clone(),
+                events: passive_events,
+                health: config.health.clone(),
+                pop: config.pop.name.clone(),
+            }
+            .run(),
+        );
+        tracing::info!(
+            active_checks = link.active_checks_enabled(),
+            circuit_breaker = link.circuit_enabled(),
+            max_concurrent = config.health.max_concurrent,
+            "health checking started"
+        );
     }
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
@@ -311,6 +340,21 @@ fn apply(
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
         ("replication", old.replication != new.replication),
+        (
+            "health (except rtt_weight)",
+            old.health.global != new.health.global
+                || old.health.apps != new.health.apps
+                || old.health.max_concurrent != new.health.max_concurrent
+                || old.health.webhook_url != new.health.webhook_url,
+        ),
+        (
+            "circuit_breaker",
+            old.circuit_breaker != new.circuit_breaker,
+        ),
+        (
+            "rate_limit.tracked_clients",
+            old.rate_limit.tracked_clients != new.rate_limit.tracked_clients,
+        ),
     ];
     for (section, changed) in restart_only {
         if changed {
@@ -358,6 +402,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
         buffer_size: config.runtime.buffer_size,
         splice_bulk: config.runtime.splice_bulk,
         local_region: Arc::from(config.pop.region.as_str()),
+        client_table_capacity: config.rate_limit.tracked_clients,
     }
 }
 
@@ -370,6 +415,8 @@ fn knobs(config: &Config) -> Knobs {
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        rtt_weight: config.health.rtt_weight,
+        client_limits: config.rate_limit.client_limits(),
         ..Knobs::default()
     }
 }

@@ -54,6 +54,14 @@ pub struct RawConfig {
     /// `[replication]`: between POPs, see `crate::replication::config`.
     #[serde(default)]
     pub replication: crate::replication::config::RawReplication,
+    /// `[health]`, `[circuit_breaker]`: see `crate::health::config`.
+    #[serde(default)]
+    pub health: crate::health::config::RawHealth,
+    #[serde(default)]
+    pub circuit_breaker: crate::health::config::RawCircuit,
+    /// `[rate_limit]`: see `crate::client_limits`.
+    #[serde(default)]
+    pub rate_limit: crate::client_limits::RawRateLimit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +201,9 @@ pub struct Config {
     pub api: crate::api::config::Api,
     pub dns: Dns,
     pub replication: crate::replication::config::Replication,
+    pub health: crate::health::config::Health,
+    pub circuit_breaker: crate::health::config::Circuit,
+    pub rate_limit: crate::client_limits::RateLimit,
 }
 
 /// The Prometheus admin listener.
@@ -817,6 +828,9 @@ impl Config {
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
             replication: crate::replication::config::from_raw(raw.replication, env)?,
+            health: crate::health::config::health_from_raw(raw.health, env)?,
+            circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
+            rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,
         })
     }
 

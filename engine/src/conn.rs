@@ -20,8 +20,8 @@ use futures_util::future::{select, try_join, Either};
 
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
 use crate::passive::PassiveKind;
-use crate::rate_limit::Refused;
 use crate::proxy_protocol::{self, Parsed};
+use crate::rate_limit::Refused;
 use crate::rt::{self, Chunk, TcpStream};
 use crate::select::{self, Choice, ClientGeo};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
@@ -261,7 +261,9 @@ async fn serve_inner(
         }
     };
     if backend_reset.get() {
-        ctx.shared.passive.report(&active.live().id, PassiveKind::Reset);
+        ctx.shared
+            .passive
+            .report(&active.live().id, PassiveKind::Reset);
     }
     outcome
 }

@@ -74,6 +74,7 @@ fn status(
     now_ms: i64,
     snap: &RoutingSnapshot,
     node_id: Option<&str>,
+    health: Option<&crate::health::HealthLink>,
 ) -> Value {
     let expired = row_expired(life, ttl, now_ms, node_id);
     let secs_since = |t: Option<i64>| t.map(|t| (now_ms.saturating_sub(t).max(0) / 1000) as u64);
@@ -109,6 +110,8 @@ fn status(
         "heartbeat_pop": life.heartbeat_pop,
         "state": state,
         "active_connections": live.map_or(0, |b| b.active()),
+        // This POP's health view (checks, RTT, circuit); null when off.
+        "health": health.map_or(Value::Null, |h| h.status_json(&rec.id)),
     })
 }
 
@@ -196,6 +199,7 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
         Op::Get(id) => {
             let ttl = reloader.heartbeat_ttl();
             let snap = reloader.handle().load_full();
+            let health = reloader.health().cloned();
             let store = reloader.store_mut();
             let node = store.node_id().map(String::from);
             match store.peek() {
@@ -206,7 +210,10 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                     .zip(&loaded.lifecycle)
                     .find(|(r, _)| r.id == id && !r.deleted)
                     .map(|(r, l)| {
-                        Reply::new(200, status(r, l, ttl, now_ms, &snap, node.as_deref()))
+                        Reply::new(
+                            200,
+                            status(r, l, ttl, now_ms, &snap, node.as_deref(), health.as_ref()),
+                        )
                     })
                     .unwrap_or_else(|| not_found(&id, "backend not found")),
             }
@@ -214,6 +221,7 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
         Op::List => {
             let ttl = reloader.heartbeat_ttl();
             let snap = reloader.handle().load_full();
+            let health = reloader.health().cloned();
             let store = reloader.store_mut();
             let node = store.node_id().map(String::from);
             match store.peek() {
@@ -224,7 +232,9 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                         .iter()
                         .zip(&loaded.lifecycle)
                         .filter(|(r, _)| !r.deleted)
-                        .map(|(r, l)| status(r, l, ttl, now_ms, &snap, node.as_deref()))
+                        .map(|(r, l)| {
+                            status(r, l, ttl, now_ms, &snap, node.as_deref(), health.as_ref())
+                        })
                         .collect();
                     let total = backends.len();
                     Reply::new(200, json!({ "backends": backends, "total": total }))
