@@ -62,8 +62,7 @@ impl Driver {
         let mut tasks: JoinSet<(Arc<str>, CheckOutcome)> = JoinSet::new();
         loop {
             let now = Instant::now();
-            let mut reroute = false;
-            let deadline = {
+            let (transitions, deadline) = {
                 let mut checker = link.checker();
                 checker.on_timers(now);
                 while let Some(order) = checker.poll_check(now) {
@@ -72,19 +71,13 @@ impl Driver {
                         (order.id, outcome)
                     });
                 }
-                let mut transitions = Vec::new();
-                while let Some(t) = checker.poll_transition() {
-                    transitions.push(t);
-                }
-                let deadline = checker.poll_timeout();
-                drop(checker);
-                for t in transitions {
-                    reroute |= t.change.reroutes();
-                    report(&link, &t, hook.as_ref(), &pop);
-                }
-                deadline
+                let transitions: Vec<Transition> =
+                    std::iter::from_fn(|| checker.poll_transition()).collect();
+                (transitions, checker.poll_timeout())
             };
-            if reroute {
+            // Publish first, then tell: what the log and the webhook say is
+            // in effect when they say it.
+            if transitions.iter().any(|t| t.change.reroutes()) {
                 let started = Instant::now();
                 let version = reloader.lock().republish();
                 tracing::debug!(
@@ -92,6 +85,9 @@ impl Driver {
                     took_us = started.elapsed().as_micros() as u64,
                     "routing snapshot republished with the health overlay"
                 );
+            }
+            for t in &transitions {
+                report(&link, t, hook.as_ref(), &pop);
             }
             // A far deadline when nothing is scheduled: wake-ups come from
             // results, events and new snapshots then.

@@ -1,0 +1,443 @@
+//! Health checks, the circuit breaker and per-client rate limits through the
+//! real binary: real backends on loopback, real checks, real clients.
+//!
+//! Timing is read from the proxy's own log lines (each transition is logged
+//! once); the figures printed here (`--nocapture`) are what README's goals
+//! quote. No test asserts speed beyond "faster than the mechanism it must
+//! beat" (e.g. a confirming check must come well before the next interval).
+
+mod common;
+mod health_support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use health_support::*;
+
+const METRICS: &str = "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n";
+
+fn metrics_addr(proxy: &Proxy) -> SocketAddr {
+    let line = proxy
+        .wait_for_log("metrics listening", PATIENCE)
+        .expect("metrics listener");
+    field(&line, "addr").unwrap().parse().unwrap()
+}
+
+/// Waits for the transition log line `needle` about `backend` after `mark`.
+fn wait_event(proxy: &Proxy, mark: usize, needle: &str, backend: &str) -> Option<String> {
+    proxy.wait_for_log_where(
+        mark,
+        |l| l.contains(needle) && field(l, "backend").as_deref() == Some(backend),
+        PATIENCE,
+    )
+}
+
+/// A proxy over `rows` with `extra` TOML. Affinity is off: every test
+/// client comes from 127.0.0.1, and a binding would hide where scoring and
+/// health send a new connection.
+fn proxy_over(tag: &str, rows: &[Row], extra: &str) -> (TempDir, Proxy) {
+    proxy_with_shards(tag, rows, extra, 2)
+}
+
+fn proxy_with_shards(tag: &str, rows: &[Row], extra: &str, shards: u32) -> (TempDir, Proxy) {
+    let dir = TempDir::new(tag);
+    let db = Db::create(dir.join("routing.db"));
+    for r in rows {
+        db.upsert(r);
+    }
+    let text = config(&db.path, &format!("[affinity]\nttl_secs = 0\n{extra}"))
+        .replace("shards = 2", &format!("shards = {shards}"));
+    let proxy = Proxy::with_config(&dir, &text);
+    (dir, proxy)
+}
+
+/// `a` preferred (weight) over `b`, both in app web.
+fn preferred(a: u16, b: u16) -> Vec<Row> {
+    let mut first = Row::new("a", "web", "sa", a);
+    first.weight = 100;
+    vec![first, Row::new("b", "web", "sa", b)]
+}
+
+#[test]
+fn http_500_is_excluded_within_fall_checks_and_back_after_rise() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-http",
+        &preferred(a.port(), b.port()),
+        "[health]\nenabled = true\ntype = \"http\"\npath = \"/health\"\ninterval_ms = 200\n\
+         timeout_ms = 150\nhealthy_threshold = 2\nunhealthy_threshold = 3\n",
+    );
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+
+    let mark = proxy.log_mark();
+    let checks_before = a.health_requests.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = Instant::now();
+    a.health_status
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let line = wait_event(&proxy, mark, "health checks failed", "a").expect("a taken out");
+    let took = t0.elapsed();
+    let checks = a.health_requests.load(std::sync::atomic::Ordering::SeqCst) - checks_before;
+    println!("http 500 → out of rotation after {took:?} and {checks} checks (fall 3 × 200 ms)");
+    assert!(
+        checks >= 3,
+        "out after {checks} failed checks, threshold is 3"
+    );
+    assert!(line.contains("500"), "the reason names the status: {line}");
+
+    // No client reaches "a" while it is out.
+    let clients_before = a.client_requests.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+    }
+    assert_eq!(
+        a.client_requests.load(std::sync::atomic::Ordering::SeqCst),
+        clients_before
+    );
+
+    let mark = proxy.log_mark();
+    a.health_status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    wait_event(&proxy, mark, "health checks pass again", "a").expect("a back");
+    assert!(eventually(PATIENCE, || http_via(addr).as_deref() == Some("a")));
+}
+
+#[test]
+fn a_flapping_backend_does_not_churn_the_snapshot() {
+    let a = HttpBackend::start("a");
+    a.flap.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_dir, proxy) = proxy_over(
+        "health-flap",
+        &[Row::new("a", "web", "sa", a.port())],
+        &format!(
+            "[health]\nenabled = true\ntype = \"http\"\ninterval_ms = 100\ntimeout_ms = 80\n\
+             healthy_threshold = 2\nunhealthy_threshold = 3\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    let version = metric(m, "edgeproxy_routing_snapshot_version", &[]).unwrap();
+    let checks = |n: f64| metric(m, "edgeproxy_health_checks_total", &[]).unwrap() >= n;
+    assert!(eventually(PATIENCE, || checks(20.0)), "checks do not run");
+    let failures = metric(m, "edgeproxy_health_check_failures_total", &[]).unwrap();
+    assert!(
+        failures >= 8.0,
+        "the backend does flap ({failures} failures)"
+    );
+    assert_eq!(
+        metric(m, "edgeproxy_routing_snapshot_version", &[]).unwrap(),
+        version,
+        "no snapshot published while the backend flaps"
+    );
+    assert!(proxy
+        .wait_for_log("health checks failed", Duration::ZERO)
+        .is_none());
+}
+
+#[test]
+fn a_failing_script_takes_the_backend_out_and_a_hanging_one_is_killed() {
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    let dir = TempDir::new("health-script-flags");
+    let flag = dir.join("a-ok");
+    std::fs::write(&flag, "").unwrap();
+    let pids = dir.join("pids");
+    // Healthy while the flag file exists; the backend's port must be in the
+    // script's environment. For "b" it hangs (and records its pid).
+    let command = format!(
+        "echo $$ >> {pids}; if [ \"$EDGEPROXY_BACKEND_ID\" = b ]; then exec sleep 30; fi; \
+         [ \"$EDGEPROXY_BACKEND_PORT\" = {port} ] && test -f {flag}",
+        pids = pids.display(),
+        port = a.port(),
+        flag = flag.display()
+    );
+    let (_d, proxy) = proxy_over(
+        "health-script",
+        &preferred(a.port(), b.port()),
+        &format!(
+            "[health]\nenabled = true\ntype = \"script\"\ncommand = {command:?}\n\
+             interval_ms = 300\ntimeout_ms = 250\nunhealthy_threshold = 2\n"
+        ),
+    );
+    // "b" hangs: killed at the timeout, down after two of them.
+    let line = wait_event(&proxy, 0, "health checks failed", "b").expect("hanging b out");
+    assert!(line.contains("timed out"), "{line}");
+    assert_eq!(which_backend(proxy.addr()), "a");
+    let mark = proxy.log_mark();
+    std::fs::remove_file(&flag).unwrap();
+    let line = wait_event(&proxy, mark, "health checks failed", "a").expect("a out");
+    assert!(line.contains("exited with 1"), "{line}");
+    // Every hanging script was killed: none of the recorded shells is left.
+    let recorded = std::fs::read_to_string(&pids).unwrap();
+    let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(
+        eventually(PATIENCE, || {
+            let n = recorded.lines().filter(|p| alive(p.trim())).count();
+            // The check running right now may still be alive; never more.
+            n <= 1
+        }),
+        "hanging scripts survive their timeout"
+    );
+}
+
+#[test]
+fn a_black_holed_backend_is_detected_by_the_check_timeout() {
+    let hole = Blackhole::start();
+    let live = TagBackend::start("live");
+    let (_dir, proxy) = proxy_over(
+        "health-blackhole",
+        &preferred(hole.addr.port(), live.port()),
+        "[health]\nenabled = true\ninterval_ms = 300\ntimeout_ms = 200\nunhealthy_threshold = 2\n",
+    );
+    let line = wait_event(&proxy, 0, "health checks failed", "a").expect("hole out");
+    assert!(line.contains("timed out after 200 ms"), "{line}");
+    // Out: clients go straight to the live one, no connect timeout paid.
+    let t = Instant::now();
+    assert_eq!(which_backend(proxy.addr()), "live");
+    println!(
+        "client after black-hole detection served in {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_dead_backend_is_out_one_confirming_check_after_the_first_failed_connect() {
+    let mut a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-passive",
+        &preferred(a.port(), b.port()),
+        // A long interval: only the confirming check can be this fast.
+        &format!(
+            "[health]\nenabled = true\ninterval_ms = 60000\ntimeout_ms = 1000\n\
+             unhealthy_threshold = 3\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("a"));
+    a.stop();
+    let mark = proxy.log_mark();
+    let t0 = Instant::now();
+    // The first client fails over to "b" (retry) and reports "a".
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+    wait_event(&proxy, mark, "health checks failed", "a").expect("a out");
+    let took = t0.elapsed();
+    println!("dead backend out of rotation {took:?} after the first failed client connect");
+    assert!(
+        took < Duration::from_secs(30),
+        "not the confirming check: {took:?}"
+    );
+    let failures = |m| {
+        metric(
+            m,
+            "edgeproxy_backend_connect_failures_by_backend_total",
+            &[("backend", "a")],
+        )
+        .unwrap()
+    };
+    let before = failures(m);
+    for _ in 0..30 {
+        assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+    }
+    assert_eq!(
+        failures(m),
+        before,
+        "a client connection was attempted on a"
+    );
+}
+
+#[test]
+fn circuit_opens_half_opens_and_closes_with_real_failures() {
+    let mut a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-circuit",
+        &preferred(a.port(), b.port()),
+        &format!(
+            "[circuit_breaker]\nenabled = true\nfailure_threshold = 2\nsuccess_threshold = 2\n\
+             timeout_ms = 1000\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+    a.stop();
+    let mark = proxy.log_mark();
+    for _ in 0..2 {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+    }
+    wait_event(&proxy, mark, "circuit open", "a").expect("circuit opens");
+    let failures = |m| {
+        metric(
+            m,
+            "edgeproxy_backend_connect_failures_by_backend_total",
+            &[("backend", "a")],
+        )
+        .unwrap()
+    };
+    let while_open = failures(m);
+    a.restart();
+    // Ejected: clients are not sent to "a" even though it is back, until the
+    // ejection ends.
+    let half = proxy.log_mark();
+    let mut served_by_b_while_open = 0;
+    while !wait_event_now(&proxy, half, "circuit half-open", "a") {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+        served_by_b_while_open += 1;
+    }
+    assert_eq!(failures(m), while_open);
+    println!("{served_by_b_while_open} clients served by b while a was ejected");
+    let close = proxy.log_mark();
+    // Half-open: probes reach "a" and succeed; two close the circuit.
+    assert!(eventually(PATIENCE, || {
+        let _ = http_via(addr);
+        wait_event_now(&proxy, close, "circuit closed", "a")
+    }));
+    assert_eq!(
+        metric(m, "edgeproxy_backend_circuit_state", &[("backend", "a")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            m,
+            "edgeproxy_health_transitions_total",
+            &[("event", "circuit_open")]
+        ),
+        Some(1.0)
+    );
+}
+
+fn wait_event_now(proxy: &Proxy, mark: usize, needle: &str, backend: &str) -> bool {
+    proxy
+        .wait_for_log_where(
+            mark,
+            |l| l.contains(needle) && field(l, "backend").as_deref() == Some(backend),
+            Duration::from_millis(50),
+        )
+        .is_some()
+}
+
+#[test]
+fn the_ejection_cap_keeps_part_of_the_pool_in_rotation() {
+    // Four backends that refuse connections and one that works, in one app:
+    // at 50 % at most two may be ejected.
+    let dead: Vec<u16> = (0..4).map(|_| dead_port()).collect();
+    let live = HttpBackend::start("live");
+    let mut rows: Vec<Row> = dead
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let mut r = Row::new(&format!("d{i}"), "web", "sa", p);
+            r.weight = 100;
+            r
+        })
+        .collect();
+    rows.push(Row::new("live", "web", "sa", live.port()));
+    let (_dir, proxy) = proxy_over(
+        "health-cap",
+        &rows,
+        &format!(
+            "[limits]\nconnect_attempts = 5\n[circuit_breaker]\nenabled = true\n\
+             failure_threshold = 1\ntimeout_ms = 60000\nmax_ejection_percent = 50\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    for _ in 0..10 {
+        assert_eq!(http_via(proxy.addr()).as_deref(), Some("live"));
+    }
+    let capped = |n: f64| {
+        metric(
+            m,
+            "edgeproxy_health_transitions_total",
+            &[("event", "ejection_capped")],
+        )
+        .is_some_and(|v| v >= n)
+    };
+    assert!(
+        eventually(PATIENCE, || capped(2.0)),
+        "the cap never held anyone back"
+    );
+    assert_eq!(
+        metric(
+            m,
+            "edgeproxy_health_transitions_total",
+            &[("event", "circuit_open")]
+        ),
+        Some(2.0)
+    );
+    let ejected = (0..4)
+        .filter(|i| {
+            metric(
+                m,
+                "edgeproxy_backend_circuit_state",
+                &[("backend", &format!("d{i}"))],
+            ) == Some(2.0)
+        })
+        .count();
+    assert_eq!(ejected, 2);
+}
+
+#[test]
+fn rate_limit_refuses_the_excess_of_one_client_while_another_is_unaffected() {
+    let a = TagBackend::start("a");
+    // One shard: PROXY-protocol listeners are not steered by client, so
+    // with more shards each would apply the limit on its own.
+    let (_dir, proxy) = proxy_with_shards(
+        "health-rate",
+        &[Row::new("a", "web", "sa", a.port())],
+        &format!(
+            "[rate_limit]\nenabled = true\nmax_requests = 1\n\
+             window_ms = 3600000\nburst = 3\n{METRICS}\n[[listener]]\nname = \"lb\"\n\
+             addr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n"
+        ),
+        1,
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.listener("lb");
+    let via = |ip: &str| connect_with(addr, &proxy_v1(client_at(ip), addr)).0;
+    let served: Vec<bool> = (0..6).map(|_| via("198.51.100.7").is_some()).collect();
+    assert_eq!(served, [true, true, true, false, false, false]);
+    for _ in 0..3 {
+        assert_eq!(
+            via("198.51.100.8").as_deref(),
+            Some("a"),
+            "another client is limited"
+        );
+    }
+    assert_eq!(
+        metric(m, "edgeproxy_client_rate_limited_total", &[]),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn concurrent_cap_per_client_holds_while_connections_are_open() {
+    let a = TagBackend::start("a");
+    let (_dir, proxy) = proxy_with_shards(
+        "health-conncap",
+        &[Row::new("a", "web", "sa", a.port())],
+        &format!(
+            "[rate_limit]\nmax_connections_per_client = 2\n{METRICS}\n[[listener]]\n\
+             name = \"lb\"\naddr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n"
+        ),
+        1,
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.listener("lb");
+    let via = |ip: &str| connect_with(addr, &proxy_v1(client_at(ip), addr));
+    let (first, _held1) = via("198.51.100.7");
+    let (second, _held2) = via("198.51.100.7");
+    assert_eq!(
+        (first.as_deref(), second.as_deref()),
+        (Some("a"), Some("a"))
+    );
+    assert_eq!(via("198.51.100.7").0, None, "a third open connection");
+    assert_eq!(via("198.51.100.9").0.as_deref(), Some("a"));
+    assert_eq!(
+        metric(m, "edgeproxy_client_connection_limited_total", &[]),
+        Some(1.0)
+    );
+    drop(_held1);
+    assert!(eventually(PATIENCE, || via("198.51.100.7").0.is_some()));
+}
