@@ -28,7 +28,9 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count()
 }
 
 #[test]
@@ -106,7 +108,10 @@ fn ten_thousand_backends_checked_every_five_seconds() {
          over {secs:.1} s, {} threads, {failures} failed checks",
         threads(pid)
     );
-    assert!(rate > BACKENDS as f64 / 5.0 * 0.8, "not every backend is checked: {rate}/s");
+    assert!(
+        rate > BACKENDS as f64 / 5.0 * 0.8,
+        "not every backend is checked: {rate}/s"
+    );
     assert!(threads(pid) < 16, "a thread per check?");
     drop(rt);
 }

@@ -111,7 +111,7 @@ fn serve(
     let code = if line.starts_with("GET /health ") {
         let n = health.fetch_add(1, SeqCst);
         if flap.load(SeqCst) {
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 500
             } else {
                 200

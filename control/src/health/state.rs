@@ -218,9 +218,7 @@ impl BackendHealth {
         circuit: Option<&CircuitParams>,
         may_eject: bool,
     ) -> Option<Change> {
-        let Some(p) = circuit else {
-            return None;
-        };
+        let p = circuit?;
         match self.circuit {
             CircuitState::Closed => {
                 if !failure {
