@@ -60,16 +60,21 @@ impl Driver {
         let mut app_settings: HashMap<Arc<str>, Arc<CheckSettings>> = HashMap::new();
         refresh_targets(&link, &snapshots, &health, &mut app_settings);
         let mut tasks: JoinSet<(Arc<str>, CheckOutcome)> = JoinSet::new();
+        // Which backend each task checks, so a check that panicked still
+        // comes back to the checker (as a failure) and frees its slot.
+        let mut checking: HashMap<tokio::task::Id, Arc<str>> = HashMap::new();
         loop {
             let now = Instant::now();
             let (transitions, deadline) = {
                 let mut checker = link.checker();
                 checker.on_timers(now);
                 while let Some(order) = checker.poll_check(now) {
-                    tasks.spawn(async move {
+                    let id = Arc::clone(&order.id);
+                    let task = tasks.spawn(async move {
                         let outcome = probe::run(&order).await;
                         (order.id, outcome)
                     });
+                    checking.insert(task.id(), id);
                 }
                 let transitions: Vec<Transition> =
                     std::iter::from_fn(|| checker.poll_transition()).collect();
@@ -93,15 +98,31 @@ impl Driver {
             // results, events and new snapshots then.
             let deadline = deadline.unwrap_or_else(|| now + Duration::from_secs(3600));
             tokio::select! {
-                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     let now = Instant::now();
                     let mut checker = link.checker();
-                    if let Ok((id, outcome)) = done {
-                        checker.on_result(now, &id, outcome);
-                    }
+                    let mut finish = |done: Result<(tokio::task::Id, (Arc<str>, CheckOutcome)), tokio::task::JoinError>| {
+                        match done {
+                            Ok((task, (id, outcome))) => {
+                                checking.remove(&task);
+                                checker.on_result(now, &id, outcome);
+                            }
+                            Err(e) => {
+                                if let Some(id) = checking.remove(&e.id()) {
+                                    tracing::error!(backend = %id, error = %e, "health check task failed");
+                                    checker.on_result(now, &id, CheckOutcome {
+                                        ok: false,
+                                        rtt: Duration::ZERO,
+                                        error: Some(format!("check failed to run: {e}")),
+                                    });
+                                }
+                            }
+                        }
+                    };
+                    finish(done);
                     // Collect whatever else finished meanwhile in one go.
-                    while let Some(Ok((id, outcome))) = tasks.try_join_next() {
-                        checker.on_result(now, &id, outcome);
+                    while let Some(done) = tasks.try_join_next_with_id() {
+                        finish(done);
                     }
                 }
                 event = next_event(&mut events) => match event {
