@@ -450,3 +450,104 @@ fn concurrent_cap_per_client_holds_while_connections_are_open() {
     drop(_held1);
     assert!(eventually(PATIENCE, || via("198.51.100.7").0.is_some()));
 }
+
+/// POSTs `body` to the discovery API at `api` (no token: loopback only).
+fn post_json(api: SocketAddr, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let mut resp = agent
+        .post(format!("http://{api}{path}"))
+        .content_type("application/json")
+        .send(body.to_string())
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+fn get_json(api: SocketAddr, path: &str) -> serde_json::Value {
+    let mut resp = ureq::get(format!("http://{api}{path}")).call().unwrap();
+    serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap()
+}
+
+#[test]
+fn a_backend_registers_with_its_own_check_and_the_api_shows_its_health() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    // Checks are off globally; only the backend's own settings turn them on.
+    let (_dir, proxy) = proxy_over(
+        "health-api",
+        &[],
+        "[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+    );
+    let line = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    let api: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+    let register = |id: &str, port: u16, weight: i64, check: serde_json::Value| {
+        let body = serde_json::json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1",
+            "port": port, "weight": weight, "health_check": check});
+        post_json(api, "/api/v1/register", &body)
+    };
+    // Bad settings are refused, naming the field.
+    let (status, reply) = register("a", a.port(), 100, serde_json::json!({"type": "icmp"}));
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().starts_with("health_check"),
+        "{reply}"
+    );
+    let check = serde_json::json!({"type": "http", "path": "/health", "interval_ms": 200,
+        "timeout_ms": 150, "unhealthy_threshold": 2, "healthy_threshold": 1});
+    assert_eq!(register("a", a.port(), 100, check).0, 201);
+    assert_eq!(register("b", b.port(), 1, serde_json::Value::Null).0, 201);
+    assert!(eventually(PATIENCE, || http_via(proxy.addr()).as_deref() == Some("a")));
+    // A check passed: its RTT is shown.
+    assert!(eventually(PATIENCE, || get_json(api, "/api/v1/backends/a")
+        ["health"]["rtt_ms"]
+        .as_f64()
+        .is_some_and(|ms| ms > 0.0)));
+
+    let mark = proxy.log_mark();
+    a.health_status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a out; proxy log:\n{}", proxy.log_text()));
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+    let h = &get_json(api, "/api/v1/backends/a")["health"];
+    assert_eq!(h["state"], "down", "{h}");
+    assert_eq!(h["checks"], "http");
+    assert_eq!(h["circuit"], "closed");
+    assert!(h["consecutive_failures"].as_u64().unwrap() >= 2, "{h}");
+    assert_eq!(h["last_check"]["ok"], false);
+    assert!(
+        h["last_check"]["error"].as_str().unwrap().contains("503"),
+        "{h}"
+    );
+    assert!(
+        h["rtt_ms"].as_f64().unwrap() > 0.0,
+        "the last RTT average stays: {h}"
+    );
+    // The operator's flag in routing.db is untouched: health is local.
+    let conn = rusqlite::Connection::open(_dir.join("routing.db")).unwrap();
+    let healthy: i64 = conn
+        .query_row("SELECT healthy FROM backends WHERE id = 'a'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(healthy, 1);
+    // "b" has no check of its own and none from its app.
+    let hb = &get_json(api, "/api/v1/backends/b")["health"];
+    assert_eq!(hb["checks"], serde_json::Value::Null, "{hb}");
+    assert_eq!(hb["state"], "up");
+
+    // The CLI shows the same.
+    let (status, out, err) = run_to_end(
+        &["backends", "list", "--api", &format!("http://{api}")],
+        &[],
+    );
+    assert!(status.success(), "{err}");
+    let row = out.lines().find(|l| l.starts_with("a ")).unwrap();
+    assert!(row.contains("down") && row.contains("closed"), "{out}");
+    assert!(out.lines().next().unwrap().contains("HEALTH"), "{out}");
+}

@@ -78,13 +78,15 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     )?;
     // Health checks and the circuit breaker: their state weighs on every
     // snapshot from now on (see `health`); the driver starts on the control
-    // runtime below. Without either, shards' passive events go nowhere.
-    let health = (config.health.any_enabled() || config.circuit_breaker.enabled).then(|| {
+    // runtime below. It always runs: a backend may register with a check of
+    // its own while checks are off for its app, and with nothing to check
+    // it only waits.
+    let health = Some({
         let link = crate::health::HealthLink::new(&config.health, &config.circuit_breaker);
         reloader.lock().set_health(link.clone());
         link
     });
-    let passive_events = engine.take_passive_events().filter(|_| health.is_some());
+    let passive_events = engine.take_passive_events();
     for l in engine.listeners() {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");

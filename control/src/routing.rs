@@ -316,6 +316,7 @@ impl RoutingReloader {
         );
         self.last_records.clone_from(&loaded.records);
         if let Some(health) = &self.health {
+            health.set_backend_checks(&loaded.records, &loaded.health_checks);
             health.apply(&mut loaded.records);
         }
         let mut built = self.builder.build(&loaded.records);

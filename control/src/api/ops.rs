@@ -20,7 +20,9 @@ use crate::store::{Lifecycle, Registered};
 /// One API call, validated.
 #[derive(Debug)]
 pub enum Op {
-    Register(BackendRecord),
+    /// A registration, with the backend's own health-check settings (JSON
+    /// text) when it sent some.
+    Register(BackendRecord, Option<String>),
     Heartbeat(String),
     Drain(String),
     Deregister(String),
@@ -138,24 +140,36 @@ fn not_found(id: &str, reason: &str) -> Reply {
 pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
     let now_ms = unix_ms(now);
     match op {
-        Op::Register(rec) => match reloader.store_mut().register(&rec, now_ms) {
-            Err(e) => store_failed(&e),
-            Ok(outcome) => {
-                reloader.reload_at(now);
-                let updated = outcome == Registered::Updated;
-                tracing::info!(backend = %rec.id, app = %rec.app, region = %rec.region,
+        Op::Register(rec, check) => {
+            match reloader
+                .store_mut()
+                .register(&rec, now_ms)
+                .and_then(|outcome| {
+                    // A registration states the backend's whole wish: no check
+                    // settings in it clears earlier ones.
+                    reloader
+                        .store_mut()
+                        .set_health_check(&rec.id, check.as_deref())?;
+                    Ok(outcome)
+                }) {
+                Err(e) => store_failed(&e),
+                Ok(outcome) => {
+                    reloader.reload_at(now);
+                    let updated = outcome == Registered::Updated;
+                    tracing::info!(backend = %rec.id, app = %rec.app, region = %rec.region,
                     addr = %addr_of(&rec), updated, "backend registered");
-                let message = if updated {
-                    "Backend updated successfully"
-                } else {
-                    "Backend registered successfully"
-                };
-                Reply::new(
-                    201,
-                    json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
-                )
+                    let message = if updated {
+                        "Backend updated successfully"
+                    } else {
+                        "Backend registered successfully"
+                    };
+                    Reply::new(
+                        201,
+                        json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
+                    )
+                }
             }
-        },
+        }
         Op::Heartbeat(id) => {
             // Routing changes only if the backend was expired: then publish
             // at once. (One that expired since the last reload is still
@@ -259,7 +273,10 @@ mod tests {
     fn registration(id: &str, port: u16) -> Op {
         let body =
             format!(r#"{{"id":"{id}","app":"web","region":"eu","ip":"127.0.0.1","port":{port}}}"#);
-        Op::Register(super::super::validate::registration(body.as_bytes()).unwrap())
+        Op::Register(
+            super::super::validate::registration(body.as_bytes()).unwrap(),
+            None,
+        )
     }
 
     fn routed_healthy(r: &RoutingReloader, id: &str) -> Option<bool> {

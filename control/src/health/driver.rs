@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 
 use super::config::Health;
 use super::core::{Target, Transition};
-use super::spec::CheckSettings;
+use super::spec::{CheckOverride, CheckSettings};
 use super::state::{Change, CheckOutcome};
 use super::webhook::{self, Webhook};
 use super::{probe, HealthLink};
@@ -168,6 +168,7 @@ fn refresh_targets(
     app_settings: &mut HashMap<Arc<str>, Arc<CheckSettings>>,
 ) {
     let snap = snapshots.load_full();
+    let backend_checks = link.backend_checks();
     let targets = snap
         .backends
         .iter()
@@ -175,7 +176,10 @@ fn refresh_targets(
             let app = app_settings
                 .entry(Arc::clone(&b.app))
                 .or_insert_with(|| Arc::new(health.for_app(&b.app)));
-            let settings = Arc::clone(app);
+            let settings = match backend_checks.get(&*b.id) {
+                None => Arc::clone(app),
+                Some(layer) => Arc::new(backend_layer(app, layer, &b.id)),
+            };
             Target {
                 id: Arc::clone(&b.id),
                 app: Arc::clone(&b.app),
@@ -186,6 +190,21 @@ fn refresh_targets(
         })
         .collect();
     link.checker().set_targets(Instant::now(), targets);
+}
+
+/// A backend's own check settings over its app's. A registration that
+/// carries a check asks for it, so `enabled` defaults to true there.
+/// Settings that do not fit (an app layer made them invalid) fall back to
+/// the app's, with a warning.
+fn backend_layer(app: &CheckSettings, layer: &CheckOverride, id: &str) -> CheckSettings {
+    let mut layer = layer.clone();
+    layer.enabled.get_or_insert(true);
+    app.layered(&layer, &format!("backend {id}'s health_check"))
+        .unwrap_or_else(|e| {
+            tracing::warn!(backend = %id, error = %e,
+                "ignoring the backend's own health check settings");
+            app.clone()
+        })
 }
 
 /// Logs, counts and posts one transition.

@@ -38,7 +38,11 @@ pub mod webhook;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::collections::HashMap;
+
 use engine::snapshot::BackendRecord;
+
+use self::spec::CheckOverride;
 
 pub use self::core::{Checker, CheckerParams};
 use self::state::{Change, CircuitParams};
@@ -66,6 +70,8 @@ struct Inner {
     passive_events: AtomicU64,
     active_checks_enabled: bool,
     circuit_enabled: bool,
+    /// Backends' own check settings from the registration API, by id.
+    backend_checks: Mutex<Arc<HashMap<String, CheckOverride>>>,
 }
 
 impl HealthLink {
@@ -91,6 +97,7 @@ impl HealthLink {
             passive_events: AtomicU64::new(0),
             active_checks_enabled: health.any_enabled(),
             circuit_enabled: circuit.enabled,
+            backend_checks: Mutex::default(),
         }))
     }
 
@@ -106,6 +113,41 @@ impl HealthLink {
     /// Applies the health overlay to records about to become a snapshot.
     pub fn apply(&self, records: &mut [BackendRecord]) {
         self.checker().apply(records);
+    }
+
+    /// Records the backends' own check settings as read from the store
+    /// (`checks[i]` belongs to `records[i]`). Settings that do not parse
+    /// (written by hand) are logged and ignored: the app's apply.
+    pub fn set_backend_checks(&self, records: &[BackendRecord], checks: &[Option<String>]) {
+        let mut map = HashMap::new();
+        for (rec, check) in records.iter().zip(checks) {
+            let Some(text) = check.as_deref().filter(|_| !rec.deleted) else {
+                continue;
+            };
+            match serde_json::from_str::<CheckOverride>(text) {
+                Ok(layer) => {
+                    map.insert(rec.id.clone(), layer);
+                }
+                Err(e) => tracing::warn!(backend = %rec.id, error = %e,
+                    "ignoring the backend's stored health_check settings"),
+            }
+        }
+        *self
+            .0
+            .backend_checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
+    }
+
+    /// The backends' own check settings, by id.
+    pub fn backend_checks(&self) -> Arc<HashMap<String, CheckOverride>> {
+        Arc::clone(
+            &self
+                .0
+                .backend_checks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// A snapshot with `version` was published.
