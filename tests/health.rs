@@ -551,3 +551,27 @@ fn a_backend_registers_with_its_own_check_and_the_api_shows_its_health() {
     assert!(row.contains("down") && row.contains("closed"), "{out}");
     assert!(out.lines().next().unwrap().contains("HEALTH"), "{out}");
 }
+
+#[test]
+fn a_backend_that_resets_its_connections_is_ejected() {
+    // Accepts, waits for the client's first bytes, then resets.
+    let resetting = custom_backend(|mut s| {
+        let mut buf = [0u8; 64];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-reset",
+        &preferred(resetting.port(), b.port()),
+        "[circuit_breaker]\nenabled = true\nfailure_threshold = 2\ntimeout_ms = 60000\n",
+    );
+    let mark = proxy.log_mark();
+    for _ in 0..2 {
+        // Served by nobody: the backend reset the connection.
+        assert_eq!(http_via(proxy.addr()), None);
+    }
+    wait_event(&proxy, mark, "circuit open", "a")
+        .unwrap_or_else(|| panic!("resets eject a; proxy log:\n{}", proxy.log_text()));
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+}

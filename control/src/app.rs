@@ -81,11 +81,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // runtime below. It always runs: a backend may register with a check of
     // its own while checks are off for its app, and with nothing to check
     // it only waits.
-    let health = Some({
-        let link = crate::health::HealthLink::new(&config.health, &config.circuit_breaker);
-        reloader.lock().set_health(link.clone());
-        link
-    });
+    let health = crate::health::HealthLink::new(&config.health, &config.circuit_breaker);
+    reloader.lock().set_health(health.clone());
     let passive_events = engine.take_passive_events();
     for l in engine.listeners() {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
@@ -116,7 +113,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
-            health: health.clone(),
+            health: Some(health.clone()),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -132,25 +129,23 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
     }
-    if let Some(link) = &health {
-        runtime.spawn(
-            crate::health::driver::Driver {
-                link: link.clone(),
-                snapshots: snapshot.clone(),
-                reloader: reloader.clone(),
-                events: passive_events,
-                health: config.health.clone(),
-                pop: config.pop.name.clone(),
-            }
-            .run(),
-        );
-        tracing::info!(
-            active_checks = link.active_checks_enabled(),
-            circuit_breaker = link.circuit_enabled(),
-            max_concurrent = config.health.max_concurrent,
-            "health checking started"
-        );
-    }
+    runtime.spawn(
+        crate::health::driver::Driver {
+            link: health.clone(),
+            snapshots: snapshot.clone(),
+            reloader: reloader.clone(),
+            events: passive_events,
+            health: config.health.clone(),
+            pop: config.pop.name.clone(),
+        }
+        .run(),
+    );
+    tracing::info!(
+        active_checks = health.active_checks_enabled(),
+        circuit_breaker = health.circuit_enabled(),
+        max_concurrent = config.health.max_concurrent,
+        "health checker started"
+    );
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
     tracing::info!(

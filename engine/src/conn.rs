@@ -200,9 +200,6 @@ async fn serve_inner(
         let (error, kind) = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
-                if live.successes_watched() {
-                    ctx.shared.passive.report(&live.id, PassiveKind::Success);
-                }
                 break (stream, live);
             }
             Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed),
@@ -256,14 +253,20 @@ async fn serve_inner(
                 &backend,
                 knobs.idle_timeout,
                 buffer_len,
+                &backend_reset,
             ))
             .await
         }
     };
+    // The backend's part in this connection, for its circuit breaker: a
+    // connect that succeeded and was then reset is a failure, not a success,
+    // so a success is only told once the connection ended without a reset
+    // from the backend (and only while the control side listens for them).
+    let live = active.live();
     if backend_reset.get() {
-        ctx.shared
-            .passive
-            .report(&active.live().id, PassiveKind::Reset);
+        ctx.shared.passive.report(&live.id, PassiveKind::Reset);
+    } else if live.successes_watched() {
+        ctx.shared.passive.report(&live.id, PassiveKind::Success);
     }
     outcome
 }
@@ -370,6 +373,7 @@ async fn splice_tls(
     backend: &TcpStream,
     idle: Duration,
     buffer_len: usize,
+    backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
     let activity = Cell::new(Instant::now());
     let up = session.pump_up(
@@ -385,6 +389,7 @@ async fn splice_tls(
         &activity,
         buffer_len,
         &ctx.stats.bytes_backend_to_client,
+        backend_reset,
     );
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome

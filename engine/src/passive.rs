@@ -1,7 +1,7 @@
 //! Passive health events: what shards see of a backend while serving
 //! clients (a connect that failed or timed out, a reset in the middle of a
-//! connection, a success while the control side is watching), reported to
-//! the control side's health checker.
+//! connection, a connection that ended cleanly while the control side is
+//! watching), reported to the control side's health checker.
 //!
 //! # Contract
 //!
@@ -35,7 +35,8 @@ pub enum PassiveKind {
     ConnectTimeout,
     /// The backend reset an established connection.
     Reset,
-    /// A connect succeeded (reported only while the backend is watched).
+    /// A connection ended without a reset from the backend (reported only
+    /// while the backend is watched).
     Success,
 }
 

@@ -72,8 +72,8 @@ pub struct BackendLive {
     /// check, read by scoring when an RTT weight is set: it changes without
     /// a new snapshot.
     pub rtt_us: AtomicU32,
-    /// Set by the control side while it needs to hear about successful
-    /// connects to this backend (after a failure, while its circuit is
+    /// Set by the control side while it needs to hear about connections to
+    /// this backend that ended well (after a failure, while its circuit is
     /// half-open); shards report successes only then, so a healthy backend
     /// costs the passive channel nothing.
     pub watch_successes: AtomicBool,
@@ -93,7 +93,7 @@ impl BackendLive {
         self.rtt_us.store(rtt_us, Ordering::Relaxed);
     }
 
-    /// Whether shards should report successful connects (see
+    /// Whether shards should report connections that ended well (see
     /// [`BackendLive::watch_successes`]).
     pub fn successes_watched(&self) -> bool {
         self.watch_successes.load(Ordering::Relaxed)

@@ -179,6 +179,8 @@ impl HealthLink {
         self.0.passive_events.load(Ordering::Relaxed)
     }
 
+    /// Checks are on globally or for some app (a backend's own settings may
+    /// turn them on for it besides).
     pub fn active_checks_enabled(&self) -> bool {
         self.0.active_checks_enabled
     }
