@@ -73,17 +73,7 @@ fn ten_thousand_backends_checked_every_five_seconds() {
     );
     let line = proxy.wait_for_log("metrics listening", PATIENCE).unwrap();
     let metrics: std::net::SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
-    let checks = || {
-        let mut s = std::net::TcpStream::connect(metrics).unwrap();
-        use std::io::{Read, Write};
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut all = String::new();
-        s.read_to_string(&mut all).unwrap();
-        all.lines()
-            .find_map(|l| l.strip_prefix("edgeproxy_health_checks_total "))
-            .map(|v| v.trim().parse::<f64>().unwrap())
-            .unwrap_or(0.0)
-    };
+    let checks = || scrape(metrics, "edgeproxy_health_checks_total");
     // The first interval spreads the first checks; measure after it.
     std::thread::sleep(Duration::from_secs(6));
     let pid = proxy.pid();
@@ -96,17 +86,7 @@ fn ten_thousand_backends_checked_every_five_seconds() {
     let (user, system) = (pct(c1.0 - c0.0), pct(c1.1 - c0.1));
     let share = user + system;
     let rate = (n1 - n0) / secs;
-    let failures = {
-        let mut s = std::net::TcpStream::connect(metrics).unwrap();
-        use std::io::{Read, Write};
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut all = String::new();
-        s.read_to_string(&mut all).unwrap();
-        all.lines()
-            .find_map(|l| l.strip_prefix("edgeproxy_health_check_failures_total "))
-            .map(|v| v.trim().parse::<f64>().unwrap())
-            .unwrap_or(0.0)
-    };
+    let failures = scrape(metrics, "edgeproxy_health_check_failures_total");
     // The baseline, in the same run: the kernel's own cost of as many
     // loopback connects (handshake + reset) at the same rate, from one bare
     // thread of this process. On loopback both ends of each handshake are
@@ -162,4 +142,18 @@ fn bare_connects(ports: &[u16], rate: f64, span: Duration) -> f64 {
     })
     .join()
     .unwrap()
+}
+
+/// The value of an unlabelled metric from the proxy's `/metrics` (0 when
+/// absent).
+fn scrape(metrics: std::net::SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    all.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse::<f64>().unwrap())
+        .unwrap_or(0.0)
 }

@@ -145,40 +145,6 @@ pub fn http_via(proxy: SocketAddr) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-/// A listener whose accept queue is full and never drained: SYNs to it are
-/// dropped, so a connect hangs until the connector gives up.
-pub struct Blackhole {
-    pub addr: SocketAddr,
-    _listener: Socket,
-    _queued: Vec<Socket>,
-}
-
-impl Blackhole {
-    pub fn start() -> Blackhole {
-        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        listener
-            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
-        listener.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
-        let queued = (0..2)
-            .map(|_| {
-                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-                s.set_nonblocking(true).unwrap();
-                let _ = s.connect(&addr.into());
-                s
-            })
-            .collect();
-        let check = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
-        assert!(check.is_err(), "the blackhole accepted a connection");
-        Blackhole {
-            addr,
-            _listener: listener,
-            _queued: queued,
-        }
-    }
-}
-
 /// The value of the first sample of `metric` whose labels include all of
 /// `labels`, from the proxy's `/metrics`.
 pub fn metric(metrics: SocketAddr, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
