@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
+use crate::config_env::{env_bool, env_parse, invalid, ser_ms, ConfigError, Env};
 
 pub mod defaults {
     pub const MAX_REQUESTS: u32 = 100;
@@ -41,10 +41,6 @@ pub struct RateLimit {
     pub max_connections_per_client: u32,
     /// Client IPs each shard tracks at once (bounded memory).
     pub tracked_clients: usize,
-}
-
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
 }
 
 impl RateLimit {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::spec::{CheckKind, CheckOverride, CheckSettings};
-use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
+use crate::config_env::{env_bool, env_parse, invalid, ser_ms, ConfigError, Env};
 
 /// Defaults and bounds not shared with the check settings.
 pub mod defaults {
@@ -128,10 +128,6 @@ impl Default for Circuit {
             max_ejection_percent: defaults::MAX_EJECTION_PERCENT,
         }
     }
-}
-
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
 }
 
 fn ser_settings<S: serde::Serializer>(c: &CheckSettings, s: S) -> Result<S::Ok, S::Error> {
