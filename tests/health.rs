@@ -575,3 +575,69 @@ fn a_backend_that_resets_its_connections_is_ejected() {
         .unwrap_or_else(|| panic!("resets eject a; proxy log:\n{}", proxy.log_text()));
     assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
 }
+
+/// A receiver for the transition webhook: every request's body, in order.
+fn webhook_receiver() -> (SocketAddr, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+            if request_line.starts_with("POST /hooks/health ") {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    let _ = tx.send(v);
+                }
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn each_transition_is_posted_to_the_webhook() {
+    let (hook, events) = webhook_receiver();
+    let live = HttpBackend::start("live");
+    // A backend that refuses connections: its first checks fail.
+    let dead = dead_port();
+    let (_dir, _proxy) = proxy_over(
+        "health-webhook",
+        &preferred(dead, live.port()),
+        &format!(
+            "[health]\nenabled = true\ntype = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\n\
+             healthy_threshold = 2\nunhealthy_threshold = 2\nwebhook_url = \"http://{hook}/hooks/health\"\n"
+        ),
+    );
+    let event = events
+        .recv_timeout(PATIENCE)
+        .expect("no webhook POST for the dead backend");
+    assert_eq!(event["backend"], "a", "{event}");
+    assert_eq!(event["event"], "down", "{event}");
+    assert_eq!(event["app"], "web", "{event}");
+    assert!(event["at_unix_ms"].as_u64().is_some(), "{event}");
+    // The live backend never transitions: no event names it.
+    while let Ok(more) = events.recv_timeout(Duration::from_secs(2)) {
+        assert_ne!(more["backend"], "b", "{more}");
+    }
+}
