@@ -141,12 +141,53 @@ fn help_explains_commands_and_config_option() {
 
 #[test]
 fn version_prints_the_package_version() {
-    let (status, stdout, _) = run_to_end(&["--version"], &[]);
+    // -V: the one-line version, for scripts.
+    let (status, stdout, _) = run_to_end(&["-V"], &[]);
     assert!(status.success());
     assert_eq!(
         stdout.trim(),
         format!("edgeproxy {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// `--version` says which commit the binary is built from and what it can
+/// do, like `haproxy -vv`: what a bug report or a POP inventory needs.
+#[test]
+fn long_version_names_the_commit_and_the_features() {
+    let (status, stdout, stderr) = run_to_end(&["--version"], &[]);
+    assert!(status.success(), "{stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("edgeproxy {}", env!("CARGO_PKG_VERSION")).as_str()),
+        "{stdout}"
+    );
+    // The commit of this source tree (cargo rebuilds when HEAD moves), or
+    // `unknown` when it is not a git checkout.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let commit = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("commit: "))
+        .unwrap_or_else(|| panic!("no commit line:\n{stdout}"));
+    assert!(commit.starts_with(&head), "{commit} is not {head}");
+    assert!(stdout.contains("\nbuilt: "), "{stdout}");
+    for feature in [
+        "io_uring",
+        "tls",
+        "splice",
+        "proxy-protocol",
+        "sqlite 3.",
+        "json",
+    ] {
+        assert!(stdout.contains(feature), "{feature} missing:\n{stdout}");
+    }
 }
 
 #[test]

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "edgeproxy",
     version,
+    long_version = crate::version::long(),
     about = "Edge TCP proxy for Points of Presence",
     long_about = "Edge TCP proxy for Points of Presence.\n\n\
         Proxies TCP connections to the best backend in the routing table \
