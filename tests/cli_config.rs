@@ -270,14 +270,51 @@ fn environment_overrides_show_in_check_config() {
     assert_eq!(get(&t, "demo.backends").as_integer(), Some(0));
 }
 
+/// A TOML error as the parser lays it out: the error line naming the file,
+/// then the offending source line with a caret under the column, on lines of
+/// their own. Returns stderr.
+fn assert_parse_error(
+    what: &str,
+    (status, stdout, stderr): (ExitStatus, String, String),
+    source_line: &str,
+    needles: &[&str],
+) -> String {
+    assert!(!status.success(), "{what}: exit {status}, expected failure");
+    assert_eq!(stdout.trim(), "", "{what}: unexpected stdout");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines[0].starts_with("edgeproxy: error: invalid config file"),
+        "{what}:\n{stderr}"
+    );
+    // The source line is quoted on a line of its own (`N | text`), and the
+    // next line points at the column with carets.
+    let at = lines
+        .iter()
+        .position(|l| l.contains(" | ") && l.ends_with(source_line))
+        .unwrap_or_else(|| panic!("{what}: source line not quoted:\n{stderr}"));
+    let caret = lines.get(at + 1).copied().unwrap_or_default();
+    assert!(
+        caret.trim_end().ends_with('^'),
+        "{what}: no caret:\n{stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{what}: {needle:?} missing:\n{stderr}"
+        );
+    }
+    stderr
+}
+
 #[test]
 fn unknown_key_is_named() {
     let dir = TempDir::new("unknown");
     let path = write_config(&dir, "[limits]\nmax_conections = 5\n");
-    assert_one_error(
+    assert_parse_error(
         "unknown key",
         check_config(&path, &[]),
-        &["max_conections", "unknown field"],
+        "max_conections = 5",
+        &["max_conections", "unknown field", "line 2"],
     );
 }
 
@@ -285,10 +322,41 @@ fn unknown_key_is_named() {
 fn wrong_type_is_named() {
     let dir = TempDir::new("type");
     let path = write_config(&dir, "[limits]\nconnect_timeout_ms = \"fast\"\n");
-    assert_one_error(
+    assert_parse_error(
         "wrong type",
         check_config(&path, &[]),
+        "connect_timeout_ms = \"fast\"",
         &["connect_timeout_ms", "invalid type"],
+    );
+}
+
+/// A syntax error keeps the parser's multi-line diagram (it used to be
+/// squashed onto one line with ` | ` separators), for `check-config` and
+/// for `run` alike.
+#[test]
+fn toml_syntax_errors_keep_the_parsers_layout() {
+    let dir = TempDir::new("syntax");
+    let path = write_config(
+        &dir,
+        "[pop]\nregion = \"sa\"\n[limits\nmax_connections = 5\n",
+    );
+    let stderr = assert_parse_error(
+        "syntax error",
+        check_config(&path, &[]),
+        "[limits",
+        &["line 3", &path],
+    );
+    assert!(stderr.lines().count() >= 4, "{stderr}");
+    let mut proxy = Proxy::spawn(&["--config", &path], &[]);
+    let status = proxy
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("proxy started:\n{}", proxy.log_text()));
+    proxy.wait_for_log("edgeproxy: error", Duration::from_secs(5));
+    assert_parse_error(
+        "run with a syntax error",
+        (status, String::new(), proxy.log_text()),
+        "[limits",
+        &["line 3"],
     );
 }
 

@@ -468,9 +468,11 @@ pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
 }
 
 pub fn parse_toml(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    // The parser's own layout (line, source excerpt, caret under the
+    // column) only reads on several lines: keep its newlines.
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string().trim_end().replace('\n', " | "),
+        message: e.to_string().trim_end().to_string(),
     })
 }
 
