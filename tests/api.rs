@@ -332,7 +332,8 @@ fn registrations_survive_a_restart_and_update_in_place() {
     let body = json!({"id": "b1", "app": "web", "region": "sa", "ip": "127.0.0.1",
         "port": b1_new.port(), "weight": 7});
     let (status, reply) = api.call("POST", "/api/v1/register", Some(&body.to_string()));
-    assert_eq!((status, &reply["updated"]), (201, &json!(true)), "{reply}");
+    // An update is a 200, not a 201: nothing was created.
+    assert_eq!((status, &reply["updated"]), (200, &json!(true)), "{reply}");
     assert_eq!(which_backend(api.proxy.addr()), "b1-new");
     let after = api.state("b1");
     assert_eq!(after["weight"], 7);
@@ -370,7 +371,13 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         (without("id"), "id"),
         (with("id", json!("")), "id"),
         (with("id", json!("a/b")), "id"),
+        // Ids and apps are DNS labels (`<id>.<app>.internal`): a dot would
+        // be routed but invisible in DNS.
+        (with("id", json!("api.v2")), "id"),
+        (with("id", json!("B1")), "id"),
         (without("app"), "app"),
+        (with("app", json!("Web App")), "app"),
+        (with("app", json!("api.v2")), "app"),
         (without("region"), "region"),
         (with("country", json!("Germany")), "country"),
         (without("ip"), "ip"),
@@ -422,6 +429,49 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         );
     }
     assert_eq!(api.call("GET", "/api/v1/nothing-here", None).0, 404);
+
+    // A known path with the wrong method: 405 with a JSON body like every
+    // other error, and the methods it takes in `Allow`.
+    for (method, path, allow) in [
+        ("GET", "/api/v1/register", "POST"),
+        ("DELETE", "/api/v1/register", "POST"),
+        ("POST", "/api/v1/backends", "GET"),
+        ("GET", "/api/v1/heartbeat/keep", "POST"),
+    ] {
+        let req = ureq::http::Request::builder()
+            .method(method)
+            .uri(api.url(path))
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .body(())
+            .unwrap();
+        let mut resp = api.agent.run(req).unwrap();
+        assert_eq!(resp.status().as_u16(), 405, "{method} {path}");
+        let allowed = resp
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert!(
+            allowed.as_deref().is_some_and(|a| a.contains(allow)),
+            "{method} {path}: Allow {allowed:?}"
+        );
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap())
+            .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON: {e}"));
+        assert_eq!(
+            body,
+            json!({"error": "method not allowed"}),
+            "{method} {path}"
+        );
+    }
 
     assert_eq!(dump(&api.db), before, "routing.db unchanged");
     assert_eq!(api.state("keep")["state"], "serving");

@@ -65,8 +65,10 @@ pub enum Action {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// Backend id (letters, digits and - _ . :).
+    /// Backend id: one DNS label (lower-case letters, digits, hyphens; served
+    /// as <id>.<app>.internal).
     pub id: String,
+    /// App name: one DNS label, like the id.
     #[arg(long)]
     pub app: String,
     /// Region code, e.g. sa, us, eu, ap.

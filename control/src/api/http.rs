@@ -72,6 +72,9 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends/{id}", get(get_one).delete(deregister))
         .route("/api/v1/backends/{id}/drain", post(drain))
         .fallback(|| async { error(404, "no such endpoint") })
+        // A known path with the wrong method: JSON like every other error
+        // (axum's default is an empty body). axum still sets `Allow`.
+        .method_not_allowed_fallback(|| async { error(405, "method not allowed") })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
