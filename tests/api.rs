@@ -690,3 +690,117 @@ fn the_cli_lists_adds_drains_and_removes_backends() {
     assert!(!status.success());
     assert!(err.contains("HTTP 400") && err.contains("ip"), "{err}");
 }
+
+/// `edgeproxy backends --config FILE` talks to the API that file describes:
+/// its address (a wildcard read as loopback) and its token file, with no
+/// --api or --token. Before, it went to the default address with no token.
+#[test]
+fn the_cli_finds_the_api_and_its_token_in_the_config_file() {
+    let dir = TempDir::new("api-cli-config");
+    let b1 = TagBackend::start("b1");
+    // A fixed port is needed here: the client reads the address from the
+    // file, not from the log. Take a free one and hand it over.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let token_file = dir.join("api.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let db = dir.join("routing.db");
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db,
+            &format!(
+                "[api]\nenabled = true\nlisten_addr = \"0.0.0.0:{port}\"\ntoken_file = {:?}\n",
+                token_file.to_str().unwrap()
+            ),
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+    let path = path.to_str().unwrap();
+    let b1_port = b1.port().to_string();
+    let add = [
+        "--config",
+        path,
+        "backends",
+        "add",
+        "b1",
+        "--app",
+        "web",
+        "--region",
+        "sa",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        &b1_port,
+    ];
+    let (status, out, err) = run_to_end(&add, &[]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(out.trim(), "registered b1");
+    assert_eq!(which_backend(proxy.addr()), "b1");
+    // The same through EDGEPROXY_CONFIG.
+    let (status, out, err) = run_to_end(&["backends", "list"], &[("EDGEPROXY_CONFIG", path)]);
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.lines().nth(1).is_some_and(|l| l.starts_with("b1 ")),
+        "{out}"
+    );
+    // The command line still wins over the file: a wrong token is refused.
+    let (status, _, err) = run_to_end(
+        &[
+            "--config",
+            path,
+            "backends",
+            "--token",
+            "wrong-token-0123456789",
+            "list",
+        ],
+        &[],
+    );
+    assert!(!status.success());
+    assert!(err.contains("HTTP 401"), "{err}");
+}
+
+/// `edgeproxy backends --json list | head` must not panic when the reader
+/// goes away: the rest of the output is dropped and the exit is quiet.
+#[test]
+fn the_cli_stops_quietly_when_its_reader_goes_away() {
+    let dir = TempDir::new("api-cli-pipe");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    for i in 0..20 {
+        assert_eq!(api.register(&format!("b{i}"), 9000 + i).0, 201);
+    }
+    let url = format!("http://{}", api.addr);
+    for args in [
+        vec!["backends", "--api", &url, "--json", "list"],
+        vec!["backends", "--api", &url, "list"],
+        vec!["completions", "bash"],
+        vec!["check-config"],
+    ] {
+        let mut child = std::process::Command::new(BIN)
+            .args(&args)
+            .env_clear()
+            .env("EDGEPROXY_API_TOKEN", TOKEN)
+            // For check-config: nothing that could be in use or missing.
+            .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+            .env("EDGEPROXY_DB_PATH", &api.db)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the child writes a byte: every write
+        // it makes fails with EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("error"),
+            "{args:?}: exit {} with:\n{stderr}",
+            out.status
+        );
+    }
+}

@@ -536,3 +536,37 @@ fn a_second_instance_on_the_same_address_is_refused() {
         .unwrap_or_else(|| panic!("no error line:\n{}", second.log_text()));
     assert!(line.contains("front") && line.contains("in use"), "{line}");
 }
+
+/// `edgeproxy completions SHELL` prints a completion script that knows the
+/// subcommands; bash's is checked by bash itself.
+#[test]
+fn completion_scripts_are_generated_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_edgeproxy()"),
+        ("zsh", "#compdef edgeproxy"),
+        ("fish", "complete -c edgeproxy"),
+    ] {
+        let (status, stdout, stderr) = run_to_end(&["completions", shell], &[]);
+        assert!(status.success(), "{shell}: {stderr}");
+        assert!(stdout.contains(marker), "{shell}:\n{stdout}");
+        for sub in ["check-config", "backends", "completions", "drain"] {
+            assert!(stdout.contains(sub), "{shell} script lacks {sub}");
+        }
+    }
+    let dir = TempDir::new("completions");
+    let script = dir.join("edgeproxy.bash");
+    let (_, stdout, _) = run_to_end(&["completions", "bash"], &[]);
+    std::fs::write(&script, stdout).unwrap();
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("bash is installed");
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let (status, _, stderr) = run_to_end(&["completions", "tcsh"], &[]);
+    assert!(!status.success() && stderr.contains("tcsh"), "{stderr}");
+}

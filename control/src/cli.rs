@@ -1,5 +1,6 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
-//! `edgeproxy backends list|add|rm|drain` (the discovery API's client).
+//! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
+//! `edgeproxy completions SHELL`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,18 +48,26 @@ pub enum Command {
     /// effective settings as TOML.
     CheckConfig,
     /// Manage backends through a running proxy's discovery API:
-    /// list, add (register or update), rm (deregister), drain.
+    /// list, add (register or update), rm (deregister), drain. The API's
+    /// address and token come from --config's [api] section unless --api
+    /// and --token say otherwise.
     Backends(Box<crate::api::client::BackendsArgs>),
+    /// Print a shell completion script, e.g.
+    /// `edgeproxy completions bash > /etc/bash_completion.d/edgeproxy`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => crate::app::run(cli.config),
-        Command::CheckConfig => crate::app::check(cli.config.as_deref()).map(|config| {
-            print!("{}", config.to_toml());
-        }),
-        Command::Backends(args) => crate::api::client::run(*args),
+        Command::CheckConfig => crate::app::check(cli.config.as_deref())
+            .and_then(|config| Ok(crate::stdout::print(&config.to_toml())?)),
+        Command::Backends(args) => crate::api::client::run(*args, cli.config.as_deref()),
+        Command::Completions { shell } => completions(shell),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -67,4 +76,12 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the completion script for `shell` to stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "edgeproxy", &mut script);
+    Ok(crate::stdout::print(&String::from_utf8_lossy(&script))?)
 }

@@ -13,6 +13,7 @@ pub mod logging;
 pub mod metrics;
 pub mod reload_thread;
 pub mod routing;
+pub mod stdout;
 pub mod store;
 pub mod tls;
 pub mod version;
