@@ -175,8 +175,16 @@ pub enum TlsLoadError {
     },
     #[error("cannot generate a self-signed certificate: {0}")]
     SelfSigned(String),
+    // Not `#[from]`: that would make the rustls error a `source` as well,
+    // printed twice by `{:#}` chains.
     #[error("invalid TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
+}
+
+impl From<rustls::Error> for TlsLoadError {
+    fn from(e: rustls::Error) -> Self {
+        TlsLoadError::Config(e)
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -403,6 +411,17 @@ impl TlsListeners {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn load_errors_name_their_cause_once() {
+        use std::error::Error;
+        let e = TlsLoadError::from(rustls::Error::General("bad".into()));
+        assert!(e.source().is_none(), "{e}");
+        assert_eq!(
+            format!("{:#}", anyhow::Error::new(e)),
+            "invalid TLS configuration: unexpected error: bad"
+        );
+    }
+
     use super::*;
 
     fn raw(toml_text: &str) -> RawTls {

@@ -41,9 +41,9 @@ pub enum ConnError {
     TlsHandshake(TlsError),
     #[error("no tls handshake within {0:?}")]
     TlsHandshakeTimeout(Duration),
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
 }
 
@@ -419,5 +419,44 @@ async fn idle_watch(activity: &Cell<Instant>, idle: Duration) {
             return;
         }
         rt::sleep_until(deadline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{:#}` chains (anyhow) print each error's message, then each source's:
+    /// a message that already includes its source prints it twice
+    /// ("Address already in use (os error 98): Address already in use").
+    fn assert_cause_once(e: &dyn std::error::Error) {
+        let mut parent = e.to_string();
+        let mut next = e.source();
+        while let Some(source) = next {
+            let text = source.to_string();
+            assert!(!parent.contains(&text), "{parent:?} repeats {text:?}");
+            parent = text;
+            next = source.source();
+        }
+    }
+
+    #[test]
+    fn every_error_names_its_cause_once() {
+        let io = || io::Error::from(io::ErrorKind::ConnectionReset);
+        let tls = || rustls::Error::General("bad record".into());
+        for e in [
+            ConnError::ProxyHeader("x".into()),
+            ConnError::ProxyHeaderTimeout(Duration::from_secs(1)),
+            ConnError::NoBackend { attempts: 2 },
+            ConnError::Idle(Duration::from_secs(1)),
+            ConnError::TlsHandshake(TlsError::from(tls())),
+            ConnError::TlsHandshakeTimeout(Duration::from_secs(1)),
+            ConnError::from(TlsError::from(tls())),
+            ConnError::from(TlsError::from(io())),
+            ConnError::from(TlsError::ClosedInHandshake),
+            ConnError::from(io()),
+        ] {
+            assert_cause_once(&e);
+        }
     }
 }

@@ -16,14 +16,22 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::rt::{self, Chunk, TcpStream};
 
+/// Why a TLS session failed. Each message includes its cause, and no
+/// variant also names it as `source`, so `{:#}` error chains print it once.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("tls: {0}")]
-    Protocol(#[from] rustls::Error),
+    Protocol(rustls::Error),
     #[error("client closed the connection during the handshake")]
     ClosedInHandshake,
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        TlsError::Protocol(e)
+    }
 }
 
 pub(crate) struct TlsSession {
