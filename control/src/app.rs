@@ -26,7 +26,7 @@ use crate::tls::TlsListeners;
 /// returned (the caller prints them and exits non-zero).
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
-    crate::logging::init(&config.log.level);
+    crate::logging::init(&config.log);
     let geo = Arc::new(build_geo(&config)?);
 
     let mut store = RoutingStore::open(&config.routing.db_path)?;

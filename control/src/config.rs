@@ -41,8 +41,9 @@ pub struct RawConfig {
     pub listeners: Option<Vec<RawListener>>,
     #[serde(default)]
     pub demo: RawDemo,
+    /// `[log]`: see `crate::log_config`.
     #[serde(default)]
-    pub log: RawLog,
+    pub log: crate::log_config::RawLog,
     #[serde(default)]
     pub metrics: RawMetrics,
     /// `[api]`: the discovery API, see `crate::api::config`.
@@ -139,12 +140,6 @@ pub struct RawDemo {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLog {
-    pub level: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDns {
     pub enabled: Option<bool>,
     pub listen_addr: Option<String>,
@@ -182,7 +177,7 @@ pub struct Config {
     #[serde(rename = "listener")]
     pub listeners: Vec<Listener>,
     pub demo: Demo,
-    pub log: Log,
+    pub log: crate::log_config::Log,
     pub metrics: Metrics,
     pub api: crate::api::config::Api,
     pub dns: Dns,
@@ -284,11 +279,6 @@ pub struct Demo {
     /// table at start (0 = none).
     pub backends: u32,
     pub app: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Log {
-    pub level: String,
 }
 
 /// The internal DNS server (`dns` crate): `.internal` names answered from the
@@ -746,18 +736,6 @@ impl Config {
             app: raw.demo.app.unwrap_or_else(|| defaults::DEMO_APP.into()),
         };
 
-        // --- log: DEBUG=1 (the original's switch) raises the level.
-        let mut level = raw.log.level.unwrap_or_else(|| "info".into());
-        if env_bool(env, "DEBUG")?.unwrap_or(false) {
-            level = "debug".into();
-        }
-        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-            return Err(invalid(
-                "log.level",
-                format!("{level:?} is not one of error, warn, info, debug, trace"),
-            ));
-        }
-
         let dns = dns_section(raw.dns, env)?;
 
         Ok(Config {
@@ -769,7 +747,7 @@ impl Config {
             limits,
             listeners,
             demo,
-            log: Log { level },
+            log: crate::log_config::from_raw(raw.log, env)?,
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod config_env;
 pub mod demo;
 pub mod internal_dns;
+pub mod log_config;
 pub mod logging;
 pub mod metrics;
 pub mod reload_thread;

@@ -112,7 +112,7 @@ impl RoutingReloader {
             unix_ms(SystemTime::now()),
         );
         if !expired.is_empty() {
-            tracing::info!(backends = ?expired, "registered backends with an expired heartbeat take no new connections");
+            tracing::info!(backends = %expired.iter().map(String::as_str).collect::<Vec<_>>().join(","), "registered backends with an expired heartbeat take no new connections");
         }
         let built = builder.build(&loaded.records);
         log_skipped(&built.skipped);

@@ -72,7 +72,8 @@ pub(crate) async fn serve(
                 ShardStats::bump(c);
                 ShardStats::bump(&lctx.stats.rejected_other);
             }
-            tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, %peer, error = %e, "connection ended");
+            tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
+                app = lctx.spec.app.as_deref().unwrap_or("*"), %peer, error = %e, "connection ended");
         }
     }
 }
@@ -116,7 +117,9 @@ async fn serve_inner(
             match rt::timeout(tls.handshake_timeout, handshake).await {
                 Some(Ok((session, early))) => {
                     ShardStats::bump(&ctx.stats.tls_handshakes);
-                    tracing::debug!(shard = ctx.id, sni = ?session.sni(), alpn = ?session.alpn(), "tls handshake done");
+                    tracing::debug!(shard = ctx.id, sni = session.sni().as_deref().unwrap_or("-"),
+                        alpn = %String::from_utf8_lossy(session.alpn().as_deref().unwrap_or(b"-")),
+                        "tls handshake done");
                     (Some(Box::new(session)), early)
                 }
                 Some(Err(e)) => return Err(ConnError::TlsHandshake(e)),
@@ -130,7 +133,7 @@ async fn serve_inner(
     // Try backends, best first, until one accepts the connection.
     let mut failed: Vec<Arc<str>> = Vec::new();
     let attempts = knobs.connect_attempts.get() as usize;
-    let (backend, live) = loop {
+    let (backend, live, backend_addr) = loop {
         let (addr, live) = {
             let snap = ctx.shared.snapshot.load();
             let client_geo = ClientGeo {
@@ -178,7 +181,7 @@ async fn serve_inner(
         let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
-                break (stream, live);
+                break (stream, live, addr);
             }
             Some(Err(e)) => e.to_string(),
             None => format!("timed out after {:?}", knobs.connect_timeout),
@@ -193,8 +196,9 @@ async fn serve_inner(
         }
         ShardStats::bump(&ctx.stats.retries);
     };
+    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, client = %client_addr,
+        backend = %backend_addr, backend_id = %live.id, "proxying");
     let _active = ActiveGuard::new(live);
-    tracing::debug!(shard = ctx.id, client = %client_addr, backend = ?backend.peer_addr().ok(), "proxying");
 
     if lctx.spec.send_proxy_protocol {
         let destination = client.local_addr()?;

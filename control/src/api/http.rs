@@ -123,7 +123,8 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
             .get(header::AUTHORIZATION)
             .and_then(|h| auth::bearer(h.as_bytes()));
         if !presented.is_some_and(|p| token.matches(p)) {
-            tracing::warn!(peer = ?peer, method = %req.method(), path = %req.uri().path(),
+            tracing::warn!(peer = %peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+                method = %req.method(), path = %req.uri().path(),
                 "discovery API: request without a valid token refused");
             let mut resp = error(401, "missing or invalid bearer token");
             resp.headers_mut().insert(

@@ -74,7 +74,7 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
     match exposure {
         Exposure::Token => {}
         Exposure::LoopbackOnly { narrowed_from } => tracing::warn!(
-            asked = ?narrowed_from.map(|a| a.to_string()),
+            asked = %narrowed_from.map_or_else(|| "-".to_string(), |a| a.to_string()),
             "discovery API has no token: it listens on loopback only \
              (set api.token or EDGEPROXY_API_TOKEN to serve other hosts, \
              or api.allow_open = true to serve them without a token)"

@@ -1,0 +1,126 @@
+//! `[log]`: how edgeproxy logs. Parsed like every other section:
+//! [`RawLog`] mirrors the file, [`from_raw`] applies the environment,
+//! defaults and checks.
+//!
+//! | key | env | default |
+//! |---|---|---|
+//! | `level` | `DEBUG=1` means `debug`; `RUST_LOG` wins over both | `info` |
+//! | `format` | `EDGEPROXY_LOG_FORMAT` | `text` |
+
+use serde::{Deserialize, Serialize};
+
+use crate::config_env::{env_bool, invalid, ConfigError, Env};
+
+pub const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event: `time LEVEL target: message
+    /// key=value ...` (colours on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers: `timestamp`, `level`,
+    /// `target`, `message` and every field at the top level.
+    Json,
+}
+
+impl LogFormat {
+    fn parse(text: &str) -> Option<LogFormat> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+}
+
+/// The effective `[log]` section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Log {
+    /// One of [`LEVELS`].
+    pub level: String,
+    pub format: LogFormat,
+}
+
+pub fn from_raw(raw: RawLog, env: &dyn Env) -> Result<Log, ConfigError> {
+    // DEBUG=1 (the original's switch) raises the level.
+    let mut level = raw.level.unwrap_or_else(|| "info".into());
+    if env_bool(env, "DEBUG")?.unwrap_or(false) {
+        level = "debug".into();
+    }
+    if !LEVELS.contains(&level.as_str()) {
+        return Err(invalid(
+            "log.level",
+            format!("{level:?} is not one of error, warn, info, debug, trace"),
+        ));
+    }
+    let format = match env.var("EDGEPROXY_LOG_FORMAT") {
+        Some(value) => LogFormat::parse(&value).ok_or_else(|| ConfigError::Env {
+            var: "EDGEPROXY_LOG_FORMAT",
+            value: value.clone(),
+            reason: "expected text or json".into(),
+        })?,
+        None => match raw.format {
+            None => LogFormat::default(),
+            Some(text) => LogFormat::parse(&text).ok_or_else(|| {
+                invalid("log.format", format!("{text:?} is not one of text, json"))
+            })?,
+        },
+    };
+    Ok(Log { level, format })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &dyn Env) -> Result<Log, ConfigError> {
+        from_raw(toml::from_str(text).unwrap(), env)
+    }
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    #[test]
+    fn defaults_are_info_and_text() {
+        assert_eq!(
+            parse("", &NO_ENV).unwrap(),
+            Log {
+                level: "info".into(),
+                format: LogFormat::Text
+            }
+        );
+    }
+
+    #[test]
+    fn format_from_file_and_environment() {
+        assert_eq!(
+            parse("format = \"JSON\"", &NO_ENV).unwrap().format,
+            LogFormat::Json
+        );
+        let env = [("EDGEPROXY_LOG_FORMAT", "json")];
+        assert_eq!(
+            parse("format = \"text\"", &env).unwrap().format,
+            LogFormat::Json
+        );
+        let err = parse("format = \"xml\"", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("log.format"), "{err}");
+        let err = parse("", &[("EDGEPROXY_LOG_FORMAT", "yaml")]).unwrap_err();
+        assert!(err.to_string().contains("EDGEPROXY_LOG_FORMAT"), "{err}");
+    }
+
+    #[test]
+    fn debug_env_raises_the_level_and_bad_levels_are_named() {
+        assert_eq!(parse("", &[("DEBUG", "1")]).unwrap().level, "debug");
+        let err = parse("level = \"loud\"", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("log.level"), "{err}");
+    }
+}
