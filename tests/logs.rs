@@ -128,3 +128,87 @@ fn values_are_written_as_displayed_not_debugged() {
         assert!(!log.contains(debugged), "{debugged:?} in the log:\n{log}");
     }
 }
+
+/// `[log] access = true`: one line per connection when it ends, with what
+/// HAProxy's tcplog gives, even with the log level at warn. Off by default;
+/// SIGHUP switches it.
+#[test]
+fn access_log_has_one_line_per_connection() {
+    use std::io::Write;
+    let dir = TempDir::new("log-access");
+    let backend = TagBackend::start("a1");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("a1", "web", "sa", backend.port()));
+    let path = dir.join("edgeproxy.toml");
+    let listeners = "[[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n\
+                     [[listener]]\nname = \"ghost\"\naddr = \"127.0.0.1:0\"\napp = \"ghost\"\n";
+    let write = |access: bool| {
+        let extra = format!("[log]\nlevel = \"warn\"\naccess = {access}\n{listeners}");
+        std::fs::write(&path, config(&db.path, &extra)).unwrap();
+    };
+    write(false);
+    // RUST_LOG unset: the file's level (warn) applies. The readiness lines
+    // are info, so wait for the process by its listeners instead.
+    let proxy = Proxy::start_with_rust_log(
+        &["--config", path.to_str().unwrap()],
+        &[("RUST_LOG", "warn,control::app=info")],
+        None,
+    );
+    let main = proxy.listener("main");
+    let exchange = || {
+        let (name, mut s) = connect_tagged(main);
+        assert_eq!(name, "a1");
+        s.write_all(b"hello").unwrap();
+        let mut echo = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut echo).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        assert!(read_until_closed(&s).is_empty());
+        s.local_addr().unwrap()
+    };
+    // Off: a whole connection, no line.
+    exchange();
+
+    let mark = proxy.log_mark();
+    write(true);
+    proxy.signal(SIGHUP);
+    // The SIGHUP is applied once the knobs line says so.
+    proxy
+        .wait_for_log_after(mark, "limits and timeouts updated", PATIENCE)
+        .unwrap_or_else(|| panic!("SIGHUP not applied:\n{}", proxy.log_text()));
+    let client = exchange();
+    let line = proxy
+        .wait_for_log_after(mark, "edgeproxy::access", PATIENCE)
+        .unwrap_or_else(|| panic!("no access line:\n{}", proxy.log_text()));
+    let get = |key: &str| field(&line, key).unwrap_or_else(|| panic!("no {key}: {line}"));
+    assert_eq!(get("client"), client.to_string(), "{line}");
+    assert_eq!(get("listener"), "main");
+    assert_eq!(get("app"), "*");
+    assert_eq!(get("backend"), backend.addr.to_string());
+    assert_eq!(get("backend_id"), "a1");
+    assert_eq!(get("bytes_up"), "5", "{line}");
+    assert_eq!(
+        get("bytes_down"),
+        "8",
+        "greeting a1\\n and the echo: {line}"
+    );
+    assert_eq!(get("end"), "closed");
+    get("duration_ms").parse::<u64>().expect("a number of ms");
+    assert!(line.contains("INFO"), "{line}");
+    assert_eq!(
+        proxy.log_lines_after(0, "edgeproxy::access").len(),
+        1,
+        "the connection before the SIGHUP wrote a line:\n{}",
+        proxy.log_text()
+    );
+
+    // A refused connection: no backend, and why.
+    let mark = proxy.log_mark();
+    let _ = probe(proxy.listener("ghost"), PATIENCE);
+    let line = proxy
+        .wait_for_log_after(mark, "edgeproxy::access", PATIENCE)
+        .unwrap_or_else(|| panic!("no access line:\n{}", proxy.log_text()));
+    assert_eq!(field(&line, "end").as_deref(), Some("no_backend"), "{line}");
+    assert_eq!(field(&line, "backend").as_deref(), Some("-"), "{line}");
+    assert_eq!(field(&line, "app").as_deref(), Some("ghost"), "{line}");
+    assert_eq!(field(&line, "bytes_up").as_deref(), Some("0"), "{line}");
+}

@@ -278,7 +278,10 @@ fn apply(
         ("geo", old.geo != new.geo),
         ("pop", old.pop != new.pop),
         ("demo", old.demo != new.demo),
-        ("log", old.log != new.log),
+        (
+            "log",
+            (&old.log.level, old.log.format) != (&new.log.level, new.log.format),
+        ),
         ("api", old.api != new.api),
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
@@ -341,6 +344,7 @@ fn knobs(config: &Config) -> Knobs {
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        access_log: config.log.access,
         ..Knobs::default()
     }
 }

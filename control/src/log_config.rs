@@ -6,10 +6,16 @@
 //! |---|---|---|
 //! | `level` | `DEBUG=1` means `debug`; `RUST_LOG` wins over both | `info` |
 //! | `format` | `EDGEPROXY_LOG_FORMAT` | `text` |
+//! | `access` | `EDGEPROXY_LOG_ACCESS` | `false` |
+//!
+//! `level` and `format` take effect at start; `access` also on SIGHUP.
 
 use serde::{Deserialize, Serialize};
 
 use crate::config_env::{env_bool, invalid, ConfigError, Env};
+
+/// The `tracing` target of access-log lines (`engine::access`).
+pub use engine::access::TARGET as ACCESS_TARGET;
 
 pub const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
@@ -18,6 +24,7 @@ pub const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
+    pub access: Option<bool>,
 }
 
 /// How log lines are written (to stderr).
@@ -49,6 +56,10 @@ pub struct Log {
     /// One of [`LEVELS`].
     pub level: String,
     pub format: LogFormat,
+    /// One info line per connection when it ends (client, listener, app,
+    /// backend, bytes each way, duration, how it ended), written even when
+    /// `level` is above info.
+    pub access: bool,
 }
 
 pub fn from_raw(raw: RawLog, env: &dyn Env) -> Result<Log, ConfigError> {
@@ -76,7 +87,14 @@ pub fn from_raw(raw: RawLog, env: &dyn Env) -> Result<Log, ConfigError> {
             })?,
         },
     };
-    Ok(Log { level, format })
+    let access = env_bool(env, "EDGEPROXY_LOG_ACCESS")?
+        .or(raw.access)
+        .unwrap_or(false);
+    Ok(Log {
+        level,
+        format,
+        access,
+    })
 }
 
 #[cfg(test)]
@@ -95,7 +113,8 @@ mod tests {
             parse("", &NO_ENV).unwrap(),
             Log {
                 level: "info".into(),
-                format: LogFormat::Text
+                format: LogFormat::Text,
+                access: false,
             }
         );
     }
@@ -115,6 +134,21 @@ mod tests {
         assert!(err.to_string().contains("log.format"), "{err}");
         let err = parse("", &[("EDGEPROXY_LOG_FORMAT", "yaml")]).unwrap_err();
         assert!(err.to_string().contains("EDGEPROXY_LOG_FORMAT"), "{err}");
+    }
+
+    #[test]
+    fn access_log_from_file_and_environment() {
+        assert!(parse("access = true", &NO_ENV).unwrap().access);
+        assert!(
+            !parse("access = true", &[("EDGEPROXY_LOG_ACCESS", "0")])
+                .unwrap()
+                .access
+        );
+        assert!(
+            parse("", &[("EDGEPROXY_LOG_ACCESS", "yes")])
+                .unwrap()
+                .access
+        );
     }
 
     #[test]

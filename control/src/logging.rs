@@ -20,6 +20,13 @@ pub fn init(log: &Log) {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
         filter = filter.add_directive("hickory_proto=error".parse().expect("valid directive"));
     }
+    // Access-log lines are written at info whatever the level (they exist
+    // only when `[log] access` is on, which SIGHUP may switch), unless
+    // RUST_LOG says something about them.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains(crate::log_config::ACCESS_TARGET)) {
+        let directive = format!("{}=info", crate::log_config::ACCESS_TARGET);
+        filter = filter.add_directive(directive.parse().expect("valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

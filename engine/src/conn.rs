@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{select, try_join, Either};
 
+use crate::access::{self, Tally};
 use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx};
 use crate::proxy_protocol::{self, Parsed};
 use crate::rt::{self, Chunk, TcpStream};
 use crate::select::{self, Choice, ClientGeo};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
-use crate::stats::ShardStats;
+use crate::stats::{ByteCount, ShardStats};
 use crate::tls_conn::{TlsError, TlsSession};
 
 /// Why a client connection ended early. Logged at debug level and counted.
@@ -47,6 +48,23 @@ pub enum ConnError {
     Io(#[from] io::Error),
 }
 
+impl ConnError {
+    /// A short, stable name for how the connection ended, for the access
+    /// log's `end` field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnError::ProxyHeader(_) => "proxy_header",
+            ConnError::ProxyHeaderTimeout(_) => "proxy_header_timeout",
+            ConnError::NoBackend { .. } => "no_backend",
+            ConnError::Idle(_) => "idle_timeout",
+            ConnError::TlsHandshake(_) => "tls_handshake",
+            ConnError::TlsHandshakeTimeout(_) => "tls_handshake_timeout",
+            ConnError::Tls(_) => "tls_error",
+            ConnError::Io(_) => "io_error",
+        }
+    }
+}
+
 pub(crate) async fn serve(
     ctx: Rc<ShardCtx>,
     lctx: Rc<ListenerCtx>,
@@ -54,7 +72,25 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     _slot: ConnSlot,
 ) {
-    match serve_inner(&ctx, &lctx, &client, peer).await {
+    // Only connections that will write an access-log line keep a tally: a
+    // connection's task is what it costs while idle, so without the log it
+    // carries one pointer more, not the tally.
+    let tally = ctx.knobs().access_log.then(|| Box::new(Tally::new(peer)));
+    let result = serve_inner(&ctx, &lctx, &client, peer, tally.as_deref()).await;
+    if let Some(tally) = &tally {
+        let (end, error) = match &result {
+            Ok(()) => ("closed", String::new()),
+            Err(e) => (e.reason(), e.to_string()),
+        };
+        access::log(
+            &lctx.spec.name,
+            lctx.spec.app.as_deref(),
+            tally,
+            end,
+            &error,
+        );
+    }
+    match result {
         Ok(()) => {}
         Err(e) => {
             let counter = match &e {
@@ -83,6 +119,7 @@ async fn serve_inner(
     lctx: &ListenerCtx,
     client: &TcpStream,
     peer: SocketAddr,
+    tally: Option<&Tally>,
 ) -> Result<(), ConnError> {
     let knobs = ctx.knobs();
     let buffer_len = ctx.shared.settings.buffer_size as usize;
@@ -127,13 +164,16 @@ async fn serve_inner(
             }
         }
     };
+    if let Some(t) = tally {
+        t.client.set(client_addr);
+    }
     let client_ip = canonical_ip(client_addr.ip());
     let (country, region) = ctx.shared.geo.locate(client_ip);
 
     // Try backends, best first, until one accepts the connection.
     let mut failed: Vec<Arc<str>> = Vec::new();
     let attempts = knobs.connect_attempts.get() as usize;
-    let (backend, live, backend_addr) = loop {
+    let (backend, live) = loop {
         let (addr, live) = {
             let snap = ctx.shared.snapshot.load();
             let client_geo = ClientGeo {
@@ -181,7 +221,13 @@ async fn serve_inner(
         let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
-                break (stream, live, addr);
+                tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, client = %client_addr,
+                    backend = %addr, backend_id = %live.id, "proxying");
+                if let Some(t) = tally {
+                    t.backend.set(Some(addr));
+                    *t.backend_id.borrow_mut() = Some(Arc::clone(&live.id));
+                }
+                break (stream, live);
             }
             Some(Err(e)) => e.to_string(),
             None => format!("timed out after {:?}", knobs.connect_timeout),
@@ -196,8 +242,6 @@ async fn serve_inner(
         }
         ShardStats::bump(&ctx.stats.retries);
     };
-    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, client = %client_addr,
-        backend = %backend_addr, backend_id = %live.id, "proxying");
     let _active = ActiveGuard::new(live);
 
     if lctx.spec.send_proxy_protocol {
@@ -207,14 +251,14 @@ async fn serve_inner(
         rt::write_bytes(&backend, header, len).await?;
     }
     if let Some(early) = pending {
-        ShardStats::add(&ctx.stats.bytes_client_to_backend, early.len() as u64);
+        byte_counts(ctx, tally).0.add(early.len() as u64);
         rt::write_chunk(&backend, early).await?;
     }
     match &tls {
-        None => splice(ctx, client, &backend, knobs.idle_timeout, buffer_len).await,
+        None => splice(ctx, tally, client, &backend, knobs.idle_timeout, buffer_len).await,
         Some(session) => {
             Box::pin(splice_tls(
-                ctx,
+                byte_counts(ctx, tally),
                 session,
                 client,
                 &backend,
@@ -281,14 +325,33 @@ async fn read_proxy_header(
     }
 }
 
+/// Where the bytes of each direction (client → backend, backend → client)
+/// are counted: the shard's totals and the connection's own tally. Built
+/// where a pump starts rather than kept in the connection's task, which is
+/// what an idle connection costs.
+fn byte_counts<'a>(ctx: &'a ShardCtx, tally: Option<&'a Tally>) -> (ByteCount<'a>, ByteCount<'a>) {
+    (
+        ByteCount {
+            shard: &ctx.stats.bytes_client_to_backend,
+            conn: tally.map(|t| &t.up),
+        },
+        ByteCount {
+            shard: &ctx.stats.bytes_backend_to_client,
+            conn: tally.map(|t| &t.down),
+        },
+    )
+}
+
 /// Pumps bytes both ways until both directions have ended.
 async fn splice(
     ctx: &ShardCtx,
+    tally: Option<&Tally>,
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
     buffer_len: usize,
 ) -> Result<(), ConnError> {
+    let (up_bytes, down_bytes) = byte_counts(ctx, tally);
     let activity = Cell::new(Instant::now());
     // Where switched flows are counted, when bulk flows are spliced at all.
     let spliced = ctx
@@ -296,29 +359,15 @@ async fn splice(
         .settings
         .splice_bulk
         .then_some(&ctx.stats.spliced_flows);
-    let up = pump(
-        client,
-        backend,
-        &activity,
-        buffer_len,
-        &ctx.stats.bytes_client_to_backend,
-        spliced,
-    );
-    let down = pump(
-        backend,
-        client,
-        &activity,
-        buffer_len,
-        &ctx.stats.bytes_backend_to_client,
-        spliced,
-    );
+    let up = pump(client, backend, &activity, buffer_len, up_bytes, spliced);
+    let down = pump(backend, client, &activity, buffer_len, down_bytes, spliced);
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome
 }
 
 /// `splice` for a TLS client: decrypt up, encrypt down.
 async fn splice_tls(
-    ctx: &ShardCtx,
+    (up_bytes, down_bytes): (ByteCount<'_>, ByteCount<'_>),
     session: &TlsSession,
     client: &TcpStream,
     backend: &TcpStream,
@@ -326,20 +375,8 @@ async fn splice_tls(
     buffer_len: usize,
 ) -> Result<(), ConnError> {
     let activity = Cell::new(Instant::now());
-    let up = session.pump_up(
-        client,
-        backend,
-        &activity,
-        buffer_len,
-        &ctx.stats.bytes_client_to_backend,
-    );
-    let down = session.pump_down(
-        backend,
-        client,
-        &activity,
-        buffer_len,
-        &ctx.stats.bytes_backend_to_client,
-    );
+    let up = session.pump_up(client, backend, &activity, buffer_len, up_bytes);
+    let down = session.pump_down(backend, client, &activity, buffer_len, down_bytes);
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome
 }
@@ -375,7 +412,7 @@ async fn pump(
     dst: &TcpStream,
     activity: &Cell<Instant>,
     buffer_len: usize,
-    bytes: &std::sync::atomic::AtomicU64,
+    bytes: ByteCount<'_>,
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
 ) -> io::Result<()> {
     loop {
@@ -387,7 +424,7 @@ async fn pump(
             }
             Some(chunk) => {
                 activity.set(Instant::now());
-                ShardStats::add(bytes, chunk.len() as u64);
+                bytes.add(chunk.len() as u64);
                 // A read that filled a whole buffer is a bulk flow: from here
                 // on the kernel moves its bytes (see `rt::splice_to_end`).
                 let bulk = chunk.len() >= buffer_len;
@@ -399,7 +436,7 @@ async fn pump(
                             // Boxed: only bulk flows pay for its state.
                             return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
                                 activity.set(Instant::now());
-                                ShardStats::add(bytes, n as u64);
+                                bytes.add(n as u64);
                             }))
                             .await;
                         }

@@ -4,6 +4,7 @@
 //! runtime-free and tested deterministically; everything that touches compio
 //! lives in [`rt`], used by the shard and connection modules.
 
+pub mod access;
 pub mod affinity;
 mod conn;
 mod ctx;

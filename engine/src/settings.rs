@@ -64,6 +64,8 @@ pub struct Knobs {
     pub affinity_gc_interval: Duration,
     /// How long a PROXY-protocol header may take to arrive.
     pub proxy_header_timeout: Duration,
+    /// Log one line per connection when it ends (`[log] access`).
+    pub access_log: bool,
 }
 
 impl Default for Knobs {
@@ -77,6 +79,7 @@ impl Default for Knobs {
             affinity_ttl: Duration::from_secs(600),
             affinity_gc_interval: Duration::from_secs(60),
             proxy_header_timeout: Duration::from_secs(5),
+            access_log: false,
         }
     }
 }

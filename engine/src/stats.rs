@@ -2,6 +2,7 @@
 //! atomics on a cache line of its own, so no cross-core traffic); readers sum
 //! them at scrape time.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::select::Tier;
@@ -99,6 +100,26 @@ impl ShardStats {
 
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
+    }
+}
+
+/// Bytes moved in one direction of one connection: counted for the shard
+/// (metrics) and, when it writes an access-log line, for the connection
+/// itself. The connection's own count is a plain `Cell` it owns: no
+/// atomics, no sharing.
+#[derive(Clone, Copy)]
+pub(crate) struct ByteCount<'a> {
+    pub shard: &'a AtomicU64,
+    pub conn: Option<&'a Cell<u64>>,
+}
+
+impl ByteCount<'_> {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        ShardStats::add(self.shard, n);
+        if let Some(conn) = self.conn {
+            conn.set(conn.get() + n);
+        }
     }
 }
 

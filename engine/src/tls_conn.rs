@@ -155,7 +155,7 @@ impl TlsSession {
         backend: &TcpStream,
         activity: &Cell<Instant>,
         buffer_len: usize,
-        bytes: &std::sync::atomic::AtomicU64,
+        bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
         // Already closed: its early data went to the backend before this.
         while !self.closed_in_handshake.get() {
@@ -170,7 +170,7 @@ impl TlsSession {
             self.flush(client).await?;
             let closed = result?;
             if !plain.is_empty() {
-                crate::stats::ShardStats::add(bytes, plain.len() as u64);
+                bytes.add(plain.len() as u64);
                 rt::write_chunk(backend, Chunk::Owned(plain)).await?;
             }
             if closed {
@@ -189,14 +189,14 @@ impl TlsSession {
         client: &TcpStream,
         activity: &Cell<Instant>,
         buffer_len: usize,
-        bytes: &std::sync::atomic::AtomicU64,
+        bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
         loop {
             let Some(chunk) = rt::read_chunk(backend, buffer_len).await? else {
                 break;
             };
             activity.set(Instant::now());
-            crate::stats::ShardStats::add(bytes, chunk.len() as u64);
+            bytes.add(chunk.len() as u64);
             for piece in chunk.as_slice().chunks(PLAINTEXT_CHUNK) {
                 self.conn.borrow_mut().writer().write_all(piece)?;
                 self.flush(client).await?;
