@@ -13,6 +13,7 @@ pub mod log_config;
 pub mod logging;
 pub mod metrics;
 pub mod reload_thread;
+pub mod replication;
 pub mod routing;
 pub mod stdout;
 pub mod store;
