@@ -108,6 +108,9 @@ pub(crate) async fn serve(
                 ShardStats::bump(c);
                 ShardStats::bump(&lctx.stats.rejected_other);
             }
+            if matches!(e, ConnError::NoBackend { .. }) {
+                ShardStats::bump(&lctx.stats.no_backend);
+            }
             tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
                 app = lctx.spec.app.as_deref().unwrap_or("*"), %peer, error = %e, "connection ended");
         }
@@ -221,6 +224,10 @@ async fn serve_inner(
         let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
+                if live.mark_connecting() {
+                    tracing::info!(shard = ctx.id, backend = %live.id, %addr,
+                        "backend connects again: no longer failing");
+                }
                 tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, client = %client_addr,
                     backend = %addr, backend_id = %live.id, "proxying");
                 if let Some(t) = tally {
@@ -233,7 +240,15 @@ async fn serve_inner(
             None => format!("timed out after {:?}", knobs.connect_timeout),
         };
         record_connect_failure(ctx, &live);
-        tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error, "backend connect failed");
+        // One WARN when a backend starts failing, not one per failure: a
+        // dead backend would otherwise log every connection that tried it.
+        // The control side logs a rate-limited summary of the counts.
+        if live.mark_failing() {
+            tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error,
+                "backend connect failed: marked failing until a connect succeeds");
+        } else {
+            tracing::debug!(shard = ctx.id, backend = %live.id, %addr, %error, "backend connect failed");
+        }
         failed.push(Arc::clone(&live.id));
         if failed.len() >= attempts {
             return Err(ConnError::NoBackend {

@@ -72,9 +72,13 @@ pub struct StatsView {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenerSummary {
     pub name: String,
+    /// The app it serves; `None`: every app.
+    pub app: Option<String>,
     pub accepted: u64,
     pub rejected_limit: u64,
     pub rejected_other: u64,
+    /// Closed for want of a backend (part of `rejected_other`).
+    pub no_backend: u64,
     pub active: u64,
 }
 
@@ -100,12 +104,14 @@ impl StatsView {
             .map(|l| {
                 let mut s = ListenerSummary {
                     name: l.spec.name.to_string(),
+                    app: l.spec.app.as_deref().map(str::to_string),
                     ..Default::default()
                 };
                 for st in &l.stats {
                     s.accepted += st.accepted.load(Relaxed);
                     s.rejected_limit += st.rejected_limit.load(Relaxed);
                     s.rejected_other += st.rejected_other.load(Relaxed);
+                    s.no_backend += st.no_backend.load(Relaxed);
                     s.active += u64::from(st.active.load(Relaxed));
                 }
                 s
@@ -124,7 +130,37 @@ pub struct Engine {
     retired_addrs: Vec<SocketAddr>,
 }
 
+/// Every listener's sockets, bound for a number of shards, not yet served.
+/// [`Engine::bind`] makes them, [`Engine::start_bound`] serves them; dropping
+/// them closes the sockets.
+#[derive(Debug)]
+pub struct BoundListeners {
+    shards: usize,
+    groups: Vec<(Arc<ListenerSpec>, listener::BoundGroup)>,
+}
+
+impl BoundListeners {
+    /// The bound address of each listener, in the order given.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.groups.iter().map(|(_, g)| g.local_addr).collect()
+    }
+}
+
 impl Engine {
+    /// Binds every listener (one socket per shard each) without starting
+    /// anything: a bad address or a port in use fails here. `check-config`
+    /// binds this way and lets go; `run` binds before it creates anything
+    /// else.
+    pub fn bind(listeners: &[ListenerSpec], shards: usize) -> Result<BoundListeners, EngineError> {
+        let shards = shards.max(1);
+        let mut groups = Vec::with_capacity(listeners.len());
+        for spec in listeners {
+            groups.push((Arc::new(spec.clone()), bind(spec, shards, true)?));
+        }
+        Ok(BoundListeners { shards, groups })
+    }
+
+    /// [`Engine::bind`] then [`Engine::start_bound`].
     pub fn start(
         settings: EngineSettings,
         knobs: Knobs,
@@ -132,11 +168,23 @@ impl Engine {
         snapshot: SnapshotHandle,
         geo: Arc<GeoResolver>,
     ) -> Result<Engine, EngineError> {
-        let shard_count = settings.shards.max(1);
-        let mut groups = Vec::with_capacity(listeners.len());
-        for spec in listeners {
-            groups.push((Arc::new(spec.clone()), bind(spec, shard_count, true)?));
-        }
+        let bound = Self::bind(listeners, settings.shards)?;
+        Self::start_bound(settings, knobs, bound, snapshot, geo)
+    }
+
+    /// Starts one shard per socket of `bound` (as many as it was bound for,
+    /// whatever `settings.shards` says) and hands each its sockets.
+    pub fn start_bound(
+        settings: EngineSettings,
+        knobs: Knobs,
+        bound: BoundListeners,
+        snapshot: SnapshotHandle,
+        geo: Arc<GeoResolver>,
+    ) -> Result<Engine, EngineError> {
+        let BoundListeners {
+            shards: shard_count,
+            groups,
+        } = bound;
         let shared = Arc::new(Shared {
             shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
             settings,

@@ -11,6 +11,7 @@ mod ctx;
 mod engine;
 pub mod geo;
 pub mod listener;
+pub mod log_limit;
 pub mod proxy_protocol;
 pub mod rt;
 pub mod select;
@@ -21,5 +22,7 @@ pub mod stats;
 pub mod tls;
 mod tls_conn;
 
-pub use engine::{Engine, EngineError, ListenerSummary, RunningListener, StatsView};
+pub use engine::{
+    BoundListeners, Engine, EngineError, ListenerSummary, RunningListener, StatsView,
+};
 pub use settings::{EngineSettings, Knobs, ListenerSpec};

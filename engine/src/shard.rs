@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::affinity::AffinityTable;
 use crate::conn;
 use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx, Shared};
+use crate::log_limit::LogLimit;
 use crate::rt;
 use crate::settings::ListenerSpec;
 use crate::stats::{ListenerStats, ShardStats};
@@ -118,7 +119,13 @@ async fn drain(ctx: &ShardCtx, grace: Duration) {
     }
 }
 
+/// How often a shard's accept loop logs that accepting fails for want of
+/// descriptors or memory (it backs off 100 ms each time: otherwise 10 lines a
+/// second per shard and listener).
+const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::TcpListener) {
+    let mut starved_log = LogLimit::new(ACCEPT_FAILURE_LOG_INTERVAL);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -146,8 +153,11 @@ async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::Tcp
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 );
                 if starved {
-                    tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
-                        "accept failed; backing off 100 ms");
+                    if let Some(left_out) = starved_log.hit(Instant::now()) {
+                        tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
+                            same_errors_not_logged = left_out,
+                            "accept failed; backing off 100 ms (logged at most every 10 s)");
+                    }
                     rt::sleep(Duration::from_millis(100)).await;
                 } else {
                     tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, error = %e, "accept failed");

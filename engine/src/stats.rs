@@ -79,6 +79,9 @@ pub struct ListenerStats {
     pub rejected_limit: AtomicU64,
     /// Closed early: bad PROXY header, failed TLS handshake or no backend.
     pub rejected_other: AtomicU64,
+    /// Closed because no backend was eligible or every one tried failed to
+    /// connect (part of `rejected_other`).
+    pub no_backend: AtomicU64,
     pub active: AtomicU32,
 }
 
