@@ -104,8 +104,11 @@ fn run_expecting_failure(
     assert_one_error(what, (status, String::new(), log), needles)
 }
 
+/// `check-config` on `file`, without binding its sockets: these tests are
+/// about what is printed, and the shipped file's ports (8080, 9090) may be
+/// in use on a shared machine. Binding has tests of its own.
 fn check_config(file: &str, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
-    run_to_end(&["check-config", "--config", file], env)
+    run_to_end(&["check-config", "--no-bind", "--config", file], env)
 }
 
 #[test]
@@ -262,7 +265,7 @@ fn environment_overrides_show_in_check_config() {
     assert_eq!(get(&t, "log.level").as_str(), Some("debug"));
 
     // Without a file, the environment alone is the configuration.
-    let (status, stdout, stderr) = run_to_end(&["check-config"], &env);
+    let (status, stdout, stderr) = run_to_end(&["check-config", "--no-bind"], &env);
     assert!(status.success(), "{stderr}");
     let t = parse(&stdout);
     assert_eq!(first_listener(&t)["addr"].as_str(), Some("127.0.0.1:7777"));
@@ -569,4 +572,92 @@ fn completion_scripts_are_generated_for_each_shell() {
     );
     let (status, _, stderr) = run_to_end(&["completions", "tcsh"], &[]);
     assert!(!status.success() && stderr.contains("tcsh"), "{stderr}");
+}
+
+/// `check-config` binds every socket the file configures and lets go, like
+/// `nginx -t` would be expected to: a port in use is an error naming the
+/// socket, for listeners, metrics, the API and DNS alike (each cause said
+/// once). `--no-bind` skips that, for a file a running proxy is about to
+/// reload.
+#[test]
+fn check_config_reports_every_kind_of_port_in_use() {
+    let dir = TempDir::new("check-bind");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_udp = std::net::UdpSocket::bind(taken.local_addr().unwrap()).unwrap();
+    let busy = taken.local_addr().unwrap();
+    let db = dir.join("routing.db");
+    let base = format!(
+        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 2\n",
+        db.to_str().unwrap()
+    );
+    let free_listener = "[[listener]]\nname = \"front\"\naddr = \"127.0.0.1:0\"\n";
+    let cases = [
+        (
+            "listener",
+            format!("{base}[[listener]]\nname = \"front\"\naddr = \"{busy}\"\n"),
+            format!("listener \"front\": cannot listen on {busy}"),
+        ),
+        (
+            "metrics",
+            format!("{base}{free_listener}[metrics]\nenabled = true\nlisten_addr = \"{busy}\"\n"),
+            format!("metrics: cannot listen on {busy}"),
+        ),
+        (
+            "api",
+            format!("{base}{free_listener}[api]\nenabled = true\nlisten_addr = \"{busy}\"\n"),
+            format!("discovery API: cannot listen on {busy}"),
+        ),
+        (
+            "dns",
+            format!("{base}{free_listener}[dns]\nenabled = true\nlisten_addr = \"{busy}\"\n"),
+            format!("on {busy}"),
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let path = write_config(&dir, &text);
+        let line = assert_one_error(
+            what,
+            run_to_end(&["check-config", "--config", &path], &[]),
+            &[&needle, "in use"],
+        );
+        assert_eq!(line.matches("in use").count(), 1, "cause repeated: {line}");
+        // --no-bind: the same file checks fine.
+        let (status, _, stderr) =
+            run_to_end(&["check-config", "--no-bind", "--config", &path], &[]);
+        assert!(status.success(), "{what} --no-bind: {stderr}");
+        assert!(!db.exists(), "check-config created routing.db");
+    }
+    drop((taken, taken_udp));
+}
+
+/// `run` binds every socket before it creates anything: a port in use stops
+/// it without leaving a new routing.db behind.
+#[test]
+fn run_creates_nothing_when_a_port_is_in_use() {
+    let dir = TempDir::new("run-nothing");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let db = dir.join("routing.db");
+    for extra in [
+        format!("[[listener]]\nname = \"front\"\naddr = \"{busy}\"\n"),
+        format!(
+            "[[listener]]\nname = \"front\"\naddr = \"127.0.0.1:0\"\n\
+             [metrics]\nenabled = true\nlisten_addr = \"{busy}\"\n"
+        ),
+    ] {
+        let text = format!(
+            "[routing]\ndb_path = {:?}\n[demo]\nbackends = 1\n{extra}",
+            db.to_str().unwrap()
+        );
+        let mut proxy = Proxy::spawn_with_config(&dir, &text);
+        let status = proxy
+            .wait_exit(PATIENCE)
+            .unwrap_or_else(|| panic!("started:\n{}", proxy.log_text()));
+        assert!(!status.success());
+        proxy
+            .wait_for_log("edgeproxy: error", PATIENCE)
+            .unwrap_or_else(|| panic!("{}", proxy.log_text()));
+        assert!(!db.exists(), "routing.db created:\n{}", proxy.log_text());
+        assert!(!proxy.log_text().contains("demo backend started"));
+    }
 }

@@ -1186,7 +1186,10 @@ fn tls_enabled_env_without_files_adds_a_self_signed_listener() {
 
 #[test]
 fn tls_env_defaults_to_port_8443_and_takes_cert_and_key_files() {
-    let (status, stdout, stderr) = run_to_end(&["check-config"], &[("EDGEPROXY_TLS_ENABLED", "1")]);
+    let (status, stdout, stderr) = run_to_end(
+        &["check-config", "--no-bind"],
+        &[("EDGEPROXY_TLS_ENABLED", "1")],
+    );
     assert!(status.success(), "{stderr}");
     let t: toml::Table = toml::from_str(&stdout).unwrap();
     let tls = t["listener"]

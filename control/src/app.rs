@@ -24,11 +24,25 @@ use crate::tls::TlsListeners;
 
 /// Runs the proxy until a stop signal. Errors before the proxy is up are
 /// returned (the caller prints them and exits non-zero).
+///
+/// Order: everything that can fail without side effects first (config,
+/// GeoIP, certificates), then every socket is bound (listeners, metrics,
+/// API, DNS), and only then is anything created (a new `routing.db`, demo
+/// backends): a start that fails on a port in use leaves nothing behind.
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log);
     let geo = Arc::new(build_geo(&config)?);
+    let mut tls = TlsListeners::default();
+    let specs = config
+        .listeners
+        .iter()
+        .map(|l| spec_of(l, &mut tls))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
+    let sockets = bind_all(&config, &specs, config.runtime.shards as usize, &geo)?;
+
+    crate::routing_db_path::prepare(&config.routing.db_path)?;
     let mut store = RoutingStore::open(&config.routing.db_path)?;
     if config.demo.backends > 0 {
         let records =
@@ -48,28 +62,21 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         version = first.version,
         backends = first.backends.len(),
         apps = first.app_count(),
-        db = %config.routing.db_path.display(),
+        db = %crate::routing_db_path::absolute(&config.routing.db_path).display(),
         "routing table loaded"
     );
     drop(first);
 
-    let metrics_listener = match config.metrics.enabled {
-        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
-        false => None,
-    };
-    let mut tls = TlsListeners::default();
-    let specs = config
-        .listeners
-        .iter()
-        .map(|l| spec_of(l, &mut tls))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Internal DNS: bound now (a bind failure stops startup), served on the
-    // control runtime below. See `internal_dns`.
-    let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
-    let mut engine = Engine::start(
+    let Sockets {
+        listeners,
+        metrics: metrics_listener,
+        api: api_socket,
+        dns,
+    } = sockets;
+    let mut engine = Engine::start_bound(
         engine_settings(&config),
         knobs(&config),
-        &specs,
+        listeners,
         snapshot.clone(),
         geo,
     )?;
@@ -77,6 +84,23 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
     }
+    // Listeners that would refuse every connection, said at once.
+    let reasons = {
+        let mut reloader = reloader.lock();
+        let coverage = reloader.coverage_mut();
+        coverage.set_listeners(listener_apps(&config));
+        coverage.warn(&snapshot.load(), "start");
+        coverage.shared()
+    };
+    let _watch = crate::traffic_watch::WatchThread::start(
+        crate::traffic_watch::Sources {
+            stats: engine.stats_view(),
+            snapshot: snapshot.clone(),
+            reasons,
+        },
+        config.log.summary_interval,
+    )
+    .context("cannot start the traffic watch thread")?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -98,14 +122,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
     }
-    // The discovery API: bound here (a taken port fails the start), its
-    // requests executed by the control loop, which owns the routing store.
-    let api = match crate::api::bind(&config.api)? {
+    // The discovery API: its requests executed by the control loop, which
+    // owns the routing store.
+    let api = match api_socket {
         None => None,
         Some(bound) => Some(runtime.block_on(async { bound.serve(snapshot.clone()) })?),
     };
     if let Some(dns) = dns {
-        runtime.spawn(dns.serve());
+        runtime.spawn(dns.serve(snapshot.clone()));
     }
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
@@ -139,16 +163,77 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every socket the process serves, bound, nothing served yet.
+struct Sockets {
+    listeners: engine::BoundListeners,
+    metrics: Option<std::net::TcpListener>,
+    api: Option<crate::api::Bound>,
+    dns: Option<crate::internal_dns::Bound>,
+}
+
+/// Binds every socket of `config`: the listeners (for `shards` shards), the
+/// metrics listener, the API and the DNS sockets. The first failure (a port
+/// in use, an address not on this host, a privileged port) is the error.
+fn bind_all(
+    config: &Config,
+    specs: &[ListenerSpec],
+    shards: usize,
+    geo: &Arc<GeoResolver>,
+) -> anyhow::Result<Sockets> {
+    let listeners = Engine::bind(specs, shards)?;
+    let metrics = match config.metrics.enabled {
+        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
+        false => None,
+    };
+    let api = crate::api::bind(&config.api)?;
+    let dns = crate::internal_dns::bind(config, Arc::clone(geo))?;
+    Ok(Sockets {
+        listeners,
+        metrics,
+        api,
+        dns,
+    })
+}
+
+/// (name, app) of each configured listener, for `no_backend_warn`.
+fn listener_apps(config: &Config) -> Vec<(String, Option<String>)> {
+    config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.app.clone()))
+        .collect()
+}
+
+/// How `check-config` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Skip binding the sockets (to check a file for a running proxy, which
+    /// holds them, before reloading it).
+    pub no_bind: bool,
+}
+
 /// Loads and validates the configuration as `run` would, without starting
-/// anything, and returns the effective configuration.
-pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
+/// anything, and returns the effective configuration. Also binds every
+/// socket and lets go (a port in use is an error, like `nginx -t`), checks
+/// the routing store's path and reads its table without writing it: each
+/// listener that would refuse every connection is a warning, returned as a
+/// line of text.
+pub fn check(
+    config_path: Option<&Path>,
+    options: CheckOptions,
+) -> anyhow::Result<(Config, Vec<String>)> {
     let config = config::load(config_path, &config::ProcessEnv)?;
-    build_geo(&config)?;
+    let geo = Arc::new(build_geo(&config)?);
     let mut tls = TlsListeners::default();
+    let mut specs = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        spec_of(l, &mut tls)?;
+        specs.push(spec_of(l, &mut tls)?);
     }
-    Ok(config)
+    if !options.no_bind {
+        drop(bind_all(&config, &specs, 1, &geo)?);
+    }
+    let warnings = crate::check_routing::warnings(&config, &listener_apps(&config))?;
+    Ok((config, warnings))
 }
 
 /// SIGHUP, SIGTERM and SIGINT, caught from the moment [`Signals::install`]
@@ -217,7 +302,13 @@ async fn control_loop(
                         Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
                     },
                 }
-                reloader.lock().reload();
+                {
+                    // The reload warns about listeners (as they now are)
+                    // with no eligible backend.
+                    let mut reloader = reloader.lock();
+                    reloader.coverage_mut().set_listeners(listener_apps(&config));
+                    reloader.reload();
+                }
                 tls.refresh(true);
             }
             _ = term.recv() => return Ok(config.limits.shutdown_grace),

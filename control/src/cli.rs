@@ -45,8 +45,16 @@ pub enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the configuration (file plus environment) and print the
-    /// effective settings as TOML.
-    CheckConfig,
+    /// effective settings as TOML. Also binds every socket it configures
+    /// and lets go (a port in use is an error), and reads the routing table
+    /// without changing it: listeners that would refuse every connection
+    /// (no eligible backend) are warnings on stderr.
+    CheckConfig {
+        /// Do not bind the sockets: for a file a running proxy is about to
+        /// reload (its sockets are in use by that proxy).
+        #[arg(long)]
+        no_bind: bool,
+    },
     /// Manage backends through a running proxy's discovery API:
     /// list, add (register or update), rm (deregister), drain. The API's
     /// address and token come from --config's [api] section unless --api
@@ -64,8 +72,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => crate::app::run(cli.config),
-        Command::CheckConfig => crate::app::check(cli.config.as_deref())
-            .and_then(|config| Ok(crate::stdout::print(&config.to_toml())?)),
+        Command::CheckConfig { no_bind } => {
+            let options = crate::app::CheckOptions { no_bind };
+            crate::app::check(cli.config.as_deref(), options).and_then(|(config, warnings)| {
+                for w in &warnings {
+                    eprintln!("edgeproxy: warning: {w}");
+                }
+                Ok(crate::stdout::print(&config.to_toml())?)
+            })
+        }
         Command::Backends(args) => crate::api::client::run(*args, cli.config.as_deref()),
         Command::Completions { shell } => completions(shell),
     };

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod check_routing;
 pub mod cli;
 pub mod config;
 pub mod config_env;
@@ -12,10 +13,13 @@ pub mod internal_dns;
 pub mod log_config;
 pub mod logging;
 pub mod metrics;
+pub mod no_backend_warn;
 pub mod reload_thread;
 pub mod replication;
 pub mod routing;
+pub mod routing_db_path;
 pub mod stdout;
 pub mod store;
 pub mod tls;
+pub mod traffic_watch;
 pub mod version;

@@ -7,12 +7,15 @@
 //! | `level` | `DEBUG=1` means `debug`; `RUST_LOG` wins over both | `info` |
 //! | `format` | `EDGEPROXY_LOG_FORMAT` | `text` |
 //! | `access` | `EDGEPROXY_LOG_ACCESS` | `false` |
+//! | `summary_interval_secs` | `EDGEPROXY_LOG_SUMMARY_INTERVAL_SECS` | `10` (1..=3600) |
 //!
-//! `level` and `format` take effect at start; `access` also on SIGHUP.
+//! `access` applies on SIGHUP, the others at start.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config_env::{env_bool, invalid, ConfigError, Env};
+use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
 
 /// The `tracing` target of access-log lines (`engine::access`).
 pub use engine::access::TARGET as ACCESS_TARGET;
@@ -25,7 +28,11 @@ pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
     pub access: Option<bool>,
+    pub summary_interval_secs: Option<u64>,
 }
+
+/// Default of `summary_interval_secs`.
+pub const SUMMARY_INTERVAL_SECS: u64 = 10;
 
 /// How log lines are written (to stderr).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -60,6 +67,15 @@ pub struct Log {
     /// backend, bytes each way, duration, how it ended), written even when
     /// `level` is above info.
     pub access: bool,
+    /// How often refused connections and backend connect failures are
+    /// summed up in one WARN each (`crate::traffic_watch`), when there were
+    /// any.
+    #[serde(rename = "summary_interval_secs", serialize_with = "ser_secs")]
+    pub summary_interval: Duration,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 pub fn from_raw(raw: RawLog, env: &dyn Env) -> Result<Log, ConfigError> {
@@ -90,10 +106,20 @@ pub fn from_raw(raw: RawLog, env: &dyn Env) -> Result<Log, ConfigError> {
     let access = env_bool(env, "EDGEPROXY_LOG_ACCESS")?
         .or(raw.access)
         .unwrap_or(false);
+    let summary = env_parse::<u64>(env, "EDGEPROXY_LOG_SUMMARY_INTERVAL_SECS")?
+        .or(raw.summary_interval_secs)
+        .unwrap_or(SUMMARY_INTERVAL_SECS);
+    if !(1..=3600).contains(&summary) {
+        return Err(invalid(
+            "log.summary_interval_secs",
+            "must be between 1 s and 1 hour",
+        ));
+    }
     Ok(Log {
         level,
         format,
         access,
+        summary_interval: Duration::from_secs(summary),
     })
 }
 
@@ -115,6 +141,7 @@ mod tests {
                 level: "info".into(),
                 format: LogFormat::Text,
                 access: false,
+                summary_interval: Duration::from_secs(10),
             }
         );
     }
@@ -149,6 +176,21 @@ mod tests {
                 .unwrap()
                 .access
         );
+    }
+
+    #[test]
+    fn summary_interval_is_bounded() {
+        let l = parse("summary_interval_secs = 1", &NO_ENV).unwrap();
+        assert_eq!(l.summary_interval, Duration::from_secs(1));
+        for bad in ["summary_interval_secs = 0", "summary_interval_secs = 3601"] {
+            let err = parse(bad, &NO_ENV).unwrap_err();
+            assert!(
+                err.to_string().contains("log.summary_interval_secs"),
+                "{err}"
+            );
+        }
+        let env = [("EDGEPROXY_LOG_SUMMARY_INTERVAL_SECS", "30")];
+        assert_eq!(parse("", &env).unwrap().summary_interval.as_secs(), 30);
     }
 
     #[test]

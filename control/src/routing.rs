@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use engine::snapshot::{BackendRecord, SnapshotBuilder, SnapshotHandle};
 
+use crate::no_backend_warn::Coverage;
 use crate::store::{Lifecycle, RoutingStore, StoreError};
 
 pub struct RoutingReloader {
@@ -32,6 +33,8 @@ pub struct RoutingReloader {
     next_expiry_ms: Option<i64>,
     /// Backends expired at the last reload, to log each change once.
     expired: BTreeSet<String>,
+    /// Listeners without an eligible backend, warned about after reloads.
+    coverage: Coverage,
 }
 
 /// Unix milliseconds of `t` (0 before the epoch).
@@ -167,6 +170,13 @@ impl RoutingReloader {
         }
         let built = builder.build(&loaded.records);
         log_skipped(&built.skipped);
+        let mut coverage = Coverage::default();
+        coverage.observe(
+            &loaded.records,
+            &loaded.lifecycle,
+            &expired,
+            &built.snapshot,
+        );
         let handle = SnapshotHandle::new(built.snapshot);
         Ok(RoutingReloader {
             store,
@@ -176,6 +186,7 @@ impl RoutingReloader {
             ttl,
             next_expiry_ms,
             expired,
+            coverage,
         })
     }
 
@@ -195,6 +206,12 @@ impl RoutingReloader {
 
     pub fn store_mut(&mut self) -> &mut RoutingStore {
         &mut self.store
+    }
+
+    /// Which listeners have no eligible backend, as of the last reload
+    /// (every reload warns about them; see `crate::no_backend_warn`).
+    pub fn coverage_mut(&mut self) -> &mut Coverage {
+        &mut self.coverage
     }
 
     /// Reloads if the store changed (or a heartbeat deadline passed). Errors
@@ -275,6 +292,13 @@ impl RoutingReloader {
                 tracing::info!(backend = %id, "backend heartbeat resumed: back in service");
             }
         }
+        self.coverage.observe(
+            &loaded.records,
+            &loaded.lifecycle,
+            &expired,
+            &self.handle.load(),
+        );
+        self.coverage.warn(&self.handle.load(), "reload");
         self.expired = expired;
         self.next_expiry_ms = next_expiry_ms;
         // After publishing: the verdicts are for the other POPs (and make

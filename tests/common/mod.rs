@@ -114,13 +114,30 @@ impl Proxy {
         Proxy::spawn(&["--config", path.to_str().unwrap()], &[])
     }
 
+    /// Like [`Proxy::spawn`], in working directory `cwd`.
+    pub fn spawn_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(cwd);
+        Proxy::spawn_command(cmd, args, env, Some("info"))
+    }
+
     /// Like [`Proxy::spawn`], with `RUST_LOG` set to `rust_log` (or unset).
     pub fn spawn_with_rust_log(
         args: &[&str],
         env: &[(&str, &str)],
         rust_log: Option<&str>,
     ) -> Proxy {
-        let mut cmd = Command::new(BIN);
+        Proxy::spawn_command(Command::new(BIN), args, env, rust_log)
+    }
+
+    /// Starts `cmd` (the binary, maybe with a working directory or limits
+    /// set) with `args` and `env` added to a clean environment.
+    pub fn spawn_command(
+        mut cmd: Command,
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
