@@ -199,7 +199,11 @@ fn shipped_config_checks_and_prints_effective_toml() {
     assert!(status.success(), "check-config failed: {stderr}");
     let t = parse(&stdout);
     assert_eq!(get(&t, "pop.region").as_str(), Some("sa"));
-    assert_eq!(get(&t, "routing.db_path").as_str(), Some("routing.db"));
+    // Relative to the config file's directory, printed absolute.
+    assert_eq!(
+        get(&t, "routing.db_path").as_str(),
+        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/config/routing.db"))
+    );
     assert_eq!(get(&t, "demo.backends").as_integer(), Some(2));
     assert_eq!(get(&t, "log.level").as_str(), Some("info"));
     // `shards = 0` is resolved to a real count.
@@ -660,4 +664,59 @@ fn run_creates_nothing_when_a_port_is_in_use() {
         assert!(!db.exists(), "routing.db created:\n{}", proxy.log_text());
         assert!(!proxy.log_text().contains("demo backend started"));
     }
+}
+
+/// Relative paths in a config file resolve against the file's directory, not
+/// the working directory (under systemd that is `/`): the routing table and
+/// a token file next to the config are found from anywhere.
+#[test]
+fn relative_paths_resolve_against_the_config_files_directory() {
+    let dir = TempDir::new("relative");
+    let conf = dir.join("etc");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(conf.join("data")).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(conf.join("api.token"), "relative-token-0123456789\n").unwrap();
+    std::fs::write(
+        conf.join("edgeproxy.toml"),
+        "[routing]\ndb_path = \"data/routing.db\"\n\
+         [api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n\
+         [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    // Started from another directory, with the config named relatively.
+    let proxy = Proxy::spawn_in(&elsewhere, &["--config", "../etc/edgeproxy.toml"], &[]).ready();
+    let created = proxy
+        .wait_for_log("routing store did not exist", PATIENCE)
+        .unwrap_or_else(|| panic!("{}", proxy.log_text()));
+    assert_eq!(
+        common::field(&created, "path").as_deref(),
+        Some(conf.join("data/routing.db").to_str().unwrap()),
+        "{created}"
+    );
+    assert!(conf.join("data/routing.db").exists());
+    assert!(!elsewhere.join("data").exists());
+    // The token file was found (auth = token).
+    let api = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    assert!(api.contains("auth=\"token\"") || api.contains("auth=token"), "{api}");
+    drop(proxy);
+
+    // check-config prints the resolved, absolute paths.
+    let mut cmd = std::process::Command::new(common::BIN);
+    let out = cmd
+        .current_dir(&elsewhere)
+        .args(["check-config", "--no-bind", "--config", "../etc/edgeproxy.toml"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = parse(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        get(&t, "routing.db_path").as_str(),
+        Some(conf.join("data/routing.db").to_str().unwrap())
+    );
+    assert_eq!(
+        get(&t, "api.token_file").as_str(),
+        Some(conf.join("api.token").to_str().unwrap())
+    );
 }

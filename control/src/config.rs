@@ -486,9 +486,16 @@ pub fn parse_toml(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 
 /// Loads the effective configuration: the file (if given) then the
 /// environment on top.
+///
+/// Relative paths in the file are resolved against the file's directory
+/// (see `crate::config_paths`).
 pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let raw = match path {
-        Some(p) => read_file(p)?,
+        Some(p) => {
+            let mut raw = read_file(p)?;
+            crate::config_paths::resolve(&mut raw, p);
+            raw
+        }
         None => RawConfig::default(),
     };
     Config::from_raw(raw, env)

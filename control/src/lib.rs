@@ -8,6 +8,7 @@ pub mod check_routing;
 pub mod cli;
 pub mod config;
 pub mod config_env;
+pub mod config_paths;
 pub mod demo;
 pub mod internal_dns;
 pub mod log_config;
