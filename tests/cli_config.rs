@@ -698,18 +698,30 @@ fn relative_paths_resolve_against_the_config_files_directory() {
     assert!(!elsewhere.join("data").exists());
     // The token file was found (auth = token).
     let api = proxy.wait_for_log("api listening", PATIENCE).unwrap();
-    assert!(api.contains("auth=\"token\"") || api.contains("auth=token"), "{api}");
+    assert!(
+        api.contains("auth=\"token\"") || api.contains("auth=token"),
+        "{api}"
+    );
     drop(proxy);
 
     // check-config prints the resolved, absolute paths.
     let mut cmd = std::process::Command::new(common::BIN);
     let out = cmd
         .current_dir(&elsewhere)
-        .args(["check-config", "--no-bind", "--config", "../etc/edgeproxy.toml"])
+        .args([
+            "check-config",
+            "--no-bind",
+            "--config",
+            "../etc/edgeproxy.toml",
+        ])
         .env_clear()
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let t = parse(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(
         get(&t, "routing.db_path").as_str(),

@@ -289,13 +289,13 @@ async fn control_loop(
                     None => tracing::info!("no config file given; only the routing table is re-read"),
                     Some(path) => match config::load(Some(path), &config::ProcessEnv) {
                         Ok(new) => match apply(&config, &new, engine, tls) {
-                            Ok(()) => {
-                                if new.routing.reload_interval != config.routing.reload_interval {
-                                    ticks.set_interval(new.routing.reload_interval);
-                                    ticker = tokio::time::interval(new.routing.reload_interval);
+                            Ok(next) => {
+                                if next.routing.reload_interval != config.routing.reload_interval {
+                                    ticks.set_interval(next.routing.reload_interval);
+                                    ticker = tokio::time::interval(next.routing.reload_interval);
                                     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                                 }
-                                config = new;
+                                config = next;
                             }
                             Err(e) => tracing::error!(error = format!("{e:#}"), "new configuration rejected; keeping the running one"),
                         },
@@ -320,7 +320,9 @@ async fn control_loop(
     }
 }
 
-/// Applies what can change without a restart and logs the rest.
+/// Applies what can change without a restart, warns about each
+/// restart-only key that differs from what runs (old → new), and returns the
+/// configuration that runs from now on (see `config_diff::split`).
 ///
 /// Everything the new listeners need (certificates) is built first: if any of
 /// it fails, nothing changes and the error is returned.
@@ -329,7 +331,7 @@ fn apply(
     new: &Config,
     engine: &mut Engine,
     tls: &mut TlsListeners,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Config> {
     let mut starting = Vec::new();
     for l in &new.listeners {
         if !old.listeners.contains(l) {
@@ -338,7 +340,18 @@ fn apply(
     }
     let new_knobs = knobs(new);
     if *engine.knobs() != new_knobs {
-        tracing::info!(?new_knobs, "limits and timeouts updated");
+        let mut changes = crate::config_diff::diff("limits", &old.limits, &new.limits);
+        changes.extend(crate::config_diff::diff(
+            "affinity",
+            &old.affinity,
+            &new.affinity,
+        ));
+        changes.extend(crate::config_diff::diff(
+            "log.access",
+            &old.log.access,
+            &new.log.access,
+        ));
+        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
         engine.set_knobs(new_knobs);
     }
     // Listeners: removed or changed ones stop; added or changed ones start.
@@ -360,32 +373,12 @@ fn apply(
             Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
         }
     }
-    let restart_only = [
-        ("runtime", old.runtime != new.runtime),
-        (
-            "routing.db_path",
-            old.routing.db_path != new.routing.db_path,
-        ),
-        ("geo", old.geo != new.geo),
-        ("pop", old.pop != new.pop),
-        ("demo", old.demo != new.demo),
-        (
-            "log",
-            (&old.log.level, old.log.format) != (&new.log.level, new.log.format),
-        ),
-        ("api", old.api != new.api),
-        ("dns", old.dns != new.dns),
-        ("metrics", old.metrics != new.metrics),
-    ];
-    for (section, changed) in restart_only {
-        if changed {
-            tracing::warn!(
-                section,
-                "this setting changed but takes effect only after a restart"
-            );
-        }
+    let (next, restart) = crate::config_diff::split(old, new);
+    for change in &restart {
+        tracing::warn!(key = %change.key, old = %change.old, new = %change.new,
+            "changed in the file, but takes effect only after a restart; running with the old value");
     }
-    Ok(())
+    Ok(next)
 }
 
 fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {

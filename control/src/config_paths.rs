@@ -99,7 +99,10 @@ mod tests {
 
     #[test]
     fn absolute_paths_stay_and_the_default_table_is_next_to_the_file() {
-        let raw = resolved("[geo]\ndb_path = \"/var/lib/geo.mmdb\"\n", "/srv/ep/edge.toml");
+        let raw = resolved(
+            "[geo]\ndb_path = \"/var/lib/geo.mmdb\"\n",
+            "/srv/ep/edge.toml",
+        );
         assert_eq!(raw.geo.db_path, Some(PathBuf::from("/var/lib/geo.mmdb")));
         assert_eq!(
             raw.routing.db_path,

@@ -7,6 +7,7 @@ pub mod app;
 pub mod check_routing;
 pub mod cli;
 pub mod config;
+pub mod config_diff;
 pub mod config_env;
 pub mod config_paths;
 pub mod demo;
