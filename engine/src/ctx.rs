@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub active_total: AtomicU32,
     /// Affinity for connections that cannot be steered to one shard.
     pub shared_affinity: SharedAffinity,
+    /// Set by [`crate::FastStop`]: a drain in progress ends now.
+    pub stop_now: Arc<AtomicBool>,
 }
 
 /// What every connection task of a shard shares.

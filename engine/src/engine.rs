@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +47,16 @@ struct ShardHandle {
     commands: async_channel::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<ShardStats>,
+}
+
+/// Ends a drain in progress at once. See [`Engine::fast_stop`].
+#[derive(Clone)]
+pub struct FastStop(Arc<AtomicBool>);
+
+impl FastStop {
+    pub fn trigger(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A listener that is running on every shard.
@@ -192,6 +202,7 @@ impl Engine {
             geo,
             knobs: Arc::new(ArcSwap::from_pointee(knobs)),
             active_total: AtomicU32::new(0),
+            stop_now: Arc::default(),
         });
         let mut engine = Engine {
             shared,
@@ -331,9 +342,18 @@ impl Engine {
     }
 
     /// Stops accepting everywhere, lets open connections finish for up to
-    /// `grace`, then closes what is left and joins every shard thread.
+    /// `grace`, then closes what is left and joins every shard thread. Blocks
+    /// until then; [`Engine::fast_stop`] cuts the wait short from another
+    /// thread.
     pub fn shutdown(mut self, grace: Duration) {
         self.stop(grace);
+    }
+
+    /// A handle that ends a [`Engine::shutdown`] in progress at once (the
+    /// operator's second stop signal): the shards close what is still open
+    /// and exit.
+    pub fn fast_stop(&self) -> FastStop {
+        FastStop(Arc::clone(&self.shared.stop_now))
     }
 
     fn stop(&mut self, grace: Duration) {

@@ -23,6 +23,6 @@ pub mod tls;
 mod tls_conn;
 
 pub use engine::{
-    BoundListeners, Engine, EngineError, ListenerSummary, RunningListener, StatsView,
+    BoundListeners, Engine, EngineError, FastStop, ListenerSummary, RunningListener, StatsView,
 };
 pub use settings::{EngineSettings, Knobs, ListenerSpec};

@@ -100,22 +100,28 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
     }
 }
 
-/// Waits for this shard's connections to finish, at most `grace`.
+/// Waits for this shard's connections to finish, at most `grace`, or until
+/// a fast stop is asked for.
 async fn drain(ctx: &ShardCtx, grace: Duration) {
     let deadline = Instant::now() + grace;
+    let stop_now = || {
+        ctx.shared
+            .stop_now
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     // Connections end on their own schedule; a short poll costs nothing next
     // to a drain that lasts seconds, and needs no wake-up plumbing in every
     // connection.
-    while ctx.stats.active() > 0 && Instant::now() < deadline {
+    while ctx.stats.active() > 0 && Instant::now() < deadline && !stop_now() {
         rt::sleep(Duration::from_millis(20).min(grace)).await;
     }
     let left = ctx.stats.active();
     if left > 0 {
-        tracing::warn!(
-            shard = ctx.id,
-            connections = left,
-            "grace period over: closing connections still open"
-        );
+        let why = match stop_now() {
+            true => "fast stop: closing connections still open",
+            false => "grace period over: closing connections still open",
+        };
+        tracing::warn!(shard = ctx.id, connections = left, "{why}");
     }
 }
 
