@@ -108,25 +108,29 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the control runtime")?;
     // Stop and reload signals are handled from here on, before anything says
     // the proxy is ready (see `Signals`).
-    let signals = {
+    let mut signals = {
         let _context = runtime.enter();
         Signals::install()?
     };
+    let readiness = crate::readiness::Readiness::default();
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
             engine: engine.stats_view(),
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
+            readiness: readiness.clone(),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
     }
     // The discovery API: its requests executed by the control loop, which
     // owns the routing store.
-    let api = match api_socket {
+    let mut api = match api_socket {
         None => None,
-        Some(bound) => Some(runtime.block_on(async { bound.serve(snapshot.clone()) })?),
+        Some(bound) => {
+            Some(runtime.block_on(async { bound.serve(snapshot.clone(), readiness.clone()) })?)
+        }
     };
     if let Some(dns) = dns {
         runtime.spawn(dns.serve(snapshot.clone()));
@@ -141,26 +145,70 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         reload_interval_ms = config.routing.reload_interval.as_millis() as u64,
         "edgeproxy ready"
     );
+    readiness.set_ready();
+    crate::sd_notify::ready(&ready_status(&engine));
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
     let grace = runtime.block_on(control_loop(
-        signals,
+        &mut signals,
         config_path,
         config,
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        api,
+        &mut api,
     ))?;
     ticks.stop();
+    readiness.set_draining();
+    let open = engine.active_connections();
+    crate::sd_notify::stopping(&format!(
+        "draining {open} connection(s), at most {} s",
+        grace.as_secs()
+    ));
     tracing::info!(
         grace_secs = grace.as_secs(),
-        open = engine.active_connections(),
-        "shutting down: stopped accepting, draining open connections"
+        open,
+        "shutting down: stopped accepting, draining open connections \
+         (a second SIGTERM/SIGINT closes them now)"
     );
-    engine.shutdown(grace);
+    // The shards drain on their own threads; this one keeps answering the
+    // API, metrics, probes and DNS, and listens for a second stop signal.
+    let fast = engine.fast_stop();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let drainer = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            engine.shutdown(grace);
+            let _ = done_tx.send(());
+        })
+        .context("cannot start the drain thread")?;
+    let Signals { hup, term, int } = &mut signals;
+    runtime.block_on(crate::drain::serve_until_done(
+        done_rx,
+        crate::drain::DrainSignals { term, int, hup },
+        fast,
+        api,
+    ));
+    if drainer.join().is_err() {
+        tracing::error!("the drain thread panicked");
+    }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// What `systemctl status` shows once the proxy is up: the listeners as
+/// bound (the real port where 0 was asked for).
+fn ready_status(engine: &Engine) -> String {
+    let addrs: Vec<String> = engine
+        .listeners()
+        .iter()
+        .map(|l| format!("{} {}", l.spec.name, l.local_addr))
+        .collect();
+    format!(
+        "ready: {} shard(s), listening on {}",
+        engine.shard_count(),
+        addrs.join(", ")
+    )
 }
 
 /// Every socket the process serves, bound, nothing served yet.
@@ -261,19 +309,15 @@ impl Signals {
 
 /// Returns the drain grace period once a stop signal arrives.
 async fn control_loop(
-    signals: Signals,
+    signals: &mut Signals,
     config_path: Option<PathBuf>,
     mut config: Config,
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    mut api: Option<crate::api::Server>,
+    api: &mut Option<crate::api::Server>,
 ) -> anyhow::Result<Duration> {
-    let Signals {
-        mut hup,
-        mut term,
-        mut int,
-    } = signals;
+    let Signals { hup, term, int } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -285,6 +329,7 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
+                crate::sd_notify::reloading();
                 match &config_path {
                     None => tracing::info!("no config file given; only the routing table is re-read"),
                     Some(path) => match config::load(Some(path), &config::ProcessEnv) {
@@ -310,12 +355,13 @@ async fn control_loop(
                     reloader.reload();
                 }
                 tls.refresh(true);
+                crate::sd_notify::ready(&ready_status(engine));
             }
             _ = term.recv() => return Ok(config.limits.shutdown_grace),
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut api) => crate::api::execute(cmd, &mut reloader.lock()),
+            cmd = crate::api::next_command(api) => crate::api::execute(cmd, &mut reloader.lock()),
         }
     }
 }

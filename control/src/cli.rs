@@ -23,7 +23,12 @@ use clap::{Parser, Subcommand};
         edgeProxy's environment variables (EDGEPROXY_LISTEN_ADDR, \
         EDGEPROXY_DB_PATH, EDGEPROXY_REGION, ...). Signals: SIGHUP re-reads \
         the config file and the routing table; SIGTERM/SIGINT stop accepting \
-        and drain open connections for limits.shutdown_grace_secs."
+        and drain open connections for limits.shutdown_grace_secs, and a \
+        second SIGTERM/SIGINT closes them at once.\n\n\
+        Relative paths in the config file are resolved against the file's \
+        directory. Under systemd (Type=notify, see config/edgeproxy.service) \
+        the proxy reports READY, RELOADING and STOPPING; with [metrics] on, \
+        GET /ready and /live answer probes."
 )]
 pub struct Cli {
     /// TOML configuration file (see config/edgeproxy.toml for every key).
@@ -45,10 +50,12 @@ pub enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the configuration (file plus environment) and print the
-    /// effective settings as TOML. Also binds every socket it configures
-    /// and lets go (a port in use is an error), and reads the routing table
-    /// without changing it: listeners that would refuse every connection
-    /// (no eligible backend) are warnings on stderr.
+    /// effective settings as TOML.
+    ///
+    /// Also binds every socket it configures and lets go (a port in use is
+    /// an error), and reads the routing table without changing it:
+    /// listeners that would refuse every connection (no eligible backend)
+    /// are warnings on stderr.
     CheckConfig {
         /// Do not bind the sockets: for a file a running proxy is about to
         /// reload (its sockets are in use by that proxy).
@@ -56,12 +63,15 @@ pub enum Command {
         no_bind: bool,
     },
     /// Manage backends through a running proxy's discovery API:
-    /// list, add (register or update), rm (deregister), drain. The API's
-    /// address and token come from --config's [api] section unless --api
-    /// and --token say otherwise.
+    /// list, add (register or update), rm (deregister), drain.
+    ///
+    /// The API's address and token come from --config's [api] section
+    /// unless --api and --token say otherwise.
     Backends(Box<crate::api::client::BackendsArgs>),
-    /// Print a shell completion script, e.g.
-    /// `edgeproxy completions bash > /etc/bash_completion.d/edgeproxy`.
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For example: `edgeproxy completions bash >
+    /// /etc/bash_completion.d/edgeproxy`.
     Completions {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,

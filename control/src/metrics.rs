@@ -22,6 +22,8 @@ pub struct Sources {
     pub engine: StatsView,
     pub snapshot: SnapshotHandle,
     pub started: std::time::Instant,
+    /// For `/ready` and `/live` (`crate::readiness`).
+    pub readiness: crate::readiness::Readiness,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -36,6 +38,7 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 /// Serves `/metrics` on the current Tokio runtime.
 pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let probes = crate::readiness::routes(sources.readiness.clone());
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -54,8 +57,9 @@ pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Resul
         )
         .route(
             "/",
-            axum::routing::get(|| async { "edgeproxy admin: GET /metrics\n" }),
-        );
+            axum::routing::get(|| async { "edgeproxy admin: GET /metrics, /ready, /live\n" }),
+        )
+        .merge(probes);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener failed");

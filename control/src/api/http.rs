@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub max_body: usize,
     pub snapshot: SnapshotHandle,
     pub started: Instant,
+    /// `/health` says 503 `draining` once a drain starts.
+    pub readiness: crate::readiness::Readiness,
 }
 
 type AppState = Arc<Shared>;
@@ -152,15 +154,20 @@ async fn call(s: &Shared, op: Op) -> Response {
 async fn health(State(s): State<AppState>) -> Response {
     let snap = s.snapshot.load();
     let n = snap.backends.len();
-    Json(json!({
-        "status": "ok",
+    // While draining (SIGTERM), 503: load balancers stop sending.
+    let (status, text) = match s.readiness.phase() {
+        crate::readiness::Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        _ => (StatusCode::OK, "ok"),
+    };
+    let body = Json(json!({
+        "status": text,
         "version": env!("CARGO_PKG_VERSION"),
         "registered_backends": n,
         "backends": n,
         "uptime_secs": s.started.elapsed().as_secs(),
         "routing_version": snap.version,
-    }))
-    .into_response()
+    }));
+    (status, body).into_response()
 }
 
 async fn register(State(s): State<AppState>, req: Request) -> Response {

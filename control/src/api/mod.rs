@@ -101,7 +101,11 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
-    pub fn serve(self, snapshot: SnapshotHandle) -> anyhow::Result<Server> {
+    pub fn serve(
+        self,
+        snapshot: SnapshotHandle,
+        readiness: crate::readiness::Readiness,
+    ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .context("discovery API: cannot register the socket")?;
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -116,6 +120,7 @@ impl Bound {
             max_body: self.config.max_body_bytes,
             snapshot,
             started: Instant::now(),
+            readiness,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })
