@@ -259,6 +259,14 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+/// Sends `sig` to process `pid` (one the test started, e.g. a child of a
+/// tracer around the proxy).
+pub fn signal_pid(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2).
+    let rc = unsafe { libc_kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill {pid} failed");
+}
+
 pub const SIGHUP: i32 = 1;
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
