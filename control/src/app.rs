@@ -44,6 +44,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
     crate::routing_db_path::prepare(&config.routing.db_path)?;
     let mut store = RoutingStore::open(&config.routing.db_path)?;
+    store.set_node_id(&config.replication.node_id);
     if config.demo.backends > 0 {
         let records =
             crate::demo::start(config.demo.backends, &config.demo.app, &config.pop.region)
@@ -72,6 +73,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         metrics: metrics_listener,
         api: api_socket,
         dns,
+        replication,
     } = sockets;
     let mut engine = Engine::start_bound(
         engine_settings(&config),
@@ -113,12 +115,20 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         Signals::install()?
     };
     let readiness = crate::readiness::Readiness::default();
+    let replication = match replication {
+        None => None,
+        Some(bound) => {
+            let _context = runtime.enter();
+            Some(bound.start(reloader.clone())?)
+        }
+    };
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
             engine: engine.stats_view(),
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
+            replication: replication.as_ref().map(|r| r.status()),
             readiness: readiness.clone(),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
@@ -128,9 +138,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // owns the routing store.
     let mut api = match api_socket {
         None => None,
-        Some(bound) => {
-            Some(runtime.block_on(async { bound.serve(snapshot.clone(), readiness.clone()) })?)
-        }
+        Some(bound) => Some(runtime.block_on(async {
+            bound.serve(
+                snapshot.clone(),
+                replication.as_ref().map(|r| r.status()),
+                readiness.clone(),
+            )
+        })?),
     };
     if let Some(dns) = dns {
         runtime.spawn(dns.serve(snapshot.clone()));
@@ -156,8 +170,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        &mut api,
+        (&mut api, replication.as_ref()),
     ))?;
+    if let Some(r) = &replication {
+        // Leave the cluster first: the other POPs mark this one down at
+        // once instead of after the suspicion timeout.
+        runtime.block_on(r.shutdown(Duration::from_secs(2)));
+    }
     ticks.stop();
     readiness.set_draining();
     let open = engine.active_connections();
@@ -217,10 +236,11 @@ struct Sockets {
     metrics: Option<std::net::TcpListener>,
     api: Option<crate::api::Bound>,
     dns: Option<crate::internal_dns::Bound>,
+    replication: Option<crate::replication::driver::Bound>,
 }
 
 /// Binds every socket of `config`: the listeners (for `shards` shards), the
-/// metrics listener, the API and the DNS sockets. The first failure (a port
+/// metrics listener, the API, the DNS and the replication sockets. The first failure (a port
 /// in use, an address not on this host, a privileged port) is the error.
 fn bind_all(
     config: &Config,
@@ -235,11 +255,13 @@ fn bind_all(
     };
     let api = crate::api::bind(&config.api)?;
     let dns = crate::internal_dns::bind(config, Arc::clone(geo))?;
+    let replication = crate::replication::driver::bind(config)?;
     Ok(Sockets {
         listeners,
         metrics,
         api,
         dns,
+        replication,
     })
 }
 
@@ -315,7 +337,10 @@ async fn control_loop(
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    api: &mut Option<crate::api::Server>,
+    (api, replication): (
+        &mut Option<crate::api::Server>,
+        Option<&crate::replication::driver::Handle>,
+    ),
 ) -> anyhow::Result<Duration> {
     let Signals { hup, term, int } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
@@ -361,7 +386,14 @@ async fn control_loop(
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(api) => crate::api::execute(cmd, &mut reloader.lock()),
+            cmd = crate::api::next_command(api) => {
+                crate::api::execute(cmd, &mut reloader.lock());
+                // A write goes out to the other POPs now, not at the next
+                // change-log poll.
+                if let Some(r) = replication {
+                    r.poke();
+                }
+            }
         }
     }
 }

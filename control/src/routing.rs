@@ -12,13 +12,26 @@
 //! go on. Expiry changes nothing in the file, so the reloader also reloads
 //! when the earliest heartbeat deadline it saw has passed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine::snapshot::{BackendRecord, SnapshotBuilder, SnapshotHandle};
+use arc_swap::ArcSwap;
+use engine::snapshot::{BackendRecord, Country, PopView, SnapshotBuilder, SnapshotHandle};
 
 use crate::no_backend_warn::Coverage;
-use crate::store::{Lifecycle, RoutingStore, StoreError};
+use crate::store::{Lifecycle, PopRow, RoutingStore, StoreError};
+
+/// Node ids of the cluster members currently alive (this node included),
+/// kept by replication; read when the snapshot's POP list is built.
+pub type Liveness = Arc<ArcSwap<HashSet<String>>>;
+
+/// What the snapshot's POP list is built from besides the `pops` table.
+#[derive(Clone)]
+pub struct PopsInput {
+    pub local_id: String,
+    pub alive: Liveness,
+}
 
 pub struct RoutingReloader {
     store: RoutingStore,
@@ -35,6 +48,8 @@ pub struct RoutingReloader {
     expired: BTreeSet<String>,
     /// Listeners without an eligible backend, warned about after reloads.
     coverage: Coverage,
+    /// Set when replication runs: the snapshot then lists the cluster's POPs.
+    pops: Option<PopsInput>,
 }
 
 /// Unix milliseconds of `t` (0 before the epoch).
@@ -187,7 +202,15 @@ impl RoutingReloader {
             next_expiry_ms,
             expired,
             coverage,
+            pops: None,
         })
+    }
+
+    /// From now on, snapshots list the cluster's POPs (from the `pops`
+    /// table, alive as `input` says). Publishes one at once.
+    pub fn set_pops_input(&mut self, input: PopsInput) {
+        self.pops = Some(input);
+        self.reload();
     }
 
     /// The heartbeat TTL (`None`: nothing expires).
@@ -271,8 +294,16 @@ impl RoutingReloader {
             unix_ms(now),
             self.store.node_id(),
         );
-        let built = self.builder.build(&loaded.records);
+        let mut built = self.builder.build(&loaded.records);
         log_skipped(&built.skipped);
+        if let Some(input) = &self.pops {
+            match self.store.load_pops() {
+                Ok(rows) => built.snapshot.pops = pop_views(&rows, input),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the pops table; the POP list is empty until it is readable")
+                }
+            }
+        }
         let version = built.snapshot.version;
         let backends = built.snapshot.backends.len();
         self.handle.publish(built.snapshot);
@@ -317,6 +348,41 @@ impl RoutingReloader {
         }
         self.failing = true;
     }
+}
+
+/// The snapshot's POP list: every row of `pops`, with its liveness. A POP
+/// without public addresses is listed at its gossip address's IP.
+pub fn pop_views(rows: &[PopRow], input: &PopsInput) -> Vec<PopView> {
+    let alive = input.alive.load();
+    rows.iter()
+        .map(|r| {
+            let mut addrs: Vec<std::net::IpAddr> = r
+                .public_addrs
+                .split(',')
+                .filter_map(|a| a.trim().parse().ok())
+                .collect();
+            if addrs.is_empty() {
+                addrs.extend(
+                    r.gossip_addr
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                        .map(|a| a.ip())
+                        .filter(|ip| !ip.is_unspecified()),
+                );
+            }
+            let local = r.node_id == input.local_id;
+            PopView {
+                node_id: Arc::from(r.node_id.as_str()),
+                name: Arc::from(r.name.as_str()),
+                region: Arc::from(r.region.trim().to_ascii_lowercase().as_str()),
+                country: r.country.as_deref().and_then(Country::parse),
+                addrs,
+                alive: local || alive.contains(&r.node_id),
+                draining: r.draining,
+                local,
+            }
+        })
+        .collect()
 }
 
 fn record_verdicts(store: &mut RoutingStore, verdicts: &[(String, bool)]) {

@@ -240,6 +240,21 @@ pub struct Lifecycle {
     pub expired: bool,
 }
 
+/// A row of the `pops` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PopRow {
+    pub node_id: String,
+    pub name: String,
+    pub region: String,
+    pub country: Option<String>,
+    /// Comma-separated IPs.
+    pub public_addrs: String,
+    pub private_addr: String,
+    pub gossip_addr: String,
+    pub transport_addr: String,
+    pub draining: bool,
+}
+
 /// What [`RoutingStore::register`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registered {
@@ -691,6 +706,45 @@ impl RoutingStore {
             )
             .map(|n| n > 0)
         })
+    }
+
+    /// Every row of `pops` (empty if the table does not exist yet). Rows
+    /// with unreadable values are skipped.
+    pub fn load_pops(&mut self) -> Result<Vec<PopRow>, StoreError> {
+        let path = &self.path;
+        let result = fresh(path, &mut self.live).and_then(|(live, _)| {
+            let err = |e| sql_err(path, Op::Read, e);
+            if !has_table(&live.conn, "pops").map_err(err)? {
+                return Ok(Vec::new());
+            }
+            let mut stmt = live
+                .conn
+                .prepare_cached(
+                    "SELECT node_id, name, region, country, public_addrs, private_addr, \
+                     gossip_addr, transport_addr, draining FROM pops ORDER BY node_id",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(PopRow {
+                        node_id: r.get(0)?,
+                        name: r.get(1)?,
+                        region: r.get(2)?,
+                        country: r.get(3)?,
+                        public_addrs: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                        private_addr: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        gossip_addr: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        transport_addr: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                        draining: r.get::<_, Option<bool>>(8)?.unwrap_or(false),
+                    })
+                })
+                .map_err(err)?;
+            Ok(rows.filter_map(Result::ok).collect())
+        });
+        if result.is_err() {
+            self.live = None;
+        }
+        result
     }
 
     /// Reads every row like [`load`], but leaves change detection alone: the

@@ -13,6 +13,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 
 /// How long anything in a test may take before it counts as hung.
@@ -130,8 +132,16 @@ impl Proxy {
         Proxy::spawn_command(Command::new(BIN), args, env, rust_log)
     }
 
-    /// Starts `cmd` (the binary, maybe with a working directory or limits
-    /// set) with `args` and `env` added to a clean environment.
+    /// Starts the binary inside network namespace `ns` (`ip netns exec`,
+    /// which execs it: the child is edgeproxy itself).
+    pub fn spawn_in_netns(ns: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, BIN]);
+        Proxy::spawn_command(cmd, args, env, Some("info"))
+    }
+
+    /// Starts `cmd` (the binary, maybe with a working directory, limits or
+    /// a wrapper) with `args` and `env` added to a clean environment.
     pub fn spawn_command(
         mut cmd: Command,
         args: &[&str],
@@ -311,7 +321,11 @@ pub struct TagBackend {
 
 impl TagBackend {
     pub fn start(name: &str) -> TagBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        TagBackend::serve(TcpListener::bind("127.0.0.1:0").unwrap(), name)
+    }
+
+    /// Serves on a listener bound elsewhere (e.g. inside a namespace).
+    pub fn serve(listener: TcpListener, name: &str) -> TagBackend {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = Arc::clone(&connections);

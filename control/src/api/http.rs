@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub max_body: usize,
     pub snapshot: SnapshotHandle,
     pub started: Instant,
+    /// Replication's status, when it runs.
+    pub cluster: Option<crate::replication::status::StatusHandle>,
     /// `/health` says 503 `draining` once a drain starts.
     pub readiness: crate::readiness::Readiness,
 }
@@ -73,6 +75,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends", get(list))
         .route("/api/v1/backends/{id}", get(get_one).delete(deregister))
         .route("/api/v1/backends/{id}/drain", post(drain))
+        .route("/api/v1/cluster", get(cluster))
         .fallback(|| async { error(404, "no such endpoint") })
         // A known path with the wrong method: JSON like every other error
         // (axum's default is an empty body). axum still sets `Allow`.
@@ -212,6 +215,15 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
                 json!({ "field": e.field }),
             ))
         }
+    }
+}
+
+/// Replication's view of the cluster (read from what the driver
+/// publishes; never waits for it).
+async fn cluster(State(s): State<AppState>) -> Response {
+    match &s.cluster {
+        Some(c) => Json(&*c.load()).into_response(),
+        None => Json(json!({ "enabled": false, "members": [] })).into_response(),
     }
 }
 

@@ -101,9 +101,12 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
+    /// `cluster`: replication's status, for `GET /api/v1/cluster`;
+    /// `readiness`: `/health` says 503 `draining` during a drain.
     pub fn serve(
         self,
         snapshot: SnapshotHandle,
+        cluster: Option<crate::replication::status::StatusHandle>,
         readiness: crate::readiness::Readiness,
     ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
@@ -120,6 +123,7 @@ impl Bound {
             max_body: self.config.max_body_bytes,
             snapshot,
             started: Instant::now(),
+            cluster,
             readiness,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));

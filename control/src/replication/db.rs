@@ -452,6 +452,38 @@ impl ReplDb {
         })
     }
 
+    /// Writes this POP's own row of `pops` when it differs from what is
+    /// there (a restart with the same settings writes nothing, so nothing
+    /// replicates).
+    pub fn upsert_pop(&mut self, row: &crate::store::PopRow) -> Result<(), DbError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
+                 gossip_addr, transport_addr, draining) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, region = excluded.region, \
+                 country = excluded.country, public_addrs = excluded.public_addrs, \
+                 private_addr = excluded.private_addr, gossip_addr = excluded.gossip_addr, \
+                 transport_addr = excluded.transport_addr, draining = excluded.draining \
+                 WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
+                 OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs \
+                 OR private_addr IS NOT excluded.private_addr OR gossip_addr IS NOT excluded.gossip_addr \
+                 OR transport_addr IS NOT excluded.transport_addr OR draining IS NOT excluded.draining",
+                params![
+                    row.node_id,
+                    row.name,
+                    row.region,
+                    row.country,
+                    row.public_addrs,
+                    row.private_addr,
+                    row.gossip_addr,
+                    row.transport_addr,
+                    row.draining
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// Columns that replicate, per table (for README and tests).
     pub fn replicated_columns(&self, table: Table) -> &[String] {
         &self.info(table).columns

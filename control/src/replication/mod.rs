@@ -21,14 +21,18 @@
 
 pub mod config;
 pub mod db;
+pub mod driver;
 pub mod hlc;
 pub mod keys;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod pki;
 pub mod replica;
 pub mod seal;
 pub mod sim;
+pub mod status;
+pub mod transport;
 pub mod version;
 pub mod wire;
 
