@@ -32,6 +32,7 @@ use crate::tls::TlsListeners;
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log);
+    crate::fd_limit::raise_and_log(&config);
     let geo = Arc::new(build_geo(&config)?);
     let mut tls = TlsListeners::default();
     let specs = config
@@ -499,7 +500,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
 
 fn knobs(config: &Config) -> Knobs {
     Knobs {
-        max_connections: config.limits.max_connections,
+        max_connections: crate::fd_limit::max_connections_now(config),
         max_connections_per_shard: config.limits.max_connections_per_shard,
         connect_timeout: config.limits.connect_timeout,
         connect_attempts: config.limits.connect_attempts,

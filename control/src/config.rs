@@ -259,8 +259,10 @@ pub struct GeoOverride {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Limits {
-    /// 0 = unlimited.
-    pub max_connections: u32,
+    /// 0 = unlimited; `None`: derived from the open-files limit at start
+    /// (`crate::fd_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// 0 = unlimited.
     pub max_connections_per_shard: u32,
     #[serde(rename = "connect_timeout_ms", serialize_with = "ser_ms")]
@@ -360,7 +362,6 @@ pub mod defaults {
     /// fell from 1.2–1.3× HAProxy's (16 KiB buffers both) to 0.74–0.84×.
     pub const BUFFER_COUNT: u32 = 256;
     pub const BUFFER_SIZE: u32 = 64 * 1024;
-    pub const MAX_CONNECTIONS: u32 = 100_000;
     pub const CONNECT_TIMEOUT_MS: u64 = 2000;
     pub const CONNECT_ATTEMPTS: u32 = 3;
     pub const IDLE_TIMEOUT_SECS: u64 = 300;
@@ -706,7 +707,7 @@ impl Config {
             ));
         }
         let limits = Limits {
-            max_connections: l.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+            max_connections: l.max_connections,
             max_connections_per_shard: l.max_connections_per_shard.unwrap_or(0),
             connect_timeout: Duration::from_millis(connect_ms),
             connect_attempts,

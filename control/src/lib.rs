@@ -12,6 +12,7 @@ pub mod config_env;
 pub mod config_paths;
 pub mod demo;
 pub mod drain;
+pub mod fd_limit;
 pub mod internal_dns;
 pub mod log_config;
 pub mod logging;

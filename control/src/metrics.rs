@@ -142,20 +142,33 @@ pub fn render(sources: &Sources) -> String {
     f.header(
         "edgeproxy_listener_connections_rejected_total",
         "counter",
-        "Client connections closed early, per listener and reason (limit: a connection limit; other: bad PROXY header, failed TLS handshake or no backend).",
+        "Client connections closed early, per listener and reason (other: bad PROXY header, failed TLS handshake or no backend). A connection limit closes nothing: accepting pauses (see edgeproxy_listener_accept_limit_waits_total).",
     );
     for l in &listeners {
-        f.sample(
-            "edgeproxy_listener_connections_rejected_total",
-            &[("listener", &l.name), ("reason", "limit")],
-            l.rejected_limit,
-        );
         f.sample(
             "edgeproxy_listener_connections_rejected_total",
             &[("listener", &l.name), ("reason", "other")],
             l.rejected_other,
         );
     }
+    f.header(
+        "edgeproxy_listener_accept_limit_waits_total",
+        "counter",
+        "Times a listener's accept loop paused because a connection limit was reached (clients then wait in the kernel's accept queue).",
+    );
+    for l in &listeners {
+        f.sample(
+            "edgeproxy_listener_accept_limit_waits_total",
+            &[("listener", &l.name)],
+            l.limit_waits,
+        );
+    }
+    f.single(
+        "edgeproxy_max_connections",
+        "gauge",
+        "The process-wide connection limit in force (0 = unlimited); by default derived from the open files limit.",
+        sources.engine.max_connections(),
+    );
     f.header(
         "edgeproxy_shard_connections_accepted_total",
         "counter",
@@ -180,7 +193,6 @@ pub fn render(sources: &Sources) -> String {
         "Client connections closed early, by reason.",
     );
     for (reason, n) in [
-        ("limit", s.rejected_limit),
         ("proxy_header", s.rejected_proxy_header),
         ("no_backend", s.no_backend),
         ("tls_handshake", s.tls_handshake_failures),

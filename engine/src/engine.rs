@@ -76,6 +76,7 @@ pub struct RunningListener {
 pub struct StatsView {
     shards: Arc<Vec<Arc<ShardStats>>>,
     listeners: Arc<Mutex<Vec<RunningListener>>>,
+    knobs: Arc<ArcSwap<Knobs>>,
 }
 
 /// One listener's counters summed over shards.
@@ -85,7 +86,8 @@ pub struct ListenerSummary {
     /// The app it serves; `None`: every app.
     pub app: Option<String>,
     pub accepted: u64,
-    pub rejected_limit: u64,
+    /// Times its accept loops paused at a connection limit.
+    pub limit_waits: u64,
     pub rejected_other: u64,
     /// Closed for want of a backend (part of `rejected_other`).
     pub no_backend: u64,
@@ -93,6 +95,11 @@ pub struct ListenerSummary {
 }
 
 impl StatsView {
+    /// The process-wide connection limit in force (0 = unlimited).
+    pub fn max_connections(&self) -> u32 {
+        self.knobs.load().max_connections
+    }
+
     pub fn summary(&self) -> StatsSummary {
         StatsSummary::sum(self.shards.iter().map(|s| &**s))
     }
@@ -119,7 +126,7 @@ impl StatsView {
                 };
                 for st in &l.stats {
                     s.accepted += st.accepted.load(Relaxed);
-                    s.rejected_limit += st.rejected_limit.load(Relaxed);
+                    s.limit_waits += st.limit_waits.load(Relaxed);
                     s.rejected_other += st.rejected_other.load(Relaxed);
                     s.no_backend += st.no_backend.load(Relaxed);
                     s.active += u64::from(st.active.load(Relaxed));
@@ -280,6 +287,7 @@ impl Engine {
         StatsView {
             shards: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()),
             listeners: Arc::clone(&self.published_listeners),
+            knobs: Arc::clone(&self.shared.knobs),
         }
     }
 

@@ -130,19 +130,40 @@ async fn drain(ctx: &ShardCtx, grace: Duration) {
 /// second per shard and listener).
 const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How often a paused accept loop looks again for a free connection slot
+/// (slots free on any shard; a poll needs no wake-up plumbing between
+/// shards, and runs only while a limit is reached).
+const LIMIT_POLL: Duration = Duration::from_millis(5);
+
+/// Waits until this shard may accept another connection (see
+/// [`ConnSlot`]): meanwhile clients wait in the kernel's accept queue.
+async fn wait_for_room(ctx: &ShardCtx, lctx: &ListenerCtx) {
+    if ConnSlot::room(ctx) {
+        return;
+    }
+    ShardStats::bump(&ctx.stats.limit_waits);
+    ShardStats::bump(&lctx.stats.limit_waits);
+    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
+        "connection limit reached; accepting paused");
+    while !ConnSlot::room(ctx) {
+        rt::sleep(LIMIT_POLL).await;
+    }
+}
+
 async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::TcpListener) {
     let mut starved_log = LogLimit::new(ACCEPT_FAILURE_LOG_INTERVAL);
     loop {
+        wait_for_room(&ctx, &lctx).await;
         match listener.accept().await {
             Ok((stream, peer)) => {
                 ShardStats::bump(&ctx.stats.accepted);
                 ShardStats::bump(&lctx.stats.accepted);
-                let Some(slot) = ConnSlot::take(&ctx, &lctx) else {
-                    ShardStats::bump(&ctx.stats.rejected_limit);
-                    ShardStats::bump(&lctx.stats.rejected_limit);
-                    tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
-                    continue;
-                };
+                // The accept was pending while other shards (or a SIGHUP
+                // lowering the limit) may have reached it: then this client
+                // waits here, held but not served, like the ones queued in
+                // the kernel.
+                wait_for_room(&ctx, &lctx).await;
+                let slot = ConnSlot::take(&ctx, &lctx);
                 rt::spawn(conn::serve(
                     Rc::clone(&ctx),
                     Rc::clone(&lctx),

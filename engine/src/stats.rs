@@ -12,8 +12,9 @@ use crate::select::Tier;
 pub struct ShardStats {
     /// Connections accepted by this shard's listeners.
     pub accepted: AtomicU64,
-    /// Connections closed at once because a connection limit was reached.
-    pub rejected_limit: AtomicU64,
+    /// Times an accept loop of this shard paused because a connection limit
+    /// was reached (clients then wait in the kernel's accept queue).
+    pub limit_waits: AtomicU64,
     /// Connections closed because the PROXY header was missing or malformed.
     pub rejected_proxy_header: AtomicU64,
     /// Connections closed because no backend was eligible or all attempts
@@ -75,8 +76,8 @@ impl LatencyHistogram {
 #[repr(align(128))]
 pub struct ListenerStats {
     pub accepted: AtomicU64,
-    /// Closed at once: a connection limit was reached.
-    pub rejected_limit: AtomicU64,
+    /// Times this listener's accept loop paused at a connection limit.
+    pub limit_waits: AtomicU64,
     /// Closed early: bad PROXY header, failed TLS handshake or no backend.
     pub rejected_other: AtomicU64,
     /// Closed because no backend was eligible or every one tried failed to
@@ -130,7 +131,7 @@ impl ByteCount<'_> {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct StatsSummary {
     pub accepted: u64,
-    pub rejected_limit: u64,
+    pub limit_waits: u64,
     pub rejected_proxy_header: u64,
     pub no_backend: u64,
     pub active: u64,
@@ -158,7 +159,7 @@ impl StatsSummary {
         };
         for sh in shards {
             s.accepted += r(&sh.accepted);
-            s.rejected_limit += r(&sh.rejected_limit);
+            s.limit_waits += r(&sh.limit_waits);
             s.rejected_proxy_header += r(&sh.rejected_proxy_header);
             s.no_backend += r(&sh.no_backend);
             s.active += u64::from(sh.active());

@@ -577,6 +577,29 @@ pub fn probe(addr: SocketAddr, wait: Duration) -> Probe {
     }
 }
 
+/// How long a client must go unserved (no byte, no close) to count as
+/// waiting in the proxy's accept queue: far longer than serving takes.
+pub const QUEUED: Duration = Duration::from_secs(1);
+
+/// Connects to `addr` and checks that the connection is neither served nor
+/// closed for [`QUEUED`]: it waits in the kernel's accept queue (a limit is
+/// reached). Returns it; it is served once a slot frees (`read_line`).
+pub fn connect_waiting(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, PATIENCE).expect("connect");
+    stream.set_read_timeout(Some(QUEUED)).unwrap();
+    let mut byte = [0u8; 1];
+    match (&stream).read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("expected to wait in the accept queue, got {other:?}"),
+    }
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
 /// A backend that runs `handler` on its own thread for every accepted
 /// connection; returns its address. For tests that need a backend with a
 /// particular behaviour (half-close, bulk source or sink).
