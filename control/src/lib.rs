@@ -18,6 +18,7 @@ pub mod log_config;
 pub mod logging;
 pub mod metrics;
 pub mod no_backend_warn;
+pub mod process_metrics;
 pub mod readiness;
 pub mod reload_thread;
 pub mod replication;

@@ -231,12 +231,6 @@ pub fn render(sources: &Sources) -> String {
         s.spliced_flows,
     );
     f.single(
-        "edgeproxy_backend_connect_failures_total",
-        "counter",
-        "Backend connect attempts that failed (refused, unreachable, timed out).",
-        s.connect_failures,
-    );
-    f.single(
         "edgeproxy_backend_connect_retries_total",
         "counter",
         "Further backends tried after a failed connect.",
@@ -341,14 +335,16 @@ pub fn render(sources: &Sources) -> String {
             b.live.total.load(Relaxed),
         );
     }
+    // One family, a label per backend (sum() for the total): not a second
+    // family next to an unlabelled total.
     f.header(
-        "edgeproxy_backend_connect_failures_by_backend_total",
+        "edgeproxy_backend_connect_failures_total",
         "counter",
-        "Failed connect attempts, per backend.",
+        "Backend connect attempts that failed (refused, unreachable, timed out), per backend in the routing table.",
     );
     for b in &snap.backends {
         f.sample(
-            "edgeproxy_backend_connect_failures_by_backend_total",
+            "edgeproxy_backend_connect_failures_total",
             &[("backend", &b.id), ("app", &b.app)],
             b.live.connect_failures.load(Relaxed),
         );
@@ -375,6 +371,7 @@ pub fn render(sources: &Sources) -> String {
     if let Some(r) = &sources.replication {
         replication(&mut f, &r.load());
     }
+    crate::process_metrics::render(&mut out);
     out
 }
 
