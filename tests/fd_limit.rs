@@ -160,3 +160,47 @@ fn out_of_descriptors_clients_wait_in_the_queue_and_are_served() {
     }
     assert_eq!(backend.accepted(), total);
 }
+
+/// With the limit lifted (`max_connections = 0`) the proxy can still run
+/// out of descriptors: accept then fails with EMFILE and backs off 100 ms.
+/// That is said at most once per 10 s per shard and listener (with a
+/// count), not ten times a second (before: ~20 lines/s on two shards).
+#[test]
+fn accept_failures_out_of_descriptors_are_rate_limited() {
+    let dir = TempDir::new("fd-emfile");
+    let backend = TagBackend::start("b1");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("b1", "web", "sa", backend.port()));
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(&path, config(&db.path, "[limits]\nmax_connections = 0\n")).unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=128:128").arg(BIN);
+    let proxy = Proxy::spawn_command(
+        cmd,
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info"),
+    )
+    .ready();
+    // Unlimited is a warning: the descriptors cannot serve that.
+    assert!(
+        proxy
+            .log_text()
+            .contains("above what the open files limit can serve"),
+        "{}",
+        proxy.log_text()
+    );
+    // Far more clients than 128 descriptors hold.
+    let clients: Vec<TcpStream> = (0..150)
+        .map(|_| TcpStream::connect(proxy.addr()).unwrap())
+        .collect();
+    let first = proxy
+        .wait_for_log("accept failed", PATIENCE)
+        .unwrap_or_else(|| panic!("never out of descriptors:\n{}", proxy.log_text()));
+    assert!(first.contains("Too many open files"), "{first}");
+    // Twenty-five backoffs per shard later: still one line each at most.
+    std::thread::sleep(Duration::from_millis(2500));
+    let lines = proxy.log_lines_after(0, "accept failed");
+    assert!(lines.len() <= 2, "{} lines:\n{lines:#?}", lines.len());
+    drop(clients);
+}
