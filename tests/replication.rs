@@ -659,3 +659,236 @@ fn dns_lists_the_live_pops_of_a_region_from_the_replicated_table() {
     );
     assert_eq!(dig(&c, "eu.pops.internal"), "10.77.0.2");
 }
+
+// ---------------------------------------------------------------------------
+// Figures for README (not run by default):
+//   sudo -E cargo test --release --test replication -- --ignored --nocapture figures
+// ---------------------------------------------------------------------------
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Polls `routing.db` of `pops` every millisecond until each holds `id`
+/// with `port`; the time each took from `start`.
+fn arrivals(c: &Cluster, pops: &[usize], id: &str, port: u16, start: Instant) -> Vec<Duration> {
+    let conns: Vec<rusqlite::Connection> = pops
+        .iter()
+        .map(|&i| rusqlite::Connection::open(c.db_path(i)).unwrap())
+        .collect();
+    let mut seen: Vec<Option<Duration>> = vec![None; pops.len()];
+    let deadline = start + PATIENCE;
+    while seen.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (k, conn) in conns.iter().enumerate() {
+            if seen[k].is_some() {
+                continue;
+            }
+            let got: Option<i64> = conn
+                .query_row("SELECT port FROM backends WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .ok();
+            if got == Some(port as i64) {
+                seen[k] = Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    seen.into_iter().map(|s| s.unwrap_or(PATIENCE)).collect()
+}
+
+#[test]
+#[ignore = "takes about 4 minutes; figures for README"]
+fn figures() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let n = 5;
+    let mut c = Cluster::start(n, Some(WAN));
+    c.wait_joined();
+    std::thread::sleep(Duration::from_secs(5));
+
+    // 1. Propagation of a single-row change to every POP.
+    let mut each = Vec::new();
+    let mut all = Vec::new();
+    for k in 0..40u16 {
+        let origin = k as usize % n;
+        let others: Vec<usize> = (0..n).filter(|&i| i != origin).collect();
+        let port = 10_000 + k;
+        let start = Instant::now();
+        assert_eq!(
+            c.register(
+                origin,
+                &format!("prop-{k}"),
+                format!("10.77.0.1:{port}").parse().unwrap()
+            ),
+            201
+        );
+        let got = arrivals(&c, &others, &format!("prop-{k}"), port, start);
+        all.push(*got.iter().max().unwrap());
+        each.extend(got);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    each.sort();
+    all.sort();
+
+    // 2. A lost update repaired: the transport from POP 0 to POP 3 is cut
+    // (gossip still flows), so only anti-entropy through the others brings it.
+    let mut repaired = Vec::new();
+    c.net.block_udp(0, 3, 4002);
+    for k in 0..5u16 {
+        let port = 11_000 + k;
+        let start = Instant::now();
+        assert_eq!(
+            c.register(
+                0,
+                &format!("lost-{k}"),
+                format!("10.77.0.1:{port}").parse().unwrap()
+            ),
+            201
+        );
+        repaired.extend(arrivals(&c, &[3], &format!("lost-{k}"), port, start));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.net.heal();
+    repaired.sort();
+
+    // 3. A healed partition converges.
+    let mut heals = Vec::new();
+    for round in 0..3u16 {
+        c.net.partition(&[0, 1], &[2, 3, 4]);
+        assert!(common::eventually(PATIENCE, || c
+            .member_state(0, 2)
+            .as_deref()
+            == Some("down")
+            && c.member_state(2, 0).as_deref() == Some("down")));
+        for k in 0..5u16 {
+            let port = 12_000 + round * 10 + k;
+            assert_eq!(
+                c.register(
+                    0,
+                    &format!("left-{round}-{k}"),
+                    format!("10.77.0.1:{port}").parse().unwrap()
+                ),
+                201
+            );
+            assert_eq!(
+                c.register(
+                    3,
+                    &format!("right-{round}-{k}"),
+                    format!("10.77.0.1:{port}").parse().unwrap()
+                ),
+                201
+            );
+        }
+        c.net.heal();
+        let start = Instant::now();
+        let every: Vec<usize> = (0..n).collect();
+        let mut worst = Duration::ZERO;
+        for k in 0..5u16 {
+            let port = 12_000 + round * 10 + k;
+            for side in ["left", "right"] {
+                let got = arrivals(&c, &every, &format!("{side}-{round}-{k}"), port, start);
+                worst = worst.max(*got.iter().max().unwrap());
+            }
+        }
+        heals.push(worst);
+        c.wait_joined();
+    }
+    heals.sort();
+
+    // 4. Failure detection: kill -9, then the first and the last POP to
+    // report it down.
+    let mut first = Vec::new();
+    let mut last = Vec::new();
+    for round in 0..5 {
+        let victim = 1 + round % (n - 1);
+        let watchers: Vec<usize> = (0..n).filter(|&i| i != victim).collect();
+        c.kill(victim);
+        let start = Instant::now();
+        let mut seen: Vec<Option<Duration>> = vec![None; watchers.len()];
+        while seen.iter().any(Option::is_none) && start.elapsed() < PATIENCE {
+            for (k, &w) in watchers.iter().enumerate() {
+                if seen[k].is_none() && c.member_state(w, victim).as_deref() == Some("down") {
+                    seen[k] = Some(start.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let seen: Vec<Duration> = seen.into_iter().map(|s| s.unwrap_or(PATIENCE)).collect();
+        first.push(*seen.iter().min().unwrap());
+        last.push(*seen.iter().max().unwrap());
+        c.launch(victim);
+        c.wait_joined();
+    }
+    first.sort();
+    last.sort();
+
+    // 5. Idle cost: bytes each POP puts on its link per second, nothing
+    // changing.
+    std::thread::sleep(Duration::from_secs(10));
+    let before: Vec<u64> = (0..n).map(|i| c.net.tx_bytes(i)).collect();
+    let window = Duration::from_secs(60);
+    std::thread::sleep(window);
+    let idle: Vec<f64> = (0..n)
+        .map(|i| (c.net.tx_bytes(i) - before[i]) as f64 / window.as_secs_f64())
+        .collect();
+
+    eprintln!("\nreplication figures: {n} POPs, 50 ms one way, 1 % loss");
+    eprintln!(
+        "propagation, each POP ({} arrivals): p50 {} p99 {} max {}",
+        each.len(),
+        ms(pct(&each, 0.5)),
+        ms(pct(&each, 0.99)),
+        ms(*each.last().unwrap())
+    );
+    eprintln!(
+        "propagation, all POPs ({} changes): p50 {} p99 {} max {}",
+        all.len(),
+        ms(pct(&all, 0.5)),
+        ms(pct(&all, 0.99)),
+        ms(*all.last().unwrap())
+    );
+    eprintln!(
+        "lost update repaired by anti-entropy ({}): {:?}",
+        repaired.len(),
+        repaired.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "partition healed, converged ({} rounds): {:?}",
+        heals.len(),
+        heals.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "dead member reported, first POP: {:?}; last POP: {:?}",
+        first.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        last.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "idle bytes/s sent per POP: {:?}",
+        idle.iter().map(|b| format!("{b:.0}")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+#[ignore = "takes 10 minutes"]
+fn no_member_is_declared_down_in_ten_minutes_at_one_percent_loss() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(5, Some(WAN));
+    c.wait_joined();
+    let marks: Vec<usize> = (0..5).map(|i| c.pop(i).log_mark()).collect();
+    std::thread::sleep(Duration::from_secs(600));
+    for (i, &mark) in marks.iter().enumerate() {
+        let downs = c.pop(i).log_lines_after(mark, "member down");
+        assert!(downs.is_empty(), "POP {i}: {downs:?}");
+        let suspects = c.metric(i, "edgeproxy_replication_members{state=\"suspect\"}");
+        eprintln!("POP {i}: no member down in 10 minutes; suspect now: {suspects}");
+    }
+    c.wait_joined();
+}

@@ -1,6 +1,7 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
-//! `edgeproxy completions SHELL`.
+//! `edgeproxy completions SHELL`, `edgeproxy cluster status` (replication's
+//! view).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +69,9 @@ pub enum Command {
     /// The API's address and token come from --config's [api] section
     /// unless --api and --token say otherwise.
     Backends(Box<crate::api::client::BackendsArgs>),
+    /// Replication between POPs, through a running POP's API: `status`
+    /// lists the members, their state, round trip, last sync and lag.
+    Cluster(Box<crate::replication::cli::ClusterArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///
     /// For example: `edgeproxy completions bash >
@@ -92,6 +96,7 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Backends(args) => crate::api::client::run(*args, cli.config.as_deref()),
+        Command::Cluster(args) => crate::replication::cli::run(*args),
         Command::Completions { shell } => completions(shell),
     };
     match result {

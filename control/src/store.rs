@@ -2028,6 +2028,47 @@ mod tests {
     }
 
     #[test]
+    fn a_heartbeat_at_another_pop_takes_the_backend_over_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut gru = RoutingStore::open(&path).unwrap();
+        gru.set_node_id("gru");
+        gru.register(&rec("a", 80), 1_000).unwrap();
+        let owner = |p: &Path| {
+            other(p)
+                .query_row(
+                    "SELECT heartbeat_pop, expired FROM backends WHERE id = 'a'",
+                    [],
+                    |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, bool>(1)?)),
+                )
+                .unwrap()
+        };
+        assert_eq!(owner(&path), (Some("gru".into()), false));
+        // The same file seen by another POP's store (as after replication).
+        let mut fra = RoutingStore::open(&path).unwrap();
+        fra.set_node_id("fra");
+        fra.load().unwrap();
+        assert!(fra.heartbeat("a", 2_000).unwrap());
+        assert_eq!(owner(&path), (Some("fra".into()), false));
+        assert!(fra.changed().unwrap(), "taking over is a real write");
+        fra.load().unwrap();
+        // From then on its heartbeats are quiet.
+        assert!(fra.heartbeat("a", 3_000).unwrap());
+        assert!(!fra.changed().unwrap());
+        // An expiry verdict is recorded once, quietly, and a heartbeat
+        // clears it with a real write.
+        fra.set_expired(&[("a".into(), true)]).unwrap();
+        assert_eq!(owner(&path), (Some("fra".into()), true));
+        assert!(
+            !fra.changed().unwrap(),
+            "the verdict is not news to its own POP"
+        );
+        assert!(fra.heartbeat("a", 4_000).unwrap());
+        assert_eq!(owner(&path), (Some("fra".into()), false));
+        assert!(fra.changed().unwrap());
+    }
+
+    #[test]
     fn heartbeats_and_peeks_are_not_routing_changes_but_other_writes_are() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.db");

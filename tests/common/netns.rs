@@ -194,7 +194,32 @@ impl Net {
         }
     }
 
-    /// Removes every partition.
+    /// Drops packets host `from` sends to host `to`'s UDP `port` (one path of
+    /// one protocol, e.g. the replication transport, while gossip flows).
+    pub fn block_udp(&self, from: usize, to: usize, port: u16) {
+        let to_ip = self.ip(to).to_string();
+        let port = port.to_string();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.hosts[from].ns,
+            "iptables",
+            "-I",
+            "OUTPUT",
+            "1",
+            "-d",
+            &to_ip,
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-j",
+            "DROP",
+        ]);
+    }
+
+    /// Removes every partition and block.
     pub fn heal(&self) {
         for h in &self.hosts {
             // Delete DROP rules one by one until none is left.

@@ -145,15 +145,9 @@ pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
         })?,
         (None, None) => DEFAULT_API_URL.to_string(),
     };
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) if !t.is_empty() => Some(t.clone()),
-        (_, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read token file {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        _ => settings
+    let token = match token_from(args.token.as_deref(), args.token_file.as_deref())? {
+        Some(t) => Some(t),
+        None => settings
             .as_ref()
             .and_then(|api| api.token.as_ref())
             .map(|t| t.expose().to_string()),
@@ -221,20 +215,38 @@ pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The token: `--token` if given and not empty, else the content of
+/// `--token-file`, else none.
+pub(crate) fn token_from(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    Ok(match (token, file) {
+        (Some(t), _) if !t.is_empty() => Some(t.to_string()),
+        (_, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    })
+}
+
 fn print_json(body: &Value) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(body)?;
     text.push('\n');
     Ok(crate::stdout::print(&text)?)
 }
 
-struct Client {
+pub(crate) struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
 }
 
 impl Client {
-    fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
+    pub(crate) fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !base.starts_with("http://") {
             bail!("--api {base:?}: only http:// URLs are supported");
@@ -249,7 +261,12 @@ impl Client {
 
     /// One request; the JSON body of a 2xx answer, or an error with the
     /// status and the API's `error` text.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {

@@ -19,6 +19,7 @@
 //! (the cluster CA derived from the secret, mutual TLS for QUIC),
 //! `transport` (quinn), `driver` (the event loop), `config`, `status`.
 
+pub mod cli;
 pub mod config;
 pub mod db;
 pub mod driver;
