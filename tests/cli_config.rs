@@ -436,11 +436,14 @@ fn invalid_geo_db_path_is_named() {
     let missing = dir.join("missing.mmdb");
     let missing = missing.to_str().unwrap();
     let path = write_config(&dir, &format!("[geo]\ndb_path = {missing:?}\n"));
-    assert_one_error(
+    let line = assert_one_error(
         "missing geo db",
         check_config(&path, &[]),
         &[missing, "No such file or directory"],
     );
+    // Said once ("cannot load GeoIP database X: cannot read GeoIP database
+    // X: ..." before).
+    assert_eq!(line.matches(missing).count(), 1, "{line}");
 
     let garbage = dir.join("garbage.mmdb");
     std::fs::write(&garbage, b"this is not a MaxMind database").unwrap();
@@ -453,12 +456,13 @@ fn invalid_geo_db_path_is_named() {
     );
 
     // Via the environment, and for `run`: it fails before starting.
-    run_expecting_failure(
+    let line = run_expecting_failure(
         "run with missing geo db",
         &["run"],
         &[("EDGEPROXY_GEOIP_PATH", missing)],
         &[missing],
     );
+    assert_eq!(line.matches(missing).count(), 1, "{line}");
 }
 
 /// Polls until nothing accepts on `addr`.

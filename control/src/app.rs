@@ -32,7 +32,6 @@ use crate::tls::TlsListeners;
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log);
-    crate::fd_limit::raise_and_log(&config);
     let geo = Arc::new(build_geo(&config)?);
     let mut tls = TlsListeners::default();
     let specs = config
@@ -42,6 +41,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let sockets = bind_all(&config, &specs, config.runtime.shards as usize, &geo)?;
+    crate::fd_limit::raise_and_log(&config);
 
     crate::routing_db_path::prepare(&config.routing.db_path)?;
     let mut store = RoutingStore::open(&config.routing.db_path)?;
@@ -462,8 +462,8 @@ fn apply(
 
 fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {
     let db = match &config.geo.db_path {
-        Some(path) => GeoDb::open(path)
-            .with_context(|| format!("cannot load GeoIP database {}", path.display()))?,
+        // GeoError names the file and its cause already.
+        Some(path) => GeoDb::open(path)?,
         None => GeoDb::embedded().context("cannot load the embedded GeoIP database")?,
     };
     let regions = match &config.geo.regions {
