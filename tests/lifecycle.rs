@@ -20,6 +20,7 @@ struct Running {
     proxy: Proxy,
     metrics: SocketAddr,
     api: SocketAddr,
+    dns: SocketAddr,
 }
 
 fn start(tag: &str, grace_secs: u64, env: &[(&str, &str)]) -> Running {
@@ -35,7 +36,8 @@ fn start(tag: &str, grace_secs: u64, env: &[(&str, &str)]) -> Running {
             &format!(
                 "[limits]\nshutdown_grace_secs = {grace_secs}\n\
                  [metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n\
-                 [api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\ntoken = {TOKEN:?}\n"
+                 [api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\ntoken = {TOKEN:?}\n\
+                 [dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n"
             ),
         ),
     )
@@ -49,12 +51,15 @@ fn start(tag: &str, grace_secs: u64, env: &[(&str, &str)]) -> Running {
     };
     let metrics = addr_of("metrics listening");
     let api = addr_of("api listening");
+    let dns_line = proxy.wait_for_log("dns listening", PATIENCE).unwrap();
+    let dns = field(&dns_line, "udp").unwrap().parse().unwrap();
     Running {
         _dir: dir,
         _backend: backend,
         proxy,
         metrics,
         api,
+        dns,
     }
 }
 
@@ -116,6 +121,26 @@ fn ready_and_live_then_everything_answers_during_a_drain() {
     assert_eq!(status, 503, "{list}");
     let list: Value = serde_json::from_str(&list).unwrap();
     assert!(list["error"].as_str().unwrap().contains("shutting down"));
+    // The internal DNS still answers from the routing table.
+    let dig = std::process::Command::new("dig")
+        .args([
+            &format!("@{}", r.dns.ip()),
+            "-p",
+            &r.dns.port().to_string(),
+            "+short",
+            "+time=5",
+            "+tries=1",
+            "b1.web.internal",
+            "A",
+        ])
+        .output()
+        .expect("dig is installed");
+    assert_eq!(
+        String::from_utf8_lossy(&dig.stdout).trim(),
+        "127.0.0.1",
+        "{}",
+        String::from_utf8_lossy(&dig.stderr)
+    );
 
     drop(open);
     let mut proxy = r.proxy;

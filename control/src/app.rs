@@ -1,10 +1,13 @@
-//! Composes the process: config → GeoIP → routing store → data plane, then
-//! runs the control loop on this thread until SIGTERM/SIGINT.
+//! Composes the process: config → GeoIP and certificates → every socket
+//! bound → routing store → data plane, then runs the control loop on this
+//! thread until SIGTERM/SIGINT, then the drain (`drain`), with the control
+//! thread still answering, until the shards are done or a second signal.
 //!
 //! The control loop (a single-threaded Tokio runtime) owns everything that
 //! may block: config files, signals, the discovery API's SQLite writes. The
 //! periodic routing reload runs on its own low-priority thread
-//! (`reload_thread`). The shards never wait on either.
+//! (`reload_thread`), the counters' summaries on another (`traffic_watch`).
+//! The shards never wait on any of them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
