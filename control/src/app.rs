@@ -1,10 +1,13 @@
-//! Composes the process: config → GeoIP → routing store → data plane, then
-//! runs the control loop on this thread until SIGTERM/SIGINT.
+//! Composes the process: config → GeoIP and certificates → every socket
+//! bound → routing store → data plane, then runs the control loop on this
+//! thread until SIGTERM/SIGINT, then the drain (`drain`), with the control
+//! thread still answering, until the shards are done or a second signal.
 //!
 //! The control loop (a single-threaded Tokio runtime) owns everything that
 //! may block: config files, signals, the discovery API's SQLite writes. The
 //! periodic routing reload runs on its own low-priority thread
-//! (`reload_thread`). The shards never wait on either.
+//! (`reload_thread`), the counters' summaries on another (`traffic_watch`).
+//! The shards never wait on any of them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,11 +27,26 @@ use crate::tls::TlsListeners;
 
 /// Runs the proxy until a stop signal. Errors before the proxy is up are
 /// returned (the caller prints them and exits non-zero).
+///
+/// Order: everything that can fail without side effects first (config,
+/// GeoIP, certificates), then every socket is bound (listeners, metrics,
+/// API, DNS), and only then is anything created (a new `routing.db`, demo
+/// backends): a start that fails on a port in use leaves nothing behind.
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
-    crate::logging::init(&config.log.level);
+    crate::logging::init(&config.log);
     let geo = Arc::new(build_geo(&config)?);
+    let mut tls = TlsListeners::default();
+    let specs = config
+        .listeners
+        .iter()
+        .map(|l| spec_of(l, &mut tls))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
+    let sockets = bind_all(&config, &specs, config.runtime.shards as usize, &geo)?;
+    crate::fd_limit::raise_and_log(&config);
+
+    crate::routing_db_path::prepare(&config.routing.db_path)?;
     let mut store = RoutingStore::open(&config.routing.db_path)?;
     store.set_node_id(&config.replication.node_id);
     if config.demo.backends > 0 {
@@ -49,30 +67,22 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         version = first.version,
         backends = first.backends.len(),
         apps = first.app_count(),
-        db = %config.routing.db_path.display(),
+        db = %crate::routing_db_path::absolute(&config.routing.db_path).display(),
         "routing table loaded"
     );
     drop(first);
 
-    let metrics_listener = match config.metrics.enabled {
-        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
-        false => None,
-    };
-    let mut tls = TlsListeners::default();
-    let specs = config
-        .listeners
-        .iter()
-        .map(|l| spec_of(l, &mut tls))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Internal DNS: bound now (a bind failure stops startup), served on the
-    // control runtime below. See `internal_dns`.
-    let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
-    // Replication's UDP sockets: bound now, started on the control runtime.
-    let replication = crate::replication::driver::bind(&config)?;
-    let mut engine = Engine::start(
+    let Sockets {
+        listeners,
+        metrics: metrics_listener,
+        api: api_socket,
+        dns,
+        replication,
+    } = sockets;
+    let mut engine = Engine::start_bound(
         engine_settings(&config),
         knobs(&config),
-        &specs,
+        listeners,
         snapshot.clone(),
         geo,
     )?;
@@ -88,6 +98,23 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
     }
+    // Listeners that would refuse every connection, said at once.
+    let reasons = {
+        let mut reloader = reloader.lock();
+        let coverage = reloader.coverage_mut();
+        coverage.set_listeners(listener_apps(&config));
+        coverage.warn(&snapshot.load(), "start");
+        coverage.shared()
+    };
+    let _watch = crate::traffic_watch::WatchThread::start(
+        crate::traffic_watch::Sources {
+            stats: engine.stats_view(),
+            snapshot: snapshot.clone(),
+            reasons,
+        },
+        config.log.summary_interval,
+    )
+    .context("cannot start the traffic watch thread")?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -95,10 +122,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the control runtime")?;
     // Stop and reload signals are handled from here on, before anything says
     // the proxy is ready (see `Signals`).
-    let signals = {
+    let mut signals = {
         let _context = runtime.enter();
         Signals::install()?
     };
+    let readiness = crate::readiness::Readiness::default();
     let replication = match replication {
         None => None,
         Some(bound) => {
@@ -114,20 +142,25 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
             health: Some(health.clone()),
+            readiness: readiness.clone(),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
     }
-    // The discovery API: bound here (a taken port fails the start), its
-    // requests executed by the control loop, which owns the routing store.
-    let api = match crate::api::bind(&config.api)? {
+    // The discovery API: its requests executed by the control loop, which
+    // owns the routing store.
+    let mut api = match api_socket {
         None => None,
         Some(bound) => Some(runtime.block_on(async {
-            bound.serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
+            bound.serve(
+                snapshot.clone(),
+                replication.as_ref().map(|r| r.status()),
+                readiness.clone(),
+            )
         })?),
     };
     if let Some(dns) = dns {
-        runtime.spawn(dns.serve());
+        runtime.spawn(dns.serve(snapshot.clone()));
     }
     runtime.spawn(
         crate::health::driver::Driver {
@@ -156,16 +189,18 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         reload_interval_ms = config.routing.reload_interval.as_millis() as u64,
         "edgeproxy ready"
     );
+    readiness.set_ready();
+    crate::sd_notify::ready(&ready_status(&engine));
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
     let grace = runtime.block_on(control_loop(
-        signals,
+        &mut signals,
         config_path,
         config,
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        (api, replication.as_ref()),
+        (&mut api, replication.as_ref()),
     ))?;
     if let Some(r) = &replication {
         // Leave the cluster first: the other POPs mark this one down at
@@ -173,26 +208,132 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         runtime.block_on(r.shutdown(Duration::from_secs(2)));
     }
     ticks.stop();
+    readiness.set_draining();
+    let open = engine.active_connections();
+    crate::sd_notify::stopping(&format!(
+        "draining {open} connection(s), at most {} s",
+        grace.as_secs()
+    ));
     tracing::info!(
         grace_secs = grace.as_secs(),
-        open = engine.active_connections(),
-        "shutting down: stopped accepting, draining open connections"
+        open,
+        "shutting down: stopped accepting, draining open connections \
+         (a second SIGTERM/SIGINT closes them now)"
     );
-    engine.shutdown(grace);
+    // The shards drain on their own threads; this one keeps answering the
+    // API, metrics, probes and DNS, and listens for a second stop signal.
+    let fast = engine.fast_stop();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let drainer = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            engine.shutdown(grace);
+            let _ = done_tx.send(());
+        })
+        .context("cannot start the drain thread")?;
+    let Signals { hup, term, int } = &mut signals;
+    runtime.block_on(crate::drain::serve_until_done(
+        done_rx,
+        crate::drain::DrainSignals { term, int, hup },
+        fast,
+        api,
+    ));
+    if drainer.join().is_err() {
+        tracing::error!("the drain thread panicked");
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
 
+/// What `systemctl status` shows once the proxy is up: the listeners as
+/// bound (the real port where 0 was asked for).
+fn ready_status(engine: &Engine) -> String {
+    let addrs: Vec<String> = engine
+        .listeners()
+        .iter()
+        .map(|l| format!("{} {}", l.spec.name, l.local_addr))
+        .collect();
+    format!(
+        "ready: {} shard(s), listening on {}",
+        engine.shard_count(),
+        addrs.join(", ")
+    )
+}
+
+/// Every socket the process serves, bound, nothing served yet.
+struct Sockets {
+    listeners: engine::BoundListeners,
+    metrics: Option<std::net::TcpListener>,
+    api: Option<crate::api::Bound>,
+    dns: Option<crate::internal_dns::Bound>,
+    replication: Option<crate::replication::driver::Bound>,
+}
+
+/// Binds every socket of `config`: the listeners (for `shards` shards), the
+/// metrics listener, the API, the DNS and the replication sockets. The first failure (a port
+/// in use, an address not on this host, a privileged port) is the error.
+fn bind_all(
+    config: &Config,
+    specs: &[ListenerSpec],
+    shards: usize,
+    geo: &Arc<GeoResolver>,
+) -> anyhow::Result<Sockets> {
+    let listeners = Engine::bind(specs, shards)?;
+    let metrics = match config.metrics.enabled {
+        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
+        false => None,
+    };
+    let api = crate::api::bind(&config.api)?;
+    let dns = crate::internal_dns::bind(config, Arc::clone(geo))?;
+    let replication = crate::replication::driver::bind(config)?;
+    Ok(Sockets {
+        listeners,
+        metrics,
+        api,
+        dns,
+        replication,
+    })
+}
+
+/// (name, app) of each configured listener, for `no_backend_warn`.
+fn listener_apps(config: &Config) -> Vec<(String, Option<String>)> {
+    config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.app.clone()))
+        .collect()
+}
+
+/// How `check-config` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Skip binding the sockets (to check a file for a running proxy, which
+    /// holds them, before reloading it).
+    pub no_bind: bool,
+}
+
 /// Loads and validates the configuration as `run` would, without starting
-/// anything, and returns the effective configuration.
-pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
+/// anything, and returns the effective configuration. Also binds every
+/// socket and lets go (a port in use is an error, like `nginx -t`), checks
+/// the routing store's path and reads its table without writing it: each
+/// listener that would refuse every connection is a warning, returned as a
+/// line of text.
+pub fn check(
+    config_path: Option<&Path>,
+    options: CheckOptions,
+) -> anyhow::Result<(Config, Vec<String>)> {
     let config = config::load(config_path, &config::ProcessEnv)?;
-    build_geo(&config)?;
+    let geo = Arc::new(build_geo(&config)?);
     let mut tls = TlsListeners::default();
+    let mut specs = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        spec_of(l, &mut tls)?;
+        specs.push(spec_of(l, &mut tls)?);
     }
-    Ok(config)
+    if !options.no_bind {
+        drop(bind_all(&config, &specs, 1, &geo)?);
+    }
+    let warnings = crate::check_routing::warnings(&config, &listener_apps(&config))?;
+    Ok((config, warnings))
 }
 
 /// SIGHUP, SIGTERM and SIGINT, caught from the moment [`Signals::install`]
@@ -220,22 +361,18 @@ impl Signals {
 
 /// Returns the drain grace period once a stop signal arrives.
 async fn control_loop(
-    signals: Signals,
+    signals: &mut Signals,
     config_path: Option<PathBuf>,
     mut config: Config,
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    (mut api, replication): (
-        Option<crate::api::Server>,
+    (api, replication): (
+        &mut Option<crate::api::Server>,
         Option<&crate::replication::driver::Handle>,
     ),
 ) -> anyhow::Result<Duration> {
-    let Signals {
-        mut hup,
-        mut term,
-        mut int,
-    } = signals;
+    let Signals { hup, term, int } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -247,31 +384,39 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
+                crate::sd_notify::reloading();
                 match &config_path {
                     None => tracing::info!("no config file given; only the routing table is re-read"),
                     Some(path) => match config::load(Some(path), &config::ProcessEnv) {
                         Ok(new) => match apply(&config, &new, engine, tls) {
-                            Ok(()) => {
-                                if new.routing.reload_interval != config.routing.reload_interval {
-                                    ticks.set_interval(new.routing.reload_interval);
-                                    ticker = tokio::time::interval(new.routing.reload_interval);
+                            Ok(next) => {
+                                if next.routing.reload_interval != config.routing.reload_interval {
+                                    ticks.set_interval(next.routing.reload_interval);
+                                    ticker = tokio::time::interval(next.routing.reload_interval);
                                     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                                 }
-                                config = new;
+                                config = next;
                             }
                             Err(e) => tracing::error!(error = format!("{e:#}"), "new configuration rejected; keeping the running one"),
                         },
                         Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
                     },
                 }
-                reloader.lock().reload();
+                {
+                    // The reload warns about listeners (as they now are)
+                    // with no eligible backend.
+                    let mut reloader = reloader.lock();
+                    reloader.coverage_mut().set_listeners(listener_apps(&config));
+                    reloader.reload();
+                }
                 tls.refresh(true);
+                crate::sd_notify::ready(&ready_status(engine));
             }
             _ = term.recv() => return Ok(config.limits.shutdown_grace),
             _ = int.recv() => return Ok(config.limits.shutdown_grace),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut api) => {
+            cmd = crate::api::next_command(api) => {
                 crate::api::execute(cmd, &mut reloader.lock());
                 // A write goes out to the other POPs now, not at the next
                 // change-log poll.
@@ -283,7 +428,9 @@ async fn control_loop(
     }
 }
 
-/// Applies what can change without a restart and logs the rest.
+/// Applies what can change without a restart, warns about each
+/// restart-only key that differs from what runs (old → new), and returns the
+/// configuration that runs from now on (see `config_diff::split`).
 ///
 /// Everything the new listeners need (certificates) is built first: if any of
 /// it fails, nothing changes and the error is returned.
@@ -292,7 +439,7 @@ fn apply(
     new: &Config,
     engine: &mut Engine,
     tls: &mut TlsListeners,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Config> {
     let mut starting = Vec::new();
     for l in &new.listeners {
         if !old.listeners.contains(l) {
@@ -301,7 +448,18 @@ fn apply(
     }
     let new_knobs = knobs(new);
     if *engine.knobs() != new_knobs {
-        tracing::info!(?new_knobs, "limits and timeouts updated");
+        let mut changes = crate::config_diff::diff("limits", &old.limits, &new.limits);
+        changes.extend(crate::config_diff::diff(
+            "affinity",
+            &old.affinity,
+            &new.affinity,
+        ));
+        changes.extend(crate::config_diff::diff(
+            "log.access",
+            &old.log.access,
+            &new.log.access,
+        ));
+        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
         engine.set_knobs(new_knobs);
     }
     // Listeners: removed or changed ones stop; added or changed ones start.
@@ -323,51 +481,18 @@ fn apply(
             Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
         }
     }
-    let restart_only = [
-        ("runtime", old.runtime != new.runtime),
-        (
-            "routing.db_path",
-            old.routing.db_path != new.routing.db_path,
-        ),
-        ("geo", old.geo != new.geo),
-        ("pop", old.pop != new.pop),
-        ("demo", old.demo != new.demo),
-        ("log", old.log != new.log),
-        ("api", old.api != new.api),
-        ("dns", old.dns != new.dns),
-        ("metrics", old.metrics != new.metrics),
-        ("replication", old.replication != new.replication),
-        (
-            "health (except rtt_weight)",
-            old.health.global != new.health.global
-                || old.health.apps != new.health.apps
-                || old.health.max_concurrent != new.health.max_concurrent
-                || old.health.webhook_url != new.health.webhook_url,
-        ),
-        (
-            "circuit_breaker",
-            old.circuit_breaker != new.circuit_breaker,
-        ),
-        (
-            "rate_limit.tracked_clients",
-            old.rate_limit.tracked_clients != new.rate_limit.tracked_clients,
-        ),
-    ];
-    for (section, changed) in restart_only {
-        if changed {
-            tracing::warn!(
-                section,
-                "this setting changed but takes effect only after a restart"
-            );
-        }
+    let (next, restart) = crate::config_diff::split(old, new);
+    for change in &restart {
+        tracing::warn!(key = %change.key, old = %change.old, new = %change.new,
+            "changed in the file, but takes effect only after a restart; running with the old value");
     }
-    Ok(())
+    Ok(next)
 }
 
 fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {
     let db = match &config.geo.db_path {
-        Some(path) => GeoDb::open(path)
-            .with_context(|| format!("cannot load GeoIP database {}", path.display()))?,
+        // GeoError names the file and its cause already.
+        Some(path) => GeoDb::open(path)?,
         None => GeoDb::embedded().context("cannot load the embedded GeoIP database")?,
     };
     let regions = match &config.geo.regions {
@@ -405,7 +530,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
 
 fn knobs(config: &Config) -> Knobs {
     Knobs {
-        max_connections: config.limits.max_connections,
+        max_connections: crate::fd_limit::max_connections_now(config),
         max_connections_per_shard: config.limits.max_connections_per_shard,
         connect_timeout: config.limits.connect_timeout,
         connect_attempts: config.limits.connect_attempts,
@@ -414,6 +539,7 @@ fn knobs(config: &Config) -> Knobs {
         affinity_gc_interval: config.affinity.gc_interval,
         rtt_weight: config.health.rtt_weight,
         client_limits: config.rate_limit.client_limits(),
+        access_log: config.log.access,
         ..Knobs::default()
     }
 }

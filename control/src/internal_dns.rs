@@ -1,9 +1,11 @@
 //! Starts the internal DNS server (`dns` crate) from configuration.
 //!
-//! [`bind`] runs during startup, before `edgeproxy ready`: it binds both
-//! sockets, so a bad or busy address stops the process like a proxy listener
-//! would, and logs `dns listening udp=ADDR tcp=ADDR`. [`Bound::serve`] then
-//! runs on the control thread's Tokio runtime for the life of the process.
+//! [`bind`] runs during startup, before `edgeproxy ready` and before the
+//! routing store is opened: it binds both sockets, so a bad or busy address
+//! stops the process like a proxy listener would, and logs `dns listening
+//! udp=ADDR tcp=ADDR`. [`Bound::serve`] then runs on the control thread's
+//! Tokio runtime for the life of the process, answering from the routing
+//! snapshot it is given.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,15 +22,10 @@ use crate::config::Config;
 pub struct Bound {
     server: DnsServer,
     answerer: Answerer,
-    snapshot: SnapshotHandle,
 }
 
 /// Binds the DNS server if `[dns] enabled`; `None` when disabled.
-pub fn bind(
-    config: &Config,
-    snapshot: SnapshotHandle,
-    geo: Arc<GeoResolver>,
-) -> anyhow::Result<Option<Bound>> {
+pub fn bind(config: &Config, geo: Arc<GeoResolver>) -> anyhow::Result<Option<Bound>> {
     let c = &config.dns;
     if !c.enabled {
         return Ok(None);
@@ -68,14 +65,14 @@ pub fn bind(
     Ok(Some(Bound {
         server,
         answerer: Answerer::new(Arc::new(zone), geo),
-        snapshot,
     }))
 }
 
 impl Bound {
-    /// Serves until the runtime stops. Spawn it on the control runtime.
-    pub async fn serve(self) {
-        if let Err(e) = self.server.run(self.answerer, self.snapshot).await {
+    /// Serves until the runtime stops, answering from `snapshot`. Spawn it
+    /// on the control runtime.
+    pub async fn serve(self, snapshot: SnapshotHandle) {
+        if let Err(e) = self.server.run(self.answerer, snapshot).await {
             tracing::error!(error = %e, "dns server stopped");
         }
     }

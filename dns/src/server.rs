@@ -55,13 +55,16 @@ pub struct ServerSettings {
 }
 
 /// Why the server could not start.
+///
+/// The io::Error is in the message, so it is a plain field (`cause`), not a
+/// `source`: `{:#}` error chains would print it twice.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BindError {
-    #[error("cannot bind DNS UDP socket on {addr}: {source}")]
-    Udp { addr: SocketAddr, source: io::Error },
-    #[error("cannot bind DNS TCP listener on {addr}: {source}")]
-    Tcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind DNS UDP socket on {addr}: {cause}")]
+    Udp { addr: SocketAddr, cause: io::Error },
+    #[error("cannot bind DNS TCP listener on {addr}: {cause}")]
+    Tcp { addr: SocketAddr, cause: io::Error },
 }
 
 /// Both sockets, bound, not yet served.
@@ -81,15 +84,15 @@ impl DnsServer {
         let mut attempts = if want.port() == 0 { 8 } else { 1 };
         // Nothing else may listen there: with SO_REUSEPORT another process's
         // sockets would be joined silently and share the queries.
-        ensure_udp_unused(want).map_err(|source| BindError::Udp { addr: want, source })?;
+        ensure_udp_unused(want).map_err(|cause| BindError::Udp { addr: want, cause })?;
         loop {
-            let first = bind_udp(want).map_err(|source| BindError::Udp { addr: want, source })?;
+            let first = bind_udp(want).map_err(|cause| BindError::Udp { addr: want, cause })?;
             let got = first
                 .local_addr()
-                .map_err(|source| BindError::Udp { addr: want, source })?;
+                .map_err(|cause| BindError::Udp { addr: want, cause })?;
             let mut udp = vec![first];
             for _ in 1..settings.udp_workers.max(1) {
-                udp.push(bind_udp(got).map_err(|source| BindError::Udp { addr: got, source })?);
+                udp.push(bind_udp(got).map_err(|cause| BindError::Udp { addr: got, cause })?);
             }
             match bind_tcp(got) {
                 Ok(tcp) => {
@@ -98,7 +101,7 @@ impl DnsServer {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts > 1 => {
                     attempts -= 1;
                 }
-                Err(source) => return Err(BindError::Tcp { addr: got, source }),
+                Err(cause) => return Err(BindError::Tcp { addr: got, cause }),
             }
         }
     }
@@ -343,6 +346,26 @@ async fn serve_connection(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bind_errors_name_their_cause_once() {
+        use std::error::Error;
+        let addr: std::net::SocketAddr = "127.0.0.1:53".parse().unwrap();
+        for e in [
+            super::BindError::Udp {
+                addr,
+                cause: std::io::ErrorKind::AddrInUse.into(),
+            },
+            super::BindError::Tcp {
+                addr,
+                cause: std::io::ErrorKind::AddrInUse.into(),
+            },
+        ] {
+            // `{:#}` chains append each source: none may repeat the message.
+            assert!(e.source().is_none(), "{e}");
+            assert!(e.to_string().contains("address in use"), "{e}");
+        }
+    }
+
     use super::*;
 
     fn settings(listen: SocketAddr, udp_workers: usize) -> ServerSettings {

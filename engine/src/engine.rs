@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +50,16 @@ struct ShardHandle {
     stats: Arc<ShardStats>,
 }
 
+/// Ends a drain in progress at once. See [`Engine::fast_stop`].
+#[derive(Clone)]
+pub struct FastStop(Arc<AtomicBool>);
+
+impl FastStop {
+    pub fn trigger(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A listener that is running on every shard.
 #[derive(Debug, Clone)]
 pub struct RunningListener {
@@ -68,15 +78,23 @@ pub struct StatsView {
     shards: Arc<Vec<Arc<ShardStats>>>,
     listeners: Arc<Mutex<Vec<RunningListener>>>,
     passive: Arc<PassiveReporter>,
+    knobs: Arc<ArcSwap<Knobs>>,
 }
 
 /// One listener's counters summed over shards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenerSummary {
     pub name: String,
+    /// The app it serves; `None`: every app.
+    pub app: Option<String>,
     pub accepted: u64,
-    pub rejected_limit: u64,
+    /// Times its accept loops paused at a connection limit.
+    pub limit_waits: u64,
     pub rejected_other: u64,
+    /// Closed for want of a backend (part of `rejected_other`).
+    pub no_backend: u64,
+    /// Refused by a per-client limit.
+    pub rejected_client_limit: u64,
     pub active: u64,
 }
 
@@ -84,6 +102,11 @@ impl StatsView {
     /// Passive health events queued for the control side, and dropped.
     pub fn passive_events(&self) -> (u64, u64) {
         (self.passive.sent(), self.passive.dropped())
+    }
+
+    /// The process-wide connection limit in force (0 = unlimited).
+    pub fn max_connections(&self) -> u32 {
+        self.knobs.load().max_connections
     }
 
     pub fn summary(&self) -> StatsSummary {
@@ -107,12 +130,15 @@ impl StatsView {
             .map(|l| {
                 let mut s = ListenerSummary {
                     name: l.spec.name.to_string(),
+                    app: l.spec.app.as_deref().map(str::to_string),
                     ..Default::default()
                 };
                 for st in &l.stats {
                     s.accepted += st.accepted.load(Relaxed);
-                    s.rejected_limit += st.rejected_limit.load(Relaxed);
+                    s.limit_waits += st.limit_waits.load(Relaxed);
                     s.rejected_other += st.rejected_other.load(Relaxed);
+                    s.no_backend += st.no_backend.load(Relaxed);
+                    s.rejected_client_limit += st.rejected_client_limit.load(Relaxed);
                     s.active += u64::from(st.active.load(Relaxed));
                 }
                 s
@@ -133,7 +159,37 @@ pub struct Engine {
     passive_events: Option<PassiveEvents>,
 }
 
+/// Every listener's sockets, bound for a number of shards, not yet served.
+/// [`Engine::bind`] makes them, [`Engine::start_bound`] serves them; dropping
+/// them closes the sockets.
+#[derive(Debug)]
+pub struct BoundListeners {
+    shards: usize,
+    groups: Vec<(Arc<ListenerSpec>, listener::BoundGroup)>,
+}
+
+impl BoundListeners {
+    /// The bound address of each listener, in the order given.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.groups.iter().map(|(_, g)| g.local_addr).collect()
+    }
+}
+
 impl Engine {
+    /// Binds every listener (one socket per shard each) without starting
+    /// anything: a bad address or a port in use fails here. `check-config`
+    /// binds this way and lets go; `run` binds before it creates anything
+    /// else.
+    pub fn bind(listeners: &[ListenerSpec], shards: usize) -> Result<BoundListeners, EngineError> {
+        let shards = shards.max(1);
+        let mut groups = Vec::with_capacity(listeners.len());
+        for spec in listeners {
+            groups.push((Arc::new(spec.clone()), bind(spec, shards, true)?));
+        }
+        Ok(BoundListeners { shards, groups })
+    }
+
+    /// [`Engine::bind`] then [`Engine::start_bound`].
     pub fn start(
         settings: EngineSettings,
         knobs: Knobs,
@@ -141,11 +197,23 @@ impl Engine {
         snapshot: SnapshotHandle,
         geo: Arc<GeoResolver>,
     ) -> Result<Engine, EngineError> {
-        let shard_count = settings.shards.max(1);
-        let mut groups = Vec::with_capacity(listeners.len());
-        for spec in listeners {
-            groups.push((Arc::new(spec.clone()), bind(spec, shard_count, true)?));
-        }
+        let bound = Self::bind(listeners, settings.shards)?;
+        Self::start_bound(settings, knobs, bound, snapshot, geo)
+    }
+
+    /// Starts one shard per socket of `bound` (as many as it was bound for,
+    /// whatever `settings.shards` says) and hands each its sockets.
+    pub fn start_bound(
+        settings: EngineSettings,
+        knobs: Knobs,
+        bound: BoundListeners,
+        snapshot: SnapshotHandle,
+        geo: Arc<GeoResolver>,
+    ) -> Result<Engine, EngineError> {
+        let BoundListeners {
+            shards: shard_count,
+            groups,
+        } = bound;
         let (reporter, passive_events) = passive::channel(passive::CAPACITY);
         let shared = Arc::new(Shared {
             passive: reporter,
@@ -155,6 +223,7 @@ impl Engine {
             geo,
             knobs: Arc::new(ArcSwap::from_pointee(knobs)),
             active_total: AtomicU32::new(0),
+            stop_now: Arc::default(),
         });
         let mut engine = Engine {
             shared,
@@ -234,6 +303,7 @@ impl Engine {
             shards: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()),
             listeners: Arc::clone(&self.published_listeners),
             passive: Arc::clone(&self.shared.passive),
+            knobs: Arc::clone(&self.shared.knobs),
         }
     }
 
@@ -303,9 +373,18 @@ impl Engine {
     }
 
     /// Stops accepting everywhere, lets open connections finish for up to
-    /// `grace`, then closes what is left and joins every shard thread.
+    /// `grace`, then closes what is left and joins every shard thread. Blocks
+    /// until then; [`Engine::fast_stop`] cuts the wait short from another
+    /// thread.
     pub fn shutdown(mut self, grace: Duration) {
         self.stop(grace);
+    }
+
+    /// A handle that ends a [`Engine::shutdown`] in progress at once (the
+    /// operator's second stop signal): the shards close what is still open
+    /// and exit.
+    pub fn fast_stop(&self) -> FastStop {
+        FastStop(Arc::clone(&self.shared.stop_now))
     }
 
     fn stop(&mut self, grace: Duration) {

@@ -72,6 +72,8 @@ pub struct Knobs {
     pub rtt_weight: f64,
     /// Per-client rate limit and concurrent-connection cap.
     pub client_limits: crate::rate_limit::ClientLimits,
+    /// Log one line per connection when it ends (`[log] access`).
+    pub access_log: bool,
 }
 
 impl Default for Knobs {
@@ -87,6 +89,7 @@ impl Default for Knobs {
             proxy_header_timeout: Duration::from_secs(5),
             rtt_weight: 0.0,
             client_limits: crate::rate_limit::ClientLimits::default(),
+            access_log: false,
         }
     }
 }

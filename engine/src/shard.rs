@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::affinity::AffinityTable;
 use crate::conn;
 use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx, Shared};
+use crate::log_limit::LogLimit;
 use crate::rt;
 use crate::settings::ListenerSpec;
 use crate::stats::{ListenerStats, ShardStats};
@@ -99,37 +100,70 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
     }
 }
 
-/// Waits for this shard's connections to finish, at most `grace`.
+/// Waits for this shard's connections to finish, at most `grace`, or until
+/// a fast stop is asked for.
 async fn drain(ctx: &ShardCtx, grace: Duration) {
     let deadline = Instant::now() + grace;
+    let stop_now = || {
+        ctx.shared
+            .stop_now
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     // Connections end on their own schedule; a short poll costs nothing next
     // to a drain that lasts seconds, and needs no wake-up plumbing in every
     // connection.
-    while ctx.stats.active() > 0 && Instant::now() < deadline {
+    while ctx.stats.active() > 0 && Instant::now() < deadline && !stop_now() {
         rt::sleep(Duration::from_millis(20).min(grace)).await;
     }
     let left = ctx.stats.active();
     if left > 0 {
-        tracing::warn!(
-            shard = ctx.id,
-            connections = left,
-            "grace period over: closing connections still open"
-        );
+        let why = match stop_now() {
+            true => "fast stop: closing connections still open",
+            false => "grace period over: closing connections still open",
+        };
+        tracing::warn!(shard = ctx.id, connections = left, "{why}");
+    }
+}
+
+/// How often a shard's accept loop logs that accepting fails for want of
+/// descriptors or memory (it backs off 100 ms each time: otherwise 10 lines a
+/// second per shard and listener).
+const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often a paused accept loop looks again for a free connection slot
+/// (slots free on any shard; a poll needs no wake-up plumbing between
+/// shards, and runs only while a limit is reached).
+const LIMIT_POLL: Duration = Duration::from_millis(5);
+
+/// Waits until this shard may accept another connection (see
+/// [`ConnSlot`]): meanwhile clients wait in the kernel's accept queue.
+async fn wait_for_room(ctx: &ShardCtx, lctx: &ListenerCtx) {
+    if ConnSlot::room(ctx) {
+        return;
+    }
+    ShardStats::bump(&ctx.stats.limit_waits);
+    ShardStats::bump(&lctx.stats.limit_waits);
+    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
+        "connection limit reached; accepting paused");
+    while !ConnSlot::room(ctx) {
+        rt::sleep(LIMIT_POLL).await;
     }
 }
 
 async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::TcpListener) {
+    let mut starved_log = LogLimit::new(ACCEPT_FAILURE_LOG_INTERVAL);
     loop {
+        wait_for_room(&ctx, &lctx).await;
         match listener.accept().await {
             Ok((stream, peer)) => {
                 ShardStats::bump(&ctx.stats.accepted);
                 ShardStats::bump(&lctx.stats.accepted);
-                let Some(slot) = ConnSlot::take(&ctx, &lctx) else {
-                    ShardStats::bump(&ctx.stats.rejected_limit);
-                    ShardStats::bump(&lctx.stats.rejected_limit);
-                    tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
-                    continue;
-                };
+                // The accept was pending while other shards (or a SIGHUP
+                // lowering the limit) may have reached it: then this client
+                // waits here, held but not served, like the ones queued in
+                // the kernel.
+                wait_for_room(&ctx, &lctx).await;
+                let slot = ConnSlot::take(&ctx, &lctx);
                 rt::spawn(conn::serve(
                     Rc::clone(&ctx),
                     Rc::clone(&lctx),
@@ -146,8 +180,11 @@ async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::Tcp
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 );
                 if starved {
-                    tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
-                        "accept failed; backing off 100 ms");
+                    if let Some(left_out) = starved_log.hit(Instant::now()) {
+                        tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
+                            same_errors_not_logged = left_out,
+                            "accept failed; backing off 100 ms (logged at most every 10 s)");
+                    }
                     rt::sleep(Duration::from_millis(100)).await;
                 } else {
                     tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, error = %e, "accept failed");

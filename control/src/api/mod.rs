@@ -74,7 +74,7 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
     match exposure {
         Exposure::Token => {}
         Exposure::LoopbackOnly { narrowed_from } => tracing::warn!(
-            asked = ?narrowed_from.map(|a| a.to_string()),
+            asked = %narrowed_from.map_or_else(|| "-".to_string(), |a| a.to_string()),
             "discovery API has no token: it listens on loopback only \
              (set api.token or EDGEPROXY_API_TOKEN to serve other hosts, \
              or api.allow_open = true to serve them without a token)"
@@ -101,11 +101,13 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
-    /// `cluster`: replication's status, for `GET /api/v1/cluster`.
+    /// `cluster`: replication's status, for `GET /api/v1/cluster`;
+    /// `readiness`: `/health` says 503 `draining` during a drain.
     pub fn serve(
         self,
         snapshot: SnapshotHandle,
         cluster: Option<crate::replication::status::StatusHandle>,
+        readiness: crate::readiness::Readiness,
     ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .context("discovery API: cannot register the socket")?;
@@ -122,6 +124,7 @@ impl Bound {
             snapshot,
             started: Instant::now(),
             cluster,
+            readiness,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })
