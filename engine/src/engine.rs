@@ -58,6 +58,11 @@ pub struct RunningListener {
     pub steered: bool,
     /// The listener's counters, one per shard.
     pub stats: Vec<Arc<ListenerStats>>,
+    /// Duplicates of the listener's sockets, in the order of their
+    /// `SO_REUSEPORT` group (the order the steering program indexes): what a
+    /// successor process takes over on a binary upgrade. The shards own the
+    /// originals; both refer to the same sockets.
+    pub sockets: Arc<[std::os::fd::OwnedFd]>,
 }
 
 /// A read-only view of every counter of the data plane, for metrics. Cheap to
@@ -135,8 +140,31 @@ impl Engine {
         let shard_count = settings.shards.max(1);
         let mut groups = Vec::with_capacity(listeners.len());
         for spec in listeners {
-            groups.push((Arc::new(spec.clone()), bind(spec, shard_count, true)?));
+            groups.push((spec.clone(), bind(spec, shard_count, true)?));
         }
+        Engine::start_bound(settings, knobs, groups, snapshot, geo)
+    }
+
+    /// Binds a listener's sockets for an engine of `shards` shards, refusing
+    /// an address something already listens on. With [`Engine::start_bound`]
+    /// the caller may mix such groups with sockets it already holds
+    /// ([`listener::adopt_group`], a binary upgrade).
+    pub fn bind_listener(
+        spec: &ListenerSpec,
+        shards: usize,
+    ) -> Result<listener::BoundGroup, EngineError> {
+        bind(spec, shards.max(1), true)
+    }
+
+    /// Like [`Engine::start`], with every listener's sockets already bound.
+    pub fn start_bound(
+        settings: EngineSettings,
+        knobs: Knobs,
+        groups: Vec<(ListenerSpec, listener::BoundGroup)>,
+        snapshot: SnapshotHandle,
+        geo: Arc<GeoResolver>,
+    ) -> Result<Engine, EngineError> {
+        let shard_count = settings.shards.max(1);
         let shared = Arc::new(Shared {
             shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
             settings,
@@ -159,7 +187,7 @@ impl Engine {
             }
         }
         for (spec, group) in groups {
-            engine.hand_out(spec, group);
+            engine.hand_out(Arc::new(spec), group)?;
         }
         Ok(engine)
     }
@@ -186,18 +214,39 @@ impl Engine {
         ready.map_err(|cause| EngineError::Runtime { shard: id, cause })
     }
 
-    fn hand_out(&mut self, spec: Arc<ListenerSpec>, group: listener::BoundGroup) {
+    /// Gives socket *i* of the group to shard *i* mod the shard count (one
+    /// each when the group was bound for this engine; several per shard
+    /// when it was adopted from a process that ran more shards).
+    fn hand_out(
+        &mut self,
+        spec: Arc<ListenerSpec>,
+        group: listener::BoundGroup,
+    ) -> Result<(), EngineError> {
         if !group.steered {
             tracing::warn!(listener = %spec.name,
                 "kernel refused the reuseport steering program; affinity uses a shared table");
         }
+        let sockets = group
+            .sockets
+            .iter()
+            .map(|s| std::os::fd::AsFd::as_fd(s).try_clone_to_owned())
+            .collect::<io::Result<Arc<[_]>>>()
+            .map_err(|cause| EngineError::Bind {
+                listener: spec.name.to_string(),
+                addr: group.local_addr,
+                cause,
+            })?;
         let stats: Vec<Arc<ListenerStats>> = self.shards.iter().map(|_| Arc::default()).collect();
-        for ((shard, socket), stats) in self.shards.iter().zip(group.sockets).zip(&stats) {
-            let _ = shard.commands.try_send(Command::AddListener {
+        let shard_count = self.shards.len();
+        for (i, socket) in group.sockets.into_iter().enumerate() {
+            let shard = i % shard_count;
+            let _ = self.shards[shard].commands.try_send(Command::AddListener {
                 spec: Arc::clone(&spec),
                 socket,
+                // Steered to socket i, so to the shard that serves it: a
+                // client's connections still meet one affinity table.
                 steered: group.steered,
-                stats: Arc::clone(stats),
+                stats: Arc::clone(&stats[shard]),
             });
         }
         self.listeners.push(RunningListener {
@@ -205,8 +254,10 @@ impl Engine {
             local_addr: group.local_addr,
             steered: group.steered,
             stats,
+            sockets,
         });
         self.publish_listeners();
+        Ok(())
     }
 
     fn publish_listeners(&self) {
@@ -243,7 +294,7 @@ impl Engine {
         let exclusive = !self.retired_addrs.contains(&spec.addr);
         let group = bind(&spec, self.shards.len(), exclusive)?;
         let addr = group.local_addr;
-        self.hand_out(Arc::new(spec), group);
+        self.hand_out(Arc::new(spec), group)?;
         Ok(addr)
     }
 
@@ -263,6 +314,38 @@ impl Engine {
                 .try_send(Command::RemoveListener(Arc::clone(&removed.spec.name)));
         }
         true
+    }
+
+    /// Stops accepting on every listener, losing no connection already
+    /// queued on a socket: each shard cancels its accepts gently, serves what
+    /// they and a last non-blocking sweep return, and closes its sockets.
+    /// Waits up to `timeout` for the shards to confirm; returns how many
+    /// connections the final sweeps took, or `None` if a shard did not
+    /// answer in time. Open connections go on. Used after a binary upgrade,
+    /// once the successor accepts on the same sockets: nothing queued is
+    /// reset, because the sockets stay open in the successor.
+    pub fn stop_accepting(&mut self, timeout: Duration) -> Option<usize> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for shard in &self.shards {
+            if shard
+                .commands
+                .try_send(Command::StopAccepting { done: tx.clone() })
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        self.listeners.clear();
+        self.publish_listeners();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut swept = 0;
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            swept += rx.recv_timeout(left).ok()?;
+        }
+        Some(swept)
     }
 
     /// New connections use `knobs` from now on.

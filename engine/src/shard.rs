@@ -25,10 +25,37 @@ pub(crate) enum Command {
         stats: Arc<ListenerStats>,
     },
     RemoveListener(Arc<str>),
+    /// Stop accepting on every listener without losing a connection the
+    /// kernel already queued or handed over (see `rt::AcceptGate`), close
+    /// this shard's listening sockets, and report on `done` how many
+    /// connections the last sweep took. Open connections go on.
+    StopAccepting {
+        done: std::sync::mpsc::Sender<usize>,
+    },
     /// Stop accepting, wait up to `grace` for open connections, then exit.
     Shutdown {
         grace: Duration,
     },
+}
+
+/// One running accept loop and the gate that stops it.
+struct AcceptLoop {
+    gate: Rc<rt::AcceptGate>,
+    task: rt::JoinHandle<usize>,
+}
+
+/// Stops every loop in `loops` and waits for each to hand over its last
+/// connections; returns how many the final sweeps took.
+async fn stop_all(loops: &mut HashMap<Arc<str>, Vec<AcceptLoop>>) -> usize {
+    let running: Vec<AcceptLoop> = loops.drain().flat_map(|(_, l)| l).collect();
+    for l in &running {
+        l.gate.stop();
+    }
+    let mut swept = 0;
+    for l in running {
+        swept += l.task.await.unwrap_or(0);
+    }
+    swept
 }
 
 /// Thread body of shard `id`. Reports on `ready` whether its runtime started.
@@ -62,7 +89,7 @@ pub(crate) fn run(
 }
 
 async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command>) {
-    let mut accept_loops: HashMap<Arc<str>, rt::JoinHandle<()>> = HashMap::new();
+    let mut accept_loops: HashMap<Arc<str>, Vec<AcceptLoop>> = HashMap::new();
     let _gc = rt::spawn(affinity_gc(Rc::clone(&ctx)));
     while let Ok(command) = commands.recv().await {
         match command {
@@ -78,20 +105,36 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
                         spec: Arc::clone(&spec),
                         stats,
                     });
-                    let task = rt::spawn(accept_loop(Rc::clone(&ctx), lctx, listener));
-                    // Replacing a handle drops (cancels) the old accept loop.
-                    accept_loops.insert(Arc::clone(&spec.name), task);
+                    let gate = Rc::new(rt::AcceptGate::new());
+                    let task = rt::spawn(accept_loop(
+                        Rc::clone(&ctx),
+                        lctx,
+                        listener,
+                        Rc::clone(&gate),
+                    ));
+                    // A shard may serve several sockets of one listener
+                    // (after an upgrade to fewer shards than sockets).
+                    accept_loops
+                        .entry(Arc::clone(&spec.name))
+                        .or_default()
+                        .push(AcceptLoop { gate, task });
                 }
                 Err(e) => tracing::error!(shard = ctx.id, listener = %spec.name, error = %e,
                     "cannot register listener with the runtime"),
             },
             Command::RemoveListener(name) => {
-                // Dropping the handle cancels the accept loop and closes this
-                // shard's socket; open connections are separate tasks and go on.
+                // Dropping the handles cancels the accept loops and closes
+                // this shard's sockets (so their queues go with them: a
+                // gentle stop would save nothing); open connections are
+                // separate tasks and go on.
                 accept_loops.remove(&name);
             }
+            Command::StopAccepting { done } => {
+                let swept = stop_all(&mut accept_loops).await;
+                let _ = done.send(swept);
+            }
             Command::Shutdown { grace } => {
-                accept_loops.clear();
+                stop_all(&mut accept_loops).await;
                 drain(&ctx, grace).await;
                 break;
             }
@@ -118,27 +161,17 @@ async fn drain(ctx: &ShardCtx, grace: Duration) {
     }
 }
 
-async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                ShardStats::bump(&ctx.stats.accepted);
-                ShardStats::bump(&lctx.stats.accepted);
-                let Some(slot) = ConnSlot::take(&ctx, &lctx) else {
-                    ShardStats::bump(&ctx.stats.rejected_limit);
-                    ShardStats::bump(&lctx.stats.rejected_limit);
-                    tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
-                    continue;
-                };
-                rt::spawn(conn::serve(
-                    Rc::clone(&ctx),
-                    Rc::clone(&lctx),
-                    stream,
-                    peer,
-                    slot,
-                ))
-                .detach();
-            }
+/// Accepts until `gate` stops; then takes what is already queued and
+/// returns how many connections that final sweep took.
+async fn accept_loop(
+    ctx: Rc<ShardCtx>,
+    lctx: Rc<ListenerCtx>,
+    listener: rt::TcpListener,
+    gate: Rc<rt::AcceptGate>,
+) -> usize {
+    while let Some(accepted) = gate.accept(&listener).await {
+        match accepted {
+            Ok((stream, peer)) => admit(&ctx, &lctx, stream, peer),
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
                 let starved = matches!(
@@ -155,6 +188,50 @@ async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::Tcp
             }
         }
     }
+    // Stopped. Whatever is queued now was meant for this socket while this
+    // loop still waited on it: serve it here rather than leave it for a
+    // waiter that may not be woken (see `rt::AcceptGate`).
+    let mut swept = 0;
+    loop {
+        match rt::accept_now(&listener) {
+            Ok(Some((stream, peer))) => {
+                swept += 1;
+                admit(&ctx, &lctx, stream, peer);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
+                    "accept failed while stopping");
+                break;
+            }
+        }
+    }
+    swept
+}
+
+/// Counts a new connection and spawns its task, or closes it at a limit.
+fn admit(
+    ctx: &Rc<ShardCtx>,
+    lctx: &Rc<ListenerCtx>,
+    stream: rt::TcpStream,
+    peer: std::net::SocketAddr,
+) {
+    ShardStats::bump(&ctx.stats.accepted);
+    ShardStats::bump(&lctx.stats.accepted);
+    let Some(slot) = ConnSlot::take(ctx, lctx) else {
+        ShardStats::bump(&ctx.stats.rejected_limit);
+        ShardStats::bump(&lctx.stats.rejected_limit);
+        tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
+        return;
+    };
+    rt::spawn(conn::serve(
+        Rc::clone(ctx),
+        Rc::clone(lctx),
+        stream,
+        peer,
+        slot,
+    ))
+    .detach();
 }
 
 /// Sweeps expired affinity bindings; shard 0 also sweeps the shared table.
