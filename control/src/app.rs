@@ -21,12 +21,21 @@ use crate::reload_thread::{ReloadThread, SharedReloader};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
 use crate::tls::TlsListeners;
+use crate::upgrade::UpgradeEvent;
 
 /// Runs the proxy until a stop signal. Errors before the proxy is up are
 /// returned (the caller prints them and exits non-zero).
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // A successor of a binary upgrade takes its sockets before anything
+    // binds (and before any thread starts: this edits the environment).
+    let inherited = crate::upgrade::inherit::from_env()
+        .context("binary upgrade: cannot take over the previous process's sockets")?;
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log.level);
+    if let Some(got) = &inherited {
+        tracing::info!(entries = got.entries, sockets = got.sockets,
+            "upgrade: took over the previous process's sockets");
+    }
     let geo = Arc::new(build_geo(&config)?);
 
     let mut store = RoutingStore::open(&config.routing.db_path)?;
@@ -66,17 +75,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Internal DNS: bound now (a bind failure stops startup), served on the
     // control runtime below. See `internal_dns`.
     let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
-    let mut engine = Engine::start(
-        engine_settings(&config),
-        knobs(&config),
-        &specs,
-        snapshot.clone(),
-        geo,
-    )?;
-    for l in engine.listeners() {
-        tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
-            proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
-    }
+    // The discovery API: bound here (a taken port fails the start), its
+    // requests executed by the control loop, which owns the routing store.
+    let api = crate::api::bind(&config.api)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -88,6 +89,26 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let _context = runtime.enter();
         Signals::install()?
     };
+    let upgrades = {
+        let _context = runtime.enter();
+        crate::upgrade::Upgrades::start(&config.upgrade)?
+    };
+    // Everything that can fail is bound by now: the data plane starts
+    // accepting last (a successor that failed after accepting would drop
+    // the connections it took).
+    let groups = crate::upgrade::listener_groups(specs, engine_settings(&config).shards)?;
+    let mut engine = Engine::start_bound(
+        engine_settings(&config),
+        knobs(&config),
+        groups,
+        snapshot.clone(),
+        geo,
+    )?;
+    for l in engine.listeners() {
+        tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
+            proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
+    }
+    let mut metrics = None;
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
@@ -95,22 +116,25 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
         };
-        runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
+        metrics = Some(runtime.block_on(async { crate::metrics::serve(listener, sources) })?);
         tracing::info!(%addr, "metrics listening");
     }
-    // The discovery API: bound here (a taken port fails the start), its
-    // requests executed by the control loop, which owns the routing store.
-    let api = match crate::api::bind(&config.api)? {
+    let api = match api {
         None => None,
         Some(bound) => Some(runtime.block_on(async { bound.serve(snapshot.clone()) })?),
     };
+    let (stop_dns, dns_stop) = tokio::sync::watch::channel(false);
     if let Some(dns) = dns {
-        runtime.spawn(dns.serve());
+        runtime.spawn(dns.serve(dns_stop));
     }
+    // Inherited sockets the new configuration has no use for (a listener
+    // it removed) go now, before this process says it serves.
+    crate::upgrade::sockets::release_unclaimed();
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
         pop = %config.pop.name,
         region = %config.pop.region,
         shards = engine.shard_count(),
@@ -119,15 +143,32 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     );
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
-    let grace = runtime.block_on(control_loop(
+    // The predecessor of a binary upgrade stops accepting now.
+    crate::upgrade::inherit::report_ready();
+    let mut services = Services {
+        api,
+        upgrades,
+        metrics,
+        stop_dns,
+    };
+    let exit = runtime.block_on(control_loop(
         signals,
         config_path,
         config,
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        api,
+        &mut services,
     ))?;
+    let grace = match exit {
+        Exit::Stop(grace) => {
+            services.upgrades.shut_down();
+            grace
+        }
+        Exit::Upgraded(grace) => {
+            runtime.block_on(hand_over(&mut engine, &mut services, &reloader, grace))
+        }
+    };
     ticks.stop();
     tracing::info!(
         grace_secs = grace.as_secs(),
@@ -161,6 +202,8 @@ struct Signals {
     hup: Signal,
     term: Signal,
     int: Signal,
+    /// Binary upgrade (nginx's signal for it).
+    usr2: Signal,
 }
 
 impl Signals {
@@ -170,11 +213,29 @@ impl Signals {
             hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
             term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+            usr2: signal(SignalKind::user_defined2())
+                .context("cannot install SIGUSR2 handler")?,
         })
     }
 }
 
-/// Returns the drain grace period once a stop signal arrives.
+/// What the control loop serves besides the data plane.
+struct Services {
+    api: Option<crate::api::Server>,
+    upgrades: crate::upgrade::Upgrades,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    stop_dns: tokio::sync::watch::Sender<bool>,
+}
+
+/// Why the control loop ended; both carry the drain grace period.
+enum Exit {
+    /// SIGTERM or SIGINT.
+    Stop(Duration),
+    /// A successor serves on our sockets.
+    Upgraded(Duration),
+}
+
+/// Runs until a stop signal or a completed binary upgrade.
 async fn control_loop(
     signals: Signals,
     config_path: Option<PathBuf>,
@@ -182,12 +243,13 @@ async fn control_loop(
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    mut api: Option<crate::api::Server>,
-) -> anyhow::Result<Duration> {
+    services: &mut Services,
+) -> anyhow::Result<Exit> {
     let Signals {
         mut hup,
         mut term,
         mut int,
+        mut usr2,
     } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -220,13 +282,64 @@ async fn control_loop(
                 reloader.lock().reload();
                 tls.refresh(true);
             }
-            _ = term.recv() => return Ok(config.limits.shutdown_grace),
-            _ = int.recv() => return Ok(config.limits.shutdown_grace),
+            _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
+            _ = int.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut api) => crate::api::execute(cmd, &mut reloader.lock()),
+            cmd = crate::api::next_command(&mut services.api) => crate::api::execute(cmd, &mut reloader.lock()),
+            // Binary upgrade: SIGUSR2 or `edgeproxy upgrade`; the attempt
+            // runs on its own thread while this loop goes on.
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: binary upgrade");
+                services.upgrades.begin(None, crate::upgrade::listener_entries(engine.listeners()));
+            }
+            event = services.upgrades.next_event() => match event {
+                UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners())),
+                UpgradeEvent::Finished(Ok(_)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace)),
+                // Logged and answered; this process keeps serving.
+                UpgradeEvent::Finished(Err(_)) => {}
+            },
         }
     }
+}
+
+/// After a successor reported ready: stop accepting everywhere (the
+/// sockets live on in the successor), then drain for up to `grace` while
+/// still answering discovery API requests on connections already open.
+/// Returns what is left of the grace period.
+async fn hand_over(
+    engine: &mut Engine,
+    services: &mut Services,
+    reloader: &SharedReloader,
+    grace: Duration,
+) -> Duration {
+    let deadline = tokio::time::Instant::now() + grace;
+    let swept = engine.stop_accepting(Duration::from_secs(5));
+    if let Some(api) = &services.api {
+        api.stop_accepting();
+    }
+    if let Some(metrics) = services.metrics.take() {
+        metrics.abort();
+    }
+    let _ = services.stop_dns.send(true);
+    services.upgrades.handed_over();
+    tracing::info!(
+        open = engine.active_connections(),
+        last_accepted = swept,
+        grace_secs = grace.as_secs(),
+        "upgrade: stopped accepting; draining open connections"
+    );
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    // `edgeproxy upgrade` hears the outcome from a task of this runtime.
+    while (engine.active_connections() > 0 || services.upgrades.replying())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::select! {
+            _ = poll.tick() => {}
+            cmd = crate::api::next_command(&mut services.api) => crate::api::execute(cmd, &mut reloader.lock()),
+        }
+    }
+    deadline.saturating_duration_since(tokio::time::Instant::now())
 }
 
 /// Applies what can change without a restart and logs the rest.

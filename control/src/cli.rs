@@ -21,7 +21,9 @@ use clap::{Parser, Subcommand};
         edgeProxy's environment variables (EDGEPROXY_LISTEN_ADDR, \
         EDGEPROXY_DB_PATH, EDGEPROXY_REGION, ...). Signals: SIGHUP re-reads \
         the config file and the routing table; SIGTERM/SIGINT stop accepting \
-        and drain open connections for limits.shutdown_grace_secs."
+        and drain open connections for limits.shutdown_grace_secs; SIGUSR2 \
+        (or `edgeproxy upgrade`) starts the binary now at the proxy's path, \
+        hands it every listening socket, and drains once it serves."
 )]
 pub struct Cli {
     /// TOML configuration file (see config/edgeproxy.toml for every key).
@@ -48,6 +50,12 @@ pub enum Command {
     /// Manage backends through a running proxy's discovery API:
     /// list, add (register or update), rm (deregister), drain.
     Backends(Box<crate::api::client::BackendsArgs>),
+    /// Upgrade a running proxy without dropping a connection: it starts the
+    /// binary now at its executable path, hands it every listening socket
+    /// and drains once the new process serves. If the new binary fails to
+    /// start, the running proxy keeps serving and this exits non-zero with
+    /// the reason.
+    Upgrade(crate::upgrade::client::UpgradeArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -58,11 +66,16 @@ pub fn main() -> ExitCode {
             print!("{}", config.to_toml());
         }),
         Command::Backends(args) => crate::api::client::run(*args),
+        Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edgeproxy: error: {e:#}");
+            let message = format!("{e:#}");
+            // A successor of a binary upgrade tells its predecessor why (it
+            // keeps serving); no-op otherwise.
+            crate::upgrade::inherit::report_failure(&message);
+            eprintln!("edgeproxy: error: {message}");
             ExitCode::FAILURE
         }
     }

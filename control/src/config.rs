@@ -50,6 +50,9 @@ pub struct RawConfig {
     pub api: crate::api::config::RawApi,
     #[serde(default)]
     pub dns: RawDns,
+    /// `[upgrade]`: hitless binary upgrade, see `crate::upgrade::config`.
+    #[serde(default)]
+    pub upgrade: crate::upgrade::config::RawUpgrade,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +189,7 @@ pub struct Config {
     pub metrics: Metrics,
     pub api: crate::api::config::Api,
     pub dns: Dns,
+    pub upgrade: crate::upgrade::config::Upgrade,
 }
 
 /// The Prometheus admin listener.
@@ -757,6 +761,7 @@ impl Config {
         }
 
         let dns = dns_section(raw.dns, env)?;
+        let upgrade = crate::upgrade::config::from_raw(raw.upgrade, env, &routing.db_path)?;
 
         Ok(Config {
             pop,
@@ -771,6 +776,7 @@ impl Config {
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
+            upgrade,
         })
     }
 

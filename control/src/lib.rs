@@ -15,3 +15,4 @@ pub mod reload_thread;
 pub mod routing;
 pub mod store;
 pub mod tls;
+pub mod upgrade;

@@ -19,6 +19,11 @@
 //!   further ones wait in the listen backlog until one closes.
 //! - Every answer runs under `catch_unwind`: a bug triggered by one packet
 //!   costs that packet, not the server.
+//! - A binary upgrade hands the sockets to the next process
+//!   ([`DnsServer::from_sockets`] takes them over there); the old one stops
+//!   reading through [`DnsServer::run_until`]'s stop signal, between
+//!   batches, so no datagram it has read goes unanswered, and what it has
+//!   not read stays queued for the successor.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -29,7 +34,7 @@ use std::time::{Duration, Instant};
 use engine::snapshot::SnapshotHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::answer::{Answerer, Transport};
 
@@ -103,6 +108,55 @@ impl DnsServer {
         }
     }
 
+    /// Takes over sockets that already serve (handed over by the process
+    /// this one upgrades from): `udp` in their `SO_REUSEPORT` group, `tcp`
+    /// listening. Every inherited UDP socket is served, even beyond
+    /// `udp_workers` (a socket of the group nobody reads would swallow its
+    /// share of the queries); with fewer than `udp_workers`, more join the
+    /// group.
+    pub fn from_sockets(
+        udp: Vec<std::net::UdpSocket>,
+        tcp: std::net::TcpListener,
+        settings: ServerSettings,
+    ) -> Result<DnsServer, BindError> {
+        let tcp_addr = tcp.local_addr().map_err(|source| BindError::Tcp {
+            addr: settings.listen,
+            source,
+        })?;
+        tcp.set_nonblocking(true)
+            .map_err(|source| BindError::Tcp {
+                addr: tcp_addr,
+                source,
+            })?;
+        let mut udp = udp;
+        let first = udp.first().ok_or_else(|| BindError::Udp {
+            addr: settings.listen,
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no UDP socket to take over"),
+        })?;
+        let got = first
+            .local_addr()
+            .map_err(|source| BindError::Udp { addr: settings.listen, source })?;
+        for socket in &udp {
+            socket
+                .set_nonblocking(true)
+                .map_err(|source| BindError::Udp { addr: got, source })?;
+        }
+        while udp.len() < settings.udp_workers.max(1) {
+            udp.push(bind_udp(got).map_err(|source| BindError::Udp { addr: got, source })?);
+        }
+        Ok(DnsServer { udp, tcp, settings })
+    }
+
+    /// Every socket, for a binary upgrade's hand-over: the UDP ones in group
+    /// order, then the TCP listener.
+    pub fn sockets(&self) -> (Vec<std::os::fd::BorrowedFd<'_>>, std::os::fd::BorrowedFd<'_>) {
+        use std::os::fd::AsFd;
+        (
+            self.udp.iter().map(|s| s.as_fd()).collect(),
+            self.tcp.as_fd(),
+        )
+    }
+
     pub fn udp_addr(&self) -> io::Result<SocketAddr> {
         self.udp[0].local_addr()
     }
@@ -114,10 +168,29 @@ impl DnsServer {
     /// Serves both sockets until the runtime stops. Returns early only if the
     /// sockets cannot be registered with the runtime.
     pub async fn run(self, answerer: Answerer, snapshot: SnapshotHandle) -> io::Result<()> {
+        let (_never, stop) = watch::channel(false);
+        self.run_until(answerer, snapshot, stop).await
+    }
+
+    /// Serves until `stop` turns true: then every worker stops reading and
+    /// the TCP listener stops accepting (the sockets close here; TCP
+    /// connections already open are served to their end).
+    pub async fn run_until(
+        self,
+        answerer: Answerer,
+        snapshot: SnapshotHandle,
+        stop: watch::Receiver<bool>,
+    ) -> io::Result<()> {
         let mut sockets = self.udp.into_iter();
         let udp = UdpSocket::from_std(sockets.next().expect("at least one UDP socket"))?;
         for (i, socket) in sockets.enumerate() {
-            spawn_udp_worker(i + 1, socket, answerer.clone(), snapshot.clone())?;
+            spawn_udp_worker(
+                i + 1,
+                socket,
+                answerer.clone(),
+                snapshot.clone(),
+                stop.clone(),
+            )?;
         }
         let tcp = TcpListener::from_std(self.tcp)?;
         let tcp_task = tokio::spawn(serve_tcp(
@@ -125,10 +198,19 @@ impl DnsServer {
             answerer.clone(),
             snapshot.clone(),
             self.settings.clone(),
+            stop.clone(),
         ));
-        serve_udp(udp, answerer, snapshot).await;
-        tcp_task.abort();
+        serve_udp(udp, answerer, snapshot, stop).await;
+        let _ = tcp_task.await;
         Ok(())
+    }
+}
+
+/// Resolves once `stop` says true; never if its sender is gone without
+/// saying so.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -139,6 +221,7 @@ fn spawn_udp_worker(
     socket: std::net::UdpSocket,
     answerer: Answerer,
     snapshot: SnapshotHandle,
+    stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -149,7 +232,7 @@ fn spawn_udp_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 match UdpSocket::from_std(socket) {
-                    Ok(socket) => serve_udp(socket, answerer, snapshot).await,
+                    Ok(socket) => serve_udp(socket, answerer, snapshot, stop).await,
                     Err(e) => {
                         tracing::error!(worker = id, error = %e, "dns: cannot serve udp socket")
                     }
@@ -209,10 +292,21 @@ fn answer_guarded(
     }
 }
 
-async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: SnapshotHandle) {
+async fn serve_udp(
+    socket: UdpSocket,
+    mut answerer: Answerer,
+    snapshot: SnapshotHandle,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut batch = udp_batch::Batch::new();
     loop {
-        let received = match batch.recv(&socket).await {
+        // Stopping only here, between batches: a receive that has not
+        // completed has read nothing (readiness, then recvmmsg in one poll).
+        let received = tokio::select! {
+            r = batch.recv(&socket) => r,
+            () = stopped(&mut stop) => return,
+        };
+        let received = match received {
             Ok(n) => n,
             Err(e) => {
                 // ICMP errors from earlier sends surface here (ECONNREFUSED);
@@ -255,13 +349,22 @@ async fn serve_tcp(
     answerer: Answerer,
     snapshot: SnapshotHandle,
     settings: ServerSettings,
+    mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(settings.tcp_max_connections.max(1)));
     loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p,
+            () = stopped(&mut stop) => return,
+        };
+        let Ok(permit) = permit else {
             return; // the semaphore is never closed
         };
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
@@ -363,6 +466,25 @@ mod tests {
             assert_eq!(socket.local_addr().unwrap(), addr);
         }
         assert_eq!(server.tcp_addr().unwrap().port(), addr.port());
+    }
+
+    #[test]
+    fn taken_over_sockets_are_all_kept_and_more_join_when_asked() {
+        let first = DnsServer::bind(settings("127.0.0.1:0".parse().unwrap(), 3)).unwrap();
+        let addr = first.udp_addr().unwrap();
+        let tcp_addr = first.tcp_addr().unwrap();
+        // Fewer workers asked than sockets inherited: every socket is kept.
+        let again = DnsServer::from_sockets(first.udp, first.tcp, settings(addr, 1)).unwrap();
+        assert_eq!(again.udp.len(), 3);
+        assert_eq!(again.tcp_addr().unwrap(), tcp_addr);
+        // More asked: they join the same group.
+        let more = DnsServer::from_sockets(again.udp, again.tcp, settings(addr, 5)).unwrap();
+        assert_eq!(more.udp.len(), 5);
+        for socket in &more.udp {
+            assert_eq!(socket.local_addr().unwrap(), addr);
+        }
+        let (udp, _tcp) = more.sockets();
+        assert_eq!(udp.len(), 5);
     }
 
     #[test]
