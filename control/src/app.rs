@@ -33,8 +33,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log.level);
     if let Some(got) = &inherited {
-        tracing::info!(entries = got.entries, sockets = got.sockets,
-            "upgrade: took over the previous process's sockets");
+        tracing::info!(
+            entries = got.entries,
+            sockets = got.sockets,
+            "upgrade: took over the previous process's sockets"
+        );
     }
     let geo = Arc::new(build_geo(&config)?);
 
@@ -213,8 +216,7 @@ impl Signals {
             hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
             term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
-            usr2: signal(SignalKind::user_defined2())
-                .context("cannot install SIGUSR2 handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("cannot install SIGUSR2 handler")?,
         })
     }
 }

@@ -95,7 +95,11 @@ impl Bound {
     /// Serves until `stop` turns true (after a binary upgrade handed the
     /// sockets on) or the runtime stops. Spawn it on the control runtime.
     pub async fn serve(self, stop: tokio::sync::watch::Receiver<bool>) {
-        if let Err(e) = self.server.run_until(self.answerer, self.snapshot, stop).await {
+        if let Err(e) = self
+            .server
+            .run_until(self.answerer, self.snapshot, stop)
+            .await
+        {
             tracing::error!(error = %e, "dns server stopped");
         }
     }

@@ -123,19 +123,19 @@ impl DnsServer {
             addr: settings.listen,
             source,
         })?;
-        tcp.set_nonblocking(true)
-            .map_err(|source| BindError::Tcp {
-                addr: tcp_addr,
-                source,
-            })?;
+        tcp.set_nonblocking(true).map_err(|source| BindError::Tcp {
+            addr: tcp_addr,
+            source,
+        })?;
         let mut udp = udp;
         let first = udp.first().ok_or_else(|| BindError::Udp {
             addr: settings.listen,
             source: io::Error::new(io::ErrorKind::InvalidInput, "no UDP socket to take over"),
         })?;
-        let got = first
-            .local_addr()
-            .map_err(|source| BindError::Udp { addr: settings.listen, source })?;
+        let got = first.local_addr().map_err(|source| BindError::Udp {
+            addr: settings.listen,
+            source,
+        })?;
         for socket in &udp {
             socket
                 .set_nonblocking(true)
@@ -149,7 +149,12 @@ impl DnsServer {
 
     /// Every socket, for a binary upgrade's hand-over: the UDP ones in group
     /// order, then the TCP listener.
-    pub fn sockets(&self) -> (Vec<std::os::fd::BorrowedFd<'_>>, std::os::fd::BorrowedFd<'_>) {
+    pub fn sockets(
+        &self,
+    ) -> (
+        Vec<std::os::fd::BorrowedFd<'_>>,
+        std::os::fd::BorrowedFd<'_>,
+    ) {
         use std::os::fd::AsFd;
         (
             self.udp.iter().map(|s| s.as_fd()).collect(),

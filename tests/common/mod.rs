@@ -6,6 +6,8 @@
 //! `listening` line (listeners bind port 0, so tests never race for ports).
 #![allow(dead_code)]
 
+pub mod streams;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -120,7 +122,18 @@ impl Proxy {
         env: &[(&str, &str)],
         rust_log: Option<&str>,
     ) -> Proxy {
-        let mut cmd = Command::new(BIN);
+        Proxy::spawn_exe(Path::new(BIN), args, env, rust_log)
+    }
+
+    /// Like [`Proxy::spawn_with_rust_log`], running the binary at `exe` (a
+    /// copy of `BIN`, say, that a test replaces as a package manager would).
+    pub fn spawn_exe(
+        exe: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
+        let mut cmd = Command::new(exe);
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -153,8 +153,14 @@ mod tests {
     #[test]
     fn bounds_are_enforced_and_named() {
         for (text, key) in [
-            ("[upgrade]\nready_timeout_secs = 0\n", "upgrade.ready_timeout_secs"),
-            ("[upgrade]\nready_timeout_secs = 601\n", "upgrade.ready_timeout_secs"),
+            (
+                "[upgrade]\nready_timeout_secs = 0\n",
+                "upgrade.ready_timeout_secs",
+            ),
+            (
+                "[upgrade]\nready_timeout_secs = 601\n",
+                "upgrade.ready_timeout_secs",
+            ),
             ("[upgrade]\ntimeout = 1\n", "timeout"),
         ] {
             let err = upgrade(text, &NO_ENV).unwrap_err();
@@ -165,14 +171,18 @@ mod tests {
         assert!(err.to_string().contains("upgrade.control_socket"), "{err}");
         let err = upgrade("", &[("EDGEPROXY_UPGRADE_READY_TIMEOUT_SECS", "soon")]).unwrap_err();
         assert!(
-            err.to_string().contains("EDGEPROXY_UPGRADE_READY_TIMEOUT_SECS"),
+            err.to_string()
+                .contains("EDGEPROXY_UPGRADE_READY_TIMEOUT_SECS"),
             "{err}"
         );
     }
 
     #[test]
     fn the_section_renders_back_to_an_equal_config() {
-        for text in ["[upgrade]\nready_timeout_secs = 7\n", "[upgrade]\ncontrol_socket = \"\"\n"] {
+        for text in [
+            "[upgrade]\nready_timeout_secs = 7\n",
+            "[upgrade]\ncontrol_socket = \"\"\n",
+        ] {
             let raw = crate::config::parse_toml(Path::new("t.toml"), text).unwrap();
             let c = Config::from_raw(raw, &NO_ENV).unwrap();
             let again = crate::config::parse_toml(Path::new("t.toml"), &c.to_toml()).unwrap();

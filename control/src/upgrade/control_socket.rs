@@ -145,13 +145,11 @@ async fn accept_loop(
     }
 }
 
-async fn serve_client(
-    stream: UnixStream,
-    requests: mpsc::Sender<Request>,
-) -> std::io::Result<()> {
+async fn serve_client(stream: UnixStream, requests: mpsc::Sender<Request>) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE as u64));
+    let mut reader =
+        tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE as u64));
     match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(e),

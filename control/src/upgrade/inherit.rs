@@ -133,10 +133,7 @@ pub fn report_failure(reason: &str) {
 }
 
 fn report(msg: FromSuccessor) {
-    let channel = PREDECESSOR
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
+    let channel = PREDECESSOR.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(channel) = channel {
         if let Err(e) = channel.send(&msg.encode(), &[]) {
             tracing::warn!(error = %e, "upgrade: cannot report to the previous process");

@@ -107,7 +107,10 @@ impl Upgrades {
         let control = match &config.control_socket {
             None => None,
             Some(path) => match control_socket::bind(path).with_context(|| {
-                format!("upgrade control socket: cannot listen on {}", path.display())
+                format!(
+                    "upgrade control socket: cannot listen on {}",
+                    path.display()
+                )
             })? {
                 None => None,
                 Some(listener) => {

@@ -85,17 +85,18 @@ fn addr_matches(bound: SocketAddr, wanted: SocketAddr) -> bool {
 
 /// Takes entry `name` if every socket in it passes `fits`; else closes it
 /// (with a warning naming why) and returns `None`.
-fn take_checked(
-    name: &str,
-    fits: impl Fn(&OwnedFd) -> Result<(), String>,
-) -> Option<Vec<OwnedFd>> {
+fn take_checked(name: &str, fits: impl Fn(&OwnedFd) -> Result<(), String>) -> Option<Vec<OwnedFd>> {
     let fds = lock(&INHERITED).remove(name)?;
     if fds.is_empty() {
         return None;
     }
     match fds.iter().try_for_each(&fits) {
         Ok(()) => {
-            tracing::debug!(name, sockets = fds.len(), "upgrade: took over inherited socket");
+            tracing::debug!(
+                name,
+                sockets = fds.len(),
+                "upgrade: took over inherited socket"
+            );
             Some(fds)
         }
         Err(why) => {
@@ -190,8 +191,11 @@ pub fn take_unix_listener(name: &str, path: &Path) -> Option<UnixListener> {
 pub fn release_unclaimed() -> Vec<String> {
     let left = std::mem::take(&mut *lock(&INHERITED));
     for (name, fds) in &left {
-        tracing::info!(name, sockets = fds.len(),
-            "upgrade: inherited socket not used by this configuration; closed");
+        tracing::info!(
+            name,
+            sockets = fds.len(),
+            "upgrade: inherited socket not used by this configuration; closed"
+        );
     }
     left.into_keys().collect()
 }
@@ -227,13 +231,19 @@ mod tests {
 
         // Wrong address: refused (and closed), the caller binds afresh.
         assert!(take_tcp_listener("api", "127.0.0.1:1".parse().unwrap()).is_none());
-        assert!(take_tcp_listener("api", tcp_addr).is_none(), "already closed");
+        assert!(
+            take_tcp_listener("api", tcp_addr).is_none(),
+            "already closed"
+        );
         // Right name and address, or port 0 on the same IP.
         let got = take_listener_group("web", "127.0.0.1:0".parse().unwrap()).unwrap();
         assert_eq!(got[0].local_addr().unwrap(), tcp_addr);
         // A renamed listener is found by its address.
         let renamed = take_listener_group("new-name", other.local_addr().unwrap()).unwrap();
-        assert_eq!(renamed[0].local_addr().unwrap(), other.local_addr().unwrap());
+        assert_eq!(
+            renamed[0].local_addr().unwrap(),
+            other.local_addr().unwrap()
+        );
         // Kinds are checked: a UDP socket is no TCP listener.
         assert!(take_tcp_listener("dns-tcp", udp_addr).is_none());
         assert_eq!(take_udp_sockets("dns-udp", udp_addr).unwrap().len(), 1);

@@ -32,7 +32,7 @@ pub const MAX_NAME_LEN: usize = 256;
 
 /// Parent → successor.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum ToSuccessor {
     /// Descriptors of the datagram, by entry: `entries[i] = (name, n)` means
     /// the next `n` descriptors belong to `name`.
@@ -46,7 +46,7 @@ pub enum ToSuccessor {
 
 /// Successor → parent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromSuccessor {
     /// The successor serves on every socket it took: the parent may stop.
     Ready { pid: u32 },
@@ -232,12 +232,15 @@ mod tests {
                 entries: vec![(bad.to_string(), 0)],
             };
             assert!(
-                matches!(ToSuccessor::decode(&m.encode(), 0), Err(WireError::BadName(_))),
+                matches!(
+                    ToSuccessor::decode(&m.encode(), 0),
+                    Err(WireError::BadName(_))
+                ),
                 "{bad:?}"
             );
         }
         assert!(matches!(
-            ToSuccessor::decode(b"{\"type\":\"done\",\"extra\":1}", 0),
+            ToSuccessor::decode(b"{\"type\":\"launch\"}", 0),
             Err(WireError::Decode(_))
         ));
         assert!(matches!(
