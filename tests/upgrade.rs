@@ -435,6 +435,16 @@ fn one_upgrade_under_streaming_load_fails_no_connection() {
     assert!(alive(new));
     // And the new one serves.
     round_trip(addr, 0).unwrap();
+    // It owns the control socket now: stopping, it removes the file its
+    // predecessor created (and the predecessor left in place for it).
+    assert!(s.control_socket().exists());
+    // SAFETY: kill(2) on a process of this test's chain.
+    assert_eq!(unsafe { kill(new as i32, SIGTERM) }, 0);
+    assert!(
+        eventually(PATIENCE, || !alive(new)),
+        "new process did not stop"
+    );
+    assert!(!s.control_socket().exists(), "control socket left behind");
     eprintln!("1 upgrade: {round_trips} new connections, {requests} API/metrics/DNS requests, {bytes} stream bytes, no failure");
 }
 

@@ -17,6 +17,7 @@ use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{self, Config};
+use crate::config_watch::ConfigWatch;
 use crate::reload_thread::{ReloadThread, SharedReloader};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
@@ -30,6 +31,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // binds (and before any thread starts: this edits the environment).
     let inherited = crate::upgrade::inherit::from_env()
         .context("binary upgrade: cannot take over the previous process's sockets")?;
+    let watch_from = ConfigWatch::stamp(config_path.as_deref());
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log.level);
     if let Some(got) = &inherited {
@@ -92,7 +94,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let _context = runtime.enter();
         Signals::install()?
     };
-    let upgrades = {
+    let mut upgrades = {
         let _context = runtime.enter();
         crate::upgrade::Upgrades::start(&config.upgrade)?
     };
@@ -148,11 +150,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         .context("cannot start the routing reload thread")?;
     // The predecessor of a binary upgrade stops accepting now.
     crate::upgrade::inherit::report_ready();
+    upgrades.serving();
     let mut services = Services {
         api,
         upgrades,
         metrics,
         stop_dns,
+        watch: ConfigWatch::new(config_path.as_deref(), &config.config_watch, watch_from),
     };
     let exit = runtime.block_on(control_loop(
         signals,
@@ -227,6 +231,8 @@ struct Services {
     upgrades: crate::upgrade::Upgrades,
     metrics: Option<tokio::task::JoinHandle<()>>,
     stop_dns: tokio::sync::watch::Sender<bool>,
+    /// `[config_watch]`.
+    watch: ConfigWatch,
 }
 
 /// Why the control loop ended; both carry the drain grace period.
@@ -255,6 +261,7 @@ async fn control_loop(
     } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watch = &mut services.watch;
     loop {
         tokio::select! {
             // Certificate files are polled at the routing reload interval;
@@ -264,25 +271,15 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
-                match &config_path {
-                    None => tracing::info!("no config file given; only the routing table is re-read"),
-                    Some(path) => match config::load(Some(path), &config::ProcessEnv) {
-                        Ok(new) => match apply(&config, &new, engine, tls) {
-                            Ok(()) => {
-                                if new.routing.reload_interval != config.routing.reload_interval {
-                                    ticks.set_interval(new.routing.reload_interval);
-                                    ticker = tokio::time::interval(new.routing.reload_interval);
-                                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                                }
-                                config = new;
-                            }
-                            Err(e) => tracing::error!(error = format!("{e:#}"), "new configuration rejected; keeping the running one"),
-                        },
-                        Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
-                    },
-                }
-                reloader.lock().reload();
-                tls.refresh(true);
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                watch.seen();
+                watch.reconfigure(&config.config_watch);
+            }
+            // `[config_watch]`: a changed file is applied as SIGHUP is.
+            () = watch.changed() => {
+                tracing::info!("config file changed: re-reading configuration and routing table");
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                watch.reconfigure(&config.config_watch);
             }
             _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             _ = int.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
@@ -303,6 +300,43 @@ async fn control_loop(
             },
         }
     }
+}
+
+/// SIGHUP (or a change seen by the config watch): re-reads the config file
+/// and applies what can change at run time (an invalid file changes
+/// nothing), then re-reads the routing table and certificates.
+fn reload_config(
+    config_path: Option<&Path>,
+    config: &mut Config,
+    (ticker, ticks): (&mut tokio::time::Interval, &ReloadThread),
+    engine: &mut Engine,
+    tls: &mut TlsListeners,
+    reloader: &SharedReloader,
+) {
+    match config_path {
+        None => tracing::info!("no config file given; only the routing table is re-read"),
+        Some(path) => match config::load(Some(path), &config::ProcessEnv) {
+            Ok(new) => match apply(config, &new, engine, tls) {
+                Ok(()) => {
+                    if new.routing.reload_interval != config.routing.reload_interval {
+                        ticks.set_interval(new.routing.reload_interval);
+                        *ticker = tokio::time::interval(new.routing.reload_interval);
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    *config = new;
+                }
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "new configuration rejected; keeping the running one"
+                ),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "new configuration rejected; keeping the running one")
+            }
+        },
+    }
+    reloader.lock().reload();
+    tls.refresh(true);
 }
 
 /// After a successor reported ready: stop accepting everywhere (the
@@ -397,6 +431,7 @@ fn apply(
         ("api", old.api != new.api),
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
+        ("upgrade", old.upgrade != new.upgrade),
     ];
     for (section, changed) in restart_only {
         if changed {

@@ -53,6 +53,9 @@ pub struct RawConfig {
     /// `[upgrade]`: hitless binary upgrade, see `crate::upgrade::config`.
     #[serde(default)]
     pub upgrade: crate::upgrade::config::RawUpgrade,
+    /// `[config_watch]`: see `crate::config_watch`.
+    #[serde(default)]
+    pub config_watch: crate::config_watch::RawConfigWatch,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,6 +193,7 @@ pub struct Config {
     pub api: crate::api::config::Api,
     pub dns: Dns,
     pub upgrade: crate::upgrade::config::Upgrade,
+    pub config_watch: crate::config_watch::ConfigWatchSettings,
 }
 
 /// The Prometheus admin listener.
@@ -777,6 +781,7 @@ impl Config {
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
             upgrade,
+            config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
         })
     }
 

@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod config_env;
+pub mod config_watch;
 pub mod demo;
 pub mod internal_dns;
 pub mod logging;

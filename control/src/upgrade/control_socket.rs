@@ -36,12 +36,22 @@ pub struct Request {
     pub reply: oneshot::Sender<String>,
 }
 
+/// A bound control socket and whether this process created its file.
+pub struct Bound {
+    pub listener: StdUnixListener,
+    /// False when taken over from a predecessor (which still serves it
+    /// until this process reports ready).
+    pub created_here: bool,
+}
+
 /// Binds (or, in a successor, takes over) the control socket at `path`.
 /// Returns `Ok(None)` when another live process holds it (logged: that
 /// process, not this one, is what `edgeproxy upgrade` reaches there). A
 /// leftover file from a process that is gone is replaced.
-pub fn bind(path: &Path) -> std::io::Result<Option<StdUnixListener>> {
-    let listener = match super::sockets::take_unix_listener(SOCKET_NAME, path) {
+pub fn bind(path: &Path) -> std::io::Result<Option<Bound>> {
+    let inherited = super::sockets::take_unix_listener(SOCKET_NAME, path);
+    let created_here = inherited.is_none();
+    let listener = match inherited {
         Some(inherited) => inherited,
         None => match StdUnixListener::bind(path) {
             Ok(l) => l,
@@ -61,7 +71,10 @@ pub fn bind(path: &Path) -> std::io::Result<Option<StdUnixListener>> {
     };
     listener.set_nonblocking(true)?;
     super::sockets::register(SOCKET_NAME, &[listener.as_fd()])?;
-    Ok(Some(listener))
+    Ok(Some(Bound {
+        listener,
+        created_here,
+    }))
 }
 
 /// The served control socket.
@@ -74,14 +87,19 @@ pub struct Server {
     path: PathBuf,
     /// The socket file's inode, so only our own file is removed at exit.
     inode: Option<u64>,
+    /// Whether the file is this process's to remove when it stops: it
+    /// created it, or took it over and then served. Never after handing it
+    /// to a successor, and never while a predecessor still serves it.
+    removable: bool,
 }
 
 impl Server {
-    /// Serves `listener` on the current Tokio runtime.
-    pub fn serve(listener: StdUnixListener, path: PathBuf) -> std::io::Result<Server> {
+    /// Serves `bound` on the current Tokio runtime.
+    pub fn serve(bound: Bound, path: PathBuf) -> std::io::Result<Server> {
         use std::os::unix::fs::MetadataExt;
         let inode = std::fs::metadata(&path).ok().map(|m| m.ino());
-        let listener = UnixListener::from_std(listener)?;
+        let removable = bound.created_here;
+        let listener = UnixListener::from_std(bound.listener)?;
         let (tx, rx) = mpsc::channel(MAX_CLIENTS);
         let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
         let task = tokio::spawn(accept_loop(listener, tx, Arc::clone(&slots)));
@@ -91,7 +109,14 @@ impl Server {
             slots,
             path,
             inode,
+            removable,
         })
+    }
+
+    /// This process serves now (a successor that reported ready): the
+    /// file is its own.
+    pub fn own(&mut self) {
+        self.removable = true;
     }
 
     /// Whether a client is still being served (its answer not yet written).
@@ -100,20 +125,31 @@ impl Server {
     }
 
     /// Stops accepting; the socket file stays (a successor serves it).
-    pub fn stop(&self) {
+    pub fn stop(&mut self) {
         self.task.abort();
+        self.removable = false;
         super::sockets::unregister(SOCKET_NAME);
     }
 
-    /// Stops accepting and removes the socket file if it is still ours.
-    pub fn remove(&self) {
+    /// Stops accepting and removes the socket file if it is ours.
+    pub fn remove(&mut self) {
         use std::os::unix::fs::MetadataExt;
+        let removable = self.removable;
         self.stop();
-        let ours = std::fs::metadata(&self.path)
+        let same_file = std::fs::metadata(&self.path)
             .ok()
             .is_some_and(|m| Some(m.ino()) == self.inode);
-        if ours {
+        if removable && same_file {
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for Server {
+    /// A start that fails after binding leaves no socket file behind.
+    fn drop(&mut self) {
+        if self.removable {
+            self.remove();
         }
     }
 }

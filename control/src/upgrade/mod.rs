@@ -113,9 +113,9 @@ impl Upgrades {
                 )
             })? {
                 None => None,
-                Some(listener) => {
-                    tracing::info!(path = %path.display(), "upgrade control socket listening");
-                    Some(control_socket::Server::serve(listener, path.clone())?)
+                Some(bound) => {
+                    tracing::info!(path = %path.display(), "upgrade control socket bound");
+                    Some(control_socket::Server::serve(bound, path.clone())?)
                 }
             },
         };
@@ -212,10 +212,18 @@ impl Upgrades {
         }
     }
 
+    /// This process serves now; a successor owns the control socket's
+    /// file from here on (its predecessor no longer removes it).
+    pub fn serving(&mut self) {
+        if let Some(c) = &mut self.control {
+            c.own();
+        }
+    }
+
     /// After a hand-off: stop serving the control socket (the successor
     /// serves it now; its file stays).
     pub fn handed_over(&mut self) {
-        if let Some(c) = &self.control {
+        if let Some(c) = &mut self.control {
             c.stop();
         }
     }
@@ -236,7 +244,7 @@ impl Upgrades {
         for reply in self.waiting.drain(..) {
             let _ = reply.send(format!("error {}\n", UpgradeError::Stopping));
         }
-        if let Some(c) = &self.control {
+        if let Some(c) = &mut self.control {
             c.remove();
         }
     }
