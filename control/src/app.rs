@@ -56,6 +56,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         store,
         Some(config.api.heartbeat_ttl),
     )?);
+    // `[postgres]`: the database's table, mirrored into routing.db before
+    // the first snapshot is read (bounded wait; see `pg_source`).
+    let postgres = crate::pg_source::PgSource::start(
+        &config.postgres,
+        &config.routing.db_path,
+        reloader.clone(),
+    )
+    .context("cannot start the PostgreSQL routing source")?;
     let snapshot = reloader.lock().handle().clone();
     let first = snapshot.load();
     tracing::info!(
@@ -177,6 +185,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     ticks.stop();
+    drop(postgres);
     tracing::info!(
         grace_secs = grace.as_secs(),
         open = engine.active_connections(),

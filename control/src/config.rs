@@ -56,6 +56,9 @@ pub struct RawConfig {
     /// `[config_watch]`: see `crate::config_watch`.
     #[serde(default)]
     pub config_watch: crate::config_watch::RawConfigWatch,
+    /// `[postgres]`: PostgreSQL as the routing source, see `crate::pg_source`.
+    #[serde(default)]
+    pub postgres: crate::pg_source::config::RawPostgres,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +197,7 @@ pub struct Config {
     pub dns: Dns,
     pub upgrade: crate::upgrade::config::Upgrade,
     pub config_watch: crate::config_watch::ConfigWatchSettings,
+    pub postgres: crate::pg_source::config::Postgres,
 }
 
 /// The Prometheus admin listener.
@@ -767,7 +771,7 @@ impl Config {
         let dns = dns_section(raw.dns, env)?;
         let upgrade = crate::upgrade::config::from_raw(raw.upgrade, env, &routing.db_path)?;
 
-        Ok(Config {
+        let config = Config {
             pop,
             runtime,
             routing,
@@ -782,7 +786,10 @@ impl Config {
             dns,
             upgrade,
             config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
-        })
+            postgres: crate::pg_source::config::from_raw(raw.postgres, env)?,
+        };
+        crate::pg_source::config::check_combination(&config)?;
+        Ok(config)
     }
 
     /// The effective configuration as TOML, for `check-config`.

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod internal_dns;
 pub mod logging;
 pub mod metrics;
+pub mod pg_source;
 pub mod reload_thread;
 pub mod routing;
 pub mod store;
