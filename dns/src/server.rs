@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use engine::snapshot::SnapshotHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 
 use crate::answer::{Answerer, Transport};
@@ -385,6 +385,7 @@ async fn serve_tcp(
         let idle = settings.tcp_idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let _ = stream.set_nodelay(true);
             if let Err(e) = serve_connection(stream, peer, answerer, snapshot, idle).await {
                 tracing::debug!(%peer, error = %e, "dns: tcp connection ended");
             }
@@ -403,14 +404,18 @@ enum ConnEnd {
     Io(#[from] io::Error),
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
+/// One TCP connection (RFC 7766 framing). Generic over the stream so the
+/// framing can be fuzzed over an in-memory pipe.
+async fn serve_connection<S>(
+    mut stream: S,
     peer: SocketAddr,
     mut answerer: Answerer,
     snapshot: SnapshotHandle,
     idle: Duration,
-) -> Result<(), ConnEnd> {
-    let _ = stream.set_nodelay(true);
+) -> Result<(), ConnEnd>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut query = Vec::new();
     let mut out = Vec::new();
     let mut frame = Vec::new();
@@ -471,6 +476,134 @@ mod tests {
             assert_eq!(socket.local_addr().unwrap(), addr);
         }
         assert_eq!(server.tcp_addr().unwrap().port(), addr.port());
+    }
+
+    /// Fuzzing the TCP framing (RFC 7766) with what a client can send over
+    /// one connection: length-prefixed frames, some whole queries, some
+    /// garbage, some lengths with nothing or too little after them, arriving
+    /// in arbitrary pieces, then the client half-closes. Properties: no
+    /// panic, no hang (the connection ends once the client is done), and
+    /// what comes back is a sequence of whole frames, each a decodable
+    /// response, no more of them than frames sent. Runs for
+    /// `EDGEPROXY_FUZZ_SECS` (default 10) under `cargo test`; see
+    /// `dns/tests/fuzz_dns.rs` for the datagram targets.
+    #[test]
+    fn tcp_framing_keeps_its_contract_whatever_the_client_sends() {
+        use bolero::{check, TypeGenerator};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        #[derive(Debug, TypeGenerator)]
+        enum Frame {
+            /// A query for `<label>.internal`, framed correctly.
+            Query {
+                id: u16,
+                label: u8,
+            },
+            /// Any bytes, framed correctly.
+            Framed(Vec<u8>),
+            /// A length, then whatever follows.
+            Length(u16),
+            Raw(Vec<u8>),
+        }
+
+        let budget = std::env::var("EDGEPROXY_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10u64);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let zone = crate::ZoneConfig::new("internal", 5, "sa", Vec::new(), Vec::new()).unwrap();
+        let geo =
+            engine::geo::GeoResolver::new(Vec::new(), None, engine::geo::RegionMap::default());
+        let answerer = Answerer::new(Arc::new(zone), Arc::new(geo));
+        let snapshot =
+            SnapshotHandle::new(engine::snapshot::SnapshotBuilder::new().build(&[]).snapshot);
+        check!()
+            .with_test_time(Duration::from_secs(budget))
+            .with_type::<(Vec<Frame>, Vec<u8>)>()
+            .for_each(|(frames, pieces)| {
+                let mut input = Vec::new();
+                let mut framed = 0;
+                for f in frames {
+                    match f {
+                        Frame::Query { id, label } => {
+                            let mut q = id.to_be_bytes().to_vec();
+                            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1]);
+                            q.push(b'a' + label % 26);
+                            q.extend_from_slice(b"\x08internal\x00\x00\x01\x00\x01");
+                            input.extend_from_slice(&(q.len() as u16).to_be_bytes());
+                            input.extend_from_slice(&q);
+                            framed += 1;
+                        }
+                        Frame::Framed(bytes) => {
+                            input.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+                            input.extend_from_slice(bytes);
+                            framed += 1;
+                        }
+                        Frame::Length(n) => input.extend_from_slice(&n.to_be_bytes()),
+                        Frame::Raw(bytes) => input.extend_from_slice(bytes),
+                    }
+                }
+                let answerer = answerer.clone();
+                let snapshot = snapshot.clone();
+                runtime.block_on(async move {
+                    let (mut client, server) = tokio::io::duplex(4096);
+                    let peer: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+                    let served = tokio::spawn(serve_connection(
+                        server,
+                        peer,
+                        answerer,
+                        snapshot,
+                        Duration::from_secs(30),
+                    ));
+                    let (mut rx, mut tx) = tokio::io::split(&mut client);
+                    let write = async {
+                        let mut at = 0;
+                        let mut sizes = pieces.iter().map(|p| *p as usize + 1).cycle();
+                        while at < input.len() {
+                            let n = sizes.next().unwrap_or(input.len()).min(input.len() - at);
+                            // The server may have closed: later writes fail.
+                            if tx.write_all(&input[at..at + n]).await.is_err() {
+                                break;
+                            }
+                            at += n;
+                        }
+                        let _ = tx.shutdown().await;
+                    };
+                    let read = async {
+                        let mut out = Vec::new();
+                        let _ = rx.read_to_end(&mut out).await;
+                        out
+                    };
+                    let session = async { tokio::join!(write, read).1 };
+                    let out = tokio::time::timeout(Duration::from_secs(20), session)
+                        .await
+                        .expect("the connection did not end after the client did");
+                    let _ = served.await;
+                    // Whole frames, each a response.
+                    let mut rest = out.as_slice();
+                    let mut replies = 0;
+                    while !rest.is_empty() {
+                        assert!(rest.len() >= 2, "a partial length in the output");
+                        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                        assert!(rest.len() >= 2 + len, "a partial frame in the output");
+                        let reply = hickory_proto::op::Message::from_vec(&rest[2..2 + len])
+                            .expect("an undecodable reply");
+                        assert_eq!(
+                            reply.metadata.message_type,
+                            hickory_proto::op::MessageType::Response
+                        );
+                        rest = &rest[2 + len..];
+                        replies += 1;
+                    }
+                    assert!(
+                        replies <= framed,
+                        "{replies} replies to {framed} framed messages"
+                    );
+                });
+            });
     }
 
     #[test]
