@@ -275,3 +275,30 @@ fn http_status(addr: SocketAddr, path: &str) -> Option<u16> {
     s.read_to_string(&mut text).ok()?;
     text.split_whitespace().nth(1)?.parse().ok()
 }
+
+/// Tracked clients are bounded: with `affinity.max_clients` bindings held,
+/// further clients are served without one, and the proxy says so.
+#[test]
+fn affinity_tracks_at_most_max_clients_and_serves_the_rest() {
+    let dir = TempDir::new("affinity-cap");
+    let backend = TagBackend::start("x");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("x", "web", "sa", backend.port()));
+    let text = config(
+        &db.path,
+        "[affinity]\nmax_clients = 4\ngc_interval_secs = 1\n\n[runtime]\nshards = 1\n",
+    )
+    .replace("[runtime]\nshards = 2\n", "");
+    let proxy = Proxy::with_config(&dir, &text);
+    let addr = proxy.addr();
+    for i in 0..20 {
+        let from = client_ip(i);
+        let stream = connect_from(from, addr).expect("connect");
+        assert_eq!(read_line(&stream).as_deref(), Some("x"), "client {from}");
+    }
+    let line = proxy
+        .wait_for_log("affinity table full", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert_eq!(field(&line, "clients").as_deref(), Some("16"), "{line}");
+    assert_eq!(field(&line, "max_clients").as_deref(), Some("4"), "{line}");
+}

@@ -500,6 +500,7 @@ fn knobs(config: &Config) -> Knobs {
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        affinity_max_clients: config.affinity.max_clients as usize,
         ..Knobs::default()
     }
 }

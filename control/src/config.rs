@@ -97,6 +97,7 @@ pub struct RawRouting {
 pub struct RawAffinity {
     pub ttl_secs: Option<u64>,
     pub gc_interval_secs: Option<u64>,
+    pub max_clients: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,6 +243,9 @@ pub struct Affinity {
     pub ttl: Duration,
     #[serde(rename = "gc_interval_secs", serialize_with = "ser_secs")]
     pub gc_interval: Duration,
+    /// Client bindings each affinity table holds at most (one table per
+    /// shard); new clients beyond it are served unbound.
+    pub max_clients: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -582,9 +586,17 @@ impl Config {
         if gc == 0 {
             return Err(invalid("affinity.gc_interval_secs", "must be at least 1"));
         }
+        let max_clients = raw
+            .affinity
+            .max_clients
+            .unwrap_or(engine::affinity::DEFAULT_MAX_CLIENTS as u64);
+        if !(1..=100_000_000).contains(&max_clients) {
+            return Err(invalid("affinity.max_clients", "must be in 1..=100000000"));
+        }
         let affinity = Affinity {
             ttl: Duration::from_secs(ttl),
             gc_interval: Duration::from_secs(gc),
+            max_clients,
         };
 
         // --- geo
@@ -1033,6 +1045,7 @@ mod tests {
                 "[affinity]\ngc_interval_secs = 0\n",
                 "affinity.gc_interval_secs",
             ),
+            ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
         ] {
             let err = from(text, &NO_ENV).unwrap_err();

@@ -166,7 +166,11 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let shard_count = settings.shards.max(1);
         let shared = Arc::new(Shared {
-            shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
+            shared_affinity: Arc::new(Mutex::new({
+                let mut table = AffinityTable::new(knobs.affinity_ttl);
+                table.set_max_clients(knobs.affinity_max_clients);
+                table
+            })),
             settings,
             snapshot,
             geo,

@@ -82,8 +82,13 @@ pub(crate) fn run(
             return;
         }
     };
-    let ttl = shared.knobs.load().affinity_ttl;
-    let ctx = Rc::new(ShardCtx::new(id, shared, stats, AffinityTable::new(ttl)));
+    let (ttl, max_clients) = {
+        let k = shared.knobs.load();
+        (k.affinity_ttl, k.affinity_max_clients)
+    };
+    let mut affinity = AffinityTable::new(ttl);
+    affinity.set_max_clients(max_clients);
+    let ctx = Rc::new(ShardCtx::new(id, shared, stats, affinity));
     let _ = ready.send(Ok(()));
     runtime.block_on(shard_main(ctx, commands));
 }
@@ -237,28 +242,41 @@ fn admit(
 /// Sweeps expired affinity bindings; shard 0 also sweeps the shared table.
 async fn affinity_gc(ctx: Rc<ShardCtx>) {
     loop {
-        let (interval, ttl) = {
+        let (interval, ttl, max) = {
             let k = ctx.shared.knobs.load();
             (
                 k.affinity_gc_interval.max(Duration::from_secs(1)),
                 k.affinity_ttl,
+                k.affinity_max_clients,
             )
         };
         rt::sleep(interval).await;
         let now = Instant::now();
-        let removed = {
+        let (removed, unbound) = {
             let mut table = ctx.affinity.borrow_mut();
             table.set_ttl(ttl);
-            table.gc(now)
+            table.set_max_clients(max);
+            (table.gc(now), table.take_unbound())
         };
+        let mut shared_unbound = 0;
         if ctx.id == 0 {
             if let Ok(mut shared) = ctx.shared.shared_affinity.lock() {
                 shared.set_ttl(ttl);
+                shared.set_max_clients(max);
                 shared.gc(now);
+                shared_unbound = shared.take_unbound();
             }
         }
         if removed > 0 {
             tracing::debug!(shard = ctx.id, removed, "expired affinity bindings swept");
+        }
+        if unbound + shared_unbound > 0 {
+            tracing::warn!(
+                shard = ctx.id,
+                clients = unbound + shared_unbound,
+                max_clients = max,
+                "affinity table full: new clients were served without a binding"
+            );
         }
     }
 }
