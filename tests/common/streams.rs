@@ -47,9 +47,33 @@ pub struct Stream {
 }
 
 /// Opens a streaming connection through `proxy` (see the module docs); it
-/// writes until `stop`.
+/// writes until `stop`. Panics if the proxy closes it before a backend
+/// greets.
 pub fn start_stream(proxy: SocketAddr, seed: u64, stop: &Arc<AtomicBool>) -> Stream {
     let (backend, stream) = connect_tagged(proxy);
+    stream_on(backend, stream, seed, stop)
+}
+
+/// Like [`start_stream`], but a connection closed before the greeting is an
+/// error, not a panic.
+pub fn try_start_stream(
+    proxy: SocketAddr,
+    seed: u64,
+    stop: &Arc<AtomicBool>,
+) -> Result<Stream, String> {
+    let stream = std::net::TcpStream::connect_timeout(&proxy, PATIENCE)
+        .map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let backend = super::read_line(&stream).ok_or("no greeting from backend")?;
+    Ok(stream_on(backend, stream, seed, stop))
+}
+
+fn stream_on(
+    backend: String,
+    stream: std::net::TcpStream,
+    seed: u64,
+    stop: &Arc<AtomicBool>,
+) -> Stream {
     stream.set_write_timeout(Some(PATIENCE)).unwrap();
     let verified = Arc::new(AtomicU64::new(0));
 
