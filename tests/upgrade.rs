@@ -676,3 +676,22 @@ fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
         "main's port still accepts"
     );
 }
+
+#[test]
+fn an_upgrade_is_refused_with_replication_on_and_the_process_keeps_serving() {
+    let mut s = Setup::start(
+        "upgrade-replication",
+        None,
+        "\n[replication]\nenabled = true\ninsecure = true\nnode_id = \"pop-a\"\n\
+         gossip_addr = \"127.0.0.1:0\"\ntransport_addr = \"127.0.0.1:0\"\n",
+    );
+    let (ok, out) = cli_upgrade(&s.control_socket());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("not available with [replication] enabled"),
+        "{out}"
+    );
+    assert_eq!(s.chain.pids.len(), 1);
+    round_trip(s.proxy.addr(), 0).unwrap();
+    assert!(s.proxy.wait_exit(Duration::from_millis(100)).is_none());
+}

@@ -44,6 +44,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let geo = Arc::new(build_geo(&config)?);
 
     let mut store = RoutingStore::open(&config.routing.db_path)?;
+    store.set_node_id(&config.replication.node_id);
     if config.demo.backends > 0 {
         let records =
             crate::demo::start(config.demo.backends, &config.demo.app, &config.pop.region)
@@ -91,6 +92,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // The discovery API: bound here (a taken port fails the start), its
     // requests executed by the control loop, which owns the routing store.
     let api = crate::api::bind(&config.api)?;
+    // Replication's UDP sockets: bound now, started on the control runtime.
+    let replication = crate::replication::driver::bind(&config)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -104,7 +107,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     let mut upgrades = {
         let _context = runtime.enter();
-        crate::upgrade::Upgrades::start(&config.upgrade)?
+        crate::upgrade::Upgrades::start(&config.upgrade, config.replication.enabled)?
+    };
+    let replication = match replication {
+        None => None,
+        Some(bound) => {
+            let _context = runtime.enter();
+            Some(bound.start(reloader.clone())?)
+        }
     };
     // Everything that can fail is bound by now: the data plane starts
     // accepting last (a successor that failed after accepting would drop
@@ -128,13 +138,16 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             engine: engine.stats_view(),
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
+            replication: replication.as_ref().map(|r| r.status()),
         };
         metrics = Some(runtime.block_on(async { crate::metrics::serve(listener, sources) })?);
         tracing::info!(%addr, "metrics listening");
     }
     let api = match api {
         None => None,
-        Some(bound) => Some(runtime.block_on(async { bound.serve(snapshot.clone()) })?),
+        Some(bound) => Some(runtime.block_on(async {
+            bound.serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
+        })?),
     };
     let (stop_dns, dns_stop) = tokio::sync::watch::channel(false);
     if let Some(dns) = dns {
@@ -165,6 +178,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         metrics,
         stop_dns,
         watch: ConfigWatch::new(config_path.as_deref(), &config.config_watch, watch_from),
+        replication,
     };
     let exit = runtime.block_on(control_loop(
         signals,
@@ -175,6 +189,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         &mut tls,
         &mut services,
     ))?;
+    if let Some(r) = &services.replication {
+        // Leave the cluster first: the other POPs mark this one down at
+        // once instead of after the suspicion timeout.
+        runtime.block_on(r.shutdown(Duration::from_secs(2)));
+    }
     let grace = match exit {
         Exit::Stop(grace) => {
             services.upgrades.shut_down();
@@ -242,6 +261,8 @@ struct Services {
     stop_dns: tokio::sync::watch::Sender<bool>,
     /// `[config_watch]`.
     watch: ConfigWatch,
+    /// `[replication]`, when enabled.
+    replication: Option<crate::replication::driver::Handle>,
 }
 
 /// Why the control loop ended; both carry the drain grace period.
@@ -294,7 +315,14 @@ async fn control_loop(
             _ = int.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut services.api) => crate::api::execute(cmd, &mut reloader.lock()),
+            cmd = crate::api::next_command(&mut services.api) => {
+                crate::api::execute(cmd, &mut reloader.lock());
+                // A write goes out to the other POPs now, not at the next
+                // change-log poll.
+                if let Some(r) = &services.replication {
+                    r.poke();
+                }
+            }
             // Binary upgrade: SIGUSR2 or `edgeproxy upgrade`; the attempt
             // runs on its own thread while this loop goes on.
             _ = usr2.recv() => {
@@ -381,7 +409,12 @@ async fn hand_over(
     {
         tokio::select! {
             _ = poll.tick() => {}
-            cmd = crate::api::next_command(&mut services.api) => crate::api::execute(cmd, &mut reloader.lock()),
+            cmd = crate::api::next_command(&mut services.api) => {
+                crate::api::execute(cmd, &mut reloader.lock());
+                if let Some(r) = &services.replication {
+                    r.poke();
+                }
+            }
         }
     }
     deadline.saturating_duration_since(tokio::time::Instant::now())
@@ -440,6 +473,7 @@ fn apply(
         ("api", old.api != new.api),
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
+        ("replication", old.replication != new.replication),
         ("upgrade", old.upgrade != new.upgrade),
     ];
     for (section, changed) in restart_only {

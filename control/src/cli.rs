@@ -1,5 +1,6 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
-//! `edgeproxy backends list|add|rm|drain` (the discovery API's client).
+//! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
+//! `edgeproxy cluster status` (replication's view).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,9 @@ pub enum Command {
     /// Manage backends through a running proxy's discovery API:
     /// list, add (register or update), rm (deregister), drain.
     Backends(Box<crate::api::client::BackendsArgs>),
+    /// Replication between POPs, through a running POP's API: `status`
+    /// lists the members, their state, round trip, last sync and lag.
+    Cluster(Box<crate::replication::cli::ClusterArgs>),
     /// Upgrade a running proxy without dropping a connection: it starts the
     /// binary now at its executable path, hands it every listening socket
     /// and drains once the new process serves. If the new binary fails to
@@ -66,6 +70,7 @@ pub fn main() -> ExitCode {
             print!("{}", config.to_toml());
         }),
         Command::Backends(args) => crate::api::client::run(*args),
+        Command::Cluster(args) => crate::replication::cli::run(*args),
         Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
     };
     match result {

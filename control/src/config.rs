@@ -50,6 +50,9 @@ pub struct RawConfig {
     pub api: crate::api::config::RawApi,
     #[serde(default)]
     pub dns: RawDns,
+    /// `[replication]`: between POPs, see `crate::replication::config`.
+    #[serde(default)]
+    pub replication: crate::replication::config::RawReplication,
     /// `[upgrade]`: hitless binary upgrade, see `crate::upgrade::config`.
     #[serde(default)]
     pub upgrade: crate::upgrade::config::RawUpgrade,
@@ -73,6 +76,8 @@ pub struct RawMetrics {
 pub struct RawPop {
     pub region: Option<String>,
     pub name: Option<String>,
+    pub country: Option<String>,
+    pub public_addrs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +201,7 @@ pub struct Config {
     pub metrics: Metrics,
     pub api: crate::api::config::Api,
     pub dns: Dns,
+    pub replication: crate::replication::config::Replication,
     pub upgrade: crate::upgrade::config::Upgrade,
     pub config_watch: crate::config_watch::ConfigWatchSettings,
     pub postgres: crate::pg_source::config::Postgres,
@@ -214,6 +220,12 @@ pub struct Pop {
     pub region: String,
     /// Free-form name used in logs.
     pub name: String,
+    /// Country of this POP (two letters), as other POPs and DNS see it.
+    pub country: Option<String>,
+    /// Addresses clients reach this POP at (what DNS answers for it);
+    /// replicated in the `pops` table.
+    #[serde(serialize_with = "ser_display_list")]
+    pub public_addrs: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -349,6 +361,12 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
 }
 fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+fn ser_display_list<T: std::fmt::Display, S: serde::Serializer>(
+    v: &[T],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
 /// Defaults. Those shared with the original edgeProxy keep its values
@@ -518,9 +536,51 @@ impl Config {
         if region.is_empty() {
             return Err(invalid("pop.region", "must not be empty"));
         }
+        let country = match raw.pop.country {
+            None => None,
+            Some(c) => Some(
+                engine::snapshot::Country::parse(&c)
+                    .ok_or_else(|| {
+                        invalid(
+                            "pop.country",
+                            format!("{c:?} is not a two-letter country code"),
+                        )
+                    })?
+                    .to_string(),
+            ),
+        };
+        let public_addrs = match env.var("EDGEPROXY_POP_PUBLIC_ADDRS") {
+            Some(list) => list
+                .split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(|a| {
+                    a.parse()
+                        .map_err(|e: std::net::AddrParseError| ConfigError::Env {
+                            var: "EDGEPROXY_POP_PUBLIC_ADDRS",
+                            value: list.clone(),
+                            reason: format!("{a:?}: {e}"),
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => raw
+                .pop
+                .public_addrs
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    a.trim().parse().map_err(|e| {
+                        invalid(format!("pop.public_addrs[{i}]"), format!("{a:?}: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let pop = Pop {
             name: raw.pop.name.unwrap_or_else(|| format!("pop-{region}")),
             region,
+            country,
+            public_addrs,
         };
 
         // --- runtime
@@ -796,6 +856,7 @@ impl Config {
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
+            replication: crate::replication::config::from_raw(raw.replication, env)?,
             upgrade,
             config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
             postgres: crate::pg_source::config::from_raw(raw.postgres, env)?,

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pg_source;
 pub mod reload_thread;
+pub mod replication;
 pub mod routing;
 pub mod store;
 pub mod tls;

@@ -22,6 +22,8 @@ pub struct Sources {
     pub engine: StatsView,
     pub snapshot: SnapshotHandle,
     pub started: std::time::Instant,
+    /// Set when replication runs.
+    pub replication: Option<crate::replication::status::StatusHandle>,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -363,7 +365,138 @@ pub fn render(sources: &Sources) -> String {
         sources.started.elapsed().as_secs(),
     );
     drop(snap);
+    if let Some(r) = &sources.replication {
+        replication(&mut f, &r.load());
+    }
     out
+}
+
+/// `edgeproxy_replication_*`: members by state, bytes, rows, conflicts,
+/// refused peers, anti-entropy exchanges and the lag histogram.
+fn replication(f: &mut Family<'_>, s: &crate::replication::status::ClusterStatus) {
+    let (alive, suspect, down) = s.by_state();
+    f.header(
+        "edgeproxy_replication_members",
+        "gauge",
+        "Other cluster members by SWIM state.",
+    );
+    for (state, n) in [("alive", alive), ("suspect", suspect), ("down", down)] {
+        f.sample("edgeproxy_replication_members", &[("state", state)], n);
+    }
+    let c = &s.counters;
+    f.header(
+        "edgeproxy_replication_bytes_sent_total",
+        "counter",
+        "Bytes sent, by channel: gossip datagrams, broadcast and anti-entropy messages (QUIC payload).",
+    );
+    for (channel, v) in [
+        ("gossip", c.gossip_bytes_sent),
+        ("broadcast", c.broadcast_bytes_sent),
+        ("sync", c.sync_bytes_sent),
+    ] {
+        f.sample(
+            "edgeproxy_replication_bytes_sent_total",
+            &[("channel", channel)],
+            v,
+        );
+    }
+    f.header(
+        "edgeproxy_replication_bytes_received_total",
+        "counter",
+        "Bytes received, by channel.",
+    );
+    for (channel, v) in [
+        ("gossip", c.gossip_bytes_received),
+        ("transport", c.transport_bytes_received),
+    ] {
+        f.sample(
+            "edgeproxy_replication_bytes_received_total",
+            &[("channel", channel)],
+            v,
+        );
+    }
+    f.single(
+        "edgeproxy_replication_rows",
+        "gauge",
+        "Row versions held (tombstones included).",
+        s.rows,
+    );
+    f.single(
+        "edgeproxy_replication_local_changes_total",
+        "counter",
+        "Local row changes versioned and broadcast.",
+        c.local_changes,
+    );
+    f.single(
+        "edgeproxy_replication_rows_applied_total",
+        "counter",
+        "Remote row versions applied here.",
+        c.rows_applied,
+    );
+    f.single(
+        "edgeproxy_replication_conflicts_resolved_total",
+        "counter",
+        "Incoming row versions that lost to a newer one (last-writer-wins).",
+        c.conflicts_resolved,
+    );
+    f.single(
+        "edgeproxy_replication_syncs_total",
+        "counter",
+        "Anti-entropy exchanges this node started and finished.",
+        c.syncs,
+    );
+    f.single(
+        "edgeproxy_replication_syncs_in_sync_total",
+        "counter",
+        "Of those, exchanges that found both nodes identical.",
+        c.syncs_in_sync,
+    );
+    f.single(
+        "edgeproxy_replication_messages_dropped_total",
+        "counter",
+        "Transport messages dropped (peer queue full or unreachable); anti-entropy repairs them.",
+        c.messages_dropped,
+    );
+    f.header(
+        "edgeproxy_replication_refused_total",
+        "counter",
+        "Peers' datagrams, messages or handshakes refused, by reason.",
+    );
+    for (reason, n) in &s.refused {
+        f.sample(
+            "edgeproxy_replication_refused_total",
+            &[("reason", reason)],
+            n,
+        );
+    }
+    let (buckets, sum_ms) = crate::replication::metrics::lag_histogram();
+    f.header(
+        "edgeproxy_replication_lag_seconds",
+        "histogram",
+        "Delay from a row's write at its origin POP to its arrival here.",
+    );
+    let bounds = crate::replication::metrics::LAG_BUCKETS_MS;
+    for (i, count) in buckets.iter().enumerate() {
+        let le = bounds
+            .get(i)
+            .map(|ms| format!("{}", *ms as f64 / 1000.0))
+            .unwrap_or_else(|| "+Inf".into());
+        f.sample(
+            "edgeproxy_replication_lag_seconds_bucket",
+            &[("le", &le)],
+            count,
+        );
+    }
+    f.sample(
+        "edgeproxy_replication_lag_seconds_sum",
+        &[],
+        sum_ms as f64 / 1000.0,
+    );
+    f.sample(
+        "edgeproxy_replication_lag_seconds_count",
+        &[],
+        buckets.last().copied().unwrap_or(0),
+    );
 }
 
 #[cfg(test)]

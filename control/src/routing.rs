@@ -12,12 +12,25 @@
 //! go on. Expiry changes nothing in the file, so the reloader also reloads
 //! when the earliest heartbeat deadline it saw has passed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use engine::snapshot::{BackendRecord, SnapshotBuilder, SnapshotHandle};
+use arc_swap::ArcSwap;
+use engine::snapshot::{BackendRecord, Country, PopView, SnapshotBuilder, SnapshotHandle};
 
-use crate::store::{Lifecycle, RoutingStore, StoreError};
+use crate::store::{Lifecycle, PopRow, RoutingStore, StoreError};
+
+/// Node ids of the cluster members currently alive (this node included),
+/// kept by replication; read when the snapshot's POP list is built.
+pub type Liveness = Arc<ArcSwap<HashSet<String>>>;
+
+/// What the snapshot's POP list is built from besides the `pops` table.
+#[derive(Clone)]
+pub struct PopsInput {
+    pub local_id: String,
+    pub alive: Liveness,
+}
 
 pub struct RoutingReloader {
     store: RoutingStore,
@@ -32,6 +45,8 @@ pub struct RoutingReloader {
     next_expiry_ms: Option<i64>,
     /// Backends expired at the last reload, to log each change once.
     expired: BTreeSet<String>,
+    /// Set when replication runs: the snapshot then lists the cluster's POPs.
+    pops: Option<PopsInput>,
 }
 
 /// Unix milliseconds of `t` (0 before the epoch).
@@ -47,20 +62,59 @@ pub fn is_expired(last_ms: i64, ttl: Duration, now_ms: i64) -> bool {
     now_ms.saturating_sub(last_ms) >= ttl.as_millis().min(i64::MAX as u128) as i64
 }
 
+/// Whether this POP (`node_id`) judges the heartbeat expiry of a row: it is
+/// the row's `heartbeat_pop`, or the row has no such owner yet and this POP
+/// holds a heartbeat for it (rows registered before POPs shared the table).
+/// Other POPs follow the owner's verdict (`Lifecycle::expired`).
+pub fn judges_expiry(life: &Lifecycle, node_id: Option<&str>) -> bool {
+    match (life.heartbeat_pop.as_deref(), node_id) {
+        (Some(owner), Some(me)) => owner == me,
+        _ => life.last_heartbeat_ms.is_some(),
+    }
+}
+
+/// Whether a row counts as expired at `now_ms` on this POP: by its own
+/// heartbeat clock where it judges, else by the owner's replicated verdict.
+pub fn row_expired(
+    life: &Lifecycle,
+    ttl: Option<Duration>,
+    now_ms: i64,
+    node_id: Option<&str>,
+) -> bool {
+    if judges_expiry(life, node_id) {
+        match (ttl, life.last_heartbeat_ms) {
+            (Some(ttl), Some(last)) => is_expired(last, ttl, now_ms),
+            _ => false,
+        }
+    } else {
+        life.expired
+    }
+}
+
+/// What [`apply_lifecycle`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Ids of live backends routed as expired.
+    pub expired: BTreeSet<String>,
+    /// The earliest heartbeat deadline still ahead (Unix ms) among rows this
+    /// POP judges: when the routing view changes next by itself.
+    pub next_deadline_ms: Option<i64>,
+    /// Verdicts to record (`expired` column) where this POP's judgement
+    /// differs from what the row says: they replicate to the other POPs.
+    pub verdicts: Vec<(String, bool)>,
+}
+
 /// Marks drained and expired backends unhealthy in `records` (`lifecycle[i]`
 /// belongs to `records[i]`), so selection skips them for new connections.
 /// Rows without a heartbeat (not registered through the API) never expire.
-/// Returns the ids of the expired live backends and the earliest heartbeat
-/// deadline still ahead (Unix ms), when the routing view changes next by
-/// itself.
 pub fn apply_lifecycle(
     records: &mut [BackendRecord],
     lifecycle: &[Lifecycle],
     ttl: Option<Duration>,
     now_ms: i64,
-) -> (BTreeSet<String>, Option<i64>) {
-    let mut expired = BTreeSet::new();
-    let mut next: Option<i64> = None;
+    node_id: Option<&str>,
+) -> Expiry {
+    let mut out = Expiry::default();
     for (rec, life) in records.iter_mut().zip(lifecycle) {
         if rec.deleted {
             continue;
@@ -68,17 +122,23 @@ pub fn apply_lifecycle(
         if life.draining {
             rec.healthy = false;
         }
-        if let (Some(ttl), Some(last)) = (ttl, life.last_heartbeat_ms) {
-            if is_expired(last, ttl, now_ms) {
-                rec.healthy = false;
-                expired.insert(rec.id.clone());
-            } else {
+        let expired = row_expired(life, ttl, now_ms, node_id);
+        if expired {
+            rec.healthy = false;
+            out.expired.insert(rec.id.clone());
+        }
+        if judges_expiry(life, node_id) {
+            if expired != life.expired {
+                out.verdicts.push((rec.id.clone(), expired));
+            }
+            if let (false, Some(ttl), Some(last)) = (expired, ttl, life.last_heartbeat_ms) {
                 let deadline = last.saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64);
-                next = Some(next.map_or(deadline, |n| n.min(deadline)));
+                out.next_deadline_ms =
+                    Some(out.next_deadline_ms.map_or(deadline, |n| n.min(deadline)));
             }
         }
     }
-    (expired, next)
+    out
 }
 
 /// What one reload did.
@@ -105,12 +165,18 @@ impl RoutingReloader {
     ) -> Result<Self, StoreError> {
         let mut builder = SnapshotBuilder::new();
         let mut loaded = load_logged(&mut store)?;
-        let (expired, next_expiry_ms) = apply_lifecycle(
+        let Expiry {
+            expired,
+            next_deadline_ms: next_expiry_ms,
+            verdicts,
+        } = apply_lifecycle(
             &mut loaded.records,
             &loaded.lifecycle,
             ttl,
             unix_ms(SystemTime::now()),
+            store.node_id(),
         );
+        record_verdicts(&mut store, &verdicts);
         if !expired.is_empty() {
             tracing::info!(backends = ?expired, "registered backends with an expired heartbeat take no new connections");
         }
@@ -125,7 +191,15 @@ impl RoutingReloader {
             ttl,
             next_expiry_ms,
             expired,
+            pops: None,
         })
+    }
+
+    /// From now on, snapshots list the cluster's POPs (from the `pops`
+    /// table, alive as `input` says). Publishes one at once.
+    pub fn set_pops_input(&mut self, input: PopsInput) {
+        self.pops = Some(input);
+        self.reload();
     }
 
     /// The heartbeat TTL (`None`: nothing expires).
@@ -192,14 +266,27 @@ impl RoutingReloader {
             tracing::info!(path = %self.store.path().display(), "routing database readable again");
             self.failing = false;
         }
-        let (expired, next_expiry_ms) = apply_lifecycle(
+        let Expiry {
+            expired,
+            next_deadline_ms: next_expiry_ms,
+            verdicts,
+        } = apply_lifecycle(
             &mut loaded.records,
             &loaded.lifecycle,
             self.ttl,
             unix_ms(now),
+            self.store.node_id(),
         );
-        let built = self.builder.build(&loaded.records);
+        let mut built = self.builder.build(&loaded.records);
         log_skipped(&built.skipped);
+        if let Some(input) = &self.pops {
+            match self.store.load_pops() {
+                Ok(rows) => built.snapshot.pops = pop_views(&rows, input),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the pops table; the POP list is empty until it is readable")
+                }
+            }
+        }
         let version = built.snapshot.version;
         let backends = built.snapshot.backends.len();
         self.handle.publish(built.snapshot);
@@ -221,6 +308,9 @@ impl RoutingReloader {
         }
         self.expired = expired;
         self.next_expiry_ms = next_expiry_ms;
+        // After publishing: the verdicts are for the other POPs (and make
+        // the next tick reload once more, finding nothing to record).
+        record_verdicts(&mut self.store, &verdicts);
         Reload::Published { version, backends }
     }
 
@@ -233,6 +323,47 @@ impl RoutingReloader {
             tracing::debug!(error = %e, "routing database still unreadable");
         }
         self.failing = true;
+    }
+}
+
+/// The snapshot's POP list: every row of `pops`, with its liveness. A POP
+/// without public addresses is listed at its gossip address's IP.
+pub fn pop_views(rows: &[PopRow], input: &PopsInput) -> Vec<PopView> {
+    let alive = input.alive.load();
+    rows.iter()
+        .map(|r| {
+            let mut addrs: Vec<std::net::IpAddr> = r
+                .public_addrs
+                .split(',')
+                .filter_map(|a| a.trim().parse().ok())
+                .collect();
+            if addrs.is_empty() {
+                addrs.extend(
+                    r.gossip_addr
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                        .map(|a| a.ip())
+                        .filter(|ip| !ip.is_unspecified()),
+                );
+            }
+            let local = r.node_id == input.local_id;
+            PopView {
+                node_id: Arc::from(r.node_id.as_str()),
+                name: Arc::from(r.name.as_str()),
+                region: Arc::from(r.region.trim().to_ascii_lowercase().as_str()),
+                country: r.country.as_deref().and_then(Country::parse),
+                addrs,
+                alive: local || alive.contains(&r.node_id),
+                draining: r.draining,
+                local,
+            }
+        })
+        .collect()
+}
+
+fn record_verdicts(store: &mut RoutingStore, verdicts: &[(String, bool)]) {
+    if let Err(e) = store.set_expired(verdicts) {
+        tracing::error!(error = %e, "cannot record heartbeat expiry in the routing store; other POPs will not see it until the next reload");
     }
 }
 
@@ -272,9 +403,9 @@ mod tests {
 
     fn hb(ms: i64) -> Lifecycle {
         Lifecycle {
-            draining: false,
             last_heartbeat_ms: Some(ms),
             registered_at_ms: Some(ms),
+            ..Lifecycle::default()
         }
     }
 
@@ -295,12 +426,13 @@ mod tests {
             ..hb(95_000)
         };
         let lifecycle = [Lifecycle::default(), hb(95_000), hb(90_000), drained, hb(0)];
-        let (expired, next) = apply_lifecycle(&mut records, &lifecycle, Some(TTL), 100_000);
+        let e = apply_lifecycle(&mut records, &lifecycle, Some(TTL), 100_000, None);
         let healthy: Vec<bool> = records.iter().map(|r| r.healthy).collect();
         assert_eq!(healthy, [true, true, false, false, true]);
-        assert_eq!(expired.into_iter().collect::<Vec<_>>(), ["old"]);
+        assert_eq!(e.expired.into_iter().collect::<Vec<_>>(), ["old"]);
         // fresh and drained both expire at 105 000.
-        assert_eq!(next, Some(105_000));
+        assert_eq!(e.next_deadline_ms, Some(105_000));
+        assert_eq!(e.verdicts, [("old".to_string(), true)]);
     }
 
     #[test]
@@ -310,8 +442,37 @@ mod tests {
         // A heartbeat from the future (clock stepped back) is not expired.
         assert!(!is_expired(20_000, TTL, 10_000));
         let mut records = vec![rec("old")];
-        let (expired, next) = apply_lifecycle(&mut records, &[hb(0)], None, i64::MAX);
-        assert!(expired.is_empty() && next.is_none() && records[0].healthy);
+        let e = apply_lifecycle(&mut records, &[hb(0)], None, i64::MAX, None);
+        assert!(e.expired.is_empty() && e.next_deadline_ms.is_none() && records[0].healthy);
+    }
+
+    #[test]
+    fn only_the_heartbeat_owner_judges_expiry_and_the_others_follow_its_verdict() {
+        let owned_here = Lifecycle {
+            heartbeat_pop: Some("gru".into()),
+            ..hb(0)
+        };
+        let owned_elsewhere = Lifecycle {
+            heartbeat_pop: Some("fra".into()),
+            // A stale heartbeat this POP once received: not its call now.
+            ..hb(0)
+        };
+        let expired_elsewhere = Lifecycle {
+            heartbeat_pop: Some("fra".into()),
+            expired: true,
+            ..Lifecycle::default()
+        };
+        let mut records = vec![rec("here"), rec("there"), rec("gone-there")];
+        let lifecycle = [owned_here, owned_elsewhere, expired_elsewhere];
+        let e = apply_lifecycle(&mut records, &lifecycle, Some(TTL), 100_000, Some("gru"));
+        let healthy: Vec<bool> = records.iter().map(|r| r.healthy).collect();
+        assert_eq!(healthy, [false, true, false]);
+        assert_eq!(
+            e.expired.into_iter().collect::<Vec<_>>(),
+            ["gone-there", "here"]
+        );
+        // Only the row this POP judges gets a verdict to replicate.
+        assert_eq!(e.verdicts, [("here".to_string(), true)]);
     }
 
     #[test]
@@ -346,12 +507,25 @@ mod tests {
         // Nothing more to do until something changes.
         assert_eq!(reloader.tick_at(t0 + TTL * 5), Reload::Unchanged);
 
-        // A heartbeat is quiet for the store; the caller reloads to revive.
+        // The expiry verdict was recorded for the other POPs.
+        let life = |r: &mut RoutingReloader| {
+            let loaded = r.store_mut().peek().unwrap();
+            loaded.lifecycle[0].clone()
+        };
+        assert!(life(&mut reloader).expired);
+
+        // A heartbeat of an expired backend clears the verdict: a real
+        // write, which the next tick publishes.
         let t1 = t0 + TTL * 6;
         assert!(reloader.store_mut().heartbeat("a", unix_ms(t1)).unwrap());
-        assert_eq!(reloader.tick_at(t1), Reload::Unchanged);
-        reloader.reload_at(t1);
+        assert!(!life(&mut reloader).expired);
+        assert!(matches!(reloader.tick_at(t1), Reload::Published { .. }));
         assert_eq!(healthy(&reloader), Some(true));
         assert!(!reloader.expired("a"));
+
+        // Further heartbeats stay quiet.
+        let t2 = t1 + Duration::from_secs(1);
+        assert!(reloader.store_mut().heartbeat("a", unix_ms(t2)).unwrap());
+        assert_eq!(reloader.tick_at(t2), Reload::Unchanged);
     }
 }

@@ -65,7 +65,14 @@ const ADD_COUNTRY: &str = "ALTER TABLE backends ADD COLUMN country TEXT";
 /// `country`. `draining` defaults to 0 so the original's inserts (which do
 /// not name it) create serving rows; NULL timestamps mean "never registered
 /// through the API", and such rows never expire.
-const LIFECYCLE_COLUMNS: [(&str, &str); 3] = [
+///
+/// Migration 3 appends what heartbeat expiry needs once POPs share the
+/// table: `heartbeat_pop`, the node id of the POP that receives the
+/// backend's heartbeats (only that POP judges expiry: heartbeats stay local),
+/// and `expired`, the verdict it writes when it changes, which is what
+/// replicates. NULL / 0 for old rows: a row with a heartbeat and no owner is
+/// judged by whichever POP holds that heartbeat, as before.
+const LIFECYCLE_COLUMNS: [(&str, &str); 5] = [
     (
         "draining",
         "ALTER TABLE backends ADD COLUMN draining INTEGER NOT NULL DEFAULT 0",
@@ -78,12 +85,42 @@ const LIFECYCLE_COLUMNS: [(&str, &str); 3] = [
         "registered_at_ms",
         "ALTER TABLE backends ADD COLUMN registered_at_ms INTEGER",
     ),
+    (
+        "expired",
+        "ALTER TABLE backends ADD COLUMN expired INTEGER NOT NULL DEFAULT 0",
+    ),
+    (
+        "heartbeat_pop",
+        "ALTER TABLE backends ADD COLUMN heartbeat_pop TEXT",
+    ),
 ];
+
+/// Migration 3: the POPs of the cluster, one row per node, written by each
+/// node about itself and replicated (see `crate::replication`). Addresses
+/// are text: `public_addrs` a comma-separated list of IPs, the others
+/// `ip:port` (or empty).
+const CREATE_POPS: &str = "CREATE TABLE IF NOT EXISTS pops (
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    region TEXT NOT NULL,
+    country TEXT,
+    public_addrs TEXT NOT NULL DEFAULT '',
+    private_addr TEXT NOT NULL DEFAULT '',
+    gossip_addr TEXT NOT NULL DEFAULT '',
+    transport_addr TEXT NOT NULL DEFAULT '',
+    wg_public_key TEXT NOT NULL DEFAULT '',
+    wg_endpoint TEXT NOT NULL DEFAULT '',
+    prefix6 TEXT NOT NULL DEFAULT '',
+    draining INTEGER NOT NULL DEFAULT 0
+)";
 
 /// Schema version recorded in `PRAGMA user_version` (the original leaves it
 /// at 0). 1 = `backends` has a `country` column; 2 = it also has the
-/// [`Lifecycle`] columns.
-pub const SCHEMA_VERSION: i64 = 2;
+/// [`Lifecycle`] columns; 3 = `expired` and `heartbeat_pop` too, and the
+/// `pops` table. Replicating POPs must all be at the same version (they
+/// refuse each other otherwise): bump it with every change to a replicated
+/// table.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -186,17 +223,36 @@ fn sql_err(path: &Path, op: Op, cause: rusqlite::Error) -> StoreError {
     }
 }
 
-/// A row's discovery-API state (migration 2 columns). All times are Unix
-/// milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A row's discovery-API state (migration 2 and 3 columns). All times are
+/// Unix milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lifecycle {
     /// Drained: takes no new connections; open ones go on.
     pub draining: bool,
-    /// Last registration or heartbeat. `None`: the row is not managed by
-    /// heartbeats (written by hand or by the original) and never expires.
+    /// Last registration or heartbeat received by this POP (never
+    /// replicated). `None`: this POP has no heartbeat for the row.
     pub last_heartbeat_ms: Option<i64>,
     /// First registration (reset when a deleted id registers again).
     pub registered_at_ms: Option<i64>,
+    /// The POP that receives the backend's heartbeats and judges its expiry.
+    pub heartbeat_pop: Option<String>,
+    /// That POP's verdict: the heartbeat is too old.
+    pub expired: bool,
+}
+
+/// A row of the `pops` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PopRow {
+    pub node_id: String,
+    pub name: String,
+    pub region: String,
+    pub country: Option<String>,
+    /// Comma-separated IPs.
+    pub public_addrs: String,
+    pub private_addr: String,
+    pub gossip_addr: String,
+    pub transport_addr: String,
+    pub draining: bool,
 }
 
 /// What [`RoutingStore::register`] did.
@@ -301,6 +357,9 @@ pub struct RoutingStore {
     last_activity: Instant,
     /// [`QUIET_BEFORE_CHECKPOINT`], or zero in tests.
     quiet_before_checkpoint: Duration,
+    /// This POP's node id: registrations and heartbeats received here make
+    /// it the backend's `heartbeat_pop`.
+    node_id: Option<String>,
 }
 
 /// How long the table must stay unchanged before [`RoutingStore::changed`]
@@ -339,7 +398,17 @@ impl RoutingStore {
             dirty: false,
             last_activity: Instant::now(),
             quiet_before_checkpoint: QUIET_BEFORE_CHECKPOINT,
+            node_id: None,
         })
+    }
+
+    /// Sets this POP's node id (see [`Lifecycle::heartbeat_pop`]).
+    pub fn set_node_id(&mut self, id: &str) {
+        self.node_id = Some(id.to_string());
+    }
+
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
     }
 
     pub fn path(&self) -> &Path {
@@ -483,8 +552,10 @@ impl RoutingStore {
     /// rowid and `registered_at_ms`; otherwise the row is inserted, or a
     /// deleted row with that id is revived as a new registration. Either way
     /// the backend ends up healthy, not deleted, not draining, with its
-    /// heartbeat at `now_ms`. `rec.healthy` and `rec.deleted` are ignored.
+    /// heartbeat at `now_ms`, and this POP as its `heartbeat_pop`.
+    /// `rec.healthy` and `rec.deleted` are ignored.
     pub fn register(&mut self, rec: &BackendRecord, now_ms: i64) -> Result<Registered, StoreError> {
+        let owner = self.node_id.clone();
         self.write(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let live: bool = tx.query_row(
@@ -503,13 +574,14 @@ impl RoutingStore {
                 rec.hard_limit,
                 now_ms,
                 rec.id,
+                owner,
             ];
             // SET expressions see the row as it was: `deleted` in the CASE is
             // the old value.
             let updated = tx.execute(
                 "UPDATE backends SET app = ?1, region = ?2, country = ?3, wg_ip = ?4, \
                  port = ?5, healthy = 1, weight = ?6, soft_limit = ?7, hard_limit = ?8, \
-                 draining = 0, last_heartbeat_ms = ?9, \
+                 draining = 0, last_heartbeat_ms = ?9, expired = 0, heartbeat_pop = ?11, \
                  registered_at_ms = CASE WHEN deleted IS NULL OR deleted = 0 \
                    THEN COALESCE(registered_at_ms, ?9) ELSE ?9 END, \
                  deleted = 0 WHERE id = ?10",
@@ -519,8 +591,8 @@ impl RoutingStore {
                 tx.execute(
                     "INSERT INTO backends (app, region, country, wg_ip, port, healthy, weight, \
                      soft_limit, hard_limit, deleted, draining, last_heartbeat_ms, \
-                     registered_at_ms, id) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, 0, 0, ?9, ?9, ?10)",
+                     registered_at_ms, expired, heartbeat_pop, id) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8, 0, 0, ?9, ?9, 0, ?11, ?10)",
                     values,
                 )?;
             }
@@ -539,18 +611,74 @@ impl RoutingStore {
     /// A heartbeat by itself changes no route, so unlike other writes it does
     /// not make [`changed`] say yes (when nothing else changed since the last
     /// load): a fleet of heartbeating backends does not rebuild the snapshot
-    /// every tick. A caller whose heartbeat does change routing (it revives
-    /// an expired backend) reloads on its own.
+    /// every tick, and nothing replicates. Only when this POP was not the
+    /// backend's `heartbeat_pop`, or the backend was expired, does the
+    /// heartbeat change the row (this POP takes it over, the verdict is
+    /// cleared) — a write that replicates once. A caller whose heartbeat
+    /// revives an expired backend reloads on its own.
     ///
     /// [`changed`]: RoutingStore::changed
     pub fn heartbeat(&mut self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let owner = self.node_id.clone();
+        let found = self.write_quiet(|conn| {
+            let row: Option<(Option<String>, bool)> = conn
+                .query_row(
+                    "SELECT heartbeat_pop, expired FROM backends \
+                     WHERE id = ?1 AND (deleted IS NULL OR deleted = 0)",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get::<_, Option<bool>>(1)?.unwrap_or(false))),
+                )
+                .map(Some)
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                    e => Err(e),
+                })?;
+            let Some((pop, expired)) = row else {
+                return Ok(None);
+            };
+            // Already ours and serving: only the (local) time moves.
+            let quiet = !expired && (owner.is_none() || pop == owner);
+            if quiet {
+                conn.execute(
+                    "UPDATE backends SET last_heartbeat_ms = ?1 \
+                     WHERE id = ?2 AND (deleted IS NULL OR deleted = 0)",
+                    params![now_ms, id],
+                )?;
+            }
+            Ok(Some(quiet))
+        })?;
+        match found {
+            None => Ok(false),
+            Some(true) => Ok(true),
+            // The row changes hands or comes back from expiry: a real write.
+            Some(false) => self.write(|conn| {
+                conn.execute(
+                    "UPDATE backends SET last_heartbeat_ms = ?1, heartbeat_pop = ?2, expired = 0 \
+                     WHERE id = ?3 AND (deleted IS NULL OR deleted = 0)",
+                    params![now_ms, owner, id],
+                )
+                .map(|n| n > 0)
+            }),
+        }
+    }
+
+    /// Records expiry verdicts (`expired` column) for backends whose
+    /// heartbeats this POP judges. Rows already at the verdict are left
+    /// alone, so nothing replicates for them. Quiet like a heartbeat: the
+    /// caller has already routed by these verdicts; the write is for the
+    /// other POPs (the change log's triggers see it).
+    pub fn set_expired(&mut self, verdicts: &[(String, bool)]) -> Result<(), StoreError> {
+        if verdicts.is_empty() {
+            return Ok(());
+        }
         self.write_quiet(|conn| {
-            conn.execute(
-                "UPDATE backends SET last_heartbeat_ms = ?1 \
-                 WHERE id = ?2 AND (deleted IS NULL OR deleted = 0)",
-                params![now_ms, id],
-            )
-            .map(|n| n > 0)
+            let mut stmt = conn.prepare_cached(
+                "UPDATE backends SET expired = ?1 WHERE id = ?2 AND expired IS NOT ?1",
+            )?;
+            for (id, expired) in verdicts {
+                stmt.execute(params![expired, id])?;
+            }
+            Ok(())
         })
     }
 
@@ -578,6 +706,45 @@ impl RoutingStore {
             )
             .map(|n| n > 0)
         })
+    }
+
+    /// Every row of `pops` (empty if the table does not exist yet). Rows
+    /// with unreadable values are skipped.
+    pub fn load_pops(&mut self) -> Result<Vec<PopRow>, StoreError> {
+        let path = &self.path;
+        let result = fresh(path, &mut self.live).and_then(|(live, _)| {
+            let err = |e| sql_err(path, Op::Read, e);
+            if !has_table(&live.conn, "pops").map_err(err)? {
+                return Ok(Vec::new());
+            }
+            let mut stmt = live
+                .conn
+                .prepare_cached(
+                    "SELECT node_id, name, region, country, public_addrs, private_addr, \
+                     gossip_addr, transport_addr, draining FROM pops ORDER BY node_id",
+                )
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(PopRow {
+                        node_id: r.get(0)?,
+                        name: r.get(1)?,
+                        region: r.get(2)?,
+                        country: r.get(3)?,
+                        public_addrs: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                        private_addr: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        gossip_addr: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        transport_addr: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+                        draining: r.get::<_, Option<bool>>(8)?.unwrap_or(false),
+                    })
+                })
+                .map_err(err)?;
+            Ok(rows.filter_map(Result::ok).collect())
+        });
+        if result.is_err() {
+            self.live = None;
+        }
+        result
     }
 
     /// Reads every row like [`load`], but leaves change detection alone: the
@@ -797,6 +964,14 @@ fn schema_state(conn: &Connection) -> rusqlite::Result<SchemaState> {
     })
 }
 
+fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )
+}
+
 /// Column names of `backends`, lower case; empty if there is no such table.
 fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("PRAGMA table_info(backends)")?;
@@ -809,6 +984,7 @@ fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
 fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), StoreError> {
     let err = |e| sql_err(path, Op::Migrate, e);
     let state = schema_state(conn).map_err(err)?;
+    let has_pops = has_table(conn, "pops").map_err(err)?;
     if state.version > SCHEMA_VERSION {
         warn!(
             path = %path.display(),
@@ -818,7 +994,10 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         );
     }
     let work = if state.has_table {
-        !state.has_country || !state.missing_lifecycle.is_empty() || state.version < SCHEMA_VERSION
+        !state.has_country
+            || !state.missing_lifecycle.is_empty()
+            || !has_pops
+            || state.version < SCHEMA_VERSION
     } else {
         create
     };
@@ -846,6 +1025,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         for sql in &state.missing_lifecycle {
             tx.execute_batch(sql)?;
         }
+        tx.execute_batch(CREATE_POPS)?;
         if state.version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -950,10 +1130,12 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     let draining = or("draining", "0");
     let heartbeat = or("last_heartbeat_ms", "NULL");
     let registered = or("registered_at_ms", "NULL");
+    let expired = or("expired", "0");
+    let owner = or("heartbeat_pop", "NULL");
     let sql = format!(
         "SELECT rowid, id, app, region, {country}, wg_ip, port, healthy, weight, \
-         soft_limit, hard_limit, deleted, {draining}, {heartbeat}, {registered} \
-         FROM backends ORDER BY rowid"
+         soft_limit, hard_limit, deleted, {draining}, {heartbeat}, {registered}, \
+         {expired}, {owner} FROM backends ORDER BY rowid"
     );
     let mut loaded = Loaded::default();
     {
@@ -1003,6 +1185,8 @@ fn parse_row(row: &Row<'_>) -> Result<(BackendRecord, Lifecycle), (String, Strin
     let draining = field(row, 12, "draining", deleted_flag, p);
     let last_heartbeat_ms = field(row, 13, "last_heartbeat_ms", optional_integer, p);
     let registered_at_ms = field(row, 14, "registered_at_ms", optional_integer, p);
+    let expired = field(row, 15, "expired", deleted_flag, p);
+    let heartbeat_pop = field(row, 16, "heartbeat_pop", optional_text, p);
     let (
         Some(id),
         Some(app),
@@ -1018,6 +1202,8 @@ fn parse_row(row: &Row<'_>) -> Result<(BackendRecord, Lifecycle), (String, Strin
         Some(draining),
         Some(last_heartbeat_ms),
         Some(registered_at_ms),
+        Some(expired),
+        Some(heartbeat_pop),
     ) = (
         id,
         app,
@@ -1033,6 +1219,8 @@ fn parse_row(row: &Row<'_>) -> Result<(BackendRecord, Lifecycle), (String, Strin
         draining,
         last_heartbeat_ms,
         registered_at_ms,
+        expired,
+        heartbeat_pop,
     )
     else {
         return Err((label, problems.join("; ")));
@@ -1041,6 +1229,8 @@ fn parse_row(row: &Row<'_>) -> Result<(BackendRecord, Lifecycle), (String, Strin
         draining,
         last_heartbeat_ms,
         registered_at_ms,
+        heartbeat_pop,
+        expired,
     };
     let record = BackendRecord {
         id,
@@ -1289,7 +1479,9 @@ mod tests {
                 "country",
                 "draining",
                 "last_heartbeat_ms",
-                "registered_at_ms"
+                "registered_at_ms",
+                "expired",
+                "heartbeat_pop"
             ]
         );
         assert!(loaded.lifecycle.iter().all(|l| *l == Lifecycle::default()));
@@ -1318,9 +1510,9 @@ mod tests {
         assert_eq!(store.path(), path);
         assert_eq!(store.load().unwrap(), Loaded::default());
         let cols = column_names(&path);
-        assert_eq!(cols.len(), 14);
+        assert_eq!(cols.len(), 16);
         assert_eq!(cols[10], "country");
-        assert_eq!(cols.last().map(String::as_str), Some("registered_at_ms"));
+        assert_eq!(cols.last().map(String::as_str), Some("heartbeat_pop"));
 
         // The original's own inserts still work on a new file.
         other(&path)
@@ -1690,7 +1882,7 @@ mod tests {
     fn lifecycle_of(store: &mut RoutingStore, id: &str) -> (BackendRecord, Lifecycle) {
         let loaded = store.peek().unwrap();
         let i = loaded.records.iter().position(|r| r.id == id).unwrap();
-        (loaded.records[i].clone(), loaded.lifecycle[i])
+        (loaded.records[i].clone(), loaded.lifecycle[i].clone())
     }
 
     #[test]
@@ -1711,7 +1903,9 @@ mod tests {
             "country".to_string(),
             "draining".to_string(),
             "last_heartbeat_ms".to_string(),
-            "registered_at_ms".to_string()
+            "registered_at_ms".to_string(),
+            "expired".to_string(),
+            "heartbeat_pop".to_string(),
         ]));
         // The original's inserts, which name none of them, still work.
         other(&path)
@@ -1741,7 +1935,8 @@ mod tests {
             Lifecycle {
                 draining: false,
                 last_heartbeat_ms: Some(1_000),
-                registered_at_ms: Some(1_000)
+                registered_at_ms: Some(1_000),
+                ..Lifecycle::default()
             }
         );
 
@@ -1765,7 +1960,8 @@ mod tests {
             Lifecycle {
                 draining: false,
                 last_heartbeat_ms: Some(2_000),
-                registered_at_ms: Some(1_000)
+                registered_at_ms: Some(1_000),
+                ..Lifecycle::default()
             }
         );
         assert_eq!(
@@ -1819,6 +2015,47 @@ mod tests {
         store.deregister("a").unwrap();
         assert!(!store.heartbeat("a", 6_000).unwrap());
         assert!(!store.set_draining("a", false).unwrap());
+    }
+
+    #[test]
+    fn a_heartbeat_at_another_pop_takes_the_backend_over_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut gru = RoutingStore::open(&path).unwrap();
+        gru.set_node_id("gru");
+        gru.register(&rec("a", 80), 1_000).unwrap();
+        let owner = |p: &Path| {
+            other(p)
+                .query_row(
+                    "SELECT heartbeat_pop, expired FROM backends WHERE id = 'a'",
+                    [],
+                    |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, bool>(1)?)),
+                )
+                .unwrap()
+        };
+        assert_eq!(owner(&path), (Some("gru".into()), false));
+        // The same file seen by another POP's store (as after replication).
+        let mut fra = RoutingStore::open(&path).unwrap();
+        fra.set_node_id("fra");
+        fra.load().unwrap();
+        assert!(fra.heartbeat("a", 2_000).unwrap());
+        assert_eq!(owner(&path), (Some("fra".into()), false));
+        assert!(fra.changed().unwrap(), "taking over is a real write");
+        fra.load().unwrap();
+        // From then on its heartbeats are quiet.
+        assert!(fra.heartbeat("a", 3_000).unwrap());
+        assert!(!fra.changed().unwrap());
+        // An expiry verdict is recorded once, quietly, and a heartbeat
+        // clears it with a real write.
+        fra.set_expired(&[("a".into(), true)]).unwrap();
+        assert_eq!(owner(&path), (Some("fra".into()), true));
+        assert!(
+            !fra.changed().unwrap(),
+            "the verdict is not news to its own POP"
+        );
+        assert!(fra.heartbeat("a", 4_000).unwrap());
+        assert_eq!(owner(&path), (Some("fra".into()), false));
+        assert!(fra.changed().unwrap());
     }
 
     #[test]

@@ -514,10 +514,30 @@ impl Lookup<'_> {
                 true
             }
             Target::RegionPops(region) => {
+                // The configured POPs, then the cluster's (replicated `pops`
+                // table) that are alive and not draining; one record per
+                // address.
+                let mut seen: Vec<IpAddr> = Vec::new();
                 let mut any = false;
                 for pop in self.zone.pops_in(region) {
                     any = true;
-                    self.add_address(pop.addr);
+                    if !seen.contains(&pop.addr) {
+                        seen.push(pop.addr);
+                        self.add_address(pop.addr);
+                    }
+                }
+                let snapshot = self.snapshot;
+                for pop in snapshot.pops.iter().filter(|p| &*p.region == region) {
+                    any = true;
+                    if !pop.serving() {
+                        continue;
+                    }
+                    for &ip in &pop.addrs {
+                        if !seen.contains(&ip) {
+                            seen.push(ip);
+                            self.add_address(ip);
+                        }
+                    }
                 }
                 any
             }

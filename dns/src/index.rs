@@ -107,6 +107,13 @@ impl ZoneIndex {
                 .iter()
                 .map(|p| format!("{}.{POPS_LABEL}", p.region)),
         );
+        names.extend(
+            snapshot
+                .pops
+                .iter()
+                .filter(|p| usable_label(&p.region))
+                .map(|p| format!("{}.{POPS_LABEL}", p.region)),
+        );
         let mut empty_nonterminals = HashSet::new();
         for name in &names {
             let mut rest = name.as_str();

@@ -161,12 +161,39 @@ pub enum RecordError {
     DuplicateId,
 }
 
+/// A POP of the cluster (from the replicated `pops` table), for DNS and
+/// traffic steering. The data plane does not read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PopView {
+    pub node_id: Arc<str>,
+    pub name: Arc<str>,
+    /// Lower case.
+    pub region: Arc<str>,
+    pub country: Option<Country>,
+    /// Where clients reach it.
+    pub addrs: Vec<std::net::IpAddr>,
+    /// Membership says it is alive (or suspected, not yet down).
+    pub alive: bool,
+    pub draining: bool,
+    /// This POP itself.
+    pub local: bool,
+}
+
+impl PopView {
+    /// Alive and not draining: answerable.
+    pub fn serving(&self) -> bool {
+        self.alive && !self.draining
+    }
+}
+
 /// The whole routing table as the data plane sees it.
 #[derive(Debug, Default)]
 pub struct RoutingSnapshot {
     /// Monotonic; bumps on every publish.
     pub version: u64,
     pub backends: Vec<Backend>,
+    /// The cluster's POPs (empty without replication).
+    pub pops: Vec<PopView>,
     /// Interned region names; `Backend::region` indexes this.
     pub regions: Vec<Arc<str>>,
     /// Backend indices per app, in table order.

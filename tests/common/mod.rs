@@ -16,6 +16,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 
 /// How long anything in a test may take before it counts as hung.
@@ -123,7 +125,7 @@ impl Proxy {
         env: &[(&str, &str)],
         rust_log: Option<&str>,
     ) -> Proxy {
-        Proxy::spawn_exe(Path::new(BIN), args, env, rust_log)
+        Proxy::spawn_command(Command::new(BIN), args, env, rust_log)
     }
 
     /// Like [`Proxy::spawn_with_rust_log`], running the binary at `exe` (a
@@ -134,7 +136,23 @@ impl Proxy {
         env: &[(&str, &str)],
         rust_log: Option<&str>,
     ) -> Proxy {
-        let mut cmd = Command::new(exe);
+        Proxy::spawn_command(Command::new(exe), args, env, rust_log)
+    }
+
+    /// Starts the binary inside network namespace `ns` (`ip netns exec`,
+    /// which execs it: the child is edgeproxy itself).
+    pub fn spawn_in_netns(ns: &str, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, BIN]);
+        Proxy::spawn_command(cmd, args, env, Some("info"))
+    }
+
+    fn spawn_command(
+        mut cmd: Command,
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -300,7 +318,11 @@ pub struct TagBackend {
 
 impl TagBackend {
     pub fn start(name: &str) -> TagBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        TagBackend::serve(TcpListener::bind("127.0.0.1:0").unwrap(), name)
+    }
+
+    /// Serves on a listener bound elsewhere (e.g. inside a namespace).
+    pub fn serve(listener: TcpListener, name: &str) -> TagBackend {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = Arc::clone(&connections);

@@ -93,16 +93,7 @@ pub struct AddArgs {
 
 /// Runs one `backends` subcommand.
 pub fn run(args: BackendsArgs) -> anyhow::Result<()> {
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) if !t.is_empty() => Some(t.clone()),
-        (_, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read token file {}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        _ => None,
-    };
+    let token = token_from(args.token.as_deref(), args.token_file.as_deref())?;
     let api = Client::new(&args.api, token)?;
     match &args.action {
         Action::List => {
@@ -166,19 +157,37 @@ pub fn run(args: BackendsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The token: `--token` if given and not empty, else the content of
+/// `--token-file`, else none.
+pub(crate) fn token_from(
+    token: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    Ok(match (token, file) {
+        (Some(t), _) if !t.is_empty() => Some(t.to_string()),
+        (_, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => None,
+    })
+}
+
 fn print_json(body: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(body)?);
     Ok(())
 }
 
-struct Client {
+pub(crate) struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
 }
 
 impl Client {
-    fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
+    pub(crate) fn new(base: &str, token: Option<String>) -> anyhow::Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !base.starts_with("http://") {
             bail!("--api {base:?}: only http:// URLs are supported");
@@ -193,7 +202,12 @@ impl Client {
 
     /// One request; the JSON body of a 2xx answer, or an error with the
     /// status and the API's `error` text.
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let result = match method {

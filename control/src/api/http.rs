@@ -46,6 +46,8 @@ pub(super) struct Shared {
     pub max_body: usize,
     pub snapshot: SnapshotHandle,
     pub started: Instant,
+    /// Replication's status, when it runs.
+    pub cluster: Option<crate::replication::status::StatusHandle>,
 }
 
 type AppState = Arc<Shared>;
@@ -71,6 +73,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends", get(list))
         .route("/api/v1/backends/{id}", get(get_one).delete(deregister))
         .route("/api/v1/backends/{id}/drain", post(drain))
+        .route("/api/v1/cluster", get(cluster))
         .fallback(|| async { error(404, "no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
@@ -201,6 +204,15 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
                 json!({ "field": e.field }),
             ))
         }
+    }
+}
+
+/// Replication's view of the cluster (read from what the driver
+/// publishes; never waits for it).
+async fn cluster(State(s): State<AppState>) -> Response {
+    match &s.cluster {
+        Some(c) => Json(&*c.load()).into_response(),
+        None => Json(json!({ "enabled": false, "members": [] })).into_response(),
     }
 }
 

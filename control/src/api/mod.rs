@@ -107,7 +107,12 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
-    pub fn serve(self, snapshot: SnapshotHandle) -> anyhow::Result<Server> {
+    /// `cluster`: replication's status, for `GET /api/v1/cluster`.
+    pub fn serve(
+        self,
+        snapshot: SnapshotHandle,
+        cluster: Option<crate::replication::status::StatusHandle>,
+    ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .context("discovery API: cannot register the socket")?;
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -122,6 +127,7 @@ impl Bound {
             max_body: self.config.max_body_bytes,
             snapshot,
             started: Instant::now(),
+            cluster,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })

@@ -14,7 +14,7 @@ use engine::snapshot::{BackendRecord, RoutingSnapshot};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::routing::{is_expired, unix_ms, RoutingReloader};
+use crate::routing::{row_expired, unix_ms, RoutingReloader};
 use crate::store::{Lifecycle, Registered};
 
 /// One API call, validated.
@@ -73,11 +73,9 @@ fn status(
     ttl: Option<Duration>,
     now_ms: i64,
     snap: &RoutingSnapshot,
+    node_id: Option<&str>,
 ) -> Value {
-    let expired = match (ttl, life.last_heartbeat_ms) {
-        (Some(ttl), Some(last)) => is_expired(last, ttl, now_ms),
-        _ => false,
-    };
+    let expired = row_expired(life, ttl, now_ms, node_id);
     let secs_since = |t: Option<i64>| t.map(|t| (now_ms.saturating_sub(t).max(0) / 1000) as u64);
     let live = snap.find(&rec.id).map(|idx| snap.backend(idx));
     // Most telling first: an operator's drain, then a missed heartbeat, then
@@ -108,6 +106,7 @@ fn status(
         "hard_limit": rec.hard_limit,
         "draining": life.draining,
         "expired": expired,
+        "heartbeat_pop": life.heartbeat_pop,
         "state": state,
         "active_connections": live.map_or(0, |b| b.active()),
     })
@@ -197,21 +196,27 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
         Op::Get(id) => {
             let ttl = reloader.heartbeat_ttl();
             let snap = reloader.handle().load_full();
-            match reloader.store_mut().peek() {
+            let store = reloader.store_mut();
+            let node = store.node_id().map(String::from);
+            match store.peek() {
                 Err(e) => store_failed(&e),
                 Ok(loaded) => loaded
                     .records
                     .iter()
                     .zip(&loaded.lifecycle)
                     .find(|(r, _)| r.id == id && !r.deleted)
-                    .map(|(r, l)| Reply::new(200, status(r, l, ttl, now_ms, &snap)))
+                    .map(|(r, l)| {
+                        Reply::new(200, status(r, l, ttl, now_ms, &snap, node.as_deref()))
+                    })
                     .unwrap_or_else(|| not_found(&id, "backend not found")),
             }
         }
         Op::List => {
             let ttl = reloader.heartbeat_ttl();
             let snap = reloader.handle().load_full();
-            match reloader.store_mut().peek() {
+            let store = reloader.store_mut();
+            let node = store.node_id().map(String::from);
+            match store.peek() {
                 Err(e) => store_failed(&e),
                 Ok(loaded) => {
                     let backends: Vec<Value> = loaded
@@ -219,7 +224,7 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                         .iter()
                         .zip(&loaded.lifecycle)
                         .filter(|(r, _)| !r.deleted)
-                        .map(|(r, l)| status(r, l, ttl, now_ms, &snap))
+                        .map(|(r, l)| status(r, l, ttl, now_ms, &snap, node.as_deref()))
                         .collect();
                     let total = backends.len();
                     Reply::new(200, json!({ "backends": backends, "total": total }))

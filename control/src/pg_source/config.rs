@@ -284,6 +284,13 @@ pub(crate) fn check_combination(config: &crate::config::Config) -> Result<(), Co
              backends are registered in the database, not through the discovery API",
         ));
     }
+    if config.replication.enabled {
+        return Err(invalid(
+            "postgres.enabled",
+            "cannot be combined with replication.enabled: with PostgreSQL as the routing \
+             source the database is the shared truth between POPs; turn replication off",
+        ));
+    }
     if config.demo.backends > 0 {
         return Err(invalid(
             "postgres.enabled",
@@ -425,6 +432,12 @@ mod tests {
         assert!(err.to_string().contains("api.enabled"), "{err}");
         let err = pg(&format!("{base}[demo]\nbackends = 1\n"), &NO_ENV).unwrap_err();
         assert!(err.to_string().contains("demo.backends"), "{err}");
+        let err = pg(
+            &format!("{base}[replication]\nenabled = true\ninsecure = true\n"),
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("replication.enabled"), "{err}");
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub fn listener_entries(
 /// an attempt share its outcome.
 pub struct Upgrades {
     ready_timeout: Duration,
+    /// Replication's sockets are not handed over yet: refuse (see `begin`).
+    replication: bool,
     control: Option<control_socket::Server>,
     attempt: Option<Attempt>,
     waiting: Vec<tokio::sync::oneshot::Sender<String>>,
@@ -101,8 +103,9 @@ struct Attempt {
 
 impl Upgrades {
     /// Binds (or takes over) the control socket and serves it. Must run in
-    /// the control runtime's context.
-    pub fn start(config: &config::Upgrade) -> anyhow::Result<Upgrades> {
+    /// the control runtime's context. `replication`: whether `[replication]`
+    /// is enabled (upgrades are then refused, see [`Upgrades::begin`]).
+    pub fn start(config: &config::Upgrade, replication: bool) -> anyhow::Result<Upgrades> {
         use anyhow::Context;
         let control = match &config.control_socket {
             None => None,
@@ -121,6 +124,7 @@ impl Upgrades {
         };
         Ok(Upgrades {
             ready_timeout: config.ready_timeout,
+            replication,
             control,
             attempt: None,
             waiting: Vec::new(),
@@ -179,6 +183,17 @@ impl Upgrades {
         self.waiting.extend(reply);
         if self.attempt.is_some() {
             tracing::info!("upgrade already in progress; this request waits for its outcome");
+            return;
+        }
+        // Replication's gossip and QUIC sockets are not in the registry yet,
+        // and two processes must not run the same node at once: a successor
+        // would fail to bind them anyway. Say so plainly instead.
+        if self.replication {
+            let e = UpgradeError::Unsupported(
+                "binary upgrade is not available with [replication] enabled yet; restart instead",
+            );
+            tracing::error!(error = %e, "upgrade refused; this process keeps serving");
+            self.answer(&Err(e));
             return;
         }
         let sockets = listeners.and_then(|mut all| {

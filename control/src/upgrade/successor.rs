@@ -59,8 +59,8 @@ pub enum UpgradeError {
     Failed { pid: u32, reason: String },
     #[error("the new process (pid {pid}) was not ready within {timeout:?}; killed it")]
     Timeout { pid: u32, timeout: Duration },
-    #[error("an upgrade is already in progress")]
-    Busy,
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("this process is stopping")]
     Stopping,
 }

@@ -324,6 +324,51 @@ fn region_backends_pops_and_name_server() {
 }
 
 #[test]
+fn cluster_pops_are_answered_while_alive_and_not_draining() {
+    use engine::snapshot::PopView;
+    let pop = |id: &str, region: &str, addrs: &[&str], alive: bool, draining: bool| PopView {
+        node_id: Arc::from(id),
+        name: Arc::from(id),
+        region: Arc::from(region),
+        country: None,
+        addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        alive,
+        draining,
+        local: false,
+    };
+    let mut snap = table();
+    snap.pops = vec![
+        pop("ap-1", "ap", &["10.70.0.1", "fd70::1"], true, false),
+        pop("ap-2", "ap", &["10.70.0.2"], false, false),
+        pop("ap-3", "ap", &["10.70.0.3"], true, true),
+        // The same address as a configured POP: one record.
+        pop("gru-9", "sa", &["10.50.0.1"], true, false),
+    ];
+    let mut f = Fixture::with(snap);
+    assert_eq!(
+        addrs(&f.ask("ap.pops.internal.", RecordType::A)),
+        ["10.70.0.1"]
+    );
+    assert_eq!(
+        addrs(&f.ask("ap.pops.internal.", RecordType::AAAA)),
+        ["fd70::1"]
+    );
+    assert_eq!(
+        addrs(&f.ask("sa.pops.internal.", RecordType::A)),
+        ["10.50.0.1"]
+    );
+
+    // A region whose POPs are all down is NODATA, not NXDOMAIN: the name
+    // exists, it has no address to give now.
+    let mut snap = table();
+    snap.pops = vec![pop("me-1", "me", &["10.80.0.1"], false, false)];
+    let mut f = Fixture::with(snap);
+    let r = f.ask("me.pops.internal.", RecordType::A);
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty() && authority_is_soa(&r));
+}
+
+#[test]
 fn backends_sharing_an_address_give_one_record() {
     let snap = SnapshotBuilder::new()
         .build(&[

@@ -1,0 +1,174 @@
+//! `edgeproxy cluster status`: replication's view of the cluster from a
+//! running POP's API (`GET /api/v1/cluster`), as a table or as JSON.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::status::ClusterStatus;
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// Base URL of the POP's discovery API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_URL",
+        default_value = "http://127.0.0.1:8081",
+        value_name = "URL"
+    )]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (when --token is not given).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: ClusterAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterAction {
+    /// This POP and every member it knows: state (alive, suspect, down),
+    /// round trip, last anti-entropy exchange, lag, schema version.
+    Status,
+}
+
+pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
+    let token = crate::api::client::token_from(args.token.as_deref(), args.token_file.as_deref())?;
+    let client = crate::api::client::Client::new(&args.api, token)?;
+    let body = client.call("GET", "/api/v1/cluster", None)?;
+    match args.action {
+        ClusterAction::Status if args.json => {
+            println!("{}", serde_json::to_string_pretty(&body)?);
+        }
+        ClusterAction::Status => print!("{}", render(&body)),
+    }
+    Ok(())
+}
+
+/// The status as text: a header line about this node, then one row per
+/// member.
+pub fn render(body: &Value) -> String {
+    if body["enabled"] != Value::Bool(true) {
+        return "replication is off on this POP ([replication] enabled = false)\n".into();
+    }
+    let s: ClusterStatus = match serde_json::from_value(body.clone()) {
+        Ok(s) => s,
+        Err(e) => return format!("unexpected answer from the API: {e}\n"),
+    };
+    let (alive, suspect, down) = s.by_state();
+    let mut out = format!(
+        "node {} in cluster {} (schema {}), gossip {}, transport {}\n\
+         {} rows, digest {}; members: {alive} alive, {suspect} suspect, {down} down\n\n",
+        s.node_id, s.cluster, s.schema_version, s.gossip_addr, s.transport_addr, s.rows, s.digest
+    );
+    let mut rows = vec![[
+        "NODE",
+        "NAME",
+        "REGION",
+        "STATE",
+        "RTT",
+        "LAST SYNC",
+        "IN SYNC",
+        "LAG",
+        "GOSSIP",
+    ]
+    .map(String::from)
+    .to_vec()];
+    let dash = || "-".to_string();
+    for m in &s.members {
+        rows.push(vec![
+            m.node_id.clone(),
+            m.name.clone().unwrap_or_else(dash),
+            m.region.clone().unwrap_or_else(dash),
+            m.state.clone(),
+            m.rtt_ms.map(|r| format!("{r:.1}ms")).unwrap_or_else(dash),
+            m.last_sync_secs
+                .map(|t| format!("{t}s ago"))
+                .unwrap_or_else(dash),
+            if m.in_sync { "yes" } else { "no" }.to_string(),
+            m.lag_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash),
+            m.gossip_addr.clone(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::status::MemberView;
+
+    #[test]
+    fn renders_members_with_missing_values_as_dashes() {
+        let status = ClusterStatus {
+            enabled: true,
+            node_id: "gru-1".into(),
+            cluster: "prod".into(),
+            schema_version: 3,
+            rows: 12,
+            digest: "00ff".into(),
+            members: vec![
+                MemberView {
+                    node_id: "fra-1".into(),
+                    name: Some("pop-fra".into()),
+                    region: Some("eu".into()),
+                    state: "alive".into(),
+                    rtt_ms: Some(101.25),
+                    last_sync_secs: Some(1),
+                    in_sync: true,
+                    lag_ms: Some(52),
+                    gossip_addr: "10.0.0.2:4001".into(),
+                    ..MemberView::default()
+                },
+                MemberView {
+                    node_id: "nrt-1".into(),
+                    state: "down".into(),
+                    gossip_addr: "10.0.0.3:4001".into(),
+                    ..MemberView::default()
+                },
+            ],
+            ..ClusterStatus::default()
+        };
+        let text = render(&serde_json::to_value(&status).unwrap());
+        assert!(
+            text.contains("node gru-1 in cluster prod (schema 3)"),
+            "{text}"
+        );
+        assert!(text.contains("1 alive, 0 suspect, 1 down"), "{text}");
+        let fra = text.lines().find(|l| l.starts_with("fra-1")).unwrap();
+        for cell in ["pop-fra", "eu", "alive", "101.2ms", "1s ago", "yes", "52ms"] {
+            assert!(fra.contains(cell), "{cell} missing in {fra}");
+        }
+        let nrt = text.lines().find(|l| l.starts_with("nrt-1")).unwrap();
+        assert!(nrt.contains("down") && nrt.contains(" - "), "{nrt}");
+        assert_eq!(
+            render(&serde_json::json!({"enabled": false})),
+            "replication is off on this POP ([replication] enabled = false)\n"
+        );
+    }
+}

@@ -1,0 +1,572 @@
+//! `[replication]`: settings of replication between POPs.
+//!
+//! The original edgeProxy's variables work unchanged
+//! (`EDGEPROXY_REPLICATION_ENABLED`, `_NODE_ID`, `_GOSSIP_ADDR`,
+//! `_TRANSPORT_ADDR`, `_BOOTSTRAP_PEERS`, `_GOSSIP_INTERVAL_MS`,
+//! `_SYNC_INTERVAL_MS`, `_CLUSTER_NAME`), plus `_SECRET` / `_SECRET_FILE`,
+//! `_ADVERTISE_ADDR` and `_INSECURE`. The secret is read here, at load, so
+//! `check-config` catches a missing or short one; it is never printed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
+
+use super::keys::ClusterSecret;
+
+pub mod defaults {
+    pub const GOSSIP_ADDR: &str = "0.0.0.0:4001";
+    pub const TRANSPORT_ADDR: &str = "0.0.0.0:4002";
+    pub const CLUSTER_NAME: &str = "edgeproxy";
+    /// SWIM probe period. With the suspicion time (2 periods) a dead member
+    /// is reported in about 4 s.
+    pub const GOSSIP_INTERVAL_MS: u64 = 1000;
+    /// Anti-entropy: one exchange with a random member this often. A lost
+    /// broadcast is repaired within about one interval.
+    pub const SYNC_INTERVAL_MS: u64 = 2000;
+    /// How long local changes are gathered before one broadcast.
+    pub const BROADCAST_DELAY_MS: u64 = 5;
+    /// Deleted rows (tombstones) are kept this long, so a late write from a
+    /// POP that was away cannot bring a deleted row back.
+    pub const TOMBSTONE_TTL_SECS: u64 = 7 * 24 * 3600;
+    pub const MIN_SECRET_LEN: usize = 16;
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReplication {
+    pub enabled: Option<bool>,
+    pub node_id: Option<String>,
+    pub gossip_addr: Option<String>,
+    pub transport_addr: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub bootstrap_peers: Option<Vec<String>>,
+    pub gossip_interval_ms: Option<u64>,
+    pub sync_interval_ms: Option<u64>,
+    pub broadcast_delay_ms: Option<u64>,
+    pub tombstone_ttl_secs: Option<u64>,
+    pub cluster_name: Option<String>,
+    pub secret: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub insecure: Option<bool>,
+}
+
+/// The effective `[replication]` section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Replication {
+    pub enabled: bool,
+    /// This POP's id in the cluster (unique). Default: the host name.
+    pub node_id: String,
+    /// Where gossip (SWIM, UDP) listens.
+    #[serde(serialize_with = "ser_display")]
+    pub gossip_addr: SocketAddr,
+    /// Where the QUIC transport (UDP) listens.
+    #[serde(serialize_with = "ser_display")]
+    pub transport_addr: SocketAddr,
+    /// The address other POPs reach this one at (NAT, or a wildcard bind);
+    /// the ports are those of `gossip_addr` and `transport_addr`. `None`:
+    /// the bind address, or when that is a wildcard the local address that
+    /// routes to the first bootstrap peer.
+    pub advertise_addr: Option<IpAddr>,
+    /// Gossip addresses of members to join through (`host:port`).
+    pub bootstrap_peers: Vec<String>,
+    #[serde(rename = "gossip_interval_ms", serialize_with = "ser_ms")]
+    pub gossip_interval: Duration,
+    #[serde(rename = "sync_interval_ms", serialize_with = "ser_ms")]
+    pub sync_interval: Duration,
+    #[serde(rename = "broadcast_delay_ms", serialize_with = "ser_ms")]
+    pub broadcast_delay: Duration,
+    #[serde(rename = "tombstone_ttl_secs", serialize_with = "ser_secs")]
+    pub tombstone_ttl: Duration,
+    pub cluster_name: String,
+    /// Never serialized: `check-config` must not print secrets.
+    #[serde(skip)]
+    pub secret: Option<Secret>,
+    pub secret_file: Option<PathBuf>,
+    /// Run without a secret: no authentication, no encryption.
+    pub insecure: bool,
+}
+
+/// The cluster secret as configured. `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn cluster_secret(&self) -> ClusterSecret {
+        ClusterSecret::new(self.0.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Replication {
+    /// The secret both channels are keyed from (a well-known stand-in in
+    /// insecure mode).
+    pub fn cluster_secret(&self) -> ClusterSecret {
+        match &self.secret {
+            Some(s) => s.cluster_secret(),
+            None => ClusterSecret::insecure(&self.cluster_name),
+        }
+    }
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+/// This machine's host name, the default node id.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
+    // within it or truncates.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let name = if rc == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    };
+    let name = name.trim().to_string();
+    if name.is_empty() {
+        "edgeproxy".into()
+    } else {
+        name
+    }
+}
+
+fn socket_addr(
+    env: &dyn Env,
+    var: &'static str,
+    raw: Option<String>,
+    key: &str,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    match env.var(var) {
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ConfigError::Env {
+                var,
+                value: v.clone(),
+                reason: e.to_string(),
+            }),
+        None => {
+            let text = raw.unwrap_or_else(|| default.into());
+            text.trim()
+                .parse()
+                .map_err(|e| invalid(key, format!("{text:?}: {e}")))
+        }
+    }
+}
+
+/// A node id: what other POPs, logs and the `pops` table call this POP.
+fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(format!(
+            "{id:?}: only letters, digits, '-', '_' and '.' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port`, with a host name or an IP (IPv6 in brackets).
+fn check_peer(peer: &str) -> Result<(), String> {
+    if peer.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match peer.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+            Ok(())
+        }
+        _ => Err(format!("{peer:?} is not host:port")),
+    }
+}
+
+fn check_secret(secret: &str) -> Result<Secret, String> {
+    let secret = secret.trim();
+    if secret.len() < defaults::MIN_SECRET_LEN {
+        return Err(format!(
+            "must be at least {} characters (e.g. `head -c 32 /dev/urandom | base64`)",
+            defaults::MIN_SECRET_LEN
+        ));
+    }
+    Ok(Secret(secret.to_string()))
+}
+
+pub fn from_raw(raw: RawReplication, env: &dyn Env) -> Result<Replication, ConfigError> {
+    let enabled = env_bool(env, "EDGEPROXY_REPLICATION_ENABLED")?
+        .or(raw.enabled)
+        .unwrap_or(false);
+    let node_id = match env.var("EDGEPROXY_REPLICATION_NODE_ID") {
+        Some(v) => {
+            let v = v.trim().to_string();
+            check_node_id(&v).map_err(|reason| ConfigError::Env {
+                var: "EDGEPROXY_REPLICATION_NODE_ID",
+                value: v.clone(),
+                reason,
+            })?;
+            v
+        }
+        None => match raw.node_id {
+            Some(v) => {
+                let v = v.trim().to_string();
+                check_node_id(&v).map_err(|r| invalid("replication.node_id", r))?;
+                v
+            }
+            None => {
+                // Host names may hold characters a node id may not.
+                let h: String = hostname()
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .take(63)
+                    .collect();
+                h
+            }
+        },
+    };
+    let gossip_addr = socket_addr(
+        env,
+        "EDGEPROXY_REPLICATION_GOSSIP_ADDR",
+        raw.gossip_addr,
+        "replication.gossip_addr",
+        defaults::GOSSIP_ADDR,
+    )?;
+    let transport_addr = socket_addr(
+        env,
+        "EDGEPROXY_REPLICATION_TRANSPORT_ADDR",
+        raw.transport_addr,
+        "replication.transport_addr",
+        defaults::TRANSPORT_ADDR,
+    )?;
+    if enabled && gossip_addr == transport_addr && gossip_addr.port() != 0 {
+        return Err(invalid(
+            "replication.transport_addr",
+            "must differ from replication.gossip_addr",
+        ));
+    }
+    let advertise_addr = match env.var("EDGEPROXY_REPLICATION_ADVERTISE_ADDR") {
+        Some(v) if !v.trim().is_empty() => Some(v.trim().parse().map_err(
+            |e: std::net::AddrParseError| ConfigError::Env {
+                var: "EDGEPROXY_REPLICATION_ADVERTISE_ADDR",
+                value: v.clone(),
+                reason: e.to_string(),
+            },
+        )?),
+        _ => match raw.advertise_addr.filter(|a| !a.trim().is_empty()) {
+            Some(a) => Some(a.trim().parse().map_err(|e| {
+                invalid(
+                    "replication.advertise_addr",
+                    format!("{a:?}: {e} (an IP address, no port)"),
+                )
+            })?),
+            None => None,
+        },
+    };
+    if advertise_addr.is_some_and(|a: IpAddr| a.is_unspecified()) {
+        return Err(invalid(
+            "replication.advertise_addr",
+            "must be an address other POPs can reach, not a wildcard",
+        ));
+    }
+    let bootstrap_peers: Vec<String> = match env.var("EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS") {
+        Some(list) => {
+            let peers: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect();
+            for p in &peers {
+                check_peer(p).map_err(|reason| ConfigError::Env {
+                    var: "EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS",
+                    value: list.clone(),
+                    reason,
+                })?;
+            }
+            peers
+        }
+        None => {
+            let peers: Vec<String> = raw
+                .bootstrap_peers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.trim().to_string())
+                .collect();
+            for (i, p) in peers.iter().enumerate() {
+                check_peer(p)
+                    .map_err(|r| invalid(format!("replication.bootstrap_peers[{i}]"), r))?;
+            }
+            peers
+        }
+    };
+    let interval = |var: &'static str,
+                    raw: Option<u64>,
+                    key: &str,
+                    default: u64,
+                    range: std::ops::RangeInclusive<u64>|
+     -> Result<Duration, ConfigError> {
+        let ms = env_parse::<u64>(env, var)?.or(raw).unwrap_or(default);
+        if !range.contains(&ms) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{ms} ms is out of range {}..={} ms",
+                    range.start(),
+                    range.end()
+                ),
+            ));
+        }
+        Ok(Duration::from_millis(ms))
+    };
+    let gossip_interval = interval(
+        "EDGEPROXY_REPLICATION_GOSSIP_INTERVAL_MS",
+        raw.gossip_interval_ms,
+        "replication.gossip_interval_ms",
+        defaults::GOSSIP_INTERVAL_MS,
+        50..=60_000,
+    )?;
+    let sync_interval = interval(
+        "EDGEPROXY_REPLICATION_SYNC_INTERVAL_MS",
+        raw.sync_interval_ms,
+        "replication.sync_interval_ms",
+        defaults::SYNC_INTERVAL_MS,
+        100..=3_600_000,
+    )?;
+    let broadcast_delay = interval(
+        "EDGEPROXY_REPLICATION_BROADCAST_DELAY_MS",
+        raw.broadcast_delay_ms,
+        "replication.broadcast_delay_ms",
+        defaults::BROADCAST_DELAY_MS,
+        0..=10_000,
+    )?;
+    let ttl_secs = raw
+        .tombstone_ttl_secs
+        .unwrap_or(defaults::TOMBSTONE_TTL_SECS);
+    if !(60..=365 * 24 * 3600).contains(&ttl_secs) {
+        return Err(invalid(
+            "replication.tombstone_ttl_secs",
+            "must be between 60 s and 365 days",
+        ));
+    }
+    let cluster_name = env
+        .var("EDGEPROXY_REPLICATION_CLUSTER_NAME")
+        .or(raw.cluster_name)
+        .unwrap_or_else(|| defaults::CLUSTER_NAME.into())
+        .trim()
+        .to_string();
+    if cluster_name.is_empty() || cluster_name.len() > 64 {
+        return Err(invalid(
+            "replication.cluster_name",
+            "must be 1 to 64 characters",
+        ));
+    }
+    let insecure = env_bool(env, "EDGEPROXY_REPLICATION_INSECURE")?
+        .or(raw.insecure)
+        .unwrap_or(false);
+    let secret_file = env
+        .var("EDGEPROXY_REPLICATION_SECRET_FILE")
+        .map(PathBuf::from)
+        .or(raw.secret_file);
+    let secret = match (
+        env.var("EDGEPROXY_REPLICATION_SECRET"),
+        raw.secret,
+        &secret_file,
+    ) {
+        (Some(s), _, _) => Some(check_secret(&s).map_err(|reason| ConfigError::Env {
+            var: "EDGEPROXY_REPLICATION_SECRET",
+            value: "<redacted>".into(),
+            reason,
+        })?),
+        (None, Some(s), _) => Some(check_secret(&s).map_err(|r| invalid("replication.secret", r))?),
+        (None, None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    "replication.secret_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(check_secret(&text).map_err(|r| {
+                invalid(
+                    "replication.secret_file",
+                    format!("{}: {r}", path.display()),
+                )
+            })?)
+        }
+        (None, None, None) => None,
+    };
+    if enabled && secret.is_none() && !insecure {
+        return Err(invalid(
+            "replication.secret",
+            "replication needs a cluster secret shared by every POP (replication.secret, \
+             replication.secret_file, EDGEPROXY_REPLICATION_SECRET or _SECRET_FILE); \
+             set replication.insecure = true to run without authentication",
+        ));
+    }
+    if secret.is_some() && insecure {
+        return Err(invalid(
+            "replication.insecure",
+            "a secret is set: remove it or remove insecure = true",
+        ));
+    }
+    Ok(Replication {
+        enabled,
+        node_id,
+        gossip_addr,
+        transport_addr,
+        advertise_addr,
+        bootstrap_peers,
+        gossip_interval,
+        sync_interval,
+        broadcast_delay,
+        tombstone_ttl: Duration::from_secs(ttl_secs),
+        cluster_name,
+        secret,
+        secret_file,
+        insecure,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str, env: &dyn Env) -> Result<Replication, ConfigError> {
+        #[derive(Deserialize)]
+        struct Wrap {
+            #[serde(default)]
+            replication: RawReplication,
+        }
+        let w: Wrap = toml::from_str(toml_text).unwrap();
+        from_raw(w.replication, env)
+    }
+
+    const NO_ENV: [(&str, &str); 0] = [];
+
+    #[test]
+    fn off_by_default_with_the_originals_addresses() {
+        let r = parse("", &NO_ENV).unwrap();
+        assert!(!r.enabled);
+        assert_eq!(r.gossip_addr, "0.0.0.0:4001".parse().unwrap());
+        assert_eq!(r.transport_addr, "0.0.0.0:4002".parse().unwrap());
+        assert_eq!(r.cluster_name, "edgeproxy");
+        assert!(!r.node_id.is_empty());
+        assert_eq!(r.gossip_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_originals_variables_override_the_file() {
+        let env = [
+            ("EDGEPROXY_REPLICATION_ENABLED", "true"),
+            ("EDGEPROXY_REPLICATION_NODE_ID", "gru-1"),
+            ("EDGEPROXY_REPLICATION_GOSSIP_ADDR", "10.0.0.1:5001"),
+            ("EDGEPROXY_REPLICATION_TRANSPORT_ADDR", "10.0.0.1:5002"),
+            (
+                "EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS",
+                "10.0.0.2:5001, pop-b.example:5001",
+            ),
+            ("EDGEPROXY_REPLICATION_GOSSIP_INTERVAL_MS", "500"),
+            ("EDGEPROXY_REPLICATION_SYNC_INTERVAL_MS", "3000"),
+            ("EDGEPROXY_REPLICATION_CLUSTER_NAME", "prod"),
+            ("EDGEPROXY_REPLICATION_SECRET", "0123456789abcdef0123"),
+        ];
+        let r = parse(
+            "[replication]\nnode_id = \"file\"\ncluster_name = \"x\"\n",
+            &env,
+        )
+        .unwrap();
+        assert!(r.enabled);
+        assert_eq!(r.node_id, "gru-1");
+        assert_eq!(r.gossip_addr.port(), 5001);
+        assert_eq!(r.bootstrap_peers, ["10.0.0.2:5001", "pop-b.example:5001"]);
+        assert_eq!(r.gossip_interval, Duration::from_millis(500));
+        assert_eq!(r.sync_interval, Duration::from_secs(3));
+        assert_eq!(r.cluster_name, "prod");
+        assert!(r.secret.is_some());
+    }
+
+    #[test]
+    fn enabling_without_a_secret_is_refused_unless_insecure() {
+        let err = parse("[replication]\nenabled = true\n", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("needs a cluster secret"), "{err}");
+        let r = parse("[replication]\nenabled = true\ninsecure = true\n", &NO_ENV).unwrap();
+        assert!(r.insecure && r.secret.is_none());
+        let err = parse("[replication]\nsecret = \"short\"\n", &NO_ENV).unwrap_err();
+        assert!(err.to_string().contains("at least 16"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("node_id = \"a b\"", "replication.node_id"),
+            ("gossip_addr = \"nope\"", "replication.gossip_addr"),
+            (
+                "bootstrap_peers = [\"10.0.0.1\"]",
+                "replication.bootstrap_peers[0]",
+            ),
+            ("gossip_interval_ms = 0", "replication.gossip_interval_ms"),
+            ("advertise_addr = \"0.0.0.0\"", "replication.advertise_addr"),
+            ("cluster_name = \"\"", "replication.cluster_name"),
+        ] {
+            let err = parse(&format!("[replication]\n{text}\n"), &NO_ENV).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_secret_is_never_printed() {
+        let r = parse(
+            "[replication]\nenabled = true\nsecret = \"supersecretsupersecret\"\n",
+            &NO_ENV,
+        )
+        .unwrap();
+        assert!(!format!("{r:?}").contains("supersecret"));
+        assert!(!toml::to_string(&r).unwrap().contains("supersecret"));
+    }
+
+    #[test]
+    fn a_secret_file_is_read_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "from-a-file-0123456789\n").unwrap();
+        let r = parse(
+            &format!("[replication]\nenabled = true\nsecret_file = {:?}\n", path),
+            &NO_ENV,
+        )
+        .unwrap();
+        assert!(r.secret.is_some());
+        let err = parse(
+            "[replication]\nenabled = true\nsecret_file = \"/nonexistent/secret\"\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read /nonexistent/secret"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,694 @@
+//! Replication's side of `routing.db`: change capture, the versions of every
+//! replicated row, and applying rows that arrive from other POPs.
+//!
+//! **Change capture in SQLite itself.** Triggers on `backends` and `pops`
+//! note the key of every inserted, updated or deleted row in `repl_changes`,
+//! whoever made the change: the discovery API, a drain, a heartbeat expiry,
+//! or an operator's `sqlite3` session. The driver drains that log
+//! ([`ReplDb::poll_changes`]), reads each row's replicated columns as a JSON
+//! object, and gives the ones whose data changed a new version. Nothing can
+//! bypass replication short of dropping the triggers, and even then
+//! [`ReplDb::reconcile`] at the next start compares every row with its last
+//! version and catches up.
+//!
+//! **Local-only columns.** `last_heartbeat_ms` never replicates: heartbeats
+//! stay at the POP that receives them, and only their consequence (the
+//! `expired` verdict, `heartbeat_pop`) travels. Updates that touch only
+//! local columns do not even fire the trigger.
+//!
+//! **Applying remote rows** ([`ReplDb::persist_remote`]) writes the
+//! replicated columns (local ones keep their values), records the version,
+//! and removes from the change log the entries its own writes caused, all in
+//! one transaction: a remote write is never mistaken for a local one.
+//!
+//! Tables: `repl_versions(tbl, pk, hlc, origin, data)` — the replica, loaded
+//! into memory at start; `repl_changes(seq, tbl, pk)` — the change log, at
+//! most one entry per row.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+
+use super::hlc::Hlc;
+use super::node::{Node, Now};
+use super::replica::Replica;
+use super::version::{RowKey, RowVersion, Table, Version};
+
+/// Columns of replicated tables that stay on this POP.
+const LOCAL_ONLY: &[(Table, &str)] = &[(Table::Backends, "last_heartbeat_ms")];
+
+/// Change-log entries handled per transaction.
+const CHANGES_PER_POLL: usize = 1000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS repl_versions (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    hlc INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    data TEXT,
+    PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE IF NOT EXISTS repl_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    UNIQUE (tbl, pk)
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    #[error("replication: routing store {}: {cause}", .path.display())]
+    Sql {
+        path: PathBuf,
+        cause: rusqlite::Error,
+    },
+    #[error("replication: routing store {} has no table {table}", .path.display())]
+    NoTable { path: PathBuf, table: &'static str },
+}
+
+/// One replicated table as this database has it.
+#[derive(Debug, Clone)]
+struct TableInfo {
+    table: Table,
+    /// Replicated columns, in table order.
+    columns: Vec<String>,
+    /// `SELECT json_object(...) ... WHERE key = ?1`.
+    select_one: String,
+    /// `SELECT key, json_object(...)` over every row.
+    select_all: String,
+    /// `UPDATE ... SET col = json_extract(?1, ...) WHERE key = ?2`.
+    update: String,
+    /// `INSERT ... VALUES (json_extract(?1, ...), ...)`.
+    insert: String,
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+impl TableInfo {
+    fn new(table: Table, all_columns: Vec<String>) -> TableInfo {
+        let columns: Vec<String> = all_columns
+            .into_iter()
+            .filter(|c| !LOCAL_ONLY.iter().any(|(t, l)| *t == table && l == c))
+            .collect();
+        let name = quote(table.name());
+        let key = quote(table.key_column());
+        // A BLOB cannot go into JSON (json_object fails on it): such a value,
+        // which no edgeproxy column holds, replicates as NULL.
+        let object = format!(
+            "json_object({})",
+            columns
+                .iter()
+                .map(|c| format!(
+                    "'{}', CASE WHEN typeof({q}) = 'blob' THEN NULL ELSE {q} END",
+                    c.replace('\'', "''"),
+                    q = quote(c)
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let extract = |c: &String| {
+            format!(
+                "json_extract(?1, '$.\"{}\"')",
+                c.replace('\'', "''").replace('"', "\\\"")
+            )
+        };
+        TableInfo {
+            select_one: format!(
+                "SELECT {object} FROM {name} WHERE {key} = ?1 ORDER BY rowid DESC LIMIT 1"
+            ),
+            select_all: format!(
+                "SELECT {key}, {object} FROM {name} WHERE {key} IS NOT NULL ORDER BY rowid"
+            ),
+            update: format!(
+                "UPDATE {name} SET {} WHERE {key} = ?2",
+                columns
+                    .iter()
+                    .map(|c| format!("{} = {}", quote(c), extract(c)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            insert: format!(
+                "INSERT INTO {name} ({}) VALUES ({})",
+                columns
+                    .iter()
+                    .map(|c| quote(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                columns.iter().map(extract).collect::<Vec<_>>().join(", ")
+            ),
+            table,
+            columns,
+        }
+    }
+
+    /// The change-capture triggers, recreated at every start so that they
+    /// follow the table's columns.
+    fn triggers(&self) -> String {
+        let t = self.table.name();
+        let name = quote(t);
+        let key = self.table.key_column();
+        let log = |row: &str| {
+            format!(
+                "INSERT OR REPLACE INTO repl_changes (tbl, pk) SELECT '{t}', {row}.{k} WHERE {row}.{k} IS NOT NULL;",
+                k = quote(key)
+            )
+        };
+        let watched = self
+            .columns
+            .iter()
+            .map(|c| quote(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "DROP TRIGGER IF EXISTS repl_{t}_insert;
+             DROP TRIGGER IF EXISTS repl_{t}_update;
+             DROP TRIGGER IF EXISTS repl_{t}_delete;
+             CREATE TRIGGER repl_{t}_insert AFTER INSERT ON {name} BEGIN {new} END;
+             CREATE TRIGGER repl_{t}_update AFTER UPDATE OF {watched} ON {name} BEGIN {new} {old} END;
+             CREATE TRIGGER repl_{t}_delete AFTER DELETE ON {name} BEGIN {old} END;",
+            new = log("NEW"),
+            old = log("OLD"),
+        )
+    }
+}
+
+/// Replication's connection to `routing.db`.
+pub struct ReplDb {
+    conn: Connection,
+    path: PathBuf,
+    tables: Vec<TableInfo>,
+    /// `PRAGMA data_version` at the last poll: it moves when another
+    /// connection commits, which is when the change log may have grown.
+    seen_version: Option<i64>,
+}
+
+impl ReplDb {
+    /// Opens `path` (already created and migrated by the routing store) and
+    /// installs the replication tables and triggers.
+    pub fn open(path: &Path) -> Result<ReplDb, DbError> {
+        let err = |cause| DbError::Sql {
+            path: path.to_path_buf(),
+            cause,
+        };
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .map_err(err)?;
+        let mut tables = Vec::new();
+        for table in Table::ALL {
+            let mut stmt = conn
+                .prepare(&format!("PRAGMA table_info({})", quote(table.name())))
+                .map_err(err)?;
+            let columns: Vec<String> = stmt
+                .query_map([], |r| r.get::<_, String>(1))
+                .and_then(|rows| rows.collect())
+                .map_err(err)?;
+            if columns.is_empty() {
+                return Err(DbError::NoTable {
+                    path: path.to_path_buf(),
+                    table: table.name(),
+                });
+            }
+            tables.push(TableInfo::new(table, columns));
+        }
+        let mut db = ReplDb {
+            conn,
+            path: path.to_path_buf(),
+            tables,
+            seen_version: None,
+        };
+        let ddl = format!(
+            "{SCHEMA}{}",
+            db.tables
+                .iter()
+                .map(TableInfo::triggers)
+                .collect::<String>()
+        );
+        db.with_tx(|tx| tx.execute_batch(&ddl))?;
+        Ok(db)
+    }
+
+    fn err(&self, cause: rusqlite::Error) -> DbError {
+        DbError::Sql {
+            path: self.path.clone(),
+            cause,
+        }
+    }
+
+    fn with_tx<T>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, DbError> {
+        let result = (|| {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        result.map_err(|e| self.err(e))
+    }
+
+    fn info(&self, table: Table) -> &TableInfo {
+        self.tables
+            .iter()
+            .find(|t| t.table == table)
+            .expect("every table is loaded at open")
+    }
+
+    /// Every version recorded: the node's replica.
+    pub fn load_replica(&self) -> Result<Replica, DbError> {
+        let mut replica = Replica::new();
+        let mut stmt = self
+            .conn
+            .prepare("SELECT tbl, pk, hlc, origin, data FROM repl_versions")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (tbl, pk, hlc, origin, data) = row.map_err(|e| self.err(e))?;
+            let Some(table) = Table::from_name(&tbl) else {
+                continue;
+            };
+            replica.put(RowVersion {
+                key: RowKey::new(table, pk),
+                version: Version {
+                    hlc: Hlc(hlc as u64),
+                    origin: origin.as_str().into(),
+                },
+                data,
+            });
+        }
+        Ok(replica)
+    }
+
+    /// Compares every row with its recorded version and versions what
+    /// differs: rows changed while this node did not run (or behind its
+    /// triggers' back), and rows of a table that never replicated before.
+    /// Rows recorded but gone get a tombstone. Empties the change log.
+    pub fn reconcile(&mut self, node: &mut Node, now: Now) -> Result<usize, DbError> {
+        let tables = self.tables.clone();
+        self.with_tx(|tx| {
+            let mut current: Vec<(RowKey, Option<String>)> = Vec::new();
+            let mut present: HashSet<RowKey> = HashSet::new();
+            for info in &tables {
+                let mut stmt = tx.prepare(&info.select_all)?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+                for row in rows {
+                    let (pk, data) = row?;
+                    let key = RowKey::new(info.table, pk);
+                    present.insert(key.clone());
+                    current.push((key, Some(data)));
+                }
+            }
+            let gone: Vec<RowKey> = node
+                .replica()
+                .iter()
+                .filter(|r| !r.is_tombstone() && !present.contains(&r.key))
+                .map(|r| r.key)
+                .collect();
+            current.extend(gone.into_iter().map(|k| (k, None)));
+            let written = node.local_writes(now, current);
+            record(tx, &written)?;
+            tx.execute("DELETE FROM repl_changes", [])?;
+            Ok(written.len())
+        })
+    }
+
+    /// Drains the change log: gives every changed row a new version (in the
+    /// node, which queues its broadcast) and records it. Cheap when nothing
+    /// changed: one `PRAGMA data_version`. `force`: look even if no other
+    /// connection committed. Returns how many rows got a new version.
+    pub fn poll_changes(
+        &mut self,
+        node: &mut Node,
+        now: Now,
+        force: bool,
+    ) -> Result<usize, DbError> {
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if !force && self.seen_version == Some(version) {
+            return Ok(0);
+        }
+        self.seen_version = Some(version);
+        let tables = self.tables.clone();
+        let mut total = 0;
+        loop {
+            let n = self.with_tx(|tx| {
+                let entries: Vec<(i64, String, String)> = {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT seq, tbl, pk FROM repl_changes ORDER BY seq LIMIT ?1",
+                    )?;
+                    let rows = stmt.query_map([CHANGES_PER_POLL as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?;
+                    rows.collect::<rusqlite::Result<_>>()?
+                };
+                let Some(last) = entries.last().map(|e| e.0) else {
+                    return Ok((0, 0));
+                };
+                let mut changed = Vec::with_capacity(entries.len());
+                for (_, tbl, pk) in &entries {
+                    let Some(info) = tables.iter().find(|t| t.table.name() == tbl) else {
+                        continue;
+                    };
+                    let data: Option<String> = tx
+                        .prepare_cached(&info.select_one)?
+                        .query_row([pk], |r| r.get(0))
+                        .optional()?;
+                    changed.push((RowKey::new(info.table, pk.clone()), data));
+                }
+                let written = node.local_writes(now, changed);
+                record(tx, &written)?;
+                tx.execute("DELETE FROM repl_changes WHERE seq <= ?1", [last])?;
+                Ok((entries.len(), written.len()))
+            })?;
+            total += n.1;
+            if n.0 < CHANGES_PER_POLL {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Writes rows that arrived from other POPs (and won) into their
+    /// tables, with their versions, in one transaction.
+    pub fn persist_remote(&mut self, rows: &[RowVersion]) -> Result<(), DbError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let tables = self.tables.clone();
+        self.with_tx(|tx| {
+            let before: i64 =
+                tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM repl_changes", [], |r| {
+                    r.get(0)
+                })?;
+            for row in rows {
+                let info = tables
+                    .iter()
+                    .find(|t| t.table == row.key.table)
+                    .expect("every table is loaded at open");
+                match &row.data {
+                    Some(data) => {
+                        let updated = tx
+                            .prepare_cached(&info.update)?
+                            .execute(params![data, row.key.pk])?;
+                        if updated == 0 {
+                            tx.prepare_cached(&info.insert)?.execute(params![data])?;
+                        }
+                    }
+                    None => {
+                        tx.prepare_cached(&format!(
+                            "DELETE FROM {} WHERE {} = ?1",
+                            quote(info.table.name()),
+                            quote(info.table.key_column())
+                        ))?
+                        .execute([&row.key.pk])?;
+                    }
+                }
+            }
+            record(tx, rows)?;
+            // What our own writes just put in the change log is not a local
+            // change.
+            tx.execute("DELETE FROM repl_changes WHERE seq > ?1", [before])?;
+            Ok(())
+        })?;
+        // Our commit does not move our own data_version; nothing to poll.
+        Ok(())
+    }
+
+    /// Deletes collected tombstones' versions.
+    pub fn forget(&mut self, keys: &[RowKey]) -> Result<(), DbError> {
+        self.with_tx(|tx| {
+            let mut stmt =
+                tx.prepare_cached("DELETE FROM repl_versions WHERE tbl = ?1 AND pk = ?2")?;
+            for k in keys {
+                stmt.execute(params![k.table.name(), k.pk])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes this POP's own row of `pops` when it differs from what is
+    /// there (a restart with the same settings writes nothing, so nothing
+    /// replicates).
+    pub fn upsert_pop(&mut self, row: &crate::store::PopRow) -> Result<(), DbError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
+                 gossip_addr, transport_addr, draining) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, region = excluded.region, \
+                 country = excluded.country, public_addrs = excluded.public_addrs, \
+                 private_addr = excluded.private_addr, gossip_addr = excluded.gossip_addr, \
+                 transport_addr = excluded.transport_addr, draining = excluded.draining \
+                 WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
+                 OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs \
+                 OR private_addr IS NOT excluded.private_addr OR gossip_addr IS NOT excluded.gossip_addr \
+                 OR transport_addr IS NOT excluded.transport_addr OR draining IS NOT excluded.draining",
+                params![
+                    row.node_id,
+                    row.name,
+                    row.region,
+                    row.country,
+                    row.public_addrs,
+                    row.private_addr,
+                    row.gossip_addr,
+                    row.transport_addr,
+                    row.draining
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Columns that replicate, per table (for README and tests).
+    pub fn replicated_columns(&self, table: Table) -> &[String] {
+        &self.info(table).columns
+    }
+}
+
+fn record(tx: &rusqlite::Transaction<'_>, rows: &[RowVersion]) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO repl_versions (tbl, pk, hlc, origin, data) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, \
+         data = excluded.data",
+    )?;
+    for r in rows {
+        stmt.execute(params![
+            r.key.table.name(),
+            r.key.pk,
+            r.version.hlc.0 as i64,
+            &*r.version.origin,
+            r.data
+        ])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::node::Settings;
+    use crate::store::RoutingStore;
+    use std::sync::Arc;
+
+    fn node(id: &str) -> Node {
+        let s = Settings {
+            id: Arc::from(id),
+            cluster: "t".into(),
+            schema: crate::store::SCHEMA_VERSION as u32,
+            gossip_addr: "127.0.0.1:1".parse().unwrap(),
+            transport_addr: "127.0.0.1:2".parse().unwrap(),
+            generation: 1,
+            gossip_interval: Duration::from_secs(1),
+            sync_interval: Duration::from_secs(2),
+            broadcast_delay: Duration::from_millis(5),
+            expected_size: 3,
+            tombstone_ttl: Duration::from_secs(3600),
+            gossip_key: None,
+            seed: 1,
+        };
+        Node::new(s, Replica::new(), Now::system())
+    }
+
+    fn setup() -> (tempfile::TempDir, PathBuf, ReplDb, Node) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        RoutingStore::open(&path).unwrap();
+        let db = ReplDb::open(&path).unwrap();
+        (dir, path, db, node("a"))
+    }
+
+    fn other(path: &Path) -> Connection {
+        Connection::open(path).unwrap()
+    }
+
+    const INSERT: &str = "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+        VALUES ('b1', 'web', 'eu', '10.0.0.1', 80, 1, 2, 100, 150)";
+
+    #[test]
+    fn an_operators_edit_gets_a_version_and_local_columns_do_not() {
+        let (_d, path, mut db, mut node) = setup();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 0);
+        other(&path).execute(INSERT, []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        let key = RowKey::new(Table::Backends, "b1");
+        let data: serde_json::Value =
+            serde_json::from_str(node.replica().data(&key).unwrap()).unwrap();
+        assert_eq!(data["wg_ip"], "10.0.0.1");
+        assert_eq!(data["port"], 80);
+        assert!(
+            data.get("last_heartbeat_ms").is_none(),
+            "local only: {data}"
+        );
+        assert!(!db
+            .replicated_columns(Table::Backends)
+            .contains(&"last_heartbeat_ms".to_string()));
+
+        // A heartbeat-only update fires no trigger; a real one does.
+        let before = node.replica().get(&key).unwrap().version;
+        other(&path)
+            .execute(
+                "UPDATE backends SET last_heartbeat_ms = 5 WHERE id = 'b1'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 0);
+        other(&path)
+            .execute("UPDATE backends SET port = 81 WHERE id = 'b1'", [])
+            .unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        assert!(node.replica().get(&key).unwrap().version.beats(&before));
+
+        // A hard delete is a tombstone.
+        other(&path).execute("DELETE FROM backends", []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        assert!(node.replica().get(&key).unwrap().is_tombstone());
+
+        // And it all survives a restart: the versions are in the file.
+        let reopened = ReplDb::open(&path).unwrap().load_replica().unwrap();
+        assert_eq!(reopened.top_digest(), node.replica().top_digest());
+    }
+
+    #[test]
+    fn remote_rows_are_applied_without_echo_and_keep_local_columns() {
+        let (_d, path, mut db, mut a) = setup();
+        other(&path).execute(INSERT, []).unwrap();
+        other(&path)
+            .execute(
+                "UPDATE backends SET last_heartbeat_ms = 1234 WHERE id = 'b1'",
+                [],
+            )
+            .unwrap();
+        db.poll_changes(&mut a, Now::system(), false).unwrap();
+        let key = RowKey::new(Table::Backends, "b1");
+        let mine = a.replica().get(&key).unwrap();
+
+        // Another POP changed the port and added a row.
+        let mut theirs = mine.clone();
+        theirs.version = Version {
+            hlc: Hlc(mine.version.hlc.0 + 10),
+            origin: Arc::from("b"),
+        };
+        theirs.data = Some(mine.data.unwrap().replace("\"port\":80", "\"port\":8080"));
+        let mut added = theirs.clone();
+        added.key = RowKey::new(Table::Backends, "b2");
+        added.data = Some(theirs.data.clone().unwrap().replace("\"b1\"", "\"b2\""));
+        db.persist_remote(&[theirs.clone(), added]).unwrap();
+
+        let conn = other(&path);
+        let (port, hb): (i64, Option<i64>) = conn
+            .query_row(
+                "SELECT port, last_heartbeat_ms FROM backends WHERE id = 'b1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((port, hb), (8080, Some(1234)));
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM backends WHERE id = 'b2'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 1);
+        // Not mistaken for a local change.
+        let logged: i64 = conn
+            .query_row("SELECT COUNT(*) FROM repl_changes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 0);
+        assert_eq!(db.poll_changes(&mut a, Now::system(), true).unwrap(), 0);
+
+        // A remote tombstone deletes the row.
+        let mut gone = theirs;
+        gone.version.hlc = Hlc(gone.version.hlc.0 + 1);
+        gone.data = None;
+        db.persist_remote(&[gone]).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM backends WHERE id = 'b1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[test]
+    fn reconcile_catches_edits_made_behind_the_triggers_back() {
+        let (_d, path, mut db, mut node) = setup();
+        other(&path).execute(INSERT, []).unwrap();
+        db.poll_changes(&mut node, Now::system(), false).unwrap();
+        drop(db);
+        // Edited while replication was not running, triggers dropped.
+        let conn = other(&path);
+        conn.execute_batch(
+            "DROP TRIGGER repl_backends_update; DROP TRIGGER repl_backends_insert;
+             UPDATE backends SET weight = 9 WHERE id = 'b1';
+             INSERT INTO pops (node_id, name, region) VALUES ('x', 'pop-x', 'eu');",
+        )
+        .unwrap();
+        let mut db = ReplDb::open(&path).unwrap();
+        let settings = node.settings().clone();
+        let replica = db.load_replica().unwrap();
+        let mut node = Node::new(settings, replica, Now::system());
+        assert_eq!(db.reconcile(&mut node, Now::system()).unwrap(), 2);
+        let b1 = node
+            .replica()
+            .data(&RowKey::new(Table::Backends, "b1"))
+            .unwrap();
+        assert!(b1.contains("\"weight\":9"), "{b1}");
+        assert!(node
+            .replica()
+            .data(&RowKey::new(Table::Pops, "x"))
+            .is_some());
+        assert_eq!(
+            db.reconcile(&mut node, Now::system()).unwrap(),
+            0,
+            "idempotent"
+        );
+        // The triggers are back.
+        conn.execute("UPDATE backends SET weight = 3", []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+    }
+}

@@ -1,0 +1,585 @@
+//! The replication driver: the I/O around the sans-IO [`Node`], as one task
+//! on the control thread's Tokio runtime.
+//!
+//! Call order: [`bind`] while the process starts (both UDP sockets bound,
+//! so a taken port stops the start like any listener), then
+//! [`Bound::start`] inside the runtime: it loads the replica from
+//! `routing.db`, versions whatever changed while the node was down, writes
+//! this POP's row of `pops`, joins through the bootstrap peers and spawns
+//! the loop. The loop feeds the node gossip datagrams, transport messages,
+//! timer ticks and the change log (polled every [`CHANGE_POLL`], or at once
+//! when [`Handle::poke`] says a local write happened), and carries out what
+//! the node asks: datagrams and messages out, remote rows into the
+//! database, then a routing reload so that every shard routes by them.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket as StdUdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use super::config::Replication;
+use super::db::ReplDb;
+use super::membership::{MemberEvent, MemberState};
+use super::node::{Event, Node, Now, Output, Path, Settings};
+use super::pki::ClusterPki;
+use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
+use super::transport::{Transport, TransportEvent};
+use crate::config::{Config, Pop};
+use crate::reload_thread::SharedReloader;
+use crate::routing::{Liveness, PopsInput};
+use crate::store::PopRow;
+
+/// How often the change log is checked for local writes made outside the
+/// API (an operator's `sqlite3`, another process). API writes poke the
+/// driver and go out at once.
+pub const CHANGE_POLL: Duration = Duration::from_millis(50);
+/// How often the published status is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// The same refusal (peer, reason) is logged at WARN at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// The sockets, bound; nothing running yet.
+pub struct Bound {
+    gossip: StdUdpSocket,
+    transport: StdUdpSocket,
+    gossip_advertised: SocketAddr,
+    transport_advertised: SocketAddr,
+    bootstrap: Vec<SocketAddr>,
+    config: Replication,
+    pop: Pop,
+    db_path: PathBuf,
+}
+
+fn bind_udp(addr: SocketAddr, what: &str) -> anyhow::Result<StdUdpSocket> {
+    let s = StdUdpSocket::bind(addr)
+        .with_context(|| format!("replication: cannot listen for {what} on {addr}"))?;
+    s.set_nonblocking(true)
+        .with_context(|| format!("replication: {what} socket"))?;
+    Ok(s)
+}
+
+/// Resolves `host:port` peers; names that do not resolve are logged and
+/// skipped (the others may be enough to join).
+fn resolve(peers: &[String]) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for p in peers {
+        match p.to_socket_addrs() {
+            Ok(addrs) => out.extend(addrs.take(1)),
+            Err(e) => {
+                tracing::warn!(peer = %p, error = %e, "replication: cannot resolve bootstrap peer")
+            }
+        }
+    }
+    out
+}
+
+/// The address other POPs reach this one at: configured, else the bind
+/// address, else the local address that routes to a bootstrap peer (or to
+/// the default route).
+fn advertise_ip(config: &Replication, bootstrap: &[SocketAddr]) -> anyhow::Result<IpAddr> {
+    if let Some(ip) = config.advertise_addr {
+        return Ok(ip);
+    }
+    let bind = config.gossip_addr.ip();
+    if !bind.is_unspecified() {
+        return Ok(bind);
+    }
+    let probes = bootstrap.iter().copied().chain([
+        "192.0.2.1:9".parse().expect("literal"),
+        "[2001:db8::1]:9".parse().expect("literal"),
+    ]);
+    for target in probes {
+        let local: SocketAddr = if target.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        // connect() on UDP sends nothing: it asks the kernel for a route.
+        let found = StdUdpSocket::bind(local)
+            .and_then(|s| s.connect(target).map(|_| s))
+            .and_then(|s| s.local_addr());
+        if let Ok(a) = found {
+            if !a.ip().is_unspecified() {
+                return Ok(a.ip());
+            }
+        }
+    }
+    anyhow::bail!(
+        "replication: cannot tell which address other POPs reach this one at \
+         (gossip_addr {} is a wildcard and no route was found): set replication.advertise_addr",
+        config.gossip_addr
+    )
+}
+
+/// Binds the replication sockets when `[replication] enabled`.
+pub fn bind(config: &Config) -> anyhow::Result<Option<Bound>> {
+    let c = &config.replication;
+    if !c.enabled {
+        return Ok(None);
+    }
+    let gossip = bind_udp(c.gossip_addr, "gossip")?;
+    let transport = bind_udp(c.transport_addr, "the transport")?;
+    let bootstrap = resolve(&c.bootstrap_peers);
+    let ip = advertise_ip(c, &bootstrap)?;
+    let gossip_advertised = SocketAddr::new(ip, gossip.local_addr()?.port());
+    let transport_advertised = SocketAddr::new(ip, transport.local_addr()?.port());
+    tracing::info!(node = %c.node_id, cluster = %c.cluster_name, gossip = %gossip_advertised,
+        transport = %transport_advertised, bootstrap = c.bootstrap_peers.len(),
+        auth = if c.insecure { "none (insecure)" } else { "cluster secret" }, "replication listening");
+    if c.insecure {
+        tracing::warn!("replication runs WITHOUT a cluster secret: anyone who reaches its ports can join the cluster and change the routing table");
+    }
+    Ok(Some(Bound {
+        gossip,
+        transport,
+        gossip_advertised,
+        transport_advertised,
+        bootstrap,
+        config: c.clone(),
+        pop: config.pop.clone(),
+        db_path: config.routing.db_path.clone(),
+    }))
+}
+
+enum Command {
+    /// A local write happened: read the change log now.
+    Poke,
+    /// Leave the cluster, then answer.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The running replication.
+pub struct Handle {
+    status: StatusHandle,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Handle {
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// Tells the driver a local write was just committed: it is broadcast
+    /// without waiting for the next change-log poll.
+    pub fn poke(&self) {
+        let _ = self.commands.send(Command::Poke);
+    }
+
+    /// Leaves the cluster (members mark this node down at once instead of
+    /// after the suspicion timeout) and stops. Waits at most `patience`.
+    pub async fn shutdown(&self, patience: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_ok() {
+            let _ = tokio::time::timeout(patience, rx).await;
+        }
+    }
+}
+
+impl Bound {
+    /// Starts replication. Must run inside the control runtime.
+    pub fn start(self, reloader: SharedReloader) -> anyhow::Result<Handle> {
+        let c = &self.config;
+        let mut db = ReplDb::open(&self.db_path)?;
+        let replica = db.load_replica()?;
+        let now = Now::system();
+        let mut rng_seed = [0u8; 8];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rng_seed)
+            .map_err(|_| anyhow::anyhow!("replication: no randomness from the system"))?;
+        let secret = c.cluster_secret();
+        let settings = Settings {
+            id: Arc::from(c.node_id.as_str()),
+            cluster: c.cluster_name.clone(),
+            schema: crate::store::SCHEMA_VERSION as u32,
+            gossip_addr: self.gossip_advertised,
+            transport_addr: self.transport_advertised,
+            generation: now.wall_ms,
+            gossip_interval: c.gossip_interval,
+            sync_interval: c.sync_interval,
+            broadcast_delay: c.broadcast_delay,
+            expected_size: (self.bootstrap.len() + 1).max(3),
+            tombstone_ttl: c.tombstone_ttl,
+            gossip_key: (!c.insecure).then(|| secret.gossip_key()),
+            seed: u64::from_le_bytes(rng_seed),
+        };
+        let mut node = Node::new(settings, replica, now);
+        let reconciled = db.reconcile(&mut node, now)?;
+        db.upsert_pop(&self.own_pop_row())?;
+        let own = db.poll_changes(&mut node, now, true)?;
+        tracing::info!(
+            rows = node.replica().len(),
+            versioned_at_start = reconciled + own,
+            "replication: routing table loaded"
+        );
+
+        let pki = ClusterPki::new(&secret, &c.node_id)?;
+        let (transport, transport_events) = Transport::start(self.transport, &pki)?;
+        let gossip = UdpSocket::from_std(self.gossip).context("replication: gossip socket")?;
+
+        let liveness: Liveness = Liveness::default();
+        liveness.store(Arc::new(HashSet::from([c.node_id.clone()])));
+        reloader.lock().set_pops_input(PopsInput {
+            local_id: c.node_id.clone(),
+            alive: liveness.clone(),
+        });
+
+        node.join(now, &self.bootstrap);
+        let status = StatusHandle::default();
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            node,
+            db,
+            gossip,
+            transport,
+            reloader,
+            liveness,
+            status: status.clone(),
+            refusals_logged: HashMap::new(),
+            lag_window: (Instant::now(), 0),
+            recent_lag_ms: None,
+            local_changes: 0,
+            pops: HashMap::new(),
+            alone_logged: false,
+        };
+        tokio::spawn(driver.run(transport_events, command_rx));
+        Ok(Handle { status, commands })
+    }
+
+    fn own_pop_row(&self) -> PopRow {
+        PopRow {
+            node_id: self.config.node_id.clone(),
+            name: self.pop.name.clone(),
+            region: self.pop.region.clone(),
+            country: self.pop.country.clone(),
+            public_addrs: self
+                .pop
+                .public_addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            private_addr: String::new(),
+            gossip_addr: self.gossip_advertised.to_string(),
+            transport_addr: self.transport_advertised.to_string(),
+            draining: false,
+        }
+    }
+}
+
+struct Driver {
+    node: Node,
+    db: ReplDb,
+    gossip: UdpSocket,
+    transport: Transport,
+    reloader: SharedReloader,
+    liveness: Liveness,
+    status: StatusHandle,
+    refusals_logged: HashMap<(SocketAddr, &'static str), Instant>,
+    /// (window start, largest lag in it).
+    lag_window: (Instant, u64),
+    recent_lag_ms: Option<u64>,
+    local_changes: u64,
+    /// Names and regions of POPs, from the `pops` table, for status.
+    pops: HashMap<String, (String, String)>,
+    alone_logged: bool,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut transport_events: mpsc::UnboundedReceiver<TransportEvent>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) {
+        let mut buf = vec![0u8; 65_536];
+        let mut poll = tokio::time::interval(CHANGE_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = self
+                .node
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                r = self.gossip.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.node.handle_datagram(Now::system(), from, &buf[..n]),
+                    Err(e) => tracing::debug!(error = %e, "replication: gossip receive failed"),
+                },
+                Some(ev) = transport_events.recv() => self.on_transport(ev),
+                _ = tokio::time::sleep_until(wake) => self.node.handle_timeout(Now::system()),
+                _ = poll.tick() => self.poll_changes(false),
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Poke) => self.poll_changes(true),
+                    Some(Command::Shutdown(done)) => {
+                        self.poll_changes(true);
+                        self.node.leave(Now::system());
+                        self.carry_out().await;
+                        self.transport.close();
+                        tracing::info!("replication: left the cluster");
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => return,
+                },
+                _ = status_tick.tick() => self.publish_status(),
+            }
+            self.carry_out().await;
+        }
+    }
+
+    fn poll_changes(&mut self, force: bool) {
+        match self.db.poll_changes(&mut self.node, Now::system(), force) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.local_changes += n as u64;
+                tracing::debug!(rows = n, "replication: local changes versioned");
+            }
+            Err(e) => tracing::error!(error = %e, "replication: cannot read the change log"),
+        }
+    }
+
+    fn on_transport(&mut self, ev: TransportEvent) {
+        match ev {
+            TransportEvent::Message { from, bytes } => {
+                self.node.handle_message(Now::system(), from, &bytes)
+            }
+            TransportEvent::Refused { from, reason } => {
+                self.node.stats.refused += 1;
+                self.log_refusal(
+                    from,
+                    "secret",
+                    None,
+                    &format!("QUIC handshake failed: {reason}"),
+                );
+            }
+            TransportEvent::Unreachable { to, reason } => {
+                tracing::debug!(peer = %to, %reason, "replication: peer unreachable");
+            }
+        }
+    }
+
+    fn log_refusal(
+        &mut self,
+        addr: SocketAddr,
+        label: &'static str,
+        peer: Option<&str>,
+        reason: &str,
+    ) {
+        let now = Instant::now();
+        let due = self
+            .refusals_logged
+            .get(&(addr, label))
+            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+        if due {
+            if self.refusals_logged.len() > 10_000 {
+                self.refusals_logged.clear();
+            }
+            self.refusals_logged.insert((addr, label), now);
+            tracing::warn!(%addr, peer = peer.unwrap_or("?"), reason = label, "replication: peer refused: {reason}");
+        } else {
+            tracing::debug!(%addr, reason = label, "replication: peer refused: {reason}");
+        }
+        crate::replication::metrics::count_refused(label);
+    }
+
+    /// Carries out everything the node asked for.
+    async fn carry_out(&mut self) {
+        let mut reload = false;
+        let mut membership_changed = false;
+        while let Some(out) = self.node.poll_output() {
+            match out {
+                Output::Datagram { to, bytes } => {
+                    if let Err(e) = self.gossip.send_to(&bytes, to).await {
+                        tracing::debug!(%to, error = %e, "replication: gossip send failed");
+                    }
+                }
+                Output::Message { to, bytes, .. } => {
+                    self.transport.send(to, bytes);
+                }
+                Output::Persist(rows) => match self.db.persist_remote(&rows) {
+                    Ok(()) => reload = true,
+                    Err(e) => tracing::error!(error = %e, rows = rows.len(),
+                        "replication: cannot write remote rows; anti-entropy will bring them again"),
+                },
+                Output::Forget(keys) => {
+                    if let Err(e) = self.db.forget(&keys) {
+                        tracing::warn!(error = %e, "replication: cannot forget collected tombstones");
+                    }
+                }
+                Output::Event(e) => membership_changed |= self.on_event(e),
+            }
+        }
+        if membership_changed {
+            let alive: HashSet<String> = self
+                .node
+                .members()
+                .into_iter()
+                .filter(|m| m.state != MemberState::Down)
+                .map(|m| m.peer.id.to_string())
+                .chain(std::iter::once(self.node.id().to_string()))
+                .collect();
+            if **self.liveness.load() != alive {
+                self.liveness.store(Arc::new(alive));
+                reload = true;
+            }
+            self.publish_status();
+        }
+        if reload {
+            // Remote rows and liveness reach the shards now, not at the
+            // next reload tick.
+            self.reloader.lock().reload();
+        }
+    }
+
+    /// Logs and counts; true when membership changed.
+    fn on_event(&mut self, e: Event) -> bool {
+        match e {
+            Event::Member(m) => {
+                match &m {
+                    MemberEvent::Up(p) => {
+                        self.alone_logged = false;
+                        tracing::info!(peer = %p.id, gossip = %p.gossip, "replication: member up")
+                    }
+                    MemberEvent::Down(p) => {
+                        self.transport.forget(p.transport);
+                        tracing::warn!(peer = %p.id, gossip = %p.gossip, "replication: member down")
+                    }
+                    MemberEvent::Replaced { old, new } => {
+                        self.transport.forget(old.transport);
+                        tracing::info!(peer = %new.id, gossip = %new.gossip, "replication: member restarted")
+                    }
+                    MemberEvent::Joined => tracing::info!("replication: joined the cluster"),
+                    MemberEvent::Rejoined => {
+                        tracing::warn!("replication: this node had been declared down; rejoined")
+                    }
+                    MemberEvent::Alone => {
+                        if !self.alone_logged {
+                            self.alone_logged = true;
+                            tracing::warn!("replication: no other member is reachable");
+                        }
+                    }
+                }
+                true
+            }
+            Event::Refused {
+                addr,
+                peer,
+                reason,
+                label,
+            } => {
+                self.log_refusal(addr, label, peer.as_deref(), &reason);
+                false
+            }
+            Event::RefusedBy { addr, reason } => {
+                tracing::debug!(%addr, %reason, "replication: a peer refused this node");
+                false
+            }
+            Event::Applied {
+                from,
+                rows,
+                lag_ms,
+                via,
+            } => {
+                let now = Instant::now();
+                if now.duration_since(self.lag_window.0) >= Duration::from_secs(1) {
+                    self.recent_lag_ms = (self.lag_window.1 > 0).then_some(self.lag_window.1);
+                    self.lag_window = (now, 0);
+                }
+                self.lag_window.1 = self.lag_window.1.max(lag_ms);
+                crate::replication::metrics::observe_lag(lag_ms);
+                tracing::debug!(%from, rows, lag_ms, via = match via { Path::Broadcast => "broadcast", Path::Sync => "sync" },
+                    "replication: remote rows applied");
+                false
+            }
+            Event::Synced {
+                peer,
+                equal,
+                sent,
+                received,
+                more,
+            } => {
+                tracing::debug!(%peer, equal, sent, received, more, "replication: anti-entropy exchange done");
+                false
+            }
+            Event::ClockDrift { peer, ahead_ms } => {
+                tracing::warn!(%peer, ahead_ms,
+                    "replication: dropped a row stamped in the future; check the clocks (NTP) of both POPs");
+                false
+            }
+        }
+    }
+
+    fn publish_status(&mut self) {
+        if Instant::now().duration_since(self.lag_window.0) >= Duration::from_secs(2) {
+            self.recent_lag_ms = None;
+        }
+        // Names and regions come from the replicated pops table.
+        if let Ok(rows) = self.reloader.lock().store_mut().load_pops() {
+            self.pops = rows
+                .into_iter()
+                .map(|r| (r.node_id, (r.name, r.region)))
+                .collect();
+        }
+        let s = self.node.settings();
+        let stats = &self.node.stats;
+        let members = self
+            .node
+            .members()
+            .into_iter()
+            .map(|m| {
+                let pop = self.pops.get(&*m.peer.id);
+                MemberView {
+                    node_id: m.peer.id.to_string(),
+                    name: pop.map(|p| p.0.clone()),
+                    region: pop.map(|p| p.1.clone()),
+                    gossip_addr: m.peer.gossip.to_string(),
+                    transport_addr: m.peer.transport.to_string(),
+                    state: m.state.as_str().to_string(),
+                    rtt_ms: self
+                        .transport
+                        .rtt(m.peer.transport)
+                        .map(|d| d.as_secs_f64() * 1000.0),
+                    last_sync_secs: m.sync.last_sync.map(|t| t.elapsed().as_secs()),
+                    in_sync: m.sync.in_sync,
+                    lag_ms: m.sync.last_lag_ms,
+                }
+            })
+            .collect();
+        self.status.publish(ClusterStatus {
+            enabled: true,
+            node_id: s.id.to_string(),
+            cluster: s.cluster.clone(),
+            schema_version: s.schema,
+            gossip_addr: s.gossip_addr.to_string(),
+            transport_addr: s.transport_addr.to_string(),
+            rows: self.node.replica().len() as u64,
+            digest: format!("{:016x}", self.node.replica().top_digest()),
+            members,
+            counters: Counters {
+                gossip_bytes_sent: stats.gossip_bytes_sent,
+                gossip_bytes_received: stats.gossip_bytes_received,
+                broadcast_bytes_sent: stats.broadcast_bytes_sent,
+                sync_bytes_sent: stats.sync_bytes_sent,
+                transport_bytes_received: stats.bytes_received,
+                rows_applied: stats.rows_applied,
+                conflicts_resolved: stats.conflicts,
+                refused: stats.refused,
+                syncs: stats.syncs,
+                syncs_in_sync: stats.syncs_equal,
+                messages_dropped: self
+                    .transport
+                    .stats
+                    .dropped
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                local_changes: self.local_changes,
+            },
+            refused: crate::replication::metrics::refused_by_reason(),
+            recent_lag_ms: self.recent_lag_ms,
+        });
+    }
+}

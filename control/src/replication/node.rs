@@ -1,0 +1,1003 @@
+//! One node of the replication cluster, without I/O.
+//!
+//! The node ties together membership (SWIM, `membership`), the replicated
+//! rows (`replica`), the clock (`hlc`) and the two paths by which a change
+//! reaches every node, kept apart as Corrosion does:
+//!
+//! - **Broadcast**: a local change is pushed at once (after a batching delay
+//!   of a few milliseconds, never a multi-second timer) to every member in a
+//!   small cluster, or to a few random members in a large one, each of which
+//!   forwards what was new to it to a few more (an epidemic: per-node cost
+//!   grows with log N).
+//! - **Anti-entropy**: every sync interval the node compares digests with one
+//!   random member and exchanges only the rows that differ, bounded per
+//!   exchange. It repairs whatever a broadcast missed (loss, a partition, a
+//!   node that was down) without any node keeping a log of who got what.
+//!
+//! Call order (the driver, or a simulation): feed inputs with
+//! `handle_datagram` (gossip), `handle_message` (transport), `local_write`
+//! (rows changed in this node's database) and `handle_timeout` when
+//! `poll_timeout` says so; after each, drain `poll_output` until `None`:
+//! datagrams and messages to send, rows to persist, events to log. Time
+//! (monotonic and wall) is always passed in.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+
+use super::hlc::{Hlc, HlcClock};
+use super::membership::{swim_config, MemberEvent, MemberState, Membership, Peer};
+use super::replica::{Merge, Replica};
+use super::seal::{Kind, Refused, Sealer};
+use super::version::{NodeId, RowKey, RowVersion, Version};
+use super::wire::{self, Envelope, Msg, PROTOCOL};
+
+/// Bounds on what one exchange carries, so that a node that was away for a
+/// day catches up over several exchanges instead of stalling its peers with
+/// one huge one.
+pub mod limits {
+    /// Versions listed in one `SyncVersions`.
+    pub const SYNC_VERSIONS: usize = 8192;
+    /// Bytes of rows in one `SyncRows` or `SyncWanted`.
+    pub const SYNC_ROW_BYTES: usize = 512 * 1024;
+    /// Keys asked for in one `SyncRows`.
+    pub const SYNC_WANT: usize = 4096;
+    /// Bytes of rows in one broadcast message.
+    pub const BROADCAST_BYTES: usize = 256 * 1024;
+    /// Anti-entropy exchanges in flight at once.
+    pub const SYNCS_IN_FLIGHT: usize = 2;
+}
+
+/// In clusters up to this size a change goes straight to every member (one
+/// link delay); above it, to [`fanout`] random members who forward it.
+pub const DIRECT_LIMIT: usize = 16;
+/// How many times a change may be forwarded on the epidemic path.
+pub const MAX_HOPS: u8 = 6;
+/// A sync exchange not finished by then is forgotten.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often old tombstones are collected.
+const GC_INTERVAL: Duration = Duration::from_secs(60);
+/// A peer that keeps talking to us although refused hears why at most this
+/// often.
+const REFUSAL_REPLY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Members each node forwards a change to on the epidemic path: about ln N
+/// plus a margin, so that the chance a node is missed (≈ e^-fanout) stays
+/// below one in a few hundred; anti-entropy catches those.
+pub fn fanout(members: usize) -> usize {
+    ((members.max(1) as f64).ln().ceil() as usize + 2).min(members)
+}
+
+/// Time, passed in: monotonic for timers, wall (Unix ms) for the clock.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall_ms: u64,
+}
+
+impl Now {
+    pub fn system() -> Now {
+        Now {
+            mono: Instant::now(),
+            wall_ms: crate::routing::unix_ms(std::time::SystemTime::now()).max(0) as u64,
+        }
+    }
+}
+
+/// A node's fixed settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub id: NodeId,
+    pub cluster: String,
+    /// The schema version every peer must share.
+    pub schema: u32,
+    /// Advertised addresses.
+    pub gossip_addr: SocketAddr,
+    pub transport_addr: SocketAddr,
+    /// Start time (Unix ms): tells this run from the previous one.
+    pub generation: u64,
+    /// SWIM probe period.
+    pub gossip_interval: Duration,
+    /// Anti-entropy period.
+    pub sync_interval: Duration,
+    /// How long local changes are gathered before they are broadcast.
+    pub broadcast_delay: Duration,
+    /// Cluster size the SWIM settings are tuned for.
+    pub expected_size: usize,
+    /// Tombstones older than this are collected.
+    pub tombstone_ttl: Duration,
+    /// `None`: insecure (gossip neither encrypted nor authenticated).
+    pub gossip_key: Option<[u8; 32]>,
+    /// Seeds every random choice (fixed in simulations).
+    pub seed: u64,
+}
+
+/// Something to act on or to report.
+#[derive(Debug)]
+pub enum Output {
+    /// Send a gossip datagram.
+    Datagram {
+        to: SocketAddr,
+        bytes: Vec<u8>,
+    },
+    /// Send a transport message.
+    Message {
+        to: SocketAddr,
+        kind: &'static str,
+        bytes: Vec<u8>,
+    },
+    /// Write these rows (remote writes that won) to the database, in one
+    /// transaction.
+    Persist(Vec<RowVersion>),
+    /// Delete these collected tombstones from the database.
+    Forget(Vec<RowKey>),
+    Event(Event),
+}
+
+/// Reportable happenings: for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Member(MemberEvent),
+    /// We refused a peer (its datagram or message).
+    Refused {
+        addr: SocketAddr,
+        peer: Option<NodeId>,
+        reason: String,
+        label: &'static str,
+    },
+    /// A peer refused us and said why.
+    RefusedBy {
+        addr: SocketAddr,
+        reason: String,
+    },
+    /// Rows from `from` that won and are now ours. `lag_ms`: the largest
+    /// delay between a row's write at its origin and now.
+    Applied {
+        from: NodeId,
+        rows: usize,
+        lag_ms: u64,
+        via: Path,
+    },
+    /// An anti-entropy exchange we started ended.
+    Synced {
+        peer: NodeId,
+        equal: bool,
+        sent: usize,
+        received: usize,
+        more: bool,
+    },
+    /// A row with a timestamp too far in the future was dropped.
+    ClockDrift {
+        peer: NodeId,
+        ahead_ms: u64,
+    },
+}
+
+/// How a row arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Broadcast,
+    Sync,
+}
+
+/// Counters (monotonic), for metrics and the simulation.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub gossip_bytes_sent: u64,
+    pub gossip_bytes_received: u64,
+    pub broadcast_bytes_sent: u64,
+    pub sync_bytes_sent: u64,
+    pub bytes_received: u64,
+    pub rows_applied: u64,
+    /// Incoming versions that lost to a newer one we had (last-writer-wins
+    /// resolved a conflict).
+    pub conflicts: u64,
+    pub refused: u64,
+    pub syncs: u64,
+    pub syncs_equal: u64,
+}
+
+/// What we know of one peer's replication.
+#[derive(Debug, Clone, Default)]
+pub struct PeerSync {
+    pub last_sync: Option<Instant>,
+    /// At the last exchange we started with it, the digests matched.
+    pub in_sync: bool,
+    /// Delay of the last row applied from it, origin write to here.
+    pub last_lag_ms: Option<u64>,
+}
+
+/// One member as `cluster status` shows it.
+#[derive(Debug, Clone)]
+pub struct MemberStatus {
+    pub peer: Peer,
+    pub state: MemberState,
+    pub sync: PeerSync,
+}
+
+#[derive(Debug)]
+struct Session {
+    peer: NodeId,
+    started: Instant,
+}
+
+pub struct Node {
+    s: Settings,
+    clock: HlcClock,
+    replica: Replica,
+    members: Membership,
+    sealer: Sealer,
+    rng: StdRng,
+    out: VecDeque<Output>,
+    /// Local changes waiting for the broadcast delay.
+    pending: Vec<RowVersion>,
+    /// Rows new to us that we forward on the epidemic path: (hops left,
+    /// the peer we got them from, rows).
+    forward: Vec<(u8, NodeId, RowVersion)>,
+    broadcast_at: Option<Instant>,
+    next_sync: Instant,
+    next_gc: Instant,
+    /// Peers to sync with before picking random ones (new members, or an
+    /// exchange that did not fit).
+    sync_queue: VecDeque<NodeId>,
+    sessions: HashMap<u64, Session>,
+    peers: HashMap<NodeId, PeerSync>,
+    last_refusal_reply: HashMap<SocketAddr, Instant>,
+    /// Gossip addresses to knock on while no member answers (at start, or
+    /// after every member went down).
+    bootstrap: Vec<SocketAddr>,
+    next_announce: Option<Instant>,
+    pub stats: Stats,
+}
+
+impl Node {
+    /// A node holding `replica` (loaded from its database). Call
+    /// [`Node::join`] to contact the cluster.
+    pub fn new(s: Settings, replica: Replica, now: Now) -> Node {
+        let me = Peer {
+            id: s.id.clone(),
+            gossip: s.gossip_addr,
+            transport: s.transport_addr,
+            generation: s.generation,
+        };
+        let members = Membership::new(me, swim_config(s.expected_size, s.gossip_interval), s.seed);
+        let mut rng = StdRng::seed_from_u64(s.seed ^ 0x5EED);
+        let sealer = Sealer::new(&s.cluster, s.schema, s.gossip_key, rng.random());
+        let clock = HlcClock::starting_after(replica.max_hlc());
+        // Spread first syncs over the interval: a fleet restarted at once
+        // must not sync in lockstep.
+        let first_sync = s.sync_interval.mul_f64(rng.random_range(0.1..1.0));
+        Node {
+            clock,
+            replica,
+            members,
+            sealer,
+            rng,
+            out: VecDeque::new(),
+            pending: Vec::new(),
+            forward: Vec::new(),
+            broadcast_at: None,
+            next_sync: now.mono + first_sync,
+            next_gc: now.mono + GC_INTERVAL,
+            sync_queue: VecDeque::new(),
+            sessions: HashMap::new(),
+            peers: HashMap::new(),
+            last_refusal_reply: HashMap::new(),
+            bootstrap: Vec::new(),
+            next_announce: None,
+            stats: Stats::default(),
+            s,
+        }
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.s.id
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.s
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// The latest timestamp this node issued or saw (persist it so a restart
+    /// never issues a smaller one).
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    /// Contacts the members at these gossip addresses (bootstrap peers).
+    /// Until some member answers, the announcement is repeated every
+    /// gossip interval: the first one (or its answer) may be lost, or the
+    /// bootstrap peers may not be up yet.
+    pub fn join(&mut self, now: Now, bootstrap: &[SocketAddr]) {
+        self.bootstrap = bootstrap
+            .iter()
+            .copied()
+            .filter(|a| *a != self.s.gossip_addr)
+            .collect();
+        self.announce(now);
+    }
+
+    fn announce(&mut self, now: Now) {
+        for addr in self.bootstrap.clone() {
+            self.members.announce(now.mono, addr);
+        }
+        self.next_announce =
+            (!self.bootstrap.is_empty()).then(|| now.mono + self.s.gossip_interval);
+        self.after_membership(now);
+    }
+
+    /// Tells the cluster we are leaving (clean shutdown).
+    pub fn leave(&mut self, now: Now) {
+        self.members.leave(now.mono);
+        self.after_membership(now);
+    }
+
+    /// Members other than this node, with their state and sync status.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        let mut list: Vec<MemberStatus> = self
+            .members
+            .states()
+            .into_iter()
+            .map(|(peer, state)| MemberStatus {
+                sync: self.peers.get(&peer.id).cloned().unwrap_or_default(),
+                peer,
+                state,
+            })
+            .collect();
+        list.sort_by(|a, b| a.peer.id.cmp(&b.peer.id));
+        list
+    }
+
+    pub fn active_members(&self) -> usize {
+        self.members.active_count()
+    }
+
+    // ------------------------------------------------------------------
+    // Inputs
+    // ------------------------------------------------------------------
+
+    /// A gossip datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, bytes: &[u8]) {
+        self.stats.gossip_bytes_received += bytes.len() as u64;
+        match self.sealer.open(bytes, now.wall_ms) {
+            Ok(opened) => match opened.kind {
+                Kind::Swim => {
+                    // Decode errors and packets from down members are
+                    // foca's to judge; they change nothing here.
+                    let _ = self.members.handle_packet(now.mono, &opened.payload);
+                    self.after_membership(now);
+                }
+                Kind::Refusal => self.event(Event::RefusedBy {
+                    addr: from,
+                    reason: String::from_utf8_lossy(&opened.payload).into_owned(),
+                }),
+            },
+            Err(refused) => self.refuse_datagram(now, from, refused),
+        }
+    }
+
+    fn refuse_datagram(&mut self, now: Now, from: SocketAddr, refused: Refused) {
+        self.stats.refused += 1;
+        let label = refused.label();
+        let reason = refused.to_string();
+        if !matches!(
+            refused,
+            Refused::Garbage | Refused::Replay | Refused::Stale(_)
+        ) {
+            // Whatever it speaks, a datagram from us makes the peer log the
+            // same mismatch from its side; rate-limited per address.
+            let due = self
+                .last_refusal_reply
+                .get(&from)
+                .is_none_or(|at| now.mono.duration_since(*at) >= REFUSAL_REPLY_INTERVAL);
+            if due {
+                if self.last_refusal_reply.len() > 4096 {
+                    self.last_refusal_reply.clear();
+                }
+                self.last_refusal_reply.insert(from, now.mono);
+                let bytes = self
+                    .sealer
+                    .seal(Kind::Refusal, reason.as_bytes(), now.wall_ms);
+                self.stats.gossip_bytes_sent += bytes.len() as u64;
+                self.out.push_back(Output::Datagram { to: from, bytes });
+            }
+        }
+        self.event(Event::Refused {
+            addr: from,
+            peer: None,
+            reason,
+            label,
+        });
+    }
+
+    /// A transport message (one QUIC stream's bytes) from `from`.
+    pub fn handle_message(&mut self, now: Now, from: SocketAddr, bytes: &[u8]) {
+        self.stats.bytes_received += bytes.len() as u64;
+        let env = match wire::decode(bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                self.stats.refused += 1;
+                self.event(Event::Refused {
+                    addr: from,
+                    peer: None,
+                    reason: e.to_string(),
+                    label: "garbage",
+                });
+                return;
+            }
+        };
+        let mismatch = if env.cluster != self.s.cluster {
+            Some((
+                "cluster",
+                format!(
+                    "peer belongs to cluster {:?}, this node to {:?}",
+                    env.cluster, self.s.cluster
+                ),
+            ))
+        } else if env.schema != self.s.schema {
+            Some((
+                "schema",
+                format!(
+                    "peer has replication schema version {}, this node {}",
+                    env.schema, self.s.schema
+                ),
+            ))
+        } else if env.protocol != PROTOCOL {
+            Some((
+                "protocol",
+                format!(
+                    "peer speaks replication protocol {}, this node {PROTOCOL}",
+                    env.protocol
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((label, reason)) = mismatch {
+            self.stats.refused += 1;
+            self.event(Event::Refused {
+                addr: from,
+                peer: Some(env.from),
+                reason,
+                label,
+            });
+            return;
+        }
+        let Envelope {
+            from: peer,
+            reply_to,
+            msg,
+            ..
+        } = env;
+        match msg {
+            Msg::Changes { hops, rows } => {
+                let applied = self.merge_rows(now, &peer, rows, Path::Broadcast);
+                if hops > 0 && !applied.is_empty() {
+                    self.queue_forward(now, hops - 1, &peer, applied);
+                }
+            }
+            Msg::SyncTop { session, top, rows } => {
+                let reply = if top == self.replica.top_digest() && rows == self.replica.len() as u64
+                {
+                    Msg::SyncEqual { session }
+                } else {
+                    Msg::SyncBuckets {
+                        session,
+                        buckets: self.replica.bucket_digests().to_vec(),
+                    }
+                };
+                self.send(now, reply_to, reply, false);
+            }
+            Msg::SyncEqual { session } => {
+                if let Some(s) = self.sessions.remove(&session) {
+                    self.stats.syncs += 1;
+                    self.stats.syncs_equal += 1;
+                    let p = self.peers.entry(s.peer.clone()).or_default();
+                    p.last_sync = Some(now.mono);
+                    p.in_sync = true;
+                    self.event(Event::Synced {
+                        peer: s.peer,
+                        equal: true,
+                        sent: 0,
+                        received: 0,
+                        more: false,
+                    });
+                }
+            }
+            Msg::SyncBuckets { session, buckets } => {
+                if !self.sessions.contains_key(&session) {
+                    return;
+                }
+                let differing = self.replica.differing_buckets(&buckets);
+                let (buckets, versions) = self.versions_for(&differing);
+                self.send(
+                    now,
+                    reply_to,
+                    Msg::SyncVersions {
+                        session,
+                        buckets,
+                        versions,
+                    },
+                    true,
+                );
+            }
+            Msg::SyncVersions {
+                session,
+                buckets,
+                versions,
+            } => {
+                let (rows, want, more) = self.compare(&buckets, versions);
+                self.send(
+                    now,
+                    reply_to,
+                    Msg::SyncRows {
+                        session,
+                        rows,
+                        want,
+                        more,
+                    },
+                    true,
+                );
+            }
+            Msg::SyncRows {
+                session,
+                rows,
+                want,
+                more,
+            } => {
+                let Some(s) = self.sessions.remove(&session) else {
+                    return;
+                };
+                let received = self.merge_rows(now, &peer, rows, Path::Sync).len();
+                let (rows, truncated) = self.rows_for(&want);
+                let sent = rows.len();
+                self.send(now, reply_to, Msg::SyncWanted { session, rows }, true);
+                let more = more || truncated;
+                self.stats.syncs += 1;
+                let p = self.peers.entry(s.peer.clone()).or_default();
+                p.last_sync = Some(now.mono);
+                p.in_sync = false;
+                if more && !self.sync_queue.contains(&s.peer) {
+                    self.sync_queue.push_back(s.peer.clone());
+                }
+                self.event(Event::Synced {
+                    peer: s.peer,
+                    equal: false,
+                    sent,
+                    received,
+                    more,
+                });
+            }
+            Msg::SyncWanted { rows, .. } => {
+                self.merge_rows(now, &peer, rows, Path::Sync);
+            }
+        }
+    }
+
+    /// Rows changed in this node's database (found in its change log):
+    /// `data` is the row's replicated columns as JSON, `None` if the row is
+    /// gone. Returns the new versions, which the caller persists with the
+    /// rows before it commits; rows whose data did not change get none.
+    pub fn local_writes(
+        &mut self,
+        now: Now,
+        rows: impl IntoIterator<Item = (RowKey, Option<String>)>,
+    ) -> Vec<RowVersion> {
+        let mut written = Vec::new();
+        for (key, data) in rows {
+            let unchanged = match self.replica.get(&key) {
+                Some(have) => have.data == data,
+                // A row that never existed anywhere we know of and is gone:
+                // nothing to tell anyone.
+                None => data.is_none(),
+            };
+            if unchanged {
+                continue;
+            }
+            let row = RowVersion {
+                key,
+                version: Version {
+                    hlc: self.clock.now(now.wall_ms),
+                    origin: self.s.id.clone(),
+                },
+                data,
+            };
+            self.replica.put(row.clone());
+            written.push(row);
+        }
+        if !written.is_empty() {
+            self.pending.extend(written.iter().cloned());
+            self.broadcast_at
+                .get_or_insert(now.mono + self.s.broadcast_delay);
+        }
+        written
+    }
+
+    /// Runs whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.members.handle_timeout(now.mono);
+        self.after_membership(now);
+        if self.next_announce.is_some_and(|at| at <= now.mono) {
+            if self.members.active_count() == 0 {
+                self.announce(now);
+            } else {
+                self.next_announce = Some(now.mono + self.s.gossip_interval);
+            }
+        }
+        if self.broadcast_at.is_some_and(|at| at <= now.mono) {
+            self.broadcast_at = None;
+            self.flush_broadcast(now);
+        }
+        self.sessions
+            .retain(|_, s| now.mono.duration_since(s.started) < SYNC_TIMEOUT);
+        if self.next_sync <= now.mono {
+            self.next_sync = now.mono + self.jittered(self.s.sync_interval);
+            self.start_syncs(now, true);
+        } else if !self.sync_queue.is_empty() {
+            self.start_syncs(now, false);
+        }
+        if self.next_gc <= now.mono {
+            self.next_gc = now.mono + GC_INTERVAL;
+            let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
+            let before = Hlc::new(now.wall_ms.saturating_sub(ttl_ms), 0);
+            let collected = self.replica.collect_tombstones(before);
+            if !collected.is_empty() {
+                self.out.push_back(Output::Forget(collected));
+            }
+        }
+    }
+
+    /// When [`Node::handle_timeout`] should run next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut at = self.next_sync.min(self.next_gc);
+        for t in [
+            self.members.poll_timeout(),
+            self.broadcast_at,
+            self.next_announce,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            at = at.min(t);
+        }
+        if let Some(started) = self.sessions.values().map(|s| s.started).min() {
+            at = at.min(started + SYNC_TIMEOUT);
+        }
+        Some(at)
+    }
+
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    // ------------------------------------------------------------------
+    // Internals
+    // ------------------------------------------------------------------
+
+    fn event(&mut self, e: Event) {
+        self.out.push_back(Output::Event(e));
+    }
+
+    fn jittered(&mut self, d: Duration) -> Duration {
+        d.mul_f64(self.rng.random_range(0.8..1.2))
+    }
+
+    /// Seals foca's packets and reacts to membership changes.
+    fn after_membership(&mut self, now: Now) {
+        for (to, packet) in self.members.take_sends() {
+            let bytes = self.sealer.seal(Kind::Swim, &packet, now.wall_ms);
+            self.stats.gossip_bytes_sent += bytes.len() as u64;
+            self.out.push_back(Output::Datagram { to, bytes });
+        }
+        for e in self.members.take_events() {
+            match &e {
+                // A member that (re)appears may have missed anything:
+                // compare with it now rather than at some random later sync.
+                MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. }
+                    if !self.sync_queue.contains(&peer.id) =>
+                {
+                    self.sync_queue.push_back(peer.id.clone());
+                }
+                MemberEvent::Down(peer) => {
+                    self.sessions.retain(|_, s| s.peer != peer.id);
+                }
+                _ => {}
+            }
+            self.event(Event::Member(e));
+        }
+    }
+
+    fn envelope(&self, msg: Msg) -> Vec<u8> {
+        wire::encode(&Envelope {
+            cluster: self.s.cluster.clone(),
+            schema: self.s.schema,
+            protocol: PROTOCOL,
+            from: self.s.id.clone(),
+            reply_to: self.s.transport_addr,
+            msg,
+        })
+    }
+
+    fn send(&mut self, _now: Now, to: SocketAddr, msg: Msg, sync: bool) {
+        let kind = msg.kind();
+        let bytes = self.envelope(msg);
+        if sync || kind.starts_with("sync") {
+            self.stats.sync_bytes_sent += bytes.len() as u64;
+        } else {
+            self.stats.broadcast_bytes_sent += bytes.len() as u64;
+        }
+        self.out.push_back(Output::Message { to, kind, bytes });
+    }
+
+    /// Merges rows from `peer`; returns those that won (now ours), after
+    /// queueing them to be persisted.
+    fn merge_rows(
+        &mut self,
+        now: Now,
+        peer: &NodeId,
+        rows: Vec<RowVersion>,
+        via: Path,
+    ) -> Vec<RowVersion> {
+        let mut applied = Vec::new();
+        let mut lag_ms = 0;
+        for row in rows {
+            if let Err(drift) = self.clock.observe(row.version.hlc, now.wall_ms) {
+                self.event(Event::ClockDrift {
+                    peer: peer.clone(),
+                    ahead_ms: drift.ahead_ms,
+                });
+                continue;
+            }
+            match self.replica.merge(row.clone()) {
+                Merge::Applied { .. } => {
+                    lag_ms = lag_ms.max(now.wall_ms.saturating_sub(row.version.hlc.physical_ms()));
+                    applied.push(row);
+                }
+                Merge::Stale => self.stats.conflicts += 1,
+                Merge::Duplicate => {}
+            }
+        }
+        if !applied.is_empty() {
+            self.stats.rows_applied += applied.len() as u64;
+            let p = self.peers.entry(peer.clone()).or_default();
+            p.last_lag_ms = Some(lag_ms);
+            self.out.push_back(Output::Persist(applied.clone()));
+            self.event(Event::Applied {
+                from: peer.clone(),
+                rows: applied.len(),
+                lag_ms,
+                via,
+            });
+        }
+        applied
+    }
+
+    fn queue_forward(&mut self, now: Now, hops: u8, from: &NodeId, rows: Vec<RowVersion>) {
+        for row in rows {
+            self.forward.push((hops, from.clone(), row));
+        }
+        self.broadcast_at
+            .get_or_insert(now.mono + self.s.broadcast_delay);
+    }
+
+    /// Sends pending local changes and rows to forward.
+    fn flush_broadcast(&mut self, now: Now) {
+        let active: Vec<Peer> = self.members.active().cloned().collect();
+        let local = std::mem::take(&mut self.pending);
+        if !local.is_empty() && !active.is_empty() {
+            if active.len() <= DIRECT_LIMIT {
+                for p in &active {
+                    self.send_changes(now, p.transport, 0, &local);
+                }
+            } else {
+                let targets = self.pick(&active, fanout(active.len()), &[]);
+                for to in targets {
+                    self.send_changes(now, to, MAX_HOPS, &local);
+                }
+            }
+        }
+        let forward = std::mem::take(&mut self.forward);
+        // Group by (hops, sender) so each group excludes its sender.
+        let mut groups: BTreeMap<(u8, NodeId), Vec<RowVersion>> = BTreeMap::new();
+        for (hops, from, row) in forward {
+            groups.entry((hops, from)).or_default().push(row);
+        }
+        for ((hops, from), rows) in groups {
+            let exclude: Vec<&NodeId> = rows
+                .iter()
+                .map(|r| &r.version.origin)
+                .chain(std::iter::once(&from))
+                .collect();
+            let exclude: Vec<NodeId> = exclude.into_iter().cloned().collect();
+            let targets = self.pick(&active, fanout(active.len()), &exclude);
+            for to in targets {
+                self.send_changes(now, to, hops, &rows);
+            }
+        }
+    }
+
+    fn pick(&mut self, active: &[Peer], n: usize, exclude: &[NodeId]) -> Vec<SocketAddr> {
+        let mut candidates: Vec<&Peer> =
+            active.iter().filter(|p| !exclude.contains(&p.id)).collect();
+        candidates.shuffle(&mut self.rng);
+        candidates
+            .into_iter()
+            .take(n)
+            .map(|p| p.transport)
+            .collect()
+    }
+
+    fn send_changes(&mut self, now: Now, to: SocketAddr, hops: u8, rows: &[RowVersion]) {
+        for chunk in chunk_by_bytes(rows, limits::BROADCAST_BYTES) {
+            self.send(
+                now,
+                to,
+                Msg::Changes {
+                    hops,
+                    rows: chunk.to_vec(),
+                },
+                false,
+            );
+        }
+    }
+
+    /// Starts anti-entropy exchanges: queued peers first, then (when
+    /// `random`) one random active member.
+    fn start_syncs(&mut self, now: Now, random: bool) {
+        let active: Vec<Peer> = self.members.active().cloned().collect();
+        let busy = |sessions: &HashMap<u64, Session>, id: &NodeId| {
+            sessions.values().any(|s| &s.peer == id)
+        };
+        let mut started = 0;
+        while self.sessions.len() < limits::SYNCS_IN_FLIGHT {
+            let Some(id) = self.sync_queue.pop_front() else {
+                break;
+            };
+            if busy(&self.sessions, &id) {
+                continue;
+            }
+            if let Some(p) = active.iter().find(|p| p.id == id) {
+                self.start_sync(now, p.clone());
+                started += 1;
+            }
+        }
+        if random && started == 0 && self.sessions.len() < limits::SYNCS_IN_FLIGHT {
+            let idle: Vec<&Peer> = active
+                .iter()
+                .filter(|p| !busy(&self.sessions, &p.id))
+                .collect();
+            if !idle.is_empty() {
+                let p = idle[self.rng.random_range(0..idle.len())].clone();
+                self.start_sync(now, p);
+            }
+        }
+    }
+
+    fn start_sync(&mut self, now: Now, peer: Peer) {
+        let session: u64 = self.rng.random();
+        self.sessions.insert(
+            session,
+            Session {
+                peer: peer.id.clone(),
+                started: now.mono,
+            },
+        );
+        let msg = Msg::SyncTop {
+            session,
+            top: self.replica.top_digest(),
+            rows: self.replica.len() as u64,
+        };
+        self.send(now, peer.transport, msg, true);
+    }
+
+    /// Versions of whole buckets among `differing`, up to the limit.
+    fn versions_for(&self, differing: &[u16]) -> (Vec<u16>, Vec<(RowKey, Version)>) {
+        let mut buckets = Vec::new();
+        let mut versions = Vec::new();
+        for &b in differing {
+            let listed: Vec<(RowKey, Version)> = self
+                .replica
+                .versions_in(&[b])
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !buckets.is_empty() && versions.len() + listed.len() > limits::SYNC_VERSIONS {
+                break;
+            }
+            buckets.push(b);
+            versions.extend(listed);
+        }
+        (buckets, versions)
+    }
+
+    /// The responder's half: given the initiator's versions of whole
+    /// `buckets`, the rows to send it and the keys to ask for.
+    fn compare(
+        &self,
+        buckets: &[u16],
+        theirs: Vec<(RowKey, Version)>,
+    ) -> (Vec<RowVersion>, Vec<RowKey>, bool) {
+        let mut rows = Vec::new();
+        let mut want = Vec::new();
+        let mut bytes = 0;
+        let mut more = false;
+        let mut push = |row: RowVersion, rows: &mut Vec<RowVersion>, more: &mut bool| {
+            if bytes + row.wire_size() > limits::SYNC_ROW_BYTES && !rows.is_empty() {
+                *more = true;
+                return;
+            }
+            bytes += row.wire_size();
+            rows.push(row);
+        };
+        let their_map: HashMap<&RowKey, &Version> = theirs.iter().map(|(k, v)| (k, v)).collect();
+        for (key, v) in &theirs {
+            match self.replica.version_of(key) {
+                Some(mine) if mine.beats(v) => {
+                    if let Some(row) = self.replica.get(key) {
+                        push(row, &mut rows, &mut more);
+                    }
+                }
+                Some(mine) if mine == v => {}
+                _ => {
+                    if want.len() < limits::SYNC_WANT {
+                        want.push(key.clone());
+                    } else {
+                        more = true;
+                    }
+                }
+            }
+        }
+        for &b in buckets {
+            for key in self.replica.keys_in(b) {
+                if !their_map.contains_key(key) {
+                    if let Some(row) = self.replica.get(key) {
+                        push(row, &mut rows, &mut more);
+                    }
+                }
+            }
+        }
+        (rows, want, more)
+    }
+
+    /// The rows for `keys`, up to the limit; true if some did not fit.
+    fn rows_for(&self, keys: &[RowKey]) -> (Vec<RowVersion>, bool) {
+        let mut rows = Vec::new();
+        let mut bytes = 0;
+        for key in keys {
+            if let Some(row) = self.replica.get(key) {
+                if bytes + row.wire_size() > limits::SYNC_ROW_BYTES && !rows.is_empty() {
+                    return (rows, true);
+                }
+                bytes += row.wire_size();
+                rows.push(row);
+            }
+        }
+        (rows, false)
+    }
+}
+
+/// Splits rows into runs of at most `max` bytes (at least one row each).
+fn chunk_by_bytes(rows: &[RowVersion], max: usize) -> Vec<&[RowVersion]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, row) in rows.iter().enumerate() {
+        if i > start && bytes + row.wire_size() > max {
+            chunks.push(&rows[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += row.wire_size();
+    }
+    if start < rows.len() {
+        chunks.push(&rows[start..]);
+    }
+    chunks
+}

@@ -1,0 +1,350 @@
+//! A node's replicated state in memory: every row version it holds, grouped
+//! into digest buckets, and the merge rule.
+//!
+//! The anti-entropy exchange compares digests before it compares rows: each
+//! row version hashes to 64 bits, a bucket's digest is the wrapping sum of
+//! its rows' hashes and the top digest the sum of the buckets. Sums update in
+//! O(1) per write, and two nodes holding the same versions have the same
+//! digests whatever order they learned them in. The hash is SHA-256 of a
+//! fixed encoding (not Rust's `Hash`, which may differ between builds), so
+//! every node, whatever its build, computes the same digests.
+//!
+//! Sans-IO: the database is the driver's business; this is what it loads at
+//! start and what it keeps in step with every write.
+
+use std::collections::BTreeMap;
+
+use super::hlc::Hlc;
+use super::version::{RowKey, RowVersion, Table, Version};
+
+/// Digest buckets. A sync that finds digests differing exchanges the bucket
+/// digests (8 bytes each) and then the versions of the differing buckets
+/// only: 256 keeps the first at 2 KiB and the second small for tables of
+/// many thousand rows.
+pub const BUCKETS: usize = 256;
+
+/// What [`Replica::merge`] did with an incoming row version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Merge {
+    /// It was newer than ours (or we had none): it is now ours.
+    Applied { replaced: bool },
+    /// Ours is newer: the incoming write lost.
+    Stale,
+    /// We already have exactly this version.
+    Duplicate,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    version: Version,
+    data: Option<String>,
+    hash: u64,
+}
+
+/// Every row version this node holds.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    buckets: Vec<BTreeMap<RowKey, Entry>>,
+    sums: Vec<u64>,
+    top: u64,
+    rows: usize,
+}
+
+impl Default for Replica {
+    fn default() -> Self {
+        Replica {
+            buckets: vec![BTreeMap::new(); BUCKETS],
+            sums: vec![0; BUCKETS],
+            top: 0,
+            rows: 0,
+        }
+    }
+}
+
+impl Replica {
+    pub fn new() -> Replica {
+        Replica::default()
+    }
+
+    /// Row versions held (tombstones included).
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The top digest: equal on two nodes (but for a 2^-64 chance) exactly
+    /// when they hold the same versions.
+    pub fn top_digest(&self) -> u64 {
+        self.top
+    }
+
+    pub fn bucket_digests(&self) -> &[u64] {
+        &self.sums
+    }
+
+    pub fn version_of(&self, key: &RowKey) -> Option<&Version> {
+        self.buckets[bucket_of(key)].get(key).map(|e| &e.version)
+    }
+
+    pub fn get(&self, key: &RowKey) -> Option<RowVersion> {
+        self.buckets[bucket_of(key)].get(key).map(|e| RowVersion {
+            key: key.clone(),
+            version: e.version.clone(),
+            data: e.data.clone(),
+        })
+    }
+
+    /// The data of a live row (`None` for an unknown row or a tombstone).
+    pub fn data(&self, key: &RowKey) -> Option<&str> {
+        self.buckets[bucket_of(key)]
+            .get(key)
+            .and_then(|e| e.data.as_deref())
+    }
+
+    /// The greatest timestamp held, to restart the clock above it.
+    pub fn max_hlc(&self) -> Hlc {
+        self.buckets
+            .iter()
+            .flat_map(|b| b.values())
+            .map(|e| e.version.hlc)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Takes `row` if it wins over what we hold (last-writer-wins).
+    pub fn merge(&mut self, row: RowVersion) -> Merge {
+        let b = bucket_of(&row.key);
+        if let Some(have) = self.buckets[b].get(&row.key) {
+            if have.version == row.version {
+                return Merge::Duplicate;
+            }
+            if !row.version.beats(&have.version) {
+                return Merge::Stale;
+            }
+        }
+        let replaced = self.insert(b, row);
+        Merge::Applied { replaced }
+    }
+
+    /// Stores `row` unconditionally (a local write, or a load at start).
+    pub fn put(&mut self, row: RowVersion) {
+        let b = bucket_of(&row.key);
+        self.insert(b, row);
+    }
+
+    fn insert(&mut self, b: usize, row: RowVersion) -> bool {
+        let hash = entry_hash(&row.key, &row.version);
+        let entry = Entry {
+            version: row.version,
+            data: row.data,
+            hash,
+        };
+        let old = self.buckets[b].insert(row.key, entry);
+        if let Some(old) = &old {
+            self.sums[b] = self.sums[b].wrapping_sub(old.hash);
+            self.top = self.top.wrapping_sub(old.hash);
+        } else {
+            self.rows += 1;
+        }
+        self.sums[b] = self.sums[b].wrapping_add(hash);
+        self.top = self.top.wrapping_add(hash);
+        old.is_some()
+    }
+
+    /// Removes tombstones written before `before` (HLC): deletions old
+    /// enough that no late write can still arrive from before them. Returns
+    /// the keys removed (the driver deletes them from the database too).
+    pub fn collect_tombstones(&mut self, before: Hlc) -> Vec<RowKey> {
+        let mut removed = Vec::new();
+        for b in 0..BUCKETS {
+            let dead: Vec<RowKey> = self.buckets[b]
+                .iter()
+                .filter(|(_, e)| e.data.is_none() && e.version.hlc < before)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in dead {
+                if let Some(e) = self.buckets[b].remove(&key) {
+                    self.sums[b] = self.sums[b].wrapping_sub(e.hash);
+                    self.top = self.top.wrapping_sub(e.hash);
+                    self.rows -= 1;
+                    removed.push(key);
+                }
+            }
+        }
+        removed
+    }
+
+    /// The buckets whose digests differ from `theirs` (which must have
+    /// [`BUCKETS`] entries; a malformed list counts as all different).
+    pub fn differing_buckets(&self, theirs: &[u64]) -> Vec<u16> {
+        if theirs.len() != BUCKETS {
+            return (0..BUCKETS as u16).collect();
+        }
+        (0..BUCKETS)
+            .filter(|&b| self.sums[b] != theirs[b])
+            .map(|b| b as u16)
+            .collect()
+    }
+
+    /// The versions of every row in `buckets`, in key order.
+    pub fn versions_in(&self, buckets: &[u16]) -> impl Iterator<Item = (&RowKey, &Version)> + '_ {
+        let mut list: Vec<u16> = buckets
+            .iter()
+            .copied()
+            .filter(|&b| (b as usize) < BUCKETS)
+            .collect();
+        list.sort_unstable();
+        list.dedup();
+        list.into_iter().flat_map(move |b| {
+            self.buckets[b as usize]
+                .iter()
+                .map(|(k, e)| (k, &e.version))
+        })
+    }
+
+    /// The keys of `bucket`, in order.
+    pub fn keys_in(&self, bucket: u16) -> impl Iterator<Item = &RowKey> + '_ {
+        self.buckets
+            .get(bucket as usize)
+            .into_iter()
+            .flat_map(|b| b.keys())
+    }
+
+    /// Every row held, in bucket then key order.
+    pub fn iter(&self) -> impl Iterator<Item = RowVersion> + '_ {
+        self.buckets.iter().flat_map(|b| {
+            b.iter().map(|(k, e)| RowVersion {
+                key: k.clone(),
+                version: e.version.clone(),
+                data: e.data.clone(),
+            })
+        })
+    }
+}
+
+/// The digest bucket of a row.
+pub fn bucket_of(key: &RowKey) -> usize {
+    let d = ring::digest::digest(&ring::digest::SHA256, &key_bytes(key));
+    d.as_ref()[0] as usize % BUCKETS
+}
+
+fn key_bytes(key: &RowKey) -> Vec<u8> {
+    let mut b = Vec::with_capacity(key.pk.len() + 6);
+    b.push(match key.table {
+        Table::Backends => 1,
+        Table::Pops => 2,
+    });
+    b.extend_from_slice(&(key.pk.len() as u32).to_be_bytes());
+    b.extend_from_slice(key.pk.as_bytes());
+    b
+}
+
+/// 64 bits of SHA-256 over (key, hlc, origin).
+fn entry_hash(key: &RowKey, version: &Version) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&key_bytes(key));
+    ctx.update(&version.hlc.0.to_be_bytes());
+    ctx.update(version.origin.as_bytes());
+    let d = ctx.finish();
+    u64::from_be_bytes(d.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn row(pk: &str, ms: u64, origin: &str, data: Option<&str>) -> RowVersion {
+        RowVersion {
+            key: RowKey::new(Table::Backends, pk),
+            version: Version {
+                hlc: Hlc::new(ms, 0),
+                origin: Arc::from(origin),
+            },
+            data: data.map(String::from),
+        }
+    }
+
+    #[test]
+    fn last_writer_wins_in_any_arrival_order() {
+        let writes = [
+            row("a", 1, "n1", Some("one")),
+            row("a", 3, "n2", Some("three")),
+            row("a", 2, "n3", Some("two")),
+            row("a", 3, "n1", Some("three-but-n1")),
+        ];
+        let mut forward = Replica::new();
+        let mut backward = Replica::new();
+        for w in &writes {
+            forward.merge(w.clone());
+        }
+        for w in writes.iter().rev() {
+            backward.merge(w.clone());
+        }
+        let key = RowKey::new(Table::Backends, "a");
+        assert_eq!(forward.data(&key), Some("three"), "(3, n2) beats (3, n1)");
+        assert_eq!(forward.get(&key), backward.get(&key));
+        assert_eq!(forward.top_digest(), backward.top_digest());
+    }
+
+    #[test]
+    fn merge_reports_what_it_did() {
+        let mut r = Replica::new();
+        assert_eq!(
+            r.merge(row("a", 2, "n1", Some("x"))),
+            Merge::Applied { replaced: false }
+        );
+        assert_eq!(r.merge(row("a", 2, "n1", Some("x"))), Merge::Duplicate);
+        assert_eq!(r.merge(row("a", 1, "n1", Some("old"))), Merge::Stale);
+        assert_eq!(
+            r.merge(row("a", 5, "n1", None)),
+            Merge::Applied { replaced: true }
+        );
+        assert_eq!(r.data(&RowKey::new(Table::Backends, "a")), None);
+        assert_eq!(r.len(), 1, "a tombstone is still a version");
+    }
+
+    #[test]
+    fn digests_match_exactly_when_versions_match() {
+        let mut a = Replica::new();
+        let mut b = Replica::new();
+        for i in 0..500 {
+            a.put(row(&format!("r{i}"), i, "n1", Some("d")));
+            b.put(row(&format!("r{i}"), i, "n1", Some("d")));
+        }
+        assert_eq!(a.top_digest(), b.top_digest());
+        assert!(a.differing_buckets(b.bucket_digests()).is_empty());
+        b.merge(row("r7", 1000, "n2", Some("changed")));
+        assert_ne!(a.top_digest(), b.top_digest());
+        let diff = a.differing_buckets(b.bucket_digests());
+        assert_eq!(
+            diff,
+            vec![bucket_of(&RowKey::new(Table::Backends, "r7")) as u16]
+        );
+        let listed: Vec<_> = b.versions_in(&diff).map(|(k, _)| k.pk.clone()).collect();
+        assert!(listed.contains(&"r7".to_string()));
+        // The data itself is not part of the digest: versions identify rows.
+        assert!(
+            listed.len() < 20,
+            "one bucket of 500 rows: {}",
+            listed.len()
+        );
+    }
+
+    #[test]
+    fn old_tombstones_are_collected_and_leave_the_digest() {
+        let mut r = Replica::new();
+        r.put(row("live", 1, "n1", Some("d")));
+        let only_live = r.top_digest();
+        r.put(row("gone", 1, "n1", None));
+        r.put(row("recent", 9, "n1", None));
+        let removed = r.collect_tombstones(Hlc::new(5, 0));
+        assert_eq!(removed, vec![RowKey::new(Table::Backends, "gone")]);
+        assert_eq!(r.len(), 2);
+        r.collect_tombstones(Hlc::new(10, 0));
+        assert_eq!(r.top_digest(), only_live);
+    }
+}

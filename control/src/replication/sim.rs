@@ -1,0 +1,370 @@
+//! Many [`Node`]s over a simulated network: deterministic (one seed decides
+//! every loss, delay and random choice), with simulated time, per-link delay
+//! and jitter, datagram loss, partitions and crashes.
+//!
+//! Gossip datagrams (UDP) are lost with the loss probability. Transport
+//! messages ride QUIC, which retransmits: a message is never lost on a live
+//! link, but each packet it needs that is lost costs a retransmission
+//! timeout (modelled as one more round trip). Messages across a partition
+//! or to a crashed node are lost (the QUIC connection would time out).
+//!
+//! Used by the replication tests (convergence, partitions, failure
+//! detection) and by `perf --bin repl-sim` for the cost figures in README.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::node::{Event, Node, Now, Output, Settings};
+use super::replica::Replica;
+use super::version::{RowKey, Table};
+
+/// The network and the nodes' settings.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub nodes: usize,
+    /// One-way delay of every link.
+    pub one_way: Duration,
+    /// Up to this much extra delay per packet, uniformly.
+    pub jitter: Duration,
+    /// Probability that one packet is lost.
+    pub loss: f64,
+    pub seed: u64,
+    pub gossip_interval: Duration,
+    pub sync_interval: Duration,
+    pub broadcast_delay: Duration,
+}
+
+impl SimConfig {
+    /// The WAN setting: 50 ms one way, 1 % loss, the shipped
+    /// defaults for intervals.
+    pub fn wan(nodes: usize, seed: u64) -> SimConfig {
+        SimConfig {
+            nodes,
+            one_way: Duration::from_millis(50),
+            jitter: Duration::from_millis(5),
+            loss: 0.01,
+            seed,
+            gossip_interval: Duration::from_millis(1000),
+            sync_interval: Duration::from_millis(2000),
+            broadcast_delay: Duration::from_millis(5),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Delivery {
+    to: usize,
+    from: SocketAddr,
+    datagram: bool,
+    bytes: Vec<u8>,
+}
+
+/// A simulated cluster.
+pub struct Sim {
+    pub cfg: SimConfig,
+    start: Instant,
+    now: Instant,
+    wall0: u64,
+    pub nodes: Vec<Node>,
+    gossip_of: HashMap<SocketAddr, usize>,
+    transport_of: HashMap<SocketAddr, usize>,
+    queue: BTreeMap<(Instant, u64), Delivery>,
+    seq: u64,
+    rng: StdRng,
+    crashed: HashSet<usize>,
+    /// Partition: nodes in different groups cannot talk. Empty: none.
+    group: Vec<u8>,
+    /// Drop every transport message to these nodes (a lost broadcast).
+    pub drop_messages_to: HashSet<usize>,
+    /// Events every node reported, in order: (time since start, node, event).
+    pub events: Vec<(Duration, usize, Event)>,
+}
+
+fn addr(i: usize, port: u16) -> SocketAddr {
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, (i / 250) as u8, (i % 250) as u8 + 1, 1)),
+        port,
+    )
+}
+
+impl Sim {
+    /// `nodes` nodes, each started and told to join through node 0.
+    pub fn new(cfg: SimConfig) -> Sim {
+        let start = Instant::now();
+        let wall0 = 1_800_000_000_000;
+        let mut sim = Sim {
+            start,
+            now: start,
+            wall0,
+            nodes: Vec::new(),
+            gossip_of: HashMap::new(),
+            transport_of: HashMap::new(),
+            queue: BTreeMap::new(),
+            seq: 0,
+            rng: StdRng::seed_from_u64(cfg.seed),
+            crashed: HashSet::new(),
+            group: vec![0; cfg.nodes],
+            drop_messages_to: HashSet::new(),
+            events: Vec::new(),
+            cfg,
+        };
+        for i in 0..sim.cfg.nodes {
+            let node = sim.make_node(i, 1, Replica::new());
+            sim.gossip_of.insert(addr(i, 4001), i);
+            sim.transport_of.insert(addr(i, 4002), i);
+            sim.nodes.push(node);
+        }
+        let seed = addr(0, 4001);
+        for i in 1..sim.cfg.nodes {
+            let now = sim.now();
+            sim.nodes[i].join(now, &[seed]);
+            sim.drain(i);
+        }
+        sim
+    }
+
+    fn make_node(&self, i: usize, generation: u64, replica: Replica) -> Node {
+        let s = Settings {
+            id: Arc::from(format!("n{i}").as_str()),
+            cluster: "sim".into(),
+            schema: 1,
+            gossip_addr: addr(i, 4001),
+            transport_addr: addr(i, 4002),
+            generation,
+            gossip_interval: self.cfg.gossip_interval,
+            sync_interval: self.cfg.sync_interval,
+            broadcast_delay: self.cfg.broadcast_delay,
+            expected_size: self.cfg.nodes,
+            tombstone_ttl: Duration::from_secs(24 * 3600),
+            gossip_key: Some([42; 32]),
+            seed: self
+                .cfg
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(i as u64 * 7919 + generation),
+        };
+        Node::new(s, replica, self.now())
+    }
+
+    pub fn now(&self) -> Now {
+        Now {
+            mono: self.now,
+            wall_ms: self.wall0 + (self.now - self.start).as_millis() as u64,
+        }
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn drain(&mut self, i: usize) {
+        while let Some(out) = self.nodes[i].poll_output() {
+            match out {
+                Output::Datagram { to, bytes } => {
+                    if let Some(&j) = self.gossip_of.get(&to) {
+                        self.send(i, j, true, bytes);
+                    }
+                }
+                Output::Message { to, bytes, .. } => {
+                    if let Some(&j) = self.transport_of.get(&to) {
+                        self.send(i, j, false, bytes);
+                    }
+                }
+                Output::Persist(_) | Output::Forget(_) => {}
+                Output::Event(e) => self.events.push((self.elapsed(), i, e)),
+            }
+        }
+    }
+
+    fn link_up(&self, a: usize, b: usize) -> bool {
+        !self.crashed.contains(&a) && !self.crashed.contains(&b) && self.group[a] == self.group[b]
+    }
+
+    fn send(&mut self, from: usize, to: usize, datagram: bool, bytes: Vec<u8>) {
+        if !self.link_up(from, to) || (!datagram && self.drop_messages_to.contains(&to)) {
+            return;
+        }
+        let mut delay = self.cfg.one_way + self.jitter();
+        if datagram {
+            if self.rng.random_bool(self.cfg.loss) {
+                return;
+            }
+        } else {
+            // Each ~1200-byte packet of the message may be lost; each loss
+            // costs QUIC a retransmission timeout, about one round trip more.
+            let packets = bytes.len().div_ceil(1200).max(1);
+            for _ in 0..packets {
+                while self.rng.random_bool(self.cfg.loss) {
+                    delay += self.cfg.one_way * 3;
+                }
+            }
+        }
+        self.seq += 1;
+        let from_addr = if datagram {
+            addr(from, 4001)
+        } else {
+            addr(from, 4002)
+        };
+        self.queue.insert(
+            (self.now + delay, self.seq),
+            Delivery {
+                to,
+                from: from_addr,
+                datagram,
+                bytes,
+            },
+        );
+    }
+
+    fn jitter(&mut self) -> Duration {
+        let j = self.cfg.jitter.as_micros() as u64;
+        if j == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_micros(self.rng.random_range(0..j))
+        }
+    }
+
+    /// Runs until `deadline` (simulated time since start), or until `done`
+    /// holds (checked after every step). Returns whether `done` held.
+    pub fn run_until(&mut self, deadline: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.start + deadline;
+        loop {
+            if done(self) {
+                return true;
+            }
+            let next_delivery = self.queue.keys().next().map(|(t, _)| *t);
+            let next_timer = (0..self.nodes.len())
+                .filter(|i| !self.crashed.contains(i))
+                .filter_map(|i| self.nodes[i].poll_timeout().map(|t| (t, i)))
+                .min();
+            let next = match (next_delivery, next_timer) {
+                (None, None) => return false,
+                (Some(d), None) => d,
+                (None, Some((t, _))) => t,
+                (Some(d), Some((t, _))) => d.min(t),
+            };
+            if next > end {
+                self.now = end;
+                return done(self);
+            }
+            self.now = self.now.max(next);
+            if next_delivery == Some(next) {
+                let (_, d) = self.queue.pop_first().expect("peeked");
+                if self.crashed.contains(&d.to) {
+                    continue;
+                }
+                let now = self.now();
+                if d.datagram {
+                    self.nodes[d.to].handle_datagram(now, d.from, &d.bytes);
+                } else {
+                    self.nodes[d.to].handle_message(now, d.from, &d.bytes);
+                }
+                self.drain(d.to);
+            } else if let Some((_, i)) = next_timer {
+                let now = self.now();
+                self.nodes[i].handle_timeout(now);
+                self.drain(i);
+            }
+        }
+    }
+
+    /// Runs for `d` of simulated time.
+    pub fn run_for(&mut self, d: Duration) {
+        let until = self.elapsed() + d;
+        self.run_until(until, |_| false);
+    }
+
+    /// Every live node sees every other live node as active.
+    pub fn membership_complete(&self) -> bool {
+        let live = self.nodes.len() - self.crashed.len();
+        (0..self.nodes.len())
+            .filter(|i| !self.crashed.contains(i))
+            .all(|i| self.nodes[i].active_members() == live - 1)
+    }
+
+    /// Writes a row at node `i` (as its database's change log would report).
+    pub fn write(&mut self, i: usize, pk: &str, data: Option<&str>) {
+        let now = self.now();
+        self.nodes[i].local_writes(
+            now,
+            [(RowKey::new(Table::Backends, pk), data.map(String::from))],
+        );
+        self.drain(i);
+    }
+
+    /// Every live node holds `data` for `pk`.
+    pub fn everyone_has(&self, pk: &str, data: Option<&str>) -> bool {
+        let key = RowKey::new(Table::Backends, pk);
+        (0..self.nodes.len())
+            .filter(|i| !self.crashed.contains(i))
+            .all(|i| self.nodes[i].replica().data(&key) == data)
+    }
+
+    /// Every live node holds exactly the same row versions.
+    pub fn converged(&self) -> bool {
+        let mut tops = (0..self.nodes.len())
+            .filter(|i| !self.crashed.contains(i))
+            .map(|i| {
+                (
+                    self.nodes[i].replica().top_digest(),
+                    self.nodes[i].replica().len(),
+                )
+            });
+        let first = tops.next();
+        tops.all(|t| Some(t) == first)
+    }
+
+    /// Splits the cluster: `side[i]` is node i's side.
+    pub fn partition(&mut self, side: impl Fn(usize) -> u8) {
+        for i in 0..self.nodes.len() {
+            self.group[i] = side(i);
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.group.iter_mut().for_each(|g| *g = 0);
+    }
+
+    /// Stops node `i` at once (kill -9): it sends and receives nothing.
+    pub fn crash(&mut self, i: usize) {
+        self.crashed.insert(i);
+    }
+
+    /// Starts node `i` again with what it had persisted (its replica) and
+    /// a new generation, joining through node `via`.
+    pub fn restart(&mut self, i: usize, via: usize) {
+        let replica = self.nodes[i].replica().clone();
+        let generation = self.nodes[i].settings().generation + 1;
+        self.crashed.remove(&i);
+        self.nodes[i] = self.make_node(i, generation, replica);
+        let now = self.now();
+        self.nodes[i].join(now, &[addr(via, 4001)]);
+        self.drain(i);
+    }
+
+    /// Total bytes node `i` has sent (gossip, broadcast, sync).
+    pub fn bytes_sent(&self, i: usize) -> u64 {
+        let s = &self.nodes[i].stats;
+        s.gossip_bytes_sent + s.broadcast_bytes_sent + s.sync_bytes_sent
+    }
+
+    /// First time (since start) node `observer` reported `peer` down.
+    pub fn saw_down(&self, observer: usize, peer: usize) -> Option<Duration> {
+        let id = format!("n{peer}");
+        self.events.iter().find_map(|(t, i, e)| match e {
+            Event::Member(super::membership::MemberEvent::Down(p))
+                if *i == observer && &*p.id == id.as_str() =>
+            {
+                Some(*t)
+            }
+            _ => None,
+        })
+    }
+}

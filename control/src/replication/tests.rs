@@ -1,0 +1,232 @@
+//! The replication protocol over the simulated network (`sim`): behaviour
+//! with simulated time, seeded loss, partitions and crashes. The real
+//! processes over real sockets are tested in `tests/replication*.rs`.
+
+use std::time::Duration;
+
+use super::sim::{Sim, SimConfig};
+
+fn joined(cfg: SimConfig) -> Sim {
+    let mut sim = Sim::new(cfg);
+    assert!(
+        sim.run_until(Duration::from_secs(120), Sim::membership_complete),
+        "membership did not complete"
+    );
+    sim
+}
+
+#[test]
+fn a_change_reaches_every_node_within_a_few_link_delays() {
+    let mut sim = joined(SimConfig::wan(5, 1));
+    let t0 = sim.elapsed();
+    sim.write(2, "b1", Some(r#"{"port":80}"#));
+    assert!(sim.run_until(t0 + Duration::from_secs(5), |s| s
+        .everyone_has("b1", Some(r#"{"port":80}"#))));
+    let took = sim.elapsed() - t0;
+    // One link delay (50 ms) plus jitter and the 5 ms batching; a lost
+    // packet costs QUIC a retransmission.
+    assert!(took < Duration::from_millis(500), "took {took:?}");
+}
+
+#[test]
+fn concurrent_conflicting_updates_converge_to_the_same_row() {
+    let mut sim = joined(SimConfig::wan(5, 2));
+    // Same row, written at three nodes at the same instant.
+    sim.write(0, "b1", Some("from-0"));
+    sim.write(1, "b1", Some("from-1"));
+    sim.write(4, "b1", Some("from-4"));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    let key = super::version::RowKey::new(super::version::Table::Backends, "b1");
+    let winner = sim.nodes[0].replica().data(&key).map(String::from);
+    assert!(
+        (0..5).all(|i| sim.nodes[i].replica().data(&key) == winner.as_deref()),
+        "one winner everywhere"
+    );
+    // Equal timestamps (same simulated millisecond): the origin breaks the tie.
+    assert_eq!(winner.as_deref(), Some("from-4"));
+    assert!(sim.nodes.iter().map(|n| n.stats.conflicts).sum::<u64>() > 0);
+}
+
+#[test]
+fn a_healed_partition_converges_and_keeps_every_acknowledged_write() {
+    let mut sim = joined(SimConfig::wan(5, 3));
+    sim.partition(|i| (i >= 3) as u8);
+    sim.run_for(Duration::from_secs(15));
+    // Writes on both sides, while each side has declared the other down.
+    sim.write(0, "left", Some("l"));
+    sim.write(4, "right", Some("r"));
+    sim.write(1, "both", Some("left-side"));
+    sim.run_for(Duration::from_millis(100));
+    sim.write(3, "both", Some("right-side-later"));
+    sim.run_for(Duration::from_secs(5));
+    assert!(!sim.everyone_has("left", Some("l")), "partitioned");
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(
+        sim.run_until(healed + Duration::from_secs(30), |s| s.converged()
+            && s.everyone_has("left", Some("l")))
+    );
+    let took = sim.elapsed() - healed;
+    assert!(sim.everyone_has("right", Some("r")));
+    assert!(sim.everyone_has("both", Some("right-side-later")));
+    assert!(took <= Duration::from_secs(5), "healed in {took:?}");
+}
+
+#[test]
+fn a_lost_broadcast_is_repaired_by_anti_entropy() {
+    let mut sim = joined(SimConfig::wan(5, 4));
+    sim.drop_messages_to.insert(3);
+    sim.write(0, "b1", Some("x"));
+    sim.run_for(Duration::from_millis(300));
+    let key = super::version::RowKey::new(super::version::Table::Backends, "b1");
+    assert_eq!(sim.nodes[3].replica().data(&key), None, "broadcast lost");
+    sim.drop_messages_to.clear();
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), |s| s
+        .everyone_has("b1", Some("x"))));
+    let took = sim.elapsed() - t0;
+    assert!(took <= Duration::from_secs(5), "repaired in {took:?}");
+}
+
+#[test]
+fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
+    for seed in 50..60 {
+        crash_and_restart(seed);
+    }
+}
+
+fn crash_and_restart(seed: u64) {
+    let mut sim = joined(SimConfig::wan(5, seed));
+    let t0 = sim.elapsed();
+    sim.crash(2);
+    assert!(sim.run_until(t0 + Duration::from_secs(20), |s| (0..5)
+        .filter(|&i| i != 2)
+        .all(|i| s.saw_down(i, 2).is_some())));
+    let first = (0..5)
+        .filter(|&i| i != 2)
+        .filter_map(|i| sim.saw_down(i, 2))
+        .min()
+        .unwrap();
+    assert!(
+        first - t0 <= Duration::from_secs(5),
+        "seed {seed}: detected after {:?}",
+        first - t0
+    );
+    // Writes while it is down, then it restarts with what it had.
+    sim.write(0, "while-down", Some("w"));
+    sim.run_for(Duration::from_secs(2));
+    sim.restart(2, 1);
+    let t1 = sim.elapsed();
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(15), |s| s.converged()
+            && s.everyone_has("while-down", Some("w")))
+    );
+}
+
+#[test]
+fn no_member_is_falsely_declared_down_in_ten_minutes_at_one_percent_loss() {
+    let mut sim = joined(SimConfig::wan(5, 6));
+    let t0 = sim.elapsed();
+    sim.run_for(Duration::from_secs(600));
+    let downs: Vec<_> = sim
+        .events
+        .iter()
+        .filter(|(t, _, e)| {
+            *t >= t0
+                && matches!(
+                    e,
+                    super::node::Event::Member(super::membership::MemberEvent::Down(_))
+                )
+        })
+        .collect();
+    assert!(downs.is_empty(), "false positives: {downs:?}");
+}
+
+#[test]
+fn a_hundred_nodes_converge_within_three_seconds() {
+    let mut sim = joined(SimConfig::wan(100, 7));
+    for (n, writer) in [17, 3, 99, 50, 0].into_iter().enumerate() {
+        sim.run_for(Duration::from_secs(5));
+        let t0 = sim.elapsed();
+        let pk = format!("b{n}");
+        sim.write(writer, &pk, Some("x"));
+        assert!(sim.run_until(t0 + Duration::from_secs(10), |s| s
+            .everyone_has(&pk, Some("x"))));
+        let took = sim.elapsed() - t0;
+        assert!(took <= Duration::from_secs(3), "{pk} converged in {took:?}");
+    }
+}
+
+/// Bytes from the network never panic a node, whatever they are: random,
+/// truncated or bit-flipped copies of real datagrams and messages. A bounded
+/// property test (seeded, 20,000 inputs) that runs with every `cargo test`.
+#[test]
+fn garbage_from_the_network_is_refused_without_panicking() {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::node::{Node, Now, Output};
+    use super::replica::Replica;
+
+    let mut sim = joined(SimConfig::wan(3, 8));
+    // Real traffic to mutate: a change broadcast and gossip.
+    sim.write(0, "b1", Some("x"));
+    let mut samples: Vec<(bool, Vec<u8>)> = Vec::new();
+    let settings = sim.nodes[1].settings().clone();
+    let mut probe = Node::new(settings.clone(), Replica::new(), sim.now());
+    probe.join(sim.now(), &[sim.nodes[0].settings().gossip_addr]);
+    probe.local_writes(
+        sim.now(),
+        [(
+            super::version::RowKey::new(super::version::Table::Backends, "p"),
+            Some("{}".into()),
+        )],
+    );
+    let later = Now {
+        mono: sim.now().mono + std::time::Duration::from_secs(5),
+        wall_ms: sim.now().wall_ms + 5000,
+    };
+    probe.handle_timeout(later);
+    while let Some(out) = probe.poll_output() {
+        match out {
+            Output::Datagram { bytes, .. } => samples.push((true, bytes)),
+            Output::Message { bytes, .. } => samples.push((false, bytes)),
+            _ => {}
+        }
+    }
+    assert!(!samples.is_empty());
+    let mut rng = StdRng::seed_from_u64(99);
+    let target = &mut sim.nodes[2];
+    let from = "10.0.0.99:4001".parse().unwrap();
+    for i in 0..20_000 {
+        let (datagram, base) = &samples[i % samples.len()];
+        let mut bytes = base.clone();
+        match i % 4 {
+            0 => {
+                let n = rng.random_range(0..bytes.len().max(1));
+                bytes.truncate(n);
+            }
+            1 => {
+                for _ in 0..rng.random_range(1..8) {
+                    let at = rng.random_range(0..bytes.len().max(1));
+                    if let Some(b) = bytes.get_mut(at) {
+                        *b ^= 1 << rng.random_range(0..8);
+                    }
+                }
+            }
+            2 => {
+                bytes = (0..rng.random_range(0..2048))
+                    .map(|_| rng.random())
+                    .collect();
+            }
+            _ => bytes.extend((0..rng.random_range(1..64)).map(|_| rng.random::<u8>())),
+        }
+        if *datagram {
+            target.handle_datagram(later, from, &bytes);
+        } else {
+            target.handle_message(later, from, &bytes);
+        }
+        while target.poll_output().is_some() {}
+    }
+}

@@ -1,0 +1,229 @@
+//! The transport: QUIC (quinn) on the control thread's Tokio runtime, one
+//! UDP socket for both directions, mutual TLS from the cluster CA (`pki`).
+//!
+//! Each message travels on a unidirectional stream of its own (no head-of-
+//! line blocking between a large sync exchange and a small broadcast). To
+//! each peer this node keeps one outgoing connection, opened on first use
+//! and kept alive, fed by a bounded queue: when a peer cannot keep up (or is
+//! unreachable) the newest messages beyond the queue are dropped and
+//! counted — anti-entropy repairs whatever they carried. Incoming
+//! connections are accepted from any peer whose certificate the cluster CA
+//! signed; a handshake that fails verification is reported and closed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::pki::{ClusterPki, PkiError, SERVER_NAME};
+use super::wire::MAX_MESSAGE_BYTES;
+
+/// Messages queued per peer before new ones are dropped.
+const QUEUE: usize = 1024;
+/// A connection attempt not finished by then fails (quinn's own limit is
+/// the idle timeout, 30 s).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a failed connection attempt, messages to that peer are dropped for
+/// this long instead of each waiting for its own attempt.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// What the transport reports to the driver.
+#[derive(Debug)]
+pub enum TransportEvent {
+    /// A message (one stream's bytes) from the peer at `from`.
+    Message { from: SocketAddr, bytes: Vec<u8> },
+    /// An incoming connection failed its handshake (e.g. a certificate not
+    /// signed by this cluster's CA).
+    Refused { from: SocketAddr, reason: String },
+    /// We could not reach a peer.
+    Unreachable { to: SocketAddr, reason: String },
+}
+
+/// Counters, shared with the link tasks.
+#[derive(Debug, Default)]
+pub struct TransportStats {
+    pub dropped: AtomicU64,
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+struct Link {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Smoothed round trip of the connection, µs (0: none yet).
+    rtt_us: Arc<AtomicU64>,
+}
+
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    links: HashMap<SocketAddr, Link>,
+    events: mpsc::UnboundedSender<TransportEvent>,
+    pub stats: Arc<TransportStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot start QUIC on the transport socket: {0}")]
+    Endpoint(std::io::Error),
+}
+
+impl Transport {
+    /// Starts QUIC on `socket` (bound, non-blocking). Must run inside the
+    /// Tokio runtime. Returns the transport and the stream of its events.
+    pub fn start(
+        socket: std::net::UdpSocket,
+        pki: &ClusterPki,
+    ) -> Result<(Transport, mpsc::UnboundedReceiver<TransportEvent>), TransportError> {
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(pki.quinn_server()?),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(TransportError::Endpoint)?;
+        endpoint.set_default_client_config(pki.quinn_client()?);
+        let (events, rx) = mpsc::unbounded_channel();
+        tokio::spawn(accept_loop(endpoint.clone(), events.clone()));
+        Ok((
+            Transport {
+                endpoint,
+                links: HashMap::new(),
+                events,
+                stats: Arc::default(),
+            },
+            rx,
+        ))
+    }
+
+    /// Queues `bytes` for the peer at `to`; false if dropped (queue full).
+    pub fn send(&mut self, to: SocketAddr, bytes: Vec<u8>) -> bool {
+        let link = self.links.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let rtt_us = Arc::new(AtomicU64::new(0));
+            tokio::spawn(link_task(
+                self.endpoint.clone(),
+                to,
+                rx,
+                self.events.clone(),
+                Arc::clone(&rtt_us),
+                Arc::clone(&self.stats),
+            ));
+            Link { tx, rtt_us }
+        });
+        if link.tx.try_send(bytes).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The round trip to `peer` as QUIC measures it, once connected.
+    pub fn rtt(&self, peer: SocketAddr) -> Option<Duration> {
+        let us = self.links.get(&peer)?.rtt_us.load(Ordering::Relaxed);
+        (us > 0).then(|| Duration::from_micros(us))
+    }
+
+    /// Forgets the link to a peer that left (its task ends, its connection
+    /// closes).
+    pub fn forget(&mut self, peer: SocketAddr) {
+        self.links.remove(&peer);
+    }
+
+    /// Closes every connection, telling peers why.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<TransportEvent>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let events = events.clone();
+        tokio::spawn(async move {
+            let from = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    let _ = events.send(TransportEvent::Refused {
+                        from,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            };
+            while let Ok(mut stream) = conn.accept_uni().await {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    if let Ok(bytes) = stream.read_to_end(MAX_MESSAGE_BYTES).await {
+                        let _ = events.send(TransportEvent::Message { from, bytes });
+                    }
+                });
+            }
+        });
+    }
+}
+
+async fn link_task(
+    endpoint: quinn::Endpoint,
+    to: SocketAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    events: mpsc::UnboundedSender<TransportEvent>,
+    rtt_us: Arc<AtomicU64>,
+    stats: Arc<TransportStats>,
+) {
+    let mut conn: Option<quinn::Connection> = None;
+    let mut failed_at: Option<tokio::time::Instant> = None;
+    while let Some(bytes) = rx.recv().await {
+        if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
+            conn = None;
+        }
+        if conn.is_none() {
+            if failed_at.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            stats.connects.fetch_add(1, Ordering::Relaxed);
+            match connect(&endpoint, to).await {
+                Ok(c) => {
+                    failed_at = None;
+                    conn = Some(c);
+                }
+                Err(reason) => {
+                    stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    failed_at = Some(tokio::time::Instant::now());
+                    let _ = events.send(TransportEvent::Unreachable { to, reason });
+                    continue;
+                }
+            }
+        }
+        let c = conn.clone().expect("connected above");
+        rtt_us.store(c.rtt().as_micros() as u64, Ordering::Relaxed);
+        let stats = Arc::clone(&stats);
+        tokio::spawn(async move {
+            let sent = async {
+                let mut s = c.open_uni().await.ok()?;
+                s.write_all(&bytes).await.ok()?;
+                s.finish().ok()
+            };
+            if sent.await.is_none() {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+async fn connect(endpoint: &quinn::Endpoint, to: SocketAddr) -> Result<quinn::Connection, String> {
+    let connecting = endpoint
+        .connect(to, SERVER_NAME)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())),
+    }
+}

@@ -1,0 +1,890 @@
+//! Replication between POPs: real edgeproxy processes, each in its own
+//! network namespace, over links with 50 ms one-way delay and 1 % loss
+//! (NFQUEUE, see `common::netns`), partitions made with iptables.
+//!
+//! Every POP runs the same config (addresses differ by namespace): proxy on
+//! :8080, API on loopback :8081, gossip :4001, QUIC :4002, `routing.db` in
+//! the test's scratch directory, which the test reads directly.
+//!
+//! Needs root (network namespaces); `.ci/run` runs the suite as root.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::netns::Net;
+use common::{read_line, Proxy, TagBackend, TempDir};
+use serde_json::{json, Value};
+
+/// One namespaced cluster at a time: each runs several proxies and the
+/// machine has two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const SECRET: &str = "test-cluster-secret-0123456789";
+const WAN: (Duration, f64) = (Duration::from_millis(50), 0.01);
+/// Generous: links are slow and lossy, the machine small and shared.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+struct Cluster {
+    net: Net,
+    dir: TempDir,
+    pops: Vec<Option<Proxy>>,
+    /// Per POP: extra config lines (e.g. another secret).
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// `n` POPs in regions sa, eu, ap, … each bootstrapping through POP 0
+    /// (and POP 1), all started and joined.
+    fn start(n: usize, impair: Option<(Duration, f64)>) -> Cluster {
+        Cluster::start_with(n, impair, |_| String::new())
+    }
+
+    fn start_with(
+        n: usize,
+        impair: Option<(Duration, f64)>,
+        extra: impl Fn(usize) -> String,
+    ) -> Cluster {
+        let mut c = Cluster::hosts(n, impair, extra);
+        for i in 0..n {
+            c.launch(i);
+        }
+        c
+    }
+
+    /// The hosts, no POP started yet.
+    fn hosts(
+        n: usize,
+        impair: Option<(Duration, f64)>,
+        extra: impl Fn(usize) -> String,
+    ) -> Cluster {
+        let mut net = Net::new(n);
+        if let Some((delay, loss)) = impair {
+            net.impair(delay, loss);
+        }
+        Cluster {
+            net,
+            dir: TempDir::new("repl"),
+            pops: (0..n).map(|_| None).collect(),
+            extra: (0..n).map(extra).collect(),
+        }
+    }
+
+    fn db_path(&self, i: usize) -> PathBuf {
+        self.dir.join(&format!("routing-{i}.db"))
+    }
+
+    fn config(&self, i: usize) -> String {
+        let regions = ["sa", "eu", "ap", "us", "af"];
+        let boot: Vec<String> = (0..self.pops.len().min(2))
+            .map(|b| format!("\"{}:4001\"", self.net.ip(b)))
+            .collect();
+        let extra = &self.extra[i];
+        let has_secret = extra.contains("secret") || extra.contains("insecure");
+        format!(
+            r#"
+[pop]
+name = "pop-{i}"
+region = "{region}"
+public_addrs = ["{ip}"]
+[routing]
+db_path = "{db}"
+reload_interval_ms = 200
+[[listener]]
+addr = "0.0.0.0:8080"
+[api]
+enabled = true
+listen_addr = "127.0.0.1:8081"
+[metrics]
+enabled = true
+listen_addr = "127.0.0.1:9090"
+[dns]
+enabled = true
+listen_addr = "0.0.0.0:5353"
+[replication]
+enabled = true
+node_id = "node-{i}"
+gossip_addr = "{ip}:4001"
+transport_addr = "{ip}:4002"
+bootstrap_peers = [{boot}]
+{secret}
+{extra}
+"#,
+            region = regions[i % regions.len()],
+            ip = self.net.ip(i),
+            db = self.db_path(i).display(),
+            boot = boot.join(", "),
+            secret = if has_secret {
+                String::new()
+            } else {
+                format!("secret = \"{SECRET}\"")
+            },
+        )
+    }
+
+    /// Starts POP `i` (again) and waits until it is ready.
+    fn launch(&mut self, i: usize) {
+        let path = self.dir.join(&format!("pop-{i}.toml"));
+        std::fs::write(&path, self.config(i)).unwrap();
+        let proxy = Proxy::spawn_in_netns(
+            &self.net.hosts[i].ns,
+            &["--config", path.to_str().unwrap()],
+            &[],
+        );
+        let proxy = proxy.ready();
+        self.pops[i] = Some(proxy);
+    }
+
+    fn pop(&self, i: usize) -> &Proxy {
+        self.pops[i].as_ref().expect("POP is running")
+    }
+
+    /// kill -9.
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.pops[i].take() {
+            p.signal(9);
+            p.wait_exit(PATIENCE);
+        }
+    }
+
+    /// An API call at POP `i`: (status, JSON body).
+    fn api(&self, i: usize, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("http://127.0.0.1:8081{path}");
+        self.net.run_in(i, move || {
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .new_agent();
+            let result = match (method, body) {
+                ("GET", _) => agent.get(&url).call(),
+                ("DELETE", _) => agent.delete(&url).call(),
+                (_, Some(b)) => agent
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .send(b.to_string()),
+                (_, None) => agent.post(&url).send_empty(),
+            };
+            let mut resp = result.expect("API unreachable");
+            let status = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        })
+    }
+
+    fn register(&self, i: usize, id: &str, backend: SocketAddr) -> u16 {
+        let body = json!({"id": id, "app": "web", "region": "eu", "ip": backend.ip().to_string(),
+                          "port": backend.port()});
+        self.api(i, "POST", "/api/v1/register", Some(body)).0
+    }
+
+    fn cluster_status(&self, i: usize) -> Value {
+        self.api(i, "GET", "/api/v1/cluster", None).1
+    }
+
+    /// The state POP `observer` gives `node` (alive, suspect, down), if
+    /// it lists it.
+    fn member_state(&self, observer: usize, node: usize) -> Option<String> {
+        let status = self.cluster_status(observer);
+        status["members"]
+            .as_array()?
+            .iter()
+            .find(|m| m["node_id"] == format!("node-{node}"))
+            .and_then(|m| m["state"].as_str().map(String::from))
+    }
+
+    /// Waits until every running POP sees every other running one alive.
+    fn wait_joined(&self) {
+        let running: Vec<usize> = (0..self.pops.len())
+            .filter(|&i| self.pops[i].is_some())
+            .collect();
+        self.wait_joined_among(&running);
+    }
+
+    fn wait_joined_among(&self, running: &[usize]) {
+        let ok = common::eventually(PATIENCE, || {
+            running.iter().all(|&o| {
+                running
+                    .iter()
+                    .filter(|&&n| n != o)
+                    .all(|&n| self.member_state(o, n).as_deref() == Some("alive"))
+            })
+        });
+        assert!(
+            ok,
+            "cluster did not form: {}",
+            self.cluster_status(running[0])
+        );
+    }
+
+    /// A column of backend `id` as POP `i`'s routing.db holds it.
+    fn row(&self, i: usize, id: &str, column: &str) -> Option<String> {
+        let conn = rusqlite::Connection::open(self.db_path(i)).ok()?;
+        conn.query_row(
+            &format!("SELECT CAST({column} AS TEXT) FROM backends WHERE id = ?1"),
+            [id],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .ok()
+        .flatten()
+    }
+
+    fn everyone_has(&self, pops: &[usize], id: &str, column: &str, value: &str) -> bool {
+        pops.iter()
+            .all(|&i| self.row(i, id, column).as_deref() == Some(value))
+    }
+
+    /// Connects to the proxy of POP `i` from inside its namespace; the
+    /// backend's greeting and the open stream.
+    fn through(&self, i: usize) -> Option<(String, TcpStream)> {
+        self.net.run_in(i, || {
+            let s = TcpStream::connect_timeout(
+                &"127.0.0.1:8080".parse().unwrap(),
+                Duration::from_secs(5),
+            )
+            .ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            let tag = read_line(&s)?;
+            Some((tag, s))
+        })
+    }
+
+    /// A backend listening in POP `i`'s namespace on its address.
+    fn backend(&self, i: usize, port: u16, name: &str) -> TagBackend {
+        let ip = self.net.ip(i);
+        let listener = self
+            .net
+            .run_in(i, move || TcpListener::bind((ip, port)).unwrap());
+        TagBackend::serve(listener, name)
+    }
+
+    fn metric(&self, i: usize, name_and_labels: &str) -> f64 {
+        let text: String = self.net.run_in(i, || {
+            let mut s = TcpStream::connect("127.0.0.1:9090").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        });
+        text.lines()
+            .find(|l| l.starts_with(name_and_labels))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+#[test]
+fn a_registration_at_one_pop_is_routed_by_every_pop() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    let b = c.backend(0, 9000, "b-at-pop0");
+    // Registered at POP 1; the backend lives next to POP 0; clients come in
+    // at every POP.
+    assert_eq!(c.register(1, "web-1", b.addr), 201);
+    let routed_everywhere = common::eventually(PATIENCE, || {
+        (0..3).all(|i| c.through(i).is_some_and(|(tag, _)| tag == "b-at-pop0"))
+    });
+    assert!(routed_everywhere, "not routable everywhere");
+    // The heartbeat stays at POP 1 (it owns the row); the others follow it.
+    for i in 0..3 {
+        assert_eq!(
+            c.row(i, "web-1", "heartbeat_pop").as_deref(),
+            Some("node-1")
+        );
+    }
+    // POP 0 never received a heartbeat for it: no local heartbeat time.
+    assert_eq!(c.row(0, "web-1", "last_heartbeat_ms"), None);
+}
+
+#[test]
+fn a_remote_change_reaches_the_shards_without_dropping_open_connections() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(2, None);
+    c.wait_joined();
+    let one = c.backend(1, 9001, "one");
+    let two = c.backend(1, 9002, "two");
+    assert_eq!(c.register(0, "b1", one.addr), 201);
+    assert!(common::eventually(PATIENCE, || c
+        .through(1)
+        .is_some_and(|(t, _)| t == "one")));
+    // An open stream through POP 1, while POP 0 moves the route 20 times.
+    let (_, mut open) = c.through(1).unwrap();
+    for round in 0..20 {
+        let target = if round % 2 == 0 { &two } else { &one };
+        assert_eq!(c.register(0, "b1", target.addr), 201);
+        let expect = target.name.clone();
+        assert!(
+            common::eventually(PATIENCE, || c.through(1).is_some_and(|(t, _)| t == expect)),
+            "round {round}: POP 1 does not route to {expect}"
+        );
+        let msg = format!("ping {round}\n");
+        open.write_all(msg.as_bytes()).unwrap();
+        assert_eq!(
+            read_line(&open).as_deref(),
+            Some(msg.trim_end()),
+            "open stream broken"
+        );
+    }
+}
+
+#[test]
+fn concurrent_conflicting_updates_converge_to_the_same_row_everywhere() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    let ports = [9101u16, 9102, 9103];
+    // The same id registered at three POPs at once, each with another port.
+    std::thread::scope(|s| {
+        for (i, port) in ports.iter().enumerate() {
+            let c = &c;
+            s.spawn(move || {
+                let addr: SocketAddr = format!("10.77.0.1:{port}").parse().unwrap();
+                assert_eq!(c.register(i, "contested", addr), 201);
+            });
+        }
+    });
+    let converged = common::eventually(PATIENCE, || {
+        let ports: Vec<Option<String>> = (0..3).map(|i| c.row(i, "contested", "port")).collect();
+        ports[0].is_some() && ports.iter().all(|p| *p == ports[0])
+    });
+    assert!(converged, "rows differ");
+    let winner = c.row(0, "contested", "port").unwrap();
+    assert!(["9101", "9102", "9103"].contains(&winner.as_str()));
+    // The whole replicated state is identical: same digest everywhere.
+    let same_digest = common::eventually(PATIENCE, || {
+        let d: Vec<Value> = (0..3)
+            .map(|i| c.cluster_status(i)["digest"].clone())
+            .collect();
+        d.iter().all(|x| *x == d[0])
+    });
+    assert!(same_digest);
+    let resolved: f64 = (0..3)
+        .map(|i| c.metric(i, "edgeproxy_replication_conflicts_resolved_total"))
+        .sum();
+    assert!(resolved >= 1.0, "conflicts were resolved somewhere");
+}
+
+#[test]
+fn a_healed_partition_converges_with_every_acknowledged_write() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    c.net.partition(&[0], &[1, 2]);
+    // Each side declares the other down.
+    assert!(common::eventually(PATIENCE, || c
+        .member_state(0, 1)
+        .as_deref()
+        == Some("down")
+        && c.member_state(1, 0).as_deref() == Some("down")));
+    let addr: SocketAddr = "10.77.0.1:9200".parse().unwrap();
+    // Writes on both sides, each acknowledged by its POP.
+    assert_eq!(c.register(0, "left", addr), 201);
+    assert_eq!(c.register(1, "right", addr), 201);
+    assert_eq!(c.register(2, "right-2", addr), 201);
+    assert_eq!(c.row(1, "left", "id"), None, "partitioned");
+    c.net.heal();
+    let healed = Instant::now();
+    let all = [0, 1, 2];
+    assert!(
+        common::eventually(PATIENCE, || {
+            ["left", "right", "right-2"]
+                .iter()
+                .all(|id| c.everyone_has(&all, id, "id", id))
+        }),
+        "writes lost after the heal"
+    );
+    eprintln!("converged {:?} after the heal", healed.elapsed());
+    c.wait_joined();
+}
+
+#[test]
+fn a_killed_pop_is_shown_down_and_catches_up_after_a_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    c.kill(2);
+    let killed = Instant::now();
+    assert!(
+        common::eventually(PATIENCE, || c.member_state(0, 2).as_deref() == Some("down")),
+        "dead POP not reported"
+    );
+    eprintln!("reported down after {:?}", killed.elapsed());
+    assert_eq!(
+        c.metric(0, "edgeproxy_replication_members{state=\"down\"}"),
+        1.0
+    );
+    // A write while it is down.
+    assert_eq!(
+        c.register(0, "while-down", "10.77.0.1:9300".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c
+        .row(1, "while-down", "id")
+        .is_some()));
+    assert_eq!(c.row(2, "while-down", "id"), None);
+    c.launch(2);
+    assert!(
+        common::eventually(PATIENCE, || c.row(2, "while-down", "id").is_some()),
+        "restarted POP did not catch up"
+    );
+    c.wait_joined();
+}
+
+#[test]
+fn an_operators_sqlite3_edit_replicates() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    let status = std::process::Command::new("sqlite3")
+        .arg(c.db_path(1))
+        .arg("INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+              VALUES ('by-hand', 'web', 'eu', '10.77.0.9', 80, 1, 2, 100, 150)")
+        .status()
+        .expect("sqlite3 (Debian package sqlite3; .ci/run installs it)");
+    assert!(status.success());
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &[0, 2],
+        "by-hand",
+        "wg_ip",
+        "10.77.0.9"
+    )));
+    let status = std::process::Command::new("sqlite3")
+        .arg(c.db_path(2))
+        .arg("UPDATE backends SET weight = 7 WHERE id = 'by-hand'")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &[0, 1],
+        "by-hand",
+        "weight",
+        "7"
+    )));
+    let status = std::process::Command::new("sqlite3")
+        .arg(c.db_path(0))
+        .arg("DELETE FROM backends WHERE id = 'by-hand'")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(common::eventually(PATIENCE, || (1..3)
+        .all(|i| c.row(i, "by-hand", "id").is_none())));
+}
+
+#[test]
+fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start_with(4, None, |i| match i {
+        2 => "secret = \"not-the-cluster-secret-at-all\"".into(),
+        3 => "cluster_name = \"another-cluster\"".into(),
+        _ => String::new(),
+    });
+    // The two good POPs form the cluster; the others never join it.
+    let good = [0usize, 1];
+    assert!(common::eventually(PATIENCE, || c
+        .member_state(0, 1)
+        .as_deref()
+        == Some("alive")));
+    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    assert_eq!(c.register(2, "from-wrong-secret", addr), 201);
+    assert_eq!(c.register(3, "from-other-cluster", addr), 201);
+    for &i in &good {
+        assert!(
+            c.pop(i)
+                .wait_for_log("does not hold this cluster's secret", PATIENCE)
+                .is_some(),
+            "POP {i} did not log the wrong secret"
+        );
+        assert!(
+            c.pop(i)
+                .wait_for_log("belongs to cluster \"another-cluster\"", PATIENCE)
+                .is_some(),
+            "POP {i} did not log the other cluster"
+        );
+    }
+    assert!(common::eventually(PATIENCE, || {
+        c.metric(0, "edgeproxy_replication_refused_total{reason=\"secret\"}") >= 1.0
+            && c.metric(0, "edgeproxy_replication_refused_total{reason=\"cluster\"}") >= 1.0
+    }));
+    // The refused sides log it too.
+    assert!(c.pop(2).wait_for_log("peer refused", PATIENCE).is_some());
+    assert!(c.pop(3).wait_for_log("peer refused", PATIENCE).is_some());
+    // Nothing they wrote reached the cluster, and they are not members.
+    std::thread::sleep(Duration::from_secs(3)); // several sync intervals, to give a leak a chance
+    for &i in &good {
+        assert_eq!(c.row(i, "from-wrong-secret", "id"), None);
+        assert_eq!(c.row(i, "from-other-cluster", "id"), None);
+        assert_eq!(c.member_state(i, 2), None);
+        assert_eq!(c.member_state(i, 3), None);
+    }
+}
+
+/// A node of another edgeproxy version (replication schema 99) with the
+/// right secret and cluster name: the protocol's own node, driven by the test
+/// over a real UDP socket in its own namespace.
+#[test]
+fn a_peer_with_another_schema_version_is_refused_and_told_why() {
+    use control::replication::keys::ClusterSecret;
+    use control::replication::node::{Event, Node, Now, Output, Settings};
+    use control::replication::replica::Replica;
+    use std::sync::Arc;
+
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(3, None, |_| String::new());
+    c.launch(0);
+    c.launch(1);
+    c.wait_joined_among(&[0, 1]);
+    let ip = c.net.ip(2);
+    let socket = c
+        .net
+        .run_in(2, move || std::net::UdpSocket::bind((ip, 4001)).unwrap());
+    socket
+        .set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut node = Node::new(
+        Settings {
+            id: Arc::from("old-node"),
+            cluster: "edgeproxy".into(),
+            schema: 99,
+            gossip_addr: SocketAddr::new(ip.into(), 4001),
+            transport_addr: SocketAddr::new(ip.into(), 4002),
+            generation: 1,
+            gossip_interval: Duration::from_millis(500),
+            sync_interval: Duration::from_secs(2),
+            broadcast_delay: Duration::from_millis(5),
+            expected_size: 3,
+            tombstone_ttl: Duration::from_secs(3600),
+            gossip_key: Some(ClusterSecret::new(SECRET).gossip_key()),
+            seed: 7,
+        },
+        Replica::new(),
+        Now::system(),
+    );
+    node.join(Now::system(), &[SocketAddr::new(c.net.ip(0).into(), 4001)]);
+    let mut told = None;
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = [0u8; 2048];
+    while told.is_none() && Instant::now() < deadline {
+        while let Some(out) = node.poll_output() {
+            match out {
+                Output::Datagram { to, bytes } => {
+                    let _ = socket.send_to(&bytes, to);
+                }
+                Output::Event(Event::Refused { reason, label, .. }) => told = Some((label, reason)),
+                _ => {}
+            }
+        }
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            node.handle_datagram(Now::system(), from, &buf[..n]);
+        }
+        node.handle_timeout(Now::system());
+    }
+    // The POP answered in its own schema, which this node refuses in turn.
+    let (label, reason) = told.expect("the POP never answered");
+    assert_eq!(label, "schema", "{reason}");
+    assert!(reason.contains("schema version 3"), "{reason}");
+    // The POP logged and counted it, and never took the node in.
+    assert!(c
+        .pop(0)
+        .wait_for_log("replication schema version 99", PATIENCE)
+        .is_some());
+    assert!(common::eventually(PATIENCE, || c.metric(
+        0,
+        "edgeproxy_replication_refused_total{reason=\"schema\"}"
+    ) >= 1.0));
+    let members = c.cluster_status(0)["members"].clone();
+    assert!(!members.to_string().contains("old-node"), "{members}");
+}
+
+#[test]
+fn replication_refuses_to_start_without_a_secret() {
+    let dir = TempDir::new("repl-nosecret");
+    let path = dir.join("e.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[routing]\ndb_path = \"{}\"\n[replication]\nenabled = true\n",
+            dir.join("r.db").display()
+        ),
+    )
+    .unwrap();
+    let (status, _out, err) = common::run_to_end(&["--config", path.to_str().unwrap()], &[]);
+    assert!(!status.success());
+    assert!(err.contains("needs a cluster secret"), "{err}");
+    assert!(!dir.join("r.db").exists(), "nothing was created");
+}
+
+#[test]
+fn dns_lists_the_live_pops_of_a_region_from_the_replicated_table() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Regions: POP 0 sa, POP 1 eu, POP 2 ap.
+    let mut c = Cluster::start(3, None);
+    c.wait_joined();
+    let dig = |c: &Cluster, name: &str| -> String {
+        let out = c
+            .net
+            .command(0, "dig")
+            .args([
+                "@127.0.0.1",
+                "-p",
+                "5353",
+                "+short",
+                "+time=2",
+                "+tries=2",
+                name,
+            ])
+            .output()
+            .expect("dig (Debian bind9-dnsutils; .ci/run installs it)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(common::eventually(PATIENCE, || dig(&c, "ap.pops.internal") == "10.77.0.3"));
+    assert_eq!(dig(&c, "eu.pops.internal"), "10.77.0.2");
+    c.kill(2);
+    assert!(
+        common::eventually(PATIENCE, || dig(&c, "ap.pops.internal").is_empty()),
+        "a dead POP is still answered"
+    );
+    assert_eq!(dig(&c, "eu.pops.internal"), "10.77.0.2");
+}
+
+// ---------------------------------------------------------------------------
+// Figures for README (not run by default):
+//   sudo -E cargo test --release --test replication -- --ignored --nocapture figures
+// ---------------------------------------------------------------------------
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Polls `routing.db` of `pops` every millisecond until each holds `id`
+/// with `port`; the time each took from `start`.
+fn arrivals(c: &Cluster, pops: &[usize], id: &str, port: u16, start: Instant) -> Vec<Duration> {
+    let conns: Vec<rusqlite::Connection> = pops
+        .iter()
+        .map(|&i| rusqlite::Connection::open(c.db_path(i)).unwrap())
+        .collect();
+    let mut seen: Vec<Option<Duration>> = vec![None; pops.len()];
+    let deadline = start + PATIENCE;
+    while seen.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (k, conn) in conns.iter().enumerate() {
+            if seen[k].is_some() {
+                continue;
+            }
+            let got: Option<i64> = conn
+                .query_row("SELECT port FROM backends WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .ok();
+            if got == Some(port as i64) {
+                seen[k] = Some(start.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    seen.into_iter().map(|s| s.unwrap_or(PATIENCE)).collect()
+}
+
+#[test]
+#[ignore = "takes about 4 minutes; figures for README"]
+fn figures() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let n = 5;
+    let mut c = Cluster::start(n, Some(WAN));
+    c.wait_joined();
+    std::thread::sleep(Duration::from_secs(5));
+
+    // 1. Propagation of a single-row change to every POP.
+    let mut each = Vec::new();
+    let mut all = Vec::new();
+    for k in 0..40u16 {
+        let origin = k as usize % n;
+        let others: Vec<usize> = (0..n).filter(|&i| i != origin).collect();
+        let port = 10_000 + k;
+        let start = Instant::now();
+        assert_eq!(
+            c.register(
+                origin,
+                &format!("prop-{k}"),
+                format!("10.77.0.1:{port}").parse().unwrap()
+            ),
+            201
+        );
+        let got = arrivals(&c, &others, &format!("prop-{k}"), port, start);
+        all.push(*got.iter().max().unwrap());
+        each.extend(got);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    each.sort();
+    all.sort();
+
+    // 2. A lost update repaired: the transport from POP 0 to POP 3 is cut
+    // (gossip still flows), so only anti-entropy through the others brings it.
+    let mut repaired = Vec::new();
+    c.net.block_udp(0, 3, 4002);
+    for k in 0..5u16 {
+        let port = 11_000 + k;
+        let start = Instant::now();
+        assert_eq!(
+            c.register(
+                0,
+                &format!("lost-{k}"),
+                format!("10.77.0.1:{port}").parse().unwrap()
+            ),
+            201
+        );
+        repaired.extend(arrivals(&c, &[3], &format!("lost-{k}"), port, start));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    c.net.heal();
+    repaired.sort();
+
+    // 3. A healed partition converges.
+    let mut heals = Vec::new();
+    for round in 0..3u16 {
+        c.net.partition(&[0, 1], &[2, 3, 4]);
+        assert!(common::eventually(PATIENCE, || c
+            .member_state(0, 2)
+            .as_deref()
+            == Some("down")
+            && c.member_state(2, 0).as_deref() == Some("down")));
+        for k in 0..5u16 {
+            let port = 12_000 + round * 10 + k;
+            assert_eq!(
+                c.register(
+                    0,
+                    &format!("left-{round}-{k}"),
+                    format!("10.77.0.1:{port}").parse().unwrap()
+                ),
+                201
+            );
+            assert_eq!(
+                c.register(
+                    3,
+                    &format!("right-{round}-{k}"),
+                    format!("10.77.0.1:{port}").parse().unwrap()
+                ),
+                201
+            );
+        }
+        c.net.heal();
+        let start = Instant::now();
+        let every: Vec<usize> = (0..n).collect();
+        let mut worst = Duration::ZERO;
+        for k in 0..5u16 {
+            let port = 12_000 + round * 10 + k;
+            for side in ["left", "right"] {
+                let got = arrivals(&c, &every, &format!("{side}-{round}-{k}"), port, start);
+                worst = worst.max(*got.iter().max().unwrap());
+            }
+        }
+        heals.push(worst);
+        c.wait_joined();
+    }
+    heals.sort();
+
+    // 4. Failure detection: kill -9, then the first and the last POP to
+    // report it down.
+    let mut first = Vec::new();
+    let mut last = Vec::new();
+    for round in 0..5 {
+        let victim = 1 + round % (n - 1);
+        let watchers: Vec<usize> = (0..n).filter(|&i| i != victim).collect();
+        c.kill(victim);
+        let start = Instant::now();
+        let mut seen: Vec<Option<Duration>> = vec![None; watchers.len()];
+        while seen.iter().any(Option::is_none) && start.elapsed() < PATIENCE {
+            for (k, &w) in watchers.iter().enumerate() {
+                if seen[k].is_none() && c.member_state(w, victim).as_deref() == Some("down") {
+                    seen[k] = Some(start.elapsed());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let seen: Vec<Duration> = seen.into_iter().map(|s| s.unwrap_or(PATIENCE)).collect();
+        first.push(*seen.iter().min().unwrap());
+        last.push(*seen.iter().max().unwrap());
+        c.launch(victim);
+        c.wait_joined();
+    }
+    first.sort();
+    last.sort();
+
+    // 5. Idle cost: bytes each POP puts on its link per second, nothing
+    // changing.
+    std::thread::sleep(Duration::from_secs(10));
+    let before: Vec<u64> = (0..n).map(|i| c.net.tx_bytes(i)).collect();
+    let window = Duration::from_secs(60);
+    std::thread::sleep(window);
+    let idle: Vec<f64> = (0..n)
+        .map(|i| (c.net.tx_bytes(i) - before[i]) as f64 / window.as_secs_f64())
+        .collect();
+
+    eprintln!("\nreplication figures: {n} POPs, 50 ms one way, 1 % loss");
+    eprintln!(
+        "propagation, each POP ({} arrivals): p50 {} p99 {} max {}",
+        each.len(),
+        ms(pct(&each, 0.5)),
+        ms(pct(&each, 0.99)),
+        ms(*each.last().unwrap())
+    );
+    eprintln!(
+        "propagation, all POPs ({} changes): p50 {} p99 {} max {}",
+        all.len(),
+        ms(pct(&all, 0.5)),
+        ms(pct(&all, 0.99)),
+        ms(*all.last().unwrap())
+    );
+    eprintln!(
+        "lost update repaired by anti-entropy ({}): {:?}",
+        repaired.len(),
+        repaired.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "partition healed, converged ({} rounds): {:?}",
+        heals.len(),
+        heals.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "dead member reported, first POP: {:?}; last POP: {:?}",
+        first.iter().map(|d| ms(*d)).collect::<Vec<_>>(),
+        last.iter().map(|d| ms(*d)).collect::<Vec<_>>()
+    );
+    eprintln!(
+        "idle bytes/s sent per POP: {:?}",
+        idle.iter().map(|b| format!("{b:.0}")).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+#[ignore = "takes 10 minutes"]
+fn no_member_is_declared_down_in_ten_minutes_at_one_percent_loss() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(5, Some(WAN));
+    c.wait_joined();
+    let marks: Vec<usize> = (0..5).map(|i| c.pop(i).log_mark()).collect();
+    std::thread::sleep(Duration::from_secs(600));
+    for (i, &mark) in marks.iter().enumerate() {
+        let downs = c.pop(i).log_lines_after(mark, "member down");
+        assert!(downs.is_empty(), "POP {i}: {downs:?}");
+        let suspects = c.metric(i, "edgeproxy_replication_members{state=\"suspect\"}");
+        eprintln!("POP {i}: no member down in 10 minutes; suspect now: {suspects}");
+    }
+    c.wait_joined();
+}
