@@ -20,10 +20,12 @@ use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{self, Config};
+use crate::config_watch::ConfigWatch;
 use crate::reload_thread::{ReloadThread, SharedReloader};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
 use crate::tls::TlsListeners;
+use crate::upgrade::UpgradeEvent;
 
 /// Runs the proxy until a stop signal. Errors before the proxy is up are
 /// returned (the caller prints them and exits non-zero).
@@ -32,9 +34,24 @@ use crate::tls::TlsListeners;
 /// GeoIP, certificates), then every socket is bound (listeners, metrics,
 /// API, DNS), and only then is anything created (a new `routing.db`, demo
 /// backends): a start that fails on a port in use leaves nothing behind.
+/// The data plane starts accepting last, once everything that can fail
+/// has not (a successor of a binary upgrade that failed after accepting
+/// would drop the connections it took).
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // A successor of a binary upgrade takes its sockets before anything
+    // binds (and before any thread starts: this edits the environment).
+    let inherited = crate::upgrade::inherit::from_env()
+        .context("binary upgrade: cannot take over the previous process's sockets")?;
+    let watch_from = ConfigWatch::stamp(config_path.as_deref());
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log);
+    if let Some(got) = &inherited {
+        tracing::info!(
+            entries = got.entries,
+            sockets = got.sockets,
+            "upgrade: took over the previous process's sockets"
+        );
+    }
     let geo = Arc::new(build_geo(&config)?);
     let mut tls = TlsListeners::default();
     let specs = config
@@ -61,6 +78,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         store,
         Some(config.api.heartbeat_ttl),
     )?);
+    // `[postgres]`: the database's table, mirrored into routing.db before
+    // the first snapshot is read (bounded wait; see `pg_source`).
+    let postgres = crate::pg_source::PgSource::start(
+        &config.postgres,
+        &config.routing.db_path,
+        reloader.clone(),
+    )
+    .context("cannot start the PostgreSQL routing source")?;
     let snapshot = reloader.lock().handle().clone();
     let first = snapshot.load();
     tracing::info!(
@@ -79,6 +104,29 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         dns,
         replication,
     } = sockets;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+    // Stop and reload signals are handled from here on, before anything says
+    // the proxy is ready (see `Signals`).
+    let mut signals = {
+        let _context = runtime.enter();
+        Signals::install()?
+    };
+    let readiness = crate::readiness::Readiness::default();
+    let mut upgrades = {
+        let _context = runtime.enter();
+        crate::upgrade::Upgrades::start(&config.upgrade, config.replication.enabled)?
+    };
+    let replication = match replication {
+        None => None,
+        Some(bound) => {
+            let _context = runtime.enter();
+            Some(bound.start(reloader.clone())?)
+        }
+    };
+    // Everything that can fail has been done: the data plane starts.
     let mut engine = Engine::start_bound(
         engine_settings(&config),
         knobs(&config),
@@ -116,24 +164,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     )
     .context("cannot start the traffic watch thread")?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the control runtime")?;
-    // Stop and reload signals are handled from here on, before anything says
-    // the proxy is ready (see `Signals`).
-    let mut signals = {
-        let _context = runtime.enter();
-        Signals::install()?
-    };
-    let readiness = crate::readiness::Readiness::default();
-    let replication = match replication {
-        None => None,
-        Some(bound) => {
-            let _context = runtime.enter();
-            Some(bound.start(reloader.clone())?)
-        }
-    };
+    let mut metrics = None;
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
@@ -144,12 +175,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             health: Some(health.clone()),
             readiness: readiness.clone(),
         };
-        runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
+        metrics = Some(runtime.block_on(async { crate::metrics::serve(listener, sources) })?);
         tracing::info!(%addr, "metrics listening");
     }
     // The discovery API: its requests executed by the control loop, which
     // owns the routing store.
-    let mut api = match api_socket {
+    let api = match api_socket {
         None => None,
         Some(bound) => Some(runtime.block_on(async {
             bound.serve(
@@ -159,8 +190,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             )
         })?),
     };
+    let (stop_dns, dns_stop) = tokio::sync::watch::channel(false);
     if let Some(dns) = dns {
-        runtime.spawn(dns.serve(snapshot.clone()));
+        runtime.spawn(dns.serve(snapshot.clone(), dns_stop));
     }
     runtime.spawn(
         crate::health::driver::Driver {
@@ -179,10 +211,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         max_concurrent = config.health.max_concurrent,
         "health checker started"
     );
+    // Inherited sockets the new configuration has no use for (a listener
+    // it removed) go now, before this process says it serves.
+    crate::upgrade::sockets::release_unclaimed();
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
         pop = %config.pop.name,
         region = %config.pop.region,
         shards = engine.shard_count(),
@@ -193,21 +229,42 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     crate::sd_notify::ready(&ready_status(&engine));
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
-    let grace = runtime.block_on(control_loop(
+    // The predecessor of a binary upgrade stops accepting now.
+    crate::upgrade::inherit::report_ready();
+    upgrades.serving();
+    let mut services = Services {
+        api,
+        upgrades,
+        metrics,
+        stop_dns,
+        watch: ConfigWatch::new(config_path.as_deref(), &config.config_watch, watch_from),
+        replication,
+    };
+    let exit = runtime.block_on(control_loop(
         &mut signals,
         config_path,
         config,
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        (&mut api, replication.as_ref()),
+        &mut services,
     ))?;
-    if let Some(r) = &replication {
+    if let Some(r) = &services.replication {
         // Leave the cluster first: the other POPs mark this one down at
         // once instead of after the suspicion timeout.
         runtime.block_on(r.shutdown(Duration::from_secs(2)));
     }
+    let grace = match exit {
+        Exit::Stop(grace) => {
+            services.upgrades.shut_down();
+            grace
+        }
+        Exit::Upgraded(grace) => {
+            runtime.block_on(hand_over(&mut engine, &mut services, &reloader, grace))
+        }
+    };
     ticks.stop();
+    drop(postgres);
     readiness.set_draining();
     let open = engine.active_connections();
     crate::sd_notify::stopping(&format!(
@@ -231,12 +288,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             let _ = done_tx.send(());
         })
         .context("cannot start the drain thread")?;
-    let Signals { hup, term, int } = &mut signals;
+    let Signals { hup, term, int, .. } = &mut signals;
     runtime.block_on(crate::drain::serve_until_done(
         done_rx,
         crate::drain::DrainSignals { term, int, hup },
         fast,
-        api,
+        services.api.take(),
     ));
     if drainer.join().is_err() {
         tracing::error!("the drain thread panicked");
@@ -278,7 +335,11 @@ fn bind_all(
     shards: usize,
     geo: &Arc<GeoResolver>,
 ) -> anyhow::Result<Sockets> {
-    let listeners = Engine::bind(specs, shards)?;
+    // Sockets a binary upgrade handed over are adopted, the rest bound.
+    let listeners = engine::BoundListeners::from_groups(
+        shards,
+        crate::upgrade::listener_groups(specs.to_vec(), shards)?,
+    );
     let metrics = match config.metrics.enabled {
         true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
         false => None,
@@ -346,6 +407,8 @@ struct Signals {
     hup: Signal,
     term: Signal,
     int: Signal,
+    /// Binary upgrade (nginx's signal for it).
+    usr2: Signal,
 }
 
 impl Signals {
@@ -355,11 +418,32 @@ impl Signals {
             hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
             term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("cannot install SIGUSR2 handler")?,
         })
     }
 }
 
-/// Returns the drain grace period once a stop signal arrives.
+/// What the control loop serves besides the data plane.
+struct Services {
+    api: Option<crate::api::Server>,
+    upgrades: crate::upgrade::Upgrades,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    stop_dns: tokio::sync::watch::Sender<bool>,
+    /// `[config_watch]`.
+    watch: ConfigWatch,
+    /// `[replication]`, when enabled.
+    replication: Option<crate::replication::driver::Handle>,
+}
+
+/// Why the control loop ended; both carry the drain grace period.
+enum Exit {
+    /// SIGTERM or SIGINT.
+    Stop(Duration),
+    /// A successor serves on our sockets.
+    Upgraded(Duration),
+}
+
+/// Runs until a stop signal or a completed binary upgrade.
 async fn control_loop(
     signals: &mut Signals,
     config_path: Option<PathBuf>,
@@ -367,14 +451,17 @@ async fn control_loop(
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    (api, replication): (
-        &mut Option<crate::api::Server>,
-        Option<&crate::replication::driver::Handle>,
-    ),
-) -> anyhow::Result<Duration> {
-    let Signals { hup, term, int } = signals;
+    services: &mut Services,
+) -> anyhow::Result<Exit> {
+    let Signals {
+        hup,
+        term,
+        int,
+        usr2,
+    } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watch = &mut services.watch;
     loop {
         tokio::select! {
             // Certificate files are polled at the routing reload interval;
@@ -384,48 +471,131 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
-                crate::sd_notify::reloading();
-                match &config_path {
-                    None => tracing::info!("no config file given; only the routing table is re-read"),
-                    Some(path) => match config::load(Some(path), &config::ProcessEnv) {
-                        Ok(new) => match apply(&config, &new, engine, tls) {
-                            Ok(next) => {
-                                if next.routing.reload_interval != config.routing.reload_interval {
-                                    ticks.set_interval(next.routing.reload_interval);
-                                    ticker = tokio::time::interval(next.routing.reload_interval);
-                                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                                }
-                                config = next;
-                            }
-                            Err(e) => tracing::error!(error = format!("{e:#}"), "new configuration rejected; keeping the running one"),
-                        },
-                        Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
-                    },
-                }
-                {
-                    // The reload warns about listeners (as they now are)
-                    // with no eligible backend.
-                    let mut reloader = reloader.lock();
-                    reloader.coverage_mut().set_listeners(listener_apps(&config));
-                    reloader.reload();
-                }
-                tls.refresh(true);
-                crate::sd_notify::ready(&ready_status(engine));
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                watch.seen();
+                watch.reconfigure(&config.config_watch);
             }
-            _ = term.recv() => return Ok(config.limits.shutdown_grace),
-            _ = int.recv() => return Ok(config.limits.shutdown_grace),
+            // `[config_watch]`: a changed file is applied as SIGHUP is.
+            () = watch.changed() => {
+                tracing::info!("config file changed: re-reading configuration and routing table");
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                watch.reconfigure(&config.config_watch);
+            }
+            _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
+            _ = int.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(api) => {
+            cmd = crate::api::next_command(&mut services.api) => {
                 crate::api::execute(cmd, &mut reloader.lock());
                 // A write goes out to the other POPs now, not at the next
                 // change-log poll.
-                if let Some(r) = replication {
+                if let Some(r) = &services.replication {
+                    r.poke();
+                }
+            }
+            // Binary upgrade: SIGUSR2 or `edgeproxy upgrade`; the attempt
+            // runs on its own thread while this loop goes on.
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: binary upgrade");
+                services.upgrades.begin(None, crate::upgrade::listener_entries(engine.listeners()));
+            }
+            event = services.upgrades.next_event() => match event {
+                UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners())),
+                UpgradeEvent::Finished(Ok(_)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace)),
+                // Logged and answered; this process keeps serving.
+                UpgradeEvent::Finished(Err(_)) => {}
+            },
+        }
+    }
+}
+
+/// SIGHUP (or a change seen by the config watch): re-reads the config file
+/// and applies what can change at run time (an invalid file changes
+/// nothing), then re-reads the routing table and certificates.
+fn reload_config(
+    config_path: Option<&Path>,
+    config: &mut Config,
+    (ticker, ticks): (&mut tokio::time::Interval, &ReloadThread),
+    engine: &mut Engine,
+    tls: &mut TlsListeners,
+    reloader: &SharedReloader,
+) {
+    crate::sd_notify::reloading();
+    match config_path {
+        None => tracing::info!("no config file given; only the routing table is re-read"),
+        Some(path) => match config::load(Some(path), &config::ProcessEnv) {
+            Ok(new) => match apply(config, &new, engine, tls) {
+                Ok(next) => {
+                    if next.routing.reload_interval != config.routing.reload_interval {
+                        ticks.set_interval(next.routing.reload_interval);
+                        *ticker = tokio::time::interval(next.routing.reload_interval);
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    *config = next;
+                }
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "new configuration rejected; keeping the running one"
+                ),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "new configuration rejected; keeping the running one")
+            }
+        },
+    }
+    {
+        // The reload warns about listeners (as they now are) with no
+        // eligible backend.
+        let mut reloader = reloader.lock();
+        reloader.coverage_mut().set_listeners(listener_apps(config));
+        reloader.reload();
+    }
+    tls.refresh(true);
+    crate::sd_notify::ready(&ready_status(engine));
+}
+
+/// After a successor reported ready: stop accepting everywhere (the
+/// sockets live on in the successor), then drain for up to `grace` while
+/// still answering discovery API requests on connections already open.
+/// Returns what is left of the grace period.
+async fn hand_over(
+    engine: &mut Engine,
+    services: &mut Services,
+    reloader: &SharedReloader,
+    grace: Duration,
+) -> Duration {
+    let deadline = tokio::time::Instant::now() + grace;
+    let swept = engine.stop_accepting(Duration::from_secs(5));
+    if let Some(api) = &services.api {
+        api.stop_accepting();
+    }
+    if let Some(metrics) = services.metrics.take() {
+        metrics.abort();
+    }
+    let _ = services.stop_dns.send(true);
+    services.upgrades.handed_over();
+    tracing::info!(
+        open = engine.active_connections(),
+        last_accepted = swept,
+        grace_secs = grace.as_secs(),
+        "upgrade: stopped accepting; draining open connections"
+    );
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    // `edgeproxy upgrade` hears the outcome from a task of this runtime.
+    while (engine.active_connections() > 0 || services.upgrades.replying())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::select! {
+            _ = poll.tick() => {}
+            cmd = crate::api::next_command(&mut services.api) => {
+                crate::api::execute(cmd, &mut reloader.lock());
+                if let Some(r) = &services.replication {
                     r.poke();
                 }
             }
         }
     }
+    deadline.saturating_duration_since(tokio::time::Instant::now())
 }
 
 /// Applies what can change without a restart, warns about each
@@ -537,6 +707,7 @@ fn knobs(config: &Config) -> Knobs {
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        affinity_max_clients: config.affinity.max_clients as usize,
         rtt_weight: config.health.rtt_weight,
         client_limits: config.rate_limit.client_limits(),
         access_log: config.log.access,

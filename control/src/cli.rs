@@ -25,7 +25,9 @@ use clap::{Parser, Subcommand};
         EDGEPROXY_DB_PATH, EDGEPROXY_REGION, ...). Signals: SIGHUP re-reads \
         the config file and the routing table; SIGTERM/SIGINT stop accepting \
         and drain open connections for limits.shutdown_grace_secs, and a \
-        second SIGTERM/SIGINT closes them at once.\n\n\
+        second SIGTERM/SIGINT closes them at once; SIGUSR2 (or `edgeproxy \
+        upgrade`) starts the binary now at the proxy's path, hands it every \
+        listening socket, and drains once it serves.\n\n\
         Relative paths in the config file are resolved against the file's \
         directory. Under systemd (Type=notify, see config/edgeproxy.service) \
         the proxy reports READY, RELOADING and STOPPING; with [metrics] on, \
@@ -80,6 +82,12 @@ pub enum Command {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// Upgrade a running proxy without dropping a connection: it starts the
+    /// binary now at its executable path, hands it every listening socket
+    /// and drains once the new process serves. If the new binary fails to
+    /// start, the running proxy keeps serving and this exits non-zero with
+    /// the reason.
+    Upgrade(crate::upgrade::client::UpgradeArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -98,11 +106,16 @@ pub fn main() -> ExitCode {
         Command::Backends(args) => crate::api::client::run(*args, cli.config.as_deref()),
         Command::Cluster(args) => crate::replication::cli::run(*args),
         Command::Completions { shell } => completions(shell),
+        Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edgeproxy: error: {e:#}");
+            let message = format!("{e:#}");
+            // A successor of a binary upgrade tells its predecessor why (it
+            // keeps serving); no-op otherwise.
+            crate::upgrade::inherit::report_failure(&message);
+            eprintln!("edgeproxy: error: {message}");
             ExitCode::FAILURE
         }
     }

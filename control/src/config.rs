@@ -63,6 +63,15 @@ pub struct RawConfig {
     /// `[rate_limit]`: see `crate::client_limits`.
     #[serde(default)]
     pub rate_limit: crate::client_limits::RawRateLimit,
+    /// `[upgrade]`: hitless binary upgrade, see `crate::upgrade::config`.
+    #[serde(default)]
+    pub upgrade: crate::upgrade::config::RawUpgrade,
+    /// `[config_watch]`: see `crate::config_watch`.
+    #[serde(default)]
+    pub config_watch: crate::config_watch::RawConfigWatch,
+    /// `[postgres]`: PostgreSQL as the routing source, see `crate::pg_source`.
+    #[serde(default)]
+    pub postgres: crate::pg_source::config::RawPostgres,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +112,7 @@ pub struct RawRouting {
 pub struct RawAffinity {
     pub ttl_secs: Option<u64>,
     pub gc_interval_secs: Option<u64>,
+    pub max_clients: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +209,9 @@ pub struct Config {
     pub health: crate::health::config::Health,
     pub circuit_breaker: crate::health::config::Circuit,
     pub rate_limit: crate::client_limits::RateLimit,
+    pub upgrade: crate::upgrade::config::Upgrade,
+    pub config_watch: crate::config_watch::ConfigWatchSettings,
+    pub postgres: crate::pg_source::config::Postgres,
 }
 
 /// The Prometheus admin listener.
@@ -249,6 +262,9 @@ pub struct Affinity {
     pub ttl: Duration,
     #[serde(rename = "gc_interval_secs", serialize_with = "ser_secs")]
     pub gc_interval: Duration,
+    /// Client bindings each affinity table holds at most (one table per
+    /// shard); new clients beyond it are served unbound.
+    pub max_clients: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -626,9 +642,17 @@ impl Config {
         if gc == 0 {
             return Err(invalid("affinity.gc_interval_secs", "must be at least 1"));
         }
+        let max_clients = raw
+            .affinity
+            .max_clients
+            .unwrap_or(engine::affinity::DEFAULT_MAX_CLIENTS as u64);
+        if !(1..=100_000_000).contains(&max_clients) {
+            return Err(invalid("affinity.max_clients", "must be in 1..=100000000"));
+        }
         let affinity = Affinity {
             ttl: Duration::from_secs(ttl),
             gc_interval: Duration::from_secs(gc),
+            max_clients,
         };
 
         // --- geo
@@ -801,8 +825,9 @@ impl Config {
         };
 
         let dns = dns_section(raw.dns, env)?;
+        let upgrade = crate::upgrade::config::from_raw(raw.upgrade, env, &routing.db_path)?;
 
-        Ok(Config {
+        let config = Config {
             pop,
             runtime,
             routing,
@@ -819,7 +844,12 @@ impl Config {
             health: crate::health::config::health_from_raw(raw.health, env)?,
             circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
             rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,
-        })
+            upgrade,
+            config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
+            postgres: crate::pg_source::config::from_raw(raw.postgres, env)?,
+        };
+        crate::pg_source::config::check_combination(&config)?;
+        Ok(config)
     }
 
     /// The effective configuration as TOML, for `check-config`.
@@ -1063,6 +1093,7 @@ mod tests {
                 "[affinity]\ngc_interval_secs = 0\n",
                 "affinity.gc_interval_secs",
             ),
+            ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
         ] {
             let err = from(text, &NO_ENV).unwrap_err();

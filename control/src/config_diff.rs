@@ -106,6 +106,8 @@ pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
     keep!("metrics", metrics);
     keep!("dns", dns);
     keep!("replication", replication);
+    keep!("upgrade", upgrade);
+    keep!("postgres", postgres);
     keep!("circuit_breaker", circuit_breaker);
     keep!("rate_limit.tracked_clients", rate_limit.tracked_clients);
     // Health checks are set up at start; only scoring's RTT weight (a data

@@ -33,14 +33,24 @@ pub struct Sources {
 /// Binds the admin listener. Done before the data plane starts, so a bind
 /// failure is a clean startup error.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+    // After a binary upgrade the socket is the previous process's.
+    let listener = match crate::upgrade::sockets::take_tcp_listener("metrics", addr) {
+        Some(inherited) => inherited,
+        None => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("metrics: cannot listen on {addr}"))?,
+    };
     listener.set_nonblocking(true)?;
+    crate::upgrade::sockets::register("metrics", &[std::os::fd::AsFd::as_fd(&listener)])
+        .context("metrics: cannot register the socket for upgrades")?;
     Ok(listener)
 }
 
-/// Serves `/metrics` on the current Tokio runtime.
-pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
+/// Serves `/metrics` on the current Tokio runtime until the returned task
+/// is aborted (scrapes in progress finish).
+pub fn serve(
+    listener: std::net::TcpListener,
+    sources: Sources,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let probes = crate::readiness::routes(sources.readiness.clone());
     let app = axum::Router::new()
@@ -64,12 +74,11 @@ pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Resul
             axum::routing::get(|| async { "edgeproxy admin: GET /metrics, /ready, /live\n" }),
         )
         .merge(probes);
-    tokio::spawn(async move {
+    Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener failed");
         }
-    });
-    Ok(())
+    }))
 }
 
 /// Writes one metric family: HELP, TYPE and its samples.

@@ -69,6 +69,11 @@ pub struct RunningListener {
     pub steered: bool,
     /// The listener's counters, one per shard.
     pub stats: Vec<Arc<ListenerStats>>,
+    /// Duplicates of the listener's sockets, in the order of their
+    /// `SO_REUSEPORT` group (the order the steering program indexes): what a
+    /// successor process takes over on a binary upgrade. The shards own the
+    /// originals; both refer to the same sockets.
+    pub sockets: Arc<[std::os::fd::OwnedFd]>,
 }
 
 /// A read-only view of every counter of the data plane, for metrics. Cheap to
@@ -169,6 +174,20 @@ pub struct BoundListeners {
 }
 
 impl BoundListeners {
+    /// Listeners bound (or adopted) by the caller, for `shards` shards.
+    pub fn from_groups(
+        shards: usize,
+        groups: Vec<(ListenerSpec, listener::BoundGroup)>,
+    ) -> BoundListeners {
+        BoundListeners {
+            shards: shards.max(1),
+            groups: groups
+                .into_iter()
+                .map(|(spec, group)| (Arc::new(spec), group))
+                .collect(),
+        }
+    }
+
     /// The bound address of each listener, in the order given.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.groups.iter().map(|(_, g)| g.local_addr).collect()
@@ -201,6 +220,18 @@ impl Engine {
         Self::start_bound(settings, knobs, bound, snapshot, geo)
     }
 
+    /// Binds a listener's sockets for an engine of `shards` shards, refusing
+    /// an address something already listens on. With
+    /// [`BoundListeners::from_groups`] the caller may mix such groups with
+    /// sockets it already holds ([`listener::adopt_group`], a binary
+    /// upgrade).
+    pub fn bind_listener(
+        spec: &ListenerSpec,
+        shards: usize,
+    ) -> Result<listener::BoundGroup, EngineError> {
+        bind(spec, shards.max(1), true)
+    }
+
     /// Starts one shard per socket of `bound` (as many as it was bound for,
     /// whatever `settings.shards` says) and hands each its sockets.
     pub fn start_bound(
@@ -217,7 +248,11 @@ impl Engine {
         let (reporter, passive_events) = passive::channel(passive::CAPACITY);
         let shared = Arc::new(Shared {
             passive: reporter,
-            shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
+            shared_affinity: Arc::new(Mutex::new({
+                let mut table = AffinityTable::new(knobs.affinity_ttl);
+                table.set_max_clients(knobs.affinity_max_clients);
+                table
+            })),
             settings,
             snapshot,
             geo,
@@ -240,7 +275,7 @@ impl Engine {
             }
         }
         for (spec, group) in groups {
-            engine.hand_out(spec, group);
+            engine.hand_out(spec, group)?;
         }
         Ok(engine)
     }
@@ -267,18 +302,39 @@ impl Engine {
         ready.map_err(|cause| EngineError::Runtime { shard: id, cause })
     }
 
-    fn hand_out(&mut self, spec: Arc<ListenerSpec>, group: listener::BoundGroup) {
+    /// Gives socket *i* of the group to shard *i* mod the shard count (one
+    /// each when the group was bound for this engine; several per shard
+    /// when it was adopted from a process that ran more shards).
+    fn hand_out(
+        &mut self,
+        spec: Arc<ListenerSpec>,
+        group: listener::BoundGroup,
+    ) -> Result<(), EngineError> {
         if !group.steered {
             tracing::warn!(listener = %spec.name,
                 "kernel refused the reuseport steering program; affinity uses a shared table");
         }
+        let sockets = group
+            .sockets
+            .iter()
+            .map(|s| std::os::fd::AsFd::as_fd(s).try_clone_to_owned())
+            .collect::<io::Result<Arc<[_]>>>()
+            .map_err(|cause| EngineError::Bind {
+                listener: spec.name.to_string(),
+                addr: group.local_addr,
+                cause,
+            })?;
         let stats: Vec<Arc<ListenerStats>> = self.shards.iter().map(|_| Arc::default()).collect();
-        for ((shard, socket), stats) in self.shards.iter().zip(group.sockets).zip(&stats) {
-            let _ = shard.commands.try_send(Command::AddListener {
+        let shard_count = self.shards.len();
+        for (i, socket) in group.sockets.into_iter().enumerate() {
+            let shard = i % shard_count;
+            let _ = self.shards[shard].commands.try_send(Command::AddListener {
                 spec: Arc::clone(&spec),
                 socket,
+                // Steered to socket i, so to the shard that serves it: a
+                // client's connections still meet one affinity table.
                 steered: group.steered,
-                stats: Arc::clone(stats),
+                stats: Arc::clone(&stats[shard]),
             });
         }
         self.listeners.push(RunningListener {
@@ -286,15 +342,27 @@ impl Engine {
             local_addr: group.local_addr,
             steered: group.steered,
             stats,
+            sockets,
         });
         self.publish_listeners();
+        Ok(())
     }
 
+    /// Copies the listeners, without their sockets, for the stats views:
+    /// a view must not keep a socket open after the engine let it go.
     fn publish_listeners(&self) {
+        let counted = self
+            .listeners
+            .iter()
+            .map(|l| RunningListener {
+                sockets: Arc::new([]),
+                ..l.clone()
+            })
+            .collect();
         *self
             .published_listeners
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = self.listeners.clone();
+            .unwrap_or_else(|p| p.into_inner()) = counted;
     }
 
     /// A view of the counters for a metrics exporter on another thread.
@@ -333,7 +401,7 @@ impl Engine {
         let exclusive = !self.retired_addrs.contains(&spec.addr);
         let group = bind(&spec, self.shards.len(), exclusive)?;
         let addr = group.local_addr;
-        self.hand_out(Arc::new(spec), group);
+        self.hand_out(Arc::new(spec), group)?;
         Ok(addr)
     }
 
@@ -353,6 +421,38 @@ impl Engine {
                 .try_send(Command::RemoveListener(Arc::clone(&removed.spec.name)));
         }
         true
+    }
+
+    /// Stops accepting on every listener, losing no connection already
+    /// queued on a socket: each shard cancels its accepts gently, serves what
+    /// they and a last non-blocking sweep return, and closes its sockets.
+    /// Waits up to `timeout` for the shards to confirm; returns how many
+    /// connections the final sweeps took, or `None` if a shard did not
+    /// answer in time. Open connections go on. Used after a binary upgrade,
+    /// once the successor accepts on the same sockets: nothing queued is
+    /// reset, because the sockets stay open in the successor.
+    pub fn stop_accepting(&mut self, timeout: Duration) -> Option<usize> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for shard in &self.shards {
+            if shard
+                .commands
+                .try_send(Command::StopAccepting { done: tx.clone() })
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        self.listeners.clear();
+        self.publish_listeners();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut swept = 0;
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            swept += rx.recv_timeout(left).ok()?;
+        }
+        Some(swept)
     }
 
     /// New connections use `knobs` from now on.
@@ -391,6 +491,12 @@ impl Engine {
         for shard in &self.shards {
             let _ = shard.commands.try_send(Command::Shutdown { grace });
         }
+        // Our copies of the listening sockets (kept for a binary upgrade)
+        // go now: once the shards' accept loops let theirs go, new clients
+        // are refused rather than queued for nobody during the drain. The
+        // published list keeps the counters (metrics during the drain) and
+        // holds no socket.
+        self.listeners.clear();
         for shard in &mut self.shards {
             shard.commands.close();
             if let Some(thread) = shard.thread.take() {

@@ -6,6 +6,9 @@
 //! `listening` line (listeners bind port 0, so tests never race for ports).
 #![allow(dead_code)]
 
+pub mod postgres;
+pub mod streams;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -132,6 +135,17 @@ impl Proxy {
         rust_log: Option<&str>,
     ) -> Proxy {
         Proxy::spawn_command(Command::new(BIN), args, env, rust_log)
+    }
+
+    /// Like [`Proxy::spawn_with_rust_log`], running the binary at `exe` (a
+    /// copy of `BIN`, say, that a test replaces as a package manager would).
+    pub fn spawn_exe(
+        exe: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
+        Proxy::spawn_command(Command::new(exe), args, env, rust_log)
     }
 
     /// Starts the binary inside network namespace `ns` (`ip netns exec`,

@@ -65,8 +65,14 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
         return Ok(None);
     }
     let (addr, exposure) = config.bind_plan();
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("discovery API: cannot listen on {addr}"))?;
+    // After a binary upgrade the socket is the previous process's.
+    let listener = match crate::upgrade::sockets::take_tcp_listener("api", addr) {
+        Some(inherited) => inherited,
+        None => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("discovery API: cannot listen on {addr}"))?,
+    };
+    crate::upgrade::sockets::register("api", &[std::os::fd::AsFd::as_fd(&listener)])
+        .context("discovery API: cannot register the socket for upgrades")?;
     listener
         .set_nonblocking(true)
         .context("discovery API: cannot make the socket non-blocking")?;
@@ -135,6 +141,16 @@ impl Bound {
 pub struct Server {
     commands: mpsc::Receiver<Command>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Stops accepting connections (after a binary upgrade handed the
+    /// socket on); requests on connections already open are still served
+    /// as long as the control loop executes their commands.
+    pub fn stop_accepting(&self) {
+        self.task.abort();
+        crate::upgrade::sockets::unregister("api");
+    }
 }
 
 impl Drop for Server {
