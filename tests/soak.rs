@@ -408,7 +408,8 @@ fn soak() {
                                     target.port(),
                                     1 + rng.next() % 3
                                 ),
-                                [201, 201],
+                                // Created, or an update of a live registration.
+                                [201, 200],
                             ),
                             _ => ("POST", format!("/api/v1/heartbeat/{id}"), String::new(), [200, 404]),
                         };
