@@ -459,15 +459,20 @@ impl ReplDb {
         self.with_tx(|tx| {
             tx.execute(
                 "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
-                 gossip_addr, transport_addr, draining) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 gossip_addr, transport_addr, draining, wg_public_key, wg_endpoint, prefix6) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
                  ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, region = excluded.region, \
                  country = excluded.country, public_addrs = excluded.public_addrs, \
                  private_addr = excluded.private_addr, gossip_addr = excluded.gossip_addr, \
-                 transport_addr = excluded.transport_addr, draining = excluded.draining \
+                 transport_addr = excluded.transport_addr, draining = excluded.draining, \
+                 wg_public_key = excluded.wg_public_key, wg_endpoint = excluded.wg_endpoint, \
+                 prefix6 = excluded.prefix6 \
                  WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
                  OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs \
                  OR private_addr IS NOT excluded.private_addr OR gossip_addr IS NOT excluded.gossip_addr \
-                 OR transport_addr IS NOT excluded.transport_addr OR draining IS NOT excluded.draining",
+                 OR transport_addr IS NOT excluded.transport_addr OR draining IS NOT excluded.draining \
+                 OR wg_public_key IS NOT excluded.wg_public_key OR wg_endpoint IS NOT excluded.wg_endpoint \
+                 OR prefix6 IS NOT excluded.prefix6",
                 params![
                     row.node_id,
                     row.name,
@@ -477,7 +482,10 @@ impl ReplDb {
                     row.private_addr,
                     row.gossip_addr,
                     row.transport_addr,
-                    row.draining
+                    row.draining,
+                    row.wg_public_key,
+                    row.wg_endpoint,
+                    row.prefix6
                 ],
             )
             .map(|_| ())
