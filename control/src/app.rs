@@ -31,6 +31,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
     let mut store = RoutingStore::open(&config.routing.db_path)?;
     store.set_node_id(&config.replication.node_id);
+    // The mesh's key and 6PN prefix, checked against this POP's row.
+    let mut mesh = crate::mesh::driver::prepare(&config, &mut store)?;
     if config.demo.backends > 0 {
         let records =
             crate::demo::start(config.demo.backends, &config.demo.app, &config.pop.region)
@@ -68,7 +70,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // control runtime below. See `internal_dns`.
     let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
     // Replication's UDP sockets: bound now, started on the control runtime.
-    let replication = crate::replication::driver::bind(&config)?;
+    let mut replication = crate::replication::driver::bind(&config)?;
+    if let (Some(bound), Some(m)) = (replication.as_mut(), mesh.as_mut()) {
+        bound.set_mesh(m.columns(bound.advertised_ip()));
+    }
     let mut engine = Engine::start(
         engine_settings(&config),
         knobs(&config),
@@ -91,6 +96,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let _context = runtime.enter();
         Signals::install()?
     };
+    // The mesh interface is up (or the start fails) before this POP's row
+    // tells the other POPs to peer with it.
+    let mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
     let replication = match replication {
         None => None,
         Some(bound) => {
@@ -105,6 +113,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
+            mesh: mesh.as_ref().map(|m| m.status()),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -114,7 +123,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let api = match crate::api::bind(&config.api)? {
         None => None,
         Some(bound) => Some(runtime.block_on(async {
-            bound.serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
+            bound
+                .with_mesh(mesh.as_ref().map(|m| (m.api_hooks(), m.status())))
+                .serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
         })?),
     };
     if let Some(dns) = dns {
@@ -153,6 +164,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         "shutting down: stopped accepting, draining open connections"
     );
     engine.shutdown(grace);
+    if let Some(m) = mesh {
+        // After the drain: connections to backends at other POPs go
+        // through the tunnel until then.
+        m.stop(Duration::from_secs(5));
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -165,6 +181,9 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
     let mut tls = TlsListeners::default();
     for l in &config.listeners {
         spec_of(l, &mut tls)?;
+    }
+    if config.mesh.enabled {
+        crate::mesh::keys::check(&config.mesh.private_key_file)?;
     }
     Ok(config)
 }
@@ -311,6 +330,7 @@ fn apply(
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
         ("replication", old.replication != new.replication),
+        ("mesh", old.mesh != new.mesh),
     ];
     for (section, changed) in restart_only {
         if changed {

@@ -1,6 +1,7 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
-//! `edgeproxy cluster status` (replication's view).
+//! `edgeproxy cluster status` (replication's view), `edgeproxy mesh status`
+//! and `edgeproxy 6pn` (the WireGuard mesh and its addressing).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,16 @@ pub enum Command {
     /// Replication between POPs, through a running POP's API: `status`
     /// lists the members, their state, round trip, last sync and lag.
     Cluster(Box<crate::replication::cli::ClusterArgs>),
+    /// The WireGuard mesh between POPs, through a running POP's API:
+    /// `status` shows the interface, every peer's endpoint, last handshake
+    /// and bytes, and POPs left out of the mesh.
+    Mesh(Box<crate::mesh::cli::MeshArgs>),
+    /// 6PN addressing (read from the config and routing.db; no running
+    /// proxy needed): `show` the cluster's /48 and this POP's /64,
+    /// `address ID` the address a backend registered here without one
+    /// gets, `backends` the backends on 6PN addresses.
+    #[command(name = "6pn")]
+    SixPn(crate::mesh::cli::SixPnArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -63,6 +74,8 @@ pub fn main() -> ExitCode {
         }),
         Command::Backends(args) => crate::api::client::run(*args),
         Command::Cluster(args) => crate::replication::cli::run(*args),
+        Command::Mesh(args) => crate::mesh::cli::run_mesh(*args),
+        Command::SixPn(args) => crate::mesh::cli::run_6pn(args, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -53,6 +53,9 @@ pub struct RawConfig {
     /// `[replication]`: between POPs, see `crate::replication::config`.
     #[serde(default)]
     pub replication: crate::replication::config::RawReplication,
+    /// `[mesh]`: the WireGuard mesh and 6PN, see `crate::mesh::config`.
+    #[serde(default)]
+    pub mesh: crate::mesh::config::RawMesh,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +195,7 @@ pub struct Config {
     pub api: crate::api::config::Api,
     pub dns: Dns,
     pub replication: crate::replication::config::Replication,
+    pub mesh: crate::mesh::config::Mesh,
 }
 
 /// The Prometheus admin listener.
@@ -817,6 +821,8 @@ impl Config {
         }
 
         let dns = dns_section(raw.dns, env)?;
+        let replication = crate::replication::config::from_raw(raw.replication, env)?;
+        let mesh = crate::mesh::config::from_raw(raw.mesh, env, &replication, &routing.db_path)?;
 
         Ok(Config {
             pop,
@@ -831,7 +837,8 @@ impl Config {
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
-            replication: crate::replication::config::from_raw(raw.replication, env)?,
+            replication,
+            mesh,
         })
     }
 

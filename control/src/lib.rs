@@ -10,6 +10,7 @@ pub mod config_env;
 pub mod demo;
 pub mod internal_dns;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod reload_thread;
 pub mod replication;

@@ -13,6 +13,11 @@ pub fn init(level: &str) {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
         filter = filter.add_directive("hickory_proto=error".parse().expect("valid directive"));
     }
+    // The embedded WireGuard logs every peer change and UAPI connection at
+    // info; the mesh logs what matters itself (`mesh: peer added ...`).
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("gotatun")) {
+        filter = filter.add_directive("gotatun=warn".parse().expect("valid directive"));
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

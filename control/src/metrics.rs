@@ -24,6 +24,8 @@ pub struct Sources {
     pub started: std::time::Instant,
     /// Set when replication runs.
     pub replication: Option<crate::replication::status::StatusHandle>,
+    /// Set when the mesh runs.
+    pub mesh: Option<crate::mesh::status::StatusHandle>,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -358,6 +360,9 @@ pub fn render(sources: &Sources) -> String {
     drop(snap);
     if let Some(r) = &sources.replication {
         replication(&mut f, &r.load());
+    }
+    if let Some(m) = &sources.mesh {
+        crate::mesh::metrics::write(&mut out, &m.load());
     }
     out
 }

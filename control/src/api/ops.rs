@@ -149,7 +149,8 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                 };
                 Reply::new(
                     201,
-                    json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
+                    json!({ "id": rec.id, "registered": true, "updated": updated, "message": message,
+                            "ip": rec.ip }),
                 )
             }
         },
