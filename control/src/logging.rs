@@ -18,6 +18,12 @@ pub fn init(level: &str) {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("gotatun")) {
         filter = filter.add_directive("gotatun=warn".parse().expect("valid directive"));
     }
+    // defguard_wireguard_rs logs at ERROR what `auto` expects (no kernel
+    // module), and the mesh reports every failure of its calls with the
+    // cause anyway.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("defguard")) {
+        filter = filter.add_directive("defguard_wireguard_rs=off".parse().expect("valid directive"));
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
