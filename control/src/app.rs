@@ -81,6 +81,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
+    // Health checks and the circuit breaker: their state weighs on every
+    // snapshot from now on (see `health`); the driver starts on the control
+    // runtime below. It always runs: a backend may register with a check of
+    // its own while checks are off for its app, and with nothing to check
+    // it only waits.
+    let health = crate::health::HealthLink::new(&config.health, &config.circuit_breaker);
+    reloader.lock().set_health(health.clone());
+    let passive_events = engine.take_passive_events();
     for l in engine.listeners() {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
@@ -114,6 +122,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
             mesh: mesh.as_ref().map(|m| m.status()),
+            health: Some(health.clone()),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -131,6 +140,23 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
     }
+    runtime.spawn(
+        crate::health::driver::Driver {
+            link: health.clone(),
+            snapshots: snapshot.clone(),
+            reloader: reloader.clone(),
+            events: passive_events,
+            health: config.health.clone(),
+            pop: config.pop.name.clone(),
+        }
+        .run(),
+    );
+    tracing::info!(
+        active_checks = health.active_checks_enabled(),
+        circuit_breaker = health.circuit_enabled(),
+        max_concurrent = config.health.max_concurrent,
+        "health checker started"
+    );
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
     tracing::info!(
@@ -331,6 +357,21 @@ fn apply(
         ("metrics", old.metrics != new.metrics),
         ("replication", old.replication != new.replication),
         ("mesh", old.mesh != new.mesh),
+        (
+            "health (except rtt_weight)",
+            old.health.global != new.health.global
+                || old.health.apps != new.health.apps
+                || old.health.max_concurrent != new.health.max_concurrent
+                || old.health.webhook_url != new.health.webhook_url,
+        ),
+        (
+            "circuit_breaker",
+            old.circuit_breaker != new.circuit_breaker,
+        ),
+        (
+            "rate_limit.tracked_clients",
+            old.rate_limit.tracked_clients != new.rate_limit.tracked_clients,
+        ),
     ];
     for (section, changed) in restart_only {
         if changed {
@@ -378,6 +419,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
         buffer_size: config.runtime.buffer_size,
         splice_bulk: config.runtime.splice_bulk,
         local_region: Arc::from(config.pop.region.as_str()),
+        client_table_capacity: config.rate_limit.tracked_clients,
     }
 }
 
@@ -390,6 +432,8 @@ fn knobs(config: &Config) -> Knobs {
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        rtt_weight: config.health.rtt_weight,
+        client_limits: config.rate_limit.client_limits(),
         ..Knobs::default()
     }
 }

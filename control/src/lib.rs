@@ -5,9 +5,11 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod client_limits;
 pub mod config;
 pub mod config_env;
 pub mod demo;
+pub mod health;
 pub mod internal_dns;
 pub mod logging;
 pub mod mesh;

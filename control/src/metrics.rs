@@ -26,6 +26,8 @@ pub struct Sources {
     pub replication: Option<crate::replication::status::StatusHandle>,
     /// Set when the mesh runs.
     pub mesh: Option<crate::mesh::status::StatusHandle>,
+    /// Health checks and circuit breaker, when on.
+    pub health: Option<crate::health::HealthLink>,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -361,8 +363,42 @@ pub fn render(sources: &Sources) -> String {
     if let Some(r) = &sources.replication {
         replication(&mut f, &r.load());
     }
+    let (passive_sent, passive_dropped) = sources.engine.passive_events();
+    f.single(
+        "edgeproxy_passive_events_dropped_total",
+        "counter",
+        "Passive health events shards dropped (queue full, or no checker listening).",
+        passive_dropped,
+    );
+    f.single(
+        "edgeproxy_passive_events_sent_total",
+        "counter",
+        "Passive health events shards queued for the checker.",
+        passive_sent,
+    );
+    f.single(
+        "edgeproxy_client_rate_limited_total",
+        "counter",
+        "New connections refused by the per-client rate limit.",
+        s.rate_limited,
+    );
+    f.single(
+        "edgeproxy_client_connection_limited_total",
+        "counter",
+        "New connections refused by the per-client cap on open connections.",
+        s.client_conn_limited,
+    );
+    f.single(
+        "edgeproxy_client_table_evictions_total",
+        "counter",
+        "Tracked clients evicted from the shards' rate-limit tables by new ones.",
+        s.client_evictions,
+    );
     if let Some(m) = &sources.mesh {
         crate::mesh::metrics::write(&mut out, &m.load());
+    }
+    if let Some(health) = &sources.health {
+        health.render_metrics(&mut out);
     }
     out
 }

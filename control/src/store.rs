@@ -114,13 +114,22 @@ const CREATE_POPS: &str = "CREATE TABLE IF NOT EXISTS pops (
     draining INTEGER NOT NULL DEFAULT 0
 )";
 
+/// Migration 3: a backend's own health-check settings, as the registration
+/// API received them (JSON text, see `health::spec::CheckOverride`).
+/// Nullable: NULL means the app's settings. This POP's check results are
+/// never stored: they are local, and this table replicates.
+const HEALTH_CHECK_COLUMN: (&str, &str) = (
+    "health_check",
+    "ALTER TABLE backends ADD COLUMN health_check TEXT",
+);
+
 /// Schema version recorded in `PRAGMA user_version` (the original leaves it
 /// at 0). 1 = `backends` has a `country` column; 2 = it also has the
 /// [`Lifecycle`] columns; 3 = `expired` and `heartbeat_pop` too, and the
-/// `pops` table. Replicating POPs must all be at the same version (they
+/// `pops` table; 4 = `health_check` too. Replicating POPs must all be at the same version (they
 /// refuse each other otherwise): bump it with every change to a replicated
 /// table.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -276,6 +285,8 @@ pub struct Loaded {
     pub records: Vec<BackendRecord>,
     /// The discovery-API state of each row of `records`, at the same index.
     pub lifecycle: Vec<Lifecycle>,
+    /// Each row's own health-check settings (JSON text), at the same index.
+    pub health_checks: Vec<Option<String>>,
     /// Rows that could not: (id, or `"rowid N"` when the id itself is
     /// unreadable; reason).
     pub bad_rows: Vec<(String, String)>,
@@ -687,6 +698,18 @@ impl RoutingStore {
         })
     }
 
+    /// Sets or clears a live backend's own health-check settings (JSON
+    /// text); returns whether there was one.
+    pub fn set_health_check(&mut self, id: &str, check: Option<&str>) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            conn.execute(
+                "UPDATE backends SET health_check = ?1 WHERE id = ?2 AND (deleted IS NULL OR deleted = 0)",
+                params![check, id],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
     /// Sets or clears `draining` on a live backend; returns whether there was
     /// one.
     pub fn set_draining(&mut self, id: &str, draining: bool) -> Result<bool, StoreError> {
@@ -955,6 +978,7 @@ struct SchemaState {
     has_country: bool,
     /// Migration 2 columns not there yet (`ALTER TABLE` statements).
     missing_lifecycle: Vec<&'static str>,
+    has_health_check: bool,
     version: i64,
 }
 
@@ -969,6 +993,7 @@ fn schema_state(conn: &Connection) -> rusqlite::Result<SchemaState> {
             .filter(|(name, _)| !columns.iter().any(|c| c == name))
             .map(|(_, sql)| *sql)
             .collect(),
+        has_health_check: columns.iter().any(|c| c == HEALTH_CHECK_COLUMN.0),
         version,
     })
 }
@@ -1006,6 +1031,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         !state.has_country
             || !state.missing_lifecycle.is_empty()
             || !has_pops
+            || !state.has_health_check
             || state.version < SCHEMA_VERSION
     } else {
         create
@@ -1035,6 +1061,9 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             tx.execute_batch(sql)?;
         }
         tx.execute_batch(CREATE_POPS)?;
+        if !state.has_health_check {
+            tx.execute_batch(HEALTH_CHECK_COLUMN.1)?;
+        }
         if state.version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -1052,6 +1081,9 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             if added_lifecycle && !created {
                 info!(path = %path.display(),
                     "added columns draining, last_heartbeat_ms, registered_at_ms to table backends");
+            }
+            if state.has_table && !state.has_health_check {
+                info!(path = %path.display(), "added column health_check to table backends");
             }
             Ok(())
         }
@@ -1141,10 +1173,11 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     let registered = or("registered_at_ms", "NULL");
     let expired = or("expired", "0");
     let owner = or("heartbeat_pop", "NULL");
+    let health_check = or(HEALTH_CHECK_COLUMN.0, "NULL");
     let sql = format!(
         "SELECT rowid, id, app, region, {country}, wg_ip, port, healthy, weight, \
          soft_limit, hard_limit, deleted, {draining}, {heartbeat}, {registered}, \
-         {expired}, {owner} FROM backends ORDER BY rowid"
+         {expired}, {owner}, {health_check} FROM backends ORDER BY rowid"
     );
     let mut loaded = Loaded::default();
     {
@@ -1153,8 +1186,15 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
         while let Some(row) = rows.next().map_err(err)? {
             match parse_row(row) {
                 Ok((rec, lifecycle)) => {
+                    // Read apart: a bad value there costs the backend its own
+                    // check settings, not its route.
+                    let check = match row.get_ref(17) {
+                        Ok(ValueRef::Text(t)) => Some(String::from_utf8_lossy(t).into_owned()),
+                        _ => None,
+                    };
                     loaded.records.push(rec);
                     loaded.lifecycle.push(lifecycle);
+                    loaded.health_checks.push(check);
                 }
                 Err(bad) => loaded.bad_rows.push(bad),
             }
@@ -1490,7 +1530,8 @@ mod tests {
                 "last_heartbeat_ms",
                 "registered_at_ms",
                 "expired",
-                "heartbeat_pop"
+                "heartbeat_pop",
+                "health_check"
             ]
         );
         assert!(loaded.lifecycle.iter().all(|l| *l == Lifecycle::default()));
@@ -1511,6 +1552,35 @@ mod tests {
     }
 
     #[test]
+    fn version_3_file_gains_health_check_and_backend_settings_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to a version-3 layout: no health_check column.
+        other(&path)
+            .execute_batch(
+                "ALTER TABLE backends DROP COLUMN health_check; PRAGMA user_version = 3;
+                 INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 10, 20);",
+            )
+            .unwrap();
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_eq!(
+            column_names(&path).last().map(String::as_str),
+            Some("health_check")
+        );
+        assert_eq!(store.load().unwrap().health_checks, [None]);
+        assert!(store
+            .set_health_check("a", Some(r#"{"type":"http"}"#))
+            .unwrap());
+        assert!(!store.set_health_check("nope", None).unwrap());
+        assert_eq!(
+            store.load().unwrap().health_checks,
+            [Some(r#"{"type":"http"}"#.to_string())]
+        );
+    }
+
+    #[test]
     fn missing_file_is_created_with_the_original_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.db");
@@ -1519,9 +1589,9 @@ mod tests {
         assert_eq!(store.path(), path);
         assert_eq!(store.load().unwrap(), Loaded::default());
         let cols = column_names(&path);
-        assert_eq!(cols.len(), 16);
+        assert_eq!(cols.len(), 17);
         assert_eq!(cols[10], "country");
-        assert_eq!(cols.last().map(String::as_str), Some("heartbeat_pop"));
+        assert_eq!(cols.last().map(String::as_str), Some("health_check"));
 
         // The original's own inserts still work on a new file.
         other(&path)
@@ -1915,6 +1985,7 @@ mod tests {
             "registered_at_ms".to_string(),
             "expired".to_string(),
             "heartbeat_pop".to_string(),
+            "health_check".to_string()
         ]));
         // The original's inserts, which name none of them, still work.
         other(&path)

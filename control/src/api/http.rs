@@ -215,8 +215,10 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
             .and_then(|v| v.get("ip")),
         Some(v) if !v.is_null()
     );
-    match super::validate::registration_with(&body, allocate) {
-        Ok(rec) => {
+    let parsed = super::validate::registration_with(&body, allocate)
+        .and_then(|rec| Ok((rec, super::validate::health_check(&body)?)));
+    match parsed {
+        Ok((rec, check)) => {
             // A 6PN address allocated here is configured on the mesh
             // interface before the backend hears it, so it can bind it.
             if let (true, Some(h), Ok(std::net::IpAddr::V6(ip))) =
@@ -224,7 +226,7 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
             {
                 h.ensure_local(ip).await;
             }
-            call(&s, Op::Register(rec)).await
+            call(&s, Op::Register(rec, check)).await
         }
         Err(e) => {
             tracing::debug!(error = %e, "discovery API: registration refused");
