@@ -21,6 +21,8 @@ use super::{DeviceError, DeviceSettings, PeerSpec, PeerStatus};
 use crate::mesh::keys::PublicKey;
 
 const IMPLEMENTATION: &str = "embedded";
+/// How long an added peer's handshake initiation may take to be sent.
+const INITIATE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The UAPI socket path `wg` looks for.
 pub fn uapi_socket(interface: &str) -> std::path::PathBuf {
@@ -127,7 +129,25 @@ impl Embedded {
             peer.keepalive = keepalive;
             self.device.add_peer(peer).await.map_err(configure)?;
         }
+        self.initiate(&key).await;
         Ok(())
+    }
+
+    /// Sends a handshake initiation to a peer without a session now,
+    /// instead of at its first packet. Two POPs add each other a few
+    /// hundred ms apart; the first one's initiation reaches a POP that does
+    /// not know it yet and is dropped, and WireGuard retries only after
+    /// REKEY_TIMEOUT (5 s). The second one's initiation, sent here, meets
+    /// a peer that knows it: the tunnel is up one round trip later. (The
+    /// kernel module and wireguard-go do the same by themselves: they send
+    /// a keepalive when a peer gets a persistent keepalive.) Only the send
+    /// is waited for (it happens at the first poll unless the peer is
+    /// locked), not the answer.
+    async fn initiate(&self, key: &x25519::PublicKey) {
+        match tokio::time::timeout(INITIATE_WAIT, self.device.force_handshake(key)).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, "mesh: no handshake initiation"),
+            Ok(Ok(())) | Err(_) => {}
+        }
     }
 
     pub async fn remove_peer(&mut self, key: &PublicKey) -> Result<(), DeviceError> {
