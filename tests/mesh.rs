@@ -819,7 +819,7 @@ fn log_times(
 }
 
 #[test]
-#[ignore = "about 2 minutes; figures for README"]
+#[ignore = "about 2 minutes (10 rounds); figures for README"]
 fn figures_join_and_removal() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut m = Mesh::hosts(4, 4);
@@ -832,7 +832,8 @@ fn figures_join_and_removal() {
     let mut detections = Vec::new();
     let mut removals = Vec::new();
     let mut after_detection = Vec::new();
-    for round in 0..5 {
+    const ROUNDS: u16 = 10;
+    for round in 0..ROUNDS {
         // Join: POP 3 starts; from its "joined the cluster" line until each
         // other POP completes a TCP handshake with a backend on POP 3's 6PN
         // address (through the tunnel, so the WireGuard handshake included).
@@ -928,7 +929,7 @@ fn figures_join_and_removal() {
     removals.sort();
     after_detection.sort();
     let list = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ");
-    eprintln!("\nmesh figures: 4 POPs, 50 ms one way, 1 % loss, 5 rounds");
+    eprintln!("\nmesh figures: 4 POPs, 50 ms one way, 1 % loss, {ROUNDS} rounds");
     eprintln!(
         "joining POP reachable over the mesh from every other POP: {}",
         list(&joins)
