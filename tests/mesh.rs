@@ -738,7 +738,10 @@ fn a_killed_pop_leaves_the_mesh_and_comes_back_at_a_new_endpoint_without_disturb
     let new_endpoint = format!("{}:51900", m.net.ip(2));
     for i in [0, 1] {
         let moved = common::eventually(PATIENCE, || {
-            m.wg_peers(i).get(&key2).and_then(|p| p.endpoint.clone()).as_deref()
+            m.wg_peers(i)
+                .get(&key2)
+                .and_then(|p| p.endpoint.clone())
+                .as_deref()
                 == Some(&*new_endpoint)
         });
         assert!(moved, "POP {i}: {:?}", m.wg_peers(i).get(&key2));
@@ -948,11 +951,15 @@ fn figures_join_and_removal() {
 /// POPs' recent mesh and membership lines, when a figure is off goal.
 fn explain(m: &Mesh, pops: &[usize], why: &str) {
     for &i in pops {
-        let Some(p) = m.pops[i].as_ref() else { continue };
+        let Some(p) = m.pops[i].as_ref() else {
+            continue;
+        };
         let lines = p.log_lines();
         let relevant: Vec<&String> = lines
             .iter()
-            .filter(|l| l.contains("mesh:") || l.contains("replication: member") || l.contains("joined"))
+            .filter(|l| {
+                l.contains("mesh:") || l.contains("replication: member") || l.contains("joined")
+            })
             .collect();
         let tail = &relevant[relevant.len().saturating_sub(12)..];
         eprintln!("--- {why}: POP {i}");

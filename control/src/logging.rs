@@ -22,7 +22,11 @@ pub fn init(level: &str) {
     // module), and the mesh reports every failure of its calls with the
     // cause anyway.
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("defguard")) {
-        filter = filter.add_directive("defguard_wireguard_rs=off".parse().expect("valid directive"));
+        filter = filter.add_directive(
+            "defguard_wireguard_rs=off"
+                .parse()
+                .expect("valid directive"),
+        );
     }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -588,12 +588,9 @@ mod tests {
         row.name = "pop-a2".into();
         db.upsert_pop(&row).unwrap();
         assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
-        let data: serde_json::Value = serde_json::from_str(
-            node.replica()
-                .data(&RowKey::new(Table::Pops, "a"))
-                .unwrap(),
-        )
-        .unwrap();
+        let data: serde_json::Value =
+            serde_json::from_str(node.replica().data(&RowKey::new(Table::Pops, "a")).unwrap())
+                .unwrap();
         assert_eq!(data["wg_endpoint"], "10.0.0.1:51900");
         assert_eq!(data["name"], "pop-a2");
     }
