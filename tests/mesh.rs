@@ -1038,44 +1038,31 @@ fn cpu_ns(pid: u32) -> u64 {
 /// underlay address for the baseline): Mbit/s received.
 fn iperf(net: &Net, to: IpAddr, secs: u32) -> f64 {
     let server = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.hosts[1].ns,
-            "iperf3",
-            "-s",
-            "-1",
-            "-B",
-        ])
+        .args(["netns", "exec", &net.hosts[1].ns, "iperf3", "-s", "-B"])
         .arg(to.to_string())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 (apt-get install iperf3)");
-    let mut server = KillOnDrop(server);
-    let out = common::eventually(PATIENCE, || {
-        Command::new("ip")
-            .args(["netns", "exec", &net.hosts[0].ns, "iperf3", "-c"])
-            .arg(to.to_string())
-            .args(["-t", &secs.to_string(), "-J"])
-            .output()
-            .map(|o| {
-                let ok = o.status.success();
-                if ok {
-                    std::fs::write("/tmp/edgeproxy-mesh-iperf.json", &o.stdout).unwrap();
-                }
-                ok
-            })
-            .unwrap_or(false)
+    let _server = KillOnDrop(server);
+    // Ready when its port listens (a probe connection would count as a
+    // client).
+    let listening = common::eventually(PATIENCE, || {
+        sh(&["ip", "netns", "exec", &net.hosts[1].ns, "ss", "-Hltn", "sport = :5201"])
+            .contains("5201")
     });
-    assert!(out, "iperf3 did not run");
-    let _ = server.0.wait();
-    let v: Value =
-        serde_json::from_slice(&std::fs::read("/tmp/edgeproxy-mesh-iperf.json").unwrap()).unwrap();
-    let _ = std::fs::remove_file("/tmp/edgeproxy-mesh-iperf.json");
+    assert!(listening, "iperf3 -s did not listen");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.hosts[0].ns, "iperf3", "-c"])
+        .arg(to.to_string())
+        .args(["-t", &secs.to_string(), "-J"])
+        .output()
+        .expect("iperf3 -c");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
-        .unwrap()
+        .unwrap_or_else(|| panic!("iperf3 to {to} failed ({}): {text}", out.status))
         / 1e6
 }
 
