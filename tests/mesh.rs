@@ -1048,8 +1048,16 @@ fn iperf(net: &Net, to: IpAddr, secs: u32) -> f64 {
     // Ready when its port listens (a probe connection would count as a
     // client).
     let listening = common::eventually(PATIENCE, || {
-        sh(&["ip", "netns", "exec", &net.hosts[1].ns, "ss", "-Hltn", "sport = :5201"])
-            .contains("5201")
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.hosts[1].ns,
+            "ss",
+            "-Hltn",
+            "sport = :5201",
+        ])
+        .contains("5201")
     });
     assert!(listening, "iperf3 -s did not listen");
     let out = Command::new("ip")
@@ -1101,8 +1109,8 @@ fn hand_made_wireguard_go(net: &Net, names: [&str; 2]) -> (Vec<KillOnDrop>, Ipv6
         })
         .collect();
     let mut procs = Vec::new();
-    for i in 0..2 {
-        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", names[i]));
+    for (i, name) in names.iter().enumerate() {
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
         let child = Command::new("ip")
             .args([
                 "netns",
@@ -1110,14 +1118,14 @@ fn hand_made_wireguard_go(net: &Net, names: [&str; 2]) -> (Vec<KillOnDrop>, Ipv6
                 &net.hosts[i].ns,
                 "wireguard-go",
                 "-f",
-                names[i],
+                name,
             ])
             .env("LOG_LEVEL", "error")
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
         procs.push(KillOnDrop(child));
-        let sock = PathBuf::from(format!("/var/run/wireguard/{}.sock", names[i]));
+        let sock = PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
         assert!(common::eventually(PATIENCE, || sock.exists()));
     }
     for i in 0..2 {
