@@ -66,6 +66,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     crate::routing_db_path::prepare(&config.routing.db_path)?;
     let mut store = RoutingStore::open(&config.routing.db_path)?;
     store.set_node_id(&config.replication.node_id);
+    // The mesh's key and 6PN prefix, checked against this POP's row.
+    let mut mesh = crate::mesh::driver::prepare(&config, &mut store)?;
     if config.demo.backends > 0 {
         let records =
             crate::demo::start(config.demo.backends, &config.demo.app, &config.pop.region)
@@ -102,8 +104,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         metrics: metrics_listener,
         api: api_socket,
         dns,
-        replication,
+        mut replication,
     } = sockets;
+    if let (Some(bound), Some(m)) = (replication.as_mut(), mesh.as_mut()) {
+        bound.set_mesh(m.columns(bound.advertised_ip()));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -119,6 +124,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let _context = runtime.enter();
         crate::upgrade::Upgrades::start(&config.upgrade, config.replication.enabled)?
     };
+    // The mesh interface is up (or the start fails) before this POP's row
+    // tells the other POPs to peer with it.
+    let mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
     let replication = match replication {
         None => None,
         Some(bound) => {
@@ -172,6 +180,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
+            mesh: mesh.as_ref().map(|m| m.status()),
             health: Some(health.clone()),
             readiness: readiness.clone(),
         };
@@ -183,11 +192,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let api = match api_socket {
         None => None,
         Some(bound) => Some(runtime.block_on(async {
-            bound.serve(
-                snapshot.clone(),
-                replication.as_ref().map(|r| r.status()),
-                readiness.clone(),
-            )
+            bound
+                .with_mesh(mesh.as_ref().map(|m| (m.api_hooks(), m.status())))
+                .serve(
+                    snapshot.clone(),
+                    replication.as_ref().map(|r| r.status()),
+                    readiness.clone(),
+                )
         })?),
     };
     let (stop_dns, dns_stop) = tokio::sync::watch::channel(false);
@@ -298,6 +309,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     if drainer.join().is_err() {
         tracing::error!("the drain thread panicked");
     }
+    if let Some(m) = mesh {
+        // After the drain: connections to backends at other POPs go
+        // through the tunnel until then.
+        m.stop(Duration::from_secs(5));
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -392,6 +408,9 @@ pub fn check(
     }
     if !options.no_bind {
         drop(bind_all(&config, &specs, 1, &geo)?);
+    }
+    if config.mesh.enabled {
+        crate::mesh::keys::check(&config.mesh.private_key_file)?;
     }
     let warnings = crate::check_routing::warnings(&config, &listener_apps(&config))?;
     Ok((config, warnings))

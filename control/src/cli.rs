@@ -1,7 +1,8 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
 //! `edgeproxy completions SHELL`, `edgeproxy cluster status` (replication's
-//! view).
+//! view), `edgeproxy mesh status` and `edgeproxy 6pn` (the WireGuard mesh
+//! and its addressing), `edgeproxy upgrade`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -88,6 +89,16 @@ pub enum Command {
     /// start, the running proxy keeps serving and this exits non-zero with
     /// the reason.
     Upgrade(crate::upgrade::client::UpgradeArgs),
+    /// The WireGuard mesh between POPs, through a running POP's API:
+    /// `status` shows the interface, every peer's endpoint, last handshake
+    /// and bytes, and POPs left out of the mesh.
+    Mesh(Box<crate::mesh::cli::MeshArgs>),
+    /// 6PN addressing (read from the config and routing.db; no running
+    /// proxy needed): `show` the cluster's /48 and this POP's /64,
+    /// `address ID` the address a backend registered here without one
+    /// gets, `backends` the backends on 6PN addresses.
+    #[command(name = "6pn")]
+    SixPn(crate::mesh::cli::SixPnArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -107,6 +118,8 @@ pub fn main() -> ExitCode {
         Command::Cluster(args) => crate::replication::cli::run(*args),
         Command::Completions { shell } => completions(shell),
         Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
+        Command::Mesh(args) => crate::mesh::cli::run_mesh(*args),
+        Command::SixPn(args) => crate::mesh::cli::run_6pn(args, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -55,6 +55,9 @@ pub struct RawConfig {
     /// `[replication]`: between POPs, see `crate::replication::config`.
     #[serde(default)]
     pub replication: crate::replication::config::RawReplication,
+    /// `[mesh]`: the WireGuard mesh and 6PN, see `crate::mesh::config`.
+    #[serde(default)]
+    pub mesh: crate::mesh::config::RawMesh,
     /// `[health]`, `[circuit_breaker]`: see `crate::health::config`.
     #[serde(default)]
     pub health: crate::health::config::RawHealth,
@@ -206,6 +209,7 @@ pub struct Config {
     pub api: crate::api::config::Api,
     pub dns: Dns,
     pub replication: crate::replication::config::Replication,
+    pub mesh: crate::mesh::config::Mesh,
     pub health: crate::health::config::Health,
     pub circuit_breaker: crate::health::config::Circuit,
     pub rate_limit: crate::client_limits::RateLimit,
@@ -826,6 +830,8 @@ impl Config {
 
         let dns = dns_section(raw.dns, env)?;
         let upgrade = crate::upgrade::config::from_raw(raw.upgrade, env, &routing.db_path)?;
+        let replication = crate::replication::config::from_raw(raw.replication, env)?;
+        let mesh = crate::mesh::config::from_raw(raw.mesh, env, &replication, &routing.db_path)?;
 
         let config = Config {
             pop,
@@ -840,7 +846,8 @@ impl Config {
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
-            replication: crate::replication::config::from_raw(raw.replication, env)?,
+            replication,
+            mesh,
             health: crate::health::config::health_from_raw(raw.health, env)?,
             circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
             rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,

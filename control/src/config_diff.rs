@@ -106,6 +106,7 @@ pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
     keep!("metrics", metrics);
     keep!("dns", dns);
     keep!("replication", replication);
+    keep!("mesh", mesh);
     keep!("upgrade", upgrade);
     keep!("postgres", postgres);
     keep!("circuit_breaker", circuit_breaker);

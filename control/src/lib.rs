@@ -19,6 +19,7 @@ pub mod health;
 pub mod internal_dns;
 pub mod log_config;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod no_backend_warn;
 pub mod pg_source;

@@ -27,6 +27,21 @@ pub fn init(log: &Log) {
         let directive = format!("{}=info", crate::log_config::ACCESS_TARGET);
         filter = filter.add_directive(directive.parse().expect("valid directive"));
     }
+    // The embedded WireGuard logs every peer change and UAPI connection at
+    // info; the mesh logs what matters itself (`mesh: peer added ...`).
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("gotatun")) {
+        filter = filter.add_directive("gotatun=warn".parse().expect("valid directive"));
+    }
+    // defguard_wireguard_rs logs at ERROR what `auto` expects (no kernel
+    // module), and the mesh reports every failure of its calls with the
+    // cause anyway.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("defguard")) {
+        filter = filter.add_directive(
+            "defguard_wireguard_rs=off"
+                .parse()
+                .expect("valid directive"),
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

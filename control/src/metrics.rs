@@ -24,6 +24,8 @@ pub struct Sources {
     pub started: std::time::Instant,
     /// Set when replication runs.
     pub replication: Option<crate::replication::status::StatusHandle>,
+    /// Set when the mesh runs.
+    pub mesh: Option<crate::mesh::status::StatusHandle>,
     /// Health checks and circuit breaker, when on.
     pub health: Option<crate::health::HealthLink>,
     /// For `/ready` and `/live` (`crate::readiness`).
@@ -418,6 +420,9 @@ pub fn render(sources: &Sources) -> String {
         "Tracked clients evicted from the shards' rate-limit tables by new ones.",
         s.client_evictions,
     );
+    if let Some(m) = &sources.mesh {
+        crate::mesh::metrics::write(&mut out, &m.load());
+    }
     if let Some(health) = &sources.health {
         health.render_metrics(&mut out);
     }

@@ -425,6 +425,11 @@ pub fn pop_views(rows: &[PopRow], input: &PopsInput) -> Vec<PopView> {
                 alive: local || alive.contains(&r.node_id),
                 draining: r.draining,
                 local,
+                mesh: engine::snapshot::PopMesh {
+                    public_key: Arc::from(r.wg_public_key.trim()),
+                    endpoint: r.wg_endpoint.trim().parse().ok(),
+                    prefix6: r.prefix6.trim().parse().ok(),
+                },
             }
         })
         .collect()

@@ -262,6 +262,11 @@ pub struct PopRow {
     pub gossip_addr: String,
     pub transport_addr: String,
     pub draining: bool,
+    /// The POP's WireGuard public key (base64), its WireGuard endpoint
+    /// (`ip:port`) and its 6PN /64; empty without the mesh (`crate::mesh`).
+    pub wg_public_key: String,
+    pub wg_endpoint: String,
+    pub prefix6: String,
 }
 
 /// What [`RoutingStore::register`] did.
@@ -744,7 +749,8 @@ impl RoutingStore {
                 .conn
                 .prepare_cached(
                     "SELECT node_id, name, region, country, public_addrs, private_addr, \
-                     gossip_addr, transport_addr, draining FROM pops ORDER BY node_id",
+                     gossip_addr, transport_addr, draining, wg_public_key, wg_endpoint, \
+                     prefix6 FROM pops ORDER BY node_id",
                 )
                 .map_err(err)?;
             let rows = stmt
@@ -759,6 +765,9 @@ impl RoutingStore {
                         gossip_addr: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
                         transport_addr: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
                         draining: r.get::<_, Option<bool>>(8)?.unwrap_or(false),
+                        wg_public_key: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                        wg_endpoint: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+                        prefix6: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
                     })
                 })
                 .map_err(err)?;

@@ -233,6 +233,19 @@ pub struct PopView {
     pub draining: bool,
     /// This POP itself.
     pub local: bool,
+    /// Its place in the WireGuard mesh (empty when it runs none).
+    pub mesh: PopMesh,
+}
+
+/// A POP's WireGuard mesh data, from its replicated `pops` row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PopMesh {
+    /// WireGuard public key, base64 as written (empty: no mesh).
+    pub public_key: Arc<str>,
+    /// Where its WireGuard listens.
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// Its 6PN /64.
+    pub prefix6: Option<ipnet::Ipv6Net>,
 }
 
 impl PopView {

@@ -50,6 +50,12 @@ pub(super) struct Shared {
     pub cluster: Option<crate::replication::status::StatusHandle>,
     /// `/health` says 503 `draining` once a drain starts.
     pub readiness: crate::readiness::Readiness,
+    /// The mesh: 6PN allocation for registrations without an address, and
+    /// its status. `None` without a mesh.
+    pub mesh: Option<(
+        crate::mesh::driver::ApiHooks,
+        crate::mesh::status::StatusHandle,
+    )>,
 }
 
 type AppState = Arc<Shared>;
@@ -76,6 +82,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends/{id}", get(get_one).delete(deregister))
         .route("/api/v1/backends/{id}/drain", post(drain))
         .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/mesh", get(mesh))
         .fallback(|| async { error(404, "no such endpoint") })
         // A known path with the wrong method: JSON like every other error
         // (axum's default is an empty body). axum still sets `Allow`.
@@ -205,10 +212,33 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
         Ok(Err(_)) => return too_big(),
         Ok(Ok(body)) => body,
     };
-    let parsed = super::validate::registration(&body)
+    let hooks = s.mesh.as_ref().map(|(hooks, _)| hooks.clone());
+    let allocate = hooks
+        .as_ref()
+        .map(|h| move |id: &str| std::net::IpAddr::V6(h.allocate(id)));
+    let allocate = allocate
+        .as_ref()
+        .map(|f| f as &dyn Fn(&str) -> std::net::IpAddr);
+    let omitted_ip = !matches!(
+        serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .as_ref()
+            .and_then(|v| v.get("ip")),
+        Some(v) if !v.is_null()
+    );
+    let parsed = super::validate::registration_with(&body, allocate)
         .and_then(|rec| Ok((rec, super::validate::health_check(&body)?)));
     match parsed {
-        Ok((rec, check)) => call(&s, Op::Register(rec, check)).await,
+        Ok((rec, check)) => {
+            // A 6PN address allocated here is configured on the mesh
+            // interface before the backend hears it, so it can bind it.
+            if let (true, Some(h), Ok(std::net::IpAddr::V6(ip))) =
+                (omitted_ip, hooks.as_ref(), rec.ip.parse())
+            {
+                h.ensure_local(ip).await;
+            }
+            call(&s, Op::Register(rec, check)).await
+        }
         Err(e) => {
             tracing::debug!(error = %e, "discovery API: registration refused");
             reply(Reply::error(
@@ -226,6 +256,14 @@ async fn cluster(State(s): State<AppState>) -> Response {
     match &s.cluster {
         Some(c) => Json(&*c.load()).into_response(),
         None => Json(json!({ "enabled": false, "members": [] })).into_response(),
+    }
+}
+
+/// The mesh's interface and peers (what the mesh driver last published).
+async fn mesh(State(s): State<AppState>) -> Response {
+    match &s.mesh {
+        Some((_, status)) => Json(&*status.load()).into_response(),
+        None => Json(json!({ "enabled": false, "peers": [] })).into_response(),
     }
 }
 

@@ -55,6 +55,10 @@ pub struct Bound {
     addr: SocketAddr,
     config: ApiConfig,
     exposure: Exposure,
+    mesh: Option<(
+        crate::mesh::driver::ApiHooks,
+        crate::mesh::status::StatusHandle,
+    )>,
 }
 
 /// Binds the API's socket as [`ApiConfig::bind_plan`] decides and logs
@@ -97,12 +101,26 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
         addr,
         config: config.clone(),
         exposure,
+        mesh: None,
     }))
 }
 
 impl Bound {
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The mesh, when it runs: `GET /api/v1/mesh`, and 6PN addresses for
+    /// registrations that omit `ip`.
+    pub fn with_mesh(
+        mut self,
+        mesh: Option<(
+            crate::mesh::driver::ApiHooks,
+            crate::mesh::status::StatusHandle,
+        )>,
+    ) -> Bound {
+        self.mesh = mesh;
+        self
     }
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
@@ -131,6 +149,7 @@ impl Bound {
             started: Instant::now(),
             cluster,
             readiness,
+            mesh: self.mesh,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })

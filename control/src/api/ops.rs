@@ -168,7 +168,8 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                         // of a live registration is a plain 200 (the
                         // original said 201 to both).
                         if updated { 200 } else { 201 },
-                        json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
+                        json!({ "id": rec.id, "registered": true, "updated": updated, "message": message,
+                                "ip": rec.ip }),
                     )
                 }
             }

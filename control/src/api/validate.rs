@@ -49,6 +49,15 @@ fn bad(field: &'static str, reason: impl Into<String>) -> FieldError {
 /// hard_limit`; the first bad one is reported. The record comes out healthy
 /// and not deleted.
 pub fn registration(body: &[u8]) -> Result<BackendRecord, FieldError> {
+    registration_with(body, None)
+}
+
+/// [`registration`], where a missing `ip` is allocated by `allocate` (this
+/// POP's 6PN allocator, given the backend's id) when there is one.
+pub fn registration_with(
+    body: &[u8],
+    allocate: Option<&dyn Fn(&str) -> IpAddr>,
+) -> Result<BackendRecord, FieldError> {
     let doc: Value =
         serde_json::from_slice(body).map_err(|e| bad("body", format!("malformed JSON: {e}")))?;
     let Value::Object(obj) = doc else {
@@ -89,7 +98,16 @@ pub fn registration(body: &[u8]) -> Result<BackendRecord, FieldError> {
         }
     };
 
-    let ip_text = required_str(&obj, "ip")?;
+    let ip_text = match (obj.get("ip"), allocate) {
+        (None | Some(Value::Null), Some(allocate)) => allocate(id).to_string(),
+        (None | Some(Value::Null), None) => {
+            return Err(bad(
+                "ip",
+                "is required (this POP runs no 6PN mesh to allocate one from)",
+            ))
+        }
+        _ => required_str(&obj, "ip")?.to_string(),
+    };
     let ip: IpAddr = ip_text
         .parse()
         .map_err(|_| bad("ip", format!("{ip_text:?} is not an IPv4 or IPv6 address")))?;

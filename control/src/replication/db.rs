@@ -455,30 +455,45 @@ impl ReplDb {
     /// Writes this POP's own row of `pops` when it differs from what is
     /// there (a restart with the same settings writes nothing, so nothing
     /// replicates).
+    ///
+    /// An UPDATE, then an INSERT for a row that is not there yet, rather
+    /// than one `INSERT … ON CONFLICT DO UPDATE`: inside an upsert SQLite
+    /// runs the change-capture trigger's `INSERT OR REPLACE` as a plain
+    /// INSERT, and the update trigger logs the row's key twice (NEW and
+    /// OLD), so a POP whose own row changed (a new name, address or mesh
+    /// endpoint) could not start ("UNIQUE constraint failed:
+    /// repl_changes").
     pub fn upsert_pop(&mut self, row: &crate::store::PopRow) -> Result<(), DbError> {
         self.with_tx(|tx| {
+            let values = params![
+                row.node_id,
+                row.name,
+                row.region,
+                row.country,
+                row.public_addrs,
+                row.private_addr,
+                row.gossip_addr,
+                row.transport_addr,
+                row.draining,
+                row.wg_public_key,
+                row.wg_endpoint,
+                row.prefix6
+            ];
             tx.execute(
-                "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
-                 gossip_addr, transport_addr, draining) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-                 ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, region = excluded.region, \
-                 country = excluded.country, public_addrs = excluded.public_addrs, \
-                 private_addr = excluded.private_addr, gossip_addr = excluded.gossip_addr, \
-                 transport_addr = excluded.transport_addr, draining = excluded.draining \
-                 WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
-                 OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs \
-                 OR private_addr IS NOT excluded.private_addr OR gossip_addr IS NOT excluded.gossip_addr \
-                 OR transport_addr IS NOT excluded.transport_addr OR draining IS NOT excluded.draining",
-                params![
-                    row.node_id,
-                    row.name,
-                    row.region,
-                    row.country,
-                    row.public_addrs,
-                    row.private_addr,
-                    row.gossip_addr,
-                    row.transport_addr,
-                    row.draining
-                ],
+                "UPDATE pops SET name = ?2, region = ?3, country = ?4, public_addrs = ?5, \
+                 private_addr = ?6, gossip_addr = ?7, transport_addr = ?8, draining = ?9, \
+                 wg_public_key = ?10, wg_endpoint = ?11, prefix6 = ?12 \
+                 WHERE node_id = ?1 AND (name IS NOT ?2 OR region IS NOT ?3 OR country IS NOT ?4 \
+                 OR public_addrs IS NOT ?5 OR private_addr IS NOT ?6 OR gossip_addr IS NOT ?7 \
+                 OR transport_addr IS NOT ?8 OR draining IS NOT ?9 OR wg_public_key IS NOT ?10 \
+                 OR wg_endpoint IS NOT ?11 OR prefix6 IS NOT ?12)",
+                values,
+            )?;
+            tx.execute(
+                "INSERT OR IGNORE INTO pops (node_id, name, region, country, public_addrs, \
+                 private_addr, gossip_addr, transport_addr, draining, wg_public_key, wg_endpoint, \
+                 prefix6) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                values,
             )
             .map(|_| ())
         })
@@ -548,6 +563,37 @@ mod tests {
 
     const INSERT: &str = "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
         VALUES ('b1', 'web', 'eu', '10.0.0.1', 80, 1, 2, 100, 150)";
+
+    /// The fixture of the bug: a POP restarted with another endpoint (or
+    /// name, or address) failed with "UNIQUE constraint failed:
+    /// repl_changes.tbl, repl_changes.pk".
+    #[test]
+    fn a_pops_own_row_that_changed_at_restart_is_rewritten_and_replicated() {
+        let (_d, _path, mut db, mut node) = setup();
+        let mut row = crate::store::PopRow {
+            node_id: "a".into(),
+            name: "pop-a".into(),
+            region: "eu".into(),
+            wg_endpoint: "10.0.0.1:51820".into(),
+            ..Default::default()
+        };
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
+        // Unchanged: nothing written, nothing to replicate.
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
+        // Changed, with the previous change still in the log too.
+        row.wg_endpoint = "10.0.0.1:51900".into();
+        db.upsert_pop(&row).unwrap();
+        row.name = "pop-a2".into();
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
+        let data: serde_json::Value =
+            serde_json::from_str(node.replica().data(&RowKey::new(Table::Pops, "a")).unwrap())
+                .unwrap();
+        assert_eq!(data["wg_endpoint"], "10.0.0.1:51900");
+        assert_eq!(data["name"], "pop-a2");
+    }
 
     #[test]
     fn an_operators_edit_gets_a_version_and_local_columns_do_not() {

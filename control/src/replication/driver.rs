@@ -53,6 +53,8 @@ pub struct Bound {
     config: Replication,
     pop: Pop,
     db_path: PathBuf,
+    /// The mesh's columns of this POP's row (`crate::mesh`), when it runs.
+    mesh: Option<crate::mesh::driver::RowColumns>,
 }
 
 fn bind_udp(addr: SocketAddr, what: &str) -> anyhow::Result<StdUdpSocket> {
@@ -143,6 +145,7 @@ pub fn bind(config: &Config) -> anyhow::Result<Option<Bound>> {
         config: c.clone(),
         pop: config.pop.clone(),
         db_path: config.routing.db_path.clone(),
+        mesh: None,
     }))
 }
 
@@ -181,6 +184,16 @@ impl Handle {
 }
 
 impl Bound {
+    /// The IP other POPs reach this one at.
+    pub fn advertised_ip(&self) -> IpAddr {
+        self.gossip_advertised.ip()
+    }
+
+    /// The mesh's columns for this POP's row, written at start.
+    pub fn set_mesh(&mut self, columns: crate::mesh::driver::RowColumns) {
+        self.mesh = Some(columns);
+    }
+
     /// Starts replication. Must run inside the control runtime.
     pub fn start(self, reloader: SharedReloader) -> anyhow::Result<Handle> {
         let c = &self.config;
@@ -250,6 +263,7 @@ impl Bound {
     }
 
     fn own_pop_row(&self) -> PopRow {
+        let mesh = self.mesh.clone().unwrap_or_default();
         PopRow {
             node_id: self.config.node_id.clone(),
             name: self.pop.name.clone(),
@@ -266,6 +280,9 @@ impl Bound {
             gossip_addr: self.gossip_advertised.to_string(),
             transport_addr: self.transport_advertised.to_string(),
             draining: false,
+            wg_public_key: mesh.wg_public_key,
+            wg_endpoint: mesh.wg_endpoint,
+            prefix6: mesh.prefix6,
         }
     }
 }

@@ -40,7 +40,9 @@ impl ClusterSecret {
         self.expand(CA_INFO)
     }
 
-    fn expand(&self, info: &[u8]) -> [u8; 32] {
+    /// 32 bytes for `info`: independent of every other label's (the 6PN
+    /// global ID is derived this way, see `crate::mesh::addressing`).
+    pub fn expand(&self, info: &[u8]) -> [u8; 32] {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, SALT).extract(&self.0);
         let mut out = [0u8; 32];
         prk.expand(&[info], Len32)

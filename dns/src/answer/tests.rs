@@ -335,6 +335,7 @@ fn cluster_pops_are_answered_while_alive_and_not_draining() {
         alive,
         draining,
         local: false,
+        mesh: Default::default(),
     };
     let mut snap = table();
     snap.pops = vec![

@@ -1,0 +1,198 @@
+//! The WireGuard device, whichever implementation runs it.
+//!
+//! Three implementations behind one enum (static dispatch, no boxing):
+//! - [`embedded`]: gotatun (Mullvad's maintained boringtun successor) in
+//!   this process, on a TUN device, on the mesh thread's runtime. The UAPI
+//!   socket `/var/run/wireguard/<interface>.sock` (mode 0600) lets `wg show`
+//!   read it.
+//! - [`userspace`]: a `wireguard-go` child process, configured over its
+//!   UAPI socket (defguard_wireguard_rs's client).
+//! - [`kernel`]: the kernel module over netlink (defguard_wireguard_rs).
+//!
+//! Every change is per peer: adding, updating or removing one peer never
+//! touches the interface or the other peers' sessions (no `replace_peers`
+//! after creation, no socket rebind).
+
+pub mod embedded;
+pub mod kernel;
+pub mod userspace;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::{IpNet, Ipv6Net};
+
+use super::config::Implementation;
+use super::keys::{PrivateKey, PublicKey};
+
+/// What went wrong creating or configuring the device.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    #[error("mesh: cannot create WireGuard interface {interface} ({implementation}): {cause}")]
+    Create {
+        interface: String,
+        implementation: &'static str,
+        cause: String,
+    },
+    #[error("mesh: WireGuard ({implementation}) refused a change to peer {peer}: {cause}")]
+    Configure {
+        implementation: &'static str,
+        peer: PublicKey,
+        cause: String,
+    },
+    #[error("mesh: cannot read the WireGuard device ({implementation}): {cause}")]
+    Read {
+        implementation: &'static str,
+        cause: String,
+    },
+}
+
+/// The settings a device is created with.
+pub struct DeviceSettings<'a> {
+    pub interface: &'a str,
+    pub private_key: &'a PrivateKey,
+    pub listen_port: u16,
+    /// For `wireguard-go`.
+    pub wireguard_go: &'a std::path::Path,
+}
+
+/// One peer as the mesh wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub public_key: PublicKey,
+    pub endpoint: SocketAddr,
+    /// The peer POP's 6PN /64: the only source it may send from, and where
+    /// traffic for it goes.
+    pub allowed: Ipv6Net,
+    /// Seconds; `None`: off.
+    pub keepalive: Option<u16>,
+}
+
+/// One peer as the device has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub public_key: PublicKey,
+    /// Where it was last heard from (WireGuard roams), else as configured.
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub keepalive: Option<u16>,
+    /// Time since the last completed handshake.
+    pub last_handshake: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A running WireGuard device.
+pub enum Device {
+    Embedded(embedded::Embedded),
+    Userspace(userspace::WireguardGo),
+    Kernel(kernel::Kernel),
+}
+
+impl Device {
+    /// Creates the interface with `implementation` (`Auto`: the kernel
+    /// module when it works here, else embedded). Must run on the mesh
+    /// runtime (the embedded device spawns its tasks there).
+    pub async fn create(
+        implementation: Implementation,
+        settings: &DeviceSettings<'_>,
+    ) -> Result<Device, DeviceError> {
+        match implementation {
+            Implementation::Embedded => Ok(Device::Embedded(
+                embedded::Embedded::create(settings).await?,
+            )),
+            Implementation::WireguardGo => Ok(Device::Userspace(
+                userspace::WireguardGo::create(settings).await?,
+            )),
+            Implementation::Kernel => Ok(Device::Kernel(kernel::Kernel::create(settings).await?)),
+            Implementation::Auto => match kernel::Kernel::create(settings).await {
+                Ok(k) => Ok(Device::Kernel(k)),
+                Err(e) => {
+                    tracing::info!(reason = %e,
+                        "mesh: no kernel WireGuard here; running the embedded userspace implementation");
+                    Ok(Device::Embedded(
+                        embedded::Embedded::create(settings).await?,
+                    ))
+                }
+            },
+        }
+    }
+
+    pub fn implementation(&self) -> Implementation {
+        match self {
+            Device::Embedded(_) => Implementation::Embedded,
+            Device::Userspace(_) => Implementation::WireguardGo,
+            Device::Kernel(_) => Implementation::Kernel,
+        }
+    }
+
+    /// Every peer with its endpoint, allowed IPs, handshake and counters.
+    pub async fn peers(&self) -> Result<Vec<PeerStatus>, DeviceError> {
+        match self {
+            Device::Embedded(d) => Ok(d.peers().await),
+            Device::Userspace(d) => d.peers().await,
+            Device::Kernel(d) => d.peers().await,
+        }
+    }
+
+    /// Adds `peer`, or updates it in place (its session survives).
+    pub async fn upsert_peer(&mut self, peer: &PeerSpec) -> Result<(), DeviceError> {
+        match self {
+            Device::Embedded(d) => d.upsert_peer(peer).await,
+            Device::Userspace(d) => d.upsert_peer(peer).await,
+            Device::Kernel(d) => d.upsert_peer(peer).await,
+        }
+    }
+
+    pub async fn remove_peer(&mut self, key: &PublicKey) -> Result<(), DeviceError> {
+        match self {
+            Device::Embedded(d) => d.remove_peer(key).await,
+            Device::Userspace(d) => d.remove_peer(key).await,
+            Device::Kernel(d) => d.remove_peer(key).await,
+        }
+    }
+
+    /// Takes the interface down for good (process shutdown).
+    pub async fn stop(self) {
+        match self {
+            Device::Embedded(d) => d.stop().await,
+            Device::Userspace(d) => d.stop().await,
+            Device::Kernel(d) => d.stop().await,
+        }
+    }
+}
+
+/// defguard's peer from ours (userspace and kernel share it).
+fn defguard_peer(peer: &PeerSpec) -> defguard_wireguard_rs::peer::Peer {
+    let mut p = defguard_wireguard_rs::peer::Peer::new(defguard_wireguard_rs::key::Key::new(
+        peer.public_key.0,
+    ));
+    p.endpoint = Some(peer.endpoint);
+    p.persistent_keepalive_interval = peer.keepalive;
+    p.allowed_ips = vec![defguard_wireguard_rs::net::IpAddrMask::new(
+        peer.allowed.addr().into(),
+        peer.allowed.prefix_len(),
+    )];
+    p
+}
+
+/// Our view of defguard's peer.
+fn from_defguard(p: &defguard_wireguard_rs::peer::Peer) -> PeerStatus {
+    PeerStatus {
+        public_key: PublicKey(p.public_key.as_array()),
+        endpoint: p.endpoint,
+        allowed_ips: p
+            .allowed_ips
+            .iter()
+            .filter_map(|a| IpNet::new(a.address, a.cidr).ok())
+            .collect(),
+        keepalive: p.persistent_keepalive_interval.filter(|k| *k > 0),
+        last_handshake: p
+            .last_handshake
+            .filter(|t| *t > std::time::UNIX_EPOCH)
+            .and_then(|t| t.elapsed().ok()),
+        rx_bytes: p.rx_bytes,
+        tx_bytes: p.tx_bytes,
+    }
+}

@@ -1,0 +1,606 @@
+//! The mesh driver: the I/O around [`plan`], on a thread of its own.
+//!
+//! Call order, while the process starts:
+//! 1. [`prepare`] (before the routing store is handed to the reloader): loads
+//!    or creates the private key, works out this POP's 6PN prefix, and
+//!    refuses to start if the cluster prefix moved under existing addresses.
+//! 2. [`Prepared::columns`]: this POP's `wg_public_key`, `wg_endpoint` and
+//!    `prefix6`, which replication writes into its `pops` row.
+//! 3. [`Prepared::start`]: starts the `mesh` thread and waits until the
+//!    interface exists, is up, has this POP's address and the cluster's
+//!    `unreachable` route (or the error: a start that cannot build the mesh
+//!    fails like a listener that cannot bind).
+//!
+//! The thread runs its own Tokio runtime (two workers): the embedded
+//! WireGuard's packet tasks live there, so tunnel traffic never competes
+//! with the control thread's work (gossip, the API) or waits on it. Every
+//! [`POLL`] it checks the routing snapshot's version (an atomic load): when
+//! replication publishes a membership change or a `pops` row, it
+//! reconciles at once; every [`FULL_PASS`] it reconciles anyway, which puts
+//! back whatever someone changed by hand (`wg set`, `ip route del`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::mpsc as std_mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use engine::snapshot::SnapshotHandle;
+use tokio::sync::{mpsc, oneshot};
+
+use super::addressing::PopPrefix;
+use super::config::{Mesh, SixPn};
+use super::device::{Device, DeviceSettings};
+use super::keys::{self, PrivateKey, PublicKey};
+use super::netlink::Netlink;
+use super::plan::{self, Advertised, Change, Current, Own, Skip, Update};
+use super::status::{Counters, MeshStatus, PeerView, SkippedView, StatusHandle};
+use crate::config::Config;
+use crate::store::RoutingStore;
+
+/// How often the snapshot's version is checked.
+pub const POLL: Duration = Duration::from_millis(100);
+/// A reconciliation runs at least this often, changed snapshot or not.
+pub const FULL_PASS: Duration = Duration::from_secs(5);
+/// How often the published status (handshakes, bytes) is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// How long an address allocated by a registration stays configured while
+/// the registration makes its way into the routing table.
+const PIN_FOR: Duration = Duration::from_secs(60);
+/// How long a start may take (`wireguard-go` must come up).
+const START_PATIENCE: Duration = Duration::from_secs(30);
+/// Worker threads of the mesh runtime: encryption and decryption in
+/// parallel on a 2-core POP.
+const WORKERS: usize = 2;
+
+/// The columns of this POP's `pops` row that belong to the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowColumns {
+    pub wg_public_key: String,
+    pub wg_endpoint: String,
+    pub prefix6: String,
+}
+
+/// Key loaded, prefix known; nothing running yet.
+pub struct Prepared {
+    mesh: Mesh,
+    key: PrivateKey,
+    public_key: PublicKey,
+    six_pn: SixPn,
+    node_id: String,
+    endpoint: Option<SocketAddr>,
+}
+
+/// Loads the key and checks the 6PN plan when `[mesh] enabled`.
+pub fn prepare(config: &Config, store: &mut RoutingStore) -> anyhow::Result<Option<Prepared>> {
+    let mesh = &config.mesh;
+    if !mesh.enabled {
+        return Ok(None);
+    }
+    let (key, origin) = keys::load_or_create(&mesh.private_key_file)?;
+    let public_key = key.public_key();
+    let six_pn = mesh.six_pn(&config.replication);
+    let node_id = config.replication.node_id.clone();
+    tracing::info!(file = %mesh.private_key_file.display(), %public_key,
+    "mesh: WireGuard key {}", match origin {
+        keys::Origin::Created => "created (mode 0600)",
+        keys::Origin::Loaded => "loaded",
+    });
+    // The prefix this POP advertised before, from its own replicated row.
+    let previous = store
+        .load_pops()
+        .context("mesh: cannot read the pops table")?
+        .into_iter()
+        .find(|r| r.node_id == node_id)
+        .and_then(|r| PopPrefix::parse(&r.prefix6));
+    if let Some(prev) = previous {
+        if !six_pn.cluster.contains_net(&prev.net()) {
+            anyhow::bail!(
+                "mesh: the cluster's 6PN prefix is now {} but this POP used {} until now \
+                 (the cluster secret or mesh.prefix changed?): backends' 6PN addresses would \
+                 move. Keep the old plan with mesh.prefix = \"{}\" (EDGEPROXY_6PN_PREFIX), or \
+                 delete this POP's row from the pops table to renumber on purpose",
+                six_pn.cluster,
+                prev,
+                ipnet::Ipv6Net::new(prev.net().network(), 48)
+                    .map(|n| n.trunc())
+                    .unwrap_or(prev.net())
+            );
+        }
+        if prev != six_pn.pop {
+            tracing::warn!(previous = %prev, now = %six_pn.pop,
+                "mesh: this POP's 6PN /64 changed (mesh.pop_subnet?); backends allocated under the old one are no longer routed to it");
+        }
+    }
+    tracing::info!(cluster = %six_pn.cluster, derived = six_pn.derived, pop = %six_pn.pop,
+        address = %six_pn.pop_address(), "mesh: 6PN prefix");
+    Ok(Some(Prepared {
+        mesh: mesh.clone(),
+        key,
+        public_key,
+        six_pn,
+        node_id,
+        endpoint: None,
+    }))
+}
+
+impl Prepared {
+    /// This POP's mesh columns, its endpoint at `advertise_ip` unless
+    /// `mesh.endpoint` says otherwise.
+    pub fn columns(&mut self, advertise_ip: IpAddr) -> RowColumns {
+        let endpoint = self
+            .mesh
+            .endpoint
+            .unwrap_or(SocketAddr::new(advertise_ip, self.mesh.listen_port));
+        self.endpoint = Some(endpoint);
+        RowColumns {
+            wg_public_key: self.public_key.to_string(),
+            wg_endpoint: endpoint.to_string(),
+            prefix6: self.six_pn.pop.to_string(),
+        }
+    }
+
+    pub fn six_pn(&self) -> SixPn {
+        self.six_pn
+    }
+
+    /// Builds the interface on the mesh thread and starts reconciling.
+    pub fn start(self, snapshot: SnapshotHandle) -> anyhow::Result<Handle> {
+        let status = StatusHandle::default();
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (started_tx, started_rx) = std_mpsc::channel();
+        let pop = self.six_pn.pop;
+        let published = status.clone();
+        let thread = std::thread::Builder::new()
+            .name("mesh".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(WORKERS)
+                    .thread_name("mesh-wg")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(anyhow::anyhow!("mesh: runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match Driver::start(self, snapshot, published).await {
+                        Ok(driver) => {
+                            let _ = started_tx.send(Ok(()));
+                            driver.run(command_rx).await;
+                        }
+                        Err(e) => {
+                            let _ = started_tx.send(Err(e));
+                        }
+                    }
+                });
+                runtime.shutdown_timeout(Duration::from_secs(2));
+            })
+            .context("mesh: cannot start its thread")?;
+        match started_rx.recv_timeout(START_PATIENCE) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => anyhow::bail!("mesh: the interface was not up within {START_PATIENCE:?}"),
+        }
+        Ok(Handle {
+            status,
+            hooks: ApiHooks {
+                pop,
+                commands: commands.clone(),
+            },
+            commands,
+            thread: Some(thread),
+        })
+    }
+}
+
+enum Command {
+    /// Configure this allocated address now (a registration's).
+    Pin(Ipv6Addr, oneshot::Sender<()>),
+    /// Remove what the mesh added and stop; answer when done.
+    Stop(std_mpsc::Sender<()>),
+}
+
+/// The running mesh.
+pub struct Handle {
+    status: StatusHandle,
+    hooks: ApiHooks,
+    commands: mpsc::UnboundedSender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// What the discovery API needs: allocation for registrations without
+    /// an address.
+    pub fn api_hooks(&self) -> ApiHooks {
+        self.hooks.clone()
+    }
+
+    /// Takes the interface down (blocking, at most `patience`).
+    pub fn stop(mut self, patience: Duration) {
+        let (tx, rx) = std_mpsc::channel();
+        if self.commands.send(Command::Stop(tx)).is_ok() && rx.recv_timeout(patience).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            tracing::info!("mesh: stopped");
+        } else {
+            tracing::warn!("mesh: did not stop within {patience:?}");
+        }
+    }
+}
+
+/// 6PN allocation for the discovery API.
+#[derive(Clone)]
+pub struct ApiHooks {
+    pop: PopPrefix,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl ApiHooks {
+    /// The stable address of `backend_id` in this POP's /64.
+    pub fn allocate(&self, backend_id: &str) -> Ipv6Addr {
+        self.pop.backend_address(backend_id)
+    }
+
+    /// Has the mesh configure `ip` on its interface now, so that the
+    /// backend can bind it as soon as its registration is answered. Waits
+    /// at most 2 s (the registration goes on either way: the next
+    /// reconciliation adds the address).
+    pub async fn ensure_local(&self, ip: Ipv6Addr) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Pin(ip, tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+        }
+    }
+}
+
+struct Driver {
+    device: Device,
+    netlink: Netlink,
+    index: u32,
+    own: Own,
+    mesh: Mesh,
+    endpoint: SocketAddr,
+    six_pn: SixPn,
+    snapshot: SnapshotHandle,
+    seen_version: Option<u64>,
+    last_pass: Instant,
+    advertised: Advertised,
+    /// Which POP each key belongs to, for logs and status.
+    names: HashMap<PublicKey, String>,
+    /// POPs left out, and why (logged when that changes).
+    skipped: BTreeMap<String, Skip>,
+    pinned: HashMap<Ipv6Addr, Instant>,
+    counters: Counters,
+    last_error: Option<String>,
+    status: StatusHandle,
+}
+
+impl Driver {
+    async fn start(
+        p: Prepared,
+        snapshot: SnapshotHandle,
+        status: StatusHandle,
+    ) -> anyhow::Result<Driver> {
+        let endpoint = p
+            .endpoint
+            .context("mesh: no endpoint (replication must be bound first)")?;
+        let settings = DeviceSettings {
+            interface: &p.mesh.interface,
+            private_key: &p.key,
+            listen_port: p.mesh.listen_port,
+            wireguard_go: &p.mesh.wireguard_go,
+        };
+        let device = Device::create(p.mesh.implementation, &settings).await?;
+        let netlink = Netlink::connect()?;
+        let setup = async {
+            let index = netlink.index(&p.mesh.interface).await?;
+            netlink.up(index, p.mesh.mtu).await?;
+            netlink.add_unreachable(p.six_pn.cluster.net()).await?;
+            Ok::<u32, super::netlink::NetlinkError>(index)
+        };
+        let index = match setup.await {
+            Ok(i) => i,
+            Err(e) => {
+                device.stop().await;
+                return Err(e.into());
+            }
+        };
+        let (interface, implementation) = (p.mesh.interface.clone(), device.implementation());
+        let (listen_port, mtu) = (p.mesh.listen_port, p.mesh.mtu);
+        let mut driver = Driver {
+            device,
+            netlink,
+            index,
+            own: Own {
+                node_id: p.node_id,
+                public_key: p.public_key,
+                cluster: p.six_pn.cluster,
+                pop: p.six_pn.pop,
+                keepalive: (p.mesh.persistent_keepalive_secs > 0)
+                    .then_some(p.mesh.persistent_keepalive_secs),
+            },
+            endpoint,
+            six_pn: p.six_pn,
+            mesh: p.mesh,
+            snapshot,
+            seen_version: None,
+            last_pass: Instant::now(),
+            advertised: Advertised::new(),
+            names: HashMap::new(),
+            skipped: BTreeMap::new(),
+            pinned: HashMap::new(),
+            counters: Counters::default(),
+            last_error: None,
+            status,
+        };
+        // This POP's address is there before anyone is told the POP is up.
+        driver.reconcile().await;
+        driver.publish_status().await;
+        tracing::info!(%interface, implementation = implementation.as_str(), listen_port, %endpoint,
+            public_key = %driver.own.public_key, address = %driver.six_pn.pop_address(), mtu,
+            "mesh: interface up");
+        Ok(driver)
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut poll = tokio::time::interval(POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_tick = tokio::time::interval(STATUS_EVERY);
+        status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    let version = self.snapshot.load().version;
+                    if Some(version) != self.seen_version || self.last_pass.elapsed() >= FULL_PASS {
+                        self.reconcile().await;
+                    }
+                }
+                _ = status_tick.tick() => self.publish_status().await,
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Pin(ip, done)) => {
+                        if self.own.pop.contains(&ip) {
+                            self.pinned.insert(ip, Instant::now());
+                            self.reconcile().await;
+                        }
+                        let _ = done.send(());
+                    }
+                    Some(Command::Stop(done)) => {
+                        self.stop().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.stop().await;
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn stop(self) {
+        // The interface's addresses and routes go with it; the unreachable
+        // route is not the interface's.
+        if let Err(e) = self
+            .netlink
+            .del_unreachable(self.six_pn.cluster.net())
+            .await
+        {
+            tracing::warn!(error = %e, "mesh: cannot remove the unreachable route");
+        }
+        self.device.stop().await;
+    }
+
+    /// One pass: desired vs current, then every change.
+    async fn reconcile(&mut self) {
+        self.last_pass = Instant::now();
+        let snap = self.snapshot.load_full();
+        self.seen_version = Some(snap.version);
+        let now = Instant::now();
+        self.pinned.retain(|ip, at| {
+            now.duration_since(*at) < PIN_FOR
+                && !snap.backends.iter().any(|b| b.addr.ip() == IpAddr::V6(*ip))
+        });
+        let (desired, skipped) = plan::desired(
+            &self.own,
+            &snap.pops,
+            snap.backends.iter().map(|b| b.addr.ip()),
+            self.pinned.keys(),
+        );
+        self.note_skipped(skipped);
+        for (key, w) in &desired.peers {
+            self.names.insert(*key, w.node_id.clone());
+        }
+        let current = match self.read_current().await {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail(e);
+                return;
+            }
+        };
+        let changes = plan::plan(&desired, &current, &self.advertised, &self.own);
+        self.counters.reconciliations += 1;
+        let mut failed = None;
+        let applied = changes.len();
+        for change in changes {
+            if let Err(e) = self.apply(&change).await {
+                failed = Some(e);
+            }
+        }
+        match failed {
+            Some(e) => self.fail(e),
+            None => self.last_error = None,
+        }
+        if applied > 0 {
+            // Status and metrics show a change at once, not a second later.
+            self.publish_status().await;
+        }
+    }
+
+    async fn read_current(&self) -> anyhow::Result<Current> {
+        Ok(Current {
+            peers: self.device.peers().await?,
+            addresses: self.netlink.addresses(self.index).await?,
+            routes: self
+                .netlink
+                .pop_routes(self.index, self.own.cluster.net())
+                .await?,
+        })
+    }
+
+    fn name(&self, key: &PublicKey) -> String {
+        self.names
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| "?".to_string())
+    }
+
+    async fn apply(&mut self, change: &Change) -> anyhow::Result<()> {
+        match change {
+            Change::AddAddress(ip) => {
+                self.netlink.add_address(self.index, *ip).await?;
+                self.counters.addresses_changed += 1;
+                tracing::info!(address = %ip, "mesh: address added");
+            }
+            Change::RemoveAddress(ip) => {
+                self.netlink.del_address(self.index, *ip).await?;
+                self.counters.addresses_changed += 1;
+                tracing::info!(address = %ip, "mesh: address removed");
+            }
+            Change::AddPeer(w) => {
+                self.device.upsert_peer(&w.spec).await?;
+                self.advertised.insert(w.spec.public_key, w.spec.endpoint);
+                self.counters.peers_added += 1;
+                tracing::info!(peer = %w.node_id, endpoint = %w.spec.endpoint, allowed = %w.spec.allowed,
+                    public_key = %w.spec.public_key, "mesh: peer added");
+            }
+            Change::UpdatePeer { wanted: w, why } => {
+                self.device.upsert_peer(&w.spec).await?;
+                self.advertised.insert(w.spec.public_key, w.spec.endpoint);
+                self.counters.peers_updated += 1;
+                match why {
+                    Update::Endpoint { from } => tracing::info!(peer = %w.node_id,
+                        from = from.map(|f| f.to_string()).unwrap_or_else(|| "none".into()),
+                        to = %w.spec.endpoint, "mesh: peer endpoint updated"),
+                    Update::AllowedIps => {
+                        tracing::info!(peer = %w.node_id, allowed = %w.spec.allowed,
+                        "mesh: peer allowed IPs restored")
+                    }
+                    Update::Keepalive => tracing::info!(peer = %w.node_id,
+                        keepalive = ?w.spec.keepalive, "mesh: peer keepalive restored"),
+                }
+            }
+            Change::AddRoute(net) => {
+                self.netlink
+                    .add_route(self.index, *net, self.six_pn.pop_address())
+                    .await?;
+                self.counters.routes_changed += 1;
+                tracing::debug!(route = %net, "mesh: route added");
+            }
+            Change::RemoveRoute(net) => {
+                self.netlink.del_route(self.index, *net).await?;
+                self.counters.routes_changed += 1;
+                tracing::debug!(route = %net, "mesh: route removed");
+            }
+            Change::RemovePeer(key) => {
+                self.device.remove_peer(key).await?;
+                self.advertised.remove(key);
+                self.counters.peers_removed += 1;
+                tracing::info!(peer = %self.name(key), public_key = %key, "mesh: peer removed");
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: anyhow::Error) {
+        self.counters.errors += 1;
+        let text = format!("{e:#}");
+        if self.last_error.as_deref() != Some(text.as_str()) {
+            tracing::error!(error = %text, "mesh: reconciliation failed; retrying");
+        } else {
+            tracing::debug!(error = %text, "mesh: reconciliation still failing");
+        }
+        self.last_error = Some(text);
+    }
+
+    /// Logs POPs that start or stop being left out. Being down or running
+    /// no mesh is normal (debug); a conflict is the operator's to fix.
+    fn note_skipped(&mut self, now: Vec<(String, Skip)>) {
+        let now: BTreeMap<String, Skip> = now.into_iter().collect();
+        for (node, why) in &now {
+            if self.skipped.get(node) != Some(why) {
+                match why {
+                    Skip::Down | Skip::NoMesh => {
+                        tracing::debug!(peer = %node, reason = %why, "mesh: not a peer")
+                    }
+                    _ => {
+                        tracing::warn!(peer = %node, reason = %why, "mesh: POP left out of the mesh")
+                    }
+                }
+            }
+        }
+        self.skipped = now;
+    }
+
+    async fn publish_status(&mut self) {
+        let peers = match self.device.peers().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "mesh: cannot read peers for status");
+                Vec::new()
+            }
+        };
+        let mtu = self.netlink.mtu(self.index).await.ok().flatten();
+        let mut peers: Vec<PeerView> = peers
+            .into_iter()
+            .map(|p| PeerView {
+                node_id: self.names.get(&p.public_key).cloned(),
+                public_key: p.public_key.to_string(),
+                endpoint: p.endpoint.map(|e| e.to_string()),
+                allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
+                last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                persistent_keepalive_secs: p.keepalive,
+            })
+            .collect();
+        peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        self.status.publish(MeshStatus {
+            enabled: true,
+            implementation: self.device.implementation().as_str().to_string(),
+            interface: self.mesh.interface.clone(),
+            public_key: self.own.public_key.to_string(),
+            listen_port: self.mesh.listen_port,
+            endpoint: self.endpoint.to_string(),
+            cluster_prefix: self.six_pn.cluster.to_string(),
+            cluster_prefix_derived: self.six_pn.derived,
+            prefix: self.six_pn.pop.to_string(),
+            address: self.six_pn.pop_address().to_string(),
+            mtu,
+            peers,
+            skipped: self
+                .skipped
+                .iter()
+                .map(|(node_id, why)| SkippedView {
+                    node_id: node_id.clone(),
+                    reason: why.to_string(),
+                })
+                .collect(),
+            counters: self.counters.clone(),
+            last_error: self.last_error.clone(),
+        });
+    }
+}

@@ -1,0 +1,278 @@
+//! The mesh interface's link state, addresses and routes, over rtnetlink.
+//!
+//! What the mesh keeps in the kernel:
+//! - the interface up, at `mesh.mtu`;
+//! - one `/128` per local 6PN address (this POP's `::1`, and backends'
+//!   addresses allocated here, so a backend on this host can bind them),
+//!   added without duplicate address detection;
+//! - one route per remote POP's `/64` through the interface, with this POP's
+//!   address as preferred source (so a connection from this host to a
+//!   remote backend leaves from `::1`, not a backend's address);
+//! - `unreachable <cluster /48>` underneath: a 6PN address no live POP
+//!   serves fails at once (`EHOSTUNREACH`), so the proxy moves on to the
+//!   next backend instead of waiting for a connect timeout, and 6PN traffic
+//!   never leaks to a default route.
+//!
+//! Reads and changes are separate calls; deciding what to change is
+//! `plan`'s job.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use futures_util::TryStreamExt;
+use ipnet::Ipv6Net;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// A netlink call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetlinkError {
+    #[error("mesh: netlink: cannot open a socket: {0}")]
+    Connect(std::io::Error),
+    #[error("mesh: interface {0} does not exist")]
+    NoInterface(String),
+    #[error("mesh: netlink: {what}: {cause}")]
+    Call {
+        what: String,
+        cause: rtnetlink::Error,
+    },
+}
+
+/// A connection to the kernel's routing netlink, its task on the current
+/// runtime.
+pub struct Netlink {
+    handle: Handle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn call(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |cause| NetlinkError::Call { what, cause }
+}
+
+/// True when the kernel said "already there" / "not there".
+fn errno_is(e: &rtnetlink::Error, errno: i32) -> bool {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.raw_code() == -errno,
+        _ => false,
+    }
+}
+
+impl Netlink {
+    pub fn connect() -> Result<Netlink, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        let task = tokio::spawn(conn);
+        Ok(Netlink { handle, task })
+    }
+
+    /// The interface's index.
+    pub async fn index(&self, name: &str) -> Result<u32, NetlinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link.header.index),
+            Ok(None) => Err(NetlinkError::NoInterface(name.to_string())),
+            Err(e) if errno_is(&e, libc::ENODEV) => {
+                Err(NetlinkError::NoInterface(name.to_string()))
+            }
+            Err(e) => Err(call(format!("find interface {name}"))(e)),
+        }
+    }
+
+    /// Sets the MTU and brings the link up.
+    pub async fn up(&self, index: u32, mtu: u16) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(mtu as u32)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(call("set link up"))
+    }
+
+    /// The interface's MTU, for status.
+    pub async fn mtu(&self, index: u32) -> Result<Option<u32>, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links.try_next().await.map_err(call("read link"))?;
+        Ok(link.and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+        }))
+    }
+
+    /// The interface's global IPv6 addresses (link-local ones are the
+    /// kernel's).
+    pub async fn addresses(&self, index: u32) -> Result<Vec<Ipv6Addr>, NetlinkError> {
+        let mut out = Vec::new();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await.map_err(call("list addresses"))? {
+            if msg.header.index != index || msg.header.scope == AddressScope::Link {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V6(ip)) = a {
+                    out.push(*ip);
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Adds `ip/128`, usable at once (no duplicate address detection: the
+    /// mesh alone hands out 6PN addresses).
+    pub async fn add_address(&self, index: u32, ip: Ipv6Addr) -> Result<(), NetlinkError> {
+        let mut req = self.handle.address().add(index, IpAddr::V6(ip), 128);
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match req.execute().await {
+            Err(e) if errno_is(&e, libc::EEXIST) => Ok(()),
+            r => r.map_err(call(format!("add address {ip}/128"))),
+        }
+    }
+
+    pub async fn del_address(&self, index: u32, ip: Ipv6Addr) -> Result<(), NetlinkError> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(IpAddr::V6(ip))
+            .execute();
+        while let Some(msg) = addrs.try_next().await.map_err(call("list addresses"))? {
+            if msg.header.index != index {
+                continue;
+            }
+            match self.handle.address().del(msg).execute().await {
+                Err(e) if errno_is(&e, libc::EADDRNOTAVAIL) => {}
+                r => r.map_err(call(format!("remove address {ip}")))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes in the main table through the interface whose destination is
+    /// a /64 inside `cluster`: the mesh's routes to remote POPs.
+    pub async fn pop_routes(
+        &self,
+        index: u32,
+        cluster: Ipv6Net,
+    ) -> Result<Vec<Ipv6Net>, NetlinkError> {
+        let mut out = Vec::new();
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(call("list routes"))? {
+            if r.header.table != rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
+                || r.header.kind != RouteType::Unicast
+            {
+                continue;
+            }
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            if oif != Some(index) {
+                continue;
+            }
+            if let Some(net) = destination(&r) {
+                if net.prefix_len() == 64 && cluster.contains(&net) {
+                    out.push(net);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// `dest` through the interface, preferred source `src`.
+    pub async fn add_route(
+        &self,
+        index: u32,
+        dest: Ipv6Net,
+        src: Ipv6Addr,
+    ) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dest.network(), dest.prefix_len())
+            .output_interface(index)
+            .pref_source(src)
+            .build();
+        match self.handle.route().add(msg).replace().execute().await {
+            Err(e) if errno_is(&e, libc::EEXIST) => Ok(()),
+            r => r.map_err(call(format!("add route {dest}"))),
+        }
+    }
+
+    pub async fn del_route(&self, index: u32, dest: Ipv6Net) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dest.network(), dest.prefix_len())
+            .output_interface(index)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Err(e) if errno_is(&e, libc::ESRCH) => Ok(()),
+            r => r.map_err(call(format!("remove route {dest}"))),
+        }
+    }
+
+    /// `unreachable <net>` (replaces one left by an earlier run).
+    pub async fn add_unreachable(&self, net: Ipv6Net) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .kind(RouteType::Unreachable)
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(call(format!("add unreachable {net}")))
+    }
+
+    pub async fn del_unreachable(&self, net: Ipv6Net) -> Result<(), NetlinkError> {
+        let msg = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(net.network(), net.prefix_len())
+            .kind(RouteType::Unreachable)
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Err(e) if errno_is(&e, libc::ESRCH) => Ok(()),
+            r => r.map_err(call(format!("remove unreachable {net}"))),
+        }
+    }
+}
+
+fn destination(r: &RouteMessage) -> Option<Ipv6Net> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+            Ipv6Net::new(*ip, r.header.destination_prefix_length).ok()
+        }
+        _ => None,
+    })
+}

@@ -1,0 +1,1278 @@
+//! 6PN: real edgeproxy POPs in network namespaces build a WireGuard mesh
+//! from replication's membership, with no hand-written WireGuard config.
+//! Checked from outside with `wg show` (wireguard-tools), `ip`, `nft`,
+//! `dig` and real TCP clients and backends.
+//!
+//! The POPs run the embedded userspace WireGuard (this kernel has no
+//! WireGuard module); one test runs the same mesh on `wireguard-go`.
+//!
+//! Needs root (network namespaces) and `wg`, `wireguard-go`, `nft`, `dig`;
+//! `.ci/run` installs them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::netns::Net;
+use common::{read_line, Proxy, TagBackend, TempDir};
+use serde_json::{json, Value};
+
+/// One namespaced cluster at a time: each runs several proxies and the
+/// machine has two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const SECRET: &str = "mesh-test-cluster-secret-0123456789";
+/// Generous: the machine is small and shared.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn require_tools() {
+    for tool in ["wg", "wireguard-go", "nft", "dig"] {
+        let ok = Command::new("which")
+            .arg(tool)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "{tool} is missing: apt-get install wireguard-tools wireguard-go nftables bind9-dnsutils (.ci/run does)"
+        );
+    }
+}
+
+fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A peer as `wg show <if> dump` lists it.
+#[derive(Debug, Clone, PartialEq)]
+struct WgPeer {
+    endpoint: Option<String>,
+    allowed_ips: String,
+    latest_handshake: u64,
+    rx: u64,
+    tx: u64,
+}
+
+struct Mesh {
+    net: Net,
+    dir: TempDir,
+    pops: Vec<Option<Proxy>>,
+    /// Host indices that run a POP (others are clients).
+    n_pops: usize,
+    /// Interface name per POP (unique per run: /var/run/wireguard is shared
+    /// by every namespace).
+    ifaces: Vec<String>,
+    /// Extra `[mesh]` lines per POP.
+    mesh_extra: Vec<String>,
+}
+
+impl Mesh {
+    /// `hosts` namespaces, the first `pops` of them POPs (not started).
+    fn hosts(hosts: usize, pops: usize) -> Mesh {
+        require_tools();
+        let net = Net::new(hosts);
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let run = format!(
+            "m{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        Mesh {
+            net,
+            dir: TempDir::new("mesh"),
+            pops: (0..pops).map(|_| None).collect(),
+            n_pops: pops,
+            ifaces: (0..pops).map(|i| format!("{run}i{i}")).collect(),
+            mesh_extra: vec![String::new(); pops],
+        }
+    }
+
+    /// `n` POPs, all started and joined.
+    fn start(n: usize) -> Mesh {
+        let mut m = Mesh::hosts(n, n);
+        for i in 0..n {
+            m.launch(i);
+        }
+        m.wait_meshed();
+        m
+    }
+
+    /// IPv6 on every host's link too (`fd77::<i+1>/64`).
+    fn add_ipv6(&self) {
+        for (i, h) in self.net.hosts.iter().enumerate() {
+            sh(&[
+                "ip",
+                "-n",
+                &h.ns,
+                "addr",
+                "add",
+                &format!("fd77::{}/64", i + 1),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+        }
+    }
+
+    fn db_path(&self, i: usize) -> PathBuf {
+        self.dir.join(&format!("routing-{i}.db"))
+    }
+
+    fn key_path(&self, i: usize) -> PathBuf {
+        self.dir.join(&format!("keys/pop-{i}.key"))
+    }
+
+    fn config(&self, i: usize) -> String {
+        let regions = ["sa", "eu", "ap", "us"];
+        let boot: Vec<String> = (0..self.n_pops.min(2))
+            .map(|b| format!("\"{}:4001\"", self.net.ip(b)))
+            .collect();
+        format!(
+            r#"
+[pop]
+name = "pop-{i}"
+region = "{region}"
+public_addrs = ["{ip}"]
+[runtime]
+shards = 1
+[routing]
+db_path = "{db}"
+reload_interval_ms = 200
+[[listener]]
+name = "main"
+addr = "[::]:8080"
+[[listener]]
+name = "pp"
+addr = "[::]:8082"
+send_proxy_protocol = true
+[api]
+enabled = true
+listen_addr = "127.0.0.1:8081"
+[metrics]
+enabled = true
+listen_addr = "127.0.0.1:9090"
+[dns]
+enabled = true
+listen_addr = "127.0.0.1:5353"
+udp_workers = 1
+[replication]
+enabled = true
+node_id = "node-{i}"
+gossip_addr = "{ip}:4001"
+transport_addr = "{ip}:4002"
+bootstrap_peers = [{boot}]
+secret = "{SECRET}"
+[mesh]
+enabled = true
+interface = "{iface}"
+private_key_file = "{key}"
+{extra}
+"#,
+            region = regions[i % regions.len()],
+            ip = self.net.ip(i),
+            db = self.db_path(i).display(),
+            boot = boot.join(", "),
+            iface = self.ifaces[i],
+            key = self.key_path(i).display(),
+            extra = self.mesh_extra[i],
+        )
+    }
+
+    fn launch(&mut self, i: usize) {
+        let path = self.dir.join(&format!("pop-{i}.toml"));
+        std::fs::write(&path, self.config(i)).unwrap();
+        let proxy = Proxy::spawn_in_netns(
+            &self.net.hosts[i].ns,
+            &["--config", path.to_str().unwrap()],
+            &[],
+        );
+        self.pops[i] = Some(proxy.ready());
+    }
+
+    fn pop(&self, i: usize) -> &Proxy {
+        self.pops[i].as_ref().expect("POP is running")
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.pops[i].take() {
+            p.signal(9);
+            p.wait_exit(PATIENCE);
+        }
+        // A killed embedded POP leaves its UAPI socket behind (its TUN
+        // device went with the process).
+        let _ = std::fs::remove_file(self.socket(i));
+    }
+
+    fn socket(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/var/run/wireguard/{}.sock", self.ifaces[i]))
+    }
+
+    fn running(&self) -> Vec<usize> {
+        (0..self.n_pops)
+            .filter(|&i| self.pops[i].is_some())
+            .collect()
+    }
+
+    fn api(&self, i: usize, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("http://127.0.0.1:8081{path}");
+        self.net.run_in(i, move || {
+            let agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .new_agent();
+            let result = match (method, body) {
+                ("GET", _) => agent.get(&url).call(),
+                (_, Some(b)) => agent
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .send(b.to_string()),
+                (_, None) => agent.post(&url).send_empty(),
+            };
+            let mut resp = result.expect("API unreachable");
+            let status = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        })
+    }
+
+    fn mesh_status(&self, i: usize) -> Value {
+        self.api(i, "GET", "/api/v1/mesh", None).1
+    }
+
+    /// `wg show <if> dump` inside POP `i`'s namespace: public key → peer.
+    fn wg_peers(&self, i: usize) -> BTreeMap<String, WgPeer> {
+        let out = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.net.hosts[i].ns,
+            "wg",
+            "show",
+            &self.ifaces[i],
+            "dump",
+        ]);
+        out.lines()
+            .skip(1) // the interface line (holds the private key)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (f.len() >= 8).then(|| {
+                    (
+                        f[0].to_string(),
+                        WgPeer {
+                            endpoint: (f[2] != "(none)").then(|| f[2].to_string()),
+                            allowed_ips: f[3].to_string(),
+                            latest_handshake: f[4].parse().unwrap_or(0),
+                            rx: f[5].parse().unwrap_or(0),
+                            tx: f[6].parse().unwrap_or(0),
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// `wg show <if> public-key` of POP `i`.
+    fn wg_public_key(&self, i: usize) -> String {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.net.hosts[i].ns,
+            "wg",
+            "show",
+            &self.ifaces[i],
+            "public-key",
+        ])
+        .trim()
+        .to_string()
+    }
+
+    /// POP `j`'s row as POP `i`'s routing.db holds it: (key, endpoint, prefix6).
+    fn pop_row(&self, i: usize, j: usize) -> Option<(String, String, String)> {
+        let conn = rusqlite::Connection::open(self.db_path(i)).ok()?;
+        conn.query_row(
+            "SELECT wg_public_key, wg_endpoint, prefix6 FROM pops WHERE node_id = ?1",
+            [format!("node-{j}")],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .ok()
+    }
+
+    /// POP `j`'s 6PN address (`::1` of its /64), from its own status.
+    fn address(&self, j: usize) -> Ipv6Addr {
+        self.mesh_status(j)["address"]
+            .as_str()
+            .expect("mesh status has an address")
+            .parse()
+            .unwrap()
+    }
+
+    /// What `wg show` on POP `i` must list: every other running POP with its
+    /// replicated key, endpoint and /64.
+    fn matches_membership(&self, i: usize) -> Result<(), String> {
+        let peers = self.wg_peers(i);
+        let mut want = BTreeMap::new();
+        for j in self.running() {
+            if j == i {
+                continue;
+            }
+            let (key, endpoint, prefix) = self
+                .pop_row(i, j)
+                .ok_or(format!("POP {i} has no row for POP {j}"))?;
+            want.insert(key, (endpoint, prefix));
+        }
+        let have: BTreeMap<String, (String, String)> = peers
+            .iter()
+            .map(|(k, p)| {
+                (
+                    k.clone(),
+                    (
+                        p.endpoint.clone().unwrap_or_default(),
+                        p.allowed_ips.clone(),
+                    ),
+                )
+            })
+            .collect();
+        if have == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "POP {i}: wg show has {have:?}, membership wants {want:?}"
+            ))
+        }
+    }
+
+    /// Every running POP's interface lists exactly the other running POPs.
+    fn wait_meshed(&self) {
+        let mut last = String::new();
+        let ok = common::eventually(PATIENCE, || {
+            match self
+                .running()
+                .iter()
+                .try_for_each(|&i| self.matches_membership(i))
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    last = e;
+                    false
+                }
+            }
+        });
+        assert!(ok, "mesh did not form: {last}");
+    }
+
+    /// A TCP connection from inside host `from` to `to`; the greeting line.
+    fn tcp(&self, from: usize, to: SocketAddr) -> Result<String, String> {
+        self.net.run_in(from, move || {
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+                .map_err(|e| format!("connect {to}: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            read_line(&s).ok_or(format!("no greeting from {to}"))
+        })
+    }
+
+    /// A backend greeting `name`, listening at `addr` inside host `i`.
+    /// Binding waits (with a deadline) for the address to exist.
+    fn backend(&self, i: usize, addr: SocketAddr, name: &str) -> TagBackend {
+        let listener = self.net.run_in(i, move || {
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                match TcpListener::bind(addr) {
+                    Ok(l) => return l,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => panic!("bind {addr}: {e}"),
+                }
+            }
+        });
+        TagBackend::serve(listener, name)
+    }
+
+    fn nft(&self, i: usize, script: &str) {
+        let path = self.dir.join(&format!("nft-{i}.conf"));
+        std::fs::write(&path, script).unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.net.hosts[i].ns,
+            "nft",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
+    }
+
+    fn metrics(&self, i: usize) -> String {
+        self.net.run_in(i, || {
+            let mut s = TcpStream::connect("127.0.0.1:9090").unwrap();
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    }
+
+    fn ifindex(&self, i: usize) -> String {
+        sh(&[
+            "ip",
+            "-n",
+            &self.net.hosts[i].ns,
+            "-o",
+            "link",
+            "show",
+            &self.ifaces[i],
+        ])
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string()
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for p in self.pops.iter_mut().flatten() {
+            p.signal(9);
+            p.wait_exit(PATIENCE);
+        }
+        for i in 0..self.n_pops {
+            let _ = std::fs::remove_file(self.socket(i));
+        }
+    }
+}
+
+#[test]
+fn three_pops_build_a_full_mesh_that_wg_show_confirms() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = Mesh::start(3);
+    for i in 0..3 {
+        // The key was created 0600 and is never logged.
+        let meta = std::fs::metadata(m.key_path(i)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let private = std::fs::read_to_string(m.key_path(i)).unwrap();
+        assert!(!m.pop(i).log_text().contains(private.trim()));
+        // The interface's key is the one replicated in the pops table.
+        let (key, endpoint, prefix) = m.pop_row((i + 1) % 3, i).unwrap();
+        assert_eq!(m.wg_public_key(i), key);
+        assert_eq!(endpoint, format!("{}:51820", m.net.ip(i)));
+        let status = m.mesh_status(i);
+        assert_eq!(status["prefix"], json!(prefix));
+        assert_eq!(status["implementation"], "embedded");
+    }
+    // Every POP reaches every other POP's 6PN address through the tunnel.
+    let addrs: Vec<Ipv6Addr> = (0..3).map(|j| m.address(j)).collect();
+    for (j, addr) in addrs.iter().enumerate() {
+        let _b = m.backend(
+            j,
+            SocketAddr::new(IpAddr::V6(*addr), 7000),
+            &format!("pop-{j}"),
+        );
+        for i in (0..3).filter(|&i| i != j) {
+            let to = SocketAddr::new(IpAddr::V6(*addr), 7000);
+            let ok = common::eventually(PATIENCE, || {
+                m.tcp(i, to).ok().as_deref() == Some(&*format!("pop-{j}"))
+            });
+            assert!(
+                ok,
+                "POP {i} cannot reach POP {j} at {to}: {:?}",
+                m.tcp(i, to)
+            );
+        }
+    }
+    // Handshakes happened, and the status, the CLI and the metrics agree
+    // with the device.
+    for i in 0..3 {
+        let peers = m.wg_peers(i);
+        assert_eq!(peers.len(), 2);
+        assert!(
+            peers.values().all(|p| p.latest_handshake > 0 && p.rx > 0),
+            "{peers:?}"
+        );
+        let status = m.mesh_status(i);
+        assert_eq!(status["peers"].as_array().unwrap().len(), 2);
+        let text = m.metrics(i);
+        assert!(text.contains("\nedgeproxy_mesh_peers 2\n"), "{text}");
+    }
+    let cli = m.net.run_in(0, || {
+        Command::new(env!("CARGO_BIN_EXE_edgeproxy"))
+            .args(["mesh", "status"])
+            .output()
+            .unwrap()
+    });
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{text}");
+    assert!(text.contains("node-1") && text.contains("node-2"), "{text}");
+}
+
+#[test]
+fn a_backend_on_a_remote_pops_6pn_address_is_proxied_through_the_tunnel_only() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = Mesh::start(2);
+    // Registered at POP 1 without an address: it gets one in POP 1's /64.
+    let body = json!({"id": "web-6pn", "app": "web", "region": "eu", "port": 9001});
+    let (status, reply) = m.api(1, "POST", "/api/v1/register", Some(body));
+    assert_eq!(status, 201, "{reply}");
+    let ip: Ipv6Addr = reply["ip"].as_str().unwrap().parse().unwrap();
+    let pop1: ipnet::Ipv6Net = m.mesh_status(1)["prefix"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(pop1.contains(&ip), "{ip} not in POP 1's {pop1}");
+    // The CLI computes the same address offline.
+    let cfg = m.dir.join("pop-1.toml");
+    let (ok, out, err) = common::run_to_end(
+        &[
+            "6pn",
+            "address",
+            "web-6pn",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok.success(), "{err}");
+    assert_eq!(out.trim(), ip.to_string());
+    // The backend listens on every address of POP 1's host...
+    let _b = m.backend(1, "[::]:9001".parse().unwrap(), "b-6pn");
+    // ... but its host drops anything for it arriving on the public link,
+    // and POP 0's host may not send to it over the public link either.
+    m.nft(
+        1,
+        "table inet guard {\n chain input {\n  type filter hook input priority 0;\n  \
+         iifname \"eth0\" tcp dport 9001 drop\n }\n}\n",
+    );
+    m.nft(
+        0,
+        &format!(
+            "table inet guard {{\n chain output {{\n  type filter hook output priority 0;\n  \
+             ip daddr {} tcp dport 9001 drop\n }}\n}}\n",
+            m.net.ip(1)
+        ),
+    );
+    let direct = SocketAddr::new(IpAddr::V4(m.net.ip(1)), 9001);
+    assert!(m.tcp(0, direct).is_err(), "the public path must be blocked");
+    let before: u64 = m.wg_peers(0).values().map(|p| p.tx).sum();
+    // A client at POP 0 reaches it through POP 0's proxy.
+    let through = "127.0.0.1:8080".parse().unwrap();
+    let ok = common::eventually(PATIENCE, || {
+        m.tcp(0, through).ok().as_deref() == Some("b-6pn")
+    });
+    assert!(ok, "not proxied over the mesh: {:?}", m.tcp(0, through));
+    // Echo a payload to see bytes cross the tunnel.
+    let echoed = m.net.run_in(0, || {
+        let mut s = TcpStream::connect("127.0.0.1:8080").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = read_line(&s);
+        let payload = vec![b'x'; 256 * 1024];
+        s.write_all(&payload).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        back.len()
+    });
+    assert_eq!(echoed, 256 * 1024);
+    let after: u64 = m.wg_peers(0).values().map(|p| p.tx).sum();
+    assert!(after >= before + 256 * 1024, "tunnel tx {before} → {after}");
+}
+
+#[test]
+fn ipv6_clients_and_underlay_work_end_to_end_with_proxy_protocol_and_aaaa() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Hosts 0..2 are POPs, host 3 an IPv6-only client.
+    let mut m = Mesh::hosts(4, 3);
+    m.add_ipv6();
+    sh(&[
+        "ip",
+        "-n",
+        &m.net.hosts[3].ns,
+        "-4",
+        "addr",
+        "flush",
+        "dev",
+        "eth0",
+    ]);
+    // The mesh's own underlay is IPv6 too (replication stays on IPv4).
+    for i in 0..3 {
+        m.mesh_extra[i] = format!("endpoint = \"[fd77::{}]:51820\"", i + 1);
+    }
+    for i in 0..3 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    // Peers come keyed by (random) public key: compare as a sorted list.
+    let mut endpoints: Vec<String> = m
+        .wg_peers(0)
+        .values()
+        .filter_map(|p| p.endpoint.clone())
+        .collect();
+    endpoints.sort();
+    assert_eq!(endpoints, ["[fd77::2]:51820", "[fd77::3]:51820"]);
+    // A backend at POP 2's 6PN address that reports the PROXY v2 source.
+    let body = json!({"id": "pp-1", "app": "web", "region": "ap", "port": 9002});
+    let (status, reply) = m.api(2, "POST", "/api/v1/register", Some(body));
+    assert_eq!(status, 201, "{reply}");
+    let ip: Ipv6Addr = reply["ip"].as_str().unwrap().parse().unwrap();
+    let listener = m.net.run_in(2, move || {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match TcpListener::bind((ip, 9002)) {
+                Ok(l) => return l,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("bind: {e}"),
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut head = [0u8; 52];
+                if s.read_exact(&mut head).is_err() {
+                    return;
+                }
+                // v2 signature, then IPv6 over TCP (0x21): source address at 16.
+                let family = head[13];
+                let src = Ipv6Addr::from(<[u8; 16]>::try_from(&head[16..32]).unwrap());
+                let _ = s.write_all(format!("{family:#x} {src}\n").as_bytes());
+            });
+        }
+    });
+    // The IPv6-only client connects to POP 0 over IPv6.
+    let via = "[fd77::1]:8082".parse().unwrap();
+    let ok = common::eventually(PATIENCE, || {
+        m.tcp(3, via).ok().as_deref() == Some("0x21 fd77::4")
+    });
+    assert!(ok, "IPv6 client through the mesh: {:?}", m.tcp(3, via));
+    // AAAA for the backend's 6PN name, from every POP's internal DNS.
+    for i in 0..3 {
+        let ns = m.net.hosts[i].ns.clone();
+        let found = common::eventually(PATIENCE, || {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "dig",
+                "@127.0.0.1",
+                "-p",
+                "5353",
+                "+short",
+                "AAAA",
+                "pp-1.web.internal",
+            ])
+            .trim()
+                == ip.to_string()
+        });
+        assert!(found, "POP {i} does not answer AAAA {ip}");
+    }
+}
+
+#[test]
+fn a_killed_pop_leaves_the_mesh_and_comes_back_at_a_new_endpoint_without_disturbing_others() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::start(3);
+    let index0 = m.ifindex(0);
+    // A long-lived connection over the tunnel between POP 0 and POP 1.
+    let a1 = m.address(1);
+    let _b = m.backend(1, SocketAddr::new(IpAddr::V6(a1), 7100), "long");
+    let stream = m.net.run_in(0, move || {
+        let s =
+            TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V6(a1), 7100), PATIENCE).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        assert_eq!(read_line(&s).as_deref(), Some("long"));
+        s
+    });
+    let ping = |s: &TcpStream, n: u32| {
+        let mut w = s;
+        w.write_all(format!("ping {n}\n").as_bytes()).unwrap();
+        assert_eq!(
+            read_line(s),
+            Some(format!("ping {n}")),
+            "the POP 0 ↔ POP 1 tunnel broke"
+        );
+    };
+    ping(&stream, 0);
+    let key2 = m.wg_public_key(2);
+    let killed = Instant::now();
+    m.kill(2);
+    for i in [0, 1] {
+        let gone = common::eventually(PATIENCE, || !m.wg_peers(i).contains_key(&key2));
+        assert!(gone, "POP {i} still peers with the dead POP 2");
+    }
+    eprintln!(
+        "dead POP removed from both peers after {:?}",
+        killed.elapsed()
+    );
+    ping(&stream, 1);
+    // POP 2 comes back at another endpoint (another port).
+    m.mesh_extra[2] = "listen_port = 51900".into();
+    m.launch(2);
+    m.wait_meshed();
+    // Membership may call it alive before its new row arrives (the peer is
+    // re-added at the old endpoint first): the new endpoint follows.
+    let new_endpoint = format!("{}:51900", m.net.ip(2));
+    for i in [0, 1] {
+        let moved = common::eventually(PATIENCE, || {
+            m.wg_peers(i)
+                .get(&key2)
+                .and_then(|p| p.endpoint.clone())
+                .as_deref()
+                == Some(&*new_endpoint)
+        });
+        assert!(moved, "POP {i}: {:?}", m.wg_peers(i).get(&key2));
+    }
+    let a2 = m.address(2);
+    let _b2 = m.backend(2, SocketAddr::new(IpAddr::V6(a2), 7100), "back");
+    for i in [0, 1] {
+        let to = SocketAddr::new(IpAddr::V6(a2), 7100);
+        assert!(
+            common::eventually(PATIENCE, || m.tcp(i, to).ok().as_deref() == Some("back")),
+            "POP {i} cannot reach the restarted POP 2"
+        );
+    }
+    ping(&stream, 2);
+    assert_eq!(m.ifindex(0), index0, "POP 0's interface was recreated");
+}
+
+#[test]
+fn the_mesh_runs_on_wireguard_go_too() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(2, 2);
+    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
+    for i in 0..2 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    assert_eq!(m.mesh_status(0)["implementation"], "wireguard-go");
+    let a1 = m.address(1);
+    let _b = m.backend(1, SocketAddr::new(IpAddr::V6(a1), 7200), "wggo");
+    let to = SocketAddr::new(IpAddr::V6(a1), 7200);
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("wggo")));
+    // A graceful stop takes wireguard-go and its interface down.
+    let p = m.pops[1].take().unwrap();
+    p.signal(common::SIGTERM);
+    let mut p = p;
+    assert!(p.wait_exit(PATIENCE).is_some_and(|s| s.success()));
+    let still = Command::new("ip")
+        .args(["-n", &m.net.hosts[1].ns, "link", "show", &m.ifaces[1]])
+        .output()
+        .unwrap();
+    assert!(!still.status.success(), "the interface outlived edgeproxy");
+}
+
+// ---------------------------------------------------------------------------
+// Figures for README (ignored: minutes long, and the throughput one wants a
+// release build):
+//   sudo -E cargo test --release -p edgeproxy --test mesh -- --ignored --nocapture figures
+// ---------------------------------------------------------------------------
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// For each POP of `pops`, the time its log line containing `needle`
+/// (written after `marks[i]`) was written, measured from `t0`: read from
+/// the line's own timestamp, so waiting on the POPs one after another does
+/// not enter the figure.
+fn log_times(
+    m: &Mesh,
+    pops: &[usize],
+    marks: &[usize],
+    needle: &str,
+    t0: std::time::SystemTime,
+) -> Vec<Duration> {
+    pops.iter()
+        .map(|&i| {
+            m.pop(i)
+                .wait_for_log_after(marks[i], needle, PATIENCE)
+                .and_then(|line| parse_rfc3339(line.split_whitespace().next()?))
+                .and_then(|at| at.duration_since(t0).ok())
+                .unwrap_or(PATIENCE)
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "about 2 minutes (10 rounds); figures for README"]
+fn figures_join_and_removal() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(4, 4);
+    m.net.impair(Duration::from_millis(50), 0.01);
+    for i in 0..3 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    let mut joins = Vec::new();
+    let mut detections = Vec::new();
+    let mut removals = Vec::new();
+    let mut after_detection = Vec::new();
+    const ROUNDS: u16 = 10;
+    for round in 0..ROUNDS {
+        // Join: POP 3 starts; from its "joined the cluster" line until each
+        // other POP completes a TCP handshake with a backend on POP 3's 6PN
+        // address (through the tunnel, so the WireGuard handshake included).
+        let path = m.dir.join("pop-3.toml");
+        std::fs::write(&path, m.config(3)).unwrap();
+        let p = Proxy::spawn_in_netns(
+            &m.net.hosts[3].ns,
+            &["--config", path.to_str().unwrap()],
+            &[],
+        );
+        // Its 6PN address from the line that says the interface has it
+        // (the API comes up later: asking it would start the clock late).
+        let up = p
+            .wait_for_log("mesh: interface up", PATIENCE)
+            .expect("POP 3's mesh did not come up");
+        m.pops[3] = Some(p);
+        let addr: Ipv6Addr = common::field(&up, "address")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {up:?}"));
+        // A port per round: a TagBackend's listener outlives it.
+        let to = SocketAddr::new(IpAddr::V6(addr), 7000 + round);
+        let _b = m.backend(3, to, "pop-3");
+        let reached: Vec<Instant> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|i| {
+                    let net = &m.net;
+                    s.spawn(move || {
+                        let deadline = Instant::now() + PATIENCE;
+                        loop {
+                            let ok = net.run_in(i, move || {
+                                TcpStream::connect_timeout(&to, Duration::from_millis(300)).is_ok()
+                            });
+                            if ok || Instant::now() > deadline {
+                                return Instant::now();
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let joined_at = join_instant(m.pop(3));
+        let last = reached.iter().max().unwrap();
+        joins.push(last.saturating_duration_since(joined_at));
+        if *joins.last().unwrap() > Duration::from_secs(3) {
+            explain(&m, &[0, 1, 2, 3], "join over 3 s");
+        }
+        eprintln!(
+            "round {round}: reachable from every POP {} after POP 3 joined",
+            ms(*joins.last().unwrap())
+        );
+        m.wait_meshed();
+
+        // Removal: kill -9 POP 3; each other POP's "member down" and
+        // "peer removed" lines.
+        let marks: Vec<usize> = (0..4)
+            .map(|i| m.pops[i].as_ref().map_or(0, |p| p.log_mark()))
+            .collect();
+        let t_kill = std::time::SystemTime::now();
+        m.kill(3);
+        let down = log_times(
+            &m,
+            &[0, 1, 2],
+            &marks,
+            "replication: member down peer=node-3",
+            t_kill,
+        );
+        let removed = log_times(
+            &m,
+            &[0, 1, 2],
+            &marks,
+            "mesh: peer removed peer=node-3",
+            t_kill,
+        );
+        for k in 0..3 {
+            after_detection.push(removed[k].saturating_sub(down[k]));
+            if removed[k].saturating_sub(down[k]) > Duration::from_secs(1) {
+                explain(&m, &[k], "removal over 1 s after detection");
+            }
+        }
+        detections.push(*down.iter().max().unwrap());
+        removals.push(*removed.iter().max().unwrap());
+        eprintln!(
+            "round {round}: detected {} / removed {} (last POP)",
+            ms(*detections.last().unwrap()),
+            ms(*removals.last().unwrap())
+        );
+        m.wait_meshed();
+    }
+    joins.sort();
+    detections.sort();
+    removals.sort();
+    after_detection.sort();
+    let list = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ");
+    eprintln!("\nmesh figures: 4 POPs, 50 ms one way, 1 % loss, {ROUNDS} rounds");
+    eprintln!(
+        "joining POP reachable over the mesh from every other POP: {}",
+        list(&joins)
+    );
+    eprintln!("kill -9 → declared down (last POP): {}", list(&detections));
+    eprintln!(
+        "kill -9 → removed from peers (last POP): {}",
+        list(&removals)
+    );
+    eprintln!(
+        "declared down → removed (each POP): {}",
+        list(&after_detection)
+    );
+}
+
+/// POPs' recent mesh and membership lines, when a figure is off goal.
+fn explain(m: &Mesh, pops: &[usize], why: &str) {
+    for &i in pops {
+        let Some(p) = m.pops[i].as_ref() else {
+            continue;
+        };
+        let lines = p.log_lines();
+        let relevant: Vec<&String> = lines
+            .iter()
+            .filter(|l| {
+                l.contains("mesh:") || l.contains("replication: member") || l.contains("joined")
+            })
+            .collect();
+        let tail = &relevant[relevant.len().saturating_sub(12)..];
+        eprintln!("--- {why}: POP {i}");
+        for l in tail {
+            eprintln!("    {l}");
+        }
+    }
+}
+
+/// When POP `p` logged "joined the cluster", as an `Instant`: from the
+/// line's own timestamp (tracing writes RFC 3339 UTC with microseconds)
+/// against the wall clock now.
+fn join_instant(p: &Proxy) -> Instant {
+    let line = p
+        .wait_for_log("replication: joined the cluster", PATIENCE)
+        .expect("the POP never joined");
+    let stamp = line
+        .split_whitespace()
+        .next()
+        .and_then(parse_rfc3339)
+        .unwrap_or_else(|| panic!("no RFC 3339 timestamp in {line:?}"));
+    let ago = std::time::SystemTime::now()
+        .duration_since(stamp)
+        .unwrap_or_default();
+    Instant::now() - ago
+}
+
+/// `2026-12-02T10:11:12.123456Z` → SystemTime (UTC only).
+fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let s = s.strip_suffix('Z')?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, mi, se) = (t.next()??, t.next()??, t.next()??);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + da - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + se;
+    let nanos: u32 = format!("{frac:0<9}")[..9].parse().ok()?;
+    Some(std::time::UNIX_EPOCH + Duration::new(secs as u64, nanos))
+}
+
+#[test]
+fn rfc3339_stamps_parse() {
+    let t = parse_rfc3339("1970-01-02T00:00:01.500000Z").unwrap();
+    assert_eq!(
+        t.duration_since(std::time::UNIX_EPOCH).unwrap(),
+        Duration::from_millis(86_401_500)
+    );
+    let t = parse_rfc3339("2024-03-01T00:00:00.000000Z").unwrap();
+    assert_eq!(
+        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        1_709_251_200
+    );
+}
+
+/// CPU time (ns) of a process and all its threads, from schedstat.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// One iperf3 run from host 0 to `to` (host 1's tunnel address, or its
+/// underlay address for the baseline): Mbit/s received.
+fn iperf(net: &Net, to: IpAddr, secs: u32) -> f64 {
+    let server = Command::new("ip")
+        .args(["netns", "exec", &net.hosts[1].ns, "iperf3", "-s", "-B"])
+        .arg(to.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 (apt-get install iperf3)");
+    let _server = KillOnDrop(server);
+    // Ready when its port listens (a probe connection would count as a
+    // client).
+    let listening = common::eventually(PATIENCE, || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.hosts[1].ns,
+            "ss",
+            "-Hltn",
+            "sport = :5201",
+        ])
+        .contains("5201")
+    });
+    assert!(listening, "iperf3 -s did not listen");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.hosts[0].ns, "iperf3", "-c"])
+        .arg(to.to_string())
+        .args(["-t", &secs.to_string(), "-J"])
+        .output()
+        .expect("iperf3 -c");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 to {to} failed ({}): {text}", out.status))
+        / 1e6
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// wireguard-go on both hosts, configured by hand with `wg` as an operator
+/// would: the reference. Returns the two processes and host 1's address.
+fn hand_made_wireguard_go(net: &Net, names: [&str; 2]) -> (Vec<KillOnDrop>, Ipv6Addr) {
+    let keys: Vec<(String, String)> = (0..2)
+        .map(|_| {
+            let private = sh(&["wg", "genkey"]).trim().to_string();
+            let mut pubkey = Command::new("wg")
+                .arg("pubkey")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            pubkey
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(private.as_bytes())
+                .unwrap();
+            let out = pubkey.wait_with_output().unwrap();
+            (
+                private,
+                String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            )
+        })
+        .collect();
+    let mut procs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{name}.sock"));
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.hosts[i].ns,
+                "wireguard-go",
+                "-f",
+                name,
+            ])
+            .env("LOG_LEVEL", "error")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        procs.push(KillOnDrop(child));
+        let sock = PathBuf::from(format!("/var/run/wireguard/{name}.sock"));
+        assert!(common::eventually(PATIENCE, || sock.exists()));
+    }
+    for i in 0..2 {
+        let j = 1 - i;
+        let keyfile = format!("/tmp/edgeproxy-mesh-bench-{}-{i}.key", std::process::id());
+        std::fs::write(&keyfile, &keys[i].0).unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.hosts[i].ns,
+            "wg",
+            "set",
+            names[i],
+            "private-key",
+            &keyfile,
+            "listen-port",
+            "51820",
+            "peer",
+            &keys[j].1,
+            "endpoint",
+            &format!("{}:51820", net.ip(j)),
+            "allowed-ips",
+            &format!("fd99::{}/128", j + 1),
+        ]);
+        let _ = std::fs::remove_file(&keyfile);
+        let ns = &net.hosts[i].ns;
+        sh(&["ip", "-n", ns, "link", "set", names[i], "mtu", "1420", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("fd99::{}/64", i + 1),
+            "dev",
+            names[i],
+            "nodad",
+        ]);
+    }
+    (procs, "fd99::2".parse().unwrap())
+}
+
+#[test]
+#[ignore = "about 3 minutes; wants --release; figures for README"]
+fn figures_throughput_against_wireguard_go() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let secs = 10;
+    let runs = 3;
+    let mut results: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for run in 0..runs {
+        for target in [
+            "direct (no tunnel)",
+            "edgeproxy embedded",
+            "wireguard-go (by hand)",
+            "edgeproxy + wireguard-go",
+        ] {
+            let mut m = Mesh::hosts(2, 2);
+            let (mbits, cpu) = if target == "direct (no tunnel)" {
+                // The veth pair itself, same hosts, same run: the ceiling.
+                (iperf(&m.net, IpAddr::V4(m.net.ip(1)), secs), 0.0)
+            } else if target == "wireguard-go (by hand)" {
+                let names = [m.ifaces[0].as_str(), m.ifaces[1].as_str()];
+                let (procs, to) = hand_made_wireguard_go(&m.net, names);
+                // Both wireguard-go processes: find them by their netns
+                // parent (`ip netns exec` execs, so the pid is theirs).
+                let pids: Vec<u32> = procs.iter().map(|p| p.0.id()).collect();
+                let before: u64 = pids.iter().map(|&p| cpu_ns(p)).sum();
+                let mbits = iperf(&m.net, IpAddr::V6(to), secs);
+                let after: u64 = pids.iter().map(|&p| cpu_ns(p)).sum();
+                (mbits, (after - before) as f64 / 1e9)
+            } else {
+                if target == "edgeproxy + wireguard-go" {
+                    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
+                } else {
+                    m.mesh_extra = vec!["implementation = \"embedded\"".into(); 2];
+                }
+                for i in 0..2 {
+                    m.launch(i);
+                }
+                m.wait_meshed();
+                let to = m.address(1);
+                // The WireGuard work: edgeproxy's threads, and its
+                // wireguard-go children when it runs them.
+                let pids = |m: &Mesh| -> Vec<u32> {
+                    let mut v: Vec<u32> = (0..2).map(|i| m.pop(i).pid()).collect();
+                    for p in v.clone() {
+                        // Children hang off the thread that spawned them.
+                        let tasks = std::fs::read_dir(format!("/proc/{p}/task"))
+                            .into_iter()
+                            .flatten();
+                        for t in tasks.flatten() {
+                            if let Ok(kids) = std::fs::read_to_string(t.path().join("children")) {
+                                v.extend(
+                                    kids.split_whitespace()
+                                        .filter_map(|k| k.parse::<u32>().ok()),
+                                );
+                            }
+                        }
+                    }
+                    v
+                };
+                let before: u64 = pids(&m).iter().map(|&p| cpu_ns(p)).sum();
+                let mbits = iperf(&m.net, IpAddr::V6(to), secs);
+                let after: u64 = pids(&m).iter().map(|&p| cpu_ns(p)).sum();
+                (mbits, (after - before) as f64 / 1e9)
+            };
+            // CPU seconds of both WireGuard endpoints per GB moved.
+            let gb = mbits * secs as f64 / 8.0 / 1000.0;
+            eprintln!(
+                "run {run} {target}: {mbits:.0} Mbit/s, {:.2} CPU-s/GB",
+                cpu / gb
+            );
+            results.entry(target).or_default().push((mbits, cpu / gb));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    eprintln!(
+        "\nthroughput through one tunnel, iperf3 -t {secs}, {runs} interleaved runs (median):"
+    );
+    let base = median(
+        results["wireguard-go (by hand)"]
+            .iter()
+            .map(|r| r.0)
+            .collect(),
+    );
+    let base_cpu = median(
+        results["wireguard-go (by hand)"]
+            .iter()
+            .map(|r| r.1)
+            .collect(),
+    );
+    let direct = median(results["direct (no tunnel)"].iter().map(|r| r.0).collect());
+    for (target, rs) in &results {
+        let mb = median(rs.iter().map(|r| r.0).collect());
+        let cpu = median(rs.iter().map(|r| r.1).collect());
+        let all: Vec<String> = rs.iter().map(|r| format!("{:.0}", r.0)).collect();
+        eprintln!(
+            "{target:<26} {mb:>6.0} Mbit/s ({}) ×{:.2} direct, ×{:.2} wireguard-go; \
+             {cpu:.2} CPU-s/GB ×{:.2}",
+            all.join(", "),
+            mb / direct,
+            mb / base,
+            cpu / base_cpu
+        );
+    }
+}
