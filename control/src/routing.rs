@@ -355,6 +355,7 @@ pub fn pop_views(rows: &[PopRow], input: &PopsInput) -> Vec<PopView> {
                 addrs,
                 alive: local || alive.contains(&r.node_id),
                 draining: r.draining,
+                can_serve: r.serving,
                 local,
             }
         })

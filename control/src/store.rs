@@ -111,16 +111,23 @@ const CREATE_POPS: &str = "CREATE TABLE IF NOT EXISTS pops (
     wg_public_key TEXT NOT NULL DEFAULT '',
     wg_endpoint TEXT NOT NULL DEFAULT '',
     prefix6 TEXT NOT NULL DEFAULT '',
-    draining INTEGER NOT NULL DEFAULT 0
+    draining INTEGER NOT NULL DEFAULT 0,
+    serving INTEGER NOT NULL DEFAULT 1
 )";
+
+/// Migration 4: each POP's own verdict on whether it can serve (its
+/// listeners are up and some app they carry has a healthy backend), written
+/// by the POP about itself (`crate::steering`) so the others' GeoDNS can
+/// leave it out. A row from before says nothing: it counts as serving.
+const ADD_POPS_SERVING: &str = "ALTER TABLE pops ADD COLUMN serving INTEGER NOT NULL DEFAULT 1";
 
 /// Schema version recorded in `PRAGMA user_version` (the original leaves it
 /// at 0). 1 = `backends` has a `country` column; 2 = it also has the
 /// [`Lifecycle`] columns; 3 = `expired` and `heartbeat_pop` too, and the
-/// `pops` table. Replicating POPs must all be at the same version (they
-/// refuse each other otherwise): bump it with every change to a replicated
-/// table.
-pub const SCHEMA_VERSION: i64 = 3;
+/// `pops` table; 4 = `pops.serving`. Replicating POPs must all be at the
+/// same version (they refuse each other otherwise): bump it with every
+/// change to a replicated table.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -252,7 +259,10 @@ pub struct PopRow {
     pub private_addr: String,
     pub gossip_addr: String,
     pub transport_addr: String,
+    /// The POP's operator drained it (`edgeproxy drain`).
     pub draining: bool,
+    /// The POP's own verdict: it can serve (see `crate::steering`).
+    pub serving: bool,
 }
 
 /// What [`RoutingStore::register`] did.
@@ -717,12 +727,22 @@ impl RoutingStore {
             if !has_table(&live.conn, "pops").map_err(err)? {
                 return Ok(Vec::new());
             }
+            // A file this version could not migrate (read-only) may lack
+            // `serving`: such a POP counts as serving.
+            let serving = match pops_columns(&live.conn)
+                .map_err(err)?
+                .iter()
+                .any(|c| c == "serving")
+            {
+                true => "serving",
+                false => "1",
+            };
             let mut stmt = live
                 .conn
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "SELECT node_id, name, region, country, public_addrs, private_addr, \
-                     gossip_addr, transport_addr, draining FROM pops ORDER BY node_id",
-                )
+                     gossip_addr, transport_addr, draining, {serving} FROM pops ORDER BY node_id",
+                ))
                 .map_err(err)?;
             let rows = stmt
                 .query_map([], |r| {
@@ -736,6 +756,7 @@ impl RoutingStore {
                         gossip_addr: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
                         transport_addr: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
                         draining: r.get::<_, Option<bool>>(8)?.unwrap_or(false),
+                        serving: r.get::<_, Option<bool>>(9)?.unwrap_or(true),
                     })
                 })
                 .map_err(err)?;
@@ -972,6 +993,13 @@ fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
+/// Column names of `pops`, lower case; empty if there is no such table.
+fn pops_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("PRAGMA table_info(pops)")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    names.map(|n| n.map(|n| n.to_ascii_lowercase())).collect()
+}
+
 /// Column names of `backends`, lower case; empty if there is no such table.
 fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("PRAGMA table_info(backends)")?;
@@ -1026,6 +1054,9 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             tx.execute_batch(sql)?;
         }
         tx.execute_batch(CREATE_POPS)?;
+        if !pops_columns(&tx)?.iter().any(|c| c == "serving") {
+            tx.execute_batch(ADD_POPS_SERVING)?;
+        }
         if state.version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -1915,6 +1946,40 @@ mod tests {
             )
             .unwrap();
         assert_eq!(lifecycle_of(&mut store, "b").1, Lifecycle::default());
+    }
+
+    #[test]
+    fn version_3_pops_table_gains_serving_and_old_rows_count_as_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to what version 3 wrote: pops without `serving`.
+        other(&path)
+            .execute_batch(
+                "DROP TABLE pops;
+                 CREATE TABLE pops (node_id TEXT PRIMARY KEY, name TEXT NOT NULL,
+                   region TEXT NOT NULL, country TEXT, public_addrs TEXT NOT NULL DEFAULT '',
+                   private_addr TEXT NOT NULL DEFAULT '', gossip_addr TEXT NOT NULL DEFAULT '',
+                   transport_addr TEXT NOT NULL DEFAULT '', wg_public_key TEXT NOT NULL DEFAULT '',
+                   wg_endpoint TEXT NOT NULL DEFAULT '', prefix6 TEXT NOT NULL DEFAULT '',
+                   draining INTEGER NOT NULL DEFAULT 0);
+                 INSERT INTO pops (node_id, name, region, draining) VALUES ('gru', 'pop-gru', 'sa', 1);
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        let mut store = RoutingStore::open(&path).unwrap();
+        let pops = store.load_pops().unwrap();
+        assert_eq!(pops.len(), 1);
+        assert!(pops[0].draining, "existing values are kept");
+        assert!(pops[0].serving, "a row from before says nothing: serving");
+        let version: i64 = other(&path)
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 4);
+        other(&path)
+            .execute("UPDATE pops SET serving = 0 WHERE node_id = 'gru'", [])
+            .unwrap();
+        assert!(!store.load_pops().unwrap()[0].serving);
     }
 
     #[test]

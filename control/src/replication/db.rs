@@ -454,20 +454,23 @@ impl ReplDb {
 
     /// Writes this POP's own row of `pops` when it differs from what is
     /// there (a restart with the same settings writes nothing, so nothing
-    /// replicates).
+    /// replicates). `draining` and `serving` are written only when the row
+    /// is new: afterwards they belong to `crate::steering` (an operator's
+    /// drain outlives a restart).
     pub fn upsert_pop(&mut self, row: &crate::store::PopRow) -> Result<(), DbError> {
         self.with_tx(|tx| {
             tx.execute(
                 "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
-                 gossip_addr, transport_addr, draining) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+                 gossip_addr, transport_addr, draining, serving) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                  ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, region = excluded.region, \
                  country = excluded.country, public_addrs = excluded.public_addrs, \
                  private_addr = excluded.private_addr, gossip_addr = excluded.gossip_addr, \
-                 transport_addr = excluded.transport_addr, draining = excluded.draining \
+                 transport_addr = excluded.transport_addr \
                  WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
                  OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs \
                  OR private_addr IS NOT excluded.private_addr OR gossip_addr IS NOT excluded.gossip_addr \
-                 OR transport_addr IS NOT excluded.transport_addr OR draining IS NOT excluded.draining",
+                 OR transport_addr IS NOT excluded.transport_addr",
                 params![
                     row.node_id,
                     row.name,
@@ -477,7 +480,8 @@ impl ReplDb {
                     row.private_addr,
                     row.gossip_addr,
                     row.transport_addr,
-                    row.draining
+                    row.draining,
+                    row.serving
                 ],
             )
             .map(|_| ())

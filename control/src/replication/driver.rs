@@ -266,6 +266,7 @@ impl Bound {
             gossip_addr: self.gossip_advertised.to_string(),
             transport_addr: self.transport_advertised.to_string(),
             draining: false,
+            serving: true,
         }
     }
 }

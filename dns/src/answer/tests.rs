@@ -334,6 +334,7 @@ fn cluster_pops_are_answered_while_alive_and_not_draining() {
         addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         alive,
         draining,
+        can_serve: true,
         local: false,
     };
     let mut snap = table();
