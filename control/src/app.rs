@@ -91,6 +91,19 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         let _context = runtime.enter();
         Signals::install()?
     };
+    // Traffic steering (POP drain, the anycast speaker, this POP's verdict
+    // in `pops`): started before replication so this POP's row holds a
+    // real verdict before it first replicates.
+    let steering = {
+        let _context = runtime.enter();
+        crate::steering::start(
+            &config,
+            snapshot.clone(),
+            engine.stats_view(),
+            reloader.clone(),
+        )
+        .context("cannot start traffic steering")?
+    };
     let replication = match replication {
         None => None,
         Some(bound) => {
@@ -105,6 +118,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             snapshot: snapshot.clone(),
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
+            steering: Some(steering.clone()),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -114,7 +128,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let api = match crate::api::bind(&config.api)? {
         None => None,
         Some(bound) => Some(runtime.block_on(async {
-            bound.serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
+            bound.serve(
+                snapshot.clone(),
+                replication.as_ref().map(|r| r.status()),
+                Some(steering.clone()),
+            )
         })?),
     };
     if let Some(dns) = dns {
@@ -141,6 +159,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         &mut tls,
         (api, replication.as_ref()),
     ))?;
+    // Anycast first: routes tagged GRACEFUL_SHUTDOWN for the drain delay,
+    // then withdrawn, and the withdrawal on the wire, while the listeners
+    // still accept; GeoDNS everywhere stops answering this POP meanwhile.
+    runtime.block_on(steering.shutdown());
     if let Some(r) = &replication {
         // Leave the cluster first: the other POPs mark this one down at
         // once instead of after the suspicion timeout.
@@ -311,6 +333,8 @@ fn apply(
         ("dns", old.dns != new.dns),
         ("metrics", old.metrics != new.metrics),
         ("replication", old.replication != new.replication),
+        ("bgp", old.bgp != new.bgp),
+        ("geodns", old.geodns != new.geodns),
     ];
     for (section, changed) in restart_only {
         if changed {

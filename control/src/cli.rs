@@ -1,6 +1,8 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
-//! `edgeproxy cluster status` (replication's view).
+//! `edgeproxy cluster status` (replication's view), `edgeproxy drain` /
+//! `undrain` / `pop status` (this POP's traffic steering), `edgeproxy bgp
+//! status` (the anycast speaker).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +54,20 @@ pub enum Command {
     /// Replication between POPs, through a running POP's API: `status`
     /// lists the members, their state, round trip, last sync and lag.
     Cluster(Box<crate::replication::cli::ClusterArgs>),
+    /// Drain this POP through its API: GeoDNS (here and at every other
+    /// POP) stops answering it, and with BGP its anycast routes are tagged
+    /// GRACEFUL_SHUTDOWN, then withdrawn after [bgp] drain_delay_secs.
+    /// Open connections go on; the drain outlives a restart.
+    Drain(Box<crate::steering::cli::DrainArgs>),
+    /// End this POP's drain: back in GeoDNS answers and announced again
+    /// (when it can serve).
+    Undrain(Box<crate::steering::cli::DrainArgs>),
+    /// This POP's traffic steering: `status` says whether it can serve and
+    /// why, whether it is drained, in GeoDNS, and announced.
+    Pop(Box<crate::steering::cli::PopArgs>),
+    /// The anycast BGP speaker: `status` lists the sessions (state, uptime,
+    /// hold time, prefixes announced) and the announcement.
+    Bgp(Box<crate::bgp::cli::BgpArgs>),
 }
 
 pub fn main() -> ExitCode {
@@ -63,6 +79,10 @@ pub fn main() -> ExitCode {
         }),
         Command::Backends(args) => crate::api::client::run(*args),
         Command::Cluster(args) => crate::replication::cli::run(*args),
+        Command::Drain(args) => crate::steering::cli::drain(*args, true),
+        Command::Undrain(args) => crate::steering::cli::drain(*args, false),
+        Command::Pop(args) => crate::steering::cli::pop(*args),
+        Command::Bgp(args) => crate::bgp::cli::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

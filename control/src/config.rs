@@ -53,6 +53,12 @@ pub struct RawConfig {
     /// `[replication]`: between POPs, see `crate::replication::config`.
     #[serde(default)]
     pub replication: crate::replication::config::RawReplication,
+    /// `[bgp]`: the anycast speaker, see `crate::bgp::config`.
+    #[serde(default)]
+    pub bgp: crate::bgp::config::RawBgp,
+    /// `[geodns]`: the public GeoDNS zone, see `crate::geodns`.
+    #[serde(default)]
+    pub geodns: crate::geodns::RawGeoDns,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -192,6 +198,8 @@ pub struct Config {
     pub api: crate::api::config::Api,
     pub dns: Dns,
     pub replication: crate::replication::config::Replication,
+    pub bgp: crate::bgp::config::Bgp,
+    pub geodns: crate::geodns::GeoDns,
 }
 
 /// The Prometheus admin listener.
@@ -830,8 +838,10 @@ impl Config {
             log: Log { level },
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
+            geodns: crate::geodns::from_raw(raw.geodns, env, &dns)?,
             dns,
             replication: crate::replication::config::from_raw(raw.replication, env)?,
+            bgp: crate::bgp::config::from_raw(raw.bgp, env)?,
         })
     }
 

@@ -4,15 +4,18 @@
 
 pub mod api;
 pub mod app;
+pub mod bgp;
 pub mod cli;
 pub mod config;
 pub mod config_env;
 pub mod demo;
+pub mod geodns;
 pub mod internal_dns;
 pub mod logging;
 pub mod metrics;
 pub mod reload_thread;
 pub mod replication;
 pub mod routing;
+pub mod steering;
 pub mod store;
 pub mod tls;

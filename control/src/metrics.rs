@@ -24,6 +24,8 @@ pub struct Sources {
     pub started: std::time::Instant,
     /// Set when replication runs.
     pub replication: Option<crate::replication::status::StatusHandle>,
+    /// This POP's steering state and the BGP speaker.
+    pub steering: Option<crate::steering::Handle>,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -358,6 +360,12 @@ pub fn render(sources: &Sources) -> String {
     drop(snap);
     if let Some(r) = &sources.replication {
         replication(&mut f, &r.load());
+    }
+    if let Some(steering) = &sources.steering {
+        crate::steering::status::render_metrics(&steering.status(), &mut out);
+        if let Some(bgp) = steering.bgp_status() {
+            crate::bgp::metrics::render(&bgp, &mut out);
+        }
     }
     out
 }

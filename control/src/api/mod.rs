@@ -101,11 +101,13 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
-    /// `cluster`: replication's status, for `GET /api/v1/cluster`.
+    /// `cluster`: replication's status, for `GET /api/v1/cluster`;
+    /// `steering`: this POP's drain and BGP (`/api/v1/pop`, `/api/v1/bgp`).
     pub fn serve(
         self,
         snapshot: SnapshotHandle,
         cluster: Option<crate::replication::status::StatusHandle>,
+        steering: Option<crate::steering::Handle>,
     ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .context("discovery API: cannot register the socket")?;
@@ -122,6 +124,7 @@ impl Bound {
             snapshot,
             started: Instant::now(),
             cluster,
+            steering,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })
