@@ -457,20 +457,35 @@ impl ReplDb {
     /// replicates). `draining` and `serving` are written only when the row
     /// is new: afterwards they belong to `crate::steering` (an operator's
     /// drain outlives a restart).
+    ///
+    /// An UPDATE, then an INSERT if there was no row, not one UPSERT: an
+    /// UPSERT's conflict policy overrides the change-capture trigger's
+    /// `INSERT OR REPLACE`, and its update then fails on `repl_changes`'
+    /// UNIQUE key (the trigger logs NEW and OLD, the same key).
     pub fn upsert_pop(&mut self, row: &crate::store::PopRow) -> Result<(), DbError> {
         self.with_tx(|tx| {
             tx.execute(
+                "UPDATE pops SET name = ?2, region = ?3, country = ?4, public_addrs = ?5, \
+                 private_addr = ?6, gossip_addr = ?7, transport_addr = ?8 WHERE node_id = ?1 \
+                 AND (name IS NOT ?2 OR region IS NOT ?3 OR country IS NOT ?4 \
+                 OR public_addrs IS NOT ?5 OR private_addr IS NOT ?6 OR gossip_addr IS NOT ?7 \
+                 OR transport_addr IS NOT ?8)",
+                params![
+                    row.node_id,
+                    row.name,
+                    row.region,
+                    row.country,
+                    row.public_addrs,
+                    row.private_addr,
+                    row.gossip_addr,
+                    row.transport_addr,
+                ],
+            )?;
+            tx.execute(
                 "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
                  gossip_addr, transport_addr, draining, serving) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT (node_id) DO UPDATE SET name = excluded.name, region = excluded.region, \
-                 country = excluded.country, public_addrs = excluded.public_addrs, \
-                 private_addr = excluded.private_addr, gossip_addr = excluded.gossip_addr, \
-                 transport_addr = excluded.transport_addr \
-                 WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
-                 OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs \
-                 OR private_addr IS NOT excluded.private_addr OR gossip_addr IS NOT excluded.gossip_addr \
-                 OR transport_addr IS NOT excluded.transport_addr",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10 \
+                 WHERE NOT EXISTS (SELECT 1 FROM pops WHERE node_id = ?1)",
                 params![
                     row.node_id,
                     row.name,
@@ -552,6 +567,43 @@ mod tests {
 
     const INSERT: &str = "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
         VALUES ('b1', 'web', 'eu', '10.0.0.1', 80, 1, 2, 100, 150)";
+
+    #[test]
+    fn own_pop_row_changed_since_the_last_start_is_updated_not_refused_by_the_trigger() {
+        let (_d, path, mut db, mut node) = setup();
+        let mut row = crate::store::PopRow {
+            node_id: "a".into(),
+            name: "pop-a".into(),
+            region: "sa".into(),
+            gossip_addr: "10.0.0.1:4001".into(),
+            draining: false,
+            serving: true,
+            ..Default::default()
+        };
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
+        other(&path)
+            .execute("UPDATE pops SET draining = 1 WHERE node_id = 'a'", [])
+            .unwrap();
+        db.poll_changes(&mut node, Now::system(), true).unwrap();
+        // Restarted at another address (an UPSERT failed here: UNIQUE
+        // constraint failed: repl_changes.tbl, repl_changes.pk).
+        row.gossip_addr = "10.0.0.9:4001".into();
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
+        let (gossip, draining): (String, bool) = other(&path)
+            .query_row(
+                "SELECT gossip_addr, draining FROM pops WHERE node_id = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(gossip, "10.0.0.9:4001");
+        assert!(draining, "the drain is steering's, kept across the restart");
+        // The same settings again: nothing written, nothing to replicate.
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
+    }
 
     #[test]
     fn an_operators_edit_gets_a_version_and_local_columns_do_not() {

@@ -167,6 +167,7 @@ pub fn start(
         identity,
         shutdown_waiter: None,
         announced_at_shutdown: false,
+        pending_row: None,
         bgp_enabled: bgp.enabled,
         poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
     };
@@ -191,6 +192,8 @@ struct Controller {
     identity: PopRow,
     shutdown_waiter: Option<oneshot::Sender<bool>>,
     announced_at_shutdown: bool,
+    /// The row's state as judged by the last evaluation, to record.
+    pending_row: Option<PopState>,
     bgp_enabled: bool,
     poll: Duration,
 }
@@ -201,6 +204,8 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.evaluate(Instant::now());
+            tokio::task::yield_now().await;
+            self.record();
             let wake = self
                 .policy
                 .poll_timeout()
@@ -221,6 +226,8 @@ impl Controller {
                             }
                         }
                         self.evaluate(Instant::now());
+                        tokio::task::yield_now().await;
+                        self.record();
                         let _ = reply.send(self.status.load().as_ref().clone());
                     }
                     Some(Command::Shutdown(reply)) => {
@@ -250,27 +257,12 @@ impl Controller {
             .collect();
         let verdict = judge(&self.snapshot.load(), &self.serving, &running);
         if self.verdict.as_ref() != Some(&verdict) {
-            match (&self.verdict, verdict.is_serving()) {
-                (_, true) => tracing::info!("pop: can serve"),
-                (_, false) => tracing::warn!(reason = %verdict.describe(), "pop: cannot serve"),
+            if verdict.is_serving() {
+                tracing::info!("pop: can serve");
+            } else {
+                tracing::warn!(reason = %verdict.describe(), "pop: cannot serve");
             }
             self.verdict = Some(verdict.clone());
-        }
-        let state = PopState {
-            draining: self.operator_drained,
-            serving: verdict.is_serving() && !self.shutting_down,
-        };
-        if state != self.written {
-            match self.rows.write(state) {
-                Ok(_) => {
-                    self.written = state;
-                    // This POP's GeoDNS answers from the snapshot too.
-                    self.reloader.lock().reload();
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "pop: cannot record this POP's state; other POPs keep the old one")
-                }
-            }
         }
         let want = want(self.operator_drained, self.shutting_down, &verdict);
         if let Some(before) = self.policy.step(now, want) {
@@ -280,9 +272,8 @@ impl Controller {
             .speaker
             .as_ref()
             .map(|s| s.advertise(&self.policy.phase()));
-        if let (Some(reply), Phase::Withdrawn(_)) =
-            (self.shutdown_waiter.take(), self.policy.phase())
-        {
+        let withdrawn = matches!(self.policy.phase(), Phase::Withdrawn(_));
+        if let Some(reply) = self.shutdown_waiter.take_if(|_| withdrawn) {
             let was_announced = self.announced_at_shutdown;
             match (self.speaker.take(), generation) {
                 (Some(mut speaker), Some(generation)) => {
@@ -305,6 +296,32 @@ impl Controller {
             }
         }
         self.publish(now, &verdict);
+        self.pending_row = Some(PopState {
+            draining: self.operator_drained,
+            serving: verdict.is_serving() && !self.shutting_down,
+        });
+    }
+
+    /// Writes this POP's row if its state changed. Separate from
+    /// [`evaluate`](Controller::evaluate), and after a yield, so that the
+    /// session tasks write an UPDATE before this waits on SQLite (the
+    /// control runtime has one thread).
+    fn record(&mut self) {
+        let Some(state) = self.pending_row.take() else {
+            return;
+        };
+        if state != self.written {
+            match self.rows.write(state) {
+                Ok(_) => {
+                    self.written = state;
+                    // This POP's GeoDNS answers from the snapshot too.
+                    self.reloader.lock().reload();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pop: cannot record this POP's state; other POPs keep the old one")
+                }
+            }
+        }
     }
 
     fn log_phase(&self, before: Phase) {
