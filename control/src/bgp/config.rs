@@ -79,9 +79,15 @@ pub struct RawNeighbor {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Bgp {
     pub enabled: bool,
+    /// 0: not set (only when disabled).
+    #[serde(skip_serializing_if = "is_zero")]
     pub local_asn: u32,
-    /// BGP identifier (an IPv4 address by convention).
-    #[serde(serialize_with = "ser_display")]
+    /// BGP identifier (an IPv4 address by convention); unspecified: not set
+    /// (only when disabled).
+    #[serde(
+        serialize_with = "ser_display",
+        skip_serializing_if = "Ipv4Addr::is_unspecified"
+    )]
     pub router_id: Ipv4Addr,
     /// Source address of the sessions; `None`: the kernel's choice.
     pub local_address: Option<IpAddr>,
@@ -183,6 +189,9 @@ impl Neighbor {
     }
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
 fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_millis() as u64)
 }
@@ -579,8 +588,14 @@ hold_time_secs = 9
 "#;
 
     #[test]
-    fn off_by_default() {
+    fn off_by_default_and_renders_back_to_an_accepted_section() {
         let b = parse("", &NO_ENV).unwrap();
+        #[derive(Serialize)]
+        struct Out<'a> {
+            bgp: &'a Bgp,
+        }
+        let text = toml::to_string(&Out { bgp: &b }).unwrap();
+        assert_eq!(parse(&text, &NO_ENV).unwrap(), b, "{text}");
         assert!(!b.enabled);
         assert_eq!(b.drain_delay, Duration::from_secs(5));
         assert!(b.neighbors.is_empty());
