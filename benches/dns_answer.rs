@@ -124,11 +124,12 @@ fn bench_geodns(c: &mut Criterion) {
         let mut m = Message::new(7, MessageType::Query, OpCode::Query);
         m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
         let mut edns = Edns::new();
-        edns.options_mut().insert(EdnsOption::Subnet(ClientSubnet::new(
-            "200.160.2.0".parse().unwrap(),
-            24,
-            0,
-        )));
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::new(
+                "200.160.2.0".parse().unwrap(),
+                24,
+                0,
+            )));
         m.set_edns(edns);
         m.to_vec().unwrap()
     };

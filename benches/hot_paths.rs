@@ -6,7 +6,11 @@
 //!   reload costs the control thread), and loading it (what an accept costs a
 //!   shard);
 //! * affinity lookup in a table of 10,000 clients;
-//! * PROXY protocol v1 and v2 parsing.
+//! * PROXY protocol v1 and v2 parsing;
+//! * per-client admission (`rate_limit::ClientTable`): admit and release of
+//!   one connection, with the token bucket and the cap on, among 10,000
+//!   clients (the whole per-connection cost of `[rate_limit]`);
+//! * selection with the RTT tie-break on (`select::pick_scored`).
 //!
 //! Run: `cargo bench --bench hot_paths` (add `-- pick` to filter).
 
@@ -161,11 +165,68 @@ fn bench_proxy_protocol(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_rate_limit(c: &mut Criterion) {
+    use engine::rate_limit::{ClientLimits, ClientTable};
+    let mut g = c.benchmark_group("rate_limit");
+    let limits = ClientLimits {
+        rate_enabled: true,
+        per_sec: 1e9,
+        burst: u32::MAX,
+        max_concurrent: 1_000_000,
+    };
+    let t0 = Instant::now();
+    let mut table = ClientTable::new(16_384, t0);
+    let clients: Vec<IpAddr> = (0..10_000u32)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(0xc633_6400 + i)))
+        .collect();
+    let mut i = 0usize;
+    g.bench_function("admit_release_10k_clients", |b| {
+        b.iter(|| {
+            i = (i + 1) % clients.len();
+            let now = t0 + Duration::from_micros(i as u64);
+            let a = table.admit(black_box(clients[i]), now, &limits).unwrap();
+            table.release(a);
+        })
+    });
+    g.finish();
+}
+
+fn bench_pick_scored(c: &mut Criterion) {
+    let mut g = c.benchmark_group("select");
+    let snap = snapshot(1000);
+    for (k, b) in snap.backends.iter().enumerate() {
+        b.live.set_rtt_us(1000 + (k as u32 % 97) * 100);
+    }
+    let cands = snap.candidates(Some("web")).to_vec();
+    let geo = ClientGeo {
+        country: Country::parse("BR"),
+        region: snap.region_id("sa"),
+    };
+    let local = snap.region_id("sa");
+    let scoring = select::Scoring { rtt_weight: 0.01 };
+    g.bench_function("pick_scored_rtt/1000", |b| {
+        b.iter(|| {
+            select::pick_scored(
+                black_box(&snap),
+                black_box(&cands),
+                &geo,
+                local,
+                &[],
+                scoring,
+                &select::Atomics,
+            )
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
     bench_select,
     bench_snapshot,
     bench_affinity,
-    bench_proxy_protocol
+    bench_proxy_protocol,
+    bench_rate_limit,
+    bench_pick_scored
 );
 criterion_main!(benches);

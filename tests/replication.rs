@@ -446,6 +446,8 @@ fn an_operators_sqlite3_edit_replicates() {
     let c = Cluster::start(3, Some(WAN));
     c.wait_joined();
     let status = std::process::Command::new("sqlite3")
+        // A live POP writes too: wait for its lock as an operator would.
+        .args(["-cmd", ".timeout 5000"])
         .arg(c.db_path(1))
         .arg("INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
               VALUES ('by-hand', 'web', 'eu', '10.77.0.9', 80, 1, 2, 100, 150)")
@@ -459,6 +461,8 @@ fn an_operators_sqlite3_edit_replicates() {
         "10.77.0.9"
     )));
     let status = std::process::Command::new("sqlite3")
+        // A live POP writes too: wait for its lock as an operator would.
+        .args(["-cmd", ".timeout 5000"])
         .arg(c.db_path(2))
         .arg("UPDATE backends SET weight = 7 WHERE id = 'by-hand'")
         .status()
@@ -471,6 +475,8 @@ fn an_operators_sqlite3_edit_replicates() {
         "7"
     )));
     let status = std::process::Command::new("sqlite3")
+        // A live POP writes too: wait for its lock as an operator would.
+        .args(["-cmd", ".timeout 5000"])
         .arg(c.db_path(0))
         .arg("DELETE FROM backends WHERE id = 'by-hand'")
         .status()
@@ -591,7 +597,8 @@ fn a_peer_with_another_schema_version_is_refused_and_told_why() {
     // The POP answered in its own schema, which this node refuses in turn.
     let (label, reason) = told.expect("the POP never answered");
     assert_eq!(label, "schema", "{reason}");
-    assert!(reason.contains("schema version 3"), "{reason}");
+    let ours = format!("schema version {}", control::store::SCHEMA_VERSION);
+    assert!(reason.contains(&ours), "{reason}");
     // The POP logged and counted it, and never took the node in.
     assert!(c
         .pop(0)

@@ -76,6 +76,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
+    // Health checks and the circuit breaker: their state weighs on every
+    // snapshot from now on (see `health`); the driver starts on the control
+    // runtime below. It always runs: a backend may register with a check of
+    // its own while checks are off for its app, and with nothing to check
+    // it only waits.
+    let health = crate::health::HealthLink::new(&config.health, &config.circuit_breaker);
+    reloader.lock().set_health(health.clone());
+    let passive_events = engine.take_passive_events();
     for l in engine.listeners() {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
@@ -119,6 +127,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
             steering: Some(steering.clone()),
+            health: Some(health.clone()),
         };
         runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
         tracing::info!(%addr, "metrics listening");
@@ -138,6 +147,23 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(dns) = dns {
         runtime.spawn(dns.serve());
     }
+    runtime.spawn(
+        crate::health::driver::Driver {
+            link: health.clone(),
+            snapshots: snapshot.clone(),
+            reloader: reloader.clone(),
+            events: passive_events,
+            health: config.health.clone(),
+            pop: config.pop.name.clone(),
+        }
+        .run(),
+    );
+    tracing::info!(
+        active_checks = health.active_checks_enabled(),
+        circuit_breaker = health.circuit_enabled(),
+        max_concurrent = config.health.max_concurrent,
+        "health checker started"
+    );
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
     tracing::info!(
@@ -158,6 +184,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         &mut engine,
         &mut tls,
         (api, replication.as_ref()),
+        &steering,
     ))?;
     // Anycast first: routes tagged GRACEFUL_SHUTDOWN for the drain delay,
     // then withdrawn, and the withdrawal on the wire, while the listeners
@@ -226,6 +253,7 @@ async fn control_loop(
         Option<crate::api::Server>,
         Option<&crate::replication::driver::Handle>,
     ),
+    steering: &crate::steering::Handle,
 ) -> anyhow::Result<Duration> {
     let Signals {
         mut hup,
@@ -252,6 +280,9 @@ async fn control_loop(
                                     ticks.set_interval(new.routing.reload_interval);
                                     ticker = tokio::time::interval(new.routing.reload_interval);
                                     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                }
+                                if new.listeners != config.listeners {
+                                    steering.set_listeners(&new);
                                 }
                                 config = new;
                             }
@@ -335,6 +366,21 @@ fn apply(
         ("replication", old.replication != new.replication),
         ("bgp", old.bgp != new.bgp),
         ("geodns", old.geodns != new.geodns),
+        (
+            "health (except rtt_weight)",
+            old.health.global != new.health.global
+                || old.health.apps != new.health.apps
+                || old.health.max_concurrent != new.health.max_concurrent
+                || old.health.webhook_url != new.health.webhook_url,
+        ),
+        (
+            "circuit_breaker",
+            old.circuit_breaker != new.circuit_breaker,
+        ),
+        (
+            "rate_limit.tracked_clients",
+            old.rate_limit.tracked_clients != new.rate_limit.tracked_clients,
+        ),
     ];
     for (section, changed) in restart_only {
         if changed {
@@ -382,6 +428,7 @@ fn engine_settings(config: &Config) -> EngineSettings {
         buffer_size: config.runtime.buffer_size,
         splice_bulk: config.runtime.splice_bulk,
         local_region: Arc::from(config.pop.region.as_str()),
+        client_table_capacity: config.rate_limit.tracked_clients,
     }
 }
 
@@ -394,6 +441,8 @@ fn knobs(config: &Config) -> Knobs {
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        rtt_weight: config.health.rtt_weight,
+        client_limits: config.rate_limit.client_limits(),
         ..Knobs::default()
     }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::config_env::{env_bool, env_parse, invalid};
+use crate::config_env::{ser_display, ser_display_list, ser_ms, ser_secs};
 pub use crate::config_env::{ConfigError, Env, ProcessEnv};
 
 // ---------------------------------------------------------------------------
@@ -59,6 +60,14 @@ pub struct RawConfig {
     /// `[geodns]`: the public GeoDNS zone, see `crate::geodns`.
     #[serde(default)]
     pub geodns: crate::geodns::RawGeoDns,
+    /// `[health]`, `[circuit_breaker]`: see `crate::health::config`.
+    #[serde(default)]
+    pub health: crate::health::config::RawHealth,
+    #[serde(default)]
+    pub circuit_breaker: crate::health::config::RawCircuit,
+    /// `[rate_limit]`: see `crate::client_limits`.
+    #[serde(default)]
+    pub rate_limit: crate::client_limits::RawRateLimit,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -200,6 +209,9 @@ pub struct Config {
     pub replication: crate::replication::config::Replication,
     pub bgp: crate::bgp::config::Bgp,
     pub geodns: crate::geodns::GeoDns,
+    pub health: crate::health::config::Health,
+    pub circuit_breaker: crate::health::config::Circuit,
+    pub rate_limit: crate::client_limits::RateLimit,
 }
 
 /// The Prometheus admin listener.
@@ -343,22 +355,6 @@ pub struct DnsPop {
     pub region: String,
     #[serde(serialize_with = "ser_display")]
     pub addr: std::net::IpAddr,
-}
-
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
-fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_secs())
-}
-fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
-}
-fn ser_display_list<T: std::fmt::Display, S: serde::Serializer>(
-    v: &[T],
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.collect_seq(v.iter().map(|x| x.to_string()))
 }
 
 /// Defaults. Those shared with the original edgeProxy keep its values
@@ -842,6 +838,9 @@ impl Config {
             dns,
             replication: crate::replication::config::from_raw(raw.replication, env)?,
             bgp: crate::bgp::config::from_raw(raw.bgp, env)?,
+            health: crate::health::config::health_from_raw(raw.health, env)?,
+            circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
+            rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,
         })
     }
 

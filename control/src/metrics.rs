@@ -24,6 +24,8 @@ pub struct Sources {
     pub started: std::time::Instant,
     /// Set when replication runs.
     pub replication: Option<crate::replication::status::StatusHandle>,
+    /// Health checks and circuit breaker, when on.
+    pub health: Option<crate::health::HealthLink>,
     /// This POP's steering state and the BGP speaker.
     pub steering: Option<crate::steering::Handle>,
 }
@@ -360,6 +362,40 @@ pub fn render(sources: &Sources) -> String {
     drop(snap);
     if let Some(r) = &sources.replication {
         replication(&mut f, &r.load());
+    }
+    let (passive_sent, passive_dropped) = sources.engine.passive_events();
+    f.single(
+        "edgeproxy_passive_events_dropped_total",
+        "counter",
+        "Passive health events shards dropped (queue full, or no checker listening).",
+        passive_dropped,
+    );
+    f.single(
+        "edgeproxy_passive_events_sent_total",
+        "counter",
+        "Passive health events shards queued for the checker.",
+        passive_sent,
+    );
+    f.single(
+        "edgeproxy_client_rate_limited_total",
+        "counter",
+        "New connections refused by the per-client rate limit.",
+        s.rate_limited,
+    );
+    f.single(
+        "edgeproxy_client_connection_limited_total",
+        "counter",
+        "New connections refused by the per-client cap on open connections.",
+        s.client_conn_limited,
+    );
+    f.single(
+        "edgeproxy_client_table_evictions_total",
+        "counter",
+        "Tracked clients evicted from the shards' rate-limit tables by new ones.",
+        s.client_evictions,
+    );
+    if let Some(health) = &sources.health {
+        health.render_metrics(&mut out);
     }
     if let Some(steering) = &sources.steering {
         crate::steering::status::render_metrics(&steering.status(), &mut out);

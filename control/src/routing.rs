@@ -47,6 +47,11 @@ pub struct RoutingReloader {
     expired: BTreeSet<String>,
     /// Set when replication runs: the snapshot then lists the cluster's POPs.
     pops: Option<PopsInput>,
+    /// This POP's health view, applied over every snapshot (see `health`).
+    health: Option<crate::health::HealthLink>,
+    /// The last records read, lifecycle applied, health not: what
+    /// [`RoutingReloader::republish`] rebuilds from without reading the file.
+    last_records: Vec<BackendRecord>,
 }
 
 /// Unix milliseconds of `t` (0 before the epoch).
@@ -192,6 +197,8 @@ impl RoutingReloader {
             next_expiry_ms,
             expired,
             pops: None,
+            health: None,
+            last_records: loaded.records,
         })
     }
 
@@ -200,6 +207,36 @@ impl RoutingReloader {
     pub fn set_pops_input(&mut self, input: PopsInput) {
         self.pops = Some(input);
         self.reload();
+    }
+
+    /// Applies `health`'s overlay to this and every later snapshot.
+    pub fn set_health(&mut self, health: crate::health::HealthLink) {
+        self.health = Some(health);
+        self.republish();
+    }
+
+    /// This POP's health view, when health checking is on.
+    pub fn health(&self) -> Option<&crate::health::HealthLink> {
+        self.health.as_ref()
+    }
+
+    /// Rebuilds the snapshot from the last records read, with the current
+    /// health overlay, and publishes it; returns its version. For health
+    /// transitions: the file has not changed, so it is not read again.
+    pub fn republish(&mut self) -> u64 {
+        let mut records = self.last_records.clone();
+        if let Some(health) = &self.health {
+            health.apply(&mut records);
+        }
+        let mut built = self.builder.build(&records);
+        // The POP list comes from the pops table, read at the last reload.
+        built.snapshot.pops = self.handle.load().pops.clone();
+        let version = built.snapshot.version;
+        self.handle.publish(built.snapshot);
+        if let Some(health) = &self.health {
+            health.published(version);
+        }
+        version
     }
 
     /// The heartbeat TTL (`None`: nothing expires).
@@ -277,6 +314,11 @@ impl RoutingReloader {
             unix_ms(now),
             self.store.node_id(),
         );
+        self.last_records.clone_from(&loaded.records);
+        if let Some(health) = &self.health {
+            health.set_backend_checks(&loaded.records, &loaded.health_checks);
+            health.apply(&mut loaded.records);
+        }
         let mut built = self.builder.build(&loaded.records);
         log_skipped(&built.skipped);
         if let Some(input) = &self.pops {
@@ -290,6 +332,9 @@ impl RoutingReloader {
         let version = built.snapshot.version;
         let backends = built.snapshot.backends.len();
         self.handle.publish(built.snapshot);
+        if let Some(health) = &self.health {
+            health.published(version);
+        }
         tracing::info!(
             version,
             backends,

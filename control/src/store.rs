@@ -115,7 +115,16 @@ const CREATE_POPS: &str = "CREATE TABLE IF NOT EXISTS pops (
     serving INTEGER NOT NULL DEFAULT 1
 )";
 
-/// Migration 4: each POP's own verdict on whether it can serve (its
+/// Migration 4: a backend's own health-check settings, as the registration
+/// API received them (JSON text, see `health::spec::CheckOverride`).
+/// Nullable: NULL means the app's settings. This POP's check results are
+/// never stored: they are local, and this table replicates.
+const HEALTH_CHECK_COLUMN: (&str, &str) = (
+    "health_check",
+    "ALTER TABLE backends ADD COLUMN health_check TEXT",
+);
+
+/// Migration 5: each POP's own verdict on whether it can serve (its
 /// listeners are up and some app they carry has a healthy backend), written
 /// by the POP about itself (`crate::steering`) so the others' GeoDNS can
 /// leave it out. A row from before says nothing: it counts as serving.
@@ -124,10 +133,10 @@ const ADD_POPS_SERVING: &str = "ALTER TABLE pops ADD COLUMN serving INTEGER NOT 
 /// Schema version recorded in `PRAGMA user_version` (the original leaves it
 /// at 0). 1 = `backends` has a `country` column; 2 = it also has the
 /// [`Lifecycle`] columns; 3 = `expired` and `heartbeat_pop` too, and the
-/// `pops` table; 4 = `pops.serving`. Replicating POPs must all be at the
-/// same version (they refuse each other otherwise): bump it with every
-/// change to a replicated table.
-pub const SCHEMA_VERSION: i64 = 4;
+/// `pops` table; 4 = `backends.health_check` too; 5 = `pops.serving`.
+/// Replicating POPs must all be at the same version (they refuse each other
+/// otherwise): bump it with every change to a replicated table.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -281,6 +290,8 @@ pub struct Loaded {
     pub records: Vec<BackendRecord>,
     /// The discovery-API state of each row of `records`, at the same index.
     pub lifecycle: Vec<Lifecycle>,
+    /// Each row's own health-check settings (JSON text), at the same index.
+    pub health_checks: Vec<Option<String>>,
     /// Rows that could not: (id, or `"rowid N"` when the id itself is
     /// unreadable; reason).
     pub bad_rows: Vec<(String, String)>,
@@ -692,6 +703,18 @@ impl RoutingStore {
         })
     }
 
+    /// Sets or clears a live backend's own health-check settings (JSON
+    /// text); returns whether there was one.
+    pub fn set_health_check(&mut self, id: &str, check: Option<&str>) -> Result<bool, StoreError> {
+        self.write(|conn| {
+            conn.execute(
+                "UPDATE backends SET health_check = ?1 WHERE id = ?2 AND (deleted IS NULL OR deleted = 0)",
+                params![check, id],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
     /// Sets or clears `draining` on a live backend; returns whether there was
     /// one.
     pub fn set_draining(&mut self, id: &str, draining: bool) -> Result<bool, StoreError> {
@@ -967,6 +990,7 @@ struct SchemaState {
     has_country: bool,
     /// Migration 2 columns not there yet (`ALTER TABLE` statements).
     missing_lifecycle: Vec<&'static str>,
+    has_health_check: bool,
     version: i64,
 }
 
@@ -981,6 +1005,7 @@ fn schema_state(conn: &Connection) -> rusqlite::Result<SchemaState> {
             .filter(|(name, _)| !columns.iter().any(|c| c == name))
             .map(|(_, sql)| *sql)
             .collect(),
+        has_health_check: columns.iter().any(|c| c == HEALTH_CHECK_COLUMN.0),
         version,
     })
 }
@@ -1025,6 +1050,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         !state.has_country
             || !state.missing_lifecycle.is_empty()
             || !has_pops
+            || !state.has_health_check
             || state.version < SCHEMA_VERSION
     } else {
         create
@@ -1054,6 +1080,9 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             tx.execute_batch(sql)?;
         }
         tx.execute_batch(CREATE_POPS)?;
+        if !state.has_health_check {
+            tx.execute_batch(HEALTH_CHECK_COLUMN.1)?;
+        }
         if !pops_columns(&tx)?.iter().any(|c| c == "serving") {
             tx.execute_batch(ADD_POPS_SERVING)?;
         }
@@ -1074,6 +1103,9 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             if added_lifecycle && !created {
                 info!(path = %path.display(),
                     "added columns draining, last_heartbeat_ms, registered_at_ms to table backends");
+            }
+            if state.has_table && !state.has_health_check {
+                info!(path = %path.display(), "added column health_check to table backends");
             }
             Ok(())
         }
@@ -1163,10 +1195,11 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     let registered = or("registered_at_ms", "NULL");
     let expired = or("expired", "0");
     let owner = or("heartbeat_pop", "NULL");
+    let health_check = or(HEALTH_CHECK_COLUMN.0, "NULL");
     let sql = format!(
         "SELECT rowid, id, app, region, {country}, wg_ip, port, healthy, weight, \
          soft_limit, hard_limit, deleted, {draining}, {heartbeat}, {registered}, \
-         {expired}, {owner} FROM backends ORDER BY rowid"
+         {expired}, {owner}, {health_check} FROM backends ORDER BY rowid"
     );
     let mut loaded = Loaded::default();
     {
@@ -1175,8 +1208,15 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
         while let Some(row) = rows.next().map_err(err)? {
             match parse_row(row) {
                 Ok((rec, lifecycle)) => {
+                    // Read apart: a bad value there costs the backend its own
+                    // check settings, not its route.
+                    let check = match row.get_ref(17) {
+                        Ok(ValueRef::Text(t)) => Some(String::from_utf8_lossy(t).into_owned()),
+                        _ => None,
+                    };
                     loaded.records.push(rec);
                     loaded.lifecycle.push(lifecycle);
+                    loaded.health_checks.push(check);
                 }
                 Err(bad) => loaded.bad_rows.push(bad),
             }
@@ -1512,7 +1552,8 @@ mod tests {
                 "last_heartbeat_ms",
                 "registered_at_ms",
                 "expired",
-                "heartbeat_pop"
+                "heartbeat_pop",
+                "health_check"
             ]
         );
         assert!(loaded.lifecycle.iter().all(|l| *l == Lifecycle::default()));
@@ -1533,6 +1574,35 @@ mod tests {
     }
 
     #[test]
+    fn version_3_file_gains_health_check_and_backend_settings_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to a version-3 layout: no health_check column.
+        other(&path)
+            .execute_batch(
+                "ALTER TABLE backends DROP COLUMN health_check; PRAGMA user_version = 3;
+                 INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 10, 20);",
+            )
+            .unwrap();
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_eq!(
+            column_names(&path).last().map(String::as_str),
+            Some("health_check")
+        );
+        assert_eq!(store.load().unwrap().health_checks, [None]);
+        assert!(store
+            .set_health_check("a", Some(r#"{"type":"http"}"#))
+            .unwrap());
+        assert!(!store.set_health_check("nope", None).unwrap());
+        assert_eq!(
+            store.load().unwrap().health_checks,
+            [Some(r#"{"type":"http"}"#.to_string())]
+        );
+    }
+
+    #[test]
     fn missing_file_is_created_with_the_original_table() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.db");
@@ -1541,9 +1611,9 @@ mod tests {
         assert_eq!(store.path(), path);
         assert_eq!(store.load().unwrap(), Loaded::default());
         let cols = column_names(&path);
-        assert_eq!(cols.len(), 16);
+        assert_eq!(cols.len(), 17);
         assert_eq!(cols[10], "country");
-        assert_eq!(cols.last().map(String::as_str), Some("heartbeat_pop"));
+        assert_eq!(cols.last().map(String::as_str), Some("health_check"));
 
         // The original's own inserts still work on a new file.
         other(&path)
@@ -1937,6 +2007,7 @@ mod tests {
             "registered_at_ms".to_string(),
             "expired".to_string(),
             "heartbeat_pop".to_string(),
+            "health_check".to_string()
         ]));
         // The original's inserts, which name none of them, still work.
         other(&path)
@@ -1948,38 +2019,95 @@ mod tests {
         assert_eq!(lifecycle_of(&mut store, "b").1, Lifecycle::default());
     }
 
-    #[test]
-    fn version_3_pops_table_gains_serving_and_old_rows_count_as_serving() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("routing.db");
-        drop(RoutingStore::open(&path).unwrap());
-        // Back to what version 3 wrote: pops without `serving`.
-        other(&path)
-            .execute_batch(
-                "DROP TABLE pops;
-                 CREATE TABLE pops (node_id TEXT PRIMARY KEY, name TEXT NOT NULL,
-                   region TEXT NOT NULL, country TEXT, public_addrs TEXT NOT NULL DEFAULT '',
-                   private_addr TEXT NOT NULL DEFAULT '', gossip_addr TEXT NOT NULL DEFAULT '',
-                   transport_addr TEXT NOT NULL DEFAULT '', wg_public_key TEXT NOT NULL DEFAULT '',
-                   wg_endpoint TEXT NOT NULL DEFAULT '', prefix6 TEXT NOT NULL DEFAULT '',
-                   draining INTEGER NOT NULL DEFAULT 0);
-                 INSERT INTO pops (node_id, name, region, draining) VALUES ('gru', 'pop-gru', 'sa', 1);
-                 PRAGMA user_version = 3;",
-            )
-            .unwrap();
-        let mut store = RoutingStore::open(&path).unwrap();
+    /// `pops` as schemas 3 and 4 created it: no `serving`.
+    const POPS_BEFORE_SERVING: &str = "DROP TABLE pops;
+         CREATE TABLE pops (node_id TEXT PRIMARY KEY, name TEXT NOT NULL,
+           region TEXT NOT NULL, country TEXT, public_addrs TEXT NOT NULL DEFAULT '',
+           private_addr TEXT NOT NULL DEFAULT '', gossip_addr TEXT NOT NULL DEFAULT '',
+           transport_addr TEXT NOT NULL DEFAULT '', wg_public_key TEXT NOT NULL DEFAULT '',
+           wg_endpoint TEXT NOT NULL DEFAULT '', prefix6 TEXT NOT NULL DEFAULT '',
+           draining INTEGER NOT NULL DEFAULT 0);
+         INSERT INTO pops (node_id, name, region, draining) VALUES ('gru', 'pop-gru', 'sa', 1);";
+
+    fn user_version(path: &Path) -> i64 {
+        other(path)
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn pops_column_names(path: &Path) -> Vec<String> {
+        pops_columns(&other(path)).unwrap()
+    }
+
+    /// Checks what any upgrade to 5 must leave: both later columns, old
+    /// rows intact, old POP rows serving, `serving` writable.
+    fn assert_upgraded_to_5(path: &Path, store: &mut RoutingStore) {
+        assert_eq!(user_version(path), 5);
+        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(
+            column_names(path).last().map(String::as_str),
+            Some("health_check")
+        );
+        assert_eq!(
+            pops_column_names(path).last().map(String::as_str),
+            Some("serving")
+        );
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.records.len(), 1);
+        assert_eq!(loaded.records[0].id, "a");
         let pops = store.load_pops().unwrap();
         assert_eq!(pops.len(), 1);
         assert!(pops[0].draining, "existing values are kept");
         assert!(pops[0].serving, "a row from before says nothing: serving");
-        let version: i64 = other(&path)
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, 4);
-        other(&path)
+        other(path)
             .execute("UPDATE pops SET serving = 0 WHERE node_id = 'gru'", [])
             .unwrap();
         assert!(!store.load_pops().unwrap()[0].serving);
+    }
+
+    #[test]
+    fn version_3_file_gains_health_check_and_pops_serving_and_becomes_version_5() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to what version 3 wrote: neither backends.health_check nor
+        // pops.serving.
+        other(&path)
+            .execute_batch(&format!(
+                "ALTER TABLE backends DROP COLUMN health_check;
+                 {POPS_BEFORE_SERVING}
+                 INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 10, 20);
+                 PRAGMA user_version = 3;"
+            ))
+            .unwrap();
+        assert!(!column_names(&path).iter().any(|c| c == "health_check"));
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_upgraded_to_5(&path, &mut store);
+        assert_eq!(store.load().unwrap().health_checks, [None]);
+    }
+
+    #[test]
+    fn version_4_file_keeps_its_health_checks_and_gains_pops_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to what version 4 (health checks) wrote: health_check there,
+        // pops.serving not yet.
+        other(&path)
+            .execute_batch(&format!(
+                "{POPS_BEFORE_SERVING}
+                 INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, health_check)
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 10, 20, '{{\"type\":\"http\"}}');
+                 PRAGMA user_version = 4;"
+            ))
+            .unwrap();
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_upgraded_to_5(&path, &mut store);
+        assert_eq!(
+            store.load().unwrap().health_checks,
+            [Some(r#"{"type":"http"}"#.to_string())]
+        );
     }
 
     #[test]

@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{select, try_join, Either};
 
-use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx};
+use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
+use crate::passive::PassiveKind;
 use crate::proxy_protocol::{self, Parsed};
+use crate::rate_limit::Refused;
 use crate::rt::{self, Chunk, TcpStream};
 use crate::select::{self, Choice, ClientGeo};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
@@ -33,6 +35,10 @@ pub enum ConnError {
     ProxyHeader(String),
     #[error("no PROXY protocol header within {0:?}")]
     ProxyHeaderTimeout(Duration),
+    #[error("client {0} is over its rate limit")]
+    RateLimited(IpAddr),
+    #[error("client {0} holds its maximum of open connections")]
+    ClientConnLimit(IpAddr),
     #[error("no eligible backend (after {attempts} failed attempts)")]
     NoBackend { attempts: usize },
     #[error("idle for {0:?}")]
@@ -55,6 +61,10 @@ pub(crate) async fn serve(
     _slot: ConnSlot,
 ) {
     match serve_inner(&ctx, &lctx, &client, peer).await {
+        // Counted where they were refused; a flood must not flood the log.
+        Err(ConnError::RateLimited(_) | ConnError::ClientConnLimit(_)) => {
+            ShardStats::bump(&lctx.stats.rejected_limit);
+        }
         Ok(()) => {}
         Err(e) => {
             let counter = match &e {
@@ -67,6 +77,7 @@ pub(crate) async fn serve(
                     Some(&ctx.stats.tls_handshake_failures)
                 }
                 ConnError::Io(_) | ConnError::Tls(_) => None,
+                ConnError::RateLimited(_) | ConnError::ClientConnLimit(_) => None,
             };
             if let Some(c) = counter {
                 ShardStats::bump(c);
@@ -78,7 +89,7 @@ pub(crate) async fn serve(
 }
 
 async fn serve_inner(
-    ctx: &ShardCtx,
+    ctx: &Rc<ShardCtx>,
     lctx: &ListenerCtx,
     client: &TcpStream,
     peer: SocketAddr,
@@ -98,6 +109,14 @@ async fn serve_inner(
         }
     } else {
         (peer, None)
+    };
+    // Per-client limits, on the real client (after PROXY protocol) and
+    // before any TLS or backend work is spent on it.
+    let client_ip = canonical_ip(client_addr.ip());
+    let _client_slot = match ClientSlot::admit(ctx, client_ip, &knobs.client_limits) {
+        Ok(slot) => slot,
+        Err(Refused::Rate) => return Err(ConnError::RateLimited(client_ip)),
+        Err(Refused::Concurrent) => return Err(ConnError::ClientConnLimit(client_ip)),
     };
     // TLS first: a client that cannot finish a handshake never costs a
     // backend connection. The handshake runs on this shard, in this task.
@@ -124,8 +143,10 @@ async fn serve_inner(
             }
         }
     };
-    let client_ip = canonical_ip(client_addr.ip());
     let (country, region) = ctx.shared.geo.locate(client_ip);
+    let scoring = select::Scoring {
+        rtt_weight: knobs.rtt_weight,
+    };
 
     // Try backends, best first, until one accepts the connection.
     let mut failed: Vec<Arc<str>> = Vec::new();
@@ -142,7 +163,7 @@ async fn serve_inner(
             let candidates = snap.candidates(lctx.spec.app.as_deref());
             let now = Instant::now();
             let route = |table: &mut crate::affinity::AffinityTable| {
-                select::route(
+                select::route_scored(
                     &snap,
                     candidates,
                     client_ip,
@@ -151,7 +172,8 @@ async fn serve_inner(
                     &exclude,
                     table,
                     now,
-                    |b| b.active(),
+                    scoring,
+                    &select::Atomics,
                 )
             };
             let choice: Option<Choice> = if lctx.local_affinity {
@@ -175,15 +197,19 @@ async fn serve_inner(
             (b.addr, Arc::clone(&b.live))
         };
         let started = Instant::now();
-        let error = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
+        let (error, kind) = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
                 break (stream, live);
             }
-            Some(Err(e)) => e.to_string(),
-            None => format!("timed out after {:?}", knobs.connect_timeout),
+            Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed),
+            None => (
+                format!("timed out after {:?}", knobs.connect_timeout),
+                PassiveKind::ConnectTimeout,
+            ),
         };
         record_connect_failure(ctx, &live);
+        ctx.shared.passive.report(&live.id, kind);
         tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error, "backend connect failed");
         failed.push(Arc::clone(&live.id));
         if failed.len() >= attempts {
@@ -193,7 +219,7 @@ async fn serve_inner(
         }
         ShardStats::bump(&ctx.stats.retries);
     };
-    let _active = ActiveGuard::new(live);
+    let active = ActiveGuard::new(live);
     tracing::debug!(shard = ctx.id, client = %client_addr, backend = ?backend.peer_addr().ok(), "proxying");
 
     if lctx.spec.send_proxy_protocol {
@@ -206,8 +232,19 @@ async fn serve_inner(
         ShardStats::add(&ctx.stats.bytes_client_to_backend, early.len() as u64);
         rt::write_chunk(&backend, early).await?;
     }
-    match &tls {
-        None => splice(ctx, client, &backend, knobs.idle_timeout, buffer_len).await,
+    let backend_reset = Cell::new(false);
+    let outcome = match &tls {
+        None => {
+            splice(
+                ctx,
+                client,
+                &backend,
+                knobs.idle_timeout,
+                buffer_len,
+                &backend_reset,
+            )
+            .await
+        }
         Some(session) => {
             Box::pin(splice_tls(
                 ctx,
@@ -216,10 +253,22 @@ async fn serve_inner(
                 &backend,
                 knobs.idle_timeout,
                 buffer_len,
+                &backend_reset,
             ))
             .await
         }
+    };
+    // The backend's part in this connection, for its circuit breaker: a
+    // connect that succeeded and was then reset is a failure, not a success,
+    // so a success is only told once the connection ended without a reset
+    // from the backend (and only while the control side listens for them).
+    let live = active.live();
+    if backend_reset.get() {
+        ctx.shared.passive.report(&live.id, PassiveKind::Reset);
+    } else if live.successes_watched() {
+        ctx.shared.passive.report(&live.id, PassiveKind::Success);
     }
+    outcome
 }
 
 fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {
@@ -277,13 +326,15 @@ async fn read_proxy_header(
     }
 }
 
-/// Pumps bytes both ways until both directions have ended.
+/// Pumps bytes both ways until both directions have ended. A reset read
+/// from the backend sets `backend_reset` (a passive health event).
 async fn splice(
     ctx: &ShardCtx,
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
     buffer_len: usize,
+    backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
     let activity = Cell::new(Instant::now());
     // Where switched flows are counted, when bulk flows are spliced at all.
@@ -299,6 +350,7 @@ async fn splice(
         buffer_len,
         &ctx.stats.bytes_client_to_backend,
         spliced,
+        None,
     );
     let down = pump(
         backend,
@@ -307,6 +359,7 @@ async fn splice(
         buffer_len,
         &ctx.stats.bytes_backend_to_client,
         spliced,
+        Some(backend_reset),
     );
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome
@@ -320,6 +373,7 @@ async fn splice_tls(
     backend: &TcpStream,
     idle: Duration,
     buffer_len: usize,
+    backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
     let activity = Cell::new(Instant::now());
     let up = session.pump_up(
@@ -335,6 +389,7 @@ async fn splice_tls(
         &activity,
         buffer_len,
         &ctx.stats.bytes_backend_to_client,
+        backend_reset,
     );
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
     outcome
@@ -365,7 +420,8 @@ where
 
 /// Copies `src` to `dst` until `src` ends, then half-closes `dst`. With
 /// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
-/// the rest of the flow to splice(2) and is counted there.
+/// the rest of the flow to splice(2) and is counted there. A read from `src`
+/// that fails with a reset sets `src_reset`.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -373,9 +429,15 @@ async fn pump(
     buffer_len: usize,
     bytes: &std::sync::atomic::AtomicU64,
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
+    src_reset: Option<&Cell<bool>>,
 ) -> io::Result<()> {
     loop {
-        match rt::read_chunk(src, buffer_len).await? {
+        let read = rt::read_chunk(src, buffer_len).await.inspect_err(|e| {
+            if let (Some(flag), io::ErrorKind::ConnectionReset) = (src_reset, e.kind()) {
+                flag.set(true);
+            }
+        });
+        match read? {
             None => {
                 // The peer may already be gone; nothing more to tell it.
                 let _ = rt::shutdown_write(dst).await;

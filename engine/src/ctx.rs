@@ -15,6 +15,8 @@ use arc_swap::ArcSwap;
 
 use crate::affinity::{AffinityTable, SharedAffinity};
 use crate::geo::GeoResolver;
+use crate::passive::PassiveReporter;
+use crate::rate_limit::ClientTable;
 use crate::settings::{EngineSettings, Knobs, ListenerSpec};
 use crate::snapshot::SnapshotHandle;
 use crate::stats::{ListenerStats, ShardStats};
@@ -30,6 +32,9 @@ pub(crate) struct Shared {
     pub active_total: AtomicU32,
     /// Affinity for connections that cannot be steered to one shard.
     pub shared_affinity: SharedAffinity,
+    /// Where connect failures and resets go (the control side's health
+    /// checker); never blocks.
+    pub passive: Arc<PassiveReporter>,
 }
 
 /// What every connection task of a shard shares.
@@ -39,6 +44,9 @@ pub(crate) struct ShardCtx {
     pub stats: Arc<ShardStats>,
     /// Bindings of clients steered to this shard; private, so no lock.
     pub affinity: RefCell<AffinityTable>,
+    /// Per-client rate limit and connection cap of this shard; private, so
+    /// no lock (see `rate_limit` for why per shard).
+    pub clients: RefCell<ClientTable>,
     /// This shard's view of the knobs: re-read only after a change, so
     /// connections don't bump a shared refcount.
     knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
@@ -54,6 +62,10 @@ impl ShardCtx {
         ShardCtx {
             id,
             knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
+            clients: RefCell::new(ClientTable::new(
+                shared.settings.client_table_capacity,
+                std::time::Instant::now(),
+            )),
             shared,
             stats,
             affinity: RefCell::new(affinity),
@@ -118,5 +130,51 @@ impl Drop for ConnSlot {
         if self.counted_globally {
             self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Keeps a connection counted against its client IP's cap until dropped.
+pub(crate) struct ClientSlot {
+    ctx: Rc<ShardCtx>,
+    admitted: crate::rate_limit::Admitted,
+}
+
+impl ClientSlot {
+    /// Admits a connection from `ip` under the current per-client limits, or
+    /// counts the refusal and says why. `Ok(None)` when no limit is set.
+    pub fn admit(
+        ctx: &Rc<ShardCtx>,
+        ip: std::net::IpAddr,
+        limits: &crate::rate_limit::ClientLimits,
+    ) -> Result<Option<ClientSlot>, crate::rate_limit::Refused> {
+        if !limits.active() {
+            return Ok(None);
+        }
+        let mut table = ctx.clients.borrow_mut();
+        let outcome = table.admit(ip, std::time::Instant::now(), limits);
+        ctx.stats
+            .client_evictions
+            .store(table.evictions, Ordering::Relaxed);
+        drop(table);
+        match outcome {
+            Ok(admitted) => Ok(Some(ClientSlot {
+                ctx: Rc::clone(ctx),
+                admitted,
+            })),
+            Err(refused) => {
+                let counter = match refused {
+                    crate::rate_limit::Refused::Rate => &ctx.stats.rate_limited,
+                    crate::rate_limit::Refused::Concurrent => &ctx.stats.client_conn_limited,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Err(refused)
+            }
+        }
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.ctx.clients.borrow_mut().release(self.admitted);
     }
 }

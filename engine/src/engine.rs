@@ -19,6 +19,7 @@ use crate::affinity::AffinityTable;
 use crate::ctx::Shared;
 use crate::geo::GeoResolver;
 use crate::listener;
+use crate::passive::{self, PassiveEvents, PassiveReporter};
 use crate::settings::{EngineSettings, Knobs, ListenerSpec};
 use crate::shard::{self, Command};
 use crate::snapshot::SnapshotHandle;
@@ -66,6 +67,7 @@ pub struct RunningListener {
 pub struct StatsView {
     shards: Arc<Vec<Arc<ShardStats>>>,
     listeners: Arc<Mutex<Vec<RunningListener>>>,
+    passive: Arc<PassiveReporter>,
 }
 
 /// One listener's counters summed over shards.
@@ -79,6 +81,11 @@ pub struct ListenerSummary {
 }
 
 impl StatsView {
+    /// Passive health events queued for the control side, and dropped.
+    pub fn passive_events(&self) -> (u64, u64) {
+        (self.passive.sent(), self.passive.dropped())
+    }
+
     pub fn summary(&self) -> StatsSummary {
         StatsSummary::sum(self.shards.iter().map(|s| &**s))
     }
@@ -122,6 +129,8 @@ pub struct Engine {
     published_listeners: Arc<Mutex<Vec<RunningListener>>>,
     /// Addresses of listeners removed at run time.
     retired_addrs: Vec<SocketAddr>,
+    /// The control side's end of the passive-event channel, until taken.
+    passive_events: Option<PassiveEvents>,
 }
 
 impl Engine {
@@ -137,7 +146,9 @@ impl Engine {
         for spec in listeners {
             groups.push((Arc::new(spec.clone()), bind(spec, shard_count, true)?));
         }
+        let (reporter, passive_events) = passive::channel(passive::CAPACITY);
         let shared = Arc::new(Shared {
+            passive: reporter,
             shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
             settings,
             snapshot,
@@ -151,6 +162,7 @@ impl Engine {
             listeners: Vec::new(),
             published_listeners: Arc::default(),
             retired_addrs: Vec::new(),
+            passive_events: Some(passive_events),
         };
         for id in 0..shard_count {
             if let Err(e) = engine.start_shard(id) {
@@ -221,7 +233,15 @@ impl Engine {
         StatsView {
             shards: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()),
             listeners: Arc::clone(&self.published_listeners),
+            passive: Arc::clone(&self.shared.passive),
         }
+    }
+
+    /// The receiving end of the shards' passive health events (once; `None`
+    /// after). Dropping it closes the channel: shards then count their
+    /// events as dropped without queueing them.
+    pub fn take_passive_events(&mut self) -> Option<PassiveEvents> {
+        self.passive_events.take()
     }
 
     pub fn listeners(&self) -> &[RunningListener] {

@@ -29,6 +29,22 @@
 //! [`route`] puts client affinity in front of [`pick`]: a client bound to a
 //! backend that is still usable keeps it; otherwise a fresh pick is made and
 //! the client is (re)bound to it. See [`route`] for the exact rules.
+//!
+//! # RTT tie-break
+//!
+//! [`pick_scored`] and [`route_scored`] add the round-trip time that active
+//! health checks measured (an EWMA, read through [`LiveView::rtt_us`]):
+//!
+//! ```text
+//! score += min(rtt_weight * rtt_ms, RTT_TERM_MAX)
+//! ```
+//!
+//! With `rtt_weight` 0 (the default) nothing is added and the result is
+//! exactly [`pick`]'s. The term is capped below the distance between tiers,
+//! so it only reorders backends within a tier (or across a tier boundary
+//! only where load already would). A backend with no measurement (RTT 0)
+//! adds nothing. At weight 0.01, 10 ms of RTT weigh as much as a tenth of
+//! the soft limit's worth of connections.
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -64,6 +80,50 @@ impl Tier {
             Tier::LocalPop => "local",
             Tier::Fallback => "fallback",
         }
+    }
+}
+
+/// The largest score the RTT term adds (see the module documentation): half
+/// the distance between two tiers.
+pub const RTT_TERM_MAX: f64 = 50.0;
+
+/// How scoring weighs what is not geography or load.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Scoring {
+    /// Score added per millisecond of health-check RTT; 0 = off.
+    pub rtt_weight: f64,
+}
+
+/// The live state selection reads for each backend: its open connections
+/// and its measured RTT. A plain closure `Fn(&Backend) -> u32` is a view of
+/// the connection count alone (RTT unknown), which is what tests inject;
+/// [`Atomics`] reads the shared counters in production.
+pub trait LiveView {
+    /// Open connections to `b` right now.
+    fn active(&self, b: &Backend) -> u32;
+    /// `b`'s health-check RTT in microseconds; 0 = not measured.
+    fn rtt_us(&self, _b: &Backend) -> u32 {
+        0
+    }
+}
+
+impl<F: Fn(&Backend) -> u32> LiveView for F {
+    fn active(&self, b: &Backend) -> u32 {
+        self(b)
+    }
+}
+
+/// The production [`LiveView`]: the backend's shared atomics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Atomics;
+
+impl LiveView for Atomics {
+    fn active(&self, b: &Backend) -> u32 {
+        b.active()
+    }
+
+    fn rtt_us(&self, b: &Backend) -> u32 {
+        b.live.rtt_us()
     }
 }
 
@@ -121,6 +181,11 @@ fn score(b: &Backend, tier: Tier, active: u32) -> f64 {
     f64::from(tier as u8) * 100.0 + load / f64::from(b.weight.max(1))
 }
 
+/// The RTT term of the score (see the module documentation).
+fn rtt_term(rtt_us: u32, weight: f64) -> f64 {
+    (weight * f64::from(rtt_us) / 1000.0).min(RTT_TERM_MAX)
+}
+
 /// Picks the best backend among `candidates` for `client`, or `None` when no
 /// candidate is eligible.
 ///
@@ -138,6 +203,30 @@ pub fn pick(
     exclude: &[BackendIdx],
     active: impl Fn(&Backend) -> u32,
 ) -> Option<Choice> {
+    pick_scored(
+        snap,
+        candidates,
+        client,
+        local_region,
+        exclude,
+        Scoring::default(),
+        &active,
+    )
+}
+
+/// [`pick`] with the RTT tie-break of `scoring` (see the module
+/// documentation); `live` is read at most once per eligible candidate for
+/// its count, and for its RTT only when `scoring.rtt_weight` is positive.
+pub fn pick_scored(
+    snap: &RoutingSnapshot,
+    candidates: &[BackendIdx],
+    client: &ClientGeo,
+    local_region: Option<RegionId>,
+    exclude: &[BackendIdx],
+    scoring: Scoring,
+    live: &impl LiveView,
+) -> Option<Choice> {
+    let use_rtt = scoring.rtt_weight > 0.0;
     let mut best: Option<(f64, Choice)> = None;
     for &idx in candidates {
         if exclude.contains(&idx) {
@@ -149,12 +238,15 @@ pub fn pick(
         if !b.healthy {
             continue;
         }
-        let n = active(b);
+        let n = live.active(b);
         if !eligible(b, n) {
             continue;
         }
         let tier = tier_of(b, client, local_region);
-        let s = score(b, tier, n);
+        let mut s = score(b, tier, n);
+        if use_rtt {
+            s += rtt_term(live.rtt_us(b), scoring.rtt_weight);
+        }
         // Strictly lower: on a tie the earlier candidate stays.
         if best.as_ref().is_none_or(|(bs, _)| s < *bs) {
             best = Some((
@@ -207,11 +299,40 @@ pub fn route(
     now: Instant,
     active: impl Fn(&Backend) -> u32,
 ) -> Option<Choice> {
+    route_scored(
+        snap,
+        candidates,
+        client_ip,
+        client,
+        local_region,
+        exclude,
+        affinity,
+        now,
+        Scoring::default(),
+        &active,
+    )
+}
+
+/// [`route`] with [`pick_scored`]'s scoring for fresh picks (a sticky
+/// binding is kept whatever its RTT).
+#[allow(clippy::too_many_arguments)]
+pub fn route_scored(
+    snap: &RoutingSnapshot,
+    candidates: &[BackendIdx],
+    client_ip: IpAddr,
+    client: &ClientGeo,
+    local_region: Option<RegionId>,
+    exclude: &[BackendIdx],
+    affinity: &mut AffinityTable,
+    now: Instant,
+    scoring: Scoring,
+    live: &impl LiveView,
+) -> Option<Choice> {
     if let Some(id) = affinity.lookup(client_ip, now) {
         let usable = snap.find(&id).filter(|&idx| {
             candidates.contains(&idx) && !exclude.contains(&idx) && {
                 let b = snap.backend(idx);
-                b.healthy && eligible(b, active(b))
+                b.healthy && eligible(b, live.active(b))
             }
         });
         if let Some(idx) = usable {
@@ -223,7 +344,15 @@ pub fn route(
         }
         affinity.forget(client_ip);
     }
-    let choice = pick(snap, candidates, client, local_region, exclude, &active)?;
+    let choice = pick_scored(
+        snap,
+        candidates,
+        client,
+        local_region,
+        exclude,
+        scoring,
+        live,
+    )?;
     affinity.bind(
         client_ip,
         std::sync::Arc::clone(&snap.backend(choice.idx).id),
@@ -463,6 +592,71 @@ mod tests {
         let c = |cands: &[BackendIdx]| id_of(&s, pick(&s, cands, &geo, None, &[], idle));
         assert_eq!(c(&[0, 1]), Some("a"));
         assert_eq!(c(&[1, 0]), Some("b"));
+    }
+
+    // ---- RTT tie-break ------------------------------------------------------
+
+    /// A view with fixed loads and RTTs (µs) by id.
+    struct Fixed<'a>(&'a [(&'a str, u32, u32)]);
+
+    impl LiveView for Fixed<'_> {
+        fn active(&self, b: &Backend) -> u32 {
+            self.0.iter().find(|r| r.0 == &*b.id).map_or(0, |r| r.1)
+        }
+        fn rtt_us(&self, b: &Backend) -> u32 {
+            self.0.iter().find(|r| r.0 == &*b.id).map_or(0, |r| r.2)
+        }
+    }
+
+    fn scored(s: &RoutingSnapshot, geo: &ClientGeo, weight: f64, view: &Fixed) -> Option<String> {
+        let scoring = Scoring { rtt_weight: weight };
+        let c = pick_scored(s, s.candidates(None), geo, None, &[], scoring, view);
+        id_of(s, c).map(str::to_string)
+    }
+
+    #[test]
+    fn rtt_breaks_ties_within_a_tier_only_when_weighted() {
+        let s = snap(&[
+            rec("slow", "web", "sa", Some("BR")),
+            rec("fast", "web", "sa", Some("BR")),
+            rec("far", "web", "us", None),
+        ]);
+        let geo = client(&s, Some("BR"), Some("sa"));
+        let view = Fixed(&[("slow", 0, 40_000), ("fast", 0, 2_000), ("far", 0, 1)]);
+        // Off: exactly today's scoring (table order on a tie).
+        assert_eq!(scored(&s, &geo, 0.0, &view).as_deref(), Some("slow"));
+        assert_eq!(
+            scored(&s, &geo, 0.0, &view),
+            pick_all(&s, &geo, None, &[], idle).map(str::to_string)
+        );
+        // On: the lower RTT wins the tie.
+        assert_eq!(scored(&s, &geo, 0.01, &view).as_deref(), Some("fast"));
+        // A weight large enough to cap both terms never lets a far tier
+        // (RTT 1 µs) win over a near one.
+        assert_eq!(scored(&s, &geo, 1.0, &view).as_deref(), Some("fast"));
+        assert_ne!(scored(&s, &geo, 1e9, &view).as_deref(), Some("far"));
+    }
+
+    #[test]
+    fn rtt_weighs_against_load_by_the_weight() {
+        let s = snap(&[
+            rec("busy-near", "web", "sa", Some("BR")),
+            rec("idle-slow", "web", "sa", Some("BR")),
+        ]);
+        let geo = client(&s, Some("BR"), Some("sa"));
+        // busy-near: load 50/100 = 0.5, RTT 1 ms; idle-slow: load 0, RTT 30 ms.
+        let view = Fixed(&[("busy-near", 50, 1_000), ("idle-slow", 0, 30_000)]);
+        // 0.01/ms: 0.5 + 0.01 vs 0.3 → idle-slow.
+        assert_eq!(scored(&s, &geo, 0.01, &view).as_deref(), Some("idle-slow"));
+        // 0.1/ms: 0.5 + 0.1 vs 3.0 → busy-near.
+        assert_eq!(scored(&s, &geo, 0.1, &view).as_deref(), Some("busy-near"));
+    }
+
+    #[test]
+    fn unmeasured_rtt_adds_nothing() {
+        assert_eq!(rtt_term(0, 5.0), 0.0);
+        assert_eq!(rtt_term(10_000, 0.01), 0.1);
+        assert_eq!(rtt_term(u32::MAX, 1.0), RTT_TERM_MAX);
     }
 
     // ---- exclusions -------------------------------------------------------

@@ -42,6 +42,9 @@ pub struct EngineSettings {
     pub splice_bulk: bool,
     /// Region of this POP, for the "local POP" selection tier.
     pub local_region: Arc<str>,
+    /// Client IPs each shard's rate-limit table tracks at once (see
+    /// `rate_limit`); allocated on first use.
+    pub client_table_capacity: usize,
 }
 
 /// Settings that a SIGHUP can change without a restart. `Copy`, so a
@@ -64,6 +67,11 @@ pub struct Knobs {
     pub affinity_gc_interval: Duration,
     /// How long a PROXY-protocol header may take to arrive.
     pub proxy_header_timeout: Duration,
+    /// Weight of the health-check RTT in selection scoring, per millisecond
+    /// (see `select::Scoring`); 0 = today's scoring.
+    pub rtt_weight: f64,
+    /// Per-client rate limit and concurrent-connection cap.
+    pub client_limits: crate::rate_limit::ClientLimits,
 }
 
 impl Default for Knobs {
@@ -77,6 +85,8 @@ impl Default for Knobs {
             affinity_ttl: Duration::from_secs(600),
             affinity_gc_interval: Duration::from_secs(60),
             proxy_header_timeout: Duration::from_secs(5),
+            rtt_weight: 0.0,
+            client_limits: crate::rate_limit::ClientLimits::default(),
         }
     }
 }

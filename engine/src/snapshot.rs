@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -67,11 +67,40 @@ pub struct BackendLive {
     pub connect_failures: AtomicU64,
     /// Connections ever proxied to this backend.
     pub total: AtomicU64,
+    /// Round-trip time measured by active health checks (EWMA), in
+    /// microseconds; 0 = not measured. Written by the control side after each
+    /// check, read by scoring when an RTT weight is set: it changes without
+    /// a new snapshot.
+    pub rtt_us: AtomicU32,
+    /// Set by the control side while it needs to hear about connections to
+    /// this backend that ended well (after a failure, while its circuit is
+    /// half-open); shards report successes only then, so a healthy backend
+    /// costs the passive channel nothing.
+    pub watch_successes: AtomicBool,
 }
 
 impl BackendLive {
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// The health-check RTT (EWMA) in microseconds; 0 when not measured.
+    pub fn rtt_us(&self) -> u32 {
+        self.rtt_us.load(Ordering::Relaxed)
+    }
+
+    pub fn set_rtt_us(&self, rtt_us: u32) {
+        self.rtt_us.store(rtt_us, Ordering::Relaxed);
+    }
+
+    /// Whether shards should report connections that ended well (see
+    /// [`BackendLive::watch_successes`]).
+    pub fn successes_watched(&self) -> bool {
+        self.watch_successes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_watch_successes(&self, on: bool) {
+        self.watch_successes.store(on, Ordering::Relaxed);
     }
 }
 
@@ -85,6 +114,13 @@ impl ActiveGuard {
         live.active.fetch_add(1, Ordering::Relaxed);
         live.total.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(live)
+    }
+}
+
+impl ActiveGuard {
+    /// The backend this guard counts a connection against.
+    pub fn live(&self) -> &Arc<BackendLive> {
+        &self.0
     }
 }
 

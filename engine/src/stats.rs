@@ -38,6 +38,13 @@ pub struct ShardStats {
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
+    /// New connections refused by the per-client rate limit.
+    pub rate_limited: AtomicU64,
+    /// New connections refused by the per-client concurrent-connection cap.
+    pub client_conn_limited: AtomicU64,
+    /// Clients that took another's slot in this shard's rate-limit table
+    /// (a gauge of its total so far, written by the shard).
+    pub client_evictions: AtomicU64,
     /// Time to connect to a backend (successful connects only).
     pub connect_latency: LatencyHistogram,
 }
@@ -120,6 +127,9 @@ pub struct StatsSummary {
     pub idle_timeouts: u64,
     pub tls_handshakes: u64,
     pub tls_handshake_failures: u64,
+    pub rate_limited: u64,
+    pub client_conn_limited: u64,
+    pub client_evictions: u64,
     /// Cumulative counts per bucket of `CONNECT_LATENCY_BOUNDS` plus +Inf.
     pub connect_latency_cumulative: Vec<u64>,
     pub connect_latency_sum_secs: f64,
@@ -150,6 +160,9 @@ impl StatsSummary {
             s.idle_timeouts += r(&sh.idle_timeouts);
             s.tls_handshakes += r(&sh.tls_handshakes);
             s.tls_handshake_failures += r(&sh.tls_handshake_failures);
+            s.rate_limited += r(&sh.rate_limited);
+            s.client_conn_limited += r(&sh.client_conn_limited);
+            s.client_evictions += r(&sh.client_evictions);
             for (total, bucket) in s
                 .connect_latency_cumulative
                 .iter_mut()

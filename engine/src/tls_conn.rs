@@ -174,7 +174,8 @@ impl TlsSession {
     }
 
     /// Backend → client: encrypts until the backend closes, then sends
-    /// close_notify and half-closes the client.
+    /// close_notify and half-closes the client. A reset read from the
+    /// backend sets `backend_reset` (a passive health event).
     pub(crate) async fn pump_down(
         &self,
         backend: &TcpStream,
@@ -182,9 +183,15 @@ impl TlsSession {
         activity: &Cell<Instant>,
         buffer_len: usize,
         bytes: &std::sync::atomic::AtomicU64,
+        backend_reset: &Cell<bool>,
     ) -> Result<(), TlsError> {
         loop {
-            let Some(chunk) = rt::read_chunk(backend, buffer_len).await? else {
+            let read = rt::read_chunk(backend, buffer_len).await.inspect_err(|e| {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    backend_reset.set(true);
+                }
+            });
+            let Some(chunk) = read? else {
                 break;
             };
             activity.set(Instant::now());

@@ -11,6 +11,7 @@ pub mod backends;
 pub mod loadgen;
 pub mod plot;
 pub mod procfs;
+pub mod rate_limit;
 pub mod report;
 pub mod scenarios;
 pub mod targets;
@@ -295,6 +296,11 @@ fn run_in(
         progress(&v);
         variants.push(v);
     }
+    if has('r') && kinds.contains(&Kind::Edgeproxy) {
+        let v = rate_limit::cost(opts, setup, &backends);
+        progress(&v);
+        variants.push(v);
+    }
     if has('g') && kinds.contains(&Kind::Edgeproxy) {
         match scenarios::hot_reload(opts, setup, &backends) {
             Ok((v, hists)) => {
@@ -402,6 +408,14 @@ fn goals(variants: &[Variant], opts: &Options) -> Vec<Goal> {
             },
         });
     };
+    if let Some(v) = find("r_rate_limit") {
+        at_most(
+            "rate limiting costs ≤ 3 % CPU per new connection (c)",
+            v.median(Kind::Edgeproxy, "pair_ratio"),
+            1.03,
+            "on/off, median of pairs",
+        );
+    }
     at_most(
         "CPU per keep-alive request ≤ 0.7× HAProxy's",
         ratio("a_keepalive", "cpu_us_per_req", Kind::Haproxy),

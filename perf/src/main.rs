@@ -22,7 +22,8 @@ struct Args {
     targets: Option<Vec<String>>,
     /// Scenario letters: a keep-alive, b open loop, c connection per request,
     /// d bulk, e idle memory, f TLS, g hot reload, s syscall census (perf
-    /// stat tracepoints). Default: all (quick: all but s).
+    /// stat tracepoints), r rate limiting's cost in c (on vs off). Default:
+    /// all but r (quick: all but r and s).
     #[arg(long)]
     scenarios: Option<String>,
     /// Runs per target per scenario (interleaved). Default 3.

@@ -37,7 +37,7 @@ fn us(ns: u64) -> f64 {
 
 /// Latency and CPU metrics of a request/response run.
 #[allow(clippy::too_many_arguments)]
-fn rr_sample(
+pub(crate) fn rr_sample(
     opts: &Options,
     target: &Running,
     run: usize,
@@ -88,7 +88,13 @@ fn rr_sample(
     })
 }
 
-fn spec(opts: &Options, to: SocketAddr, pace: Pace, keepalive: bool, conns: usize) -> LoadSpec {
+pub(crate) fn spec(
+    opts: &Options,
+    to: SocketAddr,
+    pace: Pace,
+    keepalive: bool,
+    conns: usize,
+) -> LoadSpec {
     LoadSpec {
         target: to,
         connections: conns,
@@ -465,6 +471,7 @@ pub fn hot_reload(
     let edge = targets::EdgeOptions {
         reload_interval_ms: 50,
         rows_per_app: rows,
+        ..Default::default()
     };
     let mut target = targets::start(Kind::Edgeproxy, setup, backends, "reload", &edge)?;
     let rate = opts.reload_rate;

@@ -213,6 +213,9 @@ pub struct EdgeOptions {
     pub reload_interval_ms: u64,
     /// Rows per app in routing.db (all pointing at the one backend).
     pub rows_per_app: usize,
+    /// TOML appended to edgeproxy's config (a section the suite does not
+    /// write, e.g. `[rate_limit]` for scenario r).
+    pub extra_toml: String,
 }
 
 impl Default for EdgeOptions {
@@ -220,6 +223,7 @@ impl Default for EdgeOptions {
         EdgeOptions {
             reload_interval_ms: 1000,
             rows_per_app: 1,
+            extra_toml: String::new(),
         }
     }
 }
@@ -339,6 +343,7 @@ level = "info"
         toml.push_str(&crate::tls::edgeproxy_listener("tls-http", "http", m));
         toml.push_str(&crate::tls::edgeproxy_listener("tls-bulk", "bulk", m));
     }
+    toml.push_str(&edge.extra_toml);
     let config = dir.join("edgeproxy.toml");
     std::fs::write(&config, toml)?;
     let mut cmd = Command::new(&setup.edgeproxy_bin);

@@ -722,3 +722,41 @@ impl TagBackend {
         self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A listener whose accept queue is full and never drained: further SYNs are
+/// dropped, so a connect to it hangs until the connector gives up (a
+/// black-holed backend).
+pub struct Blackhole {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<socket2::Socket>,
+}
+
+impl Blackhole {
+    pub fn start() -> Blackhole {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        // Fill the queue (one established, one half-open), without waiting.
+        let queued = (0..2)
+            .map(|_| {
+                let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                s.set_nonblocking(true).unwrap();
+                let _ = s.connect(&addr.into());
+                s
+            })
+            .collect();
+        // The blackhole holds only if a fresh connect really hangs.
+        let check = TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+        assert!(check.is_err(), "the blackhole accepted a connection");
+        Blackhole {
+            addr,
+            _listener: listener,
+            _queued: queued,
+        }
+    }
+}

@@ -282,6 +282,11 @@ fn table(body: &Value) -> String {
         "STATE",
         "CONNS",
         "HEARTBEAT",
+        "HEALTH",
+        "CIRCUIT",
+        "RTT",
+        "FAILS",
+        "CHECKED",
     ];
     let text = |v: &Value| match v {
         Value::Null => "-".to_string(),
@@ -310,6 +315,17 @@ fn table(body: &Value) -> String {
             text(&b["state"]),
             text(&b["active_connections"]),
             heartbeat,
+            text(&b["health"]["state"]),
+            text(&b["health"]["circuit"]),
+            match b["health"]["rtt_ms"].as_f64() {
+                Some(ms) => format!("{ms:.1}ms"),
+                None => "-".into(),
+            },
+            text(&b["health"]["consecutive_failures"]),
+            match b["health"]["last_check"]["ago_ms"].as_u64() {
+                Some(ms) => format!("{}s ago", ms / 1000),
+                None => "-".into(),
+            },
         ]);
     }
     let widths: Vec<usize> = (0..header.len())

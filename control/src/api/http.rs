@@ -200,8 +200,10 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
         Ok(Err(_)) => return too_big(),
         Ok(Ok(body)) => body,
     };
-    match super::validate::registration(&body) {
-        Ok(rec) => call(&s, Op::Register(rec)).await,
+    let parsed = super::validate::registration(&body)
+        .and_then(|rec| Ok((rec, super::validate::health_check(&body)?)));
+    match parsed {
+        Ok((rec, check)) => call(&s, Op::Register(rec, check)).await,
         Err(e) => {
             tracing::debug!(error = %e, "discovery API: registration refused");
             reply(Reply::error(

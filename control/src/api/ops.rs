@@ -20,7 +20,9 @@ use crate::store::{Lifecycle, Registered};
 /// One API call, validated.
 #[derive(Debug)]
 pub enum Op {
-    Register(BackendRecord),
+    /// A registration, with the backend's own health-check settings (JSON
+    /// text) when it sent some.
+    Register(BackendRecord, Option<String>),
     Heartbeat(String),
     Drain(String),
     Deregister(String),
@@ -74,6 +76,7 @@ fn status(
     now_ms: i64,
     snap: &RoutingSnapshot,
     node_id: Option<&str>,
+    health: Option<&crate::health::HealthLink>,
 ) -> Value {
     let expired = row_expired(life, ttl, now_ms, node_id);
     let secs_since = |t: Option<i64>| t.map(|t| (now_ms.saturating_sub(t).max(0) / 1000) as u64);
@@ -109,6 +112,8 @@ fn status(
         "heartbeat_pop": life.heartbeat_pop,
         "state": state,
         "active_connections": live.map_or(0, |b| b.active()),
+        // This POP's health view (checks, RTT, circuit); null when off.
+        "health": health.map_or(Value::Null, |h| h.status_json(&rec.id)),
     })
 }
 
@@ -135,24 +140,36 @@ fn not_found(id: &str, reason: &str) -> Reply {
 pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
     let now_ms = unix_ms(now);
     match op {
-        Op::Register(rec) => match reloader.store_mut().register(&rec, now_ms) {
-            Err(e) => store_failed(&e),
-            Ok(outcome) => {
-                reloader.reload_at(now);
-                let updated = outcome == Registered::Updated;
-                tracing::info!(backend = %rec.id, app = %rec.app, region = %rec.region,
+        Op::Register(rec, check) => {
+            match reloader
+                .store_mut()
+                .register(&rec, now_ms)
+                .and_then(|outcome| {
+                    // A registration states the backend's whole wish: no check
+                    // settings in it clears earlier ones.
+                    reloader
+                        .store_mut()
+                        .set_health_check(&rec.id, check.as_deref())?;
+                    Ok(outcome)
+                }) {
+                Err(e) => store_failed(&e),
+                Ok(outcome) => {
+                    reloader.reload_at(now);
+                    let updated = outcome == Registered::Updated;
+                    tracing::info!(backend = %rec.id, app = %rec.app, region = %rec.region,
                     addr = %addr_of(&rec), updated, "backend registered");
-                let message = if updated {
-                    "Backend updated successfully"
-                } else {
-                    "Backend registered successfully"
-                };
-                Reply::new(
-                    201,
-                    json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
-                )
+                    let message = if updated {
+                        "Backend updated successfully"
+                    } else {
+                        "Backend registered successfully"
+                    };
+                    Reply::new(
+                        201,
+                        json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
+                    )
+                }
             }
-        },
+        }
         Op::Heartbeat(id) => {
             // Routing changes only if the backend was expired: then publish
             // at once. (One that expired since the last reload is still
@@ -196,6 +213,7 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
         Op::Get(id) => {
             let ttl = reloader.heartbeat_ttl();
             let snap = reloader.handle().load_full();
+            let health = reloader.health().cloned();
             let store = reloader.store_mut();
             let node = store.node_id().map(String::from);
             match store.peek() {
@@ -206,7 +224,10 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                     .zip(&loaded.lifecycle)
                     .find(|(r, _)| r.id == id && !r.deleted)
                     .map(|(r, l)| {
-                        Reply::new(200, status(r, l, ttl, now_ms, &snap, node.as_deref()))
+                        Reply::new(
+                            200,
+                            status(r, l, ttl, now_ms, &snap, node.as_deref(), health.as_ref()),
+                        )
                     })
                     .unwrap_or_else(|| not_found(&id, "backend not found")),
             }
@@ -214,6 +235,7 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
         Op::List => {
             let ttl = reloader.heartbeat_ttl();
             let snap = reloader.handle().load_full();
+            let health = reloader.health().cloned();
             let store = reloader.store_mut();
             let node = store.node_id().map(String::from);
             match store.peek() {
@@ -224,7 +246,9 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                         .iter()
                         .zip(&loaded.lifecycle)
                         .filter(|(r, _)| !r.deleted)
-                        .map(|(r, l)| status(r, l, ttl, now_ms, &snap, node.as_deref()))
+                        .map(|(r, l)| {
+                            status(r, l, ttl, now_ms, &snap, node.as_deref(), health.as_ref())
+                        })
                         .collect();
                     let total = backends.len();
                     Reply::new(200, json!({ "backends": backends, "total": total }))
@@ -249,7 +273,10 @@ mod tests {
     fn registration(id: &str, port: u16) -> Op {
         let body =
             format!(r#"{{"id":"{id}","app":"web","region":"eu","ip":"127.0.0.1","port":{port}}}"#);
-        Op::Register(super::super::validate::registration(body.as_bytes()).unwrap())
+        Op::Register(
+            super::super::validate::registration(body.as_bytes()).unwrap(),
+            None,
+        )
     }
 
     fn routed_healthy(r: &RoutingReloader, id: &str) -> Option<bool> {

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
+use crate::config_env::{
+    env_bool, env_parse, invalid, ser_display, ser_ms, ser_secs, ConfigError, Env,
+};
 
 use super::keys::ClusterSecret;
 
@@ -115,16 +117,6 @@ impl Replication {
             None => ClusterSecret::insecure(&self.cluster_name),
         }
     }
-}
-
-fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_millis() as u64)
-}
-fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_secs())
-}
-fn ser_display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-    s.collect_str(v)
 }
 
 /// This machine's host name, the default node id.

@@ -43,6 +43,8 @@ const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
 enum Command {
     Drain(bool, oneshot::Sender<PopStatus>),
+    /// The listeners changed (SIGHUP): the serving ones again.
+    Listeners(Vec<ServingListener>),
     Shutdown(oneshot::Sender<bool>),
 }
 
@@ -75,6 +77,11 @@ impl Handle {
             .map_err(|_| anyhow::anyhow!("the steering controller has stopped"))
     }
 
+    /// The listeners changed (SIGHUP): judges from the new serving set.
+    pub fn set_listeners(&self, config: &Config) {
+        let _ = self.commands.send(Command::Listeners(serving_of(config)));
+    }
+
     /// The shutdown's part: stops announcing (soft drain, then withdrawal)
     /// and returns when the withdrawal is written, plus the grace for
     /// connections on their way; then ends the BGP sessions. Returns at
@@ -98,17 +105,7 @@ pub fn start(
     reloader: SharedReloader,
 ) -> anyhow::Result<Handle> {
     let bgp = &config.bgp;
-    let anycast = if bgp.enabled {
-        bgp.announce.clone()
-    } else {
-        Vec::new()
-    };
-    let configured: Vec<(String, std::net::SocketAddr, Option<String>)> = config
-        .listeners
-        .iter()
-        .map(|l| (l.name.clone(), l.addr, l.app.clone()))
-        .collect();
-    let serving = serving_listeners(&configured, &anycast, &config.pop.public_addrs);
+    let serving = serving_of(config);
     let node_id = config.replication.node_id.clone();
     let identity = PopRow {
         node_id: node_id.clone(),
@@ -151,7 +148,7 @@ pub fn start(
     };
     tracing::info!(listeners = %serving.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","),
         bgp = bgp.enabled, "pop: judging whether this POP can serve from these listeners");
-    let controller = Controller {
+    let mut controller = Controller {
         snapshot,
         listeners,
         serving,
@@ -171,8 +168,29 @@ pub fn start(
         bgp_enabled: bgp.enabled,
         poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
     };
+    // The first judgement now, not at the task's first turn: the row holds
+    // a real verdict (and the snapshot its POP list) before the proxy says
+    // it is up, so no reload of this POP's own making comes later at an
+    // arbitrary time. The listeners are bound already (`Engine::start`).
+    controller.evaluate(Instant::now());
+    controller.record();
     tokio::spawn(controller.run(command_rx));
     Ok(handle)
+}
+
+/// The serving listeners of `config` (see `verdict`).
+fn serving_of(config: &Config) -> Vec<ServingListener> {
+    let anycast = if config.bgp.enabled {
+        config.bgp.announce.clone()
+    } else {
+        Vec::new()
+    };
+    let configured: Vec<(String, std::net::SocketAddr, Option<String>)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.addr, l.app.clone()))
+        .collect();
+    serving_listeners(&configured, &anycast, &config.pop.public_addrs)
 }
 
 struct Controller {
@@ -229,6 +247,13 @@ impl Controller {
                         tokio::task::yield_now().await;
                         self.record();
                         let _ = reply.send(self.status.load().as_ref().clone());
+                    }
+                    Some(Command::Listeners(serving)) => {
+                        if serving != self.serving {
+                            tracing::info!(listeners = %serving.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","),
+                                "pop: the listeners changed; judging from these now");
+                            self.serving = serving;
+                        }
                     }
                     Some(Command::Shutdown(reply)) => {
                         self.shutting_down = true;

@@ -392,7 +392,11 @@ fn number_after(text: &str, key: &str) -> Option<f64> {
 }
 
 fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure> {
-    let ecs: &[&str] = if args.geodns { &["-E", ECS_OPTION] } else { &[] };
+    let ecs: &[&str] = if args.geodns {
+        &["-E", ECS_OPTION]
+    } else {
+        &[]
+    };
     let out = Command::new(&args.dnsperf)
         .args(ecs)
         .args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])

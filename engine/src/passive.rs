@@ -1,0 +1,149 @@
+//! Passive health events: what shards see of a backend while serving
+//! clients (a connect that failed or timed out, a reset in the middle of a
+//! connection, a connection that ended cleanly while the control side is
+//! watching), reported to the control side's health checker.
+//!
+//! # Contract
+//!
+//! [`PassiveReporter::report`] never blocks and never allocates: it is a
+//! `try_send` on a bounded channel. When the channel is full (the checker
+//! is behind) or closed (health checking is off) the event is dropped and
+//! counted in [`PassiveReporter::dropped`], so a shard never waits on the
+//! control thread. Events carry the backend's id (`Arc<str>`, a reference
+//! count increment) because indices change from one snapshot to the next.
+//!
+//! The channel is `async-channel`, the one the engine already uses for shard
+//! commands: senders are plain non-blocking calls from any thread, and the
+//! receiver can be awaited on the control thread's Tokio runtime without a
+//! thread of its own polling a blocking receiver.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Events the channel holds before new ones are dropped: far more than a
+/// checker that runs every few milliseconds needs, small enough (≈ 64 KiB)
+/// to cost nothing.
+pub const CAPACITY: usize = 4096;
+
+/// What a shard saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassiveKind {
+    /// The connect was refused or failed (unreachable, reset during the
+    /// handshake).
+    ConnectFailed,
+    /// The connect did not finish within the connect timeout.
+    ConnectTimeout,
+    /// The backend reset an established connection.
+    Reset,
+    /// A connection ended without a reset from the backend (reported only
+    /// while the backend is watched).
+    Success,
+}
+
+impl PassiveKind {
+    /// True for every kind but [`PassiveKind::Success`].
+    pub fn is_failure(self) -> bool {
+        !matches!(self, PassiveKind::Success)
+    }
+
+    /// A short, stable name for logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            PassiveKind::ConnectFailed => "connect_failed",
+            PassiveKind::ConnectTimeout => "connect_timeout",
+            PassiveKind::Reset => "reset",
+            PassiveKind::Success => "success",
+        }
+    }
+}
+
+/// One event about one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveEvent {
+    pub backend: Arc<str>,
+    pub kind: PassiveKind,
+}
+
+/// The shards' end of the channel.
+#[derive(Debug)]
+pub struct PassiveReporter {
+    tx: async_channel::Sender<PassiveEvent>,
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The control side's end of the channel.
+pub type PassiveEvents = async_channel::Receiver<PassiveEvent>;
+
+/// A reporter and its receiver, holding at most `capacity` events.
+pub fn channel(capacity: usize) -> (Arc<PassiveReporter>, PassiveEvents) {
+    let (tx, rx) = async_channel::bounded(capacity.max(1));
+    let reporter = PassiveReporter {
+        tx,
+        sent: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+    };
+    (Arc::new(reporter), rx)
+}
+
+impl PassiveReporter {
+    /// Queues an event, or drops and counts it when the queue is full or
+    /// nobody listens. Never blocks.
+    pub fn report(&self, backend: &Arc<str>, kind: PassiveKind) {
+        let event = PassiveEvent {
+            backend: Arc::clone(backend),
+            kind,
+        };
+        match self.tx.try_send(event) {
+            Ok(()) => self.sent.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.dropped.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    /// Events queued for the control side so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Events dropped so far (queue full, or health checking off).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (reporter, events) = channel(2);
+        let id: Arc<str> = Arc::from("b1");
+        for _ in 0..5 {
+            reporter.report(&id, PassiveKind::ConnectFailed);
+        }
+        assert_eq!((reporter.sent(), reporter.dropped()), (2, 3));
+        let first = events.try_recv().unwrap();
+        assert_eq!(&*first.backend, "b1");
+        assert_eq!(first.kind, PassiveKind::ConnectFailed);
+        // Room again: the next one goes through.
+        reporter.report(&id, PassiveKind::Success);
+        assert_eq!(reporter.sent(), 3);
+    }
+
+    #[test]
+    fn a_closed_channel_counts_drops() {
+        let (reporter, events) = channel(8);
+        drop(events);
+        reporter.report(&Arc::from("b1"), PassiveKind::Reset);
+        assert_eq!((reporter.sent(), reporter.dropped()), (0, 1));
+    }
+
+    #[test]
+    fn only_success_is_not_a_failure() {
+        assert!(PassiveKind::ConnectFailed.is_failure());
+        assert!(PassiveKind::ConnectTimeout.is_failure());
+        assert!(PassiveKind::Reset.is_failure());
+        assert!(!PassiveKind::Success.is_failure());
+    }
+}

@@ -1,0 +1,643 @@
+//! Health checks, the circuit breaker and per-client rate limits through the
+//! real binary: real backends on loopback, real checks, real clients.
+//!
+//! Timing is read from the proxy's own log lines (each transition is logged
+//! once); the figures printed here (`--nocapture`) are what README's goals
+//! quote. No test asserts speed beyond "faster than the mechanism it must
+//! beat" (e.g. a confirming check must come well before the next interval).
+
+mod common;
+mod health_support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use health_support::*;
+
+const METRICS: &str = "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n";
+
+fn metrics_addr(proxy: &Proxy) -> SocketAddr {
+    let line = proxy
+        .wait_for_log("metrics listening", PATIENCE)
+        .expect("metrics listener");
+    field(&line, "addr").unwrap().parse().unwrap()
+}
+
+/// Waits for the transition log line `needle` about `backend` after `mark`.
+fn wait_event(proxy: &Proxy, mark: usize, needle: &str, backend: &str) -> Option<String> {
+    proxy.wait_for_log_where(
+        mark,
+        |l| l.contains(needle) && field(l, "backend").as_deref() == Some(backend),
+        PATIENCE,
+    )
+}
+
+/// A proxy over `rows` with `extra` TOML. Affinity is off: every test
+/// client comes from 127.0.0.1, and a binding would hide where scoring and
+/// health send a new connection.
+fn proxy_over(tag: &str, rows: &[Row], extra: &str) -> (TempDir, Proxy) {
+    proxy_with_shards(tag, rows, extra, 2)
+}
+
+fn proxy_with_shards(tag: &str, rows: &[Row], extra: &str, shards: u32) -> (TempDir, Proxy) {
+    let dir = TempDir::new(tag);
+    let db = Db::create(dir.join("routing.db"));
+    for r in rows {
+        db.upsert(r);
+    }
+    let text = config(&db.path, &format!("[affinity]\nttl_secs = 0\n{extra}"))
+        .replace("shards = 2", &format!("shards = {shards}"));
+    let proxy = Proxy::with_config(&dir, &text);
+    (dir, proxy)
+}
+
+/// `a` preferred (weight) over `b`, both in app web.
+fn preferred(a: u16, b: u16) -> Vec<Row> {
+    let mut first = Row::new("a", "web", "sa", a);
+    first.weight = 100;
+    vec![first, Row::new("b", "web", "sa", b)]
+}
+
+#[test]
+fn http_500_is_excluded_within_fall_checks_and_back_after_rise() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-http",
+        &preferred(a.port(), b.port()),
+        "[health]\nenabled = true\ntype = \"http\"\npath = \"/health\"\ninterval_ms = 200\n\
+         timeout_ms = 150\nhealthy_threshold = 2\nunhealthy_threshold = 3\n",
+    );
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+
+    let mark = proxy.log_mark();
+    let checks_before = a.health_requests.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = Instant::now();
+    a.health_status
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    let line = wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a taken out; proxy log:\n{}", proxy.log_text()));
+    let took = t0.elapsed();
+    let checks = a.health_requests.load(std::sync::atomic::Ordering::SeqCst) - checks_before;
+    println!("http 500 → out of rotation after {took:?} and {checks} checks (fall 3 × 200 ms)");
+    assert!(
+        checks >= 3,
+        "out after {checks} failed checks, threshold is 3"
+    );
+    assert!(line.contains("500"), "the reason names the status: {line}");
+
+    // No client reaches "a" while it is out.
+    let clients_before = a.client_requests.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+    }
+    assert_eq!(
+        a.client_requests.load(std::sync::atomic::Ordering::SeqCst),
+        clients_before
+    );
+
+    let mark = proxy.log_mark();
+    a.health_status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    wait_event(&proxy, mark, "health checks pass again", "a")
+        .unwrap_or_else(|| panic!("a back; proxy log:\n{}", proxy.log_text()));
+    assert!(eventually(PATIENCE, || http_via(addr).as_deref() == Some("a")));
+}
+
+#[test]
+fn a_flapping_backend_does_not_churn_the_snapshot() {
+    let a = HttpBackend::start("a");
+    a.flap.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_dir, proxy) = proxy_over(
+        "health-flap",
+        &[Row::new("a", "web", "sa", a.port())],
+        &format!(
+            "[health]\nenabled = true\ntype = \"http\"\ninterval_ms = 250\ntimeout_ms = 250\n\
+             healthy_threshold = 2\nunhealthy_threshold = 4\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    let version = metric(m, "edgeproxy_routing_snapshot_version", &[]).unwrap();
+    let checks = |n: f64| metric(m, "edgeproxy_health_checks_total", &[]).unwrap() >= n;
+    // Alternating answers never make 4 failures in a row (a check timing out
+    // on a loaded machine would need three more to matter).
+    assert!(eventually(PATIENCE, || checks(16.0)), "checks do not run");
+    let failures = metric(m, "edgeproxy_health_check_failures_total", &[]).unwrap();
+    assert!(
+        failures >= 6.0,
+        "the backend does flap ({failures} failures)"
+    );
+    assert_eq!(
+        metric(m, "edgeproxy_routing_snapshot_version", &[]).unwrap(),
+        version,
+        "no snapshot published while the backend flaps"
+    );
+    assert!(proxy
+        .wait_for_log("health checks failed", Duration::ZERO)
+        .is_none());
+}
+
+#[test]
+fn a_failing_script_takes_the_backend_out_and_a_hanging_one_is_killed() {
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    let dir = TempDir::new("health-script-flags");
+    let flag = dir.join("a-ok");
+    std::fs::write(&flag, "").unwrap();
+    let pids = dir.join("pids");
+    // Healthy while the flag file exists; the backend's port must be in the
+    // script's environment. For "b" it hangs (and records its pid).
+    let command = format!(
+        "echo $$ >> {pids}; if [ \"$EDGEPROXY_BACKEND_ID\" = b ]; then exec sleep 30; fi; \
+         [ \"$EDGEPROXY_BACKEND_PORT\" = {port} ] && test -f {flag}",
+        pids = pids.display(),
+        port = a.port(),
+        flag = flag.display()
+    );
+    let (_d, proxy) = proxy_over(
+        "health-script",
+        &preferred(a.port(), b.port()),
+        &format!(
+            "[health]\nenabled = true\ntype = \"script\"\ncommand = {command:?}\n\
+             interval_ms = 300\ntimeout_ms = 250\nunhealthy_threshold = 2\n"
+        ),
+    );
+    // "b" hangs: killed at the timeout, down after two of them.
+    let line = wait_event(&proxy, 0, "health checks failed", "b")
+        .unwrap_or_else(|| panic!("hanging b out; proxy log:\n{}", proxy.log_text()));
+    assert!(line.contains("timed out"), "{line}");
+    assert_eq!(which_backend(proxy.addr()), "a");
+    let mark = proxy.log_mark();
+    std::fs::remove_file(&flag).unwrap();
+    let line = wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a out; proxy log:\n{}", proxy.log_text()));
+    assert!(line.contains("exited with 1"), "{line}");
+    // Every hanging script was killed: none of the recorded shells is left.
+    let recorded = std::fs::read_to_string(&pids).unwrap();
+    let alive = |pid: &str| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(
+        eventually(PATIENCE, || {
+            let n = recorded.lines().filter(|p| alive(p.trim())).count();
+            // The check running right now may still be alive; never more.
+            n <= 1
+        }),
+        "hanging scripts survive their timeout"
+    );
+}
+
+#[test]
+fn a_black_holed_backend_is_detected_by_the_check_timeout() {
+    let hole = Blackhole::start();
+    let live = TagBackend::start("live");
+    let (_dir, proxy) = proxy_over(
+        "health-blackhole",
+        &preferred(hole.addr.port(), live.port()),
+        "[health]\nenabled = true\ninterval_ms = 300\ntimeout_ms = 200\nunhealthy_threshold = 2\n",
+    );
+    let line = wait_event(&proxy, 0, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("hole out; proxy log:\n{}", proxy.log_text()));
+    assert!(line.contains("timed out after 200 ms"), "{line}");
+    // Out: clients go straight to the live one, no connect timeout paid.
+    let t = Instant::now();
+    assert_eq!(which_backend(proxy.addr()), "live");
+    println!(
+        "client after black-hole detection served in {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_dead_backend_is_out_one_confirming_check_after_the_first_failed_connect() {
+    let mut a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-passive",
+        &preferred(a.port(), b.port()),
+        // A long interval: only the confirming check can be this fast.
+        &format!(
+            "[health]\nenabled = true\ninterval_ms = 60000\ntimeout_ms = 1000\n\
+             unhealthy_threshold = 3\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("a"));
+    a.stop();
+    let mark = proxy.log_mark();
+    let t0 = Instant::now();
+    // The first client fails over to "b" (retry) and reports "a".
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+    wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a out; proxy log:\n{}", proxy.log_text()));
+    let took = t0.elapsed();
+    println!("dead backend out of rotation {took:?} after the first failed client connect");
+    assert!(
+        took < Duration::from_secs(30),
+        "not the confirming check: {took:?}"
+    );
+    let failures = |m| {
+        metric(
+            m,
+            "edgeproxy_backend_connect_failures_by_backend_total",
+            &[("backend", "a")],
+        )
+        .unwrap()
+    };
+    let before = failures(m);
+    for _ in 0..30 {
+        assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+    }
+    assert_eq!(
+        failures(m),
+        before,
+        "a client connection was attempted on a"
+    );
+}
+
+#[test]
+fn circuit_opens_half_opens_and_closes_with_real_failures() {
+    let mut a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-circuit",
+        &preferred(a.port(), b.port()),
+        &format!(
+            "[circuit_breaker]\nenabled = true\nfailure_threshold = 2\nsuccess_threshold = 2\n\
+             timeout_ms = 1000\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+    a.stop();
+    let mark = proxy.log_mark();
+    for _ in 0..2 {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+    }
+    wait_event(&proxy, mark, "circuit open", "a")
+        .unwrap_or_else(|| panic!("circuit opens; proxy log:\n{}", proxy.log_text()));
+    let failures = |m| {
+        metric(
+            m,
+            "edgeproxy_backend_connect_failures_by_backend_total",
+            &[("backend", "a")],
+        )
+        .unwrap()
+    };
+    let while_open = failures(m);
+    a.restart();
+    // Ejected: clients are not sent to "a" even though it is back, until the
+    // ejection ends.
+    let half = proxy.log_mark();
+    let mut served_by_b_while_open = 0;
+    while !wait_event_now(&proxy, half, "circuit half-open", "a") {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+        served_by_b_while_open += 1;
+    }
+    assert_eq!(failures(m), while_open);
+    println!("{served_by_b_while_open} clients served by b while a was ejected");
+    let close = proxy.log_mark();
+    // Half-open: probes reach "a" and succeed; two close the circuit.
+    assert!(eventually(PATIENCE, || {
+        let _ = http_via(addr);
+        wait_event_now(&proxy, close, "circuit closed", "a")
+    }));
+    assert_eq!(
+        metric(m, "edgeproxy_backend_circuit_state", &[("backend", "a")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            m,
+            "edgeproxy_health_transitions_total",
+            &[("event", "circuit_open")]
+        ),
+        Some(1.0)
+    );
+}
+
+fn wait_event_now(proxy: &Proxy, mark: usize, needle: &str, backend: &str) -> bool {
+    proxy
+        .wait_for_log_where(
+            mark,
+            |l| l.contains(needle) && field(l, "backend").as_deref() == Some(backend),
+            Duration::from_millis(50),
+        )
+        .is_some()
+}
+
+#[test]
+fn the_ejection_cap_keeps_part_of_the_pool_in_rotation() {
+    // Four backends that refuse connections and one that works, in one app:
+    // at 50 % at most two may be ejected.
+    let dead: Vec<u16> = (0..4).map(|_| dead_port()).collect();
+    let live = HttpBackend::start("live");
+    let mut rows: Vec<Row> = dead
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            let mut r = Row::new(&format!("d{i}"), "web", "sa", p);
+            r.weight = 100;
+            r
+        })
+        .collect();
+    rows.push(Row::new("live", "web", "sa", live.port()));
+    let (_dir, proxy) = proxy_over(
+        "health-cap",
+        &rows,
+        &format!(
+            "[limits]\nconnect_attempts = 5\n[circuit_breaker]\nenabled = true\n\
+             failure_threshold = 1\ntimeout_ms = 60000\nmax_ejection_percent = 50\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    for _ in 0..10 {
+        assert_eq!(http_via(proxy.addr()).as_deref(), Some("live"));
+    }
+    let capped = |n: f64| {
+        metric(
+            m,
+            "edgeproxy_health_transitions_total",
+            &[("event", "ejection_capped")],
+        )
+        .is_some_and(|v| v >= n)
+    };
+    assert!(
+        eventually(PATIENCE, || capped(2.0)),
+        "the cap never held anyone back"
+    );
+    assert_eq!(
+        metric(
+            m,
+            "edgeproxy_health_transitions_total",
+            &[("event", "circuit_open")]
+        ),
+        Some(2.0)
+    );
+    let ejected = (0..4)
+        .filter(|i| {
+            metric(
+                m,
+                "edgeproxy_backend_circuit_state",
+                &[("backend", &format!("d{i}"))],
+            ) == Some(2.0)
+        })
+        .count();
+    assert_eq!(ejected, 2);
+}
+
+#[test]
+fn rate_limit_refuses_the_excess_of_one_client_while_another_is_unaffected() {
+    let a = TagBackend::start("a");
+    // One shard: PROXY-protocol listeners are not steered by client, so
+    // with more shards each would apply the limit on its own.
+    let (_dir, proxy) = proxy_with_shards(
+        "health-rate",
+        &[Row::new("a", "web", "sa", a.port())],
+        &format!(
+            "[rate_limit]\nenabled = true\nmax_requests = 1\n\
+             window_ms = 3600000\nburst = 3\n{METRICS}\n[[listener]]\nname = \"lb\"\n\
+             addr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n"
+        ),
+        1,
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.listener("lb");
+    let via = |ip: &str| connect_with(addr, &proxy_v1(client_at(ip), addr)).0;
+    let served: Vec<bool> = (0..6).map(|_| via("198.51.100.7").is_some()).collect();
+    assert_eq!(served, [true, true, true, false, false, false]);
+    for _ in 0..3 {
+        assert_eq!(
+            via("198.51.100.8").as_deref(),
+            Some("a"),
+            "another client is limited"
+        );
+    }
+    assert_eq!(
+        metric(m, "edgeproxy_client_rate_limited_total", &[]),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn concurrent_cap_per_client_holds_while_connections_are_open() {
+    let a = TagBackend::start("a");
+    let (_dir, proxy) = proxy_with_shards(
+        "health-conncap",
+        &[Row::new("a", "web", "sa", a.port())],
+        &format!(
+            "[rate_limit]\nmax_connections_per_client = 2\n{METRICS}\n[[listener]]\n\
+             name = \"lb\"\naddr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n"
+        ),
+        1,
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.listener("lb");
+    let via = |ip: &str| connect_with(addr, &proxy_v1(client_at(ip), addr));
+    let (first, _held1) = via("198.51.100.7");
+    let (second, _held2) = via("198.51.100.7");
+    assert_eq!(
+        (first.as_deref(), second.as_deref()),
+        (Some("a"), Some("a"))
+    );
+    assert_eq!(via("198.51.100.7").0, None, "a third open connection");
+    assert_eq!(via("198.51.100.9").0.as_deref(), Some("a"));
+    assert_eq!(
+        metric(m, "edgeproxy_client_connection_limited_total", &[]),
+        Some(1.0)
+    );
+    drop(_held1);
+    assert!(eventually(PATIENCE, || via("198.51.100.7").0.is_some()));
+}
+
+/// POSTs `body` to the discovery API at `api` (no token: loopback only).
+fn post_json(api: SocketAddr, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let mut resp = agent
+        .post(format!("http://{api}{path}"))
+        .content_type("application/json")
+        .send(body.to_string())
+        .unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+fn get_json(api: SocketAddr, path: &str) -> serde_json::Value {
+    let mut resp = ureq::get(format!("http://{api}{path}")).call().unwrap();
+    serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap()
+}
+
+#[test]
+fn a_backend_registers_with_its_own_check_and_the_api_shows_its_health() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    // Checks are off globally; only the backend's own settings turn them on.
+    let (_dir, proxy) = proxy_over(
+        "health-api",
+        &[],
+        "[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+    );
+    let line = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    let api: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+    let register = |id: &str, port: u16, weight: i64, check: serde_json::Value| {
+        let body = serde_json::json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1",
+            "port": port, "weight": weight, "health_check": check});
+        post_json(api, "/api/v1/register", &body)
+    };
+    // Bad settings are refused, naming the field.
+    let (status, reply) = register("a", a.port(), 100, serde_json::json!({"type": "icmp"}));
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().starts_with("health_check"),
+        "{reply}"
+    );
+    let check = serde_json::json!({"type": "http", "path": "/health", "interval_ms": 200,
+        "timeout_ms": 150, "unhealthy_threshold": 2, "healthy_threshold": 1});
+    assert_eq!(register("a", a.port(), 100, check).0, 201);
+    assert_eq!(register("b", b.port(), 1, serde_json::Value::Null).0, 201);
+    assert!(eventually(PATIENCE, || http_via(proxy.addr()).as_deref() == Some("a")));
+    // A check passed: its RTT is shown.
+    assert!(eventually(PATIENCE, || get_json(api, "/api/v1/backends/a")
+        ["health"]["rtt_ms"]
+        .as_f64()
+        .is_some_and(|ms| ms > 0.0)));
+
+    let mark = proxy.log_mark();
+    a.health_status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a out; proxy log:\n{}", proxy.log_text()));
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+    let h = &get_json(api, "/api/v1/backends/a")["health"];
+    assert_eq!(h["state"], "down", "{h}");
+    assert_eq!(h["checks"], "http");
+    assert_eq!(h["circuit"], "closed");
+    assert!(h["consecutive_failures"].as_u64().unwrap() >= 2, "{h}");
+    assert_eq!(h["last_check"]["ok"], false);
+    assert!(
+        h["last_check"]["error"].as_str().unwrap().contains("503"),
+        "{h}"
+    );
+    assert!(
+        h["rtt_ms"].as_f64().unwrap() > 0.0,
+        "the last RTT average stays: {h}"
+    );
+    // The operator's flag in routing.db is untouched: health is local.
+    let conn = rusqlite::Connection::open(_dir.join("routing.db")).unwrap();
+    let healthy: i64 = conn
+        .query_row("SELECT healthy FROM backends WHERE id = 'a'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(healthy, 1);
+    // "b" has no check of its own and none from its app.
+    let hb = &get_json(api, "/api/v1/backends/b")["health"];
+    assert_eq!(hb["checks"], serde_json::Value::Null, "{hb}");
+    assert_eq!(hb["state"], "up");
+
+    // The CLI shows the same.
+    let (status, out, err) = run_to_end(
+        &["backends", "list", "--api", &format!("http://{api}")],
+        &[],
+    );
+    assert!(status.success(), "{err}");
+    let row = out.lines().find(|l| l.starts_with("a ")).unwrap();
+    assert!(row.contains("down") && row.contains("closed"), "{out}");
+    assert!(out.lines().next().unwrap().contains("HEALTH"), "{out}");
+}
+
+#[test]
+fn a_backend_that_resets_its_connections_is_ejected() {
+    // Accepts, waits for the client's first bytes, then resets.
+    let resetting = custom_backend(|mut s| {
+        let mut buf = [0u8; 64];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    });
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-reset",
+        &preferred(resetting.port(), b.port()),
+        "[circuit_breaker]\nenabled = true\nfailure_threshold = 2\ntimeout_ms = 60000\n",
+    );
+    let mark = proxy.log_mark();
+    for _ in 0..2 {
+        // Served by nobody: the backend reset the connection.
+        assert_eq!(http_via(proxy.addr()), None);
+    }
+    wait_event(&proxy, mark, "circuit open", "a")
+        .unwrap_or_else(|| panic!("resets eject a; proxy log:\n{}", proxy.log_text()));
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+}
+
+/// A receiver for the transition webhook: every request's body, in order.
+fn webhook_receiver() -> (SocketAddr, std::sync::mpsc::Receiver<serde_json::Value>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0usize;
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = stream.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+            if request_line.starts_with("POST /hooks/health ") {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    let _ = tx.send(v);
+                }
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn each_transition_is_posted_to_the_webhook() {
+    let (hook, events) = webhook_receiver();
+    let live = HttpBackend::start("live");
+    // A backend that refuses connections: its first checks fail.
+    let dead = dead_port();
+    let (_dir, _proxy) = proxy_over(
+        "health-webhook",
+        &preferred(dead, live.port()),
+        &format!(
+            "[health]\nenabled = true\ntype = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\n\
+             healthy_threshold = 2\nunhealthy_threshold = 2\nwebhook_url = \"http://{hook}/hooks/health\"\n"
+        ),
+    );
+    let event = events
+        .recv_timeout(PATIENCE)
+        .expect("no webhook POST for the dead backend");
+    assert_eq!(event["backend"], "a", "{event}");
+    assert_eq!(event["event"], "down", "{event}");
+    assert_eq!(event["app"], "web", "{event}");
+    assert!(event["at_unix_ms"].as_u64().is_some(), "{event}");
+    // The live backend never transitions: no event names it.
+    while let Ok(more) = events.recv_timeout(Duration::from_secs(2)) {
+        assert_ne!(more["backend"], "b", "{more}");
+    }
+}
