@@ -49,6 +49,8 @@ struct Lab {
     _backends: Vec<TagBackend>,
     /// Per POP: extra `[bgp]` lines.
     bgp_extra: Vec<String>,
+    /// Per POP: extra sections after the rest (e.g. `[health]`).
+    sections: Vec<String>,
     hold_secs: u16,
 }
 
@@ -107,6 +109,7 @@ impl Lab {
             pops: (0..=n_pops).map(|_| None).collect(),
             _backends: backends,
             bgp_extra: vec![String::new(); n_pops + 1],
+            sections: vec![String::new(); n_pops + 1],
             hold_secs,
         }
     }
@@ -160,12 +163,14 @@ withdraw_grace_ms = 1500
 address = "{router}"
 asn = {ROUTER_ASN}
 hold_time_secs = {hold}
+{sections}
 "#,
             db = self.dir.join(&format!("routing-{i}.db")).display(),
             ip = self.net.ip(i),
             router = self.net.ip(0),
             extra = self.bgp_extra[i],
             hold = self.hold_secs,
+            sections = self.sections[i],
         )
     }
 
@@ -460,6 +465,43 @@ fn backends_all_unhealthy_withdraw_and_healthy_again_announces() {
     assert!(lab.accepts(1));
     lab.db(1).exec("UPDATE backends SET healthy = 1");
     wait_route(&bird, PREFIX4, true, "healthy again");
+}
+
+#[test]
+fn a_failing_health_check_withdraws_and_a_passing_one_announces_again() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 9);
+    // The POP's own active checks (a script, so the test can fail them
+    // without touching the backend): down after 2 failures 100 ms apart.
+    let down_flag = lab.dir.join("backend-down");
+    lab.sections[1] = format!(
+        "[health]\nenabled = true\ntype = \"script\"\ncommand = \"test ! -e {}\"\n\
+         interval_ms = 100\ntimeout_ms = 90\njitter_percent = 0\n\
+         unhealthy_threshold = 2\nhealthy_threshold = 1\n",
+        down_flag.display()
+    );
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let mark = lab.pop(1).log_mark();
+    std::fs::write(&down_flag, "").unwrap();
+    wait_route(&bird, PREFIX4, false, "health checks failing");
+    let pop = lab.pop(1);
+    let failed = pop
+        .wait_for_log_after(mark, "health checks failed", PATIENCE)
+        .expect("the health failure is logged");
+    let withdrawn = pop
+        .wait_for_log_after(mark, "bgp: routes withdrawn", PATIENCE)
+        .expect("the withdrawal is logged");
+    let ms = (log_time(&withdrawn) - log_time(&failed)) * 1000.0;
+    println!(
+        "figure: health failure confirmed (active checks) to withdraw UPDATE written: {ms:.1} ms"
+    );
+    assert!(ms < 1000.0, "withdrawn {ms} ms after the failure");
+    // The listener stays open: a health problem is not a shutdown.
+    assert!(lab.accepts(1));
+    std::fs::remove_file(&down_flag).unwrap();
+    wait_route(&bird, PREFIX4, true, "health checks passing again");
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
 }
 
 #[test]
