@@ -164,6 +164,15 @@ impl Answerer {
         let country = self.geo.country(client).map_or([0, 0], |c| c.0);
         cache.key.extend_from_slice(&country);
         cache.key.push(transport as u8);
+        // GeoDNS spreads clients over equally near POPs by their address
+        // (the resolver's, without ECS): a reply is reused for that address
+        // only. (With ECS the subnet is in the query bytes already.)
+        if self.geodns.is_some() {
+            match client {
+                IpAddr::V4(a) => cache.key.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => cache.key.extend_from_slice(&a.octets()),
+            }
+        }
         if let Some((at, answered, bytes)) = cache.entries.get(cache.key.as_slice()) {
             if now.saturating_duration_since(*at) < REPLY_CACHE_TTL {
                 out.clear();
