@@ -183,8 +183,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        (api, replication.as_ref()),
-        &steering,
+        (api, replication.as_ref(), &steering),
     ))?;
     // Anycast first: routes tagged GRACEFUL_SHUTDOWN for the drain delay,
     // then withdrawn, and the withdrawal on the wire, while the listeners
@@ -249,11 +248,11 @@ async fn control_loop(
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    (mut api, replication): (
+    (mut api, replication, steering): (
         Option<crate::api::Server>,
         Option<&crate::replication::driver::Handle>,
+        &crate::steering::Handle,
     ),
-    steering: &crate::steering::Handle,
 ) -> anyhow::Result<Duration> {
     let Signals {
         mut hup,

@@ -161,11 +161,13 @@ fn mix(mut z: u64) -> u64 {
 
 /// Whether a POP has an address of `family` (`None`: any).
 fn has_family(pop: &PopView, family: Option<RecordType>) -> bool {
-    pop.addrs.iter().any(|a| match (family, a) {
-        (None, _) => true,
-        (Some(RecordType::A), IpAddr::V4(_)) => true,
-        (Some(RecordType::AAAA), IpAddr::V6(_)) => true,
-        _ => false,
+    pop.addrs.iter().any(|a| {
+        matches!(
+            (family, a),
+            (None, _)
+                | (Some(RecordType::A), IpAddr::V4(_))
+                | (Some(RecordType::AAAA), IpAddr::V6(_))
+        )
     })
 }
 
@@ -197,7 +199,7 @@ pub fn choose<'p>(
                 (tier(p, client), std::cmp::Reverse(score), p)
             })
             .collect();
-        found.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        found.sort_by_key(|a| (a.0, a.1));
         found.truncate(n);
         found.into_iter().map(|(_, _, p)| p).collect::<Vec<_>>()
     };

@@ -199,6 +199,31 @@ fn integer(
     }
 }
 
+/// The optional `health_check` object of a registration: the backend's own
+/// check settings over its app's (`health::spec::CheckOverride`: `type`,
+/// `path`, `interval_ms`, ...; unknown keys refused). Returned as canonical
+/// JSON text for the store; `None` when absent or null.
+pub fn health_check(body: &[u8]) -> Result<Option<String>, FieldError> {
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| bad("body", format!("malformed JSON: {e}")))?;
+    let check = match doc.get("health_check") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return Err(bad("health_check", "must be an object")),
+    };
+    let layer: crate::health::spec::CheckOverride =
+        serde_json::from_value(check).map_err(|e| bad("health_check", e.to_string()))?;
+    // Bounds as far as they can be judged without the app's own layer.
+    let mut probe = layer.clone();
+    probe.enabled = Some(true);
+    crate::health::spec::CheckSettings::default()
+        .layered(&probe, "health_check")
+        .map_err(|e| bad("health_check", e))?;
+    serde_json::to_string(&layer)
+        .map(Some)
+        .map_err(|e| bad("health_check", e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,29 +442,4 @@ mod tests {
             "port: 0 is out of range: must be an integer in 1..=65535"
         );
     }
-}
-
-/// The optional `health_check` object of a registration: the backend's own
-/// check settings over its app's (`health::spec::CheckOverride`: `type`,
-/// `path`, `interval_ms`, ...; unknown keys refused). Returned as canonical
-/// JSON text for the store; `None` when absent or null.
-pub fn health_check(body: &[u8]) -> Result<Option<String>, FieldError> {
-    let doc: Value =
-        serde_json::from_slice(body).map_err(|e| bad("body", format!("malformed JSON: {e}")))?;
-    let check = match doc.get("health_check") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => return Err(bad("health_check", "must be an object")),
-    };
-    let layer: crate::health::spec::CheckOverride =
-        serde_json::from_value(check).map_err(|e| bad("health_check", e.to_string()))?;
-    // Bounds as far as they can be judged without the app's own layer.
-    let mut probe = layer.clone();
-    probe.enabled = Some(true);
-    crate::health::spec::CheckSettings::default()
-        .layered(&probe, "health_check")
-        .map_err(|e| bad("health_check", e))?;
-    serde_json::to_string(&layer)
-        .map(Some)
-        .map_err(|e| bad("health_check", e.to_string()))
 }

@@ -96,7 +96,7 @@ pub fn judge(
 ) -> Verdict {
     let up: Vec<&ServingListener> = listeners
         .iter()
-        .filter(|l| running.iter().any(|r| *r == l.name))
+        .filter(|l| running.contains(&l.name))
         .collect();
     if up.is_empty() {
         return Verdict::ListenersDown;
