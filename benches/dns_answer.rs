@@ -89,5 +89,63 @@ fn bench_answer(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_answer);
+/// GeoDNS: the public zone's apex for a client given by ECS, over a
+/// cluster of 20 POPs in four regions, next to the internal `<app>` A
+/// answer of the same answerer (compare `dns/geodns_a` with
+/// `dns/app_a_with_geodns`).
+fn bench_geodns(c: &mut Criterion) {
+    use engine::snapshot::{Country, PopView};
+    use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+    let mut snapshot = table();
+    snapshot.pops = (0..20)
+        .map(|i| PopView {
+            node_id: Arc::from(format!("pop-{i}").as_str()),
+            name: Arc::from(format!("pop-{i}").as_str()),
+            region: Arc::from(["sa", "us", "eu", "ap"][i % 4]),
+            country: Country::parse(["BR", "US", "DE", "JP", "AR", "CA", "FR", "SG"][i % 8]),
+            addrs: vec![format!("203.0.113.{}", i + 1).parse().unwrap()],
+            alive: true,
+            draining: false,
+            can_serve: true,
+            local: i == 0,
+            mesh: Default::default(),
+        })
+        .collect();
+    let geo = Arc::new(GeoResolver::new(
+        Vec::new(),
+        Some(GeoDb::embedded().unwrap()),
+        RegionMap::default(),
+    ));
+    let zone = Arc::new(ZoneConfig::new("internal", 5, "sa", Vec::new(), Vec::new()).unwrap());
+    let geodns = dns::GeoZone::new("edge.example.com", 30, 1, Vec::new()).unwrap();
+    let mut answerer = Answerer::new(zone, geo).with_geodns(geodns);
+    let client: IpAddr = "192.0.2.53".parse().unwrap();
+    let mut out = Vec::with_capacity(1232);
+    let with_ecs = |name: &str, qtype| {
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+        let mut edns = Edns::new();
+        edns.options_mut()
+            .insert(EdnsOption::Subnet(ClientSubnet::new(
+                "200.160.2.0".parse().unwrap(),
+                24,
+                0,
+            )));
+        m.set_edns(edns);
+        m.to_vec().unwrap()
+    };
+    let mut g = c.benchmark_group("dns");
+    for (label, name) in [
+        ("geodns_a", "edge.example.com."),
+        ("app_a_with_geodns", "app3.internal."),
+    ] {
+        let q = with_ecs(name, RecordType::A);
+        g.bench_function(format!("{label}/uncached"), |b| {
+            b.iter(|| answerer.answer(black_box(&q), client, Transport::Udp, &snapshot, &mut out))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_answer, bench_geodns);
 criterion_main!(benches);

@@ -450,6 +450,8 @@ fn an_operators_sqlite3_edit_replicates() {
     let c = Cluster::start(3, Some(WAN));
     c.wait_joined();
     let status = std::process::Command::new("sqlite3")
+        // A live POP writes too: wait for its lock as an operator would.
+        .args(["-cmd", ".timeout 5000"])
         .arg(c.db_path(1))
         .arg("INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
               VALUES ('by-hand', 'web', 'eu', '10.77.0.9', 80, 1, 2, 100, 150)")
@@ -463,6 +465,8 @@ fn an_operators_sqlite3_edit_replicates() {
         "10.77.0.9"
     )));
     let status = std::process::Command::new("sqlite3")
+        // A live POP writes too: wait for its lock as an operator would.
+        .args(["-cmd", ".timeout 5000"])
         .arg(c.db_path(2))
         .arg("UPDATE backends SET weight = 7 WHERE id = 'by-hand'")
         .status()
@@ -475,6 +479,8 @@ fn an_operators_sqlite3_edit_replicates() {
         "7"
     )));
     let status = std::process::Command::new("sqlite3")
+        // A live POP writes too: wait for its lock as an operator would.
+        .args(["-cmd", ".timeout 5000"])
         .arg(c.db_path(0))
         .arg("DELETE FROM backends WHERE id = 'by-hand'")
         .status()

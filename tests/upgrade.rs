@@ -688,7 +688,7 @@ fn an_upgrade_is_refused_with_replication_on_and_the_process_keeps_serving() {
     let (ok, out) = cli_upgrade(&s.control_socket());
     assert!(!ok, "{out}");
     assert!(
-        out.contains("not available with [replication] enabled"),
+        out.contains("not available with [replication] or [bgp] enabled"),
         "{out}"
     );
     assert_eq!(s.chain.pids.len(), 1);

@@ -122,19 +122,18 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let readiness = crate::readiness::Readiness::default();
     let mut upgrades = {
         let _context = runtime.enter();
-        crate::upgrade::Upgrades::start(&config.upgrade, config.replication.enabled)?
+        crate::upgrade::Upgrades::start(
+            &config.upgrade,
+            config.replication.enabled || config.bgp.enabled,
+        )?
     };
     // The mesh interface is up (or the start fails) before this POP's row
     // tells the other POPs to peer with it.
     let mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
-    let replication = match replication {
-        None => None,
-        Some(bound) => {
-            let _context = runtime.enter();
-            Some(bound.start(reloader.clone())?)
-        }
-    };
-    // Everything that can fail has been done: the data plane starts.
+    // The data plane starts before replication: steering judges its
+    // listeners, and this POP's row must carry that verdict before it first
+    // replicates. (With replication or BGP on, binary upgrades are refused,
+    // so no successor can fail after it accepted.)
     let mut engine = Engine::start_bound(
         engine_settings(&config),
         knobs(&config),
@@ -172,6 +171,26 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     )
     .context("cannot start the traffic watch thread")?;
 
+    // Traffic steering (POP drain, the anycast speaker, this POP's verdict
+    // in `pops`): started before replication so this POP's row holds a
+    // real verdict before it first replicates.
+    let steering = {
+        let _context = runtime.enter();
+        crate::steering::start(
+            &config,
+            snapshot.clone(),
+            engine.stats_view(),
+            reloader.clone(),
+        )
+        .context("cannot start traffic steering")?
+    };
+    let replication = match replication {
+        None => None,
+        Some(bound) => {
+            let _context = runtime.enter();
+            Some(bound.start(reloader.clone())?)
+        }
+    };
     let mut metrics = None;
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
@@ -181,6 +200,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
             mesh: mesh.as_ref().map(|m| m.status()),
+            steering: Some(steering.clone()),
             health: Some(health.clone()),
             readiness: readiness.clone(),
         };
@@ -198,6 +218,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
                     snapshot.clone(),
                     replication.as_ref().map(|r| r.status()),
                     readiness.clone(),
+                    Some(steering.clone()),
                 )
         })?),
     };
@@ -250,6 +271,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         stop_dns,
         watch: ConfigWatch::new(config_path.as_deref(), &config.config_watch, watch_from),
         replication,
+        steering,
     };
     let exit = runtime.block_on(control_loop(
         &mut signals,
@@ -260,6 +282,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         &mut tls,
         &mut services,
     ))?;
+    // Anycast first: routes tagged GRACEFUL_SHUTDOWN for the drain delay,
+    // then withdrawn, and the withdrawal on the wire, while the listeners
+    // still accept; GeoDNS everywhere stops answering this POP meanwhile.
+    runtime.block_on(services.steering.shutdown());
     if let Some(r) = &services.replication {
         // Leave the cluster first: the other POPs mark this one down at
         // once instead of after the suspicion timeout.
@@ -452,6 +478,8 @@ struct Services {
     watch: ConfigWatch,
     /// `[replication]`, when enabled.
     replication: Option<crate::replication::driver::Handle>,
+    /// Traffic steering: told when the listeners change.
+    steering: crate::steering::Handle,
 }
 
 /// Why the control loop ended; both carry the drain grace period.
@@ -490,14 +518,14 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
-                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering));
                 watch.seen();
                 watch.reconfigure(&config.config_watch);
             }
             // `[config_watch]`: a changed file is applied as SIGHUP is.
             () = watch.changed() => {
                 tracing::info!("config file changed: re-reading configuration and routing table");
-                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering));
                 watch.reconfigure(&config.config_watch);
             }
             _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
@@ -537,7 +565,7 @@ fn reload_config(
     (ticker, ticks): (&mut tokio::time::Interval, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    reloader: &SharedReloader,
+    (reloader, steering): (&SharedReloader, &crate::steering::Handle),
 ) {
     crate::sd_notify::reloading();
     match config_path {
@@ -549,6 +577,9 @@ fn reload_config(
                         ticks.set_interval(next.routing.reload_interval);
                         *ticker = tokio::time::interval(next.routing.reload_interval);
                         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    if next.listeners != config.listeners {
+                        steering.set_listeners(&next);
                     }
                     *config = next;
                 }

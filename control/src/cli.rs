@@ -2,7 +2,9 @@
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
 //! `edgeproxy completions SHELL`, `edgeproxy cluster status` (replication's
 //! view), `edgeproxy mesh status` and `edgeproxy 6pn` (the WireGuard mesh
-//! and its addressing), `edgeproxy upgrade`.
+//! and its addressing), `edgeproxy drain` / `undrain` / `pop status` (this
+//! POP's traffic steering), `edgeproxy bgp status` (the anycast speaker),
+//! `edgeproxy upgrade`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,6 +101,20 @@ pub enum Command {
     /// gets, `backends` the backends on 6PN addresses.
     #[command(name = "6pn")]
     SixPn(crate::mesh::cli::SixPnArgs),
+    /// Drain this POP through its API: GeoDNS (here and at every other
+    /// POP) stops answering it, and with BGP its anycast routes are tagged
+    /// GRACEFUL_SHUTDOWN, then withdrawn after [bgp] drain_delay_secs.
+    /// Open connections go on; the drain outlives a restart.
+    Drain(Box<crate::steering::cli::DrainArgs>),
+    /// End this POP's drain: back in GeoDNS answers and announced again
+    /// (when it can serve).
+    Undrain(Box<crate::steering::cli::DrainArgs>),
+    /// This POP's traffic steering: `status` says whether it can serve and
+    /// why, whether it is drained, in GeoDNS, and announced.
+    Pop(Box<crate::steering::cli::PopArgs>),
+    /// The anycast BGP speaker: `status` lists the sessions (state, uptime,
+    /// hold time, prefixes announced) and the announcement.
+    Bgp(Box<crate::bgp::cli::BgpArgs>),
 }
 
 pub fn main() -> ExitCode {
@@ -120,6 +136,10 @@ pub fn main() -> ExitCode {
         Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
         Command::Mesh(args) => crate::mesh::cli::run_mesh(*args),
         Command::SixPn(args) => crate::mesh::cli::run_6pn(args, cli.config.as_deref()),
+        Command::Drain(args) => crate::steering::cli::drain(*args, true),
+        Command::Undrain(args) => crate::steering::cli::drain(*args, false),
+        Command::Pop(args) => crate::steering::cli::pop(*args),
+        Command::Bgp(args) => crate::bgp::cli::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

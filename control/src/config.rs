@@ -58,6 +58,12 @@ pub struct RawConfig {
     /// `[mesh]`: the WireGuard mesh and 6PN, see `crate::mesh::config`.
     #[serde(default)]
     pub mesh: crate::mesh::config::RawMesh,
+    /// `[bgp]`: the anycast speaker, see `crate::bgp::config`.
+    #[serde(default)]
+    pub bgp: crate::bgp::config::RawBgp,
+    /// `[geodns]`: the public GeoDNS zone, see `crate::geodns`.
+    #[serde(default)]
+    pub geodns: crate::geodns::RawGeoDns,
     /// `[health]`, `[circuit_breaker]`: see `crate::health::config`.
     #[serde(default)]
     pub health: crate::health::config::RawHealth,
@@ -210,6 +216,8 @@ pub struct Config {
     pub dns: Dns,
     pub replication: crate::replication::config::Replication,
     pub mesh: crate::mesh::config::Mesh,
+    pub bgp: crate::bgp::config::Bgp,
+    pub geodns: crate::geodns::GeoDns,
     pub health: crate::health::config::Health,
     pub circuit_breaker: crate::health::config::Circuit,
     pub rate_limit: crate::client_limits::RateLimit,
@@ -845,9 +853,11 @@ impl Config {
             log: crate::log_config::from_raw(raw.log, env)?,
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
+            geodns: crate::geodns::from_raw(raw.geodns, env, &dns)?,
             dns,
             replication,
             mesh,
+            bgp: crate::bgp::config::from_raw(raw.bgp, env)?,
             health: crate::health::config::health_from_raw(raw.health, env)?,
             circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
             rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,

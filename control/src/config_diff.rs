@@ -107,6 +107,8 @@ pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
     keep!("dns", dns);
     keep!("replication", replication);
     keep!("mesh", mesh);
+    keep!("bgp", bgp);
+    keep!("geodns", geodns);
     keep!("upgrade", upgrade);
     keep!("postgres", postgres);
     keep!("circuit_breaker", circuit_breaker);

@@ -1,18 +1,18 @@
 //! Starts the internal DNS server (`dns` crate) from configuration.
 //!
-//! [`bind`] runs during startup, before `edgeproxy ready` and before the
-//! routing store is opened: it binds both sockets, so a bad or busy address
-//! stops the process like a proxy listener would, and logs `dns listening
-//! udp=ADDR tcp=ADDR`. [`Bound::serve`] then runs on the control thread's
-//! Tokio runtime for the life of the process, answering from the routing
-//! snapshot it is given.
+//! [`bind`] runs during startup, before `edgeproxy ready`: it binds both
+//! sockets, so a bad or busy address stops the process like a proxy listener
+//! would, and logs `dns listening udp=ADDR tcp=ADDR`. [`Bound::serve`] then
+//! runs on the control thread's Tokio runtime for the life of the process,
+//! answering from the routing snapshot it is given.
+//! With `[geodns] name` set the same server answers that public zone too.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
 use dns::server::{DnsServer, ServerSettings};
-use dns::{Answerer, PopEntry, ZoneConfig};
+use dns::{Answerer, GeoZone, PopEntry, ZoneConfig};
 use engine::geo::GeoResolver;
 use engine::snapshot::SnapshotHandle;
 
@@ -70,10 +70,23 @@ pub fn bind(config: &Config, geo: Arc<GeoResolver>) -> anyhow::Result<Option<Bou
     let tcp = server.tcp_addr().context("dns tcp listener")?;
     tracing::info!(%udp, %tcp, domain = %c.domain, ttl_secs = c.ttl_secs, pops = c.pops.len(),
         udp_workers = c.udp_workers, "dns listening");
-    Ok(Some(Bound {
-        server,
-        answerer: Answerer::new(Arc::new(zone), geo),
-    }))
+    let mut answerer = Answerer::new(Arc::new(zone), geo);
+    if let Some(name) = &config.geodns.name {
+        let zone = GeoZone::new(
+            name,
+            config.geodns.ttl_secs,
+            config.geodns.answers,
+            config.pop.public_addrs.clone(),
+        )
+        .context("invalid [geodns] configuration")?;
+        if config.pop.public_addrs.is_empty() {
+            tracing::warn!("geodns: [pop] public_addrs is empty: other POPs answer this one at its replication address");
+        }
+        tracing::info!(zone = %name, ttl_secs = config.geodns.ttl_secs, answers = config.geodns.answers,
+            "geodns: answering the nearest POPs that take traffic");
+        answerer = answerer.with_geodns(zone);
+    }
+    Ok(Some(Bound { server, answerer }))
 }
 
 /// Both DNS sockets, when a binary upgrade handed them over (`dns-udp` on

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod bgp;
 pub mod check_routing;
 pub mod cli;
 pub mod client_limits;
@@ -15,6 +16,7 @@ pub mod config_watch;
 pub mod demo;
 pub mod drain;
 pub mod fd_limit;
+pub mod geodns;
 pub mod health;
 pub mod internal_dns;
 pub mod log_config;
@@ -31,6 +33,7 @@ pub mod routing;
 pub mod routing_db_path;
 pub mod sd_notify;
 pub mod stdout;
+pub mod steering;
 pub mod store;
 pub mod tls;
 pub mod traffic_watch;

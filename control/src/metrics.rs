@@ -30,6 +30,8 @@ pub struct Sources {
     pub health: Option<crate::health::HealthLink>,
     /// For `/ready` and `/live` (`crate::readiness`).
     pub readiness: crate::readiness::Readiness,
+    /// This POP's steering state and the BGP speaker.
+    pub steering: Option<crate::steering::Handle>,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -427,6 +429,12 @@ pub fn render(sources: &Sources) -> String {
         health.render_metrics(&mut out);
     }
     crate::process_metrics::render(&mut out);
+    if let Some(steering) = &sources.steering {
+        crate::steering::status::render_metrics(&steering.status(), &mut out);
+        if let Some(bgp) = steering.bgp_status() {
+            crate::bgp::metrics::render(&bgp, &mut out);
+        }
+    }
     out
 }
 

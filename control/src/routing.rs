@@ -424,6 +424,7 @@ pub fn pop_views(rows: &[PopRow], input: &PopsInput) -> Vec<PopView> {
                 addrs,
                 alive: local || alive.contains(&r.node_id),
                 draining: r.draining,
+                can_serve: r.serving,
                 local,
                 mesh: engine::snapshot::PopMesh {
                     public_key: Arc::from(r.wg_public_key.trim()),

@@ -111,10 +111,11 @@ const CREATE_POPS: &str = "CREATE TABLE IF NOT EXISTS pops (
     wg_public_key TEXT NOT NULL DEFAULT '',
     wg_endpoint TEXT NOT NULL DEFAULT '',
     prefix6 TEXT NOT NULL DEFAULT '',
-    draining INTEGER NOT NULL DEFAULT 0
+    draining INTEGER NOT NULL DEFAULT 0,
+    serving INTEGER NOT NULL DEFAULT 1
 )";
 
-/// Migration 3: a backend's own health-check settings, as the registration
+/// Migration 4: a backend's own health-check settings, as the registration
 /// API received them (JSON text, see `health::spec::CheckOverride`).
 /// Nullable: NULL means the app's settings. This POP's check results are
 /// never stored: they are local, and this table replicates.
@@ -123,13 +124,19 @@ const HEALTH_CHECK_COLUMN: (&str, &str) = (
     "ALTER TABLE backends ADD COLUMN health_check TEXT",
 );
 
+/// Migration 5: each POP's own verdict on whether it can serve (its
+/// listeners are up and some app they carry has a healthy backend), written
+/// by the POP about itself (`crate::steering`) so the others' GeoDNS can
+/// leave it out. A row from before says nothing: it counts as serving.
+const ADD_POPS_SERVING: &str = "ALTER TABLE pops ADD COLUMN serving INTEGER NOT NULL DEFAULT 1";
+
 /// Schema version recorded in `PRAGMA user_version` (the original leaves it
 /// at 0). 1 = `backends` has a `country` column; 2 = it also has the
 /// [`Lifecycle`] columns; 3 = `expired` and `heartbeat_pop` too, and the
-/// `pops` table; 4 = `health_check` too. Replicating POPs must all be at the same version (they
-/// refuse each other otherwise): bump it with every change to a replicated
-/// table.
-pub const SCHEMA_VERSION: i64 = 4;
+/// `pops` table; 4 = `backends.health_check` too; 5 = `pops.serving`.
+/// Replicating POPs must all be at the same version (they refuse each other
+/// otherwise): bump it with every change to a replicated table.
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -261,12 +268,15 @@ pub struct PopRow {
     pub private_addr: String,
     pub gossip_addr: String,
     pub transport_addr: String,
+    /// The POP's operator drained it (`edgeproxy drain`).
     pub draining: bool,
     /// The POP's WireGuard public key (base64), its WireGuard endpoint
     /// (`ip:port`) and its 6PN /64; empty without the mesh (`crate::mesh`).
     pub wg_public_key: String,
     pub wg_endpoint: String,
     pub prefix6: String,
+    /// The POP's own verdict: it can serve (see `crate::steering`).
+    pub serving: bool,
 }
 
 /// What [`RoutingStore::register`] did.
@@ -745,13 +755,23 @@ impl RoutingStore {
             if !has_table(&live.conn, "pops").map_err(err)? {
                 return Ok(Vec::new());
             }
+            // A file this version could not migrate (read-only) may lack
+            // `serving`: such a POP counts as serving.
+            let serving = match pops_columns(&live.conn)
+                .map_err(err)?
+                .iter()
+                .any(|c| c == "serving")
+            {
+                true => "serving",
+                false => "1",
+            };
             let mut stmt = live
                 .conn
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "SELECT node_id, name, region, country, public_addrs, private_addr, \
-                     gossip_addr, transport_addr, draining, wg_public_key, wg_endpoint, \
-                     prefix6 FROM pops ORDER BY node_id",
-                )
+                     gossip_addr, transport_addr, draining, {serving}, wg_public_key, \
+                     wg_endpoint, prefix6 FROM pops ORDER BY node_id",
+                ))
                 .map_err(err)?;
             let rows = stmt
                 .query_map([], |r| {
@@ -765,9 +785,10 @@ impl RoutingStore {
                         gossip_addr: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
                         transport_addr: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
                         draining: r.get::<_, Option<bool>>(8)?.unwrap_or(false),
-                        wg_public_key: r.get::<_, Option<String>>(9)?.unwrap_or_default(),
-                        wg_endpoint: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
-                        prefix6: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                        serving: r.get::<_, Option<bool>>(9)?.unwrap_or(true),
+                        wg_public_key: r.get::<_, Option<String>>(10)?.unwrap_or_default(),
+                        wg_endpoint: r.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                        prefix6: r.get::<_, Option<String>>(12)?.unwrap_or_default(),
                     })
                 })
                 .map_err(err)?;
@@ -1016,6 +1037,13 @@ fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     )
 }
 
+/// Column names of `pops`, lower case; empty if there is no such table.
+fn pops_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare_cached("PRAGMA table_info(pops)")?;
+    let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+    names.map(|n| n.map(|n| n.to_ascii_lowercase())).collect()
+}
+
 /// Column names of `backends`, lower case; empty if there is no such table.
 fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     let mut stmt = conn.prepare_cached("PRAGMA table_info(backends)")?;
@@ -1073,6 +1101,9 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         tx.execute_batch(CREATE_POPS)?;
         if !state.has_health_check {
             tx.execute_batch(HEALTH_CHECK_COLUMN.1)?;
+        }
+        if !pops_columns(&tx)?.iter().any(|c| c == "serving") {
+            tx.execute_batch(ADD_POPS_SERVING)?;
         }
         if state.version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -2005,6 +2036,97 @@ mod tests {
             )
             .unwrap();
         assert_eq!(lifecycle_of(&mut store, "b").1, Lifecycle::default());
+    }
+
+    /// `pops` as schemas 3 and 4 created it: no `serving`.
+    const POPS_BEFORE_SERVING: &str = "DROP TABLE pops;
+         CREATE TABLE pops (node_id TEXT PRIMARY KEY, name TEXT NOT NULL,
+           region TEXT NOT NULL, country TEXT, public_addrs TEXT NOT NULL DEFAULT '',
+           private_addr TEXT NOT NULL DEFAULT '', gossip_addr TEXT NOT NULL DEFAULT '',
+           transport_addr TEXT NOT NULL DEFAULT '', wg_public_key TEXT NOT NULL DEFAULT '',
+           wg_endpoint TEXT NOT NULL DEFAULT '', prefix6 TEXT NOT NULL DEFAULT '',
+           draining INTEGER NOT NULL DEFAULT 0);
+         INSERT INTO pops (node_id, name, region, draining) VALUES ('gru', 'pop-gru', 'sa', 1);";
+
+    fn user_version(path: &Path) -> i64 {
+        other(path)
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn pops_column_names(path: &Path) -> Vec<String> {
+        pops_columns(&other(path)).unwrap()
+    }
+
+    /// Checks what any upgrade to 5 must leave: both later columns, old
+    /// rows intact, old POP rows serving, `serving` writable.
+    fn assert_upgraded_to_5(path: &Path, store: &mut RoutingStore) {
+        assert_eq!(user_version(path), 5);
+        assert_eq!(SCHEMA_VERSION, 5);
+        assert_eq!(
+            column_names(path).last().map(String::as_str),
+            Some("health_check")
+        );
+        assert_eq!(
+            pops_column_names(path).last().map(String::as_str),
+            Some("serving")
+        );
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.records.len(), 1);
+        assert_eq!(loaded.records[0].id, "a");
+        let pops = store.load_pops().unwrap();
+        assert_eq!(pops.len(), 1);
+        assert!(pops[0].draining, "existing values are kept");
+        assert!(pops[0].serving, "a row from before says nothing: serving");
+        other(path)
+            .execute("UPDATE pops SET serving = 0 WHERE node_id = 'gru'", [])
+            .unwrap();
+        assert!(!store.load_pops().unwrap()[0].serving);
+    }
+
+    #[test]
+    fn version_3_file_gains_health_check_and_pops_serving_and_becomes_version_5() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to what version 3 wrote: neither backends.health_check nor
+        // pops.serving.
+        other(&path)
+            .execute_batch(&format!(
+                "ALTER TABLE backends DROP COLUMN health_check;
+                 {POPS_BEFORE_SERVING}
+                 INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 10, 20);
+                 PRAGMA user_version = 3;"
+            ))
+            .unwrap();
+        assert!(!column_names(&path).iter().any(|c| c == "health_check"));
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_upgraded_to_5(&path, &mut store);
+        assert_eq!(store.load().unwrap().health_checks, [None]);
+    }
+
+    #[test]
+    fn version_4_file_keeps_its_health_checks_and_gains_pops_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(RoutingStore::open(&path).unwrap());
+        // Back to what version 4 (health checks) wrote: health_check there,
+        // pops.serving not yet.
+        other(&path)
+            .execute_batch(&format!(
+                "{POPS_BEFORE_SERVING}
+                 INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, health_check)
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 10, 20, '{{\"type\":\"http\"}}');
+                 PRAGMA user_version = 4;"
+            ))
+            .unwrap();
+        let mut store = RoutingStore::open(&path).unwrap();
+        assert_upgraded_to_5(&path, &mut store);
+        assert_eq!(
+            store.load().unwrap().health_checks,
+            [Some(r#"{"type":"http"}"#.to_string())]
+        );
     }
 
     #[test]

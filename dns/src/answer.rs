@@ -47,6 +47,7 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
 
 use crate::ecs::{client_location, ClientLocation};
+use crate::geodns::{self, ClientPlace, GeoZone};
 use crate::index::{IndexCache, ZoneIndex};
 use crate::names::{classify, relative, Placement, Target};
 use crate::zone::ZoneConfig;
@@ -97,6 +98,8 @@ pub struct Answered {
 #[derive(Debug, Clone)]
 pub struct Answerer {
     zone: Arc<ZoneConfig>,
+    /// The public GeoDNS zone, when configured (see `crate::geodns`).
+    geodns: Option<Arc<GeoZone>>,
     geo: Arc<GeoResolver>,
     cache: IndexCache,
     /// Scratch: the query name relative to the zone.
@@ -130,6 +133,7 @@ impl Answerer {
     pub fn new(zone: Arc<ZoneConfig>, geo: Arc<GeoResolver>) -> Self {
         Answerer {
             zone,
+            geodns: None,
             geo,
             cache: IndexCache::default(),
             rel: String::new(),
@@ -178,6 +182,15 @@ impl Answerer {
         let country = self.geo.country(client).map_or([0, 0], |c| c.0);
         cache.key.extend_from_slice(&country);
         cache.key.push(transport as u8);
+        // GeoDNS spreads clients over equally near POPs by their address
+        // (the resolver's, without ECS): a reply is reused for that address
+        // only. (With ECS the subnet is in the query bytes already.)
+        if self.geodns.is_some() {
+            match client {
+                IpAddr::V4(a) => cache.key.extend_from_slice(&a.octets()),
+                IpAddr::V6(a) => cache.key.extend_from_slice(&a.octets()),
+            }
+        }
         if let Some((at, answered, bytes)) = cache.entries.get(cache.key.as_slice()) {
             if now.saturating_duration_since(*at) < REPLY_CACHE_TTL {
                 out.clear();
@@ -210,6 +223,13 @@ impl Answerer {
 
     pub fn zone(&self) -> &ZoneConfig {
         &self.zone
+    }
+
+    /// Answers the GeoDNS zone too. Its name must not overlap the internal
+    /// zone's (configuration checks that).
+    pub fn with_geodns(mut self, zone: GeoZone) -> Self {
+        self.geodns = Some(Arc::new(zone));
+        self
     }
 
     /// Answers `query` from `client` into `out` (cleared first). `None`: send
@@ -274,7 +294,14 @@ impl Answerer {
             meta.response_code = ResponseCode::Refused;
             return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
         }
-        let placement = relative(question.name(), self.zone.domain(), &mut self.rel);
+        let mut placement = relative(question.name(), self.zone.domain(), &mut self.rel);
+        let geodns = match (&self.geodns, placement) {
+            (Some(g), Placement::Outside) => {
+                placement = relative(question.name(), g.name(), &mut self.rel);
+                Some(Arc::clone(g))
+            }
+            _ => None,
+        };
         if placement == Placement::Outside {
             meta.response_code = ResponseCode::Refused;
             return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
@@ -290,27 +317,45 @@ impl Answerer {
         self.reply.edns = reply_edns(query_edns, &location);
         let limit = size_limit(transport, query_edns);
 
-        let exists = placement == Placement::Inside && {
-            let index = self.cache.get(snapshot, &self.zone);
-            let geo_ip = location.geo_address(client);
-            let mut lookup = Lookup {
-                zone: &self.zone,
-                geo: &self.geo,
-                snapshot,
-                index: &index,
-                qname: question.name(),
-                qtype: question.query_type(),
-                geo_ip,
-                max_answers: (usize::from(limit) - 12) / 12,
-                reply: &mut self.reply,
+        let exists = placement == Placement::Inside
+            && match &geodns {
+                Some(zone) => {
+                    let client = ClientPlace::locate(&self.geo, location.geo_address(client));
+                    geodns::lookup(
+                        zone,
+                        &self.rel,
+                        question.name(),
+                        question.query_type(),
+                        &client,
+                        snapshot,
+                        &mut self.reply,
+                    )
+                }
+                None => {
+                    let index = self.cache.get(snapshot, &self.zone);
+                    let geo_ip = location.geo_address(client);
+                    let mut lookup = Lookup {
+                        zone: &self.zone,
+                        geo: &self.geo,
+                        snapshot,
+                        index: &index,
+                        qname: question.name(),
+                        qtype: question.query_type(),
+                        geo_ip,
+                        max_answers: (usize::from(limit) - 12) / 12,
+                        reply: &mut self.reply,
+                    };
+                    lookup.run(&self.rel)
+                }
             };
-            lookup.run(&self.rel)
-        };
         if !exists {
             self.reply.metadata.response_code = ResponseCode::NXDomain;
         }
         if self.reply.answers.is_empty() {
-            let soa = self.zone.soa(serial(snapshot));
+            let soa = match &geodns {
+                Some(zone) => zone.soa(serial(snapshot)),
+                None => self.zone.soa(serial(snapshot)),
+            };
             self.reply.authorities.push(soa);
         }
         Some(self.emit_reply(query_edns, transport, out))

@@ -11,15 +11,18 @@
 //! Modules, in the order a query meets them: [`ecs`] (client subnet),
 //! [`names`] (what the name refers to), [`index`] (per-snapshot lookup
 //! tables), [`answer`] (records and reply encoding); [`zone`] holds the
-//! static configuration.
+//! static configuration. [`geodns`] answers an optional public zone with
+//! the nearest POPs that take traffic.
 
 pub mod answer;
 pub mod ecs;
+pub mod geodns;
 pub mod index;
 pub mod names;
 pub mod server;
 pub mod zone;
 
 pub use answer::{Answered, Answerer, Transport, MAX_UDP_PAYLOAD};
+pub use geodns::GeoZone;
 pub use server::{DnsServer, ServerSettings};
 pub use zone::{PopEntry, ZoneConfig, ZoneError};

@@ -231,6 +231,9 @@ pub struct PopView {
     /// Membership says it is alive (or suspected, not yet down).
     pub alive: bool,
     pub draining: bool,
+    /// The POP's own verdict (replicated `pops.serving`): its listeners are
+    /// up and an app they carry has a healthy backend.
+    pub can_serve: bool,
     /// This POP itself.
     pub local: bool,
     /// Its place in the WireGuard mesh (empty when it runs none).
@@ -252,6 +255,12 @@ impl PopView {
     /// Alive and not draining: answerable.
     pub fn serving(&self) -> bool {
         self.alive && !self.draining
+    }
+
+    /// Alive, not draining, and able to serve by its own verdict: where
+    /// GeoDNS may send clients.
+    pub fn takes_traffic(&self) -> bool {
+        self.serving() && self.can_serve
     }
 }
 

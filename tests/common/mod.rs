@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod netns;
+pub mod routers;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 

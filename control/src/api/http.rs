@@ -56,6 +56,8 @@ pub(super) struct Shared {
         crate::mesh::driver::ApiHooks,
         crate::mesh::status::StatusHandle,
     )>,
+    /// Traffic steering: the POP's drain and the BGP speaker.
+    pub steering: Option<crate::steering::Handle>,
 }
 
 type AppState = Arc<Shared>;
@@ -83,6 +85,10 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends/{id}/drain", post(drain))
         .route("/api/v1/cluster", get(cluster))
         .route("/api/v1/mesh", get(mesh))
+        .route("/api/v1/pop", get(pop))
+        .route("/api/v1/pop/drain", post(pop_drain))
+        .route("/api/v1/pop/undrain", post(pop_undrain))
+        .route("/api/v1/bgp", get(bgp))
         .fallback(|| async { error(404, "no such endpoint") })
         // A known path with the wrong method: JSON like every other error
         // (axum's default is an empty body). axum still sets `Allow`.
@@ -323,4 +329,26 @@ pub(super) async fn accept_loop(listener: tokio::net::TcpListener, router: Route
             let _ = tokio::time::timeout(BODY_READ_TIMEOUT, conn).await;
         });
     }
+}
+
+/// Traffic steering (`crate::steering::api`): a status and a JSON body.
+fn steering_reply((status, body): (u16, serde_json::Value)) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(body)).into_response()
+}
+
+async fn pop(State(s): State<AppState>) -> Response {
+    steering_reply(crate::steering::api::pop(s.steering.as_ref()))
+}
+
+async fn pop_drain(State(s): State<AppState>) -> Response {
+    steering_reply(crate::steering::api::drain(s.steering.as_ref(), true).await)
+}
+
+async fn pop_undrain(State(s): State<AppState>) -> Response {
+    steering_reply(crate::steering::api::drain(s.steering.as_ref(), false).await)
+}
+
+async fn bgp(State(s): State<AppState>) -> Response {
+    steering_reply(crate::steering::api::bgp(s.steering.as_ref()))
 }

@@ -127,11 +127,13 @@ impl Bound {
     /// `/health` reports on and where live connection counts come from.
     /// `cluster`: replication's status, for `GET /api/v1/cluster`;
     /// `readiness`: `/health` says 503 `draining` during a drain.
+    /// `steering`: this POP's drain and BGP (`/api/v1/pop`, `/api/v1/bgp`).
     pub fn serve(
         self,
         snapshot: SnapshotHandle,
         cluster: Option<crate::replication::status::StatusHandle>,
         readiness: crate::readiness::Readiness,
+        steering: Option<crate::steering::Handle>,
     ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .context("discovery API: cannot register the socket")?;
@@ -150,6 +152,7 @@ impl Bound {
             cluster,
             readiness,
             mesh: self.mesh,
+            steering,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })

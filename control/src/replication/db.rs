@@ -454,15 +454,15 @@ impl ReplDb {
 
     /// Writes this POP's own row of `pops` when it differs from what is
     /// there (a restart with the same settings writes nothing, so nothing
-    /// replicates).
+    /// replicates). `draining` and `serving` are written only when the row
+    /// is new: afterwards they belong to `crate::steering` (an operator's
+    /// drain outlives a restart).
     ///
-    /// An UPDATE, then an INSERT for a row that is not there yet, rather
-    /// than one `INSERT … ON CONFLICT DO UPDATE`: inside an upsert SQLite
-    /// runs the change-capture trigger's `INSERT OR REPLACE` as a plain
-    /// INSERT, and the update trigger logs the row's key twice (NEW and
-    /// OLD), so a POP whose own row changed (a new name, address or mesh
-    /// endpoint) could not start ("UNIQUE constraint failed:
-    /// repl_changes").
+    /// An UPDATE, then an INSERT if there was no row, not one UPSERT: an
+    /// UPSERT's conflict policy overrides the change-capture trigger's
+    /// `INSERT OR REPLACE`, and its update then fails on `repl_changes`'
+    /// UNIQUE key (the trigger logs NEW and OLD, the same key), so a POP whose own row
+    /// changed (a new name, address or mesh endpoint) could not start.
     pub fn upsert_pop(&mut self, row: &crate::store::PopRow) -> Result<(), DbError> {
         self.with_tx(|tx| {
             let values = params![
@@ -475,24 +475,27 @@ impl ReplDb {
                 row.gossip_addr,
                 row.transport_addr,
                 row.draining,
+                row.serving,
                 row.wg_public_key,
                 row.wg_endpoint,
                 row.prefix6
             ];
             tx.execute(
                 "UPDATE pops SET name = ?2, region = ?3, country = ?4, public_addrs = ?5, \
-                 private_addr = ?6, gossip_addr = ?7, transport_addr = ?8, draining = ?9, \
-                 wg_public_key = ?10, wg_endpoint = ?11, prefix6 = ?12 \
-                 WHERE node_id = ?1 AND (name IS NOT ?2 OR region IS NOT ?3 OR country IS NOT ?4 \
+                 private_addr = ?6, gossip_addr = ?7, transport_addr = ?8, \
+                 wg_public_key = ?11, wg_endpoint = ?12, prefix6 = ?13 WHERE node_id = ?1 \
+                 AND (name IS NOT ?2 OR region IS NOT ?3 OR country IS NOT ?4 \
                  OR public_addrs IS NOT ?5 OR private_addr IS NOT ?6 OR gossip_addr IS NOT ?7 \
-                 OR transport_addr IS NOT ?8 OR draining IS NOT ?9 OR wg_public_key IS NOT ?10 \
-                 OR wg_endpoint IS NOT ?11 OR prefix6 IS NOT ?12)",
+                 OR transport_addr IS NOT ?8 OR wg_public_key IS NOT ?11 \
+                 OR wg_endpoint IS NOT ?12 OR prefix6 IS NOT ?13)",
                 values,
             )?;
             tx.execute(
-                "INSERT OR IGNORE INTO pops (node_id, name, region, country, public_addrs, \
-                 private_addr, gossip_addr, transport_addr, draining, wg_public_key, wg_endpoint, \
-                 prefix6) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT INTO pops (node_id, name, region, country, public_addrs, private_addr, \
+                 gossip_addr, transport_addr, draining, serving, wg_public_key, wg_endpoint, \
+                 prefix6) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13 \
+                 WHERE NOT EXISTS (SELECT 1 FROM pops WHERE node_id = ?1)",
                 values,
             )
             .map(|_| ())
@@ -593,6 +596,43 @@ mod tests {
                 .unwrap();
         assert_eq!(data["wg_endpoint"], "10.0.0.1:51900");
         assert_eq!(data["name"], "pop-a2");
+    }
+
+    #[test]
+    fn own_pop_row_changed_since_the_last_start_is_updated_not_refused_by_the_trigger() {
+        let (_d, path, mut db, mut node) = setup();
+        let mut row = crate::store::PopRow {
+            node_id: "a".into(),
+            name: "pop-a".into(),
+            region: "sa".into(),
+            gossip_addr: "10.0.0.1:4001".into(),
+            draining: false,
+            serving: true,
+            ..Default::default()
+        };
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
+        other(&path)
+            .execute("UPDATE pops SET draining = 1 WHERE node_id = 'a'", [])
+            .unwrap();
+        db.poll_changes(&mut node, Now::system(), true).unwrap();
+        // Restarted at another address (an UPSERT failed here: UNIQUE
+        // constraint failed: repl_changes.tbl, repl_changes.pk).
+        row.gossip_addr = "10.0.0.9:4001".into();
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 1);
+        let (gossip, draining): (String, bool) = other(&path)
+            .query_row(
+                "SELECT gossip_addr, draining FROM pops WHERE node_id = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(gossip, "10.0.0.9:4001");
+        assert!(draining, "the drain is steering's, kept across the restart");
+        // The same settings again: nothing written, nothing to replicate.
+        db.upsert_pop(&row).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
     }
 
     #[test]

@@ -283,6 +283,7 @@ impl Bound {
             wg_public_key: mesh.wg_public_key,
             wg_endpoint: mesh.wg_endpoint,
             prefix6: mesh.prefix6,
+            serving: true,
         }
     }
 }

@@ -187,10 +187,12 @@ impl Upgrades {
         }
         // Replication's gossip and QUIC sockets are not in the registry yet,
         // and two processes must not run the same node at once: a successor
-        // would fail to bind them anyway. Say so plainly instead.
+        // would fail to bind them anyway. Nor may two run one BGP speaker
+        // (the old one's shutdown withdraws the anycast routes). Say so
+        // plainly instead.
         if self.replication {
             let e = UpgradeError::Unsupported(
-                "binary upgrade is not available with [replication] enabled yet; restart instead",
+                "binary upgrade is not available with [replication] or [bgp] enabled yet; restart instead",
             );
             tracing::error!(error = %e, "upgrade refused; this process keeps serving");
             self.answer(&Err(e));

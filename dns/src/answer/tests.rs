@@ -334,6 +334,7 @@ fn cluster_pops_are_answered_while_alive_and_not_draining() {
         addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         alive,
         draining,
+        can_serve: true,
         local: false,
         mesh: Default::default(),
     };
@@ -901,4 +902,46 @@ fn garbage_is_not_cached_and_the_cache_keeps_to_its_byte_budget() {
     assert!(emptied >= 2, "the byte budget never emptied the cache");
     // Names are still cached.
     assert!(!f.answerer.replies.entries.is_empty());
+}
+
+#[test]
+fn cached_geodns_replies_keep_each_resolver_on_its_own_pop() {
+    use engine::snapshot::PopView;
+    // Two POPs in Brazil: resolvers there (no ECS) spread over both by
+    // their address, through the reply cache too.
+    let pop = |id: &str, addr: &str| PopView {
+        node_id: Arc::from(id),
+        name: Arc::from(id),
+        region: Arc::from("sa"),
+        country: Country::parse("BR"),
+        addrs: vec![addr.parse().unwrap()],
+        alive: true,
+        draining: false,
+        can_serve: true,
+        local: false,
+        mesh: Default::default(),
+    };
+    let mut snapshot = table();
+    snapshot.pops = vec![pop("gru", "203.0.113.1"), pop("gig", "203.0.113.2")];
+    let geodns = crate::GeoZone::new("edge.example.com", 30, 1, Vec::new()).unwrap();
+    let mut answerer = Answerer::new(zone(5), geo()).with_geodns(geodns);
+    let q = query("edge.example.com.", RecordType::A).to_vec().unwrap();
+    let mut ask = |client: &str, cached: bool| {
+        let mut out = Vec::new();
+        let ip: IpAddr = client.parse().unwrap();
+        match cached {
+            true => answerer.answer_at(&q, ip, Transport::Udp, &snapshot, Instant::now(), &mut out),
+            false => answerer.answer(&q, ip, Transport::Udp, &snapshot, &mut out),
+        }
+        .expect("a reply");
+        addrs(&Message::from_vec(&out).unwrap())
+    };
+    let resolvers: Vec<String> = (1..=40).map(|i| format!("200.160.2.{i}")).collect();
+    let uncached: Vec<Vec<String>> = resolvers.iter().map(|r| ask(r, false)).collect();
+    assert!(
+        uncached.iter().any(|a| a != &uncached[0]),
+        "40 resolvers all hashed to one POP: {uncached:?}"
+    );
+    let cached: Vec<Vec<String>> = resolvers.iter().map(|r| ask(r, true)).collect();
+    assert_eq!(cached, uncached);
 }

@@ -14,6 +14,12 @@
 //! scoring picks for it: the first one in the local region). Knot runs
 //! twice: with its defaults (one UDP worker thread per core) and with one
 //! UDP worker, since edgeproxy answers DNS on its one control thread.
+//!
+//! `--geodns` measures GeoDNS instead (no Knot): edgeproxy without a
+//! `[geodns]` zone answering the internal mix, against edgeproxy with one
+//! answering the internal mix and the GeoDNS mix (the zone's apex A/AAAA,
+//! SOA, unknown names), every query with the same EDNS Client Subnet
+//! (`-E`), alternately, in the same run.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -53,7 +59,16 @@ struct Args {
     knotd: String,
     #[arg(long, default_value = "dnsperf")]
     dnsperf: String,
+    /// Measure GeoDNS on against off instead of edgeproxy against Knot.
+    #[arg(long)]
+    geodns: bool,
 }
+
+/// The GeoDNS zone of `--geodns`, and the client subnet every query
+/// carries there (200.160.2.0/24, Brazil) as dnsperf's `-E` option:
+/// family 1, source /24, scope 0, three address bytes.
+const GEO_ZONE: &str = "edge.example.com";
+const ECS_OPTION: &str = "8:00011800c8a002";
 
 const REGIONS: [(&str, &str); 4] = [("sa", "BR"), ("us", "US"), ("eu", "DE"), ("ap", "JP")];
 const LOCAL_REGION: &str = "sa";
@@ -237,12 +252,22 @@ impl Drop for Server {
     }
 }
 
-fn start_edgeproxy(bin: &Path, dir: &Path) -> anyhow::Result<Server> {
-    let cfg = dir.join("edgeproxy.toml");
+fn start_edgeproxy(
+    bin: &Path,
+    dir: &Path,
+    name: &'static str,
+    geodns: bool,
+) -> anyhow::Result<Server> {
+    let cfg = dir.join(format!("{name}.toml"));
+    let db = dir.join(format!("{name}.db"));
+    std::fs::copy(dir.join("routing.db"), &db)?;
     let mut text = format!(
-        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 1\n[[listener]]\naddr = \"127.0.0.1:0\"\n[demo]\nbackends = 0\n[pop]\nregion = \"{LOCAL_REGION}\"\nname = \"gru-1\"\n[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nttl_secs = {TTL}\n",
-        dir.join("routing.db").display().to_string()
+        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 1\n[[listener]]\naddr = \"127.0.0.1:0\"\n[demo]\nbackends = 0\n[pop]\nregion = \"{LOCAL_REGION}\"\nname = \"gru-1\"\ncountry = \"BR\"\npublic_addrs = [\"203.0.113.10\", \"2001:db8::10\"]\n[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nttl_secs = {TTL}\n",
+        db.display().to_string()
     );
+    if geodns {
+        let _ = write!(text, "[geodns]\nname = \"{GEO_ZONE}\"\n");
+    }
     for (name, region, addr) in POPS {
         let _ = write!(
             text,
@@ -282,11 +307,7 @@ fn start_edgeproxy(bin: &Path, dir: &Path) -> anyhow::Result<Server> {
         .recv_timeout(Duration::from_secs(20))
         .context("edgeproxy did not log `dns listening`")?
         .parse()?;
-    let server = Server {
-        name: "edgeproxy",
-        addr,
-        child,
-    };
+    let server = Server { name, addr, child };
     wait_answering(addr, "edgeproxy")?;
     Ok(server)
 }
@@ -371,7 +392,13 @@ fn number_after(text: &str, key: &str) -> Option<f64> {
 }
 
 fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure> {
+    let ecs: &[&str] = if args.geodns {
+        &["-E", ECS_OPTION]
+    } else {
+        &[]
+    };
     let out = Command::new(&args.dnsperf)
+        .args(ecs)
         .args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .arg("-d")
         .arg(data)
@@ -435,7 +462,10 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     write_db(&dir.join("routing.db"), &rows)?;
     let data = dir.join("queries.txt");
     std::fs::write(&data, queries(&rows, args.apps, 10_000))?;
-    let edge = start_edgeproxy(bin, dir)?;
+    if args.geodns {
+        return run_geodns(args, bin, dir, &data);
+    }
+    let edge = start_edgeproxy(bin, dir, "edgeproxy", false)?;
     let zone = zone_file(&rows, &POPS);
     let knot = start_knot(&args.knotd, dir, &zone, "knot", None)?;
     let knot1 = start_knot(&args.knotd, dir, &zone, "knot-1-worker", Some(1))?;
@@ -502,6 +532,101 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
             pick("edgeproxy", |m| m.qps) / pick(peer, |m| m.qps),
             pick("edgeproxy", |m| m.avg_ms) / pick(peer, |m| m.avg_ms),
             pick("edgeproxy", |m| m.cpu_us) / pick(peer, |m| m.cpu_us),
+        );
+    }
+    Ok(())
+}
+
+/// The GeoDNS mix: mostly the apex A, some AAAA, SOA and unknown names.
+fn geodns_queries(n: usize) -> String {
+    let mut q = String::new();
+    for i in 0..n {
+        let line = match i % 20 {
+            0..=14 => format!("{GEO_ZONE} A"),
+            15 | 16 => format!("{GEO_ZONE} AAAA"),
+            17 => format!("{GEO_ZONE} SOA"),
+            _ => format!("nope{i}.{GEO_ZONE} A"),
+        };
+        q.push_str(&line);
+        q.push('\n');
+    }
+    q
+}
+
+/// `--geodns`: the same server with and without a GeoDNS zone.
+fn run_geodns(args: &Args, bin: &Path, dir: &Path, internal: &Path) -> anyhow::Result<()> {
+    let geo_data = dir.join("geodns-queries.txt");
+    std::fs::write(&geo_data, geodns_queries(10_000))?;
+    let off = start_edgeproxy(bin, dir, "edgeproxy", false)?;
+    let on = start_edgeproxy(bin, dir, "edgeproxy+geodns", true)?;
+    println!("# edgeproxy DNS with GeoDNS off and on (dnsperf, loopback, ECS on every query)");
+    println!(
+        "# {} backends in {} apps; {} runs x {} s each, alternating; dnsperf -c {} -q {} -T 1 -E {ECS_OPTION}",
+        args.backends, args.apps, args.runs, args.duration, args.clients, args.outstanding
+    );
+    println!(
+        "# cores: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("| run | server | mix | queries/s | avg latency ms | lost % | server CPU µs/query |");
+    println!("|---|---|---|---|---|---|---|");
+    let cases: [(&Server, &str, &Path); 3] = [
+        (&off, "internal", internal),
+        (&on, "internal", internal),
+        (&on, "geodns", &geo_data),
+    ];
+    let mut results: Vec<(usize, Measure)> = Vec::new();
+    for run in 1..=args.runs {
+        for (i, (server, mix, data)) in cases.iter().enumerate() {
+            let pid = server.child.id();
+            let before = perf::procfs::cpu(pid);
+            let mut m = dnsperf(args, server.addr, data)?;
+            let cpu = perf::procfs::cpu(pid).since(&before).total();
+            m.cpu_us = cpu.as_secs_f64() * 1e6 / (m.completed.max(1) as f64);
+            println!(
+                "| {run} | {} | {mix} | {:.0} | {:.3} | {:.2} | {:.2} |",
+                server.name, m.qps, m.avg_ms, m.lost_pct, m.cpu_us
+            );
+            if m.completed == 0 {
+                bail!("{} answered nothing", server.name);
+            }
+            results.push((i, m));
+        }
+    }
+    let pick = |case: usize, f: fn(&Measure) -> f64| {
+        median(
+            results
+                .iter()
+                .filter(|(c, _)| *c == case)
+                .map(|(_, m)| f(m))
+                .collect(),
+        )
+    };
+    println!();
+    println!("| median | queries/s | avg latency ms | server CPU µs/query |");
+    println!("|---|---|---|---|");
+    for (i, label) in [
+        "GeoDNS off, internal mix",
+        "GeoDNS on, internal mix",
+        "GeoDNS on, GeoDNS mix",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "| {label} | {:.0} | {:.3} | {:.2} |",
+            pick(i, |m| m.qps),
+            pick(i, |m| m.avg_ms),
+            pick(i, |m| m.cpu_us)
+        );
+    }
+    println!();
+    for (i, label) in [(1, "internal mix"), (2, "GeoDNS mix")] {
+        println!(
+            "GeoDNS on ({label}) / off: queries/s x{:.2}, CPU per query x{:.2}",
+            pick(i, |m| m.qps) / pick(0, |m| m.qps),
+            pick(i, |m| m.cpu_us) / pick(0, |m| m.cpu_us),
         );
     }
     Ok(())

@@ -33,6 +33,7 @@ fn pop(n: u8) -> PopView {
         addrs: vec![],
         alive: true,
         draining: false,
+        can_serve: true,
         local: false,
         mesh: PopMesh {
             public_key: Arc::from(key(n).to_string().as_str()),

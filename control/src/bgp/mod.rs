@@ -1,0 +1,27 @@
+//! Anycast: a built-in BGP speaker that announces this POP's anycast
+//! prefixes to its upstream routers while the POP can serve, and withdraws
+//! them when it cannot (see `crate::steering` for who decides).
+//!
+//! Layout, sans-IO first (each tested without sockets, with simulated
+//! time):
+//! - [`policy`]: should this POP announce? (announced, soft drain with
+//!   GRACEFUL_SHUTDOWN, withdrawn) as a pure state machine over time.
+//! - [`routes`]: the routes one session carries and the UPDATEs that get
+//!   the peer there (`rustbgpd-wire` encodes them).
+//! - [`session`]: one BGP session: `rustbgpd-fsm`'s state machine plus
+//!   framing, timers as deadlines, the Adj-RIB-Out and restarts.
+//!
+//! Then the thin I/O around them: [`driver`] (a task per neighbor on the
+//! control runtime), [`status`] (for the API, `edgeproxy bgp status` and
+//! the metrics), [`cli`], [`config`].
+
+pub mod cli;
+pub mod config;
+pub mod driver;
+pub mod metrics;
+pub mod policy;
+pub mod routes;
+pub mod session;
+pub mod status;
+
+pub use driver::Speaker;

@@ -1,0 +1,536 @@
+//! One BGP session, sans-IO: `rustbgpd-fsm`'s state machine plus what it
+//! leaves to its embedder — message framing, timers as deadlines, the
+//! Adj-RIB-Out, and restarting after the session falls to Idle.
+//!
+//! Inputs carry the time: [`Session::handle_connected`],
+//! [`handle_connect_failed`](Session::handle_connect_failed),
+//! [`handle_bytes`](Session::handle_bytes),
+//! [`handle_closed`](Session::handle_closed),
+//! [`handle_timeout`](Session::handle_timeout),
+//! [`set_advertisement`](Session::set_advertisement) and
+//! [`stop`](Session::stop). Outputs are polled, in this order, after each
+//! input: [`poll_transmit`](Session::poll_transmit) (bytes to write),
+//! [`poll_io`](Session::poll_io) (connect / close, after the bytes before
+//! them are written: a NOTIFICATION goes out before its close),
+//! [`poll_event`](Session::poll_event) (for logs) and
+//! [`poll_timeout`](Session::poll_timeout) (the next deadline).
+//!
+//! The speaker only opens connections (it does not listen on port 179):
+//! routers are configured to accept it, which is also what avoids
+//! connection collisions. Routes received from the peer are not used;
+//! UPDATEs only reset the hold timer. A ROUTE-REFRESH resends every route.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rustbgpd_fsm::{Action, Event, PeerConfig, SessionState, TimerType};
+use rustbgpd_wire::notification::{cease_subcode, description, encode_shutdown_communication};
+use rustbgpd_wire::{
+    decode_message, encode_message, peek_message_length, Afi, Message, NotificationCode,
+    NotificationMessage, Safi, EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
+};
+
+use super::config::NextHop;
+use super::routes::{updates, Advertisement, Rib, SessionContext};
+
+/// First wait before restarting a session that fell to Idle; doubles with
+/// each fall up to [`IDLE_HOLD_MAX`], back to this after a session that
+/// stayed up for [`STABLE_AFTER`].
+const IDLE_HOLD_MIN: Duration = Duration::from_secs(1);
+const IDLE_HOLD_MAX: Duration = Duration::from_secs(60);
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Everything a session needs to know about its neighbor.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    /// Name in logs and status.
+    pub label: String,
+    pub peer: SocketAddr,
+    pub peer_asn: u32,
+    pub local_asn: u32,
+    pub router_id: Ipv4Addr,
+    pub hold_time_secs: u16,
+    pub connect_retry_secs: u32,
+    pub ipv4: bool,
+    pub ipv6: bool,
+    pub next_hop: NextHop,
+    pub med: Option<u32>,
+    pub communities: Vec<u32>,
+}
+
+/// What the driver must do with the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    Connect,
+    Close,
+}
+
+/// Things worth a log line or a counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    State {
+        from: SessionState,
+        to: SessionState,
+    },
+    Established {
+        hold_time: u16,
+        peer_router_id: Ipv4Addr,
+        ipv4: bool,
+        ipv6: bool,
+    },
+    /// The session left Established.
+    Down {
+        reason: String,
+    },
+    NotificationSent(String),
+    NotificationReceived(String),
+    /// UPDATEs were queued for the peer.
+    RoutesSent {
+        announced: usize,
+        withdrawn: usize,
+        graceful_shutdown: bool,
+        generation: u64,
+    },
+}
+
+/// What status shows of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub state: SessionState,
+    pub established_for: Option<Duration>,
+    pub hold_time: Option<u16>,
+    pub local_addr: Option<IpAddr>,
+    pub prefixes_announced: usize,
+    pub graceful_shutdown: bool,
+    pub updates_sent: u64,
+    pub flaps: u64,
+    pub last_error: Option<String>,
+}
+
+/// What was negotiated, as this side uses it.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    ipv4: bool,
+    ipv6: bool,
+    four_octet_as: bool,
+    max_len: u16,
+    hold_time: u16,
+}
+
+pub struct Session {
+    settings: SessionSettings,
+    fsm: rustbgpd_fsm::Session,
+    /// Deadlines of the FSM's timers: connect-retry, hold, keepalive.
+    timers: [Option<Instant>; 3],
+    /// When to start again after falling to Idle.
+    restart_at: Option<Instant>,
+    idle_hold: Duration,
+    /// Stopped by [`Session::stop`]: never restarts.
+    stopped: bool,
+    inbuf: BytesMut,
+    transmit: VecDeque<Bytes>,
+    io: VecDeque<Io>,
+    events: VecDeque<SessionEvent>,
+    local_addr: Option<IpAddr>,
+    negotiated: Option<Negotiated>,
+    advertisement: Advertisement,
+    /// Adj-RIB-Out: what the peer holds from us.
+    sent: Rib,
+    established_at: Option<Instant>,
+    updates_sent: u64,
+    flaps: u64,
+    last_error: Option<String>,
+}
+
+fn timer_slot(t: TimerType) -> Option<usize> {
+    match t {
+        TimerType::ConnectRetry => Some(0),
+        TimerType::Hold => Some(1),
+        TimerType::Keepalive => Some(2),
+        _ => None,
+    }
+}
+
+fn notification_text(n: &NotificationMessage) -> String {
+    let mut text = format!(
+        "{} ({}/{})",
+        description(n.code, n.subcode),
+        n.code.as_u8(),
+        n.subcode
+    );
+    if let Some(said) = rustbgpd_wire::notification::decode_shutdown_communication(&n.data)
+        .filter(|s| !s.is_empty() && n.code == NotificationCode::Cease)
+    {
+        text.push_str(&format!(": {said:?}"));
+    }
+    text
+}
+
+impl Session {
+    /// A session that starts connecting at once.
+    pub fn new(settings: SessionSettings, now: Instant) -> Session {
+        let mut config = PeerConfig::new(settings.local_asn, settings.peer_asn, settings.router_id);
+        config.hold_time = settings.hold_time_secs;
+        config.send_hold_time = rustbgpd_fsm::default_send_hold_time(settings.hold_time_secs);
+        config.connect_retry_secs = settings.connect_retry_secs;
+        config.families = [
+            (settings.ipv4, (Afi::Ipv4, Safi::Unicast)),
+            (settings.ipv6, (Afi::Ipv6, Safi::Unicast)),
+        ]
+        .into_iter()
+        .filter_map(|(on, f)| on.then_some(f))
+        .collect();
+        // An IPv6-only speaker must not fall back to implicit IPv4.
+        config.disable_ipv4_unicast = !settings.ipv4;
+        let mut session = Session {
+            fsm: rustbgpd_fsm::Session::new(config),
+            settings,
+            timers: [None; 3],
+            restart_at: None,
+            idle_hold: IDLE_HOLD_MIN,
+            stopped: false,
+            inbuf: BytesMut::new(),
+            transmit: VecDeque::new(),
+            io: VecDeque::new(),
+            events: VecDeque::new(),
+            local_addr: None,
+            negotiated: None,
+            advertisement: Advertisement::default(),
+            sent: Rib::new(),
+            established_at: None,
+            updates_sent: 0,
+            flaps: 0,
+            last_error: None,
+        };
+        session.feed(now, Event::ManualStart);
+        session
+    }
+
+    pub fn settings(&self) -> &SessionSettings {
+        &self.settings
+    }
+
+    pub fn state(&self) -> SessionState {
+        self.fsm.state()
+    }
+
+    /// The outbound connection is up.
+    pub fn handle_connected(&mut self, now: Instant, local: SocketAddr) {
+        self.local_addr = Some(local.ip());
+        self.inbuf.clear();
+        self.feed(now, Event::TcpConnectionConfirmed);
+    }
+
+    pub fn handle_connect_failed(&mut self, now: Instant, error: &str) {
+        self.last_error = Some(format!("connect: {error}"));
+        self.feed(now, Event::TcpConnectionFails);
+    }
+
+    /// The peer closed the connection, or it broke.
+    pub fn handle_closed(&mut self, now: Instant, why: &str) {
+        self.last_error = Some(format!("connection closed: {why}"));
+        self.inbuf.clear();
+        self.feed(now, Event::TcpConnectionFails);
+    }
+
+    /// Bytes read from the connection.
+    pub fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        self.inbuf.extend_from_slice(data);
+        loop {
+            let max_len = self.negotiated.map_or(MAX_MESSAGE_LEN, |n| n.max_len);
+            let len = match peek_message_length(&self.inbuf, max_len) {
+                Ok(Some(len)) if self.inbuf.len() >= usize::from(len) => usize::from(len),
+                Ok(_) => return,
+                Err(e) => {
+                    self.inbuf.clear();
+                    self.last_error = Some(format!("bad message from the peer: {e}"));
+                    self.feed(now, Event::DecodeError(e));
+                    return;
+                }
+            };
+            let mut message = self.inbuf.split_to(len).freeze();
+            match decode_message(&mut message, max_len) {
+                Ok(m) => self.on_message(now, m),
+                Err(e) => {
+                    self.inbuf.clear();
+                    self.last_error = Some(format!("bad message from the peer: {e}"));
+                    self.feed(now, Event::DecodeError(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, now: Instant, message: Message) {
+        let event = match message {
+            Message::Open(open) => Event::OpenReceived(open),
+            Message::Keepalive => Event::KeepaliveReceived,
+            Message::Update(_) => Event::UpdateReceived,
+            Message::Notification(n) => {
+                let text = notification_text(&n);
+                self.last_error = Some(format!("peer sent NOTIFICATION {text}"));
+                self.events
+                    .push_back(SessionEvent::NotificationReceived(text));
+                Event::NotificationReceived(n)
+            }
+            Message::RouteRefresh(r) => {
+                // Everything goes again: the peer asked for a full copy.
+                if self.fsm.state() == SessionState::Established {
+                    self.sent.clear();
+                }
+                if let (Some(afi), Some(safi)) = (r.afi(), r.safi()) {
+                    self.feed(now, Event::RouteRefreshReceived { afi, safi });
+                }
+                self.sync_routes();
+                return;
+            }
+            _ => return,
+        };
+        self.feed(now, event);
+    }
+
+    /// Fires the timers that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.restart_at.is_some_and(|at| now >= at) {
+            self.restart_at = None;
+            if !self.stopped && self.fsm.state() == SessionState::Idle {
+                self.feed(now, Event::ManualStart);
+            }
+        }
+        let events = [
+            Event::ConnectRetryTimerExpires,
+            Event::HoldTimerExpires,
+            Event::KeepaliveTimerExpires,
+        ];
+        for (slot, event) in events.into_iter().enumerate() {
+            if self.timers[slot].is_some_and(|at| now >= at) {
+                self.timers[slot] = None;
+                if slot == 1 {
+                    self.last_error = Some("hold timer expired".into());
+                }
+                self.feed(now, event);
+            }
+        }
+    }
+
+    /// What the POP wants announced now; UPDATEs follow if established.
+    pub fn set_advertisement(&mut self, advertisement: Advertisement) {
+        self.advertisement = advertisement;
+        self.sync_routes();
+    }
+
+    /// Ends the session for good: a Cease NOTIFICATION (administrative
+    /// shutdown, with `reason` as the RFC 9003 shutdown communication) if it
+    /// is up, then the close. The peer withdraws what it learned from us.
+    pub fn stop(&mut self, now: Instant, reason: &str) {
+        self.stopped = true;
+        self.restart_at = None;
+        let reason = Some(encode_shutdown_communication(reason));
+        self.feed(now, Event::ManualStop { reason });
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_io(&mut self) -> Option<Io> {
+        self.io.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next deadline (a timer or the restart).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers
+            .iter()
+            .flatten()
+            .chain(self.restart_at.iter())
+            .min()
+            .copied()
+    }
+
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        Snapshot {
+            state: self.fsm.state(),
+            established_for: self
+                .established_at
+                .map(|t| now.saturating_duration_since(t)),
+            hold_time: self.negotiated.map(|n| n.hold_time),
+            local_addr: self.local_addr,
+            prefixes_announced: self.sent.len(),
+            graceful_shutdown: self.advertisement.graceful_shutdown && !self.sent.is_empty(),
+            updates_sent: self.updates_sent,
+            flaps: self.flaps,
+            last_error: self.last_error.clone(),
+        }
+    }
+
+    /// The advertisement generation queued for the peer once the bytes
+    /// [`poll_transmit`](Session::poll_transmit) gave are written; `None`
+    /// when the session is not established (the peer holds nothing from
+    /// us, so there is nothing to wait for).
+    pub fn queued_generation(&self) -> Option<u64> {
+        (self.fsm.state() == SessionState::Established && self.negotiated.is_some())
+            .then_some(self.advertisement.generation)
+    }
+
+    fn context(&self, n: &Negotiated) -> SessionContext {
+        SessionContext {
+            local_asn: self.settings.local_asn,
+            peer_asn: self.settings.peer_asn,
+            local_addr: self.local_addr.unwrap_or(super::routes::NO_ADDR),
+            next_hop: self.settings.next_hop.clone(),
+            med: self.settings.med,
+            communities: self.settings.communities.clone(),
+            ipv4: n.ipv4,
+            ipv6: n.ipv6,
+            four_octet_as: n.four_octet_as,
+        }
+    }
+
+    /// Sends what takes the peer from what it holds to the advertisement.
+    fn sync_routes(&mut self) {
+        let Some(n) = self.negotiated else { return };
+        if self.fsm.state() != SessionState::Established {
+            return;
+        }
+        let ctx = self.context(&n);
+        let want = ctx.routes(&self.advertisement);
+        let delta = updates(&self.sent, &want, &ctx);
+        if delta.messages.is_empty() {
+            return;
+        }
+        for update in delta.messages {
+            match encode_message(&Message::Update(update)) {
+                Ok(bytes) => {
+                    self.updates_sent += 1;
+                    self.transmit.push_back(bytes.freeze());
+                }
+                // Only an oversized message fails, which the chunking in
+                // `routes` rules out; say so rather than panic.
+                Err(e) => self.last_error = Some(format!("cannot encode an UPDATE: {e}")),
+            }
+        }
+        self.sent = want;
+        self.events.push_back(SessionEvent::RoutesSent {
+            announced: delta.announced,
+            withdrawn: delta.withdrawn,
+            graceful_shutdown: self.advertisement.graceful_shutdown,
+            generation: self.advertisement.generation,
+        });
+    }
+
+    fn send(&mut self, message: &Message) {
+        match encode_message(message) {
+            Ok(bytes) => self.transmit.push_back(bytes.freeze()),
+            Err(e) => self.last_error = Some(format!("cannot encode a message: {e}")),
+        }
+    }
+
+    fn feed(&mut self, now: Instant, event: Event) {
+        let actions = self.fsm.handle_event(event);
+        for action in actions {
+            self.apply(now, action);
+        }
+    }
+
+    fn apply(&mut self, now: Instant, action: Action) {
+        match action {
+            Action::SendOpen(open) => self.send(&Message::Open(open)),
+            Action::SendKeepalive => self.send(&Message::Keepalive),
+            Action::SendNotification(n) => {
+                let text = notification_text(&n);
+                if n.code != NotificationCode::Cease
+                    || n.subcode != cease_subcode::ADMINISTRATIVE_SHUTDOWN
+                {
+                    self.last_error = Some(format!("sent NOTIFICATION {text}"));
+                }
+                self.events.push_back(SessionEvent::NotificationSent(text));
+                self.send(&Message::Notification(n));
+            }
+            Action::StartTimer(t, secs) => {
+                if let Some(slot) = timer_slot(t) {
+                    self.timers[slot] = Some(now + Duration::from_secs(u64::from(secs)));
+                }
+            }
+            Action::StopTimer(t) => {
+                if let Some(slot) = timer_slot(t) {
+                    self.timers[slot] = None;
+                }
+            }
+            Action::InitiateTcpConnection => self.io.push_back(Io::Connect),
+            Action::CloseTcpConnection => {
+                self.inbuf.clear();
+                self.local_addr = None;
+                self.io.push_back(Io::Close);
+            }
+            Action::StateChanged { old, new } => {
+                self.events
+                    .push_back(SessionEvent::State { from: old, to: new });
+                if new == SessionState::Idle {
+                    // Nothing of the FSM runs in Idle; a late tick would
+                    // only be ignored.
+                    self.timers = [None; 3];
+                    if !self.stopped {
+                        self.restart_at = Some(now + self.idle_hold);
+                        self.idle_hold = (self.idle_hold * 2).min(IDLE_HOLD_MAX);
+                    }
+                }
+            }
+            Action::SessionEstablished(neg) => {
+                let has = |afi| {
+                    neg.negotiated_families
+                        .iter()
+                        .any(|&(a, s)| a == afi && s == Safi::Unicast)
+                };
+                let n = Negotiated {
+                    ipv4: has(Afi::Ipv4),
+                    ipv6: has(Afi::Ipv6),
+                    four_octet_as: neg.four_octet_as,
+                    max_len: if neg.peer_extended_message {
+                        EXTENDED_MAX_MESSAGE_LEN
+                    } else {
+                        MAX_MESSAGE_LEN
+                    },
+                    hold_time: neg.hold_time,
+                };
+                self.negotiated = Some(n);
+                self.established_at = Some(now);
+                self.last_error = None;
+                self.sent.clear();
+                self.events.push_back(SessionEvent::Established {
+                    hold_time: neg.hold_time,
+                    peer_router_id: neg.peer_router_id,
+                    ipv4: n.ipv4,
+                    ipv6: n.ipv6,
+                });
+                self.sync_routes();
+            }
+            Action::SessionDown => {
+                let lasted = self
+                    .established_at
+                    .map(|t| now.saturating_duration_since(t));
+                if lasted.is_some_and(|d| d >= STABLE_AFTER) {
+                    self.idle_hold = IDLE_HOLD_MIN;
+                }
+                self.negotiated = None;
+                self.established_at = None;
+                self.sent.clear();
+                self.flaps += 1;
+                let reason = self
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "stopped".to_string());
+                self.events.push_back(SessionEvent::Down { reason });
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

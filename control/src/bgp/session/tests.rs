@@ -1,0 +1,398 @@
+//! The session against a peer that is `rustbgpd-fsm` itself (the state
+//! machine the daemon that publishes it runs against BIRD, FRR and GoBGP),
+//! over an in-memory pipe, with simulated time.
+
+use super::*;
+use rustbgpd_wire::nlri::Prefix as WirePrefix;
+use rustbgpd_wire::{PathAttribute, UpdateMessage};
+
+const US: u32 = 65010;
+const THEM: u32 = 65000;
+
+fn settings() -> SessionSettings {
+    SessionSettings {
+        label: "10.0.0.1".into(),
+        peer: "10.0.0.1:179".parse().unwrap(),
+        peer_asn: THEM,
+        local_asn: US,
+        router_id: Ipv4Addr::new(10, 0, 0, 2),
+        hold_time_secs: 9,
+        connect_retry_secs: 5,
+        ipv4: true,
+        ipv6: true,
+        next_hop: NextHop::default(),
+        med: None,
+        communities: Vec::new(),
+    }
+}
+
+/// The router: a bare FSM that records what it receives.
+struct Peer {
+    fsm: rustbgpd_fsm::Session,
+    inbuf: BytesMut,
+    out: VecDeque<Bytes>,
+    updates: Vec<UpdateMessage>,
+    notifications: Vec<NotificationMessage>,
+    closed: bool,
+}
+
+impl Peer {
+    fn new() -> Peer {
+        let mut config = PeerConfig::new(THEM, US, Ipv4Addr::new(10, 0, 0, 1));
+        config.families = vec![(Afi::Ipv4, Safi::Unicast), (Afi::Ipv6, Safi::Unicast)];
+        config.hold_time = 90;
+        let mut peer = Peer {
+            fsm: rustbgpd_fsm::Session::new(config),
+            inbuf: BytesMut::new(),
+            out: VecDeque::new(),
+            updates: Vec::new(),
+            notifications: Vec::new(),
+            closed: false,
+        };
+        peer.feed(Event::ManualStart);
+        peer.out.clear();
+        peer.feed(Event::TcpConnectionAcknowledged);
+        peer
+    }
+
+    fn feed(&mut self, event: Event) {
+        for action in self.fsm.handle_event(event) {
+            let message = match action {
+                Action::SendOpen(o) => Message::Open(o),
+                Action::SendKeepalive => Message::Keepalive,
+                Action::SendNotification(n) => Message::Notification(n),
+                Action::CloseTcpConnection => {
+                    self.closed = true;
+                    continue;
+                }
+                _ => continue,
+            };
+            self.out
+                .push_back(encode_message(&message).unwrap().freeze());
+        }
+    }
+
+    fn receive(&mut self, bytes: &[u8]) {
+        self.inbuf.extend_from_slice(bytes);
+        while let Ok(Some(len)) = peek_message_length(&self.inbuf, MAX_MESSAGE_LEN) {
+            if self.inbuf.len() < usize::from(len) {
+                break;
+            }
+            let mut m = self.inbuf.split_to(usize::from(len)).freeze();
+            let event = match decode_message(&mut m, MAX_MESSAGE_LEN).unwrap() {
+                Message::Open(o) => Event::OpenReceived(o),
+                Message::Keepalive => Event::KeepaliveReceived,
+                Message::Update(u) => {
+                    self.updates.push(u);
+                    Event::UpdateReceived
+                }
+                Message::Notification(n) => {
+                    self.notifications.push(n.clone());
+                    Event::NotificationReceived(n)
+                }
+                _ => continue,
+            };
+            self.feed(event);
+        }
+    }
+
+    /// Prefixes (announced, withdrawn) and attributes of the UPDATEs since
+    /// the last call.
+    fn take_updates(&mut self) -> (Vec<String>, Vec<String>, Vec<PathAttribute>) {
+        let mut out = (Vec::new(), Vec::new(), Vec::new());
+        let text = |p: &WirePrefix| match p {
+            WirePrefix::V4(p) => p.to_string(),
+            WirePrefix::V6(p) => p.to_string(),
+        };
+        for u in self.updates.drain(..) {
+            let parsed = u.parse(true, false, &[]).unwrap();
+            out.0
+                .extend(parsed.announced.iter().map(|e| e.prefix.to_string()));
+            out.1
+                .extend(parsed.withdrawn.iter().map(|e| e.prefix.to_string()));
+            for a in parsed.attributes {
+                match &a {
+                    PathAttribute::MpReachNlri(r) => {
+                        out.0.extend(r.announced.iter().map(|e| text(&e.prefix)))
+                    }
+                    PathAttribute::MpUnreachNlri(r) => {
+                        out.1.extend(r.withdrawn.iter().map(|e| text(&e.prefix)))
+                    }
+                    _ => out.2.push(a),
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Moves bytes both ways until neither side has anything to say. Returns
+/// the I/O requests the session made.
+fn pump(s: &mut Session, peer: &mut Peer, now: Instant) -> Vec<Io> {
+    let mut io = Vec::new();
+    loop {
+        let mut moved = false;
+        while let Some(b) = s.poll_transmit() {
+            moved = true;
+            if !peer.closed {
+                peer.receive(&b);
+            }
+        }
+        while let Some(b) = peer.out.pop_front() {
+            moved = true;
+            s.handle_bytes(now, &b);
+        }
+        while let Some(r) = s.poll_io() {
+            moved = true;
+            io.push(r);
+        }
+        if !moved {
+            return io;
+        }
+    }
+}
+
+fn events(s: &mut Session) -> Vec<SessionEvent> {
+    std::iter::from_fn(|| s.poll_event()).collect()
+}
+
+fn established(t0: Instant) -> (Session, Peer) {
+    let mut s = Session::new(settings(), t0);
+    assert_eq!(s.poll_io(), Some(Io::Connect), "starts by connecting");
+    s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+    let mut peer = Peer::new();
+    pump(&mut s, &mut peer, t0);
+    assert_eq!(s.state(), SessionState::Established);
+    assert_eq!(peer.fsm.state(), SessionState::Established);
+    (s, peer)
+}
+
+fn ad(prefixes: &[&str], graceful: bool, generation: u64) -> Advertisement {
+    Advertisement {
+        prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+        graceful_shutdown: graceful,
+        prepend: 0,
+        generation,
+    }
+}
+
+#[test]
+fn establishes_and_announces_then_drains_and_withdraws() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    let ev = events(&mut s);
+    assert!(
+        ev.iter().any(|e| matches!(
+            e,
+            SessionEvent::Established {
+                hold_time: 9,
+                ipv4: true,
+                ipv6: true,
+                ..
+            }
+        )),
+        "{ev:?}"
+    );
+    assert_eq!(s.queued_generation(), Some(0));
+
+    s.set_advertisement(ad(&["198.51.100.0/24", "2001:db8:100::/48"], false, 1));
+    pump(&mut s, &mut peer, t0);
+    let (announced, withdrawn, attrs) = peer.take_updates();
+    assert_eq!(announced, ["198.51.100.0/24", "2001:db8:100::/48"]);
+    assert!(withdrawn.is_empty());
+    assert!(attrs.contains(&PathAttribute::NextHop("10.0.0.2".parse().unwrap())));
+    assert!(!attrs
+        .iter()
+        .any(|a| matches!(a, PathAttribute::Communities(_))));
+    assert_eq!(s.snapshot(t0).prefixes_announced, 2);
+    assert_eq!(s.queued_generation(), Some(1));
+
+    s.set_advertisement(ad(&["198.51.100.0/24", "2001:db8:100::/48"], true, 2));
+    pump(&mut s, &mut peer, t0);
+    let (announced, _, attrs) = peer.take_updates();
+    assert_eq!(announced.len(), 2, "re-announced with the tag");
+    assert!(attrs.contains(&PathAttribute::Communities(vec![
+        super::super::config::GRACEFUL_SHUTDOWN
+    ])));
+    assert!(s.snapshot(t0).graceful_shutdown);
+
+    s.set_advertisement(ad(&[], false, 3));
+    pump(&mut s, &mut peer, t0);
+    let (announced, withdrawn, _) = peer.take_updates();
+    assert!(announced.is_empty());
+    assert_eq!(withdrawn, ["198.51.100.0/24", "2001:db8:100::/48"]);
+    assert_eq!(s.snapshot(t0).prefixes_announced, 0);
+    let sent: Vec<SessionEvent> = events(&mut s)
+        .into_iter()
+        .filter(|e| matches!(e, SessionEvent::RoutesSent { .. }))
+        .collect();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+}
+
+#[test]
+fn routes_set_before_the_session_is_up_go_out_when_it_is() {
+    let t0 = Instant::now();
+    let mut s = Session::new(settings(), t0);
+    s.set_advertisement(ad(&["198.51.100.0/24"], false, 7));
+    assert_eq!(s.poll_transmit(), None, "nothing to send before OPEN");
+    assert_eq!(s.queued_generation(), None);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+    let mut peer = Peer::new();
+    pump(&mut s, &mut peer, t0);
+    assert_eq!(peer.take_updates().0, ["198.51.100.0/24"]);
+    assert_eq!(s.queued_generation(), Some(7));
+}
+
+#[test]
+fn keepalives_keep_it_up_and_silence_ends_it_after_the_hold_time() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    events(&mut s);
+    // Keepalives every hold/3 = 3 s; the peer answers each.
+    let mut now = t0;
+    for _ in 0..5 {
+        let due = s.poll_timeout().unwrap();
+        assert!(due <= now + Duration::from_secs(3), "keepalive every 3 s");
+        now = due;
+        s.handle_timeout(now);
+        peer.feed(Event::KeepaliveTimerExpires);
+        pump(&mut s, &mut peer, now);
+        assert_eq!(s.state(), SessionState::Established);
+    }
+    // The peer goes silent (crashed): after 9 s without a word, down.
+    let silent_from = now;
+    let mut closed = false;
+    while s.state() == SessionState::Established {
+        let due = s.poll_timeout().unwrap();
+        now = due;
+        s.handle_timeout(now);
+        while s.poll_transmit().is_some() {}
+        closed |= std::iter::from_fn(|| s.poll_io()).any(|io| io == Io::Close);
+    }
+    let took = now - silent_from;
+    assert!(
+        took <= Duration::from_secs(9) && took > Duration::from_secs(6),
+        "{took:?}"
+    );
+    assert!(closed);
+    let ev = events(&mut s);
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, SessionEvent::Down { reason } if reason.contains("hold timer"))),
+        "{ev:?}"
+    );
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, SessionEvent::NotificationSent(t) if t.contains("Hold"))));
+    // It tries again one second later.
+    assert_eq!(s.state(), SessionState::Idle);
+    assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
+    s.handle_timeout(now + Duration::from_secs(1));
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    assert_eq!(s.snapshot(now).flaps, 1);
+}
+
+#[test]
+fn a_peer_notification_ends_the_session_and_restarts_back_off() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    let mut now = t0;
+    let mut waits = Vec::new();
+    for round in 0..3 {
+        peer.feed(Event::ManualStop {
+            reason: Some(encode_shutdown_communication("maintenance")),
+        });
+        let io = pump(&mut s, &mut peer, now);
+        assert!(io.contains(&Io::Close), "round {round}: {io:?}");
+        let ev = events(&mut s);
+        assert!(
+            ev.iter().any(
+                |e| matches!(e, SessionEvent::NotificationReceived(t) if t.contains("maintenance"))
+            ),
+            "{ev:?}"
+        );
+        let restart = s.poll_timeout().unwrap();
+        waits.push(restart - now);
+        now = restart;
+        s.handle_timeout(now);
+        assert_eq!(s.poll_io(), Some(Io::Connect));
+        s.handle_connected(now, "10.0.0.2:40001".parse().unwrap());
+        peer = Peer::new();
+        pump(&mut s, &mut peer, now);
+        assert_eq!(s.state(), SessionState::Established);
+    }
+    assert_eq!(
+        waits,
+        [1, 2, 4].map(Duration::from_secs),
+        "a flapping peer is retried less and less often"
+    );
+}
+
+#[test]
+fn stop_sends_cease_and_never_restarts() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    s.set_advertisement(ad(&["198.51.100.0/24"], false, 1));
+    pump(&mut s, &mut peer, t0);
+    s.stop(t0, "edgeproxy shutting down");
+    let io = pump(&mut s, &mut peer, t0);
+    assert_eq!(io, [Io::Close]);
+    let n = peer.notifications.last().expect("a NOTIFICATION");
+    assert_eq!(n.code, NotificationCode::Cease);
+    assert_eq!(n.subcode, cease_subcode::ADMINISTRATIVE_SHUTDOWN);
+    assert_eq!(s.state(), SessionState::Idle);
+    assert_eq!(s.poll_timeout(), None, "no restart after a stop");
+}
+
+#[test]
+fn connect_failures_retry_on_the_connect_retry_timer() {
+    let t0 = Instant::now();
+    let mut s = Session::new(settings(), t0);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    s.handle_connect_failed(t0, "connection refused");
+    assert_eq!(s.state(), SessionState::Active);
+    let retry = s.poll_timeout().unwrap();
+    assert_eq!(
+        retry - t0,
+        Duration::from_secs(1),
+        "first misses retry fast"
+    );
+    s.handle_timeout(retry);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    assert!(s
+        .snapshot(retry)
+        .last_error
+        .unwrap()
+        .contains("connection refused"));
+}
+
+#[test]
+fn garbage_from_the_peer_gets_a_notification_and_a_close() {
+    let t0 = Instant::now();
+    let (mut s, _peer) = established(t0);
+    events(&mut s);
+    s.handle_bytes(t0, &[0u8; 19]);
+    let sent: Vec<Bytes> = std::iter::from_fn(|| s.poll_transmit()).collect();
+    let mut last = sent.last().unwrap().clone();
+    let Message::Notification(n) = decode_message(&mut last, MAX_MESSAGE_LEN).unwrap() else {
+        panic!("not a NOTIFICATION")
+    };
+    assert_eq!(n.code, NotificationCode::MessageHeader);
+    assert_eq!(s.poll_io(), Some(Io::Close));
+    assert_eq!(s.state(), SessionState::Idle);
+}
+
+#[test]
+fn a_route_refresh_resends_every_route() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    s.set_advertisement(ad(&["198.51.100.0/24"], false, 1));
+    pump(&mut s, &mut peer, t0);
+    peer.take_updates();
+    let refresh = rustbgpd_wire::RouteRefreshMessage::new(Afi::Ipv4, Safi::Unicast);
+    let bytes = encode_message(&Message::RouteRefresh(refresh)).unwrap();
+    s.handle_bytes(t0, &bytes);
+    pump(&mut s, &mut peer, t0);
+    assert_eq!(peer.take_updates().0, ["198.51.100.0/24"]);
+}

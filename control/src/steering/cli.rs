@@ -1,0 +1,212 @@
+//! `edgeproxy drain [--wait]`, `edgeproxy undrain` and `edgeproxy pop
+//! status`, through a running POP's API; and the API arguments the BGP
+//! command shares.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::status::PopStatus;
+
+/// How to reach the POP's discovery API.
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Base URL of the POP's discovery API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_URL",
+        default_value = "http://127.0.0.1:8081",
+        value_name = "URL"
+    )]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (when --token is not given).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    pub(crate) fn client(&self) -> anyhow::Result<crate::api::client::Client> {
+        let token =
+            crate::api::client::token_from(self.token.as_deref(), self.token_file.as_deref())?;
+        crate::api::client::Client::new(&self.api, token)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    /// Wait until the anycast routes are withdrawn (the drain delay) before
+    /// returning.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PopArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+    #[command(subcommand)]
+    pub action: PopAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PopAction {
+    /// Whether this POP can serve and why, whether it is drained, whether
+    /// GeoDNS answers it, and its anycast announcement.
+    Status,
+}
+
+fn parse(body: &Value) -> anyhow::Result<PopStatus> {
+    serde_json::from_value(body.clone())
+        .map_err(|e| anyhow::anyhow!("unexpected answer from the API: {e}"))
+}
+
+/// `edgeproxy drain` (`on`) and `edgeproxy undrain`.
+pub fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
+    let client = args.api.client()?;
+    let path = if on {
+        "/api/v1/pop/drain"
+    } else {
+        "/api/v1/pop/undrain"
+    };
+    let mut body = client.call("POST", path, None)?;
+    if on && args.wait {
+        let s = parse(&body)?;
+        let patience =
+            Duration::from_millis(s.withdraw_in_ms.unwrap_or(0)) + Duration::from_secs(30);
+        let deadline = Instant::now() + patience;
+        while parse(&body)?
+            .announcement
+            .as_deref()
+            .is_some_and(|a| a != "withdrawn")
+        {
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "the routes were not withdrawn within {} s",
+                    patience.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            body = client.call("GET", "/api/v1/pop", None)?;
+        }
+    }
+    if args.api.json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        print!("{}", render(&parse(&body)?));
+    }
+    Ok(())
+}
+
+pub fn pop(args: PopArgs) -> anyhow::Result<()> {
+    let body = args.api.client()?.call("GET", "/api/v1/pop", None)?;
+    match args.action {
+        PopAction::Status if args.api.json => println!("{}", serde_json::to_string_pretty(&body)?),
+        PopAction::Status => print!("{}", render(&parse(&body)?)),
+    }
+    Ok(())
+}
+
+pub fn render(s: &PopStatus) -> String {
+    let mut out = format!("pop {} ({}, region {})\n", s.node_id, s.name, s.region);
+    out.push_str(&format!(
+        "drained:   {}\n",
+        match (s.draining, s.shutting_down) {
+            (_, true) => "stopping",
+            (true, false) => "yes (edgeproxy undrain to serve again)",
+            (false, false) => "no",
+        }
+    ));
+    out.push_str(&format!(
+        "serving:   {} ({}; listeners {})\n",
+        if s.serving { "yes" } else { "no" },
+        s.verdict,
+        s.listeners.join(", ")
+    ));
+    out.push_str(&format!(
+        "geodns:    {}\n",
+        if s.geodns {
+            "answered"
+        } else {
+            "left out of answers"
+        }
+    ));
+    if let Some(a) = &s.announcement {
+        out.push_str(&format!("anycast:   {a}"));
+        if let Some(r) = &s.announcement_reason {
+            out.push_str(&format!(" ({r})"));
+        }
+        if let Some(ms) = s.withdraw_in_ms {
+            out.push_str(&format!(", withdrawn in {:.1} s", ms as f64 / 1000.0));
+        }
+        out.push('\n');
+    } else {
+        out.push_str("anycast:   off ([bgp] enabled = false)\n");
+    }
+    out
+}
+
+/// Left-aligned columns, two spaces apart, no trailing blanks.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_drained_pop_with_its_announcement() {
+        let s = PopStatus {
+            node_id: "gru-1".into(),
+            name: "pop-gru".into(),
+            region: "sa".into(),
+            draining: true,
+            serving: true,
+            verdict: "serving".into(),
+            listeners: vec!["default".into()],
+            announcement: Some("draining".into()),
+            announcement_reason: Some("drained by the operator".into()),
+            withdraw_in_ms: Some(4200),
+            ..PopStatus::default()
+        };
+        let text = render(&s);
+        assert!(text.contains("drained:   yes"), "{text}");
+        assert!(text.contains("geodns:    left out of answers"), "{text}");
+        assert!(
+            text.contains("anycast:   draining (drained by the operator), withdrawn in 4.2 s"),
+            "{text}"
+        );
+        let off = render(&PopStatus::default());
+        assert!(off.contains("anycast:   off"), "{off}");
+    }
+}

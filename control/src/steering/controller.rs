@@ -1,0 +1,410 @@
+//! The steering controller: one task on the control runtime that judges,
+//! every [`POLL_BGP`] (or [`POLL_IDLE`] without BGP), whether this POP can
+//! serve, and carries the judgement out: this POP's row of `pops`
+//! (`draining`, `serving`) for the other POPs' GeoDNS, and the BGP
+//! announcement through the [`Policy`].
+//!
+//! Call order: [`start`] after the data plane is up and before replication
+//! starts (so this POP's row holds a real verdict before it first
+//! replicates); [`Handle::drain`] / [`Handle::undrain`] from the API;
+//! [`Handle::shutdown`] when a stop signal arrives, before the listeners
+//! close: it returns once the routes are withdrawn (soft drain first) and
+//! the withdrawal is on the wire, plus `[bgp] withdraw_grace_ms`.
+//!
+//! The judgement reads the published routing snapshot: backend health
+//! (drains, heartbeat expiry, health checks) reaches it there, so a
+//! failure confirmed there is withdrawn within one poll.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use engine::snapshot::SnapshotHandle;
+use engine::StatsView;
+use tokio::sync::{mpsc, oneshot};
+
+use super::pop_row::{PopRowWriter, PopState};
+use super::status::PopStatus;
+use super::verdict::{judge, serving_listeners, want, ServingListener, Verdict};
+use crate::bgp::policy::{Phase, Policy};
+use crate::bgp::Speaker;
+use crate::config::Config;
+use crate::reload_thread::SharedReloader;
+use crate::store::PopRow;
+
+/// How often the POP is judged with BGP on: a health failure confirmed in
+/// the snapshot is withdrawn within this (the goal is 100 ms).
+pub const POLL_BGP: Duration = Duration::from_millis(20);
+/// Without BGP only the `pops` row depends on it.
+pub const POLL_IDLE: Duration = Duration::from_millis(250);
+/// How long a shutdown waits for the withdrawal to be written.
+const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
+
+enum Command {
+    Drain(bool, oneshot::Sender<PopStatus>),
+    /// The listeners changed (SIGHUP): the serving ones again.
+    Listeners(Vec<ServingListener>),
+    Shutdown(oneshot::Sender<bool>),
+}
+
+/// The running controller. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    commands: mpsc::UnboundedSender<Command>,
+    status: Arc<ArcSwap<PopStatus>>,
+    bgp: Option<crate::bgp::status::StatusHandle>,
+    withdraw_grace: Duration,
+}
+
+impl Handle {
+    pub fn status(&self) -> PopStatus {
+        (**self.status.load()).clone()
+    }
+
+    pub fn bgp_status(&self) -> Option<crate::bgp::status::BgpStatus> {
+        self.bgp.as_ref().map(|b| b.get())
+    }
+
+    /// Drains this POP (`true`) or ends the drain (`false`): recorded in its
+    /// `pops` row, announced through BGP. Returns the state once recorded.
+    pub async fn drain(&self, on: bool) -> anyhow::Result<PopStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Drain(on, tx))
+            .map_err(|_| anyhow::anyhow!("the steering controller has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the steering controller has stopped"))
+    }
+
+    /// The listeners changed (SIGHUP): judges from the new serving set.
+    pub fn set_listeners(&self, config: &Config) {
+        let _ = self.commands.send(Command::Listeners(serving_of(config)));
+    }
+
+    /// The shutdown's part: stops announcing (soft drain, then withdrawal)
+    /// and returns when the withdrawal is written, plus the grace for
+    /// connections on their way; then ends the BGP sessions. Returns at
+    /// once when nothing was announced.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_err() {
+            return;
+        }
+        if let Ok(true) = rx.await {
+            tokio::time::sleep(self.withdraw_grace).await;
+        }
+    }
+}
+
+/// Starts the controller (inside the control runtime).
+pub fn start(
+    config: &Config,
+    snapshot: SnapshotHandle,
+    listeners: StatsView,
+    reloader: SharedReloader,
+) -> anyhow::Result<Handle> {
+    let bgp = &config.bgp;
+    let serving = serving_of(config);
+    let node_id = config.replication.node_id.clone();
+    let identity = PopRow {
+        node_id: node_id.clone(),
+        name: config.pop.name.clone(),
+        region: config.pop.region.clone(),
+        country: config.pop.country.clone(),
+        public_addrs: config
+            .pop
+            .public_addrs
+            .iter()
+            .map(IpAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        serving: false,
+        ..PopRow::default()
+    };
+    let (rows, found) = PopRowWriter::open(&config.routing.db_path, &identity)?;
+    if found.draining {
+        tracing::warn!(node = %node_id,
+            "pop: this POP is drained (since before this start): not announced, left out of GeoDNS; `edgeproxy undrain` to serve again");
+    }
+    if !config.replication.enabled {
+        // No cluster: the snapshot's POP list is this POP alone (GeoDNS
+        // answers it while it can serve).
+        let alive: crate::routing::Liveness = Default::default();
+        alive.store(Arc::new(std::collections::HashSet::from([node_id.clone()])));
+        reloader.lock().set_pops_input(crate::routing::PopsInput {
+            local_id: node_id.clone(),
+            alive,
+        });
+    }
+    let speaker = bgp.enabled.then(|| Speaker::start(bgp));
+    let status = Arc::new(ArcSwap::from_pointee(PopStatus::default()));
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let handle = Handle {
+        commands,
+        status: Arc::clone(&status),
+        bgp: speaker.as_ref().map(Speaker::status),
+        withdraw_grace: bgp.withdraw_grace,
+    };
+    tracing::info!(listeners = %serving.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","),
+        bgp = bgp.enabled, "pop: judging whether this POP can serve from these listeners");
+    let mut controller = Controller {
+        snapshot,
+        listeners,
+        serving,
+        reloader,
+        rows,
+        written: found,
+        operator_drained: found.draining,
+        shutting_down: false,
+        verdict: None,
+        policy: Policy::new(bgp.drain_delay),
+        speaker,
+        status,
+        identity,
+        shutdown_waiter: None,
+        announced_at_shutdown: false,
+        pending_row: None,
+        bgp_enabled: bgp.enabled,
+        poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
+    };
+    // The first judgement now, not at the task's first turn: the row holds
+    // a real verdict (and the snapshot its POP list) before the proxy says
+    // it is up, so no reload of this POP's own making comes later at an
+    // arbitrary time. The listeners are bound already (`Engine::start`).
+    controller.evaluate(Instant::now());
+    controller.record();
+    tokio::spawn(controller.run(command_rx));
+    Ok(handle)
+}
+
+/// The serving listeners of `config` (see `verdict`).
+fn serving_of(config: &Config) -> Vec<ServingListener> {
+    let anycast = if config.bgp.enabled {
+        config.bgp.announce.clone()
+    } else {
+        Vec::new()
+    };
+    let configured: Vec<(String, std::net::SocketAddr, Option<String>)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.addr, l.app.clone()))
+        .collect();
+    serving_listeners(&configured, &anycast, &config.pop.public_addrs)
+}
+
+struct Controller {
+    snapshot: SnapshotHandle,
+    listeners: StatsView,
+    serving: Vec<ServingListener>,
+    reloader: SharedReloader,
+    rows: PopRowWriter,
+    /// The row's state as last written (or found).
+    written: PopState,
+    operator_drained: bool,
+    shutting_down: bool,
+    verdict: Option<Verdict>,
+    policy: Policy,
+    speaker: Option<Speaker>,
+    status: Arc<ArcSwap<PopStatus>>,
+    identity: PopRow,
+    shutdown_waiter: Option<oneshot::Sender<bool>>,
+    announced_at_shutdown: bool,
+    /// The row's state as judged by the last evaluation, to record.
+    pending_row: Option<PopState>,
+    bgp_enabled: bool,
+    poll: Duration,
+}
+
+impl Controller {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut tick = tokio::time::interval(self.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.evaluate(Instant::now());
+            tokio::task::yield_now().await;
+            self.record();
+            let wake = self
+                .policy
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(wake) => {}
+                cmd = commands.recv() => match cmd {
+                    Some(Command::Drain(on, reply)) => {
+                        if on != self.operator_drained {
+                            self.operator_drained = on;
+                            if on {
+                                tracing::warn!("pop: drained by the operator: leaving GeoDNS answers{}",
+                                    if self.speaker.is_some() { ", soft-draining the anycast routes" } else { "" });
+                            } else {
+                                tracing::info!("pop: drain ended by the operator");
+                            }
+                        }
+                        self.evaluate(Instant::now());
+                        tokio::task::yield_now().await;
+                        self.record();
+                        let _ = reply.send(self.status.load().as_ref().clone());
+                    }
+                    Some(Command::Listeners(serving)) => {
+                        if serving != self.serving {
+                            tracing::info!(listeners = %serving.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","),
+                                "pop: the listeners changed; judging from these now");
+                            self.serving = serving;
+                        }
+                    }
+                    Some(Command::Shutdown(reply)) => {
+                        self.shutting_down = true;
+                        if self.bgp_enabled {
+                            self.announced_at_shutdown = self.policy.phase().graceful_shutdown().is_some();
+                            self.shutdown_waiter = Some(reply);
+                        } else {
+                            // Nothing announced to wait for: the row says
+                            // "not serving" at the next evaluation.
+                            let _ = reply.send(false);
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Judges, records, announces, publishes.
+    fn evaluate(&mut self, now: Instant) {
+        let running: Vec<String> = self
+            .listeners
+            .listeners()
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        let verdict = judge(&self.snapshot.load(), &self.serving, &running);
+        if self.verdict.as_ref() != Some(&verdict) {
+            if verdict.is_serving() {
+                tracing::info!("pop: can serve");
+            } else {
+                tracing::warn!(reason = %verdict.describe(), "pop: cannot serve");
+            }
+            self.verdict = Some(verdict.clone());
+        }
+        let want = want(self.operator_drained, self.shutting_down, &verdict);
+        if let Some(before) = self.policy.step(now, want) {
+            self.log_phase(before);
+        }
+        let generation = self
+            .speaker
+            .as_ref()
+            .map(|s| s.advertise(&self.policy.phase()));
+        let withdrawn = matches!(self.policy.phase(), Phase::Withdrawn(_));
+        if let Some(reply) = self.shutdown_waiter.take_if(|_| withdrawn) {
+            let was_announced = self.announced_at_shutdown;
+            match (self.speaker.take(), generation) {
+                (Some(mut speaker), Some(generation)) => {
+                    tokio::spawn(async move {
+                        if !speaker
+                            .wait_synced(generation, WITHDRAW_WRITE_PATIENCE)
+                            .await
+                        {
+                            tracing::warn!("bgp: the withdrawal could not be written to every neighbor in time");
+                        }
+                        let _ = reply.send(was_announced);
+                        speaker
+                            .stop("edgeproxy shutting down", Duration::from_secs(1))
+                            .await;
+                    });
+                }
+                _ => {
+                    let _ = reply.send(false);
+                }
+            }
+        }
+        self.publish(now, &verdict);
+        self.pending_row = Some(PopState {
+            draining: self.operator_drained,
+            serving: verdict.is_serving() && !self.shutting_down,
+        });
+    }
+
+    /// Writes this POP's row if its state changed. Separate from
+    /// [`evaluate`](Controller::evaluate), and after a yield, so that the
+    /// session tasks write an UPDATE before this waits on SQLite (the
+    /// control runtime has one thread).
+    fn record(&mut self) {
+        let Some(state) = self.pending_row.take() else {
+            return;
+        };
+        if state != self.written {
+            match self.rows.write(state) {
+                Ok(_) => {
+                    self.written = state;
+                    // This POP's GeoDNS answers from the snapshot too.
+                    self.reloader.lock().reload();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pop: cannot record this POP's state; other POPs keep the old one")
+                }
+            }
+        }
+    }
+
+    fn log_phase(&self, before: Phase) {
+        if self.speaker.is_none() {
+            return;
+        }
+        let now = self.policy.phase();
+        if now.name() == before.name() {
+            return; // only the cause changed
+        }
+        match now {
+            Phase::Announced => tracing::info!("bgp: announcing the anycast prefixes"),
+            Phase::Draining { withdraw_at, .. } => tracing::info!(
+                reason = now.reason().unwrap_or(""),
+                withdraw_in_ms = withdraw_at
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+                "bgp: soft drain: routes tagged GRACEFUL_SHUTDOWN until the withdrawal"
+            ),
+            Phase::Withdrawn(_) => tracing::warn!(
+                reason = now.reason().unwrap_or(""),
+                "bgp: withdrawing the anycast prefixes"
+            ),
+        }
+    }
+
+    fn publish(&self, now: Instant, verdict: &Verdict) {
+        let phase = self.policy.phase();
+        let withdraw_in_ms = match phase {
+            Phase::Draining { withdraw_at, .. } => {
+                Some(withdraw_at.saturating_duration_since(now).as_millis() as u64)
+            }
+            _ => None,
+        };
+        let bgp = self.bgp_enabled;
+        let status = PopStatus {
+            node_id: self.identity.node_id.clone(),
+            name: self.identity.name.clone(),
+            region: self.identity.region.clone(),
+            draining: self.operator_drained,
+            shutting_down: self.shutting_down,
+            serving: verdict.is_serving(),
+            verdict: verdict.describe(),
+            geodns: verdict.is_serving() && !self.operator_drained && !self.shutting_down,
+            listeners: self.serving.iter().map(|l| l.name.clone()).collect(),
+            announcement: bgp.then(|| phase.name().to_string()),
+            announcement_reason: bgp.then(|| phase.reason().map(String::from)).flatten(),
+            withdraw_in_ms,
+        };
+        if let Some(speaker) = &self.speaker {
+            speaker.status().update(|s| {
+                s.phase = status.announcement.clone().unwrap_or_default();
+                s.reason = status.announcement_reason.clone();
+                s.withdraw_in_ms = withdraw_in_ms;
+            });
+        }
+        if **self.status.load() != status {
+            self.status.store(Arc::new(status));
+        }
+    }
+}

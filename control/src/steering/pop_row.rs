@@ -1,0 +1,158 @@
+//! This POP's own state in its row of the replicated `pops` table:
+//! `draining` (the operator's drain, which outlives a restart) and
+//! `serving` (its own verdict, false while it shuts down). Written here and
+//! nowhere else; replication's change capture sends every write to the
+//! other POPs, whose GeoDNS reads it.
+//!
+//! A connection of its own to `routing.db`: these writes are rare (a drain,
+//! a verdict that changes) and never wait on the routing store's reloads.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::store::PopRow;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write this POP's row of the pops table in {}: {cause}", .path.display())]
+pub struct PopRowError {
+    path: PathBuf,
+    cause: rusqlite::Error,
+}
+
+pub struct PopRowWriter {
+    conn: Connection,
+    path: PathBuf,
+    node_id: String,
+}
+
+/// The state columns as last read or written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PopState {
+    pub draining: bool,
+    pub serving: bool,
+}
+
+impl PopRowWriter {
+    /// Opens `routing.db` (created and migrated already by the routing
+    /// store) and makes sure this POP has a row: `identity` is inserted
+    /// when there is none (replication, when it runs, keeps the identity
+    /// columns up to date itself). Returns the state found.
+    pub fn open(path: &Path, identity: &PopRow) -> Result<(PopRowWriter, PopState), PopRowError> {
+        let err = |cause| PopRowError {
+            path: path.to_path_buf(),
+            cause,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.execute(
+            "INSERT INTO pops (node_id, name, region, country, public_addrs, draining, serving) \
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (node_id) DO NOTHING",
+            params![
+                identity.node_id,
+                identity.name,
+                identity.region,
+                identity.country,
+                identity.public_addrs,
+                identity.serving
+            ],
+        )
+        .map_err(err)?;
+        let writer = PopRowWriter {
+            conn,
+            path: path.to_path_buf(),
+            node_id: identity.node_id.clone(),
+        };
+        let state = writer.read()?.unwrap_or(PopState {
+            draining: false,
+            serving: identity.serving,
+        });
+        Ok((writer, state))
+    }
+
+    fn err(&self, cause: rusqlite::Error) -> PopRowError {
+        PopRowError {
+            path: self.path.clone(),
+            cause,
+        }
+    }
+
+    pub fn read(&self) -> Result<Option<PopState>, PopRowError> {
+        self.conn
+            .query_row(
+                "SELECT draining, serving FROM pops WHERE node_id = ?1",
+                [&self.node_id],
+                |r| {
+                    Ok(PopState {
+                        draining: r.get::<_, Option<bool>>(0)?.unwrap_or(false),
+                        serving: r.get::<_, Option<bool>>(1)?.unwrap_or(true),
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
+    /// Writes the state when it differs from the row's (a write that
+    /// changes nothing would still replicate). True when it wrote.
+    pub fn write(&self, state: PopState) -> Result<bool, PopRowError> {
+        let n = self
+            .conn
+            .execute(
+                "UPDATE pops SET draining = ?2, serving = ?3 WHERE node_id = ?1 \
+                 AND (draining IS NOT ?2 OR serving IS NOT ?3)",
+                params![self.node_id, state.draining, state.serving],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RoutingStore;
+
+    fn identity() -> PopRow {
+        PopRow {
+            node_id: "gru-1".into(),
+            name: "pop-gru".into(),
+            region: "sa".into(),
+            country: Some("BR".into()),
+            public_addrs: "203.0.113.10".into(),
+            serving: false,
+            ..PopRow::default()
+        }
+    }
+
+    #[test]
+    fn the_row_is_created_once_and_its_state_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        let (w, state) = PopRowWriter::open(&path, &identity()).unwrap();
+        assert_eq!(
+            state,
+            PopState {
+                draining: false,
+                serving: false
+            }
+        );
+        let drained = PopState {
+            draining: true,
+            serving: true,
+        };
+        assert!(w.write(drained).unwrap());
+        assert!(!w.write(drained).unwrap(), "no change, no write");
+        let rows = store.load_pops().unwrap();
+        assert_eq!(
+            (rows[0].name.as_str(), rows[0].draining, rows[0].serving),
+            ("pop-gru", true, true)
+        );
+        drop(w);
+        // A restart finds the drain.
+        let (_, state) = PopRowWriter::open(&path, &identity()).unwrap();
+        assert_eq!(state, drained);
+    }
+}

@@ -1,0 +1,55 @@
+//! What `GET /api/v1/pop`, `edgeproxy pop status` and the metrics show of
+//! this POP's steering state.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PopStatus {
+    pub node_id: String,
+    pub name: String,
+    pub region: String,
+    /// Drained by the operator (kept across restarts).
+    pub draining: bool,
+    /// A stop signal arrived.
+    pub shutting_down: bool,
+    /// Its own verdict: a serving listener runs and has a healthy backend.
+    pub serving: bool,
+    /// The verdict in words (`serving`, `no healthy backend for web`, …).
+    pub verdict: String,
+    /// GeoDNS (here and at the other POPs) may answer this POP.
+    pub geodns: bool,
+    /// The listeners the verdict is about.
+    pub listeners: Vec<String>,
+    /// With BGP: `announced`, `draining` or `withdrawn`.
+    pub announcement: Option<String>,
+    pub announcement_reason: Option<String>,
+    /// During a soft drain: milliseconds until the withdrawal.
+    pub withdraw_in_ms: Option<u64>,
+}
+
+/// Appends `edgeproxy_pop_*` to a Prometheus text page.
+pub fn render_metrics(s: &PopStatus, out: &mut String) {
+    for (name, help, value) in [
+        (
+            "edgeproxy_pop_serving",
+            "1 while this POP judges it can serve: a serving listener runs and has a healthy backend.",
+            s.serving,
+        ),
+        (
+            "edgeproxy_pop_draining",
+            "1 while this POP is drained by the operator (edgeproxy drain).",
+            s.draining,
+        ),
+        (
+            "edgeproxy_pop_geodns_answered",
+            "1 while GeoDNS may answer this POP (serving, not drained, not stopping).",
+            s.geodns,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        let _ = writeln!(out, "{name} {}", u8::from(value));
+    }
+}

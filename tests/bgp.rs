@@ -1,0 +1,689 @@
+//! Anycast over BGP with real routers: edgeproxy POPs, each in its own
+//! network namespace, peer with BIRD 2 (and GoBGP) in a router namespace;
+//! a client in another namespace reaches the anycast address through the
+//! router, which forwards by the routes it learned (BIRD exports its best
+//! IPv4 routes to the router's kernel table).
+//!
+//! Layout (one bridge, 10.77.0.0/24): host 0 is the router (AS 65000),
+//! hosts 1..=n the POPs (AS 65010, anycast 198.51.100.1 on their loopback,
+//! a backend of their own answering `pop-<i>`), the last host the client
+//! (198.51.100.0/24 via the router). The router neither sends nor honours
+//! ICMP redirects, so client traffic keeps going through it.
+//!
+//! What is read where: routes with `birdc show route all` / `gobgp global
+//! rib`, the POP's actions from its log (`bgp: routes withdrawn`), the
+//! client's experience by connecting. Needs root (network namespaces),
+//! `bird2` and `gobgpd` (`.ci/run` installs them).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::netns::Net;
+use common::routers::{when, Bird, GoBgp, Peer};
+use common::{read_line, Db, Proxy, Row, TagBackend, TempDir};
+
+/// One lab at a time: each runs routers and POPs on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PREFIX4: &str = "198.51.100.0/24";
+const PREFIX6: &str = "2001:db8:100::/48";
+const ANYCAST: &str = "198.51.100.1";
+const ROUTER_ASN: u32 = 65000;
+const POP_ASN: u32 = 65010;
+/// Generous: a loaded 2-core machine, routers that retry on their own
+/// schedule.
+const PATIENCE: Duration = Duration::from_secs(40);
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Lab {
+    net: Net,
+    dir: TempDir,
+    n_pops: usize,
+    pops: Vec<Option<Proxy>>,
+    _backends: Vec<TagBackend>,
+    /// Per POP: extra `[bgp]` lines.
+    bgp_extra: Vec<String>,
+    /// Per POP: extra sections after the rest (e.g. `[health]`).
+    sections: Vec<String>,
+    hold_secs: u16,
+}
+
+fn sh(net: &Net, host: usize, args: &[&str]) {
+    let out = net
+        .command(host, args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} in host {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Lab {
+    /// The hosts, wired; no POP started.
+    fn new(n_pops: usize, hold_secs: u16) -> Lab {
+        let net = Net::new(n_pops + 2);
+        let router = 0;
+        let client = n_pops + 1;
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.eth0.send_redirects=0",
+        ] {
+            sh(&net, router, &["sysctl", "-qw", key]);
+        }
+        for key in [
+            "net.ipv4.conf.all.accept_redirects=0",
+            "net.ipv4.conf.eth0.accept_redirects=0",
+        ] {
+            sh(&net, client, &["sysctl", "-qw", key]);
+        }
+        let via = net.ip(router).to_string();
+        sh(&net, client, &["ip", "route", "add", PREFIX4, "via", &via]);
+        let dir = TempDir::new("bgp");
+        let mut backends = Vec::new();
+        for i in 1..=n_pops {
+            sh(
+                &net,
+                i,
+                &["ip", "addr", "add", &format!("{ANYCAST}/32"), "dev", "lo"],
+            );
+            let listener = net.run_in(i, || TcpListener::bind("127.0.0.1:0").unwrap());
+            let backend = TagBackend::serve(listener, &format!("pop-{i}"));
+            let db = Db::create(dir.join(&format!("routing-{i}.db")));
+            db.upsert(&Row::new(&format!("web-{i}"), "web", "sa", backend.port()));
+            backends.push(backend);
+        }
+        Lab {
+            net,
+            dir,
+            n_pops,
+            pops: (0..=n_pops).map(|_| None).collect(),
+            _backends: backends,
+            bgp_extra: vec![String::new(); n_pops + 1],
+            sections: vec![String::new(); n_pops + 1],
+            hold_secs,
+        }
+    }
+
+    fn client(&self) -> usize {
+        self.n_pops + 1
+    }
+
+    fn db(&self, i: usize) -> Db {
+        Db::open(self.dir.join(&format!("routing-{i}.db")))
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        (1..=self.n_pops)
+            .map(|i| Peer {
+                name: format!("pop{i}"),
+                addr: self.net.ip(i).to_string(),
+                asn: POP_ASN,
+                hold_secs: self.hold_secs,
+            })
+            .collect()
+    }
+
+    fn config(&self, i: usize) -> String {
+        format!(
+            r#"
+[pop]
+name = "pop-{i}"
+region = "sa"
+[routing]
+db_path = "{db}"
+reload_interval_ms = 100
+[runtime]
+shards = 1
+[limits]
+shutdown_grace_secs = 2
+[[listener]]
+addr = "0.0.0.0:8080"
+[api]
+enabled = true
+listen_addr = "127.0.0.1:8081"
+[bgp]
+enabled = true
+local_asn = {POP_ASN}
+local_address = "{ip}"
+announce = ["{PREFIX4}", "{PREFIX6}"]
+drain_delay_secs = 2
+withdraw_grace_ms = 1500
+{extra}
+[[bgp.neighbor]]
+address = "{router}"
+asn = {ROUTER_ASN}
+hold_time_secs = {hold}
+{sections}
+"#,
+            db = self.dir.join(&format!("routing-{i}.db")).display(),
+            ip = self.net.ip(i),
+            router = self.net.ip(0),
+            extra = self.bgp_extra[i],
+            hold = self.hold_secs,
+            sections = self.sections[i],
+        )
+    }
+
+    /// Starts POP `i` and waits until it is ready.
+    fn launch(&mut self, i: usize) {
+        let path = self.dir.join(&format!("pop-{i}.toml"));
+        std::fs::write(&path, self.config(i)).unwrap();
+        let proxy = Proxy::spawn_in_netns(
+            &self.net.hosts[i].ns,
+            &["--config", path.to_str().unwrap()],
+            &[],
+        )
+        .ready();
+        self.pops[i] = Some(proxy);
+    }
+
+    fn pop(&self, i: usize) -> &Proxy {
+        self.pops[i].as_ref().expect("POP not running")
+    }
+
+    /// Runs `edgeproxy ARGS` inside POP `i` (its API is on its loopback).
+    fn cli(&self, i: usize, args: &[&str]) -> String {
+        let out = self
+            .net
+            .command(i, common::BIN)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "edgeproxy {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Which POP answers a new connection from the client to the anycast
+    /// address (`Err`: the connection failed, and how).
+    fn ask_anycast(&self) -> Result<String, String> {
+        self.net.run_in(self.client(), || {
+            let addr: SocketAddr = format!("{ANYCAST}:8080").parse().unwrap();
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            read_line(&s).ok_or_else(|| "no answer".to_string())
+        })
+    }
+
+    /// Whether POP `i`'s listener accepts, reached on its own address.
+    fn accepts(&self, i: usize) -> bool {
+        let addr: SocketAddr = format!("{}:8080", self.net.ip(i)).parse().unwrap();
+        self.net.run_in(self.client(), move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+        })
+    }
+}
+
+/// The time of a log line (tracing's RFC 3339 timestamp, UTC).
+fn log_time(line: &str) -> f64 {
+    let stamp = line.split_whitespace().next().unwrap_or("");
+    let time = stamp.split('T').nth(1).unwrap_or("").trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(f64::NAN);
+    let m: f64 = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(f64::NAN);
+    let s: f64 = parts
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(f64::NAN);
+    h * 3600.0 + m * 60.0 + s
+}
+
+fn bird_lab(n_pops: usize, hold_secs: u16) -> (Lab, Bird) {
+    let lab = Lab::new(n_pops, hold_secs);
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    (lab, bird)
+}
+
+fn wait_route(bird: &Bird, prefix: &str, present: bool, what: &str) -> Instant {
+    when(PATIENCE, || bird.has_route(prefix) == present).unwrap_or_else(|| {
+        panic!(
+            "{what}: route {prefix} {} BIRD; table:\n{}\nBIRD log:\n{}",
+            if present {
+                "never reached"
+            } else {
+                "never left"
+            },
+            bird.birdc(&["show", "route", "all"]),
+            bird.log_text()
+        )
+    })
+}
+
+#[test]
+fn bird_learns_the_prefixes_and_a_drain_tags_then_withdraws_them() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 9);
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let route = bird.route(PREFIX4);
+    assert!(route.contains("via 10.77.0.2"), "next hop self:\n{route}");
+    assert!(
+        route.contains(&format!("BGP.as_path: {POP_ASN}")),
+        "{route}"
+    );
+    assert!(
+        !route.contains("(65535,0)"),
+        "no GRACEFUL_SHUTDOWN yet:\n{route}"
+    );
+    // IPv6 over the IPv4 session, next hop IPv4-mapped.
+    let v6 = when(PATIENCE, || bird.route(PREFIX6).contains(PREFIX6));
+    assert!(
+        v6.is_some(),
+        "IPv6 prefix missing; table:\n{}",
+        bird.birdc(&["show", "route", "all", "table", "master6"])
+    );
+    // The client reaches the POP through the router.
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+    let status = lab.cli(1, &["bgp", "status"]);
+    assert!(status.contains("announcement: announced"), "{status}");
+    assert!(status.contains("established"), "{status}");
+
+    let mark = lab.pop(1).log_mark();
+    let drained_at = Instant::now();
+    let out = lab.cli(1, &["drain"]);
+    assert!(out.contains("drained:   yes"), "{out}");
+    when(PATIENCE, || bird.route(PREFIX4).contains("(65535,0)"))
+        .unwrap_or_else(|| panic!("no GRACEFUL_SHUTDOWN community:\n{}", bird.route(PREFIX4)));
+    // Still served while tagged: the drain refuses nothing.
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+    let gone = wait_route(&bird, PREFIX4, false, "drain");
+    assert!(
+        gone.duration_since(drained_at) >= Duration::from_secs(2),
+        "withdrawn before the 2 s drain delay"
+    );
+    wait_route(&bird, PREFIX6, false, "drain (IPv6)");
+    let soft = lab
+        .pop(1)
+        .wait_for_log_after(mark, "bgp: soft drain", PATIENCE)
+        .expect("soft drain logged");
+    let withdrawn = lab
+        .pop(1)
+        .wait_for_log_after(mark, "bgp: routes withdrawn", PATIENCE)
+        .expect("withdrawal logged");
+    // The drain's deadline: when the soft drain was logged plus what it
+    // said was left.
+    let left: f64 = common::field(&soft, "withdraw_in_ms")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let late_ms = (log_time(&withdrawn) - log_time(&soft)) * 1000.0 - left;
+    println!("figure: withdraw UPDATE written {late_ms:.1} ms after the 2 s drain delay ended");
+    assert!(
+        late_ms > -1.0,
+        "withdrawn before the delay ended: {late_ms} ms"
+    );
+    // The listener still accepts: a drain is not a shutdown.
+    assert!(lab.accepts(1));
+
+    // Undrain: announced again, without the tag.
+    lab.cli(1, &["undrain"]);
+    wait_route(&bird, PREFIX4, true, "undrain");
+    assert!(!bird.route(PREFIX4).contains("(65535,0)"));
+}
+
+#[test]
+fn sigterm_withdraws_before_the_listener_closes() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 9);
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(common::SIGTERM);
+    when(PATIENCE, || bird.route(PREFIX4).contains("(65535,0)"))
+        .expect("GRACEFUL_SHUTDOWN during the shutdown's drain");
+    wait_route(&bird, PREFIX4, false, "shutdown");
+    // The route is gone and the listener still accepts (the withdrawal is
+    // followed by withdraw_grace_ms, 1.5 s here, before it closes).
+    assert!(
+        lab.accepts(1),
+        "the listener closed before the withdrawal reached the router"
+    );
+    let pop = lab.pops[1].as_mut().unwrap();
+    assert!(pop.wait_exit(PATIENCE).is_some(), "did not exit");
+    let lines = pop.log_lines();
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .skip(mark)
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not logged:\n{}", lines.join("\n")))
+    };
+    assert!(
+        at("bgp: routes withdrawn") < at("stopped accepting"),
+        "withdrawn after the listeners closed"
+    );
+    // Then the session ends with a Cease, which BIRD logs.
+    assert!(
+        when(PATIENCE, || bird.log_text().contains("shutting down")).is_some(),
+        "no Cease with a shutdown communication in BIRD's log:\n{}",
+        bird.log_text()
+    );
+}
+
+#[test]
+fn a_crashed_pop_is_gone_within_the_hold_time_and_back_when_restarted() {
+    let _serial = serial();
+    // Hold time 3 s (the minimum): BIRD notices the silence within it.
+    let (mut lab, bird) = bird_lab(1, 3);
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let status = lab.cli(1, &["bgp", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["neighbors"][0]["hold_time_secs"], 3, "{status}");
+
+    // kill -9 of the process alone: its kernel closes the connection, and
+    // the router drops the routes at once.
+    let killed = Instant::now();
+    lab.pop(1).signal(9);
+    let gone = wait_route(&bird, PREFIX4, false, "kill -9");
+    println!(
+        "figure: kill -9 (the POP's kernel closes the session) to the route gone from BIRD: {:.2} s",
+        gone.duration_since(killed).as_secs_f64()
+    );
+    lab.pops[1].take();
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "restart after kill -9");
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+
+    // A crash: the POP falls silent (nothing it sends arrives any more,
+    // not even its kernel's FIN), then dies. Only the hold timer can tell.
+    lab.net.partition(&[1], &[0]);
+    let crashed = Instant::now();
+    lab.pop(1).signal(9);
+    let gone = wait_route(&bird, PREFIX4, false, "crash");
+    let took = gone.duration_since(crashed);
+    println!(
+        "figure: crashed POP (silent) to the route gone from BIRD: {:.2} s (negotiated hold time 3 s)",
+        took.as_secs_f64()
+    );
+    assert!(
+        bird.log_text().contains("Hold timer expired"),
+        "BIRD dropped it for another reason:\n{}",
+        bird.log_text()
+    );
+    assert!(
+        took < Duration::from_secs(3 + 10),
+        "far beyond the hold time: {took:?}"
+    );
+    lab.net.heal();
+    lab.pops[1].take();
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "restart after the crash");
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+}
+
+#[test]
+fn backends_all_unhealthy_withdraw_and_healthy_again_announces() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 9);
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let mark = lab.pop(1).log_mark();
+    lab.db(1).exec("UPDATE backends SET healthy = 0");
+    wait_route(&bird, PREFIX4, false, "no healthy backend");
+    let pop = lab.pop(1);
+    let reloaded = pop
+        .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+        .unwrap();
+    let withdrawn = pop
+        .wait_for_log_after(mark, "bgp: routes withdrawn", PATIENCE)
+        .unwrap();
+    let ms = (log_time(&withdrawn) - log_time(&reloaded)) * 1000.0;
+    println!("figure: no healthy backend published to withdraw UPDATE written: {ms:.1} ms");
+    assert!(
+        pop.log_lines()
+            .iter()
+            .skip(mark)
+            .any(|l| l.contains("pop: cannot serve") && l.contains("no healthy backend")),
+        "the reason is logged"
+    );
+    let status = lab.cli(1, &["pop", "status"]);
+    assert!(status.contains("no healthy backend for *"), "{status}");
+    // The listener stays open: a health problem is not a shutdown.
+    assert!(lab.accepts(1));
+    lab.db(1).exec("UPDATE backends SET healthy = 1");
+    wait_route(&bird, PREFIX4, true, "healthy again");
+}
+
+#[test]
+fn a_failing_health_check_withdraws_and_a_passing_one_announces_again() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 9);
+    // The POP's own active checks (a script, so the test can fail them
+    // without touching the backend): down after 2 failures 100 ms apart.
+    let down_flag = lab.dir.join("backend-down");
+    lab.sections[1] = format!(
+        "[health]\nenabled = true\ntype = \"script\"\ncommand = \"test ! -e {}\"\n\
+         interval_ms = 100\ntimeout_ms = 90\njitter_percent = 0\n\
+         unhealthy_threshold = 2\nhealthy_threshold = 1\n",
+        down_flag.display()
+    );
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let mark = lab.pop(1).log_mark();
+    std::fs::write(&down_flag, "").unwrap();
+    wait_route(&bird, PREFIX4, false, "health checks failing");
+    let pop = lab.pop(1);
+    let failed = pop
+        .wait_for_log_after(mark, "health checks failed", PATIENCE)
+        .expect("the health failure is logged");
+    let withdrawn = pop
+        .wait_for_log_after(mark, "bgp: routes withdrawn", PATIENCE)
+        .expect("the withdrawal is logged");
+    let ms = (log_time(&withdrawn) - log_time(&failed)) * 1000.0;
+    println!(
+        "figure: health failure confirmed (active checks) to withdraw UPDATE written: {ms:.1} ms"
+    );
+    assert!(ms < 1000.0, "withdrawn {ms} ms after the failure");
+    // The listener stays open: a health problem is not a shutdown.
+    assert!(lab.accepts(1));
+    std::fs::remove_file(&down_flag).unwrap();
+    wait_route(&bird, PREFIX4, true, "health checks passing again");
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+}
+
+#[test]
+fn two_pops_soft_drain_moves_the_client_without_a_failed_connection() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(2, 9);
+    lab.bgp_extra[1] = "drain_prepend = 2".into();
+    lab.bgp_extra[2] = "drain_prepend = 2".into();
+    lab.launch(1);
+    lab.launch(2);
+    assert!(
+        when(PATIENCE, || bird
+            .route(PREFIX4)
+            .matches("via 10.77.0.")
+            .count()
+            == 2)
+        .is_some(),
+        "BIRD does not hold both paths:\n{}",
+        bird.route(PREFIX4)
+    );
+    let first = lab.ask_anycast().expect("the client reaches a POP");
+    let serving: usize = first.trim_start_matches("pop-").parse().unwrap();
+    let other = 3 - serving;
+
+    // A client connecting in a loop (one connection every 10 ms) for the
+    // whole drain and a second after the withdrawal.
+    let mark = lab.pop(serving).log_mark();
+    let drained_at = Instant::now();
+    lab.cli(serving, &["drain"]);
+    let mut answers: Vec<(f64, Result<String, String>)> = Vec::new();
+    let mut withdrawn_at = None;
+    while withdrawn_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_secs(1)) {
+        let r = lab.ask_anycast();
+        answers.push((drained_at.elapsed().as_secs_f64(), r));
+        if withdrawn_at.is_none()
+            && !bird
+                .route(PREFIX4)
+                .contains(&format!("via {}", lab.net.ip(serving)))
+        {
+            withdrawn_at = Some(Instant::now());
+        }
+        assert!(drained_at.elapsed() < PATIENCE, "never withdrawn");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let failed: Vec<&(f64, Result<String, String>)> =
+        answers.iter().filter(|(_, r)| r.is_err()).collect();
+    let moved = answers
+        .iter()
+        .position(|(_, r)| r.as_deref() == Ok(&format!("pop-{other}")))
+        .expect("the client never reached the other POP");
+    println!(
+        "figure: soft drain with two POPs: {} connections, {} failed, client moved to pop-{other} after {:.0} ms (drain delay 2 s)",
+        answers.len(),
+        failed.len(),
+        answers[moved].0 * 1000.0
+    );
+    assert!(failed.is_empty(), "failed connections: {failed:?}");
+    // Traffic moved while the drained POP still announced (tagged): before
+    // the withdrawal.
+    assert!(
+        answers[moved].0 < 2.0,
+        "moved only at the withdrawal ({:.2} s)",
+        answers[moved].0
+    );
+    assert!(
+        answers[moved..]
+            .iter()
+            .all(|(_, r)| r.as_deref() == Ok(&format!("pop-{other}"))),
+        "the client went back to the drained POP"
+    );
+    let path = bird.route(PREFIX4);
+    assert!(
+        !path.contains("(65535,0)"),
+        "the other POP's route is not tagged:\n{path}"
+    );
+    assert!(lab
+        .pop(serving)
+        .wait_for_log_after(mark, "bgp: routes withdrawn", PATIENCE)
+        .is_some());
+}
+
+#[test]
+fn gobgp_learns_the_prefixes_sees_the_drain_and_loses_them() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let gobgp = GoBgp::start(&lab.net, 0, ROUTER_ASN, &lab.peers(), 50051);
+    lab.launch(1);
+    let route = |family: &str, prefix: &str| gobgp.route(family, prefix);
+    when(PATIENCE, || route("ipv4", PREFIX4).contains(PREFIX4)).unwrap_or_else(|| {
+        panic!(
+            "GoBGP never learned {PREFIX4}: {}\nneighbors:\n{}\nlog:\n{}",
+            gobgp.gobgp(&["global", "rib"]),
+            gobgp.gobgp(&["neighbor"]),
+            gobgp.log_text()
+        )
+    });
+    let line = route("ipv4", PREFIX4);
+    assert!(line.contains("10.77.0.2"), "next hop: {line}");
+    assert!(line.contains(&POP_ASN.to_string()), "AS path: {line}");
+    when(PATIENCE, || route("ipv6", PREFIX6).contains(PREFIX6)).unwrap_or_else(|| {
+        panic!(
+            "no IPv6 route: {}",
+            gobgp.gobgp(&["global", "rib", "-a", "ipv6"])
+        )
+    });
+
+    lab.cli(1, &["drain"]);
+    // GoBGP names 65535:0 by its draft name, "planned-shut"; its JSON
+    // has the number (0xFFFF0000).
+    when(PATIENCE, || {
+        gobgp
+            .gobgp(&["global", "rib", "-a", "ipv4", PREFIX4, "-j"])
+            .contains("4294901760")
+    })
+    .unwrap_or_else(|| panic!("no GRACEFUL_SHUTDOWN: {}", route("ipv4", PREFIX4)));
+    assert!(route("ipv4", PREFIX4).contains("planned-shut"));
+    when(PATIENCE, || route("ipv4", PREFIX4).is_empty())
+        .unwrap_or_else(|| panic!("never withdrawn: {}", route("ipv4", PREFIX4)));
+    when(PATIENCE, || route("ipv6", PREFIX6).is_empty()).expect("IPv6 never withdrawn");
+    lab.cli(1, &["undrain"]);
+    when(PATIENCE, || route("ipv4", PREFIX4).contains(PREFIX4)).expect("re-announced");
+    // kill -9: the session closes with the process; GoBGP drops the routes.
+    lab.pop(1).signal(9);
+    when(PATIENCE, || route("ipv4", PREFIX4).is_empty()).expect("gone after the hold time");
+}
+
+#[test]
+fn two_neighbors_bird_over_ipv4_and_gobgp_over_ipv6_with_med_and_communities() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    // GoBGP on the client's host, reached over IPv6.
+    let (pop, gobgp_host) = (1, 2);
+    for (host, addr) in [(pop, "fd77::2/64"), (gobgp_host, "fd77::3/64")] {
+        sh(
+            &lab.net,
+            host,
+            &["ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad"],
+        );
+    }
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    let gobgp = GoBgp::start(
+        &lab.net,
+        gobgp_host,
+        65001,
+        &[Peer {
+            name: "pop1".into(),
+            addr: "fd77::2".into(),
+            asn: POP_ASN,
+            hold_secs: 9,
+        }],
+        50052,
+    );
+    lab.bgp_extra[pop] = format!(
+        "next_hop = [\"{}\"]\ncommunities = [\"65010:100\"]\nmed = 50\n\n[[bgp.neighbor]]\naddress = \"fd77::3\"\nasn = 65001\nlocal_address = \"fd77::2\"\nmed = 7\ncommunities = [\"65001:42\"]\ndescription = \"gobgp over ipv6\"",
+        lab.net.ip(pop)
+    );
+    lab.launch(pop);
+    wait_route(&bird, PREFIX4, true, "BIRD over IPv4");
+    let route = bird.route(PREFIX4);
+    assert!(route.contains("BGP.med: 50"), "{route}");
+    assert!(route.contains("(65010,100)"), "{route}");
+    let json =
+        |prefix: &str, family: &str| gobgp.gobgp(&["global", "rib", "-a", family, prefix, "-j"]);
+    when(PATIENCE, || json(PREFIX6, "ipv6").contains("fd77::2")).unwrap_or_else(|| {
+        panic!(
+            "GoBGP: no IPv6 route via fd77::2: {}\n{}",
+            json(PREFIX6, "ipv6"),
+            gobgp.log_text()
+        )
+    });
+    let v4 = json(PREFIX4, "ipv4");
+    assert!(v4.contains("10.77.0.2"), "explicit IPv4 next hop: {v4}");
+    // MED 7 for this neighbor, communities 65010:100 and 65001:42.
+    assert!(v4.contains("\"metric\":7"), "{v4}");
+    for c in [65010u32 << 16 | 100, 65001 << 16 | 42] {
+        assert!(v4.contains(&c.to_string()), "community {c} missing: {v4}");
+    }
+    let status = lab.cli(pop, &["bgp", "status"]);
+    assert!(status.contains("sessions: 2 of 2 established"), "{status}");
+    // One drain, both neighbors.
+    lab.cli(pop, &["drain", "--wait"]);
+    assert!(!bird.has_route(PREFIX4));
+    assert!(!json(PREFIX4, "ipv4").contains(PREFIX4));
+    assert!(!json(PREFIX6, "ipv6").contains(PREFIX6));
+}

@@ -1,0 +1,292 @@
+//! Real BGP routers for the anycast tests: BIRD 2 (`bird`, `birdc`) and
+//! GoBGP (`gobgpd`, `gobgp`), each run inside a host of a [`Net`], in the
+//! foreground, killed (and their files removed) on drop, also when the test
+//! fails. The tests read what the router learned with the router's own CLI
+//! (`birdc show route all`, `gobgp global rib`), the way an operator would.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::netns::Net;
+use super::TempDir;
+
+/// Fails the test with a clear message when a router is not installed.
+pub fn require(program: &str, package: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{program} is missing: apt-get install {package} (.ci/run does)"
+    );
+}
+
+/// One BGP neighbor of a router: the POP at `addr` in `asn`.
+pub struct Peer {
+    pub name: String,
+    pub addr: String,
+    pub asn: u32,
+    pub hold_secs: u16,
+}
+
+/// BIRD 2 in a namespace.
+pub struct Bird {
+    child: Child,
+    ns: String,
+    socket: PathBuf,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Bird {
+    /// Starts BIRD as AS `asn` on host `host` of `net`, with one passive
+    /// session per peer. Routes carrying GRACEFUL_SHUTDOWN get LOCAL_PREF
+    /// 0 (RFC 8326's receiver policy), and the best IPv4 routes go into
+    /// the host's kernel table, so the host forwards by them.
+    pub fn start(net: &Net, host: usize, asn: u32, peers: &[Peer]) -> Bird {
+        require("bird", "bird2");
+        let dir = TempDir::new("bird");
+        let socket = dir.join("bird.ctl");
+        let log = dir.join("bird.log");
+        let mut conf = format!(
+            r#"
+router id {router_id};
+log "{log}" all;
+timeformat log "%F %T.%3f";
+debug protocols {{ states, events }};
+protocol device {{ scan time 10; }}
+protocol direct {{ ipv4; }}
+protocol kernel {{ ipv4 {{ export filter {{ if source = RTS_BGP then accept; reject; }}; }}; }}
+filter from_pop {{
+    if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
+    accept;
+}}
+"#,
+            router_id = net.ip(host),
+            log = log.display(),
+        );
+        for p in peers {
+            conf.push_str(&format!(
+                r#"
+protocol bgp {name} {{
+    local {local} as {asn};
+    neighbor {addr} as {peer_asn};
+    passive on;
+    hold time {hold};
+    # After an error (a hold timer expiry) BIRD waits 60 s by default
+    # before it takes a session again; a lab restarts faster.
+    error wait time 1, 5;
+    ipv4 {{ import filter from_pop; export none; }};
+    # IPv6 routes over this IPv4 session carry an IPv4-mapped next hop.
+    ipv6 {{ import filter from_pop; export none; extended next hop on; }};
+}}
+"#,
+                name = p.name,
+                local = net.ip(host),
+                addr = p.addr,
+                peer_asn = p.asn,
+                hold = p.hold_secs,
+            ));
+        }
+        let conf_path = dir.join("bird.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = net
+            .command(host, "bird")
+            .args(["-f", "-c"])
+            .arg(&conf_path)
+            .arg("-s")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start bird");
+        let bird = Bird {
+            child,
+            ns: net.hosts[host].ns.clone(),
+            socket,
+            log,
+            _dir: dir,
+        };
+        let up = super::eventually(Duration::from_secs(20), || {
+            bird.birdc(&["show", "status"]).contains("Daemon is up")
+        });
+        assert!(up, "bird did not come up; log:\n{}", bird.log_text());
+        bird
+    }
+
+    pub fn birdc(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "birdc", "-s"])
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("cannot run birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `birdc show route all for PREFIX` without the banner; empty when the
+    /// route is not there.
+    pub fn route(&self, prefix: &str) -> String {
+        let out = self.birdc(&["show", "route", "all", "for", prefix]);
+        let body: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.starts_with("BIRD ") && !l.starts_with("Table ") && !l.trim().is_empty())
+            .collect();
+        if body.iter().any(|l| l.contains("Network not found")) {
+            return String::new();
+        }
+        body.join("\n")
+    }
+
+    /// Whether BIRD holds a route for exactly `prefix`.
+    pub fn has_route(&self, prefix: &str) -> bool {
+        self.route(prefix).contains(prefix)
+    }
+
+    /// The protocol's state line (`Established`, `Active`, …).
+    pub fn protocol_state(&self, name: &str) -> String {
+        self.birdc(&["show", "protocols", name])
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// GoBGP in a namespace.
+pub struct GoBgp {
+    child: Child,
+    ns: String,
+    api_port: u16,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl GoBgp {
+    /// Starts gobgpd as AS `asn` on host `host`, one passive neighbor per
+    /// peer (IPv4 and IPv6 unicast), its gRPC API on `api_port`.
+    pub fn start(net: &Net, host: usize, asn: u32, peers: &[Peer], api_port: u16) -> GoBgp {
+        require("gobgpd", "gobgpd");
+        let dir = TempDir::new("gobgp");
+        let log = dir.join("gobgpd.log");
+        let mut conf = format!(
+            "[global.config]\n  as = {asn}\n  router-id = \"{}\"\n  port = 179\n",
+            net.ip(host)
+        );
+        for p in peers {
+            conf.push_str(&format!(
+                r#"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{addr}"
+    peer-as = {peer_asn}
+  [neighbors.timers.config]
+    hold-time = {hold}
+    keepalive-interval = {ka}
+  [neighbors.transport.config]
+    passive-mode = true
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
+"#,
+                addr = p.addr,
+                peer_asn = p.asn,
+                hold = p.hold_secs,
+                ka = (p.hold_secs / 3).max(1),
+            ));
+        }
+        let conf_path = dir.join("gobgpd.toml");
+        std::fs::write(&conf_path, conf).unwrap();
+        let logfile = std::fs::File::create(&log).unwrap();
+        let child = net
+            .command(host, "gobgpd")
+            .arg("-f")
+            .arg(&conf_path)
+            .args(["-t", "toml", "--api-hosts"])
+            .arg(format!("127.0.0.1:{api_port}"))
+            .stdin(Stdio::null())
+            .stdout(logfile.try_clone().unwrap())
+            .stderr(logfile)
+            .spawn()
+            .expect("cannot start gobgpd");
+        let g = GoBgp {
+            child,
+            ns: net.hosts[host].ns.clone(),
+            api_port,
+            log,
+            _dir: dir,
+        };
+        let up = super::eventually(Duration::from_secs(20), || {
+            g.gobgp(&["global"]).contains("AS:")
+        });
+        assert!(up, "gobgpd did not come up; log:\n{}", g.log_text());
+        g
+    }
+
+    pub fn gobgp(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "gobgp", "-p"])
+            .arg(self.api_port.to_string())
+            .args(args)
+            .output()
+            .expect("cannot run gobgp");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The RIB's line for `prefix` in family `ipv4` / `ipv6` (empty when
+    /// absent).
+    pub fn route(&self, family: &str, prefix: &str) -> String {
+        let out = self.gobgp(&["global", "rib", "-a", family, prefix]);
+        if out.contains("Network not in table") {
+            return String::new();
+        }
+        out.lines()
+            .filter(|l| l.contains(prefix))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for GoBgp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` every 20 ms until it is true; returns when it became true
+/// (`None`: not within `timeout`).
+pub fn when(timeout: Duration, mut probe: impl FnMut() -> bool) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if probe() {
+            return Some(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
