@@ -62,6 +62,9 @@ pub struct RawConfig {
     /// `[rate_limit]`: see `crate::client_limits`.
     #[serde(default)]
     pub rate_limit: crate::client_limits::RawRateLimit,
+    /// `[pool]`: warm backend connections, see `crate::pool_config`.
+    #[serde(default)]
+    pub pool: crate::pool_config::RawPool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +207,7 @@ pub struct Config {
     pub health: crate::health::config::Health,
     pub circuit_breaker: crate::health::config::Circuit,
     pub rate_limit: crate::client_limits::RateLimit,
+    pub pool: crate::pool_config::Pool,
 }
 
 /// The Prometheus admin listener.
@@ -831,6 +835,7 @@ impl Config {
             health: crate::health::config::health_from_raw(raw.health, env)?,
             circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
             rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,
+            pool: crate::pool_config::from_raw(raw.pool, env)?,
         })
     }
 

@@ -13,6 +13,7 @@ pub mod health;
 pub mod internal_dns;
 pub mod logging;
 pub mod metrics;
+pub mod pool_config;
 pub mod reload_thread;
 pub mod replication;
 pub mod routing;

@@ -11,6 +11,7 @@ mod engine;
 pub mod geo;
 pub mod listener;
 pub mod passive;
+pub mod pool;
 pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod rt;

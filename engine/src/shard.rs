@@ -36,6 +36,7 @@ pub(crate) fn run(
     id: usize,
     shared: Arc<Shared>,
     stats: Arc<ShardStats>,
+    pool_stats: Arc<crate::pool::stats::PoolStats>,
     commands: async_channel::Receiver<Command>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
@@ -56,7 +57,13 @@ pub(crate) fn run(
         }
     };
     let ttl = shared.knobs.load().affinity_ttl;
-    let ctx = Rc::new(ShardCtx::new(id, shared, stats, AffinityTable::new(ttl)));
+    let ctx = Rc::new(ShardCtx::new(
+        id,
+        shared,
+        stats,
+        AffinityTable::new(ttl),
+        pool_stats,
+    ));
     let _ = ready.send(Ok(()));
     runtime.block_on(shard_main(ctx, commands));
 }
@@ -64,6 +71,12 @@ pub(crate) fn run(
 async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command>) {
     let mut accept_loops: HashMap<Arc<str>, rt::JoinHandle<()>> = HashMap::new();
     let _gc = rt::spawn(affinity_gc(Rc::clone(&ctx)));
+    let mut pool_task = Some(rt::spawn(crate::pool::driver::maintain(
+        Rc::clone(&ctx.pool),
+        Arc::clone(&ctx.shared.pool_policy),
+        ctx.shared.snapshot.clone(),
+        Arc::clone(&ctx.shared.settings.local_region),
+    )));
     while let Ok(command) = commands.recv().await {
         match command {
             Command::AddListener {
@@ -92,6 +105,9 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
             }
             Command::Shutdown { grace } => {
                 accept_loops.clear();
+                // Warm sockets serve new clients only: none are coming.
+                drop(pool_task.take());
+                ctx.pool.close_all();
                 drain(&ctx, grace).await;
                 break;
             }

@@ -79,6 +79,8 @@ struct Idle<S> {
 }
 
 struct Entry<S> {
+    /// The backend's id (the map's key too), for orders.
+    id: Arc<str>,
     addr: SocketAddr,
     epoch: u64,
     /// Oldest first; takes pop the newest.
@@ -150,8 +152,11 @@ impl<S> Book<S> {
                 continue;
             }
             let fresh_epoch = self.next_epoch + 1;
-            let entry = self.entries.entry(Arc::clone(&b.id)).or_insert_with(|| {
-                Entry {
+            let entry = self
+                .entries
+                .entry(Arc::clone(&b.id))
+                .or_insert_with(|| Entry {
+                    id: Arc::clone(&b.id),
                     addr: b.addr,
                     epoch: fresh_epoch,
                     idle: Vec::new(),
@@ -161,8 +166,7 @@ impl<S> Book<S> {
                     retry_at: None,
                     excluded: false,
                     seen: generation,
-                }
-            });
+                });
             if entry.epoch == fresh_epoch {
                 self.next_epoch = fresh_epoch;
             } else if entry.addr != b.addr {
@@ -171,6 +175,7 @@ impl<S> Book<S> {
                 self.connecting_total -= u64::from(entry.connecting);
                 self.next_epoch += 1;
                 *entry = Entry {
+                    id: Arc::clone(&b.id),
                     addr: b.addr,
                     epoch: self.next_epoch,
                     idle: Vec::new(),
@@ -191,8 +196,13 @@ impl<S> Book<S> {
             if !keep {
                 idle_dropped += e.idle.len() as u64;
                 connecting_dropped += u64::from(e.connecting);
-                tracing::debug!(backend = %id, closed = e.idle.len(),
-                    "pool: backend no longer warmed (left the table, unhealthy, draining or out of scope)");
+                if e.idle.is_empty() {
+                    tracing::debug!(backend = %id,
+                        "pool: backend no longer warmed (left the table, unhealthy, draining or out of scope)");
+                } else {
+                    tracing::info!(backend = %id, closed = e.idle.len(),
+                        "pool: backend no longer warmed (left the table, unhealthy, draining or out of scope); its warm connections are closed");
+                }
             }
             keep
         });
@@ -259,19 +269,25 @@ impl<S> Book<S> {
     /// The next background connect to make, if any backend is below its
     /// target and not waiting out a retry delay.
     pub fn poll_connect(&mut self, now: Instant) -> Option<Order> {
-        let (id, entry) = self.entries.iter_mut().find(|(_, e)| {
-            !e.excluded
-                && e.retry_at.is_none_or(|t| t <= now)
-                && (e.idle.len() as u32 + e.connecting) < e.target
-        })?;
-        entry.connecting += 1;
+        let entry = self.entries.values_mut().find(|e| e.wants_connect(now))?;
+        let order = issue(entry);
         self.connecting_total += 1;
         self.publish();
-        Some(Order {
-            id: Arc::clone(id),
-            addr: entry.addr,
-            epoch: entry.epoch,
-        })
+        Some(order)
+    }
+
+    /// Like [`Book::poll_connect`], for backend `id` only: what the
+    /// connection path asks after a take (one lookup, not a scan of every
+    /// warmed backend).
+    pub fn poll_connect_of(&mut self, now: Instant, id: &str) -> Option<Order> {
+        let entry = self.entries.get_mut(id)?;
+        if !entry.wants_connect(now) {
+            return None;
+        }
+        let order = issue(entry);
+        self.connecting_total += 1;
+        self.publish();
+        Some(order)
     }
 
     /// `order` connected: `sock` joins the pool, or is dropped (closed) when
@@ -372,13 +388,47 @@ impl<S> Book<S> {
         self.entries
             .values()
             .flat_map(|e| {
+                // A retry matters only to an entry that still wants a
+                // socket; a past one is issued by the next refill (and
+                // cleared then), so it never makes the caller spin.
+                let retry = e.retry_at.filter(|_| e.below_target());
                 e.idle
                     .first()
                     .map(|i| i.since + max_age)
                     .into_iter()
-                    .chain(e.retry_at)
+                    .chain(retry)
             })
             .min()
+    }
+
+    /// Replaces the policy. Entries the new one no longer warms go at the
+    /// next [`Book::refresh`]; targets and idle sockets above a lowered
+    /// `max_per_backend` go now (the newest are kept).
+    pub fn set_policy(&mut self, policy: Arc<Policy>) {
+        let max = policy.max_per_backend;
+        self.policy = policy;
+        for e in self.entries.values_mut() {
+            e.target = e.target.min(max);
+            while e.idle.len() as u32 > max {
+                e.idle.remove(0);
+                self.idle_total -= 1;
+            }
+        }
+        self.publish();
+    }
+
+    /// Closes every pooled socket and forgets every backend (the pool was
+    /// turned off). Connects in flight are discarded when they finish.
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.idle_total = 0;
+        self.connecting_total = 0;
+        self.publish();
+    }
+
+    /// Whether no backend is warmed (the connection path's fast exit).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     fn live_entry(&mut self, order: &Order) -> Option<&mut Entry<S>> {
@@ -396,6 +446,28 @@ impl<S> Book<S> {
         self.stats
             .connecting
             .store(self.connecting_total, Ordering::Relaxed);
+    }
+}
+
+impl<S> Entry<S> {
+    fn below_target(&self) -> bool {
+        !self.excluded && (self.idle.len() as u32 + self.connecting) < self.target
+    }
+
+    fn wants_connect(&self, now: Instant) -> bool {
+        self.below_target() && self.retry_at.is_none_or(|t| t <= now)
+    }
+}
+
+/// Counts one connect in flight for `entry` and describes it.
+fn issue<S>(entry: &mut Entry<S>) -> Order {
+    entry.connecting += 1;
+    // The wait is over; a failure sets the next one.
+    entry.retry_at = None;
+    Order {
+        id: Arc::clone(&entry.id),
+        addr: entry.addr,
+        epoch: entry.epoch,
     }
 }
 

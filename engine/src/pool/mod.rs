@@ -25,9 +25,14 @@
 //! - [`check`] is the socket check: closed by the peer, quiet, or holding
 //!   bytes nobody asked for (a backend that speaks first).
 //!
-//! Call order on a shard: [`ShardPool::new`], spawn [`driver::maintain`];
-//! per client connection, after selection: [`ShardPool::take`], and on a hit
+//! Call order on a shard: [`ShardPool::new`], spawn [`driver::maintain`]
+//! (it follows the engine's policy: `None` is off); per client connection,
+//! after selection: [`ShardPool::take`], and on a hit
 //! [`handover::hand_over`] before proxying.
+//!
+//! Only plain-TCP listeners take pooled sockets (a TLS listener's first
+//! client bytes are a handshake this module does not guard); they connect
+//! fresh as before.
 
 pub mod book;
 pub mod check;

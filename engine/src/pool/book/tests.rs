@@ -174,7 +174,10 @@ fn a_take_hands_out_the_newest_socket_and_asks_for_a_refill() {
     let got = r.take(10, "far", addr(81));
     assert!(got.is_some());
     assert_eq!(r.book.idle(), 0);
-    let refill = r.book.poll_connect(r.at(10)).expect("a refill after a take");
+    let refill = r
+        .book
+        .poll_connect(r.at(10))
+        .expect("a refill after a take");
     assert_eq!((&*refill.id, refill.addr), ("far", addr(81)));
     assert_eq!(r.count(&r.stats.connecting), 1);
 }
@@ -406,4 +409,75 @@ fn next_deadline_is_the_first_expiry_or_retry() {
     refresh(&mut r.book, &snap(&[rec("a", "web", "eu", 81)]));
     r.connect_all(1_000);
     assert_eq!(r.book.next_deadline(), Some(r.at(31_000)));
+}
+
+#[test]
+fn a_take_asks_for_its_own_backends_refill_only() {
+    let mut r = Rig::new(Policy::default());
+    let s = snap(&[rec("a", "web", "eu", 81), rec("b", "web", "eu", 82)]);
+    refresh(&mut r.book, &s);
+    // Only a's connect is made; b's stays wanted.
+    let first = r.book.poll_connect_of(r.at(0), "a").unwrap();
+    assert_eq!(&*first.id, "a");
+    assert!(r.book.poll_connect_of(r.at(0), "a").is_none(), "target one");
+    assert!(r.book.poll_connect_of(r.at(0), "nope").is_none());
+    let rest = r.book.poll_connect(r.at(0)).unwrap();
+    assert_eq!(&*rest.id, "b");
+}
+
+#[test]
+fn a_retry_that_fell_due_never_makes_the_deadline_lie_in_the_past() {
+    let mut r = Rig::new(Policy::default());
+    refresh(&mut r.book, &snap(&[rec("a", "web", "eu", 81)]));
+    let order = r.book.poll_connect(r.at(0)).unwrap();
+    r.book.connect_failed(r.at(0), &order);
+    assert_eq!(r.book.next_deadline(), Some(r.at(500)));
+    // Due at 500 ms: issued then, and the wait is over while it runs (a
+    // maintenance loop sleeping until `next_deadline` must not spin).
+    let order = r.book.poll_connect(r.at(600)).unwrap();
+    assert_eq!(r.book.next_deadline(), None);
+    r.book.connect_failed(r.at(700), &order);
+    assert_eq!(r.book.next_deadline(), Some(r.at(1_700)));
+}
+
+#[test]
+fn a_lower_maximum_trims_targets_and_idle_sockets_at_once() {
+    let mut r = Rig::new(Policy {
+        max_per_backend: 4,
+        ..Policy::default()
+    });
+    refresh(&mut r.book, &snap(&[rec("a", "web", "eu", 81)]));
+    for ms in 0..4 {
+        assert!(r.take(ms, "a", addr(81)).is_none());
+    }
+    assert_eq!(r.connect_all(10).len(), 4);
+    assert_eq!(r.book.idle_of("a"), 4);
+    r.book.set_policy(Arc::new(Policy {
+        max_per_backend: 2,
+        ..Policy::default()
+    }));
+    assert_eq!(r.book.idle_of("a"), 2);
+    assert_eq!(r.book.target_of("a"), 2);
+    assert_eq!(r.closed.get(), 2);
+    assert_eq!(r.count(&r.stats.idle), 2);
+    // Turned off: everything closes.
+    r.book.clear();
+    assert_eq!(r.closed.get(), 4);
+    assert!(r.book.is_empty());
+    assert_eq!(r.count(&r.stats.idle), 0);
+}
+
+#[test]
+fn a_policy_that_stops_covering_a_backend_closes_its_sockets_at_the_next_refresh() {
+    let mut r = Rig::new(Policy::default());
+    let s = snap(&[rec("a", "web", "eu", 81)]);
+    refresh(&mut r.book, &s);
+    r.connect_all(0);
+    r.book.set_policy(Arc::new(Policy {
+        apps: vec![Arc::from("api")],
+        ..Policy::default()
+    }));
+    refresh(&mut r.book, &s);
+    assert_eq!(r.closed.get(), 1);
+    assert!(!r.book.warms("a"));
 }
