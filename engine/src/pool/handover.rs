@@ -27,7 +27,6 @@
 //! with (or before) the answer. A client that streams a long upload waits
 //! one backend round trip before its second chunk moves.
 
-use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::pin;
@@ -178,16 +177,14 @@ async fn write_header(backend: &TcpStream, header: Option<Header>) -> io::Result
 /// `patience` (then the caller goes on unguarded). Polls `TCP_INFO` with a
 /// growing step (0.25 ms to 4 ms): the kernel has no wake-up for an
 /// acknowledgement, and the watch lasts about one backend round trip.
-fn ack_watch(fd: std::os::fd::RawFd, target: u64, patience: Duration) -> impl Future<Output = ()> {
-    async move {
-        let deadline = Instant::now() + patience;
-        let mut step = Duration::from_micros(250);
-        loop {
-            if check::bytes_acked(fd).is_none_or(|n| n >= target) || Instant::now() >= deadline {
-                return;
-            }
-            rt::sleep(step).await;
-            step = (step * 2).min(Duration::from_millis(4));
+async fn ack_watch(fd: std::os::fd::RawFd, target: u64, patience: Duration) {
+    let deadline = Instant::now() + patience;
+    let mut step = Duration::from_micros(250);
+    loop {
+        if check::bytes_acked(fd).is_none_or(|n| n >= target) || Instant::now() >= deadline {
+            return;
         }
+        rt::sleep(step).await;
+        step = (step * 2).min(Duration::from_millis(4));
     }
 }
