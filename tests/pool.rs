@@ -460,6 +460,30 @@ fn a_backend_that_speaks_first_is_excluded_by_default_and_kept_on_request() {
 }
 
 #[test]
+fn a_silent_client_on_a_warm_connection_is_closed_by_the_idle_timeout() {
+    let _serial = serial();
+    let b = WarmBackend::start("b", None, false);
+    let (_dir, proxy) = proxy_over(
+        "pool-silent",
+        &[b.row("eu", "web")],
+        &format!("{}\n[limits]\nidle_timeout_secs = 1\n", pool("")),
+    );
+    let m = metrics_addr(&proxy);
+    assert!(eventually(PATIENCE, || b.idle() == SHARDS));
+    // It takes a warm socket and never says a word; neither does the
+    // backend.
+    let s = TcpStream::connect(proxy.addr()).unwrap();
+    let start = Instant::now();
+    assert!(read_until_closed(&s).is_empty());
+    let took = start.elapsed();
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&took),
+        "closed after {took:?}"
+    );
+    assert_eq!(scrape(m, "edgeproxy_pool_hits_total"), 1.0);
+}
+
+#[test]
 fn bad_pool_settings_are_refused_with_the_key_named() {
     for (text, key) in [
         ("[pool]\nmax_per_backend = 0\n", "pool.max_per_backend"),

@@ -213,6 +213,7 @@ async fn serve_inner(
                     &warm,
                     pending.take(),
                     &live.id,
+                    knobs.idle_timeout,
                 ))
                 .await?;
                 match handed {
@@ -313,7 +314,10 @@ fn proxy_header(
 
 /// Hands the pooled socket `warm` to the client (see `pool::handover`),
 /// counting what happened. Boxed by the caller: only pool hits pay for its
-/// state in the connection's task.
+/// state in the connection's task. A client that sends nothing to a
+/// backend that says nothing is closed after `idle`, as it would be on a
+/// fresh connection.
+#[allow(clippy::too_many_arguments)]
 async fn pooled(
     ctx: &Rc<ShardCtx>,
     lctx: &ListenerCtx,
@@ -322,12 +326,13 @@ async fn pooled(
     warm: &TcpStream,
     pending: Option<Chunk>,
     backend: &Arc<str>,
+    idle: Duration,
 ) -> Result<HandOver, ConnError> {
     let header = match lctx.spec.send_proxy_protocol {
         true => Some(proxy_header(client, client_addr)?),
         false => None,
     };
-    let handed = handover::hand_over(
+    let hand_over = handover::hand_over(
         warm,
         client,
         header,
@@ -335,8 +340,14 @@ async fn pooled(
         ctx.shared.settings.buffer_size as usize,
         ctx.pool.ack_patience(),
         || ctx.pool.spoke_first(backend),
-    )
-    .await?;
+    );
+    let handed = match idle.is_zero() {
+        true => hand_over.await?,
+        false => match rt::timeout(idle, hand_over).await {
+            Some(handed) => handed?,
+            None => return Err(ConnError::Idle(idle)),
+        },
+    };
     match &handed {
         HandOver::Live { sent } => {
             ShardStats::add(&ctx.stats.bytes_client_to_backend, *sent as u64);
