@@ -222,7 +222,13 @@ impl<S> Book<S> {
         addr: SocketAddr,
         mut check: impl FnMut(&S) -> Health,
     ) -> Option<S> {
-        let policy = Arc::clone(&self.policy);
+        // Copied, not an `Arc` clone: the policy is shared by every shard's
+        // book, and its refcount must not bounce between cores per take.
+        let (max_age, keep_greeted, max_per_backend) = (
+            max_age(&self.policy),
+            self.policy.speaks_first == SpeaksFirst::Keep,
+            self.policy.max_per_backend,
+        );
         let entry = self.entries.get_mut(id)?;
         if entry.excluded || entry.addr != addr {
             return None;
@@ -230,7 +236,7 @@ impl<S> Book<S> {
         let mut taken = None;
         while let Some(idle) = entry.idle.pop() {
             self.idle_total -= 1;
-            if now.saturating_duration_since(idle.since) >= max_age(&policy) {
+            if now.saturating_duration_since(idle.since) >= max_age {
                 PoolStats::bump(&self.stats.expired);
                 continue;
             }
@@ -239,7 +245,7 @@ impl<S> Book<S> {
                     taken = Some(idle.sock);
                     break;
                 }
-                Health::Spoke if policy.speaks_first == SpeaksFirst::Keep => {
+                Health::Spoke if keep_greeted => {
                     taken = Some(idle.sock);
                     break;
                 }
@@ -258,7 +264,7 @@ impl<S> Book<S> {
             None => {
                 PoolStats::bump(&self.stats.misses);
                 if !entry.excluded {
-                    entry.target = (entry.target + 1).min(policy.max_per_backend);
+                    entry.target = (entry.target + 1).min(max_per_backend);
                 }
             }
         }
