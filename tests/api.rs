@@ -332,7 +332,8 @@ fn registrations_survive_a_restart_and_update_in_place() {
     let body = json!({"id": "b1", "app": "web", "region": "sa", "ip": "127.0.0.1",
         "port": b1_new.port(), "weight": 7});
     let (status, reply) = api.call("POST", "/api/v1/register", Some(&body.to_string()));
-    assert_eq!((status, &reply["updated"]), (201, &json!(true)), "{reply}");
+    // An update is a 200, not a 201: nothing was created.
+    assert_eq!((status, &reply["updated"]), (200, &json!(true)), "{reply}");
     assert_eq!(which_backend(api.proxy.addr()), "b1-new");
     let after = api.state("b1");
     assert_eq!(after["weight"], 7);
@@ -370,7 +371,13 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         (without("id"), "id"),
         (with("id", json!("")), "id"),
         (with("id", json!("a/b")), "id"),
+        // Ids and apps are DNS labels (`<id>.<app>.internal`): a dot would
+        // be routed but invisible in DNS.
+        (with("id", json!("api.v2")), "id"),
+        (with("id", json!("B1")), "id"),
         (without("app"), "app"),
+        (with("app", json!("Web App")), "app"),
+        (with("app", json!("api.v2")), "app"),
         (without("region"), "region"),
         (with("country", json!("Germany")), "country"),
         (without("ip"), "ip"),
@@ -422,6 +429,49 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         );
     }
     assert_eq!(api.call("GET", "/api/v1/nothing-here", None).0, 404);
+
+    // A known path with the wrong method: 405 with a JSON body like every
+    // other error, and the methods it takes in `Allow`.
+    for (method, path, allow) in [
+        ("GET", "/api/v1/register", "POST"),
+        ("DELETE", "/api/v1/register", "POST"),
+        ("POST", "/api/v1/backends", "GET"),
+        ("GET", "/api/v1/heartbeat/keep", "POST"),
+    ] {
+        let req = ureq::http::Request::builder()
+            .method(method)
+            .uri(api.url(path))
+            .header("Authorization", format!("Bearer {TOKEN}"))
+            .body(())
+            .unwrap();
+        let mut resp = api.agent.run(req).unwrap();
+        assert_eq!(resp.status().as_u16(), 405, "{method} {path}");
+        let allowed = resp
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap().to_string());
+        assert!(
+            allowed.as_deref().is_some_and(|a| a.contains(allow)),
+            "{method} {path}: Allow {allowed:?}"
+        );
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert!(
+            content_type.starts_with("application/json"),
+            "{content_type}"
+        );
+        let body: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap())
+            .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON: {e}"));
+        assert_eq!(
+            body,
+            json!({"error": "method not allowed"}),
+            "{method} {path}"
+        );
+    }
 
     assert_eq!(dump(&api.db), before, "routing.db unchanged");
     assert_eq!(api.state("keep")["state"], "serving");
@@ -639,4 +689,118 @@ fn the_cli_lists_adds_drains_and_removes_backends() {
     ]);
     assert!(!status.success());
     assert!(err.contains("HTTP 400") && err.contains("ip"), "{err}");
+}
+
+/// `edgeproxy backends --config FILE` talks to the API that file describes:
+/// its address (a wildcard read as loopback) and its token file, with no
+/// --api or --token. Before, it went to the default address with no token.
+#[test]
+fn the_cli_finds_the_api_and_its_token_in_the_config_file() {
+    let dir = TempDir::new("api-cli-config");
+    let b1 = TagBackend::start("b1");
+    // A fixed port is needed here: the client reads the address from the
+    // file, not from the log. Take a free one and hand it over.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let token_file = dir.join("api.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let db = dir.join("routing.db");
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db,
+            &format!(
+                "[api]\nenabled = true\nlisten_addr = \"0.0.0.0:{port}\"\ntoken_file = {:?}\n",
+                token_file.to_str().unwrap()
+            ),
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+    let path = path.to_str().unwrap();
+    let b1_port = b1.port().to_string();
+    let add = [
+        "--config",
+        path,
+        "backends",
+        "add",
+        "b1",
+        "--app",
+        "web",
+        "--region",
+        "sa",
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        &b1_port,
+    ];
+    let (status, out, err) = run_to_end(&add, &[]);
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(out.trim(), "registered b1");
+    assert_eq!(which_backend(proxy.addr()), "b1");
+    // The same through EDGEPROXY_CONFIG.
+    let (status, out, err) = run_to_end(&["backends", "list"], &[("EDGEPROXY_CONFIG", path)]);
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        out.lines().nth(1).is_some_and(|l| l.starts_with("b1 ")),
+        "{out}"
+    );
+    // The command line still wins over the file: a wrong token is refused.
+    let (status, _, err) = run_to_end(
+        &[
+            "--config",
+            path,
+            "backends",
+            "--token",
+            "wrong-token-0123456789",
+            "list",
+        ],
+        &[],
+    );
+    assert!(!status.success());
+    assert!(err.contains("HTTP 401"), "{err}");
+}
+
+/// `edgeproxy backends --json list | head` must not panic when the reader
+/// goes away: the rest of the output is dropped and the exit is quiet.
+#[test]
+fn the_cli_stops_quietly_when_its_reader_goes_away() {
+    let dir = TempDir::new("api-cli-pipe");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    for i in 0..20 {
+        assert_eq!(api.register(&format!("b{i}"), 9000 + i).0, 201);
+    }
+    let url = format!("http://{}", api.addr);
+    for args in [
+        vec!["backends", "--api", &url, "--json", "list"],
+        vec!["backends", "--api", &url, "list"],
+        vec!["completions", "bash"],
+        vec!["check-config"],
+    ] {
+        let mut child = std::process::Command::new(BIN)
+            .args(&args)
+            .env_clear()
+            .env("EDGEPROXY_API_TOKEN", TOKEN)
+            // For check-config: nothing that could be in use or missing.
+            .env("EDGEPROXY_LISTEN_ADDR", "127.0.0.1:0")
+            .env("EDGEPROXY_DB_PATH", &api.db)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end before the child writes a byte: every write
+        // it makes fails with EPIPE.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("error"),
+            "{args:?}: exit {} with:\n{stderr}",
+            out.status
+        );
+    }
 }

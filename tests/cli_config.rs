@@ -104,8 +104,11 @@ fn run_expecting_failure(
     assert_one_error(what, (status, String::new(), log), needles)
 }
 
+/// `check-config` on `file`, without binding its sockets: these tests are
+/// about what is printed, and the shipped file's ports (8080, 9090) may be
+/// in use on a shared machine. Binding has tests of its own.
 fn check_config(file: &str, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
-    run_to_end(&["check-config", "--config", file], env)
+    run_to_end(&["check-config", "--no-bind", "--config", file], env)
 }
 
 #[test]
@@ -141,12 +144,53 @@ fn help_explains_commands_and_config_option() {
 
 #[test]
 fn version_prints_the_package_version() {
-    let (status, stdout, _) = run_to_end(&["--version"], &[]);
+    // -V: the one-line version, for scripts.
+    let (status, stdout, _) = run_to_end(&["-V"], &[]);
     assert!(status.success());
     assert_eq!(
         stdout.trim(),
         format!("edgeproxy {}", env!("CARGO_PKG_VERSION"))
     );
+}
+
+/// `--version` says which commit the binary is built from and what it can
+/// do, like `haproxy -vv`: what a bug report or a POP inventory needs.
+#[test]
+fn long_version_names_the_commit_and_the_features() {
+    let (status, stdout, stderr) = run_to_end(&["--version"], &[]);
+    assert!(status.success(), "{stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("edgeproxy {}", env!("CARGO_PKG_VERSION")).as_str()),
+        "{stdout}"
+    );
+    // The commit of this source tree (cargo rebuilds when HEAD moves), or
+    // `unknown` when it is not a git checkout.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let commit = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("commit: "))
+        .unwrap_or_else(|| panic!("no commit line:\n{stdout}"));
+    assert!(commit.starts_with(&head), "{commit} is not {head}");
+    assert!(stdout.contains("\nbuilt: "), "{stdout}");
+    for feature in [
+        "io_uring",
+        "tls",
+        "splice",
+        "proxy-protocol",
+        "sqlite 3.",
+        "json",
+    ] {
+        assert!(stdout.contains(feature), "{feature} missing:\n{stdout}");
+    }
 }
 
 #[test]
@@ -155,7 +199,11 @@ fn shipped_config_checks_and_prints_effective_toml() {
     assert!(status.success(), "check-config failed: {stderr}");
     let t = parse(&stdout);
     assert_eq!(get(&t, "pop.region").as_str(), Some("sa"));
-    assert_eq!(get(&t, "routing.db_path").as_str(), Some("routing.db"));
+    // Relative to the config file's directory, printed absolute.
+    assert_eq!(
+        get(&t, "routing.db_path").as_str(),
+        Some(concat!(env!("CARGO_MANIFEST_DIR"), "/config/routing.db"))
+    );
     assert_eq!(get(&t, "demo.backends").as_integer(), Some(2));
     assert_eq!(get(&t, "log.level").as_str(), Some("info"));
     // `shards = 0` is resolved to a real count.
@@ -221,7 +269,7 @@ fn environment_overrides_show_in_check_config() {
     assert_eq!(get(&t, "log.level").as_str(), Some("debug"));
 
     // Without a file, the environment alone is the configuration.
-    let (status, stdout, stderr) = run_to_end(&["check-config"], &env);
+    let (status, stdout, stderr) = run_to_end(&["check-config", "--no-bind"], &env);
     assert!(status.success(), "{stderr}");
     let t = parse(&stdout);
     assert_eq!(first_listener(&t)["addr"].as_str(), Some("127.0.0.1:7777"));
@@ -229,14 +277,51 @@ fn environment_overrides_show_in_check_config() {
     assert_eq!(get(&t, "demo.backends").as_integer(), Some(0));
 }
 
+/// A TOML error as the parser lays it out: the error line naming the file,
+/// then the offending source line with a caret under the column, on lines of
+/// their own. Returns stderr.
+fn assert_parse_error(
+    what: &str,
+    (status, stdout, stderr): (ExitStatus, String, String),
+    source_line: &str,
+    needles: &[&str],
+) -> String {
+    assert!(!status.success(), "{what}: exit {status}, expected failure");
+    assert_eq!(stdout.trim(), "", "{what}: unexpected stdout");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines[0].starts_with("edgeproxy: error: invalid config file"),
+        "{what}:\n{stderr}"
+    );
+    // The source line is quoted on a line of its own (`N | text`), and the
+    // next line points at the column with carets.
+    let at = lines
+        .iter()
+        .position(|l| l.contains(" | ") && l.ends_with(source_line))
+        .unwrap_or_else(|| panic!("{what}: source line not quoted:\n{stderr}"));
+    let caret = lines.get(at + 1).copied().unwrap_or_default();
+    assert!(
+        caret.trim_end().ends_with('^'),
+        "{what}: no caret:\n{stderr}"
+    );
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{what}: {needle:?} missing:\n{stderr}"
+        );
+    }
+    stderr
+}
+
 #[test]
 fn unknown_key_is_named() {
     let dir = TempDir::new("unknown");
     let path = write_config(&dir, "[limits]\nmax_conections = 5\n");
-    assert_one_error(
+    assert_parse_error(
         "unknown key",
         check_config(&path, &[]),
-        &["max_conections", "unknown field"],
+        "max_conections = 5",
+        &["max_conections", "unknown field", "line 2"],
     );
 }
 
@@ -244,10 +329,41 @@ fn unknown_key_is_named() {
 fn wrong_type_is_named() {
     let dir = TempDir::new("type");
     let path = write_config(&dir, "[limits]\nconnect_timeout_ms = \"fast\"\n");
-    assert_one_error(
+    assert_parse_error(
         "wrong type",
         check_config(&path, &[]),
+        "connect_timeout_ms = \"fast\"",
         &["connect_timeout_ms", "invalid type"],
+    );
+}
+
+/// A syntax error keeps the parser's multi-line diagram (it used to be
+/// squashed onto one line with ` | ` separators), for `check-config` and
+/// for `run` alike.
+#[test]
+fn toml_syntax_errors_keep_the_parsers_layout() {
+    let dir = TempDir::new("syntax");
+    let path = write_config(
+        &dir,
+        "[pop]\nregion = \"sa\"\n[limits\nmax_connections = 5\n",
+    );
+    let stderr = assert_parse_error(
+        "syntax error",
+        check_config(&path, &[]),
+        "[limits",
+        &["line 3", &path],
+    );
+    assert!(stderr.lines().count() >= 4, "{stderr}");
+    let mut proxy = Proxy::spawn(&["--config", &path], &[]);
+    let status = proxy
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("proxy started:\n{}", proxy.log_text()));
+    proxy.wait_for_log("edgeproxy: error", Duration::from_secs(5));
+    assert_parse_error(
+        "run with a syntax error",
+        (status, String::new(), proxy.log_text()),
+        "[limits",
+        &["line 3"],
     );
 }
 
@@ -320,11 +436,14 @@ fn invalid_geo_db_path_is_named() {
     let missing = dir.join("missing.mmdb");
     let missing = missing.to_str().unwrap();
     let path = write_config(&dir, &format!("[geo]\ndb_path = {missing:?}\n"));
-    assert_one_error(
+    let line = assert_one_error(
         "missing geo db",
         check_config(&path, &[]),
         &[missing, "No such file or directory"],
     );
+    // Said once ("cannot load GeoIP database X: cannot read GeoIP database
+    // X: ..." before).
+    assert_eq!(line.matches(missing).count(), 1, "{line}");
 
     let garbage = dir.join("garbage.mmdb");
     std::fs::write(&garbage, b"this is not a MaxMind database").unwrap();
@@ -337,12 +456,13 @@ fn invalid_geo_db_path_is_named() {
     );
 
     // Via the environment, and for `run`: it fails before starting.
-    run_expecting_failure(
+    let line = run_expecting_failure(
         "run with missing geo db",
         &["run"],
         &[("EDGEPROXY_GEOIP_PATH", missing)],
         &[missing],
     );
+    assert_eq!(line.matches(missing).count(), 1, "{line}");
 }
 
 /// Polls until nothing accepts on `addr`.
@@ -426,4 +546,193 @@ fn a_second_instance_on_the_same_address_is_refused() {
         .wait_for_log("edgeproxy: error", PATIENCE)
         .unwrap_or_else(|| panic!("no error line:\n{}", second.log_text()));
     assert!(line.contains("front") && line.contains("in use"), "{line}");
+}
+
+/// `edgeproxy completions SHELL` prints a completion script that knows the
+/// subcommands; bash's is checked by bash itself.
+#[test]
+fn completion_scripts_are_generated_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_edgeproxy()"),
+        ("zsh", "#compdef edgeproxy"),
+        ("fish", "complete -c edgeproxy"),
+    ] {
+        let (status, stdout, stderr) = run_to_end(&["completions", shell], &[]);
+        assert!(status.success(), "{shell}: {stderr}");
+        assert!(stdout.contains(marker), "{shell}:\n{stdout}");
+        for sub in ["check-config", "backends", "completions", "drain"] {
+            assert!(stdout.contains(sub), "{shell} script lacks {sub}");
+        }
+    }
+    let dir = TempDir::new("completions");
+    let script = dir.join("edgeproxy.bash");
+    let (_, stdout, _) = run_to_end(&["completions", "bash"], &[]);
+    std::fs::write(&script, stdout).unwrap();
+    let check = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("bash is installed");
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let (status, _, stderr) = run_to_end(&["completions", "tcsh"], &[]);
+    assert!(!status.success() && stderr.contains("tcsh"), "{stderr}");
+}
+
+/// `check-config` binds every socket the file configures and lets go, like
+/// `nginx -t` would be expected to: a port in use is an error naming the
+/// socket, for listeners, metrics, the API and DNS alike (each cause said
+/// once). `--no-bind` skips that, for a file a running proxy is about to
+/// reload.
+#[test]
+fn check_config_reports_every_kind_of_port_in_use() {
+    let dir = TempDir::new("check-bind");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_udp = std::net::UdpSocket::bind(taken.local_addr().unwrap()).unwrap();
+    let busy = taken.local_addr().unwrap();
+    let db = dir.join("routing.db");
+    let base = format!(
+        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 2\n",
+        db.to_str().unwrap()
+    );
+    let free_listener = "[[listener]]\nname = \"front\"\naddr = \"127.0.0.1:0\"\n";
+    let cases = [
+        (
+            "listener",
+            format!("{base}[[listener]]\nname = \"front\"\naddr = \"{busy}\"\n"),
+            format!("listener \"front\": cannot listen on {busy}"),
+        ),
+        (
+            "metrics",
+            format!("{base}{free_listener}[metrics]\nenabled = true\nlisten_addr = \"{busy}\"\n"),
+            format!("metrics: cannot listen on {busy}"),
+        ),
+        (
+            "api",
+            format!("{base}{free_listener}[api]\nenabled = true\nlisten_addr = \"{busy}\"\n"),
+            format!("discovery API: cannot listen on {busy}"),
+        ),
+        (
+            "dns",
+            format!("{base}{free_listener}[dns]\nenabled = true\nlisten_addr = \"{busy}\"\n"),
+            format!("on {busy}"),
+        ),
+    ];
+    for (what, text, needle) in cases {
+        let path = write_config(&dir, &text);
+        let line = assert_one_error(
+            what,
+            run_to_end(&["check-config", "--config", &path], &[]),
+            &[&needle, "in use"],
+        );
+        assert_eq!(line.matches("in use").count(), 1, "cause repeated: {line}");
+        // --no-bind: the same file checks fine.
+        let (status, _, stderr) =
+            run_to_end(&["check-config", "--no-bind", "--config", &path], &[]);
+        assert!(status.success(), "{what} --no-bind: {stderr}");
+        assert!(!db.exists(), "check-config created routing.db");
+    }
+    drop((taken, taken_udp));
+}
+
+/// `run` binds every socket before it creates anything: a port in use stops
+/// it without leaving a new routing.db behind.
+#[test]
+fn run_creates_nothing_when_a_port_is_in_use() {
+    let dir = TempDir::new("run-nothing");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let db = dir.join("routing.db");
+    for extra in [
+        format!("[[listener]]\nname = \"front\"\naddr = \"{busy}\"\n"),
+        format!(
+            "[[listener]]\nname = \"front\"\naddr = \"127.0.0.1:0\"\n\
+             [metrics]\nenabled = true\nlisten_addr = \"{busy}\"\n"
+        ),
+    ] {
+        let text = format!(
+            "[routing]\ndb_path = {:?}\n[demo]\nbackends = 1\n{extra}",
+            db.to_str().unwrap()
+        );
+        let mut proxy = Proxy::spawn_with_config(&dir, &text);
+        let status = proxy
+            .wait_exit(PATIENCE)
+            .unwrap_or_else(|| panic!("started:\n{}", proxy.log_text()));
+        assert!(!status.success());
+        proxy
+            .wait_for_log("edgeproxy: error", PATIENCE)
+            .unwrap_or_else(|| panic!("{}", proxy.log_text()));
+        assert!(!db.exists(), "routing.db created:\n{}", proxy.log_text());
+        assert!(!proxy.log_text().contains("demo backend started"));
+    }
+}
+
+/// Relative paths in a config file resolve against the file's directory, not
+/// the working directory (under systemd that is `/`): the routing table and
+/// a token file next to the config are found from anywhere.
+#[test]
+fn relative_paths_resolve_against_the_config_files_directory() {
+    let dir = TempDir::new("relative");
+    let conf = dir.join("etc");
+    let elsewhere = dir.join("elsewhere");
+    std::fs::create_dir_all(conf.join("data")).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(conf.join("api.token"), "relative-token-0123456789\n").unwrap();
+    std::fs::write(
+        conf.join("edgeproxy.toml"),
+        "[routing]\ndb_path = \"data/routing.db\"\n\
+         [api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\ntoken_file = \"api.token\"\n\
+         [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    // Started from another directory, with the config named relatively.
+    let proxy = Proxy::spawn_in(&elsewhere, &["--config", "../etc/edgeproxy.toml"], &[]).ready();
+    let created = proxy
+        .wait_for_log("routing store did not exist", PATIENCE)
+        .unwrap_or_else(|| panic!("{}", proxy.log_text()));
+    assert_eq!(
+        common::field(&created, "path").as_deref(),
+        Some(conf.join("data/routing.db").to_str().unwrap()),
+        "{created}"
+    );
+    assert!(conf.join("data/routing.db").exists());
+    assert!(!elsewhere.join("data").exists());
+    // The token file was found (auth = token).
+    let api = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    assert!(
+        api.contains("auth=\"token\"") || api.contains("auth=token"),
+        "{api}"
+    );
+    drop(proxy);
+
+    // check-config prints the resolved, absolute paths.
+    let mut cmd = std::process::Command::new(common::BIN);
+    let out = cmd
+        .current_dir(&elsewhere)
+        .args([
+            "check-config",
+            "--no-bind",
+            "--config",
+            "../etc/edgeproxy.toml",
+        ])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = parse(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        get(&t, "routing.db_path").as_str(),
+        Some(conf.join("data/routing.db").to_str().unwrap())
+    );
+    assert_eq!(
+        get(&t, "api.token_file").as_str(),
+        Some(conf.join("api.token").to_str().unwrap())
+    );
 }

@@ -21,13 +21,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::streams::{finish, progress, stalled_since, start_stream, Stream};
 use common::*;
 
 const STREAMS: usize = 100;
@@ -36,95 +34,6 @@ const ITERATIONS: usize = 6;
 /// bound is generous because a debug build on a loaded 2-core machine is
 /// slow, and this is not a benchmark.
 const RELOAD_BOUND: Duration = Duration::from_secs(2);
-
-/// xorshift64*: the byte stream of one connection, and its chunk sizes.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn fill(&mut self, buf: &mut [u8]) {
-        for b in buf {
-            *b = (self.next() >> 32) as u8;
-        }
-    }
-}
-
-struct Stream {
-    backend: String,
-    /// Bytes echoed back and verified so far.
-    verified: Arc<AtomicU64>,
-    writer: JoinHandle<Result<u64, String>>,
-    reader: JoinHandle<Result<u64, String>>,
-}
-
-/// Opens a streaming connection: a writer thread sends the stream of `seed`
-/// in chunks of 1..=1024 bytes every 5 ms until `stop`, then half-closes; a
-/// reader thread checks every echoed byte until the proxy closes.
-fn start_stream(proxy: SocketAddr, seed: u64, stop: &Arc<AtomicBool>) -> Stream {
-    let (backend, stream) = connect_tagged(proxy);
-    stream.set_write_timeout(Some(PATIENCE)).unwrap();
-    let verified = Arc::new(AtomicU64::new(0));
-
-    let mut out = stream.try_clone().unwrap();
-    let stop = Arc::clone(stop);
-    let writer = std::thread::spawn(move || {
-        let mut bytes = Rng::new(seed);
-        let mut sizes = Rng::new(seed ^ 0x5555);
-        let mut buf = vec![0u8; 4096];
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let n = 1 + (sizes.next() % 1024) as usize;
-            bytes.fill(&mut buf[..n]);
-            out.write_all(&buf[..n])
-                .map_err(|e| format!("write after {sent} bytes: {e}"))?;
-            sent += n as u64;
-            // Pacing, so that a hundred streams do not starve the rest of
-            // the machine (the proxy's control thread included).
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        out.shutdown(Shutdown::Write)
-            .map_err(|e| format!("shutdown: {e}"))?;
-        Ok(sent)
-    });
-
-    let mut inp = stream;
-    let progress = Arc::clone(&verified);
-    let reader = std::thread::spawn(move || {
-        let mut expected = Rng::new(seed);
-        let mut buf = vec![0u8; 16384];
-        let mut want = vec![0u8; 16384];
-        let mut got = 0u64;
-        loop {
-            let n = match inp.read(&mut buf) {
-                Ok(0) => return Ok(got),
-                Ok(n) => n,
-                Err(e) => return Err(format!("read after {got} bytes: {e}")),
-            };
-            expected.fill(&mut want[..n]);
-            if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-                return Err(format!("byte {} differs", got + i as u64));
-            }
-            got += n as u64;
-            progress.store(got, Ordering::Relaxed);
-        }
-    });
-    Stream {
-        backend,
-        verified,
-        writer,
-        reader,
-    }
-}
 
 /// The routing table as the test last wrote it, to predict `backends=N`.
 struct Table {
@@ -220,10 +129,9 @@ fn routing_changes_under_streaming_load_lose_nothing_and_apply_at_once() {
     );
 
     // Data is flowing on every stream before the first change.
-    assert!(
-        eventually(PATIENCE, || streams
-            .iter()
-            .all(|s| s.verified.load(Ordering::Relaxed) > 0)),
+    assert_eq!(
+        stalled_since(&streams, &vec![0; streams.len()]),
+        0,
         "some streams never got an echo"
     );
 
@@ -320,46 +228,17 @@ fn routing_changes_under_streaming_load_lose_nothing_and_apply_at_once() {
     );
 
     // Every stream is still moving after the last change.
-    let seen: Vec<u64> = streams
-        .iter()
-        .map(|s| s.verified.load(Ordering::Relaxed))
-        .collect();
-    let stalled = AtomicUsize::new(0);
-    let moving = eventually(PATIENCE, || {
-        let n = streams
-            .iter()
-            .zip(&seen)
-            .filter(|(s, &before)| s.verified.load(Ordering::Relaxed) <= before)
-            .count();
-        stalled.store(n, Ordering::Relaxed);
-        n == 0
-    });
-    assert!(
-        moving,
-        "{} streams stalled",
-        stalled.load(Ordering::Relaxed)
-    );
+    let stalled = stalled_since(&streams, &progress(&streams));
+    assert_eq!(stalled, 0, "{stalled} streams stalled");
 
     // Stop writing; every stream must end cleanly with every byte echoed.
     stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    let mut total = 0u64;
-    for (i, s) in streams.into_iter().enumerate() {
-        let sent = s.writer.join().unwrap();
-        let got = s.reader.join().unwrap();
-        match (sent, got) {
-            (Ok(sent), Ok(got)) if sent == got => total += got,
-            (sent, got) => failures.push(format!(
-                "stream {i} via {}: sent {sent:?}, echoed {got:?}",
-                s.backend
-            )),
-        }
+    match finish(streams) {
+        Ok(total) => eprintln!("{total} bytes echoed and verified"),
+        Err(failures) => panic!(
+            "{} streams failed:\n{}",
+            failures.len(),
+            failures.join("\n")
+        ),
     }
-    assert!(
-        failures.is_empty(),
-        "{} streams failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    eprintln!("{total} bytes echoed and verified");
 }

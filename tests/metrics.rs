@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 
@@ -83,7 +84,23 @@ fn counters_move_with_traffic() {
     // Open one more and keep it: the active gauges must show it.
     let (_, held) = connect_tagged(proxy.addr());
 
-    let after = scrape(metrics);
+    // The proxy sees the first N close on its own time: scrape until their
+    // connections are gone from the gauges (or give up and let the asserts
+    // below say what is left).
+    let mut after = scrape(metrics);
+    common::eventually(Duration::from_secs(10), || {
+        after = scrape(metrics);
+        value(
+            &after,
+            "edgeproxy_backend_connections_active",
+            &[("backend", "live")],
+        ) == 1.0
+            && value(
+                &after,
+                "edgeproxy_listener_connections_active",
+                &[("listener", "main")],
+            ) == 1.0
+    });
     let n = N as f64 + 1.0;
     assert_eq!(
         value(
@@ -121,6 +138,7 @@ fn counters_move_with_traffic() {
         ),
         n
     );
+    // One family, labelled per backend: the total is the sum.
     assert_eq!(
         value(&after, "edgeproxy_backend_connect_failures_total", &[]),
         n
@@ -128,10 +146,25 @@ fn counters_move_with_traffic() {
     assert_eq!(
         value(
             &after,
-            "edgeproxy_backend_connect_failures_by_backend_total",
-            &[("backend", "dead")]
+            "edgeproxy_backend_connect_failures_total",
+            &[("backend", "dead"), ("app", "web")]
         ),
         n
+    );
+    assert_eq!(
+        value(
+            &after,
+            "edgeproxy_backend_connect_failures_total",
+            &[("backend", "live")]
+        ),
+        0.0
+    );
+    assert!(
+        !after
+            .samples
+            .iter()
+            .any(|x| x.metric.contains("failures_by_backend")),
+        "a second family for the same thing"
     );
     assert_eq!(
         value(&after, "edgeproxy_backend_connect_retries_total", &[]),
@@ -266,4 +299,74 @@ fn bulk_flows_are_spliced_unless_disabled() {
         let expected = if splice { 2.0 } else { 0.0 };
         assert_eq!(spliced(), expected, "splice_bulk = {splice}");
     }
+}
+
+/// `edgeproxy_build_info{version,commit}` says which build runs, and the
+/// standard `process_*` families describe the process: its CPU, memory and
+/// descriptors, as every Prometheus client library exports them.
+#[test]
+fn build_info_and_process_metrics() {
+    let dir = TempDir::new("metrics-process");
+    let db = Db::create(dir.join("routing.db"));
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        ),
+    );
+    let s = scrape(metrics_addr(&proxy));
+    let info = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "edgeproxy_build_info")
+        .expect("no edgeproxy_build_info");
+    assert_eq!(info.labels.get("version"), Some(env!("CARGO_PKG_VERSION")));
+    let (_, version, _) = run_to_end(&["--version"], &[]);
+    let commit = version
+        .lines()
+        .find_map(|l| l.strip_prefix("commit: "))
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap();
+    assert_eq!(info.labels.get("commit"), Some(commit));
+    assert_eq!(value(&s, "edgeproxy_build_info", &[]), 1.0);
+
+    // What /proc says about the process, independently of the proxy.
+    let pid = proxy.pid();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as f64;
+    let open = value(&s, "process_open_fds", &[]);
+    assert!(
+        (open - fds).abs() <= 8.0,
+        "process_open_fds {open}, /proc says {fds}"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap();
+    let rss = value(&s, "process_resident_memory_bytes", &[]);
+    assert!(
+        rss > 0.5 * rss_kb * 1024.0 && rss < 2.0 * rss_kb * 1024.0,
+        "process_resident_memory_bytes {rss}, /proc says {rss_kb} kB"
+    );
+    assert!(value(&s, "process_cpu_seconds_total", &[]) > 0.0);
+    assert!(value(&s, "process_max_fds", &[]) >= open);
+    assert!(value(&s, "process_threads", &[]) >= 3.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = value(&s, "process_start_time_seconds", &[]);
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "{started} vs {now}"
+    );
 }

@@ -10,8 +10,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    config, connect_tagged, custom_backend, probe, Db, Probe, Proxy, Row, TagBackend, TempDir,
-    PATIENCE,
+    config, connect_tagged, connect_waiting, custom_backend, read_line, Db, Proxy, Row, TagBackend,
+    TempDir, PATIENCE,
 };
 
 /// Bytes moved each way by the bulk tests.
@@ -324,8 +324,11 @@ fn idle_connections_close_and_trickling_ones_stay() {
     trickler.join().expect("trickling connection was cut");
 }
 
+/// At the connection limit the proxy stops accepting: further clients wait
+/// in the kernel's accept queue (not accepted and closed, as before) and are
+/// served, in order, as slots free.
 #[test]
-fn connection_limit_closes_extra_clients_without_a_backend() {
+fn connection_limit_leaves_extra_clients_waiting_in_the_accept_queue() {
     let dir = TempDir::new("limit");
     let backend = TagBackend::start("limited");
     let proxy = proxy_for(&dir, &[backend.port()], "[limits]\nmax_connections = 2\n");
@@ -338,9 +341,8 @@ fn connection_limit_closes_extra_clients_without_a_backend() {
         2
     );
 
-    // A third is accepted by the kernel but closed at once, unserved.
-    let third = probe(proxy.addr(), Duration::from_secs(5));
-    assert_eq!(third, Probe::ClosedWithoutData);
+    // A third waits, unserved and open.
+    let third = connect_waiting(proxy.addr());
     // The two keep working.
     echo(&mut first, b"one");
     echo(&mut second, b"two");
@@ -351,24 +353,25 @@ fn connection_limit_closes_extra_clients_without_a_backend() {
         2
     );
 
-    // Once one closes, a new client is served.
+    // Once one closes, the waiting client is served.
     first.shutdown(Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     first.read_to_end(&mut rest).unwrap();
     drop(first);
-    let served = common::eventually(
-        PATIENCE,
-        || matches!(probe(proxy.addr(), PATIENCE), Probe::Data(d) if d == b"limited\n"),
-    );
-    assert!(served, "no client served after a slot freed");
+    assert_eq!(read_line(&third).as_deref(), Some("limited"));
+    let mut third = third;
+    echo(&mut third, b"three");
     echo(&mut second, b"two still");
+    // Nothing was refused: the limit only paused accepting.
+    let log = proxy.log_text();
+    assert!(!log.contains("closing"), "{log}");
 }
 
 /// `max_connections_per_shard` caps one shard even when the process-wide
 /// limit is far away: every connection from 127.0.0.1 is steered to the same
-/// shard, so a second one from there is closed unserved.
+/// shard, so a second one from there waits until the first closes.
 #[test]
-fn per_shard_limit_closes_extra_clients_of_that_shard() {
+fn per_shard_limit_makes_extra_clients_of_that_shard_wait() {
     let dir = TempDir::new("shard-limit");
     let backend = TagBackend::start("limited");
     let proxy = proxy_for(
@@ -377,10 +380,7 @@ fn per_shard_limit_closes_extra_clients_of_that_shard() {
         "[limits]\nmax_connections = 100000\nmax_connections_per_shard = 1\n",
     );
     let (_, mut first) = connect_tagged(proxy.addr());
-    assert_eq!(
-        probe(proxy.addr(), Duration::from_secs(5)),
-        Probe::ClosedWithoutData
-    );
+    let second = connect_waiting(proxy.addr());
     assert_eq!(
         backend
             .connections
@@ -388,6 +388,8 @@ fn per_shard_limit_closes_extra_clients_of_that_shard() {
         1
     );
     echo(&mut first, b"still served");
+    drop(first);
+    assert_eq!(read_line(&second).as_deref(), Some("limited"));
 }
 
 #[test]

@@ -31,14 +31,24 @@ fn setup(
     for b in &backends {
         db.upsert(&Row::new(&b.name, "web", "us", b.port()).country("US"));
     }
-    let proxy = Proxy::with_config(
-        &dir,
-        &config(
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
             &db.path,
             &format!(
                 "{extra}\n[[listener]]\nname = \"pp\"\naddr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n"
             ),
         ),
+    )
+    .unwrap();
+    // Every failed attempt is a line at debug level (at warn, only the first
+    // of a backend's failures is: see tests/no_backend.rs); these tests
+    // count attempts.
+    let proxy = Proxy::start_with_rust_log(
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info,engine::conn=debug"),
     );
     (dir, backends, proxy)
 }

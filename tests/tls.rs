@@ -137,6 +137,21 @@ fn san_names(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// (common name, organization) of a certificate's subject.
+fn subject_names(der: &[u8]) -> (Vec<String>, Vec<String>) {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    let text = |attrs: Vec<&x509_parser::x509::AttributeTypeAndValue>| {
+        attrs
+            .into_iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    (
+        text(cert.subject().iter_common_name().collect()),
+        text(cert.subject().iter_organization().collect()),
+    )
+}
+
 fn is_self_issued(der: &[u8]) -> bool {
     let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
     cert.subject() == cert.issuer()
@@ -1100,6 +1115,12 @@ fn self_signed_listener_serves_a_generated_certificate_for_its_names() {
     let cert = first.served();
     assert!(is_self_issued(&cert));
     assert_eq!(san_names(&cert), ["edge.test", "*.edge.test"]);
+    // The subject names the POP by its first name, not rcgen's placeholder
+    // ("rcgen self signed cert").
+    assert_eq!(
+        subject_names(&cert),
+        (vec!["edge.test".to_string()], vec!["edgeproxy".to_string()])
+    );
     assert_eq!(first.greeting(), "echo-1");
     first.assert_echo("self-signed works\n");
 
@@ -1132,6 +1153,7 @@ fn self_signed_default_name_is_localhost() {
         "localhost",
     );
     assert_eq!(san_names(&c.served()), ["localhost"]);
+    assert_eq!(subject_names(&c.served()).0, ["localhost"]);
 }
 
 /// The original edgeProxy's variables alone (no config file): TLS on with no
@@ -1164,7 +1186,10 @@ fn tls_enabled_env_without_files_adds_a_self_signed_listener() {
 
 #[test]
 fn tls_env_defaults_to_port_8443_and_takes_cert_and_key_files() {
-    let (status, stdout, stderr) = run_to_end(&["check-config"], &[("EDGEPROXY_TLS_ENABLED", "1")]);
+    let (status, stdout, stderr) = run_to_end(
+        &["check-config", "--no-bind"],
+        &[("EDGEPROXY_TLS_ENABLED", "1")],
+    );
     assert!(status.success(), "{stderr}");
     let t: toml::Table = toml::from_str(&stdout).unwrap();
     let tls = t["listener"]

@@ -1,10 +1,13 @@
-//! Composes the process: config → GeoIP → routing store → data plane, then
-//! runs the control loop on this thread until SIGTERM/SIGINT.
+//! Composes the process: config → GeoIP and certificates → every socket
+//! bound → routing store → data plane, then runs the control loop on this
+//! thread until SIGTERM/SIGINT, then the drain (`drain`), with the control
+//! thread still answering, until the shards are done or a second signal.
 //!
 //! The control loop (a single-threaded Tokio runtime) owns everything that
 //! may block: config files, signals, the discovery API's SQLite writes. The
 //! periodic routing reload runs on its own low-priority thread
-//! (`reload_thread`). The shards never wait on either.
+//! (`reload_thread`), the counters' summaries on another (`traffic_watch`).
+//! The shards never wait on any of them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,18 +20,50 @@ use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{self, Config};
+use crate::config_watch::ConfigWatch;
 use crate::reload_thread::{ReloadThread, SharedReloader};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
 use crate::tls::TlsListeners;
+use crate::upgrade::UpgradeEvent;
 
 /// Runs the proxy until a stop signal. Errors before the proxy is up are
 /// returned (the caller prints them and exits non-zero).
+///
+/// Order: everything that can fail without side effects first (config,
+/// GeoIP, certificates), then every socket is bound (listeners, metrics,
+/// API, DNS), and only then is anything created (a new `routing.db`, demo
+/// backends): a start that fails on a port in use leaves nothing behind.
+/// The data plane starts accepting last, once everything that can fail
+/// has not (a successor of a binary upgrade that failed after accepting
+/// would drop the connections it took).
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    // A successor of a binary upgrade takes its sockets before anything
+    // binds (and before any thread starts: this edits the environment).
+    let inherited = crate::upgrade::inherit::from_env()
+        .context("binary upgrade: cannot take over the previous process's sockets")?;
+    let watch_from = ConfigWatch::stamp(config_path.as_deref());
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
-    crate::logging::init(&config.log.level);
+    crate::logging::init(&config.log);
+    if let Some(got) = &inherited {
+        tracing::info!(
+            entries = got.entries,
+            sockets = got.sockets,
+            "upgrade: took over the previous process's sockets"
+        );
+    }
     let geo = Arc::new(build_geo(&config)?);
+    let mut tls = TlsListeners::default();
+    let specs = config
+        .listeners
+        .iter()
+        .map(|l| spec_of(l, &mut tls))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
+    let sockets = bind_all(&config, &specs, config.runtime.shards as usize, &geo)?;
+    crate::fd_limit::raise_and_log(&config);
+
+    crate::routing_db_path::prepare(&config.routing.db_path)?;
     let mut store = RoutingStore::open(&config.routing.db_path)?;
     store.set_node_id(&config.replication.node_id);
     if config.demo.backends > 0 {
@@ -43,36 +78,59 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         store,
         Some(config.api.heartbeat_ttl),
     )?);
+    // `[postgres]`: the database's table, mirrored into routing.db before
+    // the first snapshot is read (bounded wait; see `pg_source`).
+    let postgres = crate::pg_source::PgSource::start(
+        &config.postgres,
+        &config.routing.db_path,
+        reloader.clone(),
+    )
+    .context("cannot start the PostgreSQL routing source")?;
     let snapshot = reloader.lock().handle().clone();
     let first = snapshot.load();
     tracing::info!(
         version = first.version,
         backends = first.backends.len(),
         apps = first.app_count(),
-        db = %config.routing.db_path.display(),
+        db = %crate::routing_db_path::absolute(&config.routing.db_path).display(),
         "routing table loaded"
     );
     drop(first);
 
-    let metrics_listener = match config.metrics.enabled {
-        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
-        false => None,
+    let Sockets {
+        listeners,
+        metrics: metrics_listener,
+        api: api_socket,
+        dns,
+        replication,
+    } = sockets;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the control runtime")?;
+    // Stop and reload signals are handled from here on, before anything says
+    // the proxy is ready (see `Signals`).
+    let mut signals = {
+        let _context = runtime.enter();
+        Signals::install()?
     };
-    let mut tls = TlsListeners::default();
-    let specs = config
-        .listeners
-        .iter()
-        .map(|l| spec_of(l, &mut tls))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Internal DNS: bound now (a bind failure stops startup), served on the
-    // control runtime below. See `internal_dns`.
-    let dns = crate::internal_dns::bind(&config, snapshot.clone(), Arc::clone(&geo))?;
-    // Replication's UDP sockets: bound now, started on the control runtime.
-    let replication = crate::replication::driver::bind(&config)?;
-    let mut engine = Engine::start(
+    let readiness = crate::readiness::Readiness::default();
+    let mut upgrades = {
+        let _context = runtime.enter();
+        crate::upgrade::Upgrades::start(&config.upgrade, config.replication.enabled)?
+    };
+    let replication = match replication {
+        None => None,
+        Some(bound) => {
+            let _context = runtime.enter();
+            Some(bound.start(reloader.clone())?)
+        }
+    };
+    // Everything that can fail has been done: the data plane starts.
+    let mut engine = Engine::start_bound(
         engine_settings(&config),
         knobs(&config),
-        &specs,
+        listeners,
         snapshot.clone(),
         geo,
     )?;
@@ -90,24 +148,25 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(listener = %l.spec.name, addr = %l.local_addr, app = l.spec.app.as_deref().unwrap_or("*"),
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
     }
+    // Listeners that would refuse every connection, said at once.
+    let reasons = {
+        let mut reloader = reloader.lock();
+        let coverage = reloader.coverage_mut();
+        coverage.set_listeners(listener_apps(&config));
+        coverage.warn(&snapshot.load(), "start");
+        coverage.shared()
+    };
+    let _watch = crate::traffic_watch::WatchThread::start(
+        crate::traffic_watch::Sources {
+            stats: engine.stats_view(),
+            snapshot: snapshot.clone(),
+            reasons,
+        },
+        config.log.summary_interval,
+    )
+    .context("cannot start the traffic watch thread")?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the control runtime")?;
-    // Stop and reload signals are handled from here on, before anything says
-    // the proxy is ready (see `Signals`).
-    let signals = {
-        let _context = runtime.enter();
-        Signals::install()?
-    };
-    let replication = match replication {
-        None => None,
-        Some(bound) => {
-            let _context = runtime.enter();
-            Some(bound.start(reloader.clone())?)
-        }
-    };
+    let mut metrics = None;
     if let Some(listener) = metrics_listener {
         let addr = listener.local_addr()?;
         let sources = crate::metrics::Sources {
@@ -116,20 +175,26 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             replication: replication.as_ref().map(|r| r.status()),
             health: Some(health.clone()),
+            readiness: readiness.clone(),
         };
-        runtime.block_on(async { crate::metrics::serve(listener, sources) })?;
+        metrics = Some(runtime.block_on(async { crate::metrics::serve(listener, sources) })?);
         tracing::info!(%addr, "metrics listening");
     }
-    // The discovery API: bound here (a taken port fails the start), its
-    // requests executed by the control loop, which owns the routing store.
-    let api = match crate::api::bind(&config.api)? {
+    // The discovery API: its requests executed by the control loop, which
+    // owns the routing store.
+    let api = match api_socket {
         None => None,
         Some(bound) => Some(runtime.block_on(async {
-            bound.serve(snapshot.clone(), replication.as_ref().map(|r| r.status()))
+            bound.serve(
+                snapshot.clone(),
+                replication.as_ref().map(|r| r.status()),
+                readiness.clone(),
+            )
         })?),
     };
+    let (stop_dns, dns_stop) = tokio::sync::watch::channel(false);
     if let Some(dns) = dns {
-        runtime.spawn(dns.serve());
+        runtime.spawn(dns.serve(snapshot.clone(), dns_stop));
     }
     runtime.spawn(
         crate::health::driver::Driver {
@@ -148,53 +213,190 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         max_concurrent = config.health.max_concurrent,
         "health checker started"
     );
+    // Inherited sockets the new configuration has no use for (a listener
+    // it removed) go now, before this process says it serves.
+    crate::upgrade::sockets::release_unclaimed();
     // Every listener and service is up and the signal handlers are in place:
     // tests and operators wait for this line.
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
         pop = %config.pop.name,
         region = %config.pop.region,
         shards = engine.shard_count(),
         reload_interval_ms = config.routing.reload_interval.as_millis() as u64,
         "edgeproxy ready"
     );
+    readiness.set_ready();
+    crate::sd_notify::ready(&ready_status(&engine));
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
-    let grace = runtime.block_on(control_loop(
-        signals,
+    // The predecessor of a binary upgrade stops accepting now.
+    crate::upgrade::inherit::report_ready();
+    upgrades.serving();
+    let mut services = Services {
+        api,
+        upgrades,
+        metrics,
+        stop_dns,
+        watch: ConfigWatch::new(config_path.as_deref(), &config.config_watch, watch_from),
+        replication,
+    };
+    let exit = runtime.block_on(control_loop(
+        &mut signals,
         config_path,
         config,
         (&reloader, &ticks),
         &mut engine,
         &mut tls,
-        (api, replication.as_ref()),
+        &mut services,
     ))?;
-    if let Some(r) = &replication {
+    if let Some(r) = &services.replication {
         // Leave the cluster first: the other POPs mark this one down at
         // once instead of after the suspicion timeout.
         runtime.block_on(r.shutdown(Duration::from_secs(2)));
     }
+    let grace = match exit {
+        Exit::Stop(grace) => {
+            services.upgrades.shut_down();
+            grace
+        }
+        Exit::Upgraded(grace) => {
+            runtime.block_on(hand_over(&mut engine, &mut services, &reloader, grace))
+        }
+    };
     ticks.stop();
+    drop(postgres);
+    readiness.set_draining();
+    let open = engine.active_connections();
+    crate::sd_notify::stopping(&format!(
+        "draining {open} connection(s), at most {} s",
+        grace.as_secs()
+    ));
     tracing::info!(
         grace_secs = grace.as_secs(),
-        open = engine.active_connections(),
-        "shutting down: stopped accepting, draining open connections"
+        open,
+        "shutting down: stopped accepting, draining open connections \
+         (a second SIGTERM/SIGINT closes them now)"
     );
-    engine.shutdown(grace);
+    // The shards drain on their own threads; this one keeps answering the
+    // API, metrics, probes and DNS, and listens for a second stop signal.
+    let fast = engine.fast_stop();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let drainer = std::thread::Builder::new()
+        .name("drain".into())
+        .spawn(move || {
+            engine.shutdown(grace);
+            let _ = done_tx.send(());
+        })
+        .context("cannot start the drain thread")?;
+    let Signals { hup, term, int, .. } = &mut signals;
+    runtime.block_on(crate::drain::serve_until_done(
+        done_rx,
+        crate::drain::DrainSignals { term, int, hup },
+        fast,
+        services.api.take(),
+    ));
+    if drainer.join().is_err() {
+        tracing::error!("the drain thread panicked");
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
 
+/// What `systemctl status` shows once the proxy is up: the listeners as
+/// bound (the real port where 0 was asked for).
+fn ready_status(engine: &Engine) -> String {
+    let addrs: Vec<String> = engine
+        .listeners()
+        .iter()
+        .map(|l| format!("{} {}", l.spec.name, l.local_addr))
+        .collect();
+    format!(
+        "ready: {} shard(s), listening on {}",
+        engine.shard_count(),
+        addrs.join(", ")
+    )
+}
+
+/// Every socket the process serves, bound, nothing served yet.
+struct Sockets {
+    listeners: engine::BoundListeners,
+    metrics: Option<std::net::TcpListener>,
+    api: Option<crate::api::Bound>,
+    dns: Option<crate::internal_dns::Bound>,
+    replication: Option<crate::replication::driver::Bound>,
+}
+
+/// Binds every socket of `config`: the listeners (for `shards` shards), the
+/// metrics listener, the API, the DNS and the replication sockets. The first failure (a port
+/// in use, an address not on this host, a privileged port) is the error.
+fn bind_all(
+    config: &Config,
+    specs: &[ListenerSpec],
+    shards: usize,
+    geo: &Arc<GeoResolver>,
+) -> anyhow::Result<Sockets> {
+    // Sockets a binary upgrade handed over are adopted, the rest bound.
+    let listeners = engine::BoundListeners::from_groups(
+        shards,
+        crate::upgrade::listener_groups(specs.to_vec(), shards)?,
+    );
+    let metrics = match config.metrics.enabled {
+        true => Some(crate::metrics::bind(config.metrics.listen_addr)?),
+        false => None,
+    };
+    let api = crate::api::bind(&config.api)?;
+    let dns = crate::internal_dns::bind(config, Arc::clone(geo))?;
+    let replication = crate::replication::driver::bind(config)?;
+    Ok(Sockets {
+        listeners,
+        metrics,
+        api,
+        dns,
+        replication,
+    })
+}
+
+/// (name, app) of each configured listener, for `no_backend_warn`.
+fn listener_apps(config: &Config) -> Vec<(String, Option<String>)> {
+    config
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.app.clone()))
+        .collect()
+}
+
+/// How `check-config` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Skip binding the sockets (to check a file for a running proxy, which
+    /// holds them, before reloading it).
+    pub no_bind: bool,
+}
+
 /// Loads and validates the configuration as `run` would, without starting
-/// anything, and returns the effective configuration.
-pub fn check(config_path: Option<&Path>) -> anyhow::Result<Config> {
+/// anything, and returns the effective configuration. Also binds every
+/// socket and lets go (a port in use is an error, like `nginx -t`), checks
+/// the routing store's path and reads its table without writing it: each
+/// listener that would refuse every connection is a warning, returned as a
+/// line of text.
+pub fn check(
+    config_path: Option<&Path>,
+    options: CheckOptions,
+) -> anyhow::Result<(Config, Vec<String>)> {
     let config = config::load(config_path, &config::ProcessEnv)?;
-    build_geo(&config)?;
+    let geo = Arc::new(build_geo(&config)?);
     let mut tls = TlsListeners::default();
+    let mut specs = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        spec_of(l, &mut tls)?;
+        specs.push(spec_of(l, &mut tls)?);
     }
-    Ok(config)
+    if !options.no_bind {
+        drop(bind_all(&config, &specs, 1, &geo)?);
+    }
+    let warnings = crate::check_routing::warnings(&config, &listener_apps(&config))?;
+    Ok((config, warnings))
 }
 
 /// SIGHUP, SIGTERM and SIGINT, caught from the moment [`Signals::install`]
@@ -207,6 +409,8 @@ struct Signals {
     hup: Signal,
     term: Signal,
     int: Signal,
+    /// Binary upgrade (nginx's signal for it).
+    usr2: Signal,
 }
 
 impl Signals {
@@ -216,30 +420,50 @@ impl Signals {
             hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
             term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("cannot install SIGUSR2 handler")?,
         })
     }
 }
 
-/// Returns the drain grace period once a stop signal arrives.
+/// What the control loop serves besides the data plane.
+struct Services {
+    api: Option<crate::api::Server>,
+    upgrades: crate::upgrade::Upgrades,
+    metrics: Option<tokio::task::JoinHandle<()>>,
+    stop_dns: tokio::sync::watch::Sender<bool>,
+    /// `[config_watch]`.
+    watch: ConfigWatch,
+    /// `[replication]`, when enabled.
+    replication: Option<crate::replication::driver::Handle>,
+}
+
+/// Why the control loop ended; both carry the drain grace period.
+enum Exit {
+    /// SIGTERM or SIGINT.
+    Stop(Duration),
+    /// A successor serves on our sockets.
+    Upgraded(Duration),
+}
+
+/// Runs until a stop signal or a completed binary upgrade.
 async fn control_loop(
-    signals: Signals,
+    signals: &mut Signals,
     config_path: Option<PathBuf>,
     mut config: Config,
     (reloader, ticks): (&SharedReloader, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    (mut api, replication): (
-        Option<crate::api::Server>,
-        Option<&crate::replication::driver::Handle>,
-    ),
-) -> anyhow::Result<Duration> {
+    services: &mut Services,
+) -> anyhow::Result<Exit> {
     let Signals {
-        mut hup,
-        mut term,
-        mut int,
+        hup,
+        term,
+        int,
+        usr2,
     } = signals;
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let watch = &mut services.watch;
     loop {
         tokio::select! {
             // Certificate files are polled at the routing reload interval;
@@ -249,43 +473,136 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
-                match &config_path {
-                    None => tracing::info!("no config file given; only the routing table is re-read"),
-                    Some(path) => match config::load(Some(path), &config::ProcessEnv) {
-                        Ok(new) => match apply(&config, &new, engine, tls) {
-                            Ok(()) => {
-                                if new.routing.reload_interval != config.routing.reload_interval {
-                                    ticks.set_interval(new.routing.reload_interval);
-                                    ticker = tokio::time::interval(new.routing.reload_interval);
-                                    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                                }
-                                config = new;
-                            }
-                            Err(e) => tracing::error!(error = format!("{e:#}"), "new configuration rejected; keeping the running one"),
-                        },
-                        Err(e) => tracing::error!(error = %e, "new configuration rejected; keeping the running one"),
-                    },
-                }
-                reloader.lock().reload();
-                tls.refresh(true);
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                watch.seen();
+                watch.reconfigure(&config.config_watch);
             }
-            _ = term.recv() => return Ok(config.limits.shutdown_grace),
-            _ = int.recv() => return Ok(config.limits.shutdown_grace),
+            // `[config_watch]`: a changed file is applied as SIGHUP is.
+            () = watch.changed() => {
+                tracing::info!("config file changed: re-reading configuration and routing table");
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, reloader);
+                watch.reconfigure(&config.config_watch);
+            }
+            _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
+            _ = int.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             // Discovery API calls: store writes and reads, each write
             // published before the caller hears back.
-            cmd = crate::api::next_command(&mut api) => {
+            cmd = crate::api::next_command(&mut services.api) => {
                 crate::api::execute(cmd, &mut reloader.lock());
                 // A write goes out to the other POPs now, not at the next
                 // change-log poll.
-                if let Some(r) = replication {
+                if let Some(r) = &services.replication {
+                    r.poke();
+                }
+            }
+            // Binary upgrade: SIGUSR2 or `edgeproxy upgrade`; the attempt
+            // runs on its own thread while this loop goes on.
+            _ = usr2.recv() => {
+                tracing::info!("SIGUSR2: binary upgrade");
+                services.upgrades.begin(None, crate::upgrade::listener_entries(engine.listeners()));
+            }
+            event = services.upgrades.next_event() => match event {
+                UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners())),
+                UpgradeEvent::Finished(Ok(_)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace)),
+                // Logged and answered; this process keeps serving.
+                UpgradeEvent::Finished(Err(_)) => {}
+            },
+        }
+    }
+}
+
+/// SIGHUP (or a change seen by the config watch): re-reads the config file
+/// and applies what can change at run time (an invalid file changes
+/// nothing), then re-reads the routing table and certificates.
+fn reload_config(
+    config_path: Option<&Path>,
+    config: &mut Config,
+    (ticker, ticks): (&mut tokio::time::Interval, &ReloadThread),
+    engine: &mut Engine,
+    tls: &mut TlsListeners,
+    reloader: &SharedReloader,
+) {
+    crate::sd_notify::reloading();
+    match config_path {
+        None => tracing::info!("no config file given; only the routing table is re-read"),
+        Some(path) => match config::load(Some(path), &config::ProcessEnv) {
+            Ok(new) => match apply(config, &new, engine, tls) {
+                Ok(next) => {
+                    if next.routing.reload_interval != config.routing.reload_interval {
+                        ticks.set_interval(next.routing.reload_interval);
+                        *ticker = tokio::time::interval(next.routing.reload_interval);
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    }
+                    *config = next;
+                }
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "new configuration rejected; keeping the running one"
+                ),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "new configuration rejected; keeping the running one")
+            }
+        },
+    }
+    {
+        // The reload warns about listeners (as they now are) with no
+        // eligible backend.
+        let mut reloader = reloader.lock();
+        reloader.coverage_mut().set_listeners(listener_apps(config));
+        reloader.reload();
+    }
+    tls.refresh(true);
+    crate::sd_notify::ready(&ready_status(engine));
+}
+
+/// After a successor reported ready: stop accepting everywhere (the
+/// sockets live on in the successor), then drain for up to `grace` while
+/// still answering discovery API requests on connections already open.
+/// Returns what is left of the grace period.
+async fn hand_over(
+    engine: &mut Engine,
+    services: &mut Services,
+    reloader: &SharedReloader,
+    grace: Duration,
+) -> Duration {
+    let deadline = tokio::time::Instant::now() + grace;
+    let swept = engine.stop_accepting(Duration::from_secs(5));
+    if let Some(api) = &services.api {
+        api.stop_accepting();
+    }
+    if let Some(metrics) = services.metrics.take() {
+        metrics.abort();
+    }
+    let _ = services.stop_dns.send(true);
+    services.upgrades.handed_over();
+    tracing::info!(
+        open = engine.active_connections(),
+        last_accepted = swept,
+        grace_secs = grace.as_secs(),
+        "upgrade: stopped accepting; draining open connections"
+    );
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    // `edgeproxy upgrade` hears the outcome from a task of this runtime.
+    while (engine.active_connections() > 0 || services.upgrades.replying())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::select! {
+            _ = poll.tick() => {}
+            cmd = crate::api::next_command(&mut services.api) => {
+                crate::api::execute(cmd, &mut reloader.lock());
+                if let Some(r) = &services.replication {
                     r.poke();
                 }
             }
         }
     }
+    deadline.saturating_duration_since(tokio::time::Instant::now())
 }
 
-/// Applies what can change without a restart and logs the rest.
+/// Applies what can change without a restart, warns about each
+/// restart-only key that differs from what runs (old → new), and returns the
+/// configuration that runs from now on (see `config_diff::split`).
 ///
 /// Everything the new listeners need (certificates) is built first: if any of
 /// it fails, nothing changes and the error is returned.
@@ -294,7 +611,7 @@ fn apply(
     new: &Config,
     engine: &mut Engine,
     tls: &mut TlsListeners,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Config> {
     let mut starting = Vec::new();
     for l in &new.listeners {
         if !old.listeners.contains(l) {
@@ -307,7 +624,18 @@ fn apply(
     }
     let new_knobs = knobs(new);
     if *engine.knobs() != new_knobs {
-        tracing::info!(?new_knobs, "limits and timeouts updated");
+        let mut changes = crate::config_diff::diff("limits", &old.limits, &new.limits);
+        changes.extend(crate::config_diff::diff(
+            "affinity",
+            &old.affinity,
+            &new.affinity,
+        ));
+        changes.extend(crate::config_diff::diff(
+            "log.access",
+            &old.log.access,
+            &new.log.access,
+        ));
+        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
         engine.set_knobs(new_knobs);
     }
     // Listeners: removed or changed ones stop; added or changed ones start.
@@ -329,45 +657,12 @@ fn apply(
             Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
         }
     }
-    let restart_only = [
-        ("runtime", old.runtime != new.runtime),
-        (
-            "routing.db_path",
-            old.routing.db_path != new.routing.db_path,
-        ),
-        ("geo", old.geo != new.geo),
-        ("pop", old.pop != new.pop),
-        ("demo", old.demo != new.demo),
-        ("log", old.log != new.log),
-        ("api", old.api != new.api),
-        ("dns", old.dns != new.dns),
-        ("metrics", old.metrics != new.metrics),
-        ("replication", old.replication != new.replication),
-        (
-            "health (except rtt_weight)",
-            old.health.global != new.health.global
-                || old.health.apps != new.health.apps
-                || old.health.max_concurrent != new.health.max_concurrent
-                || old.health.webhook_url != new.health.webhook_url,
-        ),
-        (
-            "circuit_breaker",
-            old.circuit_breaker != new.circuit_breaker,
-        ),
-        (
-            "rate_limit.tracked_clients",
-            old.rate_limit.tracked_clients != new.rate_limit.tracked_clients,
-        ),
-    ];
-    for (section, changed) in restart_only {
-        if changed {
-            tracing::warn!(
-                section,
-                "this setting changed but takes effect only after a restart"
-            );
-        }
+    let (next, restart) = crate::config_diff::split(old, new);
+    for change in &restart {
+        tracing::warn!(key = %change.key, old = %change.old, new = %change.new,
+            "changed in the file, but takes effect only after a restart; running with the old value");
     }
-    Ok(())
+    Ok(next)
 }
 
 fn log_pool(pool: &crate::pool_config::Pool) {
@@ -389,8 +684,8 @@ fn log_pool(pool: &crate::pool_config::Pool) {
 
 fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {
     let db = match &config.geo.db_path {
-        Some(path) => GeoDb::open(path)
-            .with_context(|| format!("cannot load GeoIP database {}", path.display()))?,
+        // GeoError names the file and its cause already.
+        Some(path) => GeoDb::open(path)?,
         None => GeoDb::embedded().context("cannot load the embedded GeoIP database")?,
     };
     let regions = match &config.geo.regions {
@@ -428,15 +723,17 @@ fn engine_settings(config: &Config) -> EngineSettings {
 
 fn knobs(config: &Config) -> Knobs {
     Knobs {
-        max_connections: config.limits.max_connections,
+        max_connections: crate::fd_limit::max_connections_now(config),
         max_connections_per_shard: config.limits.max_connections_per_shard,
         connect_timeout: config.limits.connect_timeout,
         connect_attempts: config.limits.connect_attempts,
         idle_timeout: config.limits.idle_timeout,
         affinity_ttl: config.affinity.ttl,
         affinity_gc_interval: config.affinity.gc_interval,
+        affinity_max_clients: config.affinity.max_clients as usize,
         rtt_weight: config.health.rtt_weight,
         client_limits: config.rate_limit.client_limits(),
+        access_log: config.log.access,
         ..Knobs::default()
     }
 }

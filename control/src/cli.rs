@@ -1,6 +1,7 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
-//! `edgeproxy cluster status` (replication's view).
+//! `edgeproxy completions SHELL`, `edgeproxy cluster status` (replication's
+//! view).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "edgeproxy",
     version,
+    long_version = crate::version::long(),
     about = "Edge TCP proxy for Points of Presence",
     long_about = "Edge TCP proxy for Points of Presence.\n\n\
         Proxies TCP connections to the best backend in the routing table \
@@ -22,7 +24,14 @@ use clap::{Parser, Subcommand};
         edgeProxy's environment variables (EDGEPROXY_LISTEN_ADDR, \
         EDGEPROXY_DB_PATH, EDGEPROXY_REGION, ...). Signals: SIGHUP re-reads \
         the config file and the routing table; SIGTERM/SIGINT stop accepting \
-        and drain open connections for limits.shutdown_grace_secs."
+        and drain open connections for limits.shutdown_grace_secs, and a \
+        second SIGTERM/SIGINT closes them at once; SIGUSR2 (or `edgeproxy \
+        upgrade`) starts the binary now at the proxy's path, hands it every \
+        listening socket, and drains once it serves.\n\n\
+        Relative paths in the config file are resolved against the file's \
+        directory. Under systemd (Type=notify, see config/edgeproxy.service) \
+        the proxy reports READY, RELOADING and STOPPING; with [metrics] on, \
+        GET /ready and /live answer probes."
 )]
 pub struct Cli {
     /// TOML configuration file (see config/edgeproxy.toml for every key).
@@ -45,30 +54,77 @@ pub enum Command {
     Run,
     /// Validate the configuration (file plus environment) and print the
     /// effective settings as TOML.
-    CheckConfig,
+    ///
+    /// Also binds every socket it configures and lets go (a port in use is
+    /// an error), and reads the routing table without changing it:
+    /// listeners that would refuse every connection (no eligible backend)
+    /// are warnings on stderr.
+    CheckConfig {
+        /// Do not bind the sockets: for a file a running proxy is about to
+        /// reload (its sockets are in use by that proxy).
+        #[arg(long)]
+        no_bind: bool,
+    },
     /// Manage backends through a running proxy's discovery API:
     /// list, add (register or update), rm (deregister), drain.
+    ///
+    /// The API's address and token come from --config's [api] section
+    /// unless --api and --token say otherwise.
     Backends(Box<crate::api::client::BackendsArgs>),
     /// Replication between POPs, through a running POP's API: `status`
     /// lists the members, their state, round trip, last sync and lag.
     Cluster(Box<crate::replication::cli::ClusterArgs>),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For example: `edgeproxy completions bash >
+    /// /etc/bash_completion.d/edgeproxy`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Upgrade a running proxy without dropping a connection: it starts the
+    /// binary now at its executable path, hands it every listening socket
+    /// and drains once the new process serves. If the new binary fails to
+    /// start, the running proxy keeps serving and this exits non-zero with
+    /// the reason.
+    Upgrade(crate::upgrade::client::UpgradeArgs),
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
         Command::Run => crate::app::run(cli.config),
-        Command::CheckConfig => crate::app::check(cli.config.as_deref()).map(|config| {
-            print!("{}", config.to_toml());
-        }),
-        Command::Backends(args) => crate::api::client::run(*args),
+        Command::CheckConfig { no_bind } => {
+            let options = crate::app::CheckOptions { no_bind };
+            crate::app::check(cli.config.as_deref(), options).and_then(|(config, warnings)| {
+                for w in &warnings {
+                    eprintln!("edgeproxy: warning: {w}");
+                }
+                Ok(crate::stdout::print(&config.to_toml())?)
+            })
+        }
+        Command::Backends(args) => crate::api::client::run(*args, cli.config.as_deref()),
         Command::Cluster(args) => crate::replication::cli::run(*args),
+        Command::Completions { shell } => completions(shell),
+        Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("edgeproxy: error: {e:#}");
+            let message = format!("{e:#}");
+            // A successor of a binary upgrade tells its predecessor why (it
+            // keeps serving); no-op otherwise.
+            crate::upgrade::inherit::report_failure(&message);
+            eprintln!("edgeproxy: error: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Writes the completion script for `shell` to stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "edgeproxy", &mut script);
+    Ok(crate::stdout::print(&String::from_utf8_lossy(&script))?)
 }

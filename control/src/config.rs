@@ -42,8 +42,9 @@ pub struct RawConfig {
     pub listeners: Option<Vec<RawListener>>,
     #[serde(default)]
     pub demo: RawDemo,
+    /// `[log]`: see `crate::log_config`.
     #[serde(default)]
-    pub log: RawLog,
+    pub log: crate::log_config::RawLog,
     #[serde(default)]
     pub metrics: RawMetrics,
     /// `[api]`: the discovery API, see `crate::api::config`.
@@ -65,6 +66,15 @@ pub struct RawConfig {
     /// `[pool]`: warm backend connections, see `crate::pool_config`.
     #[serde(default)]
     pub pool: crate::pool_config::RawPool,
+    /// `[upgrade]`: hitless binary upgrade, see `crate::upgrade::config`.
+    #[serde(default)]
+    pub upgrade: crate::upgrade::config::RawUpgrade,
+    /// `[config_watch]`: see `crate::config_watch`.
+    #[serde(default)]
+    pub config_watch: crate::config_watch::RawConfigWatch,
+    /// `[postgres]`: PostgreSQL as the routing source, see `crate::pg_source`.
+    #[serde(default)]
+    pub postgres: crate::pg_source::config::RawPostgres,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +115,7 @@ pub struct RawRouting {
 pub struct RawAffinity {
     pub ttl_secs: Option<u64>,
     pub gc_interval_secs: Option<u64>,
+    pub max_clients: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,12 +167,6 @@ pub struct RawDemo {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLog {
-    pub level: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawDns {
     pub enabled: Option<bool>,
     pub listen_addr: Option<String>,
@@ -199,7 +204,7 @@ pub struct Config {
     #[serde(rename = "listener")]
     pub listeners: Vec<Listener>,
     pub demo: Demo,
-    pub log: Log,
+    pub log: crate::log_config::Log,
     pub metrics: Metrics,
     pub api: crate::api::config::Api,
     pub dns: Dns,
@@ -208,6 +213,9 @@ pub struct Config {
     pub circuit_breaker: crate::health::config::Circuit,
     pub rate_limit: crate::client_limits::RateLimit,
     pub pool: crate::pool_config::Pool,
+    pub upgrade: crate::upgrade::config::Upgrade,
+    pub config_watch: crate::config_watch::ConfigWatchSettings,
+    pub postgres: crate::pg_source::config::Postgres,
 }
 
 /// The Prometheus admin listener.
@@ -258,6 +266,9 @@ pub struct Affinity {
     pub ttl: Duration,
     #[serde(rename = "gc_interval_secs", serialize_with = "ser_secs")]
     pub gc_interval: Duration,
+    /// Client bindings each affinity table holds at most (one table per
+    /// shard); new clients beyond it are served unbound.
+    pub max_clients: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -280,8 +291,10 @@ pub struct GeoOverride {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Limits {
-    /// 0 = unlimited.
-    pub max_connections: u32,
+    /// 0 = unlimited; `None`: derived from the open-files limit at start
+    /// (`crate::fd_limit`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// 0 = unlimited.
     pub max_connections_per_shard: u32,
     #[serde(rename = "connect_timeout_ms", serialize_with = "ser_ms")]
@@ -312,11 +325,6 @@ pub struct Demo {
     /// table at start (0 = none).
     pub backends: u32,
     pub app: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Log {
-    pub level: String,
 }
 
 /// The internal DNS server (`dns` crate): `.internal` names answered from the
@@ -370,7 +378,6 @@ pub mod defaults {
     /// fell from 1.2–1.3× HAProxy's (16 KiB buffers both) to 0.74–0.84×.
     pub const BUFFER_COUNT: u32 = 256;
     pub const BUFFER_SIZE: u32 = 64 * 1024;
-    pub const MAX_CONNECTIONS: u32 = 100_000;
     pub const CONNECT_TIMEOUT_MS: u64 = 2000;
     pub const CONNECT_ATTEMPTS: u32 = 3;
     pub const IDLE_TIMEOUT_SECS: u64 = 300;
@@ -486,17 +493,26 @@ pub fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
 }
 
 pub fn parse_toml(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    // The parser's own layout (line, source excerpt, caret under the
+    // column) only reads on several lines: keep its newlines.
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string().trim_end().replace('\n', " | "),
+        message: e.to_string().trim_end().to_string(),
     })
 }
 
 /// Loads the effective configuration: the file (if given) then the
 /// environment on top.
+///
+/// Relative paths in the file are resolved against the file's directory
+/// (see `crate::config_paths`).
 pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let raw = match path {
-        Some(p) => read_file(p)?,
+        Some(p) => {
+            let mut raw = read_file(p)?;
+            crate::config_paths::resolve(&mut raw, p);
+            raw
+        }
         None => RawConfig::default(),
     };
     Config::from_raw(raw, env)
@@ -630,9 +646,17 @@ impl Config {
         if gc == 0 {
             return Err(invalid("affinity.gc_interval_secs", "must be at least 1"));
         }
+        let max_clients = raw
+            .affinity
+            .max_clients
+            .unwrap_or(engine::affinity::DEFAULT_MAX_CLIENTS as u64);
+        if !(1..=100_000_000).contains(&max_clients) {
+            return Err(invalid("affinity.max_clients", "must be in 1..=100000000"));
+        }
         let affinity = Affinity {
             ttl: Duration::from_secs(ttl),
             gc_interval: Duration::from_secs(gc),
+            max_clients,
         };
 
         // --- geo
@@ -707,7 +731,7 @@ impl Config {
             ));
         }
         let limits = Limits {
-            max_connections: l.max_connections.unwrap_or(defaults::MAX_CONNECTIONS),
+            max_connections: l.max_connections,
             max_connections_per_shard: l.max_connections_per_shard.unwrap_or(0),
             connect_timeout: Duration::from_millis(connect_ms),
             connect_attempts,
@@ -804,21 +828,10 @@ impl Config {
             app: raw.demo.app.unwrap_or_else(|| defaults::DEMO_APP.into()),
         };
 
-        // --- log: DEBUG=1 (the original's switch) raises the level.
-        let mut level = raw.log.level.unwrap_or_else(|| "info".into());
-        if env_bool(env, "DEBUG")?.unwrap_or(false) {
-            level = "debug".into();
-        }
-        if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-            return Err(invalid(
-                "log.level",
-                format!("{level:?} is not one of error, warn, info, debug, trace"),
-            ));
-        }
-
         let dns = dns_section(raw.dns, env)?;
+        let upgrade = crate::upgrade::config::from_raw(raw.upgrade, env, &routing.db_path)?;
 
-        Ok(Config {
+        let config = Config {
             pop,
             runtime,
             routing,
@@ -827,7 +840,7 @@ impl Config {
             limits,
             listeners,
             demo,
-            log: Log { level },
+            log: crate::log_config::from_raw(raw.log, env)?,
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
             dns,
@@ -836,7 +849,12 @@ impl Config {
             circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
             rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,
             pool: crate::pool_config::from_raw(raw.pool, env)?,
-        })
+            upgrade,
+            config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
+            postgres: crate::pg_source::config::from_raw(raw.postgres, env)?,
+        };
+        crate::pg_source::config::check_combination(&config)?;
+        Ok(config)
     }
 
     /// The effective configuration as TOML, for `check-config`.
@@ -1080,6 +1098,7 @@ mod tests {
                 "[affinity]\ngc_interval_secs = 0\n",
                 "affinity.gc_interval_secs",
             ),
+            ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
         ] {
             let err = from(text, &NO_ENV).unwrap_err();

@@ -1,9 +1,11 @@
 //! Starts the internal DNS server (`dns` crate) from configuration.
 //!
-//! [`bind`] runs during startup, before `edgeproxy ready`: it binds both
-//! sockets, so a bad or busy address stops the process like a proxy listener
-//! would, and logs `dns listening udp=ADDR tcp=ADDR`. [`Bound::serve`] then
-//! runs on the control thread's Tokio runtime for the life of the process.
+//! [`bind`] runs during startup, before `edgeproxy ready` and before the
+//! routing store is opened: it binds both sockets, so a bad or busy address
+//! stops the process like a proxy listener would, and logs `dns listening
+//! udp=ADDR tcp=ADDR`. [`Bound::serve`] then runs on the control thread's
+//! Tokio runtime for the life of the process, answering from the routing
+//! snapshot it is given.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -20,15 +22,10 @@ use crate::config::Config;
 pub struct Bound {
     server: DnsServer,
     answerer: Answerer,
-    snapshot: SnapshotHandle,
 }
 
 /// Binds the DNS server if `[dns] enabled`; `None` when disabled.
-pub fn bind(
-    config: &Config,
-    snapshot: SnapshotHandle,
-    geo: Arc<GeoResolver>,
-) -> anyhow::Result<Option<Bound>> {
+pub fn bind(config: &Config, geo: Arc<GeoResolver>) -> anyhow::Result<Option<Bound>> {
     let c = &config.dns;
     if !c.enabled {
         return Ok(None);
@@ -55,12 +52,20 @@ pub fn bind(
     }
     let zone = ZoneConfig::new(&c.domain, c.ttl_secs, &config.pop.region, pops, ns_addrs)
         .context("invalid [dns] configuration")?;
-    let server = DnsServer::bind(ServerSettings {
+    let settings = ServerSettings {
         listen: c.listen_addr,
         tcp_idle_timeout: c.tcp_idle_timeout,
         tcp_max_connections: c.tcp_max_connections.get() as usize,
         udp_workers: c.udp_workers as usize,
-    })?;
+    };
+    let server = match inherited_sockets(c.listen_addr) {
+        Some((udp, tcp)) => DnsServer::from_sockets(udp, tcp, settings)?,
+        None => DnsServer::bind(settings)?,
+    };
+    let (udp_fds, tcp_fd) = server.sockets();
+    crate::upgrade::sockets::register("dns-udp", &udp_fds)
+        .and_then(|()| crate::upgrade::sockets::register("dns-tcp", &[tcp_fd]))
+        .context("dns: cannot register sockets for upgrades")?;
     let udp = server.udp_addr().context("dns udp socket")?;
     let tcp = server.tcp_addr().context("dns tcp listener")?;
     tracing::info!(%udp, %tcp, domain = %c.domain, ttl_secs = c.ttl_secs, pops = c.pops.len(),
@@ -68,14 +73,26 @@ pub fn bind(
     Ok(Some(Bound {
         server,
         answerer: Answerer::new(Arc::new(zone), geo),
-        snapshot,
     }))
 }
 
+/// Both DNS sockets, when a binary upgrade handed them over (`dns-udp` on
+/// the configured address, `dns-tcp` on the port UDP has).
+fn inherited_sockets(
+    listen: std::net::SocketAddr,
+) -> Option<(Vec<std::net::UdpSocket>, std::net::TcpListener)> {
+    let udp = crate::upgrade::sockets::take_udp_sockets("dns-udp", listen)?;
+    let at = udp.first()?.local_addr().ok()?;
+    let tcp = crate::upgrade::sockets::take_tcp_listener("dns-tcp", at)?;
+    Some((udp, tcp))
+}
+
 impl Bound {
-    /// Serves until the runtime stops. Spawn it on the control runtime.
-    pub async fn serve(self) {
-        if let Err(e) = self.server.run(self.answerer, self.snapshot).await {
+    /// Serves until `stop` turns true (after a binary upgrade handed the
+    /// sockets on) or the runtime stops, answering from `snapshot`. Spawn it
+    /// on the control runtime.
+    pub async fn serve(self, snapshot: SnapshotHandle, stop: tokio::sync::watch::Receiver<bool>) {
+        if let Err(e) = self.server.run_until(self.answerer, snapshot, stop).await {
             tracing::error!(error = %e, "dns server stopped");
         }
     }

@@ -1,11 +1,18 @@
-//! Log setup: `tracing` to stderr. `RUST_LOG` wins over the configured level
-//! (and over `DEBUG=1`, which the config maps to "debug").
+//! Log setup: `tracing` to stderr, as text or JSON (`[log] format`).
+//! `RUST_LOG` wins over the configured level (and over `DEBUG=1`, which the
+//! config maps to "debug").
+//!
+//! Fields are logged with `Display` (`backend=127.0.0.1:19101`), never as
+//! `Debug` renderings of options or structs (`Some(...)`): what is written is
+//! what an operator or a log shipper should match on.
 
 use std::io::IsTerminal;
 
-pub fn init(level: &str) {
+use crate::log_config::{Log, LogFormat};
+
+pub fn init(log: &Log) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
     // hickory-proto warns about each malformed DNS packet it decodes; the DNS
     // server answers those with FORMERR, so the warnings are noise that a
     // flood of junk packets would turn into a flood of logs. Unless RUST_LOG
@@ -13,9 +20,27 @@ pub fn init(level: &str) {
     if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("hickory")) {
         filter = filter.add_directive("hickory_proto=error".parse().expect("valid directive"));
     }
-    let _ = tracing_subscriber::fmt()
+    // Access-log lines are written at info whatever the level (they exist
+    // only when `[log] access` is on, which SIGHUP may switch), unless
+    // RUST_LOG says something about them.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains(crate::log_config::ACCESS_TARGET)) {
+        let directive = format!("{}=info", crate::log_config::ACCESS_TARGET);
+        filter = filter.add_directive(directive.parse().expect("valid directive"));
+    }
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // One object per line; fields beside `message` at the top level
+        // (not nested under "fields"), which is what shippers index.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
 }

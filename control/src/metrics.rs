@@ -26,20 +26,33 @@ pub struct Sources {
     pub replication: Option<crate::replication::status::StatusHandle>,
     /// Health checks and circuit breaker, when on.
     pub health: Option<crate::health::HealthLink>,
+    /// For `/ready` and `/live` (`crate::readiness`).
+    pub readiness: crate::readiness::Readiness,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
 /// failure is a clean startup error.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("metrics: cannot listen on {addr}"))?;
+    // After a binary upgrade the socket is the previous process's.
+    let listener = match crate::upgrade::sockets::take_tcp_listener("metrics", addr) {
+        Some(inherited) => inherited,
+        None => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("metrics: cannot listen on {addr}"))?,
+    };
     listener.set_nonblocking(true)?;
+    crate::upgrade::sockets::register("metrics", &[std::os::fd::AsFd::as_fd(&listener)])
+        .context("metrics: cannot register the socket for upgrades")?;
     Ok(listener)
 }
 
-/// Serves `/metrics` on the current Tokio runtime.
-pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Result<()> {
+/// Serves `/metrics` on the current Tokio runtime until the returned task
+/// is aborted (scrapes in progress finish).
+pub fn serve(
+    listener: std::net::TcpListener,
+    sources: Sources,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let probes = crate::readiness::routes(sources.readiness.clone());
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -58,14 +71,14 @@ pub fn serve(listener: std::net::TcpListener, sources: Sources) -> anyhow::Resul
         )
         .route(
             "/",
-            axum::routing::get(|| async { "edgeproxy admin: GET /metrics\n" }),
-        );
-    tokio::spawn(async move {
+            axum::routing::get(|| async { "edgeproxy admin: GET /metrics, /ready, /live\n" }),
+        )
+        .merge(probes);
+    Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics listener failed");
         }
-    });
-    Ok(())
+    }))
 }
 
 /// Writes one metric family: HELP, TYPE and its samples.
@@ -140,20 +153,38 @@ pub fn render(sources: &Sources) -> String {
     f.header(
         "edgeproxy_listener_connections_rejected_total",
         "counter",
-        "Client connections closed early, per listener and reason (limit: a connection limit; other: bad PROXY header, failed TLS handshake or no backend).",
+        "Client connections closed early, per listener and reason (client_limit: a per-client rate or connection limit; other: bad PROXY header, failed TLS handshake or no backend). A connection limit closes nothing: accepting pauses (see edgeproxy_listener_accept_limit_waits_total).",
     );
     for l in &listeners {
-        f.sample(
-            "edgeproxy_listener_connections_rejected_total",
-            &[("listener", &l.name), ("reason", "limit")],
-            l.rejected_limit,
-        );
         f.sample(
             "edgeproxy_listener_connections_rejected_total",
             &[("listener", &l.name), ("reason", "other")],
             l.rejected_other,
         );
+        f.sample(
+            "edgeproxy_listener_connections_rejected_total",
+            &[("listener", &l.name), ("reason", "client_limit")],
+            l.rejected_client_limit,
+        );
     }
+    f.header(
+        "edgeproxy_listener_accept_limit_waits_total",
+        "counter",
+        "Times a listener's accept loop paused because a connection limit was reached (clients then wait in the kernel's accept queue).",
+    );
+    for l in &listeners {
+        f.sample(
+            "edgeproxy_listener_accept_limit_waits_total",
+            &[("listener", &l.name)],
+            l.limit_waits,
+        );
+    }
+    f.single(
+        "edgeproxy_max_connections",
+        "gauge",
+        "The process-wide connection limit in force (0 = unlimited); by default derived from the open files limit.",
+        sources.engine.max_connections(),
+    );
     f.header(
         "edgeproxy_shard_connections_accepted_total",
         "counter",
@@ -178,7 +209,6 @@ pub fn render(sources: &Sources) -> String {
         "Client connections closed early, by reason.",
     );
     for (reason, n) in [
-        ("limit", s.rejected_limit),
         ("proxy_header", s.rejected_proxy_header),
         ("no_backend", s.no_backend),
         ("tls_handshake", s.tls_handshake_failures),
@@ -215,12 +245,6 @@ pub fn render(sources: &Sources) -> String {
         "counter",
         "Directions of connections moved with splice(2), without copying through user space, after a read filled a whole buffer (runtime.splice_bulk).",
         s.spliced_flows,
-    );
-    f.single(
-        "edgeproxy_backend_connect_failures_total",
-        "counter",
-        "Backend connect attempts that failed (refused, unreachable, timed out).",
-        s.connect_failures,
     );
     f.single(
         "edgeproxy_backend_connect_retries_total",
@@ -327,14 +351,16 @@ pub fn render(sources: &Sources) -> String {
             b.live.total.load(Relaxed),
         );
     }
+    // One family, a label per backend (sum() for the total): not a second
+    // family next to an unlabelled total.
     f.header(
-        "edgeproxy_backend_connect_failures_by_backend_total",
+        "edgeproxy_backend_connect_failures_total",
         "counter",
-        "Failed connect attempts, per backend.",
+        "Backend connect attempts that failed (refused, unreachable, timed out), per backend in the routing table.",
     );
     for b in &snap.backends {
         f.sample(
-            "edgeproxy_backend_connect_failures_by_backend_total",
+            "edgeproxy_backend_connect_failures_total",
             &[("backend", &b.id), ("app", &b.app)],
             b.live.connect_failures.load(Relaxed),
         );
@@ -396,6 +422,7 @@ pub fn render(sources: &Sources) -> String {
     if let Some(health) = &sources.health {
         health.render_metrics(&mut out);
     }
+    crate::process_metrics::render(&mut out);
     out
 }
 

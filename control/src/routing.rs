@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use engine::snapshot::{BackendRecord, Country, PopView, SnapshotBuilder, SnapshotHandle};
 
+use crate::no_backend_warn::Coverage;
 use crate::store::{Lifecycle, PopRow, RoutingStore, StoreError};
 
 /// Node ids of the cluster members currently alive (this node included),
@@ -45,6 +46,8 @@ pub struct RoutingReloader {
     next_expiry_ms: Option<i64>,
     /// Backends expired at the last reload, to log each change once.
     expired: BTreeSet<String>,
+    /// Listeners without an eligible backend, warned about after reloads.
+    coverage: Coverage,
     /// Set when replication runs: the snapshot then lists the cluster's POPs.
     pops: Option<PopsInput>,
     /// This POP's health view, applied over every snapshot (see `health`).
@@ -183,10 +186,17 @@ impl RoutingReloader {
         );
         record_verdicts(&mut store, &verdicts);
         if !expired.is_empty() {
-            tracing::info!(backends = ?expired, "registered backends with an expired heartbeat take no new connections");
+            tracing::info!(backends = %expired.iter().map(String::as_str).collect::<Vec<_>>().join(","), "registered backends with an expired heartbeat take no new connections");
         }
         let built = builder.build(&loaded.records);
         log_skipped(&built.skipped);
+        let mut coverage = Coverage::default();
+        coverage.observe(
+            &loaded.records,
+            &loaded.lifecycle,
+            &expired,
+            &built.snapshot,
+        );
         let handle = SnapshotHandle::new(built.snapshot);
         Ok(RoutingReloader {
             store,
@@ -196,6 +206,7 @@ impl RoutingReloader {
             ttl,
             next_expiry_ms,
             expired,
+            coverage,
             pops: None,
             health: None,
             last_records: loaded.records,
@@ -255,6 +266,12 @@ impl RoutingReloader {
 
     pub fn store_mut(&mut self) -> &mut RoutingStore {
         &mut self.store
+    }
+
+    /// Which listeners have no eligible backend, as of the last reload
+    /// (every reload warns about them; see `crate::no_backend_warn`).
+    pub fn coverage_mut(&mut self) -> &mut Coverage {
+        &mut self.coverage
     }
 
     /// Reloads if the store changed (or a heartbeat deadline passed). Errors
@@ -351,6 +368,13 @@ impl RoutingReloader {
                 tracing::info!(backend = %id, "backend heartbeat resumed: back in service");
             }
         }
+        self.coverage.observe(
+            &loaded.records,
+            &loaded.lifecycle,
+            &expired,
+            &self.handle.load(),
+        );
+        self.coverage.warn(&self.handle.load(), "reload");
         self.expired = expired;
         self.next_expiry_ms = next_expiry_ms;
         // After publishing: the verdicts are for the other POPs (and make

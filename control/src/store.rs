@@ -868,6 +868,16 @@ impl RoutingStore {
     }
 }
 
+/// Reads every row of an existing routing store without writing anything:
+/// no file is created, no schema migrated (for `check-config`).
+pub fn peek_read_only(path: &Path) -> Result<Loaded, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, Op::Open, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sql_err(path, Op::Open, e))?;
+    read_rows(&conn, path)
+}
+
 /// Returns a connection that matches the file now on disk, opening a new one
 /// if there is none or if the file was replaced or rewritten since the
 /// connection last saw it. The bool says whether it was (re)opened.

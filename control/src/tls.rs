@@ -175,8 +175,16 @@ pub enum TlsLoadError {
     },
     #[error("cannot generate a self-signed certificate: {0}")]
     SelfSigned(String),
+    // Not `#[from]`: that would make the rustls error a `source` as well,
+    // printed twice by `{:#}` chains.
     #[error("invalid TLS configuration: {0}")]
-    Config(#[from] rustls::Error),
+    Config(rustls::Error),
+}
+
+impl From<rustls::Error> for TlsLoadError {
+    fn from(e: rustls::Error) -> Self {
+        TlsLoadError::Config(e)
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -244,15 +252,28 @@ fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
+/// Organization of generated certificates: what an operator inspecting one
+/// (`openssl s_client`, a browser) sees issued it.
+pub const SELF_SIGNED_ORGANIZATION: &str = "edgeproxy";
+
 /// A fresh self-signed certificate (the original's behaviour when TLS is on
-/// and no certificate is given).
+/// and no certificate is given). Its subject is CN = the first of `names`,
+/// O = [`SELF_SIGNED_ORGANIZATION`] (rcgen's default subject would say
+/// "rcgen self signed cert"), its DNS SANs are `names`.
 pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, TlsLoadError> {
-    let generated = rcgen::generate_simple_self_signed(names.to_vec())
-        .map_err(|e| TlsLoadError::SelfSigned(e.to_string()))?;
-    let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der())
-        .map_err(|e| TlsLoadError::SelfSigned(e.to_string()))?;
-    let certified = CertifiedKey::from_der(vec![generated.cert.der().clone()], key, &provider())
-        .map_err(|e| TlsLoadError::SelfSigned(e.to_string()))?;
+    let fail = |e: &dyn std::fmt::Display| TlsLoadError::SelfSigned(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| fail(&e))?;
+    let mut subject = rcgen::DistinguishedName::new();
+    if let Some(first) = names.first() {
+        subject.push(rcgen::DnType::CommonName, first.as_str());
+    }
+    subject.push(rcgen::DnType::OrganizationName, SELF_SIGNED_ORGANIZATION);
+    params.distinguished_name = subject;
+    let signing_key = rcgen::KeyPair::generate().map_err(|e| fail(&e))?;
+    let cert = params.self_signed(&signing_key).map_err(|e| fail(&e))?;
+    let key = PrivateKeyDer::try_from(signing_key.serialize_der()).map_err(|e| fail(&e))?;
+    let certified =
+        CertifiedKey::from_der(vec![cert.der().clone()], key, &provider()).map_err(|e| fail(&e))?;
     Ok(Arc::new(certified))
 }
 
@@ -390,6 +411,17 @@ impl TlsListeners {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn load_errors_name_their_cause_once() {
+        use std::error::Error;
+        let e = TlsLoadError::from(rustls::Error::General("bad".into()));
+        assert!(e.source().is_none(), "{e}");
+        assert_eq!(
+            format!("{:#}", anyhow::Error::new(e)),
+            "invalid TLS configuration: unexpected error: bad"
+        );
+    }
+
     use super::*;
 
     fn raw(toml_text: &str) -> RawTls {

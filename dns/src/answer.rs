@@ -64,6 +64,14 @@ pub const REPLY_CACHE_TTL: Duration = Duration::from_millis(200);
 /// Replies kept at most; the cache is emptied when full (random names
 /// cannot grow it without bound).
 const REPLY_CACHE_ENTRIES: usize = 8192;
+/// Bytes of keys and replies kept at most (per answerer: each UDP worker
+/// and TCP connection has its own): the cache is emptied past it. Without
+/// it, 8,192 entries of the largest queries and TCP replies could hold
+/// hundreds of megabytes.
+pub const REPLY_CACHE_BYTES: usize = 2 << 20;
+/// Only queries up to this long are cached: a real query for one name is
+/// far smaller, and garbage (which gets FORMERR) must not fill the cache.
+const MAX_CACHED_QUERY: usize = 512;
 
 /// A reply's size limit without EDNS (RFC 1035).
 const CLASSIC_UDP_PAYLOAD: u16 = 512;
@@ -105,6 +113,8 @@ struct ReplyCache {
     /// The snapshot the entries were computed from (version and address).
     snapshot: (u64, usize),
     entries: HashMap<Vec<u8>, (Instant, Answered, Vec<u8>)>,
+    /// Bytes of keys and replies in `entries`.
+    bytes: usize,
     /// Scratch: the key being looked up.
     key: Vec<u8>,
 }
@@ -151,8 +161,16 @@ impl Answerer {
             snapshot as *const RoutingSnapshot as usize,
         );
         let cache = &mut self.replies;
-        if cache.snapshot != snap_key || cache.entries.len() >= REPLY_CACHE_ENTRIES {
+        if cache.snapshot != snap_key
+            || cache.entries.len() >= REPLY_CACHE_ENTRIES
+            || cache.bytes >= REPLY_CACHE_BYTES
+        {
             cache.entries.clear();
+            // Give back what a burst of large entries took.
+            if cache.entries.capacity() > REPLY_CACHE_ENTRIES {
+                cache.entries.shrink_to(REPLY_CACHE_ENTRIES);
+            }
+            cache.bytes = 0;
             cache.snapshot = snap_key;
         }
         cache.key.clear();
@@ -169,10 +187,24 @@ impl Answerer {
             }
         }
         let answered = self.answer(query, client, transport, snapshot, out)?;
-        let key = self.replies.key.clone();
-        self.replies
-            .entries
-            .insert(key, (now, answered, out.clone()));
+        // Worth keeping: answers for names (not errors, which cost little
+        // to compute and are what garbage gets), for queries of sane size.
+        let cacheable = query.len() <= MAX_CACHED_QUERY
+            && matches!(
+                answered.rcode,
+                ResponseCode::NoError | ResponseCode::NXDomain
+            );
+        if cacheable {
+            let key = self.replies.key.clone();
+            self.replies.bytes += key.len() + out.len();
+            if let Some(old) = self
+                .replies
+                .entries
+                .insert(key, (now, answered, out.clone()))
+            {
+                self.replies.bytes -= self.replies.key.len() + old.2.len();
+            }
+        }
         Some(answered)
     }
 
@@ -197,9 +229,13 @@ impl Answerer {
         if query.len() < 12 || query[2] & 0x80 != 0 {
             return None;
         }
-        let request = match Message::from_vec(query) {
+        let decoded = match counts_fit(query) {
+            true => Message::from_vec(query).map_err(|_| ()),
+            false => Err(()),
+        };
+        let request = match decoded {
             Ok(m) => m,
-            Err(_) => {
+            Err(()) => {
                 let id = u16::from_be_bytes([query[0], query[1]]);
                 let op_code = OpCode::from_u8((query[2] >> 3) & 0x0f);
                 let mut meta = Metadata::new(id, MessageType::Response, op_code);
@@ -355,6 +391,23 @@ fn size_limit(transport: Transport, query_edns: Option<&Edns>) -> u16 {
         (Transport::Udp, None) => CLASSIC_UDP_PAYLOAD,
         (Transport::Udp, Some(e)) => e.max_payload().clamp(CLASSIC_UDP_PAYLOAD, MAX_UDP_PAYLOAD),
     }
+}
+
+/// Whether the header's section counts fit in the message at all: a
+/// question takes at least 5 bytes (root name, type, class), a record 11.
+///
+/// Checked before hickory decodes anything: its decoder reserves room for
+/// as many questions as the header claims (`Vec::with_capacity(qdcount)`),
+/// so a 12-byte datagram claiming 65,535 questions made it allocate
+/// megabytes per packet. Found by `tests/bounded_memory.rs`: 5,000 garbage
+/// datagrams a round grew resident memory round after round, the allocator
+/// keeping the large blocks. A message that fails this check is malformed
+/// anyway (FORMERR).
+fn counts_fit(query: &[u8]) -> bool {
+    let count = |at: usize| u16::from_be_bytes([query[at], query[at + 1]]) as usize;
+    let body = query.len().saturating_sub(12);
+    let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
+    qd * 5 + (an + ns + ar) * 11 <= body
 }
 
 /// The SOA serial: the snapshot version (it bumps on every routing change).

@@ -19,6 +19,11 @@
 //!   further ones wait in the listen backlog until one closes.
 //! - Every answer runs under `catch_unwind`: a bug triggered by one packet
 //!   costs that packet, not the server.
+//! - A binary upgrade hands the sockets to the next process
+//!   ([`DnsServer::from_sockets`] takes them over there); the old one stops
+//!   reading through [`DnsServer::run_until`]'s stop signal, between
+//!   batches, so no datagram it has read goes unanswered, and what it has
+//!   not read stays queued for the successor.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -28,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use engine::snapshot::SnapshotHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::{watch, Semaphore};
 
 use crate::answer::{Answerer, Transport};
 
@@ -55,13 +60,16 @@ pub struct ServerSettings {
 }
 
 /// Why the server could not start.
+///
+/// The io::Error is in the message, so it is a plain field (`cause`), not a
+/// `source`: `{:#}` error chains would print it twice.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BindError {
-    #[error("cannot bind DNS UDP socket on {addr}: {source}")]
-    Udp { addr: SocketAddr, source: io::Error },
-    #[error("cannot bind DNS TCP listener on {addr}: {source}")]
-    Tcp { addr: SocketAddr, source: io::Error },
+    #[error("cannot bind DNS UDP socket on {addr}: {cause}")]
+    Udp { addr: SocketAddr, cause: io::Error },
+    #[error("cannot bind DNS TCP listener on {addr}: {cause}")]
+    Tcp { addr: SocketAddr, cause: io::Error },
 }
 
 /// Both sockets, bound, not yet served.
@@ -81,15 +89,15 @@ impl DnsServer {
         let mut attempts = if want.port() == 0 { 8 } else { 1 };
         // Nothing else may listen there: with SO_REUSEPORT another process's
         // sockets would be joined silently and share the queries.
-        ensure_udp_unused(want).map_err(|source| BindError::Udp { addr: want, source })?;
+        ensure_udp_unused(want).map_err(|cause| BindError::Udp { addr: want, cause })?;
         loop {
-            let first = bind_udp(want).map_err(|source| BindError::Udp { addr: want, source })?;
+            let first = bind_udp(want).map_err(|cause| BindError::Udp { addr: want, cause })?;
             let got = first
                 .local_addr()
-                .map_err(|source| BindError::Udp { addr: want, source })?;
+                .map_err(|cause| BindError::Udp { addr: want, cause })?;
             let mut udp = vec![first];
             for _ in 1..settings.udp_workers.max(1) {
-                udp.push(bind_udp(got).map_err(|source| BindError::Udp { addr: got, source })?);
+                udp.push(bind_udp(got).map_err(|cause| BindError::Udp { addr: got, cause })?);
             }
             match bind_tcp(got) {
                 Ok(tcp) => {
@@ -98,9 +106,63 @@ impl DnsServer {
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts > 1 => {
                     attempts -= 1;
                 }
-                Err(source) => return Err(BindError::Tcp { addr: got, source }),
+                Err(cause) => return Err(BindError::Tcp { addr: got, cause }),
             }
         }
+    }
+
+    /// Takes over sockets that already serve (handed over by the process
+    /// this one upgrades from): `udp` in their `SO_REUSEPORT` group, `tcp`
+    /// listening. Every inherited UDP socket is served, even beyond
+    /// `udp_workers` (a socket of the group nobody reads would swallow its
+    /// share of the queries); with fewer than `udp_workers`, more join the
+    /// group.
+    pub fn from_sockets(
+        udp: Vec<std::net::UdpSocket>,
+        tcp: std::net::TcpListener,
+        settings: ServerSettings,
+    ) -> Result<DnsServer, BindError> {
+        let tcp_addr = tcp.local_addr().map_err(|cause| BindError::Tcp {
+            addr: settings.listen,
+            cause,
+        })?;
+        tcp.set_nonblocking(true).map_err(|cause| BindError::Tcp {
+            addr: tcp_addr,
+            cause,
+        })?;
+        let mut udp = udp;
+        let first = udp.first().ok_or_else(|| BindError::Udp {
+            addr: settings.listen,
+            cause: io::Error::new(io::ErrorKind::InvalidInput, "no UDP socket to take over"),
+        })?;
+        let got = first.local_addr().map_err(|cause| BindError::Udp {
+            addr: settings.listen,
+            cause,
+        })?;
+        for socket in &udp {
+            socket
+                .set_nonblocking(true)
+                .map_err(|cause| BindError::Udp { addr: got, cause })?;
+        }
+        while udp.len() < settings.udp_workers.max(1) {
+            udp.push(bind_udp(got).map_err(|cause| BindError::Udp { addr: got, cause })?);
+        }
+        Ok(DnsServer { udp, tcp, settings })
+    }
+
+    /// Every socket, for a binary upgrade's hand-over: the UDP ones in group
+    /// order, then the TCP listener.
+    pub fn sockets(
+        &self,
+    ) -> (
+        Vec<std::os::fd::BorrowedFd<'_>>,
+        std::os::fd::BorrowedFd<'_>,
+    ) {
+        use std::os::fd::AsFd;
+        (
+            self.udp.iter().map(|s| s.as_fd()).collect(),
+            self.tcp.as_fd(),
+        )
     }
 
     pub fn udp_addr(&self) -> io::Result<SocketAddr> {
@@ -114,10 +176,29 @@ impl DnsServer {
     /// Serves both sockets until the runtime stops. Returns early only if the
     /// sockets cannot be registered with the runtime.
     pub async fn run(self, answerer: Answerer, snapshot: SnapshotHandle) -> io::Result<()> {
+        let (_never, stop) = watch::channel(false);
+        self.run_until(answerer, snapshot, stop).await
+    }
+
+    /// Serves until `stop` turns true: then every worker stops reading and
+    /// the TCP listener stops accepting (the sockets close here; TCP
+    /// connections already open are served to their end).
+    pub async fn run_until(
+        self,
+        answerer: Answerer,
+        snapshot: SnapshotHandle,
+        stop: watch::Receiver<bool>,
+    ) -> io::Result<()> {
         let mut sockets = self.udp.into_iter();
         let udp = UdpSocket::from_std(sockets.next().expect("at least one UDP socket"))?;
         for (i, socket) in sockets.enumerate() {
-            spawn_udp_worker(i + 1, socket, answerer.clone(), snapshot.clone())?;
+            spawn_udp_worker(
+                i + 1,
+                socket,
+                answerer.clone(),
+                snapshot.clone(),
+                stop.clone(),
+            )?;
         }
         let tcp = TcpListener::from_std(self.tcp)?;
         let tcp_task = tokio::spawn(serve_tcp(
@@ -125,10 +206,19 @@ impl DnsServer {
             answerer.clone(),
             snapshot.clone(),
             self.settings.clone(),
+            stop.clone(),
         ));
-        serve_udp(udp, answerer, snapshot).await;
-        tcp_task.abort();
+        serve_udp(udp, answerer, snapshot, stop).await;
+        let _ = tcp_task.await;
         Ok(())
+    }
+}
+
+/// Resolves once `stop` says true; never if its sender is gone without
+/// saying so.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -139,6 +229,7 @@ fn spawn_udp_worker(
     socket: std::net::UdpSocket,
     answerer: Answerer,
     snapshot: SnapshotHandle,
+    stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -149,7 +240,7 @@ fn spawn_udp_worker(
         .spawn(move || {
             runtime.block_on(async move {
                 match UdpSocket::from_std(socket) {
-                    Ok(socket) => serve_udp(socket, answerer, snapshot).await,
+                    Ok(socket) => serve_udp(socket, answerer, snapshot, stop).await,
                     Err(e) => {
                         tracing::error!(worker = id, error = %e, "dns: cannot serve udp socket")
                     }
@@ -209,10 +300,21 @@ fn answer_guarded(
     }
 }
 
-async fn serve_udp(socket: UdpSocket, mut answerer: Answerer, snapshot: SnapshotHandle) {
+async fn serve_udp(
+    socket: UdpSocket,
+    mut answerer: Answerer,
+    snapshot: SnapshotHandle,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut batch = udp_batch::Batch::new();
     loop {
-        let received = match batch.recv(&socket).await {
+        // Stopping only here, between batches: a receive that has not
+        // completed has read nothing (readiness, then recvmmsg in one poll).
+        let received = tokio::select! {
+            r = batch.recv(&socket) => r,
+            () = stopped(&mut stop) => return,
+        };
+        let received = match received {
             Ok(n) => n,
             Err(e) => {
                 // ICMP errors from earlier sends surface here (ECONNREFUSED);
@@ -255,13 +357,22 @@ async fn serve_tcp(
     answerer: Answerer,
     snapshot: SnapshotHandle,
     settings: ServerSettings,
+    mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(settings.tcp_max_connections.max(1)));
     loop {
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p,
+            () = stopped(&mut stop) => return,
+        };
+        let Ok(permit) = permit else {
             return; // the semaphore is never closed
         };
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
@@ -277,6 +388,7 @@ async fn serve_tcp(
         let idle = settings.tcp_idle_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let _ = stream.set_nodelay(true);
             if let Err(e) = serve_connection(stream, peer, answerer, snapshot, idle).await {
                 tracing::debug!(%peer, error = %e, "dns: tcp connection ended");
             }
@@ -295,14 +407,18 @@ enum ConnEnd {
     Io(#[from] io::Error),
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
+/// One TCP connection (RFC 7766 framing). Generic over the stream so the
+/// framing can be fuzzed over an in-memory pipe.
+async fn serve_connection<S>(
+    mut stream: S,
     peer: SocketAddr,
     mut answerer: Answerer,
     snapshot: SnapshotHandle,
     idle: Duration,
-) -> Result<(), ConnEnd> {
-    let _ = stream.set_nodelay(true);
+) -> Result<(), ConnEnd>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut query = Vec::new();
     let mut out = Vec::new();
     let mut frame = Vec::new();
@@ -343,6 +459,26 @@ async fn serve_connection(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bind_errors_name_their_cause_once() {
+        use std::error::Error;
+        let addr: std::net::SocketAddr = "127.0.0.1:53".parse().unwrap();
+        for e in [
+            super::BindError::Udp {
+                addr,
+                cause: std::io::ErrorKind::AddrInUse.into(),
+            },
+            super::BindError::Tcp {
+                addr,
+                cause: std::io::ErrorKind::AddrInUse.into(),
+            },
+        ] {
+            // `{:#}` chains append each source: none may repeat the message.
+            assert!(e.source().is_none(), "{e}");
+            assert!(e.to_string().contains("address in use"), "{e}");
+        }
+    }
+
     use super::*;
 
     fn settings(listen: SocketAddr, udp_workers: usize) -> ServerSettings {
@@ -363,6 +499,153 @@ mod tests {
             assert_eq!(socket.local_addr().unwrap(), addr);
         }
         assert_eq!(server.tcp_addr().unwrap().port(), addr.port());
+    }
+
+    /// Fuzzing the TCP framing (RFC 7766) with what a client can send over
+    /// one connection: length-prefixed frames, some whole queries, some
+    /// garbage, some lengths with nothing or too little after them, arriving
+    /// in arbitrary pieces, then the client half-closes. Properties: no
+    /// panic, no hang (the connection ends once the client is done), and
+    /// what comes back is a sequence of whole frames, each a decodable
+    /// response, no more of them than frames sent. Runs for
+    /// `EDGEPROXY_FUZZ_SECS` (default 10) under `cargo test`; see
+    /// `dns/tests/fuzz_dns.rs` for the datagram targets.
+    #[test]
+    fn tcp_framing_keeps_its_contract_whatever_the_client_sends() {
+        use bolero::{check, TypeGenerator};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        #[derive(Debug, TypeGenerator)]
+        enum Frame {
+            /// A query for `<label>.internal`, framed correctly.
+            Query {
+                id: u16,
+                label: u8,
+            },
+            /// Any bytes, framed correctly.
+            Framed(Vec<u8>),
+            /// A length, then whatever follows.
+            Length(u16),
+            Raw(Vec<u8>),
+        }
+
+        let budget = std::env::var("EDGEPROXY_FUZZ_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10u64);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let zone = crate::ZoneConfig::new("internal", 5, "sa", Vec::new(), Vec::new()).unwrap();
+        let geo =
+            engine::geo::GeoResolver::new(Vec::new(), None, engine::geo::RegionMap::default());
+        let answerer = Answerer::new(Arc::new(zone), Arc::new(geo));
+        let snapshot =
+            SnapshotHandle::new(engine::snapshot::SnapshotBuilder::new().build(&[]).snapshot);
+        check!()
+            .with_test_time(Duration::from_secs(budget))
+            .with_type::<(Vec<Frame>, Vec<u8>)>()
+            .for_each(|(frames, pieces)| {
+                let mut input = Vec::new();
+                let mut framed = 0;
+                for f in frames {
+                    match f {
+                        Frame::Query { id, label } => {
+                            let mut q = id.to_be_bytes().to_vec();
+                            q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1]);
+                            q.push(b'a' + label % 26);
+                            q.extend_from_slice(b"\x08internal\x00\x00\x01\x00\x01");
+                            input.extend_from_slice(&(q.len() as u16).to_be_bytes());
+                            input.extend_from_slice(&q);
+                            framed += 1;
+                        }
+                        Frame::Framed(bytes) => {
+                            input.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+                            input.extend_from_slice(bytes);
+                            framed += 1;
+                        }
+                        Frame::Length(n) => input.extend_from_slice(&n.to_be_bytes()),
+                        Frame::Raw(bytes) => input.extend_from_slice(bytes),
+                    }
+                }
+                let answerer = answerer.clone();
+                let snapshot = snapshot.clone();
+                runtime.block_on(async move {
+                    let (mut client, server) = tokio::io::duplex(4096);
+                    let peer: SocketAddr = "127.0.0.1:5300".parse().unwrap();
+                    let served = tokio::spawn(serve_connection(
+                        server,
+                        peer,
+                        answerer,
+                        snapshot,
+                        Duration::from_secs(30),
+                    ));
+                    let (mut rx, mut tx) = tokio::io::split(&mut client);
+                    let write = async {
+                        let mut at = 0;
+                        let mut sizes = pieces.iter().map(|p| *p as usize + 1).cycle();
+                        while at < input.len() {
+                            let n = sizes.next().unwrap_or(input.len()).min(input.len() - at);
+                            // The server may have closed: later writes fail.
+                            if tx.write_all(&input[at..at + n]).await.is_err() {
+                                break;
+                            }
+                            at += n;
+                        }
+                        let _ = tx.shutdown().await;
+                    };
+                    let read = async {
+                        let mut out = Vec::new();
+                        let _ = rx.read_to_end(&mut out).await;
+                        out
+                    };
+                    let session = async { tokio::join!(write, read).1 };
+                    let out = tokio::time::timeout(Duration::from_secs(20), session)
+                        .await
+                        .expect("the connection did not end after the client did");
+                    let _ = served.await;
+                    // Whole frames, each a response.
+                    let mut rest = out.as_slice();
+                    let mut replies = 0;
+                    while !rest.is_empty() {
+                        assert!(rest.len() >= 2, "a partial length in the output");
+                        let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
+                        assert!(rest.len() >= 2 + len, "a partial frame in the output");
+                        let reply = hickory_proto::op::Message::from_vec(&rest[2..2 + len])
+                            .expect("an undecodable reply");
+                        assert_eq!(
+                            reply.metadata.message_type,
+                            hickory_proto::op::MessageType::Response
+                        );
+                        rest = &rest[2 + len..];
+                        replies += 1;
+                    }
+                    assert!(
+                        replies <= framed,
+                        "{replies} replies to {framed} framed messages"
+                    );
+                });
+            });
+    }
+
+    #[test]
+    fn taken_over_sockets_are_all_kept_and_more_join_when_asked() {
+        let first = DnsServer::bind(settings("127.0.0.1:0".parse().unwrap(), 3)).unwrap();
+        let addr = first.udp_addr().unwrap();
+        let tcp_addr = first.tcp_addr().unwrap();
+        // Fewer workers asked than sockets inherited: every socket is kept.
+        let again = DnsServer::from_sockets(first.udp, first.tcp, settings(addr, 1)).unwrap();
+        assert_eq!(again.udp.len(), 3);
+        assert_eq!(again.tcp_addr().unwrap(), tcp_addr);
+        // More asked: they join the same group.
+        let more = DnsServer::from_sockets(again.udp, again.tcp, settings(addr, 5)).unwrap();
+        assert_eq!(more.udp.len(), 5);
+        for socket in &more.udp {
+            assert_eq!(socket.local_addr().unwrap(), addr);
+        }
+        let (udp, _tcp) = more.sockets();
+        assert_eq!(udp.len(), 5);
     }
 
     #[test]

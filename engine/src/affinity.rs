@@ -19,6 +19,11 @@
 //! * Expired bindings are removed when a lookup finds them and by
 //!   [`AffinityTable::gc`]; the owner must call `gc` periodically, otherwise
 //!   bindings of clients that never return stay in memory.
+//! * **Bounded.** At most [`AffinityTable::set_max_clients`] bindings
+//!   (default [`DEFAULT_MAX_CLIENTS`]): a new client that finds the table
+//!   full is served but not bound (counted in [`AffinityTable::unbound`]),
+//!   until `gc` frees room. Without a bound, one client per address of an
+//!   IPv6 /64 could grow the table without limit within one TTL.
 //!
 //! Bindings hold the backend *id*, not an index, so they survive snapshot
 //! swaps; whether the backend is still usable is checked by
@@ -44,7 +49,15 @@ struct Binding {
 pub struct AffinityTable {
     bindings: HashMap<IpAddr, Binding>,
     ttl: Duration,
+    max_clients: usize,
+    /// New clients not bound because the table was full, since the last
+    /// [`AffinityTable::take_unbound`].
+    unbound: u64,
 }
+
+/// Bindings a table holds by default: about 64 MB at most (a binding takes
+/// about 64 bytes with the map's overhead).
+pub const DEFAULT_MAX_CLIENTS: usize = 1_000_000;
 
 /// An affinity table shared between shards, used when connections from one
 /// client cannot be steered to one shard (PROXY-protocol listeners, or when
@@ -64,7 +77,21 @@ impl AffinityTable {
         AffinityTable {
             bindings: HashMap::new(),
             ttl,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            unbound: 0,
         }
+    }
+
+    /// Holds at most `max` bindings from now on (bindings beyond it are
+    /// kept until they expire; no new client is bound meanwhile).
+    pub fn set_max_clients(&mut self, max: usize) {
+        self.max_clients = max;
+    }
+
+    /// New clients left unbound because the table was full, since the last
+    /// call; resets the count.
+    pub fn take_unbound(&mut self) -> u64 {
+        std::mem::take(&mut self.unbound)
     }
 
     /// True when `b`, checked at `now`, has been idle for longer than the TTL.
@@ -100,8 +127,13 @@ impl AffinityTable {
         if self.ttl.is_zero() {
             return;
         }
+        let k = key(ip);
+        if self.bindings.len() >= self.max_clients && !self.bindings.contains_key(&k) {
+            self.unbound += 1;
+            return;
+        }
         self.bindings.insert(
-            key(ip),
+            k,
             Binding {
                 backend,
                 last_seen: now,
@@ -168,6 +200,27 @@ mod tests {
 
     fn hit(t: &mut AffinityTable, ip: IpAddr, now: Instant) -> Option<String> {
         t.lookup(ip, now).map(|b| b.to_string())
+    }
+
+    #[test]
+    fn a_full_table_binds_no_new_client_until_gc_frees_room() {
+        let mut t = AffinityTable::new(TTL);
+        t.set_max_clients(2);
+        let t0 = Instant::now();
+        t.bind(ip(1), id("b1"), t0);
+        t.bind(ip(2), id("b2"), t0 + TTL / 2);
+        t.bind(ip(3), id("b3"), t0 + TTL / 2);
+        assert_eq!(t.len(), 2);
+        assert_eq!(hit(&mut t, ip(3), t0 + TTL / 2), None);
+        // A bound client still moves to another backend.
+        t.bind(ip(1), id("b9"), t0 + TTL / 2);
+        assert_eq!(hit(&mut t, ip(1), t0 + TTL / 2).as_deref(), Some("b9"));
+        assert_eq!(t.take_unbound(), 1);
+        assert_eq!(t.take_unbound(), 0);
+        // ip(2) expires; gc makes room for ip(3).
+        assert_eq!(t.gc(t0 + TTL * 2), 2);
+        t.bind(ip(3), id("b3"), t0 + TTL * 2);
+        assert_eq!(hit(&mut t, ip(3), t0 + TTL * 2).as_deref(), Some("b3"));
     }
 
     #[test]

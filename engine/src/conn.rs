@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{select, try_join, Either};
 
+use crate::access::{self, Tally};
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
 use crate::passive::PassiveKind;
 use crate::pool::handover::{self, HandOver};
@@ -27,7 +28,7 @@ use crate::rate_limit::Refused;
 use crate::rt::{self, Chunk, TcpStream};
 use crate::select::{self, Choice, ClientGeo};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
-use crate::stats::ShardStats;
+use crate::stats::{ByteCount, ShardStats};
 use crate::tls_conn::{TlsError, TlsSession};
 
 /// Why a client connection ended early. Logged at debug level and counted.
@@ -49,10 +50,29 @@ pub enum ConnError {
     TlsHandshake(TlsError),
     #[error("no tls handshake within {0:?}")]
     TlsHandshakeTimeout(Duration),
-    #[error("{0}")]
+    #[error(transparent)]
     Tls(#[from] TlsError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl ConnError {
+    /// A short, stable name for how the connection ended, for the access
+    /// log's `end` field.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnError::ProxyHeader(_) => "proxy_header",
+            ConnError::ProxyHeaderTimeout(_) => "proxy_header_timeout",
+            ConnError::NoBackend { .. } => "no_backend",
+            ConnError::Idle(_) => "idle_timeout",
+            ConnError::TlsHandshake(_) => "tls_handshake",
+            ConnError::TlsHandshakeTimeout(_) => "tls_handshake_timeout",
+            ConnError::Tls(_) => "tls_error",
+            ConnError::Io(_) => "io_error",
+            ConnError::RateLimited(_) => "rate_limited",
+            ConnError::ClientConnLimit(_) => "client_conn_limit",
+        }
+    }
 }
 
 pub(crate) async fn serve(
@@ -62,10 +82,28 @@ pub(crate) async fn serve(
     peer: SocketAddr,
     _slot: ConnSlot,
 ) {
-    match serve_inner(&ctx, &lctx, &client, peer).await {
+    // Only connections that will write an access-log line keep a tally: a
+    // connection's task is what it costs while idle, so without the log it
+    // carries one pointer more, not the tally.
+    let tally = ctx.knobs().access_log.then(|| Box::new(Tally::new(peer)));
+    let result = serve_inner(&ctx, &lctx, &client, peer, tally.as_deref()).await;
+    if let Some(tally) = &tally {
+        let (end, error) = match &result {
+            Ok(()) => ("closed", String::new()),
+            Err(e) => (e.reason(), e.to_string()),
+        };
+        access::log(
+            &lctx.spec.name,
+            lctx.spec.app.as_deref(),
+            tally,
+            end,
+            &error,
+        );
+    }
+    match result {
         // Counted where they were refused; a flood must not flood the log.
         Err(ConnError::RateLimited(_) | ConnError::ClientConnLimit(_)) => {
-            ShardStats::bump(&lctx.stats.rejected_limit);
+            ShardStats::bump(&lctx.stats.rejected_client_limit);
         }
         Ok(()) => {}
         Err(e) => {
@@ -85,7 +123,11 @@ pub(crate) async fn serve(
                 ShardStats::bump(c);
                 ShardStats::bump(&lctx.stats.rejected_other);
             }
-            tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, %peer, error = %e, "connection ended");
+            if matches!(e, ConnError::NoBackend { .. }) {
+                ShardStats::bump(&lctx.stats.no_backend);
+            }
+            tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
+                app = lctx.spec.app.as_deref().unwrap_or("*"), %peer, error = %e, "connection ended");
         }
     }
 }
@@ -95,6 +137,7 @@ async fn serve_inner(
     lctx: &ListenerCtx,
     client: &TcpStream,
     peer: SocketAddr,
+    tally: Option<&Tally>,
 ) -> Result<(), ConnError> {
     let knobs = ctx.knobs();
     let buffer_len = ctx.shared.settings.buffer_size as usize;
@@ -112,6 +155,9 @@ async fn serve_inner(
     } else {
         (peer, None)
     };
+    if let Some(t) = tally {
+        t.client.set(client_addr);
+    }
     // Per-client limits, on the real client (after PROXY protocol) and
     // before any TLS or backend work is spent on it.
     let client_ip = canonical_ip(client_addr.ip());
@@ -137,7 +183,9 @@ async fn serve_inner(
             match rt::timeout(tls.handshake_timeout, handshake).await {
                 Some(Ok((session, early))) => {
                     ShardStats::bump(&ctx.stats.tls_handshakes);
-                    tracing::debug!(shard = ctx.id, sni = ?session.sni(), alpn = ?session.alpn(), "tls handshake done");
+                    tracing::debug!(shard = ctx.id, sni = session.sni().as_deref().unwrap_or("-"),
+                        alpn = %String::from_utf8_lossy(session.alpn().as_deref().unwrap_or(b"-")),
+                        "tls handshake done");
                     (Some(Box::new(session)), early)
                 }
                 Some(Err(e)) => return Err(ConnError::TlsHandshake(e)),
@@ -232,6 +280,16 @@ async fn serve_inner(
         let (error, kind) = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
+                if live.mark_connecting() {
+                    tracing::info!(shard = ctx.id, backend = %live.id, %addr,
+                        "backend connects again: no longer failing");
+                }
+                tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, client = %client_addr,
+                    backend = %addr, backend_id = %live.id, "proxying");
+                if let Some(t) = tally {
+                    t.backend.set(Some(addr));
+                    *t.backend_id.borrow_mut() = Some(Arc::clone(&live.id));
+                }
                 break (stream, live);
             }
             Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed),
@@ -242,7 +300,15 @@ async fn serve_inner(
         };
         record_connect_failure(ctx, &live);
         ctx.shared.passive.report(&live.id, kind);
-        tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error, "backend connect failed");
+        // One WARN when a backend starts failing, not one per failure: a
+        // dead backend would otherwise log every connection that tried it.
+        // The control side logs a rate-limited summary of the counts.
+        if live.mark_failing() {
+            tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error,
+                "backend connect failed: marked failing until a connect succeeds");
+        } else {
+            tracing::debug!(shard = ctx.id, backend = %live.id, %addr, %error, "backend connect failed");
+        }
         failed.push(Arc::clone(&live.id));
         if failed.len() >= attempts {
             return Err(ConnError::NoBackend {
@@ -252,14 +318,13 @@ async fn serve_inner(
         ShardStats::bump(&ctx.stats.retries);
     };
     let active = ActiveGuard::new(live);
-    tracing::debug!(shard = ctx.id, client = %client_addr, backend = ?backend.peer_addr().ok(), "proxying");
 
     if lctx.spec.send_proxy_protocol && !header_sent {
         let (header, len) = proxy_header(client, client_addr)?;
         rt::write_bytes(&backend, header, len).await?;
     }
     if let Some(early) = pending {
-        ShardStats::add(&ctx.stats.bytes_client_to_backend, early.len() as u64);
+        byte_counts(ctx, tally).0.add(early.len() as u64);
         rt::write_chunk(&backend, early).await?;
     }
     let backend_reset = Cell::new(false);
@@ -267,6 +332,7 @@ async fn serve_inner(
         None => {
             splice(
                 ctx,
+                tally,
                 client,
                 &backend,
                 knobs.idle_timeout,
@@ -277,7 +343,7 @@ async fn serve_inner(
         }
         Some(session) => {
             Box::pin(splice_tls(
-                ctx,
+                byte_counts(ctx, tally),
                 session,
                 client,
                 &backend,
@@ -420,16 +486,35 @@ async fn read_proxy_header(
     }
 }
 
+/// Where the bytes of each direction (client → backend, backend → client)
+/// are counted: the shard's totals and the connection's own tally. Built
+/// where a pump starts rather than kept in the connection's task, which is
+/// what an idle connection costs.
+fn byte_counts<'a>(ctx: &'a ShardCtx, tally: Option<&'a Tally>) -> (ByteCount<'a>, ByteCount<'a>) {
+    (
+        ByteCount {
+            shard: &ctx.stats.bytes_client_to_backend,
+            conn: tally.map(|t| &t.up),
+        },
+        ByteCount {
+            shard: &ctx.stats.bytes_backend_to_client,
+            conn: tally.map(|t| &t.down),
+        },
+    )
+}
+
 /// Pumps bytes both ways until both directions have ended. A reset read
 /// from the backend sets `backend_reset` (a passive health event).
 async fn splice(
     ctx: &ShardCtx,
+    tally: Option<&Tally>,
     client: &TcpStream,
     backend: &TcpStream,
     idle: Duration,
     buffer_len: usize,
     backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
+    let (up_bytes, down_bytes) = byte_counts(ctx, tally);
     let activity = Cell::new(Instant::now());
     // Where switched flows are counted, when bulk flows are spliced at all.
     let spliced = ctx
@@ -438,20 +523,14 @@ async fn splice(
         .splice_bulk
         .then_some(&ctx.stats.spliced_flows);
     let up = pump(
-        client,
-        backend,
-        &activity,
-        buffer_len,
-        &ctx.stats.bytes_client_to_backend,
-        spliced,
-        None,
+        client, backend, &activity, buffer_len, up_bytes, spliced, None,
     );
     let down = pump(
         backend,
         client,
         &activity,
         buffer_len,
-        &ctx.stats.bytes_backend_to_client,
+        down_bytes,
         spliced,
         Some(backend_reset),
     );
@@ -461,7 +540,7 @@ async fn splice(
 
 /// `splice` for a TLS client: decrypt up, encrypt down.
 async fn splice_tls(
-    ctx: &ShardCtx,
+    (up_bytes, down_bytes): (ByteCount<'_>, ByteCount<'_>),
     session: &TlsSession,
     client: &TcpStream,
     backend: &TcpStream,
@@ -470,19 +549,13 @@ async fn splice_tls(
     backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
     let activity = Cell::new(Instant::now());
-    let up = session.pump_up(
-        client,
-        backend,
-        &activity,
-        buffer_len,
-        &ctx.stats.bytes_client_to_backend,
-    );
+    let up = session.pump_up(client, backend, &activity, buffer_len, up_bytes);
     let down = session.pump_down(
         backend,
         client,
         &activity,
         buffer_len,
-        &ctx.stats.bytes_backend_to_client,
+        down_bytes,
         backend_reset,
     );
     let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
@@ -521,7 +594,7 @@ async fn pump(
     dst: &TcpStream,
     activity: &Cell<Instant>,
     buffer_len: usize,
-    bytes: &std::sync::atomic::AtomicU64,
+    bytes: ByteCount<'_>,
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
     src_reset: Option<&Cell<bool>>,
 ) -> io::Result<()> {
@@ -539,7 +612,7 @@ async fn pump(
             }
             Some(chunk) => {
                 activity.set(Instant::now());
-                ShardStats::add(bytes, chunk.len() as u64);
+                bytes.add(chunk.len() as u64);
                 // A read that filled a whole buffer is a bulk flow: from here
                 // on the kernel moves its bytes (see `rt::splice_to_end`).
                 let bulk = chunk.len() >= buffer_len;
@@ -551,7 +624,7 @@ async fn pump(
                             // Boxed: only bulk flows pay for its state.
                             return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
                                 activity.set(Instant::now());
-                                ShardStats::add(bytes, n as u64);
+                                bytes.add(n as u64);
                             }))
                             .await;
                         }
@@ -575,5 +648,44 @@ async fn idle_watch(activity: &Cell<Instant>, idle: Duration) {
             return;
         }
         rt::sleep_until(deadline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{:#}` chains (anyhow) print each error's message, then each source's:
+    /// a message that already includes its source prints it twice
+    /// ("Address already in use (os error 98): Address already in use").
+    fn assert_cause_once(e: &dyn std::error::Error) {
+        let mut parent = e.to_string();
+        let mut next = e.source();
+        while let Some(source) = next {
+            let text = source.to_string();
+            assert!(!parent.contains(&text), "{parent:?} repeats {text:?}");
+            parent = text;
+            next = source.source();
+        }
+    }
+
+    #[test]
+    fn every_error_names_its_cause_once() {
+        let io = || io::Error::from(io::ErrorKind::ConnectionReset);
+        let tls = || rustls::Error::General("bad record".into());
+        for e in [
+            ConnError::ProxyHeader("x".into()),
+            ConnError::ProxyHeaderTimeout(Duration::from_secs(1)),
+            ConnError::NoBackend { attempts: 2 },
+            ConnError::Idle(Duration::from_secs(1)),
+            ConnError::TlsHandshake(TlsError::from(tls())),
+            ConnError::TlsHandshakeTimeout(Duration::from_secs(1)),
+            ConnError::from(TlsError::from(tls())),
+            ConnError::from(TlsError::from(io())),
+            ConnError::from(TlsError::ClosedInHandshake),
+            ConnError::from(io()),
+        ] {
+            assert_cause_once(&e);
+        }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     /// The warm-connection pool's policy; `None` = off. Each shard's pool
     /// task reads it once per tick (see `pool::driver`), connections never.
     pub pool_policy: Arc<arc_swap::ArcSwapOption<crate::pool::Policy>>,
+    /// Set by [`crate::FastStop`]: a drain in progress ends now.
+    pub stop_now: Arc<AtomicBool>,
 }
 
 /// What every connection task of a shard shares.
@@ -98,6 +100,17 @@ pub(crate) struct ListenerCtx {
 }
 
 /// Keeps a connection counted (shard and process) until dropped.
+///
+/// Limits are enforced before serving, never by closing: an accept loop
+/// asks [`ConnSlot::room`] and, when a limit is reached, stops accepting
+/// until a slot frees, so further clients wait in the kernel's accept queue
+/// (served later) instead of being accepted and closed (HAProxy's `maxconn`
+/// works the same way). An accept that was already pending when the limit
+/// was reached holds its client, unserved, until there is room: at most one
+/// such descriptor per listener per shard, which the default limit (derived
+/// from the open-files limit) keeps in reserve. Two shards that find the
+/// last slot free at the same moment may both take it: the count can pass
+/// the process-wide limit by one per shard in that race.
 pub(crate) struct ConnSlot {
     ctx: Rc<ShardCtx>,
     lctx: Rc<ListenerCtx>,
@@ -105,28 +118,31 @@ pub(crate) struct ConnSlot {
 }
 
 impl ConnSlot {
-    /// Takes a slot, or `None` when a limit is reached.
-    pub fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> Option<ConnSlot> {
+    /// Whether this shard may accept another connection now: below the
+    /// per-shard limit and the process-wide one (0 = unlimited).
+    pub fn room(ctx: &ShardCtx) -> bool {
         let knobs = ctx.knobs();
         let shard_max = knobs.max_connections_per_shard;
         if shard_max != 0 && ctx.stats.active() >= shard_max {
-            return None;
+            return false;
         }
         let global_max = knobs.max_connections;
-        if global_max != 0 {
-            let before = ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
-            if before >= global_max {
-                ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
-                return None;
-            }
+        global_max == 0 || ctx.shared.active_total.load(Ordering::Relaxed) < global_max
+    }
+
+    /// Counts an accepted connection.
+    pub fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> ConnSlot {
+        let counted_globally = ctx.knobs().max_connections != 0;
+        if counted_globally {
+            ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
         }
         ctx.stats.active.fetch_add(1, Ordering::Relaxed);
         lctx.stats.active.fetch_add(1, Ordering::Relaxed);
-        Some(ConnSlot {
+        ConnSlot {
             ctx: Rc::clone(ctx),
             lctx: Rc::clone(lctx),
-            counted_globally: global_max != 0,
-        })
+            counted_globally,
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +53,16 @@ struct ShardHandle {
     pool: Arc<PoolStats>,
 }
 
+/// Ends a drain in progress at once. See [`Engine::fast_stop`].
+#[derive(Clone)]
+pub struct FastStop(Arc<AtomicBool>);
+
+impl FastStop {
+    pub fn trigger(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A listener that is running on every shard.
 #[derive(Debug, Clone)]
 pub struct RunningListener {
@@ -62,6 +72,11 @@ pub struct RunningListener {
     pub steered: bool,
     /// The listener's counters, one per shard.
     pub stats: Vec<Arc<ListenerStats>>,
+    /// Duplicates of the listener's sockets, in the order of their
+    /// `SO_REUSEPORT` group (the order the steering program indexes): what a
+    /// successor process takes over on a binary upgrade. The shards own the
+    /// originals; both refer to the same sockets.
+    pub sockets: Arc<[std::os::fd::OwnedFd]>,
 }
 
 /// A read-only view of every counter of the data plane, for metrics. Cheap to
@@ -72,15 +87,23 @@ pub struct StatsView {
     pools: Arc<Vec<Arc<PoolStats>>>,
     listeners: Arc<Mutex<Vec<RunningListener>>>,
     passive: Arc<PassiveReporter>,
+    knobs: Arc<ArcSwap<Knobs>>,
 }
 
 /// One listener's counters summed over shards.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListenerSummary {
     pub name: String,
+    /// The app it serves; `None`: every app.
+    pub app: Option<String>,
     pub accepted: u64,
-    pub rejected_limit: u64,
+    /// Times its accept loops paused at a connection limit.
+    pub limit_waits: u64,
     pub rejected_other: u64,
+    /// Closed for want of a backend (part of `rejected_other`).
+    pub no_backend: u64,
+    /// Refused by a per-client limit.
+    pub rejected_client_limit: u64,
     pub active: u64,
 }
 
@@ -88,6 +111,11 @@ impl StatsView {
     /// Passive health events queued for the control side, and dropped.
     pub fn passive_events(&self) -> (u64, u64) {
         (self.passive.sent(), self.passive.dropped())
+    }
+
+    /// The process-wide connection limit in force (0 = unlimited).
+    pub fn max_connections(&self) -> u32 {
+        self.knobs.load().max_connections
     }
 
     pub fn summary(&self) -> StatsSummary {
@@ -120,12 +148,15 @@ impl StatsView {
             .map(|l| {
                 let mut s = ListenerSummary {
                     name: l.spec.name.to_string(),
+                    app: l.spec.app.as_deref().map(str::to_string),
                     ..Default::default()
                 };
                 for st in &l.stats {
                     s.accepted += st.accepted.load(Relaxed);
-                    s.rejected_limit += st.rejected_limit.load(Relaxed);
+                    s.limit_waits += st.limit_waits.load(Relaxed);
                     s.rejected_other += st.rejected_other.load(Relaxed);
+                    s.no_backend += st.no_backend.load(Relaxed);
+                    s.rejected_client_limit += st.rejected_client_limit.load(Relaxed);
                     s.active += u64::from(st.active.load(Relaxed));
                 }
                 s
@@ -146,7 +177,51 @@ pub struct Engine {
     passive_events: Option<PassiveEvents>,
 }
 
+/// Every listener's sockets, bound for a number of shards, not yet served.
+/// [`Engine::bind`] makes them, [`Engine::start_bound`] serves them; dropping
+/// them closes the sockets.
+#[derive(Debug)]
+pub struct BoundListeners {
+    shards: usize,
+    groups: Vec<(Arc<ListenerSpec>, listener::BoundGroup)>,
+}
+
+impl BoundListeners {
+    /// Listeners bound (or adopted) by the caller, for `shards` shards.
+    pub fn from_groups(
+        shards: usize,
+        groups: Vec<(ListenerSpec, listener::BoundGroup)>,
+    ) -> BoundListeners {
+        BoundListeners {
+            shards: shards.max(1),
+            groups: groups
+                .into_iter()
+                .map(|(spec, group)| (Arc::new(spec), group))
+                .collect(),
+        }
+    }
+
+    /// The bound address of each listener, in the order given.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.groups.iter().map(|(_, g)| g.local_addr).collect()
+    }
+}
+
 impl Engine {
+    /// Binds every listener (one socket per shard each) without starting
+    /// anything: a bad address or a port in use fails here. `check-config`
+    /// binds this way and lets go; `run` binds before it creates anything
+    /// else.
+    pub fn bind(listeners: &[ListenerSpec], shards: usize) -> Result<BoundListeners, EngineError> {
+        let shards = shards.max(1);
+        let mut groups = Vec::with_capacity(listeners.len());
+        for spec in listeners {
+            groups.push((Arc::new(spec.clone()), bind(spec, shards, true)?));
+        }
+        Ok(BoundListeners { shards, groups })
+    }
+
+    /// [`Engine::bind`] then [`Engine::start_bound`].
     pub fn start(
         settings: EngineSettings,
         knobs: Knobs,
@@ -154,21 +229,50 @@ impl Engine {
         snapshot: SnapshotHandle,
         geo: Arc<GeoResolver>,
     ) -> Result<Engine, EngineError> {
-        let shard_count = settings.shards.max(1);
-        let mut groups = Vec::with_capacity(listeners.len());
-        for spec in listeners {
-            groups.push((Arc::new(spec.clone()), bind(spec, shard_count, true)?));
-        }
+        let bound = Self::bind(listeners, settings.shards)?;
+        Self::start_bound(settings, knobs, bound, snapshot, geo)
+    }
+
+    /// Binds a listener's sockets for an engine of `shards` shards, refusing
+    /// an address something already listens on. With
+    /// [`BoundListeners::from_groups`] the caller may mix such groups with
+    /// sockets it already holds ([`listener::adopt_group`], a binary
+    /// upgrade).
+    pub fn bind_listener(
+        spec: &ListenerSpec,
+        shards: usize,
+    ) -> Result<listener::BoundGroup, EngineError> {
+        bind(spec, shards.max(1), true)
+    }
+
+    /// Starts one shard per socket of `bound` (as many as it was bound for,
+    /// whatever `settings.shards` says) and hands each its sockets.
+    pub fn start_bound(
+        settings: EngineSettings,
+        knobs: Knobs,
+        bound: BoundListeners,
+        snapshot: SnapshotHandle,
+        geo: Arc<GeoResolver>,
+    ) -> Result<Engine, EngineError> {
+        let BoundListeners {
+            shards: shard_count,
+            groups,
+        } = bound;
         let (reporter, passive_events) = passive::channel(passive::CAPACITY);
         let shared = Arc::new(Shared {
             passive: reporter,
-            shared_affinity: Arc::new(Mutex::new(AffinityTable::new(knobs.affinity_ttl))),
+            shared_affinity: Arc::new(Mutex::new({
+                let mut table = AffinityTable::new(knobs.affinity_ttl);
+                table.set_max_clients(knobs.affinity_max_clients);
+                table
+            })),
             settings,
             snapshot,
             geo,
             knobs: Arc::new(ArcSwap::from_pointee(knobs)),
             active_total: AtomicU32::new(0),
             pool_policy: Arc::new(arc_swap::ArcSwapOption::empty()),
+            stop_now: Arc::default(),
         });
         let mut engine = Engine {
             shared,
@@ -185,7 +289,7 @@ impl Engine {
             }
         }
         for (spec, group) in groups {
-            engine.hand_out(spec, group);
+            engine.hand_out(spec, group)?;
         }
         Ok(engine)
     }
@@ -215,18 +319,39 @@ impl Engine {
         ready.map_err(|cause| EngineError::Runtime { shard: id, cause })
     }
 
-    fn hand_out(&mut self, spec: Arc<ListenerSpec>, group: listener::BoundGroup) {
+    /// Gives socket *i* of the group to shard *i* mod the shard count (one
+    /// each when the group was bound for this engine; several per shard
+    /// when it was adopted from a process that ran more shards).
+    fn hand_out(
+        &mut self,
+        spec: Arc<ListenerSpec>,
+        group: listener::BoundGroup,
+    ) -> Result<(), EngineError> {
         if !group.steered {
             tracing::warn!(listener = %spec.name,
                 "kernel refused the reuseport steering program; affinity uses a shared table");
         }
+        let sockets = group
+            .sockets
+            .iter()
+            .map(|s| std::os::fd::AsFd::as_fd(s).try_clone_to_owned())
+            .collect::<io::Result<Arc<[_]>>>()
+            .map_err(|cause| EngineError::Bind {
+                listener: spec.name.to_string(),
+                addr: group.local_addr,
+                cause,
+            })?;
         let stats: Vec<Arc<ListenerStats>> = self.shards.iter().map(|_| Arc::default()).collect();
-        for ((shard, socket), stats) in self.shards.iter().zip(group.sockets).zip(&stats) {
-            let _ = shard.commands.try_send(Command::AddListener {
+        let shard_count = self.shards.len();
+        for (i, socket) in group.sockets.into_iter().enumerate() {
+            let shard = i % shard_count;
+            let _ = self.shards[shard].commands.try_send(Command::AddListener {
                 spec: Arc::clone(&spec),
                 socket,
+                // Steered to socket i, so to the shard that serves it: a
+                // client's connections still meet one affinity table.
                 steered: group.steered,
-                stats: Arc::clone(stats),
+                stats: Arc::clone(&stats[shard]),
             });
         }
         self.listeners.push(RunningListener {
@@ -234,15 +359,27 @@ impl Engine {
             local_addr: group.local_addr,
             steered: group.steered,
             stats,
+            sockets,
         });
         self.publish_listeners();
+        Ok(())
     }
 
+    /// Copies the listeners, without their sockets, for the stats views:
+    /// a view must not keep a socket open after the engine let it go.
     fn publish_listeners(&self) {
+        let counted = self
+            .listeners
+            .iter()
+            .map(|l| RunningListener {
+                sockets: Arc::new([]),
+                ..l.clone()
+            })
+            .collect();
         *self
             .published_listeners
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = self.listeners.clone();
+            .unwrap_or_else(|p| p.into_inner()) = counted;
     }
 
     /// A view of the counters for a metrics exporter on another thread.
@@ -252,6 +389,7 @@ impl Engine {
             pools: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.pool)).collect()),
             listeners: Arc::clone(&self.published_listeners),
             passive: Arc::clone(&self.shared.passive),
+            knobs: Arc::clone(&self.shared.knobs),
         }
     }
 
@@ -281,7 +419,7 @@ impl Engine {
         let exclusive = !self.retired_addrs.contains(&spec.addr);
         let group = bind(&spec, self.shards.len(), exclusive)?;
         let addr = group.local_addr;
-        self.hand_out(Arc::new(spec), group);
+        self.hand_out(Arc::new(spec), group)?;
         Ok(addr)
     }
 
@@ -301,6 +439,38 @@ impl Engine {
                 .try_send(Command::RemoveListener(Arc::clone(&removed.spec.name)));
         }
         true
+    }
+
+    /// Stops accepting on every listener, losing no connection already
+    /// queued on a socket: each shard cancels its accepts gently, serves what
+    /// they and a last non-blocking sweep return, and closes its sockets.
+    /// Waits up to `timeout` for the shards to confirm; returns how many
+    /// connections the final sweeps took, or `None` if a shard did not
+    /// answer in time. Open connections go on. Used after a binary upgrade,
+    /// once the successor accepts on the same sockets: nothing queued is
+    /// reset, because the sockets stay open in the successor.
+    pub fn stop_accepting(&mut self, timeout: Duration) -> Option<usize> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for shard in &self.shards {
+            if shard
+                .commands
+                .try_send(Command::StopAccepting { done: tx.clone() })
+                .is_ok()
+            {
+                asked += 1;
+            }
+        }
+        drop(tx);
+        self.listeners.clear();
+        self.publish_listeners();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut swept = 0;
+        for _ in 0..asked {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            swept += rx.recv_timeout(left).ok()?;
+        }
+        Some(swept)
     }
 
     /// New connections use `knobs` from now on.
@@ -333,15 +503,30 @@ impl Engine {
     }
 
     /// Stops accepting everywhere, lets open connections finish for up to
-    /// `grace`, then closes what is left and joins every shard thread.
+    /// `grace`, then closes what is left and joins every shard thread. Blocks
+    /// until then; [`Engine::fast_stop`] cuts the wait short from another
+    /// thread.
     pub fn shutdown(mut self, grace: Duration) {
         self.stop(grace);
+    }
+
+    /// A handle that ends a [`Engine::shutdown`] in progress at once (the
+    /// operator's second stop signal): the shards close what is still open
+    /// and exit.
+    pub fn fast_stop(&self) -> FastStop {
+        FastStop(Arc::clone(&self.shared.stop_now))
     }
 
     fn stop(&mut self, grace: Duration) {
         for shard in &self.shards {
             let _ = shard.commands.try_send(Command::Shutdown { grace });
         }
+        // Our copies of the listening sockets (kept for a binary upgrade)
+        // go now: once the shards' accept loops let theirs go, new clients
+        // are refused rather than queued for nobody during the drain. The
+        // published list keeps the counters (metrics during the drain) and
+        // holds no socket.
+        self.listeners.clear();
         for shard in &mut self.shards {
             shard.commands.close();
             if let Some(thread) = shard.thread.take() {

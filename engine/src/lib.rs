@@ -4,12 +4,14 @@
 //! runtime-free and tested deterministically; everything that touches compio
 //! lives in [`rt`], used by the shard and connection modules.
 
+pub mod access;
 pub mod affinity;
 mod conn;
 mod ctx;
 mod engine;
 pub mod geo;
 pub mod listener;
+pub mod log_limit;
 pub mod passive;
 pub mod pool;
 pub mod proxy_protocol;
@@ -23,5 +25,7 @@ pub mod stats;
 pub mod tls;
 mod tls_conn;
 
-pub use engine::{Engine, EngineError, ListenerSummary, RunningListener, StatsView};
+pub use engine::{
+    BoundListeners, Engine, EngineError, FastStop, ListenerSummary, RunningListener, StatsView,
+};
 pub use settings::{EngineSettings, Knobs, ListenerSpec};

@@ -76,6 +76,63 @@ pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<BoundGroup> {
     })
 }
 
+/// Takes over sockets that already listen (handed over by the process this
+/// one upgrades from) as a group for `shards` shards, binding nothing that
+/// already exists. `sockets` must be in their `SO_REUSEPORT` group's order
+/// (the order they started listening in), all on one address.
+///
+/// With as many sockets as shards, each shard gets one, as if bound here.
+/// With more, shards serve several each (the caller deals them out by index).
+/// With fewer, the missing ones are bound on the same address and join the
+/// group after the inherited ones. Either way the steering program is
+/// attached again for the group's new size, so a client's connections keep
+/// reaching one socket.
+pub fn adopt_group(sockets: Vec<std::net::TcpListener>, shards: usize) -> io::Result<BoundGroup> {
+    let first = sockets
+        .first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no socket to adopt"))?;
+    let local_addr = first.local_addr()?;
+    for s in &sockets {
+        let addr = s.local_addr()?;
+        if addr != local_addr {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inherited sockets disagree on their address: {local_addr} and {addr}"),
+            ));
+        }
+        let socket = socket2::SockRef::from(s);
+        if !socket.is_listener()? || socket.r#type()? != Type::STREAM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("inherited socket on {addr} is not a listening TCP socket"),
+            ));
+        }
+        s.set_nonblocking(true)?;
+    }
+    let mut sockets = sockets;
+    while sockets.len() < shards {
+        let socket = Socket::new(
+            Domain::for_address(local_addr),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&local_addr.into())?;
+        socket.listen(BACKLOG)?;
+        socket.set_nonblocking(true)?;
+        sockets.push(socket.into());
+    }
+    let count = sockets.len();
+    let steered = count <= 1 || attach_steering(&sockets[0], count as u32).is_ok();
+    Ok(BoundGroup {
+        sockets,
+        local_addr,
+        steered,
+    })
+}
+
 // Classic BPF opcodes (linux/filter.h: class | size | mode), spelled out to
 // keep the program readable. BPF_LD is class 0 and BPF_W size 0.
 const BPF_LD_B_ABS: u16 = 0x10 | 0x20;

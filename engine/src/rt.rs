@@ -94,6 +94,104 @@ impl<F: Future, S: Future<Output = ()>> Future for Timeout<F, S> {
     }
 }
 
+/// Accepts that register with one cancel token before it is replaced. A
+/// token remembers every operation ever registered with it (a weak reference
+/// that pins the operation's allocation) until it is cancelled, so a token
+/// kept for the life of a listener would grow by one entry per connection.
+/// Replacing it every 64 accepts bounds that at 64 entries per accept loop for
+/// one small allocation per 64 connections.
+const ACCEPTS_PER_TOKEN: u32 = 64;
+
+/// Lets an accept loop be stopped without losing a connection.
+///
+/// Dropping an accept future is not safe for that: if the kernel completed
+/// the accept just before the drop, the new connection is closed with it
+/// (the client sees a reset). Instead, [`AcceptGate::stop`] cancels the
+/// accept in flight through a compio cancel token and lets it come back:
+/// either cancelled (nothing was dequeued) or with a connection, which the
+/// loop then serves. After that, [`AcceptGate::accept`] returns `None`.
+///
+/// Accepts in io_uring wait with an *exclusive* poll on the socket: one
+/// arriving connection wakes one waiter. A cancelled accept may have taken
+/// that wake-up with it while its connection stays queued, which another
+/// process sharing the socket (a successor after a binary upgrade) would not
+/// hear about until the next connection arrives. So a stopped loop takes
+/// what is queued at that moment with [`accept_now`] before it lets the
+/// socket go.
+pub struct AcceptGate {
+    stopped: std::cell::Cell<bool>,
+    token: std::cell::RefCell<compio::runtime::CancelToken>,
+    registered: std::cell::Cell<u32>,
+}
+
+impl AcceptGate {
+    /// Must be called on a shard's runtime.
+    pub fn new() -> AcceptGate {
+        AcceptGate {
+            stopped: std::cell::Cell::new(false),
+            token: std::cell::RefCell::new(compio::runtime::CancelToken::new()),
+            registered: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The next connection, or `None` once the gate is stopped and the
+    /// accept that was in flight came back without one.
+    pub async fn accept(
+        &self,
+        listener: &TcpListener,
+    ) -> Option<io::Result<(TcpStream, SocketAddr)>> {
+        use compio::runtime::FutureExt as _;
+        if self.stopped.get() {
+            return None;
+        }
+        if self.registered.get() >= ACCEPTS_PER_TOKEN {
+            *self.token.borrow_mut() = compio::runtime::CancelToken::new();
+            self.registered.set(0);
+        }
+        self.registered.set(self.registered.get() + 1);
+        let token = self.token.borrow().clone();
+        match listener.accept().with_cancel(token).await {
+            // Accepted, stopped or not: the connection is ours to serve.
+            Ok(conn) => Some(Ok(conn)),
+            Err(_) if self.stopped.get() => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    /// Stops the loop: the accept in flight is cancelled (or completes).
+    pub fn stop(&self) {
+        self.stopped.set(true);
+        self.token.borrow().clone().cancel();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.get()
+    }
+}
+
+impl Default for AcceptGate {
+    fn default() -> Self {
+        AcceptGate::new()
+    }
+}
+
+/// A connection already queued on `listener`, without waiting: `Ok(None)`
+/// when there is none. A plain non-blocking `accept4(2)` (the listening
+/// sockets are `O_NONBLOCK`), used only after an [`AcceptGate`] stopped.
+pub fn accept_now(listener: &TcpListener) -> io::Result<Option<(TcpStream, SocketAddr)>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: a borrowed view of a descriptor `listener` owns and keeps open
+    // for this call; ManuallyDrop keeps the view from closing it.
+    let view = std::mem::ManuallyDrop::new(unsafe {
+        std::net::TcpListener::from_raw_fd(listener.as_raw_fd())
+    });
+    match view.accept() {
+        Ok((stream, peer)) => Ok(Some((TcpStream::from_std(stream)?, peer))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 pub fn listener_from_std(listener: std::net::TcpListener) -> io::Result<TcpListener> {
     TcpListener::from_std(listener)
 }

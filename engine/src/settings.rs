@@ -65,6 +65,9 @@ pub struct Knobs {
     pub affinity_ttl: Duration,
     /// How often expired bindings are swept.
     pub affinity_gc_interval: Duration,
+    /// Bindings each affinity table holds at most (each shard has one, and
+    /// unsteered listeners share one more).
+    pub affinity_max_clients: usize,
     /// How long a PROXY-protocol header may take to arrive.
     pub proxy_header_timeout: Duration,
     /// Weight of the health-check RTT in selection scoring, per millisecond
@@ -72,6 +75,8 @@ pub struct Knobs {
     pub rtt_weight: f64,
     /// Per-client rate limit and concurrent-connection cap.
     pub client_limits: crate::rate_limit::ClientLimits,
+    /// Log one line per connection when it ends (`[log] access`).
+    pub access_log: bool,
 }
 
 impl Default for Knobs {
@@ -84,9 +89,11 @@ impl Default for Knobs {
             idle_timeout: Duration::from_secs(300),
             affinity_ttl: Duration::from_secs(600),
             affinity_gc_interval: Duration::from_secs(60),
+            affinity_max_clients: crate::affinity::DEFAULT_MAX_CLIENTS,
             proxy_header_timeout: Duration::from_secs(5),
             rtt_weight: 0.0,
             client_limits: crate::rate_limit::ClientLimits::default(),
+            access_log: false,
         }
     }
 }

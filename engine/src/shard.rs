@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crate::affinity::AffinityTable;
 use crate::conn;
 use crate::ctx::{ConnSlot, ListenerCtx, ShardCtx, Shared};
+use crate::log_limit::LogLimit;
 use crate::rt;
 use crate::settings::ListenerSpec;
 use crate::stats::{ListenerStats, ShardStats};
@@ -25,10 +26,37 @@ pub(crate) enum Command {
         stats: Arc<ListenerStats>,
     },
     RemoveListener(Arc<str>),
+    /// Stop accepting on every listener without losing a connection the
+    /// kernel already queued or handed over (see `rt::AcceptGate`), close
+    /// this shard's listening sockets, and report on `done` how many
+    /// connections the last sweep took. Open connections go on.
+    StopAccepting {
+        done: std::sync::mpsc::Sender<usize>,
+    },
     /// Stop accepting, wait up to `grace` for open connections, then exit.
     Shutdown {
         grace: Duration,
     },
+}
+
+/// One running accept loop and the gate that stops it.
+struct AcceptLoop {
+    gate: Rc<rt::AcceptGate>,
+    task: rt::JoinHandle<usize>,
+}
+
+/// Stops every loop in `loops` and waits for each to hand over its last
+/// connections; returns how many the final sweeps took.
+async fn stop_all(loops: &mut HashMap<Arc<str>, Vec<AcceptLoop>>) -> usize {
+    let running: Vec<AcceptLoop> = loops.drain().flat_map(|(_, l)| l).collect();
+    for l in &running {
+        l.gate.stop();
+    }
+    let mut swept = 0;
+    for l in running {
+        swept += l.task.await.unwrap_or(0);
+    }
+    swept
 }
 
 /// Thread body of shard `id`. Reports on `ready` whether its runtime started.
@@ -56,20 +84,19 @@ pub(crate) fn run(
             return;
         }
     };
-    let ttl = shared.knobs.load().affinity_ttl;
-    let ctx = Rc::new(ShardCtx::new(
-        id,
-        shared,
-        stats,
-        AffinityTable::new(ttl),
-        pool_stats,
-    ));
+    let (ttl, max_clients) = {
+        let k = shared.knobs.load();
+        (k.affinity_ttl, k.affinity_max_clients)
+    };
+    let mut affinity = AffinityTable::new(ttl);
+    affinity.set_max_clients(max_clients);
+    let ctx = Rc::new(ShardCtx::new(id, shared, stats, affinity, pool_stats));
     let _ = ready.send(Ok(()));
     runtime.block_on(shard_main(ctx, commands));
 }
 
 async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command>) {
-    let mut accept_loops: HashMap<Arc<str>, rt::JoinHandle<()>> = HashMap::new();
+    let mut accept_loops: HashMap<Arc<str>, Vec<AcceptLoop>> = HashMap::new();
     let _gc = rt::spawn(affinity_gc(Rc::clone(&ctx)));
     let mut pool_task = Some(rt::spawn(crate::pool::driver::maintain(
         Rc::clone(&ctx.pool),
@@ -91,20 +118,36 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
                         spec: Arc::clone(&spec),
                         stats,
                     });
-                    let task = rt::spawn(accept_loop(Rc::clone(&ctx), lctx, listener));
-                    // Replacing a handle drops (cancels) the old accept loop.
-                    accept_loops.insert(Arc::clone(&spec.name), task);
+                    let gate = Rc::new(rt::AcceptGate::new());
+                    let task = rt::spawn(accept_loop(
+                        Rc::clone(&ctx),
+                        lctx,
+                        listener,
+                        Rc::clone(&gate),
+                    ));
+                    // A shard may serve several sockets of one listener
+                    // (after an upgrade to fewer shards than sockets).
+                    accept_loops
+                        .entry(Arc::clone(&spec.name))
+                        .or_default()
+                        .push(AcceptLoop { gate, task });
                 }
                 Err(e) => tracing::error!(shard = ctx.id, listener = %spec.name, error = %e,
                     "cannot register listener with the runtime"),
             },
             Command::RemoveListener(name) => {
-                // Dropping the handle cancels the accept loop and closes this
-                // shard's socket; open connections are separate tasks and go on.
+                // Dropping the handles cancels the accept loops and closes
+                // this shard's sockets (so their queues go with them: a
+                // gentle stop would save nothing); open connections are
+                // separate tasks and go on.
                 accept_loops.remove(&name);
             }
+            Command::StopAccepting { done } => {
+                let swept = stop_all(&mut accept_loops).await;
+                let _ = done.send(swept);
+            }
             Command::Shutdown { grace } => {
-                accept_loops.clear();
+                stop_all(&mut accept_loops).await;
                 // Warm sockets serve new clients only: none are coming.
                 drop(pool_task.take());
                 ctx.pool.close_all();
@@ -115,45 +158,79 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
     }
 }
 
-/// Waits for this shard's connections to finish, at most `grace`.
+/// Waits for this shard's connections to finish, at most `grace`, or until
+/// a fast stop is asked for.
 async fn drain(ctx: &ShardCtx, grace: Duration) {
     let deadline = Instant::now() + grace;
+    let stop_now = || {
+        ctx.shared
+            .stop_now
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
     // Connections end on their own schedule; a short poll costs nothing next
     // to a drain that lasts seconds, and needs no wake-up plumbing in every
     // connection.
-    while ctx.stats.active() > 0 && Instant::now() < deadline {
+    while ctx.stats.active() > 0 && Instant::now() < deadline && !stop_now() {
         rt::sleep(Duration::from_millis(20).min(grace)).await;
     }
     let left = ctx.stats.active();
     if left > 0 {
-        tracing::warn!(
-            shard = ctx.id,
-            connections = left,
-            "grace period over: closing connections still open"
-        );
+        let why = match stop_now() {
+            true => "fast stop: closing connections still open",
+            false => "grace period over: closing connections still open",
+        };
+        tracing::warn!(shard = ctx.id, connections = left, "{why}");
     }
 }
 
-async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::TcpListener) {
+/// How often a shard's accept loop logs that accepting fails for want of
+/// descriptors or memory (it backs off 100 ms each time: otherwise 10 lines a
+/// second per shard and listener).
+const ACCEPT_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How often a paused accept loop looks again for a free connection slot
+/// (slots free on any shard; a poll needs no wake-up plumbing between
+/// shards, and runs only while a limit is reached).
+const LIMIT_POLL: Duration = Duration::from_millis(5);
+
+/// Waits until this shard may accept another connection (see
+/// [`ConnSlot`]): meanwhile clients wait in the kernel's accept queue. Gives
+/// up when `gate` stops: a stopping loop hands over what it holds.
+async fn wait_for_room(ctx: &ShardCtx, lctx: &ListenerCtx, gate: &rt::AcceptGate) {
+    if ConnSlot::room(ctx) {
+        return;
+    }
+    ShardStats::bump(&ctx.stats.limit_waits);
+    ShardStats::bump(&lctx.stats.limit_waits);
+    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
+        "connection limit reached; accepting paused");
+    while !ConnSlot::room(ctx) && !gate.is_stopped() {
+        rt::sleep(LIMIT_POLL).await;
+    }
+}
+
+/// Accepts until `gate` stops; then takes what is already queued and
+/// returns how many connections that final sweep took.
+async fn accept_loop(
+    ctx: Rc<ShardCtx>,
+    lctx: Rc<ListenerCtx>,
+    listener: rt::TcpListener,
+    gate: Rc<rt::AcceptGate>,
+) -> usize {
+    let mut starved_log = LogLimit::new(ACCEPT_FAILURE_LOG_INTERVAL);
     loop {
-        match listener.accept().await {
+        wait_for_room(&ctx, &lctx, &gate).await;
+        let Some(accepted) = gate.accept(&listener).await else {
+            break;
+        };
+        match accepted {
             Ok((stream, peer)) => {
-                ShardStats::bump(&ctx.stats.accepted);
-                ShardStats::bump(&lctx.stats.accepted);
-                let Some(slot) = ConnSlot::take(&ctx, &lctx) else {
-                    ShardStats::bump(&ctx.stats.rejected_limit);
-                    ShardStats::bump(&lctx.stats.rejected_limit);
-                    tracing::debug!(shard = ctx.id, %peer, "connection limit reached; closing");
-                    continue;
-                };
-                rt::spawn(conn::serve(
-                    Rc::clone(&ctx),
-                    Rc::clone(&lctx),
-                    stream,
-                    peer,
-                    slot,
-                ))
-                .detach();
+                // The accept was pending while other shards (or a SIGHUP
+                // lowering the limit) may have reached it: then this client
+                // waits here, held but not served, like the ones queued in
+                // the kernel.
+                wait_for_room(&ctx, &lctx, &gate).await;
+                admit(&ctx, &lctx, stream, peer);
             }
             Err(e) => {
                 // Out of descriptors or memory: back off instead of spinning.
@@ -162,8 +239,11 @@ async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::Tcp
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                 );
                 if starved {
-                    tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
-                        "accept failed; backing off 100 ms");
+                    if let Some(left_out) = starved_log.hit(Instant::now()) {
+                        tracing::warn!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
+                            same_errors_not_logged = left_out,
+                            "accept failed; backing off 100 ms (logged at most every 10 s)");
+                    }
                     rt::sleep(Duration::from_millis(100)).await;
                 } else {
                     tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, error = %e, "accept failed");
@@ -171,33 +251,87 @@ async fn accept_loop(ctx: Rc<ShardCtx>, lctx: Rc<ListenerCtx>, listener: rt::Tcp
             }
         }
     }
+    // Stopped. Whatever is queued now was meant for this socket while this
+    // loop still waited on it: serve it here rather than leave it for a
+    // waiter that may not be woken (see `rt::AcceptGate`).
+    let mut swept = 0;
+    loop {
+        match rt::accept_now(&listener) {
+            Ok(Some((stream, peer))) => {
+                swept += 1;
+                admit(&ctx, &lctx, stream, peer);
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, error = %e,
+                    "accept failed while stopping");
+                break;
+            }
+        }
+    }
+    swept
+}
+
+/// Counts a new connection and spawns its task. Callers wait for room
+/// first; a stopping loop (its last sweep) may go over the limit by what
+/// the kernel had queued, rather than reset those clients.
+fn admit(
+    ctx: &Rc<ShardCtx>,
+    lctx: &Rc<ListenerCtx>,
+    stream: rt::TcpStream,
+    peer: std::net::SocketAddr,
+) {
+    ShardStats::bump(&ctx.stats.accepted);
+    ShardStats::bump(&lctx.stats.accepted);
+    let slot = ConnSlot::take(ctx, lctx);
+    rt::spawn(conn::serve(
+        Rc::clone(ctx),
+        Rc::clone(lctx),
+        stream,
+        peer,
+        slot,
+    ))
+    .detach();
 }
 
 /// Sweeps expired affinity bindings; shard 0 also sweeps the shared table.
 async fn affinity_gc(ctx: Rc<ShardCtx>) {
     loop {
-        let (interval, ttl) = {
+        let (interval, ttl, max) = {
             let k = ctx.shared.knobs.load();
             (
                 k.affinity_gc_interval.max(Duration::from_secs(1)),
                 k.affinity_ttl,
+                k.affinity_max_clients,
             )
         };
         rt::sleep(interval).await;
         let now = Instant::now();
-        let removed = {
+        let (removed, unbound) = {
             let mut table = ctx.affinity.borrow_mut();
             table.set_ttl(ttl);
-            table.gc(now)
+            table.set_max_clients(max);
+            (table.gc(now), table.take_unbound())
         };
+        let mut shared_unbound = 0;
         if ctx.id == 0 {
             if let Ok(mut shared) = ctx.shared.shared_affinity.lock() {
                 shared.set_ttl(ttl);
+                shared.set_max_clients(max);
                 shared.gc(now);
+                shared_unbound = shared.take_unbound();
             }
         }
         if removed > 0 {
             tracing::debug!(shard = ctx.id, removed, "expired affinity bindings swept");
+        }
+        if unbound + shared_unbound > 0 {
+            tracing::warn!(
+                shard = ctx.id,
+                clients = unbound + shared_unbound,
+                max_clients = max,
+                "affinity table full: new clients were served without a binding"
+            );
         }
     }
 }

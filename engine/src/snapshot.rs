@@ -77,6 +77,9 @@ pub struct BackendLive {
     /// half-open); shards report successes only then, so a healthy backend
     /// costs the passive channel nothing.
     pub watch_successes: AtomicBool,
+    /// The last connect attempt to it failed (passive state, for logging a
+    /// state change once rather than every failure).
+    pub failing: AtomicBool,
 }
 
 impl BackendLive {
@@ -101,6 +104,23 @@ impl BackendLive {
 
     pub fn set_watch_successes(&self, on: bool) {
         self.watch_successes.store(on, Ordering::Relaxed);
+    }
+
+    /// Records a failed connect; true when this changed the state (the
+    /// backend was not failing), which exactly one caller sees.
+    pub fn mark_failing(&self) -> bool {
+        !self.failing.swap(true, Ordering::Relaxed)
+    }
+
+    /// Records a successful connect; true when the backend was failing. A
+    /// plain load first: on the usual path (not failing) no shared cache line
+    /// is written.
+    pub fn mark_connecting(&self) -> bool {
+        self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed)
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
     }
 }
 
@@ -506,6 +526,18 @@ mod tests {
         assert_eq!(second.backends[0].active(), 1);
         drop(guard);
         assert_eq!(second.backends[0].active(), 0);
+    }
+
+    #[test]
+    fn failing_state_changes_are_seen_once() {
+        let live = BackendLive::default();
+        assert!(!live.mark_connecting(), "not failing: nothing to report");
+        assert!(live.mark_failing());
+        assert!(!live.mark_failing(), "already failing");
+        assert!(live.is_failing());
+        assert!(live.mark_connecting());
+        assert!(!live.mark_connecting());
+        assert!(!live.is_failing());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! atomics on a cache line of its own, so no cross-core traffic); readers sum
 //! them at scrape time.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::select::Tier;
@@ -11,8 +12,9 @@ use crate::select::Tier;
 pub struct ShardStats {
     /// Connections accepted by this shard's listeners.
     pub accepted: AtomicU64,
-    /// Connections closed at once because a connection limit was reached.
-    pub rejected_limit: AtomicU64,
+    /// Times an accept loop of this shard paused because a connection limit
+    /// was reached (clients then wait in the kernel's accept queue).
+    pub limit_waits: AtomicU64,
     /// Connections closed because the PROXY header was missing or malformed.
     pub rejected_proxy_header: AtomicU64,
     /// Connections closed because no backend was eligible or all attempts
@@ -81,10 +83,15 @@ impl LatencyHistogram {
 #[repr(align(128))]
 pub struct ListenerStats {
     pub accepted: AtomicU64,
-    /// Closed at once: a connection limit was reached.
-    pub rejected_limit: AtomicU64,
+    /// Times this listener's accept loop paused at a connection limit.
+    pub limit_waits: AtomicU64,
     /// Closed early: bad PROXY header, failed TLS handshake or no backend.
     pub rejected_other: AtomicU64,
+    /// Closed because no backend was eligible or every one tried failed to
+    /// connect (part of `rejected_other`).
+    pub no_backend: AtomicU64,
+    /// Refused by a per-client limit (rate or open connections).
+    pub rejected_client_limit: AtomicU64,
     pub active: AtomicU32,
 }
 
@@ -109,11 +116,31 @@ impl ShardStats {
     }
 }
 
+/// Bytes moved in one direction of one connection: counted for the shard
+/// (metrics) and, when it writes an access-log line, for the connection
+/// itself. The connection's own count is a plain `Cell` it owns: no
+/// atomics, no sharing.
+#[derive(Clone, Copy)]
+pub(crate) struct ByteCount<'a> {
+    pub shard: &'a AtomicU64,
+    pub conn: Option<&'a Cell<u64>>,
+}
+
+impl ByteCount<'_> {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        ShardStats::add(self.shard, n);
+        if let Some(conn) = self.conn {
+            conn.set(conn.get() + n);
+        }
+    }
+}
+
 /// A sum over shards, for logs and metrics.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct StatsSummary {
     pub accepted: u64,
-    pub rejected_limit: u64,
+    pub limit_waits: u64,
     pub rejected_proxy_header: u64,
     pub no_backend: u64,
     pub active: u64,
@@ -144,7 +171,7 @@ impl StatsSummary {
         };
         for sh in shards {
             s.accepted += r(&sh.accepted);
-            s.rejected_limit += r(&sh.rejected_limit);
+            s.limit_waits += r(&sh.limit_waits);
             s.rejected_proxy_header += r(&sh.rejected_proxy_header);
             s.no_backend += r(&sh.no_backend);
             s.active += u64::from(sh.active());

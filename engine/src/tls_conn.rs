@@ -16,14 +16,22 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::rt::{self, Chunk, TcpStream};
 
+/// Why a TLS session failed. Each message includes its cause, and no
+/// variant also names it as `source`, so `{:#}` error chains print it once.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("tls: {0}")]
-    Protocol(#[from] rustls::Error),
+    Protocol(rustls::Error),
     #[error("client closed the connection during the handshake")]
     ClosedInHandshake,
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        TlsError::Protocol(e)
+    }
 }
 
 pub(crate) struct TlsSession {
@@ -147,7 +155,7 @@ impl TlsSession {
         backend: &TcpStream,
         activity: &Cell<Instant>,
         buffer_len: usize,
-        bytes: &std::sync::atomic::AtomicU64,
+        bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
         // Already closed: its early data went to the backend before this.
         while !self.closed_in_handshake.get() {
@@ -162,7 +170,7 @@ impl TlsSession {
             self.flush(client).await?;
             let closed = result?;
             if !plain.is_empty() {
-                crate::stats::ShardStats::add(bytes, plain.len() as u64);
+                bytes.add(plain.len() as u64);
                 rt::write_chunk(backend, Chunk::Owned(plain)).await?;
             }
             if closed {
@@ -182,7 +190,7 @@ impl TlsSession {
         client: &TcpStream,
         activity: &Cell<Instant>,
         buffer_len: usize,
-        bytes: &std::sync::atomic::AtomicU64,
+        bytes: crate::stats::ByteCount<'_>,
         backend_reset: &Cell<bool>,
     ) -> Result<(), TlsError> {
         loop {
@@ -195,7 +203,7 @@ impl TlsSession {
                 break;
             };
             activity.set(Instant::now());
-            crate::stats::ShardStats::add(bytes, chunk.len() as u64);
+            bytes.add(chunk.len() as u64);
             for piece in chunk.as_slice().chunks(PLAINTEXT_CHUNK) {
                 self.conn.borrow_mut().writer().write_all(piece)?;
                 self.flush(client).await?;

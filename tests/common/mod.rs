@@ -6,6 +6,9 @@
 //! `listening` line (listeners bind port 0, so tests never race for ports).
 #![allow(dead_code)]
 
+pub mod postgres;
+pub mod streams;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -54,6 +57,8 @@ impl Drop for TempDir {
 struct LogBook {
     lines: Mutex<Vec<String>>,
     grew: Condvar,
+    /// Output streams (stderr, stdout) read to their end.
+    closed: Mutex<usize>,
 }
 
 pub struct Proxy {
@@ -116,6 +121,13 @@ impl Proxy {
         Proxy::spawn(&["--config", path.to_str().unwrap()], &[])
     }
 
+    /// Like [`Proxy::spawn`], in working directory `cwd`.
+    pub fn spawn_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(cwd);
+        Proxy::spawn_command(cmd, args, env, Some("info"))
+    }
+
     /// Like [`Proxy::spawn`], with `RUST_LOG` set to `rust_log` (or unset).
     pub fn spawn_with_rust_log(
         args: &[&str],
@@ -123,6 +135,17 @@ impl Proxy {
         rust_log: Option<&str>,
     ) -> Proxy {
         Proxy::spawn_command(Command::new(BIN), args, env, rust_log)
+    }
+
+    /// Like [`Proxy::spawn_with_rust_log`], running the binary at `exe` (a
+    /// copy of `BIN`, say, that a test replaces as a package manager would).
+    pub fn spawn_exe(
+        exe: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        rust_log: Option<&str>,
+    ) -> Proxy {
+        Proxy::spawn_command(Command::new(exe), args, env, rust_log)
     }
 
     /// Starts the binary inside network namespace `ns` (`ip netns exec`,
@@ -133,7 +156,9 @@ impl Proxy {
         Proxy::spawn_command(cmd, args, env, Some("info"))
     }
 
-    fn spawn_command(
+    /// Starts `cmd` (the binary, maybe with a working directory, limits or
+    /// a wrapper) with `args` and `env` added to a clean environment.
+    pub fn spawn_command(
         mut cmd: Command,
         args: &[&str],
         env: &[(&str, &str)],
@@ -164,6 +189,8 @@ impl Proxy {
                     log.lines.lock().unwrap().push(line);
                     log.grew.notify_all();
                 }
+                *log.closed.lock().unwrap() += 1;
+                log.grew.notify_all();
             });
         }
         Proxy {
@@ -235,6 +262,13 @@ impl Proxy {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // Its last words may still be in the pipes: wait until both
+                // readers saw the end (unless a grandchild holds them open).
+                let mut closed = self.log.closed.lock().unwrap();
+                while *closed < 2 && Instant::now() < deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    closed = self.log.grew.wait_timeout(closed, left).unwrap().0;
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {
@@ -260,6 +294,14 @@ extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
 }
+/// Sends `sig` to process `pid` (one the test started, e.g. a child of a
+/// tracer around the proxy).
+pub fn signal_pid(pid: u32, sig: i32) {
+    // SAFETY: plain kill(2).
+    let rc = unsafe { libc_kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill {pid} failed");
+}
+
 pub const SIGHUP: i32 = 1;
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
@@ -558,6 +600,29 @@ pub fn probe(addr: SocketAddr, wait: Duration) -> Probe {
         }
         Err(e) => panic!("read from {addr}: {e}"),
     }
+}
+
+/// How long a client must go unserved (no byte, no close) to count as
+/// waiting in the proxy's accept queue: far longer than serving takes.
+pub const QUEUED: Duration = Duration::from_secs(1);
+
+/// Connects to `addr` and checks that the connection is neither served nor
+/// closed for [`QUEUED`]: it waits in the kernel's accept queue (a limit is
+/// reached). Returns it; it is served once a slot frees (`read_line`).
+pub fn connect_waiting(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect_timeout(&addr, PATIENCE).expect("connect");
+    stream.set_read_timeout(Some(QUEUED)).unwrap();
+    let mut byte = [0u8; 1];
+    match (&stream).read(&mut byte) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("expected to wait in the accept queue, got {other:?}"),
+    }
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
 }
 
 /// A backend that runs `handler` on its own thread for every accepted

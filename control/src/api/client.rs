@@ -1,13 +1,18 @@
 //! `edgeproxy backends list|add|rm|drain`: the discovery API's command-line
 //! client (the original shipped shell tasks wrapping curl for this).
 //!
-//! Talks HTTP/1.1 to a running proxy's API (`--api`, default
-//! `http://127.0.0.1:8081`) with the bearer token from `--token`,
-//! `EDGEPROXY_API_TOKEN` or `--token-file`. Prints a table, or the API's JSON
-//! with `--json`. Any answer other than 2xx is an error naming the status and
-//! the API's reason.
+//! Talks HTTP/1.1 to a running proxy's API with a bearer token. Where it
+//! goes: `--api` (or `EDGEPROXY_API_URL`), else the `[api]` section of the
+//! proxy's config file when `--config` (or `EDGEPROXY_CONFIG`) names one
+//! (its address, with 0.0.0.0 / :: read as loopback, and its token or token
+//! file), else `http://127.0.0.1:8081`. The token: `--token` (or
+//! `EDGEPROXY_API_TOKEN`), else `--token-file`, else the config's. Prints a
+//! table, or the API's JSON with `--json`, and stops quietly when the reader
+//! of its output goes away (`... | head`). Any answer other than 2xx is an
+//! error naming the status and the API's reason.
 
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -16,15 +21,11 @@ use serde_json::{json, Map, Value};
 
 #[derive(Debug, Args)]
 pub struct BackendsArgs {
-    /// Base URL of the proxy's discovery API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_URL",
-        default_value = "http://127.0.0.1:8081",
-        value_name = "URL"
-    )]
-    pub api: String,
+    /// Base URL of the proxy's discovery API. Default: from the [api]
+    /// section of --config's file if one is given, else
+    /// http://127.0.0.1:8081.
+    #[arg(long, global = true, env = "EDGEPROXY_API_URL", value_name = "URL")]
+    pub api: Option<String>,
     /// Bearer token for the API.
     #[arg(
         long,
@@ -65,8 +66,10 @@ pub enum Action {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// Backend id (letters, digits and - _ . :).
+    /// Backend id: one DNS label (lower-case letters, digits, hyphens; served
+    /// as <id>.<app>.internal).
     pub id: String,
+    /// App name: one DNS label, like the id.
     #[arg(long)]
     pub app: String,
     /// Region code, e.g. sa, us, eu, ap.
@@ -91,17 +94,72 @@ pub struct AddArgs {
     pub hard_limit: Option<u32>,
 }
 
-/// Runs one `backends` subcommand.
-pub fn run(args: BackendsArgs) -> anyhow::Result<()> {
-    let token = token_from(args.token.as_deref(), args.token_file.as_deref())?;
-    let api = Client::new(&args.api, token)?;
+/// Where the API the client talks to is, when no `--api` is given.
+pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8081";
+
+/// The URL a local client reaches the API at, from the proxy's `[api]`
+/// settings: the address the proxy binds (see `Api::bind_plan`), with a
+/// wildcard address read as the loopback address of its family.
+pub fn url_from_config(api: &super::ApiConfig) -> Result<String, String> {
+    if !api.enabled {
+        return Err(
+            "the discovery API is off in that configuration ([api] enabled = false)".into(),
+        );
+    }
+    let (addr, _) = api.bind_plan();
+    if addr.port() == 0 {
+        return Err(format!(
+            "[api] listen_addr {addr} asks for any free port: pass --api with the address \
+             from the proxy's `api listening` log line"
+        ));
+    }
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    Ok(format!("http://{}", SocketAddr::new(ip, addr.port())))
+}
+
+/// Runs one `backends` subcommand. `config` is the proxy's config file
+/// (`--config`), where the API's address and token come from when the
+/// command line does not give them.
+pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let settings = match (&args.api, &args.token, config) {
+        // Everything given on the command line: the file is not needed.
+        (Some(_), Some(t), _) if !t.is_empty() => None,
+        (_, _, Some(path)) => Some(
+            crate::config::load(Some(path), &crate::config::ProcessEnv)
+                .with_context(|| format!("--config {}", path.display()))?
+                .api,
+        ),
+        (_, _, None) => None,
+    };
+    let url = match (&args.api, &settings) {
+        (Some(url), _) => url.clone(),
+        (None, Some(api)) => url_from_config(api).map_err(|e| {
+            anyhow::anyhow!(
+                "--config {}: {e}",
+                config.unwrap_or(Path::new("")).display()
+            )
+        })?,
+        (None, None) => DEFAULT_API_URL.to_string(),
+    };
+    let token = match token_from(args.token.as_deref(), args.token_file.as_deref())? {
+        Some(t) => Some(t),
+        None => settings
+            .as_ref()
+            .and_then(|api| api.token.as_ref())
+            .map(|t| t.expose().to_string()),
+    };
+    let api = Client::new(&url, token)?;
     match &args.action {
         Action::List => {
             let body = api.call("GET", "/api/v1/backends", None)?;
             if args.json {
                 return print_json(&body);
             }
-            print!("{}", table(&body));
+            crate::stdout::print(&table(&body))?;
         }
         Action::Add(a) => {
             let mut req = Map::new();
@@ -130,14 +188,14 @@ pub fn run(args: BackendsArgs) -> anyhow::Result<()> {
             } else {
                 "registered"
             };
-            println!("{verb} {}", a.id);
+            crate::stdout::print(&format!("{verb} {}\n", a.id))?;
         }
         Action::Rm { id } => {
             let body = api.call("DELETE", &format!("/api/v1/backends/{}", escape(id)), None)?;
             if args.json {
                 return print_json(&body);
             }
-            println!("deregistered {id}");
+            crate::stdout::print(&format!("deregistered {id}\n"))?;
         }
         Action::Drain { id } => {
             let body = api.call(
@@ -148,10 +206,10 @@ pub fn run(args: BackendsArgs) -> anyhow::Result<()> {
             if args.json {
                 return print_json(&body);
             }
-            println!(
-                "draining {id}: no new connections; {} open connection(s) go on",
+            crate::stdout::print(&format!(
+                "draining {id}: no new connections; {} open connection(s) go on\n",
                 body["active_connections"].as_u64().unwrap_or(0)
-            );
+            ))?;
         }
     }
     Ok(())
@@ -176,8 +234,9 @@ pub(crate) fn token_from(
 }
 
 fn print_json(body: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(body)?);
-    Ok(())
+    let mut text = serde_json::to_string_pretty(body)?;
+    text.push('\n');
+    Ok(crate::stdout::print(&text)?)
 }
 
 pub(crate) struct Client {
@@ -347,6 +406,39 @@ fn table(body: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api(text: &str) -> crate::api::ApiConfig {
+        let raw: crate::config::RawConfig = toml::from_str(text).unwrap();
+        crate::config::Config::from_raw(raw, &[("X", "")])
+            .unwrap()
+            .api
+    }
+
+    #[test]
+    fn the_api_url_comes_from_the_configs_bind_address() {
+        let token = "token = \"0123456789abcdef0123\"\n";
+        // A token: the address as asked, a wildcard read as loopback.
+        let a = api(&format!(
+            "[api]\nenabled = true\nlisten_addr = \"0.0.0.0:8181\"\n{token}"
+        ));
+        assert_eq!(url_from_config(&a).unwrap(), "http://127.0.0.1:8181");
+        let a = api(&format!(
+            "[api]\nenabled = true\nlisten_addr = \"[::]:8181\"\n{token}"
+        ));
+        assert_eq!(url_from_config(&a).unwrap(), "http://[::1]:8181");
+        let a = api(&format!(
+            "[api]\nenabled = true\nlisten_addr = \"10.1.2.3:81\"\n{token}"
+        ));
+        assert_eq!(url_from_config(&a).unwrap(), "http://10.1.2.3:81");
+        // No token: the proxy binds loopback only, whatever was asked.
+        let a = api("[api]\nenabled = true\nlisten_addr = \"10.1.2.3:81\"\n");
+        assert_eq!(url_from_config(&a).unwrap(), "http://127.0.0.1:81");
+        // Nothing to talk to, or no way to know where.
+        let off = url_from_config(&api("[api]\nenabled = false\n")).unwrap_err();
+        assert!(off.contains("enabled = false"), "{off}");
+        let any = api("[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n");
+        assert!(url_from_config(&any).unwrap_err().contains("--api"));
+    }
 
     #[test]
     fn ids_are_escaped_for_paths() {

@@ -48,6 +48,8 @@ pub(super) struct Shared {
     pub started: Instant,
     /// Replication's status, when it runs.
     pub cluster: Option<crate::replication::status::StatusHandle>,
+    /// `/health` says 503 `draining` once a drain starts.
+    pub readiness: crate::readiness::Readiness,
 }
 
 type AppState = Arc<Shared>;
@@ -75,6 +77,9 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends/{id}/drain", post(drain))
         .route("/api/v1/cluster", get(cluster))
         .fallback(|| async { error(404, "no such endpoint") })
+        // A known path with the wrong method: JSON like every other error
+        // (axum's default is an empty body). axum still sets `Allow`.
+        .method_not_allowed_fallback(|| async { error(405, "method not allowed") })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -123,7 +128,8 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
             .get(header::AUTHORIZATION)
             .and_then(|h| auth::bearer(h.as_bytes()));
         if !presented.is_some_and(|p| token.matches(p)) {
-            tracing::warn!(peer = ?peer, method = %req.method(), path = %req.uri().path(),
+            tracing::warn!(peer = %peer.map_or_else(|| "-".to_string(), |p| p.to_string()),
+                method = %req.method(), path = %req.uri().path(),
                 "discovery API: request without a valid token refused");
             let mut resp = error(401, "missing or invalid bearer token");
             resp.headers_mut().insert(
@@ -151,15 +157,20 @@ async fn call(s: &Shared, op: Op) -> Response {
 async fn health(State(s): State<AppState>) -> Response {
     let snap = s.snapshot.load();
     let n = snap.backends.len();
-    Json(json!({
-        "status": "ok",
+    // While draining (SIGTERM), 503: load balancers stop sending.
+    let (status, text) = match s.readiness.phase() {
+        crate::readiness::Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        _ => (StatusCode::OK, "ok"),
+    };
+    let body = Json(json!({
+        "status": text,
         "version": env!("CARGO_PKG_VERSION"),
         "registered_backends": n,
         "backends": n,
         "uptime_secs": s.started.elapsed().as_secs(),
         "routing_version": snap.version,
-    }))
-    .into_response()
+    }));
+    (status, body).into_response()
 }
 
 async fn register(State(s): State<AppState>, req: Request) -> Response {

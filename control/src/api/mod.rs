@@ -65,8 +65,14 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
         return Ok(None);
     }
     let (addr, exposure) = config.bind_plan();
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("discovery API: cannot listen on {addr}"))?;
+    // After a binary upgrade the socket is the previous process's.
+    let listener = match crate::upgrade::sockets::take_tcp_listener("api", addr) {
+        Some(inherited) => inherited,
+        None => std::net::TcpListener::bind(addr)
+            .with_context(|| format!("discovery API: cannot listen on {addr}"))?,
+    };
+    crate::upgrade::sockets::register("api", &[std::os::fd::AsFd::as_fd(&listener)])
+        .context("discovery API: cannot register the socket for upgrades")?;
     listener
         .set_nonblocking(true)
         .context("discovery API: cannot make the socket non-blocking")?;
@@ -74,7 +80,7 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
     match exposure {
         Exposure::Token => {}
         Exposure::LoopbackOnly { narrowed_from } => tracing::warn!(
-            asked = ?narrowed_from.map(|a| a.to_string()),
+            asked = %narrowed_from.map_or_else(|| "-".to_string(), |a| a.to_string()),
             "discovery API has no token: it listens on loopback only \
              (set api.token or EDGEPROXY_API_TOKEN to serve other hosts, \
              or api.allow_open = true to serve them without a token)"
@@ -101,11 +107,13 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
-    /// `cluster`: replication's status, for `GET /api/v1/cluster`.
+    /// `cluster`: replication's status, for `GET /api/v1/cluster`;
+    /// `readiness`: `/health` says 503 `draining` during a drain.
     pub fn serve(
         self,
         snapshot: SnapshotHandle,
         cluster: Option<crate::replication::status::StatusHandle>,
+        readiness: crate::readiness::Readiness,
     ) -> anyhow::Result<Server> {
         let listener = tokio::net::TcpListener::from_std(self.listener)
             .context("discovery API: cannot register the socket")?;
@@ -122,6 +130,7 @@ impl Bound {
             snapshot,
             started: Instant::now(),
             cluster,
+            readiness,
         });
         let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
         Ok(Server { commands: rx, task })
@@ -132,6 +141,16 @@ impl Bound {
 pub struct Server {
     commands: mpsc::Receiver<Command>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Stops accepting connections (after a binary upgrade handed the
+    /// socket on); requests on connections already open are still served
+    /// as long as the control loop executes their commands.
+    pub fn stop_accepting(&self) {
+        self.task.abort();
+        crate::upgrade::sockets::unregister("api");
+    }
 }
 
 impl Drop for Server {

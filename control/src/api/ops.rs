@@ -164,7 +164,10 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
                         "Backend registered successfully"
                     };
                     Reply::new(
-                        201,
+                        // 201 only when a backend came into being; an update
+                        // of a live registration is a plain 200 (the
+                        // original said 201 to both).
+                        if updated { 200 } else { 201 },
                         json!({ "id": rec.id, "registered": true, "updated": updated, "message": message }),
                     )
                 }
@@ -300,9 +303,10 @@ mod tests {
             "published before the reply"
         );
 
-        // Same id again: updated in place, still 201 as in the original.
+        // Same id again: updated in place, 200 (not created).
         let reply = run(registration("b1", 9002), &mut r, t0);
-        assert_eq!((reply.status, &reply.body["updated"]), (201, &json!(true)));
+        assert_eq!((reply.status, &reply.body["updated"]), (200, &json!(true)));
+        assert_eq!(reply.body["message"], "Backend updated successfully");
         let snap = r.handle().load();
         assert_eq!(snap.backend(snap.find("b1").unwrap()).addr.port(), 9002);
     }

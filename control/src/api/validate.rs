@@ -6,8 +6,9 @@
 //! hard_limit = 150`); unknown fields are ignored as there. It is stricter
 //! about values the original accepted and then could not route: weight or
 //! soft limit 0 (a division by zero in scoring), a hard limit below the soft
-//! limit, an address that cannot be connected to, an id that cannot appear in
-//! a URL path.
+//! limit, an address that cannot be connected to, an id or app that cannot
+//! appear in a URL path or in the internal DNS (`<id>.<app>.internal`: each
+//! must be one DNS label, or the backend is routed but invisible in DNS).
 
 use std::net::IpAddr;
 
@@ -17,8 +18,8 @@ use serde_json::{Map, Value};
 pub const DEFAULT_WEIGHT: i64 = 2;
 pub const DEFAULT_SOFT_LIMIT: i64 = 100;
 pub const DEFAULT_HARD_LIMIT: i64 = 150;
-/// Longest id or app name, in bytes.
-pub const MAX_NAME_LEN: usize = 128;
+/// Longest id or app name, in bytes: one DNS label.
+pub const MAX_LABEL_LEN: usize = 63;
 /// Longest region name, in bytes.
 pub const MAX_REGION_LEN: usize = 32;
 
@@ -55,26 +56,9 @@ pub fn registration(body: &[u8]) -> Result<BackendRecord, FieldError> {
     };
 
     let id = required_str(&obj, "id")?;
-    if id.len() > MAX_NAME_LEN {
-        return Err(bad("id", format!("longer than {MAX_NAME_LEN} bytes")));
-    }
-    if !id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
-    {
-        return Err(bad("id", "may contain only letters, digits and - _ . :"));
-    }
-
+    dns_label("id", id)?;
     let app = required_str(&obj, "app")?;
-    if app.len() > MAX_NAME_LEN {
-        return Err(bad("app", format!("longer than {MAX_NAME_LEN} bytes")));
-    }
-    if app.trim() != app || app.chars().any(char::is_control) {
-        return Err(bad(
-            "app",
-            "must not have surrounding spaces or control characters",
-        ));
-    }
+    dns_label("app", app)?;
 
     let region = required_str(&obj, "region")?;
     if region.len() > MAX_REGION_LEN
@@ -154,6 +138,28 @@ pub fn registration(body: &[u8]) -> Result<BackendRecord, FieldError> {
     })
 }
 
+/// Checks that `value` is one DNS label as host names use them (RFC 1123):
+/// 1 to 63 lower-case letters, digits and hyphens, not starting or ending
+/// with a hyphen. Ids and apps are served as `<id>.<app>.<domain>` and
+/// `_<app>._tcp.<domain>`: a dot would split the name (NXDOMAIN), a space or
+/// an underscore is no host name, and upper case would make two ids that
+/// DNS cannot tell apart.
+pub fn dns_label(field: &'static str, value: &str) -> Result<(), FieldError> {
+    let rule = "must be one DNS label: 1 to 63 lower-case letters, digits or hyphens, \
+                not starting or ending with a hyphen";
+    if value.len() > MAX_LABEL_LEN {
+        return Err(bad(
+            field,
+            format!("{value:.20?}… is longer than {MAX_LABEL_LEN} bytes: {rule}"),
+        ));
+    }
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-';
+    if !value.bytes().all(allowed) || value.starts_with('-') || value.ends_with('-') {
+        return Err(bad(field, format!("{value:?} {rule}")));
+    }
+    Ok(())
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -197,6 +203,31 @@ fn integer(
         },
         Some(other) => Err(bad(field, format!("{}, not {}", range(), kind(other)))),
     }
+}
+
+/// The optional `health_check` object of a registration: the backend's own
+/// check settings over its app's (`health::spec::CheckOverride`: `type`,
+/// `path`, `interval_ms`, ...; unknown keys refused). Returned as canonical
+/// JSON text for the store; `None` when absent or null.
+pub fn health_check(body: &[u8]) -> Result<Option<String>, FieldError> {
+    let doc: Value =
+        serde_json::from_slice(body).map_err(|e| bad("body", format!("malformed JSON: {e}")))?;
+    let check = match doc.get("health_check") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(_) => return Err(bad("health_check", "must be an object")),
+    };
+    let layer: crate::health::spec::CheckOverride =
+        serde_json::from_value(check).map_err(|e| bad("health_check", e.to_string()))?;
+    // Bounds as far as they can be judged without the app's own layer.
+    let mut probe = layer.clone();
+    probe.enabled = Some(true);
+    crate::health::spec::CheckSettings::default()
+        .layered(&probe, "health_check")
+        .map_err(|e| bad("health_check", e))?;
+    serde_json::to_string(&layer)
+        .map(Some)
+        .map_err(|e| bad("health_check", e.to_string()))
 }
 
 #[cfg(test)]
@@ -401,11 +432,47 @@ mod tests {
 
     #[test]
     fn long_names_are_refused() {
-        let long = "a".repeat(MAX_NAME_LEN + 1);
+        let longest = "a".repeat(MAX_LABEL_LEN);
+        ok(&format!(
+            r#"{{"id":"{longest}","app":"{longest}","region":"eu","ip":"10.0.0.1","port":1}}"#
+        ));
+        let long = "a".repeat(MAX_LABEL_LEN + 1);
         let body = format!(r#"{{"id":"{long}","app":"a","region":"eu","ip":"10.0.0.1","port":1}}"#);
         assert_eq!(field_of(&body), "id");
         let body = format!(r#"{{"id":"a","app":"{long}","region":"eu","ip":"10.0.0.1","port":1}}"#);
         assert_eq!(field_of(&body), "app");
+    }
+
+    /// Ids and apps are DNS labels: `api.v2` as an id was routed but
+    /// answered NXDOMAIN as `api.v2.web.internal` and left out of SRV
+    /// answers; `Web App` was accepted as an app.
+    #[test]
+    fn ids_and_apps_must_be_dns_labels() {
+        for good in ["a", "b1", "backend-eu-1", "0", "x-0-y"] {
+            ok(&format!(
+                r#"{{"id":"{good}","app":"{good}","region":"eu","ip":"10.0.0.1","port":1}}"#
+            ));
+        }
+        for bad_label in [
+            "api.v2", "Web App", "Web", "a_b", "-a", "a-", "a:b", "a/b", "é", " a", "a\\n",
+        ] {
+            let id = format!(
+                r#"{{"id":{},"app":"web","region":"eu","ip":"10.0.0.1","port":1}}"#,
+                serde_json::to_string(bad_label).unwrap()
+            );
+            assert_eq!(field_of(&id), "id", "{bad_label:?}");
+            let app = format!(
+                r#"{{"id":"b1","app":{},"region":"eu","ip":"10.0.0.1","port":1}}"#,
+                serde_json::to_string(bad_label).unwrap()
+            );
+            assert_eq!(field_of(&app), "app", "{bad_label:?}");
+        }
+        let e = dns_label("app", "Web App").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "app: \"Web App\" must be one DNS label: 1 to 63 lower-case letters, digits or \
+             hyphens, not starting or ending with a hyphen"
+        );
     }
 
     #[test]
@@ -417,29 +484,4 @@ mod tests {
             "port: 0 is out of range: must be an integer in 1..=65535"
         );
     }
-}
-
-/// The optional `health_check` object of a registration: the backend's own
-/// check settings over its app's (`health::spec::CheckOverride`: `type`,
-/// `path`, `interval_ms`, ...; unknown keys refused). Returned as canonical
-/// JSON text for the store; `None` when absent or null.
-pub fn health_check(body: &[u8]) -> Result<Option<String>, FieldError> {
-    let doc: Value =
-        serde_json::from_slice(body).map_err(|e| bad("body", format!("malformed JSON: {e}")))?;
-    let check = match doc.get("health_check") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(v @ Value::Object(_)) => v.clone(),
-        Some(_) => return Err(bad("health_check", "must be an object")),
-    };
-    let layer: crate::health::spec::CheckOverride =
-        serde_json::from_value(check).map_err(|e| bad("health_check", e.to_string()))?;
-    // Bounds as far as they can be judged without the app's own layer.
-    let mut probe = layer.clone();
-    probe.enabled = Some(true);
-    crate::health::spec::CheckSettings::default()
-        .layered(&probe, "health_check")
-        .map_err(|e| bad("health_check", e))?;
-    serde_json::to_string(&layer)
-        .map(Some)
-        .map_err(|e| bad("health_check", e.to_string()))
 }

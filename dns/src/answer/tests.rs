@@ -825,3 +825,79 @@ fn reply_cache_follows_load_after_its_ttl_and_snapshots_at_once() {
         ["10.1.0.3"]
     );
 }
+
+/// Found by `tests/bounded_memory.rs`: 5,000 garbage datagrams a round
+/// filled the reply cache with FORMERR replies keyed by up to 1.5 KB of
+/// garbage each (8,192 entries, megabytes per UDP worker), and resident
+/// memory grew round after round. Error replies are no longer cached, nor
+/// queries over 512 bytes, and the cache has a byte budget.
+#[test]
+fn garbage_is_not_cached_and_the_cache_keeps_to_its_byte_budget() {
+    let mut f = Fixture::new();
+    let now = Instant::now();
+    let client: IpAddr = "10.9.1.1".parse().unwrap();
+    let mut out = Vec::new();
+    for i in 0..500u32 {
+        // A query-looking header, then garbage: FORMERR.
+        let mut junk = vec![0u8; 1400];
+        junk[..4].copy_from_slice(&i.to_be_bytes());
+        junk[4..6].copy_from_slice(&[0, 1]);
+        junk[12..].fill(0xc0);
+        let a = f
+            .answerer
+            .answer_at(&junk, client, Transport::Udp, &f.snapshot, now, &mut out)
+            .unwrap();
+        assert_eq!(a.rcode, ResponseCode::FormErr);
+    }
+    assert_eq!(f.answerer.replies.entries.len(), 0, "error replies cached");
+
+    // Large TCP answers (SRV over 200 backends, ~14 KB each), one per
+    // distinct query (an EDNS option varies): the byte budget empties the
+    // cache long before its entry limit.
+    let many: Vec<BackendRecord> = (0..200)
+        .map(|i| {
+            rec(
+                &format!("w{i}"),
+                "web",
+                "sa",
+                "BR",
+                &format!("10.4.{}.{}", i / 200, i % 200 + 1),
+            )
+        })
+        .collect();
+    let mut f = Fixture::with(SnapshotBuilder::new().build(&many).snapshot);
+    let mut emptied = 0;
+    let mut before = 0;
+    for i in 0..400u32 {
+        let mut q = query("_web._tcp.internal.", RecordType::SRV);
+        let mut edns = Edns::new();
+        edns.options_mut()
+            .insert(EdnsOption::Unknown(65001, i.to_be_bytes().to_vec()));
+        q.set_edns(edns);
+        f.answerer
+            .answer_at(
+                &q.to_vec().unwrap(),
+                client,
+                Transport::Tcp,
+                &f.snapshot,
+                now,
+                &mut out,
+            )
+            .unwrap();
+        assert!(out.len() > 4096, "SRV reply of {} bytes", out.len());
+        let cache = &f.answerer.replies;
+        let held: usize = cache.entries.iter().map(|(k, v)| k.len() + v.2.len()).sum();
+        assert_eq!(held, cache.bytes, "byte count drifted");
+        assert!(
+            held <= REPLY_CACHE_BYTES + out.len() + 1024,
+            "{held} bytes cached"
+        );
+        if cache.entries.len() < before {
+            emptied += 1;
+        }
+        before = cache.entries.len();
+    }
+    assert!(emptied >= 2, "the byte budget never emptied the cache");
+    // Names are still cached.
+    assert!(!f.answerer.replies.entries.is_empty());
+}

@@ -1,0 +1,263 @@
+//! The mirror: the database's `backends` table written into `routing.db`,
+//! so that the routing store, the reloader, the snapshot they publish, DNS,
+//! metrics and a restart while the database is down all work as they do
+//! with `routing.db` alone.
+//!
+//! [`plan`] is the decision, without I/O: from the rows `routing.db` holds
+//! and the rows the database holds, which to write and which to delete.
+//! [`apply`] runs it in one SQLite transaction on a connection of its own
+//! (the store documents that other writers are expected), so the reloader
+//! sees the whole change at once or not at all.
+//!
+//! Only the original's columns (and `country`) are mirrored; values are
+//! copied as they are (NULLs too), and the store and snapshot builder judge
+//! them as they judge a hand-written row. Rows the database does not have
+//! are deleted from `routing.db`: it is a mirror.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
+
+/// One row of `backends` as mirrored: the original's columns and
+/// `country`, each as stored (NULL allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorRow {
+    pub id: String,
+    pub app: Option<String>,
+    pub region: Option<String>,
+    pub country: Option<String>,
+    pub wg_ip: Option<String>,
+    pub port: Option<i64>,
+    pub healthy: Option<i64>,
+    pub weight: Option<i64>,
+    pub soft_limit: Option<i64>,
+    pub hard_limit: Option<i64>,
+    pub deleted: Option<i64>,
+}
+
+/// What to do to `routing.db`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan<'a> {
+    /// Rows that are new or differ.
+    pub upsert: Vec<&'a MirrorRow>,
+    /// Ids the database no longer has.
+    pub delete: Vec<&'a str>,
+}
+
+impl Plan<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.delete.is_empty()
+    }
+}
+
+/// The changes that make `current` (in `routing.db`, by id; `None` for a
+/// row whose stored values could not be read as the expected types) equal
+/// to `wanted` (the database's).
+pub fn plan<'a>(
+    current: &'a BTreeMap<String, Option<MirrorRow>>,
+    wanted: &'a BTreeMap<String, MirrorRow>,
+) -> Plan<'a> {
+    let upsert = wanted
+        .iter()
+        .filter(|(id, row)| current.get(*id) != Some(&Some((*row).clone())))
+        .map(|(_, row)| row)
+        .collect();
+    let delete = current
+        .keys()
+        .filter(|id| !wanted.contains_key(*id))
+        .map(String::as_str)
+        .collect();
+    Plan { upsert, delete }
+}
+
+/// Opens its own connection to `routing.db` (which the store created and
+/// migrated), waiting up to 5 s on a writer that holds the lock.
+pub fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The mirrored columns of every row of `routing.db`, by id.
+pub fn read(conn: &Connection) -> rusqlite::Result<BTreeMap<String, Option<MirrorRow>>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, app, region, country, wg_ip, port, healthy, weight, soft_limit, \
+         hard_limit, deleted FROM backends",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut out = BTreeMap::new();
+    while let Some(row) = rows.next()? {
+        let Some(id) = text(row.get_ref(0)?).flatten() else {
+            continue;
+        };
+        let parsed = (|| {
+            Some(MirrorRow {
+                id: id.clone(),
+                app: text(row.get_ref(1).ok()?)?,
+                region: text(row.get_ref(2).ok()?)?,
+                country: text(row.get_ref(3).ok()?)?,
+                wg_ip: text(row.get_ref(4).ok()?)?,
+                port: int(row.get_ref(5).ok()?)?,
+                healthy: int(row.get_ref(6).ok()?)?,
+                weight: int(row.get_ref(7).ok()?)?,
+                soft_limit: int(row.get_ref(8).ok()?)?,
+                hard_limit: int(row.get_ref(9).ok()?)?,
+                deleted: int(row.get_ref(10).ok()?)?,
+            })
+        })();
+        out.insert(id, parsed);
+    }
+    Ok(out)
+}
+
+/// `Some(None)` for NULL, `None` when the value is not text.
+fn text(v: ValueRef<'_>) -> Option<Option<String>> {
+    match v {
+        ValueRef::Null => Some(None),
+        ValueRef::Text(t) => Some(Some(String::from_utf8_lossy(t).into_owned())),
+        _ => None,
+    }
+}
+
+/// `Some(None)` for NULL, `None` when the value is not an integer.
+fn int(v: ValueRef<'_>) -> Option<Option<i64>> {
+    match v {
+        ValueRef::Null => Some(None),
+        ValueRef::Integer(i) => Some(Some(i)),
+        _ => None,
+    }
+}
+
+/// Runs `plan` in one transaction.
+pub fn apply(conn: &mut Connection, plan: &Plan<'_>) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut update = tx.prepare_cached(
+            "UPDATE backends SET app = ?1, region = ?2, country = ?3, wg_ip = ?4, port = ?5, \
+             healthy = ?6, weight = ?7, soft_limit = ?8, hard_limit = ?9, deleted = ?10 \
+             WHERE id = ?11",
+        )?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO backends (app, region, country, wg_ip, port, healthy, weight, \
+             soft_limit, hard_limit, deleted, id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        for r in &plan.upsert {
+            let values = params![
+                r.app,
+                r.region,
+                r.country,
+                r.wg_ip,
+                r.port,
+                r.healthy,
+                r.weight,
+                r.soft_limit,
+                r.hard_limit,
+                r.deleted,
+                r.id,
+            ];
+            // UPDATE-then-INSERT, as the store does: no primary key needed.
+            if update.execute(values)? == 0 {
+                insert.execute(values)?;
+            }
+        }
+        let mut delete = tx.prepare_cached("DELETE FROM backends WHERE id = ?1")?;
+        for id in &plan.delete {
+            delete.execute([id])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, port: i64) -> MirrorRow {
+        MirrorRow {
+            id: id.into(),
+            app: Some("web".into()),
+            region: Some("sa".into()),
+            country: None,
+            wg_ip: Some("10.0.0.1".into()),
+            port: Some(port),
+            healthy: Some(1),
+            weight: Some(1),
+            soft_limit: Some(100),
+            hard_limit: Some(150),
+            deleted: Some(0),
+        }
+    }
+
+    fn wanted(rows: &[MirrorRow]) -> BTreeMap<String, MirrorRow> {
+        rows.iter().map(|r| (r.id.clone(), r.clone())).collect()
+    }
+
+    #[test]
+    fn only_differences_are_written_and_missing_rows_deleted() {
+        let current: BTreeMap<String, Option<MirrorRow>> = [
+            ("a".to_string(), Some(row("a", 1))),
+            ("b".to_string(), Some(row("b", 2))),
+            ("gone".to_string(), Some(row("gone", 3))),
+            // Unreadable in routing.db: rewritten.
+            ("bad".to_string(), None),
+        ]
+        .into();
+        let new = wanted(&[row("a", 1), row("b", 20), row("bad", 4), row("new", 5)]);
+        let p = plan(&current, &new);
+        let ids: Vec<&str> = p.upsert.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["b", "bad", "new"]);
+        assert_eq!(p.delete, ["gone"]);
+        // Applied, nothing is left to do.
+        let same: BTreeMap<String, Option<MirrorRow>> = new
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        assert!(plan(&same, &new).is_empty());
+    }
+
+    #[test]
+    fn a_plan_applies_in_one_transaction_and_reads_back_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        // The store creates and migrates the table, as at start.
+        drop(crate::store::RoutingStore::open(&path).unwrap());
+        let mut conn = open(&path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
+             VALUES ('hand', 'web', 'sa', '10.0.0.9', 'not-a-port', 1, 1, 100, 150, 0)",
+        )
+        .unwrap();
+        let mut with_nulls = row("n", 7);
+        with_nulls.country = Some("BR".into());
+        with_nulls.weight = None;
+        let new = wanted(&[row("a", 1), with_nulls]);
+        let current = read(&conn).unwrap();
+        assert_eq!(
+            current.get("hand"),
+            Some(&None),
+            "unreadable row seen as such"
+        );
+        let p = plan(&current, &new);
+        assert_eq!(p.delete, ["hand"]);
+        apply(&mut conn, &p).unwrap();
+        let back = read(&conn).unwrap();
+        let expected: BTreeMap<String, Option<MirrorRow>> = new
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        assert_eq!(back, expected);
+        // And the store reads it as it reads any row: `a` routes, the row
+        // with a NULL weight is judged by the store (not by the mirror).
+        let mut store = crate::store::RoutingStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        assert!(loaded.records.iter().any(|r| r.id == "a"));
+        assert_eq!(loaded.records.len() + loaded.bad_rows.len(), 2);
+    }
+}

@@ -1,0 +1,68 @@
+//! `edgeproxy upgrade`: asks a running proxy to upgrade to the binary now at
+//! its executable path, and reports the outcome.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    /// The proxy's upgrade control socket (default: `upgrade.control_socket`
+    /// from the configuration, `edgeproxy.sock` next to routing.db).
+    #[arg(long, value_name = "PATH", env = "EDGEPROXY_UPGRADE_CONTROL_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Send SIGUSR2 to this process instead of using the control socket
+    /// (the outcome is then only in the proxy's log).
+    #[arg(long, value_name = "PID", conflicts_with = "socket")]
+    pub pid: Option<i32>,
+    /// Give up waiting for the outcome after this many seconds (default:
+    /// `upgrade.ready_timeout_secs` plus 10).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+}
+
+/// Runs the subcommand; `config_path` is the global `--config`.
+pub fn run(args: UpgradeArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(pid) = args.pid {
+        if pid <= 0 {
+            bail!("--pid {pid} is not a process id");
+        }
+        // SAFETY: kill(2) with a plain signal number.
+        if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot signal process {pid}"));
+        }
+        println!("sent SIGUSR2 to {pid}; the proxy logs the outcome");
+        return Ok(());
+    }
+    let (path, ready_timeout) = match args.socket {
+        Some(p) => (p, super::config::defaults::READY_TIMEOUT_SECS),
+        None => {
+            let config = crate::config::load(config_path, &crate::config::ProcessEnv)?;
+            let path = config.upgrade.control_socket.context(
+                "upgrade.control_socket is disabled in the configuration; use --socket or --pid",
+            )?;
+            (path, config.upgrade.ready_timeout.as_secs())
+        }
+    };
+    let timeout = Duration::from_secs(args.timeout.unwrap_or(ready_timeout + 10));
+    let answer = super::control_socket::request_upgrade(&path, timeout).with_context(|| {
+        format!(
+            "cannot reach the proxy's control socket {} (is it running with this configuration?)",
+            path.display()
+        )
+    })?;
+    match answer.strip_prefix("ok ") {
+        Some(rest) => {
+            let pid = rest.strip_prefix("pid=").unwrap_or(rest);
+            println!("upgraded: the new process (pid {pid}) serves; the old one drains");
+            Ok(())
+        }
+        None => bail!(
+            "upgrade failed, the running proxy keeps serving: {}",
+            answer.strip_prefix("error ").unwrap_or(&answer)
+        ),
+    }
+}

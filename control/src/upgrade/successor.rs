@@ -1,0 +1,228 @@
+//! The old process's side of a binary upgrade: start the binary now at this
+//! process's executable path, hand it every socket, wait until it says it
+//! serves.
+//!
+//! Blocking, with one deadline for the whole exchange: run it on a thread of
+//! its own (the control loop keeps serving meanwhile). Whatever goes wrong,
+//! the old process is untouched: it never stopped accepting. A successor
+//! that did not get as far as `Ready` is killed and reaped, so a binary that
+//! hangs at start does not linger.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::channel::Channel;
+use super::wire::{self, FromSuccessor, ToSuccessor, WireError};
+
+/// The environment variable that tells a process it is a successor, and on
+/// which descriptor its predecessor's channel is.
+pub const UPGRADE_FD_VAR: &str = "EDGEPROXY_UPGRADE_FD";
+
+/// How often a wait for the successor checks whether it was abandoned.
+const CANCEL_CHECK: Duration = Duration::from_millis(100);
+
+/// A successor that reported ready: it serves on the same sockets.
+#[derive(Debug)]
+pub struct Successor {
+    pub pid: u32,
+    pub exe: PathBuf,
+    /// Kept so the handle is not reaped here; the successor outlives us.
+    _child: Child,
+}
+
+/// Why an upgrade did not happen. The old process keeps serving in every
+/// case.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpgradeError {
+    #[error("cannot find this process's binary: {0}")]
+    Exe(io::Error),
+    #[error("the binary {0} no longer exists (deleted and not replaced)")]
+    ExeGone(PathBuf),
+    #[error("cannot start {exe}: {cause}")]
+    Spawn { exe: PathBuf, cause: io::Error },
+    #[error("cannot collect the sockets to hand over: {0}")]
+    Sockets(io::Error),
+    #[error("hand-off to the new process (pid {pid}) failed: {cause}")]
+    Channel { pid: u32, cause: io::Error },
+    #[error("the new process (pid {pid}) sent a bad message: {cause}")]
+    Protocol { pid: u32, cause: WireError },
+    #[error("the new process (pid {pid}) exited ({status}) before it was ready")]
+    Exited { pid: u32, status: String },
+    #[error("the new process (pid {pid}) gave up: {reason}")]
+    Failed { pid: u32, reason: String },
+    #[error("the new process (pid {pid}) was not ready within {timeout:?}; killed it")]
+    Timeout { pid: u32, timeout: Duration },
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("this process is stopping")]
+    Stopping,
+}
+
+/// The path this process was started from. `/proc/self/exe` names the
+/// running file; after a package manager replaced the binary (a new file
+/// renamed over the old path) it reads `PATH (deleted)`, and `PATH` is where
+/// the new binary is: that is what gets started.
+pub fn executable_path() -> Result<PathBuf, UpgradeError> {
+    let link = std::fs::read_link("/proc/self/exe").map_err(UpgradeError::Exe)?;
+    let text = link.into_os_string();
+    let path = match text.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(stripped) => PathBuf::from(stripped),
+        None => PathBuf::from(text),
+    };
+    if !path.exists() {
+        return Err(UpgradeError::ExeGone(path));
+    }
+    Ok(path)
+}
+
+/// Starts the successor with this process's arguments, environment and
+/// working directory, hands it `sockets` (name, descriptors in order) and
+/// waits up to `timeout` for it to report ready. Setting `cancel` abandons
+/// the attempt within a tenth of a second (this process is stopping).
+pub fn start(
+    sockets: Vec<(String, Vec<OwnedFd>)>,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<Successor, UpgradeError> {
+    let deadline = Instant::now() + timeout;
+    let exe = executable_path()?;
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let (ours, theirs) = Channel::pair().map_err(|cause| UpgradeError::Spawn {
+        exe: exe.clone(),
+        cause,
+    })?;
+    let their_fd = theirs.as_fd().as_raw_fd();
+    let mut command = Command::new(&exe);
+    command
+        .args(&args)
+        .env(UPGRADE_FD_VAR, their_fd.to_string())
+        .stdin(Stdio::null());
+    // SAFETY: runs in the forked child before exec; fcntl is
+    // async-signal-safe and touches only the child's descriptor table.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(their_fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|cause| UpgradeError::Spawn {
+        exe: exe.clone(),
+        cause,
+    })?;
+    drop(theirs);
+    let pid = child.id();
+    tracing::info!(pid, exe = %exe.display(), sockets = sockets.len(), "upgrade: new process started; handing over sockets");
+    match handshake(&ours, &sockets, pid, (deadline, timeout), cancel) {
+        Ok(()) => Ok(Successor {
+            pid,
+            exe,
+            _child: child,
+        }),
+        Err(e) => {
+            let e = match e {
+                // It closed the channel: it exited, or is about to.
+                UpgradeError::Channel { .. } | UpgradeError::Exited { .. } => {
+                    match reap(&mut child, Duration::from_secs(5)) {
+                        Some(status) => UpgradeError::Exited {
+                            pid,
+                            status: describe(status),
+                        },
+                        None => e,
+                    }
+                }
+                other => other,
+            };
+            // Whatever state it is in, it must not serve alongside us.
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
+}
+
+fn handshake(
+    channel: &Channel,
+    sockets: &[(String, Vec<OwnedFd>)],
+    pid: u32,
+    (deadline, timeout): (Instant, Duration),
+    cancel: &AtomicBool,
+) -> Result<(), UpgradeError> {
+    let io_err = |cause| UpgradeError::Channel { pid, cause };
+    let counts: Vec<(String, usize)> = sockets.iter().map(|(n, f)| (n.clone(), f.len())).collect();
+    let all_fds: Vec<&OwnedFd> = sockets.iter().flat_map(|(_, f)| f).collect();
+    let mut next = 0;
+    for batch in wire::batches(&counts) {
+        let n: usize = batch.iter().map(|(_, c)| *c as usize).sum();
+        let chunk: Vec<_> = all_fds[next..next + n]
+            .iter()
+            .map(|fd| std::os::fd::AsFd::as_fd(*fd))
+            .collect();
+        next += n;
+        let msg = ToSuccessor::Sockets {
+            protocol: wire::PROTOCOL,
+            entries: batch,
+        };
+        channel.send(&msg.encode(), &chunk).map_err(io_err)?;
+    }
+    channel
+        .send(&ToSuccessor::Done.encode(), &[])
+        .map_err(io_err)?;
+    let answer = loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(UpgradeError::Stopping);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(UpgradeError::Timeout { pid, timeout });
+        }
+        match channel.recv(left.min(CANCEL_CHECK)) {
+            Ok(Some((bytes, fds))) => {
+                break FromSuccessor::decode(&bytes, fds.len())
+                    .map_err(|cause| UpgradeError::Protocol { pid, cause })?
+            }
+            Ok(None) => {
+                return Err(UpgradeError::Exited {
+                    pid,
+                    status: "closed the channel".into(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
+            Err(cause) => return Err(UpgradeError::Channel { pid, cause }),
+        }
+    };
+    match answer {
+        FromSuccessor::Ready { .. } => Ok(()),
+        FromSuccessor::Failed { reason } => Err(UpgradeError::Failed { pid, reason }),
+    }
+}
+
+/// Waits up to `patience` for `child` to exit.
+fn reap(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}

@@ -1,0 +1,286 @@
+//! PostgreSQL as the routing source, against a real PostgreSQL server (a
+//! throwaway cluster per test, see `common::postgres`), through the real
+//! binary: routing follows a row change by LISTEN/NOTIFY (the periodic read
+//! is set to a minute, so nothing else can explain it), the database
+//! stopping, restarting or hanging never drops or fails a client connection
+//! and keeps the last table (also across a restart of the proxy), TLS to
+//! the database is verified, and a role that may not install the trigger
+//! still sees changes by polling.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::postgres::{insert_backend, PgServer, ServerTls, BACKENDS_TABLE};
+use common::streams::{finish, progress, stalled_since, start_stream};
+use common::*;
+
+/// The proxy's config: routing from `url`, the table read every
+/// `reload_secs` when nothing notifies.
+fn pg_config(dir: &TempDir, url: &str, reload_secs: u64, extra: &str) -> String {
+    config(
+        &dir.join("routing.db"),
+        &format!(
+            "[postgres]\nenabled = true\nurl = {url:?}\nreload_secs = {reload_secs}\n\
+             connect_timeout_secs = 2\nquery_timeout_secs = 2\n{extra}\n\
+             [affinity]\nttl_secs = 0\n"
+        ),
+    )
+}
+
+fn start_proxy(dir: &TempDir, text: &str) -> Proxy {
+    Proxy::with_config(dir, text)
+}
+
+/// Waits until new connections reach `want`; how long that took.
+fn routed_to(proxy: &Proxy, want: &str) -> Duration {
+    let t0 = Instant::now();
+    let reached = eventually(PATIENCE, || which_backend(proxy.addr()) == want);
+    assert!(
+        reached,
+        "routing did not follow to {want}; log:\n{}",
+        proxy.log_text()
+    );
+    t0.elapsed()
+}
+
+#[test]
+fn routing_follows_row_changes_through_notify() {
+    let pg = PgServer::start("pg-notify", None);
+    pg.psql(BACKENDS_TABLE);
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    // `a` is far away (fallback tier), `b` in this POP's region: whenever
+    // `b` is routable it wins.
+    pg.psql(&insert_backend("a", "far", a.port(), 1));
+
+    let dir = TempDir::new("pg-notify-proxy");
+    // Polling once a minute: only a notification explains a quick change.
+    let proxy = start_proxy(&dir, &pg_config(&dir, &pg.url("edgeproxy"), 60, ""));
+    assert!(proxy
+        .wait_for_log("postgres: installed the change trigger", PATIENCE)
+        .is_some());
+    assert!(proxy
+        .wait_for_log("postgres: routing table read at start", PATIENCE)
+        .is_some());
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    let mut latencies = Vec::new();
+    let mut change = |sql: &str, want: &str| {
+        pg.psql(sql);
+        latencies.push(routed_to(&proxy, want));
+    };
+    change(&insert_backend("b", "sa", b.port(), 1), "b");
+    change("UPDATE backends SET healthy = 0 WHERE id = 'b'", "a");
+    change("UPDATE backends SET healthy = 1 WHERE id = 'b'", "b");
+    change("UPDATE backends SET deleted = 1 WHERE id = 'b'", "a");
+    change("UPDATE backends SET deleted = 0 WHERE id = 'b'", "b");
+    change("DELETE FROM backends WHERE id = 'b'", "a");
+    change(&insert_backend("b", "sa", b.port(), 1), "b");
+    change(
+        "BEGIN; UPDATE backends SET region = 'sa' WHERE id = 'a'; \
+         UPDATE backends SET region = 'far' WHERE id = 'b'; COMMIT",
+        "a",
+    );
+    change(
+        &format!(
+            "TRUNCATE backends; {}",
+            insert_backend("b", "sa", b.port(), 1)
+        ),
+        "b",
+    );
+    latencies.sort();
+    eprintln!(
+        "routing followed {} PostgreSQL changes: median {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+
+    // routing.db holds the mirror: exactly the database's one row.
+    let db = Db::open(dir.join("routing.db"));
+    let ids: Vec<String> = db
+        .conn()
+        .prepare("SELECT id FROM backends")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ids, ["b"]);
+}
+
+#[test]
+fn the_database_going_away_drops_no_connection_and_keeps_the_table() {
+    let pg = PgServer::start("pg-outage", None);
+    pg.psql(BACKENDS_TABLE);
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    pg.psql(&insert_backend("a", "far", a.port(), 1));
+    let dir = TempDir::new("pg-outage-proxy");
+    let text = pg_config(&dir, &pg.url("edgeproxy"), 1, "");
+    let proxy = start_proxy(&dir, &text);
+    let addr = proxy.addr();
+    assert_eq!(which_backend(addr), "a");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..20).map(|i| start_stream(addr, 7 + i, &stop)).collect();
+    assert_eq!(stalled_since(&streams, &[0; 20]), 0);
+
+    // 1. Stopped (restarting): an outage, logged once; routing stays.
+    let mark = proxy.log_mark();
+    pg.stop();
+    proxy
+        .wait_for_log_after(mark, "postgres: unreachable", PATIENCE)
+        .unwrap_or_else(|| panic!("outage not noticed; log:\n{}", proxy.log_text()));
+    for _ in 0..50 {
+        assert_eq!(which_backend(addr), "a");
+    }
+    // A proxy started while the database is down (a restart) routes by
+    // the mirror in routing.db.
+    let dir2 = TempDir::new("pg-outage-second");
+    let second = start_proxy(&dir2, &pg_config(&dir, &pg.url("edgeproxy"), 1, ""));
+    assert!(second
+        .wait_for_log("postgres: unreachable at start", PATIENCE)
+        .is_some());
+    assert_eq!(which_backend(second.addr()), "a");
+    drop(second);
+
+    // Back: followed again.
+    let mark = proxy.log_mark();
+    pg.start_again();
+    proxy
+        .wait_for_log_after(mark, "postgres: reachable again", PATIENCE)
+        .unwrap_or_else(|| panic!("recovery not noticed; log:\n{}", proxy.log_text()));
+    pg.psql(&insert_backend("b", "sa", b.port(), 1));
+    routed_to(&proxy, "b");
+
+    // 2. Frozen (a partition: no answer, no reset): the read times out,
+    //    the session is dropped; routing stays; thawed, it recovers.
+    let mark = proxy.log_mark();
+    pg.freeze(true);
+    proxy
+        .wait_for_log_after(mark, "postgres: unreachable", PATIENCE)
+        .unwrap_or_else(|| panic!("hang not noticed; log:\n{}", proxy.log_text()));
+    for _ in 0..50 {
+        assert_eq!(which_backend(addr), "b");
+    }
+    let mark = proxy.log_mark();
+    pg.freeze(false);
+    proxy
+        .wait_for_log_after(mark, "postgres: reachable again", PATIENCE)
+        .unwrap_or_else(|| panic!("no recovery after the thaw; log:\n{}", proxy.log_text()));
+    pg.psql("UPDATE backends SET healthy = 0 WHERE id = 'b'");
+    routed_to(&proxy, "a");
+
+    // The streams opened before all of it lost nothing.
+    assert_eq!(stalled_since(&streams, &progress(&streams)), 0);
+    stop.store(true, Ordering::Relaxed);
+    let bytes = finish(streams).unwrap_or_else(|f| panic!("streams failed:\n{}", f.join("\n")));
+    eprintln!("20 streams, {bytes} bytes, across a stop, a restart and a hang of PostgreSQL");
+}
+
+/// A CA and a server certificate for `localhost` and 127.0.0.1 signed by
+/// it: (CA PEM, server files).
+fn ca_and_server() -> (String, ServerTls) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "edgeproxy test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (
+        ca.pem(),
+        ServerTls {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        },
+    )
+}
+
+#[test]
+fn tls_to_the_database_is_required_and_verified() {
+    let (ca, server) = ca_and_server();
+    let pg = PgServer::start("pg-tls", Some(&server));
+    pg.psql(BACKENDS_TABLE);
+    let a = TagBackend::start("a");
+    pg.psql(&insert_backend("a", "sa", a.port(), 1));
+    let dir = TempDir::new("pg-tls-proxy");
+    std::fs::write(dir.join("ca.pem"), &ca).unwrap();
+    let url = format!("{}?sslmode=require", pg.url("edgeproxy"));
+    let ca_line = format!("ca_file = {:?}", dir.join("ca.pem").display().to_string());
+    let proxy = start_proxy(&dir, &pg_config(&dir, &url, 60, &ca_line));
+    assert!(proxy
+        .wait_for_log("postgres: routing table read at start", PATIENCE)
+        .is_some());
+    assert_eq!(which_backend(proxy.addr()), "a");
+    // The server saw an encrypted session from edgeproxy.
+    let ssl = pg.psql(
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'edgeproxy'",
+    );
+    assert_eq!(ssl, "t");
+    drop(proxy);
+
+    // A certificate from another CA is refused, and so is plain text (the
+    // server takes TLS only): the proxy starts, routes by routing.db, and
+    // says why it cannot follow the database.
+    let (other_ca, _) = ca_and_server();
+    std::fs::write(dir.join("other-ca.pem"), &other_ca).unwrap();
+    let other_line = format!(
+        "ca_file = {:?}",
+        dir.join("other-ca.pem").display().to_string()
+    );
+    let proxy = start_proxy(&dir, &pg_config(&dir, &url, 60, &other_line));
+    let line = proxy
+        .wait_for_log("postgres: unreachable", PATIENCE)
+        .unwrap_or_else(|| panic!("bad certificate accepted; log:\n{}", proxy.log_text()));
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    assert_eq!(which_backend(proxy.addr()), "a");
+    drop(proxy);
+    let plain = format!("{}?sslmode=disable", pg.url("edgeproxy"));
+    let proxy = start_proxy(&dir, &pg_config(&dir, &plain, 60, ""));
+    let line = proxy
+        .wait_for_log("postgres: unreachable", PATIENCE)
+        .unwrap_or_else(|| panic!("plain connection accepted; log:\n{}", proxy.log_text()));
+    assert!(
+        line.contains("pg_hba.conf") || line.contains("no encryption"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_role_that_cannot_install_the_trigger_follows_by_polling() {
+    let pg = PgServer::start("pg-poll", None);
+    pg.psql(BACKENDS_TABLE);
+    pg.psql("CREATE ROLE reader LOGIN; GRANT SELECT ON backends TO reader");
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    pg.psql(&insert_backend("a", "far", a.port(), 1));
+    let dir = TempDir::new("pg-poll-proxy");
+    let proxy = start_proxy(&dir, &pg_config(&dir, &pg.url("reader"), 1, ""));
+    let line = proxy
+        .wait_for_log("postgres: cannot install the change trigger", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert!(line.contains("reload_secs"), "{line}");
+    assert_eq!(which_backend(proxy.addr()), "a");
+    pg.psql(&insert_backend("b", "sa", b.port(), 1));
+    routed_to(&proxy, "b");
+    // Nothing was created in the database for this role.
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'edgeproxy_notify%'"),
+        "0"
+    );
+}

@@ -1,0 +1,697 @@
+//! Hitless binary upgrade, through the real binary: SIGUSR2 or `edgeproxy
+//! upgrade` starts the binary at the running process's path, hands it every
+//! socket, and the old process drains. Under load: a hundred echo streams
+//! (every byte checked), clients opening and closing connections back to
+//! back, and discovery API, metrics and DNS requests, none of which may
+//! fail, be reset or go unanswered across one upgrade or ten in a row. A
+//! new binary that fails to start (exits, hangs, rejects its configuration)
+//! leaves the old process serving.
+//!
+//! Processes of an upgrade chain are not all children of the test (each
+//! successor is its predecessor's child); [`Chain`] kills whatever is left
+//! of them when a test ends, pass or fail.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use common::streams::{finish, progress, stalled_since, start_stream, Stream};
+use common::*;
+
+const STREAMS: usize = 100;
+const SIGUSR2: i32 = 12;
+const SIGKILL: i32 = 9;
+
+extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A process is alive: it exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+    }
+}
+
+/// Every process of an upgrade chain, newest last; kills the survivors on
+/// drop.
+#[derive(Default)]
+struct Chain {
+    pids: Vec<u32>,
+}
+
+impl Chain {
+    fn newest(&self) -> u32 {
+        *self.pids.last().expect("no process")
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            if alive(pid) {
+                // SAFETY: kill(2) on a process this test started.
+                unsafe { kill(pid as i32, SIGKILL) };
+            }
+        }
+        for &pid in &self.pids {
+            eventually(PATIENCE, || !alive(pid));
+        }
+    }
+}
+
+/// The value of `key=` in the first log line after `mark` containing
+/// `needle`; panics with the log if there is none.
+fn logged(proxy: &Proxy, mark: usize, needle: &str, key: &str) -> String {
+    let line = proxy
+        .wait_for_log_after(mark, needle, PATIENCE)
+        .unwrap_or_else(|| panic!("no {needle:?} line; log:\n{}", proxy.log_text()));
+    field(&line, key).unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
+/// The address in `<needle> ... <key>=ADDR` of the first such line.
+fn logged_addr(proxy: &Proxy, needle: &str, key: &str) -> SocketAddr {
+    logged(proxy, 0, needle, key).parse().unwrap()
+}
+
+/// Upgrades the newest process of `chain` (SIGUSR2, or `edgeproxy upgrade`
+/// on `socket`), waits until the successor serves and the old process has
+/// stopped accepting; returns the successor's pid.
+fn upgrade(proxy: &Proxy, chain: &mut Chain, socket: Option<&Path>) -> u32 {
+    let old = chain.newest();
+    let mark = proxy.log_mark();
+    match socket {
+        None => {
+            // SAFETY: kill(2) on a process of this test's chain.
+            assert_eq!(unsafe { kill(old as i32, SIGUSR2) }, 0);
+        }
+        Some(path) => {
+            let (status, out, err) =
+                run_to_end(&["upgrade", "--socket", path.to_str().unwrap()], &[]);
+            assert!(status.success(), "edgeproxy upgrade failed: {out}{err}");
+            assert!(out.contains("upgraded"), "{out}");
+        }
+    }
+    let new: u32 = logged(proxy, mark, "upgrade: new process is ready", "pid")
+        .parse()
+        .unwrap();
+    chain.pids.push(new);
+    assert_ne!(new, old);
+    proxy
+        .wait_for_log_after(mark, "upgrade: stopped accepting", PATIENCE)
+        .unwrap_or_else(|| panic!("old process did not stop; log:\n{}", proxy.log_text()));
+    new
+}
+
+/// Client threads opening connections back to back (greeting, one echo,
+/// close) until stopped.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Churn {
+    fn start(proxy: SocketAddr, clients: usize) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|c| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !stop.load(Ordering::Relaxed) {
+                        match round_trip(proxy, c) {
+                            Ok(()) => ok += 1,
+                            Err(e) => failed.push(e),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Churn { stop, threads }
+    }
+
+    /// Stops the clients; returns the round trips that succeeded, panicking
+    /// if any failed.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let (mut ok, mut failed) = (0, Vec::new());
+        for t in self.threads {
+            let (o, f) = t.join().unwrap();
+            ok += o;
+            failed.extend(f);
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of {} new connections failed: {:?}",
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(10)]
+        );
+        ok
+    }
+}
+
+fn round_trip(proxy: SocketAddr, client: usize) -> Result<(), String> {
+    let stream =
+        TcpStream::connect_timeout(&proxy, PATIENCE).map_err(|e| format!("connect: {e}"))?;
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    read_line(&stream).ok_or("no greeting")?;
+    let msg = format!("client {client}\n");
+    (&stream)
+        .write_all(msg.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    match read_line(&stream) {
+        Some(back) if back == msg.trim_end() => Ok(()),
+        Some(back) => Err(format!("echo {back:?}")),
+        None => Err("no echo".into()),
+    }
+}
+
+/// Requests to the discovery API, metrics and DNS, one new connection (or
+/// datagram) each, back to back until stopped.
+struct Services {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Services {
+    fn start(api: SocketAddr, metrics: SocketAddr, dns: SocketAddr) -> Services {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            let mut id = 0u16;
+            // At least one round, even if stopped at once.
+            while id == 0 || !flag.load(Ordering::Relaxed) {
+                id = id.wrapping_add(1);
+                for result in [
+                    http_get(api, "/health").map(|_| ()),
+                    http_get(metrics, "/metrics").map(|_| ()),
+                    dns_query(dns, id),
+                ] {
+                    match result {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, failed)
+        });
+        Services { stop, thread }
+    }
+
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = self.thread.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} of {} API/metrics/DNS requests failed: {:?}",
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(10)]
+        );
+        ok
+    }
+}
+
+/// A GET on a new connection; the response if its status is 200.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String, String> {
+    let mut s =
+        TcpStream::connect_timeout(&addr, PATIENCE).map_err(|e| format!("{path}: connect: {e}"))?;
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("{path}: write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("{path}: read: {e}"))?;
+    match text.starts_with("HTTP/1.1 200") {
+        true => Ok(text),
+        false => Err(format!("{path}: {:?}", text.lines().next())),
+    }
+}
+
+/// An A query for `web.internal` over UDP; any answer with our id counts.
+fn dns_query(addr: SocketAddr, id: u16) -> Result<(), String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut q = Vec::new();
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in ["web", "internal"] {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    socket
+        .send_to(&q, addr)
+        .map_err(|e| format!("dns send: {e}"))?;
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .map_err(|e| format!("dns query {id}: no answer: {e}"))?;
+    if n < 12 || buf[..2] != id.to_be_bytes() || buf[2] & 0x80 == 0 {
+        return Err(format!(
+            "dns query {id}: bad answer {:?}",
+            &buf[..n.min(12)]
+        ));
+    }
+    Ok(())
+}
+
+/// A running proxy with two echo backends, every service on, the binary
+/// at `exe`.
+struct Setup {
+    dir: TempDir,
+    _backends: Vec<TagBackend>,
+    proxy: Proxy,
+    chain: Chain,
+}
+
+fn config_text(db: &Path, control: &Path, extra: &str) -> String {
+    format!(
+        "[routing]\ndb_path = {db:?}\nreload_interval_ms = 100\n\n[runtime]\nshards = 2\n\n\
+         [limits]\nshutdown_grace_secs = 120\n\n\
+         [api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n\n\
+         [metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n\n\
+         [dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nudp_workers = 2\n\n\
+         [upgrade]\ncontrol_socket = {control:?}\n{extra}\n\
+         [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n",
+        db = db.display().to_string(),
+        control = control.display().to_string(),
+    )
+}
+
+impl Setup {
+    fn start(tag: &str, exe: Option<&Path>, extra: &str) -> Setup {
+        let dir = TempDir::new(tag);
+        let backends = vec![TagBackend::start("a"), TagBackend::start("b")];
+        let db = Db::create(dir.join("routing.db"));
+        for b in &backends {
+            db.upsert(&Row::new(&b.name, "web", "sa", b.port()));
+        }
+        let control = dir.join("ctl.sock");
+        let path = dir.join("edgeproxy.toml");
+        std::fs::write(&path, config_text(&db.path, &control, extra)).unwrap();
+        let exe = exe
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(BIN));
+        let proxy = Proxy::spawn_exe(
+            &exe,
+            &["--config", path.to_str().unwrap()],
+            &[],
+            Some("info"),
+        )
+        .ready();
+        let chain = Chain {
+            pids: vec![proxy.pid()],
+        };
+        Setup {
+            dir,
+            _backends: backends,
+            proxy,
+            chain,
+        }
+    }
+
+    fn control_socket(&self) -> PathBuf {
+        self.dir.join("ctl.sock")
+    }
+
+    fn rewrite_config(&self, extra: &str) {
+        let text = config_text(&self.dir.join("routing.db"), &self.control_socket(), extra);
+        std::fs::write(self.dir.join("edgeproxy.toml"), text).unwrap();
+    }
+
+    fn services(&self) -> Services {
+        Services::start(
+            logged_addr(&self.proxy, "api listening", "addr"),
+            logged_addr(&self.proxy, "metrics listening", "addr"),
+            logged_addr(&self.proxy, "dns listening", "udp"),
+        )
+    }
+}
+
+fn open_streams(proxy: SocketAddr, count: usize, seed: u64, stop: &Arc<AtomicBool>) -> Vec<Stream> {
+    let streams: Vec<Stream> = (0..count)
+        .map(|i| start_stream(proxy, seed + i as u64, stop))
+        .collect();
+    assert_eq!(
+        stalled_since(&streams, &vec![0; count]),
+        0,
+        "some streams never got an echo"
+    );
+    streams
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The names of `pid`'s threads.
+fn threads(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// What `pid`'s descriptors are, by kind (`socket`, `anon_inode:[io_uring]`,
+/// a path), with counts: for messages.
+fn fd_kinds(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut kinds = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let target = std::fs::read_link(entry.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        let kind = match target.split_once(":[") {
+            Some((k, rest)) if k == "anon_inode" => format!("{k}:{rest}"),
+            Some((k, _)) => k.to_string(),
+            None => target,
+        };
+        *kinds.entry(kind).or_default() += 1;
+    }
+    kinds
+}
+
+#[test]
+fn one_upgrade_under_streaming_load_fails_no_connection() {
+    let mut s = Setup::start("upgrade-one", None, "");
+    let addr = s.proxy.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams = open_streams(addr, STREAMS, 1, &stop);
+    let churn = Churn::start(addr, 4);
+    let services = s.services();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let old = s.chain.newest();
+    let new = upgrade(&s.proxy, &mut s.chain, None);
+    assert!(alive(old), "the old process must drain, not die");
+    // New connections now reach only the new process; let them run a while.
+    std::thread::sleep(Duration::from_secs(1));
+    let round_trips = churn.finish();
+    let requests = services.finish();
+
+    // The streams, all on the old process, are still moving after it
+    // stopped accepting.
+    let stalled = stalled_since(&streams, &progress(&streams));
+    assert_eq!(stalled, 0, "{stalled} streams stalled after the upgrade");
+    stop.store(true, Ordering::Relaxed);
+    let bytes =
+        finish(streams).unwrap_or_else(|f| panic!("{} streams failed:\n{}", f.len(), f.join("\n")));
+    // With its last connection closed the old process exits, cleanly.
+    let status = s
+        .proxy
+        .wait_exit(PATIENCE)
+        .expect("old process did not exit after draining");
+    assert!(status.success(), "old process exited with {status}");
+    assert!(alive(new));
+    // And the new one serves.
+    round_trip(addr, 0).unwrap();
+    // It owns the control socket now: stopping, it removes the file its
+    // predecessor created (and the predecessor left in place for it).
+    assert!(s.control_socket().exists());
+    // SAFETY: kill(2) on a process of this test's chain.
+    assert_eq!(unsafe { kill(new as i32, SIGTERM) }, 0);
+    assert!(
+        eventually(PATIENCE, || !alive(new)),
+        "new process did not stop"
+    );
+    assert!(!s.control_socket().exists(), "control socket left behind");
+    eprintln!("1 upgrade: {round_trips} new connections, {requests} API/metrics/DNS requests, {bytes} stream bytes, no failure");
+}
+
+#[test]
+fn ten_upgrades_in_a_row_fail_no_connection() {
+    let mut s = Setup::start("upgrade-ten", None, "");
+    let addr = s.proxy.addr();
+    // Descriptors of the first process once every service has served (the
+    // DNS workers' runtimes start with the control loop, after `ready`).
+    s.services().finish();
+    let fds_at_start = open_fds(s.chain.newest());
+    let kinds_at_start = fd_kinds(s.chain.newest());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut streams = open_streams(addr, STREAMS, 1, &stop);
+    let churn = Churn::start(addr, 4);
+    let services = s.services();
+    let control = s.control_socket();
+    for i in 0..10 {
+        // Alternate the two ways to ask.
+        let by_cli = i % 2 == 1;
+        upgrade(&s.proxy, &mut s.chain, by_cli.then_some(control.as_path()));
+        // Each generation gets streams of its own to drain.
+        streams.extend(open_streams(addr, 10, 1000 * (i + 1), &stop));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let round_trips = churn.finish();
+    let requests = services.finish();
+    let stalled = stalled_since(&streams, &progress(&streams));
+    assert_eq!(stalled, 0, "{stalled} streams stalled");
+    stop.store(true, Ordering::Relaxed);
+    let total_streams = streams.len();
+    let bytes =
+        finish(streams).unwrap_or_else(|f| panic!("{} streams failed:\n{}", f.len(), f.join("\n")));
+
+    // Every old process drained its streams and exited; the newest serves.
+    let newest = s.chain.newest();
+    for &pid in &s.chain.pids[..s.chain.pids.len() - 1] {
+        assert!(
+            eventually(PATIENCE, || !alive(pid)),
+            "process {pid} still running after its streams ended"
+        );
+    }
+    assert!(s
+        .proxy
+        .wait_exit(PATIENCE)
+        .expect("first process exited")
+        .success());
+    assert!(alive(newest));
+    round_trip(addr, 0).unwrap();
+    // Nothing leaked from generation to generation: the newest process,
+    // idle once its streams' sockets are closed, holds as many descriptors
+    // as the first did.
+    let mut fds_now = 0;
+    let same = eventually(PATIENCE, || {
+        fds_now = open_fds(newest);
+        fds_now <= fds_at_start
+    });
+    assert!(
+        same,
+        "descriptors: {fds_at_start} in the first process, {fds_now} after ten upgrades\n\
+         first: {kinds_at_start:?}\nnow: {:?}\nthreads now: {:?}",
+        fd_kinds(newest),
+        threads(newest)
+    );
+    eprintln!("10 upgrades: {round_trips} new connections, {requests} API/metrics/DNS requests, {total_streams} streams with {bytes} bytes, no failure");
+}
+
+/// Replaces the file at `path` the way a package manager installs a new
+/// binary: a new file renamed over the old path (the running process keeps
+/// its old inode).
+fn install(path: &Path, from: &Path) {
+    let tmp = path.with_extension("new");
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(from, &tmp).is_err() {
+        std::fs::copy(from, &tmp).unwrap();
+    }
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn install_script(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let script = path.with_extension("script");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install(path, &script);
+}
+
+/// `edgeproxy upgrade` against the control socket: (succeeded, output).
+fn cli_upgrade(control: &Path) -> (bool, String) {
+    let (status, out, err) = run_to_end(&["upgrade", "--socket", control.to_str().unwrap()], &[]);
+    (status.success(), format!("{out}{err}"))
+}
+
+#[test]
+fn a_new_binary_that_fails_to_start_leaves_the_old_one_serving() {
+    let dir = TempDir::new("upgrade-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let mut s = Setup::start("upgrade-fail", Some(&exe), "ready_timeout_secs = 3\n");
+    let addr = s.proxy.addr();
+    let first = s.chain.newest();
+    let churn = Churn::start(addr, 3);
+    let services = s.services();
+    let control = s.control_socket();
+
+    // 1. The new file is not even a working binary: it exits at once.
+    install_script(&exe, "echo 'broken build' >&2\nexit 3");
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("exited (exit code 3) before it was ready"),
+        "{out}"
+    );
+    assert!(out.contains("keeps serving"), "{out}");
+
+    // 2. It hangs: killed after ready_timeout_secs.
+    install_script(&exe, "exec sleep 600");
+    let mark = s.proxy.log_mark();
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not ready within 3s; killed it"), "{out}");
+    let hung: u32 = logged(&s.proxy, mark, "upgrade: new process started", "pid")
+        .parse()
+        .unwrap();
+    assert!(
+        eventually(PATIENCE, || !alive(hung)),
+        "the hung binary {hung} was left running"
+    );
+
+    // 3. The real binary again, but the configuration it reads is wrong.
+    install(&exe, Path::new(BIN));
+    s.rewrite_config("ready_timeout_secs = 0\n");
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    assert!(out.contains("upgrade.ready_timeout_secs"), "{out}");
+
+    // 4. SIGUSR2 with the same bad configuration: refused, logged.
+    let mark = s.proxy.log_mark();
+    // SAFETY: kill(2) on the test's own proxy.
+    assert_eq!(unsafe { kill(first as i32, SIGUSR2) }, 0);
+    let line = s
+        .proxy
+        .wait_for_log_after(mark, "upgrade failed; this process keeps serving", PATIENCE)
+        .unwrap();
+    assert!(line.contains("upgrade.ready_timeout_secs"), "{line}");
+
+    // Through all of it the first process served every connection.
+    assert!(alive(first));
+    std::thread::sleep(Duration::from_millis(300));
+    round_trip(addr, 0).unwrap();
+
+    // 5. Fixed: the upgrade goes through, and the new process runs the
+    //    file now at the path.
+    s.rewrite_config("ready_timeout_secs = 3\n");
+    let new = upgrade(&s.proxy, &mut s.chain, Some(&control));
+    let running = std::fs::read_link(format!("/proc/{new}/exe")).unwrap();
+    assert_eq!(running, exe, "the successor runs {}", running.display());
+    std::thread::sleep(Duration::from_millis(300));
+    let round_trips = churn.finish();
+    let requests = services.finish();
+    assert!(s
+        .proxy
+        .wait_exit(PATIENCE)
+        .expect("old process exited")
+        .success());
+    eprintln!("4 failed upgrades and 1 good one: {round_trips} new connections, {requests} API/metrics/DNS requests, no failure");
+}
+
+#[test]
+fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
+    let mut s = Setup::start("upgrade-listeners", None, "");
+    let main = s.proxy.addr();
+    // Add a listener through the configuration the successor reads: it
+    // is bound fresh; `main` is taken over on its port.
+    let text = std::fs::read_to_string(s.dir.join("edgeproxy.toml")).unwrap();
+    let extra_listener = "\n[[listener]]\nname = \"extra\"\naddr = \"127.0.0.1:0\"\n";
+    std::fs::write(
+        s.dir.join("edgeproxy.toml"),
+        format!("{text}{extra_listener}"),
+    )
+    .unwrap();
+    let mark = s.proxy.log_mark();
+    upgrade(&s.proxy, &mut s.chain, None);
+    let took = logged(&s.proxy, mark, "upgrade: took over listener", "listener");
+    assert_eq!(took, "main");
+    let extra: SocketAddr = s
+        .proxy
+        .wait_for_log_where(
+            mark,
+            |l| l.contains(" listening ") && l.contains("listener=extra"),
+            PATIENCE,
+        )
+        .and_then(|l| field(&l, "addr"))
+        .expect("extra listener")
+        .parse()
+        .unwrap();
+    round_trip(main, 0).unwrap();
+    round_trip(extra, 0).unwrap();
+
+    // Now the configuration drops `main`: the next successor closes it.
+    std::fs::write(
+        s.dir.join("edgeproxy.toml"),
+        format!(
+            "{}{}",
+            text.replace(
+                "[[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n",
+                ""
+            ),
+            extra_listener
+        ),
+    )
+    .unwrap();
+    let mark = s.proxy.log_mark();
+    upgrade(&s.proxy, &mut s.chain, None);
+    let closed = logged(
+        &s.proxy,
+        mark,
+        "inherited socket not used by this configuration",
+        "name",
+    );
+    assert_eq!(closed, "listener:main");
+    round_trip(extra, 0).unwrap();
+    // Once every holder let go, nothing listens on main's port any more.
+    assert!(
+        eventually(PATIENCE, || matches!(
+            probe(main, Duration::from_millis(100)),
+            Probe::Refused
+        )),
+        "main's port still accepts"
+    );
+}
+
+#[test]
+fn an_upgrade_is_refused_with_replication_on_and_the_process_keeps_serving() {
+    let mut s = Setup::start(
+        "upgrade-replication",
+        None,
+        "\n[replication]\nenabled = true\ninsecure = true\nnode_id = \"pop-a\"\n\
+         gossip_addr = \"127.0.0.1:0\"\ntransport_addr = \"127.0.0.1:0\"\n",
+    );
+    let (ok, out) = cli_upgrade(&s.control_socket());
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("not available with [replication] enabled"),
+        "{out}"
+    );
+    assert_eq!(s.chain.pids.len(), 1);
+    round_trip(s.proxy.addr(), 0).unwrap();
+    assert!(s.proxy.wait_exit(Duration::from_millis(100)).is_none());
+}
