@@ -141,6 +141,8 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
+    engine.set_pool(config.pool.policy());
+    log_pool(&config.pool);
     // Health checks and the circuit breaker: their state weighs on every
     // snapshot from now on (see `health`); the driver starts on the control
     // runtime below. It always runs: a backend may register with a check of
@@ -666,6 +668,10 @@ fn apply(
             starting.push(spec_of(l, tls)?);
         }
     }
+    if old.pool != new.pool {
+        engine.set_pool(new.pool.policy());
+        log_pool(&new.pool);
+    }
     let new_knobs = knobs(new);
     if *engine.knobs() != new_knobs {
         let mut changes = crate::config_diff::diff("limits", &old.limits, &new.limits);
@@ -707,6 +713,23 @@ fn apply(
             "changed in the file, but takes effect only after a restart; running with the old value");
     }
     Ok(next)
+}
+
+fn log_pool(pool: &crate::pool_config::Pool) {
+    if pool.enabled {
+        tracing::info!(
+            warm = ?pool.warm,
+            min_rtt_ms = pool.min_rtt_ms,
+            apps = ?pool.apps,
+            max_per_backend = pool.max_per_backend,
+            idle_timeout_secs = pool.idle_timeout.as_secs(),
+            max_lifetime_secs = pool.max_lifetime.as_secs(),
+            speaks_first = ?pool.speaks_first,
+            "pool: warm backend connections on (per shard)"
+        );
+    } else {
+        tracing::info!("pool: warm backend connections off");
+    }
 }
 
 fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {

@@ -72,6 +72,9 @@ pub struct RawConfig {
     /// `[rate_limit]`: see `crate::client_limits`.
     #[serde(default)]
     pub rate_limit: crate::client_limits::RawRateLimit,
+    /// `[pool]`: warm backend connections, see `crate::pool_config`.
+    #[serde(default)]
+    pub pool: crate::pool_config::RawPool,
     /// `[upgrade]`: hitless binary upgrade, see `crate::upgrade::config`.
     #[serde(default)]
     pub upgrade: crate::upgrade::config::RawUpgrade,
@@ -221,6 +224,7 @@ pub struct Config {
     pub health: crate::health::config::Health,
     pub circuit_breaker: crate::health::config::Circuit,
     pub rate_limit: crate::client_limits::RateLimit,
+    pub pool: crate::pool_config::Pool,
     pub upgrade: crate::upgrade::config::Upgrade,
     pub config_watch: crate::config_watch::ConfigWatchSettings,
     pub postgres: crate::pg_source::config::Postgres,
@@ -861,6 +865,7 @@ impl Config {
             health: crate::health::config::health_from_raw(raw.health, env)?,
             circuit_breaker: crate::health::config::circuit_from_raw(raw.circuit_breaker, env)?,
             rate_limit: crate::client_limits::from_raw(raw.rate_limit, env)?,
+            pool: crate::pool_config::from_raw(raw.pool, env)?,
             upgrade,
             config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
             postgres: crate::pg_source::config::from_raw(raw.postgres, env)?,

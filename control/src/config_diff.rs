@@ -1,7 +1,7 @@
 //! What a SIGHUP changes, key by key.
 //!
 //! Some settings apply at once (listeners, `[limits]`, `[affinity]`,
-//! `routing.reload_interval_ms`, `log.access`, `health.rtt_weight`, the
+//! `routing.reload_interval_ms`, `log.access`, `health.rtt_weight`, `[pool]`, the
 //! per-client `[rate_limit]` except `tracked_clients`); the rest need a
 //! restart.
 //! [`split`] takes the *running* configuration and the new file and returns

@@ -25,6 +25,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod no_backend_warn;
 pub mod pg_source;
+pub mod pool_config;
 pub mod process_metrics;
 pub mod readiness;
 pub mod reload_thread;

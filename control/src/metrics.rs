@@ -422,6 +422,7 @@ pub fn render(sources: &Sources) -> String {
         "Tracked clients evicted from the shards' rate-limit tables by new ones.",
         s.client_evictions,
     );
+    pool(&mut f, &sources.engine.pool());
     if let Some(m) = &sources.mesh {
         crate::mesh::metrics::write(&mut out, &m.load());
     }
@@ -436,6 +437,73 @@ pub fn render(sources: &Sources) -> String {
         }
     }
     out
+}
+
+/// `edgeproxy_pool_*`: warm backend connections, summed over shards.
+fn pool(f: &mut Family<'_>, p: &engine::pool::stats::PoolSummary) {
+    f.single(
+        "edgeproxy_pool_hits_total",
+        "counter",
+        "Client connections that took a warm pooled backend connection.",
+        p.hits,
+    );
+    f.single(
+        "edgeproxy_pool_misses_total",
+        "counter",
+        "Client connections to a warmed backend that found no usable pooled connection and connected fresh.",
+        p.misses,
+    );
+    f.single(
+        "edgeproxy_pool_stale_total",
+        "counter",
+        "Pooled connections found closed by the backend (never handed to a client: it got a fresh connection).",
+        p.stale,
+    );
+    f.single(
+        "edgeproxy_pool_replayed_total",
+        "counter",
+        "Of the stale: found after the client's first bytes were sent, which were sent again on a fresh connection.",
+        p.replayed,
+    );
+    f.single(
+        "edgeproxy_pool_expired_total",
+        "counter",
+        "Pooled connections closed by the idle timeout or the maximum lifetime.",
+        p.expired,
+    );
+    f.header(
+        "edgeproxy_pool_connects_total",
+        "counter",
+        "Background connects made to fill the pool, by result.",
+    );
+    f.sample(
+        "edgeproxy_pool_connects_total",
+        &[("result", "ok")],
+        p.connects,
+    );
+    f.sample(
+        "edgeproxy_pool_connects_total",
+        &[("result", "failed")],
+        p.connect_failures,
+    );
+    f.single(
+        "edgeproxy_pool_speaks_first_excluded_total",
+        "counter",
+        "Backends excluded from pooling because they sent bytes before any client (pool.speaks_first = exclude).",
+        p.speaks_first_excluded,
+    );
+    f.single(
+        "edgeproxy_pool_idle_connections",
+        "gauge",
+        "Warm backend connections waiting in the pool now (all shards).",
+        p.idle,
+    );
+    f.single(
+        "edgeproxy_pool_connecting",
+        "gauge",
+        "Background pool connects in flight now.",
+        p.connecting,
+    );
 }
 
 /// `edgeproxy_replication_*`: members by state, bytes, rows, conflicts,

@@ -21,6 +21,8 @@ use futures_util::future::{select, try_join, Either};
 use crate::access::{self, Tally};
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
 use crate::passive::PassiveKind;
+use crate::pool::handover::{self, HandOver};
+use crate::pool::stats::PoolStats;
 use crate::proxy_protocol::{self, Parsed};
 use crate::rate_limit::Refused;
 use crate::rt::{self, Chunk, TcpStream};
@@ -196,7 +198,12 @@ async fn serve_inner(
         rtt_weight: knobs.rtt_weight,
     };
 
-    // Try backends, best first, until one accepts the connection.
+    // Try backends, best first, until one accepts the connection: a warm
+    // pooled socket when this shard has one (plain TCP listeners only, see
+    // `pool`), else a fresh connect.
+    let pooling = tls.is_none();
+    let mut pending = pending;
+    let mut header_sent = false;
     let mut failed: Vec<Arc<str>> = Vec::new();
     let attempts = knobs.connect_attempts.get() as usize;
     let (backend, live) = loop {
@@ -244,6 +251,31 @@ async fn serve_inner(
             let b = snap.backend(choice.idx);
             (b.addr, Arc::clone(&b.live))
         };
+        if pooling {
+            if let Some(warm) = ctx.pool.take(&live.id, addr) {
+                let handed = Box::pin(pooled(
+                    ctx,
+                    lctx,
+                    client,
+                    client_addr,
+                    &warm,
+                    pending.take(),
+                    &live.id,
+                    knobs.idle_timeout,
+                ))
+                .await?;
+                match handed {
+                    HandOver::Live { .. } => {
+                        header_sent = true;
+                        break (warm, live);
+                    }
+                    // The backend had closed it: on to a fresh connect,
+                    // with whatever the client sent.
+                    HandOver::Stale { first, .. } => pending = first,
+                    HandOver::ClientClosed => return Ok(()),
+                }
+            }
+        }
         let started = Instant::now();
         let (error, kind) = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
@@ -287,10 +319,8 @@ async fn serve_inner(
     };
     let active = ActiveGuard::new(live);
 
-    if lctx.spec.send_proxy_protocol {
-        let destination = client.local_addr()?;
-        let mut header = [0u8; proxy_protocol::V2_MAX_ENCODED];
-        let len = proxy_protocol::encode_v2(client_addr, destination, &mut header);
+    if lctx.spec.send_proxy_protocol && !header_sent {
+        let (header, len) = proxy_header(client, client_addr)?;
         rt::write_bytes(&backend, header, len).await?;
     }
     if let Some(early) = pending {
@@ -335,6 +365,70 @@ async fn serve_inner(
         ctx.shared.passive.report(&live.id, PassiveKind::Success);
     }
     outcome
+}
+
+/// The PROXY v2 header naming `client_addr` as the client of `client`.
+fn proxy_header(
+    client: &TcpStream,
+    client_addr: SocketAddr,
+) -> io::Result<([u8; proxy_protocol::V2_MAX_ENCODED], usize)> {
+    let destination = client.local_addr()?;
+    let mut header = [0u8; proxy_protocol::V2_MAX_ENCODED];
+    let len = proxy_protocol::encode_v2(client_addr, destination, &mut header);
+    Ok((header, len))
+}
+
+/// Hands the pooled socket `warm` to the client (see `pool::handover`),
+/// counting what happened. Boxed by the caller: only pool hits pay for its
+/// state in the connection's task. A client that sends nothing to a
+/// backend that says nothing is closed after `idle`, as it would be on a
+/// fresh connection.
+#[allow(clippy::too_many_arguments)]
+async fn pooled(
+    ctx: &Rc<ShardCtx>,
+    lctx: &ListenerCtx,
+    client: &TcpStream,
+    client_addr: SocketAddr,
+    warm: &TcpStream,
+    pending: Option<Chunk>,
+    backend: &Arc<str>,
+    idle: Duration,
+) -> Result<HandOver, ConnError> {
+    let header = match lctx.spec.send_proxy_protocol {
+        true => Some(proxy_header(client, client_addr)?),
+        false => None,
+    };
+    let hand_over = handover::hand_over(
+        warm,
+        client,
+        header,
+        pending,
+        ctx.shared.settings.buffer_size as usize,
+        ctx.pool.ack_patience(),
+        || ctx.pool.spoke_first(backend),
+    );
+    let handed = match idle.is_zero() {
+        true => hand_over.await?,
+        false => match rt::timeout(idle, hand_over).await {
+            Some(handed) => handed?,
+            None => return Err(ConnError::Idle(idle)),
+        },
+    };
+    match &handed {
+        HandOver::Live { sent } => {
+            ShardStats::add(&ctx.stats.bytes_client_to_backend, *sent as u64);
+        }
+        HandOver::Stale { replayed, .. } => {
+            PoolStats::bump(&ctx.pool.stats.stale);
+            if *replayed {
+                PoolStats::bump(&ctx.pool.stats.replayed);
+            }
+            tracing::debug!(shard = ctx.id, %backend, replayed,
+                "pool: the backend had closed the warm connection; connecting fresh");
+        }
+        HandOver::ClientClosed => {}
+    }
+    Ok(handed)
 }
 
 fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {

@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     /// Where connect failures and resets go (the control side's health
     /// checker); never blocks.
     pub passive: Arc<PassiveReporter>,
+    /// The warm-connection pool's policy; `None` = off. Each shard's pool
+    /// task reads it once per tick (see `pool::driver`), connections never.
+    pub pool_policy: Arc<arc_swap::ArcSwapOption<crate::pool::Policy>>,
     /// Set by [`crate::FastStop`]: a drain in progress ends now.
     pub stop_now: Arc<AtomicBool>,
 }
@@ -49,6 +52,8 @@ pub(crate) struct ShardCtx {
     /// Per-client rate limit and connection cap of this shard; private, so
     /// no lock (see `rate_limit` for why per shard).
     pub clients: RefCell<ClientTable>,
+    /// This shard's warm backend connections; private, so no lock.
+    pub pool: Rc<crate::pool::ShardPool>,
     /// This shard's view of the knobs: re-read only after a change, so
     /// connections don't bump a shared refcount.
     knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
@@ -60,9 +65,11 @@ impl ShardCtx {
         shared: Arc<Shared>,
         stats: Arc<ShardStats>,
         affinity: AffinityTable,
+        pool_stats: Arc<crate::pool::stats::PoolStats>,
     ) -> Self {
         ShardCtx {
             id,
+            pool: crate::pool::ShardPool::new(id, pool_stats),
             knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
             clients: RefCell::new(ClientTable::new(
                 shared.settings.client_table_capacity,

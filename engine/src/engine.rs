@@ -20,6 +20,8 @@ use crate::ctx::Shared;
 use crate::geo::GeoResolver;
 use crate::listener;
 use crate::passive::{self, PassiveEvents, PassiveReporter};
+use crate::pool::stats::{PoolStats, PoolSummary};
+use crate::pool::Policy;
 use crate::settings::{EngineSettings, Knobs, ListenerSpec};
 use crate::shard::{self, Command};
 use crate::snapshot::SnapshotHandle;
@@ -48,6 +50,7 @@ struct ShardHandle {
     commands: async_channel::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     stats: Arc<ShardStats>,
+    pool: Arc<PoolStats>,
 }
 
 /// Ends a drain in progress at once. See [`Engine::fast_stop`].
@@ -81,6 +84,7 @@ pub struct RunningListener {
 #[derive(Clone)]
 pub struct StatsView {
     shards: Arc<Vec<Arc<ShardStats>>>,
+    pools: Arc<Vec<Arc<PoolStats>>>,
     listeners: Arc<Mutex<Vec<RunningListener>>>,
     passive: Arc<PassiveReporter>,
     knobs: Arc<ArcSwap<Knobs>>,
@@ -116,6 +120,15 @@ impl StatsView {
 
     pub fn summary(&self) -> StatsSummary {
         StatsSummary::sum(self.shards.iter().map(|s| &**s))
+    }
+
+    /// The warm-connection pools' counters, summed over shards.
+    pub fn pool(&self) -> PoolSummary {
+        let mut sum = PoolSummary::default();
+        for p in self.pools.iter() {
+            sum.add(p);
+        }
+        sum
     }
 
     /// Connections accepted by each shard, in shard order.
@@ -258,6 +271,7 @@ impl Engine {
             geo,
             knobs: Arc::new(ArcSwap::from_pointee(knobs)),
             active_total: AtomicU32::new(0),
+            pool_policy: Arc::new(arc_swap::ArcSwapOption::empty()),
             stop_now: Arc::default(),
         });
         let mut engine = Engine {
@@ -284,16 +298,19 @@ impl Engine {
         let (tx, rx) = async_channel::unbounded();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stats = Arc::new(ShardStats::default());
+        let pool = Arc::new(PoolStats::default());
         let shared = Arc::clone(&self.shared);
         let thread_stats = Arc::clone(&stats);
+        let thread_pool = Arc::clone(&pool);
         let thread = std::thread::Builder::new()
             .name(format!("shard-{id}"))
-            .spawn(move || shard::run(id, shared, thread_stats, rx, ready_tx))
+            .spawn(move || shard::run(id, shared, thread_stats, thread_pool, rx, ready_tx))
             .map_err(EngineError::Thread)?;
         let handle = ShardHandle {
             commands: tx,
             thread: Some(thread),
             stats,
+            pool,
         };
         let ready = ready_rx
             .recv()
@@ -369,6 +386,7 @@ impl Engine {
     pub fn stats_view(&self) -> StatsView {
         StatsView {
             shards: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.stats)).collect()),
+            pools: Arc::new(self.shards.iter().map(|s| Arc::clone(&s.pool)).collect()),
             listeners: Arc::clone(&self.published_listeners),
             passive: Arc::clone(&self.shared.passive),
             knobs: Arc::clone(&self.shared.knobs),
@@ -462,6 +480,18 @@ impl Engine {
 
     pub fn knobs(&self) -> Arc<Knobs> {
         self.shared.knobs.load_full()
+    }
+
+    /// Turns the warm-connection pool on with `policy`, changes its policy,
+    /// or (`None`) turns it off. Each shard applies it within
+    /// `pool::driver::TICK`.
+    pub fn set_pool(&self, policy: Option<Policy>) {
+        self.shared.pool_policy.store(policy.map(Arc::new));
+    }
+
+    /// The pool's current policy (`None`: off).
+    pub fn pool(&self) -> Option<Arc<Policy>> {
+        self.shared.pool_policy.load_full()
     }
 
     pub fn stats(&self) -> StatsSummary {

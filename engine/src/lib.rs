@@ -13,6 +13,7 @@ pub mod geo;
 pub mod listener;
 pub mod log_limit;
 pub mod passive;
+pub mod pool;
 pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod rt;

@@ -202,6 +202,13 @@ pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// Resolves when `stream` has bytes to read, or an end of stream or error
+/// to report, without reading anything (one io_uring POLL). Dropping it
+/// loses nothing.
+pub async fn readable(stream: &TcpStream) -> io::Result<()> {
+    stream.to_poll_fd()?.read_ready().await
+}
+
 /// Bytes read from a socket, waiting to be written to the other.
 pub enum Chunk {
     /// A buffer from the shard's ring (returned to the ring when dropped), or a

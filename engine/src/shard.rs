@@ -64,6 +64,7 @@ pub(crate) fn run(
     id: usize,
     shared: Arc<Shared>,
     stats: Arc<ShardStats>,
+    pool_stats: Arc<crate::pool::stats::PoolStats>,
     commands: async_channel::Receiver<Command>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
@@ -89,7 +90,7 @@ pub(crate) fn run(
     };
     let mut affinity = AffinityTable::new(ttl);
     affinity.set_max_clients(max_clients);
-    let ctx = Rc::new(ShardCtx::new(id, shared, stats, affinity));
+    let ctx = Rc::new(ShardCtx::new(id, shared, stats, affinity, pool_stats));
     let _ = ready.send(Ok(()));
     runtime.block_on(shard_main(ctx, commands));
 }
@@ -97,6 +98,12 @@ pub(crate) fn run(
 async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command>) {
     let mut accept_loops: HashMap<Arc<str>, Vec<AcceptLoop>> = HashMap::new();
     let _gc = rt::spawn(affinity_gc(Rc::clone(&ctx)));
+    let mut pool_task = Some(rt::spawn(crate::pool::driver::maintain(
+        Rc::clone(&ctx.pool),
+        Arc::clone(&ctx.shared.pool_policy),
+        ctx.shared.snapshot.clone(),
+        Arc::clone(&ctx.shared.settings.local_region),
+    )));
     while let Ok(command) = commands.recv().await {
         match command {
             Command::AddListener {
@@ -141,6 +148,9 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
             }
             Command::Shutdown { grace } => {
                 stop_all(&mut accept_loops).await;
+                // Warm sockets serve new clients only: none are coming.
+                drop(pool_task.take());
+                ctx.pool.close_all();
                 drain(&ctx, grace).await;
                 break;
             }
