@@ -403,6 +403,44 @@ fn table(body: &Value) -> String {
     out
 }
 
+/// How to reach a running POP's discovery API: shared by the commands that
+/// read or change a POP through it (`cluster`, `mesh`, `pop`, `drain`,
+/// `bgp`).
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Base URL of the POP's discovery API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_URL",
+        default_value = "http://127.0.0.1:8081",
+        value_name = "URL"
+    )]
+    pub api: String,
+    /// Bearer token for the API.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEPROXY_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Read the bearer token from this file (when --token is not given).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON answer instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ApiArgs {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
+        let token = token_from(self.token.as_deref(), self.token_file.as_deref())?;
+        Client::new(&self.api, token)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::status::BgpStatus;
-use crate::steering::cli::ApiArgs;
+use crate::api::client::ApiArgs;
 
 #[derive(Debug, Args)]
 pub struct BgpArgs {

@@ -3,7 +3,7 @@
 //! read-only; no running proxy needed).
 
 use std::net::{IpAddr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -15,30 +15,8 @@ use super::status::MeshStatus;
 
 #[derive(Debug, Args)]
 pub struct MeshArgs {
-    /// Base URL of the POP's discovery API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_URL",
-        default_value = "http://127.0.0.1:8081",
-        value_name = "URL"
-    )]
-    pub api: String,
-    /// Bearer token for the API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
-    /// Read the bearer token from this file (when --token is not given).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Print the API's JSON answer instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
+    #[command(flatten)]
+    pub api: crate::api::client::ApiArgs,
     #[command(subcommand)]
     pub action: MeshAction,
 }
@@ -52,11 +30,10 @@ pub enum MeshAction {
 }
 
 pub fn run_mesh(args: MeshArgs) -> anyhow::Result<()> {
-    let token = crate::api::client::token_from(args.token.as_deref(), args.token_file.as_deref())?;
-    let client = crate::api::client::Client::new(&args.api, token)?;
+    let client = args.api.client()?;
     let body = client.call("GET", "/api/v1/mesh", None)?;
     match args.action {
-        MeshAction::Status if args.json => println!("{}", serde_json::to_string_pretty(&body)?),
+        MeshAction::Status if args.api.json => println!("{}", serde_json::to_string_pretty(&body)?),
         MeshAction::Status => print!("{}", render_status(&body)),
     }
     Ok(())

@@ -1,8 +1,6 @@
 //! `edgeproxy cluster status`: replication's view of the cluster from a
 //! running POP's API (`GET /api/v1/cluster`), as a table or as JSON.
 
-use std::path::PathBuf;
-
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -10,30 +8,8 @@ use super::status::ClusterStatus;
 
 #[derive(Debug, Args)]
 pub struct ClusterArgs {
-    /// Base URL of the POP's discovery API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_URL",
-        default_value = "http://127.0.0.1:8081",
-        value_name = "URL"
-    )]
-    pub api: String,
-    /// Bearer token for the API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
-    /// Read the bearer token from this file (when --token is not given).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Print the API's JSON answer instead of a table.
-    #[arg(long, global = true)]
-    pub json: bool,
+    #[command(flatten)]
+    pub api: crate::api::client::ApiArgs,
     #[command(subcommand)]
     pub action: ClusterAction,
 }
@@ -46,11 +22,10 @@ pub enum ClusterAction {
 }
 
 pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    let token = crate::api::client::token_from(args.token.as_deref(), args.token_file.as_deref())?;
-    let client = crate::api::client::Client::new(&args.api, token)?;
+    let client = args.api.client()?;
     let body = client.call("GET", "/api/v1/cluster", None)?;
     match args.action {
-        ClusterAction::Status if args.json => {
+        ClusterAction::Status if args.api.json => {
             println!("{}", serde_json::to_string_pretty(&body)?);
         }
         ClusterAction::Status => print!("{}", render(&body)),

@@ -1,51 +1,13 @@
 //! `edgeproxy drain [--wait]`, `edgeproxy undrain` and `edgeproxy pop
-//! status`, through a running POP's API; and the API arguments the BGP
-//! command shares.
+//! status`, through a running POP's API.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::status::PopStatus;
-
-/// How to reach the POP's discovery API.
-#[derive(Debug, Args)]
-pub struct ApiArgs {
-    /// Base URL of the POP's discovery API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_URL",
-        default_value = "http://127.0.0.1:8081",
-        value_name = "URL"
-    )]
-    pub api: String,
-    /// Bearer token for the API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
-    /// Read the bearer token from this file (when --token is not given).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Print the API's JSON answer instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-}
-
-impl ApiArgs {
-    pub(crate) fn client(&self) -> anyhow::Result<crate::api::client::Client> {
-        let token =
-            crate::api::client::token_from(self.token.as_deref(), self.token_file.as_deref())?;
-        crate::api::client::Client::new(&self.api, token)
-    }
-}
+use crate::api::client::ApiArgs;
 
 #[derive(Debug, Args)]
 pub struct DrainArgs {
