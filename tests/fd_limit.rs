@@ -172,7 +172,20 @@ fn accept_failures_out_of_descriptors_are_rate_limited() {
     let db = Db::create(dir.join("routing.db"));
     db.upsert(&Row::new("b1", "web", "sa", backend.port()));
     let path = dir.join("edgeproxy.toml");
-    std::fs::write(&path, config(&db.path, "[limits]\nmax_connections = 0\n")).unwrap();
+    // The clients connect to a listener that waits for a PROXY header, so
+    // each holds exactly one descriptor and none reaches a backend: accept(2)
+    // is what runs out, never the backend's socket(2). (With a plain listener
+    // the two race, and when the backend's socket fails first the client is
+    // closed, its descriptor freed, and accept never fails.)
+    std::fs::write(
+        &path,
+        config(
+            &db.path,
+            "[limits]\nmax_connections = 0\n\n[[listener]]\nname = \"main\"\n\
+             addr = \"127.0.0.1:0\"\naccept_proxy_protocol = true\n",
+        ),
+    )
+    .unwrap();
     let mut cmd = Command::new("prlimit");
     cmd.arg("--nofile=128:128").arg(BIN);
     let proxy = Proxy::spawn_command(
