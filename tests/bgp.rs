@@ -11,9 +11,9 @@
 //! ICMP redirects, so client traffic keeps going through it.
 //!
 //! What is read where: routes with `birdc show route all` / `gobgp global
-//! rib`, the POP's actions from its log (`bgp: routes withdrawn`), the
+//! rib` / FRR's `vtysh -c "show bgp …"`, the POP's actions from its log (`bgp: routes withdrawn`), the
 //! client's experience by connecting. Needs root (network namespaces),
-//! `bird2` and `gobgpd` (`.ci/run` installs them).
+//! `bird2`, `gobgpd` and `frr` (`.ci/run` installs them).
 
 mod common;
 
@@ -22,7 +22,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::Net;
-use common::routers::{when, Bird, GoBgp, Peer};
+use common::routers::{when, Bird, Frr, GoBgp, Peer};
 use common::{read_line, Db, Proxy, Row, TagBackend, TempDir};
 
 /// One lab at a time: each runs routers and POPs on a 2-core machine.
@@ -51,6 +51,8 @@ struct Lab {
     bgp_extra: Vec<String>,
     /// Per POP: extra sections after the rest (e.g. `[health]`).
     sections: Vec<String>,
+    /// Per POP: the address of its one listener.
+    listen: Vec<String>,
     hold_secs: u16,
 }
 
@@ -110,6 +112,7 @@ impl Lab {
             _backends: backends,
             bgp_extra: vec![String::new(); n_pops + 1],
             sections: vec![String::new(); n_pops + 1],
+            listen: vec!["0.0.0.0:8080".to_string(); n_pops + 1],
             hold_secs,
         }
     }
@@ -147,7 +150,7 @@ shards = 1
 [limits]
 shutdown_grace_secs = 2
 [[listener]]
-addr = "0.0.0.0:8080"
+addr = "{listen}"
 [api]
 enabled = true
 listen_addr = "127.0.0.1:8081"
@@ -171,13 +174,20 @@ hold_time_secs = {hold}
             extra = self.bgp_extra[i],
             hold = self.hold_secs,
             sections = self.sections[i],
+            listen = self.listen[i],
         )
+    }
+
+    /// Writes POP `i`'s config file (read at launch and on SIGHUP).
+    fn write_config(&self, i: usize) -> std::path::PathBuf {
+        let path = self.dir.join(&format!("pop-{i}.toml"));
+        std::fs::write(&path, self.config(i)).unwrap();
+        path
     }
 
     /// Starts POP `i` and waits until it is ready.
     fn launch(&mut self, i: usize) {
-        let path = self.dir.join(&format!("pop-{i}.toml"));
-        std::fs::write(&path, self.config(i)).unwrap();
+        let path = self.write_config(i);
         let proxy = Proxy::spawn_in_netns(
             &self.net.hosts[i].ns,
             &["--config", path.to_str().unwrap()],
@@ -467,6 +477,66 @@ fn backends_all_unhealthy_withdraw_and_healthy_again_announces() {
     wait_route(&bird, PREFIX4, true, "healthy again");
 }
 
+/// "Listeners down": a SIGHUP moves the POP's only listener off the
+/// anycast prefix (to loopback, where no client can reach it). Announcing
+/// would draw clients to a port nobody accepts on, so the routes go;
+/// moving it back announces them again and the client is served.
+#[test]
+fn a_sighup_moving_the_listener_off_the_anycast_prefix_withdraws_and_back_announces() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 9);
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    assert!(
+        when(PATIENCE, || lab.ask_anycast().as_deref() == Ok("pop-1")).is_some(),
+        "{:?}",
+        lab.ask_anycast()
+    );
+
+    let mark = lab.pop(1).log_mark();
+    lab.listen[1] = "127.0.0.1:8080".into();
+    lab.write_config(1);
+    lab.pop(1).signal(common::SIGHUP);
+    wait_route(&bird, PREFIX4, false, "listener moved to loopback");
+    wait_route(&bird, PREFIX6, false, "listener moved to loopback");
+    let pop = lab.pop(1);
+    assert!(
+        pop.wait_for_log_after(
+            mark,
+            "no listener is reachable at the anycast prefixes",
+            PATIENCE
+        )
+        .is_some(),
+        "{}",
+        pop.log_text()
+    );
+    assert!(
+        pop.log_lines()
+            .iter()
+            .skip(mark)
+            .any(|l| l.contains("pop: cannot serve") && l.contains("serving listeners are down")),
+        "the reason is logged:\n{}",
+        pop.log_text()
+    );
+    let status = lab.cli(1, &["pop", "status"]);
+    assert!(status.contains("serving listeners are down"), "{status}");
+
+    lab.listen[1] = "0.0.0.0:8080".into();
+    lab.write_config(1);
+    lab.pop(1).signal(common::SIGHUP);
+    wait_route(
+        &bird,
+        PREFIX4,
+        true,
+        "listener back on the wildcard address",
+    );
+    assert!(
+        when(PATIENCE, || lab.ask_anycast().as_deref() == Ok("pop-1")).is_some(),
+        "{:?}",
+        lab.ask_anycast()
+    );
+}
+
 #[test]
 fn a_failing_health_check_withdraws_and_a_passing_one_announces_again() {
     let _serial = serial();
@@ -626,6 +696,54 @@ fn gobgp_learns_the_prefixes_sees_the_drain_and_loses_them() {
     // kill -9: the session closes with the process; GoBGP drops the routes.
     lab.pop(1).signal(9);
     when(PATIENCE, || route("ipv4", PREFIX4).is_empty()).expect("gone after the hold time");
+}
+
+/// FRR (bgpd 8.x), the third implementation: learns both families with
+/// the POP as next hop and AS path, sees the drain's GRACEFUL_SHUTDOWN,
+/// loses the routes at the withdrawal, gets them back at the undrain, and
+/// drops them when the POP dies (the session closes with the process).
+#[test]
+fn frr_learns_the_prefixes_sees_the_drain_and_loses_them() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let frr = Frr::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    lab.launch(1);
+    let route = |family: &str, prefix: &str| frr.route_json(family, prefix);
+    when(PATIENCE, || !route("ipv4", PREFIX4).is_empty()).unwrap_or_else(|| {
+        panic!(
+            "FRR never learned {PREFIX4}:\n{}\nlog:\n{}",
+            frr.vtysh("show bgp summary"),
+            frr.log_text()
+        )
+    });
+    let json = route("ipv4", PREFIX4);
+    assert!(
+        json.contains(&format!("\"{}\"", lab.net.ip(1))),
+        "next hop: {json}"
+    );
+    assert!(json.contains(&POP_ASN.to_string()), "AS path: {json}");
+    when(PATIENCE, || !route("ipv6", PREFIX6).is_empty())
+        .unwrap_or_else(|| panic!("no IPv6 route:\n{}", frr.vtysh("show bgp ipv6 unicast")));
+
+    lab.cli(1, &["drain"]);
+    // FRR names 65535:0 "graceful-shutdown" (RFC 8326's well-known name).
+    when(PATIENCE, || {
+        let j = route("ipv4", PREFIX4);
+        j.contains("graceful-shutdown") || j.contains("gracefulShutdown")
+    })
+    .unwrap_or_else(|| panic!("no GRACEFUL_SHUTDOWN: {}", route("ipv4", PREFIX4)));
+    when(PATIENCE, || route("ipv4", PREFIX4).is_empty())
+        .unwrap_or_else(|| panic!("never withdrawn: {}", route("ipv4", PREFIX4)));
+    when(PATIENCE, || route("ipv6", PREFIX6).is_empty()).expect("IPv6 never withdrawn");
+    lab.cli(1, &["undrain"]);
+    when(PATIENCE, || !route("ipv4", PREFIX4).is_empty()).expect("re-announced");
+    assert!(
+        !route("ipv4", PREFIX4).contains("graceful-shutdown"),
+        "the community is gone once serving again: {}",
+        route("ipv4", PREFIX4)
+    );
+    lab.pop(1).signal(9);
+    when(PATIENCE, || route("ipv4", PREFIX4).is_empty()).expect("gone after the POP died");
 }
 
 #[test]

@@ -303,8 +303,9 @@ db_path = "{db}"
 reload_interval_ms = 100
 [runtime]
 shards = 1
+# Reachable at the public addresses (a wildcard address): this POP can serve.
 [[listener]]
-addr = "127.0.0.1:0"
+addr = "0.0.0.0:0"
 [api]
 enabled = true
 listen_addr = "127.0.0.1:0"

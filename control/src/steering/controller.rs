@@ -148,6 +148,9 @@ pub fn start(
     };
     tracing::info!(listeners = %serving.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","),
         bgp = bgp.enabled, "pop: judging whether this POP can serve from these listeners");
+    if serving.is_empty() {
+        warn_none_reachable();
+    }
     let mut controller = Controller {
         snapshot,
         listeners,
@@ -176,6 +179,16 @@ pub fn start(
     controller.record();
     tokio::spawn(controller.run(command_rx));
     Ok(handle)
+}
+
+/// Says why a POP whose listeners are all off its anycast prefixes and
+/// public addresses will not announce.
+fn warn_none_reachable() {
+    tracing::warn!(
+        "pop: no listener is reachable at the anycast prefixes or [pop] public_addrs: \
+         this POP cannot serve until one is (bind a listener to 0.0.0.0, [::], \
+         an anycast address or a public address)"
+    );
 }
 
 /// The serving listeners of `config` (see `verdict`).
@@ -249,6 +262,9 @@ impl Controller {
                         let _ = reply.send(self.status.load().as_ref().clone());
                     }
                     Some(Command::Listeners(serving)) => {
+                        if serving.is_empty() {
+                            warn_none_reachable();
+                        }
                         if serving != self.serving {
                             tracing::info!(listeners = %serving.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(","),
                                 "pop: the listeners changed; judging from these now");

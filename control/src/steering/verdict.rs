@@ -3,10 +3,16 @@
 //!
 //! The **serving listeners** are those clients reach through traffic
 //! steering: bound to a wildcard address, to an address inside an anycast
-//! prefix, or to one of `[pop] public_addrs` (or, if no listener is, all
-//! of them). The POP can serve when at least one serving listener is
-//! running and the app it carries (every app, for a listener without
-//! `app`) has a healthy backend in the snapshot.
+//! prefix, or to one of `[pop] public_addrs`. With neither anycast prefixes
+//! nor public addresses configured, nothing says how clients arrive, so
+//! every listener counts. The POP can serve when at least one serving
+//! listener is running and the app it carries (every app, for a listener
+//! without `app`) has a healthy backend in the snapshot.
+//!
+//! When anycast prefixes or public addresses are configured and no listener
+//! is reachable at them (say a SIGHUP moved the only one to a loopback
+//! address), the POP cannot serve: announcing the prefix would draw clients
+//! to a port nobody accepts on.
 //!
 //! "At least one", not "every": backends are shared by every POP, so an app
 //! whose backends are all down is down everywhere, and withdrawing every
@@ -47,7 +53,7 @@ pub fn serving_listeners(
             app: app.clone(),
         })
         .collect();
-    if out.is_empty() {
+    if out.is_empty() && anycast.is_empty() && public_addrs.is_empty() {
         out = listeners
             .iter()
             .map(|(name, _, app)| ServingListener {
@@ -242,9 +248,21 @@ mod tests {
             .map(|l| l.name)
             .collect();
         assert_eq!(names, ["any", "anycast", "public"]);
-        // None reached that way: every listener counts.
+        // Nothing configured says how clients arrive: every listener counts.
         let local = [("admin".to_string(), "127.0.0.1:9000".parse().unwrap(), None)];
         assert_eq!(serving_listeners(&local, &[], &[]).len(), 1);
+        // Anycast (or public addresses) configured but no listener there:
+        // none serves, so the POP withdraws instead of announcing a port
+        // nobody accepts on.
+        assert!(serving_listeners(&local, &anycast, &[]).is_empty());
+        assert!(serving_listeners(&local, &[], &public).is_empty());
+        let snap = SnapshotBuilder::new()
+            .build(&[rec("w1", "web", true)])
+            .snapshot;
+        assert_eq!(
+            judge(&snap, &[], &running(&["admin"])),
+            Verdict::ListenersDown
+        );
     }
 
     #[test]
