@@ -1,8 +1,9 @@
-//! Real BGP routers for the anycast tests: BIRD 2 (`bird`, `birdc`) and
-//! GoBGP (`gobgpd`, `gobgp`), each run inside a host of a [`Net`], in the
-//! foreground, killed (and their files removed) on drop, also when the test
-//! fails. The tests read what the router learned with the router's own CLI
-//! (`birdc show route all`, `gobgp global rib`), the way an operator would.
+//! Real BGP routers for the anycast tests: BIRD 2 (`bird`, `birdc`), GoBGP
+//! (`gobgpd`, `gobgp`) and FRR (`bgpd`, `vtysh`), each run inside a host of
+//! a [`Net`], in the foreground, killed (and their files removed) on drop,
+//! also when the test fails. The tests read what the router learned with
+//! the router's own CLI (`birdc show route all`, `gobgp global rib`,
+//! `vtysh -c "show bgp …"`), the way an operator would.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -270,6 +271,115 @@ impl GoBgp {
 }
 
 impl Drop for GoBgp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// FRR's `bgpd` alone in a namespace: no zebra (`-Z`), so it learns routes
+/// but installs none in the kernel; read with `vtysh` over its own socket
+/// directory.
+pub struct Frr {
+    child: Child,
+    ns: String,
+    vty_dir: PathBuf,
+    pub log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Frr {
+    /// Starts bgpd as AS `asn` on host `host`, one passive neighbor per
+    /// peer with IPv4 and IPv6 unicast, no policy required on eBGP (FRR
+    /// rejects every eBGP route without one by default, RFC 8212).
+    pub fn start(net: &Net, host: usize, asn: u32, peers: &[Peer]) -> Frr {
+        const BGPD: &str = "/usr/lib/frr/bgpd";
+        require(BGPD, "frr");
+        require("vtysh", "frr");
+        let dir = TempDir::new("frr");
+        let log = dir.join("bgpd.log");
+        let mut conf = format!(
+            "frr defaults traditional\nhostname r{host}\nlog file {log} debugging\n\
+             debug bgp neighbor-events\nrouter bgp {asn}\n bgp router-id {id}\n \
+             no bgp ebgp-requires-policy\n",
+            log = log.display(),
+            id = net.ip(host),
+        );
+        for p in peers {
+            conf.push_str(&format!(
+                " neighbor {addr} remote-as {peer_asn}\n neighbor {addr} passive\n \
+                 neighbor {addr} timers {ka} {hold}\n",
+                addr = p.addr,
+                peer_asn = p.asn,
+                ka = (p.hold_secs / 3).max(1),
+                hold = p.hold_secs,
+            ));
+        }
+        conf.push_str(" address-family ipv6 unicast\n");
+        for p in peers {
+            conf.push_str(&format!("  neighbor {} activate\n", p.addr));
+        }
+        conf.push_str(" exit-address-family\n");
+        let conf_path = dir.join("bgpd.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let vty_dir = dir.join("vty");
+        std::fs::create_dir_all(&vty_dir).unwrap();
+        let child = net
+            .command(host, BGPD)
+            .arg("-f")
+            .arg(&conf_path)
+            // No zebra, no kernel routes, no user switch, no TCP vty.
+            .args(["-Z", "-n", "-S", "-P", "0", "--vty_socket"])
+            .arg(&vty_dir)
+            .arg("-i")
+            .arg(dir.join("bgpd.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start bgpd");
+        let frr = Frr {
+            child,
+            ns: net.hosts[host].ns.clone(),
+            vty_dir,
+            log,
+            _dir: dir,
+        };
+        let up = super::eventually(Duration::from_secs(20), || {
+            frr.vtysh("show bgp summary").contains("local AS number")
+        });
+        assert!(up, "bgpd did not come up; log:\n{}", frr.log_text());
+        frr
+    }
+
+    /// One `vtysh -c COMMAND`'s output.
+    pub fn vtysh(&self, command: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "vtysh", "--vty_socket"])
+            .arg(&self.vty_dir)
+            .args(["-c", command])
+            .output()
+            .expect("cannot run vtysh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `show bgp <family> unicast PREFIX json` (family `ipv4` / `ipv6`):
+    /// empty when the route is not there.
+    pub fn route_json(&self, family: &str, prefix: &str) -> String {
+        let out = self.vtysh(&format!("show bgp {family} unicast {prefix} json"));
+        if out.contains("\"paths\"") {
+            out
+        } else {
+            String::new()
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Frr {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
