@@ -27,25 +27,19 @@ use std::net::IpAddr;
 use engine::geo::GeoResolver;
 use engine::snapshot::{Country, PopView, RoutingSnapshot};
 use hickory_proto::op::Message;
-use hickory_proto::rr::rdata::{A, AAAA, NS, SOA};
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
-use crate::zone::{parse_domain, ZoneError, NS_LABEL};
+use crate::zone::{parse_domain, Apex, ZoneError, NS_LABEL};
 
-/// SOA timers, as for the internal zone (RFC 1912 values; no transfers).
-const SOA_REFRESH: i32 = 3600;
-const SOA_RETRY: i32 = 600;
-const SOA_EXPIRE: i32 = 86400;
 /// POPs per answer, at most.
 pub const MAX_ANSWERS: usize = 16;
 
 /// The zone's settings, validated.
 #[derive(Debug, Clone)]
 pub struct GeoZone {
-    name: Name,
-    ns_name: Name,
-    rname: Name,
-    ttl: u32,
+    /// The zone's name, name server, TTL.
+    apex: Apex,
     answers: usize,
     /// This POP's public addresses: `ns.<name>`.
     ns_addrs: Vec<IpAddr>,
@@ -59,47 +53,23 @@ impl GeoZone {
         answers: usize,
         ns_addrs: Vec<IpAddr>,
     ) -> Result<GeoZone, ZoneError> {
-        let name = parse_domain(name)?;
-        let child = |label: &str| {
-            Name::from_ascii(label)
-                .and_then(|l| l.append_domain(&name))
-                .map_err(|e| ZoneError::BadDomain {
-                    domain: name.to_ascii(),
-                    reason: e.to_string(),
-                })
-        };
         Ok(GeoZone {
-            ns_name: child(NS_LABEL)?,
-            rname: child("hostmaster")?,
-            name,
-            ttl,
+            apex: Apex::new(parse_domain(name)?, ttl)?,
             answers: answers.clamp(1, MAX_ANSWERS),
             ns_addrs,
         })
     }
 
     pub fn name(&self) -> &Name {
-        &self.name
+        self.apex.name()
     }
 
     pub fn ttl(&self) -> u32 {
-        self.ttl
+        self.apex.ttl()
     }
 
     pub fn soa(&self, serial: u32) -> Record {
-        Record::from_rdata(
-            self.name.clone(),
-            self.ttl,
-            RData::SOA(SOA::new(
-                self.ns_name.clone(),
-                self.rname.clone(),
-                serial,
-                SOA_REFRESH,
-                SOA_RETRY,
-                SOA_EXPIRE,
-                self.ttl,
-            )),
-        )
+        self.apex.soa(serial)
     }
 }
 
@@ -241,15 +211,11 @@ pub fn lookup(
                 reply.answers.push(zone.soa(snapshot.version as u32));
             }
             if wants(RecordType::NS) {
-                reply.answers.push(Record::from_rdata(
-                    zone.name.clone(),
-                    zone.ttl,
-                    RData::NS(NS(zone.ns_name.clone())),
-                ));
+                reply.answers.push(zone.apex.ns());
                 for &ip in &zone.ns_addrs {
                     reply
                         .additionals
-                        .push(address_record(&zone.ns_name, zone.ttl, ip));
+                        .push(address_record(zone.apex.ns_name(), zone.ttl(), ip));
                 }
             }
             for family in [RecordType::A, RecordType::AAAA] {
@@ -260,7 +226,7 @@ pub fn lookup(
                 for pop in chosen {
                     for &ip in &pop.addrs {
                         if has_family_ip(ip, family) {
-                            reply.answers.push(address_record(qname, zone.ttl, ip));
+                            reply.answers.push(address_record(qname, zone.ttl(), ip));
                         }
                     }
                 }
@@ -275,7 +241,7 @@ pub fn lookup(
                     RecordType::AAAA
                 };
                 if wants(family) {
-                    reply.answers.push(address_record(qname, zone.ttl, ip));
+                    reply.answers.push(address_record(qname, zone.ttl(), ip));
                 }
             }
             true

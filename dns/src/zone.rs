@@ -43,14 +43,9 @@ pub struct PopEntry {
 /// The zone's fixed settings, validated.
 #[derive(Debug, Clone)]
 pub struct ZoneConfig {
-    /// Lower case, fully qualified (`internal.`).
-    domain: Name,
-    /// `ns.<domain>`.
-    ns_name: Name,
-    /// `hostmaster.<domain>` (the SOA RNAME).
-    rname: Name,
-    /// TTL of every record, and the SOA minimum (negative-caching TTL).
-    ttl: u32,
+    /// The domain (lower case, fully qualified: `internal.`), its name
+    /// server and TTL.
+    apex: Apex,
     /// Region of this POP (the proxy's "local POP" tier).
     local_region: String,
     pops: Vec<PopEntry>,
@@ -84,19 +79,8 @@ impl ZoneConfig {
             p.region = region;
             checked.push(p);
         }
-        let child = |label: &str| {
-            Name::from_ascii(label)
-                .and_then(|l| l.append_domain(&domain))
-                .map_err(|e| ZoneError::BadDomain {
-                    domain: domain.to_ascii(),
-                    reason: e.to_string(),
-                })
-        };
         Ok(ZoneConfig {
-            ns_name: child(NS_LABEL)?,
-            rname: child("hostmaster")?,
-            domain,
-            ttl,
+            apex: Apex::new(domain, ttl)?,
             local_region: local_region.trim().to_ascii_lowercase(),
             pops: checked,
             ns_addrs,
@@ -104,15 +88,15 @@ impl ZoneConfig {
     }
 
     pub fn domain(&self) -> &Name {
-        &self.domain
+        self.apex.name()
     }
 
     pub fn ns_name(&self) -> &Name {
-        &self.ns_name
+        self.apex.ns_name()
     }
 
     pub fn ttl(&self) -> u32 {
-        self.ttl
+        self.apex.ttl()
     }
 
     pub fn local_region(&self) -> &str {
@@ -135,8 +119,62 @@ impl ZoneConfig {
     /// The SOA record; `serial` is the routing snapshot's version, so a
     /// routing change shows as a new serial.
     pub fn soa(&self, serial: u32) -> Record {
+        self.apex.soa(serial)
+    }
+
+    /// The apex NS record (one name server: `ns.<domain>`).
+    pub fn ns(&self) -> Record {
+        self.apex.ns()
+    }
+}
+
+/// A zone's apex: its name, its one name server `ns.<name>`, the SOA's
+/// RNAME `hostmaster.<name>`, and the TTL of every record (also the SOA
+/// minimum, the negative-caching TTL). Shared by the internal zone and the
+/// GeoDNS zone.
+#[derive(Debug, Clone)]
+pub struct Apex {
+    name: Name,
+    ns_name: Name,
+    rname: Name,
+    ttl: u32,
+}
+
+impl Apex {
+    /// `name`: as [`parse_domain`] returns it.
+    pub fn new(name: Name, ttl: u32) -> Result<Apex, ZoneError> {
+        let child = |label: &str| {
+            Name::from_ascii(label)
+                .and_then(|l| l.append_domain(&name))
+                .map_err(|e| ZoneError::BadDomain {
+                    domain: name.to_ascii(),
+                    reason: e.to_string(),
+                })
+        };
+        Ok(Apex {
+            ns_name: child(NS_LABEL)?,
+            rname: child("hostmaster")?,
+            name,
+            ttl,
+        })
+    }
+
+    pub fn name(&self) -> &Name {
+        &self.name
+    }
+
+    /// `ns.<name>`.
+    pub fn ns_name(&self) -> &Name {
+        &self.ns_name
+    }
+
+    pub fn ttl(&self) -> u32 {
+        self.ttl
+    }
+
+    pub fn soa(&self, serial: u32) -> Record {
         Record::from_rdata(
-            self.domain.clone(),
+            self.name.clone(),
             self.ttl,
             RData::SOA(SOA::new(
                 self.ns_name.clone(),
@@ -150,10 +188,10 @@ impl ZoneConfig {
         )
     }
 
-    /// The apex NS record (one name server: `ns.<domain>`).
+    /// The apex NS record.
     pub fn ns(&self) -> Record {
         Record::from_rdata(
-            self.domain.clone(),
+            self.name.clone(),
             self.ttl,
             RData::NS(NS(self.ns_name.clone())),
         )

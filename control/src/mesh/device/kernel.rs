@@ -15,7 +15,9 @@ use defguard_wireguard_rs::{
     key::Key, InterfaceConfiguration, Kernel as KernelApi, WGApi, WireguardInterfaceApi,
 };
 
-use super::{defguard_peer, from_defguard, DeviceError, DeviceSettings, PeerSpec, PeerStatus};
+use super::{
+    configure, defguard_peer, read_peers, DeviceError, DeviceSettings, PeerSpec, PeerStatus,
+};
 use crate::mesh::keys::PublicKey;
 
 const IMPLEMENTATION: &str = "kernel";
@@ -64,27 +66,22 @@ impl Kernel {
 
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, DeviceError> {
         let api = Arc::clone(&self.api);
-        let host = tokio::task::spawn_blocking(move || api.read_interface_data())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|cause| DeviceError::Read {
-                implementation: IMPLEMENTATION,
-                cause,
-            })?;
-        Ok(host.peers.values().map(from_defguard).collect())
+        read_peers(IMPLEMENTATION, move || api.read_interface_data()).await
     }
 
     pub async fn upsert_peer(&mut self, spec: &PeerSpec) -> Result<(), DeviceError> {
         let api = Arc::clone(&self.api);
         let peer = defguard_peer(spec);
-        blocking(spec.public_key, move || api.configure_peer(&peer)).await
+        configure(IMPLEMENTATION, spec.public_key, move || {
+            api.configure_peer(&peer)
+        })
+        .await
     }
 
     pub async fn remove_peer(&mut self, key: &PublicKey) -> Result<(), DeviceError> {
         let api = Arc::clone(&self.api);
         let k = Key::new(key.0);
-        blocking(*key, move || api.remove_peer(&k)).await
+        configure(IMPLEMENTATION, *key, move || api.remove_peer(&k)).await
     }
 
     pub async fn stop(self) {
@@ -96,21 +93,4 @@ impl Kernel {
 fn base64_key(bytes: &[u8; 32]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn blocking(
-    peer: PublicKey,
-    f: impl FnOnce() -> Result<(), defguard_wireguard_rs::error::WireguardInterfaceError>
-        + Send
-        + 'static,
-) -> Result<(), DeviceError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-        .map_err(|cause| DeviceError::Configure {
-            implementation: IMPLEMENTATION,
-            peer,
-            cause,
-        })
 }

@@ -163,6 +163,52 @@ impl Device {
     }
 }
 
+/// Runs one of defguard's blocking calls (netlink or UAPI socket I/O) off
+/// the mesh runtime; the error as text, for [`DeviceError`].
+async fn off_runtime<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, String>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+}
+
+/// The peers defguard reads (userspace and kernel share it).
+async fn read_peers<E>(
+    implementation: &'static str,
+    read: impl FnOnce() -> Result<defguard_wireguard_rs::host::Host, E> + Send + 'static,
+) -> Result<Vec<PeerStatus>, DeviceError>
+where
+    E: std::fmt::Display + Send + 'static,
+{
+    let host = off_runtime(read).await.map_err(|cause| DeviceError::Read {
+        implementation,
+        cause,
+    })?;
+    Ok(host.peers.values().map(from_defguard).collect())
+}
+
+/// One change to `peer` through defguard (userspace and kernel share it).
+async fn configure<E>(
+    implementation: &'static str,
+    peer: PublicKey,
+    change: impl FnOnce() -> Result<(), E> + Send + 'static,
+) -> Result<(), DeviceError>
+where
+    E: std::fmt::Display + Send + 'static,
+{
+    off_runtime(change)
+        .await
+        .map_err(|cause| DeviceError::Configure {
+            implementation,
+            peer,
+            cause,
+        })
+}
+
 /// defguard's peer from ours (userspace and kernel share it).
 fn defguard_peer(peer: &PeerSpec) -> defguard_wireguard_rs::peer::Peer {
     let mut p = defguard_wireguard_rs::peer::Peer::new(defguard_wireguard_rs::key::Key::new(

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use defguard_wireguard_rs::{host::Host, key::Key, Userspace, WGApi, WireguardInterfaceApi};
 
-use super::{defguard_peer, from_defguard, DeviceError, DeviceSettings, PeerSpec, PeerStatus};
+use super::{
+    configure, defguard_peer, read_peers, DeviceError, DeviceSettings, PeerSpec, PeerStatus,
+};
 use crate::mesh::keys::PublicKey;
 
 const IMPLEMENTATION: &str = "wireguard-go";
@@ -77,46 +79,22 @@ impl WireguardGo {
 
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, DeviceError> {
         let api = Arc::clone(&self.api);
-        let host = tokio::task::spawn_blocking(move || api.read_host())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|cause| DeviceError::Read {
-                implementation: IMPLEMENTATION,
-                cause,
-            })?;
-        Ok(host.peers.values().map(from_defguard).collect())
+        read_peers(IMPLEMENTATION, move || api.read_host()).await
     }
 
     pub async fn upsert_peer(&mut self, spec: &PeerSpec) -> Result<(), DeviceError> {
         let api = Arc::clone(&self.api);
         let peer = defguard_peer(spec);
-        self.blocking(spec.public_key, move || api.configure_peer(&peer))
-            .await
+        configure(IMPLEMENTATION, spec.public_key, move || {
+            api.configure_peer(&peer)
+        })
+        .await
     }
 
     pub async fn remove_peer(&mut self, key: &PublicKey) -> Result<(), DeviceError> {
         let api = Arc::clone(&self.api);
         let k = Key::new(key.0);
-        self.blocking(*key, move || api.remove_peer(&k)).await
-    }
-
-    async fn blocking(
-        &self,
-        peer: PublicKey,
-        f: impl FnOnce() -> Result<(), defguard_wireguard_rs::error::WireguardInterfaceError>
-            + Send
-            + 'static,
-    ) -> Result<(), DeviceError> {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .map_err(|cause| DeviceError::Configure {
-                implementation: IMPLEMENTATION,
-                peer,
-                cause,
-            })
+        configure(IMPLEMENTATION, *key, move || api.remove_peer(&k)).await
     }
 
     pub async fn stop(self) {
