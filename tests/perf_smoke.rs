@@ -48,9 +48,19 @@ fn perf_suite_quick_run_reports_every_scenario() {
         keepalive.render()
     );
     assert!(keepalive.median(Kind::Edgeproxy, "cpu_us_per_req").unwrap() > 0.0);
-    assert!(variant("b_open_50")
-        .median(Kind::Edgeproxy, "p99_us")
-        .is_some());
+    let open = variant("b_open_50");
+    assert!(open.median(Kind::Edgeproxy, "p99_us").is_some());
+    // The rate is half the slowest proxy's own maximum, and says so.
+    assert!(open.title.contains("the slowest proxy"), "{}", open.title);
+    assert!(
+        open.notes.iter().any(|n| n.contains("closed-loop maxima")),
+        "{:?}",
+        open.notes
+    );
+    let over = variant("o_overload");
+    let share = over.median(Kind::Edgeproxy, "served_share").unwrap();
+    assert!(share > 0.0 && share < 1.5, "{}", over.render());
+    assert!(over.median(Kind::Edgeproxy, "offered_rps").unwrap() > 0.0);
     assert!(
         variant("c_connections")
             .median(Kind::Edgeproxy, "cps")

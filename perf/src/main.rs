@@ -20,10 +20,11 @@ struct Args {
     /// (minimal: the bare compio proxy built with this suite).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
-    /// Scenario letters: a keep-alive, b open loop, c connection per request,
-    /// d bulk, e idle memory, f TLS, g hot reload, s syscall census (perf
-    /// stat tracepoints), r rate limiting's cost in c (on vs off). Default:
-    /// all but r (quick: all but r and s).
+    /// Scenario letters: a keep-alive, b open loop, o overload (open loop
+    /// past each target's own maximum), c connection per request, d bulk,
+    /// e idle memory, f TLS, g hot reload, s syscall census (perf stat
+    /// tracepoints), r rate limiting's cost in c (on vs off). Default: all
+    /// but r (quick: all but r and s). b and o take their rates from a.
     #[arg(long)]
     scenarios: Option<String>,
     /// Runs per target per scenario (interleaved). Default 3.
@@ -38,10 +39,18 @@ struct Args {
     /// Keep-alive connections. Default 50.
     #[arg(long)]
     connections: Option<usize>,
-    /// Open-loop rates as fractions of direct's keep-alive max. Default
-    /// 0.25,0.5,0.75 (quick: 0.5).
+    /// Open-loop rates (b) as fractions of the slowest proxy's closed-loop
+    /// keep-alive maximum from (a), so every proxy can serve them on any
+    /// host. Default 0.25,0.5,0.75 (quick: 0.5).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<f64>>,
+    /// Open-loop rates (b) in requests/s, instead of --rates. A target whose
+    /// own maximum is below a rate is flagged over capacity at it.
+    #[arg(long, value_delimiter = ',', conflicts_with = "rates")]
+    open_rates: Option<Vec<f64>>,
+    /// Overload (o): the multiple of each target's own maximum. Default 1.2.
+    #[arg(long)]
+    overload: Option<f64>,
     /// Idle connections in the memory scenario. Default 5000 (quick: 500).
     #[arg(long)]
     idle_connections: Option<usize>,
@@ -101,6 +110,20 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(r) = args.rates {
         o.open_fractions = r;
+    }
+    if let Some(r) = args.open_rates {
+        anyhow::ensure!(
+            r.iter().all(|x| x.is_finite() && *x > 0.0),
+            "--open-rates: every rate must be a positive number of requests/s"
+        );
+        o.open_rates = r;
+    }
+    if let Some(f) = args.overload {
+        anyhow::ensure!(
+            f.is_finite() && f > 0.0,
+            "--overload: a positive multiple of each target's maximum"
+        );
+        o.overload_factor = f;
     }
     if let Some(n) = args.idle_connections {
         o.idle_connections = n;

@@ -2,6 +2,7 @@
 //! (direct, edgeproxy, haproxy, nginx, direct, …), and returns one
 //! [`Variant`] per table (an open-loop rate, a bulk direction).
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -157,10 +158,61 @@ pub fn keepalive(opts: &Options, targets: &mut [Running]) -> Variant {
     v
 }
 
-/// (b) open loop at `rate` requests/s.
-pub fn open_loop(opts: &Options, targets: &mut [Running], rate: f64, label: &str) -> Variant {
+/// Each target's closed-loop keep-alive maximum (req/s, median of (a)).
+#[derive(Debug, Clone, Default)]
+pub struct Capacity(BTreeMap<Kind, f64>);
+
+impl Capacity {
+    pub fn from_keepalive(a: &Variant) -> Capacity {
+        Capacity(
+            Kind::ALL
+                .iter()
+                .filter_map(|&k| Some((k, a.median(k, "rps")?)))
+                .collect(),
+        )
+    }
+
+    pub fn of(&self, kind: Kind) -> Option<f64> {
+        self.0.get(&kind).copied()
+    }
+
+    /// The proxy target with the lowest maximum: a rate below it is one
+    /// every proxy can serve.
+    pub fn slowest_proxy(&self) -> Option<(Kind, f64)> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.is_proxy())
+            .map(|(&k, &r)| (k, r))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+
+    /// One line: every target's maximum.
+    pub fn describe(&self) -> String {
+        let each: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, r)| format!("{} {r:.0}", k.name()))
+            .collect();
+        format!("closed-loop maxima from (a), req/s: {}", each.join(", "))
+    }
+}
+
+/// (b) open loop at `rate` requests/s. A target whose own maximum (from
+/// (a)) is below `rate` is flagged over capacity: its latency is the
+/// queue it cannot drain, not comparable with the others', so it gets no
+/// added p99.
+pub fn open_loop(
+    opts: &Options,
+    targets: &mut [Running],
+    rate: f64,
+    label: &str,
+    capacity: &Capacity,
+) -> Variant {
     let mut v = Variant::new(
-        format!("b_open_{}", label.split('%').next().unwrap_or(label)),
+        match label.split_once('%') {
+            Some((percent, _)) => format!("b_open_{}", percent.trim()),
+            None => format!("b_open_{rate:.0}rps"),
+        },
         format!(
             "(b) open loop at {:.0} req/s ({label}), {} connections, latency from the scheduled time",
             rate, opts.connections
@@ -184,10 +236,25 @@ pub fn open_loop(opts: &Options, targets: &mut [Running], rate: f64, label: &str
         );
         rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")
     });
+    let over: Vec<Kind> = targets
+        .iter()
+        .map(|t| t.kind)
+        .filter(|&k| capacity.of(k).is_some_and(|max| rate > max))
+        .collect();
+    if !capacity.0.is_empty() {
+        v.notes.push(capacity.describe());
+    }
+    for &k in &over {
+        v.notes.push(format!(
+            "{} is OVER CAPACITY at this rate (its max {:.0} req/s): its latency is queueing, not comparable",
+            k.name(),
+            capacity.of(k).unwrap_or_default()
+        ));
+    }
     // Added latency: each proxy's p99 minus direct's median p99.
     if let Some(direct) = v.median(Kind::Direct, "p99_us") {
         for s in v.samples.iter_mut() {
-            if s.target.is_proxy() {
+            if s.target.is_proxy() && !over.contains(&s.target) {
                 if let Some(p) = s.metrics.get("p99_us").copied() {
                     s.metrics.insert("added_p99_us", p - direct);
                 }
@@ -195,6 +262,54 @@ pub fn open_loop(opts: &Options, targets: &mut [Running], rate: f64, label: &str
         }
         v.finish();
     }
+    v
+}
+
+/// (o) overload: open loop at `overload_factor` × each target's own
+/// closed-loop maximum, so every target is past saturation by the same
+/// share. Reports the latency (from the scheduled time) and the share of
+/// the offered requests served within the window.
+pub fn overload(opts: &Options, targets: &mut [Running], capacity: &Capacity) -> Variant {
+    let factor = opts.overload_factor;
+    let mut v = Variant::new(
+        "o_overload",
+        format!(
+            "(o) overload: open loop at {factor}× each target's own closed-loop maximum, {} connections",
+            opts.connections
+        ),
+        &[
+            col("offered_rps", "offered req/s", false),
+            col("rps", "served req/s", false),
+            col("served_share", "served share", false),
+            col("p50_us", "p50 µs", true),
+            col("p99_us", "p99 µs", true),
+            col("cpu_us_per_req", "CPU µs/req", true),
+        ],
+    );
+    if capacity.0.is_empty() {
+        v.notes
+            .push("not measured: needs each target's maximum from (a)".into());
+        return v;
+    }
+    v.notes.push(capacity.describe());
+    interleaved(opts, targets, &mut v, |t, run| {
+        let max = capacity
+            .of(t.kind)
+            .ok_or_else(|| anyhow::anyhow!("no maximum from (a)"))?;
+        let rate = max * factor;
+        let s = spec(
+            opts,
+            t.fronts.http,
+            Pace::Open(rate),
+            true,
+            opts.connections,
+        );
+        let mut sample = rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")?;
+        let served = sample.metrics.get("rps").copied().unwrap_or_default();
+        sample.metrics.insert("offered_rps", rate);
+        sample.metrics.insert("served_share", served / rate);
+        Ok(sample)
+    });
     v
 }
 
