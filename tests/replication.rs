@@ -470,6 +470,19 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
         .through(0)
         .is_some_and(|(tag, _)| tag == "b-at-pop0")));
 
+    // The highest version POP 0's old process wrote: the successor's
+    // clock must go on from above it.
+    let max_hlc = |i: usize, origin: &str| -> i64 {
+        let conn = rusqlite::Connection::open(c.db_path(i)).unwrap();
+        conn.query_row(
+            "SELECT COALESCE(MAX(hlc), 0) FROM repl_versions WHERE origin = ?1",
+            [origin],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before_hlc = max_hlc(0, "node-0");
+    assert!(before_hlc > 0);
     let old = c.pop(0).pid();
     let mark = c.pop(0).log_mark();
     let b_mark = c.pop(1).log_mark();
@@ -535,7 +548,14 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
             .unwrap_or_else(|| {
                 panic!("replication not handed over; log:\n{}", c.pop(0).log_text())
             });
-        eprintln!("successor {new}: {handed}");
+        let released = c
+            .pop(0)
+            .wait_for_log_after(mark, "member handed to the new process", PATIENCE)
+            .unwrap();
+        // The gossip gap: from the old process releasing the member (its
+        // loop stopped reading before this line) to the successor running
+        // it (its loop starts right after this line).
+        eprintln!("old process: {released}\nsuccessor {new}: {handed}");
         // Well past the suspicion timeout (probe period 1 s, suspect to
         // down 2 s) with the successor answering for the member.
         std::thread::sleep(Duration::from_secs(5));
@@ -599,6 +619,18 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
     );
     assert_eq!(c.member_state(1, 0).as_deref(), Some("alive"));
     assert_eq!(c.member_state(0, 1).as_deref(), Some("alive"));
+    let conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+    let after_hlc: i64 = conn
+        .query_row(
+            "SELECT hlc FROM repl_versions WHERE pk LIKE '%after-at-0%' AND origin = 'node-0'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        after_hlc > before_hlc,
+        "the successor's clock went backwards: {after_hlc} <= {before_hlc}"
+    );
     eprintln!(
         "upgrade with replication: {round_trips} client connections, none failed; POP 1 saw POP 0 alive in all {} samples",
         states.len()

@@ -483,6 +483,7 @@ impl Driver {
                         return;
                     }
                     Some(Command::Release(done)) => {
+                        let stopped_reading = Instant::now();
                         // What is still queued goes out; what a peer sends
                         // from here on waits in the sockets for the
                         // successor (anti-entropy repairs the rest).
@@ -490,7 +491,8 @@ impl Driver {
                         self.carry_out().await;
                         let generation = self.node.settings().generation;
                         self.transport.close_and_wait(RELEASE_PATIENCE).await;
-                        tracing::info!(generation, "replication: member handed to the new process (no leave)");
+                        tracing::info!(generation, stopped_reading_ms_ago = stopped_reading.elapsed().as_millis() as u64,
+                            "replication: member handed to the new process (no leave)");
                         let _ = done.send(generation);
                         // The gossip socket closes with `self`.
                         return;
