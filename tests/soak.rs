@@ -684,8 +684,14 @@ mod criterion {
 
     #[test]
     fn descriptor_leak_of_one_a_minute_fails() {
-        let fds =
-            series(|m| (24.0 + m).floor() + if (m * 6.0) as u32 % 3 == 0 { 3.0 } else { 0.0 });
+        let fds = series(|m| {
+            (24.0 + m).floor()
+                + if ((m * 6.0) as u32).is_multiple_of(3) {
+                    3.0
+                } else {
+                    0.0
+                }
+        });
         let g = Growth::of(&fds);
         assert!(g.exceeds(FD_SLACK), "{g:?}");
     }
