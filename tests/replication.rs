@@ -635,6 +635,47 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
         "upgrade with replication: {round_trips} client connections, none failed; POP 1 saw POP 0 alive in all {} samples",
         states.len()
     );
+
+    // And again: the successor hands the same member on in turn.
+    let mark = c.pop(0).log_mark();
+    common::signal_pid(new, 12);
+    let line = c
+        .pop(0)
+        .wait_for_log_after(mark, "running it here", PATIENCE)
+        .unwrap_or_else(|| panic!("second hand-over missing; log:\n{}", c.pop(0).log_text()));
+    let third: u32 = common::field(
+        &c.pop(0)
+            .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+            .unwrap(),
+        "pid",
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    let _third = KillOnDrop(third);
+    assert!(line.contains(&generation_of(&handed_line(&c, 0))), "{line}");
+    let b2 = c.backend(1, 9003, "b3-at-pop1");
+    assert_eq!(c.register(1, "after-second", b2.addr), 201);
+    assert!(
+        common::eventually(PATIENCE, || c.row(0, "after-second", "id").is_some()),
+        "a registration at POP 1 did not reach POP 0 after the second upgrade"
+    );
+    assert_eq!(c.member_state(1, 0).as_deref(), Some("alive"));
+    let b_log = c.pop(1).log_lines()[b_mark..].join("\n");
+    assert!(
+        !b_log.contains("member down") && !b_log.contains("member restarted"),
+        "POP 1 logged:\n{b_log}"
+    );
+}
+
+/// The first "running it here" line of POP `i`'s log.
+fn handed_line(c: &Cluster, i: usize) -> String {
+    c.pop(i).wait_for_log("running it here", PATIENCE).unwrap()
+}
+
+/// `generation=N` of a log line.
+fn generation_of(line: &str) -> String {
+    format!("generation={}", common::field(line, "generation").unwrap())
 }
 
 #[test]

@@ -290,6 +290,7 @@ impl Bound {
             alive: liveness.clone(),
         });
         tokio::spawn(async move {
+            let mut command_rx = command_rx;
             let waited = Instant::now();
             let said = tokio::task::spawn_blocking(|| {
                 crate::upgrade::inherit::await_replication(HAND_OFF_PATIENCE)
@@ -315,6 +316,25 @@ impl Bound {
                     None
                 }
             };
+            // Upgraded again while waiting: this process hands the member
+            // on without ever running it (never two at once).
+            while let Ok(cmd) = command_rx.try_recv() {
+                match cmd {
+                    Command::Release(done) => {
+                        tracing::info!(
+                            "replication: upgraded again before the member ran here; handed on"
+                        );
+                        let _ = done.send(generation.unwrap_or_else(|| Now::system().wall_ms));
+                        return;
+                    }
+                    Command::Shutdown(done) => {
+                        let _ = done.send(());
+                        return;
+                    }
+                    // The start reads the change log anyway.
+                    Command::Poke => {}
+                }
+            }
             if let Err(e) = self.spawn(reloader, generation, Some(liveness), waiting, command_rx) {
                 tracing::error!(error = format!("{e:#}"), "replication: cannot start after the upgrade; this POP serves without replicating (restart it)");
             }

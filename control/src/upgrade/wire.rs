@@ -186,6 +186,12 @@ mod tests {
             ToSuccessor::decode(&ToSuccessor::Done.encode(), 0).unwrap(),
             ToSuccessor::Done
         );
+        for generation in [Some(1_796_272_627_165), None] {
+            let m = ToSuccessor::Replication { generation };
+            assert_eq!(ToSuccessor::decode(&m.encode(), 0).unwrap(), m);
+            // It carries no descriptors.
+            assert!(ToSuccessor::decode(&m.encode(), 1).is_err());
+        }
         for m in [
             FromSuccessor::Ready { pid: 42 },
             FromSuccessor::Failed {
