@@ -11,6 +11,12 @@
 //! when [`Handle::poke`] says a local write happened), and carries out what
 //! the node asks: datagrams and messages out, remote rows into the
 //! database, then a routing reload so that every shard routes by them.
+//!
+//! Binary upgrade: [`bind`] takes the gossip and QUIC sockets a predecessor
+//! handed over (and registers its own for a successor). A successor starts
+//! with [`Bound::start_after_hand_off`], which runs the member only once the
+//! predecessor has released it ([`Handle::release`]: stop without leaving),
+//! as the same member (its generation), so peers see no restart.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket as StdUdpSocket};
