@@ -122,18 +122,16 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let readiness = crate::readiness::Readiness::default();
     let mut upgrades = {
         let _context = runtime.enter();
-        crate::upgrade::Upgrades::start(
-            &config.upgrade,
-            config.replication.enabled || config.bgp.enabled,
-        )?
+        crate::upgrade::Upgrades::start(&config.upgrade, config.bgp.enabled)?
     };
     // The mesh interface is up (or the start fails) before this POP's row
     // tells the other POPs to peer with it.
     let mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
     // The data plane starts before replication: steering judges its
     // listeners, and this POP's row must carry that verdict before it first
-    // replicates. (With replication or BGP on, binary upgrades are refused,
-    // so no successor can fail after it accepted.)
+    // replicates. (A successor of a binary upgrade starts replication only
+    // after it reported ready, see below, so it cannot fail after it
+    // accepted because of replication.)
     let mut engine = Engine::start_bound(
         engine_settings(&config),
         knobs(&config),
@@ -186,8 +184,15 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         )
         .context("cannot start traffic steering")?
     };
+    // A successor of a binary upgrade runs replication's member once its
+    // predecessor has stopped it (after this process reported ready): two
+    // processes must never run one member on the same sockets.
     let replication = match replication {
         None => None,
+        Some(bound) if bound.inherited() => {
+            let _context = runtime.enter();
+            Some(bound.start_after_hand_off(reloader.clone()))
+        }
         Some(bound) => {
             let _context = runtime.enter();
             Some(bound.start(reloader.clone())?)
@@ -287,18 +292,27 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Anycast first: routes tagged GRACEFUL_SHUTDOWN for the drain delay,
     // then withdrawn, and the withdrawal on the wire, while the listeners
     // still accept; GeoDNS everywhere stops answering this POP meanwhile.
-    runtime.block_on(services.steering.shutdown());
-    if let Some(r) = &services.replication {
-        // Leave the cluster first: the other POPs mark this one down at
-        // once instead of after the suspicion timeout.
-        runtime.block_on(r.shutdown(Duration::from_secs(2)));
-    }
     let grace = match exit {
         Exit::Stop(grace) => {
+            runtime.block_on(services.steering.shutdown());
+            if let Some(r) = &services.replication {
+                // Leave the cluster first: the other POPs mark this one down at
+                // once instead of after the suspicion timeout.
+                runtime.block_on(r.shutdown(Duration::from_secs(2)));
+            }
             services.upgrades.shut_down();
             grace
         }
-        Exit::Upgraded(grace) => {
+        Exit::Upgraded(grace, successor) => {
+            // The successor owns this POP's row and its anycast verdict
+            // now: nothing is withdrawn or marked "not serving".
+            services.steering.hand_over();
+            // Replication first, the gap in gossip is as short as this:
+            // stop the member without leaving, then the successor runs it.
+            if let Some(r) = services.replication.take() {
+                let generation = runtime.block_on(r.release(Duration::from_secs(3)));
+                successor.release_replication(generation);
+            }
             runtime.block_on(hand_over(&mut engine, &mut services, &reloader, grace))
         }
     };
@@ -489,7 +503,7 @@ enum Exit {
     /// SIGTERM or SIGINT.
     Stop(Duration),
     /// A successor serves on our sockets.
-    Upgraded(Duration),
+    Upgraded(Duration, crate::upgrade::Successor),
 }
 
 /// Runs until a stop signal or a completed binary upgrade.
@@ -550,7 +564,7 @@ async fn control_loop(
             }
             event = services.upgrades.next_event() => match event {
                 UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners())),
-                UpgradeEvent::Finished(Ok(_)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace)),
+                UpgradeEvent::Finished(Ok(successor)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace, successor)),
                 // Logged and answered; this process keeps serving.
                 UpgradeEvent::Finished(Err(_)) => {}
             },

@@ -11,6 +11,12 @@
 //! when [`Handle::poke`] says a local write happened), and carries out what
 //! the node asks: datagrams and messages out, remote rows into the
 //! database, then a routing reload so that every shard routes by them.
+//!
+//! Binary upgrade: [`bind`] takes the gossip and QUIC sockets a predecessor
+//! handed over (and registers its own for a successor). A successor starts
+//! with [`Bound::start_after_hand_off`], which runs the member only once the
+//! predecessor has released it ([`Handle::release`]: stop without leaving),
+//! as the same member (its generation), so peers see no restart.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket as StdUdpSocket};
@@ -55,6 +61,39 @@ pub struct Bound {
     db_path: PathBuf,
     /// The mesh's columns of this POP's row (`crate::mesh`), when it runs.
     mesh: Option<crate::mesh::driver::RowColumns>,
+    /// Both sockets were handed over by a binary upgrade's predecessor,
+    /// which still runs this member: start with [`Bound::start_after_hand_off`].
+    inherited: bool,
+}
+
+/// Registry names of the sockets a binary upgrade hands over.
+const GOSSIP_SOCKET: &str = "replication-gossip";
+const TRANSPORT_SOCKET: &str = "replication-transport";
+/// How long a successor waits for its predecessor to stop its member.
+const HAND_OFF_PATIENCE: Duration = Duration::from_secs(15);
+/// How long the predecessor waits for its QUIC connections to close.
+const RELEASE_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The socket a predecessor handed over as `name` on `addr`, else a new one.
+fn inherit_or_bind(
+    name: &str,
+    addr: SocketAddr,
+    what: &str,
+) -> anyhow::Result<(StdUdpSocket, bool)> {
+    let (socket, inherited) = match crate::upgrade::sockets::take_udp_sockets(name, addr)
+        .and_then(|v| v.into_iter().next())
+    {
+        Some(s) => {
+            s.set_nonblocking(true)
+                .with_context(|| format!("replication: {what} socket"))?;
+            (s, true)
+        }
+        None => (bind_udp(addr, what)?, false),
+    };
+    use std::os::fd::AsFd;
+    crate::upgrade::sockets::register(name, &[socket.as_fd()])
+        .with_context(|| format!("replication: {what} socket"))?;
+    Ok((socket, inherited))
 }
 
 fn bind_udp(addr: SocketAddr, what: &str) -> anyhow::Result<StdUdpSocket> {
@@ -124,8 +163,15 @@ pub fn bind(config: &Config) -> anyhow::Result<Option<Bound>> {
     if !c.enabled {
         return Ok(None);
     }
-    let gossip = bind_udp(c.gossip_addr, "gossip")?;
-    let transport = bind_udp(c.transport_addr, "the transport")?;
+    let (gossip, gossip_inherited) = inherit_or_bind(GOSSIP_SOCKET, c.gossip_addr, "gossip")?;
+    let (transport, transport_inherited) =
+        inherit_or_bind(TRANSPORT_SOCKET, c.transport_addr, "the transport")?;
+    // Only both together: a predecessor that handed over one socket still
+    // runs its member on it (it is waited for either way).
+    let inherited = gossip_inherited || transport_inherited;
+    if inherited {
+        crate::upgrade::inherit::expect_replication_hand_off();
+    }
     let bootstrap = resolve(&c.bootstrap_peers);
     let ip = advertise_ip(c, &bootstrap)?;
     let gossip_advertised = SocketAddr::new(ip, gossip.local_addr()?.port());
@@ -146,6 +192,7 @@ pub fn bind(config: &Config) -> anyhow::Result<Option<Bound>> {
         pop: config.pop.clone(),
         db_path: config.routing.db_path.clone(),
         mesh: None,
+        inherited,
     }))
 }
 
@@ -154,6 +201,9 @@ enum Command {
     Poke,
     /// Leave the cluster, then answer.
     Shutdown(oneshot::Sender<()>),
+    /// Stop without leaving (a binary upgrade's successor runs this member
+    /// next), then answer with the member's generation.
+    Release(oneshot::Sender<u64>),
 }
 
 /// The running replication.
@@ -183,7 +233,26 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// For a binary upgrade: stops this member without leaving the cluster
+    /// (peers keep it alive; the successor answers for it from now on),
+    /// closes its QUIC connections and its sockets in this process, and
+    /// returns its generation for the successor. Waits at most `patience`
+    /// (`None`: it did not answer in time, or was not running).
+    pub async fn release(&self, patience: Duration) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Release(tx)).ok()?;
+        tokio::time::timeout(patience, rx).await.ok()?.ok()
+    }
+}
+
 impl Bound {
+    /// Whether the sockets came from a binary upgrade's predecessor (start
+    /// with [`Bound::start_after_hand_off`]).
+    pub fn inherited(&self) -> bool {
+        self.inherited
+    }
+
     /// The IP other POPs reach this one at.
     pub fn advertised_ip(&self) -> IpAddr {
         self.gossip_advertised.ip()
@@ -196,6 +265,99 @@ impl Bound {
 
     /// Starts replication. Must run inside the control runtime.
     pub fn start(self, reloader: SharedReloader) -> anyhow::Result<Handle> {
+        let status = StatusHandle::default();
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        self.spawn(reloader, None, None, status.clone(), command_rx)?;
+        Ok(Handle { status, commands })
+    }
+
+    /// A binary upgrade's successor: returns the handle at once (commands
+    /// queue), and starts the member once the predecessor has stopped it
+    /// (see `crate::upgrade`), as the same member (its generation): peers
+    /// see no restart. Until then this POP's liveness view is the `pops`
+    /// table's (all alive), corrected at the member's first status update.
+    /// Must run inside the control runtime.
+    pub fn start_after_hand_off(self, reloader: SharedReloader) -> Handle {
+        let status = StatusHandle::default();
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let waiting = status.clone();
+        // The predecessor's view, approximately: every POP in the table
+        // alive (it was serving; a POP that is down is seen so again within
+        // the suspicion timeout).
+        let liveness: Liveness = Liveness::default();
+        let mut alive = HashSet::from([self.config.node_id.clone()]);
+        match reloader.lock().store_mut().load_pops() {
+            Ok(rows) => alive.extend(rows.into_iter().map(|r| r.node_id)),
+            Err(e) => tracing::warn!(error = %e, "replication: cannot read the pops table"),
+        }
+        liveness.store(Arc::new(alive));
+        reloader.lock().set_pops_input(PopsInput {
+            local_id: self.config.node_id.clone(),
+            alive: liveness.clone(),
+        });
+        tokio::spawn(async move {
+            let mut command_rx = command_rx;
+            let waited = Instant::now();
+            let said = tokio::task::spawn_blocking(|| {
+                crate::upgrade::inherit::await_replication(HAND_OFF_PATIENCE)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            use crate::upgrade::inherit::ReplicationHandOff;
+            let generation = match said {
+                Ok(ReplicationHandOff::Released { generation }) => {
+                    tracing::info!(
+                        generation,
+                        waited_ms = waited.elapsed().as_millis() as u64,
+                        "replication: the previous process stopped its member; running it here"
+                    );
+                    generation
+                }
+                Ok(ReplicationHandOff::Gone) => {
+                    tracing::warn!("replication: the previous process left without handing over its member; starting as a new generation");
+                    None
+                }
+                Err(why) => {
+                    tracing::error!(%why, "replication: the previous process did not hand over its member; starting as a new generation anyway");
+                    None
+                }
+            };
+            // Upgraded again while waiting: this process hands the member
+            // on without ever running it (never two at once).
+            while let Ok(cmd) = command_rx.try_recv() {
+                match cmd {
+                    Command::Release(done) => {
+                        tracing::info!(
+                            "replication: upgraded again before the member ran here; handed on"
+                        );
+                        let _ = done.send(generation.unwrap_or_else(|| Now::system().wall_ms));
+                        return;
+                    }
+                    Command::Shutdown(done) => {
+                        let _ = done.send(());
+                        return;
+                    }
+                    // The start reads the change log anyway.
+                    Command::Poke => {}
+                }
+            }
+            if let Err(e) = self.spawn(reloader, generation, Some(liveness), waiting, command_rx) {
+                tracing::error!(error = format!("{e:#}"), "replication: cannot start after the upgrade; this POP serves without replicating (restart it)");
+            }
+        });
+        Handle { status, commands }
+    }
+
+    /// Loads the replica, joins and spawns the loop. `generation`: the
+    /// member's, when it continues a predecessor's.
+    fn spawn(
+        self,
+        reloader: SharedReloader,
+        generation: Option<u64>,
+        liveness: Option<Liveness>,
+        status: StatusHandle,
+        command_rx: mpsc::UnboundedReceiver<Command>,
+    ) -> anyhow::Result<()> {
         let c = &self.config;
         let mut db = ReplDb::open(&self.db_path)?;
         let replica = db.load_replica()?;
@@ -210,7 +372,7 @@ impl Bound {
             schema: crate::store::SCHEMA_VERSION as u32,
             gossip_addr: self.gossip_advertised,
             transport_addr: self.transport_advertised,
-            generation: now.wall_ms,
+            generation: generation.unwrap_or(now.wall_ms),
             gossip_interval: c.gossip_interval,
             sync_interval: c.sync_interval,
             broadcast_delay: c.broadcast_delay,
@@ -233,16 +395,20 @@ impl Bound {
         let (transport, transport_events) = Transport::start(self.transport, &pki)?;
         let gossip = UdpSocket::from_std(self.gossip).context("replication: gossip socket")?;
 
-        let liveness: Liveness = Liveness::default();
-        liveness.store(Arc::new(HashSet::from([c.node_id.clone()])));
-        reloader.lock().set_pops_input(PopsInput {
-            local_id: c.node_id.clone(),
-            alive: liveness.clone(),
-        });
+        let liveness = match liveness {
+            Some(l) => l,
+            None => {
+                let l: Liveness = Liveness::default();
+                l.store(Arc::new(HashSet::from([c.node_id.clone()])));
+                reloader.lock().set_pops_input(PopsInput {
+                    local_id: c.node_id.clone(),
+                    alive: l.clone(),
+                });
+                l
+            }
+        };
 
         node.join(now, &self.bootstrap);
-        let status = StatusHandle::default();
-        let (commands, command_rx) = mpsc::unbounded_channel();
         let driver = Driver {
             node,
             db,
@@ -259,7 +425,7 @@ impl Bound {
             alone_logged: false,
         };
         tokio::spawn(driver.run(transport_events, command_rx));
-        Ok(Handle { status, commands })
+        Ok(())
     }
 
     fn own_pop_row(&self) -> PopRow {
@@ -340,6 +506,21 @@ impl Driver {
                         self.transport.close();
                         tracing::info!("replication: left the cluster");
                         let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::Release(done)) => {
+                        let stopped_reading = Instant::now();
+                        // What is still queued goes out; what a peer sends
+                        // from here on waits in the sockets for the
+                        // successor (anti-entropy repairs the rest).
+                        self.poll_changes(true);
+                        self.carry_out().await;
+                        let generation = self.node.settings().generation;
+                        self.transport.close_and_wait(RELEASE_PATIENCE).await;
+                        tracing::info!(generation, stopped_reading_ms_ago = stopped_reading.elapsed().as_millis() as u64,
+                            "replication: member handed to the new process (no leave)");
+                        let _ = done.send(generation);
+                        // The gossip socket closes with `self`.
                         return;
                     }
                     None => return,

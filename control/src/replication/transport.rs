@@ -138,6 +138,17 @@ impl Transport {
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
     }
+
+    /// Closes every connection and waits (at most `patience`) until they
+    /// are gone; then nothing in this process reads the socket any more
+    /// (the endpoint's driver ends with its last handle). For a binary
+    /// upgrade: the successor reads the same socket next.
+    pub async fn close_and_wait(self, patience: Duration) {
+        self.endpoint.close(0u32.into(), b"process upgraded");
+        let endpoint = self.endpoint.clone();
+        drop(self);
+        let _ = tokio::time::timeout(patience, endpoint.wait_idle()).await;
+    }
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<TransportEvent>) {

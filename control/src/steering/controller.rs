@@ -46,6 +46,9 @@ enum Command {
     /// The listeners changed (SIGHUP): the serving ones again.
     Listeners(Vec<ServingListener>),
     Shutdown(oneshot::Sender<bool>),
+    /// A binary upgrade's successor owns this POP's row now: stop without
+    /// writing it.
+    HandOver,
 }
 
 /// The running controller. Cheap to clone.
@@ -80,6 +83,13 @@ impl Handle {
     /// The listeners changed (SIGHUP): judges from the new serving set.
     pub fn set_listeners(&self, config: &Config) {
         let _ = self.commands.send(Command::Listeners(serving_of(config)));
+    }
+
+    /// After a binary upgrade: the successor judges and writes this POP's
+    /// row from now on, so this controller stops at once without marking
+    /// the POP "not serving" (which would replicate to every POP).
+    pub fn hand_over(&self) {
+        let _ = self.commands.send(Command::HandOver);
     }
 
     /// The shutdown's part: stops announcing (soft drain, then withdrawal)
@@ -282,7 +292,7 @@ impl Controller {
                             let _ = reply.send(false);
                         }
                     }
-                    None => return,
+                    Some(Command::HandOver) | None => return,
                 },
             }
         }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -21,6 +22,11 @@ const RECEIVE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The channel back to the predecessor, until ready or failure is reported.
 static PREDECESSOR: Mutex<Option<Channel>> = Mutex::new(None);
+/// Set when this successor took over replication's sockets: the channel is
+/// then kept after `Ready` for [`await_replication`].
+static EXPECT_REPLICATION: AtomicBool = AtomicBool::new(false);
+/// The channel after `Ready`, while replication waits for its hand-off.
+static AFTER_READY: Mutex<Option<Channel>> = Mutex::new(None);
 
 /// What was taken over, for the start-up log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +100,11 @@ fn receive(channel: &Channel) -> Result<BTreeMap<String, Vec<OwnedFd>>, InheritE
             .ok_or(InheritError::Closed)?;
         match ToSuccessor::decode(&bytes, fds.len())? {
             ToSuccessor::Done => return Ok(table),
+            ToSuccessor::Replication { .. } => {
+                return Err(InheritError::Protocol(WireError::Decode(
+                    "replication hand-off before the sockets".into(),
+                )))
+            }
             ToSuccessor::Sockets { entries, .. } => {
                 let mut fds = fds.into_iter();
                 for (name, count) in entries {
@@ -133,10 +144,63 @@ pub fn report_failure(reason: &str) {
 }
 
 fn report(msg: FromSuccessor) {
+    let ready = matches!(msg, FromSuccessor::Ready { .. });
     let channel = PREDECESSOR.lock().unwrap_or_else(|p| p.into_inner()).take();
     if let Some(channel) = channel {
         if let Err(e) = channel.send(&msg.encode(), &[]) {
             tracing::warn!(error = %e, "upgrade: cannot report to the previous process");
+        }
+        if ready && EXPECT_REPLICATION.load(Ordering::Relaxed) {
+            *AFTER_READY.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+        }
+    }
+}
+
+/// Replication took over the predecessor's sockets: keep the channel after
+/// `Ready` to hear when the predecessor has stopped its member.
+pub fn expect_replication_hand_off() {
+    EXPECT_REPLICATION.store(true, Ordering::Relaxed);
+}
+
+/// What the predecessor said about its replication member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationHandOff {
+    /// It stopped its member; run the same one (`generation`, when it ran).
+    Released { generation: Option<u64> },
+    /// It exited or closed the channel without saying (an older binary, or
+    /// it died): its member is gone with it.
+    Gone,
+}
+
+/// After [`report_ready`]: waits up to `patience` for the predecessor to
+/// stop its replication member. Blocking (run it on a blocking thread).
+/// `Err`: no word within `patience` (the predecessor may still run it).
+pub fn await_replication(patience: Duration) -> Result<ReplicationHandOff, String> {
+    let Some(channel) = AFTER_READY.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return Ok(ReplicationHandOff::Gone);
+    };
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("no word within {patience:?}"));
+        }
+        match channel.recv(left) {
+            Ok(None) => return Ok(ReplicationHandOff::Gone),
+            Ok(Some((bytes, fds))) => match ToSuccessor::decode(&bytes, fds.len()) {
+                Ok(ToSuccessor::Replication { generation }) => {
+                    return Ok(ReplicationHandOff::Released { generation })
+                }
+                Ok(other) => {
+                    tracing::warn!(?other, "upgrade: unexpected message after ready; ignored")
+                }
+                Err(e) => return Err(e.to_string()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(format!("no word within {patience:?}"))
+            }
+            // ECONNRESET and the like: the predecessor is gone.
+            Err(_) => return Ok(ReplicationHandOff::Gone),
         }
     }
 }

@@ -17,6 +17,13 @@
 //!    their queues live on in S; see `engine::rt::AcceptGate`), stops its
 //!    API, metrics, DNS and control socket, and drains.
 //!
+//! 5. With `[replication]`: S took the gossip and QUIC sockets but has not
+//!    started replication. P stops its replication member first thing after
+//!    `Ready` (no leave: the node stays a member, only its process changes)
+//!    and sends [`wire::ToSuccessor::Replication`] with the member's
+//!    generation; S then starts the same member on the same sockets.
+//!    Datagrams that arrive meanwhile wait in the sockets' queues.
+//!
 //! If S fails at any point before `Ready` (cannot start, bad configuration,
 //! a socket it cannot use, a crash, no answer within
 //! `upgrade.ready_timeout_secs`), P kills it, logs why and keeps serving as
@@ -78,8 +85,8 @@ pub fn listener_entries(
 /// an attempt share its outcome.
 pub struct Upgrades {
     ready_timeout: Duration,
-    /// Replication's sockets are not handed over yet: refuse (see `begin`).
-    replication: bool,
+    /// `[bgp]` is enabled: upgrades are refused (see `begin`).
+    bgp: bool,
     control: Option<control_socket::Server>,
     attempt: Option<Attempt>,
     waiting: Vec<tokio::sync::oneshot::Sender<String>>,
@@ -103,9 +110,9 @@ struct Attempt {
 
 impl Upgrades {
     /// Binds (or takes over) the control socket and serves it. Must run in
-    /// the control runtime's context. `replication`: whether `[replication]`
-    /// is enabled (upgrades are then refused, see [`Upgrades::begin`]).
-    pub fn start(config: &config::Upgrade, replication: bool) -> anyhow::Result<Upgrades> {
+    /// the control runtime's context. `bgp`: whether `[bgp]` is enabled
+    /// (upgrades are then refused, see [`Upgrades::begin`]).
+    pub fn start(config: &config::Upgrade, bgp: bool) -> anyhow::Result<Upgrades> {
         use anyhow::Context;
         let control = match &config.control_socket {
             None => None,
@@ -124,7 +131,7 @@ impl Upgrades {
         };
         Ok(Upgrades {
             ready_timeout: config.ready_timeout,
-            replication,
+            bgp,
             control,
             attempt: None,
             waiting: Vec::new(),
@@ -185,14 +192,11 @@ impl Upgrades {
             tracing::info!("upgrade already in progress; this request waits for its outcome");
             return;
         }
-        // Replication's gossip and QUIC sockets are not in the registry yet,
-        // and two processes must not run the same node at once: a successor
-        // would fail to bind them anyway. Nor may two run one BGP speaker
-        // (the old one's shutdown withdraws the anycast routes). Say so
-        // plainly instead.
-        if self.replication {
+        // Two processes cannot hold one BGP session to a router, and the
+        // old one's shutdown withdraws the anycast routes. Say so plainly.
+        if self.bgp {
             let e = UpgradeError::Unsupported(
-                "binary upgrade is not available with [replication] or [bgp] enabled yet; restart instead",
+                "binary upgrade is not available with [bgp] enabled yet; restart instead",
             );
             tracing::error!(error = %e, "upgrade refused; this process keeps serving");
             self.answer(&Err(e));

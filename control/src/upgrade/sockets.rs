@@ -6,9 +6,10 @@
 //! listeners (taken from the engine), is sent to the successor. Names in
 //! use: `listener:<name>` (one socket per shard, in `SO_REUSEPORT` group
 //! order), `api`, `metrics`, `dns-udp` (one per UDP worker), `dns-tcp`,
-//! `control` (the upgrade control socket). Add an entry for any new socket
-//! (replication's gossip and QUIC sockets, say) with the same two calls:
-//! `register` after binding, `take_*` instead of binding when inherited.
+//! `control` (the upgrade control socket), `replication-gossip`,
+//! `replication-transport`. Add an entry for any new socket with the same
+//! two calls: `register` after binding, `take_*` instead of binding when
+//! inherited.
 //!
 //! **Successor.** What arrived is kept until a component claims it with
 //! the `take_*` function of its kind, checked against the address it would

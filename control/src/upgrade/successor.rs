@@ -34,6 +34,20 @@ pub struct Successor {
     pub exe: PathBuf,
     /// Kept so the handle is not reaped here; the successor outlives us.
     _child: Child,
+    /// Kept open after `Ready` for [`Successor::release_replication`].
+    channel: Channel,
+}
+
+impl Successor {
+    /// Tells the successor this process has stopped its replication member
+    /// (`generation`: the member's SWIM generation; `None`: it was not
+    /// running): the successor starts it now, as the same member.
+    pub fn release_replication(&self, generation: Option<u64>) {
+        let msg = ToSuccessor::Replication { generation };
+        if let Err(e) = self.channel.send(&msg.encode(), &[]) {
+            tracing::warn!(pid = self.pid, error = %e, "upgrade: cannot tell the new process that replication is released");
+        }
+    }
 }
 
 /// Why an upgrade did not happen. The old process keeps serving in every
@@ -126,6 +140,7 @@ pub fn start(
             pid,
             exe,
             _child: child,
+            channel: ours,
         }),
         Err(e) => {
             let e = match e {

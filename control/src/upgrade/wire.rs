@@ -9,6 +9,9 @@
 //! once: [`FromSuccessor::Ready`] when it serves, or
 //! [`FromSuccessor::Failed`] when it gives up. The first message names the
 //! protocol version; a successor that speaks another refuses with `Failed`.
+//! With `[replication]` the parent sends one more message after `Ready`:
+//! [`ToSuccessor::Replication`], once it has stopped its replication member,
+//! so that the two never run the same member on the same sockets.
 //!
 //! A batch lists `(name, count)` pairs that say which of the datagram's
 //! descriptors belong to which registry entry, in order; an entry may span
@@ -42,6 +45,11 @@ pub enum ToSuccessor {
     },
     /// Every socket was sent.
     Done,
+    /// After `Ready`, with `[replication]`: the parent stopped its
+    /// replication member (without leaving the cluster); the successor runs
+    /// it from now on, as the same member (`generation`, the SWIM identity's
+    /// start time; `None`: the parent's replication was not running).
+    Replication { generation: Option<u64> },
 }
 
 /// Successor → parent.
@@ -95,7 +103,7 @@ impl ToSuccessor {
                 }
                 entries.iter().map(|(_, n)| u64::from(*n)).sum()
             }
-            ToSuccessor::Done => 0,
+            ToSuccessor::Done | ToSuccessor::Replication { .. } => 0,
         };
         if listed != fds as u64 {
             return Err(WireError::FdCount {
@@ -178,6 +186,12 @@ mod tests {
             ToSuccessor::decode(&ToSuccessor::Done.encode(), 0).unwrap(),
             ToSuccessor::Done
         );
+        for generation in [Some(1_796_272_627_165), None] {
+            let m = ToSuccessor::Replication { generation };
+            assert_eq!(ToSuccessor::decode(&m.encode(), 0).unwrap(), m);
+            // It carries no descriptors.
+            assert!(ToSuccessor::decode(&m.encode(), 1).is_err());
+        }
         for m in [
             FromSuccessor::Ready { pid: 42 },
             FromSuccessor::Failed {
