@@ -10,6 +10,7 @@
 pub mod backends;
 pub mod loadgen;
 pub mod plot;
+pub mod pool;
 pub mod procfs;
 pub mod rate_limit;
 pub mod report;
@@ -28,7 +29,7 @@ use crate::targets::{Kind, Running};
 
 /// Scenarios by letter, as in the README (`s`, the syscall census, is not
 /// in the quick set).
-pub const SCENARIOS: &str = "abcdefgs";
+pub const SCENARIOS: &str = "abcdefgps";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -89,7 +90,7 @@ impl Options {
             quick,
             targets: Kind::ALL.to_vec(),
             scenarios: if quick {
-                "abcdefg".into()
+                "abcdefgp".into()
             } else {
                 SCENARIOS.into()
             },
@@ -315,6 +316,11 @@ fn run_in(
             }
         }
     }
+    if has('p') && kinds.contains(&Kind::Edgeproxy) {
+        let v = pool::far_backend(opts, setup);
+        progress(&v);
+        variants.push(v);
+    }
     for v in variants.iter_mut() {
         for (k, why) in &missing {
             v.missing.insert(*k, why.clone());
@@ -408,6 +414,14 @@ fn goals(variants: &[Variant], opts: &Options) -> Vec<Goal> {
             },
         });
     };
+    if let Some(v) = find("p_pool_far_backend") {
+        at_most(
+            "new connection to a 100 ms-RTT backend: p50 with the pool ≤ 0.55× without (p)",
+            v.median(Kind::Edgeproxy, "p50_ratio"),
+            0.55,
+            "pool/fresh p50, median of runs",
+        );
+    }
     if let Some(v) = find("r_rate_limit") {
         at_most(
             "rate limiting costs ≤ 3 % CPU per new connection (c)",
@@ -498,5 +512,27 @@ fn goals(variants: &[Variant], opts: &Options) -> Vec<Goal> {
             )
         }),
     });
+    if let Some(v) = find("p_pool_far_backend") {
+        let errors = v
+            .samples
+            .iter()
+            .filter_map(|s| s.metrics.get("client_errors"))
+            .sum::<f64>();
+        out.push(Goal {
+            goal: "zero client errors with the pool (p)".into(),
+            met: (!v.samples.is_empty()).then_some(errors == 0.0),
+            detail: match v.samples.is_empty() {
+                true => "not measured".into(),
+                false => format!(
+                    "{errors} errors over {} runs (stale sockets met: {})",
+                    v.samples.len(),
+                    v.samples
+                        .iter()
+                        .filter_map(|s| s.metrics.get("stale"))
+                        .sum::<f64>()
+                ),
+            },
+        });
+    }
     out
 }
