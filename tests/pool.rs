@@ -6,7 +6,9 @@
 //! the pool on and off; PROXY v2 headers name the client that took the
 //! socket; backends that speak first are excluded (or kept on request).
 //! The last tests put the backend 50 ms away (network namespaces, NFQUEUE
-//! delay; need root) and measure the round trip saved.
+//! delay; need root) and measure the round trip saved, for plain and TLS
+//! clients; `warm = "rtt"` warms the backend health checks measure far and
+//! not the near one.
 
 mod common;
 
@@ -964,4 +966,52 @@ fn a_tls_client_of_a_far_backend_takes_a_warm_connection_after_its_handshake() {
     assert_eq!(f.scrape("edgeproxy_pool_hits_total"), 5.0);
     assert_eq!(f.scrape("edgeproxy_pool_misses_total"), 0.0);
     assert_eq!(f.scrape("edgeproxy_pool_stale_total"), 0.0);
+}
+
+#[test]
+fn a_tls_client_never_sees_a_pooled_connection_its_far_backend_had_closed() {
+    let _serial = serial();
+    // As in the plain-TCP test above: the backend closes a connection 1 s
+    // after accepting it if nothing came, and its FIN takes 50 ms to reach
+    // the proxy. Here the client's first bytes are its first plaintext after
+    // a TLS handshake with the proxy; those are what the guard keeps and
+    // sends again on a fresh connection.
+    let certs = TempDir::new("pool-tls-stale-certs");
+    let (keys, client) = tls_setup(&certs);
+    let listener = format!(
+        "[[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\napp = \"web\"\n\n\
+         [listener.tls]\n{keys}\n"
+    );
+    let (f, b) = far(
+        "pool-far-tls-stale",
+        1,
+        &[("web", Some(Duration::from_secs(1)))],
+        &format!("{}\n{listener}", pool("")),
+    );
+    assert!(eventually(PATIENCE, || b[0].idle() == 1));
+    let at = f.proxy.listener("tls");
+    let mut errors = Vec::new();
+    let mut served = 0;
+    for i in 0..30u64 {
+        let start = Instant::now();
+        let c = Arc::clone(&client);
+        match f.net.run_in(0, move || ask_tls(at, c)) {
+            Ok(_) => served += 1,
+            Err(e) => errors.push(e),
+        }
+        if f.scrape("edgeproxy_pool_replayed_total") >= 2.0 {
+            break;
+        }
+        let gap = Duration::from_millis(1140 + (i * 10) % 80);
+        std::thread::sleep(gap.saturating_sub(start.elapsed()));
+    }
+    let stale = f.scrape("edgeproxy_pool_stale_total");
+    let replayed = f.scrape("edgeproxy_pool_replayed_total");
+    eprintln!("TLS: {served} clients served, stale {stale}, replayed {replayed}");
+    assert!(errors.is_empty(), "client errors: {errors:?}");
+    assert!(
+        replayed >= 1.0,
+        "no client's bytes met a closed pooled socket (stale {stale}): the test did not exercise it"
+    );
+    assert!(f.scrape("edgeproxy_pool_hits_total") >= 1.0);
 }
