@@ -1,5 +1,5 @@
 //! The perf suite runs end to end against the real binary (a CI smoke run):
-//! edgeproxy and direct only, every scenario, one short run each. Checks that
+//! edgeproxy and direct only, every quick scenario, one short run each. Checks that
 //! every scenario reports, not how fast anything is.
 
 use std::time::Duration;
@@ -91,6 +91,15 @@ fn perf_suite_quick_run_reports_every_scenario() {
         reload.median(Kind::Edgeproxy, "reload_p99_us").is_some(),
         "{}",
         reload.render()
+    );
+    // Warm backend connections (root only: network namespaces): both
+    // modes measured, or says why not.
+    let pool = variant("p_pool_far_backend");
+    assert!(
+        pool.median(Kind::Edgeproxy, "p50_ratio").is_some()
+            || pool.notes.iter().any(|n| n.contains("not available")),
+        "{}",
+        pool.render()
     );
     // Peers that were not asked for are not reported missing.
     assert!(keepalive.missing.is_empty());

@@ -6,7 +6,9 @@
 //! the pool on and off; PROXY v2 headers name the client that took the
 //! socket; backends that speak first are excluded (or kept on request).
 //! The last tests put the backend 50 ms away (network namespaces, NFQUEUE
-//! delay; need root) and measure the round trip saved.
+//! delay; need root) and measure the round trip saved, for plain and TLS
+//! clients; `warm = "rtt"` warms the backend health checks measure far and
+//! not the near one.
 
 mod common;
 
@@ -382,8 +384,17 @@ fn sighup_turns_the_pool_on_and_off_and_new_backends_are_warmed() {
         eventually(PATIENCE, || a.idle() == SHARDS),
         "after SIGHUP on"
     );
+    // The client takes a pooled socket: counted as a hit. (Its age at the
+    // backend says little here: it may be taken a millisecond after it was
+    // made.)
+    let m = metrics_addr(&proxy);
+    let hits = scrape(m, "edgeproxy_pool_hits_total");
     let warm = ask(proxy.addr()).unwrap();
-    assert!(warm.age_ms >= 5, "not a warm connection: {warm:?}");
+    assert_eq!(
+        scrape(m, "edgeproxy_pool_hits_total"),
+        hits + 1.0,
+        "not a warm connection: {warm:?}"
+    );
 
     // A backend added to the routing table is warmed by the next reload.
     let d = WarmBackend::start("d", None, false);
@@ -527,20 +538,37 @@ fn far(
     backends: &[(&str, Option<Duration>)],
     extra: &str,
 ) -> (Far, Vec<WarmBackend>) {
+    far_and_near(tag, shards, backends, &[], "eu", extra)
+}
+
+/// [`far`], plus backends `near` in host 0 with the proxy (on its loopback:
+/// no delay), every backend in `region` and the only one of its app.
+fn far_and_near(
+    tag: &str,
+    shards: usize,
+    far: &[(&str, Option<Duration>)],
+    near: &[&str],
+    region: &str,
+    extra: &str,
+) -> (Far, Vec<WarmBackend>) {
     let mut net = common::netns::Net::new(2);
     net.impair(Duration::from_millis(50), 0.0);
     let ip = net.ip(1);
-    let backends: Vec<WarmBackend> = backends
+    let mut backends: Vec<WarmBackend> = far
         .iter()
         .map(|&(name, idle)| {
             let listener = net.run_in(1, move || TcpListener::bind((ip, 0)).unwrap());
             WarmBackend::serve(listener, name, idle, false)
         })
         .collect();
+    for name in near {
+        let listener = net.run_in(0, || TcpListener::bind("127.0.0.1:0").unwrap());
+        backends.push(WarmBackend::serve(listener, name, None, false));
+    }
     let dir = TempDir::new(tag);
     let db = Db::create(dir.join("routing.db"));
     for b in &backends {
-        db.upsert(&b.row("eu", &b.name));
+        db.upsert(&b.row(region, &b.name));
     }
     let text = config(
         &db.path,
@@ -729,4 +757,270 @@ fn the_pool_grows_to_its_limit_under_load_and_shrinks_back_to_one_when_idle() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(b.idle(), 1, "the pool shrank below one");
     assert!(f.scrape("edgeproxy_pool_expired_total") >= 2.0);
+}
+
+/// Backends are picked for warm connections by the RTT their health checks
+/// measure (`warm = "rtt"`), whatever their region: two backends in this
+/// POP's own region, one on the proxy's loopback and one 100 ms away, and a
+/// threshold of 50 ms between them.
+#[test]
+fn rtt_warming_warms_the_backend_health_checks_measure_far_and_not_the_near_one() {
+    let _serial = serial();
+    let listeners = "[[listener]]\nname = \"far\"\naddr = \"127.0.0.1:0\"\napp = \"far\"\n\n\
+                     [[listener]]\nname = \"near\"\naddr = \"127.0.0.1:0\"\napp = \"near\"\n";
+    let health = "[health]\nenabled = true\ntype = \"tcp\"\ninterval_ms = 300\ntimeout_ms = 300\n";
+    let (f, b) = far_and_near(
+        "pool-rtt",
+        2,
+        &[("far", None)],
+        &["near"],
+        // The POP's own region: `warm = "remote"` would warm neither.
+        "sa",
+        &format!(
+            "{health}\n{}\n{listeners}",
+            pool("warm = \"rtt\"\nmin_rtt_ms = 50")
+        ),
+    );
+    let (far, near) = (&b[0], &b[1]);
+    // Warmed once a check measured its RTT (about 100 ms): one socket per
+    // shard, and the pool holds nothing else.
+    assert!(
+        eventually(PATIENCE, || far.idle() >= SHARDS
+            && f.scrape("edgeproxy_pool_idle_connections") == SHARDS as f64),
+        "far backend warm connections {}, pool size {}\n{}",
+        far.idle(),
+        f.scrape("edgeproxy_pool_idle_connections"),
+        f.proxy.log_text()
+    );
+    // Several checks of both later (the near one measures well under 1 ms):
+    // still nothing pooled for the near backend. Its only connections are
+    // the checks, each reset at once, so none stays open.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        assert_eq!(
+            f.scrape("edgeproxy_pool_idle_connections"),
+            SHARDS as f64,
+            "pool size: the near backend was warmed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        near.accepted.load(SeqCst) >= 3,
+        "the near backend was not checked"
+    );
+    assert!(
+        eventually(Duration::from_secs(1), || near.idle() == 0),
+        "{} connections to the near backend stay open",
+        near.idle()
+    );
+
+    // A client of the far backend takes a warm socket; one of the near
+    // backend connects fresh and is neither a hit nor a miss.
+    let (_, warm) = f.ask(f.proxy.listener("far")).unwrap();
+    assert_eq!(warm.backend, "far");
+    assert!(warm.age_ms >= 5, "not a warm connection: {warm:?}");
+    let (_, cold) = f.ask(f.proxy.listener("near")).unwrap();
+    assert_eq!(cold.backend, "near");
+    assert!(
+        cold.age_ms < 5,
+        "near backend: a connection {} ms old",
+        cold.age_ms
+    );
+    assert_eq!(f.scrape("edgeproxy_pool_hits_total"), 1.0);
+    assert_eq!(f.scrape("edgeproxy_pool_misses_total"), 0.0);
+}
+
+// ---------------------------------------------------------------------------
+// TLS-terminating listeners take warm sockets too.
+// ---------------------------------------------------------------------------
+
+/// A certificate for "edge.test" issued by a throwaway CA, written into
+/// `dir`: the `[listener.tls]` keys naming its files, and a client config
+/// trusting the CA.
+fn tls_setup(dir: &TempDir) -> (String, Arc<rustls::ClientConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["edge.test".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("edge.pem"), dir.join("edge.key"));
+    std::fs::write(&cert_path, leaf.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let keys = format!(
+        "cert = {:?}\nkey = {:?}\n",
+        cert_path.to_str().unwrap(),
+        key_path.to_str().unwrap()
+    );
+    (keys, Arc::new(client))
+}
+
+/// One TLS client: connects and completes the handshake, then sends
+/// "hello\n" and reads the backend's answer line. Returns the time from the
+/// end of the handshake to the answer (what the backend connection costs
+/// the client), and the answer.
+fn ask_tls(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<(Duration, Answer), String> {
+    let name = rustls::pki_types::ServerName::try_from("edge.test").unwrap();
+    let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    sock.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| format!("handshake: {e}"))?;
+    }
+    let start = Instant::now();
+    tls.write_all(b"hello\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        match tls.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            Ok(_) => return Err(format!("closed after {line:?}")),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    let took = start.elapsed();
+    let line = String::from_utf8_lossy(&line).trim_end().to_string();
+    let mut parts = line.split(' ');
+    let backend = parts.next().unwrap_or_default().to_string();
+    let age_ms = parts
+        .next()
+        .and_then(|a| a.parse().ok())
+        .ok_or(format!("bad answer {line:?}"))?;
+    // The rest is echoed, both ways through TLS.
+    tls.write_all(b"ping\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut echo = [0u8; 5];
+    tls.read_exact(&mut echo)
+        .map_err(|e| format!("echo: {e}"))?;
+    if &echo != b"ping\n" {
+        return Err(format!("echo {:?}", String::from_utf8_lossy(&echo)));
+    }
+    Ok((
+        took,
+        Answer {
+            backend,
+            age_ms,
+            source: "-".into(),
+        },
+    ))
+}
+
+#[test]
+fn a_tls_client_of_a_far_backend_takes_a_warm_connection_after_its_handshake() {
+    let _serial = serial();
+    let certs = TempDir::new("pool-tls-certs");
+    let (keys, client) = tls_setup(&certs);
+    let listeners = format!(
+        "[[listener]]\nname = \"warm\"\naddr = \"127.0.0.1:0\"\napp = \"warm\"\n\n\
+         [listener.tls]\n{keys}\n\
+         [[listener]]\nname = \"cold\"\naddr = \"127.0.0.1:0\"\napp = \"cold\"\n\n\
+         [listener.tls]\n{keys}\n"
+    );
+    // Only "warm" opts in: "cold" is the same far backend setup, connected
+    // fresh.
+    let (f, b) = far(
+        "pool-far-tls",
+        2,
+        &[("warm", None), ("cold", None)],
+        &format!("{}\n{listeners}", pool("apps = [\"warm\"]")),
+    );
+    assert!(eventually(PATIENCE, || b[0].idle() == SHARDS));
+    let (warm_at, cold_at) = (f.proxy.listener("warm"), f.proxy.listener("cold"));
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let c = Arc::clone(&client);
+        let (t, a) = f.net.run_in(0, move || ask_tls(warm_at, c)).unwrap();
+        assert_eq!(a.backend, "warm");
+        assert!(a.age_ms >= 5, "not a warm connection: {a:?}");
+        warm.push(t);
+        let c = Arc::clone(&client);
+        let (t, a) = f.net.run_in(0, move || ask_tls(cold_at, c)).unwrap();
+        assert_eq!(a.backend, "cold");
+        cold.push(t);
+        // The pool refills in one round trip.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (w, c) = (median(warm), median(cold));
+    eprintln!(
+        "TLS, far backend (100 ms RTT): handshake done to the answer, median of 5: \
+         warm {:.1} ms, fresh {:.1} ms ({:.2}x)",
+        ms(w),
+        ms(c),
+        ms(w) / ms(c)
+    );
+    // The fresh client waits for the proxy's handshake to the backend after
+    // its own TLS handshake; the warm one does not.
+    assert!(
+        w + Duration::from_millis(70) < c,
+        "warm {w:?} vs fresh {c:?}: less than 70 ms saved"
+    );
+    assert_eq!(f.scrape("edgeproxy_pool_hits_total"), 5.0);
+    assert_eq!(f.scrape("edgeproxy_pool_misses_total"), 0.0);
+    assert_eq!(f.scrape("edgeproxy_pool_stale_total"), 0.0);
+}
+
+#[test]
+fn a_tls_client_never_sees_a_pooled_connection_its_far_backend_had_closed() {
+    let _serial = serial();
+    // As in the plain-TCP test above: the backend closes a connection 1 s
+    // after accepting it if nothing came, and its FIN takes 50 ms to reach
+    // the proxy. Here the client's first bytes are its first plaintext after
+    // a TLS handshake with the proxy; those are what the guard keeps and
+    // sends again on a fresh connection.
+    let certs = TempDir::new("pool-tls-stale-certs");
+    let (keys, client) = tls_setup(&certs);
+    let listener = format!(
+        "[[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\napp = \"web\"\n\n\
+         [listener.tls]\n{keys}\n"
+    );
+    let (f, b) = far(
+        "pool-far-tls-stale",
+        1,
+        &[("web", Some(Duration::from_secs(1)))],
+        &format!("{}\n{listener}", pool("")),
+    );
+    assert!(eventually(PATIENCE, || b[0].idle() == 1));
+    let at = f.proxy.listener("tls");
+    let mut errors = Vec::new();
+    let mut served = 0;
+    for i in 0..30u64 {
+        let start = Instant::now();
+        let c = Arc::clone(&client);
+        match f.net.run_in(0, move || ask_tls(at, c)) {
+            Ok(_) => served += 1,
+            Err(e) => errors.push(e),
+        }
+        if f.scrape("edgeproxy_pool_replayed_total") >= 2.0 {
+            break;
+        }
+        let gap = Duration::from_millis(1140 + (i * 10) % 80);
+        std::thread::sleep(gap.saturating_sub(start.elapsed()));
+    }
+    let stale = f.scrape("edgeproxy_pool_stale_total");
+    let replayed = f.scrape("edgeproxy_pool_replayed_total");
+    eprintln!("TLS: {served} clients served, stale {stale}, replayed {replayed}");
+    assert!(errors.is_empty(), "client errors: {errors:?}");
+    assert!(
+        replayed >= 1.0,
+        "no client's bytes met a closed pooled socket (stale {stale}): the test did not exercise it"
+    );
+    assert!(f.scrape("edgeproxy_pool_hits_total") >= 1.0);
 }

@@ -21,7 +21,7 @@ use futures_util::future::{select, try_join, Either};
 use crate::access::{self, Tally};
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
 use crate::passive::PassiveKind;
-use crate::pool::handover::{self, HandOver};
+use crate::pool::handover::{self, ClientSide, HandOver, Plain};
 use crate::pool::stats::PoolStats;
 use crate::proxy_protocol::{self, Parsed};
 use crate::rate_limit::Refused;
@@ -29,7 +29,7 @@ use crate::rt::{self, Chunk, TcpStream};
 use crate::select::{self, Choice, ClientGeo};
 use crate::snapshot::{ActiveGuard, BackendIdx, BackendLive};
 use crate::stats::{ByteCount, ShardStats};
-use crate::tls_conn::{TlsError, TlsSession};
+use crate::tls_conn::{TlsClient, TlsError, TlsSession};
 
 /// Why a client connection ended early. Logged at debug level and counted.
 #[derive(Debug, thiserror::Error)]
@@ -199,9 +199,7 @@ async fn serve_inner(
     };
 
     // Try backends, best first, until one accepts the connection: a warm
-    // pooled socket when this shard has one (plain TCP listeners only, see
-    // `pool`), else a fresh connect.
-    let pooling = tls.is_none();
+    // pooled socket when this shard has one, else a fresh connect.
     let mut pending = pending;
     let mut header_sent = false;
     let mut failed: Vec<Arc<str>> = Vec::new();
@@ -251,29 +249,52 @@ async fn serve_inner(
             let b = snap.backend(choice.idx);
             (b.addr, Arc::clone(&b.live))
         };
-        if pooling {
-            if let Some(warm) = ctx.pool.take(&live.id, addr) {
-                let handed = Box::pin(pooled(
-                    ctx,
-                    lctx,
-                    client,
-                    client_addr,
-                    &warm,
-                    pending.take(),
-                    &live.id,
-                    knobs.idle_timeout,
-                ))
-                .await?;
-                match handed {
-                    HandOver::Live { .. } => {
-                        header_sent = true;
-                        break (warm, live);
-                    }
-                    // The backend had closed it: on to a fresh connect,
-                    // with whatever the client sent.
-                    HandOver::Stale { first, .. } => pending = first,
-                    HandOver::ClientClosed => return Ok(()),
+        if let Some(warm) = ctx.pool.take(&live.id, addr) {
+            let (first, idle) = (pending.take(), knobs.idle_timeout);
+            // On a TLS listener the handshake with the client is done: the
+            // backend's first bytes are the client's first plaintext.
+            let handed = match tls.as_deref() {
+                None => {
+                    let side = Plain(client);
+                    Box::pin(pooled(
+                        ctx,
+                        lctx,
+                        &side,
+                        client_addr,
+                        &warm,
+                        first,
+                        &live.id,
+                        idle,
+                    ))
+                    .await?
                 }
+                Some(session) => {
+                    let side = TlsClient {
+                        socket: client,
+                        session,
+                    };
+                    Box::pin(pooled(
+                        ctx,
+                        lctx,
+                        &side,
+                        client_addr,
+                        &warm,
+                        first,
+                        &live.id,
+                        idle,
+                    ))
+                    .await?
+                }
+            };
+            match handed {
+                HandOver::Live { .. } => {
+                    header_sent = true;
+                    break (warm, live);
+                }
+                // The backend had closed it: on to a fresh connect, with
+                // whatever the client sent.
+                HandOver::Stale { first, .. } => pending = first,
+                HandOver::ClientClosed => return Ok(()),
             }
         }
         let started = Instant::now();
@@ -384,18 +405,21 @@ fn proxy_header(
 /// backend that says nothing is closed after `idle`, as it would be on a
 /// fresh connection.
 #[allow(clippy::too_many_arguments)]
-async fn pooled(
+async fn pooled<C: ClientSide>(
     ctx: &Rc<ShardCtx>,
     lctx: &ListenerCtx,
-    client: &TcpStream,
+    client: &C,
     client_addr: SocketAddr,
     warm: &TcpStream,
     pending: Option<Chunk>,
     backend: &Arc<str>,
     idle: Duration,
-) -> Result<HandOver, ConnError> {
+) -> Result<HandOver, ConnError>
+where
+    ConnError: From<C::Error>,
+{
     let header = match lctx.spec.send_proxy_protocol {
-        true => Some(proxy_header(client, client_addr)?),
+        true => Some(proxy_header(client.socket(), client_addr)?),
         false => None,
     };
     let hand_over = handover::hand_over(

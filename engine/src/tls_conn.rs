@@ -14,6 +14,7 @@ use std::time::Instant;
 use futures_util::lock::Mutex;
 use rustls::{ServerConfig, ServerConnection};
 
+use crate::pool::handover::{ClientSide, FirstRead};
 use crate::rt::{self, Chunk, TcpStream};
 
 /// Why a TLS session failed. Each message includes its cause, and no
@@ -36,8 +37,9 @@ impl From<rustls::Error> for TlsError {
 
 pub(crate) struct TlsSession {
     conn: RefCell<ServerConnection>,
-    /// The client's close_notify arrived with its last handshake flight
-    /// (TLS 1.3 lets Finished, data and close_notify share one write).
+    /// The client's close_notify arrived before the pumps started: with its
+    /// last handshake flight (TLS 1.3 lets Finished, data and close_notify
+    /// share one write), or with its first data to a pooled backend.
     closed_in_handshake: Cell<bool>,
     /// Serialises writes of TLS records to the client socket.
     client_write: Mutex<()>,
@@ -213,5 +215,43 @@ impl TlsSession {
         self.flush(client).await?;
         let _ = rt::shutdown_write(client).await;
         Ok(())
+    }
+}
+
+/// A TLS client handed a pooled backend socket: its first bytes for the
+/// backend are the plaintext of its first records after the handshake.
+pub(crate) struct TlsClient<'a> {
+    pub socket: &'a TcpStream,
+    pub session: &'a TlsSession,
+}
+
+impl ClientSide for TlsClient<'_> {
+    type Error = TlsError;
+
+    fn socket(&self) -> &TcpStream {
+        self.socket
+    }
+
+    async fn read_first(&self, buffer_len: usize) -> Result<FirstRead, TlsError> {
+        let session = self.session;
+        let Some(chunk) = rt::read_chunk(self.socket, buffer_len).await? else {
+            return Ok(FirstRead::Closed);
+        };
+        let mut plain = Vec::new();
+        let result = session.absorb(chunk.as_slice(), &mut plain);
+        drop(chunk);
+        // Key updates and alerts may need an answer.
+        session.flush(self.socket).await?;
+        if result? {
+            // `pump_up` must not read again: the client is done sending.
+            session.closed_in_handshake.set(true);
+        }
+        Ok(
+            match (plain.is_empty(), session.closed_in_handshake.get()) {
+                (false, _) => FirstRead::Bytes(Chunk::Owned(plain)),
+                (true, true) => FirstRead::Closed,
+                (true, false) => FirstRead::Nothing,
+            },
+        )
     }
 }

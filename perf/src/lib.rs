@@ -10,6 +10,7 @@
 pub mod backends;
 pub mod loadgen;
 pub mod plot;
+pub mod pool;
 pub mod procfs;
 pub mod rate_limit;
 pub mod report;
@@ -28,7 +29,7 @@ use crate::targets::{Kind, Running};
 
 /// Scenarios by letter, as in the README (`s`, the syscall census, is not
 /// in the quick set).
-pub const SCENARIOS: &str = "abocdefgs";
+pub const SCENARIOS: &str = "abocdefgps";
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -96,7 +97,7 @@ impl Options {
             quick,
             targets: Kind::ALL.to_vec(),
             scenarios: if quick {
-                "abocdefg".into()
+                "abocdefgp".into()
             } else {
                 SCENARIOS.into()
             },
@@ -324,6 +325,11 @@ fn run_in(
             }
         }
     }
+    if has('p') && kinds.contains(&Kind::Edgeproxy) {
+        let v = pool::far_backend(opts, setup);
+        progress(&v);
+        variants.push(v);
+    }
     for v in variants.iter_mut() {
         for (k, why) in &missing {
             v.missing.insert(*k, why.clone());
@@ -438,6 +444,14 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
             },
         });
     };
+    if let Some(v) = find("p_pool_far_backend") {
+        at_most(
+            "new connection to a 100 ms-RTT backend: p50 with the pool ≤ 0.55× without (p)",
+            v.median(Kind::Edgeproxy, "p50_ratio"),
+            0.55,
+            "pool/fresh p50, median of runs",
+        );
+    }
     if let Some(v) = find("r_rate_limit") {
         at_most(
             "rate limiting costs ≤ 3 % CPU per new connection (c)",
@@ -600,5 +614,27 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
             )
         }),
     });
+    if let Some(v) = find("p_pool_far_backend") {
+        let errors = v
+            .samples
+            .iter()
+            .filter_map(|s| s.metrics.get("client_errors"))
+            .sum::<f64>();
+        out.push(Goal {
+            goal: "zero client errors with the pool (p)".into(),
+            met: (!v.samples.is_empty()).then_some(errors == 0.0),
+            detail: match v.samples.is_empty() {
+                true => "not measured".into(),
+                false => format!(
+                    "{errors} errors over {} runs (stale sockets met: {})",
+                    v.samples.len(),
+                    v.samples
+                        .iter()
+                        .filter_map(|s| s.metrics.get("stale"))
+                        .sum::<f64>()
+                ),
+            },
+        });
+    }
     out
 }

@@ -22,9 +22,11 @@ struct Args {
     targets: Option<Vec<String>>,
     /// Scenario letters: a keep-alive, b open loop, o overload (open loop
     /// past each target's own maximum), c connection per request, d bulk,
-    /// e idle memory, f TLS, g hot reload, s syscall census (perf stat
-    /// tracepoints), r rate limiting's cost in c (on vs off). Default: all
-    /// but r (quick: all but r and s). b and o take their rates from a.
+    /// e idle memory, f TLS, g hot reload, p warm backend connections to a
+    /// 100 ms-RTT backend (pool on vs off; needs root), s syscall census
+    /// (perf stat tracepoints), r rate limiting's cost in c (on vs off).
+    /// Default: all but r (quick: all but r and s). b and o take their
+    /// rates from a.
     #[arg(long)]
     scenarios: Option<String>,
     /// Runs per target per scenario (interleaved). Default 3.

@@ -22,6 +22,12 @@
 //!    the caller sends them again on a fresh connection. Acknowledged bytes
 //!    are never sent twice (the backend may have acted on them).
 //!
+//! The client's "first bytes" are what the backend is to receive first: on a
+//! plain listener the bytes of the client's first read, on a TLS listener
+//! the plaintext of the client's first records after the handshake (the
+//! handshake itself is between the client and this proxy, so it never
+//! reaches the backend). [`ClientSide`] says where they come from.
+//!
 //! Step 3 runs while the backend works on the request, so a request/response
 //! client waits no longer than it would anyway: the acknowledgement arrives
 //! with (or before) the answer. A client that streams a long upload waits
@@ -58,19 +64,62 @@ pub(crate) enum HandOver {
     ClientClosed,
 }
 
+/// What one read from a readable client socket gave.
+pub(crate) enum FirstRead {
+    /// Bytes for the backend.
+    Bytes(Chunk),
+    /// Nothing for the backend yet (a partial TLS record, a key update):
+    /// wait for the client again.
+    Nothing,
+    /// The client closed without sending anything for the backend.
+    Closed,
+}
+
+/// The client side of a hand-over: its socket (readiness is awaited on it)
+/// and how a read from it turns into bytes for the backend.
+pub(crate) trait ClientSide {
+    /// What reading may fail with (the caller's error type).
+    type Error: From<io::Error>;
+
+    fn socket(&self) -> &TcpStream;
+
+    /// Reads once from [`ClientSide::socket`], which is readable. Never
+    /// called again after it returned `Bytes` or `Closed`.
+    async fn read_first(&self, buffer_len: usize) -> Result<FirstRead, Self::Error>;
+}
+
+/// A plain-TCP client: its first read is its first bytes.
+pub(crate) struct Plain<'a>(pub &'a TcpStream);
+
+impl ClientSide for Plain<'_> {
+    type Error = io::Error;
+
+    fn socket(&self) -> &TcpStream {
+        self.0
+    }
+
+    async fn read_first(&self, buffer_len: usize) -> io::Result<FirstRead> {
+        Ok(match rt::read_chunk(self.0, buffer_len).await? {
+            Some(first) => FirstRead::Bytes(first),
+            None => FirstRead::Closed,
+        })
+    }
+}
+
 /// Hands `backend` (just taken from the pool) to `client`; see the module
-/// documentation. `pending` holds client bytes read already (after a PROXY
-/// header from a load balancer); `ack_patience` bounds step 3; `spoke` is
-/// called when the backend moved first with bytes.
-pub(crate) async fn hand_over(
+/// documentation. `pending` holds bytes for the backend the caller has
+/// already (those after a PROXY header from a load balancer, or data that
+/// came with the client's last TLS handshake flight); `ack_patience` bounds
+/// step 3; `spoke` is called when the backend moved first with bytes.
+pub(crate) async fn hand_over<C: ClientSide>(
     backend: &TcpStream,
-    client: &TcpStream,
+    client: &C,
     header: Option<Header>,
     pending: Option<Chunk>,
     buffer_len: usize,
     ack_patience: Duration,
     spoke: impl FnOnce(),
-) -> io::Result<HandOver> {
+) -> Result<HandOver, C::Error> {
     let fd = backend.as_raw_fd();
     // Step 1.
     let first = match pending {
@@ -78,7 +127,11 @@ pub(crate) async fn hand_over(
         None => loop {
             // Which side moved first; the other's wait is dropped (a poll,
             // so nothing is lost).
-            let moved = match select(pin!(rt::readable(client)), pin!(rt::readable(backend))).await
+            let moved = match select(
+                pin!(rt::readable(client.socket())),
+                pin!(rt::readable(backend)),
+            )
+            .await
             {
                 Either::Left((ready, _)) => Either::Left(ready),
                 Either::Right((ready, _)) => Either::Right(ready),
@@ -86,9 +139,10 @@ pub(crate) async fn hand_over(
             match moved {
                 Either::Left(ready) => {
                     ready?;
-                    match rt::read_chunk(client, buffer_len).await? {
-                        Some(first) => break first,
-                        None => return Ok(HandOver::ClientClosed),
+                    match client.read_first(buffer_len).await? {
+                        FirstRead::Bytes(first) => break first,
+                        FirstRead::Nothing => continue,
+                        FirstRead::Closed => return Ok(HandOver::ClientClosed),
                     }
                 }
                 Either::Right(ready) => {
@@ -140,7 +194,7 @@ pub(crate) async fn hand_over(
                 replayed: true,
             });
         }
-        return Err(e);
+        return Err(e.into());
     }
     // Step 3.
     let target = acked_before + sent;

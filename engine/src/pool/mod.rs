@@ -30,9 +30,10 @@
 //! after selection: [`ShardPool::take`], and on a hit
 //! [`handover::hand_over`] before proxying.
 //!
-//! Only plain-TCP listeners take pooled sockets (a TLS listener's first
-//! client bytes are a handshake this module does not guard); they connect
-//! fresh as before.
+//! Plain-TCP and TLS-terminating listeners both take pooled sockets: a TLS
+//! client's handshake is with this proxy, so a pooled socket is taken once
+//! it is done, and the first bytes guarded are the client's first plaintext
+//! (see [`handover::ClientSide`]).
 
 pub mod book;
 pub mod check;
