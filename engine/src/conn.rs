@@ -139,18 +139,31 @@ async fn serve_inner(
     peer: SocketAddr,
     tally: Option<&Tally>,
 ) -> Result<(), ConnError> {
-    let knobs = ctx.knobs();
+    // The knobs this connection uses, copied out: `Knobs` is 136 bytes, and
+    // a local that is borrowed stays in the task for its whole scope.
+    let (connect_timeout, idle_timeout, attempts, rtt_weight) = {
+        let knobs = ctx.knobs();
+        (
+            knobs.connect_timeout,
+            knobs.idle_timeout,
+            knobs.connect_attempts.get() as usize,
+            knobs.rtt_weight,
+        )
+    };
     let buffer_len = ctx.shared.settings.buffer_size as usize;
 
     let (client_addr, pending) = if lctx.spec.accept_proxy_protocol {
         match rt::timeout(
-            knobs.proxy_header_timeout,
+            ctx.knobs().proxy_header_timeout,
             read_proxy_header(client, buffer_len),
         )
         .await
         {
             Some(r) => r?,
-            None => return Err(ConnError::ProxyHeaderTimeout(knobs.proxy_header_timeout)),
+            None => {
+                let timeout = ctx.knobs().proxy_header_timeout;
+                return Err(ConnError::ProxyHeaderTimeout(timeout));
+            }
         }
     } else {
         (peer, None)
@@ -161,7 +174,7 @@ async fn serve_inner(
     // Per-client limits, on the real client (after PROXY protocol) and
     // before any TLS or backend work is spent on it.
     let client_ip = canonical_ip(client_addr.ip());
-    let _client_slot = match ClientSlot::admit(ctx, client_ip, &knobs.client_limits) {
+    let _client_slot = match ClientSlot::admit(ctx, client_ip, &ctx.knobs().client_limits) {
         Ok(slot) => slot,
         Err(Refused::Rate) => return Err(ConnError::RateLimited(client_ip)),
         Err(Refused::Concurrent) => return Err(ConnError::ClientConnLimit(client_ip)),
@@ -194,16 +207,13 @@ async fn serve_inner(
         }
     };
     let (country, region) = ctx.shared.geo.locate(client_ip);
-    let scoring = select::Scoring {
-        rtt_weight: knobs.rtt_weight,
-    };
+    let scoring = select::Scoring { rtt_weight };
 
     // Try backends, best first, until one accepts the connection: a warm
     // pooled socket when this shard has one, else a fresh connect.
     let mut pending = pending;
     let mut header_sent = false;
     let mut failed: Vec<Arc<str>> = Vec::new();
-    let attempts = knobs.connect_attempts.get() as usize;
     let (backend, live) = loop {
         let (addr, live) = {
             let snap = ctx.shared.snapshot.load();
@@ -250,7 +260,7 @@ async fn serve_inner(
             (b.addr, Arc::clone(&b.live))
         };
         if let Some(warm) = ctx.pool.take(&live.id, addr) {
-            let (first, idle) = (pending.take(), knobs.idle_timeout);
+            let (first, idle) = (pending.take(), idle_timeout);
             // On a TLS listener the handshake with the client is done: the
             // backend's first bytes are the client's first plaintext.
             let handed = match tls.as_deref() {
@@ -298,7 +308,7 @@ async fn serve_inner(
             }
         }
         let started = Instant::now();
-        let (error, kind) = match rt::timeout(knobs.connect_timeout, rt::connect(addr)).await {
+        let (error, kind) = match rt::timeout(connect_timeout, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 ctx.stats.connect_latency.record(started.elapsed());
                 if live.mark_connecting() {
@@ -315,7 +325,7 @@ async fn serve_inner(
             }
             Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed),
             None => (
-                format!("timed out after {:?}", knobs.connect_timeout),
+                format!("timed out after {:?}", connect_timeout),
                 PassiveKind::ConnectTimeout,
             ),
         };
@@ -356,7 +366,7 @@ async fn serve_inner(
                 tally,
                 client,
                 &backend,
-                knobs.idle_timeout,
+                idle_timeout,
                 buffer_len,
                 &backend_reset,
             )
@@ -368,7 +378,7 @@ async fn serve_inner(
                 session,
                 client,
                 &backend,
-                knobs.idle_timeout,
+                idle_timeout,
                 buffer_len,
                 &backend_reset,
             ))
