@@ -53,6 +53,8 @@ struct Lab {
     sections: Vec<String>,
     /// Per POP: the address of its one listener.
     listen: Vec<String>,
+    /// Per POP: the prefixes it announces.
+    announce: Vec<Vec<&'static str>>,
     hold_secs: u16,
 }
 
@@ -113,6 +115,7 @@ impl Lab {
             bgp_extra: vec![String::new(); n_pops + 1],
             sections: vec![String::new(); n_pops + 1],
             listen: vec!["0.0.0.0:8080".to_string(); n_pops + 1],
+            announce: vec![vec![PREFIX4, PREFIX6]; n_pops + 1],
             hold_secs,
         }
     }
@@ -158,7 +161,7 @@ listen_addr = "127.0.0.1:8081"
 enabled = true
 local_asn = {POP_ASN}
 local_address = "{ip}"
-announce = ["{PREFIX4}", "{PREFIX6}"]
+announce = {announce:?}
 drain_delay_secs = 2
 withdraw_grace_ms = 1500
 {extra}
@@ -175,6 +178,7 @@ hold_time_secs = {hold}
             hold = self.hold_secs,
             sections = self.sections[i],
             listen = self.listen[i],
+            announce = self.announce[i],
         )
     }
 
@@ -351,6 +355,119 @@ fn bird_learns_the_prefixes_and_a_drain_tags_then_withdraws_them() {
     lab.cli(1, &["undrain"]);
     wait_route(&bird, PREFIX4, true, "undrain");
     assert!(!bird.route(PREFIX4).contains("(65535,0)"));
+}
+
+/// A binary upgrade hands the BGP session over: BIRD sees one session
+/// throughout (no state change, no route removed and added again), the new
+/// process keeps it alive past the hold time on its own, withdraws what its
+/// configuration no longer announces, and answers a drain.
+#[test]
+fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
+    let _serial = serial();
+    // Hold time 3 s: a session nobody keeps alive is gone within it.
+    let (mut lab, bird) = bird_lab(1, 3);
+    // One more IPv4 prefix, which the new process's configuration drops.
+    let extra = "203.0.113.0/24";
+    lab.announce[1] = vec![PREFIX4, extra, PREFIX6];
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    wait_route(&bird, extra, true, "announce (second prefix)");
+    wait_route(&bird, PREFIX6, true, "announce (IPv6)");
+    let since = || {
+        let line = bird.birdc(&["show", "protocols", "pop1"]);
+        assert!(line.contains("Established"), "{line}");
+        line.lines()
+            .find(|l| l.starts_with("pop1"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let before = since();
+    let bird_mark = bird.log_text().len();
+    // The new process's configuration announces one prefix less (the same
+    // address families: a change of those is a new session).
+    lab.announce[1] = vec![PREFIX4, PREFIX6];
+    lab.write_config(1);
+
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(12); // SIGUSR2
+    let ready = lab
+        .pop(1)
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
+    let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
+    let _successor = KillOnDrop(new);
+    lab.pop(1)
+        .wait_for_log_after(
+            mark,
+            "bgp: session handed over to the new process",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("not handed over; log:\n{}", lab.pop(1).log_text()));
+    lab.pop(1)
+        .wait_for_log_after(
+            mark,
+            "bgp: session taken over from the previous process",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("not taken over; log:\n{}", lab.pop(1).log_text()));
+    // The new process withdraws what it no longer announces, on the
+    // session it took over.
+    wait_route(
+        &bird,
+        extra,
+        false,
+        "prefix dropped by the new configuration",
+    );
+    // The old process drains (grace 2 s) and exits.
+    assert!(
+        lab.pops[1].as_mut().unwrap().wait_exit(PATIENCE).is_some(),
+        "the old process did not exit"
+    );
+    // Twice the hold time with only the new process keeping the session.
+    std::thread::sleep(Duration::from_secs(6));
+    let after = since();
+    assert_eq!(before, after, "the session restarted at BIRD");
+    let log = bird.log_text();
+    let during = &log[bird_mark..];
+    for sign in ["State changed", "Down", "Received: ", "Hold timer expired"] {
+        assert!(
+            !during.contains(sign),
+            "BIRD saw the session change ({sign:?}):\n{during}"
+        );
+    }
+    // (The pattern below finds a removal: the dropped prefix's.)
+    assert!(
+        during
+            .lines()
+            .any(|l| l.contains(extra) && l.contains("removed")),
+        "no removal of {extra} logged:\n{during}"
+    );
+    for kept in [PREFIX4, PREFIX6] {
+        assert!(
+            !during
+                .lines()
+                .any(|l| l.contains(kept) && l.contains("removed")),
+            "BIRD removed {kept}:\n{during}"
+        );
+    }
+    assert!(bird.has_route(PREFIX4));
+    assert!(bird.route(PREFIX6).contains(PREFIX6));
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+    println!("BIRD's session across the upgrade: {after}");
+
+    // The new process owns the session: its drain withdraws.
+    let out = lab.cli(1, &["drain"]);
+    assert!(out.contains("drained:   yes"), "{out}");
+    wait_route(&bird, PREFIX4, false, "drain after the upgrade");
+}
+
+/// Kills a process of an upgrade chain (not a child of the test) on drop.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        common::signal_pid(self.0, 9);
+    }
 }
 
 #[test]

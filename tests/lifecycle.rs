@@ -239,3 +239,36 @@ fn systemd_is_notified_of_ready_reloading_and_stopping() {
     let mut proxy = r.proxy;
     assert!(proxy.wait_exit(PATIENCE).unwrap().success());
 }
+
+/// A binary upgrade under systemd: the old process (the service's main
+/// process, the only one `NotifyAccess=main` listens to) names the new one
+/// as the main process once it is ready, so systemd does not take the old
+/// one's exit for the service's.
+#[test]
+fn an_upgrade_tells_systemd_the_new_main_pid() {
+    let dir = TempDir::new("life-mainpid");
+    let socket_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&socket_path).unwrap();
+    let r = start(
+        "life-mainpid-proxy",
+        1,
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    notification(&sock, "READY=1");
+    let mark = r.proxy.log_mark();
+    r.proxy.signal(12); // SIGUSR2
+    let ready = r
+        .proxy
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .unwrap_or_else(|| panic!("no successor:\n{}", r.proxy.log_text()));
+    let new: u32 = field(&ready, "pid").unwrap().parse().unwrap();
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            signal_pid(self.0, 9);
+        }
+    }
+    let _new = KillOnDrop(new);
+    assert_ne!(new, r.proxy.pid());
+    notification(&sock, &format!("MAINPID={new}"));
+}

@@ -676,21 +676,3 @@ fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
         "main's port still accepts"
     );
 }
-
-#[test]
-fn an_upgrade_is_refused_with_bgp_on_and_the_process_keeps_serving() {
-    // Two processes cannot hold one BGP session to a router. (With
-    // `[replication]` an upgrade works: tests/replication.rs.)
-    let mut s = Setup::start(
-        "upgrade-bgp",
-        None,
-        "\n[bgp]\nenabled = true\nlocal_asn = 65010\nlocal_address = \"127.0.0.1\"\n\
-         announce = [\"198.51.100.0/24\"]\n\n[[bgp.neighbor]]\naddress = \"127.0.0.1\"\nasn = 65001\n",
-    );
-    let (ok, out) = cli_upgrade(&s.control_socket());
-    assert!(!ok, "{out}");
-    assert!(out.contains("not available with [bgp] enabled"), "{out}");
-    assert_eq!(s.chain.pids.len(), 1);
-    round_trip(s.proxy.addr(), 0).unwrap();
-    assert!(s.proxy.wait_exit(Duration::from_millis(100)).is_none());
-}

@@ -122,7 +122,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let readiness = crate::readiness::Readiness::default();
     let mut upgrades = {
         let _context = runtime.enter();
-        crate::upgrade::Upgrades::start(&config.upgrade, config.bgp.enabled)?
+        crate::upgrade::Upgrades::start(&config.upgrade)?
     };
     // The mesh interface is up (or the start fails) before this POP's row
     // tells the other POPs to peer with it.
@@ -176,11 +176,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // real verdict before it first replicates.
     let steering = {
         let _context = runtime.enter();
+        let inherited = (config.bgp.enabled && crate::upgrade::inherit::is_successor())
+            .then(crate::bgp::driver::inherit_from_predecessor);
         crate::steering::start(
             &config,
             snapshot.clone(),
             engine.stats_view(),
             reloader.clone(),
+            inherited,
         )
         .context("cannot start traffic steering")?
     };
@@ -305,8 +308,11 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         }
         Exit::Upgraded(grace, successor) => {
             // The successor owns this POP's row and its anycast verdict
-            // now: nothing is withdrawn or marked "not serving".
-            services.steering.hand_over();
+            // now: nothing is withdrawn or marked "not serving", and the
+            // BGP sessions go on in it (the routers see nothing).
+            crate::sd_notify::main_pid(successor.pid);
+            let sessions = runtime.block_on(services.steering.hand_over());
+            successor.release_bgp(sessions);
             // Replication first, the gap in gossip is as short as this:
             // stop the member without leaving, then the successor runs it.
             if let Some(r) = services.replication.take() {

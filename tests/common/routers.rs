@@ -57,7 +57,8 @@ impl Bird {
 router id {router_id};
 log "{log}" all;
 timeformat log "%F %T.%3f";
-debug protocols {{ states, events }};
+timeformat protocol "%F %T.%3f";
+debug protocols {{ states, events, routes }};
 protocol device {{ scan time 10; }}
 protocol direct {{ ipv4; }}
 protocol kernel {{ ipv4 {{ export filter {{ if source = RTS_BGP then accept; reject; }}; }}; }}

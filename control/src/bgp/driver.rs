@@ -3,7 +3,10 @@
 //! [`Session`]. [`Speaker`] is the handle: [`Speaker::advertise`] hands
 //! every session the POP's announcement, [`Speaker::wait_synced`] waits
 //! until every established session has written it (a withdrawal is on the
-//! wire), [`Speaker::stop`] ends the sessions with a Cease NOTIFICATION.
+//! wire), [`Speaker::stop`] ends the sessions with a Cease NOTIFICATION,
+//! [`Speaker::hand_off`] hands the established ones, connection and state,
+//! to a binary upgrade's successor, whose speaker was started with the
+//! predecessor's sessions to come ([`Speaker::start`]'s `inherited`).
 //!
 //! After each input the task writes what the session queued (a write that
 //! stalls for the hold time counts as a broken connection, RFC 9687's
@@ -11,19 +14,22 @@
 //! a `bgp: routes withdrawn` line is written after the UPDATE is.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::config::{community_text, Bgp, Neighbor};
+use super::handoff::Handed;
 use super::policy::Phase;
 use super::routes::Advertisement;
-use super::session::{Io, Session, SessionEvent, SessionSettings};
+use super::session::{cease, Io, Session, SessionEvent, SessionSettings};
 use super::status::{BgpStatus, NeighborStatus, StatusHandle};
+use rustbgpd_wire::notification::cease_subcode;
 
 /// How long an outbound connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,11 +38,30 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// A write that makes no progress this long (with hold time 0) breaks the
 /// connection.
 const WRITE_STALL_FLOOR: Duration = Duration::from_secs(10);
+/// How long a successor asked to hand on its sessions before it took them
+/// over waits for them.
+const INHERIT_PATIENCE: Duration = Duration::from_secs(5);
+
+/// How the sessions end.
+#[derive(Debug, Clone)]
+enum Ending {
+    /// A Cease NOTIFICATION with this reason (RFC 9003).
+    Stop(String),
+    /// A binary upgrade: established sessions go to the successor, with
+    /// their connections, without a word to the peer.
+    HandOff,
+}
+
+/// What a binary upgrade's successor gets from its predecessor's speaker:
+/// its established sessions (none when it had no speaker or gave nothing).
+pub type Inherited = oneshot::Receiver<Vec<Handed>>;
 
 /// The running speaker.
 pub struct Speaker {
     ads: watch::Sender<Advertisement>,
-    stop: watch::Sender<Option<String>>,
+    stop: watch::Sender<Option<Ending>>,
+    /// Sessions the tasks handed off, for [`Speaker::hand_off`].
+    handed: mpsc::UnboundedReceiver<Handed>,
     /// Per session: the advertisement generation its peer holds
     /// (`u64::MAX` while not established: it holds nothing from us).
     synced: Vec<watch::Receiver<u64>>,
@@ -48,8 +73,11 @@ pub struct Speaker {
 
 impl Speaker {
     /// Starts one session per neighbor, announcing nothing yet. Must run
-    /// inside the control runtime.
-    pub fn start(config: &Bgp) -> Speaker {
+    /// inside the control runtime. `inherited`: this process is a binary
+    /// upgrade's successor; the sessions wait for the predecessor's, take
+    /// over those established with the same neighbor, and start afresh
+    /// where there is none.
+    pub fn start(config: &Bgp, inherited: Option<Inherited>) -> Speaker {
         let ipv4 = config.announce.iter().any(|p| matches!(p, IpNet::V4(_)));
         let ipv6 = config.announce.iter().any(|p| matches!(p, IpNet::V6(_)));
         let status = StatusHandle::new(BgpStatus {
@@ -74,8 +102,10 @@ impl Speaker {
         });
         let (ads, _) = watch::channel(Advertisement::default());
         let (stop, _) = watch::channel(None);
+        let (handed_tx, handed) = mpsc::unbounded_channel();
         let mut synced = Vec::new();
         let mut tasks = Vec::new();
+        let mut inherit_tx = Vec::new();
         for (index, n) in config.neighbors.iter().enumerate() {
             let mut communities = config.communities.clone();
             communities.extend(&n.communities);
@@ -95,9 +125,17 @@ impl Speaker {
             };
             let (synced_tx, synced_rx) = watch::channel(u64::MAX);
             synced.push(synced_rx);
+            let inherit = inherited.is_some().then(|| {
+                let (tx, rx) = oneshot::channel();
+                inherit_tx.push((n.socket_addr(), tx));
+                rx
+            });
             let task = Task {
                 index,
-                session: Session::new(settings, Instant::now()),
+                settings: settings.clone(),
+                session: Session::held(settings),
+                inherit,
+                handed: handed_tx.clone(),
                 source: n.local_address.or(config.local_address),
                 neighbor: n.clone(),
                 status: status.clone(),
@@ -108,6 +146,10 @@ impl Speaker {
             };
             tasks.push(tokio::spawn(task.run(ads.subscribe(), stop.subscribe())));
         }
+        if let Some(inherited) = inherited {
+            tracing::info!("bgp: waiting for the previous process to hand over its sessions");
+            tokio::spawn(distribute(inherited, inherit_tx));
+        }
         tracing::info!(local_asn = config.local_asn, router_id = %config.router_id,
             neighbors = config.neighbors.len(),
             prefixes = %config.announce.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
@@ -116,6 +158,7 @@ impl Speaker {
         Speaker {
             ads,
             stop,
+            handed,
             synced,
             tasks,
             status,
@@ -173,7 +216,24 @@ impl Speaker {
     /// Ends every session with a Cease NOTIFICATION carrying `reason`
     /// (routers log it) and waits for the tasks, at most `patience`.
     pub async fn stop(&mut self, reason: &str, patience: Duration) {
-        self.stop.send_replace(Some(reason.to_string()));
+        self.end(Ending::Stop(reason.to_string()), patience).await;
+    }
+
+    /// A binary upgrade: stops every session without a word to its peer
+    /// and returns the established ones, each with its connection, for the
+    /// successor (waits for the tasks at most `patience`; a session not
+    /// handed over in time is closed, and the successor starts afresh).
+    pub async fn hand_off(&mut self, patience: Duration) -> Vec<Handed> {
+        self.end(Ending::HandOff, patience).await;
+        let mut handed = Vec::new();
+        while let Ok(h) = self.handed.try_recv() {
+            handed.push(h);
+        }
+        handed
+    }
+
+    async fn end(&mut self, ending: Ending, patience: Duration) {
+        self.stop.send_replace(Some(ending));
         let deadline = tokio::time::Instant::now() + patience;
         for task in self.tasks.drain(..) {
             let abort = task.abort_handle();
@@ -184,12 +244,91 @@ impl Speaker {
     }
 }
 
+/// A binary upgrade's successor: the predecessor's BGP sessions, to come
+/// once it has stopped its speaker (after this process reported ready).
+/// Must run inside the control runtime, before the report.
+pub fn inherit_from_predecessor() -> Inherited {
+    crate::upgrade::inherit::expect_bgp_hand_off();
+    let (tx, rx) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let sessions = match crate::upgrade::inherit::await_bgp(INHERIT_PATIENCE) {
+            Ok(sessions) => {
+                tracing::info!(
+                    sessions = sessions.len(),
+                    "bgp: the previous process handed over its sessions"
+                );
+                sessions
+            }
+            Err(why) => {
+                tracing::warn!(%why,
+                    "bgp: the previous process did not hand over its sessions; starting them afresh");
+                Vec::new()
+            }
+        };
+        let _ = tx.send(sessions);
+    });
+    rx
+}
+
+/// Gives each neighbor's task the predecessor's session with the same
+/// neighbor (or nothing); ends with a Cease the sessions with neighbors
+/// this configuration no longer has.
+async fn distribute(
+    inherited: Inherited,
+    mut tasks: Vec<(SocketAddr, oneshot::Sender<Option<Handed>>)>,
+) {
+    let handed = inherited.await.unwrap_or_default();
+    for h in handed {
+        match tasks.iter().position(|(peer, _)| *peer == h.state.peer) {
+            Some(i) => {
+                let (_, tx) = tasks.swap_remove(i);
+                let _ = tx.send(Some(h));
+            }
+            None => {
+                tracing::info!(neighbor = %h.state.peer,
+                    "bgp: the previous process's session with a neighbor this configuration no longer has: ended (Cease, peer de-configured)");
+                close_with_cease(
+                    h.socket,
+                    cease_subcode::PEER_DECONFIGURED,
+                    "neighbor removed",
+                )
+                .await;
+            }
+        }
+    }
+    for (_, tx) in tasks {
+        let _ = tx.send(None);
+    }
+}
+
+/// Ends a connection no session owns with a Cease NOTIFICATION.
+async fn close_with_cease(socket: OwnedFd, subcode: u8, reason: &str) {
+    let Ok(mut stream) = adopt(socket) else {
+        return;
+    };
+    if let Some(bytes) = cease(subcode, reason) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_millis(200), stream.shutdown()).await;
+}
+
+/// A handed-over connection as a Tokio stream.
+fn adopt(socket: OwnedFd) -> std::io::Result<TcpStream> {
+    let std = std::net::TcpStream::from(socket);
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
+}
+
 type Connecting =
     std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 struct Task {
     index: usize,
+    settings: SessionSettings,
     session: Session,
+    /// A successor's: the predecessor's session with this neighbor, to come.
+    inherit: Option<oneshot::Receiver<Option<Handed>>>,
+    handed: mpsc::UnboundedSender<Handed>,
     source: Option<IpAddr>,
     neighbor: Neighbor,
     status: StatusHandle,
@@ -237,13 +376,45 @@ impl Task {
     async fn run(
         mut self,
         mut ads: watch::Receiver<Advertisement>,
-        mut stop: watch::Receiver<Option<String>>,
+        mut stop: watch::Receiver<Option<Ending>>,
     ) {
         let mut buf = vec![0u8; 16 * 1024];
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        self.session
-            .set_advertisement(ads.borrow_and_update().clone());
+        if let Some(inherit) = self.inherit.take() {
+            let mut inherit = inherit;
+            let handed = tokio::select! {
+                h = &mut inherit => h.ok().flatten(),
+                _ = stop.changed() => {
+                    // Ended before the predecessor's session arrived: hand
+                    // it on as it came (upgraded again) or end it.
+                    let ending = stop.borrow().clone();
+                    let handed = tokio::time::timeout(INHERIT_PATIENCE, inherit)
+                        .await
+                        .ok()
+                        .and_then(|h| h.ok().flatten());
+                    match (ending, handed) {
+                        (Some(Ending::HandOff), Some(h)) => {
+                            let _ = self.handed.send(h);
+                        }
+                        (_, Some(h)) => {
+                            close_with_cease(h.socket, cease_subcode::ADMINISTRATIVE_SHUTDOWN,
+                                "edgeproxy stopping").await;
+                        }
+                        (_, None) => {}
+                    }
+                    return;
+                }
+            };
+            let ad = ads.borrow_and_update().clone();
+            match handed {
+                Some(h) => self.take_over(h, ad).await,
+                None => self.start_fresh(ad, Instant::now()),
+            }
+        } else {
+            let ad = ads.borrow_and_update().clone();
+            self.start_fresh(ad, Instant::now());
+        }
         loop {
             self.carry_out().await;
             let wake = self
@@ -288,19 +459,98 @@ impl Task {
                     self.session.set_advertisement(ad);
                 }
                 r = stop.changed() => {
-                    let reason = match r {
-                        Ok(()) => stop.borrow().clone().unwrap_or_default(),
-                        Err(_) => String::from("edgeproxy stopping"),
+                    let ending = match r {
+                        Ok(()) => stop.borrow().clone(),
+                        Err(_) => None,
                     };
-                    self.session.stop(Instant::now(), &reason);
-                    self.carry_out().await;
-                    self.stream = None;
-                    self.publish();
+                    match ending {
+                        Some(Ending::HandOff) => self.hand_off().await,
+                        Some(Ending::Stop(reason)) => self.stop(&reason).await,
+                        None => self.stop("edgeproxy stopping").await,
+                    }
                     return;
                 }
                 _ = status_tick.tick() => self.publish(),
             }
         }
+    }
+
+    async fn stop(&mut self, reason: &str) {
+        self.session.stop(Instant::now(), reason);
+        self.carry_out().await;
+        self.stream = None;
+        self.publish();
+    }
+
+    /// Writes what is queued, then gives the session and its connection to
+    /// the speaker for the successor; a session that is not established is
+    /// just closed (the successor starts it afresh).
+    async fn hand_off(&mut self) {
+        self.carry_out().await;
+        let state = self.session.hand_off(Instant::now());
+        let stream = self.stream.take();
+        self.connecting = None;
+        match (state, stream.map(|s| s.into_std())) {
+            (Some(state), Some(Ok(std))) => {
+                tracing::info!(neighbor = %self.neighbor.label(),
+                    "bgp: session handed over to the new process");
+                let _ = self.handed.send(Handed {
+                    state,
+                    socket: OwnedFd::from(std),
+                });
+            }
+            (_, Some(Err(e))) => {
+                tracing::warn!(neighbor = %self.neighbor.label(), error = %e,
+                    "bgp: cannot hand the session over; the new process starts it afresh")
+            }
+            _ => {}
+        }
+    }
+
+    /// A successor's: goes on with the predecessor's session, or ends it
+    /// and starts afresh when this configuration cannot.
+    async fn take_over(&mut self, handed: Handed, ad: Advertisement) {
+        let now = Instant::now();
+        let stream = match adopt(handed.socket) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(neighbor = %self.neighbor.label(), error = %e,
+                    "bgp: cannot use the handed-over connection; starting afresh");
+                return self.start_fresh(ad, now);
+            }
+        };
+        let resumed = stream
+            .local_addr()
+            .map_err(|e| e.to_string())
+            .and_then(|local| {
+                Session::resume(self.settings.clone(), &handed.state, local, ad.clone(), now)
+            });
+        match resumed {
+            Ok(session) => {
+                self.session = session;
+                self.stream = Some(stream);
+            }
+            Err(why) => {
+                tracing::warn!(neighbor = %self.neighbor.label(), %why,
+                    "bgp: cannot go on with the previous process's session: ending it (Cease) and starting afresh");
+                let socket = match stream.into_std() {
+                    Ok(s) => OwnedFd::from(s),
+                    Err(_) => return self.start_fresh(ad, now),
+                };
+                close_with_cease(
+                    socket,
+                    cease_subcode::OTHER_CONFIGURATION_CHANGE,
+                    "configuration changed across an upgrade",
+                )
+                .await;
+                self.start_fresh(ad, now);
+            }
+        }
+    }
+
+    fn start_fresh(&mut self, ad: Advertisement, now: Instant) {
+        self.session.set_advertisement(ad);
+        self.session.start(now);
     }
 
     /// Writes what the session queued, then connects or closes, then logs.
@@ -366,6 +616,14 @@ impl Task {
             } => {
                 tracing::info!(%neighbor, asn = self.neighbor.asn, %peer_router_id, hold_time_secs = hold_time,
                 ipv4, ipv6, "bgp: session established")
+            }
+            SessionEvent::Resumed {
+                established_for,
+                hold_time,
+            } => {
+                tracing::info!(%neighbor, asn = self.neighbor.asn, hold_time_secs = hold_time,
+                    established_secs = established_for.as_secs(),
+                    "bgp: session taken over from the previous process: still established, nothing withdrawn")
             }
             SessionEvent::Down { reason } => {
                 tracing::warn!(%neighbor, %reason, "bgp: session down")

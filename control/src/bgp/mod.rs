@@ -10,6 +10,8 @@
 //!   the peer there (`rustbgpd-wire` encodes them).
 //! - [`session`]: one BGP session: `rustbgpd-fsm`'s state machine plus
 //!   framing, timers as deadlines, the Adj-RIB-Out and restarts.
+//! - [`handoff`]: an established session as a binary upgrade hands it to
+//!   the successor process, beside its connection.
 //!
 //! Then the thin I/O around them: [`driver`] (a task per neighbor on the
 //! control runtime), [`status`] (for the API, `edgeproxy bgp status` and
@@ -18,6 +20,7 @@
 pub mod cli;
 pub mod config;
 pub mod driver;
+pub mod handoff;
 pub mod metrics;
 pub mod policy;
 pub mod routes;

@@ -42,7 +42,7 @@ pub struct Advertisement {
 }
 
 /// The attributes one route carries on one session.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct PathAttrs {
     pub as_path: Vec<u32>,
     pub next_hop: IpAddr,

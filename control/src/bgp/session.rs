@@ -7,8 +7,9 @@
 //! [`handle_bytes`](Session::handle_bytes),
 //! [`handle_closed`](Session::handle_closed),
 //! [`handle_timeout`](Session::handle_timeout),
-//! [`set_advertisement`](Session::set_advertisement) and
-//! [`stop`](Session::stop). Outputs are polled, in this order, after each
+//! [`set_advertisement`](Session::set_advertisement),
+//! [`stop`](Session::stop) and [`hand_off`](Session::hand_off) (a binary
+//! upgrade; [`Session::resume`] is the successor's side). Outputs are polled, in this order, after each
 //! input: [`poll_transmit`](Session::poll_transmit) (bytes to write),
 //! [`poll_io`](Session::poll_io) (connect / close, after the bytes before
 //! them are written: a NOTIFICATION goes out before its close),
@@ -29,10 +30,11 @@ use rustbgpd_fsm::{Action, Event, PeerConfig, SessionState, TimerType};
 use rustbgpd_wire::notification::{cease_subcode, description, encode_shutdown_communication};
 use rustbgpd_wire::{
     decode_message, encode_message, peek_message_length, Afi, Message, NotificationCode,
-    NotificationMessage, Safi, EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
+    NotificationMessage, OpenMessage, Safi, EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
 };
 
 use super::config::NextHop;
+use super::handoff::HandedSession;
 use super::routes::{updates, Advertisement, Rib, SessionContext};
 
 /// First wait before restarting a session that fell to Idle; doubles with
@@ -86,6 +88,11 @@ pub enum SessionEvent {
     },
     NotificationSent(String),
     NotificationReceived(String),
+    /// Taken over, established, from the process before a binary upgrade.
+    Resumed {
+        established_for: Duration,
+        hold_time: u16,
+    },
     /// UPDATEs were queued for the peer.
     RoutesSent {
         announced: usize,
@@ -142,6 +149,10 @@ pub struct Session {
     updates_sent: u64,
     flaps: u64,
     last_error: Option<String>,
+    /// The OPENs of the current connection (sent, received): what a
+    /// binary upgrade hands over for the successor to resume the session.
+    local_open: Option<OpenMessage>,
+    peer_open: Option<OpenMessage>,
 }
 
 fn timer_slot(t: TimerType) -> Option<usize> {
@@ -171,6 +182,14 @@ fn notification_text(n: &NotificationMessage) -> String {
 impl Session {
     /// A session that starts connecting at once.
     pub fn new(settings: SessionSettings, now: Instant) -> Session {
+        let mut session = Session::held(settings);
+        session.start(now);
+        session
+    }
+
+    /// A session that does nothing until [`start`](Session::start) (a
+    /// binary upgrade's successor waits for its predecessor's sessions).
+    pub fn held(settings: SessionSettings) -> Session {
         let mut config = PeerConfig::new(settings.local_asn, settings.peer_asn, settings.router_id);
         config.hold_time = settings.hold_time_secs;
         config.send_hold_time = rustbgpd_fsm::default_send_hold_time(settings.hold_time_secs);
@@ -184,7 +203,7 @@ impl Session {
         .collect();
         // An IPv6-only speaker must not fall back to implicit IPv4.
         config.disable_ipv4_unicast = !settings.ipv4;
-        let mut session = Session {
+        Session {
             fsm: rustbgpd_fsm::Session::new(config),
             settings,
             timers: [None; 3],
@@ -203,9 +222,109 @@ impl Session {
             updates_sent: 0,
             flaps: 0,
             last_error: None,
+            local_open: None,
+            peer_open: None,
+        }
+    }
+
+    /// Starts connecting (a [`held`](Session::held) session).
+    pub fn start(&mut self, now: Instant) {
+        self.feed(now, Event::ManualStart);
+    }
+
+    /// The successor's side of a binary upgrade: `handed` was established
+    /// on the connection now at `local`; goes on with it without a word on
+    /// the wire. The handshake is replayed into this side's state machine
+    /// with the peer's OPEN as it came, and what the replay would have sent
+    /// is dropped: the peer saw the real one. Then `advertisement`, what
+    /// this process announces, replaces what the peer holds (nothing goes
+    /// out when they are the same).
+    ///
+    /// `Err` (why) when the session cannot go on as the peer agreed to it:
+    /// this configuration's OPEN differs from the one the peer accepted
+    /// (ASN, router id, hold time, address families), or the peer's OPEN
+    /// no longer fits it. End that connection with [`cease`] and start
+    /// afresh.
+    pub fn resume(
+        settings: SessionSettings,
+        handed: &HandedSession,
+        local: SocketAddr,
+        advertisement: Advertisement,
+        now: Instant,
+    ) -> Result<Session, String> {
+        let mut peer_open = Bytes::copy_from_slice(&handed.peer_open);
+        let open = match decode_message(&mut peer_open, MAX_MESSAGE_LEN) {
+            Ok(Message::Open(open)) => open,
+            Ok(_) => return Err("the handed-over peer OPEN is not an OPEN".into()),
+            Err(e) => return Err(format!("the handed-over peer OPEN does not decode: {e}")),
         };
-        session.feed(now, Event::ManualStart);
-        session
+        let mut session = Session::held(settings);
+        session.start(now);
+        session.handle_connected(now, local);
+        let ours = session
+            .local_open
+            .as_ref()
+            .and_then(|o| encode_message(&Message::Open(o.clone())).ok());
+        if ours.as_deref() != Some(handed.local_open.as_slice()) {
+            return Err("this configuration's OPEN differs from the one the peer agreed to".into());
+        }
+        session.on_message(now, Message::Open(open));
+        session.feed(now, Event::KeepaliveReceived);
+        if session.state() != SessionState::Established {
+            let why = session.last_error.clone();
+            return Err(why.unwrap_or_else(|| "the peer's OPEN no longer fits".into()));
+        }
+        let Some(n) = session.negotiated else {
+            return Err("nothing negotiated".into());
+        };
+        session.transmit.clear();
+        session.io.clear();
+        session.events.clear();
+        let established_for = Duration::from_millis(handed.established_ms);
+        session.established_at = Some(now.checked_sub(established_for).unwrap_or(now));
+        session.updates_sent = handed.updates_sent;
+        session.flaps = handed.flaps;
+        session.sent = handed.sent.iter().cloned().collect();
+        session.events.push_back(SessionEvent::Resumed {
+            established_for,
+            hold_time: n.hold_time,
+        });
+        // Bytes of a message the predecessor had begun to read.
+        session.handle_bytes(now, &handed.unread);
+        session.set_advertisement(advertisement);
+        Ok(session)
+    }
+
+    /// A binary upgrade hands this session to the successor: stops it
+    /// without a word to the peer (the connection goes on in the successor)
+    /// and returns what the successor needs, if the session is established
+    /// and everything queued was written (`None`: close the connection; the
+    /// successor starts afresh).
+    pub fn hand_off(&mut self, now: Instant) -> Option<HandedSession> {
+        self.stopped = true;
+        self.restart_at = None;
+        self.timers = [None; 3];
+        let established = self.state() == SessionState::Established && self.transmit.is_empty();
+        let (Some(local), Some(peer)) = (&self.local_open, &self.peer_open) else {
+            return None;
+        };
+        if !established {
+            return None;
+        }
+        let local_open = encode_message(&Message::Open(local.clone())).ok()?;
+        let peer_open = encode_message(&Message::Open(peer.clone())).ok()?;
+        Some(HandedSession {
+            peer: self.settings.peer,
+            local_open: local_open.to_vec(),
+            peer_open: peer_open.to_vec(),
+            unread: self.inbuf.to_vec(),
+            sent: self.sent.iter().map(|(p, a)| (*p, a.clone())).collect(),
+            established_ms: self
+                .established_at
+                .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64),
+            updates_sent: self.updates_sent,
+            flaps: self.flaps,
+        })
     }
 
     pub fn settings(&self) -> &SessionSettings {
@@ -220,6 +339,8 @@ impl Session {
     pub fn handle_connected(&mut self, now: Instant, local: SocketAddr) {
         self.local_addr = Some(local.ip());
         self.inbuf.clear();
+        self.local_open = None;
+        self.peer_open = None;
         self.feed(now, Event::TcpConnectionConfirmed);
     }
 
@@ -265,7 +386,10 @@ impl Session {
 
     fn on_message(&mut self, now: Instant, message: Message) {
         let event = match message {
-            Message::Open(open) => Event::OpenReceived(open),
+            Message::Open(open) => {
+                self.peer_open = Some(open.clone());
+                Event::OpenReceived(open)
+            }
             Message::Keepalive => Event::KeepaliveReceived,
             Message::Update(_) => Event::UpdateReceived,
             Message::Notification(n) => {
@@ -440,7 +564,10 @@ impl Session {
 
     fn apply(&mut self, now: Instant, action: Action) {
         match action {
-            Action::SendOpen(open) => self.send(&Message::Open(open)),
+            Action::SendOpen(open) => {
+                self.send(&Message::Open(open.clone()));
+                self.local_open = Some(open);
+            }
             Action::SendKeepalive => self.send(&Message::Keepalive),
             Action::SendNotification(n) => {
                 let text = notification_text(&n);
@@ -530,6 +657,17 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// A Cease NOTIFICATION (`subcode`, with `reason` as the RFC 9003 shutdown
+/// communication), encoded: for a connection that no session owns (a
+/// handed-over one the successor cannot go on with).
+pub fn cease(subcode: u8, reason: &str) -> Option<Bytes> {
+    let data = encode_shutdown_communication(reason);
+    let n = NotificationMessage::new(NotificationCode::Cease, subcode, data);
+    encode_message(&Message::Notification(n))
+        .ok()
+        .map(BytesMut::freeze)
 }
 
 #[cfg(test)]

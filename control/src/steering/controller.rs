@@ -27,6 +27,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::pop_row::{PopRowWriter, PopState};
 use super::status::PopStatus;
 use super::verdict::{judge, serving_listeners, want, ServingListener, Verdict};
+use crate::bgp::driver::Inherited;
+use crate::bgp::handoff::Handed;
 use crate::bgp::policy::{Phase, Policy};
 use crate::bgp::Speaker;
 use crate::config::Config;
@@ -40,6 +42,8 @@ pub const POLL_BGP: Duration = Duration::from_millis(20);
 pub const POLL_IDLE: Duration = Duration::from_millis(250);
 /// How long a shutdown waits for the withdrawal to be written.
 const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a binary upgrade waits for the sessions to stop.
+const HAND_OFF_PATIENCE: Duration = Duration::from_secs(2);
 
 enum Command {
     Drain(bool, oneshot::Sender<PopStatus>),
@@ -47,8 +51,8 @@ enum Command {
     Listeners(Vec<ServingListener>),
     Shutdown(oneshot::Sender<bool>),
     /// A binary upgrade's successor owns this POP's row now: stop without
-    /// writing it.
-    HandOver,
+    /// writing it, and hand the BGP sessions over.
+    HandOver(oneshot::Sender<Vec<Handed>>),
 }
 
 /// The running controller. Cheap to clone.
@@ -87,9 +91,16 @@ impl Handle {
 
     /// After a binary upgrade: the successor judges and writes this POP's
     /// row from now on, so this controller stops at once without marking
-    /// the POP "not serving" (which would replicate to every POP).
-    pub fn hand_over(&self) {
-        let _ = self.commands.send(Command::HandOver);
+    /// the POP "not serving" (which would replicate to every POP), and
+    /// without withdrawing anything: returns the established BGP sessions,
+    /// stopped without a word to their peers, each with its connection,
+    /// for the successor to go on with.
+    pub async fn hand_over(&self) -> Vec<Handed> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::HandOver(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     /// The shutdown's part: stops announcing (soft drain, then withdrawal)
@@ -107,12 +118,15 @@ impl Handle {
     }
 }
 
-/// Starts the controller (inside the control runtime).
+/// Starts the controller (inside the control runtime). `inherited`: this
+/// process is a binary upgrade's successor, the predecessor's BGP sessions
+/// to come (see [`Speaker::start`]).
 pub fn start(
     config: &Config,
     snapshot: SnapshotHandle,
     listeners: StatsView,
     reloader: SharedReloader,
+    inherited: Option<Inherited>,
 ) -> anyhow::Result<Handle> {
     let bgp = &config.bgp;
     let serving = serving_of(config);
@@ -147,7 +161,7 @@ pub fn start(
             alive,
         });
     }
-    let speaker = bgp.enabled.then(|| Speaker::start(bgp));
+    let speaker = bgp.enabled.then(|| Speaker::start(bgp, inherited));
     let status = Arc::new(ArcSwap::from_pointee(PopStatus::default()));
     let (commands, command_rx) = mpsc::unbounded_channel();
     let handle = Handle {
@@ -292,7 +306,15 @@ impl Controller {
                             let _ = reply.send(false);
                         }
                     }
-                    Some(Command::HandOver) | None => return,
+                    Some(Command::HandOver(reply)) => {
+                        let handed = match self.speaker.take() {
+                            Some(mut speaker) => speaker.hand_off(HAND_OFF_PATIENCE).await,
+                            None => Vec::new(),
+                        };
+                        let _ = reply.send(handed);
+                        return;
+                    }
+                    None => return,
                 },
             }
         }

@@ -6,12 +6,21 @@
 //! once the process serves, [`report_ready`], after which the predecessor
 //! stops accepting and drains. If start fails, [`report_failure`] tells the
 //! predecessor why (it keeps serving and logs the reason).
+//!
+//! After `Ready` the predecessor hands over what only one process may run
+//! at a time: its BGP sessions ([`await_bgp`]) and its replication member
+//! ([`await_replication`]). A thread listens on the channel for them and
+//! files each as it arrives; components that said they expect one
+//! ([`expect_bgp_hand_off`], [`expect_replication_hand_off`], before
+//! `Ready`) wait for theirs.
 
 use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::bgp::handoff::Handed;
 
 use super::channel::Channel;
 use super::successor::UPGRADE_FD_VAR;
@@ -25,8 +34,52 @@ static PREDECESSOR: Mutex<Option<Channel>> = Mutex::new(None);
 /// Set when this successor took over replication's sockets: the channel is
 /// then kept after `Ready` for [`await_replication`].
 static EXPECT_REPLICATION: AtomicBool = AtomicBool::new(false);
-/// The channel after `Ready`, while replication waits for its hand-off.
-static AFTER_READY: Mutex<Option<Channel>> = Mutex::new(None);
+/// Set when this successor runs a BGP speaker: the channel is kept after
+/// `Ready` for [`await_bgp`].
+static EXPECT_BGP: AtomicBool = AtomicBool::new(false);
+/// A successor that has not reported yet (set when the channel is adopted,
+/// cleared by the report): waits after `Ready` wait for it.
+static AWAITING_REPORT: AtomicBool = AtomicBool::new(false);
+/// What arrived after `Ready`, filed by the listening thread.
+static AFTER_READY: Mutex<AfterReady> = Mutex::new(AfterReady::new());
+static AFTER_READY_CHANGED: Condvar = Condvar::new();
+/// How long the listening thread waits for the predecessor's word.
+const AFTER_READY_PATIENCE: Duration = Duration::from_secs(60);
+
+/// The predecessor's hand-offs after `Ready`, as they arrive.
+struct AfterReady {
+    /// A thread listens (this process is a successor that reported ready).
+    listening: bool,
+    replication: Option<ReplicationHandOff>,
+    bgp_sessions: Vec<Handed>,
+    bgp_done: bool,
+    /// The predecessor closed the channel (or it broke): nothing more comes.
+    closed: bool,
+    /// A message that made no sense, or no word in time.
+    error: Option<String>,
+}
+
+impl AfterReady {
+    const fn new() -> AfterReady {
+        AfterReady {
+            listening: false,
+            replication: None,
+            bgp_sessions: Vec::new(),
+            bgp_done: false,
+            closed: false,
+            error: None,
+        }
+    }
+
+    fn expected_all(&self) -> bool {
+        (!EXPECT_REPLICATION.load(Ordering::Relaxed) || self.replication.is_some())
+            && (!EXPECT_BGP.load(Ordering::Relaxed) || self.bgp_done)
+    }
+}
+
+fn after_ready() -> MutexGuard<'static, AfterReady> {
+    AFTER_READY.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// What was taken over, for the start-up log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +140,7 @@ pub fn from_env() -> Result<Option<Inherited>, InheritError> {
     };
     super::sockets::set_inherited(table);
     *PREDECESSOR.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+    AWAITING_REPORT.store(true, Ordering::Relaxed);
     Ok(Some(summary))
 }
 
@@ -100,9 +154,11 @@ fn receive(channel: &Channel) -> Result<BTreeMap<String, Vec<OwnedFd>>, InheritE
             .ok_or(InheritError::Closed)?;
         match ToSuccessor::decode(&bytes, fds.len())? {
             ToSuccessor::Done => return Ok(table),
-            ToSuccessor::Replication { .. } => {
+            ToSuccessor::Replication { .. }
+            | ToSuccessor::BgpSession { .. }
+            | ToSuccessor::BgpDone => {
                 return Err(InheritError::Protocol(WireError::Decode(
-                    "replication hand-off before the sockets".into(),
+                    "a hand-off meant for after ready came before the sockets".into(),
                 )))
             }
             ToSuccessor::Sockets { entries, .. } => {
@@ -150,9 +206,99 @@ fn report(msg: FromSuccessor) {
         if let Err(e) = channel.send(&msg.encode(), &[]) {
             tracing::warn!(error = %e, "upgrade: cannot report to the previous process");
         }
-        if ready && EXPECT_REPLICATION.load(Ordering::Relaxed) {
-            *AFTER_READY.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel);
+        let expected =
+            EXPECT_REPLICATION.load(Ordering::Relaxed) || EXPECT_BGP.load(Ordering::Relaxed);
+        {
+            // Under the lock the waiters read it with: none of them sees
+            // "not reported, not listening" in between.
+            let mut after = after_ready();
+            after.listening = ready && expected;
+            AWAITING_REPORT.store(false, Ordering::Relaxed);
+            AFTER_READY_CHANGED.notify_all();
         }
+        if ready && expected {
+            let spawned = std::thread::Builder::new()
+                .name("upgrade-hand-off".into())
+                .spawn(move || listen_after_ready(channel));
+            if let Err(e) = spawned {
+                let mut after = after_ready();
+                after.closed = true;
+                after.error = Some(format!("cannot start a thread: {e}"));
+                AFTER_READY_CHANGED.notify_all();
+            }
+        }
+    }
+}
+
+/// Files what the predecessor hands over after `Ready` until everything
+/// expected came, it closed the channel, or [`AFTER_READY_PATIENCE`].
+fn listen_after_ready(channel: Channel) {
+    let deadline = Instant::now() + AFTER_READY_PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let received = match left.is_zero() {
+            true => Err(std::io::ErrorKind::TimedOut.into()),
+            false => channel.recv(left),
+        };
+        let mut after = after_ready();
+        match received {
+            Ok(Some((bytes, fds))) => match ToSuccessor::decode(&bytes, fds.len()) {
+                Ok(ToSuccessor::Replication { generation }) => {
+                    after.replication = Some(ReplicationHandOff::Released { generation });
+                }
+                Ok(ToSuccessor::BgpSession { session }) => {
+                    if let Some(socket) = fds.into_iter().next() {
+                        after.bgp_sessions.push(Handed {
+                            state: session,
+                            socket,
+                        });
+                    }
+                }
+                Ok(ToSuccessor::BgpDone) => after.bgp_done = true,
+                Ok(other) => {
+                    tracing::warn!(?other, "upgrade: unexpected message after ready; ignored")
+                }
+                Err(e) => {
+                    after.error = Some(e.to_string());
+                    after.closed = true;
+                }
+            },
+            // Closed, or ECONNRESET and the like: the predecessor is gone.
+            Ok(None) => after.closed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                after.error = Some(format!("no word within {AFTER_READY_PATIENCE:?}"));
+                after.closed = true;
+            }
+            Err(_) => after.closed = true,
+        }
+        let finished = after.closed || after.expected_all();
+        AFTER_READY_CHANGED.notify_all();
+        if finished {
+            return;
+        }
+    }
+}
+
+/// Waits up to `patience` until `pick` finds what it waits for in what
+/// arrived after `Ready`; `Err` on timeout.
+fn wait_after_ready<T>(
+    patience: Duration,
+    mut pick: impl FnMut(&mut AfterReady) -> Option<T>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + patience;
+    let mut after = after_ready();
+    loop {
+        if let Some(found) = pick(&mut after) {
+            return Ok(found);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no word within {patience:?}"));
+        }
+        after = AFTER_READY_CHANGED
+            .wait_timeout(after, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
 }
 
@@ -176,31 +322,51 @@ pub enum ReplicationHandOff {
 /// stop its replication member. Blocking (run it on a blocking thread).
 /// `Err`: no word within `patience` (the predecessor may still run it).
 pub fn await_replication(patience: Duration) -> Result<ReplicationHandOff, String> {
-    let Some(channel) = AFTER_READY.lock().unwrap_or_else(|p| p.into_inner()).take() else {
-        return Ok(ReplicationHandOff::Gone);
-    };
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(format!("no word within {patience:?}"));
+    wait_after_ready(patience, |after| {
+        if let Some(said) = after.replication {
+            return Some(Ok(said));
         }
-        match channel.recv(left) {
-            Ok(None) => return Ok(ReplicationHandOff::Gone),
-            Ok(Some((bytes, fds))) => match ToSuccessor::decode(&bytes, fds.len()) {
-                Ok(ToSuccessor::Replication { generation }) => {
-                    return Ok(ReplicationHandOff::Released { generation })
-                }
-                Ok(other) => {
-                    tracing::warn!(?other, "upgrade: unexpected message after ready; ignored")
-                }
-                Err(e) => return Err(e.to_string()),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return Err(format!("no word within {patience:?}"))
-            }
-            // ECONNRESET and the like: the predecessor is gone.
-            Err(_) => return Ok(ReplicationHandOff::Gone),
+        if !after.listening {
+            // Not reported yet: wait for it; reported without listening (a
+            // failure, an ordinary start): nothing comes.
+            return (!AWAITING_REPORT.load(Ordering::Relaxed))
+                .then_some(Ok(ReplicationHandOff::Gone));
         }
-    }
+        match (after.closed, &after.error) {
+            (true, None) => Some(Ok(ReplicationHandOff::Gone)),
+            (true, Some(e)) => Some(Err(e.clone())),
+            _ => None,
+        }
+    })?
+}
+
+/// This successor runs a BGP speaker: keep the channel after `Ready` to
+/// receive the predecessor's sessions (see [`await_bgp`]).
+pub fn expect_bgp_hand_off() {
+    EXPECT_BGP.store(true, Ordering::Relaxed);
+}
+
+/// Waits up to `patience` for the predecessor's BGP sessions (established
+/// ones, each with its connection): empty when it had none, or left
+/// without handing any over. Blocking (run it on a blocking thread). May
+/// be called before [`report_ready`] (a successor's speaker waits from its
+/// start). `Err`: no word within `patience`, or a bad message.
+pub fn await_bgp(patience: Duration) -> Result<Vec<Handed>, String> {
+    wait_after_ready(patience, |after| {
+        if after.bgp_done {
+            return Some(Ok(std::mem::take(&mut after.bgp_sessions)));
+        }
+        if !after.listening {
+            return (!AWAITING_REPORT.load(Ordering::Relaxed)).then_some(Ok(Vec::new()));
+        }
+        if after.closed {
+            // What came before the predecessor left is still good.
+            let sessions = std::mem::take(&mut after.bgp_sessions);
+            return Some(match (&after.error, sessions.is_empty()) {
+                (Some(e), true) => Err(e.clone()),
+                _ => Ok(sessions),
+            });
+        }
+        None
+    })?
 }

@@ -17,10 +17,18 @@
 //!    their queues live on in S; see `engine::rt::AcceptGate`), stops its
 //!    API, metrics, DNS and control socket, and drains.
 //!
-//! 5. With `[replication]`: S took the gossip and QUIC sockets but has not
-//!    started replication. P stops its replication member first thing after
-//!    `Ready` (no leave: the node stays a member, only its process changes)
-//!    and sends [`wire::ToSuccessor::Replication`] with the member's
+//! 5. With `[bgp]`: S's speaker waits. P stops its sessions after `Ready`
+//!    without a word to the routers and sends each established one, its
+//!    TCP connection and state ([`crate::bgp::handoff`]), then
+//!    [`wire::ToSuccessor::BgpDone`]; S goes on with each where P stopped
+//!    (the routers see one session throughout: no NOTIFICATION, no route
+//!    withdrawn, no reliance on their Graceful Restart) and starts afresh
+//!    only a session it has none for or whose configuration changed what
+//!    the session negotiated.
+//! 6. With `[replication]`: S took the gossip and QUIC sockets but has not
+//!    started replication. P stops its replication member after `Ready`
+//!    (no leave: the node stays a member, only its process changes) and
+//!    sends [`wire::ToSuccessor::Replication`] with the member's
 //!    generation; S then starts the same member on the same sockets.
 //!    Datagrams that arrive meanwhile wait in the sockets' queues.
 //!
@@ -85,8 +93,6 @@ pub fn listener_entries(
 /// an attempt share its outcome.
 pub struct Upgrades {
     ready_timeout: Duration,
-    /// `[bgp]` is enabled: upgrades are refused (see `begin`).
-    bgp: bool,
     control: Option<control_socket::Server>,
     attempt: Option<Attempt>,
     waiting: Vec<tokio::sync::oneshot::Sender<String>>,
@@ -110,9 +116,8 @@ struct Attempt {
 
 impl Upgrades {
     /// Binds (or takes over) the control socket and serves it. Must run in
-    /// the control runtime's context. `bgp`: whether `[bgp]` is enabled
-    /// (upgrades are then refused, see [`Upgrades::begin`]).
-    pub fn start(config: &config::Upgrade, bgp: bool) -> anyhow::Result<Upgrades> {
+    /// the control runtime's context.
+    pub fn start(config: &config::Upgrade) -> anyhow::Result<Upgrades> {
         use anyhow::Context;
         let control = match &config.control_socket {
             None => None,
@@ -131,7 +136,6 @@ impl Upgrades {
         };
         Ok(Upgrades {
             ready_timeout: config.ready_timeout,
-            bgp,
             control,
             attempt: None,
             waiting: Vec::new(),
@@ -190,16 +194,6 @@ impl Upgrades {
         self.waiting.extend(reply);
         if self.attempt.is_some() {
             tracing::info!("upgrade already in progress; this request waits for its outcome");
-            return;
-        }
-        // Two processes cannot hold one BGP session to a router, and the
-        // old one's shutdown withdraws the anycast routes. Say so plainly.
-        if self.bgp {
-            let e = UpgradeError::Unsupported(
-                "binary upgrade is not available with [bgp] enabled yet; restart instead",
-            );
-            tracing::error!(error = %e, "upgrade refused; this process keeps serving");
-            self.answer(&Err(e));
             return;
         }
         let sockets = listeners.and_then(|mut all| {

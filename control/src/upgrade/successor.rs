@@ -39,6 +39,36 @@ pub struct Successor {
 }
 
 impl Successor {
+    /// Hands the successor this process's BGP sessions (stopped, without a
+    /// word to their peers), each with its connection, then says the
+    /// speaker is done. A session that cannot be sent is closed here (its
+    /// router sees the session end; the successor starts it afresh).
+    pub fn release_bgp(&self, sessions: Vec<crate::bgp::handoff::Handed>) {
+        use std::os::fd::AsFd;
+        for handed in sessions {
+            let peer = handed.state.peer;
+            let msg = ToSuccessor::BgpSession {
+                session: handed.state,
+            };
+            let bytes = msg.encode();
+            let sent = match bytes.len() > wire::MAX_MESSAGE_BYTES {
+                true => Err(io::Error::other(format!(
+                    "{} bytes of session state, more than {}",
+                    bytes.len(),
+                    wire::MAX_MESSAGE_BYTES
+                ))),
+                false => self.channel.send(&bytes, &[handed.socket.as_fd()]),
+            };
+            if let Err(e) = sent {
+                tracing::warn!(pid = self.pid, neighbor = %peer, error = %e,
+                    "upgrade: cannot hand a BGP session over; it ends here and the new process starts it afresh");
+            }
+        }
+        if let Err(e) = self.channel.send(&ToSuccessor::BgpDone.encode(), &[]) {
+            tracing::warn!(pid = self.pid, error = %e, "upgrade: cannot tell the new process that BGP is released");
+        }
+    }
+
     /// Tells the successor this process has stopped its replication member
     /// (`generation`: the member's SWIM generation; `None`: it was not
     /// running): the successor starts it now, as the same member.

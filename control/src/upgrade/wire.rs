@@ -9,9 +9,12 @@
 //! once: [`FromSuccessor::Ready`] when it serves, or
 //! [`FromSuccessor::Failed`] when it gives up. The first message names the
 //! protocol version; a successor that speaks another refuses with `Failed`.
-//! With `[replication]` the parent sends one more message after `Ready`:
-//! [`ToSuccessor::Replication`], once it has stopped its replication member,
-//! so that the two never run the same member on the same sockets.
+//! After `Ready` the parent hands over what only one process may run at a
+//! time, each once it has stopped it: its BGP sessions, one
+//! [`ToSuccessor::BgpSession`] each (the connection's descriptor carried
+//! beside it) then [`ToSuccessor::BgpDone`]; and, with `[replication]`,
+//! [`ToSuccessor::Replication`] (so the two never run the same member on
+//! the same sockets).
 //!
 //! A batch lists `(name, count)` pairs that say which of the datagram's
 //! descriptors belong to which registry entry, in order; an entry may span
@@ -19,6 +22,8 @@
 //! one datagram).
 
 use serde::{Deserialize, Serialize};
+
+use crate::bgp::handoff::HandedSession;
 
 /// Bumped when a message changes meaning.
 pub const PROTOCOL: u32 = 1;
@@ -50,6 +55,12 @@ pub enum ToSuccessor {
     /// it from now on, as the same member (`generation`, the SWIM identity's
     /// start time; `None`: the parent's replication was not running).
     Replication { generation: Option<u64> },
+    /// After `Ready`: one established BGP session, its connection the one
+    /// descriptor carried.
+    BgpSession { session: HandedSession },
+    /// After the `BgpSession`s: the parent's speaker has stopped (every
+    /// session it had is handed over or closed).
+    BgpDone,
 }
 
 /// Successor → parent.
@@ -103,7 +114,8 @@ impl ToSuccessor {
                 }
                 entries.iter().map(|(_, n)| u64::from(*n)).sum()
             }
-            ToSuccessor::Done | ToSuccessor::Replication { .. } => 0,
+            ToSuccessor::BgpSession { .. } => 1,
+            ToSuccessor::Done | ToSuccessor::Replication { .. } | ToSuccessor::BgpDone => 0,
         };
         if listed != fds as u64 {
             return Err(WireError::FdCount {

@@ -396,3 +396,126 @@ fn a_route_refresh_resends_every_route() {
     pump(&mut s, &mut peer, t0);
     assert_eq!(peer.take_updates().0, ["198.51.100.0/24"]);
 }
+
+/// A binary upgrade: the session is handed off and resumed by another
+/// `Session` on the same connection (here, the same peer): the peer sees
+/// nothing — no OPEN, no NOTIFICATION, no UPDATE — and the session goes on.
+#[test]
+fn a_handed_off_session_resumes_without_a_word_to_the_peer() {
+    let t0 = Instant::now();
+    let (mut old, mut peer) = established(t0);
+    let routes = ad(&["198.51.100.0/24", "2001:db8:100::/48"], false, 1);
+    old.set_advertisement(routes.clone());
+    pump(&mut old, &mut peer, t0);
+    assert_eq!(peer.take_updates().0.len(), 2);
+    events(&mut old);
+
+    let t1 = t0 + Duration::from_secs(5);
+    let handed = old
+        .hand_off(t1)
+        .expect("an established session is handed off");
+    assert_eq!(old.poll_transmit(), None, "the old side says nothing");
+    assert_eq!(old.poll_io(), None, "and does not close the connection");
+    assert_eq!(old.poll_timeout(), None, "and keeps no timer");
+    assert_eq!(handed.sent.len(), 2);
+    assert_eq!(handed.established_ms, 5000);
+
+    // Through serde, as it crosses the upgrade channel.
+    let handed: HandedSession =
+        serde_json::from_str(&serde_json::to_string(&handed).unwrap()).unwrap();
+    let local = "10.0.0.2:40000".parse().unwrap();
+    let mut new = Session::resume(settings(), &handed, local, routes.clone(), t1).unwrap();
+    assert_eq!(new.state(), SessionState::Established);
+    assert_eq!(new.poll_transmit(), None, "same routes: nothing to send");
+    assert_eq!(new.poll_io(), None);
+    let ev = events(&mut new);
+    assert!(
+        matches!(ev.as_slice(), [SessionEvent::Resumed { hold_time: 9, .. }]),
+        "{ev:?}"
+    );
+    assert_eq!(new.snapshot(t1).prefixes_announced, 2);
+    assert!(new.snapshot(t1).established_for >= Some(Duration::from_secs(5)));
+
+    // It goes on: keepalives on its own timer, and the peer's accepted.
+    let due = new.poll_timeout().expect("a keepalive is due");
+    new.handle_timeout(due);
+    pump(&mut new, &mut peer, due);
+    assert_eq!(peer.fsm.state(), SessionState::Established);
+    assert!(peer.notifications.is_empty(), "{:?}", peer.notifications);
+    // A change of announcement goes out from the new side only.
+    new.set_advertisement(ad(&["198.51.100.0/24"], false, 2));
+    pump(&mut new, &mut peer, due);
+    let (announced, withdrawn, _) = peer.take_updates();
+    assert!(announced.is_empty());
+    assert_eq!(withdrawn, ["2001:db8:100::/48"]);
+}
+
+/// The successor announces less than its predecessor did: the difference
+/// is withdrawn at once, the rest untouched.
+#[test]
+fn a_resumed_session_sends_only_the_difference() {
+    let t0 = Instant::now();
+    let (mut old, mut peer) = established(t0);
+    old.set_advertisement(ad(&["198.51.100.0/24", "2001:db8:100::/48"], false, 1));
+    pump(&mut old, &mut peer, t0);
+    peer.take_updates();
+    let handed = old.hand_off(t0).unwrap();
+    let local = "10.0.0.2:40000".parse().unwrap();
+    let mut new = Session::resume(
+        settings(),
+        &handed,
+        local,
+        ad(&["198.51.100.0/24"], false, 1),
+        t0,
+    )
+    .unwrap();
+    pump(&mut new, &mut peer, t0);
+    let (announced, withdrawn, _) = peer.take_updates();
+    assert!(announced.is_empty(), "{announced:?}");
+    assert_eq!(withdrawn, ["2001:db8:100::/48"]);
+}
+
+/// A configuration that changes what the session negotiated cannot take
+/// the session over: the peer agreed to another OPEN.
+#[test]
+fn a_changed_hold_time_or_asn_refuses_to_resume() {
+    let t0 = Instant::now();
+    let (mut old, _peer) = established(t0);
+    let handed = old.hand_off(t0).unwrap();
+    let local = "10.0.0.2:40000".parse().unwrap();
+    let mut longer = settings();
+    longer.hold_time_secs = 30;
+    let err = Session::resume(longer, &handed, local, ad(&[], false, 0), t0).err();
+    assert!(err.is_some_and(|e| e.contains("OPEN differs")));
+    let mut other_peer_asn = settings();
+    other_peer_asn.peer_asn = 65099;
+    assert!(Session::resume(other_peer_asn, &handed, local, ad(&[], false, 0), t0).is_err());
+    // And the unchanged one can.
+    assert!(Session::resume(settings(), &handed, local, ad(&[], false, 0), t0).is_ok());
+}
+
+/// Only an established session with nothing left to write is handed off.
+#[test]
+fn a_session_not_established_is_not_handed_off() {
+    let t0 = Instant::now();
+    let mut s = Session::new(settings(), t0);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+    assert_eq!(s.state(), SessionState::OpenSent);
+    assert!(s.hand_off(t0).is_none());
+    assert_eq!(s.poll_timeout(), None, "stopped all the same");
+}
+
+/// The Cease a successor sends on a connection it cannot take over.
+#[test]
+fn cease_encodes_a_notification_with_its_reason() {
+    let bytes = cease(cease_subcode::OTHER_CONFIGURATION_CHANGE, "upgrade").unwrap();
+    let mut m = bytes.clone();
+    match decode_message(&mut m, MAX_MESSAGE_LEN).unwrap() {
+        Message::Notification(n) => {
+            assert_eq!(n.code, NotificationCode::Cease);
+            assert_eq!(n.subcode, cease_subcode::OTHER_CONFIGURATION_CHANGE);
+        }
+        other => panic!("{other:?}"),
+    }
+}
