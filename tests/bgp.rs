@@ -396,20 +396,26 @@ fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
         .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
     let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
     let _successor = KillOnDrop(new);
-    lab.pop(1)
+    let handed = lab
+        .pop(1)
         .wait_for_log_after(
             mark,
             "bgp: session handed over to the new process",
             PATIENCE,
         )
         .unwrap_or_else(|| panic!("not handed over; log:\n{}", lab.pop(1).log_text()));
-    lab.pop(1)
+    let taken = lab
+        .pop(1)
         .wait_for_log_after(
             mark,
             "bgp: session taken over from the previous process",
             PATIENCE,
         )
         .unwrap_or_else(|| panic!("not taken over; log:\n{}", lab.pop(1).log_text()));
+    println!(
+        "figure: BGP session without an owner during the upgrade (old process stopped it → new process runs it): {:.1} ms",
+        (log_time(&taken) - log_time(&handed)) * 1000.0
+    );
     // The new process withdraws what it no longer announces, on the
     // session it took over.
     wait_route(

@@ -705,8 +705,9 @@ fn apply(
             &old.log.access,
             &new.log.access,
         ));
-        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
+        // Stored first: the line says they are in force.
         engine.set_knobs(new_knobs);
+        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
     }
     // Listeners: removed or changed ones stop; added or changed ones start.
     for l in &old.listeners {
