@@ -395,7 +395,7 @@ fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
         .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
         .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
     let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
-    let _successor = KillOnDrop(new);
+    let _successor = common::KillOnDrop(new);
     let handed = lab
         .pop(1)
         .wait_for_log_after(
@@ -465,15 +465,6 @@ fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
     let out = lab.cli(1, &["drain"]);
     assert!(out.contains("drained:   yes"), "{out}");
     wait_route(&bird, PREFIX4, false, "drain after the upgrade");
-}
-
-/// Kills a process of an upgrade chain (not a child of the test) on drop.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        common::signal_pid(self.0, 9);
-    }
 }
 
 #[test]

@@ -262,12 +262,6 @@ fn an_upgrade_tells_systemd_the_new_main_pid() {
         .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
         .unwrap_or_else(|| panic!("no successor:\n{}", r.proxy.log_text()));
     let new: u32 = field(&ready, "pid").unwrap().parse().unwrap();
-    struct KillOnDrop(u32);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            signal_pid(self.0, 9);
-        }
-    }
     let _new = KillOnDrop(new);
     assert_ne!(new, r.proxy.pid());
     notification(&sock, &format!("MAINPID={new}"));

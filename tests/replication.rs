@@ -444,15 +444,6 @@ fn a_killed_pop_is_shown_down_and_catches_up_after_a_restart() {
     c.wait_joined();
 }
 
-/// Kills a process of an upgrade chain (not a child of the test) on drop.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        common::signal_pid(self.0, 9);
-    }
-}
-
 #[test]
 fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -568,7 +559,7 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
         }
         (ok, failed, watcher.join().unwrap(), new)
     });
-    let _successor = KillOnDrop(new);
+    let _successor = common::KillOnDrop(new);
     assert_ne!(new, old);
     assert!(
         failures.is_empty(),
@@ -652,7 +643,7 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
     .unwrap()
     .parse()
     .unwrap();
-    let _third = KillOnDrop(third);
+    let _third = common::KillOnDrop(third);
     assert!(line.contains(&generation_of(&handed_line(&c, 0))), "{line}");
     let b2 = c.backend(1, 9003, "b3-at-pop1");
     assert_eq!(c.register(1, "after-second", b2.addr), 201);

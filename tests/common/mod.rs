@@ -303,6 +303,17 @@ pub fn signal_pid(pid: u32, sig: i32) {
     assert_eq!(rc, 0, "kill {pid} failed");
 }
 
+/// Kills a process the test did not start itself (a binary upgrade's new
+/// process) when dropped; one already gone is fine.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2); ESRCH (already gone) is what we want.
+        unsafe { libc_kill(self.0 as i32, 9) };
+    }
+}
+
 pub const SIGHUP: i32 = 1;
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
