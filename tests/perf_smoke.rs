@@ -61,6 +61,12 @@ fn perf_suite_quick_run_reports_every_scenario() {
     let share = over.median(Kind::Edgeproxy, "served_share").unwrap();
     assert!(share > 0.0 && share < 1.5, "{}", over.render());
     assert!(over.median(Kind::Edgeproxy, "offered_rps").unwrap() > 0.0);
+    // The load generator's side: its thread and the backends' were found
+    // and ran (a renamed thread would read as zero).
+    for key in ["loadgen_us_per_req", "backend_us_per_req", "loadgen_util"] {
+        let got = over.median(Kind::Edgeproxy, key).unwrap_or(0.0);
+        assert!(got > 0.0, "{key} = {got}\n{}", over.render());
+    }
     assert!(
         variant("c_connections")
             .median(Kind::Edgeproxy, "cps")

@@ -23,12 +23,21 @@ use crate::Options;
 struct Probe {
     cpu: CpuSample,
     ipis: u64,
+    /// This suite's own load generator and backend threads: time on CPU and
+    /// time runnable but waiting for a CPU, ns.
+    loadgen_cpu: u64,
+    loadgen_wait: u64,
+    backend_cpu: u64,
 }
 
 fn probe(pid: Option<u32>) -> Probe {
+    let me = std::process::id();
     Probe {
         cpu: pid.map(procfs::cpu).unwrap_or_default(),
         ipis: procfs::ipis(),
+        loadgen_cpu: procfs::threads_cpu_ns(me, "perf-load").unwrap_or(0),
+        loadgen_wait: procfs::threads_wait_ns(me, "perf-load"),
+        backend_cpu: procfs::threads_cpu_ns(me, "perf-backend").unwrap_or(0),
     }
 }
 
@@ -67,6 +76,18 @@ pub(crate) fn rr_sample(
     m.insert("max_us", us(h.max()));
     m.insert("errors", res.errors as f64);
     m.insert("ipi_per_req", (p1.ipis - p0.ipis) as f64 / n);
+    // The other side of every request: where the load generator's core
+    // goes (it also runs the backends), for telling which one saturates.
+    let window_ns = elapsed.as_nanos() as f64;
+    let loadgen = p1.loadgen_cpu.saturating_sub(p0.loadgen_cpu) as f64;
+    let backends = p1.backend_cpu.saturating_sub(p0.backend_cpu) as f64;
+    m.insert("loadgen_us_per_req", loadgen / 1000.0 / n);
+    m.insert("backend_us_per_req", backends / 1000.0 / n);
+    m.insert("loadgen_util", loadgen / window_ns);
+    m.insert(
+        "loadgen_wait_share",
+        p1.loadgen_wait.saturating_sub(p0.loadgen_wait) as f64 / window_ns,
+    );
     if pid.is_some() {
         let cpu = p1.cpu.since(&p0.cpu);
         m.insert(cpu_key, cpu.total().as_nanos() as f64 / 1000.0 / n);
@@ -284,6 +305,11 @@ pub fn overload(opts: &Options, targets: &mut [Running], capacity: &Capacity) ->
             col("p50_us", "p50 µs", true),
             col("p99_us", "p99 µs", true),
             col("cpu_us_per_req", "CPU µs/req", true),
+            col("proxy_cpu_util", "proxy core busy", false),
+            col("loadgen_us_per_req", "generator µs/req", true),
+            col("backend_us_per_req", "backends µs/req", true),
+            col("loadgen_util", "generator busy", false),
+            col("loadgen_wait_share", "generator waiting", true),
         ],
     );
     if capacity.0.is_empty() {
