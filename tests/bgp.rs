@@ -381,7 +381,15 @@ fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
             .unwrap_or_default()
             .to_string()
     };
-    let before = since();
+    // BIRD stamps the protocol again a few ms after it comes up (its
+    // channels): the stamp to compare is the one it settles on.
+    let mut before = since();
+    when(PATIENCE, || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = since();
+        std::mem::replace(&mut before, now) == before
+    })
+    .expect("BIRD's session stamp never settled");
     let bird_mark = bird.log_text().len();
     // The new process's configuration announces one prefix less (the same
     // address families: a change of those is a new session).
@@ -461,7 +469,36 @@ fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
     assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
     println!("BIRD's session across the upgrade: {after}");
 
-    // The new process owns the session: its drain withdraws.
+    // Upgraded again: a session that was itself taken over is handed on.
+    let mark = lab.pop(1).log_mark();
+    let bird_mark = bird.log_text().len();
+    common::signal_pid(new, 12);
+    let ready = lab
+        .pop(1)
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .unwrap_or_else(|| panic!("no second successor; log:\n{}", lab.pop(1).log_text()));
+    let third: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
+    let _third = common::KillOnDrop(third);
+    lab.pop(1)
+        .wait_for_log_after(
+            mark,
+            "bgp: session taken over from the previous process",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("not taken over again; log:\n{}", lab.pop(1).log_text()));
+    // Past the hold time again, the second process gone after its drain.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(since(), before, "the session restarted at BIRD");
+    let log = bird.log_text();
+    let during = &log[bird_mark..];
+    for sign in ["State changed", "Down", "Received: ", "removed"] {
+        assert!(
+            !during.contains(sign),
+            "BIRD saw a change across the second upgrade ({sign:?}):\n{during}"
+        );
+    }
+
+    // The newest process owns the session: its drain withdraws.
     let out = lab.cli(1, &["drain"]);
     assert!(out.contains("drained:   yes"), "{out}");
     wait_route(&bird, PREFIX4, false, "drain after the upgrade");
