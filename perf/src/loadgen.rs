@@ -74,6 +74,11 @@ pub struct LoadResult {
     /// Connection errors (reset, refused, early close) while recording.
     pub errors: u64,
     pub latency: Histogram<u64>,
+    /// `epoll_wait` calls that returned connection events, and those events,
+    /// while recording: how the target's replies reach the generator
+    /// (many per wake-up, or one each).
+    pub wakeups: u64,
+    pub events: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -138,6 +143,8 @@ pub fn run(spec: &LoadSpec, window: &Window) -> io::Result<LoadResult> {
         completed: 0,
         errors: 0,
         latency: new_histogram(),
+        wakeups: 0,
+        events: 0,
     };
     let mut buf = vec![0u8; 16 * 1024];
     let mut ctx = Ctx {
@@ -190,6 +197,11 @@ pub fn run(spec: &LoadSpec, window: &Window) -> io::Result<LoadResult> {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
+        }
+        let connection_events = events.iter().filter(|ev| ev.token() != TIMER).count() as u64;
+        if ctx.recording && connection_events > 0 {
+            result.wakeups += 1;
+            result.events += connection_events;
         }
         for ev in events.iter() {
             if ev.token() == TIMER {

@@ -82,6 +82,11 @@ pub(crate) fn rr_sample(
     let loadgen = p1.loadgen_cpu.saturating_sub(p0.loadgen_cpu) as f64;
     let backends = p1.backend_cpu.saturating_sub(p0.backend_cpu) as f64;
     m.insert("loadgen_us_per_req", loadgen / 1000.0 / n);
+    m.insert("loadgen_wakeups_per_req", res.wakeups as f64 / n);
+    m.insert(
+        "loadgen_events_per_wakeup",
+        res.events as f64 / res.wakeups.max(1) as f64,
+    );
     m.insert("backend_us_per_req", backends / 1000.0 / n);
     m.insert("loadgen_util", loadgen / window_ns);
     m.insert(
@@ -307,6 +312,8 @@ pub fn overload(opts: &Options, targets: &mut [Running], capacity: &Capacity) ->
             col("cpu_us_per_req", "CPU µs/req", true),
             col("proxy_cpu_util", "proxy core busy", false),
             col("loadgen_us_per_req", "generator µs/req", true),
+            col("loadgen_wakeups_per_req", "generator wake-ups/req", true),
+            col("loadgen_events_per_wakeup", "events/wake-up", false),
             col("backend_us_per_req", "backends µs/req", true),
             col("loadgen_util", "generator busy", false),
             col("loadgen_wait_share", "generator waiting", true),

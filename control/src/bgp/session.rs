@@ -9,8 +9,9 @@
 //! [`handle_timeout`](Session::handle_timeout),
 //! [`set_advertisement`](Session::set_advertisement),
 //! [`stop`](Session::stop) and [`hand_off`](Session::hand_off) (a binary
-//! upgrade; [`Session::resume`] is the successor's side). Outputs are polled, in this order, after each
-//! input: [`poll_transmit`](Session::poll_transmit) (bytes to write),
+//! upgrade; [`Session::resume`] is the successor's side). Outputs are
+//! polled, in this order, after each input:
+//! [`poll_transmit`](Session::poll_transmit) (bytes to write),
 //! [`poll_io`](Session::poll_io) (connect / close, after the bytes before
 //! them are written: a NOTIFICATION goes out before its close),
 //! [`poll_event`](Session::poll_event) (for logs) and

@@ -246,6 +246,13 @@ fn listen_after_ready(channel: Channel) {
                 Ok(ToSuccessor::Replication { generation }) => {
                     after.replication = Some(ReplicationHandOff::Released { generation });
                 }
+                Ok(ToSuccessor::BgpSession { session }) if !EXPECT_BGP.load(Ordering::Relaxed) => {
+                    // `[bgp]` is off here: the session ends (its router
+                    // sees the connection close and drops the routes).
+                    tracing::info!(neighbor = %session.peer,
+                        "upgrade: BGP is off in this configuration; the previous process's session is closed");
+                    drop(fds);
+                }
                 Ok(ToSuccessor::BgpSession { session }) => {
                     if let Some(socket) = fds.into_iter().next() {
                         after.bgp_sessions.push(Handed {

@@ -64,8 +64,10 @@ impl Successor {
                     "upgrade: cannot hand a BGP session over; it ends here and the new process starts it afresh");
             }
         }
+        // A successor that runs no speaker and no replication stopped
+        // listening after `Ready`: nothing to tell it then.
         if let Err(e) = self.channel.send(&ToSuccessor::BgpDone.encode(), &[]) {
-            tracing::warn!(pid = self.pid, error = %e, "upgrade: cannot tell the new process that BGP is released");
+            tracing::debug!(pid = self.pid, error = %e, "upgrade: the new process does not listen for BGP sessions");
         }
     }
 
