@@ -380,12 +380,7 @@ fn measure(
 ) -> anyhow::Result<std::collections::BTreeMap<&'static str, f64>> {
     let db = dir.join("routing.db");
     let conn = rusqlite::Connection::open(&db)?;
-    conn.execute_batch(
-        "CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT NOT NULL, region TEXT NOT NULL,
-         country TEXT, wg_ip TEXT NOT NULL, port INTEGER NOT NULL, healthy INTEGER NOT NULL DEFAULT 1,
-         weight INTEGER NOT NULL DEFAULT 1, soft_limit INTEGER NOT NULL DEFAULT 100,
-         hard_limit INTEGER NOT NULL DEFAULT 150, deleted INTEGER NOT NULL DEFAULT 0)",
-    )?;
+    conn.execute_batch(crate::targets::BACKENDS_TABLE)?;
     // Outside the POP's region ("sa"): warmed by the default `warm`.
     for (id, b) in [("warm", warm_b), ("cold", cold_b)] {
         conn.execute(

@@ -434,6 +434,15 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// A `backends` table with the original edgeProxy's columns and defaults
+/// (every column but id, app, region, wg_ip and port may be left out of an
+/// INSERT); edgeproxy migrates it on open.
+pub const BACKENDS_TABLE: &str =
+    "CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT NOT NULL, region TEXT NOT NULL,
+     country TEXT, wg_ip TEXT NOT NULL, port INTEGER NOT NULL, healthy INTEGER NOT NULL DEFAULT 1,
+     weight INTEGER NOT NULL DEFAULT 1, soft_limit INTEGER NOT NULL DEFAULT 100,
+     hard_limit INTEGER NOT NULL DEFAULT 150, deleted INTEGER NOT NULL DEFAULT 0)";
+
 /// The original edgeProxy schema; edgeproxy migrates it on open.
 pub fn write_routing_db(
     path: &Path,

@@ -108,12 +108,7 @@ fn table(n: usize, apps: usize) -> Vec<Backend> {
 
 fn write_db(path: &Path, rows: &[Backend]) -> anyhow::Result<()> {
     let conn = rusqlite::Connection::open(path)?;
-    conn.execute_batch(
-        "CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT NOT NULL, region TEXT NOT NULL,
-         country TEXT, wg_ip TEXT NOT NULL, port INTEGER NOT NULL, healthy INTEGER NOT NULL DEFAULT 1,
-         weight INTEGER NOT NULL DEFAULT 1, soft_limit INTEGER NOT NULL DEFAULT 100,
-         hard_limit INTEGER NOT NULL DEFAULT 150, deleted INTEGER NOT NULL DEFAULT 0)",
-    )?;
+    conn.execute_batch(perf::targets::BACKENDS_TABLE)?;
     let tx = conn.unchecked_transaction()?;
     for b in rows {
         tx.execute(
