@@ -115,6 +115,19 @@ pub(crate) fn rr_sample(
     })
 }
 
+/// One open-loop keep-alive run at `rate` requests/s over
+/// `opts.connections` connections (scenarios b and o).
+fn open_keepalive(opts: &Options, t: &Running, run: usize, rate: f64) -> anyhow::Result<Sample> {
+    let s = spec(
+        opts,
+        t.fronts.http,
+        Pace::Open(rate),
+        true,
+        opts.connections,
+    );
+    rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")
+}
+
 pub(crate) fn spec(
     opts: &Options,
     to: SocketAddr,
@@ -253,14 +266,7 @@ pub fn open_loop(
         ],
     );
     interleaved(opts, targets, &mut v, |t, run| {
-        let s = spec(
-            opts,
-            t.fronts.http,
-            Pace::Open(rate),
-            true,
-            opts.connections,
-        );
-        rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")
+        open_keepalive(opts, t, run, rate)
     });
     let over: Vec<Kind> = targets
         .iter()
@@ -330,14 +336,7 @@ pub fn overload(opts: &Options, targets: &mut [Running], capacity: &Capacity) ->
             .of(t.kind)
             .ok_or_else(|| anyhow::anyhow!("no maximum from (a)"))?;
         let rate = max * factor;
-        let s = spec(
-            opts,
-            t.fronts.http,
-            Pace::Open(rate),
-            true,
-            opts.connections,
-        );
-        let mut sample = rr_sample(opts, t, run, s, "rps", "cpu_us_per_req")?;
+        let mut sample = open_keepalive(opts, t, run, rate)?;
         let served = sample.metrics.get("rps").copied().unwrap_or_default();
         sample.metrics.insert("offered_rps", rate);
         sample.metrics.insert("served_share", served / rate);
