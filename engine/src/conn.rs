@@ -261,41 +261,18 @@ async fn serve_inner(
         };
         if let Some(warm) = ctx.pool.take(&live.id, addr) {
             let (first, idle) = (pending.take(), idle_timeout);
-            // On a TLS listener the handshake with the client is done: the
-            // backend's first bytes are the client's first plaintext.
-            let handed = match tls.as_deref() {
-                None => {
-                    let side = Plain(client);
-                    Box::pin(pooled(
-                        ctx,
-                        lctx,
-                        &side,
-                        client_addr,
-                        &warm,
-                        first,
-                        &live.id,
-                        idle,
-                    ))
-                    .await?
-                }
-                Some(session) => {
-                    let side = TlsClient {
-                        socket: client,
-                        session,
-                    };
-                    Box::pin(pooled(
-                        ctx,
-                        lctx,
-                        &side,
-                        client_addr,
-                        &warm,
-                        first,
-                        &live.id,
-                        idle,
-                    ))
-                    .await?
-                }
-            };
+            let handed = Box::pin(pooled(
+                ctx,
+                lctx,
+                client,
+                tls.as_deref(),
+                client_addr,
+                &warm,
+                first,
+                &live.id,
+                idle,
+            ))
+            .await?;
             match handed {
                 HandOver::Live { .. } => {
                     header_sent = true;
@@ -415,38 +392,35 @@ fn proxy_header(
 /// backend that says nothing is closed after `idle`, as it would be on a
 /// fresh connection.
 #[allow(clippy::too_many_arguments)]
-async fn pooled<C: ClientSide>(
+async fn pooled(
     ctx: &Rc<ShardCtx>,
     lctx: &ListenerCtx,
-    client: &C,
+    client: &TcpStream,
+    tls: Option<&TlsSession>,
     client_addr: SocketAddr,
     warm: &TcpStream,
     pending: Option<Chunk>,
     backend: &Arc<str>,
     idle: Duration,
-) -> Result<HandOver, ConnError>
-where
-    ConnError: From<C::Error>,
-{
+) -> Result<HandOver, ConnError> {
     let header = match lctx.spec.send_proxy_protocol {
-        true => Some(proxy_header(client.socket(), client_addr)?),
+        true => Some(proxy_header(client, client_addr)?),
         false => None,
     };
-    let hand_over = handover::hand_over(
-        warm,
-        client,
-        header,
-        pending,
-        ctx.shared.settings.buffer_size as usize,
-        ctx.pool.ack_patience(),
-        || ctx.pool.spoke_first(backend),
-    );
-    let handed = match idle.is_zero() {
-        true => hand_over.await?,
-        false => match rt::timeout(idle, hand_over).await {
-            Some(handed) => handed?,
-            None => return Err(ConnError::Idle(idle)),
-        },
+    // On a TLS listener the handshake with the client is done: the
+    // backend's first bytes are the client's first plaintext.
+    let handed = match tls {
+        None => {
+            let side = Plain(client);
+            within_idle(idle, hand_over(ctx, warm, &side, header, pending, backend)).await?
+        }
+        Some(session) => {
+            let side = TlsClient {
+                socket: client,
+                session,
+            };
+            within_idle(idle, hand_over(ctx, warm, &side, header, pending, backend)).await?
+        }
     };
     match &handed {
         HandOver::Live { sent } => {
@@ -463,6 +437,46 @@ where
         HandOver::ClientClosed => {}
     }
     Ok(handed)
+}
+
+/// `pool::handover::hand_over` with this shard's settings.
+async fn hand_over<C: ClientSide>(
+    ctx: &Rc<ShardCtx>,
+    warm: &TcpStream,
+    client: &C,
+    header: Option<([u8; proxy_protocol::V2_MAX_ENCODED], usize)>,
+    pending: Option<Chunk>,
+    backend: &Arc<str>,
+) -> Result<HandOver, ConnError>
+where
+    ConnError: From<C::Error>,
+{
+    let buffer_len = ctx.shared.settings.buffer_size as usize;
+    let patience = ctx.pool.ack_patience();
+    let spoke_first = || ctx.pool.spoke_first(backend);
+    Ok(handover::hand_over(
+        warm,
+        client,
+        header,
+        pending,
+        buffer_len,
+        patience,
+        spoke_first,
+    )
+    .await?)
+}
+
+/// `work`, ended with [`ConnError::Idle`] after `idle` (zero: never).
+async fn within_idle<T>(
+    idle: Duration,
+    work: impl Future<Output = Result<T, ConnError>>,
+) -> Result<T, ConnError> {
+    if idle.is_zero() {
+        return work.await;
+    }
+    rt::timeout(idle, work)
+        .await
+        .unwrap_or(Err(ConnError::Idle(idle)))
 }
 
 fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {
