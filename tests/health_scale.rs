@@ -19,15 +19,6 @@ use common::*;
 
 const BACKENDS: usize = 10_000;
 
-/// (user, system) clock ticks of process `pid`, all threads.
-fn cpu_ticks(pid: u32) -> (u64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 (1-based), 12 and 13 here.
-    (f[11].parse().unwrap(), f[12].parse().unwrap())
-}
-
 fn threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -81,7 +72,7 @@ fn ten_thousand_backends_checked_every_five_seconds() {
     std::thread::sleep(Duration::from_secs(20));
     let (secs, c1, n1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid), checks());
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = clock_ticks_per_second();
     let pct = |ticks: u64| ticks as f64 / hz / secs * 100.0;
     let (user, system) = (pct(c1.0 - c0.0), pct(c1.1 - c0.1));
     let share = user + system;

@@ -315,6 +315,8 @@ fn build_info_and_process_metrics() {
             "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
         ),
     );
+    let (user, system) = cpu_ticks(proxy.pid());
+    let cpu_before_scrape = (user + system) as f64 / clock_ticks_per_second();
     let s = scrape(metrics_addr(&proxy));
     let info = s
         .samples
@@ -357,7 +359,13 @@ fn build_info_and_process_metrics() {
         rss > 0.5 * rss_kb * 1024.0 && rss < 2.0 * rss_kb * 1024.0,
         "process_resident_memory_bytes {rss}, /proc says {rss_kb} kB"
     );
-    assert!(value(&s, "process_cpu_seconds_total", &[]) > 0.0);
+    // Precise, unlike /proc's ticks: above zero even for a process that has
+    // run less than a tick, and never below what /proc counted before.
+    let cpu = value(&s, "process_cpu_seconds_total", &[]);
+    assert!(
+        cpu > 0.0 && cpu >= cpu_before_scrape,
+        "process_cpu_seconds_total {cpu}, /proc said {cpu_before_scrape} before the scrape"
+    );
     assert!(value(&s, "process_max_fds", &[]) >= open);
     assert!(value(&s, "process_threads", &[]) >= 3.0);
     let now = std::time::SystemTime::now()

@@ -2,7 +2,9 @@
 //! (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
 //! `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
 //! `process_start_time_seconds`, `process_threads`), read from
-//! `/proc/self` with the `procfs` crate at scrape time, and
+//! `/proc/self` with the `procfs` crate at scrape time (CPU time from the
+//! process CPU clock: `/proc`'s tick counts read 0 for a process that has run
+//! less than 10 ms), and
 //! `edgeproxy_build_info{version,commit} 1` to tell which build runs where.
 //!
 //! [`render`] appends the text-format families; a value that cannot be read
@@ -40,7 +42,7 @@ pub fn read() -> procfs::ProcResult<ProcessStats> {
         .ok()
         .map(|boot| boot as f64 + stat.starttime as f64 / ticks);
     Ok(ProcessStats {
-        cpu_seconds: (stat.utime + stat.stime) as f64 / ticks,
+        cpu_seconds: cpu_seconds(),
         resident_bytes: stat.rss * page,
         virtual_bytes: stat.vsize,
         open_fds,
@@ -48,6 +50,12 @@ pub fn read() -> procfs::ProcResult<ProcessStats> {
         start_time_seconds,
         threads: stat.num_threads,
     })
+}
+
+/// User plus system CPU time of the whole process, in nanoseconds' precision.
+fn cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {

@@ -314,6 +314,22 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// (user, system) CPU clock ticks of process `pid`, all threads, as
+/// `/proc/<pid>/stat` counts them (truncated: a tick is 1/`clock_ticks_per_second`).
+pub fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), 12 and 13 here.
+    (f[11].parse().unwrap(), f[12].parse().unwrap())
+}
+
+/// The unit of [`cpu_ticks`], in ticks per second.
+pub fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
 pub const SIGHUP: i32 = 1;
 pub const SIGINT: i32 = 2;
 pub const SIGTERM: i32 = 15;
