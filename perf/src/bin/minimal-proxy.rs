@@ -10,7 +10,11 @@
 //! counters, no timeouts, no PROXY protocol, no TLS, no splice. The gap
 //! between this and edgeproxy in the same suite run is what that work costs.
 //!
-//! Usage: `minimal-proxy --workers N FRONT=BACKEND...`; prints
+//! `--multishot` (or `MINIMAL_PROXY_MULTISHOT=1`) reads with one multishot
+//! receive per socket instead of one receive per read: the experiment
+//! README's "Keep-alive requests and multishot receive" reports.
+//!
+//! Usage: `minimal-proxy [--multishot] --workers N FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -32,8 +36,15 @@ fn main() {
 fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let mut workers = 1usize;
+    // The environment variable lets the perf suite, which starts this
+    // binary itself, measure the multishot variant.
+    let mut multishot = std::env::var_os("MINIMAL_PROXY_MULTISHOT").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
+        if arg == "--multishot" {
+            multishot = true;
+            continue;
+        }
         if arg == "--workers" {
             workers = args
                 .next()
@@ -52,7 +63,7 @@ fn run() -> Result<(), String> {
         routes.push((parse(front)?, parse(back)?));
     }
     if routes.is_empty() {
-        return Err("usage: minimal-proxy [--workers N] FRONT=BACKEND...".into());
+        return Err("usage: minimal-proxy [--multishot] [--workers N] FRONT=BACKEND...".into());
     }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -65,7 +76,7 @@ fn run() -> Result<(), String> {
             if let Some(core) = core {
                 core_affinity::set_for_current(core);
             }
-            if let Err(e) = worker(&routes, &ready) {
+            if let Err(e) = worker(&routes, multishot, &ready) {
                 let _ = ready.send(Err(e.to_string()));
             }
         }));
@@ -84,6 +95,7 @@ fn run() -> Result<(), String> {
 
 fn worker(
     routes: &[(SocketAddr, SocketAddr)],
+    multishot: bool,
     ready: &std::sync::mpsc::Sender<Result<(), String>>,
 ) -> io::Result<()> {
     let mut proactor = compio::driver::ProactorBuilder::new();
@@ -103,7 +115,11 @@ fn worker(
         let _ = ready.send(Ok(()));
         let mut tasks = Vec::new();
         for (listener, back) in listeners {
-            tasks.push(compio::runtime::spawn(accept_loop(Rc::new(listener), back)));
+            tasks.push(compio::runtime::spawn(accept_loop(
+                Rc::new(listener),
+                back,
+                multishot,
+            )));
         }
         for t in tasks {
             let _ = t.await;
@@ -126,24 +142,30 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(listener: Rc<TcpListener>, back: SocketAddr) {
+async fn accept_loop(listener: Rc<TcpListener>, back: SocketAddr, multishot: bool) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
         compio::runtime::spawn(async move {
-            let _ = serve(client, back).await;
+            let _ = serve(client, back, multishot).await;
         })
         .detach();
     }
 }
 
-async fn serve(client: TcpStream, back: SocketAddr) -> io::Result<()> {
+async fn serve(client: TcpStream, back: SocketAddr, multishot: bool) -> io::Result<()> {
     let backend = TcpStream::connect(back).await?;
     backend.set_nodelay(true)?;
-    let up = pump(&client, &backend);
-    let down = pump(&backend, &client);
-    let _ = futures_join(up, down).await;
+    if multishot {
+        let up = pump_multishot(&client, &backend);
+        let down = pump_multishot(&backend, &client);
+        let _ = futures_join(up, down).await;
+    } else {
+        let up = pump(&client, &backend);
+        let down = pump(&backend, &client);
+        let _ = futures_join(up, down).await;
+    }
     Ok(())
 }
 
@@ -204,4 +226,36 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
             chunk = back;
         }
     }
+}
+
+/// `pump` with one multishot receive armed for the connection's life (the
+/// kernel fills a provided buffer whenever data arrives, with no new
+/// submission nor poll arming per read): `--multishot`, the experiment
+/// README's "Keep-alive requests and multishot receive" reports. When the
+/// ring is empty the multishot ends with ENOBUFS: one plain read into a heap
+/// buffer, then the stream arms a new multishot.
+async fn pump_multishot(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    use compio::io::{AsyncRead, AsyncReadMulti, AsyncWriteExt};
+    use futures_util::StreamExt;
+    let mut reader = src;
+    let mut writer = dst;
+    let mut reads = std::pin::pin!(reader.read_multi(0));
+    loop {
+        match reads.next().await {
+            Some(Ok(buf)) => writer.write_all(buf).await.0?,
+            Some(Err(e)) if e.kind() == io::ErrorKind::ResourceBusy => {
+                let mut fallback = src;
+                let BufResult(n, buf) = fallback.read(Vec::with_capacity(64 * 1024)).await;
+                if n? == 0 {
+                    break;
+                }
+                writer.write_all(buf).await.0?;
+            }
+            Some(Err(e)) => return Err(e),
+            None => break,
+        }
+    }
+    // SAFETY: shutdown(2) on a descriptor `dst` keeps open.
+    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(dst), libc::SHUT_WR) };
+    Ok(())
 }
