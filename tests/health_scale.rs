@@ -71,7 +71,6 @@ fn ten_thousand_backends_checked_every_five_seconds() {
     let (t0, c0, n0) = (Instant::now(), cpu_ticks(pid), checks());
     std::thread::sleep(Duration::from_secs(20));
     let (secs, c1, n1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid), checks());
-    // SAFETY: sysconf has no preconditions.
     let hz = clock_ticks_per_second();
     let pct = |ticks: u64| ticks as f64 / hz / secs * 100.0;
     let (user, system) = (pct(c1.0 - c0.0), pct(c1.1 - c0.1));
