@@ -294,6 +294,15 @@ pub async fn write_chunk(stream: &TcpStream, chunk: Chunk) -> io::Result<()> {
     }
 }
 
+/// Writes all of `buf` and hands it back, so that a caller moving bulk data
+/// reuses one warm buffer instead of allocating (and page-faulting) a fresh
+/// one per read.
+pub async fn write_vec(stream: &TcpStream, buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    let mut writer = stream;
+    let BufResult(result, buf) = writer.write_all(buf).await;
+    result.map(|()| buf)
+}
+
 /// Writes a small fixed buffer (a PROXY header).
 pub async fn write_bytes<const N: usize>(
     stream: &TcpStream,

@@ -7,7 +7,7 @@
 //! async lock so TLS records from the two directions never interleave.
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Write};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,10 +43,24 @@ pub(crate) struct TlsSession {
     closed_in_handshake: Cell<bool>,
     /// Serialises writes of TLS records to the client socket.
     client_write: Mutex<()>,
+    /// The buffer the last bulk flush sent from, kept for the next one.
+    spare_out: Cell<Vec<u8>>,
 }
 
-/// The most plaintext moved per step; matches the largest TLS record.
-const PLAINTEXT_CHUNK: usize = 16 * 1024;
+/// A buffer that carried at least this much is kept for the next read or
+/// flush of the same connection: a bulk transfer reuses one warm buffer
+/// (a fresh one per read cost a malloc, page faults and a cold copy; see
+/// README, TLS bulk). A smaller one is freed, so an idle connection holds none.
+const KEEP_BUFFER_FROM: usize = 16 * 1024;
+
+/// Gives `buf` back for reuse, or drops it when it carried little.
+fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
+    if buf.len() >= KEEP_BUFFER_FROM {
+        buf
+    } else {
+        Vec::new()
+    }
+}
 
 impl TlsSession {
     /// Runs the handshake. Returns the session and any application data that
@@ -63,6 +77,7 @@ impl TlsSession {
             conn: RefCell::new(ServerConnection::new(config)?),
             closed_in_handshake: Cell::new(false),
             client_write: Mutex::new(()),
+            spare_out: Cell::new(Vec::new()),
         };
         let mut early = Vec::new();
         if let Some(bytes) = initial {
@@ -115,12 +130,17 @@ impl TlsSession {
             conn.read_tls(&mut tls)?;
             let state = conn.process_new_packets()?;
             closed |= state.peer_has_closed();
-            let pending = state.plaintext_bytes_to_read();
-            if pending > 0 {
-                let start = plain.len();
-                plain.resize(start + pending, 0);
-                let n = conn.reader().read(&mut plain[start..])?;
-                plain.truncate(start + n);
+            // Copied straight from rustls's plaintext chunks: reading into a
+            // zero-filled buffer instead cost a memset of every byte.
+            plain.reserve(state.plaintext_bytes_to_read());
+            let mut reader = conn.reader();
+            while let Ok(piece) = reader.fill_buf() {
+                if piece.is_empty() {
+                    break;
+                }
+                let n = piece.len();
+                plain.extend_from_slice(piece);
+                reader.consume(n);
             }
         }
         Ok(closed)
@@ -137,15 +157,18 @@ impl TlsSession {
         }
         let _turn = self.client_write.lock().await;
         loop {
-            let mut out = Vec::new();
+            let mut out = self.spare_out.take();
+            out.clear();
             {
                 let mut conn = self.conn.borrow_mut();
                 if !conn.wants_write() {
+                    self.spare_out.set(out);
                     return Ok(());
                 }
                 conn.write_tls(&mut out)?;
             }
-            rt::write_chunk(client, Chunk::Owned(out)).await?;
+            let out = rt::write_vec(client, out).await?;
+            self.spare_out.set(keep_if_bulk(out));
         }
     }
 
@@ -159,13 +182,14 @@ impl TlsSession {
         buffer_len: usize,
         bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
+        let mut plain = Vec::new();
         // Already closed: its early data went to the backend before this.
         while !self.closed_in_handshake.get() {
             let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
                 break;
             };
             activity.set(Instant::now());
-            let mut plain = Vec::new();
+            plain.clear();
             let result = self.absorb(chunk.as_slice(), &mut plain);
             drop(chunk);
             // Key updates and alerts may need an answer.
@@ -173,7 +197,7 @@ impl TlsSession {
             let closed = result?;
             if !plain.is_empty() {
                 bytes.add(plain.len() as u64);
-                rt::write_chunk(backend, Chunk::Owned(plain)).await?;
+                plain = keep_if_bulk(rt::write_vec(backend, plain).await?);
             }
             if closed {
                 break;
@@ -206,8 +230,17 @@ impl TlsSession {
             };
             activity.set(Instant::now());
             bytes.add(chunk.len() as u64);
-            for piece in chunk.as_slice().chunks(PLAINTEXT_CHUNK) {
-                self.conn.borrow_mut().writer().write_all(piece)?;
+            // Encrypt the whole read, then send its records in one write:
+            // one send per record cost a syscall's worth of kernel work per
+            // 16 KiB. rustls takes what fits under its buffer limit (a whole
+            // read when nothing is pending); the flush drains that.
+            let mut rest = Some(chunk);
+            while let Some(chunk) = rest.take() {
+                let n = self.conn.borrow_mut().writer().write(chunk.as_slice())?;
+                if n < chunk.len() {
+                    rest = Some(chunk.advance(n));
+                }
+                // Otherwise the buffer is back in the ring before the send waits.
                 self.flush(client).await?;
             }
         }

@@ -1,5 +1,6 @@
 //! (f) TLS: full handshakes per second (a new connection, a TLS 1.3 handshake
-//! without resumption, one HTTP request, close) and TLS bulk download.
+//! without resumption, one HTTP request, close) and TLS bulk download and
+//! upload.
 //!
 //! TLS is measured only when the edgeproxy binary accepts a TLS listener
 //! (`check-config` on a config with one); otherwise the scenario reports
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rustls::pki_types::ServerName;
 
-use crate::backends::{BULK_CMD_LEN, REQUEST_CLOSE, RESPONSE_CLOSE};
+use crate::backends::{Backends, BULK_CMD_LEN, REQUEST_CLOSE, RESPONSE_CLOSE};
 use crate::loadgen;
 use crate::procfs;
 use crate::report::{col, Sample, Variant};
@@ -108,6 +109,7 @@ pub fn scenarios(
     opts: &Options,
     setup: &Setup,
     targets: &mut [Running],
+    backends: &Backends,
     unavailable: Option<String>,
 ) -> Vec<Variant> {
     let mut hs = Variant::new(
@@ -127,6 +129,17 @@ pub fn scenarios(
         "f_tls_bulk",
         format!(
             "(f) TLS bulk download (backend → client through TLS): {} streams",
+            opts.bulk_streams
+        ),
+        &[
+            col("mbps", "MB/s", false),
+            col("cpu_ms_per_gb", "CPU ms/GB", true),
+        ],
+    );
+    let mut upload = Variant::new(
+        "f_tls_upload",
+        format!(
+            "(f) TLS bulk upload (client → backend through TLS): {} streams",
             opts.bulk_streams
         ),
         &[
@@ -166,18 +179,25 @@ pub fn scenarios(
                         .push(format!("{} run {}: failed: {e:#}", t.kind.name(), run + 1))
                 }
             }
-            match bulk_sample(opts, t, run, bulk_front, &material) {
-                Ok(s) => bulk.samples.push(s),
-                Err(e) => {
-                    bulk.notes
-                        .push(format!("{} run {}: failed: {e:#}", t.kind.name(), run + 1))
+            for (variant, direction) in [
+                (&mut bulk, Direction::Download),
+                (&mut upload, Direction::Upload),
+            ] {
+                match bulk_sample(opts, t, run, bulk_front, &material, backends, direction) {
+                    Ok(s) => variant.samples.push(s),
+                    Err(e) => variant.notes.push(format!(
+                        "{} run {}: failed: {e:#}",
+                        t.kind.name(),
+                        run + 1
+                    )),
                 }
             }
         }
     }
     hs.finish();
     bulk.finish();
-    vec![hs, bulk]
+    upload.finish();
+    vec![hs, bulk, upload]
 }
 
 fn tls_connect(
@@ -297,38 +317,58 @@ fn handshake_sample(
     })
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    Download,
+    Upload,
+}
+
 fn bulk_sample(
     opts: &Options,
     t: &Running,
     run: usize,
     front: SocketAddr,
     m: &Arc<TlsMaterial>,
+    backends: &Backends,
+    direction: Direction,
 ) -> anyhow::Result<Sample> {
     let stop = Arc::new(AtomicBool::new(false));
-    let bytes = Arc::new(AtomicU64::new(0));
+    let downloaded = Arc::new(AtomicU64::new(0));
     let sources = loadgen::loopback_sources(opts.sources);
     let mut threads = Vec::new();
     for i in 0..opts.bulk_streams.max(1) {
         let mut s = tls_connect(front, Some(sources[i % sources.len()]), m)?;
         s.sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        s.sock.set_write_timeout(Some(Duration::from_millis(100)))?;
         let mut cmd = [0u8; BULK_CMD_LEN];
-        cmd[0] = b'D';
+        cmd[0] = match direction {
+            Direction::Download => b'D',
+            Direction::Upload => b'U',
+        };
         cmd[1..].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
         s.write_all(&cmd)?;
         s.flush()?;
-        let (stop, bytes, cpus) = (
+        let (stop, downloaded, cpus) = (
             Arc::clone(&stop),
-            Arc::clone(&bytes),
+            Arc::clone(&downloaded),
             opts.loadgen_cpus.clone(),
         );
         threads.push(std::thread::spawn(move || {
             let _ = procfs::pin_current_thread(&cpus);
             let mut buf = vec![0u8; 256 * 1024];
             while !stop.load(Ordering::Relaxed) {
-                match s.read(&mut buf) {
+                let r = match direction {
+                    Direction::Download => s.read(&mut buf),
+                    // rustls keeps what a timed-out write could not send and
+                    // sends it first on the next call.
+                    Direction::Upload => s.write(&buf),
+                };
+                match r {
                     Ok(0) => break,
                     Ok(n) => {
-                        bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        if direction == Direction::Download {
+                            downloaded.fetch_add(n as u64, Ordering::Relaxed);
+                        }
                     }
                     Err(e)
                         if matches!(
@@ -340,16 +380,22 @@ fn bulk_sample(
             }
         }));
     }
+    // Upload counts what the backend received: bytes still in flight
+    // through the proxy are not counted as moved.
+    let counter = || match direction {
+        Direction::Download => downloaded.load(Ordering::Relaxed),
+        Direction::Upload => backends.bulk_received.load(Ordering::Relaxed),
+    };
     let pid = t.pid();
     std::thread::sleep(opts.warmup);
     let (b0, c0, t0) = (
-        bytes.load(Ordering::Relaxed),
+        counter(),
         pid.map(procfs::cpu).unwrap_or_default(),
         Instant::now(),
     );
     std::thread::sleep(opts.duration);
     let (b1, c1, elapsed) = (
-        bytes.load(Ordering::Relaxed),
+        counter(),
         pid.map(procfs::cpu).unwrap_or_default(),
         t0.elapsed(),
     );
