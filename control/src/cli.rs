@@ -120,7 +120,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Run) {
-        Command::Run => crate::app::run(cli.config),
+        Command::Run => {
+            crate::memcpy_tuning::apply();
+            crate::app::run(cli.config)
+        }
         Command::CheckConfig { no_bind } => {
             let options = crate::app::CheckOptions { no_bind };
             crate::app::check(cli.config.as_deref(), options).and_then(|(config, warnings)| {

@@ -21,6 +21,7 @@ pub mod health;
 pub mod internal_dns;
 pub mod log_config;
 pub mod logging;
+pub mod memcpy_tuning;
 pub mod mesh;
 pub mod metrics;
 pub mod no_backend_warn;
