@@ -236,11 +236,22 @@ impl TlsSession {
             // read when nothing is pending); the flush drains that.
             let mut rest = Some(chunk);
             while let Some(chunk) = rest.take() {
-                let n = self.conn.borrow_mut().writer().write(chunk.as_slice())?;
+                let n = {
+                    let mut conn = self.conn.borrow_mut();
+                    let n = conn.writer().write(chunk.as_slice())?;
+                    // Nothing taken and nothing to flush: rustls refuses
+                    // (e.g. its keys are exhausted); looping would spin.
+                    if n == 0 && !conn.wants_write() {
+                        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                    }
+                    n
+                };
                 if n < chunk.len() {
                     rest = Some(chunk.advance(n));
+                } else {
+                    // Back in the ring before the send waits.
+                    drop(chunk);
                 }
-                // Otherwise the buffer is back in the ring before the send waits.
                 self.flush(client).await?;
             }
         }
