@@ -125,28 +125,8 @@ pub fn scenarios(
             col("cpu_us_per_handshake", "CPU µs/handshake", true),
         ],
     );
-    let mut bulk = Variant::new(
-        "f_tls_bulk",
-        format!(
-            "(f) TLS bulk download (backend → client through TLS): {} streams",
-            opts.bulk_streams
-        ),
-        &[
-            col("mbps", "MB/s", false),
-            col("cpu_ms_per_gb", "CPU ms/GB", true),
-        ],
-    );
-    let mut upload = Variant::new(
-        "f_tls_upload",
-        format!(
-            "(f) TLS bulk upload (client → backend through TLS): {} streams",
-            opts.bulk_streams
-        ),
-        &[
-            col("mbps", "MB/s", false),
-            col("cpu_ms_per_gb", "CPU ms/GB", true),
-        ],
-    );
+    let mut bulk = Direction::Download.variant(opts);
+    let mut upload = Direction::Upload.variant(opts);
     let material = match (&unavailable, &setup.tls) {
         (Some(why), _) => {
             hs.notes
@@ -321,6 +301,27 @@ fn handshake_sample(
 enum Direction {
     Download,
     Upload,
+}
+
+impl Direction {
+    /// The report variant for TLS bulk in this direction.
+    fn variant(self, opts: &Options) -> Variant {
+        let (id, what) = match self {
+            Direction::Download => ("f_tls_bulk", "download (backend → client"),
+            Direction::Upload => ("f_tls_upload", "upload (client → backend"),
+        };
+        Variant::new(
+            id,
+            format!(
+                "(f) TLS bulk {what} through TLS): {} streams",
+                opts.bulk_streams
+            ),
+            &[
+                col("mbps", "MB/s", false),
+                col("cpu_ms_per_gb", "CPU ms/GB", true),
+            ],
+        )
+    }
 }
 
 fn bulk_sample(
