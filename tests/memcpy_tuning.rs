@@ -43,6 +43,10 @@ fn the_running_proxy_has_the_memcpy_tunable_and_serves() {
     ))
     .then(|| TUNABLE.to_string());
     assert_eq!(tunables_of(proxy.pid()), expected, "{}", proxy.log_text());
+    // The re-exec goes through /proc/self/exe; the process must still be
+    // named after its binary, or `pgrep edgeproxy` and `top` lose it.
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", proxy.pid())).unwrap();
+    assert_eq!(comm.trim_end(), "edgeproxy");
 }
 
 #[test]

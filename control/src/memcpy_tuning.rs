@@ -19,6 +19,11 @@
 //! process keeps its pid (systemd, the upgrade handshake and pid files see
 //! one process). An operator who sets `GLIBC_TUNABLES` (even empty, e.g. to
 //! run under valgrind) keeps exactly what they set: no re-exec then.
+//!
+//! Executing `/proc/self/exe` names the process "exe" (the kernel takes
+//! `comm` from the executed path), which would break `pgrep edgeproxy`,
+//! `pkill`, `top` and `ps -C`; the re-executed process therefore renames
+//! itself after its `argv[0]`, as the first exec had named it.
 
 use std::ffi::OsString;
 
@@ -54,7 +59,11 @@ pub fn decide(current: Option<&OsString>) -> Decision {
 /// only when it did not (or the exec failed, which is logged to stderr: the
 /// proxy then runs with glibc's defaults).
 pub fn apply() {
-    let Decision::Reexec(value) = decide(std::env::var_os("GLIBC_TUNABLES").as_ref()) else {
+    let current = std::env::var_os("GLIBC_TUNABLES");
+    let Decision::Reexec(value) = decide(current.as_ref()) else {
+        if current.is_some_and(|value| value == TUNABLE) {
+            restore_process_name();
+        }
         return;
     };
     use std::os::unix::process::CommandExt;
@@ -71,6 +80,34 @@ pub fn apply() {
         "edgeproxy: note: could not re-execute with GLIBC_TUNABLES={TUNABLE} ({error}); \
          running with glibc's default memcpy"
     );
+}
+
+/// The name the kernel gave the first exec: `argv[0]`'s last component (the
+/// kernel's `comm` is the executed path's, and callers pass that path or its
+/// name as `argv[0]`), cut to the 15 bytes `comm` holds.
+fn process_name(argv0: &std::ffi::OsStr) -> Option<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::path::Path::new(argv0).file_name()?.as_bytes();
+    std::ffi::CString::new(&name[..name.len().min(15)]).ok()
+}
+
+/// Renames this process after `argv[0]` when the re-exec named it "exe".
+fn restore_process_name() {
+    let Ok(comm) = std::fs::read_to_string("/proc/self/comm") else {
+        return;
+    };
+    if comm.trim_end() != "exe" {
+        return;
+    }
+    let Some(name) = std::env::args_os()
+        .next()
+        .and_then(|argv0| process_name(&argv0))
+    else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes
+    // from the pointer, which `name` keeps alive for the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
 #[cfg(test)]
@@ -92,5 +129,17 @@ mod tests {
         } else {
             assert_eq!(unset, Decision::Keep);
         }
+    }
+
+    #[test]
+    fn the_process_is_named_after_argv0s_last_component() {
+        let name = |argv0: &str| process_name(argv0.as_ref()).map(|c| c.into_string().unwrap());
+        assert_eq!(name("/usr/bin/edgeproxy").as_deref(), Some("edgeproxy"));
+        assert_eq!(name("edgeproxy").as_deref(), Some("edgeproxy"));
+        assert_eq!(
+            name("./edgeproxy-with-a-long-name").as_deref(),
+            Some("edgeproxy-with-")
+        );
+        assert_eq!(name("/"), None);
     }
 }
