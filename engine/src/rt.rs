@@ -94,22 +94,22 @@ impl<F: Future, S: Future<Output = ()>> Future for Timeout<F, S> {
     }
 }
 
-/// Accepts that register with one cancel token before it is replaced. A
-/// token remembers every operation ever registered with it (a weak reference
-/// that pins the operation's allocation) until it is cancelled, so a token
-/// kept for the life of a listener would grow by one entry per connection.
-/// Replacing it every 64 accepts bounds that at 64 entries per accept loop for
-/// one small allocation per 64 connections.
-const ACCEPTS_PER_TOKEN: u32 = 64;
-
 /// Lets an accept loop be stopped without losing a connection.
 ///
 /// Dropping an accept future is not safe for that: if the kernel completed
 /// the accept just before the drop, the new connection is closed with it
-/// (the client sees a reset). Instead, [`AcceptGate::stop`] cancels the
-/// accept in flight through a compio cancel token and lets it come back:
+/// (the client sees a reset). Instead, [`AcceptGate::stop`] asks io_uring to
+/// cancel every request on the listening descriptor (`ASYNC_CANCEL` matched
+/// by descriptor, [`CancelAllOn`]) and lets the accept in flight come back:
 /// either cancelled (nothing was dequeued) or with a connection, which the
 /// loop then serves. After that, [`AcceptGate::accept`] returns `None`.
+///
+/// Not compio's `CancelToken`: it reaches the operation only through a
+/// waker extension that compio recognises by comparing vtable addresses, and
+/// in the release build (several codegen units, thin LTO) the addresses
+/// differ, the accept is never registered, and a stop waited forever — every
+/// graceful shutdown and binary upgrade of the shipped binary hung while the
+/// debug build the tests run worked.
 ///
 /// Accepts in io_uring wait with an *exclusive* poll on the socket: one
 /// arriving connection wakes one waiter. A cancelled accept may have taken
@@ -120,17 +120,15 @@ const ACCEPTS_PER_TOKEN: u32 = 64;
 /// socket go.
 pub struct AcceptGate {
     stopped: std::cell::Cell<bool>,
-    token: std::cell::RefCell<compio::runtime::CancelToken>,
-    registered: std::cell::Cell<u32>,
+    /// The listening descriptor of the accept in flight, if one is.
+    in_flight: std::cell::Cell<Option<std::os::fd::RawFd>>,
 }
 
 impl AcceptGate {
-    /// Must be called on a shard's runtime.
     pub fn new() -> AcceptGate {
         AcceptGate {
             stopped: std::cell::Cell::new(false),
-            token: std::cell::RefCell::new(compio::runtime::CancelToken::new()),
-            registered: std::cell::Cell::new(0),
+            in_flight: std::cell::Cell::new(None),
         }
     }
 
@@ -140,17 +138,14 @@ impl AcceptGate {
         &self,
         listener: &TcpListener,
     ) -> Option<io::Result<(TcpStream, SocketAddr)>> {
-        use compio::runtime::FutureExt as _;
+        use std::os::fd::AsRawFd;
         if self.stopped.get() {
             return None;
         }
-        if self.registered.get() >= ACCEPTS_PER_TOKEN {
-            *self.token.borrow_mut() = compio::runtime::CancelToken::new();
-            self.registered.set(0);
-        }
-        self.registered.set(self.registered.get() + 1);
-        let token = self.token.borrow().clone();
-        match listener.accept().with_cancel(token).await {
+        self.in_flight.set(Some(listener.as_raw_fd()));
+        let accepted = listener.accept().await;
+        self.in_flight.set(None);
+        match accepted {
             // Accepted, stopped or not: the connection is ours to serve.
             Ok(conn) => Some(Ok(conn)),
             Err(_) if self.stopped.get() => None,
@@ -159,13 +154,51 @@ impl AcceptGate {
     }
 
     /// Stops the loop: the accept in flight is cancelled (or completes).
+    /// Must be called on the shard that runs the loop (the cancellation goes
+    /// through its ring).
     pub fn stop(&self) {
         self.stopped.set(true);
-        self.token.borrow().clone().cancel();
+        if let Some(fd) = self.in_flight.get() {
+            spawn(async move {
+                let BufResult(cancelled, _) = compio::runtime::submit(CancelAllOn { fd }).await;
+                // ENOENT: the accept had completed already; anything else
+                // (a kernel before 5.19 without cancel-by-descriptor) leaves
+                // the accept waiting for one more client, which it serves.
+                if let Err(e) = cancelled {
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        tracing::warn!(error = %e, fd,
+                            "could not cancel the accept in flight; the accept loop \
+                             stops after its next connection");
+                    }
+                }
+            })
+            .detach();
+        }
     }
 
     pub fn is_stopped(&self) -> bool {
         self.stopped.get()
+    }
+}
+
+/// io_uring `ASYNC_CANCEL` of every request in flight on descriptor `fd`
+/// (`IORING_ASYNC_CANCEL_FD | IORING_ASYNC_CANCEL_ALL`, Linux 5.19). compio
+/// cancels only by operation key, which it hands out through a mechanism the
+/// release build breaks (see [`AcceptGate`]).
+struct CancelAllOn {
+    fd: std::os::fd::RawFd,
+}
+
+// SAFETY: the entry refers to no memory: only a descriptor number, which
+// the kernel matches against requests in flight (a closed or reused number
+// matches nothing of ours or cancels an accept we are stopping anyway).
+unsafe impl compio::driver::OpCode for CancelAllOn {
+    type Control = ();
+
+    fn create_entry(&mut self, _: &mut ()) -> compio::driver::OpEntry {
+        use io_uring::{opcode::AsyncCancel2, types};
+        let matching = types::CancelBuilder::fd(types::Fd(self.fd)).all();
+        compio::driver::OpEntry::Submission(AsyncCancel2::new(matching).build())
     }
 }
 
