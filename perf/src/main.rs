@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use perf::targets::Kind;
 use perf::Options;
@@ -140,7 +141,9 @@ fn main() -> anyhow::Result<()> {
         o.loadgen_cpus = cpus(&c)?;
     }
     if let Some(e) = args.edgeproxy {
-        o.edgeproxy_bin = e;
+        // Absolute: each target is started from a directory of its own.
+        o.edgeproxy_bin =
+            std::path::absolute(&e).with_context(|| format!("--edgeproxy {}", e.display()))?;
     }
     o.out_dir = args.out;
     perf::run(&o)?;
