@@ -20,6 +20,7 @@ use futures_util::future::{select, try_join, Either};
 
 use crate::access::{self, Tally};
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
+use crate::idle::IdleGuard;
 use crate::passive::PassiveKind;
 use crate::pool::handover::{self, ClientSide, HandOver, Plain};
 use crate::pool::stats::PoolStats;
@@ -336,6 +337,8 @@ async fn serve_inner(
         rt::write_chunk(&backend, early).await?;
     }
     let backend_reset = Cell::new(false);
+    // Zero: never closed for idleness, so not watched.
+    let idle = (!idle_timeout.is_zero()).then(|| ctx.idle.watch(idle_timeout));
     let outcome = match &tls {
         None => {
             splice(
@@ -343,7 +346,7 @@ async fn serve_inner(
                 tally,
                 client,
                 &backend,
-                idle_timeout,
+                idle.as_ref(),
                 buffer_len,
                 &backend_reset,
             )
@@ -355,7 +358,7 @@ async fn serve_inner(
                 session,
                 client,
                 &backend,
-                idle_timeout,
+                idle.as_ref(),
                 buffer_len,
                 &backend_reset,
             ))
@@ -551,19 +554,21 @@ fn byte_counts<'a>(ctx: &'a ShardCtx, tally: Option<&'a Tally>) -> (ByteCount<'a
     )
 }
 
-/// Pumps bytes both ways until both directions have ended. A reset read
-/// from the backend sets `backend_reset` (a passive health event).
+/// Pumps bytes both ways until both directions have ended, or until `idle`
+/// (when watched) finds no byte moved for its timeout. A reset read from the
+/// backend sets `backend_reset` (a passive health event).
 async fn splice(
     ctx: &ShardCtx,
     tally: Option<&Tally>,
     client: &TcpStream,
     backend: &TcpStream,
-    idle: Duration,
+    idle: Option<&IdleGuard>,
     buffer_len: usize,
     backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
     let (up_bytes, down_bytes) = byte_counts(ctx, tally);
-    let activity = Cell::new(Instant::now());
+    let unwatched = Cell::new(Instant::now());
+    let activity = idle.map_or(&unwatched, IdleGuard::activity);
     // Where switched flows are counted, when bulk flows are spliced at all.
     let spliced = ctx
         .shared
@@ -571,18 +576,18 @@ async fn splice(
         .splice_bulk
         .then_some(&ctx.stats.spliced_flows);
     let up = pump(
-        client, backend, &activity, buffer_len, up_bytes, spliced, None,
+        client, backend, activity, buffer_len, up_bytes, spliced, None,
     );
     let down = pump(
         backend,
         client,
-        &activity,
+        activity,
         buffer_len,
         down_bytes,
         spliced,
         Some(backend_reset),
     );
-    let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
+    let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
 }
 
@@ -592,43 +597,43 @@ async fn splice_tls(
     session: &TlsSession,
     client: &TcpStream,
     backend: &TcpStream,
-    idle: Duration,
+    idle: Option<&IdleGuard>,
     buffer_len: usize,
     backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
-    let activity = Cell::new(Instant::now());
-    let up = session.pump_up(client, backend, &activity, buffer_len, up_bytes);
+    let unwatched = Cell::new(Instant::now());
+    let activity = idle.map_or(&unwatched, IdleGuard::activity);
+    let up = session.pump_up(client, backend, activity, buffer_len, up_bytes);
     let down = session.pump_down(
         backend,
         client,
-        &activity,
+        activity,
         buffer_len,
         down_bytes,
         backend_reset,
     );
-    let outcome = until_idle(pin!(try_join(up, down)), &activity, idle).await;
+    let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
 }
 
-/// Runs both directions (`both`) until they end, or until no byte moved for
-/// `idle` (zero: never).
+/// Runs both directions (`both`) until they end, or until `idle` (when the
+/// connection is watched) finds no byte moved for its timeout.
 ///
 /// Takes `both` pinned by the caller so it is stored once in the connection's
 /// task (the task's size is what an idle connection costs).
 async fn until_idle<E>(
     mut both: Pin<&mut impl Future<Output = Result<((), ()), E>>>,
-    activity: &Cell<Instant>,
-    idle: Duration,
+    idle: Option<&IdleGuard>,
 ) -> Result<(), ConnError>
 where
     ConnError: From<E>,
 {
-    if idle.is_zero() {
+    let Some(idle) = idle else {
         return both.await.map(drop).map_err(ConnError::from);
-    }
-    let outcome = match select(both.as_mut(), pin!(idle_watch(activity, idle))).await {
+    };
+    let outcome = match select(both.as_mut(), pin!(idle.expired())).await {
         Either::Left((result, _)) => result.map(drop).map_err(ConnError::from),
-        Either::Right(_) => Err(ConnError::Idle(idle)),
+        Either::Right(_) => Err(ConnError::Idle(idle.timeout())),
     };
     outcome
 }
@@ -685,17 +690,6 @@ async fn pump(
                 }
             }
         }
-    }
-}
-
-/// Resolves when no byte moved either way for `idle`.
-async fn idle_watch(activity: &Cell<Instant>, idle: Duration) {
-    loop {
-        let deadline = activity.get() + idle;
-        if Instant::now() >= deadline {
-            return;
-        }
-        rt::sleep_until(deadline).await;
     }
 }
 

@@ -54,6 +54,8 @@ pub(crate) struct ShardCtx {
     pub clients: RefCell<ClientTable>,
     /// This shard's warm backend connections; private, so no lock.
     pub pool: Rc<crate::pool::ShardPool>,
+    /// Idle timeouts of this shard's connections (one sweeper, see `idle`).
+    pub idle: crate::idle::IdleSweeper,
     /// This shard's view of the knobs: re-read only after a change, so
     /// connections don't bump a shared refcount.
     knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
@@ -70,6 +72,7 @@ impl ShardCtx {
         ShardCtx {
             id,
             pool: crate::pool::ShardPool::new(id, pool_stats),
+            idle: crate::idle::IdleSweeper::default(),
             knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
             clients: RefCell::new(ClientTable::new(
                 shared.settings.client_table_capacity,

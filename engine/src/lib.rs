@@ -10,6 +10,7 @@ mod conn;
 mod ctx;
 mod engine;
 pub mod geo;
+mod idle;
 pub mod listener;
 pub mod log_limit;
 pub mod passive;
