@@ -61,6 +61,22 @@ fn perf_suite_quick_run_reports_every_scenario() {
     let share = over.median(Kind::Edgeproxy, "served_share").unwrap();
     assert!(share > 0.0 && share < 1.5, "{}", over.render());
     assert!(over.median(Kind::Edgeproxy, "offered_rps").unwrap() > 0.0);
+    // The offered rate is 1.2x the maximum measured just before.
+    let max = over.median(Kind::Edgeproxy, "max_rps").unwrap();
+    assert!(max > 0.0, "{}", over.render());
+    // The proxy runs under a CPU cap (a cgroup: root, as in CI), or the
+    // report says why not.
+    assert!(
+        over.title.contains("capped at") || over.notes.iter().any(|n| n.contains("NOT capped")),
+        "{}",
+        over.render()
+    );
+    let flood = variant("o_overload_connections");
+    assert!(
+        flood.median(Kind::Edgeproxy, "served_share").unwrap_or(0.0) > 0.0,
+        "{}",
+        flood.render()
+    );
     // The load generator's side: its thread and the backends' were found
     // and ran (a renamed thread would read as zero).
     for key in ["loadgen_us_per_req", "backend_us_per_req", "loadgen_util"] {

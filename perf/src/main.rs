@@ -22,12 +22,13 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Scenario letters: a keep-alive, b open loop, o overload (open loop
-    /// past each target's own maximum), c connection per request, d bulk,
+    /// past each target's own maximum, keep-alive and new connections, the
+    /// proxy under a CPU cap), c connection per request, d bulk,
     /// e idle memory, f TLS, g hot reload, p warm backend connections to a
     /// 100 ms-RTT backend (pool on vs off; needs root), s syscall census
     /// (perf stat tracepoints), r rate limiting's cost in c (on vs off).
-    /// Default: all but r (quick: all but r and s). b and o take their
-    /// rates from a.
+    /// Default: all but r (quick: all but r and s). b takes its rates
+    /// from a; o measures each target's maximum itself.
     #[arg(long)]
     scenarios: Option<String>,
     /// Runs per target per scenario (interleaved). Default 3.
@@ -54,6 +55,12 @@ struct Args {
     /// Overload (o): the multiple of each target's own maximum. Default 1.2.
     #[arg(long)]
     overload: Option<f64>,
+    /// Overload (o): the share of one CPU each proxy may use during it, set
+    /// with a cgroup CPU cap (needs root), so the proxy saturates before the
+    /// load generator does; 0: uncapped. Default 0.5. Without root or a cgroup
+    /// cpu controller the run goes on uncapped and its report says so.
+    #[arg(long)]
+    overload_cpu_cap: Option<f64>,
     /// Idle connections in the memory scenario. Default 5000 (quick: 500).
     #[arg(long)]
     idle_connections: Option<usize>,
@@ -127,6 +134,13 @@ fn main() -> anyhow::Result<()> {
             "--overload: a positive multiple of each target's maximum"
         );
         o.overload_factor = f;
+    }
+    if let Some(share) = args.overload_cpu_cap {
+        anyhow::ensure!(
+            share.is_finite() && share >= 0.0,
+            "--overload-cpu-cap: a share of one CPU (0.5: half a core), or 0 for none"
+        );
+        o.overload_cpu_cap = (share > 0.0).then_some(share);
     }
     if let Some(n) = args.idle_connections {
         o.idle_connections = n;

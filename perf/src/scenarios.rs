@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::backends::{Backends, BULK_CMD_LEN};
+use crate::cpu_cap::CpuCap;
 use crate::loadgen::{self, LoadSpec, Pace};
 use crate::procfs::{self, CpuSample};
 use crate::report::{col, Column, Sample, Variant};
@@ -116,7 +117,7 @@ pub(crate) fn rr_sample(
 }
 
 /// One open-loop keep-alive run at `rate` requests/s over
-/// `opts.connections` connections (scenarios b and o).
+/// `opts.connections` connections (scenario b).
 fn open_keepalive(opts: &Options, t: &Running, run: usize, rate: f64) -> anyhow::Result<Sample> {
     let s = spec(
         opts,
@@ -297,26 +298,65 @@ pub fn open_loop(
     v
 }
 
-/// (o) overload: open loop at `overload_factor` × each target's own
-/// closed-loop maximum, so every target is past saturation by the same
-/// share. Reports the latency (from the scheduled time) and the share of
-/// the offered requests served within the window.
-pub fn overload(opts: &Options, targets: &mut [Running], capacity: &Capacity) -> Variant {
+/// What the overload scenario offers past each target's maximum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverloadLoad {
+    /// Requests on `connections` keep-alive connections: one request in
+    /// flight per connection, the rest wait in the generator, so the proxy
+    /// sees a steady set of busy connections.
+    KeepAlive,
+    /// A new connection per request, up to `overload_sessions` at once (the
+    /// closed-loop maximum is measured with as many, the depth at which a
+    /// proxy batches most): a flood of connections the proxy must accept
+    /// while serving the ones it has.
+    NewConnections,
+}
+
+/// (o) overload: for each target and run, its closed-loop maximum measured
+/// right then, then an open loop at `overload_factor` × that maximum, so
+/// every target is past saturation by the same share (a maximum taken from
+/// (a) minutes earlier drifted with the host, and a target whose (a) ran
+/// fast was pushed harder than the others). Proxies run under a CPU cap
+/// (`overload_cpu_cap`, see `cpu_cap`) so that they, not the load
+/// generator's core, saturate. Reports the latency (from the scheduled
+/// time) and the share of the offered requests served within the window.
+pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> Variant {
     let factor = opts.overload_factor;
+    let cap = opts
+        .overload_cpu_cap
+        .map(|share| CpuCap::create(share).map_err(|e| (share, e)));
+    let capped = match &cap {
+        Some(Ok(cap)) => format!(", proxies capped at {:.2} CPU", cap.share),
+        _ => String::new(),
+    };
+    let (id, what) = match load {
+        OverloadLoad::KeepAlive => (
+            "o_overload",
+            format!("{} keep-alive connections", opts.connections),
+        ),
+        OverloadLoad::NewConnections => (
+            "o_overload_connections",
+            format!(
+                "a new connection per request, up to {} at once (the maximum too)",
+                opts.overload_sessions
+            ),
+        ),
+    };
     let mut v = Variant::new(
-        "o_overload",
+        id,
         format!(
-            "(o) overload: open loop at {factor}× each target's own closed-loop maximum, {} connections",
-            opts.connections
+            "(o) overload: open loop at {factor}× each target's own closed-loop maximum measured just before{capped}; {what}"
         ),
         &[
+            col("max_rps", "own max req/s", false),
             col("offered_rps", "offered req/s", false),
             col("rps", "served req/s", false),
             col("served_share", "served share", false),
             col("p50_us", "p50 µs", true),
             col("p99_us", "p99 µs", true),
+            col("errors", "errors", true),
             col("cpu_us_per_req", "CPU µs/req", true),
-            col("proxy_cpu_util", "proxy core busy", false),
+            col("proxy_cpu_util", "proxy CPU busy", false),
             col("loadgen_us_per_req", "generator µs/req", true),
             col("loadgen_wakeups_per_req", "generator wake-ups/req", true),
             col("loadgen_events_per_wakeup", "events/wake-up", false),
@@ -325,24 +365,64 @@ pub fn overload(opts: &Options, targets: &mut [Running], capacity: &Capacity) ->
             col("loadgen_wait_share", "generator waiting", true),
         ],
     );
-    if capacity.0.is_empty() {
-        v.notes
-            .push("not measured: needs each target's maximum from (a)".into());
-        return v;
-    }
-    v.notes.push(capacity.describe());
+    let cap = match cap {
+        Some(Ok(cap)) => Some(cap),
+        Some(Err((share, e))) => {
+            v.notes.push(format!(
+                "proxies NOT capped at {share} CPU ({e:#}): the load generator's core may saturate before the proxy's"
+            ));
+            None
+        }
+        None => None,
+    };
     interleaved(opts, targets, &mut v, |t, run| {
-        let max = capacity
-            .of(t.kind)
-            .ok_or_else(|| anyhow::anyhow!("no maximum from (a)"))?;
-        let rate = max * factor;
-        let mut sample = open_keepalive(opts, t, run, rate)?;
-        let served = sample.metrics.get("rps").copied().unwrap_or_default();
-        sample.metrics.insert("offered_rps", rate);
-        sample.metrics.insert("served_share", served / rate);
-        Ok(sample)
+        let pid = t.pid().filter(|_| t.kind.is_proxy());
+        if let (Some(cap), Some(pid)) = (&cap, pid) {
+            cap.enter(pid)?;
+        }
+        let sample = overload_run(opts, t, run, factor, load);
+        if let (Some(cap), Some(pid)) = (&cap, pid) {
+            cap.leave(pid)?;
+        }
+        sample
     });
     v
+}
+
+/// One (o) run: the closed-loop maximum, then the open loop past it.
+fn overload_run(
+    opts: &Options,
+    t: &Running,
+    run: usize,
+    factor: f64,
+    load: OverloadLoad,
+) -> anyhow::Result<Sample> {
+    let to = t.fronts.http;
+    let (closed, open_sessions, keepalive) = match load {
+        OverloadLoad::KeepAlive => (
+            spec(opts, to, Pace::Closed, true, opts.connections),
+            opts.connections,
+            true,
+        ),
+        OverloadLoad::NewConnections => (
+            spec(opts, to, Pace::Closed, false, opts.overload_sessions),
+            opts.overload_sessions,
+            false,
+        ),
+    };
+    let max = rr_sample(opts, t, run, closed, "rps", "cpu_us_per_req")?
+        .metrics
+        .get("rps")
+        .copied()
+        .unwrap_or_default();
+    let rate = max * factor;
+    let open = spec(opts, to, Pace::Open(rate), keepalive, open_sessions);
+    let mut sample = rr_sample(opts, t, run, open, "rps", "cpu_us_per_req")?;
+    let served = sample.metrics.get("rps").copied().unwrap_or_default();
+    sample.metrics.insert("max_rps", max);
+    sample.metrics.insert("offered_rps", rate);
+    sample.metrics.insert("served_share", served / rate);
+    Ok(sample)
 }
 
 /// (c) a new connection per request, closed loop.
