@@ -567,7 +567,7 @@ async fn splice(
     backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
     let (up_bytes, down_bytes) = byte_counts(ctx, tally);
-    let unwatched = Cell::new(Instant::now());
+    let unwatched = Cell::new(false);
     let activity = idle.map_or(&unwatched, IdleGuard::activity);
     // Where switched flows are counted, when bulk flows are spliced at all.
     let spliced = ctx
@@ -601,7 +601,7 @@ async fn splice_tls(
     buffer_len: usize,
     backend_reset: &Cell<bool>,
 ) -> Result<(), ConnError> {
-    let unwatched = Cell::new(Instant::now());
+    let unwatched = Cell::new(false);
     let activity = idle.map_or(&unwatched, IdleGuard::activity);
     let up = session.pump_up(client, backend, activity, buffer_len, up_bytes);
     let down = session.pump_down(
@@ -641,11 +641,12 @@ where
 /// Copies `src` to `dst` until `src` ends, then half-closes `dst`. With
 /// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
 /// the rest of the flow to splice(2) and is counted there. A read from `src`
-/// that fails with a reset sets `src_reset`.
+/// that fails with a reset sets `src_reset`; every read sets `activity` (the
+/// idle sweeper's flag: no clock read per chunk).
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    activity: &Cell<Instant>,
+    activity: &Cell<bool>,
     buffer_len: usize,
     bytes: ByteCount<'_>,
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
@@ -664,7 +665,7 @@ async fn pump(
                 return Ok(());
             }
             Some(chunk) => {
-                activity.set(Instant::now());
+                activity.set(true);
                 bytes.add(chunk.len() as u64);
                 // A read that filled a whole buffer is a bulk flow: from here
                 // on the kernel moves its bytes (see `rt::splice_to_end`).
@@ -676,7 +677,7 @@ async fn pump(
                             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             // Boxed: only bulk flows pay for its state.
                             return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
-                                activity.set(Instant::now());
+                                activity.set(true);
                                 bytes.add(n as u64);
                             }))
                             .await;

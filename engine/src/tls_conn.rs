@@ -9,7 +9,6 @@
 use std::cell::{Cell, RefCell};
 use std::io::{self, BufRead, Write};
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures_util::lock::Mutex;
 use rustls::{ServerConfig, ServerConnection};
@@ -178,7 +177,7 @@ impl TlsSession {
         &self,
         client: &TcpStream,
         backend: &TcpStream,
-        activity: &Cell<Instant>,
+        activity: &Cell<bool>,
         buffer_len: usize,
         bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
@@ -188,7 +187,7 @@ impl TlsSession {
             let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
                 break;
             };
-            activity.set(Instant::now());
+            activity.set(true);
             plain.clear();
             let result = self.absorb(chunk.as_slice(), &mut plain);
             drop(chunk);
@@ -214,7 +213,7 @@ impl TlsSession {
         &self,
         backend: &TcpStream,
         client: &TcpStream,
-        activity: &Cell<Instant>,
+        activity: &Cell<bool>,
         buffer_len: usize,
         bytes: crate::stats::ByteCount<'_>,
         backend_reset: &Cell<bool>,
@@ -228,7 +227,7 @@ impl TlsSession {
             let Some(chunk) = read? else {
                 break;
             };
-            activity.set(Instant::now());
+            activity.set(true);
             bytes.add(chunk.len() as u64);
             // Encrypt the whole read, then send its records in one write:
             // one send per record cost a syscall's worth of kernel work per
