@@ -375,17 +375,40 @@ pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> 
         }
         None => None,
     };
+    // A cgroup that takes no process (a host that delegates cgroups
+    // differently) leaves that run uncapped, said in a note, never failed.
+    let cap_notes = std::cell::RefCell::new(Vec::new());
     interleaved(opts, targets, &mut v, |t, run| {
         let pid = t.pid().filter(|_| t.kind.is_proxy());
-        if let (Some(cap), Some(pid)) = (&cap, pid) {
-            cap.enter(pid)?;
-        }
+        let capped = match (&cap, pid) {
+            (Some(cap), Some(pid)) => match cap.enter(pid) {
+                Ok(()) => Some((cap, pid)),
+                Err(e) => {
+                    cap_notes.borrow_mut().push(format!(
+                        "{} run {}: NOT capped ({e:#})",
+                        t.kind.name(),
+                        run + 1
+                    ));
+                    let _ = cap.leave(pid);
+                    None
+                }
+            },
+            _ => None,
+        };
         let sample = overload_run(opts, t, run, factor, load);
-        if let (Some(cap), Some(pid)) = (&cap, pid) {
-            cap.leave(pid)?;
+        if let Some((cap, pid)) = capped {
+            // Else the cap's drop, at the end of this scenario, moves it.
+            if let Err(e) = cap.leave(pid) {
+                cap_notes.borrow_mut().push(format!(
+                    "{} run {}: still capped after its run ({e:#})",
+                    t.kind.name(),
+                    run + 1
+                ));
+            }
         }
         sample
     });
+    v.notes.extend(cap_notes.into_inner());
     v
 }
 
