@@ -367,6 +367,66 @@ fn connection_limit_leaves_extra_clients_waiting_in_the_accept_queue() {
     assert!(!log.contains("closing"), "{log}");
 }
 
+/// A burst of clients past the limit: the shard's multishot accept has
+/// taken some of them from the kernel before it learns that the limit is
+/// reached, and pausing it must hold those (not close them, not serve them
+/// yet). Every client is served in turn once the first two leave, and none
+/// is reset.
+#[test]
+fn a_burst_past_the_connection_limit_is_held_and_served_in_turn() {
+    const BURST: usize = 12;
+    let dir = TempDir::new("limit-burst");
+    let backend = TagBackend::start("limited");
+    let proxy = proxy_for(&dir, &[backend.port()], "[limits]\nmax_connections = 2\n");
+    let (_, mut first) = connect_tagged(proxy.addr());
+    let (_, mut second) = connect_tagged(proxy.addr());
+
+    let addr = proxy.addr();
+    let (connected_tx, connected_rx) = mpsc::channel();
+    let clients: Vec<_> = (0..BURST)
+        .map(|i| {
+            let connected = connected_tx.clone();
+            std::thread::spawn(move || {
+                let mut stream = TcpStream::connect(addr).expect("connect");
+                stream.set_read_timeout(Some(PATIENCE)).unwrap();
+                // Sent while waiting: it must reach the backend once served.
+                let hello = format!("hello {i}\n");
+                stream.write_all(hello.as_bytes()).unwrap();
+                connected.send(()).unwrap();
+                assert_eq!(read_line(&stream).as_deref(), Some("limited"), "client {i}");
+                assert_eq!(read_line(&stream), Some(format!("hello {i}")), "client {i}");
+            })
+        })
+        .collect();
+    for _ in 0..BURST {
+        connected_rx.recv().unwrap();
+    }
+    // The whole burst is connected (accepted by the kernel) and the two
+    // first clients still work: none of the burst was served meanwhile.
+    echo(&mut first, b"one");
+    echo(&mut second, b"two");
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+
+    drop(first);
+    drop(second);
+    for client in clients {
+        client.join().expect("a client of the burst was not served");
+    }
+    assert_eq!(
+        backend
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst),
+        2 + BURST
+    );
+    let log = proxy.log_text();
+    assert!(!log.contains("closing"), "{log}");
+}
+
 /// `max_connections_per_shard` caps one shard even when the process-wide
 /// limit is far away: every connection from 127.0.0.1 is steered to the same
 /// shard, so a second one from there waits until the first closes.
