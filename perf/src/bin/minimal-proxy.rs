@@ -13,8 +13,13 @@
 //! `--multishot` (or `MINIMAL_PROXY_MULTISHOT=1`) reads with one multishot
 //! receive per socket instead of one receive per read: the experiment
 //! README's "Keep-alive requests and multishot receive" reports.
+//! `--multishot-accept` (or `MINIMAL_PROXY_MULTISHOT_ACCEPT=1`) accepts with
+//! one multishot accept per listener instead of one accept per connection
+//! (and asks each connection its peer address, as a real proxy must): the
+//! experiment README's "New connections and multishot accept" reports.
 //!
-//! Usage: `minimal-proxy [--multishot] --workers N FRONT=BACKEND...`; prints
+//! Usage: `minimal-proxy [--multishot] [--multishot-accept] --workers N
+//! FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -37,12 +42,17 @@ fn run() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let mut workers = 1usize;
     // The environment variable lets the perf suite, which starts this
-    // binary itself, measure the multishot variant.
+    // binary itself, measure the multishot variants.
     let mut multishot = std::env::var_os("MINIMAL_PROXY_MULTISHOT").is_some();
+    let mut multishot_accept = std::env::var_os("MINIMAL_PROXY_MULTISHOT_ACCEPT").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "--multishot" {
             multishot = true;
+            continue;
+        }
+        if arg == "--multishot-accept" {
+            multishot_accept = true;
             continue;
         }
         if arg == "--workers" {
@@ -63,7 +73,11 @@ fn run() -> Result<(), String> {
         routes.push((parse(front)?, parse(back)?));
     }
     if routes.is_empty() {
-        return Err("usage: minimal-proxy [--multishot] [--workers N] FRONT=BACKEND...".into());
+        return Err(
+            "usage: minimal-proxy [--multishot] [--multishot-accept] [--workers N] \
+             FRONT=BACKEND..."
+                .into(),
+        );
     }
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -76,7 +90,7 @@ fn run() -> Result<(), String> {
             if let Some(core) = core {
                 core_affinity::set_for_current(core);
             }
-            if let Err(e) = worker(&routes, multishot, &ready) {
+            if let Err(e) = worker(&routes, multishot, multishot_accept, &ready) {
                 let _ = ready.send(Err(e.to_string()));
             }
         }));
@@ -96,6 +110,7 @@ fn run() -> Result<(), String> {
 fn worker(
     routes: &[(SocketAddr, SocketAddr)],
     multishot: bool,
+    multishot_accept: bool,
     ready: &std::sync::mpsc::Sender<Result<(), String>>,
 ) -> io::Result<()> {
     let mut proactor = compio::driver::ProactorBuilder::new();
@@ -115,11 +130,12 @@ fn worker(
         let _ = ready.send(Ok(()));
         let mut tasks = Vec::new();
         for (listener, back) in listeners {
-            tasks.push(compio::runtime::spawn(accept_loop(
-                Rc::new(listener),
-                back,
-                multishot,
-            )));
+            let listener = Rc::new(listener);
+            tasks.push(if multishot_accept {
+                compio::runtime::spawn(accept_multishot_loop(listener, back, multishot))
+            } else {
+                compio::runtime::spawn(accept_loop(listener, back, multishot))
+            });
         }
         for t in tasks {
             let _ = t.await;
@@ -142,11 +158,34 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// One accept submitted per connection, as edgeproxy's shards do.
 async fn accept_loop(listener: Rc<TcpListener>, back: SocketAddr, multishot: bool) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        compio::runtime::spawn(async move {
+            let _ = serve(client, back, multishot).await;
+        })
+        .detach();
+    }
+}
+
+/// One multishot accept armed on the listener (`--multishot-accept`): the
+/// kernel accepts each connection as it arrives and posts one completion for
+/// it, with no submission per connection. The completion carries no peer
+/// address, so each connection asks for it (`getpeername(2)`), which a real
+/// proxy needs for routing and logs.
+async fn accept_multishot_loop(listener: Rc<TcpListener>, back: SocketAddr, multishot: bool) {
+    use futures_util::StreamExt;
+    let mut incoming = listener.incoming();
+    while let Some(accepted) = incoming.next().await {
+        let Ok(client) = accepted else {
+            continue;
+        };
+        if client.peer_addr().is_err() {
+            continue;
+        }
         compio::runtime::spawn(async move {
             let _ = serve(client, back, multishot).await;
         })
