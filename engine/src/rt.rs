@@ -42,17 +42,120 @@ pub fn build_runtime(buffer_count: u16, buffer_size: u32) -> io::Result<compio::
         .build()
 }
 
+/// Runs `future` on `runtime` until it completes, as a task of its own.
+///
+/// Not `runtime.block_on(future)` directly: compio polls the future it
+/// blocks on at every turn of its event loop, woken or not, and a shard's
+/// main future waits on its command channel — an `async_channel` receive,
+/// ~70 ns per poll (measured: perf scenario (c), where a turn comes about
+/// once per connection). As a task it is polled only when a command wakes
+/// it, and the future blocked on is a `Cell` read. A panic in `future` is
+/// raised again here, as `block_on` would.
+pub fn block_on_task<F: Future<Output = ()> + 'static>(
+    runtime: &compio::runtime::Runtime,
+    future: F,
+) {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::task::Waker;
+
+    #[derive(Default)]
+    struct Finish {
+        /// Set when the task ended, normally or by a panic.
+        ended: Cell<bool>,
+        completed: Cell<bool>,
+        /// The blocked-on future's waker, woken when the task ends.
+        waker: Cell<Option<Waker>>,
+    }
+    /// Marks the end when dropped: after the future completes, or while a
+    /// panic unwinds the task.
+    struct EndGuard(Rc<Finish>);
+    impl Drop for EndGuard {
+        fn drop(&mut self) {
+            self.0.ended.set(true);
+            if let Some(waker) = self.0.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    let finish = Rc::new(Finish::default());
+    let guard = EndGuard(Rc::clone(&finish));
+    runtime.block_on(async move {
+        spawn(async move {
+            let guard = guard;
+            future.await;
+            guard.0.completed.set(true);
+        })
+        .detach();
+        std::future::poll_fn(|cx| {
+            if finish.ended.get() {
+                return Poll::Ready(());
+            }
+            // The waker of a future blocked on never changes: clone it once.
+            let waker = finish.waker.take();
+            finish
+                .waker
+                .set(Some(waker.unwrap_or_else(|| cx.waker().clone())));
+            Poll::Pending
+        })
+        .await;
+        assert!(finish.completed.get(), "the shard's main task panicked");
+    });
+}
+
 /// Spawns a task on the current shard.
 pub fn spawn<F: Future + 'static>(future: F) -> JoinHandle<F::Output> {
     compio::runtime::spawn(future)
 }
 
+/// Waits `duration`, as an io_uring `TIMEOUT` request.
+///
+/// Not compio's timer: while any compio timer is pending, compio's event
+/// loop reads the clock and splits its timer `BTreeMap` (an allocation) at
+/// every turn, and a shard's periodic tasks (the idle sweeper, the affinity
+/// and pool upkeep) would keep one pending for good — a cost on every turn,
+/// that is about every keep-alive request. An io_uring timeout costs one
+/// submission and one completion per sleep, and nothing per turn. Short
+/// timers that race other work ([`timeout`]) stay compio's: they are pending
+/// only for their work's duration, and cancelling an io_uring timeout would
+/// cost another submission each time the work wins.
 pub async fn sleep(duration: Duration) {
-    compio::runtime::time::sleep(duration).await
+    let ts = io_uring::types::Timespec::new()
+        .sec(duration.as_secs())
+        .nsec(duration.subsec_nanos());
+    let BufResult(slept, _) = compio::runtime::submit(RingTimeout { ts }).await;
+    match slept {
+        // ETIME: the time passed (the way a timeout completes).
+        Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+        Ok(_) => {}
+        // Never return early: a ring that refuses the request (it should
+        // not) falls back to compio's timer.
+        Err(e) => {
+            tracing::debug!(error = %e, "io_uring timeout refused; using compio's timer");
+            compio::runtime::time::sleep(duration).await
+        }
+    }
 }
 
 pub async fn sleep_until(deadline: Instant) {
-    compio::runtime::time::sleep_until(deadline).await
+    sleep(deadline.saturating_duration_since(Instant::now())).await
+}
+
+/// io_uring `TIMEOUT` after `ts` (relative, `CLOCK_MONOTONIC`).
+struct RingTimeout {
+    ts: io_uring::types::Timespec,
+}
+
+// SAFETY: the entry points at `ts`, which lives in the operation; compio
+// keeps the operation at one heap address until the kernel completed it
+// (or, dropped early, until its cancellation completed).
+unsafe impl compio::driver::OpCode for RingTimeout {
+    type Control = ();
+
+    fn create_entry(&mut self, _: &mut ()) -> compio::driver::OpEntry {
+        compio::driver::OpEntry::Submission(io_uring::opcode::Timeout::new(&self.ts).build())
+    }
 }
 
 /// `None` when `duration` passed first.
@@ -526,6 +629,65 @@ mod tests {
     use std::cell::Cell;
     use std::io::{Read, Write};
     use std::rc::Rc;
+
+    /// The shard's main task is woken from another thread (the engine's
+    /// commands come that way), runs to its end, and `block_on_task` then
+    /// returns.
+    #[test]
+    fn a_task_blocked_on_is_woken_from_another_thread_and_ends_the_wait() {
+        let runtime = build_runtime(4, 4096).unwrap();
+        let (tx, rx) = async_channel::unbounded::<u32>();
+        let got = Rc::new(Cell::new(0));
+        let seen = Rc::clone(&got);
+        let sender = std::thread::spawn(move || {
+            for n in 1..=3 {
+                tx.send_blocking(n).unwrap();
+            }
+        });
+        block_on_task(&runtime, async move {
+            while let Ok(n) = rx.recv().await {
+                seen.set(seen.get() + n);
+            }
+        });
+        sender.join().unwrap();
+        assert_eq!(got.get(), 6);
+    }
+
+    /// The io_uring timeout never ends a sleep early, and a sleep dropped
+    /// while pending (its request cancelled) leaves the shard working.
+    #[test]
+    fn sleeps_last_at_least_their_duration_and_can_be_dropped() {
+        let runtime = build_runtime(4, 4096).unwrap();
+        runtime.block_on(async {
+            for ms in [0, 1, 30] {
+                let start = Instant::now();
+                sleep(Duration::from_millis(ms)).await;
+                assert!(start.elapsed() >= Duration::from_millis(ms), "{ms} ms");
+            }
+            let start = Instant::now();
+            sleep_until(start + Duration::from_millis(20)).await;
+            assert!(start.elapsed() >= Duration::from_millis(20));
+            // Dropped before its time: the shorter one wins the race.
+            let long = std::pin::pin!(sleep(Duration::from_secs(3600)));
+            let short = std::pin::pin!(sleep(Duration::from_millis(5)));
+            match futures_util::future::select(long, short).await {
+                futures_util::future::Either::Right(_) => {}
+                futures_util::future::Either::Left(_) => panic!("the hour passed first"),
+            }
+            let start = Instant::now();
+            sleep(Duration::from_millis(10)).await;
+            assert!(start.elapsed() >= Duration::from_millis(10));
+        });
+    }
+
+    #[test]
+    fn a_panic_in_the_task_blocked_on_is_raised_again() {
+        let runtime = build_runtime(4, 4096).unwrap();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            block_on_task(&runtime, async { panic!("shard bug") });
+        }));
+        assert!(outcome.is_err());
+    }
 
     /// A connected loopback pair with 4 MiB socket buffers each way, so a
     /// megabyte fits in flight without anyone reading.

@@ -92,7 +92,7 @@ pub(crate) fn run(
     affinity.set_max_clients(max_clients);
     let ctx = Rc::new(ShardCtx::new(id, shared, stats, affinity, pool_stats));
     let _ = ready.send(Ok(()));
-    runtime.block_on(shard_main(ctx, commands));
+    rt::block_on_task(&runtime, shard_main(ctx, commands));
 }
 
 async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command>) {
