@@ -20,6 +20,7 @@ use futures_util::future::{select, try_join, Either};
 
 use crate::access::{self, Tally};
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
+use crate::deadlines;
 use crate::idle::IdleGuard;
 use crate::passive::PassiveKind;
 use crate::pool::handover::{self, ClientSide, HandOver, Plain};
@@ -215,7 +216,12 @@ async fn serve_inner(
     let mut pending = pending;
     let mut header_sent = false;
     let mut failed: Vec<Arc<str>> = Vec::new();
-    let (backend, live) = loop {
+    // `ready_at`: when the backend side was ready, from a clock reading
+    // taken anyway (the connect's latency); the idle watch starts there.
+    let (backend, live, ready_at) = loop {
+        // One clock reading serves this attempt's routing (affinity expiry)
+        // and its connect's deadline and latency.
+        let now = Instant::now();
         let (addr, live) = {
             let snap = ctx.shared.snapshot.load();
             let client_geo = ClientGeo {
@@ -225,7 +231,6 @@ async fn serve_inner(
             let local_region = snap.region_id(&ctx.shared.settings.local_region);
             let exclude: Vec<BackendIdx> = failed.iter().filter_map(|id| snap.find(id)).collect();
             let candidates = snap.candidates(lctx.spec.app.as_deref());
-            let now = Instant::now();
             let route = |table: &mut crate::affinity::AffinityTable| {
                 select::route_scored(
                     &snap,
@@ -260,6 +265,7 @@ async fn serve_inner(
             let b = snap.backend(choice.idx);
             (b.addr, Arc::clone(&b.live))
         };
+        let mut started = now;
         if let Some(warm) = ctx.pool.take(&live.id, addr) {
             let (first, idle) = (pending.take(), idle_timeout);
             let handed = Box::pin(pooled(
@@ -277,18 +283,22 @@ async fn serve_inner(
             match handed {
                 HandOver::Live { .. } => {
                     header_sent = true;
-                    break (warm, live);
+                    break (warm, live, Instant::now());
                 }
                 // The backend had closed it: on to a fresh connect, with
-                // whatever the client sent.
-                HandOver::Stale { first, .. } => pending = first,
+                // whatever the client sent (the hand-over took time).
+                HandOver::Stale { first, .. } => {
+                    pending = first;
+                    started = Instant::now();
+                }
                 HandOver::ClientClosed => return Ok(()),
             }
         }
-        let started = Instant::now();
-        let (error, kind) = match rt::timeout(connect_timeout, rt::connect(addr)).await {
+        let deadline = ctx.connects.start(started, connect_timeout);
+        let (error, kind) = match deadlines::within(deadline, rt::connect(addr)).await {
             Some(Ok(stream)) => {
-                ctx.stats.connect_latency.record(started.elapsed());
+                let connected = Instant::now();
+                ctx.stats.connect_latency.record(connected - started);
                 if live.mark_connecting() {
                     tracing::info!(shard = ctx.id, backend = %live.id, %addr,
                         "backend connects again: no longer failing");
@@ -299,7 +309,7 @@ async fn serve_inner(
                     t.backend.set(Some(addr));
                     *t.backend_id.borrow_mut() = Some(Arc::clone(&live.id));
                 }
-                break (stream, live);
+                break (stream, live, connected);
             }
             Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed),
             None => (
@@ -338,7 +348,7 @@ async fn serve_inner(
     }
     let backend_reset = Cell::new(false);
     // Zero: never closed for idleness, so not watched.
-    let idle = (!idle_timeout.is_zero()).then(|| ctx.idle.watch(idle_timeout));
+    let idle = (!idle_timeout.is_zero()).then(|| ctx.idle.watch(ready_at, idle_timeout));
     let outcome = match &tls {
         None => {
             splice(

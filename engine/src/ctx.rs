@@ -56,6 +56,9 @@ pub(crate) struct ShardCtx {
     pub pool: Rc<crate::pool::ShardPool>,
     /// Idle timeouts of this shard's connections (one sweeper, see `idle`).
     pub idle: crate::idle::IdleSweeper,
+    /// Backend connect timeouts of this shard's connections (one queue, see
+    /// `deadlines`).
+    pub connects: crate::deadlines::Deadlines,
     /// This shard's view of the knobs: re-read only after a change, so
     /// connections don't bump a shared refcount.
     knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
@@ -73,6 +76,7 @@ impl ShardCtx {
             id,
             pool: crate::pool::ShardPool::new(id, pool_stats),
             idle: crate::idle::IdleSweeper::default(),
+            connects: crate::deadlines::Deadlines::default(),
             knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
             clients: RefCell::new(ClientTable::new(
                 shared.settings.client_table_capacity,

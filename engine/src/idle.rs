@@ -80,12 +80,14 @@ impl Watch {
 
 impl IdleSweeper {
     /// Watches a new connection that is closed after `idle` without a byte
-    /// moving (activity starts now). Must run on the shard's runtime: the
-    /// sweeper task starts here when it is not running.
-    pub fn watch(&self, idle: Duration) -> IdleGuard {
+    /// moving, counted from `since` (a clock reading the caller took when
+    /// the connection became ready, so that watching costs none). Must run on
+    /// the shard's runtime: the sweeper task starts here when it is not
+    /// running.
+    pub fn watch(&self, since: Instant, idle: Duration) -> IdleGuard {
         let watch = Rc::new(Watch {
             moved: Cell::new(false),
-            last_seen: Cell::new(Instant::now()),
+            last_seen: Cell::new(since),
             idle,
             expired: Cell::new(false),
             waker: Cell::new(None),
@@ -205,7 +207,7 @@ mod tests {
         runtime().block_on(async {
             let sweeper = IdleSweeper::default();
             let idle = Duration::from_millis(200);
-            let guard = sweeper.watch(idle);
+            let guard = sweeper.watch(Instant::now(), idle);
             let start = Instant::now();
             guard.expired().await;
             let took = start.elapsed();
@@ -222,7 +224,7 @@ mod tests {
         runtime().block_on(async {
             let sweeper = IdleSweeper::default();
             let idle = Duration::from_millis(300);
-            let guard = sweeper.watch(idle);
+            let guard = sweeper.watch(Instant::now(), idle);
             let start = Instant::now();
             let mut expired = pin!(guard.expired());
             // Bytes move every 100 ms for 600 ms: twice the timeout.
@@ -249,7 +251,7 @@ mod tests {
     fn the_sweeper_stops_with_the_last_connection_and_starts_again() {
         runtime().block_on(async {
             let sweeper = IdleSweeper::default();
-            let guard = sweeper.watch(Duration::from_secs(1));
+            let guard = sweeper.watch(Instant::now(), Duration::from_secs(1));
             assert_eq!(sweeper.len(), 1);
             drop(guard);
             assert_eq!(sweeper.len(), 0);
@@ -265,7 +267,7 @@ mod tests {
                 "the sweeper kept running with nothing to watch"
             );
             // A new connection starts it again, and is swept.
-            let guard = sweeper.watch(Duration::from_millis(100));
+            let guard = sweeper.watch(Instant::now(), Duration::from_millis(100));
             assert!(sweeper.inner.borrow().period.is_some());
             let expired = crate::rt::timeout(Duration::from_secs(3), guard.expired()).await;
             assert!(expired.is_some(), "not swept after a restart");

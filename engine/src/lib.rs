@@ -8,6 +8,7 @@ pub mod access;
 pub mod affinity;
 mod conn;
 mod ctx;
+mod deadlines;
 mod engine;
 pub mod geo;
 mod idle;
