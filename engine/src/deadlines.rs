@@ -21,8 +21,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::{Rc, Weak};
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
+
+use crate::alarm::Alarm;
 
 /// One shard's pending deadlines and whether its sweeper runs.
 #[derive(Default)]
@@ -40,8 +41,7 @@ struct Entry {
     deadline: Instant,
     /// The guard was dropped: nobody waits for this deadline any more.
     done: Cell<bool>,
-    expired: Cell<bool>,
-    waker: Cell<Option<Waker>>,
+    expired: Alarm,
 }
 
 impl Queue {
@@ -61,8 +61,7 @@ impl Deadlines {
         let entry = Rc::new(Entry {
             deadline: now + timeout,
             done: Cell::new(false),
-            expired: Cell::new(false),
-            waker: Cell::new(None),
+            expired: Alarm::default(),
         });
         let mut queue = self.inner.borrow_mut();
         queue.trim();
@@ -95,11 +94,7 @@ async fn sweeper(queue: Weak<RefCell<Queue>>) {
                 if front.done.get() {
                     queue.entries.pop_front();
                 } else if front.deadline <= now {
-                    front.expired.set(true);
-                    if let Some(waker) = front.waker.take() {
-                        // Schedules the connection's task; never runs it here.
-                        waker.wake();
-                    }
+                    front.expired.ring();
                     queue.entries.pop_front();
                 } else {
                     break;
@@ -125,26 +120,14 @@ pub(crate) struct DeadlineGuard {
 impl DeadlineGuard {
     /// Resolves once the deadline passed. Cheap to poll on every wake-up.
     pub fn expired(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.entry.expired.get() {
-                return Poll::Ready(());
-            }
-            let waker = match self.entry.waker.take() {
-                Some(w) if w.will_wake(cx.waker()) => w,
-                _ => cx.waker().clone(),
-            };
-            self.entry.waker.set(Some(waker));
-            Poll::Pending
-        })
+        self.entry.expired.wait()
     }
 }
 
 impl Drop for DeadlineGuard {
     fn drop(&mut self) {
         self.entry.done.set(true);
-        // A waker kept past the connect would keep its task alive for
-        // nothing until the sweeper passes.
-        self.entry.waker.take();
+        self.entry.expired.forget_waker();
     }
 }
 

@@ -19,10 +19,11 @@
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::rc::{Rc, Weak};
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
+
+use crate::alarm::Alarm;
 
 /// Shortest and longest time between two sweeps.
 const FINEST: Duration = Duration::from_millis(50);
@@ -56,24 +57,18 @@ struct Watch {
     /// The last sweep that found `moved` set (or when watching began).
     last_seen: Cell<Instant>,
     idle: Duration,
-    expired: Cell<bool>,
-    /// The connection task's waker, from its last poll of [`IdleGuard::expired`].
-    waker: Cell<Option<Waker>>,
+    expired: Alarm,
 }
 
 impl Watch {
     fn sweep(&self, now: Instant) {
-        if self.expired.get() {
+        if self.expired.is_rung() {
             return;
         }
         if self.moved.replace(false) {
             self.last_seen.set(now);
         } else if now >= self.last_seen.get() + self.idle {
-            self.expired.set(true);
-            if let Some(waker) = self.waker.take() {
-                // Schedules the connection's task; never runs it here.
-                waker.wake();
-            }
+            self.expired.ring();
         }
     }
 }
@@ -89,8 +84,7 @@ impl IdleSweeper {
             moved: Cell::new(false),
             last_seen: Cell::new(since),
             idle,
-            expired: Cell::new(false),
-            waker: Cell::new(None),
+            expired: Alarm::default(),
         });
         let period = period(idle);
         let mut sweep = self.inner.borrow_mut();
@@ -161,17 +155,7 @@ impl IdleGuard {
     /// Resolves once a sweep found no byte moved for the idle timeout.
     /// Cheap to poll on every wake-up of the connection's task.
     pub fn expired(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.watch.expired.get() {
-                return Poll::Ready(());
-            }
-            let waker = match self.watch.waker.take() {
-                Some(w) if w.will_wake(cx.waker()) => w,
-                _ => cx.waker().clone(),
-            };
-            self.watch.waker.set(Some(waker));
-            Poll::Pending
-        })
+        self.watch.expired.wait()
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod affinity;
+mod alarm;
 mod conn;
 mod ctx;
 mod deadlines;
