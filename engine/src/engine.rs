@@ -216,7 +216,10 @@ impl Engine {
         let shards = shards.max(1);
         let mut groups = Vec::with_capacity(listeners.len());
         for spec in listeners {
-            groups.push((Arc::new(spec.clone()), bind(spec, shards, true)?));
+            groups.push((
+                Arc::new(spec.clone()),
+                bind(spec, shards, Claim::Exclusive(RELEASE_PATIENCE))?,
+            ));
         }
         Ok(BoundListeners { shards, groups })
     }
@@ -242,7 +245,7 @@ impl Engine {
         spec: &ListenerSpec,
         shards: usize,
     ) -> Result<listener::BoundGroup, EngineError> {
-        bind(spec, shards.max(1), true)
+        bind(spec, shards.max(1), Claim::Exclusive(RELEASE_PATIENCE))
     }
 
     /// Starts one shard per socket of `bound` (as many as it was bound for,
@@ -416,8 +419,12 @@ impl Engine {
         // A listener restarted on its own old address (a SIGHUP change) may
         // still have sockets closing on the shards; only there is joining the
         // existing group expected.
-        let exclusive = !self.retired_addrs.contains(&spec.addr);
-        let group = bind(&spec, self.shards.len(), exclusive)?;
+        // A running engine does not wait: the address is someone else's.
+        let claim = match self.retired_addrs.contains(&spec.addr) {
+            true => Claim::Shared,
+            false => Claim::Exclusive(Duration::ZERO),
+        };
+        let group = bind(&spec, self.shards.len(), claim)?;
         let addr = group.local_addr;
         self.hand_out(Arc::new(spec), group)?;
         Ok(addr)
@@ -545,16 +552,28 @@ impl Drop for Engine {
     }
 }
 
-/// Binds a listener's sockets. With `exclusive`, an address something else
-/// already listens on is refused (see `listener::ensure_unused`).
+/// How long a start waits for a listening address held by a process that
+/// just ended (see `listener::wait_until_unused`).
+const RELEASE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Whether a listener may take an address something already listens on.
+enum Claim {
+    /// Refused (see `listener::ensure_unused`), after waiting up to this
+    /// long for it to be released.
+    Exclusive(Duration),
+    /// Joined: the engine's own sockets there are still closing.
+    Shared,
+}
+
+/// Binds a listener's sockets, claiming the address as `claim` says.
 fn bind(
     spec: &ListenerSpec,
     shards: usize,
-    exclusive: bool,
+    claim: Claim,
 ) -> Result<listener::BoundGroup, EngineError> {
-    let exclusive_check = match exclusive {
-        true => listener::ensure_unused(spec.addr),
-        false => Ok(()),
+    let exclusive_check = match claim {
+        Claim::Exclusive(patience) => listener::wait_until_unused(spec.addr, patience),
+        Claim::Shared => Ok(()),
     };
     exclusive_check
         .and_then(|()| listener::bind_group(spec.addr, shards))

@@ -14,6 +14,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -42,6 +43,30 @@ pub fn ensure_unused(addr: SocketAddr) -> io::Result<()> {
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     probe.set_reuse_address(true)?;
     probe.bind(&addr.into())
+}
+
+/// [`ensure_unused`], waiting up to `patience` for the address to be
+/// released. A process killed a moment ago may still hold its listening
+/// sockets: io_uring tears a dead process's ring down in a kernel worker,
+/// after the process is gone, and the accepts it had pending keep their
+/// sockets open until then. A start right after a crash (`kill -9`, then
+/// systemd's `Restart=`) would otherwise be refused.
+pub fn wait_until_unused(addr: SocketAddr, patience: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + patience;
+    let mut logged = false;
+    loop {
+        match ensure_unused(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(%addr, patience_ms = patience.as_millis() as u64,
+                        "address in use; waiting in case a process that just ended still holds it");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Binds `count` reuseport sockets on `addr` and tries to attach the steering
@@ -227,6 +252,23 @@ mod tests {
         for s in &group.sockets {
             assert_eq!(s.local_addr().unwrap(), group.local_addr);
         }
+    }
+
+    /// A start waits for an address released a moment later (a process
+    /// that just died), and still refuses one that stays in use.
+    #[test]
+    fn a_start_waits_for_an_address_released_within_its_patience() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        let addr = group.local_addr;
+        let err = wait_until_unused(addr, Duration::from_millis(60)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        let holder = std::thread::spawn(move || {
+            // The holder lets go while the start waits.
+            std::thread::sleep(Duration::from_millis(100));
+            drop(group);
+        });
+        wait_until_unused(addr, Duration::from_secs(30)).unwrap();
+        holder.join().unwrap();
     }
 
     #[test]
