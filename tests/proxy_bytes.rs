@@ -129,6 +129,13 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// Connections `backend` has accepted so far.
+fn accepted_by(backend: &TagBackend) -> usize {
+    backend
+        .connections
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
 fn echo(stream: &mut TcpStream, msg: &[u8]) {
     stream.write_all(msg).unwrap();
     let mut got = vec![0u8; msg.len()];
@@ -334,24 +341,14 @@ fn connection_limit_leaves_extra_clients_waiting_in_the_accept_queue() {
     let proxy = proxy_for(&dir, &[backend.port()], "[limits]\nmax_connections = 2\n");
     let (_, mut first) = connect_tagged(proxy.addr());
     let (_, mut second) = connect_tagged(proxy.addr());
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    assert_eq!(accepted_by(&backend), 2);
 
     // A third waits, unserved and open.
     let third = connect_waiting(proxy.addr());
     // The two keep working.
     echo(&mut first, b"one");
     echo(&mut second, b"two");
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    assert_eq!(accepted_by(&backend), 2);
 
     // Once one closes, the waiting client is served.
     first.shutdown(Shutdown::Write).unwrap();
@@ -405,24 +402,14 @@ fn a_burst_past_the_connection_limit_is_held_and_served_in_turn() {
     // first clients still work: none of the burst was served meanwhile.
     echo(&mut first, b"one");
     echo(&mut second, b"two");
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    assert_eq!(accepted_by(&backend), 2);
 
     drop(first);
     drop(second);
     for client in clients {
         client.join().expect("a client of the burst was not served");
     }
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        2 + BURST
-    );
+    assert_eq!(accepted_by(&backend), 2 + BURST);
     let log = proxy.log_text();
     assert!(!log.contains("closing"), "{log}");
 }
@@ -441,12 +428,7 @@ fn per_shard_limit_makes_extra_clients_of_that_shard_wait() {
     );
     let (_, mut first) = connect_tagged(proxy.addr());
     let second = connect_waiting(proxy.addr());
-    assert_eq!(
-        backend
-            .connections
-            .load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(accepted_by(&backend), 1);
     echo(&mut first, b"still served");
     drop(first);
     assert_eq!(read_line(&second).as_deref(), Some("limited"));
@@ -484,10 +466,7 @@ fn app_listener_reaches_only_its_apps_backends() {
     }
 
     // An app without backends: the client is closed, nothing is reached.
-    let before = (
-        x.connections.load(std::sync::atomic::Ordering::SeqCst),
-        y.connections.load(std::sync::atomic::Ordering::SeqCst),
-    );
+    let before = (accepted_by(&x), accepted_by(&y));
     let mut ghost = connect(proxy.listener("ghost"));
     let _ = ghost.write_all(b"anyone?");
     let mut buf = [0u8; 64];
@@ -499,10 +478,7 @@ fn app_listener_reaches_only_its_apps_backends() {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "ghost app's client not closed: {outcome:?}"
     );
-    let after = (
-        x.connections.load(std::sync::atomic::Ordering::SeqCst),
-        y.connections.load(std::sync::atomic::Ordering::SeqCst),
-    );
+    let after = (accepted_by(&x), accepted_by(&y));
     assert_eq!(before, after, "a backend was reached for an app with none");
 }
 
