@@ -724,3 +724,78 @@ fn a_busy_dns_port_is_a_startup_error() {
         assert!(!log.contains("edgeproxy ready"), "{log}");
     }
 }
+
+/// `(name, scheduling policy)` of each thread of `pid` whose name starts
+/// with `prefix` (policy: field 41 of `/proc/PID/task/TID/stat`).
+fn thread_policies(pid: u32, prefix: &str) -> Vec<(String, i32)> {
+    let mut found = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return found;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let name = name.trim();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap_or_default();
+        // After the name in parentheses, fields count from 3 (state).
+        let policy = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(41 - 3))
+            .and_then(|p| p.parse().ok());
+        if let Some(policy) = policy {
+            found.push((name.to_string(), policy));
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn udp_workers_each_have_a_thread_under_sched_batch_unless_turned_off() {
+    const SCHED_OTHER: i32 = 0;
+    const SCHED_BATCH: i32 = 3;
+    for (setting, policy) in [
+        ("", SCHED_BATCH),
+        ("udp_batch_scheduling = false\n", SCHED_OTHER),
+    ] {
+        let dir = TempDir::new("dns-policy");
+        let db = Db::create(dir.join("routing.db"));
+        for r in rows() {
+            db.upsert(&r);
+        }
+        let text = config(
+            &db.path,
+            &format!(
+                "[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nudp_workers = 3\n{setting}"
+            ),
+        );
+        let proxy = Proxy::with_config(&dir, &text);
+        let addr = dns_addr(&proxy);
+        assert_eq!(
+            short(&dig(addr, &["+short", "web.internal", "A"])),
+            ["10.1.0.1"]
+        );
+        let want: Vec<(String, i32)> = (0..3).map(|i| (format!("dns-udp-{i}"), policy)).collect();
+        let mut seen = Vec::new();
+        let all_there = eventually(PATIENCE, || {
+            seen = thread_policies(proxy.pid(), "dns-udp-");
+            seen == want
+        });
+        assert!(
+            all_there,
+            "setting {setting:?}: threads {seen:?}, want {want:?}"
+        );
+        // Nothing else in the process changes policy.
+        let others = thread_policies(proxy.pid(), "");
+        assert!(
+            others
+                .iter()
+                .filter(|(name, _)| !name.starts_with("dns-udp-"))
+                .all(|(_, p)| *p == SCHED_OTHER),
+            "{others:?}"
+        );
+    }
+}

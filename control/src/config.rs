@@ -184,6 +184,7 @@ pub struct RawDns {
     pub tcp_idle_timeout_secs: Option<u64>,
     pub tcp_max_connections: Option<u32>,
     pub udp_workers: Option<u32>,
+    pub udp_batch_scheduling: Option<bool>,
     #[serde(default, rename = "pop")]
     pub pops: Vec<RawDnsPop>,
 }
@@ -356,9 +357,12 @@ pub struct Dns {
     pub tcp_idle_timeout: Duration,
     /// TCP connections served at once; more wait in the listen backlog.
     pub tcp_max_connections: NonZeroU32,
-    /// UDP sockets answering in parallel (one on the control thread, each
-    /// further one on a thread of its own). 0 in the file: one per core.
+    /// UDP sockets answering in parallel, each on a thread of its own. 0 in
+    /// the file: one per core.
     pub udp_workers: u32,
+    /// UDP worker threads run under `SCHED_BATCH`: a query waits for a busy
+    /// core's running task instead of preempting it (default true).
+    pub udp_batch_scheduling: bool,
     /// POPs listed under `<region>.pops.<domain>`.
     #[serde(rename = "pop")]
     pub pops: Vec<DnsPop>,
@@ -975,6 +979,7 @@ fn dns_section(raw: RawDns, env: &dyn Env) -> Result<Dns, ConfigError> {
         tcp_idle_timeout: Duration::from_secs(idle),
         tcp_max_connections,
         udp_workers,
+        udp_batch_scheduling: raw.udp_batch_scheduling.unwrap_or(true),
         pops,
     })
 }

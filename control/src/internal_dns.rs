@@ -3,8 +3,9 @@
 //! [`bind`] runs during startup, before `edgeproxy ready`: it binds both
 //! sockets, so a bad or busy address stops the process like a proxy listener
 //! would, and logs `dns listening udp=ADDR tcp=ADDR`. [`Bound::serve`] then
-//! runs on the control thread's Tokio runtime for the life of the process,
-//! answering from the routing snapshot it is given.
+//! serves TCP on the control thread's Tokio runtime and UDP on threads of
+//! its own (`dns-udp-N`) for the life of the process, answering from the
+//! routing snapshot it is given.
 //! With `[geodns] name` set the same server answers that public zone too.
 
 use std::net::IpAddr;
@@ -57,6 +58,7 @@ pub fn bind(config: &Config, geo: Arc<GeoResolver>) -> anyhow::Result<Option<Bou
         tcp_idle_timeout: c.tcp_idle_timeout,
         tcp_max_connections: c.tcp_max_connections.get() as usize,
         udp_workers: c.udp_workers as usize,
+        udp_batch_scheduling: c.udp_batch_scheduling,
     };
     let server = match inherited_sockets(c.listen_addr) {
         Some((udp, tcp)) => DnsServer::from_sockets(udp, tcp, settings)?,
@@ -69,7 +71,7 @@ pub fn bind(config: &Config, geo: Arc<GeoResolver>) -> anyhow::Result<Option<Bou
     let udp = server.udp_addr().context("dns udp socket")?;
     let tcp = server.tcp_addr().context("dns tcp listener")?;
     tracing::info!(%udp, %tcp, domain = %c.domain, ttl_secs = c.ttl_secs, pops = c.pops.len(),
-        udp_workers = c.udp_workers, "dns listening");
+        udp_workers = c.udp_workers, udp_batch_scheduling = c.udp_batch_scheduling, "dns listening");
     let mut answerer = Answerer::new(Arc::new(zone), geo);
     if let Some(name) = &config.geodns.name {
         let zone = GeoZone::new(

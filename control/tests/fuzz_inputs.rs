@@ -329,6 +329,7 @@ const KEYS: &[(&str, &[(&str, Kind)])] = &[
             ("tcp_idle_timeout_secs", Kind::Int),
             ("tcp_max_connections", Kind::Int),
             ("udp_workers", Kind::Int),
+            ("udp_batch_scheduling", Kind::Bool),
         ],
     ),
     (

@@ -5,8 +5,8 @@
 //! The answering logic is sans-IO and deterministic: [`Answerer::answer`]
 //! turns query bytes (plus the client's address and the current
 //! [`RoutingSnapshot`](engine::snapshot::RoutingSnapshot)) into reply bytes.
-//! [`server`] is the thin Tokio driver (UDP and TCP) that runs it on the
-//! control thread.
+//! [`server`] is the thin Tokio driver that runs it: TCP on the control
+//! thread, UDP on worker threads of its own.
 //!
 //! Modules, in the order a query meets them: [`ecs`] (client subnet),
 //! [`names`] (what the name refers to), [`index`] (per-snapshot lookup

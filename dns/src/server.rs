@@ -6,12 +6,17 @@
 //! thread's current-thread runtime); it serves until that runtime stops.
 //!
 //! - UDP: `udp_workers` sockets in one `SO_REUSEPORT` group (the kernel
-//!   spreads clients over them by address and port). The first is served on
-//!   the control runtime, each further one by a thread of its own, so answers
-//!   use more than one core. Each worker reads up to 32 datagrams with one
-//!   `recvmmsg`, answers them, and sends the replies with one `sendmmsg`
-//!   before reading again ([`udp_batch`]); so a flood queues in the socket's
-//!   receive buffer and is dropped by the kernel there, not in our memory.
+//!   spreads clients over them by address and port), each served by a
+//!   thread of its own (`dns-udp-N`), so answers use more than one core and
+//!   a DNS flood never delays the control thread's other work. Each worker
+//!   reads up to 32 datagrams with one `recvmmsg`, answers them, and sends
+//!   the replies with one `sendmmsg` before reading again ([`udp_batch`]);
+//!   so a flood queues in the socket's receive buffer and is dropped by the
+//!   kernel there, not in our memory. The workers run under `SCHED_BATCH`
+//!   unless told otherwise ([`thread_policy`]): a query arriving while its
+//!   core is busy waits for the running task's turn to end instead of
+//!   preempting it, so the proxy's shards keep their core and the worker
+//!   finds a batch, not one query, when it runs.
 //! - TCP (RFC 7766): two-byte length-prefixed messages, answered in order on
 //!   each connection (pipelining works); a connection silent for
 //!   `tcp_idle_timeout` is closed, as is one that sends something that is not
@@ -34,10 +39,11 @@ use std::time::{Duration, Instant};
 use engine::snapshot::SnapshotHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::answer::{Answerer, Transport};
 
+mod thread_policy;
 mod udp_batch;
 
 /// Receive buffer asked for the UDP socket: absorbs bursts while the control
@@ -57,6 +63,9 @@ pub struct ServerSettings {
     pub tcp_max_connections: usize,
     /// UDP sockets (and threads answering them); ≥ 1.
     pub udp_workers: usize,
+    /// Run the UDP worker threads under `SCHED_BATCH` (see
+    /// [`thread_policy`]); `false` leaves them at the default policy.
+    pub udp_batch_scheduling: bool,
 }
 
 /// Why the server could not start.
@@ -189,27 +198,23 @@ impl DnsServer {
         snapshot: SnapshotHandle,
         stop: watch::Receiver<bool>,
     ) -> io::Result<()> {
-        let mut sockets = self.udp.into_iter();
-        let udp = UdpSocket::from_std(sockets.next().expect("at least one UDP socket"))?;
-        for (i, socket) in sockets.enumerate() {
-            spawn_udp_worker(
-                i + 1,
+        let tcp = TcpListener::from_std(self.tcp)?;
+        let mut workers = Vec::with_capacity(self.udp.len());
+        for (id, socket) in self.udp.into_iter().enumerate() {
+            workers.push(spawn_udp_worker(
+                id,
                 socket,
+                self.settings.udp_batch_scheduling,
                 answerer.clone(),
                 snapshot.clone(),
                 stop.clone(),
-            )?;
+            )?);
         }
-        let tcp = TcpListener::from_std(self.tcp)?;
-        let tcp_task = tokio::spawn(serve_tcp(
-            tcp,
-            answerer.clone(),
-            snapshot.clone(),
-            self.settings.clone(),
-            stop.clone(),
-        ));
-        serve_udp(udp, answerer, snapshot, stop).await;
-        let _ = tcp_task.await;
+        serve_tcp(tcp, answerer, snapshot, self.settings, stop).await;
+        // Every worker answers the batch it has read before it stops.
+        for finished in workers {
+            let _ = finished.await;
+        }
         Ok(())
     }
 }
@@ -222,22 +227,32 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// A further UDP worker: a thread with its own current-thread runtime, for
-/// the life of the process.
+/// A UDP worker: a thread with its own current-thread runtime, serving
+/// `socket` until `stop`. The returned receiver resolves (with an error:
+/// its sender is dropped) when the thread has finished.
 fn spawn_udp_worker(
     id: usize,
     socket: std::net::UdpSocket,
+    batch_scheduling: bool,
     answerer: Answerer,
     snapshot: SnapshotHandle,
     stop: watch::Receiver<bool>,
-) -> io::Result<()> {
+) -> io::Result<oneshot::Receiver<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
         .build()?;
+    let (finished, on_finished) = oneshot::channel::<()>();
     std::thread::Builder::new()
         .name(format!("dns-udp-{id}"))
         .spawn(move || {
+            let _finished = finished;
+            if batch_scheduling {
+                if let Err(e) = thread_policy::set_batch() {
+                    tracing::warn!(worker = id, error = %e,
+                        "dns: cannot run the udp worker under SCHED_BATCH; it keeps the default policy");
+                }
+            }
             runtime.block_on(async move {
                 match UdpSocket::from_std(socket) {
                     Ok(socket) => serve_udp(socket, answerer, snapshot, stop).await,
@@ -247,7 +262,7 @@ fn spawn_udp_worker(
                 }
             })
         })?;
-    Ok(())
+    Ok(on_finished)
 }
 
 /// Fails if anything is bound to `addr` already (a probe without
@@ -487,6 +502,7 @@ mod tests {
             tcp_idle_timeout: Duration::from_secs(1),
             tcp_max_connections: 1,
             udp_workers,
+            udp_batch_scheduling: true,
         }
     }
 
