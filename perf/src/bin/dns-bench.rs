@@ -11,9 +11,12 @@
 //! same data: a routing.db of `--backends` backends in `--apps` apps over
 //! four regions, and for Knot a zone file with the records edgeproxy answers
 //! for a loopback client (the `<app>` record is the backend edgeproxy's
-//! scoring picks for it: the first one in the local region). Knot runs
-//! twice: with its defaults (one UDP worker thread per core) and with one
-//! UDP worker, since edgeproxy answers DNS on its one control thread.
+//! scoring picks for it: the first one in the local region). Each run
+//! measures, in this order: edgeproxy (defaults: one UDP worker thread per
+//! core, under `SCHED_BATCH`), Knot with its defaults (one UDP worker
+//! thread per core), edgeproxy with `udp_batch_scheduling = false`, Knot
+//! started under `SCHED_BATCH` (what the policy alone gives any server) and
+//! Knot with one UDP worker.
 //!
 //! `--geodns` measures GeoDNS instead (no Knot): edgeproxy without a
 //! `[geodns]` zone answering the internal mix, against edgeproxy with one
@@ -24,6 +27,7 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -247,18 +251,29 @@ impl Drop for Server {
     }
 }
 
+/// How a server's answering threads are scheduled.
+#[derive(Clone, Copy, PartialEq)]
+enum Policy {
+    /// The default (`SCHED_OTHER`).
+    Normal,
+    /// `SCHED_BATCH` (edgeproxy's default for its UDP workers).
+    Batch,
+}
+
 fn start_edgeproxy(
     bin: &Path,
     dir: &Path,
     name: &'static str,
     geodns: bool,
+    policy: Policy,
 ) -> anyhow::Result<Server> {
     let cfg = dir.join(format!("{name}.toml"));
     let db = dir.join(format!("{name}.db"));
     std::fs::copy(dir.join("routing.db"), &db)?;
     let mut text = format!(
-        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 1\n[[listener]]\naddr = \"127.0.0.1:0\"\n[demo]\nbackends = 0\n[pop]\nregion = \"{LOCAL_REGION}\"\nname = \"gru-1\"\ncountry = \"BR\"\npublic_addrs = [\"203.0.113.10\", \"2001:db8::10\"]\n[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nttl_secs = {TTL}\n",
-        db.display().to_string()
+        "[routing]\ndb_path = {:?}\n[runtime]\nshards = 1\n[[listener]]\naddr = \"127.0.0.1:0\"\n[demo]\nbackends = 0\n[pop]\nregion = \"{LOCAL_REGION}\"\nname = \"gru-1\"\ncountry = \"BR\"\npublic_addrs = [\"203.0.113.10\", \"2001:db8::10\"]\n[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nttl_secs = {TTL}\nudp_batch_scheduling = {}\n",
+        db.display().to_string(),
+        policy == Policy::Batch
     );
     if geodns {
         let _ = write!(text, "[geodns]\nname = \"{GEO_ZONE}\"\n");
@@ -315,6 +330,7 @@ fn start_knot(
     zone: &str,
     name: &'static str,
     workers: Option<u32>,
+    policy: Policy,
 ) -> anyhow::Result<Server> {
     let kdir = dir.join(name);
     std::fs::create_dir_all(&kdir)?;
@@ -334,7 +350,22 @@ fn start_knot(
     );
     let conf_path = kdir.join("knot.conf");
     std::fs::write(&conf_path, conf)?;
-    let child = Command::new(knotd)
+    let mut command = Command::new(knotd);
+    if policy == Policy::Batch {
+        // SAFETY: only an async-signal-safe system call between fork and
+        // exec; the policy is inherited by every thread knotd starts.
+        unsafe {
+            command.pre_exec(|| {
+                let param = libc::sched_param { sched_priority: 0 };
+                if libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let child = command
         .arg("-c")
         .arg(&conf_path)
         .stdin(Stdio::null())
@@ -374,6 +405,12 @@ struct Measure {
     completed: u64,
     /// Server CPU time per completed query, microseconds.
     cpu_us: f64,
+    /// dnsperf's CPU time per completed query, microseconds: the load
+    /// generator shares the cores, so a server that makes it cheaper (fewer
+    /// wake-ups) leaves it more CPU.
+    client_cpu_us: f64,
+    /// Server context switches per 1,000 completed queries.
+    server_switches_per_k: f64,
 }
 
 fn number_after(text: &str, key: &str) -> Option<f64> {
@@ -392,6 +429,7 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
     } else {
         &[]
     };
+    let before = children_cpu();
     let out = Command::new(&args.dnsperf)
         .args(ecs)
         .args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])
@@ -403,7 +441,9 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
         .args(["-T", "1", "-t", "2"])
         .output()
         .with_context(|| format!("cannot run {} (apt-get install dnsperf)", args.dnsperf))?;
+    let client_cpu = children_cpu().saturating_sub(before);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let completed = number_after(&text, "Queries completed:").unwrap_or(0.0) as u64;
     let qps = number_after(&text, "Queries per second:")
         .with_context(|| format!("unexpected dnsperf output:\n{text}"))?;
     let avg = number_after(&text, "Average Latency (s):").unwrap_or(f64::NAN);
@@ -421,9 +461,23 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
             .and_then(|at| text[at..].find('(').map(|p| at + p))
             .and_then(|p| number_after(&text[p - 1..], " "))
             .unwrap_or(0.0),
-        completed: number_after(&text, "Queries completed:").unwrap_or(0.0) as u64,
+        completed,
         cpu_us: f64::NAN,
+        client_cpu_us: client_cpu.as_secs_f64() * 1e6 / (completed.max(1) as f64),
+        server_switches_per_k: f64::NAN,
     })
+}
+
+/// User + system time of every child process waited for so far (dnsperf is
+/// the only child this program waits for while measuring).
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -460,10 +514,19 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     if args.geodns {
         return run_geodns(args, bin, dir, &data);
     }
-    let edge = start_edgeproxy(bin, dir, "edgeproxy", false)?;
+    let edge = start_edgeproxy(bin, dir, "edgeproxy", false, Policy::Batch)?;
+    let edge_normal = start_edgeproxy(bin, dir, "edgeproxy-normal", false, Policy::Normal)?;
     let zone = zone_file(&rows, &POPS);
-    let knot = start_knot(&args.knotd, dir, &zone, "knot", None)?;
-    let knot1 = start_knot(&args.knotd, dir, &zone, "knot-1-worker", Some(1))?;
+    let knot = start_knot(&args.knotd, dir, &zone, "knot", None, Policy::Normal)?;
+    let knot_batch = start_knot(&args.knotd, dir, &zone, "knot-batch", None, Policy::Batch)?;
+    let knot1 = start_knot(
+        &args.knotd,
+        dir,
+        &zone,
+        "knot-1-worker",
+        Some(1),
+        Policy::Normal,
+    )?;
 
     println!("# edgeproxy internal DNS vs Knot DNS (dnsperf, loopback)");
     println!(
@@ -480,19 +543,29 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut results: Vec<(&'static str, Measure)> = Vec::new();
     for run in 1..=args.runs {
-        for server in [&edge, &knot, &knot1] {
+        for server in [&edge, &knot, &edge_normal, &knot_batch, &knot1] {
             let pid = server.child.id();
             let before = perf::procfs::cpu(pid);
             let mut m = dnsperf(args, server.addr, &data)?;
-            let cpu = perf::procfs::cpu(pid).since(&before).total();
-            m.cpu_us = cpu.as_secs_f64() * 1e6 / (m.completed.max(1) as f64);
+            let used = perf::procfs::cpu(pid).since(&before);
+            let completed = m.completed.max(1) as f64;
+            m.cpu_us = used.total().as_secs_f64() * 1e6 / completed;
+            m.server_switches_per_k = used.ctx_switches as f64 * 1e3 / completed;
             println!(
-                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} |",
-                server.name, m.qps, m.avg_ms, m.stddev_ms, m.max_ms, m.lost_pct, m.cpu_us
+                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                server.name,
+                m.qps,
+                m.avg_ms,
+                m.stddev_ms,
+                m.max_ms,
+                m.lost_pct,
+                m.cpu_us,
+                m.client_cpu_us,
+                m.server_switches_per_k
             );
             if m.completed == 0 {
                 bail!("{} answered nothing", server.name);
@@ -510,25 +583,53 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         )
     };
     println!();
-    println!("| median | queries/s | avg latency ms | server CPU µs/query |");
-    println!("|---|---|---|---|");
-    for name in ["edgeproxy", "knot", "knot-1-worker"] {
+    println!("| median | queries/s | avg latency ms | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries |");
+    println!("|---|---|---|---|---|---|");
+    for name in [
+        "edgeproxy",
+        "knot",
+        "edgeproxy-normal",
+        "knot-batch",
+        "knot-1-worker",
+    ] {
         println!(
-            "| {name} | {:.0} | {:.3} | {:.2} |",
+            "| {name} | {:.0} | {:.3} | {:.2} | {:.2} | {:.1} |",
             pick(name, |m| m.qps),
             pick(name, |m| m.avg_ms),
-            pick(name, |m| m.cpu_us)
+            pick(name, |m| m.cpu_us),
+            pick(name, |m| m.client_cpu_us),
+            pick(name, |m| m.server_switches_per_k)
         );
     }
     println!();
-    for peer in ["knot", "knot-1-worker"] {
+    for (ours, peer) in [
+        ("edgeproxy", "knot"),
+        ("edgeproxy", "knot-batch"),
+        ("edgeproxy", "knot-1-worker"),
+        ("edgeproxy-normal", "knot"),
+    ] {
         println!(
-            "edgeproxy/{peer}: queries/s x{:.2}, avg latency x{:.2}, CPU per query x{:.2}",
-            pick("edgeproxy", |m| m.qps) / pick(peer, |m| m.qps),
-            pick("edgeproxy", |m| m.avg_ms) / pick(peer, |m| m.avg_ms),
-            pick("edgeproxy", |m| m.cpu_us) / pick(peer, |m| m.cpu_us),
+            "{ours}/{peer}: queries/s x{:.2}, avg latency x{:.2}, CPU per query x{:.2}, dnsperf CPU per query x{:.2}",
+            pick(ours, |m| m.qps) / pick(peer, |m| m.qps),
+            pick(ours, |m| m.avg_ms) / pick(peer, |m| m.avg_ms),
+            pick(ours, |m| m.cpu_us) / pick(peer, |m| m.cpu_us),
+            pick(ours, |m| m.client_cpu_us) / pick(peer, |m| m.client_cpu_us),
         );
     }
+    // The goal is per series, not only the median.
+    let runs = |name: &str| -> Vec<f64> {
+        results
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, m)| m.qps)
+            .collect()
+    };
+    let per_run: Vec<String> = runs("edgeproxy")
+        .iter()
+        .zip(runs("knot"))
+        .map(|(ours, knot)| format!("x{:.2}", ours / knot))
+        .collect();
+    println!("edgeproxy/knot queries/s per run: {}", per_run.join(" "));
     Ok(())
 }
 
@@ -552,8 +653,8 @@ fn geodns_queries(n: usize) -> String {
 fn run_geodns(args: &Args, bin: &Path, dir: &Path, internal: &Path) -> anyhow::Result<()> {
     let geo_data = dir.join("geodns-queries.txt");
     std::fs::write(&geo_data, geodns_queries(10_000))?;
-    let off = start_edgeproxy(bin, dir, "edgeproxy", false)?;
-    let on = start_edgeproxy(bin, dir, "edgeproxy+geodns", true)?;
+    let off = start_edgeproxy(bin, dir, "edgeproxy", false, Policy::Batch)?;
+    let on = start_edgeproxy(bin, dir, "edgeproxy+geodns", true, Policy::Batch)?;
     println!("# edgeproxy DNS with GeoDNS off and on (dnsperf, loopback, ECS on every query)");
     println!(
         "# {} backends in {} apps; {} runs x {} s each, alternating; dnsperf -c {} -q {} -T 1 -E {ECS_OPTION}",
