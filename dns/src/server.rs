@@ -280,9 +280,57 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     socket.set_reuse_port(true)?;
     // Best effort: a smaller buffer only drops more of a burst.
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
+    never_fragment(&socket, addr)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+/// Replies leave with the don't-fragment bit and are never fragmented here
+/// (`IP_PMTUDISC_PROBE`), as RFC 9715 asks of DNS responders: a reply is
+/// at most 1,232 bytes (the answerer's cap), which fits any IPv6 link and
+/// every IPv4 link in use, so only a forged "fragmentation needed" could
+/// make it bigger than the path, and PROBE ignores the path MTU such a
+/// message would lower. A reply too big for the interface fails to send
+/// (the client retries over TCP). It also spares the kernel an IP ID per
+/// reply: a packet with DF set carries ID 0 instead of one drawn from the
+/// shared, hashed ID generator (2–3 % of the server's CPU in a profile).
+fn never_fragment(socket: &socket2::Socket, addr: SocketAddr) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: an int option, passed by pointer with its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    if addr.is_ipv6() {
+        set(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_PROBE,
+        )?;
+    }
+    // On an IPv6 socket this covers its IPv4-mapped clients; a v6-only
+    // socket has none and may refuse it.
+    match set(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_PROBE,
+    ) {
+        Err(e) if !addr.is_ipv6() => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn bind_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -503,6 +551,44 @@ mod tests {
             tcp_max_connections: 1,
             udp_workers,
             udp_batch_scheduling: true,
+        }
+    }
+
+    fn int_option(socket: &std::net::UdpSocket, level: libc::c_int, name: libc::c_int) -> i32 {
+        use std::os::fd::AsRawFd;
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: an int option read into `value`, `len` its size.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn udp_replies_are_never_fragmented_over_ipv4_or_ipv6() {
+        let v4 = DnsServer::bind(settings("127.0.0.1:0".parse().unwrap(), 2)).unwrap();
+        for socket in &v4.udp {
+            assert_eq!(
+                int_option(socket, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER),
+                libc::IP_PMTUDISC_PROBE
+            );
+        }
+        let Ok(v6) = DnsServer::bind(settings("[::1]:0".parse().unwrap(), 1)) else {
+            return; // no IPv6 on this host
+        };
+        for socket in &v6.udp {
+            assert_eq!(
+                int_option(socket, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER),
+                libc::IPV6_PMTUDISC_PROBE
+            );
         }
     }
 
