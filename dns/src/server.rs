@@ -46,8 +46,9 @@ use crate::answer::{Answerer, Transport};
 mod thread_policy;
 mod udp_batch;
 
-/// Receive buffer asked for the UDP socket: absorbs bursts while the control
-/// thread is busy with something else (the kernel may cap it lower).
+/// Receive buffer asked for each UDP socket: absorbs bursts while its worker
+/// waits for its core (under `SCHED_BATCH` it waits for the running task's
+/// turn to end) or answers a batch (the kernel may cap it lower).
 const UDP_RECV_BUFFER: usize = 4 << 20;
 /// Pause after accept fails for lack of file descriptors, instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
