@@ -66,6 +66,11 @@ struct Args {
     /// Measure GeoDNS on against off instead of edgeproxy against Knot.
     #[arg(long)]
     geodns: bool,
+    /// Measure what `udp_batch_scheduling` costs in latency instead: one
+    /// query every 2 ms from one client, to edgeproxy with and without it,
+    /// with the cores idle and with every core running a CPU-bound thread.
+    #[arg(long)]
+    busy_cores: bool,
 }
 
 /// The GeoDNS zone of `--geodns`, and the client subnet every query
@@ -514,6 +519,9 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     if args.geodns {
         return run_geodns(args, bin, dir, &data);
     }
+    if args.busy_cores {
+        return run_busy_cores(args, bin, dir);
+    }
     let edge = start_edgeproxy(bin, dir, "edgeproxy", false, Policy::Batch)?;
     let edge_normal = start_edgeproxy(bin, dir, "edgeproxy-normal", false, Policy::Normal)?;
     let zone = zone_file(&rows, &POPS);
@@ -726,4 +734,154 @@ fn run_geodns(args: &Args, bin: &Path, dir: &Path, internal: &Path) -> anyhow::R
         );
     }
     Ok(())
+}
+
+/// `--busy-cores`: the latency of single paced queries to edgeproxy with
+/// its UDP workers under `SCHED_BATCH` and under the default policy, with
+/// the cores idle and with one CPU-bound spinning thread per core (the
+/// worst case for `SCHED_BATCH`: a woken worker waits for the spinner's
+/// turn to end instead of preempting it).
+fn run_busy_cores(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    let batch = start_edgeproxy(bin, dir, "edgeproxy", false, Policy::Batch)?;
+    let normal = start_edgeproxy(bin, dir, "edgeproxy-normal", false, Policy::Normal)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("# edgeproxy DNS latency, SCHED_BATCH workers against the default policy");
+    println!(
+        "# one client, one `app0.internal A` query every 2 ms, {} s per measurement, {} runs; busy = {cores} spinning threads (one per core)",
+        args.duration, args.runs
+    );
+    println!();
+    println!("| run | cores | server | answered | lost | p50 µs | p90 µs | p99 µs | max µs |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    let mut p99: Vec<(&'static str, bool, f64)> = Vec::new();
+    for run in 1..=args.runs {
+        for busy in [false, true] {
+            for server in [&batch, &normal] {
+                let spinners = busy.then(|| Spinners::start(cores));
+                let lat = paced_latencies(server.addr, Duration::from_secs(args.duration))?;
+                drop(spinners);
+                let at = |q: f64| {
+                    lat.answered
+                        .get(
+                            ((lat.answered.len() as f64 * q) as usize)
+                                .min(lat.answered.len().max(1) - 1),
+                        )
+                        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+                };
+                println!(
+                    "| {run} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                    if busy { "busy" } else { "idle" },
+                    server.name,
+                    lat.answered.len(),
+                    lat.lost,
+                    at(0.5),
+                    at(0.9),
+                    at(0.99),
+                    lat.answered
+                        .last()
+                        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6),
+                );
+                p99.push((server.name, busy, at(0.99)));
+            }
+        }
+    }
+    println!();
+    for busy in [false, true] {
+        let median_of = |name: &str| {
+            median(
+                p99.iter()
+                    .filter(|(n, b, _)| *n == name && *b == busy)
+                    .map(|(_, _, v)| *v)
+                    .collect(),
+            )
+        };
+        println!(
+            "cores {}: p99 µs, median of runs: SCHED_BATCH {:.0}, default policy {:.0}",
+            if busy { "busy" } else { "idle" },
+            median_of("edgeproxy"),
+            median_of("edgeproxy-normal"),
+        );
+    }
+    Ok(())
+}
+
+/// One CPU-bound thread per core until dropped.
+struct Spinners {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spinners {
+    fn start(n: usize) -> Spinners {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Spinners { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Latencies {
+    /// Sorted.
+    answered: Vec<Duration>,
+    lost: usize,
+}
+
+/// Sends `app0.internal A` every 2 ms for `length`, one at a time, and
+/// times each answer (1 s without one counts as lost).
+fn paced_latencies(addr: SocketAddr, length: Duration) -> anyhow::Result<Latencies> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    socket.connect(addr)?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut query = Vec::with_capacity(64);
+    let mut answered = Vec::new();
+    let mut lost = 0;
+    let mut reply = [0u8; 4096];
+    let end = Instant::now() + length;
+    let mut id: u16 = 0;
+    while Instant::now() < end {
+        id = id.wrapping_add(1);
+        query.clear();
+        query.extend_from_slice(&id.to_be_bytes());
+        query.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in ["app0", "internal"] {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let sent = Instant::now();
+        socket.send(&query)?;
+        loop {
+            match socket.recv(&mut reply) {
+                Ok(n) if n >= 2 && reply[..2] == id.to_be_bytes() => {
+                    answered.push(sent.elapsed());
+                    break;
+                }
+                Ok(_) => continue, // a late answer to an earlier query
+                Err(_) => {
+                    lost += 1;
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    answered.sort();
+    Ok(Latencies { answered, lost })
 }
