@@ -18,6 +18,10 @@
 //! started under `SCHED_BATCH` (what the policy alone gives any server) and
 //! Knot with one UDP worker.
 //!
+//! `--busy-cores` measures what `udp_batch_scheduling` costs in latency
+//! instead (no Knot, no dnsperf): one query every 2 ms from one client, to
+//! edgeproxy with and without the policy, cores idle and every core busy.
+//!
 //! `--geodns` measures GeoDNS instead (no Knot): edgeproxy without a
 //! `[geodns]` zone answering the internal mix, against edgeproxy with one
 //! answering the internal mix and the GeoDNS mix (the zone's apex A/AAAA,
