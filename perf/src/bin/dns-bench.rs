@@ -34,10 +34,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use hdrhistogram::Histogram;
 
 #[derive(Parser, Debug)]
 #[command(about = "edgeproxy internal DNS vs Knot DNS, measured with dnsperf")]
@@ -585,15 +588,14 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
             results.push((server.name, m));
         }
     }
-    let pick = |name: &str, f: fn(&Measure) -> f64| {
-        median(
-            results
-                .iter()
-                .filter(|(n, _)| *n == name)
-                .map(|(_, m)| f(m))
-                .collect(),
-        )
+    let series = |name: &str, f: fn(&Measure) -> f64| -> Vec<f64> {
+        results
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, m)| f(m))
+            .collect()
     };
+    let pick = |name: &str, f: fn(&Measure) -> f64| median(series(name, f));
     println!();
     println!("| median | queries/s | avg latency ms | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries |");
     println!("|---|---|---|---|---|---|");
@@ -629,16 +631,9 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         );
     }
     // The goal is per series, not only the median.
-    let runs = |name: &str| -> Vec<f64> {
-        results
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, m)| m.qps)
-            .collect()
-    };
-    let per_run: Vec<String> = runs("edgeproxy")
+    let per_run: Vec<String> = series("edgeproxy", |m| m.qps)
         .iter()
-        .zip(runs("knot"))
+        .zip(series("knot", |m| m.qps))
         .map(|(ours, knot)| format!("x{:.2}", ours / knot))
         .collect();
     println!("edgeproxy/knot queries/s per run: {}", per_run.join(" "));
@@ -764,28 +759,19 @@ fn run_busy_cores(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
                 let spinners = busy.then(|| Spinners::start(cores));
                 let lat = paced_latencies(server.addr, Duration::from_secs(args.duration))?;
                 drop(spinners);
-                let at = |q: f64| {
-                    lat.answered
-                        .get(
-                            ((lat.answered.len() as f64 * q) as usize)
-                                .min(lat.answered.len().max(1) - 1),
-                        )
-                        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
-                };
+                let at = |q: f64| lat.answered_us.value_at_quantile(q);
                 println!(
-                    "| {run} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                    "| {run} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     if busy { "busy" } else { "idle" },
                     server.name,
-                    lat.answered.len(),
+                    lat.answered_us.len(),
                     lat.lost,
                     at(0.5),
                     at(0.9),
                     at(0.99),
-                    lat.answered
-                        .last()
-                        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e6),
+                    lat.answered_us.max(),
                 );
-                p99.push((server.name, busy, at(0.99)));
+                p99.push((server.name, busy, at(0.99) as f64));
             }
         }
     }
@@ -811,18 +797,18 @@ fn run_busy_cores(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
 
 /// One CPU-bound thread per core until dropped.
 struct Spinners {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Spinners {
     fn start(n: usize) -> Spinners {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..n)
             .map(|_| {
                 let stop = stop.clone();
                 std::thread::spawn(move || {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed) {
                         std::hint::spin_loop();
                     }
                 })
@@ -834,7 +820,7 @@ impl Spinners {
 
 impl Drop for Spinners {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -842,8 +828,8 @@ impl Drop for Spinners {
 }
 
 struct Latencies {
-    /// Sorted.
-    answered: Vec<Duration>,
+    /// Microseconds from send to answer.
+    answered_us: Histogram<u64>,
     lost: usize,
 }
 
@@ -854,7 +840,7 @@ fn paced_latencies(addr: SocketAddr, length: Duration) -> anyhow::Result<Latenci
     socket.connect(addr)?;
     socket.set_read_timeout(Some(Duration::from_secs(1)))?;
     let mut query = Vec::with_capacity(64);
-    let mut answered = Vec::new();
+    let mut answered_us = Histogram::<u64>::new(3)?;
     let mut lost = 0;
     let mut reply = [0u8; 4096];
     let end = Instant::now() + length;
@@ -874,7 +860,7 @@ fn paced_latencies(addr: SocketAddr, length: Duration) -> anyhow::Result<Latenci
         loop {
             match socket.recv(&mut reply) {
                 Ok(n) if n >= 2 && reply[..2] == id.to_be_bytes() => {
-                    answered.push(sent.elapsed());
+                    answered_us.saturating_record(sent.elapsed().as_micros() as u64);
                     break;
                 }
                 Ok(_) => continue, // a late answer to an earlier query
@@ -886,6 +872,5 @@ fn paced_latencies(addr: SocketAddr, length: Duration) -> anyhow::Result<Latenci
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    answered.sort();
-    Ok(Latencies { answered, lost })
+    Ok(Latencies { answered_us, lost })
 }
