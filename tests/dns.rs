@@ -77,12 +77,18 @@ fn rows() -> Vec<Row> {
 }
 
 fn start_with(rows: &[Row], extra: &str) -> Dns {
+    start_with_config(rows, &format!("{DNS_CONFIG}\n{extra}"))
+}
+
+/// `dns_config` in place of [`DNS_CONFIG`] (to change keys of its `[dns]`
+/// table).
+fn start_with_config(rows: &[Row], dns_config: &str) -> Dns {
     let dir = TempDir::new("dns");
     let db = Db::create(dir.join("routing.db"));
     for r in rows {
         db.upsert(r);
     }
-    let proxy = Proxy::with_config(&dir, &config(&db.path, &format!("{DNS_CONFIG}\n{extra}")));
+    let proxy = Proxy::with_config(&dir, &config(&db.path, dns_config));
     let addr = dns_addr(&proxy);
     Dns {
         proxy,
@@ -613,20 +619,15 @@ fn idle_tcp_connections_are_closed_and_the_connection_limit_holds() {
 
 #[test]
 fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
-    let dir = TempDir::new("dns-limit");
-    let db = Db::create(dir.join("routing.db"));
-    for r in rows() {
-        db.upsert(&r);
-    }
-    let text = config(
-        &db.path,
+    // Held to the end: it owns the proxy and its directory.
+    let dns = start_with_config(
+        &rows(),
         &DNS_CONFIG.replace(
             "tcp_idle_timeout_secs = 2",
             "tcp_idle_timeout_secs = 30\ntcp_max_connections = 1",
         ),
     );
-    let proxy = Proxy::with_config(&dir, &text);
-    let addr = dns_addr(&proxy);
+    let addr = dns.addr;
     let holder = TcpStream::connect(addr).unwrap();
     // Make sure the holder is being served before the second one connects.
     let mut holder = holder;
@@ -761,19 +762,14 @@ fn udp_workers_each_have_a_thread_under_sched_batch_unless_turned_off() {
         ("", SCHED_BATCH),
         ("udp_batch_scheduling = false\n", SCHED_OTHER),
     ] {
-        let dir = TempDir::new("dns-policy");
-        let db = Db::create(dir.join("routing.db"));
-        for r in rows() {
-            db.upsert(&r);
-        }
-        let text = config(
-            &db.path,
-            &format!(
-                "[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\nudp_workers = 3\n{setting}"
+        let dns = start_with_config(
+            &rows(),
+            &DNS_CONFIG.replace(
+                "tcp_idle_timeout_secs = 2",
+                &format!("tcp_idle_timeout_secs = 2\nudp_workers = 3\n{setting}"),
             ),
         );
-        let proxy = Proxy::with_config(&dir, &text);
-        let addr = dns_addr(&proxy);
+        let (proxy, addr) = (&dns.proxy, dns.addr);
         assert_eq!(
             short(&dig(addr, &["+short", "web.internal", "A"])),
             ["10.1.0.1"]
