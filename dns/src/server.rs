@@ -5,8 +5,8 @@
 //! error. [`DnsServer::run`] must be called on a Tokio runtime (the control
 //! thread's current-thread runtime); it serves until that runtime stops.
 //!
-//! - UDP: `udp_workers` sockets in one `SO_REUSEPORT` group (the kernel
-//!   spreads clients over them by address and port), each served by a
+//! - UDP: `udp_workers` sockets in one `SO_REUSEPORT` group (each datagram
+//!   goes to one of them at random, [`udp_steering`]), each served by a
 //!   thread of its own (`dns-udp-N`), so answers use more than one core and
 //!   a DNS flood never delays the control thread's other work. Each worker
 //!   reads up to 32 datagrams with one `recvmmsg`, answers them, and sends
@@ -45,6 +45,7 @@ use crate::answer::{Answerer, Transport};
 
 mod thread_policy;
 mod udp_batch;
+mod udp_steering;
 
 /// Receive buffer asked for each UDP socket: absorbs bursts while its worker
 /// waits for its core (under `SCHED_BATCH` it waits for the running task's
@@ -111,6 +112,7 @@ impl DnsServer {
             }
             match bind_tcp(got) {
                 Ok(tcp) => {
+                    spread_queries(&udp);
                     return Ok(DnsServer { udp, tcp, settings });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts > 1 => {
@@ -157,6 +159,7 @@ impl DnsServer {
         while udp.len() < settings.udp_workers.max(1) {
             udp.push(bind_udp(got).map_err(|cause| BindError::Udp { addr: got, cause })?);
         }
+        spread_queries(&udp);
         Ok(DnsServer { udp, tcp, settings })
     }
 
@@ -264,6 +267,16 @@ fn spawn_udp_worker(
             })
         })?;
     Ok(on_finished)
+}
+
+/// Spreads datagrams over every socket of the group at random (see
+/// [`udp_steering`]); if the kernel refuses, the group keeps its default
+/// spread by client address and port.
+fn spread_queries(udp: &[std::net::UdpSocket]) {
+    if let Err(e) = udp_steering::spread_at_random(&udp[0], udp.len()) {
+        tracing::warn!(error = %e, sockets = udp.len(),
+            "dns: cannot steer queries to udp workers at random; the kernel spreads them by client address and port");
+    }
 }
 
 /// Fails if anything is bound to `addr` already (a probe without
@@ -602,6 +615,49 @@ mod tests {
             assert_eq!(socket.local_addr().unwrap(), addr);
         }
         assert_eq!(server.tcp_addr().unwrap().port(), addr.port());
+    }
+
+    /// How many of `sent` datagrams each socket of `udp` received (the
+    /// sockets are non-blocking: read until every datagram is accounted for).
+    fn received_per_socket(udp: &[std::net::UdpSocket], sent: usize) -> Vec<usize> {
+        let mut counts = vec![0; udp.len()];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 64];
+        while counts.iter().sum::<usize>() < sent {
+            assert!(Instant::now() < deadline, "received {counts:?} of {sent}");
+            for (socket, count) in udp.iter().zip(&mut counts) {
+                while socket.recv(&mut buf).is_ok() {
+                    *count += 1;
+                }
+            }
+            std::thread::yield_now();
+        }
+        counts
+    }
+
+    /// One client socket (one 4-tuple, which the kernel's default hash sends
+    /// to one socket every time) reaches every worker's socket, also after a
+    /// takeover that adds sockets to the group.
+    #[test]
+    fn datagrams_of_one_client_reach_every_udp_worker() {
+        let server = DnsServer::bind(settings("127.0.0.1:0".parse().unwrap(), 2)).unwrap();
+        let addr = server.udp_addr().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let send = |count: usize| {
+            for _ in 0..count {
+                client.send_to(b"query", addr).unwrap();
+            }
+        };
+        send(200);
+        let counts = received_per_socket(&server.udp, 200);
+        assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+
+        let DnsServer { udp, tcp, .. } = server;
+        let taken = DnsServer::from_sockets(udp, tcp, settings(addr, 4)).unwrap();
+        assert_eq!(taken.udp.len(), 4);
+        send(400);
+        let counts = received_per_socket(&taken.udp, 400);
+        assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
     }
 
     /// Fuzzing the TCP framing (RFC 7766) with what a client can send over
