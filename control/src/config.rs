@@ -517,6 +517,31 @@ pub fn parse_toml(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     })
 }
 
+/// Makes every path written in `raw` (read from `config_file`) relative to
+/// the file's directory, and puts the default routing table there too (see
+/// `crate::config_paths`).
+pub fn resolve_paths(raw: &mut RawConfig, config_file: &Path) {
+    raw.routing
+        .db_path
+        .get_or_insert_with(|| PathBuf::from(defaults::DB_PATH));
+    let mut paths: Vec<&mut PathBuf> = Vec::new();
+    paths.extend(raw.routing.db_path.as_mut());
+    paths.extend(raw.geo.db_path.as_mut());
+    paths.extend(raw.api.token_file.as_mut());
+    paths.extend(raw.replication.secret_file.as_mut());
+    for l in raw.listeners.iter_mut().flatten() {
+        if let Some(tls) = l.tls.as_mut() {
+            paths.extend(tls.cert.as_mut());
+            paths.extend(tls.key.as_mut());
+            for sni in &mut tls.sni {
+                paths.push(&mut sni.cert);
+                paths.push(&mut sni.key);
+            }
+        }
+    }
+    crate::config_paths::resolve(paths, config_file);
+}
+
 /// Loads the effective configuration: the file (if given) then the
 /// environment on top.
 ///
@@ -526,7 +551,7 @@ pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
     let raw = match path {
         Some(p) => {
             let mut raw = read_file(p)?;
-            crate::config_paths::resolve(&mut raw, p);
+            resolve_paths(&mut raw, p);
             raw
         }
         None => RawConfig::default(),
@@ -861,7 +886,7 @@ impl Config {
             log: crate::log_config::from_raw(raw.log, env)?,
             metrics: metrics_from(raw.metrics, env)?,
             api: crate::api::config::from_raw(raw.api, env)?,
-            geodns: crate::geodns::from_raw(raw.geodns, env, &dns)?,
+            geodns: crate::geodns::from_raw(raw.geodns, env, dns.enabled, &dns.domain)?,
             dns,
             replication,
             mesh,
@@ -874,7 +899,14 @@ impl Config {
             config_watch: crate::config_watch::from_raw(raw.config_watch, env)?,
             postgres: crate::pg_source::config::from_raw(raw.postgres, env)?,
         };
-        crate::pg_source::config::check_combination(&config)?;
+        crate::pg_source::config::check_combination(
+            &config.postgres,
+            crate::pg_source::config::RoutingDbWriters {
+                api: config.api.enabled,
+                replication: config.replication.enabled,
+                demo_backends: config.demo.backends,
+            },
+        )?;
         Ok(config)
     }
 

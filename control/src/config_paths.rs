@@ -13,8 +13,6 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{defaults, RawConfig};
-
 /// The directory relative paths in `config_file` are resolved against:
 /// its parent, canonical (the file was just read, so it exists; `..` and
 /// symbolic links resolved), else made absolute against the working
@@ -31,37 +29,14 @@ pub fn base_of(config_file: &Path) -> PathBuf {
         .unwrap_or_else(|_| parent.to_path_buf())
 }
 
-/// Rewrites every relative path of `raw` (read from `config_file`) as
-/// `base_of(config_file)/path`, and sets the default routing table there.
-pub fn resolve(raw: &mut RawConfig, config_file: &Path) {
+/// Rewrites every relative path in `paths` (read from `config_file`) as
+/// `base_of(config_file)/path`. Which paths a file holds is the config's
+/// business (`crate::config::resolve_paths` lists them).
+pub fn resolve<'a>(paths: impl IntoIterator<Item = &'a mut PathBuf>, config_file: &Path) {
     let base = base_of(config_file);
-    let fix = |p: &mut PathBuf| {
+    for p in paths {
         if p.is_relative() && !p.as_os_str().is_empty() {
             *p = base.join(&*p);
-        }
-    };
-    let db = raw
-        .routing
-        .db_path
-        .get_or_insert_with(|| PathBuf::from(defaults::DB_PATH));
-    fix(db);
-    if let Some(p) = raw.geo.db_path.as_mut() {
-        fix(p);
-    }
-    if let Some(p) = raw.api.token_file.as_mut() {
-        fix(p);
-    }
-    if let Some(p) = raw.replication.secret_file.as_mut() {
-        fix(p);
-    }
-    for l in raw.listeners.iter_mut().flatten() {
-        if let Some(tls) = l.tls.as_mut() {
-            tls.cert.as_mut().map(fix);
-            tls.key.as_mut().map(fix);
-            for sni in &mut tls.sni {
-                fix(&mut sni.cert);
-                fix(&mut sni.key);
-            }
         }
     }
 }
@@ -69,10 +44,11 @@ pub fn resolve(raw: &mut RawConfig, config_file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{resolve_paths, RawConfig};
 
     fn resolved(text: &str, file: &str) -> RawConfig {
         let mut raw: RawConfig = toml::from_str(text).unwrap();
-        resolve(&mut raw, Path::new(file));
+        resolve_paths(&mut raw, Path::new(file));
         raw
     }
 

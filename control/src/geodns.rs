@@ -7,7 +7,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Dns;
 use crate::config_env::{env_parse, invalid, ConfigError, Env};
 
 pub mod defaults {
@@ -40,7 +39,14 @@ impl GeoDns {
     }
 }
 
-pub fn from_raw(raw: RawGeoDns, env: &dyn Env, dns: &Dns) -> Result<GeoDns, ConfigError> {
+/// `dns_enabled` and `internal_domain` are the `[dns]` server's: GeoDNS is
+/// answered by it, outside its internal zone.
+pub fn from_raw(
+    raw: RawGeoDns,
+    env: &dyn Env,
+    dns_enabled: bool,
+    internal_domain: &str,
+) -> Result<GeoDns, ConfigError> {
     let name = match env.var("EDGEPROXY_GEODNS_NAME") {
         Some(v) if v.trim().is_empty() => None,
         Some(v) => Some(dns::zone::parse_domain(&v).map_err(|e| ConfigError::Env {
@@ -73,14 +79,14 @@ pub fn from_raw(raw: RawGeoDns, env: &dyn Env, dns: &Dns) -> Result<GeoDns, Conf
         ));
     }
     if let Some(name) = &name {
-        if !dns.enabled {
+        if !dns_enabled {
             return Err(invalid(
                 "geodns.name",
                 "GeoDNS is answered by the DNS server, which is off: set [dns] enabled = true \
                  (or EDGEPROXY_DNS_ENABLED=true)",
             ));
         }
-        let internal = dns::zone::parse_domain(&dns.domain)
+        let internal = dns::zone::parse_domain(internal_domain)
             .map_err(|e| invalid("dns.domain", e.to_string()))?;
         if internal.zone_of(name) || name.zone_of(&internal) {
             return Err(invalid(

@@ -271,27 +271,40 @@ pub(crate) fn from_raw(raw: RawPostgres, env: &dyn Env) -> Result<Postgres, Conf
     })
 }
 
+/// The other writers of `routing.db`, as configured.
+pub(crate) struct RoutingDbWriters {
+    /// `[api] enabled`: the discovery API registers backends.
+    pub api: bool,
+    /// `[replication] enabled`: rows arrive from other POPs.
+    pub replication: bool,
+    /// `[demo] backends`: demo rows written at start.
+    pub demo_backends: u32,
+}
+
 /// What cannot be combined with PostgreSQL as the source: writers of
 /// `routing.db`, whose rows the source would overwrite or delete.
-pub(crate) fn check_combination(config: &crate::config::Config) -> Result<(), ConfigError> {
-    if !config.postgres.enabled {
+pub(crate) fn check_combination(
+    postgres: &Postgres,
+    writers: RoutingDbWriters,
+) -> Result<(), ConfigError> {
+    if !postgres.enabled {
         return Ok(());
     }
-    if config.api.enabled {
+    if writers.api {
         return Err(invalid(
             "postgres.enabled",
             "cannot be combined with api.enabled: with PostgreSQL as the routing source, \
              backends are registered in the database, not through the discovery API",
         ));
     }
-    if config.replication.enabled {
+    if writers.replication {
         return Err(invalid(
             "postgres.enabled",
             "cannot be combined with replication.enabled: with PostgreSQL as the routing \
              source the database is the shared truth between POPs; turn replication off",
         ));
     }
-    if config.demo.backends > 0 {
+    if writers.demo_backends > 0 {
         return Err(invalid(
             "postgres.enabled",
             "cannot be combined with demo.backends: demo backends are written to routing.db, \
