@@ -18,6 +18,7 @@ pub mod report;
 pub mod scenarios;
 pub mod targets;
 pub mod tls;
+pub mod tls_material;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -236,7 +237,7 @@ fn run_in(
     } else {
         match tls::edgeproxy_has_tls(&setup) {
             Err(why) => Some(why),
-            Ok(()) => match tls::TlsMaterial::generate(&setup.work_dir.join("tls")) {
+            Ok(()) => match tls_material::TlsMaterial::generate(&setup.work_dir.join("tls")) {
                 Ok(m) => {
                     setup.tls = Some(std::sync::Arc::new(m));
                     None

@@ -74,7 +74,7 @@ pub struct Setup {
     /// Scratch space for configs and routing databases.
     pub work_dir: PathBuf,
     /// When set, every proxy also terminates TLS (scenario f) with it.
-    pub tls: Option<Arc<crate::tls::TlsMaterial>>,
+    pub tls: Option<Arc<crate::tls_material::TlsMaterial>>,
 }
 
 /// Whether a peer can run here, and its version.
@@ -381,8 +381,12 @@ level = "info"
         ));
     }
     if let Some(m) = &setup.tls {
-        toml.push_str(&crate::tls::edgeproxy_listener("tls-http", "http", m));
-        toml.push_str(&crate::tls::edgeproxy_listener("tls-bulk", "bulk", m));
+        toml.push_str(&crate::tls_material::edgeproxy_listener(
+            "tls-http", "http", m,
+        ));
+        toml.push_str(&crate::tls_material::edgeproxy_listener(
+            "tls-bulk", "bulk", m,
+        ));
     }
     toml.push_str(&edge.extra_toml);
     let config = dir.join("edgeproxy.toml");
