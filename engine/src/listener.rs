@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::cbpf::{
+    self, insn, BPF_ALU_MOD_K, BPF_ALU_MUL_K, BPF_ALU_RSH_K, BPF_JMP_JA, BPF_JMP_JEQ_K,
+    BPF_LD_B_ABS, BPF_LD_W_ABS, BPF_RET_A, SKF_NET_OFF,
+};
+
 /// Listen backlog per socket.
 const BACKLOG: i32 = 4096;
 
@@ -158,23 +163,6 @@ pub fn adopt_group(sockets: Vec<std::net::TcpListener>, shards: usize) -> io::Re
     })
 }
 
-// Classic BPF opcodes (linux/filter.h: class | size | mode), spelled out to
-// keep the program readable. BPF_LD is class 0 and BPF_W size 0.
-const BPF_LD_B_ABS: u16 = 0x10 | 0x20;
-const BPF_LD_W_ABS: u16 = 0x20;
-const BPF_ALU_RSH_K: u16 = 0x04 | 0x70;
-const BPF_ALU_MUL_K: u16 = 0x04 | 0x20;
-const BPF_ALU_MOD_K: u16 = 0x04 | 0x90;
-const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
-const BPF_JMP_JA: u16 = 0x05;
-const BPF_RET_A: u16 = 0x06 | 0x10;
-/// Offsets from here address the network (IP) header.
-const SKF_NET_OFF: i32 = -0x100000;
-
-fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
 /// `shard = hash(client IP) % shards`: IPv4 source word, or the low word of an
 /// IPv6 source (which for a dual-stack socket may still carry IPv4 packets,
 /// hence the version check).
@@ -195,28 +183,7 @@ fn steering_program(shards: u32) -> [libc::sock_filter; 10] {
 }
 
 fn attach_steering(socket: &std::net::TcpListener, shards: u32) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let program = steering_program(shards);
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: `fprog` points at `program`, which outlives the call; the kernel
-    // copies the program.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            &fprog as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    cbpf::attach_reuseport(socket, &steering_program(shards))
 }
 
 #[cfg(test)]
