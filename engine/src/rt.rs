@@ -413,9 +413,22 @@ impl IoBuf for Chunk {
 }
 
 /// Writes the whole chunk, then drops it (returning a pooled buffer).
+///
+/// First with a plain non-blocking `send(2)` from the task, and through an
+/// io_uring SEND only for what the socket could not take at once. A SEND
+/// that is submitted leaves with the rest of the turn's submissions, so the
+/// replies of a whole turn reach the peers together, and on loopback each
+/// wakes its reader's CPU from idle (a function-call IPI, a VM exit for
+/// the sender); sent at once, they leave as each read is handled. Measured
+/// in the `minimal` proxy (perf (a), Intel Xeon VM): CPU per keep-alive
+/// request −4 to −6 %, the generator CPU's function-call IPIs a quarter.
 pub async fn write_chunk(stream: &TcpStream, chunk: Chunk) -> io::Result<()> {
+    let sent = send_now(stream, chunk.as_slice())?;
+    if sent == chunk.len() {
+        return Ok(());
+    }
     let mut writer = stream;
-    let mut chunk = chunk;
+    let mut chunk = chunk.advance(sent);
     loop {
         let BufResult(written, back) = writer.write(chunk).await;
         let n = written?;
@@ -427,6 +440,30 @@ pub async fn write_chunk(stream: &TcpStream, chunk: Chunk) -> io::Result<()> {
         }
         // A short write (the socket buffer filled up): send the rest.
         chunk = back.advance(n);
+    }
+}
+
+/// As much of `bytes` as the socket takes now, without waiting: 0 when it
+/// takes nothing (a full send buffer).
+fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `bytes` is valid for reads of its length for the call; the
+    // descriptor is `stream`'s, open for the call.
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(e),
     }
 }
 
@@ -750,5 +787,63 @@ mod tests {
         let mut got = Vec::new();
         reader.read_to_end(&mut got).unwrap();
         assert!(got == data, "spliced bytes differ");
+    }
+
+    /// A loopback pair with small socket buffers: a large write cannot go
+    /// out in one send and must wait for the reader.
+    fn cramped_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_send_buffer_size(16 << 10).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        socket2::Socket::from(accepted.try_clone().unwrap())
+            .set_recv_buffer_size(16 << 10)
+            .unwrap();
+        (socket.into(), accepted)
+    }
+
+    /// The first send takes what fits and the rest follows through
+    /// io_uring: every byte arrives once, in order.
+    #[test]
+    fn a_chunk_larger_than_the_socket_takes_at_once_arrives_whole_and_in_order() {
+        const LEN: usize = 4 << 20;
+        let (ours, mut theirs) = cramped_pair();
+        let data: Vec<u8> = (0..LEN).map(|i| (i * 7 % 251) as u8).collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).unwrap();
+            got
+        });
+        let runtime = build_runtime(4, 4096).unwrap();
+        let chunk = Chunk::Owned(data.clone());
+        runtime.block_on(async move {
+            let ours = TcpStream::from_std(ours).unwrap();
+            write_chunk(&ours, chunk).await.unwrap();
+            shutdown_write(&ours).await.unwrap();
+        });
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), LEN);
+        assert!(got == data, "bytes differ");
+    }
+
+    /// A peer that reset the connection makes the write fail, not hang or
+    /// panic.
+    #[test]
+    fn a_write_to_a_reset_peer_fails() {
+        let (ours, theirs) = cramped_pair();
+        socket2::Socket::from(theirs)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        // Dropped with linger 0: the peer's close sent a reset, which
+        // loopback delivered to `ours` before the close returned.
+        let runtime = build_runtime(4, 4096).unwrap();
+        let outcome = runtime.block_on(async move {
+            let ours = TcpStream::from_std(ours).unwrap();
+            write_chunk(&ours, Chunk::Owned(vec![1u8; 1024])).await
+        });
+        assert!(outcome.is_err(), "{outcome:?}");
     }
 }

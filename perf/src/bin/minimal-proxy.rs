@@ -18,8 +18,14 @@
 //! (and asks each connection its peer address, as a real proxy must): the
 //! experiment README's "New connections and multishot accept" reports.
 //!
-//! Usage: `minimal-proxy [--multishot] [--multishot-accept] --workers N
-//! FRONT=BACKEND...`; prints
+//! Writes go out as edgeproxy's do: a non-blocking `send(2)` first, an
+//! io_uring SEND only for what the socket did not take (README, "Keep-alive
+//! requests: sends from the task"). `--uring-send` (or
+//! `MINIMAL_PROXY_URING_SEND=1`) sends everything through io_uring SENDs,
+//! as both proxies did before.
+//!
+//! Usage: `minimal-proxy [--multishot] [--multishot-accept] [--uring-send]
+//! --workers N FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -45,8 +51,13 @@ fn run() -> Result<(), String> {
     // binary itself, measure the multishot variants.
     let mut multishot = std::env::var_os("MINIMAL_PROXY_MULTISHOT").is_some();
     let mut multishot_accept = std::env::var_os("MINIMAL_PROXY_MULTISHOT_ACCEPT").is_some();
+    let mut uring_send = std::env::var_os("MINIMAL_PROXY_URING_SEND").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
+        if arg == "--uring-send" {
+            uring_send = true;
+            continue;
+        }
         if arg == "--multishot" {
             multishot = true;
             continue;
@@ -74,11 +85,12 @@ fn run() -> Result<(), String> {
     }
     if routes.is_empty() {
         return Err(
-            "usage: minimal-proxy [--multishot] [--multishot-accept] [--workers N] \
-             FRONT=BACKEND..."
+            "usage: minimal-proxy [--multishot] [--multishot-accept] [--uring-send] \
+             [--workers N] FRONT=BACKEND..."
                 .into(),
         );
     }
+    URING_SEND.store(uring_send, std::sync::atomic::Ordering::Relaxed);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
@@ -237,6 +249,35 @@ async fn futures_join(
     (ra.expect("ready"), rb.expect("ready"))
 }
 
+/// `--uring-send`: every write through an io_uring SEND. Set once at start.
+static URING_SEND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// As much of `bytes` as `dst` takes now, without waiting (0: nothing, or
+/// `--uring-send`).
+fn send_now(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    if URING_SEND.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok(0);
+    }
+    // SAFETY: `bytes` is valid for reads of its length; the descriptor is
+    // `dst`'s, open for the call.
+    let n = unsafe {
+        libc::send(
+            std::os::fd::AsRawFd::as_raw_fd(dst),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n >= 0 {
+        return Ok(n as usize);
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(e),
+    }
+}
+
 /// Copies `src` to `dst` through provided buffers, then half-closes `dst`.
 async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
     let mut reader = src;
@@ -250,7 +291,11 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
                 return Ok(());
             }
         };
-        let mut chunk = buf.slice(..);
+        let sent = send_now(dst, buf.as_init())?;
+        if sent == buf.as_init().len() {
+            continue;
+        }
+        let mut chunk = buf.slice(sent..);
         loop {
             let BufResult(n, back) = writer.write(chunk).await;
             let n = n?;
