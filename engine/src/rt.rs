@@ -470,10 +470,17 @@ fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
 /// Writes all of `buf` and hands it back, so that a caller moving bulk data
 /// reuses one warm buffer instead of allocating (and page-faulting) a fresh
 /// one per read.
+///
+/// Sent like [`write_chunk`]: from the task first, through io_uring only
+/// for what the socket did not take.
 pub async fn write_vec(stream: &TcpStream, buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    let sent = send_now(stream, &buf)?;
+    if sent == buf.len() {
+        return Ok(buf);
+    }
     let mut writer = stream;
-    let BufResult(result, buf) = writer.write_all(buf).await;
-    result.map(|()| buf)
+    let BufResult(result, rest) = writer.write_all(buf.slice(sent..)).await;
+    result.map(|()| compio::buf::IntoInner::into_inner(rest))
 }
 
 /// Writes a small fixed buffer (a PROXY header).
