@@ -332,9 +332,35 @@ pub fn listener_from_std(listener: std::net::TcpListener) -> io::Result<TcpListe
     TcpListener::from_std(listener)
 }
 
+/// A TCP connection to `addr`, TCP_NODELAY set.
+///
+/// The socket is made and the SYN sent by plain non-blocking calls from the
+/// task (`socket(2)`, `connect(2)`), and io_uring only waits for the
+/// handshake to finish (one POLL): compio's own connect submits a SOCKET,
+/// then a CONNECT after that completes, so the SYN left a turn of the loop
+/// later, with the turn's other submissions.
 pub async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    let in_progress = match socket.connect(&addr.into()) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if in_progress {
+        stream.to_poll_fd()?.write_ready().await?;
+        // Writable means the handshake ended, well or not.
+        let socket = socket2::SockRef::from(&stream);
+        if let Some(e) = socket.take_error()? {
+            return Err(e);
+        }
+    }
     Ok(stream)
 }
 
@@ -852,5 +878,35 @@ mod tests {
             write_chunk(&ours, Chunk::Owned(vec![1u8; 1024])).await
         });
         assert!(outcome.is_err(), "{outcome:?}");
+    }
+
+    /// A connection to a listener carries bytes with TCP_NODELAY set; one
+    /// to a port nobody listens on fails with the refusal, not a hang.
+    #[test]
+    fn connect_reaches_a_listener_and_reports_a_refused_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let closed = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            gone.local_addr().unwrap()
+        };
+        let runtime = build_runtime(4, 4096).unwrap();
+        let (nodelay, refused) = runtime.block_on(async move {
+            let stream = connect(open).await.unwrap();
+            write_chunk(&stream, Chunk::Owned(b"hello".to_vec()))
+                .await
+                .unwrap();
+            let nodelay = socket2::SockRef::from(&stream).tcp_nodelay().unwrap();
+            (nodelay, connect(closed).await.map(drop))
+        });
+        let (mut accepted, _) = listener.accept().unwrap();
+        let mut got = [0u8; 5];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        assert!(nodelay);
+        assert_eq!(
+            refused.unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused
+        );
     }
 }

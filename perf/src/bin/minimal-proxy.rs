@@ -18,7 +18,9 @@
 //! (and asks each connection its peer address, as a real proxy must): the
 //! experiment README's "New connections and multishot accept" reports.
 //!
-//! Writes go out as edgeproxy's do: a non-blocking `send(2)` first, an
+//! Backend connections are made as edgeproxy's are (`socket(2)` and a
+//! non-blocking `connect(2)` from the task, one io_uring POLL for the
+//! handshake's end), and writes go out as edgeproxy's do: a non-blocking `send(2)` first, an
 //! io_uring SEND only for what the socket did not take (README, "Keep-alive
 //! requests: sends from the task"). `--uring-send` (or
 //! `MINIMAL_PROXY_URING_SEND=1`) sends everything through io_uring SENDs,
@@ -206,8 +208,7 @@ async fn accept_multishot_loop(listener: Rc<TcpListener>, back: SocketAddr, mult
 }
 
 async fn serve(client: TcpStream, back: SocketAddr, multishot: bool) -> io::Result<()> {
-    let backend = TcpStream::connect(back).await?;
-    backend.set_nodelay(true)?;
+    let backend = connect(back).await?;
     if multishot {
         let up = pump_multishot(&client, &backend);
         let down = pump_multishot(&backend, &client);
@@ -218,6 +219,32 @@ async fn serve(client: TcpStream, back: SocketAddr, multishot: bool) -> io::Resu
         let _ = futures_join(up, down).await;
     }
     Ok(())
+}
+
+/// Connects as edgeproxy does (`engine::rt::connect`): socket(2) and a
+/// non-blocking connect(2) from the task, then one io_uring POLL for the
+/// handshake's end, instead of compio's SOCKET then CONNECT submissions.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    let in_progress = match socket.connect(&addr.into()) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+        Err(e) => return Err(e),
+    };
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if in_progress {
+        stream.to_poll_fd()?.write_ready().await?;
+        if let Some(e) = socket2::SockRef::from(&stream).take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 /// Both directions to their end (no extra dependency for a join).
