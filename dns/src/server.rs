@@ -93,8 +93,15 @@ pub struct DnsServer {
 }
 
 impl DnsServer {
-    /// Binds UDP on `settings.listen`, then TCP on the same address and the
-    /// port UDP got. With port 0, a TCP port clash is retried on a new port.
+    /// Binds TCP on `settings.listen`, then UDP on the same address and the
+    /// port TCP got. With port 0, a UDP port clash is retried on a new port.
+    ///
+    /// TCP first because with port 0 its ports are the scarce ones: every
+    /// outgoing connection of the host holds a TCP port (for a minute after
+    /// it closes, in TIME_WAIT) that a listener cannot take, while few UDP
+    /// ports are in use. Picked the other way round, a busy host (a test
+    /// suite churning connections) refused the TCP half of a port UDP had
+    /// found free eight times in a row.
     pub fn bind(settings: ServerSettings) -> Result<DnsServer, BindError> {
         let want = settings.listen;
         let mut attempts = if want.port() == 0 { 8 } else { 1 };
@@ -102,23 +109,23 @@ impl DnsServer {
         // sockets would be joined silently and share the queries.
         ensure_udp_unused(want).map_err(|cause| BindError::Udp { addr: want, cause })?;
         loop {
-            let first = bind_udp(want).map_err(|cause| BindError::Udp { addr: want, cause })?;
-            let got = first
+            let tcp = bind_tcp(want).map_err(|cause| BindError::Tcp { addr: want, cause })?;
+            let got = tcp
                 .local_addr()
-                .map_err(|cause| BindError::Udp { addr: want, cause })?;
-            let mut udp = vec![first];
-            for _ in 1..settings.udp_workers.max(1) {
-                udp.push(bind_udp(got).map_err(|cause| BindError::Udp { addr: got, cause })?);
-            }
-            match bind_tcp(got) {
-                Ok(tcp) => {
+                .map_err(|cause| BindError::Tcp { addr: want, cause })?;
+            // The port is TCP's pick: nobody else's UDP socket may hold it
+            // either (SO_REUSEPORT would join it silently).
+            let udp = ensure_udp_unused(got)
+                .and_then(|()| bind_udp_group(got, settings.udp_workers.max(1)));
+            match udp {
+                Ok(udp) => {
                     spread_queries(&udp);
                     return Ok(DnsServer { udp, tcp, settings });
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempts > 1 => {
                     attempts -= 1;
                 }
-                Err(cause) => return Err(BindError::Tcp { addr: got, cause }),
+                Err(cause) => return Err(BindError::Udp { addr: got, cause }),
             }
         }
     }
@@ -286,6 +293,18 @@ fn ensure_udp_unused(addr: SocketAddr) -> io::Result<()> {
         return Ok(());
     }
     std::net::UdpSocket::bind(addr).map(drop)
+}
+
+/// `count` UDP sockets in one reuseport group on `addr`. The first fails
+/// with `AddrInUse` if something else holds the port.
+fn bind_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    let first = bind_udp(addr)?;
+    let addr = first.local_addr()?;
+    let mut udp = vec![first];
+    while udp.len() < count {
+        udp.push(bind_udp(addr)?);
+    }
+    Ok(udp)
 }
 
 fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
