@@ -295,8 +295,8 @@ fn ensure_udp_unused(addr: SocketAddr) -> io::Result<()> {
     std::net::UdpSocket::bind(addr).map(drop)
 }
 
-/// `count` UDP sockets in one reuseport group on `addr`. The first fails
-/// with `AddrInUse` if something else holds the port.
+/// `count` UDP sockets in one reuseport group on `addr` (whether another
+/// process holds the port is [`ensure_udp_unused`]'s to find out).
 fn bind_udp_group(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
     let first = bind_udp(addr)?;
     let addr = first.local_addr()?;
