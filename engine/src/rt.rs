@@ -759,21 +759,33 @@ mod tests {
         assert!(outcome.is_err());
     }
 
-    /// A connected loopback pair with 4 MiB socket buffers each way, so a
-    /// megabyte fits in flight without anyone reading.
-    fn roomy_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+    /// A connected loopback pair with send and receive buffers of `buffer`
+    /// bytes on both sides.
+    fn loopback_pair(buffer: usize) -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_send_buffer_size(4 << 20).unwrap();
-        socket.set_recv_buffer_size(4 << 20).unwrap();
+        socket.set_send_buffer_size(buffer).unwrap();
+        socket.set_recv_buffer_size(buffer).unwrap();
         socket.connect(&addr.into()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         let accepted = socket2::Socket::from(accepted);
-        accepted.set_send_buffer_size(4 << 20).unwrap();
-        accepted.set_recv_buffer_size(4 << 20).unwrap();
+        accepted.set_send_buffer_size(buffer).unwrap();
+        accepted.set_recv_buffer_size(buffer).unwrap();
         (socket.into(), accepted.into())
+    }
+
+    /// 4 MiB buffers each way: a megabyte fits in flight without anyone
+    /// reading.
+    fn roomy_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        loopback_pair(4 << 20)
+    }
+
+    /// 16 KiB buffers: a large write cannot go out in one send and must
+    /// wait for the reader.
+    fn cramped_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        loopback_pair(16 << 10)
     }
 
     #[test]
@@ -820,22 +832,6 @@ mod tests {
         let mut got = Vec::new();
         reader.read_to_end(&mut got).unwrap();
         assert!(got == data, "spliced bytes differ");
-    }
-
-    /// A loopback pair with small socket buffers: a large write cannot go
-    /// out in one send and must wait for the reader.
-    fn cramped_pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket.set_send_buffer_size(16 << 10).unwrap();
-        socket.connect(&addr.into()).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        socket2::Socket::from(accepted.try_clone().unwrap())
-            .set_recv_buffer_size(16 << 10)
-            .unwrap();
-        (socket.into(), accepted)
     }
 
     /// The first send takes what fits and the rest follows through
