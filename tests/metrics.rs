@@ -1,5 +1,6 @@
-//! `/metrics` parses with a real Prometheus text parser and its counters move
-//! with traffic.
+//! `/metrics` parses with a real Prometheus text parser, passes `promtool`'s
+//! lint, is scraped and stored by a real Prometheus server, and its counters
+//! move with traffic.
 
 mod common;
 
@@ -377,4 +378,186 @@ fn build_info_and_process_metrics() {
         started > now - 600.0 && started <= now + 1.0,
         "{started} vs {now}"
     );
+}
+
+/// A Prometheus server process, killed (and its data dropped with the
+/// caller's `TempDir`) when this is dropped.
+struct Prometheus {
+    child: std::process::Child,
+    web: SocketAddr,
+}
+
+impl Prometheus {
+    /// Starts Debian's `prometheus` scraping `target` every second, its web
+    /// API on a free loopback port, its storage under `dir`.
+    fn scraping(dir: &TempDir, target: SocketAddr) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
+                 scrape_configs:\n  - job_name: edgeproxy\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let web = SocketAddr::from(([127, 0, 0, 1], dead_port()));
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot run prometheus (Debian package `prometheus`; .ci/run installs it)");
+        Prometheus { child, web }
+    }
+
+    /// `GET /api/v1/<path>` with query parameters, its `data` field; `None`
+    /// while the server is not answering yet.
+    fn api(&self, path: &str, params: &[(&str, &str)]) -> Option<serde_json::Value> {
+        let mut request = ureq::get(&format!("http://{}/api/v1/{path}", self.web));
+        for (k, v) in params {
+            request = request.query(*k, *v);
+        }
+        let body = request.call().ok()?.into_body().read_to_string().ok()?;
+        let reply: serde_json::Value = serde_json::from_str(&body).expect("API reply is JSON");
+        assert_eq!(reply["status"], "success", "{path}: {reply}");
+        Some(reply["data"].clone())
+    }
+
+    /// The metric names of every series Prometheus stored from the job.
+    fn stored_names(&self) -> std::collections::BTreeSet<String> {
+        let data = self
+            .api(
+                "query",
+                &[("query", "count by (__name__) ({job=\"edgeproxy\"})")],
+            )
+            .expect("prometheus answers");
+        data["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["metric"]["__name__"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Real consumers of `/metrics`: `promtool check metrics` (Prometheus's own
+/// linter) finds nothing to fix, and a Prometheus server scrapes the
+/// endpoint without error and stores every metric the exposition has,
+/// with the values it has.
+#[test]
+fn prometheus_scrapes_every_metric_and_promtool_finds_nothing_to_fix() {
+    let dir = TempDir::new("metrics-prometheus");
+    let live = TagBackend::start("live");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("live", "web", "sa", live.port()));
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        ),
+    );
+    // Traffic, so that per-backend series and histogram buckets exist.
+    for _ in 0..3 {
+        let (name, _stream) = connect_tagged(proxy.addr());
+        assert_eq!(name, "live");
+    }
+    let addr = metrics_addr(&proxy);
+    let body = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .expect("scrape")
+        .into_body()
+        .read_to_string()
+        .expect("body");
+
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot run promtool (Debian package `prometheus`; .ci/run installs it)");
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let linted = lint.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&linted.stdout),
+        String::from_utf8_lossy(&linted.stderr)
+    );
+    assert!(
+        linted.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {}\n{said}",
+        linted.status
+    );
+
+    // Every sample line's metric name (histograms add _bucket, _sum, _count).
+    let exposed: std::collections::BTreeSet<String> = body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    assert!(exposed.contains("edgeproxy_backend_connections_total"));
+
+    let prometheus = Prometheus::scraping(&dir, addr);
+    let scraped = eventually(Duration::from_secs(60), || {
+        let Some(targets) = prometheus.api("targets", &[]) else {
+            return false;
+        };
+        let target = &targets["activeTargets"][0];
+        let error = target["lastError"].as_str().unwrap_or_default();
+        assert!(
+            error.is_empty(),
+            "Prometheus failed to scrape /metrics: {error}"
+        );
+        target["health"] == "up"
+    });
+    assert!(
+        scraped,
+        "Prometheus never scraped the target; its log:\n{}",
+        std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+    );
+    // Stored is what was scraped, once the first scrape's samples are
+    // queryable.
+    let mut stored = Default::default();
+    eventually(Duration::from_secs(30), || {
+        stored = prometheus.stored_names();
+        stored.is_superset(&exposed)
+    });
+    let missing: Vec<_> = exposed.difference(&stored).collect();
+    assert!(missing.is_empty(), "Prometheus did not store {missing:?}");
+
+    // And a value survives the trip: three connections to the one backend.
+    let data = prometheus
+        .api(
+            "query",
+            &[(
+                "query",
+                "sum(edgeproxy_backend_connections_total{job=\"edgeproxy\"})",
+            )],
+        )
+        .expect("prometheus answers");
+    let total: f64 = data["result"][0]["value"][1]
+        .as_str()
+        .expect("a value")
+        .parse()
+        .unwrap();
+    assert_eq!(total, 3.0);
 }
