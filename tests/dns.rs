@@ -1,9 +1,10 @@
 //! Internal DNS against the real binary, with real resolver clients: `dig`
 //! (bind9-dnsutils), `kdig` (knot-dnsutils) and a Rust client built on
-//! hickory-proto, over UDP and TCP.
+//! hickory-proto, over UDP and TCP, and Unbound as a recursive resolver in
+//! front of the POP.
 //!
-//! `dig` and `kdig` are required: CI installs them (`.ci/run`); a missing one
-//! fails the test, it never skips it.
+//! `dig`, `kdig` and `unbound` are required: CI installs them (`.ci/run`); a
+//! missing one fails the test, it never skips it.
 
 mod common;
 
@@ -464,6 +465,110 @@ fn large_answers_set_tc_over_udp_and_clients_retry_over_tcp() {
     let udp = udp_exchange(d.addr, &q.to_vec().unwrap()).unwrap();
     assert!(udp.len() <= 1232);
     assert!(Message::from_vec(&udp).unwrap().metadata.truncation);
+}
+
+/// Unbound (Debian's `unbound`), a recursive resolver as a site would run
+/// one, with `internal.` as a stub zone served by this POP. Killed when
+/// dropped.
+struct Unbound {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Unbound {
+    fn forwarding_internal_to(dir: &TempDir, pop_dns: SocketAddr) -> Unbound {
+        let addr = SocketAddr::from(([127, 0, 0, 1], dead_port()));
+        let config = dir.join("unbound.conf");
+        // No DNSSEC validator (`internal.` is not signed) and loopback may
+        // be queried (the stub is on it).
+        std::fs::write(
+            &config,
+            format!(
+                "server:\n  interface: {ip}\n  port: {port}\n  do-ip6: no\n  \
+                 do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  \
+                 directory: \"{dir}\"\n  pidfile: \"\"\n  use-syslog: no\n  \
+                 logfile: \"\"\n  verbosity: 1\n  module-config: \"iterator\"\n  \
+                 do-not-query-localhost: no\n  access-control: 127.0.0.0/8 allow\n  \
+                 local-zone: \"internal.\" nodefault\n\
+                 stub-zone:\n  name: \"internal.\"\n  stub-addr: {stub_ip}@{stub_port}\n",
+                ip = addr.ip(),
+                port = addr.port(),
+                dir = dir.path().display(),
+                stub_ip = pop_dns.ip(),
+                stub_port = pop_dns.port(),
+            ),
+        )
+        .unwrap();
+        let log = dir.join("unbound.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("unbound")
+            .args(["-d", "-c"])
+            .arg(&config)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("cannot run `unbound`: install the Debian package unbound (.ci/run does)");
+        let unbound = Unbound { child, addr };
+        let started = eventually(PATIENCE, || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start of service"))
+        });
+        assert!(
+            started,
+            "unbound did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        unbound
+    }
+}
+
+impl Drop for Unbound {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Clients behind a real recursive resolver get this POP's answers: Unbound
+/// with `internal.` as a stub zone accepts them (names, empty answers with
+/// the SOA, NXDOMAIN, SRV), and for an answer too large for UDP it takes
+/// the TC bit and asks again over TCP, as resolvers do.
+#[test]
+fn unbound_resolves_internal_names_through_the_pop() {
+    let mut many: Vec<Row> = (0..80)
+        .map(|i| {
+            let mut r = Row::new(&format!("b{i}"), "big", "ap", 8080).country("JP");
+            r.ip = format!("10.7.0.{}", i + 1);
+            r
+        })
+        .collect();
+    many.extend(rows());
+    let d = start_with(&many, "");
+    let dir = TempDir::new("dns-unbound");
+    let unbound = Unbound::forwarding_internal_to(&dir, d.addr);
+    let via = unbound.addr;
+    // Unbound asks from loopback, which has no country: region sa.
+    assert_eq!(
+        short(&dig(via, &["+short", "web.internal", "A"])),
+        ["10.1.0.1"]
+    );
+    assert_eq!(
+        short(&kdig(via, &["+short", "web.internal", "AAAA"])),
+        ["fd00::2:1"]
+    );
+    let srv = short(&dig(via, &["+short", "_web._tcp.internal", "SRV"]));
+    assert_eq!(srv.len(), 4, "{srv:?}");
+    let nx = dig(via, &["nope.internal", "A"]);
+    assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
+    assert!(nx.contains("SOA ns.internal. hostmaster.internal."), "{nx}");
+    let nodata = dig(via, &["web.internal", "MX"]);
+    assert_eq!(status(&nodata), "NOERROR", "{nodata}");
+    assert!(nodata.contains("ANSWER: 0"), "{nodata}");
+    // 80 A records do not fit in Unbound's 1232-byte EDNS buffer: this POP
+    // answers TC over UDP and Unbound retries over TCP. (The client asks
+    // Unbound over TCP, so Unbound's own reply is not truncated.)
+    let big = dig(via, &["+tcp", "ap.backends.internal", "A"]);
+    assert_eq!(status(&big), "NOERROR", "{big}");
+    assert!(big.contains("ANSWER: 80"), "{big}");
 }
 
 #[test]
