@@ -341,6 +341,71 @@ fn registrations_survive_a_restart_and_update_in_place() {
     assert_eq!(dump(&api.db).len(), 1, "one row, updated in place");
 }
 
+/// Registers `id`; the status, or `None` when the API did not answer (the
+/// process is gone).
+fn try_register(agent: &ureq::Agent, addr: SocketAddr, id: &str) -> Option<u16> {
+    let body = json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1", "port": 9});
+    agent
+        .post(&format!("http://{addr}/api/v1/register"))
+        .header("Authorization", &format!("Bearer {TOKEN}"))
+        .header("Content-Type", "application/json")
+        .send(body.to_string().as_bytes())
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// A registration the API acknowledged is on disk: clients registering
+/// without pause while the process is killed (SIGKILL, no chance to flush
+/// anything) find every acknowledged one after a restart.
+#[test]
+fn every_acknowledged_registration_survives_a_crash() {
+    let dir = TempDir::new("api-crash");
+    // No request rate limit: the clients register as fast as they can.
+    let keys = format!("token = {TOKEN:?}\nrate_limit_per_sec = 0\n");
+    let mut api = Api::start(&dir, &keys, &[]);
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (agent, addr, acked) = (api.agent.clone(), api.addr, acked.clone());
+            std::thread::spawn(move || {
+                for n in 0.. {
+                    let id = format!("c{client}-{n}");
+                    match try_register(&agent, addr, &id) {
+                        Some(201) => acked.lock().unwrap().push(id),
+                        Some(other) => panic!("register {id}: status {other}"),
+                        None => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let enough = eventually(PATIENCE, || acked.lock().unwrap().len() >= 300);
+    assert!(enough, "registrations too slow to test");
+    api.proxy.signal(9);
+    assert!(api.proxy.wait_exit(PATIENCE).is_some(), "not killed");
+    for c in clients {
+        c.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+
+    let api = Api::start(&dir, &keys, &[]);
+    let (status, list) = api.call("GET", "/api/v1/backends", None);
+    assert_eq!(status, 200, "{list}");
+    let stored: std::collections::HashSet<String> = list["backends"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no backends array: {list}"))
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged registrations lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+}
+
 #[test]
 fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
     let dir = TempDir::new("api-bad-input");
