@@ -406,6 +406,100 @@ fn every_acknowledged_registration_survives_a_crash() {
     );
 }
 
+/// A tmpfs mounted over a test's directory (needs root), unmounted when
+/// dropped: a disk that fills up.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount_over(dir: &TempDir, size: &str) -> SmallDisk {
+        // SAFETY: plain getter.
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(
+            uid, 0,
+            "this test mounts a tmpfs and needs root (CI runs as root)"
+        );
+        let path = dir.path().to_path_buf();
+        mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            &path,
+        );
+        SmallDisk(path)
+    }
+
+    fn grow(&self, size: &str) {
+        mount(&["-o", &format!("remount,size={size}")], &self.0);
+    }
+}
+
+fn mount(args: &[&str], at: &std::path::Path) {
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .arg(at)
+        .output()
+        .expect("mount");
+    assert!(out.status.success(), "mount {args:?}: {out:?}");
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// When the disk under routing.db fills up, a registration is refused with
+/// a 5xx that says so (never acknowledged and lost), the process goes on
+/// serving what it has, and registrations work again once there is room.
+#[test]
+fn a_full_disk_refuses_registrations_clearly_and_recovers() {
+    let dir = TempDir::new("api-disk-full");
+    let disk = SmallDisk::mount_over(&dir, "512k");
+    let keys = format!("token = {TOKEN:?}\nrate_limit_per_sec = 0\n");
+    let api = Api::start(&dir, &keys, &[]);
+    let mut acked = Vec::new();
+    let refused = (0..20_000).find_map(|n| {
+        // Long ids fill the disk sooner (one DNS label: at most 63 bytes).
+        let id = format!("b{n}-{}", "x".repeat(50));
+        match api.register(&id, 9) {
+            (201, _) => {
+                acked.push(id);
+                None
+            }
+            (status, reply) => Some((status, reply)),
+        }
+    });
+    let (status, reply) = refused.expect("512 KiB never filled up");
+    assert!(status >= 500, "{status} {reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains("disk is full"), "{status} {reply}");
+    assert!(
+        api.proxy
+            .wait_for_log("database or disk is full", PATIENCE)
+            .is_some(),
+        "not logged:\n{}",
+        api.proxy.log_text()
+    );
+
+    // Still serving, with every acknowledged registration.
+    let (status, list) = api.call("GET", "/api/v1/backends", None);
+    assert_eq!(status, 200, "{list}");
+    let ids: Vec<&str> = list["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), acked.len(), "{ids:?}");
+    assert!(acked.iter().all(|a| ids.contains(&a.as_str())));
+
+    disk.grow("8m");
+    assert_eq!(api.register("after-room", 9).0, 201);
+    assert_eq!(api.state("after-room")["id"], "after-room");
+    drop(api);
+}
+
 #[test]
 fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
     let dir = TempDir::new("api-bad-input");
