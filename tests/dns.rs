@@ -479,16 +479,17 @@ impl Unbound {
     fn forwarding_internal_to(dir: &TempDir, pop_dns: SocketAddr) -> Unbound {
         let addr = SocketAddr::from(([127, 0, 0, 1], dead_port()));
         let config = dir.join("unbound.conf");
-        // No DNSSEC validator (`internal.` is not signed) and loopback may
-        // be queried (the stub is on it).
+        // No DNSSEC validator (`internal.` is not signed), loopback may be
+        // queried (the stub is on it), and EDNS Client Subnet is sent to the
+        // stub (the subnetcache module: answers cached per client subnet).
         std::fs::write(
             &config,
             format!(
                 "server:\n  interface: {ip}\n  port: {port}\n  do-ip6: no\n  \
                  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n  \
                  directory: \"{dir}\"\n  pidfile: \"\"\n  use-syslog: no\n  \
-                 logfile: \"\"\n  verbosity: 1\n  module-config: \"iterator\"\n  \
-                 do-not-query-localhost: no\n  access-control: 127.0.0.0/8 allow\n  \
+                 logfile: \"\"\n  verbosity: 1\n  module-config: \"subnetcache iterator\"\n  \
+                 send-client-subnet: {stub_ip}\n  do-not-query-localhost: no\n  access-control: 127.0.0.0/8 allow\n  \
                  local-zone: \"internal.\" nodefault\n\
                  stub-zone:\n  name: \"internal.\"\n  stub-addr: {stub_ip}@{stub_port}\n",
                 ip = addr.ip(),
@@ -530,8 +531,10 @@ impl Drop for Unbound {
 
 /// Clients behind a real recursive resolver get this POP's answers: Unbound
 /// with `internal.` as a stub zone accepts them (names, empty answers with
-/// the SOA, NXDOMAIN, SRV), and for an answer too large for UDP it takes
-/// the TC bit and asks again over TCP, as resolvers do.
+/// the SOA, NXDOMAIN, SRV), passes its clients' subnets on (EDNS Client
+/// Subnet) and caches the geo answers per subnet, and for an answer too
+/// large for UDP it takes the TC bit and asks again over TCP, as resolvers
+/// do.
 #[test]
 fn unbound_resolves_internal_names_through_the_pop() {
     let mut many: Vec<Row> = (0..80)
@@ -546,11 +549,18 @@ fn unbound_resolves_internal_names_through_the_pop() {
     let dir = TempDir::new("dns-unbound");
     let unbound = Unbound::forwarding_internal_to(&dir, d.addr);
     let via = unbound.addr;
-    // Unbound asks from loopback, which has no country: region sa.
-    assert_eq!(
-        short(&dig(via, &["+short", "web.internal", "A"])),
-        ["10.1.0.1"]
-    );
+    // Unbound's client is on loopback, which has no country: region sa.
+    let plain = || short(&dig(via, &["+short", "web.internal", "A"]));
+    assert_eq!(plain(), ["10.1.0.1"]);
+    // A client's own subnet reaches the POP through Unbound: Germany, then
+    // the US, each its own cache entry; loopback's answer is still sa.
+    let from = |subnet: &str| {
+        let subnet = format!("+subnet={subnet}");
+        short(&dig(via, &[subnet.as_str(), "+short", "web.internal", "A"]))
+    };
+    assert_eq!(from("10.9.0.0/16"), ["10.2.0.1"]);
+    assert_eq!(from("10.8.1.0/24"), ["10.3.0.1"]);
+    assert_eq!(plain(), ["10.1.0.1"]);
     assert_eq!(
         short(&kdig(via, &["+short", "web.internal", "AAAA"])),
         ["fd00::2:1"]
