@@ -656,3 +656,56 @@ fn each_transition_is_posted_to_the_webhook() {
         assert_ne!(more["backend"], "b", "{more}");
     }
 }
+
+/// Active HTTP checks against a real web server: nginx serves each
+/// backend's `/health` from a file and its `/` with the backend's name.
+/// Removing the file (404) takes the backend out; putting it back brings
+/// it back.
+#[test]
+fn nginx_backends_are_checked_over_http_and_a_404_takes_one_out() {
+    let dir = TempDir::new("health-nginx");
+    let (a, b) = (dead_port(), dead_port());
+    let servers: String = [("a", a), ("b", b)]
+        .iter()
+        .map(|(name, port)| {
+            let root = dir.join(name);
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::write(root.join("health"), "ok\n").unwrap();
+            format!(
+                "  server {{\n    listen 127.0.0.1:{port};\n    root {root};\n    \
+                 location = /health {{ }}\n    location / {{ return 200 \"{name}\\n\"; }}\n  }}\n",
+                root = root.display()
+            )
+        })
+        .collect();
+    // keepalive_timeout 0: the test client reads each answer to the close.
+    let _nginx = common::daemons::nginx(
+        &dir.join("nginx"),
+        &[],
+        &format!("http {{\n  access_log off;\n  keepalive_timeout 0;\n{servers}}}\n"),
+        &[a, b],
+    );
+    let (_proxy_dir, proxy) = proxy_over(
+        "health-nginx-proxy",
+        &preferred(a, b),
+        "[health]\nenabled = true\ntype = \"http\"\npath = \"/health\"\ninterval_ms = 200\n\
+         timeout_ms = 150\nhealthy_threshold = 2\nunhealthy_threshold = 3\n",
+    );
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+
+    let mark = proxy.log_mark();
+    std::fs::remove_file(dir.join("a").join("health")).unwrap();
+    let line = wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a taken out; proxy log:\n{}", proxy.log_text()));
+    assert!(line.contains("404"), "the reason names the status: {line}");
+    for _ in 0..5 {
+        assert_eq!(http_via(addr).as_deref(), Some("b"));
+    }
+
+    let mark = proxy.log_mark();
+    std::fs::write(dir.join("a").join("health"), "ok\n").unwrap();
+    wait_event(&proxy, mark, "health checks pass again", "a")
+        .unwrap_or_else(|| panic!("a back; proxy log:\n{}", proxy.log_text()));
+    assert!(eventually(PATIENCE, || http_via(addr).as_deref() == Some("a")));
+}

@@ -10,77 +10,21 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command};
 
+use common::daemons::{daemon, nginx, Daemon};
 use common::*;
-
-/// A daemon run in the foreground for one test, killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs `program` with `args`, its output in `log`; waits until every one
-/// of `ports` on loopback accepts a connection.
-fn daemon(program: &str, package: &str, args: &[&str], log: &Path, ports: &[u16]) -> Daemon {
-    let out = std::fs::File::create(log).unwrap();
-    let child = Command::new(program)
-        .args(args)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run `{program}` ({e}): install the Debian package {package}")
-        });
-    let daemon = Daemon(child);
-    let up = eventually(PATIENCE, || {
-        ports
-            .iter()
-            .all(|&p| TcpStream::connect((Ipv4Addr::LOCALHOST, p)).is_ok())
-    });
-    assert!(
-        up,
-        "{program} did not start listening on {ports:?}:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-    daemon
-}
 
 /// nginx as a backend that reads a PROXY header (v1 or v2) and answers with
 /// the address it carried, then closes.
 fn nginx_reporting_the_proxy_protocol_address(dir: &TempDir) -> (Daemon, u16) {
     let port = dead_port();
-    let prefix = dir.join("nginx");
-    std::fs::create_dir_all(prefix.join("logs")).unwrap();
-    let config = prefix.join("nginx.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
-             daemon off;\nmaster_process off;\nworker_processes 1;\n\
-             pid {pid};\nerror_log stderr info;\n\
-             events {{ worker_connections 64; }}\n\
-             stream {{\n  server {{\n    listen 127.0.0.1:{port} proxy_protocol;\n    \
-             return \"$proxy_protocol_addr $proxy_protocol_port\\n\";\n  }}\n}}\n",
-            pid = prefix.join("nginx.pid").display(),
+    let daemon = nginx(
+        &dir.join("nginx"),
+        &["ngx_stream_module"],
+        &format!(
+            "stream {{\n  server {{\n    listen 127.0.0.1:{port} proxy_protocol;\n    \
+             return \"$proxy_protocol_addr $proxy_protocol_port\\n\";\n  }}\n}}\n"
         ),
-    )
-    .unwrap();
-    let daemon = daemon(
-        "nginx",
-        "nginx and libnginx-mod-stream",
-        &[
-            "-p",
-            prefix.to_str().unwrap(),
-            "-c",
-            config.to_str().unwrap(),
-        ],
-        &dir.join("nginx.log"),
         &[port],
     );
     (daemon, port)

@@ -6,6 +6,7 @@
 //! `listening` line (listeners bind port 0, so tests never race for ports).
 #![allow(dead_code)]
 
+pub mod daemons;
 pub mod postgres;
 pub mod streams;
 
