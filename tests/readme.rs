@@ -281,19 +281,31 @@ fn every_package_ci_installs_is_listed() {
     let script = std::fs::read_to_string(Path::new(ROOT).join(".ci/run")).unwrap();
     let mut packages = BTreeSet::new();
     for line in script.lines() {
-        if let Some(rest) = line.split("need=\"$need ").nth(1) {
-            packages.insert(rest.trim_end_matches('"').to_string());
+        // A package added to a list: `need="$need bird2"`,
+        // `daemons="$daemons unbound"`.
+        if let Some((left, right)) = line.split_once("=\"$") {
+            let var = left.rsplit(|c: char| c.is_whitespace() || c == '|').next();
+            if let Some(rest) = var.and_then(|v| right.strip_prefix(&format!("{v} "))) {
+                packages.insert(rest.trim_end_matches('"').to_string());
+            }
         }
         if let Some(rest) = line.split("install -y -qq ").nth(1) {
             for word in rest.split_whitespace() {
                 if word.starts_with('$') || word.starts_with('>') || word.starts_with('|') {
                     break;
                 }
-                packages.insert(word.to_string());
+                if !word.starts_with('-') {
+                    packages.insert(word.to_string());
+                }
             }
         }
     }
     assert!(packages.len() >= 8, "{packages:?}");
+    // Both kinds of list were read.
+    assert!(
+        packages.contains("bird2") && packages.contains("unbound"),
+        "{packages:?}"
+    );
     let doc = section("## Two commands");
     for p in &packages {
         assert!(doc.contains(&format!("`{p}`")), "README does not list {p}");
