@@ -450,8 +450,9 @@ impl Drop for SmallDisk {
 }
 
 /// When the disk under routing.db fills up, a registration is refused with
-/// a 5xx that says so (never acknowledged and lost), the process goes on
-/// serving what it has, and registrations work again once there is room.
+/// 507 (Insufficient Storage) saying so (never acknowledged and lost), the
+/// process goes on serving what it has, and registrations work again once
+/// there is room.
 #[test]
 fn a_full_disk_refuses_registrations_clearly_and_recovers() {
     let dir = TempDir::new("api-disk-full");
@@ -471,7 +472,7 @@ fn a_full_disk_refuses_registrations_clearly_and_recovers() {
         }
     });
     let (status, reply) = refused.expect("512 KiB never filled up");
-    assert!(status >= 500, "{status} {reply}");
+    assert_eq!(status, 507, "Insufficient Storage: {reply}");
     let error = reply["error"].as_str().unwrap_or_default();
     assert!(error.contains("disk is full"), "{status} {reply}");
     assert!(
@@ -498,6 +499,47 @@ fn a_full_disk_refuses_registrations_clearly_and_recovers() {
     assert_eq!(api.register("after-room", 9).0, 201);
     assert_eq!(api.state("after-room")["id"], "after-room");
     drop(api);
+}
+
+/// Another writer holding routing.db's lock (an operator's `sqlite3` shell
+/// in a transaction) past the store's busy timeout: a registration is
+/// refused with 503 and `Retry-After`, nothing is written, and the same
+/// request succeeds once the lock is released.
+#[test]
+fn a_locked_database_is_a_503_with_retry_after_and_nothing_is_written() {
+    let dir = TempDir::new("api-locked");
+    let keys = format!("token = {TOKEN:?}\n");
+    let api = Api::start(&dir, &keys, &[]);
+    let holder = rusqlite::Connection::open(&api.db).unwrap();
+    holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let body = json!({"id": "locked", "app": "web", "region": "sa", "ip": "127.0.0.1", "port": 9});
+    let register = || {
+        api.agent
+            .post(&api.url("/api/v1/register"))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes())
+            .expect("the API answers")
+    };
+    let mut refused = register();
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let text = refused.body_mut().read_to_string().unwrap();
+    assert!(text.contains("database is locked"), "{text}");
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+    assert!(
+        dump(&api.db).is_empty(),
+        "a refused registration wrote a row"
+    );
+    assert_eq!(register().status().as_u16(), 201);
+    assert_eq!(api.state("locked")["id"], "locked");
 }
 
 #[test]

@@ -68,7 +68,13 @@ struct Peer(SocketAddr);
 
 fn reply(r: Reply) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(r.body)).into_response()
+    let mut response = (status, Json(r.body)).into_response();
+    if let Some(secs) = r.retry_after_secs {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }
 
 fn error(status: u16, reason: &str) -> Response {

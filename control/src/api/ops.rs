@@ -35,11 +35,17 @@ pub enum Op {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    /// Sent as `Retry-After` (seconds): the request may succeed if repeated.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl Reply {
     pub fn new(status: u16, body: Value) -> Reply {
-        Reply { status, body }
+        Reply {
+            status,
+            body,
+            retry_after_secs: None,
+        }
     }
 
     /// `{"error": reason}` plus `extra` fields.
@@ -48,7 +54,7 @@ impl Reply {
         if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
             b.extend(e);
         }
-        Reply { status, body }
+        Reply::new(status, body)
     }
 }
 
@@ -126,9 +132,26 @@ fn addr_of(rec: &BackendRecord) -> String {
     }
 }
 
+/// A store failure as a client should read it: the database busy (another
+/// writer, e.g. an operator's `sqlite3` shell, held its lock past the busy
+/// timeout) is 503 with `Retry-After`, worth repeating; the disk full is
+/// 507 (Insufficient Storage); anything else 500. Nothing was written.
 fn store_failed(e: &crate::store::StoreError) -> Reply {
+    use rusqlite::ErrorCode;
     tracing::error!(error = %e, "discovery API: routing store error");
-    Reply::error(500, format!("routing store error: {e}"), json!({}))
+    let code = e
+        .sqlite_error()
+        .and_then(rusqlite::Error::sqlite_error_code);
+    let mut reply = Reply::error(500, format!("routing store error: {e}"), json!({}));
+    match code {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            reply.status = 503;
+            reply.retry_after_secs = Some(1);
+        }
+        Some(ErrorCode::DiskFull) => reply.status = 507,
+        _ => {}
+    }
+    reply
 }
 
 fn not_found(id: &str, reason: &str) -> Reply {
