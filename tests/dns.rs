@@ -77,6 +77,20 @@ fn rows() -> Vec<Row> {
     ]
 }
 
+/// The usual table plus 80 backends of app `big` in region ap (Japan), too
+/// many A records for a UDP answer.
+fn rows_with_80_in_ap() -> Vec<Row> {
+    let mut many: Vec<Row> = (0..80)
+        .map(|i| {
+            let mut r = Row::new(&format!("b{i}"), "big", "ap", 8080).country("JP");
+            r.ip = format!("10.7.0.{}", i + 1);
+            r
+        })
+        .collect();
+    many.extend(rows());
+    many
+}
+
 fn start_with(rows: &[Row], extra: &str) -> Dns {
     start_with_config(rows, &format!("{DNS_CONFIG}\n{extra}"))
 }
@@ -424,15 +438,7 @@ fn edns0_is_answered_with_our_payload_size() {
 
 #[test]
 fn large_answers_set_tc_over_udp_and_clients_retry_over_tcp() {
-    let mut many: Vec<Row> = (0..80)
-        .map(|i| {
-            let mut r = Row::new(&format!("b{i}"), "big", "ap", 8080).country("JP");
-            r.ip = format!("10.7.0.{}", i + 1);
-            r
-        })
-        .collect();
-    many.extend(rows());
-    let d = start_with(&many, "");
+    let d = start_with(&rows_with_80_in_ap(), "");
     // Without EDNS the limit is 512 bytes: TC, no answers.
     let udp = dig(d.addr, &["+ignore", "+noedns", "ap.backends.internal", "A"]);
     assert!(
@@ -537,15 +543,7 @@ impl Drop for Unbound {
 /// do.
 #[test]
 fn unbound_resolves_internal_names_through_the_pop() {
-    let mut many: Vec<Row> = (0..80)
-        .map(|i| {
-            let mut r = Row::new(&format!("b{i}"), "big", "ap", 8080).country("JP");
-            r.ip = format!("10.7.0.{}", i + 1);
-            r
-        })
-        .collect();
-    many.extend(rows());
-    let d = start_with(&many, "");
+    let d = start_with(&rows_with_80_in_ap(), "");
     let dir = TempDir::new("dns-unbound");
     let unbound = Unbound::forwarding_internal_to(&dir, d.addr);
     let via = unbound.addr;

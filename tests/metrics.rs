@@ -43,23 +43,35 @@ fn metrics_addr(proxy: &Proxy) -> SocketAddr {
     field(&line, "addr").unwrap().parse().unwrap()
 }
 
+/// A proxy with metrics on a free loopback port (and `extra` TOML), over
+/// `rows` in a new routing.db under `dir`.
+fn proxy_with_metrics(dir: &TempDir, rows: &[Row], extra: &str) -> (Db, Proxy) {
+    let db = Db::create(dir.join("routing.db"));
+    for row in rows {
+        db.upsert(row);
+    }
+    let proxy = Proxy::with_config(
+        dir,
+        &config(
+            &db.path,
+            &format!("{extra}[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n"),
+        ),
+    );
+    (db, proxy)
+}
+
 #[test]
 fn counters_move_with_traffic() {
     let dir = TempDir::new("metrics");
     let live = TagBackend::start("live");
-    let db = Db::create(dir.join("routing.db"));
     // The dead backend scores best (weight), so every connection tries it
     // first, fails, and retries onto the live one.
     let mut dead = Row::new("dead", "web", "sa", dead_port());
     dead.weight = 100;
-    db.upsert(&dead);
-    db.upsert(&Row::new("live", "web", "sa", live.port()));
-    let proxy = Proxy::with_config(
+    let (_db, proxy) = proxy_with_metrics(
         &dir,
-        &config(
-            &db.path,
-            "[affinity]\nttl_secs = 0\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
-        ),
+        &[dead, Row::new("live", "web", "sa", live.port())],
+        "[affinity]\nttl_secs = 0\n",
     );
     let metrics = metrics_addr(&proxy);
 
@@ -212,15 +224,7 @@ fn counters_move_with_traffic() {
 fn routing_version_and_reloads_follow_the_table() {
     let dir = TempDir::new("metrics-reload");
     let backend = TagBackend::start("a");
-    let db = Db::create(dir.join("routing.db"));
-    db.upsert(&Row::new("a", "web", "sa", backend.port()));
-    let proxy = Proxy::with_config(
-        &dir,
-        &config(
-            &db.path,
-            "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
-        ),
-    );
+    let (db, proxy) = proxy_with_metrics(&dir, &[Row::new("a", "web", "sa", backend.port())], "");
     let metrics = metrics_addr(&proxy);
     let first = value(&scrape(metrics), "edgeproxy_routing_snapshot_version", &[]);
     let mark = proxy.log_mark();
@@ -308,14 +312,7 @@ fn bulk_flows_are_spliced_unless_disabled() {
 #[test]
 fn build_info_and_process_metrics() {
     let dir = TempDir::new("metrics-process");
-    let db = Db::create(dir.join("routing.db"));
-    let proxy = Proxy::with_config(
-        &dir,
-        &config(
-            &db.path,
-            "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
-        ),
-    );
+    let (_db, proxy) = proxy_with_metrics(&dir, &[], "");
     let (user, system) = cpu_ticks(proxy.pid());
     let cpu_before_scrape = (user + system) as f64 / clock_ticks_per_second();
     let s = scrape(metrics_addr(&proxy));
@@ -462,15 +459,7 @@ impl Drop for Prometheus {
 fn prometheus_scrapes_every_metric_and_promtool_finds_nothing_to_fix() {
     let dir = TempDir::new("metrics-prometheus");
     let live = TagBackend::start("live");
-    let db = Db::create(dir.join("routing.db"));
-    db.upsert(&Row::new("live", "web", "sa", live.port()));
-    let proxy = Proxy::with_config(
-        &dir,
-        &config(
-            &db.path,
-            "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
-        ),
-    );
+    let (_db, proxy) = proxy_with_metrics(&dir, &[Row::new("live", "web", "sa", live.port())], "");
     // Traffic, so that per-backend series and histogram buckets exist.
     for _ in 0..3 {
         let (name, _stream) = connect_tagged(proxy.addr());
