@@ -10,13 +10,18 @@ use std::time::Duration;
 
 use common::*;
 
-fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
-    let body = ureq::get(&format!("http://{addr}/metrics"))
+/// `GET /metrics`, the text as served.
+fn scrape_text(addr: SocketAddr) -> String {
+    ureq::get(&format!("http://{addr}/metrics"))
         .call()
         .expect("scrape")
         .into_body()
         .read_to_string()
-        .expect("body");
+        .expect("body")
+}
+
+fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let body = scrape_text(addr);
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
         .expect("not valid Prometheus text format")
 }
@@ -466,12 +471,7 @@ fn prometheus_scrapes_every_metric_and_promtool_finds_nothing_to_fix() {
         assert_eq!(name, "live");
     }
     let addr = metrics_addr(&proxy);
-    let body = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .expect("scrape")
-        .into_body()
-        .read_to_string()
-        .expect("body");
+    let body = scrape_text(addr);
 
     let mut lint = std::process::Command::new("promtool")
         .args(["check", "metrics"])
