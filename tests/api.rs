@@ -341,15 +341,24 @@ fn registrations_survive_a_restart_and_update_in_place() {
     assert_eq!(dump(&api.db).len(), 1, "one row, updated in place");
 }
 
-/// Registers `id`; the status, or `None` when the API did not answer (the
-/// process is gone).
-fn try_register(agent: &ureq::Agent, addr: SocketAddr, id: &str) -> Option<u16> {
+/// `POST /api/v1/register` for `id` (app web, region sa), the whole answer.
+fn post_register(
+    agent: &ureq::Agent,
+    addr: SocketAddr,
+    id: &str,
+) -> Result<ureq::http::Response<ureq::Body>, ureq::Error> {
     let body = json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1", "port": 9});
     agent
         .post(&format!("http://{addr}/api/v1/register"))
         .header("Authorization", &format!("Bearer {TOKEN}"))
         .header("Content-Type", "application/json")
         .send(body.to_string().as_bytes())
+}
+
+/// Registers `id`; the status, or `None` when the API did not answer (the
+/// process is gone).
+fn try_register(agent: &ureq::Agent, addr: SocketAddr, id: &str) -> Option<u16> {
+    post_register(agent, addr, id)
         .ok()
         .map(|r| r.status().as_u16())
 }
@@ -512,15 +521,7 @@ fn a_locked_database_is_a_503_with_retry_after_and_nothing_is_written() {
     let api = Api::start(&dir, &keys, &[]);
     let holder = rusqlite::Connection::open(&api.db).unwrap();
     holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let body = json!({"id": "locked", "app": "web", "region": "sa", "ip": "127.0.0.1", "port": 9});
-    let register = || {
-        api.agent
-            .post(&api.url("/api/v1/register"))
-            .header("Authorization", &format!("Bearer {TOKEN}"))
-            .header("Content-Type", "application/json")
-            .send(body.to_string().as_bytes())
-            .expect("the API answers")
-    };
+    let register = || post_register(&api.agent, api.addr, "locked").expect("the API answers");
     let mut refused = register();
     assert_eq!(refused.status().as_u16(), 503);
     assert_eq!(
