@@ -477,7 +477,7 @@ fn large_answers_set_tc_over_udp_and_clients_retry_over_tcp() {
 /// one, with `internal.` as a stub zone served by this POP. Killed when
 /// dropped.
 struct Unbound {
-    child: std::process::Child,
+    _daemon: common::daemons::Daemon,
     addr: SocketAddr,
 }
 
@@ -506,32 +506,18 @@ impl Unbound {
             ),
         )
         .unwrap();
-        let log = dir.join("unbound.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new("unbound")
-            .args(["-d", "-c"])
-            .arg(&config)
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("cannot run `unbound`: install the Debian package unbound (.ci/run does)");
-        let unbound = Unbound { child, addr };
-        let started = eventually(PATIENCE, || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start of service"))
-        });
-        assert!(
-            started,
-            "unbound did not start:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+        // Ready once its TCP port accepts (it opens UDP and TCP together).
+        let daemon = common::daemons::daemon(
+            "unbound",
+            "unbound",
+            &["-d", "-c", config.to_str().unwrap()],
+            &dir.join("unbound.log"),
+            &[addr.port()],
         );
-        unbound
-    }
-}
-
-impl Drop for Unbound {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Unbound {
+            _daemon: daemon,
+            addr,
+        }
     }
 }
 

@@ -385,7 +385,7 @@ fn build_info_and_process_metrics() {
 /// A Prometheus server process, killed (and its data dropped with the
 /// caller's `TempDir`) when this is dropped.
 struct Prometheus {
-    child: std::process::Child,
+    _daemon: common::daemons::Daemon,
     web: SocketAddr,
 }
 
@@ -404,19 +404,22 @@ impl Prometheus {
         )
         .unwrap();
         let web = SocketAddr::from(([127, 0, 0, 1], dead_port()));
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = std::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address={web}"))
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("cannot run prometheus (Debian package `prometheus`; .ci/run installs it)");
-        Prometheus { child, web }
+        // Ready once its web port accepts.
+        let daemon = common::daemons::daemon(
+            "prometheus",
+            "prometheus",
+            &[
+                &format!("--config.file={}", config.display()),
+                &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+                &format!("--web.listen-address={web}"),
+            ],
+            &dir.join("prometheus.log"),
+            &[web.port()],
+        );
+        Prometheus {
+            _daemon: daemon,
+            web,
+        }
     }
 
     /// `GET /api/v1/<path>` with query parameters, its `data` field; `None`
@@ -446,13 +449,6 @@ impl Prometheus {
             .iter()
             .map(|r| r["metric"]["__name__"].as_str().unwrap().to_string())
             .collect()
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
