@@ -1,5 +1,6 @@
-//! Third-party daemons (HAProxy, nginx) run in the foreground for one test
-//! and killed when dropped; readiness is their port accepting.
+//! Third-party daemons (HAProxy, nginx, Unbound, Prometheus) run in the
+//! foreground for one test and killed when dropped; readiness is their port
+//! accepting.
 
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
