@@ -429,6 +429,40 @@ pub async fn read_chunk(stream: &TcpStream, fallback_len: usize) -> io::Result<O
     }
 }
 
+/// Reads what the socket holds now into `buf`'s spare capacity, from the
+/// task and without waiting: `Ok(None)` when nothing is there yet,
+/// `Ok(Some(0))` at end of stream.
+///
+/// For a bulk flow that keeps one warm buffer of its own (see
+/// `tls_conn::Reads`): the shard's ring hands its buffers out in turn, so
+/// each read through it lands in a buffer no cache still holds.
+pub fn recv_now(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is valid for writes of its length for the call (the
+    // kernel writes at most that many bytes, which then are initialised);
+    // the descriptor is `stream`'s, open for the call.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            spare.as_mut_ptr().cast(),
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n >= 0 {
+        let n = n as usize;
+        // SAFETY: the kernel initialised the first `n` spare bytes.
+        unsafe { buf.set_len(buf.len() + n) };
+        return Ok(Some(n));
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// A chunk is itself an I/O buffer, so that one write path serves both
 /// kinds (one future type, not one per kind: a connection's task is as large
 /// as its largest await).

@@ -61,6 +61,58 @@ fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// Where one direction of a TLS connection reads from: the shard's ring
+/// until a read fills a whole ring buffer, then, for as long as the socket
+/// has bytes waiting, one buffer of the direction's own, filled by `recv(2)`
+/// from the task.
+///
+/// The ring hands its buffers out in turn (256 of 64 KiB per shard), so a
+/// bulk flow read through it writes every read into a buffer last used 256
+/// reads ago, in no cache, and rustls then copies it out cold: perf (f) TLS
+/// upload with an 8-buffer ring cost 0.95× the CPU per GB of the 256-buffer
+/// one (README, "TLS bulk and the buffer ring"). When the socket has nothing
+/// waiting the buffer is freed and the read waits on the ring, which picks
+/// a buffer only when data arrives: a connection that pauses holds none.
+struct Reads {
+    own: Vec<u8>,
+    bulk: bool,
+}
+
+impl Reads {
+    fn new() -> Reads {
+        Reads {
+            own: Vec::new(),
+            bulk: false,
+        }
+    }
+
+    /// The next bytes from `stream`; `Ok(None)` at end of stream.
+    async fn next(&mut self, stream: &TcpStream, buffer_len: usize) -> io::Result<Option<Chunk>> {
+        if self.bulk {
+            let mut buf = std::mem::take(&mut self.own);
+            buf.clear();
+            buf.reserve_exact(buffer_len);
+            match rt::recv_now(stream, &mut buf)? {
+                Some(0) => return Ok(None),
+                Some(_) => return Ok(Some(Chunk::Owned(buf))),
+                // Nothing waiting: `buf` is freed, the ring read below waits.
+                None => {}
+            }
+        }
+        let chunk = rt::read_chunk(stream, buffer_len).await?;
+        self.bulk = chunk.as_ref().is_some_and(|c| c.len() >= buffer_len);
+        Ok(chunk)
+    }
+
+    /// Takes back the buffer of a chunk `next` returned, once its bytes are
+    /// used (a ring buffer goes back to the ring).
+    fn recycle(&mut self, chunk: Chunk) {
+        if let (true, Chunk::Owned(buf)) = (self.bulk, chunk) {
+            self.own = buf;
+        }
+    }
+}
+
 impl TlsSession {
     /// Runs the handshake. Returns the session and any application data that
     /// arrived with the client's last handshake flight.
@@ -182,15 +234,16 @@ impl TlsSession {
         bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
         let mut plain = Vec::new();
+        let mut reads = Reads::new();
         // Already closed: its early data went to the backend before this.
         while !self.closed_in_handshake.get() {
-            let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
+            let Some(chunk) = reads.next(client, buffer_len).await? else {
                 break;
             };
             activity.set(true);
             plain.clear();
             let result = self.absorb(chunk.as_slice(), &mut plain);
-            drop(chunk);
+            reads.recycle(chunk);
             // Key updates and alerts may need an answer.
             self.flush(client).await?;
             let closed = result?;
@@ -218,8 +271,9 @@ impl TlsSession {
         bytes: crate::stats::ByteCount<'_>,
         backend_reset: &Cell<bool>,
     ) -> Result<(), TlsError> {
+        let mut reads = Reads::new();
         loop {
-            let read = rt::read_chunk(backend, buffer_len).await.inspect_err(|e| {
+            let read = reads.next(backend, buffer_len).await.inspect_err(|e| {
                 if e.kind() == std::io::ErrorKind::ConnectionReset {
                     backend_reset.set(true);
                 }
@@ -249,7 +303,7 @@ impl TlsSession {
                     rest = Some(chunk.advance(n));
                 } else {
                     // Back in the ring before the send waits.
-                    drop(chunk);
+                    reads.recycle(chunk);
                 }
                 self.flush(client).await?;
             }
