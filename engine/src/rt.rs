@@ -433,9 +433,9 @@ pub async fn read_chunk(stream: &TcpStream, fallback_len: usize) -> io::Result<O
 /// task and without waiting: `Ok(None)` when nothing is there yet,
 /// `Ok(Some(0))` at end of stream.
 ///
-/// For a bulk flow that keeps one warm buffer of its own (see
-/// `tls_conn::Reads`): the shard's ring hands its buffers out in turn, so
-/// each read through it lands in a buffer no cache still holds.
+/// For a bulk flow whose bytes are usually waiting already (see
+/// `tls_conn::Reads`): read from the task, the flow goes on without a turn
+/// of the shard's event loop per read.
 pub fn recv_now(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
     use std::os::fd::AsRawFd;
     let spare = buf.spare_capacity_mut();
