@@ -352,3 +352,74 @@ impl ClientSide for TlsClient<'_> {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUFFER_LEN: usize = 4096;
+
+    /// A TCP pair on loopback: (the peer's blocking end, ours for compio).
+    fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (peer, ours)
+    }
+
+    fn kind(chunk: &Chunk) -> &'static str {
+        match chunk {
+            Chunk::Pooled(_) => "ring",
+            Chunk::Owned(_) => "own",
+        }
+    }
+
+    /// Reads go through the ring until one fills a ring buffer; while bytes
+    /// wait they are then read from the task into the direction's own
+    /// buffer; once none wait that buffer is freed and the read waits on the
+    /// ring again; end of stream ends both ways.
+    #[test]
+    fn a_bulk_direction_reads_from_the_task_and_a_paused_one_holds_no_buffer() {
+        let (mut peer, ours) = loopback_pair();
+        let data: Vec<u8> = (0..3 * BUFFER_LEN).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&data).unwrap();
+        let runtime = rt::build_runtime(4, BUFFER_LEN as u32).unwrap();
+        runtime.block_on(async move {
+            let ours = TcpStream::from_std(ours).unwrap();
+            let mut reads = Reads::new();
+            let mut got = Vec::new();
+            let mut kinds = Vec::new();
+            while got.len() < data.len() {
+                let chunk = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
+                got.extend_from_slice(chunk.as_slice());
+                kinds.push(kind(&chunk));
+                reads.recycle(chunk);
+            }
+            assert!(got == data, "bytes differ");
+            assert_eq!(kinds, ["ring", "own", "own"]);
+            assert!(reads.own.capacity() >= BUFFER_LEN);
+
+            // Nothing waiting: the read waits on the ring, holding no
+            // buffer; the peer writes only once it is waiting.
+            let (chunk, ()) = futures_util::join!(reads.next(&ours, BUFFER_LEN), async {
+                peer.write_all(b"later").unwrap();
+            });
+            let chunk = chunk.unwrap().unwrap();
+            assert_eq!((kind(&chunk), chunk.as_slice()), ("ring", &b"later"[..]));
+            reads.recycle(chunk);
+            assert_eq!(
+                reads.own.capacity(),
+                0,
+                "a paused direction kept its buffer"
+            );
+
+            // Bulk again, then the end of stream read from the task.
+            peer.write_all(&data[..BUFFER_LEN]).unwrap();
+            peer.shutdown(std::net::Shutdown::Write).unwrap();
+            let chunk = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
+            assert_eq!((kind(&chunk), chunk.len()), ("ring", BUFFER_LEN));
+            reads.recycle(chunk);
+            assert!(reads.next(&ours, BUFFER_LEN).await.unwrap().is_none());
+        });
+    }
+}
