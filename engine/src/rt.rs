@@ -627,11 +627,12 @@ pub async fn splice_to_end(
     }
 }
 
-/// Bytes a spliced flow moves before it lets other tasks run.
-const YIELD_AFTER: usize = 256 * 1024;
+/// Bytes a flow moves without waiting (spliced, or read from the task)
+/// before it lets the shard's other tasks run.
+pub(crate) const YIELD_AFTER: usize = 256 * 1024;
 
 /// Lets every other ready task on the shard run once before resuming.
-async fn yield_now() {
+pub(crate) async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
         if yielded {

@@ -73,9 +73,13 @@ fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
 /// a buffer to read into anyway, so the flow keeps one. When the socket has
 /// nothing waiting the buffer is freed and the read waits on the ring, which
 /// picks a buffer only when data arrives: a connection that pauses holds none.
+/// A flow whose bytes keep waiting never has to wait for them, so every
+/// [`rt::YIELD_AFTER`] bytes read it lets the shard's other tasks run.
 struct Reads {
     own: Vec<u8>,
     bulk: bool,
+    /// Bytes read from the task since this direction last let others run.
+    since_yield: usize,
 }
 
 impl Reads {
@@ -83,18 +87,26 @@ impl Reads {
         Reads {
             own: Vec::new(),
             bulk: false,
+            since_yield: 0,
         }
     }
 
     /// The next bytes from `stream`; `Ok(None)` at end of stream.
     async fn next(&mut self, stream: &TcpStream, buffer_len: usize) -> io::Result<Option<Chunk>> {
         if self.bulk {
+            if self.since_yield >= rt::YIELD_AFTER {
+                self.since_yield = 0;
+                rt::yield_now().await;
+            }
             let mut buf = std::mem::take(&mut self.own);
             buf.clear();
             buf.reserve_exact(buffer_len);
             match rt::recv_now(stream, &mut buf)? {
                 Some(0) => return Ok(None),
-                Some(_) => return Ok(Some(Chunk::Owned(buf))),
+                Some(n) => {
+                    self.since_yield += n;
+                    return Ok(Some(Chunk::Owned(buf)));
+                }
                 // Nothing waiting: `buf` is freed, the ring read below waits.
                 None => {}
             }
@@ -367,6 +379,21 @@ mod tests {
         (peer, ours)
     }
 
+    /// A pair whose receive side holds `len` bytes unread.
+    fn roomy_pair(len: usize) -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        peer.set_send_buffer_size(len).unwrap();
+        peer.connect(&listener.local_addr().unwrap().into())
+            .unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        socket2::SockRef::from(&ours)
+            .set_recv_buffer_size(len)
+            .unwrap();
+        (peer.into(), ours)
+    }
+
     fn kind(chunk: &Chunk) -> &'static str {
         match chunk {
             Chunk::Pooled(_) => "ring",
@@ -421,5 +448,47 @@ mod tests {
             reads.recycle(chunk);
             assert!(reads.next(&ours, BUFFER_LEN).await.unwrap().is_none());
         });
+    }
+
+    /// A megabyte already waiting is read without a single wait, yet the
+    /// shard's other tasks get to run during it.
+    #[test]
+    fn a_bulk_direction_whose_bytes_keep_waiting_lets_other_tasks_run() {
+        const LEN: usize = 1 << 20;
+        let (mut peer, ours) = roomy_pair(4 * LEN);
+        let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&data).unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let runtime = rt::build_runtime(4, BUFFER_LEN as u32).unwrap();
+        let (got, ticks_during) = runtime.block_on(async move {
+            let ours = TcpStream::from_std(ours).unwrap();
+            let ticks = std::rc::Rc::new(Cell::new(0u32));
+            let counter = std::rc::Rc::clone(&ticks);
+            let _other = rt::spawn(async move {
+                loop {
+                    counter.set(counter.get() + 1);
+                    rt::yield_now().await;
+                }
+            });
+            rt::yield_now().await;
+            let mut reads = Reads::new();
+            let mut got = Vec::with_capacity(LEN);
+            // The first read goes through the ring, and waits for it.
+            let first = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
+            got.extend_from_slice(first.as_slice());
+            reads.recycle(first);
+            let before = ticks.get();
+            while let Some(chunk) = reads.next(&ours, BUFFER_LEN).await.unwrap() {
+                got.extend_from_slice(chunk.as_slice());
+                reads.recycle(chunk);
+            }
+            (got, ticks.get() - before)
+        });
+        assert!(got == data, "bytes differ");
+        // 1 MiB less one ring buffer, at a yield every 256 KiB.
+        assert!(
+            ticks_during >= 3,
+            "the other task ran {ticks_during} times during the read"
+        );
     }
 }
