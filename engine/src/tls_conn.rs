@@ -66,13 +66,14 @@ fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
 /// has bytes waiting, one buffer of the direction's own, filled by `recv(2)`
 /// from the task.
 ///
-/// Reading a bulk flow from the task is what pays: perf (f), Intel Xeon VM,
-/// CPU per GB 0.83× (download) and 0.71× (upload) of reading it through
-/// io_uring, where the same warm buffer of its own read through io_uring
-/// changed nothing (README, "TLS bulk: reads from the task"). io_uring needs
-/// a buffer to read into anyway, so the flow keeps one. When the socket has
-/// nothing waiting the buffer is freed and the read waits on the ring, which
-/// picks a buffer only when data arrives: a connection that pauses holds none.
+/// Measured with perf (f) on an Intel Xeon VM (README, "TLS bulk: reads
+/// from the task"): TLS download CPU per GB −8–10 %, upload bimodal between
+/// runs (−20 % or level). `recv(2)` cannot take a buffer from the ring (the
+/// kernel picks those), so the flow keeps one of its own while it reads.
+/// When the socket has nothing waiting that buffer is freed and the read
+/// waits on the ring, which picks a buffer only when data arrives: a
+/// connection that pauses holds none.
+///
 /// A flow whose bytes keep waiting never has to wait for them, so every
 /// [`rt::YIELD_AFTER`] bytes read it lets the shard's other tasks run.
 struct Reads {
