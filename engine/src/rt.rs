@@ -450,17 +450,12 @@ pub fn recv_now(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usiz
             libc::MSG_DONTWAIT,
         )
     };
-    if n >= 0 {
-        let n = n as usize;
+    let got = nonblocking(n)?;
+    if let Some(n) = got {
         // SAFETY: the kernel initialised the first `n` spare bytes.
         unsafe { buf.set_len(buf.len() + n) };
-        return Ok(Some(n));
     }
-    let e = io::Error::last_os_error();
-    match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
-        _ => Err(e),
-    }
+    Ok(got)
 }
 
 /// A chunk is itself an I/O buffer, so that one write path serves both
@@ -517,12 +512,19 @@ fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
     };
+    Ok(nonblocking(n)?.unwrap_or(0))
+}
+
+/// A non-blocking `send(2)` / `recv(2)` result: `Ok(None)` when the call
+/// could not go on without waiting (or a signal cut it short), the error
+/// for anything else.
+fn nonblocking(n: isize) -> io::Result<Option<usize>> {
     if n >= 0 {
-        return Ok(n as usize);
+        return Ok(Some(n as usize));
     }
     let e = io::Error::last_os_error();
     match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
         _ => Err(e),
     }
 }
@@ -729,7 +731,7 @@ impl Drop for Pipe {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::cell::Cell;
     use std::io::{Read, Write};
@@ -796,7 +798,7 @@ mod tests {
 
     /// A connected loopback pair with send and receive buffers of `buffer`
     /// bytes on both sides.
-    fn loopback_pair(buffer: usize) -> (std::net::TcpStream, std::net::TcpStream) {
+    pub(crate) fn loopback_pair(buffer: usize) -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let socket =

@@ -299,23 +299,25 @@ impl TlsSession {
             // Encrypt the whole read, then send its records in one write:
             // one send per record cost a syscall's worth of kernel work per
             // 16 KiB. rustls takes what fits under its buffer limit (a whole
-            // read when nothing is pending); the flush drains that.
+            // read when nothing is pending); the flush drains that. What it
+            // did not take is found by offset, never moved.
+            let mut taken = 0;
             let mut rest = Some(chunk);
             while let Some(chunk) = rest.take() {
-                let n = {
+                {
                     let mut conn = self.conn.borrow_mut();
-                    let n = conn.writer().write(chunk.as_slice())?;
+                    let n = conn.writer().write(&chunk.as_slice()[taken..])?;
                     // Nothing taken and nothing to flush: rustls refuses
                     // (e.g. its keys are exhausted); looping would spin.
                     if n == 0 && !conn.wants_write() {
                         return Err(io::Error::from(io::ErrorKind::WriteZero).into());
                     }
-                    n
-                };
-                if n < chunk.len() {
-                    rest = Some(chunk.advance(n));
+                    taken += n;
+                }
+                if taken < chunk.len() {
+                    rest = Some(chunk);
                 } else {
-                    // Back in the ring before the send waits.
+                    // Back in the ring (or to `reads`) before the send waits.
                     reads.recycle(chunk);
                 }
                 self.flush(client).await?;
@@ -372,29 +374,6 @@ mod tests {
 
     const BUFFER_LEN: usize = 4096;
 
-    /// A TCP pair on loopback: (the peer's blocking end, ours for compio).
-    fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        (peer, ours)
-    }
-
-    /// A pair whose receive side holds `len` bytes unread.
-    fn roomy_pair(len: usize) -> (std::net::TcpStream, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let peer =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        peer.set_send_buffer_size(len).unwrap();
-        peer.connect(&listener.local_addr().unwrap().into())
-            .unwrap();
-        let (ours, _) = listener.accept().unwrap();
-        socket2::SockRef::from(&ours)
-            .set_recv_buffer_size(len)
-            .unwrap();
-        (peer.into(), ours)
-    }
-
     fn kind(chunk: &Chunk) -> &'static str {
         match chunk {
             Chunk::Pooled(_) => "ring",
@@ -408,7 +387,7 @@ mod tests {
     /// ring again; end of stream ends both ways.
     #[test]
     fn a_bulk_direction_reads_from_the_task_and_a_paused_one_holds_no_buffer() {
-        let (mut peer, ours) = loopback_pair();
+        let (mut peer, ours) = rt::tests::loopback_pair(64 << 10);
         let data: Vec<u8> = (0..3 * BUFFER_LEN).map(|i| (i % 251) as u8).collect();
         peer.write_all(&data).unwrap();
         let runtime = rt::build_runtime(4, BUFFER_LEN as u32).unwrap();
@@ -456,7 +435,7 @@ mod tests {
     #[test]
     fn a_bulk_direction_whose_bytes_keep_waiting_lets_other_tasks_run() {
         const LEN: usize = 1 << 20;
-        let (mut peer, ours) = roomy_pair(4 * LEN);
+        let (mut peer, ours) = rt::tests::loopback_pair(4 * LEN);
         let data: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
         peer.write_all(&data).unwrap();
         peer.shutdown(std::net::Shutdown::Write).unwrap();
