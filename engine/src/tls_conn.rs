@@ -67,8 +67,8 @@ fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
 /// from the task.
 ///
 /// Measured with perf (f) on an Intel Xeon VM (README, "TLS bulk: reads
-/// from the task"): TLS download CPU per GB −8–10 %, upload bimodal between
-/// runs (−20 % or level). `recv(2)` cannot take a buffer from the ring (the
+/// from the task"): TLS upload CPU per GB −20 % in some runs and level in
+/// others, download a few per cent at most. `recv(2)` cannot take a buffer from the ring (the
 /// kernel picks those), so the flow keeps one of its own while it reads.
 /// When the socket has nothing waiting that buffer is freed and the read
 /// waits on the ring, which picks a buffer only when data arrives: a
