@@ -6,7 +6,8 @@
 //!   TIME_WAIT stays on the server side, as with a real web server).
 //! * **echo**: writes back what it reads (the idle-connection scenario).
 //! * **bulk**: after a 9-byte command, `D` + u64 streams that many bytes to the
-//!   client, `U` + u64 reads that many bytes and counts them.
+//!   client, `U` + u64 reads that many bytes and counts them, `R` + u64
+//!   streams to the client at that many bytes per second until it closes.
 //!
 //! HTTP and echo share one event loop (mio, edge-triggered), so thousands of
 //! connections cost one thread. Bulk uses a thread per connection: there are
@@ -20,6 +21,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
+
+use crate::byte_pace::{BytePacer, PACED_CHUNK};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 /// The keep-alive response (a 13-byte body).
@@ -30,7 +33,7 @@ pub const RESPONSE_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nCon
 pub const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: perf\r\n\r\n";
 pub const REQUEST_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: perf\r\nConnection: close\r\n\r\n";
 
-/// Size of a bulk command: one byte (`D` or `U`) and a big-endian u64.
+/// Size of a bulk command: one byte (`D`, `U` or `R`) and a big-endian u64.
 pub const BULK_CMD_LEN: usize = 9;
 const BULK_CHUNK: usize = 256 * 1024;
 
@@ -144,6 +147,19 @@ fn bulk_conn(mut s: std::net::TcpStream, received: &AtomicU64, sent: &AtomicU64)
                     let w = s.write(&buf[..n])?;
                     sent.fetch_add(w as u64, Ordering::Relaxed);
                     left -= w as u64;
+                }
+            }
+            b'R' => {
+                let mut pacer = BytePacer::new(left as f64);
+                let chunk = &buf[..PACED_CHUNK];
+                loop {
+                    pacer.wait();
+                    let w = s.write(chunk)?;
+                    if w == 0 {
+                        return Ok(());
+                    }
+                    sent.fetch_add(w as u64, Ordering::Relaxed);
+                    pacer.moved(w);
                 }
             }
             b'U' => {
@@ -380,5 +396,22 @@ mod tests {
         s.read_exact(&mut k).unwrap();
         assert_eq!(&k, b"K");
         assert_eq!(b.bulk_received.load(Ordering::Relaxed), 5000);
+    }
+
+    #[test]
+    fn a_paced_stream_is_never_ahead_of_its_rate() {
+        let b = Backends::start(&[]).unwrap();
+        let mut s = std::net::TcpStream::connect(b.bulk).unwrap();
+        let mut cmd = [0u8; BULK_CMD_LEN];
+        cmd[0] = b'R';
+        cmd[1..].copy_from_slice(&1_000_000u64.to_be_bytes());
+        let started = std::time::Instant::now();
+        s.write_all(&cmd).unwrap();
+        // The third chunk is due two chunks' time (131 ms at 1 MB/s) after
+        // the first; an unpaced stream would deliver all three at once.
+        let mut got = vec![0u8; 3 * PACED_CHUNK];
+        s.read_exact(&mut got).unwrap();
+        assert!(started.elapsed() >= Duration::from_secs_f64(2.0 * PACED_CHUNK as f64 / 1e6));
+        assert!(b.bulk_sent.load(Ordering::Relaxed) >= got.len() as u64);
     }
 }

@@ -8,6 +8,7 @@
 //! the command line; `tests/perf_smoke.rs` builds them by hand).
 
 pub mod backends;
+pub mod byte_pace;
 pub mod cpu_cap;
 pub mod loadgen;
 pub mod plot;
@@ -70,6 +71,13 @@ pub struct Options {
     /// Connection rate of the hot-reload scenario.
     pub reload_rate: f64,
     pub bulk_streams: usize,
+    /// TLS bulk at a fixed rate (f): MB/s over all streams; `None`: a share
+    /// of the slowest proxy's closed-loop MB/s in the same run
+    /// (`tls_paced_share`).
+    pub tls_paced_mbps: Option<f64>,
+    /// TLS bulk at a fixed rate (f): the share of the slowest proxy's
+    /// closed-loop MB/s, per direction; 0 skips the paced runs.
+    pub tls_paced_share: f64,
     /// Client threads in the TLS handshake scenario.
     pub tls_threads: usize,
     pub idle_connections: usize,
@@ -137,6 +145,8 @@ impl Options {
             overload_sessions: if quick { 64 } else { 512 },
             reload_rate: if quick { 1000.0 } else { 2000.0 },
             bulk_streams: 2,
+            tls_paced_mbps: None,
+            tls_paced_share: 0.7,
             tls_threads: 2,
             idle_connections: if quick { 500 } else { 5000 },
             workers: 1,
@@ -393,6 +403,8 @@ fn run_in(
             "connect_concurrency": opts.connect_concurrency,
             "open_fractions": opts.open_fractions,
             "bulk_streams": opts.bulk_streams,
+            "tls_paced_mbps": opts.tls_paced_mbps,
+            "tls_paced_share": opts.tls_paced_share,
             "idle_connections": opts.idle_connections,
             "workers": opts.workers,
             "proxy_cpus": opts.proxy_cpus,
@@ -478,7 +490,7 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
             "on/off, median of pairs",
         );
     }
-    let checks: [(&str, &str, &str, Kind, f64); 11] = [
+    let checks: [(&str, &str, &str, Kind, f64); 13] = [
         (
             "(a) CPU per keep-alive request ≤ 0.95× HAProxy's",
             "a_keepalive",
@@ -545,6 +557,20 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
         (
             "(f) TLS bulk CPU per GB (upload) ≤ 0.8× HAProxy's",
             "f_tls_upload",
+            "cpu_ms_per_gb",
+            Kind::Haproxy,
+            0.8,
+        ),
+        (
+            "(f) TLS bulk CPU per GB at a fixed rate (download) ≤ 0.8× HAProxy's",
+            "f_tls_bulk_paced",
+            "cpu_ms_per_gb",
+            Kind::Haproxy,
+            0.8,
+        ),
+        (
+            "(f) TLS bulk CPU per GB at a fixed rate (upload) ≤ 0.8× HAProxy's",
+            "f_tls_upload_paced",
             "cpu_ms_per_gb",
             Kind::Haproxy,
             0.8,

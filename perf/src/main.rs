@@ -61,6 +61,15 @@ struct Args {
     /// cpu controller the run goes on uncapped and its report says so.
     #[arg(long)]
     overload_cpu_cap: Option<f64>,
+    /// TLS bulk at a fixed rate (f): MB/s over all streams, the same for
+    /// every target. Default: --tls-paced-share of the slowest target's
+    /// closed-loop MB/s in the same run.
+    #[arg(long)]
+    tls_paced_mbps: Option<f64>,
+    /// TLS bulk at a fixed rate (f): the share of the slowest target's
+    /// closed-loop MB/s, per direction; 0 skips the paced runs. Default 0.7.
+    #[arg(long)]
+    tls_paced_share: Option<f64>,
     /// Idle connections in the memory scenario. Default 5000 (quick: 500).
     #[arg(long)]
     idle_connections: Option<usize>,
@@ -141,6 +150,20 @@ fn main() -> anyhow::Result<()> {
             "--overload-cpu-cap: a share of one CPU (0.5: half a core), or 0 for none"
         );
         o.overload_cpu_cap = (share > 0.0).then_some(share);
+    }
+    if let Some(r) = args.tls_paced_mbps {
+        anyhow::ensure!(
+            r.is_finite() && r > 0.0,
+            "--tls-paced-mbps: a positive rate in MB/s over all bulk streams"
+        );
+        o.tls_paced_mbps = Some(r);
+    }
+    if let Some(share) = args.tls_paced_share {
+        anyhow::ensure!(
+            share.is_finite() && share >= 0.0,
+            "--tls-paced-share: a share of the slowest target's closed-loop MB/s (0.7), or 0 for no paced runs"
+        );
+        o.tls_paced_share = share;
     }
     if let Some(n) = args.idle_connections {
         o.idle_connections = n;

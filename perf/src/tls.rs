@@ -1,6 +1,7 @@
 //! (f) TLS: full handshakes per second (a new connection, a TLS 1.3 handshake
 //! without resumption, one HTTP request, close) and TLS bulk download and
-//! upload.
+//! upload, closed loop and then paced at one rate for every target
+//! (`byte_pace` says why both).
 //!
 //! TLS is measured only when the edgeproxy binary accepts a TLS listener
 //! (`check-config` on a config with one); otherwise the scenario reports
@@ -19,6 +20,7 @@ use anyhow::Context;
 use rustls::pki_types::ServerName;
 
 use crate::backends::{Backends, BULK_CMD_LEN, REQUEST_CLOSE, RESPONSE_CLOSE};
+use crate::byte_pace::{BytePacer, PACED_CHUNK};
 use crate::loadgen;
 use crate::procfs;
 use crate::report::{col, Sample, Variant};
@@ -75,8 +77,8 @@ pub fn scenarios(
             col("cpu_us_per_handshake", "CPU µs/handshake", true),
         ],
     );
-    let mut bulk = Direction::Download.variant(opts);
-    let mut upload = Direction::Upload.variant(opts);
+    let mut bulk = Direction::Download.variant(opts, None);
+    let mut upload = Direction::Upload.variant(opts, None);
     let material = match (&unavailable, &setup.tls) {
         (Some(why), _) => {
             hs.notes
@@ -113,7 +115,11 @@ pub fn scenarios(
                 (&mut bulk, Direction::Download),
                 (&mut upload, Direction::Upload),
             ] {
-                match bulk_sample(opts, t, run, bulk_front, &material, backends, direction) {
+                let flow = Flow {
+                    direction,
+                    bytes_per_sec: None,
+                };
+                match bulk_sample(opts, t, run, bulk_front, &material, backends, flow) {
                     Ok(s) => variant.samples.push(s),
                     Err(e) => variant.notes.push(format!(
                         "{} run {}: failed: {e:#}",
@@ -127,7 +133,75 @@ pub fn scenarios(
     hs.finish();
     bulk.finish();
     upload.finish();
-    vec![hs, bulk, upload]
+    let paced = [
+        paced_runs(opts, targets, &material, backends, Direction::Download, &bulk),
+        paced_runs(opts, targets, &material, backends, Direction::Upload, &upload),
+    ];
+    let mut out = vec![hs, bulk, upload];
+    out.extend(paced.into_iter().flatten());
+    out
+}
+
+/// TLS bulk at a fixed rate (see `byte_pace`): every target moves the same
+/// MB/s, `--tls-paced-mbps` or a share of the slowest target's closed-loop
+/// MB/s in `closed`, so none is the slowest stage. A target that cannot
+/// keep the rate is flagged: its CPU per GB is not comparable.
+fn paced_runs(
+    opts: &Options,
+    targets: &mut [Running],
+    material: &Arc<TlsMaterial>,
+    backends: &Backends,
+    direction: Direction,
+    closed: &Variant,
+) -> Option<Variant> {
+    let slowest = targets
+        .iter()
+        .filter_map(|t| closed.median(t.kind, "mbps"))
+        .reduce(f64::min);
+    let (mbps, basis) = match (opts.tls_paced_mbps, slowest) {
+        (Some(r), _) => (r, "--tls-paced-mbps".to_string()),
+        (None, Some(slowest)) if opts.tls_paced_share > 0.0 => (
+            opts.tls_paced_share * slowest,
+            format!(
+                "{:.2}× the slowest target's closed-loop {slowest:.0} MB/s",
+                opts.tls_paced_share
+            ),
+        ),
+        _ => return None,
+    };
+    let mut v = direction.variant(opts, Some(mbps));
+    v.notes.push(format!("rate: {mbps:.0} MB/s, {basis}"));
+    for run in 0..opts.runs {
+        for t in targets.iter_mut() {
+            let Some(front) = t.fronts.tls_bulk else {
+                continue;
+            };
+            let flow = Flow {
+                direction,
+                bytes_per_sec: Some(mbps * 1e6),
+            };
+            match bulk_sample(opts, t, run, front, material, backends, flow) {
+                Ok(s) => {
+                    let moved = s.metrics.get("mbps").copied().unwrap_or(0.0);
+                    if moved < 0.95 * mbps {
+                        v.notes.push(format!(
+                            "{} run {}: moved {moved:.0} of {mbps:.0} MB/s: over its capacity, its CPU per GB is not comparable",
+                            t.kind.name(),
+                            run + 1
+                        ));
+                    }
+                    v.samples.push(s);
+                }
+                Err(e) => v.notes.push(format!(
+                    "{} run {}: failed: {e:#}",
+                    t.kind.name(),
+                    run + 1
+                )),
+            }
+        }
+    }
+    v.finish();
+    Some(v)
 }
 
 fn tls_connect(
@@ -247,6 +321,14 @@ fn handshake_sample(
     })
 }
 
+/// One bulk sample's bytes: which way, and closed loop (`None`) or paced
+/// at this many bytes per second over all streams.
+#[derive(Clone, Copy)]
+struct Flow {
+    direction: Direction,
+    bytes_per_sec: Option<f64>,
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Direction {
     Download,
@@ -254,16 +336,23 @@ enum Direction {
 }
 
 impl Direction {
-    /// The report variant for TLS bulk in this direction.
-    fn variant(self, opts: &Options) -> Variant {
-        let (id, what) = match self {
-            Direction::Download => ("f_tls_bulk", "download (backend → client"),
-            Direction::Upload => ("f_tls_upload", "upload (client → backend"),
+    /// The report variant for TLS bulk in this direction, closed loop or
+    /// paced at `mbps` over all streams.
+    fn variant(self, opts: &Options, mbps: Option<f64>) -> Variant {
+        let (id, what) = match (self, mbps.is_some()) {
+            (Direction::Download, false) => ("f_tls_bulk", "download (backend → client"),
+            (Direction::Upload, false) => ("f_tls_upload", "upload (client → backend"),
+            (Direction::Download, true) => ("f_tls_bulk_paced", "download (backend → client"),
+            (Direction::Upload, true) => ("f_tls_upload_paced", "upload (client → backend"),
+        };
+        let pace = match mbps {
+            Some(r) => format!(", paced at {r:.0} MB/s by the sender"),
+            None => String::new(),
         };
         Variant::new(
             id,
             format!(
-                "(f) TLS bulk {what} through TLS): {} streams",
+                "(f) TLS bulk {what} through TLS): {} streams{pace}",
                 opts.bulk_streams
             ),
             &[
@@ -281,22 +370,28 @@ fn bulk_sample(
     front: SocketAddr,
     m: &Arc<TlsMaterial>,
     backends: &Backends,
-    direction: Direction,
+    flow: Flow,
 ) -> anyhow::Result<Sample> {
+    let direction = flow.direction;
     let stop = Arc::new(AtomicBool::new(false));
+    let streams = opts.bulk_streams.max(1);
+    let per_stream = flow.bytes_per_sec.map(|r| r / streams as f64);
     let downloaded = Arc::new(AtomicU64::new(0));
     let sources = loadgen::loopback_sources(opts.sources);
     let mut threads = Vec::new();
-    for i in 0..opts.bulk_streams.max(1) {
+    for i in 0..streams {
         let mut s = tls_connect(front, Some(sources[i % sources.len()]), m)?;
         s.sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         s.sock.set_write_timeout(Some(Duration::from_millis(100)))?;
         let mut cmd = [0u8; BULK_CMD_LEN];
-        cmd[0] = match direction {
-            Direction::Download => b'D',
-            Direction::Upload => b'U',
+        // A paced download is paced by the backend, its source.
+        let (op, arg) = match (direction, per_stream) {
+            (Direction::Download, Some(rate)) => (b'R', rate as u64),
+            (Direction::Download, None) => (b'D', u64::MAX / 2),
+            (Direction::Upload, _) => (b'U', u64::MAX / 2),
         };
-        cmd[1..].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
+        cmd[0] = op;
+        cmd[1..].copy_from_slice(&arg.to_be_bytes());
         s.write_all(&cmd)?;
         s.flush()?;
         let (stop, downloaded, cpus) = (
@@ -306,8 +401,16 @@ fn bulk_sample(
         );
         threads.push(std::thread::spawn(move || {
             let _ = procfs::pin_current_thread(&cpus);
-            let mut buf = vec![0u8; 256 * 1024];
+            // A paced upload is paced here, at its source.
+            let mut pacer = match direction {
+                Direction::Upload => per_stream.map(BytePacer::new),
+                Direction::Download => None,
+            };
+            let mut buf = vec![0u8; if pacer.is_some() { PACED_CHUNK } else { 256 * 1024 }];
             while !stop.load(Ordering::Relaxed) {
+                if let Some(p) = &pacer {
+                    p.wait();
+                }
                 let r = match direction {
                     Direction::Download => s.read(&mut buf),
                     // rustls keeps what a timed-out write could not send and
@@ -317,6 +420,9 @@ fn bulk_sample(
                 match r {
                     Ok(0) => break,
                     Ok(n) => {
+                        if let Some(p) = &mut pacer {
+                            p.moved(n);
+                        }
                         if direction == Direction::Download {
                             downloaded.fetch_add(n as u64, Ordering::Relaxed);
                         }
