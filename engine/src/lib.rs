@@ -28,6 +28,7 @@ pub mod snapshot;
 pub mod stats;
 pub mod tls;
 mod tls_conn;
+mod warm_buffers;
 
 pub use engine::{
     BoundListeners, Engine, EngineError, FastStop, ListenerSummary, RunningListener, StatsView,

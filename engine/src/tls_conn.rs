@@ -15,6 +15,7 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::pool::handover::{ClientSide, FirstRead};
 use crate::rt::{self, Chunk, TcpStream};
+use crate::warm_buffers;
 
 /// Why a TLS session failed. Each message includes its cause, and no
 /// variant also names it as `source`, so `{:#}` error chains print it once.
@@ -62,17 +63,24 @@ fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
 }
 
 /// Where one direction of a TLS connection reads from: the shard's ring
-/// until a read fills a whole ring buffer, then, for as long as the socket
-/// has bytes waiting, one buffer of the direction's own, filled by `recv(2)`
-/// from the task.
+/// until a read fills a whole ring buffer, then (bulk) `recv(2)` from the
+/// task into a buffer of the direction's own while the socket has bytes
+/// waiting.
 ///
 /// Measured with perf (f) on an Intel Xeon VM (README, "TLS bulk: reads
 /// from the task"): TLS upload CPU per GB −20 % in some runs and level in
-/// others, download a few per cent at most. `recv(2)` cannot take a buffer from the ring (the
-/// kernel picks those), so the flow keeps one of its own while it reads.
-/// When the socket has nothing waiting that buffer is freed and the read
-/// waits on the ring, which picks a buffer only when data arrives: a
-/// connection that pauses holds none.
+/// others, download a few per cent at most. `recv(2)` cannot take a buffer
+/// from the ring (the kernel picks those), so the flow keeps one of its own
+/// while it reads.
+///
+/// When a bulk direction finds nothing waiting it gives its buffer to the
+/// shard's [`warm_buffers`] and waits for readiness (one io_uring POLL,
+/// no buffer held, so a paused connection holds none); the next read lands
+/// in the shard's most recently used buffer instead of the ring's coldest
+/// (README, "TLS bulk at a fixed rate"). A read after such a wait that
+/// brings less than a quarter of a buffer ends bulk mode: the flow went
+/// back to small messages, which the ring serves with one operation per
+/// read.
 ///
 /// A flow whose bytes keep waiting never has to wait for them, so every
 /// [`rt::YIELD_AFTER`] bytes read it lets the shard's other tasks run.
@@ -94,22 +102,33 @@ impl Reads {
 
     /// The next bytes from `stream`; `Ok(None)` at end of stream.
     async fn next(&mut self, stream: &TcpStream, buffer_len: usize) -> io::Result<Option<Chunk>> {
-        if self.bulk {
+        let mut waited = false;
+        while self.bulk {
             if self.since_yield >= rt::YIELD_AFTER {
                 self.since_yield = 0;
                 rt::yield_now().await;
             }
             let mut buf = std::mem::take(&mut self.own);
+            if buf.capacity() < buffer_len {
+                warm_buffers::give(buf);
+                buf = warm_buffers::take(buffer_len);
+            }
             buf.clear();
-            buf.reserve_exact(buffer_len);
             match rt::recv_now(stream, &mut buf)? {
-                Some(0) => return Ok(None),
+                Some(0) => {
+                    warm_buffers::give(buf);
+                    return Ok(None);
+                }
                 Some(n) => {
                     self.since_yield += n;
+                    self.bulk = !waited || n >= buffer_len / 4;
                     return Ok(Some(Chunk::Owned(buf)));
                 }
-                // Nothing waiting: `buf` is freed, the ring read below waits.
-                None => {}
+                None => {
+                    warm_buffers::give(buf);
+                    rt::readable(stream).await?;
+                    waited = true;
+                }
             }
         }
         let chunk = rt::read_chunk(stream, buffer_len).await?;
@@ -118,11 +137,22 @@ impl Reads {
     }
 
     /// Takes back the buffer of a chunk `next` returned, once its bytes are
-    /// used (a ring buffer goes back to the ring).
+    /// used (a ring buffer goes back to the ring, a buffer of a direction
+    /// no longer in bulk mode to the shard's warm buffers).
     fn recycle(&mut self, chunk: Chunk) {
-        if let (true, Chunk::Owned(buf)) = (self.bulk, chunk) {
-            self.own = buf;
+        if let Chunk::Owned(buf) = chunk {
+            if self.bulk {
+                self.own = buf;
+            } else {
+                warm_buffers::give(buf);
+            }
         }
+    }
+}
+
+impl Drop for Reads {
+    fn drop(&mut self) {
+        warm_buffers::give(std::mem::take(&mut self.own));
     }
 }
 
@@ -383,8 +413,10 @@ mod tests {
 
     /// Reads go through the ring until one fills a ring buffer; while bytes
     /// wait they are then read from the task into the direction's own
-    /// buffer; once none wait that buffer is freed and the read waits on the
-    /// ring again; end of stream ends both ways.
+    /// buffer; when none wait that buffer goes to the shard's warm buffers
+    /// and the next read, after a readiness wait, lands in it again; a small
+    /// read after a wait ends bulk mode (the ring again); end of stream ends
+    /// both ways.
     #[test]
     fn a_bulk_direction_reads_from_the_task_and_a_paused_one_holds_no_buffer() {
         let (mut peer, ours) = rt::tests::loopback_pair(64 << 10);
@@ -405,20 +437,38 @@ mod tests {
             assert!(got == data, "bytes differ");
             assert_eq!(kinds, ["ring", "own", "own"]);
             assert!(reads.own.capacity() >= BUFFER_LEN);
+            let warm = reads.own.as_ptr();
 
-            // Nothing waiting: the read waits on the ring, holding no
-            // buffer; the peer writes only once it is waiting.
+            // Nothing waiting: while the read waits its buffer is the
+            // shard's, not the direction's; the peer writes only then, and
+            // the bytes land in that same buffer.
+            let (chunk, ()) = futures_util::join!(reads.next(&ours, BUFFER_LEN), async {
+                assert_eq!(
+                    warm_buffers::kept(),
+                    1,
+                    "a paused direction kept its buffer"
+                );
+                peer.write_all(&data[..BUFFER_LEN]).unwrap();
+            });
+            let chunk = chunk.unwrap().unwrap();
+            assert_eq!((kind(&chunk), chunk.len()), ("own", BUFFER_LEN));
+            assert_eq!(chunk.as_slice().as_ptr(), warm, "not the warm buffer");
+            reads.recycle(chunk);
+
+            // A small read after a wait ends bulk mode: its buffer goes to
+            // the shard and the next read is the ring's.
             let (chunk, ()) = futures_util::join!(reads.next(&ours, BUFFER_LEN), async {
                 peer.write_all(b"later").unwrap();
             });
             let chunk = chunk.unwrap().unwrap();
-            assert_eq!((kind(&chunk), chunk.as_slice()), ("ring", &b"later"[..]));
+            assert_eq!((kind(&chunk), chunk.as_slice()), ("own", &b"later"[..]));
             reads.recycle(chunk);
             assert_eq!(
                 reads.own.capacity(),
                 0,
-                "a paused direction kept its buffer"
+                "a direction out of bulk kept its buffer"
             );
+            assert_eq!(warm_buffers::kept(), 1);
 
             // Bulk again, then the end of stream read from the task.
             peer.write_all(&data[..BUFFER_LEN]).unwrap();

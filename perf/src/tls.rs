@@ -134,8 +134,22 @@ pub fn scenarios(
     bulk.finish();
     upload.finish();
     let paced = [
-        paced_runs(opts, targets, &material, backends, Direction::Download, &bulk),
-        paced_runs(opts, targets, &material, backends, Direction::Upload, &upload),
+        paced_runs(
+            opts,
+            targets,
+            &material,
+            backends,
+            Direction::Download,
+            &bulk,
+        ),
+        paced_runs(
+            opts,
+            targets,
+            &material,
+            backends,
+            Direction::Upload,
+            &upload,
+        ),
     ];
     let mut out = vec![hs, bulk, upload];
     out.extend(paced.into_iter().flatten());
@@ -192,11 +206,9 @@ fn paced_runs(
                     }
                     v.samples.push(s);
                 }
-                Err(e) => v.notes.push(format!(
-                    "{} run {}: failed: {e:#}",
-                    t.kind.name(),
-                    run + 1
-                )),
+                Err(e) => v
+                    .notes
+                    .push(format!("{} run {}: failed: {e:#}", t.kind.name(), run + 1)),
             }
         }
     }
@@ -406,7 +418,14 @@ fn bulk_sample(
                 Direction::Upload => per_stream.map(BytePacer::new),
                 Direction::Download => None,
             };
-            let mut buf = vec![0u8; if pacer.is_some() { PACED_CHUNK } else { 256 * 1024 }];
+            let mut buf = vec![
+                0u8;
+                if pacer.is_some() {
+                    PACED_CHUNK
+                } else {
+                    256 * 1024
+                }
+            ];
             while !stop.load(Ordering::Relaxed) {
                 if let Some(p) = &pacer {
                     p.wait();
