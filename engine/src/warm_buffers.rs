@@ -25,7 +25,13 @@ thread_local! {
 /// The most recently given back buffer (empty, with at least `len`
 /// capacity), or a new one.
 pub(crate) fn take(len: usize) -> Vec<u8> {
-    let mut buf = WARM.with_borrow_mut(Vec::pop).unwrap_or_default();
+    // `try_with`: a connection's task may be dropped while the shard's
+    // thread is being torn down, after this thread-local is gone.
+    let mut buf = WARM
+        .try_with(|warm| warm.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     buf.clear();
     buf.reserve_exact(len);
     buf
@@ -37,7 +43,8 @@ pub(crate) fn give(buf: Vec<u8>) {
     if buf.capacity() == 0 {
         return;
     }
-    WARM.with_borrow_mut(|warm| {
+    let _ = WARM.try_with(|warm| {
+        let mut warm = warm.borrow_mut();
         if warm.len() < WARM_BUFFERS {
             warm.push(buf);
         }
