@@ -108,6 +108,23 @@ fn perf_suite_quick_run_reports_every_scenario() {
         "{}",
         tls.render()
     );
+    // TLS bulk is also paced at a share of the closed-loop rate: reported,
+    // and never faster than that rate (one chunk per stream of slack).
+    if tls.median(Kind::Edgeproxy, "hps").is_some() {
+        for (closed, paced) in [
+            ("f_tls_bulk", "f_tls_bulk_paced"),
+            ("f_tls_upload", "f_tls_upload_paced"),
+        ] {
+            let rate = o.tls_paced_share * variant(closed).median(Kind::Edgeproxy, "mbps").unwrap();
+            let paced = variant(paced);
+            let moved = paced.median(Kind::Edgeproxy, "mbps").unwrap();
+            assert!(
+                moved > 0.0 && moved <= 1.05 * rate,
+                "paced at {rate:.0} MB/s, moved {moved:.0}\n{}",
+                paced.render()
+            );
+        }
+    }
     let reload = variant("g_hot_reload");
     assert!(
         reload.median(Kind::Edgeproxy, "reload_p99_us").is_some(),
