@@ -21,9 +21,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::byte_pace::{BytePacer, PACED_CHUNK};
-use mio::{Events, Interest, Poll, Token, Waker};
 
 /// The keep-alive response (a 13-byte body).
 pub const RESPONSE: &[u8] =
