@@ -108,9 +108,10 @@ impl Reads {
                 self.since_yield = 0;
                 rt::yield_now().await;
             }
+            // The direction's own buffer while it reads back to back, else
+            // the shard's warmest.
             let mut buf = std::mem::take(&mut self.own);
             if buf.capacity() < buffer_len {
-                warm_buffers::give(buf);
                 buf = warm_buffers::take(buffer_len);
             }
             buf.clear();
