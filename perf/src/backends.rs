@@ -35,6 +35,14 @@ pub const REQUEST_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: perf\r\nConnection: c
 
 /// Size of a bulk command: one byte (`D`, `U` or `R`) and a big-endian u64.
 pub const BULK_CMD_LEN: usize = 9;
+
+/// A bulk command: `op` (`D`, `U` or `R`) and its argument.
+pub fn bulk_command(op: u8, arg: u64) -> [u8; BULK_CMD_LEN] {
+    let mut cmd = [0u8; BULK_CMD_LEN];
+    cmd[0] = op;
+    cmd[1..].copy_from_slice(&arg.to_be_bytes());
+    cmd
+}
 const BULK_CHUNK: usize = 256 * 1024;
 
 /// Running backends; stopped on drop.
@@ -382,15 +390,10 @@ mod tests {
     fn bulk_backend_streams_and_counts() {
         let b = Backends::start(&[]).unwrap();
         let mut s = std::net::TcpStream::connect(b.bulk).unwrap();
-        let mut cmd = [0u8; BULK_CMD_LEN];
-        cmd[0] = b'D';
-        cmd[1..].copy_from_slice(&100_000u64.to_be_bytes());
-        s.write_all(&cmd).unwrap();
+        s.write_all(&bulk_command(b'D', 100_000)).unwrap();
         let mut got = vec![0u8; 100_000];
         s.read_exact(&mut got).unwrap();
-        cmd[0] = b'U';
-        cmd[1..].copy_from_slice(&5000u64.to_be_bytes());
-        s.write_all(&cmd).unwrap();
+        s.write_all(&bulk_command(b'U', 5000)).unwrap();
         s.write_all(&[7u8; 5000]).unwrap();
         let mut k = [0u8; 1];
         s.read_exact(&mut k).unwrap();
@@ -402,11 +405,8 @@ mod tests {
     fn a_paced_stream_is_never_ahead_of_its_rate() {
         let b = Backends::start(&[]).unwrap();
         let mut s = std::net::TcpStream::connect(b.bulk).unwrap();
-        let mut cmd = [0u8; BULK_CMD_LEN];
-        cmd[0] = b'R';
-        cmd[1..].copy_from_slice(&1_000_000u64.to_be_bytes());
         let started = std::time::Instant::now();
-        s.write_all(&cmd).unwrap();
+        s.write_all(&bulk_command(b'R', 1_000_000)).unwrap();
         // The third chunk is due two chunks' time (131 ms at 1 MB/s) after
         // the first; an unpaced stream would deliver all three at once.
         let mut got = vec![0u8; 3 * PACED_CHUNK];

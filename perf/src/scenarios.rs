@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::backends::{Backends, BULK_CMD_LEN};
+use crate::backends::{bulk_command, Backends};
 use crate::cpu_cap::CpuCap;
 use crate::loadgen::{self, LoadSpec, Pace};
 use crate::procfs::{self, CpuSample};
@@ -572,10 +572,8 @@ fn bulk_client(
 ) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
     s.set_write_timeout(Some(Duration::from_millis(100)))?;
-    let mut cmd = [0u8; BULK_CMD_LEN];
-    cmd[0] = if upload { b'U' } else { b'D' };
-    cmd[1..].copy_from_slice(&(u64::MAX / 2).to_be_bytes());
-    s.write_all(&cmd)?;
+    let op = if upload { b'U' } else { b'D' };
+    s.write_all(&bulk_command(op, u64::MAX / 2))?;
     let mut buf = vec![0u8; 256 * 1024];
     while !stop.load(Ordering::Relaxed) {
         let r = if upload {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rustls::pki_types::ServerName;
 
-use crate::backends::{Backends, BULK_CMD_LEN, REQUEST_CLOSE, RESPONSE_CLOSE};
+use crate::backends::{bulk_command, Backends, REQUEST_CLOSE, RESPONSE_CLOSE};
 use crate::byte_pace::{BytePacer, PACED_CHUNK};
 use crate::loadgen;
 use crate::procfs;
@@ -395,16 +395,13 @@ fn bulk_sample(
         let mut s = tls_connect(front, Some(sources[i % sources.len()]), m)?;
         s.sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         s.sock.set_write_timeout(Some(Duration::from_millis(100)))?;
-        let mut cmd = [0u8; BULK_CMD_LEN];
         // A paced download is paced by the backend, its source.
         let (op, arg) = match (direction, per_stream) {
             (Direction::Download, Some(rate)) => (b'R', rate as u64),
             (Direction::Download, None) => (b'D', u64::MAX / 2),
             (Direction::Upload, _) => (b'U', u64::MAX / 2),
         };
-        cmd[0] = op;
-        cmd[1..].copy_from_slice(&arg.to_be_bytes());
-        s.write_all(&cmd)?;
+        s.write_all(&bulk_command(op, arg))?;
         s.flush()?;
         let (stop, downloaded, cpus) = (
             Arc::clone(&stop),
