@@ -198,7 +198,7 @@ async fn serve_inner(
             match rt::timeout(tls.handshake_timeout, handshake).await {
                 Some(Ok((session, early))) => {
                     ShardStats::bump(&ctx.stats.tls_handshakes);
-                    tracing::debug!(shard = ctx.id, sni = session.sni().as_deref().unwrap_or("-"),
+                    tracing::debug!(shard = ctx.id, sni = session.sni().unwrap_or("-"),
                         alpn = %String::from_utf8_lossy(session.alpn().as_deref().unwrap_or(b"-")),
                         "tls handshake done");
                     (Some(Box::new(session)), early)

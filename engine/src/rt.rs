@@ -388,6 +388,15 @@ impl Chunk {
         }
     }
 
+    /// The bytes, to change in place (TLS records are decrypted where they
+    /// were read).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Chunk::Pooled(b) => &mut b[..],
+            Chunk::Owned(v) => &mut v[..],
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.as_slice().len()
     }
@@ -536,12 +545,21 @@ fn nonblocking(n: isize) -> io::Result<Option<usize>> {
 /// Sent like [`write_chunk`]: from the task first, through io_uring only
 /// for what the socket did not take.
 pub async fn write_vec(stream: &TcpStream, buf: Vec<u8>) -> io::Result<Vec<u8>> {
-    let sent = send_now(stream, &buf)?;
-    if sent == buf.len() {
+    let len = buf.len();
+    write_prefix(stream, buf, len).await
+}
+
+/// Writes the first `len` bytes of `buf` and hands the whole buffer back,
+/// its length unchanged: a caller that encrypts into a buffer keeps it
+/// initialised from one use to the next instead of zeroing it each time.
+pub async fn write_prefix(stream: &TcpStream, buf: Vec<u8>, len: usize) -> io::Result<Vec<u8>> {
+    let len = len.min(buf.len());
+    let sent = send_now(stream, &buf[..len])?;
+    if sent == len {
         return Ok(buf);
     }
     let mut writer = stream;
-    let BufResult(result, rest) = writer.write_all(buf.slice(sent..)).await;
+    let BufResult(result, rest) = writer.write_all(buf.slice(sent..len)).await;
     result.map(|()| compio::buf::IntoInner::into_inner(rest))
 }
 

@@ -82,8 +82,24 @@ impl SniResolver {
     }
 }
 
+thread_local! {
+    /// The server name of the last ClientHello this thread's resolver saw.
+    /// rustls's unbuffered connection, which the shards drive, does not keep
+    /// it; a shard runs one connection's TLS processing at a time and never
+    /// across an await, so the session takes it right after the call that
+    /// ran the resolver ([`take_resolved_sni`]).
+    static RESOLVED_SNI: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
+}
+
+/// The server name the resolver last saw on this thread, if any (and
+/// forgets it).
+pub(crate) fn take_resolved_sni() -> Option<String> {
+    RESOLVED_SNI.try_with(std::cell::Cell::take).ok().flatten()
+}
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let _ = RESOLVED_SNI.try_with(|sni| sni.set(hello.server_name().map(str::to_owned)));
         Some(Arc::clone(self.choose(hello.server_name())))
     }
 }

@@ -1,17 +1,29 @@
-//! A TLS-terminated client connection, driven by hand: rustls is sans-IO (the
-//! caller moves bytes in and out of a `ServerConnection`), so the shard keeps
-//! its own io_uring reads with provided buffers and no TLS adapter layer.
+//! A TLS-terminated client connection, driven by hand with rustls's
+//! unbuffered API: rustls is sans-IO, and in its unbuffered form it also
+//! keeps no buffers of its own. Records are decrypted in place in the
+//! buffer the shard read them into, and encrypted records go into one
+//! outbox the session owns, so the shard keeps its own io_uring reads and
+//! sends with no TLS adapter layer and no copy into rustls.
 //!
-//! Both directions share one `ServerConnection` in a `RefCell`; a borrow is
-//! never held across an await. Writes to the client socket go through one
-//! async lock so TLS records from the two directions never interleave.
+//! The buffered `ServerConnection` this replaces copied every byte read
+//! into its own deframing buffer in pieces of at most 4 KiB, zeroing and
+//! reallocating that buffer as it grew and shrank around each 16 KiB record
+//! (README, "TLS bulk: rustls's unbuffered API").
+//!
+//! Both directions share one connection in a `RefCell`; a borrow is never
+//! held across an await. Writes to the client socket go through one async
+//! lock, and every record (handshake, alert, key update, data) goes through
+//! the outbox in the order it was made, so records never interleave or
+//! overtake each other.
 
 use std::cell::{Cell, RefCell};
-use std::io::{self, BufRead, Write};
+use std::io;
 use std::sync::Arc;
 
 use futures_util::lock::Mutex;
-use rustls::{ServerConfig, ServerConnection};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::ServerConfig;
 
 use crate::pool::handover::{ClientSide, FirstRead};
 use crate::rt::{self, Chunk, TcpStream};
@@ -36,15 +48,50 @@ impl From<rustls::Error> for TlsError {
 }
 
 pub(crate) struct TlsSession {
-    conn: RefCell<ServerConnection>,
+    conn: RefCell<UnbufferedServerConnection>,
+    /// Records made and not yet sent to the client.
+    outbox: RefCell<Outbox>,
+    /// The outbox's other buffer, filled while this one is being sent.
+    spare_out: Cell<Vec<u8>>,
+    /// Received bytes that did not yet make a whole record when the
+    /// handshake (or a pooled backend's first read) ended: the front of
+    /// `pump_up`'s first read.
+    carried: Cell<Vec<u8>>,
     /// The client's close_notify arrived before the pumps started: with its
     /// last handshake flight (TLS 1.3 lets Finished, data and close_notify
     /// share one write), or with its first data to a pooled backend.
     closed_in_handshake: Cell<bool>,
     /// Serialises writes of TLS records to the client socket.
     client_write: Mutex<()>,
-    /// The buffer the last bulk flush sent from, kept for the next one.
-    spare_out: Cell<Vec<u8>>,
+    sni: Option<String>,
+}
+
+/// Encoded records waiting to be sent. The buffer keeps the length it was
+/// once initialised to (`used` marks the records in it), so encrypting into
+/// it never zeroes it first.
+#[derive(Default)]
+struct Outbox {
+    buf: Vec<u8>,
+    used: usize,
+}
+
+impl Outbox {
+    /// At least `need` bytes to write records into, after those waiting.
+    fn room(&mut self, need: usize) -> &mut [u8] {
+        if self.buf.len() < self.used + need {
+            self.buf.resize(self.used + need, 0);
+        }
+        &mut self.buf[self.used..]
+    }
+}
+
+/// What rustls made of received bytes.
+struct Absorbed {
+    /// Bytes used from the front of those passed (the rest do not make a
+    /// whole record yet).
+    consumed: usize,
+    /// The client sent close_notify.
+    closed: bool,
 }
 
 /// A buffer that carried at least this much is kept for the next read or
@@ -82,9 +129,14 @@ fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
 /// back to small messages, which the ring serves with one operation per
 /// read.
 ///
+/// Bytes the caller could not use yet (a TLS record cut by the read) are
+/// carried: the next chunk begins with them, and a direction carrying bytes
+/// keeps its buffer while it waits.
+///
 /// A flow whose bytes keep waiting never has to wait for them, so every
 /// [`rt::YIELD_AFTER`] bytes read it lets the shard's other tasks run.
 struct Reads {
+    /// The direction's own buffer; it holds the carried bytes, if any.
     own: Vec<u8>,
     bulk: bool,
     /// Bytes read from the task since this direction last let others run.
@@ -100,7 +152,17 @@ impl Reads {
         }
     }
 
-    /// The next bytes from `stream`; `Ok(None)` at end of stream.
+    /// Starts with `carried` bytes, which the first chunk will begin with.
+    fn carrying(carried: Vec<u8>) -> Reads {
+        Reads {
+            own: carried,
+            ..Reads::new()
+        }
+    }
+
+    /// The next bytes from `stream`, after any carried ones; `Ok(None)` at
+    /// end of stream (carried bytes are then dropped: they never made a
+    /// whole record).
     async fn next(&mut self, stream: &TcpStream, buffer_len: usize) -> io::Result<Option<Chunk>> {
         let mut waited = false;
         while self.bulk {
@@ -108,13 +170,17 @@ impl Reads {
                 self.since_yield = 0;
                 rt::yield_now().await;
             }
-            // The direction's own buffer while it reads back to back, else
-            // the shard's warmest.
+            // The direction's own buffer while it reads back to back (or
+            // carries bytes), else the shard's warmest.
             let mut buf = std::mem::take(&mut self.own);
-            if buf.capacity() < buffer_len {
-                buf = warm_buffers::take(buffer_len);
+            if buf.capacity() - buf.len() < buffer_len / 2 {
+                if buf.is_empty() {
+                    buf = warm_buffers::take(buffer_len);
+                } else {
+                    buf.reserve(buffer_len);
+                }
             }
-            buf.clear();
+            let carried = buf.len();
             match rt::recv_now(stream, &mut buf)? {
                 Some(0) => {
                     warm_buffers::give(buf);
@@ -126,7 +192,11 @@ impl Reads {
                     return Ok(Some(Chunk::Owned(buf)));
                 }
                 None => {
-                    warm_buffers::give(buf);
+                    if carried == 0 {
+                        warm_buffers::give(buf);
+                    } else {
+                        self.own = buf;
+                    }
                     rt::readable(stream).await?;
                     waited = true;
                 }
@@ -134,18 +204,43 @@ impl Reads {
         }
         let chunk = rt::read_chunk(stream, buffer_len).await?;
         self.bulk = chunk.as_ref().is_some_and(|c| c.len() >= buffer_len);
-        Ok(chunk)
+        if self.own.is_empty() {
+            return Ok(chunk);
+        }
+        let mut buf = std::mem::take(&mut self.own);
+        match chunk {
+            Some(chunk) => {
+                buf.extend_from_slice(chunk.as_slice());
+                Ok(Some(Chunk::Owned(buf)))
+            }
+            None => {
+                warm_buffers::give(buf);
+                Ok(None)
+            }
+        }
     }
 
-    /// Takes back the buffer of a chunk `next` returned, once its bytes are
-    /// used (a ring buffer goes back to the ring, a buffer of a direction
-    /// no longer in bulk mode to the shard's warm buffers).
-    fn recycle(&mut self, chunk: Chunk) {
-        if let Chunk::Owned(buf) = chunk {
-            if self.bulk {
-                self.own = buf;
-            } else {
-                warm_buffers::give(buf);
+    /// Takes back a chunk `next` returned once its first `used` bytes are
+    /// dealt with; the rest are carried to the front of the next chunk. A
+    /// ring buffer goes back to the ring, a buffer of a direction no longer
+    /// in bulk mode (and carrying nothing) to the shard's warm buffers.
+    fn recycle(&mut self, chunk: Chunk, used: usize) {
+        match chunk {
+            Chunk::Owned(mut buf) => {
+                // At most one record moves: the tail a read cut.
+                buf.drain(..used.min(buf.len()));
+                if self.bulk || !buf.is_empty() {
+                    self.own = buf;
+                } else {
+                    warm_buffers::give(buf);
+                }
+            }
+            Chunk::Pooled(ring) => {
+                if let Some(rest) = ring.get(used..).filter(|rest| !rest.is_empty()) {
+                    let mut buf = warm_buffers::take(rest.len());
+                    buf.extend_from_slice(rest);
+                    self.own = buf;
+                }
             }
         }
     }
@@ -168,24 +263,38 @@ impl TlsSession {
         initial: Option<Chunk>,
         buffer_len: usize,
     ) -> Result<(TlsSession, Option<Chunk>), TlsError> {
-        let session = TlsSession {
-            conn: RefCell::new(ServerConnection::new(config)?),
+        let mut session = TlsSession {
+            conn: RefCell::new(UnbufferedServerConnection::new(config)?),
+            outbox: RefCell::new(Outbox::default()),
+            spare_out: Cell::new(Vec::new()),
+            carried: Cell::new(Vec::new()),
             closed_in_handshake: Cell::new(false),
             client_write: Mutex::new(()),
-            spare_out: Cell::new(Vec::new()),
+            sni: None,
         };
+        // Handshake flights are small: gathered by copy, not in place.
+        let mut received = initial.map_or_else(Vec::new, |c| c.as_slice().to_vec());
         let mut early = Vec::new();
-        if let Some(bytes) = initial {
-            match session.absorb(bytes.as_slice(), &mut early) {
-                Ok(true) => session.closed_in_handshake.set(true),
-                Ok(false) => {}
+        loop {
+            let absorbed = session.absorb(&mut received, &mut early);
+            if session.sni.is_none() {
+                session.sni = crate::tls::take_resolved_sni();
+            }
+            match absorbed {
+                Ok(absorbed) => {
+                    received.drain(..absorbed.consumed);
+                    if absorbed.closed {
+                        session.closed_in_handshake.set(true);
+                    }
+                }
                 Err(e) => {
+                    // Tell the client why (the alert is in the outbox).
                     let _ = session.flush(client).await;
                     return Err(e);
                 }
             }
-        }
-        loop {
+            // The server's flight, or (the handshake done) its session
+            // tickets.
             session.flush(client).await?;
             if !session.conn.borrow().is_handshaking() {
                 break;
@@ -193,18 +302,9 @@ impl TlsSession {
             let Some(chunk) = rt::read_chunk(client, buffer_len).await? else {
                 return Err(TlsError::ClosedInHandshake);
             };
-            match session.absorb(chunk.as_slice(), &mut early) {
-                Ok(true) => session.closed_in_handshake.set(true),
-                Ok(false) => {}
-                Err(e) => {
-                    // Tell the client why (the alert is queued by rustls).
-                    let _ = session.flush(client).await;
-                    return Err(e);
-                }
-            }
+            received.extend_from_slice(chunk.as_slice());
         }
-        // TLS 1.3 session tickets go out after the handshake.
-        session.flush(client).await?;
+        session.carried.set(received);
         Ok((session, (!early.is_empty()).then_some(Chunk::Owned(early))))
     }
 
@@ -212,58 +312,155 @@ impl TlsSession {
         self.conn.borrow().alpn_protocol().map(<[u8]>::to_vec)
     }
 
-    pub(crate) fn sni(&self) -> Option<String> {
-        self.conn.borrow().server_name().map(str::to_string)
+    /// The server name the client asked for, if it sent one.
+    pub(crate) fn sni(&self) -> Option<&str> {
+        self.sni.as_deref()
     }
 
-    /// Feeds TLS bytes from the client and appends the plaintext they carry to
-    /// `plain`. Returns true once the client sent close_notify.
-    fn absorb(&self, mut tls: &[u8], plain: &mut Vec<u8>) -> Result<bool, TlsError> {
+    /// Processes the TLS records in `tls` (decrypting them in place) and
+    /// appends the plaintext they carry to `plain`; records to send in
+    /// answer go to the outbox. On an error the alert that tells the client
+    /// why is in the outbox too.
+    fn absorb(&self, tls: &mut [u8], plain: &mut Vec<u8>) -> Result<Absorbed, TlsError> {
         let mut conn = self.conn.borrow_mut();
-        let mut closed = false;
-        while !tls.is_empty() {
-            conn.read_tls(&mut tls)?;
-            let state = conn.process_new_packets()?;
-            closed |= state.peer_has_closed();
-            // Copied straight from rustls's plaintext chunks: reading into a
-            // zero-filled buffer instead cost a memset of every byte.
-            plain.reserve(state.plaintext_bytes_to_read());
-            let mut reader = conn.reader();
-            while let Ok(piece) = reader.fill_buf() {
-                if piece.is_empty() {
-                    break;
+        let mut outbox = self.outbox.borrow_mut();
+        let mut absorbed = Absorbed {
+            consumed: 0,
+            closed: false,
+        };
+        loop {
+            let UnbufferedStatus { discard, state } =
+                conn.process_tls_records(&mut tls[absorbed.consumed..]);
+            let mut also_discard = 0;
+            let more = match state {
+                Ok(ConnectionState::ReadTraffic(mut data)) => {
+                    while let Some(record) = data.next_record() {
+                        let record = record?;
+                        plain.extend_from_slice(record.payload);
+                        also_discard += record.discard;
+                    }
+                    true
                 }
-                let n = piece.len();
-                plain.extend_from_slice(piece);
-                reader.consume(n);
+                Ok(ConnectionState::EncodeTlsData(mut record)) => {
+                    encode(&mut record, &mut outbox)?;
+                    true
+                }
+                // Sent by the next flush, before anything made after it.
+                Ok(ConnectionState::TransmitTlsData(sent)) => {
+                    sent.done();
+                    true
+                }
+                Ok(ConnectionState::PeerClosed) => {
+                    absorbed.closed = true;
+                    true
+                }
+                Ok(ConnectionState::Closed) => {
+                    absorbed.closed = true;
+                    false
+                }
+                // BlockedHandshake or WriteTraffic: waiting for more bytes,
+                // the rest of `tls` (if any) is not a whole record yet.
+                // (ReadEarlyData never comes: `tls::server_config` leaves
+                // 0-RTT off.)
+                Ok(_) => false,
+                Err(e) => {
+                    queue_alerts(&mut conn, &mut outbox);
+                    return Err(e.into());
+                }
+            };
+            absorbed.consumed += discard + also_discard;
+            if !more {
+                return Ok(absorbed);
             }
         }
-        Ok(closed)
     }
 
-    /// Writes every pending TLS record to the client.
+    /// Encrypts `plain` into the outbox, after any records waiting there.
+    fn seal(&self, plain: &[u8]) -> Result<(), TlsError> {
+        let mut conn = self.conn.borrow_mut();
+        let mut outbox = self.outbox.borrow_mut();
+        loop {
+            match conn.process_tls_records(&mut []).state? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    let need = plain.len() + RECORD_OVERHEAD * (plain.len() / RECORD_PAYLOAD + 1);
+                    let sealed = fill(&mut outbox, need, |room| traffic.encrypt(plain, room));
+                    if sealed.is_err() {
+                        // rustls refuses: its keys are exhausted.
+                        queue_alerts(&mut conn, &mut outbox);
+                        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+                    }
+                    return Ok(());
+                }
+                // A key update (or its answer) leaves before the data.
+                ConnectionState::EncodeTlsData(mut record) => encode(&mut record, &mut outbox)?,
+                ConnectionState::TransmitTlsData(sent) => sent.done(),
+                ConnectionState::PeerClosed => {}
+                state => {
+                    return Err(
+                        io::Error::other(format!("tls: cannot send in state {state:?}")).into(),
+                    )
+                }
+            }
+        }
+    }
+
+    /// Queues close_notify in the outbox, unless the session already failed
+    /// (its alert said why) or is closed.
+    fn close(&self) {
+        let mut conn = self.conn.borrow_mut();
+        let mut outbox = self.outbox.borrow_mut();
+        loop {
+            match conn.process_tls_records(&mut []).state {
+                Ok(ConnectionState::WriteTraffic(mut traffic)) => {
+                    let _ = fill(&mut outbox, RECORD_OVERHEAD + 2, |room| {
+                        traffic.queue_close_notify(room)
+                    });
+                    return;
+                }
+                Ok(ConnectionState::EncodeTlsData(mut record)) => {
+                    if encode(&mut record, &mut outbox).is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(sent)) => sent.done(),
+                Ok(ConnectionState::PeerClosed) => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// Writes every record in the outbox to the client.
     async fn flush(&self, client: &TcpStream) -> io::Result<()> {
         // Nothing to send: do not queue for the turn. `pump_down` holds it
         // while the client's window is full, and `pump_up` (which flushes
         // after every read, usually with nothing to send) must not stall on
         // that: the upload goes on while the download is backpressured.
-        if !self.conn.borrow().wants_write() {
+        if self.outbox.borrow().used == 0 {
             return Ok(());
         }
         let _turn = self.client_write.lock().await;
         loop {
-            let mut out = self.spare_out.take();
-            out.clear();
-            {
-                let mut conn = self.conn.borrow_mut();
-                if !conn.wants_write() {
-                    self.spare_out.set(out);
+            let (buf, used) = {
+                let mut outbox = self.outbox.borrow_mut();
+                if outbox.used == 0 {
                     return Ok(());
                 }
-                conn.write_tls(&mut out)?;
+                let buf = std::mem::replace(&mut outbox.buf, self.spare_out.take());
+                (buf, std::mem::take(&mut outbox.used))
+            };
+            let sent = rt::write_prefix(client, buf, used).await?;
+            // Kept after a bulk flush only, as `keep_if_bulk` does.
+            let mut sent = if used >= KEEP_BUFFER_FROM {
+                sent
+            } else {
+                Vec::new()
+            };
+            // The buffer just sent from is the warmer one: fill it next.
+            let mut outbox = self.outbox.borrow_mut();
+            if outbox.used == 0 {
+                std::mem::swap(&mut outbox.buf, &mut sent);
             }
-            let out = rt::write_vec(client, out).await?;
-            self.spare_out.set(keep_if_bulk(out));
+            self.spare_out.set(sent);
         }
     }
 
@@ -278,19 +475,20 @@ impl TlsSession {
         bytes: crate::stats::ByteCount<'_>,
     ) -> Result<(), TlsError> {
         let mut plain = Vec::new();
-        let mut reads = Reads::new();
+        let mut reads = Reads::carrying(self.carried.take());
         // Already closed: its early data went to the backend before this.
         while !self.closed_in_handshake.get() {
-            let Some(chunk) = reads.next(client, buffer_len).await? else {
+            let Some(mut chunk) = reads.next(client, buffer_len).await? else {
                 break;
             };
             activity.set(true);
             plain.clear();
-            let result = self.absorb(chunk.as_slice(), &mut plain);
-            reads.recycle(chunk);
+            let result = self.absorb(chunk.as_mut_slice(), &mut plain);
+            let used = result.as_ref().map_or(0, |a| a.consumed);
+            reads.recycle(chunk, used);
             // Key updates and alerts may need an answer.
             self.flush(client).await?;
-            let closed = result?;
+            let closed = result?.closed;
             if !plain.is_empty() {
                 bytes.add(plain.len() as u64);
                 plain = keep_if_bulk(rt::write_vec(backend, plain).await?);
@@ -327,37 +525,80 @@ impl TlsSession {
             };
             activity.set(true);
             bytes.add(chunk.len() as u64);
-            // Encrypt the whole read, then send its records in one write:
-            // one send per record cost a syscall's worth of kernel work per
-            // 16 KiB. rustls takes what fits under its buffer limit (a whole
-            // read when nothing is pending); the flush drains that. What it
-            // did not take is found by offset, never moved.
-            let mut taken = 0;
-            let mut rest = Some(chunk);
-            while let Some(chunk) = rest.take() {
-                {
-                    let mut conn = self.conn.borrow_mut();
-                    let n = conn.writer().write(&chunk.as_slice()[taken..])?;
-                    // Nothing taken and nothing to flush: rustls refuses
-                    // (e.g. its keys are exhausted); looping would spin.
-                    if n == 0 && !conn.wants_write() {
-                        return Err(io::Error::from(io::ErrorKind::WriteZero).into());
-                    }
-                    taken += n;
-                }
-                if taken < chunk.len() {
-                    rest = Some(chunk);
-                } else {
-                    // Back in the ring (or to `reads`) before the send waits.
-                    reads.recycle(chunk);
-                }
-                self.flush(client).await?;
-            }
+            // The whole read becomes records in one write: one send per
+            // record cost a syscall's worth of kernel work per 16 KiB.
+            self.seal(chunk.as_slice())?;
+            // Back in the ring (or to `reads`) before the send waits.
+            let used = chunk.len();
+            reads.recycle(chunk, used);
+            self.flush(client).await?;
         }
-        self.conn.borrow_mut().send_close_notify();
+        self.close();
         self.flush(client).await?;
         let _ = rt::shutdown_write(client).await;
         Ok(())
+    }
+}
+
+/// A TLS record's overhead beyond its payload, at most: header (5), the
+/// inner content type (1) and the AEAD tag (16) of TLS 1.3, or the
+/// explicit nonce (8) and tag (16) of TLS 1.2's AES-GCM.
+const RECORD_OVERHEAD: usize = 5 + 8 + 16 + 1;
+/// The largest payload of one record.
+const RECORD_PAYLOAD: usize = 16 * 1024;
+
+/// Runs `write` (an encryption into the outbox) with room for `need`
+/// bytes, or as many as rustls says it needs when that is short.
+fn fill(
+    outbox: &mut Outbox,
+    mut need: usize,
+    mut write: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> Result<(), EncryptError> {
+    loop {
+        match write(outbox.room(need)) {
+            Ok(n) => {
+                outbox.used += n;
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(size)) => need = size.required_size,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Copies a record rustls made (handshake, alert, key update) into the
+/// outbox.
+fn encode(
+    record: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
+    outbox: &mut Outbox,
+) -> Result<(), TlsError> {
+    let mut need = 0;
+    loop {
+        match record.encode(outbox.room(need)) {
+            Ok(n) => {
+                outbox.used += n;
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(size)) => need = size.required_size,
+            Err(EncodeError::AlreadyEncoded) => return Ok(()),
+        }
+    }
+}
+
+/// After an error: moves the alerts rustls queued for the client (why the
+/// session ends) into the outbox.
+fn queue_alerts(conn: &mut UnbufferedServerConnection, outbox: &mut Outbox) {
+    // Each round takes one record; rustls queues a handful at most.
+    for _ in 0..16 {
+        match conn.process_tls_records(&mut []).state {
+            Ok(ConnectionState::EncodeTlsData(mut record)) => {
+                if encode(&mut record, outbox).is_err() {
+                    return;
+                }
+            }
+            Ok(ConnectionState::TransmitTlsData(sent)) => sent.done(),
+            _ => return,
+        }
     }
 }
 
@@ -377,15 +618,19 @@ impl ClientSide for TlsClient<'_> {
 
     async fn read_first(&self, buffer_len: usize) -> Result<FirstRead, TlsError> {
         let session = self.session;
-        let Some(chunk) = rt::read_chunk(self.socket, buffer_len).await? else {
+        let mut reads = Reads::carrying(session.carried.take());
+        let Some(mut chunk) = reads.next(self.socket, buffer_len).await? else {
             return Ok(FirstRead::Closed);
         };
         let mut plain = Vec::new();
-        let result = session.absorb(chunk.as_slice(), &mut plain);
-        drop(chunk);
+        let result = session.absorb(chunk.as_mut_slice(), &mut plain);
+        reads.recycle(chunk, result.as_ref().map_or(0, |a| a.consumed));
+        // What did not make a whole record is the front of `pump_up`'s
+        // first read.
+        session.carried.set(std::mem::take(&mut reads.own));
         // Key updates and alerts may need an answer.
         session.flush(self.socket).await?;
-        if result? {
+        if result?.closed {
             // `pump_up` must not read again: the client is done sending.
             session.closed_in_handshake.set(true);
         }
@@ -401,9 +646,16 @@ impl ClientSide for TlsClient<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
 
     const BUFFER_LEN: usize = 4096;
+
+    fn recycle_all(reads: &mut Reads, chunk: Chunk) {
+        let used = chunk.len();
+        reads.recycle(chunk, used);
+    }
 
     fn kind(chunk: &Chunk) -> &'static str {
         match chunk {
@@ -433,7 +685,7 @@ mod tests {
                 let chunk = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
                 got.extend_from_slice(chunk.as_slice());
                 kinds.push(kind(&chunk));
-                reads.recycle(chunk);
+                recycle_all(&mut reads, chunk);
             }
             assert!(got == data, "bytes differ");
             assert_eq!(kinds, ["ring", "own", "own"]);
@@ -454,7 +706,7 @@ mod tests {
             let chunk = chunk.unwrap().unwrap();
             assert_eq!((kind(&chunk), chunk.len()), ("own", BUFFER_LEN));
             assert_eq!(chunk.as_slice().as_ptr(), warm, "not the warm buffer");
-            reads.recycle(chunk);
+            recycle_all(&mut reads, chunk);
 
             // A small read after a wait ends bulk mode: its buffer goes to
             // the shard and the next read is the ring's.
@@ -463,7 +715,7 @@ mod tests {
             });
             let chunk = chunk.unwrap().unwrap();
             assert_eq!((kind(&chunk), chunk.as_slice()), ("own", &b"later"[..]));
-            reads.recycle(chunk);
+            recycle_all(&mut reads, chunk);
             assert_eq!(
                 reads.own.capacity(),
                 0,
@@ -476,7 +728,7 @@ mod tests {
             peer.shutdown(std::net::Shutdown::Write).unwrap();
             let chunk = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
             assert_eq!((kind(&chunk), chunk.len()), ("ring", BUFFER_LEN));
-            reads.recycle(chunk);
+            recycle_all(&mut reads, chunk);
             assert!(reads.next(&ours, BUFFER_LEN).await.unwrap().is_none());
         });
     }
@@ -507,11 +759,11 @@ mod tests {
             // The first read goes through the ring, and waits for it.
             let first = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
             got.extend_from_slice(first.as_slice());
-            reads.recycle(first);
+            recycle_all(&mut reads, first);
             let before = ticks.get();
             while let Some(chunk) = reads.next(&ours, BUFFER_LEN).await.unwrap() {
                 got.extend_from_slice(chunk.as_slice());
-                reads.recycle(chunk);
+                recycle_all(&mut reads, chunk);
             }
             (got, ticks.get() - before)
         });
@@ -521,5 +773,167 @@ mod tests {
             ticks_during >= 3,
             "the other task ran {ticks_during} times during the read"
         );
+    }
+
+    /// Bytes the caller could not use (a record the read cut) come back at
+    /// the front of the next chunk: after a ring read, after a read from
+    /// the task, and after a wait, during which the direction keeps them.
+    #[test]
+    fn bytes_left_unused_are_the_front_of_the_next_chunk() {
+        let (mut peer, ours) = rt::tests::loopback_pair(64 << 10);
+        let data: Vec<u8> = (0..3 * BUFFER_LEN).map(|i| (i % 251) as u8).collect();
+        peer.write_all(&data[..BUFFER_LEN + 100]).unwrap();
+        let runtime = rt::build_runtime(4, BUFFER_LEN as u32).unwrap();
+        runtime.block_on(async move {
+            let ours = TcpStream::from_std(ours).unwrap();
+            let mut reads = Reads::new();
+            let chunk = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
+            assert_eq!((kind(&chunk), chunk.len()), ("ring", BUFFER_LEN));
+            reads.recycle(chunk, 1000);
+
+            // Bulk now: read from the task, after the 3,096 carried bytes.
+            let chunk = reads.next(&ours, BUFFER_LEN).await.unwrap().unwrap();
+            assert!(
+                chunk.as_slice() == &data[1000..BUFFER_LEN + 100],
+                "not carried"
+            );
+            let len = chunk.len();
+            reads.recycle(chunk, len - 10);
+
+            // Nothing waiting: the direction waits holding its 10 bytes.
+            let (chunk, ()) = futures_util::join!(reads.next(&ours, BUFFER_LEN), async {
+                assert_eq!(warm_buffers::kept(), 0, "carried bytes went to the shard");
+                peer.write_all(&data[BUFFER_LEN + 100..]).unwrap();
+            });
+            let chunk = chunk.unwrap().unwrap();
+            let want = &data[BUFFER_LEN + 90..];
+            assert!(
+                chunk.as_slice() == &want[..chunk.len()],
+                "not carried after a wait"
+            );
+            assert!(chunk.len() > 10);
+        });
+    }
+
+    /// A server config with a self-signed certificate for "localhost", and
+    /// a client config trusting it that speaks only `version`.
+    fn tls_configs(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let signing = provider
+            .key_provider
+            .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(
+                key.serialize_der().into(),
+            ))
+            .unwrap();
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(
+            vec![cert.der().clone()],
+            signing,
+        ));
+        let server =
+            crate::tls::server_config(crate::tls::SniResolver::new(certified, &[]), vec![])
+                .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (server, Arc::new(client))
+    }
+
+    /// A real rustls client sends 300 KB through the session to an echoing
+    /// backend and reads it back, then closes. The shard's reads are 4 KiB
+    /// and a record up to 16 KiB, so every record is cut by reads (and
+    /// carried); both directions, close_notify and the half-close are
+    /// checked end to end.
+    fn echo_through_a_session(version: &'static rustls::SupportedProtocolVersion) {
+        use std::io::Read;
+        let (server_config, client_config) = tls_configs(version);
+        let (client_std, ours) = rt::tests::loopback_pair(256 << 10);
+        let (mut backend_peer, backend_ours) = rt::tests::loopback_pair(256 << 10);
+        let data: Vec<u8> = (0..300_000).map(|i| (i * 7 % 253) as u8).collect();
+
+        let sent = data.clone();
+        let client = std::thread::spawn(move || {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let conn = rustls::ClientConnection::new(client_config, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, client_std);
+            // The echo waits in socket buffers (over 1 MB on this path)
+            // until the whole upload is written.
+            tls.write_all(&sent).unwrap();
+            tls.conn.send_close_notify();
+            tls.flush().unwrap();
+            let mut got = Vec::new();
+            if let Err(e) = tls.read_to_end(&mut got) {
+                panic!("client read: {e} after {} bytes", got.len());
+            }
+            (got, tls.conn.protocol_version())
+        });
+        let backend = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = backend_peer.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                backend_peer.write_all(&buf[..n]).unwrap();
+            }
+            backend_peer.shutdown(std::net::Shutdown::Write).unwrap();
+            got
+        });
+
+        let runtime = rt::build_runtime(16, BUFFER_LEN as u32).unwrap();
+        runtime.block_on(async move {
+            let client = TcpStream::from_std(ours).unwrap();
+            let backend = TcpStream::from_std(backend_ours).unwrap();
+            let (session, early) = TlsSession::accept(&client, server_config, None, BUFFER_LEN)
+                .await
+                .unwrap();
+            assert!(early.is_none());
+            assert_eq!(session.sni(), Some("localhost"));
+            let shard = std::sync::atomic::AtomicU64::new(0);
+            let (activity, reset) = (Cell::new(false), Cell::new(false));
+            let bytes = || crate::stats::ByteCount {
+                shard: &shard,
+                conn: None,
+            };
+            // The first error ends both (as the connection's task does), so
+            // a broken stream fails the test instead of hanging it.
+            futures_util::future::try_join(
+                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
+                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &reset),
+            )
+            .await
+            .unwrap();
+        });
+        let at_backend = backend.join().unwrap();
+        assert!(
+            at_backend == data,
+            "the backend got {} bytes, not the upload",
+            at_backend.len()
+        );
+        let (echoed, negotiated) = client.join().unwrap();
+        assert!(echoed == data, "the client got {} bytes back", echoed.len());
+        assert_eq!(negotiated, Some(version.version));
+    }
+
+    #[test]
+    fn tls13_records_cut_by_reads_arrive_whole_both_ways() {
+        echo_through_a_session(&rustls::version::TLS13);
+    }
+
+    #[test]
+    fn tls12_records_cut_by_reads_arrive_whole_both_ways() {
+        echo_through_a_session(&rustls::version::TLS12);
     }
 }
