@@ -854,7 +854,14 @@ mod tests {
     /// and a record up to 16 KiB, so every record is cut by reads (and
     /// carried); both directions, close_notify and the half-close are
     /// checked end to end.
-    fn echo_through_a_session(version: &'static rustls::SupportedProtocolVersion) {
+    /// With `key_update`, the client asks for new keys halfway through its
+    /// upload (TLS 1.3): the session must answer with a key update of its
+    /// own ahead of every record it encrypts with its new keys, or the
+    /// client cannot read the rest of the echo.
+    fn echo_through_a_session(
+        version: &'static rustls::SupportedProtocolVersion,
+        key_update: bool,
+    ) {
         use std::io::Read;
         let (server_config, client_config) = tls_configs(version);
         let (client_std, ours) = rt::tests::loopback_pair(256 << 10);
@@ -868,7 +875,12 @@ mod tests {
             let mut tls = rustls::StreamOwned::new(conn, client_std);
             // The echo waits in socket buffers (over 1 MB on this path)
             // until the whole upload is written.
-            tls.write_all(&sent).unwrap();
+            let (first, second) = sent.split_at(sent.len() / 2);
+            tls.write_all(first).unwrap();
+            if key_update {
+                tls.conn.refresh_traffic_keys().unwrap();
+            }
+            tls.write_all(second).unwrap();
             tls.conn.send_close_notify();
             tls.flush().unwrap();
             let mut got = Vec::new();
@@ -929,11 +941,16 @@ mod tests {
 
     #[test]
     fn tls13_records_cut_by_reads_arrive_whole_both_ways() {
-        echo_through_a_session(&rustls::version::TLS13);
+        echo_through_a_session(&rustls::version::TLS13, false);
     }
 
     #[test]
     fn tls12_records_cut_by_reads_arrive_whole_both_ways() {
-        echo_through_a_session(&rustls::version::TLS12);
+        echo_through_a_session(&rustls::version::TLS12, false);
+    }
+
+    #[test]
+    fn a_key_update_the_client_asks_for_is_answered_before_new_records() {
+        echo_through_a_session(&rustls::version::TLS13, true);
     }
 }
