@@ -100,9 +100,9 @@ struct Absorbed {
 /// README, TLS bulk). A smaller one is freed, so an idle connection holds none.
 const KEEP_BUFFER_FROM: usize = 16 * 1024;
 
-/// Gives `buf` back for reuse, or drops it when it carried little.
-fn keep_if_bulk(buf: Vec<u8>) -> Vec<u8> {
-    if buf.len() >= KEEP_BUFFER_FROM {
+/// Gives `buf` back for reuse, or drops it when it `carried` little.
+fn keep_if_bulk(buf: Vec<u8>, carried: usize) -> Vec<u8> {
+    if carried >= KEEP_BUFFER_FROM {
         buf
     } else {
         Vec::new()
@@ -448,13 +448,7 @@ impl TlsSession {
                 let buf = std::mem::replace(&mut outbox.buf, self.spare_out.take());
                 (buf, std::mem::take(&mut outbox.used))
             };
-            let sent = rt::write_prefix(client, buf, used).await?;
-            // Kept after a bulk flush only, as `keep_if_bulk` does.
-            let mut sent = if used >= KEEP_BUFFER_FROM {
-                sent
-            } else {
-                Vec::new()
-            };
+            let mut sent = keep_if_bulk(rt::write_prefix(client, buf, used).await?, used);
             // The buffer just sent from is the warmer one: fill it next.
             let mut outbox = self.outbox.borrow_mut();
             if outbox.used == 0 {
@@ -490,8 +484,9 @@ impl TlsSession {
             self.flush(client).await?;
             let closed = result?.closed;
             if !plain.is_empty() {
-                bytes.add(plain.len() as u64);
-                plain = keep_if_bulk(rt::write_vec(backend, plain).await?);
+                let carried = plain.len();
+                bytes.add(carried as u64);
+                plain = keep_if_bulk(rt::write_vec(backend, plain).await?, carried);
             }
             if closed {
                 break;
