@@ -14,7 +14,7 @@
 //!
 //! Needs root (CI runs as root) and `iptables` (the nft backend's NFQUEUE
 //! target works in namespaces). Everything is removed on drop, also when the
-//! test fails.
+//! test fails; what a killed test process left is removed by the next one.
 #![allow(dead_code)]
 
 use std::collections::BinaryHeap;
@@ -73,10 +73,12 @@ impl Net {
     /// `n` hosts on one bridge, no latency yet.
     pub fn new(n: usize) -> Net {
         require_root();
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(sweep_stale);
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let tag = format!(
             "ep{}x{}",
-            std::process::id() % 100_000,
+            std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let bridge_ns = format!("{tag}-br");
@@ -269,6 +271,40 @@ impl Drop for Net {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.bridge_ns])
             .output();
+    }
+}
+
+/// Removes what an earlier test process left behind when it was killed (a
+/// killed process runs no `Drop`): every `ep<pid>x…` namespace whose process
+/// is gone, after killing what still runs inside it (proxies, routing
+/// daemons).
+fn sweep_stale() {
+    let Ok(list) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&list.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let owner = name
+            .strip_prefix("ep")
+            .and_then(|rest| rest.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        let Some(owner) = owner else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            let pids = String::from_utf8_lossy(&pids.stdout);
+            let pids: Vec<&str> = pids.split_whitespace().collect();
+            if !pids.is_empty() {
+                let _ = Command::new("kill").arg("-KILL").args(&pids).output();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        eprintln!("removed namespace {name}, left by test process {owner} (gone)");
     }
 }
 
