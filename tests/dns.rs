@@ -887,17 +887,16 @@ fn udp_workers_each_have_a_thread_under_sched_batch_unless_turned_off() {
         // Nothing else in the process changes policy, but for the routing
         // reload thread, which runs under SCHED_IDLE (see
         // control/src/reload_thread.rs).
+        let expected = |name: &str| match name {
+            "routing-reload" => SCHED_IDLE,
+            _ => SCHED_OTHER,
+        };
         let others = thread_policies(proxy.pid(), "");
         assert!(
             others
                 .iter()
                 .filter(|(name, _)| !name.starts_with("dns-udp-"))
-                .all(|(name, p)| *p
-                    == if name == "routing-reload" {
-                        SCHED_IDLE
-                    } else {
-                        SCHED_OTHER
-                    }),
+                .all(|(name, p)| *p == expected(name)),
             "{others:?}"
         );
     }

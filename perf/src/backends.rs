@@ -43,6 +43,7 @@ pub fn bulk_command(op: u8, arg: u64) -> [u8; BULK_CMD_LEN] {
     cmd[1..].copy_from_slice(&arg.to_be_bytes());
     cmd
 }
+
 const BULK_CHUNK: usize = 256 * 1024;
 
 /// Running backends; stopped on drop.

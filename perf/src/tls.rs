@@ -415,14 +415,12 @@ fn bulk_sample(
                 Direction::Upload => per_stream.map(BytePacer::new),
                 Direction::Download => None,
             };
-            let mut buf = vec![
-                0u8;
-                if pacer.is_some() {
-                    PACED_CHUNK
-                } else {
-                    256 * 1024
-                }
-            ];
+            let len = if pacer.is_some() {
+                PACED_CHUNK
+            } else {
+                256 * 1024
+            };
+            let mut buf = vec![0u8; len];
             while !stop.load(Ordering::Relaxed) {
                 if let Some(p) = &pacer {
                     p.wait();
