@@ -611,6 +611,11 @@ pub fn probe(addr: SocketAddr, wait: Duration) -> Probe {
     let mut stream = match TcpStream::connect_timeout(&addr, PATIENCE) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Probe::Refused,
+        // A listener closing with this SYN in its queue resets it, and the
+        // reset can win the race against connect(2) returning.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Probe::ClosedWithoutData
+        }
         Err(e) => panic!("connect to {addr}: {e}"),
     };
     stream.set_read_timeout(Some(wait)).unwrap();
