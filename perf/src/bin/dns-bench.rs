@@ -423,6 +423,9 @@ struct Measure {
     client_cpu_us: f64,
     /// Server context switches per 1,000 completed queries.
     server_switches_per_k: f64,
+    /// dnsperf's average response size, bytes: a server whose answers are
+    /// larger costs the client (and the loopback) more per query.
+    response_bytes: f64,
 }
 
 fn number_after(text: &str, key: &str) -> Option<f64> {
@@ -477,6 +480,10 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
         cpu_us: f64::NAN,
         client_cpu_us: client_cpu.as_secs_f64() * 1e6 / (completed.max(1) as f64),
         server_switches_per_k: f64::NAN,
+        response_bytes: text
+            .find("Average packet size:")
+            .and_then(|at| number_after(&text[at..], "response"))
+            .unwrap_or(f64::NAN),
     })
 }
 
@@ -558,8 +565,8 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries | avg response bytes |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut results: Vec<(&'static str, Measure)> = Vec::new();
     for run in 1..=args.runs {
         for server in [&edge, &knot, &edge_normal, &knot_batch, &knot1] {
@@ -571,7 +578,7 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
             m.cpu_us = used.total().as_secs_f64() * 1e6 / completed;
             m.server_switches_per_k = used.ctx_switches as f64 * 1e3 / completed;
             println!(
-                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
                 server.name,
                 m.qps,
                 m.avg_ms,
@@ -580,7 +587,8 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
                 m.lost_pct,
                 m.cpu_us,
                 m.client_cpu_us,
-                m.server_switches_per_k
+                m.server_switches_per_k,
+                m.response_bytes
             );
             if m.completed == 0 {
                 bail!("{} answered nothing", server.name);
@@ -597,8 +605,8 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     };
     let pick = |name: &str, f: fn(&Measure) -> f64| median(series(name, f));
     println!();
-    println!("| median | queries/s | avg latency ms | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries |");
-    println!("|---|---|---|---|---|---|");
+    println!("| median | queries/s | avg latency ms | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries | avg response bytes |");
+    println!("|---|---|---|---|---|---|---|");
     for name in [
         "edgeproxy",
         "knot",
@@ -607,12 +615,13 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         "knot-1-worker",
     ] {
         println!(
-            "| {name} | {:.0} | {:.3} | {:.2} | {:.2} | {:.1} |",
+            "| {name} | {:.0} | {:.3} | {:.2} | {:.2} | {:.1} | {:.0} |",
             pick(name, |m| m.qps),
             pick(name, |m| m.avg_ms),
             pick(name, |m| m.cpu_us),
             pick(name, |m| m.client_cpu_us),
-            pick(name, |m| m.server_switches_per_k)
+            pick(name, |m| m.server_switches_per_k),
+            pick(name, |m| m.response_bytes)
         );
     }
     println!();
