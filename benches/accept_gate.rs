@@ -5,8 +5,11 @@
 //! read around a batch of accepts (`CLOCK_THREAD_CPUTIME_ID`), and the two
 //! variants alternate batch by batch so that the machine's noise hits both.
 //!
+//! A third variant takes, after each gated accept, what is already queued
+//! with plain `accept(2)` calls (up to 16), as the shards' accept loops do.
+//!
 //! `cargo bench --bench accept_gate` prints CPU ns per accept for each and
-//! the ratio of their medians.
+//! the ratios of their medians.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,37 +61,50 @@ fn main() {
     let runtime = rt::build_runtime(16, 4096).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let load = clients(addr, &stop);
-    let (plain, gated) = runtime.block_on(async move {
+    let ([plain, gated, batched], from_queue) = runtime.block_on(async move {
         let listener = rt::listener_from_std(std_listener).unwrap();
         let gate = rt::AcceptGate::new();
-        let (mut plain, mut gated) = (Vec::new(), Vec::new());
-        for round in 0..ROUNDS * 2 + 2 {
-            let use_gate = round % 2 == 1;
+        let mut per_variant: [Vec<f64>; 3] = Default::default();
+        let (mut batched_total, mut from_queue) = (0usize, 0usize);
+        for round in 0..(ROUNDS + 1) * 3 {
+            let variant = round % 3;
             let t0 = thread_cpu_ns();
-            for _ in 0..BATCH {
-                let accepted = match use_gate {
-                    true => gate.accept(&listener).await.expect("gate open"),
-                    false => listener.accept().await,
+            let mut taken = 0;
+            while taken < BATCH {
+                let accepted = match variant {
+                    0 => listener.accept().await,
+                    _ => gate.accept(&listener).await.expect("gate open"),
                 };
                 drop(accepted.expect("accept"));
-            }
-            let per = (thread_cpu_ns() - t0) as f64 / BATCH as f64;
-            // The first pair warms up.
-            if round >= 2 {
-                match use_gate {
-                    true => gated.push(per),
-                    false => plain.push(per),
+                taken += 1;
+                if variant == 2 {
+                    for _ in 0..16 {
+                        match rt::accept_now(&listener).expect("accept") {
+                            Some(conn) => drop(conn),
+                            None => break,
+                        }
+                        taken += 1;
+                        from_queue += 1;
+                    }
                 }
             }
+            if variant == 2 {
+                batched_total += taken;
+            }
+            let per = (thread_cpu_ns() - t0) as f64 / taken as f64;
+            // The first round of each warms up.
+            if round >= 3 {
+                per_variant[variant].push(per);
+            }
         }
-        (plain, gated)
+        (per_variant, from_queue as f64 / batched_total as f64)
     });
     stop.store(true, Ordering::Relaxed);
     for t in load {
         let _ = t.join();
     }
-    let (mut plain, mut gated) = (plain, gated);
-    let (p, g) = (median(&mut plain), median(&mut gated));
+    let (mut plain, mut gated, mut batched) = (plain, gated, batched);
+    let (p, g, b) = (median(&mut plain), median(&mut gated), median(&mut batched));
     println!(
         "accept CPU on the accepting thread, ns per connection (median of {ROUNDS} batches of {BATCH}, interleaved):"
     );
@@ -102,5 +118,15 @@ fn main() {
         gated[0],
         gated[gated.len() - 1]
     );
+    println!(
+        "  AcceptGate, then up to 16 queued with accept(2): {b:.0} (min {:.0}, max {:.0})",
+        batched[0],
+        batched[batched.len() - 1]
+    );
+    println!(
+        "    ({:.0} % of its connections came from accept(2))",
+        from_queue * 100.0
+    );
     println!("  gate / plain: {:.3}", g / p);
+    println!("  gate with accept(2) batches / gate: {:.3}", b / g);
 }
