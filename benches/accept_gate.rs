@@ -6,7 +6,9 @@
 //! variants alternate batch by batch so that the machine's noise hits both.
 //!
 //! A third variant takes, after each gated accept, what is already queued
-//! with plain `accept(2)` calls (up to 16), as the shards' accept loops do.
+//! with plain `accept(2)` calls (up to 16), as HAProxy's `maxaccept` does;
+//! measured and not adopted by the shards (README, "New connections and
+//! multishot accept").
 //!
 //! `cargo bench --bench accept_gate` prints CPU ns per accept for each and
 //! the ratios of their medians.
