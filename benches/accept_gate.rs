@@ -63,7 +63,7 @@ fn main() {
     let runtime = rt::build_runtime(16, 4096).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let load = clients(addr, &stop);
-    let ([plain, gated, batched], from_queue) = runtime.block_on(async move {
+    let ([mut plain, mut gated, mut batched], from_queue) = runtime.block_on(async move {
         let listener = rt::listener_from_std(std_listener).unwrap();
         let gate = rt::AcceptGate::new();
         let mut per_variant: [Vec<f64>; 3] = Default::default();
@@ -105,7 +105,6 @@ fn main() {
     for t in load {
         let _ = t.join();
     }
-    let (mut plain, mut gated, mut batched) = (plain, gated, batched);
     let (p, g, b) = (median(&mut plain), median(&mut gated), median(&mut batched));
     println!(
         "accept CPU on the accepting thread, ns per connection (median of {ROUNDS} batches of {BATCH}, interleaved):"
