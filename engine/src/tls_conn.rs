@@ -342,7 +342,7 @@ impl TlsSession {
                     true
                 }
                 Ok(ConnectionState::EncodeTlsData(mut record)) => {
-                    encode(&mut record, &mut outbox)?;
+                    encode(&mut record, &mut outbox);
                     true
                 }
                 // Sent by the next flush, before anything made after it.
@@ -392,7 +392,7 @@ impl TlsSession {
                     return Ok(());
                 }
                 // A key update (or its answer) leaves before the data.
-                ConnectionState::EncodeTlsData(mut record) => encode(&mut record, &mut outbox)?,
+                ConnectionState::EncodeTlsData(mut record) => encode(&mut record, &mut outbox),
                 ConnectionState::TransmitTlsData(sent) => sent.done(),
                 ConnectionState::PeerClosed => {}
                 state => {
@@ -417,11 +417,7 @@ impl TlsSession {
                     });
                     return;
                 }
-                Ok(ConnectionState::EncodeTlsData(mut record)) => {
-                    if encode(&mut record, &mut outbox).is_err() {
-                        return;
-                    }
-                }
+                Ok(ConnectionState::EncodeTlsData(mut record)) => encode(&mut record, &mut outbox),
                 Ok(ConnectionState::TransmitTlsData(sent)) => sent.done(),
                 Ok(ConnectionState::PeerClosed) => {}
                 _ => return,
@@ -562,20 +558,21 @@ fn fill(
 }
 
 /// Copies a record rustls made (handshake, alert, key update) into the
-/// outbox.
+/// outbox. Cannot fail: rustls's only other answer is that the record is
+/// already there.
 fn encode(
     record: &mut rustls::unbuffered::EncodeTlsData<'_, rustls::server::ServerConnectionData>,
     outbox: &mut Outbox,
-) -> Result<(), TlsError> {
+) {
     let mut need = 0;
     loop {
         match record.encode(outbox.room(need)) {
             Ok(n) => {
                 outbox.used += n;
-                return Ok(());
+                return;
             }
             Err(EncodeError::InsufficientSize(size)) => need = size.required_size,
-            Err(EncodeError::AlreadyEncoded) => return Ok(()),
+            Err(EncodeError::AlreadyEncoded) => return,
         }
     }
 }
@@ -586,11 +583,7 @@ fn queue_alerts(conn: &mut UnbufferedServerConnection, outbox: &mut Outbox) {
     // Each round takes one record; rustls queues a handful at most.
     for _ in 0..16 {
         match conn.process_tls_records(&mut []).state {
-            Ok(ConnectionState::EncodeTlsData(mut record)) => {
-                if encode(&mut record, outbox).is_err() {
-                    return;
-                }
-            }
+            Ok(ConnectionState::EncodeTlsData(mut record)) => encode(&mut record, outbox),
             Ok(ConnectionState::TransmitTlsData(sent)) => sent.done(),
             _ => return,
         }
