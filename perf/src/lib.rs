@@ -112,7 +112,7 @@ impl Options {
         };
         Options {
             quick,
-            targets: Kind::ALL.to_vec(),
+            targets: Kind::DEFAULT.to_vec(),
             scenarios: if quick {
                 "abocdefgp".into()
             } else {
@@ -455,8 +455,15 @@ fn open_loop_rates(opts: &Options, capacity: &scenarios::Capacity) -> Vec<(f64, 
         .collect()
 }
 
+/// The A/A control's ratio to the HAProxy it copies, for `key` in `v`.
+fn control_ratio(v: &Variant, key: &str) -> Option<f64> {
+    Some(v.median(Kind::Haproxy2, key)? / v.median(Kind::Haproxy, key)?)
+}
+
 /// The goals (perf round 2's, and round 1's that were met and must stay
-/// so), checked against this run's medians.
+/// so), checked against this run's medians. Where the run had the A/A
+/// control (`haproxy2`), each comparison with HAProxy also gives what the
+/// same comparison gives between two identical HAProxies.
 fn goals(variants: &[Variant]) -> Vec<Goal> {
     let find = |id: &str| variants.iter().find(|v| v.id == id);
     let ratio_to = |id: &str, key: &str, other: Kind| -> Option<f64> {
@@ -464,31 +471,29 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
         Some(v.median(Kind::Edgeproxy, key)? / v.median(other, key)?)
     };
     let mut out = Vec::new();
-    let mut at_most = |goal: &str, r: Option<f64>, limit: f64, what: &str| {
-        out.push(Goal {
-            goal: goal.into(),
-            met: r.map(|r| r <= limit),
-            detail: match r {
-                Some(r) => format!("{what} = {r:.2}× (limit {limit}×)"),
-                None => "not measured".into(),
-            },
-        });
+    let at_most = |goal: &str, r: Option<f64>, limit: f64, what: &str| Goal {
+        goal: goal.into(),
+        met: r.map(|r| r <= limit),
+        detail: match r {
+            Some(r) => format!("{what} = {r:.2}× (limit {limit}×)"),
+            None => "not measured".into(),
+        },
     };
     if let Some(v) = find("p_pool_far_backend") {
-        at_most(
+        out.push(at_most(
             "new connection to a 100 ms-RTT backend: p50 with the pool ≤ 0.55× without (p)",
             v.median(Kind::Edgeproxy, "p50_ratio"),
             0.55,
             "pool/fresh p50, median of runs",
-        );
+        ));
     }
     if let Some(v) = find("r_rate_limit") {
-        at_most(
+        out.push(at_most(
             "rate limiting costs ≤ 3 % CPU per new connection (c)",
             v.median(Kind::Edgeproxy, "pair_ratio"),
             1.03,
             "on/off, median of pairs",
-        );
+        ));
     }
     let checks: [(&str, &str, &str, Kind, f64); 13] = [
         (
@@ -584,36 +589,46 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
         ),
     ];
     for (goal, id, key, other, limit) in checks {
-        at_most(
+        let mut g = at_most(
             goal,
             ratio_to(id, key, other),
             limit,
             &format!("edgeproxy/{}", other.name()),
         );
+        let control = find(id).and_then(|v| control_ratio(v, key));
+        if let (Kind::Haproxy, Some(c)) = (other, control) {
+            g.detail
+                .push_str(&format!("; A/A haproxy2/haproxy = {c:.2}×"));
+        }
+        out.push(g);
     }
     // (b): at every rate both can serve (not flagged over capacity).
     let open: Vec<&Variant> = variants
         .iter()
         .filter(|v| v.id.starts_with("b_open"))
         .collect();
-    let pairs: Vec<(f64, f64)> = open
+    let pairs: Vec<(f64, f64, Option<f64>)> = open
         .iter()
         .filter_map(|v| {
             Some((
                 v.median(Kind::Edgeproxy, "added_p99_us")?,
                 v.median(Kind::Haproxy, "added_p99_us")?,
+                v.median(Kind::Haproxy2, "added_p99_us"),
             ))
         })
         .collect();
     out.push(Goal {
         goal: "(b) added p99 ≤ HAProxy's at every rate both can serve".into(),
-        met: (!pairs.is_empty()).then(|| pairs.iter().all(|(e, h)| e <= h)),
+        met: (!pairs.is_empty()).then(|| pairs.iter().all(|(e, h, _)| e <= h)),
         detail: if pairs.is_empty() {
             "not measured".into()
         } else {
             pairs
                 .iter()
-                .map(|(e, h)| format!("+{e:.1} vs +{h:.1} µs"))
+                .map(|(e, h, c)| {
+                    let control = c.map_or(String::new(), |c| format!(" (haproxy2 +{c:.1})"));
+                    format!("+{e:.1} vs +{h:.1} µs{control}")
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         },
@@ -632,11 +647,18 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
                 .zip(served)
                 .map(|((e, h), (es, hs))| e <= h && es >= hs),
             detail: match tail.zip(served) {
-                Some(((e, h), (es, hs))) => format!(
-                    "p99 {e:.0} vs {h:.0} µs, served {:.1} % vs {:.1} %",
-                    es * 100.0,
-                    hs * 100.0
-                ),
+                Some(((e, h), (es, hs))) => {
+                    let control = over(Kind::Haproxy2, "p99_us")
+                        .zip(over(Kind::Haproxy2, "served_share"))
+                        .map_or(String::new(), |(c, cs)| {
+                            format!(" (A/A: haproxy2 p99 {c:.0} µs, served {:.1} %)", cs * 100.0)
+                        });
+                    format!(
+                        "p99 {e:.0} vs {h:.0} µs, served {:.1} % vs {:.1} %{control}",
+                        es * 100.0,
+                        hs * 100.0
+                    )
+                }
                 None => "not measured".into(),
             },
         });
@@ -648,7 +670,11 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
             .zip(mem(Kind::Haproxy))
             .map(|(e, h)| e <= h),
         detail: match (mem(Kind::Edgeproxy), mem(Kind::Haproxy)) {
-            (Some(e), Some(h)) => format!("edgeproxy {e:.2} MB, haproxy {h:.2} MB"),
+            (Some(e), Some(h)) => {
+                let control = mem(Kind::Haproxy2)
+                    .map_or(String::new(), |c| format!(" (A/A: haproxy2 {c:.2} MB)"));
+                format!("edgeproxy {e:.2} MB, haproxy {h:.2} MB{control}")
+            }
             _ => "not measured".into(),
         },
     });
@@ -693,4 +719,69 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use report::{col, Sample};
+
+    fn keepalive(cpu: &[(Kind, f64)]) -> Variant {
+        let mut v = Variant::new(
+            "a_keepalive",
+            "a",
+            &[col("cpu_us_per_req", "CPU µs/req", true)],
+        );
+        for &(target, x) in cpu {
+            v.samples.push(Sample {
+                target,
+                run: 0,
+                metrics: [("cpu_us_per_req", x)].into_iter().collect(),
+                latency: None,
+            });
+        }
+        v.finish();
+        v
+    }
+
+    fn goals_of(v: &Variant) -> Vec<Goal> {
+        goals(std::slice::from_ref(v))
+    }
+
+    fn detail(goals: &[Goal], starts: &str) -> String {
+        goals
+            .iter()
+            .find(|g| g.goal.starts_with(starts))
+            .expect("goal listed")
+            .detail
+            .clone()
+    }
+
+    #[test]
+    fn goals_against_haproxy_give_the_a_a_control_when_it_ran() {
+        let with = keepalive(&[
+            (Kind::Edgeproxy, 10.3),
+            (Kind::Haproxy, 10.0),
+            (Kind::Haproxy2, 10.5),
+        ]);
+        let d = detail(
+            &goals_of(&with),
+            "(a) CPU per keep-alive request ≤ 0.95× HAProxy's",
+        );
+        assert!(d.contains("edgeproxy/haproxy = 1.03×"), "{d}");
+        assert!(d.contains("A/A haproxy2/haproxy = 1.05×"), "{d}");
+
+        let without = keepalive(&[(Kind::Edgeproxy, 10.3), (Kind::Haproxy, 10.0)]);
+        let d = detail(
+            &goals_of(&without),
+            "(a) CPU per keep-alive request ≤ 0.95× HAProxy's",
+        );
+        assert!(!d.contains("A/A"), "{d}");
+    }
+
+    #[test]
+    fn the_control_row_is_compared_with_haproxy_in_the_text_report() {
+        let v = keepalive(&[(Kind::Haproxy, 10.0), (Kind::Haproxy2, 10.5)]);
+        assert!(v.render().contains("÷haproxy: CPU µs/req 1.05×"));
+    }
 }

@@ -18,7 +18,9 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Targets, comma-separated: direct,edgeproxy,minimal,haproxy,nginx
-    /// (minimal: the bare compio proxy built with this suite).
+    /// (minimal: the bare compio proxy built with this suite), the default
+    /// all five; haproxy2 adds a second, identical HAProxy as an A/A control
+    /// (its ratio to haproxy, printed beside each goal, is the run's noise).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
     /// Scenario letters: a keep-alive, b open loop, o overload (open loop

@@ -215,14 +215,21 @@ impl Variant {
             }
         }
         // Ratios: every proxy against direct; edgeproxy against every peer
-        // too (report.json has every pair).
+        // too, and the A/A control against the HAProxy it copies
+        // (report.json has every pair).
+        let shown = |t: Kind, other: Kind| {
+            other != t
+                && (t == Kind::Edgeproxy
+                    || other == Kind::Direct
+                    || (t, other) == (Kind::Haproxy2, Kind::Haproxy))
+        };
         for t in targets.iter().filter(|t| t.is_proxy()) {
             let Some(r) = self.ratios.get(t) else {
                 continue;
             };
             let mut parts = Vec::new();
             for other in &targets {
-                if other == t || (*t != Kind::Edgeproxy && *other != Kind::Direct) {
+                if !shown(*t, *other) {
                     continue;
                 }
                 let cells: Vec<String> = self

@@ -31,10 +31,25 @@ pub enum Kind {
     Minimal,
     Haproxy,
     Nginx,
+    /// A second HAProxy, started exactly like the first: the A/A control.
+    /// What it measures against `haproxy` in a run is what the suite cannot
+    /// tell apart in that run, so the goals print it beside edgeproxy's
+    /// ratio. Only when asked for (`--targets …,haproxy2`).
+    Haproxy2,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
+        Kind::Direct,
+        Kind::Edgeproxy,
+        Kind::Minimal,
+        Kind::Haproxy,
+        Kind::Nginx,
+        Kind::Haproxy2,
+    ];
+
+    /// The targets of a run that names none: all but the control.
+    pub const DEFAULT: [Kind; 5] = [
         Kind::Direct,
         Kind::Edgeproxy,
         Kind::Minimal,
@@ -49,6 +64,7 @@ impl Kind {
             Kind::Minimal => "minimal",
             Kind::Haproxy => "haproxy",
             Kind::Nginx => "nginx",
+            Kind::Haproxy2 => "haproxy2",
         }
     }
 
@@ -95,7 +111,7 @@ pub fn availability(kind: Kind, setup: &Setup) -> Result<String, String> {
                 ))
             };
         }
-        Kind::Haproxy => (setup.haproxy_bin.clone(), "-v"),
+        Kind::Haproxy | Kind::Haproxy2 => (setup.haproxy_bin.clone(), "-v"),
         Kind::Nginx => (setup.nginx_bin.clone(), "-v"),
     };
     let out = Command::new(&bin)
@@ -285,7 +301,7 @@ pub fn start(
         }),
         Kind::Edgeproxy => start_edgeproxy(setup, backends, &dir, edge),
         Kind::Minimal => start_minimal(setup, backends),
-        Kind::Haproxy => start_haproxy(setup, backends, &dir),
+        Kind::Haproxy | Kind::Haproxy2 => start_haproxy(kind, setup, backends, &dir),
         Kind::Nginx => start_nginx(setup, backends, &dir),
     }
 }
@@ -559,7 +575,12 @@ fn maxconn() -> u64 {
     (nofile.saturating_sub(512) / 2).max(256)
 }
 
-fn start_haproxy(setup: &Setup, backends: &Backends, dir: &Path) -> anyhow::Result<Running> {
+fn start_haproxy(
+    kind: Kind,
+    setup: &Setup,
+    backends: &Backends,
+    dir: &Path,
+) -> anyhow::Result<Running> {
     let fronts = Fronts::on_free_ports(setup)?;
     let n = setup.workers.max(1);
     let cpu_map = if setup.cpus.is_empty() {
@@ -615,7 +636,7 @@ defaults
     std::fs::write(&path, cfg)?;
     let mut cmd = Command::new(&setup.haproxy_bin);
     cmd.arg("-f").arg(&path).arg("-db").current_dir(dir);
-    start_peer(Kind::Haproxy, cmd, setup, fronts)
+    start_peer(kind, cmd, setup, fronts)
 }
 
 /// Starts a peer proxy (not edgeproxy, which the suite also watches for
