@@ -157,6 +157,13 @@ impl Variant {
         self.summary.get(&target)?.get(key).map(|s| s.median)
     }
 
+    /// The lowest of a target's runs: for a cost (CPU per unit of work),
+    /// which interference from the rest of the host only ever raises, the
+    /// run that met the least of it.
+    pub fn min(&self, target: Kind, key: &str) -> Option<f64> {
+        self.summary.get(&target)?.get(key).map(|s| s.min)
+    }
+
     /// Merged latency histogram of a target over its runs.
     pub fn merged_latency(&self, target: Kind) -> Option<Histogram<u64>> {
         let mut merged: Option<Histogram<u64>> = None;
