@@ -26,8 +26,14 @@
 //! `MINIMAL_PROXY_URING_SEND=1`) sends everything through io_uring SENDs,
 //! as both proxies did before.
 //!
+//! `--poll-recv` (or `MINIMAL_PROXY_POLL_RECV=1`) reads the way an epoll
+//! proxy does: io_uring only reports that a socket is readable (a POLL) and
+//! the task reads with `recv(2)` and sends at once, so reads and sends
+//! alternate within a turn (README, "Keep-alive requests: reads from the
+//! task").
+//!
 //! Usage: `minimal-proxy [--multishot] [--multishot-accept] [--uring-send]
-//! --workers N FRONT=BACKEND...`; prints
+//! [--poll-recv] --workers N FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -54,10 +60,15 @@ fn run() -> Result<(), String> {
     let mut multishot = std::env::var_os("MINIMAL_PROXY_MULTISHOT").is_some();
     let mut multishot_accept = std::env::var_os("MINIMAL_PROXY_MULTISHOT_ACCEPT").is_some();
     let mut uring_send = std::env::var_os("MINIMAL_PROXY_URING_SEND").is_some();
+    let mut poll_recv = std::env::var_os("MINIMAL_PROXY_POLL_RECV").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "--uring-send" {
             uring_send = true;
+            continue;
+        }
+        if arg == "--poll-recv" {
+            poll_recv = true;
             continue;
         }
         if arg == "--multishot" {
@@ -88,11 +99,12 @@ fn run() -> Result<(), String> {
     if routes.is_empty() {
         return Err(
             "usage: minimal-proxy [--multishot] [--multishot-accept] [--uring-send] \
-             [--workers N] FRONT=BACKEND..."
+             [--poll-recv] [--workers N] FRONT=BACKEND..."
                 .into(),
         );
     }
     URING_SEND.store(uring_send, std::sync::atomic::Ordering::Relaxed);
+    POLL_RECV.store(poll_recv, std::sync::atomic::Ordering::Relaxed);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
@@ -212,6 +224,10 @@ async fn serve(client: TcpStream, back: SocketAddr, multishot: bool) -> io::Resu
     if multishot {
         let up = pump_multishot(&client, &backend);
         let down = pump_multishot(&backend, &client);
+        let _ = futures_join(up, down).await;
+    } else if POLL_RECV.load(std::sync::atomic::Ordering::Relaxed) {
+        let up = pump_poll_recv(&client, &backend);
+        let down = pump_poll_recv(&backend, &client);
         let _ = futures_join(up, down).await;
     } else {
         let up = pump(&client, &backend);
@@ -337,6 +353,71 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
             chunk = back;
         }
     }
+}
+
+/// `--poll-recv`: every read waits for readiness. Set once at start.
+static POLL_RECV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+thread_local! {
+    /// `--poll-recv`'s read buffer: a read is sent on before the task waits
+    /// again, so one buffer per thread serves every connection.
+    static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
+}
+
+/// What one read of `pump_poll_recv` left to do.
+enum Step {
+    /// The peer half-closed.
+    End,
+    /// Everything read (or nothing) is sent.
+    Sent,
+    /// Bytes the destination did not take at once.
+    Rest(Vec<u8>),
+}
+
+/// `pump` reading the way an epoll proxy does (`--poll-recv`): io_uring
+/// only says when `src` is readable (one POLL), and the task then reads
+/// with `recv(2)` and sends at once, so a turn's reads and sends alternate
+/// as HAProxy's do, where io_uring RECVs run all of a turn's reads before
+/// any send.
+async fn pump_poll_recv(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+    use compio::io::AsyncWriteExt;
+    let ready = src.to_poll_fd()?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(src);
+    let mut writer = dst;
+    loop {
+        ready.read_ready().await?;
+        let step = READ_BUF.with_borrow_mut(|buf| -> io::Result<Step> {
+            // SAFETY: `buf` is valid for writes of its length; the descriptor
+            // is `src`'s, open for the call.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(Step::Sent),
+                    _ => Err(e),
+                };
+            }
+            let n = n as usize;
+            if n == 0 {
+                return Ok(Step::End);
+            }
+            let sent = send_now(dst, &buf[..n])?;
+            Ok(if sent == n {
+                Step::Sent
+            } else {
+                Step::Rest(buf[sent..n].to_vec())
+            })
+        })?;
+        match step {
+            Step::End => break,
+            Step::Sent => {}
+            Step::Rest(rest) => writer.write_all(rest).await.0?,
+        }
+    }
+    // SAFETY: shutdown(2) on a descriptor `dst` keeps open.
+    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(dst), libc::SHUT_WR) };
+    Ok(())
 }
 
 /// `pump` with one multishot receive armed for the connection's life (the
