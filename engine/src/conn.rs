@@ -648,7 +648,9 @@ where
     outcome
 }
 
-/// Copies `src` to `dst` until `src` ends, then half-closes `dst`. With
+/// Copies `src` to `dst` until `src` ends, then half-closes `dst`: each
+/// read, from the task once `src` is readable, is sent on at once
+/// (`rt::recv_ready`). With
 /// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
 /// the rest of the flow to splice(2) and is counted there. A read from `src`
 /// that fails with a reset sets `src_reset`; every read sets `activity` (the
@@ -662,42 +664,50 @@ async fn pump(
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
     src_reset: Option<&Cell<bool>>,
 ) -> io::Result<()> {
+    let ready = rt::readiness(src)?;
     loop {
-        let read = rt::read_chunk(src, buffer_len).await.inspect_err(|e| {
+        let read = rt::recv_ready(src, &ready, buffer_len, |bytes| {
+            rt::send_or_keep(dst, bytes)
+        })
+        .await
+        .inspect_err(|e| {
             if let (Some(flag), io::ErrorKind::ConnectionReset) = (src_reset, e.kind()) {
                 flag.set(true);
             }
         });
-        match read? {
-            None => {
+        let (n, rest) = match read? {
+            // Readable, yet nothing there by the time the task read.
+            None => continue,
+            Some((0, _)) => {
                 // The peer may already be gone; nothing more to tell it.
                 let _ = rt::shutdown_write(dst).await;
                 return Ok(());
             }
-            Some(chunk) => {
-                activity.set(true);
-                bytes.add(chunk.len() as u64);
-                // A read that filled a whole buffer is a bulk flow: from here
-                // on the kernel moves its bytes (see `rt::splice_to_end`).
-                let bulk = chunk.len() >= buffer_len;
-                rt::write_chunk(dst, chunk).await?;
-                if let (true, Some(counter)) = (bulk, spliced) {
-                    match rt::Pipe::for_splice() {
-                        Ok(pipe) => {
-                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            // Boxed: only bulk flows pay for its state.
-                            return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
-                                activity.set(true);
-                                bytes.add(n as u64);
-                            }))
-                            .await;
-                        }
-                        // No pipe to be had: this flow goes on copying.
-                        Err(e) => {
-                            tracing::debug!(error = %e, "bulk flow not spliced");
-                            spliced = None;
-                        }
-                    }
+            Some((n, rest)) => (n, rest?),
+        };
+        activity.set(true);
+        bytes.add(n as u64);
+        if let Some(rest) = rest {
+            rt::write_chunk(dst, rest).await?;
+        }
+        // A read that filled a whole buffer is a bulk flow: from here on
+        // the kernel moves its bytes (see `rt::splice_to_end`).
+        let bulk = n >= buffer_len;
+        if let (true, Some(counter)) = (bulk, spliced) {
+            match rt::Pipe::for_splice() {
+                Ok(pipe) => {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Boxed: only bulk flows pay for its state.
+                    return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
+                        activity.set(true);
+                        bytes.add(n as u64);
+                    }))
+                    .await;
+                }
+                // No pipe to be had: this flow goes on copying.
+                Err(e) => {
+                    tracing::debug!(error = %e, "bulk flow not spliced");
+                    spliced = None;
                 }
             }
         }
