@@ -26,14 +26,15 @@
 //! `MINIMAL_PROXY_URING_SEND=1`) sends everything through io_uring SENDs,
 //! as both proxies did before.
 //!
-//! `--poll-recv` (or `MINIMAL_PROXY_POLL_RECV=1`) reads the way an epoll
-//! proxy does: io_uring only reports that a socket is readable (a POLL) and
-//! the task reads with `recv(2)` and sends at once, so reads and sends
-//! alternate within a turn (README, "Keep-alive requests: reads from the
-//! task").
+//! Reads, too, are edgeproxy's: io_uring only reports that a socket is
+//! readable (a POLL) and the task reads with `recv(2)` and sends at once,
+//! so reads and sends alternate within a turn as in an epoll proxy (README,
+//! "Keep-alive requests: reads from the task"). `--uring-recv` (or
+//! `MINIMAL_PROXY_URING_RECV=1`) reads through io_uring RECVs into the
+//! provided-buffer ring instead, as both proxies did before.
 //!
 //! Usage: `minimal-proxy [--multishot] [--multishot-accept] [--uring-send]
-//! [--poll-recv] --workers N FRONT=BACKEND...`; prints
+//! [--uring-recv] --workers N FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -60,15 +61,15 @@ fn run() -> Result<(), String> {
     let mut multishot = std::env::var_os("MINIMAL_PROXY_MULTISHOT").is_some();
     let mut multishot_accept = std::env::var_os("MINIMAL_PROXY_MULTISHOT_ACCEPT").is_some();
     let mut uring_send = std::env::var_os("MINIMAL_PROXY_URING_SEND").is_some();
-    let mut poll_recv = std::env::var_os("MINIMAL_PROXY_POLL_RECV").is_some();
+    let mut uring_recv = std::env::var_os("MINIMAL_PROXY_URING_RECV").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "--uring-send" {
             uring_send = true;
             continue;
         }
-        if arg == "--poll-recv" {
-            poll_recv = true;
+        if arg == "--uring-recv" {
+            uring_recv = true;
             continue;
         }
         if arg == "--multishot" {
@@ -99,12 +100,12 @@ fn run() -> Result<(), String> {
     if routes.is_empty() {
         return Err(
             "usage: minimal-proxy [--multishot] [--multishot-accept] [--uring-send] \
-             [--poll-recv] [--workers N] FRONT=BACKEND..."
+             [--uring-recv] [--workers N] FRONT=BACKEND..."
                 .into(),
         );
     }
     URING_SEND.store(uring_send, std::sync::atomic::Ordering::Relaxed);
-    POLL_RECV.store(poll_recv, std::sync::atomic::Ordering::Relaxed);
+    URING_RECV.store(uring_recv, std::sync::atomic::Ordering::Relaxed);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
@@ -225,9 +226,9 @@ async fn serve(client: TcpStream, back: SocketAddr, multishot: bool) -> io::Resu
         let up = pump_multishot(&client, &backend);
         let down = pump_multishot(&backend, &client);
         let _ = futures_join(up, down).await;
-    } else if POLL_RECV.load(std::sync::atomic::Ordering::Relaxed) {
-        let up = pump_poll_recv(&client, &backend);
-        let down = pump_poll_recv(&backend, &client);
+    } else if URING_RECV.load(std::sync::atomic::Ordering::Relaxed) {
+        let up = pump_uring_recv(&client, &backend);
+        let down = pump_uring_recv(&backend, &client);
         let _ = futures_join(up, down).await;
     } else {
         let up = pump(&client, &backend);
@@ -321,8 +322,9 @@ fn send_now(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Copies `src` to `dst` through provided buffers, then half-closes `dst`.
-async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+/// `pump` reading through io_uring RECVs into provided buffers
+/// (`--uring-recv`), then half-closes `dst`.
+async fn pump_uring_recv(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
     let mut reader = src;
     let mut writer = dst;
     loop {
@@ -355,16 +357,16 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// `--poll-recv`: every read waits for readiness. Set once at start.
-static POLL_RECV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--uring-recv`: every read through an io_uring RECV. Set once at start.
+static URING_RECV: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 thread_local! {
-    /// `--poll-recv`'s read buffer: a read is sent on before the task waits
+    /// `pump`'s read buffer: a read is sent on before the task waits
     /// again, so one buffer per thread serves every connection.
     static READ_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
 }
 
-/// What one read of `pump_poll_recv` left to do.
+/// What one read of `pump` left to do.
 enum Step {
     /// The peer half-closed.
     End,
@@ -374,12 +376,12 @@ enum Step {
     Rest(Vec<u8>),
 }
 
-/// `pump` reading the way an epoll proxy does (`--poll-recv`): io_uring
-/// only says when `src` is readable (one POLL), and the task then reads
-/// with `recv(2)` and sends at once, so a turn's reads and sends alternate
-/// as HAProxy's do, where io_uring RECVs run all of a turn's reads before
-/// any send.
-async fn pump_poll_recv(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
+/// Copies `src` to `dst`, then half-closes `dst`, reading the way an epoll
+/// proxy does: io_uring only says when `src` is readable (one POLL), and
+/// the task then reads with `recv(2)` and sends at once, so a turn's reads
+/// and sends alternate as HAProxy's do, where io_uring RECVs run all of a
+/// turn's reads before any send.
+async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
     use compio::io::AsyncWriteExt;
     let ready = src.to_poll_fd()?;
     let fd = std::os::fd::AsRawFd::as_raw_fd(src);
