@@ -482,9 +482,10 @@ pub fn readiness(stream: &TcpStream) -> io::Result<Readiness> {
     stream.to_poll_fd()
 }
 
-/// Waits until `stream` is readable, then reads what it holds (at most
-/// `len` bytes) with a non-blocking `recv(2)` from the task into the
-/// shard's scratch buffer and hands the bytes to `forward` at once.
+/// Waits until `stream` is readable, then reads what it holds (up to
+/// `len` bytes, or the scratch buffer's size if an earlier `len` made it
+/// larger) with [`recv_now`] from the task into the shard's scratch
+/// buffer and hands the bytes to `forward` at once.
 /// `Ok(None)`: nothing was there after all; `Ok(Some((0, _)))`: end of
 /// stream; otherwise the bytes read and what `forward` returned. An error
 /// is the read's.
@@ -503,29 +504,14 @@ pub async fn recv_ready<R>(
     len: usize,
     forward: impl FnOnce(&[u8]) -> R,
 ) -> io::Result<Option<(usize, R)>> {
-    use std::os::fd::AsRawFd;
     ready.read_ready().await?;
     SCRATCH.with_borrow_mut(|buf| {
-        if buf.capacity() < len {
-            *buf = Vec::with_capacity(len);
-        }
-        let spare = &mut buf.spare_capacity_mut()[..len];
-        // SAFETY: `spare` is valid for writes of its length for the call;
-        // the descriptor is `stream`'s, open for the call.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                spare.as_mut_ptr().cast(),
-                spare.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        let Some(n) = nonblocking(n)? else {
+        buf.clear();
+        buf.reserve(len);
+        let Some(n) = recv_now(stream, buf)? else {
             return Ok(None);
         };
-        // SAFETY: the kernel initialised the first `n` bytes of `spare`.
-        let bytes = unsafe { std::slice::from_raw_parts(spare.as_ptr().cast::<u8>(), n) };
-        Ok(Some((n, forward(bytes))))
+        Ok(Some((n, forward(&buf[..n]))))
     })
 }
 
