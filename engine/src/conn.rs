@@ -688,7 +688,7 @@ async fn pump(
         activity.set(true);
         bytes.add(n as u64);
         if let Some(rest) = rest {
-            rt::write_chunk(dst, rest).await?;
+            rt::write_rest(dst, rest).await?;
         }
         // A read that filled a whole buffer is a bulk flow: from here on
         // the kernel moves its bytes (see `rt::splice_to_end`).

@@ -516,7 +516,7 @@ pub async fn recv_ready<R>(
 }
 
 /// Sends `bytes` to `stream` as far as it takes them now; what it did not
-/// take comes back as a chunk to write with [`write_chunk`].
+/// take comes back as a chunk to write with [`write_rest`].
 pub fn send_or_keep(stream: &TcpStream, bytes: &[u8]) -> io::Result<Option<Chunk>> {
     let sent = send_now(stream, bytes)?;
     Ok((sent < bytes.len()).then(|| Chunk::Owned(bytes[sent..].to_vec())))
@@ -546,8 +546,14 @@ pub async fn write_chunk(stream: &TcpStream, chunk: Chunk) -> io::Result<()> {
     if sent == chunk.len() {
         return Ok(());
     }
+    write_rest(stream, chunk.advance(sent)).await
+}
+
+/// Writes `chunk` through io_uring, waiting for room: for what a send from
+/// the task (`send_now`, [`send_or_keep`]) could not place, without trying
+/// that send again at once.
+pub async fn write_rest(stream: &TcpStream, mut chunk: Chunk) -> io::Result<()> {
     let mut writer = stream;
-    let mut chunk = chunk.advance(sent);
     loop {
         let BufResult(written, back) = writer.write(chunk).await;
         let n = written?;
