@@ -595,21 +595,19 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
             limit,
             &format!("edgeproxy/{}", other.name()),
         );
-        let Some(v) = find(id) else {
-            out.push(g);
-            continue;
-        };
-        // A cost: the ratio of each target's cheapest run too.
-        let best = |k: Kind| Some(v.min(k, key)? / v.min(other, key)?);
-        let is_cost = key.starts_with("cpu_");
-        if let (true, Some(b)) = (is_cost, best(Kind::Edgeproxy)) {
-            g.detail.push_str(&format!("; best runs {b:.2}×"));
-        }
-        if let (Kind::Haproxy, Some(c)) = (other, control_ratio(v, key)) {
-            g.detail
-                .push_str(&format!("; A/A haproxy2/haproxy = {c:.2}×"));
-            if let (true, Some(b)) = (is_cost, best(Kind::Haproxy2)) {
-                g.detail.push_str(&format!(" (best runs {b:.2}×)"));
+        if let Some(v) = find(id) {
+            // A cost: the ratio of each target's cheapest run too.
+            let best = |k: Kind| Some(v.min(k, key)? / v.min(other, key)?);
+            let is_cost = key.starts_with("cpu_");
+            if let (true, Some(b)) = (is_cost, best(Kind::Edgeproxy)) {
+                g.detail.push_str(&format!("; best runs {b:.2}×"));
+            }
+            if let (Kind::Haproxy, Some(c)) = (other, control_ratio(v, key)) {
+                g.detail
+                    .push_str(&format!("; A/A haproxy2/haproxy = {c:.2}×"));
+                if let (true, Some(b)) = (is_cost, best(Kind::Haproxy2)) {
+                    g.detail.push_str(&format!(" (best runs {b:.2}×)"));
+                }
             }
         }
         out.push(g);
