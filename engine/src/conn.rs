@@ -664,9 +664,9 @@ async fn pump(
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
     src_reset: Option<&Cell<bool>>,
 ) -> io::Result<()> {
-    let ready = rt::readiness(src)?;
+    let mut ready = rt::Readiness::new();
     loop {
-        let read = rt::recv_ready(src, &ready, buffer_len, |bytes| {
+        let read = rt::recv_ready(src, &mut ready, buffer_len, |bytes| {
             rt::send_or_keep(dst, bytes)
         })
         .await

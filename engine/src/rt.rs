@@ -1,12 +1,15 @@
 //! The one module that knows the async runtime (compio on io_uring).
 //!
 //! Everything else in the engine talks to sockets, timers and tasks through
-//! these few functions, so a runtime change touches only this file.
+//! these few functions, so a runtime change touches only this file (and
+//! its submodules).
 //!
 //! Reads use compio's *provided buffers* (an io_uring buffer ring owned by the
 //! shard): the kernel picks a buffer only when data arrives, so an idle
 //! connection holds no user-space buffer at all. When the ring is momentarily
 //! empty the read falls back to a heap buffer for that one read.
+
+pub mod readiness;
 
 use std::future::Future;
 use std::io;
@@ -473,14 +476,10 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// What a plain-TCP pump reads with: `stream`'s readiness, waited for with
-/// an io_uring POLL (io_uring reports readiness and moves no bytes).
-pub type Readiness = compio::runtime::fd::PollFd<socket2::Socket>;
-
-/// The readiness of `stream`, for [`recv_ready`].
-pub fn readiness(stream: &TcpStream) -> io::Result<Readiness> {
-    stream.to_poll_fd()
-}
+/// What a plain-TCP pump reads with: `stream`'s readability, from one
+/// io_uring POLL armed for the connection's life (io_uring reports
+/// readiness and moves no bytes).
+pub use readiness::Readable as Readiness;
 
 /// Waits until `stream` is readable, then reads what it holds (up to
 /// `len` bytes, or the scratch buffer's size if an earlier `len` made it
@@ -500,15 +499,19 @@ pub fn readiness(stream: &TcpStream) -> io::Result<Readiness> {
 /// "Keep-alive requests: reads from the task").
 pub async fn recv_ready<R>(
     stream: &TcpStream,
-    ready: &Readiness,
+    ready: &mut Readiness,
     len: usize,
     forward: impl FnOnce(&[u8]) -> R,
 ) -> io::Result<Option<(usize, R)>> {
-    ready.read_ready().await?;
+    ready.wait(stream).await?;
     SCRATCH.with_borrow_mut(|buf| {
         buf.clear();
         buf.reserve(len);
-        let Some(n) = recv_now(stream, buf)? else {
+        let room = buf.capacity();
+        let got = recv_now(stream, buf)?;
+        // Bytes or an end left behind get no wake-up (see `readiness`).
+        ready.note_read(got, room);
+        let Some(n) = got else {
             return Ok(None);
         };
         Ok(Some((n, forward(&buf[..n]))))
