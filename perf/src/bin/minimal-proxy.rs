@@ -31,10 +31,14 @@
 //! so reads and sends alternate within a turn as in an epoll proxy (README,
 //! "Keep-alive requests: reads from the task"). `--uring-recv` (or
 //! `MINIMAL_PROXY_URING_RECV=1`) reads through io_uring RECVs into the
-//! provided-buffer ring instead, as both proxies did before.
+//! provided-buffer ring instead, as both proxies did before. Readiness
+//! comes from one multishot POLL per socket, armed once (edgeproxy's own
+//! `engine::rt::Readiness`; README, "Keep-alive requests: one POLL per
+//! connection"); `--poll-once` (or `MINIMAL_PROXY_POLL_ONCE=1`) arms a
+//! one-shot POLL for every read instead, as both proxies did before.
 //!
 //! Usage: `minimal-proxy [--multishot] [--multishot-accept] [--uring-send]
-//! [--uring-recv] --workers N FRONT=BACKEND...`; prints
+//! [--uring-recv] [--poll-once] --workers N FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -62,6 +66,7 @@ fn run() -> Result<(), String> {
     let mut multishot_accept = std::env::var_os("MINIMAL_PROXY_MULTISHOT_ACCEPT").is_some();
     let mut uring_send = std::env::var_os("MINIMAL_PROXY_URING_SEND").is_some();
     let mut uring_recv = std::env::var_os("MINIMAL_PROXY_URING_RECV").is_some();
+    let mut poll_once = std::env::var_os("MINIMAL_PROXY_POLL_ONCE").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "--uring-send" {
@@ -70,6 +75,10 @@ fn run() -> Result<(), String> {
         }
         if arg == "--uring-recv" {
             uring_recv = true;
+            continue;
+        }
+        if arg == "--poll-once" {
+            poll_once = true;
             continue;
         }
         if arg == "--multishot" {
@@ -100,12 +109,13 @@ fn run() -> Result<(), String> {
     if routes.is_empty() {
         return Err(
             "usage: minimal-proxy [--multishot] [--multishot-accept] [--uring-send] \
-             [--uring-recv] [--workers N] FRONT=BACKEND..."
+             [--uring-recv] [--poll-once] [--workers N] FRONT=BACKEND..."
                 .into(),
         );
     }
     URING_SEND.store(uring_send, std::sync::atomic::Ordering::Relaxed);
     URING_RECV.store(uring_recv, std::sync::atomic::Ordering::Relaxed);
+    POLL_ONCE.store(poll_once, std::sync::atomic::Ordering::Relaxed);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
@@ -377,33 +387,45 @@ enum Step {
 }
 
 /// Copies `src` to `dst`, then half-closes `dst`, reading the way an epoll
-/// proxy does: io_uring only says when `src` is readable (one POLL), and
-/// the task then reads with `recv(2)` and sends at once, so a turn's reads
-/// and sends alternate as HAProxy's do, where io_uring RECVs run all of a
-/// turn's reads before any send.
+/// proxy does: io_uring only says when `src` is readable (edgeproxy's
+/// `engine::rt::Readiness`: one multishot POLL armed for the socket's
+/// life), and the task then reads with `recv(2)` and sends at once, so a
+/// turn's reads and sends alternate as HAProxy's do, where io_uring RECVs
+/// run all of a turn's reads before any send.
 async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
     use compio::io::AsyncWriteExt;
     let ready = src.to_poll_fd()?;
+    let mut multi =
+        (!POLL_ONCE.load(std::sync::atomic::Ordering::Relaxed)).then(engine::rt::Readiness::new);
     let fd = std::os::fd::AsRawFd::as_raw_fd(src);
     let mut writer = dst;
     loop {
-        ready.read_ready().await?;
+        match &mut multi {
+            Some(readable) => readable.wait(src).await?,
+            None => ready.read_ready().await?,
+        }
         let step = READ_BUF.with_borrow_mut(|buf| -> io::Result<Step> {
             // SAFETY: `buf` is valid for writes of its length; the descriptor
             // is `src`'s, open for the call.
             let n =
                 unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n < 0 {
+            let got = if n < 0 {
                 let e = io::Error::last_os_error();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(Step::Sent),
-                    _ => Err(e),
-                };
+                match e.kind() {
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+                    _ => return Err(e),
+                }
+            } else {
+                Some(n as usize)
+            };
+            if let Some(readable) = &mut multi {
+                readable.note_read(got, buf.len());
             }
-            let n = n as usize;
-            if n == 0 {
-                return Ok(Step::End);
-            }
+            let n = match got {
+                None => return Ok(Step::Sent),
+                Some(0) => return Ok(Step::End),
+                Some(n) => n,
+            };
             let sent = send_now(dst, &buf[..n])?;
             Ok(if sent == n {
                 Step::Sent
@@ -421,6 +443,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
     unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(dst), libc::SHUT_WR) };
     Ok(())
 }
+
+/// `--poll-once`: pumps wait with one one-shot POLL per read instead of
+/// edgeproxy's multishot POLL per socket. Set once at start.
+static POLL_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `pump` with one multishot receive armed for the connection's life (the
 /// kernel fills a provided buffer whenever data arrives, with no new
