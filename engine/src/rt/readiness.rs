@@ -198,3 +198,85 @@ mod tests {
         assert!(!readable.again);
     }
 }
+
+/// What the kernel's multishot POLL reports, on real loopback sockets: the
+/// state the socket was in when the POLL was armed, and an end of stream
+/// that came after the bytes were read.
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use std::io::Write;
+
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (ours, theirs)
+    }
+
+    /// Reads `ours` to its end, calling `after_read` after each read
+    /// that got bytes.
+    async fn read_all(
+        ours: &TcpStream,
+        ready: &mut Readable,
+        mut after_read: impl FnMut(),
+    ) -> Vec<u8> {
+        let mut got = Vec::new();
+        loop {
+            ready.wait(ours).await.unwrap();
+            let mut buf = Vec::with_capacity(4);
+            let n = crate::rt::recv_now(ours, &mut buf).unwrap();
+            ready.note_read(n, buf.capacity());
+            match n {
+                Some(0) => return got,
+                Some(_) => {
+                    got.extend_from_slice(&buf);
+                    after_read();
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Runs `read_all` on a shard's runtime; `None` if it hung.
+    fn read_all_within(ours: std::net::TcpStream, after_read: impl FnMut()) -> Option<Vec<u8>> {
+        let runtime = crate::rt::build_runtime(4, 4096).unwrap();
+        runtime.block_on(async move {
+            let ours = TcpStream::from_std(ours).unwrap();
+            let mut ready = Readable::new();
+            let reading = read_all(&ours, &mut ready, after_read);
+            compio::time::timeout(std::time::Duration::from_secs(5), reading)
+                .await
+                .ok()
+        })
+    }
+
+    /// Loopback delivers a write before it returns: bytes and end are both
+    /// queued when the POLL is armed, and no wake-up comes after.
+    #[test]
+    fn bytes_and_end_queued_before_the_first_wait_are_seen() {
+        let (ours, mut theirs) = pair();
+        theirs.write_all(b"hi").unwrap();
+        theirs.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = read_all_within(ours, || {});
+        assert_eq!(got.expect("no hang"), b"hi");
+    }
+
+    #[test]
+    fn end_arriving_after_the_bytes_were_read_is_seen() {
+        let (ours, mut theirs) = pair();
+        let (read, was_read) = std::sync::mpsc::channel();
+        let writer = std::thread::spawn(move || {
+            theirs.write_all(b"hi").unwrap();
+            // The FIN only once the bytes were read.
+            was_read.recv().unwrap();
+            theirs.shutdown(std::net::Shutdown::Write).unwrap();
+            theirs
+        });
+        let got = read_all_within(ours, || {
+            let _ = read.send(());
+        });
+        let _theirs = writer.join().unwrap();
+        assert_eq!(got.expect("no hang"), b"hi");
+    }
+}
