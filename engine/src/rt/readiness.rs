@@ -43,7 +43,7 @@ pub struct Readable {
     /// ended it (a final completion without `IORING_CQE_F_MORE`).
     poll: Option<SubmitMulti<PollMulti>>,
     /// Something may be left to read that no wake-up will announce (a
-    /// full buffer, a hang-up): wait without waiting until a read finds
+    /// full buffer, a hang-up): waits return at once until a read finds
     /// the socket empty.
     again: bool,
 }
@@ -67,9 +67,10 @@ impl Readable {
         }
     }
 
-    /// Waits until `socket` was woken readable since the last wait (or
-    /// [`read_again`](Self::read_again) was called). It may turn out to
-    /// hold nothing (another read took the bytes): the reader copes with
+    /// Waits until `socket` was woken readable since the last wait, or
+    /// returns at once while something may be left to read (see
+    /// [`note_read`](Self::note_read)). The socket may turn out to hold
+    /// nothing (an earlier read took the bytes): the reader copes with
     /// `EAGAIN`. An error is the POLL's, not the socket's: the socket's own
     /// errors come from the read that follows.
     pub async fn wait(&mut self, socket: &TcpStream) -> io::Result<()> {
