@@ -696,6 +696,9 @@ async fn pump(
         if let (true, Some(counter)) = (bulk, spliced) {
             match rt::Pipe::for_splice() {
                 Ok(pipe) => {
+                    // The splice waits for readiness its own way: a POLL
+                    // left armed would wake this task on every segment.
+                    drop(ready);
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     // Boxed: only bulk flows pay for its state.
                     return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
