@@ -454,14 +454,14 @@ pub fn recv_now(stream: &TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usiz
     // SAFETY: `spare` is valid for writes of its length for the call (the
     // kernel writes at most that many bytes, which then are initialised);
     // the descriptor is `stream`'s, open for the call.
-    let n = unsafe {
+    let n = restarting(|| unsafe {
         libc::recv(
             stream.as_raw_fd(),
             spare.as_mut_ptr().cast(),
             spare.len(),
             libc::MSG_DONTWAIT,
         )
-    };
+    });
     let got = nonblocking(n)?;
     if let Some(n) = got {
         // SAFETY: the kernel initialised the first `n` spare bytes.
@@ -577,27 +577,39 @@ fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: `bytes` is valid for reads of its length for the call; the
     // descriptor is `stream`'s, open for the call.
-    let n = unsafe {
+    let n = restarting(|| unsafe {
         libc::send(
             stream.as_raw_fd(),
             bytes.as_ptr().cast(),
             bytes.len(),
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
-    };
+    });
     Ok(nonblocking(n)?.unwrap_or(0))
 }
 
+/// Makes `syscall` again while a signal cuts it short (`EINTR`): a read's
+/// "nothing there" must mean an empty socket, since a reader waiting on a
+/// multishot POLL gets no second wake-up for bytes it left (see
+/// `readiness`).
+fn restarting(mut syscall: impl FnMut() -> isize) -> isize {
+    loop {
+        let n = syscall();
+        if n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return n;
+        }
+    }
+}
+
 /// A non-blocking `send(2)` / `recv(2)` result: `Ok(None)` when the call
-/// could not go on without waiting (or a signal cut it short), the error
-/// for anything else.
+/// could not go on without waiting, the error for anything else.
 fn nonblocking(n: isize) -> io::Result<Option<usize>> {
     if n >= 0 {
         return Ok(Some(n as usize));
     }
     let e = io::Error::last_os_error();
     match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+        io::ErrorKind::WouldBlock => Ok(None),
         _ => Err(e),
     }
 }

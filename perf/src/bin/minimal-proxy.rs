@@ -405,18 +405,23 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
             None => ready.read_ready().await?,
         }
         let step = READ_BUF.with_borrow_mut(|buf| -> io::Result<Step> {
-            // SAFETY: `buf` is valid for writes of its length; the descriptor
-            // is `src`'s, open for the call.
-            let n =
-                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            let got = if n < 0 {
+            let got = loop {
+                // SAFETY: `buf` is valid for writes of its length; the
+                // descriptor is `src`'s, open for the call.
+                let n = unsafe {
+                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+                };
+                if n >= 0 {
+                    break Some(n as usize);
+                }
+                // A signal: read again (an empty read must mean an empty
+                // socket, the multishot POLL wakes once per arrival).
                 let e = io::Error::last_os_error();
                 match e.kind() {
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => None,
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => break None,
                     _ => return Err(e),
                 }
-            } else {
-                Some(n as usize)
             };
             if let Some(readable) = &mut multi {
                 readable.note_read(got, buf.len());
