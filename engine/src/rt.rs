@@ -588,7 +588,7 @@ fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     Ok(nonblocking(n)?.unwrap_or(0))
 }
 
-/// Makes `syscall` again while a signal cuts it short (`EINTR`): a read's
+/// Calls `syscall` again while a signal cuts it short (`EINTR`): a read's
 /// "nothing there" must mean an empty socket, since a reader waiting on a
 /// multishot POLL gets no second wake-up for bytes it left (see
 /// `readiness`).
