@@ -479,7 +479,7 @@ thread_local! {
 /// What a plain-TCP pump reads with: `stream`'s readability, from one
 /// io_uring POLL armed for the connection's life (io_uring reports
 /// readiness and moves no bytes).
-pub use readiness::Readable as Readiness;
+pub use readiness::Readiness;
 
 /// Waits until `stream` is readable, then reads what it holds (up to
 /// `len` bytes, or the scratch buffer's size if an earlier `len` made it

@@ -19,9 +19,9 @@
 //!   data. A completion that reports `POLLRDHUP`, `POLLHUP` or `POLLERR`
 //!   means reading on until the read returns 0 or the error.
 //!
-//! So the reader tells [`Readable`] what each read got
-//! ([`Readable::note_read`]): after a full buffer or a hang-up the next
-//! [`wait`](Readable::wait) returns at once, until a read finds the socket
+//! So the reader tells [`Readiness`] what each read got
+//! ([`Readiness::note_read`]): after a full buffer or a hang-up the next
+//! [`wait`](Readiness::wait) returns at once, until a read finds the socket
 //! empty (`EAGAIN`).
 
 use std::io;
@@ -38,7 +38,7 @@ use futures_util::StreamExt;
 ///
 /// Dropping it cancels the POLL (compio's `SubmitMulti` does on drop).
 #[derive(Default)]
-pub struct Readable {
+pub struct Readiness {
     /// The armed POLL; `None` before the first wait and after the kernel
     /// ended it (a final completion without `IORING_CQE_F_MORE`).
     poll: Option<SubmitMulti<PollMulti>>,
@@ -51,9 +51,9 @@ pub struct Readable {
 /// A completion's events that mean reading on to the end or the error.
 const HANG_UP: u32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
 
-impl Readable {
-    pub fn new() -> Readable {
-        Readable::default()
+impl Readiness {
+    pub fn new() -> Readiness {
+        Readiness::default()
     }
 
     /// What a read after [`wait`](Self::wait) got: `None` when the socket
@@ -188,7 +188,7 @@ mod tests {
     /// read finds the socket empty; a short read changes nothing.
     #[test]
     fn a_full_buffer_means_reading_until_empty() {
-        let mut readable = Readable::new();
+        let mut readable = Readiness::new();
         readable.note_read(Some(100), 4096);
         assert!(!readable.again);
         readable.note_read(Some(4096), 4096);
@@ -219,7 +219,7 @@ mod kernel_tests {
     /// that got bytes.
     async fn read_all(
         ours: &TcpStream,
-        ready: &mut Readable,
+        ready: &mut Readiness,
         mut after_read: impl FnMut(),
     ) -> Vec<u8> {
         let mut got = Vec::new();
@@ -244,7 +244,7 @@ mod kernel_tests {
         let runtime = crate::rt::build_runtime(4, 4096).unwrap();
         runtime.block_on(async move {
             let ours = TcpStream::from_std(ours).unwrap();
-            let mut ready = Readable::new();
+            let mut ready = Readiness::new();
             let reading = read_all(&ours, &mut ready, after_read);
             compio::time::timeout(std::time::Duration::from_secs(5), reading)
                 .await
