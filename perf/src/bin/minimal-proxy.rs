@@ -69,24 +69,16 @@ fn run() -> Result<(), String> {
     let mut poll_once = std::env::var_os("MINIMAL_PROXY_POLL_ONCE").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
-        if arg == "--uring-send" {
-            uring_send = true;
-            continue;
-        }
-        if arg == "--uring-recv" {
-            uring_recv = true;
-            continue;
-        }
-        if arg == "--poll-once" {
-            poll_once = true;
-            continue;
-        }
-        if arg == "--multishot" {
-            multishot = true;
-            continue;
-        }
-        if arg == "--multishot-accept" {
-            multishot_accept = true;
+        let flag = match arg.as_str() {
+            "--uring-send" => Some(&mut uring_send),
+            "--uring-recv" => Some(&mut uring_recv),
+            "--poll-once" => Some(&mut poll_once),
+            "--multishot" => Some(&mut multishot),
+            "--multishot-accept" => Some(&mut multishot_accept),
+            _ => None,
+        };
+        if let Some(flag) = flag {
+            *flag = true;
             continue;
         }
         if arg == "--workers" {
