@@ -580,6 +580,9 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         (without("app"), "app"),
         (with("app", json!("Web App")), "app"),
         (with("app", json!("api.v2")), "app"),
+        // Names the DNS zone keeps for itself (`ns.internal`, `<region>.backends.internal`).
+        (with("app", json!("ns")), "app"),
+        (with("app", json!("backends")), "app"),
         (without("region"), "region"),
         (with("country", json!("Germany")), "country"),
         (without("ip"), "ip"),

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use engine::snapshot::{BackendIdx, RoutingSnapshot};
 use hickory_proto::rr::Name;
 
-use crate::names::{BACKENDS_LABEL, POPS_LABEL, TCP_LABEL};
+use crate::names::{classify, is_servable_app, Target, BACKENDS_LABEL, POPS_LABEL, TCP_LABEL};
 use crate::zone::{ZoneConfig, NS_LABEL};
 
 /// One app's healthy backends.
@@ -63,6 +63,19 @@ fn usable_label(text: &str) -> bool {
     (1..=63).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_graphic() && b != b'.')
 }
 
+/// `<id>.<app>.<domain>`, the name a backend is answered under, when `id`
+/// (lower case) can be one label of it and the name is the backend's (not
+/// one of the zone's own, see [`classify`]). Built from the labels' bytes,
+/// not parsed from text: a `\` or `"` in a hand-written id is a byte of the
+/// label, as in the query names that ask for it, not an escape.
+fn backend_name(id: &str, app: &str, domain: &Name) -> Option<Name> {
+    if !usable_label(id) || !matches!(classify(&format!("{id}.{app}")), Target::Node(_)) {
+        return None;
+    }
+    let labels = std::iter::once(id).chain(app.split('.')).map(str::as_bytes);
+    Name::from_labels(labels).ok()?.append_domain(domain).ok()
+}
+
 impl ZoneIndex {
     pub fn build(snapshot: &RoutingSnapshot, zone: &ZoneConfig) -> ZoneIndex {
         let mut apps: HashMap<Box<str>, AppEntry> = HashMap::new();
@@ -72,25 +85,24 @@ impl ZoneIndex {
                 continue;
             }
             let idx = i as BackendIdx;
+            regions
+                .entry(snapshot.region_name(b.region).into())
+                .or_default()
+                .push(idx);
             let app_key: Box<str> = b.app.to_ascii_lowercase().into();
+            if !is_servable_app(&app_key) {
+                continue;
+            }
             let entry = apps.entry(app_key.clone()).or_default();
             match b.addr {
                 SocketAddr::V4(_) => entry.v4.push(idx),
                 SocketAddr::V6(_) => entry.v6.push(idx),
             }
             let id = b.id.to_ascii_lowercase();
-            if usable_label(&id) {
-                let target = Name::from_ascii(format!("{id}.{app_key}"))
-                    .and_then(|n| n.append_domain(zone.domain()));
-                if let Ok(target) = target {
-                    entry.ids.insert(id.into(), idx);
-                    entry.srv.push((idx, target));
-                }
+            if let Some(target) = backend_name(&id, &app_key, zone.domain()) {
+                entry.ids.insert(id.into(), idx);
+                entry.srv.push((idx, target));
             }
-            regions
-                .entry(snapshot.region_name(b.region).into())
-                .or_default()
-                .push(idx);
         }
 
         // Every name that holds records; their ancestors inside the zone are
@@ -219,6 +231,47 @@ mod tests {
         assert_eq!(index.region("sa"), Some(&[0, 3][..]));
         assert!(index.app("Web").is_none());
         assert!(index.is_for(&snap));
+    }
+
+    #[test]
+    fn apps_named_like_the_zones_own_names_get_no_dns_name_but_stay_in_their_region() {
+        let snap = SnapshotBuilder::new()
+            .build(&[
+                rec("n1", "ns", "sa", "10.0.0.1", true),
+                rec("sa", "backends", "sa", "10.0.0.2", true),
+                rec("x", "pops", "eu", "10.0.0.3", true),
+                rec("w1", "web", "sa", "10.0.0.4", true),
+            ])
+            .snapshot;
+        let zone = ZoneConfig::new("internal", 5, "sa", Vec::new(), Vec::new()).unwrap();
+        let index = ZoneIndex::build(&snap, &zone);
+        for app in ["ns", "backends", "pops"] {
+            assert!(index.app(app).is_none(), "{app}");
+        }
+        assert_eq!(index.app("web").unwrap().backend("w1"), Some(3));
+        assert_eq!(index.region("sa"), Some(&[0, 1, 3][..]));
+        assert_eq!(index.region("eu"), Some(&[2][..]));
+    }
+
+    #[test]
+    fn backend_names_are_built_from_label_bytes_not_parsed() {
+        let snap = SnapshotBuilder::new()
+            .build(&[
+                rec("back\\slash", "a\\b", "sa", "10.0.0.1", true),
+                rec("q\"uote", "we\"ird", "sa", "10.0.0.2", true),
+            ])
+            .snapshot;
+        let zone = ZoneConfig::new("internal", 5, "sa", Vec::new(), Vec::new()).unwrap();
+        let index = ZoneIndex::build(&snap, &zone);
+        for (app, id) in [("a\\b", "back\\slash"), ("we\"ird", "q\"uote")] {
+            let entry = index.app(app).unwrap();
+            assert!(entry.backend(id).is_some(), "{id}");
+            let [(_, target)] = entry.srv.as_slice() else {
+                panic!("{app}: {:?}", entry.srv);
+            };
+            let labels: Vec<&[u8]> = target.iter().collect();
+            assert_eq!(labels, [id.as_bytes(), app.as_bytes(), b"internal"]);
+        }
     }
 
     #[test]

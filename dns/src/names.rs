@@ -100,6 +100,20 @@ pub fn classify(rel: &str) -> Target<'_> {
     Target::Node(rel)
 }
 
+/// True when an app named `app` (relative, lower case) can be served: its
+/// own name and the names of backends below it classify as
+/// [`Target::Node`], not as one of the zone's own names. `ns`, `backends`
+/// and `pops` (and `<x>.backends`, `<x>.pops`) cannot: `ns.<domain>` is the
+/// POP's name server and `<id>.backends.<domain>` a region's list, so their
+/// SRV targets would name something else. The discovery API refuses such
+/// apps; a row written to routing.db by hand with one is proxied but has no
+/// DNS name.
+pub fn is_servable_app(app: &str) -> bool {
+    !app.is_empty()
+        && classify(app) == Target::Node(app)
+        && matches!(classify(&format!("backend.{app}")), Target::Node(_))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +162,30 @@ mod tests {
         assert_eq!(classify("_._tcp"), Target::Node("_._tcp"));
         assert_eq!(classify("web._tcp"), Target::Node("web._tcp"));
         assert_eq!(classify("b1.web"), Target::Node("b1.web"));
+    }
+
+    #[test]
+    fn apps_named_like_the_zones_own_names_cannot_be_served() {
+        for app in [
+            "ns",
+            "backends",
+            "pops",
+            "sa.backends",
+            "eu.pops",
+            "_web._tcp",
+            "",
+        ] {
+            assert!(!is_servable_app(app), "{app:?}");
+        }
+        for app in [
+            "web",
+            "api.v2",
+            "nsx",
+            "backends-eu",
+            "a.b.backends",
+            "_tcp",
+        ] {
+            assert!(is_servable_app(app), "{app:?}");
+        }
     }
 }

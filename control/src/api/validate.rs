@@ -68,6 +68,15 @@ pub fn registration_with(
     dns_label("id", id)?;
     let app = required_str(&obj, "app")?;
     dns_label("app", app)?;
+    if !dns::names::is_servable_app(app) {
+        return Err(bad(
+            "app",
+            format!(
+                "{app:?} is a name the internal DNS zone keeps for itself (ns, backends, pops): \
+                 its backends could not be named there; pick another app name"
+            ),
+        ));
+    }
 
     let region = required_str(&obj, "region")?;
     if region.len() > MAX_REGION_LEN
@@ -491,6 +500,26 @@ mod tests {
             "app: \"Web App\" must be one DNS label: 1 to 63 lower-case letters, digits or \
              hyphens, not starting or ending with a hyphen"
         );
+    }
+
+    /// `ns`, `backends` and `pops` were accepted as apps, and DNS answered
+    /// `ns.internal` with the name server and `_backends._tcp.internal`'s
+    /// targets `<id>.backends.internal` with region lists.
+    #[test]
+    fn apps_the_dns_zone_keeps_for_itself_are_refused() {
+        for reserved in ["ns", "backends", "pops"] {
+            let body = format!(
+                r#"{{"id":"b1","app":"{reserved}","region":"eu","ip":"10.0.0.1","port":1}}"#
+            );
+            let e = registration(body.as_bytes()).unwrap_err();
+            assert_eq!(e.field, "app", "{reserved}");
+            assert!(e.reason.contains("keeps for itself"), "{e}");
+        }
+        for near in ["nsx", "backends-eu", "pop"] {
+            ok(&format!(
+                r#"{{"id":"b1","app":"{near}","region":"eu","ip":"10.0.0.1","port":1}}"#
+            ));
+        }
     }
 
     #[test]
