@@ -22,7 +22,12 @@
 //!   advertised size clamped to `512..=MAX_UDP_PAYLOAD`. A reply over that
 //!   first loses its additional section (glue is optional), then, if still
 //!   too large, everything but the question and OPT, with TC set, so the
-//!   client retries over TCP.
+//!   client retries over TCP. Over TCP (64 KiB), where TC would leave the
+//!   client nowhere to go, a list too long for that (a region of thousands
+//!   of backends) is cut to the records that fit, without TC.
+//! - A query that does not decode as a whole gets FORMERR with what can be
+//!   read of it: its question, and an OPT record if it had one (see
+//!   [`crate::salvage`]).
 //!
 //! # Records
 //!
@@ -50,6 +55,7 @@ use crate::ecs::{client_location, ClientLocation};
 use crate::geodns::{self, ClientPlace, GeoZone};
 use crate::index::{IndexCache, ZoneIndex};
 use crate::names::{classify, relative, Placement, Target};
+use crate::salvage::salvage;
 use crate::zone::ZoneConfig;
 
 /// The largest UDP reply we send, whatever the client advertises: 1232 bytes
@@ -261,7 +267,9 @@ impl Answerer {
                 let mut meta = Metadata::new(id, MessageType::Response, op_code);
                 meta.recursion_desired = query[2] & 0x01 != 0;
                 meta.response_code = ResponseCode::FormErr;
-                return Some(self.emit_bare(meta, None, None, transport, out));
+                let found = salvage(query);
+                let (question, edns) = (found.question.as_ref(), found.edns.as_ref());
+                return Some(self.emit_bare(meta, question, edns, transport, out));
             }
         };
         let mut meta = Metadata::response_from_request(&request.metadata);
@@ -415,6 +423,16 @@ impl Answerer {
                 }
             }
         }
+        // Over TCP there is no larger transport to retry on: TC there is a
+        // dead end (resolvers answer SERVFAIL). A list this zone makes up
+        // (a region's backends, an app's SRV targets) is sent as long as it
+        // fits instead.
+        if transport == Transport::Tcp && self.fit_answers(limit, out) {
+            return Answered {
+                rcode,
+                truncated: false,
+            };
+        }
         self.reply.answers.clear();
         self.reply.authorities.clear();
         self.reply.additionals.clear();
@@ -426,6 +444,29 @@ impl Answerer {
             rcode,
             truncated: true,
         }
+    }
+
+    /// Keeps the longest prefix of the reply's answers that encodes within
+    /// `limit` (found by bisection: each try encodes once), with the
+    /// additional section already dropped. False when not even one answer
+    /// fits.
+    fn fit_answers(&mut self, limit: u16, out: &mut Vec<u8>) -> bool {
+        let all = std::mem::take(&mut self.reply.answers);
+        self.reply.authorities.clear();
+        let (mut fits, mut too_many) = (0, all.len());
+        while too_many - fits > 1 {
+            let mid = fits + (too_many - fits) / 2;
+            self.reply.answers.clear();
+            self.reply.answers.extend_from_slice(&all[..mid]);
+            if encode(&self.reply, limit, out) {
+                fits = mid;
+            } else {
+                too_many = mid;
+            }
+        }
+        self.reply.answers.clear();
+        self.reply.answers.extend_from_slice(&all[..fits]);
+        fits > 0 && encode(&self.reply, limit, out)
     }
 }
 

@@ -19,6 +19,7 @@ pub mod ecs;
 pub mod geodns;
 pub mod index;
 pub mod names;
+pub mod salvage;
 pub mod server;
 pub mod zone;
 

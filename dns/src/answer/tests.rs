@@ -621,6 +621,57 @@ fn oversized_udp_replies_are_truncated_and_complete_over_tcp() {
     assert!(r.edns.is_some());
 }
 
+/// Over TCP a TC bit leaves the client nowhere to go (unbound answered
+/// SERVFAIL): a region of more A records than 64 KiB holds is cut to what
+/// fits instead.
+#[test]
+fn a_list_too_long_for_tcp_is_cut_to_what_fits_without_tc() {
+    let mut f = Fixture::with(big_region(5000));
+    let q = query("sa.backends.internal.", RecordType::A);
+    let raw = f
+        .raw(&q.to_vec().unwrap(), "127.0.0.1", Transport::Tcp)
+        .unwrap();
+    let tcp = Message::from_vec(&raw).unwrap();
+    assert!(!tcp.metadata.truncation);
+    // As many as fit: less room left than one more record takes (36
+    // bytes: hickory compresses only the first 120 names of a message).
+    assert!(tcp.answers.len() > 1000, "{}", tcp.answers.len());
+    assert!(
+        raw.len() <= 65535 && 65535 - raw.len() < 36,
+        "{}",
+        raw.len()
+    );
+    // Over UDP the client is told to retry over TCP, as before.
+    let udp = f.send(&q, "127.0.0.1", Transport::Udp);
+    assert!(udp.metadata.truncation);
+    assert!(udp.answers.is_empty());
+}
+
+/// A FORMERR without OPT says "no EDNS here" (RFC 6891 §7): a query whose
+/// ECS option hickory cannot decode (family 3) kept neither its question
+/// nor its OPT in the reply.
+#[test]
+fn an_undecodable_option_gets_formerr_with_the_question_and_opt() {
+    let mut f = Fixture::new();
+    let mut bytes = query("web.internal.", RecordType::A).to_vec().unwrap();
+    bytes[11] = 1; // ARCOUNT: the OPT below
+                   // Root owner, type OPT, payload 4096, DO set, 8 bytes of options.
+    bytes.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 8]);
+    // ECS: family 3 (undefined), source /24, scope 0.
+    bytes.extend_from_slice(&[0, 8, 0, 4, 0, 3, 24, 0]);
+    assert!(Message::from_vec(&bytes).is_err());
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let raw = f.raw(&bytes, "127.0.0.1", transport).unwrap();
+        let r = Message::from_vec(&raw).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::FormErr);
+        assert_eq!(r.queries.len(), 1);
+        assert_eq!(r.queries[0].name().to_ascii(), "web.internal.");
+        let edns = r.edns.expect("an OPT record");
+        assert_eq!(edns.max_payload(), MAX_UDP_PAYLOAD);
+        assert!(edns.flags().dnssec_ok);
+    }
+}
+
 #[test]
 fn glue_is_dropped_before_answers_are() {
     // 24 SRV records (43 bytes each: targets are never compressed, RFC
