@@ -386,6 +386,12 @@ impl ReplDb {
                 record(tx, &written)?;
                 tx.execute("DELETE FROM repl_changes WHERE seq <= ?1", [last])?;
                 Ok((entries.len(), written.len()))
+            });
+            let n = n.inspect_err(|_| {
+                // The change log is still there (the transaction rolled
+                // back): look again at the next tick, even if no other
+                // connection commits meanwhile.
+                self.seen_version = None;
             })?;
             total += n.1;
             if n.0 < CHANGES_PER_POLL {
@@ -633,6 +639,25 @@ mod tests {
         // The same settings again: nothing written, nothing to replicate.
         db.upsert_pop(&row).unwrap();
         assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
+    }
+
+    /// A poll whose transaction failed (an operator's `sqlite3` holding the
+    /// write lock) had already noted the data version: the change log was
+    /// not looked at again until some other connection committed.
+    #[test]
+    fn a_poll_that_could_not_write_looks_again_at_the_next_tick() {
+        let (_d, path, mut db, mut node) = setup();
+        db.conn.busy_timeout(Duration::from_millis(20)).unwrap();
+        let operator = other(&path);
+        operator.execute(INSERT, []).unwrap();
+        operator.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(db.poll_changes(&mut node, Now::system(), false).is_err());
+        operator.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        assert!(node
+            .replica()
+            .data(&RowKey::new(Table::Backends, "b1"))
+            .is_some());
     }
 
     #[test]

@@ -600,10 +600,13 @@ impl Driver {
                 Output::Message { to, bytes, .. } => {
                     self.transport.send(to, bytes);
                 }
-                Output::Persist(rows) => match self.db.persist_remote(&rows) {
+                Output::Persist(batch) => match self.db.persist_remote(&batch.rows) {
                     Ok(()) => reload = true,
-                    Err(e) => tracing::error!(error = %e, rows = rows.len(),
-                        "replication: cannot write remote rows; anti-entropy will bring them again"),
+                    Err(e) => {
+                        tracing::error!(error = %e, rows = batch.rows.len(),
+                            "replication: cannot write remote rows; anti-entropy will bring them again");
+                        self.node.persist_failed(batch);
+                    }
                 },
                 Output::Forget(keys) => {
                     if let Err(e) = self.db.forget(&keys) {

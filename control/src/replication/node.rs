@@ -131,11 +131,22 @@ pub enum Output {
         bytes: Vec<u8>,
     },
     /// Write these rows (remote writes that won) to the database, in one
-    /// transaction.
-    Persist(Vec<RowVersion>),
+    /// transaction; if that fails, hand the batch back to
+    /// [`Node::persist_failed`].
+    Persist(Persist),
     /// Delete these collected tombstones from the database.
     Forget(Vec<RowKey>),
     Event(Event),
+}
+
+/// Remote rows already merged into the replica, to be written to the
+/// database.
+#[derive(Debug)]
+pub struct Persist {
+    pub rows: Vec<RowVersion>,
+    /// What the replica held for each row before it won (`None`: nothing),
+    /// to go back to if the write fails.
+    previous: Vec<Option<RowVersion>>,
 }
 
 /// Reportable happenings: for logs and metrics.
@@ -747,6 +758,7 @@ impl Node {
         via: Path,
     ) -> Vec<RowVersion> {
         let mut applied = Vec::new();
+        let mut previous = Vec::new();
         let mut lag_ms = 0;
         for row in rows {
             if let Err(drift) = self.clock.observe(row.version.hlc, now.wall_ms) {
@@ -756,10 +768,12 @@ impl Node {
                 });
                 continue;
             }
+            let held = self.replica.get(&row.key);
             match self.replica.merge(row.clone()) {
                 Merge::Applied { .. } => {
                     lag_ms = lag_ms.max(now.wall_ms.saturating_sub(row.version.hlc.physical_ms()));
                     applied.push(row);
+                    previous.push(held);
                 }
                 Merge::Stale => self.stats.conflicts += 1,
                 Merge::Duplicate => {}
@@ -769,7 +783,10 @@ impl Node {
             self.stats.rows_applied += applied.len() as u64;
             let p = self.peers.entry(peer.clone()).or_default();
             p.last_lag_ms = Some(lag_ms);
-            self.out.push_back(Output::Persist(applied.clone()));
+            self.out.push_back(Output::Persist(Persist {
+                rows: applied.clone(),
+                previous,
+            }));
             self.event(Event::Applied {
                 from: peer.clone(),
                 rows: applied.len(),
@@ -778,6 +795,27 @@ impl Node {
             });
         }
         applied
+    }
+
+    /// The database refused `batch` (locked, full). The replica goes back
+    /// to what it held before those rows won, which is what the database
+    /// still holds: its digests then differ from the peers' again, and
+    /// anti-entropy brings the rows once more. Left as they were, the
+    /// replica matched the peers and nothing ever brought the rows again.
+    /// A row that has won again since (a newer version, with a batch of its
+    /// own) is left alone.
+    pub fn persist_failed(&mut self, batch: Persist) {
+        for (row, previous) in batch.rows.into_iter().zip(batch.previous) {
+            if self.replica.version_of(&row.key) != Some(&row.version) {
+                continue;
+            }
+            match previous {
+                Some(previous) => self.replica.put(previous),
+                None => {
+                    self.replica.remove(&row.key);
+                }
+            }
+        }
     }
 
     fn queue_forward(&mut self, now: Now, hops: u8, from: &NodeId, rows: Vec<RowVersion>) {

@@ -166,15 +166,24 @@ impl Replica {
                 .map(|(k, _)| k.clone())
                 .collect();
             for key in dead {
-                if let Some(e) = self.buckets[b].remove(&key) {
-                    self.sums[b] = self.sums[b].wrapping_sub(e.hash);
-                    self.top = self.top.wrapping_sub(e.hash);
-                    self.rows -= 1;
+                if self.remove(&key) {
                     removed.push(key);
                 }
             }
         }
         removed
+    }
+
+    /// Drops whatever version of `key` is held; true if one was.
+    pub fn remove(&mut self, key: &RowKey) -> bool {
+        let b = bucket_of(key);
+        let Some(e) = self.buckets[b].remove(key) else {
+            return false;
+        };
+        self.sums[b] = self.sums[b].wrapping_sub(e.hash);
+        self.top = self.top.wrapping_sub(e.hash);
+        self.rows -= 1;
+        true
     }
 
     /// The buckets whose digests differ from `theirs` (which must have

@@ -81,6 +81,11 @@ pub struct Sim {
     group: Vec<u8>,
     /// Drop every transport message to these nodes (a lost broadcast).
     pub drop_messages_to: HashSet<usize>,
+    /// Each node's database: the rows it persisted, by primary key (`None`:
+    /// a tombstone).
+    persisted: Vec<HashMap<String, Option<String>>>,
+    /// These nodes' databases refuse writes of remote rows (locked, full).
+    pub refuse_persist: HashSet<usize>,
     /// Events every node reported, in order: (time since start, node, event).
     pub events: Vec<(Duration, usize, Event)>,
 }
@@ -110,6 +115,8 @@ impl Sim {
             crashed: HashSet::new(),
             group: vec![0; cfg.nodes],
             drop_messages_to: HashSet::new(),
+            persisted: vec![HashMap::new(); cfg.nodes],
+            refuse_persist: HashSet::new(),
             events: Vec::new(),
             cfg,
         };
@@ -176,7 +183,15 @@ impl Sim {
                         self.send(i, j, false, bytes);
                     }
                 }
-                Output::Persist(_) | Output::Forget(_) => {}
+                Output::Persist(batch) if self.refuse_persist.contains(&i) => {
+                    self.nodes[i].persist_failed(batch)
+                }
+                Output::Persist(batch) => {
+                    for row in batch.rows {
+                        self.persisted[i].insert(row.key.pk, row.data);
+                    }
+                }
+                Output::Forget(_) => {}
                 Output::Event(e) => self.events.push((self.elapsed(), i, e)),
             }
         }
@@ -296,7 +311,13 @@ impl Sim {
             now,
             [(RowKey::new(Table::Backends, pk), data.map(String::from))],
         );
+        self.persisted[i].insert(pk.to_string(), data.map(String::from));
         self.drain(i);
+    }
+
+    /// Node `i`'s database holds `data` for `pk`.
+    pub fn persisted(&self, i: usize, pk: &str, data: Option<&str>) -> bool {
+        self.persisted[i].get(pk).map(Option::as_deref) == Some(data)
     }
 
     /// Every live node holds `data` for `pk`.

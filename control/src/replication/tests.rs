@@ -89,6 +89,37 @@ fn a_lost_broadcast_is_repaired_by_anti_entropy() {
     assert!(took <= Duration::from_secs(5), "repaired in {took:?}");
 }
 
+/// Found under a held `sqlite3` lock and on a full disk: the rows that
+/// failed to persist had already been merged into the replica, whose
+/// digests then matched the peers', so anti-entropy never brought them
+/// again and the database stayed without them until a restart.
+#[test]
+fn rows_the_database_refused_are_brought_again_once_it_takes_writes() {
+    let mut sim = joined(SimConfig::wan(3, 7));
+    sim.refuse_persist.insert(2);
+    sim.write(0, "b1", Some("v1"));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(5), |s| s.persisted(
+        1,
+        "b1",
+        Some("v1")
+    )));
+    // Several anti-entropy rounds (2 s apart) while node 2's writes fail.
+    sim.run_for(Duration::from_secs(10));
+    assert!(!sim.persisted(2, "b1", Some("v1")));
+    sim.refuse_persist.clear();
+    let t1 = sim.elapsed();
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(30), |s| s.persisted(
+            2,
+            "b1",
+            Some("v1")
+        )),
+        "the refused row never reached node 2's database"
+    );
+    assert!(sim.converged());
+}
+
 #[test]
 fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
     for seed in 50..60 {
