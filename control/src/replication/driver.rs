@@ -385,6 +385,7 @@ impl Bound {
         let reconciled = db.reconcile(&mut node, now)?;
         db.upsert_pop(&self.own_pop_row())?;
         let own = db.poll_changes(&mut node, now, true)?;
+        db.wait_briefly_for_locks()?;
         tracing::info!(
             rows = node.replica().len(),
             versioned_at_start = reconciled + own,
@@ -547,11 +548,15 @@ impl Driver {
             TransportEvent::Message { from, bytes } => {
                 self.node.handle_message(Now::system(), from, &bytes)
             }
-            TransportEvent::Refused { from, reason } => {
+            TransportEvent::Refused {
+                from,
+                label,
+                reason,
+            } => {
                 self.node.stats.refused += 1;
                 self.log_refusal(
                     from,
-                    "secret",
+                    label,
                     None,
                     &format!("QUIC handshake failed: {reason}"),
                 );

@@ -35,9 +35,15 @@ const RETRY_AFTER: Duration = Duration::from_millis(500);
 pub enum TransportEvent {
     /// A message (one stream's bytes) from the peer at `from`.
     Message { from: SocketAddr, bytes: Vec<u8> },
-    /// An incoming connection failed its handshake (e.g. a certificate not
-    /// signed by this cluster's CA).
-    Refused { from: SocketAddr, reason: String },
+    /// An incoming connection failed its handshake. `label`: "secret" when
+    /// TLS refused it (a certificate not signed by this cluster's CA),
+    /// "handshake" when it was cut short (aborted, timed out, reset: the
+    /// network or a half-open firewall, not the secret).
+    Refused {
+        from: SocketAddr,
+        label: &'static str,
+        reason: String,
+    },
     /// We could not reach a peer.
     Unreachable { to: SocketAddr, reason: String },
 }
@@ -161,6 +167,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<Tr
                 Err(e) => {
                     let _ = events.send(TransportEvent::Refused {
                         from,
+                        label: refusal_label(&e),
                         reason: e.to_string(),
                     });
                     return;
@@ -175,6 +182,23 @@ async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<Tr
                 });
             }
         });
+    }
+}
+
+/// TLS alerts travel as QUIC's crypto error codes 0x100–0x1ff (RFC 9001
+/// §4.8): only those mean the peer's credentials were refused. Everything
+/// else (the peer aborting a handshake its side gave up on, a timeout, a
+/// reset) says the network failed; labelled "secret", it sent operators
+/// comparing secrets when a firewall blocked the transport port one way.
+fn refusal_label(e: &quinn::ConnectionError) -> &'static str {
+    let code = match e {
+        quinn::ConnectionError::TransportError(t) => t.code,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        _ => return "handshake",
+    };
+    match u64::from(code) {
+        0x100..=0x1ff => "secret",
+        _ => "handshake",
     }
 }
 
@@ -236,5 +260,40 @@ async fn connect(endpoint: &quinn::Endpoint, to: SocketAddr) -> Result<quinn::Co
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err(format!("no answer within {} s", CONNECT_TIMEOUT.as_secs())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::{ConnectionClose, ConnectionError, TransportErrorCode};
+
+    fn closed(error_code: TransportErrorCode) -> ConnectionError {
+        ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code,
+            frame_type: None,
+            reason: bytes::Bytes::new(),
+        })
+    }
+
+    /// A handshake the peer gave up on (its side timed out behind a
+    /// firewall that dropped one direction) was counted as a wrong secret.
+    #[test]
+    fn only_tls_alerts_are_refusals_of_the_secret() {
+        // bad_certificate (42), decrypt_error (51): what a foreign CA gets.
+        assert_eq!(
+            refusal_label(&closed(TransportErrorCode::crypto(42))),
+            "secret"
+        );
+        assert_eq!(
+            refusal_label(&closed(TransportErrorCode::crypto(51))),
+            "secret"
+        );
+        assert_eq!(
+            refusal_label(&closed(TransportErrorCode::APPLICATION_ERROR)),
+            "handshake"
+        );
+        assert_eq!(refusal_label(&ConnectionError::TimedOut), "handshake");
+        assert_eq!(refusal_label(&ConnectionError::Reset), "handshake");
     }
 }
