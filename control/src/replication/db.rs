@@ -179,6 +179,15 @@ impl TableInfo {
     }
 }
 
+/// How long a write waits for another connection's lock (the API's, an
+/// operator's `sqlite3`) once replication runs. The replication
+/// loop waits with it, gossip included: five seconds made the other POPs
+/// declare this one down while an operator held a lock. A write that gives
+/// up costs nothing lasting: refused remote rows are brought again by
+/// anti-entropy (`Node::persist_failed`), and the change log is read again
+/// at the next poll.
+const BUSY_WAIT: Duration = Duration::from_millis(200);
+
 /// Replication's connection to `routing.db`.
 pub struct ReplDb {
     conn: Connection,
@@ -237,6 +246,13 @@ impl ReplDb {
         );
         db.with_tx(|tx| tx.execute_batch(&ddl))?;
         Ok(db)
+    }
+
+    /// From now on a write waits at most [`BUSY_WAIT`] for another
+    /// connection's lock (at start, five seconds: the start fails if the
+    /// table cannot be read).
+    pub fn wait_briefly_for_locks(&self) -> Result<(), DbError> {
+        self.conn.busy_timeout(BUSY_WAIT).map_err(|e| self.err(e))
     }
 
     fn err(&self, cause: rusqlite::Error) -> DbError {
