@@ -676,3 +676,63 @@ fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
         "main's port still accepts"
     );
 }
+
+/// The new "binary" is a wrapper script that starts a long-lived child and
+/// never runs the proxy. The child inherited the hand-off channel, in whose
+/// queue the old process's sockets wait: the failed upgrade must kill it
+/// with the script, or once the old process stops its ports still listen,
+/// with nobody to accept (clients hang) and nothing able to bind them.
+#[test]
+fn a_failed_upgrade_leaves_nothing_holding_the_sockets() {
+    let dir = TempDir::new("upgrade-orphan-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let mut s = Setup::start("upgrade-orphan", Some(&exe), "ready_timeout_secs = 1\n");
+    let addr = s.proxy.addr();
+    let api = logged_addr(&s.proxy, "api listening", "addr");
+    let control = s.control_socket();
+
+    let pid_file = dir.join("child.pid");
+    install_script(
+        &exe,
+        &format!(
+            "sleep 600 &\necho $! > {:?}\nwait",
+            pid_file.display().to_string()
+        ),
+    );
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not ready within 1s; killed it"), "{out}");
+    // The script wrote its child's pid before the upgrade gave up on it.
+    let child: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", pid_file.display()))
+        .trim()
+        .parse()
+        .unwrap();
+    // Killed when the test ends, whatever happens to it.
+    let _child = Chain { pids: vec![child] };
+
+    // The old process serves on, then stops.
+    round_trip(addr, 0).unwrap();
+    s.proxy.signal(SIGTERM);
+    let status = s
+        .proxy
+        .wait_exit(PATIENCE)
+        .expect("old process did not stop");
+    assert!(status.success(), "old process exited with {status}");
+    for (what, port) in [("listener", addr), ("api", api)] {
+        let seen = probe(port, Duration::from_millis(100));
+        assert_eq!(
+            seen,
+            Probe::Refused,
+            "the {what} port {port} still accepts after the proxy stopped \
+             (the script's child {child} alive: {})",
+            alive(child)
+        );
+    }
+    std::net::TcpListener::bind(addr).expect("the listener's port cannot be bound again");
+    assert!(
+        !alive(child),
+        "the script's child {child} outlived the failed upgrade"
+    );
+}

@@ -6,7 +6,11 @@
 //! its own (the control loop keeps serving meanwhile). Whatever goes wrong,
 //! the old process is untouched: it never stopped accepting. A successor
 //! that did not get as far as `Ready` is killed and reaped, so a binary that
-//! hangs at start does not linger.
+//! hangs at start does not linger. It is started in a process group of its
+//! own and the whole group is killed: a child it started (a wrapper script
+//! that runs something without `exec`) inherits the hand-off channel, and
+//! the sockets queued in that channel stay open, listening with nobody to
+//! accept, for as long as any process holds it.
 
 use std::ffi::OsString;
 use std::io;
@@ -149,7 +153,10 @@ pub fn start(
     command
         .args(&args)
         .env(UPGRADE_FD_VAR, their_fd.to_string())
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // Its own group (pgid = its pid), so that a failed start can kill
+        // everything it started along with it (see `kill_group`).
+        .process_group(0);
     // SAFETY: runs in the forked child before exec; fcntl is
     // async-signal-safe and touches only the child's descriptor table.
     unsafe {
@@ -175,23 +182,30 @@ pub fn start(
             channel: ours,
         }),
         Err(e) => {
-            let e = match e {
-                // It closed the channel: it exited, or is about to.
-                UpgradeError::Channel { .. } | UpgradeError::Exited { .. } => {
-                    match reap(&mut child, Duration::from_secs(5)) {
-                        Some(status) => UpgradeError::Exited {
-                            pid,
-                            status: describe(status),
-                        },
-                        None => e,
+            // It closed the channel: it exited, or is about to. Let it, so
+            // that its own exit status is reported rather than our SIGKILL.
+            let exited = matches!(
+                e,
+                UpgradeError::Channel { .. } | UpgradeError::Exited { .. }
+            ) && wait_exited(pid, Duration::from_secs(5));
+            // Whatever state it is in, neither it nor anything it started
+            // may serve alongside us or keep the channel (and the sockets
+            // still queued in it) open.
+            kill_group(pid);
+            // And the successor itself, should it have left its group.
+            let _ = child.kill();
+            let status = child.wait();
+            Err(match (e, status) {
+                (UpgradeError::Channel { .. } | UpgradeError::Exited { .. }, Ok(status))
+                    if exited =>
+                {
+                    UpgradeError::Exited {
+                        pid,
+                        status: describe(status),
                     }
                 }
-                other => other,
-            };
-            // Whatever state it is in, it must not serve alongside us.
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(e)
+                (e, _) => e,
+            })
         }
     }
 }
@@ -252,17 +266,45 @@ fn handshake(
     }
 }
 
-/// Waits up to `patience` for `child` to exit.
-fn reap(child: &mut Child, patience: Duration) -> Option<ExitStatus> {
+/// Waits up to `patience` for the child `pid` to exit, without reaping it:
+/// an unreaped child keeps its pid, and with it the number of its process
+/// group, from being reused, so [`kill_group`] cannot hit a stranger.
+fn wait_exited(pid: u32, patience: Duration) -> bool {
     let deadline = Instant::now() + patience;
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
+        // SAFETY: waitid with WNOWAIT only reads the state of our own child
+        // and leaves it to be reaped by `Child::wait`; `info` is plain data.
+        let exited = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            ) == 0
+                && info.si_pid() != 0
+        };
+        if exited {
+            return true;
         }
         if Instant::now() >= deadline {
-            return None;
+            return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGKILLs the successor's process group: the successor and whatever it
+/// started that stayed in its group (a child that left it with `setsid`
+/// is out of reach). Call before reaping the successor, the group's
+/// leader: until then its number cannot name another group.
+fn kill_group(pgid: u32) {
+    // SAFETY: kill(2) with a negative pid signals the group the successor
+    // leads (`process_group(0)` at spawn); nothing else has that number
+    // while the successor is unreaped.
+    if unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) } == -1 {
+        let e = io::Error::last_os_error();
+        tracing::debug!(pgid, error = %e, "upgrade: cannot kill the new process's group");
     }
 }
 
