@@ -166,6 +166,57 @@ fn a_lowered_connection_limit_applies_to_new_connections() {
     echo(&extra, "room again");
 }
 
+/// `[affinity]` changed by SIGHUP applies to the next connection, not at
+/// the affinity GC's next sweep (a minute by default; an hour here, so a
+/// late application cannot pass): with `ttl_secs = 0` a client already
+/// bound is routed afresh at once.
+#[test]
+fn an_affinity_change_applies_to_the_next_connection() {
+    let affinity = |ttl: u32| {
+        format!(
+            "[affinity]\nttl_secs = {ttl}\ngc_interval_secs = 3600\n\n{}",
+            listeners(&["main"])
+        )
+    };
+    let s = Setup::new("sighup-affinity", &affinity(600));
+    let addr = s.proxy.listener("main");
+    // 127.0.0.1 is bound to x, the only backend; held open, so x has load.
+    let (name, _first) = connect_tagged(addr);
+    assert_eq!(name, "x");
+
+    // A second backend, idle: a fresh pick would choose it.
+    let y = TagBackend::start("y");
+    let mark = s.proxy.log_mark();
+    s.db.upsert(&Row::new("y", "web", "sa", y.port()));
+    s.proxy
+        .wait_for_log_where(
+            mark,
+            |l| {
+                l.contains("routing table reloaded") && field(l, "backends").as_deref() == Some("2")
+            },
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("y never in the table; log:\n{}", s.proxy.log_text()));
+    // The binding holds the client on x all the same.
+    let (name, _second) = connect_tagged(addr);
+    assert_eq!(name, "x", "the bound client left its backend");
+
+    let mark = s.reload(&affinity(0));
+    let updated = s.proxy.log_lines_after(mark, "limits and timeouts updated");
+    assert_eq!(updated.len(), 1, "{updated:#?}");
+    assert!(
+        updated[0].contains("affinity.ttl_secs: 600 → 0"),
+        "{}",
+        updated[0]
+    );
+    // Affinity is off: the next connection goes where load sends it.
+    let (name, _third) = connect_tagged(addr);
+    assert_eq!(
+        name, "y",
+        "the next connection after SIGHUP still followed the binding"
+    );
+}
+
 #[test]
 fn an_invalid_file_is_rejected_and_the_running_config_stays() {
     let base = format!("[limits]\nmax_connections = 2\n\n{}", listeners(&["a"]));

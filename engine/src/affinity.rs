@@ -171,6 +171,25 @@ impl AffinityTable {
         self.ttl
     }
 
+    /// The most bindings held (see [`AffinityTable::set_max_clients`]).
+    pub fn max_clients(&self) -> usize {
+        self.max_clients
+    }
+
+    /// Puts `ttl` and `max_clients` in force, as [`AffinityTable::set_ttl`]
+    /// and [`AffinityTable::set_max_clients`] do; writes nothing when both
+    /// already are. Cheap enough to call before every lookup, which is how
+    /// a configuration change reaches the table before the next client is
+    /// routed.
+    pub fn configure(&mut self, ttl: Duration, max_clients: usize) {
+        if ttl != self.ttl {
+            self.set_ttl(ttl);
+        }
+        if max_clients != self.max_clients {
+            self.max_clients = max_clients;
+        }
+    }
+
     /// Changes the TTL. It applies to existing bindings immediately (a binding
     /// idle for longer than the new TTL is expired). Setting zero disables
     /// affinity and drops every binding.
@@ -367,6 +386,26 @@ mod tests {
         assert_eq!(t.lookup(ip(1), now), None);
         assert_eq!(t.gc(now), 1);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn configure_applies_what_changed_and_keeps_the_rest() {
+        let t0 = Instant::now();
+        let mut t = AffinityTable::new(TTL);
+        t.bind(ip(1), id("b1"), t0);
+        // Unchanged: the binding stays.
+        t.configure(TTL, DEFAULT_MAX_CLIENTS);
+        assert_eq!(t.lookup(ip(1), t0).as_deref(), Some("b1"));
+        // A smaller table: no new client is bound, the bound one stays.
+        t.configure(TTL, 1);
+        assert_eq!(t.max_clients(), 1);
+        t.bind(ip(2), id("b2"), t0);
+        assert_eq!(t.lookup(ip(2), t0), None);
+        assert_eq!(t.take_unbound(), 1);
+        // TTL zero: affinity off, every binding dropped.
+        t.configure(Duration::ZERO, 1);
+        assert!(t.is_empty());
+        assert_eq!(t.lookup(ip(1), t0), None);
     }
 
     #[test]

@@ -232,6 +232,7 @@ async fn serve_inner(
             let exclude: Vec<BackendIdx> = failed.iter().filter_map(|id| snap.find(id)).collect();
             let candidates = snap.candidates(lctx.spec.app.as_deref());
             let route = |table: &mut crate::affinity::AffinityTable| {
+                ctx.sync_affinity(table);
                 select::route_scored(
                     &snap,
                     candidates,

@@ -92,6 +92,19 @@ impl ShardCtx {
     pub fn knobs(&self) -> Knobs {
         **self.knobs.borrow_mut().load()
     }
+
+    /// Puts the current knobs' affinity TTL and size limit in force in
+    /// `table` (this shard's or the shared one). Called before each
+    /// routing decision, so that a SIGHUP's change applies from the next
+    /// connection: waiting for the GC sweep left clients bound for up to
+    /// two GC intervals. Cheap on the hot path: the cache re-reads the
+    /// knobs only after a change, and the table is written only when a
+    /// value differs.
+    pub fn sync_affinity(&self, table: &mut AffinityTable) {
+        let mut cache = self.knobs.borrow_mut();
+        let knobs = cache.load();
+        table.configure(knobs.affinity_ttl, knobs.affinity_max_clients);
+    }
 }
 
 /// A listener as one shard sees it.

@@ -297,27 +297,27 @@ fn admit(
 /// Sweeps expired affinity bindings; shard 0 also sweeps the shared table.
 async fn affinity_gc(ctx: Rc<ShardCtx>) {
     loop {
-        let (interval, ttl, max) = {
-            let k = ctx.shared.knobs.load();
-            (
-                k.affinity_gc_interval.max(Duration::from_secs(1)),
-                k.affinity_ttl,
-                k.affinity_max_clients,
-            )
-        };
+        let interval = ctx
+            .shared
+            .knobs
+            .load()
+            .affinity_gc_interval
+            .max(Duration::from_secs(1));
         rt::sleep(interval).await;
+        // The knobs as they are after the sleep, not before it: a change
+        // made meanwhile is in force for this sweep (routing puts it in
+        // force at once anyway, see `ShardCtx::sync_affinity`).
+        let max = ctx.knobs().affinity_max_clients;
         let now = Instant::now();
         let (removed, unbound) = {
             let mut table = ctx.affinity.borrow_mut();
-            table.set_ttl(ttl);
-            table.set_max_clients(max);
+            ctx.sync_affinity(&mut table);
             (table.gc(now), table.take_unbound())
         };
         let mut shared_unbound = 0;
         if ctx.id == 0 {
             if let Ok(mut shared) = ctx.shared.shared_affinity.lock() {
-                shared.set_ttl(ttl);
-                shared.set_max_clients(max);
+                ctx.sync_affinity(&mut shared);
                 shared.gc(now);
                 shared_unbound = shared.take_unbound();
             }
