@@ -398,6 +398,9 @@ pub mod defaults {
     pub const CONNECT_ATTEMPTS: u32 = 3;
     pub const IDLE_TIMEOUT_SECS: u64 = 300;
     pub const SHUTDOWN_GRACE_SECS: u64 = 30;
+    /// Upper bounds: 7 days without a byte, a day of draining.
+    pub const MAX_IDLE_TIMEOUT_SECS: u64 = 7 * 86_400;
+    pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 86_400;
     pub const DEMO_APP: &str = "demo";
     pub const METRICS_LISTEN_ADDR: &str = "127.0.0.1:9090";
     /// The original edgeProxy's DNS port and domain.
@@ -771,18 +774,31 @@ impl Config {
                 "must be between 1 ms and 10 minutes",
             ));
         }
+        // Bounded so that a deadline (`Instant` + the value) can always be
+        // computed: u64::MAX written for "forever" made the shards panic.
+        let idle_secs = l.idle_timeout_secs.unwrap_or(defaults::IDLE_TIMEOUT_SECS);
+        if idle_secs > defaults::MAX_IDLE_TIMEOUT_SECS {
+            return Err(invalid(
+                "limits.idle_timeout_secs",
+                "must be at most 604800 (7 days); 0 = never",
+            ));
+        }
+        let grace_secs = l
+            .shutdown_grace_secs
+            .unwrap_or(defaults::SHUTDOWN_GRACE_SECS);
+        if grace_secs > defaults::MAX_SHUTDOWN_GRACE_SECS {
+            return Err(invalid(
+                "limits.shutdown_grace_secs",
+                "must be at most 86400 (1 day)",
+            ));
+        }
         let limits = Limits {
             max_connections: l.max_connections,
             max_connections_per_shard: l.max_connections_per_shard.unwrap_or(0),
             connect_timeout: Duration::from_millis(connect_ms),
             connect_attempts,
-            idle_timeout: Duration::from_secs(
-                l.idle_timeout_secs.unwrap_or(defaults::IDLE_TIMEOUT_SECS),
-            ),
-            shutdown_grace: Duration::from_secs(
-                l.shutdown_grace_secs
-                    .unwrap_or(defaults::SHUTDOWN_GRACE_SECS),
-            ),
+            idle_timeout: Duration::from_secs(idle_secs),
+            shutdown_grace: Duration::from_secs(grace_secs),
         };
 
         // --- listeners
@@ -1154,10 +1170,44 @@ mod tests {
             ),
             ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
+            (
+                "[limits]\nidle_timeout_secs = 604801\n",
+                "limits.idle_timeout_secs",
+            ),
+            (
+                "[limits]\nidle_timeout_secs = 18446744073709551615\n",
+                "limits.idle_timeout_secs",
+            ),
+            (
+                "[limits]\nshutdown_grace_secs = 86401\n",
+                "limits.shutdown_grace_secs",
+            ),
+            (
+                "[limits]\nshutdown_grace_secs = 18446744073709551615\n",
+                "limits.shutdown_grace_secs",
+            ),
         ] {
             let err = from(text, &NO_ENV).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn idle_timeout_and_shutdown_grace_accept_their_whole_range() {
+        let c = from(
+            "[limits]\nidle_timeout_secs = 604800\nshutdown_grace_secs = 86400\n",
+            &NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(604_800));
+        assert_eq!(c.limits.shutdown_grace, Duration::from_secs(86_400));
+        let c = from(
+            "[limits]\nidle_timeout_secs = 0\nshutdown_grace_secs = 0\n",
+            &NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::ZERO);
+        assert_eq!(c.limits.shutdown_grace, Duration::ZERO);
     }
 
     #[test]
