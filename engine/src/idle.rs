@@ -67,7 +67,15 @@ impl Watch {
         }
         if self.moved.replace(false) {
             self.last_seen.set(now);
-        } else if now >= self.last_seen.get() + self.idle {
+        } else if self
+            .last_seen
+            .get()
+            .checked_add(self.idle)
+            // Past what an `Instant` can hold: never (the configuration
+            // bounds `idle`; an embedder may not, and a panic here would
+            // end the shard's sweeper).
+            .is_some_and(|at| now >= at)
+        {
             self.expired.ring();
         }
     }
@@ -174,6 +182,20 @@ mod tests {
 
     fn runtime() -> compio::runtime::Runtime {
         compio::runtime::Runtime::new().expect("runtime")
+    }
+
+    #[test]
+    fn a_timeout_past_what_an_instant_holds_never_expires() {
+        let start = Instant::now();
+        let watch = Watch {
+            moved: Cell::new(false),
+            last_seen: Cell::new(start),
+            idle: Duration::MAX,
+            expired: Alarm::default(),
+        };
+        // `last_seen + idle` overflows: it used to panic here.
+        watch.sweep(start + Duration::from_secs(3600));
+        assert!(!watch.expired.is_rung());
     }
 
     #[test]

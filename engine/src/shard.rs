@@ -161,7 +161,10 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
 /// Waits for this shard's connections to finish, at most `grace`, or until
 /// a fast stop is asked for.
 async fn drain(ctx: &ShardCtx, grace: Duration) {
-    let deadline = Instant::now() + grace;
+    // A grace beyond what an `Instant` can hold (the configuration bounds
+    // it, an embedder may not) means no deadline: wait for the connections
+    // or a fast stop, rather than panic and cut every connection at once.
+    let deadline = Instant::now().checked_add(grace);
     let stop_now = || {
         ctx.shared
             .stop_now
@@ -170,7 +173,7 @@ async fn drain(ctx: &ShardCtx, grace: Duration) {
     // Connections end on their own schedule; a short poll costs nothing next
     // to a drain that lasts seconds, and needs no wake-up plumbing in every
     // connection.
-    while ctx.stats.active() > 0 && Instant::now() < deadline && !stop_now() {
+    while ctx.stats.active() > 0 && deadline.is_none_or(|d| Instant::now() < d) && !stop_now() {
         rt::sleep(Duration::from_millis(20).min(grace)).await;
     }
     let left = ctx.stats.active();
