@@ -179,6 +179,25 @@ impl TableInfo {
     }
 }
 
+/// The largest row (its replicated columns as JSON) that replicates. A
+/// backend's row is about 250 bytes; this leaves room for any health check
+/// an operator writes, and keeps a row far inside one message
+/// (`wire::MAX_MESSAGE_BYTES`): a row over that was re-sent at every
+/// anti-entropy exchange, dropped by every receiver, and never logged.
+pub const MAX_ROW_BYTES: usize = 1 << 20;
+
+/// False (with an error logged) for a row too large to replicate: it stays
+/// in this POP's table, unversioned, until an edit makes it fit.
+fn fits_a_message(key: &RowKey, data: &Option<String>) -> bool {
+    let len = data.as_ref().map_or(0, String::len);
+    if len <= MAX_ROW_BYTES {
+        return true;
+    }
+    tracing::error!(table = key.table.name(), key = %key.pk, bytes = len, limit = MAX_ROW_BYTES,
+        "replication: row too large to replicate; it stays on this POP only until it is made smaller");
+    false
+}
+
 /// How long a write waits for another connection's lock (the API's, an
 /// operator's `sqlite3`) once replication runs. The replication
 /// loop waits with it, gossip included: five seconds made the other POPs
@@ -346,6 +365,7 @@ impl ReplDb {
                 .map(|r| r.key)
                 .collect();
             current.extend(gone.into_iter().map(|k| (k, None)));
+            current.retain(|(key, data)| fits_a_message(key, data));
             let written = node.local_writes(now, current);
             record(tx, &written)?;
             tx.execute("DELETE FROM repl_changes", [])?;
@@ -396,7 +416,10 @@ impl ReplDb {
                         .prepare_cached(&info.select_one)?
                         .query_row([pk], |r| r.get(0))
                         .optional()?;
-                    changed.push((RowKey::new(info.table, pk.clone()), data));
+                    let key = RowKey::new(info.table, pk.clone());
+                    if fits_a_message(&key, &data) {
+                        changed.push((key, data));
+                    }
                 }
                 let written = node.local_writes(now, changed);
                 record(tx, &written)?;
@@ -674,6 +697,30 @@ mod tests {
             .replica()
             .data(&RowKey::new(Table::Backends, "b1"))
             .is_some());
+    }
+
+    /// A 17 MB value written with sqlite3 was versioned, then re-sent at
+    /// every exchange and dropped by every receiver (over the message
+    /// limit), with nothing logged anywhere.
+    #[test]
+    fn a_row_too_large_to_replicate_gets_no_version() {
+        let (_d, path, mut db, mut node) = setup();
+        let operator = other(&path);
+        operator.execute(INSERT, []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        let key = RowKey::new(Table::Backends, "b1");
+        let before = node.replica().version_of(&key).cloned();
+        let huge = "x".repeat(MAX_ROW_BYTES + 1);
+        operator
+            .execute("UPDATE backends SET app = ?1 WHERE id = 'b1'", [&huge])
+            .unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 0);
+        assert_eq!(node.replica().version_of(&key).cloned(), before);
+        // Made smaller, it replicates again.
+        operator
+            .execute("UPDATE backends SET app = 'web2' WHERE id = 'b1'", [])
+            .unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
     }
 
     #[test]

@@ -176,8 +176,18 @@ async fn accept_loop(endpoint: quinn::Endpoint, events: mpsc::UnboundedSender<Tr
             while let Ok(mut stream) = conn.accept_uni().await {
                 let events = events.clone();
                 tokio::spawn(async move {
-                    if let Ok(bytes) = stream.read_to_end(MAX_MESSAGE_BYTES).await {
-                        let _ = events.send(TransportEvent::Message { from, bytes });
+                    match stream.read_to_end(MAX_MESSAGE_BYTES).await {
+                        Ok(bytes) => {
+                            let _ = events.send(TransportEvent::Message { from, bytes });
+                        }
+                        // Dropped in silence, a peer's oversized message was
+                        // sent again at every exchange with nothing to say why.
+                        Err(quinn::ReadToEndError::TooLong) => tracing::warn!(
+                            peer = %from,
+                            limit = MAX_MESSAGE_BYTES,
+                            "replication: dropped a message larger than the limit"
+                        ),
+                        Err(_) => {}
                     }
                 });
             }
