@@ -5,6 +5,7 @@
 pub mod api;
 pub mod app;
 pub mod bgp;
+pub mod bounded_http;
 pub mod check_routing;
 pub mod cli;
 pub mod client_limits;

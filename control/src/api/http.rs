@@ -1,13 +1,8 @@
 //! The HTTP side: routes, the guards every request passes (rate limit,
-//! browser origin, loopback host, token), handlers that turn requests into
-//! [`Op`]s, and the accept loop.
-//!
-//! The accept loop is ours rather than `axum::serve` so that connections are
-//! bounded (count, header read time, lifetime): the API shares the control
-//! thread with the routing reload, and a client that opens sockets and sends
-//! nothing must not pile up tasks there.
+//! browser origin, loopback host, token), and handlers that turn requests
+//! into [`Op`]s. Connections are accepted and bounded by
+//! [`crate::bounded_http`].
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,24 +13,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use engine::snapshot::SnapshotHandle;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::auth;
 use super::config::ApiToken;
 use super::limit::RateLimiter;
 use super::ops::{Command, Op, Reply};
+use crate::bounded_http::Peer;
 
-/// Connections served at once; more wait in the kernel's backlog.
-const MAX_CONNECTIONS: usize = 256;
-/// A request's head must arrive within this.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request's body must arrive within this.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection is closed (after its request in flight) at this age.
-const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 pub(super) struct Shared {
     pub commands: mpsc::Sender<Command>,
@@ -61,10 +49,6 @@ pub(super) struct Shared {
 }
 
 type AppState = Arc<Shared>;
-
-/// The client's address, attached to each request by the accept loop.
-#[derive(Debug, Clone, Copy)]
-struct Peer(SocketAddr);
 
 fn reply(r: Reply) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -297,44 +281,6 @@ async fn deregister(State(s): State<AppState>, Path(id): Path<String>) -> Respon
 
 async fn drain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     call(&s, Op::Drain(id)).await
-}
-
-/// Accepts connections and serves each in its own task, at most
-/// [`MAX_CONNECTIONS`] at once.
-pub(super) async fn accept_loop(listener: tokio::net::TcpListener, router: Router) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let (stream, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "discovery API: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
-        tokio::spawn(async move {
-            let _slot = slot;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(64 * 1024);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(BODY_READ_TIMEOUT, conn).await;
-        });
-    }
 }
 
 /// Traffic steering (`crate::steering::api`): a status and a JSON body.

@@ -49,6 +49,10 @@ pub use ops::{execute, Command};
 /// Commands queued for the control loop before handlers wait.
 const QUEUE: usize = 64;
 
+/// Connections served at once; more wait in the kernel's backlog. Set
+/// aside in the descriptor reserve (`crate::fd_limit`).
+pub const MAX_CONNECTIONS: usize = 256;
+
 /// The API's socket, bound, not yet served.
 pub struct Bound {
     listener: std::net::TcpListener,
@@ -154,7 +158,12 @@ impl Bound {
             mesh: self.mesh,
             steering,
         });
-        let task = tokio::spawn(http::accept_loop(listener, http::router(shared)));
+        let task = tokio::spawn(crate::bounded_http::accept_loop(
+            listener,
+            http::router(shared),
+            MAX_CONNECTIONS,
+            "api",
+        ));
         Ok(Server { commands: rx, task })
     }
 }
