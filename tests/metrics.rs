@@ -246,6 +246,103 @@ fn routing_version_and_reloads_follow_the_table() {
     assert_eq!(value(&s, "edgeproxy_routing_backends", &[]), 2.0);
 }
 
+/// Writes a GET for `path` on a fresh connection to `addr`.
+fn send_get(addr: SocketAddr, path: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, PATIENCE).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
+/// The status line's code of the answer on `s`, read to its end.
+fn status_of(mut s: std::net::TcpStream, wait: Duration) -> u16 {
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .unwrap_or_else(|e| panic!("no answer within {wait:?}: {e}"));
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
+}
+
+/// Clients holding connections open with half a request cannot take the
+/// descriptors the data plane needs, nor keep the probes down: the
+/// listener serves a bounded number of connections at once (the rest wait
+/// in the kernel's accept queue), and a request head that does not arrive
+/// in time closes its connection, so the probes answer again. Before, every
+/// such connection was accepted and held forever (300 of them stopped the
+/// proxy under `ulimit -n 256`).
+#[test]
+fn half_sent_requests_are_bounded_and_timed_out() {
+    const CAP: usize = control::metrics::MAX_CONNECTIONS;
+    const HEAD_TIMEOUT: Duration = control::bounded_http::HEADER_READ_TIMEOUT;
+    let dir = TempDir::new("metrics-half-sent");
+    let backend = TagBackend::start("a");
+    let (_db, proxy) = proxy_with_metrics(&dir, &[Row::new("a", "web", "sa", backend.port())], "");
+    let metrics = metrics_addr(&proxy);
+    assert_eq!(status_of(send_get(metrics, "/live"), PATIENCE), 200);
+
+    let started = std::time::Instant::now();
+    let held: Vec<std::net::TcpStream> = (0..CAP + 4)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect_timeout(&metrics, PATIENCE).expect("connect");
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+
+    // Every slot is held: a new client waits in the accept queue.
+    let live = send_get(metrics, "/live");
+    let scrape = send_get(metrics, "/metrics");
+    live.set_read_timeout(Some(QUEUED)).unwrap();
+    match (&live).read(&mut [0u8; 1]) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!(
+            "with {} connections held, a new client was served at once ({other:?}): \
+             the listener has no connection cap",
+            CAP + 4
+        ),
+    }
+
+    // Once the held heads time out, the probes answer.
+    let margin = Duration::from_secs(5);
+    assert_eq!(status_of(live, HEAD_TIMEOUT + margin), 200, "/live");
+    assert_eq!(status_of(scrape, HEAD_TIMEOUT + margin), 200, "/metrics");
+    assert!(
+        started.elapsed() < HEAD_TIMEOUT + margin,
+        "probes answered only after {:?}",
+        started.elapsed()
+    );
+
+    // And the half-sent connections were closed, not left open.
+    let first = &held[0];
+    first.set_read_timeout(Some(HEAD_TIMEOUT + margin)).unwrap();
+    let mut rest = Vec::new();
+    match (&*first).read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!(
+            "a half-sent request's connection is still open after {:?}: {e}",
+            started.elapsed()
+        ),
+    }
+    assert!(
+        started.elapsed() >= HEAD_TIMEOUT,
+        "closed after {:?}, before the head timeout",
+        started.elapsed()
+    );
+    // The data plane was never short of anything.
+    assert_eq!(which_backend(proxy.addr()), "a");
+}
+
 /// Echoes `len` bytes through `stream` (a writer thread sends, this thread
 /// reads back) and returns how many came back.
 fn echo_bulk(stream: std::net::TcpStream, len: usize) -> usize {

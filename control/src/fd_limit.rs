@@ -30,8 +30,11 @@ pub const BASE_RESERVE: u64 = 64;
 /// shard's own (its io_uring instance, wake-up descriptors).
 const PER_SHARD: u64 = 4;
 
-/// Connections the discovery API serves at once (`api::http`).
-const API_CONNECTIONS: u64 = 256;
+/// Connections the discovery API serves at once.
+const API_CONNECTIONS: u64 = crate::api::MAX_CONNECTIONS as u64;
+
+/// Connections the metrics/probe listener serves at once.
+const METRICS_CONNECTIONS: u64 = crate::metrics::MAX_CONNECTIONS as u64;
 
 /// The open-files limit, soft and hard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +82,7 @@ pub fn reserve(config: &Config) -> u64 {
     let listeners = config.listeners.len() as u64;
     let mut reserve = BASE_RESERVE + shards * (listeners + PER_SHARD);
     if config.metrics.enabled {
-        reserve += 16;
+        reserve += METRICS_CONNECTIONS;
     }
     if config.api.enabled {
         reserve += API_CONNECTIONS;

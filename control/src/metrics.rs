@@ -16,6 +16,12 @@ use engine::snapshot::SnapshotHandle;
 use engine::stats::CONNECT_LATENCY_BOUNDS;
 use engine::StatsView;
 
+/// Connections served at once (scrapers and probes); more wait in the
+/// kernel's accept queue. Set aside in the descriptor reserve
+/// (`crate::fd_limit`): without a cap, clients holding connections open
+/// took the descriptors the data plane needs, and `/live` failed with them.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// What a scrape reads.
 #[derive(Clone)]
 pub struct Sources {
@@ -50,7 +56,8 @@ pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 }
 
 /// Serves `/metrics` on the current Tokio runtime until the returned task
-/// is aborted (scrapes in progress finish).
+/// is aborted (scrapes in progress finish). Connections are bounded as the
+/// discovery API's are (`crate::bounded_http`).
 pub fn serve(
     listener: std::net::TcpListener,
     sources: Sources,
@@ -78,11 +85,12 @@ pub fn serve(
             axum::routing::get(|| async { "edgeproxy admin: GET /metrics, /ready, /live\n" }),
         )
         .merge(probes);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener failed");
-        }
-    }))
+    Ok(tokio::spawn(crate::bounded_http::accept_loop(
+        listener,
+        app,
+        MAX_CONNECTIONS,
+        "metrics",
+    )))
 }
 
 /// Writes one metric family: HELP, TYPE and its samples.
