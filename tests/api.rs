@@ -969,6 +969,89 @@ fn the_cli_finds_the_api_and_its_token_in_the_config_file() {
     assert!(err.contains("HTTP 401"), "{err}");
 }
 
+/// Every command that talks to a POP through its API finds the address and
+/// the token in `--config`'s `[api]`, as `backends` does. Before, `drain`,
+/// `undrain`, `pop`, `bgp`, `cluster` and `mesh` went to the default
+/// address with no token: refused here, and on a host where another proxy
+/// listens on the default address, `drain` drained that one.
+#[test]
+fn every_api_command_finds_the_api_in_the_config_file() {
+    let dir = TempDir::new("api-cli-config-all");
+    // A fixed, non-default port: the client reads the address from the
+    // file, not from the log. Take a free one and hand it over.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    assert_ne!(port, 8081);
+    let db = dir.join("routing.db");
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db,
+            &format!(
+                "[api]\nenabled = true\nlisten_addr = \"127.0.0.1:{port}\"\ntoken = {TOKEN:?}\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let _proxy = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+    let path = path.to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let (status, out, err) = run_to_end(&[&["--config", path], args].concat(), &[]);
+        assert!(status.success(), "{args:?}: {out}{err}");
+        out
+    };
+    // What the POP itself says, asked directly with the token.
+    let draining = || {
+        let text = ureq::get(&format!("http://127.0.0.1:{port}/api/v1/pop"))
+            .header("Authorization", &format!("Bearer {TOKEN}"))
+            .call()
+            .expect("GET /api/v1/pop")
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap();
+        body["draining"] == json!(true)
+    };
+
+    assert!(
+        cli(&["pop", "status"]).contains("drained:   no"),
+        "pop status"
+    );
+    cli(&["drain"]);
+    assert!(draining(), "`drain` did not drain the POP of --config");
+    let json: Value = serde_json::from_str(&cli(&["pop", "status", "--json"])).unwrap();
+    assert_eq!(json["draining"], json!(true), "{json}");
+    cli(&["undrain"]);
+    assert!(!draining(), "`undrain` did not undrain the POP of --config");
+    for args in [
+        &["bgp", "status"][..],
+        &["cluster", "status"][..],
+        &["mesh", "status"][..],
+    ] {
+        cli(args);
+    }
+    // The same through EDGEPROXY_CONFIG, and the command line still wins
+    // over the file: a wrong token is refused.
+    let (status, out, err) = run_to_end(&["pop", "status"], &[("EDGEPROXY_CONFIG", path)]);
+    assert!(status.success(), "{out}{err}");
+    let (status, _, err) = run_to_end(
+        &[
+            "--config",
+            path,
+            "pop",
+            "--token",
+            "wrong-token-0123456789",
+            "status",
+        ],
+        &[],
+    );
+    assert!(!status.success());
+    assert!(err.contains("HTTP 401"), "{err}");
+}
+
 /// `edgeproxy backends --json list | head` must not panic when the reader
 /// goes away: the rest of the output is dropped and the exit is quiet.
 #[test]

@@ -140,15 +140,15 @@ pub fn main() -> ExitCode {
             })
         }
         Command::Backends(args) => crate::api::client::run(*args, cli.config.as_deref()),
-        Command::Cluster(args) => crate::replication::cli::run(*args),
+        Command::Cluster(args) => crate::replication::cli::run(*args, cli.config.as_deref()),
         Command::Completions { shell } => completions(shell),
         Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
-        Command::Mesh(args) => crate::mesh::cli::run_mesh(*args),
+        Command::Mesh(args) => crate::mesh::cli::run_mesh(*args, cli.config.as_deref()),
         Command::SixPn(args) => crate::mesh::cli::run_6pn(args, cli.config.as_deref()),
-        Command::Drain(args) => crate::steering::cli::drain(*args, true),
-        Command::Undrain(args) => crate::steering::cli::drain(*args, false),
-        Command::Pop(args) => crate::steering::cli::pop(*args),
-        Command::Bgp(args) => crate::bgp::cli::run(*args),
+        Command::Drain(args) => crate::steering::cli::drain(*args, true, cli.config.as_deref()),
+        Command::Undrain(args) => crate::steering::cli::drain(*args, false, cli.config.as_deref()),
+        Command::Pop(args) => crate::steering::cli::pop(*args, cli.config.as_deref()),
+        Command::Bgp(args) => crate::bgp::cli::run(*args, cli.config.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

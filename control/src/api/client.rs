@@ -21,26 +21,8 @@ use serde_json::{json, Map, Value};
 
 #[derive(Debug, Args)]
 pub struct BackendsArgs {
-    /// Base URL of the proxy's discovery API. Default: from the [api]
-    /// section of --config's file if one is given, else
-    /// http://127.0.0.1:8081.
-    #[arg(long, global = true, env = "EDGEPROXY_API_URL", value_name = "URL")]
-    pub api: Option<String>,
-    /// Bearer token for the API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_TOKEN",
-        hide_env_values = true,
-        value_name = "TOKEN"
-    )]
-    pub token: Option<String>,
-    /// Read the bearer token from this file (when --token is not given).
-    #[arg(long, global = true, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Print the API's JSON answer instead of a summary.
-    #[arg(long, global = true)]
-    pub json: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
     #[command(subcommand)]
     pub action: Action,
 }
@@ -125,38 +107,12 @@ pub fn url_from_config(api: &super::ApiConfig) -> Result<String, String> {
 /// (`--config`), where the API's address and token come from when the
 /// command line does not give them.
 pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
-    let settings = match (&args.api, &args.token, config) {
-        // Everything given on the command line: the file is not needed.
-        (Some(_), Some(t), _) if !t.is_empty() => None,
-        (_, _, Some(path)) => Some(
-            crate::config::load(Some(path), &crate::config::ProcessEnv)
-                .with_context(|| format!("--config {}", path.display()))?
-                .api,
-        ),
-        (_, _, None) => None,
-    };
-    let url = match (&args.api, &settings) {
-        (Some(url), _) => url.clone(),
-        (None, Some(api)) => url_from_config(api).map_err(|e| {
-            anyhow::anyhow!(
-                "--config {}: {e}",
-                config.unwrap_or(Path::new("")).display()
-            )
-        })?,
-        (None, None) => DEFAULT_API_URL.to_string(),
-    };
-    let token = match token_from(args.token.as_deref(), args.token_file.as_deref())? {
-        Some(t) => Some(t),
-        None => settings
-            .as_ref()
-            .and_then(|api| api.token.as_ref())
-            .map(|t| t.expose().to_string()),
-    };
-    let api = Client::new(&url, token)?;
+    let api = args.api.client(config)?;
+    let as_json = args.api.json;
     match &args.action {
         Action::List => {
             let body = api.call("GET", "/api/v1/backends", None)?;
-            if args.json {
+            if as_json {
                 return print_json(&body);
             }
             crate::stdout::print(&table(&body))?;
@@ -180,7 +136,7 @@ pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
                 }
             }
             let body = api.call("POST", "/api/v1/register", Some(Value::Object(req)))?;
-            if args.json {
+            if as_json {
                 return print_json(&body);
             }
             let verb = if body["updated"] == json!(true) {
@@ -192,7 +148,7 @@ pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
         }
         Action::Rm { id } => {
             let body = api.call("DELETE", &format!("/api/v1/backends/{}", escape(id)), None)?;
-            if args.json {
+            if as_json {
                 return print_json(&body);
             }
             crate::stdout::print(&format!("deregistered {id}\n"))?;
@@ -203,7 +159,7 @@ pub fn run(args: BackendsArgs, config: Option<&Path>) -> anyhow::Result<()> {
                 &format!("/api/v1/backends/{}/drain", escape(id)),
                 None,
             )?;
-            if args.json {
+            if as_json {
                 return print_json(&body);
             }
             crate::stdout::print(&format!(
@@ -403,21 +359,19 @@ fn table(body: &Value) -> String {
     out
 }
 
-/// How to reach a running POP's discovery API: shared by the commands that
-/// read or change a POP through it (`cluster`, `mesh`, `pop`, `drain`,
-/// `bgp`).
+/// How to reach a running POP's discovery API: shared by every command
+/// that reads or changes a POP through it (`backends`, `cluster`, `mesh`,
+/// `pop`, `drain`, `undrain`, `bgp`), so that all of them find the API the
+/// same way (see [`ApiArgs::client`]).
 #[derive(Debug, Args)]
 pub struct ApiArgs {
-    /// Base URL of the POP's discovery API.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEPROXY_API_URL",
-        default_value = "http://127.0.0.1:8081",
-        value_name = "URL"
-    )]
-    pub api: String,
-    /// Bearer token for the API.
+    /// Base URL of the POP's discovery API. Default: from the [api]
+    /// section of --config's file if one is given, else
+    /// http://127.0.0.1:8081.
+    #[arg(long, global = true, env = "EDGEPROXY_API_URL", value_name = "URL")]
+    pub api: Option<String>,
+    /// Bearer token for the API. Default: --token-file, else the token of
+    /// --config's [api] section.
     #[arg(
         long,
         global = true,
@@ -435,9 +389,39 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    pub(crate) fn client(&self) -> anyhow::Result<Client> {
-        let token = token_from(self.token.as_deref(), self.token_file.as_deref())?;
-        Client::new(&self.api, token)
+    /// A client for the API. `config` is the proxy's config file
+    /// (`--config`): the URL is `--api`, else that file's `[api]` address
+    /// ([`url_from_config`]), else [`DEFAULT_API_URL`]; the token is
+    /// `--token`, else `--token-file`, else that file's token.
+    pub(crate) fn client(&self, config: Option<&Path>) -> anyhow::Result<Client> {
+        let settings = match (&self.api, &self.token, config) {
+            // Everything given on the command line: the file is not needed.
+            (Some(_), Some(t), _) if !t.is_empty() => None,
+            (_, _, Some(path)) => Some(
+                crate::config::load(Some(path), &crate::config::ProcessEnv)
+                    .with_context(|| format!("--config {}", path.display()))?
+                    .api,
+            ),
+            (_, _, None) => None,
+        };
+        let url = match (&self.api, &settings) {
+            (Some(url), _) => url.clone(),
+            (None, Some(api)) => url_from_config(api).map_err(|e| {
+                anyhow::anyhow!(
+                    "--config {}: {e}",
+                    config.unwrap_or(Path::new("")).display()
+                )
+            })?,
+            (None, None) => DEFAULT_API_URL.to_string(),
+        };
+        let token = match token_from(self.token.as_deref(), self.token_file.as_deref())? {
+            Some(t) => Some(t),
+            None => settings
+                .as_ref()
+                .and_then(|api| api.token.as_ref())
+                .map(|t| t.expose().to_string()),
+        };
+        Client::new(&url, token)
     }
 }
 

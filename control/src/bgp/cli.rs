@@ -1,6 +1,8 @@
 //! `edgeproxy bgp status`: the speaker's sessions and announcement from a
 //! running POP's API (`GET /api/v1/bgp`), as a table or as JSON.
 
+use std::path::Path;
+
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -22,8 +24,9 @@ pub enum BgpAction {
     Status,
 }
 
-pub fn run(args: BgpArgs) -> anyhow::Result<()> {
-    let body = args.api.client()?.call("GET", "/api/v1/bgp", None)?;
+/// `config`: `--config`, where the API's address and token are found.
+pub fn run(args: BgpArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let body = args.api.client(config)?.call("GET", "/api/v1/bgp", None)?;
     match args.action {
         BgpAction::Status if args.api.json => println!("{}", serde_json::to_string_pretty(&body)?),
         BgpAction::Status => print!("{}", render(&body)),

@@ -29,8 +29,9 @@ pub enum MeshAction {
     Status,
 }
 
-pub fn run_mesh(args: MeshArgs) -> anyhow::Result<()> {
-    let client = args.api.client()?;
+/// `config`: `--config`, where the API's address and token are found.
+pub fn run_mesh(args: MeshArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let client = args.api.client(config)?;
     let body = client.call("GET", "/api/v1/mesh", None)?;
     match args.action {
         MeshAction::Status if args.api.json => println!("{}", serde_json::to_string_pretty(&body)?),

@@ -1,6 +1,8 @@
 //! `edgeproxy cluster status`: replication's view of the cluster from a
 //! running POP's API (`GET /api/v1/cluster`), as a table or as JSON.
 
+use std::path::Path;
+
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
@@ -21,8 +23,9 @@ pub enum ClusterAction {
     Status,
 }
 
-pub fn run(args: ClusterArgs) -> anyhow::Result<()> {
-    let client = args.api.client()?;
+/// `config`: `--config`, where the API's address and token are found.
+pub fn run(args: ClusterArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let client = args.api.client(config)?;
     let body = client.call("GET", "/api/v1/cluster", None)?;
     match args.action {
         ClusterAction::Status if args.api.json => {

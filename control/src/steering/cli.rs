@@ -1,6 +1,7 @@
 //! `edgeproxy drain [--wait]`, `edgeproxy undrain` and `edgeproxy pop
 //! status`, through a running POP's API.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
@@ -39,9 +40,10 @@ fn parse(body: &Value) -> anyhow::Result<PopStatus> {
         .map_err(|e| anyhow::anyhow!("unexpected answer from the API: {e}"))
 }
 
-/// `edgeproxy drain` (`on`) and `edgeproxy undrain`.
-pub fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
-    let client = args.api.client()?;
+/// `edgeproxy drain` (`on`) and `edgeproxy undrain`. `config`: `--config`,
+/// where the API's address and token are found.
+pub fn drain(args: DrainArgs, on: bool, config: Option<&Path>) -> anyhow::Result<()> {
+    let client = args.api.client(config)?;
     let path = if on {
         "/api/v1/pop/drain"
     } else {
@@ -76,8 +78,8 @@ pub fn drain(args: DrainArgs, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn pop(args: PopArgs) -> anyhow::Result<()> {
-    let body = args.api.client()?.call("GET", "/api/v1/pop", None)?;
+pub fn pop(args: PopArgs, config: Option<&Path>) -> anyhow::Result<()> {
+    let body = args.api.client(config)?.call("GET", "/api/v1/pop", None)?;
     match args.action {
         PopAction::Status if args.api.json => println!("{}", serde_json::to_string_pretty(&body)?),
         PopAction::Status => print!("{}", render(&parse(&body)?)),
