@@ -795,6 +795,25 @@ fn without_a_token_the_api_listens_on_loopback_only() {
         403
     );
     assert_eq!(get(&format!("evil.example:{}", addr.port()), ""), 403);
+    // An absolute-form target names the host, whatever Host says.
+    assert_eq!(
+        raw_status(
+            addr,
+            "GET http://evil.example/api/v1/backends HTTP/1.1\r\nHost: localhost\r\n\
+             Connection: close\r\n\r\n"
+        ),
+        403
+    );
+    // No Host at all (HTTP/1.0 health checkers such as HAProxy's httpchk)
+    // names nothing a browser could have been rebound to: served. Before,
+    // refused as a non-local name.
+    for path in ["/health", "/api/v1/backends"] {
+        assert_eq!(
+            raw_status(addr, &format!("GET {path} HTTP/1.0\r\n\r\n")),
+            200,
+            "{path} without Host"
+        );
+    }
     drop(proxy);
 
     // The explicit opt-in binds as asked, with a warning.

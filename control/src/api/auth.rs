@@ -38,6 +38,20 @@ pub fn is_local_host(host: &str) -> bool {
     name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok()
 }
 
+/// Whether a request named this machine, for a tokenless API: by the
+/// authority of an absolute-form target (`GET http://host/...`, which wins
+/// over `Host`, RFC 9112 §3.2.2), else by its `Host` header (an unreadable
+/// one names no local host). A request naming no host at all is local:
+/// HTTP/1.0 health checkers (HAProxy's `option httpchk`) send none, and it
+/// is no DNS-rebinding vector, since browsers always send `Host`.
+pub fn names_local_host(authority_host: Option<&str>, host_header: Option<&[u8]>) -> bool {
+    match (authority_host, host_header) {
+        (Some(host), _) => is_local_host(host),
+        (None, Some(header)) => std::str::from_utf8(header).is_ok_and(is_local_host),
+        (None, None) => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +98,17 @@ mod tests {
         ] {
             assert!(!is_local_host(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn no_host_is_local_and_an_absolute_target_wins_over_host() {
+        assert!(names_local_host(None, None));
+        assert!(names_local_host(None, Some(b"127.0.0.1:8081")));
+        assert!(!names_local_host(None, Some(b"evil.example")));
+        assert!(!names_local_host(None, Some(b"")));
+        assert!(!names_local_host(None, Some(b"\xfflocalhost")));
+        assert!(!names_local_host(Some("evil.example"), Some(b"localhost")));
+        assert!(!names_local_host(Some("evil.example"), None));
+        assert!(names_local_host(Some("[::1]"), Some(b"evil.example")));
     }
 }

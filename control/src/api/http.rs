@@ -111,12 +111,9 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
         return error(403, "requests from web pages are not accepted");
     }
     if s.loopback_only {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("");
-        if !auth::is_local_host(host) {
+        let named = req.uri().authority().map(|a| a.host());
+        let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+        if !auth::names_local_host(named, host) {
             return error(
                 403,
                 "without a token the API answers only to Host: localhost or an address",

@@ -25,7 +25,8 @@
 //! `Authorization: Bearer <token>`. Without one the API binds loopback only,
 //! unless `allow_open` is set. Requests carrying an `Origin` header (web
 //! pages) are refused; without a token, so are requests whose `Host` is a
-//! name other than `localhost` (DNS rebinding).
+//! name other than `localhost` (DNS rebinding; a request without `Host`
+//! names nothing and is served).
 
 pub mod auth;
 pub mod client;
