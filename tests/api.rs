@@ -635,6 +635,24 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
     }
     assert_eq!(api.call("GET", "/api/v1/nothing-here", None).0, 404);
 
+    // An id that is not UTF-8 once percent-decoded: the same JSON error
+    // naming the field, on every path that takes an id (before, axum's
+    // text/plain "Invalid URL: ...", which the JSON parse above rejects).
+    for (method, path) in [
+        ("POST", "/api/v1/heartbeat/%C3"),
+        ("GET", "/api/v1/backends/%C3"),
+        ("DELETE", "/api/v1/backends/%FF%FE"),
+        ("POST", "/api/v1/backends/%C3/drain"),
+    ] {
+        let (status, reply) = api.call(method, path, None);
+        assert_eq!(status, 400, "{method} {path}: {reply}");
+        assert_eq!(reply["field"], "id", "{method} {path}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().starts_with("id: "),
+            "{method} {path}: {reply}"
+        );
+    }
+
     // A known path with the wrong method: 405 with a JSON body like every
     // other error, and the methods it takes in `Allow`.
     for (method, path, allow) in [

@@ -6,7 +6,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path, Request, State};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -260,7 +263,38 @@ async fn mesh(State(s): State<AppState>) -> Response {
     }
 }
 
-async fn heartbeat(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+/// A backend id from the path. An extractor of its own so that an id axum
+/// cannot decode (`%C3`: not UTF-8 once percent-decoded) gets the
+/// documented `{"error","field"}` JSON, like every other bad input, not
+/// axum's text/plain rejection.
+struct BackendId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for BackendId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(BackendId(id)),
+            Err(rejection) => {
+                let why = match &rejection {
+                    PathRejection::FailedToDeserializePathParams(e)
+                        if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+                    {
+                        "not valid UTF-8 once percent-decoded".to_string()
+                    }
+                    other => other.body_text(),
+                };
+                Err(reply(Reply::error(
+                    rejection.status().as_u16(),
+                    format!("id: {why}"),
+                    json!({ "field": "id" }),
+                )))
+            }
+        }
+    }
+}
+
+async fn heartbeat(State(s): State<AppState>, BackendId(id): BackendId) -> Response {
     call(&s, Op::Heartbeat(id)).await
 }
 
@@ -268,15 +302,15 @@ async fn list(State(s): State<AppState>) -> Response {
     call(&s, Op::List).await
 }
 
-async fn get_one(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+async fn get_one(State(s): State<AppState>, BackendId(id): BackendId) -> Response {
     call(&s, Op::Get(id)).await
 }
 
-async fn deregister(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+async fn deregister(State(s): State<AppState>, BackendId(id): BackendId) -> Response {
     call(&s, Op::Deregister(id)).await
 }
 
-async fn drain(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+async fn drain(State(s): State<AppState>, BackendId(id): BackendId) -> Response {
     call(&s, Op::Drain(id)).await
 }
 
