@@ -426,3 +426,55 @@ fn restart_only_changes_are_named_against_the_running_config() {
     assert!(keys(mark).is_empty(), "{:?}", keys(mark));
     assert_eq!(which_backend(s.proxy.listener("main")), "x");
 }
+
+/// The `limits and timeouts updated` line names every knob that changed,
+/// outside `[limits]` and `[affinity]` too, and is not logged with nothing
+/// to name. Before, a SIGHUP that changed only `health.rtt_weight`, only a
+/// restart-only key that the connection limit's reserve counts (`[dns]`,
+/// `runtime.shards`), or only the listeners logged `changes=` and nothing.
+#[test]
+fn the_update_line_names_every_change_and_is_never_empty() {
+    let s = Setup::new("sighup-knob-names", &listeners(&["main"]));
+    let updated = |mark: usize| s.proxy.log_lines_after(mark, "limits and timeouts updated");
+    let file = |extra: &str, names: &[&str]| format!("{extra}\n{}", listeners(names));
+
+    let rtt = "[health]\nrtt_weight = 0.5\n";
+    let lines = updated(s.reload(&file(rtt, &["main"])));
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("changes=health.rtt_weight: 0.0 → 0.5"),
+        "{}",
+        lines[0]
+    );
+
+    let rate = format!("{rtt}[rate_limit]\nburst = 7\n");
+    let lines = updated(s.reload(&file(&rate, &["main"])));
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("changes=rate_limit.burst: 10 → 7"),
+        "{}",
+        lines[0]
+    );
+
+    // Restart-only: warned about, and the connection limit stays derived
+    // from what runs, so there is nothing to say about knobs.
+    let dns = format!("{rate}[dns]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n");
+    let mark = s.reload(&file(&dns, &["main"]));
+    assert!(
+        !s.proxy
+            .log_lines_after(mark, "takes effect only after a restart")
+            .is_empty(),
+        "{}",
+        s.proxy.log_text()
+    );
+    assert_eq!(updated(mark), Vec::<String>::new());
+
+    // A listener more: its descriptors come out of the derived limit.
+    let lines = updated(s.reload(&file(&dns, &["main", "second"])));
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("changes=max_connections (derived): "),
+        "{}",
+        lines[0]
+    );
+}

@@ -692,22 +692,18 @@ fn apply(
         engine.set_pool(new.pool.policy());
         log_pool(&new.pool);
     }
-    let new_knobs = knobs(new);
+    let (next, restart) = crate::config_diff::split(old, new);
+    // From what runs from now on, not from the file: a restart-only key
+    // (runtime.shards, [dns]) must not move the derived connection limit
+    // before the restart.
+    let new_knobs = knobs(&next);
     if *engine.knobs() != new_knobs {
-        let mut changes = crate::config_diff::diff("limits", &old.limits, &new.limits);
-        changes.extend(crate::config_diff::diff(
-            "affinity",
-            &old.affinity,
-            &new.affinity,
-        ));
-        changes.extend(crate::config_diff::diff(
-            "log.access",
-            &old.log.access,
-            &new.log.access,
-        ));
+        let changes = knob_changes(old, &next, &engine.knobs(), &new_knobs);
         // Stored first: the line says they are in force.
         engine.set_knobs(new_knobs);
-        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
+        if !changes.is_empty() {
+            tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
+        }
     }
     // Listeners: removed or changed ones stop; added or changed ones start.
     for l in &old.listeners {
@@ -728,12 +724,46 @@ fn apply(
             Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
         }
     }
-    let (next, restart) = crate::config_diff::split(old, new);
     for change in &restart {
         tracing::warn!(key = %change.key, old = %change.old, new = %change.new,
             "changed in the file, but takes effect only after a restart; running with the old value");
     }
     Ok(next)
+}
+
+/// What a reload changed among the knobs, key by key, for the `limits and
+/// timeouts updated` line: every section [`knobs`] reads, and the connection
+/// limit when it is derived (it moves with the listeners and the open-files
+/// limit, with no key of its own). `next` is the configuration that runs
+/// from now on (restart-only keys as they run).
+fn knob_changes(
+    old: &Config,
+    next: &Config,
+    old_knobs: &Knobs,
+    new_knobs: &Knobs,
+) -> Vec<crate::config_diff::Change> {
+    use crate::config_diff::{diff, Change};
+    let mut changes = diff("limits", &old.limits, &next.limits);
+    changes.extend(diff("affinity", &old.affinity, &next.affinity));
+    changes.extend(diff("log.access", &old.log.access, &next.log.access));
+    changes.extend(diff(
+        "health.rtt_weight",
+        &old.health.rtt_weight,
+        &next.health.rtt_weight,
+    ));
+    // `next` keeps the running rate_limit.tracked_clients (restart-only,
+    // warned about on its own), so only what applies shows here.
+    changes.extend(diff("rate_limit", &old.rate_limit, &next.rate_limit));
+    if old_knobs.max_connections != new_knobs.max_connections
+        && next.limits.max_connections.is_none()
+    {
+        changes.push(Change {
+            key: "max_connections (derived)".into(),
+            old: old_knobs.max_connections.to_string(),
+            new: new_knobs.max_connections.to_string(),
+        });
+    }
+    changes
 }
 
 fn log_pool(pool: &crate::pool_config::Pool) {
@@ -825,4 +855,54 @@ fn spec_of(l: &config::Listener, tls: &mut TlsListeners) -> anyhow::Result<Liste
         send_proxy_protocol: l.send_proxy_protocol,
         tls: termination,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::from_raw(toml::from_str(text).unwrap(), &[("X", "")]).unwrap()
+    }
+
+    fn named(old: &str, new: &str, max: (u32, u32)) -> String {
+        let (old, new) = (config(old), config(new));
+        let (next, _) = crate::config_diff::split(&old, &new);
+        let old_knobs = Knobs {
+            max_connections: max.0,
+            ..knobs(&old)
+        };
+        let new_knobs = Knobs {
+            max_connections: max.1,
+            ..knobs(&next)
+        };
+        crate::config_diff::joined(&knob_changes(&old, &next, &old_knobs, &new_knobs))
+    }
+
+    #[test]
+    fn every_knob_that_changed_is_named() {
+        assert_eq!(
+            named("", "[health]\nrtt_weight = 0.5\n", (10, 10)),
+            "health.rtt_weight: 0.0 → 0.5"
+        );
+        assert_eq!(
+            named("", "[rate_limit]\nburst = 7\n", (10, 10)),
+            "rate_limit.burst: 10 → 7"
+        );
+        // The restart-only key of the section is not named here.
+        assert_eq!(
+            named("", "[rate_limit]\ntracked_clients = 7\n", (10, 10)),
+            ""
+        );
+        // A derived limit that moved (a listener added) is named...
+        assert_eq!(
+            named("", "", (9963, 9961)),
+            "max_connections (derived): 9963 → 9961"
+        );
+        // ...a configured one by its key only.
+        assert_eq!(
+            named("", "[limits]\nmax_connections = 4\n", (9963, 4)),
+            "limits.max_connections: (unset) → 4"
+        );
+    }
 }
