@@ -35,6 +35,8 @@ struct Cluster {
     pops: Vec<Option<Proxy>>,
     /// Per POP: extra config lines (e.g. another secret).
     extra: Vec<String>,
+    /// Extra lines of every POP's `[api]` table.
+    api_extra: String,
 }
 
 impl Cluster {
@@ -71,6 +73,7 @@ impl Cluster {
             dir: TempDir::new("repl"),
             pops: (0..n).map(|_| None).collect(),
             extra: (0..n).map(extra).collect(),
+            api_extra: String::new(),
         }
     }
 
@@ -99,6 +102,7 @@ addr = "0.0.0.0:8080"
 [api]
 enabled = true
 listen_addr = "127.0.0.1:8081"
+{api_extra}
 [metrics]
 enabled = true
 listen_addr = "127.0.0.1:9090"
@@ -118,6 +122,7 @@ bootstrap_peers = [{boot}]
             ip = self.net.ip(i),
             db = self.db_path(i).display(),
             boot = boot.join(", "),
+            api_extra = self.api_extra,
             secret = if has_secret {
                 String::new()
             } else {
@@ -442,6 +447,44 @@ fn a_killed_pop_is_shown_down_and_catches_up_after_a_restart() {
         "restarted POP did not catch up"
     );
     c.wait_joined();
+}
+
+/// A backend heartbeating at a POP that then died (with its site) stayed
+/// "serving" at every other POP for as long as that POP was down: only a
+/// row's heartbeat POP judged its expiry.
+#[test]
+fn backends_of_a_pop_that_is_down_expire_at_the_others() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(3, None, |_| String::new());
+    c.api_extra = "heartbeat_ttl_secs = 2".into();
+    for i in 0..3 {
+        c.launch(i);
+    }
+    c.wait_joined();
+    // Registered (heartbeat owner) at POP 2, whose id is not the first:
+    // POP 0 stands in for it.
+    assert_eq!(
+        c.register(2, "orphan", "10.77.0.1:9400".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c
+        .row(1, "orphan", "heartbeat_pop")
+        .as_deref()
+        == Some("node-2")));
+    assert_eq!(c.row(1, "orphan", "expired").as_deref(), Some("0"));
+    c.kill(2);
+    assert!(
+        common::eventually(PATIENCE, || c.member_state(0, 2).as_deref() == Some("down")),
+        "dead POP not reported"
+    );
+    assert!(
+        common::eventually(PATIENCE, || (0..2)
+            .all(|i| c.row(i, "orphan", "expired").as_deref() == Some("1"))),
+        "the down POP's backend was not expired: {:?}",
+        (0..2)
+            .map(|i| c.row(i, "orphan", "expired"))
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]

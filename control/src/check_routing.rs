@@ -14,7 +14,7 @@ use engine::snapshot::{BackendRecord, SnapshotBuilder};
 
 use crate::config::Config;
 use crate::no_backend_warn::Coverage;
-use crate::routing::{apply_lifecycle, unix_ms};
+use crate::routing::{apply_lifecycle, unix_ms, StandIn};
 use crate::routing_db_path::{absolute, inspect};
 use crate::store::{peek_read_only, Lifecycle, Loaded};
 
@@ -46,6 +46,7 @@ pub fn warnings(
         Some(config.api.heartbeat_ttl),
         unix_ms(SystemTime::now()),
         None,
+        &StandIn::default(),
     );
     let built = SnapshotBuilder::new().build(&loaded.records);
     for (id, reason) in &built.skipped {

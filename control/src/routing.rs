@@ -12,7 +12,7 @@
 //! go on. Expiry changes nothing in the file, so the reloader also reloads
 //! when the earliest heartbeat deadline it saw has passed.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,11 +26,55 @@ use crate::store::{Lifecycle, PopRow, RoutingStore, StoreError};
 /// kept by replication; read when the snapshot's POP list is built.
 pub type Liveness = Arc<ArcSwap<HashSet<String>>>;
 
+/// Node ids of the cluster members declared down, with when (Unix ms), kept
+/// by replication: their backends' heartbeats reach nobody (see
+/// [`StandIn`]).
+pub type DownSince = Arc<ArcSwap<HashMap<String, i64>>>;
+
 /// What the snapshot's POP list is built from besides the `pops` table.
 #[derive(Clone)]
 pub struct PopsInput {
     pub local_id: String,
     pub alive: Liveness,
+    pub down: DownSince,
+}
+
+/// Owners of heartbeats this POP judges in their place. Only a row's
+/// `heartbeat_pop` judges its expiry, and a POP that is down judges
+/// nothing: a backend that heartbeated there (and went down with its site)
+/// stayed "serving" at every other POP for as long as that POP was down, or
+/// for good if it was decommissioned. Once its owner has been declared down
+/// for the heartbeat TTL, one POP (the first alive member by id) records
+/// the row expired, and the verdict replicates. A backend that heartbeats
+/// at another POP makes that POP its owner, whose verdict follows; an owner
+/// that comes back judges by its own clock again.
+#[derive(Debug, Default, Clone)]
+pub struct StandIn {
+    /// Owners declared down, with when (Unix ms).
+    pub down_since_ms: HashMap<String, i64>,
+}
+
+impl StandIn {
+    /// What `input` makes this POP stand in for: its down members if this
+    /// POP is the first alive member by id, else nothing.
+    pub fn from_input(input: &PopsInput) -> StandIn {
+        let down = input.down.load();
+        if down.is_empty() {
+            return StandIn::default();
+        }
+        let alive = input.alive.load();
+        let first = alive
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(input.local_id.as_str()))
+            .min();
+        if first != Some(input.local_id.as_str()) {
+            return StandIn::default();
+        }
+        StandIn {
+            down_since_ms: (**down).clone(),
+        }
+    }
 }
 
 pub struct RoutingReloader {
@@ -121,6 +165,7 @@ pub fn apply_lifecycle(
     ttl: Option<Duration>,
     now_ms: i64,
     node_id: Option<&str>,
+    stand_in: &StandIn,
 ) -> Expiry {
     let mut out = Expiry::default();
     for (rec, life) in records.iter_mut().zip(lifecycle) {
@@ -130,7 +175,23 @@ pub fn apply_lifecycle(
         if life.draining {
             rec.healthy = false;
         }
-        let expired = row_expired(life, ttl, now_ms, node_id);
+        let mut expired = row_expired(life, ttl, now_ms, node_id);
+        let down_owner = life
+            .heartbeat_pop
+            .as_deref()
+            .and_then(|owner| stand_in.down_since_ms.get(owner));
+        if let (false, Some(&since), Some(ttl), false) =
+            (expired, down_owner, ttl, judges_expiry(life, node_id))
+        {
+            if is_expired(since, ttl, now_ms) {
+                expired = true;
+                out.verdicts.push((rec.id.clone(), true));
+            } else {
+                let deadline = since.saturating_add(ttl.as_millis().min(i64::MAX as u128) as i64);
+                out.next_deadline_ms =
+                    Some(out.next_deadline_ms.map_or(deadline, |n| n.min(deadline)));
+            }
+        }
         if expired {
             rec.healthy = false;
             out.expired.insert(rec.id.clone());
@@ -183,6 +244,7 @@ impl RoutingReloader {
             ttl,
             unix_ms(SystemTime::now()),
             store.node_id(),
+            &StandIn::default(),
         );
         record_verdicts(&mut store, &verdicts);
         if !expired.is_empty() {
@@ -330,6 +392,11 @@ impl RoutingReloader {
             self.ttl,
             unix_ms(now),
             self.store.node_id(),
+            &self
+                .pops
+                .as_ref()
+                .map(StandIn::from_input)
+                .unwrap_or_default(),
         );
         self.last_records.clone_from(&loaded.records);
         if let Some(health) = &self.health {
@@ -501,7 +568,14 @@ mod tests {
             ..hb(95_000)
         };
         let lifecycle = [Lifecycle::default(), hb(95_000), hb(90_000), drained, hb(0)];
-        let e = apply_lifecycle(&mut records, &lifecycle, Some(TTL), 100_000, None);
+        let e = apply_lifecycle(
+            &mut records,
+            &lifecycle,
+            Some(TTL),
+            100_000,
+            None,
+            &StandIn::default(),
+        );
         let healthy: Vec<bool> = records.iter().map(|r| r.healthy).collect();
         assert_eq!(healthy, [true, true, false, false, true]);
         assert_eq!(e.expired.into_iter().collect::<Vec<_>>(), ["old"]);
@@ -517,7 +591,14 @@ mod tests {
         // A heartbeat from the future (clock stepped back) is not expired.
         assert!(!is_expired(20_000, TTL, 10_000));
         let mut records = vec![rec("old")];
-        let e = apply_lifecycle(&mut records, &[hb(0)], None, i64::MAX, None);
+        let e = apply_lifecycle(
+            &mut records,
+            &[hb(0)],
+            None,
+            i64::MAX,
+            None,
+            &StandIn::default(),
+        );
         assert!(e.expired.is_empty() && e.next_deadline_ms.is_none() && records[0].healthy);
     }
 
@@ -539,7 +620,14 @@ mod tests {
         };
         let mut records = vec![rec("here"), rec("there"), rec("gone-there")];
         let lifecycle = [owned_here, owned_elsewhere, expired_elsewhere];
-        let e = apply_lifecycle(&mut records, &lifecycle, Some(TTL), 100_000, Some("gru"));
+        let e = apply_lifecycle(
+            &mut records,
+            &lifecycle,
+            Some(TTL),
+            100_000,
+            Some("gru"),
+            &StandIn::default(),
+        );
         let healthy: Vec<bool> = records.iter().map(|r| r.healthy).collect();
         assert_eq!(healthy, [false, true, false]);
         assert_eq!(
@@ -548,6 +636,81 @@ mod tests {
         );
         // Only the row this POP judges gets a verdict to replicate.
         assert_eq!(e.verdicts, [("here".to_string(), true)]);
+    }
+
+    /// A backend that heartbeated at a POP that then went down with it
+    /// stayed "serving" everywhere: only its owner judged its expiry.
+    #[test]
+    fn the_first_alive_pop_expires_the_rows_of_an_owner_down_for_the_ttl() {
+        let owned_by = |pop: &str| Lifecycle {
+            heartbeat_pop: Some(pop.into()),
+            ..Lifecycle::default()
+        };
+        let lifecycle = [owned_by("fra"), owned_by("lhr")];
+        let down_at = 100_000;
+        let stand_in = StandIn {
+            down_since_ms: [("fra".to_string(), down_at)].into(),
+        };
+        let ttl_ms = TTL.as_millis() as i64;
+        // Down for less than the TTL: nothing yet, a reload due when it is.
+        let mut records = vec![rec("b-fra"), rec("b-lhr")];
+        let e = apply_lifecycle(
+            &mut records,
+            &lifecycle,
+            Some(TTL),
+            down_at + 1,
+            Some("gru"),
+            &stand_in,
+        );
+        assert!(e.verdicts.is_empty());
+        assert!(records.iter().all(|r| r.healthy));
+        assert_eq!(e.next_deadline_ms, Some(down_at + ttl_ms));
+        // Down for the TTL: expired here at once, and recorded to replicate.
+        let e = apply_lifecycle(
+            &mut records,
+            &lifecycle,
+            Some(TTL),
+            down_at + ttl_ms,
+            Some("gru"),
+            &stand_in,
+        );
+        assert_eq!(e.verdicts, [("b-fra".to_string(), true)]);
+        let healthy: Vec<bool> = records.iter().map(|r| r.healthy).collect();
+        assert_eq!(healthy, [false, true]);
+        // Already recorded: no verdict again.
+        let recorded = [
+            Lifecycle {
+                expired: true,
+                ..owned_by("fra")
+            },
+            owned_by("lhr"),
+        ];
+        let mut records = vec![rec("b-fra"), rec("b-lhr")];
+        let e = apply_lifecycle(
+            &mut records,
+            &recorded,
+            Some(TTL),
+            down_at + ttl_ms,
+            Some("gru"),
+            &stand_in,
+        );
+        assert!(e.verdicts.is_empty());
+        assert!(!records[0].healthy);
+    }
+
+    #[test]
+    fn only_the_first_alive_pop_by_id_stands_in() {
+        let input = |me: &str| PopsInput {
+            local_id: me.into(),
+            alive: Arc::new(ArcSwap::from_pointee(
+                ["ams", "gru"].map(String::from).into_iter().collect(),
+            )),
+            down: Arc::new(ArcSwap::from_pointee([("fra".to_string(), 1)].into())),
+        };
+        assert_eq!(StandIn::from_input(&input("ams")).down_since_ms.len(), 1);
+        assert!(StandIn::from_input(&input("gru")).down_since_ms.is_empty());
+        // The alive set may not list this POP itself: it counts anyway.
+        assert_eq!(StandIn::from_input(&input("aaa")).down_since_ms.len(), 1);
     }
 
     #[test]

@@ -37,7 +37,7 @@ use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
 use super::transport::{Transport, TransportEvent};
 use crate::config::{Config, Pop};
 use crate::reload_thread::SharedReloader;
-use crate::routing::{Liveness, PopsInput};
+use crate::routing::{DownSince, Liveness, PopsInput};
 use crate::store::PopRow;
 
 /// How often the change log is checked for local writes made outside the
@@ -291,10 +291,12 @@ impl Bound {
             Err(e) => tracing::warn!(error = %e, "replication: cannot read the pops table"),
         }
         liveness.store(Arc::new(alive));
-        reloader.lock().set_pops_input(PopsInput {
+        let input = PopsInput {
             local_id: self.config.node_id.clone(),
-            alive: liveness.clone(),
-        });
+            alive: liveness,
+            down: DownSince::default(),
+        };
+        reloader.lock().set_pops_input(input.clone());
         tokio::spawn(async move {
             let mut command_rx = command_rx;
             let waited = Instant::now();
@@ -341,7 +343,7 @@ impl Bound {
                     Command::Poke => {}
                 }
             }
-            if let Err(e) = self.spawn(reloader, generation, Some(liveness), waiting, command_rx) {
+            if let Err(e) = self.spawn(reloader, generation, Some(input), waiting, command_rx) {
                 tracing::error!(error = format!("{e:#}"), "replication: cannot start after the upgrade; this POP serves without replicating (restart it)");
             }
         });
@@ -354,7 +356,7 @@ impl Bound {
         self,
         reloader: SharedReloader,
         generation: Option<u64>,
-        liveness: Option<Liveness>,
+        pops_input: Option<PopsInput>,
         status: StatusHandle,
         command_rx: mpsc::UnboundedReceiver<Command>,
     ) -> anyhow::Result<()> {
@@ -396,16 +398,18 @@ impl Bound {
         let (transport, transport_events) = Transport::start(self.transport, &pki)?;
         let gossip = UdpSocket::from_std(self.gossip).context("replication: gossip socket")?;
 
-        let liveness = match liveness {
-            Some(l) => l,
+        let pops_input = match pops_input {
+            Some(input) => input,
             None => {
-                let l: Liveness = Liveness::default();
-                l.store(Arc::new(HashSet::from([c.node_id.clone()])));
-                reloader.lock().set_pops_input(PopsInput {
+                let alive: Liveness = Liveness::default();
+                alive.store(Arc::new(HashSet::from([c.node_id.clone()])));
+                let input = PopsInput {
                     local_id: c.node_id.clone(),
-                    alive: l.clone(),
-                });
-                l
+                    alive,
+                    down: DownSince::default(),
+                };
+                reloader.lock().set_pops_input(input.clone());
+                input
             }
         };
 
@@ -416,7 +420,8 @@ impl Bound {
             gossip,
             transport,
             reloader,
-            liveness,
+            liveness: pops_input.alive,
+            down: pops_input.down,
             status: status.clone(),
             refusals_logged: HashMap::new(),
             lag_window: (Instant::now(), 0),
@@ -462,6 +467,9 @@ struct Driver {
     transport: Transport,
     reloader: SharedReloader,
     liveness: Liveness,
+    /// Members declared down (and not alive under a newer identity), with
+    /// when this POP first saw them so (see `routing::StandIn`).
+    down: DownSince,
     status: StatusHandle,
     refusals_logged: HashMap<(SocketAddr, &'static str), Instant>,
     /// (window start, largest lag in it).
@@ -630,6 +638,23 @@ impl Driver {
                 .map(|m| m.peer.id.to_string())
                 .chain(std::iter::once(self.node.id().to_string()))
                 .collect();
+            let now_ms = crate::routing::unix_ms(std::time::SystemTime::now());
+            let known = self.down.load();
+            let down: HashMap<String, i64> = self
+                .node
+                .members()
+                .into_iter()
+                .filter(|m| m.state == MemberState::Down && !alive.contains(&*m.peer.id))
+                .map(|m| {
+                    let id = m.peer.id.to_string();
+                    let since = known.get(&id).copied().unwrap_or(now_ms);
+                    (id, since)
+                })
+                .collect();
+            if **known != down {
+                self.down.store(Arc::new(down));
+                reload = true;
+            }
             if **self.liveness.load() != alive {
                 self.liveness.store(Arc::new(alive));
                 reload = true;

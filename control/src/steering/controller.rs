@@ -159,6 +159,7 @@ pub fn start(
         reloader.lock().set_pops_input(crate::routing::PopsInput {
             local_id: node_id.clone(),
             alive,
+            down: Default::default(),
         });
     }
     let speaker = bgp.enabled.then(|| Speaker::start(bgp, inherited));
