@@ -8,14 +8,16 @@
 //! that opens sockets and sends nothing, or half a request, must neither
 //! pile up tasks there nor take the descriptors the data plane needs.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 /// A request's head must arrive within this (also the longest a kept-alive
 /// connection may sit idle between requests: hyper starts the clock when it
@@ -33,9 +35,39 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// One open connection, as the accept loop sees it.
+#[derive(Default)]
+struct Conn {
+    /// A request is being served (its head has arrived).
+    busy: AtomicBool,
+    /// Asks the connection's task to close it.
+    close: Notify,
+}
+
+/// Open connections by accept order.
+type Open = Arc<Mutex<BTreeMap<u64, Arc<Conn>>>>;
+
+/// Asks the oldest connection that is not serving a request (one still
+/// sending its head, or kept alive between requests) to close. False when
+/// every connection is serving one.
+fn evict_oldest_idle(open: &Open) -> bool {
+    let open = open.lock().unwrap_or_else(|p| p.into_inner());
+    match open.values().find(|c| !c.busy.load(Ordering::Relaxed)) {
+        Some(conn) => {
+            conn.close.notify_one();
+            true
+        }
+        None => false,
+    }
+}
+
 /// Accepts connections and serves each in its own task, at most
-/// `max_connections` at once: further clients wait in the kernel's accept
-/// queue (they hold no descriptor of ours there). `what` names the listener
+/// `max_connections` at once. A client arriving when all are taken makes
+/// the oldest connection that is not serving a request close (a client
+/// sending half a request, or an idle kept-alive one): waiting for a free
+/// slot instead let 16 half-sent requests hold every probe back for their
+/// 10 s head timeout, again and again. When every connection is serving a
+/// request, the new client waits for one to end. `what` names the listener
 /// in logs.
 pub async fn accept_loop(
     listener: tokio::net::TcpListener,
@@ -44,10 +76,9 @@ pub async fn accept_loop(
     what: &'static str,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    let open: Open = Arc::default();
+    let mut next_id = 0u64;
     loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -57,8 +88,44 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if evict_oldest_idle(&open) {
+                    tracing::debug!(listener = what, %peer,
+                        "connection limit reached: closing the oldest connection not serving a request");
+                }
+                let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                slot
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone().layer(axum::Extension(Peer(peer))));
+        let conn = Arc::new(Conn::default());
+        let id = next_id;
+        next_id += 1;
+        open.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Arc::clone(&conn));
+        let marked = Arc::clone(&conn);
+        let router =
+            router
+                .clone()
+                .layer(axum::Extension(Peer(peer)))
+                .layer(axum::middleware::from_fn(
+                    move |request: axum::extract::Request, next: axum::middleware::Next| {
+                        let conn = Arc::clone(&marked);
+                        async move {
+                            conn.busy.store(true, Ordering::Relaxed);
+                            let response = next.run(request).await;
+                            conn.busy.store(false, Ordering::Relaxed);
+                            response
+                        }
+                    },
+                ));
+        let service = TowerToHyperService::new(router);
+        let open = Arc::clone(&open);
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -66,14 +133,20 @@ pub async fn accept_loop(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_HEAD_BYTES);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+            let served = builder.serve_connection(TokioIo::new(stream), service);
+            let mut served = std::pin::pin!(served);
+            let closing = tokio::select! {
+                _ = served.as_mut() => false,
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => true,
+                // Evicted: closed at once unless a request is being served
+                // (a half-sent head would otherwise be awaited).
+                _ = conn.close.notified() => conn.busy.load(Ordering::Relaxed),
+            };
+            if closing {
+                served.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(FINISH_TIMEOUT, served).await;
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(FINISH_TIMEOUT, conn).await;
+            open.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         });
     }
 }
