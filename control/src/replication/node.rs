@@ -33,7 +33,7 @@ use super::hlc::{Hlc, HlcClock};
 use super::membership::{swim_config, MemberEvent, MemberState, Membership, Peer};
 use super::replica::{Merge, Replica};
 use super::seal::{Kind, Refused, Sealer};
-use super::version::{NodeId, RowKey, RowVersion, Version};
+use super::version::{NodeId, RowKey, RowVersion, Stamp, Version};
 use super::wire::{self, Envelope, Msg, PROTOCOL};
 
 /// Bounds on what one exchange carries, so that a node that was away for a
@@ -315,6 +315,12 @@ impl Node {
 
     pub fn replica(&self) -> &Replica {
         &self.replica
+    }
+
+    /// For tests: rows stored as if loaded from the database.
+    #[cfg(test)]
+    pub(crate) fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
     }
 
     /// The latest timestamp this node issued or saw (persist it so a restart
@@ -937,14 +943,14 @@ impl Node {
     }
 
     /// Versions of whole buckets among `differing`, up to the limit.
-    fn versions_for(&self, differing: &[u16]) -> (Vec<u16>, Vec<(RowKey, Version)>) {
+    fn versions_for(&self, differing: &[u16]) -> (Vec<u16>, Vec<(RowKey, Stamp)>) {
         let mut buckets = Vec::new();
         let mut versions = Vec::new();
         for &b in differing {
-            let listed: Vec<(RowKey, Version)> = self
+            let listed: Vec<(RowKey, Stamp)> = self
                 .replica
                 .versions_in(&[b])
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.clone(), v))
                 .collect();
             if !buckets.is_empty() && versions.len() + listed.len() > limits::SYNC_VERSIONS {
                 break;
@@ -960,7 +966,7 @@ impl Node {
     fn compare(
         &self,
         buckets: &[u16],
-        theirs: Vec<(RowKey, Version)>,
+        theirs: Vec<(RowKey, Stamp)>,
     ) -> (Vec<RowVersion>, Vec<RowKey>, bool) {
         let mut rows = Vec::new();
         let mut want = Vec::new();
@@ -974,15 +980,15 @@ impl Node {
             bytes += row.wire_size();
             rows.push(row);
         };
-        let their_map: HashMap<&RowKey, &Version> = theirs.iter().map(|(k, v)| (k, v)).collect();
+        let their_map: HashMap<&RowKey, &Stamp> = theirs.iter().map(|(k, v)| (k, v)).collect();
         for (key, v) in &theirs {
-            match self.replica.version_of(key) {
+            match self.replica.stamp_of(key) {
                 Some(mine) if mine.beats(v) => {
                     if let Some(row) = self.replica.get(key) {
                         push(row, &mut rows, &mut more);
                     }
                 }
-                Some(mine) if mine == v => {}
+                Some(mine) if mine == *v => {}
                 _ => {
                     if want.len() < limits::SYNC_WANT {
                         want.push(key.clone());

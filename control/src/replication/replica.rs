@@ -2,7 +2,9 @@
 //! into digest buckets, and the merge rule.
 //!
 //! The anti-entropy exchange compares digests before it compares rows: each
-//! row version hashes to 64 bits, a bucket's digest is the wrapping sum of
+//! row version (its [`Stamp`]: key, version and a hash of its data, so that
+//! two nodes holding different data under one version differ) hashes to 64
+//! bits, a bucket's digest is the wrapping sum of
 //! its rows' hashes and the top digest the sum of the buckets. Sums update in
 //! O(1) per write, and two nodes holding the same versions have the same
 //! digests whatever order they learned them in. The hash is SHA-256 of a
@@ -15,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::hlc::Hlc;
-use super::version::{RowKey, RowVersion, Table, Version};
+use super::version::{data_hash, RowKey, RowVersion, Stamp, Table, Version};
 
 /// Digest buckets. A sync that finds digests differing exchanges the bucket
 /// digests (8 bytes each) and then the versions of the differing buckets
@@ -30,7 +32,7 @@ pub enum Merge {
     Applied { replaced: bool },
     /// Ours is newer: the incoming write lost.
     Stale,
-    /// We already have exactly this version.
+    /// We already have exactly this version, with this data.
     Duplicate,
 }
 
@@ -38,7 +40,19 @@ pub enum Merge {
 struct Entry {
     version: Version,
     data: Option<String>,
+    /// [`data_hash`] of `data`.
+    data_hash: u64,
+    /// The digest term of this entry.
     hash: u64,
+}
+
+impl Entry {
+    fn stamp(&self) -> Stamp {
+        Stamp {
+            version: self.version.clone(),
+            data: self.data_hash,
+        }
+    }
 }
 
 /// Every row version this node holds.
@@ -89,6 +103,11 @@ impl Replica {
         self.buckets[bucket_of(key)].get(key).map(|e| &e.version)
     }
 
+    /// The version held for `key` and the hash of its data.
+    pub fn stamp_of(&self, key: &RowKey) -> Option<Stamp> {
+        self.buckets[bucket_of(key)].get(key).map(Entry::stamp)
+    }
+
     pub fn get(&self, key: &RowKey) -> Option<RowVersion> {
         self.buckets[bucket_of(key)].get(key).map(|e| RowVersion {
             key: key.clone(),
@@ -114,14 +133,16 @@ impl Replica {
             .unwrap_or_default()
     }
 
-    /// Takes `row` if it wins over what we hold (last-writer-wins).
+    /// Takes `row` if it wins over what we hold (last-writer-wins; between
+    /// equal versions with different data, see [`Stamp::beats`]).
     pub fn merge(&mut self, row: RowVersion) -> Merge {
         let b = bucket_of(&row.key);
         if let Some(have) = self.buckets[b].get(&row.key) {
-            if have.version == row.version {
+            let (incoming, held) = (row.stamp(), have.stamp());
+            if incoming == held {
                 return Merge::Duplicate;
             }
-            if !row.version.beats(&have.version) {
+            if !incoming.beats(&held) {
                 return Merge::Stale;
             }
         }
@@ -136,10 +157,12 @@ impl Replica {
     }
 
     fn insert(&mut self, b: usize, row: RowVersion) -> bool {
-        let hash = entry_hash(&row.key, &row.version);
+        let data_hash = data_hash(row.data.as_deref());
+        let hash = entry_hash(&row.key, &row.version, data_hash);
         let entry = Entry {
             version: row.version,
             data: row.data,
+            data_hash,
             hash,
         };
         let old = self.buckets[b].insert(row.key, entry);
@@ -198,8 +221,8 @@ impl Replica {
             .collect()
     }
 
-    /// The versions of every row in `buckets`, in key order.
-    pub fn versions_in(&self, buckets: &[u16]) -> impl Iterator<Item = (&RowKey, &Version)> + '_ {
+    /// The stamps of every row in `buckets`, in key order.
+    pub fn versions_in(&self, buckets: &[u16]) -> impl Iterator<Item = (&RowKey, Stamp)> + '_ {
         let mut list: Vec<u16> = buckets
             .iter()
             .copied()
@@ -207,11 +230,8 @@ impl Replica {
             .collect();
         list.sort_unstable();
         list.dedup();
-        list.into_iter().flat_map(move |b| {
-            self.buckets[b as usize]
-                .iter()
-                .map(|(k, e)| (k, &e.version))
-        })
+        list.into_iter()
+            .flat_map(move |b| self.buckets[b as usize].iter().map(|(k, e)| (k, e.stamp())))
     }
 
     /// The keys of `bucket`, in order.
@@ -251,12 +271,16 @@ fn key_bytes(key: &RowKey) -> Vec<u8> {
     b
 }
 
-/// 64 bits of SHA-256 over (key, hlc, origin).
-fn entry_hash(key: &RowKey, version: &Version) -> u64 {
+/// 64 bits of SHA-256 over (key, hlc, origin, data hash). The data is in
+/// it so that two nodes holding different data under one version (two
+/// nodes sharing an id) see different digests and exchange the rows.
+fn entry_hash(key: &RowKey, version: &Version, data_hash: u64) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(&key_bytes(key));
     ctx.update(&version.hlc.0.to_be_bytes());
+    ctx.update(&(version.origin.len() as u32).to_be_bytes());
     ctx.update(version.origin.as_bytes());
+    ctx.update(&data_hash.to_be_bytes());
     let d = ctx.finish();
     u64::from_be_bytes(d.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"))
 }
@@ -335,12 +359,36 @@ mod tests {
         );
         let listed: Vec<_> = b.versions_in(&diff).map(|(k, _)| k.pk.clone()).collect();
         assert!(listed.contains(&"r7".to_string()));
-        // The data itself is not part of the digest: versions identify rows.
         assert!(
             listed.len() < 20,
             "one bucket of 500 rows: {}",
             listed.len()
         );
+    }
+
+    #[test]
+    fn equal_versions_with_different_data_differ_in_digests_and_converge() {
+        // Two nodes sharing the id n1 wrote different data at one version.
+        let mut a = Replica::new();
+        let mut b = Replica::new();
+        a.put(row("dup", 7, "n1", Some("port 10005")));
+        b.put(row("dup", 7, "n1", Some("port 20005")));
+        assert_ne!(a.top_digest(), b.top_digest(), "the difference is visible");
+        let bucket = bucket_of(&RowKey::new(Table::Backends, "dup")) as u16;
+        assert_eq!(a.differing_buckets(b.bucket_digests()), vec![bucket]);
+        // Each takes the other's row: one wins on both sides.
+        let (from_a, from_b) = (a.iter().next().unwrap(), b.iter().next().unwrap());
+        let took_b = a.merge(from_b.clone());
+        let took_a = b.merge(from_a.clone());
+        assert!(
+            matches!(
+                (took_a, took_b),
+                (Merge::Applied { .. }, Merge::Stale) | (Merge::Stale, Merge::Applied { .. })
+            ),
+            "{took_a:?} {took_b:?}"
+        );
+        assert_eq!(a.get(&from_a.key), b.get(&from_a.key));
+        assert_eq!(a.top_digest(), b.top_digest());
     }
 
     #[test]

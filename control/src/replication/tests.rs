@@ -120,6 +120,37 @@ fn rows_the_database_refused_are_brought_again_once_it_takes_writes() {
     assert!(sim.converged());
 }
 
+/// Two nodes that once ran with one id (a configuration error) wrote
+/// different data under the same version: anti-entropy sees the difference
+/// and every node keeps the same one.
+#[test]
+fn equal_versions_with_different_data_converge_to_one_row() {
+    use super::hlc::Hlc;
+    use super::version::{RowKey, RowVersion, Table, Version};
+
+    let mut sim = joined(SimConfig::wan(3, 9));
+    let key = RowKey::new(Table::Backends, "dup5");
+    let at = |data: &str| RowVersion {
+        key: key.clone(),
+        version: Version {
+            hlc: Hlc::new(1_700_000_000_000, 0),
+            origin: std::sync::Arc::from("twin"),
+        },
+        data: Some(data.into()),
+    };
+    sim.nodes[0].replica_mut().put(at(r#"{"port":20005}"#));
+    sim.nodes[1].replica_mut().put(at(r#"{"port":10005}"#));
+    sim.nodes[2].replica_mut().put(at(r#"{"port":10005}"#));
+    assert!(!sim.converged(), "the digests show the difference");
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(30), Sim::converged));
+    let winner = sim.nodes[0].replica().data(&key).map(String::from);
+    assert!(
+        (0..3).all(|i| sim.nodes[i].replica().data(&key) == winner.as_deref()),
+        "one row everywhere"
+    );
+}
+
 #[test]
 fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
     for seed in 50..60 {

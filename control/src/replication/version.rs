@@ -4,6 +4,12 @@
 //! Conflicts resolve last-writer-wins on `(hlc, origin)`: the greater pair
 //! wins on every node, whatever order the writes arrive in. Origins compare
 //! as bytes, so the tie-break is the same everywhere.
+//!
+//! Two writes should never share a version, but they do when two nodes run
+//! with the same id (each mints `(hlc, origin)` from its own clock). So what
+//! nodes compare is a [`Stamp`]: the version plus a hash of the data written
+//! at it, the last breaking ties. Equal versions with different data then
+//! still have one winner, the same on every node, and differ in the digests.
 
 use std::sync::Arc;
 
@@ -83,6 +89,40 @@ impl Version {
     }
 }
 
+/// A version and the hash of the data written at it: what anti-entropy
+/// compares, and what decides between two writes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Stamp {
+    pub version: Version,
+    /// [`data_hash`] of the row's data.
+    pub data: u64,
+}
+
+impl Stamp {
+    /// True when `self` wins over `other`: the later version, and between
+    /// equal versions (two nodes with one id) the greater data hash, so
+    /// that every node keeps the same one.
+    pub fn beats(&self, other: &Stamp) -> bool {
+        self.version.beats(&other.version)
+            || (self.version == other.version && self.data > other.data)
+    }
+}
+
+/// 64 bits of SHA-256 of a row's replicated data; a tombstone hashes
+/// differently from any data.
+pub fn data_hash(data: Option<&str>) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    match data {
+        None => ctx.update(&[0]),
+        Some(d) => {
+            ctx.update(&[1]);
+            ctx.update(d.as_bytes());
+        }
+    }
+    let d = ctx.finish();
+    u64::from_be_bytes(d.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"))
+}
+
 /// One row at one version, as it travels between nodes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowVersion {
@@ -94,6 +134,13 @@ pub struct RowVersion {
 }
 
 impl RowVersion {
+    pub fn stamp(&self) -> Stamp {
+        Stamp {
+            version: self.version.clone(),
+            data: data_hash(self.data.as_deref()),
+        }
+    }
+
     pub fn is_tombstone(&self) -> bool {
         self.data.is_none()
     }
@@ -125,5 +172,24 @@ mod tests {
         assert!(v(1, "b").beats(&v(1, "a")));
         assert!(!v(1, "a").beats(&v(1, "b")));
         assert!(!v(1, "a").beats(&v(1, "a")), "equal versions: no winner");
+    }
+
+    #[test]
+    fn equal_versions_with_different_data_have_one_winner() {
+        let stamp = |ms, origin, data: Option<&str>| Stamp {
+            version: v(ms, origin),
+            data: data_hash(data),
+        };
+        // Two nodes sharing the id "a" wrote different data at one version.
+        let (x, y) = (stamp(1, "a", Some("x")), stamp(1, "a", Some("y")));
+        assert_ne!(x, y);
+        assert!(x.beats(&y) != y.beats(&x), "exactly one wins");
+        let tomb = stamp(1, "a", None);
+        assert!(tomb.beats(&x) != x.beats(&tomb));
+        assert!(!x.beats(&x.clone()));
+        // The version still comes first: the data only breaks ties.
+        let later = stamp(2, "a", Some("x"));
+        assert!(later.beats(&y) && later.beats(&x));
+        assert!(!y.beats(&later) && !x.beats(&later));
     }
 }

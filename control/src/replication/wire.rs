@@ -10,10 +10,12 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::version::{NodeId, RowKey, RowVersion, Version};
+use super::version::{NodeId, RowKey, RowVersion, Stamp};
 
-/// Version of this message set; part of every envelope.
-pub const PROTOCOL: u16 = 1;
+/// Version of this message set; part of every envelope. 2: `SyncVersions`
+/// lists [`Stamp`]s (a version and its data's hash) and digests cover the
+/// data, so that equal versions with different data converge.
+pub const PROTOCOL: u16 = 2;
 
 /// Largest encoded message accepted. Sync exchanges stay far below it (see
 /// `node::limits`); it bounds what a broken or hostile peer can make us
@@ -44,13 +46,14 @@ pub enum Msg {
     SyncEqual { session: u64 },
     /// Step 2 (responder), when they differ: my bucket digests.
     SyncBuckets { session: u64, buckets: Vec<u64> },
-    /// Step 3 (initiator): the versions I hold in the buckets that differ.
+    /// Step 3 (initiator): the versions I hold in the buckets that differ,
+    /// each with its data's hash.
     /// `buckets` lists the buckets whose versions are all here; a bucket
     /// that did not fit is left for the next exchange.
     SyncVersions {
         session: u64,
         buckets: Vec<u16>,
-        versions: Vec<(RowKey, Version)>,
+        versions: Vec<(RowKey, Stamp)>,
     },
     /// Step 4 (responder): rows where mine are newer or you lack them, and
     /// the keys where yours are newer or I lack them. `more`: not everything
@@ -104,7 +107,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, WireError> {
 mod tests {
     use super::*;
     use crate::replication::hlc::Hlc;
-    use crate::replication::version::Table;
+    use crate::replication::version::{Table, Version};
     use std::sync::Arc;
 
     #[test]
