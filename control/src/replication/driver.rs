@@ -738,6 +738,29 @@ impl Driver {
                 tracing::debug!(%peer, equal, sent, received, more, "replication: anti-entropy exchange done");
                 false
             }
+            Event::DuplicateId {
+                id,
+                holder,
+                impostor,
+                ours,
+            } => {
+                let now = Instant::now();
+                let key = (impostor, crate::replication::node::DUPLICATE_ID);
+                let due = self
+                    .refusals_logged
+                    .get(&key)
+                    .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+                if due {
+                    self.refusals_logged.insert(key, now);
+                    // An ERROR, not a refusal's WARN: two POPs sharing an id
+                    // write conflicting rows until an operator renames one.
+                    tracing::error!(node = %id, %holder, %impostor, ours,
+                        "replication: two POPs use the same node id; the one at {impostor} is ignored \
+                         while the one at {holder} lives. Give every POP its own replication.node_id");
+                }
+                crate::replication::metrics::count_refused(crate::replication::node::DUPLICATE_ID);
+                false
+            }
             Event::ClockDrift { peer, ahead_ms } => {
                 tracing::warn!(%peer, ahead_ms,
                     "replication: dropped a row stamped in the future; check the clocks (NTP) of both POPs");

@@ -64,6 +64,9 @@ const GC_INTERVAL: Duration = Duration::from_secs(60);
 /// A peer that keeps talking to us although refused hears why at most this
 /// often.
 const REFUSAL_REPLY_INTERVAL: Duration = Duration::from_secs(5);
+/// Refusal label (logs, `refused_total`) of a peer claiming a node id that
+/// another live member holds.
+pub const DUPLICATE_ID: &str = "duplicate_id";
 
 /// Members each node forwards a change to on the epidemic path: about ln N
 /// plus a margin, so that the chance a node is missed (≈ e^-fanout) stays
@@ -185,6 +188,17 @@ pub enum Event {
     ClockDrift {
         peer: NodeId,
         ahead_ms: u64,
+    },
+    /// Two live members claim one node id (or a member claims ours): the
+    /// one at `impostor` is ignored (no rows to or from it) while the one
+    /// at `holder` lives. Each would mint the same versions for different
+    /// data, so the configuration must be fixed.
+    DuplicateId {
+        id: NodeId,
+        holder: SocketAddr,
+        impostor: SocketAddr,
+        /// The id is this node's own.
+        ours: bool,
     },
 }
 
@@ -357,12 +371,15 @@ impl Node {
         self.after_membership(now);
     }
 
-    /// Members other than this node, with their state and sync status.
+    /// Members other than this node, with their state and sync status;
+    /// never this node's own id (an impostor, or ourselves at an address
+    /// we left).
     pub fn members(&self) -> Vec<MemberStatus> {
         let mut list: Vec<MemberStatus> = self
             .members
             .states()
             .into_iter()
+            .filter(|(peer, _)| peer.id != self.s.id)
             .map(|(peer, state)| MemberStatus {
                 sync: self.peers.get(&peer.id).cloned().unwrap_or_default(),
                 peer,
@@ -375,6 +392,73 @@ impl Node {
 
     pub fn active_members(&self) -> usize {
         self.members.active_count()
+    }
+
+    /// Who rightfully holds `id` among the live identities claiming it:
+    /// this node for its own id; else the oldest start (generation), then
+    /// the lowest gossip address, so that every node picks the same one.
+    fn holder_of(&self, id: &NodeId) -> Option<Peer> {
+        if *id == self.s.id {
+            return Some(self.members.me().clone());
+        }
+        self.members
+            .active()
+            .filter(|p| p.id == *id)
+            .min_by_key(|p| (p.generation, p.gossip))
+            .cloned()
+    }
+
+    /// Active members we replicate with: all but impostors (see
+    /// [`Event::DuplicateId`]).
+    fn usable_members(&self) -> Vec<Peer> {
+        self.members
+            .active()
+            .filter(|p| self.holder_of(&p.id).is_none_or(|h| h.gossip == p.gossip))
+            .cloned()
+            .collect()
+    }
+
+    /// When a message claims to be from `id` but comes from an identity that
+    /// does not hold that id: the holder's gossip address.
+    fn impostor_sender(&self, id: &NodeId, reply_to: SocketAddr) -> Option<SocketAddr> {
+        let holder = self.holder_of(id)?;
+        (holder.transport != reply_to).then_some(holder.gossip)
+    }
+
+    /// Reports an id claimed by two live identities, when `peer` (just up)
+    /// is one of them, and tells the impostor why it is ignored.
+    fn check_duplicate_id(&mut self, now: Now, peer: &Peer) {
+        let Some(holder) = self.holder_of(&peer.id) else {
+            return;
+        };
+        let impostor = if holder.gossip != peer.gossip {
+            peer.clone()
+        } else {
+            // `peer` holds the id: an identity claiming it already that is
+            // younger is the impostor now.
+            match self
+                .members
+                .active()
+                .find(|p| p.id == peer.id && p.gossip != peer.gossip)
+            {
+                Some(p) => p.clone(),
+                None => return,
+            }
+        };
+        let ours = peer.id == self.s.id;
+        let reason = format!(
+            "node id {:?} is held by the member at {}; the one at {} is ignored \
+             (every POP needs its own replication.node_id)",
+            peer.id, holder.gossip, impostor.gossip
+        );
+        self.reply_refusal(now, impostor.gossip, &reason);
+        self.stats.refused += 1;
+        self.event(Event::DuplicateId {
+            id: peer.id.clone(),
+            holder: holder.gossip,
+            impostor: impostor.gossip,
+            ours,
+        });
     }
 
     // ------------------------------------------------------------------
@@ -409,23 +493,7 @@ impl Node {
             refused,
             Refused::Garbage | Refused::Replay | Refused::Stale(_)
         ) {
-            // Whatever it speaks, a datagram from us makes the peer log the
-            // same mismatch from its side; rate-limited per address.
-            let due = self
-                .last_refusal_reply
-                .get(&from)
-                .is_none_or(|at| now.mono.duration_since(*at) >= REFUSAL_REPLY_INTERVAL);
-            if due {
-                if self.last_refusal_reply.len() > 4096 {
-                    self.last_refusal_reply.clear();
-                }
-                self.last_refusal_reply.insert(from, now.mono);
-                let bytes = self
-                    .sealer
-                    .seal(Kind::Refusal, reason.as_bytes(), now.wall_ms);
-                self.stats.gossip_bytes_sent += bytes.len() as u64;
-                self.out.push_back(Output::Datagram { to: from, bytes });
-            }
+            self.reply_refusal(now, from, &reason);
         }
         self.event(Event::Refused {
             addr: from,
@@ -433,6 +501,26 @@ impl Node {
             reason,
             label,
         });
+    }
+
+    /// Whatever it speaks, a datagram from us makes the peer log the same
+    /// mismatch from its side; rate-limited per address.
+    fn reply_refusal(&mut self, now: Now, to: SocketAddr, reason: &str) {
+        let due = self
+            .last_refusal_reply
+            .get(&to)
+            .is_none_or(|at| now.mono.duration_since(*at) >= REFUSAL_REPLY_INTERVAL);
+        if due {
+            if self.last_refusal_reply.len() > 4096 {
+                self.last_refusal_reply.clear();
+            }
+            self.last_refusal_reply.insert(to, now.mono);
+            let bytes = self
+                .sealer
+                .seal(Kind::Refusal, reason.as_bytes(), now.wall_ms);
+            self.stats.gossip_bytes_sent += bytes.len() as u64;
+            self.out.push_back(Output::Datagram { to, bytes });
+        }
     }
 
     /// A transport message (one QUIC stream's bytes) from `from`.
@@ -478,6 +566,17 @@ impl Node {
         } else {
             None
         };
+        let mismatch = mismatch.or_else(|| {
+            self.impostor_sender(&env.from, env.reply_to).map(|holder| {
+                (
+                    DUPLICATE_ID,
+                    format!(
+                        "peer at {} claims node id {:?}, held by the member at {holder}",
+                        env.reply_to, env.from
+                    ),
+                )
+            })
+        });
         if let Some((label, reason)) = mismatch {
             self.stats.refused += 1;
             self.event(Event::Refused {
@@ -716,15 +815,25 @@ impl Node {
         }
         for e in self.members.take_events() {
             match &e {
-                // A member that (re)appears may have missed anything:
-                // compare with it now rather than at some random later sync.
-                MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. }
-                    if !self.sync_queue.contains(&peer.id) =>
-                {
-                    self.sync_queue.push_back(peer.id.clone());
+                MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. } => {
+                    self.check_duplicate_id(now, peer);
+                    // A member that (re)appears may have missed anything:
+                    // compare with it now rather than at some random later
+                    // sync.
+                    if !self.sync_queue.contains(&peer.id) {
+                        self.sync_queue.push_back(peer.id.clone());
+                    }
                 }
                 MemberEvent::Down(peer) => {
                     self.sessions.retain(|_, s| s.peer != peer.id);
+                    // Another identity of its id (an impostor until now, or
+                    // the POP at its new address) may hold the id now.
+                    if peer.id != self.s.id
+                        && self.holder_of(&peer.id).is_some()
+                        && !self.sync_queue.contains(&peer.id)
+                    {
+                        self.sync_queue.push_back(peer.id.clone());
+                    }
                 }
                 _ => {}
             }
@@ -834,7 +943,7 @@ impl Node {
 
     /// Sends pending local changes and rows to forward.
     fn flush_broadcast(&mut self, now: Now) {
-        let active: Vec<Peer> = self.members.active().cloned().collect();
+        let active = self.usable_members();
         let local = std::mem::take(&mut self.pending);
         if !local.is_empty() && !active.is_empty() {
             if active.len() <= DIRECT_LIMIT {
@@ -896,7 +1005,7 @@ impl Node {
     /// Starts anti-entropy exchanges: queued peers first, then (when
     /// `random`) one random active member.
     fn start_syncs(&mut self, now: Now, random: bool) {
-        let active: Vec<Peer> = self.members.active().cloned().collect();
+        let active = self.usable_members();
         let busy = |sessions: &HashMap<u64, Session>, id: &NodeId| {
             sessions.values().any(|s| &s.peer == id)
         };

@@ -88,6 +88,8 @@ pub struct Sim {
     pub refuse_persist: HashSet<usize>,
     /// Events every node reported, in order: (time since start, node, event).
     pub events: Vec<(Duration, usize, Event)>,
+    /// Node ids, by index: `n<i>` unless [`Sim::spawn`] said otherwise.
+    ids: Vec<String>,
 }
 
 fn addr(i: usize, port: u16) -> SocketAddr {
@@ -118,6 +120,7 @@ impl Sim {
             persisted: vec![HashMap::new(); cfg.nodes],
             refuse_persist: HashSet::new(),
             events: Vec::new(),
+            ids: (0..cfg.nodes).map(|i| format!("n{i}")).collect(),
             cfg,
         };
         for i in 0..sim.cfg.nodes {
@@ -137,7 +140,7 @@ impl Sim {
 
     fn make_node(&self, i: usize, generation: u64, replica: Replica) -> Node {
         let s = Settings {
-            id: Arc::from(format!("n{i}").as_str()),
+            id: Arc::from(self.ids[i].as_str()),
             cluster: "sim".into(),
             schema: 1,
             gossip_addr: addr(i, 4001),
@@ -368,6 +371,28 @@ impl Sim {
         let now = self.now();
         self.nodes[i].join(now, &[addr(via, 4001)]);
         self.drain(i);
+    }
+
+    /// Starts one more node, at an address of its own, with `id` (which
+    /// another node may already use), `generation` and `replica`, joining
+    /// through node `via`. Returns its index.
+    pub fn spawn(&mut self, id: &str, generation: u64, replica: Replica, via: usize) -> usize {
+        let i = self.nodes.len();
+        self.ids.push(id.to_string());
+        self.group.push(0);
+        let node = self.make_node(i, generation, replica);
+        self.gossip_of.insert(addr(i, 4001), i);
+        self.transport_of.insert(addr(i, 4002), i);
+        self.nodes.push(node);
+        let now = self.now();
+        self.nodes[i].join(now, &[addr(via, 4001)]);
+        self.drain(i);
+        i
+    }
+
+    /// The gossip address of node `i`.
+    pub fn gossip_addr(&self, i: usize) -> SocketAddr {
+        addr(i, 4001)
     }
 
     /// Total bytes node `i` has sent (gossip, broadcast, sync).

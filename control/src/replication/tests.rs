@@ -151,6 +151,57 @@ fn equal_versions_with_different_data_converge_to_one_row() {
     );
 }
 
+/// A node started with another live node's id is reported by everyone
+/// (naming both addresses) and ignored: nothing it writes is taken, and it
+/// takes nothing from the node whose id it copied.
+#[test]
+fn a_second_node_with_a_live_nodes_id_is_reported_and_ignored() {
+    use super::membership::MemberState;
+    use super::node::Event;
+    use super::replica::Replica;
+
+    let mut sim = joined(SimConfig::wan(3, 10));
+    // Started later: node 1 holds the id n1 (the older start).
+    let twin = sim.spawn("n1", 2, Replica::new(), 0);
+    let (holder, impostor) = (sim.gossip_addr(1), sim.gossip_addr(twin));
+    let t0 = sim.elapsed();
+    let reported = |s: &Sim, observer: usize, h, imp| {
+        s.events.iter().any(|(_, i, e)| {
+            *i == observer
+                && matches!(e, Event::DuplicateId { id, holder, impostor, .. }
+                    if &**id == "n1" && *holder == h && *impostor == imp)
+        })
+    };
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(30), |s| {
+            (0..3).all(|i| reported(s, i, holder, impostor)) && reported(s, twin, impostor, holder)
+        }),
+        "not reported everywhere: {:?}",
+        sim.events
+            .iter()
+            .filter(|(_, _, e)| matches!(e, Event::DuplicateId { .. }))
+            .collect::<Vec<_>>()
+    );
+    sim.write(twin, "dup5", Some("from-the-twin"));
+    sim.write(1, "only-n1", Some("x"));
+    sim.run_for(Duration::from_secs(10));
+    let key = |pk: &str| super::version::RowKey::new(super::version::Table::Backends, pk);
+    for i in 0..3 {
+        assert_eq!(sim.nodes[i].replica().data(&key("dup5")), None, "node {i}");
+        assert_eq!(sim.nodes[i].replica().data(&key("only-n1")), Some("x"));
+    }
+    assert_eq!(sim.nodes[twin].replica().data(&key("only-n1")), None);
+    // A node never lists its own id as a member.
+    for i in [1, twin] {
+        let own = sim.nodes[i].id().clone();
+        assert!(sim.nodes[i].members().iter().all(|m| m.peer.id != own));
+    }
+    assert!(sim.nodes[0]
+        .members()
+        .iter()
+        .any(|m| &*m.peer.id == "n1" && m.state == MemberState::Alive));
+}
+
 #[test]
 fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
     for seed in 50..60 {
