@@ -371,15 +371,23 @@ impl Node {
         self.after_membership(now);
     }
 
-    /// Members other than this node, with their state and sync status;
-    /// never this node's own id (an impostor, or ourselves at an address
-    /// we left).
+    /// Members other than this node, with their state and sync status.
+    /// Never this node's own id (an impostor, or ourselves at an address we
+    /// left), and a down identity of an id that lives on elsewhere (a POP
+    /// moved to a new address) is superseded: listed once, as it is now.
     pub fn members(&self) -> Vec<MemberStatus> {
-        let mut list: Vec<MemberStatus> = self
-            .members
-            .states()
-            .into_iter()
-            .filter(|(peer, _)| peer.id != self.s.id)
+        let states = self.members.states();
+        let lives_on = |peer: &Peer| {
+            states.iter().any(|(p, st)| {
+                *st != MemberState::Down && p.id == peer.id && p.gossip != peer.gossip
+            })
+        };
+        let mut list: Vec<MemberStatus> = states
+            .iter()
+            .filter(|(peer, state)| {
+                peer.id != self.s.id && !(*state == MemberState::Down && lives_on(peer))
+            })
+            .cloned()
             .map(|(peer, state)| MemberStatus {
                 sync: self.peers.get(&peer.id).cloned().unwrap_or_default(),
                 peer,

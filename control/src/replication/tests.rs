@@ -202,6 +202,57 @@ fn a_second_node_with_a_live_nodes_id_is_reported_and_ignored() {
         .any(|m| &*m.peer.id == "n1" && m.state == MemberState::Alive));
 }
 
+/// A node that comes back at another address with the same id (a replaced
+/// host) supersedes its old, down identity: listed once, alive, and never
+/// among its own members.
+#[test]
+fn a_node_back_at_a_new_address_supersedes_its_old_identity() {
+    use super::membership::MemberState;
+    use super::node::Event;
+
+    let mut sim = joined(SimConfig::wan(3, 11));
+    sim.write(2, "b1", Some("x"));
+    sim.run_for(Duration::from_secs(1));
+    sim.crash(2);
+    let t0 = sim.elapsed();
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(20), |s| s.saw_down(0, 2).is_some()
+            && s.saw_down(1, 2).is_some())
+    );
+    let replica = sim.nodes[2].replica().clone();
+    let moved = sim.spawn("n2", 2, replica, 0);
+    assert!(sim.run_until(sim.elapsed() + Duration::from_secs(30), |s| {
+        s.nodes[moved].active_members() == 2
+            && (0..2).all(|i| {
+                s.nodes[i]
+                    .members()
+                    .iter()
+                    .any(|m| &*m.peer.id == "n2" && m.state == MemberState::Alive)
+            })
+    }));
+    for i in [0, 1] {
+        let n2: Vec<_> = sim.nodes[i]
+            .members()
+            .into_iter()
+            .filter(|m| &*m.peer.id == "n2")
+            .collect();
+        assert_eq!(n2.len(), 1, "node {i} lists n2 once: {n2:?}");
+        assert_eq!(n2[0].peer.gossip, sim.gossip_addr(moved));
+    }
+    assert!(
+        sim.nodes[moved]
+            .members()
+            .iter()
+            .all(|m| &*m.peer.id != "n2"),
+        "{:?}",
+        sim.nodes[moved].members()
+    );
+    assert!(!sim
+        .events
+        .iter()
+        .any(|(_, _, e)| matches!(e, Event::DuplicateId { .. })));
+}
+
 #[test]
 fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
     for seed in 50..60 {
