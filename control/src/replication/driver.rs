@@ -33,6 +33,7 @@ use super::db::ReplDb;
 use super::membership::{MemberEvent, MemberState};
 use super::node::{Event, Node, Now, Output, Path, Settings};
 use super::pki::ClusterPki;
+use super::seeds::Seeds;
 use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
 use super::transport::{Transport, TransportEvent};
 use crate::config::{Config, Pop};
@@ -55,7 +56,9 @@ pub struct Bound {
     transport: StdUdpSocket,
     gossip_advertised: SocketAddr,
     transport_advertised: SocketAddr,
-    bootstrap: Vec<SocketAddr>,
+    /// The bootstrap peers as configured, resolved once at start.
+    bootstrap: Vec<String>,
+    bootstrap_resolved: Vec<Result<SocketAddr, String>>,
     config: Replication,
     pop: Pop,
     db_path: PathBuf,
@@ -104,19 +107,18 @@ fn bind_udp(addr: SocketAddr, what: &str) -> anyhow::Result<StdUdpSocket> {
     Ok(s)
 }
 
-/// Resolves `host:port` peers; names that do not resolve are logged and
-/// skipped (the others may be enough to join).
-fn resolve(peers: &[String]) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for p in peers {
-        match p.to_socket_addrs() {
-            Ok(addrs) => out.extend(addrs.take(1)),
-            Err(e) => {
-                tracing::warn!(peer = %p, error = %e, "replication: cannot resolve bootstrap peer")
-            }
-        }
-    }
-    out
+/// Resolves `host:port` peers, each to its first address or why not
+/// (blocking: getaddrinfo).
+fn resolve(peers: &[String]) -> Vec<Result<SocketAddr, String>> {
+    peers
+        .iter()
+        .map(|p| match p.to_socket_addrs() {
+            Ok(mut addrs) => addrs
+                .next()
+                .ok_or_else(|| "the name has no address".to_string()),
+            Err(e) => Err(e.to_string()),
+        })
+        .collect()
 }
 
 /// The address other POPs reach this one at: configured, else the bind
@@ -172,7 +174,18 @@ pub fn bind(config: &Config) -> anyhow::Result<Option<Bound>> {
     if inherited {
         crate::upgrade::inherit::expect_replication_hand_off();
     }
-    let bootstrap = resolve(&c.bootstrap_peers);
+    // Names that do not resolve now are resolved again while no member
+    // answers (see `seeds`); the others may be enough to join.
+    let bootstrap_resolved = resolve(&c.bootstrap_peers);
+    for (p, r) in c.bootstrap_peers.iter().zip(&bootstrap_resolved) {
+        if let Err(e) = r {
+            tracing::warn!(peer = %p, error = %e, "replication: cannot resolve bootstrap peer; trying again while no member answers");
+        }
+    }
+    let bootstrap: Vec<SocketAddr> = bootstrap_resolved
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
     let ip = advertise_ip(c, &bootstrap)?;
     let gossip_advertised = SocketAddr::new(ip, gossip.local_addr()?.port());
     let transport_advertised = SocketAddr::new(ip, transport.local_addr()?.port());
@@ -187,7 +200,8 @@ pub fn bind(config: &Config) -> anyhow::Result<Option<Bound>> {
         transport,
         gossip_advertised,
         transport_advertised,
-        bootstrap,
+        bootstrap: c.bootstrap_peers.clone(),
+        bootstrap_resolved,
         config: c.clone(),
         pop: config.pop.clone(),
         db_path: config.routing.db_path.clone(),
@@ -413,7 +427,14 @@ impl Bound {
             }
         };
 
-        node.join(now, &self.bootstrap);
+        let seeds = Seeds::new(
+            self.bootstrap.clone(),
+            self.bootstrap_resolved.clone(),
+            now.mono,
+            c.gossip_interval,
+        );
+        node.join(now, &seeds.addrs());
+        let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
         let driver = Driver {
             node,
             db,
@@ -429,8 +450,10 @@ impl Bound {
             local_changes: 0,
             pops: HashMap::new(),
             alone_logged: false,
+            seeds,
+            resolved_tx,
         };
-        tokio::spawn(driver.run(transport_events, command_rx));
+        tokio::spawn(driver.run(transport_events, command_rx, resolved_rx));
         Ok(())
     }
 
@@ -479,6 +502,10 @@ struct Driver {
     /// Names and regions of POPs, from the `pops` table, for status.
     pops: HashMap<String, (String, String)>,
     alone_logged: bool,
+    /// Bootstrap peers, resolved again while no member answers.
+    seeds: Seeds,
+    /// Where a resolution run off the loop sends its results.
+    resolved_tx: mpsc::UnboundedSender<Vec<Result<SocketAddr, String>>>,
 }
 
 impl Driver {
@@ -486,12 +513,17 @@ impl Driver {
         mut self,
         mut transport_events: mpsc::UnboundedReceiver<TransportEvent>,
         mut commands: mpsc::UnboundedReceiver<Command>,
+        mut resolved: mpsc::UnboundedReceiver<Vec<Result<SocketAddr, String>>>,
     ) {
         let mut buf = vec![0u8; 65_536];
         let mut poll = tokio::time::interval(CHANGE_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The node announces to the bootstrap peers every gossip interval
+        // while alone; the names are resolved again at the same pace.
+        let mut seeds_tick = tokio::time::interval(self.node.settings().gossip_interval);
+        seeds_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = self
                 .node
@@ -535,8 +567,32 @@ impl Driver {
                     None => return,
                 },
                 _ = status_tick.tick() => self.publish_status(),
+                _ = seeds_tick.tick() => self.seeds_tick(),
+                Some(results) = resolved.recv() => {
+                    if let Some(addrs) = self.seeds.resolved(results) {
+                        tracing::info!(peers = ?addrs, "replication: bootstrap peers resolved again; announcing to them");
+                        self.node.set_bootstrap(Now::system(), &addrs);
+                    }
+                }
             }
             self.carry_out().await;
+        }
+    }
+
+    /// While no member answers: resolves the bootstrap names again (off
+    /// the loop: getaddrinfo blocks for as long as the resolver takes) and
+    /// warns now and then.
+    fn seeds_tick(&mut self) {
+        let now = Instant::now();
+        if self.seeds.tick(now, self.node.active_members()) {
+            let names = self.seeds.names().to_vec();
+            let tx = self.resolved_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send(resolve(&names));
+            });
+        }
+        if let Some(warning) = self.seeds.warning(now) {
+            tracing::warn!("{warning}");
         }
     }
 

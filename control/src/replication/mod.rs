@@ -11,6 +11,7 @@
 //! - [`wire`]: transport messages.
 //! - [`membership`]: SWIM (foca) as data in, data out.
 //! - [`node`]: the node: broadcast and anti-entropy over membership.
+//! - [`seeds`]: bootstrap peers resolved again while no member answers.
 //! - [`sim`]: many nodes over a simulated lossy network, for tests and the
 //!   cost figures in README.
 //!
@@ -31,6 +32,7 @@ pub mod node;
 pub mod pki;
 pub mod replica;
 pub mod seal;
+pub mod seeds;
 pub mod sim;
 pub mod status;
 pub mod transport;

@@ -356,6 +356,20 @@ impl Node {
         self.announce(now);
     }
 
+    /// New addresses for the bootstrap peers (their names resolved again
+    /// while no member answers): knocked on at once, then with the others
+    /// every gossip interval until some member answers.
+    pub fn set_bootstrap(&mut self, now: Now, bootstrap: &[SocketAddr]) {
+        self.bootstrap = bootstrap
+            .iter()
+            .copied()
+            .filter(|a| *a != self.s.gossip_addr)
+            .collect();
+        if self.members.active_count() == 0 {
+            self.announce(now);
+        }
+    }
+
     fn announce(&mut self, now: Now) {
         for addr in self.bootstrap.clone() {
             self.members.announce(now.mono, addr);

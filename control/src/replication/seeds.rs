@@ -1,0 +1,274 @@
+//! Bootstrap peers as configured (`host:port`), and what to do while no
+//! member answers: resolve the names again and say so in the log.
+//!
+//! A name that does not resolve at start (edgeproxy started before the
+//! resolver or the network was up) must not leave the POP isolated for
+//! good, and a POP that never joins must not stay silent: while the node
+//! has no member, the driver resolves every name again on each tick and
+//! hands the node the addresses when they change, and a warning naming the
+//! peers tried is due a few gossip intervals after the node found itself
+//! alone, then once a minute.
+//!
+//! Sans-IO: the driver resolves (off its event loop) and logs; this decides
+//! when, and keeps the results.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Gossip intervals without any member before the first warning.
+const WARN_AFTER_INTERVALS: u32 = 5;
+/// Then at most this often.
+pub const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The configured bootstrap peers and their last resolution.
+#[derive(Debug)]
+pub struct Seeds {
+    names: Vec<String>,
+    /// Per name (same order): its address, or why it has none.
+    resolved: Vec<Result<SocketAddr, String>>,
+    warn_after: Duration,
+    /// Since when the node has had no member (`None`: it has some).
+    alone_since: Option<Instant>,
+    last_warning: Option<Instant>,
+    ever_joined: bool,
+    /// A resolution is under way (its results not in yet).
+    resolving: bool,
+}
+
+impl Seeds {
+    /// `names` with their resolution at start (`resolved[i]` for
+    /// `names[i]`); `now` is the start.
+    pub fn new(
+        names: Vec<String>,
+        resolved: Vec<Result<SocketAddr, String>>,
+        now: Instant,
+        gossip_interval: Duration,
+    ) -> Seeds {
+        debug_assert_eq!(names.len(), resolved.len());
+        Seeds {
+            names,
+            resolved,
+            warn_after: gossip_interval * WARN_AFTER_INTERVALS,
+            alone_since: Some(now),
+            last_warning: None,
+            ever_joined: false,
+            resolving: false,
+        }
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The addresses of the names that resolved.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.resolved
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect()
+    }
+
+    /// Called on every tick with the node's count of live members. True
+    /// when the names should be resolved again now (the caller then hands
+    /// the results to [`Seeds::resolved`]).
+    pub fn tick(&mut self, now: Instant, members: usize) -> bool {
+        if members > 0 {
+            self.alone_since = None;
+            self.last_warning = None;
+            self.ever_joined = true;
+            return false;
+        }
+        self.alone_since.get_or_insert(now);
+        if self.resolving || self.names.is_empty() {
+            return false;
+        }
+        self.resolving = true;
+        true
+    }
+
+    /// A resolution's results, per name in order. Returns the addresses
+    /// when they differ from the previous ones (the node should knock on
+    /// them).
+    pub fn resolved(
+        &mut self,
+        results: Vec<Result<SocketAddr, String>>,
+    ) -> Option<Vec<SocketAddr>> {
+        self.resolving = false;
+        if results.len() != self.names.len() {
+            return None;
+        }
+        let before = self.addrs();
+        self.resolved = results;
+        let after = self.addrs();
+        (after != before).then_some(after)
+    }
+
+    /// The warning to log now, if one is due: the node has had no member
+    /// for a few gossip intervals (and the last warning is a minute old).
+    pub fn warning(&mut self, now: Instant) -> Option<String> {
+        let since = self.alone_since?;
+        if now.duration_since(since) < self.warn_after {
+            return None;
+        }
+        if self
+            .last_warning
+            .is_some_and(|at| now.duration_since(at) < WARN_EVERY)
+        {
+            return None;
+        }
+        self.last_warning = Some(now);
+        let secs = now.duration_since(since).as_secs();
+        let tried = if self.names.is_empty() {
+            "no bootstrap_peers are configured".to_string()
+        } else {
+            let list: Vec<String> = self
+                .names
+                .iter()
+                .zip(&self.resolved)
+                .map(|(name, r)| match r {
+                    Ok(a) if name == &a.to_string() => format!("{name} (no answer)"),
+                    Ok(a) => format!("{name} = {a} (no answer)"),
+                    Err(e) => format!("{name} (cannot resolve: {e})"),
+                })
+                .collect();
+            format!("tried {}", list.join(", "))
+        };
+        Some(if self.ever_joined {
+            format!("replication: no other member for {secs} s; {tried}")
+        } else {
+            format!(
+                "replication: not joined yet after {secs} s: no bootstrap peer answered; {tried}"
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_secs(1);
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The driver's use: on each tick, resolve when asked (here by a
+    /// resolver injected by the test) and collect the warnings.
+    fn run(
+        seeds: &mut Seeds,
+        at: Instant,
+        members: usize,
+        resolve: impl Fn(&str) -> Result<SocketAddr, String>,
+    ) -> (Option<Vec<SocketAddr>>, Option<String>) {
+        let mut changed = None;
+        if seeds.tick(at, members) {
+            let results = seeds.names().iter().map(|n| resolve(n)).collect();
+            changed = seeds.resolved(results);
+        }
+        (changed, seeds.warning(at))
+    }
+
+    #[test]
+    fn a_name_that_resolves_only_later_is_resolved_again_until_it_does() {
+        let t0 = Instant::now();
+        let names = vec!["seed.test:4001".to_string(), "10.0.0.9:4001".to_string()];
+        let first = vec![
+            Err("temporary failure".to_string()),
+            Ok(addr("10.0.0.9:4001")),
+        ];
+        let mut seeds = Seeds::new(names, first, t0, TICK);
+        assert_eq!(seeds.addrs(), vec![addr("10.0.0.9:4001")]);
+        let dns_down = |n: &str| match n {
+            "seed.test:4001" => Err("temporary failure".to_string()),
+            other => Ok(other.parse().unwrap()),
+        };
+        let dns_up = |n: &str| match n {
+            "seed.test:4001" => Ok(addr("10.0.0.1:4001")),
+            other => Ok(other.parse().unwrap()),
+        };
+        for s in 1..4 {
+            let (changed, _) = run(&mut seeds, t0 + TICK * s, 0, dns_down);
+            assert_eq!(changed, None, "nothing new to knock on");
+        }
+        let (changed, _) = run(&mut seeds, t0 + TICK * 4, 0, dns_up);
+        assert_eq!(
+            changed,
+            Some(vec![addr("10.0.0.1:4001"), addr("10.0.0.9:4001")]),
+            "the node is handed the new address"
+        );
+        // Joined: no more resolving.
+        assert!(!seeds.tick(t0 + TICK * 5, 1));
+        // Alone again (every member went down): resolved again.
+        assert!(seeds.tick(t0 + TICK * 6, 0));
+    }
+
+    #[test]
+    fn one_resolution_at_a_time() {
+        let t0 = Instant::now();
+        let mut seeds = Seeds::new(vec!["a:1".into()], vec![Err("x".into())], t0, TICK);
+        assert!(seeds.tick(t0 + TICK, 0));
+        assert!(
+            !seeds.tick(t0 + TICK * 2, 0),
+            "the first is still under way"
+        );
+        seeds.resolved(vec![Err("x".into())]);
+        assert!(seeds.tick(t0 + TICK * 3, 0));
+    }
+
+    #[test]
+    fn a_node_alone_warns_after_a_few_intervals_then_once_a_minute() {
+        let t0 = Instant::now();
+        let names = vec!["seed.test:4001".to_string(), "10.0.0.99:4001".to_string()];
+        let first = vec![
+            Err("temporary failure".to_string()),
+            Ok(addr("10.0.0.99:4001")),
+        ];
+        let mut seeds = Seeds::new(names, first.clone(), t0, TICK);
+        let same = |n: &str| match n {
+            "seed.test:4001" => Err("temporary failure".to_string()),
+            other => Ok(other.parse().unwrap()),
+        };
+        let mut warnings = Vec::new();
+        for s in 1..=130 {
+            if let (_, Some(w)) = run(&mut seeds, t0 + TICK * s, 0, same) {
+                warnings.push((s, w));
+            }
+        }
+        let at: Vec<u32> = warnings.iter().map(|(s, _)| *s).collect();
+        assert_eq!(at, vec![5, 65, 125]);
+        let w = &warnings[0].1;
+        assert!(w.starts_with("replication: not joined yet"), "{w}");
+        assert!(
+            w.contains("seed.test:4001 (cannot resolve: temporary failure)"),
+            "{w}"
+        );
+        assert!(w.contains("10.0.0.99:4001 (no answer)"), "{w}");
+        // A member appears: silent; gone again: a warning a few intervals
+        // later, saying it had joined before.
+        assert_eq!(run(&mut seeds, t0 + TICK * 131, 1, same).1, None);
+        let mut later = Vec::new();
+        for s in 132..=140 {
+            if let (_, Some(w)) = run(&mut seeds, t0 + TICK * s, 0, same) {
+                later.push((s, w));
+            }
+        }
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert_eq!(later[0].0, 137);
+        assert!(later[0]
+            .1
+            .starts_with("replication: no other member for 5 s"));
+    }
+
+    #[test]
+    fn a_node_with_members_never_warns() {
+        let t0 = Instant::now();
+        let mut seeds = Seeds::new(vec!["a:1".into()], vec![Err("x".into())], t0, TICK);
+        for s in 1..100 {
+            assert_eq!(
+                run(&mut seeds, t0 + TICK * s, 2, |_| Err("x".into())),
+                (None, None)
+            );
+        }
+    }
+}
