@@ -88,6 +88,17 @@ impl Cluster {
             .collect();
         let extra = &self.extra[i];
         let has_secret = extra.contains("secret") || extra.contains("insecure");
+        // `extra` may set these itself (TOML refuses a key twice).
+        let node_id = if extra.contains("node_id") {
+            String::new()
+        } else {
+            format!("node_id = \"node-{i}\"")
+        };
+        let boot = if extra.contains("bootstrap_peers") {
+            String::new()
+        } else {
+            format!("bootstrap_peers = [{}]", boot.join(", "))
+        };
         format!(
             r#"
 [pop]
@@ -111,17 +122,16 @@ enabled = true
 listen_addr = "0.0.0.0:5353"
 [replication]
 enabled = true
-node_id = "node-{i}"
+{node_id}
 gossip_addr = "{ip}:4001"
 transport_addr = "{ip}:4002"
-bootstrap_peers = [{boot}]
+{boot}
 {secret}
 {extra}
 "#,
             region = regions[i % regions.len()],
             ip = self.net.ip(i),
             db = self.db_path(i).display(),
-            boot = boot.join(", "),
             api_extra = self.api_extra,
             secret = if has_secret {
                 String::new()
@@ -882,6 +892,56 @@ fn a_peer_with_another_schema_version_is_refused_and_told_why() {
     ) >= 1.0));
     let members = c.cluster_status(0)["members"].clone();
     assert!(!members.to_string().contains("old-node"), "{members}");
+}
+
+/// A third POP started with POP 1's node id (a copied config): every POP
+/// logs an ERROR naming both addresses and counts it, and nothing the
+/// newcomer writes is applied anywhere.
+#[test]
+fn a_pop_started_with_a_members_node_id_is_reported_and_ignored() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start_with(3, None, |i| match i {
+        2 => "node_id = \"node-1\"".into(),
+        _ => String::new(),
+    });
+    assert!(common::eventually(PATIENCE, || c
+        .member_state(0, 1)
+        .as_deref()
+        == Some("alive")));
+    let (holder, twin) = (
+        format!("{}:4001", c.net.ip(1)),
+        format!("{}:4001", c.net.ip(2)),
+    );
+    for i in 0..3 {
+        let line = c
+            .pop(i)
+            .wait_for_log("two POPs use the same node id", PATIENCE)
+            .unwrap_or_else(|| panic!("POP {i} did not report the duplicate id"));
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(line.contains(&holder) && line.contains(&twin), "{line}");
+    }
+    assert!(common::eventually(PATIENCE, || c.metric(
+        0,
+        "edgeproxy_replication_refused_total{reason=\"duplicate_id\"}"
+    ) >= 1.0));
+    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    assert_eq!(c.register(2, "from-the-twin", addr), 201);
+    // Written after the twin's row: once it is everywhere, the twin's
+    // would have been too.
+    assert_eq!(c.register(1, "from-node-1", addr), 201);
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &[0, 1],
+        "from-node-1",
+        "id",
+        "from-node-1"
+    )));
+    for i in [0, 1] {
+        assert_eq!(c.row(i, "from-the-twin", "id"), None, "POP {i}");
+    }
+    assert_eq!(c.row(2, "from-node-1", "id"), None, "the twin gets nothing");
+    // POP 1 does not list its own id as a member.
+    let members = c.cluster_status(1)["members"].clone();
+    assert!(!members.to_string().contains("\"node-1\""), "{members}");
 }
 
 #[test]
