@@ -944,6 +944,71 @@ fn a_pop_started_with_a_members_node_id_is_reported_and_ignored() {
     assert!(!members.to_string().contains("\"node-1\""), "{members}");
 }
 
+/// `/etc/netns/<ns>/hosts`, which `ip netns exec` mounts over `/etc/hosts`
+/// for the processes it starts in that namespace: the real resolver reads
+/// it. Removed on drop.
+struct NetnsHosts(PathBuf);
+
+impl NetnsHosts {
+    fn new(ns: &str) -> NetnsHosts {
+        let dir = PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("hosts"), "127.0.0.1 localhost\n").unwrap();
+        NetnsHosts(dir)
+    }
+
+    /// Adds a line in place (the mount holds the file, not its name).
+    fn add(&self, line: &str) {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.0.join("hosts"))
+            .unwrap();
+        writeln!(f, "{line}").unwrap();
+    }
+}
+
+impl Drop for NetnsHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A POP whose only bootstrap peer is a name that does not resolve at
+/// start warns that it has not joined, naming the peer and why, and joins
+/// once the name resolves (added to its hosts file), without a restart.
+#[test]
+fn a_bootstrap_name_that_resolves_only_later_is_resolved_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // POP 0 knocks on no one: POP 1 must find it.
+    let mut c = Cluster::hosts(2, None, |i| match i {
+        0 => "bootstrap_peers = []".into(),
+        _ => "bootstrap_peers = [\"seed-pop0.repl.test:4001\"]".into(),
+    });
+    let hosts = NetnsHosts::new(&c.net.hosts[1].ns);
+    c.launch(0);
+    c.launch(1);
+    assert!(c
+        .pop(1)
+        .wait_for_log("cannot resolve bootstrap peer", PATIENCE)
+        .is_some());
+    let warning = c
+        .pop(1)
+        .wait_for_log("not joined yet", PATIENCE)
+        .expect("no warning that the POP has not joined");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("seed-pop0.repl.test:4001 (cannot resolve"),
+        "{warning}"
+    );
+    assert_eq!(c.member_state(1, 0), None, "joined without the name");
+    hosts.add(&format!("{} seed-pop0.repl.test", c.net.ip(0)));
+    c.wait_joined_among(&[0, 1]);
+    assert!(c
+        .pop(1)
+        .wait_for_log("bootstrap peers resolved again", PATIENCE)
+        .is_some());
+}
+
 #[test]
 fn replication_refuses_to_start_without_a_secret() {
     let dir = TempDir::new("repl-nosecret");
