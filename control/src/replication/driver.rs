@@ -810,9 +810,16 @@ impl Driver {
                     self.refusals_logged.insert(key, now);
                     // An ERROR, not a refusal's WARN: two POPs sharing an id
                     // write conflicting rows until an operator renames one.
+                    let me = self.node.settings().gossip_addr;
+                    let whom = if ours && impostor == me {
+                        format!("this POP ({impostor}) is ignored by the others while the one at {holder}, which started first, lives")
+                    } else if ours {
+                        format!("the one at {impostor} is ignored while this POP ({holder}) lives")
+                    } else {
+                        format!("the one at {impostor} is ignored while the one at {holder} lives")
+                    };
                     tracing::error!(node = %id, %holder, %impostor, ours,
-                        "replication: two POPs use the same node id; the one at {impostor} is ignored \
-                         while the one at {holder} lives. Give every POP its own replication.node_id");
+                        "replication: two POPs use the same node id; {whom}. Give every POP its own replication.node_id");
                 }
                 crate::replication::metrics::count_refused(crate::replication::node::DUPLICATE_ID);
                 false

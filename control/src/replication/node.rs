@@ -191,7 +191,8 @@ pub enum Event {
     },
     /// Two live members claim one node id (or a member claims ours): the
     /// one at `impostor` is ignored (no rows to or from it) while the one
-    /// at `holder` lives. Each would mint the same versions for different
+    /// at `holder` (the older start) lives. With `ours`, one of the two is
+    /// this node (which keeps ignoring the other either way). Each would mint the same versions for different
     /// data, so the configuration must be fixed.
     DuplicateId {
         id: NodeId,
@@ -403,7 +404,16 @@ impl Node {
             })
             .cloned()
             .map(|(peer, state)| MemberStatus {
-                sync: self.peers.get(&peer.id).cloned().unwrap_or_default(),
+                // Sync state is kept per id: it belongs to the identity
+                // holding the id, not to an impostor claiming it.
+                sync: if self
+                    .holder_of(&peer.id)
+                    .is_none_or(|h| h.gossip == peer.gossip)
+                {
+                    self.peers.get(&peer.id).cloned().unwrap_or_default()
+                } else {
+                    PeerSync::default()
+                },
                 peer,
                 state,
             })
@@ -468,12 +478,27 @@ impl Node {
             }
         };
         let ours = peer.id == self.s.id;
+        // Locally this node keeps its own id whatever; what it reports is
+        // the cluster's choice (the older start), which every other POP
+        // makes, so that both POPs' logs say which one is ignored.
+        let (holder, impostor) = if ours
+            && (impostor.generation, impostor.gossip) < (holder.generation, holder.gossip)
+        {
+            (impostor, holder)
+        } else {
+            (holder, impostor)
+        };
         let reason = format!(
             "node id {:?} is held by the member at {}; the one at {} is ignored \
              (every POP needs its own replication.node_id)",
             peer.id, holder.gossip, impostor.gossip
         );
-        self.reply_refusal(now, impostor.gossip, &reason);
+        let other = if impostor.gossip == self.s.gossip_addr {
+            holder.gossip
+        } else {
+            impostor.gossip
+        };
+        self.reply_refusal(now, other, &reason);
         self.stats.refused += 1;
         self.event(Event::DuplicateId {
             id: peer.id.clone(),

@@ -174,7 +174,8 @@ fn a_second_node_with_a_live_nodes_id_is_reported_and_ignored() {
     };
     assert!(
         sim.run_until(t0 + Duration::from_secs(30), |s| {
-            (0..3).all(|i| reported(s, i, holder, impostor)) && reported(s, twin, impostor, holder)
+            // The twin too names itself the one ignored.
+            (0..3).all(|i| reported(s, i, holder, impostor)) && reported(s, twin, holder, impostor)
         }),
         "not reported everywhere: {:?}",
         sim.events
@@ -200,6 +201,12 @@ fn a_second_node_with_a_live_nodes_id_is_reported_and_ignored() {
         .members()
         .iter()
         .any(|m| &*m.peer.id == "n1" && m.state == MemberState::Alive));
+    // Sync columns belong to the holder, never to the twin.
+    let listed = sim.nodes[0].members();
+    let twin_row = listed.iter().find(|m| m.peer.gossip == impostor).unwrap();
+    assert!(twin_row.sync.last_sync.is_none() && !twin_row.sync.in_sync);
+    let holder_row = listed.iter().find(|m| m.peer.gossip == holder).unwrap();
+    assert!(holder_row.sync.last_sync.is_some());
 }
 
 /// A node that comes back at another address with the same id (a replaced
