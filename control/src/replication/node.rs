@@ -67,6 +67,11 @@ const REFUSAL_REPLY_INTERVAL: Duration = Duration::from_secs(5);
 /// Refusal label (logs, `refused_total`) of a peer claiming a node id that
 /// another live member holds.
 pub const DUPLICATE_ID: &str = "duplicate_id";
+/// Gossip intervals an id must stay claimed twice before it is reported:
+/// longer than SWIM takes to declare a dead member down (about one
+/// interval to probe it plus two of suspicion), so that a POP restarted at
+/// a new address with its id is not reported while its old identity dies.
+const COLLISION_GRACE: u32 = 6;
 
 /// Members each node forwards a change to on the epidemic path: about ln N
 /// plus a margin, so that the chance a node is missed (≈ e^-fanout) stays
@@ -277,6 +282,9 @@ pub struct Node {
     /// after every member went down).
     bootstrap: Vec<SocketAddr>,
     next_announce: Option<Instant>,
+    /// Ids seen claimed by two live identities, since when (reported once
+    /// still claimed twice after the grace).
+    collisions: HashMap<NodeId, Instant>,
     pub stats: Stats,
 }
 
@@ -315,6 +323,7 @@ impl Node {
             last_refusal_reply: HashMap::new(),
             bootstrap: Vec::new(),
             next_announce: None,
+            collisions: HashMap::new(),
             stats: Stats::default(),
             s,
         }
@@ -457,55 +466,64 @@ impl Node {
         (holder.transport != reply_to).then_some(holder.gossip)
     }
 
-    /// Reports an id claimed by two live identities, when `peer` (just up)
-    /// is one of them, and tells the impostor why it is ignored.
-    fn check_duplicate_id(&mut self, now: Now, peer: &Peer) {
-        let Some(holder) = self.holder_of(&peer.id) else {
-            return;
-        };
-        let impostor = if holder.gossip != peer.gossip {
-            peer.clone()
-        } else {
-            // `peer` holds the id: an identity claiming it already that is
-            // younger is the impostor now.
-            match self
-                .members
-                .active()
-                .find(|p| p.id == peer.id && p.gossip != peer.gossip)
-            {
-                Some(p) => p.clone(),
-                None => return,
-            }
-        };
-        let ours = peer.id == self.s.id;
-        // Locally this node keeps its own id whatever; what it reports is
-        // the cluster's choice (the older start), which every other POP
-        // makes, so that both POPs' logs say which one is ignored.
-        let (holder, impostor) = if ours
-            && (impostor.generation, impostor.gossip) < (holder.generation, holder.gossip)
-        {
-            (impostor, holder)
-        } else {
-            (holder, impostor)
-        };
-        let reason = format!(
-            "node id {:?} is held by the member at {}; the one at {} is ignored \
-             (every POP needs its own replication.node_id)",
-            peer.id, holder.gossip, impostor.gossip
-        );
-        let other = if impostor.gossip == self.s.gossip_addr {
-            holder.gossip
-        } else {
-            impostor.gossip
-        };
-        self.reply_refusal(now, other, &reason);
-        self.stats.refused += 1;
-        self.event(Event::DuplicateId {
-            id: peer.id.clone(),
-            holder: holder.gossip,
-            impostor: impostor.gossip,
-            ours,
-        });
+    /// The cluster's view of an id claimed by more than one live identity
+    /// (this node included, for its own id): (holder, impostor), the holder
+    /// being the older start, the choice every POP makes.
+    fn collision(&self, id: &NodeId) -> Option<(Peer, Peer)> {
+        let mut claimants: Vec<Peer> = self
+            .members
+            .active()
+            .filter(|p| p.id == *id)
+            .cloned()
+            .collect();
+        if *id == self.s.id {
+            claimants.push(self.members.me().clone());
+        }
+        if claimants.len() < 2 {
+            return None;
+        }
+        claimants.sort_by_key(|p| (p.generation, p.gossip));
+        let mut two = claimants.into_iter();
+        Some((two.next()?, two.next()?))
+    }
+
+    /// Reports an id claimed by two live identities that is still claimed
+    /// twice after [`COLLISION_GRACE`] gossip intervals, and tells the
+    /// other POP why it is ignored. (It is ignored from the start; the
+    /// grace only spares a POP moved to a new address an ERROR while its
+    /// old identity is being declared down.)
+    fn report_duplicate_ids(&mut self, now: Now) {
+        let grace = self.s.gossip_interval * COLLISION_GRACE;
+        let due: Vec<NodeId> = self
+            .collisions
+            .iter()
+            .filter(|(_, since)| now.mono.duration_since(**since) >= grace)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.collisions.remove(&id);
+            let Some((holder, impostor)) = self.collision(&id) else {
+                continue;
+            };
+            let reason = format!(
+                "node id {id:?} is held by the member at {}; the one at {} is ignored \
+                 (every POP needs its own replication.node_id)",
+                holder.gossip, impostor.gossip
+            );
+            let other = if impostor.gossip == self.s.gossip_addr {
+                holder.gossip
+            } else {
+                impostor.gossip
+            };
+            self.reply_refusal(now, other, &reason);
+            self.stats.refused += 1;
+            self.event(Event::DuplicateId {
+                ours: id == self.s.id,
+                id,
+                holder: holder.gossip,
+                impostor: impostor.gossip,
+            });
+        }
     }
 
     // ------------------------------------------------------------------
@@ -788,6 +806,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Now) {
         self.members.handle_timeout(now.mono);
         self.after_membership(now);
+        self.report_duplicate_ids(now);
         if self.next_announce.is_some_and(|at| at <= now.mono) {
             if self.members.active_count() == 0 {
                 self.announce(now);
@@ -821,6 +840,9 @@ impl Node {
     /// When [`Node::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut at = self.next_sync.min(self.next_gc);
+        if let Some(since) = self.collisions.values().min() {
+            at = at.min(*since + self.s.gossip_interval * COLLISION_GRACE);
+        }
         for t in [
             self.members.poll_timeout(),
             self.broadcast_at,
@@ -863,7 +885,9 @@ impl Node {
         for e in self.members.take_events() {
             match &e {
                 MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. } => {
-                    self.check_duplicate_id(now, peer);
+                    if self.collision(&peer.id).is_some() {
+                        self.collisions.entry(peer.id.clone()).or_insert(now.mono);
+                    }
                     // A member that (re)appears may have missed anything:
                     // compare with it now rather than at some random later
                     // sync.

@@ -260,6 +260,41 @@ fn a_node_back_at_a_new_address_supersedes_its_old_identity() {
         .any(|(_, _, e)| matches!(e, Event::DuplicateId { .. })));
 }
 
+/// A node restarted at a new address at once, while its old identity is
+/// still alive to the others: its writes wait until the old identity is
+/// declared down, then replicate, and no one reports a duplicate id (an
+/// ERROR for a routine host replacement would teach operators to ignore
+/// it).
+#[test]
+fn a_node_moved_at_once_is_not_reported_as_a_duplicate_id() {
+    use super::node::Event;
+
+    let mut sim = joined(SimConfig::wan(3, 12));
+    let replica = sim.nodes[2].replica().clone();
+    sim.crash(2);
+    let moved = sim.spawn("n2", 2, replica, 0);
+    sim.write(moved, "from-moved", Some("m"));
+    let t0 = sim.elapsed();
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(30), |s| (0..2).all(|i| {
+            s.nodes[i]
+                .replica()
+                .data(&super::version::RowKey::new(
+                    super::version::Table::Backends,
+                    "from-moved",
+                ))
+                .is_some()
+        }))
+    );
+    sim.run_for(Duration::from_secs(10));
+    let reported: Vec<_> = sim
+        .events
+        .iter()
+        .filter(|(_, _, e)| matches!(e, Event::DuplicateId { .. }))
+        .collect();
+    assert!(reported.is_empty(), "{reported:?}");
+}
+
 #[test]
 fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
     for seed in 50..60 {
