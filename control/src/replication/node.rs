@@ -500,11 +500,25 @@ impl Node {
             .filter(|(_, since)| now.mono.duration_since(**since) >= grace)
             .map(|(id, _)| id.clone())
             .collect();
+        let suspects: Vec<SocketAddr> = self
+            .members
+            .states()
+            .into_iter()
+            .filter(|(_, st)| *st == MemberState::Suspect)
+            .map(|(p, _)| p.gossip)
+            .collect();
         for id in due {
             self.collisions.remove(&id);
             let Some((holder, impostor)) = self.collision(&id) else {
                 continue;
             };
+            // A suspect is likely a POP's old identity on its way down
+            // (this node may learn it later than the others did): look
+            // again a grace later.
+            if suspects.contains(&holder.gossip) || suspects.contains(&impostor.gossip) {
+                self.collisions.insert(id, now.mono);
+                continue;
+            }
             let reason = format!(
                 "node id {id:?} is held by the member at {}; the one at {} is ignored \
                  (every POP needs its own replication.node_id)",

@@ -267,9 +267,15 @@ fn a_node_back_at_a_new_address_supersedes_its_old_identity() {
 /// it).
 #[test]
 fn a_node_moved_at_once_is_not_reported_as_a_duplicate_id() {
+    for seed in 12..22 {
+        move_at_once(seed);
+    }
+}
+
+fn move_at_once(seed: u64) {
     use super::node::Event;
 
-    let mut sim = joined(SimConfig::wan(3, 12));
+    let mut sim = joined(SimConfig::wan(3, seed));
     let replica = sim.nodes[2].replica().clone();
     sim.crash(2);
     let moved = sim.spawn("n2", 2, replica, 0);
@@ -292,7 +298,7 @@ fn a_node_moved_at_once_is_not_reported_as_a_duplicate_id() {
         .iter()
         .filter(|(_, _, e)| matches!(e, Event::DuplicateId { .. }))
         .collect();
-    assert!(reported.is_empty(), "{reported:?}");
+    assert!(reported.is_empty(), "seed {seed}: {reported:?}");
 }
 
 #[test]
