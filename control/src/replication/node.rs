@@ -282,8 +282,9 @@ pub struct Node {
     /// after every member went down).
     bootstrap: Vec<SocketAddr>,
     next_announce: Option<Instant>,
-    /// Ids seen claimed by two live identities, since when (reported once
-    /// still claimed twice after the grace).
+    /// Ids seen claimed by two live identities, since when (reported when
+    /// still claimed twice after the grace, and again every grace while
+    /// it lasts).
     collisions: HashMap<NodeId, Instant>,
     pub stats: Stats,
 }
@@ -531,6 +532,8 @@ impl Node {
             };
             self.reply_refusal(now, other, &reason);
             self.stats.refused += 1;
+            // Said again while it lasts (the driver logs it once a minute).
+            self.collisions.insert(id.clone(), now.mono);
             self.event(Event::DuplicateId {
                 ours: id == self.s.id,
                 id,

@@ -192,6 +192,13 @@ fn a_second_node_with_a_live_nodes_id_is_reported_and_ignored() {
         assert_eq!(sim.nodes[i].replica().data(&key("only-n1")), Some("x"));
     }
     assert_eq!(sim.nodes[twin].replica().data(&key("only-n1")), None);
+    // Said again while it lasts, not once at the start only.
+    let times = sim
+        .events
+        .iter()
+        .filter(|(_, i, e)| *i == 0 && matches!(e, Event::DuplicateId { .. }))
+        .count();
+    assert!(times >= 2, "reported {times} times");
     // A node never lists its own id as a member.
     for i in [1, twin] {
         let own = sim.nodes[i].id().clone();
