@@ -118,9 +118,15 @@ impl Seeds {
         }
         self.last_warning = Some(now);
         let secs = now.duration_since(since).as_secs();
-        let tried = if self.names.is_empty() {
-            "no bootstrap_peers are configured".to_string()
-        } else {
+        if self.names.is_empty() {
+            // A first POP may rightly wait for the others to join through
+            // it; it is still alone, which the operator should know.
+            return Some(format!(
+                "replication: no other member after {secs} s; no bootstrap_peers are configured, \
+                 so this POP waits for another one to join through it"
+            ));
+        }
+        let tried = {
             let list: Vec<String> = self
                 .names
                 .iter()
@@ -258,6 +264,19 @@ mod tests {
         assert!(later[0]
             .1
             .starts_with("replication: no other member for 5 s"));
+    }
+
+    #[test]
+    fn a_node_without_bootstrap_peers_says_it_waits() {
+        let t0 = Instant::now();
+        let mut seeds = Seeds::new(Vec::new(), Vec::new(), t0, TICK);
+        assert!(!seeds.tick(t0 + TICK * 5, 0), "nothing to resolve");
+        let w = seeds.warning(t0 + TICK * 5).expect("a warning");
+        assert!(
+            w.contains("waits for another one to join through it"),
+            "{w}"
+        );
+        assert!(!w.contains("no bootstrap peer answered"), "{w}");
     }
 
     #[test]
