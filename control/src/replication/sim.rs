@@ -380,6 +380,7 @@ impl Sim {
         let i = self.nodes.len();
         self.ids.push(id.to_string());
         self.group.push(0);
+        self.persisted.push(HashMap::new());
         let node = self.make_node(i, generation, replica);
         self.gossip_of.insert(addr(i, 4001), i);
         self.transport_of.insert(addr(i, 4002), i);
