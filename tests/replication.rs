@@ -497,6 +497,39 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
     );
 }
 
+/// A POP whose clock had been ahead stamped its rows in the future; after
+/// its clock was fixed its peers still dropped what it wrote (for as long
+/// as the clock had been ahead) and only their logs said so.
+#[test]
+fn a_pop_whose_rows_are_stamped_in_the_future_says_so_at_start() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::start(1, None);
+    assert_eq!(c.register(0, "b1", "10.77.0.1:9500".parse().unwrap()), 201);
+    assert!(c
+        .pop(0)
+        .wait_for_log("routing table loaded", PATIENCE)
+        .is_some());
+    c.kill(0);
+    // Five minutes ahead, as if written while the clock was.
+    let ahead_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        + 300_000;
+    let conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+    let stamped = conn
+        .execute("UPDATE repl_versions SET hlc = ?1", [ahead_ms << 16])
+        .unwrap();
+    assert!(stamped > 0);
+    drop(conn);
+    c.launch(0);
+    let line = c
+        .pop(0)
+        .wait_for_log("stamped in the future", PATIENCE)
+        .expect("no error at start");
+    assert!(line.contains("ERROR"), "{line}");
+}
+
 #[test]
 fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

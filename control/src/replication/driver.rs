@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::config::Replication;
 use super::db::ReplDb;
+use super::hlc::{Hlc, MAX_DRIFT_MS};
 use super::membership::{MemberEvent, MemberState};
 use super::node::{Event, Node, Now, Output, Path, Settings};
 use super::pki::ClusterPki;
@@ -397,6 +398,7 @@ impl Bound {
             gossip_key: (!c.insecure).then(|| secret.gossip_key()),
             seed: u64::from_le_bytes(rng_seed),
         };
+        warn_if_stamped_ahead(replica.max_hlc(), now.wall_ms);
         let mut node = Node::new(settings, replica, now);
         let reconciled = db.reconcile(&mut node, now)?;
         db.upsert_pop(&self.own_pop_row())?;
@@ -445,6 +447,7 @@ impl Bound {
             down: pops_input.down,
             status: status.clone(),
             refusals_logged: HashMap::new(),
+            drift_logged: HashMap::new(),
             lag_window: (Instant::now(), 0),
             recent_lag_ms: None,
             local_changes: 0,
@@ -495,6 +498,9 @@ struct Driver {
     down: DownSince,
     status: StatusHandle,
     refusals_logged: HashMap<(SocketAddr, &'static str), Instant>,
+    /// Per peer: when a row stamped in the future was last logged, and how
+    /// many were dropped since without a line.
+    drift_logged: HashMap<String, (Instant, u64)>,
     /// (window start, largest lag in it).
     lag_window: (Instant, u64),
     recent_lag_ms: Option<u64>,
@@ -825,8 +831,21 @@ impl Driver {
                 false
             }
             Event::ClockDrift { peer, ahead_ms } => {
-                tracing::warn!(%peer, ahead_ms,
-                    "replication: dropped a row stamped in the future; check the clocks (NTP) of both POPs");
+                // One line per row and exchange was thousands of lines every
+                // sync interval for a POP whose clock had been ahead.
+                let now = Instant::now();
+                let entry = self
+                    .drift_logged
+                    .entry(peer.to_string())
+                    .or_insert((now - REFUSAL_LOG_EVERY, 0));
+                if now.duration_since(entry.0) >= REFUSAL_LOG_EVERY {
+                    let also = std::mem::take(&mut entry.1);
+                    entry.0 = now;
+                    tracing::warn!(%peer, ahead_ms, dropped_since_last_line = also,
+                        "replication: dropped a row stamped in the future; check the clocks (NTP) of both POPs");
+                } else {
+                    entry.1 += 1;
+                }
                 false
             }
         }
@@ -900,4 +919,22 @@ impl Driver {
             recent_lag_ms: self.recent_lag_ms,
         });
     }
+}
+
+/// A POP whose clock was ahead stamped its rows in the future, and its
+/// clock goes on from the newest stamp: until real time catches up, every
+/// peer drops what it writes, a registration made after the clock was
+/// fixed included. Said once at start, with when it ends, instead of only
+/// in the peers' logs.
+fn warn_if_stamped_ahead(newest: Hlc, wall_ms: u64) {
+    let ahead_ms = newest.physical_ms().saturating_sub(wall_ms);
+    if ahead_ms <= MAX_DRIFT_MS {
+        return;
+    }
+    tracing::error!(
+        ahead_secs = ahead_ms / 1000,
+        refused_for_secs = (ahead_ms - MAX_DRIFT_MS).div_ceil(1000),
+        "replication: this POP's newest row is stamped in the future (its clock was ahead); \
+         peers drop what it writes until its clock passes that stamp, less the drift they accept"
+    );
 }
