@@ -662,7 +662,9 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
     );
     let b_log = c.pop(1).log_lines()[b_mark..].join("\n");
     assert!(
-        !b_log.contains("member down") && !b_log.contains("member restarted"),
+        !b_log.contains("member down")
+            && !b_log.contains("member restarted")
+            && !b_log.contains("member refuted"),
         "POP 1 logged:\n{b_log}"
     );
     let a_log = c.pop(0).log_lines()[mark..].join("\n");
@@ -740,7 +742,9 @@ fn an_upgraded_pop_stays_a_member_and_keeps_replicating() {
     assert_eq!(c.member_state(1, 0).as_deref(), Some("alive"));
     let b_log = c.pop(1).log_lines()[b_mark..].join("\n");
     assert!(
-        !b_log.contains("member down") && !b_log.contains("member restarted"),
+        !b_log.contains("member down")
+            && !b_log.contains("member restarted")
+            && !b_log.contains("member refuted"),
         "POP 1 logged:\n{b_log}"
     );
 }

@@ -745,12 +745,17 @@ impl Driver {
                     }
                     MemberEvent::Replaced { old, new } => {
                         self.transport.forget(old.transport);
-                        tracing::info!(peer = %new.id, gossip = %new.gossip, "replication: member restarted")
+                        if new.renews(old) {
+                            tracing::info!(peer = %new.id, gossip = %new.gossip,
+                                "replication: member refuted being declared down (by a member cut off from it, e.g. across a partition)")
+                        } else {
+                            tracing::info!(peer = %new.id, gossip = %new.gossip, "replication: member restarted")
+                        }
                     }
                     MemberEvent::Joined => tracing::info!("replication: joined the cluster"),
-                    MemberEvent::Rejoined => {
-                        tracing::warn!("replication: this node had been declared down; rejoined")
-                    }
+                    MemberEvent::Rejoined => tracing::warn!(
+                        "replication: a member had declared this node down (one cut off from it, e.g. across a partition); refuted and rejoined"
+                    ),
                     MemberEvent::Alone => {
                         if !self.alone_logged {
                             self.alone_logged = true;

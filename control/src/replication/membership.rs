@@ -33,6 +33,23 @@ pub struct Peer {
     pub generation: u64,
 }
 
+impl Peer {
+    /// True when this identity is `old` renewed (it refuted being declared
+    /// down: the same process, generation bumped by one per refutation), not
+    /// a restart (a new process: its generation is its start time in Unix
+    /// ms, far above). Told apart so that a healed partition does not log
+    /// "member restarted" for members that never did.
+    pub fn renews(&self, old: &Peer) -> bool {
+        /// Refutations one process may plausibly make; a restart's
+        /// generation is at least a start time later.
+        const MAX_RENEWALS: u64 = 1000;
+        self.id == old.id
+            && self.gossip == old.gossip
+            && self.generation > old.generation
+            && self.generation - old.generation <= MAX_RENEWALS
+    }
+}
+
 impl Identity for Peer {
     type Addr = SocketAddr;
 
@@ -293,4 +310,39 @@ pub fn swim_config(size: usize, period: Duration) -> foca::Config {
         num_members: std::num::NonZeroUsize::new(2).expect("non-zero"),
     });
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(generation: u64) -> Peer {
+        Peer {
+            id: NodeId::from("node-1"),
+            gossip: "10.0.0.1:4001".parse().unwrap(),
+            transport: "10.0.0.1:4002".parse().unwrap(),
+            generation,
+        }
+    }
+
+    /// After a healed partition the majority logged "member restarted" for
+    /// members that had only refuted a suspicion.
+    #[test]
+    fn a_refutation_is_a_renewal_and_a_new_process_is_a_restart() {
+        let started = peer(1_800_000_000_000);
+        let renewed = started.renew().unwrap();
+        assert!(renewed.renews(&started));
+        assert!(renewed.renew().unwrap().renews(&started));
+        let restarted = peer(1_800_000_060_000);
+        assert!(!restarted.renews(&started));
+        assert!(
+            !started.renews(&renewed),
+            "an older identity renews nothing"
+        );
+        let moved = Peer {
+            gossip: "10.0.0.2:4001".parse().unwrap(),
+            ..renewed
+        };
+        assert!(!moved.renews(&started));
+    }
 }
