@@ -236,7 +236,8 @@ pub struct Stats {
 #[derive(Debug, Clone, Default)]
 pub struct PeerSync {
     pub last_sync: Option<Instant>,
-    /// At the last exchange we started with it, the digests matched.
+    /// At the last exchange we started with it, the digests matched (false
+    /// when that exchange timed out).
     pub in_sync: bool,
     /// Delay of the last row applied from it, origin write to here.
     pub last_lag_ms: Option<u64>,
@@ -835,8 +836,20 @@ impl Node {
             self.broadcast_at = None;
             self.flush_broadcast(now);
         }
-        self.sessions
-            .retain(|_, s| now.mono.duration_since(s.started) < SYNC_TIMEOUT);
+        let mut timed_out = Vec::new();
+        self.sessions.retain(|_, s| {
+            let live = now.mono.duration_since(s.started) < SYNC_TIMEOUT;
+            if !live {
+                timed_out.push(s.peer.clone());
+            }
+            live
+        });
+        // An exchange that never finished says nothing of the digests:
+        // "in sync" from an older one stayed on display for a peer whose
+        // transport port was blocked, its rows no longer arriving.
+        for peer in timed_out {
+            self.peers.entry(peer).or_default().in_sync = false;
+        }
         if self.next_sync <= now.mono {
             self.next_sync = now.mono + self.jittered(self.s.sync_interval);
             self.start_syncs(now, true);

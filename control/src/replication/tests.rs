@@ -308,6 +308,28 @@ fn move_at_once(seed: u64) {
     assert!(reported.is_empty(), "seed {seed}: {reported:?}");
 }
 
+/// With a peer's transport port blocked (gossip still working), its
+/// exchanges time out: "in sync" from before must not stay on display.
+#[test]
+fn a_peer_whose_exchanges_time_out_is_not_shown_in_sync() {
+    let mut sim = joined(SimConfig::wan(3, 11));
+    let in_sync = |sim: &Sim| {
+        sim.nodes[0]
+            .members()
+            .into_iter()
+            .find(|m| &*m.peer.id == "n1")
+            .is_some_and(|m| m.sync.in_sync)
+    };
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(30), in_sync));
+    sim.drop_messages_to.insert(1);
+    let t1 = sim.elapsed();
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(60), |s| !in_sync(s)),
+        "still shown in sync"
+    );
+}
+
 #[test]
 fn a_crashed_node_is_detected_and_catches_up_after_a_restart() {
     for seed in 50..60 {
