@@ -50,6 +50,9 @@ pub const CHANGE_POLL: Duration = Duration::from_millis(50);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The same refusal (peer, reason) is logged at WARN at most this often.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Anti-entropy exchanges with a member that time out in a row before its
+/// transport is reported silent (one can be lost to a restart or a blip).
+const TIMEOUTS_BEFORE_WARNING: u32 = 3;
 
 /// The sockets, bound; nothing running yet.
 pub struct Bound {
@@ -448,6 +451,7 @@ impl Bound {
             status: status.clone(),
             refusals_logged: HashMap::new(),
             drift_logged: HashMap::new(),
+            transport_silence_logged: HashMap::new(),
             lag_window: (Instant::now(), 0),
             recent_lag_ms: None,
             local_changes: 0,
@@ -501,6 +505,8 @@ struct Driver {
     /// Per peer: when a row stamped in the future was last logged, and how
     /// many were dropped since without a line.
     drift_logged: HashMap<String, (Instant, u64)>,
+    /// Per peer: when its transport's silence was last logged.
+    transport_silence_logged: HashMap<String, Instant>,
     /// (window start, largest lag in it).
     lag_window: (Instant, u64),
     recent_lag_ms: Option<u64>,
@@ -793,6 +799,32 @@ impl Driver {
                 crate::replication::metrics::observe_lag(lag_ms);
                 tracing::debug!(%from, rows, lag_ms, via = match via { Path::Broadcast => "broadcast", Path::Sync => "sync" },
                     "replication: remote rows applied");
+                false
+            }
+            Event::SyncTimedOut { peer, in_a_row } => {
+                // Gossip still says the member is alive (else no exchange
+                // would be started with it), yet its transport does not
+                // answer: the rows it writes stop arriving, and before this
+                // line only a debug message said anything.
+                let now = Instant::now();
+                let due = self
+                    .transport_silence_logged
+                    .get(&*peer)
+                    .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+                if in_a_row >= TIMEOUTS_BEFORE_WARNING && due {
+                    self.transport_silence_logged.insert(peer.to_string(), now);
+                    let transport = self
+                        .node
+                        .members()
+                        .into_iter()
+                        .find(|m| m.peer.id == peer)
+                        .map(|m| m.peer.transport.to_string())
+                        .unwrap_or_else(|| "?".into());
+                    tracing::warn!(%peer, %transport, exchanges = in_a_row,
+                        "replication: member answers gossip but not on its transport (anti-entropy exchanges time out): its rows do not arrive; check that its transport port (UDP) is open both ways");
+                } else {
+                    tracing::debug!(%peer, in_a_row, "replication: anti-entropy exchange timed out");
+                }
                 false
             }
             Event::Synced {

@@ -189,6 +189,12 @@ pub enum Event {
         received: usize,
         more: bool,
     },
+    /// An exchange we started with `peer` got no answer in time, the
+    /// `in_a_row`th since one completed.
+    SyncTimedOut {
+        peer: NodeId,
+        in_a_row: u32,
+    },
     /// A row with a timestamp too far in the future was dropped.
     ClockDrift {
         peer: NodeId,
@@ -239,6 +245,8 @@ pub struct PeerSync {
     /// At the last exchange we started with it, the digests matched (false
     /// when that exchange timed out).
     pub in_sync: bool,
+    /// Exchanges with it that timed out since the last one that completed.
+    pub timeouts_in_a_row: u32,
     /// Delay of the last row applied from it, origin write to here.
     pub last_lag_ms: Option<u64>,
 }
@@ -702,6 +710,7 @@ impl Node {
                     let p = self.peers.entry(s.peer.clone()).or_default();
                     p.last_sync = Some(now.mono);
                     p.in_sync = true;
+                    p.timeouts_in_a_row = 0;
                     self.event(Event::Synced {
                         peer: s.peer,
                         equal: true,
@@ -764,6 +773,7 @@ impl Node {
                 let p = self.peers.entry(s.peer.clone()).or_default();
                 p.last_sync = Some(now.mono);
                 p.in_sync = false;
+                p.timeouts_in_a_row = 0;
                 if more && !self.sync_queue.contains(&s.peer) {
                     self.sync_queue.push_back(s.peer.clone());
                 }
@@ -848,7 +858,11 @@ impl Node {
         // "in sync" from an older one stayed on display for a peer whose
         // transport port was blocked, its rows no longer arriving.
         for peer in timed_out {
-            self.peers.entry(peer).or_default().in_sync = false;
+            let p = self.peers.entry(peer.clone()).or_default();
+            p.in_sync = false;
+            p.timeouts_in_a_row += 1;
+            let in_a_row = p.timeouts_in_a_row;
+            self.event(Event::SyncTimedOut { peer, in_a_row });
         }
         if self.next_sync <= now.mono {
             self.next_sync = now.mono + self.jittered(self.s.sync_interval);

@@ -328,6 +328,18 @@ fn a_peer_whose_exchanges_time_out_is_not_shown_in_sync() {
         sim.run_until(t1 + Duration::from_secs(60), |s| !in_sync(s)),
         "still shown in sync"
     );
+    // And the timeouts are reported in a row, for the driver's warning.
+    let silent = |s: &Sim| {
+        s.events.iter().any(|(_, i, e)| {
+            *i == 0
+                && matches!(e, super::node::Event::SyncTimedOut { peer, in_a_row }
+                    if &**peer == "n1" && *in_a_row >= 3)
+        })
+    };
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(180), silent),
+        "no third timeout in a row reported"
+    );
 }
 
 #[test]
