@@ -5,76 +5,23 @@
 //! every connection at once.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use engine::geo::{GeoResolver, RegionMap};
-use engine::snapshot::{BackendRecord, SnapshotBuilder, SnapshotHandle};
-use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
+use engine::{Engine, Knobs};
+
+mod common;
+use common::{geo, settings, snapshot_to, spec, tag_backend};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Greets every connection with `b\n`, then echoes until EOF.
-fn backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                if stream.write_all(b"b\n").is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 fn engine(backend: SocketAddr) -> Engine {
-    let record = BackendRecord {
-        id: "b".into(),
-        app: "web".into(),
-        region: "sa".into(),
-        country: None,
-        ip: backend.ip().to_string(),
-        port: backend.port().into(),
-        healthy: true,
-        weight: 1,
-        soft_limit: 1000,
-        hard_limit: 0,
-        deleted: false,
-    };
-    let settings = EngineSettings {
-        shards: 1,
-        pin_cores: false,
-        buffer_count: 16,
-        buffer_size: 4096,
-        splice_bulk: false,
-        local_region: Arc::from("sa"),
-        client_table_capacity: 1024,
-    };
-    let spec = ListenerSpec {
-        name: Arc::from("main"),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        app: None,
-        accept_proxy_protocol: false,
-        send_proxy_protocol: false,
-        tls: None,
-    };
     Engine::start(
-        settings,
+        settings(1),
         Knobs::default(),
-        &[spec],
-        SnapshotHandle::new(SnapshotBuilder::new().build(&[record]).snapshot),
-        Arc::new(GeoResolver::new(Vec::new(), None, RegionMap::default())),
+        &[spec()],
+        snapshot_to(backend),
+        geo(),
     )
     .unwrap()
 }
@@ -92,7 +39,7 @@ fn echo(mut s: &TcpStream, msg: &str) -> Result<(), String> {
 
 #[test]
 fn a_grace_period_past_what_an_instant_holds_drains_until_a_fast_stop() {
-    let engine = engine(backend());
+    let engine = engine(tag_backend("b"));
     let addr = engine.listeners()[0].local_addr;
     let held = TcpStream::connect(addr).unwrap();
     held.set_read_timeout(Some(PATIENCE)).unwrap();

@@ -14,79 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engine::geo::{GeoResolver, RegionMap};
 use engine::listener::adopt_group;
-use engine::snapshot::{BackendRecord, SnapshotBuilder, SnapshotHandle};
-use engine::{BoundListeners, Engine, EngineSettings, Knobs, ListenerSpec};
+use engine::{BoundListeners, Engine, Knobs};
+
+mod common;
+use common::{geo, settings, snapshot_to, spec, tag_backend};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Greets every connection with `tag\n`, then echoes until EOF.
-fn tag_backend(tag: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || {
-                if stream.write_all(format!("{tag}\n").as_bytes()).is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buf) {
-                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn snapshot_to(backend: SocketAddr) -> SnapshotHandle {
-    let record = BackendRecord {
-        id: "b".into(),
-        app: "web".into(),
-        region: "sa".into(),
-        country: None,
-        ip: backend.ip().to_string(),
-        port: backend.port().into(),
-        healthy: true,
-        weight: 1,
-        soft_limit: 1000,
-        hard_limit: 0,
-        deleted: false,
-    };
-    SnapshotHandle::new(SnapshotBuilder::new().build(&[record]).snapshot)
-}
-
-fn settings(shards: usize) -> EngineSettings {
-    EngineSettings {
-        shards,
-        pin_cores: false,
-        buffer_count: 16,
-        buffer_size: 4096,
-        splice_bulk: false,
-        local_region: Arc::from("sa"),
-        client_table_capacity: 1024,
-    }
-}
-
-fn spec() -> ListenerSpec {
-    ListenerSpec {
-        name: Arc::from("main"),
-        addr: "127.0.0.1:0".parse().unwrap(),
-        app: None,
-        accept_proxy_protocol: false,
-        send_proxy_protocol: false,
-        tls: None,
-    }
-}
-
-fn geo() -> Arc<GeoResolver> {
-    Arc::new(GeoResolver::new(Vec::new(), None, RegionMap::default()))
-}
 
 /// One client round trip: greeting, then an echo. `Err` says what failed.
 fn round_trip(addr: SocketAddr, n: usize) -> Result<String, String> {
