@@ -203,8 +203,9 @@ pub enum Event {
     /// Two live members claim one node id (or a member claims ours): the
     /// one at `impostor` is ignored (no rows to or from it) while the one
     /// at `holder` (the older start) lives. With `ours`, one of the two is
-    /// this node (which keeps ignoring the other either way). Each would mint the same versions for different
-    /// data, so the configuration must be fixed.
+    /// this node (which keeps ignoring the other either way). Each would
+    /// mint the same versions for different data, so the configuration
+    /// must be fixed.
     DuplicateId {
         id: NodeId,
         holder: SocketAddr,
@@ -1036,7 +1037,7 @@ impl Node {
     /// own) is left alone.
     pub fn persist_failed(&mut self, batch: Persist) {
         for (row, previous) in batch.rows.into_iter().zip(batch.previous) {
-            if self.replica.version_of(&row.key) != Some(&row.version) {
+            if self.replica.stamp_of(&row.key) != Some(row.stamp()) {
                 continue;
             }
             match previous {

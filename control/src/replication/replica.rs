@@ -137,8 +137,9 @@ impl Replica {
     /// equal versions with different data, see [`Stamp::beats`]).
     pub fn merge(&mut self, row: RowVersion) -> Merge {
         let b = bucket_of(&row.key);
+        let incoming = row.stamp();
         if let Some(have) = self.buckets[b].get(&row.key) {
-            let (incoming, held) = (row.stamp(), have.stamp());
+            let held = have.stamp();
             if incoming == held {
                 return Merge::Duplicate;
             }
@@ -146,7 +147,7 @@ impl Replica {
                 return Merge::Stale;
             }
         }
-        let replaced = self.insert(b, row);
+        let replaced = self.insert_hashed(b, row, incoming.data);
         Merge::Applied { replaced }
     }
 
@@ -158,6 +159,12 @@ impl Replica {
 
     fn insert(&mut self, b: usize, row: RowVersion) -> bool {
         let data_hash = data_hash(row.data.as_deref());
+        self.insert_hashed(b, row, data_hash)
+    }
+
+    /// [`Replica::insert`] with the data's hash already computed (a merge
+    /// has it from comparing stamps).
+    fn insert_hashed(&mut self, b: usize, row: RowVersion, data_hash: u64) -> bool {
         let hash = entry_hash(&row.key, &row.version, data_hash);
         let entry = Entry {
             version: row.version,
