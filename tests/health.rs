@@ -346,7 +346,8 @@ fn wait_event_now(proxy: &Proxy, mark: usize, needle: &str, backend: &str) -> bo
 fn the_ejection_cap_keeps_part_of_the_pool_in_rotation() {
     // Four backends that refuse connections and one that works, in one app:
     // at 50 % at most two may be ejected.
-    let dead: Vec<u16> = (0..4).map(|_| dead_port()).collect();
+    let refusing: Vec<RefusingPort> = (0..4).map(|_| RefusingPort::new()).collect();
+    let dead: Vec<u16> = refusing.iter().map(RefusingPort::port).collect();
     let live = HttpBackend::start("live");
     let mut rows: Vec<Row> = dead
         .iter()
@@ -635,7 +636,8 @@ fn each_transition_is_posted_to_the_webhook() {
     let (hook, events) = webhook_receiver();
     let live = HttpBackend::start("live");
     // A backend that refuses connections: its first checks fail.
-    let dead = dead_port();
+    let refusing = RefusingPort::new();
+    let dead = refusing.port();
     let (_dir, _proxy) = proxy_over(
         "health-webhook",
         &preferred(dead, live.port()),

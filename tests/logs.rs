@@ -54,7 +54,8 @@ fn json_format_writes_one_object_per_line_with_fields_at_the_top() {
     let addr = json_listener_addr(&proxy);
     assert_eq!(which_backend(addr), "j1");
     // A warning with a value from a field: a failed backend connect.
-    db.upsert(&Row::new("j1", "web", "sa", dead_port()));
+    let refusing = RefusingPort::new();
+    db.upsert(&Row::new("j1", "web", "sa", refusing.port()));
     let mark = proxy.log_mark();
     assert!(eventually(PATIENCE, || {
         let _ = probe(addr, std::time::Duration::from_secs(2));

@@ -71,7 +71,8 @@ fn counters_move_with_traffic() {
     let live = TagBackend::start("live");
     // The dead backend scores best (weight), so every connection tries it
     // first, fails, and retries onto the live one.
-    let mut dead = Row::new("dead", "web", "sa", dead_port());
+    let refusing = RefusingPort::new();
+    let mut dead = Row::new("dead", "web", "sa", refusing.port());
     dead.weight = 100;
     let (_db, proxy) = proxy_with_metrics(
         &dir,

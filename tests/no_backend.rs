@@ -150,7 +150,8 @@ fn refused_connections_are_reported_in_a_rate_limited_warning() {
 fn a_dead_backend_is_logged_once_per_state_change() {
     let dir = TempDir::new("nb-dead");
     let alive = TagBackend::start("alive");
-    let dead_port = dead_port();
+    let mut refusing = RefusingPort::new();
+    let dead_port = refusing.port();
     let db = Db::create(dir.join("routing.db"));
     // The dead one first in table order, so it is tried first by every
     // client (affinity off: each connection picks again).
@@ -194,7 +195,7 @@ fn a_dead_backend_is_logged_once_per_state_change() {
     }));
 
     // It comes back: one line saying so.
-    let _revived = std::net::TcpListener::bind(("127.0.0.1", dead_port)).unwrap();
+    let _revived = refusing.revive();
     let mark = proxy.log_mark();
     // The revived port accepts but never greets; the connection is proxied.
     let _ = probe(proxy.addr(), Duration::from_millis(200));

@@ -21,11 +21,12 @@ fn setup(
     live: &[&str],
     dead: &[&str],
     extra: &str,
-) -> (TempDir, Vec<TagBackend>, Proxy) {
+) -> (TempDir, Vec<TagBackend>, Proxy, Vec<RefusingPort>) {
     let dir = TempDir::new(tag);
     let db = Db::create(dir.join("routing.db"));
-    for id in dead {
-        db.upsert(&Row::new(id, "web", "sa", dead_port()).country("BR"));
+    let refusing: Vec<RefusingPort> = dead.iter().map(|_| RefusingPort::new()).collect();
+    for (id, port) in dead.iter().zip(&refusing) {
+        db.upsert(&Row::new(id, "web", "sa", port.port()).country("BR"));
     }
     let backends: Vec<TagBackend> = live.iter().map(|n| TagBackend::start(n)).collect();
     for b in &backends {
@@ -50,7 +51,7 @@ fn setup(
         &[],
         Some("info,engine::conn=debug"),
     );
-    (dir, backends, proxy)
+    (dir, backends, proxy, refusing)
 }
 
 /// A BR client's connection: its greeting (or `None` if closed), and an
@@ -88,7 +89,7 @@ fn log_barrier(proxy: &Proxy) {
 #[test]
 fn a_dead_best_backend_is_skipped_for_a_live_one() {
     // No affinity: every connection scores the dead backend first.
-    let (_dir, backends, proxy) = setup(
+    let (_dir, backends, proxy, _refusing) = setup(
         "retry-dead-best",
         &["live-1", "live-2"],
         &["dead-br"],
@@ -128,7 +129,7 @@ fn a_dead_best_backend_is_skipped_for_a_live_one() {
 
 #[test]
 fn with_affinity_a_client_is_rebound_away_from_the_dead_backend() {
-    let (_dir, _backends, proxy) = setup("retry-rebind", &["live-1"], &["dead-br"], "");
+    let (_dir, _backends, proxy, _refusing) = setup("retry-rebind", &["live-1"], &["dead-br"], "");
     let addr = proxy.listener("pp");
     let mark = proxy.log_mark();
     for n in 0..5 {
@@ -150,7 +151,7 @@ fn with_affinity_a_client_is_rebound_away_from_the_dead_backend() {
 
 #[test]
 fn with_every_backend_dead_the_client_is_closed() {
-    let (_dir, _backends, proxy) = setup(
+    let (_dir, _backends, proxy, _refusing) = setup(
         "retry-all-dead",
         &[],
         &["dead-1", "dead-2"],
@@ -175,7 +176,7 @@ fn with_every_backend_dead_the_client_is_closed() {
 
 #[test]
 fn one_connect_attempt_means_no_retry() {
-    let (_dir, backends, proxy) = setup(
+    let (_dir, backends, proxy, _refusing) = setup(
         "retry-one-attempt",
         &["live-1"],
         &["dead-br"],

@@ -448,10 +448,57 @@ pub fn read_line(mut stream: &TcpStream) -> Option<String> {
     }
 }
 
-/// A port nothing listens on (bound then closed).
+/// A port nothing listens on (bound then closed), for something the test
+/// itself starts listening there soon. For a backend that must keep refusing
+/// connections use [`RefusingPort`]: a closed port may be taken meanwhile by
+/// another test's listener.
 pub fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// A port held by a bound socket that never listens: connects to it are
+/// refused for as long as this lives, and no other socket on the host can
+/// take it (no `SO_REUSEADDR`), nor can an outgoing connection use it as its
+/// source port (which would connect the proxy to itself).
+pub struct RefusingPort {
+    socket: Option<socket2::Socket>,
+    port: u16,
+}
+
+impl RefusingPort {
+    pub fn new() -> RefusingPort {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("TCP socket");
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+        let port = socket
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .expect("bound address")
+            .port();
+        RefusingPort {
+            socket: Some(socket),
+            port,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Gives the port up and listens on it: the backend comes back.
+    pub fn revive(&mut self) -> TcpListener {
+        drop(self.socket.take());
+        TcpListener::bind(("127.0.0.1", self.port)).expect("listen on the revived port")
+    }
+}
+
+impl Default for RefusingPort {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 // ---------------------------------------------------------------------------
