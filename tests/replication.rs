@@ -1064,6 +1064,54 @@ fn replication_refuses_to_start_without_a_secret() {
     assert!(!dir.join("r.db").exists(), "nothing was created");
 }
 
+/// QA: in containers named `localhost` every POP took the id `localhost`.
+/// `check-config` (and `run`) refuse the default id there, naming the host
+/// name and what to set; an id set on purpose passes. The host name is set
+/// in a UTS namespace of the check's own.
+#[test]
+fn check_config_refuses_a_default_node_id_from_a_shared_host_name() {
+    common::netns::require_root();
+    let dir = TempDir::new("repl-localhost");
+    let path = dir.join("e.toml");
+    let text = format!(
+        "[routing]\ndb_path = \"{}\"\n[replication]\nenabled = true\nsecret = \"{SECRET}\"\n",
+        dir.join("r.db").display()
+    );
+    std::fs::write(&path, &text).unwrap();
+    let check = |host: &str, env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--uts", "sh", "-c", "hostname \"$0\" && exec \"$@\""])
+            .args([host, common::BIN, "check-config", "--no-bind", "--config"])
+            .arg(&path)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().expect("cannot run unshare");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for host in ["localhost", "localhost.localdomain"] {
+        let (status, out, err) = check(host, &[]);
+        assert!(!status.success(), "{host}: accepted:\n{out}");
+        for needle in [
+            "replication.node_id",
+            "EDGEPROXY_REPLICATION_NODE_ID",
+            &format!("{host:?}"),
+        ] {
+            assert!(err.contains(needle), "{host}: {needle} missing: {err}");
+        }
+    }
+    let (status, out, err) = check("localhost", &[("EDGEPROXY_REPLICATION_NODE_ID", "gru-1")]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("node_id = \"gru-1\""), "{out}");
+    let (status, out, err) = check("pop-gru-7", &[]);
+    assert!(status.success(), "{err}");
+    assert!(out.contains("node_id = \"pop-gru-7\""), "{out}");
+}
+
 #[test]
 fn dns_lists_the_live_pops_of_a_region_from_the_replicated_table() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

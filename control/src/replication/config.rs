@@ -119,7 +119,8 @@ impl Replication {
     }
 }
 
-/// This machine's host name, the default node id.
+/// This machine's host name, the default node id (empty if the system
+/// reports none).
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates
@@ -131,12 +132,21 @@ pub fn hostname() -> String {
     } else {
         String::new()
     };
-    let name = name.trim().to_string();
-    if name.is_empty() {
-        "edgeproxy".into()
-    } else {
-        name
-    }
+    name.trim().to_string()
+}
+
+/// True for host names that many machines share: a container or a fresh
+/// VM left as `localhost`, the kernel's `(none)`, none at all. Taken as
+/// node ids, every POP so named would share one id.
+fn generic_host_name(name: &str) -> bool {
+    let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+    let host = name.split('.').next().unwrap_or("");
+    name.is_empty()
+        || matches!(
+            host,
+            "localhost" | "localhost4" | "localhost6" | "ip6-localhost" | "ip6-loopback"
+        )
+        || name == "(none)"
 }
 
 fn socket_addr(
@@ -205,6 +215,15 @@ fn check_secret(secret: &str) -> Result<Secret, String> {
 }
 
 pub fn from_raw(raw: RawReplication, env: &dyn Env) -> Result<Replication, ConfigError> {
+    from_raw_on(raw, env, hostname)
+}
+
+/// [`from_raw`] with the host name from `host_name` (tests pass their own).
+fn from_raw_on(
+    raw: RawReplication,
+    env: &dyn Env,
+    host_name: impl FnOnce() -> String,
+) -> Result<Replication, ConfigError> {
     let enabled = env_bool(env, "EDGEPROXY_REPLICATION_ENABLED")?
         .or(raw.enabled)
         .unwrap_or(false);
@@ -225,8 +244,30 @@ pub fn from_raw(raw: RawReplication, env: &dyn Env) -> Result<Replication, Confi
                 v
             }
             None => {
+                let host = host_name();
+                // Two POPs with one id write conflicting rows under the same
+                // versions, and are ignored by the cluster while the other
+                // lives: refused here, where the cause is plain, rather than
+                // found later in an ERROR at every POP. An id set on purpose
+                // is the operator's choice, whatever it is.
+                if enabled && generic_host_name(&host) {
+                    return Err(invalid(
+                        "replication.node_id",
+                        format!(
+                            "not set, and the host name {host:?} that would be the default is \
+                             not unique to this POP (every POP so named would share one id): \
+                             set replication.node_id or EDGEPROXY_REPLICATION_NODE_ID to an id \
+                             of its own (e.g. gru-1)"
+                        ),
+                    ));
+                }
+                let host = if host.is_empty() {
+                    "edgeproxy".to_string()
+                } else {
+                    host
+                };
                 // Host names may hold characters a node id may not.
-                let h: String = hostname()
+                let h: String = host
                     .chars()
                     .map(|c| {
                         if c.is_ascii_alphanumeric() || "-_.".contains(c) {
@@ -527,6 +568,54 @@ mod tests {
             let err = parse(&format!("[replication]\n{text}\n"), &NO_ENV).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
         }
+    }
+
+    /// QA: in a container whose host name is `localhost`, every POP
+    /// started with the default id `localhost`.
+    #[test]
+    fn a_default_id_from_a_host_name_many_machines_share_is_refused() {
+        let on = |host: &'static str, text: &str, env: &dyn Env| {
+            #[derive(Deserialize)]
+            struct Wrap {
+                replication: RawReplication,
+            }
+            let w: Wrap = toml::from_str(text).unwrap();
+            from_raw_on(w.replication, env, || host.to_string())
+        };
+        let enabled = "[replication]\nenabled = true\ninsecure = true\n";
+        for host in [
+            "localhost",
+            "localhost.localdomain",
+            "LOCALHOST.",
+            "localhost6.localdomain6",
+            "ip6-localhost",
+            "(none)",
+            "",
+        ] {
+            let err = on(host, enabled, &NO_ENV).unwrap_err().to_string();
+            assert!(err.contains("replication.node_id"), "{host:?}: {err}");
+            assert!(err.contains("EDGEPROXY_REPLICATION_NODE_ID"), "{err}");
+            assert!(err.contains(&format!("{host:?}")), "names the host: {err}");
+        }
+        // A host name of its own is a fine default.
+        let r = on("gru-edge-1.example.net", enabled, &NO_ENV).unwrap();
+        assert_eq!(r.node_id, "gru-edge-1.example.net");
+        assert_eq!(
+            on("localhost-gru", enabled, &NO_ENV).unwrap().node_id,
+            "localhost-gru"
+        );
+        // An id set on purpose is kept, even on such a host.
+        let r = on(
+            "localhost",
+            &format!("{enabled}node_id = \"gru-1\"\n"),
+            &NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(r.node_id, "gru-1");
+        let env = [("EDGEPROXY_REPLICATION_NODE_ID", "fra-1")];
+        assert_eq!(on("localhost", enabled, &env).unwrap().node_id, "fra-1");
+        // Replication off: the id is unused, nothing to refuse.
+        assert!(on("localhost", "[replication]\n", &NO_ENV).is_ok());
     }
 
     #[test]
