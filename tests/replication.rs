@@ -459,6 +459,82 @@ fn a_killed_pop_is_shown_down_and_catches_up_after_a_restart() {
     c.wait_joined();
 }
 
+/// QA: a POP decommissioned for good stayed listed as down forever.
+/// `edgeproxy cluster forget` (through POP 0's API, found with --config)
+/// refuses a live POP, then forgets a down one at every POP (member list,
+/// metrics, `pops` table); started again, that POP rejoins.
+#[test]
+fn a_forgotten_pop_leaves_every_pop_and_may_rejoin() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::start(3, None);
+    c.wait_joined();
+    let config = c.dir.join("pop-0.toml");
+    let forget = |c: &Cluster, id: &str| {
+        let (config, id) = (config.clone(), id.to_string());
+        c.net.run_in(0, move || {
+            let out = std::process::Command::new(common::BIN)
+                .args([
+                    "--config",
+                    config.to_str().unwrap(),
+                    "cluster",
+                    "forget",
+                    &id,
+                ])
+                .output()
+                .expect("cannot run edgeproxy");
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let pops_row = |c: &Cluster, i: usize, id: &str| {
+        let conn = rusqlite::Connection::open(c.db_path(i)).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM pops WHERE node_id = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+    };
+    let (ok, _, err) = forget(&c, "node-2");
+    assert!(!ok && err.contains("node-2 is alive"), "{err}");
+    assert!(
+        common::eventually(PATIENCE, || pops_row(&c, 1, "node-2") == 1),
+        "node-2's row never arrived"
+    );
+
+    c.kill(2);
+    assert!(
+        common::eventually(PATIENCE, || [0, 1]
+            .iter()
+            .all(|&i| c.member_state(i, 2).as_deref() == Some("down"))),
+        "dead POP not reported"
+    );
+    let (ok, out, err) = forget(&c, "node-2");
+    assert!(ok, "{err}");
+    assert!(out.contains("forgot node-2"), "{out}");
+    assert!(
+        common::eventually(PATIENCE, || [0, 1].iter().all(|&i| {
+            c.member_state(i, 2).is_none()
+                && pops_row(&c, i, "node-2") == 0
+                && c.metric(i, "edgeproxy_replication_members{state=\"down\"}") == 0.0
+        })),
+        "not forgotten everywhere: {}",
+        c.cluster_status(1)
+    );
+    let (status, body) = c.api(0, "DELETE", "/api/v1/cluster/members/nope", None);
+    assert_eq!(status, 404, "{body}");
+
+    c.launch(2);
+    c.wait_joined();
+    assert!(
+        common::eventually(PATIENCE, || [0, 1]
+            .iter()
+            .all(|&i| pops_row(&c, i, "node-2") == 1)),
+        "the rejoined POP's row did not come back"
+    );
+}
+
 /// A backend heartbeating at a POP that then died (with its site) stayed
 /// "serving" at every other POP for as long as that POP was down: only a
 /// row's heartbeat POP judged its expiry.

@@ -226,7 +226,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
                 .with_mesh(mesh.as_ref().map(|m| (m.api_hooks(), m.status())))
                 .serve(
                     snapshot.clone(),
-                    replication.as_ref().map(|r| r.status()),
+                    replication.as_ref().map(|r| r.api_hooks()),
                     readiness.clone(),
                     Some(steering.clone()),
                 )

@@ -1,7 +1,7 @@
 //! Command line: `edgeproxy [run] [--config FILE]`, `edgeproxy check-config`,
 //! `edgeproxy backends list|add|rm|drain` (the discovery API's client),
-//! `edgeproxy completions SHELL`, `edgeproxy cluster status` (replication's
-//! view), `edgeproxy mesh status` and `edgeproxy 6pn` (the WireGuard mesh
+//! `edgeproxy completions SHELL`, `edgeproxy cluster status|forget`
+//! (replication's view), `edgeproxy mesh status` and `edgeproxy 6pn` (the WireGuard mesh
 //! and its addressing), `edgeproxy drain` / `undrain` / `pop status` (this
 //! POP's traffic steering), `edgeproxy bgp status` (the anycast speaker),
 //! `edgeproxy upgrade`.
@@ -81,7 +81,9 @@ pub enum Command {
     /// unless --api and --token say otherwise.
     Backends(Box<crate::api::client::BackendsArgs>),
     /// Replication between POPs, through a running POP's API: `status`
-    /// lists the members, their state, round trip, last sync and lag.
+    /// lists the members, their state, round trip, last sync and lag;
+    /// `forget NODE_ID` removes a POP decommissioned for good (down) from
+    /// every POP's member list and pops table.
     Cluster(Box<crate::replication::cli::ClusterArgs>),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     ///

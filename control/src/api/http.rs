@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use engine::snapshot::SnapshotHandle;
 use serde_json::json;
@@ -37,8 +37,8 @@ pub(super) struct Shared {
     pub max_body: usize,
     pub snapshot: SnapshotHandle,
     pub started: Instant,
-    /// Replication's status, when it runs.
-    pub cluster: Option<crate::replication::status::StatusHandle>,
+    /// Replication's status and commands, when it runs.
+    pub cluster: Option<crate::replication::driver::ApiHooks>,
     /// `/health` says 503 `draining` once a drain starts.
     pub readiness: crate::readiness::Readiness,
     /// The mesh: 6PN allocation for registrations without an address, and
@@ -77,6 +77,7 @@ pub(super) fn router(state: AppState) -> Router {
         .route("/api/v1/backends/{id}", get(get_one).delete(deregister))
         .route("/api/v1/backends/{id}/drain", post(drain))
         .route("/api/v1/cluster", get(cluster))
+        .route("/api/v1/cluster/members/{id}", delete(forget_member))
         .route("/api/v1/mesh", get(mesh))
         .route("/api/v1/pop", get(pop))
         .route("/api/v1/pop/drain", post(pop_drain))
@@ -250,8 +251,37 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
 /// publishes; never waits for it).
 async fn cluster(State(s): State<AppState>) -> Response {
     match &s.cluster {
-        Some(c) => Json(&*c.load()).into_response(),
+        Some(c) => Json(&*c.status.load()).into_response(),
         None => Json(json!({ "enabled": false, "members": [] })).into_response(),
+    }
+}
+
+/// `edgeproxy cluster forget`: a POP decommissioned for good leaves the
+/// membership and the `pops` table here, and (replicated) everywhere.
+async fn forget_member(State(s): State<AppState>, BackendId(id): BackendId) -> Response {
+    use crate::replication::driver::ForgetError;
+    use crate::replication::node::ForgetRefused;
+    let Some(c) = &s.cluster else {
+        return error(
+            409,
+            "replication is off on this POP ([replication] enabled = false)",
+        );
+    };
+    match c.forget(id.clone()).await {
+        Ok(f) => Json(json!({
+            "forgotten": id,
+            "identities": f.identities,
+            "replicated": f.replicated,
+        }))
+        .into_response(),
+        Err(e) => {
+            let status = match &e {
+                ForgetError::Refused(ForgetRefused::Unknown { .. }) => 404,
+                ForgetError::Refused(_) => 409,
+                _ => 503,
+            };
+            error(status, &e.to_string())
+        }
     }
 }
 

@@ -130,13 +130,14 @@ impl Bound {
 
     /// Spawns the HTTP server on the current Tokio runtime; `snapshot` is what
     /// `/health` reports on and where live connection counts come from.
-    /// `cluster`: replication's status, for `GET /api/v1/cluster`;
+    /// `cluster`: replication's status and commands, for `GET
+    /// /api/v1/cluster` and `DELETE /api/v1/cluster/members/{id}`;
     /// `readiness`: `/health` says 503 `draining` during a drain.
     /// `steering`: this POP's drain and BGP (`/api/v1/pop`, `/api/v1/bgp`).
     pub fn serve(
         self,
         snapshot: SnapshotHandle,
-        cluster: Option<crate::replication::status::StatusHandle>,
+        cluster: Option<crate::replication::driver::ApiHooks>,
         readiness: crate::readiness::Readiness,
         steering: Option<crate::steering::Handle>,
     ) -> anyhow::Result<Server> {

@@ -1,5 +1,6 @@
 //! `edgeproxy cluster status`: replication's view of the cluster from a
-//! running POP's API (`GET /api/v1/cluster`), as a table or as JSON.
+//! running POP's API (`GET /api/v1/cluster`), as a table or as JSON; and
+//! `edgeproxy cluster forget` (`DELETE /api/v1/cluster/members/{id}`).
 
 use std::path::Path;
 
@@ -21,19 +22,55 @@ pub enum ClusterAction {
     /// This POP and every member it knows: state (alive, suspect, down),
     /// round trip, last anti-entropy exchange, lag, schema version.
     Status,
+    /// Forget a POP decommissioned for good: it leaves the member list
+    /// (status, metrics) and the pops table here, and the deletion
+    /// replicates so that every POP forgets it. Refused while the POP is
+    /// alive or suspect: stop it first and wait until `cluster status`
+    /// shows it down. If it ever starts again, it rejoins as a new member.
+    Forget {
+        /// The node id of the POP to forget (`replication.node_id`).
+        #[arg(value_name = "NODE_ID")]
+        node_id: String,
+    },
 }
 
 /// `config`: `--config`, where the API's address and token are found.
 pub fn run(args: ClusterArgs, config: Option<&Path>) -> anyhow::Result<()> {
     let client = args.api.client(config)?;
-    let body = client.call("GET", "/api/v1/cluster", None)?;
+    let body = match &args.action {
+        ClusterAction::Status => client.call("GET", "/api/v1/cluster", None)?,
+        ClusterAction::Forget { node_id } => client.call(
+            "DELETE",
+            &format!("/api/v1/cluster/members/{}", percent_encode(node_id)),
+            None,
+        )?,
+    };
     match args.action {
-        ClusterAction::Status if args.api.json => {
-            println!("{}", serde_json::to_string_pretty(&body)?);
-        }
+        _ if args.api.json => println!("{}", serde_json::to_string_pretty(&body)?),
         ClusterAction::Status => print!("{}", render(&body)),
+        ClusterAction::Forget { node_id } if body["replicated"] == Value::Bool(false) => {
+            println!("{node_id} was already forgotten")
+        }
+        ClusterAction::Forget { node_id } => println!(
+            "forgot {node_id}: no longer a member here; every other POP forgets it as the \
+             deletion of its pops row reaches it"
+        ),
     }
     Ok(())
+}
+
+/// A node id for a URL path (ids are letters, digits, `-_.`, but the
+/// command line may pass anything: the API then says it is unknown).
+fn percent_encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 /// The status as text: a header line about this node, then one row per

@@ -32,7 +32,7 @@ use super::config::Replication;
 use super::db::ReplDb;
 use super::hlc::{Hlc, MAX_DRIFT_MS};
 use super::membership::{MemberEvent, MemberState};
-use super::node::{Event, Node, Now, Output, Path, Settings};
+use super::node::{Event, ForgetRefused, Forgotten, Node, Now, Output, Path, Settings};
 use super::pki::ClusterPki;
 use super::seeds::Seeds;
 use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
@@ -222,6 +222,40 @@ enum Command {
     /// Stop without leaving (a binary upgrade's successor runs this member
     /// next), then answer with the member's generation.
     Release(oneshot::Sender<u64>),
+    /// `edgeproxy cluster forget`: forget a POP decommissioned for good.
+    Forget(String, oneshot::Sender<Result<Forgotten, ForgetRefused>>),
+}
+
+/// Why a forget did not happen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForgetError {
+    #[error(transparent)]
+    Refused(#[from] ForgetRefused),
+    #[error("replication is not running on this POP yet (or any more)")]
+    NotRunning,
+}
+
+/// What the API needs of replication: the status it publishes, and
+/// commands.
+#[derive(Clone)]
+pub struct ApiHooks {
+    pub status: StatusHandle,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl ApiHooks {
+    /// Forgets the POP `id` (see [`Node::forget`]).
+    pub async fn forget(&self, id: String) -> Result<Forgotten, ForgetError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Forget(id, tx))
+            .map_err(|_| ForgetError::NotRunning)?;
+        match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(result)) => Ok(result?),
+            _ => Err(ForgetError::NotRunning),
+        }
+    }
 }
 
 /// The running replication.
@@ -233,6 +267,14 @@ pub struct Handle {
 impl Handle {
     pub fn status(&self) -> StatusHandle {
         self.status.clone()
+    }
+
+    /// For the API: the status and the `forget` command.
+    pub fn api_hooks(&self) -> ApiHooks {
+        ApiHooks {
+            status: self.status.clone(),
+            commands: self.commands.clone(),
+        }
     }
 
     /// Tells the driver a local write was just committed: it is broadcast
@@ -359,6 +401,8 @@ impl Bound {
                     }
                     // The start reads the change log anyway.
                     Command::Poke => {}
+                    // Not a member yet: nothing to forget with.
+                    Command::Forget(..) => {}
                 }
             }
             if let Err(e) = self.spawn(reloader, generation, Some(input), waiting, command_rx) {
@@ -457,6 +501,7 @@ impl Bound {
             local_changes: 0,
             pops: HashMap::new(),
             alone_logged: false,
+            membership_dirty: false,
             seeds,
             resolved_tx,
         };
@@ -514,6 +559,9 @@ struct Driver {
     /// Names and regions of POPs, from the `pops` table, for status.
     pops: HashMap<String, (String, String)>,
     alone_logged: bool,
+    /// Membership changed outside an event (a forget): refresh liveness
+    /// and status at the next `carry_out`.
+    membership_dirty: bool,
     /// Bootstrap peers, resolved again while no member answers.
     seeds: Seeds,
     /// Where a resolution run off the loop sends its results.
@@ -575,6 +623,16 @@ impl Driver {
                         let _ = done.send(generation);
                         // The gossip socket closes with `self`.
                         return;
+                    }
+                    Some(Command::Forget(id, done)) => {
+                        let result = self.node.forget(Now::system(), &id);
+                        match &result {
+                            Ok(f) => tracing::info!(peer = %id, identities = f.identities, replicated = f.replicated,
+                                "replication: member forgotten for good (cluster forget); the other POPs forget it as its pops row's deletion reaches them"),
+                            Err(e) => tracing::info!(peer = %id, "replication: cluster forget refused: {e}"),
+                        }
+                        self.membership_dirty = true;
+                        let _ = done.send(result);
                     }
                     None => return,
                 },
@@ -670,7 +728,7 @@ impl Driver {
     /// Carries out everything the node asked for.
     async fn carry_out(&mut self) {
         let mut reload = false;
-        let mut membership_changed = false;
+        let mut membership_changed = std::mem::take(&mut self.membership_dirty);
         while let Some(out) = self.node.poll_output() {
             match out {
                 Output::Datagram { to, bytes } => {
@@ -708,13 +766,17 @@ impl Driver {
                 .collect();
             let now_ms = crate::routing::unix_ms(std::time::SystemTime::now());
             let known = self.down.load();
+            // A forgotten POP is no longer listed, but its backends'
+            // heartbeats still reach nobody: it stays down for the stand-in
+            // (`routing::StandIn`), which expires them.
             let down: HashMap<String, i64> = self
                 .node
                 .members()
                 .into_iter()
                 .filter(|m| m.state == MemberState::Down && !alive.contains(&*m.peer.id))
-                .map(|m| {
-                    let id = m.peer.id.to_string();
+                .map(|m| m.peer.id.to_string())
+                .chain(self.node.forgotten_ids().iter().map(|id| id.to_string()))
+                .map(|id| {
                     let since = known.get(&id).copied().unwrap_or(now_ms);
                     (id, since)
                 })
@@ -865,6 +927,16 @@ impl Driver {
                         "replication: two POPs use the same node id; {whom}. Give every POP its own replication.node_id");
                 }
                 crate::replication::metrics::count_refused(crate::replication::node::DUPLICATE_ID);
+                false
+            }
+            Event::Forgotten { id, identities } => {
+                tracing::info!(peer = %id, identities,
+                    "replication: member forgotten for good (its pops row is deleted); it is no longer listed, and may rejoin later");
+                true
+            }
+            Event::OwnRowRestored { by } => {
+                tracing::warn!(%by,
+                    "replication: a POP had forgotten this one (cluster forget) while it was down; its pops row is written again and it rejoins");
                 false
             }
             Event::ClockDrift { peer, ahead_ms } => {

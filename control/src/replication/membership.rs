@@ -259,6 +259,17 @@ impl Membership {
             .collect()
     }
 
+    /// Drops a member declared down from the view (a POP forgotten for
+    /// good): foca stops knocking on it and no longer lists it. A member
+    /// that is alive or suspect is left alone, and one that comes back
+    /// later joins as any new member does.
+    pub fn remove_down(&mut self, now: Instant, peer: &Peer) {
+        let timer = Timer::RemoveDown(peer.clone());
+        if self.run(now, |f, rt| f.handle_timer(timer, rt)).is_err() {
+            self.errors += 1;
+        }
+    }
+
     /// Tells a few members we are leaving (a clean shutdown), so they mark
     /// us down at once instead of after the suspicion timeout.
     pub fn leave(&mut self, now: Instant) {

@@ -33,7 +33,7 @@ use super::hlc::{Hlc, HlcClock};
 use super::membership::{swim_config, MemberEvent, MemberState, Membership, Peer};
 use super::replica::{Merge, Replica};
 use super::seal::{Kind, Refused, Sealer};
-use super::version::{NodeId, RowKey, RowVersion, Stamp, Version};
+use super::version::{NodeId, RowKey, RowVersion, Stamp, Table, Version};
 use super::wire::{self, Envelope, Msg, PROTOCOL};
 
 /// Bounds on what one exchange carries, so that a node that was away for a
@@ -213,6 +213,46 @@ pub enum Event {
         /// The id is this node's own.
         ours: bool,
     },
+    /// A member declared down left the view for good: forgotten here
+    /// ([`Node::forget`]) or at another POP (its `pops` row deleted).
+    Forgotten {
+        id: NodeId,
+        identities: usize,
+    },
+    /// Another POP deleted this POP's own `pops` row (it forgot this POP
+    /// while it was down): the row is written again, newer, so that this
+    /// POP is listed again everywhere.
+    OwnRowRestored {
+        by: NodeId,
+    },
+}
+
+/// Why [`Node::forget`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForgetRefused {
+    #[error("{id} is this POP's own node id")]
+    Ourselves { id: String },
+    #[error(
+        "{id} is {state} (gossip {gossip}): only a member declared down can be forgotten; \
+         stop that POP first and wait until `cluster status` shows it down"
+    )]
+    Live {
+        id: String,
+        state: &'static str,
+        gossip: SocketAddr,
+    },
+    #[error("no member and no POP {id:?} is known here")]
+    Unknown { id: String },
+}
+
+/// What [`Node::forget`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Identities (addresses, generations) of the id dropped from the view.
+    pub identities: usize,
+    /// False when the id was already forgotten (nothing new to replicate).
+    pub replicated: bool,
 }
 
 /// How a row arrived.
@@ -358,6 +398,13 @@ impl Node {
         &mut self.replica
     }
 
+    /// For tests: every identity foca remembers, down ones included
+    /// (what gossip may bring back), unfiltered.
+    #[cfg(test)]
+    pub(crate) fn raw_membership(&self) -> Vec<(Peer, MemberState)> {
+        self.members.states()
+    }
+
     /// The latest timestamp this node issued or saw (persist it so a restart
     /// never issues a smaller one).
     pub fn clock(&self) -> Hlc {
@@ -420,7 +467,9 @@ impl Node {
         let mut list: Vec<MemberStatus> = states
             .iter()
             .filter(|(peer, state)| {
-                peer.id != self.s.id && !(*state == MemberState::Down && lives_on(peer))
+                peer.id != self.s.id
+                    && !(*state == MemberState::Down
+                        && (lives_on(peer) || self.is_forgotten(&peer.id)))
             })
             .cloned()
             .map(|(peer, state)| MemberStatus {
@@ -444,6 +493,109 @@ impl Node {
 
     pub fn active_members(&self) -> usize {
         self.members.active_count()
+    }
+
+    /// Forgets a POP decommissioned for good: drops its identities (all
+    /// declared down) from the membership view, and deletes its `pops`
+    /// row. The deletion replicates like any other, and every POP that
+    /// holds it forgets the member too, whatever gossip still says of it
+    /// (see [`Node::is_forgotten`]). Refused for this POP's own id and for
+    /// a member alive or suspect anywhere in this POP's view. The POP, if it
+    /// ever comes back, joins as a new member and writes its row again
+    /// (see `OwnRowRestored`).
+    pub fn forget(&mut self, now: Now, id: &str) -> Result<Forgotten, ForgetRefused> {
+        if *id == *self.s.id {
+            return Err(ForgetRefused::Ourselves { id: id.into() });
+        }
+        let states = self.members.states();
+        let mine: Vec<&(Peer, MemberState)> = states.iter().filter(|(p, _)| &*p.id == id).collect();
+        if let Some((peer, state)) = mine.iter().find(|(_, st)| *st != MemberState::Down) {
+            return Err(ForgetRefused::Live {
+                id: id.into(),
+                state: state.as_str(),
+                gossip: peer.gossip,
+            });
+        }
+        let key = RowKey::new(Table::Pops, id);
+        let held = self.replica.get(&key);
+        if mine.is_empty() && held.is_none() {
+            return Err(ForgetRefused::Unknown { id: id.into() });
+        }
+        let replicated = !held.as_ref().is_some_and(RowVersion::is_tombstone);
+        if replicated {
+            // A tombstone even for a row this POP never received: it is
+            // what tells the others to forget the member.
+            let row = RowVersion {
+                key,
+                version: Version {
+                    hlc: self.clock.now(now.wall_ms),
+                    origin: self.s.id.clone(),
+                },
+                data: None,
+            };
+            self.replica.put(row.clone());
+            self.pending.push(row.clone());
+            self.broadcast_at
+                .get_or_insert(now.mono + self.s.broadcast_delay);
+            self.out.push_back(Output::Persist(Persist {
+                rows: vec![row],
+                previous: vec![held],
+            }));
+        }
+        let identities = self.prune_forgotten();
+        self.peers.remove(id);
+        self.sync_queue.retain(|p| &**p != id);
+        Ok(Forgotten {
+            identities,
+            replicated,
+        })
+    }
+
+    /// True for a member forgotten for good: its `pops` row is deleted (a
+    /// tombstone, replicated from whichever POP forgot it). Its identities
+    /// declared down are dropped from the view and never listed, though a
+    /// POP that has not heard of the deletion yet may gossip them again.
+    pub fn is_forgotten(&self, id: &NodeId) -> bool {
+        *id != self.s.id
+            && self
+                .replica
+                .get(&RowKey::new(Table::Pops, &**id))
+                .is_some_and(|r| r.is_tombstone())
+    }
+
+    /// Ids forgotten for good (see [`Node::is_forgotten`]) that no live
+    /// identity holds.
+    pub fn forgotten_ids(&self) -> Vec<NodeId> {
+        let live: Vec<NodeId> = self.members.active().map(|p| p.id.clone()).collect();
+        self.replica
+            .iter()
+            .filter(|r| r.key.table == Table::Pops && r.is_tombstone())
+            .map(|r| NodeId::from(r.key.pk.as_str()))
+            .filter(|id| *id != self.s.id && !live.contains(id))
+            .collect()
+    }
+
+    /// Drops the down identities of forgotten members from foca (which
+    /// would otherwise knock on them every second for a day); returns how
+    /// many it dropped.
+    fn prune_forgotten(&mut self) -> usize {
+        let gone: Vec<Peer> = self
+            .members
+            .states()
+            .into_iter()
+            .filter(|(p, st)| *st == MemberState::Down && self.is_forgotten(&p.id))
+            .map(|(p, _)| p)
+            .collect();
+        let mut by_id: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for peer in &gone {
+            // `now` only stamps timers foca sets; removing sets none.
+            self.members.remove_down(Instant::now(), peer);
+            *by_id.entry(peer.id.clone()).or_default() += 1;
+        }
+        for (id, identities) in by_id {
+            self.event(Event::Forgotten { id, identities });
+        }
+        gone.len()
     }
 
     /// Who rightfully holds `id` among the live identities claiming it:
@@ -835,6 +987,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Now) {
         self.members.handle_timeout(now.mono);
         self.after_membership(now);
+        self.prune_forgotten();
         self.report_duplicate_ids(now);
         if self.next_announce.is_some_and(|at| at <= now.mono) {
             if self.members.active_count() == 0 {
@@ -991,6 +1144,8 @@ impl Node {
         let mut applied = Vec::new();
         let mut previous = Vec::new();
         let mut lag_ms = 0;
+        let own_row = RowKey::new(Table::Pops, &*self.s.id);
+        let (mut restored, mut restored_previous) = (Vec::new(), Vec::new());
         for row in rows {
             if let Err(drift) = self.clock.observe(row.version.hlc, now.wall_ms) {
                 self.event(Event::ClockDrift {
@@ -1000,6 +1155,35 @@ impl Node {
                 continue;
             }
             let held = self.replica.get(&row.key);
+            if row.is_tombstone()
+                && row.key == own_row
+                && held
+                    .as_ref()
+                    .is_some_and(|h| !h.is_tombstone() && row.stamp().beats(&h.stamp()))
+            {
+                // Another POP forgot this one while it was down. It is
+                // back: its row again, newer than the deletion (the clock
+                // has just observed it), so every POP lists it again.
+                let held = held.expect("checked");
+                let again = RowVersion {
+                    key: row.key.clone(),
+                    version: Version {
+                        hlc: self.clock.now(now.wall_ms),
+                        origin: self.s.id.clone(),
+                    },
+                    data: held.data.clone(),
+                };
+                self.replica.put(again.clone());
+                self.pending.push(again.clone());
+                self.broadcast_at
+                    .get_or_insert(now.mono + self.s.broadcast_delay);
+                restored.push(again);
+                restored_previous.push(Some(held));
+                self.event(Event::OwnRowRestored {
+                    by: row.version.origin.clone(),
+                });
+                continue;
+            }
             match self.replica.merge(row.clone()) {
                 Merge::Applied { .. } => {
                     lag_ms = lag_ms.max(now.wall_ms.saturating_sub(row.version.hlc.physical_ms()));
@@ -1024,6 +1208,12 @@ impl Node {
                 lag_ms,
                 via,
             });
+        }
+        if !restored.is_empty() {
+            self.out.push_back(Output::Persist(Persist {
+                rows: restored,
+                previous: restored_previous,
+            }));
         }
         applied
     }

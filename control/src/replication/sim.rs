@@ -318,6 +318,28 @@ impl Sim {
         self.drain(i);
     }
 
+    /// Writes node `i`'s own row of `pops` (as its driver does at start).
+    pub fn write_own_pop(&mut self, i: usize) {
+        let now = self.now();
+        let id = self.ids[i].clone();
+        let data = format!(r#"{{"node_id":"{id}"}}"#);
+        self.nodes[i].local_writes(now, [(RowKey::new(Table::Pops, &id), Some(data.clone()))]);
+        self.persisted[i].insert(id, Some(data));
+        self.drain(i);
+    }
+
+    /// `cluster forget id` at node `i`.
+    pub fn forget(
+        &mut self,
+        i: usize,
+        id: &str,
+    ) -> Result<super::node::Forgotten, super::node::ForgetRefused> {
+        let now = self.now();
+        let result = self.nodes[i].forget(now, id);
+        self.drain(i);
+        result
+    }
+
     /// Node `i`'s database holds `data` for `pk`.
     pub fn persisted(&self, i: usize, pk: &str, data: Option<&str>) -> bool {
         self.persisted[i].get(pk).map(Option::as_deref) == Some(data)

@@ -483,3 +483,110 @@ fn garbage_from_the_network_is_refused_without_panicking() {
         while target.poll_output().is_some() {}
     }
 }
+
+/// QA: a POP decommissioned for good stayed listed as down forever. Forgot
+/// at one POP, it leaves every POP's view and `pops` table, including a
+/// POP that still remembered it as down across a partition (and gossips it
+/// as such after the heal); and it can come back later and rejoin.
+#[test]
+fn a_forgotten_pop_leaves_every_view_and_can_rejoin_later() {
+    use super::membership::MemberState;
+    use super::node::{ForgetRefused, Forgotten};
+    use super::version::{RowKey, Table};
+
+    let mut sim = joined(SimConfig::wan(4, 31));
+    for i in 0..4 {
+        sim.write_own_pop(i);
+    }
+    let row = RowKey::new(Table::Pops, "n3");
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    assert!(
+        matches!(
+            sim.forget(0, "n3"),
+            Err(ForgetRefused::Live { state: "alive", .. })
+        ),
+        "a live member is not forgotten"
+    );
+    assert!(matches!(
+        sim.forget(0, "n0"),
+        Err(ForgetRefused::Ourselves { .. })
+    ));
+    assert!(matches!(
+        sim.forget(0, "n9"),
+        Err(ForgetRefused::Unknown { .. })
+    ));
+
+    sim.crash(3);
+    let t1 = sim.elapsed();
+    assert!(sim.run_until(t1 + Duration::from_secs(20), |s| (0..3)
+        .all(|i| s.saw_down(i, 3).is_some())));
+    // Node 2 is cut off while the forget happens: it still remembers n3
+    // as down, and gossips so once the partition heals.
+    sim.partition(|i| (i == 2) as u8);
+    sim.run_for(Duration::from_secs(1));
+    assert_eq!(
+        sim.forget(0, "n3"),
+        Ok(Forgotten {
+            identities: 1,
+            replicated: true
+        })
+    );
+    let listed = |s: &Sim, i: usize| s.nodes[i].members().iter().any(|m| &*m.peer.id == "n3");
+    assert!(!listed(&sim, 0));
+    assert!(sim.persisted(0, "n3", None), "its pops row is deleted");
+    sim.run_for(Duration::from_secs(5));
+    assert!(listed(&sim, 2), "not forgotten across the partition yet");
+    sim.heal();
+    let t2 = sim.elapsed();
+    assert!(
+        sim.run_until(t2 + Duration::from_secs(15), |s| (0..3)
+            .all(|i| !listed(s, i) && s.persisted(i, "n3", None))),
+        "not forgotten everywhere"
+    );
+    // Gossip from a POP that remembered it does not bring it back: not
+    // listed, and dropped again from foca's view wherever it reappears.
+    sim.run_for(Duration::from_secs(30));
+    for i in 0..3 {
+        assert!(!listed(&sim, i), "node {i} lists n3 again");
+        assert!(
+            sim.nodes[i]
+                .raw_membership()
+                .iter()
+                .all(|(p, _)| &*p.id != "n3"),
+            "node {i} still knocks on n3: {:?}",
+            sim.nodes[i].raw_membership()
+        );
+        assert!(sim.nodes[i].replica().get(&row).unwrap().is_tombstone());
+    }
+    // Idempotent: nothing new to replicate.
+    assert_eq!(
+        sim.forget(1, "n3"),
+        Ok(Forgotten {
+            identities: 0,
+            replicated: false
+        })
+    );
+
+    // It comes back (its database kept its own row): it rejoins, and its
+    // row, written again over the deletion, is everywhere once more.
+    sim.restart(3, 0);
+    let t3 = sim.elapsed();
+    assert!(
+        sim.run_until(t3 + Duration::from_secs(30), |s| {
+            s.converged()
+                && (0..4).all(|i| {
+                    s.nodes[i].replica().data(&row).is_some()
+                        && s.persisted(i, "n3", Some(r#"{"node_id":"n3"}"#))
+                })
+                && (0..3).all(|i| {
+                    s.nodes[i]
+                        .members()
+                        .iter()
+                        .any(|m| &*m.peer.id == "n3" && m.state == MemberState::Alive)
+                })
+        }),
+        "n3 did not rejoin: {:?}",
+        sim.nodes[0].members()
+    );
+}
