@@ -736,3 +736,73 @@ fn a_failed_upgrade_leaves_nothing_holding_the_sockets() {
         "the script's child {child} outlived the failed upgrade"
     );
 }
+
+/// The new "binary" is a wrapper script whose children leave its process
+/// group, as a daemon does: one calls `setsid` (the script waits for it),
+/// one is double-forked under `setsid` (its parent exits at once: it is an
+/// orphan before the upgrade gives up). Both inherited the hand-off
+/// channel. Killing the script's process group misses them; the failed
+/// upgrade must still kill them, or the ports go on listening after the old
+/// process stops, with nobody to accept.
+#[test]
+fn a_failed_upgrade_kills_what_left_the_process_group() {
+    let dir = TempDir::new("upgrade-setsid-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let mut s = Setup::start("upgrade-setsid", Some(&exe), "ready_timeout_secs = 1\n");
+    let addr = s.proxy.addr();
+    let api = logged_addr(&s.proxy, "api listening", "addr");
+    let control = s.control_socket();
+
+    let child_file = dir.join("child.pid");
+    let daemon_file = dir.join("daemon.pid");
+    install_script(
+        &exe,
+        &format!(
+            "setsid sh -c 'echo $$ > {child:?}; exec sleep 600' &\n\
+             (setsid sh -c 'echo $$ > {daemon:?}; exec sleep 600' &)\n\
+             wait",
+            child = child_file.display().to_string(),
+            daemon = daemon_file.display().to_string(),
+        ),
+    );
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    assert!(out.contains("not ready within 1s; killed it"), "{out}");
+    let read_pid = |path: &Path| -> u32 {
+        std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (child, daemon) = (read_pid(&child_file), read_pid(&daemon_file));
+    // Killed when the test ends, whatever happens to them.
+    let _left = Chain {
+        pids: vec![child, daemon],
+    };
+    for (what, pid) in [("setsid child", child), ("double-forked daemon", daemon)] {
+        assert!(
+            eventually(PATIENCE, || !alive(pid)),
+            "the script's {what} {pid} outlived the failed upgrade"
+        );
+    }
+
+    // The old process serves on, then stops; nothing holds its ports.
+    round_trip(addr, 0).unwrap();
+    s.proxy.signal(SIGTERM);
+    let status = s
+        .proxy
+        .wait_exit(PATIENCE)
+        .expect("old process did not stop");
+    assert!(status.success(), "old process exited with {status}");
+    for (what, port) in [("listener", addr), ("api", api)] {
+        let seen = probe(port, Duration::from_millis(100));
+        assert_eq!(
+            seen,
+            Probe::Refused,
+            "the {what} port {port} still accepts after the proxy stopped"
+        );
+    }
+    std::net::TcpListener::bind(addr).expect("the listener's port cannot be bound again");
+}

@@ -46,7 +46,8 @@
 //!
 //! Modules: [`wire`] (messages, sans-IO), [`channel`] (the socket pair and
 //! descriptor passing), [`sockets`] (the registry and what was inherited),
-//! [`successor`] (P's side), [`inherit`] (S's side), [`control_socket`]
+//! [`successor`] (P's side), [`descendants`] (killing a failed S with
+//! everything it started), [`inherit`] (S's side), [`control_socket`]
 //! (`edgeproxy upgrade`), [`config`] (`[upgrade]`). [`Upgrades`] is what the
 //! control loop drives.
 
@@ -54,6 +55,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 pub mod control_socket;
+pub mod descendants;
 pub mod inherit;
 pub mod sockets;
 pub mod successor;

@@ -6,11 +6,12 @@
 //! its own (the control loop keeps serving meanwhile). Whatever goes wrong,
 //! the old process is untouched: it never stopped accepting. A successor
 //! that did not get as far as `Ready` is killed and reaped, so a binary that
-//! hangs at start does not linger. It is started in a process group of its
-//! own and the whole group is killed: a child it started (a wrapper script
-//! that runs something without `exec`) inherits the hand-off channel, and
-//! the sockets queued in that channel stay open, listening with nobody to
-//! accept, for as long as any process holds it.
+//! hangs at start does not linger. It is killed with every process it
+//! started, in its process group or out of it ([`descendants`]): a child it
+//! started (a wrapper script that runs something without `exec`, perhaps
+//! under `setsid`) inherits the hand-off channel, and the sockets queued in
+//! that channel stay open, listening with nobody to accept, for as long as
+//! any process holds it.
 
 use std::ffi::OsString;
 use std::io;
@@ -22,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::channel::Channel;
+use super::descendants;
 use super::wire::{self, FromSuccessor, ToSuccessor, WireError};
 
 /// The environment variable that tells a process it is a successor, and on
@@ -155,7 +157,7 @@ pub fn start(
         .env(UPGRADE_FD_VAR, their_fd.to_string())
         .stdin(Stdio::null())
         // Its own group (pgid = its pid), so that a failed start can kill
-        // everything it started along with it (see `kill_group`).
+        // everything it started along with it (see `descendants`).
         .process_group(0);
     // SAFETY: runs in the forked child before exec; fcntl is
     // async-signal-safe and touches only the child's descriptor table.
@@ -167,6 +169,9 @@ pub fn start(
             Ok(())
         });
     }
+    // Orphans of its tree come to us rather than to init until this
+    // attempt is over, so that a failed start can find them all.
+    let _subreaper = descendants::Subreaper::enter();
     let mut child = command.spawn().map_err(|cause| UpgradeError::Spawn {
         exe: exe.clone(),
         cause,
@@ -189,10 +194,17 @@ pub fn start(
                 UpgradeError::Channel { .. } | UpgradeError::Exited { .. }
             ) && wait_exited(pid, Duration::from_secs(5));
             // Whatever state it is in, neither it nor anything it started
-            // may serve alongside us or keep the channel (and the sockets
-            // still queued in it) open.
-            kill_group(pid);
-            // And the successor itself, should it have left its group.
+            // (in its group or out of it) may serve alongside us or keep the
+            // channel (and the sockets still queued in it) open.
+            let killed = descendants::kill_tree(pid);
+            if killed > 0 {
+                tracing::info!(
+                    pid,
+                    killed,
+                    "upgrade: killed the processes the new process started"
+                );
+            }
+            // And the successor itself, should the walk have missed it.
             let _ = child.kill();
             let status = child.wait();
             Err(match (e, status) {
@@ -268,7 +280,8 @@ fn handshake(
 
 /// Waits up to `patience` for the child `pid` to exit, without reaping it:
 /// an unreaped child keeps its pid, and with it the number of its process
-/// group, from being reused, so [`kill_group`] cannot hit a stranger.
+/// group, from being reused, so [`descendants::kill_tree`] cannot hit a
+/// stranger.
 fn wait_exited(pid: u32, patience: Duration) -> bool {
     let deadline = Instant::now() + patience;
     loop {
@@ -291,20 +304,6 @@ fn wait_exited(pid: u32, patience: Duration) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// SIGKILLs the successor's process group: the successor and whatever it
-/// started that stayed in its group (a child that left it with `setsid`
-/// is out of reach). Call before reaping the successor, the group's
-/// leader: until then its number cannot name another group.
-fn kill_group(pgid: u32) {
-    // SAFETY: kill(2) with a negative pid signals the group the successor
-    // leads (`process_group(0)` at spawn); nothing else has that number
-    // while the successor is unreaped.
-    if unsafe { libc::kill(-(pgid as libc::pid_t), libc::SIGKILL) } == -1 {
-        let e = io::Error::last_os_error();
-        tracing::debug!(pgid, error = %e, "upgrade: cannot kill the new process's group");
     }
 }
 
