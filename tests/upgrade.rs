@@ -806,3 +806,47 @@ fn a_failed_upgrade_kills_what_left_the_process_group() {
     }
     std::net::TcpListener::bind(addr).expect("the listener's port cannot be bound again");
 }
+
+/// `edgeproxy upgrade --pid` signals only a running edgeproxy: a process
+/// named by mistake (SIGUSR2 would kill it) is left alone, with an error
+/// naming it; the proxy's own pid upgrades it.
+#[test]
+fn upgrade_by_pid_signals_only_a_running_edgeproxy() {
+    let mut s = Setup::start("upgrade-pid", None, "");
+    let mut sleep = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let pid = sleep.id();
+    assert!(
+        eventually(PATIENCE, || std::fs::read_to_string(format!(
+            "/proc/{pid}/comm"
+        ))
+        .is_ok_and(|c| c.trim() == "sleep")),
+        "sleep did not start"
+    );
+    let (status, out, err) = run_to_end(&["upgrade", "--pid", &pid.to_string()], &[]);
+    assert!(!status.success(), "{out}{err}");
+    assert!(
+        err.contains(&format!("process {pid} is not an edgeproxy")) && err.contains("\"sleep\""),
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        sleep.try_wait().unwrap().is_none(),
+        "the sleep process was signalled"
+    );
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+
+    let old = s.chain.newest();
+    let mark = s.proxy.log_mark();
+    let (status, out, err) = run_to_end(&["upgrade", "--pid", &old.to_string()], &[]);
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains(&format!("sent SIGUSR2 to {old}")), "{out}");
+    let new: u32 = logged(&s.proxy, mark, "upgrade: new process is ready", "pid")
+        .parse()
+        .unwrap();
+    s.chain.pids.push(new);
+    round_trip(s.proxy.addr(), 0).unwrap();
+}

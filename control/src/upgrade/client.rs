@@ -14,7 +14,9 @@ pub struct UpgradeArgs {
     #[arg(long, value_name = "PATH", env = "EDGEPROXY_UPGRADE_CONTROL_SOCKET")]
     pub socket: Option<PathBuf>,
     /// Send SIGUSR2 to this process instead of using the control socket
-    /// (the outcome is then only in the proxy's log).
+    /// (the outcome is then only in the proxy's log). Refused unless it is
+    /// a running edgeproxy (its binary is an edgeproxy and it handles
+    /// SIGUSR2).
     #[arg(long, value_name = "PID", conflicts_with = "socket")]
     pub pid: Option<i32>,
     /// Give up waiting for the outcome after this many seconds (default:
@@ -26,14 +28,7 @@ pub struct UpgradeArgs {
 /// Runs the subcommand; `config_path` is the global `--config`.
 pub fn run(args: UpgradeArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
     if let Some(pid) = args.pid {
-        if pid <= 0 {
-            bail!("--pid {pid} is not a process id");
-        }
-        // SAFETY: kill(2) with a plain signal number.
-        if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot signal process {pid}"));
-        }
+        super::target::signal_upgrade(pid)?;
         println!("sent SIGUSR2 to {pid}; the proxy logs the outcome");
         return Ok(());
     }

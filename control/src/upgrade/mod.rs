@@ -48,7 +48,8 @@
 //! descriptor passing), [`sockets`] (the registry and what was inherited),
 //! [`successor`] (P's side), [`descendants`] (killing a failed S with
 //! everything it started), [`inherit`] (S's side), [`control_socket`]
-//! (`edgeproxy upgrade`), [`config`] (`[upgrade]`). [`Upgrades`] is what the
+//! (`edgeproxy upgrade`), [`target`] (`edgeproxy upgrade --pid`),
+//! [`config`] (`[upgrade]`). [`Upgrades`] is what the
 //! control loop drives.
 
 pub mod channel;
@@ -59,6 +60,7 @@ pub mod descendants;
 pub mod inherit;
 pub mod sockets;
 pub mod successor;
+pub mod target;
 pub mod wire;
 
 use std::os::fd::OwnedFd;
