@@ -230,6 +230,62 @@ fn bad_rows_are_skipped_by_id_and_the_others_route() {
     assert_eq!(which_backend(proxy.addr()), "b", "bad-ip, fixed, routes");
 }
 
+/// A weight or soft limit of 0 (the API refuses both; a row written by hand
+/// may hold them) routes as 1, as in the original edgeProxy, and each load
+/// says so once per row and value, naming the row and what 0 does here;
+/// `check-config` lists them too.
+#[test]
+fn zero_weight_and_soft_limit_rows_route_as_one_with_a_warning() {
+    const NOTE: &str = "routing row has a 0 that is read as 1";
+    let dir = TempDir::new("reload-zero");
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    let db_path = dir.join("routing.db");
+    let db = Db::create(db_path.clone());
+    let mut zero_weight = Row::new("zero-weight", "web", "sa", a.port());
+    zero_weight.weight = 0;
+    db.upsert(&zero_weight);
+    db.upsert(&Row::new("far", "web", "far", b.port()));
+    let proxy = start(&dir, &db_path);
+    let line = proxy
+        .wait_for_log(NOTE, PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(
+        field(&line, "backend").as_deref(),
+        Some("zero-weight"),
+        "{line}"
+    );
+    assert_eq!(field(&line, "field").as_deref(), Some("weight"), "{line}");
+    assert!(line.contains("takes new connections"), "{line}");
+    // Routed, as a weight-1 backend in the closer tier.
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    let mark = proxy.log_mark();
+    db.exec("UPDATE backends SET weight = 1, soft_limit = 0 WHERE id = 'zero-weight'");
+    proxy.wait_for_log_after(mark, RELOADED, PATIENCE).unwrap();
+    let notes = proxy.log_lines_after(mark, NOTE);
+    assert_eq!(notes.len(), 1, "one warning per row and load: {notes:#?}");
+    assert_eq!(field(&notes[0], "field").as_deref(), Some("soft_limit"));
+    assert!(notes[0].contains("first connection"), "{}", notes[0]);
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    let (status, _, stderr) = run_to_end(
+        &[
+            "check-config",
+            "--no-bind",
+            "--config",
+            dir.join("edgeproxy.toml").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("edgeproxy: warning: routing row zero-weight: soft_limit 0 is read as 1"),
+        "{stderr}"
+    );
+}
+
 /// Runs `sql` through the `sqlite3` command-line shell.
 fn sqlite3(db: &Path, sql: &str) {
     let out = Command::new("sqlite3")

@@ -4,7 +4,8 @@
 //! Errors are what would stop `run` (the path's directory does not exist, it
 //! is a directory, the file is not a routing store). Warnings are what would
 //! cost traffic: a table that does not exist yet (created empty by `run`),
-//! rows the proxy would skip, and each listener with no eligible backend
+//! rows the proxy would skip, rows with a weight or soft limit of 0 (read
+//! as 1: see `engine::snapshot::RecordNote`), and each listener with no eligible backend
 //! (`crate::no_backend_warn`), counting the demo backends `run` would add.
 
 use std::collections::BTreeSet;
@@ -53,6 +54,9 @@ pub fn warnings(
         out.push(format!(
             "routing row {id} is invalid and would be skipped: {reason}"
         ));
+    }
+    for (id, note) in &built.notes {
+        out.push(format!("routing row {id}: {note}"));
     }
     let mut coverage = Coverage::default();
     coverage.observe(

@@ -252,6 +252,7 @@ impl RoutingReloader {
         }
         let built = builder.build(&loaded.records);
         log_skipped(&built.skipped);
+        log_notes(&built.notes);
         let mut coverage = Coverage::default();
         coverage.observe(
             &loaded.records,
@@ -405,6 +406,7 @@ impl RoutingReloader {
         }
         let mut built = self.builder.build(&loaded.records);
         log_skipped(&built.skipped);
+        log_notes(&built.notes);
         if let Some(input) = &self.pops {
             match self.store.load_pops() {
                 Ok(rows) => built.snapshot.pops = pop_views(&rows, input),
@@ -520,6 +522,14 @@ fn load_logged(store: &mut RoutingStore) -> Result<crate::store::Loaded, StoreEr
 fn log_skipped(skipped: &[(String, engine::snapshot::RecordError)]) {
     for (id, reason) in skipped {
         tracing::warn!(backend = %id, %reason, "skipping invalid routing row");
+    }
+}
+
+/// Rows routed with a weight or soft limit of 0: said at every load that
+/// reads them, as skipped rows are (a load happens when the table changed).
+fn log_notes(notes: &[(String, engine::snapshot::RecordNote)]) {
+    for (id, note) in notes {
+        tracing::warn!(backend = %id, field = note.field(), meaning = %note, "routing row has a 0 that is read as 1");
     }
 }
 

@@ -159,9 +159,10 @@ pub struct Backend {
     pub country: Option<Country>,
     pub addr: SocketAddr,
     pub healthy: bool,
-    /// Always ≥ 1 (a stored weight below 1 is clamped to 1 when building).
+    /// Always ≥ 1 (a stored 0 is read as 1, as the original does; see
+    /// [`RecordNote`]).
     pub weight: u32,
-    /// Always ≥ 1.
+    /// Always ≥ 1 (likewise).
     pub soft_limit: u32,
     /// 0 means "no hard limit".
     pub hard_limit: u32,
@@ -215,6 +216,53 @@ pub enum RecordError {
     BadCountry(String),
     #[error("duplicate id")]
     DuplicateId,
+}
+
+/// A value a record holds that the snapshot reads as something else: the
+/// record is routed, and the operator is told what it means (the loader
+/// warns once per load, `check-config` lists it).
+///
+/// 0 is the only such value. The original edgeProxy reads a weight or soft
+/// limit of 0 as 1 (its scoring divides by both), and an existing
+/// `routing.db` must route as it did, so the snapshot does the same. But a
+/// weight of 0 means "no traffic" in other load balancers (HAProxy, Gateway
+/// API) and a soft limit of 0 reads like `hard_limit`'s "0 = none": both
+/// mean something else here, hence the warning. The discovery API refuses
+/// both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordNote {
+    /// `weight` 0, routed as weight 1.
+    ZeroWeight,
+    /// `soft_limit` 0, routed as soft limit 1.
+    ZeroSoftLimit,
+}
+
+impl RecordNote {
+    /// The column the note is about.
+    pub fn field(self) -> &'static str {
+        match self {
+            RecordNote::ZeroWeight => "weight",
+            RecordNote::ZeroSoftLimit => "soft_limit",
+        }
+    }
+}
+
+impl std::fmt::Display for RecordNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecordNote::ZeroWeight => {
+                "weight 0 is read as 1, as the original edgeProxy does: the backend takes new \
+                 connections like any weight-1 backend, not none (to stop sending it \
+                 connections, set healthy = 0 or drain it)"
+            }
+            RecordNote::ZeroSoftLimit => {
+                "soft_limit 0 is read as 1, as the original edgeProxy does: the backend counts \
+                 as fully loaded from its first connection (it is not \"no limit\": only \
+                 hard_limit 0 means that)"
+            }
+        })
+    }
 }
 
 /// A POP of the cluster (from the replicated `pops` table), for DNS and
@@ -348,11 +396,13 @@ pub struct SnapshotBuilder {
     next_version: u64,
 }
 
-/// Result of building a snapshot: the snapshot and the records left out.
+/// Result of building a snapshot: the snapshot, the records left out, and
+/// the records routed with a value read as something else.
 #[derive(Debug)]
 pub struct Built {
     pub snapshot: RoutingSnapshot,
     pub skipped: Vec<(String, RecordError)>,
+    pub notes: Vec<(String, RecordNote)>,
 }
 
 impl SnapshotBuilder {
@@ -361,8 +411,10 @@ impl SnapshotBuilder {
     }
 
     /// Builds the next snapshot. Deleted records are left out silently; invalid
-    /// ones are left out and reported in [`Built::skipped`]. Unhealthy backends
-    /// stay in (selection excludes them) so that their live counts persist.
+    /// ones are left out and reported in [`Built::skipped`]; routed ones with
+    /// a weight or soft limit of 0 are reported in [`Built::notes`].
+    /// Unhealthy backends stay in (selection excludes them) so that their
+    /// live counts persist.
     pub fn build(&mut self, records: &[BackendRecord]) -> Built {
         self.next_version += 1;
         let mut snap = RoutingSnapshot {
@@ -370,6 +422,7 @@ impl SnapshotBuilder {
             ..Default::default()
         };
         let mut skipped = Vec::new();
+        let mut notes = Vec::new();
         for rec in records.iter().filter(|r| !r.deleted) {
             match validate(rec) {
                 Err(e) => skipped.push((rec.id.clone(), e)),
@@ -384,6 +437,14 @@ impl SnapshotBuilder {
                         Some((k, _)) => Arc::clone(k),
                         None => Arc::from(rec.app.as_str()),
                     };
+                    for (value, note) in [
+                        (rec.weight, RecordNote::ZeroWeight),
+                        (rec.soft_limit, RecordNote::ZeroSoftLimit),
+                    ] {
+                        if value == 0 {
+                            notes.push((rec.id.clone(), note));
+                        }
+                    }
                     let idx = snap.backends.len() as BackendIdx;
                     snap.by_id.insert(Arc::clone(&id), idx);
                     snap.by_app.entry(Arc::clone(&app)).or_default().push(idx);
@@ -408,6 +469,7 @@ impl SnapshotBuilder {
         Built {
             snapshot: snap,
             skipped,
+            notes,
         }
     }
 }
@@ -532,6 +594,44 @@ mod tests {
         assert_eq!(built.snapshot.backends[0].country, Some(Country(*b"BR")));
         let ids: Vec<_> = built.skipped.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["b1", "b2", "b3"]);
+    }
+
+    #[test]
+    fn a_zero_weight_or_soft_limit_routes_as_one_and_is_noted() {
+        let mut weight = record("w0", "web", "sa", None, 80);
+        weight.weight = 0;
+        let mut soft = record("s0", "web", "sa", None, 81);
+        soft.soft_limit = 0;
+        let mut both = record("both", "web", "sa", None, 82);
+        (both.weight, both.soft_limit) = (0, 0);
+        let mut gone = record("gone", "web", "sa", None, 83);
+        (gone.weight, gone.deleted) = (0, true);
+        let good = record("good", "web", "sa", None, 84);
+        let built = SnapshotBuilder::new().build(&[weight, soft, both, gone, good]);
+        assert!(built.skipped.is_empty(), "{:?}", built.skipped);
+        let b = &built.snapshot.backends;
+        assert_eq!(b.len(), 4);
+        assert_eq!((b[0].weight, b[0].soft_limit), (1, 100));
+        assert_eq!((b[1].weight, b[1].soft_limit), (2, 1));
+        assert_eq!((b[2].weight, b[2].soft_limit), (1, 1));
+        let noted: Vec<(&str, &str)> = built
+            .notes
+            .iter()
+            .map(|(id, n)| (id.as_str(), n.field()))
+            .collect();
+        assert_eq!(
+            noted,
+            [
+                ("w0", "weight"),
+                ("s0", "soft_limit"),
+                ("both", "weight"),
+                ("both", "soft_limit")
+            ]
+        );
+        assert!(RecordNote::ZeroWeight.to_string().contains("not none"));
+        assert!(RecordNote::ZeroSoftLimit
+            .to_string()
+            .contains("first connection"));
     }
 
     #[test]

@@ -4,11 +4,13 @@
 //! The fields and defaults are the original edgeProxy's `RegisterRequest`
 //! (`id, app, region, country?, ip, port, weight = 2, soft_limit = 100,
 //! hard_limit = 150`); unknown fields are ignored as there. It is stricter
-//! about values the original accepted and then could not route: weight or
-//! soft limit 0 (a division by zero in scoring), a hard limit below the soft
-//! limit, an address that cannot be connected to, an id or app that cannot
-//! appear in a URL path or in the internal DNS (`<id>.<app>.internal`: each
-//! must be one DNS label, or the backend is routed but invisible in DNS).
+//! about values the original accepted and then did not route as asked:
+//! weight or soft limit 0 (which it, and the loader here for rows written by
+//! hand, reads as 1: a weight of 0 still takes traffic; see
+//! `engine::snapshot::RecordNote`), a hard limit below the soft limit, an
+//! address that cannot be connected to, an id or app that cannot appear in a
+//! URL path or in the internal DNS (`<id>.<app>.internal`: each must be one
+//! DNS label, or the backend is routed but invisible in DNS).
 
 use std::net::IpAddr;
 
