@@ -553,9 +553,10 @@ async fn control_loop(
             _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             _ = int.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
             // Discovery API calls: store writes and reads, each write
-            // published before the caller hears back.
-            cmd = crate::api::next_command(&mut services.api) => {
-                crate::api::execute(cmd, &mut reloader.lock());
+            // published before the caller hears back (calls queued together
+            // share one reload).
+            cmds = crate::api::next_commands(&mut services.api) => {
+                crate::api::execute_all(cmds, &mut reloader.lock());
                 // A write goes out to the other POPs now, not at the next
                 // change-log poll.
                 if let Some(r) = &services.replication {
@@ -659,8 +660,8 @@ async fn hand_over(
     {
         tokio::select! {
             _ = poll.tick() => {}
-            cmd = crate::api::next_command(&mut services.api) => {
-                crate::api::execute(cmd, &mut reloader.lock());
+            cmds = crate::api::next_commands(&mut services.api) => {
+                crate::api::execute_all(cmds, &mut reloader.lock());
                 if let Some(r) = &services.replication {
                     r.poke();
                 }

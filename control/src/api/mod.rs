@@ -6,10 +6,11 @@
 //! Call order: [`bind`] the socket while the process starts (before it
 //! reports ready, so a taken port is a startup error), then, on the control
 //! thread's Tokio runtime, [`Bound::serve`] spawns the HTTP server, and the
-//! control loop feeds every [`Command`] from [`next_command`] to
-//! [`execute`]. Handlers never touch `routing.db`: the control loop, which
+//! control loop feeds the [`Command`]s from [`next_commands`] to
+//! [`execute_all`]. Handlers never touch `routing.db`: the control loop, which
 //! owns the store and the reloader, does each write and publishes the new
-//! snapshot before the client gets its answer.
+//! snapshot before the client gets its answer (commands that queued up
+//! together share one reload of the table).
 //!
 //! Registrations live in `routing.db` (they survive a restart). A registered
 //! backend whose last heartbeat is older than `[api] heartbeat_ttl_secs` is
@@ -45,7 +46,7 @@ use engine::snapshot::SnapshotHandle;
 use tokio::sync::mpsc;
 
 pub use config::{Api as ApiConfig, Exposure};
-pub use ops::{execute, Command};
+pub use ops::{execute, execute_all, Command};
 
 /// Commands queued for the control loop before handlers wait.
 const QUEUE: usize = 64;
@@ -190,6 +191,24 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The next commands for the control loop: the first to arrive and whatever
+/// else is queued behind it by then (up to the queue's size), to run as one
+/// batch ([`execute_all`]). Never resolves when there is no
+/// server (the API is disabled), so it can sit in a `select!` either way.
+pub async fn next_commands(server: &mut Option<Server>) -> Vec<Command> {
+    let first = next_command(server).await;
+    let mut all = vec![first];
+    if let Some(s) = server {
+        while all.len() < QUEUE {
+            match s.commands.try_recv() {
+                Ok(cmd) => all.push(cmd),
+                Err(_) => break,
+            }
+        }
+    }
+    all
 }
 
 /// The next command for the control loop. Never resolves when there is no
