@@ -21,11 +21,20 @@
 //! whose parent chain leads to it, plus orphans reparented to us that
 //! started no earlier than the successor and still carry its mark: its
 //! process group (`pgid` = the successor's pid, which it leads) or a session
-//! other than ours (they called `setsid`; nothing else this process starts
-//! does). Our own children (health-check commands, run in our session and
-//! group) are never taken. What is missed: an orphan that moved to another
-//! group of *our* session with `setpgid` and whose parent exited before the
-//! freeze; the process-group kill covers neither it nor anything else.
+//! other than ours (they called `setsid`). Our own children (health-check
+//! commands, each in a group of its own in our session; `wireguard-go`) are
+//! never taken. The limits: an orphan that moved to another group of *our*
+//! session with `setpgid` and whose parent exited before the freeze is
+//! missed; and a daemon that an operator's health-check command started
+//! under `setsid` and orphaned during an attempt that then fails would be
+//! taken for the successor's.
+//!
+//! Being a subreaper has a cost, limited to the attempt: an orphan of any
+//! of our children that is reparented to us and not killed here is never
+//! reaped by us (nothing waits for it: waiting for any child would steal
+//! the exit status of children Tokio or `std` wait for), so it stays a
+//! zombie until this process exits. A successful upgrade ends with this
+//! process exiting anyway.
 //!
 //! Every signal goes through a pidfd opened after re-reading the process's
 //! start time, so a pid reused by an unrelated process between the walk and
