@@ -23,7 +23,8 @@
 //!
 //! Tables: `repl_versions(tbl, pk, hlc, origin, data)` — the replica, loaded
 //! into memory at start; `repl_changes(seq, tbl, pk)` — the change log, at
-//! most one entry per row.
+//! most one entry per row; `repl_meta(key, value)` — this POP's own notes,
+//! never replicated: `last_contact_ms`, when it last heard another POP.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,10 @@ CREATE TABLE IF NOT EXISTS repl_changes (
     tbl TEXT NOT NULL,
     pk TEXT NOT NULL,
     UNIQUE (tbl, pk)
+);
+CREATE TABLE IF NOT EXISTS repl_meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
 );
 ";
 
@@ -485,6 +490,33 @@ impl ReplDb {
         Ok(())
     }
 
+    /// When this POP last heard another POP (Unix ms), as last recorded;
+    /// `None` if never (a new POP).
+    pub fn last_contact(&self) -> Result<Option<u64>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM repl_meta WHERE key = 'last_contact_ms'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|v| v.map(|ms| ms.max(0) as u64))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records when this POP last heard another POP (see
+    /// `Node::last_contact`).
+    pub fn set_last_contact(&mut self, ms: u64) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO repl_meta (key, value) VALUES ('last_contact_ms', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [ms as i64],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
     /// Deletes collected tombstones' versions.
     pub fn forget(&mut self, keys: &[RowKey]) -> Result<(), DbError> {
         self.with_tx(|tx| {
@@ -826,6 +858,19 @@ mod tests {
             })
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// A POP stopped for longer than the tombstone TTL must know, once
+    /// restarted, how long ago it last heard another POP.
+    #[test]
+    fn the_last_contact_survives_a_reopen() {
+        let (_d, path, mut db, _node) = setup();
+        assert_eq!(db.last_contact().unwrap(), None);
+        db.set_last_contact(1_800_000_000_000).unwrap();
+        db.set_last_contact(1_800_000_060_000).unwrap();
+        drop(db);
+        let reopened = ReplDb::open(&path).unwrap();
+        assert_eq!(reopened.last_contact().unwrap(), Some(1_800_000_060_000));
     }
 
     #[test]

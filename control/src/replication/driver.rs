@@ -447,6 +447,8 @@ impl Bound {
         };
         warn_if_stamped_ahead(replica.max_hlc(), now.wall_ms);
         let mut node = Node::new(settings, replica, now);
+        let last_contact = db.last_contact()?;
+        node.set_last_contact(last_contact);
         let reconciled = db.reconcile(&mut node, now)?;
         db.upsert_pop(&self.own_pop_row())?;
         let own = db.poll_changes(&mut node, now, true)?;
@@ -502,6 +504,7 @@ impl Bound {
             pops: HashMap::new(),
             alone_logged: false,
             membership_dirty: false,
+            contact_saved: last_contact,
             seeds,
             resolved_tx,
         };
@@ -562,6 +565,8 @@ struct Driver {
     /// Membership changed outside an event (a forget): refresh liveness
     /// and status at the next `carry_out`.
     membership_dirty: bool,
+    /// The last contact with another POP as last written to the database.
+    contact_saved: Option<u64>,
     /// Bootstrap peers, resolved again while no member answers.
     seeds: Seeds,
     /// Where a resolution run off the loop sends its results.
@@ -601,6 +606,7 @@ impl Driver {
                 cmd = commands.recv() => match cmd {
                     Some(Command::Poke) => self.poll_changes(true),
                     Some(Command::Shutdown(done)) => {
+                        self.save_contact(true);
                         self.poll_changes(true);
                         self.node.leave(Now::system());
                         self.carry_out().await;
@@ -611,6 +617,7 @@ impl Driver {
                     }
                     Some(Command::Release(done)) => {
                         let stopped_reading = Instant::now();
+                        self.save_contact(true);
                         // What is still queued goes out; what a peer sends
                         // from here on waits in the sockets for the
                         // successor (anti-entropy repairs the rest).
@@ -636,7 +643,10 @@ impl Driver {
                     }
                     None => return,
                 },
-                _ = status_tick.tick() => self.publish_status(),
+                _ = status_tick.tick() => {
+                    self.save_contact(false);
+                    self.publish_status();
+                }
                 _ = seeds_tick.tick() => self.seeds_tick(),
                 Some(results) = resolved.recv() => {
                     if let Some(addrs) = self.seeds.resolved(results) {
@@ -647,6 +657,27 @@ impl Driver {
             }
             self.carry_out().await;
         }
+    }
+
+    /// Records when this POP last heard another POP, at most once a minute
+    /// (`force`: now, at a stop or hand-over), so that after a stop longer
+    /// than the tombstone TTL the next run says so at its first contact
+    /// (`Event::ContactAfterTombstoneTtl`). A minute stale at worst.
+    fn save_contact(&mut self, force: bool) {
+        let Some(at) = self.node.last_contact() else {
+            return;
+        };
+        let due = self
+            .contact_saved
+            .is_none_or(|saved| at != saved && (force || at.abs_diff(saved) >= 60_000));
+        if !due {
+            return;
+        }
+        if let Err(e) = self.db.set_last_contact(at) {
+            tracing::warn!(error = %e, "replication: cannot record the last contact with another POP");
+        }
+        // Failed or not: tried again in a minute, not every second.
+        self.contact_saved = Some(at);
     }
 
     /// While no member answers: resolves the bootstrap names again (off
@@ -937,6 +968,27 @@ impl Driver {
             Event::OwnRowRestored { by } => {
                 tracing::warn!(%by,
                     "replication: a POP had forgotten this one (cluster forget) while it was down; its pops row is written again and it rejoins");
+                false
+            }
+            Event::PeerBackAfterTombstoneTtl {
+                peer,
+                down_ms,
+                ttl_ms,
+            } => {
+                tracing::warn!(%peer, down_secs = down_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
+                    "replication: member is back after being down here for longer than replication.tombstone_ttl_secs: \
+                     the tombstones of rows deleted meanwhile are collected, so such rows may come back from its copy of \
+                     the routing table. If deleted backends or POPs reappear, delete them again, or stop that POP and \
+                     restart it from a copy of a current POP's routing.db");
+                false
+            }
+            Event::ContactAfterTombstoneTtl { silent_ms, ttl_ms } => {
+                tracing::warn!(silent_secs = silent_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
+                    "replication: heard another POP again after no contact with any POP for longer than \
+                     replication.tombstone_ttl_secs. If this POP was the one cut off (stopped or isolated), rows \
+                     deleted elsewhere meanwhile may come back from it, their tombstones collected: check for deleted \
+                     backends or POPs that reappear and delete them again, or stop this POP and restart it from a copy \
+                     of a current POP's routing.db. If the other POPs were the ones away, this POP's table is current");
                 false
             }
             Event::ClockDrift { peer, ahead_ms } => {

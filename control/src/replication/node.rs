@@ -225,6 +225,26 @@ pub enum Event {
     OwnRowRestored {
         by: NodeId,
     },
+    /// `peer`, declared down here `down_ms` ago (longer than the
+    /// tombstone TTL, `ttl_ms`), is up again under the same id. Rows
+    /// deleted meanwhile may have no tombstone left anywhere: if it still
+    /// holds them, anti-entropy brings them back. Only said; nothing is
+    /// held back or deleted.
+    PeerBackAfterTombstoneTtl {
+        peer: NodeId,
+        down_ms: u64,
+        ttl_ms: u64,
+    },
+    /// The first message from any member after none for `silent_ms`,
+    /// longer than the tombstone TTL (`ttl_ms`). Either this node was cut
+    /// off (stopped, isolated), and rows deleted elsewhere meanwhile may
+    /// come back from it, or the others were down and nothing is wrong;
+    /// this node cannot tell which. Only said; nothing is held back or
+    /// deleted.
+    ContactAfterTombstoneTtl {
+        silent_ms: u64,
+        ttl_ms: u64,
+    },
 }
 
 /// Why [`Node::forget`] refused.
@@ -336,6 +356,13 @@ pub struct Node {
     /// still claimed twice after the grace, and again every grace while
     /// it lasts).
     collisions: HashMap<NodeId, Instant>,
+    /// When (Unix ms) a member's message last arrived: this node last
+    /// heard the cluster. The driver persists it (`repl_meta`) and gives
+    /// it back at start, so that a restart after a long stop notices too.
+    last_contact_ms: Option<u64>,
+    /// Members declared down here (no other live identity holding their
+    /// id), since when (Unix ms). Not persisted: a restart forgets it.
+    down_since: HashMap<NodeId, u64>,
     pub stats: Stats,
 }
 
@@ -375,6 +402,8 @@ impl Node {
             bootstrap: Vec::new(),
             next_announce: None,
             collisions: HashMap::new(),
+            last_contact_ms: None,
+            down_since: HashMap::new(),
             stats: Stats::default(),
             s,
         }
@@ -403,6 +432,31 @@ impl Node {
     #[cfg(test)]
     pub(crate) fn raw_membership(&self) -> Vec<(Peer, MemberState)> {
         self.members.states()
+    }
+
+    /// When this node last heard a member (Unix ms), for the driver to
+    /// persist; `None` before the first contact ever.
+    pub fn last_contact(&self) -> Option<u64> {
+        self.last_contact_ms
+    }
+
+    /// At start, before [`Node::join`]: when this node last heard a member,
+    /// as persisted by its previous run.
+    pub fn set_last_contact(&mut self, ms: Option<u64>) {
+        self.last_contact_ms = ms;
+    }
+
+    /// A member's message arrived. After a silence longer than the
+    /// tombstone TTL, says so (see [`Event::ContactAfterTombstoneTtl`]).
+    fn contact(&mut self, now: Now) {
+        let Some(before) = self.last_contact_ms.replace(now.wall_ms) else {
+            return;
+        };
+        let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
+        let silent_ms = now.wall_ms.saturating_sub(before);
+        if silent_ms > ttl_ms {
+            self.event(Event::ContactAfterTombstoneTtl { silent_ms, ttl_ms });
+        }
     }
 
     /// The latest timestamp this node issued or saw (persist it so a restart
@@ -837,6 +891,7 @@ impl Node {
             msg,
             ..
         } = env;
+        self.contact(now);
         match msg {
             Msg::Changes { hops, rows } => {
                 let applied = self.merge_rows(now, &peer, rows, Path::Broadcast);
@@ -1081,8 +1136,21 @@ impl Node {
             self.out.push_back(Output::Datagram { to, bytes });
         }
         for e in self.members.take_events() {
+            // Said after the member's own event (up, then back late).
+            let mut back = None;
             match &e {
                 MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. } => {
+                    if let Some(since) = self.down_since.remove(&peer.id) {
+                        let down_ms = now.wall_ms.saturating_sub(since);
+                        let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
+                        if down_ms > ttl_ms {
+                            back = Some(Event::PeerBackAfterTombstoneTtl {
+                                peer: peer.id.clone(),
+                                down_ms,
+                                ttl_ms,
+                            });
+                        }
+                    }
                     if self.collision(&peer.id).is_some() {
                         self.collisions.entry(peer.id.clone()).or_insert(now.mono);
                     }
@@ -1094,6 +1162,13 @@ impl Node {
                     }
                 }
                 MemberEvent::Down(peer) => {
+                    // Down for good only if no other identity (the POP at
+                    // a new address) holds the id; the first time counts.
+                    if peer.id != self.s.id && self.holder_of(&peer.id).is_none() {
+                        self.down_since
+                            .entry(peer.id.clone())
+                            .or_insert(now.wall_ms);
+                    }
                     self.sessions.retain(|_, s| s.peer != peer.id);
                     // Another identity of its id (an impostor until now, or
                     // the POP at its new address) may hold the id now.
@@ -1107,6 +1182,9 @@ impl Node {
                 _ => {}
             }
             self.event(Event::Member(e));
+            if let Some(back) = back {
+                self.event(back);
+            }
         }
     }
 

@@ -37,6 +37,8 @@ pub struct SimConfig {
     pub gossip_interval: Duration,
     pub sync_interval: Duration,
     pub broadcast_delay: Duration,
+    /// Tombstones are collected after this.
+    pub tombstone_ttl: Duration,
 }
 
 impl SimConfig {
@@ -52,6 +54,7 @@ impl SimConfig {
             gossip_interval: Duration::from_millis(1000),
             sync_interval: Duration::from_millis(2000),
             broadcast_delay: Duration::from_millis(5),
+            tombstone_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -150,7 +153,7 @@ impl Sim {
             sync_interval: self.cfg.sync_interval,
             broadcast_delay: self.cfg.broadcast_delay,
             expected_size: self.cfg.nodes,
-            tombstone_ttl: Duration::from_secs(24 * 3600),
+            tombstone_ttl: self.cfg.tombstone_ttl,
             gossip_key: Some([42; 32]),
             seed: self
                 .cfg
@@ -383,13 +386,16 @@ impl Sim {
         self.crashed.insert(i);
     }
 
-    /// Starts node `i` again with what it had persisted (its replica) and
-    /// a new generation, joining through node `via`.
+    /// Starts node `i` again with what it had persisted (its replica and
+    /// when it last heard a member) and a new generation, joining through
+    /// node `via`.
     pub fn restart(&mut self, i: usize, via: usize) {
         let replica = self.nodes[i].replica().clone();
+        let last_contact = self.nodes[i].last_contact();
         let generation = self.nodes[i].settings().generation + 1;
         self.crashed.remove(&i);
         self.nodes[i] = self.make_node(i, generation, replica);
+        self.nodes[i].set_last_contact(last_contact);
         let now = self.now();
         self.nodes[i].join(now, &[addr(via, 4001)]);
         self.drain(i);

@@ -590,3 +590,154 @@ fn a_forgotten_pop_leaves_every_view_and_can_rejoin_later() {
         sim.nodes[0].members()
     );
 }
+
+/// Events that say a node or a member was out of reach for longer than
+/// the tombstone TTL: (node that said it, who: `None` for itself).
+fn said_back_after_ttl(sim: &Sim) -> Vec<(usize, Option<String>)> {
+    use super::node::Event;
+    sim.events
+        .iter()
+        .filter_map(|(_, i, e)| match e {
+            Event::PeerBackAfterTombstoneTtl { peer, .. } => Some((*i, Some(peer.to_string()))),
+            Event::ContactAfterTombstoneTtl { .. } => Some((*i, None)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// QA: a POP back after longer than the tombstone TTL could bring rows
+/// deleted meanwhile back, and nothing said so. The POPs that saw it down
+/// say it is back late, and it says it heard nobody for that long; after a
+/// shorter stop nobody says anything.
+#[test]
+fn a_pop_back_after_the_tombstone_ttl_is_reported_on_both_sides() {
+    use super::node::Event;
+
+    let mut cfg = SimConfig::wan(3, 41);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.write(0, "b1", Some("x"));
+    sim.run_for(Duration::from_secs(10));
+
+    // Shorter than the TTL: nothing said.
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(300));
+    assert!(sim.saw_down(0, 2).is_some() && sim.saw_down(1, 2).is_some());
+    sim.restart(2, 0);
+    let t0 = sim.elapsed();
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(30), |s| s.membership_complete()
+            && s.converged())
+    );
+    sim.run_for(Duration::from_secs(10));
+    assert_eq!(said_back_after_ttl(&sim), vec![]);
+
+    // Longer than the TTL: both sides say so, once each.
+    sim.crash(2);
+    let down = sim.elapsed();
+    sim.run_for(Duration::from_secs(800));
+    sim.restart(2, 0);
+    let t1 = sim.elapsed();
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(30), |s| s.membership_complete()
+            && s.converged())
+    );
+    sim.run_for(Duration::from_secs(10));
+    let mut said = said_back_after_ttl(&sim);
+    said.sort();
+    assert_eq!(
+        said,
+        vec![(0, Some("n2".into())), (1, Some("n2".into())), (2, None)],
+        "nodes 0 and 1 kept hearing each other: they say nothing of themselves"
+    );
+    for (_, i, e) in &sim.events {
+        match e {
+            Event::PeerBackAfterTombstoneTtl {
+                down_ms, ttl_ms, ..
+            } => {
+                assert_eq!(*ttl_ms, 600_000);
+                assert!(
+                    *down_ms > 800_000 - 30_000 && *down_ms < 800_000 + 30_000,
+                    "node {i}: down {down_ms} ms"
+                );
+            }
+            Event::ContactAfterTombstoneTtl { silent_ms, ttl_ms } => {
+                assert_eq!(*ttl_ms, 600_000);
+                let away = (t1 - down).as_millis() as u64;
+                assert!(
+                    *silent_ms >= away && *silent_ms < away + 30_000,
+                    "silent {silent_ms} ms"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The rejected fix for the above deleted, at a POP that had heard nobody
+/// for longer than the TTL, its rows older than the TTL that the returning
+/// peer lacked. But that POP may be the one that stayed: in a cluster of
+/// two, with the other down for longer than the TTL, it would delete the
+/// rows registered meanwhile (static, no heartbeat) when the other came
+/// back. Both sides only warn; every row stays everywhere.
+#[test]
+fn a_pop_alone_longer_than_the_tombstone_ttl_keeps_every_row_when_its_peer_comes_back() {
+    let mut cfg = SimConfig::wan(2, 42);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.write(0, "before", Some("b"));
+    sim.run_for(Duration::from_secs(10));
+    sim.crash(1);
+    sim.run_for(Duration::from_secs(100));
+    sim.write(0, "meanwhile", Some("m"));
+    sim.write(0, "before", Some("b2"));
+    // 700 s later: both rows older than the TTL, neither held by node 1.
+    sim.run_for(Duration::from_secs(700));
+    sim.restart(1, 0);
+    let t0 = sim.elapsed();
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(30), |s| s.converged()
+            && s.everyone_has("meanwhile", Some("m"))
+            && s.everyone_has("before", Some("b2"))),
+        "no convergence"
+    );
+    sim.run_for(Duration::from_secs(30));
+    for i in 0..2 {
+        assert!(sim.persisted(i, "meanwhile", Some("m")), "node {i}");
+        assert!(sim.persisted(i, "before", Some("b2")), "node {i}");
+    }
+    assert!(sim.everyone_has("meanwhile", Some("m")));
+    let mut said = said_back_after_ttl(&sim);
+    said.sort();
+    assert_eq!(said, vec![(0, None), (0, Some("n1".into())), (1, None)]);
+}
+
+/// Same for a POP alone for longer than the TTL that a new POP, with an
+/// empty table, joins: it keeps its table (the new one gets it), and the
+/// new POP, which never heard the cluster, says nothing.
+#[test]
+fn a_pop_alone_longer_than_the_tombstone_ttl_keeps_its_table_when_a_new_pop_joins() {
+    let mut cfg = SimConfig::wan(2, 43);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.write(0, "b1", Some("x"));
+    sim.run_for(Duration::from_secs(10));
+    sim.crash(1);
+    sim.run_for(Duration::from_secs(100));
+    sim.write(0, "b2", Some("y"));
+    sim.run_for(Duration::from_secs(700));
+    let new = sim.spawn("n2", 1, super::replica::Replica::new(), 0);
+    let t0 = sim.elapsed();
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(30), |s| s.converged()
+            && s.everyone_has("b1", Some("x"))
+            && s.everyone_has("b2", Some("y"))),
+        "no convergence"
+    );
+    sim.run_for(Duration::from_secs(30));
+    for i in [0, new] {
+        assert!(sim.persisted(i, "b1", Some("x")), "node {i}");
+        assert!(sim.persisted(i, "b2", Some("y")), "node {i}");
+    }
+    assert_eq!(said_back_after_ttl(&sim), vec![(0, None)]);
+}
