@@ -612,6 +612,19 @@ fn replication(f: &mut Family<'_>, s: &crate::replication::status::ClusterStatus
             n,
         );
     }
+    let (member, this_pop) = crate::replication::metrics::back_after_ttl();
+    f.header(
+        "edgeproxy_replication_back_after_tombstone_ttl_total",
+        "counter",
+        "Returns after longer than replication.tombstone_ttl_secs: a member up again after being down here that long (who=member), or this POP hearing another after none that long (who=this_pop). Rows deleted meanwhile may come back.",
+    );
+    for (who, n) in [("member", member), ("this_pop", this_pop)] {
+        f.sample(
+            "edgeproxy_replication_back_after_tombstone_ttl_total",
+            &[("who", who)],
+            n,
+        );
+    }
     let (buckets, sum_ms) = crate::replication::metrics::lag_histogram();
     f.header(
         "edgeproxy_replication_lag_seconds",

@@ -32,6 +32,7 @@ use super::config::Replication;
 use super::db::ReplDb;
 use super::hlc::{Hlc, MAX_DRIFT_MS};
 use super::membership::{MemberEvent, MemberState};
+use super::metrics::BackAfterTtl;
 use super::node::{Event, ForgetRefused, Forgotten, Node, Now, Output, Path, Settings};
 use super::pki::ClusterPki;
 use super::seeds::Seeds;
@@ -975,6 +976,7 @@ impl Driver {
                 down_ms,
                 ttl_ms,
             } => {
+                crate::replication::metrics::count_back_after_ttl(BackAfterTtl::Member);
                 tracing::warn!(%peer, down_secs = down_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
                     "replication: member is back after being down here for longer than replication.tombstone_ttl_secs: \
                      the tombstones of rows deleted meanwhile are collected, so such rows may come back from its copy of \
@@ -983,6 +985,7 @@ impl Driver {
                 false
             }
             Event::ContactAfterTombstoneTtl { silent_ms, ttl_ms } => {
+                crate::replication::metrics::count_back_after_ttl(BackAfterTtl::ThisPop);
                 tracing::warn!(silent_secs = silent_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
                     "replication: heard another POP again after no contact with any POP for longer than \
                      replication.tombstone_ttl_secs. If this POP was the one cut off (stopped or isolated), rows \

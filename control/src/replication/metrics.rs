@@ -1,7 +1,8 @@
 //! Process-wide replication counters that are not part of the node's own
-//! state: refused peers by reason, and the histogram of replication lag
-//! (a row's write at its origin to its arrival here). Rendered with the
-//! rest of the metrics (`crate::metrics`).
+//! state: refused peers by reason, returns after longer than the tombstone
+//! TTL, and the histogram of replication lag (a row's write at its origin
+//! to its arrival here). Rendered with the rest of the metrics
+//! (`crate::metrics`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +14,33 @@ pub const LAG_BUCKETS_MS: [u64; 12] = [10, 25, 50, 75, 100, 150, 250, 500, 1000,
 static LAG_COUNTS: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
 static LAG_SUM_MS: AtomicU64 = AtomicU64::new(0);
 static REFUSED: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+static MEMBERS_BACK_AFTER_TTL: AtomicU64 = AtomicU64::new(0);
+static CONTACTS_AFTER_TTL: AtomicU64 = AtomicU64::new(0);
+
+/// Who was out of reach for longer than the tombstone TTL.
+#[derive(Debug, Clone, Copy)]
+pub enum BackAfterTtl {
+    /// A member, declared down here that long, is up again.
+    Member,
+    /// This POP heard no other POP that long, then did again.
+    ThisPop,
+}
+
+pub fn count_back_after_ttl(who: BackAfterTtl) {
+    match who {
+        BackAfterTtl::Member => &MEMBERS_BACK_AFTER_TTL,
+        BackAfterTtl::ThisPop => &CONTACTS_AFTER_TTL,
+    }
+    .fetch_add(1, Ordering::Relaxed);
+}
+
+/// (`member`, `this_pop`) counts of [`count_back_after_ttl`].
+pub fn back_after_ttl() -> (u64, u64) {
+    (
+        MEMBERS_BACK_AFTER_TTL.load(Ordering::Relaxed),
+        CONTACTS_AFTER_TTL.load(Ordering::Relaxed),
+    )
+}
 
 pub fn observe_lag(ms: u64) {
     let i = LAG_BUCKETS_MS
