@@ -1162,7 +1162,7 @@ impl Node {
                     }
                 }
                 MemberEvent::Down(peer) => {
-                    // Down for good only if no other identity (the POP at
+                    // The POP is down only if no other identity (the POP at
                     // a new address) holds the id; the first time counts.
                     if peer.id != self.s.id && self.holder_of(&peer.id).is_none() {
                         self.down_since
