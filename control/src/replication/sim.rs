@@ -1,6 +1,7 @@
 //! Many [`Node`]s over a simulated network: deterministic (one seed decides
 //! every loss, delay and random choice), with simulated time, per-link delay
-//! and jitter, datagram loss, partitions and crashes.
+//! and jitter, datagram loss, partitions, links cut between two nodes, and
+//! crashes.
 //!
 //! Gossip datagrams (UDP) are lost with the loss probability. Transport
 //! messages ride QUIC, which retransmits: a message is never lost on a live
@@ -82,6 +83,9 @@ pub struct Sim {
     crashed: HashSet<usize>,
     /// Partition: nodes in different groups cannot talk. Empty: none.
     group: Vec<u8>,
+    /// Links cut between two nodes (lower index first): what crosses them
+    /// is dropped, whatever their groups; the nodes still reach the others.
+    cut: HashSet<(usize, usize)>,
     /// Drop every transport message to these nodes (a lost broadcast).
     pub drop_messages_to: HashSet<usize>,
     /// Each node's database: the rows it persisted, by primary key (`None`:
@@ -119,6 +123,7 @@ impl Sim {
             rng: StdRng::seed_from_u64(cfg.seed),
             crashed: HashSet::new(),
             group: vec![0; cfg.nodes],
+            cut: HashSet::new(),
             drop_messages_to: HashSet::new(),
             persisted: vec![HashMap::new(); cfg.nodes],
             refuse_persist: HashSet::new(),
@@ -204,7 +209,10 @@ impl Sim {
     }
 
     fn link_up(&self, a: usize, b: usize) -> bool {
-        !self.crashed.contains(&a) && !self.crashed.contains(&b) && self.group[a] == self.group[b]
+        !self.crashed.contains(&a)
+            && !self.crashed.contains(&b)
+            && self.group[a] == self.group[b]
+            && !self.cut.contains(&(a.min(b), a.max(b)))
     }
 
     fn send(&mut self, from: usize, to: usize, datagram: bool, bytes: Vec<u8>) {
@@ -279,6 +287,16 @@ impl Sim {
             if next_delivery == Some(next) {
                 let (_, d) = self.queue.pop_first().expect("peeked");
                 if self.crashed.contains(&d.to) {
+                    continue;
+                }
+                // A link cut while a packet was on its way drops it (a
+                // firewall rule drops what arrives after it).
+                let sender = if d.datagram {
+                    self.gossip_of.get(&d.from)
+                } else {
+                    self.transport_of.get(&d.from)
+                };
+                if sender.is_some_and(|&f| self.cut.contains(&(f.min(d.to), f.max(d.to)))) {
                     continue;
                 }
                 let now = self.now();
@@ -379,6 +397,50 @@ impl Sim {
 
     pub fn heal(&mut self) {
         self.group.iter_mut().for_each(|g| *g = 0);
+        self.cut.clear();
+    }
+
+    /// Cuts the link between nodes `a` and `b` (both keep reaching the
+    /// others), or restores it.
+    pub fn set_link(&mut self, a: usize, b: usize, up: bool) {
+        let pair = (a.min(b), a.max(b));
+        if up {
+            self.cut.remove(&pair);
+        } else {
+            self.cut.insert(pair);
+        }
+    }
+
+    /// Every live node sees every other live node alive (none suspect or
+    /// down): the members each node lists, by id.
+    pub fn everyone_alive(&self) -> bool {
+        self.not_alive().is_empty()
+    }
+
+    /// (observer, member id, state) of every live node's view of another
+    /// live node that is not alive, or that it does not list at all.
+    pub fn not_alive(&self) -> Vec<(usize, String, &'static str)> {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| !self.crashed.contains(i))
+            .collect();
+        let mut wrong = Vec::new();
+        for &o in &live {
+            let members = self.nodes[o].members();
+            for &n in live.iter().filter(|&&n| n != o) {
+                let id = self.ids[n].as_str();
+                let state = members
+                    .iter()
+                    .filter(|m| &*m.peer.id == id)
+                    .map(|m| m.state)
+                    .max_by_key(|s| *s == super::membership::MemberState::Alive);
+                match state {
+                    Some(super::membership::MemberState::Alive) => {}
+                    Some(s) => wrong.push((o, id.to_string(), s.as_str())),
+                    None => wrong.push((o, id.to_string(), "missing")),
+                }
+            }
+        }
+        wrong
     }
 
     /// Stops node `i` at once (kill -9): it sends and receives nothing.
