@@ -9,12 +9,26 @@
 //! restarts on the same address comes back as a newer generation and
 //! replaces its old self, and one that was wrongly declared down rejoins by
 //! renewing its generation on its own.
+//!
+//! One rule is added to foca's: a suspicion ends. foca declares a suspect
+//! down only from the timer of the member whose probe failed, and drops
+//! that timer when the member renews its own identity or finds itself
+//! alone; every other member just keeps the suspect flag it heard. If the
+//! suspect never heard it was suspected (the few transmissions of the
+//! suspicion went elsewhere or were lost), it never refutes, answers every
+//! probe, and stays "suspect" everywhere for good. So, as in the SWIM
+//! paper, every member times a suspicion it holds: one still unrefuted a
+//! probe period after foca's own timeout is declared down here, and the
+//! member rejoins at once as a renewed identity (see [`Peer::renews`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use foca::{Foca, Identity, NoCustomBroadcast, Notification, PostcardCodec, Runtime, State, Timer};
+use foca::{
+    Foca, Identity, Incarnation, Member, NoCustomBroadcast, Notification, PostcardCodec, Runtime,
+    State, Timer,
+};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -114,8 +128,22 @@ pub struct Membership {
     next_timer: u64,
     sends: Vec<(SocketAddr, Vec<u8>)>,
     events: Vec<MemberEvent>,
+    /// Suspects as this node holds them, by gossip address: who, at which
+    /// incarnation, and when the suspicion expires here.
+    suspicions: HashMap<SocketAddr, Suspicion>,
+    /// How long a suspicion may last here: foca's `suspect_to_down_after`
+    /// plus a probe period, so that the verdict of the member that raised
+    /// it (its timer, then its "down" gossip) comes first when it can.
+    suspicion_timeout: Duration,
     /// foca errors seen (decode failures, late timers): counted, not fatal.
     pub errors: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Suspicion {
+    peer: Peer,
+    incarnation: Incarnation,
+    expires: Instant,
 }
 
 /// Collects what foca asks for during one call.
@@ -162,6 +190,8 @@ impl Membership {
     /// production, fixed in simulations).
     pub fn new(me: Peer, config: foca::Config, seed: u64) -> Membership {
         Membership {
+            suspicions: HashMap::new(),
+            suspicion_timeout: config.suspect_to_down_after + config.probe_period,
             foca: Foca::new(me, config, StdRng::seed_from_u64(seed), PostcardCodec),
             timers: BTreeMap::new(),
             next_timer: 0,
@@ -179,7 +209,56 @@ impl Membership {
             sends: &mut self.sends,
             events: &mut self.events,
         };
-        f(&mut self.foca, rt)
+        let result = f(&mut self.foca, rt);
+        self.track_suspicions(now);
+        result
+    }
+
+    /// Notes new suspicions (a new suspect, or a suspect at a new
+    /// incarnation) and forgets those that ended.
+    fn track_suspicions(&mut self, now: Instant) {
+        let mut held = HashMap::new();
+        for m in self.foca.iter_membership_state() {
+            if m.state() != State::Suspect {
+                continue;
+            }
+            let peer = m.id();
+            let suspicion = match self.suspicions.remove(&peer.gossip) {
+                Some(s) if s.peer == *peer && s.incarnation == m.incarnation() => s,
+                _ => Suspicion {
+                    peer: peer.clone(),
+                    incarnation: m.incarnation(),
+                    expires: now + self.suspicion_timeout,
+                },
+            };
+            held.insert(peer.gossip, suspicion);
+        }
+        self.suspicions = held;
+    }
+
+    /// Declares down the suspects whose suspicion expired here unrefuted.
+    fn expire_suspicions(&mut self, now: Instant) {
+        let expired: Vec<Member<Peer>> = self
+            .suspicions
+            .values()
+            .filter(|s| s.expires <= now)
+            .map(|s| Member::new(s.peer.clone(), s.incarnation, State::Down))
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        if self
+            .run(now, |f, rt| f.apply_many(expired.into_iter(), true, rt))
+            .is_err()
+        {
+            self.errors += 1;
+        }
+        // Should foca have refused a verdict, try again a timeout later
+        // rather than wake up for it at once, forever.
+        let later = now + self.suspicion_timeout;
+        for s in self.suspicions.values_mut().filter(|s| s.expires <= now) {
+            s.expires = later;
+        }
     }
 
     pub fn me(&self) -> &Peer {
@@ -220,10 +299,13 @@ impl Membership {
                 self.errors += 1;
             }
         }
+        self.expire_suspicions(now);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.keys().next().map(|(at, _)| *at)
+        let timer = self.timers.keys().next().map(|(at, _)| *at);
+        let suspicion = self.suspicions.values().map(|s| s.expires).min();
+        timer.into_iter().chain(suspicion).min()
     }
 
     /// Packets to send: (gossip address, SWIM packet).
