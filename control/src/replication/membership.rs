@@ -20,14 +20,21 @@
 //! paper, every member times a suspicion it holds: one still unrefuted a
 //! probe period after foca's own timeout is declared down here, and the
 //! member rejoins at once as a renewed identity (see [`Peer::renews`]).
+//!
+//! And one of foca's messages is held back: "you are down" (`TurnUndead`)
+//! to a member this node holds alive or suspect. foca sends it from a
+//! suspicion's timer whether or not the member refuted in the meantime (the
+//! verdict is not applied, the message goes anyway), and the member, told
+//! it is down, renews its identity: the whole cluster saw it go down and
+//! come back although it had answered in time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use foca::{
-    Foca, Identity, Incarnation, Member, NoCustomBroadcast, Notification, PostcardCodec, Runtime,
-    State, Timer,
+    Codec, Foca, Identity, Incarnation, Member, Message, NoCustomBroadcast, Notification,
+    PostcardCodec, Runtime, State, Timer,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -128,6 +135,9 @@ pub struct Membership {
     next_timer: u64,
     sends: Vec<(SocketAddr, Vec<u8>)>,
     events: Vec<MemberEvent>,
+    /// "You are down" messages foca asked to send during the current call,
+    /// sent only if the member is not active once the call returns.
+    turn_undead: Vec<(Peer, Vec<u8>)>,
     /// Suspects as this node holds them, by gossip address: who, at which
     /// incarnation, and when the suspicion expires here.
     suspicions: HashMap<SocketAddr, Suspicion>,
@@ -153,6 +163,7 @@ struct Collect<'a> {
     next_timer: &'a mut u64,
     sends: &'a mut Vec<(SocketAddr, Vec<u8>)>,
     events: &'a mut Vec<MemberEvent>,
+    turn_undead: &'a mut Vec<(Peer, Vec<u8>)>,
 }
 
 impl Runtime<Peer> for Collect<'_> {
@@ -175,7 +186,13 @@ impl Runtime<Peer> for Collect<'_> {
     }
 
     fn send_to(&mut self, to: Peer, data: &[u8]) {
-        self.sends.push((to.gossip, data.to_vec()));
+        let turn_undead = Codec::<Peer>::decode_header(&mut PostcardCodec, data)
+            .is_ok_and(|h| h.message == Message::TurnUndead);
+        if turn_undead {
+            self.turn_undead.push((to, data.to_vec()));
+        } else {
+            self.sends.push((to.gossip, data.to_vec()));
+        }
     }
 
     fn submit_after(&mut self, event: Timer<Peer>, after: Duration) {
@@ -197,6 +214,7 @@ impl Membership {
             next_timer: 0,
             sends: Vec::new(),
             events: Vec::new(),
+            turn_undead: Vec::new(),
             errors: 0,
         }
     }
@@ -208,8 +226,15 @@ impl Membership {
             next_timer: &mut self.next_timer,
             sends: &mut self.sends,
             events: &mut self.events,
+            turn_undead: &mut self.turn_undead,
         };
         let result = f(&mut self.foca, rt);
+        for (to, data) in std::mem::take(&mut self.turn_undead) {
+            let active = self.foca.iter_members().any(|m| m.id() == &to);
+            if !active {
+                self.sends.push((to.gossip, data));
+            }
+        }
         self.track_suspicions(now);
         result
     }

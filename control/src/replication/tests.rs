@@ -781,3 +781,43 @@ fn flap_then_settle(seed: u64) {
         sim.not_alive()
     );
 }
+
+/// A member that refuted a suspicion was still told it was down when the
+/// suspicion's timer fired (foca sends "you are down" from that timer
+/// whether or not the verdict applied): it renewed its identity, and every
+/// POP logged it down and back although it had answered in time.
+#[test]
+fn a_member_that_refuted_a_suspicion_is_not_declared_down() {
+    use super::membership::MemberEvent;
+    use super::node::Event;
+
+    for seed in 0..20 {
+        let mut sim = joined(SimConfig::wan(2, seed));
+        let before = sim.events.len();
+        // Long enough for a probe to fail, short enough to refute in time.
+        sim.set_link(0, 1, false);
+        let mut suspected = false;
+        let cut = sim.elapsed();
+        sim.run_until(cut + Duration::from_millis(1500), |s| {
+            suspected |= !s.not_alive().is_empty();
+            false
+        });
+        sim.set_link(0, 1, true);
+        let healed = sim.elapsed();
+        sim.run_until(healed + Duration::from_secs(10), |s| {
+            suspected |= !s.not_alive().is_empty();
+            false
+        });
+        assert!(suspected, "seed {seed}: no suspicion to refute");
+        let downs: Vec<_> = sim.events[before..]
+            .iter()
+            .filter(|(_, _, e)| {
+                matches!(
+                    e,
+                    Event::Member(MemberEvent::Down(_) | MemberEvent::Rejoined)
+                )
+            })
+            .collect();
+        assert!(downs.is_empty(), "seed {seed}: {downs:?}");
+    }
+}
