@@ -821,3 +821,26 @@ fn a_member_that_refuted_a_suspicion_is_not_declared_down() {
         assert!(downs.is_empty(), "seed {seed}: {downs:?}");
     }
 }
+
+/// With the link between two of three POPs down for good (each still
+/// reaching the third), a failed probe across it (a loss on the indirect
+/// path) made a suspicion the suspect never heard: foca's preset sent it
+/// twice, and a member was declared down and rejoined about every 30 s.
+#[test]
+fn a_link_cut_between_two_of_three_nodes_declares_nobody_down() {
+    let mut sim = joined(SimConfig::wan(3, 12));
+    let before = sim.events.len();
+    sim.set_link(0, 1, false);
+    sim.run_for(Duration::from_secs(300));
+    let downs: Vec<_> = sim.events[before..]
+        .iter()
+        .filter(|(_, _, e)| {
+            matches!(
+                e,
+                super::node::Event::Member(super::membership::MemberEvent::Down(_))
+            )
+        })
+        .collect();
+    assert!(downs.is_empty(), "{} downs: {downs:?}", downs.len());
+    assert!(sim.everyone_alive(), "{:?}", sim.not_alive());
+}
