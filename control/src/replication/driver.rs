@@ -975,11 +975,26 @@ impl Driver {
                 peer,
                 down_ms,
                 ttl_ms,
+                kept_for_it: true,
+            } => {
+                crate::replication::metrics::count_back_after_ttl(BackAfterTtl::Member);
+                tracing::info!(%peer, down_secs = down_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
+                    "replication: member is back after being down here for longer than replication.tombstone_ttl_secs; \
+                     the tombstones of rows deleted meanwhile were kept for it, and reach it now");
+                false
+            }
+            Event::PeerBackAfterTombstoneTtl {
+                peer,
+                down_ms,
+                ttl_ms,
+                kept_for_it: false,
             } => {
                 crate::replication::metrics::count_back_after_ttl(BackAfterTtl::Member);
                 tracing::warn!(%peer, down_secs = down_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
-                    "replication: member is back after being down here for longer than replication.tombstone_ttl_secs: \
-                     the tombstones of rows deleted meanwhile are collected, so such rows may come back from its copy of \
+                    hold_cap_secs = ttl_ms * crate::replication::node::MAX_HOLD_TTLS / 1000,
+                    "replication: member is back after being down here for longer than replication.tombstone_ttl_secs, \
+                     and this POP did not keep the tombstones of rows deleted meanwhile for it (it was down longer than \
+                     the hold's cap, or this POP restarted meanwhile), so such rows may come back from its copy of \
                      the routing table. If deleted backends or POPs reappear, delete them again, or stop that POP and \
                      restart it from a copy of a current POP's routing.db");
                 false
@@ -988,10 +1003,11 @@ impl Driver {
                 crate::replication::metrics::count_back_after_ttl(BackAfterTtl::ThisPop);
                 tracing::warn!(silent_secs = silent_ms / 1000, tombstone_ttl_secs = ttl_ms / 1000,
                     "replication: heard another POP again after no contact with any POP for longer than \
-                     replication.tombstone_ttl_secs. If this POP was the one cut off (stopped or isolated), rows \
-                     deleted elsewhere meanwhile may come back from it, their tombstones collected: check for deleted \
-                     backends or POPs that reappear and delete them again, or stop this POP and restart it from a copy \
-                     of a current POP's routing.db. If the other POPs were the ones away, this POP's table is current");
+                     replication.tombstone_ttl_secs. If this POP was the one cut off (stopped or isolated), the others \
+                     kept the tombstones of rows deleted meanwhile for it while they ran (up to 4 TTLs), and the \
+                     deletions reach it now; a POP that restarted meanwhile did not, so rows deleted there may come \
+                     back from this one: check for deleted backends or POPs that reappear and delete them again. If \
+                     the other POPs were the ones away, this POP's table is current");
                 false
             }
             Event::ClockDrift { peer, ahead_ms } => {

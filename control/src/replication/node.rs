@@ -61,6 +61,15 @@ pub const MAX_HOPS: u8 = 6;
 const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often old tombstones are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Tombstones are kept for a member that is down (see `Node::owed`) for at
+/// most this many TTLs: a POP down for that long and never forgotten
+/// (`cluster forget`) no longer holds deletions back.
+pub const MAX_HOLD_TTLS: u64 = 4;
+
+/// Tombstones written this long before a member was declared down are kept
+/// for it too: it may have been cut off for a while before the verdict.
+const OWED_MARGIN: Duration = Duration::from_secs(60);
 /// A peer that keeps talking to us although refused hears why at most this
 /// often.
 const REFUSAL_REPLY_INTERVAL: Duration = Duration::from_secs(5);
@@ -226,14 +235,17 @@ pub enum Event {
         by: NodeId,
     },
     /// `peer`, declared down here `down_ms` ago (longer than the
-    /// tombstone TTL, `ttl_ms`), is up again under the same id. Rows
-    /// deleted meanwhile may have no tombstone left anywhere: if it still
-    /// holds them, anti-entropy brings them back. Only said; nothing is
-    /// held back or deleted.
+    /// tombstone TTL, `ttl_ms`), is up again under the same id. With
+    /// `kept_for_it`, this node kept every tombstone written since it went
+    /// down (see `Node::owed`) and the deletions reach it as usual;
+    /// without (down longer than [`MAX_HOLD_TTLS`] TTLs, or this node
+    /// restarted meanwhile), rows deleted meanwhile may have no tombstone
+    /// left here, and if it still holds them, anti-entropy brings them back.
     PeerBackAfterTombstoneTtl {
         peer: NodeId,
         down_ms: u64,
         ttl_ms: u64,
+        kept_for_it: bool,
     },
     /// The first message from any member after none for `silent_ms`,
     /// longer than the tombstone TTL (`ttl_ms`). Either this node was cut
@@ -363,6 +375,14 @@ pub struct Node {
     /// Members declared down here (no other live identity holding their
     /// id), since when (Unix ms). Not persisted: a restart forgets it.
     down_since: HashMap<NodeId, u64>,
+    /// Members that went down (since when, Unix ms) and have not completed
+    /// an exchange with this node since. The tombstones written after they
+    /// went down are kept past the TTL for them (at most
+    /// [`MAX_HOLD_TTLS`] TTLs): collected while such a member was away,
+    /// its old copies of the deleted rows would be rows nobody else holds,
+    /// and anti-entropy would bring them back everywhere. Released by a
+    /// completed exchange with it, or by forgetting it. Not persisted.
+    owed: HashMap<NodeId, u64>,
     pub stats: Stats,
 }
 
@@ -404,6 +424,7 @@ impl Node {
             collisions: HashMap::new(),
             last_contact_ms: None,
             down_since: HashMap::new(),
+            owed: HashMap::new(),
             stats: Stats::default(),
             s,
         }
@@ -597,6 +618,7 @@ impl Node {
             }));
         }
         let identities = self.prune_forgotten();
+        self.owed.remove(id);
         self.peers.remove(id);
         self.sync_queue.retain(|p| &**p != id);
         Ok(Forgotten {
@@ -640,6 +662,15 @@ impl Node {
             .filter(|(p, st)| *st == MemberState::Down && self.is_forgotten(&p.id))
             .map(|(p, _)| p)
             .collect();
+        let forgotten: Vec<NodeId> = self
+            .owed
+            .keys()
+            .filter(|id| self.is_forgotten(id))
+            .cloned()
+            .collect();
+        for id in forgotten {
+            self.owed.remove(&id);
+        }
         let mut by_id: BTreeMap<NodeId, usize> = BTreeMap::new();
         for peer in &gone {
             // `now` only stamps timers foca sets; removing sets none.
@@ -915,6 +946,8 @@ impl Node {
                 if let Some(s) = self.sessions.remove(&session) {
                     self.stats.syncs += 1;
                     self.stats.syncs_equal += 1;
+                    // It holds exactly what this node holds.
+                    self.owed.remove(&s.peer);
                     let p = self.peers.entry(s.peer.clone()).or_default();
                     p.last_sync = Some(now.mono);
                     p.in_sync = true;
@@ -977,6 +1010,11 @@ impl Node {
                 let sent = rows.len();
                 self.send(now, reply_to, Msg::SyncWanted { session, rows }, true);
                 let more = more || truncated;
+                if !more {
+                    // Every row it lacked or held older is on its way to it
+                    // (`SyncWanted`, over the reliable transport).
+                    self.owed.remove(&s.peer);
+                }
                 self.stats.syncs += 1;
                 let p = self.peers.entry(s.peer.clone()).or_default();
                 p.last_sync = Some(now.mono);
@@ -1081,13 +1119,26 @@ impl Node {
         }
         if self.next_gc <= now.mono {
             self.next_gc = now.mono + GC_INTERVAL;
-            let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
-            let before = Hlc::new(now.wall_ms.saturating_sub(ttl_ms), 0);
+            let before = Hlc::new(self.collect_before(now.wall_ms), 0);
             let collected = self.replica.collect_tombstones(before);
             if !collected.is_empty() {
                 self.out.push_back(Output::Forget(collected));
             }
         }
+    }
+
+    /// Tombstones written before this (Unix ms) are collected: older than
+    /// the TTL, and not owed to a member that went down before they were
+    /// written (see `Node::owed`), unless older than the hold's cap.
+    fn collect_before(&self, now_ms: u64) -> u64 {
+        let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
+        let after_ttl = now_ms.saturating_sub(ttl_ms);
+        let Some(oldest) = self.owed.values().min() else {
+            return after_ttl;
+        };
+        let owed_from = oldest.saturating_sub(OWED_MARGIN.as_millis() as u64);
+        let cap = now_ms.saturating_sub(ttl_ms.saturating_mul(MAX_HOLD_TTLS));
+        after_ttl.min(owed_from).max(cap)
     }
 
     /// When [`Node::handle_timeout`] should run next.
@@ -1144,10 +1195,13 @@ impl Node {
                         let down_ms = now.wall_ms.saturating_sub(since);
                         let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
                         if down_ms > ttl_ms {
+                            let kept_for_it = self.owed.get(&peer.id) == Some(&since)
+                                && down_ms <= ttl_ms.saturating_mul(MAX_HOLD_TTLS);
                             back = Some(Event::PeerBackAfterTombstoneTtl {
                                 peer: peer.id.clone(),
                                 down_ms,
                                 ttl_ms,
+                                kept_for_it,
                             });
                         }
                     }
@@ -1168,6 +1222,7 @@ impl Node {
                         self.down_since
                             .entry(peer.id.clone())
                             .or_insert(now.wall_ms);
+                        self.owed.entry(peer.id.clone()).or_insert(now.wall_ms);
                     }
                     self.sessions.retain(|_, s| s.peer != peer.id);
                     // Another identity of its id (an impostor until now, or
@@ -1224,6 +1279,7 @@ impl Node {
         let mut lag_ms = 0;
         let own_row = RowKey::new(Table::Pops, &*self.s.id);
         let (mut restored, mut restored_previous) = (Vec::new(), Vec::new());
+        let collectable = Hlc::new(self.collect_before(now.wall_ms), 0);
         for row in rows {
             if let Err(drift) = self.clock.observe(row.version.hlc, now.wall_ms) {
                 self.event(Event::ClockDrift {
@@ -1233,6 +1289,14 @@ impl Node {
                 continue;
             }
             let held = self.replica.get(&row.key);
+            if held.is_none() && row.is_tombstone() && row.version.hlc < collectable {
+                // A tombstone this node would collect now, of a row it does
+                // not hold: from a peer whose collection has not run yet
+                // (every node's runs at its own moments). Taken, it would be
+                // handed back to the peers that have collected it, again
+                // and again: collected nowhere, for good.
+                continue;
+            }
             if row.is_tombstone()
                 && row.key == own_row
                 && held

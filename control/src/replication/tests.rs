@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::sim::{Sim, SimConfig};
+use super::version::{RowKey, Table};
 
 fn joined(cfg: SimConfig) -> Sim {
     let mut sim = Sim::new(cfg);
@@ -843,4 +844,99 @@ fn a_link_cut_between_two_of_three_nodes_declares_nobody_down() {
         .collect();
     assert!(downs.is_empty(), "{} downs: {downs:?}", downs.len());
     assert!(sim.everyone_alive(), "{:?}", sim.not_alive());
+}
+
+/// A row deleted while a POP was down for longer than the tombstone TTL
+/// stays deleted when that POP comes back with its old copy: the deletion's
+/// tombstone is kept past the TTL for as long as a member that went down
+/// before it was written has not completed an exchange since. Once it has,
+/// the tombstone is collected as usual.
+#[test]
+fn a_row_deleted_while_a_pop_was_down_longer_than_the_ttl_stays_deleted() {
+    let mut cfg = SimConfig::wan(3, 43);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.write(0, "gone", Some("x"));
+    sim.write(0, "kept", Some("y"));
+    sim.run_for(Duration::from_secs(10));
+    assert!(sim.everyone_has("gone", Some("x")));
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(30));
+    assert!(sim.saw_down(0, 2).is_some() && sim.saw_down(1, 2).is_some());
+    sim.write(0, "gone", None);
+    // Past the TTL and several collections.
+    sim.run_for(Duration::from_secs(900));
+    let key = RowKey::new(Table::Backends, "gone");
+    assert!(
+        sim.nodes[1].replica().get(&key).is_some(),
+        "the tombstone was collected while the POP that lacks it was down"
+    );
+    sim.restart(2, 0);
+    let back = sim.elapsed();
+    assert!(
+        sim.run_until(back + Duration::from_secs(60), |s| s.membership_complete()
+            && s.converged())
+    );
+    assert!(sim.everyone_has("gone", None), "a deleted row came back");
+    assert!(sim.everyone_has("kept", Some("y")));
+    // Everyone has it now: collected after the TTL like any other.
+    sim.run_for(Duration::from_secs(700));
+    for i in 0..3 {
+        assert!(
+            sim.nodes[i].replica().get(&key).is_none(),
+            "node {i} still holds the tombstone"
+        );
+    }
+}
+
+/// Forgetting a member releases the tombstones kept for it.
+#[test]
+fn forgetting_a_down_member_releases_the_tombstones_kept_for_it() {
+    let mut cfg = SimConfig::wan(3, 44);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.write(0, "gone", Some("x"));
+    sim.run_for(Duration::from_secs(10));
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(30));
+    sim.write(0, "gone", None);
+    sim.run_for(Duration::from_secs(700));
+    let key = RowKey::new(Table::Backends, "gone");
+    assert!(sim.nodes[0].replica().get(&key).is_some());
+    sim.forget(0, "n2").expect("n2 is down");
+    sim.run_for(Duration::from_secs(200));
+    for i in 0..2 {
+        assert!(
+            sim.nodes[i].replica().get(&key).is_none(),
+            "node {i} still holds the tombstone of a forgotten member"
+        );
+    }
+}
+
+/// Tombstones are collected everywhere after the TTL, also when the nodes'
+/// collections do not run at the same moments (one restarted): a node that
+/// has not collected yet must not hand the tombstone back to one that has.
+#[test]
+fn tombstones_are_collected_everywhere_after_the_ttl() {
+    let mut cfg = SimConfig::wan(3, 45);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(20));
+    sim.restart(2, 0);
+    let t = sim.elapsed();
+    assert!(sim.run_until(t + Duration::from_secs(60), |s| s.membership_complete()));
+    sim.write(0, "gone", Some("x"));
+    sim.run_for(Duration::from_secs(10));
+    sim.write(0, "gone", None);
+    sim.run_for(Duration::from_secs(10));
+    let key = RowKey::new(Table::Backends, "gone");
+    assert!(sim.nodes[2].replica().get(&key).is_some());
+    sim.run_for(Duration::from_secs(900));
+    for i in 0..3 {
+        assert!(
+            sim.nodes[i].replica().get(&key).is_none(),
+            "node {i} still holds the tombstone"
+        );
+    }
 }
