@@ -231,9 +231,9 @@ fn bad_rows_are_skipped_by_id_and_the_others_route() {
 }
 
 /// A weight or soft limit of 0 (the API refuses both; a row written by hand
-/// may hold them) routes as 1, as in the original edgeProxy, and each load
-/// says so once per row and value, naming the row and what 0 does here;
-/// `check-config` lists them too.
+/// may hold them) routes as 1, as in the original edgeProxy, and a load
+/// says so once per row and value, naming the row and what 0 does here,
+/// when the last load did not; `check-config` lists them too.
 #[test]
 fn zero_weight_and_soft_limit_rows_route_as_one_with_a_warning() {
     const NOTE: &str = "routing row has a 0 that is read as 1";
@@ -269,6 +269,17 @@ fn zero_weight_and_soft_limit_rows_route_as_one_with_a_warning() {
     assert_eq!(field(&notes[0], "field").as_deref(), Some("soft_limit"));
     assert!(notes[0].contains("first connection"), "{}", notes[0]);
     assert_eq!(which_backend(proxy.addr()), "a");
+
+    // A change to another row reloads the table: the row's 0 was said
+    // already and is not said again at every reload.
+    let mark = proxy.log_mark();
+    db.exec("UPDATE backends SET weight = 2 WHERE id = 'far'");
+    proxy.wait_for_log_after(mark, RELOADED, PATIENCE).unwrap();
+    assert_eq!(
+        proxy.log_lines_after(mark, NOTE),
+        Vec::<String>::new(),
+        "said again at an unrelated reload"
+    );
 
     let (status, _, stderr) = run_to_end(
         &[

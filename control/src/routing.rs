@@ -99,6 +99,11 @@ pub struct RoutingReloader {
     /// The last records read, lifecycle applied, health not: what
     /// [`RoutingReloader::republish`] rebuilds from without reading the file.
     last_records: Vec<BackendRecord>,
+    /// What the last load said of rows (skipped, or a 0 read as 1), so
+    /// that each is said once while it lasts: the table is read again at
+    /// every change (a registration, a replicated row), many times a
+    /// minute in a busy cluster.
+    row_warnings: RowWarnings,
 }
 
 /// Unix milliseconds of `t` (0 before the epoch).
@@ -251,8 +256,8 @@ impl RoutingReloader {
             tracing::info!(backends = %expired.iter().map(String::as_str).collect::<Vec<_>>().join(","), "registered backends with an expired heartbeat take no new connections");
         }
         let built = builder.build(&loaded.records);
-        log_skipped(&built.skipped);
-        log_notes(&built.notes);
+        let mut row_warnings = RowWarnings::default();
+        row_warnings.say_new(&built);
         let mut coverage = Coverage::default();
         coverage.observe(
             &loaded.records,
@@ -273,6 +278,7 @@ impl RoutingReloader {
             pops: None,
             health: None,
             last_records: loaded.records,
+            row_warnings,
         })
     }
 
@@ -405,8 +411,7 @@ impl RoutingReloader {
             health.apply(&mut loaded.records);
         }
         let mut built = self.builder.build(&loaded.records);
-        log_skipped(&built.skipped);
-        log_notes(&built.notes);
+        self.row_warnings.say_new(&built);
         if let Some(input) = &self.pops {
             match self.store.load_pops() {
                 Ok(rows) => built.snapshot.pops = pop_views(&rows, input),
@@ -519,17 +524,34 @@ fn load_logged(store: &mut RoutingStore) -> Result<crate::store::Loaded, StoreEr
     Ok(loaded)
 }
 
-fn log_skipped(skipped: &[(String, engine::snapshot::RecordError)]) {
-    for (id, reason) in skipped {
-        tracing::warn!(backend = %id, %reason, "skipping invalid routing row");
-    }
+/// Rows left out of the snapshot (invalid) or routed with a weight or soft
+/// limit of 0 read as 1, as the last load found them.
+#[derive(Default)]
+struct RowWarnings {
+    said: BTreeSet<String>,
 }
 
-/// Rows routed with a weight or soft limit of 0: said at every load that
-/// reads them, as skipped rows are (a load happens when the table changed).
-fn log_notes(notes: &[(String, engine::snapshot::RecordNote)]) {
-    for (id, note) in notes {
-        tracing::warn!(backend = %id, field = note.field(), meaning = %note, "routing row has a 0 that is read as 1");
+impl RowWarnings {
+    /// Warns about what `built` reports and the last load did not (a row
+    /// that became invalid, or whose reason changed); remembers the rest so
+    /// that a row fixed and broken again is said again.
+    fn say_new(&mut self, built: &engine::snapshot::Built) {
+        let mut now = BTreeSet::new();
+        for (id, reason) in &built.skipped {
+            let key = format!("{id}\0skipped\0{reason}");
+            if !self.said.contains(&key) {
+                tracing::warn!(backend = %id, %reason, "skipping invalid routing row");
+            }
+            now.insert(key);
+        }
+        for (id, note) in &built.notes {
+            let key = format!("{id}\0note\0{}", note.field());
+            if !self.said.contains(&key) {
+                tracing::warn!(backend = %id, field = note.field(), meaning = %note, "routing row has a 0 that is read as 1");
+            }
+            now.insert(key);
+        }
+        self.said = now;
     }
 }
 
