@@ -336,6 +336,9 @@ pub struct MemberStatus {
 struct Session {
     peer: NodeId,
     started: Instant,
+    /// This node listed only some of the differing buckets (too many
+    /// versions): the exchange does not cover everything.
+    partial: bool,
 }
 
 pub struct Node {
@@ -625,6 +628,12 @@ impl Node {
             identities,
             replicated,
         })
+    }
+
+    /// Whether tombstones are kept for `id` (see `Node::owed`).
+    #[cfg(test)]
+    pub(crate) fn owes(&self, id: &str) -> bool {
+        self.owed.keys().any(|k| &**k == id)
     }
 
     /// True for a member forgotten for good: its `pops` row is deleted (a
@@ -967,6 +976,11 @@ impl Node {
                 }
                 let differing = self.replica.differing_buckets(&buckets);
                 let (buckets, versions) = self.versions_for(&differing);
+                if buckets.len() < differing.len() {
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.partial = true;
+                    }
+                }
                 self.send(
                     now,
                     reply_to,
@@ -1009,7 +1023,9 @@ impl Node {
                 let (rows, truncated) = self.rows_for(&want);
                 let sent = rows.len();
                 self.send(now, reply_to, Msg::SyncWanted { session, rows }, true);
-                let more = more || truncated;
+                // Buckets left out of this exchange still differ: it is not
+                // complete (nor, for a member owed tombstones, in sync).
+                let more = more || truncated || s.partial;
                 if !more {
                     // Every row it lacked or held older is on its way to it
                     // (`SyncWanted`, over the reliable transport).
@@ -1489,6 +1505,7 @@ impl Node {
             Session {
                 peer: peer.id.clone(),
                 started: now.mono,
+                partial: false,
             },
         );
         let msg = Msg::SyncTop {

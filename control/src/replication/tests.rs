@@ -940,3 +940,61 @@ fn tombstones_are_collected_everywhere_after_the_ttl() {
         );
     }
 }
+
+/// A member back after the TTL is owed the tombstones kept for it until an
+/// exchange has covered every differing bucket: one that listed only some
+/// of them (too many versions for one exchange) must not release them, or
+/// the deletions in the buckets left out could be collected before they
+/// reach it, and its old rows come back.
+#[test]
+fn tombstones_stay_owed_until_an_exchange_covered_every_differing_bucket() {
+    use super::node::limits;
+    use super::replica::bucket_of;
+    let mut cfg = SimConfig::wan(3, 46);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    let rows: Vec<String> = (0..limits::SYNC_VERSIONS + 800)
+        .map(|i| format!("r{i}"))
+        .collect();
+    let now = sim.now();
+    sim.nodes[0].local_writes(
+        now,
+        rows.iter()
+            .map(|pk| (RowKey::new(Table::Backends, pk), Some("x".to_string()))),
+    );
+    // In the last bucket: compared last.
+    let gone = (0..)
+        .map(|i| format!("gone{i}"))
+        .find(|pk| bucket_of(&RowKey::new(Table::Backends, pk)) == 255)
+        .unwrap();
+    sim.write(0, &gone, Some("x"));
+    let t = sim.elapsed();
+    assert!(sim.run_until(t + Duration::from_secs(60), Sim::converged));
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(30));
+    sim.write(0, &gone, None);
+    // One changed row in every bucket: every bucket differs at node 2.
+    let mut touched = [false; 256];
+    let now = sim.now();
+    let changed: Vec<(RowKey, Option<String>)> = rows
+        .iter()
+        .map(|pk| RowKey::new(Table::Backends, pk))
+        .filter(|k| !std::mem::replace(&mut touched[bucket_of(k)], true))
+        .map(|k| (k, Some("y".to_string())))
+        .collect();
+    sim.nodes[0].local_writes(now, changed);
+    sim.run_for(Duration::from_secs(700));
+    sim.restart(2, 0);
+    let back = sim.elapsed();
+    assert!(sim.run_until(back + Duration::from_secs(60), |s| !s.nodes[0].owes("n2")));
+    // What node 0 sent in that exchange arrives.
+    sim.run_for(Duration::from_millis(300));
+    let key = RowKey::new(Table::Backends, &gone);
+    assert!(
+        sim.nodes[2]
+            .replica()
+            .get(&key)
+            .is_some_and(|r| r.is_tombstone()),
+        "node 0 stopped keeping tombstones for node 2 before node 2 had them"
+    );
+}
