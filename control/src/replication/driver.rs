@@ -668,9 +668,11 @@ impl Driver {
         let Some(at) = self.node.last_contact() else {
             return;
         };
-        let due = self
-            .contact_saved
-            .is_none_or(|saved| at != saved && (force || at.abs_diff(saved) >= 60_000));
+        let due = self.contact_saved.is_none_or(|saved| {
+            at != saved
+                && (force
+                    || at.abs_diff(saved) >= super::node::CONTACT_PERSIST_EVERY.as_millis() as u64)
+        });
         if !due {
             return;
         }

@@ -62,6 +62,10 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often old tombstones are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How often the driver persists the last contact (at most): the value a
+/// restart reads may be this much older than the previous run's last one.
+pub const CONTACT_PERSIST_EVERY: Duration = Duration::from_secs(60);
+
 /// Tombstones are kept for a member that is down (see `Node::owed`) for at
 /// most this many TTLs: a POP down for that long and never forgotten
 /// (`cluster forget`) no longer holds deletions back.
@@ -375,6 +379,9 @@ pub struct Node {
     /// heard the cluster. The driver persists it (`repl_meta`) and gives
     /// it back at start, so that a restart after a long stop notices too.
     last_contact_ms: Option<u64>,
+    /// `last_contact_ms` is the persisted one (up to a minute stale), not
+    /// yet replaced by a contact of this run.
+    contact_persisted: bool,
     /// Members declared down here (no other live identity holding their
     /// id), since when (Unix ms). Not persisted: a restart forgets it.
     down_since: HashMap<NodeId, u64>,
@@ -426,6 +433,7 @@ impl Node {
             next_announce: None,
             collisions: HashMap::new(),
             last_contact_ms: None,
+            contact_persisted: false,
             down_since: HashMap::new(),
             owed: HashMap::new(),
             stats: Stats::default(),
@@ -468,6 +476,7 @@ impl Node {
     /// as persisted by its previous run.
     pub fn set_last_contact(&mut self, ms: Option<u64>) {
         self.last_contact_ms = ms;
+        self.contact_persisted = ms.is_some();
     }
 
     /// A member's message arrived. After a silence longer than the
@@ -478,7 +487,15 @@ impl Node {
         };
         let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
         let silent_ms = now.wall_ms.saturating_sub(before);
-        if silent_ms > ttl_ms {
+        // The time the previous run persisted may be up to
+        // `CONTACT_PERSIST_EVERY` older than its last contact: only a
+        // silence longer than that for sure is said.
+        let stale_ms = if std::mem::take(&mut self.contact_persisted) {
+            CONTACT_PERSIST_EVERY.as_millis() as u64
+        } else {
+            0
+        };
+        if silent_ms > ttl_ms + stale_ms {
             self.event(Event::ContactAfterTombstoneTtl { silent_ms, ttl_ms });
         }
     }

@@ -998,3 +998,33 @@ fn tombstones_stay_owed_until_an_exchange_covered_every_differing_bucket() {
         "node 0 stopped keeping tombstones for node 2 before node 2 had them"
     );
 }
+
+/// The last contact a restart reads was persisted up to a minute before
+/// the previous run's real last contact: a POP restarted after a silence
+/// shorter than the TTL does not warn because its record was stale.
+#[test]
+fn a_stale_persisted_contact_does_not_warn_of_a_silence_shorter_than_the_ttl() {
+    use super::node::{Event, CONTACT_PERSIST_EVERY};
+    let mut cfg = SimConfig::wan(3, 47);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.run_for(Duration::from_secs(30));
+    sim.crash(2);
+    let last = sim.nodes[2].last_contact().expect("heard the others");
+    sim.run_for(Duration::from_secs(580));
+    sim.restart(2, 0);
+    // What the driver had persisted: up to a minute before `last`.
+    let stale = last - CONTACT_PERSIST_EVERY.as_millis() as u64 + 5_000;
+    sim.nodes[2].set_last_contact(Some(stale));
+    let t = sim.elapsed();
+    assert!(sim.run_until(t + Duration::from_secs(30), |s| s
+        .membership_complete()
+        && s.converged()));
+    sim.run_for(Duration::from_secs(10));
+    assert!(sim.nodes[2].last_contact() > Some(last), "no contact yet");
+    let said = sim
+        .events
+        .iter()
+        .any(|(_, i, e)| *i == 2 && matches!(e, Event::ContactAfterTombstoneTtl { .. }));
+    assert!(!said, "silent 580 s of a 600 s TTL, warned");
+}
