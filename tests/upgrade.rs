@@ -807,6 +807,92 @@ fn a_failed_upgrade_kills_what_left_the_process_group() {
     std::net::TcpListener::bind(addr).expect("the listener's port cannot be bound again");
 }
 
+/// The new "binary" crashes (exit 3) at once, but a job it started in the
+/// background holds the hand-off channel on. The old process must notice
+/// the exit itself and report it as such, at once, rather than wait out
+/// `ready_timeout_secs` (25 s here) for a `Ready` that cannot come and call
+/// it a timeout.
+#[test]
+fn a_new_binary_that_exits_while_its_child_holds_the_channel_fails_at_once() {
+    let dir = TempDir::new("upgrade-exit-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let s = Setup::start("upgrade-exit", Some(&exe), "ready_timeout_secs = 25\n");
+    let addr = s.proxy.addr();
+    let control = s.control_socket();
+    let pid_file = dir.join("job.pid");
+    install_script(
+        &exe,
+        &format!(
+            "sleep 600 &\necho $! > {:?}\nexit 3",
+            pid_file.display().to_string()
+        ),
+    );
+    let started = std::time::Instant::now();
+    let (ok, out) = cli_upgrade(&control);
+    let took = started.elapsed();
+    let job: Option<u32> = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse().ok());
+    let _job = Chain {
+        pids: job.into_iter().collect(),
+    };
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("exited (exit code 3) before it was ready"),
+        "{out} (after {took:?})"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}: {out}");
+    let job = job.expect("the script did not write its job's pid");
+    assert!(
+        eventually(PATIENCE, || !alive(job)),
+        "the script's background job {job} outlived the failed upgrade"
+    );
+    round_trip(addr, 0).unwrap();
+}
+
+/// A → B → C while A still drains a connection: B exits as soon as C
+/// serves (it has nothing to drain), while A, its parent, has up to
+/// `shutdown_grace_secs` to go. A must reap B then, not leave it a zombie
+/// for the rest of its drain.
+#[test]
+fn a_successor_that_exits_before_its_predecessor_is_reaped() {
+    let mut s = Setup::start("upgrade-reap", None, "");
+    let addr = s.proxy.addr();
+    let control = s.control_socket();
+    // Accepted by the first process, held open: it drains for up to 120 s.
+    let held = TcpStream::connect_timeout(&addr, PATIENCE).unwrap();
+    held.set_read_timeout(Some(PATIENCE)).unwrap();
+    read_line(&held).expect("no greeting");
+    let first = s.chain.newest();
+    let second = upgrade(&s.proxy, &mut s.chain, None);
+    let third = upgrade(&s.proxy, &mut s.chain, Some(&control));
+    // The second process drained nothing: it exits.
+    let parent_of = |pid: u32| -> Option<(String, u32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+        Some((f.next()?.to_string(), f.next()?.parse().ok()?))
+    };
+    let reaped = eventually(
+        PATIENCE,
+        || !matches!(parent_of(second), Some((_, ppid)) if ppid == first),
+    );
+    assert!(
+        reaped,
+        "process {second} is still {:?} (state, parent) under {first}, which drains",
+        parent_of(second)
+    );
+    assert!(alive(first), "the first process must still drain");
+    assert!(alive(third));
+    round_trip(addr, 0).unwrap();
+    drop(held);
+    assert!(s
+        .proxy
+        .wait_exit(PATIENCE)
+        .expect("the first process did not exit once drained")
+        .success());
+}
+
 /// `edgeproxy upgrade --pid` signals only a running edgeproxy: a process
 /// named by mistake (SIGUSR2 would kill it) is left alone, with an error
 /// naming it; the proxy's own pid upgrades it.

@@ -38,10 +38,35 @@ const CANCEL_CHECK: Duration = Duration::from_millis(100);
 pub struct Successor {
     pub pid: u32,
     pub exe: PathBuf,
-    /// Kept so the handle is not reaped here; the successor outlives us.
-    _child: Child,
     /// Kept open after `Ready` for [`Successor::release_replication`].
     channel: Channel,
+}
+
+/// Reaps the successor `child` on a thread of its own whenever it exits.
+/// It normally outlives us, but not always: upgraded in turn while we still
+/// drain (A → B → C: B exits once C serves, while A drains long-lived
+/// connections), or crashed. Unreaped, it would stay a zombie for as long
+/// as we drain (up to `shutdown_grace_secs`). The thread blocks in
+/// `waitpid` on this one pid, so it takes no other child's status; it ends
+/// with the process if the successor outlives us.
+fn reap_when_it_exits(mut child: Child) {
+    let pid = child.id();
+    let spawned = std::thread::Builder::new()
+        .name("upgrade-reap".into())
+        .spawn(move || match child.wait() {
+            Ok(status) if status.success() => {
+                tracing::info!(pid, "upgrade: the new process has exited (exit code 0)")
+            }
+            Ok(status) => tracing::warn!(
+                pid,
+                status = %describe(status),
+                "upgrade: the new process has exited while this one still runs"
+            ),
+            Err(e) => tracing::debug!(pid, error = %e, "upgrade: cannot wait for the new process"),
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(pid, error = %e, "upgrade: cannot start a thread to reap the new process; should it exit before this one, it stays a zombie until then");
+    }
 }
 
 impl Successor {
@@ -180,12 +205,14 @@ pub fn start(
     let pid = child.id();
     tracing::info!(pid, exe = %exe.display(), sockets = sockets.len(), "upgrade: new process started; handing over sockets");
     match handshake(&ours, &sockets, pid, (deadline, timeout), cancel) {
-        Ok(()) => Ok(Successor {
-            pid,
-            exe,
-            _child: child,
-            channel: ours,
-        }),
+        Ok(()) => {
+            reap_when_it_exits(child);
+            Ok(Successor {
+                pid,
+                exe,
+                channel: ours,
+            })
+        }
         Err(e) => {
             // It closed the channel: it exited, or is about to. Let it, so
             // that its own exit status is reported rather than our SIGKILL.
@@ -268,6 +295,15 @@ fn handshake(
                     status: "closed the channel".into(),
                 })
             }
+            // It exited, but something it started still holds the channel
+            // (a wrapper's background job, a logger): waiting on would only
+            // end at the deadline, and say "not ready" for a crash.
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && exited(pid) => {
+                return Err(UpgradeError::Exited {
+                    pid,
+                    status: "exited".into(),
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::TimedOut => continue,
             Err(cause) => return Err(UpgradeError::Channel { pid, cause }),
         }
@@ -285,25 +321,30 @@ fn handshake(
 fn wait_exited(pid: u32, patience: Duration) -> bool {
     let deadline = Instant::now() + patience;
     loop {
-        // SAFETY: waitid with WNOWAIT only reads the state of our own child
-        // and leaves it to be reaped by `Child::wait`; `info` is plain data.
-        let exited = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            ) == 0
-                && info.si_pid() != 0
-        };
-        if exited {
+        if exited(pid) {
             return true;
         }
         if Instant::now() >= deadline {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether our child `pid` has exited, without reaping it (see
+/// [`wait_exited`]).
+fn exited(pid: u32) -> bool {
+    // SAFETY: waitid with WNOWAIT only reads the state of our own child and
+    // leaves it to be reaped by `Child::wait`; `info` is plain data.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        ) == 0
+            && info.si_pid() != 0
     }
 }
 
