@@ -851,6 +851,41 @@ fn a_new_binary_that_exits_while_its_child_holds_the_channel_fails_at_once() {
     round_trip(addr, 0).unwrap();
 }
 
+/// `edgeproxy upgrade` that gives up waiting (`--timeout`) on a successor
+/// still starting says so: it did reach the proxy, which goes on with the
+/// upgrade; "cannot reach the control socket" would send the operator
+/// looking for the wrong problem.
+#[test]
+fn upgrade_that_stops_waiting_says_it_had_no_answer() {
+    let dir = TempDir::new("upgrade-wait-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let s = Setup::start("upgrade-wait", Some(&exe), "ready_timeout_secs = 4\n");
+    let control = s.control_socket();
+    install_script(&exe, "exec sleep 600");
+    let (status, out, err) = run_to_end(
+        &[
+            "upgrade",
+            "--socket",
+            control.to_str().unwrap(),
+            "--timeout",
+            "1",
+        ],
+        &[],
+    );
+    assert!(!status.success(), "{out}{err}");
+    assert!(err.contains("no answer within 1s"), "{err}");
+    assert!(!err.contains("cannot reach"), "{err}");
+    // The proxy gives up on the hung binary on its own and serves on.
+    s.proxy
+        .wait_for_log(
+            "upgrade failed; this process keeps serving",
+            Duration::from_secs(15),
+        )
+        .unwrap_or_else(|| panic!("{}", s.proxy.log_text()));
+    round_trip(s.proxy.addr(), 0).unwrap();
+}
+
 /// A → B → C while A still drains a connection: B exits as soon as C
 /// serves (it has nothing to drain), while A, its parent, has up to
 /// `shutdown_grace_secs` to go. A must reap B then, not leave it a zombie

@@ -33,7 +33,17 @@ pub fn run(args: UpgradeArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
         return Ok(());
     }
     let (path, ready_timeout) = match args.socket {
-        Some(p) => (p, super::config::defaults::READY_TIMEOUT_SECS),
+        // The proxy's own `ready_timeout_secs` if its configuration is at
+        // hand, so that a slow start is not given up on before the proxy
+        // does.
+        Some(p) => (
+            p,
+            config_path
+                .and_then(|c| crate::config::load(Some(c), &crate::config::ProcessEnv).ok())
+                .map_or(super::config::defaults::READY_TIMEOUT_SECS, |c| {
+                    c.upgrade.ready_timeout.as_secs()
+                }),
+        ),
         None => {
             let config = crate::config::load(config_path, &crate::config::ProcessEnv)?;
             let path = config.upgrade.control_socket.context(
@@ -43,12 +53,21 @@ pub fn run(args: UpgradeArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
         }
     };
     let timeout = Duration::from_secs(args.timeout.unwrap_or(ready_timeout + 10));
-    let answer = super::control_socket::request_upgrade(&path, timeout).with_context(|| {
-        format!(
-            "cannot reach the proxy's control socket {} (is it running with this configuration?)",
-            path.display()
-        )
-    })?;
+    let answer = match super::control_socket::request_upgrade(&path, timeout) {
+        Ok(answer) => answer,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            bail!("asked {} to upgrade: {e}", path.display())
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot reach the proxy's control socket {} (is it running with this \
+                     configuration?)",
+                    path.display()
+                )
+            })
+        }
+    };
     match answer.strip_prefix("ok ") {
         Some(rest) => {
             let pid = rest.strip_prefix("pid=").unwrap_or(rest);

@@ -219,7 +219,21 @@ pub fn request_upgrade(path: &Path, timeout: Duration) -> std::io::Result<String
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(b"upgrade\n")?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer)?;
+    BufReader::new(stream)
+        .read_line(&mut answer)
+        .map_err(|e| match e.kind() {
+            // The read timeout: the proxy took the request and has not
+            // answered yet, which is not "cannot reach".
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer within {}s; the upgrade may still be under way (the proxy logs \
+                     the outcome; --timeout waits longer)",
+                    timeout.as_secs()
+                ),
+            ),
+            _ => e,
+        })?;
     if answer.is_empty() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
