@@ -8,6 +8,7 @@
 //! the client hears back: a registered backend takes the very next
 //! connection.
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
 use engine::snapshot::{BackendRecord, RoutingSnapshot};
@@ -74,7 +75,11 @@ pub fn execute(cmd: Command, reloader: &mut RoutingReloader) {
 /// writes: a burst of registrations (a fleet starting at once) queued while
 /// the previous reload ran costs one full read and rebuild of the table, not
 /// one each. Every write is still published before any of them is answered,
-/// and a read (`GET`) sees every write queued before it.
+/// and a read (`GET`) sees every write queued before it. A read of one
+/// backend publishes first only when a write queued before it concerns that
+/// backend (a backend's state depends only on its own row): fleet
+/// registrations mixed with reads of other backends still share one reload
+/// (before, each such read cost a reload of the whole table).
 pub fn execute_all(cmds: Vec<Command>, reloader: &mut RoutingReloader) {
     let now = SystemTime::now();
     let mut batch = Batch::default();
@@ -89,24 +94,31 @@ pub fn execute_all(cmds: Vec<Command>, reloader: &mut RoutingReloader) {
     }
 }
 
-/// Writes done and not yet published, with what to log once they are.
+/// Writes done and not yet published (the backends they concern), with what
+/// to log once they are.
 #[derive(Default)]
 struct Batch {
-    unpublished: bool,
+    unpublished: HashSet<String>,
     logs: Vec<Box<dyn FnOnce()>>,
 }
 
 impl Batch {
-    /// A write that changes routing: published by the next [`Batch::publish`],
-    /// then `log` says so.
-    fn wrote(&mut self, log: impl FnOnce() + 'static) {
-        self.unpublished = true;
+    /// A write to backend `id` that changes routing: published by the next
+    /// [`Batch::publish`], then `log` says so.
+    fn wrote(&mut self, id: &str, log: impl FnOnce() + 'static) {
+        self.unpublished.insert(id.to_string());
         self.logs.push(Box::new(log));
+    }
+
+    /// Whether a write to `id` awaits publishing.
+    fn touched(&self, id: &str) -> bool {
+        self.unpublished.contains(id)
     }
 
     /// Publishes the writes so far (one reload) and logs them.
     fn publish(&mut self, reloader: &mut RoutingReloader, now: SystemTime) {
-        if std::mem::take(&mut self.unpublished) {
+        if !self.unpublished.is_empty() {
+            self.unpublished.clear();
             reloader.reload_at(now);
         }
         for log in self.logs.drain(..) {
@@ -211,11 +223,14 @@ pub fn run(op: Op, reloader: &mut RoutingReloader, now: SystemTime) -> Reply {
 }
 
 /// Does `op` at `now`; a write that changes routing is left in `batch` to
-/// publish. A read publishes what `batch` holds first.
+/// publish. A read publishes first what `batch` holds that it would show: a
+/// list, every write; one backend, only if a write concerns it.
 fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Batch) -> Reply {
     let now_ms = unix_ms(now);
-    if matches!(op, Op::Get(_) | Op::List) {
-        batch.publish(reloader, now);
+    match &op {
+        Op::List => batch.publish(reloader, now),
+        Op::Get(id) if batch.touched(id) => batch.publish(reloader, now),
+        _ => {}
     }
     match op {
         Op::Register(rec, check) => {
@@ -239,7 +254,7 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
                         rec.region.clone(),
                         addr_of(&rec),
                     );
-                    batch.wrote(move || {
+                    batch.wrote(&rec.id, move || {
                         tracing::info!(backend = %id, app = %app, region = %region,
                             %addr, updated, "backend registered");
                     });
@@ -269,7 +284,7 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
                 Ok(false) => not_found(&id, "backend not registered"),
                 Ok(true) => {
                     if was_expired {
-                        batch.wrote(|| {});
+                        batch.wrote(&id, || {});
                     }
                     tracing::debug!(backend = %id, "heartbeat");
                     Reply::new(200, json!({ "id": id, "status": "ok" }))
@@ -285,7 +300,7 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
                 let snap = reloader.handle().load();
                 let active = snap.find(&id).map_or(0, |i| snap.backend(i).active());
                 let who = id.clone();
-                batch.wrote(move || {
+                batch.wrote(&id, move || {
                     tracing::info!(backend = %who, active, "backend draining: no new connections, open ones go on");
                 });
                 Reply::new(
@@ -299,7 +314,10 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
             Ok(false) => not_found(&id, "backend not found"),
             Ok(true) => {
                 let who = id.clone();
-                batch.wrote(move || tracing::info!(backend = %who, "backend deregistered"));
+                batch.wrote(
+                    &id,
+                    move || tracing::info!(backend = %who, "backend deregistered"),
+                );
                 Reply::new(200, json!({ "id": id, "deregistered": true }))
             }
         },
@@ -641,6 +659,52 @@ mod tests {
         assert_eq!(a4.try_recv().unwrap().status, 404);
         assert_eq!(r.handle().load().version, v1 + 2);
         assert_eq!(routed_healthy(&r, "b2"), None, "deregistered, published");
+    }
+
+    /// Registrations mixed with reads of other backends (a fleet starting
+    /// while a dashboard polls) still share one reload; a read of a backend
+    /// written earlier in the batch sees that write published.
+    #[test]
+    fn reads_of_other_backends_do_not_split_a_batchs_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = reloader(&dir);
+        run(registration("old", 9000), &mut r, SystemTime::now());
+        let v0 = r.handle().load().version;
+        let mut ops = Vec::new();
+        for n in 1..=4 {
+            ops.push(registration(&format!("b{n}"), 9000 + n));
+            ops.push(Op::Get("old".into()));
+            ops.push(Op::Get("nobody".into()));
+        }
+        let (cmds, mut answers): (Vec<_>, Vec<_>) = ops.into_iter().map(queued).unzip();
+        execute_all(cmds, &mut r);
+        assert_eq!(
+            r.handle().load().version,
+            v0 + 1,
+            "one reload for four writes and eight reads of other backends"
+        );
+        for (i, rx) in answers.iter_mut().enumerate() {
+            let reply = rx.try_recv().unwrap();
+            let want = [201, 200, 404][i % 3];
+            assert_eq!(reply.status, want, "answer {i}: {:?}", reply.body);
+            if want == 200 {
+                assert_eq!(reply.body["state"], "serving");
+            }
+        }
+
+        // A read of a backend written before it in the batch: published.
+        let v1 = r.handle().load().version;
+        let (c1, _a1) = queued(registration("b9", 9009));
+        let (c2, mut a2) = queued(Op::Get("b9".into()));
+        let (c3, _a3) = queued(Op::Drain("b1".into()));
+        let (c4, mut a4) = queued(Op::Get("b1".into()));
+        let (c5, mut a5) = queued(Op::List);
+        execute_all(vec![c1, c2, c3, c4, c5], &mut r);
+        let got = a2.try_recv().unwrap();
+        assert_eq!((got.status, &got.body["state"]), (200, &json!("serving")));
+        assert_eq!(a4.try_recv().unwrap().body["state"], "draining");
+        assert_eq!(a5.try_recv().unwrap().body["total"], 6);
+        assert_eq!(r.handle().load().version, v1 + 2);
     }
 
     fn reloader_at(path: &std::path::Path) -> RoutingReloader {
