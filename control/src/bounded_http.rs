@@ -19,6 +19,34 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::sync::{Notify, Semaphore};
 
+/// The accept queue of the control plane's HTTP listeners. `std`'s
+/// `TcpListener::bind` listens with a backlog of 128: a fleet of more
+/// backends than that registering at once overflowed it, and the
+/// connections it dropped waited for the client's SYN retransmission (1 s,
+/// then 3 s) before they were even read. The kernel caps this at
+/// `net.core.somaxconn` (4096 by default).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// A TCP listener on `addr` (`SO_REUSEADDR`, as `std` binds) with an accept
+/// queue of [`LISTEN_BACKLOG`].
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Widens the accept queue of a listener inherited at a binary upgrade to
+/// [`LISTEN_BACKLOG`]: a predecessor from before it was set listened with
+/// 128 (`listen(2)` again on a listening socket only resizes its queue).
+pub fn widen_backlog(listener: &std::net::TcpListener) {
+    if let Err(e) = socket2::SockRef::from(listener).listen(LISTEN_BACKLOG) {
+        tracing::debug!(error = %e, "cannot widen an inherited listener's accept queue");
+    }
+}
+
 /// A request's head must arrive within this (also the longest a kept-alive
 /// connection may sit idle between requests: hyper starts the clock when it
 /// starts reading a head).

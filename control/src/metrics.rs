@@ -45,8 +45,11 @@ pub struct Sources {
 pub fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     // After a binary upgrade the socket is the previous process's.
     let listener = match crate::upgrade::sockets::take_tcp_listener("metrics", addr) {
-        Some(inherited) => inherited,
-        None => std::net::TcpListener::bind(addr)
+        Some(inherited) => {
+            crate::bounded_http::widen_backlog(&inherited);
+            inherited
+        }
+        None => crate::bounded_http::listen(addr)
             .with_context(|| format!("metrics: cannot listen on {addr}"))?,
     };
     listener.set_nonblocking(true)?;

@@ -77,8 +77,11 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
     let (addr, exposure) = config.bind_plan();
     // After a binary upgrade the socket is the previous process's.
     let listener = match crate::upgrade::sockets::take_tcp_listener("api", addr) {
-        Some(inherited) => inherited,
-        None => std::net::TcpListener::bind(addr)
+        Some(inherited) => {
+            crate::bounded_http::widen_backlog(&inherited);
+            inherited
+        }
+        None => crate::bounded_http::listen(addr)
             .with_context(|| format!("discovery API: cannot listen on {addr}"))?,
     };
     crate::upgrade::sockets::register("api", &[std::os::fd::AsFd::as_fd(&listener)])
