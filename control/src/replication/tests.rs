@@ -1017,9 +1017,10 @@ fn a_stale_persisted_contact_does_not_warn_of_a_silence_shorter_than_the_ttl() {
     let stale = last - CONTACT_PERSIST_EVERY.as_millis() as u64 + 5_000;
     sim.nodes[2].set_last_contact(Some(stale));
     let t = sim.elapsed();
-    assert!(sim.run_until(t + Duration::from_secs(30), |s| s
-        .membership_complete()
-        && s.converged()));
+    assert!(
+        sim.run_until(t + Duration::from_secs(30), |s| s.membership_complete()
+            && s.converged())
+    );
     sim.run_for(Duration::from_secs(10));
     assert!(sim.nodes[2].last_contact() > Some(last), "no contact yet");
     let said = sim
