@@ -712,25 +712,11 @@ fn a_failed_upgrade_leaves_nothing_holding_the_sockets() {
     // Killed when the test ends, whatever happens to it.
     let _child = Chain { pids: vec![child] };
 
-    // The old process serves on, then stops.
-    round_trip(addr, 0).unwrap();
-    s.proxy.signal(SIGTERM);
-    let status = s
-        .proxy
-        .wait_exit(PATIENCE)
-        .expect("old process did not stop");
-    assert!(status.success(), "old process exited with {status}");
-    for (what, port) in [("listener", addr), ("api", api)] {
-        let seen = probe(port, Duration::from_millis(100));
-        assert_eq!(
-            seen,
-            Probe::Refused,
-            "the {what} port {port} still accepts after the proxy stopped \
-             (the script's child {child} alive: {})",
-            alive(child)
-        );
-    }
-    std::net::TcpListener::bind(addr).expect("the listener's port cannot be bound again");
+    serves_on_then_stops_and_frees_its_ports(
+        &mut s,
+        [addr, api],
+        &format!("the script's child {child} alive: {}", alive(child)),
+    );
     assert!(
         !alive(child),
         "the script's child {child} outlived the failed upgrade"
@@ -788,7 +774,17 @@ fn a_failed_upgrade_kills_what_left_the_process_group() {
         );
     }
 
-    // The old process serves on, then stops; nothing holds its ports.
+    serves_on_then_stops_and_frees_its_ports(&mut s, [addr, api], "");
+}
+
+/// After a failed upgrade: the old process serves on, stops at SIGTERM, and
+/// then nothing holds its ports (`listener`, `api`): both refuse, and the
+/// listener's can be bound again. `context` is added to a failure.
+fn serves_on_then_stops_and_frees_its_ports(
+    s: &mut Setup,
+    [addr, api]: [SocketAddr; 2],
+    context: &str,
+) {
     round_trip(addr, 0).unwrap();
     s.proxy.signal(SIGTERM);
     let status = s
@@ -801,7 +797,7 @@ fn a_failed_upgrade_kills_what_left_the_process_group() {
         assert_eq!(
             seen,
             Probe::Refused,
-            "the {what} port {port} still accepts after the proxy stopped"
+            "the {what} port {port} still accepts after the proxy stopped ({context})"
         );
     }
     std::net::TcpListener::bind(addr).expect("the listener's port cannot be bound again");
