@@ -976,10 +976,7 @@ fn the_cli_finds_the_api_and_its_token_in_the_config_file() {
     let b1 = TagBackend::start("b1");
     // A fixed port is needed here: the client reads the address from the
     // file, not from the log. Take a free one and hand it over.
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = dead_port();
     let token_file = dir.join("api.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let db = dir.join("routing.db");
@@ -1025,14 +1022,20 @@ fn the_cli_finds_the_api_and_its_token_in_the_config_file() {
         "{out}"
     );
     // The command line still wins over the file: a wrong token is refused.
+    a_wrong_token_on_the_command_line_is_refused(path, "backends", "list");
+}
+
+/// `edgeproxy --config path <command> --token WRONG <rest>`: the command
+/// line wins over the file's token, and the API refuses it (HTTP 401).
+fn a_wrong_token_on_the_command_line_is_refused(path: &str, command: &str, rest: &str) {
     let (status, _, err) = run_to_end(
         &[
             "--config",
             path,
-            "backends",
+            command,
             "--token",
             "wrong-token-0123456789",
-            "list",
+            rest,
         ],
         &[],
     );
@@ -1050,10 +1053,7 @@ fn every_api_command_finds_the_api_in_the_config_file() {
     let dir = TempDir::new("api-cli-config-all");
     // A fixed, non-default port: the client reads the address from the
     // file, not from the log. Take a free one and hand it over.
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = dead_port();
     assert_ne!(port, 8081);
     let db = dir.join("routing.db");
     let path = dir.join("edgeproxy.toml");
@@ -1108,19 +1108,7 @@ fn every_api_command_finds_the_api_in_the_config_file() {
     // over the file: a wrong token is refused.
     let (status, out, err) = run_to_end(&["pop", "status"], &[("EDGEPROXY_CONFIG", path)]);
     assert!(status.success(), "{out}{err}");
-    let (status, _, err) = run_to_end(
-        &[
-            "--config",
-            path,
-            "pop",
-            "--token",
-            "wrong-token-0123456789",
-            "status",
-        ],
-        &[],
-    );
-    assert!(!status.success());
-    assert!(err.contains("HTTP 401"), "{err}");
+    a_wrong_token_on_the_command_line_is_refused(path, "pop", "status");
 }
 
 /// `edgeproxy backends --json list | head` must not panic when the reader
