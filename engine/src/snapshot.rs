@@ -220,7 +220,7 @@ pub enum RecordError {
 
 /// A value a record holds that the snapshot reads as something else: the
 /// record is routed, and the operator is told what it means (the loader
-/// warns once per load, `check-config` lists it).
+/// warns when a load first finds it, `check-config` lists it).
 ///
 /// 0 is the only such value. The original edgeProxy reads a weight or soft
 /// limit of 0 as 1 (its scoring divides by both), and an existing
