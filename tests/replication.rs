@@ -573,6 +573,64 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
     );
 }
 
+/// Across a partition, the heartbeat's judge expired a backend that an
+/// operator had deleted on the other side: its verdict, the later write,
+/// brought the row back everywhere at the heal (last-writer-wins). A
+/// deliberate write now beats a verdict made without knowing of it.
+#[test]
+fn a_delete_across_a_partition_is_not_undone_by_the_other_sides_expiry() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(3, None, |_| String::new());
+    c.api_extra = "heartbeat_ttl_secs = 2".into();
+    for i in 0..3 {
+        c.launch(i);
+    }
+    c.wait_joined();
+    let all = [0, 1, 2];
+    assert_eq!(
+        c.register(0, "gone", "10.77.0.1:9500".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &all,
+        "gone",
+        "heartbeat_pop",
+        "node-0"
+    )));
+    c.net.partition(&[0], &[1, 2]);
+    // The backend heartbeats at POP 0 until both sides have declared the
+    // other down.
+    let heartbeat = |c: &Cluster| c.api(0, "POST", "/api/v1/heartbeat/gone", None).0;
+    assert!(
+        common::eventually(PATIENCE, || {
+            assert!(heartbeat(&c) < 300);
+            c.member_state(0, 1).as_deref() == Some("down")
+                && c.member_state(1, 0).as_deref() == Some("down")
+        }),
+        "the partition was not noticed"
+    );
+    let (status, body) = c.api(1, "DELETE", "/api/v1/backends/gone", None);
+    assert!(status < 300, "delete: {status} {body}");
+    assert!(heartbeat(&c) < 300);
+    // Then its heartbeats stop: POP 0 expires it, after the delete.
+    assert!(
+        common::eventually(PATIENCE, || c.row(0, "gone", "expired").as_deref()
+            == Some("1")),
+        "POP 0 did not expire the backend"
+    );
+    assert_eq!(c.row(0, "gone", "deleted").as_deref(), Some("0"));
+    c.net.heal();
+    assert!(
+        common::eventually(PATIENCE, || c.everyone_has(&all, "gone", "deleted", "1")),
+        "the delete did not hold: deleted = {:?}",
+        all.map(|i| c.row(i, "gone", "deleted"))
+    );
+    c.wait_joined();
+    for i in all {
+        assert_eq!(c.api(i, "GET", "/api/v1/backends/gone", None).0, 404);
+    }
+}
+
 /// A POP whose clock had been ahead stamped its rows in the future; after
 /// its clock was fixed its peers still dropped what it wrote (for as long
 /// as the clock had been ahead) and only their logs said so.

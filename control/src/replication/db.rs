@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS repl_versions (
     hlc INTEGER NOT NULL,
     origin TEXT NOT NULL,
     data TEXT,
+    intent_hlc INTEGER,
+    intent_origin TEXT,
     PRIMARY KEY (tbl, pk)
 );
 CREATE TABLE IF NOT EXISTS repl_changes (
@@ -268,7 +270,10 @@ impl ReplDb {
                 .map(TableInfo::triggers)
                 .collect::<String>()
         );
-        db.with_tx(|tx| tx.execute_batch(&ddl))?;
+        db.with_tx(|tx| {
+            tx.execute_batch(&ddl)?;
+            add_intent_columns(tx)
+        })?;
         Ok(db)
     }
 
@@ -313,7 +318,9 @@ impl ReplDb {
         let mut replica = Replica::new();
         let mut stmt = self
             .conn
-            .prepare("SELECT tbl, pk, hlc, origin, data FROM repl_versions")
+            .prepare(
+                "SELECT tbl, pk, hlc, origin, data, intent_hlc, intent_origin FROM repl_versions",
+            )
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -323,13 +330,23 @@ impl ReplDb {
                     r.get::<_, i64>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })
             .map_err(|e| self.err(e))?;
         for row in rows {
-            let (tbl, pk, hlc, origin, data) = row.map_err(|e| self.err(e))?;
+            let (tbl, pk, hlc, origin, data, intent_hlc, intent_origin) =
+                row.map_err(|e| self.err(e))?;
             let Some(table) = Table::from_name(&tbl) else {
                 continue;
+            };
+            let intent = match (intent_hlc, intent_origin) {
+                (Some(hlc), Some(origin)) => Some(Version {
+                    hlc: Hlc(hlc as u64),
+                    origin: origin.as_str().into(),
+                }),
+                _ => None,
             };
             replica.put(RowVersion {
                 key: RowKey::new(table, pk),
@@ -337,6 +354,7 @@ impl ReplDb {
                     hlc: Hlc(hlc as u64),
                     origin: origin.as_str().into(),
                 },
+                intent,
                 data,
             });
         }
@@ -587,9 +605,11 @@ impl ReplDb {
 
 fn record(tx: &rusqlite::Transaction<'_>, rows: &[RowVersion]) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO repl_versions (tbl, pk, hlc, origin, data) VALUES (?1, ?2, ?3, ?4, ?5) \
+        "INSERT INTO repl_versions (tbl, pk, hlc, origin, data, intent_hlc, intent_origin) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
          ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, \
-         data = excluded.data",
+         data = excluded.data, intent_hlc = excluded.intent_hlc, \
+         intent_origin = excluded.intent_origin",
     )?;
     for r in rows {
         stmt.execute(params![
@@ -597,8 +617,27 @@ fn record(tx: &rusqlite::Transaction<'_>, rows: &[RowVersion]) -> rusqlite::Resu
             r.key.pk,
             r.version.hlc.0 as i64,
             &*r.version.origin,
-            r.data
+            r.data,
+            r.intent.as_ref().map(|v| v.hlc.0 as i64),
+            r.intent.as_ref().map(|v| &*v.origin),
         ])?;
+    }
+    Ok(())
+}
+
+/// `repl_versions` of a database written before versions had intents
+/// (2026-12-05): every version recorded then counts as deliberate.
+fn add_intent_columns(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    let has_intent: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM pragma_table_info('repl_versions') WHERE name = 'intent_hlc')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_intent {
+        tx.execute_batch(
+            "ALTER TABLE repl_versions ADD COLUMN intent_hlc INTEGER; \
+             ALTER TABLE repl_versions ADD COLUMN intent_origin TEXT;",
+        )?;
     }
     Ok(())
 }
@@ -797,6 +836,86 @@ mod tests {
         // And it all survives a restart: the versions are in the file.
         let reopened = ReplDb::open(&path).unwrap().load_replica().unwrap();
         assert_eq!(reopened.top_digest(), node.replica().top_digest());
+    }
+
+    /// The store's own verdict writes (expiry, a heartbeat taken over)
+    /// keep the intent of the registration; a deregistration is deliberate.
+    #[test]
+    fn the_stores_verdicts_keep_the_registrations_intent() {
+        let (_d, path, mut db, mut node) = setup();
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.set_node_id("a");
+        let rec = engine::snapshot::BackendRecord {
+            id: "b1".into(),
+            app: "web".into(),
+            region: "eu".into(),
+            country: None,
+            ip: "10.0.0.1".into(),
+            port: 80,
+            healthy: true,
+            weight: 2,
+            soft_limit: 10,
+            hard_limit: 20,
+            deleted: false,
+        };
+        store.register(&rec, 1_000).unwrap();
+        let key = RowKey::new(Table::Backends, "b1");
+        let poll = |db: &mut ReplDb, node: &mut Node| {
+            assert_eq!(db.poll_changes(node, Now::system(), true).unwrap(), 1);
+            node.replica().get(&key).unwrap()
+        };
+        let registered = poll(&mut db, &mut node);
+        assert_eq!(registered.intent, None, "a registration is deliberate");
+
+        store.set_expired(&[("b1".into(), true)]).unwrap();
+        let expired = poll(&mut db, &mut node);
+        assert!(expired.version.beats(&registered.version));
+        assert_eq!(expired.intent.as_ref(), Some(&registered.version));
+
+        store.set_node_id("c");
+        assert!(store.heartbeat("b1", 2_000).unwrap());
+        let taken_over = poll(&mut db, &mut node);
+        assert_eq!(taken_over.intent.as_ref(), Some(&registered.version));
+
+        assert!(store.deregister("b1").unwrap());
+        let deleted = poll(&mut db, &mut node);
+        assert_eq!(deleted.intent, None, "a delete is deliberate");
+        assert!(deleted.stamp().beats(&taken_over.stamp()));
+
+        // Intents survive a restart.
+        store.set_expired(&[("b1".into(), true)]).unwrap();
+        let verdict = poll(&mut db, &mut node);
+        assert_eq!(verdict.intent.as_ref(), Some(&deleted.version));
+        let reopened = ReplDb::open(&path).unwrap().load_replica().unwrap();
+        assert_eq!(reopened.get(&key), Some(verdict));
+        assert_eq!(reopened.top_digest(), node.replica().top_digest());
+    }
+
+    /// A `routing.db` whose versions were recorded before intents existed
+    /// opens, and its versions count as deliberate.
+    #[test]
+    fn versions_recorded_before_intents_load_as_deliberate() {
+        let (_d, path, db, _node) = setup();
+        drop(db);
+        let old = other(&path);
+        old.execute_batch(
+            "DROP TABLE repl_versions;
+             CREATE TABLE repl_versions (tbl TEXT NOT NULL, pk TEXT NOT NULL,
+                 hlc INTEGER NOT NULL, origin TEXT NOT NULL, data TEXT,
+                 PRIMARY KEY (tbl, pk));
+             INSERT INTO repl_versions VALUES ('backends', 'b1', 7, 'z', '{\"port\":80}');",
+        )
+        .unwrap();
+        drop(old);
+        let db = ReplDb::open(&path).unwrap();
+        let row = db
+            .load_replica()
+            .unwrap()
+            .get(&RowKey::new(Table::Backends, "b1"))
+            .unwrap();
+        assert_eq!(row.version.hlc, Hlc(7));
+        assert_eq!(row.intent, None);
+        assert_eq!(row.data.as_deref(), Some(r#"{"port":80}"#));
     }
 
     #[test]

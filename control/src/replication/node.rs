@@ -33,7 +33,7 @@ use super::hlc::{Hlc, HlcClock};
 use super::membership::{swim_config, MemberEvent, MemberState, Membership, Peer};
 use super::replica::{Merge, Replica};
 use super::seal::{Kind, Refused, Sealer};
-use super::version::{NodeId, RowKey, RowVersion, Stamp, Table, Version};
+use super::version::{only_verdicts_differ, NodeId, RowKey, RowVersion, Stamp, Table, Version};
 use super::wire::{self, Envelope, Msg, PROTOCOL};
 
 /// Bounds on what one exchange carries, so that a node that was away for a
@@ -626,6 +626,7 @@ impl Node {
                     hlc: self.clock.now(now.wall_ms),
                     origin: self.s.id.clone(),
                 },
+                intent: None,
                 data: None,
             };
             self.replica.put(row.clone());
@@ -1081,7 +1082,8 @@ impl Node {
     ) -> Vec<RowVersion> {
         let mut written = Vec::new();
         for (key, data) in rows {
-            let unchanged = match self.replica.get(&key) {
+            let have = self.replica.get(&key);
+            let unchanged = match &have {
                 Some(have) => have.data == data,
                 // A row that never existed anywhere we know of and is gone:
                 // nothing to tell anyone.
@@ -1090,12 +1092,22 @@ impl Node {
             if unchanged {
                 continue;
             }
+            // A verdict keeps the intent of the write it sits on.
+            let intent = match (&have, &data) {
+                (Some(have), Some(new)) => have
+                    .data
+                    .as_deref()
+                    .filter(|old| only_verdicts_differ(key.table, old, new))
+                    .map(|_| have.intent().clone()),
+                _ => None,
+            };
             let row = RowVersion {
                 key,
                 version: Version {
                     hlc: self.clock.now(now.wall_ms),
                     origin: self.s.id.clone(),
                 },
+                intent,
                 data,
             };
             self.replica.put(row.clone());
@@ -1346,6 +1358,7 @@ impl Node {
                         hlc: self.clock.now(now.wall_ms),
                         origin: self.s.id.clone(),
                     },
+                    intent: None,
                     data: held.data.clone(),
                 };
                 self.replica.put(again.clone());

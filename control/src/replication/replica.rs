@@ -39,6 +39,7 @@ pub enum Merge {
 #[derive(Debug, Clone)]
 struct Entry {
     version: Version,
+    intent: Option<Version>,
     data: Option<String>,
     /// [`data_hash`] of `data`.
     data_hash: u64,
@@ -50,6 +51,7 @@ impl Entry {
     fn stamp(&self) -> Stamp {
         Stamp {
             version: self.version.clone(),
+            intent: self.intent.clone(),
             data: self.data_hash,
         }
     }
@@ -112,6 +114,7 @@ impl Replica {
         self.buckets[bucket_of(key)].get(key).map(|e| RowVersion {
             key: key.clone(),
             version: e.version.clone(),
+            intent: e.intent.clone(),
             data: e.data.clone(),
         })
     }
@@ -165,9 +168,10 @@ impl Replica {
     /// [`Replica::insert`] with the data's hash already computed (a merge
     /// has it from comparing stamps).
     fn insert_hashed(&mut self, b: usize, row: RowVersion, data_hash: u64) -> bool {
-        let hash = entry_hash(&row.key, &row.version, data_hash);
+        let hash = entry_hash(&row.key, &row.version, row.intent.as_ref(), data_hash);
         let entry = Entry {
             version: row.version,
+            intent: row.intent,
             data: row.data,
             data_hash,
             hash,
@@ -255,6 +259,7 @@ impl Replica {
             b.iter().map(|(k, e)| RowVersion {
                 key: k.clone(),
                 version: e.version.clone(),
+                intent: e.intent.clone(),
                 data: e.data.clone(),
             })
         })
@@ -278,16 +283,22 @@ fn key_bytes(key: &RowKey) -> Vec<u8> {
     b
 }
 
-/// 64 bits of SHA-256 over (key, hlc, origin, data hash). The data is in
-/// it so that two nodes holding different data under one version (two
-/// nodes sharing an id) see different digests and exchange the rows.
-fn entry_hash(key: &RowKey, version: &Version, data_hash: u64) -> u64 {
+/// 64 bits of SHA-256 over (key, hlc, origin, data hash, and the intent if
+/// the write has one of its own). The data is in it so that two nodes
+/// holding different data under one version (two nodes sharing an id) see
+/// different digests and exchange the rows.
+fn entry_hash(key: &RowKey, version: &Version, intent: Option<&Version>, data_hash: u64) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(&key_bytes(key));
     ctx.update(&version.hlc.0.to_be_bytes());
     ctx.update(&(version.origin.len() as u32).to_be_bytes());
     ctx.update(version.origin.as_bytes());
     ctx.update(&data_hash.to_be_bytes());
+    if let Some(intent) = intent {
+        ctx.update(&intent.hlc.0.to_be_bytes());
+        ctx.update(&(intent.origin.len() as u32).to_be_bytes());
+        ctx.update(intent.origin.as_bytes());
+    }
     let d = ctx.finish();
     u64::from_be_bytes(d.as_ref()[..8].try_into().expect("SHA-256 is 32 bytes"))
 }
@@ -304,6 +315,7 @@ mod tests {
                 hlc: Hlc::new(ms, 0),
                 origin: Arc::from(origin),
             },
+            intent: None,
             data: data.map(String::from),
         }
     }

@@ -74,6 +74,69 @@ fn a_healed_partition_converges_and_keeps_every_acknowledged_write() {
     assert!(took <= Duration::from_secs(5), "healed in {took:?}");
 }
 
+/// A backend's row as the discovery API writes it (the columns that matter
+/// here).
+fn backend(deleted: u8, weight: u8, expired: u8, judge: &str) -> String {
+    format!(
+        r#"{{"id":"x","weight":{weight},"deleted":{deleted},"expired":{expired},"heartbeat_pop":"{judge}"}}"#
+    )
+}
+
+#[test]
+fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
+    let mut sim = joined(SimConfig::wan(5, 12));
+    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    sim.partition(|i| (i >= 2) as u8);
+    sim.run_for(Duration::from_secs(15));
+    // On one side an operator changes the weight, and then (later) the
+    // backend is deleted on the other side; later still, on the first
+    // side, the heartbeat's judge expires the backend and another POP takes
+    // its heartbeats over: verdicts, both newer than the delete, on top of
+    // the weight change, which is older.
+    sim.write(1, "x", Some(&backend(0, 2, 0, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    sim.write(3, "x", Some(&backend(1, 1, 0, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    sim.write(0, "x", Some(&backend(0, 2, 1, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    sim.write(1, "x", Some(&backend(0, 2, 0, "n1")));
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    assert!(
+        sim.everyone_has("x", Some(&backend(1, 1, 0, "n0"))),
+        "the delete holds everywhere"
+    );
+    // The judge, if the verdict still holds, judges again on top of it.
+    sim.write(1, "x", Some(&backend(1, 1, 0, "n1")));
+    let t1 = sim.elapsed();
+    assert!(sim.run_until(t1 + Duration::from_secs(10), |s| s
+        .everyone_has("x", Some(&backend(1, 1, 0, "n1")))));
+}
+
+#[test]
+fn a_deliberate_write_after_a_delete_on_the_other_side_still_wins() {
+    let mut sim = joined(SimConfig::wan(4, 13));
+    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    sim.partition(|i| (i >= 2) as u8);
+    sim.run_for(Duration::from_secs(15));
+    sim.write(3, "x", Some(&backend(1, 1, 0, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    // Registered again, with another weight, after the delete: a decision,
+    // and the later one. Then expired on top of it.
+    sim.write(0, "x", Some(&backend(0, 5, 0, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    sim.write(0, "x", Some(&backend(0, 5, 1, "n0")));
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    assert!(sim.everyone_has("x", Some(&backend(0, 5, 1, "n0"))));
+}
+
 #[test]
 fn a_lost_broadcast_is_repaired_by_anti_entropy() {
     let mut sim = joined(SimConfig::wan(5, 4));
@@ -137,6 +200,7 @@ fn equal_versions_with_different_data_converge_to_one_row() {
             hlc: Hlc::new(1_700_000_000_000, 0),
             origin: std::sync::Arc::from("twin"),
         },
+        intent: None,
         data: Some(data.into()),
     };
     sim.nodes[0].replica_mut().put(at(r#"{"port":20005}"#));

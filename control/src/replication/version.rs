@@ -5,6 +5,20 @@
 //! wins on every node, whatever order the writes arrive in. Origins compare
 //! as bytes, so the tie-break is the same everywhere.
 //!
+//! **Deliberate writes before verdicts.** Some writes are nobody's decision:
+//! a POP's expiry verdict on a backend it judges (`expired`) and the POP
+//! taking over its heartbeats (`heartbeat_pop`), rewritten by the POP that
+//! judges whenever they no longer hold. Under plain last-writer-wins such a
+//! write, made on one side of a partition after an operator deleted or
+//! changed the row on the other side, was the later one and undid the
+//! delete or the change when the partition healed. So every version also
+//! names its row's *intent*: the version of the last deliberate write (a
+//! registration, an edit, a delete), which a verdict inherits. Rows compare
+//! by intent first and by version only between equal intents: a deliberate
+//! write beats every verdict made without knowing of it, and the verdict,
+//! if it still holds, is judged again on top of it. One lexicographic order,
+//! so merges still converge whatever the arrival order.
+//!
 //! Two writes should never share a version, but they do when two nodes run
 //! with the same id (each mints `(hlc, origin)` from its own clock). So what
 //! nodes compare is a [`Stamp`]: the version plus a hash of the data written
@@ -89,23 +103,53 @@ impl Version {
     }
 }
 
-/// A version and the hash of the data written at it: what anti-entropy
-/// compares, and what decides between two writes.
+/// A version, its intent and the hash of the data written at it: what
+/// anti-entropy compares, and what decides between two writes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Stamp {
     pub version: Version,
+    /// See [`RowVersion::intent`].
+    pub intent: Option<Version>,
     /// [`data_hash`] of the row's data.
     pub data: u64,
 }
 
 impl Stamp {
-    /// True when `self` wins over `other`: the later version, and between
-    /// equal versions (two nodes with one id) the greater data hash, so
-    /// that every node keeps the same one.
+    /// The version of the last deliberate write (see the module's doc).
+    pub fn intent(&self) -> &Version {
+        self.intent.as_ref().unwrap_or(&self.version)
+    }
+
+    /// True when `self` wins over `other`: the later intent; between equal
+    /// intents the later version; between equal versions (two nodes with
+    /// one id) the greater data hash, so that every node keeps the same one.
     pub fn beats(&self, other: &Stamp) -> bool {
+        let (mine, theirs) = (self.intent(), other.intent());
+        if mine != theirs {
+            return mine.beats(theirs);
+        }
         self.version.beats(&other.version)
             || (self.version == other.version && self.data > other.data)
     }
+}
+
+/// True when a live row's replicated data went from `old` to `new`
+/// changing only [`VERDICT_COLUMNS`]: a verdict, which keeps the row's
+/// intent. Anything unreadable counts as a deliberate write.
+pub fn only_verdicts_differ(table: Table, old: &str, new: &str) -> bool {
+    type Object = serde_json::Map<String, serde_json::Value>;
+    let (Ok(old), Ok(new)) = (
+        serde_json::from_str::<Object>(old),
+        serde_json::from_str::<Object>(new),
+    ) else {
+        return false;
+    };
+    let is_verdict = |column: &str| VERDICT_COLUMNS.contains(&(table, column));
+    let differs = |column: &String| old.get(column) != new.get(column);
+    old.keys()
+        .chain(new.keys())
+        .filter(|&c| differs(c))
+        .all(|c| is_verdict(c))
 }
 
 /// 64 bits of SHA-256 of a row's replicated data; a tombstone hashes
@@ -128,17 +172,34 @@ pub fn data_hash(data: Option<&str>) -> u64 {
 pub struct RowVersion {
     pub key: RowKey,
     pub version: Version,
+    /// When this write is a verdict (it changed only [`VERDICT_COLUMNS`] of
+    /// a live row), the version of the last deliberate write it sits on,
+    /// which it inherits; `None` when this write is itself deliberate.
+    pub intent: Option<Version>,
     /// The replicated columns as a JSON object; `None` is a tombstone (the
     /// row was deleted).
     pub data: Option<String>,
 }
 
+/// Columns written by a POP's own judgement rather than by anyone's
+/// decision (see the module's doc): the heartbeat's judge and its verdict.
+pub const VERDICT_COLUMNS: &[(Table, &str)] = &[
+    (Table::Backends, "expired"),
+    (Table::Backends, "heartbeat_pop"),
+];
+
 impl RowVersion {
     pub fn stamp(&self) -> Stamp {
         Stamp {
             version: self.version.clone(),
+            intent: self.intent.clone(),
             data: data_hash(self.data.as_deref()),
         }
+    }
+
+    /// The version of the last deliberate write (see the module's doc).
+    pub fn intent(&self) -> &Version {
+        self.intent.as_ref().unwrap_or(&self.version)
     }
 
     pub fn is_tombstone(&self) -> bool {
@@ -149,6 +210,7 @@ impl RowVersion {
     pub fn wire_size(&self) -> usize {
         self.key.pk.len()
             + self.version.origin.len()
+            + self.intent.as_ref().map_or(0, |v| v.origin.len() + 8)
             + self.data.as_ref().map_or(0, String::len)
             + 16
     }
@@ -178,6 +240,7 @@ mod tests {
     fn equal_versions_with_different_data_have_one_winner() {
         let stamp = |ms, origin, data: Option<&str>| Stamp {
             version: v(ms, origin),
+            intent: None,
             data: data_hash(data),
         };
         // Two nodes sharing the id "a" wrote different data at one version.
@@ -191,5 +254,63 @@ mod tests {
         let later = stamp(2, "a", Some("x"));
         assert!(later.beats(&y) && later.beats(&x));
         assert!(!y.beats(&later) && !x.beats(&later));
+    }
+
+    #[test]
+    fn a_deliberate_write_beats_a_later_verdict_made_without_knowing_of_it() {
+        let stamp = |ms, origin, intent: Option<Version>, data: &str| Stamp {
+            version: v(ms, origin),
+            intent,
+            data: data_hash(Some(data)),
+        };
+        // Registered at 1 (a); deleted at 3 on one side of a partition (b);
+        // the expiry verdict at 5 on the other side sits on the write at 1.
+        let deleted = stamp(3, "b", None, "deleted");
+        let expired = stamp(5, "a", Some(v(1, "a")), "expired");
+        assert!(deleted.beats(&expired) && !expired.beats(&deleted));
+        // The verdict judged again on top of the delete: same intent, later.
+        let expired_again = stamp(6, "a", Some(v(3, "b")), "deleted+expired");
+        assert!(expired_again.beats(&deleted) && !deleted.beats(&expired_again));
+        assert!(expired_again.beats(&expired));
+        // A tombstone is deliberate too.
+        let tomb = Stamp {
+            version: v(3, "b"),
+            intent: None,
+            data: data_hash(None),
+        };
+        assert!(tomb.beats(&expired) && !expired.beats(&tomb));
+        // A deliberate write after the delete still wins over it.
+        let again = stamp(4, "a", None, "registered again");
+        assert!(again.beats(&deleted) && again.beats(&expired));
+    }
+
+    #[test]
+    fn only_changes_to_verdict_columns_are_verdicts() {
+        let row = r#"{"id":"x","weight":2,"deleted":0,"expired":0,"heartbeat_pop":"gru"}"#;
+        let verdict = |t| only_verdicts_differ(Table::Backends, row, t);
+        assert!(verdict(
+            r#"{"id":"x","weight":2,"deleted":0,"expired":1,"heartbeat_pop":"gru"}"#
+        ));
+        assert!(verdict(
+            r#"{"id":"x","weight":2,"deleted":0,"expired":0,"heartbeat_pop":"fra"}"#
+        ));
+        assert!(!verdict(
+            r#"{"id":"x","weight":2,"deleted":1,"expired":1,"heartbeat_pop":"gru"}"#
+        ));
+        assert!(!verdict(
+            r#"{"id":"x","weight":3,"deleted":0,"expired":0,"heartbeat_pop":"gru"}"#
+        ));
+        // A column that appears or disappears is a change of its own.
+        assert!(!verdict(
+            r#"{"id":"x","weight":2,"deleted":0,"expired":0,"heartbeat_pop":"gru","port":1}"#
+        ));
+        assert!(!verdict("not json"));
+        // Columns of the same name in another table are not verdicts.
+        let pop = r#"{"node_id":"gru","expired":0}"#;
+        assert!(!only_verdicts_differ(
+            Table::Pops,
+            pop,
+            r#"{"node_id":"gru","expired":1}"#
+        ));
     }
 }

@@ -14,8 +14,10 @@ use super::version::{NodeId, RowKey, RowVersion, Stamp};
 
 /// Version of this message set; part of every envelope. 2: `SyncVersions`
 /// lists [`Stamp`]s (a version and its data's hash) and digests cover the
-/// data, so that equal versions with different data converge.
-pub const PROTOCOL: u16 = 2;
+/// data, so that equal versions with different data converge. 3: row
+/// versions and stamps carry their intent (deliberate writes win over
+/// verdicts, see `version`).
+pub const PROTOCOL: u16 = 3;
 
 /// Largest encoded message accepted. Sync exchanges stay far below it (see
 /// `node::limits`); it bounds what a broken or hostile peer can make us
@@ -126,6 +128,10 @@ mod tests {
                         hlc: Hlc::new(5, 1),
                         origin: Arc::from("gru"),
                     },
+                    intent: Some(Version {
+                        hlc: Hlc::new(4, 0),
+                        origin: Arc::from("fra"),
+                    }),
                     data: Some(r#"{"id":"b1"}"#.into()),
                 }],
             },
