@@ -723,6 +723,77 @@ fn a_failed_upgrade_leaves_nothing_holding_the_sockets() {
     );
 }
 
+/// The children of `pid` in a process group that is neither `pid`'s nor
+/// led by themselves: orphans reparented to it (nothing edgeproxy spawns
+/// is in such a group). Zombies included.
+fn adopted_children(pid: u32) -> Vec<u32> {
+    let field = |stat: &str, i: usize| -> Option<u32> {
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(i)?
+            .parse()
+            .ok()
+    };
+    let stat_of = |p: u32| std::fs::read_to_string(format!("/proc/{p}/stat")).ok();
+    let Some(own_group) = stat_of(pid).and_then(|s| field(&s, 2)) else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            stat_of(p).is_some_and(|s| {
+                field(&s, 1) == Some(pid)
+                    && field(&s, 2).is_some_and(|group| group != p && group != own_group)
+            })
+        })
+        .collect()
+}
+
+/// A health-check command that leaves a job in the background: while an
+/// upgrade is attempted the old process is a child subreaper, so the job,
+/// orphaned when the command exits, becomes the old process's child instead
+/// of init's. The attempt fails; when the jobs exit, the old process must
+/// reap them, or each stays a zombie for as long as it runs.
+#[test]
+fn orphans_adopted_during_a_failed_upgrade_are_reaped_when_they_exit() {
+    let dir = TempDir::new("upgrade-adopted-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let extra = "ready_timeout_secs = 1
+
+[health]
+enabled = true
+type = \"script\"
+                 interval_ms = 100
+timeout_ms = 100
+command = \"sleep 2 &\"
+";
+    let mut s = Setup::start("upgrade-adopted", Some(&exe), extra);
+    let addr = s.proxy.addr();
+    let api = logged_addr(&s.proxy, "api listening", "addr");
+    let control = s.control_socket();
+    install_script(&exe, "exec sleep 600");
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    let pid = s.proxy.pid();
+    let adopted = adopted_children(pid);
+    assert!(
+        !adopted.is_empty(),
+        "no background job was reparented to the proxy during the attempt"
+    );
+    // Each exits within 2 s; after the attempt, new orphans go to init.
+    assert!(
+        eventually(PATIENCE, || adopted_children(pid).is_empty()),
+        "adopted orphans left unreaped: {:?} of {} adopted",
+        adopted_children(pid),
+        adopted.len()
+    );
+    serves_on_then_stops_and_frees_its_ports(&mut s, [addr, api], "");
+}
+
 /// The new "binary" is a wrapper script whose children leave its process
 /// group, as a daemon does: one calls `setsid` (the script waits for it),
 /// one is double-forked under `setsid` (its parent exits at once: it is an

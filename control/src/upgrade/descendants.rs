@@ -29,12 +29,18 @@
 //! under `setsid` and orphaned during an attempt that then fails would be
 //! taken for the successor's.
 //!
-//! Being a subreaper has a cost, limited to the attempt: an orphan of any
-//! of our children that is reparented to us and not killed here is never
-//! reaped by us (nothing waits for it: waiting for any child would steal
-//! the exit status of children Tokio or `std` wait for), so it stays a
-//! zombie until this process exits. A successful upgrade ends with this
-//! process exiting anyway.
+//! Being a subreaper has a cost: an orphan of any of our children (a job a
+//! health-check command left running in the background) is reparented to
+//! us during the attempt and stays our child after it. Nothing of ours
+//! waits for it (waiting for *any* child would steal the exit status of
+//! the children Tokio or `std` wait for), so when the attempt ends
+//! [`Subreaper`]'s drop finds those adopted children ([`adopted`]: ours,
+//! but in a process group neither ours nor led by themselves, which
+//! nothing we spawn is) and a small thread reaps each one, by pid, when its
+//! pidfd says it exited: no zombie is left behind. An adopted orphan that
+//! leads its own group (it called `setsid`) looks like one of our own
+//! children and is left alone: it stays a zombie once it exits, until this
+//! process exits.
 //!
 //! Every signal goes through a pidfd opened after re-reading the process's
 //! start time, so a pid reused by an unrelated process between the walk and
@@ -165,7 +171,81 @@ impl Drop for Subreaper {
         if self.set_here {
             // SAFETY: as in `enter`.
             unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 0 as libc::c_ulong) };
+            // No orphan comes to us any more: those that did are all there.
+            reap_adopted_when_they_exit();
         }
+    }
+}
+
+/// The orphans reparented to us (`me`) among `table`: our children that
+/// neither lead their process group nor share ours. Everything we spawn
+/// does one or the other (health-check commands and the successor lead a
+/// group of their own, `wireguard-go` stays in ours). Pure.
+pub fn adopted(me: &ProcStat, table: &[ProcStat]) -> Vec<ProcStat> {
+    table
+        .iter()
+        .filter(|p| p.ppid == me.pid && p.pgid != p.pid && p.pgid != me.pgid)
+        .copied()
+        .collect()
+}
+
+/// Reaps each orphan adopted during the attempt once it exits, on a thread
+/// that ends when the last one has.
+fn reap_adopted_when_they_exit() {
+    let Some(me) = ProcStat::read(std::process::id()) else {
+        return;
+    };
+    let held: Vec<Held> = adopted(&me, &all_processes())
+        .into_iter()
+        .filter_map(Held::open)
+        // Still our child (not reaped and its pid reused meanwhile).
+        .filter(|h| h.fd.is_some() && ProcStat::read(h.stat.pid).is_some_and(|s| s.ppid == me.pid))
+        .collect();
+    if held.is_empty() {
+        return;
+    }
+    tracing::debug!(
+        count = held.len(),
+        "upgrade: reaping the orphans adopted during the attempt as they exit"
+    );
+    let spawned = std::thread::Builder::new()
+        .name("orphan-reaper".into())
+        .spawn(move || reap_as_they_exit(held));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "upgrade: cannot start the thread that reaps adopted orphans; they stay zombies once they exit");
+    }
+}
+
+fn reap_as_they_exit(mut held: Vec<Held>) {
+    while !held.is_empty() {
+        let mut fds: Vec<libc::pollfd> = held
+            .iter()
+            .map(|h| libc::pollfd {
+                fd: h.fd.as_ref().expect("only pidfds are held").as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: poll(2) on pollfds we own, for as many as the Vec holds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::warn!(error = %e, "upgrade: cannot wait for adopted orphans; they stay zombies once they exit");
+            return;
+        }
+        let exited: Vec<bool> = fds.iter().map(|p| p.revents != 0).collect();
+        let mut i = 0;
+        held.retain(|h| {
+            let gone = exited[i];
+            i += 1;
+            if gone {
+                reap(h);
+            }
+            !gone
+        });
     }
 }
 
@@ -324,6 +404,36 @@ pub fn kill_tree(root: u32) -> usize {
     killed
 }
 
+/// Reaps `h`, an exited child of ours that nothing else waits for: through
+/// its pidfd, which names this process and no other even if an earlier
+/// attempt's reaper got to it first and its pid has been reused since.
+fn reap(h: &Held) {
+    let Some(fd) = &h.fd else { return };
+    // SAFETY: waitid(2) writes one siginfo_t we own; P_PIDFD (Linux 5.4)
+    // takes the descriptor as the id.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+        // A kernel with pidfds but without P_PIDFD (5.3): by pid, pinned
+        // by being unreaped.
+        // SAFETY: waitpid(2) on one zombie child of ours.
+        unsafe {
+            libc::waitpid(
+                h.stat.pid as libc::pid_t,
+                std::ptr::null_mut(),
+                libc::WNOHANG,
+            )
+        };
+    }
+}
+
 /// SIGKILLs the successor's process group. Call before reaping the
 /// successor, the group's leader: until then its number cannot name
 /// another group.
@@ -397,5 +507,27 @@ mod tests {
         let mut got: Vec<u32> = tree(&root, &me, &table).iter().map(|p| p.pid).collect();
         got.sort();
         assert_eq!(got, [20, 21, 22, 23, 24, 25, 26]);
+    }
+
+    /// Us (pid 10, group 10), the children we spawn (a health-check command
+    /// leading its group, `wireguard-go` in ours), and orphans reparented to
+    /// us: a health-check command's background job (in the command's
+    /// group), a daemon's child (in the daemon's group), and a daemon that
+    /// called setsid (leads its group: indistinguishable from our own).
+    #[test]
+    fn adopted_orphans_are_our_children_in_a_group_nobody_we_spawn_is_in() {
+        let me = p(10, 1, 10, 10, 100);
+        let table = vec![
+            me,
+            p(30, 10, 30, 10, 210), // our health-check command
+            p(31, 30, 30, 10, 211), // ...its child, not an orphan
+            p(33, 10, 10, 10, 212), // wireguard-go
+            p(34, 10, 35, 10, 213), // a command's background job, orphaned
+            p(36, 10, 37, 37, 214), // a daemon's child, orphaned
+            p(38, 10, 38, 38, 215), // an orphaned daemon (setsid)
+            p(40, 1, 41, 40, 300),  // a stranger
+        ];
+        let got: Vec<u32> = adopted(&me, &table).iter().map(|p| p.pid).collect();
+        assert_eq!(got, [34, 36]);
     }
 }
