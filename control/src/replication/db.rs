@@ -24,7 +24,9 @@
 //! Tables: `repl_versions(tbl, pk, hlc, origin, data)` — the replica, loaded
 //! into memory at start; `repl_changes(seq, tbl, pk)` — the change log, at
 //! most one entry per row; `repl_meta(key, value)` — this POP's own notes,
-//! never replicated: `last_contact_ms`, when it last heard another POP.
+//! never replicated: `last_contact_ms`, when it last heard another POP;
+//! `down_since:<id>` and `owed:<id>`, the members' absences
+//! (`node::Absences`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -33,7 +35,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::hlc::Hlc;
-use super::node::{Node, Now};
+use super::node::{Absences, Node, Now};
 use super::replica::Replica;
 use super::version::{RowKey, RowVersion, Table, Version};
 
@@ -535,6 +537,54 @@ impl ReplDb {
             .map_err(|e| self.err(e))
     }
 
+    /// The members' absences as last recorded (see [`Absences`]): rows
+    /// `down_since:<node id>` and `owed:<node id>` of `repl_meta`.
+    pub fn absences(&self) -> Result<Absences, DbError> {
+        let mut absences = Absences::default();
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT key, value FROM repl_meta \
+                 WHERE key GLOB 'down_since:*' OR key GLOB 'owed:*'",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| self.err(e))?;
+        for row in rows {
+            let (key, ms) = row.map_err(|e| self.err(e))?;
+            let ms = ms.max(0) as u64;
+            match key.split_once(':') {
+                Some(("down_since", id)) => absences.down_since.insert(id.into(), ms),
+                Some(("owed", id)) => absences.owed.insert(id.into(), ms),
+                _ => None,
+            };
+        }
+        Ok(absences)
+    }
+
+    /// Records the members' absences, replacing what was recorded.
+    pub fn set_absences(&mut self, absences: &Absences) -> Result<(), DbError> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "DELETE FROM repl_meta \
+                 WHERE key GLOB 'down_since:*' OR key GLOB 'owed:*'",
+                [],
+            )?;
+            let mut insert =
+                tx.prepare_cached("INSERT INTO repl_meta (key, value) VALUES (?1, ?2)")?;
+            for (kind, map) in [
+                ("down_since", &absences.down_since),
+                ("owed", &absences.owed),
+            ] {
+                for (id, ms) in map {
+                    insert.execute(params![format!("{kind}:{id}"), *ms as i64])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Deletes collected tombstones' versions.
     pub fn forget(&mut self, keys: &[RowKey]) -> Result<(), DbError> {
         self.with_tx(|tx| {
@@ -981,6 +1031,30 @@ mod tests {
 
     /// A POP stopped for longer than the tombstone TTL must know, once
     /// restarted, how long ago it last heard another POP.
+    #[test]
+    fn the_absences_survive_a_reopen_and_are_replaced_whole() {
+        let (_d, path, mut db, _node) = setup();
+        assert_eq!(db.absences().unwrap(), Absences::default());
+        let mut absences = Absences::default();
+        absences.down_since.insert("fra".into(), 1_800_000_000_000);
+        absences.down_since.insert("gru".into(), 1_800_000_100_000);
+        absences.owed.insert("fra".into(), 1_800_000_000_000);
+        db.set_absences(&absences).unwrap();
+        db.set_last_contact(5).unwrap();
+        assert_eq!(ReplDb::open(&path).unwrap().absences().unwrap(), absences);
+        // gru is back and fra completed an exchange.
+        absences.down_since.remove("gru");
+        absences.owed.clear();
+        db.set_absences(&absences).unwrap();
+        let reopened = ReplDb::open(&path).unwrap();
+        assert_eq!(reopened.absences().unwrap(), absences);
+        assert_eq!(
+            reopened.last_contact().unwrap(),
+            Some(5),
+            "other notes stay"
+        );
+    }
+
     #[test]
     fn the_last_contact_survives_a_reopen() {
         let (_d, path, mut db, _node) = setup();

@@ -33,7 +33,7 @@ use super::db::ReplDb;
 use super::hlc::{Hlc, MAX_DRIFT_MS};
 use super::membership::{MemberEvent, MemberState};
 use super::metrics::BackAfterTtl;
-use super::node::{Event, ForgetRefused, Forgotten, Node, Now, Output, Path, Settings};
+use super::node::{Absences, Event, ForgetRefused, Forgotten, Node, Now, Output, Path, Settings};
 use super::pki::ClusterPki;
 use super::seeds::Seeds;
 use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
@@ -450,6 +450,10 @@ impl Bound {
         let mut node = Node::new(settings, replica, now);
         let last_contact = db.last_contact()?;
         node.set_last_contact(last_contact);
+        // As recorded: what the node drops of it (holds past their cap) is
+        // written over at the first turn of the loop.
+        let absences_saved = (db.absences()?, None);
+        node.restore_absences(now, absences_saved.0.clone());
         let reconciled = db.reconcile(&mut node, now)?;
         db.upsert_pop(&self.own_pop_row())?;
         let own = db.poll_changes(&mut node, now, true)?;
@@ -506,6 +510,7 @@ impl Bound {
             alone_logged: false,
             membership_dirty: false,
             contact_saved: last_contact,
+            absences_saved,
             seeds,
             resolved_tx,
         };
@@ -568,6 +573,9 @@ struct Driver {
     membership_dirty: bool,
     /// The last contact with another POP as last written to the database.
     contact_saved: Option<u64>,
+    /// The members' absences as last written to the database, and when to
+    /// try again after a failed write.
+    absences_saved: (Absences, Option<Instant>),
     /// Bootstrap peers, resolved again while no member answers.
     seeds: Seeds,
     /// Where a resolution run off the loop sends its results.
@@ -657,6 +665,31 @@ impl Driver {
                 }
             }
             self.carry_out().await;
+            self.save_absences();
+        }
+    }
+
+    /// Records the members' absences when they changed (rarely: a member
+    /// down, back, or in sync again), so that a restart keeps the
+    /// deletions owed to a member that is down.
+    fn save_absences(&mut self) {
+        let current = self.node.absences();
+        if current == &self.absences_saved.0
+            || self
+                .absences_saved
+                .1
+                .is_some_and(|retry| Instant::now() < retry)
+        {
+            return;
+        }
+        let absences = current.clone();
+        match self.db.set_absences(&absences) {
+            Ok(()) => self.absences_saved = (absences, None),
+            Err(e) => {
+                tracing::warn!(error = %e, "replication: cannot record which members are down; a restart now would not keep their deletions for them");
+                // Again in a second, not at every turn of the loop.
+                self.absences_saved.1 = Some(Instant::now() + Duration::from_secs(1));
+            }
         }
     }
 

@@ -66,7 +66,7 @@ const GC_INTERVAL: Duration = Duration::from_secs(60);
 /// restart reads may be this much older than the previous run's last one.
 pub const CONTACT_PERSIST_EVERY: Duration = Duration::from_secs(60);
 
-/// Tombstones are kept for a member that is down (see `Node::owed`) for at
+/// Tombstones are kept for a member that is down (see `Absences::owed`) for at
 /// most this many TTLs: a POP down for that long and never forgotten
 /// (`cluster forget`) no longer holds deletions back.
 pub const MAX_HOLD_TTLS: u64 = 4;
@@ -241,7 +241,7 @@ pub enum Event {
     /// `peer`, declared down here `down_ms` ago (longer than the
     /// tombstone TTL, `ttl_ms`), is up again under the same id. With
     /// `kept_for_it`, this node kept every tombstone written since it went
-    /// down (see `Node::owed`) and the deletions reach it as usual;
+    /// down (see `Absences::owed`) and the deletions reach it as usual;
     /// without (down longer than [`MAX_HOLD_TTLS`] TTLs, or this node
     /// restarted meanwhile), rows deleted meanwhile may have no tombstone
     /// left here, and if it still holds them, anti-entropy brings them back.
@@ -382,18 +382,26 @@ pub struct Node {
     /// `last_contact_ms` is the persisted one (up to a minute stale), not
     /// yet replaced by a contact of this run.
     contact_persisted: bool,
+    absences: Absences,
+    pub stats: Stats,
+}
+
+/// What a node remembers of members that went down, kept in its database
+/// (`repl_meta`) so that a restart does not forget it: a POP restarted
+/// while another is down still keeps the deletions owed to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Absences {
     /// Members declared down here (no other live identity holding their
-    /// id), since when (Unix ms). Not persisted: a restart forgets it.
-    down_since: HashMap<NodeId, u64>,
+    /// id), since when (Unix ms).
+    pub down_since: HashMap<NodeId, u64>,
     /// Members that went down (since when, Unix ms) and have not completed
     /// an exchange with this node since. The tombstones written after they
     /// went down are kept past the TTL for them (at most
     /// [`MAX_HOLD_TTLS`] TTLs): collected while such a member was away,
     /// its old copies of the deleted rows would be rows nobody else holds,
     /// and anti-entropy would bring them back everywhere. Released by a
-    /// completed exchange with it, or by forgetting it. Not persisted.
-    owed: HashMap<NodeId, u64>,
-    pub stats: Stats,
+    /// completed exchange with it, or by forgetting it.
+    pub owed: HashMap<NodeId, u64>,
 }
 
 impl Node {
@@ -434,8 +442,7 @@ impl Node {
             collisions: HashMap::new(),
             last_contact_ms: None,
             contact_persisted: false,
-            down_since: HashMap::new(),
-            owed: HashMap::new(),
+            absences: Absences::default(),
             stats: Stats::default(),
             s,
         }
@@ -498,6 +505,26 @@ impl Node {
         if silent_ms > ttl_ms + stale_ms {
             self.event(Event::ContactAfterTombstoneTtl { silent_ms, ttl_ms });
         }
+    }
+
+    /// The members' absences, for the driver to persist when they change.
+    pub fn absences(&self) -> &Absences {
+        &self.absences
+    }
+
+    /// At start, before [`Node::join`]: the absences the previous run
+    /// persisted. Those of this node's own id are dropped (another node
+    /// saw it down; that is over), and holds older than
+    /// [`MAX_HOLD_TTLS`] TTLs, which no longer keep anything.
+    pub fn restore_absences(&mut self, now: Now, mut absences: Absences) {
+        let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
+        let cap = now
+            .wall_ms
+            .saturating_sub(ttl_ms.saturating_mul(MAX_HOLD_TTLS));
+        absences.down_since.remove(&self.s.id);
+        absences.owed.remove(&self.s.id);
+        absences.owed.retain(|_, since| *since >= cap);
+        self.absences = absences;
     }
 
     /// The latest timestamp this node issued or saw (persist it so a restart
@@ -639,7 +666,8 @@ impl Node {
             }));
         }
         let identities = self.prune_forgotten();
-        self.owed.remove(id);
+        self.absences.owed.remove(id);
+        self.absences.down_since.remove(id);
         self.peers.remove(id);
         self.sync_queue.retain(|p| &**p != id);
         Ok(Forgotten {
@@ -648,10 +676,10 @@ impl Node {
         })
     }
 
-    /// Whether tombstones are kept for `id` (see `Node::owed`).
+    /// Whether tombstones are kept for `id` (see `Absences::owed`).
     #[cfg(test)]
     pub(crate) fn owes(&self, id: &str) -> bool {
-        self.owed.keys().any(|k| &**k == id)
+        self.absences.owed.keys().any(|k| &**k == id)
     }
 
     /// True for a member forgotten for good: its `pops` row is deleted (a
@@ -690,13 +718,16 @@ impl Node {
             .map(|(p, _)| p)
             .collect();
         let forgotten: Vec<NodeId> = self
+            .absences
             .owed
             .keys()
+            .chain(self.absences.down_since.keys())
             .filter(|id| self.is_forgotten(id))
             .cloned()
             .collect();
         for id in forgotten {
-            self.owed.remove(&id);
+            self.absences.owed.remove(&id);
+            self.absences.down_since.remove(&id);
         }
         let mut by_id: BTreeMap<NodeId, usize> = BTreeMap::new();
         for peer in &gone {
@@ -974,7 +1005,7 @@ impl Node {
                     self.stats.syncs += 1;
                     self.stats.syncs_equal += 1;
                     // It holds exactly what this node holds.
-                    self.owed.remove(&s.peer);
+                    self.absences.owed.remove(&s.peer);
                     let p = self.peers.entry(s.peer.clone()).or_default();
                     p.last_sync = Some(now.mono);
                     p.in_sync = true;
@@ -1047,7 +1078,7 @@ impl Node {
                 if !more {
                     // Every row it lacked or held older is on its way to it
                     // (`SyncWanted`, over the reliable transport).
-                    self.owed.remove(&s.peer);
+                    self.absences.owed.remove(&s.peer);
                 }
                 self.stats.syncs += 1;
                 let p = self.peers.entry(s.peer.clone()).or_default();
@@ -1174,11 +1205,11 @@ impl Node {
 
     /// Tombstones written before this (Unix ms) are collected: older than
     /// the TTL, and not owed to a member that went down before they were
-    /// written (see `Node::owed`), unless older than the hold's cap.
+    /// written (see `Absences::owed`), unless older than the hold's cap.
     fn collect_before(&self, now_ms: u64) -> u64 {
         let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
         let after_ttl = now_ms.saturating_sub(ttl_ms);
-        let Some(oldest) = self.owed.values().min() else {
+        let Some(oldest) = self.absences.owed.values().min() else {
             return after_ttl;
         };
         let owed_from = oldest.saturating_sub(OWED_MARGIN.as_millis() as u64);
@@ -1236,11 +1267,11 @@ impl Node {
             let mut back = None;
             match &e {
                 MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. } => {
-                    if let Some(since) = self.down_since.remove(&peer.id) {
+                    if let Some(since) = self.absences.down_since.remove(&peer.id) {
                         let down_ms = now.wall_ms.saturating_sub(since);
                         let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
                         if down_ms > ttl_ms {
-                            let kept_for_it = self.owed.get(&peer.id) == Some(&since)
+                            let kept_for_it = self.absences.owed.get(&peer.id) == Some(&since)
                                 && down_ms <= ttl_ms.saturating_mul(MAX_HOLD_TTLS);
                             back = Some(Event::PeerBackAfterTombstoneTtl {
                                 peer: peer.id.clone(),
@@ -1264,10 +1295,14 @@ impl Node {
                     // The POP is down only if no other identity (the POP at
                     // a new address) holds the id; the first time counts.
                     if peer.id != self.s.id && self.holder_of(&peer.id).is_none() {
-                        self.down_since
+                        self.absences
+                            .down_since
                             .entry(peer.id.clone())
                             .or_insert(now.wall_ms);
-                        self.owed.entry(peer.id.clone()).or_insert(now.wall_ms);
+                        self.absences
+                            .owed
+                            .entry(peer.id.clone())
+                            .or_insert(now.wall_ms);
                     }
                     self.sessions.retain(|_, s| s.peer != peer.id);
                     // Another identity of its id (an impostor until now, or

@@ -448,17 +448,19 @@ impl Sim {
         self.crashed.insert(i);
     }
 
-    /// Starts node `i` again with what it had persisted (its replica and
-    /// when it last heard a member) and a new generation, joining through
+    /// Starts node `i` again with what it had persisted (its replica, when
+    /// it last heard a member, the members' absences) and a new generation, joining through
     /// node `via`.
     pub fn restart(&mut self, i: usize, via: usize) {
         let replica = self.nodes[i].replica().clone();
         let last_contact = self.nodes[i].last_contact();
+        let absences = self.nodes[i].absences().clone();
         let generation = self.nodes[i].settings().generation + 1;
         self.crashed.remove(&i);
         self.nodes[i] = self.make_node(i, generation, replica);
         self.nodes[i].set_last_contact(last_contact);
         let now = self.now();
+        self.nodes[i].restore_absences(now, absences);
         self.nodes[i].join(now, &[addr(via, 4001)]);
         self.drain(i);
     }

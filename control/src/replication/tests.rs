@@ -953,6 +953,57 @@ fn a_row_deleted_while_a_pop_was_down_longer_than_the_ttl_stays_deleted() {
     }
 }
 
+/// The same, with every POP that keeps the deletion restarted while the
+/// member is down: what they owe it is in their databases.
+#[test]
+fn deletions_owed_to_a_down_pop_are_kept_across_restarts_of_the_others() {
+    let mut cfg = SimConfig::wan(3, 45);
+    cfg.tombstone_ttl = Duration::from_secs(600);
+    let mut sim = joined(cfg);
+    sim.write(0, "gone", Some("x"));
+    sim.run_for(Duration::from_secs(10));
+    assert!(sim.everyone_has("gone", Some("x")));
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(30));
+    assert!(sim.saw_down(0, 2).is_some() && sim.saw_down(1, 2).is_some());
+    sim.write(0, "gone", None);
+    sim.run_for(Duration::from_secs(60));
+    // Both keepers restart, one after the other, within the TTL.
+    for i in [0, 1] {
+        sim.crash(i);
+        sim.run_for(Duration::from_secs(5));
+        sim.restart(i, 1 - i);
+        sim.run_for(Duration::from_secs(30));
+    }
+    sim.run_for(Duration::from_secs(900));
+    let key = RowKey::new(Table::Backends, "gone");
+    for i in [0, 1] {
+        assert!(
+            sim.nodes[i].replica().get(&key).is_some(),
+            "node {i} collected the tombstone owed to the down POP after a restart"
+        );
+    }
+    sim.restart(2, 0);
+    let back = sim.elapsed();
+    assert!(
+        sim.run_until(back + Duration::from_secs(60), |s| s.membership_complete()
+            && s.converged())
+    );
+    assert!(sim.everyone_has("gone", None), "a deleted row came back");
+    // Both said the member was back, with its deletions kept.
+    let kept_by: Vec<usize> = sim
+        .events
+        .iter()
+        .filter_map(|(_, i, e)| match e {
+            super::node::Event::PeerBackAfterTombstoneTtl {
+                kept_for_it: true, ..
+            } => Some(*i),
+            _ => None,
+        })
+        .collect();
+    assert!(kept_by.contains(&0) && kept_by.contains(&1), "{kept_by:?}");
+}
+
 /// Forgetting a member releases the tombstones kept for it.
 #[test]
 fn forgetting_a_down_member_releases_the_tombstones_kept_for_it() {
