@@ -462,7 +462,7 @@ impl RoutingStore {
         // Before reading: a commit that lands in between shows up as a change
         // on the next tick instead of being missed.
         let fp = fingerprint(&live.conn, path)?;
-        let loaded = read_rows(&live.conn, path)?;
+        let loaded = read_rows(&live.conn, path, None)?;
         self.seen = Some(fp);
         self.dirty = false;
         self.last_activity = Instant::now();
@@ -807,8 +807,20 @@ impl RoutingStore {
     /// [`load`]: RoutingStore::load
     /// [`changed`]: RoutingStore::changed
     pub fn peek(&mut self) -> Result<Loaded, StoreError> {
+        self.peek_rows(None)
+    }
+
+    /// [`peek`] of the rows with id `id` only (one, or none): what one
+    /// backend's `GET` reads, by the index instead of the whole table.
+    ///
+    /// [`peek`]: RoutingStore::peek
+    pub fn peek_one(&mut self, id: &str) -> Result<Loaded, StoreError> {
+        self.peek_rows(Some(id))
+    }
+
+    fn peek_rows(&mut self, only: Option<&str>) -> Result<Loaded, StoreError> {
         let result = fresh(&self.path, &mut self.live)
-            .and_then(|(live, _)| read_rows(&live.conn, &self.path));
+            .and_then(|(live, _)| read_rows(&live.conn, &self.path, only));
         if result.is_err() {
             self.live = None;
         }
@@ -905,7 +917,7 @@ pub fn peek_read_only(path: &Path) -> Result<Loaded, StoreError> {
     let conn = Connection::open_with_flags(path, flags).map_err(|e| sql_err(path, Op::Open, e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| sql_err(path, Op::Open, e))?;
-    read_rows(&conn, path)
+    read_rows(&conn, path, None)
 }
 
 /// Returns a connection that matches the file now on disk, opening a new one
@@ -1178,7 +1190,8 @@ fn fingerprint(conn: &Connection, path: &Path) -> Result<Fingerprint, StoreError
     })
 }
 
-fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
+/// Every row of `backends`, or (`only`) those with that id.
+fn read_rows(conn: &Connection, path: &Path, only: Option<&str>) -> Result<Loaded, StoreError> {
     let err = |e| sql_err(path, Op::Read, e);
     // One read transaction: the column check and the rows see the same file.
     let tx = conn.unchecked_transaction().map_err(err)?;
@@ -1218,12 +1231,17 @@ fn read_rows(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     let sql = format!(
         "SELECT rowid, id, app, region, {country}, wg_ip, port, healthy, weight, \
          soft_limit, hard_limit, deleted, {draining}, {heartbeat}, {registered}, \
-         {expired}, {owner}, {health_check} FROM backends ORDER BY rowid"
+         {expired}, {owner}, {health_check} FROM backends {filter} ORDER BY rowid",
+        filter = if only.is_some() { "WHERE id = ?1" } else { "" },
     );
     let mut loaded = Loaded::default();
     {
         let mut stmt = tx.prepare_cached(&sql).map_err(err)?;
-        let mut rows = stmt.query([]).map_err(err)?;
+        let mut rows = match only {
+            Some(id) => stmt.query([id]),
+            None => stmt.query([]),
+        }
+        .map_err(err)?;
         while let Some(row) = rows.next().map_err(err)? {
             match parse_row(row) {
                 Ok((rec, lifecycle)) => {
@@ -2181,6 +2199,10 @@ mod tests {
             ["first", "a"],
             "table order kept"
         );
+        let one = store.peek_one("a").unwrap();
+        assert_eq!(ids(&one), ["a"]);
+        assert_eq!(one.lifecycle[0], l, "the same row as the whole table's");
+        assert!(store.peek_one("nobody").unwrap().records.is_empty());
 
         // Deregistered, then registered again: a new registration.
         assert!(store.deregister("a").unwrap());

@@ -41,4 +41,4 @@ else:
     for t in ts: t.join()
 wall = time.perf_counter() - t0
 lat.sort(); p = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))] * 1000
-print(f"{mode} n={n}: p50={p(.5):.1f} ms p99={p(.99):.1f} ms max={lat[-1]*1000:.1f} ms; wall {wall:.2f} s ({wall/n*1000:.1f} ms per registration)")
+print(f"{mode} n={n}: p50={p(.5):.1f} ms p99={p(.99):.1f} ms max={lat[-1]*1000:.1f} ms; wall {wall:.2f} s ({wall/n*1000:.1f} ms per request)")

@@ -327,7 +327,7 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
             let health = reloader.health().cloned();
             let store = reloader.store_mut();
             let node = store.node_id().map(String::from);
-            match store.peek() {
+            match store.peek_one(&id) {
                 Err(e) => store_failed(&e),
                 Ok(loaded) => loaded
                     .records
