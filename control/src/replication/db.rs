@@ -21,8 +21,9 @@
 //! and removes from the change log the entries its own writes caused, all in
 //! one transaction: a remote write is never mistaken for a local one.
 //!
-//! Tables: `repl_versions(tbl, pk, hlc, origin, data)` — the replica, loaded
-//! into memory at start; `repl_changes(seq, tbl, pk)` — the change log, at
+//! Tables: `repl_versions(tbl, pk, hlc, origin, data, intent_hlc,
+//! intent_origin)` — the replica, loaded into memory at start (the intent
+//! is NULL for a deliberate write, see `version`); `repl_changes(seq, tbl, pk)` — the change log, at
 //! most one entry per row; `repl_meta(key, value)` — this POP's own notes,
 //! never replicated: `last_contact_ms`, when it last heard another POP;
 //! `down_since:<id>` and `owed:<id>`, the members' absences

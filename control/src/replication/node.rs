@@ -242,8 +242,8 @@ pub enum Event {
     /// tombstone TTL, `ttl_ms`), is up again under the same id. With
     /// `kept_for_it`, this node kept every tombstone written since it went
     /// down (see `Absences::owed`) and the deletions reach it as usual;
-    /// without (down longer than [`MAX_HOLD_TTLS`] TTLs, or this node
-    /// restarted meanwhile), rows deleted meanwhile may have no tombstone
+    /// without (down longer than [`MAX_HOLD_TTLS`] TTLs, or this node's
+    /// record of its absence was lost with its database), rows deleted meanwhile may have no tombstone
     /// left here, and if it still holds them, anti-entropy brings them back.
     PeerBackAfterTombstoneTtl {
         peer: NodeId,
