@@ -568,6 +568,91 @@ fn a_backend_registers_with_its_own_check_and_the_api_shows_its_health() {
     assert!(out.lines().next().unwrap().contains("HEALTH"), "{out}");
 }
 
+const API: &str = "[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n";
+
+fn api_addr(proxy: &Proxy) -> SocketAddr {
+    let line = proxy.wait_for_log("api listening", PATIENCE).unwrap();
+    field(&line, "addr").unwrap().parse().unwrap()
+}
+
+/// QA: a backend's own check could name a command, which every POP ran as
+/// the proxy's user: whoever could register a backend ran commands on the
+/// host. Only with `[health] allow_backend_commands`: otherwise the API
+/// refuses it, and a row that carries one anyway (written by hand, or
+/// replicated from a POP that allows it) is checked with its app's check.
+#[test]
+fn a_backends_own_check_runs_a_command_only_if_the_operator_allows_it() {
+    let a = TagBackend::start("a");
+    let dir = TempDir::new("health-command-marker");
+    let marker = dir.join("ran");
+    let check = serde_json::json!({"type": "script", "interval_ms": 100, "timeout_ms": 100,
+        "command": format!("touch {}", marker.display())});
+    let body = |id: &str, check: &serde_json::Value| {
+        serde_json::json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1",
+            "port": a.port(), "health_check": check})
+    };
+    let (db_dir, proxy) = proxy_over(
+        "health-command-off",
+        &[],
+        &format!("[health]\nenabled = true\ninterval_ms = 100\ntimeout_ms = 100\n{API}{METRICS}"),
+    );
+    let api = api_addr(&proxy);
+    let m = metrics_addr(&proxy);
+    let (status, reply) = post_json(api, "/api/v1/register", &body("a", &check));
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(reply["field"], "health_check.command", "{reply}");
+    // Written into routing.db another way: said once, and the app's check
+    // (tcp) runs instead of the command.
+    assert_eq!(
+        post_json(
+            api,
+            "/api/v1/register",
+            &body("a", &serde_json::Value::Null)
+        )
+        .0,
+        201
+    );
+    let mark = proxy.log_mark();
+    rusqlite::Connection::open(db_dir.join("routing.db"))
+        .unwrap()
+        .execute(
+            "UPDATE backends SET health_check = ?1 WHERE id = 'a'",
+            [check.to_string()],
+        )
+        .unwrap();
+    proxy
+        .wait_for_log_where(mark, |l| l.contains("it names a command"), PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; proxy log:\n{}", proxy.log_text()));
+    let checks = metric(m, "edgeproxy_health_checks_total", &[]).unwrap();
+    assert!(eventually(PATIENCE, || metric(
+        m,
+        "edgeproxy_health_checks_total",
+        &[]
+    )
+    .unwrap()
+        >= checks + 5.0));
+    assert!(!marker.exists(), "the backend's command ran");
+    assert_eq!(
+        get_json(api, "/api/v1/backends/a")["health"]["checks"],
+        "tcp"
+    );
+    drop(proxy);
+
+    // Allowed by the operator: taken and run.
+    let (_d, proxy) = proxy_over(
+        "health-command-on",
+        &[],
+        &format!("[health]\nallow_backend_commands = true\n{API}"),
+    );
+    let api = api_addr(&proxy);
+    let (status, reply) = post_json(api, "/api/v1/register", &body("a", &check));
+    assert_eq!(status, 201, "{reply}");
+    assert!(
+        eventually(PATIENCE, || marker.exists()),
+        "the allowed command did not run"
+    );
+}
+
 #[test]
 fn a_backend_that_resets_its_connections_is_ejected() {
     // Accepts, waits for the client's first bytes, then resets.

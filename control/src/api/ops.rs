@@ -209,6 +209,19 @@ fn store_failed(e: &crate::store::StoreError) -> Reply {
     reply
 }
 
+/// `check` (a registration's `health_check`, canonical JSON) names a
+/// command, and this proxy does not run backends' commands (`[health]
+/// allow_backend_commands`): anyone who may register would run commands on
+/// every POP.
+fn names_a_refused_command(reloader: &RoutingReloader, check: &str) -> bool {
+    let allowed = reloader
+        .health()
+        .is_some_and(|h| h.allows_backend_commands());
+    !allowed
+        && serde_json::from_str::<crate::health::spec::CheckOverride>(check)
+            .map_or(true, |layer| layer.command.is_some())
+}
+
 fn not_found(id: &str, reason: &str) -> Reply {
     Reply::error(404, reason, json!({ "id": id }))
 }
@@ -233,6 +246,14 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
         _ => {}
     }
     match op {
+        Op::Register(_, Some(check)) if names_a_refused_command(reloader, &check) => Reply::error(
+            400,
+            "health_check.command: a backend's own check may not run a command here \
+             ([health] allow_backend_commands is off); use type tcp, http, https or grpc, \
+             or ask the operator for a script check in the configuration"
+                .to_string(),
+            json!({ "field": "health_check.command" }),
+        ),
         Op::Register(rec, check) => {
             match reloader
                 .store_mut()

@@ -35,6 +35,7 @@ pub struct RawHealth {
     pub jitter_percent: Option<u32>,
     pub rtt_weight: Option<f64>,
     pub webhook_url: Option<String>,
+    pub allow_backend_commands: Option<bool>,
     #[serde(default)]
     pub apps: BTreeMap<String, CheckOverride>,
 }
@@ -62,6 +63,11 @@ pub struct Health {
     pub rtt_weight: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    /// A backend's own `health_check` (registration API, `routing.db`,
+    /// replication) may name a `command` to run. Off by default: whoever
+    /// may register a backend (or write a row at any POP) would run
+    /// commands on every POP as the proxy's user.
+    pub allow_backend_commands: bool,
     /// Per-app layers, already validated against the global settings.
     pub apps: BTreeMap<String, CheckOverride>,
 }
@@ -112,6 +118,7 @@ impl Default for Health {
             jitter_percent: defaults::JITTER_PERCENT,
             rtt_weight: 0.0,
             webhook_url: None,
+            allow_backend_commands: false,
             apps: BTreeMap::new(),
         }
     }
@@ -217,12 +224,16 @@ pub(crate) fn health_from_raw(raw: RawHealth, env: &dyn Env) -> Result<Health, C
     if let Some(url) = &webhook_url {
         super::webhook::Target::parse(url).map_err(|e| invalid("health.webhook_url", e))?;
     }
+    let allow_backend_commands = env_bool(env, "EDGEPROXY_HEALTH_ALLOW_BACKEND_COMMANDS")?
+        .or(raw.allow_backend_commands)
+        .unwrap_or(false);
     Ok(Health {
         global,
         max_concurrent,
         jitter_percent,
         rtt_weight,
         webhook_url,
+        allow_backend_commands,
         apps: raw.apps,
     })
 }

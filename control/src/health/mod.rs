@@ -38,7 +38,7 @@ pub mod webhook;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use engine::snapshot::BackendRecord;
 
@@ -72,6 +72,11 @@ struct Inner {
     circuit_enabled: bool,
     /// Backends' own check settings from the registration API, by id.
     backend_checks: Mutex<Arc<HashMap<String, CheckOverride>>>,
+    /// `[health] allow_backend_commands`.
+    backend_commands: bool,
+    /// Backends whose stored check names a command that is not run, as
+    /// last said (each is warned about once while it lasts).
+    refused_commands: Mutex<HashSet<String>>,
 }
 
 impl HealthLink {
@@ -98,6 +103,8 @@ impl HealthLink {
             active_checks_enabled: health.any_enabled(),
             circuit_enabled: circuit.enabled,
             backend_checks: Mutex::default(),
+            backend_commands: health.allow_backend_commands,
+            refused_commands: Mutex::default(),
         }))
     }
 
@@ -118,13 +125,30 @@ impl HealthLink {
     /// Records the backends' own check settings as read from the store
     /// (`checks[i]` belongs to `records[i]`). Settings that do not parse
     /// (written by hand) are logged and ignored: the app's apply.
+    ///
+    /// A check that names a `command` is ignored the same way unless
+    /// `[health] allow_backend_commands` is on: the row may come from the
+    /// registration API of any POP, through replication.
     pub fn set_backend_checks(&self, records: &[BackendRecord], checks: &[Option<String>]) {
         let mut map = HashMap::new();
+        let mut refused = HashSet::new();
+        let mut said = self
+            .0
+            .refused_commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for (rec, check) in records.iter().zip(checks) {
             let Some(text) = check.as_deref().filter(|_| !rec.deleted) else {
                 continue;
             };
             match serde_json::from_str::<CheckOverride>(text) {
+                Ok(layer) if layer.command.is_some() && !self.0.backend_commands => {
+                    if !said.contains(&rec.id) {
+                        tracing::warn!(backend = %rec.id,
+                            "ignoring the backend's own health_check: it names a command, and [health] allow_backend_commands is off; its app's check applies");
+                    }
+                    refused.insert(rec.id.clone());
+                }
                 Ok(layer) => {
                     map.insert(rec.id.clone(), layer);
                 }
@@ -132,6 +156,8 @@ impl HealthLink {
                     "ignoring the backend's stored health_check settings"),
             }
         }
+        *said = refused;
+        drop(said);
         *self
             .0
             .backend_checks
@@ -187,5 +213,11 @@ impl HealthLink {
 
     pub fn circuit_enabled(&self) -> bool {
         self.0.circuit_enabled
+    }
+
+    /// `[health] allow_backend_commands`: a backend's own check may name a
+    /// command to run.
+    pub fn allows_backend_commands(&self) -> bool {
+        self.0.backend_commands
     }
 }
