@@ -530,7 +530,9 @@ fn a_backend_registers_with_its_own_check_and_the_api_shows_its_health() {
     wait_event(&proxy, mark, "health checks failed", "a")
         .unwrap_or_else(|| panic!("a out; proxy log:\n{}", proxy.log_text()));
     assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
-    let h = &get_json(api, "/api/v1/backends/a")["health"];
+    let a_now = get_json(api, "/api/v1/backends/a");
+    assert_eq!(a_now["state"], "unhealthy", "out of rotation here: {a_now}");
+    let h = &a_now["health"];
     assert_eq!(h["state"], "down", "{h}");
     assert_eq!(h["checks"], "http");
     assert_eq!(h["circuit"], "closed");
@@ -565,6 +567,10 @@ fn a_backend_registers_with_its_own_check_and_the_api_shows_its_health() {
     assert!(status.success(), "{err}");
     let row = out.lines().find(|l| l.starts_with("a ")).unwrap();
     assert!(row.contains("down") && row.contains("closed"), "{out}");
+    assert!(
+        row.contains("unhealthy") && !row.contains("serving"),
+        "{out}"
+    );
     assert!(out.lines().next().unwrap().contains("HEALTH"), "{out}");
 }
 

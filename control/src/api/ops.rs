@@ -143,12 +143,14 @@ fn status(
     let secs_since = |t: Option<i64>| t.map(|t| (now_ms.saturating_sub(t).max(0) / 1000) as u64);
     let live = snap.find(&rec.id).map(|idx| snap.backend(idx));
     // Most telling first: an operator's drain, then a missed heartbeat, then
-    // the health flag, then "the snapshot builder rejected the row".
+    // the health flag or this POP's health checks (and circuit breaker),
+    // which leave the backend unhealthy in the snapshot, then "the snapshot
+    // builder rejected the row".
     let state = if life.draining {
         "draining"
     } else if expired {
         "expired"
-    } else if !rec.healthy {
+    } else if !rec.healthy || live.is_some_and(|b| !b.healthy) {
         "unhealthy"
     } else if live.is_none() {
         "invalid"
