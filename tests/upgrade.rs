@@ -794,6 +794,48 @@ command = \"sleep 2 &\"
     serves_on_then_stops_and_frees_its_ports(&mut s, [addr, api], "");
 }
 
+/// QA: while an attempt was pending (up to `ready_timeout_secs`), the
+/// orphans it adopted piled up as zombies until it ended (109 after 30 s
+/// with a 200 ms check). They are reaped as the attempt goes on.
+#[test]
+fn orphans_adopted_while_an_upgrade_is_pending_are_reaped_meanwhile() {
+    let dir = TempDir::new("upgrade-pending-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let extra = "ready_timeout_secs = 10\n\n[health]\nenabled = true\ntype = \"script\"\n\
+                 interval_ms = 100\ntimeout_ms = 100\ncommand = \"sleep 0.2 &\"\n";
+    let s = Setup::start("upgrade-pending", Some(&exe), extra);
+    let control = s.control_socket();
+    install_script(&exe, "exec sleep 600");
+    let pid = s.proxy.pid();
+    let attempt = std::thread::spawn(move || cli_upgrade(&control));
+    let zombie = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .ok()
+            .and_then(|st| Some(st.rsplit_once(')')?.1.split_whitespace().next()? == "Z"))
+            .unwrap_or(false)
+    };
+    let mut seen = None;
+    assert!(
+        eventually(PATIENCE, || {
+            seen = adopted_children(pid).into_iter().find(zombie);
+            seen.is_some()
+        }),
+        "no adopted orphan exited during the attempt"
+    );
+    let seen = seen.unwrap();
+    assert!(
+        eventually(PATIENCE, || !adopted_children(pid).contains(&seen)),
+        "the zombie {seen} was never reaped"
+    );
+    assert!(
+        !attempt.is_finished(),
+        "the zombie {seen} was reaped only when the attempt ended"
+    );
+    let (ok, out) = attempt.join().unwrap();
+    assert!(!ok, "{out}");
+}
+
 /// The new "binary" is a wrapper script whose children leave its process
 /// group, as a daemon does: one calls `setsid` (the script waits for it),
 /// one is double-forked under `setsid` (its parent exits at once: it is an

@@ -189,6 +189,26 @@ pub fn adopted(me: &ProcStat, table: &[ProcStat]) -> Vec<ProcStat> {
         .collect()
 }
 
+/// Reaps the orphans adopted so far that have exited already, during the
+/// attempt (which may last minutes: a health check every 100 ms that leaves
+/// a job behind would otherwise pile up zombies until it ends). Harmless
+/// to the cleanup of a failed attempt: a zombie has no children left to
+/// find, and the successor itself leads its group, so it is not taken.
+pub fn reap_adopted_zombies() {
+    let Some(me) = ProcStat::read(std::process::id()) else {
+        return;
+    };
+    for p in adopted(&me, &all_processes()) {
+        if p.zombie() {
+            // By pidfd, like the reaper thread: it may be one of an earlier
+            // attempt's orphans that a reaper thread holds too.
+            if let Some(h) = Held::open(p) {
+                reap(&h);
+            }
+        }
+    }
+}
+
 /// Reaps each orphan adopted during the attempt once it exits, on a thread
 /// that ends when the last one has.
 fn reap_adopted_when_they_exit() {

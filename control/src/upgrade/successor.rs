@@ -33,6 +33,9 @@ pub const UPGRADE_FD_VAR: &str = "EDGEPROXY_UPGRADE_FD";
 /// How often a wait for the successor checks whether it was abandoned.
 const CANCEL_CHECK: Duration = Duration::from_millis(100);
 
+/// How often a pending attempt reaps the orphans it adopted that exited.
+const REAP_EVERY: Duration = Duration::from_secs(1);
+
 /// A successor that reported ready: it serves on the same sockets.
 #[derive(Debug)]
 pub struct Successor {
@@ -276,9 +279,16 @@ fn handshake(
     channel
         .send(&ToSuccessor::Done.encode(), &[])
         .map_err(io_err)?;
+    let mut reaped_at = Instant::now();
     let answer = loop {
         if cancel.load(Ordering::Relaxed) {
             return Err(UpgradeError::Stopping);
+        }
+        // We are a subreaper for the attempt: orphans that exit meanwhile
+        // are ours to reap (a walk of /proc, so once a second at most).
+        if reaped_at.elapsed() >= REAP_EVERY {
+            descendants::reap_adopted_zombies();
+            reaped_at = Instant::now();
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
