@@ -621,38 +621,10 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
 #[test]
 fn a_delete_across_a_partition_is_not_undone_by_the_other_sides_expiry() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut c = Cluster::hosts(3, None, |_| String::new());
-    c.api_extra = "heartbeat_ttl_secs = 2".into();
-    for i in 0..3 {
-        c.launch(i);
-    }
-    c.wait_joined();
-    let all = [0, 1, 2];
-    assert_eq!(
-        c.register(0, "gone", "10.77.0.1:9500".parse().unwrap()),
-        201
-    );
-    assert!(common::eventually(PATIENCE, || c.everyone_has(
-        &all,
-        "gone",
-        "heartbeat_pop",
-        "node-0"
-    )));
-    c.net.partition(&[0], &[1, 2]);
-    // The backend heartbeats at POP 0 until both sides have declared the
-    // other down.
-    let heartbeat = |c: &Cluster| c.api(0, "POST", "/api/v1/heartbeat/gone", None).0;
-    assert!(
-        common::eventually(PATIENCE, || {
-            assert!(heartbeat(&c) < 300);
-            c.member_state(0, 1).as_deref() == Some("down")
-                && c.member_state(1, 0).as_deref() == Some("down")
-        }),
-        "the partition was not noticed"
-    );
+    let c = partitioned_with_a_backend_of_pop_0();
     let (status, body) = c.api(1, "DELETE", "/api/v1/backends/gone", None);
     assert!(status < 300, "delete: {status} {body}");
-    assert!(heartbeat(&c) < 300);
+    assert!(c.api(0, "POST", "/api/v1/heartbeat/gone", None).0 < 300);
     // Then its heartbeats stop: POP 0 expires it, after the delete.
     assert!(
         common::eventually(PATIENCE, || c.row(0, "gone", "expired").as_deref()
@@ -661,6 +633,7 @@ fn a_delete_across_a_partition_is_not_undone_by_the_other_sides_expiry() {
     );
     assert_eq!(c.row(0, "gone", "deleted").as_deref(), Some("0"));
     c.net.heal();
+    let all = [0, 1, 2];
     assert!(
         common::eventually(PATIENCE, || c.everyone_has(&all, "gone", "deleted", "1")),
         "the delete did not hold: deleted = {:?}",
@@ -670,6 +643,71 @@ fn a_delete_across_a_partition_is_not_undone_by_the_other_sides_expiry() {
     for i in all {
         assert_eq!(c.api(i, "GET", "/api/v1/backends/gone", None).0, 404);
     }
+}
+
+/// The other way round: the backend, expired at POP 0, registers there again
+/// after POP 1 deleted it. The registration repeats the row but for
+/// `expired`, which is what an expiry verdict changes too; it is a decision
+/// made after the delete all the same, and wins.
+#[test]
+fn a_registration_after_a_delete_across_a_partition_wins_even_if_it_repeats_the_row() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = partitioned_with_a_backend_of_pop_0();
+    assert!(
+        common::eventually(PATIENCE, || c.row(0, "gone", "expired").as_deref()
+            == Some("1")),
+        "POP 0 did not expire the backend"
+    );
+    let (status, body) = c.api(1, "DELETE", "/api/v1/backends/gone", None);
+    assert!(status < 300, "delete: {status} {body}");
+    assert_eq!(
+        c.register(0, "gone", "10.77.0.1:9500".parse().unwrap()),
+        200,
+        "the registration repeats the row"
+    );
+    assert_eq!(c.row(0, "gone", "expired").as_deref(), Some("0"));
+    c.net.heal();
+    let all = [0, 1, 2];
+    assert!(
+        common::eventually(PATIENCE, || c.everyone_has(&all, "gone", "deleted", "0")
+            && c.everyone_has(&all, "gone", "expired", "0")),
+        "the later registration did not hold: deleted = {:?}, expired = {:?}",
+        all.map(|i| c.row(i, "gone", "deleted")),
+        all.map(|i| c.row(i, "gone", "expired"))
+    );
+}
+
+/// Three POPs with heartbeat TTL 2 s, backend `gone` registered at POP 0 and
+/// heartbeating there until POP 0 and the others have declared each other
+/// down across a partition.
+fn partitioned_with_a_backend_of_pop_0() -> Cluster {
+    let mut c = Cluster::hosts(3, None, |_| String::new());
+    c.api_extra = "heartbeat_ttl_secs = 2".into();
+    for i in 0..3 {
+        c.launch(i);
+    }
+    c.wait_joined();
+    assert_eq!(
+        c.register(0, "gone", "10.77.0.1:9500".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &[0, 1, 2],
+        "gone",
+        "heartbeat_pop",
+        "node-0"
+    )));
+    c.net.partition(&[0], &[1, 2]);
+    let heartbeat = |c: &Cluster| c.api(0, "POST", "/api/v1/heartbeat/gone", None).0;
+    assert!(
+        common::eventually(PATIENCE, || {
+            assert!(heartbeat(&c) < 300);
+            c.member_state(0, 1).as_deref() == Some("down")
+                && c.member_state(1, 0).as_deref() == Some("down")
+        }),
+        "the partition was not noticed"
+    );
+    c
 }
 
 /// A POP whose clock had been ahead stamped its rows in the future; after

@@ -115,6 +115,28 @@ const CREATE_POPS: &str = "CREATE TABLE IF NOT EXISTS pops (
     serving INTEGER NOT NULL DEFAULT 1
 )";
 
+/// Which kind of write last changed a backend since replication last read
+/// the change log (`crate::replication::db`): `deliberate = 0` for this
+/// POP's verdicts (an expiry, a heartbeat taken over), 1 for a
+/// registration. A verdict changes only `expired` and `heartbeat_pop`, but
+/// so does a registration that repeats the row: only the writer knows which
+/// it was. At most one row per backend; never replicated.
+const CREATE_WRITE_KINDS: &str = "CREATE TABLE IF NOT EXISTS repl_write_kinds (
+    tbl TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    deliberate INTEGER NOT NULL,
+    PRIMARY KEY (tbl, pk)
+)";
+
+/// Notes that `id`'s row was just written by a verdict, unless a
+/// registration wrote it too since replication last looked.
+const NOTE_VERDICT: &str = "INSERT INTO repl_write_kinds (tbl, pk, deliberate) \
+     VALUES ('backends', ?1, 0) ON CONFLICT (tbl, pk) DO NOTHING";
+
+/// Notes that `id`'s row was just written by a registration.
+const NOTE_REGISTRATION: &str = "INSERT INTO repl_write_kinds (tbl, pk, deliberate) \
+     VALUES ('backends', ?1, 1) ON CONFLICT (tbl, pk) DO UPDATE SET deliberate = 1";
+
 /// Migration 4: a backend's own health-check settings, as the registration
 /// API received them (JSON text, see `health::spec::CheckOverride`).
 /// Nullable: NULL means the app's settings. This POP's check results are
@@ -622,6 +644,9 @@ impl RoutingStore {
                     values,
                 )?;
             }
+            // A registration that repeats the row changes only what a
+            // verdict changes; it is a decision all the same.
+            tx.execute(NOTE_REGISTRATION, [&rec.id])?;
             tx.commit()?;
             Ok(if live {
                 Registered::Updated
@@ -678,12 +703,17 @@ impl RoutingStore {
             Some(true) => Ok(true),
             // The row changes hands or comes back from expiry: a real write.
             Some(false) => self.write(|conn| {
-                conn.execute(
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let changed = tx.execute(
                     "UPDATE backends SET last_heartbeat_ms = ?1, heartbeat_pop = ?2, expired = 0 \
                      WHERE id = ?3 AND (deleted IS NULL OR deleted = 0)",
                     params![now_ms, owner, id],
-                )
-                .map(|n| n > 0)
+                )? > 0;
+                if changed {
+                    tx.execute(NOTE_VERDICT, [id])?;
+                }
+                tx.commit()?;
+                Ok(changed)
             }),
         }
     }
@@ -701,8 +731,11 @@ impl RoutingStore {
             let mut stmt = conn.prepare_cached(
                 "UPDATE backends SET expired = ?1 WHERE id = ?2 AND expired IS NOT ?1",
             )?;
+            let mut note = conn.prepare_cached(NOTE_VERDICT)?;
             for (id, expired) in verdicts {
-                stmt.execute(params![expired, id])?;
+                if stmt.execute(params![expired, id])? > 0 {
+                    note.execute([id])?;
+                }
             }
             Ok(())
         })
@@ -1069,6 +1102,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
     let err = |e| sql_err(path, Op::Migrate, e);
     let state = schema_state(conn).map_err(err)?;
     let has_pops = has_table(conn, "pops").map_err(err)?;
+    let has_write_kinds = has_table(conn, "repl_write_kinds").map_err(err)?;
     if state.version > SCHEMA_VERSION {
         warn!(
             path = %path.display(),
@@ -1081,6 +1115,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
         !state.has_country
             || !state.missing_lifecycle.is_empty()
             || !has_pops
+            || !has_write_kinds
             || !state.has_health_check
             || state.version < SCHEMA_VERSION
     } else {
@@ -1111,6 +1146,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             tx.execute_batch(sql)?;
         }
         tx.execute_batch(CREATE_POPS)?;
+        tx.execute_batch(CREATE_WRITE_KINDS)?;
         if !state.has_health_check {
             tx.execute_batch(HEALTH_CHECK_COLUMN.1)?;
         }

@@ -36,7 +36,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::hlc::Hlc;
-use super::node::{Absences, Node, Now};
+use super::node::{Absences, Node, Now, WriteKind};
 use super::replica::Replica;
 use super::version::{RowKey, RowVersion, Table, Version};
 
@@ -395,6 +395,8 @@ impl ReplDb {
             let written = node.local_writes(now, current);
             record(tx, &written)?;
             tx.execute("DELETE FROM repl_changes", [])?;
+            // Edits made while replication did not run count as decisions.
+            tx.execute("DELETE FROM repl_write_kinds", [])?;
             Ok(written.len())
         })
     }
@@ -442,12 +444,26 @@ impl ReplDb {
                         .prepare_cached(&info.select_one)?
                         .query_row([pk], |r| r.get(0))
                         .optional()?;
+                    // What the store noted about the writes since the last
+                    // poll: only verdicts, or a registration among them.
+                    let noted = tx
+                        .prepare_cached(
+                            "DELETE FROM repl_write_kinds WHERE tbl = ?1 AND pk = ?2 \
+                             RETURNING deliberate",
+                        )?
+                        .query_row([tbl, pk], |r| r.get::<_, bool>(0))
+                        .optional()?;
+                    let kind = match noted {
+                        Some(false) => WriteKind::Verdict,
+                        Some(true) => WriteKind::Registration,
+                        None => WriteKind::Deliberate,
+                    };
                     let key = RowKey::new(info.table, pk.clone());
                     if fits_a_message(&key, &data) {
-                        changed.push((key, data));
+                        changed.push((key, data, kind));
                     }
                 }
-                let written = node.local_writes(now, changed);
+                let written = node.local_writes_by_kind(now, changed);
                 record(tx, &written)?;
                 tx.execute("DELETE FROM repl_changes WHERE seq <= ?1", [last])?;
                 Ok((entries.len(), written.len()))
@@ -927,6 +943,24 @@ mod tests {
         assert!(store.heartbeat("b1", 2_000).unwrap());
         let taken_over = poll(&mut db, &mut node);
         assert_eq!(taken_over.intent.as_ref(), Some(&registered.version));
+
+        // Registered again, the row unchanged but for `expired`: a decision,
+        // even with a verdict in the same poll.
+        store.set_expired(&[("b1".into(), true)]).unwrap();
+        let _ = poll(&mut db, &mut node);
+        store.register(&rec, 3_000).unwrap();
+        store.set_node_id("d");
+        assert!(store.heartbeat("b1", 3_100).unwrap());
+        let again = poll(&mut db, &mut node);
+        assert_eq!(again.intent, None, "a registration is a decision");
+        // ... and an operator's own edit of `expired` too.
+        other(&path)
+            .execute("UPDATE backends SET expired = 1 WHERE id = 'b1'", [])
+            .unwrap();
+        assert_eq!(poll(&mut db, &mut node).intent, None);
+        store.set_expired(&[("b1".into(), false)]).unwrap();
+        let taken_over = poll(&mut db, &mut node);
+        assert!(taken_over.intent.is_some());
 
         assert!(store.deregister("b1").unwrap());
         let deleted = poll(&mut db, &mut node);

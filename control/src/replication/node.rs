@@ -386,6 +386,21 @@ pub struct Node {
     pub stats: Stats,
 }
 
+/// What kind of write changed a row, as its writer knows (the row's data
+/// alone cannot tell a verdict from a registration that repeats the row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteKind {
+    /// An edit, a drain, a delete: anyone's decision. A write that leaves the
+    /// row as it was (a trigger fired on an unchanged value) is none.
+    Deliberate,
+    /// A registration: a decision even when it repeats the row exactly, so
+    /// it is versioned anew; registered after a delete made elsewhere (in a
+    /// partition), the backend is back.
+    Registration,
+    /// This POP's own judgement: an expiry verdict, heartbeats taken over.
+    Verdict,
+}
+
 /// What a node remembers of members that went down, kept in its database
 /// (`repl_meta`) so that a restart does not forget it: a POP restarted
 /// while another is down still keeps the deletions owed to it.
@@ -1111,8 +1126,25 @@ impl Node {
         now: Now,
         rows: impl IntoIterator<Item = (RowKey, Option<String>)>,
     ) -> Vec<RowVersion> {
+        self.local_writes_by_kind(
+            now,
+            rows.into_iter()
+                .map(|(key, data)| (key, data, WriteKind::Deliberate)),
+        )
+    }
+
+    /// [`Node::local_writes`], each row with the kind of write its writer
+    /// said it was: a [`WriteKind::Verdict`] that changed only
+    /// [`VERDICT_COLUMNS`] keeps the intent of the version it sits on.
+    ///
+    /// [`VERDICT_COLUMNS`]: super::version::VERDICT_COLUMNS
+    pub fn local_writes_by_kind(
+        &mut self,
+        now: Now,
+        rows: impl IntoIterator<Item = (RowKey, Option<String>, WriteKind)>,
+    ) -> Vec<RowVersion> {
         let mut written = Vec::new();
-        for (key, data) in rows {
+        for (key, data, kind) in rows {
             let have = self.replica.get(&key);
             let unchanged = match &have {
                 Some(have) => have.data == data,
@@ -1120,12 +1152,12 @@ impl Node {
                 // nothing to tell anyone.
                 None => data.is_none(),
             };
-            if unchanged {
+            if unchanged && kind != WriteKind::Registration {
                 continue;
             }
             // A verdict keeps the intent of the write it sits on.
             let intent = match (&have, &data) {
-                (Some(have), Some(new)) => have
+                (Some(have), Some(new)) if kind == WriteKind::Verdict => have
                     .data
                     .as_deref()
                     .filter(|old| only_verdicts_differ(key.table, old, new))

@@ -339,6 +339,31 @@ impl Sim {
         self.drain(i);
     }
 
+    /// Writes a row at node `i` as its own verdict (an expiry, heartbeats
+    /// taken over) would.
+    pub fn write_verdict(&mut self, i: usize, pk: &str, data: &str) {
+        self.write_as(i, pk, data, super::node::WriteKind::Verdict);
+    }
+
+    /// Writes a row at node `i` as the registration API would.
+    pub fn write_registration(&mut self, i: usize, pk: &str, data: &str) {
+        self.write_as(i, pk, data, super::node::WriteKind::Registration);
+    }
+
+    fn write_as(&mut self, i: usize, pk: &str, data: &str, kind: super::node::WriteKind) {
+        let now = self.now();
+        self.nodes[i].local_writes_by_kind(
+            now,
+            [(
+                RowKey::new(Table::Backends, pk),
+                Some(data.to_string()),
+                kind,
+            )],
+        );
+        self.persisted[i].insert(pk.to_string(), Some(data.to_string()));
+        self.drain(i);
+    }
+
     /// Writes node `i`'s own row of `pops` (as its driver does at start).
     pub fn write_own_pop(&mut self, i: usize) {
         let now = self.now();

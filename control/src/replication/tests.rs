@@ -99,9 +99,9 @@ fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
     sim.run_for(Duration::from_millis(100));
     sim.write(3, "x", Some(&backend(1, 1, 0, "n0")));
     sim.run_for(Duration::from_millis(100));
-    sim.write(0, "x", Some(&backend(0, 2, 1, "n0")));
+    sim.write_verdict(0, "x", &backend(0, 2, 1, "n0"));
     sim.run_for(Duration::from_millis(100));
-    sim.write(1, "x", Some(&backend(0, 2, 0, "n1")));
+    sim.write_verdict(1, "x", &backend(0, 2, 0, "n1"));
     sim.heal();
     let healed = sim.elapsed();
     assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
@@ -110,7 +110,7 @@ fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
         "the delete holds everywhere"
     );
     // The judge, if the verdict still holds, judges again on top of it.
-    sim.write(1, "x", Some(&backend(1, 1, 0, "n1")));
+    sim.write_verdict(1, "x", &backend(1, 1, 0, "n1"));
     let t1 = sim.elapsed();
     assert!(sim.run_until(t1 + Duration::from_secs(10), |s| s
         .everyone_has("x", Some(&backend(1, 1, 0, "n1")))));
@@ -130,11 +130,63 @@ fn a_deliberate_write_after_a_delete_on_the_other_side_still_wins() {
     // and the later one. Then expired on top of it.
     sim.write(0, "x", Some(&backend(0, 5, 0, "n0")));
     sim.run_for(Duration::from_millis(100));
-    sim.write(0, "x", Some(&backend(0, 5, 1, "n0")));
+    sim.write_verdict(0, "x", &backend(0, 5, 1, "n0"));
     sim.heal();
     let healed = sim.elapsed();
     assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
     assert!(sim.everyone_has("x", Some(&backend(0, 5, 1, "n0"))));
+}
+
+/// QA: a registration that repeats the row (the backend registers again
+/// after its expiry) changes only what a verdict changes; judged by the
+/// data it was taken for one and lost to a delete made before it.
+#[test]
+fn a_registration_that_repeats_the_row_is_a_decision_too() {
+    let mut sim = joined(SimConfig::wan(4, 14));
+    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    sim.write_verdict(0, "x", &backend(0, 1, 1, "n0"));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    sim.partition(|i| (i >= 2) as u8);
+    sim.run_for(Duration::from_secs(15));
+    sim.write(3, "x", Some(&backend(1, 1, 1, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    // Registered again, same fields: only `expired` differs.
+    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    assert!(
+        sim.everyone_has("x", Some(&backend(0, 1, 0, "n0"))),
+        "the later registration lost"
+    );
+}
+
+/// The same with the row not changed at all: the backend, live at POP 0,
+/// registers there again with the same fields after POP 3 deleted it. The
+/// store says it was a registration; that is a decision made after the
+/// delete, though the row's data did not change.
+#[test]
+fn a_registration_identical_to_the_row_is_versioned_anew() {
+    let mut sim = joined(SimConfig::wan(4, 15));
+    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    sim.partition(|i| (i >= 2) as u8);
+    sim.run_for(Duration::from_secs(15));
+    sim.write(3, "x", Some(&backend(1, 1, 1, "n0")));
+    sim.run_for(Duration::from_millis(100));
+    // An edit that repeats the row is nothing...
+    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    // ... a registration is.
+    sim.write_registration(0, "x", &backend(0, 1, 0, "n0"));
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    assert!(
+        sim.everyone_has("x", Some(&backend(0, 1, 0, "n0"))),
+        "the later registration lost"
+    );
 }
 
 #[test]
