@@ -213,7 +213,7 @@ fn bench_pick_scored(c: &mut Criterion) {
                 local,
                 &[],
                 scoring,
-                &select::Atomics,
+                &select::Atomics::at(Instant::now()),
             )
         })
     });

@@ -243,7 +243,7 @@ async fn serve_inner(
                     table,
                     now,
                     scoring,
-                    &select::Atomics,
+                    &select::Atomics::at(now),
                 )
             };
             let choice: Option<Choice> = if lctx.local_affinity {
@@ -296,7 +296,7 @@ async fn serve_inner(
             }
         }
         let deadline = ctx.connects.start(started, connect_timeout);
-        let (error, kind) = match deadlines::within(deadline, rt::connect(addr)).await {
+        let (error, kind, failed_at) = match deadlines::within(deadline, rt::connect(addr)).await {
             Some(Ok(stream)) => {
                 let connected = Instant::now();
                 ctx.stats.connect_latency.record(connected - started);
@@ -312,18 +312,24 @@ async fn serve_inner(
                 }
                 break (stream, live, connected);
             }
-            Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed),
+            // No clock read for when it failed: a refusal comes about when
+            // the attempt started (a round trip later), a timeout at the
+            // deadline.
+            Some(Err(e)) => (e.to_string(), PassiveKind::ConnectFailed, started),
             None => (
                 format!("timed out after {:?}", connect_timeout),
                 PassiveKind::ConnectTimeout,
+                started + connect_timeout,
             ),
         };
         record_connect_failure(ctx, &live);
         ctx.shared.passive.report(&live.id, kind);
         // One WARN when a backend starts failing, not one per failure: a
         // dead backend would otherwise log every connection that tried it.
-        // The control side logs a rate-limited summary of the counts.
-        if live.mark_failing() {
+        // The control side logs a rate-limited summary of the counts. The
+        // mark also puts it behind the backends that work, for a backoff
+        // (see `crate::backoff`), so the next clients do not try it first.
+        if live.mark_failing(started, failed_at) {
             tracing::warn!(shard = ctx.id, backend = %live.id, %addr, %error,
                 "backend connect failed: marked failing until a connect succeeds");
         } else {

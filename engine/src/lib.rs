@@ -7,6 +7,7 @@
 pub mod access;
 pub mod affinity;
 mod alarm;
+pub mod backoff;
 pub mod cbpf;
 mod conn;
 mod ctx;

@@ -26,6 +26,24 @@
 //! hard limit (`hard_limit == 0` means no hard limit), or when its index is in
 //! the `exclude` slice (backends already tried for this connection).
 //!
+//! # Backends whose connects fail
+//!
+//! A backend whose last connect failed is *cooling* until its backoff has
+//! passed (1 s after the first failure, doubling per failed probe up to
+//! 30 s: see [`crate::backoff`]; read through [`LiveView::cooling`]). A
+//! cooling backend loses to every eligible backend that is not cooling,
+//! whatever their tiers and loads: a nearer backend that refuses connections
+//! is worth less to the client than a farther one that accepts them. Among
+//! cooling backends the usual score decides, and one is picked when nothing
+//! else is eligible, so a pool that is all dead is still tried (and its
+//! recovery noticed). Once the backoff has passed, the backend competes
+//! normally again: the next client to pick it probes it. An affinity
+//! binding to a cooling backend is not honoured (see [`route`]).
+//!
+//! Without this, a dead backend that scores best would be tried first by
+//! every new client until health checks (when configured) took it out; with
+//! `connect_attempts` dead backends ahead of a live one, every client failed.
+//!
 //! [`route`] puts client affinity in front of [`pick`]: a client bound to a
 //! backend that is still usable keeps it; otherwise a fresh pick is made and
 //! the client is (re)bound to it. See [`route`] for the exact rules.
@@ -94,16 +112,22 @@ pub struct Scoring {
     pub rtt_weight: f64,
 }
 
-/// The live state selection reads for each backend: its open connections
-/// and its measured RTT. A plain closure `Fn(&Backend) -> u32` is a view of
-/// the connection count alone (RTT unknown), which is what tests inject;
-/// [`Atomics`] reads the shared counters in production.
+/// The live state selection reads for each backend: its open connections,
+/// its measured RTT and whether its connects fail. A plain closure
+/// `Fn(&Backend) -> u32` is a view of the connection count alone (RTT
+/// unknown, no backend cooling), which is what tests inject; [`Atomics`]
+/// reads the shared state in production.
 pub trait LiveView {
     /// Open connections to `b` right now.
     fn active(&self, b: &Backend) -> u32;
     /// `b`'s health-check RTT in microseconds; 0 = not measured.
     fn rtt_us(&self, _b: &Backend) -> u32 {
         0
+    }
+    /// `b`'s connects fail and its backoff has not passed: it goes behind
+    /// every backend that is not cooling (see the module documentation).
+    fn cooling(&self, _b: &Backend) -> bool {
+        false
     }
 }
 
@@ -113,9 +137,20 @@ impl<F: Fn(&Backend) -> u32> LiveView for F {
     }
 }
 
-/// The production [`LiveView`]: the backend's shared atomics.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Atomics;
+/// The production [`LiveView`]: the backend's shared atomics, with backoffs
+/// judged at the instant the caller read for this attempt (selection reads
+/// no clock).
+#[derive(Clone, Copy, Debug)]
+pub struct Atomics {
+    now: Instant,
+}
+
+impl Atomics {
+    /// A view of the shared state at `now`.
+    pub fn at(now: Instant) -> Self {
+        Atomics { now }
+    }
+}
 
 impl LiveView for Atomics {
     fn active(&self, b: &Backend) -> u32 {
@@ -124,6 +159,10 @@ impl LiveView for Atomics {
 
     fn rtt_us(&self, b: &Backend) -> u32 {
         b.live.rtt_us()
+    }
+
+    fn cooling(&self, b: &Backend) -> bool {
+        b.live.cooling(self.now)
     }
 }
 
@@ -214,9 +253,10 @@ pub fn pick(
     )
 }
 
-/// [`pick`] with the RTT tie-break of `scoring` (see the module
-/// documentation); `live` is read at most once per eligible candidate for
-/// its count, and for its RTT only when `scoring.rtt_weight` is positive.
+/// [`pick`] with the RTT tie-break of `scoring`, and with cooling backends
+/// behind all others (see the module documentation); `live` is read at most
+/// once per eligible candidate for its count and whether it cools, and for
+/// its RTT only when `scoring.rtt_weight` is positive.
 pub fn pick_scored(
     snap: &RoutingSnapshot,
     candidates: &[BackendIdx],
@@ -227,7 +267,10 @@ pub fn pick_scored(
     live: &impl LiveView,
 ) -> Option<Choice> {
     let use_rtt = scoring.rtt_weight > 0.0;
+    // The best backend that is not cooling, and the best that is: the
+    // second only counts when there is no first.
     let mut best: Option<(f64, Choice)> = None;
+    let mut best_cooling: Option<(f64, Choice)> = None;
     for &idx in candidates {
         if exclude.contains(&idx) {
             continue;
@@ -247,9 +290,13 @@ pub fn pick_scored(
         if use_rtt {
             s += rtt_term(live.rtt_us(b), scoring.rtt_weight);
         }
+        let slot = match live.cooling(b) {
+            false => &mut best,
+            true => &mut best_cooling,
+        };
         // Strictly lower: on a tie the earlier candidate stays.
-        if best.as_ref().is_none_or(|(bs, _)| s < *bs) {
-            best = Some((
+        if slot.as_ref().is_none_or(|(bs, _)| s < *bs) {
+            *slot = Some((
                 s,
                 Choice {
                     idx,
@@ -259,7 +306,7 @@ pub fn pick_scored(
             ));
         }
     }
-    best.map(|(_, c)| c)
+    best.or(best_cooling).map(|(_, c)| c)
 }
 
 /// Selects a backend for a connection from `client_ip`: affinity first, then
@@ -267,12 +314,14 @@ pub fn pick_scored(
 ///
 /// 1. If `affinity` holds a live binding for `client_ip` (which refreshes its
 ///    sliding TTL, see [`AffinityTable::lookup`]) and the bound backend id
-///    still exists in `snap`, is in `candidates`, is not in `exclude` and is
-///    [`eligible`], that backend is returned with `sticky: true`, even if
-///    another backend now scores better.
+///    still exists in `snap`, is in `candidates`, is not in `exclude`, is
+///    [`eligible`] and is not cooling ([`LiveView::cooling`]), that backend
+///    is returned with `sticky: true`, even if another backend now scores
+///    better.
 /// 2. Otherwise a binding that was found is forgotten (it points at a backend
-///    that is gone, not serving this listener, unhealthy, full, or that just
-///    failed this connection), and [`pick`] chooses. A successful pick binds
+///    that is gone, not serving this listener, unhealthy, full, failing its
+///    connects, or that just failed this connection), and [`pick`] chooses
+///    (which may choose a cooling backend again, when it is all there is). A successful pick binds
 ///    `client_ip` to the chosen backend's id, replacing any binding. If pick
 ///    finds nothing, `None` is returned and the client is left unbound.
 ///
@@ -332,7 +381,7 @@ pub fn route_scored(
         let usable = snap.find(&id).filter(|&idx| {
             candidates.contains(&idx) && !exclude.contains(&idx) && {
                 let b = snap.backend(idx);
-                b.healthy && eligible(b, live.active(b))
+                b.healthy && eligible(b, live.active(b)) && !live.cooling(b)
             }
         });
         if let Some(idx) = usable {
@@ -804,6 +853,176 @@ mod tests {
         assert_eq!(names, ["country", "region", "local", "fallback"]);
         let discr: Vec<_> = Tier::ALL.iter().map(|&t| t as u8).collect();
         assert_eq!(discr, [0, 1, 2, 3]);
+    }
+
+    // ---- backends whose connects fail ---------------------------------------
+
+    /// Records a failed connect to `id` at `at` on its shared live state.
+    fn fail(s: &RoutingSnapshot, id: &str, at: Instant) {
+        s.backend(s.find(id).unwrap()).live.mark_failing(at, at);
+    }
+
+    /// Picks among all backends of `s` as production does, with the live
+    /// state (loads, backoffs) judged at `now`.
+    fn pick_at<'s>(
+        s: &'s RoutingSnapshot,
+        geo: &ClientGeo,
+        exclude: &[BackendIdx],
+        now: Instant,
+    ) -> Option<&'s str> {
+        let c = pick_scored(
+            s,
+            s.candidates(None),
+            geo,
+            None,
+            exclude,
+            Scoring::default(),
+            &Atomics::at(now),
+        );
+        id_of(s, c)
+    }
+
+    /// The QA report: three dead backends ahead of a good one in table order,
+    /// `connect_attempts` = 3. Once each has failed a connect, new clients go
+    /// to the good one first instead of trying the three dead ones again.
+    #[test]
+    fn backends_that_failed_to_connect_go_behind_the_one_that_works() {
+        let s = snap(&[
+            rec("dead1", "web", "sa", None),
+            rec("dead2", "web", "sa", None),
+            rec("dead3", "web", "sa", None),
+            rec("good", "web", "sa", None),
+        ]);
+        let geo = client(&s, None, Some("sa"));
+        let t0 = Instant::now();
+        assert_eq!(pick_at(&s, &geo, &[], t0), Some("dead1"), "table order");
+        for id in ["dead1", "dead2", "dead3"] {
+            fail(&s, id, t0);
+        }
+        let soon = t0 + Duration::from_millis(10);
+        assert_eq!(pick_at(&s, &geo, &[], soon), Some("good"));
+    }
+
+    #[test]
+    fn a_cooling_backend_loses_to_a_working_one_in_a_farther_tier() {
+        let s = snap(&[
+            rec("near", "web", "sa", Some("BR")),
+            rec("far", "web", "us", None),
+        ]);
+        let geo = client(&s, Some("BR"), Some("sa"));
+        let t0 = Instant::now();
+        assert_eq!(pick_at(&s, &geo, &[], t0), Some("near"));
+        fail(&s, "near", t0);
+        assert_eq!(pick_at(&s, &geo, &[], t0), Some("far"));
+        // Even a loaded far backend beats it: it needs working, not idle.
+        let busy = |b: &Backend| if &*b.id == "far" { 5_000 } else { 0 };
+        struct Busy<'a, F>(&'a F, Instant);
+        impl<F: Fn(&Backend) -> u32> LiveView for Busy<'_, F> {
+            fn active(&self, b: &Backend) -> u32 {
+                (self.0)(b)
+            }
+            fn cooling(&self, b: &Backend) -> bool {
+                b.live.cooling(self.1)
+            }
+        }
+        let c = pick_scored(
+            &s,
+            s.candidates(None),
+            &geo,
+            None,
+            &[],
+            Scoring::default(),
+            &Busy(&busy, t0),
+        );
+        assert_eq!(id_of(&s, c), Some("far"));
+    }
+
+    #[test]
+    fn a_cooling_backend_is_still_picked_when_nothing_else_is_left() {
+        let mut sick = rec("sick", "web", "us", None);
+        sick.healthy = false;
+        let s = snap(&[
+            rec("near", "web", "sa", Some("BR")),
+            rec("tried", "web", "sa", None),
+            sick,
+        ]);
+        let geo = client(&s, Some("BR"), Some("sa"));
+        let t0 = Instant::now();
+        fail(&s, "near", t0);
+        let tried = s.find("tried").unwrap();
+        // The only other eligible one was tried for this connection, and an
+        // unhealthy one is no alternative.
+        assert_eq!(pick_at(&s, &geo, &[tried], t0), Some("near"));
+        let near = s.find("near").unwrap();
+        assert_eq!(pick_at(&s, &geo, &[tried, near], t0), None);
+    }
+
+    #[test]
+    fn among_cooling_backends_the_score_decides() {
+        let s = snap(&[
+            rec("far", "web", "us", None),
+            rec("near", "web", "sa", Some("BR")),
+        ]);
+        let geo = client(&s, Some("BR"), Some("sa"));
+        let t0 = Instant::now();
+        fail(&s, "far", t0);
+        fail(&s, "near", t0);
+        assert_eq!(pick_at(&s, &geo, &[], t0), Some("near"));
+    }
+
+    #[test]
+    fn a_cooling_backend_is_picked_again_once_its_backoff_has_passed() {
+        use crate::backoff::{backoff, BACKOFF_FIRST};
+        let s = snap(&[
+            rec("near", "web", "sa", Some("BR")),
+            rec("far", "web", "us", None),
+        ]);
+        let geo = client(&s, Some("BR"), Some("sa"));
+        let t0 = Instant::now();
+        fail(&s, "near", t0);
+        let ms = Duration::from_millis(1);
+        assert_eq!(pick_at(&s, &geo, &[], t0 + BACKOFF_FIRST - ms), Some("far"));
+        // Backoff over: the next client probes it.
+        let probe = t0 + BACKOFF_FIRST;
+        assert_eq!(pick_at(&s, &geo, &[], probe), Some("near"));
+        // The probe fails too: twice as long this time.
+        fail(&s, "near", probe);
+        let again = probe + backoff(2);
+        assert_eq!(pick_at(&s, &geo, &[], again - ms), Some("far"));
+        assert_eq!(pick_at(&s, &geo, &[], again), Some("near"));
+        // It connects: no longer failing, first again at once.
+        assert!(s.backend(s.find("near").unwrap()).live.mark_connecting());
+        fail(&s, "far", again);
+        assert_eq!(pick_at(&s, &geo, &[], again), Some("near"));
+    }
+
+    #[test]
+    fn a_binding_to_a_cooling_backend_is_replaced() {
+        let mut e = Env::new(two_web());
+        let t = Duration::ZERO;
+        e.table.bind(v4(1), "a".into(), e.t0);
+        fail(&e.s, "a", e.t0);
+        let route_at = |e: &mut Env, at: Duration| {
+            let c = route_scored(
+                &e.s,
+                e.s.candidates(Some("web")),
+                v4(1),
+                &e.geo,
+                None,
+                &[],
+                &mut e.table,
+                e.t0 + at,
+                Scoring::default(),
+                &Atomics::at(e.t0 + at),
+            )?;
+            Some((e.s.backend(c.idx).id.to_string(), c.sticky))
+        };
+        assert_eq!(route_at(&mut e, t), got("b", false));
+        assert_eq!(e.bound(v4(1), t).as_deref(), Some("b"));
+        // "b" fails too: a cooling binding is dropped even when the only
+        // alternative cools as well; the score decides between them.
+        fail(&e.s, "b", e.t0);
+        assert_eq!(route_at(&mut e, t), got("a", false));
     }
 
     // ---- route: affinity in front of pick -----------------------------------

@@ -7,17 +7,20 @@
 //! changes after it is built, so a connection that picked a backend from an old
 //! snapshot keeps that backend; only new connections see the new table.
 //!
-//! Live per-backend state (open connection count, connect failures) lives in
-//! [`BackendLive`], shared by `Arc` between the snapshots that contain the same
-//! backend id: counts survive snapshot swaps. [`LiveRegistry`] hands out those
+//! Live per-backend state (open connection count, connect failures and their
+//! backoff) lives in [`BackendLive`], shared by `Arc` between the snapshots
+//! that contain the same backend id: counts survive snapshot swaps. [`LiveRegistry`] hands out those
 //! `Arc`s when snapshots are built.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
+
+use crate::backoff::ConnectBackoff;
 
 /// An ISO 3166-1 alpha-2 country code, upper case ASCII (`*b"BR"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -77,9 +80,9 @@ pub struct BackendLive {
     /// half-open); shards report successes only then, so a healthy backend
     /// costs the passive channel nothing.
     pub watch_successes: AtomicBool,
-    /// The last connect attempt to it failed (passive state, for logging a
-    /// state change once rather than every failure).
-    pub failing: AtomicBool,
+    /// Whether its connects fail, and until when selection puts it behind
+    /// the backends whose connects work (see [`crate::backoff`]).
+    pub backoff: ConnectBackoff,
 }
 
 impl BackendLive {
@@ -106,21 +109,30 @@ impl BackendLive {
         self.watch_successes.store(on, Ordering::Relaxed);
     }
 
-    /// Records a failed connect; true when this changed the state (the
-    /// backend was not failing), which exactly one caller sees.
-    pub fn mark_failing(&self) -> bool {
-        !self.failing.swap(true, Ordering::Relaxed)
+    /// Records a failed connect attempt, started at `attempted` and failed
+    /// at `failed` (see [`ConnectBackoff::failed`]); true when this changed
+    /// the state (the backend was not failing), which exactly one caller
+    /// sees.
+    pub fn mark_failing(&self, attempted: Instant, failed: Instant) -> bool {
+        self.backoff.failed(attempted, failed)
     }
 
     /// Records a successful connect; true when the backend was failing. A
     /// plain load first: on the usual path (not failing) no shared cache line
     /// is written.
     pub fn mark_connecting(&self) -> bool {
-        self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed)
+        self.backoff.connected()
     }
 
+    /// The last connect attempt to it failed and none succeeded since.
     pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
+        self.backoff.is_failing()
+    }
+
+    /// Failing and inside its backoff at `now`: selection tries it only when
+    /// nothing else is left.
+    pub fn cooling(&self, now: Instant) -> bool {
+        self.backoff.cooling(now)
     }
 }
 
@@ -653,9 +665,10 @@ mod tests {
     #[test]
     fn failing_state_changes_are_seen_once() {
         let live = BackendLive::default();
+        let now = Instant::now();
         assert!(!live.mark_connecting(), "not failing: nothing to report");
-        assert!(live.mark_failing());
-        assert!(!live.mark_failing(), "already failing");
+        assert!(live.mark_failing(now, now));
+        assert!(!live.mark_failing(now, now), "already failing");
         assert!(live.is_failing());
         assert!(live.mark_connecting());
         assert!(!live.mark_connecting());
