@@ -231,6 +231,10 @@ async fn serve_inner(
             let local_region = snap.region_id(&ctx.shared.settings.local_region);
             let exclude: Vec<BackendIdx> = failed.iter().filter_map(|id| snap.find(id)).collect();
             let candidates = snap.candidates(lctx.spec.app.as_deref());
+            let live_view = match failed.is_empty() {
+                true => select::Atomics::at(now),
+                false => select::Atomics::at(now).without_probes(),
+            };
             let route = |table: &mut crate::affinity::AffinityTable| {
                 ctx.sync_affinity(table);
                 select::route_scored(
@@ -243,7 +247,7 @@ async fn serve_inner(
                     table,
                     now,
                     scoring,
-                    &select::Atomics::at(now),
+                    &live_view,
                 )
             };
             let choice: Option<Choice> = if lctx.local_affinity {

@@ -37,8 +37,10 @@
 //! cooling backends the usual score decides, and one is picked when nothing
 //! else is eligible, so a pool that is all dead is still tried (and its
 //! recovery noticed). Once the backoff has passed, the backend competes
-//! normally again: the next client to pick it probes it. An affinity
-//! binding to a cooling backend is not honoured (see [`route`]).
+//! normally again: the next client to pick it probes it. Only on its first
+//! attempt, though: a retry counts every failing backend as cooling
+//! ([`Atomics::without_probes`]), so a connection probes at most one. An
+//! affinity binding to a cooling backend is not honoured (see [`route`]).
 //!
 //! Without this, a dead backend that scores best would be tried first by
 //! every new client until health checks (when configured) took it out; with
@@ -143,12 +145,27 @@ impl<F: Fn(&Backend) -> u32> LiveView for F {
 #[derive(Clone, Copy, Debug)]
 pub struct Atomics {
     now: Instant,
+    probes: bool,
 }
 
 impl Atomics {
-    /// A view of the shared state at `now`.
+    /// A view of the shared state at `now`, for a connection's first
+    /// attempt: a failing backend whose backoff has passed competes
+    /// normally (it is probed).
     pub fn at(now: Instant) -> Self {
-        Atomics { now }
+        Atomics { now, probes: true }
+    }
+
+    /// The same for a retry: every failing backend counts as cooling, its
+    /// backoff passed or not. A connection probes at most one failing
+    /// backend, on its first attempt, so that when the backoffs of several
+    /// dead backends end together, one client does not spend all its
+    /// attempts probing them.
+    pub fn without_probes(self) -> Self {
+        Atomics {
+            probes: false,
+            ..self
+        }
     }
 }
 
@@ -162,7 +179,10 @@ impl LiveView for Atomics {
     }
 
     fn cooling(&self, b: &Backend) -> bool {
-        b.live.cooling(self.now)
+        match self.probes {
+            true => b.live.cooling(self.now),
+            false => b.live.is_failing(),
+        }
     }
 }
 
@@ -994,6 +1014,41 @@ mod tests {
         assert!(s.backend(s.find("near").unwrap()).live.mark_connecting());
         fail(&s, "far", again);
         assert_eq!(pick_at(&s, &geo, &[], again), Some("near"));
+    }
+
+    #[test]
+    fn a_retry_does_not_probe_another_failing_backend() {
+        use crate::backoff::BACKOFF_FIRST;
+        let s = snap(&[
+            rec("dead1", "web", "sa", None),
+            rec("dead2", "web", "sa", None),
+            rec("good", "web", "sa", None),
+        ]);
+        let geo = client(&s, None, Some("sa"));
+        let t0 = Instant::now();
+        fail(&s, "dead1", t0);
+        fail(&s, "dead2", t0);
+        // Both backoffs end together: the first attempt probes one...
+        let t = t0 + BACKOFF_FIRST;
+        assert_eq!(pick_at(&s, &geo, &[], t), Some("dead1"));
+        // ...and when that fails, the retry goes to the one that works.
+        let dead1 = s.find("dead1").unwrap();
+        let retry = |exclude: &[BackendIdx]| {
+            let c = pick_scored(
+                &s,
+                s.candidates(None),
+                &geo,
+                None,
+                exclude,
+                Scoring::default(),
+                &Atomics::at(t).without_probes(),
+            );
+            id_of(&s, c)
+        };
+        assert_eq!(retry(&[dead1]), Some("good"));
+        // With nothing else left, a retry still tries a failing one.
+        let good = s.find("good").unwrap();
+        assert_eq!(retry(&[dead1, good]), Some("dead2"));
     }
 
     #[test]
