@@ -614,6 +614,55 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
     );
 }
 
+/// The stand-in restarted while the POP it stands in for was down: the
+/// restart forgot the down member (this run's membership never heard of
+/// it), so nobody expired its backends and `cluster status` no longer
+/// listed it.
+#[test]
+fn a_restarted_stand_in_still_expires_the_backends_of_a_pop_that_is_down() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(3, None, |_| String::new());
+    c.api_extra = "heartbeat_ttl_secs = 10".into();
+    for i in 0..3 {
+        c.launch(i);
+    }
+    c.wait_joined();
+    assert_eq!(
+        c.register(2, "orphan", "10.77.0.1:9400".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c
+        .row(0, "orphan", "heartbeat_pop")
+        .as_deref()
+        == Some("node-2")));
+    c.kill(2);
+    // POP 0 (the stand-in: first alive by id) has recorded it down.
+    assert!(
+        common::eventually(PATIENCE, || c.meta(0, "down_since:node-2").is_some()),
+        "POP 0 did not record POP 2 down"
+    );
+    assert_eq!(
+        c.row(0, "orphan", "expired").as_deref(),
+        Some("0"),
+        "expired before the restart: nothing left to check"
+    );
+    c.kill(0);
+    c.launch(0);
+    assert!(
+        common::eventually(PATIENCE, || c.member_state(0, 2).as_deref() == Some("down")),
+        "the restarted POP does not list the down member: {}",
+        c.cluster_status(0)
+    );
+    assert!(
+        common::eventually(PATIENCE, || (0..2)
+            .all(|i| c.row(i, "orphan", "expired").as_deref() == Some("1"))),
+        "the down POP's backend was not expired: {:?}",
+        (0..2)
+            .map(|i| c.row(i, "orphan", "expired"))
+            .collect::<Vec<_>>()
+    );
+}
+
 /// Across a partition, the heartbeat's judge expired a backend that an
 /// operator had deleted on the other side: its verdict, the later write,
 /// brought the row back everywhere at the heal (last-writer-wins). A

@@ -508,7 +508,9 @@ impl Bound {
             local_changes: 0,
             pops: HashMap::new(),
             alone_logged: false,
-            membership_dirty: false,
+            // Members held down at the previous run's end are down for the
+            // stand-in and in the status from the first turn of the loop.
+            membership_dirty: true,
             contact_saved: last_contact,
             absences_saved,
             seeds,
@@ -566,7 +568,7 @@ struct Driver {
     recent_lag_ms: Option<u64>,
     local_changes: u64,
     /// Names and regions of POPs, from the `pops` table, for status.
-    pops: HashMap<String, (String, String)>,
+    pops: HashMap<String, PopRow>,
     alone_logged: bool,
     /// Membership changed outside an event (a forget): refresh liveness
     /// and status at the next `carry_out`.
@@ -833,20 +835,21 @@ impl Driver {
                 .collect();
             let now_ms = crate::routing::unix_ms(std::time::SystemTime::now());
             let known = self.down.load();
-            // A forgotten POP is no longer listed, but its backends'
-            // heartbeats still reach nobody: it stays down for the stand-in
-            // (`routing::StandIn`), which expires them.
+            // Members held down, those of the previous run included (see
+            // `Node::down_members`). A forgotten POP is no longer listed,
+            // but its backends' heartbeats still reach nobody: it stays down
+            // for the stand-in (`routing::StandIn`), which expires them.
             let down: HashMap<String, i64> = self
                 .node
-                .members()
+                .down_members()
                 .into_iter()
-                .filter(|m| m.state == MemberState::Down && !alive.contains(&*m.peer.id))
-                .map(|m| m.peer.id.to_string())
-                .chain(self.node.forgotten_ids().iter().map(|id| id.to_string()))
-                .map(|id| {
+                .map(|m| (m.id.to_string(), m.unheard_since_ms as i64))
+                .chain(self.node.forgotten_ids().iter().map(|id| {
+                    let id = id.to_string();
                     let since = known.get(&id).copied().unwrap_or(now_ms);
                     (id, since)
-                })
+                }))
+                .filter(|(id, _)| !alive.contains(id))
                 .collect();
             if **known != down {
                 self.down.store(Arc::new(down));
@@ -1072,23 +1075,42 @@ impl Driver {
         }
         // Names and regions come from the replicated pops table.
         if let Ok(rows) = self.reloader.lock().store_mut().load_pops() {
-            self.pops = rows
-                .into_iter()
-                .map(|r| (r.node_id, (r.name, r.region)))
-                .collect();
+            self.pops = rows.into_iter().map(|r| (r.node_id.clone(), r)).collect();
         }
         let s = self.node.settings();
         let stats = &self.node.stats;
-        let members = self
+        let members = self.node.members();
+        // Members held down since the previous run, which this run's
+        // membership has not heard of: listed from their `pops` rows.
+        let restored: Vec<MemberView> = self
             .node
-            .members()
+            .down_members()
+            .into_iter()
+            .filter(|d| d.restored && !members.iter().any(|m| m.peer.id == d.id))
+            .map(|d| {
+                let pop = self.pops.get(&*d.id);
+                MemberView {
+                    node_id: d.id.to_string(),
+                    name: pop.map(|p| p.name.clone()),
+                    region: pop.map(|p| p.region.clone()),
+                    gossip_addr: pop.map(|p| p.gossip_addr.clone()).unwrap_or_default(),
+                    transport_addr: pop.map(|p| p.transport_addr.clone()).unwrap_or_default(),
+                    state: MemberState::Down.as_str().to_string(),
+                    rtt_ms: None,
+                    last_sync_secs: None,
+                    in_sync: false,
+                    lag_ms: None,
+                }
+            })
+            .collect();
+        let members = members
             .into_iter()
             .map(|m| {
                 let pop = self.pops.get(&*m.peer.id);
                 MemberView {
                     node_id: m.peer.id.to_string(),
-                    name: pop.map(|p| p.0.clone()),
-                    region: pop.map(|p| p.1.clone()),
+                    name: pop.map(|p| p.name.clone()),
+                    region: pop.map(|p| p.region.clone()),
                     gossip_addr: m.peer.gossip.to_string(),
                     transport_addr: m.peer.transport.to_string(),
                     state: m.state.as_str().to_string(),
@@ -1101,6 +1123,7 @@ impl Driver {
                     lag_ms: m.sync.last_lag_ms,
                 }
             })
+            .chain(restored)
             .collect();
         self.status.publish(ClusterStatus {
             enabled: true,

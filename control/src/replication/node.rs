@@ -21,7 +21,7 @@
 //! datagrams and messages to send, rows to persist, events to log. Time
 //! (monotonic and wall) is always passed in.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -383,6 +383,10 @@ pub struct Node {
     /// yet replaced by a contact of this run.
     contact_persisted: bool,
     absences: Absences,
+    /// Members down at the previous run's end (restored from
+    /// [`Absences::down_since`]) that this run has not seen since, and when
+    /// this run restored them (Unix ms): see [`Node::down_members`].
+    restored_down: (HashSet<NodeId>, u64),
     pub stats: Stats,
 }
 
@@ -399,6 +403,19 @@ pub enum WriteKind {
     Registration,
     /// This POP's own judgement: an expiry verdict, heartbeats taken over.
     Verdict,
+}
+
+/// A member held down, see [`Node::down_members`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownMember {
+    pub id: NodeId,
+    /// Declared down here (Unix ms), in this run or the previous one.
+    pub since_ms: u64,
+    /// Since when a stand-in may count its backends' heartbeats unheard.
+    pub unheard_since_ms: u64,
+    /// Known from the previous run only: this run's membership has not
+    /// heard of it.
+    pub restored: bool,
 }
 
 /// What a node remembers of members that went down, kept in its database
@@ -458,6 +475,7 @@ impl Node {
             last_contact_ms: None,
             contact_persisted: false,
             absences: Absences::default(),
+            restored_down: (HashSet::new(), 0),
             stats: Stats::default(),
             s,
         }
@@ -539,7 +557,38 @@ impl Node {
         absences.down_since.remove(&self.s.id);
         absences.owed.remove(&self.s.id);
         absences.owed.retain(|_, since| *since >= cap);
+        self.restored_down = (absences.down_since.keys().cloned().collect(), now.wall_ms);
         self.absences = absences;
+    }
+
+    /// The members this node holds down (no live identity holds their id),
+    /// each with since when (Unix ms) its backends' heartbeats have reached
+    /// no POP, as far as a stand-in judging their expiry may count
+    /// (`routing::StandIn`). A member held down at the previous run's end
+    /// counts from then, though this run's membership has not heard of it
+    /// (until 2026-12-05 a restart forgot it: its backends were expired by
+    /// nobody and `cluster status` no longer listed it); but the stand-in
+    /// counts from this run's start, no earlier: the member may have come
+    /// back while this node was stopped, and gossip says so well within a
+    /// heartbeat TTL.
+    pub fn down_members(&self) -> Vec<DownMember> {
+        let (restored, restored_at) = &self.restored_down;
+        self.absences
+            .down_since
+            .iter()
+            .map(|(id, &since_ms)| {
+                let restored = restored.contains(id);
+                DownMember {
+                    id: id.clone(),
+                    since_ms,
+                    unheard_since_ms: match restored {
+                        true => since_ms.max(*restored_at),
+                        false => since_ms,
+                    },
+                    restored,
+                }
+            })
+            .collect()
     }
 
     /// The latest timestamp this node issued or saw (persist it so a restart
@@ -1299,6 +1348,7 @@ impl Node {
             let mut back = None;
             match &e {
                 MemberEvent::Up(peer) | MemberEvent::Replaced { new: peer, .. } => {
+                    self.restored_down.0.remove(&peer.id);
                     if let Some(since) = self.absences.down_since.remove(&peer.id) {
                         let down_ms = now.wall_ms.saturating_sub(since);
                         let ttl_ms = self.s.tombstone_ttl.as_millis() as u64;
@@ -1324,6 +1374,7 @@ impl Node {
                     }
                 }
                 MemberEvent::Down(peer) => {
+                    self.restored_down.0.remove(&peer.id);
                     // The POP is down only if no other identity (the POP at
                     // a new address) holds the id; the first time counts.
                     if peer.id != self.s.id && self.holder_of(&peer.id).is_none() {

@@ -1196,3 +1196,39 @@ fn a_stale_persisted_contact_does_not_warn_of_a_silence_shorter_than_the_ttl() {
         .any(|(_, i, e)| *i == 2 && matches!(e, Event::ContactAfterTombstoneTtl { .. }));
     assert!(!said, "silent 580 s of a 600 s TTL, warned");
 }
+
+/// A restarted POP still holds down the members it held down before: the
+/// stand-in expiring their backends and `cluster status` read them. Their
+/// heartbeats count as unheard from the restart only (the member may have
+/// come back meanwhile), and a member seen again is no longer held down.
+#[test]
+fn a_restarted_pop_still_holds_down_the_members_it_held_down() {
+    let mut sim = joined(SimConfig::wan(3, 46));
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(30));
+    let down_at = sim.saw_down(0, 2).expect("node 0 saw node 2 down");
+    let before: Vec<_> = sim.nodes[0].down_members();
+    assert_eq!(before.len(), 1);
+    assert!(!before[0].restored);
+    assert_eq!(before[0].since_ms, before[0].unheard_since_ms);
+    let since = before[0].since_ms;
+
+    sim.crash(0);
+    sim.run_for(Duration::from_secs(5));
+    sim.restart(0, 1);
+    let restarted_ms = sim.now().wall_ms;
+    sim.run_for(Duration::from_secs(30));
+    let after = sim.nodes[0].down_members();
+    assert_eq!(after.len(), 1, "node 0 forgot the down member: {after:?}");
+    let d = &after[0];
+    assert_eq!(&*d.id, "n2");
+    assert_eq!(d.since_ms, since, "declared down at {down_at:?}");
+    assert!(d.restored, "this run has not heard of it");
+    assert_eq!(d.unheard_since_ms, restarted_ms.max(since));
+
+    // It comes back: no longer held down.
+    sim.restart(2, 1);
+    let back = sim.elapsed();
+    assert!(sim.run_until(back + Duration::from_secs(60), |s| s.membership_complete()));
+    assert!(sim.nodes[0].down_members().is_empty());
+}
