@@ -759,6 +759,44 @@ fn partitioned_with_a_backend_of_pop_0() -> Cluster {
     c
 }
 
+/// A POP started on a database copied from elsewhere (or rebuilt by
+/// replication) has no heartbeat recorded for the backends it judges:
+/// their verdict stayed "not expired" for good, though none heartbeats.
+#[test]
+fn a_pop_on_a_copied_database_expires_backends_that_never_heartbeat_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(1, None, |_| String::new());
+    c.api_extra = "heartbeat_ttl_secs = 2".into();
+    c.launch(0);
+    assert_eq!(
+        c.register(0, "silent", "10.77.0.1:9500".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c
+        .row(0, "silent", "heartbeat_pop")
+        .as_deref()
+        == Some("node-0")));
+    c.kill(0);
+    // The local-only column, as a copy or a rebuild leaves it.
+    let conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+    conn.execute(
+        "UPDATE backends SET last_heartbeat_ms = NULL, expired = 0 WHERE id = 'silent'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    c.launch(0);
+    c.pop(0)
+        .wait_for_log("no heartbeat recorded here", PATIENCE)
+        .expect("no WARN about the backends without a heartbeat");
+    assert!(
+        common::eventually(PATIENCE, || c.row(0, "silent", "expired").as_deref()
+            == Some("1")),
+        "the backend never expired: {:?}",
+        c.api(0, "GET", "/api/v1/backends/silent", None)
+    );
+}
+
 /// A POP whose clock had been ahead stamped its rows in the future; after
 /// its clock was fixed its peers still dropped what it wrote (for as long
 /// as the clock had been ahead) and only their logs said so.

@@ -30,6 +30,7 @@
 //! routing (drained and expired backends take no new connections) is decided
 //! by `crate::routing`, not here.
 
+use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -408,6 +409,10 @@ pub struct RoutingStore {
     /// This POP's node id: registrations and heartbeats received here make
     /// it the backend's `heartbeat_pop`.
     node_id: Option<String>,
+    /// When this process took the node id (Unix ms), and the ids of the
+    /// backends already said to have no heartbeat recorded here (see
+    /// [`RoutingStore::assume_heard_at_start`]).
+    judging_since: (i64, HashSet<String>),
 }
 
 /// How long the table must stay unchanged before [`RoutingStore::changed`]
@@ -447,12 +452,51 @@ impl RoutingStore {
             last_activity: Instant::now(),
             quiet_before_checkpoint: QUIET_BEFORE_CHECKPOINT,
             node_id: None,
+            judging_since: (0, HashSet::new()),
         })
     }
 
     /// Sets this POP's node id (see [`Lifecycle::heartbeat_pop`]).
     pub fn set_node_id(&mut self, id: &str) {
         self.node_id = Some(id.to_string());
+        self.judging_since.0 = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64);
+    }
+
+    /// A backend whose heartbeats this POP judges (`heartbeat_pop` is this
+    /// node) but with no heartbeat recorded here: the database was copied
+    /// from another POP, or rebuilt by replication after a loss
+    /// (`last_heartbeat_ms` never replicates). Its expiry counted from
+    /// nothing, so its verdict stayed "not expired" for good, though no
+    /// heartbeat may ever come (QA, 2026-12-05). It now counts as heard when
+    /// this process took the node id: it has one heartbeat TTL to heartbeat
+    /// again. Said once per backend.
+    fn assume_heard_at_start(&mut self, loaded: &mut Loaded) {
+        let Some(me) = self.node_id.as_deref() else {
+            return;
+        };
+        let (since, said) = &mut self.judging_since;
+        let mut new = Vec::new();
+        for (rec, life) in loaded.records.iter().zip(loaded.lifecycle.iter_mut()) {
+            if life.last_heartbeat_ms.is_none()
+                && !rec.deleted
+                && life.heartbeat_pop.as_deref() == Some(me)
+            {
+                life.last_heartbeat_ms = Some(*since);
+                if said.insert(rec.id.clone()) {
+                    new.push(rec.id.as_str());
+                }
+            }
+        }
+        if !new.is_empty() {
+            warn!(
+                path = %self.path.display(),
+                backends = %new.join(", "),
+                "backends this POP judges have no heartbeat recorded here (database copied or rebuilt?): \
+                 they count as heard at start and expire unless they heartbeat within the TTL"
+            );
+        }
     }
 
     pub fn node_id(&self) -> Option<&str> {
@@ -484,10 +528,11 @@ impl RoutingStore {
         // Before reading: a commit that lands in between shows up as a change
         // on the next tick instead of being missed.
         let fp = fingerprint(&live.conn, path)?;
-        let loaded = read_rows(&live.conn, path, None)?;
+        let mut loaded = read_rows(&live.conn, path, None)?;
         self.seen = Some(fp);
         self.dirty = false;
         self.last_activity = Instant::now();
+        self.assume_heard_at_start(&mut loaded);
         Ok(loaded)
     }
 
@@ -854,10 +899,16 @@ impl RoutingStore {
     fn peek_rows(&mut self, only: Option<&str>) -> Result<Loaded, StoreError> {
         let result = fresh(&self.path, &mut self.live)
             .and_then(|(live, _)| read_rows(&live.conn, &self.path, only));
-        if result.is_err() {
-            self.live = None;
+        match result {
+            Ok(mut loaded) => {
+                self.assume_heard_at_start(&mut loaded);
+                Ok(loaded)
+            }
+            Err(e) => {
+                self.live = None;
+                Err(e)
+            }
         }
-        result
     }
 
     /// [`write`] for a change that moves no route: when nothing else changed
@@ -2057,6 +2108,47 @@ mod tests {
         let loaded = store.peek().unwrap();
         let i = loaded.records.iter().position(|r| r.id == id).unwrap();
         (loaded.records[i].clone(), loaded.lifecycle[i].clone())
+    }
+
+    /// A database copied from another POP (or rebuilt by replication) has
+    /// no `last_heartbeat_ms` for the backends this POP judges: they count
+    /// as heard when the node id was taken, so they can expire.
+    #[test]
+    fn backends_judged_here_without_a_heartbeat_count_as_heard_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.set_node_id("n1");
+        store.register(&rec("mine", 80), 1_000).unwrap();
+        store.register(&rec("gone", 81), 1_000).unwrap();
+        store.set_node_id("n2");
+        store.register(&rec("theirs", 82), 1_000).unwrap();
+        assert!(store.deregister("gone").unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("UPDATE backends SET last_heartbeat_ms = NULL", [])
+            .unwrap();
+        let before = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let mut store = RoutingStore::open(&path).unwrap();
+        store.set_node_id("n1");
+        let (_, mine) = lifecycle_of(&mut store, "mine");
+        let heard = mine.last_heartbeat_ms.expect("counts as heard");
+        assert!(heard >= before, "{heard} < {before}");
+        assert_eq!(lifecycle_of(&mut store, "theirs").1.last_heartbeat_ms, None);
+        assert_eq!(lifecycle_of(&mut store, "gone").1.last_heartbeat_ms, None);
+        // The same through load() and for one row; the instant does not move.
+        let loaded = store.load().unwrap();
+        let i = loaded.records.iter().position(|r| r.id == "mine").unwrap();
+        assert_eq!(loaded.lifecycle[i].last_heartbeat_ms, Some(heard));
+        assert_eq!(
+            store.peek_one("mine").unwrap().lifecycle[0].last_heartbeat_ms,
+            Some(heard)
+        );
+        // Without a node id nothing is judged by owner: nothing assumed.
+        let mut alone = RoutingStore::open(&path).unwrap();
+        assert_eq!(lifecycle_of(&mut alone, "mine").1.last_heartbeat_ms, None);
     }
 
     #[test]
