@@ -17,6 +17,7 @@ pub mod geo;
 mod idle;
 pub mod listener;
 pub mod log_limit;
+pub mod own_listeners;
 pub mod passive;
 pub mod pool;
 pub mod proxy_protocol;

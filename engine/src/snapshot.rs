@@ -21,6 +21,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 
 use crate::backoff::ConnectBackoff;
+use crate::own_listeners::{LocalIpsOnce, OwnListeners};
 
 /// An ISO 3166-1 alpha-2 country code, upper case ASCII (`*b"BR"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -228,6 +229,16 @@ pub enum RecordError {
     BadCountry(String),
     #[error("duplicate id")]
     DuplicateId,
+    /// Connections to it would come back into this proxy (see
+    /// `crate::own_listeners`).
+    #[error(
+        "address {addr} is this proxy's own listener {listener}: every connection routed \
+         to it would loop back into the proxy"
+    )]
+    OwnListener {
+        addr: SocketAddr,
+        listener: SocketAddr,
+    },
 }
 
 /// A value a record holds that the snapshot reads as something else: the
@@ -406,6 +417,8 @@ impl LiveRegistry {
 pub struct SnapshotBuilder {
     live: LiveRegistry,
     next_version: u64,
+    /// Backends at these addresses are left out.
+    own: OwnListeners,
 }
 
 /// Result of building a snapshot: the snapshot, the records left out, and
@@ -422,8 +435,20 @@ impl SnapshotBuilder {
         Self::default()
     }
 
+    /// The proxy's own listeners: from the next build on, a record whose
+    /// address reaches one is left out ([`RecordError::OwnListener`]).
+    /// None by default.
+    pub fn set_own_listeners(&mut self, own: OwnListeners) {
+        self.own = own;
+    }
+
+    pub fn own_listeners(&self) -> &OwnListeners {
+        &self.own
+    }
+
     /// Builds the next snapshot. Deleted records are left out silently; invalid
-    /// ones are left out and reported in [`Built::skipped`]; routed ones with
+    /// ones, and those at one of the proxy's own listeners, are left out and
+    /// reported in [`Built::skipped`]; routed ones with
     /// a weight or soft limit of 0 are reported in [`Built::notes`].
     /// Unhealthy backends stay in (selection excludes them) so that their
     /// live counts persist.
@@ -435,10 +460,20 @@ impl SnapshotBuilder {
         };
         let mut skipped = Vec::new();
         let mut notes = Vec::new();
+        let mut local = LocalIpsOnce::default();
         for rec in records.iter().filter(|r| !r.deleted) {
             match validate(rec) {
                 Err(e) => skipped.push((rec.id.clone(), e)),
                 Ok(v) => {
+                    let mut is_local = |ip| local.contains(ip);
+                    if let Some(listener) = self.own.reached_by(v.addr, &mut is_local) {
+                        let e = RecordError::OwnListener {
+                            addr: v.addr,
+                            listener,
+                        };
+                        skipped.push((rec.id.clone(), e));
+                        continue;
+                    }
                     let id: Arc<str> = Arc::from(rec.id.as_str());
                     if snap.by_id.contains_key(&id) {
                         skipped.push((rec.id.clone(), RecordError::DuplicateId));
@@ -606,6 +641,29 @@ mod tests {
         assert_eq!(built.snapshot.backends[0].country, Some(Country(*b"BR")));
         let ids: Vec<_> = built.skipped.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(ids, ["b1", "b2", "b3"]);
+    }
+
+    /// A backend registered at the proxy's own listener made every
+    /// connection come back in as a new client until the connection limit
+    /// was full of one client's hops.
+    #[test]
+    fn a_record_at_an_own_listener_is_skipped() {
+        let mut builder = SnapshotBuilder::new();
+        builder.set_own_listeners(OwnListeners::new(["127.0.0.1:18380".parse().unwrap()]));
+        let built = builder.build(&[
+            record("self", "web", "sa", None, 18380),
+            record("other", "web", "sa", None, 18381),
+        ]);
+        let ids: Vec<&str> = built.snapshot.backends.iter().map(|b| &*b.id).collect();
+        assert_eq!(ids, ["other"]);
+        assert_eq!(built.skipped.len(), 1);
+        let (id, e) = &built.skipped[0];
+        assert_eq!(id, "self");
+        assert!(matches!(e, RecordError::OwnListener { .. }), "{e:?}");
+        assert!(e.to_string().contains("loop back"), "{e}");
+        // Without the listener set (the default), it is routed.
+        let built = SnapshotBuilder::new().build(&[record("self", "web", "sa", None, 18380)]);
+        assert_eq!(built.snapshot.backends.len(), 1);
     }
 
     #[test]
