@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use engine::geo::{GeoDb, GeoResolver, RegionMap};
+use engine::own_listeners::OwnListeners;
 use engine::snapshot::Country;
 use engine::{Engine, EngineSettings, Knobs, ListenerSpec};
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -76,9 +77,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             store.upsert(rec)?;
         }
     }
-    let reloader = SharedReloader::new(RoutingReloader::start_with_ttl(
+    // Rows pointing at a listener would loop: left out from the first
+    // snapshot on (the listeners are bound, their ports known).
+    let own = OwnListeners::new(sockets.listeners.local_addrs());
+    let reloader = SharedReloader::new(RoutingReloader::start_with(
         store,
         Some(config.api.heartbeat_ttl),
+        own,
     )?);
     // `[postgres]`: the database's table, mirrored into routing.db before
     // the first snapshot is read (bounded wait; see `pg_source`).
@@ -420,6 +425,12 @@ fn bind_all(
     })
 }
 
+/// The addresses the engine's listeners are bound to: a backend there
+/// would loop (see `engine::own_listeners`).
+fn own_listeners(engine: &Engine) -> OwnListeners {
+    OwnListeners::new(engine.listeners().iter().map(|l| l.local_addr))
+}
+
 /// (name, app) of each configured listener, for `no_backend_warn`.
 fn listener_apps(config: &Config) -> Vec<(String, Option<String>)> {
     config
@@ -621,6 +632,7 @@ fn reload_config(
         // eligible backend.
         let mut reloader = reloader.lock();
         reloader.coverage_mut().set_listeners(listener_apps(config));
+        reloader.set_own_listeners(own_listeners(engine));
         reloader.reload();
     }
     tls.refresh(true);

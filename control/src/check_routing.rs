@@ -4,13 +4,15 @@
 //! Errors are what would stop `run` (the path's directory does not exist, it
 //! is a directory, the file is not a routing store). Warnings are what would
 //! cost traffic: a table that does not exist yet (created empty by `run`),
-//! rows the proxy would skip, rows with a weight or soft limit of 0 (read
+//! rows the proxy would skip (a row at one of the listeners' addresses
+//! among them), rows with a weight or soft limit of 0 (read
 //! as 1: see `engine::snapshot::RecordNote`), and each listener with no eligible backend
 //! (`crate::no_backend_warn`), counting the demo backends `run` would add.
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
+use engine::own_listeners::OwnListeners;
 use engine::snapshot::{BackendRecord, SnapshotBuilder};
 
 use crate::config::Config;
@@ -49,7 +51,11 @@ pub fn warnings(
         None,
         &StandIn::default(),
     );
-    let built = SnapshotBuilder::new().build(&loaded.records);
+    // As configured: a listener on port 0 gets its port only when `run`
+    // binds it, and no row can point at port 0.
+    let mut builder = SnapshotBuilder::new();
+    builder.set_own_listeners(OwnListeners::new(config.listeners.iter().map(|l| l.addr)));
+    let built = builder.build(&loaded.records);
     for (id, reason) in &built.skipped {
         out.push(format!(
             "routing row {id} is invalid and would be skipped: {reason}"

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use engine::own_listeners::OwnListeners;
 use engine::snapshot::{BackendRecord, Country, PopView, SnapshotBuilder, SnapshotHandle};
 
 use crate::no_backend_warn::Coverage;
@@ -233,11 +234,21 @@ impl RoutingReloader {
     /// as unhealthy (`None`: nothing expires).
     ///
     /// [`start`]: RoutingReloader::start
-    pub fn start_with_ttl(
+    pub fn start_with_ttl(store: RoutingStore, ttl: Option<Duration>) -> Result<Self, StoreError> {
+        Self::start_with(store, ttl, OwnListeners::default())
+    }
+
+    /// [`start_with_ttl`], with rows at one of the proxy's own listeners
+    /// (`own`) left out of every snapshot, the first one included.
+    ///
+    /// [`start_with_ttl`]: RoutingReloader::start_with_ttl
+    pub fn start_with(
         mut store: RoutingStore,
         ttl: Option<Duration>,
+        own: OwnListeners,
     ) -> Result<Self, StoreError> {
         let mut builder = SnapshotBuilder::new();
+        builder.set_own_listeners(own);
         let mut loaded = load_logged(&mut store)?;
         let Expiry {
             expired,
@@ -317,6 +328,19 @@ impl RoutingReloader {
             health.published(version);
         }
         version
+    }
+
+    /// The proxy's listeners as they are bound now: rows reaching one are
+    /// left out from the next build on (the caller reloads; a SIGHUP does).
+    pub fn set_own_listeners(&mut self, own: OwnListeners) {
+        self.builder.set_own_listeners(own);
+    }
+
+    /// What [`set_own_listeners`] last set.
+    ///
+    /// [`set_own_listeners`]: RoutingReloader::set_own_listeners
+    pub fn own_listeners(&self) -> &OwnListeners {
+        self.builder.own_listeners()
     }
 
     /// The heartbeat TTL (`None`: nothing expires).

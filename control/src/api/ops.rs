@@ -257,6 +257,17 @@ fn step(op: Op, reloader: &mut RoutingReloader, now: SystemTime, batch: &mut Bat
             json!({ "field": "health_check.command" }),
         ),
         Op::Register(rec, check) => {
+            // Checked here, not with the other fields: the listeners' bound
+            // addresses are the control loop's (they change with SIGHUP).
+            let mut local = engine::own_listeners::LocalIpsOnce::default();
+            if let Err(e) =
+                super::validate::not_own_listener(&rec, reloader.own_listeners(), &mut |ip| {
+                    local.contains(ip)
+                })
+            {
+                tracing::debug!(error = %e, "discovery API: registration refused");
+                return Reply::error(400, e.to_string(), json!({ "field": e.field }));
+            }
             match reloader
                 .store_mut()
                 .register(&rec, now_ms)
@@ -440,6 +451,32 @@ mod tests {
         assert_eq!(reply.body["message"], "Backend updated successfully");
         let snap = r.handle().load();
         assert_eq!(snap.backend(snap.find("b1").unwrap()).addr.port(), 9002);
+    }
+
+    /// A backend registered at the proxy's own listener looped every
+    /// connection back into the proxy (QA: one client filled a limit of 50).
+    #[test]
+    fn a_registration_at_an_own_listener_is_refused_and_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = reloader(&dir);
+        r.set_own_listeners(engine::own_listeners::OwnListeners::new([
+            "127.0.0.1:18380".parse().unwrap(),
+        ]));
+        let reply = run(registration("self", 18380), &mut r, SystemTime::now());
+        assert_eq!(reply.status, 400, "{}", reply.body);
+        assert_eq!(reply.body["field"], "port");
+        assert!(reply.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("own listener"));
+        assert_eq!(
+            run(Op::Get("self".into()), &mut r, SystemTime::now()).status,
+            404
+        );
+        assert_eq!(
+            run(registration("ok", 18381), &mut r, SystemTime::now()).status,
+            201
+        );
     }
 
     #[test]

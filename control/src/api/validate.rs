@@ -14,6 +14,7 @@
 
 use std::net::IpAddr;
 
+use engine::own_listeners::OwnListeners;
 use engine::snapshot::{BackendRecord, Country};
 use serde_json::{Map, Value};
 
@@ -165,6 +166,37 @@ pub fn registration_with(
         hard_limit,
         deleted: false,
     })
+}
+
+/// Refuses a backend at one of the proxy's own listeners (`own`, as they
+/// are bound): every connection routed there would come back in as a new
+/// client and be routed there again, until the connection limit is full of
+/// one client's hops. `local` says whether an IP is this host's (asked only
+/// for a listener bound to `0.0.0.0` or `::`; see `engine::own_listeners`
+/// for what is and is not caught). The snapshot builder leaves such rows
+/// out too, whichever way they were written.
+pub fn not_own_listener(
+    rec: &BackendRecord,
+    own: &OwnListeners,
+    local: &mut dyn FnMut(IpAddr) -> bool,
+) -> Result<(), FieldError> {
+    let Ok(ip) = rec.ip.parse::<IpAddr>() else {
+        return Ok(());
+    };
+    let Ok(port) = u16::try_from(rec.port) else {
+        return Ok(());
+    };
+    let addr = std::net::SocketAddr::new(ip, port);
+    match own.reached_by(addr, local) {
+        None => Ok(()),
+        Some(listener) => Err(bad(
+            "port",
+            format!(
+                "{addr} is this proxy's own listener {listener}: every connection routed there \
+                 would loop back into the proxy; register the backend's own address"
+            ),
+        )),
+    }
 }
 
 /// Checks that `value` is one DNS label as host names use them (RFC 1123):
@@ -522,6 +554,28 @@ mod tests {
                 r#"{{"id":"b1","app":"{near}","region":"eu","ip":"10.0.0.1","port":1}}"#
             ));
         }
+    }
+
+    #[test]
+    fn a_backend_at_an_own_listener_is_refused() {
+        let own = OwnListeners::new([
+            "127.0.0.1:18380".parse().unwrap(),
+            "0.0.0.0:8080".parse().unwrap(),
+        ]);
+        let mut local = |ip: IpAddr| ip.is_loopback() || ip.to_string() == "10.0.0.5";
+        let at = |ip: &str, port: u16| {
+            registration(
+                format!(r#"{{"id":"a","app":"a","region":"eu","ip":"{ip}","port":{port}}}"#)
+                    .as_bytes(),
+            )
+            .unwrap()
+        };
+        let e = not_own_listener(&at("127.0.0.1", 18380), &own, &mut local).unwrap_err();
+        assert_eq!(e.field, "port");
+        assert!(e.reason.contains("own listener 127.0.0.1:18380"), "{e}");
+        assert!(not_own_listener(&at("10.0.0.5", 8080), &own, &mut local).is_err());
+        assert!(not_own_listener(&at("127.0.0.1", 18381), &own, &mut local).is_ok());
+        assert!(not_own_listener(&at("10.0.0.6", 8080), &own, &mut local).is_ok());
     }
 
     #[test]
