@@ -478,3 +478,76 @@ fn the_update_line_names_every_change_and_is_never_empty() {
         lines[0]
     );
 }
+
+/// QA: a listener added at SIGHUP whose port was in use was never started,
+/// not even at a later SIGHUP once the port was free, and only one ERROR
+/// line said it was missing.
+#[test]
+fn a_listener_whose_port_is_taken_is_reported_and_starts_at_a_later_sighup() {
+    const METRICS: &str = "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n\n";
+    let s = Setup::new(
+        "sighup-port-taken",
+        &format!("{METRICS}{}", listeners(&["a"])),
+    );
+    let metrics = s.proxy.metrics_addr();
+    let up = |name: &str| {
+        let text = http_get(metrics, "/metrics").1;
+        sample(
+            &text,
+            &format!("edgeproxy_listener_up{{listener=\"{name}\"}}"),
+        )
+    };
+    assert_eq!(up("a"), Some(1.0));
+
+    // Another socket holds the port listener b asks for.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b_addr = holder.local_addr().unwrap();
+    let file = format!(
+        "{METRICS}{}\n[[listener]]\nname = \"b\"\naddr = \"{b_addr}\"\n",
+        listeners(&["a"])
+    );
+    let mark = s.reload(&file);
+    let failed = s.proxy.log_lines_after(mark, "cannot start listener");
+    assert_eq!(failed.len(), 1, "{}", s.proxy.log_text());
+    assert_eq!(field(&failed[0], "listener").as_deref(), Some("b"));
+    let missing = s
+        .proxy
+        .log_lines_after(mark, "configured listeners are not running");
+    assert_eq!(missing.len(), 1, "{}", s.proxy.log_text());
+    assert!(
+        missing[0].contains(&format!("b {b_addr}")),
+        "{}",
+        missing[0]
+    );
+    assert_eq!(up("b"), Some(0.0));
+    assert_eq!(up("a"), Some(1.0));
+    // Still ready: listener a serves, and a 503 would take it out too.
+    let (status, body) = http_get(metrics, "/ready");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("ready; not listening") && body.ends_with(": b\n"),
+        "{body:?}"
+    );
+    assert_eq!(which_backend(s.proxy.listener("a")), "x");
+
+    // The port is freed; the same file again, another SIGHUP.
+    drop(holder);
+    let mark = s.reload(&file);
+    let started: Vec<String> = s
+        .proxy
+        .log_lines_after(mark, " listening ")
+        .into_iter()
+        .filter(|l| field(l, "listener").as_deref() == Some("b"))
+        .collect();
+    assert_eq!(started.len(), 1, "{}", s.proxy.log_text());
+    assert_eq!(field(&started[0], "addr"), Some(b_addr.to_string()));
+    assert_eq!(which_backend(b_addr), "x");
+    assert_eq!(up("b"), Some(1.0));
+    assert!(s
+        .proxy
+        .log_lines_after(mark, "configured listeners are not running")
+        .is_empty());
+    assert_eq!(http_get(metrics, "/ready"), (200, "ready\n".to_string()));
+    // Listener a was left alone.
+    assert_eq!(which_backend(s.proxy.listener("a")), "x");
+}

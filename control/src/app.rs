@@ -273,7 +273,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         "edgeproxy ready"
     );
     readiness.set_ready();
-    crate::sd_notify::ready(&ready_status(&engine));
+    crate::sd_notify::ready(&ready_status(&engine, &[]));
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
     // The predecessor of a binary upgrade stops accepting now.
@@ -287,6 +287,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         watch: ConfigWatch::new(config_path.as_deref(), &config.config_watch, watch_from),
         replication,
         steering,
+        readiness: readiness.clone(),
     };
     let exit = runtime.block_on(control_loop(
         &mut signals,
@@ -373,17 +374,24 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// What `systemctl status` shows once the proxy is up: the listeners as
 /// bound (the real port where 0 was asked for).
-fn ready_status(engine: &Engine) -> String {
+fn ready_status(engine: &Engine, not_listening: &[String]) -> String {
     let addrs: Vec<String> = engine
         .listeners()
         .iter()
         .map(|l| format!("{} {}", l.spec.name, l.local_addr))
         .collect();
-    format!(
+    let mut status = format!(
         "ready: {} shard(s), listening on {}",
         engine.shard_count(),
         addrs.join(", ")
-    )
+    );
+    if !not_listening.is_empty() {
+        status.push_str(&format!(
+            "; NOT listening (start failed, retried at the next reload): {}",
+            not_listening.join(", ")
+        ));
+    }
+    status
 }
 
 /// Every socket the process serves, bound, nothing served yet.
@@ -423,6 +431,21 @@ fn bind_all(
         dns,
         replication,
     })
+}
+
+/// Whether the engine runs a listener named `name` (names are unique in a
+/// configuration).
+fn running(engine: &Engine, name: &str) -> bool {
+    engine.listeners().iter().any(|l| &*l.spec.name == name)
+}
+
+/// The listeners `config` asks for that the engine does not run.
+fn not_listening<'c>(config: &'c Config, engine: &Engine) -> Vec<&'c config::Listener> {
+    config
+        .listeners
+        .iter()
+        .filter(|l| !running(engine, &l.name))
+        .collect()
 }
 
 /// The addresses the engine's listeners are bound to: a backend there
@@ -513,6 +536,8 @@ struct Services {
     replication: Option<crate::replication::driver::Handle>,
     /// Traffic steering: told when the listeners change.
     steering: crate::steering::Handle,
+    /// Told which configured listeners a reload could not start.
+    readiness: crate::readiness::Readiness,
 }
 
 /// Why the control loop ended; both carry the drain grace period.
@@ -551,14 +576,14 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
-                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering));
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness));
                 watch.seen();
                 watch.reconfigure(&config.config_watch);
             }
             // `[config_watch]`: a changed file is applied as SIGHUP is.
             () = watch.changed() => {
                 tracing::info!("config file changed: re-reading configuration and routing table");
-                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering));
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness));
                 watch.reconfigure(&config.config_watch);
             }
             _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
@@ -599,7 +624,11 @@ fn reload_config(
     (ticker, ticks): (&mut tokio::time::Interval, &ReloadThread),
     engine: &mut Engine,
     tls: &mut TlsListeners,
-    (reloader, steering): (&SharedReloader, &crate::steering::Handle),
+    (reloader, steering, readiness): (
+        &SharedReloader,
+        &crate::steering::Handle,
+        &crate::readiness::Readiness,
+    ),
 ) {
     crate::sd_notify::reloading();
     match config_path {
@@ -627,6 +656,16 @@ fn reload_config(
             }
         },
     }
+    let missing = not_listening(config, engine);
+    let named: Vec<String> = missing
+        .iter()
+        .map(|l| format!("{} {}", l.name, l.addr))
+        .collect();
+    if !missing.is_empty() {
+        tracing::warn!(listeners = %named.join(", "),
+            "configured listeners are not running; the next reload (SIGHUP or config change) tries to start them again");
+    }
+    readiness.set_not_listening(missing.iter().map(|l| l.name.clone()).collect());
     {
         // The reload warns about listeners (as they now are) with no
         // eligible backend.
@@ -636,7 +675,7 @@ fn reload_config(
         reloader.reload();
     }
     tls.refresh(true);
-    crate::sd_notify::ready(&ready_status(engine));
+    crate::sd_notify::ready(&ready_status(engine, &named));
 }
 
 /// After a successor reported ready: stop accepting everywhere (the
@@ -695,9 +734,12 @@ fn apply(
     engine: &mut Engine,
     tls: &mut TlsListeners,
 ) -> anyhow::Result<Config> {
+    // New or changed listeners start, and so do those asked for before that
+    // are not running: their start at an earlier reload failed (a port in
+    // use), and the file still asks for them.
     let mut starting = Vec::new();
     for l in &new.listeners {
-        if !old.listeners.contains(l) {
+        if !old.listeners.contains(l) || !running(engine, &l.name) {
             starting.push(spec_of(l, tls)?);
         }
     }
@@ -734,7 +776,8 @@ fn apply(
         let name = spec.name.clone();
         match engine.add_listener(spec) {
             Ok(addr) => tracing::info!(listener = %name, %addr, "listening"),
-            Err(e) => tracing::error!(listener = %name, error = %e, "cannot start listener"),
+            Err(e) => tracing::error!(listener = %name, error = %e,
+                "cannot start listener; the next reload (SIGHUP or config change) tries again"),
         }
     }
     for change in &restart {

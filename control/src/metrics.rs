@@ -142,6 +142,21 @@ pub fn render(sources: &Sources) -> String {
     let listeners = sources.engine.listeners();
 
     f.header(
+        "edgeproxy_listener_up",
+        "gauge",
+        "1 for each listener running; 0 for one the configuration asks for that is not (its start at a reload failed, e.g. its port in use: every reload tries again).",
+    );
+    for l in &listeners {
+        f.sample("edgeproxy_listener_up", &[("listener", &l.name)], 1);
+    }
+    // Recorded at the last reload; a scrape that meets the engine between
+    // a listener's start and that record must not show it twice.
+    for name in sources.readiness.not_listening() {
+        if !listeners.iter().any(|l| l.name == name) {
+            f.sample("edgeproxy_listener_up", &[("listener", &name)], 0);
+        }
+    }
+    f.header(
         "edgeproxy_listener_connections_accepted_total",
         "counter",
         "Client connections accepted, per listener.",

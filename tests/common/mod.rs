@@ -905,3 +905,45 @@ impl Blackhole {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The metrics listener: /metrics, /ready
+// ---------------------------------------------------------------------------
+
+impl Proxy {
+    /// The metrics listener's address, from its `metrics listening` line
+    /// (`[metrics] enabled`, `listen_addr = "127.0.0.1:0"`).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self
+            .wait_for_log("metrics listening", PATIENCE)
+            .unwrap_or_else(|| panic!("no metrics listener; log:\n{}", self.log_text()));
+        field(&line, "addr").unwrap().parse().unwrap()
+    }
+}
+
+/// `GET path` on `addr` over HTTP/1.0: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, PATIENCE).expect("connect");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let status = all
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {all:?}"));
+    let body = all.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, body.to_string())
+}
+
+/// The value of one series in Prometheus text `text`: `series` is the
+/// metric's name with its labels as the proxy writes them
+/// (`edgeproxy_listener_up{listener="b"}`). `None` when absent, so that a
+/// 0 written out is told from no sample at all.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
