@@ -207,12 +207,18 @@ transport_addr = "{ip}:4002"
     /// The state POP `observer` gives `node` (alive, suspect, down), if
     /// it lists it.
     fn member_state(&self, observer: usize, node: usize) -> Option<String> {
+        self.member(observer, node)
+            .and_then(|m| m["state"].as_str().map(String::from))
+    }
+
+    /// What POP `observer`'s status says of `node`, if it lists it.
+    fn member(&self, observer: usize, node: usize) -> Option<Value> {
         let status = self.cluster_status(observer);
         status["members"]
             .as_array()?
             .iter()
             .find(|m| m["node_id"] == format!("node-{node}"))
-            .and_then(|m| m["state"].as_str().map(String::from))
+            .cloned()
     }
 
     /// Waits until every running POP sees every other running one alive.
@@ -599,11 +605,21 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
         .as_deref()
         == Some("node-2")));
     assert_eq!(c.row(1, "orphan", "expired").as_deref(), Some("0"));
+    // In sync with everyone before it dies (nothing changes after this).
+    assert!(
+        common::eventually(PATIENCE, || c
+            .member(0, 2)
+            .is_some_and(|m| m["in_sync"] == true)),
+        "POP 0 never in sync with POP 2: {}",
+        c.cluster_status(0)
+    );
     c.kill(2);
     assert!(
         common::eventually(PATIENCE, || c.member_state(0, 2).as_deref() == Some("down")),
         "dead POP not reported"
     );
+    // The last exchange's result says nothing of a member that is down.
+    assert_eq!(c.member(0, 2).unwrap()["in_sync"], false);
     assert!(
         common::eventually(PATIENCE, || (0..2)
             .all(|i| c.row(i, "orphan", "expired").as_deref() == Some("1"))),

@@ -1119,7 +1119,9 @@ impl Driver {
                         .rtt(m.peer.transport)
                         .map(|d| d.as_secs_f64() * 1000.0),
                     last_sync_secs: m.sync.last_sync.map(|t| t.elapsed().as_secs()),
-                    in_sync: m.sync.in_sync,
+                    // Of a member not alive, the last exchange's result
+                    // says nothing of now (QA: "yes" for a down member).
+                    in_sync: m.sync.in_sync && m.state == MemberState::Alive,
                     lag_ms: m.sync.last_lag_ms,
                 }
             })
