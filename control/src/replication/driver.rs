@@ -1009,6 +1009,14 @@ impl Driver {
                     "replication: a POP had forgotten this one (cluster forget) while it was down; its pops row is written again and it rejoins");
                 false
             }
+            Event::ForgottenMemberBack { peer } => {
+                tracing::warn!(%peer,
+                    "replication: a member forgotten with `cluster forget` is back: it was stopped or cut off, not \
+                     decommissioned. The forget released the tombstones kept for it, so rows deleted since it went \
+                     away may come back from its copy of the routing table; if deleted backends reappear, delete \
+                     them again. It rejoins as a new member");
+                false
+            }
             Event::PeerBackAfterTombstoneTtl {
                 peer,
                 down_ms,

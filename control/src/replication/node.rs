@@ -251,6 +251,14 @@ pub enum Event {
         ttl_ms: u64,
         kept_for_it: bool,
     },
+    /// `peer`, forgotten for good (`cluster forget`, here or elsewhere), is
+    /// up again: it was not decommissioned after all, only stopped or cut
+    /// off. The forget released the tombstones kept for it, so rows deleted
+    /// since it went away may come back from its copy. It rejoins as a new
+    /// member (see `OwnRowRestored`).
+    ForgottenMemberBack {
+        peer: NodeId,
+    },
     /// The first message from any member after none for `silent_ms`,
     /// longer than the tombstone TTL (`ttl_ms`). Either this node was cut
     /// off (stopped, isolated), and rows deleted elsewhere meanwhile may
@@ -1362,6 +1370,11 @@ impl Node {
                                 kept_for_it,
                             });
                         }
+                    }
+                    if back.is_none() && self.is_forgotten(&peer.id) {
+                        back = Some(Event::ForgottenMemberBack {
+                            peer: peer.id.clone(),
+                        });
                     }
                     if self.collision(&peer.id).is_some() {
                         self.collisions.entry(peer.id.clone()).or_insert(now.mono);

@@ -706,6 +706,17 @@ fn a_forgotten_pop_leaves_every_view_and_can_rejoin_later() {
         "n3 did not rejoin: {:?}",
         sim.nodes[0].members()
     );
+    // Each POP said so: the deletions it kept for n3 were released by the
+    // forget, so rows deleted meanwhile may come back from it.
+    let warned: Vec<usize> = sim
+        .events
+        .iter()
+        .filter_map(|(_, i, e)| match e {
+            super::node::Event::ForgottenMemberBack { peer } if &**peer == "n3" => Some(*i),
+            _ => None,
+        })
+        .collect();
+    assert!((0..3).all(|i| warned.contains(&i)), "{warned:?}");
 }
 
 /// Events that say a node or a member was out of reach for longer than
