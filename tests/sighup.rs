@@ -431,7 +431,8 @@ fn restart_only_changes_are_named_against_the_running_config() {
 /// outside `[limits]` and `[affinity]` too, and is not logged with nothing
 /// to name. Before, a SIGHUP that changed only `health.rtt_weight`, only a
 /// restart-only key that the connection limit's reserve counts (`[dns]`,
-/// `runtime.shards`), or only the listeners logged `changes=` and nothing.
+/// `runtime.shards`), or only the listeners logged `changes=` and nothing;
+/// one that changed only `limits.shutdown_grace_secs` logged nothing at all.
 #[test]
 fn the_update_line_names_every_change_and_is_never_empty() {
     let s = Setup::new("sighup-knob-names", &listeners(&["main"]));
@@ -474,6 +475,17 @@ fn the_update_line_names_every_change_and_is_never_empty() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(
         lines[0].contains("changes=max_connections (derived): "),
+        "{}",
+        lines[0]
+    );
+
+    // Only the drain time on stop: nothing the shards hold, named all the
+    // same (it was applied without a word).
+    let grace = format!("{dns}[limits]\nshutdown_grace_secs = 5\n");
+    let lines = updated(s.reload(&file(&grace, &["main", "second"])));
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("changes=limits.shutdown_grace_secs: 30 → 5"),
         "{}",
         lines[0]
     );

@@ -751,14 +751,17 @@ fn apply(
     // From what runs from now on, not from the file: a restart-only key
     // (runtime.shards, [dns]) must not move the derived connection limit
     // before the restart.
+    // Named whether or not the engine's knobs moved: some keys the line
+    // names are read elsewhere (`limits.shutdown_grace_secs`, at the next
+    // stop or upgrade).
     let new_knobs = knobs(&next);
+    let changes = knob_changes(old, &next, &engine.knobs(), &new_knobs);
     if *engine.knobs() != new_knobs {
-        let changes = knob_changes(old, &next, &engine.knobs(), &new_knobs);
         // Stored first: the line says they are in force.
         engine.set_knobs(new_knobs);
-        if !changes.is_empty() {
-            tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
-        }
+    }
+    if !changes.is_empty() {
+        tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
     }
     // Listeners: removed or changed ones stop; added or changed ones start.
     for l in &old.listeners {
@@ -959,6 +962,11 @@ mod tests {
         assert_eq!(
             named("", "[limits]\nmax_connections = 4\n", (9963, 4)),
             "limits.max_connections: (unset) → 4"
+        );
+        // A key the engine does not hold (read at the next stop) too.
+        assert_eq!(
+            named("", "[limits]\nshutdown_grace_secs = 5\n", (10, 10)),
+            "limits.shutdown_grace_secs: 30 → 5"
         );
     }
 }
