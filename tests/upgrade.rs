@@ -532,6 +532,21 @@ fn install_script(path: &Path, body: &str) {
     install(path, &script);
 }
 
+/// The error `check-config` prints for the configuration file `config`
+/// (several lines for a TOML syntax error), without its `edgeproxy: error: `
+/// prefix.
+fn toml_error_lines(config: &Path) -> String {
+    let path = config.to_str().unwrap();
+    let (status, _, err) = run_to_end(&["--config", path, "check-config", "--no-bind"], &[]);
+    assert!(!status.success(), "check-config accepted {path}");
+    let text = err.trim_end().trim_start_matches("edgeproxy: error: ");
+    assert!(
+        text.lines().count() >= 3 && text.contains('^'),
+        "not a multi-line TOML error: {text}"
+    );
+    text.to_string()
+}
+
 /// `edgeproxy upgrade` against the control socket: (succeeded, output).
 fn cli_upgrade(control: &Path) -> (bool, String) {
     let (status, out, err) = run_to_end(&["upgrade", "--socket", control.to_str().unwrap()], &[]);
@@ -580,6 +595,17 @@ fn a_new_binary_that_fails_to_start_leaves_the_old_one_serving() {
     let (ok, out) = cli_upgrade(&control);
     assert!(!ok, "{out}");
     assert!(out.contains("upgrade.ready_timeout_secs"), "{out}");
+
+    // 3b. A TOML syntax error: its whole text, the lines that point at the
+    //     spot included (only its first line was shown).
+    s.rewrite_config("ready_timeout_secs = = 3\n");
+    let (ok, out) = cli_upgrade(&control);
+    assert!(!ok, "{out}");
+    let expected = toml_error_lines(&s.dir.join("edgeproxy.toml"));
+    for line in expected.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(out.contains(line), "{line:?} is missing from:\n{out}");
+    }
+    s.rewrite_config("ready_timeout_secs = 0\n");
 
     // 4. SIGUSR2 with the same bad configuration: refused, logged.
     let mark = s.proxy.log_mark();

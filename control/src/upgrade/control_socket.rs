@@ -2,15 +2,17 @@
 //! asks a running proxy to upgrade itself and hears how it went.
 //!
 //! Protocol, one exchange per connection: the client sends `upgrade\n`; the
-//! server answers one line when the attempt is over, `ok pid=<new pid>\n`
-//! or `error <reason>\n`, and closes. Anything else gets `error unknown
+//! server answers when the attempt is over, `ok pid=<new pid>\n` or
+//! `error <reason>\n`, and closes. A reason may span several lines (a
+//! successor's TOML error points at the bad spot on lines of its own): the
+//! client reads up to the close, not one line. Anything else gets `error unknown
 //! command`. A connection must send its line within [`REQUEST_TIMEOUT`];
 //! at most [`MAX_CLIENTS`] are served at once.
 //!
 //! The socket file is created with the process's umask; who may connect is
 //! who may write to it (the same as who may send the process SIGUSR2).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
@@ -29,6 +31,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_CLIENTS: usize = 16;
 /// Longest command line read.
 const MAX_LINE: usize = 64;
+/// Longest answer the client reads (a successor's reason is cut at 4,000
+/// characters).
+const MAX_ANSWER: u64 = 64 * 1024;
 
 /// A request to upgrade, and where its outcome goes (one line).
 #[derive(Debug)]
@@ -211,16 +216,17 @@ async fn serve_client(stream: UnixStream, requests: mpsc::Sender<Request>) -> st
 }
 
 /// The client side, for `edgeproxy upgrade`: asks the process listening on
-/// `path` to upgrade and returns its one-line answer (`ok pid=N` or
-/// `error ...`), waiting up to `timeout`.
+/// `path` to upgrade and returns its whole answer (`ok pid=N` or `error
+/// ...`, every line of it), waiting up to `timeout` for each read.
 pub fn request_upgrade(path: &Path, timeout: Duration) -> std::io::Result<String> {
     let mut stream = StdUnixStream::connect(path)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(b"upgrade\n")?;
-    let mut answer = String::new();
-    BufReader::new(stream)
-        .read_line(&mut answer)
+    let mut raw = Vec::new();
+    stream
+        .take(MAX_ANSWER)
+        .read_to_end(&mut raw)
         .map_err(|e| match e.kind() {
             // The read timeout: the proxy took the request and has not
             // answered yet, which is not "cannot reach".
@@ -234,6 +240,7 @@ pub fn request_upgrade(path: &Path, timeout: Duration) -> std::io::Result<String
             ),
             _ => e,
         })?;
+    let answer = String::from_utf8_lossy(&raw);
     if answer.is_empty() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
