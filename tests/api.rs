@@ -622,6 +622,10 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         (without("ip"), "ip"),
         (with("ip", json!("10.0.0.300")), "ip"),
         (with("ip", json!("backend.example")), "ip"),
+        // Not one host's address: broadcast, unspecified, multicast.
+        (with("ip", json!("255.255.255.255")), "ip"),
+        (with("ip", json!("0.0.0.0")), "ip"),
+        (with("ip", json!("ff02::1")), "ip"),
         (without("port"), "port"),
         (with("port", json!(0)), "port"),
         (with("port", json!(65536)), "port"),
@@ -646,6 +650,19 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
             "the message names the field: {reply}"
         );
     }
+
+    let (_, reply) = api.call(
+        "POST",
+        "/api/v1/register",
+        Some(with("ip", json!("255.255.255.255")).as_str()),
+    );
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("is the broadcast address"),
+        "{reply}"
+    );
 
     // Unknown ids: 404, the original's messages.
     assert_eq!(

@@ -221,6 +221,9 @@ pub enum RecordError {
     EmptyId,
     #[error("invalid ip address {0:?}")]
     BadIp(String),
+    /// An address no single backend has (see [`not_unicast`]).
+    #[error("ip address {ip} is {why}: a backend needs a unicast address, one host's")]
+    NotUnicast { ip: String, why: &'static str },
     #[error("port {0} out of range 1..=65535")]
     BadPort(i64),
     #[error("negative {field} ({value})")]
@@ -529,6 +532,24 @@ struct Validated {
     hard_limit: u32,
 }
 
+/// Why `ip` cannot be a backend's address, or `None` when it can. A
+/// connection goes to one host: the unspecified address (`0.0.0.0`, `::`)
+/// is none (Linux connects it to the local host), a multicast group or the
+/// broadcast address `255.255.255.255` is many (a TCP connect to either
+/// fails). IPv4-mapped IPv6 addresses are judged as the IPv4 address.
+pub fn not_unicast(ip: std::net::IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        Some("the unspecified address (no host's: a connect to it reaches the proxy's own host)")
+    } else if ip.is_multicast() {
+        Some("a multicast address (a group, not a host)")
+    } else if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address (every host of the link, not one)")
+    } else {
+        None
+    }
+}
+
 fn validate(rec: &BackendRecord) -> Result<Validated, RecordError> {
     if rec.id.trim().is_empty() {
         return Err(RecordError::EmptyId);
@@ -538,6 +559,12 @@ fn validate(rec: &BackendRecord) -> Result<Validated, RecordError> {
         .trim()
         .parse()
         .map_err(|_| RecordError::BadIp(rec.ip.clone()))?;
+    if let Some(why) = not_unicast(ip) {
+        return Err(RecordError::NotUnicast {
+            ip: rec.ip.trim().to_string(),
+            why,
+        });
+    }
     if !(1..=65535).contains(&rec.port) {
         return Err(RecordError::BadPort(rec.port));
     }
@@ -664,6 +691,40 @@ mod tests {
         // Without the listener set (the default), it is routed.
         let built = SnapshotBuilder::new().build(&[record("self", "web", "sa", None, 18380)]);
         assert_eq!(built.snapshot.backends.len(), 1);
+    }
+
+    /// `255.255.255.255` (and `0.0.0.0`, multicast) written into
+    /// routing.db was routed: every connect to it failed, or reached the
+    /// proxy's own host.
+    #[test]
+    fn addresses_that_are_not_one_hosts_are_skipped() {
+        let at = |id: &str, ip: &str| BackendRecord {
+            ip: ip.into(),
+            ..record(id, "web", "sa", None, 80)
+        };
+        let built = SnapshotBuilder::new().build(&[
+            at("bcast", "255.255.255.255"),
+            at("any4", "0.0.0.0"),
+            at("any6", "::"),
+            at("mcast4", "224.0.0.1"),
+            at("mcast6", "ff02::1"),
+            at("mapped", "::ffff:255.255.255.255"),
+            at("ok4", "10.0.0.255"),
+            at("ok6", "fd00::1"),
+        ]);
+        let routed: Vec<_> = built.snapshot.backends.iter().map(|b| &*b.id).collect();
+        assert_eq!(routed, ["ok4", "ok6"]);
+        let skipped: Vec<_> = built.skipped.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            skipped,
+            ["bcast", "any4", "any6", "mcast4", "mcast6", "mapped"]
+        );
+        assert_eq!(
+            built.skipped[0].1.to_string(),
+            "ip address 255.255.255.255 is the broadcast address (every host of the link, \
+             not one): a backend needs a unicast address, one host's"
+        );
+        assert!(matches!(built.skipped[1].1, RecordError::NotUnicast { .. }));
     }
 
     #[test]

@@ -123,10 +123,10 @@ pub fn registration_with(
     let ip: IpAddr = ip_text
         .parse()
         .map_err(|_| bad("ip", format!("{ip_text:?} is not an IPv4 or IPv6 address")))?;
-    if ip.is_unspecified() || ip.is_multicast() {
+    if let Some(why) = engine::snapshot::not_unicast(ip) {
         return Err(bad(
             "ip",
-            format!("{ip} is not a unicast address a backend can listen on"),
+            format!("{ip} is {why}: a backend needs a unicast address, one host's"),
         ));
     }
 
@@ -431,6 +431,22 @@ mod tests {
             ),
             (
                 r#"{"id":"a","app":"a","region":"eu","ip":"224.0.0.1","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"255.255.255.255","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"::","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"ff02::1","port":1}"#,
+                "ip",
+            ),
+            (
+                r#"{"id":"a","app":"a","region":"eu","ip":"::ffff:255.255.255.255","port":1}"#,
                 "ip",
             ),
             (
