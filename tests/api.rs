@@ -633,6 +633,10 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         (with("weight", json!(0)), "weight"),
         (with("soft_limit", json!(-5)), "soft_limit"),
         (with("hard_limit", json!(50)), "hard_limit"),
+        // A field of no known name (the original ignored it: a typo
+        // registered the default weight).
+        (with("wieght", json!(5)), "wieght"),
+        (with("metadata", json!({"team": "a"})), "metadata"),
         (
             format!(
                 r#"{{"id":"new","app":"{}","region":"sa","ip":"10.0.0.1","port":80}}"#,
@@ -651,6 +655,18 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         );
     }
 
+    let (_, reply) = api.call(
+        "POST",
+        "/api/v1/register",
+        Some(with("wieght", json!(5)).as_str()),
+    );
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("wieght: unknown field; did you mean `weight`?"),
+        "{reply}"
+    );
     let (_, reply) = api.call(
         "POST",
         "/api/v1/register",

@@ -3,8 +3,11 @@
 //!
 //! The fields and defaults are the original edgeProxy's `RegisterRequest`
 //! (`id, app, region, country?, ip, port, weight = 2, soft_limit = 100,
-//! hard_limit = 150`); unknown fields are ignored as there. It is stricter
-//! about values the original accepted and then did not route as asked:
+//! hard_limit = 150`), plus `health_check`. A field of another name is
+//! refused, naming the known field it is closest to: the original ignored
+//! it, so `"wieght": 5` registered a backend of weight 2 and the agent never
+//! heard of its typo (the original's agents send only the fields above). It
+//! is stricter about values the original accepted and then did not route as asked:
 //! weight or soft limit 0 (which it, and the loader here for rows written by
 //! hand, reads as 1: a weight of 0 still takes traffic; see
 //! `engine::snapshot::RecordNote`), a hard limit below the soft limit, an
@@ -12,6 +15,7 @@
 //! URL path or in the internal DNS (`<id>.<app>.internal`: each must be one
 //! DNS label, or the backend is routed but invisible in DNS).
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use engine::own_listeners::OwnListeners;
@@ -26,11 +30,25 @@ pub const MAX_LABEL_LEN: usize = 63;
 /// Longest region name, in bytes.
 pub const MAX_REGION_LEN: usize = 32;
 
+/// Every field a registration may carry, in the order they are checked.
+pub const FIELDS: [&str; 10] = [
+    "id",
+    "app",
+    "region",
+    "country",
+    "ip",
+    "port",
+    "weight",
+    "soft_limit",
+    "hard_limit",
+    "health_check",
+];
+
 /// The first problem found in a request body: which field (`"body"` for the
-/// document itself) and why.
+/// document itself, the key as sent for an unknown one) and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
-    pub field: &'static str,
+    pub field: Cow<'static, str>,
     pub reason: String,
 }
 
@@ -42,14 +60,72 @@ impl std::fmt::Display for FieldError {
 
 fn bad(field: &'static str, reason: impl Into<String>) -> FieldError {
     FieldError {
-        field,
+        field: Cow::Borrowed(field),
         reason: reason.into(),
     }
 }
 
-/// Parses and validates a `POST /api/v1/register` body. Fields are checked
-/// in the order `id, app, region, country, ip, port, weight, soft_limit,
-/// hard_limit`; the first bad one is reported. The record comes out healthy
+/// Refuses the first key of `obj` that is not one of [`FIELDS`], with the known field it is closest to when there is one.
+fn unknown_fields(obj: &Map<String, Value>) -> Result<(), FieldError> {
+    let Some(key) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) else {
+        return Ok(());
+    };
+    let hint = match closest_field(key) {
+        Some(known) => format!("; did you mean `{known}`?"),
+        None => String::new(),
+    };
+    Err(FieldError {
+        field: Cow::Owned(key.clone()),
+        reason: format!(
+            "unknown field{hint} (a registration takes {}; nothing was registered)",
+            FIELDS.join(", ")
+        ),
+    })
+}
+
+/// The known field `key` most likely misspells: at most two edits away
+/// (a swap of neighbours is one), case aside, and closer than half its
+/// length; the first in [`FIELDS`] order on a tie.
+fn closest_field(key: &str) -> Option<&'static str> {
+    let key = key.to_ascii_lowercase();
+    FIELDS
+        .iter()
+        .map(|f| (edits(&key, f), *f))
+        .filter(|&(d, f)| d <= 2 && d * 2 < f.len().max(key.len()))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, f)| f)
+}
+
+/// Edits between `a` and `b`: insertions, deletions, substitutions and
+/// swaps of neighbours (optimal string alignment distance), by byte.
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = v;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// Parses and validates a `POST /api/v1/register` body. A field not in
+/// [`FIELDS`] is reported first; then fields are checked in the order `id,
+/// app, region, country, ip, port, weight, soft_limit, hard_limit`; the
+/// first bad one is reported. The record comes out healthy
 /// and not deleted.
 pub fn registration(body: &[u8]) -> Result<BackendRecord, FieldError> {
     registration_with(body, None)
@@ -66,6 +142,7 @@ pub fn registration_with(
     let Value::Object(obj) = doc else {
         return Err(bad("body", "must be a JSON object"));
     };
+    unknown_fields(&obj)?;
 
     let id = required_str(&obj, "id")?;
     dns_label("id", id)?;
@@ -299,10 +376,10 @@ mod tests {
         registration(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"))
     }
 
-    fn field_of(body: &str) -> &'static str {
+    fn field_of(body: &str) -> String {
         match registration(body.as_bytes()) {
             Ok(r) => panic!("{body} was accepted: {r:?}"),
-            Err(e) => e.field,
+            Err(e) => e.field.into_owned(),
         }
     }
 
@@ -345,7 +422,7 @@ mod tests {
 
     #[test]
     fn optional_values_are_normalised() {
-        let r = ok(&with(r#","country":"br","weight":null,"extra":[1]"#));
+        let r = ok(&with(r#","country":"br","weight":null"#));
         assert_eq!(r.country.as_deref(), Some("BR"));
         assert_eq!(r.weight, 2);
         let r = ok(r#"{"id":"x","app":"a","region":"SA","ip":"fd00::1","port":1,"country":""}"#);
@@ -570,6 +647,45 @@ mod tests {
                 r#"{{"id":"b1","app":"{near}","region":"eu","ip":"10.0.0.1","port":1}}"#
             ));
         }
+    }
+
+    /// `"wieght": 5` registered a backend of weight 2 (the default) with a
+    /// 201: the typo was ignored and the agent never heard of it.
+    #[test]
+    fn unknown_fields_are_refused_with_the_field_they_misspell() {
+        let e = registration(with(r#","wieght":5"#).as_bytes()).unwrap_err();
+        assert_eq!(e.field, "wieght");
+        assert!(
+            e.reason.starts_with("unknown field; did you mean `weight`? (a registration takes id, app, region, country, ip, port, weight, soft_limit, hard_limit, health_check;"),
+            "{e}"
+        );
+        for (key, meant) in [
+            ("Weight", Some("weight")),
+            ("hardlimit", Some("hard_limit")),
+            ("soft-limit", Some("soft_limit")),
+            ("contry", Some("country")),
+            ("prot", Some("port")),
+            ("healthcheck", Some("health_check")),
+            ("metadata", None),
+            ("x", None),
+            ("tags", None),
+        ] {
+            let e = registration(with(&format!(r#","{key}":1"#)).as_bytes()).unwrap_err();
+            assert_eq!(e.field, key);
+            match meant {
+                Some(f) => assert!(e.reason.contains(&format!("did you mean `{f}`?")), "{e}"),
+                None => assert!(!e.reason.contains("did you mean"), "{e}"),
+            }
+        }
+        // Refused before anything else: a misspelt required field is named
+        // as such, not as missing.
+        let e = registration(br#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","prot":1}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "prot");
+        // Every known field (health_check is checked on its own).
+        ok(&with(
+            r#","country":"DE","weight":3,"soft_limit":5,"hard_limit":6,"health_check":null"#,
+        ));
     }
 
     #[test]
