@@ -382,6 +382,22 @@ fn bad_listener_address_is_named() {
     );
 }
 
+/// `listener = []` was taken for "no key" and ran the default listener on
+/// 0.0.0.0:8080: the operator who emptied the list got a proxy listening
+/// where nothing asked for one.
+#[test]
+fn an_empty_listener_list_is_an_error_not_the_default() {
+    let dir = TempDir::new("no-listeners");
+    let path = write_config(&dir, "listener = []\n");
+    let needles = ["`listener`", "empty list", "at least one listener"];
+    assert_one_error(
+        "listener = [] (check-config)",
+        check_config(&path, &[]),
+        &needles,
+    );
+    run_expecting_failure("listener = [] (run)", &["--config", &path], &[], &needles);
+}
+
 #[test]
 fn bad_environment_values_are_named() {
     for (var, value) in [

@@ -802,6 +802,17 @@ impl Config {
         };
 
         // --- listeners
+        // No key: the default listener. An empty list written out is not
+        // "no listener" (a proxy that serves nothing; nothing documents such
+        // a node) nor "the default" (it says the opposite): it is refused.
+        if raw.listeners.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                "listener",
+                "is an empty list, and edgeproxy needs at least one listener: add a \
+                 [[listener]] table, or remove `listener = []` for the default one on \
+                 0.0.0.0:8080",
+            ));
+        }
         let mut raw_listeners = raw.listeners.unwrap_or_default();
         if raw_listeners.is_empty() {
             raw_listeners.push(RawListener {
@@ -1109,6 +1120,22 @@ mod tests {
         );
         let err = from("", &[("EDGEPROXY_LISTEN_ADDR", "nope")]).unwrap_err();
         assert!(err.to_string().contains("EDGEPROXY_LISTEN_ADDR"), "{err}");
+    }
+
+    /// `listener = []` silently became the default listener on
+    /// 0.0.0.0:8080.
+    #[test]
+    fn an_empty_listener_list_is_refused() {
+        let err = from("listener = []\n", &NO_ENV).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid value for `listener`: is an empty list"),
+            "{text}"
+        );
+        assert!(text.contains("at least one listener"), "{text}");
+        // No key at all is still the default listener.
+        let c = from("", &NO_ENV).unwrap();
+        assert_eq!(c.listeners.len(), 1);
     }
 
     #[test]
