@@ -143,6 +143,73 @@ fn refused_connections_are_reported_in_a_rate_limited_warning() {
     );
 }
 
+/// With several listeners, each refusal line gives that listener's reason
+/// as things stand: one whose only backend filled up after the last reload
+/// says it is at its hard limit, one whose backend is dead says its connects
+/// failed. (Both said "its backends were eligible, but every one tried
+/// failed to connect": the reasons were the last reload's.)
+#[test]
+fn each_listeners_refusals_are_reported_with_its_own_reason() {
+    let dir = TempDir::new("nb-reasons");
+    let db = Db::create(dir.join("routing.db"));
+    let busy = TagBackend::start("busy");
+    let dead = RefusingPort::new();
+    db.upsert(&Row {
+        soft_limit: 1,
+        hard_limit: 1,
+        ..Row::new("busy", "web", "sa", busy.port())
+    });
+    db.upsert(&Row::new("dead", "api", "sa", dead.port()));
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db.path,
+            "[log]\nsummary_interval_secs = 1\n[limits]\nconnect_attempts = 1\n\
+             [[listener]]\nname = \"full\"\naddr = \"127.0.0.1:0\"\napp = \"web\"\n\
+             [[listener]]\nname = \"down\"\naddr = \"127.0.0.1:0\"\napp = \"api\"\n",
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+    // The only web backend takes its one connection: no reload sees it.
+    let (name, _held) = connect_tagged(proxy.listener("full"));
+    assert_eq!(name, "busy");
+    let mark = proxy.log_mark();
+    for listener in ["full", "down"] {
+        assert_eq!(
+            probe(proxy.listener(listener), PATIENCE),
+            Probe::ClosedWithoutData,
+            "{listener}"
+        );
+    }
+    let refused = "connections refused for want of a backend";
+    // `reason` is the line's last field, spaces and all.
+    let line_of = |listener: &str| {
+        assert!(
+            eventually(PATIENCE, || line_for(
+                &proxy.log_lines_after(mark, refused),
+                listener
+            )
+            .is_some()),
+            "no refusal line for {listener}:\n{}",
+            proxy.log_text()
+        );
+        let lines = proxy.log_lines_after(mark, refused);
+        line_for(&lines, listener).unwrap().trim_end().to_string()
+    };
+    let full = line_of("full");
+    assert!(
+        full.ends_with(" reason=its only backend is at the hard limit"),
+        "{full}"
+    );
+    let down = line_of("down");
+    assert!(
+        down.ends_with(" reason=every backend tried failed to connect"),
+        "{down}"
+    );
+}
+
 /// A dead backend is logged once when it starts failing and once when it
 /// connects again, whatever the number of connections that tried it; the
 /// running count comes in a rate-limited summary.

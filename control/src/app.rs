@@ -159,7 +159,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             proxy_protocol = l.spec.accept_proxy_protocol, tls = l.spec.tls.is_some(), steered = l.steered, "listening");
     }
     // Listeners that would refuse every connection, said at once.
-    let reasons = {
+    let coverage = {
         let mut reloader = reloader.lock();
         let coverage = reloader.coverage_mut();
         coverage.set_listeners(listener_apps(&config));
@@ -170,7 +170,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         crate::traffic_watch::Sources {
             stats: engine.stats_view(),
             snapshot: snapshot.clone(),
-            reasons,
+            coverage,
         },
         config.log.summary_interval,
     )

@@ -10,8 +10,16 @@
 //! returns a [`Gap`] per listener without an eligible backend, with the
 //! reason: none registered, or every one unhealthy, draining, expired (missed
 //! heartbeats), at its hard limit, or invalid (a row the proxy cannot route).
-//! The last gaps are also shared ([`Coverage::shared`]) with the traffic
-//! watch, which names the reason when it reports refused connections.
+//! Whether a row is healthy and under its hard limit is read from the
+//! snapshot given to the check, not remembered from the reload: health
+//! checks and the circuit breaker republish snapshots without a reload, and
+//! live counts move all the time.
+//!
+//! The traffic watch reports refusals long after a check ran, so it gets
+//! the rows and listeners ([`Coverage::shared`]) and checks the listener it
+//! reports on against the snapshot of that moment, rather than reading the
+//! reasons of the last reload's check (which were another moment's, and
+//! said nothing of a listener that had backends then).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -50,9 +58,62 @@ impl RowState {
 struct Row {
     id: String,
     app: String,
-    /// Its state at the reload; `Eligible` rows are checked against their
-    /// hard limit when a check runs (live counts move).
+    /// Its state at the reload; `Eligible` rows are checked against the
+    /// snapshot when a check runs (health, hard limit).
     state: RowState,
+}
+
+/// What a check reads: the rows of the last reload and the listeners.
+#[derive(Debug, Default)]
+struct Table {
+    rows: Vec<Row>,
+    /// (listener name, app it serves; `None`: every app).
+    listeners: Vec<(String, Option<String>)>,
+}
+
+impl Table {
+    /// Why `app`'s listener (`None`: every app) has no eligible backend in
+    /// `snapshot`, or `None` when it has one.
+    fn gap(&self, app: Option<&str>, snapshot: &RoutingSnapshot) -> Option<Reason> {
+        let now_state = |row: &Row| match row.state {
+            RowState::Eligible => match snapshot.find(&row.id).map(|i| snapshot.backend(i)) {
+                // Gone from this snapshot: a row the builder skipped.
+                None => RowState::Invalid,
+                // The row's flag, or this POP's health checks or circuit
+                // breaker since the reload.
+                Some(b) if !b.healthy => RowState::Unhealthy,
+                Some(b) if !b.under_hard_limit(b.active()) => RowState::AtHardLimit,
+                Some(_) => RowState::Eligible,
+            },
+            other => other,
+        };
+        let mut counts: BTreeMap<RowState, usize> = BTreeMap::new();
+        for row in self.rows.iter().filter(|r| app.is_none_or(|a| a == r.app)) {
+            *counts.entry(now_state(row)).or_default() += 1;
+        }
+        if counts.contains_key(&RowState::Eligible) {
+            None
+        } else if counts.is_empty() {
+            Some(Reason::NoneRegistered)
+        } else {
+            Some(Reason::NoneEligible(counts))
+        }
+    }
+}
+
+/// The rows and listeners a [`Coverage`] checks, for another thread (the
+/// traffic watch) to check one listener at the moment it reports.
+#[derive(Debug, Clone)]
+pub struct SharedCoverage(Arc<Mutex<Table>>);
+
+impl SharedCoverage {
+    /// Why `listener` has no eligible backend in `snapshot`, or `None` when
+    /// it has one (or is not a listener any more).
+    pub fn gap(&self, listener: &str, snapshot: &RoutingSnapshot) -> Option<Reason> {
+        let table = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, app) = table.listeners.iter().find(|(name, _)| name == listener)?;
+        table.gap(app.as_deref(), snapshot)
+    }
 }
 
 /// Why a listener has no eligible backend.
@@ -106,11 +167,7 @@ pub struct Gap {
 /// The listeners' view of the routing table. See the module docs.
 #[derive(Debug, Default)]
 pub struct Coverage {
-    rows: Vec<Row>,
-    /// (listener name, app it serves; `None`: every app).
-    listeners: Vec<(String, Option<String>)>,
-    /// The last check's reasons, by listener name.
-    shared: Arc<Mutex<BTreeMap<String, String>>>,
+    table: Arc<Mutex<Table>>,
 }
 
 impl Coverage {
@@ -125,7 +182,7 @@ impl Coverage {
         expired: &BTreeSet<String>,
         snapshot: &RoutingSnapshot,
     ) {
-        self.rows.clear();
+        let mut rows = Vec::with_capacity(records.len());
         for (i, rec) in records.iter().enumerate() {
             if rec.deleted {
                 continue;
@@ -142,65 +199,46 @@ impl Coverage {
             } else {
                 RowState::Eligible
             };
-            self.rows.push(Row {
+            rows.push(Row {
                 id: rec.id.clone(),
                 app: rec.app.clone(),
                 state,
             });
         }
+        self.lock().rows = rows;
     }
 
     /// The listeners to check from now on.
     pub fn set_listeners(&mut self, listeners: Vec<(String, Option<String>)>) {
-        self.listeners = listeners;
+        self.lock().listeners = listeners;
     }
 
-    /// Reasons of the last check, by listener, for other threads.
-    pub fn shared(&self) -> Arc<Mutex<BTreeMap<String, String>>> {
-        Arc::clone(&self.shared)
+    /// The rows and listeners, as they will be from now on, for other
+    /// threads.
+    pub fn shared(&self) -> SharedCoverage {
+        SharedCoverage(Arc::clone(&self.table))
     }
 
-    /// The listeners without an eligible backend now. `snapshot` gives the
-    /// live connection counts (a backend at its hard limit is not eligible).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The listeners without an eligible backend in `snapshot`: its health
+    /// (checks, circuit breaker) and live connection counts (a backend at
+    /// its hard limit is not eligible).
     pub fn check(&self, snapshot: &RoutingSnapshot) -> Vec<Gap> {
-        let now_state = |row: &Row| match row.state {
-            RowState::Eligible => match snapshot.find(&row.id).map(|i| snapshot.backend(i)) {
-                Some(b) if !b.under_hard_limit(b.active()) => RowState::AtHardLimit,
-                _ => RowState::Eligible,
-            },
-            other => other,
-        };
-        let mut gaps = Vec::new();
-        for (name, app) in &self.listeners {
-            let mut counts: BTreeMap<RowState, usize> = BTreeMap::new();
-            for row in self
-                .rows
-                .iter()
-                .filter(|r| app.as_deref().is_none_or(|a| a == r.app))
-            {
-                *counts.entry(now_state(row)).or_default() += 1;
-            }
-            if counts.contains_key(&RowState::Eligible) {
-                continue;
-            }
-            let reason = if counts.is_empty() {
-                Reason::NoneRegistered
-            } else {
-                Reason::NoneEligible(counts)
-            };
-            gaps.push(Gap {
-                listener: name.clone(),
-                app: app.clone(),
-                reason,
-            });
-        }
-        if let Ok(mut shared) = self.shared.lock() {
-            *shared = gaps
-                .iter()
-                .map(|g| (g.listener.clone(), g.reason.to_string()))
-                .collect();
-        }
-        gaps
+        let table = self.lock();
+        table
+            .listeners
+            .iter()
+            .filter_map(|(name, app)| {
+                Some(Gap {
+                    listener: name.clone(),
+                    app: app.clone(),
+                    reason: table.gap(app.as_deref(), snapshot)?,
+                })
+            })
+            .collect()
     }
 
     /// [`check`](Coverage::check), and a WARN per gap; `when` says what
@@ -294,7 +332,7 @@ mod tests {
         let (mut c, snap) = coverage(&[], &[], &[]);
         c.set_listeners(listeners(&[("all", None)]));
         assert_eq!(c.check(&snap)[0].reason, Reason::NoneRegistered);
-        assert_eq!(c.shared().lock().unwrap()["all"], "no backend registered");
+        assert_eq!(c.shared().gap("all", &snap), Some(Reason::NoneRegistered));
     }
 
     #[test]
@@ -354,6 +392,51 @@ mod tests {
         );
         drop(busy);
         assert!(c.check(&snap).is_empty());
-        assert!(c.shared().lock().unwrap().is_empty());
+        assert_eq!(c.shared().gap("front", &snap), None);
+    }
+
+    /// Each listener's reason is its own and of the snapshot it is checked
+    /// against. With two listeners, the traffic watch read the reasons of
+    /// the last reload's check: a listener whose backend had been at its
+    /// hard limit then was said to be so when health checks had taken its
+    /// backend out since, and one that had backends then was said to have
+    /// had eligible ones whatever refused it.
+    #[test]
+    fn each_listener_gets_its_own_reason_as_of_the_snapshot_checked() {
+        let records = [rec("w", "web"), rec("a", "api")];
+        let (mut c, snap) = coverage(&records, &[], &[]);
+        c.set_listeners(listeners(&[("front", Some("web")), ("back", Some("api"))]));
+        let shared = c.shared();
+        // At the reload: web's backend at its hard limit, api's fine.
+        let busy = ActiveGuard::new(Arc::clone(&snap.backends[0].live));
+        let gaps = c.check(&snap);
+        assert_eq!(gaps.len(), 1);
+        assert_eq!(gaps[0].listener, "front");
+        assert_eq!(
+            gaps[0].reason.to_string(),
+            "its only backend is at the hard limit"
+        );
+        assert_eq!(shared.gap("back", &snap), None);
+        drop(busy);
+        // Then health checks take api's backend out (a republished snapshot,
+        // no reload): each listener as it is now.
+        let mut sick = records.clone();
+        sick[1].healthy = false;
+        let republished = SnapshotBuilder::new().build(&sick).snapshot;
+        assert_eq!(shared.gap("front", &republished), None);
+        assert_eq!(
+            shared.gap("back", &republished).map(|r| r.to_string()),
+            Some("its only backend is unhealthy".into())
+        );
+        assert_eq!(shared.gap("gone", &republished), None);
+        // A row the snapshot no longer routes is named invalid.
+        let without_web = SnapshotBuilder::new().build(&records[1..]).snapshot;
+        assert_eq!(
+            shared.gap("front", &without_web).map(|r| r.to_string()),
+            Some(
+                "its only backend is invalid (rows the proxy cannot route, see earlier warnings)"
+                    .into()
+            )
+        );
     }
 }

@@ -6,22 +6,26 @@
 //! path) and logs, at WARN, only what moved:
 //!
 //! - per listener, connections refused for want of a backend, with the
-//!   reason the routing table gives (`crate::no_backend_warn`) or, when it
-//!   has eligible backends, that every backend tried failed to connect;
+//!   reason: those refused after every backend tried failed to connect say
+//!   so (the shards count them apart); the rest, refused with no backend to
+//!   try, get the reason the routing table gives for that listener when the
+//!   line is written (`crate::no_backend_warn`), not the one of the last
+//!   reload;
 //! - backend connect failures per backend, the busiest first, with whether
 //!   each is failing now. (Shards log once when a backend starts and stops
 //!   failing; this is the running count.)
 //!
 //! [`Watch`] is the sans-IO core: counters in, what to report out.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 use engine::snapshot::SnapshotHandle;
 use engine::{ListenerSummary, StatsView};
+
+use crate::no_backend_warn::{Reason, SharedCoverage};
 
 /// Backends named in one connect-failure summary line; more are counted.
 const NAMED_BACKENDS: usize = 5;
@@ -32,6 +36,29 @@ pub struct Refused {
     pub listener: String,
     pub app: Option<String>,
     pub count: u64,
+    /// Of `count`, those refused after every backend tried failed to
+    /// connect (the rest found none to try).
+    pub after_failures: u64,
+}
+
+impl Refused {
+    /// Why these connections were refused. `gap_now` is why the listener
+    /// has no eligible backend now (`None`: it has one).
+    pub fn reason(&self, gap_now: Option<&Reason>) -> String {
+        const FAILED: &str = "every backend tried failed to connect";
+        let none_tried = self.count.saturating_sub(self.after_failures);
+        let no_backend = match gap_now {
+            Some(gap) => gap.to_string(),
+            None => "no backend was eligible when they came, though one is now (at its hard \
+                     limit, or out of rotation, for a while)"
+                .to_string(),
+        };
+        match (none_tried, self.after_failures) {
+            (_, 0) => no_backend,
+            (0, _) => FAILED.to_string(),
+            (n, m) => format!("{n} found no backend to try ({no_backend}); {m}: {FAILED}"),
+        }
+    }
 }
 
 /// Connect failures of one backend during an interval.
@@ -54,7 +81,8 @@ pub struct Report {
 /// Counters as last seen. See the module docs.
 #[derive(Debug, Default)]
 pub struct Watch {
-    refused: HashMap<String, u64>,
+    /// (refused, of which after failed connects), by listener.
+    refused: HashMap<String, (u64, u64)>,
     failures: HashMap<String, u64>,
 }
 
@@ -70,16 +98,22 @@ impl Watch {
         let mut report = Report::default();
         let mut refused = HashMap::with_capacity(listeners.len());
         for l in listeners {
-            let before = self.refused.get(&l.name).copied().unwrap_or(0);
-            let delta = l.no_backend.checked_sub(before).unwrap_or(l.no_backend);
+            let (before, before_failed) = self.refused.get(&l.name).copied().unwrap_or((0, 0));
+            let now = (l.no_backend, l.no_backend_after_failures);
+            let (delta, delta_failed) =
+                match (now.0.checked_sub(before), now.1.checked_sub(before_failed)) {
+                    (Some(d), Some(f)) => (d, f),
+                    _ => now,
+                };
             if delta > 0 {
                 report.refused.push(Refused {
                     listener: l.name.clone(),
                     app: l.app.clone(),
                     count: delta,
+                    after_failures: delta_failed.min(delta),
                 });
             }
-            refused.insert(l.name.clone(), l.no_backend);
+            refused.insert(l.name.clone(), now);
         }
         self.refused = refused;
         let mut failures = HashMap::new();
@@ -125,8 +159,9 @@ pub fn failures_text(failures: &[Failures]) -> String {
 pub struct Sources {
     pub stats: StatsView,
     pub snapshot: SnapshotHandle,
-    /// Why each listener has no eligible backend, as of the last check.
-    pub reasons: Arc<Mutex<BTreeMap<String, String>>>,
+    /// The routing table's rows and the listeners, to say why a listener
+    /// has no eligible backend at the moment a line is written.
+    pub coverage: SharedCoverage,
 }
 
 /// The running watch thread; stops when dropped.
@@ -159,7 +194,9 @@ impl WatchThread {
                         )
                     });
                     let report = watch.observe(&sources.stats.listeners(), backends);
-                    log(&report, secs, &sources.reasons);
+                    log(&report, secs, |listener| {
+                        sources.coverage.gap(listener, &sources.snapshot.load())
+                    });
                 }
             })?;
         Ok(WatchThread {
@@ -178,15 +215,11 @@ impl Drop for WatchThread {
     }
 }
 
-fn log(report: &Report, interval_secs: u64, reasons: &Mutex<BTreeMap<String, String>>) {
+/// Logs `report`; `gap_now` says why a listener has no eligible backend
+/// now (`None`: it has one).
+fn log(report: &Report, interval_secs: u64, gap_now: impl Fn(&str) -> Option<Reason>) {
     for r in &report.refused {
-        let reason = reasons
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&r.listener).cloned())
-            .unwrap_or_else(|| {
-                "its backends were eligible, but every one tried failed to connect".into()
-            });
+        let reason = r.reason(gap_now(&r.listener).as_ref());
         tracing::warn!(listener = %r.listener, app = r.app.as_deref().unwrap_or("*"),
             refused = r.count, interval_secs, %reason,
             "connections refused for want of a backend");
@@ -223,7 +256,8 @@ mod tests {
             [Refused {
                 listener: "a".into(),
                 app: Some("web".into()),
-                count: 3
+                count: 3,
+                after_failures: 0,
             }]
         );
         assert!(r.failures.is_empty());
@@ -255,6 +289,88 @@ mod tests {
         let r = w.observe(&[listener("a", 2)], [("x".into(), 4, false)]);
         assert_eq!(r.refused[0].count, 2);
         assert_eq!(r.failures[0].count, 4);
+    }
+
+    /// With several listeners, each line's reason is that listener's: the
+    /// refusals after failed connects say so whatever the table says, the
+    /// rest get the listener's reason now. (Before, every line read the
+    /// reasons of the last reload's check: a listener whose backends were
+    /// dead was said to be at its hard limit, and one that had backends at
+    /// the reload was said to have failed to connect when it had none.)
+    #[test]
+    fn each_listeners_refusals_get_their_own_reason() {
+        let mut w = Watch::default();
+        let summary = |name: &str, no_backend: u64, after_failures: u64| ListenerSummary {
+            no_backend_after_failures: after_failures,
+            ..listener(name, no_backend)
+        };
+        w.observe(
+            &[
+                summary("full", 0, 0),
+                summary("dead", 0, 0),
+                summary("both", 0, 0),
+            ],
+            [],
+        );
+        let r = w.observe(
+            &[
+                summary("full", 4, 0),
+                summary("dead", 3, 3),
+                summary("both", 5, 2),
+            ],
+            [],
+        );
+        let at_limit = {
+            let mut counts = std::collections::BTreeMap::new();
+            counts.insert(crate::no_backend_warn::RowState::AtHardLimit, 1);
+            Reason::NoneEligible(counts)
+        };
+        let gap_now = |listener: &str| match listener {
+            "dead" => None,
+            _ => Some(at_limit.clone()),
+        };
+        let reasons: Vec<(String, String)> = r
+            .refused
+            .iter()
+            .map(|r| (r.listener.clone(), r.reason(gap_now(&r.listener).as_ref())))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (
+                    "full".into(),
+                    "its only backend is at the hard limit".into()
+                ),
+                (
+                    "dead".into(),
+                    "every backend tried failed to connect".into()
+                ),
+                (
+                    "both".into(),
+                    "3 found no backend to try (its only backend is at the hard limit); \
+                     2: every backend tried failed to connect"
+                        .into()
+                ),
+            ]
+        );
+        // Refused with none to try, but one is eligible by the time the line
+        // is written: not "failed to connect".
+        let r = w.observe(
+            &[
+                summary("full", 5, 0),
+                summary("dead", 3, 3),
+                summary("both", 5, 2),
+            ],
+            [],
+        );
+        assert_eq!(r.refused.len(), 1);
+        assert!(
+            r.refused[0]
+                .reason(None)
+                .starts_with("no backend was eligible when they came"),
+            "{}",
+            r.refused[0].reason(None)
+        );
     }
 
     #[test]

@@ -125,8 +125,11 @@ pub(crate) async fn serve(
                 ShardStats::bump(c);
                 ShardStats::bump(&lctx.stats.rejected_other);
             }
-            if matches!(e, ConnError::NoBackend { .. }) {
+            if let ConnError::NoBackend { attempts } = &e {
                 ShardStats::bump(&lctx.stats.no_backend);
+                if *attempts > 0 {
+                    ShardStats::bump(&lctx.stats.no_backend_after_failures);
+                }
             }
             tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
                 app = lctx.spec.app.as_deref().unwrap_or("*"), %peer, error = %e, "connection ended");

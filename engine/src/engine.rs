@@ -102,6 +102,9 @@ pub struct ListenerSummary {
     pub rejected_other: u64,
     /// Closed for want of a backend (part of `rejected_other`).
     pub no_backend: u64,
+    /// Of `no_backend`, those closed after every backend tried failed to
+    /// connect.
+    pub no_backend_after_failures: u64,
     /// Refused by a per-client limit.
     pub rejected_client_limit: u64,
     pub active: u64,
@@ -156,6 +159,7 @@ impl StatsView {
                     s.limit_waits += st.limit_waits.load(Relaxed);
                     s.rejected_other += st.rejected_other.load(Relaxed);
                     s.no_backend += st.no_backend.load(Relaxed);
+                    s.no_backend_after_failures += st.no_backend_after_failures.load(Relaxed);
                     s.rejected_client_limit += st.rejected_client_limit.load(Relaxed);
                     s.active += u64::from(st.active.load(Relaxed));
                 }

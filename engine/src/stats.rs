@@ -90,6 +90,10 @@ pub struct ListenerStats {
     /// Closed because no backend was eligible or every one tried failed to
     /// connect (part of `rejected_other`).
     pub no_backend: AtomicU64,
+    /// Of `no_backend`, those closed after at least one backend was tried
+    /// and failed to connect (the rest had none to try): the two call for
+    /// different fixes.
+    pub no_backend_after_failures: AtomicU64,
     /// Refused by a per-client limit (rate or open connections).
     pub rejected_client_limit: AtomicU64,
     pub active: AtomicU32,
