@@ -566,6 +566,23 @@ fn a_second_instance_on_the_same_address_is_refused() {
 
 /// `edgeproxy completions SHELL` prints a completion script that knows the
 /// subcommands; bash's is checked by bash itself.
+/// `backends add --port 70000` said only that 70000 is not a valid value;
+/// 0 passed the command line and came back as the API's 400.
+#[test]
+fn a_backend_port_out_of_range_names_the_range() {
+    for port in ["70000", "0", "-1"] {
+        let arg = format!("--port={port}");
+        let (status, stdout, stderr) = run_to_end(
+            &[
+                "backends", "add", "b1", "--app", "web", "--region", "sa", "--ip", "10.0.0.1", &arg,
+            ],
+            &[],
+        );
+        assert!(!status.success(), "--port {port}: {stdout}{stderr}");
+        assert!(stderr.contains("1..=65535"), "--port {port}: {stderr}");
+    }
+}
+
 #[test]
 fn completion_scripts_are_generated_for_each_shell() {
     for (shell, marker) in [

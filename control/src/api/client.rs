@@ -60,7 +60,8 @@ pub struct AddArgs {
     /// Backend address (IPv4 or IPv6, no port).
     #[arg(long)]
     pub ip: String,
-    #[arg(long)]
+    /// Backend port, 1-65535.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub port: u16,
     /// Two-letter country code.
     #[arg(long)]
