@@ -662,6 +662,8 @@ fn check_config_reports_every_kind_of_port_in_use() {
             &[&needle, "in use"],
         );
         assert_eq!(line.matches("in use").count(), 1, "cause repeated: {line}");
+        // The way to check a file whose ports a running proxy holds.
+        assert!(line.contains("`check-config --no-bind`"), "{line}");
         // --no-bind: the same file checks fine.
         let (status, _, stderr) =
             run_to_end(&["check-config", "--no-bind", "--config", &path], &[]);

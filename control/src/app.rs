@@ -489,7 +489,15 @@ pub fn check(
         specs.push(spec_of(l, &mut tls)?);
     }
     if !options.no_bind {
-        drop(bind_all(&config, &specs, 1, &geo)?);
+        // A file for a running proxy finds its ports taken by that proxy:
+        // say how to check it anyway.
+        let bound = bind_all(&config, &specs, 1, &geo).map_err(|e| {
+            anyhow::anyhow!(
+                "{e:#} (check-config binds every socket the file configures; \
+                 `check-config --no-bind` checks the file without binding)"
+            )
+        })?;
+        drop(bound);
     }
     if config.mesh.enabled {
         crate::mesh::keys::check(&config.mesh.private_key_file)?;
