@@ -857,11 +857,26 @@ fn without_a_token_the_api_listens_on_loopback_only() {
         line.contains("auth=\"none\"") || line.contains("auth=none"),
         "{line}"
     );
-    assert!(
-        proxy.log_text().contains("loopback only"),
-        "{}",
-        proxy.log_text()
+    let warning = proxy.wait_for_log("loopback only", PATIENCE).unwrap();
+    assert_eq!(
+        field(&warning, "asked").as_deref(),
+        Some("0.0.0.0:0"),
+        "{warning}"
     );
+    // Loopback asked for: nothing was narrowed, and no `asked=-` says so.
+    {
+        let dir = TempDir::new("api-loopback");
+        let path = dir.join("edgeproxy.toml");
+        let text = config(
+            &dir.join("routing.db"),
+            "[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        );
+        std::fs::write(&path, text).unwrap();
+        let loopback = Proxy::start(&["--config", path.to_str().unwrap()], &[]);
+        let warning = loopback.wait_for_log("loopback only", PATIENCE).unwrap();
+        assert_eq!(field(&warning, "asked"), None, "{warning}");
+        assert!(field(&warning, "addr").is_some(), "{warning}");
+    }
 
     // Local clients need no token...
     let get = |host: &str, extra: &str| {

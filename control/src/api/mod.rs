@@ -92,8 +92,21 @@ pub fn bind(config: &ApiConfig) -> anyhow::Result<Option<Bound>> {
     let addr = listener.local_addr().unwrap_or(addr);
     match exposure {
         Exposure::Token => {}
-        Exposure::LoopbackOnly { narrowed_from } => tracing::warn!(
-            asked = %narrowed_from.map_or_else(|| "-".to_string(), |a| a.to_string()),
+        // `asked` only when the address asked for was narrowed (it was
+        // `asked=-` when loopback was asked for).
+        Exposure::LoopbackOnly {
+            narrowed_from: Some(asked),
+        } => tracing::warn!(
+            %asked,
+            %addr,
+            "discovery API has no token: it listens on loopback only, not on the address \
+             asked for (set api.token or EDGEPROXY_API_TOKEN to serve other hosts, \
+             or api.allow_open = true to serve them without a token)"
+        ),
+        Exposure::LoopbackOnly {
+            narrowed_from: None,
+        } => tracing::warn!(
+            %addr,
             "discovery API has no token: it listens on loopback only \
              (set api.token or EDGEPROXY_API_TOKEN to serve other hosts, \
              or api.allow_open = true to serve them without a token)"
