@@ -813,6 +813,48 @@ fn a_pop_on_a_copied_database_expires_backends_that_never_heartbeat_again() {
     );
 }
 
+/// An operator's sqlite3 session holding the write lock made the change
+/// log unreadable: one ERROR every poll (20 a second). Now one line while
+/// it lasts, one when it reads again, and the change it held back is
+/// versioned then.
+#[test]
+fn a_locked_change_log_is_said_once_and_read_when_the_lock_goes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(1, None);
+    assert_eq!(c.register(0, "b1", "10.77.0.1:9500".parse().unwrap()), 201);
+    let versioned_weight = || {
+        let conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+        conn.query_row(
+            "SELECT json_extract(data, '$.weight') FROM repl_versions WHERE pk = 'b1'",
+            [],
+            |r| r.get::<_, Option<i64>>(0),
+        )
+        .ok()
+        .flatten()
+    };
+    assert!(common::eventually(PATIENCE, || versioned_weight() == Some(2)));
+    let mark = c.pop(0).log_mark();
+    let mut conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+    conn.execute("UPDATE backends SET weight = 7 WHERE id = 'b1'", [])
+        .unwrap();
+    let lock = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    let error = "cannot read the change log";
+    c.pop(0)
+        .wait_for_log_after(mark, error, PATIENCE)
+        .expect("no ERROR while the change log is locked");
+    // Polled every 50 ms: two more seconds are some 10 failed polls.
+    std::thread::sleep(Duration::from_secs(2));
+    let lines = c.pop(0).log_lines_after(mark, error);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    drop(lock);
+    c.pop(0)
+        .wait_for_log_after(mark, "change log readable again", PATIENCE)
+        .expect("no line when the change log reads again");
+    assert!(common::eventually(PATIENCE, || versioned_weight() == Some(7)));
+}
+
 /// A POP whose clock had been ahead stamped its rows in the future; after
 /// its clock was fixed its peers still dropped what it wrote (for as long
 /// as the clock had been ahead) and only their logs said so.

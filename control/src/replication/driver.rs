@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use engine::log_limit::LogLimit;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
@@ -47,6 +48,8 @@ use crate::store::PopRow;
 /// API (an operator's `sqlite3`, another process). API writes poke the
 /// driver and go out at once.
 pub const CHANGE_POLL: Duration = Duration::from_millis(50);
+/// At most one ERROR per this while the change log cannot be read.
+const CHANGE_LOG_ERROR_EVERY: Duration = Duration::from_secs(10);
 /// How often the published status is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The same refusal (peer, reason) is logged at WARN at most this often.
@@ -514,6 +517,7 @@ impl Bound {
             contact_saved: last_contact,
             absences_saved,
             seeds,
+            change_log_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             resolved_tx,
         };
         tokio::spawn(driver.run(transport_events, command_rx, resolved_rx));
@@ -580,6 +584,8 @@ struct Driver {
     absences_saved: (Absences, Option<Instant>),
     /// Bootstrap peers, resolved again while no member answers.
     seeds: Seeds,
+    /// Failed change-log polls in a row, and the limit on their log lines.
+    change_log_failing: (LogLimit, u64),
     /// Where a resolution run off the loop sends its results.
     resolved_tx: mpsc::UnboundedSender<Vec<Result<SocketAddr, String>>>,
 }
@@ -742,7 +748,27 @@ impl Driver {
                 self.local_changes += n as u64;
                 tracing::debug!(rows = n, "replication: local changes versioned");
             }
-            Err(e) => tracing::error!(error = %e, "replication: cannot read the change log"),
+            Err(e) => {
+                // Polled every 50 ms: a lock held for a minute (an
+                // operator's sqlite3 session) made 1200 ERROR lines.
+                let (limit, failures) = &mut self.change_log_failing;
+                *failures += 1;
+                if let Some(left_out) = limit.hit(Instant::now()) {
+                    tracing::error!(error = %e, left_out,
+                        "replication: cannot read the change log; local changes are versioned once it reads again \
+                         (said at most every 10 s while it lasts)");
+                }
+                return;
+            }
+        }
+        let (limit, failures) = &mut self.change_log_failing;
+        if *failures > 0 {
+            tracing::info!(
+                failures = *failures,
+                "replication: change log readable again"
+            );
+            *failures = 0;
+            *limit = LogLimit::new(CHANGE_LOG_ERROR_EVERY);
         }
     }
 
