@@ -491,7 +491,8 @@ impl Bound {
             self.bootstrap_resolved.clone(),
             now.mono,
             c.gossip_interval,
-        );
+        )
+        .with_own_addr(self.gossip_advertised);
         node.join(now, &seeds.addrs());
         let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
         let driver = Driver {

@@ -33,6 +33,9 @@ pub struct Seeds {
     ever_joined: bool,
     /// A resolution is under way (its results not in yet).
     resolving: bool,
+    /// This POP's own gossip address: fleets often give every POP the same
+    /// list, this one included; it is no peer to wait for.
+    own: Option<SocketAddr>,
 }
 
 impl Seeds {
@@ -53,7 +56,15 @@ impl Seeds {
             last_warning: None,
             ever_joined: false,
             resolving: false,
+            own: None,
         }
+    }
+
+    /// This POP's own (advertised) gossip address: a name resolving to it is
+    /// left out of the warnings.
+    pub fn with_own_addr(mut self, own: SocketAddr) -> Seeds {
+        self.own = Some(own);
+        self
     }
 
     pub fn names(&self) -> &[String] {
@@ -118,19 +129,27 @@ impl Seeds {
         }
         self.last_warning = Some(now);
         let secs = now.duration_since(since).as_secs();
-        if self.names.is_empty() {
+        let others: Vec<(&String, &Result<SocketAddr, String>)> = self
+            .names
+            .iter()
+            .zip(&self.resolved)
+            .filter(|(_, r)| !matches!(r, Ok(a) if Some(*a) == self.own))
+            .collect();
+        if others.is_empty() {
             // A first POP may rightly wait for the others to join through
             // it; it is still alone, which the operator should know.
+            let why = match self.names.is_empty() {
+                true => "no bootstrap_peers are configured",
+                false => "its only bootstrap peer is this POP itself",
+            };
             return Some(format!(
-                "replication: no other member after {secs} s; no bootstrap_peers are configured, \
+                "replication: no other member after {secs} s; {why}, \
                  so this POP waits for another one to join through it"
             ));
         }
         let tried = {
-            let list: Vec<String> = self
-                .names
-                .iter()
-                .zip(&self.resolved)
+            let list: Vec<String> = others
+                .into_iter()
                 .map(|(name, r)| match r {
                     Ok(a) if name == &a.to_string() => format!("{name} (no answer)"),
                     Ok(a) => format!("{name} = {a} (no answer)"),
@@ -277,6 +296,33 @@ mod tests {
             "{w}"
         );
         assert!(!w.contains("no bootstrap peer answered"), "{w}");
+    }
+
+    /// QA: every POP given the same list, this one included, named its own
+    /// address among the peers that did not answer.
+    #[test]
+    fn this_pops_own_address_is_no_peer_in_the_warning() {
+        let t0 = Instant::now();
+        let names = vec!["10.0.0.1:4001".into(), "pop-b:4001".into()];
+        let resolved = vec![Ok(addr("10.0.0.1:4001")), Ok(addr("10.0.0.2:4001"))];
+        let mut seeds =
+            Seeds::new(names.clone(), resolved, t0, TICK).with_own_addr(addr("10.0.0.1:4001"));
+        let w = seeds.warning(t0 + TICK * 5).expect("a warning");
+        assert!(w.contains("pop-b:4001 = 10.0.0.2:4001 (no answer)"), "{w}");
+        assert!(!w.contains("10.0.0.1"), "{w}");
+        // Its own address alone: it waits, and says why.
+        let mut alone = Seeds::new(
+            vec!["10.0.0.1:4001".into()],
+            vec![Ok(addr("10.0.0.1:4001"))],
+            t0,
+            TICK,
+        )
+        .with_own_addr(addr("10.0.0.1:4001"));
+        let w = alone.warning(t0 + TICK * 5).expect("a warning");
+        assert!(
+            w.contains("its only bootstrap peer is this POP itself"),
+            "{w}"
+        );
     }
 
     #[test]
