@@ -949,13 +949,16 @@ impl Driver {
                 lag_ms,
                 via,
             } => {
-                let now = Instant::now();
-                if now.duration_since(self.lag_window.0) >= Duration::from_secs(1) {
-                    self.recent_lag_ms = (self.lag_window.1 > 0).then_some(self.lag_window.1);
-                    self.lag_window = (now, 0);
+                // The lag figures are the broadcasts' (see `Event::Applied`).
+                if via == Path::Broadcast {
+                    let now = Instant::now();
+                    if now.duration_since(self.lag_window.0) >= Duration::from_secs(1) {
+                        self.recent_lag_ms = (self.lag_window.1 > 0).then_some(self.lag_window.1);
+                        self.lag_window = (now, 0);
+                    }
+                    self.lag_window.1 = self.lag_window.1.max(lag_ms);
+                    crate::replication::metrics::observe_lag(lag_ms);
                 }
-                self.lag_window.1 = self.lag_window.1.max(lag_ms);
-                crate::replication::metrics::observe_lag(lag_ms);
                 tracing::debug!(%from, rows, lag_ms, via = match via { Path::Broadcast => "broadcast", Path::Sync => "sync" },
                     "replication: remote rows applied");
                 false

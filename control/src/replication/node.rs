@@ -187,7 +187,8 @@ pub enum Event {
         reason: String,
     },
     /// Rows from `from` that won and are now ours. `lag_ms`: the largest
-    /// delay between a row's write at its origin and now.
+    /// delay between a row's write at its origin and now (replication's
+    /// lag for a broadcast; for an exchange, how long the two were apart).
     Applied {
         from: NodeId,
         rows: usize,
@@ -1515,8 +1516,13 @@ impl Node {
         }
         if !applied.is_empty() {
             self.stats.rows_applied += applied.len() as u64;
-            let p = self.peers.entry(peer.clone()).or_default();
-            p.last_lag_ms = Some(lag_ms);
+            // Only a broadcast's delay is replication's: rows an exchange
+            // brings are late by however long the two were apart (QA: a
+            // partition's catch-up showed as minutes of lag).
+            if via == Path::Broadcast {
+                let p = self.peers.entry(peer.clone()).or_default();
+                p.last_lag_ms = Some(lag_ms);
+            }
             self.out.push_back(Output::Persist(Persist {
                 rows: applied.clone(),
                 previous,

@@ -1243,3 +1243,36 @@ fn a_restarted_pop_still_holds_down_the_members_it_held_down() {
     assert!(sim.run_until(back + Duration::from_secs(60), |s| s.membership_complete()));
     assert!(sim.nodes[0].down_members().is_empty());
 }
+
+/// Rows an anti-entropy exchange brings after a partition are late by the
+/// partition's length: that is not replication's lag, and the member's
+/// `LAG` keeps the last broadcast's.
+#[test]
+fn a_catch_up_after_a_partition_is_not_counted_as_lag() {
+    let mut sim = joined(SimConfig::wan(2, 47));
+    sim.write(0, "before", Some("x"));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    let lag = |sim: &Sim| {
+        sim.nodes[1]
+            .members()
+            .into_iter()
+            .find(|m| &*m.peer.id == "n0")
+            .and_then(|m| m.sync.last_lag_ms)
+    };
+    let broadcast_lag = lag(&sim).expect("a broadcast's lag");
+    assert!(broadcast_lag < 1_000, "{broadcast_lag} ms");
+    sim.partition(|i| i as u8);
+    sim.run_for(Duration::from_secs(1));
+    sim.write(0, "during", Some("y"));
+    sim.run_for(Duration::from_secs(60));
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(sim.run_until(healed + Duration::from_secs(60), Sim::converged));
+    assert!(sim.everyone_has("during", Some("y")));
+    assert_eq!(
+        lag(&sim),
+        Some(broadcast_lag),
+        "the catch-up counted as lag"
+    );
+}
