@@ -633,10 +633,9 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
         (with("weight", json!(0)), "weight"),
         (with("soft_limit", json!(-5)), "soft_limit"),
         (with("hard_limit", json!(50)), "hard_limit"),
-        // A field of no known name (the original ignored it: a typo
-        // registered the default weight).
+        // A field that misspells a known one (the original ignored it: a
+        // typo registered the default weight).
         (with("wieght", json!(5)), "wieght"),
-        (with("metadata", json!({"team": "a"})), "metadata"),
         (
             format!(
                 r#"{{"id":"new","app":"{}","region":"sa","ip":"10.0.0.1","port":80}}"#,
@@ -765,6 +764,17 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
 
     assert_eq!(dump(&api.db), before, "routing.db unchanged");
     assert_eq!(api.state("keep")["state"], "serving");
+
+    // A field of another name is ignored, as the original ignores it (its
+    // agents got a 201), and the reply lists it.
+    let (status, reply) = api.call(
+        "POST",
+        "/api/v1/register",
+        Some(with("metadata", json!({"team": "a"})).as_str()),
+    );
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(reply["ignored_fields"], json!(["metadata"]), "{reply}");
+    assert_eq!(api.state("new")["weight"], 2);
 }
 
 #[test]

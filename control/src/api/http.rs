@@ -148,14 +148,21 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
 
 /// Sends `op` to the control loop and waits for its answer.
 async fn call(s: &Shared, op: Op) -> Response {
+    match ask(s, op).await {
+        Ok(r) => reply(r),
+        Err(response) => response,
+    }
+}
+
+/// The control loop's reply to `op`, or the error response when it cannot
+/// give one.
+async fn ask(s: &Shared, op: Op) -> Result<Reply, Response> {
     let (tx, rx) = oneshot::channel();
     if s.commands.send(Command { op, reply: tx }).await.is_err() {
-        return error(503, "the control loop is not running");
+        return Err(error(503, "the control loop is not running"));
     }
-    match rx.await {
-        Ok(r) => reply(r),
-        Err(_) => error(503, "the control loop dropped the request"),
-    }
+    rx.await
+        .map_err(|_| error(503, "the control loop dropped the request"))
 }
 
 async fn health(State(s): State<AppState>) -> Response {
@@ -234,7 +241,17 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
             {
                 h.ensure_local(ip).await;
             }
-            call(&s, Op::Register(rec, check)).await
+            let ignored = super::validate::ignored_fields(&body);
+            match ask(&s, Op::Register(rec, check)).await {
+                Ok(mut r) if r.status < 300 && !ignored.is_empty() => {
+                    tracing::info!(fields = %ignored.join(", "),
+                        "discovery API: registration carried fields this API does not know; ignored (as the original edgeProxy does)");
+                    r.body["ignored_fields"] = json!(ignored);
+                    reply(r)
+                }
+                Ok(r) => reply(r),
+                Err(response) => response,
+            }
         }
         Err(e) => {
             tracing::debug!(error = %e, "discovery API: registration refused");

@@ -3,10 +3,12 @@
 //!
 //! The fields and defaults are the original edgeProxy's `RegisterRequest`
 //! (`id, app, region, country?, ip, port, weight = 2, soft_limit = 100,
-//! hard_limit = 150`), plus `health_check`. A field of another name is
-//! refused, naming the known field it is closest to: the original ignored
-//! it, so `"wieght": 5` registered a backend of weight 2 and the agent never
-//! heard of its typo (the original's agents send only the fields above). It
+//! hard_limit = 150`), plus `health_check`. A field of another name that
+//! misspells one of those is refused, naming it: the original ignored it,
+//! so `"wieght": 5` registered a backend of weight 2 and the agent never
+//! heard of its typo. Any other unknown field is ignored, as the original
+//! does (a 400 there would break agents that send extras and got a 201),
+//! and listed in the reply's `ignored_fields` ([`ignored_fields`]). It
 //! is stricter about values the original accepted and then did not route as asked:
 //! weight or soft limit 0 (which it, and the loader here for rows written by
 //! hand, reads as 1: a weight of 0 still takes traffic; see
@@ -65,22 +67,38 @@ fn bad(field: &'static str, reason: impl Into<String>) -> FieldError {
     }
 }
 
-/// Refuses the first key of `obj` that is not one of [`FIELDS`], with the known field it is closest to when there is one.
-fn unknown_fields(obj: &Map<String, Value>) -> Result<(), FieldError> {
-    let Some(key) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) else {
+/// Refuses the first key of `obj` that is not one of [`FIELDS`] but
+/// misspells one (see [`closest_field`]), naming it.
+fn misspelt_fields(obj: &Map<String, Value>) -> Result<(), FieldError> {
+    let Some((key, known)) = obj
+        .keys()
+        .filter(|k| !FIELDS.contains(&k.as_str()))
+        .find_map(|k| Some((k, closest_field(k)?)))
+    else {
         return Ok(());
-    };
-    let hint = match closest_field(key) {
-        Some(known) => format!("; did you mean `{known}`?"),
-        None => String::new(),
     };
     Err(FieldError {
         field: Cow::Owned(key.clone()),
         reason: format!(
-            "unknown field{hint} (a registration takes {}; nothing was registered)",
+            "unknown field; did you mean `{known}`? (a registration takes {}; nothing was registered)",
             FIELDS.join(", ")
         ),
     })
+}
+
+/// The keys of a registration `body` that are none of [`FIELDS`] and
+/// misspell none (those are refused): ignored, as the original ignores
+/// them, and listed in the reply. Empty for a body that is not a JSON
+/// object.
+pub fn ignored_fields(body: &[u8]) -> Vec<String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(obj)) => obj
+            .keys()
+            .filter(|k| !FIELDS.contains(&k.as_str()) && closest_field(k).is_none())
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The known field `key` most likely misspells: at most two edits away
@@ -123,7 +141,8 @@ fn edits(a: &str, b: &str) -> usize {
 }
 
 /// Parses and validates a `POST /api/v1/register` body. A field not in
-/// [`FIELDS`] is reported first; then fields are checked in the order `id,
+/// [`FIELDS`] that misspells one is reported first (other unknown fields
+/// are ignored); then fields are checked in the order `id,
 /// app, region, country, ip, port, weight, soft_limit, hard_limit`; the
 /// first bad one is reported. The record comes out healthy
 /// and not deleted.
@@ -142,7 +161,7 @@ pub fn registration_with(
     let Value::Object(obj) = doc else {
         return Err(bad("body", "must be a JSON object"));
     };
-    unknown_fields(&obj)?;
+    misspelt_fields(&obj)?;
 
     let id = required_str(&obj, "id")?;
     dns_label("id", id)?;
@@ -650,9 +669,10 @@ mod tests {
     }
 
     /// `"wieght": 5` registered a backend of weight 2 (the default) with a
-    /// 201: the typo was ignored and the agent never heard of it.
+    /// 201: the typo was ignored and the agent never heard of it. Other
+    /// unknown fields are ignored, as the original ignores them.
     #[test]
-    fn unknown_fields_are_refused_with_the_field_they_misspell() {
+    fn misspelt_fields_are_refused_and_other_unknown_ones_ignored() {
         let e = registration(with(r#","wieght":5"#).as_bytes()).unwrap_err();
         assert_eq!(e.field, "wieght");
         assert!(
@@ -670,13 +690,21 @@ mod tests {
             ("x", None),
             ("tags", None),
         ] {
-            let e = registration(with(&format!(r#","{key}":1"#)).as_bytes()).unwrap_err();
-            assert_eq!(e.field, key);
+            let body = with(&format!(r#","{key}":1"#));
             match meant {
-                Some(f) => assert!(e.reason.contains(&format!("did you mean `{f}`?")), "{e}"),
-                None => assert!(!e.reason.contains("did you mean"), "{e}"),
+                Some(f) => {
+                    let e = registration(body.as_bytes()).unwrap_err();
+                    assert_eq!(e.field, key);
+                    assert!(e.reason.contains(&format!("did you mean `{f}`?")), "{e}");
+                }
+                None => {
+                    ok(&body);
+                    assert_eq!(ignored_fields(body.as_bytes()), [key]);
+                }
             }
         }
+        assert!(ignored_fields(with("").as_bytes()).is_empty());
+        assert!(ignored_fields(b"[1]").is_empty());
         // Refused before anything else: a misspelt required field is named
         // as such, not as missing.
         let e = registration(br#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","prot":1}"#)
