@@ -1169,6 +1169,37 @@ fn every_api_command_finds_the_api_in_the_config_file() {
     a_wrong_token_on_the_command_line_is_refused(path, "pop", "status");
 }
 
+/// An edit of this POP's row in the `pops` table by another writer (an
+/// operator's sqlite3 here, or another POP's, replicated) was never read
+/// back: the POP went on serving, and the next start drained it by
+/// surprise. It is followed within about a second now, as a start would.
+#[test]
+fn an_edit_of_this_pops_drain_in_the_pops_table_is_followed() {
+    let dir = TempDir::new("api-pop-row-edit");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    let draining = |api: &Api| {
+        let (status, body) = api.call("GET", "/api/v1/pop", None);
+        assert_eq!(status, 200, "{body}");
+        body["draining"] == json!(true)
+    };
+    assert!(!draining(&api));
+    let conn = rusqlite::Connection::open(&api.db).unwrap();
+    let set = |on: bool| {
+        let n = conn.execute("UPDATE pops SET draining = ?1", [on]).unwrap();
+        assert_eq!(n, 1, "this POP's row");
+    };
+    set(true);
+    assert!(
+        eventually(PATIENCE, || draining(&api)),
+        "the edit was not followed"
+    );
+    set(false);
+    assert!(
+        eventually(PATIENCE, || !draining(&api)),
+        "the undrain was not followed"
+    );
+}
+
 /// `edgeproxy backends --json list | head` must not panic when the reader
 /// goes away: the rest of the output is dropped and the exit is quiet.
 #[test]

@@ -40,6 +40,9 @@ use crate::store::PopRow;
 pub const POLL_BGP: Duration = Duration::from_millis(20);
 /// Without BGP only the `pops` row depends on it.
 pub const POLL_IDLE: Duration = Duration::from_millis(250);
+/// How often this POP's row is read back for edits made by another writer
+/// (see `Controller::follow_row`).
+const ROW_READ_EVERY: Duration = Duration::from_secs(1);
 /// How long a shutdown waits for the withdrawal to be written.
 const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a binary upgrade waits for the sessions to stop.
@@ -258,7 +261,12 @@ impl Controller {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut tick = tokio::time::interval(self.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut row_read_at = Instant::now();
         loop {
+            if row_read_at.elapsed() >= ROW_READ_EVERY {
+                row_read_at = Instant::now();
+                self.follow_row();
+            }
             self.evaluate(Instant::now());
             tokio::task::yield_now().await;
             self.record();
@@ -318,6 +326,29 @@ impl Controller {
                     None => return,
                 },
             }
+        }
+    }
+
+    /// Follows an edit of this POP's row made by another writer: an
+    /// operator's sqlite3 here, or one at another POP, replicated. QA: such
+    /// an edit of `draining` was ignored (the row was only written, never
+    /// read) until the next start, which then drained (or undrained) the
+    /// POP by surprise. The row's `draining` is the operator's persisted
+    /// decision, so the POP follows it now, as a start would; its
+    /// `serving` is this POP's own verdict, written again at once if the
+    /// edit changed it.
+    fn follow_row(&mut self) {
+        match self.rows.read() {
+            Ok(Some(row)) if row != self.written => {
+                if row.draining != self.operator_drained {
+                    tracing::warn!(draining = row.draining,
+                        "pop: this POP's row in the pops table was edited outside `edgeproxy drain`/`undrain` (here or at another POP): following it");
+                    self.operator_drained = row.draining;
+                }
+                self.written = row;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "pop: cannot read this POP's row"),
         }
     }
 
