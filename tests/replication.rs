@@ -588,23 +588,7 @@ fn a_forgotten_pop_leaves_every_pop_and_may_rejoin() {
 #[test]
 fn backends_of_a_pop_that_is_down_expire_at_the_others() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut c = Cluster::hosts(3, None, |_| String::new());
-    c.api_extra = "heartbeat_ttl_secs = 2".into();
-    for i in 0..3 {
-        c.launch(i);
-    }
-    c.wait_joined();
-    // Registered (heartbeat owner) at POP 2, whose id is not the first:
-    // POP 0 stands in for it.
-    assert_eq!(
-        c.register(2, "orphan", "10.77.0.1:9400".parse().unwrap()),
-        201
-    );
-    assert!(common::eventually(PATIENCE, || c
-        .row(1, "orphan", "heartbeat_pop")
-        .as_deref()
-        == Some("node-2")));
-    assert_eq!(c.row(1, "orphan", "expired").as_deref(), Some("0"));
+    let mut c = three_pops_with_a_backend_of_pop_2(2);
     // In sync with everyone before it dies (nothing changes after this).
     assert!(
         common::eventually(PATIENCE, || c
@@ -620,9 +604,42 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
     );
     // The last exchange's result says nothing of a member that is down.
     assert_eq!(c.member(0, 2).unwrap()["in_sync"], false);
+    assert_the_backend_of_pop_2_expires_at_the_others(&c);
+}
+
+/// Three POPs with heartbeat TTL `ttl_secs`, backend `orphan` registered
+/// (heartbeat owner) at POP 2, whose id is not the first: POP 0 stands in
+/// for it once it is down. Returns once every POP has the row, not expired.
+fn three_pops_with_a_backend_of_pop_2(ttl_secs: u64) -> Cluster {
+    let mut c = Cluster::hosts(3, None, |_| String::new());
+    c.api_extra = format!("heartbeat_ttl_secs = {ttl_secs}");
+    for i in 0..3 {
+        c.launch(i);
+    }
+    c.wait_joined();
+    assert_eq!(
+        c.register(2, "orphan", "10.77.0.1:9400".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &[0, 1, 2],
+        "orphan",
+        "heartbeat_pop",
+        "node-2"
+    )));
+    assert!(c.everyone_has(&[0, 1], "orphan", "expired", "0"));
+    c
+}
+
+/// POP 2 being down, its backend `orphan` is expired at POPs 0 and 1.
+fn assert_the_backend_of_pop_2_expires_at_the_others(c: &Cluster) {
     assert!(
-        common::eventually(PATIENCE, || (0..2)
-            .all(|i| c.row(i, "orphan", "expired").as_deref() == Some("1"))),
+        common::eventually(PATIENCE, || c.everyone_has(
+            &[0, 1],
+            "orphan",
+            "expired",
+            "1"
+        )),
         "the down POP's backend was not expired: {:?}",
         (0..2)
             .map(|i| c.row(i, "orphan", "expired"))
@@ -637,20 +654,7 @@ fn backends_of_a_pop_that_is_down_expire_at_the_others() {
 #[test]
 fn a_restarted_stand_in_still_expires_the_backends_of_a_pop_that_is_down() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut c = Cluster::hosts(3, None, |_| String::new());
-    c.api_extra = "heartbeat_ttl_secs = 10".into();
-    for i in 0..3 {
-        c.launch(i);
-    }
-    c.wait_joined();
-    assert_eq!(
-        c.register(2, "orphan", "10.77.0.1:9400".parse().unwrap()),
-        201
-    );
-    assert!(common::eventually(PATIENCE, || c
-        .row(0, "orphan", "heartbeat_pop")
-        .as_deref()
-        == Some("node-2")));
+    let mut c = three_pops_with_a_backend_of_pop_2(10);
     c.kill(2);
     // POP 0 (the stand-in: first alive by id) has recorded it down.
     assert!(
@@ -669,14 +673,7 @@ fn a_restarted_stand_in_still_expires_the_backends_of_a_pop_that_is_down() {
         "the restarted POP does not list the down member: {}",
         c.cluster_status(0)
     );
-    assert!(
-        common::eventually(PATIENCE, || (0..2)
-            .all(|i| c.row(i, "orphan", "expired").as_deref() == Some("1"))),
-        "the down POP's backend was not expired: {:?}",
-        (0..2)
-            .map(|i| c.row(i, "orphan", "expired"))
-            .collect::<Vec<_>>()
-    );
+    assert_the_backend_of_pop_2_expires_at_the_others(&c);
 }
 
 /// Across a partition, the heartbeat's judge expired a backend that an

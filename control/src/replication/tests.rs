@@ -142,24 +142,10 @@ fn a_deliberate_write_after_a_delete_on_the_other_side_still_wins() {
 /// data it was taken for one and lost to a delete made before it.
 #[test]
 fn a_registration_that_repeats_the_row_is_a_decision_too() {
-    let mut sim = joined(SimConfig::wan(4, 14));
-    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
-    sim.write_verdict(0, "x", &backend(0, 1, 1, "n0"));
-    let t0 = sim.elapsed();
-    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
-    sim.partition(|i| (i >= 2) as u8);
-    sim.run_for(Duration::from_secs(15));
-    sim.write(3, "x", Some(&backend(1, 1, 1, "n0")));
-    sim.run_for(Duration::from_millis(100));
     // Registered again, same fields: only `expired` differs.
-    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
-    sim.heal();
-    let healed = sim.elapsed();
-    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
-    assert!(
-        sim.everyone_has("x", Some(&backend(0, 1, 0, "n0"))),
-        "the later registration lost"
-    );
+    registered_again_after_a_delete_across_a_partition(1, 14, |sim| {
+        sim.write(0, "x", Some(&backend(0, 1, 0, "n0")))
+    });
 }
 
 /// The same with the row not changed at all: the backend, live at POP 0,
@@ -168,18 +154,34 @@ fn a_registration_that_repeats_the_row_is_a_decision_too() {
 /// delete, though the row's data did not change.
 #[test]
 fn a_registration_identical_to_the_row_is_versioned_anew() {
-    let mut sim = joined(SimConfig::wan(4, 15));
+    registered_again_after_a_delete_across_a_partition(0, 15, |sim| {
+        // An edit that repeats the row is nothing...
+        sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+        // ... a registration is.
+        sim.write_registration(0, "x", &backend(0, 1, 0, "n0"));
+    });
+}
+
+/// Four nodes; row `x` judged by n0 (`expired` as given), then split in
+/// two; node 3 deletes it, then node 0 `registers` it again; after the
+/// heal the registration, the later decision, holds everywhere.
+fn registered_again_after_a_delete_across_a_partition(
+    expired: u8,
+    seed: u64,
+    registers: impl FnOnce(&mut Sim),
+) {
+    let mut sim = joined(SimConfig::wan(4, seed));
     sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
+    if expired == 1 {
+        sim.write_verdict(0, "x", &backend(0, 1, 1, "n0"));
+    }
     let t0 = sim.elapsed();
     assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
     sim.partition(|i| (i >= 2) as u8);
     sim.run_for(Duration::from_secs(15));
     sim.write(3, "x", Some(&backend(1, 1, 1, "n0")));
     sim.run_for(Duration::from_millis(100));
-    // An edit that repeats the row is nothing...
-    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
-    // ... a registration is.
-    sim.write_registration(0, "x", &backend(0, 1, 0, "n0"));
+    registers(&mut sim);
     sim.heal();
     let healed = sim.elapsed();
     assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
