@@ -201,20 +201,8 @@ fn hostile_input_leaves_memory_flat_after_the_second_round() {
         &[],
         Some("info,control::api::http=error"),
     );
-    let api: SocketAddr = field(
-        &proxy.wait_for_log("api listening", PATIENCE).unwrap(),
-        "addr",
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
-    let dns: SocketAddr = field(
-        &proxy.wait_for_log("dns listening", PATIENCE).unwrap(),
-        "udp",
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
+    let api: SocketAddr = proxy.logged_addr("api listening", "addr");
+    let dns: SocketAddr = proxy.logged_addr("dns listening", "udp");
     let pp = proxy.listener("pp");
     let pid = proxy.pid();
     let at_start = rss_kb(pid);

@@ -67,13 +67,7 @@ fn a_backend_at_an_own_listener_is_refused_and_skipped_and_clients_do_not_loop()
          [[listener]]\nname = \"any\"\naddr = \"0.0.0.0:0\"\n"
     );
     let proxy = Proxy::with_config(&dir, &config(&db.path, &extra));
-    let api: SocketAddr = field(
-        &proxy.wait_for_log("api listening", PATIENCE).unwrap(),
-        "addr",
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
+    let api: SocketAddr = proxy.logged_addr("api listening", "addr");
     let main = proxy.listener("main");
     let any = proxy.listener("any");
 

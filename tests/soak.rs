@@ -309,20 +309,8 @@ fn soak() {
         Some("info"),
     );
     let addr = proxy.addr();
-    let api: SocketAddr = field(
-        &proxy.wait_for_log("api listening", PATIENCE).unwrap(),
-        "addr",
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
-    let metrics: SocketAddr = field(
-        &proxy.wait_for_log("metrics listening", PATIENCE).unwrap(),
-        "addr",
-    )
-    .unwrap()
-    .parse()
-    .unwrap();
+    let api: SocketAddr = proxy.logged_addr("api listening", "addr");
+    let metrics: SocketAddr = proxy.logged_addr("metrics listening", "addr");
     let pid = proxy.pid();
     let counts = Arc::new(Counts::default());
     // Client errors, when they happened; and when a backend stopped

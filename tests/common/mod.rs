@@ -218,6 +218,18 @@ impl Proxy {
         self.log.lines.lock().unwrap().clone()
     }
 
+    /// The address in field `key` of the first log line containing
+    /// `message` (e.g. `"api listening"`, `"addr"`), waiting for the line.
+    pub fn logged_addr(&self, message: &str, key: &str) -> SocketAddr {
+        let line = self
+            .wait_for_log(message, PATIENCE)
+            .unwrap_or_else(|| panic!("no {message:?} line:\n{}", self.log_text()));
+        field(&line, key)
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{key} in {line}: {e}"))
+    }
+
     pub fn log_text(&self) -> String {
         self.log_lines().join("\n")
     }
