@@ -808,6 +808,21 @@ fn a_pop_on_a_copied_database_expires_backends_that_never_heartbeat_again() {
         "the backend never expired: {:?}",
         c.api(0, "GET", "/api/v1/backends/silent", None)
     );
+    // The TTL is granted once: restarted, the POP finds the instant it
+    // counted from, and the backend stays expired (QA: every restart or
+    // upgrade un-expired it on every POP for a TTL).
+    c.kill(0);
+    c.launch(0);
+    let (status, body) = c.api(0, "GET", "/api/v1/backends/silent", None);
+    assert_eq!((status, &body["state"]), (200, &json!("expired")), "{body}");
+    assert_eq!(c.row(0, "silent", "expired").as_deref(), Some("1"));
+    assert!(
+        c.pop(0)
+            .log_lines_after(0, "no heartbeat recorded here")
+            .is_empty(),
+        "{}",
+        c.pop(0).log_text()
+    );
 }
 
 /// An operator's sqlite3 session holding the write lock made the change

@@ -142,7 +142,10 @@ pub fn row_expired(
     if judges_expiry(life, node_id) {
         match (ttl, life.last_heartbeat_ms) {
             (Some(ttl), Some(last)) => is_expired(last, ttl, now_ms),
-            _ => false,
+            // No heartbeat recorded here (see `RoutingStore`'s
+            // `assume_heard_at_start`): the verdict stands.
+            (Some(_), None) => life.expired,
+            (None, _) => false,
         }
     } else {
         life.expired
@@ -608,6 +611,25 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_secs(10);
+
+    /// A row this POP judges with no heartbeat recorded here keeps its
+    /// verdict: an expired one stayed expired (QA: a restart un-expired a
+    /// dead backend on every POP for a TTL).
+    #[test]
+    fn a_row_judged_here_without_a_heartbeat_keeps_its_verdict() {
+        let ttl = Some(Duration::from_secs(10));
+        let life = |expired| Lifecycle {
+            heartbeat_pop: Some("n1".into()),
+            expired,
+            ..Lifecycle::default()
+        };
+        assert!(row_expired(&life(true), ttl, 50_000, Some("n1")));
+        assert!(!row_expired(&life(false), ttl, 50_000, Some("n1")));
+        assert!(
+            !row_expired(&life(true), None, 50_000, Some("n1")),
+            "no TTL: nothing expires"
+        );
+    }
 
     #[test]
     fn drained_and_expired_backends_are_routed_unhealthy() {

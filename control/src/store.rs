@@ -469,33 +469,53 @@ impl RoutingStore {
     /// from another POP, or rebuilt by replication after a loss
     /// (`last_heartbeat_ms` never replicates). Its expiry counted from
     /// nothing, so its verdict stayed "not expired" for good, though no
-    /// heartbeat may ever come (QA, 2026-12-05). It now counts as heard when
-    /// this process took the node id: it has one heartbeat TTL to heartbeat
-    /// again. Said once per backend.
+    /// heartbeat may ever come (QA, 2026-12-05). One not expired now counts
+    /// as heard when this process took the node id, and that instant is
+    /// written into the row: it has one heartbeat TTL to heartbeat again,
+    /// once (a later start finds the instant, not nothing, and does not
+    /// grant the TTL again). One already expired keeps its verdict
+    /// (`routing::row_expired`). Said once per backend.
     fn assume_heard_at_start(&mut self, loaded: &mut Loaded) {
         let Some(me) = self.node_id.as_deref() else {
             return;
         };
-        let (since, said) = &mut self.judging_since;
+        let since = self.judging_since.0;
         let mut new = Vec::new();
         for (rec, life) in loaded.records.iter().zip(loaded.lifecycle.iter_mut()) {
             if life.last_heartbeat_ms.is_none()
+                && !life.expired
                 && !rec.deleted
                 && life.heartbeat_pop.as_deref() == Some(me)
             {
-                life.last_heartbeat_ms = Some(*since);
-                if said.insert(rec.id.clone()) {
-                    new.push(rec.id.as_str());
+                life.last_heartbeat_ms = Some(since);
+                if self.judging_since.1.insert(rec.id.clone()) {
+                    new.push(rec.id.clone());
                 }
             }
         }
-        if !new.is_empty() {
-            warn!(
-                path = %self.path.display(),
-                backends = %new.join(", "),
-                "backends this POP judges have no heartbeat recorded here (database copied or rebuilt?): \
-                 they count as heard at start and expire unless they heartbeat within the TTL"
-            );
+        if new.is_empty() {
+            return;
+        }
+        warn!(
+            path = %self.path.display(),
+            backends = %new.join(", "),
+            "backends this POP judges have no heartbeat recorded here (database copied or rebuilt?): \
+             they count as heard at start and expire unless they heartbeat within the TTL"
+        );
+        // Not a replicated column (no change-log entry) and no route moves.
+        let written = self.write_quiet(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE backends SET last_heartbeat_ms = ?1 \
+                 WHERE id = ?2 AND last_heartbeat_ms IS NULL",
+            )?;
+            for id in &new {
+                stmt.execute(params![since, id])?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            // Granted again at the next start, no worse than before.
+            warn!(error = %e, "cannot record when the backends without a heartbeat count as heard");
         }
     }
 
@@ -2146,9 +2166,23 @@ mod tests {
             store.peek_one("mine").unwrap().lifecycle[0].last_heartbeat_ms,
             Some(heard)
         );
-        // Without a node id nothing is judged by owner: nothing assumed.
-        let mut alone = RoutingStore::open(&path).unwrap();
-        assert_eq!(lifecycle_of(&mut alone, "mine").1.last_heartbeat_ms, None);
+        // Written into the row: a later start finds that instant and does
+        // not grant a new TTL.
+        let mut later = RoutingStore::open(&path).unwrap();
+        later.set_node_id("n1");
+        assert_eq!(
+            lifecycle_of(&mut later, "mine").1.last_heartbeat_ms,
+            Some(heard)
+        );
+        // An expired one keeps its verdict: nothing assumed.
+        store.register(&rec("old", 83), 1_000).unwrap();
+        store.set_expired(&[("old".into(), true)]).unwrap();
+        conn.execute(
+            "UPDATE backends SET last_heartbeat_ms = NULL WHERE id = 'old'",
+            [],
+        )
+        .unwrap();
+        assert_eq!(lifecycle_of(&mut later, "old").1.last_heartbeat_ms, None);
     }
 
     #[test]
