@@ -68,13 +68,9 @@ fn bad(field: &'static str, reason: impl Into<String>) -> FieldError {
 }
 
 /// Refuses the first key of `obj` that is not one of [`FIELDS`] but
-/// misspells one (see [`closest_field`]), naming it.
+/// misspells one the body lacks (see [`misspelt`]), naming it.
 fn misspelt_fields(obj: &Map<String, Value>) -> Result<(), FieldError> {
-    let Some((key, known)) = obj
-        .keys()
-        .filter(|k| !FIELDS.contains(&k.as_str()))
-        .find_map(|k| Some((k, closest_field(k)?)))
-    else {
+    let Some((key, known)) = obj.keys().find_map(|k| Some((k, misspelt(obj, k)?))) else {
         return Ok(());
     };
     Err(FieldError {
@@ -86,6 +82,17 @@ fn misspelt_fields(obj: &Map<String, Value>) -> Result<(), FieldError> {
     })
 }
 
+/// The known field that `key`, a key of `obj` of no known name, misspells:
+/// the [`closest_field`] to it, if `obj` lacks that field. With the field
+/// there too, `key` is an extra of the agent's own (QA: `pid` next to
+/// `id`, `vip` next to `ip`, `api` next to `app` were refused).
+fn misspelt(obj: &Map<String, Value>, key: &str) -> Option<&'static str> {
+    if FIELDS.contains(&key) {
+        return None;
+    }
+    closest_field(key).filter(|known| !obj.contains_key(*known))
+}
+
 /// The keys of a registration `body` that are none of [`FIELDS`] and
 /// misspell none (those are refused): ignored, as the original ignores
 /// them, and listed in the reply. Empty for a body that is not a JSON
@@ -94,7 +101,7 @@ pub fn ignored_fields(body: &[u8]) -> Vec<String> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(obj)) => obj
             .keys()
-            .filter(|k| !FIELDS.contains(&k.as_str()) && closest_field(k).is_none())
+            .filter(|k| !FIELDS.contains(&k.as_str()) && misspelt(&obj, k).is_none())
             .cloned()
             .collect(),
         _ => Vec::new(),
@@ -684,7 +691,8 @@ mod tests {
             ("hardlimit", Some("hard_limit")),
             ("soft-limit", Some("soft_limit")),
             ("contry", Some("country")),
-            ("prot", Some("port")),
+            // `port` is there too: an extra, not a typo.
+            ("prot", None),
             ("healthcheck", Some("health_check")),
             ("metadata", None),
             ("x", None),
@@ -704,6 +712,16 @@ mod tests {
             }
         }
         assert!(ignored_fields(with("").as_bytes()).is_empty());
+        // Close to a field the body has: an extra of the agent's own.
+        for key in ["pid", "uid", "vip", "api"] {
+            let body = with(&format!(r#","{key}":1"#));
+            ok(&body);
+            assert_eq!(ignored_fields(body.as_bytes()), [key]);
+        }
+        // `Port` with no `port`: a typo, refused.
+        let e = registration(br#"{"id":"a","app":"a","region":"eu","ip":"10.0.0.1","Port":1}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "Port");
         assert!(ignored_fields(b"[1]").is_empty());
         // Refused before anything else: a misspelt required field is named
         // as such, not as missing.
