@@ -867,6 +867,50 @@ fn a_locked_change_log_is_said_once_and_read_when_the_lock_goes() {
     assert!(common::eventually(PATIENCE, || versioned_weight() == Some(7)));
 }
 
+/// The same lock made every batch of rows from another POP fail to be
+/// written, each with its ERROR (several a second in QA's cluster).
+#[test]
+fn rows_from_peers_that_cannot_be_written_are_said_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(2, None);
+    c.wait_joined();
+    let mark = c.pop(0).log_mark();
+    let mut conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+    let lock = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .unwrap();
+    let error = "cannot write remote rows";
+    let mut n = 0;
+    let mut register = |c: &Cluster| {
+        n += 1;
+        let id = format!("b{n}");
+        assert_eq!(c.register(1, &id, "10.77.0.1:9500".parse().unwrap()), 201);
+    };
+    assert!(
+        common::eventually(PATIENCE, || {
+            register(&c);
+            !c.pop(0).log_lines_after(mark, error).is_empty()
+        }),
+        "no ERROR while the database is locked"
+    );
+    // More batches, each written at once (broadcast) and refused: nothing
+    // signals a refusal but the line under test, so time is let pass.
+    for _ in 0..5 {
+        register(&c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let lines = c.pop(0).log_lines_after(mark, error);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    drop(lock);
+    c.pop(0)
+        .wait_for_log_after(mark, "remote rows written again", PATIENCE)
+        .expect("no line when the rows are written again");
+    assert!(common::eventually(PATIENCE, || c
+        .row(0, "b1", "deleted")
+        .as_deref()
+        == Some("0")));
+}
+
 /// A POP whose clock had been ahead stamped its rows in the future; after
 /// its clock was fixed its peers still dropped what it wrote (for as long
 /// as the clock had been ahead) and only their logs said so.

@@ -48,7 +48,8 @@ use crate::store::PopRow;
 /// API (an operator's `sqlite3`, another process). API writes poke the
 /// driver and go out at once.
 pub const CHANGE_POLL: Duration = Duration::from_millis(50);
-/// At most one ERROR per this while the change log cannot be read.
+/// At most one ERROR per this while the change log cannot be read, or
+/// remote rows cannot be written.
 const CHANGE_LOG_ERROR_EVERY: Duration = Duration::from_secs(10);
 /// How often the published status is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -519,6 +520,7 @@ impl Bound {
             absences_saved,
             seeds,
             change_log_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
+            remote_write_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             resolved_tx,
         };
         tokio::spawn(driver.run(transport_events, command_rx, resolved_rx));
@@ -587,6 +589,8 @@ struct Driver {
     seeds: Seeds,
     /// Failed change-log polls in a row, and the limit on their log lines.
     change_log_failing: (LogLimit, u64),
+    /// The same for writes of remote rows.
+    remote_write_failing: (LogLimit, u64),
     /// Where a resolution run off the loop sends its results.
     resolved_tx: mpsc::UnboundedSender<Vec<Result<SocketAddr, String>>>,
 }
@@ -836,10 +840,28 @@ impl Driver {
                     self.transport.send(to, bytes);
                 }
                 Output::Persist(batch) => match self.db.persist_remote(&batch.rows) {
-                    Ok(()) => reload = true,
+                    Ok(()) => {
+                        reload = true;
+                        let (limit, failures) = &mut self.remote_write_failing;
+                        if *failures > 0 {
+                            tracing::info!(
+                                failures = *failures,
+                                "replication: remote rows written again"
+                            );
+                            *failures = 0;
+                            *limit = LogLimit::new(CHANGE_LOG_ERROR_EVERY);
+                        }
+                    }
                     Err(e) => {
-                        tracing::error!(error = %e, rows = batch.rows.len(),
-                            "replication: cannot write remote rows; anti-entropy will bring them again");
+                        // One per batch of rows, several a second while
+                        // an operator's sqlite3 holds the lock (QA).
+                        let (limit, failures) = &mut self.remote_write_failing;
+                        *failures += 1;
+                        if let Some(left_out) = limit.hit(Instant::now()) {
+                            tracing::error!(error = %e, rows = batch.rows.len(), left_out,
+                                "replication: cannot write remote rows; anti-entropy will bring them again \
+                                 (said at most every 10 s while it lasts)");
+                        }
                         self.node.persist_failed(batch);
                     }
                 },
