@@ -545,6 +545,10 @@ pub fn not_unicast(ip: std::net::IpAddr) -> Option<&'static str> {
         Some("a multicast address (a group, not a host)")
     } else if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
         Some("the broadcast address (every host of the link, not one)")
+    } else if matches!(ip, std::net::IpAddr::V4(v4) if v4.octets()[0] == 0) {
+        // RFC 1122 3.2.1.3: "this network", a source address only; Linux
+        // refuses a connect to it (EINVAL), or takes 0.0.0.0 for itself.
+        Some("in 0.0.0.0/8 (\"this network\": a source address, no host's)")
     } else {
         None
     }
@@ -709,6 +713,7 @@ mod tests {
             at("mcast4", "224.0.0.1"),
             at("mcast6", "ff02::1"),
             at("mapped", "::ffff:255.255.255.255"),
+            at("thisnet", "0.0.0.1"),
             at("ok4", "10.0.0.255"),
             at("ok6", "fd00::1"),
         ]);
@@ -717,7 +722,7 @@ mod tests {
         let skipped: Vec<_> = built.skipped.iter().map(|(id, _)| id.as_str()).collect();
         assert_eq!(
             skipped,
-            ["bcast", "any4", "any6", "mcast4", "mcast6", "mapped"]
+            ["bcast", "any4", "any6", "mcast4", "mcast6", "mapped", "thisnet"]
         );
         assert_eq!(
             built.skipped[0].1.to_string(),
