@@ -194,9 +194,28 @@ pub fn report_ready() {
 /// Tells the predecessor this process gives up (it keeps serving). No-op
 /// for an ordinary start.
 pub fn report_failure(reason: &str) {
-    // Keep the message well under the protocol's size limit.
-    let reason: String = reason.chars().take(4000).collect();
-    report(FromSuccessor::Failed { reason });
+    report(FromSuccessor::Failed {
+        reason: shortened(reason, 4000),
+    });
+}
+
+/// `reason` in at most about `max` characters, well under the protocol's
+/// size limit: a longer one keeps its start and its end (where a TOML
+/// error says what is wrong, after the quoted line) and says what was cut
+/// in between. QA: cut at 4000 with no mark, a 5000-character line hid
+/// the error itself.
+fn shortened(reason: &str, max: usize) -> String {
+    let chars: Vec<char> = reason.chars().collect();
+    if chars.len() <= max {
+        return reason.to_string();
+    }
+    let (head, tail) = (max * 2 / 5, max * 3 / 5);
+    let cut = chars.len() - head - tail;
+    format!(
+        "{} … ({cut} characters cut; `edgeproxy check-config` prints the whole error) … {}",
+        chars[..head].iter().collect::<String>(),
+        chars[chars.len() - tail..].iter().collect::<String>()
+    )
 }
 
 fn report(msg: FromSuccessor) {
@@ -376,4 +395,33 @@ pub fn await_bgp(patience: Duration) -> Result<Vec<Handed>, String> {
         }
         None
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_reason_keeps_its_start_and_end_and_says_what_was_cut() {
+        assert_eq!(shortened("short", 40), "short");
+        let long = format!("start {} the reason", "x".repeat(5000));
+        let out = shortened(&long, 4000);
+        assert!(out.starts_with("start xx"), "{out}");
+        assert!(out.ends_with("xx the reason"), "{out}");
+        assert!(
+            out.contains("characters cut; `edgeproxy check-config`"),
+            "{out}"
+        );
+        assert!(out.chars().count() < 4200, "{}", out.chars().count());
+        let cut: usize = out
+            .split(" … (")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(cut, long.chars().count() - 4000);
+    }
 }
