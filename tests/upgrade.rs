@@ -1106,3 +1106,31 @@ fn upgrade_by_pid_signals_only_a_running_edgeproxy() {
     s.chain.pids.push(new);
     round_trip(s.proxy.addr(), 0).unwrap();
 }
+
+/// A stop signal during an upgrade: the client said "upgrade failed, the
+/// running proxy keeps serving: this process is stopping" while the proxy
+/// stopped.
+#[test]
+fn a_stop_signal_during_an_upgrade_is_not_reported_as_serving_on() {
+    let dir = TempDir::new("upgrade-stop-bin");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let mut s = Setup::start("upgrade-stop", Some(&exe), "ready_timeout_secs = 30\n");
+    let control = s.control_socket();
+    // A new binary that never gets ready.
+    install_script(&exe, "exec sleep 600");
+    let mark = s.proxy.log_mark();
+    let attempt = std::thread::spawn(move || cli_upgrade(&control));
+    s.proxy
+        .wait_for_log_after(mark, "upgrade requested", PATIENCE)
+        .expect("the upgrade did not start");
+    s.proxy.signal(libc::SIGTERM);
+    let (ok, out) = attempt.join().unwrap();
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("upgrade abandoned, and the running proxy is not serving on"),
+        "{out}"
+    );
+    assert!(!out.contains("keeps serving"), "{out}");
+    s.proxy.wait_exit(PATIENCE);
+}

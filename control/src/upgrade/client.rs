@@ -74,9 +74,18 @@ pub fn run(args: UpgradeArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
             println!("upgraded: the new process (pid {pid}) serves; the old one drains");
             Ok(())
         }
-        None => bail!(
-            "upgrade failed, the running proxy keeps serving: {}",
-            answer.strip_prefix("error ").unwrap_or(&answer)
-        ),
+        None => match answer.strip_prefix("stopping ") {
+            // QA: "the running proxy keeps serving: this process is
+            // stopping" said both at once.
+            Some(why) => bail!(
+                "upgrade abandoned, and the running proxy is not serving on: {} (a stop signal \
+                 arrived during the upgrade; the new process was stopped too)",
+                why.trim_end()
+            ),
+            None => bail!(
+                "upgrade failed, the running proxy keeps serving: {}",
+                answer.strip_prefix("error ").unwrap_or(&answer)
+            ),
+        },
     }
 }

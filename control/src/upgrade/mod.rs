@@ -179,6 +179,10 @@ impl Upgrades {
             match outcome {
                 Ok(s) => tracing::info!(pid = s.pid, exe = %s.exe.display(),
                     "upgrade: new process is ready; this one stops accepting and drains"),
+                // Not a failure to serve on: this process is on its way out.
+                Err(UpgradeError::Stopping) => tracing::info!(
+                    "upgrade abandoned: this process is stopping; the new process was stopped"
+                ),
                 Err(e) => {
                     tracing::error!(error = %e, "upgrade failed; this process keeps serving")
                 }
@@ -222,8 +226,11 @@ impl Upgrades {
     }
 
     fn answer(&mut self, outcome: &Result<Successor, UpgradeError>) {
+        // "error": the running process keeps serving; "stopping": it does
+        // not (a stop signal arrived during the attempt).
         let line = match outcome {
             Ok(s) => format!("ok pid={}\n", s.pid),
+            Err(e @ UpgradeError::Stopping) => format!("stopping {e}\n"),
             Err(e) => format!("error {e}\n"),
         };
         for reply in self.waiting.drain(..) {
@@ -261,7 +268,7 @@ impl Upgrades {
             attempt.cancel.store(true, Ordering::Relaxed);
         }
         for reply in self.waiting.drain(..) {
-            let _ = reply.send(format!("error {}\n", UpgradeError::Stopping));
+            let _ = reply.send(format!("stopping {}\n", UpgradeError::Stopping));
         }
         if let Some(c) = &mut self.control {
             c.remove();
