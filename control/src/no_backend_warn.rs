@@ -168,6 +168,10 @@ pub struct Gap {
 #[derive(Debug, Default)]
 pub struct Coverage {
     table: Arc<Mutex<Table>>,
+    /// The gaps last warned about, listener → reason: a reload warns only
+    /// about what changed (QA: in a cluster, every replicated change
+    /// reloads, and the same WARN came 4-5 times in 100 ms).
+    said: BTreeMap<String, String>,
 }
 
 impl Coverage {
@@ -209,7 +213,10 @@ impl Coverage {
     }
 
     /// The listeners to check from now on.
+    /// Every gap is said again at the next check (a SIGHUP shows the
+    /// whole picture).
     pub fn set_listeners(&mut self, listeners: Vec<(String, Option<String>)>) {
+        self.said.clear();
         self.lock().listeners = listeners;
     }
 
@@ -242,14 +249,36 @@ impl Coverage {
     }
 
     /// [`check`](Coverage::check), and a WARN per gap; `when` says what
-    /// prompted it ("start", "SIGHUP", "reload").
-    pub fn warn(&self, snapshot: &RoutingSnapshot, when: &str) -> usize {
+    /// prompted it ("start", "reload"). Only a gap that is new since the
+    /// last check or [`set_listeners`](Coverage::set_listeners), or whose
+    /// reason changed, is said; a gap that closed is said at INFO. Returns
+    /// how many gaps there are.
+    pub fn warn(&mut self, snapshot: &RoutingSnapshot, when: &str) -> usize {
         let gaps = self.check(snapshot);
+        let mut said = BTreeMap::new();
         for gap in &gaps {
-            tracing::warn!(listener = %gap.listener, app = gap.app.as_deref().unwrap_or("*"),
-                reason = %gap.reason, checked_at = when,
-                "listener has no eligible backend: every connection to it is refused");
+            let reason = gap.reason.to_string();
+            if self.said.get(&gap.listener) != Some(&reason) {
+                tracing::warn!(listener = %gap.listener, app = gap.app.as_deref().unwrap_or("*"),
+                    reason = %gap.reason, checked_at = when,
+                    "listener has no eligible backend: every connection to it is refused");
+            }
+            said.insert(gap.listener.clone(), reason);
         }
+        let listeners: Vec<String> = self
+            .lock()
+            .listeners
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        for listener in self
+            .said
+            .keys()
+            .filter(|l| !said.contains_key(*l) && listeners.contains(l))
+        {
+            tracing::info!(%listener, checked_at = when, "listener has an eligible backend again");
+        }
+        self.said = said;
         gaps.len()
     }
 }
