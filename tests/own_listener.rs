@@ -164,3 +164,66 @@ fn check_config_warns_about_a_row_at_an_own_listener() {
     }
     assert!(!stderr.contains("routing row x "), "{stderr}");
 }
+
+/// An address this host has while the test runs (on `lo`), removed when
+/// dropped.
+struct HostAddress(&'static str);
+
+impl HostAddress {
+    fn add(cidr: &'static str) -> HostAddress {
+        common::netns::require_root();
+        let out = std::process::Command::new("ip")
+            .args(["addr", "add", cidr, "dev", "lo"])
+            .output()
+            .expect("ip addr add");
+        assert!(out.status.success(), "ip addr add {cidr}: {out:?}");
+        HostAddress(cidr)
+    }
+}
+
+impl Drop for HostAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", self.0, "dev", "lo"])
+            .output();
+    }
+}
+
+/// QA: a backend registered at an address the host did not have yet (DHCP
+/// late, a VIP moved here by keepalived), on the port of a listener bound
+/// to 0.0.0.0, was routed once the address came: a 151-hop loop until a
+/// SIGHUP. The host's addresses are watched while such a listener runs.
+#[test]
+fn a_row_at_an_address_the_host_gains_later_is_skipped_then() {
+    let dir = TempDir::new("own-listener-late");
+    let db = Db::create(dir.join("routing.db"));
+    let x = TagBackend::start("x");
+    db.upsert(&Row::new("x", "web", "sa", x.port()));
+    let extra = format!(
+        "[api]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\ntoken = {TOKEN:?}\n\n\
+         [[listener]]\nname = \"any\"\naddr = \"0.0.0.0:0\"\n"
+    );
+    let proxy = Proxy::with_config(&dir, &config(&db.path, &extra));
+    let api = proxy.logged_addr("api listening", "addr");
+    let any = proxy.listener("any");
+    let late_ip = "198.18.77.77";
+    assert_eq!(
+        register(api, "late", late_ip, any.port()).0,
+        201,
+        "not this host's yet"
+    );
+    let mark = proxy.log_mark();
+    let _address = HostAddress::add("198.18.77.77/32");
+    let warned = proxy
+        .wait_for_log_where(
+            mark,
+            |l| {
+                l.contains("skipping invalid routing row")
+                    && field(l, "backend").as_deref() == Some("late")
+            },
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("the row was not skipped; log:\n{}", proxy.log_text()));
+    assert!(warned.contains("own listener 0.0.0.0:"), "{warned}");
+    assert_eq!(backend(api, "late").1["state"], "invalid");
+}

@@ -105,6 +105,20 @@ pub struct RoutingReloader {
     /// every change (a registration, a replicated row), many times a
     /// minute in a busy cluster.
     row_warnings: RowWarnings,
+    /// This host's addresses at the last look, and when to look next (see
+    /// [`RoutingReloader::host_addresses_moved`]).
+    host_addresses: (Option<engine::own_listeners::LocalIps>, Instant),
+}
+
+/// How often the host's addresses are read while a listener is bound to
+/// `0.0.0.0` or `::` (one `getifaddrs(3)`).
+const HOST_ADDRESSES_EVERY: Duration = Duration::from_secs(2);
+
+/// This host's addresses, when `own` has a listener they matter to.
+fn host_addresses(own: &OwnListeners) -> Option<engine::own_listeners::LocalIps> {
+    own.any_unspecified()
+        .then(engine::own_listeners::LocalIps::read)
+        .and_then(Result::ok)
 }
 
 /// Unix milliseconds of `t` (0 before the epoch).
@@ -269,6 +283,7 @@ impl RoutingReloader {
         if !expired.is_empty() {
             tracing::info!(backends = %expired.iter().map(String::as_str).collect::<Vec<_>>().join(","), "registered backends with an expired heartbeat take no new connections");
         }
+        let host = host_addresses(builder.own_listeners());
         let built = builder.build(&loaded.records);
         let mut row_warnings = RowWarnings::default();
         row_warnings.say_new(&built);
@@ -293,6 +308,7 @@ impl RoutingReloader {
             health: None,
             last_records: loaded.records,
             row_warnings,
+            host_addresses: (host, Instant::now() + HOST_ADDRESSES_EVERY),
         })
     }
 
@@ -382,8 +398,9 @@ impl RoutingReloader {
     /// [`tick`]: RoutingReloader::tick
     pub fn tick_at(&mut self, now: SystemTime) -> Reload {
         let expiry_due = self.next_expiry_ms.is_some_and(|at| unix_ms(now) >= at);
+        let host_moved = self.host_addresses_moved();
         let changed = match self.store.changed() {
-            Ok(changed) => changed || self.failing || expiry_due,
+            Ok(changed) => changed || self.failing || expiry_due || host_moved,
             Err(e) => {
                 self.fail(&e);
                 return Reload::Unchanged;
@@ -393,6 +410,31 @@ impl RoutingReloader {
             return Reload::Unchanged;
         }
         self.reload_at(now)
+    }
+
+    /// True when this host's addresses changed since the last look (at
+    /// most every [`HOST_ADDRESSES_EVERY`]), and a listener is bound to
+    /// `0.0.0.0` or `::`: a row at an address the host has just gained (a
+    /// VIP moved here, DHCP late) reaches that listener and would loop
+    /// (QA: 151 hops until a SIGHUP). The rebuild leaves it out.
+    fn host_addresses_moved(&mut self) -> bool {
+        let (last, next) = &mut self.host_addresses;
+        if !self.builder.own_listeners().any_unspecified() || Instant::now() < *next {
+            return false;
+        }
+        *next = Instant::now() + HOST_ADDRESSES_EVERY;
+        let Ok(now) = engine::own_listeners::LocalIps::read() else {
+            return false;
+        };
+        // Against what the last build saw (read just before it).
+        let moved = last.as_ref().is_some_and(|l| *l != now);
+        if moved {
+            tracing::info!(
+                "this host's addresses changed: routing rows checked against the listeners again"
+            );
+        }
+        *last = Some(now);
+        moved
     }
 
     /// Reads the whole table and publishes it, whether or not it changed.
@@ -437,6 +479,9 @@ impl RoutingReloader {
             health.set_backend_checks(&loaded.records, &loaded.health_checks);
             health.apply(&mut loaded.records);
         }
+        // Before the build reads them: an address gained in between makes
+        // one more rebuild, never one too few.
+        self.host_addresses.0 = host_addresses(self.builder.own_listeners());
         let mut built = self.builder.build(&loaded.records);
         self.row_warnings.say_new(&built);
         if let Some(input) = &self.pops {

@@ -44,6 +44,12 @@ impl OwnListeners {
         &self.addrs
     }
 
+    /// Whether a listener is bound to `0.0.0.0` or `::`: reached at every
+    /// address of the host, which change (DHCP, a VIP moved here).
+    pub fn any_unspecified(&self) -> bool {
+        self.addrs.iter().any(|a| a.ip().is_unspecified())
+    }
+
     /// The listener a connection to `backend` would reach, if any. `local`
     /// says whether an IP is this host's; it is asked only about a backend
     /// on the port of a listener bound to the unspecified address.
@@ -75,8 +81,8 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 }
 
 /// The IP addresses of this host's interfaces, as `getifaddrs(3)` lists
-/// them.
-#[derive(Debug, Clone, Default)]
+/// them (sorted, once each).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalIps(Vec<IpAddr>);
 
 impl LocalIps {
@@ -113,6 +119,8 @@ impl LocalIps {
         }
         // SAFETY: `head` came from getifaddrs and is freed once.
         unsafe { libc::freeifaddrs(head) };
+        ips.sort();
+        ips.dedup();
         Ok(LocalIps(ips))
     }
 
