@@ -432,6 +432,12 @@ fn one_upgrade_under_streaming_load_fails_no_connection() {
         .wait_exit(PATIENCE)
         .expect("old process did not exit after draining");
     assert!(status.success(), "old process exited with {status}");
+    // It was not stopped by a signal, and does not say it was (QA: the
+    // stop line with its "second SIGTERM" came after every upgrade).
+    let said = s
+        .proxy
+        .log_lines_after(0, "shutting down: stopped accepting");
+    assert!(said.is_empty(), "{said:#?}");
     assert!(alive(new));
     // And the new one serves.
     round_trip(addr, 0).unwrap();
