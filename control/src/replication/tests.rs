@@ -82,14 +82,29 @@ fn backend(deleted: u8, weight: u8, expired: u8, judge: &str) -> String {
     )
 }
 
-#[test]
-fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
-    let mut sim = joined(SimConfig::wan(5, 12));
+/// `nodes` nodes (seed `seed`) holding row `x` (weight 1, judged by n0,
+/// not expired), then split in two: nodes 0 and 1 apart from the rest,
+/// long enough for each side to declare the other down.
+fn split_with_x(nodes: usize, seed: u64) -> Sim {
+    let mut sim = joined(SimConfig::wan(nodes, seed));
     sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
     let t0 = sim.elapsed();
     assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
     sim.partition(|i| (i >= 2) as u8);
     sim.run_for(Duration::from_secs(15));
+    sim
+}
+
+/// Heals the partition and waits until every node holds the same rows.
+fn heal_and_converge(sim: &mut Sim) {
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+}
+
+#[test]
+fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
+    let mut sim = split_with_x(5, 12);
     // On one side an operator changes the weight, and then (later) the
     // backend is deleted on the other side; later still, on the first
     // side, the heartbeat's judge expires the backend and another POP takes
@@ -102,9 +117,7 @@ fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
     sim.write_verdict(0, "x", &backend(0, 2, 1, "n0"));
     sim.run_for(Duration::from_millis(100));
     sim.write_verdict(1, "x", &backend(0, 2, 0, "n1"));
-    sim.heal();
-    let healed = sim.elapsed();
-    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    heal_and_converge(&mut sim);
     assert!(
         sim.everyone_has("x", Some(&backend(1, 1, 0, "n0"))),
         "the delete holds everywhere"
@@ -118,12 +131,7 @@ fn a_verdict_made_across_a_partition_does_not_undo_a_delete() {
 
 #[test]
 fn a_deliberate_write_after_a_delete_on_the_other_side_still_wins() {
-    let mut sim = joined(SimConfig::wan(4, 13));
-    sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
-    let t0 = sim.elapsed();
-    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
-    sim.partition(|i| (i >= 2) as u8);
-    sim.run_for(Duration::from_secs(15));
+    let mut sim = split_with_x(4, 13);
     sim.write(3, "x", Some(&backend(1, 1, 0, "n0")));
     sim.run_for(Duration::from_millis(100));
     // Registered again, with another weight, after the delete: a decision,
@@ -131,9 +139,7 @@ fn a_deliberate_write_after_a_delete_on_the_other_side_still_wins() {
     sim.write(0, "x", Some(&backend(0, 5, 0, "n0")));
     sim.run_for(Duration::from_millis(100));
     sim.write_verdict(0, "x", &backend(0, 5, 1, "n0"));
-    sim.heal();
-    let healed = sim.elapsed();
-    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    heal_and_converge(&mut sim);
     assert!(sim.everyone_has("x", Some(&backend(0, 5, 1, "n0"))));
 }
 
@@ -182,9 +188,7 @@ fn registered_again_after_a_delete_across_a_partition(
     sim.write(3, "x", Some(&backend(1, 1, 1, "n0")));
     sim.run_for(Duration::from_millis(100));
     registers(&mut sim);
-    sim.heal();
-    let healed = sim.elapsed();
-    assert!(sim.run_until(healed + Duration::from_secs(30), Sim::converged));
+    heal_and_converge(&mut sim);
     assert!(
         sim.everyone_has("x", Some(&backend(0, 1, 0, "n0"))),
         "the later registration lost"
