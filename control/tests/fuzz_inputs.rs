@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bolero::{check, TypeGenerator};
-use control::api::validate::{registration, MAX_LABEL_LEN, MAX_REGION_LEN};
+use control::api::validate::{registration, FIELDS, MAX_LABEL_LEN, MAX_REGION_LEN};
 use control::config::{parse_toml, Config};
 use control::upgrade::wire::{FromSuccessor, ToSuccessor};
 use engine::snapshot::SnapshotBuilder;
@@ -30,18 +30,6 @@ const NO_ENV: [(&str, &str); 0] = [];
 // ---------------------------------------------------------------------------
 // Registration bodies
 // ---------------------------------------------------------------------------
-
-const FIELDS: &[&str] = &[
-    "id",
-    "app",
-    "region",
-    "country",
-    "ip",
-    "port",
-    "weight",
-    "soft_limit",
-    "hard_limit",
-];
 
 /// What the API accepts, the proxy can route: every accepted registration
 /// satisfies the documented bounds and goes into a routing snapshot as a
