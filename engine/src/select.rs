@@ -923,13 +923,20 @@ mod tests {
         assert_eq!(pick_at(&s, &geo, &[], soon), Some("good"));
     }
 
-    #[test]
-    fn a_cooling_backend_loses_to_a_working_one_in_a_farther_tier() {
+    /// A BR client, a backend in its country ("near") and one in another
+    /// region ("far").
+    fn near_and_far() -> (RoutingSnapshot, ClientGeo) {
         let s = snap(&[
             rec("near", "web", "sa", Some("BR")),
             rec("far", "web", "us", None),
         ]);
         let geo = client(&s, Some("BR"), Some("sa"));
+        (s, geo)
+    }
+
+    #[test]
+    fn a_cooling_backend_loses_to_a_working_one_in_a_farther_tier() {
+        let (s, geo) = near_and_far();
         let t0 = Instant::now();
         assert_eq!(pick_at(&s, &geo, &[], t0), Some("near"));
         fail(&s, "near", t0);
@@ -993,11 +1000,7 @@ mod tests {
     #[test]
     fn a_cooling_backend_is_picked_again_once_its_backoff_has_passed() {
         use crate::backoff::{backoff, BACKOFF_FIRST};
-        let s = snap(&[
-            rec("near", "web", "sa", Some("BR")),
-            rec("far", "web", "us", None),
-        ]);
-        let geo = client(&s, Some("BR"), Some("sa"));
+        let (s, geo) = near_and_far();
         let t0 = Instant::now();
         fail(&s, "near", t0);
         let ms = Duration::from_millis(1);
