@@ -113,7 +113,13 @@ pub fn render(body: &Value) -> String {
             m.last_sync_secs
                 .map(|t| format!("{t}s ago"))
                 .unwrap_or_else(dash),
-            if m.in_sync { "yes" } else { "no" }.to_string(),
+            match m.in_sync {
+                Some(true) => "yes",
+                Some(false) => "no",
+                // No exchange with it yet since this POP started.
+                None => "-",
+            }
+            .to_string(),
             m.lag_ms.map(|l| format!("{l}ms")).unwrap_or_else(dash),
             m.gossip_addr.clone(),
         ]);
@@ -155,14 +161,22 @@ mod tests {
                     state: "alive".into(),
                     rtt_ms: Some(101.25),
                     last_sync_secs: Some(1),
-                    in_sync: true,
+                    in_sync: Some(true),
                     lag_ms: Some(52),
                     gossip_addr: "10.0.0.2:4001".into(),
                     ..MemberView::default()
                 },
                 MemberView {
+                    node_id: "syd-1".into(),
+                    state: "alive".into(),
+                    in_sync: None,
+                    gossip_addr: "10.0.0.4:4001".into(),
+                    ..MemberView::default()
+                },
+                MemberView {
                     node_id: "nrt-1".into(),
                     state: "down".into(),
+                    in_sync: Some(false),
                     gossip_addr: "10.0.0.3:4001".into(),
                     ..MemberView::default()
                 },
@@ -174,13 +188,17 @@ mod tests {
             text.contains("node gru-1 in cluster prod (schema 3)"),
             "{text}"
         );
-        assert!(text.contains("1 alive, 0 suspect, 1 down"), "{text}");
+        assert!(text.contains("2 alive, 0 suspect, 1 down"), "{text}");
         let fra = text.lines().find(|l| l.starts_with("fra-1")).unwrap();
         for cell in ["pop-fra", "eu", "alive", "101.2ms", "1s ago", "yes", "52ms"] {
             assert!(fra.contains(cell), "{cell} missing in {fra}");
         }
         let nrt = text.lines().find(|l| l.starts_with("nrt-1")).unwrap();
         assert!(nrt.contains("down") && nrt.contains(" - "), "{nrt}");
+        assert!(nrt.contains(" no "), "{nrt}");
+        // No exchange with it yet: neither "yes" nor "no".
+        let syd = text.lines().find(|l| l.starts_with("syd-1")).unwrap();
+        assert!(!syd.contains(" no ") && !syd.contains(" yes "), "{syd}");
         assert_eq!(
             render(&serde_json::json!({"enabled": false})),
             "replication is off on this POP ([replication] enabled = false)\n"

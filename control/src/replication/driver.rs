@@ -1158,7 +1158,7 @@ impl Driver {
                     state: MemberState::Down.as_str().to_string(),
                     rtt_ms: None,
                     last_sync_secs: None,
-                    in_sync: false,
+                    in_sync: Some(false),
                     lag_ms: None,
                 }
             })
@@ -1179,9 +1179,7 @@ impl Driver {
                         .rtt(m.peer.transport)
                         .map(|d| d.as_secs_f64() * 1000.0),
                     last_sync_secs: m.sync.last_sync.map(|t| t.elapsed().as_secs()),
-                    // Of a member not alive, the last exchange's result
-                    // says nothing of now (QA: "yes" for a down member).
-                    in_sync: m.sync.in_sync && m.state == MemberState::Alive,
+                    in_sync: m.sync.in_sync_now(m.state),
                     lag_ms: m.sync.last_lag_ms,
                 }
             })

@@ -337,6 +337,24 @@ pub struct PeerSync {
     pub last_lag_ms: Option<u64>,
 }
 
+impl PeerSync {
+    /// Whether this node and a member in `state` held the same rows, as
+    /// `cluster status` says it: `None` while no exchange with it has ended
+    /// (completed or timed out) since this node started, which right after
+    /// a restart is every member for a few seconds (QA: shown as "no", it
+    /// read as a cluster out of sync); `false` for a member not alive,
+    /// whose last exchange says nothing of now (QA: "yes" for a down one).
+    pub fn in_sync_now(&self, state: MemberState) -> Option<bool> {
+        if state != MemberState::Alive {
+            return Some(false);
+        }
+        if self.last_sync.is_none() && self.timeouts_in_a_row == 0 {
+            return None;
+        }
+        Some(self.in_sync)
+    }
+}
+
 /// One member as `cluster status` shows it.
 #[derive(Debug, Clone)]
 pub struct MemberStatus {

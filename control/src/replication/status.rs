@@ -24,8 +24,10 @@ pub struct MemberView {
     pub rtt_ms: Option<f64>,
     /// Seconds since the last anti-entropy exchange this node started with it.
     pub last_sync_secs: Option<u64>,
-    /// At that exchange the two held exactly the same rows.
-    pub in_sync: bool,
+    /// At that exchange the two held exactly the same rows; `None` while
+    /// no exchange with it has ended since this POP started (just after a
+    /// restart: not known yet, rather than "no").
+    pub in_sync: Option<bool>,
     /// Delay of the last row applied from it: its write there to here.
     pub lag_ms: Option<u64>,
 }

@@ -1282,3 +1282,68 @@ fn a_catch_up_after_a_partition_is_not_counted_as_lag() {
         "the catch-up counted as lag"
     );
 }
+
+/// Right after a restart no exchange with any member has ended yet:
+/// `cluster status` says "not known" (QA: "no" for every member read as a
+/// cluster out of sync), then "yes" once an exchange finds the same rows.
+/// A timed-out exchange and a member not alive still say "no".
+#[test]
+fn after_a_restart_in_sync_is_unknown_until_an_exchange_ends() {
+    use super::membership::MemberState;
+    use super::node::PeerSync;
+
+    let mut sim = joined(SimConfig::wan(3, 41));
+    let t0 = sim.elapsed();
+    assert!(sim.run_until(t0 + Duration::from_secs(10), Sim::converged));
+    sim.crash(0);
+    sim.run_for(Duration::from_secs(1));
+    sim.restart(0, 1);
+    let shown = |s: &Sim| -> Vec<Option<bool>> {
+        s.nodes[0]
+            .members()
+            .iter()
+            .map(|m| m.sync.in_sync_now(m.state))
+            .collect()
+    };
+    let t1 = sim.elapsed();
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(10), |s| s.nodes[0]
+            .members()
+            .iter()
+            .any(|m| m.state == MemberState::Alive)),
+        "node 0 never rejoined"
+    );
+    assert!(
+        shown(&sim).iter().all(|s| *s != Some(true)),
+        "in sync before any exchange: {:?}",
+        shown(&sim)
+    );
+    assert!(
+        shown(&sim).contains(&None),
+        "an alive member with no exchange yet is not shown as unknown: {:?}",
+        shown(&sim)
+    );
+    assert!(
+        sim.run_until(t1 + Duration::from_secs(60), |s| shown(s)
+            == vec![Some(true), Some(true)]),
+        "never shown in sync: {:?}",
+        shown(&sim)
+    );
+
+    let timed_out = PeerSync {
+        timeouts_in_a_row: 1,
+        ..PeerSync::default()
+    };
+    assert_eq!(timed_out.in_sync_now(MemberState::Alive), Some(false));
+    let synced = PeerSync {
+        last_sync: Some(std::time::Instant::now()),
+        in_sync: true,
+        ..PeerSync::default()
+    };
+    assert_eq!(synced.in_sync_now(MemberState::Alive), Some(true));
+    assert_eq!(synced.in_sync_now(MemberState::Suspect), Some(false));
+    assert_eq!(
+        PeerSync::default().in_sync_now(MemberState::Down),
+        Some(false)
+    );
+}
