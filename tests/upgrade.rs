@@ -1123,8 +1123,8 @@ fn a_stop_signal_during_an_upgrade_is_not_reported_as_serving_on() {
     install(&exe, Path::new(BIN));
     let mut s = Setup::start("upgrade-stop", Some(&exe), "ready_timeout_secs = 30\n");
     let control = s.control_socket();
-    // A new binary that never gets ready.
-    install_script(&exe, "exec sleep 600");
+    // A new binary that never gets ready, and starts a process of its own.
+    install_script(&exe, "sleep 600 & exec sleep 600");
     let mark = s.proxy.log_mark();
     let attempt = std::thread::spawn(move || cli_upgrade(&control));
     s.proxy
@@ -1139,4 +1139,19 @@ fn a_stop_signal_during_an_upgrade_is_not_reported_as_serving_on() {
     );
     assert!(!out.contains("keeps serving"), "{out}");
     s.proxy.wait_exit(PATIENCE);
+    // Its last lines tell how the attempt ended, before the end (QA: the
+    // new process was killed after "shutdown complete").
+    let lines = s.proxy.log_lines_after(mark, "");
+    let at = |needle: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in {lines:#?}"))
+    };
+    let complete = at("shutdown complete");
+    assert!(
+        at("killed the processes the new process started") < complete,
+        "{lines:#?}"
+    );
+    assert!(at("upgrade abandoned") < complete, "{lines:#?}");
 }

@@ -310,7 +310,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
                 // once instead of after the suspicion timeout.
                 runtime.block_on(r.shutdown(Duration::from_secs(2)));
             }
-            services.upgrades.shut_down();
+            runtime.block_on(services.upgrades.shut_down());
             grace
         }
         Exit::Upgraded(grace, successor) => {

@@ -113,6 +113,11 @@ pub enum UpgradeEvent {
     Finished(Result<Successor, UpgradeError>),
 }
 
+/// How long a stop waits for an abandoned attempt to end: the attempt sees
+/// the cancel within its check interval, then gives its new process up to 5
+/// s to exit before killing it.
+const ABANDON_WAIT: Duration = Duration::from_secs(15);
+
 struct Attempt {
     task: tokio::task::JoinHandle<Result<Successor, UpgradeError>>,
     cancel: Arc<AtomicBool>,
@@ -261,14 +266,31 @@ impl Upgrades {
         self.control.as_ref().is_some_and(|c| c.busy())
     }
 
-    /// On a plain stop: abandon an attempt in flight (its process is
-    /// killed) and remove the control socket's file.
-    pub fn shut_down(&mut self) {
+    /// On a plain stop: abandon an attempt in flight and wait (at most
+    /// [`ABANDON_WAIT`]) until its new process and what that started are
+    /// killed, so that this process's last lines tell how the attempt ended
+    /// (QA: "killed the processes the new process started" came after
+    /// "shutdown complete"); then remove the control socket's file.
+    pub async fn shut_down(&mut self) {
         if let Some(attempt) = &self.attempt {
             attempt.cancel.store(true, Ordering::Relaxed);
         }
         for reply in self.waiting.drain(..) {
             let _ = reply.send(format!("stopping {}\n", UpgradeError::Stopping));
+        }
+        if let Some(attempt) = self.attempt.take() {
+            match tokio::time::timeout(ABANDON_WAIT, attempt.task).await {
+                Ok(Ok(Ok(successor))) => tracing::warn!(pid = successor.pid,
+                    "upgrade: the new process got ready just as this one was told to stop; it serves, this one stops"),
+                Ok(Ok(Err(UpgradeError::Stopping))) => tracing::info!(
+                    "upgrade abandoned: this process is stopping; the new process was stopped"
+                ),
+                Ok(Ok(Err(e))) => tracing::info!(error = %e,
+                    "upgrade abandoned: this process is stopping"),
+                Ok(Err(e)) => tracing::error!(error = %e, "upgrade task failed"),
+                Err(_) => tracing::warn!(wait_secs = ABANDON_WAIT.as_secs(),
+                    "upgrade: the abandoned attempt did not end in time; stopping without it"),
+            }
         }
         if let Some(c) = &mut self.control {
             c.remove();
