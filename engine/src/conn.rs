@@ -680,8 +680,8 @@ async fn pump(
 ) -> io::Result<()> {
     let mut ready = rt::Readiness::new();
     loop {
-        let read = rt::recv_ready(src, &mut ready, buffer_len, |bytes| {
-            rt::send_or_keep(dst, bytes)
+        let read = rt::recv_ready(src, &mut ready, buffer_len, |bytes, ending| {
+            rt::send_or_keep(dst, bytes, ending)
         })
         .await
         .inspect_err(|e| {

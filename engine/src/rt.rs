@@ -484,7 +484,8 @@ pub use readiness::Readiness;
 /// Waits until `stream` is readable, then reads what it holds (up to
 /// `len` bytes, or the scratch buffer's size if an earlier `len` made it
 /// larger) with [`recv_now`] from the task into the shard's scratch
-/// buffer and hands the bytes to `forward` at once.
+/// buffer and hands the bytes to `forward` at once, with whether they are
+/// the last of the stream ([`Readiness::peer_done`]; see [`Ending`]).
 /// `Ok(None)`: nothing was there after all; `Ok(Some((0, _)))`: end of
 /// stream; otherwise the bytes read and what `forward` returned. An error
 /// is the read's.
@@ -501,7 +502,7 @@ pub async fn recv_ready<R>(
     stream: &TcpStream,
     ready: &mut Readiness,
     len: usize,
-    forward: impl FnOnce(&[u8]) -> R,
+    forward: impl FnOnce(&[u8], Ending) -> R,
 ) -> io::Result<Option<(usize, R)>> {
     ready.wait(stream).await?;
     SCRATCH.with_borrow_mut(|buf| {
@@ -514,14 +515,41 @@ pub async fn recv_ready<R>(
         let Some(n) = got else {
             return Ok(None);
         };
-        Ok(Some((n, forward(&buf[..n]))))
+        let ending = if ready.peer_done() {
+            Ending::Follows
+        } else {
+            Ending::Open
+        };
+        Ok(Some((n, forward(&buf[..n], ending))))
     })
 }
 
+/// Whether the stream a pump copies from has ended behind the bytes it
+/// forwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// More may come.
+    Open,
+    /// The source's peer shut its side: an end of stream follows these
+    /// bytes, and the pump's half-close of the destination after it. The
+    /// bytes are sent corked (`MSG_MORE`) so that the FIN leaves with them
+    /// in one segment instead of a second one of its own, as HAProxy does
+    /// for a response its server closed behind: one segment fewer per
+    /// connection-per-request exchange, and one fewer wake-up of the
+    /// reader (README, "The last response and its FIN in one segment").
+    /// Whatever follows is sent uncorked or shut down, which flushes them.
+    Follows,
+}
+
 /// Sends `bytes` to `stream` as far as it takes them now; what it did not
-/// take comes back as a chunk to write with [`write_rest`].
-pub fn send_or_keep(stream: &TcpStream, bytes: &[u8]) -> io::Result<Option<Chunk>> {
-    let sent = send_now(stream, bytes)?;
+/// take comes back as a chunk to write with [`write_rest`] (uncorked, so
+/// it flushes bytes corked by [`Ending::Follows`]).
+pub fn send_or_keep(stream: &TcpStream, bytes: &[u8], ending: Ending) -> io::Result<Option<Chunk>> {
+    let more = match ending {
+        Ending::Open => 0,
+        Ending::Follows => libc::MSG_MORE,
+    };
+    let sent = send_flags(stream, bytes, more)?;
     Ok((sent < bytes.len()).then(|| Chunk::Owned(bytes[sent..].to_vec())))
 }
 
@@ -574,6 +602,11 @@ pub async fn write_rest(stream: &TcpStream, mut chunk: Chunk) -> io::Result<()> 
 /// As much of `bytes` as the socket takes now, without waiting: 0 when it
 /// takes nothing (a full send buffer).
 fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    send_flags(stream, bytes, 0)
+}
+
+/// [`send_now`] with `flags` added to the call's own.
+fn send_flags(stream: &TcpStream, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     // SAFETY: `bytes` is valid for reads of its length for the call; the
     // descriptor is `stream`'s, open for the call.
@@ -582,7 +615,7 @@ fn send_now(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
             stream.as_raw_fd(),
             bytes.as_ptr().cast(),
             bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
         )
     });
     Ok(nonblocking(n)?.unwrap_or(0))
@@ -1035,5 +1068,84 @@ pub(crate) mod tests {
             refused.unwrap_err().kind(),
             io::ErrorKind::ConnectionRefused
         );
+    }
+
+    /// Segments `socket` has received so far (`tcpi_segs_in`).
+    fn segments_in(socket: &std::net::TcpStream) -> u32 {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an all-zero tcp_info is valid; the kernel fills at most
+        // `len` bytes of it.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: `info` and `len` are valid for writes; the descriptor is open.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        info.tcpi_segs_in
+    }
+
+    /// Copies `source` to its end into `sink` the way a plain-TCP pump
+    /// does, then half-closes `sink`; returns how many segments `sink`'s
+    /// peer received for it.
+    fn segments_for_the_last_bytes(peer_writes_then_shuts: bool) -> u32 {
+        let (mut writer, source) = roomy_pair();
+        let (sink, mut reader) = roomy_pair();
+        sink.set_nodelay(true).unwrap();
+        writer.write_all(b"the last response").unwrap();
+        if peer_writes_then_shuts {
+            writer.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let before = segments_in(&reader);
+        let runtime = build_runtime(4, 4096).unwrap();
+        runtime.block_on(async move {
+            let source = TcpStream::from_std(source).unwrap();
+            let sink = TcpStream::from_std(sink).unwrap();
+            let mut ready = Readiness::new();
+            let mut shut_later = Some(writer);
+            loop {
+                let read = recv_ready(&source, &mut ready, 4096, |bytes, ending| {
+                    send_or_keep(&sink, bytes, ending)
+                })
+                .await
+                .unwrap();
+                match read {
+                    Some((0, _)) => break,
+                    Some((_, rest)) => assert!(rest.unwrap().is_none(), "all sent at once"),
+                    None => {}
+                }
+                // The FIN only once the bytes went on: no ending known.
+                if let Some(mut writer) = shut_later.take() {
+                    writer.flush().unwrap();
+                    writer.shutdown(std::net::Shutdown::Write).unwrap();
+                }
+            }
+            shutdown_write(&sink).await.unwrap();
+        });
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"the last response");
+        segments_in(&reader) - before
+    }
+
+    /// Bytes read behind which the source already ended leave corked, and
+    /// the half-close that follows carries its FIN in their segment (as
+    /// HAProxy sends a closed server's last response); bytes read while the
+    /// source was still open go at once, and the FIN needs a segment of its
+    /// own.
+    #[test]
+    fn the_last_bytes_and_the_fin_leave_in_one_segment() {
+        assert_eq!(
+            segments_for_the_last_bytes(true),
+            1,
+            "data and FIN together"
+        );
+        assert_eq!(segments_for_the_last_bytes(false), 2, "data, then the FIN");
     }
 }

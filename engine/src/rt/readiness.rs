@@ -46,10 +46,16 @@ pub struct Readiness {
     /// full buffer, a hang-up): waits return at once until a read finds
     /// the socket empty.
     again: bool,
+    /// The peer has shut its side (a completion reported `POLLRDHUP` or
+    /// `POLLHUP`): what the socket still holds is the last of the stream.
+    ended: bool,
 }
 
 /// A completion's events that mean reading on to the end or the error.
 const HANG_UP: u32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
+
+/// A completion's events that mean the peer will send nothing more.
+const PEER_DONE: u32 = (libc::POLLRDHUP | libc::POLLHUP) as u32;
 
 impl Readiness {
     pub fn new() -> Readiness {
@@ -65,6 +71,14 @@ impl Readiness {
             Some(n) if n >= room => self.again = true,
             Some(_) => {}
         }
+    }
+
+    /// Whether the peer has shut its side of the stream: the bytes the next
+    /// reads get are its last, and an end of stream follows them. A pump
+    /// uses it to send those bytes corked (`MSG_MORE`), so that the
+    /// half-close it makes next leaves with them in one segment.
+    pub fn peer_done(&self) -> bool {
+        self.ended
     }
 
     /// Waits until `socket` was woken readable since the last wait, or
@@ -95,6 +109,7 @@ impl Readiness {
                     }
                     let events = result? as u32;
                     self.again = events & HANG_UP != 0;
+                    self.ended |= events & PEER_DONE != 0;
                     return Ok(());
                 }
                 None => self.poll = None,

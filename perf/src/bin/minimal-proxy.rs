@@ -36,9 +36,14 @@
 //! `engine::rt::Readiness`; README, "Keep-alive requests: one POLL per
 //! connection"); `--poll-once` (or `MINIMAL_PROXY_POLL_ONCE=1`) arms a
 //! one-shot POLL for every read instead, as both proxies did before.
+//! Bytes read behind which the source already ended are sent corked
+//! (`MSG_MORE`), so the half-close after them leaves in their segment, as
+//! edgeproxy's `rt::Ending` does (README, "The last response and its FIN in
+//! one segment"); `--no-cork` (or `MINIMAL_PROXY_NO_CORK=1`) sends them at
+//! once, as both proxies did before.
 //!
 //! Usage: `minimal-proxy [--multishot] [--multishot-accept] [--uring-send]
-//! [--uring-recv] [--poll-once] --workers N FRONT=BACKEND...`; prints
+//! [--uring-recv] [--poll-once] [--no-cork] --workers N FRONT=BACKEND...`; prints
 //! `minimal-proxy listening` on stderr once every listener is bound.
 
 use std::io;
@@ -67,12 +72,14 @@ fn run() -> Result<(), String> {
     let mut uring_send = std::env::var_os("MINIMAL_PROXY_URING_SEND").is_some();
     let mut uring_recv = std::env::var_os("MINIMAL_PROXY_URING_RECV").is_some();
     let mut poll_once = std::env::var_os("MINIMAL_PROXY_POLL_ONCE").is_some();
+    let mut no_cork = std::env::var_os("MINIMAL_PROXY_NO_CORK").is_some();
     let mut routes: Vec<(SocketAddr, SocketAddr)> = Vec::new();
     while let Some(arg) = args.next() {
         let flag = match arg.as_str() {
             "--uring-send" => Some(&mut uring_send),
             "--uring-recv" => Some(&mut uring_recv),
             "--poll-once" => Some(&mut poll_once),
+            "--no-cork" => Some(&mut no_cork),
             "--multishot" => Some(&mut multishot),
             "--multishot-accept" => Some(&mut multishot_accept),
             _ => None,
@@ -101,13 +108,14 @@ fn run() -> Result<(), String> {
     if routes.is_empty() {
         return Err(
             "usage: minimal-proxy [--multishot] [--multishot-accept] [--uring-send] \
-             [--uring-recv] [--poll-once] [--workers N] FRONT=BACKEND..."
+             [--uring-recv] [--poll-once] [--no-cork] [--workers N] FRONT=BACKEND..."
                 .into(),
         );
     }
     URING_SEND.store(uring_send, std::sync::atomic::Ordering::Relaxed);
     URING_RECV.store(uring_recv, std::sync::atomic::Ordering::Relaxed);
     POLL_ONCE.store(poll_once, std::sync::atomic::Ordering::Relaxed);
+    NO_CORK.store(no_cork, std::sync::atomic::Ordering::Relaxed);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let mut threads = Vec::new();
@@ -301,6 +309,11 @@ static URING_SEND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 /// As much of `bytes` as `dst` takes now, without waiting (0: nothing, or
 /// `--uring-send`).
 fn send_now(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    send_flags(dst, bytes, 0)
+}
+
+/// [`send_now`] with `flags` added to the call's own.
+fn send_flags(dst: &TcpStream, bytes: &[u8], flags: libc::c_int) -> io::Result<usize> {
     if URING_SEND.load(std::sync::atomic::Ordering::Relaxed) {
         return Ok(0);
     }
@@ -311,7 +324,7 @@ fn send_now(dst: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
             std::os::fd::AsRawFd::as_raw_fd(dst),
             bytes.as_ptr().cast(),
             bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
         )
     };
     if n >= 0 {
@@ -423,7 +436,11 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
                 Some(0) => return Ok(Step::End),
                 Some(n) => n,
             };
-            let sent = send_now(dst, &buf[..n])?;
+            // The source ended behind these bytes: cork them, the
+            // shutdown(2) below sends them with its FIN.
+            let ended = multi.as_ref().is_some_and(|r| r.peer_done())
+                && !NO_CORK.load(std::sync::atomic::Ordering::Relaxed);
+            let sent = send_flags(dst, &buf[..n], if ended { libc::MSG_MORE } else { 0 })?;
             Ok(if sent == n {
                 Step::Sent
             } else {
@@ -444,6 +461,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream) -> io::Result<()> {
 /// `--poll-once`: pumps wait with one one-shot POLL per read instead of
 /// edgeproxy's multishot POLL per socket. Set once at start.
 static POLL_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--no-cork`: the last bytes of a flow are sent at once, and the FIN after
+/// them in a segment of its own. Set once at start.
+static NO_CORK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `pump` with one multishot receive armed for the connection's life (the
 /// kernel fills a provided buffer whenever data arrives, with no new
