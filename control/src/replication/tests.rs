@@ -723,6 +723,15 @@ fn a_forgotten_pop_leaves_every_view_and_can_rejoin_later() {
         })
         .collect();
     assert!((0..3).all(|i| warned.contains(&i)), "{warned:?}");
+    let restored: Vec<usize> = sim
+        .events
+        .iter()
+        .filter_map(|(_, i, e)| match e {
+            super::node::Event::OwnRowRestored { .. } => Some(*i),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(restored, vec![3], "n3 says it writes its row again");
 }
 
 /// Events that say a node or a member was out of reach for longer than
