@@ -1115,7 +1115,8 @@ pub(crate) mod tests {
             let source = TcpStream::from_std(source).unwrap();
             let sink = TcpStream::from_std(sink).unwrap();
             let mut ready = Readiness::new();
-            let mut shut_later = Some(writer);
+            // Kept open to the end either way; shut later only if not yet.
+            let mut shut_later = (!peer_writes_then_shuts).then_some(&writer);
             loop {
                 let read = recv_ready(&source, &mut ready, 4096, |bytes, ending| {
                     send_or_keep(&sink, bytes, ending)
@@ -1124,13 +1125,15 @@ pub(crate) mod tests {
                 .unwrap();
                 match read {
                     Some((0, _)) => break,
-                    Some((_, rest)) => assert!(rest.unwrap().is_none(), "all sent at once"),
+                    Some((_, rest)) => {
+                        assert!(rest.unwrap().is_none(), "all sent at once");
+                        // The FIN only once the bytes went on: no ending
+                        // known when they were sent.
+                        if let Some(writer) = shut_later.take() {
+                            writer.shutdown(std::net::Shutdown::Write).unwrap();
+                        }
+                    }
                     None => {}
-                }
-                // The FIN only once the bytes went on: no ending known.
-                if let Some(mut writer) = shut_later.take() {
-                    writer.flush().unwrap();
-                    writer.shutdown(std::net::Shutdown::Write).unwrap();
                 }
             }
             shutdown_write(&sink).await.unwrap();
