@@ -541,15 +541,21 @@ pub enum Ending {
     Follows,
 }
 
+impl Ending {
+    /// What a `send(2)` of these bytes adds to its flags.
+    fn send_flags(self) -> libc::c_int {
+        match self {
+            Ending::Open => 0,
+            Ending::Follows => libc::MSG_MORE,
+        }
+    }
+}
+
 /// Sends `bytes` to `stream` as far as it takes them now; what it did not
 /// take comes back as a chunk to write with [`write_rest`] (uncorked, so
 /// it flushes bytes corked by [`Ending::Follows`]).
 pub fn send_or_keep(stream: &TcpStream, bytes: &[u8], ending: Ending) -> io::Result<Option<Chunk>> {
-    let more = match ending {
-        Ending::Open => 0,
-        Ending::Follows => libc::MSG_MORE,
-    };
-    let sent = send_flags(stream, bytes, more)?;
+    let sent = send_flags(stream, bytes, ending.send_flags())?;
     Ok((sent < bytes.len()).then(|| Chunk::Owned(bytes[sent..].to_vec())))
 }
 
@@ -669,8 +675,20 @@ pub async fn write_vec(stream: &TcpStream, buf: Vec<u8>) -> io::Result<Vec<u8>> 
 /// its length unchanged: a caller that encrypts into a buffer keeps it
 /// initialised from one use to the next instead of zeroing it each time.
 pub async fn write_prefix(stream: &TcpStream, buf: Vec<u8>, len: usize) -> io::Result<Vec<u8>> {
+    write_prefix_then(stream, buf, len, Ending::Open).await
+}
+
+/// [`write_prefix`], corked when an end of stream follows (see
+/// [`Ending::Follows`]): the half-close after it then leaves in the same
+/// segment.
+pub async fn write_prefix_then(
+    stream: &TcpStream,
+    buf: Vec<u8>,
+    len: usize,
+    ending: Ending,
+) -> io::Result<Vec<u8>> {
     let len = len.min(buf.len());
-    let sent = send_now(stream, &buf[..len])?;
+    let sent = send_flags(stream, &buf[..len], ending.send_flags())?;
     if sent == len {
         return Ok(buf);
     }
@@ -1078,7 +1096,7 @@ pub(crate) mod tests {
     }
 
     /// Segments `socket` has received so far (`tcpi_segs_in`).
-    fn segments_in(socket: &std::net::TcpStream) -> u32 {
+    pub(crate) fn segments_in(socket: &std::net::TcpStream) -> u32 {
         use std::os::fd::AsRawFd;
         // SAFETY: an all-zero tcp_info is valid; the kernel fills at most
         // `len` bytes of it.

@@ -427,6 +427,12 @@ impl TlsSession {
 
     /// Writes every record in the outbox to the client.
     async fn flush(&self, client: &TcpStream) -> io::Result<()> {
+        self.flush_then(client, rt::Ending::Open).await
+    }
+
+    /// [`flush`](Self::flush), the records corked when `ending` says the
+    /// half-close follows (close_notify and the FIN in one segment).
+    async fn flush_then(&self, client: &TcpStream, ending: rt::Ending) -> io::Result<()> {
         // Nothing to send: do not queue for the turn. `pump_down` holds it
         // while the client's window is full, and `pump_up` (which flushes
         // after every read, usually with nothing to send) must not stall on
@@ -444,7 +450,10 @@ impl TlsSession {
                 let buf = std::mem::replace(&mut outbox.buf, self.spare_out.take());
                 (buf, std::mem::take(&mut outbox.used))
             };
-            let mut sent = keep_if_bulk(rt::write_prefix(client, buf, used).await?, used);
+            let mut sent = keep_if_bulk(
+                rt::write_prefix_then(client, buf, used, ending).await?,
+                used,
+            );
             // The buffer just sent from is the warmer one: fill it next.
             let mut outbox = self.outbox.borrow_mut();
             if outbox.used == 0 {
@@ -525,7 +534,10 @@ impl TlsSession {
             self.flush(client).await?;
         }
         self.close();
-        self.flush(client).await?;
+        // The half-close follows at once: close_notify leaves with the FIN
+        // in one segment, not two (README, "The last response and its FIN
+        // in one segment").
+        self.flush_then(client, rt::Ending::Follows).await?;
         let _ = rt::shutdown_write(client).await;
         Ok(())
     }
@@ -940,5 +952,75 @@ mod tests {
     #[test]
     fn a_key_update_the_client_asks_for_is_answered_before_new_records() {
         echo_through_a_session(&rustls::version::TLS13, true);
+    }
+
+    /// The backend closes behind its response: the session's close_notify
+    /// and the FIN reach the client in one segment (received segments,
+    /// `tcpi_segs_in`, counted from the response to the end of stream).
+    #[test]
+    fn close_notify_and_the_fin_leave_in_one_segment() {
+        use std::io::Read;
+        let (server_config, client_config) = tls_configs(&rustls::version::TLS13);
+        let (client_std, ours) = rt::tests::loopback_pair(256 << 10);
+        // As a listener's sockets are: without it Nagle's algorithm holds
+        // close_notify while the response is unacknowledged, and the FIN
+        // joins it anyway.
+        ours.set_nodelay(true).unwrap();
+        let (mut backend_peer, backend_ours) = rt::tests::loopback_pair(256 << 10);
+        let (responded, close_now) = std::sync::mpsc::channel();
+        let client = std::thread::spawn(move || {
+            let mut raw = client_std.try_clone().unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let conn = rustls::ClientConnection::new(client_config, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, client_std);
+            tls.write_all(b"request").unwrap();
+            tls.flush().unwrap();
+            let mut response = [0u8; 8];
+            tls.read_exact(&mut response).unwrap();
+            let before = rt::tests::segments_in(&raw);
+            responded.send(()).unwrap();
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).unwrap();
+            // The FIN too, however it came: nothing follows close_notify.
+            assert_eq!(raw.read(&mut [0u8; 1]).unwrap(), 0);
+            let segments = rt::tests::segments_in(&raw) - before;
+            (response, rest, segments)
+        });
+        let backend = std::thread::spawn(move || {
+            let mut request = [0u8; 7];
+            backend_peer.read_exact(&mut request).unwrap();
+            backend_peer.write_all(b"response").unwrap();
+            close_now.recv().unwrap();
+            backend_peer.shutdown(std::net::Shutdown::Write).unwrap();
+            // Until the client's close comes through.
+            let mut rest = Vec::new();
+            backend_peer.read_to_end(&mut rest).unwrap();
+            request
+        });
+        let runtime = rt::build_runtime(16, BUFFER_LEN as u32).unwrap();
+        runtime.block_on(async move {
+            let client = TcpStream::from_std(ours).unwrap();
+            let backend = TcpStream::from_std(backend_ours).unwrap();
+            let (session, _) = TlsSession::accept(&client, server_config, None, BUFFER_LEN)
+                .await
+                .unwrap();
+            let shard = std::sync::atomic::AtomicU64::new(0);
+            let (activity, reset) = (Cell::new(false), Cell::new(false));
+            let bytes = || crate::stats::ByteCount {
+                shard: &shard,
+                conn: None,
+            };
+            futures_util::future::try_join(
+                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
+                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &reset),
+            )
+            .await
+            .unwrap();
+        });
+        assert_eq!(&backend.join().unwrap(), b"request");
+        let (response, rest, segments) = client.join().unwrap();
+        assert_eq!(&response, b"response");
+        assert!(rest.is_empty(), "{rest:?}");
+        assert_eq!(segments, 1, "close_notify and the FIN in one segment");
     }
 }
