@@ -849,6 +849,40 @@ mod tests {
         (server, Arc::new(client))
     }
 
+    /// Terminates one TLS connection on `ours` (no early data, SNI
+    /// "localhost") and runs both pumps to `backend` until they end, as a
+    /// connection's task does.
+    fn serve_one_session(
+        ours: std::net::TcpStream,
+        backend: std::net::TcpStream,
+        server_config: Arc<ServerConfig>,
+    ) {
+        let runtime = rt::build_runtime(16, BUFFER_LEN as u32).unwrap();
+        runtime.block_on(async move {
+            let client = TcpStream::from_std(ours).unwrap();
+            let backend = TcpStream::from_std(backend).unwrap();
+            let (session, early) = TlsSession::accept(&client, server_config, None, BUFFER_LEN)
+                .await
+                .unwrap();
+            assert!(early.is_none());
+            assert_eq!(session.sni(), Some("localhost"));
+            let shard = std::sync::atomic::AtomicU64::new(0);
+            let (activity, reset) = (Cell::new(false), Cell::new(false));
+            let bytes = || crate::stats::ByteCount {
+                shard: &shard,
+                conn: None,
+            };
+            // The first error ends both (as the connection's task does), so
+            // a broken stream fails the test instead of hanging it.
+            futures_util::future::try_join(
+                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
+                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &reset),
+            )
+            .await
+            .unwrap();
+        });
+    }
+
     /// A real rustls client sends 300 KB through the session to an echoing
     /// backend and reads it back, then closes. The shard's reads are 4 KiB
     /// and a record up to 16 KiB, so every record is cut by reads (and
@@ -904,30 +938,7 @@ mod tests {
             got
         });
 
-        let runtime = rt::build_runtime(16, BUFFER_LEN as u32).unwrap();
-        runtime.block_on(async move {
-            let client = TcpStream::from_std(ours).unwrap();
-            let backend = TcpStream::from_std(backend_ours).unwrap();
-            let (session, early) = TlsSession::accept(&client, server_config, None, BUFFER_LEN)
-                .await
-                .unwrap();
-            assert!(early.is_none());
-            assert_eq!(session.sni(), Some("localhost"));
-            let shard = std::sync::atomic::AtomicU64::new(0);
-            let (activity, reset) = (Cell::new(false), Cell::new(false));
-            let bytes = || crate::stats::ByteCount {
-                shard: &shard,
-                conn: None,
-            };
-            // The first error ends both (as the connection's task does), so
-            // a broken stream fails the test instead of hanging it.
-            futures_util::future::try_join(
-                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
-                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &reset),
-            )
-            .await
-            .unwrap();
-        });
+        serve_one_session(ours, backend_ours, server_config);
         let at_backend = backend.join().unwrap();
         assert!(
             at_backend == data,
@@ -997,26 +1008,7 @@ mod tests {
             backend_peer.read_to_end(&mut rest).unwrap();
             request
         });
-        let runtime = rt::build_runtime(16, BUFFER_LEN as u32).unwrap();
-        runtime.block_on(async move {
-            let client = TcpStream::from_std(ours).unwrap();
-            let backend = TcpStream::from_std(backend_ours).unwrap();
-            let (session, _) = TlsSession::accept(&client, server_config, None, BUFFER_LEN)
-                .await
-                .unwrap();
-            let shard = std::sync::atomic::AtomicU64::new(0);
-            let (activity, reset) = (Cell::new(false), Cell::new(false));
-            let bytes = || crate::stats::ByteCount {
-                shard: &shard,
-                conn: None,
-            };
-            futures_util::future::try_join(
-                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
-                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &reset),
-            )
-            .await
-            .unwrap();
-        });
+        serve_one_session(ours, backend_ours, server_config);
         assert_eq!(&backend.join().unwrap(), b"request");
         let (response, rest, segments) = client.join().unwrap();
         assert_eq!(&response, b"response");
