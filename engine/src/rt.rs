@@ -543,7 +543,7 @@ pub enum Ending {
 
 impl Ending {
     /// What a `send(2)` of these bytes adds to its flags.
-    fn send_flags(self) -> libc::c_int {
+    fn msg_flags(self) -> libc::c_int {
         match self {
             Ending::Open => 0,
             Ending::Follows => libc::MSG_MORE,
@@ -555,7 +555,7 @@ impl Ending {
 /// take comes back as a chunk to write with [`write_rest`] (uncorked, so
 /// it flushes bytes corked by [`Ending::Follows`]).
 pub fn send_or_keep(stream: &TcpStream, bytes: &[u8], ending: Ending) -> io::Result<Option<Chunk>> {
-    let sent = send_flags(stream, bytes, ending.send_flags())?;
+    let sent = send_flags(stream, bytes, ending.msg_flags())?;
     Ok((sent < bytes.len()).then(|| Chunk::Owned(bytes[sent..].to_vec())))
 }
 
@@ -688,7 +688,7 @@ pub async fn write_prefix_then(
     ending: Ending,
 ) -> io::Result<Vec<u8>> {
     let len = len.min(buf.len());
-    let sent = send_flags(stream, &buf[..len], ending.send_flags())?;
+    let sent = send_flags(stream, &buf[..len], ending.msg_flags())?;
     if sent == len {
         return Ok(buf);
     }
@@ -1047,16 +1047,22 @@ pub(crate) mod tests {
         assert!(got == data, "bytes differ");
     }
 
-    /// A peer that reset the connection makes the write fail, not hang or
-    /// panic.
-    #[test]
-    fn a_write_to_a_reset_peer_fails() {
+    /// One end of a connected pair whose peer has reset the connection.
+    fn reset_by_its_peer() -> std::net::TcpStream {
         let (ours, theirs) = cramped_pair();
         socket2::Socket::from(theirs)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         // Dropped with linger 0: the peer's close sent a reset, which
         // loopback delivered to `ours` before the close returned.
+        ours
+    }
+
+    /// A peer that reset the connection makes the write fail, not hang or
+    /// panic.
+    #[test]
+    fn a_write_to_a_reset_peer_fails() {
+        let ours = reset_by_its_peer();
         let runtime = build_runtime(4, 4096).unwrap();
         let outcome = runtime.block_on(async move {
             let ours = TcpStream::from_std(ours).unwrap();
@@ -1181,10 +1187,7 @@ pub(crate) mod tests {
     /// the connection, `send(2)` of zero bytes would fail with the reset.
     #[test]
     fn an_empty_send_makes_no_system_call() {
-        let (ours, theirs) = cramped_pair();
-        socket2::Socket::from(theirs)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
+        let ours = reset_by_its_peer();
         let runtime = build_runtime(4, 4096).unwrap();
         let (empty, some) = runtime.block_on(async move {
             let ours = TcpStream::from_std(ours).unwrap();
