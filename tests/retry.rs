@@ -279,3 +279,85 @@ connect_attempts = 3
     );
     assert_eq!(good.accepted(), usize::from(CLIENTS - 1) + 5);
 }
+
+/// The first line a client from `source` is sent after it said hello, or
+/// `None` when the connection is closed first.
+fn answer_to_hello(proxy: SocketAddr, source: Ipv4Addr) -> Option<String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("TCP socket");
+    socket
+        .bind(&SocketAddr::from((source, 0)).into())
+        .expect("bind the client's source address");
+    socket
+        .connect_timeout(&proxy.into(), PATIENCE)
+        .expect("connect to the proxy");
+    let mut stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"hello\n").ok()?;
+    read_line(&stream)
+}
+
+/// QA's report: a backend that accepts connections and resets them before
+/// sending a byte connected every time, so each connect cleared its
+/// backoff: with health checks off (the default) it kept getting clients,
+/// every one of them reset, and nothing was logged at the default level.
+/// Now the first reset before a reply marks it failing (one WARN) and the
+/// next clients go to the backend that works while it cools; the probe
+/// after the backoff connects but does not clear it (no second WARN, no
+/// "no longer failing"); a connection it serves does.
+#[test]
+fn a_backend_that_accepts_and_resets_goes_behind_the_one_that_works() {
+    let dir = TempDir::new("retry-reset-unserved");
+    let db = Db::create(dir.join("routing.db"));
+    // Registered first: table order breaks the tie between idle backends,
+    // so without the mark every client would be sent to it.
+    let resets = ResettingBackend::start("resets");
+    db.upsert(&Row::new("resets", "web", "sa", resets.port()));
+    // Greets before it reads: its answer to hello is its name too.
+    let good = TagBackend::start("good");
+    db.upsert(&Row::new("good", "web", "sa", good.port()));
+    let proxy = Proxy::with_config(&dir, &config(&db.path, ""));
+    let addr = proxy.addr();
+    let mark = proxy.log_mark();
+    let client = |n: u8| answer_to_hello(addr, Ipv4Addr::new(127, 0, 2, n));
+
+    const CLIENTS: u8 = 8;
+    let served: Vec<Option<String>> = (1..=CLIENTS).map(client).collect();
+    assert_eq!(served[0], None, "the first client finds out: {served:?}");
+    assert!(
+        served[1..].iter().all(|s| s.as_deref() == Some("good")),
+        "{served:?}\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(resets.accepted(), 1);
+    let warned = "backend reset a connection before replying: marked failing";
+    assert!(proxy.wait_for_log_count_after(mark, warned, 1, PATIENCE));
+
+    // Past its backoff (1 s) the next client probes it: connected, reset
+    // again. The connect must not have cleared the mark: the clients after
+    // it go to `good`, and the WARN is not repeated.
+    std::thread::sleep(Duration::from_millis(1100));
+    let served: Vec<Option<String>> = (CLIENTS + 1..=CLIENTS + 4).map(client).collect();
+    assert_eq!(served[0], None, "the probe is reset: {served:?}");
+    assert!(
+        served[1..].iter().all(|s| s.as_deref() == Some("good")),
+        "{served:?}\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(resets.accepted(), 2);
+    log_barrier(&proxy);
+    assert_eq!(proxy.log_lines_after(mark, warned).len(), 1);
+    assert!(proxy.log_lines_after(mark, "no longer failing").is_empty());
+
+    // It serves again; past its doubled backoff (2 s) the probe is served
+    // and clears the mark.
+    resets.serve();
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(client(CLIENTS + 5).as_deref(), Some("resets"));
+    assert!(proxy.wait_for_log_count_after(
+        mark,
+        "backend served a connection: no longer failing",
+        1,
+        PATIENCE
+    ));
+}

@@ -21,7 +21,14 @@
 //!   picked it just before the first failure was recorded, or picked it as a
 //!   last resort) do not double the backoff: one blip seen by a hundred
 //!   concurrent clients is one failure, not a hundred.
-//! - Any successful connect clears it all.
+//! - Any successful connect clears it all, unless the failure was a
+//!   connection the backend accepted and reset before sending a byte
+//!   ([`ConnectBackoff::reset_unserved`]): such a backend connects every
+//!   time, so only a connection it served ([`ConnectBackoff::served`]:
+//!   one it did not reset before replying) clears that. Until then a
+//!   backend that answers again but only holds long connections stays
+//!   marked; past its backoff it is picked like any other, so that costs
+//!   it no client.
 //!
 //! # Cost
 //!
@@ -32,7 +39,7 @@
 //! Concurrent updates from several shards can lose one another's retry time;
 //! whichever lands is a sensible one, which is all selection needs.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long a backend cools after its first failed connect.
@@ -64,6 +71,10 @@ pub struct ConnectBackoff {
     /// Milliseconds since `born` before which the backend cools; meaningful
     /// only while `streak > 0`.
     retry_at: AtomicU64,
+    /// A connection it accepted was reset before it sent a byte: a
+    /// successful connect no longer clears the failing state, a served
+    /// connection does.
+    unserved: AtomicBool,
 }
 
 impl Default for ConnectBackoff {
@@ -72,6 +83,7 @@ impl Default for ConnectBackoff {
             born: Instant::now(),
             streak: AtomicU32::new(0),
             retry_at: AtomicU64::new(0),
+            unserved: AtomicBool::new(false),
         }
     }
 }
@@ -104,11 +116,34 @@ impl ConnectBackoff {
         streak == 0
     }
 
-    /// Records a successful connect; true when the backend was failing. A
-    /// plain load first: on the usual path (not failing) no shared cache line
-    /// is written.
+    /// Records a successful connect; true when this cleared the failing
+    /// state (it does not when a reset before reply set it). A plain load
+    /// first: on the usual path (not failing) no shared cache line is
+    /// written.
     pub fn connected(&self) -> bool {
-        self.streak.load(Ordering::Relaxed) > 0 && self.streak.swap(0, Ordering::Relaxed) > 0
+        self.streak.load(Ordering::Relaxed) > 0
+            && !self.unserved.load(Ordering::Relaxed)
+            && self.streak.swap(0, Ordering::Relaxed) > 0
+    }
+
+    /// Records a connection, attempted at `attempted`, that the backend
+    /// accepted and reset at `failed` before sending a byte: a failure like
+    /// a refused connect (same backoff), which later connects do not clear.
+    /// True when this marked the backend failing.
+    pub fn reset_unserved(&self, attempted: Instant, failed: Instant) -> bool {
+        self.unserved.store(true, Ordering::Relaxed);
+        self.failed(attempted, failed)
+    }
+
+    /// Records a connection the backend served (it was not reset before a
+    /// reply); true when this cleared the failing state. One relaxed load
+    /// when the backend is not failing.
+    pub fn served(&self) -> bool {
+        if self.streak.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.unserved.store(false, Ordering::Relaxed);
+        self.streak.swap(0, Ordering::Relaxed) > 0
     }
 
     /// The last connect attempt (or probe) failed and none succeeded since.
@@ -217,5 +252,37 @@ mod tests {
         assert!(b.failed(early, early));
         assert!(b.cooling(b.born));
         assert!(!b.cooling(b.born + BACKOFF_FIRST));
+    }
+
+    #[test]
+    fn a_reset_before_reply_is_cleared_by_a_served_connection_not_a_connect() {
+        let b = ConnectBackoff::default();
+        let t0 = Instant::now();
+        assert!(b.reset_unserved(t0, t0), "marks it failing");
+        assert!(b.cooling(t0));
+        // The next probe connects (it always does) and is reset again: the
+        // connect cleared nothing, so the backoff doubles.
+        let probe = t0 + BACKOFF_FIRST;
+        assert!(!b.connected(), "a connect does not clear it");
+        assert!(!b.reset_unserved(probe, probe), "already failing");
+        assert_eq!(b.streak(), 2);
+        assert!(b.cooling(probe + backoff(2) - MS));
+        // A connection it served clears it, once.
+        assert!(b.served());
+        assert!(!b.is_failing());
+        assert!(!b.served());
+        // And a plain connect failure afterwards is cleared by a connect.
+        assert!(b.failed(probe, probe));
+        assert!(b.connected());
+    }
+
+    #[test]
+    fn a_served_connection_clears_a_connect_failure_too() {
+        let b = ConnectBackoff::default();
+        let t0 = Instant::now();
+        assert!(!b.served(), "not failing: nothing to clear");
+        b.failed(t0, t0);
+        assert!(b.served());
+        assert!(!b.is_failing());
     }
 }

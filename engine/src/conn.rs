@@ -22,7 +22,7 @@ use crate::access::{self, Tally};
 use crate::ctx::{ClientSlot, ConnSlot, ListenerCtx, ShardCtx};
 use crate::deadlines;
 use crate::idle::IdleGuard;
-use crate::passive::PassiveKind;
+use crate::passive::{BackendSeen, PassiveKind};
 use crate::pool::handover::{self, ClientSide, HandOver, Plain};
 use crate::pool::stats::PoolStats;
 use crate::proxy_protocol::{self, Parsed};
@@ -360,7 +360,7 @@ async fn serve_inner(
         byte_counts(ctx, tally).0.add(early.len() as u64);
         rt::write_chunk(&backend, early).await?;
     }
-    let backend_reset = Cell::new(false);
+    let seen = BackendSeen::default();
     // Zero: never closed for idleness, so not watched.
     let idle = (!idle_timeout.is_zero()).then(|| ctx.idle.watch(ready_at, idle_timeout));
     let outcome = match &tls {
@@ -372,7 +372,7 @@ async fn serve_inner(
                 &backend,
                 idle.as_ref(),
                 buffer_len,
-                &backend_reset,
+                &seen,
             )
             .await
         }
@@ -384,22 +384,46 @@ async fn serve_inner(
                 &backend,
                 idle.as_ref(),
                 buffer_len,
-                &backend_reset,
+                &seen,
             ))
             .await
         }
     };
-    // The backend's part in this connection, for its circuit breaker: a
-    // connect that succeeded and was then reset is a failure, not a success,
-    // so a success is only told once the connection ended without a reset
-    // from the backend (and only while the control side listens for them).
-    let live = active.live();
-    if backend_reset.get() {
+    tell_how_the_backend_served(ctx, active.live(), &seen, ready_at);
+    outcome
+}
+
+/// Tells the backend's part in a connection that ended to its circuit
+/// breaker (passive health) and its backoff. A connect that succeeded and
+/// was then reset is a failure, not a success, so a success is only told
+/// once the connection ended without a reset from the backend (and only
+/// while the control side listens for them). A backend that accepted the
+/// connection and reset it before its first byte served nothing: it is
+/// marked failing like one whose connect failed, so the next clients go
+/// elsewhere while it cools, instead of each being reset in turn.
+fn tell_how_the_backend_served(
+    ctx: &ShardCtx,
+    live: &BackendLive,
+    seen: &BackendSeen,
+    ready_at: Instant,
+) {
+    if seen.was_reset() {
         ctx.shared.passive.report(&live.id, PassiveKind::Reset);
     } else if live.successes_watched() {
         ctx.shared.passive.report(&live.id, PassiveKind::Success);
     }
-    outcome
+    if seen.reset_before_reply() {
+        if live.mark_reset_unserved(ready_at, Instant::now()) {
+            tracing::warn!(shard = ctx.id, backend = %live.id,
+                "backend reset a connection before replying: marked failing until it serves one");
+        } else {
+            tracing::debug!(shard = ctx.id, backend = %live.id,
+                "backend reset a connection before replying");
+        }
+    } else if live.mark_served() {
+        tracing::info!(shard = ctx.id, backend = %live.id,
+            "backend served a connection: no longer failing");
+    }
 }
 
 /// The PROXY v2 header naming `client_addr` as the client of `client`.
@@ -579,8 +603,8 @@ fn byte_counts<'a>(ctx: &'a ShardCtx, tally: Option<&'a Tally>) -> (ByteCount<'a
 }
 
 /// Pumps bytes both ways until both directions have ended, or until `idle`
-/// (when watched) finds no byte moved for its timeout. A reset read from the
-/// backend sets `backend_reset` (a passive health event).
+/// (when watched) finds no byte moved for its timeout. What the backend did
+/// (replied, reset) goes to `seen`.
 async fn splice(
     ctx: &ShardCtx,
     tally: Option<&Tally>,
@@ -588,7 +612,7 @@ async fn splice(
     backend: &TcpStream,
     idle: Option<&IdleGuard>,
     buffer_len: usize,
-    backend_reset: &Cell<bool>,
+    seen: &BackendSeen,
 ) -> Result<(), ConnError> {
     let (up_bytes, down_bytes) = byte_counts(ctx, tally);
     let unwatched = Cell::new(false);
@@ -609,7 +633,7 @@ async fn splice(
         buffer_len,
         down_bytes,
         spliced,
-        Some(backend_reset),
+        Some(seen),
     );
     let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
@@ -623,19 +647,12 @@ async fn splice_tls(
     backend: &TcpStream,
     idle: Option<&IdleGuard>,
     buffer_len: usize,
-    backend_reset: &Cell<bool>,
+    seen: &BackendSeen,
 ) -> Result<(), ConnError> {
     let unwatched = Cell::new(false);
     let activity = idle.map_or(&unwatched, IdleGuard::activity);
     let up = session.pump_up(client, backend, activity, buffer_len, up_bytes);
-    let down = session.pump_down(
-        backend,
-        client,
-        activity,
-        buffer_len,
-        down_bytes,
-        backend_reset,
-    );
+    let down = session.pump_down(backend, client, activity, buffer_len, down_bytes, seen);
     let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
 }
@@ -666,9 +683,10 @@ where
 /// read, from the task once `src` is readable, is sent on at once
 /// (`rt::recv_ready`). With
 /// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
-/// the rest of the flow to splice(2) and is counted there. A read from `src`
-/// that fails with a reset sets `src_reset`; every read sets `activity` (the
-/// idle sweeper's flag: no clock read per chunk).
+/// the rest of the flow to splice(2) and is counted there. With `src_seen`
+/// (`src` is the backend), a read that brings bytes and one that fails with
+/// a reset are noted there; every read sets `activity` (the idle sweeper's
+/// flag: no clock read per chunk).
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -676,7 +694,7 @@ async fn pump(
     buffer_len: usize,
     bytes: ByteCount<'_>,
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
-    src_reset: Option<&Cell<bool>>,
+    src_seen: Option<&BackendSeen>,
 ) -> io::Result<()> {
     let mut ready = rt::Readiness::new();
     loop {
@@ -685,8 +703,8 @@ async fn pump(
         })
         .await
         .inspect_err(|e| {
-            if let (Some(flag), io::ErrorKind::ConnectionReset) = (src_reset, e.kind()) {
-                flag.set(true);
+            if let (Some(seen), io::ErrorKind::ConnectionReset) = (src_seen, e.kind()) {
+                seen.reset();
             }
         });
         let (n, rest) = match read? {
@@ -699,6 +717,9 @@ async fn pump(
             }
             Some((n, rest)) => (n, rest?),
         };
+        if let Some(seen) = src_seen {
+            seen.replied();
+        }
         activity.set(true);
         bytes.add(n as u64);
         if let Some(rest) = rest {

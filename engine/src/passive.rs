@@ -17,6 +17,7 @@
 //! receiver can be awaited on the control thread's Tokio runtime without a
 //! thread of its own polling a blocking receiver.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -54,6 +55,39 @@ impl PassiveKind {
             PassiveKind::Reset => "reset",
             PassiveKind::Success => "success",
         }
+    }
+}
+
+/// What the pump reading from a backend saw of it during one connection:
+/// whether it sent a byte, whether it reset the connection. Plain cells:
+/// the connection's task owns it.
+#[derive(Debug, Default)]
+pub struct BackendSeen {
+    replied: Cell<bool>,
+    reset: Cell<bool>,
+}
+
+impl BackendSeen {
+    /// A read from the backend brought bytes.
+    pub fn replied(&self) {
+        self.replied.set(true);
+    }
+
+    /// A read from the backend failed with a reset.
+    pub fn reset(&self) {
+        self.reset.set(true);
+    }
+
+    /// The backend reset the connection (a passive health failure).
+    pub fn was_reset(&self) -> bool {
+        self.reset.get()
+    }
+
+    /// The backend reset the connection before it sent a byte: it accepted
+    /// the connection but did not serve it. To the client that is a backend
+    /// that does not work, though the connect succeeded.
+    pub fn reset_before_reply(&self) -> bool {
+        self.reset.get() && !self.replied.get()
     }
 }
 
@@ -137,6 +171,18 @@ mod tests {
         drop(events);
         reporter.report(&Arc::from("b1"), PassiveKind::Reset);
         assert_eq!((reporter.sent(), reporter.dropped()), (0, 1));
+    }
+
+    #[test]
+    fn a_reset_before_reply_is_one_with_no_byte_read_before_it() {
+        let seen = BackendSeen::default();
+        assert!(!seen.was_reset() && !seen.reset_before_reply());
+        seen.reset();
+        assert!(seen.was_reset() && seen.reset_before_reply());
+        let seen = BackendSeen::default();
+        seen.replied();
+        seen.reset();
+        assert!(seen.was_reset() && !seen.reset_before_reply());
     }
 
     #[test]

@@ -118,14 +118,28 @@ impl BackendLive {
         self.backoff.failed(attempted, failed)
     }
 
-    /// Records a successful connect; true when the backend was failing. A
-    /// plain load first: on the usual path (not failing) no shared cache line
-    /// is written.
+    /// Records a successful connect; true when this cleared the failing
+    /// state (see [`ConnectBackoff::connected`]). A plain load first: on the
+    /// usual path (not failing) no shared cache line is written.
     pub fn mark_connecting(&self) -> bool {
         self.backoff.connected()
     }
 
-    /// The last connect attempt to it failed and none succeeded since.
+    /// Records a connection it accepted and reset before sending a byte
+    /// (see [`ConnectBackoff::reset_unserved`]); true when this marked it
+    /// failing.
+    pub fn mark_reset_unserved(&self, attempted: Instant, failed: Instant) -> bool {
+        self.backoff.reset_unserved(attempted, failed)
+    }
+
+    /// Records a connection it served; true when this cleared the failing
+    /// state (see [`ConnectBackoff::served`]).
+    pub fn mark_served(&self) -> bool {
+        self.backoff.served()
+    }
+
+    /// The last connect attempt to it failed (or the last connection was
+    /// reset before a reply) and nothing cleared that since.
     pub fn is_failing(&self) -> bool {
         self.backoff.is_failing()
     }

@@ -25,6 +25,7 @@ use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::ServerConfig;
 
+use crate::passive::BackendSeen;
 use crate::pool::handover::{ClientSide, FirstRead};
 use crate::rt::{self, Chunk, TcpStream};
 use crate::warm_buffers;
@@ -502,8 +503,8 @@ impl TlsSession {
     }
 
     /// Backend → client: encrypts until the backend closes, then sends
-    /// close_notify and half-closes the client. A reset read from the
-    /// backend sets `backend_reset` (a passive health event).
+    /// close_notify and half-closes the client. What the backend did
+    /// (replied, reset) goes to `seen`.
     pub(crate) async fn pump_down(
         &self,
         backend: &TcpStream,
@@ -511,18 +512,19 @@ impl TlsSession {
         activity: &Cell<bool>,
         buffer_len: usize,
         bytes: crate::stats::ByteCount<'_>,
-        backend_reset: &Cell<bool>,
+        seen: &BackendSeen,
     ) -> Result<(), TlsError> {
         let mut reads = Reads::new();
         loop {
             let read = reads.next(backend, buffer_len).await.inspect_err(|e| {
                 if e.kind() == std::io::ErrorKind::ConnectionReset {
-                    backend_reset.set(true);
+                    seen.reset();
                 }
             });
             let Some(chunk) = read? else {
                 break;
             };
+            seen.replied();
             activity.set(true);
             bytes.add(chunk.len() as u64);
             // The whole read becomes records in one write: one send per
@@ -867,7 +869,7 @@ mod tests {
             assert!(early.is_none());
             assert_eq!(session.sni(), Some("localhost"));
             let shard = std::sync::atomic::AtomicU64::new(0);
-            let (activity, reset) = (Cell::new(false), Cell::new(false));
+            let (activity, seen) = (Cell::new(false), BackendSeen::default());
             let bytes = || crate::stats::ByteCount {
                 shard: &shard,
                 conn: None,
@@ -876,7 +878,7 @@ mod tests {
             // a broken stream fails the test instead of hanging it.
             futures_util::future::try_join(
                 session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
-                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &reset),
+                session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &seen),
             )
             .await
             .unwrap();

@@ -507,6 +507,66 @@ impl RefusingPort {
     }
 }
 
+/// A backend that accepts each connection, reads the client's first bytes
+/// and resets the connection (closes it with `SO_LINGER` 0) without sending
+/// a byte, as a server that fails on every request would; until
+/// [`ResettingBackend::serve`] makes it answer with `<name>\n` instead.
+/// Reading first makes sure the proxy's connect has completed before the
+/// reset (a reset racing the connect is a failed connect).
+pub struct ResettingBackend {
+    pub addr: SocketAddr,
+    pub accepted: Arc<std::sync::atomic::AtomicUsize>,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ResettingBackend {
+    pub fn start(name: &str) -> ResettingBackend {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let serving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, serve) = (Arc::clone(&accepted), Arc::clone(&serving));
+        let tag = format!("{name}\n");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                count.fetch_add(1, SeqCst);
+                let (serve, tag) = (Arc::clone(&serve), tag.clone());
+                std::thread::spawn(move || {
+                    if stream.read(&mut [0u8; 256]).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if serve.load(SeqCst) {
+                        let _ = stream.write_all(tag.as_bytes());
+                    } else {
+                        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                    }
+                });
+            }
+        });
+        ResettingBackend {
+            addr,
+            accepted,
+            serving,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// From now on each connection is greeted, not reset.
+    pub fn serve(&self) {
+        self.serving
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Default for RefusingPort {
     fn default() -> Self {
         Self::new()
