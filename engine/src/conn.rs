@@ -734,7 +734,7 @@ async fn pump(
                     // The splice waits for readiness its own way: a POLL
                     // left armed would wake this task on every segment.
                     drop(ready);
-                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    crate::stats::add_owned(counter, 1);
                     // Boxed: only bulk flows pay for its state.
                     return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
                         activity.set(true);

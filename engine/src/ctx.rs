@@ -19,7 +19,7 @@ use crate::passive::PassiveReporter;
 use crate::rate_limit::ClientTable;
 use crate::settings::{EngineSettings, Knobs, ListenerSpec};
 use crate::snapshot::SnapshotHandle;
-use crate::stats::{ListenerStats, ShardStats};
+use crate::stats::{step_owned, ListenerStats, ShardStats};
 
 /// State every shard reads; written only by the control thread.
 pub(crate) struct Shared {
@@ -156,8 +156,8 @@ impl ConnSlot {
         if counted_globally {
             ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
         }
-        ctx.stats.active.fetch_add(1, Ordering::Relaxed);
-        lctx.stats.active.fetch_add(1, Ordering::Relaxed);
+        step_owned(&ctx.stats.active, true);
+        step_owned(&lctx.stats.active, true);
         ConnSlot {
             ctx: Rc::clone(ctx),
             lctx: Rc::clone(lctx),
@@ -168,8 +168,8 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
-        self.lctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+        step_owned(&self.ctx.stats.active, false);
+        step_owned(&self.lctx.stats.active, false);
         if self.counted_globally {
             self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
         }
@@ -209,7 +209,7 @@ impl ClientSlot {
                     crate::rate_limit::Refused::Rate => &ctx.stats.rate_limited,
                     crate::rate_limit::Refused::Concurrent => &ctx.stats.client_conn_limited,
                 };
-                counter.fetch_add(1, Ordering::Relaxed);
+                crate::stats::add_owned(counter, 1);
                 Err(refused)
             }
         }

@@ -30,9 +30,11 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
+    /// One writer (the shard): no locked instruction, see
+    /// [`crate::stats::add_owned`].
     #[inline]
     pub(crate) fn bump(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        crate::stats::add_owned(counter, 1);
     }
 }
 
