@@ -211,7 +211,12 @@ async fn serve_inner(
             }
         }
     };
-    let (country, region) = ctx.shared.geo.locate(client_ip);
+    let geo = &ctx.shared.geo;
+    let country = ctx
+        .geo_cache
+        .borrow_mut()
+        .country(client_ip, |ip| geo.country(ip));
+    let region = geo.region_for(country);
     let scoring = select::Scoring { rtt_weight };
 
     // Try backends, best first, until one accepts the connection: a warm

@@ -59,6 +59,8 @@ pub(crate) struct ShardCtx {
     /// Backend connect timeouts of this shard's connections (one queue, see
     /// `deadlines`).
     pub connects: crate::deadlines::Deadlines,
+    /// Recent clients' countries (see `geo_cache`); private, so no lock.
+    pub geo_cache: RefCell<crate::geo_cache::GeoCache>,
     /// This shard's view of the knobs: re-read only after a change, so
     /// connections don't bump a shared refcount.
     knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
@@ -77,6 +79,7 @@ impl ShardCtx {
             pool: crate::pool::ShardPool::new(id, pool_stats),
             idle: crate::idle::IdleSweeper::default(),
             connects: crate::deadlines::Deadlines::default(),
+            geo_cache: RefCell::default(),
             knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
             clients: RefCell::new(ClientTable::new(
                 shared.settings.client_table_capacity,

@@ -14,6 +14,7 @@ mod ctx;
 mod deadlines;
 mod engine;
 pub mod geo;
+mod geo_cache;
 mod idle;
 pub mod listener;
 pub mod log_limit;
