@@ -210,6 +210,11 @@ fn one_connect_attempt_means_no_retry() {
 /// binding carries over from another client): the greeting of the backend
 /// that served it, or `None` when the proxy closed it.
 fn greeting_from(proxy: SocketAddr, source: Ipv4Addr) -> Option<String> {
+    read_line(&connect_from(proxy, source))
+}
+
+/// A connection to `proxy` from `source`, with the tests' read timeout.
+fn connect_from(proxy: SocketAddr, source: Ipv4Addr) -> TcpStream {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .expect("TCP socket");
     socket
@@ -220,7 +225,18 @@ fn greeting_from(proxy: SocketAddr, source: Ipv4Addr) -> Option<String> {
         .expect("connect to the proxy");
     let stream = TcpStream::from(socket);
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    read_line(&stream)
+    stream
+}
+
+/// The first client of `served` was lost (`why`), every later one served by
+/// `good`.
+fn first_lost_rest_good(served: &[Option<String>], proxy: &Proxy, why: &str) {
+    assert_eq!(served[0], None, "{why}: {served:?}");
+    assert!(
+        served[1..].iter().all(|s| s.as_deref() == Some("good")),
+        "{served:?}\n{}",
+        proxy.log_text()
+    );
 }
 
 /// QA's report: no health checks, three backends that refuse connections
@@ -261,12 +277,7 @@ connect_attempts = 3
     let served: Vec<Option<String>> = (1..=CLIENTS).map(client).collect();
     // The first client spends its three attempts on the three dead ones
     // (nothing told the proxy they were dead); everyone after is served.
-    assert_eq!(served[0], None, "{served:?}");
-    assert!(
-        served[1..].iter().all(|s| s.as_deref() == Some("good")),
-        "{served:?}\n{}",
-        proxy.log_text()
-    );
+    first_lost_rest_good(&served, &proxy, "the first client finds out");
 
     // The backoffs (1 s) end together: each dead backend is probed again by
     // a client's first attempt, and that client's retry goes to `good`.
@@ -283,16 +294,7 @@ connect_attempts = 3
 /// The first line a client from `source` is sent after it said hello, or
 /// `None` when the connection is closed first.
 fn answer_to_hello(proxy: SocketAddr, source: Ipv4Addr) -> Option<String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("TCP socket");
-    socket
-        .bind(&SocketAddr::from((source, 0)).into())
-        .expect("bind the client's source address");
-    socket
-        .connect_timeout(&proxy.into(), PATIENCE)
-        .expect("connect to the proxy");
-    let mut stream = TcpStream::from(socket);
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut stream = connect_from(proxy, source);
     stream.write_all(b"hello\n").ok()?;
     read_line(&stream)
 }
@@ -323,12 +325,7 @@ fn a_backend_that_accepts_and_resets_goes_behind_the_one_that_works() {
 
     const CLIENTS: u8 = 8;
     let served: Vec<Option<String>> = (1..=CLIENTS).map(client).collect();
-    assert_eq!(served[0], None, "the first client finds out: {served:?}");
-    assert!(
-        served[1..].iter().all(|s| s.as_deref() == Some("good")),
-        "{served:?}\n{}",
-        proxy.log_text()
-    );
+    first_lost_rest_good(&served, &proxy, "the first client finds out");
     assert_eq!(resets.accepted(), 1);
     let warned = "backend reset a connection before replying: marked failing";
     assert!(proxy.wait_for_log_count_after(mark, warned, 1, PATIENCE));
@@ -338,12 +335,7 @@ fn a_backend_that_accepts_and_resets_goes_behind_the_one_that_works() {
     // it go to `good`, and the WARN is not repeated.
     std::thread::sleep(Duration::from_millis(1100));
     let served: Vec<Option<String>> = (CLIENTS + 1..=CLIENTS + 4).map(client).collect();
-    assert_eq!(served[0], None, "the probe is reset: {served:?}");
-    assert!(
-        served[1..].iter().all(|s| s.as_deref() == Some("good")),
-        "{served:?}\n{}",
-        proxy.log_text()
-    );
+    first_lost_rest_good(&served, &proxy, "the probe is reset");
     assert_eq!(resets.accepted(), 2);
     log_barrier(&proxy);
     assert_eq!(proxy.log_lines_after(mark, warned).len(), 1);
