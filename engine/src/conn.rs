@@ -629,7 +629,13 @@ async fn splice(
         .splice_bulk
         .then_some(&ctx.stats.spliced_flows);
     let up = pump(
-        client, backend, activity, buffer_len, up_bytes, spliced, None,
+        client,
+        backend,
+        activity,
+        buffer_len,
+        up_bytes,
+        spliced,
+        BackendAt::Dst(seen),
     );
     let down = pump(
         backend,
@@ -638,7 +644,7 @@ async fn splice(
         buffer_len,
         down_bytes,
         spliced,
-        Some(seen),
+        BackendAt::Src(seen),
     );
     let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
@@ -656,7 +662,7 @@ async fn splice_tls(
 ) -> Result<(), ConnError> {
     let unwatched = Cell::new(false);
     let activity = idle.map_or(&unwatched, IdleGuard::activity);
-    let up = session.pump_up(client, backend, activity, buffer_len, up_bytes);
+    let up = session.pump_up(client, backend, activity, buffer_len, up_bytes, seen);
     let down = session.pump_down(backend, client, activity, buffer_len, down_bytes, seen);
     let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
@@ -684,14 +690,34 @@ where
     outcome
 }
 
+/// Which end of a [`pump`] the backend is.
+#[derive(Clone, Copy)]
+enum BackendAt<'a> {
+    /// Backend → client.
+    Src(&'a BackendSeen),
+    /// Client → backend.
+    Dst(&'a BackendSeen),
+}
+
+impl BackendAt<'_> {
+    /// `result` of a send to the pump's `dst`, a failure noted when that is
+    /// the backend.
+    fn sent<T>(self, result: io::Result<T>) -> io::Result<T> {
+        if let (BackendAt::Dst(seen), Err(e)) = (self, &result) {
+            seen.send_failed(e);
+        }
+        result
+    }
+}
+
 /// Copies `src` to `dst` until `src` ends, then half-closes `dst`: each
 /// read, from the task once `src` is readable, is sent on at once
 /// (`rt::recv_ready`). With
 /// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
-/// the rest of the flow to splice(2) and is counted there. With `src_seen`
-/// (`src` is the backend), a read that brings bytes and one that fails with
-/// a reset are noted there; every read sets `activity` (the idle sweeper's
-/// flag: no clock read per chunk).
+/// the rest of the flow to splice(2) and is counted there. What the
+/// backend's end (`backend`) does is noted in its `BackendSeen`: bytes read
+/// from it, a reset met reading from it or sending to it. Every read sets
+/// `activity` (the idle sweeper's flag: no clock read per chunk).
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -699,7 +725,7 @@ async fn pump(
     buffer_len: usize,
     bytes: ByteCount<'_>,
     mut spliced: Option<&std::sync::atomic::AtomicU64>,
-    src_seen: Option<&BackendSeen>,
+    backend: BackendAt<'_>,
 ) -> io::Result<()> {
     let mut ready = rt::Readiness::new();
     loop {
@@ -708,8 +734,8 @@ async fn pump(
         })
         .await
         .inspect_err(|e| {
-            if let (Some(seen), io::ErrorKind::ConnectionReset) = (src_seen, e.kind()) {
-                seen.reset();
+            if let BackendAt::Src(seen) = backend {
+                seen.read_failed(e);
             }
         });
         let (n, rest) = match read? {
@@ -720,15 +746,15 @@ async fn pump(
                 let _ = rt::shutdown_write(dst).await;
                 return Ok(());
             }
-            Some((n, rest)) => (n, rest?),
+            Some((n, rest)) => (n, backend.sent(rest)?),
         };
-        if let Some(seen) = src_seen {
+        if let BackendAt::Src(seen) = backend {
             seen.replied();
         }
         activity.set(true);
         bytes.add(n as u64);
         if let Some(rest) = rest {
-            rt::write_rest(dst, rest).await?;
+            backend.sent(rt::write_rest(dst, rest).await)?;
         }
         // A read that filled a whole buffer is a bulk flow: from here on
         // the kernel moves its bytes (see `rt::splice_to_end`).
@@ -793,5 +819,71 @@ mod tests {
         ] {
             assert_cause_once(&e);
         }
+    }
+
+    /// A connected loopback pair: (ours, theirs).
+    fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        (ours, theirs)
+    }
+
+    /// Runs one pump from a client that sent `hello` to a backend that has
+    /// already reset the connection, the backend being `src` or `dst`.
+    fn pump_against_a_reset_backend(backend_is_dst: bool) -> (io::Result<()>, BackendSeen) {
+        let (client, mut client_peer) = loopback_pair();
+        std::io::Write::write_all(&mut client_peer, b"hello").unwrap();
+        let (backend, backend_peer) = loopback_pair();
+        socket2::SockRef::from(&backend_peer)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        // Closed with linger 0: loopback has delivered the reset to
+        // `backend` before the close returns.
+        drop(backend_peer);
+        let runtime = rt::build_runtime(4, 4096).unwrap();
+        runtime.block_on(async move {
+            let client = TcpStream::from_std(client).unwrap();
+            let backend = TcpStream::from_std(backend).unwrap();
+            let (seen, counted, activity) = (
+                BackendSeen::default(),
+                std::sync::atomic::AtomicU64::new(0),
+                Cell::new(false),
+            );
+            let bytes = ByteCount {
+                shard: &counted,
+                conn: None,
+            };
+            let outcome = match backend_is_dst {
+                true => {
+                    let at = BackendAt::Dst(&seen);
+                    pump(&client, &backend, &activity, 4096, bytes, None, at).await
+                }
+                false => {
+                    let at = BackendAt::Src(&seen);
+                    pump(&backend, &client, &activity, 4096, bytes, None, at).await
+                }
+            };
+            drop(client_peer);
+            (outcome, seen)
+        })
+    }
+
+    /// A backend that resets while the client is still sending: the pump
+    /// towards it fails its send, and that is the reset seen (the read
+    /// from it, in the other pump, may never be made).
+    #[test]
+    fn a_send_refused_by_a_reset_backend_is_a_reset_before_reply() {
+        let (outcome, seen) = pump_against_a_reset_backend(true);
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert!(seen.reset_before_reply());
+    }
+
+    /// The pump from a backend that reset reads the reset.
+    #[test]
+    fn a_read_from_a_reset_backend_is_a_reset_before_reply() {
+        let (outcome, seen) = pump_against_a_reset_backend(false);
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert!(seen.reset_before_reply());
     }
 }

@@ -73,9 +73,22 @@ impl BackendSeen {
         self.replied.set(true);
     }
 
-    /// A read from the backend failed with a reset.
-    pub fn reset(&self) {
-        self.reset.set(true);
+    /// A read from the backend failed with `e`: a reset is noted.
+    pub fn read_failed(&self, e: &std::io::Error) {
+        if e.kind() == std::io::ErrorKind::ConnectionReset {
+            self.reset.set(true);
+        }
+    }
+
+    /// A send to the backend failed with `e`: a reset (`ECONNRESET`, or
+    /// `EPIPE` once the reset was reported) is noted. A backend that resets
+    /// while the client is still sending fails the send first, and the
+    /// read that would have seen the reset is then never made.
+    pub fn send_failed(&self, e: &std::io::Error) {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+        if matches!(e.kind(), ConnectionReset | BrokenPipe) {
+            self.reset.set(true);
+        }
     }
 
     /// The backend reset the connection (a passive health failure).
@@ -175,14 +188,21 @@ mod tests {
 
     #[test]
     fn a_reset_before_reply_is_one_with_no_byte_read_before_it() {
+        use std::io::{Error, ErrorKind};
+        let reset = Error::from(ErrorKind::ConnectionReset);
         let seen = BackendSeen::default();
         assert!(!seen.was_reset() && !seen.reset_before_reply());
-        seen.reset();
+        seen.read_failed(&Error::from(ErrorKind::TimedOut));
+        assert!(!seen.was_reset(), "not a reset");
+        seen.read_failed(&reset);
         assert!(seen.was_reset() && seen.reset_before_reply());
         let seen = BackendSeen::default();
         seen.replied();
-        seen.reset();
+        seen.read_failed(&reset);
         assert!(seen.was_reset() && !seen.reset_before_reply());
+        let seen = BackendSeen::default();
+        seen.send_failed(&Error::from(ErrorKind::BrokenPipe));
+        assert!(seen.reset_before_reply(), "a send refused after a reset");
     }
 
     #[test]

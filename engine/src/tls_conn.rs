@@ -465,7 +465,8 @@ impl TlsSession {
     }
 
     /// Client → backend: decrypts until the client closes (close_notify or
-    /// FIN), then half-closes the backend.
+    /// FIN), then half-closes the backend. A send to the backend that fails
+    /// with a reset is noted in `seen`.
     pub(crate) async fn pump_up(
         &self,
         client: &TcpStream,
@@ -473,6 +474,7 @@ impl TlsSession {
         activity: &Cell<bool>,
         buffer_len: usize,
         bytes: crate::stats::ByteCount<'_>,
+        seen: &BackendSeen,
     ) -> Result<(), TlsError> {
         let mut plain = Vec::new();
         let mut reads = Reads::carrying(self.carried.take());
@@ -492,7 +494,8 @@ impl TlsSession {
             if !plain.is_empty() {
                 let carried = plain.len();
                 bytes.add(carried as u64);
-                plain = keep_if_bulk(rt::write_vec(backend, plain).await?, carried);
+                let written = rt::write_vec(backend, plain).await;
+                plain = keep_if_bulk(written.inspect_err(|e| seen.send_failed(e))?, carried);
             }
             if closed {
                 break;
@@ -516,11 +519,10 @@ impl TlsSession {
     ) -> Result<(), TlsError> {
         let mut reads = Reads::new();
         loop {
-            let read = reads.next(backend, buffer_len).await.inspect_err(|e| {
-                if e.kind() == std::io::ErrorKind::ConnectionReset {
-                    seen.reset();
-                }
-            });
+            let read = reads
+                .next(backend, buffer_len)
+                .await
+                .inspect_err(|e| seen.read_failed(e));
             let Some(chunk) = read? else {
                 break;
             };
@@ -877,7 +879,7 @@ mod tests {
             // The first error ends both (as the connection's task does), so
             // a broken stream fails the test instead of hanging it.
             futures_util::future::try_join(
-                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes()),
+                session.pump_up(&client, &backend, &activity, BUFFER_LEN, bytes(), &seen),
                 session.pump_down(&backend, &client, &activity, BUFFER_LEN, bytes(), &seen),
             )
             .await
