@@ -821,20 +821,12 @@ mod tests {
         }
     }
 
-    /// A connected loopback pair: (ours, theirs).
-    fn loopback_pair() -> (std::net::TcpStream, std::net::TcpStream) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ours = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (theirs, _) = listener.accept().unwrap();
-        (ours, theirs)
-    }
-
     /// Runs one pump from a client that sent `hello` to a backend that has
     /// already reset the connection, the backend being `src` or `dst`.
     fn pump_against_a_reset_backend(backend_is_dst: bool) -> (io::Result<()>, BackendSeen) {
-        let (client, mut client_peer) = loopback_pair();
+        let (client, mut client_peer) = rt::tests::loopback_pair(64 << 10);
         std::io::Write::write_all(&mut client_peer, b"hello").unwrap();
-        let (backend, backend_peer) = loopback_pair();
+        let (backend, backend_peer) = rt::tests::loopback_pair(64 << 10);
         socket2::SockRef::from(&backend_peer)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
