@@ -25,10 +25,11 @@
 //!   connection the backend accepted and reset before sending a byte
 //!   ([`ConnectBackoff::reset_unserved`]): such a backend connects every
 //!   time, so only a connection it served ([`ConnectBackoff::served`]:
-//!   one it did not reset before replying) clears that. Until then a
-//!   backend that answers again but only holds long connections stays
-//!   marked; past its backoff it is picked like any other, so that costs
-//!   it no client.
+//!   one it did not reset before replying), attempted after the last
+//!   failure, clears that; a long connection from before the failure that
+//!   ends well says nothing of the backend now. Until then a backend that
+//!   answers again but only holds long connections stays marked; past its
+//!   backoff it is picked like any other, so that costs it no client.
 //!
 //! # Cost
 //!
@@ -75,6 +76,9 @@ pub struct ConnectBackoff {
     /// successful connect no longer clears the failing state, a served
     /// connection does.
     unserved: AtomicBool,
+    /// Milliseconds since `born` of the last failure recorded: a served
+    /// connection attempted before it clears nothing.
+    failed_at: AtomicU64,
 }
 
 impl Default for ConnectBackoff {
@@ -84,6 +88,7 @@ impl Default for ConnectBackoff {
             streak: AtomicU32::new(0),
             retry_at: AtomicU64::new(0),
             unserved: AtomicBool::new(false),
+            failed_at: AtomicU64::new(0),
         }
     }
 }
@@ -107,8 +112,12 @@ impl ConnectBackoff {
         }
         // A first failure, or a failed probe: cool for longer, from now.
         let next = streak.saturating_add(1);
-        let retry_at = self.ms(failed) + backoff(next).as_millis() as u64;
-        self.retry_at.store(retry_at, Ordering::Relaxed);
+        let failed_at = self.ms(failed);
+        self.failed_at.store(failed_at, Ordering::Relaxed);
+        self.retry_at.store(
+            failed_at + backoff(next).as_millis() as u64,
+            Ordering::Relaxed,
+        );
         // Only one of concurrent failures moves the streak on.
         let _ = self
             .streak
@@ -135,11 +144,17 @@ impl ConnectBackoff {
         self.failed(attempted, failed)
     }
 
-    /// Records a connection the backend served (it was not reset before a
-    /// reply); true when this cleared the failing state. One relaxed load
+    /// Records a connection, attempted at `attempted`, that the backend
+    /// served (it was not reset before a reply); true when this cleared a
+    /// failing state set by [`reset_unserved`](Self::reset_unserved). A
+    /// connect failure is cleared by a connect, not here; a connection
+    /// attempted before the last failure clears nothing. One relaxed load
     /// when the backend is not failing.
-    pub fn served(&self) -> bool {
-        if self.streak.load(Ordering::Relaxed) == 0 {
+    pub fn served(&self, attempted: Instant) -> bool {
+        if self.streak.load(Ordering::Relaxed) == 0
+            || !self.unserved.load(Ordering::Relaxed)
+            || self.ms(attempted) < self.failed_at.load(Ordering::Relaxed)
+        {
             return false;
         }
         self.unserved.store(false, Ordering::Relaxed);
@@ -267,22 +282,27 @@ mod tests {
         assert!(!b.reset_unserved(probe, probe), "already failing");
         assert_eq!(b.streak(), 2);
         assert!(b.cooling(probe + backoff(2) - MS));
-        // A connection it served clears it, once.
-        assert!(b.served());
+        // A connection from before the last failure that ends well says
+        // nothing of the backend now.
+        assert!(!b.served(t0));
+        assert!(b.is_failing());
+        // One attempted since, served, clears it, once.
+        assert!(b.served(probe));
         assert!(!b.is_failing());
-        assert!(!b.served());
+        assert!(!b.served(probe));
         // And a plain connect failure afterwards is cleared by a connect.
         assert!(b.failed(probe, probe));
         assert!(b.connected());
     }
 
     #[test]
-    fn a_served_connection_clears_a_connect_failure_too() {
+    fn a_connect_failure_is_cleared_by_a_connect_not_by_an_old_connection_ending() {
         let b = ConnectBackoff::default();
         let t0 = Instant::now();
-        assert!(!b.served(), "not failing: nothing to clear");
+        assert!(!b.served(t0), "not failing: nothing to clear");
         b.failed(t0, t0);
-        assert!(b.served());
-        assert!(!b.is_failing());
+        assert!(!b.served(t0 + BACKOFF_MAX), "refusing new connects still");
+        assert!(b.is_failing());
+        assert!(b.connected());
     }
 }

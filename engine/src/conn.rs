@@ -425,7 +425,7 @@ fn tell_how_the_backend_served(
             tracing::debug!(shard = ctx.id, backend = %live.id,
                 "backend reset a connection before replying");
         }
-    } else if live.mark_served() {
+    } else if live.mark_served(ready_at) {
         tracing::info!(shard = ctx.id, backend = %live.id,
             "backend served a connection: no longer failing");
     }

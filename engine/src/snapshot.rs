@@ -132,10 +132,10 @@ impl BackendLive {
         self.backoff.reset_unserved(attempted, failed)
     }
 
-    /// Records a connection it served; true when this cleared the failing
-    /// state (see [`ConnectBackoff::served`]).
-    pub fn mark_served(&self) -> bool {
-        self.backoff.served()
+    /// Records a connection, attempted at `attempted`, that it served; true
+    /// when this cleared the failing state (see [`ConnectBackoff::served`]).
+    pub fn mark_served(&self, attempted: Instant) -> bool {
+        self.backoff.served(attempted)
     }
 
     /// The last connect attempt to it failed (or the last connection was
