@@ -58,9 +58,9 @@ impl PassiveKind {
     }
 }
 
-/// What the pump reading from a backend saw of it during one connection:
-/// whether it sent a byte, whether it reset the connection. Plain cells:
-/// the connection's task owns it.
+/// What a connection's pumps saw of its backend: whether it sent a byte,
+/// whether it reset the connection (met reading from it or sending to it).
+/// Plain cells: the connection's task owns it.
 #[derive(Debug, Default)]
 pub struct BackendSeen {
     replied: Cell<bool>,
