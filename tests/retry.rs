@@ -318,7 +318,8 @@ fn a_backend_that_accepts_and_resets_goes_behind_the_one_that_works() {
     // Greets before it reads: its answer to hello is its name too.
     let good = TagBackend::start("good");
     db.upsert(&Row::new("good", "web", "sa", good.port()));
-    let proxy = Proxy::with_config(&dir, &config(&db.path, ""));
+    let metrics = "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n";
+    let proxy = Proxy::with_config(&dir, &config(&db.path, metrics));
     let addr = proxy.addr();
     let mark = proxy.log_mark();
     let client = |n: u8| answer_to_hello(addr, Ipv4Addr::new(127, 0, 2, n));
@@ -337,6 +338,18 @@ fn a_backend_that_accepts_and_resets_goes_behind_the_one_that_works() {
     let served: Vec<Option<String>> = (CLIENTS + 1..=CLIENTS + 4).map(client).collect();
     first_lost_rest_good(&served, &proxy, "the probe is reset");
     assert_eq!(resets.accepted(), 2);
+    // Counted for the operator, per backend.
+    let (status, body) = http_get(proxy.metrics_addr(), "/metrics");
+    assert_eq!(status, 200);
+    let counted = |id: &str| {
+        let prefix = format!("edgeproxy_backend_resets_before_reply_total{{backend=\"{id}\"");
+        body.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
+    assert_eq!(counted("resets").as_deref(), Some("2"), "{body}");
+    assert_eq!(counted("good").as_deref(), Some("0"));
     log_barrier(&proxy);
     assert_eq!(proxy.log_lines_after(mark, warned).len(), 1);
     assert!(proxy.log_lines_after(mark, "no longer failing").is_empty());

@@ -396,6 +396,18 @@ pub fn render(sources: &Sources) -> String {
         );
     }
     f.header(
+        "edgeproxy_backend_resets_before_reply_total",
+        "counter",
+        "Connections a backend accepted and then reset before sending a byte (a server that fails every request), per backend in the routing table.",
+    );
+    for b in &snap.backends {
+        f.sample(
+            "edgeproxy_backend_resets_before_reply_total",
+            &[("backend", &b.id), ("app", &b.app)],
+            b.live.resets_before_reply.load(Relaxed),
+        );
+    }
+    f.header(
         "edgeproxy_backend_healthy",
         "gauge",
         "1 if the backend may take new connections.",

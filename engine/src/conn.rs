@@ -418,6 +418,8 @@ fn tell_how_the_backend_served(
         ctx.shared.passive.report(&live.id, PassiveKind::Success);
     }
     if seen.reset_before_reply() {
+        live.resets_before_reply
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if live.mark_reset_unserved(ready_at, Instant::now()) {
             tracing::warn!(shard = ctx.id, backend = %live.id,
                 "backend reset a connection before replying: marked failing until it serves one");

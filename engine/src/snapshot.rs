@@ -69,6 +69,9 @@ pub struct BackendLive {
     pub active: AtomicU32,
     /// Connect attempts that failed (refused, timed out, unreachable).
     pub connect_failures: AtomicU64,
+    /// Connections it accepted and reset before sending a byte (see
+    /// [`BackendLive::mark_reset_unserved`]).
+    pub resets_before_reply: AtomicU64,
     /// Connections ever proxied to this backend.
     pub total: AtomicU64,
     /// Round-trip time measured by active health checks (EWMA), in
