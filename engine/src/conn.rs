@@ -710,6 +710,16 @@ impl BackendAt<'_> {
         }
         result
     }
+
+    /// The error that ended a splice, noted when it came from the
+    /// backend's socket.
+    fn splice_failed(self, end: rt::SpliceEnd, e: &io::Error) {
+        match (self, end) {
+            (BackendAt::Src(seen), rt::SpliceEnd::Src) => seen.read_failed(e),
+            (BackendAt::Dst(seen), rt::SpliceEnd::Dst) => seen.send_failed(e),
+            _ => {}
+        }
+    }
 }
 
 /// Copies `src` to `dst` until `src` ends, then half-closes `dst`: each
@@ -769,11 +779,12 @@ async fn pump(
                     drop(ready);
                     crate::stats::add_owned(counter, 1);
                     // Boxed: only bulk flows pay for its state.
-                    return Box::pin(rt::splice_to_end(pipe, src, dst, |n| {
+                    let moved = |n: usize| {
                         activity.set(true);
                         bytes.add(n as u64);
-                    }))
-                    .await;
+                    };
+                    let failed = |end, e: &io::Error| backend.splice_failed(end, e);
+                    return Box::pin(rt::splice_to_end(pipe, src, dst, moved, failed)).await;
                 }
                 // No pipe to be had: this flow goes on copying.
                 Err(e) => {
@@ -878,6 +889,61 @@ mod tests {
     fn a_read_from_a_reset_backend_is_a_reset_before_reply() {
         let (outcome, seen) = pump_against_a_reset_backend(false);
         assert!(outcome.is_err(), "{outcome:?}");
+        assert!(seen.reset_before_reply());
+    }
+
+    /// An upload already handed to splice(2) when the backend, which has
+    /// replied nothing, resets: the splice's failed write is its reset.
+    #[test]
+    fn a_spliced_upload_refused_by_a_reset_backend_is_a_reset_before_reply() {
+        let (client, mut client_peer) = rt::tests::loopback_pair(64 << 10);
+        let uploader = std::thread::spawn(move || {
+            // Ends with an error once the pump gives up and the client's
+            // socket closes.
+            let _ = std::io::Write::write_all(&mut client_peer, &vec![7u8; 8 << 20]);
+        });
+        let (backend, mut backend_peer) = rt::tests::loopback_pair(64 << 10);
+        // Takes the first bytes, then resets without a reply.
+        let resetter = std::thread::spawn(move || {
+            let _ = std::io::Read::read(&mut backend_peer, &mut [0u8; 4096]);
+            socket2::SockRef::from(&backend_peer)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        });
+        let runtime = rt::build_runtime(4, 4096).unwrap();
+        let (outcome, seen, spliced) = runtime.block_on(async move {
+            let client = TcpStream::from_std(client).unwrap();
+            let backend = TcpStream::from_std(backend).unwrap();
+            let (seen, counted, spliced, activity) = (
+                BackendSeen::default(),
+                std::sync::atomic::AtomicU64::new(0),
+                std::sync::atomic::AtomicU64::new(0),
+                Cell::new(false),
+            );
+            let bytes = ByteCount {
+                shard: &counted,
+                conn: None,
+            };
+            let at = BackendAt::Dst(&seen);
+            let outcome = pump(
+                &client,
+                &backend,
+                &activity,
+                4096,
+                bytes,
+                Some(&spliced),
+                at,
+            )
+            .await;
+            (outcome, seen, spliced.into_inner())
+        });
+        // compio closes sockets through its ring: gone with the runtime,
+        // the client's socket ends the uploader's write.
+        drop(runtime);
+        resetter.join().unwrap();
+        uploader.join().unwrap();
+        assert!(outcome.is_err(), "{outcome:?}");
+        assert_eq!(spliced, 1, "the flow went to splice(2)");
         assert!(seen.reset_before_reply());
     }
 }

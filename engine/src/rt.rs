@@ -725,9 +725,19 @@ pub async fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
     }
 }
 
+/// Which socket of a [`splice_to_end`] an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Reading `src`.
+    Src,
+    /// Writing `dst`.
+    Dst,
+}
+
 /// Moves everything `src` still sends to `dst` with splice(2) through `pipe`,
 /// never copying it into user space, then half-closes `dst`. `moved` hears of
-/// every batch as it enters the pipe.
+/// every batch as it enters the pipe; `failed` hears which socket the error
+/// that ends it came from (a reset reads the same from either).
 ///
 /// Not io_uring's SPLICE: io_uring runs that op on io-wq kernel threads (four
 /// hand-offs per request in DESIGN.md's measurements). Instead the shard
@@ -739,7 +749,24 @@ pub async fn splice_to_end(
     pipe: Pipe,
     src: &TcpStream,
     dst: &TcpStream,
+    moved: impl FnMut(usize),
+    failed: impl FnOnce(SpliceEnd, &io::Error),
+) -> io::Result<()> {
+    let mut end = SpliceEnd::Src;
+    let outcome = splice_loop(pipe, src, dst, moved, &mut end).await;
+    if let Err(e) = &outcome {
+        failed(end, e);
+    }
+    outcome
+}
+
+/// [`splice_to_end`]'s loop; `end` says which socket it last used.
+async fn splice_loop(
+    pipe: Pipe,
+    src: &TcpStream,
+    dst: &TcpStream,
     mut moved: impl FnMut(usize),
+    end: &mut SpliceEnd,
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     set_nonblocking(src.as_raw_fd())?;
@@ -749,6 +776,7 @@ pub async fn splice_to_end(
     let mut since_yield = 0;
     loop {
         // The pipe is empty here: fill it with what the socket has.
+        *end = SpliceEnd::Src;
         let n = match splice(src_fd, pipe.write, PIPE_BATCH) {
             Ok(0) => {
                 let _ = shutdown_write(dst).await;
@@ -764,6 +792,7 @@ pub async fn splice_to_end(
         moved(n);
         since_yield += n;
         let mut left = n;
+        *end = SpliceEnd::Dst;
         while left > 0 {
             match splice(pipe.read, dst_fd, left) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -1006,9 +1035,15 @@ pub(crate) mod tests {
             let before = ticks.get();
             let mut moved = 0;
             let pipe = Pipe::for_splice().unwrap();
-            splice_to_end(pipe, &src, &dst, |n| moved += n)
-                .await
-                .unwrap();
+            splice_to_end(
+                pipe,
+                &src,
+                &dst,
+                |n| moved += n,
+                |end, e| panic!("{end:?}: {e}"),
+            )
+            .await
+            .unwrap();
             (moved, ticks.get() - before)
         });
         assert_eq!(moved, LEN);
