@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use anyhow::Context;
 use engine::select::Tier;
-use engine::snapshot::SnapshotHandle;
+use engine::snapshot::{Backend, SnapshotHandle};
 use engine::stats::CONNECT_LATENCY_BOUNDS;
 use engine::StatsView;
 
@@ -125,6 +125,21 @@ impl Family<'_> {
     fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
         self.header(name, kind, help);
         self.sample(name, &[], value);
+    }
+
+    /// One family with a sample per backend, labelled `backend` and `app`.
+    fn per_backend(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        backends: &[Backend],
+        value: impl Fn(&Backend) -> u64,
+    ) {
+        self.header(name, kind, help);
+        for b in backends {
+            self.sample(name, &[("backend", &b.id), ("app", &b.app)], value(b));
+        }
     }
 }
 
@@ -357,68 +372,44 @@ pub fn render(sources: &Sources) -> String {
         "Backends in the routing snapshot (deleted and invalid rows left out).",
         snap.backends.len(),
     );
-    f.header(
+    let backends = &snap.backends;
+    f.per_backend(
         "edgeproxy_backend_connections_active",
         "gauge",
         "Connections open to each backend, across shards.",
+        backends,
+        |b| u64::from(b.live.active()),
     );
-    for b in &snap.backends {
-        f.sample(
-            "edgeproxy_backend_connections_active",
-            &[("backend", &b.id), ("app", &b.app)],
-            b.live.active(),
-        );
-    }
-    f.header(
+    f.per_backend(
         "edgeproxy_backend_connections_total",
         "counter",
         "Connections proxied to each backend.",
+        backends,
+        |b| b.live.total.load(Relaxed),
     );
-    for b in &snap.backends {
-        f.sample(
-            "edgeproxy_backend_connections_total",
-            &[("backend", &b.id), ("app", &b.app)],
-            b.live.total.load(Relaxed),
-        );
-    }
     // One family, a label per backend (sum() for the total): not a second
     // family next to an unlabelled total.
-    f.header(
+    f.per_backend(
         "edgeproxy_backend_connect_failures_total",
         "counter",
         "Backend connect attempts that failed (refused, unreachable, timed out), per backend in the routing table.",
+        backends,
+        |b| b.live.connect_failures.load(Relaxed),
     );
-    for b in &snap.backends {
-        f.sample(
-            "edgeproxy_backend_connect_failures_total",
-            &[("backend", &b.id), ("app", &b.app)],
-            b.live.connect_failures.load(Relaxed),
-        );
-    }
-    f.header(
+    f.per_backend(
         "edgeproxy_backend_resets_before_reply_total",
         "counter",
         "Connections a backend accepted and then reset before sending a byte (a server that fails every request), per backend in the routing table.",
+        backends,
+        |b| b.live.resets_before_reply.load(Relaxed),
     );
-    for b in &snap.backends {
-        f.sample(
-            "edgeproxy_backend_resets_before_reply_total",
-            &[("backend", &b.id), ("app", &b.app)],
-            b.live.resets_before_reply.load(Relaxed),
-        );
-    }
-    f.header(
+    f.per_backend(
         "edgeproxy_backend_healthy",
         "gauge",
         "1 if the backend may take new connections.",
+        backends,
+        |b| u64::from(b.healthy),
     );
-    for b in &snap.backends {
-        f.sample(
-            "edgeproxy_backend_healthy",
-            &[("backend", &b.id), ("app", &b.app)],
-            u8::from(b.healthy),
-        );
-    }
     f.single(
         "edgeproxy_uptime_seconds",
         "gauge",
