@@ -834,24 +834,30 @@ mod tests {
         }
     }
 
-    /// Runs one pump from a client that sent `hello` to a backend that has
-    /// already reset the connection, the backend being `src` or `dst`.
-    fn pump_against_a_reset_backend(backend_is_dst: bool) -> (io::Result<()>, BackendSeen) {
-        let (client, mut client_peer) = rt::tests::loopback_pair(64 << 10);
-        std::io::Write::write_all(&mut client_peer, b"hello").unwrap();
-        let (backend, backend_peer) = rt::tests::loopback_pair(64 << 10);
-        socket2::SockRef::from(&backend_peer)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        // Closed with linger 0: loopback has delivered the reset to
-        // `backend` before the close returns.
-        drop(backend_peer);
+    /// Which end of [`run_pump`] the backend is on.
+    #[derive(Clone, Copy)]
+    enum Side {
+        Src,
+        Dst,
+    }
+
+    /// Runs one pump between `client` and `backend` (the backend on
+    /// `side`), with bulk flows spliced: its outcome, what it saw of the
+    /// backend and how many flows it spliced. The runtime is gone when this
+    /// returns, and with it the sockets (compio closes them through its
+    /// ring), so peer threads blocked on them end.
+    fn run_pump(
+        client: std::net::TcpStream,
+        backend: std::net::TcpStream,
+        side: Side,
+    ) -> (io::Result<()>, BackendSeen, u64) {
         let runtime = rt::build_runtime(4, 4096).unwrap();
-        runtime.block_on(async move {
+        let ran = runtime.block_on(async move {
             let client = TcpStream::from_std(client).unwrap();
             let backend = TcpStream::from_std(backend).unwrap();
-            let (seen, counted, activity) = (
+            let (seen, counted, spliced, activity) = (
                 BackendSeen::default(),
+                std::sync::atomic::AtomicU64::new(0),
                 std::sync::atomic::AtomicU64::new(0),
                 Cell::new(false),
             );
@@ -859,19 +865,24 @@ mod tests {
                 shard: &counted,
                 conn: None,
             };
-            let outcome = match backend_is_dst {
-                true => {
-                    let at = BackendAt::Dst(&seen);
-                    pump(&client, &backend, &activity, 4096, bytes, None, at).await
-                }
-                false => {
-                    let at = BackendAt::Src(&seen);
-                    pump(&backend, &client, &activity, 4096, bytes, None, at).await
-                }
+            let (src, dst, at) = match side {
+                Side::Src => (&backend, &client, BackendAt::Src(&seen)),
+                Side::Dst => (&client, &backend, BackendAt::Dst(&seen)),
             };
-            drop(client_peer);
-            (outcome, seen)
-        })
+            let outcome = pump(src, dst, &activity, 4096, bytes, Some(&spliced), at).await;
+            (outcome, seen, spliced.into_inner())
+        });
+        drop(runtime);
+        ran
+    }
+
+    /// One pump from a client that sent `hello` to a backend that has
+    /// already reset the connection, the backend on `side`.
+    fn pump_against_a_reset_backend(side: Side) -> (io::Result<()>, BackendSeen) {
+        let (client, mut client_peer) = rt::tests::loopback_pair(64 << 10);
+        std::io::Write::write_all(&mut client_peer, b"hello").unwrap();
+        let (outcome, seen, _) = run_pump(client, rt::tests::reset_by_its_peer(), side);
+        (outcome, seen)
     }
 
     /// A backend that resets while the client is still sending: the pump
@@ -879,7 +890,7 @@ mod tests {
     /// from it, in the other pump, may never be made).
     #[test]
     fn a_send_refused_by_a_reset_backend_is_a_reset_before_reply() {
-        let (outcome, seen) = pump_against_a_reset_backend(true);
+        let (outcome, seen) = pump_against_a_reset_backend(Side::Dst);
         assert!(outcome.is_err(), "{outcome:?}");
         assert!(seen.reset_before_reply());
     }
@@ -887,7 +898,7 @@ mod tests {
     /// The pump from a backend that reset reads the reset.
     #[test]
     fn a_read_from_a_reset_backend_is_a_reset_before_reply() {
-        let (outcome, seen) = pump_against_a_reset_backend(false);
+        let (outcome, seen) = pump_against_a_reset_backend(Side::Src);
         assert!(outcome.is_err(), "{outcome:?}");
         assert!(seen.reset_before_reply());
     }
@@ -910,36 +921,7 @@ mod tests {
                 .set_linger(Some(Duration::ZERO))
                 .unwrap();
         });
-        let runtime = rt::build_runtime(4, 4096).unwrap();
-        let (outcome, seen, spliced) = runtime.block_on(async move {
-            let client = TcpStream::from_std(client).unwrap();
-            let backend = TcpStream::from_std(backend).unwrap();
-            let (seen, counted, spliced, activity) = (
-                BackendSeen::default(),
-                std::sync::atomic::AtomicU64::new(0),
-                std::sync::atomic::AtomicU64::new(0),
-                Cell::new(false),
-            );
-            let bytes = ByteCount {
-                shard: &counted,
-                conn: None,
-            };
-            let at = BackendAt::Dst(&seen);
-            let outcome = pump(
-                &client,
-                &backend,
-                &activity,
-                4096,
-                bytes,
-                Some(&spliced),
-                at,
-            )
-            .await;
-            (outcome, seen, spliced.into_inner())
-        });
-        // compio closes sockets through its ring: gone with the runtime,
-        // the client's socket ends the uploader's write.
-        drop(runtime);
+        let (outcome, seen, spliced) = run_pump(client, backend, Side::Dst);
         resetter.join().unwrap();
         uploader.join().unwrap();
         assert!(outcome.is_err(), "{outcome:?}");

@@ -1083,7 +1083,7 @@ pub(crate) mod tests {
     }
 
     /// One end of a connected pair whose peer has reset the connection.
-    fn reset_by_its_peer() -> std::net::TcpStream {
+    pub(crate) fn reset_by_its_peer() -> std::net::TcpStream {
         let (ours, theirs) = cramped_pair();
         socket2::Socket::from(theirs)
             .set_linger(Some(Duration::ZERO))
