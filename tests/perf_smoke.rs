@@ -149,3 +149,55 @@ fn perf_suite_quick_run_reports_every_scenario() {
     assert!(out.join("a_keepalive.svg").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// `--overload-same-rate`: every target is offered one rate, the factor
+/// times the fastest proxy's maximum from a first pass, not its own.
+#[test]
+fn overload_at_the_same_rate_offers_every_target_the_fastest_proxys_flood() {
+    let out = std::env::temp_dir().join(format!("edgeproxy-perf-same-rate-{}", std::process::id()));
+    let mut o = perf::Options::defaults(true);
+    o.scenarios = "o".into();
+    o.targets = vec![Kind::Direct, Kind::Edgeproxy];
+    o.runs = 1;
+    o.duration = Duration::from_millis(200);
+    o.warmup = Duration::from_millis(50);
+    o.overload_same_rate = true;
+    o.proxy_cpus.clear();
+    o.loadgen_cpus.clear();
+    o.edgeproxy_bin = env!("CARGO_BIN_EXE_edgeproxy").into();
+    o.out_dir = out.clone();
+    o.print = false;
+    let report = perf::run(&o).expect("perf suite run");
+    for id in ["o_overload_same_rate", "o_overload_connections_same_rate"] {
+        let v = report
+            .variants
+            .iter()
+            .find(|v| v.id == id)
+            .unwrap_or_else(|| panic!("no {id}"));
+        let offered = |k: Kind| v.median(k, "offered_rps").unwrap_or(0.0);
+        let proxy_max = v.median(Kind::Edgeproxy, "max_rps").unwrap_or(0.0);
+        // Direct is no proxy: it is offered edgeproxy's flood, whatever its
+        // own maximum (which is reported beside it).
+        assert!(proxy_max > 0.0, "{}", v.render());
+        assert_eq!(
+            offered(Kind::Direct),
+            offered(Kind::Edgeproxy),
+            "{}",
+            v.render()
+        );
+        let expected = o.overload_factor * proxy_max;
+        assert!(
+            (offered(Kind::Edgeproxy) - expected).abs() < 1e-6 * expected,
+            "offered {} for a maximum of {proxy_max}\n{}",
+            offered(Kind::Edgeproxy),
+            v.render()
+        );
+        assert!(v.median(Kind::Direct, "max_rps").unwrap_or(0.0) > 0.0);
+        assert!(
+            v.notes.iter().any(|n| n.starts_with("offered ")),
+            "{:?}",
+            v.notes
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

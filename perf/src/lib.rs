@@ -65,6 +65,10 @@ pub struct Options {
     /// (a cgroup CPU cap), so the proxy saturates before the load
     /// generator; `None`: uncapped.
     pub overload_cpu_cap: Option<f64>,
+    /// Overload (o): offer every target the same rate (the factor times the
+    /// fastest proxy's maximum, measured in a first pass) instead of each
+    /// its own maximum times the factor.
+    pub overload_same_rate: bool,
     /// Overload (o) with new connections: sessions in flight at most (the
     /// generator's slots; more wait in its queue).
     pub overload_sessions: usize,
@@ -140,6 +144,7 @@ impl Options {
             fallback_rate: 10_000.0,
             overload_factor: 1.2,
             overload_cpu_cap: Some(0.5),
+            overload_same_rate: false,
             // A flood deep enough to fill a backlog, yet short enough for a
             // quick run's window (each waits sessions ÷ rate in the proxy).
             overload_sessions: if quick { 64 } else { 512 },

@@ -63,6 +63,13 @@ struct Args {
     /// cpu controller the run goes on uncapped and its report says so.
     #[arg(long)]
     overload_cpu_cap: Option<f64>,
+    /// Overload (o): offer every target the same rate, --overload times the
+    /// fastest proxy's closed-loop maximum (measured first, under the same
+    /// cap), instead of each target its own: which proxy serves more of one
+    /// and the same flood, and how fast. Its tables are reported beside the
+    /// goal's, not instead of them.
+    #[arg(long)]
+    overload_same_rate: bool,
     /// TLS bulk at a fixed rate (f): MB/s over all streams, the same for
     /// every target. Default: --tls-paced-share of the slowest target's
     /// closed-loop MB/s in the same run.
@@ -153,6 +160,7 @@ fn main() -> anyhow::Result<()> {
         );
         o.overload_cpu_cap = (share > 0.0).then_some(share);
     }
+    o.overload_same_rate = args.overload_same_rate;
     if let Some(r) = args.tls_paced_mbps {
         anyhow::ensure!(
             r.is_finite() && r > 0.0,

@@ -322,6 +322,7 @@ pub enum OverloadLoad {
 /// time) and the share of the offered requests served within the window.
 pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> Variant {
     let factor = opts.overload_factor;
+    let same_rate = opts.overload_same_rate;
     let cap = opts
         .overload_cpu_cap
         .map(|share| CpuCap::create(share).map_err(|e| (share, e)));
@@ -342,11 +343,24 @@ pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> 
             ),
         ),
     };
+    let (id, offered) = if same_rate {
+        (
+            format!("{id}_same_rate"),
+            format!(
+                "open loop at {factor}× the highest proxy's closed-loop maximum (measured in a first pass), the same rate for every target"
+            ),
+        )
+    } else {
+        (
+            id.to_string(),
+            format!(
+                "open loop at {factor}× each target's own closed-loop maximum measured just before"
+            ),
+        )
+    };
     let mut v = Variant::new(
         id,
-        format!(
-            "(o) overload: open loop at {factor}× each target's own closed-loop maximum measured just before{capped}; {what}"
-        ),
+        format!("(o) overload: {offered}{capped}; {what}"),
         &[
             col("max_rps", "own max req/s", false),
             col("offered_rps", "offered req/s", false),
@@ -378,7 +392,7 @@ pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> 
     // A cgroup that takes no process (a host that delegates cgroups
     // differently) leaves that run uncapped, said in a note, never failed.
     let cap_notes = std::cell::RefCell::new(Vec::new());
-    interleaved(opts, targets, &mut v, |t, run| {
+    let under_cap = |t: &Running, run: usize, f: &mut dyn FnMut() -> anyhow::Result<Sample>| {
         let pid = t.pid().filter(|_| t.kind.is_proxy());
         let capped = match (&cap, pid) {
             (Some(cap), Some(pid)) => match cap.enter(pid) {
@@ -395,7 +409,7 @@ pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> 
             },
             _ => None,
         };
-        let sample = overload_run(opts, t, run, factor, load);
+        let sample = f();
         if let Some((cap, pid)) = capped {
             // Else the cap's drop, at the end of this scenario, moves it.
             if let Err(e) = cap.leave(pid) {
@@ -407,21 +421,87 @@ pub fn overload(opts: &Options, targets: &mut [Running], load: OverloadLoad) -> 
             }
         }
         sample
+    };
+    // Same rate: every target's maximum first (interleaved, under the same
+    // cap), then one rate for all, from the fastest proxy's median maximum,
+    // so that each serves what it can of one and the same flood.
+    let common_rate = if same_rate {
+        let mut maxima: BTreeMap<Kind, Vec<f64>> = BTreeMap::new();
+        for run in 0..opts.runs {
+            for t in targets.iter_mut() {
+                match under_cap(t, run, &mut || {
+                    let closed = overload_specs(opts, t, load).0;
+                    rr_sample(opts, t, run, closed, "rps", "cpu_us_per_req")
+                }) {
+                    Ok(s) => maxima
+                        .entry(t.kind)
+                        .or_default()
+                        .push(s.metrics.get("rps").copied().unwrap_or_default()),
+                    Err(e) => v.notes.push(format!(
+                        "{} maximum, run {}: failed: {e:#}",
+                        t.kind.name(),
+                        run + 1
+                    )),
+                }
+            }
+        }
+        let highest = targets
+            .iter()
+            .filter(|t| t.kind.is_proxy())
+            .filter_map(|t| maxima.get(&t.kind).map(|m| (t.kind, median(m))))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        match highest {
+            Some((kind, max)) => {
+                v.notes.push(format!(
+                    "offered {:.0} req/s to every target: {factor}× {}'s median maximum, {max:.0} req/s",
+                    max * factor,
+                    kind.name()
+                ));
+                Some((max * factor, maxima))
+            }
+            None => {
+                v.notes
+                    .push("no proxy's maximum was measured: nothing offered".into());
+                v.finish();
+                v.notes.extend(cap_notes.into_inner());
+                return v;
+            }
+        }
+    } else {
+        None
+    };
+    interleaved(opts, targets, &mut v, |t, run| {
+        under_cap(t, run, &mut || match &common_rate {
+            Some((rate, maxima)) => {
+                let own = maxima
+                    .get(&t.kind)
+                    .and_then(|m| m.get(run))
+                    .copied()
+                    .unwrap_or_default();
+                overload_open(opts, t, run, load, *rate, own)
+            }
+            None => overload_run(opts, t, run, factor, load),
+        })
     });
     v.notes.extend(cap_notes.into_inner());
     v
 }
 
-/// One (o) run: the closed-loop maximum, then the open loop past it.
-fn overload_run(
-    opts: &Options,
-    t: &Running,
-    run: usize,
-    factor: f64,
-    load: OverloadLoad,
-) -> anyhow::Result<Sample> {
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The closed-loop spec that measures a target's maximum under `load`, and
+/// the open loop's sessions and keep-alive.
+fn overload_specs(opts: &Options, t: &Running, load: OverloadLoad) -> (LoadSpec, usize, bool) {
     let to = t.fronts.http;
-    let (closed, open_sessions, keepalive) = match load {
+    match load {
         OverloadLoad::KeepAlive => (
             spec(opts, to, Pace::Closed, true, opts.connections),
             opts.connections,
@@ -432,14 +512,44 @@ fn overload_run(
             opts.overload_sessions,
             false,
         ),
-    };
+    }
+}
+
+/// One (o) run: the closed-loop maximum, then the open loop past it.
+fn overload_run(
+    opts: &Options,
+    t: &Running,
+    run: usize,
+    factor: f64,
+    load: OverloadLoad,
+) -> anyhow::Result<Sample> {
+    let closed = overload_specs(opts, t, load).0;
     let max = rr_sample(opts, t, run, closed, "rps", "cpu_us_per_req")?
         .metrics
         .get("rps")
         .copied()
         .unwrap_or_default();
-    let rate = max * factor;
-    let open = spec(opts, to, Pace::Open(rate), keepalive, open_sessions);
+    overload_open(opts, t, run, load, max * factor, max)
+}
+
+/// The open loop of an (o) run at `rate`, for a target whose own maximum is
+/// `max`.
+fn overload_open(
+    opts: &Options,
+    t: &Running,
+    run: usize,
+    load: OverloadLoad,
+    rate: f64,
+    max: f64,
+) -> anyhow::Result<Sample> {
+    let (_, open_sessions, keepalive) = overload_specs(opts, t, load);
+    let open = spec(
+        opts,
+        t.fronts.http,
+        Pace::Open(rate),
+        keepalive,
+        open_sessions,
+    );
     let mut sample = rr_sample(opts, t, run, open, "rps", "cpu_us_per_req")?;
     let served = sample.metrics.get("rps").copied().unwrap_or_default();
     sample.metrics.insert("max_rps", max);
