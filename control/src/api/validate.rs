@@ -93,6 +93,107 @@ fn misspelt(obj: &Map<String, Value>, key: &str) -> Option<&'static str> {
     closest_field(key).filter(|known| !obj.contains_key(*known))
 }
 
+/// Refuses a body in which one object names a field twice
+/// (`{"id":"a",...,"id":"b"}`), naming the first such field. A JSON value
+/// keeps only the last of them, so a registration templated twice, or
+/// patched by appending, registered whichever came last without a word;
+/// the original edgeProxy (serde's derived `Deserialize`) refused it with
+/// `duplicate field`. Keys inside a field's value (`health_check`) count
+/// too; an extra the API ignores may repeat, as the original ignored it.
+fn duplicate_fields(body: &[u8]) -> Result<(), FieldError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // Malformed JSON is reported by the parse that comes first.
+    let found = serde::de::DeserializeSeed::deserialize(DuplicateKeys, &mut de).unwrap_or_default();
+    let Some((field, path)) = found.into_iter().find_map(|path| {
+        let field = path
+            .split(['.', '['])
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        FIELDS.contains(&field.as_str()).then_some((field, path))
+    }) else {
+        return Ok(());
+    };
+    Err(FieldError {
+        field: Cow::Owned(field),
+        reason: format!(
+            "{path} appears more than once in the body: which one was meant is ambiguous; \
+             nothing was registered"
+        ),
+    })
+}
+
+/// Walks a JSON document for every key an object names twice, as paths
+/// (`id`, `health_check.path`), in document order.
+struct DuplicateKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for DuplicateKeys {
+    type Value = Vec<String>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for DuplicateKeys {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut found = Vec::new();
+        let mut i = 0usize;
+        while let Some(inner) = seq.next_element_seed(DuplicateKeys)? {
+            found.extend(inner.iter().map(|p| format!("[{i}]{}", dotted(p))));
+            i += 1;
+        }
+        Ok(found)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut found = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let inner = map.next_value_seed(DuplicateKeys)?;
+            found.extend(inner.iter().map(|p| format!("{key}{}", dotted(p))));
+            if !seen.insert(key.clone()) {
+                found.push(key);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// `p` appended to a path: `.p` for a key, as is for an index.
+fn dotted(p: &str) -> String {
+    if p.starts_with('[') {
+        p.to_string()
+    } else {
+        format!(".{p}")
+    }
+}
+
 /// The keys of a registration `body` that are none of [`FIELDS`] and
 /// misspell none (those are refused): ignored, as the original ignores
 /// them, and listed in the reply. Empty for a body that is not a JSON
@@ -168,6 +269,7 @@ pub fn registration_with(
     let Value::Object(obj) = doc else {
         return Err(bad("body", "must be a JSON object"));
     };
+    duplicate_fields(body)?;
     misspelt_fields(&obj)?;
 
     let id = required_str(&obj, "id")?;
@@ -413,6 +515,27 @@ mod tests {
 
     fn with(extra: &str) -> String {
         format!("{{{MIN}{extra}}}")
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused_not_the_last_one_taken() {
+        // QA: `{"id":"x1",...,"id":"x2"}` registered x2 with a 201.
+        let e = registration(with(r#","id":"b2""#).as_bytes()).unwrap_err();
+        assert_eq!(e.field, "id");
+        assert!(e.reason.contains("more than once"), "{e}");
+        // The value that would have won is a valid one: still refused.
+        assert_eq!(field_of(&with(r#","weight":5,"weight":7"#)), "weight");
+        let e = registration(with(r#","health_check":{"path":"/a","path":"/b"}"#).as_bytes())
+            .unwrap_err();
+        assert_eq!(e.field, "health_check");
+        assert!(e.reason.starts_with("health_check.path appears"), "{e}");
+        // An extra the API ignores may repeat (the original ignored it),
+        // and does not hide a known field given twice after it.
+        ok(&with(r#","tag":1,"tag":2"#));
+        assert_eq!(field_of(&with(r#","tag":1,"tag":2,"port":9"#)), "port");
+        // One key in two different objects is no duplicate.
+        ok(&with(r#","health_check":{"path":"/id"},"meta":{"id":"x"}"#));
+        ok(&with(r#","meta":[{"a":1},{"a":2}]"#));
     }
 
     #[test]
