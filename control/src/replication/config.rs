@@ -421,37 +421,7 @@ fn from_raw_on(
     let insecure = env_bool(env, "EDGEPROXY_REPLICATION_INSECURE")?
         .or(raw.insecure)
         .unwrap_or(false);
-    let secret_file = env
-        .var("EDGEPROXY_REPLICATION_SECRET_FILE")
-        .map(PathBuf::from)
-        .or(raw.secret_file);
-    let secret = match (
-        env.var("EDGEPROXY_REPLICATION_SECRET"),
-        raw.secret,
-        &secret_file,
-    ) {
-        (Some(s), _, _) => Some(check_secret(&s).map_err(|reason| ConfigError::Env {
-            var: "EDGEPROXY_REPLICATION_SECRET",
-            value: "<redacted>".into(),
-            reason,
-        })?),
-        (None, Some(s), _) => Some(check_secret(&s).map_err(|r| invalid("replication.secret", r))?),
-        (None, None, Some(path)) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                invalid(
-                    "replication.secret_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            Some(check_secret(&text).map_err(|r| {
-                invalid(
-                    "replication.secret_file",
-                    format!("{}: {r}", path.display()),
-                )
-            })?)
-        }
-        (None, None, None) => None,
-    };
+    let (secret, secret_file) = cluster_secret(raw.secret, raw.secret_file, env)?;
     if enabled && secret.is_none() && !insecure {
         return Err(invalid(
             "replication.secret",
@@ -482,6 +452,68 @@ fn from_raw_on(
         secret_file,
         insecure,
     })
+}
+
+/// The cluster secret and the file it came from. The environment wins over
+/// the file; within one source, a literal secret and a secret file are
+/// exclusive (QA: with both in the file the literal was used and the file
+/// never read, so a rotation done by adding `secret_file` kept the old
+/// secret without a word; and a file's `secret` beat
+/// `EDGEPROXY_REPLICATION_SECRET_FILE`). As `api.token` / `token_file`.
+fn cluster_secret(
+    file_secret: Option<String>,
+    file_path: Option<PathBuf>,
+    env: &dyn Env,
+) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
+    let read = |path: &std::path::Path| -> Result<Secret, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        check_secret(&text).map_err(|r| format!("{}: {r}", path.display()))
+    };
+    match (
+        env.var("EDGEPROXY_REPLICATION_SECRET"),
+        env.var("EDGEPROXY_REPLICATION_SECRET_FILE"),
+    ) {
+        (Some(_), Some(_)) => Err(ConfigError::Env {
+            var: "EDGEPROXY_REPLICATION_SECRET_FILE",
+            value: "(set)".into(),
+            reason: "set either EDGEPROXY_REPLICATION_SECRET or \
+                     EDGEPROXY_REPLICATION_SECRET_FILE, not both"
+                .into(),
+        }),
+        (Some(s), None) => {
+            check_secret(&s)
+                .map(|s| (Some(s), None))
+                .map_err(|reason| ConfigError::Env {
+                    var: "EDGEPROXY_REPLICATION_SECRET",
+                    value: "<redacted>".into(),
+                    reason,
+                })
+        }
+        (None, Some(path)) => {
+            let path = PathBuf::from(path);
+            read(&path)
+                .map(|s| (Some(s), Some(path.clone())))
+                .map_err(|reason| ConfigError::Env {
+                    var: "EDGEPROXY_REPLICATION_SECRET_FILE",
+                    value: path.display().to_string(),
+                    reason,
+                })
+        }
+        (None, None) => match (file_secret, file_path) {
+            (Some(_), Some(_)) => Err(invalid(
+                "replication.secret",
+                "set either replication.secret or replication.secret_file, not both",
+            )),
+            (Some(s), None) => check_secret(&s)
+                .map(|s| (Some(s), None))
+                .map_err(|r| invalid("replication.secret", r)),
+            (None, Some(path)) => read(&path)
+                .map(|s| (Some(s), Some(path)))
+                .map_err(|r| invalid("replication.secret_file", r)),
+            (None, None) => Ok((None, None)),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -540,6 +572,34 @@ mod tests {
         assert_eq!(r.sync_interval, Duration::from_secs(3));
         assert_eq!(r.cluster_name, "prod");
         assert!(r.secret.is_some());
+    }
+
+    #[test]
+    fn a_secret_and_a_secret_file_from_one_source_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.secret");
+        std::fs::write(&path, "from-the-file-0123456789\n").unwrap();
+        let file = format!("secret_file = {:?}", path.display().to_string());
+        // Both in the file: the literal won and the file was never read.
+        let both = format!("[replication]\nsecret = \"0123456789abcdef0123\"\n{file}\n");
+        let err = parse(&both, &NO_ENV).unwrap_err().to_string();
+        assert!(
+            err.contains("replication.secret") && err.contains("not both"),
+            "{err}"
+        );
+        // Both in the environment.
+        let env = [
+            ("EDGEPROXY_REPLICATION_SECRET", "0123456789abcdef0123"),
+            ("EDGEPROXY_REPLICATION_SECRET_FILE", path.to_str().unwrap()),
+        ];
+        let err = parse("", &env).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        // The environment's file wins over the file's literal secret.
+        let env = [("EDGEPROXY_REPLICATION_SECRET_FILE", path.to_str().unwrap())];
+        let r = parse("[replication]\nsecret = \"0123456789abcdef0123\"\n", &env).unwrap();
+        assert_eq!(r.secret_file.as_deref(), Some(path.as_path()));
+        let from_file = parse(&format!("[replication]\n{file}\n"), &NO_ENV).unwrap();
+        assert!(r.secret.is_some() && r.secret == from_file.secret);
     }
 
     #[test]
