@@ -771,3 +771,75 @@ fn relative_paths_resolve_against_the_config_files_directory() {
         Some(conf.join("api.token").to_str().unwrap())
     );
 }
+
+/// A routing.db in a directory that cannot be written (a read-only mount;
+/// for root, permissions do not stop SQLite) cannot be opened in WAL mode:
+/// SQLite must create routing.db-wal and -shm next to it. Its own message,
+/// "unable to open database file", read as a wrong path (QA); the error now
+/// names the directory and why. Runs the proxy in a private mount namespace
+/// (`unshare -m`) so the read-only bind mount never outlives it.
+#[test]
+fn a_routing_db_in_a_read_only_directory_is_named_as_such() {
+    // SAFETY: plain getter.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test mounts a read-only directory and needs root (CI runs as root)"
+    );
+    let dir = TempDir::new("ro-dir");
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    let db = data.join("routing.db");
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        conn.execute_batch(
+            "CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT, region TEXT, wg_ip TEXT, \
+             port INTEGER, healthy INTEGER, weight INTEGER, soft_limit INTEGER, \
+             hard_limit INTEGER, deleted INTEGER DEFAULT 0);",
+        )
+        .unwrap();
+    }
+    let config = write_config(
+        &dir,
+        &format!(
+            "[routing]\ndb_path = {db:?}\n[[listener]]\naddr = \"127.0.0.1:0\"\n\
+             [metrics]\nenabled = false\n[demo]\nbackends = 0\n"
+        ),
+    );
+    let data = data.to_str().unwrap();
+    let script = format!(
+        "mount --bind {data} {data} && mount -o remount,bind,ro {data} {data} && \
+         exec {BIN} --config {config}",
+        BIN = common::BIN
+    );
+    let mut child = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare runs");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the proxy started on a read-only directory");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("edgeproxy: error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    for needle in [
+        db.to_str().unwrap(),
+        &format!("its directory {data} is not writable"),
+        "Read-only file system",
+    ] {
+        assert!(line.contains(needle), "{needle:?} missing from: {line}");
+    }
+}

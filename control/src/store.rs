@@ -189,6 +189,21 @@ pub enum StoreError {
         path: PathBuf,
         cause: rusqlite::Error,
     },
+    /// The file exists but SQLite cannot open it because its directory is
+    /// not writable (a read-only mount, permissions): a WAL database needs
+    /// its `-wal` and `-shm` files next to it. SQLite says only "unable to
+    /// open database file", which reads as a wrong path.
+    #[error(
+        "cannot open routing store {}: its directory {} is not writable ({why}), and SQLite \
+         keeps the store's -wal and -shm files there: {cause}",
+        .path.display(), .dir.display()
+    )]
+    DirNotWritable {
+        path: PathBuf,
+        dir: PathBuf,
+        why: io::Error,
+        cause: rusqlite::Error,
+    },
     /// The file exists but is not an SQLite database, or is corrupt.
     #[error("routing store {} is not a database or is corrupt: {cause}", .path.display())]
     NotADatabase {
@@ -229,6 +244,7 @@ impl StoreError {
     pub fn sqlite_error(&self) -> Option<&rusqlite::Error> {
         match self {
             StoreError::Open { cause, .. }
+            | StoreError::DirNotWritable { cause, .. }
             | StoreError::NotADatabase { cause, .. }
             | StoreError::Migrate { cause, .. }
             | StoreError::Read { cause, .. }
@@ -236,6 +252,22 @@ impl StoreError {
             _ => None,
         }
     }
+}
+
+/// The directory of `path` and why it cannot be written, if it cannot
+/// (`access(2)`, so a read-only mount counts even for root).
+fn unwritable_dir(path: &Path) -> Option<(PathBuf, io::Error)> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        return None;
+    }
+    Some((dir, io::Error::last_os_error()))
 }
 
 #[derive(Clone, Copy)]
@@ -255,6 +287,17 @@ fn sql_err(path: &Path, op: Op, cause: rusqlite::Error) -> StoreError {
         return StoreError::NotADatabase { path, cause };
     }
     match op {
+        Op::Open if cause.sqlite_error_code() == Some(ErrorCode::CannotOpen) && path.is_file() => {
+            match unwritable_dir(&path) {
+                Some((dir, why)) => StoreError::DirNotWritable {
+                    path,
+                    dir,
+                    why,
+                    cause,
+                },
+                None => StoreError::Open { path, cause },
+            }
+        }
         Op::Open => StoreError::Open { path, cause },
         Op::Migrate => StoreError::Migrate { path, cause },
         Op::Read => StoreError::Read { path, cause },
