@@ -644,6 +644,20 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
             "body",
         ),
     ];
+    // A field given twice: JSON keeps the last, so `other` was registered
+    // with a 201; the original refused it (duplicate field).
+    let twice = with("weight", json!(5)).replacen('{', r#"{"weight":7,"#, 1);
+    let cases = [
+        cases,
+        vec![
+            (
+                valid.to_string().replacen('{', r#"{"id":"other","#, 1),
+                "id",
+            ),
+            (twice, "weight"),
+        ],
+    ]
+    .concat();
     for (body, field) in &cases {
         let (status, reply) = api.call("POST", "/api/v1/register", Some(body));
         assert_eq!(status, 400, "{body:.80}: {reply}");
@@ -678,6 +692,29 @@ fn bad_input_is_refused_naming_the_field_and_nothing_is_written() {
             .contains("is the broadcast address"),
         "{reply}"
     );
+
+    // A chunked body that is not chunked encoding: said as such (it was
+    // "larger than 1024 bytes").
+    let mut s = TcpStream::connect(api.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(
+        format!(
+            "POST /api/v1/register HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n\
+             zz\r\n{{}}\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains(r#""error":"body: cannot be read"#),
+        "{answer}"
+    );
+    assert!(!answer.contains("larger than"), "{answer}");
 
     // Unknown ids: 404, the original's messages.
     assert_eq!(

@@ -213,7 +213,19 @@ async fn register(State(s): State<AppState>, req: Request) -> Response {
                 json!({ "field": "body" }),
             ))
         }
-        Ok(Err(_)) => return too_big(),
+        Ok(Err(e)) => {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                return too_big();
+            }
+            // QA: a malformed chunked body (a chunk size that is not hex)
+            // was answered "larger than 16384 bytes".
+            return reply(Reply::error(
+                400,
+                format!("body: cannot be read: {e}"),
+                json!({ "field": "body" }),
+            ));
+        }
         Ok(Ok(body)) => body,
     };
     let hooks = s.mesh.as_ref().map(|(hooks, _)| hooks.clone());
