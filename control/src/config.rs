@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::config_env::{env_bool, env_parse, invalid};
 use crate::config_env::{ser_display, ser_display_list, ser_ms, ser_secs};
+
+/// Longest `affinity.ttl_secs`: 365 days.
+const MAX_BINDING_TTL_SECS: u64 = 365 * 86_400;
+/// Longest `affinity.gc_interval_secs`: one day.
+const MAX_BINDING_GC_INTERVAL_SECS: u64 = 86_400;
 pub use crate::config_env::{ConfigError, Env, ProcessEnv};
 
 // ---------------------------------------------------------------------------
@@ -687,8 +692,21 @@ impl Config {
         let gc = env_parse::<u64>(env, "EDGEPROXY_BINDING_GC_INTERVAL_SECS")?
             .or(raw.affinity.gc_interval_secs)
             .unwrap_or(defaults::BINDING_GC_INTERVAL_SECS);
-        if gc == 0 {
-            return Err(invalid("affinity.gc_interval_secs", "must be at least 1"));
+        // Bounded: both end up added to an `Instant` (a binding's expiry,
+        // the sweep's next wake-up), and 2^64-1 s made every shard's sweep
+        // task panic at start ("overflow when adding duration to instant")
+        // and stop sweeping for the life of the process (QA).
+        if ttl > MAX_BINDING_TTL_SECS {
+            return Err(invalid(
+                "affinity.ttl_secs",
+                format!("must be at most {MAX_BINDING_TTL_SECS} (365 days); 0 disables affinity"),
+            ));
+        }
+        if !(1..=MAX_BINDING_GC_INTERVAL_SECS).contains(&gc) {
+            return Err(invalid(
+                "affinity.gc_interval_secs",
+                format!("must be between 1 and {MAX_BINDING_GC_INTERVAL_SECS} (1 day)"),
+            ));
         }
         let max_clients = raw
             .affinity
@@ -1195,6 +1213,15 @@ mod tests {
                 "[affinity]\ngc_interval_secs = 0\n",
                 "affinity.gc_interval_secs",
             ),
+            (
+                "[affinity]\ngc_interval_secs = 18446744073709551615\n",
+                "affinity.gc_interval_secs",
+            ),
+            (
+                "[affinity]\nttl_secs = 18446744073709551615\n",
+                "affinity.ttl_secs",
+            ),
+            ("[affinity]\nttl_secs = 31536001\n", "affinity.ttl_secs"),
             ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
             (
