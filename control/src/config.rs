@@ -585,6 +585,19 @@ impl Config {
         if region.is_empty() {
             return Err(invalid("pop.region", "must not be empty"));
         }
+        // QA: "e u" or "eu.west" were taken, though no backend can be
+        // registered in such a region (the API refuses it) and no DNS name
+        // can carry it.
+        if !crate::api::validate::is_region(&region) {
+            return Err(invalid(
+                "pop.region",
+                format!(
+                    "{region:?} must be up to {} letters, digits, - or _, as a backend's region \
+                     (e.g. \"sa\")",
+                    crate::api::validate::MAX_REGION_LEN
+                ),
+            ));
+        }
         let country = match raw.pop.country {
             None => None,
             Some(c) => Some(
@@ -1223,6 +1236,12 @@ mod tests {
             ),
             ("[affinity]\nttl_secs = 31536001\n", "affinity.ttl_secs"),
             ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
+            ("[pop]\nregion = \"e u\"\n", "pop.region"),
+            ("[pop]\nregion = \"eu.west\"\n", "pop.region"),
+            (
+                "[pop]\nregion = \"a-very-long-region-name-of-33-chars\"\n",
+                "pop.region",
+            ),
             ("[log]\nlevel = \"loud\"\n", "log.level"),
             (
                 "[limits]\nidle_timeout_secs = 604801\n",

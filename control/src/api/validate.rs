@@ -287,11 +287,7 @@ pub fn registration_with(
     }
 
     let region = required_str(&obj, "region")?;
-    if region.len() > MAX_REGION_LEN
-        || !region
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
-    {
+    if !is_region(region) {
         return Err(bad(
             "region",
             format!("must be up to {MAX_REGION_LEN} letters, digits, - or _ (e.g. \"sa\")"),
@@ -371,6 +367,18 @@ pub fn registration_with(
         hard_limit,
         deleted: false,
     })
+}
+
+/// Whether `region` is a region name as backends and POPs carry it: 1 to
+/// [`MAX_REGION_LEN`] letters, digits, `-` or `_` (it is matched between
+/// the two, and served as `<region>.pops.<domain>` and
+/// `<region>.backends.<domain>`).
+pub fn is_region(region: &str) -> bool {
+    !region.is_empty()
+        && region.len() <= MAX_REGION_LEN
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
 }
 
 /// Refuses a backend at one of the proxy's own listeners (`own`, as they
