@@ -320,10 +320,12 @@ fn from_raw_on(
             None => None,
         },
     };
-    if advertise_addr.is_some_and(|a: IpAddr| a.is_unspecified()) {
+    // Not only the wildcard: a multicast or broadcast address (QA:
+    // 224.0.0.1 was taken) reaches no one POP either.
+    if let Some(why) = advertise_addr.and_then(engine::snapshot::not_unicast) {
         return Err(invalid(
             "replication.advertise_addr",
-            "must be an address other POPs can reach, not a wildcard",
+            format!("must be an address other POPs can reach, one host's: it is {why}"),
         ));
     }
     let bootstrap_peers: Vec<String> = match env.var("EDGEPROXY_REPLICATION_BOOTSTRAP_PEERS") {
@@ -623,6 +625,15 @@ mod tests {
             ),
             ("gossip_interval_ms = 0", "replication.gossip_interval_ms"),
             ("advertise_addr = \"0.0.0.0\"", "replication.advertise_addr"),
+            (
+                "advertise_addr = \"224.0.0.1\"",
+                "replication.advertise_addr",
+            ),
+            (
+                "advertise_addr = \"255.255.255.255\"",
+                "replication.advertise_addr",
+            ),
+            ("advertise_addr = \"ff02::1\"", "replication.advertise_addr"),
             ("cluster_name = \"\"", "replication.cluster_name"),
         ] {
             let err = parse(&format!("[replication]\n{text}\n"), &NO_ENV).unwrap_err();
