@@ -79,6 +79,16 @@ pub enum DbError {
     },
     #[error("replication: routing store {} has no table {table}", .path.display())]
     NoTable { path: PathBuf, table: &'static str },
+    /// The file at the path is no longer the one replication opened (renamed
+    /// over, as `mv backup.db routing.db` does, or removed). See
+    /// [`ReplDb::still_at_its_path`].
+    #[error(
+        "replication: routing store {} was replaced or removed while replication ran; \
+         replication no longer reads or writes it (restart edgeproxy to replicate from the \
+         file now there)",
+        .path.display()
+    )]
+    Replaced { path: PathBuf },
 }
 
 /// One replicated table as this database has it.
@@ -238,6 +248,12 @@ fn holds_no_blob(key: &RowKey, blob: &Option<String>) -> bool {
     false
 }
 
+/// (device, inode) of the file at `path`; `None` if there is none.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// How long a write waits for another connection's lock (the API's, an
 /// operator's `sqlite3`) once replication runs. The replication
 /// loop waits with it, gossip included: five seconds made the other POPs
@@ -251,6 +267,11 @@ const BUSY_WAIT: Duration = Duration::from_millis(200);
 pub struct ReplDb {
     conn: Connection,
     path: PathBuf,
+    /// (device, inode) of the file `conn` opened.
+    file: (u64, u64),
+    /// Set once the file at `path` is another: `conn` is then left alone
+    /// for good (see [`ReplDb::still_at_its_path`]).
+    replaced: bool,
     tables: Vec<TableInfo>,
     /// `PRAGMA data_version` at the last poll: it moves when another
     /// connection commits, which is when the change log may have grown.
@@ -290,9 +311,17 @@ impl ReplDb {
             }
             tables.push(TableInfo::new(table, columns));
         }
+        let file = file_id(path).ok_or_else(|| {
+            err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some("routing store vanished as it was opened".into()),
+            ))
+        })?;
         let mut db = ReplDb {
             conn,
             path: path.to_path_buf(),
+            file,
+            replaced: false,
             tables,
             seen_version: None,
         };
@@ -324,10 +353,36 @@ impl ReplDb {
         }
     }
 
+    /// Refuses to go on once the file at the path is not the one `conn`
+    /// opened. An operator restoring a backup (`mv backup.db routing.db`)
+    /// left this connection on the old, unlinked file, but the `-wal` and
+    /// `-shm` files are found by name, so they are the new file's: its
+    /// writes (versions, remote rows) went into the new file's WAL as pages
+    /// of the old one, and the new file read as corrupt (QA: `PRAGMA
+    /// integrity_check`: "btreeInitPage() returns error code 11"), while
+    /// local changes to it were never replicated and every POP said it was
+    /// in sync. The connection is then never used again, nor closed: a
+    /// close checkpoints the shared WAL into the old file and deletes it by
+    /// name, taking the new file's last commits with it.
+    fn still_at_its_path(&mut self) -> Result<(), DbError> {
+        if !self.replaced && file_id(&self.path) != Some(self.file) {
+            self.replaced = true;
+            let stand_in = Connection::open_in_memory().map_err(|e| self.err(e))?;
+            std::mem::forget(std::mem::replace(&mut self.conn, stand_in));
+        }
+        if self.replaced {
+            return Err(DbError::Replaced {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn with_tx<T>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, DbError> {
+        self.still_at_its_path()?;
         let result = (|| {
             let tx = self
                 .conn
@@ -448,6 +503,7 @@ impl ReplDb {
         now: Now,
         force: bool,
     ) -> Result<usize, DbError> {
+        self.still_at_its_path()?;
         let version: i64 = self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))
@@ -584,6 +640,7 @@ impl ReplDb {
     /// Records when this POP last heard another POP (see
     /// `Node::last_contact`).
     pub fn set_last_contact(&mut self, ms: u64) -> Result<(), DbError> {
+        self.still_at_its_path()?;
         self.conn
             .execute(
                 "INSERT INTO repl_meta (key, value) VALUES ('last_contact_ms', ?1) \
@@ -899,6 +956,58 @@ mod tests {
             .execute("UPDATE backends SET app = 'web2' WHERE id = 'b1'", [])
             .unwrap();
         assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_routing_db_renamed_over_is_left_alone_not_written_through_its_wal() {
+        let (d, path, mut db, mut node) = setup();
+        let operator = other(&path);
+        operator.execute(INSERT, []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        drop(operator);
+        // An operator restores a backup taken now: `mv backup.db routing.db`.
+        let backup = d.path().join("backup.db");
+        other(&path)
+            .execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+            .unwrap();
+        std::fs::rename(&backup, &path).unwrap();
+        let operator = other(&path);
+        operator
+            .execute_batch("PRAGMA journal_mode = WAL; UPDATE backends SET weight = 9")
+            .unwrap();
+        // Remote rows, versions, polls: all refused, naming the file.
+        let err = db
+            .poll_changes(&mut node, Now::system(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("was replaced") && err.contains("restart"),
+            "{err}"
+        );
+        let row = node
+            .replica()
+            .get(&RowKey::new(Table::Backends, "b1"))
+            .unwrap();
+        assert!(matches!(
+            db.persist_remote(&[row]),
+            Err(DbError::Replaced { .. })
+        ));
+        assert!(matches!(
+            db.set_last_contact(1),
+            Err(DbError::Replaced { .. })
+        ));
+        drop(db);
+        // The new file is whole, with the operator's write in it.
+        let check: String = operator
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(check, "ok");
+        let weight: i64 = operator
+            .query_row("SELECT weight FROM backends WHERE id = 'b1'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(weight, 9);
     }
 
     #[test]
