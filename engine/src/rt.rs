@@ -228,6 +228,14 @@ pub struct AcceptGate {
     stopped: std::cell::Cell<bool>,
     /// The listening descriptor of the accept in flight, if one is.
     in_flight: std::cell::Cell<Option<std::os::fd::RawFd>>,
+    /// Whether the kernel said, with the last accept, that more connections
+    /// were queued behind it (`IORING_CQE_F_SOCK_NONEMPTY`); cleared when
+    /// the caller reports the queue drained ([`AcceptGate::drained`]).
+    more_queued: std::cell::Cell<bool>,
+    /// Whether the queue was last seen empty: the next ACCEPT then waits
+    /// for readiness first (`IORING_RECVSEND_POLL_FIRST`) instead of
+    /// trying, failing and arming a poll, as compio's own accept does.
+    seen_empty: std::cell::Cell<bool>,
 }
 
 impl AcceptGate {
@@ -235,6 +243,8 @@ impl AcceptGate {
         AcceptGate {
             stopped: std::cell::Cell::new(false),
             in_flight: std::cell::Cell::new(None),
+            more_queued: std::cell::Cell::new(false),
+            seen_empty: std::cell::Cell::new(false),
         }
     }
 
@@ -244,19 +254,53 @@ impl AcceptGate {
         &self,
         listener: &TcpListener,
     ) -> Option<io::Result<(TcpStream, SocketAddr)>> {
+        use compio::driver::{op::Accept, PollFirst, ToSharedFd};
         use std::os::fd::AsRawFd;
         if self.stopped.get() {
             return None;
         }
         self.in_flight.set(Some(listener.as_raw_fd()));
-        let accepted = listener.accept().await;
+        let mut op = Accept::new(listener.to_shared_fd());
+        if self.seen_empty.get() {
+            op.poll_first();
+        }
+        let (BufResult(accepted, op), extra) = compio::runtime::submit(op).with_extra().await;
         self.in_flight.set(None);
+        let more = extra.sock_nonempty().unwrap_or(false);
+        self.more_queued.set(accepted.is_ok() && more);
+        self.seen_empty.set(!more);
+        let accepted = accepted.and_then(|_| {
+            use compio::buf::IntoInner;
+            let (socket, peer) = op.into_inner();
+            let peer = peer
+                .as_socket()
+                .ok_or_else(|| io::Error::other("accepted a connection that is not IP"))?;
+            Ok((
+                TcpStream::from_std(std::net::TcpStream::from(socket))?,
+                peer,
+            ))
+        });
         match accepted {
             // Accepted, stopped or not: the connection is ours to serve.
             Ok(conn) => Some(Ok(conn)),
             Err(_) if self.stopped.get() => None,
             Err(e) => Some(Err(e)),
         }
+    }
+
+    /// Whether the kernel said, when it completed the last accept, that
+    /// more connections were queued behind it: the loop may take them at
+    /// once with [`accept_now`] instead of one per turn of the ring.
+    pub fn more_queued(&self) -> bool {
+        self.more_queued.get()
+    }
+
+    /// The caller took what was queued ([`accept_now`] found nothing more,
+    /// `empty`) or stopped taking (a cap or the connection limit, not
+    /// `empty`): the next accept waits for readiness first only when empty.
+    pub fn drained(&self, empty: bool) {
+        self.more_queued.set(false);
+        self.seen_empty.set(empty);
     }
 
     /// Stops the loop: the accept in flight is cancelled (or completes).
@@ -316,7 +360,8 @@ impl Default for AcceptGate {
 
 /// A connection already queued on `listener`, without waiting: `Ok(None)`
 /// when there is none. A plain non-blocking `accept4(2)` (the listening
-/// sockets are `O_NONBLOCK`), used only after an [`AcceptGate`] stopped.
+/// sockets are `O_NONBLOCK`), used after an [`AcceptGate`] stopped, and to
+/// take the connections its last accept said were queued behind it.
 pub fn accept_now(listener: &TcpListener) -> io::Result<Option<(TcpStream, SocketAddr)>> {
     use std::os::fd::{AsRawFd, FromRawFd};
     // SAFETY: a borrowed view of a descriptor `listener` owns and keeps open
@@ -331,7 +376,10 @@ pub fn accept_now(listener: &TcpListener) -> io::Result<Option<(TcpStream, Socke
     }
 }
 
+/// A listener for a shard. Made non-blocking here, whoever bound it:
+/// io_uring's ACCEPT does not care, but [`accept_now`] must never wait.
 pub fn listener_from_std(listener: std::net::TcpListener) -> io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
     TcpListener::from_std(listener)
 }
 
@@ -939,6 +987,43 @@ pub(crate) mod tests {
         });
         sender.join().unwrap();
         assert_eq!(got.get(), 6);
+    }
+
+    /// The gate reads the kernel's "more queued" flag from each accept: set
+    /// when clients wait behind the one accepted, clear for the last one,
+    /// and what it says is what `accept_now` then finds.
+    #[test]
+    fn an_accept_says_whether_more_clients_are_queued_behind_it() {
+        let runtime = build_runtime(4, 4096).unwrap();
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        // The kernel completes handshakes by itself: three clients queued.
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        let (first, queued, after_drain, last) = runtime.block_on(async {
+            let listener = listener_from_std(std_listener).unwrap();
+            let gate = AcceptGate::new();
+            gate.accept(&listener).await.unwrap().unwrap();
+            let first = gate.more_queued();
+            let mut queued = 0;
+            while let Some(conn) = accept_now(&listener).unwrap() {
+                queued += 1;
+                drop(conn);
+            }
+            gate.drained(true);
+            let after_drain = gate.more_queued();
+            // One more client, alone in the queue this time.
+            let _late = std::net::TcpStream::connect(addr).unwrap();
+            gate.accept(&listener).await.unwrap().unwrap();
+            (first, queued, after_drain, gate.more_queued())
+        });
+        drop(runtime);
+        drop(clients);
+        assert!(first, "two clients waited behind the first accept");
+        assert_eq!(queued, 2);
+        assert!(!after_drain);
+        assert!(!last, "nobody waited behind the last client");
     }
 
     /// The io_uring timeout never ends a sleep early, and a sleep dropped

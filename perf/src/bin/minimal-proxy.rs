@@ -18,6 +18,12 @@
 //! (and asks each connection its peer address, as a real proxy must): the
 //! experiment README's "New connections and multishot accept" reports.
 //!
+//! Accepts are edgeproxy's too: one io_uring ACCEPT at a time, and when its
+//! completion says more clients are queued behind it, up to 4 of them taken
+//! at once with `accept(2)` (README, "New connections: taking what is
+//! queued"); `MINIMAL_PROXY_ONE_ACCEPT=1` takes one per ACCEPT, as both
+//! proxies did before.
+//!
 //! Backend connections are made as edgeproxy's are (`socket(2)` and a
 //! non-blocking `connect(2)` from the task, one io_uring POLL for the
 //! handshake's end), and writes go out as edgeproxy's do: a non-blocking `send(2)` first, an
@@ -192,19 +198,47 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    engine::rt::listener_from_std(socket.into())
 }
 
-/// One accept submitted per connection, as edgeproxy's shards do.
+/// One accept submitted per connection, as edgeproxy's shards do, and, as
+/// they do, the connections the kernel says are queued behind it taken at
+/// once with `accept(2)` (up to 4, `MINIMAL_PROXY_TAKE_QUEUED=N` for N).
+/// `MINIMAL_PROXY_ONE_ACCEPT=1`: one connection per io_uring accept, as
+/// both proxies did before.
 async fn accept_loop(listener: Rc<TcpListener>, back: SocketAddr, multishot: bool) {
-    loop {
-        let Ok((client, _)) = listener.accept().await else {
-            continue;
-        };
+    let take_queued = std::env::var_os("MINIMAL_PROXY_ONE_ACCEPT").is_none();
+    // edgeproxy's `TAKE_QUEUED_AT_MOST`.
+    let at_most: usize = std::env::var("MINIMAL_PROXY_TAKE_QUEUED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let gate = engine::rt::AcceptGate::new();
+    let spawn = |client| {
         compio::runtime::spawn(async move {
             let _ = serve(client, back, multishot).await;
         })
         .detach();
+    };
+    loop {
+        let Some(Ok((client, _))) = gate.accept(&listener).await else {
+            continue;
+        };
+        spawn(client);
+        if take_queued && gate.more_queued() {
+            let mut empty = false;
+            for _ in 0..at_most {
+                match engine::rt::accept_now(&listener) {
+                    Ok(Some((client, _))) => spawn(client),
+                    Ok(None) => {
+                        empty = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            gate.drained(empty);
+        }
     }
 }
 
