@@ -281,7 +281,7 @@ async fn accept_loop(
 /// Connections [`take_queued`] takes at most after one io_uring accept.
 /// Measured (README, "New connections: taking what is queued"): 16 made
 /// a flood of 512 clients at once cost more per connection and lowered the
-/// capped maximum by a sixth, as multishot accept did; 4 kept the flood
+/// capped maximum by 11–24 %, as multishot accept did; 4 kept the flood
 /// where one accept per turn had it.
 const TAKE_QUEUED_AT_MOST: usize = 4;
 
