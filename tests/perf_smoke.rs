@@ -6,22 +6,29 @@ use std::time::Duration;
 
 use perf::targets::Kind;
 
-#[test]
-fn perf_suite_quick_run_reports_every_scenario() {
-    let out = std::env::temp_dir().join(format!("edgeproxy-perf-smoke-{}", std::process::id()));
+/// Quick settings for edgeproxy and direct, one short run each, writing
+/// to a fresh directory named after `name`.
+fn quick_options(name: &str) -> perf::Options {
     let mut o = perf::Options::defaults(true);
     o.targets = vec![Kind::Direct, Kind::Edgeproxy];
     o.runs = 1;
     o.duration = Duration::from_millis(200);
     o.warmup = Duration::from_millis(50);
-    o.idle_connections = 200;
-    o.reload_rate = 500.0;
     // Other tests run alongside: no pinning.
     o.proxy_cpus.clear();
     o.loadgen_cpus.clear();
     o.edgeproxy_bin = env!("CARGO_BIN_EXE_edgeproxy").into();
-    o.out_dir = out.clone();
+    o.out_dir = std::env::temp_dir().join(format!("edgeproxy-{name}-{}", std::process::id()));
     o.print = false;
+    o
+}
+
+#[test]
+fn perf_suite_quick_run_reports_every_scenario() {
+    let mut o = quick_options("perf-smoke");
+    o.idle_connections = 200;
+    o.reload_rate = 500.0;
+    let out = o.out_dir.clone();
     let report = perf::run(&o).expect("perf suite run");
 
     let variant = |id: &str| {
@@ -154,19 +161,10 @@ fn perf_suite_quick_run_reports_every_scenario() {
 /// times the fastest proxy's maximum from a first pass, not its own.
 #[test]
 fn overload_at_the_same_rate_offers_every_target_the_fastest_proxys_flood() {
-    let out = std::env::temp_dir().join(format!("edgeproxy-perf-same-rate-{}", std::process::id()));
-    let mut o = perf::Options::defaults(true);
+    let mut o = quick_options("perf-same-rate");
     o.scenarios = "o".into();
-    o.targets = vec![Kind::Direct, Kind::Edgeproxy];
-    o.runs = 1;
-    o.duration = Duration::from_millis(200);
-    o.warmup = Duration::from_millis(50);
     o.overload_same_rate = true;
-    o.proxy_cpus.clear();
-    o.loadgen_cpus.clear();
-    o.edgeproxy_bin = env!("CARGO_BIN_EXE_edgeproxy").into();
-    o.out_dir = out.clone();
-    o.print = false;
+    let out = o.out_dir.clone();
     let report = perf::run(&o).expect("perf suite run");
     for id in ["o_overload_same_rate", "o_overload_connections_same_rate"] {
         let v = report

@@ -41,7 +41,12 @@ impl CpuCap {
     pub fn create(share: f64) -> anyhow::Result<CpuCap> {
         anyhow::ensure!(share > 0.0, "a CPU cap must be a positive share");
         let quota_us = ((share * PERIOD_US as f64).round() as u64).max(1000);
-        let name = format!("edgeproxy-perf-{}", std::process::id());
+        // One cgroup per cap, not per process: two suites run by one process
+        // (the smoke tests, in parallel) must not share one, or the first
+        // to finish removes the other's.
+        static CAPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CAPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("edgeproxy-perf-{}-{n}", std::process::id());
         let v2_root = Path::new("/sys/fs/cgroup");
         let v1_root = Path::new("/sys/fs/cgroup/cpu");
         let (dir, home_procs) = if fs::read_to_string(v2_root.join("cgroup.controllers"))

@@ -196,7 +196,12 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let _ = procfs::pin_current_thread(&opts.loadgen_cpus);
     std::fs::create_dir_all(&opts.out_dir)
         .with_context(|| format!("cannot create {}", opts.out_dir.display()))?;
-    let work_dir = std::env::temp_dir().join(format!("edgeproxy-perf-{}", std::process::id()));
+    // One directory per run: two suites run by one process (the smoke
+    // tests, in parallel) must not share one, or the first to finish
+    // removes the other's routing.db and configs.
+    static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let work_dir = std::env::temp_dir().join(format!("edgeproxy-perf-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&work_dir)?;
     let setup = targets::Setup {
         workers: opts.workers.max(1),
