@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use perf::targets::Kind;
 
+/// The suites of this file run one at a time: the generator-side figures
+/// sum this process's `perf-load` threads, and another suite's threads
+/// starting or ending inside a window would count in it.
+static ONE_SUITE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Quick settings for edgeproxy and direct, one short run each, writing
 /// to a fresh directory named after `name`.
 fn quick_options(name: &str) -> perf::Options {
@@ -25,6 +30,9 @@ fn quick_options(name: &str) -> perf::Options {
 
 #[test]
 fn perf_suite_quick_run_reports_every_scenario() {
+    let _alone = ONE_SUITE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut o = quick_options("perf-smoke");
     o.idle_connections = 200;
     o.reload_rate = 500.0;
@@ -161,6 +169,9 @@ fn perf_suite_quick_run_reports_every_scenario() {
 /// times the fastest proxy's maximum from a first pass, not its own.
 #[test]
 fn overload_at_the_same_rate_offers_every_target_the_fastest_proxys_flood() {
+    let _alone = ONE_SUITE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let mut o = quick_options("perf-same-rate");
     o.scenarios = "o".into();
     o.overload_same_rate = true;
