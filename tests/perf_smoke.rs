@@ -11,6 +11,14 @@ use perf::targets::Kind;
 /// starting or ending inside a window would count in it.
 static ONE_SUITE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Runs a suite once no other suite of this file runs.
+fn run_alone(o: &perf::Options) -> perf::report::Report {
+    let _alone = ONE_SUITE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    perf::run(o).expect("perf suite run")
+}
+
 /// Quick settings for edgeproxy and direct, one short run each, writing
 /// to a fresh directory named after `name`.
 fn quick_options(name: &str) -> perf::Options {
@@ -30,14 +38,11 @@ fn quick_options(name: &str) -> perf::Options {
 
 #[test]
 fn perf_suite_quick_run_reports_every_scenario() {
-    let _alone = ONE_SUITE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let mut o = quick_options("perf-smoke");
     o.idle_connections = 200;
     o.reload_rate = 500.0;
     let out = o.out_dir.clone();
-    let report = perf::run(&o).expect("perf suite run");
+    let report = run_alone(&o);
 
     let variant = |id: &str| {
         report
@@ -169,14 +174,11 @@ fn perf_suite_quick_run_reports_every_scenario() {
 /// times the fastest proxy's maximum from a first pass, not its own.
 #[test]
 fn overload_at_the_same_rate_offers_every_target_the_fastest_proxys_flood() {
-    let _alone = ONE_SUITE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let mut o = quick_options("perf-same-rate");
     o.scenarios = "o".into();
     o.overload_same_rate = true;
     let out = o.out_dir.clone();
-    let report = perf::run(&o).expect("perf suite run");
+    let report = run_alone(&o);
     for id in ["o_overload_same_rate", "o_overload_connections_same_rate"] {
         let v = report
             .variants
