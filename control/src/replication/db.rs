@@ -844,6 +844,11 @@ mod tests {
         Connection::open(path).unwrap()
     }
 
+    /// The one value `sql` selects.
+    fn value<T: rusqlite::types::FromSql>(conn: &Connection, sql: &str) -> T {
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    }
+
     const INSERT: &str = "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
         VALUES ('b1', 'web', 'eu', '10.0.0.1', 80, 1, 2, 100, 150)";
 
@@ -998,15 +1003,8 @@ mod tests {
         ));
         drop(db);
         // The new file is whole, with the operator's write in it.
-        let check: String = operator
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(check, "ok");
-        let weight: i64 = operator
-            .query_row("SELECT weight FROM backends WHERE id = 'b1'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        assert_eq!(value::<String>(&operator, "PRAGMA integrity_check"), "ok");
+        let weight: i64 = value(&operator, "SELECT weight FROM backends WHERE id = 'b1'");
         assert_eq!(weight, 9);
     }
 
@@ -1215,16 +1213,10 @@ mod tests {
             )
             .unwrap();
         assert_eq!((port, hb), (8080, Some(1234)));
-        let n: i64 = conn
-            .query_row("SELECT COUNT(*) FROM backends WHERE id = 'b2'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let n: i64 = value(&conn, "SELECT COUNT(*) FROM backends WHERE id = 'b2'");
         assert_eq!(n, 1);
         // Not mistaken for a local change.
-        let logged: i64 = conn
-            .query_row("SELECT COUNT(*) FROM repl_changes", [], |r| r.get(0))
-            .unwrap();
+        let logged: i64 = value(&conn, "SELECT COUNT(*) FROM repl_changes");
         assert_eq!(logged, 0);
         assert_eq!(db.poll_changes(&mut a, Now::system(), true).unwrap(), 0);
 
@@ -1233,11 +1225,7 @@ mod tests {
         gone.version.hlc = Hlc(gone.version.hlc.0 + 1);
         gone.data = None;
         db.persist_remote(&[gone]).unwrap();
-        let n: i64 = conn
-            .query_row("SELECT COUNT(*) FROM backends WHERE id = 'b1'", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
+        let n: i64 = value(&conn, "SELECT COUNT(*) FROM backends WHERE id = 'b1'");
         assert_eq!(n, 0);
     }
 
