@@ -37,6 +37,75 @@ pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Conf
     }
 }
 
+/// Where a credential (the API token, the cluster secret) can be given: as
+/// itself or as a file holding it, in the config file or the environment.
+pub(crate) struct CredentialSources {
+    /// The config keys: the credential itself, and its file.
+    pub key: &'static str,
+    pub file_key: &'static str,
+    /// The environment variables, the same two.
+    pub var: &'static str,
+    pub file_var: &'static str,
+    /// What an error shows in place of a credential from the environment.
+    pub hidden: &'static str,
+}
+
+/// A credential and the file it came from. The environment wins over the
+/// config file; within one source, the credential itself and a file holding
+/// it are exclusive (set both in one place and one would be ignored without
+/// a word). `env` and `env_file` are the environment's values, `literal` and
+/// `file` the config file's; `parse` checks a credential given as itself,
+/// `read` reads a file, each failing with the reason.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn credential<T>(
+    sources: &CredentialSources,
+    env: Option<String>,
+    env_file: Option<PathBuf>,
+    literal: Option<&str>,
+    file: Option<&std::path::Path>,
+    parse: impl Fn(&str) -> Result<T, String>,
+    read: impl Fn(&std::path::Path) -> Result<T, String>,
+) -> Result<(Option<T>, Option<PathBuf>), ConfigError> {
+    let s = sources;
+    match (env, env_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Env {
+            var: s.file_var,
+            value: "(set)".into(),
+            reason: format!("set either {} or {}, not both", s.var, s.file_var),
+        }),
+        (Some(value), None) => {
+            parse(&value)
+                .map(|c| (Some(c), None))
+                .map_err(|reason| ConfigError::Env {
+                    var: s.var,
+                    value: s.hidden.into(),
+                    reason,
+                })
+        }
+        (None, Some(path)) => match read(&path) {
+            Ok(c) => Ok((Some(c), Some(path))),
+            Err(reason) => Err(ConfigError::Env {
+                var: s.file_var,
+                value: path.display().to_string(),
+                reason,
+            }),
+        },
+        (None, None) => match (literal, file) {
+            (Some(_), Some(_)) => Err(invalid(
+                s.key,
+                format!("set either {} or {}, not both", s.key, s.file_key),
+            )),
+            (Some(value), None) => parse(value)
+                .map(|c| (Some(c), None))
+                .map_err(|reason| invalid(s.key, reason)),
+            (None, Some(path)) => read(path)
+                .map(|c| (Some(c), Some(path.to_path_buf())))
+                .map_err(|reason| invalid(s.file_key, reason)),
+            (None, None) => Ok((None, None)),
+        },
+    }
+}
+
 /// The environment, as a lookup function so tests need not touch the process
 /// environment.
 pub trait Env {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config_env::{env_bool, env_parse, invalid, ConfigError, Env};
+use crate::config_env::{
+    credential, env_bool, env_parse, invalid, ConfigError, CredentialSources, Env,
+};
 
 /// Defaults. Address, TTL and the enable switch are the original's.
 pub mod defaults {
@@ -240,52 +242,29 @@ fn token(raw: &RawApi, env: &dyn Env) -> Result<(Option<ApiToken>, Option<PathBu
     let env_file = env
         .var("EDGEPROXY_API_TOKEN_FILE")
         .filter(|p| !p.trim().is_empty());
-    match (env_token, env_file) {
-        (Some(_), Some(_)) => Err(ConfigError::Env {
-            var: "EDGEPROXY_API_TOKEN_FILE",
-            value: "(set)".into(),
-            reason: "set either EDGEPROXY_API_TOKEN or EDGEPROXY_API_TOKEN_FILE, not both".into(),
-        }),
-        (Some(t), None) => ApiToken::new(&t)
-            .map(|t| (Some(t), None))
-            .map_err(|reason| ConfigError::Env {
-                var: "EDGEPROXY_API_TOKEN",
-                value: "(hidden)".into(),
-                reason,
-            }),
-        (None, Some(path)) => {
-            let path = PathBuf::from(path.trim());
-            read_token_file(&path)
-                .map(|t| (Some(t), Some(path)))
-                .map_err(|reason| ConfigError::Env {
-                    var: "EDGEPROXY_API_TOKEN_FILE",
-                    value: reason.0,
-                    reason: reason.1,
-                })
-        }
-        (None, None) => match (&raw.token, &raw.token_file) {
-            (Some(_), Some(_)) => Err(invalid(
-                "api.token",
-                "set either api.token or api.token_file, not both",
-            )),
-            (Some(t), None) => ApiToken::new(t)
-                .map(|t| (Some(t), None))
-                .map_err(|reason| invalid("api.token", reason)),
-            (None, Some(path)) => read_token_file(path)
-                .map(|t| (Some(t), Some(path.clone())))
-                .map_err(|(_, reason)| invalid("api.token_file", reason)),
-            (None, None) => Ok((None, None)),
+    credential(
+        &CredentialSources {
+            key: "api.token",
+            file_key: "api.token_file",
+            var: "EDGEPROXY_API_TOKEN",
+            file_var: "EDGEPROXY_API_TOKEN_FILE",
+            hidden: "(hidden)",
         },
-    }
+        env_token,
+        env_file.map(|p| PathBuf::from(p.trim())),
+        raw.token.as_deref(),
+        raw.token_file.as_deref(),
+        ApiToken::new,
+        read_token_file,
+    )
 }
 
 /// Reads a token file (surrounding whitespace, such as the final newline,
-/// is ignored). Errors: (the path, for messages; why).
-fn read_token_file(path: &std::path::Path) -> Result<ApiToken, (String, String)> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| (shown.clone(), format!("cannot read {shown}: {e}")))?;
-    ApiToken::new(&text).map_err(|reason| (shown.clone(), format!("token in {shown} {reason}")))
+/// is ignored).
+fn read_token_file(path: &std::path::Path) -> Result<ApiToken, String> {
+    let shown = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    ApiToken::new(&text).map_err(|reason| format!("token in {shown} {reason}"))
 }
 
 #[cfg(test)]

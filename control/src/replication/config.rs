@@ -14,7 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config_env::{
-    env_bool, env_parse, invalid, ser_display, ser_ms, ser_secs, ConfigError, Env,
+    credential, env_bool, env_parse, invalid, ser_display, ser_ms, ser_secs, ConfigError,
+    CredentialSources, Env,
 };
 
 use super::keys::ClusterSecret;
@@ -461,7 +462,8 @@ fn from_raw_on(
 /// exclusive (QA: with both in the file the literal was used and the file
 /// never read, so a rotation done by adding `secret_file` kept the old
 /// secret without a word; and a file's `secret` beat
-/// `EDGEPROXY_REPLICATION_SECRET_FILE`). As `api.token` / `token_file`.
+/// `EDGEPROXY_REPLICATION_SECRET_FILE`). One rule with `api.token` /
+/// `token_file`: [`credential`].
 fn cluster_secret(
     file_secret: Option<String>,
     file_path: Option<PathBuf>,
@@ -472,50 +474,22 @@ fn cluster_secret(
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         check_secret(&text).map_err(|r| format!("{}: {r}", path.display()))
     };
-    match (
-        env.var("EDGEPROXY_REPLICATION_SECRET"),
-        env.var("EDGEPROXY_REPLICATION_SECRET_FILE"),
-    ) {
-        (Some(_), Some(_)) => Err(ConfigError::Env {
-            var: "EDGEPROXY_REPLICATION_SECRET_FILE",
-            value: "(set)".into(),
-            reason: "set either EDGEPROXY_REPLICATION_SECRET or \
-                     EDGEPROXY_REPLICATION_SECRET_FILE, not both"
-                .into(),
-        }),
-        (Some(s), None) => {
-            check_secret(&s)
-                .map(|s| (Some(s), None))
-                .map_err(|reason| ConfigError::Env {
-                    var: "EDGEPROXY_REPLICATION_SECRET",
-                    value: "<redacted>".into(),
-                    reason,
-                })
-        }
-        (None, Some(path)) => {
-            let path = PathBuf::from(path);
-            read(&path)
-                .map(|s| (Some(s), Some(path.clone())))
-                .map_err(|reason| ConfigError::Env {
-                    var: "EDGEPROXY_REPLICATION_SECRET_FILE",
-                    value: path.display().to_string(),
-                    reason,
-                })
-        }
-        (None, None) => match (file_secret, file_path) {
-            (Some(_), Some(_)) => Err(invalid(
-                "replication.secret",
-                "set either replication.secret or replication.secret_file, not both",
-            )),
-            (Some(s), None) => check_secret(&s)
-                .map(|s| (Some(s), None))
-                .map_err(|r| invalid("replication.secret", r)),
-            (None, Some(path)) => read(&path)
-                .map(|s| (Some(s), Some(path)))
-                .map_err(|r| invalid("replication.secret_file", r)),
-            (None, None) => Ok((None, None)),
+    credential(
+        &CredentialSources {
+            key: "replication.secret",
+            file_key: "replication.secret_file",
+            var: "EDGEPROXY_REPLICATION_SECRET",
+            file_var: "EDGEPROXY_REPLICATION_SECRET_FILE",
+            hidden: "<redacted>",
         },
-    }
+        env.var("EDGEPROXY_REPLICATION_SECRET"),
+        env.var("EDGEPROXY_REPLICATION_SECRET_FILE")
+            .map(PathBuf::from),
+        file_secret.as_deref(),
+        file_path.as_deref(),
+        check_secret,
+        read,
+    )
 }
 
 #[cfg(test)]
