@@ -1123,13 +1123,39 @@ fn a_stop_signal_during_an_upgrade_is_not_reported_as_serving_on() {
     install(&exe, Path::new(BIN));
     let mut s = Setup::start("upgrade-stop", Some(&exe), "ready_timeout_secs = 30\n");
     let control = s.control_socket();
-    // A new binary that never gets ready, and starts a process of its own.
-    install_script(&exe, "sleep 600 & exec sleep 600");
+    // A new binary that never gets ready, and starts a process of its own,
+    // saying so once it has.
+    let pid_file = dir.join("child.pid");
+    install_script(
+        &exe,
+        &format!(
+            "sleep 600 &\necho $! > {:?}\nexec sleep 600",
+            pid_file.display().to_string()
+        ),
+    );
     let mark = s.proxy.log_mark();
     let attempt = std::thread::spawn(move || cli_upgrade(&control));
     s.proxy
         .wait_for_log_after(mark, "upgrade requested", PATIENCE)
         .expect("the upgrade did not start");
+    // The stop comes once the new process has a process of its own to kill
+    // (a stop before the script's fork left nothing to kill, and no line
+    // saying so: a race in CI).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while std::fs::read_to_string(&pid_file).map_or(true, |p| p.trim().is_empty()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new binary never started its child"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Killed when the test ends, whatever happens to it.
+    let child: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _child = Chain { pids: vec![child] };
     s.proxy.signal(libc::SIGTERM);
     let (ok, out) = attempt.join().unwrap();
     assert!(!ok, "{out}");
