@@ -563,3 +563,103 @@ fn a_listener_whose_port_is_taken_is_reported_and_starts_at_a_later_sighup() {
     // Listener a was left alone.
     assert_eq!(which_backend(s.proxy.listener("a")), "x");
 }
+
+/// The inodes of the sockets listening on `port` (IPv4), from
+/// `/proc/net/tcp`: the same inodes mean the same sockets.
+fn listening_sockets(port: u16) -> Vec<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!(":{port:04X}");
+    let mut inodes: Vec<u64> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f[1].ends_with(&local) && f[3] == "0A")
+        .map(|f| f[9].parse().unwrap())
+        .collect();
+    inodes.sort();
+    inodes
+}
+
+/// A listener changed on its own address (another app, then another name)
+/// keeps its sockets: none closes, so no client queued on one is reset, and
+/// new connections get the new settings at once. Clients that connect all
+/// through the reloads are all served.
+#[test]
+fn a_listener_changed_on_its_own_address_keeps_its_sockets() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let listener = |name: &str, app: &str| {
+        format!("[[listener]]\nname = \"{name}\"\naddr = \"{addr}\"\napp = \"{app}\"\n")
+    };
+    let s = Setup::new("sighup-in-place", &listener("a", "web"));
+    let other = TagBackend::start("y");
+    s.db.upsert(&Row::new("y", "api", "sa", other.port()));
+    let sockets = listening_sockets(port);
+    assert!(!sockets.is_empty(), "nothing listens on {port}");
+    let (name, open) = connect_tagged(addr);
+    assert_eq!(name, "x");
+
+    // Clients connect without a pause while the listener changes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut served, mut failed) = (0u64, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match TcpStream::connect(addr).map(|s| read_line(&s)) {
+                    Ok(Some(_)) => served += 1,
+                    Ok(None) => failed.push("connected, no greeting".to_string()),
+                    Err(e) => failed.push(e.to_string()),
+                }
+            }
+            (served, failed)
+        })
+    };
+
+    let mark = s.reload(&listener("a", "api"));
+    let updated = s.proxy.log_lines_after(mark, "listener updated in place");
+    assert_eq!(updated.len(), 1, "{}", s.proxy.log_text());
+    assert_eq!(field(&updated[0], "listener").as_deref(), Some("a"));
+    assert!(s.proxy.log_lines_after(mark, "listener stopped").is_empty());
+    assert!(s.proxy.log_lines_after(mark, " listening ").is_empty());
+    assert_eq!(
+        listening_sockets(port),
+        sockets,
+        "the sockets were replaced"
+    );
+    assert_eq!(which_backend(addr), "y", "the new app is not in force");
+
+    // Another name, the same address: renamed, still the same sockets.
+    let mark = s.reload(&listener("b", "web"));
+    let renamed = s.proxy.log_lines_after(mark, "listener renamed");
+    assert_eq!(renamed.len(), 1, "{}", s.proxy.log_text());
+    assert_eq!(field(&renamed[0], "listener").as_deref(), Some("b"));
+    assert_eq!(field(&renamed[0], "was").as_deref(), Some("a"));
+    assert_eq!(
+        listening_sockets(port),
+        sockets,
+        "the sockets were replaced"
+    );
+    assert_eq!(which_backend(addr), "x");
+    assert!(s
+        .proxy
+        .log_lines_after(mark, "configured listeners are not running")
+        .is_empty());
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, failed) = clients.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} clients failed: {:?}",
+        failed.len(),
+        served + failed.len() as u64,
+        &failed[..failed.len().min(5)]
+    );
+    assert!(served > 0);
+    // The connection opened before both reloads goes on.
+    echo(&open, "after");
+}

@@ -763,6 +763,12 @@ fn apply(
             starting.push(spec_of(l, tls)?);
         }
     }
+    let changed: Vec<&config::Listener> = old
+        .listeners
+        .iter()
+        .filter(|l| !new.listeners.contains(l) && running(engine, &l.name))
+        .collect();
+    let (updates, starting) = in_place(&changed, starting, engine);
     if old.pool != new.pool {
         engine.set_pool(new.pool.policy());
         log_pool(&new.pool);
@@ -783,12 +789,35 @@ fn apply(
     if !changes.is_empty() {
         tracing::info!(changes = %crate::config_diff::joined(&changes), "limits and timeouts updated");
     }
-    // Listeners: removed or changed ones stop; added or changed ones start.
+    // Listeners: those changed on their own address take the new settings
+    // on the sockets they have; the other changed and the removed ones
+    // stop; added ones (and changed ones on another address) start.
+    // Those that stop go first: their names may pass to an updated one.
     for l in &old.listeners {
         let kept = new.listeners.iter().any(|n| n == l);
-        if !kept && engine.remove_listener(&l.name) {
+        let updating = updates.iter().any(|(name, _)| *name == l.name);
+        if !kept && !updating && engine.remove_listener(&l.name) {
             tracing::info!(listener = %l.name, addr = %l.addr, "listener stopped");
         }
+    }
+    let updated: Vec<(String, String, std::net::SocketAddr)> = updates
+        .iter()
+        .map(|(old, spec)| (old.clone(), spec.name.to_string(), spec.addr))
+        .collect();
+    match engine.update_listeners(updates) {
+        Ok(()) => {
+            for (old, name, addr) in updated {
+                match old == name {
+                    true => tracing::info!(listener = %name, %addr,
+                        "listener updated in place (its sockets stay open)"),
+                    false => tracing::info!(listener = %name, was = %old, %addr,
+                        "listener renamed and updated in place (its sockets stay open)"),
+                }
+            }
+        }
+        // Not expected: the pairs were made from what runs. The listeners
+        // keep their old settings (`not_listening` names any left out).
+        Err(e) => tracing::error!(error = %e, "cannot update listeners in place"),
     }
     tls.retain(|name| {
         new.listeners
@@ -916,6 +945,36 @@ fn knobs(config: &Config) -> Knobs {
         access_log: config.log.access,
         ..Knobs::default()
     }
+}
+
+/// Pairs each listener to start with a changed running one on the same
+/// fixed address (port 0 asks for a new port each time), so that it takes
+/// over that listener's sockets instead of closing and binding again.
+/// Returns the pairs (the running listener's name, its new settings) and
+/// the listeners left to start.
+fn in_place(
+    changed: &[&config::Listener],
+    starting: Vec<ListenerSpec>,
+    engine: &Engine,
+) -> (Vec<(String, ListenerSpec)>, Vec<ListenerSpec>) {
+    let mut free: Vec<&config::Listener> = changed.to_vec();
+    let mut updates = Vec::new();
+    let mut rest = Vec::new();
+    for spec in starting {
+        let same_socket = free.iter().position(|old| {
+            spec.addr.port() != 0
+                && old.addr == spec.addr
+                && engine
+                    .listeners()
+                    .iter()
+                    .any(|r| *r.spec.name == *old.name && r.local_addr == spec.addr)
+        });
+        match same_socket {
+            Some(i) => updates.push((free.swap_remove(i).name.clone(), spec)),
+            None => rest.push(spec),
+        }
+    }
+    (updates, rest)
 }
 
 fn spec_of(l: &config::Listener, tls: &mut TlsListeners) -> anyhow::Result<ListenerSpec> {

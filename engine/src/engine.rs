@@ -40,6 +40,14 @@ pub enum EngineError {
     },
     #[error("listener {0:?} exists already")]
     DuplicateListener(String),
+    #[error("listener {0:?} is not running")]
+    NoSuchListener(String),
+    #[error("listener {listener:?} runs on {running}, not on {asked}: only settings other than the address change in place")]
+    AddressChanged {
+        listener: String,
+        running: SocketAddr,
+        asked: SocketAddr,
+    },
     #[error("shard {shard}: cannot start io_uring runtime: {cause}")]
     Runtime { shard: usize, cause: io::Error },
     #[error("cannot start shard thread: {0}")]
@@ -432,6 +440,63 @@ impl Engine {
         let addr = group.local_addr;
         self.hand_out(Arc::new(spec), group)?;
         Ok(addr)
+    }
+
+    /// Gives running listeners new settings on the sockets they already
+    /// have: each `(name, spec)` names a running listener and what it becomes
+    /// (another name, app, TLS or PROXY protocol setting; `spec.addr` must be
+    /// the address it runs on). No socket closes, so no client queued on one
+    /// is reset, as a remove and an add on the same address would (the old
+    /// sockets close with their queues, and until then the steering program
+    /// still sends clients to them). New connections use the new settings;
+    /// open ones go on with the old. All or nothing: on an error nothing
+    /// changes.
+    pub fn update_listeners(
+        &mut self,
+        updates: Vec<(String, ListenerSpec)>,
+    ) -> Result<(), EngineError> {
+        let mut positions = Vec::with_capacity(updates.len());
+        for (name, spec) in &updates {
+            let pos = self
+                .listeners
+                .iter()
+                .position(|l| &*l.spec.name == name)
+                .ok_or_else(|| EngineError::NoSuchListener(name.clone()))?;
+            let running = &self.listeners[pos];
+            if spec.addr != running.local_addr && spec.addr != running.spec.addr {
+                return Err(EngineError::AddressChanged {
+                    listener: name.clone(),
+                    running: running.local_addr,
+                    asked: spec.addr,
+                });
+            }
+            positions.push(pos);
+        }
+        // The names after the change, each once.
+        let mut names: Vec<&str> = (0..self.listeners.len())
+            .filter(|pos| !positions.contains(pos))
+            .map(|pos| &*self.listeners[pos].spec.name)
+            .collect();
+        for (_, spec) in &updates {
+            if names.contains(&&*spec.name) {
+                return Err(EngineError::DuplicateListener(spec.name.to_string()));
+            }
+            names.push(&spec.name);
+        }
+        let mut moved = Vec::with_capacity(updates.len());
+        for ((name, spec), pos) in updates.into_iter().zip(positions) {
+            let spec = Arc::new(spec);
+            self.listeners[pos].spec = Arc::clone(&spec);
+            moved.push((Arc::<str>::from(name), spec));
+        }
+        self.publish_listeners();
+        let moved: Arc<[_]> = moved.into();
+        for shard in &self.shards {
+            let _ = shard
+                .commands
+                .try_send(Command::UpdateListeners(Arc::clone(&moved)));
+        }
+        Ok(())
     }
 
     /// Stops accepting on a listener; its open connections go on.

@@ -4,6 +4,7 @@
 //! The control side talks to it only through [`Command`]s; the shard reads the
 //! routing snapshot and the knobs lock-free.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::rc::Rc;
@@ -26,6 +27,10 @@ pub(crate) enum Command {
         stats: Arc<ListenerStats>,
     },
     RemoveListener(Arc<str>),
+    /// Running listeners (by their current name) take new settings on the
+    /// sockets they have (see `Engine::update_listeners`). One command for
+    /// the whole reload: two listeners may swap names.
+    UpdateListeners(Arc<[(Arc<str>, Arc<ListenerSpec>)]>),
     /// Stop accepting on every listener without losing a connection the
     /// kernel already queued or handed over (see `rt::AcceptGate`), close
     /// this shard's listening sockets, and report on `done` how many
@@ -39,10 +44,26 @@ pub(crate) enum Command {
     },
 }
 
+/// The settings an accept loop gives the connections it accepts; a reload
+/// that changes a listener but not its address replaces them in place.
+type CurrentListener = Rc<RefCell<Rc<ListenerCtx>>>;
+
 /// One running accept loop and the gate that stops it.
 struct AcceptLoop {
     gate: Rc<rt::AcceptGate>,
     task: rt::JoinHandle<usize>,
+    current: CurrentListener,
+    /// The kernel steers each client to this loop's socket by its address.
+    steered: bool,
+}
+
+/// What a listener's connections on this shard know of it.
+fn listener_ctx(spec: &Arc<ListenerSpec>, steered: bool, stats: Arc<ListenerStats>) -> ListenerCtx {
+    ListenerCtx {
+        local_affinity: steered && !spec.accept_proxy_protocol,
+        spec: Arc::clone(spec),
+        stats,
+    }
 }
 
 /// Stops every loop in `loops` and waits for each to hand over its last
@@ -113,15 +134,12 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
                 stats,
             } => match rt::listener_from_std(socket) {
                 Ok(listener) => {
-                    let lctx = Rc::new(ListenerCtx {
-                        local_affinity: steered && !spec.accept_proxy_protocol,
-                        spec: Arc::clone(&spec),
-                        stats,
-                    });
+                    let current =
+                        Rc::new(RefCell::new(Rc::new(listener_ctx(&spec, steered, stats))));
                     let gate = Rc::new(rt::AcceptGate::new());
                     let task = rt::spawn(accept_loop(
                         Rc::clone(&ctx),
-                        lctx,
+                        Rc::clone(&current),
                         listener,
                         Rc::clone(&gate),
                     ));
@@ -130,7 +148,12 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
                     accept_loops
                         .entry(Arc::clone(&spec.name))
                         .or_default()
-                        .push(AcceptLoop { gate, task });
+                        .push(AcceptLoop {
+                            gate,
+                            task,
+                            current,
+                            steered,
+                        });
                 }
                 Err(e) => tracing::error!(shard = ctx.id, listener = %spec.name, error = %e,
                     "cannot register listener with the runtime"),
@@ -141,6 +164,21 @@ async fn shard_main(ctx: Rc<ShardCtx>, commands: async_channel::Receiver<Command
                 // gentle stop would save nothing); open connections are
                 // separate tasks and go on.
                 accept_loops.remove(&name);
+            }
+            Command::UpdateListeners(updates) => {
+                // Every old name out first, then every new one in: a name
+                // may pass from one listener to another.
+                let taken: Vec<_> = updates
+                    .iter()
+                    .map(|(old, spec)| (accept_loops.remove(old).unwrap_or_default(), spec))
+                    .collect();
+                for (loops, spec) in taken {
+                    for l in &loops {
+                        let stats = Arc::clone(&l.current.borrow().stats);
+                        *l.current.borrow_mut() = Rc::new(listener_ctx(spec, l.steered, stats));
+                    }
+                    accept_loops.insert(Arc::clone(&spec.name), loops);
+                }
             }
             Command::StopAccepting { done } => {
                 let swept = stop_all(&mut accept_loops).await;
@@ -199,10 +237,11 @@ const LIMIT_POLL: Duration = Duration::from_millis(5);
 /// Waits until this shard may accept another connection (see
 /// [`ConnSlot`]): meanwhile clients wait in the kernel's accept queue. Gives
 /// up when `gate` stops: a stopping loop hands over what it holds.
-async fn wait_for_room(ctx: &ShardCtx, lctx: &ListenerCtx, gate: &rt::AcceptGate) {
+async fn wait_for_room(ctx: &ShardCtx, current: &CurrentListener, gate: &rt::AcceptGate) {
     if ConnSlot::room(ctx) {
         return;
     }
+    let lctx = Rc::clone(&current.borrow());
     ShardStats::bump(&ctx.stats.limit_waits);
     ShardStats::bump(&lctx.stats.limit_waits);
     tracing::debug!(shard = ctx.id, listener = %lctx.spec.name,
@@ -216,13 +255,15 @@ async fn wait_for_room(ctx: &ShardCtx, lctx: &ListenerCtx, gate: &rt::AcceptGate
 /// returns how many connections that final sweep took.
 async fn accept_loop(
     ctx: Rc<ShardCtx>,
-    lctx: Rc<ListenerCtx>,
+    current: CurrentListener,
     listener: rt::TcpListener,
     gate: Rc<rt::AcceptGate>,
 ) -> usize {
     let mut starved_log = LogLimit::new(ACCEPT_FAILURE_LOG_INTERVAL);
+    // Read after every wait: a reload may have replaced it meanwhile.
+    let now = || Rc::clone(&current.borrow());
     loop {
-        wait_for_room(&ctx, &lctx, &gate).await;
+        wait_for_room(&ctx, &current, &gate).await;
         let Some(accepted) = gate.accept(&listener).await else {
             break;
         };
@@ -232,13 +273,15 @@ async fn accept_loop(
                 // lowering the limit) may have reached it: then this client
                 // waits here, held but not served, like the ones queued in
                 // the kernel.
-                wait_for_room(&ctx, &lctx, &gate).await;
+                wait_for_room(&ctx, &current, &gate).await;
+                let lctx = now();
                 admit(&ctx, &lctx, stream, peer);
                 if gate.more_queued() {
                     take_queued(&ctx, &lctx, &listener, &gate);
                 }
             }
             Err(e) => {
+                let lctx = now();
                 // Out of descriptors or memory: back off instead of spinning.
                 let starved = matches!(
                     e.raw_os_error(),
@@ -260,6 +303,7 @@ async fn accept_loop(
     // Stopped. Whatever is queued now was meant for this socket while this
     // loop still waited on it: serve it here rather than leave it for a
     // waiter that may not be woken (see `rt::AcceptGate`).
+    let lctx = now();
     let mut swept = 0;
     loop {
         match rt::accept_now(&listener) {
