@@ -29,6 +29,7 @@
 //! swaps; whether the backend is still usable is checked by
 //! [`crate::select::route`].
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -94,31 +95,33 @@ impl AffinityTable {
         std::mem::take(&mut self.unbound)
     }
 
-    /// True when `b`, checked at `now`, has been idle for longer than the TTL.
+    /// True when `b`, checked at `now`, has been idle for longer than `ttl`.
     /// A `now` earlier than the binding's last use (another shard's clock
     /// reading, taken a little earlier) counts as no idle time.
-    fn expired(&self, b: &Binding, now: Instant) -> bool {
-        self.ttl.is_zero() || now.saturating_duration_since(b.last_seen) > self.ttl
+    fn expired(ttl: Duration, b: &Binding, now: Instant) -> bool {
+        ttl.is_zero() || now.saturating_duration_since(b.last_seen) > ttl
     }
 
     /// The backend id `ip` is bound to, if the binding is live at `now`.
     ///
     /// A hit refreshes the binding: its expiry becomes `now + ttl` (sliding
     /// TTL), so a client that keeps coming stays bound. An expired binding is
-    /// removed and `None` returned.
-    pub fn lookup(&mut self, ip: IpAddr, now: Instant) -> Option<Arc<str>> {
+    /// removed and `None` returned. Borrowed, and found with one hash of the
+    /// key: this runs for every connection of a returning client.
+    pub fn lookup(&mut self, ip: IpAddr, now: Instant) -> Option<&str> {
         if self.ttl.is_zero() {
             return None;
         }
-        let k = key(ip);
-        let b = self.bindings.get(&k)?;
-        if self.expired(b, now) {
-            self.bindings.remove(&k);
+        let Entry::Occupied(found) = self.bindings.entry(key(ip)) else {
+            return None;
+        };
+        if Self::expired(self.ttl, found.get(), now) {
+            found.remove();
             return None;
         }
-        let b = self.bindings.get_mut(&k)?;
+        let b = found.into_mut();
         b.last_seen = b.last_seen.max(now);
-        Some(Arc::clone(&b.backend))
+        Some(&b.backend)
     }
 
     /// Binds `ip` to `backend` as of `now`, replacing any previous binding.
@@ -151,8 +154,7 @@ impl AffinityTable {
     pub fn gc(&mut self, now: Instant) -> usize {
         let before = self.bindings.len();
         let ttl = self.ttl;
-        self.bindings
-            .retain(|_, b| !ttl.is_zero() && now.saturating_duration_since(b.last_seen) <= ttl);
+        self.bindings.retain(|_, b| !Self::expired(ttl, b, now));
         before - self.bindings.len()
     }
 
@@ -448,7 +450,7 @@ mod tests {
         std::thread::spawn(move || other.lock().unwrap().bind(ip(1), id("b1"), now))
             .join()
             .unwrap();
-        let got = shared.lock().unwrap().lookup(ip(1), now);
+        let got = shared.lock().unwrap().lookup(ip(1), now).map(str::to_owned);
         assert_eq!(got.as_deref(), Some("b1"));
     }
 }

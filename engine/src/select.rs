@@ -397,8 +397,10 @@ pub fn route_scored(
     scoring: Scoring,
     live: &impl LiveView,
 ) -> Option<Choice> {
-    if let Some(id) = affinity.lookup(client_ip, now) {
-        let usable = snap.find(&id).filter(|&idx| {
+    // The bound backend's index, found while the id is borrowed from the
+    // table (no refcount traffic on a returning client's path).
+    if let Some(bound) = affinity.lookup(client_ip, now).map(|id| snap.find(id)) {
+        let usable = bound.filter(|&idx| {
             candidates.contains(&idx) && !exclude.contains(&idx) && {
                 let b = snap.backend(idx);
                 b.healthy && eligible(b, live.active(b)) && !live.cooling(b)
