@@ -397,7 +397,7 @@ mod tests {
         t.bind(ip(1), id("b1"), t0);
         // Unchanged: the binding stays.
         t.configure(TTL, DEFAULT_MAX_CLIENTS);
-        assert_eq!(t.lookup(ip(1), t0).as_deref(), Some("b1"));
+        assert_eq!(t.lookup(ip(1), t0), Some("b1"));
         // A smaller table: no new client is bound, the bound one stays.
         t.configure(TTL, 1);
         assert_eq!(t.max_clients(), 1);
