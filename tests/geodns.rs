@@ -370,3 +370,65 @@ answers = 2
     cli(&["undrain"]);
     assert!(when(PATIENCE, || ask("A") == "203.0.113.10").is_some());
 }
+
+/// An operator who starts a POP without `public_addrs` (GeoDNS then has
+/// nothing to answer for it: NODATA) adds them, as the startup warning
+/// says, and restarts: the new addresses are answered. QA: this POP's row
+/// of `pops` was only ever inserted, so without replication the addresses
+/// of its first start were answered for good.
+#[test]
+fn a_restart_with_new_public_addrs_answers_the_new_ones() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = TempDir::new("geodns-restart");
+    let backend = TagBackend::start("b");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("b", "web", "sa", backend.port()));
+    let config = |public_addrs: &str| {
+        format!(
+            r#"
+[pop]
+name = "solo"
+region = "sa"
+public_addrs = [{public_addrs}]
+[routing]
+db_path = "{db}"
+[runtime]
+shards = 1
+[limits]
+shutdown_grace_secs = 0
+[[listener]]
+addr = "0.0.0.0:0"
+[dns]
+enabled = true
+listen_addr = "127.0.0.1:0"
+[geodns]
+name = "{ZONE}"
+"#,
+            db = dir.join("routing.db").display()
+        )
+    };
+    let ask = |proxy: &Proxy| {
+        let line = proxy.wait_for_log("dns listening", PATIENCE).unwrap();
+        let addr: std::net::SocketAddr = common::field(&line, "udp").unwrap().parse().unwrap();
+        let out = std::process::Command::new("kdig")
+            .arg(format!("@{}", addr.ip()))
+            .args(["-p", &addr.port().to_string(), "+timeout=2", "+short"])
+            .args([ZONE, "A"])
+            .output()
+            .expect("kdig (knot-dnsutils)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    let mut first = Proxy::with_config(&dir, &config(""));
+    assert_eq!(ask(&first), "", "no public address yet: NODATA");
+    first.signal(libc::SIGTERM);
+    assert!(first.wait_exit(PATIENCE).is_some(), "{}", first.log_text());
+
+    let second = Proxy::with_config(&dir, &config(r#""203.0.113.20""#));
+    assert!(
+        when(PATIENCE, || ask(&second) == "203.0.113.20").is_some(),
+        "still answered: {:?}\n{}",
+        ask(&second),
+        second.log_text()
+    );
+}

@@ -37,8 +37,15 @@ pub struct PopState {
 impl PopRowWriter {
     /// Opens `routing.db` (created and migrated already by the routing
     /// store) and makes sure this POP has a row: `identity` is inserted
-    /// when there is none (replication, when it runs, keeps the identity
-    /// columns up to date itself). Returns the state found.
+    /// when there is none, and its identity columns (name, region,
+    /// country, public addresses) are brought up to the configuration's
+    /// when they differ; the state columns are kept. Returns the state
+    /// found.
+    ///
+    /// QA: the row was only ever inserted, so without replication (which
+    /// rewrites these columns itself) a POP restarted with new `[pop]
+    /// public_addrs` kept answering GeoDNS with the addresses of its first
+    /// start (none, when they were added later: NODATA for good).
     pub fn open(path: &Path, identity: &PopRow) -> Result<(PopRowWriter, PopState), PopRowError> {
         let err = |cause| PopRowError {
             path: path.to_path_buf(),
@@ -48,7 +55,11 @@ impl PopRowWriter {
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.execute(
             "INSERT INTO pops (node_id, name, region, country, public_addrs, draining, serving) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (node_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (node_id) DO UPDATE SET \
+             name = excluded.name, region = excluded.region, country = excluded.country, \
+             public_addrs = excluded.public_addrs \
+             WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
+             OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs",
             params![
                 identity.node_id,
                 identity.name,
@@ -154,5 +165,42 @@ mod tests {
         // A restart finds the drain.
         let (_, state) = PopRowWriter::open(&path, &identity()).unwrap();
         assert_eq!(state, drained);
+    }
+
+    #[test]
+    fn a_restart_with_a_new_identity_rewrites_it_and_keeps_the_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        let first = PopRow {
+            country: None,
+            public_addrs: String::new(),
+            ..identity()
+        };
+        let (w, _) = PopRowWriter::open(&path, &first).unwrap();
+        let drained = PopState {
+            draining: true,
+            serving: true,
+        };
+        w.write(drained).unwrap();
+        drop(w);
+        // The operator adds public addresses and a country, moves the POP
+        // to another region, and restarts.
+        let moved = PopRow {
+            region: "eu".into(),
+            ..identity()
+        };
+        let (_, state) = PopRowWriter::open(&path, &moved).unwrap();
+        assert_eq!(state, drained, "the drain outlives the restart");
+        let rows = store.load_pops().unwrap();
+        assert_eq!(
+            (
+                rows[0].region.as_str(),
+                rows[0].country.as_deref(),
+                rows[0].public_addrs.as_str(),
+                rows[0].draining
+            ),
+            ("eu", Some("BR"), "203.0.113.10", true)
+        );
     }
 }
