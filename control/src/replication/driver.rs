@@ -943,6 +943,20 @@ impl Driver {
                     MemberEvent::Rejoined => tracing::warn!(
                         "replication: a member had declared this node down (one cut off from it, e.g. across a partition); refuted and rejoined"
                     ),
+                    MemberEvent::AddressTaken { holder, claimant } => {
+                        let now = Instant::now();
+                        let key = (holder.gossip, "address_taken");
+                        let due = self
+                            .refusals_logged
+                            .get(&key)
+                            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+                        if due {
+                            self.refusals_logged.insert(key, now);
+                            tracing::warn!(node = %claimant.id, gossip = %claimant.gossip, holder = %holder.id,
+                                "replication: a POP claims the gossip address of a live member with another node id; it is ignored while that member lives. Check that POP's replication.advertise_addr and gossip_addr (a POP restarted here under a new node id is taken once its old id is declared down)");
+                        }
+                        return false;
+                    }
                     MemberEvent::Alone => {
                         if !self.alone_logged {
                             self.alone_logged = true;

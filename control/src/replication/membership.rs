@@ -85,8 +85,18 @@ impl Identity for Peer {
         self.gossip
     }
 
+    /// Between identities of one id, the newer generation (a restart or a
+    /// renewal). Between two ids claiming one gossip address (a POP whose
+    /// `advertise_addr` names another POP's address), the one already
+    /// known keeps it: until 2026-12-05 the later start won, the POP that
+    /// really lives there was replaced in every view, and, told it was
+    /// down, renewed itself by one generation per round trip until it
+    /// outnumbered the other's start time in ms (a minute's start gap: a
+    /// minute locked out, about a thousand rejoins and log lines a
+    /// second). A down identity still gives the address up to the one
+    /// that talks from it ([`Membership::handle_packet`]).
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
-        self.generation > adversary.generation
+        self.id != adversary.id || self.generation > adversary.generation
     }
 }
 
@@ -106,6 +116,12 @@ pub enum MemberEvent {
     Alone,
     /// This node was declared down and rejoined as a new generation.
     Rejoined,
+    /// `claimant`, another id, says it is at the gossip address of
+    /// `holder`, a live member: it is ignored while `holder` lives.
+    AddressTaken {
+        holder: Peer,
+        claimant: Peer,
+    },
 }
 
 /// A member's state now.
@@ -230,7 +246,13 @@ impl Membership {
         };
         let result = f(&mut self.foca, rt);
         for (to, data) in std::mem::take(&mut self.turn_undead) {
-            let active = self.foca.iter_members().any(|m| m.id() == &to);
+            // Nor to one that lost its address to a live member of
+            // another id: it was not declared down, and renewing itself
+            // cannot win the address back.
+            let active = self
+                .foca
+                .iter_members()
+                .any(|m| m.id() == &to || (m.id().gossip == to.gossip && m.id().id != to.id));
             if !active {
                 self.sends.push((to.gossip, data));
             }
@@ -306,6 +328,25 @@ impl Membership {
 
     /// A SWIM packet from the network (already authenticated).
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8]) -> Result<(), foca::Error> {
+        if let Ok(header) = Codec::<Peer>::decode_header(&mut PostcardCodec, packet) {
+            let src = header.src;
+            let holder = self
+                .foca
+                .iter_membership_state()
+                .find(|m| m.id().gossip == src.gossip && m.id().id != src.id)
+                .map(|m| (m.id().clone(), m.state()));
+            match holder {
+                // A down identity of another id (a POP that claimed this
+                // address by mistake, or the one that lived here before)
+                // gives way to the one talking from it now.
+                Some((down, State::Down)) => self.remove_down(now, &down),
+                Some((holder, _)) => self.events.push(MemberEvent::AddressTaken {
+                    holder,
+                    claimant: src,
+                }),
+                None => {}
+            }
+        }
         let result = self.run(now, |f, rt| f.handle_data(packet, rt));
         if result.is_err() {
             self.errors += 1;

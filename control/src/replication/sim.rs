@@ -147,12 +147,23 @@ impl Sim {
     }
 
     fn make_node(&self, i: usize, generation: u64, replica: Replica) -> Node {
+        self.make_node_advertising(i, generation, replica, i)
+    }
+
+    /// Node `i`, advertising the addresses of node `at`.
+    fn make_node_advertising(
+        &self,
+        i: usize,
+        generation: u64,
+        replica: Replica,
+        at: usize,
+    ) -> Node {
         let s = Settings {
             id: Arc::from(self.ids[i].as_str()),
             cluster: "sim".into(),
             schema: 1,
-            gossip_addr: addr(i, 4001),
-            transport_addr: addr(i, 4002),
+            gossip_addr: addr(at, 4001),
+            transport_addr: addr(at, 4002),
             generation,
             gossip_interval: self.cfg.gossip_interval,
             sync_interval: self.cfg.sync_interval,
@@ -501,6 +512,22 @@ impl Sim {
         let node = self.make_node(i, generation, replica);
         self.gossip_of.insert(addr(i, 4001), i);
         self.transport_of.insert(addr(i, 4002), i);
+        self.nodes.push(node);
+        let now = self.now();
+        self.nodes[i].join(now, &[addr(via, 4001)]);
+        self.drain(i);
+        i
+    }
+
+    /// Starts one more node with a new `id` that advertises node `at`'s
+    /// addresses (a wrong `advertise_addr`): what is sent there reaches
+    /// node `at`, not it. Returns its index.
+    pub fn spawn_advertising(&mut self, id: &str, generation: u64, at: usize, via: usize) -> usize {
+        let i = self.nodes.len();
+        self.ids.push(id.to_string());
+        self.group.push(0);
+        self.persisted.push(HashMap::new());
+        let node = self.make_node_advertising(i, generation, Replica::new(), at);
         self.nodes.push(node);
         let now = self.now();
         self.nodes[i].join(now, &[addr(via, 4001)]);

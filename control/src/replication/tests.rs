@@ -339,6 +339,56 @@ fn a_second_node_with_a_live_nodes_id_is_reported_and_ignored() {
     assert!(holder_row.sync.last_sync.is_some());
 }
 
+/// QA: a POP started with `advertise_addr` set to another POP's address
+/// (a copied config) replaced that POP in every view (its start was later,
+/// so its generation won the address). The POP really living there, told
+/// it was down, renewed itself one generation per round trip, about a
+/// thousand times a second on a LAN, and stayed out of every view until
+/// its generation passed the other's start time in ms, even after the
+/// wrong POP was stopped. Now the live member keeps its address, the
+/// wrong one is reported, and nobody is told it is down.
+#[test]
+fn a_pop_advertising_another_pops_address_does_not_displace_it() {
+    use super::membership::{MemberEvent, MemberState};
+    use super::node::Event;
+
+    let mut sim = joined(SimConfig::wan(3, 23));
+    // Started a minute after node 1: its generation (start time in ms)
+    // is 60,000 above.
+    let wrong = sim.spawn_advertising("n9", 60_001, 1, 0);
+    let t0 = sim.elapsed();
+    sim.run_for(Duration::from_secs(20));
+    let n1_alive = |s: &Sim, i: usize| {
+        s.nodes[i]
+            .members()
+            .iter()
+            .any(|m| &*m.peer.id == "n1" && m.state == MemberState::Alive)
+    };
+    for i in [0, 2] {
+        assert!(n1_alive(&sim, i), "node {i}: {:?}", sim.nodes[i].members());
+    }
+    let since = |s: &Sim, what: fn(&Event) -> bool| {
+        s.events
+            .iter()
+            .filter(|(t, _, e)| *t >= t0 && what(e))
+            .count()
+    };
+    let rejoins = since(&sim, |e| matches!(e, Event::Member(MemberEvent::Rejoined)));
+    assert_eq!(rejoins, 0, "node 1 was told it was down");
+    let reported = since(&sim, |e| {
+        matches!(e, Event::Member(MemberEvent::AddressTaken { holder, claimant })
+            if &*holder.id == "n1" && &*claimant.id == "n9")
+    });
+    assert!(reported > 0, "the wrong POP was not reported");
+    // Stopped, it leaves nothing behind.
+    sim.crash(wrong);
+    sim.run_for(Duration::from_secs(20));
+    for i in [0, 2] {
+        assert!(n1_alive(&sim, i), "node {i}: {:?}", sim.nodes[i].members());
+    }
+    assert!(sim.nodes[1].active_members() == 2);
+}
+
 /// A node that comes back at another address with the same id (a replaced
 /// host) supersedes its old, down identity: listed once, alive, and never
 /// among its own members.
