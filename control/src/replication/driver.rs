@@ -972,10 +972,12 @@ impl Driver {
                 reason,
                 label,
             } => {
+                self.seeds.refused(addr, &reason);
                 self.log_refusal(addr, label, peer.as_deref(), &reason);
                 false
             }
             Event::RefusedBy { addr, reason } => {
+                self.seeds.refused(addr, &reason);
                 tracing::debug!(%addr, %reason, "replication: a peer refused this node");
                 false
             }

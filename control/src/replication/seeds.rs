@@ -12,6 +12,7 @@
 //! Sans-IO: the driver resolves (off its event loop) and logs; this decides
 //! when, and keeps the results.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,10 @@ pub struct Seeds {
     /// This POP's own gossip address: fleets often give every POP the same
     /// list, this one included; it is no peer to wait for.
     own: Option<SocketAddr>,
+    /// Bootstrap peers that answered but were refused, or refused this
+    /// POP (a wrong secret or cluster name), with the last reason: they
+    /// did answer, and the warning says why they are no member.
+    refused: HashMap<SocketAddr, String>,
 }
 
 impl Seeds {
@@ -57,6 +62,7 @@ impl Seeds {
             ever_joined: false,
             resolving: false,
             own: None,
+            refused: HashMap::new(),
         }
     }
 
@@ -79,6 +85,14 @@ impl Seeds {
             .collect()
     }
 
+    /// A datagram from `from` was refused, or `from` refused ours, for
+    /// `why`. Kept for the bootstrap peers only, until the node joins.
+    pub fn refused(&mut self, from: SocketAddr, why: &str) {
+        if self.alone_since.is_some() && self.addrs().contains(&from) {
+            self.refused.insert(from, why.to_string());
+        }
+    }
+
     /// Called on every tick with the node's count of live members. True
     /// when the names should be resolved again now (the caller then hands
     /// the results to [`Seeds::resolved`]).
@@ -86,6 +100,7 @@ impl Seeds {
         if members > 0 {
             self.alone_since = None;
             self.last_warning = None;
+            self.refused.clear();
             self.ever_joined = true;
             return false;
         }
@@ -147,23 +162,34 @@ impl Seeds {
                  so this POP waits for another one to join through it"
             ));
         }
+        // Until 2026-12-05 a peer refused for a wrong secret was listed as
+        // "no answer": operators looked for a firewall.
+        let outcome = |a: &SocketAddr| match self.refused.get(a) {
+            Some(why) => format!("refused: {why}"),
+            None => "no answer".to_string(),
+        };
+        let any_refused = others
+            .iter()
+            .any(|(_, r)| matches!(r, Ok(a) if self.refused.contains_key(a)));
         let tried = {
             let list: Vec<String> = others
                 .into_iter()
                 .map(|(name, r)| match r {
-                    Ok(a) if name == &a.to_string() => format!("{name} (no answer)"),
-                    Ok(a) => format!("{name} = {a} (no answer)"),
+                    Ok(a) if name == &a.to_string() => format!("{name} ({})", outcome(a)),
+                    Ok(a) => format!("{name} = {a} ({})", outcome(a)),
                     Err(e) => format!("{name} (cannot resolve: {e})"),
                 })
                 .collect();
             format!("tried {}", list.join(", "))
         };
+        let headline = match any_refused {
+            true => "no bootstrap peer let this POP in",
+            false => "no bootstrap peer answered",
+        };
         Some(if self.ever_joined {
             format!("replication: no other member for {secs} s; {tried}")
         } else {
-            format!(
-                "replication: not joined yet after {secs} s: no bootstrap peer answered; {tried}"
-            )
+            format!("replication: not joined yet after {secs} s: {headline}; {tried}")
         })
     }
 }
@@ -192,6 +218,38 @@ mod tests {
             changed = seeds.resolved(results);
         }
         (changed, seeds.warning(at))
+    }
+
+    /// QA: a POP with another cluster's secret said "no bootstrap peer
+    /// answered … (no answer)" while the peers answered and refused it.
+    #[test]
+    fn a_bootstrap_peer_that_refused_this_pop_is_not_called_silent() {
+        let t0 = Instant::now();
+        let names = vec!["10.0.0.1:4001".to_string(), "10.0.0.2:4001".to_string()];
+        let resolved = vec![Ok(addr("10.0.0.1:4001")), Ok(addr("10.0.0.2:4001"))];
+        let mut seeds = Seeds::new(names, resolved, t0, TICK);
+        let secret = "authentication failed: the peer does not hold this cluster's secret";
+        seeds.refused(addr("10.0.0.1:4001"), secret);
+        // Not a bootstrap peer: not listed.
+        seeds.refused(addr("10.0.0.7:4001"), "peer belongs to cluster \"x\"");
+        let w = seeds.warning(t0 + TICK * 6).expect("a warning");
+        assert!(
+            w.starts_with(
+                "replication: not joined yet after 6 s: no bootstrap peer let this POP in;"
+            ),
+            "{w}"
+        );
+        assert!(
+            w.contains(&format!("10.0.0.1:4001 (refused: {secret})")),
+            "{w}"
+        );
+        assert!(w.contains("10.0.0.2:4001 (no answer)"), "{w}");
+        assert!(!w.contains("10.0.0.7"), "{w}");
+        // Forgotten once the POP has joined.
+        seeds.tick(t0 + TICK * 7, 1);
+        seeds.tick(t0 + TICK * 8, 0);
+        let w = seeds.warning(t0 + TICK * 20).expect("a warning");
+        assert!(w.contains("10.0.0.1:4001 (no answer)"), "{w}");
     }
 
     #[test]
