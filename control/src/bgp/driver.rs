@@ -628,7 +628,12 @@ impl Task {
             SessionEvent::Down { reason } => {
                 tracing::warn!(%neighbor, %reason, "bgp: session down")
             }
-            SessionEvent::NotificationSent(text) => {
+            // A refused OPEN is a session that never comes up: WARN, as a
+            // NOTIFICATION received is (until 2026-12-05 it was INFO).
+            SessionEvent::NotificationSent { text, error: true } => {
+                tracing::warn!(%neighbor, notification = %text, "bgp: NOTIFICATION sent")
+            }
+            SessionEvent::NotificationSent { text, error: false } => {
                 tracing::info!(%neighbor, notification = %text, "bgp: NOTIFICATION sent")
             }
             SessionEvent::NotificationReceived(text) => {

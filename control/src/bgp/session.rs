@@ -28,10 +28,13 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rustbgpd_fsm::{Action, Event, PeerConfig, SessionState, TimerType};
-use rustbgpd_wire::notification::{cease_subcode, description, encode_shutdown_communication};
+use rustbgpd_wire::notification::{
+    cease_subcode, description, encode_shutdown_communication, open_subcode,
+};
 use rustbgpd_wire::{
-    decode_message, encode_message, peek_message_length, Afi, Message, NotificationCode,
-    NotificationMessage, OpenMessage, Safi, EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
+    decode_message, encode_message, peek_message_length, Afi, Capability, Message,
+    NotificationCode, NotificationMessage, OpenMessage, Safi, EXTENDED_MAX_MESSAGE_LEN,
+    MAX_MESSAGE_LEN,
 };
 
 use super::config::NextHop;
@@ -87,7 +90,12 @@ pub enum SessionEvent {
     Down {
         reason: String,
     },
-    NotificationSent(String),
+    /// `error`: anything but the Cease of a drain or a stop (a refused
+    /// OPEN, a hold timer that expired).
+    NotificationSent {
+        text: String,
+        error: bool,
+    },
     NotificationReceived(String),
     /// Taken over, established, from the process before a binary upgrade.
     Resumed {
@@ -163,6 +171,18 @@ fn timer_slot(t: TimerType) -> Option<usize> {
         TimerType::Keepalive => Some(2),
         _ => None,
     }
+}
+
+/// The AS an OPEN announces: its four-octet AS capability's, else the
+/// two-octet field.
+fn open_asn(open: &OpenMessage) -> u32 {
+    open.capabilities
+        .iter()
+        .find_map(|c| match c {
+            Capability::FourOctetAs { asn } => Some(*asn),
+            _ => None,
+        })
+        .unwrap_or(u32::from(open.my_as))
 }
 
 fn notification_text(n: &NotificationMessage) -> String {
@@ -571,13 +591,26 @@ impl Session {
             }
             Action::SendKeepalive => self.send(&Message::Keepalive),
             Action::SendNotification(n) => {
-                let text = notification_text(&n);
-                if n.code != NotificationCode::Cease
-                    || n.subcode != cease_subcode::ADMINISTRATIVE_SHUTDOWN
+                let mut text = notification_text(&n);
+                // Which AS the router said it is: "Bad Peer AS" alone left
+                // the operator to guess which side's config was wrong.
+                if n.code == NotificationCode::OpenMessage && n.subcode == open_subcode::BAD_PEER_AS
                 {
+                    if let Some(open) = &self.peer_open {
+                        text.push_str(&format!(
+                            ": the neighbor's OPEN says AS {}, bgp.neighbor.asn is {}",
+                            open_asn(open),
+                            self.settings.peer_asn
+                        ));
+                    }
+                }
+                let error = n.code != NotificationCode::Cease
+                    || n.subcode != cease_subcode::ADMINISTRATIVE_SHUTDOWN;
+                if error {
                     self.last_error = Some(format!("sent NOTIFICATION {text}"));
                 }
-                self.events.push_back(SessionEvent::NotificationSent(text));
+                self.events
+                    .push_back(SessionEvent::NotificationSent { text, error });
                 self.send(&Message::Notification(n));
             }
             Action::StartTimer(t, secs) => {

@@ -38,7 +38,12 @@ struct Peer {
 
 impl Peer {
     fn new() -> Peer {
-        let mut config = PeerConfig::new(THEM, US, Ipv4Addr::new(10, 0, 0, 1));
+        Peer::with_asn(THEM)
+    }
+
+    /// A router of AS `asn` (which may not be the one configured).
+    fn with_asn(asn: u32) -> Peer {
+        let mut config = PeerConfig::new(asn, US, Ipv4Addr::new(10, 0, 0, 1));
         config.families = vec![(Afi::Ipv4, Safi::Unicast), (Afi::Ipv6, Safi::Unicast)];
         config.hold_time = 90;
         let mut peer = Peer {
@@ -176,6 +181,33 @@ fn ad(prefixes: &[&str], graceful: bool, generation: u64) -> Advertisement {
     }
 }
 
+/// QA: with `bgp.neighbor.asn` wrong, the POP refused the router's OPEN
+/// at every retry with "NOTIFICATION sent … Bad Peer AS (2/2)" at INFO,
+/// naming neither AS.
+#[test]
+fn a_router_of_another_as_is_refused_naming_both_ases() {
+    let t0 = Instant::now();
+    let mut s = Session::new(settings(), t0);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+    // A four-octet AS, so that the capability is what is read.
+    let mut peer = Peer::with_asn(4_200_000_001);
+    pump(&mut s, &mut peer, t0);
+    assert_ne!(s.state(), SessionState::Established);
+    let ev = events(&mut s);
+    let said =
+        "Bad Peer AS (2/2): the neighbor's OPEN says AS 4200000001, bgp.neighbor.asn is 65000";
+    assert!(
+        ev.iter().any(|e| matches!(e,
+            SessionEvent::NotificationSent { text, error: true } if text == said)),
+        "{ev:?}"
+    );
+    assert_eq!(
+        s.snapshot(t0).last_error.as_deref(),
+        Some(format!("sent NOTIFICATION {said}").as_str())
+    );
+}
+
 #[test]
 fn establishes_and_announces_then_drains_and_withdraws() {
     let t0 = Instant::now();
@@ -284,7 +316,7 @@ fn keepalives_keep_it_up_and_silence_ends_it_after_the_hold_time() {
     );
     assert!(ev
         .iter()
-        .any(|e| matches!(e, SessionEvent::NotificationSent(t) if t.contains("Hold"))));
+        .any(|e| matches!(e, SessionEvent::NotificationSent { text, error: true } if text.contains("Hold"))));
     // It tries again one second later.
     assert_eq!(s.state(), SessionState::Idle);
     assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(1)));
