@@ -691,6 +691,57 @@ fn a_far_backend_closing_pooled_connections_after_one_second_causes_no_client_er
     clients_meet_closed_pooled_sockets(&f, "plain", || f.ask(f.proxy.addr()));
 }
 
+/// QA: a backend host that fell silent (power lost, a link cut: no FIN, no
+/// reset) kept its warm sockets looking healthy; a client that took one
+/// sent its bytes into it and hung, unlogged, until the idle timeout (5
+/// minutes by default), where a fresh connect would have timed out after
+/// `connect_timeout_ms` and moved on to the next backend. Now bytes
+/// unacknowledged after the pool's connect timeout are sent on a fresh
+/// connection, and the client is served by the other backend.
+#[test]
+fn a_client_whose_warm_backend_fell_silent_is_served_by_another_backend() {
+    let _serial = serial();
+    let net = common::netns::Net::new(2);
+    let ip = net.ip(1);
+    let listener = net.run_in(1, move || TcpListener::bind((ip, 0)).unwrap());
+    let gone = WarmBackend::serve(listener, "gone", None, false);
+    let listener = net.run_in(0, || TcpListener::bind("127.0.0.1:0").unwrap());
+    let spare = WarmBackend::serve(listener, "spare", None, false);
+    let dir = TempDir::new("pool-silent");
+    let db = Db::create(dir.join("routing.db"));
+    // "gone" is in this POP's region: every client goes to it first.
+    db.upsert(&gone.row("sa", "web"));
+    db.upsert(&spare.row("eu", "web"));
+    let extra = format!(
+        "[pop]\nregion = \"sa\"\n[limits]\nconnect_timeout_ms = 1000\n[affinity]\nttl_secs = 0\n\n{METRICS}\n{}",
+        pool("warm = \"all\"\nconnect_timeout_ms = 1000")
+    );
+    let text = config(&db.path, &extra).replace("shards = 2", "shards = 1");
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let proxy =
+        Proxy::spawn_in_netns(&net.hosts[0].ns, &["--config", path.to_str().unwrap()], &[]).ready();
+    assert!(eventually(PATIENCE, || gone.idle() == 1), "never warmed");
+    let at = proxy.addr();
+    let (_, first) = net.run_in(0, move || ask_timed(at, b"")).unwrap();
+    assert_eq!(first.backend, "gone");
+    assert!(
+        eventually(PATIENCE, || gone.idle() == 1),
+        "not warmed again"
+    );
+    // Its host falls silent: every packet to or from it is dropped.
+    net.partition(&[0], &[1]);
+    let (took, answer) = net
+        .run_in(0, move || ask_timed(at, b""))
+        .expect("the client was not served");
+    assert_eq!(answer.backend, "spare");
+    // The pool's patience (1 s), then the fresh connect's timeout (1 s).
+    assert!(took < Duration::from_secs(10), "served after {took:?}");
+    let m = metrics_addr(&proxy);
+    let replayed = net.run_in(0, move || scrape(m, "edgeproxy_pool_replayed_total"));
+    assert_eq!(replayed, 1.0);
+}
+
 /// Sends clients 1140–1220 ms apart (see the stale tests: each can take a
 /// pooled socket while the backend's FIN is on its way) until two have met
 /// a closed one or 30 were sent; none may see an error, and at least one

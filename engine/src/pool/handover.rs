@@ -28,6 +28,12 @@
 //! handshake itself is between the client and this proxy, so it never
 //! reaches the backend). [`ClientSide`] says where they come from.
 //!
+//! Bytes of which none is acknowledged after the patience (the connect
+//! timeout) went to a host that fell silent: the socket is reset, so that they are
+//! never delivered later, and they are sent on a fresh connection, whose
+//! connect times out as any other to that host and moves on to the next
+//! backend.
+//!
 //! Step 3 runs while the backend works on the request, so a request/response
 //! client waits no longer than it would anyway: the acknowledgement arrives
 //! with (or before) the answer. A client that streams a long upload waits
@@ -204,6 +210,23 @@ pub(crate) async fn hand_over<C: ClientSide>(
         Either::Right((ready, _)) => Some(ready),
     };
     match moved {
+        // Not one byte acknowledged within the patience (a connect
+        // timeout): the backend's host fell silent (power lost, a link
+        // cut: no FIN, no reset ever comes). Until 2026-12-05 the client
+        // went on with it and hung until the idle timeout, where a fresh
+        // connect would have timed out and tried the next backend. Reset
+        // the socket so that what it holds is never delivered later, and
+        // connect fresh. (Some bytes acknowledged: the host lives and they
+        // may not be sent twice.)
+        None if check::bytes_acked(fd).is_some_and(|n| n <= acked_before) => {
+            // SAFETY: `fd` is `backend`'s, open for as long as it is.
+            let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+            Ok(HandOver::Stale {
+                first: Some(Chunk::Owned(copy)),
+                replayed: true,
+            })
+        }
         None => Ok(HandOver::Live { sent: copy.len() }),
         Some(ready) => {
             ready?;
