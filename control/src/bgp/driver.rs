@@ -629,7 +629,7 @@ impl Task {
                 tracing::warn!(%neighbor, %reason, "bgp: session down")
             }
             // A refused OPEN is a session that never comes up: WARN, as a
-            // NOTIFICATION received is (until 2026-12-05 it was INFO).
+            // NOTIFICATION received is.
             SessionEvent::NotificationSent { text, error: true } => {
                 tracing::warn!(%neighbor, notification = %text, "bgp: NOTIFICATION sent")
             }

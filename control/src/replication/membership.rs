@@ -88,13 +88,13 @@ impl Identity for Peer {
     /// Between identities of one id, the newer generation (a restart or a
     /// renewal). Between two ids claiming one gossip address (a POP whose
     /// `advertise_addr` names another POP's address), the one already
-    /// known keeps it: until 2026-12-05 the later start won, the POP that
-    /// really lives there was replaced in every view, and, told it was
-    /// down, renewed itself by one generation per round trip until it
-    /// outnumbered the other's start time in ms (a minute's start gap: a
-    /// minute locked out, about a thousand rejoins and log lines a
-    /// second). A down identity still gives the address up to the one
-    /// that talks from it ([`Membership::handle_packet`]).
+    /// known keeps it. Were the later start to win, the POP that really
+    /// lives there would be replaced in every view and, told it was down,
+    /// renew itself by one generation per round trip until it outnumbered
+    /// the other's start time in ms (a minute's start gap: a minute locked
+    /// out, about a thousand rejoins and log lines a second). A down
+    /// identity still gives the address up to the one that talks from it
+    /// ([`Membership::handle_packet`]).
     fn win_addr_conflict(&self, adversary: &Self) -> bool {
         self.id != adversary.id || self.generation > adversary.generation
     }

@@ -162,8 +162,8 @@ impl Seeds {
                  so this POP waits for another one to join through it"
             ));
         }
-        // Until 2026-12-05 a peer refused for a wrong secret was listed as
-        // "no answer": operators looked for a firewall.
+        // A peer that refused (a wrong secret) is not "no answer": that
+        // sends the operator looking for a firewall.
         let outcome = |a: &SocketAddr| match self.refused.get(a) {
             Some(why) => format!("refused: {why}"),
             None => "no answer".to_string(),

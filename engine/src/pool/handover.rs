@@ -212,10 +212,9 @@ pub(crate) async fn hand_over<C: ClientSide>(
     match moved {
         // Not one byte acknowledged within the patience (a connect
         // timeout): the backend's host fell silent (power lost, a link
-        // cut: no FIN, no reset ever comes). Until 2026-12-05 the client
-        // went on with it and hung until the idle timeout, where a fresh
-        // connect would have timed out and tried the next backend. Reset
-        // the socket so that what it holds is never delivered later, and
+        // cut: no FIN, no reset ever comes): going on with it would hang
+        // the client until the idle timeout, where a fresh connect times
+        // out and tries the next backend. Reset the socket so that what it holds is never delivered later, and
         // connect fresh. (Some bytes acknowledged: the host lives and they
         // may not be sent twice.)
         None if check::bytes_acked(fd).is_some_and(|n| n <= acked_before) => {
