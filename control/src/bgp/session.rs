@@ -158,6 +158,10 @@ pub struct Session {
     updates_sent: u64,
     flaps: u64,
     last_error: Option<String>,
+    /// A NOTIFICATION was sent or received on the current connection: its
+    /// close follows from it and must not replace its reason in
+    /// `last_error` ("connection closed" says less than "Bad Peer AS").
+    notified: bool,
     /// The OPENs of the current connection (sent, received): what a
     /// binary upgrade hands over for the successor to resume the session.
     local_open: Option<OpenMessage>,
@@ -243,6 +247,7 @@ impl Session {
             updates_sent: 0,
             flaps: 0,
             last_error: None,
+            notified: false,
             local_open: None,
             peer_open: None,
         }
@@ -362,6 +367,7 @@ impl Session {
         self.inbuf.clear();
         self.local_open = None;
         self.peer_open = None;
+        self.notified = false;
         self.feed(now, Event::TcpConnectionConfirmed);
     }
 
@@ -372,7 +378,9 @@ impl Session {
 
     /// The peer closed the connection, or it broke.
     pub fn handle_closed(&mut self, now: Instant, why: &str) {
-        self.last_error = Some(format!("connection closed: {why}"));
+        if !std::mem::take(&mut self.notified) {
+            self.last_error = Some(format!("connection closed: {why}"));
+        }
         self.inbuf.clear();
         self.feed(now, Event::TcpConnectionFails);
     }
@@ -416,6 +424,7 @@ impl Session {
             Message::Notification(n) => {
                 let text = notification_text(&n);
                 self.last_error = Some(format!("peer sent NOTIFICATION {text}"));
+                self.notified = true;
                 self.events
                     .push_back(SessionEvent::NotificationReceived(text));
                 Event::NotificationReceived(n)
@@ -608,6 +617,7 @@ impl Session {
                     || n.subcode != cease_subcode::ADMINISTRATIVE_SHUTDOWN;
                 if error {
                     self.last_error = Some(format!("sent NOTIFICATION {text}"));
+                    self.notified = true;
                 }
                 self.events
                     .push_back(SessionEvent::NotificationSent { text, error });

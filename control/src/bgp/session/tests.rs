@@ -206,6 +206,20 @@ fn a_router_of_another_as_is_refused_naming_both_ases() {
         s.snapshot(t0).last_error.as_deref(),
         Some(format!("sent NOTIFICATION {said}").as_str())
     );
+    // The close that follows keeps the reason for `bgp status` (QA: it
+    // said "connection closed: the peer closed it").
+    s.handle_closed(t0, "the peer closed it");
+    assert_eq!(
+        s.snapshot(t0).last_error.as_deref(),
+        Some(format!("sent NOTIFICATION {said}").as_str())
+    );
+    // A later close without a NOTIFICATION is its own reason again.
+    s.handle_connected(t0, "10.0.0.2:40001".parse().unwrap());
+    s.handle_closed(t0, "reset by peer");
+    assert_eq!(
+        s.snapshot(t0).last_error.as_deref(),
+        Some("connection closed: reset by peer")
+    );
 }
 
 #[test]
