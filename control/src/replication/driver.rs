@@ -1004,8 +1004,9 @@ impl Driver {
             Event::SyncTimedOut { peer, in_a_row } => {
                 // Gossip still says the member is alive (else no exchange
                 // would be started with it), yet its transport does not
-                // answer: the rows it writes stop arriving, and before this
-                // line only a debug message said anything.
+                // answer: the rows it writes reach this POP only through
+                // other members (not at all in a pair), and before this line
+                // only a debug message said anything.
                 let now = Instant::now();
                 let due = self
                     .transport_silence_logged
@@ -1021,7 +1022,7 @@ impl Driver {
                         .map(|m| m.peer.transport.to_string())
                         .unwrap_or_else(|| "?".into());
                     tracing::warn!(%peer, %transport, exchanges = in_a_row,
-                        "replication: member answers gossip but not on its transport (anti-entropy exchanges time out): its rows do not arrive; check that its transport port (UDP) is open both ways");
+                        "replication: member answers gossip but not on its transport (anti-entropy exchanges time out): this POP gets its rows only through other members, if any reach it; check that its transport port (UDP) is open both ways");
                 } else {
                     tracing::debug!(%peer, in_a_row, "replication: anti-entropy exchange timed out");
                 }
