@@ -289,7 +289,7 @@ impl Answerer {
                 return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
             }
         }
-        let location = match client_location(query_edns) {
+        let location = match client_location(query_edns, query) {
             Ok(l) => l,
             Err(_) => {
                 meta.response_code = ResponseCode::FormErr;

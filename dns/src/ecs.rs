@@ -9,11 +9,18 @@
 //! A SOURCE PREFIX-LENGTH of 0 is the client opting out of tailoring
 //! (RFC 7871 §7.1.2): no client location is used at all, not even the
 //! resolver's, and the scope is 0.
+//!
+//! The ADDRESS field must hold exactly the bytes the source prefix needs
+//! (RFC 7871 §6). hickory reads only those and drops the rest of the
+//! option, so an address with bytes to spare decodes; the count is checked
+//! on the raw option instead ([`client_location`] takes the query's bytes).
 
 use std::net::IpAddr;
 
 use hickory_proto::op::Edns;
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
+
+use crate::salvage::find_opt;
 
 /// What the query's ECS option says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,11 +43,19 @@ pub enum EcsError {
     PrefixTooLong { prefix: u8 },
     #[error("address has bits set beyond the source prefix")]
     BitsBeyondPrefix,
+    #[error("address has {bytes} bytes; source prefix /{prefix} needs {needed}")]
+    AddressLength {
+        prefix: u8,
+        bytes: usize,
+        needed: usize,
+    },
 }
 
-/// Reads and validates the ECS option of a query's OPT record. (Unknown
-/// address families and truncated options already fail message decoding.)
-pub fn client_location(edns: Option<&Edns>) -> Result<ClientLocation, EcsError> {
+/// Reads and validates the ECS option of a query's OPT record. `query` is
+/// the message `edns` was decoded from: the address's byte count is checked
+/// there. (Unknown address families and options shorter than their prefix
+/// needs already fail message decoding.)
+pub fn client_location(edns: Option<&Edns>, query: &[u8]) -> Result<ClientLocation, EcsError> {
     let Some(edns) = edns else {
         return Ok(ClientLocation::Source);
     };
@@ -63,6 +78,9 @@ pub fn client_location(edns: Option<&Edns>) -> Result<ClientLocation, EcsError> 
     if prefix > width {
         return Err(EcsError::PrefixTooLong { prefix });
     }
+    if let Some(rdata) = find_opt(query).and_then(|opt| opt.rdata) {
+        address_lengths_exact(rdata)?;
+    }
     let host_mask = u128::MAX.checked_shr(u32::from(prefix)).unwrap_or(0);
     if bits & host_mask != 0 {
         return Err(EcsError::BitsBeyondPrefix);
@@ -72,6 +90,36 @@ pub fn client_location(edns: Option<&Edns>) -> Result<ClientLocation, EcsError> 
     } else {
         ClientLocation::Subnet(subnet)
     })
+}
+
+/// ECS's option code (RFC 7871 §6).
+const ECS: u16 = 8;
+
+/// Checks that every ECS option in an OPT record's raw options carries
+/// exactly `ceil(SOURCE PREFIX-LENGTH / 8)` address bytes. Options that do
+/// not frame are left to the decoder, which refuses them.
+fn address_lengths_exact(mut options: &[u8]) -> Result<(), EcsError> {
+    while let [c0, c1, l0, l1, rest @ ..] = options {
+        let len = usize::from(u16::from_be_bytes([*l0, *l1]));
+        let Some(data) = rest.get(..len) else {
+            return Ok(());
+        };
+        if u16::from_be_bytes([*c0, *c1]) == ECS {
+            // FAMILY (2), SOURCE PREFIX-LENGTH, SCOPE PREFIX-LENGTH, ADDRESS.
+            if let [_, _, prefix, _, address @ ..] = data {
+                let needed = usize::from(prefix.div_ceil(8));
+                if address.len() != needed {
+                    return Err(EcsError::AddressLength {
+                        prefix: *prefix,
+                        bytes: address.len(),
+                        needed,
+                    });
+                }
+            }
+        }
+        options = &rest[len..];
+    }
+    Ok(())
 }
 
 impl ClientLocation {
@@ -98,6 +146,8 @@ impl ClientLocation {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
 
     fn edns_with(subnets: &[ClientSubnet]) -> Edns {
         let mut edns = Edns::new();
@@ -107,15 +157,43 @@ mod tests {
         edns
     }
 
+    /// An option built here, not received: there are no raw bytes to check.
+    fn locate(edns: &Edns) -> Result<ClientLocation, EcsError> {
+        client_location(Some(edns), &[])
+    }
+
+    /// A query for `web.internal. A` whose OPT record holds one ECS option
+    /// of family 1 with `prefix` and `address` as sent, and that message
+    /// decoded.
+    fn received(prefix: u8, address: &[u8]) -> (Vec<u8>, Message) {
+        let mut msg = Message::new(7, MessageType::Query, OpCode::Query);
+        msg.add_query(Query::query(
+            Name::from_ascii("web.internal.").unwrap(),
+            RecordType::A,
+        ));
+        let mut bytes = msg.to_vec().unwrap();
+        bytes[11] = 1; // ARCOUNT
+        let option_len = 4 + address.len() as u16;
+        // Root owner, type OPT, payload 1232, TTL 0, RDLENGTH.
+        bytes.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(&(4 + option_len).to_be_bytes());
+        bytes.extend_from_slice(&[0, 8]);
+        bytes.extend_from_slice(&option_len.to_be_bytes());
+        bytes.extend_from_slice(&[0, 1, prefix, 0]);
+        bytes.extend_from_slice(address);
+        let decoded = Message::from_vec(&bytes).expect("hickory decodes it");
+        (bytes, decoded)
+    }
+
     fn subnet(addr: &str, prefix: u8) -> ClientSubnet {
         ClientSubnet::new(addr.parse().unwrap(), prefix, 0)
     }
 
     #[test]
     fn no_option_means_the_source_address() {
-        assert_eq!(client_location(None), Ok(ClientLocation::Source));
+        assert_eq!(client_location(None, &[]), Ok(ClientLocation::Source));
         let edns = Edns::new();
-        let loc = client_location(Some(&edns)).unwrap();
+        let loc = locate(&edns).unwrap();
         assert_eq!(loc, ClientLocation::Source);
         let src = "192.0.2.1".parse().unwrap();
         assert_eq!(loc.geo_address(src), Some(src));
@@ -125,7 +203,7 @@ mod tests {
     #[test]
     fn subnet_is_located_and_echoed_with_its_scope() {
         let edns = edns_with(&[subnet("200.160.2.0", 24)]);
-        let loc = client_location(Some(&edns)).unwrap();
+        let loc = locate(&edns).unwrap();
         assert_eq!(
             loc.geo_address("127.0.0.1".parse().unwrap()),
             Some("200.160.2.0".parse().unwrap())
@@ -135,16 +213,13 @@ mod tests {
         };
         assert_eq!((reply.source_prefix(), reply.scope_prefix()), (24, 24));
         let edns = edns_with(&[subnet("2001:12ff::", 32)]);
-        assert!(matches!(
-            client_location(Some(&edns)),
-            Ok(ClientLocation::Subnet(_))
-        ));
+        assert!(matches!(locate(&edns), Ok(ClientLocation::Subnet(_))));
     }
 
     #[test]
     fn prefix_zero_opts_out_of_location() {
         let edns = edns_with(&[subnet("0.0.0.0", 0)]);
-        let loc = client_location(Some(&edns)).unwrap();
+        let loc = locate(&edns).unwrap();
         assert_eq!(loc.geo_address("127.0.0.1".parse().unwrap()), None);
         assert!(loc.reply_option().is_some());
     }
@@ -152,16 +227,42 @@ mod tests {
     #[test]
     fn malformed_options_are_errors() {
         let two = edns_with(&[subnet("10.0.0.0", 8), subnet("10.0.0.0", 8)]);
-        assert_eq!(client_location(Some(&two)), Err(EcsError::Duplicate));
+        assert_eq!(locate(&two), Err(EcsError::Duplicate));
         let bits = edns_with(&[subnet("10.1.2.3", 16)]);
-        assert_eq!(
-            client_location(Some(&bits)),
-            Err(EcsError::BitsBeyondPrefix)
-        );
+        assert_eq!(locate(&bits), Err(EcsError::BitsBeyondPrefix));
         let long = edns_with(&[ClientSubnet::new("10.0.0.0".parse().unwrap(), 33, 0)]);
-        assert_eq!(
-            client_location(Some(&long)),
-            Err(EcsError::PrefixTooLong { prefix: 33 })
-        );
+        assert_eq!(locate(&long), Err(EcsError::PrefixTooLong { prefix: 33 }));
+    }
+
+    /// RFC 7871 §6: ADDRESS is cut to the bytes the prefix needs. hickory
+    /// reads those and drops the rest, so `10.9` sent for a /8 decoded as
+    /// 10.0.0.0/8 and was answered.
+    #[test]
+    fn address_bytes_beyond_the_prefix_are_malformed() {
+        for (prefix, address, needed) in [
+            (8, &[10, 9][..], 1),
+            (16, &[10, 9, 1][..], 2),
+            (1, &[0x80, 0][..], 1),
+            (0, &[0][..], 0),
+            (24, &[10, 9, 1, 0][..], 3),
+        ] {
+            let (bytes, msg) = received(prefix, address);
+            assert_eq!(
+                client_location(msg.edns.as_ref(), &bytes),
+                Err(EcsError::AddressLength {
+                    prefix,
+                    bytes: address.len(),
+                    needed
+                }),
+                "/{prefix} with {address:?}"
+            );
+        }
+        for (prefix, address) in [(8, &[10][..]), (12, &[10, 0][..]), (0, &[][..])] {
+            let (bytes, msg) = received(prefix, address);
+            assert!(
+                client_location(msg.edns.as_ref(), &bytes).is_ok(),
+                "/{prefix} with {address:?}"
+            );
+        }
     }
 }

@@ -9,6 +9,10 @@
 //! family or a prefix longer than its address, RFC 7871 §7.1.1), which makes
 //! hickory reject the whole message. The question is echoed when it reads,
 //! as Knot and BIND do.
+//!
+//! [`find_opt`] is the raw walk to the OPT record, also used on queries that
+//! do decode: hickory drops what it does not read of an option (see
+//! [`crate::ecs`]).
 
 use hickory_proto::op::{Edns, Query};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
@@ -35,43 +39,64 @@ pub fn salvage(query: &[u8]) -> Salvaged {
     if query.len() < 12 {
         return found;
     }
-    let count = |at: usize| u16::from_be_bytes([query[at], query[at + 1]]) as usize;
-    let (qd, an, ns, ar) = (count(4), count(6), count(8), count(10));
+    let qd = u16::from_be_bytes([query[4], query[5]]);
     if qd == 1 {
         let mut decoder = BinDecoder::new(query);
         if decoder.read_slice(12).is_ok() {
             found.question = Query::read(&mut decoder).ok();
         }
     }
+    if let Some(opt) = find_opt(query) {
+        let mut edns = Edns::new();
+        edns.set_max_payload(opt.class);
+        edns.set_version(((opt.ttl >> 16) & 0xff) as u8);
+        edns.set_dnssec_ok(opt.ttl & DNSSEC_OK != 0);
+        found.edns = Some(edns);
+    }
+    found
+}
+
+/// The first OPT record of a message's additional section, as raw fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawOpt<'a> {
+    /// The CLASS field: the requestor's UDP payload size.
+    pub class: u16,
+    /// The TTL field: extended RCODE, version, DO bit.
+    pub ttl: u32,
+    /// The RDATA: the options, as sent. `None` when RDLENGTH runs past the
+    /// message.
+    pub rdata: Option<&'a [u8]>,
+}
+
+/// Finds the first OPT record in the additional section of `message` by
+/// walking the records' raw framing (no decoding of their contents), or
+/// `None` when there is none or the framing before it does not read.
+pub fn find_opt(message: &[u8]) -> Option<RawOpt<'_>> {
+    let count = |at: usize| {
+        message
+            .get(at..at + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+    };
+    let (qd, an, ns, ar) = (count(4)?, count(6)?, count(8)?, count(10)?);
     let mut at = 12;
     for _ in 0..qd {
-        let Some(next) = skip_name(query, at).and_then(|end| end.checked_add(4)) else {
-            return found;
-        };
-        at = next;
+        at = skip_name(message, at)?.checked_add(4)?;
     }
     for index in 0..an + ns + ar {
-        let Some(fixed) = skip_name(query, at) else {
-            return found;
-        };
-        let Some(header) = query.get(fixed..fixed + 10) else {
-            return found;
-        };
+        let fixed = skip_name(message, at)?;
+        let header = message.get(fixed..fixed + 10)?;
         let rtype = u16::from_be_bytes([header[0], header[1]]);
         let class = u16::from_be_bytes([header[2], header[3]]);
         let ttl = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         let rdlength = u16::from_be_bytes([header[8], header[9]]) as usize;
+        let start = fixed + 10;
         if index >= an + ns && rtype == OPT {
-            let mut edns = Edns::new();
-            edns.set_max_payload(class);
-            edns.set_version(((ttl >> 16) & 0xff) as u8);
-            edns.set_dnssec_ok(ttl & DNSSEC_OK != 0);
-            found.edns = Some(edns);
-            return found;
+            let rdata = message.get(start..start + rdlength);
+            return Some(RawOpt { class, ttl, rdata });
         }
-        at = fixed + 10 + rdlength;
+        at = start + rdlength;
     }
-    found
+    None
 }
 
 /// The offset just past the name starting at `at`, or `None` when it runs

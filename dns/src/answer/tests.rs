@@ -232,6 +232,46 @@ fn malformed_client_subnet_is_formerr() {
     assert!(reply.answers.is_empty());
 }
 
+/// RFC 7871 §6: ADDRESS holds exactly the bytes the source prefix needs.
+/// hickory reads those and drops the rest, so `/8` with `10.9` and `/16`
+/// with `10.9.1` were answered NOERROR.
+#[test]
+fn client_subnet_with_address_bytes_beyond_its_prefix_is_formerr() {
+    let mut f = Fixture::new();
+    let ecs_query = |prefix: u8, address: &[u8]| {
+        let mut bytes = query("web.internal.", RecordType::A).to_vec().unwrap();
+        bytes[11] = 1; // ARCOUNT: the OPT below
+        let option_len = 4 + address.len() as u8;
+        // Root owner, type OPT, payload 1232, TTL 0, RDLENGTH.
+        bytes.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 4 + option_len]);
+        // ECS: code 8, length, family 1, source prefix, scope 0, address.
+        bytes.extend_from_slice(&[0, 8, 0, option_len, 0, 1, prefix, 0]);
+        bytes.extend_from_slice(address);
+        assert!(Message::from_vec(&bytes).is_ok(), "hickory decodes it");
+        bytes
+    };
+    for (prefix, address) in [(8u8, &[10u8, 9][..]), (16, &[10, 9, 1][..])] {
+        let raw = f
+            .raw(&ecs_query(prefix, address), "127.0.0.1", Transport::Udp)
+            .unwrap();
+        let r = Message::from_vec(&raw).unwrap();
+        assert_eq!(
+            r.metadata.response_code,
+            ResponseCode::FormErr,
+            "/{prefix} with {address:?}"
+        );
+        assert!(r.answers.is_empty());
+        assert!(r.edns.is_some(), "FORMERR keeps the OPT record");
+        // Cut to what the prefix needs, the same query is answered.
+        let cut = &address[..address.len() - 1];
+        let raw = f
+            .raw(&ecs_query(prefix, cut), "127.0.0.1", Transport::Udp)
+            .unwrap();
+        let r = Message::from_vec(&raw).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    }
+}
+
 #[test]
 fn aaaa_answers_from_ipv6_backends_and_a_from_ipv4() {
     let mut f = Fixture::new();
