@@ -312,6 +312,9 @@ listen_addr = "127.0.0.1:0"
 [dns]
 enabled = true
 listen_addr = "127.0.0.1:0"
+[metrics]
+enabled = true
+listen_addr = "127.0.0.1:0"
 [geodns]
 name = "{ZONE}"
 answers = 2
@@ -357,11 +360,21 @@ answers = 2
         .contains("serving:   no"))
     .is_some());
     assert_eq!(ask("A"), "203.0.113.10");
+    // Status and metric say so (QA: both said "left out" while the
+    // fallback answered it).
+    let out = cli(&["pop", "status"]);
+    assert!(out.contains("geodns:    answered as the fallback"), "{out}");
+    let answered = || {
+        let (_, text) = common::http_get(proxy.metrics_addr(), "/metrics");
+        common::sample(&text, "edgeproxy_pop_geodns_answered")
+    };
+    assert_eq!(answered(), Some(1.0));
 
     // Drained: nothing to answer.
     db.exec("UPDATE backends SET healthy = 1");
     let out = cli(&["drain"]);
     assert!(out.contains("geodns:    left out of answers"), "{out}");
+    assert_eq!(answered(), Some(0.0));
     assert!(
         when(PATIENCE, || ask("A").is_empty()).is_some(),
         "{}",

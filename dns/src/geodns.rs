@@ -17,7 +17,9 @@
 //! When no POP takes traffic the answer falls back to the live, undrained
 //! POPs, judged unable to serve: answering nothing would turn a wrong
 //! verdict everywhere (a shared dependency down) into a certain outage.
-//! With no live POP at all the answer is empty (NODATA).
+//! With no live POP at all the answer is empty (NODATA). [`Pool::of`] is
+//! that rule; [`standing`] applies it to one POP for `edgeproxy pop status`
+//! and `edgeproxy_pop_geodns_answered`, so they say what the answers do.
 //!
 //! Names: the apex has SOA, NS (`ns.<name>`), A and AAAA; `ns.<name>` has
 //! this POP's public addresses; anything else is NXDOMAIN.
@@ -152,6 +154,28 @@ pub enum Pool {
     Empty,
 }
 
+impl Pool {
+    /// Which POPs GeoDNS answers from for `family` (`None`: any): those that
+    /// take traffic; when none does, the live undrained ones (the fallback).
+    /// The one rule behind [`choose`] and [`standing`].
+    pub fn of(pops: &[PopView], family: Option<RecordType>) -> Pool {
+        let any = |pool: Pool| pops.iter().any(|p| pool.admits(p) && has_family(p, family));
+        [Pool::TakingTraffic, Pool::FallbackUnableToServe]
+            .into_iter()
+            .find(|&pool| any(pool))
+            .unwrap_or(Pool::Empty)
+    }
+
+    /// Whether `pop` is one this pool answers from.
+    pub fn admits(self, pop: &PopView) -> bool {
+        match self {
+            Pool::TakingTraffic => pop.takes_traffic(),
+            Pool::FallbackUnableToServe => pop.serving(),
+            Pool::Empty => false,
+        }
+    }
+}
+
 /// Up to `n` POPs for `client`, nearest first, among those with an address
 /// of `family` (`None`: any). Pure.
 pub fn choose<'p>(
@@ -160,28 +184,50 @@ pub fn choose<'p>(
     family: Option<RecordType>,
     n: usize,
 ) -> (Vec<&'p PopView>, Pool) {
-    let rank = |pool: &dyn Fn(&PopView) -> bool| {
-        let mut found: Vec<(u8, std::cmp::Reverse<u64>, &'p PopView)> = pops
-            .iter()
-            .filter(|p| pool(p) && has_family(p, family))
-            .map(|p| {
-                let score = mix(client.key ^ fnv1a(p.node_id.as_bytes()));
-                (tier(p, client), std::cmp::Reverse(score), p)
-            })
-            .collect();
-        found.sort_by_key(|a| (a.0, a.1));
-        found.truncate(n);
-        found.into_iter().map(|(_, _, p)| p).collect::<Vec<_>>()
-    };
-    let chosen = rank(&|p: &PopView| p.takes_traffic());
-    if !chosen.is_empty() {
-        return (chosen, Pool::TakingTraffic);
+    let pool = Pool::of(pops, family);
+    let mut found: Vec<(u8, std::cmp::Reverse<u64>, &'p PopView)> = pops
+        .iter()
+        .filter(|p| pool.admits(p) && has_family(p, family))
+        .map(|p| {
+            let score = mix(client.key ^ fnv1a(p.node_id.as_bytes()));
+            (tier(p, client), std::cmp::Reverse(score), p)
+        })
+        .collect();
+    found.sort_by_key(|a| (a.0, a.1));
+    found.truncate(n);
+    (found.into_iter().map(|(_, _, p)| p).collect(), pool)
+}
+
+/// Whether GeoDNS answers a POP, as [`choose`] decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// It takes traffic: answered to the clients it is nearest to.
+    Answered,
+    /// It cannot serve by its own verdict, but no POP can: answered anyway,
+    /// as a live undrained POP (the fallback).
+    Fallback,
+    /// Left out: dead, drained, unable to serve while another POP can, or
+    /// without a public address.
+    LeftOut,
+}
+
+/// How GeoDNS stands towards `pop` (one of `pops`, or a view of it about to
+/// be written): answered for some address family, the fallback for some,
+/// or left out of both. For status and metrics; the answers themselves come
+/// from [`choose`], by the same [`Pool`] rule.
+pub fn standing(pops: &[PopView], pop: &PopView) -> Standing {
+    let mut standing = Standing::LeftOut;
+    for family in [RecordType::A, RecordType::AAAA] {
+        if !has_family(pop, Some(family)) {
+            continue;
+        }
+        match Pool::of(pops, Some(family)) {
+            pool if !pool.admits(pop) => {}
+            Pool::TakingTraffic => return Standing::Answered,
+            _ => standing = Standing::Fallback,
+        }
     }
-    let fallback = rank(&|p: &PopView| p.serving());
-    if !fallback.is_empty() {
-        return (fallback, Pool::FallbackUnableToServe);
-    }
-    (Vec::new(), Pool::Empty)
+    standing
 }
 
 fn address_record(name: &Name, ttl: u32, ip: IpAddr) -> Record {
@@ -352,6 +398,57 @@ mod tests {
             p.alive = false;
         }
         assert_eq!(choose(&pops, &br, None, 2), (Vec::new(), Pool::Empty));
+    }
+
+    /// QA: `pop status` said "left out of answers" for a lone POP that
+    /// could not serve while the fallback answered it. The standing must
+    /// be what `choose` does: a POP stands answered (or as the fallback)
+    /// exactly when `choose` can return it for some family.
+    #[test]
+    fn standing_is_what_choose_answers() {
+        let br = place("BR", "sa", 1);
+        let chosen_anywhere = |pops: &[PopView], id: &str| {
+            [RecordType::A, RecordType::AAAA].into_iter().any(|f| {
+                let (chosen, _) = choose(pops, &br, Some(f), pops.len());
+                ids(&chosen).iter().any(|c| c == id)
+            })
+        };
+        let check = |pops: &[PopView], id: &str, want: Standing| {
+            let pop = pops.iter().find(|p| &*p.node_id == id).unwrap();
+            assert_eq!(standing(pops, pop), want, "{id}");
+            assert_eq!(chosen_anywhere(pops, id), want != Standing::LeftOut, "{id}");
+        };
+        // A lone POP: answered while it can serve, the fallback when it
+        // cannot, left out when drained or dead.
+        let mut solo = vec![pop("gru", "sa", "BR", &["203.0.113.1"])];
+        check(&solo, "gru", Standing::Answered);
+        solo[0].can_serve = false;
+        check(&solo, "gru", Standing::Fallback);
+        solo[0].draining = true;
+        check(&solo, "gru", Standing::LeftOut);
+        solo[0].draining = false;
+        solo[0].alive = false;
+        check(&solo, "gru", Standing::LeftOut);
+        solo[0].alive = true;
+        solo[0].addrs.clear();
+        check(&solo, "gru", Standing::LeftOut);
+
+        let mut pops = cluster();
+        pops[0].can_serve = false;
+        // Others take traffic: the one that cannot serve is left out.
+        check(&pops, "gru", Standing::LeftOut);
+        check(&pops, "scl", Standing::Answered);
+        // Only IPv4-only POPs take traffic: gru is the AAAA fallback.
+        pops[2].can_serve = false;
+        check(&pops, "gru", Standing::Fallback);
+        check(&pops, "fra", Standing::Fallback);
+        check(&pops, "iad", Standing::Answered);
+        for p in &mut pops {
+            p.can_serve = false;
+        }
+        pops[1].draining = true;
+        check(&pops, "gru", Standing::Fallback);
+        check(&pops, "scl", Standing::LeftOut);
     }
 
     #[test]

@@ -105,10 +105,10 @@ pub fn render(s: &PopStatus) -> String {
     ));
     out.push_str(&format!(
         "geodns:    {}\n",
-        if s.geodns {
-            "answered"
-        } else {
-            "left out of answers"
+        match (s.geodns, s.geodns_fallback) {
+            (true, false) => "answered",
+            (true, true) => "answered as the fallback (no POP can serve, this one neither)",
+            (false, _) => "left out of answers",
         }
     ));
     if let Some(a) = &s.announcement {
@@ -172,5 +172,14 @@ mod tests {
         );
         let off = render(&PopStatus::default());
         assert!(off.contains("anycast:   off"), "{off}");
+        let fallback = render(&PopStatus {
+            geodns: true,
+            geodns_fallback: true,
+            ..PopStatus::default()
+        });
+        assert!(
+            fallback.contains("geodns:    answered as the fallback"),
+            "{fallback}"
+        );
     }
 }

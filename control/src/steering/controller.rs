@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use engine::snapshot::SnapshotHandle;
+use dns::geodns::{self, Standing};
+use engine::snapshot::{PopView, SnapshotHandle};
 use engine::StatsView;
 use tokio::sync::{mpsc, oneshot};
 
@@ -400,11 +401,7 @@ impl Controller {
                 }
             }
         }
-        self.publish(now, &verdict);
-        self.pending_row = Some(PopState {
-            draining: self.operator_drained,
-            serving: verdict.is_serving() && !self.shutting_down,
-        });
+        self.pending_row = Some(self.publish(now, &verdict));
     }
 
     /// Writes this POP's row if its state changed. Separate from
@@ -453,7 +450,8 @@ impl Controller {
         }
     }
 
-    fn publish(&self, now: Instant, verdict: &Verdict) {
+    /// Publishes the status; returns the row it is judged with, to record.
+    fn publish(&self, now: Instant, verdict: &Verdict) -> PopState {
         let phase = self.policy.phase();
         let withdraw_in_ms = match phase {
             Phase::Draining { withdraw_at, .. } => {
@@ -462,6 +460,11 @@ impl Controller {
             _ => None,
         };
         let bgp = self.bgp_enabled;
+        let row = PopState {
+            draining: self.operator_drained,
+            serving: verdict.is_serving() && !self.shutting_down,
+        };
+        let geodns = geodns_standing(&self.snapshot.load().pops, row);
         let status = PopStatus {
             node_id: self.identity.node_id.clone(),
             name: self.identity.name.clone(),
@@ -470,7 +473,8 @@ impl Controller {
             shutting_down: self.shutting_down,
             serving: verdict.is_serving(),
             verdict: verdict.describe(),
-            geodns: verdict.is_serving() && !self.operator_drained && !self.shutting_down,
+            geodns: geodns != Standing::LeftOut,
+            geodns_fallback: geodns == Standing::Fallback,
             listeners: self.serving.iter().map(|l| l.name.clone()).collect(),
             announcement: bgp.then(|| phase.name().to_string()),
             announcement_reason: bgp.then(|| phase.reason().map(String::from)).flatten(),
@@ -486,5 +490,76 @@ impl Controller {
         if **self.status.load() != status {
             self.status.store(Arc::new(status));
         }
+        row
+    }
+}
+
+/// How GeoDNS stands towards this POP once `row` is written: GeoDNS's own
+/// rule ([`geodns::standing`]) over the cluster's POPs in the snapshot, this
+/// POP's entry taken as `row` says (the snapshot may hold the row before
+/// it). Not in the table yet (before the first reload): left out.
+fn geodns_standing(pops: &[PopView], row: PopState) -> Standing {
+    let mut pops = pops.to_vec();
+    let Some(local) = pops.iter_mut().find(|p| p.local) else {
+        return Standing::LeftOut;
+    };
+    local.draining = row.draining;
+    local.can_serve = row.serving;
+    let local = local.clone();
+    geodns::standing(&pops, &local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn pop(id: &str, local: bool, can_serve: bool) -> PopView {
+        PopView {
+            node_id: Arc::from(id),
+            name: Arc::from(id),
+            region: Arc::from("sa"),
+            country: None,
+            addrs: vec!["203.0.113.10".parse().unwrap()],
+            alive: true,
+            draining: false,
+            can_serve,
+            local,
+            mesh: Default::default(),
+        }
+    }
+
+    /// The status follows the row about to be written, not the snapshot's
+    /// older copy of it, by GeoDNS's rule: a lone POP that cannot serve is
+    /// still answered (the fallback); drained it is left out.
+    #[test]
+    fn geodns_standing_is_judged_with_the_row_to_write() {
+        let cannot = PopState {
+            draining: false,
+            serving: false,
+        };
+        let solo = [pop("me", true, true)];
+        assert_eq!(geodns_standing(&solo, cannot), Standing::Fallback);
+        let drained = PopState {
+            draining: true,
+            serving: true,
+        };
+        assert_eq!(geodns_standing(&solo, drained), Standing::LeftOut);
+        let serving = PopState {
+            draining: false,
+            serving: true,
+        };
+        assert_eq!(
+            geodns_standing(&[pop("me", true, false)], serving),
+            Standing::Answered
+        );
+        // Another POP can serve: this one, unable, is left out.
+        let two = [pop("me", true, true), pop("other", false, true)];
+        assert_eq!(geodns_standing(&two, cannot), Standing::LeftOut);
+        // Not in the table yet.
+        assert_eq!(
+            geodns_standing(&[pop("other", false, true)], serving),
+            Standing::LeftOut
+        );
     }
 }

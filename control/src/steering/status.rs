@@ -18,8 +18,13 @@ pub struct PopStatus {
     pub serving: bool,
     /// The verdict in words (`serving`, `no healthy backend for web`, …).
     pub verdict: String,
-    /// GeoDNS (here and at the other POPs) may answer this POP.
+    /// GeoDNS (here and at the other POPs) answers this POP: it takes
+    /// traffic, or no POP does and it is live and undrained (the fallback).
+    /// By GeoDNS's own rule (`dns::geodns::standing`).
     pub geodns: bool,
+    /// Answered only as that fallback: it cannot serve, and no POP can.
+    #[serde(default)]
+    pub geodns_fallback: bool,
     /// The listeners the verdict is about.
     pub listeners: Vec<String>,
     /// With BGP: `announced`, `draining` or `withdrawn`.
@@ -44,7 +49,7 @@ pub fn render_metrics(s: &PopStatus, out: &mut String) {
         ),
         (
             "edgeproxy_pop_geodns_answered",
-            "1 while GeoDNS may answer this POP (serving, not drained, not stopping).",
+            "1 while GeoDNS answers this POP: it can serve and is not drained or stopping, or no POP can serve and it is live and not drained (the fallback).",
             s.geodns,
         ),
     ] {
