@@ -97,11 +97,17 @@ pub fn render(s: &PopStatus) -> String {
             (false, false) => "no",
         }
     ));
+    // No serving listener at all: say where one must be, not an empty list.
+    let listeners = match s.listeners.as_slice() {
+        [] => "no listener is reachable at the anycast prefixes or [pop] public_addrs: \
+               bind one to 0.0.0.0, [::], an anycast or a public address"
+            .to_string(),
+        names => format!("listeners {}", names.join(", ")),
+    };
     out.push_str(&format!(
-        "serving:   {} ({}; listeners {})\n",
+        "serving:   {} ({}; {listeners})\n",
         if s.serving { "yes" } else { "no" },
         s.verdict,
-        s.listeners.join(", ")
     ));
     out.push_str(&format!(
         "geodns:    {}\n",
@@ -165,6 +171,10 @@ mod tests {
         };
         let text = render(&s);
         assert!(text.contains("drained:   yes"), "{text}");
+        assert!(
+            text.contains("serving:   yes (serving; listeners default)"),
+            "{text}"
+        );
         assert!(text.contains("geodns:    left out of answers"), "{text}");
         assert!(
             text.contains("anycast:   draining (drained by the operator), withdrawn in 4.2 s"),
@@ -180,6 +190,26 @@ mod tests {
         assert!(
             fallback.contains("geodns:    answered as the fallback"),
             "{fallback}"
+        );
+    }
+
+    /// QA: with no listener at a wildcard, anycast or public address the
+    /// list of serving listeners is empty, and status printed `listeners )`.
+    #[test]
+    fn no_serving_listener_is_said_not_printed_as_an_empty_list() {
+        let s = PopStatus {
+            verdict: "the serving listeners are down".into(),
+            ..PopStatus::default()
+        };
+        let text = render(&s);
+        assert!(!text.contains("listeners )"), "{text}");
+        assert!(
+            text.contains(
+                "serving:   no (the serving listeners are down; no listener is reachable \
+                 at the anycast prefixes or [pop] public_addrs: bind one to 0.0.0.0, [::], \
+                 an anycast or a public address)\n"
+            ),
+            "{text}"
         );
     }
 }
