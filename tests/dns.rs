@@ -716,6 +716,51 @@ fn idle_tcp_connections_are_closed_and_the_connection_limit_holds() {
     assert_eq!(addrs(&second), ["fd00::9"]);
 }
 
+/// QA: a message that is not a query (a response, or a frame too short to
+/// carry an ID) in the middle of a pipelined TCP connection closed it with
+/// what the client had sent after it unread: a reset, which can cost the
+/// client the replies already sent for its earlier queries. Now those
+/// replies arrive and the connection ends with a FIN.
+#[test]
+fn a_non_query_mid_pipeline_keeps_the_earlier_replies_and_closes_without_reset() {
+    let d = start_with(&rows(), "");
+    let mut response = query("web.internal.", RecordType::A);
+    response.metadata.message_type = MessageType::Response;
+    let response = response.to_vec().unwrap();
+    for (what, bad) in [("a response", &response[..]), ("a runt", &[0u8, 7, 1][..])] {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut stream = Vec::new();
+        for (id, bytes) in [
+            (1, query("web.internal.", RecordType::A).to_vec().unwrap()),
+            (
+                2,
+                query("api.internal.", RecordType::AAAA).to_vec().unwrap(),
+            ),
+            (0, bad.to_vec()),
+            // Sent after it, so still unread when the server gives up.
+            (3, query("web.internal.", RecordType::A).to_vec().unwrap()),
+        ] {
+            let mut bytes = bytes;
+            if id > 0 {
+                bytes[..2].copy_from_slice(&u16::to_be_bytes(id));
+            }
+            stream.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+            stream.extend_from_slice(&bytes);
+        }
+        s.write_all(&stream).unwrap();
+        let first = Message::from_vec(&tcp_recv(&mut s).expect("reply 1")).unwrap();
+        let second = Message::from_vec(&tcp_recv(&mut s).expect("reply 2")).unwrap();
+        assert_eq!((first.metadata.id, second.metadata.id), (1, 2), "{what}");
+        assert_eq!(addrs(&second), ["fd00::9"], "{what}");
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{what}: nothing after it: {rest:?}"),
+            Err(e) => panic!("{what}: the connection did not end with a FIN: {e}"),
+        }
+    }
+}
+
 #[test]
 fn tcp_connections_beyond_the_limit_wait_for_a_free_slot() {
     // Held to the end: it owns the proxy and its directory.

@@ -20,7 +20,11 @@
 //! - TCP (RFC 7766): two-byte length-prefixed messages, answered in order on
 //!   each connection (pipelining works); a connection silent for
 //!   `tcp_idle_timeout` is closed, as is one that sends something that is not
-//!   a query. At most `tcp_max_connections` connections are served at once;
+//!   a query (a response, or a frame too short for a header): after the
+//!   replies written so far, with a FIN, reading and dropping what the
+//!   client still sends until it closes (at most `tcp_idle_timeout`), so
+//!   that no reset can cost it those replies. At most `tcp_max_connections`
+//!   connections are served at once;
 //!   further ones wait in the listen backlog until one closes.
 //! - Every answer runs under `catch_unwind`: a bug triggered by one packet
 //!   costs that packet, not the server.
@@ -540,6 +544,7 @@ where
             Instant::now(),
             &mut out,
         ) {
+            close_gracefully(&mut stream, idle).await;
             return Err(ConnEnd::NotAQuery);
         }
         // One write per reply: length and message in one segment.
@@ -551,6 +556,27 @@ where
             Ok(r) => r?,
         }
     }
+}
+
+/// Ends a connection the server gives up on while the client may still be
+/// sending (pipelined queries after a message that is not one): our
+/// side is shut down first, so the replies already written go out and are
+/// followed by a FIN, then what the client sends is read and dropped until
+/// it closes too, for at most `patience`. Dropping the socket with bytes
+/// unread would send a reset instead, and a reset can cost the client the
+/// replies still on their way (QA saw it mid-pipeline).
+async fn close_gracefully<S>(stream: &mut S, patience: Duration)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let drain = async {
+        if stream.shutdown().await.is_err() {
+            return;
+        }
+        let mut sink = [0u8; 1024];
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(patience, drain).await;
 }
 
 #[cfg(test)]
