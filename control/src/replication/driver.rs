@@ -801,6 +801,24 @@ impl Driver {
         }
     }
 
+    /// Whether a line keyed `key` is due (none logged for it within
+    /// `REFUSAL_LOG_EVERY`); if so, notes that it is logged now. The map is
+    /// bounded: a flood of distinct addresses cannot grow it without limit.
+    fn refusal_log_due(&mut self, key: (SocketAddr, &'static str)) -> bool {
+        let now = Instant::now();
+        let due = self
+            .refusals_logged
+            .get(&key)
+            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+        if due {
+            if self.refusals_logged.len() > 10_000 {
+                self.refusals_logged.clear();
+            }
+            self.refusals_logged.insert(key, now);
+        }
+        due
+    }
+
     fn log_refusal(
         &mut self,
         addr: SocketAddr,
@@ -808,16 +826,7 @@ impl Driver {
         peer: Option<&str>,
         reason: &str,
     ) {
-        let now = Instant::now();
-        let due = self
-            .refusals_logged
-            .get(&(addr, label))
-            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
-        if due {
-            if self.refusals_logged.len() > 10_000 {
-                self.refusals_logged.clear();
-            }
-            self.refusals_logged.insert((addr, label), now);
+        if self.refusal_log_due((addr, label)) {
             tracing::warn!(%addr, peer = peer.unwrap_or("?"), reason = label, "replication: peer refused: {reason}");
         } else {
             tracing::debug!(%addr, reason = label, "replication: peer refused: {reason}");
@@ -944,14 +953,7 @@ impl Driver {
                         "replication: a member had declared this node down (one cut off from it, e.g. across a partition); refuted and rejoined"
                     ),
                     MemberEvent::AddressTaken { holder, claimant } => {
-                        let now = Instant::now();
-                        let key = (holder.gossip, "address_taken");
-                        let due = self
-                            .refusals_logged
-                            .get(&key)
-                            .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
-                        if due {
-                            self.refusals_logged.insert(key, now);
+                        if self.refusal_log_due((holder.gossip, "address_taken")) {
                             tracing::warn!(node = %claimant.id, gossip = %claimant.gossip, holder = %holder.id,
                                 "replication: a POP claims the gossip address of a live member with another node id; it is ignored while that member lives. Check that POP's replication.advertise_addr and gossip_addr (a POP restarted here under a new node id is taken once its old id is declared down)");
                         }
@@ -1044,14 +1046,7 @@ impl Driver {
                 impostor,
                 ours,
             } => {
-                let now = Instant::now();
-                let key = (impostor, crate::replication::node::DUPLICATE_ID);
-                let due = self
-                    .refusals_logged
-                    .get(&key)
-                    .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
-                if due {
-                    self.refusals_logged.insert(key, now);
+                if self.refusal_log_due((impostor, crate::replication::node::DUPLICATE_ID)) {
                     // An ERROR, not a refusal's WARN: two POPs sharing an id
                     // write conflicting rows until an operator renames one.
                     let me = self.node.settings().gossip_addr;
