@@ -146,8 +146,7 @@ impl ClientLocation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Message, MessageType, OpCode, Query};
-    use hickory_proto::rr::{Name, RecordType};
+    use hickory_proto::op::Message;
 
     fn edns_with(subnets: &[ClientSubnet]) -> Edns {
         let mut edns = Edns::new();
@@ -166,21 +165,11 @@ mod tests {
     /// of family 1 with `prefix` and `address` as sent, and that message
     /// decoded.
     fn received(prefix: u8, address: &[u8]) -> (Vec<u8>, Message) {
-        let mut msg = Message::new(7, MessageType::Query, OpCode::Query);
-        msg.add_query(Query::query(
-            Name::from_ascii("web.internal.").unwrap(),
-            RecordType::A,
-        ));
-        let mut bytes = msg.to_vec().unwrap();
-        bytes[11] = 1; // ARCOUNT
-        let option_len = 4 + address.len() as u16;
-        // Root owner, type OPT, payload 1232, TTL 0, RDLENGTH.
-        bytes.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0]);
-        bytes.extend_from_slice(&(4 + option_len).to_be_bytes());
-        bytes.extend_from_slice(&[0, 8]);
-        bytes.extend_from_slice(&option_len.to_be_bytes());
-        bytes.extend_from_slice(&[0, 1, prefix, 0]);
-        bytes.extend_from_slice(address);
+        let mut option = vec![0, 8];
+        option.extend_from_slice(&(4 + address.len() as u16).to_be_bytes());
+        option.extend_from_slice(&[0, 1, prefix, 0]);
+        option.extend_from_slice(address);
+        let bytes = crate::salvage::tests::query_with_option(&option);
         let decoded = Message::from_vec(&bytes).expect("hickory decodes it");
         (bytes, decoded)
     }

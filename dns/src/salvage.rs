@@ -115,14 +115,15 @@ fn skip_name(message: &[u8], mut at: usize) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use hickory_proto::op::{Message, MessageType, OpCode};
     use hickory_proto::rr::{Name, RecordType};
 
     /// A query for `web.internal. A` with an OPT record (payload 1232, DO
-    /// set) whose one option is `option`, as raw bytes.
-    fn query_with_option(option: &[u8]) -> Vec<u8> {
+    /// set) whose one option is `option`, as raw bytes (also what the ECS
+    /// tests send).
+    pub(crate) fn query_with_option(option: &[u8]) -> Vec<u8> {
         let mut msg = Message::new(7, MessageType::Query, OpCode::Query);
         msg.add_query(Query::query(
             Name::from_ascii("web.internal.").unwrap(),
