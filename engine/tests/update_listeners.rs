@@ -8,29 +8,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine::snapshot::{BackendRecord, SnapshotBuilder, SnapshotHandle};
+use engine::snapshot::{SnapshotBuilder, SnapshotHandle};
 use engine::{Engine, EngineError, Knobs, ListenerSpec};
 
 mod common;
-use common::{geo, settings, tag_backend};
+use common::{geo, record, settings, tag_backend};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn backend(id: &str, app: &str, addr: SocketAddr) -> BackendRecord {
-    BackendRecord {
-        id: id.into(),
-        app: app.into(),
-        region: "sa".into(),
-        country: None,
-        ip: addr.ip().to_string(),
-        port: addr.port().into(),
-        healthy: true,
-        weight: 1,
-        soft_limit: 1000,
-        hard_limit: 0,
-        deleted: false,
-    }
-}
 
 fn listener(name: &str, app: &str, addr: SocketAddr) -> ListenerSpec {
     ListenerSpec {
@@ -67,8 +51,8 @@ fn running(engine: &Engine) -> Vec<(String, SocketAddr)> {
 fn two_listeners_swap_names_and_apps_on_their_own_sockets() {
     let snapshot = SnapshotBuilder::new()
         .build(&[
-            backend("w", "web", tag_backend("w")),
-            backend("a", "api", tag_backend("a")),
+            record("w", "web", tag_backend("w")),
+            record("a", "api", tag_backend("a")),
         ])
         .snapshot;
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();

@@ -35,21 +35,26 @@ pub fn tag_backend(tag: &'static str) -> SocketAddr {
     addr
 }
 
-/// A routing table of one healthy backend, `b` of app `web` in `sa`.
-pub fn snapshot_to(backend: SocketAddr) -> SnapshotHandle {
-    let record = BackendRecord {
-        id: "b".into(),
-        app: "web".into(),
+/// A healthy backend `id` of `app` in `sa`, at `addr`.
+pub fn record(id: &str, app: &str, addr: SocketAddr) -> BackendRecord {
+    BackendRecord {
+        id: id.into(),
+        app: app.into(),
         region: "sa".into(),
         country: None,
-        ip: backend.ip().to_string(),
-        port: backend.port().into(),
+        ip: addr.ip().to_string(),
+        port: addr.port().into(),
         healthy: true,
         weight: 1,
         soft_limit: 1000,
         hard_limit: 0,
         deleted: false,
-    };
+    }
+}
+
+/// A routing table of one healthy backend, `b` of app `web` in `sa`.
+pub fn snapshot_to(backend: SocketAddr) -> SnapshotHandle {
+    let record = record("b", "web", backend);
     SnapshotHandle::new(SnapshotBuilder::new().build(&[record]).snapshot)
 }
 
