@@ -474,6 +474,110 @@ fn a_killed_pop_is_shown_down_and_catches_up_after_a_restart() {
     c.wait_joined();
 }
 
+/// The prefix POP 2 announces in the drain-and-wipe test.
+const PREFIX: &str = "198.51.100.0/24";
+
+/// QA: `edgeproxy drain --wait` on a POP, kill -9, `rm routing.db*`,
+/// restart: the POP came back undrained on every POP (and announced again
+/// over BGP). Its row, re-created at start, was versioned then and beat the
+/// cluster's older, drained copy. It now waits for that copy.
+#[test]
+fn a_drained_pop_restarted_with_its_database_wiped_stays_drained_everywhere() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(3, Some(WAN), |_| String::new());
+    // POP 2 announces an anycast prefix to BIRD on POP 0's host.
+    c.extra[2] = format!(
+        r#"
+[bgp]
+enabled = true
+local_asn = 65010
+router_id = "{ip}"
+local_address = "{ip}"
+announce = ["{PREFIX}"]
+drain_delay_secs = 1
+[[bgp.neighbor]]
+address = "{router}"
+asn = 65000
+hold_time_secs = 3
+"#,
+        ip = c.net.ip(2),
+        router = c.net.ip(0),
+    );
+    let bird = common::routers::Bird::start(
+        &c.net,
+        0,
+        65000,
+        &[common::routers::Peer {
+            name: "pop2".into(),
+            addr: c.net.ip(2).to_string(),
+            asn: 65010,
+            hold_secs: 3,
+        }],
+    );
+    for i in 0..3 {
+        c.launch(i);
+    }
+    c.wait_joined();
+    // A healthy backend, so that POP 2 can serve and announces.
+    let _backend = c.backend(2, 9300, "b2");
+    let backend_addr = SocketAddr::new(c.net.ip(2).into(), 9300);
+    assert_eq!(c.register(0, "web-2", backend_addr), 201);
+    assert!(
+        common::eventually(PATIENCE, || bird.has_route(PREFIX)),
+        "POP 2 never announced: {}",
+        c.pop(2).log_text()
+    );
+    let draining = |c: &Cluster, at: usize| -> Option<i64> {
+        let conn = rusqlite::Connection::open(c.db_path(at)).ok()?;
+        conn.query_row(
+            "SELECT draining FROM pops WHERE node_id = 'node-2'",
+            [],
+            |r| r.get(0),
+        )
+        .ok()
+    };
+    let (status, body) = c.api(2, "POST", "/api/v1/pop/drain", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        common::eventually(PATIENCE, || (0..3).all(|i| draining(&c, i) == Some(1))),
+        "the drain did not replicate"
+    );
+    assert!(
+        common::eventually(PATIENCE, || !bird.has_route(PREFIX)),
+        "the drain did not withdraw"
+    );
+    c.kill(2);
+    for suffix in ["", "-wal", "-shm"] {
+        let path = format!("{}{suffix}", c.db_path(2).display());
+        let _ = std::fs::remove_file(path);
+    }
+    c.launch(2);
+    let pop = c.pop(2);
+    assert!(
+        pop.wait_for_log("the cluster's copy of this POP's row arrived", PATIENCE)
+            .is_some(),
+        "{}",
+        pop.log_text()
+    );
+    c.wait_joined();
+    // Long enough for a fresh row to have spread (it did within a second)
+    // and for anti-entropy to have run with every member.
+    std::thread::sleep(Duration::from_secs(5));
+    for i in 0..3 {
+        assert_eq!(draining(&c, i), Some(1), "POP {i} holds node-2 undrained");
+    }
+    let (_, status) = c.api(2, "GET", "/api/v1/pop", None);
+    assert_eq!(status["draining"], true, "{status}");
+    assert_eq!(status["geodns"], false, "{status}");
+    let log = c.pop(2).log_text();
+    assert!(log.contains("pop: this POP is drained"), "{log}");
+    assert!(!log.contains("drain ended"), "{log}");
+    // Not announced at any moment since the restart (it was within a
+    // second, before the drain came back).
+    assert!(!log.contains("bgp: announcing"), "{log}");
+    assert!(!bird.has_route(PREFIX), "{}", bird.route(PREFIX));
+}
+
 /// What a POP owes a member that is down (the deletions it keeps past the
 /// tombstone TTL for it) is recorded in its `routing.db`, survives a kill
 /// and restart, and is released once the member is back and in sync.

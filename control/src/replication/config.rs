@@ -109,7 +109,22 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// Gossip intervals a POP without a row of its own in `pops` (a new POP,
+/// or one restarted with its `routing.db` wiped) waits for the cluster's
+/// copy of it before writing its row and announcing (see
+/// [`Replication::own_row_patience`]): long enough for a join and one
+/// exchange over a lossy WAN link (one lost announcement included), short
+/// enough that the first POP of a new cluster starts at once.
+pub const OWN_ROW_PATIENCE_INTERVALS: u32 = 3;
+
 impl Replication {
+    /// How long a POP with no row of its own waits for an exchange with a
+    /// member before it writes its row without the cluster's copy:
+    /// [`OWN_ROW_PATIENCE_INTERVALS`] gossip intervals (3 s by default).
+    pub fn own_row_patience(&self) -> Duration {
+        self.gossip_interval * OWN_ROW_PATIENCE_INTERVALS
+    }
+
     /// The secret both channels are keyed from (a well-known stand-in in
     /// insecure mode).
     pub fn cluster_secret(&self) -> ClusterSecret {

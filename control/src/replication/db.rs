@@ -711,6 +711,17 @@ impl ReplDb {
         })
     }
 
+    /// Whether `pops` holds a row of `node_id`.
+    pub fn has_pop(&self, node_id: &str) -> Result<bool, DbError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM pops WHERE node_id = ?1)",
+                [node_id],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
     /// Writes this POP's own row of `pops` when it differs from what is
     /// there (a restart with the same settings writes nothing, so nothing
     /// replicates). `draining` and `serving` are written only when the row

@@ -5,12 +5,14 @@
 //! so a taken port stops the start like any listener), then
 //! [`Bound::start`] inside the runtime: it loads the replica from
 //! `routing.db`, versions whatever changed while the node was down, writes
-//! this POP's row of `pops`, joins through the bootstrap peers and spawns
-//! the loop. The loop feeds the node gossip datagrams, transport messages,
-//! timer ticks and the change log (polled every [`CHANGE_POLL`], or at once
-//! when [`Handle::poke`] says a local write happened), and carries out what
-//! the node asks: datagrams and messages out, remote rows into the
-//! database, then a routing reload so that every shard routes by them.
+//! this POP's row of `pops` (or, when the database has none, holds it back
+//! until the cluster's copy arrives: `Node::hold_own_row`), joins through
+//! the bootstrap peers and spawns the loop. The loop feeds the node gossip
+//! datagrams, transport messages, timer ticks and the change log (polled
+//! every [`CHANGE_POLL`], or at once when [`Handle::poke`] says a local
+//! write happened), and carries out what the node asks: datagrams and
+//! messages out, remote rows into the database, then a routing reload so
+//! that every shard routes by them.
 //!
 //! Binary upgrade: [`bind`] takes the gossip and QUIC sockets a predecessor
 //! handed over (and registers its own for a successor). A successor starts
@@ -34,7 +36,9 @@ use super::db::ReplDb;
 use super::hlc::{Hlc, MAX_DRIFT_MS};
 use super::membership::{MemberEvent, MemberState};
 use super::metrics::BackAfterTtl;
-use super::node::{Absences, Event, ForgetRefused, Forgotten, Node, Now, Output, Path, Settings};
+use super::node::{
+    Absences, Event, ForgetRefused, Forgotten, Node, Now, Output, OwnRowDue, Path, Settings,
+};
 use super::pki::ClusterPki;
 use super::seeds::Seeds;
 use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
@@ -459,7 +463,20 @@ impl Bound {
         let absences_saved = (db.absences()?, None);
         node.restore_absences(now, absences_saved.0.clone());
         let reconciled = db.reconcile(&mut node, now)?;
-        db.upsert_pop(&self.own_pop_row())?;
+        let own_row = self.own_pop_row();
+        if db.has_pop(&c.node_id)? {
+            db.upsert_pop(&own_row)?;
+        } else {
+            // A row written now would beat the cluster's copy of it, and
+            // with it the operator's drain of this POP (QA: a drained POP
+            // restarted with routing.db wiped came back undrained
+            // everywhere). Steering waits for the row too.
+            let patience = c.own_row_patience();
+            tracing::info!(patience_ms = patience.as_millis() as u64,
+                "replication: this POP has no row of its own in the pops table (a new POP, or routing.db was wiped): \
+                 waiting for the cluster's copy of it (its drain) before writing it and announcing");
+            node.hold_own_row(now, patience);
+        }
         let own = db.poll_changes(&mut node, now, true)?;
         db.wait_briefly_for_locks()?;
         tracing::info!(
@@ -522,6 +539,8 @@ impl Bound {
             change_log_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             remote_write_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             resolved_tx,
+            own_row,
+            started: Instant::now(),
         };
         tokio::spawn(driver.run(transport_events, command_rx, resolved_rx));
         Ok(())
@@ -593,6 +612,10 @@ struct Driver {
     remote_write_failing: (LogLimit, u64),
     /// Where a resolution run off the loop sends its results.
     resolved_tx: mpsc::UnboundedSender<Vec<Result<SocketAddr, String>>>,
+    /// This POP's row as this start has it (written at start, or when
+    /// the node says it is due: [`Output::WriteOwnRow`]).
+    own_row: PopRow,
+    started: Instant,
 }
 
 impl Driver {
@@ -879,6 +902,7 @@ impl Driver {
                         tracing::warn!(error = %e, "replication: cannot forget collected tombstones");
                     }
                 }
+                Output::WriteOwnRow(due) => reload |= self.write_own_row(due),
                 Output::Event(e) => membership_changed |= self.on_event(e),
             }
         }
@@ -924,6 +948,29 @@ impl Driver {
             // next reload tick.
             self.reloader.lock().reload();
         }
+    }
+
+    /// Writes this POP's row, held back at start: its identity over the
+    /// cluster's copy (which the loop persisted before), whose operator
+    /// columns it keeps (`ReplDb::upsert_pop`). True when written.
+    fn write_own_row(&mut self, due: OwnRowDue) -> bool {
+        let waited_ms = self.started.elapsed().as_millis() as u64;
+        if let Err(e) = self.db.upsert_pop(&self.own_row) {
+            // Steering writes it after a wait of its own if this never does.
+            tracing::error!(error = %e, "replication: cannot write this POP's own row");
+            return false;
+        }
+        self.poll_changes(true);
+        match due {
+            OwnRowDue::CopyArrived => tracing::info!(waited_ms,
+                "replication: the cluster's copy of this POP's row arrived; written with this start's identity and the copy's drain state"),
+            OwnRowDue::NoCopyInCluster => tracing::info!(waited_ms,
+                "replication: the cluster holds no row of this POP (a new POP); written"),
+            OwnRowDue::NoAnswer => tracing::warn!(waited_ms,
+                "replication: no member answered in time; this POP's row is written without the cluster's copy \
+                 (a drain of this POP recorded only elsewhere is lost: drain it again if it was drained)"),
+        }
+        true
     }
 
     /// Logs and counts; true when membership changed.

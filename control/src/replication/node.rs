@@ -157,7 +157,25 @@ pub enum Output {
     Persist(Persist),
     /// Delete these collected tombstones from the database.
     Forget(Vec<RowKey>),
+    /// Write this node's own `pops` row now, held back until the cluster's
+    /// copy could arrive (see [`Node::hold_own_row`]): its identity as this
+    /// start has it, its operator columns (`draining`) from the copy that
+    /// the database holds by now, if one arrived.
+    WriteOwnRow(OwnRowDue),
     Event(Event),
+}
+
+/// Why a held own row is due (see [`Node::hold_own_row`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnRowDue {
+    /// The cluster's copy arrived (and is queued to be persisted before).
+    CopyArrived,
+    /// An exchange with a member completed without one: the cluster has
+    /// none (a new POP).
+    NoCopyInCluster,
+    /// No exchange completed within the patience: alone, or the first POP
+    /// of a new cluster.
+    NoAnswer,
 }
 
 /// Remote rows already merged into the replica, to be written to the
@@ -414,6 +432,9 @@ pub struct Node {
     /// [`Absences::down_since`]) that this run has not seen since, and when
     /// this run restored them (Unix ms): see [`Node::down_members`].
     restored_down: (HashSet<NodeId>, u64),
+    /// This node's own row is held back until then at the latest (see
+    /// [`Node::hold_own_row`]).
+    own_row_held: Option<Instant>,
     pub stats: Stats,
 }
 
@@ -503,8 +524,32 @@ impl Node {
             contact_persisted: false,
             absences: Absences::default(),
             restored_down: (HashSet::new(), 0),
+            own_row_held: None,
             stats: Stats::default(),
             s,
+        }
+    }
+
+    /// This node's database has no `pops` row of its own (a new POP, or
+    /// one restarted with its `routing.db` wiped): its writer holds it back
+    /// until [`Output::WriteOwnRow`], which comes when the cluster's copy
+    /// arrives, when an exchange with a member completes without one, or
+    /// `patience` from now (no member answered). A row written at once
+    /// would be versioned now and beat the cluster's copy, undoing the
+    /// operator's drain of this POP everywhere (QA). Call before
+    /// [`Node::join`].
+    pub fn hold_own_row(&mut self, now: Now, patience: Duration) {
+        self.own_row_held = Some(now.mono + patience);
+    }
+
+    /// Whether this node's own row is still held back.
+    pub fn own_row_held(&self) -> bool {
+        self.own_row_held.is_some()
+    }
+
+    fn release_own_row(&mut self, due: OwnRowDue) {
+        if self.own_row_held.take().is_some() {
+            self.out.push_back(Output::WriteOwnRow(due));
         }
     }
 
@@ -1108,6 +1153,8 @@ impl Node {
                         received: 0,
                         more: false,
                     });
+                    // It holds no row of ours either.
+                    self.release_own_row(OwnRowDue::NoCopyInCluster);
                 }
             }
             Msg::SyncBuckets { session, buckets } => {
@@ -1186,6 +1233,10 @@ impl Node {
                     received,
                     more,
                 });
+                if !more {
+                    // Its copy of our row would have come with this one.
+                    self.release_own_row(OwnRowDue::NoCopyInCluster);
+                }
             }
             Msg::SyncWanted { rows, .. } => {
                 self.merge_rows(now, &peer, rows, Path::Sync);
@@ -1262,6 +1313,9 @@ impl Node {
 
     /// Runs whatever is due at `now`.
     pub fn handle_timeout(&mut self, now: Now) {
+        if self.own_row_held.is_some_and(|at| at <= now.mono) {
+            self.release_own_row(OwnRowDue::NoAnswer);
+        }
         self.members.handle_timeout(now.mono);
         self.after_membership(now);
         self.prune_forgotten();
@@ -1335,6 +1389,7 @@ impl Node {
             self.members.poll_timeout(),
             self.broadcast_at,
             self.next_announce,
+            self.own_row_held,
         ]
         .into_iter()
         .flatten()
@@ -1551,6 +1606,10 @@ impl Node {
                 lag_ms,
                 via,
             });
+            if applied.iter().any(|r| r.key == own_row) {
+                // Persisted (queued above) before the row is written.
+                self.release_own_row(OwnRowDue::CopyArrived);
+            }
         }
         if !restored.is_empty() {
             self.out.push_back(Output::Persist(Persist {

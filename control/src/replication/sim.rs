@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use super::node::{Event, Node, Now, Output, Settings};
+use super::node::{Event, Node, Now, Output, OwnRowDue, Settings};
 use super::replica::Replica;
 use super::version::{RowKey, Table};
 
@@ -97,7 +97,17 @@ pub struct Sim {
     pub events: Vec<(Duration, usize, Event)>,
     /// Node ids, by index: `n<i>` unless [`Sim::spawn`] said otherwise.
     ids: Vec<String>,
+    /// Own `pops` rows held back (see [`Sim::restart_wiped`]): the
+    /// identity each node writes when its row is due.
+    held_identity: HashMap<usize, serde_json::Value>,
+    /// When each held own row was written, and why then.
+    pub own_rows_written: Vec<(Duration, usize, OwnRowDue)>,
 }
+
+/// The operator's columns of a `pops` row, which a POP restarted with its
+/// database wiped takes from the cluster's copy (as `ReplDb::upsert_pop`
+/// keeps them); the others are its identity, as this start has it.
+const OPERATOR_COLUMNS: &[&str] = &["draining"];
 
 fn addr(i: usize, port: u16) -> SocketAddr {
     SocketAddr::new(
@@ -129,6 +139,8 @@ impl Sim {
             refuse_persist: HashSet::new(),
             events: Vec::new(),
             ids: (0..cfg.nodes).map(|i| format!("n{i}")).collect(),
+            held_identity: HashMap::new(),
+            own_rows_written: Vec::new(),
             cfg,
         };
         for i in 0..sim.cfg.nodes {
@@ -214,6 +226,23 @@ impl Sim {
                     }
                 }
                 Output::Forget(_) => {}
+                Output::WriteOwnRow(due) => {
+                    self.own_rows_written.push((self.elapsed(), i, due));
+                    let mut row = self.held_identity.remove(&i).unwrap_or_default();
+                    let copy = self.persisted[i]
+                        .get(&self.ids[i])
+                        .cloned()
+                        .flatten()
+                        .and_then(|d| serde_json::from_str::<serde_json::Value>(&d).ok());
+                    if let (Some(copy), Some(row)) = (copy, row.as_object_mut()) {
+                        for c in OPERATOR_COLUMNS {
+                            if let Some(v) = copy.get(*c) {
+                                row.insert(c.to_string(), v.clone());
+                            }
+                        }
+                    }
+                    self.write_pop(i, &row.to_string());
+                }
                 Output::Event(e) => self.events.push((self.elapsed(), i, e)),
             }
         }
@@ -375,6 +404,27 @@ impl Sim {
         self.drain(i);
     }
 
+    /// Writes node `i`'s own row of `pops` as `data` (JSON), as its
+    /// database's change log would report: a drain, an identity at start.
+    /// Written now, not queued: the caller may be draining node `i`'s
+    /// output.
+    pub fn write_pop(&mut self, i: usize, data: &str) {
+        let now = self.now();
+        let id = self.ids[i].clone();
+        self.nodes[i].local_writes(
+            now,
+            [(RowKey::new(Table::Pops, &id), Some(data.to_string()))],
+        );
+        self.persisted[i].insert(id, Some(data.to_string()));
+    }
+
+    /// Node `i`'s own `pops` row as node `at` holds it, parsed.
+    pub fn pop_row(&self, at: usize, i: usize) -> Option<serde_json::Value> {
+        let key = RowKey::new(Table::Pops, &self.ids[i]);
+        let data = self.nodes[at].replica().data(&key)?;
+        serde_json::from_str(data).ok()
+    }
+
     /// Writes node `i`'s own row of `pops` (as its driver does at start).
     pub fn write_own_pop(&mut self, i: usize) {
         let now = self.now();
@@ -497,6 +547,24 @@ impl Sim {
         self.nodes[i].set_last_contact(last_contact);
         let now = self.now();
         self.nodes[i].restore_absences(now, absences);
+        self.nodes[i].join(now, &[addr(via, 4001)]);
+        self.drain(i);
+    }
+
+    /// Starts node `i` again with its database wiped (nothing persisted, a
+    /// new generation), joining through node `via`, as the driver does: its
+    /// own `pops` row, `identity` (JSON), is held back until the node says
+    /// it is due ([`Node::hold_own_row`], with `patience`), then written
+    /// with the operator's columns of the copy that arrived meanwhile.
+    pub fn restart_wiped(&mut self, i: usize, via: usize, identity: &str, patience: Duration) {
+        let generation = self.nodes[i].settings().generation + 1;
+        self.crashed.remove(&i);
+        self.persisted[i].clear();
+        self.nodes[i] = self.make_node(i, generation, Replica::new());
+        self.held_identity
+            .insert(i, serde_json::from_str(identity).expect("identity is JSON"));
+        let now = self.now();
+        self.nodes[i].hold_own_row(now, patience);
         self.nodes[i].join(now, &[addr(via, 4001)]);
         self.drain(i);
     }

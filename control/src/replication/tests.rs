@@ -1406,3 +1406,93 @@ fn after_a_restart_in_sync_is_unknown_until_an_exchange_ends() {
         Some(false)
     );
 }
+
+/// Node `i`'s `pops` row as its POP writes it: the operator's `draining`,
+/// and `wg_public_key` standing for every identity column generated or
+/// configured at start.
+fn pop_row(i: usize, key: &str, draining: u8) -> String {
+    format!(r#"{{"node_id":"n{i}","wg_public_key":"{key}","draining":{draining}}}"#)
+}
+
+/// How long a node without a row of its own waits for the cluster's copy
+/// (`Replication::own_row_patience` with the shipped gossip interval).
+const OWN_ROW_PATIENCE: Duration = Duration::from_secs(3);
+
+/// QA: a drained POP restarted with its `routing.db` wiped wrote a fresh
+/// row at start, newer than the cluster's drained copy, and came back
+/// undrained on every POP. Its row is now held back until the cluster's
+/// copy arrives; the drain comes from that copy, the identity from this
+/// start.
+#[test]
+fn a_drained_pop_restarted_with_its_database_wiped_stays_drained_everywhere() {
+    for seed in [1, 2, 3] {
+        let mut sim = joined(SimConfig::wan(3, 700 + seed));
+        for i in 0..3 {
+            sim.write_pop(i, &pop_row(i, "old", 0));
+        }
+        // `edgeproxy drain` at n1, replicated.
+        sim.write_pop(1, &pop_row(1, "old", 1));
+        let t0 = sim.elapsed();
+        assert!(sim.run_until(t0 + Duration::from_secs(10), |s| (0..3)
+            .all(|at| s.pop_row(at, 1).is_some_and(|r| r["draining"] == 1))));
+        // kill -9, rm routing.db*, restart: a new mesh key this time.
+        sim.crash(1);
+        sim.run_for(Duration::from_secs(10));
+        sim.restart_wiped(1, 0, &pop_row(1, "new", 0), OWN_ROW_PATIENCE);
+        let restarted = sim.elapsed();
+        assert!(
+            sim.run_until(restarted + Duration::from_secs(20), |s| {
+                s.converged() && !s.own_rows_written.is_empty()
+            }),
+            "seed {seed}: did not converge"
+        );
+        let (at, _, due) = sim.own_rows_written[0];
+        assert_eq!(due, super::node::OwnRowDue::CopyArrived, "seed {seed}");
+        // Held for a join and one exchange, not for the whole patience.
+        assert!(
+            at - restarted < Duration::from_secs(2),
+            "seed {seed}: row written {:?} after the restart",
+            at - restarted
+        );
+        for observer in 0..3 {
+            let row = sim.pop_row(observer, 1).expect("n1's row");
+            assert_eq!(row["draining"], 1, "seed {seed}: drain lost at n{observer}");
+            assert_eq!(
+                row["wg_public_key"], "new",
+                "seed {seed}: this start's identity lost at n{observer}"
+            );
+        }
+    }
+}
+
+/// The first POP of a new cluster (nobody answers) holds its row for the
+/// patience only, then writes it; one that joins a cluster that never
+/// heard of it writes it after its first exchange.
+#[test]
+fn a_pop_with_no_row_anywhere_writes_its_own_after_one_exchange_or_the_patience() {
+    let mut sim = joined(SimConfig::wan(2, 710));
+    sim.crash(0);
+    sim.crash(1);
+    sim.run_for(Duration::from_secs(1));
+    // Alone: node 0 restarted wiped, node 1 still down.
+    sim.restart_wiped(0, 1, &pop_row(0, "k0", 0), OWN_ROW_PATIENCE);
+    let alone = sim.elapsed();
+    sim.run_for(Duration::from_secs(5));
+    assert_eq!(sim.own_rows_written.len(), 1);
+    let (at, i, due) = sim.own_rows_written[0];
+    assert_eq!((i, due), (0, super::node::OwnRowDue::NoAnswer));
+    assert_eq!(at - alone, OWN_ROW_PATIENCE);
+    assert_eq!(sim.pop_row(0, 0).unwrap()["wg_public_key"], "k0");
+    // Node 1 joins it, wiped too: the cluster has no row of n1.
+    sim.restart_wiped(1, 0, &pop_row(1, "k1", 0), OWN_ROW_PATIENCE);
+    let joining = sim.elapsed();
+    assert!(sim.run_until(joining + Duration::from_secs(10), |s| s
+        .own_rows_written
+        .len()
+        == 2
+        && s.converged()));
+    let (at, i, due) = sim.own_rows_written[1];
+    assert_eq!((i, due), (1, super::node::OwnRowDue::NoCopyInCluster));
+    assert!(at - joining < Duration::from_secs(2), "{:?}", at - joining);
+    assert_eq!(sim.pop_row(0, 1).unwrap()["wg_public_key"], "k1");
+}

@@ -11,6 +11,11 @@
 //! close: it returns once the routes are withdrawn (soft drain first) and
 //! the withdrawal is on the wire, plus `[bgp] withdraw_grace_ms`.
 //!
+//! With replication on, a start that finds no row of this POP (a new POP,
+//! or `routing.db` wiped) neither writes one nor announces until
+//! replication has written it with the cluster's copy's drain (see
+//! `PopRowWriter::open`).
+//!
 //! The judgement reads the published routing snapshot: backend health
 //! (drains, heartbeat expiry, health checks) reaches it there, so a
 //! failure confirmed there is withdrawn within one poll.
@@ -48,6 +53,11 @@ const ROW_READ_EVERY: Duration = Duration::from_secs(1);
 const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a binary upgrade waits for the sessions to stop.
 const HAND_OFF_PATIENCE: Duration = Duration::from_secs(2);
+/// How much longer than replication's own wait (see
+/// `Replication::own_row_patience`) a POP without a row of its own waits
+/// for replication to write it before writing it here: only if
+/// replication could not (its database write failed).
+const OWN_ROW_MARGIN: Duration = Duration::from_secs(5);
 
 enum Command {
     Drain(bool, oneshot::Sender<PopStatus>),
@@ -150,11 +160,30 @@ pub fn start(
         serving: false,
         ..PopRow::default()
     };
-    let (rows, found) = PopRowWriter::open(&config.routing.db_path, &identity)?;
-    if found.draining {
-        tracing::warn!(node = %node_id,
-            "pop: this POP is drained (since before this start): not announced, left out of GeoDNS; `edgeproxy undrain` to serve again");
-    }
+    let (rows, found) = PopRowWriter::open(
+        &config.routing.db_path,
+        &identity,
+        config.replication.enabled,
+    )?;
+    let awaiting_row = match found {
+        Some(found) => {
+            if found.draining {
+                warn_drained(&node_id, "since before this start");
+            }
+            None
+        }
+        None => {
+            let patience = config.replication.own_row_patience();
+            tracing::info!(node = %node_id, patience_ms = patience.as_millis() as u64,
+                "pop: no row of this POP in the pops table (a new POP, or routing.db was wiped): \
+                 not announced until replication has the cluster's copy of it, which says whether it is drained");
+            Some(Instant::now() + patience + OWN_ROW_MARGIN)
+        }
+    };
+    let found = found.unwrap_or(PopState {
+        draining: false,
+        serving: false,
+    });
     if !config.replication.enabled {
         // No cluster: the snapshot's POP list is this POP alone (GeoDNS
         // answers it while it can serve).
@@ -188,6 +217,8 @@ pub fn start(
         rows,
         written: found,
         operator_drained: found.draining,
+        awaiting_row,
+        asked_while_awaiting: None,
         shutting_down: false,
         verdict: None,
         policy: Policy::new(bgp.drain_delay),
@@ -208,6 +239,11 @@ pub fn start(
     controller.record();
     tokio::spawn(controller.run(command_rx));
     Ok(handle)
+}
+
+fn warn_drained(node_id: &str, since: &str) {
+    tracing::warn!(node = %node_id, since,
+        "pop: this POP is drained: not announced, left out of GeoDNS; `edgeproxy undrain` to serve again");
 }
 
 /// Says why a POP whose listeners are all off its anycast prefixes and
@@ -244,6 +280,12 @@ struct Controller {
     /// The row's state as last written (or found).
     written: PopState,
     operator_drained: bool,
+    /// This POP has no row yet: until it appears (written by replication
+    /// with the cluster's copy's drain, see `PopRowWriter::open`), or this
+    /// instant passes, nothing is announced and no row written.
+    awaiting_row: Option<Instant>,
+    /// A drain or undrain asked for meanwhile: it wins over the row's.
+    asked_while_awaiting: Option<bool>,
     shutting_down: bool,
     verdict: Option<Verdict>,
     policy: Policy,
@@ -281,6 +323,9 @@ impl Controller {
                 _ = tokio::time::sleep_until(wake) => {}
                 cmd = commands.recv() => match cmd {
                     Some(Command::Drain(on, reply)) => {
+                        if self.awaiting_row.is_some() {
+                            self.asked_while_awaiting = Some(on);
+                        }
                         if on != self.operator_drained {
                             self.operator_drained = on;
                             if on {
@@ -353,8 +398,42 @@ impl Controller {
         }
     }
 
+    /// While this POP has no row: adopts it once replication wrote it, or
+    /// writes it after [`OWN_ROW_MARGIN`] more than replication's wait.
+    fn await_row(&mut self, now: Instant) {
+        let Some(give_up_at) = self.awaiting_row else {
+            return;
+        };
+        let found = match self.rows.read() {
+            Ok(Some(row)) => row,
+            Ok(None) if now >= give_up_at => match self.rows.ensure(&self.identity) {
+                Ok(row) => {
+                    tracing::warn!("pop: replication did not write this POP's row in time; written here, without the cluster's copy");
+                    row
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "pop: cannot write this POP's row; trying again");
+                    self.awaiting_row = Some(now + ROW_READ_EVERY);
+                    return;
+                }
+            },
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "pop: cannot read this POP's row");
+                return;
+            }
+        };
+        self.awaiting_row = None;
+        self.written = found;
+        self.operator_drained = self.asked_while_awaiting.take().unwrap_or(found.draining);
+        if self.operator_drained {
+            warn_drained(&self.identity.node_id, "the cluster's copy of its row");
+        }
+    }
+
     /// Judges, records, announces, publishes.
     fn evaluate(&mut self, now: Instant) {
+        self.await_row(now);
         let running: Vec<String> = self
             .listeners
             .listeners()
@@ -371,8 +450,11 @@ impl Controller {
             self.verdict = Some(verdict.clone());
         }
         let want = want(self.operator_drained, self.shutting_down, &verdict);
-        if let Some(before) = self.policy.step(now, want) {
-            self.log_phase(before);
+        // Awaiting its row, the POP stays withdrawn as it started.
+        if self.awaiting_row.is_none() {
+            if let Some(before) = self.policy.step(now, want) {
+                self.log_phase(before);
+            }
         }
         let generation = self
             .speaker
@@ -401,7 +483,9 @@ impl Controller {
                 }
             }
         }
-        self.pending_row = Some(self.publish(now, &verdict));
+        let row = self.publish(now, &verdict);
+        // Awaiting its row (see `awaiting_row`), the POP writes none.
+        self.pending_row = self.awaiting_row.is_none().then_some(row);
     }
 
     /// Writes this POP's row if its state changed. Separate from
@@ -464,7 +548,11 @@ impl Controller {
             draining: self.operator_drained,
             serving: verdict.is_serving() && !self.shutting_down,
         };
-        let geodns = geodns_standing(&self.snapshot.load().pops, row);
+        // Awaiting its row, the POP is in no table GeoDNS answers from.
+        let geodns = match self.awaiting_row {
+            Some(_) => Standing::LeftOut,
+            None => geodns_standing(&self.snapshot.load().pops, row),
+        };
         let status = PopStatus {
             node_id: self.identity.node_id.clone(),
             name: self.identity.name.clone(),

@@ -36,50 +36,72 @@ pub struct PopState {
 
 impl PopRowWriter {
     /// Opens `routing.db` (created and migrated already by the routing
-    /// store) and makes sure this POP has a row: `identity` is inserted
-    /// when there is none, and its identity columns (name, region,
-    /// country, public addresses) are brought up to the configuration's
-    /// when they differ; the state columns are kept. Returns the state
-    /// found.
+    /// store) and makes sure this POP has a row (see
+    /// [`PopRowWriter::ensure`]). Returns the state found.
     ///
-    /// QA: the row was only ever inserted, so without replication (which
-    /// rewrites these columns itself) a POP restarted with new `[pop]
-    /// public_addrs` kept answering GeoDNS with the addresses of its first
-    /// start (none, when they were added later: NODATA for good).
-    pub fn open(path: &Path, identity: &PopRow) -> Result<(PopRowWriter, PopState), PopRowError> {
+    /// `await_cluster` (replication runs): a missing row is not inserted,
+    /// and `None` is returned. The POP is new or its `routing.db` was
+    /// wiped, and replication writes the row once the cluster's copy could
+    /// arrive, with the operator's drain in it (`replication::node::Node::hold_own_row`);
+    /// until then the caller must neither write it nor announce (QA: a
+    /// drained POP restarted with its database wiped wrote a fresh row,
+    /// `draining = 0`, newer than the cluster's drained copy, and came
+    /// back undrained everywhere).
+    pub fn open(
+        path: &Path,
+        identity: &PopRow,
+        await_cluster: bool,
+    ) -> Result<(PopRowWriter, Option<PopState>), PopRowError> {
         let err = |cause| PopRowError {
             path: path.to_path_buf(),
             cause,
         };
         let conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.execute(
-            "INSERT INTO pops (node_id, name, region, country, public_addrs, draining, serving) \
-             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (node_id) DO UPDATE SET \
-             name = excluded.name, region = excluded.region, country = excluded.country, \
-             public_addrs = excluded.public_addrs \
-             WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
-             OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs",
-            params![
-                identity.node_id,
-                identity.name,
-                identity.region,
-                identity.country,
-                identity.public_addrs,
-                identity.serving
-            ],
-        )
-        .map_err(err)?;
         let writer = PopRowWriter {
             conn,
             path: path.to_path_buf(),
             node_id: identity.node_id.clone(),
         };
-        let state = writer.read()?.unwrap_or(PopState {
+        if await_cluster && writer.read()?.is_none() {
+            return Ok((writer, None));
+        }
+        let state = writer.ensure(identity)?;
+        Ok((writer, Some(state)))
+    }
+
+    /// Makes sure this POP has a row: `identity` is inserted when there is
+    /// none, and its identity columns (name, region, country, public
+    /// addresses) are brought up to the configuration's when they differ;
+    /// the state columns are kept. Returns the state found.
+    ///
+    /// QA: the row was only ever inserted, so without replication (which
+    /// rewrites these columns itself) a POP restarted with new `[pop]
+    /// public_addrs` kept answering GeoDNS with the addresses of its first
+    /// start (none, when they were added later: NODATA for good).
+    pub fn ensure(&self, identity: &PopRow) -> Result<PopState, PopRowError> {
+        self.conn
+            .execute(
+                "INSERT INTO pops (node_id, name, region, country, public_addrs, draining, serving) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (node_id) DO UPDATE SET \
+                 name = excluded.name, region = excluded.region, country = excluded.country, \
+                 public_addrs = excluded.public_addrs \
+                 WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
+                 OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs",
+                params![
+                    identity.node_id,
+                    identity.name,
+                    identity.region,
+                    identity.country,
+                    identity.public_addrs,
+                    identity.serving
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(self.read()?.unwrap_or(PopState {
             draining: false,
             serving: identity.serving,
-        });
-        Ok((writer, state))
+        }))
     }
 
     fn err(&self, cause: rusqlite::Error) -> PopRowError {
@@ -142,13 +164,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("routing.db");
         let mut store = RoutingStore::open(&path).unwrap();
-        let (w, state) = PopRowWriter::open(&path, &identity()).unwrap();
+        let (w, state) = PopRowWriter::open(&path, &identity(), false).unwrap();
         assert_eq!(
             state,
-            PopState {
+            Some(PopState {
                 draining: false,
                 serving: false
-            }
+            })
         );
         let drained = PopState {
             draining: true,
@@ -163,8 +185,8 @@ mod tests {
         );
         drop(w);
         // A restart finds the drain.
-        let (_, state) = PopRowWriter::open(&path, &identity()).unwrap();
-        assert_eq!(state, drained);
+        let (_, state) = PopRowWriter::open(&path, &identity(), false).unwrap();
+        assert_eq!(state, Some(drained));
     }
 
     #[test]
@@ -177,7 +199,7 @@ mod tests {
             public_addrs: String::new(),
             ..identity()
         };
-        let (w, _) = PopRowWriter::open(&path, &first).unwrap();
+        let (w, _) = PopRowWriter::open(&path, &first, false).unwrap();
         let drained = PopState {
             draining: true,
             serving: true,
@@ -190,8 +212,8 @@ mod tests {
             region: "eu".into(),
             ..identity()
         };
-        let (_, state) = PopRowWriter::open(&path, &moved).unwrap();
-        assert_eq!(state, drained, "the drain outlives the restart");
+        let (_, state) = PopRowWriter::open(&path, &moved, false).unwrap();
+        assert_eq!(state, Some(drained), "the drain outlives the restart");
         let rows = store.load_pops().unwrap();
         assert_eq!(
             (
@@ -202,5 +224,36 @@ mod tests {
             ),
             ("eu", Some("BR"), "203.0.113.10", true)
         );
+    }
+
+    /// With replication, a missing row is the cluster's to bring back:
+    /// nothing is written until it is there (or the POP gives up waiting).
+    #[test]
+    fn a_wiped_database_gets_no_row_of_this_pops_making_while_replication_brings_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        let (w, state) = PopRowWriter::open(&path, &identity(), true).unwrap();
+        assert_eq!(state, None);
+        assert!(store.load_pops().unwrap().is_empty(), "nothing written");
+        // The cluster's copy arrives (replication writes it), drained.
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO pops (node_id, name, region, draining) VALUES ('gru-1', 'old', 'sa', 1)",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            w.read().unwrap(),
+            Some(PopState {
+                draining: true,
+                serving: true
+            })
+        );
+        // Given up on it instead: the configuration's identity, kept drain.
+        let state = w.ensure(&identity()).unwrap();
+        assert!(state.draining);
+        assert_eq!(store.load_pops().unwrap()[0].name, "pop-gru");
     }
 }
