@@ -565,7 +565,9 @@ impl Controller {
             geodns_fallback: geodns == Standing::Fallback,
             listeners: self.serving.iter().map(|l| l.name.clone()).collect(),
             announcement: bgp.then(|| phase.name().to_string()),
-            announcement_reason: bgp.then(|| phase.reason().map(String::from)).flatten(),
+            announcement_reason: bgp
+                .then(|| announcement_reason(&phase, self.awaiting_row.is_some()).map(String::from))
+                .flatten(),
             withdraw_in_ms,
         };
         if let Some(speaker) = &self.speaker {
@@ -579,6 +581,18 @@ impl Controller {
             self.status.store(Arc::new(status));
         }
         row
+    }
+}
+
+/// Why the anycast prefixes are not announced (`None`: they are), for
+/// the status: the phase's own reason, except while the POP awaits the
+/// cluster's copy of its row, which is what holds a start back then.
+fn announcement_reason(phase: &Phase, awaiting_row: bool) -> Option<&'static str> {
+    match (phase, awaiting_row) {
+        (Phase::Withdrawn(_), true) => Some(
+            "starting: waiting for the cluster's copy of this POP's row (whether it is drained)",
+        ),
+        _ => phase.reason(),
     }
 }
 
@@ -615,6 +629,18 @@ mod tests {
             local,
             mesh: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_start_awaiting_its_row_says_so_in_the_status() {
+        let starting = Phase::Withdrawn(crate::bgp::policy::WithdrawCause::Starting);
+        assert_eq!(
+            announcement_reason(&starting, false),
+            Some("starting: not yet able to serve")
+        );
+        assert!(announcement_reason(&starting, true)
+            .is_some_and(|r| r.contains("the cluster's copy of this POP's row")));
+        assert_eq!(announcement_reason(&Phase::Announced, false), None);
     }
 
     /// The status follows the row about to be written, not the snapshot's
