@@ -598,6 +598,15 @@ fn a_listener_changed_on_its_own_address_keeps_its_sockets() {
     let s = Setup::new("sighup-in-place", &listener("a", "web"));
     let other = TagBackend::start("y");
     s.db.upsert(&Row::new("y", "api", "sa", other.port()));
+    // Routable before the listener moves to its app: a client meeting the
+    // new app before the table holds its backend would find none.
+    assert!(
+        eventually(PATIENCE, || s.proxy.log_lines().iter().any(|l| l
+            .contains("routing table reloaded")
+            && l.contains("backends=2"))),
+        "backend y never loaded: {}",
+        s.proxy.log_text()
+    );
     let sockets = listening_sockets(port);
     assert!(!sockets.is_empty(), "nothing listens on {port}");
     let (name, open) = connect_tagged(addr);
