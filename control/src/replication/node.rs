@@ -542,11 +542,6 @@ impl Node {
         self.own_row_held = Some(now.mono + patience);
     }
 
-    /// Whether this node's own row is still held back.
-    pub fn own_row_held(&self) -> bool {
-        self.own_row_held.is_some()
-    }
-
     fn release_own_row(&mut self, due: OwnRowDue) {
         if self.own_row_held.take().is_some() {
             self.out.push_back(Output::WriteOwnRow(due));
