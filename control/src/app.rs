@@ -768,7 +768,7 @@ fn apply(
         .iter()
         .filter(|l| !new.listeners.contains(l) && running(engine, &l.name))
         .collect();
-    let (updates, starting) = in_place(&changed, starting, engine);
+    let (updates, starting) = in_place(changed, starting);
     if old.pool != new.pool {
         engine.set_pool(new.pool.policy());
         log_pool(&new.pool);
@@ -947,28 +947,22 @@ fn knobs(config: &Config) -> Knobs {
     }
 }
 
-/// Pairs each listener to start with a changed running one on the same
-/// fixed address (port 0 asks for a new port each time), so that it takes
-/// over that listener's sockets instead of closing and binding again.
-/// Returns the pairs (the running listener's name, its new settings) and
-/// the listeners left to start.
+/// Pairs each listener to start with a changed running one (`changed`:
+/// each runs, on its configured address) on the same fixed address (port 0
+/// asks for a new port each time), so that it takes over that listener's
+/// sockets instead of closing and binding again. Returns the pairs (the
+/// running listener's name, its new settings) and the listeners left to
+/// start.
 fn in_place(
-    changed: &[&config::Listener],
+    mut free: Vec<&config::Listener>,
     starting: Vec<ListenerSpec>,
-    engine: &Engine,
 ) -> (Vec<(String, ListenerSpec)>, Vec<ListenerSpec>) {
-    let mut free: Vec<&config::Listener> = changed.to_vec();
     let mut updates = Vec::new();
     let mut rest = Vec::new();
     for spec in starting {
-        let same_socket = free.iter().position(|old| {
-            spec.addr.port() != 0
-                && old.addr == spec.addr
-                && engine
-                    .listeners()
-                    .iter()
-                    .any(|r| *r.spec.name == *old.name && r.local_addr == spec.addr)
-        });
+        let same_socket = free
+            .iter()
+            .position(|old| spec.addr.port() != 0 && old.addr == spec.addr);
         match same_socket {
             Some(i) => updates.push((free.swap_remove(i).name.clone(), spec)),
             None => rest.push(spec),
