@@ -79,23 +79,37 @@ impl PopRowWriter {
     /// rewrites these columns itself) a POP restarted with new `[pop]
     /// public_addrs` kept answering GeoDNS with the addresses of its first
     /// start (none, when they were added later: NODATA for good).
+    ///
+    /// An UPDATE, then an INSERT if there was no row, not one UPSERT: the
+    /// UPSERT's conflict policy overrides replication's change-capture
+    /// trigger's, which then fails on its log's UNIQUE key (QA: with
+    /// replication's triggers in the file, a POP restarted with a new
+    /// `[pop] country` could not start: "UNIQUE constraint failed:
+    /// repl_changes.tbl, repl_changes.pk"; see `ReplDb::upsert_pop`).
     pub fn ensure(&self, identity: &PopRow) -> Result<PopState, PopRowError> {
+        let values = params![
+            identity.node_id,
+            identity.name,
+            identity.region,
+            identity.country,
+            identity.public_addrs,
+            identity.serving
+        ];
+        let (identity_values, _) = values.split_at(5);
+        self.conn
+            .execute(
+                "UPDATE pops SET name = ?2, region = ?3, country = ?4, public_addrs = ?5 \
+                 WHERE node_id = ?1 AND (name IS NOT ?2 OR region IS NOT ?3 \
+                 OR country IS NOT ?4 OR public_addrs IS NOT ?5)",
+                identity_values,
+            )
+            .map_err(|e| self.err(e))?;
         self.conn
             .execute(
                 "INSERT INTO pops (node_id, name, region, country, public_addrs, draining, serving) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (node_id) DO UPDATE SET \
-                 name = excluded.name, region = excluded.region, country = excluded.country, \
-                 public_addrs = excluded.public_addrs \
-                 WHERE name IS NOT excluded.name OR region IS NOT excluded.region \
-                 OR country IS NOT excluded.country OR public_addrs IS NOT excluded.public_addrs",
-                params![
-                    identity.node_id,
-                    identity.name,
-                    identity.region,
-                    identity.country,
-                    identity.public_addrs,
-                    identity.serving
-                ],
+                 SELECT ?1, ?2, ?3, ?4, ?5, 0, ?6 \
+                 WHERE NOT EXISTS (SELECT 1 FROM pops WHERE node_id = ?1)",
+                values,
             )
             .map_err(|e| self.err(e))?;
         Ok(self.read()?.unwrap_or(PopState {
@@ -224,6 +238,35 @@ mod tests {
             ),
             ("eu", Some("BR"), "203.0.113.10", true)
         );
+    }
+
+    /// QA: with replication's change-capture triggers in the file, a new
+    /// identity failed to write ("UNIQUE constraint failed:
+    /// repl_changes.tbl, repl_changes.pk") and the POP could not start.
+    #[test]
+    fn a_new_identity_is_written_under_replications_change_capture() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        let _replication = crate::replication::db::ReplDb::open(&path).unwrap();
+        let (w, _) = PopRowWriter::open(&path, &identity(), false).unwrap();
+        drop(w);
+        let moved = PopRow {
+            country: Some("PT".into()),
+            ..identity()
+        };
+        let (_, state) = PopRowWriter::open(&path, &moved, false).unwrap();
+        assert!(state.is_some());
+        assert_eq!(store.load_pops().unwrap()[0].country.as_deref(), Some("PT"));
+        let logged: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM repl_changes WHERE tbl = 'pops'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(logged > 0, "the change was not captured");
     }
 
     /// With replication, a missing row is the cluster's to bring back:
