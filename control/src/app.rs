@@ -22,6 +22,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::config::{self, Config};
 use crate::config_watch::ConfigWatch;
+use crate::own_row_gate::OwnRowGate;
 use crate::reload_thread::{ReloadThread, SharedReloader};
 use crate::routing::RoutingReloader;
 use crate::store::RoutingStore;
@@ -179,6 +180,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Traffic steering (POP drain, the anycast speaker, this POP's verdict
     // in `pops`): started before replication so this POP's row holds a
     // real verdict before it first replicates.
+    // With replication starting afresh, this POP's row waits for the
+    // cluster's copy of it (see `crate::own_row_gate`).
+    let own_row = match &replication {
+        Some(bound) if !bound.inherited() => OwnRowGate::closed(),
+        _ => OwnRowGate::open(),
+    };
     let steering = {
         let _context = runtime.enter();
         let inherited = (config.bgp.enabled && crate::upgrade::inherit::is_successor())
@@ -189,6 +196,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             engine.stats_view(),
             reloader.clone(),
             inherited,
+            own_row.clone(),
         )
         .context("cannot start traffic steering")?
     };
@@ -203,7 +211,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         }
         Some(bound) => {
             let _context = runtime.enter();
-            Some(bound.start(reloader.clone())?)
+            Some(bound.start(reloader.clone(), own_row)?)
         }
     };
     let mut metrics = None;

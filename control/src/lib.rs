@@ -26,6 +26,7 @@ pub mod memcpy_tuning;
 pub mod mesh;
 pub mod metrics;
 pub mod no_backend_warn;
+pub mod own_row_gate;
 pub mod pg_source;
 pub mod pool_config;
 pub mod process_metrics;

@@ -4,9 +4,9 @@
 //! Call order: [`bind`] while the process starts (both UDP sockets bound,
 //! so a taken port stops the start like any listener), then
 //! [`Bound::start`] inside the runtime: it loads the replica from
-//! `routing.db`, versions whatever changed while the node was down, writes
-//! this POP's row of `pops` (or, when the database has none, holds it back
-//! until the cluster's copy arrives: `Node::hold_own_row`), joins through
+//! `routing.db`, versions whatever changed while the node was down, holds
+//! this POP's row of `pops` back until the cluster's word on it is in
+//! (`Node::hold_own_row`, `crate::own_row_gate`), joins through
 //! the bootstrap peers and spawns the loop. The loop feeds the node gossip
 //! datagrams, transport messages, timer ticks and the change log (polled
 //! every [`CHANGE_POLL`], or at once when [`Handle::poke`] says a local
@@ -44,6 +44,7 @@ use super::seeds::Seeds;
 use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
 use super::transport::{Transport, TransportEvent};
 use crate::config::{Config, Pop};
+use crate::own_row_gate::OwnRowGate;
 use crate::reload_thread::SharedReloader;
 use crate::routing::{DownSince, Liveness, PopsInput};
 use crate::store::PopRow;
@@ -332,11 +333,13 @@ impl Bound {
         self.mesh = Some(columns);
     }
 
-    /// Starts replication. Must run inside the control runtime.
-    pub fn start(self, reloader: SharedReloader) -> anyhow::Result<Handle> {
+    /// Starts replication. Must run inside the control runtime. `gate`
+    /// opens once this POP's own row is written with the cluster's word on
+    /// it (see `crate::own_row_gate`).
+    pub fn start(self, reloader: SharedReloader, gate: OwnRowGate) -> anyhow::Result<Handle> {
         let status = StatusHandle::default();
         let (commands, command_rx) = mpsc::unbounded_channel();
-        self.spawn(reloader, None, None, status.clone(), command_rx)?;
+        self.spawn(reloader, None, None, status.clone(), command_rx, gate)?;
         Ok(Handle { status, commands })
     }
 
@@ -414,7 +417,11 @@ impl Bound {
                     Command::Forget(..) => {}
                 }
             }
-            if let Err(e) = self.spawn(reloader, generation, Some(input), waiting, command_rx) {
+            // The predecessor ran with the cluster's copy of this POP's
+            // row, in this same file: nothing to wait for.
+            let gate = OwnRowGate::open();
+            if let Err(e) = self.spawn(reloader, generation, Some(input), waiting, command_rx, gate)
+            {
                 tracing::error!(error = format!("{e:#}"), "replication: cannot start after the upgrade; this POP serves without replicating (restart it)");
             }
         });
@@ -430,6 +437,7 @@ impl Bound {
         pops_input: Option<PopsInput>,
         status: StatusHandle,
         command_rx: mpsc::UnboundedReceiver<Command>,
+        gate: OwnRowGate,
     ) -> anyhow::Result<()> {
         let c = &self.config;
         let mut db = ReplDb::open(&self.db_path)?;
@@ -464,18 +472,30 @@ impl Bound {
         node.restore_absences(now, absences_saved.0.clone());
         let reconciled = db.reconcile(&mut node, now)?;
         let own_row = self.own_pop_row();
-        if db.has_pop(&c.node_id)? {
+        let own_row_found = db.has_pop(&c.node_id)?;
+        if gate.is_open() && own_row_found {
             db.upsert_pop(&own_row)?;
         } else {
             // A row written now would beat the cluster's copy of it, and
-            // with it the operator's drain of this POP (QA: a drained POP
-            // restarted with routing.db wiped came back undrained
-            // everywhere). Steering waits for the row too.
+            // with it the operator's drain of this POP: QA found a drained
+            // POP restarted with routing.db wiped, or restored from a copy
+            // older than the drain, back undrained everywhere. Steering
+            // waits for the gate too (`crate::own_row_gate`).
             let patience = c.own_row_patience();
-            tracing::info!(patience_ms = patience.as_millis() as u64,
-                "replication: this POP has no row of its own in the pops table (a new POP, or routing.db was wiped): \
-                 waiting for the cluster's copy of it (its drain) before writing it and announcing");
+            let patience_ms = patience.as_millis() as u64;
+            if own_row_found {
+                tracing::info!(patience_ms,
+                    "replication: waiting for the cluster's copy of this POP's row (a drain recorded while it was down, \
+                     or since the routing.db it starts from) before writing this start's identity and announcing");
+            } else {
+                tracing::info!(patience_ms,
+                    "replication: this POP has no row of its own in the pops table (a new POP, or routing.db was wiped): \
+                     waiting for the cluster's copy of it (its drain) before writing it and announcing");
+            }
             node.hold_own_row(now, patience);
+        }
+        if !node.holds_own_row() {
+            gate.set_open();
         }
         let own = db.poll_changes(&mut node, now, true)?;
         db.wait_briefly_for_locks()?;
@@ -540,6 +560,8 @@ impl Bound {
             remote_write_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             resolved_tx,
             own_row,
+            own_row_found,
+            own_row_gate: gate,
             started: Instant::now(),
         };
         tokio::spawn(driver.run(transport_events, command_rx, resolved_rx));
@@ -615,6 +637,10 @@ struct Driver {
     /// This POP's row as this start has it (written at start, or when
     /// the node says it is due: [`Output::WriteOwnRow`]).
     own_row: PopRow,
+    /// This start found a row of its own in `routing.db` (for the logs).
+    own_row_found: bool,
+    /// Opened once `own_row` is written (see `crate::own_row_gate`).
+    own_row_gate: OwnRowGate,
     started: Instant,
 }
 
@@ -961,12 +987,15 @@ impl Driver {
             return false;
         }
         self.poll_changes(true);
-        match due {
-            OwnRowDue::CopyArrived => tracing::info!(waited_ms,
+        self.own_row_gate.set_open();
+        match (due, self.own_row_found) {
+            (OwnRowDue::CopyArrived, _) => tracing::info!(waited_ms,
                 "replication: the cluster's copy of this POP's row arrived; written with this start's identity and the copy's drain state"),
-            OwnRowDue::NoCopyInCluster => tracing::info!(waited_ms,
+            (OwnRowDue::NoCopyInCluster, false) => tracing::info!(waited_ms,
                 "replication: the cluster holds no row of this POP (a new POP); written"),
-            OwnRowDue::NoAnswer => tracing::warn!(waited_ms,
+            (OwnRowDue::NoCopyInCluster, true) => tracing::info!(waited_ms,
+                "replication: the cluster holds no newer copy of this POP's row than routing.db's; written with this start's identity"),
+            (OwnRowDue::NoAnswer, _) => tracing::warn!(waited_ms,
                 "replication: no member answered in time; this POP's row is written without the cluster's copy \
                  (a drain of this POP recorded only elsewhere is lost: drain it again if it was drained)"),
         }

@@ -530,16 +530,21 @@ impl Node {
         }
     }
 
-    /// This node's database has no `pops` row of its own (a new POP, or
-    /// one restarted with its `routing.db` wiped): its writer holds it back
-    /// until [`Output::WriteOwnRow`], which comes when the cluster's copy
-    /// arrives, when an exchange with a member completes without one, or
-    /// `patience` from now (no member answered). A row written at once
-    /// would be versioned now and beat the cluster's copy, undoing the
-    /// operator's drain of this POP everywhere (QA). Call before
-    /// [`Node::join`].
+    /// This node starts (its `routing.db` may be older than the cluster's
+    /// copy of its own `pops` row: wiped, or restored from a backup): its
+    /// writer holds its row back until [`Output::WriteOwnRow`], which comes
+    /// when the cluster's copy arrives, when an exchange with a member
+    /// completes without a newer one, or `patience` from now (no member
+    /// answered). A row written at once would be versioned now and beat the
+    /// cluster's copy, undoing the operator's drain of this POP everywhere
+    /// (QA). Call before [`Node::join`].
     pub fn hold_own_row(&mut self, now: Now, patience: Duration) {
         self.own_row_held = Some(now.mono + patience);
+    }
+
+    /// This node's own row is held back (see [`Node::hold_own_row`]).
+    pub fn holds_own_row(&self) -> bool {
+        self.own_row_held.is_some()
     }
 
     fn release_own_row(&mut self, due: OwnRowDue) {

@@ -11,10 +11,10 @@
 //! close: it returns once the routes are withdrawn (soft drain first) and
 //! the withdrawal is on the wire, plus `[bgp] withdraw_grace_ms`.
 //!
-//! With replication on, a start that finds no row of this POP (a new POP,
-//! or `routing.db` wiped) neither writes one nor announces until
-//! replication has written it with the cluster's copy's drain (see
-//! `PopRowWriter::open`).
+//! With replication on, a start neither writes this POP's row nor
+//! announces until replication has written it with the cluster's word on
+//! its drain (`crate::own_row_gate`): `routing.db` may be older than the
+//! cluster's copy (a new POP, the file wiped or restored from a backup).
 //!
 //! The judgement reads the published routing snapshot: backend health
 //! (drains, heartbeat expiry, health checks) reaches it there, so a
@@ -38,6 +38,7 @@ use crate::bgp::handoff::Handed;
 use crate::bgp::policy::{Phase, Policy};
 use crate::bgp::Speaker;
 use crate::config::Config;
+use crate::own_row_gate::OwnRowGate;
 use crate::reload_thread::SharedReloader;
 use crate::store::PopRow;
 
@@ -134,13 +135,15 @@ impl Handle {
 
 /// Starts the controller (inside the control runtime). `inherited`: this
 /// process is a binary upgrade's successor, the predecessor's BGP sessions
-/// to come (see [`Speaker::start`]).
+/// to come (see [`Speaker::start`]). `own_row`: closed while replication
+/// has not written this POP's row yet (see `crate::own_row_gate`).
 pub fn start(
     config: &Config,
     snapshot: SnapshotHandle,
     listeners: StatsView,
     reloader: SharedReloader,
     inherited: Option<Inherited>,
+    own_row: OwnRowGate,
 ) -> anyhow::Result<Handle> {
     let bgp = &config.bgp;
     let serving = serving_of(config);
@@ -160,25 +163,19 @@ pub fn start(
         serving: false,
         ..PopRow::default()
     };
-    let (rows, found) = PopRowWriter::open(
-        &config.routing.db_path,
-        &identity,
-        config.replication.enabled,
-    )?;
-    let awaiting_row = match found {
-        Some(found) => {
-            if found.draining {
-                warn_drained(&node_id, "since before this start");
-            }
-            None
+    let awaiting = !own_row.is_open();
+    let (rows, found) = PopRowWriter::open(&config.routing.db_path, &identity, awaiting)?;
+    let awaiting_row = if awaiting {
+        let patience = config.replication.own_row_patience();
+        tracing::info!(node = %node_id, patience_ms = patience.as_millis() as u64,
+            "pop: not announced until replication has the cluster's copy of this POP's row, which says whether it is drained \
+             (routing.db may be older than it)");
+        Some(Instant::now() + patience + OWN_ROW_MARGIN)
+    } else {
+        if found.is_some_and(|found| found.draining) {
+            warn_drained(&node_id, "since before this start");
         }
-        None => {
-            let patience = config.replication.own_row_patience();
-            tracing::info!(node = %node_id, patience_ms = patience.as_millis() as u64,
-                "pop: no row of this POP in the pops table (a new POP, or routing.db was wiped): \
-                 not announced until replication has the cluster's copy of it, which says whether it is drained");
-            Some(Instant::now() + patience + OWN_ROW_MARGIN)
-        }
+        None
     };
     let found = found.unwrap_or(PopState {
         draining: false,
@@ -218,6 +215,7 @@ pub fn start(
         written: found,
         operator_drained: found.draining,
         awaiting_row,
+        own_row,
         asked_while_awaiting: None,
         shutting_down: false,
         verdict: None,
@@ -280,10 +278,11 @@ struct Controller {
     /// The row's state as last written (or found).
     written: PopState,
     operator_drained: bool,
-    /// This POP has no row yet: until it appears (written by replication
-    /// with the cluster's copy's drain, see `PopRowWriter::open`), or this
-    /// instant passes, nothing is announced and no row written.
+    /// Until replication has written this POP's row with the cluster's
+    /// copy's drain (`own_row` opens), or this instant passes, nothing is
+    /// announced and no row written.
     awaiting_row: Option<Instant>,
+    own_row: OwnRowGate,
     /// A drain or undrain asked for meanwhile: it wins over the row's.
     asked_while_awaiting: Option<bool>,
     shutting_down: bool,
@@ -384,6 +383,11 @@ impl Controller {
     /// `serving` is this POP's own verdict, written again at once if the
     /// edit changed it.
     fn follow_row(&mut self) {
+        if self.awaiting_row.is_some() {
+            // The cluster's copy, persisted by replication: adopted by
+            // `await_row`, not an edit.
+            return;
+        }
         match self.rows.read() {
             Ok(Some(row)) if row != self.written => {
                 if row.draining != self.operator_drained {
@@ -398,15 +402,21 @@ impl Controller {
         }
     }
 
-    /// While this POP has no row: adopts it once replication wrote it, or
-    /// writes it after [`OWN_ROW_MARGIN`] more than replication's wait.
+    /// Until replication has written this POP's row: adopts it once
+    /// written, or writes it after [`OWN_ROW_MARGIN`] more than
+    /// replication's wait.
     fn await_row(&mut self, now: Instant) {
         let Some(give_up_at) = self.awaiting_row else {
             return;
         };
-        let found = match self.rows.read() {
+        let written_by_replication = match self.own_row.is_open() {
+            true => self.rows.read(),
+            false if now >= give_up_at => Ok(None),
+            false => return,
+        };
+        let found = match written_by_replication {
             Ok(Some(row)) => row,
-            Ok(None) if now >= give_up_at => match self.rows.ensure(&self.identity) {
+            Ok(None) => match self.rows.ensure(&self.identity) {
                 Ok(row) => {
                     tracing::warn!("pop: replication did not write this POP's row in time; written here, without the cluster's copy");
                     row
@@ -417,7 +427,6 @@ impl Controller {
                     return;
                 }
             },
-            Ok(None) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "pop: cannot read this POP's row");
                 return;

@@ -39,14 +39,16 @@ impl PopRowWriter {
     /// store) and makes sure this POP has a row (see
     /// [`PopRowWriter::ensure`]). Returns the state found.
     ///
-    /// `await_cluster` (replication runs): a missing row is not inserted,
-    /// and `None` is returned. The POP is new or its `routing.db` was
-    /// wiped, and replication writes the row once the cluster's copy could
-    /// arrive, with the operator's drain in it (`replication::node::Node::hold_own_row`);
-    /// until then the caller must neither write it nor announce (QA: a
-    /// drained POP restarted with its database wiped wrote a fresh row,
-    /// `draining = 0`, newer than the cluster's drained copy, and came
-    /// back undrained everywhere).
+    /// `await_cluster` (replication runs, see `crate::own_row_gate`):
+    /// nothing is written, and the state found, if any, is returned as it
+    /// is. The file may be older than the cluster's copy of this row (a
+    /// new POP, `routing.db` wiped or restored from a backup), and
+    /// replication writes the row once the cluster's copy could arrive,
+    /// with the operator's drain in it; until then the caller must neither
+    /// write it nor announce (QA: a drained POP restarted with its database
+    /// wiped, or from a copy older than the drain, wrote its row,
+    /// `draining = 0`, newer than the cluster's drained copy, and came back
+    /// undrained everywhere).
     pub fn open(
         path: &Path,
         identity: &PopRow,
@@ -63,8 +65,9 @@ impl PopRowWriter {
             path: path.to_path_buf(),
             node_id: identity.node_id.clone(),
         };
-        if await_cluster && writer.read()?.is_none() {
-            return Ok((writer, None));
+        if await_cluster {
+            let found = writer.read()?;
+            return Ok((writer, found));
         }
         let state = writer.ensure(identity)?;
         Ok((writer, Some(state)))
@@ -267,6 +270,30 @@ mod tests {
             )
             .unwrap();
         assert!(logged > 0, "the change was not captured");
+    }
+
+    /// With replication, the file may be older than the cluster's copy of
+    /// this POP's row: nothing is written, a row found is returned as is.
+    #[test]
+    fn awaiting_the_cluster_an_old_row_is_read_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        let (w, _) = PopRowWriter::open(&path, &identity(), false).unwrap();
+        drop(w);
+        let moved = PopRow {
+            region: "eu".into(),
+            ..identity()
+        };
+        let (_, state) = PopRowWriter::open(&path, &moved, true).unwrap();
+        assert_eq!(
+            state,
+            Some(PopState {
+                draining: false,
+                serving: false
+            })
+        );
+        assert_eq!(store.load_pops().unwrap()[0].region, "sa", "rewritten");
     }
 
     /// With replication, a missing row is the cluster's to bring back:
