@@ -507,11 +507,23 @@ fn a_drained_pop_restarted_from_a_database_older_than_the_drain_stays_drained_ev
     a_drained_pop_restarted_stays_drained_everywhere(Restart::FromOldCopy);
 }
 
+/// QA: the same with the host replaced: a new disk and a new address. The
+/// members refused it as a duplicate id until its old identity was
+/// declared down (about 4 s), so it wrote its row after the 3 s patience,
+/// undrained, and came back undrained everywhere.
+#[test]
+fn a_drained_pop_moved_to_a_new_host_with_a_new_disk_stays_drained_everywhere() {
+    a_drained_pop_restarted_stays_drained_everywhere(Restart::MovedWithNewDisk);
+}
+
 enum Restart {
     /// `rm routing.db*`.
     Wiped,
     /// `routing.db` as copied before the drain, and a new `[pop] country`.
     FromOldCopy,
+    /// `rm routing.db*` and a new address (gossip, transport, public), BGP
+    /// left out: the router knows the old one.
+    MovedWithNewDisk,
 }
 
 fn a_drained_pop_restarted_stays_drained_everywhere(restart: Restart) {
@@ -601,9 +613,28 @@ hold_time_secs = 3
         let path = format!("{}{suffix}", c.db_path(2).display());
         let _ = std::fs::remove_file(path);
     }
-    if let Restart::FromOldCopy = restart {
-        std::fs::copy(&before_the_drain, c.db_path(2)).unwrap();
-        c.pop_extra[2] = "country = \"PT\"".into();
+    match restart {
+        Restart::Wiped => {}
+        Restart::FromOldCopy => {
+            std::fs::copy(&before_the_drain, c.db_path(2)).unwrap();
+            c.pop_extra[2] = "country = \"PT\"".into();
+        }
+        Restart::MovedWithNewDisk => {
+            let ns = c.net.hosts[2].ns.clone();
+            let old = format!("{}/24", c.net.ip(2));
+            let new = "10.77.0.50";
+            // The old address first: deleting a primary address takes the
+            // secondaries of its subnet with it.
+            for (verb, addr) in [("del", old.as_str()), ("add", "10.77.0.50/24")] {
+                let status = std::process::Command::new("ip")
+                    .args(["-n", &ns, "addr", verb, addr, "dev", "eth0"])
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "ip addr {verb} {addr}");
+            }
+            c.net.hosts[2].ip = new.parse().unwrap();
+            c.extra[2].clear();
+        }
     }
     c.launch(2);
     let pop = c.pop(2);

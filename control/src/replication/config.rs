@@ -109,20 +109,34 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// Gossip intervals a POP without a row of its own in `pops` (a new POP,
-/// or one restarted with its `routing.db` wiped) waits for the cluster's
-/// copy of it before writing its row and announcing (see
+/// Gossip intervals a starting POP waits for the cluster's copy of its
+/// own `pops` row when no member answers (see
 /// [`Replication::own_row_patience`]): long enough for a join and one
 /// exchange over a lossy WAN link (one lost announcement included), short
 /// enough that the first POP of a new cluster starts at once.
 pub const OWN_ROW_PATIENCE_INTERVALS: u32 = 3;
 
+/// Gossip intervals it waits when members answer but no exchange completes
+/// (see [`Replication::own_row_longest_wait`]): long enough for a POP moved
+/// to a new address to be accepted, which waits until its old identity is
+/// declared down (a probe, a suspicion of 3 intervals, about 4 intervals in
+/// all in a namespace test), then for one exchange.
+pub const OWN_ROW_LONGEST_WAIT_INTERVALS: u32 = 10;
+
 impl Replication {
-    /// How long a POP with no row of its own waits for an exchange with a
-    /// member before it writes its row without the cluster's copy:
-    /// [`OWN_ROW_PATIENCE_INTERVALS`] gossip intervals (3 s by default).
+    /// How long a starting POP waits for an exchange with a member, no
+    /// member answering, before it writes its row without the cluster's
+    /// copy: [`OWN_ROW_PATIENCE_INTERVALS`] gossip intervals (3 s by
+    /// default).
     pub fn own_row_patience(&self) -> Duration {
         self.gossip_interval * OWN_ROW_PATIENCE_INTERVALS
+    }
+
+    /// The same wait while members answer gossip:
+    /// [`OWN_ROW_LONGEST_WAIT_INTERVALS`] gossip intervals (10 s by
+    /// default).
+    pub fn own_row_longest_wait(&self) -> Duration {
+        self.gossip_interval * OWN_ROW_LONGEST_WAIT_INTERVALS
     }
 
     /// The secret both channels are keyed from (a well-known stand-in in

@@ -492,7 +492,7 @@ impl Bound {
                     "replication: this POP has no row of its own in the pops table (a new POP, or routing.db was wiped): \
                      waiting for the cluster's copy of it (its drain) before writing it and announcing");
             }
-            node.hold_own_row(now, patience);
+            node.hold_own_row(now, patience, c.own_row_longest_wait());
         }
         if !node.holds_own_row() {
             gate.set_open();
@@ -997,6 +997,10 @@ impl Driver {
                 "replication: the cluster holds no newer copy of this POP's row than routing.db's; written with this start's identity"),
             (OwnRowDue::NoAnswer, _) => tracing::warn!(waited_ms,
                 "replication: no member answered in time; this POP's row is written without the cluster's copy \
+                 (a drain of this POP recorded only elsewhere is lost: drain it again if it was drained)"),
+            (OwnRowDue::NoExchange, _) => tracing::warn!(waited_ms,
+                "replication: members answer but no exchange with one completed in time (see the refusals above); \
+                 this POP's row is written without the cluster's copy \
                  (a drain of this POP recorded only elsewhere is lost: drain it again if it was drained)"),
         }
         true

@@ -173,9 +173,21 @@ pub enum OwnRowDue {
     /// An exchange with a member completed without one: the cluster has
     /// none (a new POP).
     NoCopyInCluster,
-    /// No exchange completed within the patience: alone, or the first POP
+    /// No member answered within the patience: alone, or the first POP
     /// of a new cluster.
     NoAnswer,
+    /// Members answered, but no exchange completed within the longest
+    /// wait (the transport blocked, or refused).
+    NoExchange,
+}
+
+/// This node's own row, held back (see [`Node::hold_own_row`]).
+#[derive(Debug, Clone, Copy)]
+struct HeldOwnRow {
+    /// When the wait runs out (or is extended, see `at_most`).
+    due: Instant,
+    /// The longest wait, used once when `due` comes while members answer.
+    at_most: Option<Instant>,
 }
 
 /// Remote rows already merged into the replica, to be written to the
@@ -432,9 +444,8 @@ pub struct Node {
     /// [`Absences::down_since`]) that this run has not seen since, and when
     /// this run restored them (Unix ms): see [`Node::down_members`].
     restored_down: (HashSet<NodeId>, u64),
-    /// This node's own row is held back until then at the latest (see
-    /// [`Node::hold_own_row`]).
-    own_row_held: Option<Instant>,
+    /// This node's own row is held back (see [`Node::hold_own_row`]).
+    own_row_held: Option<HeldOwnRow>,
     pub stats: Stats,
 }
 
@@ -534,17 +545,42 @@ impl Node {
     /// copy of its own `pops` row: wiped, or restored from a backup): its
     /// writer holds its row back until [`Output::WriteOwnRow`], which comes
     /// when the cluster's copy arrives, when an exchange with a member
-    /// completes without a newer one, or `patience` from now (no member
-    /// answered). A row written at once would be versioned now and beat the
+    /// completes without a newer one, `patience` from now if no member
+    /// answered, or `longest` from now if members did but no exchange
+    /// completed. A row written at once would be versioned now and beat the
     /// cluster's copy, undoing the operator's drain of this POP everywhere
     /// (QA). Call before [`Node::join`].
-    pub fn hold_own_row(&mut self, now: Now, patience: Duration) {
-        self.own_row_held = Some(now.mono + patience);
+    ///
+    /// Why two waits: the first POP of a new cluster, alone, should not
+    /// wait long; a POP that the members answer but exchange nothing with
+    /// is most likely refused for a while (QA: a drained POP moved to a new
+    /// address with a fresh disk was refused as a duplicate id until its
+    /// old identity was declared down, about 4 s, wrote its row after the
+    /// 3 s patience, undrained, and announced).
+    pub fn hold_own_row(&mut self, now: Now, patience: Duration, longest: Duration) {
+        self.own_row_held = Some(HeldOwnRow {
+            due: now.mono + patience,
+            at_most: Some(now.mono + longest.max(patience)),
+        });
     }
 
     /// This node's own row is held back (see [`Node::hold_own_row`]).
     pub fn holds_own_row(&self) -> bool {
         self.own_row_held.is_some()
+    }
+
+    /// The held row's wait ran out: written now, unless members answer, in
+    /// which case it waits for an exchange up to the longest wait.
+    fn own_row_wait_over(&mut self) {
+        let members_answer = self.members.active_count() > 0;
+        let Some(held) = self.own_row_held.as_mut() else {
+            return;
+        };
+        match held.at_most.take() {
+            Some(at_most) if members_answer => held.due = at_most,
+            Some(_) => self.release_own_row(OwnRowDue::NoAnswer),
+            None => self.release_own_row(OwnRowDue::NoExchange),
+        }
     }
 
     fn release_own_row(&mut self, due: OwnRowDue) {
@@ -1313,8 +1349,12 @@ impl Node {
 
     /// Runs whatever is due at `now`.
     pub fn handle_timeout(&mut self, now: Now) {
-        if self.own_row_held.is_some_and(|at| at <= now.mono) {
-            self.release_own_row(OwnRowDue::NoAnswer);
+        if self
+            .own_row_held
+            .as_ref()
+            .is_some_and(|held| held.due <= now.mono)
+        {
+            self.own_row_wait_over();
         }
         self.members.handle_timeout(now.mono);
         self.after_membership(now);
@@ -1389,7 +1429,7 @@ impl Node {
             self.members.poll_timeout(),
             self.broadcast_at,
             self.next_announce,
-            self.own_row_held,
+            self.own_row_held.as_ref().map(|held| held.due),
         ]
         .into_iter()
         .flatten()

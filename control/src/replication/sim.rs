@@ -554,19 +554,64 @@ impl Sim {
     /// Starts node `i` again with its database wiped (nothing persisted, a
     /// new generation), joining through node `via`, as the driver does: its
     /// own `pops` row, `identity` (JSON), is held back until the node says
-    /// it is due ([`Node::hold_own_row`], with `patience`), then written
-    /// with the operator's columns of the copy that arrived meanwhile.
-    pub fn restart_wiped(&mut self, i: usize, via: usize, identity: &str, patience: Duration) {
+    /// it is due ([`Node::hold_own_row`], with `waits`: the patience and the
+    /// longest wait), then written with the operator's columns of the copy
+    /// that arrived meanwhile.
+    pub fn restart_wiped(
+        &mut self,
+        i: usize,
+        via: usize,
+        identity: &str,
+        waits: (Duration, Duration),
+    ) {
         let generation = self.nodes[i].settings().generation + 1;
         self.crashed.remove(&i);
         self.persisted[i].clear();
         self.nodes[i] = self.make_node(i, generation, Replica::new());
+        self.hold_own_row(i, identity, waits);
+        let now = self.now();
+        self.nodes[i].join(now, &[addr(via, 4001)]);
+        self.drain(i);
+    }
+
+    /// Node `i` holds its own row, `identity`, back (see
+    /// [`Sim::restart_wiped`]). Call before it joins.
+    fn hold_own_row(
+        &mut self,
+        i: usize,
+        identity: &str,
+        (patience, longest): (Duration, Duration),
+    ) {
         self.held_identity
             .insert(i, serde_json::from_str(identity).expect("identity is JSON"));
         let now = self.now();
-        self.nodes[i].hold_own_row(now, patience);
+        self.nodes[i].hold_own_row(now, patience, longest);
+    }
+
+    /// [`Sim::spawn`] with a wiped database: `id`'s node moved to a new
+    /// address, on a new disk, holding its own row as
+    /// [`Sim::restart_wiped`] does.
+    pub fn spawn_wiped(
+        &mut self,
+        id: &str,
+        generation: u64,
+        via: usize,
+        identity: &str,
+        waits: (Duration, Duration),
+    ) -> usize {
+        let i = self.nodes.len();
+        self.ids.push(id.to_string());
+        self.group.push(0);
+        self.persisted.push(HashMap::new());
+        let node = self.make_node(i, generation, Replica::new());
+        self.gossip_of.insert(addr(i, 4001), i);
+        self.transport_of.insert(addr(i, 4002), i);
+        self.nodes.push(node);
+        self.hold_own_row(i, identity, waits);
+        let now = self.now();
         self.nodes[i].join(now, &[addr(via, 4001)]);
         self.drain(i);
+        i
     }
 
     /// Starts one more node, at an address of its own, with `id` (which

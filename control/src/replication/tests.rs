@@ -1414,9 +1414,12 @@ fn pop_row(i: usize, key: &str, draining: u8) -> String {
     format!(r#"{{"node_id":"n{i}","wg_public_key":"{key}","draining":{draining}}}"#)
 }
 
-/// How long a node without a row of its own waits for the cluster's copy
-/// (`Replication::own_row_patience` with the shipped gossip interval).
+/// How long a starting node waits for the cluster's copy of its own row:
+/// no member answering, and members answering but no exchange completing
+/// (`Replication::own_row_patience` and `own_row_longest_wait` with the
+/// shipped gossip interval).
 const OWN_ROW_PATIENCE: Duration = Duration::from_secs(3);
+const OWN_ROW_WAITS: (Duration, Duration) = (OWN_ROW_PATIENCE, Duration::from_secs(10));
 
 /// QA: a drained POP restarted with its `routing.db` wiped wrote a fresh
 /// row at start, newer than the cluster's drained copy, and came back
@@ -1438,7 +1441,7 @@ fn a_drained_pop_restarted_with_its_database_wiped_stays_drained_everywhere() {
         // kill -9, rm routing.db*, restart: a new mesh key this time.
         sim.crash(1);
         sim.run_for(Duration::from_secs(10));
-        sim.restart_wiped(1, 0, &pop_row(1, "new", 0), OWN_ROW_PATIENCE);
+        sim.restart_wiped(1, 0, &pop_row(1, "new", 0), OWN_ROW_WAITS);
         let restarted = sim.elapsed();
         assert!(
             sim.run_until(restarted + Duration::from_secs(20), |s| {
@@ -1465,6 +1468,69 @@ fn a_drained_pop_restarted_with_its_database_wiped_stays_drained_everywhere() {
     }
 }
 
+/// QA: a drained POP moved to a new address with a fresh disk (host
+/// replacement) is refused by the members as a duplicate id until its old
+/// identity is declared down (about 4 s). Its held row was written after
+/// the 3 s patience, undrained, newer than the drain: it came back
+/// undrained everywhere. Members answering, it now waits for an exchange.
+#[test]
+fn a_drained_pop_moved_to_a_new_address_with_a_new_disk_stays_drained_everywhere() {
+    for seed in [1, 2, 3, 4, 5] {
+        let mut sim = joined(SimConfig::wan(3, 720 + seed));
+        for i in 0..3 {
+            sim.write_pop(i, &pop_row(i, "old", 0));
+        }
+        sim.write_pop(2, &pop_row(2, "old", 1));
+        let t0 = sim.elapsed();
+        assert!(sim.run_until(t0 + Duration::from_secs(10), |s| (0..3)
+            .all(|at| s.pop_row(at, 2).is_some_and(|r| r["draining"] == 1))));
+        // Replaced at once: the old host gone, the new one at another
+        // address, its database empty.
+        sim.crash(2);
+        let generation = sim.nodes[2].settings().generation + 1;
+        let moved = sim.spawn_wiped("n2", generation, 0, &pop_row(2, "new", 0), OWN_ROW_WAITS);
+        let started = sim.elapsed();
+        assert!(
+            sim.run_until(started + Duration::from_secs(30), |s| {
+                !s.own_rows_written.is_empty()
+                    && (0..2).all(|at| {
+                        s.pop_row(at, 2)
+                            .is_some_and(|r| r["wg_public_key"] == "new")
+                    })
+            }),
+            "seed {seed}: the moved node's row never arrived"
+        );
+        let (at, _, due) = sim.own_rows_written[0];
+        assert_eq!(
+            due,
+            super::node::OwnRowDue::CopyArrived,
+            "seed {seed}: written after {:?}",
+            at - started
+        );
+        for observer in [0, 1, moved] {
+            let row = sim.pop_row(observer, moved).expect("n2's row");
+            assert_eq!(row["draining"], 1, "seed {seed}: drain lost at {observer}");
+        }
+    }
+}
+
+/// Members answering but no exchange ever completing (the transport
+/// blocked): the held row is written at the longest wait, not before.
+#[test]
+fn a_pop_whose_exchanges_never_complete_writes_its_own_row_at_the_longest_wait() {
+    let mut sim = joined(SimConfig::wan(2, 730));
+    sim.crash(1);
+    sim.run_for(Duration::from_secs(1));
+    sim.restart_wiped(1, 0, &pop_row(1, "k1", 0), OWN_ROW_WAITS);
+    sim.drop_messages_to.insert(1);
+    let restarted = sim.elapsed();
+    sim.run_for(Duration::from_secs(15));
+    assert_eq!(sim.own_rows_written.len(), 1);
+    let (at, i, due) = sim.own_rows_written[0];
+    assert_eq!((i, due), (1, super::node::OwnRowDue::NoExchange));
+    assert_eq!(at - restarted, OWN_ROW_WAITS.1);
+}
+
 /// The first POP of a new cluster (nobody answers) holds its row for the
 /// patience only, then writes it; one that joins a cluster that never
 /// heard of it writes it after its first exchange.
@@ -1475,7 +1541,7 @@ fn a_pop_with_no_row_anywhere_writes_its_own_after_one_exchange_or_the_patience(
     sim.crash(1);
     sim.run_for(Duration::from_secs(1));
     // Alone: node 0 restarted wiped, node 1 still down.
-    sim.restart_wiped(0, 1, &pop_row(0, "k0", 0), OWN_ROW_PATIENCE);
+    sim.restart_wiped(0, 1, &pop_row(0, "k0", 0), OWN_ROW_WAITS);
     let alone = sim.elapsed();
     sim.run_for(Duration::from_secs(5));
     assert_eq!(sim.own_rows_written.len(), 1);
@@ -1484,7 +1550,7 @@ fn a_pop_with_no_row_anywhere_writes_its_own_after_one_exchange_or_the_patience(
     assert_eq!(at - alone, OWN_ROW_PATIENCE);
     assert_eq!(sim.pop_row(0, 0).unwrap()["wg_public_key"], "k0");
     // Node 1 joins it, wiped too: the cluster has no row of n1.
-    sim.restart_wiped(1, 0, &pop_row(1, "k1", 0), OWN_ROW_PATIENCE);
+    sim.restart_wiped(1, 0, &pop_row(1, "k1", 0), OWN_ROW_WAITS);
     let joining = sim.elapsed();
     assert!(sim.run_until(joining + Duration::from_secs(10), |s| s
         .own_rows_written

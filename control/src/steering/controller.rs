@@ -54,9 +54,9 @@ const ROW_READ_EVERY: Duration = Duration::from_secs(1);
 const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a binary upgrade waits for the sessions to stop.
 const HAND_OFF_PATIENCE: Duration = Duration::from_secs(2);
-/// How much longer than replication's own wait (see
-/// `Replication::own_row_patience`) a POP without a row of its own waits
-/// for replication to write it before writing it here: only if
+/// How much longer than replication's own longest wait (see
+/// `Replication::own_row_longest_wait`) a starting POP waits for
+/// replication to write its row before writing it here: only if
 /// replication could not (its database write failed).
 const OWN_ROW_MARGIN: Duration = Duration::from_secs(5);
 
@@ -166,7 +166,7 @@ pub fn start(
     let awaiting = !own_row.is_open();
     let (rows, found) = PopRowWriter::open(&config.routing.db_path, &identity, awaiting)?;
     let awaiting_row = if awaiting {
-        let patience = config.replication.own_row_patience();
+        let patience = config.replication.own_row_longest_wait();
         tracing::info!(node = %node_id, patience_ms = patience.as_millis() as u64,
             "pop: not announced until replication has the cluster's copy of this POP's row, which says whether it is drained \
              (routing.db may be older than it)");
