@@ -666,6 +666,8 @@ hold_time_secs = 3
     assert!(log.contains("pop: this POP is drained"), "{log}");
     assert!(!log.contains("drain ended"), "{log}");
     assert!(!log.contains("edited outside"), "{log}");
+    // Its old address declared down is not "member down" of itself.
+    assert!(!log.contains("member down peer=node-2"), "{log}");
     // Not announced at any moment since the restart (it was within a
     // second, before the drain came back).
     assert!(!log.contains("bgp: announcing"), "{log}");

@@ -1015,6 +1015,13 @@ impl Driver {
                         self.alone_logged = false;
                         tracing::info!(peer = %p.id, gossip = %p.gossip, "replication: member up")
                     }
+                    MemberEvent::Down(p) if p.id == *self.node.id() => {
+                        // This POP's identity at an address it left: it
+                        // moved (QA: logged as a member down, itself).
+                        self.transport.forget(p.transport);
+                        tracing::info!(gossip = %p.gossip,
+                            "replication: this POP's previous address is declared down (it moved)")
+                    }
                     MemberEvent::Down(p) => {
                         self.transport.forget(p.transport);
                         tracing::warn!(peer = %p.id, gossip = %p.gossip, "replication: member down")
