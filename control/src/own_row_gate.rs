@@ -12,7 +12,7 @@
 //! announces nothing, until replication has heard the cluster's word on it
 //! (`replication::node::Node::hold_own_row`): the copy arrived (persisted
 //! here, drain included), an exchange with a member ended without one, or
-//! no member answered in time. Replication then writes this start's
+//! none completed in time. Replication then writes this start's
 //! identity over what is there and opens the gate; steering
 //! (`crate::steering::controller`) waits for it before judging, writing
 //! and announcing.
