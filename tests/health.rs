@@ -808,3 +808,58 @@ fn nginx_backends_are_checked_over_http_and_a_404_takes_one_out() {
         .unwrap_or_else(|| panic!("a back; proxy log:\n{}", proxy.log_text()));
     assert!(eventually(PATIENCE, || http_via(addr).as_deref() == Some("a")));
 }
+
+/// QA: a backend taken out by its own check stayed out for good once it
+/// registered again without one (or with `"enabled": false`): nothing
+/// checked it any more, so nothing could bring it back, and the API showed
+/// it down with a last check that only grew older.
+#[test]
+fn a_backend_down_by_its_own_check_is_back_once_it_registers_without_one() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over("health-check-dropped", &[], API);
+    let api = api_addr(&proxy);
+    let register = |id: &str, port: u16, weight: i64, check: serde_json::Value| {
+        let body = serde_json::json!({"id": id, "app": "web", "region": "sa", "ip": "127.0.0.1",
+            "port": port, "weight": weight, "health_check": check});
+        post_json(api, "/api/v1/register", &body)
+    };
+    let check = serde_json::json!({"type": "http", "path": "/health", "interval_ms": 100,
+        "timeout_ms": 100, "unhealthy_threshold": 1, "healthy_threshold": 1});
+    assert_eq!(register("a", a.port(), 100, check.clone()).0, 201);
+    assert_eq!(register("b", b.port(), 1, serde_json::Value::Null).0, 201);
+    assert!(eventually(PATIENCE, || http_via(proxy.addr()).as_deref() == Some("a")));
+
+    let mark = proxy.log_mark();
+    a.health_status
+        .store(503, std::sync::atomic::Ordering::SeqCst);
+    wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a out; proxy log:\n{}", proxy.log_text()));
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
+
+    // The operator drops the check (its health endpoint is what is broken,
+    // not the service): the backend is in rotation again.
+    assert_eq!(register("a", a.port(), 100, serde_json::Value::Null).0, 200);
+    assert!(
+        eventually(PATIENCE, || http_via(proxy.addr()).as_deref() == Some("a")),
+        "a back without a check; its health: {}",
+        get_json(api, "/api/v1/backends/a")["health"]
+    );
+    let h = &get_json(api, "/api/v1/backends/a")["health"];
+    assert_eq!(h["state"], "up", "{h}");
+    assert_eq!(h["checks"], serde_json::Value::Null, "{h}");
+
+    // The same with the check kept but turned off.
+    let mark = proxy.log_mark();
+    assert_eq!(register("a", a.port(), 100, check.clone()).0, 200);
+    wait_event(&proxy, mark, "health checks failed", "a")
+        .unwrap_or_else(|| panic!("a out again; proxy log:\n{}", proxy.log_text()));
+    let mut off = check;
+    off["enabled"] = serde_json::json!(false);
+    assert_eq!(register("a", a.port(), 100, off).0, 200);
+    assert!(
+        eventually(PATIENCE, || http_via(proxy.addr()).as_deref() == Some("a")),
+        "a back with its check off; its health: {}",
+        get_json(api, "/api/v1/backends/a")["health"]
+    );
+}

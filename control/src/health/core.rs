@@ -159,6 +159,16 @@ impl Checker {
                     }
                     target.live.set_watch_successes(e.health.wants_successes());
                     e.target = target;
+                    // Checks turned off: nothing will check the backend
+                    // again, so their verdict must not keep it out.
+                    if !e.target.settings.enabled && e.health.forget_checks() {
+                        self.transitions.push_back(Transition {
+                            id: Arc::clone(&id),
+                            app: Arc::clone(&e.target.app),
+                            change: Change::Up,
+                            reason: Some("health checks turned off".into()),
+                        });
+                    }
                     if resched && !e.in_flight {
                         e.generation += 1;
                         self.schedule_first(now, &id, &e);
@@ -275,6 +285,11 @@ impl Checker {
         self.checks += 1;
         if !outcome.ok {
             self.check_failures += 1;
+        }
+        if !e.target.settings.enabled {
+            // Turned off while it ran: its verdict no longer applies.
+            e.again = false;
+            return;
         }
         let reason = outcome.error.clone();
         let s = &e.target.settings;

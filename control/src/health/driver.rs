@@ -214,6 +214,8 @@ fn report(link: &HealthLink, t: &Transition, hook: Option<&Webhook>, pop: &str) 
     match t.change {
         Change::Down => tracing::warn!(backend = %t.id, app = %t.app, reason,
             "health checks failed: backend out of rotation"),
+        Change::Up if t.reason.is_some() => tracing::info!(backend = %t.id, app = %t.app, reason,
+            "health checks no longer apply: backend back in rotation"),
         Change::Up => tracing::info!(backend = %t.id, app = %t.app,
             "health checks pass again: backend back in rotation"),
         Change::Ejected(span) => tracing::warn!(backend = %t.id, app = %t.app,

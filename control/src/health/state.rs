@@ -203,6 +203,18 @@ impl BackendHealth {
         }
     }
 
+    /// Forgets what the active checks said, once they are turned off: the
+    /// backend is up as far as they are concerned (the RTT average stays,
+    /// as the last one measured). True when that brings it back up.
+    pub fn forget_checks(&mut self) -> bool {
+        let was_down = self.status == Status::Down;
+        self.status = Status::Up;
+        self.consecutive_failures = 0;
+        self.consecutive_successes = 0;
+        self.confirm_pending = false;
+        was_down
+    }
+
     /// Marks that the next check confirms a passive failure.
     pub fn expect_confirmation(&mut self) {
         self.confirm_pending = true;

@@ -278,6 +278,44 @@ fn rtt_reaches_the_backends_live_state() {
     assert_eq!(live.rtt_us(), 1500);
 }
 
+/// QA: a backend down by its checks stayed excluded once its checks were
+/// turned off (nothing would check it again), and a check in flight when
+/// they were turned off could still take it down.
+#[test]
+fn turning_checks_off_brings_a_down_backend_back_and_ignores_checks_in_flight() {
+    let t0 = Instant::now();
+    let s = Arc::new(CheckSettings {
+        unhealthy_threshold: 1,
+        ..(*settings(1000)).clone()
+    });
+    let off = Arc::new(CheckSettings {
+        enabled: false,
+        ..(*s).clone()
+    });
+    let mut c = Checker::new(params(4), 5);
+    c.set_targets(t0, vec![target("a", "web", &s)]);
+    let later = t0 + Duration::from_secs(1);
+    let o = c.poll_check(later).unwrap();
+    c.on_result(later, &o.id, fail());
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Down)]);
+
+    c.set_targets(later, vec![target("a", "web", &off)]);
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Up)]);
+    let mut records = vec![record("a")];
+    c.apply(&mut records);
+    assert!(records[0].healthy);
+    assert!(c.poll_check(later + Duration::from_secs(10)).is_none());
+
+    // On again, a check starts, and they are turned off while it runs.
+    c.set_targets(later, vec![target("a", "web", &s)]);
+    let o = c.poll_check(later + Duration::from_secs(2)).unwrap();
+    c.set_targets(later, vec![target("a", "web", &off)]);
+    c.on_result(later + Duration::from_secs(2), &o.id, fail());
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.in_flight(), 0);
+    assert_eq!(c.overlay("a", 1), None);
+}
+
 fn record(id: &str) -> BackendRecord {
     BackendRecord {
         id: id.into(),
