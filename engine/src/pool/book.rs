@@ -242,6 +242,7 @@ impl<S> Book<S> {
             }
             match check(&idle.sock) {
                 Health::Quiet => {
+                    entry.failures = 0;
                     taken = Some(idle.sock);
                     break;
                 }
@@ -303,7 +304,9 @@ impl<S> Book<S> {
         let Some(entry) = self.live_entry(order) else {
             return;
         };
-        entry.failures = 0;
+        // The failure count stays until the socket proves itself (taken by
+        // a client, or still open past YOUNG_CLOSE): a backend that accepts
+        // and closes at once must back off further each time.
         entry.retry_at = None;
         if !entry.excluded && (entry.idle.len() as u32) < entry.target {
             entry.idle.push(Idle { sock, since: now });
@@ -345,6 +348,7 @@ impl<S> Book<S> {
             let before = entry.idle.len();
             let mut shrink = 0;
             let mut young_closes = Vec::new();
+            let mut lasted = false;
             entry.idle.retain(|idle| {
                 let age = now.saturating_duration_since(idle.since);
                 if age >= policy.idle_timeout {
@@ -359,7 +363,10 @@ impl<S> Book<S> {
                     return false;
                 }
                 match check(&idle.sock) {
-                    Health::Quiet => true,
+                    Health::Quiet => {
+                        lasted |= age >= YOUNG_CLOSE;
+                        true
+                    }
                     Health::Spoke if policy.speaks_first == SpeaksFirst::Keep => true,
                     Health::Spoke => {
                         spoke = true;
@@ -373,6 +380,9 @@ impl<S> Book<S> {
                 }
             });
             self.idle_total -= (before - entry.idle.len()) as u64;
+            if lasted {
+                entry.failures = 0;
+            }
             for since in young_closes {
                 closed_by_backend(entry, now, since);
             }

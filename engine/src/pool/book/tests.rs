@@ -398,6 +398,60 @@ fn a_backend_that_closes_pooled_sockets_at_once_is_retried_with_backoff() {
     assert!(r.book.poll_connect(r.at(600)).is_some());
 }
 
+/// QA: the connect that followed a young close reset the failure count, so
+/// a backend that closed every pooled socket at once was reconnected every
+/// 0.5 s + one tick, per shard, forever (75 connects in 35 s on two shards
+/// against a backend that resets every connection).
+#[test]
+fn a_backend_that_keeps_closing_pooled_sockets_at_once_backs_off_further_each_time() {
+    let mut r = Rig::new(Policy::default());
+    let s = snap(&[rec("a", "web", "eu", 81)]);
+    refresh(&mut r.book, &s);
+    let mut now = 0;
+    let mut connects = Vec::new();
+    for _ in 0..6 {
+        let order = loop {
+            if let Some(o) = r.book.poll_connect(r.at(now)) {
+                break o;
+            }
+            now += 10;
+        };
+        connects.push(now);
+        let (sock, health) = r.sock();
+        r.book.connected(r.at(now), &order, sock);
+        health.set(Health::Closed);
+        now += 100;
+        r.book.sweep(r.at(now), |s| s.health.get());
+    }
+    let gaps: Vec<u64> = connects.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(gaps, [600, 1100, 2100, 4100, 8100]);
+    // A socket that lives past the young age ends the backoff.
+    let order = loop {
+        if let Some(o) = r.book.poll_connect(r.at(now)) {
+            break o;
+        }
+        now += 10;
+    };
+    let (sock, health) = r.sock();
+    r.book.connected(r.at(now), &order, sock);
+    r.book.sweep(r.at(now + 600), |s| s.health.get());
+    health.set(Health::Closed);
+    now += 700;
+    r.book.sweep(r.at(now), |s| s.health.get());
+    let order = r
+        .book
+        .poll_connect(r.at(now))
+        .expect("an old socket's close is no failure");
+    // The next young close waits the first delay again.
+    let (sock, health) = r.sock();
+    r.book.connected(r.at(now), &order, sock);
+    health.set(Health::Closed);
+    now += 100;
+    r.book.sweep(r.at(now), |s| s.health.get());
+    assert!(r.book.poll_connect(r.at(now + 499)).is_none());
+    assert!(r.book.poll_connect(r.at(now + 500)).is_some());
+}
+
 #[test]
 fn next_deadline_is_the_first_expiry_or_retry() {
     let mut r = Rig::new(Policy {
