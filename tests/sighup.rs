@@ -166,6 +166,42 @@ fn a_lowered_connection_limit_applies_to_new_connections() {
     echo(&extra, "room again");
 }
 
+/// QA: with `max_connections = 0` (unlimited) connections were not counted
+/// process-wide, so a limit set later by SIGHUP (what an operator reaches
+/// for when a flood arrives) ignored every connection already open: with
+/// four held and the limit set to four, four more were served.
+#[test]
+fn a_limit_set_on_an_unlimited_proxy_counts_the_connections_already_open() {
+    let limits = |n: u32| {
+        format!(
+            "[limits]\nmax_connections = {n}\n\n{}",
+            listeners(&["main"])
+        )
+    };
+    let s = Setup::new("sighup-limit-from-unlimited", &limits(0));
+    let addr = s.proxy.listener("main");
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let (name, stream) = connect_tagged(addr);
+            assert_eq!(name, "x");
+            stream
+        })
+        .collect();
+
+    let mark = s.reload(&limits(4));
+    let updated = s.proxy.log_lines_after(mark, "limits and timeouts updated");
+    assert_eq!(updated.len(), 1, "{updated:#?}");
+    // Four are open: a fifth waits in the accept queue, unserved.
+    let waiting = connect_waiting(addr);
+    for (i, h) in held.iter().enumerate() {
+        echo(h, &format!("held {i}"));
+    }
+    // They leave: the waiting client is served.
+    drop(held);
+    assert_eq!(read_line(&waiting).as_deref(), Some("x"));
+    echo(&waiting, "served");
+}
+
 /// `[affinity]` changed by SIGHUP applies to the next connection, not at
 /// the affinity GC's next sweep (a minute by default; an hour here, so a
 /// late application cannot pass): with `ttl_secs = 0` a client already

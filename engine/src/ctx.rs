@@ -27,8 +27,8 @@ pub(crate) struct Shared {
     pub snapshot: SnapshotHandle,
     pub geo: Arc<GeoResolver>,
     pub knobs: Arc<ArcSwap<Knobs>>,
-    /// Open client connections across shards (only counted when a global
-    /// limit is set).
+    /// Open client connections across shards (counted with or without a
+    /// process-wide limit, which SIGHUP may set at any time).
     pub active_total: AtomicU32,
     /// Affinity for connections that cannot be steered to one shard.
     pub shared_affinity: SharedAffinity,
@@ -137,7 +137,6 @@ pub(crate) struct ListenerCtx {
 pub(crate) struct ConnSlot {
     ctx: Rc<ShardCtx>,
     lctx: Rc<ListenerCtx>,
-    counted_globally: bool,
 }
 
 impl ConnSlot {
@@ -154,17 +153,17 @@ impl ConnSlot {
     }
 
     /// Counts an accepted connection.
+    ///
+    /// Counted process-wide even while there is no process-wide limit
+    /// (`max_connections = 0`): a limit set later by SIGHUP must see the
+    /// connections already open.
     pub fn take(ctx: &Rc<ShardCtx>, lctx: &Rc<ListenerCtx>) -> ConnSlot {
-        let counted_globally = ctx.knobs().max_connections != 0;
-        if counted_globally {
-            ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
-        }
+        ctx.shared.active_total.fetch_add(1, Ordering::Relaxed);
         step_owned(&ctx.stats.active, true);
         step_owned(&lctx.stats.active, true);
         ConnSlot {
             ctx: Rc::clone(ctx),
             lctx: Rc::clone(lctx),
-            counted_globally,
         }
     }
 }
@@ -173,9 +172,7 @@ impl Drop for ConnSlot {
     fn drop(&mut self) {
         step_owned(&self.ctx.stats.active, false);
         step_owned(&self.lctx.stats.active, false);
-        if self.counted_globally {
-            self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.ctx.shared.active_total.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
