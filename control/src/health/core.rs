@@ -143,15 +143,37 @@ impl Checker {
         self.in_flight
     }
 
-    /// Replaces the watched backends. Health carries over by id; a backend
-    /// whose settings changed is rescheduled; gone backends are forgotten.
+    /// Replaces the watched backends. Health carries over by id, unless the
+    /// backend moved to another address (it starts over); a backend whose
+    /// settings or address changed is rescheduled; gone backends are
+    /// forgotten.
     pub fn set_targets(&mut self, now: Instant, targets: Vec<Target>) {
         let mut old = std::mem::take(&mut self.entries);
         for target in targets {
             let id = Arc::clone(&target.id);
             let entry = match old.remove(&id) {
                 Some(mut e) => {
-                    let resched = e.target.settings != target.settings;
+                    let moved = e.target.addr != target.addr;
+                    let resched = moved || e.target.settings != target.settings;
+                    if moved {
+                        // Another address is another host (a replacement
+                        // instance): what was measured of the old one says
+                        // nothing of it.
+                        let was_excluded = e.health.excluded();
+                        e.health = BackendHealth::default();
+                        target.live.set_rtt_us(0);
+                        if was_excluded {
+                            self.transitions.push_back(Transition {
+                                id: Arc::clone(&id),
+                                app: Arc::clone(&target.app),
+                                change: Change::Up,
+                                reason: Some(format!(
+                                    "moved from {} to {}: health starts over",
+                                    e.target.addr, target.addr
+                                )),
+                            });
+                        }
+                    }
                     // The live state may be a new Arc after a rebuild: keep
                     // writing to the one shards read now.
                     if let Some(rtt) = e.health.rtt_ewma {
@@ -161,7 +183,7 @@ impl Checker {
                     e.target = target;
                     // Checks turned off: nothing will check the backend
                     // again, so their verdict must not keep it out.
-                    if !e.target.settings.enabled && e.health.forget_checks() {
+                    if !moved && !e.target.settings.enabled && e.health.forget_checks() {
                         self.transitions.push_back(Transition {
                             id: Arc::clone(&id),
                             app: Arc::clone(&e.target.app),

@@ -215,7 +215,7 @@ fn report(link: &HealthLink, t: &Transition, hook: Option<&Webhook>, pop: &str) 
         Change::Down => tracing::warn!(backend = %t.id, app = %t.app, reason,
             "health checks failed: backend out of rotation"),
         Change::Up if t.reason.is_some() => tracing::info!(backend = %t.id, app = %t.app, reason,
-            "health checks no longer apply: backend back in rotation"),
+            "earlier health verdict no longer applies: backend back in rotation"),
         Change::Up => tracing::info!(backend = %t.id, app = %t.app,
             "health checks pass again: backend back in rotation"),
         Change::Ejected(span) => tracing::warn!(backend = %t.id, app = %t.app,

@@ -316,6 +316,40 @@ fn turning_checks_off_brings_a_down_backend_back_and_ignores_checks_in_flight() 
     assert_eq!(c.overlay("a", 1), None);
 }
 
+/// QA: health was kept by id across an address change, so a backend
+/// registered again at a new address (a replacement instance) stayed
+/// ejected for what its predecessor did, for up to `max_timeout`, and its
+/// ejection count (the backoff's multiplier) carried over.
+#[test]
+fn a_backend_that_moves_starts_its_health_over() {
+    let t0 = Instant::now();
+    let s = settings(1000);
+    let mut c = Checker::new(params(4), 11);
+    c.set_targets(t0, vec![target("a", "web", &s), target("b", "web", &s)]);
+    c.on_passive(t0, "a", true);
+    c.on_passive(t0, "a", true);
+    assert!(matches!(
+        drain(&mut c).as_slice(),
+        [(id, Change::Ejected(_))] if id == "a"
+    ));
+    assert_eq!(c.overlay("a", 2), Some(Overlay::Excluded));
+
+    let mut moved = target("a", "web", &s);
+    moved.addr = "127.0.0.1:10".parse().unwrap();
+    c.set_targets(t0, vec![moved, target("b", "web", &s)]);
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Up)]);
+    assert_eq!(c.overlay("a", 2), None);
+    let (h, _) = c.health("a").unwrap();
+    assert_eq!((h.ejections, h.passive_failures), (0, 0));
+    // The same address again changes nothing.
+    let mut same = target("a", "web", &s);
+    same.addr = "127.0.0.1:10".parse().unwrap();
+    c.on_passive(t0, "a", true);
+    c.set_targets(t0, vec![same, target("b", "web", &s)]);
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.health("a").unwrap().0.passive_failures, 1);
+}
+
 fn record(id: &str) -> BackendRecord {
     BackendRecord {
         id: id.into(),
