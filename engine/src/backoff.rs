@@ -161,6 +161,12 @@ impl ConnectBackoff {
         self.streak.swap(0, Ordering::Relaxed) > 0
     }
 
+    /// Forgets every failure: the backend moved to another address.
+    pub fn clear(&self) {
+        self.unserved.store(false, Ordering::Relaxed);
+        self.streak.store(0, Ordering::Relaxed);
+    }
+
     /// The last connect attempt (or probe) failed and none succeeded since.
     pub fn is_failing(&self) -> bool {
         self.streak.load(Ordering::Relaxed) > 0

@@ -410,17 +410,26 @@ impl RoutingSnapshot {
 /// carry over from one snapshot to the next. Owned by the control thread.
 #[derive(Debug, Default)]
 pub struct LiveRegistry {
-    by_id: HashMap<Arc<str>, Arc<BackendLive>>,
+    /// Each backend's live state and the address it was last built with.
+    by_id: HashMap<Arc<str>, (SocketAddr, Arc<BackendLive>)>,
 }
 
 impl LiveRegistry {
-    fn get(&mut self, id: &Arc<str>) -> Arc<BackendLive> {
-        let live = self.by_id.entry(Arc::clone(id)).or_insert_with(|| {
-            Arc::new(BackendLive {
+    /// The live state of `id`, now at `addr`. A backend that moved keeps its
+    /// counts but not its connect backoff: failures of the old address say
+    /// nothing of the new one (a replacement instance).
+    fn get(&mut self, id: &Arc<str>, addr: SocketAddr) -> Arc<BackendLive> {
+        let (at, live) = self.by_id.entry(Arc::clone(id)).or_insert_with(|| {
+            let live = Arc::new(BackendLive {
                 id: Arc::clone(id),
                 ..BackendLive::default()
-            })
+            });
+            (addr, live)
         });
+        if *at != addr {
+            *at = addr;
+            live.backoff.clear();
+        }
         Arc::clone(live)
     }
 
@@ -428,7 +437,7 @@ impl LiveRegistry {
     /// open connection, so the registry does not grow without bound.
     fn retain_ids(&mut self, keep: &HashMap<Arc<str>, BackendIdx>) {
         self.by_id
-            .retain(|id, live| keep.contains_key(id) || live.active() > 0);
+            .retain(|id, (_, live)| keep.contains_key(id) || live.active() > 0);
     }
 }
 
@@ -516,7 +525,7 @@ impl SnapshotBuilder {
                     snap.by_id.insert(Arc::clone(&id), idx);
                     snap.by_app.entry(Arc::clone(&app)).or_default().push(idx);
                     snap.all.push(idx);
-                    let live = self.live.get(&id);
+                    let live = self.live.get(&id, v.addr);
                     snap.backends.push(Backend {
                         id,
                         app,
@@ -801,6 +810,28 @@ mod tests {
         assert_eq!(second.backends[0].active(), 1);
         drop(guard);
         assert_eq!(second.backends[0].active(), 0);
+    }
+
+    /// QA: a backend re-registered at another address (a replacement
+    /// instance) stayed behind the others for its predecessor's failures,
+    /// up to the 30 s backoff, unserved-reset marks included.
+    #[test]
+    fn a_backend_that_moves_leaves_its_connect_backoff_behind() {
+        let mut builder = SnapshotBuilder::new();
+        let now = Instant::now();
+        let first = builder
+            .build(&[record("b1", "web", "sa", None, 80)])
+            .snapshot;
+        assert!(first.backends[0].live.mark_reset_unserved(now, now));
+        let same = builder
+            .build(&[record("b1", "web", "sa", None, 80)])
+            .snapshot;
+        assert!(same.backends[0].live.is_failing(), "same address: kept");
+        let moved = builder
+            .build(&[record("b1", "web", "sa", None, 81)])
+            .snapshot;
+        assert!(!moved.backends[0].live.is_failing());
+        assert!(!moved.backends[0].live.cooling(now));
     }
 
     #[test]
