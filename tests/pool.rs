@@ -1064,3 +1064,39 @@ fn a_tls_client_never_sees_a_pooled_connection_its_far_backend_had_closed() {
     });
     assert!(f.scrape("edgeproxy_pool_hits_total") >= 1.0);
 }
+
+/// QA: a client that took a warm socket was logged (`log.access`) with no
+/// backend (`backend=- backend_id="-"`) and without the first bytes it
+/// sent, which went to the backend during the hand-over: the access log
+/// said nothing of where pooled clients went.
+#[test]
+fn the_access_log_names_the_backend_of_a_pooled_client_and_counts_its_first_bytes() {
+    let _serial = serial();
+    let far = WarmBackend::start("far", None, false);
+    let (_dir, proxy) = proxy_over(
+        "pool-access-log",
+        &[far.row("eu", "web")],
+        &format!("{}\n[log]\naccess = true\n", pool("")),
+    );
+    let m = metrics_addr(&proxy);
+    assert!(
+        eventually(PATIENCE, || far.idle() == SHARDS),
+        "far backend warm connections: {}",
+        far.idle()
+    );
+    let mark = proxy.log_mark();
+    // "hello\n" in the hand-over, then "ping\n" through the pumps.
+    let warm = ask(proxy.addr()).unwrap();
+    assert_eq!(warm.backend, "far");
+    assert_eq!(scrape(m, "edgeproxy_pool_hits_total"), 1.0);
+    let line = proxy
+        .wait_for_log_where(mark, |l| l.contains("edgeproxy::access"), PATIENCE)
+        .unwrap_or_else(|| panic!("no access line; log:\n{}", proxy.log_text()));
+    assert_eq!(
+        field(&line, "backend").as_deref(),
+        Some(far.addr.to_string().as_str()),
+        "{line}"
+    );
+    assert_eq!(field(&line, "backend_id").as_deref(), Some("far"), "{line}");
+    assert_eq!(field(&line, "bytes_up").as_deref(), Some("11"), "{line}");
+}

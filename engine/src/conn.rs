@@ -294,8 +294,16 @@ async fn serve_inner(
             ))
             .await?;
             match handed {
-                HandOver::Live { .. } => {
+                HandOver::Live { sent } => {
                     header_sent = true;
+                    // The client's first bytes went during the hand-over.
+                    byte_counts(ctx, tally).0.add(sent as u64);
+                    tracing::debug!(shard = ctx.id, listener = %lctx.spec.name, client = %client_addr,
+                        backend = %addr, backend_id = %live.id, "proxying on a warm connection");
+                    if let Some(t) = tally {
+                        t.backend.set(Some(addr));
+                        *t.backend_id.borrow_mut() = Some(Arc::clone(&live.id));
+                    }
                     break (warm, live, Instant::now());
                 }
                 // The backend had closed it: on to a fresh connect, with
@@ -481,9 +489,8 @@ async fn pooled(
         }
     };
     match &handed {
-        HandOver::Live { sent } => {
-            ShardStats::add(&ctx.stats.bytes_client_to_backend, *sent as u64);
-        }
+        // Its bytes are counted by the caller, with the connection's own.
+        HandOver::Live { .. } => {}
         HandOver::Stale { replayed, .. } => {
             PoolStats::bump(&ctx.pool.stats.stale);
             if *replayed {
