@@ -94,6 +94,14 @@ pub fn reserve(config: &Config) -> u64 {
     if config.replication.enabled {
         reserve += 32;
     }
+    if config.health.any_enabled() {
+        // A socket (or a script's child) per check in flight, and the
+        // webhook's connection. Without it a proxy at its limit had no
+        // descriptor left for checks: they failed with EMFILE and took
+        // healthy backends out of rotation. (HAProxy's derived maxsock
+        // counts its checks too.)
+        reserve += u64::from(config.health.max_concurrent) + 1;
+    }
     reserve
 }
 
@@ -213,6 +221,20 @@ mod tests {
             reserve(&busy),
             BASE_RESERVE + 2 * (2 + PER_SHARD) + API_CONNECTIONS + 256 + 2 + 1
         );
+    }
+
+    /// QA: at the derived limit (prlimit 256, 91 clients held, 100
+    /// backends with HTTP checks) 17 healthy backends were taken out by
+    /// checks that failed with "Too many open files".
+    #[test]
+    fn the_reserve_holds_every_health_check_in_flight() {
+        let off = config("[runtime]\nshards = 2\n");
+        let on = config("[runtime]\nshards = 2\n[health]\nenabled = true\nmax_concurrent = 100\n");
+        assert_eq!(reserve(&on), reserve(&off) + 100 + 1);
+        let app = config(
+            "[runtime]\nshards = 2\n[health]\nmax_concurrent = 10\n[health.apps.web]\nenabled = true\n",
+        );
+        assert_eq!(reserve(&app), reserve(&off) + 10 + 1);
     }
 
     #[test]
