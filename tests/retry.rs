@@ -366,3 +366,86 @@ fn a_backend_that_accepts_and_resets_goes_behind_the_one_that_works() {
         PATIENCE
     ));
 }
+
+/// QA: a connect that failed on the proxy's own side (no local port left,
+/// no descriptor) was blamed on the backend: counted as its connect
+/// failure, marked failing and reported to the circuit breaker, which
+/// ejected a backend that was fine. Reproduced with one ephemeral port on
+/// the proxy's host: the second client's connect fails with
+/// EADDRNOTAVAIL.
+#[test]
+fn a_connect_that_fails_for_want_of_a_local_port_is_not_the_backends_fault() {
+    use common::netns::Net;
+    let net = Net::new(2);
+    // Fixed ports for the proxy's listeners (the namespace is its own): a
+    // port 0 would take the one ephemeral port.
+    let sysctl = net
+        .command(0, "sysctl")
+        .args(["-w", "net.ipv4.ip_local_port_range=40000 40000"])
+        .output()
+        .unwrap();
+    assert!(sysctl.status.success(), "{sysctl:?}");
+    let backend_ip = net.ip(1);
+    let backend = net.run_in(1, move || {
+        TagBackend::serve(std::net::TcpListener::bind((backend_ip, 0)).unwrap(), "a")
+    });
+    let dir = TempDir::new("retry-local-port");
+    let db = Db::create(dir.join("routing.db"));
+    let mut row = Row::new("a", "web", "sa", backend.port());
+    row.ip = backend_ip.to_string();
+    db.upsert(&row);
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db.path,
+            &format!(
+                "[circuit_breaker]\nenabled = true\nfailure_threshold = 1\ntimeout_ms = 60000\n\n\
+                 [metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:9090\"\n\n\
+                 [[listener]]\nname = \"main\"\naddr = \"{}:8080\"\n",
+                net.ip(0)
+            ),
+        ),
+    )
+    .unwrap();
+    let proxy =
+        Proxy::spawn_in_netns(&net.hosts[0].ns, &["--config", path.to_str().unwrap()], &[]).ready();
+    let metrics = proxy.logged_addr("metrics listening", "addr");
+    let addr = proxy.addr();
+    let client = move || {
+        let s = TcpStream::connect_timeout(&addr, PATIENCE).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s
+    };
+    // The first client's backend connection takes the only local port.
+    let first = net.run_in(1, client);
+    assert_eq!(
+        read_line(&first).as_deref(),
+        Some("a"),
+        "log:\n{}",
+        proxy.log_text()
+    );
+    // The second one's connect to the same backend finds none.
+    let second = net.run_in(1, client);
+    assert_eq!(read_line(&second), None, "served without a local port?");
+    let text = net.run_in(0, move || http_get(metrics, "/metrics").1);
+    assert_eq!(
+        sample(&text, "edgeproxy_passive_events_sent_total"),
+        Some(0.0),
+        "the backend was reported to the circuit breaker"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "edgeproxy_backend_connect_failures_total{backend=\"a\",app=\"web\"}"
+        ),
+        Some(0.0)
+    );
+    let log = proxy.log_text();
+    assert!(!log.contains("marked failing"), "{log}");
+    assert!(
+        log.contains("Cannot assign requested address"),
+        "the local failure is logged: {log}"
+    );
+    drop(first);
+}

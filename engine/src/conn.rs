@@ -332,6 +332,27 @@ async fn serve_inner(
                 }
                 break (stream, live, connected);
             }
+            // The proxy's own want (no local port, no descriptor, no
+            // memory) says nothing of the backend: it is not blamed, and
+            // the next backend (another destination, maybe another port)
+            // is tried.
+            Some(Err(e)) if is_local_failure(&e) => {
+                ShardStats::bump(&ctx.stats.connect_failures);
+                if let Some(left_out) = ctx.local_connect_failures.borrow_mut().hit(Instant::now())
+                {
+                    tracing::warn!(shard = ctx.id, backend = %live.id, %addr, error = %e,
+                        same_errors_not_logged = left_out,
+                        "backend connect failed on the proxy's side (not the backend's fault; logged at most every 10 s)");
+                }
+                failed.push(Arc::clone(&live.id));
+                if failed.len() >= attempts {
+                    return Err(ConnError::NoBackend {
+                        attempts: failed.len(),
+                    });
+                }
+                ShardStats::bump(&ctx.stats.retries);
+                continue;
+            }
             // No clock read for when it failed: a refusal comes about when
             // the attempt started (a round trip later), a timeout at the
             // deadline.
@@ -542,6 +563,15 @@ async fn within_idle<T>(
     rt::timeout(idle, work)
         .await
         .unwrap_or(Err(ConnError::Idle(idle)))
+}
+
+/// A connect error that comes from this host's resources, not from the
+/// backend: out of local ports (`EADDRNOTAVAIL`), descriptors or memory.
+fn is_local_failure(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {

@@ -61,6 +61,9 @@ pub(crate) struct ShardCtx {
     pub connects: crate::deadlines::Deadlines,
     /// Recent clients' countries (see `geo_cache`); private, so no lock.
     pub geo_cache: RefCell<crate::geo_cache::GeoCache>,
+    /// Backend connects that failed on this host's side (no local port or
+    /// descriptor): logged at most every 10 s.
+    pub local_connect_failures: RefCell<crate::log_limit::LogLimit>,
     /// This shard's view of the knobs: re-read only after a change, so
     /// connections don't bump a shared refcount.
     knobs: RefCell<arc_swap::Cache<Arc<arc_swap::ArcSwap<Knobs>>, Arc<Knobs>>>,
@@ -80,6 +83,9 @@ impl ShardCtx {
             idle: crate::idle::IdleSweeper::default(),
             connects: crate::deadlines::Deadlines::default(),
             geo_cache: RefCell::default(),
+            local_connect_failures: RefCell::new(crate::log_limit::LogLimit::new(
+                std::time::Duration::from_secs(10),
+            )),
             knobs: RefCell::new(arc_swap::Cache::new(Arc::clone(&shared.knobs))),
             clients: RefCell::new(ClientTable::new(
                 shared.settings.client_table_capacity,
