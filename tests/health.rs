@@ -848,6 +848,11 @@ fn a_backend_down_by_its_own_check_is_back_once_it_registers_without_one() {
     let h = &get_json(api, "/api/v1/backends/a")["health"];
     assert_eq!(h["state"], "up", "{h}");
     assert_eq!(h["checks"], serde_json::Value::Null, "{h}");
+    assert_eq!(
+        h["last_check"],
+        serde_json::Value::Null,
+        "no stale check: {h}"
+    );
 
     // The same with the check kept but turned off.
     let mark = proxy.log_mark();

@@ -204,14 +204,16 @@ impl BackendHealth {
     }
 
     /// Forgets what the active checks said, once they are turned off: the
-    /// backend is up as far as they are concerned (the RTT average stays,
-    /// as the last one measured). True when that brings it back up.
+    /// backend is up as far as they are concerned, and no last check is
+    /// shown (the RTT average stays, as the last one measured). True when
+    /// that brings it back up.
     pub fn forget_checks(&mut self) -> bool {
         let was_down = self.status == Status::Down;
         self.status = Status::Up;
         self.consecutive_failures = 0;
         self.consecutive_successes = 0;
         self.confirm_pending = false;
+        self.last_check = None;
         was_down
     }
 
