@@ -284,3 +284,74 @@ fn a_role_that_cannot_install_the_trigger_follows_by_polling() {
         "0"
     );
 }
+
+/// A transaction holding `backends` (an operator's `LOCK TABLE`, a long
+/// migration) makes every read wait. Each read that edgeproxy gives up on
+/// must end on the server too: until 2026-12-05 the abandoned read went on
+/// waiting in a server process of its own, one more per retry (one every
+/// few seconds), until the database ran out of connections for every
+/// client.
+#[test]
+fn a_read_stuck_behind_a_lock_leaves_no_session_waiting_in_the_database() {
+    let pg = PgServer::start("pg-lock", None);
+    pg.psql(BACKENDS_TABLE);
+    let a = TagBackend::start("a");
+    pg.psql(&insert_backend("a", "sa", a.port(), 1));
+    let dir = TempDir::new("pg-lock-proxy");
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(&path, pg_config(&dir, &pg.url("edgeproxy"), 1, "")).unwrap();
+    // Debug: every attempt that fails is logged, not only the first.
+    let proxy = Proxy::start_with_rust_log(
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info,control::pg_source=debug"),
+    );
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    let mark = proxy.log_mark();
+    let lock = pg.hold("BEGIN; LOCK TABLE backends IN ACCESS EXCLUSIVE MODE;");
+    let held = eventually(PATIENCE, || {
+        pg.psql(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+             WHERE c.relname = 'backends' AND l.mode = 'AccessExclusiveLock' AND l.granted",
+        ) == "1"
+    });
+    assert!(held, "the test's transaction did not get the lock");
+    // The first read that times out, then three retries that time out too.
+    proxy
+        .wait_for_log_after(mark, "postgres: unreachable", PATIENCE)
+        .unwrap_or_else(|| panic!("the stuck read not noticed; log:\n{}", proxy.log_text()));
+    let retried = eventually(PATIENCE, || {
+        proxy
+            .log_lines()
+            .iter()
+            .skip(mark)
+            .filter(|l| l.contains("postgres: still unreachable"))
+            .count()
+            >= 3
+    });
+    assert!(retried, "no retries; log:\n{}", proxy.log_text());
+    let sessions = || -> usize {
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'edgeproxy'")
+            .parse()
+            .unwrap()
+    };
+    // At most the attempt under way (one given up on may take a moment to
+    // leave the server).
+    let bounded = eventually(Duration::from_secs(5), || sessions() <= 1);
+    assert!(
+        bounded,
+        "{} edgeproxy sessions wait in the database after 4 attempts",
+        sessions()
+    );
+    // Routing kept the last table throughout.
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    // The lock goes: followed again.
+    let mark = proxy.log_mark();
+    drop(lock);
+    proxy
+        .wait_for_log_after(mark, "postgres: reachable again", PATIENCE)
+        .unwrap_or_else(|| panic!("no recovery after the lock; log:\n{}", proxy.log_text()));
+    assert_eq!(sessions(), 1);
+}

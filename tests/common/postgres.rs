@@ -274,8 +274,55 @@ impl PgServer {
         }
     }
 
+    /// Runs `sql` in a psql session that stays open (a transaction holding
+    /// a lock, say) until the returned value is dropped, which ends the
+    /// session (an open transaction rolls back).
+    pub fn hold(&self, sql: &str) -> HeldSession {
+        let mut child = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "edgeproxy",
+                "-d",
+                "postgres",
+                "-q",
+            ])
+            .env("PGSSLMODE", if self.tls { "require" } else { "disable" })
+            .env("PGAPPNAME", "held-by-test")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run psql: {e}"));
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{sql}").unwrap();
+        stdin.flush().unwrap();
+        HeldSession {
+            child,
+            stdin: Some(stdin),
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+/// A psql session left open by [`PgServer::hold`].
+pub struct HeldSession {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Drop for HeldSession {
+    fn drop(&mut self) {
+        // End of input: psql quits, and the server ends its session.
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 }
 

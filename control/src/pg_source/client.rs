@@ -160,10 +160,34 @@ pub async fn connect(settings: &Postgres, tls: MakeRustlsConnect) -> Result<Sess
             }
         }
     });
+    // Owned by the session from here: whatever fails below drops it, and
+    // with it the connection.
+    let mut session = Session {
+        client,
+        notifications,
+        connection,
+        select: String::new(),
+    };
+    let client = &session.client;
     let timeout = settings.query_timeout;
-    let select = within(timeout, select_for(&client)).await?;
+    // The server gives up on a statement when edgeproxy does: a read stuck
+    // behind a lock (an operator's `LOCK TABLE`, a long migration) would
+    // otherwise go on waiting in a server process of its own after the
+    // session is dropped, one more per retry, until the database ran out
+    // of connections.
+    within(timeout, async {
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = {}",
+                timeout.as_millis().max(1)
+            ))
+            .await
+            .map_err(PgError::from)
+    })
+    .await?;
+    let select = within(timeout, select_for(client)).await?;
     if settings.install_trigger {
-        if let Err(e) = within(timeout, install_trigger(&client, &settings.channel)).await {
+        if let Err(e) = within(timeout, install_trigger(client, &settings.channel)).await {
             tracing::warn!(error = %e, channel = %settings.channel,
                 "postgres: cannot install the change trigger on backends; changes are seen every reload_secs");
         }
@@ -175,12 +199,8 @@ pub async fn connect(settings: &Postgres, tls: MakeRustlsConnect) -> Result<Sess
             .map_err(PgError::from)
     })
     .await?;
-    Ok(Session {
-        client,
-        notifications,
-        connection,
-        select,
-    })
+    session.select = select;
+    Ok(session)
 }
 
 async fn within<T>(
@@ -250,6 +270,15 @@ async fn install_trigger(client: &Client, channel: &str) -> Result<(), PgError> 
         }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+impl Drop for Session {
+    /// The task driving the connection holds the socket while a statement
+    /// is pending, however long the server takes: a session given up on
+    /// closes its socket now.
+    fn drop(&mut self) {
+        self.connection.abort();
     }
 }
 
