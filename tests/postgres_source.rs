@@ -355,3 +355,45 @@ fn a_read_stuck_behind_a_lock_leaves_no_session_waiting_in_the_database() {
         .unwrap_or_else(|| panic!("no recovery after the lock; log:\n{}", proxy.log_text()));
     assert_eq!(sessions(), 1);
 }
+
+/// A table whose columns have other types than the original's (`port`
+/// text, booleans, a numeric weight), with one row holding a value that is
+/// no port. That row is skipped with a warning naming it, as in
+/// `routing.db`, and the rest of the table is followed. Until 2026-12-05
+/// the value failed the whole read (`invalid input syntax for type
+/// bigint`), logged as "unreachable": no change to any row was followed
+/// until the row was fixed.
+#[test]
+fn one_bad_value_costs_its_row_and_not_the_table() {
+    let pg = PgServer::start("pg-bad-value", None);
+    pg.psql(
+        "CREATE TABLE backends (id TEXT PRIMARY KEY, app TEXT NOT NULL, region TEXT NOT NULL, \
+         country TEXT, wg_ip TEXT NOT NULL, port TEXT NOT NULL, \
+         healthy BOOLEAN NOT NULL DEFAULT true, weight NUMERIC NOT NULL DEFAULT 1, \
+         soft_limit INTEGER NOT NULL DEFAULT 100, hard_limit INTEGER NOT NULL DEFAULT 150, \
+         deleted BOOLEAN NOT NULL DEFAULT false)",
+    );
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    pg.psql(&insert_backend("a", "far", a.port(), 1));
+    let dir = TempDir::new("pg-bad-value-proxy");
+    // Polling once a minute: only a notification explains a quick change.
+    let proxy = start_proxy(&dir, &pg_config(&dir, &pg.url("edgeproxy"), 60, ""));
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    pg.psql("INSERT INTO backends (id, app, region, wg_ip, port) VALUES ('typo', 'web', 'sa', '127.0.0.1', '80x')");
+    let line = proxy
+        .wait_for_log("routing row backend=typo", PATIENCE)
+        .unwrap_or_else(|| panic!("the bad row not named; log:\n{}", proxy.log_text()));
+    assert!(line.contains("80x"), "{line}");
+    // The rest of the table is still followed: a new row, a health flip.
+    pg.psql(&insert_backend("b", "sa", b.port(), 1));
+    routed_to(&proxy, "b");
+    pg.psql("UPDATE backends SET healthy = false WHERE id = 'b'");
+    routed_to(&proxy, "a");
+    assert!(
+        !proxy.log_text().contains("postgres: unreachable"),
+        "a reachable database was called unreachable; log:\n{}",
+        proxy.log_text()
+    );
+}

@@ -4,9 +4,10 @@
 //!
 //! The table is the original's `backends` (`id, app, region, country,
 //! wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted`; extra
-//! columns are ignored, `country` may be missing). Values are cast in SQL
-//! (`::text`, `::bigint`, booleans through `::int`) so integer and boolean
-//! column types both read.
+//! columns are ignored, `country` may be missing). Every value is read as
+//! text (`::text`) and numbers are parsed per row, so any column type
+//! reads (integers, booleans, numerics, text) and one bad value costs its
+//! row, never the read.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +19,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::config::Postgres;
-use super::mirror::MirrorRow;
+use super::mirror::{MirrorRow, Number};
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -231,10 +232,9 @@ async fn select_for(client: &Client) -> Result<String, PgError> {
         let expr = match (has, i) {
             (false, 3) => "NULL::text".to_string(),
             (false, _) => return Err(PgError::MissingColumn(column)),
-            (true, 0..=4) => format!("{column}::text"),
-            // Booleans and integers alike.
-            (true, 6 | 10) => format!("{column}::int::bigint"),
-            (true, _) => format!("{column}::bigint"),
+            // Every type has a text form, so no value can fail the read:
+            // numbers are parsed here, row by row (`Number::from_db`).
+            (true, _) => format!("{column}::text"),
         };
         parts.push(expr);
     }
@@ -303,18 +303,19 @@ impl Session {
                 skipped += 1;
                 continue;
             };
+            let number = |i| r.get::<_, Option<String>>(i).map(Number::from_db);
             let row = MirrorRow {
                 id: id.clone(),
                 app: r.get(1),
                 region: r.get(2),
                 country: r.get(3),
                 wg_ip: r.get(4),
-                port: r.get(5),
-                healthy: r.get(6),
-                weight: r.get(7),
-                soft_limit: r.get(8),
-                hard_limit: r.get(9),
-                deleted: r.get(10),
+                port: number(5),
+                healthy: number(6),
+                weight: number(7),
+                soft_limit: number(8),
+                hard_limit: number(9),
+                deleted: number(10),
             };
             if out.insert(id, row).is_some() {
                 skipped += 1;

@@ -10,15 +10,16 @@
 //! sees the whole change at once or not at all.
 //!
 //! Only the original's columns (and `country`) are mirrored; values are
-//! copied as they are (NULLs too), and the store and snapshot builder judge
-//! them as they judge a hand-written row. Rows the database does not have
-//! are deleted from `routing.db`: it is a mirror.
+//! copied as they are (NULLs too, and a number column's value that is not
+//! a number, as text: see [`Number`]), and the store and snapshot builder
+//! judge them as they judge a hand-written row. Rows the database does not
+//! have are deleted from `routing.db`: it is a mirror.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::types::ValueRef;
+use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 
 /// One row of `backends` as mirrored: the original's columns and
@@ -30,12 +31,81 @@ pub struct MirrorRow {
     pub region: Option<String>,
     pub country: Option<String>,
     pub wg_ip: Option<String>,
-    pub port: Option<i64>,
-    pub healthy: Option<i64>,
-    pub weight: Option<i64>,
-    pub soft_limit: Option<i64>,
-    pub hard_limit: Option<i64>,
-    pub deleted: Option<i64>,
+    pub port: Option<Number>,
+    pub healthy: Option<Number>,
+    pub weight: Option<Number>,
+    pub soft_limit: Option<Number>,
+    pub hard_limit: Option<Number>,
+    pub deleted: Option<Number>,
+}
+
+/// A value of one of the number columns (`port`, `healthy`, `weight`,
+/// `soft_limit`, `hard_limit`, `deleted`) as the database holds it, whatever
+/// the column's type there: an integer (booleans as 1 and 0), a number
+/// that is not one, or text that is no number at all. Only an integer
+/// routes; the others reach `routing.db` as they are, where the store skips
+/// the row with a warning naming it and the value, as it does a
+/// hand-written row. (Casting in SQL instead failed the whole read on one
+/// bad value: nothing in the table was followed any more.)
+#[derive(Debug, Clone)]
+pub enum Number {
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl Number {
+    /// From the database's text form of the value (`::text`, which every
+    /// type has). `true`/`false` (a boolean column) read as 1 and 0; text
+    /// SQLite would store as a number (`8080`, `8080.0`, `1e3`) reads as
+    /// that number, so that what is read back from `routing.db` compares
+    /// equal.
+    pub fn from_db(text: String) -> Number {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("true") {
+            return Number::Int(1);
+        }
+        if t.eq_ignore_ascii_case("false") {
+            return Number::Int(0);
+        }
+        if let Ok(n) = t.parse::<i64>() {
+            return Number::Int(n);
+        }
+        match t.parse::<f64>() {
+            // Rust also reads "inf" and "NaN", SQLite does not.
+            Ok(f) if f.is_finite() && t.bytes().any(|b| b.is_ascii_digit()) => {
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    Number::Int(f as i64)
+                } else {
+                    Number::Real(f)
+                }
+            }
+            _ => Number::Text(text),
+        }
+    }
+}
+
+impl PartialEq for Number {
+    fn eq(&self, other: &Number) -> bool {
+        match (self, other) {
+            (Number::Int(a), Number::Int(b)) => a == b,
+            (Number::Real(a), Number::Real(b)) => a.to_bits() == b.to_bits(),
+            (Number::Text(a), Number::Text(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Number {}
+
+impl rusqlite::ToSql for Number {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Number::Int(n) => ToSqlOutput::from(*n),
+            Number::Real(f) => ToSqlOutput::from(*f),
+            Number::Text(t) => ToSqlOutput::from(t.as_str()),
+        })
+    }
 }
 
 /// What to do to `routing.db`.
@@ -125,12 +195,14 @@ fn text(v: ValueRef<'_>) -> Option<Option<String>> {
     }
 }
 
-/// `Some(None)` for NULL, `None` when the value is not an integer.
-fn int(v: ValueRef<'_>) -> Option<Option<i64>> {
+/// `Some(None)` for NULL, `None` for a blob (never mirrored).
+fn int(v: ValueRef<'_>) -> Option<Option<Number>> {
     match v {
         ValueRef::Null => Some(None),
-        ValueRef::Integer(i) => Some(Some(i)),
-        _ => None,
+        ValueRef::Integer(i) => Some(Some(Number::Int(i))),
+        ValueRef::Real(f) => Some(Some(Number::Real(f))),
+        ValueRef::Text(t) => Some(Some(Number::Text(String::from_utf8_lossy(t).into_owned()))),
+        ValueRef::Blob(_) => None,
     }
 }
 
@@ -186,12 +258,12 @@ mod tests {
             region: Some("sa".into()),
             country: None,
             wg_ip: Some("10.0.0.1".into()),
-            port: Some(port),
-            healthy: Some(1),
-            weight: Some(1),
-            soft_limit: Some(100),
-            hard_limit: Some(150),
-            deleted: Some(0),
+            port: Some(Number::Int(port)),
+            healthy: Some(Number::Int(1)),
+            weight: Some(Number::Int(1)),
+            soft_limit: Some(Number::Int(100)),
+            hard_limit: Some(Number::Int(150)),
+            deleted: Some(Number::Int(0)),
         }
     }
 
@@ -231,7 +303,7 @@ mod tests {
         let mut conn = open(&path).unwrap();
         conn.execute_batch(
             "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted)
-             VALUES ('hand', 'web', 'sa', '10.0.0.9', 'not-a-port', 1, 1, 100, 150, 0)",
+             VALUES ('hand', 'web', 'sa', '10.0.0.9', x'1f90', 1, 1, 100, 150, 0)",
         )
         .unwrap();
         let mut with_nulls = row("n", 7);
@@ -259,5 +331,60 @@ mod tests {
         let loaded = store.load().unwrap();
         assert!(loaded.records.iter().any(|r| r.id == "a"));
         assert_eq!(loaded.records.len() + loaded.bad_rows.len(), 2);
+    }
+
+    #[test]
+    fn numbers_read_from_any_column_type_and_bad_ones_stay_as_they_are() {
+        let n = |t: &str| Number::from_db(t.to_string());
+        assert_eq!(n("8080"), Number::Int(8080));
+        assert_eq!(n(" -5 "), Number::Int(-5));
+        assert_eq!(n("true"), Number::Int(1));
+        assert_eq!(n("false"), Number::Int(0));
+        assert_eq!(n("8080.00"), Number::Int(8080));
+        assert_eq!(n("1.5"), Number::Real(1.5));
+        assert_eq!(n("80x"), Number::Text("80x".into()));
+        assert_eq!(n("NaN"), Number::Text("NaN".into()));
+        assert_eq!(n("inf"), Number::Text("inf".into()));
+    }
+
+    /// The fixture of the bug: a text `port` column with one bad value
+    /// failed the whole read. Such values now reach routing.db as they are,
+    /// read back equal (nothing is rewritten at every read), and the store
+    /// skips just that row, naming the value.
+    #[test]
+    fn a_bad_number_costs_its_row_only_and_reads_back_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        drop(crate::store::RoutingStore::open(&path).unwrap());
+        let mut conn = open(&path).unwrap();
+        let mut text_port = row("text-port", 1);
+        text_port.port = Some(Number::from_db("80x".into()));
+        let mut real_weight = row("real-weight", 2);
+        real_weight.weight = Some(Number::from_db("1.5".into()));
+        let new = wanted(&[row("good", 3), text_port, real_weight]);
+        let current = read(&conn).unwrap();
+        apply(&mut conn, &plan(&current, &new)).unwrap();
+        let back = read(&conn).unwrap();
+        assert!(plan(&back, &new).is_empty(), "{back:?}");
+        let mut store = crate::store::RoutingStore::open(&path).unwrap();
+        let loaded = store.load().unwrap();
+        let ids: Vec<&str> = loaded.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["good"]);
+        let bad: Vec<String> = loaded
+            .bad_rows
+            .iter()
+            .map(|(id, why)| format!("{id}: {why}"))
+            .collect();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(
+            bad.iter()
+                .any(|b| b.starts_with("text-port") && b.contains("80x")),
+            "{bad:?}"
+        );
+        assert!(
+            bad.iter()
+                .any(|b| b.starts_with("real-weight") && b.contains("1.5")),
+            "{bad:?}"
+        );
     }
 }
