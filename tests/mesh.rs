@@ -1276,3 +1276,65 @@ fn figures_throughput_against_wireguard_go() {
         );
     }
 }
+
+/// The `wireguard-go` child of POP `i` (edgeproxy's own child process).
+fn wireguard_go_child(m: &Mesh, i: usize) -> Option<u32> {
+    let parent = m.pop(i).pid();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let (comm, rest) = stat.split_once(") ")?;
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        let state = rest.split_whitespace().next()?;
+        (ppid == parent && comm.ends_with("(wireguard-go") && state != "Z").then_some(pid)
+    })
+}
+
+/// `wireguard-go` killed under a running POP (the OOM killer, an operator's
+/// `pkill`): the POP says so and starts it again, and the mesh is rebuilt
+/// as it was: peers, address, routes. Until 2026-12-05 the POP's 6PN stayed
+/// dead until edgeproxy restarted, with one "reconciliation failed" line.
+#[test]
+fn wireguard_go_killed_under_a_running_pop_is_started_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(2, 2);
+    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
+    for i in 0..2 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    let a1 = m.address(1);
+    let _b = m.backend(1, SocketAddr::new(IpAddr::V6(a1), 7300), "wggo");
+    let to = SocketAddr::new(IpAddr::V6(a1), 7300);
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("wggo")));
+
+    let child = wireguard_go_child(&m, 1).expect("POP 1 runs wireguard-go");
+    let mark = m.pop(1).log_mark();
+    common::signal_pid(child, 9);
+    let line = m
+        .pop(1)
+        .wait_for_log_after(mark, "mesh: wireguard-go exited", PATIENCE)
+        .unwrap_or_else(|| panic!("not noticed; log:\n{}", m.pop(1).log_text()));
+    assert!(line.contains("signal: 9"), "{line}");
+    m.wait_meshed();
+    let again = wireguard_go_child(&m, 1).expect("wireguard-go runs again");
+    assert_ne!(again, child);
+    // The backend bound to POP 1's 6PN address before is reachable again
+    // through the tunnel: the address, the route and both peers are back.
+    let back = common::eventually(PATIENCE, || m.tcp(0, to).ok().as_deref() == Some("wggo"));
+    assert!(
+        back,
+        "POP 0 cannot reach POP 1's 6PN again: {:?}",
+        m.tcp(0, to)
+    );
+    let status = m.mesh_status(1);
+    assert_eq!(
+        status["peers"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+}

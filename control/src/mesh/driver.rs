@@ -268,6 +268,11 @@ impl ApiHooks {
 
 struct Driver {
     device: Device,
+    /// Kept to start the device again (a `wireguard-go` that exited).
+    key: PrivateKey,
+    /// The device exited and starting another has not worked yet: tried
+    /// again at each full pass, not at every poll.
+    device_gone: bool,
     netlink: Netlink,
     index: u32,
     own: Own,
@@ -322,6 +327,8 @@ impl Driver {
         let (listen_port, mtu) = (p.mesh.listen_port, p.mesh.mtu);
         let mut driver = Driver {
             device,
+            key: p.key,
+            device_gone: false,
             netlink,
             index,
             own: Own {
@@ -364,7 +371,10 @@ impl Driver {
             tokio::select! {
                 _ = poll.tick() => {
                     let version = self.snapshot.load().version;
-                    if Some(version) != self.seen_version || self.last_pass.elapsed() >= FULL_PASS {
+                    if Some(version) != self.seen_version
+                        || self.last_pass.elapsed() >= FULL_PASS
+                        || (!self.device_gone && self.device.exited().is_some())
+                    {
                         self.reconcile().await;
                     }
                 }
@@ -407,6 +417,19 @@ impl Driver {
     /// One pass: desired vs current, then every change.
     async fn reconcile(&mut self) {
         self.last_pass = Instant::now();
+        if let Some(how) = self.device.exited() {
+            if !self.device_gone {
+                tracing::error!(status = %how, interface = %self.mesh.interface,
+                    "mesh: wireguard-go exited; starting it again");
+                self.counters.errors += 1;
+                self.device_gone = true;
+            }
+            if let Err(e) = self.start_device_again().await {
+                self.fail(e);
+                return;
+            }
+            self.device_gone = false;
+        }
         let snap = self.snapshot.load_full();
         self.seen_version = Some(snap.version);
         let now = Instant::now();
@@ -448,6 +471,29 @@ impl Driver {
             // Status and metrics show a change at once, not a second later.
             self.publish_status().await;
         }
+    }
+
+    /// A device that exited (`wireguard-go` killed) took its interface,
+    /// with the addresses and routes on it: start another on the same
+    /// interface name, key and port, and let the pass that follows put
+    /// back every address, peer and route. On failure the dead device
+    /// stays, and the next pass tries again.
+    async fn start_device_again(&mut self) -> anyhow::Result<()> {
+        let settings = DeviceSettings {
+            interface: &self.mesh.interface,
+            private_key: &self.key,
+            listen_port: self.mesh.listen_port,
+            wireguard_go: &self.mesh.wireguard_go,
+        };
+        let device = Device::create(self.device.implementation(), &settings).await?;
+        // The old one is reaped and its socket path taken over: nothing to
+        // stop.
+        drop(std::mem::replace(&mut self.device, device));
+        self.advertised.clear();
+        self.index = self.netlink.index(&self.mesh.interface).await?;
+        self.netlink.up(self.index, self.mesh.mtu).await?;
+        tracing::info!(interface = %self.mesh.interface, "mesh: interface up again");
+        Ok(())
     }
 
     async fn read_current(&self) -> anyhow::Result<Current> {

@@ -127,6 +127,16 @@ impl Device {
         }
     }
 
+    /// Whether the device is gone on its own, and how: a `wireguard-go`
+    /// child that exited (killed, crashed). The others live in this
+    /// process or the kernel: `None`.
+    pub fn exited(&self) -> Option<String> {
+        match self {
+            Device::Userspace(d) => d.exited().map(|s| s.to_string()),
+            Device::Embedded(_) | Device::Kernel(_) => None,
+        }
+    }
+
     /// Every peer with its endpoint, allowed IPs, handshake and counters.
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, DeviceError> {
         match self {

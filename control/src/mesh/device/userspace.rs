@@ -4,7 +4,9 @@
 //!
 //! The child gets `PR_SET_PDEATHSIG`: if edgeproxy dies, even by SIGKILL,
 //! the kernel sends it SIGTERM and the interface goes with it. On a
-//! graceful stop the child is sent SIGTERM and waited for. Calls to the
+//! graceful stop the child is sent SIGTERM and waited for. A child that
+//! exits on its own (killed) is seen by [`WireguardGo::exited`]; the driver
+//! then starts another one. Calls to the
 //! UAPI socket block (a few ms), so they run on the blocking pool.
 
 use std::os::unix::process::CommandExt;
@@ -95,6 +97,17 @@ impl WireguardGo {
         let api = Arc::clone(&self.api);
         let k = Key::new(key.0);
         configure(IMPLEMENTATION, *key, move || api.remove_peer(&k)).await
+    }
+
+    /// How the child ended, if it has (reaped here; asking again gives
+    /// the same answer).
+    pub fn exited(&self) -> Option<std::process::ExitStatus> {
+        self.child
+            .lock()
+            .expect("not poisoned")
+            .try_wait()
+            .ok()
+            .flatten()
     }
 
     pub async fn stop(self) {
