@@ -202,8 +202,19 @@ async fn session(
 ) -> Result<(), SessionError> {
     let mut session = client::connect(settings, tls).await?;
     let mut sqlite = mirror::open(db_path).map_err(SessionError::Mirror)?;
-    tracing::info!(channel = %settings.channel, url = %settings.url.as_ref().map(|u| u.redacted()).unwrap_or_default(),
-        "postgres: connected; listening for changes");
+    let url = settings
+        .url
+        .as_ref()
+        .map(|u| u.redacted())
+        .unwrap_or_default();
+    if health.up == Some(false) {
+        // A retry during an outage (the table locked, say, when connecting
+        // works but reading does not): "reachable again" says when it
+        // ends, and one line per retry would flood the log.
+        tracing::debug!(channel = %settings.channel, %url, "postgres: connected; listening for changes");
+    } else {
+        tracing::info!(channel = %settings.channel, %url, "postgres: connected; listening for changes");
+    }
     let rows = sync(&session, &mut sqlite, settings, reloader).await?;
     health.ok();
     *backoff = Duration::from_secs(1);
