@@ -407,3 +407,33 @@ fn one_bad_value_costs_its_row_and_not_the_table() {
         proxy.log_text()
     );
 }
+
+/// A database without the table (not created yet, in another schema, or
+/// not readable by the role) answers: the log says what is wrong with the
+/// table instead of calling the database unreachable, and once the table
+/// is there it is followed. Until 2026-12-05 this read "postgres:
+/// unreachable … table backends has no column id".
+#[test]
+fn a_missing_table_is_named_as_such_and_followed_once_created() {
+    let pg = PgServer::start("pg-no-table", None);
+    let a = TagBackend::start("a");
+    let dir = TempDir::new("pg-no-table-proxy");
+    let proxy = start_proxy(&dir, &pg_config(&dir, &pg.url("edgeproxy"), 1, ""));
+    let line = proxy
+        .wait_for_log("postgres: cannot read table backends at start", PATIENCE)
+        .unwrap_or_else(|| panic!("not said; log:\n{}", proxy.log_text()));
+    assert!(line.contains("no table backends"), "{line}");
+    let text = proxy.log_text();
+    assert!(
+        !text.contains("postgres: unreachable") && !text.contains("no column id"),
+        "{text}"
+    );
+
+    let mark = proxy.log_mark();
+    pg.psql(BACKENDS_TABLE);
+    pg.psql(&insert_backend("a", "sa", a.port(), 1));
+    proxy
+        .wait_for_log_after(mark, "postgres: reachable again", PATIENCE)
+        .unwrap_or_else(|| panic!("the new table not followed; log:\n{}", proxy.log_text()));
+    routed_to(&proxy, "a");
+}

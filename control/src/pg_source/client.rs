@@ -37,6 +37,21 @@ pub enum PgError {
     QueryTimeout(Duration),
     #[error("table backends has no column {0}")]
     MissingColumn(&'static str),
+    #[error("no table backends that this role can read in its search_path (missing, in another schema, or no privilege on it)")]
+    NoTable,
+}
+
+impl PgError {
+    /// The database answered, but its `backends` table cannot be read as
+    /// it is: missing, without a column edgeproxy needs, or not readable
+    /// by this role (SQLSTATE class 42).
+    pub fn is_table_problem(&self) -> bool {
+        match self {
+            PgError::MissingColumn(_) | PgError::NoTable => true,
+            PgError::Db(e) => e.code().is_some_and(|c| c.code().starts_with("42")),
+            _ => false,
+        }
+    }
 }
 
 /// tokio-postgres's own message is terse ("db error", "error performing
@@ -226,6 +241,11 @@ async fn select_for(client: &Client) -> Result<String, PgError> {
         .iter()
         .map(|r| r.get(0))
         .collect();
+    // information_schema lists only what this role may use: no row at
+    // all is no table as far as it can tell, not a missing `id`.
+    if present.is_empty() {
+        return Err(PgError::NoTable);
+    }
     let mut parts = Vec::new();
     for (i, column) in COLUMNS.iter().enumerate() {
         let has = present.iter().any(|c| c == column);

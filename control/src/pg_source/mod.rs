@@ -48,8 +48,12 @@ pub struct PgSource {
 /// How the first read at start went, for the start-up log.
 #[derive(Debug)]
 enum First {
-    Mirrored { rows: usize },
-    Failed(String),
+    Mirrored {
+        rows: usize,
+    },
+    /// Why; and whether the database answered but its table could not be
+    /// read (missing, wrong columns, no privilege).
+    Failed(String, bool),
 }
 
 impl PgSource {
@@ -90,8 +94,10 @@ impl PgSource {
             Ok(First::Mirrored { rows }) => {
                 tracing::info!(rows, "postgres: routing table read at start")
             }
-            Ok(First::Failed(why)) => tracing::warn!(error = %why,
+            Ok(First::Failed(why, false)) => tracing::warn!(error = %why,
                 "postgres: unreachable at start; serving the table last mirrored into routing.db"),
+            Ok(First::Failed(why, true)) => tracing::warn!(error = %why,
+                "postgres: cannot read table backends at start; serving the table last mirrored into routing.db"),
             Err(_) => tracing::warn!(
                 "postgres: no answer yet; serving the table last mirrored into routing.db"
             ),
@@ -126,6 +132,9 @@ fn source_patience(settings: &Postgres) -> Duration {
 /// Whether the last attempt worked, to log an outage and a recovery once.
 struct Health {
     up: Option<bool>,
+    /// The outage is the table's (the database answers), not the
+    /// database's: logged again when that changes.
+    table: bool,
 }
 
 impl Health {
@@ -136,14 +145,21 @@ impl Health {
         self.up = Some(true);
     }
 
-    fn failed(&mut self, e: &dyn std::fmt::Display) {
-        if self.up != Some(false) {
-            tracing::error!(error = %e,
-                "postgres: unreachable; keeping the last routing table until it is back");
+    fn failed(&mut self, e: &SessionError) {
+        let table = e.is_table_problem();
+        if self.up != Some(false) || self.table != table {
+            if table {
+                tracing::error!(error = %e,
+                    "postgres: cannot read table backends; keeping the last routing table until it can");
+            } else {
+                tracing::error!(error = %e,
+                    "postgres: unreachable; keeping the last routing table until it is back");
+            }
         } else {
             tracing::debug!(error = %e, "postgres: still unreachable");
         }
         self.up = Some(false);
+        self.table = table;
     }
 }
 
@@ -155,7 +171,10 @@ async fn run(
     first: std::sync::mpsc::Sender<First>,
 ) {
     let mut first = Some(first);
-    let mut health = Health { up: None };
+    let mut health = Health {
+        up: None,
+        table: false,
+    };
     let mut backoff = Duration::from_secs(1);
     let tls = match client::tls(settings.ca_file.as_deref()) {
         Ok(tls) => tls,
@@ -164,7 +183,7 @@ async fn run(
             // went bad since is an outage like any other.
             tracing::error!(error = %e, "postgres: cannot set up TLS; the routing table stays as mirrored");
             if let Some(f) = first.take() {
-                let _ = f.send(First::Failed(e.to_string()));
+                let _ = f.send(First::Failed(e.to_string(), false));
             }
             let _ = stopped.wait_for(|s| *s).await;
             return;
@@ -178,7 +197,7 @@ async fn run(
         if let Err(e) = outcome {
             health.failed(&e);
             if let Some(f) = first.take() {
-                let _ = f.send(First::Failed(e.to_string()));
+                let _ = f.send(First::Failed(e.to_string(), e.is_table_problem()));
             }
         }
         tokio::select! {
@@ -303,6 +322,11 @@ enum SessionError {
 }
 
 impl SessionError {
+    /// The database answered, but its `backends` table cannot be read.
+    fn is_table_problem(&self) -> bool {
+        matches!(self, SessionError::Pg(e) if e.is_table_problem())
+    }
+
     fn with_context(self, why: String) -> SessionError {
         match self {
             SessionError::Closed => SessionError::ClosedBecause(why),
