@@ -1338,3 +1338,42 @@ fn wireguard_go_killed_under_a_running_pop_is_started_again() {
         "{status}"
     );
 }
+
+/// `ip link set <interface> down` by hand (or by a network manager that
+/// does not know the interface): the kernel flushes its addresses and
+/// routes. The next full pass brings it up and puts them back. Until
+/// 2026-12-05 the pass put the address back but could not add a route to
+/// a link that was down ("Network is down", logged once): the POP's 6PN
+/// stayed dead until edgeproxy restarted.
+#[test]
+fn an_interface_set_down_by_hand_is_brought_back_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = Mesh::start(2);
+    let a1 = m.address(1);
+    let to = SocketAddr::new(IpAddr::V6(a1), 7600);
+    let _b = m.backend(1, to, "one");
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("one")));
+    let mark = m.pop(1).log_mark();
+    sh(&[
+        "ip",
+        "-n",
+        &m.net.hosts[1].ns,
+        "link",
+        "set",
+        &m.ifaces[1],
+        "down",
+    ]);
+    let back = common::eventually(PATIENCE, || {
+        m.tcp(0, to).ok().as_deref() == Some("one") && m.tcp(1, to).is_ok()
+    });
+    assert!(back, "POP 1's 6PN did not come back: {:?}", m.tcp(0, to));
+    m.pop(1)
+        .wait_for_log_after(mark, "mesh: the interface was down", PATIENCE)
+        .unwrap_or_else(|| panic!("not said; log:\n{}", m.pop(1).log_text()));
+    let link = sh(&["ip", "-n", &m.net.hosts[1].ns, "link", "show", &m.ifaces[1]]);
+    assert!(link.contains("mtu 1420"), "{link}");
+}

@@ -17,7 +17,8 @@
 //! [`POLL`] it checks the routing snapshot's version (an atomic load): when
 //! replication publishes a membership change or a `pops` row, it
 //! reconciles at once; every [`FULL_PASS`] it reconciles anyway, which puts
-//! back whatever someone changed by hand (`wg set`, `ip route del`).
+//! back whatever someone changed by hand (`wg set`, `ip route del`, `ip link
+//! set down`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -446,6 +447,23 @@ impl Driver {
         self.note_skipped(skipped);
         for (key, w) in &desired.peers {
             self.names.insert(*key, w.node_id.clone());
+        }
+        // Set down by hand, the interface lost its addresses and routes
+        // with it, and no route can be added back to it while it is down.
+        match self.netlink.is_up(self.index).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(interface = %self.mesh.interface,
+                    "mesh: the interface was down (set down by hand?); bringing it up");
+                if let Err(e) = self.netlink.up(self.index, self.mesh.mtu).await {
+                    self.fail(e.into());
+                    return;
+                }
+            }
+            Err(e) => {
+                self.fail(e.into());
+                return;
+            }
         }
         let current = match self.read_current().await {
             Ok(c) => c,

@@ -21,7 +21,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use futures_util::TryStreamExt;
 use ipnet::Ipv6Net;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
-use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -104,6 +104,14 @@ impl Netlink {
             .execute()
             .await
             .map_err(call("set link up"))
+    }
+
+    /// Whether the interface is administratively up (`ip link set down`
+    /// clears it, and the kernel flushes its IPv6 addresses and routes).
+    pub async fn is_up(&self, index: u32) -> Result<bool, NetlinkError> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        let link = links.try_next().await.map_err(call("read link"))?;
+        Ok(link.is_some_and(|l| l.header.flags.contains(LinkFlags::Up)))
     }
 
     /// The interface's MTU, for status.
