@@ -230,6 +230,65 @@ fn bad_rows_are_skipped_by_id_and_the_others_route() {
     assert_eq!(which_backend(proxy.addr()), "b", "bad-ip, fixed, routes");
 }
 
+/// A row whose values cannot be read (text where a number belongs, a NULL
+/// id) is said once while it lasts, as an invalid row is, not again at
+/// every reload that a change to another row causes (QA: each heartbeat or
+/// edit elsewhere in the table repeated every such row's warning).
+#[test]
+fn unreadable_rows_are_said_once_not_at_every_reload() {
+    const UNREADABLE: &str = "skipping unreadable routing row";
+    let dir = TempDir::new("reload-unreadable");
+    let a = TagBackend::start("a");
+    let db_path = dir.join("routing.db");
+    let db = Db::create(db_path.clone());
+    db.upsert(&Row::new("good", "web", "sa", a.port()));
+    let proxy = start(&dir, &db_path);
+
+    let mark = proxy.log_mark();
+    let cols = "id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit, deleted";
+    db.exec(&format!(
+        "INSERT INTO backends ({cols}) VALUES ('text-port', 'web', 'sa', '127.0.0.1', 'abc', 1, 1, 100, 150, 0)"
+    ));
+    proxy.wait_for_log_after(mark, RELOADED, PATIENCE).unwrap();
+    let said = proxy.log_lines_after(mark, UNREADABLE);
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert_eq!(field(&said[0], "backend").as_deref(), Some("text-port"));
+
+    // Changes to another row reload the table; the bad row is unchanged.
+    let mark = proxy.log_mark();
+    for weight in 2..=4 {
+        let before = proxy.log_lines_after(mark, RELOADED).len();
+        db.exec(&format!(
+            "UPDATE backends SET weight = {weight} WHERE id = 'good'"
+        ));
+        assert!(
+            proxy.wait_for_log_count_after(mark, RELOADED, before + 1, PATIENCE),
+            "no reload; log:\n{}",
+            proxy.log_text()
+        );
+    }
+    assert_eq!(
+        proxy.log_lines_after(mark, UNREADABLE),
+        Vec::<String>::new(),
+        "said again at unrelated reloads"
+    );
+
+    // Broken another way, it is said again; fixed, it routes.
+    let mark = proxy.log_mark();
+    db.exec("UPDATE backends SET port = 'xyz' WHERE id = 'text-port'");
+    proxy.wait_for_log_after(mark, RELOADED, PATIENCE).unwrap();
+    let said = proxy.log_lines_after(mark, UNREADABLE);
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert!(said[0].contains(r#""xyz""#), "{}", said[0]);
+    let mark = proxy.log_mark();
+    db.exec(&format!(
+        "UPDATE backends SET port = {} WHERE id = 'text-port'",
+        a.port()
+    ));
+    let line = proxy.wait_for_log_after(mark, RELOADED, PATIENCE).unwrap();
+    assert_eq!(field(&line, "backends").as_deref(), Some("2"), "{line}");
+}
+
 /// A weight or soft limit of 0 (the API refuses both; a row written by hand
 /// may hold them) routes as 1, as in the original edgeProxy, and a load
 /// says so once per row and value, naming the row and what 0 does here,

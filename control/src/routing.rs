@@ -266,7 +266,7 @@ impl RoutingReloader {
     ) -> Result<Self, StoreError> {
         let mut builder = SnapshotBuilder::new();
         builder.set_own_listeners(own);
-        let mut loaded = load_logged(&mut store)?;
+        let mut loaded = store.load()?;
         let Expiry {
             expired,
             next_deadline_ms: next_expiry_ms,
@@ -286,7 +286,7 @@ impl RoutingReloader {
         let host = host_addresses(builder.own_listeners());
         let built = builder.build(&loaded.records);
         let mut row_warnings = RowWarnings::default();
-        row_warnings.say_new(&built);
+        row_warnings.say_new(&loaded.bad_rows, &built);
         let mut coverage = Coverage::default();
         coverage.observe(
             &loaded.records,
@@ -447,7 +447,7 @@ impl RoutingReloader {
     /// [`reload`]: RoutingReloader::reload
     pub fn reload_at(&mut self, now: SystemTime) -> Reload {
         let started = Instant::now();
-        let mut loaded = match load_logged(&mut self.store) {
+        let mut loaded = match self.store.load() {
             Ok(r) => r,
             Err(e) => {
                 self.fail(&e);
@@ -483,7 +483,7 @@ impl RoutingReloader {
         // one more rebuild, never one too few.
         self.host_addresses.0 = host_addresses(self.builder.own_listeners());
         let mut built = self.builder.build(&loaded.records);
-        self.row_warnings.say_new(&built);
+        self.row_warnings.say_new(&loaded.bad_rows, &built);
         if let Some(input) = &self.pops {
             match self.store.load_pops() {
                 Ok(rows) => built.snapshot.pops = pop_views(&rows, input),
@@ -588,27 +588,27 @@ fn record_verdicts(store: &mut RoutingStore, verdicts: &[(String, bool)]) {
     }
 }
 
-fn load_logged(store: &mut RoutingStore) -> Result<crate::store::Loaded, StoreError> {
-    let loaded = store.load()?;
-    for (id, reason) in &loaded.bad_rows {
-        tracing::warn!(backend = %id, %reason, "skipping unreadable routing row");
-    }
-    Ok(loaded)
-}
-
-/// Rows left out of the snapshot (invalid) or routed with a weight or soft
-/// limit of 0 read as 1, as the last load found them.
+/// Rows left out of the snapshot (unreadable or invalid) or routed with a
+/// weight or soft limit of 0 read as 1, as the last load found them.
 #[derive(Default)]
 struct RowWarnings {
     said: BTreeSet<String>,
 }
 
 impl RowWarnings {
-    /// Warns about what `built` reports and the last load did not (a row
-    /// that became invalid, or whose reason changed); remembers the rest so
-    /// that a row fixed and broken again is said again.
-    fn say_new(&mut self, built: &engine::snapshot::Built) {
+    /// Warns about what the load (`unreadable`) and `built` report and the
+    /// last load did not (a row that became unreadable or invalid, or whose
+    /// reason changed); remembers the rest so that a row fixed and broken
+    /// again is said again.
+    fn say_new(&mut self, unreadable: &[(String, String)], built: &engine::snapshot::Built) {
         let mut now = BTreeSet::new();
+        for (id, reason) in unreadable {
+            let key = format!("{id}\0unreadable\0{reason}");
+            if !self.said.contains(&key) {
+                tracing::warn!(backend = %id, %reason, "skipping unreadable routing row");
+            }
+            now.insert(key);
+        }
         for (id, reason) in &built.skipped {
             let key = format!("{id}\0skipped\0{reason}");
             if !self.said.contains(&key) {
