@@ -79,6 +79,22 @@ impl Ca {
         }
     }
 
+    /// A certificate for `names` whose validity ended in 2020.
+    fn issue_expired(&self, names: &[&str]) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
     fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
     }
@@ -1452,6 +1468,101 @@ fn broken_file_at_rotation_keeps_the_previous_certificate() {
         .wait_for_log_after(mark, "tls certificates reloaded", PATIENCE)
         .unwrap_or_else(|| panic!("no reload; log:\n{}", proxy.log_text()));
     assert_eq!(Client::open(addr, config, "keep.test").served(), new.der);
+}
+
+/// An expired certificate renamed over a valid one (a wrong file, a stale
+/// copy) is refused like a broken file: the valid one keeps serving. QA:
+/// it was swapped in with "tls certificates reloaded", and every client
+/// that checks dates was refused from then on.
+#[test]
+fn an_expired_certificate_at_rotation_keeps_the_previous_one() {
+    let world = World::new("expired-rotation");
+    let old = world.ca.issue("old", &["exp.test"]);
+    let (cert, key) = old.write(&world.dir, "exp");
+    let proxy = world.start(&format!(
+        "cert = {}\nkey = {}\n",
+        toml_path(&cert),
+        toml_path(&key)
+    ));
+    let addr = proxy.listener("tls");
+    let config = trusting(&world.ca, ANY_VERSION, &[]);
+
+    let mark = proxy.log_mark();
+    world.ca.issue_expired(&["exp.test"]).install(&cert, &key);
+    let line = proxy
+        .wait_for_log_after(
+            mark,
+            "cannot reload tls certificates; keeping the previous ones",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("no error logged; log:\n{}", proxy.log_text()));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains(&format!("certificate {} expired on", cert.display())),
+        "{line}"
+    );
+    assert!(proxy
+        .log_lines_after(mark, "tls certificates reloaded")
+        .is_empty());
+    // A client that checks dates still gets the valid certificate.
+    let client = Client::open(addr, Arc::clone(&config), "exp.test");
+    assert_eq!(client.served(), old.der);
+
+    // So does SIGHUP, which re-reads every file.
+    let mark = proxy.log_mark();
+    proxy.signal(SIGHUP);
+    proxy
+        .wait_for_log_after(
+            mark,
+            "cannot reload tls certificates; keeping the previous ones",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("no error logged; log:\n{}", proxy.log_text()));
+    assert_eq!(Client::open(addr, config, "exp.test").served(), old.der);
+}
+
+/// At start there is no other certificate to keep: an expired one is
+/// served, with a warning naming it, and `check-config` warns too.
+#[test]
+fn an_expired_certificate_at_start_is_served_with_a_warning() {
+    let world = World::new("expired-start");
+    let expired = world.ca.issue_expired(&["exp.test"]);
+    let (cert, _) = expired.write(&world.dir, "exp");
+    let tls = world.files(&expired, "exp");
+    let path = world.dir.join("edgeproxy.toml");
+    std::fs::write(&path, world.config(100, &tls)).unwrap();
+
+    let (status, _, stderr) = run_to_end(
+        &[
+            "check-config",
+            "--no-bind",
+            "--config",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "edgeproxy: warning: listener \"tls\": certificate {} expired on",
+            cert.display()
+        )),
+        "{stderr}"
+    );
+
+    let proxy = Proxy::with_config(&world.dir, &world.config(100, &tls));
+    let line = proxy
+        .wait_for_log("serving an expired certificate", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains(cert.to_str().unwrap()), "{line}");
+    // Served: a client that does not check dates gets it.
+    let client = Client::open(
+        proxy.listener("tls"),
+        trusting_anything(ANY_VERSION),
+        "exp.test",
+    );
+    assert_eq!(client.served(), expired.der);
 }
 
 // ---------------------------------------------------------------------------

@@ -522,7 +522,11 @@ pub fn check(
     if config.mesh.enabled {
         crate::mesh::keys::check(&config.mesh.private_key_file)?;
     }
-    let warnings = crate::check_routing::warnings(&config, &listener_apps(&config))?;
+    let mut warnings = tls.take_warnings();
+    warnings.extend(crate::check_routing::warnings(
+        &config,
+        &listener_apps(&config),
+    )?);
     Ok((config, warnings))
 }
 

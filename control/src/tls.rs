@@ -5,6 +5,12 @@
 //! A certificate that fails to load at start is a startup error. At rotation a
 //! broken file keeps the old certificate and logs why; connections already
 //! established are never touched (see `engine::tls`).
+//!
+//! An expired certificate loads, but is only served where there is nothing
+//! to keep: at start or on a listener new to this process, with a warning.
+//! Where certificates already serve (rotation, SIGHUP) it is refused like a
+//! broken file, so a wrong file renamed into place cannot replace a valid
+//! certificate with one every client rejects.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -173,6 +179,8 @@ pub enum TlsLoadError {
         key: PathBuf,
         reason: String,
     },
+    #[error("certificate {path} expired on {not_after}")]
+    Expired { path: PathBuf, not_after: String },
     #[error("cannot generate a self-signed certificate: {0}")]
     SelfSigned(String),
     // Not `#[from]`: that would make the rustls error a `source` as well,
@@ -277,15 +285,37 @@ pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, TlsLoadError> 
     Ok(Arc::new(certified))
 }
 
-/// Builds the rustls server config for one listener's settings.
-pub fn build(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, TlsLoadError> {
+/// [`TlsLoadError::Expired`] if the certificate `key` was read from `path`
+/// is past its end of validity.
+fn expired(path: &Path, key: &CertifiedKey) -> Option<TlsLoadError> {
+    let leaf = key.end_entity_cert().ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let not_after = parsed.validity().not_after;
+    (not_after < x509_parser::time::ASN1Time::now()).then(|| TlsLoadError::Expired {
+        path: path.to_owned(),
+        not_after: not_after.to_string(),
+    })
+}
+
+/// Builds the rustls server config for one listener's settings, with the
+/// certificates in it that have expired ([`TlsLoadError::Expired`]): the
+/// caller decides whether to serve them.
+pub fn build(
+    settings: &TlsSettings,
+) -> Result<(Arc<rustls::ServerConfig>, Vec<TlsLoadError>), TlsLoadError> {
+    let mut stale = Vec::new();
     let default = match &settings.default {
-        CertSource::Files { cert, key } => load_pair(cert, key)?.0,
+        CertSource::Files { cert, key } => {
+            let key = load_pair(cert, key)?.0;
+            stale.extend(expired(cert, &key));
+            key
+        }
         CertSource::SelfSigned { self_signed_names } => self_signed(self_signed_names)?,
     };
     let mut entries = Vec::with_capacity(settings.sni.len());
     for sni in &settings.sni {
         let (key, names) = load_pair(&sni.cert, &sni.key)?;
+        stale.extend(expired(&sni.cert, &key));
         entries.push(CertEntry {
             names: sni.names.clone().unwrap_or(names),
             key,
@@ -296,10 +326,8 @@ pub fn build(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, TlsLoa
         .iter()
         .map(|p| p.as_bytes().to_vec())
         .collect();
-    Ok(engine::tls::server_config(
-        SniResolver::new(default, &entries),
-        alpn,
-    )?)
+    let config = engine::tls::server_config(SniResolver::new(default, &entries), alpn)?;
+    Ok((config, stale))
 }
 
 /// Identity of a file at one moment; a change means "reload".
@@ -340,11 +368,16 @@ struct Entry {
 #[derive(Default)]
 pub struct TlsListeners {
     entries: HashMap<String, Entry>,
+    /// Expired certificates served for want of another (see the module
+    /// docs), for `check-config` to print.
+    warnings: Vec<String>,
 }
 
 impl TlsListeners {
     /// The termination for `listener`: the existing one if its settings are
-    /// unchanged, else a new one built from `settings`.
+    /// unchanged, else a new one built from `settings`. An expired
+    /// certificate is refused if the listener already serves certificates,
+    /// else served with a warning.
     pub fn termination_for(
         &mut self,
         listener: &str,
@@ -356,7 +389,21 @@ impl TlsListeners {
             }
         }
         let stamps = files(settings).iter().map(|p| stamp(p)).collect();
-        let termination = TlsTermination::new(build(settings)?, settings.handshake_timeout);
+        let (config, expired) = build(settings)?;
+        if self.entries.contains_key(listener) {
+            if let Some(e) = expired.into_iter().next() {
+                return Err(e);
+            }
+        } else {
+            for e in expired {
+                tracing::warn!(listener = %listener, error = %e,
+                    "serving an expired certificate (no other to keep): clients will refuse it");
+                self.warnings.push(format!(
+                    "listener {listener:?}: {e}: clients will refuse it"
+                ));
+            }
+        }
+        let termination = TlsTermination::new(config, settings.handshake_timeout);
         self.entries.insert(
             listener.to_string(),
             Entry {
@@ -366,6 +413,12 @@ impl TlsListeners {
             },
         );
         Ok(termination)
+    }
+
+    /// The warnings about expired certificates said so far, for
+    /// `check-config` (which has no log).
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     /// No listener terminates TLS.
@@ -379,8 +432,8 @@ impl TlsListeners {
     }
 
     /// Reloads the certificates of listeners whose files changed (or all, when
-    /// `force`: SIGHUP). A broken file keeps the old certificate. Returns the
-    /// number of listeners rotated.
+    /// `force`: SIGHUP). A broken file, or an expired certificate, keeps the
+    /// old certificate. Returns the number of listeners rotated.
     pub fn refresh(&mut self, force: bool) -> usize {
         let mut rotated = 0;
         for (name, entry) in &mut self.entries {
@@ -395,7 +448,9 @@ impl TlsListeners {
                 // Self-signed only: nothing on disk to reload.
                 continue;
             }
-            match build(&entry.settings) {
+            match build(&entry.settings)
+                .and_then(|(config, expired)| expired.into_iter().next().map_or(Ok(config), Err))
+            {
                 Ok(config) => {
                     entry.termination.rotate(config);
                     rotated += 1;
@@ -453,7 +508,8 @@ mod tests {
         let settings = raw("self_signed = true\nalpn = [\"http/1.1\"]")
             .validate("t")
             .unwrap();
-        let config = build(&settings).unwrap();
+        let (config, expired) = build(&settings).unwrap();
+        assert!(expired.is_empty());
         assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 
