@@ -135,6 +135,25 @@ fn clients_reach_their_country_then_region_then_pop_then_anything() {
     assert_eq!(which_backend_via(addr, DE, true), "de-1");
 }
 
+/// `geo.default_region` is the region of countries outside the map, with
+/// the built-in map as with one of `[geo.regions]`. QA: without
+/// `[geo.regions]` it was ignored and "us" kept, silently.
+#[test]
+fn default_region_applies_with_the_built_in_map() {
+    let world = World::new("geo-default-region");
+    let proxy = world.start(&format!(
+        "[pop]\nregion = \"eu\"\n\n[geo]\ndefault_region = \"ap\"\n\n{PP_LISTENER}"
+    ));
+    let addr = proxy.listener("pp");
+    for v2 in [false, true] {
+        let via = |ip: &str| which_backend_via(addr, ip, v2);
+        assert_eq!(via(ZA), "jp-1", "ZA → default region ap (v2={v2})");
+        // The built-in map still places the others.
+        assert_eq!(via(AR), "br-1", "AR → region sa (v2={v2})");
+        assert_eq!(via(NOWHERE), "de-1", "unknown → POP region (v2={v2})");
+    }
+}
+
 #[test]
 fn cidr_overrides_beat_the_database_and_map_private_ranges() {
     let world = World::new("geo-override");

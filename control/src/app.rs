@@ -910,7 +910,7 @@ fn build_geo(config: &Config) -> anyhow::Result<GeoResolver> {
         None => GeoDb::embedded().context("cannot load the embedded GeoIP database")?,
     };
     let regions = match &config.geo.regions {
-        None => RegionMap::default(),
+        None => RegionMap::builtin(&config.geo.default_region),
         Some(map) => RegionMap::new(
             &config.geo.default_region,
             map.iter().map(|(region, countries)| {

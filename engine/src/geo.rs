@@ -217,9 +217,16 @@ impl RegionMap {
 }
 
 impl Default for RegionMap {
-    /// sa: South America; us: North America; eu: Europe; ap: Asia-Pacific;
-    /// everything else: us.
+    /// The built-in map, with everything else in us.
     fn default() -> Self {
+        RegionMap::builtin("us")
+    }
+}
+
+impl RegionMap {
+    /// The built-in map (sa: South America; us: North America; eu: Europe;
+    /// ap: Asia-Pacific), with every other country in `default_region`.
+    pub fn builtin(default_region: &str) -> Self {
         const TABLE: [(&str, &[&str]); 4] = [
             (
                 "sa",
@@ -241,7 +248,7 @@ impl Default for RegionMap {
             ),
         ];
         RegionMap::new(
-            "us",
+            default_region,
             TABLE.iter().map(|(region, codes)| {
                 let countries = codes.iter().filter_map(|c| Country::parse(c)).collect();
                 (region.to_string(), countries)
