@@ -745,13 +745,41 @@ impl Config {
             .default_region
             .unwrap_or_else(|| defaults::DEFAULT_GEO_REGION.into())
             .to_ascii_lowercase();
+        // QA: "" or "e u" were taken, a region no backend can be registered
+        // in (the API refuses it): clients outside the map matched nothing.
+        let region_name = |r: &str| {
+            format!(
+                "{r:?} must be up to {} letters, digits, - or _, as a backend's region",
+                crate::api::validate::MAX_REGION_LEN
+            )
+        };
+        if !crate::api::validate::is_region(&default_region) {
+            return Err(invalid("geo.default_region", region_name(&default_region)));
+        }
         if let Some(regions) = &raw.geo.regions {
+            // QA: a country listed under two regions went, silently, to the
+            // one whose name sorts last.
+            let mut region_of = BTreeMap::new();
             for (region, countries) in regions {
+                if !crate::api::validate::is_region(&region.to_ascii_lowercase()) {
+                    return Err(invalid(
+                        format!("geo.regions.{region}"),
+                        region_name(region),
+                    ));
+                }
                 for c in countries {
-                    if engine::snapshot::Country::parse(c).is_none() {
+                    let Some(country) = engine::snapshot::Country::parse(c) else {
                         return Err(invalid(
                             format!("geo.regions.{region}"),
                             format!("{c:?} is not a two-letter country code"),
+                        ));
+                    };
+                    if let Some(other) = region_of.insert(country.to_string(), region) {
+                        return Err(invalid(
+                            format!("geo.regions.{region}"),
+                            format!(
+                                "{country} is also listed under {other}: a country is in one region"
+                            ),
                         ));
                     }
                 }
@@ -1204,6 +1232,37 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("geo.override[0].country"), "{err}");
+    }
+
+    #[test]
+    fn geo_region_names_are_region_names_and_a_country_has_one() {
+        for (text, key) in [
+            ("[geo]\ndefault_region = \"\"\n", "geo.default_region"),
+            ("[geo]\ndefault_region = \"e u\"\n", "geo.default_region"),
+            ("[geo.regions]\n\"e u\" = [\"BR\"]\n", "geo.regions.e u"),
+            (
+                "[geo.regions]\nsa = [\"BR\"]\neu = [\"br\", \"PT\"]\n",
+                "geo.regions.sa",
+            ),
+        ] {
+            let err = from(text, &NO_ENV).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        let err = from(
+            "[geo.regions]\nsa = [\"BR\"]\neu = [\"br\", \"PT\"]\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("BR is also listed under eu"),
+            "{err}"
+        );
+        let ok = from(
+            "[geo]\ndefault_region = \"Eu-West_1\"\n[geo.regions]\nap-1 = [\"JP\"]\n",
+            &NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(ok.geo.default_region, "eu-west_1");
     }
 
     #[test]
