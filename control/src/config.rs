@@ -467,9 +467,31 @@ fn apply_tls_env(env: &dyn Env, listeners: &mut Vec<RawListener>) -> Result<(), 
     }
     let tls = target.tls.get_or_insert_with(Default::default);
     if cert.is_some() || key.is_some() {
+        // One variable without the other, and nothing in the file to pair
+        // it with: name the variables, not a table the file may not have.
+        // (QA: "invalid value for `listener[1].tls.key`" for a listener
+        // that only the environment had asked for.)
+        let (set, missing) = if cert.is_some() {
+            ("EDGEPROXY_TLS_CERT", "EDGEPROXY_TLS_KEY")
+        } else {
+            ("EDGEPROXY_TLS_KEY", "EDGEPROXY_TLS_CERT")
+        };
         tls.self_signed = Some(false);
         tls.cert = cert.or(tls.cert.take());
         tls.key = key.or(tls.key.take());
+        if tls.cert.is_none() || tls.key.is_none() {
+            return Err(ConfigError::Env {
+                var: set,
+                value: env.var(set).unwrap_or_default(),
+                reason: format!(
+                    "{missing} is not set, and the TLS listener {} has no file for it",
+                    target
+                        .name
+                        .as_deref()
+                        .map_or_else(|| format!("on {}", target.addr), |name| format!("{name:?}"))
+                ),
+            });
+        }
     }
     Ok(())
 }
@@ -1232,6 +1254,34 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("geo.override[0].country"), "{err}");
+    }
+
+    #[test]
+    fn tls_cert_or_key_from_the_environment_alone_names_the_variables() {
+        let env = [
+            ("EDGEPROXY_TLS_ENABLED", "true"),
+            ("EDGEPROXY_TLS_CERT", "/etc/tls/a.pem"),
+        ];
+        let err = from("", &env).unwrap_err().to_string();
+        assert!(err.contains("EDGEPROXY_TLS_CERT"), "{err}");
+        assert!(err.contains("EDGEPROXY_TLS_KEY is not set"), "{err}");
+        assert!(!err.contains("listener[1]"), "{err}");
+        let env = [("EDGEPROXY_TLS_KEY", "/etc/tls/a.key")];
+        let file = "[[listener]]\nname = \"t\"\naddr = \"127.0.0.1:8443\"\n[listener.tls]\nself_signed = true\n";
+        let err = from(file, &env).unwrap_err().to_string();
+        assert!(err.contains("EDGEPROXY_TLS_CERT is not set"), "{err}");
+        assert!(err.contains("TLS listener \"t\""), "{err}");
+        // The file's cert pairs with a key from the environment.
+        let file = "[[listener]]\naddr = \"127.0.0.1:8443\"\n[listener.tls]\ncert = \"/f.pem\"\nkey = \"/f.key\"\n";
+        let ok = from(file, &env).unwrap();
+        let tls = ok.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(
+            tls.default,
+            crate::tls::CertSource::Files {
+                cert: "/f.pem".into(),
+                key: "/etc/tls/a.key".into()
+            }
+        );
     }
 
     #[test]
