@@ -1521,6 +1521,35 @@ fn an_expired_certificate_at_rotation_keeps_the_previous_one() {
     assert_eq!(Client::open(addr, config, "exp.test").served(), old.der);
 }
 
+/// A binary upgrade is not a start with nothing to keep: the old process
+/// serves a valid certificate, so the new one refuses an expired one found
+/// on disk, the upgrade fails naming it, and the old process keeps serving.
+#[test]
+fn an_upgrade_does_not_swap_a_valid_certificate_for_an_expired_one() {
+    let world = World::new("expired-upgrade");
+    let old = world.ca.issue("old", &["up.test"]);
+    let (cert, key) = old.write(&world.dir, "up");
+    // Files are checked once an hour: the upgrade is the first to read them.
+    let tls = format!("cert = {}\nkey = {}\n", toml_path(&cert), toml_path(&key));
+    let proxy = Proxy::with_config(&world.dir, &world.config(3_600_000, &tls));
+    let addr = proxy.listener("tls");
+    world.ca.issue_expired(&["up.test"]).install(&cert, &key);
+
+    let control = world.dir.join("edgeproxy.sock");
+    let (status, out, err) = run_to_end(&["upgrade", "--socket", control.to_str().unwrap()], &[]);
+    assert!(!status.success(), "upgraded: {out}{err}");
+    assert!(
+        err.contains("upgrade failed, the running proxy keeps serving"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("certificate {} expired on", cert.display())),
+        "{err}"
+    );
+    let config = trusting(&world.ca, ANY_VERSION, &[]);
+    assert_eq!(Client::open(addr, config, "up.test").served(), old.der);
+}
+
 /// At start there is no other certificate to keep: an expired one is
 /// served, with a warning naming it, and `check-config` warns too.
 #[test]

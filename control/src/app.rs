@@ -55,12 +55,17 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
     let geo = Arc::new(build_geo(&config)?);
-    let mut tls = TlsListeners::default();
+    let mut tls = if inherited.is_some() {
+        TlsListeners::for_successor()
+    } else {
+        TlsListeners::default()
+    };
     let specs = config
         .listeners
         .iter()
         .map(|l| spec_of(l, &mut tls))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    tls.started();
 
     let sockets = bind_all(&config, &specs, config.runtime.shards as usize, &geo)?;
     crate::fd_limit::raise_and_log(&config);

@@ -7,10 +7,11 @@
 //! established are never touched (see `engine::tls`).
 //!
 //! An expired certificate loads, but is only served where there is nothing
-//! to keep: at start or on a listener new to this process, with a warning.
-//! Where certificates already serve (rotation, SIGHUP) it is refused like a
-//! broken file, so a wrong file renamed into place cannot replace a valid
-//! certificate with one every client rejects.
+//! to keep: at a start that is not an upgrade, or on a listener new to this
+//! process, with a warning. Where certificates already serve (rotation,
+//! SIGHUP, and the previous process during a binary upgrade) it is refused
+//! like a broken file, so a wrong file renamed into place cannot replace a
+//! valid certificate with one every client rejects.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -371,6 +372,10 @@ pub struct TlsListeners {
     /// Expired certificates served for want of another (see the module
     /// docs), for `check-config` to print.
     warnings: Vec<String>,
+    /// A successor of a binary upgrade: the previous process serves every
+    /// listener it inherits, so an expired certificate is refused (the
+    /// upgrade fails, and that process keeps its certificates).
+    successor: bool,
 }
 
 impl TlsListeners {
@@ -390,7 +395,7 @@ impl TlsListeners {
         }
         let stamps = files(settings).iter().map(|p| stamp(p)).collect();
         let (config, expired) = build(settings)?;
-        if self.entries.contains_key(listener) {
+        if self.successor || self.entries.contains_key(listener) {
             if let Some(e) = expired.into_iter().next() {
                 return Err(e);
             }
@@ -413,6 +418,22 @@ impl TlsListeners {
             },
         );
         Ok(termination)
+    }
+
+    /// The TLS state of a successor of a binary upgrade, which refuses
+    /// expired certificates (see the module docs).
+    pub fn for_successor() -> TlsListeners {
+        TlsListeners {
+            successor: true,
+            ..TlsListeners::default()
+        }
+    }
+
+    /// The listeners at start are loaded: from now on a successor is a
+    /// process like any other (a listener that a reload adds has nothing
+    /// to keep).
+    pub fn started(&mut self) {
+        self.successor = false;
     }
 
     /// The warnings about expired certificates said so far, for
