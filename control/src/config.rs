@@ -477,6 +477,7 @@ fn apply_tls_env(env: &dyn Env, listeners: &mut Vec<RawListener>) -> Result<(), 
             ("EDGEPROXY_TLS_KEY", "EDGEPROXY_TLS_CERT")
         };
         tls.self_signed = Some(false);
+        tls.self_signed_names = None;
         tls.cert = cert.or(tls.cert.take());
         tls.key = key.or(tls.key.take());
         if tls.cert.is_none() || tls.key.is_none() {
@@ -1271,6 +1272,18 @@ mod tests {
         let err = from(file, &env).unwrap_err().to_string();
         assert!(err.contains("EDGEPROXY_TLS_CERT is not set"), "{err}");
         assert!(err.contains("TLS listener \"t\""), "{err}");
+        // Files from the environment replace a self-signed certificate.
+        let env = [
+            ("EDGEPROXY_TLS_CERT", "/etc/tls/a.pem"),
+            ("EDGEPROXY_TLS_KEY", "/etc/tls/a.key"),
+        ];
+        let file = "[[listener]]\naddr = \"127.0.0.1:8443\"\n[listener.tls]\nself_signed = true\nself_signed_names = [\"x.test\"]\n";
+        let ok = from(file, &env).unwrap();
+        assert!(matches!(
+            ok.listeners[0].tls.as_ref().unwrap().default,
+            crate::tls::CertSource::Files { .. }
+        ));
+        let env = [("EDGEPROXY_TLS_KEY", "/etc/tls/a.key")];
         // The file's cert pairs with a key from the environment.
         let file = "[[listener]]\naddr = \"127.0.0.1:8443\"\n[listener.tls]\ncert = \"/f.pem\"\nkey = \"/f.key\"\n";
         let ok = from(file, &env).unwrap();

@@ -114,12 +114,25 @@ impl RawTls {
             key: format!("{key}.{k}"),
             reason,
         };
-        let default = match (self.cert, self.key, self.self_signed.unwrap_or(false)) {
+        let self_signed = self.self_signed.unwrap_or(false);
+        if self.self_signed_names.is_some() && !self_signed {
+            // QA: taken and ignored next to cert and key.
+            return Err(invalid(
+                "self_signed_names",
+                "is set but self_signed is not: the names are those of a generated certificate"
+                    .into(),
+            ));
+        }
+        let default = match (self.cert, self.key, self_signed) {
             (Some(cert), Some(key), false) => CertSource::Files { cert, key },
             (None, None, true) => CertSource::SelfSigned {
-                self_signed_names: self
-                    .self_signed_names
-                    .unwrap_or_else(|| vec!["localhost".into()]),
+                self_signed_names: match self.self_signed_names {
+                    None => vec!["localhost".into()],
+                    Some(names) => {
+                        check_names(&names).map_err(|r| invalid("self_signed_names", r))?;
+                        names
+                    }
+                },
             },
             (Some(_), Some(_), true) => {
                 return Err(invalid(
@@ -136,6 +149,11 @@ impl RawTls {
                 ))
             }
         };
+        for (i, sni) in self.sni.iter().enumerate() {
+            if let Some(names) = &sni.names {
+                check_names(names).map_err(|r| invalid(&format!("sni[{i}].names"), r))?;
+            }
+        }
         let alpn = self.alpn.unwrap_or_default();
         if let Some(bad) = alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
             return Err(invalid("alpn", format!("{bad:?} must be 1..=255 bytes")));
@@ -164,6 +182,34 @@ impl RawTls {
             handshake_timeout: Duration::from_millis(ms),
         })
     }
+}
+
+/// Names a certificate serves, as the SNI resolver matches them: a DNS
+/// name, or `*.` and one (`*.example.com`); a trailing dot is ignored.
+/// QA: `[]`, `""`, `"a b"` and `"*.*.com"` were taken, names no client can
+/// send (an SNI entry with them is never chosen).
+fn check_names(names: &[String]) -> Result<(), String> {
+    if names.is_empty() {
+        return Err("is empty: the certificate would serve no name \
+                    (leave `names` out for the certificate's own DNS names)"
+            .into());
+    }
+    for name in names {
+        let name = name.trim_end_matches('.');
+        let host = name.strip_prefix("*.").unwrap_or(name);
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(format!(
+                "{name:?} is not a DNS name (labels of letters, digits, - or _) \
+                 or a wildcard (*.example.com)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why certificates could not be loaded.
@@ -522,6 +568,46 @@ mod tests {
             }
         );
         assert_eq!(ok.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn names_are_dns_names_and_self_signed_names_need_self_signed() {
+        let ok = raw(
+            "cert = \"a\"\nkey = \"b\"\n[[sni]]\ncert = \"c\"\nkey = \"d\"\n\
+             names = [\"Api.Example.com.\", \"*.example.com\", \"x_1\"]\n",
+        )
+        .validate("l.tls");
+        assert!(ok.is_ok(), "{ok:?}");
+        for (names, why) in [
+            ("[]", "is empty"),
+            ("[\"\"]", "is not a DNS name"),
+            ("[\"*\"]", "is not a DNS name"),
+            ("[\"a b\"]", "is not a DNS name"),
+            ("[\"*.*.com\"]", "is not a DNS name"),
+            ("[\"a.*.com\"]", "is not a DNS name"),
+            ("[\"a..com\"]", "is not a DNS name"),
+        ] {
+            let err = raw(&format!(
+                "cert = \"a\"\nkey = \"b\"\n[[sni]]\ncert = \"c\"\nkey = \"d\"\nnames = {names}\n"
+            ))
+            .validate("l.tls")
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("l.tls.sni[0].names"), "{names}: {err}");
+            assert!(err.contains(why), "{names}: {err}");
+            let err = raw(&format!(
+                "self_signed = true\nself_signed_names = {names}\n"
+            ))
+            .validate("l.tls")
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("l.tls.self_signed_names"), "{names}: {err}");
+        }
+        let err = raw("cert = \"a\"\nkey = \"b\"\nself_signed_names = [\"x\"]\n")
+            .validate("l.tls")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("self_signed is not"), "{err}");
     }
 
     #[test]
