@@ -213,3 +213,25 @@ fn access_log_has_one_line_per_connection() {
     assert_eq!(field(&line, "app").as_deref(), Some("ghost"), "{line}");
     assert_eq!(field(&line, "bytes_up").as_deref(), Some("0"), "{line}");
 }
+
+/// A `RUST_LOG` that does not parse (a typo in a level) falls back to
+/// `log.level`, and says so: before, the fallback was silent, and an
+/// operator asking for `control=tarce` saw the info lines and no reason.
+#[test]
+fn an_invalid_rust_log_is_reported_not_silently_ignored() {
+    let dir = TempDir::new("log-bad-rust-log");
+    let db = Db::create(dir.join("routing.db"));
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(&path, config(&db.path, "")).unwrap();
+    let proxy = Proxy::start_with_rust_log(
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info,control=tarce"),
+    );
+    let line = proxy
+        .wait_for_log("RUST_LOG is not a valid filter", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("control=tarce"), "{line}");
+    assert!(line.contains("log.level"), "{line}");
+}

@@ -11,8 +11,15 @@ use std::io::IsTerminal;
 use crate::log_config::{Log, LogFormat};
 
 pub fn init(log: &Log) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    // A RUST_LOG that does not parse falls back to the configured level,
+    // and says so once logging runs (QA: the fallback was silent).
+    let (mut filter, bad_rust_log) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(e) => (
+            tracing_subscriber::EnvFilter::new(&log.level),
+            std::env::var("RUST_LOG").ok().map(|value| (value, e)),
+        ),
+    };
     // hickory-proto warns about each malformed DNS packet it decodes; the DNS
     // server answers those with FORMERR, so the warnings are noise that a
     // flood of junk packets would turn into a flood of logs. Unless RUST_LOG
@@ -58,4 +65,8 @@ pub fn init(log: &Log) {
             .with_span_list(false)
             .try_init(),
     };
+    if let Some((value, e)) = bad_rust_log {
+        tracing::warn!(rust_log = %value, error = %e, level = %log.level,
+            "RUST_LOG is not a valid filter; logging at log.level instead");
+    }
 }
