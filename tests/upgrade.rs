@@ -454,6 +454,43 @@ fn one_upgrade_under_streaming_load_fails_no_connection() {
     eprintln!("1 upgrade: {round_trips} new connections, {requests} API/metrics/DNS requests, {bytes} stream bytes, no failure");
 }
 
+/// The old process of an upgrade, draining, stops at a SIGTERM (or SIGINT)
+/// as a stopping process does at a second one: what it still holds is
+/// closed and it exits 0. QA: it went on for the whole grace period (here
+/// 120 s; up to a day), saying nothing, and under systemd was SIGKILLed.
+#[test]
+fn the_old_process_stops_draining_at_a_stop_signal() {
+    let mut s = Setup::start("upgrade-term", None, "");
+    let (name, mut held) = connect_tagged(s.proxy.addr());
+    assert!(["a", "b"].contains(&name.as_str()), "{name}");
+    let old = s.chain.newest();
+    let new = upgrade(&s.proxy, &mut s.chain, None);
+    assert!(alive(old), "the old process drains its connection");
+
+    let mark = s.proxy.log_mark();
+    // SAFETY: kill(2) on a process of this test's chain.
+    assert_eq!(unsafe { kill(old as i32, SIGTERM) }, 0);
+    let status = s
+        .proxy
+        .wait_exit(PATIENCE)
+        .unwrap_or_else(|| panic!("old process still draining; log:\n{}", s.proxy.log_text()));
+    assert!(status.success(), "old process exited with {status}");
+    assert!(
+        !s.proxy
+            .log_lines_after(mark, "closing open connections now")
+            .is_empty(),
+        "{}",
+        s.proxy.log_text()
+    );
+    // Its connection was closed, not left to the grace period.
+    held.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut rest = Vec::new();
+    let _ = held.read_to_end(&mut rest);
+    // The new process serves on.
+    assert!(alive(new));
+    round_trip(s.proxy.addr(), 0).unwrap();
+}
+
 #[test]
 fn ten_upgrades_in_a_row_fail_no_connection() {
     let mut s = Setup::start("upgrade-ten", None, "");

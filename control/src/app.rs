@@ -339,7 +339,14 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
                 let generation = runtime.block_on(r.release(Duration::from_secs(3)));
                 successor.release_replication(generation);
             }
-            runtime.block_on(hand_over(&mut engine, &mut services, &reloader, grace))
+            let Signals { term, int, .. } = &mut signals;
+            runtime.block_on(hand_over(
+                &mut engine,
+                &mut services,
+                &reloader,
+                grace,
+                (term, int),
+            ))
         }
     };
     ticks.stop();
@@ -357,7 +364,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             "shutting down: stopped accepting, draining open connections \
              (a second SIGTERM/SIGINT closes them now)"
         );
-    } else if open > 0 {
+    } else if open > 0 && !grace.is_zero() {
         // QA: after an upgrade the stop line above, with its "second
         // SIGTERM", came though no signal had been sent.
         tracing::info!(
@@ -718,12 +725,14 @@ fn reload_config(
 /// After a successor reported ready: stop accepting everywhere (the
 /// sockets live on in the successor), then drain for up to `grace` while
 /// still answering discovery API requests on connections already open.
-/// Returns what is left of the grace period.
+/// Returns what is left of the grace period: none after a SIGTERM or
+/// SIGINT, which ends the drain as a second one ends a stop's.
 async fn hand_over(
     engine: &mut Engine,
     services: &mut Services,
     reloader: &SharedReloader,
     grace: Duration,
+    (term, int): (&mut Signal, &mut Signal),
 ) -> Duration {
     let deadline = tokio::time::Instant::now() + grace;
     let swept = engine.stop_accepting(Duration::from_secs(5));
@@ -746,14 +755,27 @@ async fn hand_over(
     while (engine.active_connections() > 0 || services.upgrades.replying())
         && tokio::time::Instant::now() < deadline
     {
-        tokio::select! {
-            _ = poll.tick() => {}
+        // QA: without these the old process ignored stop signals for the
+        // whole grace period.
+        let signal = tokio::select! {
+            _ = poll.tick() => None,
+            _ = term.recv() => Some("SIGTERM"),
+            _ = int.recv() => Some("SIGINT"),
             cmds = crate::api::next_commands(&mut services.api) => {
                 crate::api::execute_all(cmds, &mut reloader.lock());
                 if let Some(r) = &services.replication {
                     r.poke();
                 }
+                None
             }
+        };
+        if let Some(signal) = signal {
+            tracing::warn!(
+                signal,
+                open = engine.active_connections(),
+                "stop signal during the upgrade's drain: closing open connections now"
+            );
+            return Duration::ZERO;
         }
     }
     deadline.saturating_duration_since(tokio::time::Instant::now())
