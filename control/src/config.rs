@@ -560,6 +560,9 @@ pub fn resolve_paths(raw: &mut RawConfig, config_file: &Path) {
     paths.extend(raw.geo.db_path.as_mut());
     paths.extend(raw.api.token_file.as_mut());
     paths.extend(raw.replication.secret_file.as_mut());
+    paths.extend(raw.upgrade.control_socket.as_mut());
+    paths.extend(raw.mesh.private_key_file.as_mut());
+    paths.extend(raw.postgres.ca_file.as_mut());
     for l in raw.listeners.iter_mut().flatten() {
         if let Some(tls) = l.tls.as_mut() {
             paths.extend(tls.cert.as_mut());

@@ -5,7 +5,8 @@
 //! `/routing.db`, or run it from a different table depending on where it was
 //! started. Every path written in the file — `routing.db_path` (and its
 //! default `routing.db`, when a file is given), `geo.db_path`, TLS
-//! certificates and keys, `api.token_file`, `replication.secret_file` — is
+//! certificates and keys, `api.token_file`, `replication.secret_file`,
+//! `upgrade.control_socket`, `mesh.private_key_file`, `postgres.ca_file` — is
 //! resolved against the directory of the file, made absolute. Paths from
 //! environment variables keep their meaning (the working directory), as does
 //! everything when there is no file at all (the original edgeProxy's
@@ -57,6 +58,8 @@ mod tests {
         let raw = resolved(
             "[routing]\ndb_path = \"data/routing.db\"\n[geo]\ndb_path = \"geo.mmdb\"\n\
              [api]\ntoken_file = \"api.token\"\n[replication]\nsecret_file = \"secret\"\n\
+             [upgrade]\ncontrol_socket = \"run/ep.sock\"\n[mesh]\nprivate_key_file = \"wg.key\"\n\
+             [postgres]\nca_file = \"db-ca.pem\"\n\
              [[listener]]\naddr = \"127.0.0.1:0\"\n[listener.tls]\ncert = \"tls/a.pem\"\nkey = \"tls/a.key\"\n\
              [[listener.tls.sni]]\ncert = \"b.pem\"\nkey = \"b.key\"\n",
             "/etc/edgeproxy/edgeproxy.toml",
@@ -66,6 +69,12 @@ mod tests {
         assert_eq!(raw.geo.db_path, Some(at("geo.mmdb")));
         assert_eq!(raw.api.token_file, Some(at("api.token")));
         assert_eq!(raw.replication.secret_file, Some(at("secret")));
+        // QA: these three were used as given (the working directory: `/`
+        // under systemd), so `edgeproxy upgrade --config` run elsewhere
+        // looked for the control socket in the wrong place.
+        assert_eq!(raw.upgrade.control_socket, Some(at("run/ep.sock")));
+        assert_eq!(raw.mesh.private_key_file, Some(at("wg.key")));
+        assert_eq!(raw.postgres.ca_file, Some(at("db-ca.pem")));
         let tls = raw.listeners.as_ref().unwrap()[0].tls.as_ref().unwrap();
         assert_eq!(tls.cert, Some(at("tls/a.pem")));
         assert_eq!(tls.key, Some(at("tls/a.key")));
