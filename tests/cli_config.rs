@@ -142,6 +142,24 @@ fn help_explains_commands_and_config_option() {
     assert!(stdout.contains("--config"), "{stdout}");
 }
 
+/// `undrain` takes no `--wait`: it only makes sense for `drain` (waiting
+/// for the withdrawal). QA: `undrain --help` offered it, "Wait until the
+/// anycast routes are withdrawn", and `undrain --wait` took it and did not
+/// wait for anything.
+#[test]
+fn undrain_offers_no_wait_and_refuses_one() {
+    let (status, stdout, _) = run_to_end(&["drain", "--help"], &[]);
+    assert!(status.success());
+    assert!(stdout.contains("--wait"), "{stdout}");
+    let (status, stdout, _) = run_to_end(&["undrain", "--help"], &[]);
+    assert!(status.success());
+    assert!(!stdout.contains("--wait"), "{stdout}");
+    let (status, _, stderr) =
+        run_to_end(&["undrain", "--wait", "--api", "http://127.0.0.1:1"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--wait"), "{stderr}");
+}
+
 #[test]
 fn version_prints_the_package_version() {
     // -V: the one-line version, for scripts.

@@ -116,7 +116,7 @@ pub enum Command {
     Drain(Box<crate::steering::cli::DrainArgs>),
     /// End this POP's drain: back in GeoDNS answers and announced again
     /// (when it can serve).
-    Undrain(Box<crate::steering::cli::DrainArgs>),
+    Undrain(Box<crate::steering::cli::UndrainArgs>),
     /// This POP's traffic steering: `status` says whether it can serve and
     /// why, whether it is drained, in GeoDNS, and announced.
     Pop(Box<crate::steering::cli::PopArgs>),
@@ -147,8 +147,12 @@ pub fn main() -> ExitCode {
         Command::Upgrade(args) => crate::upgrade::client::run(args, cli.config.as_deref()),
         Command::Mesh(args) => crate::mesh::cli::run_mesh(*args, cli.config.as_deref()),
         Command::SixPn(args) => crate::mesh::cli::run_6pn(args, cli.config.as_deref()),
-        Command::Drain(args) => crate::steering::cli::drain(*args, true, cli.config.as_deref()),
-        Command::Undrain(args) => crate::steering::cli::drain(*args, false, cli.config.as_deref()),
+        Command::Drain(args) => {
+            crate::steering::cli::drain(args.api, args.wait, true, cli.config.as_deref())
+        }
+        Command::Undrain(args) => {
+            crate::steering::cli::drain(args.api, false, false, cli.config.as_deref())
+        }
         Command::Pop(args) => crate::steering::cli::pop(*args, cli.config.as_deref()),
         Command::Bgp(args) => crate::bgp::cli::run(*args, cli.config.as_deref()),
     };

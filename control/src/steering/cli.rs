@@ -20,6 +20,13 @@ pub struct DrainArgs {
     pub wait: bool,
 }
 
+/// `edgeproxy undrain`: no `--wait`, there is nothing to wait for.
+#[derive(Debug, Args)]
+pub struct UndrainArgs {
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
 #[derive(Debug, Args)]
 pub struct PopArgs {
     #[command(flatten)]
@@ -40,17 +47,18 @@ fn parse(body: &Value) -> anyhow::Result<PopStatus> {
         .map_err(|e| anyhow::anyhow!("unexpected answer from the API: {e}"))
 }
 
-/// `edgeproxy drain` (`on`) and `edgeproxy undrain`. `config`: `--config`,
-/// where the API's address and token are found.
-pub fn drain(args: DrainArgs, on: bool, config: Option<&Path>) -> anyhow::Result<()> {
-    let client = args.api.client(config)?;
+/// `edgeproxy drain` (`on`, waiting for the withdrawal with `wait`) and
+/// `edgeproxy undrain`. `config`: `--config`, where the API's address and
+/// token are found.
+pub fn drain(api: ApiArgs, wait: bool, on: bool, config: Option<&Path>) -> anyhow::Result<()> {
+    let client = api.client(config)?;
     let path = if on {
         "/api/v1/pop/drain"
     } else {
         "/api/v1/pop/undrain"
     };
     let mut body = client.call("POST", path, None)?;
-    if on && args.wait {
+    if on && wait {
         let s = parse(&body)?;
         let patience =
             Duration::from_millis(s.withdraw_in_ms.unwrap_or(0)) + Duration::from_secs(30);
@@ -70,7 +78,7 @@ pub fn drain(args: DrainArgs, on: bool, config: Option<&Path>) -> anyhow::Result
             body = client.call("GET", "/api/v1/pop", None)?;
         }
     }
-    if args.api.json {
+    if api.json {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
         print!("{}", render(&parse(&body)?));
