@@ -91,6 +91,10 @@ struct Entry {
     in_flight: bool,
     /// An immediate check was asked for while one was in flight.
     again: bool,
+    /// A passive failure came while a check was in flight: that check
+    /// confirms it if it fails; if it passes (it may have started before
+    /// the failure), the next one does.
+    confirm_next: bool,
     urgent_queued: bool,
 }
 
@@ -204,6 +208,7 @@ impl Checker {
                         generation: 0,
                         in_flight: false,
                         again: false,
+                        confirm_next: false,
                         urgent_queued: false,
                     };
                     self.schedule_first(now, &id, &e);
@@ -311,7 +316,11 @@ impl Checker {
         if !e.target.settings.enabled {
             // Turned off while it ran: its verdict no longer applies.
             e.again = false;
+            e.confirm_next = false;
             return;
+        }
+        if !outcome.ok && std::mem::take(&mut e.confirm_next) {
+            e.health.expect_confirmation();
         }
         let reason = outcome.error.clone();
         let s = &e.target.settings;
@@ -322,6 +331,9 @@ impl Checker {
             e.target.live.set_rtt_us(micros(rtt));
         }
         let again = std::mem::take(&mut e.again);
+        if std::mem::take(&mut e.confirm_next) && again && e.health.status == Status::Up {
+            e.health.expect_confirmation();
+        }
         if let Some(change) = change {
             self.transitions.push_back(Transition {
                 id: Arc::clone(id),
@@ -370,7 +382,11 @@ impl Checker {
             .set_watch_successes(e.health.wants_successes());
         let check = failure && e.target.settings.enabled && e.health.status == Status::Up;
         if check {
-            e.health.expect_confirmation();
+            if e.in_flight {
+                e.confirm_next = true;
+            } else {
+                e.health.expect_confirmation();
+            }
         }
         if let Some(change) = change {
             if let Some(until) = e.health.next_timer() {

@@ -350,6 +350,37 @@ fn a_backend_that_moves_starts_its_health_over() {
     assert_eq!(c.health("a").unwrap().0.passive_failures, 1);
 }
 
+/// QA: a client's failed connect while a check was in flight marked that
+/// check as the confirming one; it had started before the failure and
+/// passed, and the check asked for after it then counted as one failure of
+/// `unhealthy_threshold`: the backend stayed in rotation for two more
+/// intervals instead of leaving at once.
+#[test]
+fn a_check_that_started_before_a_passive_failure_does_not_use_up_its_confirmation() {
+    let t0 = Instant::now();
+    let s = settings(1000);
+    let mut c = Checker::new(params(4), 3);
+    c.set_targets(t0, vec![target("a", "web", &s)]);
+    let later = t0 + Duration::from_secs(1);
+    let o = c.poll_check(later).unwrap();
+    c.on_passive(later, "a", true);
+    c.on_result(later, &o.id, ok());
+    assert!(drain(&mut c).is_empty());
+    let again = c
+        .poll_check(later)
+        .expect("the check asked for after the failure");
+    c.on_result(later, &again.id, fail());
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Down)]);
+
+    // A check in flight that fails confirms the failure itself.
+    let mut c = Checker::new(params(4), 3);
+    c.set_targets(t0, vec![target("a", "web", &s)]);
+    let o = c.poll_check(later).unwrap();
+    c.on_passive(later, "a", true);
+    c.on_result(later, &o.id, fail());
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Down)]);
+}
+
 fn record(id: &str) -> BackendRecord {
     BackendRecord {
         id: id.into(),
