@@ -1317,9 +1317,12 @@ fn wireguard_go_killed_under_a_running_pop_is_started_again() {
     common::signal_pid(child, 9);
     let line = m
         .pop(1)
-        .wait_for_log_after(mark, "mesh: wireguard-go exited", PATIENCE)
+        .wait_for_log_after(mark, "mesh: the WireGuard device is gone", PATIENCE)
         .unwrap_or_else(|| panic!("not noticed; log:\n{}", m.pop(1).log_text()));
-    assert!(line.contains("signal: 9"), "{line}");
+    assert!(
+        line.contains("wireguard-go exited") && line.contains("signal: 9"),
+        "{line}"
+    );
     m.wait_meshed();
     let again = wireguard_go_child(&m, 1).expect("wireguard-go runs again");
     assert_ne!(again, child);
@@ -1376,4 +1379,37 @@ fn an_interface_set_down_by_hand_is_brought_back_up() {
         .unwrap_or_else(|| panic!("not said; log:\n{}", m.pop(1).log_text()));
     let link = sh(&["ip", "-n", &m.net.hosts[1].ns, "link", "show", &m.ifaces[1]]);
     assert!(link.contains("mtu 1420"), "{link}");
+}
+
+/// The interface deleted by hand (`ip link del`) under a running POP on
+/// the embedded WireGuard: the POP says so, builds the device again, and
+/// the mesh is as it was. Until 2026-12-05 every pass failed on the old
+/// interface index ("No such device", logged once) and the POP's 6PN stayed
+/// dead until edgeproxy restarted.
+#[test]
+fn an_interface_deleted_by_hand_is_built_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = Mesh::start(2);
+    let a1 = m.address(1);
+    let to = SocketAddr::new(IpAddr::V6(a1), 7700);
+    let _b = m.backend(1, to, "one");
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("one")));
+    let index = m.ifindex(1);
+    let mark = m.pop(1).log_mark();
+    sh(&["ip", "-n", &m.net.hosts[1].ns, "link", "del", &m.ifaces[1]]);
+    m.wait_meshed();
+    let back = common::eventually(PATIENCE, || m.tcp(0, to).ok().as_deref() == Some("one"));
+    assert!(back, "POP 1's 6PN did not come back: {:?}", m.tcp(0, to));
+    let line = m
+        .pop(1)
+        .wait_for_log_after(mark, "mesh: the WireGuard device is gone", PATIENCE)
+        .unwrap_or_else(|| panic!("not said; log:\n{}", m.pop(1).log_text()));
+    assert!(line.contains("its interface was deleted"), "{line}");
+    assert_ne!(m.ifindex(1), index, "a new interface");
+    // `wg show` reads the new device through its UAPI socket.
+    assert_eq!(m.wg_peers(1).len(), 1);
 }

@@ -31,7 +31,7 @@ use engine::snapshot::SnapshotHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::addressing::PopPrefix;
-use super::config::{Mesh, SixPn};
+use super::config::{Implementation, Mesh, SixPn};
 use super::device::{Device, DeviceSettings};
 use super::keys::{self, PrivateKey, PublicKey};
 use super::netlink::Netlink;
@@ -268,11 +268,16 @@ impl ApiHooks {
 }
 
 struct Driver {
-    device: Device,
-    /// Kept to start the device again (a `wireguard-go` that exited).
+    /// `None` only after the device went away and starting another failed
+    /// (tried again at each full pass).
+    device: Option<Device>,
+    /// What the device runs on, to start it again the same way.
+    implementation: Implementation,
+    /// Kept to start the device again.
     key: PrivateKey,
-    /// The device exited and starting another has not worked yet: tried
-    /// again at each full pass, not at every poll.
+    /// The device went away (see [`Driver::keep_device`]) and starting
+    /// another has not worked yet: logged once, tried again at each full
+    /// pass, not at every poll.
     device_gone: bool,
     netlink: Netlink,
     index: u32,
@@ -327,7 +332,8 @@ impl Driver {
         let (interface, implementation) = (p.mesh.interface.clone(), device.implementation());
         let (listen_port, mtu) = (p.mesh.listen_port, p.mesh.mtu);
         let mut driver = Driver {
-            device,
+            device: Some(device),
+            implementation,
             key: p.key,
             device_gone: false,
             netlink,
@@ -374,7 +380,8 @@ impl Driver {
                     let version = self.snapshot.load().version;
                     if Some(version) != self.seen_version
                         || self.last_pass.elapsed() >= FULL_PASS
-                        || (!self.device_gone && self.device.exited().is_some())
+                        || (!self.device_gone
+                            && self.device.as_ref().and_then(Device::exited).is_some())
                     {
                         self.reconcile().await;
                     }
@@ -412,24 +419,17 @@ impl Driver {
         {
             tracing::warn!(error = %e, "mesh: cannot remove the unreachable route");
         }
-        self.device.stop().await;
+        if let Some(device) = self.device {
+            device.stop().await;
+        }
     }
 
     /// One pass: desired vs current, then every change.
     async fn reconcile(&mut self) {
         self.last_pass = Instant::now();
-        if let Some(how) = self.device.exited() {
-            if !self.device_gone {
-                tracing::error!(status = %how, interface = %self.mesh.interface,
-                    "mesh: wireguard-go exited; starting it again");
-                self.counters.errors += 1;
-                self.device_gone = true;
-            }
-            if let Err(e) = self.start_device_again().await {
-                self.fail(e);
-                return;
-            }
-            self.device_gone = false;
+        if let Err(e) = self.keep_device().await {
+            self.fail(e);
+            return;
         }
         let snap = self.snapshot.load_full();
         self.seen_version = Some(snap.version);
@@ -447,23 +447,6 @@ impl Driver {
         self.note_skipped(skipped);
         for (key, w) in &desired.peers {
             self.names.insert(*key, w.node_id.clone());
-        }
-        // Set down by hand, the interface lost its addresses and routes
-        // with it, and no route can be added back to it while it is down.
-        match self.netlink.is_up(self.index).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(interface = %self.mesh.interface,
-                    "mesh: the interface was down (set down by hand?); bringing it up");
-                if let Err(e) = self.netlink.up(self.index, self.mesh.mtu).await {
-                    self.fail(e.into());
-                    return;
-                }
-            }
-            Err(e) => {
-                self.fail(e.into());
-                return;
-            }
         }
         let current = match self.read_current().await {
             Ok(c) => c,
@@ -491,32 +474,72 @@ impl Driver {
         }
     }
 
-    /// A device that exited (`wireguard-go` killed) took its interface,
-    /// with the addresses and routes on it: start another on the same
-    /// interface name, key and port, and let the pass that follows put
-    /// back every address, peer and route. On failure the dead device
-    /// stays, and the next pass tries again.
-    async fn start_device_again(&mut self) -> anyhow::Result<()> {
+    /// Makes sure the device and its interface are there and up, before a
+    /// pass. Set down by hand, the interface has lost its addresses and
+    /// routes, and no route can be added to it while it is down: it is
+    /// brought up. Gone — `wireguard-go` exited (killed, crashed), or the
+    /// interface was deleted (`ip link del`), taking its addresses and
+    /// routes — another device is started on the same interface name, key
+    /// and port, and the pass that follows puts back every address, peer
+    /// and route. Starting it may fail (the port taken meanwhile): the next
+    /// pass tries again.
+    async fn keep_device(&mut self) -> anyhow::Result<()> {
+        let gone = match &self.device {
+            // A restart failed; already logged.
+            None => "it could not be started again".to_string(),
+            Some(device) => match device.exited() {
+                Some(how) => format!("wireguard-go exited ({how})"),
+                None => match self.netlink.is_up(self.index).await? {
+                    Some(true) => return Ok(()),
+                    Some(false) => {
+                        tracing::warn!(interface = %self.mesh.interface,
+                            "mesh: the interface was down (set down by hand?); bringing it up");
+                        self.netlink.up(self.index, self.mesh.mtu).await?;
+                        return Ok(());
+                    }
+                    None => "its interface was deleted".to_string(),
+                },
+            },
+        };
+        if !self.device_gone {
+            tracing::error!(reason = %gone, interface = %self.mesh.interface,
+                implementation = self.implementation.as_str(),
+                "mesh: the WireGuard device is gone; starting it again");
+            self.counters.errors += 1;
+            self.device_gone = true;
+        }
+        // Its UDP port and UAPI socket are taken over by the new one.
+        if let Some(old) = self.device.take() {
+            old.stop().await;
+        }
         let settings = DeviceSettings {
             interface: &self.mesh.interface,
             private_key: &self.key,
             listen_port: self.mesh.listen_port,
             wireguard_go: &self.mesh.wireguard_go,
         };
-        let device = Device::create(self.device.implementation(), &settings).await?;
-        // The old one is reaped and its socket path taken over: nothing to
-        // stop.
-        drop(std::mem::replace(&mut self.device, device));
+        self.device = Some(Device::create(self.implementation, &settings).await?);
         self.advertised.clear();
         self.index = self.netlink.index(&self.mesh.interface).await?;
         self.netlink.up(self.index, self.mesh.mtu).await?;
+        self.device_gone = false;
         tracing::info!(interface = %self.mesh.interface, "mesh: interface up again");
         Ok(())
     }
 
+    /// The device, unless it went away and could not be started again.
+    fn device(&mut self) -> anyhow::Result<&mut Device> {
+        self.device
+            .as_mut()
+            .context("mesh: no WireGuard device (starting it again failed)")
+    }
+
     async fn read_current(&self) -> anyhow::Result<Current> {
         Ok(Current {
-            peers: self.device.peers().await?,
+            peers: match &self.device {
+                Some(device) => device.peers().await?,
+                None => anyhow::bail!("mesh: no WireGuard device (starting it again failed)"),
+            },
             addresses: self.netlink.addresses(self.index).await?,
             routes: self
                 .netlink
@@ -545,14 +568,14 @@ impl Driver {
                 tracing::info!(address = %ip, "mesh: address removed");
             }
             Change::AddPeer(w) => {
-                self.device.upsert_peer(&w.spec).await?;
+                self.device()?.upsert_peer(&w.spec).await?;
                 self.advertised.insert(w.spec.public_key, w.spec.endpoint);
                 self.counters.peers_added += 1;
                 tracing::info!(peer = %w.node_id, endpoint = %w.spec.endpoint, allowed = %w.spec.allowed,
                     public_key = %w.spec.public_key, "mesh: peer added");
             }
             Change::UpdatePeer { wanted: w, why } => {
-                self.device.upsert_peer(&w.spec).await?;
+                self.device()?.upsert_peer(&w.spec).await?;
                 self.advertised.insert(w.spec.public_key, w.spec.endpoint);
                 self.counters.peers_updated += 1;
                 match why {
@@ -580,7 +603,7 @@ impl Driver {
                 tracing::debug!(route = %net, "mesh: route removed");
             }
             Change::RemovePeer(key) => {
-                self.device.remove_peer(key).await?;
+                self.device()?.remove_peer(key).await?;
                 self.advertised.remove(key);
                 self.counters.peers_removed += 1;
                 tracing::info!(peer = %self.name(key), public_key = %key, "mesh: peer removed");
@@ -620,7 +643,11 @@ impl Driver {
     }
 
     async fn publish_status(&mut self) {
-        let peers = match self.device.peers().await {
+        let read = match &self.device {
+            Some(device) => device.peers().await,
+            None => Ok(Vec::new()),
+        };
+        let peers = match read {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(error = %e, "mesh: cannot read peers for status");
@@ -644,7 +671,7 @@ impl Driver {
         peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         self.status.publish(MeshStatus {
             enabled: true,
-            implementation: self.device.implementation().as_str().to_string(),
+            implementation: self.implementation.as_str().to_string(),
             interface: self.mesh.interface.clone(),
             public_key: self.own.public_key.to_string(),
             listen_port: self.mesh.listen_port,

@@ -107,11 +107,15 @@ impl Netlink {
     }
 
     /// Whether the interface is administratively up (`ip link set down`
-    /// clears it, and the kernel flushes its IPv6 addresses and routes).
-    pub async fn is_up(&self, index: u32) -> Result<bool, NetlinkError> {
+    /// clears it, and the kernel flushes its IPv6 addresses and routes);
+    /// `None` when no interface has this index any more (deleted).
+    pub async fn is_up(&self, index: u32) -> Result<Option<bool>, NetlinkError> {
         let mut links = self.handle.link().get().match_index(index).execute();
-        let link = links.try_next().await.map_err(call("read link"))?;
-        Ok(link.is_some_and(|l| l.header.flags.contains(LinkFlags::Up)))
+        match links.try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.flags.contains(LinkFlags::Up))),
+            Err(e) if errno_is(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(call("read link")(e)),
+        }
     }
 
     /// The interface's MTU, for status.
