@@ -456,7 +456,8 @@ fn one_upgrade_under_streaming_load_fails_no_connection() {
 
 /// The old process of an upgrade, draining, stops at a SIGTERM (or SIGINT)
 /// as a stopping process does at a second one: what it still holds is
-/// closed and it exits 0. QA: it went on for the whole grace period (here
+/// closed and it exits 0. A SIGUSR2 it is sent meanwhile is said to be
+/// ignored. QA: it went on for the whole grace period (here
 /// 120 s; up to a day), saying nothing, and under systemd was SIGKILLed.
 #[test]
 fn the_old_process_stops_draining_at_a_stop_signal() {
@@ -467,21 +468,36 @@ fn the_old_process_stops_draining_at_a_stop_signal() {
     let new = upgrade(&s.proxy, &mut s.chain, None);
     assert!(alive(old), "the old process drains its connection");
 
+    // SIGUSR2 is for the successor: the draining process says so (QA: it
+    // was swallowed without a word, as `kill -USR2 $(pidof edgeproxy)`
+    // sends it to both processes while one drains).
+    let mark = s.proxy.log_mark();
+    // SAFETY: kill(2) on a process of this test's chain.
+    assert_eq!(unsafe { kill(old as i32, SIGUSR2) }, 0);
+    let line = s
+        .proxy
+        .wait_for_log_after(mark, "SIGUSR2 ignored", PATIENCE)
+        .unwrap_or_else(|| panic!("no word; log:\n{}", s.proxy.log_text()));
+    assert_eq!(field(&line, "successor"), Some(new.to_string()), "{line}");
+    assert!(s
+        .proxy
+        .log_lines_after(mark, "upgrade requested")
+        .is_empty());
+
     let mark = s.proxy.log_mark();
     // SAFETY: kill(2) on a process of this test's chain.
     assert_eq!(unsafe { kill(old as i32, SIGTERM) }, 0);
-    let status = s
-        .proxy
-        .wait_exit(PATIENCE)
-        .unwrap_or_else(|| panic!("old process still draining; log:\n{}", s.proxy.log_text()));
-    assert!(status.success(), "old process exited with {status}");
     assert!(
-        !s.proxy
-            .log_lines_after(mark, "closing open connections now")
-            .is_empty(),
-        "{}",
+        eventually(PATIENCE, || !alive(old)),
+        "old process still draining; log:\n{}",
         s.proxy.log_text()
     );
+    // (No wait for its log pipes to close: the successor holds them.)
+    let status = s.proxy.wait_exit(Duration::ZERO).expect("exited");
+    assert!(status.success(), "old process exited with {status}");
+    s.proxy
+        .wait_for_log_after(mark, "closing open connections now", PATIENCE)
+        .unwrap_or_else(|| panic!("no word; log:\n{}", s.proxy.log_text()));
     // Its connection was closed, not left to the grace period.
     held.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut rest = Vec::new();

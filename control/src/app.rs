@@ -339,13 +339,13 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
                 let generation = runtime.block_on(r.release(Duration::from_secs(3)));
                 successor.release_replication(generation);
             }
-            let Signals { term, int, .. } = &mut signals;
+            let successor_pid = successor.pid;
             runtime.block_on(hand_over(
                 &mut engine,
                 &mut services,
                 &reloader,
                 grace,
-                (term, int),
+                (&mut signals, successor_pid),
             ))
         }
     };
@@ -385,10 +385,20 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             let _ = done_tx.send(());
         })
         .context("cannot start the drain thread")?;
-    let Signals { hup, term, int, .. } = &mut signals;
+    let Signals {
+        hup,
+        term,
+        int,
+        usr2,
+    } = &mut signals;
     runtime.block_on(crate::drain::serve_until_done(
         done_rx,
-        crate::drain::DrainSignals { term, int, hup },
+        crate::drain::DrainSignals {
+            term,
+            int,
+            hup,
+            usr2,
+        },
         fast,
         services.api.take(),
     ));
@@ -726,13 +736,14 @@ fn reload_config(
 /// sockets live on in the successor), then drain for up to `grace` while
 /// still answering discovery API requests on connections already open.
 /// Returns what is left of the grace period: none after a SIGTERM or
-/// SIGINT, which ends the drain as a second one ends a stop's.
+/// SIGINT, which ends the drain as a second one ends a stop's. SIGHUP and
+/// SIGUSR2 are for the successor (`successor_pid`), and said to be.
 async fn hand_over(
     engine: &mut Engine,
     services: &mut Services,
     reloader: &SharedReloader,
     grace: Duration,
-    (term, int): (&mut Signal, &mut Signal),
+    (signals, successor_pid): (&mut Signals, u32),
 ) -> Duration {
     let deadline = tokio::time::Instant::now() + grace;
     let swept = engine.stop_accepting(Duration::from_secs(5));
@@ -759,8 +770,20 @@ async fn hand_over(
         // whole grace period.
         let signal = tokio::select! {
             _ = poll.tick() => None,
-            _ = term.recv() => Some("SIGTERM"),
-            _ = int.recv() => Some("SIGINT"),
+            _ = signals.term.recv() => Some("SIGTERM"),
+            _ = signals.int.recv() => Some("SIGINT"),
+            // QA: both went unanswered (`kill -USR2 $(pidof edgeproxy)`
+            // reaches this process too while it drains).
+            _ = signals.hup.recv() => {
+                tracing::info!(successor = successor_pid,
+                    "SIGHUP ignored: this process handed over after an upgrade and is draining");
+                None
+            }
+            _ = signals.usr2.recv() => {
+                tracing::info!(successor = successor_pid,
+                    "SIGUSR2 ignored: this process handed over after an upgrade and is draining");
+                None
+            }
             cmds = crate::api::next_commands(&mut services.api) => {
                 crate::api::execute_all(cmds, &mut reloader.lock());
                 if let Some(r) = &services.replication {

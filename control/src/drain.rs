@@ -19,11 +19,13 @@ use tokio::sync::oneshot;
 
 use crate::api::ops::Reply;
 
-/// The stop signals the drain listens to (SIGHUP is ignored, with a word).
+/// The stop signals the drain listens to (SIGHUP and SIGUSR2 are ignored,
+/// with a word).
 pub struct DrainSignals<'a> {
     pub term: &'a mut Signal,
     pub int: &'a mut Signal,
     pub hup: &'a mut Signal,
+    pub usr2: &'a mut Signal,
 }
 
 /// Serves the control side until `done` fires (the engine's shutdown
@@ -34,7 +36,12 @@ pub async fn serve_until_done(
     fast: engine::FastStop,
     mut api: Option<crate::api::Server>,
 ) {
-    let DrainSignals { term, int, hup } = signals;
+    let DrainSignals {
+        term,
+        int,
+        hup,
+        usr2,
+    } = signals;
     let mut fast_stopped = false;
     let mut fast_stop = |signal: &str| {
         if !fast_stopped {
@@ -52,6 +59,7 @@ pub async fn serve_until_done(
             _ = term.recv() => fast_stop("SIGTERM"),
             _ = int.recv() => fast_stop("SIGINT"),
             _ = hup.recv() => tracing::info!("SIGHUP ignored: shutting down"),
+            _ = usr2.recv() => tracing::info!("SIGUSR2 ignored: shutting down"),
             cmd = crate::api::next_command(&mut api) => {
                 let _ = cmd.reply.send(Reply::error(
                     503,
