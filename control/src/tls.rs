@@ -269,7 +269,7 @@ pub fn load_pair(
     })?;
     let private = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsLoadError::Key {
         path: key.to_owned(),
-        reason: e.to_string(),
+        reason: key_reason(key, e),
     })?;
     let certified = CertifiedKey::from_der(chain, private, &provider()).map_err(|e| {
         TlsLoadError::Mismatch {
@@ -279,6 +279,31 @@ pub fn load_pair(
         }
     })?;
     Ok((Arc::new(certified), names))
+}
+
+/// Why a key file gave no key, in an operator's words: the PEM reader's
+/// "no items found" said nothing of the usual cause, a key encrypted with a
+/// passphrase.
+fn key_reason(path: &Path, e: rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    if matches!(e, Error::Io(_)) {
+        return e.to_string();
+    }
+    let text = std::fs::read(path).unwrap_or_default();
+    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    // PKCS#8 (`ENCRYPTED PRIVATE KEY`) or OpenSSL's traditional format
+    // (headers inside the block, which the reader fails to decode).
+    if has(b"ENCRYPTED PRIVATE KEY") || has(b"Proc-Type: 4,ENCRYPTED") {
+        "the key is encrypted (passphrase-protected), which edgeproxy cannot read: \
+         store it decrypted (openssl pkey -in KEY -out PLAIN), readable by edgeproxy only"
+            .into()
+    } else if matches!(e, Error::NoItemsFound) {
+        "no private key in the file (a PEM block BEGIN PRIVATE KEY, RSA PRIVATE KEY \
+         or EC PRIVATE KEY)"
+            .into()
+    } else {
+        e.to_string()
+    }
 }
 
 /// DNS names of a certificate: its subject alternative names, else its CN.
@@ -641,6 +666,18 @@ mod tests {
         std::fs::write(&key, other.signing_key.serialize_pem()).unwrap();
         let err = load_pair(&cert, &key).unwrap_err();
         assert!(matches!(err, TlsLoadError::Mismatch { .. }), "{err}");
+
+        // A key file without a usable key says what it lacks, not "no items
+        // found" (QA: what an encrypted key, the common case, got).
+        let generated_key = generated.signing_key.serialize_pem();
+        let encrypted = generated_key.replace("PRIVATE KEY", "ENCRYPTED PRIVATE KEY");
+        std::fs::write(&key, encrypted).unwrap();
+        let err = load_pair(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("k.pem"), "{err}");
+        assert!(err.contains("encrypted"), "{err}");
+        std::fs::write(&key, generated.cert.pem()).unwrap();
+        let err = load_pair(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("no private key"), "{err}");
 
         // Garbage is refused with the path in the message.
         std::fs::write(&cert, "not a pem").unwrap();
