@@ -868,3 +868,98 @@ fn a_backend_down_by_its_own_check_is_back_once_it_registers_without_one() {
         get_json(api, "/api/v1/backends/a")["health"]
     );
 }
+
+/// QA: a health check that could not run for want of a local port (or a
+/// descriptor) counted as the backend's failure: a proxy short of them
+/// took healthy backends down. Reproduced with one ephemeral port on the
+/// proxy's host, held by a connection to the backend: every check's
+/// connect fails with EADDRNOTAVAIL. The backend stays in rotation, the
+/// checks are counted as not run, and the log says why.
+#[test]
+fn a_check_that_cannot_get_a_local_port_does_not_take_the_backend_down() {
+    use common::netns::Net;
+    let net = Net::new(2);
+    let sysctl = net
+        .command(0, "sysctl")
+        .args(["-w", "net.ipv4.ip_local_port_range=40000 40000"])
+        .output()
+        .unwrap();
+    assert!(sysctl.status.success(), "{sysctl:?}");
+    let backend_ip = net.ip(1);
+    let backend = net.run_in(1, move || {
+        TagBackend::serve(std::net::TcpListener::bind((backend_ip, 0)).unwrap(), "a")
+    });
+    let backend_addr = SocketAddr::new(backend_ip.into(), backend.port());
+    let dir = TempDir::new("health-local-port");
+    let db = Db::create(dir.join("routing.db"));
+    let mut row = Row::new("a", "web", "sa", backend.port());
+    row.ip = backend_ip.to_string();
+    db.upsert(&row);
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db.path,
+            &format!(
+                "[health]\nenabled = true\ntype = \"tcp\"\ninterval_ms = 100\ntimeout_ms = 80\n\
+                 unhealthy_threshold = 1\n\n\
+                 [metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:9090\"\n\n\
+                 [[listener]]\nname = \"main\"\naddr = \"{}:8080\"\n",
+                net.ip(0)
+            ),
+        ),
+    )
+    .unwrap();
+    let proxy =
+        Proxy::spawn_in_netns(&net.hosts[0].ns, &["--config", path.to_str().unwrap()], &[]).ready();
+    let metrics: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+    let counter = |name: &'static str| {
+        net.run_in(0, move || sample(&http_get(metrics, "/metrics").1, name))
+            .unwrap_or(0.0)
+    };
+    // Checks run and pass.
+    assert!(common::eventually(PATIENCE, || counter(
+        "edgeproxy_health_checks_total"
+    ) >= 2.0));
+    // The only local port, held (a check may hold it for a moment).
+    let held = net.run_in(0, move || {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match std::net::TcpStream::connect(backend_addr) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("holding the port: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot take the local port: {e}"),
+            }
+        }
+    });
+    assert!(
+        common::eventually(PATIENCE, || counter(
+            "edgeproxy_health_checks_not_run_total"
+        ) >= 5.0),
+        "{}",
+        proxy.log_text()
+    );
+    let log = proxy.log_text();
+    assert!(!log.contains("health checks failed"), "{log}");
+    assert!(
+        log.contains("health check could not run on this host"),
+        "{log}"
+    );
+    assert!(log.contains("Cannot assign requested address"), "{log}");
+    assert_eq!(
+        counter("edgeproxy_health_transitions_total{event=\"down\"}"),
+        0.0
+    );
+    // Served once the port is free again.
+    let client_addr: SocketAddr = format!("{}:8080", net.ip(0)).parse().unwrap();
+    drop(held);
+    let served = net.run_in(1, move || {
+        let s = std::net::TcpStream::connect_timeout(&client_addr, PATIENCE).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        read_line(&s)
+    });
+    assert_eq!(served.as_deref(), Some("a"));
+}

@@ -336,7 +336,7 @@ async fn serve_inner(
             // memory) says nothing of the backend: it is not blamed, and
             // the next backend (another destination, maybe another port)
             // is tried.
-            Some(Err(e)) if is_local_failure(&e) => {
+            Some(Err(e)) if crate::passive::is_local_failure(&e) => {
                 ShardStats::bump(&ctx.stats.connect_failures);
                 if let Some(left_out) = ctx.local_connect_failures.borrow_mut().hit(Instant::now())
                 {
@@ -563,15 +563,6 @@ async fn within_idle<T>(
     rt::timeout(idle, work)
         .await
         .unwrap_or(Err(ConnError::Idle(idle)))
-}
-
-/// A connect error that comes from this host's resources, not from the
-/// backend: out of local ports (`EADDRNOTAVAIL`), descriptors or memory.
-fn is_local_failure(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EADDRNOTAVAIL | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 fn record_connect_failure(ctx: &ShardCtx, live: &BackendLive) {

@@ -21,6 +21,17 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// A connect error that comes from this host's resources, not from the
+/// backend: out of local ports (`EADDRNOTAVAIL`), descriptors or memory.
+/// Neither a client's connect (`conn`) nor a health check
+/// (`control::health::probe`) that fails so counts against the backend.
+pub fn is_local_failure(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// Events the channel holds before new ones are dropped: far more than a
 /// checker that runs every few milliseconds needs, small enough (≈ 64 KiB)
 /// to cost nothing.

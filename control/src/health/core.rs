@@ -111,6 +111,10 @@ pub struct Checker {
     /// Checks run so far, and how many failed.
     pub checks: u64,
     pub check_failures: u64,
+    /// Checks that could not run on this host (see `CheckOutcome::local`),
+    /// and the last one's backend and reason.
+    pub checks_not_run: u64,
+    pub last_not_run: Option<(Arc<str>, String)>,
 }
 
 impl Checker {
@@ -126,6 +130,8 @@ impl Checker {
             rng: fastrand::Rng::with_seed(seed),
             checks: 0,
             check_failures: 0,
+            checks_not_run: 0,
+            last_not_run: None,
         }
     }
 
@@ -309,6 +315,17 @@ impl Checker {
         }
         e.in_flight = false;
         self.in_flight -= 1;
+        if outcome.local {
+            // Out of local ports, descriptors or memory here: nothing is
+            // known of the backend, whose health stays as it was (a
+            // confirmation asked for waits for the next check, on its
+            // schedule: asking again at once would spin while short).
+            e.again = false;
+            self.checks_not_run += 1;
+            self.last_not_run = Some((Arc::clone(id), outcome.error.unwrap_or_default()));
+            self.schedule_next(now, id);
+            return;
+        }
         self.checks += 1;
         if !outcome.ok {
             self.check_failures += 1;

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use engine::log_limit::LogLimit;
 use engine::passive::PassiveEvents;
 use engine::snapshot::SnapshotHandle;
 use serde_json::json;
@@ -28,6 +29,8 @@ use crate::reload_thread::SharedReloader;
 
 /// Passive events handled per wake-up before checks get their turn.
 const EVENT_BATCH: usize = 1024;
+/// Checks that could not run on this host are logged at most this often.
+const NOT_RUN_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything the driver needs.
 pub struct Driver {
@@ -63,10 +66,24 @@ impl Driver {
         // Which backend each task checks, so a check that panicked still
         // comes back to the checker (as a failure) and frees its slot.
         let mut checking: HashMap<tokio::task::Id, Arc<str>> = HashMap::new();
+        // Checks that could not run here: said at most every 10 s.
+        let mut not_run = (LogLimit::new(NOT_RUN_LOG_EVERY), 0u64);
         loop {
             let now = Instant::now();
             let (transitions, deadline) = {
                 let mut checker = link.checker();
+                if checker.checks_not_run > not_run.1 {
+                    not_run.1 = checker.checks_not_run;
+                    if let (Some(left_out), Some((backend, reason))) =
+                        (not_run.0.hit(now), &checker.last_not_run)
+                    {
+                        tracing::warn!(%backend, reason, not_run = checker.checks_not_run,
+                            same_not_logged = left_out,
+                            "health check could not run on this host (no local port, descriptor or memory): \
+                             it counts for nothing, the backend's health stays as it was (logged at most every 10 s)");
+                    }
+                }
+                checker.on_timers(now);
                 checker.on_timers(now);
                 while let Some(order) = checker.poll_check(now) {
                     let id = Arc::clone(&order.id);
@@ -114,6 +131,8 @@ impl Driver {
                                         ok: false,
                                         rtt: Duration::ZERO,
                                         error: Some(format!("check failed to run: {e}")),
+                                        // Our fault, not the backend's.
+                                        local: true,
                                     });
                                 }
                             }

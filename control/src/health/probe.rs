@@ -1,7 +1,10 @@
 //! The checks themselves: one async function per kind, each bounded by the
 //! check's timeout, run as tasks on the control thread's Tokio runtime (no
 //! thread per check). Each returns a [`CheckOutcome`]: success with the time
-//! to the answer, or failure with a reason an operator can act on.
+//! to the answer, or failure with a reason an operator can act on. A check
+//! that cannot run on this host (out of local ports, descriptors or memory)
+//! says so, and nothing of the backend (QA: such failures took healthy
+//! backends down while the proxy ran short of descriptors).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,53 +28,71 @@ pub async fn run(order: &CheckOrder) -> CheckOutcome {
     let started = Instant::now();
     let result = tokio::time::timeout(s.timeout, check(order)).await;
     let rtt = started.elapsed();
-    match result {
-        Ok(Ok(())) => CheckOutcome {
-            ok: true,
-            rtt,
-            error: None,
-        },
-        Ok(Err(reason)) => CheckOutcome {
-            ok: false,
-            rtt,
-            error: Some(reason),
-        },
-        Err(_) => CheckOutcome {
-            ok: false,
-            rtt,
-            error: Some(format!("timed out after {} ms", s.timeout.as_millis())),
-        },
+    let (ok, error, local) = match result {
+        Ok(Ok(())) => (true, None, false),
+        Ok(Err(Failed::Backend(reason))) => (false, Some(reason), false),
+        Ok(Err(Failed::Here(reason))) => (false, Some(reason), true),
+        Err(_) => (
+            false,
+            Some(format!("timed out after {} ms", s.timeout.as_millis())),
+            false,
+        ),
+    };
+    CheckOutcome {
+        ok,
+        rtt,
+        error,
+        local,
     }
 }
 
-async fn check(order: &CheckOrder) -> Result<(), String> {
+/// Why a check did not pass.
+#[derive(Debug)]
+enum Failed {
+    /// The backend's answer, or its silence.
+    Backend(String),
+    /// This host's resources: the check could not run.
+    Here(String),
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Self {
+        Failed::Backend(reason)
+    }
+}
+
+async fn check(order: &CheckOrder) -> Result<(), Failed> {
     let s = &order.settings;
     match s.kind {
         CheckKind::Tcp => tcp(order.addr).await,
         CheckKind::Http => {
             let stream = connect(order.addr).await?;
-            http(stream, order.addr, s).await
+            Ok(http(stream, order.addr, s).await?)
         }
         CheckKind::Https => {
             let stream = connect(order.addr).await?;
             let tls = tls_connect(stream, order.addr, s).await?;
-            http(tls, order.addr, s).await
+            Ok(http(tls, order.addr, s).await?)
         }
-        CheckKind::Grpc => grpc(order.addr, s).await,
+        CheckKind::Grpc => Ok(grpc(order.addr, s).await?),
         CheckKind::Script => script(order, s).await,
     }
 }
 
-async fn connect(addr: SocketAddr) -> Result<TcpStream, String> {
-    TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))
+async fn connect(addr: SocketAddr) -> Result<TcpStream, Failed> {
+    TcpStream::connect(addr).await.map_err(|e| {
+        let reason = format!("connect: {e}");
+        match engine::passive::is_local_failure(&e) {
+            true => Failed::Here(reason),
+            false => Failed::Backend(reason),
+        }
+    })
 }
 
 /// A connect that completes. Closed with a reset (SO_LINGER 0), as HAProxy
 /// does: no TIME_WAIT left behind on either side for each check, and one
 /// segment instead of a FIN exchange.
-async fn tcp(addr: SocketAddr) -> Result<(), String> {
+async fn tcp(addr: SocketAddr) -> Result<(), Failed> {
     let stream = connect(addr).await?;
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
@@ -247,7 +268,7 @@ async fn grpc(addr: SocketAddr, s: &CheckSettings) -> Result<(), String> {
 /// The operator's command, with the backend in its environment. Killed (the
 /// whole process group) when the check times out: `kill_on_drop` fires when
 /// the timeout drops this future.
-async fn script(order: &CheckOrder, s: &CheckSettings) -> Result<(), String> {
+async fn script(order: &CheckOrder, s: &CheckSettings) -> Result<(), Failed> {
     let command = s.command.as_deref().unwrap_or("false");
     let mut child = tokio::process::Command::new("/bin/sh")
         .arg("-c")
@@ -263,15 +284,24 @@ async fn script(order: &CheckOrder, s: &CheckSettings) -> Result<(), String> {
         .process_group(0)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+        .map_err(|e| {
+            let reason = format!("cannot run {command:?}: {e}");
+            // No descriptor, memory or process slot for it here.
+            let here =
+                engine::passive::is_local_failure(&e) || e.raw_os_error() == Some(libc::EAGAIN);
+            match here {
+                true => Failed::Here(reason),
+                false => Failed::Backend(reason),
+            }
+        })?;
     let pgid = child.id();
     let guard = GroupKill(pgid);
     let status = child.wait().await.map_err(|e| format!("wait: {e}"))?;
     std::mem::forget(guard);
     match status.code() {
         Some(0) => Ok(()),
-        Some(code) => Err(format!("script exited with {code}")),
-        None => Err("script killed by a signal".into()),
+        Some(code) => Err(format!("script exited with {code}").into()),
+        None => Err(Failed::Backend("script killed by a signal".into())),
     }
 }
 

@@ -114,6 +114,9 @@ pub struct CheckOutcome {
     pub rtt: Duration,
     /// Why it failed, for the API and the logs.
     pub error: Option<String>,
+    /// It could not run on this host (no local port, descriptor or memory
+    /// for it): says nothing of the backend.
+    pub local: bool,
 }
 
 /// Everything known about one backend's health.
@@ -322,6 +325,7 @@ mod tests {
             ok: true,
             rtt: Duration::from_millis(ms),
             error: None,
+            local: false,
         }
     }
 
@@ -330,6 +334,7 @@ mod tests {
             ok: false,
             rtt: Duration::ZERO,
             error: Some("refused".into()),
+            local: false,
         }
     }
 

@@ -69,6 +69,9 @@ impl HealthLink {
              # HELP edgeproxy_health_check_failures_total Active health checks that failed.\n\
              # TYPE edgeproxy_health_check_failures_total counter\n\
              edgeproxy_health_check_failures_total {}\n\
+             # HELP edgeproxy_health_checks_not_run_total Active health checks that could not run on this host (no local port, descriptor or memory); they count for nothing.\n\
+             # TYPE edgeproxy_health_checks_not_run_total counter\n\
+             edgeproxy_health_checks_not_run_total {}\n\
              # HELP edgeproxy_health_checks_in_flight Active health checks running now.\n\
              # TYPE edgeproxy_health_checks_in_flight gauge\n\
              edgeproxy_health_checks_in_flight {}\n\
@@ -77,6 +80,7 @@ impl HealthLink {
              edgeproxy_health_passive_events_total {}",
             checker.checks,
             checker.check_failures,
+            checker.checks_not_run,
             checker.in_flight(),
             self.passive_events(),
         );

@@ -41,6 +41,7 @@ fn ok() -> CheckOutcome {
         ok: true,
         rtt: Duration::from_millis(1),
         error: None,
+        local: false,
     }
 }
 
@@ -49,6 +50,7 @@ fn fail() -> CheckOutcome {
         ok: false,
         rtt: Duration::ZERO,
         error: Some("connection refused".into()),
+        local: false,
     }
 }
 
@@ -273,6 +275,7 @@ fn rtt_reaches_the_backends_live_state() {
             ok: true,
             rtt: Duration::from_micros(1500),
             error: None,
+            local: false,
         },
     );
     assert_eq!(live.rtt_us(), 1500);
@@ -395,4 +398,44 @@ fn record(id: &str) -> BackendRecord {
         hard_limit: 0,
         deleted: false,
     }
+}
+
+/// QA: a check that could not run on this host (no local port, descriptor
+/// or memory) counted as the backend's failure, so a proxy short of
+/// descriptors took healthy backends down. It now counts for nothing: the
+/// backend's health stays, the next check runs on its schedule and decides.
+#[test]
+fn a_check_that_could_not_run_here_says_nothing_of_the_backend() {
+    let t0 = Instant::now();
+    let s = Arc::new(CheckSettings {
+        unhealthy_threshold: 1,
+        ..(*settings(1000)).clone()
+    });
+    let mut c = Checker::new(params(4), 13);
+    c.set_targets(t0, vec![target("a", "web", &s)]);
+    let mut now = t0 + Duration::from_secs(1);
+    for _ in 0..5 {
+        let o = c.poll_check(now).unwrap();
+        c.on_result(
+            now,
+            &o.id,
+            CheckOutcome {
+                ok: false,
+                rtt: Duration::ZERO,
+                error: Some("connect: Cannot assign requested address (os error 99)".into()),
+                local: true,
+            },
+        );
+        assert!(drain(&mut c).is_empty(), "a check not run took it down");
+        assert_eq!(c.overlay("a", 1), None);
+        // On its schedule, not at once.
+        assert!(c.poll_check(now).is_none());
+        now = c.poll_timeout().unwrap();
+    }
+    assert_eq!((c.checks, c.check_failures, c.checks_not_run), (0, 0, 5));
+    assert_eq!(c.last_not_run.as_ref().map(|(id, _)| &**id), Some("a"));
+    // A check that runs and fails still counts.
+    let o = c.poll_check(now).unwrap();
+    c.on_result(now, &o.id, fail());
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Down)]);
 }
