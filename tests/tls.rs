@@ -1689,3 +1689,60 @@ fn alpn_is_negotiated() {
         "{err}"
     );
 }
+
+/// Operations QA: nothing said when a served certificate was about to
+/// expire. `edgeproxy_tls_certificate_expiry_timestamp_seconds` gives each
+/// certificate file's end of validity, per listener, and follows a
+/// rotation (Prometheus alerts on it minus `time()`).
+#[test]
+fn certificate_expiry_is_a_metric_that_follows_rotation() {
+    let world = World::new("expiry-metric");
+    let issue_until = |year: i32, month: u8, day: u8| {
+        let mut params = CertificateParams::new(vec!["exp.test".to_string()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(year, month, day);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &world.ca.issuer).unwrap();
+        Leaf {
+            der: cert.der().to_vec(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    };
+    let (cert, key) = issue_until(2031, 1, 1).write(&world.dir, "exp");
+    let text = format!(
+        "{}\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        world.config(
+            100,
+            &format!("cert = {}\nkey = {}\n", toml_path(&cert), toml_path(&key))
+        )
+    );
+    let proxy = Proxy::with_config(&world.dir, &text);
+    let metrics = proxy.metrics_addr();
+    let series = format!(
+        "edgeproxy_tls_certificate_expiry_timestamp_seconds{{listener=\"tls\",cert=\"{}\"}}",
+        cert.display()
+    );
+    let expiry = || sample(&http_get(metrics, "/metrics").1, &series);
+    // Days since the Unix epoch of a civil date (Howard Hinnant's algorithm).
+    let unix = |y: i64, m: i64, d: i64| {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        ((era * 146_097 + doe - 719_468) * 86_400) as f64
+    };
+    assert_eq!(
+        expiry(),
+        Some(unix(2031, 1, 1)),
+        "{}",
+        http_get(metrics, "/metrics").1
+    );
+
+    let mark = proxy.log_mark();
+    issue_until(2032, 6, 1).install(&cert, &key);
+    proxy
+        .wait_for_log_after(mark, "tls certificates reloaded", PATIENCE)
+        .unwrap_or_else(|| panic!("not rotated; log:\n{}", proxy.log_text()));
+    assert_eq!(expiry(), Some(unix(2032, 6, 1)));
+}

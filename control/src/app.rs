@@ -231,6 +231,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             steering: Some(steering.clone()),
             health: Some(health.clone()),
             readiness: readiness.clone(),
+            tls_expiry: tls.expiry(),
         };
         metrics = Some(runtime.block_on(async { crate::metrics::serve(listener, sources) })?);
         tracing::info!(%addr, "metrics listening");

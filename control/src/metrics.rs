@@ -38,6 +38,8 @@ pub struct Sources {
     pub readiness: crate::readiness::Readiness,
     /// This POP's steering state and the BGP speaker.
     pub steering: Option<crate::steering::Handle>,
+    /// The TLS certificates served and when each expires.
+    pub tls_expiry: crate::tls::ExpiryView,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -327,6 +329,24 @@ pub fn render(sources: &Sources) -> String {
         "TLS handshakes that failed or timed out.",
         s.tls_handshake_failures,
     );
+    let expiry = sources.tls_expiry.load();
+    if !expiry.is_empty() {
+        f.header(
+            "edgeproxy_tls_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When each certificate file served ends its validity (Unix time); alert on it minus time().",
+        );
+        for c in expiry.iter() {
+            f.sample(
+                "edgeproxy_tls_certificate_expiry_timestamp_seconds",
+                &[
+                    ("listener", &c.listener),
+                    ("cert", &c.cert.display().to_string()),
+                ],
+                c.not_after,
+            );
+        }
+    }
 
     f.header(
         "edgeproxy_backend_connect_seconds",

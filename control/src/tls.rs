@@ -357,29 +357,63 @@ pub fn self_signed(names: &[String]) -> Result<Arc<CertifiedKey>, TlsLoadError> 
     Ok(Arc::new(certified))
 }
 
+/// The end of validity of the certificate in `key`.
+fn not_after(key: &CertifiedKey) -> Option<x509_parser::time::ASN1Time> {
+    let leaf = key.end_entity_cert().ok()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(parsed.validity().not_after)
+}
+
 /// [`TlsLoadError::Expired`] if the certificate `key` was read from `path`
 /// is past its end of validity.
 fn expired(path: &Path, key: &CertifiedKey) -> Option<TlsLoadError> {
-    let leaf = key.end_entity_cert().ok()?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let not_after = parsed.validity().not_after;
+    let not_after = not_after(key)?;
     (not_after < x509_parser::time::ASN1Time::now()).then(|| TlsLoadError::Expired {
         path: path.to_owned(),
         not_after: not_after.to_string(),
     })
 }
 
-/// Builds the rustls server config for one listener's settings, with the
-/// certificates in it that have expired ([`TlsLoadError::Expired`]): the
-/// caller decides whether to serve them.
-pub fn build(
-    settings: &TlsSettings,
-) -> Result<(Arc<rustls::ServerConfig>, Vec<TlsLoadError>), TlsLoadError> {
+/// When one served certificate file stops being valid, for
+/// `edgeproxy_tls_certificate_expiry_timestamp_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertExpiry {
+    pub listener: String,
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// Its end of validity, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Certificates served now and when each expires: shared with the metrics
+/// endpoint, replaced whenever a listener's certificates load or rotate.
+pub type ExpiryView = Arc<arc_swap::ArcSwap<Vec<CertExpiry>>>;
+
+/// One listener's rustls server config as built from its settings.
+pub struct Built {
+    pub config: Arc<rustls::ServerConfig>,
+    /// Certificates in it that have expired ([`TlsLoadError::Expired`]):
+    /// the caller decides whether to serve them.
+    pub stale: Vec<TlsLoadError>,
+    /// Each certificate file's end of validity (Unix seconds); a
+    /// generated self-signed certificate is left out.
+    pub not_after: Vec<(PathBuf, i64)>,
+}
+
+/// Builds the rustls server config for one listener's settings.
+pub fn build(settings: &TlsSettings) -> Result<Built, TlsLoadError> {
     let mut stale = Vec::new();
+    let mut validity = Vec::new();
+    let mut note = |path: &Path, key: &CertifiedKey| {
+        stale.extend(expired(path, key));
+        if let Some(at) = not_after(key) {
+            validity.push((path.to_owned(), at.timestamp()));
+        }
+    };
     let default = match &settings.default {
         CertSource::Files { cert, key } => {
             let key = load_pair(cert, key)?.0;
-            stale.extend(expired(cert, &key));
+            note(cert, &key);
             key
         }
         CertSource::SelfSigned { self_signed_names } => self_signed(self_signed_names)?,
@@ -387,7 +421,7 @@ pub fn build(
     let mut entries = Vec::with_capacity(settings.sni.len());
     for sni in &settings.sni {
         let (key, names) = load_pair(&sni.cert, &sni.key)?;
-        stale.extend(expired(&sni.cert, &key));
+        note(&sni.cert, &key);
         entries.push(CertEntry {
             names: sni.names.clone().unwrap_or(names),
             key,
@@ -399,7 +433,11 @@ pub fn build(
         .map(|p| p.as_bytes().to_vec())
         .collect();
     let config = engine::tls::server_config(SniResolver::new(default, &entries), alpn)?;
-    Ok((config, stale))
+    Ok(Built {
+        config,
+        stale,
+        not_after: validity,
+    })
 }
 
 /// Identity of a file at one moment; a change means "reload".
@@ -434,6 +472,8 @@ struct Entry {
     settings: TlsSettings,
     termination: TlsTermination,
     stamps: Vec<Stamp>,
+    /// The served certificates' ends of validity (see [`Built::not_after`]).
+    not_after: Vec<(PathBuf, i64)>,
 }
 
 /// The TLS state of every TLS listener, by listener name.
@@ -447,6 +487,8 @@ pub struct TlsListeners {
     /// listener it inherits, so an expired certificate is refused (the
     /// upgrade fails, and that process keeps its certificates).
     successor: bool,
+    /// What the entries serve, published for the metrics endpoint.
+    expiry: ExpiryView,
 }
 
 impl TlsListeners {
@@ -465,13 +507,17 @@ impl TlsListeners {
             }
         }
         let stamps = files(settings).iter().map(|p| stamp(p)).collect();
-        let (config, expired) = build(settings)?;
+        let Built {
+            config,
+            stale,
+            not_after,
+        } = build(settings)?;
         if self.successor || self.entries.contains_key(listener) {
-            if let Some(e) = expired.into_iter().next() {
+            if let Some(e) = stale.into_iter().next() {
                 return Err(e);
             }
         } else {
-            for e in expired {
+            for e in stale {
                 tracing::warn!(listener = %listener, error = %e,
                     "serving an expired certificate (no other to keep): clients will refuse it");
                 self.warnings.push(format!(
@@ -486,9 +532,32 @@ impl TlsListeners {
                 settings: settings.clone(),
                 termination: termination.clone(),
                 stamps,
+                not_after,
             },
         );
+        self.publish_expiry();
         Ok(termination)
+    }
+
+    /// The certificates served and their ends of validity, kept current.
+    pub fn expiry(&self) -> ExpiryView {
+        Arc::clone(&self.expiry)
+    }
+
+    fn publish_expiry(&self) {
+        let mut all: Vec<CertExpiry> = self
+            .entries
+            .iter()
+            .flat_map(|(listener, e)| {
+                e.not_after.iter().map(|(cert, at)| CertExpiry {
+                    listener: listener.clone(),
+                    cert: cert.clone(),
+                    not_after: *at,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| (&a.listener, &a.cert).cmp(&(&b.listener, &b.cert)));
+        self.expiry.store(Arc::new(all));
     }
 
     /// The TLS state of a successor of a binary upgrade, which refuses
@@ -521,6 +590,7 @@ impl TlsListeners {
     /// Forgets listeners that no longer exist.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.entries.retain(|name, _| keep(name));
+        self.publish_expiry();
     }
 
     /// Reloads the certificates of listeners whose files changed (or all, when
@@ -540,17 +610,22 @@ impl TlsListeners {
                 // Self-signed only: nothing on disk to reload.
                 continue;
             }
-            match build(&entry.settings)
-                .and_then(|(config, expired)| expired.into_iter().next().map_or(Ok(config), Err))
-            {
-                Ok(config) => {
+            match build(&entry.settings).and_then(|built| match built.stale.into_iter().next() {
+                Some(e) => Err(e),
+                None => Ok((built.config, built.not_after)),
+            }) {
+                Ok((config, not_after)) => {
                     entry.termination.rotate(config);
+                    entry.not_after = not_after;
                     rotated += 1;
                     tracing::info!(listener = %name, "tls certificates reloaded");
                 }
                 Err(e) => tracing::error!(listener = %name, error = %e,
                     "cannot reload tls certificates; keeping the previous ones"),
             }
+        }
+        if rotated > 0 {
+            self.publish_expiry();
         }
         rotated
     }
@@ -640,9 +715,10 @@ mod tests {
         let settings = raw("self_signed = true\nalpn = [\"http/1.1\"]")
             .validate("t")
             .unwrap();
-        let (config, expired) = build(&settings).unwrap();
-        assert!(expired.is_empty());
-        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        let built = build(&settings).unwrap();
+        assert!(built.stale.is_empty());
+        assert!(built.not_after.is_empty(), "self-signed: no file");
+        assert_eq!(built.config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 
     #[test]
