@@ -22,6 +22,8 @@ use crate::config_env::{ser_display, ser_display_list, ser_ms, ser_secs};
 const MAX_BINDING_TTL_SECS: u64 = 365 * 86_400;
 /// Longest `affinity.gc_interval_secs`: one day.
 const MAX_BINDING_GC_INTERVAL_SECS: u64 = 86_400;
+/// Longest `[pop] name` (shown in status, logs and the pops table).
+const MAX_POP_NAME: usize = 64;
 pub use crate::config_env::{ConfigError, Env, ProcessEnv};
 
 // ---------------------------------------------------------------------------
@@ -664,8 +666,26 @@ impl Config {
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         };
+        let name = match raw.pop.name {
+            None => format!("pop-{region}"),
+            // QA: an empty name, or one with a newline, was taken: status,
+            // logs and the pops table then showed nothing, or broke lines.
+            Some(name) => {
+                let name = name.trim().to_string();
+                if name.is_empty()
+                    || name.len() > MAX_POP_NAME
+                    || name.chars().any(char::is_control)
+                {
+                    return Err(invalid(
+                        "pop.name",
+                        format!("{name:?} must be 1 to {MAX_POP_NAME} bytes of printable text"),
+                    ));
+                }
+                name
+            }
+        };
         let pop = Pop {
-            name: raw.pop.name.unwrap_or_else(|| format!("pop-{region}")),
+            name,
             region,
             country,
             public_addrs,
@@ -1361,6 +1381,8 @@ mod tests {
             ),
             ("[affinity]\nttl_secs = 31536001\n", "affinity.ttl_secs"),
             ("[affinity]\nmax_clients = 0\n", "affinity.max_clients"),
+            ("[pop]\nname = \"\"\n", "pop.name"),
+            ("[pop]\nname = \"a\\nb\"\n", "pop.name"),
             ("[pop]\nregion = \"e u\"\n", "pop.region"),
             ("[pop]\nregion = \"eu.west\"\n", "pop.region"),
             (

@@ -80,7 +80,10 @@ fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error>
 
 pub fn from_raw(raw: RawLog, env: &dyn Env) -> Result<Log, ConfigError> {
     // DEBUG=1 (the original's switch) raises the level.
-    let mut level = raw.level.unwrap_or_else(|| "info".into());
+    // Case as `log.format` takes it (QA: "INFO" was refused, "JSON" not).
+    let mut level = raw
+        .level
+        .map_or_else(|| "info".into(), |l| l.trim().to_ascii_lowercase());
     if env_bool(env, "DEBUG")?.unwrap_or(false) {
         level = "debug".into();
     }
@@ -198,5 +201,12 @@ mod tests {
         assert_eq!(parse("", &[("DEBUG", "1")]).unwrap().level, "debug");
         let err = parse("level = \"loud\"", &NO_ENV).unwrap_err();
         assert!(err.to_string().contains("log.level"), "{err}");
+    }
+
+    /// QA: `level = "INFO"` was refused where `format = "JSON"` was taken.
+    #[test]
+    fn the_level_is_taken_in_any_case() {
+        assert_eq!(parse("level = \"INFO\"", &NO_ENV).unwrap().level, "info");
+        assert_eq!(parse("level = \" Warn \"", &NO_ENV).unwrap().level, "warn");
     }
 }
