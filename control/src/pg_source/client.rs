@@ -9,7 +9,7 @@
 //! reads (integers, booleans, numerics, text) and one bad value costs its
 //! row, never the read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use tokio_postgres::{AsyncMessage, Client};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::config::Postgres;
-use super::mirror::{MirrorRow, Number};
+use super::mirror::{self, MirrorRow, Number};
 
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -302,13 +302,19 @@ impl Drop for Session {
     }
 }
 
+/// One read of the table.
+pub struct Fetched {
+    pub rows: BTreeMap<String, MirrorRow>,
+    /// Rows without an id: skipped.
+    pub no_id: usize,
+    /// Ids more than one row holds: one row kept for each.
+    pub duplicate_ids: BTreeSet<String>,
+}
+
 impl Session {
-    /// Every row of the table, by id. Rows without an id are skipped (and
-    /// counted in the second value).
-    pub async fn fetch(
-        &self,
-        timeout: Duration,
-    ) -> Result<(BTreeMap<String, MirrorRow>, usize), PgError> {
+    /// Every row of the table, by id (see [`mirror::by_id`]), the number
+    /// of rows without an id (skipped), and the ids more than one row holds.
+    pub async fn fetch(&self, timeout: Duration) -> Result<Fetched, PgError> {
         let rows = within(timeout, async {
             self.client
                 .query(self.select.as_str(), &[])
@@ -316,11 +322,11 @@ impl Session {
                 .map_err(PgError::from)
         })
         .await?;
-        let mut out = BTreeMap::new();
-        let mut skipped = 0;
+        let mut no_id = 0;
+        let mut read = Vec::with_capacity(rows.len());
         for r in rows {
             let Some(id) = r.get::<_, Option<String>>(0) else {
-                skipped += 1;
+                no_id += 1;
                 continue;
             };
             let number = |i| r.get::<_, Option<String>>(i).map(Number::from_db);
@@ -337,10 +343,13 @@ impl Session {
                 hard_limit: number(9),
                 deleted: number(10),
             };
-            if out.insert(id, row).is_some() {
-                skipped += 1;
-            }
+            read.push(row);
         }
-        Ok((out, skipped))
+        let (rows, duplicate_ids) = mirror::by_id(read);
+        Ok(Fetched {
+            rows,
+            no_id,
+            duplicate_ids,
+        })
     }
 }

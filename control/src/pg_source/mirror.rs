@@ -15,7 +15,8 @@
 //! judge them as they judge a hand-written row. Rows the database does not
 //! have are deleted from `routing.db`: it is a mirror.
 
-use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -121,6 +122,33 @@ impl Plan<'_> {
     pub fn is_empty(&self) -> bool {
         self.upsert.is_empty() && self.delete.is_empty()
     }
+}
+
+/// The database's rows by id, and the ids more than one row holds (a
+/// table without a primary key). Of such rows one is kept, the same one
+/// whatever order the database returns them in: the least by its values.
+/// QA: the last one read was kept, so the backend could change after an
+/// UPDATE of the other row moved it in the scan, and the warning named no
+/// id.
+pub fn by_id(
+    rows: impl IntoIterator<Item = MirrorRow>,
+) -> (BTreeMap<String, MirrorRow>, BTreeSet<String>) {
+    let mut out: BTreeMap<String, MirrorRow> = BTreeMap::new();
+    let mut duplicates = BTreeSet::new();
+    for row in rows {
+        match out.entry(row.id.clone()) {
+            Entry::Vacant(v) => {
+                v.insert(row);
+            }
+            Entry::Occupied(mut kept) => {
+                duplicates.insert(row.id.clone());
+                if format!("{row:?}") < format!("{:?}", kept.get()) {
+                    kept.insert(row);
+                }
+            }
+        }
+    }
+    (out, duplicates)
 }
 
 /// The changes that make `current` (in `routing.db`, by id; `None` for a
@@ -269,6 +297,18 @@ mod tests {
 
     fn wanted(rows: &[MirrorRow]) -> BTreeMap<String, MirrorRow> {
         rows.iter().map(|r| (r.id.clone(), r.clone())).collect()
+    }
+
+    #[test]
+    fn of_rows_sharing_an_id_the_same_one_is_kept_in_any_order() {
+        let rows = [row("a", 1), row("b", 2), row("a", 3), row("a", 2)];
+        let (forward, dup) = by_id(rows.iter().cloned());
+        let (backward, dup_backward) = by_id(rows.iter().rev().cloned());
+        assert_eq!(forward, backward);
+        assert_eq!(forward["a"], row("a", 1));
+        assert_eq!(forward["b"], row("b", 2));
+        assert_eq!(dup, BTreeSet::from(["a".to_string()]));
+        assert_eq!(dup, dup_backward);
     }
 
     #[test]

@@ -277,13 +277,25 @@ async fn sync(
     settings: &Postgres,
     reloader: &SharedReloader,
 ) -> Result<usize, SessionError> {
-    let (wanted, skipped) = session.fetch(settings.query_timeout).await?;
-    if skipped > 0 {
+    let fetched = session.fetch(settings.query_timeout).await?;
+    if fetched.no_id > 0 {
+        tracing::warn!(rows = fetched.no_id, "postgres: rows without an id skipped");
+    }
+    if !fetched.duplicate_ids.is_empty() {
+        let ids: Vec<&str> = fetched
+            .duplicate_ids
+            .iter()
+            .take(10)
+            .map(String::as_str)
+            .collect();
         tracing::warn!(
-            rows = skipped,
-            "postgres: rows without an id, or with an id used twice, skipped"
+            count = fetched.duplicate_ids.len(),
+            ids = %ids.join(","),
+            "postgres: ids held by more than one row (no primary key on id?): one row kept for each, \
+             the same at every read (the least by its values); fix the table"
         );
     }
+    let wanted = fetched.rows;
     let outcome = mirror::read(sqlite).and_then(|current| {
         let plan = mirror::plan(&current, &wanted);
         if plan.is_empty() {
