@@ -338,6 +338,64 @@ fn circuit_opens_half_opens_and_closes_with_real_failures() {
     );
 }
 
+/// QA: a half-open circuit closed on a hung backend (it accepts and never
+/// answers): the probe connections, ended by the idle timeout without a
+/// byte or a reset from it, counted as successes. They now prove nothing,
+/// and the circuit stays half-open.
+#[test]
+fn a_hung_backend_does_not_close_its_half_open_circuit() {
+    let mut a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-circuit-hung",
+        &preferred(a.port(), b.port()),
+        &format!(
+            "[circuit_breaker]\nenabled = true\nfailure_threshold = 2\nsuccess_threshold = 2\n\
+             timeout_ms = 500\n[limits]\nidle_timeout_secs = 1\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+    a.stop();
+    let mark = proxy.log_mark();
+    assert!(
+        eventually(PATIENCE, || {
+            assert_eq!(http_via(addr).as_deref(), Some("b"));
+            wait_event_now(&proxy, mark, "circuit open", "a")
+        }),
+        "circuit opens; proxy log:\n{}",
+        proxy.log_text()
+    );
+    // Back, hung: the kernel accepts for it, nothing ever answers.
+    let _hung = std::net::TcpListener::bind(("127.0.0.1", a.port())).unwrap();
+    assert!(
+        wait_event(&proxy, mark, "circuit half-open", "a").is_some(),
+        "{}",
+        proxy.log_text()
+    );
+    let half = proxy.log_mark();
+    let mut hung_clients = 0;
+    let deadline = Instant::now() + PATIENCE;
+    while hung_clients < 4 && Instant::now() < deadline {
+        // A probe sent to "a" ends by the idle timeout, unanswered.
+        if http_via(addr).is_none() {
+            hung_clients += 1;
+        }
+    }
+    assert_eq!(hung_clients, 4, "{}", proxy.log_text());
+    assert!(
+        !wait_event_now(&proxy, half, "circuit closed", "a"),
+        "a hung backend closed its circuit; log:\n{}",
+        proxy.log_text()
+    );
+    assert_ne!(
+        metric(m, "edgeproxy_backend_circuit_state", &[("backend", "a")]),
+        Some(0.0),
+        "closed"
+    );
+}
+
 fn wait_event_now(proxy: &Proxy, mark: usize, needle: &str, backend: &str) -> bool {
     proxy
         .wait_for_log_where(

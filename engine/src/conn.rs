@@ -430,8 +430,10 @@ async fn serve_inner(
 /// Tells the backend's part in a connection that ended to its circuit
 /// breaker (passive health) and its backoff. A connect that succeeded and
 /// was then reset is a failure, not a success, so a success is only told
-/// once the connection ended without a reset from the backend (and only
-/// while the control side listens for them). A backend that accepted the
+/// once the connection ended without a reset from the backend, after it
+/// sent a byte or closed cleanly (a hung backend proves nothing: see
+/// [`BackendSeen::served`]), and only while the control side listens for
+/// them. A backend that accepted the
 /// connection and reset it before its first byte served nothing: it is
 /// marked failing like one whose connect failed, so the next clients go
 /// elsewhere while it cools, instead of each being reset in turn.
@@ -443,7 +445,7 @@ fn tell_how_the_backend_served(
 ) {
     if seen.was_reset() {
         ctx.shared.passive.report(&live.id, PassiveKind::Reset);
-    } else if live.successes_watched() {
+    } else if seen.served() && live.successes_watched() {
         ctx.shared.passive.report(&live.id, PassiveKind::Success);
     }
     if seen.reset_before_reply() {
@@ -782,6 +784,9 @@ async fn pump(
             // Readable, yet nothing there by the time the task read.
             None => continue,
             Some((0, _)) => {
+                if let BackendAt::Src(seen) = backend {
+                    seen.closed();
+                }
                 // The peer may already be gone; nothing more to tell it.
                 let _ = rt::shutdown_write(dst).await;
                 return Ok(());
@@ -911,6 +916,34 @@ mod tests {
         std::io::Write::write_all(&mut client_peer, b"hello").unwrap();
         let (outcome, seen, _) = run_pump(client, rt::tests::reset_by_its_peer(), side);
         (outcome, seen)
+    }
+
+    /// A backend that closes its side without a byte (it only receives)
+    /// served; one that sends a byte served; one that never does either
+    /// (hung) proved nothing, and its connection, ended by the idle timeout
+    /// or the client, must not count as a success (QA: such connections
+    /// closed a half-open circuit on a hung backend).
+    #[test]
+    fn a_backend_serves_by_a_byte_or_a_clean_close_not_by_silence() {
+        let (client, _client_peer) = rt::tests::loopback_pair(64 << 10);
+        let (backend, backend_peer) = rt::tests::loopback_pair(64 << 10);
+        backend_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let (outcome, seen, _) = run_pump(client, backend, Side::Src);
+        assert!(outcome.is_ok(), "{outcome:?}");
+        assert!(seen.served(), "a clean close is a backend's part done");
+
+        let (client, _client_peer) = rt::tests::loopback_pair(64 << 10);
+        let (backend, mut backend_peer) = rt::tests::loopback_pair(64 << 10);
+        std::io::Write::write_all(&mut backend_peer, b"hi").unwrap();
+        backend_peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let (_, seen, _) = run_pump(client, backend, Side::Src);
+        assert!(seen.served());
+
+        let silent = BackendSeen::default();
+        assert!(!silent.served(), "silence proves nothing");
+        silent.replied();
+        silent.read_failed(&io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(!silent.served(), "a reset is no success");
     }
 
     /// A backend that resets while the client is still sending: the pump

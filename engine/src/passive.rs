@@ -47,8 +47,8 @@ pub enum PassiveKind {
     ConnectTimeout,
     /// The backend reset an established connection.
     Reset,
-    /// A connection ended without a reset from the backend (reported only
-    /// while the backend is watched).
+    /// A connection ended without a reset from the backend, which sent a
+    /// byte or closed cleanly (reported only while the backend is watched).
     Success,
 }
 
@@ -70,11 +70,12 @@ impl PassiveKind {
 }
 
 /// What a connection's pumps saw of its backend: whether it sent a byte,
-/// whether it reset the connection (met reading from it or sending to it).
-/// Plain cells: the connection's task owns it.
+/// closed its side cleanly (FIN), or reset the connection (met reading from
+/// it or sending to it). Plain cells: the connection's task owns it.
 #[derive(Debug, Default)]
 pub struct BackendSeen {
     replied: Cell<bool>,
+    closed: Cell<bool>,
     reset: Cell<bool>,
 }
 
@@ -82,6 +83,19 @@ impl BackendSeen {
     /// A read from the backend brought bytes.
     pub fn replied(&self) {
         self.replied.set(true);
+    }
+
+    /// A read from the backend met its end: it closed its side.
+    pub fn closed(&self) {
+        self.closed.set(true);
+    }
+
+    /// The backend did its part: sent a byte, or closed cleanly (a backend
+    /// that only receives). One that did neither (hung, the connection
+    /// ended by the idle timeout or the client) proved nothing: QA found
+    /// such connections closing a half-open circuit on a hung backend.
+    pub fn served(&self) -> bool {
+        !self.reset.get() && (self.replied.get() || self.closed.get())
     }
 
     /// A read from the backend failed with `e`: a reset is noted.

@@ -524,6 +524,7 @@ impl TlsSession {
                 .await
                 .inspect_err(|e| seen.read_failed(e));
             let Some(chunk) = read? else {
+                seen.closed();
                 break;
             };
             seen.replied();
