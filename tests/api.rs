@@ -1272,6 +1272,52 @@ fn an_edit_of_this_pops_drain_in_the_pops_table_is_followed() {
     );
 }
 
+/// QA: a drain replicated from another POP (here an operator's sqlite3,
+/// the same write), then `undrain` here within the second before the POP
+/// read its row back: the undrain matched the POP's stale copy of its row,
+/// so nothing was written, and the POP then followed the older drain; the
+/// API had answered "not draining". The operator's later word wins now,
+/// in both directions.
+#[test]
+fn a_drain_command_right_after_another_writers_edit_of_the_row_wins() {
+    let dir = TempDir::new("api-pop-row-race");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    let conn = rusqlite::Connection::open(&api.db).unwrap();
+    let row = || -> bool {
+        conn.query_row("SELECT draining FROM pops", [], |r| r.get(0))
+            .unwrap()
+    };
+    let draining = |api: &Api| {
+        let (status, body) = api.call("GET", "/api/v1/pop", None);
+        assert_eq!(status, 200, "{body}");
+        body["draining"] == json!(true)
+    };
+    for on in [true, false] {
+        // The POP starts as the command leaves it; the edit flips the row,
+        // and the same command, right after it, must flip it back.
+        let path = if on {
+            "/api/v1/pop/undrain"
+        } else {
+            "/api/v1/pop/drain"
+        };
+        let command = || {
+            let (status, body) = api.call("POST", path, None);
+            assert_eq!(status, 200, "{body}");
+        };
+        command();
+        assert!(eventually(PATIENCE, || row() != on && draining(&api) != on));
+        let n = conn.execute("UPDATE pops SET draining = ?1", [on]).unwrap();
+        assert_eq!(n, 1, "this POP's row");
+        command();
+        assert!(
+            eventually(PATIENCE, || row() != on && draining(&api) != on),
+            "{path} right after an edit of the row was lost: row draining = {}, POP draining = {}",
+            row(),
+            draining(&api)
+        );
+    }
+}
+
 /// `edgeproxy backends --json list | head` must not panic when the reader
 /// goes away: the rest of the output is dropped and the exit is quiet.
 #[test]

@@ -322,6 +322,13 @@ impl Controller {
                 _ = tokio::time::sleep_until(wake) => {}
                 cmd = commands.recv() => match cmd {
                     Some(Command::Drain(on, reply)) => {
+                        // The command is judged against the row as it is
+                        // now, not as last read (up to `ROW_READ_EVERY`
+                        // ago): a drain replicated from another POP in
+                        // between, then `undrain` here, left the row
+                        // unwritten (the undrain matched the stale copy)
+                        // and the POP followed the older drain.
+                        self.follow_row();
                         if self.awaiting_row.is_some() {
                             self.asked_while_awaiting = Some(on);
                         }
