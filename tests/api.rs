@@ -1318,6 +1318,54 @@ fn a_drain_command_right_after_another_writers_edit_of_the_row_wins() {
     }
 }
 
+/// QA: with this POP's row unwritable (a full disk, a read-only file
+/// system; here a trigger refusing the write), every evaluation logged an
+/// ERROR, 4 a second (50 with BGP), for as long as it lasted. It is said
+/// once per 10 s now, the recovery at INFO, and the row is written then.
+#[test]
+fn a_pop_row_that_cannot_be_written_is_said_once_and_written_when_it_can() {
+    const FAILED: &str = "cannot record this POP's state";
+    let dir = TempDir::new("api-pop-row-unwritable");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    let conn = rusqlite::Connection::open(&api.db).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER qa_refuse BEFORE UPDATE ON pops \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let mark = api.proxy.log_mark();
+    let (status, body) = api.call("POST", "/api/v1/pop/drain", None);
+    assert_eq!(status, 200, "{body}");
+    let line = api
+        .proxy
+        .wait_for_log_after(mark, FAILED, PATIENCE)
+        .unwrap_or_else(|| panic!("the failed write was not said:\n{}", api.proxy.log_text()));
+    assert!(line.contains("refused by the test"), "{line}");
+    // An observation window, not a wait for readiness: eight evaluations
+    // (250 ms apart) try the write again meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    let said = api.proxy.log_lines()[mark..]
+        .iter()
+        .filter(|l| l.contains(FAILED))
+        .count();
+    assert_eq!(said, 1, "{}", api.proxy.log_text());
+
+    conn.execute_batch("DROP TRIGGER qa_refuse;").unwrap();
+    let draining = || -> bool {
+        conn.query_row("SELECT draining FROM pops", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert!(
+        eventually(PATIENCE, draining),
+        "the drain was not written once it could be"
+    );
+    let line = api
+        .proxy
+        .wait_for_log_after(mark, "state recorded again", PATIENCE)
+        .unwrap_or_else(|| panic!("the recovery was not said:\n{}", api.proxy.log_text()));
+    assert!(line.contains("INFO"), "{line}");
+}
+
 /// `edgeproxy backends --json list | head` must not panic when the reader
 /// goes away: the rest of the output is dropped and the exit is quiet.
 #[test]

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dns::geodns::{self, Standing};
+use engine::log_limit::LogLimit;
 use engine::snapshot::{PopView, SnapshotHandle};
 use engine::StatsView;
 use tokio::sync::{mpsc, oneshot};
@@ -54,6 +55,9 @@ const ROW_READ_EVERY: Duration = Duration::from_secs(1);
 const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a binary upgrade waits for the sessions to stop.
 const HAND_OFF_PATIENCE: Duration = Duration::from_secs(2);
+/// A row write that keeps failing (disk full, read-only file system) is
+/// tried again at every evaluation, but said at most this often.
+const RECORD_ERROR_EVERY: Duration = Duration::from_secs(10);
 /// How much longer than replication's own longest wait (see
 /// `Replication::own_row_longest_wait`) a starting POP waits for
 /// replication to write its row before writing it here: only if
@@ -226,6 +230,7 @@ pub fn start(
         shutdown_waiter: None,
         announced_at_shutdown: false,
         pending_row: None,
+        record_failing: (LogLimit::new(RECORD_ERROR_EVERY), 0),
         bgp_enabled: bgp.enabled,
         poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
     };
@@ -295,6 +300,10 @@ struct Controller {
     announced_at_shutdown: bool,
     /// The row's state as judged by the last evaluation, to record.
     pending_row: Option<PopState>,
+    /// Row writes failing since the last success, and how often that is
+    /// said: QA, a full disk logged one ERROR per evaluation (4 a second,
+    /// 50 with BGP) for as long as it lasted.
+    record_failing: (LogLimit, u64),
     bgp_enabled: bool,
     poll: Duration,
 }
@@ -516,11 +525,26 @@ impl Controller {
             match self.rows.write(state) {
                 Ok(_) => {
                     self.written = state;
+                    let (limit, failures) = &mut self.record_failing;
+                    if *failures > 0 {
+                        tracing::info!(
+                            failures = *failures,
+                            "pop: this POP's state recorded again"
+                        );
+                        *failures = 0;
+                        *limit = LogLimit::new(RECORD_ERROR_EVERY);
+                    }
                     // This POP's GeoDNS answers from the snapshot too.
                     self.reloader.lock().reload();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "pop: cannot record this POP's state; other POPs keep the old one")
+                    let (limit, failures) = &mut self.record_failing;
+                    *failures += 1;
+                    if let Some(left_out) = limit.hit(Instant::now()) {
+                        tracing::error!(error = %e, left_out,
+                            "pop: cannot record this POP's state; other POPs keep the old one \
+                             (tried again at every evaluation, said at most every 10 s while it lasts)");
+                    }
                 }
             }
         }
