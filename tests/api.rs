@@ -1341,8 +1341,8 @@ fn a_pop_row_that_cannot_be_written_is_said_once_and_written_when_it_can() {
         .wait_for_log_after(mark, FAILED, PATIENCE)
         .unwrap_or_else(|| panic!("the failed write was not said:\n{}", api.proxy.log_text()));
     assert!(line.contains("refused by the test"), "{line}");
-    // An observation window, not a wait for readiness: eight evaluations
-    // (250 ms apart) try the write again meanwhile.
+    // An observation window, not a wait for readiness: the write is tried
+    // again (once a second) meanwhile.
     std::thread::sleep(Duration::from_secs(2));
     let said = api.proxy.log_lines()[mark..]
         .iter()
@@ -1364,6 +1364,52 @@ fn a_pop_row_that_cannot_be_written_is_said_once_and_written_when_it_can() {
         .wait_for_log_after(mark, "state recorded again", PATIENCE)
         .unwrap_or_else(|| panic!("the recovery was not said:\n{}", api.proxy.log_text()));
     assert!(line.contains("INFO"), "{line}");
+}
+
+/// QA: an operator's `sqlite3` holding a write transaction open on
+/// `routing.db` while this POP had a state to record (here a drain): each
+/// attempt to write its row waited five seconds for the lock on the
+/// control runtime's one thread, again and again, so the API (and
+/// replication, BGP keepalives) answered only every five seconds: a drain
+/// took 5 s, a GET 10 s. Now a write waits 100 ms at most and is tried
+/// again a second later; the drain is written once the lock goes.
+#[test]
+fn a_lock_held_on_routing_db_does_not_stall_the_control_thread() {
+    let dir = TempDir::new("api-pop-row-locked");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    let conn = rusqlite::Connection::open(&api.db).unwrap();
+    conn.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let mark = api.proxy.log_mark();
+    let slowest = |calls: &mut dyn FnMut() -> u16| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                assert_eq!(calls(), 200);
+                t.elapsed()
+            })
+            .max()
+            .unwrap()
+    };
+    let drain = slowest(&mut || api.call("POST", "/api/v1/pop/drain", None).0);
+    let get = slowest(&mut || api.call("GET", "/api/v1/backends", None).0);
+    assert!(
+        drain < Duration::from_secs(2) && get < Duration::from_secs(2),
+        "the API stalled while routing.db was locked: drain {drain:?}, GET {get:?}"
+    );
+    assert!(
+        api.proxy
+            .wait_for_log_after(mark, "database is locked", PATIENCE)
+            .is_some(),
+        "the failed write was not said:\n{}",
+        api.proxy.log_text()
+    );
+    conn.execute_batch("COMMIT;").unwrap();
+    assert!(
+        eventually(PATIENCE, || conn
+            .query_row("SELECT draining FROM pops", [], |r| r.get::<_, bool>(0))
+            .unwrap()),
+        "the drain was not written once the lock went"
+    );
 }
 
 /// `edgeproxy backends --json list | head` must not panic when the reader

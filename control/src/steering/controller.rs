@@ -55,8 +55,9 @@ const ROW_READ_EVERY: Duration = Duration::from_secs(1);
 const WITHDRAW_WRITE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a binary upgrade waits for the sessions to stop.
 const HAND_OFF_PATIENCE: Duration = Duration::from_secs(2);
-/// A row write that keeps failing (disk full, read-only file system) is
-/// tried again at every evaluation, but said at most this often.
+/// A row write that keeps failing (disk full, read-only file system, a
+/// lock held) is tried again every `ROW_READ_EVERY`, but said at most this
+/// often.
 const RECORD_ERROR_EVERY: Duration = Duration::from_secs(10);
 /// How much longer than replication's own longest wait (see
 /// `Replication::own_row_longest_wait`) a starting POP waits for
@@ -231,6 +232,7 @@ pub fn start(
         announced_at_shutdown: false,
         pending_row: None,
         record_failing: (LogLimit::new(RECORD_ERROR_EVERY), 0),
+        record_retry_at: None,
         bgp_enabled: bgp.enabled,
         poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
     };
@@ -240,6 +242,9 @@ pub fn start(
     // arbitrary time. The listeners are bound already (`Engine::start`).
     controller.evaluate(Instant::now());
     controller.record();
+    if let Err(e) = controller.rows.wait_briefly_for_locks() {
+        tracing::warn!(error = %e, "pop: cannot shorten the wait for routing.db's locks");
+    }
     tokio::spawn(controller.run(command_rx));
     Ok(handle)
 }
@@ -304,6 +309,9 @@ struct Controller {
     /// said: QA, a full disk logged one ERROR per evaluation (4 a second,
     /// 50 with BGP) for as long as it lasted.
     record_failing: (LogLimit, u64),
+    /// After a failed write, the next is not tried before this: each may
+    /// block the control thread for `pop_row::BUSY_WAIT` on a held lock.
+    record_retry_at: Option<Instant>,
     bgp_enabled: bool,
     poll: Duration,
 }
@@ -521,10 +529,15 @@ impl Controller {
         let Some(state) = self.pending_row.take() else {
             return;
         };
+        let now = Instant::now();
+        if self.record_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
         if state != self.written {
             match self.rows.write(state) {
                 Ok(_) => {
                     self.written = state;
+                    self.record_retry_at = None;
                     let (limit, failures) = &mut self.record_failing;
                     if *failures > 0 {
                         tracing::info!(
@@ -538,12 +551,13 @@ impl Controller {
                     self.reloader.lock().reload();
                 }
                 Err(e) => {
+                    self.record_retry_at = Some(now + ROW_READ_EVERY);
                     let (limit, failures) = &mut self.record_failing;
                     *failures += 1;
-                    if let Some(left_out) = limit.hit(Instant::now()) {
+                    if let Some(left_out) = limit.hit(now) {
                         tracing::error!(error = %e, left_out,
                             "pop: cannot record this POP's state; other POPs keep the old one \
-                             (tried again at every evaluation, said at most every 10 s while it lasts)");
+                             (tried again every second, said at most every 10 s while it lasts)");
                     }
                 }
             }

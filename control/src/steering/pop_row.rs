@@ -34,6 +34,9 @@ pub struct PopState {
     pub serving: bool,
 }
 
+/// How long a write waits for another connection's lock once started.
+pub const BUSY_WAIT: Duration = Duration::from_millis(100);
+
 impl PopRowWriter {
     /// Opens `routing.db` (created and migrated already by the routing
     /// store) and makes sure this POP has a row (see
@@ -71,6 +74,15 @@ impl PopRowWriter {
         }
         let state = writer.ensure(identity)?;
         Ok((writer, Some(state)))
+    }
+
+    /// From now on a write waits at most [`BUSY_WAIT`] for another
+    /// connection's lock (at start, five seconds). The writer runs on the
+    /// control runtime's one thread: QA, while an operator's `sqlite3` held
+    /// a write transaction open, every attempt blocked that thread for
+    /// five seconds, API, replication and BGP sessions included.
+    pub fn wait_briefly_for_locks(&self) -> Result<(), PopRowError> {
+        self.conn.busy_timeout(BUSY_WAIT).map_err(|e| self.err(e))
     }
 
     /// Makes sure this POP has a row: `identity` is inserted when there is
