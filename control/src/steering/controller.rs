@@ -446,7 +446,14 @@ impl Controller {
                     row
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "pop: cannot write this POP's row; trying again");
+                    // Said like any failed write of the row (QA: once a
+                    // second while a lock or a full disk lasted).
+                    let (limit, failures) = &mut self.record_failing;
+                    *failures += 1;
+                    if let Some(left_out) = limit.hit(now) {
+                        tracing::error!(error = %e, left_out,
+                            "pop: cannot write this POP's row; trying again every second (said at most every 10 s)");
+                    }
                     self.awaiting_row = Some(now + ROW_READ_EVERY);
                     return;
                 }
