@@ -1452,3 +1452,51 @@ fn the_cli_stops_quietly_when_its_reader_goes_away() {
         );
     }
 }
+
+/// QA: when many registrations lapsed together, every POP logged one WARN
+/// per backend (1,457 lines in a burst). More than ten in one reload are
+/// now one line with the count and the first ids; so are their returns.
+#[test]
+fn many_heartbeats_lapsing_together_are_said_in_one_line() {
+    let dir = TempDir::new("api-lapse-burst");
+    let api = Api::start(
+        &dir,
+        &format!("token = {TOKEN:?}\nheartbeat_ttl_secs = 2\n"),
+        &[],
+    );
+    let ids: Vec<String> = (0..12).map(|i| format!("burst-{i:02}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(api.register(id, 9100 + i as u16).0, 201);
+    }
+    // One heartbeat instant for all, as a burst of registrations has
+    // within a reload: they lapse in the same reload.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let conn = rusqlite::Connection::open(&api.db).unwrap();
+    conn.busy_timeout(PATIENCE).unwrap();
+    conn.execute(
+        "UPDATE backends SET last_heartbeat_ms = ?1 WHERE id LIKE 'burst-%'",
+        [now_ms],
+    )
+    .unwrap();
+    drop(conn);
+    let line = api
+        .proxy
+        .wait_for_log("backend heartbeats expired", PATIENCE)
+        .unwrap_or_else(|| panic!("no summary; log:\n{}", api.proxy.log_text()));
+    assert_eq!(field(&line, "count").as_deref(), Some("12"), "{line}");
+    assert!(
+        line.contains("burst-00") && line.contains("burst-09"),
+        "{line}"
+    );
+    assert!(!line.contains("burst-11"), "ten ids at most: {line}");
+    let one_by_one = api
+        .proxy
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("backend heartbeat expired"))
+        .count();
+    assert_eq!(one_by_one, 0, "{}", api.proxy.log_text());
+}

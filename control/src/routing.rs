@@ -114,6 +114,18 @@ pub struct RoutingReloader {
 /// `0.0.0.0` or `::` (one `getifaddrs(3)`).
 const HOST_ADDRESSES_EVERY: Duration = Duration::from_secs(2);
 
+/// Heartbeats that lapse (or resume) together in one reload are logged one
+/// line per backend up to this many, else in one line with the count.
+const SAID_ONE_BY_ONE: usize = 10;
+
+/// The first [`SAID_ONE_BY_ONE`] of `ids` (sorted), comma-separated.
+fn first_ids(ids: &[&String]) -> String {
+    let mut ids: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.truncate(SAID_ONE_BY_ONE);
+    ids.join(",")
+}
+
 /// This host's addresses, when `own` has a listener they matter to.
 fn host_addresses(own: &OwnListeners) -> Option<engine::own_listeners::LocalIps> {
     own.any_unspecified()
@@ -505,12 +517,29 @@ impl RoutingReloader {
             "routing table reloaded"
         );
         // After publishing: what these lines say is in effect.
-        for id in expired.difference(&self.expired) {
-            tracing::warn!(backend = %id, ttl_secs = self.ttl.map(|t| t.as_secs()),
-                "backend heartbeat expired: no new connections until it heartbeats again");
+        let ttl_secs = self.ttl.map(|t| t.as_secs());
+        let lapsed: Vec<&String> = expired.difference(&self.expired).collect();
+        if lapsed.len() > SAID_ONE_BY_ONE {
+            // QA: 1,457 lines, one per backend, when a burst of
+            // registrations lapsed together.
+            tracing::warn!(count = lapsed.len(), first = %first_ids(&lapsed), ttl_secs,
+                "backend heartbeats expired: no new connections to them until they heartbeat again");
+        } else {
+            for id in lapsed {
+                tracing::warn!(backend = %id, ttl_secs,
+                    "backend heartbeat expired: no new connections until it heartbeats again");
+            }
         }
-        for id in self.expired.difference(&expired) {
-            if loaded.records.iter().any(|r| r.id == *id && !r.deleted) {
+        let resumed: Vec<&String> = self
+            .expired
+            .difference(&expired)
+            .filter(|id| loaded.records.iter().any(|r| r.id == **id && !r.deleted))
+            .collect();
+        if resumed.len() > SAID_ONE_BY_ONE {
+            tracing::info!(count = resumed.len(), first = %first_ids(&resumed),
+                "backend heartbeats resumed: back in service");
+        } else {
+            for id in resumed {
                 tracing::info!(backend = %id, "backend heartbeat resumed: back in service");
             }
         }
