@@ -1746,3 +1746,52 @@ fn certificate_expiry_is_a_metric_that_follows_rotation() {
         .unwrap_or_else(|| panic!("not rotated; log:\n{}", proxy.log_text()));
     assert_eq!(expiry(), Some(unix(2032, 6, 1)));
 }
+
+/// Operations QA: a listener's failed TLS handshakes were counted as
+/// `reason="other"` with bad PROXY headers and missing backends, and its
+/// idle timeouts too, though those connections were served. Each reason is
+/// its own series now, and an idle timeout is none of them.
+#[test]
+fn a_listeners_rejections_are_counted_by_reason_and_idle_timeouts_are_not() {
+    let world = World::new("rejected-by-reason");
+    let text = format!(
+        "{}\n[limits]\nidle_timeout_secs = 1\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
+        world.config(100, "self_signed = true\nself_signed_names = [\"r.test\"]\n")
+    );
+    let proxy = Proxy::with_config(&world.dir, &text);
+    let metrics = proxy.metrics_addr();
+    let addr = proxy.listener("tls");
+    let rejected = |reason: &str| {
+        sample(
+            &http_get(metrics, "/metrics").1,
+            &format!(
+                "edgeproxy_listener_connections_rejected_total{{listener=\"tls\",reason=\"{reason}\"}}"
+            ),
+        )
+    };
+    // Not TLS at all: the handshake fails.
+    let mut garbage = TcpStream::connect(addr).unwrap();
+    garbage.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    garbage.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = garbage.read_to_end(&mut Vec::new());
+    assert!(
+        eventually(PATIENCE, || rejected("tls_handshake") == Some(1.0)),
+        "{}",
+        http_get(metrics, "/metrics").1
+    );
+    // A served connection left idle until the proxy closes it.
+    let mut idle = Client::open(addr, trusting_anything(ANY_VERSION), "r.test");
+    idle.greeting();
+    assert!(
+        eventually(PATIENCE, || sample(
+            &http_get(metrics, "/metrics").1,
+            "edgeproxy_idle_timeouts_total"
+        ) == Some(1.0)),
+        "not closed for idleness"
+    );
+    drop(idle);
+    for reason in ["proxy_header", "no_backend", "client_limit"] {
+        assert_eq!(rejected(reason), Some(0.0), "{reason}");
+    }
+    assert_eq!(rejected("tls_handshake"), Some(1.0));
+}

@@ -200,19 +200,21 @@ pub fn render(sources: &Sources) -> String {
     f.header(
         "edgeproxy_listener_connections_rejected_total",
         "counter",
-        "Client connections closed early, per listener and reason (client_limit: a per-client rate or connection limit; other: bad PROXY header, failed TLS handshake or no backend). A connection limit closes nothing: accepting pauses (see edgeproxy_listener_accept_limit_waits_total).",
+        "Client connections closed early, per listener and reason (proxy_header: bad or late PROXY header; tls_handshake: failed or timed out; no_backend; client_limit: a per-client rate or connection limit). A connection limit closes nothing: accepting pauses (see edgeproxy_listener_accept_limit_waits_total).",
     );
     for l in &listeners {
-        f.sample(
-            "edgeproxy_listener_connections_rejected_total",
-            &[("listener", &l.name), ("reason", "other")],
-            l.rejected_other,
-        );
-        f.sample(
-            "edgeproxy_listener_connections_rejected_total",
-            &[("listener", &l.name), ("reason", "client_limit")],
-            l.rejected_client_limit,
-        );
+        for (reason, n) in [
+            ("proxy_header", l.rejected_proxy_header),
+            ("tls_handshake", l.rejected_tls_handshake),
+            ("no_backend", l.no_backend),
+            ("client_limit", l.rejected_client_limit),
+        ] {
+            f.sample(
+                "edgeproxy_listener_connections_rejected_total",
+                &[("listener", &l.name), ("reason", reason)],
+                n,
+            );
+        }
     }
     f.header(
         "edgeproxy_listener_accept_limit_waits_total",

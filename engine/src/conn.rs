@@ -109,21 +109,28 @@ pub(crate) async fn serve(
         }
         Ok(()) => {}
         Err(e) => {
-            let counter = match &e {
-                ConnError::ProxyHeader(_) | ConnError::ProxyHeaderTimeout(_) => {
-                    Some(&ctx.stats.rejected_proxy_header)
-                }
-                ConnError::NoBackend { .. } => Some(&ctx.stats.no_backend),
-                ConnError::Idle(_) => Some(&ctx.stats.idle_timeouts),
-                ConnError::TlsHandshake(_) | ConnError::TlsHandshakeTimeout(_) => {
-                    Some(&ctx.stats.tls_handshake_failures)
-                }
+            // (process-wide counter, this listener's): an idle timeout
+            // closes a connection that was served, no rejection (QA: it was
+            // counted in the listener's rejected "other").
+            let counters = match &e {
+                ConnError::ProxyHeader(_) | ConnError::ProxyHeaderTimeout(_) => Some((
+                    &ctx.stats.rejected_proxy_header,
+                    Some(&lctx.stats.rejected_proxy_header),
+                )),
+                ConnError::NoBackend { .. } => Some((&ctx.stats.no_backend, None)),
+                ConnError::Idle(_) => Some((&ctx.stats.idle_timeouts, None)),
+                ConnError::TlsHandshake(_) | ConnError::TlsHandshakeTimeout(_) => Some((
+                    &ctx.stats.tls_handshake_failures,
+                    Some(&lctx.stats.rejected_tls_handshake),
+                )),
                 ConnError::Io(_) | ConnError::Tls(_) => None,
                 ConnError::RateLimited(_) | ConnError::ClientConnLimit(_) => None,
             };
-            if let Some(c) = counter {
-                ShardStats::bump(c);
-                ShardStats::bump(&lctx.stats.rejected_other);
+            if let Some((process, listener)) = counters {
+                ShardStats::bump(process);
+                if let Some(listener) = listener {
+                    ShardStats::bump(listener);
+                }
             }
             if let ConnError::NoBackend { attempts } = &e {
                 ShardStats::bump(&lctx.stats.no_backend);

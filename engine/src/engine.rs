@@ -107,8 +107,11 @@ pub struct ListenerSummary {
     pub accepted: u64,
     /// Times its accept loops paused at a connection limit.
     pub limit_waits: u64,
-    pub rejected_other: u64,
-    /// Closed for want of a backend (part of `rejected_other`).
+    /// Closed early for a bad or late PROXY header.
+    pub rejected_proxy_header: u64,
+    /// Closed early for a failed or timed-out TLS handshake.
+    pub rejected_tls_handshake: u64,
+    /// Closed for want of a backend.
     pub no_backend: u64,
     /// Of `no_backend`, those closed after every backend tried failed to
     /// connect.
@@ -165,7 +168,8 @@ impl StatsView {
                 for st in &l.stats {
                     s.accepted += st.accepted.load(Relaxed);
                     s.limit_waits += st.limit_waits.load(Relaxed);
-                    s.rejected_other += st.rejected_other.load(Relaxed);
+                    s.rejected_proxy_header += st.rejected_proxy_header.load(Relaxed);
+                    s.rejected_tls_handshake += st.rejected_tls_handshake.load(Relaxed);
                     s.no_backend += st.no_backend.load(Relaxed);
                     s.no_backend_after_failures += st.no_backend_after_failures.load(Relaxed);
                     s.rejected_client_limit += st.rejected_client_limit.load(Relaxed);

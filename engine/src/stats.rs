@@ -115,10 +115,12 @@ pub struct ListenerStats {
     pub accepted: AtomicU64,
     /// Times this listener's accept loop paused at a connection limit.
     pub limit_waits: AtomicU64,
-    /// Closed early: bad PROXY header, failed TLS handshake or no backend.
-    pub rejected_other: AtomicU64,
+    /// Closed early for a bad or late PROXY header.
+    pub rejected_proxy_header: AtomicU64,
+    /// Closed early for a failed or timed-out TLS handshake.
+    pub rejected_tls_handshake: AtomicU64,
     /// Closed because no backend was eligible or every one tried failed to
-    /// connect (part of `rejected_other`).
+    /// connect.
     pub no_backend: AtomicU64,
     /// Of `no_backend`, those closed after at least one backend was tried
     /// and failed to connect (the rest had none to try): the two call for
