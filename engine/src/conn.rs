@@ -440,10 +440,10 @@ async fn serve_inner(
 /// once the connection ended without a reset from the backend, after it
 /// sent a byte or closed cleanly (a hung backend proves nothing: see
 /// [`BackendSeen::served`]), and only while the control side listens for
-/// them. A backend that accepted the
-/// connection and reset it before its first byte served nothing: it is
-/// marked failing like one whose connect failed, so the next clients go
-/// elsewhere while it cools, instead of each being reset in turn.
+/// them. A backend that accepted the connection and reset it before its
+/// first byte served nothing: it is marked failing like one whose connect
+/// failed, so the next clients go elsewhere while it cools, instead of each
+/// being reset in turn.
 fn tell_how_the_backend_served(
     ctx: &ShardCtx,
     live: &BackendLive,
