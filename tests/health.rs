@@ -937,12 +937,7 @@ fn a_backend_down_by_its_own_check_is_back_once_it_registers_without_one() {
 fn a_check_that_cannot_get_a_local_port_does_not_take_the_backend_down() {
     use common::netns::Net;
     let net = Net::new(2);
-    let sysctl = net
-        .command(0, "sysctl")
-        .args(["-w", "net.ipv4.ip_local_port_range=40000 40000"])
-        .output()
-        .unwrap();
-    assert!(sysctl.status.success(), "{sysctl:?}");
+    net.one_ephemeral_port(0);
     let backend_ip = net.ip(1);
     let backend = net.run_in(1, move || {
         TagBackend::serve(std::net::TcpListener::bind((backend_ip, 0)).unwrap(), "a")

@@ -379,12 +379,7 @@ fn a_connect_that_fails_for_want_of_a_local_port_is_not_the_backends_fault() {
     let net = Net::new(2);
     // Fixed ports for the proxy's listeners (the namespace is its own): a
     // port 0 would take the one ephemeral port.
-    let sysctl = net
-        .command(0, "sysctl")
-        .args(["-w", "net.ipv4.ip_local_port_range=40000 40000"])
-        .output()
-        .unwrap();
-    assert!(sysctl.status.success(), "{sysctl:?}");
+    net.one_ephemeral_port(0);
     let backend_ip = net.ip(1);
     let backend = net.run_in(1, move || {
         TagBackend::serve(std::net::TcpListener::bind((backend_ip, 0)).unwrap(), "a")

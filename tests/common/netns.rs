@@ -134,6 +134,18 @@ impl Net {
         cmd
     }
 
+    /// Leaves host `i` one ephemeral port (40000): a second outgoing
+    /// connection to the same destination fails with EADDRNOTAVAIL. Bind
+    /// its listeners to fixed ports (a port 0 would take that one).
+    pub fn one_ephemeral_port(&self, i: usize) {
+        let sysctl = self
+            .command(i, "sysctl")
+            .args(["-w", "net.ipv4.ip_local_port_range=40000 40000"])
+            .output()
+            .unwrap();
+        assert!(sysctl.status.success(), "{sysctl:?}");
+    }
+
     /// Runs `f` on a thread inside host `i`'s namespace (sockets it
     /// creates belong to that namespace for good).
     pub fn run_in<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
