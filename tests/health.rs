@@ -269,20 +269,7 @@ fn circuit_opens_half_opens_and_closes_with_real_failures() {
     );
     let m = metrics_addr(&proxy);
     let addr = proxy.addr();
-    assert_eq!(http_via(addr).as_deref(), Some("a"));
-    a.stop();
-    let mark = proxy.log_mark();
-    // The first client finds "a" dead and is served by "b"; then "a" cools
-    // (engine/src/backoff.rs) and only the client that probes it after the
-    // backoff makes the second failure in a row.
-    assert!(
-        eventually(PATIENCE, || {
-            assert_eq!(http_via(addr).as_deref(), Some("b"));
-            wait_event_now(&proxy, mark, "circuit open", "a")
-        }),
-        "circuit opens; proxy log:\n{}",
-        proxy.log_text()
-    );
+    stop_until_its_circuit_opens(&proxy, &mut a);
     let failures = |m| {
         metric(
             m,
@@ -356,17 +343,8 @@ fn a_hung_backend_does_not_close_its_half_open_circuit() {
     );
     let m = metrics_addr(&proxy);
     let addr = proxy.addr();
-    assert_eq!(http_via(addr).as_deref(), Some("a"));
-    a.stop();
     let mark = proxy.log_mark();
-    assert!(
-        eventually(PATIENCE, || {
-            assert_eq!(http_via(addr).as_deref(), Some("b"));
-            wait_event_now(&proxy, mark, "circuit open", "a")
-        }),
-        "circuit opens; proxy log:\n{}",
-        proxy.log_text()
-    );
+    stop_until_its_circuit_opens(&proxy, &mut a);
     // Back, hung: the kernel accepts for it, nothing ever answers.
     let _hung = std::net::TcpListener::bind(("127.0.0.1", a.port())).unwrap();
     assert!(
@@ -393,6 +371,26 @@ fn a_hung_backend_does_not_close_its_half_open_circuit() {
         metric(m, "edgeproxy_backend_circuit_state", &[("backend", "a")]),
         Some(0.0),
         "closed"
+    );
+}
+
+/// Backend "a" (preferred over "b") serves, is stopped, and is driven by
+/// clients until its circuit opens.
+fn stop_until_its_circuit_opens(proxy: &Proxy, a: &mut HttpBackend) {
+    let addr = proxy.addr();
+    assert_eq!(http_via(addr).as_deref(), Some("a"));
+    a.stop();
+    let mark = proxy.log_mark();
+    // The first client finds "a" dead and is served by "b"; then "a" cools
+    // (engine/src/backoff.rs) and only the client that probes it after the
+    // backoff makes the second failure in a row.
+    assert!(
+        eventually(PATIENCE, || {
+            assert_eq!(http_via(addr).as_deref(), Some("b"));
+            wait_event_now(proxy, mark, "circuit open", "a")
+        }),
+        "circuit opens; proxy log:\n{}",
+        proxy.log_text()
     );
 }
 

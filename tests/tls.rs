@@ -81,11 +81,22 @@ impl Ca {
 
     /// A certificate for `names` whose validity ended in 2020.
     fn issue_expired(&self, names: &[&str]) -> Leaf {
+        self.issue_valid(names, (2019, 1, 1), (2020, 1, 1))
+    }
+
+    /// A certificate for `names` valid from `not_before` to `not_after`
+    /// (year, month, day).
+    fn issue_valid(
+        &self,
+        names: &[&str],
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> Leaf {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
-        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf {
@@ -1698,15 +1709,9 @@ fn alpn_is_negotiated() {
 fn certificate_expiry_is_a_metric_that_follows_rotation() {
     let world = World::new("expiry-metric");
     let issue_until = |year: i32, month: u8, day: u8| {
-        let mut params = CertificateParams::new(vec!["exp.test".to_string()]).unwrap();
-        params.not_after = rcgen::date_time_ymd(year, month, day);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &world.ca.issuer).unwrap();
-        Leaf {
-            der: cert.der().to_vec(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        }
+        world
+            .ca
+            .issue_valid(&["exp.test"], (2025, 1, 1), (year, month, day))
     };
     let (cert, key) = issue_until(2031, 1, 1).write(&world.dir, "exp");
     let text = format!(
