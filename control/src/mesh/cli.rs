@@ -105,6 +105,7 @@ pub fn render_status(body: &Value) -> String {
         "ENDPOINT",
         "ALLOWED IPS",
         "HANDSHAKE",
+        "PATH",
         "RECEIVED",
         "SENT",
     ]
@@ -118,6 +119,12 @@ pub fn render_status(body: &Value) -> String {
             p.last_handshake_secs
                 .map(|t| format!("{t}s ago"))
                 .unwrap_or_else(|| "never".into()),
+            // From the handshake age ("-": no keepalive to judge by).
+            match p.path_up {
+                Some(true) => "up".into(),
+                Some(false) => "DOWN".into(),
+                None => dash(),
+            },
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
         ]);
@@ -338,6 +345,7 @@ mod tests {
                     rx_bytes: 2048,
                     tx_bytes: 10,
                     persistent_keepalive_secs: Some(25),
+                    path_up: Some(false),
                 },
                 PeerView {
                     public_key: "K2".into(),
@@ -358,6 +366,7 @@ mod tests {
             "10.0.0.2:51820",
             "fd12:3456:789a:2::/64",
             "4s ago",
+            " DOWN ",
             "2.0 KiB",
             "10 B",
         ] {

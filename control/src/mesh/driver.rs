@@ -35,6 +35,7 @@ use super::config::{Implementation, Mesh, SixPn};
 use super::device::{Device, DeviceSettings};
 use super::keys::{self, PrivateKey, PublicKey};
 use super::netlink::Netlink;
+use super::path_watch::{PathEvent, PathWatch, Reading};
 use super::plan::{self, Advertised, Change, Current, Own, Skip, Update};
 use super::status::{Counters, MeshStatus, PeerView, SkippedView, StatusHandle};
 use crate::config::Config;
@@ -293,6 +294,8 @@ struct Driver {
     names: HashMap<PublicKey, String>,
     /// POPs left out, and why (logged when that changes).
     skipped: BTreeMap<String, Skip>,
+    /// Which peers are still heard from (see `path_watch`).
+    paths: PathWatch,
     pinned: HashMap<Ipv6Addr, Instant>,
     counters: Counters,
     last_error: Option<String>,
@@ -355,6 +358,7 @@ impl Driver {
             advertised: Advertised::new(),
             names: HashMap::new(),
             skipped: BTreeMap::new(),
+            paths: PathWatch::default(),
             pinned: HashMap::new(),
             counters: Counters::default(),
             last_error: None,
@@ -642,6 +646,46 @@ impl Driver {
         self.skipped = now;
     }
 
+    /// Logs a peer's path going down or working again.
+    fn tell_path(&self, peers: &[PeerView], event: PathEvent) {
+        let name = |key: &str| {
+            let view = peers.iter().find(|p| p.public_key == key);
+            let pop = view
+                .and_then(|p| p.node_id.clone())
+                .unwrap_or_else(|| key.to_string());
+            let endpoint = view
+                .and_then(|p| p.endpoint.clone())
+                .unwrap_or_else(|| "-".into());
+            (pop, endpoint)
+        };
+        match event {
+            PathEvent::Down {
+                public_key,
+                for_how_long,
+                ever_handshaken,
+                keepalive,
+            } => {
+                let (pop, endpoint) = name(&public_key);
+                let what = match ever_handshaken {
+                    true => "mesh: path to the peer is down: no WireGuard handshake for longer than \
+                             a session lasts, although this POP keeps the path alive with keepalives; \
+                             the path between the two POPs is blocked or the peer's WireGuard is stuck, \
+                             and 6PN traffic to it is lost",
+                    false => "mesh: path to the peer is down: no WireGuard handshake since it was \
+                              added, after three attempts; the path between the two POPs is blocked \
+                              or the peer's WireGuard is stuck, and 6PN traffic to it is lost",
+                };
+                tracing::warn!(peer = %pop, %endpoint, for_secs = for_how_long.as_secs(),
+                    keepalive_secs = keepalive.as_secs(), "{what}");
+            }
+            PathEvent::Up { public_key, after } => {
+                let (pop, endpoint) = name(&public_key);
+                tracing::info!(peer = %pop, %endpoint, after_secs = after.as_secs(),
+                    "mesh: path to the peer works again: handshake completed");
+            }
+        }
+    }
+
     async fn publish_status(&mut self) {
         let read = match &self.device {
             Some(device) => device.peers().await,
@@ -655,11 +699,25 @@ impl Driver {
             }
         };
         let mtu = self.netlink.mtu(self.index).await.ok().flatten();
+        let keys: Vec<String> = peers.iter().map(|p| p.public_key.to_string()).collect();
+        let keepalive = |k: Option<u16>| k.map(|k| Duration::from_secs(u64::from(k)));
+        let readings: Vec<Reading> = peers
+            .iter()
+            .zip(&keys)
+            .map(|(p, key)| Reading {
+                public_key: key,
+                last_handshake: p.last_handshake,
+                keepalive: keepalive(p.keepalive),
+            })
+            .collect();
+        let events = self.paths.observe(Instant::now(), &readings);
         let mut peers: Vec<PeerView> = peers
             .into_iter()
-            .map(|p| PeerView {
+            .zip(keys)
+            .map(|(p, key)| PeerView {
                 node_id: self.names.get(&p.public_key).cloned(),
-                public_key: p.public_key.to_string(),
+                path_up: self.paths.path_up(&key, keepalive(p.keepalive)),
+                public_key: key,
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
                 last_handshake_secs: p.last_handshake.map(|d| d.as_secs()),
@@ -668,6 +726,9 @@ impl Driver {
                 persistent_keepalive_secs: p.keepalive,
             })
             .collect();
+        for event in events {
+            self.tell_path(&peers, event);
+        }
         peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         self.status.publish(MeshStatus {
             enabled: true,

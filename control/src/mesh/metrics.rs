@@ -51,6 +51,12 @@ pub fn write(out: &mut String, s: &MeshStatus) {
             "Seconds since the last completed handshake with the peer (absent: never).",
             |p| p.last_handshake_secs,
         ),
+        (
+            "edgeproxy_mesh_peer_path_up",
+            "1 while the path to the peer works, 0 when it is down (no WireGuard handshake for \
+             longer than a session lasts); absent without a persistent keepalive to judge by.",
+            |p| p.path_up.map(u64::from),
+        ),
     ] {
         let kind = if name.ends_with("_total") {
             "counter"
@@ -111,6 +117,7 @@ mod tests {
                     rx_bytes: 10,
                     tx_bytes: 20,
                     last_handshake_secs: Some(3),
+                    path_up: Some(false),
                     ..Default::default()
                 },
                 PeerView {
@@ -128,5 +135,10 @@ mod tests {
         assert!(out.contains("edgeproxy_mesh_peer_last_handshake_seconds{peer=\"node-1\"} 3\n"));
         assert!(!out.contains("edgeproxy_mesh_peer_last_handshake_seconds{peer=\"node-\\\"2\"}"));
         assert!(out.contains("edgeproxy_mesh_peer_rx_bytes_total{peer=\"node-\\\"2\"} 0\n"));
+        assert!(
+            out.contains("edgeproxy_mesh_peer_path_up{peer=\"node-1\"} 0\n"),
+            "{out}"
+        );
+        assert!(!out.contains("edgeproxy_mesh_peer_path_up{peer=\"node-\\\"2\"}"));
     }
 }

@@ -26,5 +26,6 @@ pub mod driver;
 pub mod keys;
 pub mod metrics;
 pub mod netlink;
+pub mod path_watch;
 pub mod plan;
 pub mod status;

@@ -21,6 +21,11 @@ pub struct PeerView {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive_secs: Option<u16>,
+    /// Whether the path to the peer works, from its handshake age: `false`
+    /// when it is blocked; `None` when it cannot be told (this POP sends no
+    /// persistent keepalive). See `path_watch`.
+    #[serde(default)]
+    pub path_up: Option<bool>,
 }
 
 /// A POP of the table that is not a peer, and why.
