@@ -106,6 +106,47 @@ fn http_500_is_excluded_within_fall_checks_and_back_after_rise() {
     assert!(eventually(PATIENCE, || http_via(addr).as_deref() == Some("a")));
 }
 
+/// QA: a backend whose health URL answers with a redirect (301/302, e.g.
+/// `/health` → `/health/`) was taken out: only 2xx passed by default.
+/// HAProxy's `option httpchk` takes 2xx and 3xx; so does the default now,
+/// and an `expected_status` set to 2xx still refuses a redirect.
+#[test]
+fn a_redirecting_health_url_passes_the_default_check_and_a_strict_range_refuses_it() {
+    let a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    a.health_status
+        .store(301, std::sync::atomic::Ordering::SeqCst);
+    b.health_status
+        .store(302, std::sync::atomic::Ordering::SeqCst);
+    let (_dir, proxy) = proxy_over(
+        "health-redirect",
+        &[
+            Row::new("a", "web", "sa", a.port()),
+            Row::new("b", "strict", "sa", b.port()),
+        ],
+        "[health]\nenabled = true\ntype = \"http\"\ninterval_ms = 200\ntimeout_ms = 150\n\
+         unhealthy_threshold = 2\n[health.apps.strict]\nexpected_status = \"200-299\"\n",
+    );
+    let line = wait_event(&proxy, 0, "health checks failed", "b")
+        .unwrap_or_else(|| panic!("b out under 200-299; proxy log:\n{}", proxy.log_text()));
+    assert!(line.contains("302"), "the reason names the status: {line}");
+    // Well past the fall threshold: "a" answered every check with a 301.
+    let checks = |n| a.health_requests.load(std::sync::atomic::Ordering::SeqCst) >= n;
+    assert!(eventually(PATIENCE, || checks(6)), "a is not checked");
+    assert!(
+        proxy
+            .wait_for_log_where(
+                0,
+                |l| l.contains("health checks failed") && field(l, "backend").as_deref() == Some("a"),
+                Duration::ZERO,
+            )
+            .is_none(),
+        "a redirect took a out; proxy log:\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(http_via(proxy.addr()).as_deref(), Some("a"));
+}
+
 #[test]
 fn a_flapping_backend_does_not_churn_the_snapshot() {
     let a = HttpBackend::start("a");

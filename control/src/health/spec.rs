@@ -28,8 +28,8 @@ pub mod bounds {
 pub enum CheckKind {
     /// A TCP connect that completes.
     Tcp,
-    /// `GET path` over HTTP/1.1; a status in the expected range (2xx by
-    /// default) and, if set, a body containing `body_contains`.
+    /// `GET path` over HTTP/1.1; a status in the expected range (2xx and
+    /// 3xx by default) and, if set, a body containing `body_contains`.
     Http,
     /// The same over TLS (the certificate is not verified: the check asks
     /// whether the service answers, not who it is, and sends no secret).
@@ -105,9 +105,13 @@ pub struct StatusRange {
 }
 
 impl StatusRange {
-    pub const SUCCESS: StatusRange = StatusRange {
+    /// 2xx and 3xx, as HAProxy's `option httpchk`: a redirect (`/health` →
+    /// `/health/`, or to a login page) is an answer from a running server,
+    /// and hyper does not follow it. Until 2026-12-06 only 2xx passed, and
+    /// a backend that redirected its health URL was taken out.
+    pub const DEFAULT: StatusRange = StatusRange {
         low: 200,
-        high: 299,
+        high: 399,
     };
 
     pub fn parse(text: &str) -> Result<StatusRange, String> {
@@ -180,7 +184,7 @@ impl Default for CheckSettings {
             timeout: Duration::from_secs(2),
             healthy_threshold: 2,
             unhealthy_threshold: 3,
-            expected_status: StatusRange::SUCCESS,
+            expected_status: StatusRange::DEFAULT,
             body_contains: None,
             grpc_service: String::new(),
             command: None,
@@ -350,6 +354,14 @@ mod tests {
         .contains("expected_status"));
         assert!(serde_json::from_str::<CheckOverride>(r#"{"typo": 1}"#).is_err());
         assert!(serde_json::from_str::<CheckOverride>(r#"{"type": "icmp"}"#).is_err());
+    }
+
+    #[test]
+    fn the_default_range_takes_2xx_and_redirects() {
+        let d = CheckSettings::default().expected_status;
+        assert!([200, 204, 301, 302, 308, 399].iter().all(|s| d.contains(*s)));
+        assert!([199, 400, 404, 500].iter().all(|s| !d.contains(*s)));
+        assert_eq!(d.to_string(), "200-399");
     }
 
     #[test]
