@@ -415,6 +415,75 @@ fn a_hung_backend_does_not_close_its_half_open_circuit() {
     );
 }
 
+/// QA: a connection opened before its backend was ejected, that ended
+/// while the circuit was half-open, counted as a probe's success: one long
+/// request closed the circuit of a backend nobody had probed. Only
+/// connections opened once the circuit is half-open decide it now.
+#[test]
+fn a_connection_older_than_the_ejection_does_not_decide_the_half_open_circuit() {
+    use std::io::{Read, Write};
+    let mut a = HttpBackend::start("a");
+    let b = HttpBackend::start("b");
+    let (_dir, proxy) = proxy_over(
+        "health-circuit-old-conn",
+        &preferred(a.port(), b.port()),
+        &format!(
+            "[circuit_breaker]\nenabled = true\nfailure_threshold = 2\nsuccess_threshold = 1\n\
+             timeout_ms = 500\n{METRICS}"
+        ),
+    );
+    let m = metrics_addr(&proxy);
+    // Opened to "a" while it serves; its request is not finished yet.
+    let mut old = std::net::TcpStream::connect(proxy.addr()).unwrap();
+    old.set_read_timeout(Some(PATIENCE)).unwrap();
+    old.write_all(b"GET /old HTTP/1.1\r\n").unwrap();
+    assert!(eventually(PATIENCE, || metric(
+        m,
+        "edgeproxy_connections_active",
+        &[]
+    ) == Some(1.0)));
+    // One held on "b" too, so that "a" stays the first choice of new
+    // clients (scoring counts open connections).
+    let mut on_b = std::net::TcpStream::connect(proxy.addr()).unwrap();
+    on_b.write_all(b"GET /held HTTP/1.1\r\n").unwrap();
+    assert!(eventually(PATIENCE, || metric(
+        m,
+        "edgeproxy_connections_active",
+        &[]
+    ) == Some(2.0)));
+    let mark = proxy.log_mark();
+    stop_until_its_circuit_opens(&proxy, &mut a);
+    assert!(
+        wait_event(&proxy, mark, "circuit half-open", "a").is_some(),
+        "{}",
+        proxy.log_text()
+    );
+    let half = proxy.log_mark();
+    // The old connection ends now, served by "a", while no new one has
+    // probed it.
+    old.write_all(b"Host: x\r\n\r\n").unwrap();
+    let mut all = String::new();
+    let _ = old.read_to_string(&mut all);
+    assert!(all.ends_with("a\n"), "served by a: {all:?}");
+    drop(old);
+    assert!(eventually(PATIENCE, || metric(
+        m,
+        "edgeproxy_connections_active",
+        &[]
+    ) == Some(1.0)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !wait_event_now(&proxy, half, "circuit closed", "a"),
+        "a connection from before the ejection closed the circuit; log:\n{}",
+        proxy.log_text()
+    );
+    assert_eq!(
+        metric(m, "edgeproxy_backend_circuit_state", &[("backend", "a")]),
+        Some(1.0),
+        "half-open"
+    );
+}
+
 /// Backend "a" (preferred over "b") serves, is stopped, and is driven by
 /// clients until its circuit opens.
 fn stop_until_its_circuit_opens(proxy: &Proxy, a: &mut HttpBackend) {

@@ -371,7 +371,7 @@ async fn serve_inner(
             ),
         };
         record_connect_failure(ctx, &live);
-        ctx.shared.passive.report(&live.id, kind);
+        ctx.shared.passive.report(&live.id, kind, started);
         // One WARN when a backend starts failing, not one per failure: a
         // dead backend would otherwise log every connection that tried it.
         // The control side logs a rate-limited summary of the counts. The
@@ -451,9 +451,9 @@ fn tell_how_the_backend_served(
     ready_at: Instant,
 ) {
     if seen.was_reset() {
-        ctx.shared.passive.report(&live.id, PassiveKind::Reset);
+        ctx.shared.passive.report(&live.id, PassiveKind::Reset, ready_at);
     } else if seen.served() && live.successes_watched() {
-        ctx.shared.passive.report(&live.id, PassiveKind::Success);
+        ctx.shared.passive.report(&live.id, PassiveKind::Success, ready_at);
     }
     if seen.reset_before_reply() {
         live.resets_before_reply

@@ -20,6 +20,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A connect error that comes from this host's resources, not from the
 /// backend: out of local ports (`EADDRNOTAVAIL`), descriptors or memory.
@@ -134,6 +135,11 @@ impl BackendSeen {
 pub struct PassiveEvent {
     pub backend: Arc<str>,
     pub kind: PassiveKind,
+    /// When the connection began (its connect was started, or its pooled
+    /// socket handed over): a half-open circuit is decided only by
+    /// connections opened since it went half-open, not by one that was
+    /// open before the backend was ejected.
+    pub opened: Instant,
 }
 
 /// The shards' end of the channel.
@@ -159,12 +165,13 @@ pub fn channel(capacity: usize) -> (Arc<PassiveReporter>, PassiveEvents) {
 }
 
 impl PassiveReporter {
-    /// Queues an event, or drops and counts it when the queue is full or
-    /// nobody listens. Never blocks.
-    pub fn report(&self, backend: &Arc<str>, kind: PassiveKind) {
+    /// Queues an event about a connection opened at `opened`, or drops and
+    /// counts it when the queue is full or nobody listens. Never blocks.
+    pub fn report(&self, backend: &Arc<str>, kind: PassiveKind, opened: Instant) {
         let event = PassiveEvent {
             backend: Arc::clone(backend),
             kind,
+            opened,
         };
         match self.tx.try_send(event) {
             Ok(()) => self.sent.fetch_add(1, Ordering::Relaxed),
@@ -192,14 +199,14 @@ mod tests {
         let (reporter, events) = channel(2);
         let id: Arc<str> = Arc::from("b1");
         for _ in 0..5 {
-            reporter.report(&id, PassiveKind::ConnectFailed);
+            reporter.report(&id, PassiveKind::ConnectFailed, Instant::now());
         }
         assert_eq!((reporter.sent(), reporter.dropped()), (2, 3));
         let first = events.try_recv().unwrap();
         assert_eq!(&*first.backend, "b1");
         assert_eq!(first.kind, PassiveKind::ConnectFailed);
         // Room again: the next one goes through.
-        reporter.report(&id, PassiveKind::Success);
+        reporter.report(&id, PassiveKind::Success, Instant::now());
         assert_eq!(reporter.sent(), 3);
     }
 
@@ -207,7 +214,7 @@ mod tests {
     fn a_closed_channel_counts_drops() {
         let (reporter, events) = channel(8);
         drop(events);
-        reporter.report(&Arc::from("b1"), PassiveKind::Reset);
+        reporter.report(&Arc::from("b1"), PassiveKind::Reset, Instant::now());
         assert_eq!((reporter.sent(), reporter.dropped()), (0, 1));
     }
 

@@ -96,8 +96,10 @@ fn serve(
     health: &AtomicUsize,
     clients: &AtomicUsize,
 ) {
+    // Long enough for a client that holds its request open across an
+    // ejection (tests/health.rs).
     stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];

@@ -381,11 +381,17 @@ impl Checker {
         }
     }
 
-    /// A shard saw `failure` (or a success) on `id` at `now`.
-    pub fn on_passive(&mut self, now: Instant, id: &str, failure: bool) {
+    /// A shard saw `failure` (or a success) on `id` at `now`, on a
+    /// connection opened at `opened`. While the circuit is half-open only
+    /// connections opened since decide it (see
+    /// [`BackendHealth::predates_probing`]).
+    pub fn on_passive(&mut self, now: Instant, id: &str, failure: bool, opened: Instant) {
         let Some(e) = self.entries.get(id) else {
             return;
         };
+        if e.health.predates_probing(opened) {
+            return;
+        }
         let id = Arc::clone(&e.target.id);
         let app = Arc::clone(&e.target.app);
         let may_eject = !failure || self.may_eject(&app);

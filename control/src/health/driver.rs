@@ -148,12 +148,12 @@ impl Driver {
                     Some(first) => {
                         let now = Instant::now();
                         let mut checker = link.checker();
-                        checker.on_passive(now, &first.backend, first.kind.is_failure());
+                        checker.on_passive(now, &first.backend, first.kind.is_failure(), first.opened);
                         let mut n = 1;
                         if let Some(rx) = &events {
                             while n < EVENT_BATCH {
                                 let Ok(e) = rx.try_recv() else { break };
-                                checker.on_passive(now, &e.backend, e.kind.is_failure());
+                                checker.on_passive(now, &e.backend, e.kind.is_failure(), e.opened);
                                 n += 1;
                             }
                         }

@@ -133,6 +133,9 @@ pub struct BackendHealth {
     pub probe_successes: u32,
     pub ejections: u32,
     closed_since: Option<Instant>,
+    /// When the circuit last went half-open: connections opened before it
+    /// (during or before the ejection) do not decide it.
+    half_open_since: Option<Instant>,
     /// A passive failure waits for its confirming check.
     confirm_pending: bool,
     /// The cap already stopped this backend's ejection (logged once).
@@ -152,6 +155,7 @@ impl Default for BackendHealth {
             probe_successes: 0,
             ejections: 0,
             closed_since: None,
+            half_open_since: None,
             confirm_pending: false,
             capped: false,
         }
@@ -167,6 +171,15 @@ impl BackendHealth {
     /// Whether shards should report successful connects.
     pub fn wants_successes(&self) -> bool {
         self.passive_failures > 0 || self.circuit == CircuitState::HalfOpen
+    }
+
+    /// Whether a passive event about a connection opened at `opened` is to
+    /// be ignored: the circuit is half-open and the connection is older than
+    /// that. Opened before the ejection (a long download, a websocket), it
+    /// says nothing of the probes: QA found one such connection, ending
+    /// while half-open, closing a circuit no probe had tried.
+    pub fn predates_probing(&self, opened: Instant) -> bool {
+        self.circuit == CircuitState::HalfOpen && self.half_open_since.is_some_and(|t| opened < t)
     }
 
     /// Records an active check's outcome at `now`.
@@ -298,6 +311,7 @@ impl BackendHealth {
         match self.circuit {
             CircuitState::Open { until } if now >= until => {
                 self.circuit = CircuitState::HalfOpen;
+                self.half_open_since = Some(now);
                 self.probe_successes = 0;
                 Some(Change::HalfOpen)
             }

@@ -125,7 +125,7 @@ fn passive_failure_jumps_the_queue_and_one_failed_check_confirms_it() {
         c.on_result(now, &o.id, ok());
     }
     // ...but a client's failed connect asks for a check of "a" now.
-    c.on_passive(now, "a", true);
+    c.on_passive(now, "a", true, now);
     let order = c.poll_check(now).expect("an immediate check");
     assert_eq!(&*order.id, "a");
     c.on_result(now, &order.id, fail());
@@ -143,7 +143,7 @@ fn a_failure_during_a_check_in_flight_asks_for_another_after_it() {
     c.set_targets(t0, vec![target("a", "web", &s)]);
     let later = t0 + Duration::from_secs(1);
     let o = c.poll_check(later).unwrap();
-    c.on_passive(later, "a", true);
+    c.on_passive(later, "a", true, later);
     assert!(
         c.poll_check(later).is_none(),
         "one check of a backend at a time"
@@ -183,8 +183,8 @@ fn ejection_cap_keeps_half_the_app_in_rotation() {
     targets.push(target("api0", "api", &s));
     c.set_targets(t0, targets);
     for id in ["w0", "w1", "w2", "w3", "api0"] {
-        c.on_passive(t0, id, true);
-        c.on_passive(t0, id, true);
+        c.on_passive(t0, id, true, t0);
+        c.on_passive(t0, id, true, t0);
     }
     let changes = drain(&mut c);
     let ejected: Vec<_> = changes
@@ -212,12 +212,12 @@ fn circuit_timer_half_opens_and_successes_close_with_probe_limit_in_between() {
     let a = target("a", "web", &s);
     let live = Arc::clone(&a.live);
     c.set_targets(t0, vec![a, target("b", "web", &s)]);
-    c.on_passive(t0, "a", true);
+    c.on_passive(t0, "a", true, t0);
     assert!(
         live.successes_watched(),
         "after a failure, successes matter"
     );
-    c.on_passive(t0, "a", true);
+    c.on_passive(t0, "a", true, t0);
     assert!(matches!(drain(&mut c)[..], [(_, Change::Ejected(_))]));
     let t1 = t0 + Duration::from_secs(10);
     c.on_timers(t1 - Duration::from_millis(1));
@@ -231,13 +231,43 @@ fn circuit_timer_half_opens_and_successes_close_with_probe_limit_in_between() {
         records[0].hard_limit, 2,
         "probing: success_threshold connections"
     );
-    c.on_passive(t1, "a", false);
-    c.on_passive(t1, "a", false);
+    c.on_passive(t1, "a", false, t1);
+    c.on_passive(t1, "a", false, t1);
     assert_eq!(drain(&mut c), [("a".to_string(), Change::Closed)]);
     assert!(!live.successes_watched());
     let mut records = vec![record("a")];
     c.apply(&mut records);
     assert_eq!(records[0].hard_limit, 0);
+}
+
+/// QA: a connection opened before the ejection that ended while the
+/// circuit was half-open decided it (a success closed it, a reset would
+/// have reopened it). Only connections opened since the half-open do.
+#[test]
+fn only_connections_opened_since_the_half_open_decide_it() {
+    let t0 = Instant::now();
+    let s = Arc::new(CheckSettings::default());
+    let mut c = Checker::new(params(4), 5);
+    c.set_targets(t0, vec![target("a", "web", &s), target("b", "web", &s)]);
+    let old = t0 - Duration::from_secs(60);
+    c.on_passive(t0, "a", true, t0);
+    c.on_passive(t0, "a", true, t0);
+    assert!(matches!(drain(&mut c)[..], [(_, Change::Ejected(_))]));
+    let t1 = t0 + Duration::from_secs(10);
+    c.on_timers(t1);
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::HalfOpen)]);
+    let later = t1 + Duration::from_secs(1);
+    // Old connections end, well or badly: nothing changes.
+    for failure in [false, false, true] {
+        c.on_passive(later, "a", failure, old);
+        c.on_passive(later, "a", failure, t0);
+    }
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.health("a").unwrap().0.circuit, CircuitState::HalfOpen);
+    // Two probes opened since the half-open close it.
+    c.on_passive(later, "a", false, t1);
+    c.on_passive(later, "a", false, later);
+    assert_eq!(drain(&mut c), [("a".to_string(), Change::Closed)]);
 }
 
 #[test]
@@ -329,8 +359,8 @@ fn a_backend_that_moves_starts_its_health_over() {
     let s = settings(1000);
     let mut c = Checker::new(params(4), 11);
     c.set_targets(t0, vec![target("a", "web", &s), target("b", "web", &s)]);
-    c.on_passive(t0, "a", true);
-    c.on_passive(t0, "a", true);
+    c.on_passive(t0, "a", true, t0);
+    c.on_passive(t0, "a", true, t0);
     assert!(matches!(
         drain(&mut c).as_slice(),
         [(id, Change::Ejected(_))] if id == "a"
@@ -347,7 +377,7 @@ fn a_backend_that_moves_starts_its_health_over() {
     // The same address again changes nothing.
     let mut same = target("a", "web", &s);
     same.addr = "127.0.0.1:10".parse().unwrap();
-    c.on_passive(t0, "a", true);
+    c.on_passive(t0, "a", true, t0);
     c.set_targets(t0, vec![same, target("b", "web", &s)]);
     assert!(drain(&mut c).is_empty());
     assert_eq!(c.health("a").unwrap().0.passive_failures, 1);
@@ -366,7 +396,7 @@ fn a_check_that_started_before_a_passive_failure_does_not_use_up_its_confirmatio
     c.set_targets(t0, vec![target("a", "web", &s)]);
     let later = t0 + Duration::from_secs(1);
     let o = c.poll_check(later).unwrap();
-    c.on_passive(later, "a", true);
+    c.on_passive(later, "a", true, later);
     c.on_result(later, &o.id, ok());
     assert!(drain(&mut c).is_empty());
     let again = c
@@ -379,7 +409,7 @@ fn a_check_that_started_before_a_passive_failure_does_not_use_up_its_confirmatio
     let mut c = Checker::new(params(4), 3);
     c.set_targets(t0, vec![target("a", "web", &s)]);
     let o = c.poll_check(later).unwrap();
-    c.on_passive(later, "a", true);
+    c.on_passive(later, "a", true, later);
     c.on_result(later, &o.id, fail());
     assert_eq!(drain(&mut c), [("a".to_string(), Change::Down)]);
 }
