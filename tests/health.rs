@@ -855,6 +855,123 @@ fn a_backend_that_resets_its_connections_is_ejected() {
     assert_eq!(http_via(proxy.addr()).as_deref(), Some("b"));
 }
 
+/// QA: passive health blamed the backend for resets its clients caused. A
+/// backend that greets and closes met a client that had sent something
+/// (its close then resets: data it never read), and one that resets a
+/// request whose client went away (as HAProxy's `abortonclose` does) met
+/// clients that half-closed and left; both were ejected though they served
+/// every client that stayed. Clients of every kind abort here, hundreds of
+/// times; a reset is the backend's failure only while its client is still
+/// there and before the backend sent a byte or closed.
+#[test]
+fn clients_that_abort_never_get_their_backend_ejected() {
+    // Greets, then closes without reading (a "busy" or banner service).
+    let greeter = custom_backend(|mut s| {
+        let _ = std::io::Write::write_all(&mut s, b"220 greetings\r\n");
+    });
+    // Reads a request; if its client has gone (end of stream) before the
+    // answer is ready, resets; else answers.
+    let aborter = custom_backend(|mut s| {
+        let mut buf = [0u8; 256];
+        let _ = std::io::Read::read(&mut s, &mut buf);
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            }
+            _ => {
+                let _ = std::io::Write::write_all(&mut s, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nz\n");
+            }
+        }
+    });
+    let http = HttpBackend::start("a");
+    for (name, port) in [
+        ("http", http.port()),
+        ("aborter", aborter.port()),
+        ("greeter", greeter.port()),
+    ] {
+        let (_dir, proxy) = proxy_over(
+            &format!("health-aborts-{name}"),
+            &[Row::new("a", "web", "sa", port)],
+            &format!(
+                "[circuit_breaker]\nenabled = true\nfailure_threshold = 3\ntimeout_ms = 60000\n{METRICS}"
+            ),
+        );
+        let m = metrics_addr(&proxy);
+        let addr = proxy.addr();
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        let abort = |s: &std::net::TcpStream| {
+            let _ = socket2::SockRef::from(s).set_linger(Some(Duration::ZERO));
+        };
+        for i in 0..40 {
+            use std::io::Write;
+            let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+                continue;
+            };
+            // Eight of a kind in a row: failures must come in a row to eject.
+            match (i / 8) % 5 {
+                // Connects and resets at once.
+                0 => abort(&s),
+                // Sends a request and resets.
+                1 => {
+                    let _ = s.write_all(request);
+                    abort(&s);
+                }
+                // Sends a request, waits a little, leaves without reading.
+                2 => {
+                    let _ = s.write_all(request);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                // Sends a request and half-closes, then leaves.
+                3 => {
+                    let _ = s.write_all(request);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    std::thread::sleep(Duration::from_millis(20));
+                    abort(&s);
+                }
+                // Sends a request in two parts, then half-closes.
+                _ => {
+                    let _ = s.write_all(&request[..10]);
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = s.write_all(&request[10..]);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            drop(s);
+        }
+        // Every connection the proxy made has ended (the aborter waits
+        // 300 ms for its client).
+        assert!(
+            eventually(PATIENCE, || metric(
+                m,
+                "edgeproxy_connections_active",
+                &[]
+            ) == Some(0.0)),
+            "connections left open"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        // Nor put behind for a backoff (engine/src/backoff.rs).
+        assert!(
+            proxy
+                .wait_for_log("reset a connection before replying", Duration::ZERO)
+                .is_none(),
+            "{name}: marked failing by its clients' aborts; proxy log:\n{}",
+            proxy.log_text()
+        );
+        assert!(
+            proxy.wait_for_log("circuit open", Duration::ZERO).is_none(),
+            "{name}: ejected by its clients' aborts; proxy log:\n{}",
+            proxy.log_text()
+        );
+        assert_eq!(
+            metric(m, "edgeproxy_backend_circuit_state", &[("backend", "a")]),
+            Some(0.0),
+            "{name}"
+        );
+    }
+}
+
 /// A receiver for the transition webhook: every request's body, in order.
 fn webhook_receiver() -> (SocketAddr, std::sync::mpsc::Receiver<serde_json::Value>) {
     use std::io::{BufRead, BufReader, Read, Write};

@@ -436,7 +436,10 @@ async fn serve_inner(
 
 /// Tells the backend's part in a connection that ended to its circuit
 /// breaker (passive health) and its backoff. A connect that succeeded and
-/// was then reset is a failure, not a success, so a success is only told
+/// was then reset before the backend served anything, while its client was
+/// there, is a failure (a reset the client caused, or one after a reply, is
+/// neither failure nor success: see [`BackendSeen::reset_before_reply`]),
+/// so a success is only told
 /// once the connection ended without a reset from the backend, after it
 /// sent a byte or closed cleanly (a hung backend proves nothing: see
 /// [`BackendSeen::served`]), and only while the control side listens for
@@ -450,7 +453,7 @@ fn tell_how_the_backend_served(
     seen: &BackendSeen,
     ready_at: Instant,
 ) {
-    if seen.was_reset() {
+    if seen.reset_before_reply() {
         ctx.shared.passive.report(&live.id, PassiveKind::Reset, ready_at);
     } else if seen.served() && live.successes_watched() {
         ctx.shared.passive.report(&live.id, PassiveKind::Success, ready_at);
@@ -689,6 +692,27 @@ async fn splice(
     outcome
 }
 
+/// Runs one direction of a TLS client's connection (`pump`), then notes in
+/// `seen` that the client left when that direction's end says so: the
+/// client → backend direction (`up`) ends with the client's end of stream
+/// or error (a reset from the backend met on the way was noted first); the
+/// other one, when it fails, fails towards the client (its own reads from
+/// the backend are noted as they fail). From then on a reset from the
+/// backend is what the client's leaving caused, not the backend's failure.
+/// (Plain connections note it inside [`pump`], whose future is stored in
+/// every connection's task.)
+async fn client_leaves_when_done<T, E>(
+    pump: impl Future<Output = Result<T, E>>,
+    seen: &BackendSeen,
+    up: bool,
+) -> Result<T, E> {
+    let outcome = pump.await;
+    if up || outcome.is_err() {
+        seen.client_left();
+    }
+    outcome
+}
+
 /// `splice` for a TLS client: decrypt up, encrypt down.
 async fn splice_tls(
     (up_bytes, down_bytes): (ByteCount<'_>, ByteCount<'_>),
@@ -701,8 +725,16 @@ async fn splice_tls(
 ) -> Result<(), ConnError> {
     let unwatched = Cell::new(false);
     let activity = idle.map_or(&unwatched, IdleGuard::activity);
-    let up = session.pump_up(client, backend, activity, buffer_len, up_bytes, seen);
-    let down = session.pump_down(backend, client, activity, buffer_len, down_bytes, seen);
+    let up = client_leaves_when_done(
+        session.pump_up(client, backend, activity, buffer_len, up_bytes, seen),
+        seen,
+        true,
+    );
+    let down = client_leaves_when_done(
+        session.pump_down(backend, client, activity, buffer_len, down_bytes, seen),
+        seen,
+        false,
+    );
     let outcome = until_idle(pin!(try_join(up, down)), idle).await;
     outcome
 }
@@ -739,22 +771,40 @@ enum BackendAt<'a> {
 }
 
 impl BackendAt<'_> {
-    /// `result` of a send to the pump's `dst`, a failure noted when that is
-    /// the backend.
+    /// `result` of a send to the pump's `dst`: a failure is noted as the
+    /// backend's (a reset) or as the client's leaving.
     fn sent<T>(self, result: io::Result<T>) -> io::Result<T> {
-        if let (BackendAt::Dst(seen), Err(e)) = (self, &result) {
-            seen.send_failed(e);
+        match (self, &result) {
+            (BackendAt::Dst(seen), Err(e)) => seen.send_failed(e),
+            (BackendAt::Src(seen), Err(_)) => seen.client_left(),
+            _ => {}
         }
         result
     }
 
-    /// The error that ended a splice, noted when it came from the
-    /// backend's socket.
+    /// A read from the pump's `src` failed with `e`.
+    fn read_failed(self, e: &io::Error) {
+        match self {
+            BackendAt::Src(seen) => seen.read_failed(e),
+            BackendAt::Dst(seen) => seen.client_left(),
+        }
+    }
+
+    /// The pump's `src` closed its side.
+    fn src_closed(self) {
+        match self {
+            BackendAt::Src(seen) => seen.closed(),
+            BackendAt::Dst(seen) => seen.client_left(),
+        }
+    }
+
+    /// The error that ended a splice, on the backend's socket or the
+    /// client's.
     fn splice_failed(self, end: rt::SpliceEnd, e: &io::Error) {
         match (self, end) {
-            (BackendAt::Src(seen), rt::SpliceEnd::Src) => seen.read_failed(e),
+            (_, rt::SpliceEnd::Src) => self.read_failed(e),
             (BackendAt::Dst(seen), rt::SpliceEnd::Dst) => seen.send_failed(e),
-            _ => {}
+            (BackendAt::Src(seen), rt::SpliceEnd::Dst) => seen.client_left(),
         }
     }
 }
@@ -765,7 +815,10 @@ impl BackendAt<'_> {
 /// `spliced` (runtime.splice_bulk), a read that fills a whole buffer hands
 /// the rest of the flow to splice(2) and is counted there. What the
 /// backend's end (`backend`) does is noted in its `BackendSeen`: bytes read
-/// from it, a reset met reading from it or sending to it. Every read sets
+/// from it, its close, a reset met reading from it or sending to it; and so
+/// is the client's leaving (its end of stream, a failed read from it or send
+/// to it), after which a reset from the backend is not its failure. Every
+/// read sets
 /// `activity` (the idle sweeper's flag: no clock read per chunk).
 async fn pump(
     src: &TcpStream,
@@ -782,18 +835,12 @@ async fn pump(
             rt::send_or_keep(dst, bytes, ending)
         })
         .await
-        .inspect_err(|e| {
-            if let BackendAt::Src(seen) = backend {
-                seen.read_failed(e);
-            }
-        });
+        .inspect_err(|e| backend.read_failed(e));
         let (n, rest) = match read? {
             // Readable, yet nothing there by the time the task read.
             None => continue,
             Some((0, _)) => {
-                if let BackendAt::Src(seen) = backend {
-                    seen.closed();
-                }
+                backend.src_closed();
                 // The peer may already be gone; nothing more to tell it.
                 let _ = rt::shutdown_write(dst).await;
                 return Ok(());
@@ -824,7 +871,11 @@ async fn pump(
                         bytes.add(n as u64);
                     };
                     let failed = |end, e: &io::Error| backend.splice_failed(end, e);
-                    return Box::pin(rt::splice_to_end(pipe, src, dst, moved, failed)).await;
+                    let spliced = Box::pin(rt::splice_to_end(pipe, src, dst, moved, failed)).await;
+                    if spliced.is_ok() {
+                        backend.src_closed();
+                    }
+                    return spliced;
                 }
                 // No pipe to be had: this flow goes on copying.
                 Err(e) => {

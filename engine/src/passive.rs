@@ -46,7 +46,9 @@ pub enum PassiveKind {
     ConnectFailed,
     /// The connect did not finish within the connect timeout.
     ConnectTimeout,
-    /// The backend reset an established connection.
+    /// The backend reset an established connection before it sent a byte
+    /// or closed, while its client was still there (see
+    /// [`BackendSeen::reset_before_reply`]).
     Reset,
     /// A connection ended without a reset from the backend, which sent a
     /// byte or closed cleanly (reported only while the backend is watched).
@@ -72,12 +74,16 @@ impl PassiveKind {
 
 /// What a connection's pumps saw of its backend: whether it sent a byte,
 /// closed its side cleanly (FIN), or reset the connection (met reading from
-/// it or sending to it). Plain cells: the connection's task owns it.
+/// it or sending to it), and whether its client had left by then. Plain
+/// cells: the connection's task owns it.
 #[derive(Debug, Default)]
 pub struct BackendSeen {
     replied: Cell<bool>,
     closed: Cell<bool>,
     reset: Cell<bool>,
+    client_left: Cell<bool>,
+    /// A reset met before any reply or close, while the client was there.
+    unserved_reset: Cell<bool>,
 }
 
 impl BackendSeen {
@@ -99,10 +105,24 @@ impl BackendSeen {
         !self.reset.get() && (self.replied.get() || self.closed.get())
     }
 
+    /// The client's side ended (its end of stream, a reset or error from
+    /// it, a send to it that failed): a reset from the backend after this
+    /// is not the backend's failure (see [`BackendSeen::reset_before_reply`]).
+    pub fn client_left(&self) {
+        self.client_left.set(true);
+    }
+
+    fn note_reset(&self) {
+        self.reset.set(true);
+        if !self.replied.get() && !self.closed.get() && !self.client_left.get() {
+            self.unserved_reset.set(true);
+        }
+    }
+
     /// A read from the backend failed with `e`: a reset is noted.
     pub fn read_failed(&self, e: &std::io::Error) {
         if e.kind() == std::io::ErrorKind::ConnectionReset {
-            self.reset.set(true);
+            self.note_reset();
         }
     }
 
@@ -113,20 +133,29 @@ impl BackendSeen {
     pub fn send_failed(&self, e: &std::io::Error) {
         use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
         if matches!(e.kind(), ConnectionReset | BrokenPipe) {
-            self.reset.set(true);
+            self.note_reset();
         }
     }
 
-    /// The backend reset the connection (a passive health failure).
+    /// The backend reset the connection, whatever the cause.
     pub fn was_reset(&self) -> bool {
         self.reset.get()
     }
 
-    /// The backend reset the connection before it sent a byte: it accepted
-    /// the connection but did not serve it. To the client that is a backend
-    /// that does not work, though the connect succeeded.
+    /// The backend reset the connection before it sent a byte or closed
+    /// its side, while its client was still there: it accepted the
+    /// connection but did not serve it. To the client that is a backend
+    /// that does not work, though the connect succeeded: the one reset that
+    /// is a passive health failure. Not so a reset that follows a reply or
+    /// a close (a server that greets, or answers, and closes with bytes
+    /// from its client unread resets: that is how a close with unread data
+    /// ends), nor one that follows its client's leaving (the proxy passed
+    /// the client's end on, and servers that abort a request whose client
+    /// went away reset it): QA found clients that abort, and such backends,
+    /// getting healthy backends ejected (until 2026-12-06 every reset
+    /// counted).
     pub fn reset_before_reply(&self) -> bool {
-        self.reset.get() && !self.replied.get()
+        self.unserved_reset.get()
     }
 }
 
@@ -235,6 +264,25 @@ mod tests {
         let seen = BackendSeen::default();
         seen.send_failed(&Error::from(ErrorKind::BrokenPipe));
         assert!(seen.reset_before_reply(), "a send refused after a reset");
+    }
+
+    #[test]
+    fn a_reset_after_a_close_or_after_the_client_left_is_not_the_backends_failure() {
+        use std::io::{Error, ErrorKind};
+        let seen = BackendSeen::default();
+        seen.closed();
+        seen.send_failed(&Error::from(ErrorKind::BrokenPipe));
+        assert!(seen.was_reset() && !seen.reset_before_reply());
+        let seen = BackendSeen::default();
+        seen.client_left();
+        seen.read_failed(&Error::from(ErrorKind::ConnectionReset));
+        assert!(seen.was_reset() && !seen.reset_before_reply());
+        assert!(!seen.served(), "nor a success");
+        // The client leaving after the backend's reset changes nothing.
+        let seen = BackendSeen::default();
+        seen.read_failed(&Error::from(ErrorKind::ConnectionReset));
+        seen.client_left();
+        assert!(seen.reset_before_reply());
     }
 
     #[test]
