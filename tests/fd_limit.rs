@@ -217,3 +217,83 @@ fn accept_failures_out_of_descriptors_are_rate_limited() {
     assert!(lines.len() <= 2, "{} lines:\n{lines:#?}", lines.len());
     drop(clients);
 }
+
+/// QA: warm pool sockets were not counted in the descriptor reserve. Under
+/// `ulimit -n 256` with 40 warmed backends the pool held 80 sockets at once
+/// (one per backend per shard) out of the descriptors the derived
+/// connection limit had promised to clients: clients within that limit
+/// were accepted and closed (no descriptor for their backend), and health
+/// checks could not run. The pool now holds at most what is set aside for
+/// it.
+#[test]
+fn warm_pool_sockets_never_take_the_descriptors_clients_and_checks_need() {
+    let dir = TempDir::new("fd-pool");
+    let backends: Vec<TagBackend> = (0..40).map(|i| TagBackend::start(&format!("b{i}"))).collect();
+    let db = Db::create(dir.join("routing.db"));
+    for b in &backends {
+        db.upsert(&Row::new(&b.name, "web", "sa", b.port()));
+    }
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(
+        &path,
+        config(
+            &db.path,
+            "[pool]\nenabled = true\nwarm = \"all\"\nspeaks_first = \"keep\"\n\
+             [health]\nenabled = true\ninterval_ms = 200\ntimeout_ms = 150\nmax_concurrent = 8\n\
+             [affinity]\nttl_secs = 0\n",
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=256:256").arg(BIN);
+    let proxy = Proxy::spawn_command(
+        cmd,
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info"),
+    )
+    .ready();
+    let line = proxy
+        .wait_for_log(
+            "connection limit derived from the open files limit",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("{}", proxy.log_text()));
+    let max: usize = field(&line, "max_connections").unwrap().parse().unwrap();
+    // Let the pool warm every backend on both shards.
+    std::thread::sleep(Duration::from_millis(1500));
+    // The limit's worth of clients at once, held open: every one is
+    // served (each reads its backend's greeting), none accepted and closed.
+    let clients: Vec<TcpStream> = (0..max)
+        .map(|_| {
+            let s = TcpStream::connect(proxy.addr()).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let mut greeted = vec![false; max];
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        for (i, c) in clients.iter().enumerate() {
+            if !greeted[i] && poll_greeting(c).is_some() {
+                greeted[i] = true;
+            }
+        }
+        let served = greeted.iter().filter(|g| **g).count();
+        if served == max {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{served} of {max} clients served; proxy log:\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Checks keep running with every client in: none lacks a descriptor.
+    std::thread::sleep(Duration::from_millis(600));
+    let log = proxy.log_text();
+    assert!(!log.contains("health check could not run"), "{log}");
+    assert!(!log.contains("accept failed"), "{log}");
+    drop(clients);
+}

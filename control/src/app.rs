@@ -150,7 +150,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
-    engine.set_pool(config.pool.policy());
+    engine.set_pool(crate::fd_limit::pool_policy(
+        &config,
+        config.runtime.shards,
+    ));
     log_pool(&config.pool);
     // Health checks and the circuit breaker: their state weighs on every
     // snapshot from now on (see `health`); the driver starts on the control
@@ -833,7 +836,9 @@ fn apply(
         .collect();
     let (updates, starting) = in_place(changed, starting);
     if old.pool != new.pool {
-        engine.set_pool(new.pool.policy());
+        // Split between the shards that run (runtime.shards waits for a
+        // restart).
+        engine.set_pool(crate::fd_limit::pool_policy(new, old.runtime.shards));
         log_pool(&new.pool);
     }
     let (next, restart) = crate::config_diff::split(old, new);

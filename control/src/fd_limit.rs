@@ -30,6 +30,14 @@ pub const BASE_RESERVE: u64 = 64;
 /// shard's own (its io_uring instance, wake-up descriptors).
 const PER_SHARD: u64 = 4;
 
+/// With `[pool]` on, the share of the descriptors left after the reserve
+/// that warm backend sockets may hold: one in four. They are set aside like
+/// the reserve (the derived connection limit shrinks by them), and the pool
+/// never holds more (split evenly between the shards): each warm socket is a
+/// descriptor no connection counts. Without that, a pool near the limit
+/// took descriptors the limit had promised to clients and health checks.
+const POOL_SHARE: u64 = 4;
+
 /// Connections the discovery API serves at once.
 const API_CONNECTIONS: u64 = crate::api::MAX_CONNECTIONS as u64;
 
@@ -105,6 +113,33 @@ pub fn reserve(config: &Config) -> u64 {
     reserve
 }
 
+/// Descriptors set aside for warm backend sockets (`[pool]`) under `nofile`:
+/// none with the pool off.
+pub fn pool_reserve(config: &Config, nofile: u64) -> u64 {
+    if !config.pool.enabled {
+        return 0;
+    }
+    nofile.saturating_sub(reserve(config)) / POOL_SHARE
+}
+
+/// Everything set aside from `nofile` besides connections: the reserve and
+/// the pool's share.
+fn set_aside(config: &Config, nofile: u64) -> u64 {
+    reserve(config) + pool_reserve(config, nofile)
+}
+
+/// The pool's policy under the limit in force now, `None` when it is off:
+/// its sockets on each of `shards` (the running ones) at most their share
+/// of [`pool_reserve`].
+pub fn pool_policy(config: &Config, shards: u32) -> Option<engine::pool::Policy> {
+    let nofile = current().map(|n| n.soft).unwrap_or(1024);
+    let per_shard = pool_reserve(config, nofile) / u64::from(shards.max(1));
+    config.pool.policy().map(|mut p| {
+        p.max_sockets = per_shard.clamp(1, u64::from(u32::MAX)) as u32;
+        p
+    })
+}
+
 /// The connection limit `nofile` descriptors allow with `reserve` set
 /// aside: at least 1 (0 would mean "unlimited").
 pub fn derived(nofile: u64, reserve: u64) -> u32 {
@@ -126,7 +161,7 @@ pub enum Source {
 pub fn max_connections(config: &Config, nofile: u64) -> (u32, Source) {
     match config.limits.max_connections {
         Some(n) => (n, Source::Configured),
-        None => (derived(nofile, reserve(config)), Source::OpenFiles),
+        None => (derived(nofile, set_aside(config, nofile)), Source::OpenFiles),
     }
 }
 
@@ -159,7 +194,7 @@ pub fn raise_and_log(config: &Config) -> u32 {
             soft
         }
     };
-    let reserve = reserve(config);
+    let reserve = set_aside(config, nofile);
     let (limit, source) = max_connections(config, nofile);
     let fits = derived(nofile, reserve);
     match source {
@@ -235,6 +270,29 @@ mod tests {
             "[runtime]\nshards = 2\n[health]\nmax_concurrent = 10\n[health.apps.web]\nenabled = true\n",
         );
         assert_eq!(reserve(&app), reserve(&off) + 10 + 1);
+    }
+
+    /// QA: warm pool sockets were not counted: under `ulimit -n 256` with
+    /// 40 warmed backends the pool held 80 descriptors the derived limit
+    /// had promised to clients.
+    #[test]
+    fn the_pools_share_is_set_aside_and_bounds_it() {
+        let off = config("[runtime]\nshards = 2\n");
+        let on = config("[runtime]\nshards = 2\n[pool]\nenabled = true\n");
+        assert_eq!(pool_reserve(&off, 1024), 0);
+        let share = (1024 - reserve(&on)) / POOL_SHARE;
+        assert_eq!(pool_reserve(&on, 1024), share);
+        assert_eq!(
+            u64::from(max_connections(&on, 1024).0),
+            (1024 - reserve(&on) - share) / PER_CONNECTION
+        );
+        assert_eq!(pool_policy(&off, 2), None);
+        let nofile = current().unwrap().soft;
+        let policy = pool_policy(&on, 2).unwrap();
+        assert_eq!(
+            u64::from(policy.max_sockets),
+            (pool_reserve(&on, nofile) / 2).max(1)
+        );
     }
 
     #[test]

@@ -112,6 +112,9 @@ impl Pool {
                 SpeaksFirst::Exclude => pool::SpeaksFirst::Exclude,
                 SpeaksFirst::Keep => pool::SpeaksFirst::Keep,
             },
+            // Bounded by the descriptors set aside for it: see
+            // `crate::fd_limit::pool_policy`, which every caller goes through.
+            max_sockets: u32::MAX,
         })
     }
 }

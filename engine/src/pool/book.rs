@@ -276,6 +276,9 @@ impl<S> Book<S> {
     /// The next background connect to make, if any backend is below its
     /// target and not waiting out a retry delay.
     pub fn poll_connect(&mut self, now: Instant) -> Option<Order> {
+        if self.full() {
+            return None;
+        }
         let entry = self.entries.values_mut().find(|e| e.wants_connect(now))?;
         let order = issue(entry);
         self.connecting_total += 1;
@@ -287,6 +290,9 @@ impl<S> Book<S> {
     /// connection path asks after a take (one lookup, not a scan of every
     /// warmed backend).
     pub fn poll_connect_of(&mut self, now: Instant, id: &str) -> Option<Order> {
+        if self.full() {
+            return None;
+        }
         let entry = self.entries.get_mut(id)?;
         if !entry.wants_connect(now) {
             return None;
@@ -295,6 +301,16 @@ impl<S> Book<S> {
         self.connecting_total += 1;
         self.publish();
         Some(order)
+    }
+
+    /// The shard holds `max_sockets` pooled sockets (idle or connecting):
+    /// no more connects until one goes. Without that bound the pool took
+    /// descriptors the connection limit had promised to clients (QA: under
+    /// `ulimit -n 256`, 40 warmed backends held 80, and clients within the
+    /// limit were accepted and closed, accepts failed with EMFILE, and
+    /// health checks could not run).
+    fn full(&self) -> bool {
+        self.idle_total + self.connecting_total >= u64::from(self.policy.max_sockets)
     }
 
     /// `order` connected: `sock` joins the pool, or is dropped (closed) when

@@ -92,6 +92,11 @@ pub struct Policy {
     /// Only these apps' backends; empty = every app.
     pub apps: Vec<Arc<str>>,
     pub speaks_first: SpeaksFirst,
+    /// Pooled sockets (idle and connecting) on the shard, at most, over all
+    /// its backends: each holds a descriptor the connection limit does not
+    /// count, so the control side bounds them by the descriptors it set
+    /// aside for the pool (`control::fd_limit::pool_reserve`).
+    pub max_sockets: u32,
 }
 
 impl Default for Policy {
@@ -104,6 +109,7 @@ impl Default for Policy {
             warm: Warm::Remote,
             apps: Vec::new(),
             speaks_first: SpeaksFirst::Exclude,
+            max_sockets: u32::MAX,
         }
     }
 }

@@ -535,3 +535,30 @@ fn a_policy_that_stops_covering_a_backend_closes_its_sockets_at_the_next_refresh
     assert_eq!(r.closed.get(), 1);
     assert!(!r.book.warms("a"));
 }
+
+/// QA: the pool took descriptors the connection limit had promised to
+/// clients; it now stops at `max_sockets` (idle and connecting) per shard.
+#[test]
+fn the_pool_never_holds_more_than_its_share_of_descriptors() {
+    let mut r = Rig::new(Policy {
+        warm: Warm::All,
+        max_sockets: 2,
+        ..Policy::default()
+    });
+    let s = snap(&[
+        rec("a", "web", "eu", 81),
+        rec("b", "web", "eu", 82),
+        rec("c", "web", "eu", 83),
+    ]);
+    refresh(&mut r.book, &s);
+    let first = r.book.poll_connect(r.at(0)).unwrap();
+    assert!(r.book.poll_connect(r.at(0)).is_some());
+    assert!(r.book.poll_connect(r.at(0)).is_none(), "two in flight: full");
+    let (sock, _) = r.sock();
+    r.book.connected(r.at(1), &first, sock);
+    assert!(r.book.poll_connect(r.at(1)).is_none(), "one idle, one connecting");
+    // A take frees a place: the refill, or the backend still without one.
+    assert!(r.take(2, &first.id, first.addr).is_some());
+    assert!(r.book.poll_connect(r.at(2)).is_some());
+    assert!(r.book.poll_connect(r.at(2)).is_none());
+}
