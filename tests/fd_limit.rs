@@ -228,7 +228,9 @@ fn accept_failures_out_of_descriptors_are_rate_limited() {
 #[test]
 fn warm_pool_sockets_never_take_the_descriptors_clients_and_checks_need() {
     let dir = TempDir::new("fd-pool");
-    let backends: Vec<TagBackend> = (0..40).map(|i| TagBackend::start(&format!("b{i}"))).collect();
+    let backends: Vec<TagBackend> = (0..40)
+        .map(|i| TagBackend::start(&format!("b{i}")))
+        .collect();
     let db = Db::create(dir.join("routing.db"));
     for b in &backends {
         db.upsert(&Row::new(&b.name, "web", "sa", b.port()));

@@ -137,7 +137,8 @@ fn a_redirecting_health_url_passes_the_default_check_and_a_strict_range_refuses_
         proxy
             .wait_for_log_where(
                 0,
-                |l| l.contains("health checks failed") && field(l, "backend").as_deref() == Some("a"),
+                |l| l.contains("health checks failed")
+                    && field(l, "backend").as_deref() == Some("a"),
                 Duration::ZERO,
             )
             .is_none(),
@@ -874,13 +875,17 @@ fn clients_that_abort_never_get_their_backend_ejected() {
     let aborter = custom_backend(|mut s| {
         let mut buf = [0u8; 256];
         let _ = std::io::Read::read(&mut s, &mut buf);
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         match std::io::Read::read(&mut s, &mut buf) {
             Ok(0) => {
                 let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
             }
             _ => {
-                let _ = std::io::Write::write_all(&mut s, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nz\n");
+                let _ = std::io::Write::write_all(
+                    &mut s,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nz\n",
+                );
             }
         }
     });
@@ -943,11 +948,8 @@ fn clients_that_abort_never_get_their_backend_ejected() {
         // Every connection the proxy made has ended (the aborter waits
         // 300 ms for its client).
         assert!(
-            eventually(PATIENCE, || metric(
-                m,
-                "edgeproxy_connections_active",
-                &[]
-            ) == Some(0.0)),
+            eventually(PATIENCE, || metric(m, "edgeproxy_connections_active", &[])
+                == Some(0.0)),
             "connections left open"
         );
         std::thread::sleep(Duration::from_millis(300));

@@ -150,10 +150,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
-    engine.set_pool(crate::fd_limit::pool_policy(
-        &config,
-        config.runtime.shards,
-    ));
+    engine.set_pool(crate::fd_limit::pool_policy(&config, config.runtime.shards));
     log_pool(&config.pool);
     // Health checks and the circuit breaker: their state weighs on every
     // snapshot from now on (see `health`); the driver starts on the control

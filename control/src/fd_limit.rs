@@ -161,7 +161,10 @@ pub enum Source {
 pub fn max_connections(config: &Config, nofile: u64) -> (u32, Source) {
     match config.limits.max_connections {
         Some(n) => (n, Source::Configured),
-        None => (derived(nofile, set_aside(config, nofile)), Source::OpenFiles),
+        None => (
+            derived(nofile, set_aside(config, nofile)),
+            Source::OpenFiles,
+        ),
     }
 }
 

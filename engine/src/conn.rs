@@ -454,9 +454,13 @@ fn tell_how_the_backend_served(
     ready_at: Instant,
 ) {
     if seen.reset_before_reply() {
-        ctx.shared.passive.report(&live.id, PassiveKind::Reset, ready_at);
+        ctx.shared
+            .passive
+            .report(&live.id, PassiveKind::Reset, ready_at);
     } else if seen.served() && live.successes_watched() {
-        ctx.shared.passive.report(&live.id, PassiveKind::Success, ready_at);
+        ctx.shared
+            .passive
+            .report(&live.id, PassiveKind::Success, ready_at);
     }
     if seen.reset_before_reply() {
         live.resets_before_reply

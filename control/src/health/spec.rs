@@ -359,7 +359,9 @@ mod tests {
     #[test]
     fn the_default_range_takes_2xx_and_redirects() {
         let d = CheckSettings::default().expected_status;
-        assert!([200, 204, 301, 302, 308, 399].iter().all(|s| d.contains(*s)));
+        assert!([200, 204, 301, 302, 308, 399]
+            .iter()
+            .all(|s| d.contains(*s)));
         assert!([199, 400, 404, 500].iter().all(|s| !d.contains(*s)));
         assert_eq!(d.to_string(), "200-399");
     }

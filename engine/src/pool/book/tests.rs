@@ -553,10 +553,16 @@ fn the_pool_never_holds_more_than_its_share_of_descriptors() {
     refresh(&mut r.book, &s);
     let first = r.book.poll_connect(r.at(0)).unwrap();
     assert!(r.book.poll_connect(r.at(0)).is_some());
-    assert!(r.book.poll_connect(r.at(0)).is_none(), "two in flight: full");
+    assert!(
+        r.book.poll_connect(r.at(0)).is_none(),
+        "two in flight: full"
+    );
     let (sock, _) = r.sock();
     r.book.connected(r.at(1), &first, sock);
-    assert!(r.book.poll_connect(r.at(1)).is_none(), "one idle, one connecting");
+    assert!(
+        r.book.poll_connect(r.at(1)).is_none(),
+        "one idle, one connecting"
+    );
     // A take frees a place: the refill, or the backend still without one.
     assert!(r.take(2, &first.id, first.addr).is_some());
     assert!(r.book.poll_connect(r.at(2)).is_some());
