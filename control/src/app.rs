@@ -150,8 +150,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         snapshot.clone(),
         geo,
     )?;
-    engine.set_pool(crate::fd_limit::pool_policy(&config, config.runtime.shards));
-    log_pool(&config.pool);
+    let pool = crate::fd_limit::pool_policy(&config, config.runtime.shards);
+    log_pool(&config.pool, pool.as_ref());
+    engine.set_pool(pool);
     // Health checks and the circuit breaker: their state weighs on every
     // snapshot from now on (see `health`); the driver starts on the control
     // runtime below. It always runs: a backend may register with a check of
@@ -835,8 +836,9 @@ fn apply(
     if old.pool != new.pool {
         // Split between the shards that run (runtime.shards waits for a
         // restart).
-        engine.set_pool(crate::fd_limit::pool_policy(new, old.runtime.shards));
-        log_pool(&new.pool);
+        let pool = crate::fd_limit::pool_policy(new, old.runtime.shards);
+        log_pool(&new.pool, pool.as_ref());
+        engine.set_pool(pool);
     }
     let (next, restart) = crate::config_diff::split(old, new);
     // From what runs from now on, not from the file: a restart-only key
@@ -939,7 +941,7 @@ fn knob_changes(
     changes
 }
 
-fn log_pool(pool: &crate::pool_config::Pool) {
+fn log_pool(pool: &crate::pool_config::Pool, policy: Option<&engine::pool::Policy>) {
     if pool.enabled {
         tracing::info!(
             warm = ?pool.warm,
@@ -949,6 +951,7 @@ fn log_pool(pool: &crate::pool_config::Pool) {
             idle_timeout_secs = pool.idle_timeout.as_secs(),
             max_lifetime_secs = pool.max_lifetime.as_secs(),
             speaks_first = ?pool.speaks_first,
+            max_sockets = policy.map(|p| p.max_sockets),
             "pool: warm backend connections on (per shard)"
         );
     } else {
