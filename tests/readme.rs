@@ -231,6 +231,17 @@ fn the_backends_transcript_matches_the_shipped_config() {
             .map(|i| cells[*i].to_string())
             .collect()
     };
+    // The header as printed, every column (the five health columns were
+    // printed and missing from README).
+    assert_eq!(
+        list.lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        doc_rows[0].split_whitespace().collect::<Vec<_>>(),
+        "README's header vs the real one:\n{list}"
+    );
     let real_rows: Vec<Vec<String>> = list.lines().map(key).collect();
     let doc_rows: Vec<Vec<String>> = doc_rows.into_iter().map(key).collect();
     assert_eq!(
@@ -310,4 +321,141 @@ fn every_package_ci_installs_is_listed() {
     for p in &packages {
         assert!(doc.contains(&format!("`{p}`")), "README does not list {p}");
     }
+}
+
+/// The Rust version README asks for is the workspace's `rust-version` (it
+/// said 1.88+ after the BGP speaker had raised it to 1.95).
+#[test]
+fn the_rust_version_is_the_workspace_one() {
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap();
+    let version = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("rust-version = "))
+        .expect("rust-version in Cargo.toml")
+        .trim_matches('"');
+    let doc = section("## Two commands");
+    assert!(
+        doc.contains(&format!("Rust {version}+")),
+        "README does not say Rust {version}+"
+    );
+}
+
+/// The metric families `/metrics` declares (`# TYPE name kind`).
+fn exposed_families(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether README names `metric`: in full, or as a `_suffix` beside a full
+/// name sharing the rest, in one paragraph or table row
+/// (`edgeproxy_pool_hits_total`, `_misses_total`).
+fn documented(readme: &str, metric: &str) -> bool {
+    if readme.contains(&format!("`{metric}`")) || readme.contains(&format!("`{metric}{{")) {
+        return true;
+    }
+    readme
+        .split("\n\n")
+        .flat_map(|p| p.split("\n|"))
+        .any(|para| {
+            let names: Vec<&str> = para
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(|n| n.split('{').next().unwrap())
+                .collect();
+            names.iter().filter(|n| n.starts_with('_')).any(|suffix| {
+                metric.strip_suffix(suffix).is_some_and(|stem| {
+                    names
+                        .iter()
+                        .any(|n| n.starts_with(&format!("{stem}_")) && !n.starts_with('_'))
+                })
+            })
+        })
+}
+
+/// Every metric in README's table is on `/metrics`, and every family
+/// `/metrics` serves (a TLS listener, the health checker idle) is named in
+/// README. The checker's own counters (`edgeproxy_health_checks_total`
+/// and four more) were served and named nowhere.
+#[test]
+fn the_metrics_table_is_what_metrics_serves() {
+    let doc = readme();
+    let table = section("## Metrics");
+    let dir = TempDir::new("readme-metrics");
+    // A certificate file, for its expiry gauge.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &dir.join("routing.db"),
+            &format!(
+                "[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n\n\
+                 [[listener]]\nname = \"tls\"\naddr = \"127.0.0.1:0\"\n\
+                 [listener.tls]\ncert = {:?}\nkey = {:?}\n",
+                dir.join("cert.pem"),
+                dir.join("key.pem")
+            ),
+        ),
+    );
+    let addr = proxy.metrics_addr();
+    let (status, text) = http_get(addr, "/metrics");
+    assert_eq!(status, 200);
+    let exposed = exposed_families(&text);
+    assert!(exposed.len() > 30, "{text}");
+
+    let listed: Vec<&str> = table
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .flat_map(|l| l.split('|').nth(1).unwrap().split('`').skip(1).step_by(2))
+        .filter(|n| !n.starts_with('_'))
+        .collect();
+    assert!(listed.len() > 30, "{listed:?}");
+    let missing: Vec<&&str> = listed.iter().filter(|n| !exposed.contains(**n)).collect();
+    assert!(
+        missing.is_empty(),
+        "in README, not on /metrics: {missing:?}"
+    );
+
+    let unnamed: Vec<&String> = exposed.iter().filter(|m| !documented(&doc, m)).collect();
+    assert!(
+        unnamed.is_empty(),
+        "on /metrics, not in README: {unnamed:?}"
+    );
+}
+
+/// A registration's reply has the fields README's table lists (it listed
+/// no `ip`, which the reply carries since 6PN may choose it).
+#[test]
+fn register_replies_with_the_documented_fields() {
+    let doc = section("## Auto-discovery API");
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| `POST /api/v1/register`"))
+        .expect("the register row");
+    let json = row.split('`').nth(3).expect("the answer in backticks");
+    let documented: BTreeSet<String> = json
+        .trim_start_matches("201 ")
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .map(|f| f.split(':').next().unwrap().trim_matches('"').to_string())
+        .collect();
+    let dir = TempDir::new("readme-register");
+    let (_proxy, url) = api_proxy(&dir, "");
+    let mut reply = ureq::post(&format!("{url}/api/v1/register"))
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .send(r#"{"id":"b1","app":"web","region":"eu","ip":"10.0.0.1","port":80}"#)
+        .unwrap();
+    assert_eq!(reply.status(), 201);
+    let body: Value = serde_json::from_str(&reply.body_mut().read_to_string().unwrap()).unwrap();
+    let real: BTreeSet<String> = body.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(documented, real, "{body}");
 }
