@@ -601,8 +601,137 @@ fn available_cores() -> u32 {
         .unwrap_or(1)
 }
 
+/// The environment variables that set a key whose value is checked after it
+/// is read (a range, a relation to another key), as `(variable, key)`. An
+/// error on such a key names the variables of it that are set, with their
+/// values: the key alone sent the operator to a file that may not have it
+/// (`EDGEPROXY_API_MAX_BODY_BYTES=100` was `invalid value for
+/// `api.max_body_bytes``, `EDGEPROXY_DB_RELOAD_SECS=0` an error on
+/// `routing.reload_interval_ms`). Credentials (the API token, the cluster
+/// secret, the PostgreSQL URL, the webhook URL) are left out: their values
+/// are never shown.
+const ENV_KEYS: &[(&str, &str)] = &[
+    ("EDGEPROXY_REGION", "pop.region"),
+    ("EDGEPROXY_DB_RELOAD_SECS", "routing.reload_interval_ms"),
+    ("EDGEPROXY_DB_PATH", "routing.db_path"),
+    ("EDGEPROXY_BINDING_TTL_SECS", "affinity.ttl_secs"),
+    (
+        "EDGEPROXY_BINDING_GC_INTERVAL_SECS",
+        "affinity.gc_interval_secs",
+    ),
+    ("EDGEPROXY_METRICS_LISTEN_ADDR", "metrics.listen_addr"),
+    ("EDGEPROXY_API_LISTEN_ADDR", "api.listen_addr"),
+    ("EDGEPROXY_HEARTBEAT_TTL_SECS", "api.heartbeat_ttl_secs"),
+    ("EDGEPROXY_API_MAX_BODY_BYTES", "api.max_body_bytes"),
+    ("EDGEPROXY_API_RATE_LIMIT_PER_SEC", "api.rate_limit_burst"),
+    ("EDGEPROXY_API_RATE_LIMIT_BURST", "api.rate_limit_burst"),
+    ("EDGEPROXY_DNS_LISTEN_ADDR", "dns.listen_addr"),
+    (
+        "EDGEPROXY_LOG_SUMMARY_INTERVAL_SECS",
+        "log.summary_interval_secs",
+    ),
+    (
+        "EDGEPROXY_CONFIG_WATCH_INTERVAL_SECS",
+        "config_watch.interval_secs",
+    ),
+    (
+        "EDGEPROXY_UPGRADE_READY_TIMEOUT_SECS",
+        "upgrade.ready_timeout_secs",
+    ),
+    ("EDGEPROXY_POOL_MAX_PER_BACKEND", "pool.max_per_backend"),
+    ("EDGEPROXY_POOL_IDLE_TIMEOUT_SECS", "pool.idle_timeout_secs"),
+    ("EDGEPROXY_POOL_MAX_LIFETIME_SECS", "pool.max_lifetime_secs"),
+    (
+        "EDGEPROXY_POOL_CONNECT_TIMEOUT_SECS",
+        "pool.connect_timeout_ms",
+    ),
+    ("EDGEPROXY_POOL_WARM", "pool.warm"),
+    ("EDGEPROXY_POOL_WARM", "pool.min_rtt_ms"),
+    ("EDGEPROXY_POOL_MIN_RTT_MS", "pool.min_rtt_ms"),
+    ("EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS", "health.interval_ms"),
+    ("EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS", "health.timeout_ms"),
+    ("EDGEPROXY_HEALTH_CHECK_TIMEOUT_SECS", "health.timeout_ms"),
+    (
+        "EDGEPROXY_HEALTH_HEALTHY_THRESHOLD",
+        "health.healthy_threshold",
+    ),
+    (
+        "EDGEPROXY_HEALTH_UNHEALTHY_THRESHOLD",
+        "health.unhealthy_threshold",
+    ),
+    ("EDGEPROXY_HEALTH_MAX_CONCURRENT", "health.max_concurrent"),
+    ("EDGEPROXY_HEALTH_RTT_WEIGHT", "health.rtt_weight"),
+    (
+        "EDGEPROXY_CIRCUIT_FAILURE_THRESHOLD",
+        "circuit_breaker.failure_threshold",
+    ),
+    (
+        "EDGEPROXY_CIRCUIT_SUCCESS_THRESHOLD",
+        "circuit_breaker.success_threshold",
+    ),
+    (
+        "EDGEPROXY_CIRCUIT_TIMEOUT_SECS",
+        "circuit_breaker.timeout_ms",
+    ),
+    (
+        "EDGEPROXY_CIRCUIT_TIMEOUT_SECS",
+        "circuit_breaker.max_timeout_ms",
+    ),
+    (
+        "EDGEPROXY_CIRCUIT_MAX_EJECTION_PERCENT",
+        "circuit_breaker.max_ejection_percent",
+    ),
+    (
+        "EDGEPROXY_RATE_LIMIT_MAX_REQUESTS",
+        "rate_limit.max_requests",
+    ),
+    ("EDGEPROXY_RATE_LIMIT_WINDOW_SECS", "rate_limit.window_ms"),
+    ("EDGEPROXY_RATE_LIMIT_BURST", "rate_limit.burst"),
+    ("EDGEPROXY_GEODNS_TTL_SECS", "geodns.ttl_secs"),
+    ("EDGEPROXY_GEODNS_ANSWERS", "geodns.answers"),
+    ("EDGEPROXY_MESH_LISTEN_PORT", "mesh.listen_port"),
+    ("EDGEPROXY_MESH_PRIVATE_KEY_FILE", "mesh.private_key_file"),
+    ("EDGEPROXY_REPLICATION_NODE_ID", "replication.node_id"),
+    (
+        "EDGEPROXY_REPLICATION_CLUSTER_NAME",
+        "replication.cluster_name",
+    ),
+    (
+        "EDGEPROXY_REPLICATION_ADVERTISE_ADDR",
+        "replication.advertise_addr",
+    ),
+    (
+        "EDGEPROXY_REPLICATION_TRANSPORT_ADDR",
+        "replication.transport_addr",
+    ),
+    ("EDGEPROXY_POSTGRES_CA_FILE", "postgres.ca_file"),
+];
+
+/// `err`, with the variables of `ENV_KEYS` that set its key named.
+fn name_the_variables(err: ConfigError, env: &dyn Env) -> ConfigError {
+    let ConfigError::Invalid { key, reason } = err else {
+        return err;
+    };
+    let set: Vec<String> = ENV_KEYS
+        .iter()
+        .filter(|(_, k)| *k == key)
+        .filter_map(|(var, _)| env.var(var).map(|value| format!("{var}={value:?}")))
+        .collect();
+    if set.is_empty() {
+        return ConfigError::Invalid { key, reason };
+    }
+    ConfigError::Invalid {
+        reason: format!("{reason} (set by {})", set.join(", ")),
+        key,
+    }
+}
+
 impl Config {
     pub fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
+        Self::from_raw_unnamed(raw, env).map_err(|e| name_the_variables(e, env))
+    }
+
+    fn from_raw_unnamed(raw: RawConfig, env: &dyn Env) -> Result<Config, ConfigError> {
         // --- pop
         let region = env
             .var("EDGEPROXY_REGION")
@@ -1225,6 +1354,75 @@ mod tests {
         );
         let err = from("", &[("EDGEPROXY_LISTEN_ADDR", "nope")]).unwrap_err();
         assert!(err.to_string().contains("EDGEPROXY_LISTEN_ADDR"), "{err}");
+    }
+
+    /// A value from the environment that parses but is out of range was
+    /// refused naming only the key (`api.max_body_bytes`), which the file
+    /// may not have at all: the variable that set it is named too. A key
+    /// the file sets, with no variable, is named alone, and a credential's
+    /// value is never shown.
+    #[test]
+    fn an_out_of_range_value_from_the_environment_names_the_variable() {
+        for (var, value, key) in [
+            ("EDGEPROXY_API_MAX_BODY_BYTES", "100", "api.max_body_bytes"),
+            (
+                "EDGEPROXY_HEARTBEAT_TTL_SECS",
+                "0",
+                "api.heartbeat_ttl_secs",
+            ),
+            (
+                "EDGEPROXY_DB_RELOAD_SECS",
+                "0",
+                "routing.reload_interval_ms",
+            ),
+            (
+                "EDGEPROXY_BINDING_TTL_SECS",
+                "999999999",
+                "affinity.ttl_secs",
+            ),
+            ("EDGEPROXY_REGION", "x.y", "pop.region"),
+            (
+                "EDGEPROXY_HEALTH_CHECK_INTERVAL_SECS",
+                "0",
+                "health.interval_ms",
+            ),
+            (
+                "EDGEPROXY_CIRCUIT_TIMEOUT_SECS",
+                "0",
+                "circuit_breaker.timeout_ms",
+            ),
+            (
+                "EDGEPROXY_POOL_IDLE_TIMEOUT_SECS",
+                "0",
+                "pool.idle_timeout_secs",
+            ),
+        ] {
+            let err = from("", &[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(key), "{var}: {err}");
+            assert!(err.contains(&format!("{var}={value:?}")), "{var}: {err}");
+        }
+        // From the file: the key alone.
+        let err = from("[api]\nmax_body_bytes = 100\n", &NO_ENV)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("EDGEPROXY_"), "{err}");
+        // Every key of the table is one `check-config` prints.
+        let c = from("", &NO_ENV).unwrap();
+        let printed: toml::Table = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        for (var, key) in ENV_KEYS {
+            let mut at = &printed;
+            let (path, leaf) = key.rsplit_once('.').unwrap();
+            for part in path.split('.') {
+                at = at[part]
+                    .as_table()
+                    .unwrap_or_else(|| panic!("{var}: {key}"));
+            }
+            assert!(
+                at.contains_key(leaf)
+                    || ["webhook_url", "advertise_addr", "min_rtt_ms", "ca_file"].contains(&leaf),
+                "{var}: {key} is not a key"
+            );
+        }
     }
 
     /// `listener = []` silently became the default listener on
