@@ -459,3 +459,37 @@ fn register_replies_with_the_documented_fields() {
     let real: BTreeSet<String> = body.as_object().unwrap().keys().cloned().collect();
     assert_eq!(documented, real, "{body}");
 }
+
+/// Every TOML example in README is a configuration `check-config` takes:
+/// it passes, or fails only on a file the example names under
+/// `/etc/edgeproxy/` (a certificate, a CA) that this host lacks, never on a
+/// key, a type or a value.
+#[test]
+fn every_toml_example_is_accepted() {
+    let examples: Vec<String> = blocks(&readme())
+        .into_iter()
+        .filter(|(lang, _)| lang == "toml")
+        .map(|(_, body)| body)
+        .collect();
+    assert!(examples.len() >= 4, "{examples:?}");
+    let dir = TempDir::new("readme-toml");
+    for (i, body) in examples.iter().enumerate() {
+        let path = dir.join(&format!("example-{i}.toml"));
+        std::fs::write(&path, body).unwrap();
+        let (status, _, err) = run_to_end(
+            &[
+                "check-config",
+                "--no-bind",
+                "--config",
+                path.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let error = err.lines().find(|l| l.contains("error")).unwrap_or("");
+        assert!(
+            status.success()
+                || (error.contains("/etc/edgeproxy/") && !error.contains("invalid type")),
+            "example {i}:\n{body}\n{err}"
+        );
+    }
+}
