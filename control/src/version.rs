@@ -28,6 +28,15 @@ pub fn features() -> Vec<String> {
         "geoip (embedded DB-IP Lite; MaxMind DB files)".into(),
         "dns (internal .internal zone)".into(),
         "discovery-api".into(),
+        "health-checks (tcp, http, https, grpc, command; circuit breaker; per-client rate limits)"
+            .into(),
+        "pool (warm backend connections)".into(),
+        "replication (SWIM membership, QUIC transport, between POPs)".into(),
+        "mesh (WireGuard 6PN: kernel, wireguard-go, userspace)".into(),
+        "bgp (anycast speaker)".into(),
+        "geodns".into(),
+        "postgres (routing source)".into(),
+        "hitless-upgrade".into(),
         "prometheus-metrics".into(),
         "systemd-notify".into(),
         "log-formats (text, json)".into(),
@@ -127,5 +136,23 @@ mod tests {
         assert!(text.contains("rustc "), "{text}");
         assert!(text.contains("sqlite 3."), "{text}");
         assert!(text.contains("io_uring"), "{text}");
+        // What README's sections describe is listed too (replication, the
+        // mesh, BGP, GeoDNS, health checks, the pool, PostgreSQL and the
+        // upgrade were missing).
+        for feature in [
+            "health-checks",
+            "pool",
+            "replication",
+            "mesh",
+            "bgp",
+            "geodns",
+            "postgres",
+            "hitless-upgrade",
+        ] {
+            assert!(
+                text.contains(&format!("\n  {feature}")),
+                "{feature}: {text}"
+            );
+        }
     }
 }
