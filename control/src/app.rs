@@ -920,6 +920,9 @@ fn knob_changes(
     use crate::config_diff::{diff, Change};
     let mut changes = diff("limits", &old.limits, &next.limits);
     changes.extend(diff("affinity", &old.affinity, &next.affinity));
+    // `next` keeps the running routing.db_path (restart-only): what differs
+    // here is reload_interval_ms, which applies at once.
+    changes.extend(diff("routing", &old.routing, &next.routing));
     changes.extend(diff("log.access", &old.log.access, &next.log.access));
     changes.extend(diff(
         "health.rtt_weight",
@@ -1108,6 +1111,17 @@ mod tests {
         assert_eq!(
             named("", "[limits]\nshutdown_grace_secs = 5\n", (10, 10)),
             "limits.shutdown_grace_secs: 30 → 5"
+        );
+        // The routing table's check interval applies at once, and is said
+        // to (it applied in silence: neither this line nor a WARN).
+        assert_eq!(
+            named("", "[routing]\nreload_interval_ms = 500\n", (10, 10)),
+            "routing.reload_interval_ms: 1000 → 500"
+        );
+        // Its restart-only neighbour is not named here.
+        assert_eq!(
+            named("", "[routing]\ndb_path = \"/tmp/other.db\"\n", (10, 10)),
+            ""
         );
     }
 }
