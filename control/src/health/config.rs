@@ -188,9 +188,15 @@ pub(crate) fn health_from_raw(raw: RawHealth, env: &dyn Env) -> Result<Health, C
         .layered(&layer, "health")
         .map_err(|e| split_key(&e))?;
     if global.timeout > global.interval {
+        // Both values, as either may be the default: `interval_ms = 1000`
+        // alone was refused over a timeout_ms the file did not set.
         return Err(invalid(
             "health.timeout_ms",
-            "must not be longer than interval_ms",
+            format!(
+                "{} ms must not be longer than interval_ms ({} ms); set both",
+                global.timeout.as_millis(),
+                global.interval.as_millis()
+            ),
         ));
     }
     for (app, layer) in &raw.apps {
@@ -311,6 +317,17 @@ mod tests {
 
     fn health(toml_text: &str, env: &dyn Env) -> Result<Health, ConfigError> {
         health_from_raw(toml::from_str(toml_text).unwrap(), env)
+    }
+
+    /// `interval_ms = 1000` alone is refused over the default timeout
+    /// (2000 ms): the error says both values, since the file set only one.
+    #[test]
+    fn a_timeout_over_the_interval_says_both_values() {
+        let err = health("interval_ms = 1000\n", &[("X", "")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("health.timeout_ms"), "{err}");
+        assert!(err.contains("2000 ms") && err.contains("1000 ms"), "{err}");
     }
 
     #[test]
