@@ -493,3 +493,44 @@ fn every_toml_example_is_accepted() {
         );
     }
 }
+
+/// The Rust sources under `dir`, concatenated.
+fn sources(dir: &Path, out: &mut String) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            sources(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(&path).unwrap());
+        }
+    }
+}
+
+/// Every `EDGEPROXY_*` variable README names is one the code reads (the
+/// binary, its build script, or the tests for the soak's length).
+#[test]
+fn every_environment_variable_in_readme_is_read() {
+    let mut code = String::new();
+    for dir in ["control", "engine", "dns", "tests"] {
+        sources(&Path::new(ROOT).join(dir), &mut code);
+    }
+    let doc = readme();
+    let names: BTreeSet<&str> = doc
+        .match_indices("EDGEPROXY_")
+        .map(|(at, _)| {
+            let rest = &doc[at..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        // `EDGEPROXY_REPLICATION_…`: a prefix, in a table's header.
+        .filter(|n| !n.ends_with('_'))
+        .collect();
+    assert!(names.len() > 40, "{names:?}");
+    let unread: Vec<&&str> = names
+        .iter()
+        .filter(|n| !code.contains(&format!("\"{n}\"")))
+        .collect();
+    assert!(unread.is_empty(), "README names, nothing reads: {unread:?}");
+}
