@@ -1500,3 +1500,32 @@ fn many_heartbeats_lapsing_together_are_said_in_one_line() {
         .count();
     assert_eq!(one_by_one, 0, "{}", api.proxy.log_text());
 }
+
+/// QA (README walk): with BGP off, a drain answered `"withdraw_in_ms":
+/// 5000` next to `"announcement": null`, a countdown to a withdrawal of
+/// routes that are never announced. Without BGP there is none.
+#[test]
+fn a_drain_without_bgp_counts_down_to_no_withdrawal() {
+    let dir = TempDir::new("api-drain-no-bgp");
+    let api = Api::start(&dir, &format!("token = {TOKEN:?}\n"), &[]);
+    // A backend, so that the POP can serve and a drain is a soft one.
+    let (status, body) = api.call(
+        "POST",
+        "/api/v1/register",
+        Some(r#"{"id":"b1","app":"web","region":"eu","ip":"10.0.0.1","port":80}"#),
+    );
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        eventually(PATIENCE, || api.call("GET", "/api/v1/pop", None).1
+            ["serving"]
+            == true),
+        "the POP never said it can serve"
+    );
+    let (status, s) = api.call("POST", "/api/v1/pop/drain", None);
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(s["draining"], true, "{s}");
+    assert_eq!(s["announcement"], Value::Null, "{s}");
+    assert_eq!(s["withdraw_in_ms"], Value::Null, "{s}");
+    let (_, s) = api.call("GET", "/api/v1/pop", None);
+    assert_eq!(s["withdraw_in_ms"], Value::Null, "{s}");
+}

@@ -598,13 +598,15 @@ impl Controller {
     /// Publishes the status; returns the row it is judged with, to record.
     fn publish(&self, now: Instant, verdict: &Verdict) -> PopState {
         let phase = self.policy.phase();
+        let bgp = self.bgp_enabled;
+        // Without BGP there is no route to withdraw: no countdown either
+        // (a drain said `withdraw_in_ms: 5000` beside `announcement: null`).
         let withdraw_in_ms = match phase {
-            Phase::Draining { withdraw_at, .. } => {
+            Phase::Draining { withdraw_at, .. } if bgp => {
                 Some(withdraw_at.saturating_duration_since(now).as_millis() as u64)
             }
             _ => None,
         };
-        let bgp = self.bgp_enabled;
         let row = PopState {
             draining: self.operator_drained,
             serving: verdict.is_serving() && !self.shutting_down,
