@@ -861,3 +861,32 @@ fn a_routing_db_in_a_read_only_directory_is_named_as_such() {
         assert!(line.contains(needle), "{needle:?} missing from: {line}");
     }
 }
+
+/// QA (README walk): with EDGEPROXY_UPGRADE_CONTROL_SOCKET exported,
+/// `upgrade --pid PID` was refused as "'--pid' cannot be used with
+/// '--socket'", a flag never given. The variable is a default for the
+/// socket, not a flag; and `--timeout`, which `--pid` never waits for, is
+/// refused beside it rather than ignored.
+#[test]
+fn upgrade_pid_is_not_refused_for_the_socket_variable() {
+    let me = std::process::id().to_string();
+    let (status, _, stderr) = run_to_end(
+        &["upgrade", "--pid", &me],
+        &[("EDGEPROXY_UPGRADE_CONTROL_SOCKET", "/tmp/nowhere.sock")],
+    );
+    assert!(!status.success());
+    assert!(!stderr.contains("cannot be used with"), "{stderr}");
+    assert!(stderr.contains("is not an edgeproxy"), "{stderr}");
+
+    let (status, _, stderr) = run_to_end(&["upgrade", "--pid", &me, "--timeout", "5"], &[]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+
+    // The variable still names the socket when --pid is not given.
+    let (status, _, stderr) = run_to_end(
+        &["upgrade"],
+        &[("EDGEPROXY_UPGRADE_CONTROL_SOCKET", "/tmp/qa-nowhere.sock")],
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("/tmp/qa-nowhere.sock"), "{stderr}");
+}

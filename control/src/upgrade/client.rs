@@ -9,9 +9,13 @@ use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct UpgradeArgs {
-    /// The proxy's upgrade control socket (default: `upgrade.control_socket`
-    /// from the configuration, `edgeproxy.sock` next to routing.db).
-    #[arg(long, value_name = "PATH", env = "EDGEPROXY_UPGRADE_CONTROL_SOCKET")]
+    /// The proxy's upgrade control socket (default:
+    /// EDGEPROXY_UPGRADE_CONTROL_SOCKET, else `upgrade.control_socket` from
+    /// the configuration, `edgeproxy.sock` next to routing.db).
+    // The variable is read in `run`, not by clap: clap counted it as
+    // `--socket` given, and refused `--pid` beside it ("cannot be used with
+    // '--socket <PATH>'") for a shell that merely had it exported.
+    #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Send SIGUSR2 to this process instead of using the control socket
     /// (the outcome is then only in the proxy's log). Refused unless it is
@@ -20,8 +24,9 @@ pub struct UpgradeArgs {
     #[arg(long, value_name = "PID", conflicts_with = "socket")]
     pub pid: Option<i32>,
     /// Give up waiting for the outcome after this many seconds (default:
-    /// `upgrade.ready_timeout_secs` plus 10).
-    #[arg(long, value_name = "SECS")]
+    /// `upgrade.ready_timeout_secs` plus 10). Not with --pid, which does
+    /// not wait.
+    #[arg(long, value_name = "SECS", conflicts_with = "pid")]
     pub timeout: Option<u64>,
 }
 
@@ -32,7 +37,12 @@ pub fn run(args: UpgradeArgs, config_path: Option<&Path>) -> anyhow::Result<()> 
         println!("sent SIGUSR2 to {pid}; the proxy logs the outcome");
         return Ok(());
     }
-    let (path, ready_timeout) = match args.socket {
+    let socket = args.socket.or_else(|| {
+        std::env::var_os("EDGEPROXY_UPGRADE_CONTROL_SOCKET")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    let (path, ready_timeout) = match socket {
         // The proxy's own `ready_timeout_secs` if its configuration is at
         // hand, so that a slow start is not given up on before the proxy
         // does.
