@@ -1561,6 +1561,62 @@ fn an_upgrade_does_not_swap_a_valid_certificate_for_an_expired_one() {
     assert_eq!(Client::open(addr, config, "up.test").served(), old.der);
 }
 
+/// The pid in `edgeproxy upgrade`'s "upgraded: the new process (pid N)".
+fn upgraded_pid(out: &str) -> u32 {
+    out.split("(pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {out:?}"))
+}
+
+/// A process serving an expired certificate (it had no other at its start)
+/// has no valid one to lose: an upgrade goes through with the same expired
+/// file on disk (a binary upgrade is not held hostage by the certificate),
+/// and then with a valid one, which the new process serves. QA: both were
+/// refused, the expired certificate the running process served itself
+/// blocking every way out by upgrade.
+#[test]
+fn an_upgrade_from_an_expired_certificate_is_not_refused() {
+    let world = World::new("expired-upgrade-out");
+    let expired = world.ca.issue_expired(&["out.test"]);
+    let (cert, key) = expired.write(&world.dir, "out");
+    // Files are checked once an hour: only the upgrades read them.
+    let tls = format!("cert = {}\nkey = {}\n", toml_path(&cert), toml_path(&key));
+    let proxy = Proxy::with_config(&world.dir, &world.config(3_600_000, &tls));
+    let addr = proxy.listener("tls");
+    let control = world.dir.join("edgeproxy.sock");
+    let upgrade = || {
+        let mark = proxy.log_mark();
+        let (status, out, err) =
+            run_to_end(&["upgrade", "--socket", control.to_str().unwrap()], &[]);
+        assert!(
+            status.success(),
+            "refused: {out}{err}\nlog:\n{}",
+            proxy.log_text()
+        );
+        let new = KillOnDrop(upgraded_pid(&out));
+        proxy
+            .wait_for_log_after(mark, "upgrade: stopped accepting", PATIENCE)
+            .unwrap_or_else(|| panic!("old process did not stop; log:\n{}", proxy.log_text()));
+        (new, mark)
+    };
+
+    let (_first, mark) = upgrade();
+    let line = proxy
+        .wait_for_log_after(mark, "serving an expired certificate", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert!(line.contains(cert.to_str().unwrap()), "{line}");
+    let served = Client::open(addr, trusting_anything(ANY_VERSION), "out.test").served();
+    assert_eq!(served, expired.der);
+
+    let valid = world.ca.issue("valid", &["out.test"]);
+    valid.install(&cert, &key);
+    let (_second, _) = upgrade();
+    let config = trusting(&world.ca, ANY_VERSION, &[]);
+    assert_eq!(Client::open(addr, config, "out.test").served(), valid.der);
+}
+
 /// At start there is no other certificate to keep: an expired one is
 /// served, with a warning naming it, and `check-config` warns too.
 #[test]

@@ -44,6 +44,10 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // binds (and before any thread starts: this edits the environment).
     let inherited = crate::upgrade::inherit::from_env()
         .context("binary upgrade: cannot take over the previous process's sockets")?;
+    // What it serves, as it said (this too edits the environment).
+    let predecessor_tls = inherited
+        .as_ref()
+        .map(|_| crate::tls::Predecessor::from_env());
     let watch_from = ConfigWatch::stamp(config_path.as_deref());
     let config = config::load(config_path.as_deref(), &config::ProcessEnv)?;
     crate::logging::init(&config.log);
@@ -55,10 +59,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
     let geo = Arc::new(build_geo(&config)?);
-    let mut tls = if inherited.is_some() {
-        TlsListeners::for_successor()
-    } else {
-        TlsListeners::default()
+    let mut tls = match predecessor_tls {
+        Some(predecessor) => TlsListeners::for_successor(predecessor),
+        None => TlsListeners::default(),
     };
     let specs = config
         .listeners
@@ -659,10 +662,10 @@ async fn control_loop(
             // runs on its own thread while this loop goes on.
             _ = usr2.recv() => {
                 tracing::info!("SIGUSR2: binary upgrade");
-                services.upgrades.begin(None, crate::upgrade::listener_entries(engine.listeners()));
+                services.upgrades.begin(None, crate::upgrade::listener_entries(engine.listeners()), tls.served_expired());
             }
             event = services.upgrades.next_event() => match event {
-                UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners())),
+                UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners()), tls.served_expired()),
                 UpgradeEvent::Finished(Ok(successor)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace, successor)),
                 // Logged and answered; this process keeps serving.
                 UpgradeEvent::Finished(Err(_)) => {}

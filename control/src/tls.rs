@@ -11,9 +11,13 @@
 //! process, with a warning. Where certificates already serve (rotation,
 //! SIGHUP, and the previous process during a binary upgrade) it is refused
 //! like a broken file, so a wrong file renamed into place cannot replace a
-//! valid certificate with one every client rejects.
+//! valid certificate with one every client rejects. At an upgrade, a
+//! certificate file the previous process itself serves expired (it had no
+//! other at its start) replaces nothing valid: it is served with the
+//! warning, so an expired certificate never blocks a binary upgrade (the
+//! previous process says which, [`PREDECESSOR_EXPIRED_VAR`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -374,6 +378,59 @@ fn expired(path: &Path, key: &CertifiedKey) -> Option<TlsLoadError> {
     })
 }
 
+/// The variable a binary upgrade's successor is started with: what the
+/// previous process serves ([`Predecessor`], JSON).
+pub const PREDECESSOR_EXPIRED_VAR: &str = "EDGEPROXY_UPGRADE_TLS_EXPIRED";
+
+/// The certificates the previous process of a binary upgrade serves, as it
+/// told its successor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Predecessor {
+    /// Each of its TLS listeners, with the certificate files it serves
+    /// that have expired. `None`: it did not say (a binary from before
+    /// this): every certificate it serves is taken as valid.
+    pub listeners: Option<BTreeMap<String, Vec<PathBuf>>>,
+}
+
+impl Predecessor {
+    /// Reads (and removes, so that nothing this process starts sees it)
+    /// [`PREDECESSOR_EXPIRED_VAR`]; unset or unreadable, the previous
+    /// process's certificates are taken as valid.
+    pub fn from_env() -> Predecessor {
+        let value = std::env::var(PREDECESSOR_EXPIRED_VAR).ok();
+        std::env::remove_var(PREDECESSOR_EXPIRED_VAR);
+        value
+            .and_then(|v| serde_json::from_str(&v).ok())
+            .unwrap_or_default()
+    }
+
+    /// The value of [`PREDECESSOR_EXPIRED_VAR`] for a successor.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("plain data always serializes")
+    }
+
+    /// Whether the previous process served `listener` with TLS (`true`
+    /// when it did not say).
+    fn served(&self, listener: &str) -> bool {
+        self.listeners
+            .as_ref()
+            .is_none_or(|l| l.contains_key(listener))
+    }
+
+    /// Whether the previous process serves a certificate on `listener`
+    /// that a certificate loaded from `cert` would replace and that is
+    /// valid: everything it serves, unless it said `cert` was expired
+    /// there too, or it did not serve `listener` at all.
+    fn served_valid(&self, listener: &str, cert: &Path) -> bool {
+        match &self.listeners {
+            None => true,
+            Some(l) => l
+                .get(listener)
+                .is_some_and(|expired| !expired.iter().any(|p| p == cert)),
+        }
+    }
+}
+
 /// When one served certificate file stops being valid, for
 /// `edgeproxy_tls_certificate_expiry_timestamp_seconds`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -483,10 +540,11 @@ pub struct TlsListeners {
     /// Expired certificates served for want of another (see the module
     /// docs), for `check-config` to print.
     warnings: Vec<String>,
-    /// A successor of a binary upgrade: the previous process serves every
-    /// listener it inherits, so an expired certificate is refused (the
-    /// upgrade fails, and that process keeps its certificates).
-    successor: bool,
+    /// A successor of a binary upgrade, until [`TlsListeners::started`]:
+    /// the previous process serves its listeners, so an expired certificate
+    /// that would replace a valid one is refused (the upgrade fails, and
+    /// that process keeps its certificates).
+    successor: Option<Predecessor>,
     /// What the entries serve, published for the metrics endpoint.
     expiry: ExpiryView,
 }
@@ -509,17 +567,26 @@ impl TlsListeners {
         let stamps = files(settings).iter().map(|p| stamp(p)).collect();
         let Built {
             config,
-            stale,
+            mut stale,
             not_after,
         } = build(settings)?;
-        if self.successor || self.entries.contains_key(listener) {
-            if let Some(e) = stale.into_iter().next() {
-                return Err(e);
+        let serves = self.entries.contains_key(listener);
+        let predecessor = self.successor.as_ref();
+        let replaces_valid = |e: &TlsLoadError| match e {
+            TlsLoadError::Expired { path, .. } => {
+                serves || predecessor.is_some_and(|p| p.served_valid(listener, path))
             }
+            _ => true,
+        };
+        if let Some(i) = stale.iter().position(replaces_valid) {
+            return Err(stale.swap_remove(i));
         } else {
             for e in stale {
-                tracing::warn!(listener = %listener, error = %e,
-                    "serving an expired certificate (no other to keep): clients will refuse it");
+                let why = match predecessor.is_some_and(|p| p.served(listener)) {
+                    true => "serving an expired certificate (the previous process served it expired too): clients will refuse it",
+                    false => "serving an expired certificate (no other to keep): clients will refuse it",
+                };
+                tracing::warn!(listener = %listener, error = %e, "{why}");
                 self.warnings.push(format!(
                     "listener {listener:?}: {e}: clients will refuse it"
                 ));
@@ -561,10 +628,11 @@ impl TlsListeners {
     }
 
     /// The TLS state of a successor of a binary upgrade, which refuses
-    /// expired certificates (see the module docs).
-    pub fn for_successor() -> TlsListeners {
+    /// expired certificates that replace a valid one of `predecessor` (see
+    /// the module docs).
+    pub fn for_successor(predecessor: Predecessor) -> TlsListeners {
         TlsListeners {
-            successor: true,
+            successor: Some(predecessor),
             ..TlsListeners::default()
         }
     }
@@ -573,7 +641,29 @@ impl TlsListeners {
     /// process like any other (a listener that a reload adds has nothing
     /// to keep).
     pub fn started(&mut self) {
-        self.successor = false;
+        self.successor = None;
+    }
+
+    /// What a successor is told this process serves: each TLS listener
+    /// with the certificate files it serves that have expired by now.
+    pub fn served_expired(&self) -> Predecessor {
+        let now = x509_parser::time::ASN1Time::now().timestamp();
+        let listeners = self
+            .entries
+            .iter()
+            .map(|(name, e)| {
+                let expired = e
+                    .not_after
+                    .iter()
+                    .filter(|(_, at)| *at < now)
+                    .map(|(cert, _)| cert.clone())
+                    .collect();
+                (name.clone(), expired)
+            })
+            .collect();
+        Predecessor {
+            listeners: Some(listeners),
+        }
     }
 
     /// The warnings about expired certificates said so far, for

@@ -198,11 +198,14 @@ impl Upgrades {
     }
 
     /// Starts an attempt handing over `listeners` plus every registered
-    /// socket, unless one is running (then `reply` waits for that one).
+    /// socket, and telling the successor which certificates `tls` this
+    /// process serves expired, unless one is running (then `reply` waits
+    /// for that one).
     pub fn begin(
         &mut self,
         reply: Option<tokio::sync::oneshot::Sender<String>>,
         listeners: std::io::Result<Vec<(String, Vec<OwnedFd>)>>,
+        tls: crate::tls::Predecessor,
     ) {
         self.waiting.extend(reply);
         if self.attempt.is_some() {
@@ -226,7 +229,8 @@ impl Upgrades {
         let cancel = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&cancel);
         let timeout = self.ready_timeout;
-        let task = tokio::task::spawn_blocking(move || successor::start(sockets, timeout, &flag));
+        let task =
+            tokio::task::spawn_blocking(move || successor::start(sockets, &tls, timeout, &flag));
         self.attempt = Some(Attempt { task, cancel });
     }
 

@@ -164,10 +164,13 @@ pub fn executable_path() -> Result<PathBuf, UpgradeError> {
 
 /// Starts the successor with this process's arguments, environment and
 /// working directory, hands it `sockets` (name, descriptors in order) and
-/// waits up to `timeout` for it to report ready. Setting `cancel` abandons
-/// the attempt within a tenth of a second (this process is stopping).
+/// waits up to `timeout` for it to report ready. It is told in its
+/// environment which certificates `tls` this process serves expired.
+/// Setting `cancel` abandons the attempt within a tenth of a second (this
+/// process is stopping).
 pub fn start(
     sockets: Vec<(String, Vec<OwnedFd>)>,
+    tls: &crate::tls::Predecessor,
     timeout: Duration,
     cancel: &AtomicBool,
 ) -> Result<Successor, UpgradeError> {
@@ -183,6 +186,7 @@ pub fn start(
     command
         .args(&args)
         .env(UPGRADE_FD_VAR, their_fd.to_string())
+        .env(crate::tls::PREDECESSOR_EXPIRED_VAR, tls.encode())
         .stdin(Stdio::null())
         // Its own group (pgid = its pid), so that a failed start can kill
         // everything it started along with it (see `descendants`).
