@@ -235,3 +235,25 @@ fn an_invalid_rust_log_is_reported_not_silently_ignored() {
     assert!(line.contains("control=tarce"), "{line}");
     assert!(line.contains("log.level"), "{line}");
 }
+
+/// `RUST_LOG=verbose` parses (tracing reads a bare word that is not a level
+/// as a target: "everything under `verbose` at trace"), so it silenced all
+/// but errors without a word. A bare word that is not a level is said to be
+/// none, and everything else logs at `log.level` (QA).
+#[test]
+fn a_rust_log_word_that_is_not_a_level_warns_and_keeps_log_level() {
+    let dir = TempDir::new("log-verbose-rust-log");
+    let db = Db::create(dir.join("routing.db"));
+    let path = dir.join("edgeproxy.toml");
+    std::fs::write(&path, config(&db.path, "")).unwrap();
+    let proxy =
+        Proxy::spawn_with_rust_log(&["--config", path.to_str().unwrap()], &[], Some("verbose"));
+    let line = proxy
+        .wait_for_log("is not a level", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", proxy.log_text()));
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("verbose"), "{line}");
+    assert!(line.contains("log.level"), "{line}");
+    // The default level (info) still applies to everything else.
+    proxy.ready();
+}

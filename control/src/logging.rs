@@ -20,6 +20,18 @@ pub fn init(log: &Log) {
             std::env::var("RUST_LOG").ok().map(|value| (value, e)),
         ),
     };
+    // A bare word that is not a level (`RUST_LOG=verbose`) parses: tracing
+    // reads it as a target, and everything else then logs errors only (QA:
+    // the proxy fell silent). Such words keep that meaning, but everything
+    // else logs at log.level, and the word is said not to be a level.
+    let not_levels = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|_| bad_rust_log.is_none())
+        .map(|value| words_not_levels(&value))
+        .filter(|(words, _)| !words.is_empty());
+    if let (Some((_, false)), Ok(value)) = (&not_levels, std::env::var("RUST_LOG")) {
+        filter = tracing_subscriber::EnvFilter::new(format!("{},{value}", log.level));
+    }
     // hickory-proto warns about each malformed DNS packet it decodes; the DNS
     // server answers those with FORMERR, so the warnings are noise that a
     // flood of junk packets would turn into a flood of logs. Unless RUST_LOG
@@ -65,8 +77,67 @@ pub fn init(log: &Log) {
             .with_span_list(false)
             .try_init(),
     };
+    if let Some((words, has_default)) = not_levels {
+        let words = words.join(", ");
+        if has_default {
+            tracing::warn!(rust_log = %words,
+                "RUST_LOG: {words} is not a level (off, error, warn, info, debug, trace): read as a target, logged at trace");
+        } else {
+            tracing::warn!(rust_log = %words, level = %log.level,
+                "RUST_LOG: {words} is not a level (off, error, warn, info, debug, trace): read as a target, logged at trace; everything else at log.level");
+        }
+    }
     if let Some((value, e)) = bad_rust_log {
         tracing::warn!(rust_log = %value, error = %e, level = %log.level,
             "RUST_LOG is not a valid filter; logging at log.level instead");
+    }
+}
+
+/// The crates of edgeproxy itself: a bare `RUST_LOG=control` names a target
+/// on purpose.
+const OWN_TARGETS: [&str; 4] = ["edgeproxy", "control", "engine", "dns"];
+
+/// The directives of `rust_log` that are a bare word, neither a level nor
+/// one of edgeproxy's own crates (tracing reads them as targets, at trace),
+/// and whether `rust_log` sets a default level of its own.
+fn words_not_levels(rust_log: &str) -> (Vec<String>, bool) {
+    let mut words = Vec::new();
+    let mut has_default = false;
+    for directive in rust_log.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if directive.contains(['=', '[', '{']) {
+            continue;
+        }
+        if directive
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_ok()
+        {
+            has_default = true;
+        } else if !directive.contains("::") && !OWN_TARGETS.contains(&directive) {
+            words.push(format!("{directive:?}"));
+        }
+    }
+    (words, has_default)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::words_not_levels;
+
+    #[test]
+    fn bare_words_that_are_not_levels_are_found() {
+        assert_eq!(
+            words_not_levels("verbose"),
+            (vec!["\"verbose\"".to_string()], false)
+        );
+        assert_eq!(
+            words_not_levels("info,verbose"),
+            (vec!["\"verbose\"".to_string()], true)
+        );
+        assert_eq!(words_not_levels("INFO"), (vec![], true));
+        assert_eq!(words_not_levels("control,engine::rt"), (vec![], false));
+        assert_eq!(
+            words_not_levels("warn,control=debug,[span]=info"),
+            (vec![], true)
+        );
     }
 }
