@@ -437,3 +437,50 @@ fn a_missing_table_is_named_as_such_and_followed_once_created() {
         .unwrap_or_else(|| panic!("the new table not followed; log:\n{}", proxy.log_text()));
     routed_to(&proxy, "a");
 }
+
+/// A change mirrored from PostgreSQL is published once: by the source,
+/// right after it wrote routing.db, or by the routing reloader's tick if
+/// that noticed the mirror's commit first. QA saw both, one after the
+/// other (the source published unconditionally). The tick runs every
+/// 10 ms here, so that it often falls between the commit and the source's
+/// publish: before the fix a few of the twenty changes reloaded twice.
+#[test]
+fn a_mirrored_change_reloads_the_routing_table_once() {
+    let pg = PgServer::start("pg-one-reload", None);
+    pg.psql(BACKENDS_TABLE);
+    let a = TagBackend::start("a");
+    pg.psql(&insert_backend("a", "sa", a.port(), 1));
+    let dir = TempDir::new("pg-one-reload-proxy");
+    let text = pg_config(&dir, &pg.url("edgeproxy"), 60, "")
+        .replace("reload_interval_ms = 100", "reload_interval_ms = 10");
+    let proxy = start_proxy(&dir, &text);
+    assert!(proxy
+        .wait_for_log("postgres: routing table read at start", PATIENCE)
+        .is_some());
+    let mut twice = Vec::new();
+    for weight in 2..22 {
+        let mark = proxy.log_mark();
+        pg.psql(&format!(
+            "UPDATE backends SET weight = {weight} WHERE id = 'a'"
+        ));
+        proxy
+            .wait_for_log_after(mark, "postgres: routing table mirrored", PATIENCE)
+            .unwrap_or_else(|| panic!("change not mirrored; log:\n{}", proxy.log_text()));
+        assert!(proxy.wait_for_log_count_after(mark, "routing table reloaded", 1, PATIENCE));
+        // Thirty ticks to reload the same table again.
+        if proxy.wait_for_log_count_after(
+            mark,
+            "routing table reloaded",
+            2,
+            Duration::from_millis(300),
+        ) {
+            twice.push(proxy.log_lines()[mark..].join("\n"));
+        }
+    }
+    assert!(
+        twice.is_empty(),
+        "{} of 20 changes reloaded twice:\n{}",
+        twice.len(),
+        twice.join("\n--\n")
+    );
+}

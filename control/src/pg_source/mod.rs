@@ -9,8 +9,9 @@
 //! notifies it of every change), and reads the whole table on each
 //! notification and every `postgres.reload_secs` (the fallback when nothing
 //! notifies). A read that differs from `routing.db` is written there in one
-//! transaction ([`mirror`]), and the routing reloader publishes it at once:
-//! the same store, snapshot builder and publish as `routing.db` alone.
+//! transaction ([`mirror`]), and the routing reloader publishes it at once
+//! (unless its own tick did, in between): the same store, snapshot builder
+//! and publish as `routing.db` alone.
 //!
 //! When the database is unreachable (down, restarting, partitioned, a
 //! query past `query_timeout_secs`), nothing changes: `routing.db` keeps the
@@ -313,7 +314,11 @@ async fn sync(
                 deleted,
                 "postgres: routing table mirrored"
             );
-            reloader.lock().reload();
+            // If the routing reloader's own tick noticed the commit
+            // first, it has published this table already: a reload here
+            // would publish it a second time (QA). `tick` publishes only
+            // what the last publish has not seen.
+            reloader.lock().tick();
         }
         Err(e) => tracing::error!(error = %e, db = %sqlite.path().unwrap_or("routing.db"),
             "postgres: cannot write the mirror into routing.db; retrying at the next read"),
