@@ -484,3 +484,82 @@ fn a_mirrored_change_reloads_the_routing_table_once() {
         twice.join("\n--\n")
     );
 }
+
+/// Credentials the database refuses, at start and mid-session (the
+/// password changed, then the session lost): said once as an ERROR with
+/// the server's reason, the last table keeps routing, and the right
+/// password is followed again.
+#[test]
+fn a_refused_password_keeps_the_table_and_recovers_when_fixed() {
+    let pg = PgServer::start("pg-password", None);
+    pg.require_passwords();
+    pg.psql(BACKENDS_TABLE);
+    pg.psql("CREATE ROLE router SUPERUSER LOGIN PASSWORD 'wrong-one'");
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    pg.psql(&insert_backend("a", "far", a.port(), 1));
+    let url = format!("postgres://router:right-one@127.0.0.1:{}/postgres", pg.port);
+
+    // Refused at start: the table mirrored by an earlier run serves.
+    let dir = TempDir::new("pg-password-proxy");
+    let mirror = Db::create(dir.join("routing.db"));
+    mirror.upsert(&Row::new("a", "web", "far", a.port()));
+    let proxy = start_proxy(&dir, &pg_config(&dir, &url, 1, ""));
+    let line = proxy
+        .wait_for_log(
+            "refuses edgeproxy's credentials (postgres.url) at start",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("no error at start; log:\n{}", proxy.log_text()));
+    assert!(line.contains("password authentication failed"), "{line}");
+    let line = proxy
+        .wait_for_log("ERROR", PATIENCE)
+        .unwrap_or_else(|| panic!("no ERROR; log:\n{}", proxy.log_text()));
+    assert!(line.contains("refuses edgeproxy's credentials"), "{line}");
+    assert!(line.contains("password authentication failed"), "{line}");
+    assert_eq!(which_backend(proxy.addr()), "a");
+
+    // Fixed: followed.
+    let mark = proxy.log_mark();
+    pg.psql("ALTER ROLE router PASSWORD 'right-one'");
+    proxy
+        .wait_for_log_after(mark, "postgres: reachable again", PATIENCE)
+        .unwrap_or_else(|| panic!("no recovery; log:\n{}", proxy.log_text()));
+    pg.psql(&insert_backend("b", "sa", b.port(), 1));
+    routed_to(&proxy, "b");
+
+    // Changed mid-session: the session goes on until it is lost, then
+    // reconnecting is refused, which is said (QA: only the session's loss
+    // was, "terminating connection"); the table stays.
+    pg.psql("ALTER ROLE router PASSWORD 'changed'");
+    let refused_before = pg.log().matches("password authentication failed").count();
+    let mark = proxy.log_mark();
+    pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'router'");
+    let line = proxy
+        .wait_for_log_after(mark, "refuses edgeproxy's credentials", PATIENCE)
+        .unwrap_or_else(|| panic!("refusal not said; log:\n{}", proxy.log_text()));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("password authentication failed"), "{line}");
+    pg.psql("DELETE FROM backends WHERE id = 'b'");
+    // Refused again at the retries (the server's log tells), said once.
+    assert!(eventually(PATIENCE, || {
+        pg.log().matches("password authentication failed").count() >= refused_before + 3
+    }));
+    assert_eq!(
+        proxy
+            .log_lines_after(mark, "refuses edgeproxy's credentials")
+            .len(),
+        1,
+        "{}",
+        proxy.log_text()
+    );
+    for _ in 0..20 {
+        assert_eq!(which_backend(proxy.addr()), "b");
+    }
+    let mark = proxy.log_mark();
+    pg.psql("ALTER ROLE router PASSWORD 'right-one'");
+    proxy
+        .wait_for_log_after(mark, "postgres: reachable again", PATIENCE)
+        .unwrap_or_else(|| panic!("no recovery; log:\n{}", proxy.log_text()));
+    routed_to(&proxy, "a");
+}

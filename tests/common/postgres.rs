@@ -175,6 +175,21 @@ impl PgServer {
         );
     }
 
+    /// Restarts the server requiring a password (SCRAM) of every role
+    /// but the superuser `edgeproxy` that `psql` here connects as.
+    pub fn require_passwords(&self) {
+        assert!(!self.tls, "not with TLS");
+        self.stop();
+        let path = self.data().join("pg_hba.conf");
+        std::fs::write(
+            &path,
+            "host all edgeproxy 127.0.0.1/32 trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        chown(&path, self.user);
+        self.start_again();
+    }
+
     /// Stops the server (fast shutdown: sessions are disconnected).
     pub fn stop(&self) {
         let out = self.run(

@@ -54,6 +54,15 @@ impl PgError {
     }
 }
 
+impl PgError {
+    /// The database refuses the role or its password (SQLSTATE class 28:
+    /// a wrong or changed password, an unknown role, no `pg_hba.conf`
+    /// entry).
+    pub fn is_refused_credentials(&self) -> bool {
+        matches!(self, PgError::Db(e) if e.code().is_some_and(|c| c.code().starts_with("28")))
+    }
+}
+
 /// tokio-postgres's own message is terse ("db error", "error performing
 /// TLS handshake"); the reason is in the server's message or the source
 /// chain.

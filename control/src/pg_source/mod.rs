@@ -52,9 +52,8 @@ enum First {
     Mirrored {
         rows: usize,
     },
-    /// Why; and whether the database answered but its table could not be
-    /// read (missing, wrong columns, no privilege).
-    Failed(String, bool),
+    /// Why, and what kind of failure.
+    Failed(String, Cause),
 }
 
 impl PgSource {
@@ -95,9 +94,11 @@ impl PgSource {
             Ok(First::Mirrored { rows }) => {
                 tracing::info!(rows, "postgres: routing table read at start")
             }
-            Ok(First::Failed(why, false)) => tracing::warn!(error = %why,
+            Ok(First::Failed(why, Cause::Unreachable)) => tracing::warn!(error = %why,
                 "postgres: unreachable at start; serving the table last mirrored into routing.db"),
-            Ok(First::Failed(why, true)) => tracing::warn!(error = %why,
+            Ok(First::Failed(why, Cause::Credentials)) => tracing::warn!(error = %why,
+                "postgres: the database refuses edgeproxy's credentials (postgres.url) at start; serving the table last mirrored into routing.db"),
+            Ok(First::Failed(why, Cause::Table)) => tracing::warn!(error = %why,
                 "postgres: cannot read table backends at start; serving the table last mirrored into routing.db"),
             Err(_) => tracing::warn!(
                 "postgres: no answer yet; serving the table last mirrored into routing.db"
@@ -133,9 +134,21 @@ fn source_patience(settings: &Postgres) -> Duration {
 /// Whether the last attempt worked, to log an outage and a recovery once.
 struct Health {
     up: Option<bool>,
-    /// The outage is the table's (the database answers), not the
-    /// database's: logged again when that changes.
-    table: bool,
+    /// What the outage is: logged again when that changes (QA: a session
+    /// lost, then its reconnection refused for a changed password, said
+    /// only "terminating connection").
+    cause: Cause,
+}
+
+/// What keeps the table from being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// The database is not reachable, or the session was lost.
+    Unreachable,
+    /// The database refuses this role's credentials (SQLSTATE class 28).
+    Credentials,
+    /// The database answers, but its `backends` table cannot be read.
+    Table,
 }
 
 impl Health {
@@ -147,20 +160,21 @@ impl Health {
     }
 
     fn failed(&mut self, e: &SessionError) {
-        let table = e.is_table_problem();
-        if self.up != Some(false) || self.table != table {
-            if table {
-                tracing::error!(error = %e,
-                    "postgres: cannot read table backends; keeping the last routing table until it can");
-            } else {
-                tracing::error!(error = %e,
-                    "postgres: unreachable; keeping the last routing table until it is back");
+        let cause = e.cause();
+        if self.up != Some(false) || self.cause != cause {
+            match cause {
+                Cause::Table => tracing::error!(error = %e,
+                    "postgres: cannot read table backends; keeping the last routing table until it can"),
+                Cause::Credentials => tracing::error!(error = %e,
+                    "postgres: the database refuses edgeproxy's credentials (postgres.url); keeping the last routing table until it accepts them"),
+                Cause::Unreachable => tracing::error!(error = %e,
+                    "postgres: unreachable; keeping the last routing table until it is back"),
             }
         } else {
             tracing::debug!(error = %e, "postgres: still unreachable");
         }
         self.up = Some(false);
-        self.table = table;
+        self.cause = cause;
     }
 }
 
@@ -174,7 +188,7 @@ async fn run(
     let mut first = Some(first);
     let mut health = Health {
         up: None,
-        table: false,
+        cause: Cause::Unreachable,
     };
     let mut backoff = Duration::from_secs(1);
     let tls = match client::tls(settings.ca_file.as_deref()) {
@@ -184,7 +198,7 @@ async fn run(
             // went bad since is an outage like any other.
             tracing::error!(error = %e, "postgres: cannot set up TLS; the routing table stays as mirrored");
             if let Some(f) = first.take() {
-                let _ = f.send(First::Failed(e.to_string(), false));
+                let _ = f.send(First::Failed(e.to_string(), Cause::Unreachable));
             }
             let _ = stopped.wait_for(|s| *s).await;
             return;
@@ -198,7 +212,7 @@ async fn run(
         if let Err(e) = outcome {
             health.failed(&e);
             if let Some(f) = first.take() {
-                let _ = f.send(First::Failed(e.to_string(), e.is_table_problem()));
+                let _ = f.send(First::Failed(e.to_string(), e.cause()));
             }
         }
         tokio::select! {
@@ -339,9 +353,13 @@ enum SessionError {
 }
 
 impl SessionError {
-    /// The database answered, but its `backends` table cannot be read.
-    fn is_table_problem(&self) -> bool {
-        matches!(self, SessionError::Pg(e) if e.is_table_problem())
+    /// What kind of failure this is, for the log.
+    fn cause(&self) -> Cause {
+        match self {
+            SessionError::Pg(e) if e.is_table_problem() => Cause::Table,
+            SessionError::Pg(e) if e.is_refused_credentials() => Cause::Credentials,
+            _ => Cause::Unreachable,
+        }
     }
 
     fn with_context(self, why: String) -> SessionError {
