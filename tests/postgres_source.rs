@@ -563,3 +563,53 @@ fn a_refused_password_keeps_the_table_and_recovers_when_fixed() {
         .unwrap_or_else(|| panic!("no recovery; log:\n{}", proxy.log_text()));
     routed_to(&proxy, "a");
 }
+
+/// The change trigger dropped mid-session (a migration, by hand):
+/// notifications stop, the periodic read still follows, and the next one
+/// says so and puts the trigger back, after which changes are notified
+/// again. QA: it went without a word, changes then seen only every
+/// `reload_secs`.
+#[test]
+fn a_dropped_change_trigger_is_said_and_put_back() {
+    let pg = PgServer::start("pg-trigger-dropped", None);
+    pg.psql(BACKENDS_TABLE);
+    let a = TagBackend::start("a");
+    let b = TagBackend::start("b");
+    pg.psql(&insert_backend("a", "far", a.port(), 1));
+    let dir = TempDir::new("pg-trigger-dropped-proxy");
+    let proxy = start_proxy(&dir, &pg_config(&dir, &pg.url("edgeproxy"), 2, ""));
+    proxy
+        .wait_for_log("postgres: installed the change trigger", PATIENCE)
+        .unwrap_or_else(|| panic!("no trigger; log:\n{}", proxy.log_text()));
+
+    let mark = proxy.log_mark();
+    pg.psql("DROP TRIGGER edgeproxy_notify_edgeproxy_backends ON backends");
+    pg.psql(&insert_backend("b", "sa", b.port(), 1));
+    // Followed by the periodic read, the table serving meanwhile.
+    routed_to(&proxy, "b");
+    let line = proxy
+        .wait_for_log_after(mark, "change trigger on backends was gone", PATIENCE)
+        .unwrap_or_else(|| panic!("not said; log:\n{}", proxy.log_text()));
+    assert!(line.contains("WARN"), "{line}");
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'edgeproxy_notify_edgeproxy_backends'"
+        )
+        .trim(),
+        "1"
+    );
+    // Notified again: followed well within the 2 s period.
+    pg.psql("UPDATE backends SET healthy = 0 WHERE id = 'b'");
+    let took = routed_to(&proxy, "a");
+    assert!(
+        took < Duration::from_millis(1500),
+        "followed after {took:?}"
+    );
+    // Said once.
+    assert_eq!(
+        proxy
+            .log_lines_after(mark, "change trigger on backends was gone")
+            .len(),
+        1
+    );
+}

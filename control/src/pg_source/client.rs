@@ -150,6 +150,9 @@ pub struct Session {
     pub connection: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
     /// The `SELECT` for this table's columns.
     select: String,
+    /// The notifying trigger was there (or installed) at connect:
+    /// [`Session::ensure_trigger`] puts it back should it go.
+    pub trigger: bool,
 }
 
 /// Connects, installs the notifying trigger if asked and missing, and
@@ -192,6 +195,7 @@ pub async fn connect(settings: &Postgres, tls: MakeRustlsConnect) -> Result<Sess
         notifications,
         connection,
         select: String::new(),
+        trigger: false,
     };
     let client = &session.client;
     let timeout = settings.query_timeout;
@@ -211,10 +215,12 @@ pub async fn connect(settings: &Postgres, tls: MakeRustlsConnect) -> Result<Sess
     })
     .await?;
     let select = within(timeout, select_for(client)).await?;
+    let mut trigger = false;
     if settings.install_trigger {
-        if let Err(e) = within(timeout, install_trigger(client, &settings.channel)).await {
-            tracing::warn!(error = %e, channel = %settings.channel,
-                "postgres: cannot install the change trigger on backends; changes are seen every reload_secs");
+        match within(timeout, install_trigger(client, &settings.channel)).await {
+            Ok(_) => trigger = true,
+            Err(e) => tracing::warn!(error = %e, channel = %settings.channel,
+                "postgres: cannot install the change trigger on backends; changes are seen every reload_secs"),
         }
     }
     within(timeout, async {
@@ -225,7 +231,38 @@ pub async fn connect(settings: &Postgres, tls: MakeRustlsConnect) -> Result<Sess
     })
     .await?;
     session.select = select;
+    session.trigger = trigger;
     Ok(session)
+}
+
+impl Session {
+    /// Puts the notifying trigger back if it was there at connect and has
+    /// gone since (dropped by a migration or by hand: changes would then
+    /// be seen only by the periodic read, without a word). Says so, once:
+    /// a trigger that cannot be put back is not looked for again in this
+    /// session.
+    pub async fn ensure_trigger(&mut self, settings: &Postgres) {
+        if !self.trigger {
+            return;
+        }
+        let installed = within(
+            settings.query_timeout,
+            install_trigger(&self.client, &settings.channel),
+        )
+        .await;
+        match installed {
+            Ok(false) => {}
+            Ok(true) => tracing::warn!(channel = %settings.channel,
+                "postgres: the change trigger on backends was gone (dropped?); installed it again: \
+                 changes made meanwhile were seen by the periodic read"),
+            Err(e) => {
+                self.trigger = false;
+                tracing::warn!(error = %e, channel = %settings.channel,
+                    "postgres: the change trigger on backends is gone and cannot be installed again; \
+                     changes are seen every reload_secs");
+            }
+        }
+    }
 }
 
 async fn within<T>(
@@ -272,8 +309,8 @@ async fn select_for(client: &Client) -> Result<String, PgError> {
 
 /// A statement-level trigger on `backends` that notifies `channel` on every
 /// insert, update, delete and truncate. Created once; a concurrent creator
-/// (another POP) winning the race is fine.
-async fn install_trigger(client: &Client, channel: &str) -> Result<(), PgError> {
+/// (another POP) winning the race is fine. Returns whether it was missing.
+async fn install_trigger(client: &Client, channel: &str) -> Result<bool, PgError> {
     let name = format!("edgeproxy_notify_{channel}");
     let exists = client
         .query_opt(
@@ -284,7 +321,7 @@ async fn install_trigger(client: &Client, channel: &str) -> Result<(), PgError> 
         .await?
         .is_some();
     if exists {
-        return Ok(());
+        return Ok(false);
     }
     let sql = format!(
         "CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $f$ \
@@ -295,9 +332,9 @@ async fn install_trigger(client: &Client, channel: &str) -> Result<(), PgError> 
     match client.batch_execute(&sql).await {
         Ok(()) => {
             tracing::info!(trigger = %name, channel, "postgres: installed the change trigger on backends");
-            Ok(())
+            Ok(true)
         }
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

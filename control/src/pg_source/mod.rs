@@ -8,7 +8,8 @@
 //! `postgres.channel` (a statement-level trigger it installs on `backends`
 //! notifies it of every change), and reads the whole table on each
 //! notification and every `postgres.reload_secs` (the fallback when nothing
-//! notifies). A read that differs from `routing.db` is written there in one
+//! notifies; each such read also puts the trigger back should it have
+//! been dropped). A read that differs from `routing.db` is written there in one
 //! transaction ([`mirror`]), and the routing reloader publishes it at once
 //! (unless its own tick did, in between): the same store, snapshot builder
 //! and publish as `routing.db` alone.
@@ -261,15 +262,16 @@ async fn session(
     );
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let polled = tokio::select! {
             n = session.notifications.recv() => {
                 if n.is_none() {
                     break;
                 }
                 // A burst of statements is one read.
                 while session.notifications.try_recv().is_ok() {}
+                false
             }
-            _ = poll.tick() => {}
+            _ = poll.tick() => true,
             ended = &mut session.connection => {
                 return Err(match ended {
                     Ok(Ok(())) => SessionError::Closed,
@@ -277,8 +279,12 @@ async fn session(
                     Err(e) => SessionError::Closed.with_context(e.to_string()),
                 });
             }
-        }
+        };
         sync(&session, &mut sqlite, settings, reloader).await?;
+        if polled {
+            // Notifications stop without a word if the trigger goes.
+            session.ensure_trigger(settings).await;
+        }
     }
     Err(SessionError::Closed)
 }
