@@ -253,7 +253,7 @@ fn tls_to_the_database_is_required_and_verified() {
     let plain = format!("{}?sslmode=disable", pg.url("edgeproxy"));
     let proxy = start_proxy(&dir, &pg_config(&dir, &plain, 60, ""));
     let line = proxy
-        .wait_for_log("postgres: unreachable", PATIENCE)
+        .wait_for_log("postgres: the database refuses edgeproxy's login", PATIENCE)
         .unwrap_or_else(|| panic!("plain connection accepted; log:\n{}", proxy.log_text()));
     assert!(
         line.contains("pg_hba.conf") || line.contains("no encryption"),
@@ -507,7 +507,7 @@ fn a_refused_password_keeps_the_table_and_recovers_when_fixed() {
     let proxy = start_proxy(&dir, &pg_config(&dir, &url, 1, ""));
     let line = proxy
         .wait_for_log(
-            "refuses edgeproxy's credentials (postgres.url) at start",
+            "refuses edgeproxy's login (role, password or pg_hba.conf; see postgres.url) at start",
             PATIENCE,
         )
         .unwrap_or_else(|| panic!("no error at start; log:\n{}", proxy.log_text()));
@@ -515,7 +515,7 @@ fn a_refused_password_keeps_the_table_and_recovers_when_fixed() {
     let line = proxy
         .wait_for_log("ERROR", PATIENCE)
         .unwrap_or_else(|| panic!("no ERROR; log:\n{}", proxy.log_text()));
-    assert!(line.contains("refuses edgeproxy's credentials"), "{line}");
+    assert!(line.contains("refuses edgeproxy's login"), "{line}");
     assert!(line.contains("password authentication failed"), "{line}");
     assert_eq!(which_backend(proxy.addr()), "a");
 
@@ -536,7 +536,7 @@ fn a_refused_password_keeps_the_table_and_recovers_when_fixed() {
     let mark = proxy.log_mark();
     pg.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'router'");
     let line = proxy
-        .wait_for_log_after(mark, "refuses edgeproxy's credentials", PATIENCE)
+        .wait_for_log_after(mark, "refuses edgeproxy's login", PATIENCE)
         .unwrap_or_else(|| panic!("refusal not said; log:\n{}", proxy.log_text()));
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains("password authentication failed"), "{line}");
@@ -547,7 +547,7 @@ fn a_refused_password_keeps_the_table_and_recovers_when_fixed() {
     }));
     assert_eq!(
         proxy
-            .log_lines_after(mark, "refuses edgeproxy's credentials")
+            .log_lines_after(mark, "refuses edgeproxy's login")
             .len(),
         1,
         "{}",

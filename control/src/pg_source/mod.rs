@@ -98,7 +98,7 @@ impl PgSource {
             Ok(First::Failed(why, Cause::Unreachable)) => tracing::warn!(error = %why,
                 "postgres: unreachable at start; serving the table last mirrored into routing.db"),
             Ok(First::Failed(why, Cause::Credentials)) => tracing::warn!(error = %why,
-                "postgres: the database refuses edgeproxy's credentials (postgres.url) at start; serving the table last mirrored into routing.db"),
+                "postgres: the database refuses edgeproxy's login (role, password or pg_hba.conf; see postgres.url) at start; serving the table last mirrored into routing.db"),
             Ok(First::Failed(why, Cause::Table)) => tracing::warn!(error = %why,
                 "postgres: cannot read table backends at start; serving the table last mirrored into routing.db"),
             Err(_) => tracing::warn!(
@@ -146,7 +146,9 @@ struct Health {
 enum Cause {
     /// The database is not reachable, or the session was lost.
     Unreachable,
-    /// The database refuses this role's credentials (SQLSTATE class 28).
+    /// The database refuses this login (SQLSTATE class 28: the role, its
+    /// password, or no `pg_hba.conf` entry, e.g. for plain text where the
+    /// server takes TLS only).
     Credentials,
     /// The database answers, but its `backends` table cannot be read.
     Table,
@@ -167,7 +169,7 @@ impl Health {
                 Cause::Table => tracing::error!(error = %e,
                     "postgres: cannot read table backends; keeping the last routing table until it can"),
                 Cause::Credentials => tracing::error!(error = %e,
-                    "postgres: the database refuses edgeproxy's credentials (postgres.url); keeping the last routing table until it accepts them"),
+                    "postgres: the database refuses edgeproxy's login (role, password or pg_hba.conf; see postgres.url); keeping the last routing table until it accepts it"),
                 Cause::Unreachable => tracing::error!(error = %e,
                     "postgres: unreachable; keeping the last routing table until it is back"),
             }
