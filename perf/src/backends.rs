@@ -60,12 +60,35 @@ pub struct Backends {
     threads: Vec<JoinHandle<()>>,
 }
 
+/// Listen backlog of the HTTP and echo backends: the system's maximum
+/// (`somaxconn`, 4096 here), as nginx (511), Go's `net/http` (somaxconn)
+/// and HAProxy itself use a deep one. mio and std listen with 128: in the
+/// overload scenario's connection flood that queue overflowed while the
+/// backend's thread waited for the generator's core, every dropped SYN
+/// cost its client a 1 s retransmit, and a target was judged by how its
+/// connects happened to bunch at the backend (611 overflows in one
+/// edgeproxy run, 36 in one HAProxy run, 2026-12-06), not by how it
+/// degrades.
+const BACKEND_BACKLOG: i32 = 4096;
+
+/// A non-blocking listener on an ephemeral loopback port with
+/// [`BACKEND_BACKLOG`].
+fn listen_deep() -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    socket.listen(BACKEND_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
 impl Backends {
     /// Starts every backend on 127.0.0.1 (ephemeral ports); their threads run
     /// on `cpus` (empty: anywhere).
     pub fn start(cpus: &[usize]) -> io::Result<Backends> {
-        let http = TcpListener::bind("127.0.0.1:0".parse().unwrap())?;
-        let echo = TcpListener::bind("127.0.0.1:0".parse().unwrap())?;
+        let http = listen_deep()?;
+        let echo = listen_deep()?;
         let bulk = std::net::TcpListener::bind("127.0.0.1:0")?;
         let (http_addr, echo_addr, bulk_addr) =
             (http.local_addr()?, echo.local_addr()?, bulk.local_addr()?);
