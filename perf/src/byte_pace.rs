@@ -17,8 +17,17 @@ use std::time::{Duration, Instant};
 /// rates the suite uses (64 KiB every ~0.1–0.2 ms per stream).
 pub const PACED_CHUNK: usize = 64 * 1024;
 
+/// How far behind its schedule a sender may fall and still catch up. A
+/// sender stalled longer (its core taken by other work, as in a suite run
+/// beside a build) forgives the rest instead of bursting it out: a burst
+/// would put the bytes of the stall into the measured window and the rate
+/// above the one every target is offered (the smoke test's check, seen at
+/// 1.06x under a concurrent build, 2026-12-06).
+pub const CATCH_UP_AT_MOST: Duration = Duration::from_millis(10);
+
 /// Sleeps a sender so that it moves `bytes_per_sec` on average since it
-/// started; it never bursts ahead of the rate, and a late sender catches up.
+/// started; it never bursts ahead of the rate, and a late sender catches up
+/// at most [`CATCH_UP_AT_MOST`] of it.
 pub struct BytePacer {
     started: Instant,
     bytes_per_sec: f64,
@@ -45,11 +54,15 @@ impl BytePacer {
         Duration::from_secs_f64(self.moved as f64 / self.bytes_per_sec)
     }
 
-    /// Sleeps until the next byte is due (returns at once when late).
-    pub fn wait(&self) {
+    /// Sleeps until the next byte is due (returns at once when late, after
+    /// forgiving what is later than [`CATCH_UP_AT_MOST`]).
+    pub fn wait(&mut self) {
         let (due, now) = (self.due(), self.started.elapsed());
         if due > now {
             std::thread::sleep(due - now);
+        } else if now - due > CATCH_UP_AT_MOST {
+            // Move the start so that the sender is exactly that late.
+            self.started += now - due - CATCH_UP_AT_MOST;
         }
     }
 }
@@ -69,8 +82,21 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_sender_catches_up_only_a_little() {
+        let mut p = BytePacer::new(1e6);
+        std::thread::sleep(Duration::from_millis(100));
+        p.wait();
+        // 100 ms behind: all but CATCH_UP_AT_MOST of it is forgiven.
+        let behind = p.started.elapsed() - p.due();
+        assert!(
+            behind >= CATCH_UP_AT_MOST && behind < CATCH_UP_AT_MOST * 2,
+            "{behind:?}"
+        );
+    }
+
+    #[test]
     fn a_sender_that_is_late_does_not_wait() {
-        let p = BytePacer::new(1.0);
+        let mut p = BytePacer::new(1.0);
         let t = Instant::now();
         p.wait();
         assert!(t.elapsed() < Duration::from_secs(1));

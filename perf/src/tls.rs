@@ -422,7 +422,7 @@ fn bulk_sample(
             };
             let mut buf = vec![0u8; len];
             while !stop.load(Ordering::Relaxed) {
-                if let Some(p) = &pacer {
+                if let Some(p) = &mut pacer {
                     p.wait();
                 }
                 let r = match direction {
