@@ -94,6 +94,38 @@ pub(super) fn router(state: AppState) -> Router {
 /// Runs before every route (and the fallback), in this order: rate limit
 /// (429), browser origin (403), loopback host (403), token (401).
 async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match refusal(&s, &req) {
+        Some(refused) => refuse(req, s.max_body, refused).await,
+        None => next.run(req).await,
+    }
+}
+
+/// How long a refused request's body is waited for (see [`refuse`]).
+const REFUSED_BODY_WAIT: Duration = Duration::from_secs(1);
+
+/// Answers a refused request with `response` once its body is read (at
+/// most `max` bytes, for at most [`REFUSED_BODY_WAIT`]), so that its
+/// keep-alive connection stays usable. Answered before, with the body
+/// still on its way, the connection was closed without a word, and a
+/// client that pools connections (ureq does) sent its next request into
+/// a closed one: "Peer disconnected". A body that is larger or late gets
+/// the answer with `Connection: close`, which such clients heed.
+async fn refuse(req: Request, max: usize, mut response: Response) -> Response {
+    let read = tokio::time::timeout(
+        REFUSED_BODY_WAIT,
+        axum::body::to_bytes(req.into_body(), max),
+    )
+    .await;
+    if !matches!(read, Ok(Ok(_))) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// The answer that refuses `req` before any route sees it, if one does.
+fn refusal(s: &AppState, req: &Request) -> Option<Response> {
     let peer = req.extensions().get::<Peer>().map(|p| p.0);
     if let Some(peer) = peer {
         let verdict = s
@@ -106,22 +138,22 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            return resp;
+            return Some(resp);
         }
     }
     // Browsers send Origin on cross-site POSTs; no API client does. This
     // keeps web pages from driving a tokenless API on loopback.
     if req.headers().contains_key(header::ORIGIN) {
-        return error(403, "requests from web pages are not accepted");
+        return Some(error(403, "requests from web pages are not accepted"));
     }
     if s.loopback_only {
         let named = req.uri().authority().map(|a| a.host());
         let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
         if !auth::names_local_host(named, host) {
-            return error(
+            return Some(error(
                 403,
                 "without a token the API answers only to Host: localhost or an address",
-            );
+            ));
         }
     }
     let public = req.uri().path() == "/health"
@@ -140,10 +172,10 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"edgeproxy\""),
             );
-            return resp;
+            return Some(resp);
         }
     }
-    next.run(req).await
+    None
 }
 
 /// Sends `op` to the control loop and waits for its answer.
