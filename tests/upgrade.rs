@@ -536,8 +536,17 @@ fn the_old_process_exits_promptly_once_its_drain_is_over() {
     );
     // (Not `wait_exit` with a timeout: after the exit it waits that long
     // for the log pipes to close, which the successor holds, and reads as
-    // a slow exit.)
-    let status = s.proxy.wait_exit(Duration::ZERO).expect("exited");
+    // a slow exit.) Its main thread may show as a zombie while its other
+    // threads still end, before it can be reaped: ask until it is.
+    let mut status = None;
+    assert!(
+        eventually(PATIENCE, || {
+            status = s.proxy.wait_exit(Duration::ZERO);
+            status.is_some()
+        }),
+        "the old process was never reaped"
+    );
+    let status = status.expect("reaped");
     assert!(status.success(), "old process exited with {status}");
 }
 
