@@ -556,6 +556,7 @@ hold_time_secs = 3
             addr: c.net.ip(2).to_string(),
             asn: 65010,
             hold_secs: 3,
+            password: None,
         }],
     );
     for i in 0..3 {

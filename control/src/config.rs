@@ -565,6 +565,9 @@ pub fn resolve_paths(raw: &mut RawConfig, config_file: &Path) {
     paths.extend(raw.upgrade.control_socket.as_mut());
     paths.extend(raw.mesh.private_key_file.as_mut());
     paths.extend(raw.postgres.ca_file.as_mut());
+    for n in &mut raw.bgp.neighbors {
+        paths.extend(n.password_file.as_mut());
+    }
     for l in raw.listeners.iter_mut().flatten() {
         if let Some(tls) = l.tls.as_mut() {
             paths.extend(tls.cert.as_mut());

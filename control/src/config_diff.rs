@@ -108,6 +108,33 @@ pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
     keep!("replication", replication);
     keep!("mesh", mesh);
     keep!("bgp", bgp);
+    // Neighbors' TCP MD5 passwords are never serialized either (a new
+    // password in the same file is a difference the walk cannot see).
+    for (i, (old, new)) in running
+        .bgp
+        .neighbors
+        .iter()
+        .zip(&new.bgp.neighbors)
+        .enumerate()
+    {
+        if old.password != new.password {
+            changes.push(Change {
+                key: format!("bgp.neighbor[{i}].password"),
+                old: if old.password.is_some() {
+                    "(hidden)"
+                } else {
+                    "(unset)"
+                }
+                .into(),
+                new: if new.password.is_some() {
+                    "(hidden)"
+                } else {
+                    "(unset)"
+                }
+                .into(),
+            });
+        }
+    }
     keep!("geodns", geodns);
     keep!("upgrade", upgrade);
     keep!("postgres", postgres);
@@ -163,6 +190,27 @@ mod tests {
         assert_eq!(next.pop.region, "sa");
         assert_eq!(next.dns.ttl_secs, 5);
         assert_eq!(next.limits.max_connections, new.limits.max_connections);
+    }
+
+    #[test]
+    fn a_new_bgp_password_needs_a_restart_and_is_not_shown() {
+        let bgp = |pw: &str| {
+            config(&format!(
+                "[bgp]\nlocal_asn = 65010\nrouter_id = \"10.0.0.2\"\nannounce = [\"10.9.0.0/16\"]\n\
+                 [[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 65000\n{pw}"
+            ))
+        };
+        let running = bgp("password = \"old-secret\"");
+        let (next, changes) = split(&running, &bgp("password = \"new-secret\""));
+        let text = joined(&changes);
+        assert_eq!(text, "bgp.neighbor[0].password: (hidden) → (hidden)");
+        assert_eq!(next.bgp, running.bgp, "runs on with the old password");
+        let (_, changes) = split(&bgp(""), &bgp("password = \"new-secret\""));
+        assert_eq!(
+            joined(&changes),
+            "bgp.neighbor[0].password: (unset) → (hidden)"
+        );
+        assert!(split(&running, &running.clone()).1.is_empty());
     }
 
     #[test]

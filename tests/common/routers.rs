@@ -31,6 +31,8 @@ pub struct Peer {
     pub addr: String,
     pub asn: u32,
     pub hold_secs: u16,
+    /// TCP MD5 password (RFC 2385) the router requires of this peer.
+    pub password: Option<String>,
 }
 
 /// BIRD 2 in a namespace.
@@ -77,7 +79,7 @@ protocol bgp {name} {{
     local {local} as {asn};
     neighbor {addr} as {peer_asn};
     passive on;
-    hold time {hold};
+    hold time {hold};{password}
     # After an error (a hold timer expiry) BIRD waits 60 s by default
     # before it takes a session again; a lab restarts faster.
     error wait time 1, 5;
@@ -91,6 +93,11 @@ protocol bgp {name} {{
                 addr = p.addr,
                 peer_asn = p.asn,
                 hold = p.hold_secs,
+                password = p
+                    .password
+                    .as_ref()
+                    .map(|pw| format!("\n    password \"{pw}\";"))
+                    .unwrap_or_default(),
             ));
         }
         let conf_path = dir.join("bird.conf");
@@ -196,7 +203,7 @@ impl GoBgp {
 [[neighbors]]
   [neighbors.config]
     neighbor-address = "{addr}"
-    peer-as = {peer_asn}
+    peer-as = {peer_asn}{password}
   [neighbors.timers.config]
     hold-time = {hold}
     keepalive-interval = {ka}
@@ -213,6 +220,11 @@ impl GoBgp {
                 peer_asn = p.asn,
                 hold = p.hold_secs,
                 ka = (p.hold_secs / 3).max(1),
+                password = p
+                    .password
+                    .as_ref()
+                    .map(|pw| format!("\n    auth-password = \"{pw}\""))
+                    .unwrap_or_default(),
             ));
         }
         let conf_path = dir.join("gobgpd.toml");
@@ -315,6 +327,9 @@ impl Frr {
                 ka = (p.hold_secs / 3).max(1),
                 hold = p.hold_secs,
             ));
+            if let Some(pw) = &p.password {
+                conf.push_str(&format!(" neighbor {} password {pw}\n", p.addr));
+            }
         }
         conf.push_str(" address-family ipv6 unicast\n");
         for p in peers {

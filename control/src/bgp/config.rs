@@ -6,13 +6,22 @@
 //! file's neighbors). Everything is validated here, at load, so
 //! `check-config` catches it: an enabled speaker has an ASN, a router id,
 //! at least one prefix and one neighbor, and prefixes without host bits.
+//!
+//! A neighbor's TCP MD5 password (`password` or `password_file`) is read
+//! here too, so a missing file fails `check-config`; like every `[bgp]` key
+//! it is applied at start (a SIGHUP that changes it says a restart is
+//! needed). It has no environment variable: `EDGEPROXY_BGP_NEIGHBORS` is a
+//! one-line list, and a neighbor that needs a password is written in the
+//! file (with `password_file` pointing at a secret mounted there).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use super::md5::{read_key_file, Md5Key};
 use crate::config_env::{env_bool, invalid, ConfigError, Env};
 
 pub mod defaults {
@@ -73,6 +82,8 @@ pub struct RawNeighbor {
     pub med: Option<u32>,
     pub communities: Option<Vec<String>>,
     pub description: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
 }
 
 /// The effective `[bgp]` section.
@@ -171,6 +182,13 @@ pub struct Neighbor {
     #[serde(serialize_with = "ser_communities")]
     pub communities: Vec<u32>,
     pub description: Option<String>,
+    /// TCP MD5 signature key (RFC 2385), from `password` or the file
+    /// `password_file`. Never serialized: `check-config` must not print
+    /// secrets.
+    #[serde(skip)]
+    pub password: Option<Md5Key>,
+    /// Where the password came from, when it was a file.
+    pub password_file: Option<PathBuf>,
 }
 
 impl Neighbor {
@@ -273,7 +291,31 @@ fn parse_neighbor_spec(spec: &str) -> Result<Neighbor, String> {
         med: None,
         communities: Vec::new(),
         description: None,
+        password: None,
+        password_file: None,
     })
+}
+
+/// A neighbor's TCP MD5 password: as itself or as a file holding it, not
+/// both (one would be ignored without a word).
+fn password(
+    key: &str,
+    literal: Option<&str>,
+    file: Option<PathBuf>,
+) -> Result<(Option<Md5Key>, Option<PathBuf>), ConfigError> {
+    match (literal, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            format!("{key}.password"),
+            format!("set either {key}.password or {key}.password_file, not both"),
+        )),
+        (Some(text), None) => Md5Key::new(text.as_bytes())
+            .map(|k| (Some(k), None))
+            .map_err(|reason| invalid(format!("{key}.password"), reason)),
+        (None, Some(path)) => read_key_file(&path)
+            .map(|k| (Some(k), Some(path)))
+            .map_err(|reason| invalid(format!("{key}.password_file"), reason)),
+        (None, None) => Ok((None, None)),
+    }
 }
 
 fn parse_asn(text: &str) -> Result<u32, String> {
@@ -449,6 +491,8 @@ pub fn from_raw(raw: RawBgp, env: &dyn Env) -> Result<Bgp, ConfigError> {
                 if port == 0 {
                     return Err(invalid(format!("{key}.port"), "must not be 0"));
                 }
+                let (password, password_file) =
+                    password(&key, n.password.as_deref(), n.password_file)?;
                 out.push(Neighbor {
                     address: parse_ip(&format!("{key}.address"), &n.address)?,
                     port,
@@ -465,6 +509,8 @@ pub fn from_raw(raw: RawBgp, env: &dyn Env) -> Result<Bgp, ConfigError> {
                         n.communities.unwrap_or_default(),
                     )?,
                     description: n.description,
+                    password,
+                    password_file,
                 });
             }
             out
@@ -732,5 +778,79 @@ hold_time_secs = 9
         }
         let again: Wrap = toml::from_str(&rendered).unwrap();
         assert_eq!(from_raw(again.bgp, &NO_ENV).unwrap(), b);
+    }
+
+    #[test]
+    fn a_neighbor_password_loads_and_shows_nowhere() {
+        let dir = std::env::temp_dir().join(format!("bgp-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let text = format!(
+            "[bgp]\nlocal_asn = 65010\nrouter_id = \"10.0.0.2\"\nannounce = [\"10.9.0.0/16\"]\n\
+             [[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 65000\npassword = \"lit s3cret\"\n\
+             [[bgp.neighbor]]\naddress = \"fd00::1\"\nasn = 65001\npassword_file = {:?}\n\
+             [[bgp.neighbor]]\naddress = \"10.0.0.3\"\nasn = 65002\n",
+            file.display().to_string()
+        );
+        let b = parse(&text, &NO_ENV).unwrap();
+        let keys: Vec<Option<&[u8]>> = b
+            .neighbors
+            .iter()
+            .map(|n| n.password.as_ref().map(|k| k.expose()))
+            .collect();
+        assert_eq!(
+            keys,
+            [Some(&b"lit s3cret"[..]), Some(&b"from-a-file"[..]), None]
+        );
+        assert_eq!(
+            b.neighbors[1].password_file.as_deref(),
+            Some(file.as_path())
+        );
+        #[derive(Serialize)]
+        struct Out<'a> {
+            bgp: &'a Bgp,
+        }
+        let rendered = toml::to_string(&Out { bgp: &b }).unwrap();
+        let debug = format!("{b:?} {b:#?}");
+        for shown in [&rendered, &debug] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(!shown.contains("from-a-file"), "{shown}");
+        }
+        assert!(rendered.contains("password_file"), "{rendered}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_neighbor_passwords_are_named_and_not_shown() {
+        let long = "x".repeat(81);
+        for (line, key, reason) in [
+            (
+                "password = \"\"".to_string(),
+                "bgp.neighbor[0].password",
+                "empty",
+            ),
+            (
+                format!("password = \"{long}\""),
+                "bgp.neighbor[0].password",
+                "at most 80",
+            ),
+            (
+                "password = \"s3cret\"\npassword_file = \"/x\"".to_string(),
+                "bgp.neighbor[0].password",
+                "not both",
+            ),
+            (
+                "password_file = \"/nonexistent/bgp.key\"".to_string(),
+                "bgp.neighbor[0].password_file",
+                "cannot read /nonexistent/bgp.key",
+            ),
+        ] {
+            let text =
+                format!("[bgp]\n[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\n{line}\n");
+            let err = parse(&text, &NO_ENV).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains(reason), "{line}: {err}");
+            assert!(!err.contains("s3cret") && !err.contains(&long), "{err}");
+        }
     }
 }

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{community_text, Bgp, Neighbor};
 use super::handoff::Handed;
+use super::md5::{self, Md5Key};
 use super::policy::Phase;
 use super::routes::Advertisement;
 use super::session::{cease, Io, Session, SessionEvent, SessionSettings};
@@ -339,19 +340,31 @@ struct Task {
     connect_failures: u32,
 }
 
-fn connect(peer: SocketAddr, source: Option<IpAddr>) -> Connecting {
+/// Connects to `peer`, signing with `md5` (RFC 2385) when set: the key
+/// goes on the socket before `connect()`, so the SYN is signed.
+fn connect(peer: SocketAddr, source: Option<IpAddr>, md5: Option<Md5Key>) -> Connecting {
     Box::pin(async move {
         let socket = match peer {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
+        if let Some(key) = &md5 {
+            md5::set_key(&socket, peer.ip(), key)?;
+        }
         if let Some(ip) = source {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(peer))
             .await
             .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                // A peer that requires TCP MD5 drops a SYN without the
+                // right signature silently: a timeout is all there is.
+                let hint = if md5.is_some() {
+                    "connect timed out (or the neighbor's TCP MD5 password differs)"
+                } else {
+                    "connect timed out (or the neighbor requires a TCP MD5 password)"
+                };
+                std::io::Error::new(std::io::ErrorKind::TimedOut, hint)
             })??;
         stream.set_nodelay(true)?;
         Ok(stream)
@@ -579,7 +592,11 @@ impl Task {
             match io {
                 Io::Connect => {
                     self.stream = None;
-                    self.connecting = Some(connect(self.neighbor.socket_addr(), self.source));
+                    self.connecting = Some(connect(
+                        self.neighbor.socket_addr(),
+                        self.source,
+                        self.neighbor.password.clone(),
+                    ));
                 }
                 Io::Close => {
                     if let Some(mut s) = self.stream.take() {

@@ -15,12 +15,14 @@
 //!
 //! Then the thin I/O around them: [`driver`] (a task per neighbor on the
 //! control runtime), [`status`] (for the API, `edgeproxy bgp status` and
-//! the metrics), [`cli`], [`config`].
+//! the metrics), [`cli`], [`config`], [`md5`] (TCP MD5 signatures, RFC
+//! 2385, set on the socket before it connects).
 
 pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod handoff;
+pub mod md5;
 pub mod metrics;
 pub mod policy;
 pub mod routes;
