@@ -789,7 +789,7 @@ hold_time_secs = 9
         let text = format!(
             "[bgp]\nlocal_asn = 65010\nrouter_id = \"10.0.0.2\"\nannounce = [\"10.9.0.0/16\"]\n\
              [[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 65000\npassword = \"lit s3cret\"\n\
-             [[bgp.neighbor]]\naddress = \"fd00::1\"\nasn = 65001\npassword_file = {:?}\n\
+             [[bgp.neighbor]]\naddress = \"10.0.0.4\"\nasn = 65001\npassword_file = {:?}\n\
              [[bgp.neighbor]]\naddress = \"10.0.0.3\"\nasn = 65002\n",
             file.display().to_string()
         );
