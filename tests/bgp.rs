@@ -1022,7 +1022,13 @@ fn bird_requiring_tcp_md5_takes_the_session_only_with_the_same_password() {
         let line = lab
             .pop(1)
             .wait_for_log("bgp: cannot connect to the neighbor", PATIENCE)
-            .unwrap_or_else(|| panic!("{what}: no connect failure logged"));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{what}: no connect failure logged; log:\n{}\nBIRD log:\n{}",
+                    lab.pop(1).log_text(),
+                    bird.log_text()
+                )
+            });
         assert!(line.contains(hint), "{what}: {line}");
         // BIRD retries nothing (it is passive); give the POP a few more
         // attempts.

@@ -359,16 +359,22 @@ fn connect(peer: SocketAddr, source: Option<IpAddr>, md5: Option<Md5Key>) -> Con
             .map_err(|_| {
                 // A peer that requires TCP MD5 drops a SYN without the
                 // right signature silently: a timeout is all there is.
-                let hint = if md5.is_some() {
-                    "connect timed out (or the neighbor's TCP MD5 password differs)"
-                } else {
-                    "connect timed out (or the neighbor requires a TCP MD5 password)"
-                };
-                std::io::Error::new(std::io::ErrorKind::TimedOut, hint)
+                let why = format!("connect timed out{}", md5_hint(md5.is_some()));
+                std::io::Error::new(std::io::ErrorKind::TimedOut, why)
             })??;
         stream.set_nodelay(true)?;
         Ok(stream)
     })
+}
+
+/// What a connect that gets no answer may mean: a peer requiring TCP MD5
+/// drops a SYN without the right signature, silently.
+fn md5_hint(signed: bool) -> &'static str {
+    if signed {
+        " (or the neighbor's TCP MD5 password differs)"
+    } else {
+        " (or the neighbor requires a TCP MD5 password)"
+    }
 }
 
 async fn read_some(stream: &mut Option<TcpStream>, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -454,13 +460,7 @@ impl Task {
                             self.session.handle_connected(now, local);
                         }
                         Err(e) => {
-                            self.connect_failures += 1;
-                            if self.connect_failures == 1 {
-                                tracing::warn!(neighbor = %self.neighbor.label(), error = %e,
-                                    "bgp: cannot connect to the neighbor; retrying");
-                            } else {
-                                tracing::debug!(neighbor = %self.neighbor.label(), error = %e, "bgp: connect failed");
-                            }
+                            self.connect_failed(&e.to_string());
                             self.session.handle_connect_failed(now, &e.to_string());
                         }
                     }
@@ -485,6 +485,17 @@ impl Task {
                 }
                 _ = status_tick.tick() => self.publish(),
             }
+        }
+    }
+
+    /// Logs a failed connect attempt: the first of a run as a warning.
+    fn connect_failed(&mut self, error: &str) {
+        self.connect_failures += 1;
+        if self.connect_failures == 1 {
+            tracing::warn!(neighbor = %self.neighbor.label(), %error,
+                "bgp: cannot connect to the neighbor; retrying");
+        } else {
+            tracing::debug!(neighbor = %self.neighbor.label(), %error, "bgp: connect failed");
         }
     }
 
@@ -588,10 +599,21 @@ impl Task {
                 self.session.handle_closed(Instant::now(), &why);
             }
         }
+        // A connect still pending when the FSM starts another got no answer
+        // within the connect-retry time: a failure too, said as one.
+        let mut unanswered = false;
         while let Some(io) = self.session.poll_io() {
             match io {
                 Io::Connect => {
                     self.stream = None;
+                    if std::mem::take(&mut unanswered) || self.connecting.is_some() {
+                        let why = format!(
+                            "no answer within the connect-retry time{}",
+                            md5_hint(self.neighbor.password.is_some())
+                        );
+                        self.connect_failed(&why);
+                        self.session.note_connect_unanswered(&why);
+                    }
                     self.connecting = Some(connect(
                         self.neighbor.socket_addr(),
                         self.source,
@@ -603,7 +625,7 @@ impl Task {
                         let _ =
                             tokio::time::timeout(Duration::from_millis(200), s.shutdown()).await;
                     }
-                    self.connecting = None;
+                    unanswered |= self.connecting.take().is_some();
                 }
             }
         }

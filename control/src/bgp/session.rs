@@ -376,6 +376,13 @@ impl Session {
         self.feed(now, Event::TcpConnectionFails);
     }
 
+    /// A connect attempt the FSM gave up on (its connect-retry timer fired
+    /// first, and it started another): no event for the FSM, which has
+    /// moved on, but the status says why the session is not up.
+    pub fn note_connect_unanswered(&mut self, why: &str) {
+        self.last_error = Some(format!("connect: {why}"));
+    }
+
     /// The peer closed the connection, or it broke.
     pub fn handle_closed(&mut self, now: Instant, why: &str) {
         if !std::mem::take(&mut self.notified) {
