@@ -1072,3 +1072,40 @@ fn bird_requiring_tcp_md5_takes_the_session_only_with_the_same_password() {
     lab.launch(1);
     wait_route(&bird, PREFIX4, true, "same password from a file");
 }
+
+/// The same against FRR (`neighbor X password Y`): a wrong password never
+/// gets the session up; the right one does, and FRR learns the prefixes.
+#[test]
+fn frr_requiring_tcp_md5_takes_the_session_only_with_the_same_password() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let mut peers = lab.peers();
+    peers[0].password = Some("frr-md5-s3cret".into());
+    let frr = Frr::start(&lab.net, 0, ROUTER_ASN, &peers);
+    let route = |family: &str, prefix: &str| frr.route_json(family, prefix);
+
+    lab.neighbor_extra[1] = "password = \"frr-md5-wrong\"".into();
+    lab.launch(1);
+    let line = lab
+        .pop(1)
+        .wait_for_log("bgp: cannot connect to the neighbor", PATIENCE)
+        .unwrap_or_else(|| panic!("no connect failure logged:\n{}", lab.pop(1).log_text()));
+    assert!(line.contains("TCP MD5 password differs"), "{line}");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        route("ipv4", PREFIX4).is_empty(),
+        "FRR took a wrong password"
+    );
+    lab.pops[1] = None;
+
+    lab.neighbor_extra[1] = "password = \"frr-md5-s3cret\"".into();
+    lab.launch(1);
+    when(PATIENCE, || !route("ipv4", PREFIX4).is_empty()).unwrap_or_else(|| {
+        panic!(
+            "FRR never learned {PREFIX4}:\n{}\nlog:\n{}",
+            frr.vtysh("show bgp summary"),
+            frr.log_text()
+        )
+    });
+    assert!(!lab.pop(1).log_text().contains("s3cret"));
+}
