@@ -363,15 +363,22 @@ fn bird_learns_the_prefixes_and_a_drain_tags_then_withdraws_them() {
     assert!(!bird.route(PREFIX4).contains("(65535,0)"));
 }
 
-/// A binary upgrade hands the BGP session over: BIRD sees one session
-/// throughout (no state change, no route removed and added again), the new
+/// A binary upgrade hands the BGP session over, TCP MD5 key and all: BIRD
+/// sees one session throughout (no state change, no route removed and added again), the new
 /// process keeps it alive past the hold time on its own, withdraws what its
 /// configuration no longer announces, and answers a drain.
 #[test]
 fn a_binary_upgrade_hands_the_session_over_and_bird_keeps_the_routes() {
     let _serial = serial();
     // Hold time 3 s: a session nobody keeps alive is gone within it.
-    let (mut lab, bird) = bird_lab(1, 3);
+    let mut lab = Lab::new(1, 3);
+    // With TCP MD5: the key lives on the handed-over socket, so the new
+    // process's keepalives are signed too (BIRD drops unsigned segments,
+    // and the session would die at the hold time).
+    let mut peers = lab.peers();
+    peers[0].password = Some("upgrade-md5".into());
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &peers);
+    lab.neighbor_extra[1] = "password = \"upgrade-md5\"".into();
     // One more IPv4 prefix, which the new process's configuration drops.
     let extra = "203.0.113.0/24";
     lab.announce[1] = vec![PREFIX4, extra, PREFIX6];
