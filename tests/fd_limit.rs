@@ -19,6 +19,12 @@ fn start_limited(dir: &TempDir, backend: &TagBackend, soft: u64, hard: u64) -> P
     db.upsert(&Row::new("b1", "web", "sa", backend.port()));
     let path = dir.join("edgeproxy.toml");
     std::fs::write(&path, config(&db.path, "")).unwrap();
+    spawn_limited(&path, soft, hard)
+}
+
+/// The proxy on the configuration at `path`, under `prlimit
+/// --nofile=SOFT:HARD`, once ready.
+fn spawn_limited(path: &std::path::Path, soft: u64, hard: u64) -> Proxy {
     let mut cmd = Command::new("prlimit");
     cmd.arg(format!("--nofile={soft}:{hard}")).arg(BIN);
     Proxy::spawn_command(
@@ -186,15 +192,7 @@ fn accept_failures_out_of_descriptors_are_rate_limited() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=128:128").arg(BIN);
-    let proxy = Proxy::spawn_command(
-        cmd,
-        &["--config", path.to_str().unwrap()],
-        &[],
-        Some("info"),
-    )
-    .ready();
+    let proxy = spawn_limited(&path, 128, 128);
     // Unlimited is a warning: the descriptors cannot serve that.
     assert!(
         proxy
@@ -246,15 +244,7 @@ fn warm_pool_sockets_never_take_the_descriptors_clients_and_checks_need() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=256:256").arg(BIN);
-    let proxy = Proxy::spawn_command(
-        cmd,
-        &["--config", path.to_str().unwrap()],
-        &[],
-        Some("info"),
-    )
-    .ready();
+    let proxy = spawn_limited(&path, 256, 256);
     let line = proxy
         .wait_for_log(
             "connection limit derived from the open files limit",
