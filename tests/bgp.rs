@@ -1055,6 +1055,12 @@ fn bird_requiring_tcp_md5_takes_the_session_only_with_the_same_password() {
     wait_route(&bird, PREFIX4, true, "same password");
     let status = lab.cli(1, &["bgp", "status"]);
     assert!(status.contains("sessions: 1 of 1 established"), "{status}");
+    // The neighbor's row says the session is signed (and only that).
+    let row = status
+        .lines()
+        .find(|l| l.contains(" established "))
+        .unwrap_or_default();
+    assert!(row.contains(" on "), "MD5 not shown as on: {status}");
     let check = lab.cli(
         1,
         &[

@@ -77,6 +77,7 @@ pub fn render(body: &Value) -> String {
         "STATE",
         "UPTIME",
         "HOLD",
+        "MD5",
         "PREFIXES",
         "GSHUT",
         "UPDATES",
@@ -94,6 +95,7 @@ pub fn render(body: &Value) -> String {
             n.hold_time_secs
                 .map(|h| format!("{h}s"))
                 .unwrap_or_else(dash),
+            if n.tcp_md5 { "on" } else { "off" }.to_string(),
             n.prefixes_announced.to_string(),
             if n.graceful_shutdown { "yes" } else { "no" }.to_string(),
             n.updates_sent.to_string(),
@@ -127,6 +129,7 @@ mod tests {
                     state: "established".into(),
                     uptime_secs: Some(3723),
                     hold_time_secs: Some(9),
+                    tcp_md5: true,
                     prefixes_announced: 1,
                     graceful_shutdown: true,
                     updates_sent: 2,
@@ -149,11 +152,14 @@ mod tests {
         );
         assert!(text.contains("sessions: 1 of 2 established"), "{text}");
         let up = text.lines().find(|l| l.starts_with("192.0.2.1 ")).unwrap();
-        for cell in ["65000", "established", "1h2m3s", "9s", "yes"] {
+        for cell in ["65000", "established", "1h2m3s", "9s", " on ", "yes"] {
             assert!(up.contains(cell), "{cell} missing in {up}");
         }
         let down = text.lines().find(|l| l.starts_with("192.0.2.2")).unwrap();
-        assert!(down.contains("connection refused"), "{down}");
+        assert!(
+            down.contains("connection refused") && down.contains(" off "),
+            "{down}"
+        );
         assert_eq!(
             render(&serde_json::json!({"enabled": false})),
             "BGP is off on this POP ([bgp] enabled = false)\n"

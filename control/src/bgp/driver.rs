@@ -97,6 +97,7 @@ impl Speaker {
                     description: n.description.clone(),
                     asn: n.asn,
                     state: "idle".into(),
+                    tcp_md5: n.password.is_some(),
                     ..NeighborStatus::default()
                 })
                 .collect(),

@@ -21,6 +21,10 @@ pub struct NeighborStatus {
     /// Negotiated hold time.
     pub hold_time_secs: Option<u16>,
     pub local_address: Option<String>,
+    /// Segments to and from the neighbor carry a TCP MD5 signature (RFC
+    /// 2385): a `password` is configured. Never the password itself.
+    #[serde(default)]
+    pub tcp_md5: bool,
     /// Prefixes the neighbor holds from us.
     pub prefixes_announced: usize,
     /// They carry GRACEFUL_SHUTDOWN.
