@@ -294,7 +294,7 @@ struct Driver {
     names: HashMap<PublicKey, String>,
     /// POPs left out, and why (logged when that changes).
     skipped: BTreeMap<String, Skip>,
-    /// Which peers are still heard from (see `path_watch`).
+    /// Whether each peer's path works (see `path_watch`).
     paths: PathWatch,
     pinned: HashMap<Ipv6Addr, Instant>,
     counters: Counters,
