@@ -436,6 +436,15 @@ mod tests {
         let mut got = vec![0u8; 3 * PACED_CHUNK];
         s.read_exact(&mut got).unwrap();
         assert!(started.elapsed() >= Duration::from_secs_f64(2.0 * PACED_CHUNK as f64 / 1e6));
+        // The backend counts a chunk after its write returned, which may be
+        // after the client read it: wait for the count (it failed once in CI
+        // by reading it at once).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while b.bulk_sent.load(Ordering::Relaxed) < got.len() as u64
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(b.bulk_sent.load(Ordering::Relaxed) >= got.len() as u64);
     }
 }
