@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -240,7 +240,8 @@ fn warm_pool_sockets_never_take_the_descriptors_clients_and_checks_need() {
             &db.path,
             "[pool]\nenabled = true\nwarm = \"all\"\nspeaks_first = \"keep\"\n\
              [health]\nenabled = true\ninterval_ms = 200\ntimeout_ms = 150\nmax_concurrent = 8\n\
-             [affinity]\nttl_secs = 0\n",
+             [affinity]\nttl_secs = 0\n\
+             [metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n",
         ),
     )
     .unwrap();
@@ -252,8 +253,44 @@ fn warm_pool_sockets_never_take_the_descriptors_clients_and_checks_need() {
         )
         .unwrap_or_else(|| panic!("{}", proxy.log_text()));
     let max: usize = field(&line, "max_connections").unwrap().parse().unwrap();
-    // Let the pool warm every backend on both shards.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until the pool holds its whole share on both shards (the
+    // bound it logs per shard), idle, as many as it will ever hold.
+    let bound: f64 = proxy
+        .wait_for_log("pool: warm backend connections on", PATIENCE)
+        .and_then(|l| {
+            let v = field(&l, "max_sockets")?;
+            v.trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .parse()
+                .ok()
+        })
+        .expect("the pool's bound in its log line");
+    let metrics: std::net::SocketAddr = field(
+        &proxy.wait_for_log("metrics listening", PATIENCE).unwrap(),
+        "addr",
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
+    let idle = || {
+        let mut s = TcpStream::connect(metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        all.lines()
+            .find_map(|l| {
+                l.strip_prefix("edgeproxy_pool_idle_connections ")?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    assert!(
+        eventually(PATIENCE, || idle() >= 2.0 * bound),
+        "the pool never filled its share ({bound} per shard): {} idle",
+        idle()
+    );
     // The limit's worth of clients at once, held open: every one is
     // served (each reads its backend's greeting), none accepted and closed.
     let clients: Vec<TcpStream> = (0..max)
