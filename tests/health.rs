@@ -1166,9 +1166,7 @@ fn a_check_that_cannot_get_a_local_port_does_not_take_the_backend_down() {
     let net = Net::new(2);
     net.one_ephemeral_port(0);
     let backend_ip = net.ip(1);
-    let backend = net.run_in(1, move || {
-        TagBackend::serve(std::net::TcpListener::bind((backend_ip, 0)).unwrap(), "a")
-    });
+    let backend = net.tag_backend(1, "a");
     let backend_addr = SocketAddr::new(backend_ip.into(), backend.port());
     let dir = TempDir::new("health-local-port");
     let db = Db::create(dir.join("routing.db"));

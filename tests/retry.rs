@@ -381,9 +381,7 @@ fn a_connect_that_fails_for_want_of_a_local_port_is_not_the_backends_fault() {
     // port 0 would take the one ephemeral port.
     net.one_ephemeral_port(0);
     let backend_ip = net.ip(1);
-    let backend = net.run_in(1, move || {
-        TagBackend::serve(std::net::TcpListener::bind((backend_ip, 0)).unwrap(), "a")
-    });
+    let backend = net.tag_backend(1, "a");
     let dir = TempDir::new("retry-local-port");
     let db = Db::create(dir.join("routing.db"));
     let mut row = Row::new("a", "web", "sa", backend.port());

@@ -134,6 +134,16 @@ impl Net {
         cmd
     }
 
+    /// A backend greeting `tag`, listening inside host `i` on its address
+    /// (an ephemeral port: bind before [`Net::one_ephemeral_port`] leaves
+    /// the host just one, or on a host that keeps its range).
+    pub fn tag_backend(&self, i: usize, tag: &'static str) -> super::TagBackend {
+        let ip = self.ip(i);
+        self.run_in(i, move || {
+            super::TagBackend::serve(std::net::TcpListener::bind((ip, 0)).unwrap(), tag)
+        })
+    }
+
     /// Leaves host `i` one ephemeral port (40000): a second outgoing
     /// connection to the same destination fails with EADDRNOTAVAIL. Bind
     /// its listeners to fixed ports (a port 0 would take that one).
