@@ -1,10 +1,10 @@
 //! Internal DNS against the real binary, with real resolver clients: `dig`
 //! (bind9-dnsutils), `kdig` (knot-dnsutils) and a Rust client built on
-//! hickory-proto, over UDP and TCP, and Unbound as a recursive resolver in
-//! front of the POP.
+//! hickory-proto, over UDP and TCP, and Unbound and BIND's `named` as
+//! resolvers in front of the POP.
 //!
-//! `dig`, `kdig` and `unbound` are required: CI installs them (`.ci/run`); a
-//! missing one fails the test, it never skips it.
+//! `dig`, `kdig`, `unbound` and `named` are required: CI installs them
+//! (`.ci/run`); a missing one fails the test, it never skips it.
 
 mod common;
 
@@ -80,10 +80,16 @@ fn rows() -> Vec<Row> {
 /// The usual table plus 80 backends of app `big` in region ap (Japan), too
 /// many A records for a UDP answer.
 fn rows_with_80_in_ap() -> Vec<Row> {
-    let mut many: Vec<Row> = (0..80)
+    rows_with_in_ap(80)
+}
+
+/// The usual table plus `n` backends of app `big` in region ap (Japan),
+/// `b0`… on 10.7.0.1….
+fn rows_with_in_ap(n: usize) -> Vec<Row> {
+    let mut many: Vec<Row> = (0..n)
         .map(|i| {
             let mut r = Row::new(&format!("b{i}"), "big", "ap", 8080).country("JP");
-            r.ip = format!("10.7.0.{}", i + 1);
+            r.ip = format!("10.7.{}.{}", i / 250, i % 250 + 1);
             r
         })
         .collect();
@@ -563,6 +569,91 @@ fn unbound_resolves_internal_names_through_the_pop() {
     let big = dig(via, &["+tcp", "ap.backends.internal", "A"]);
     assert_eq!(status(&big), "NOERROR", "{big}");
     assert!(big.contains("ANSWER: 80"), "{big}");
+}
+
+/// BIND's `named` (Debian's `bind9`), the other resolver sites run, with
+/// `internal.` as a forward zone to this POP (`forward only`, no DNSSEC
+/// validation: `internal.` is not signed). Killed when dropped.
+struct Named {
+    _daemon: common::daemons::Daemon,
+    addr: SocketAddr,
+}
+
+impl Named {
+    fn forwarding_internal_to(dir: &TempDir, pop_dns: SocketAddr) -> Named {
+        let addr = SocketAddr::from(([127, 0, 0, 1], dead_port()));
+        let config = dir.join("named.conf");
+        // `controls {}`: no rndc channel (it would take port 953 on the
+        // host); one worker thread (-n 1); logs to stderr (-g).
+        std::fs::write(
+            &config,
+            format!(
+                "options {{\n  directory \"{dir}\";\n  pid-file none;\n  \
+                 session-keyfile \"{dir}/session.key\";\n  \
+                 listen-on port {port} {{ {ip}; }};\n  listen-on-v6 {{ none; }};\n  \
+                 recursion yes;\n  allow-query {{ any; }};\n  dnssec-validation no;\n}};\n\
+                 controls {{ }};\n\
+                 zone \"internal\" {{\n  type forward;\n  forward only;\n  \
+                 forwarders {{ {stub_ip} port {stub_port}; }};\n}};\n",
+                dir = dir.path().display(),
+                ip = addr.ip(),
+                port = addr.port(),
+                stub_ip = pop_dns.ip(),
+                stub_port = pop_dns.port(),
+            ),
+        )
+        .unwrap();
+        let daemon = common::daemons::daemon(
+            "named",
+            "bind9",
+            &["-g", "-n", "1", "-c", config.to_str().unwrap()],
+            &dir.join("named.log"),
+            &[addr.port()],
+        );
+        Named {
+            _daemon: daemon,
+            addr,
+        }
+    }
+}
+
+/// QA: through BIND 9.18.28 or later (Debian 12's `named` as a forwarder)
+/// a region of more than 100 backends was SERVFAIL, as was the SRV name of
+/// an app with more than 100: `named` refuses to cache an RRset of more
+/// than 100 records (`max-records-per-type`, the CVE-2024-1737 fix; its
+/// log said "too many records (must not exceed 100)"). Now such a list is
+/// cut to 100 records (SRV: the nearest first), which `named` takes, and
+/// so are the zone's other answers (names, NODATA and NXDOMAIN with the
+/// SOA).
+#[test]
+fn bind_resolves_internal_names_and_lists_of_more_than_100_backends() {
+    let d = start_with(&rows_with_in_ap(120), "");
+    let dir = TempDir::new("dns-named");
+    let named = Named::forwarding_internal_to(&dir, d.addr);
+    let via = named.addr;
+    assert_eq!(
+        short(&dig(via, &["+short", "web.internal", "A"])),
+        ["10.1.0.1"]
+    );
+    let nx = dig(via, &["nope.internal", "A"]);
+    assert_eq!(status(&nx), "NXDOMAIN", "{nx}");
+    assert!(nx.contains("SOA ns.internal. hostmaster.internal."), "{nx}");
+    let nodata = dig(via, &["web.internal", "MX"]);
+    assert_eq!(status(&nodata), "NOERROR", "{nodata}");
+    assert!(nodata.contains("ANSWER: 0"), "{nodata}");
+    // 120 backends in ap: 100 A records (TC over UDP, then TCP, between
+    // named and the POP).
+    let big = dig(via, &["+tcp", "ap.backends.internal", "A"]);
+    assert_eq!(status(&big), "NOERROR", "{big}");
+    assert!(big.contains("ANSWER: 100"), "{big}");
+    let srv = dig(via, &["+tcp", "_big._tcp.internal", "SRV"]);
+    assert_eq!(status(&srv), "NOERROR", "{srv}");
+    assert!(srv.contains("ANSWER: 100"), "{srv}");
+    // Straight from the POP, too: an RRset never holds more than 100.
+    let q = query("ap.backends.internal.", RecordType::A);
+    assert_eq!(ask_tcp(d.addr, &q).answers.len(), 100);
+    let q = query("_big._tcp.internal.", RecordType::SRV);
+    assert_eq!(ask_tcp(d.addr, &q).answers.len(), 100);
 }
 
 #[test]

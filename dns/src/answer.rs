@@ -23,8 +23,11 @@
 //!   first loses its additional section (glue is optional), then, if still
 //!   too large, everything but the question and OPT, with TC set, so the
 //!   client retries over TCP. Over TCP (64 KiB), where TC would leave the
-//!   client nowhere to go, a list too long for that (a region of thousands
-//!   of backends) is cut to the records that fit, without TC.
+//!   client nowhere to go, a list too long for that is cut to the records
+//!   that fit, without TC.
+//! - An RRset holds at most [`MAX_RRSET_RECORDS`] records (what BIND
+//!   resolvers accept): a longer list is cut, in its order (SRV: nearest
+//!   tier first).
 //! - A query that does not decode as a whole gets FORMERR with what can be
 //!   read of it: its question, and an OPT record if it had one (see
 //!   [`crate::salvage`]).
@@ -82,6 +85,15 @@ const MAX_CACHED_QUERY: usize = 512;
 
 /// A reply's size limit without EDNS (RFC 1035).
 const CLASSIC_UDP_PAYLOAD: u16 = 512;
+
+/// The most records answered in one RRset (a region's backends or POPs of
+/// one address family, an app's SRV records). BIND 9.18.28 and later (the
+/// CVE-2024-1737 fix) refuse to cache an RRset of more than 100 records
+/// (`max-records-per-type`, default 100) and answer their clients
+/// SERVFAIL: a region of 120 backends was unresolvable through Debian 12's
+/// `named` as a forwarder, while a partial list is what a client of a
+/// longer one can use.
+pub const MAX_RRSET_RECORDS: usize = 100;
 
 /// How the query arrived; decides the reply size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +364,7 @@ impl Answerer {
                         geo_ip,
                         max_answers: (usize::from(limit) - 12) / 12,
                         reply: &mut self.reply,
+                        added: [0; 2],
                     };
                     lookup.run(&self.rel)
                 }
@@ -551,6 +564,9 @@ struct Lookup<'a> {
     /// truncated whatever they are.
     max_answers: usize,
     reply: &'a mut Message,
+    /// A and AAAA records added so far (each RRset is capped at
+    /// [`MAX_RRSET_RECORDS`]).
+    added: [usize; 2],
 }
 
 impl Lookup<'_> {
@@ -586,7 +602,7 @@ impl Lookup<'_> {
                 };
                 let mut seen: Vec<IpAddr> = Vec::new();
                 for &idx in list {
-                    if self.reply.answers.len() > self.max_answers {
+                    if self.reply.answers.len() > self.max_answers || self.rrsets_full() {
                         break;
                     }
                     let ip = self.snapshot.backend(idx).addr.ip();
@@ -691,6 +707,7 @@ impl Lookup<'_> {
             })
             .collect();
         records.sort_by_key(|(tier, _, _)| *tier);
+        records.truncate(MAX_RRSET_RECORDS);
         for (_, srv, glue) in records {
             self.reply.answers.push(srv);
             self.reply.additionals.push(glue);
@@ -712,16 +729,27 @@ impl Lookup<'_> {
         self.qtype == t || self.qtype == RecordType::ANY
     }
 
-    /// An A or AAAA answer at the query name, if that type was asked.
+    /// An A or AAAA answer at the query name, if that type was asked and
+    /// its RRset is not full.
     fn add_address(&mut self, ip: IpAddr) {
-        let t = match ip {
-            IpAddr::V4(_) => RecordType::A,
-            IpAddr::V6(_) => RecordType::AAAA,
+        let (t, family) = match ip {
+            IpAddr::V4(_) => (RecordType::A, 0),
+            IpAddr::V6(_) => (RecordType::AAAA, 1),
         };
-        if self.wants(t) {
+        if self.wants(t) && self.added[family] < MAX_RRSET_RECORDS {
+            self.added[family] += 1;
             let record = address_record(self.qname, self.zone.ttl(), ip);
             self.reply.answers.push(record);
         }
+    }
+
+    /// Whether every address RRset asked for holds [`MAX_RRSET_RECORDS`]
+    /// records: a longer list adds nothing more.
+    fn rrsets_full(&self) -> bool {
+        [RecordType::A, RecordType::AAAA]
+            .iter()
+            .zip(self.added)
+            .all(|(&t, n)| !self.wants(t) || n >= MAX_RRSET_RECORDS)
     }
 }
 

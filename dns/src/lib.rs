@@ -23,7 +23,7 @@ pub mod salvage;
 pub mod server;
 pub mod zone;
 
-pub use answer::{Answered, Answerer, Transport, MAX_UDP_PAYLOAD};
+pub use answer::{Answered, Answerer, Transport, MAX_RRSET_RECORDS, MAX_UDP_PAYLOAD};
 pub use geodns::GeoZone;
 pub use server::{DnsServer, ServerSettings};
 pub use zone::{PopEntry, ZoneConfig, ZoneError};

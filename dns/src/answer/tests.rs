@@ -662,29 +662,115 @@ fn oversized_udp_replies_are_truncated_and_complete_over_tcp() {
 }
 
 /// Over TCP a TC bit leaves the client nowhere to go (unbound answered
-/// SERVFAIL): a region of more A records than 64 KiB holds is cut to what
-/// fits instead.
+/// SERVFAIL): a region of thousands of backends is answered without TC,
+/// cut to the RRset limit (which is far below 64 KiB).
 #[test]
-fn a_list_too_long_for_tcp_is_cut_to_what_fits_without_tc() {
+fn a_list_too_long_for_tcp_is_cut_without_tc() {
     let mut f = Fixture::with(big_region(5000));
     let q = query("sa.backends.internal.", RecordType::A);
-    let raw = f
-        .raw(&q.to_vec().unwrap(), "127.0.0.1", Transport::Tcp)
-        .unwrap();
-    let tcp = Message::from_vec(&raw).unwrap();
+    let tcp = f.send(&q, "127.0.0.1", Transport::Tcp);
     assert!(!tcp.metadata.truncation);
-    // As many as fit: less room left than one more record takes (36
-    // bytes: hickory compresses only the first 120 names of a message).
-    assert!(tcp.answers.len() > 1000, "{}", tcp.answers.len());
-    assert!(
-        raw.len() <= 65535 && 65535 - raw.len() < 36,
-        "{}",
-        raw.len()
-    );
+    assert_eq!(tcp.answers.len(), MAX_RRSET_RECORDS);
     // Over UDP the client is told to retry over TCP, as before.
     let udp = f.send(&q, "127.0.0.1", Transport::Udp);
     assert!(udp.metadata.truncation);
     assert!(udp.answers.is_empty());
+}
+
+/// QA: BIND 9.18.28 and later refuse an RRset of more than 100 records
+/// (`max-records-per-type`, CVE-2024-1737) and answer SERVFAIL: a region
+/// of 120 backends and the SRV name of an app of 120 were unresolvable
+/// through Debian 12's `named`. Every RRset now holds at most 100 records:
+/// per family for a region, the nearest tiers for SRV (with their glue).
+#[test]
+fn no_rrset_holds_more_than_100_records() {
+    assert_eq!(MAX_RRSET_RECORDS, 100);
+    let q = |name: &str, t| query(name, t);
+    // 150 IPv4 and 150 IPv6 backends in sa.
+    let mut records: Vec<BackendRecord> = (0..150)
+        .map(|i| {
+            rec(
+                &format!("v4-{i}"),
+                "big",
+                "sa",
+                "BR",
+                &format!("10.7.0.{}", i + 1),
+            )
+        })
+        .collect();
+    records.extend((0..150).map(|i| {
+        rec(
+            &format!("v6-{i}"),
+            "big",
+            "sa",
+            "BR",
+            &format!("fd00::7:{i:x}"),
+        )
+    }));
+    let mut f = Fixture::with(SnapshotBuilder::new().build(&records).snapshot);
+    let count =
+        |m: &Message, t: RecordType| m.answers.iter().filter(|r| r.record_type() == t).count();
+    let a = f.send(
+        &q("sa.backends.internal.", RecordType::A),
+        "127.0.0.1",
+        Transport::Tcp,
+    );
+    assert_eq!(count(&a, RecordType::A), 100);
+    assert_eq!(a.answers.len(), 100);
+    // Table order: the first 100.
+    assert_eq!(addrs(&a)[99], "10.7.0.100");
+    let any = f.send(
+        &q("sa.backends.internal.", RecordType::ANY),
+        "127.0.0.1",
+        Transport::Tcp,
+    );
+    assert_eq!(count(&any, RecordType::A), 100);
+    assert_eq!(count(&any, RecordType::AAAA), 100);
+    let srv = f.send(
+        &q("_big._tcp.internal.", RecordType::SRV),
+        "127.0.0.1",
+        Transport::Tcp,
+    );
+    assert!(!srv.metadata.truncation);
+    assert_eq!(srv.answers.len(), 100);
+    assert_eq!(srv.additionals.len(), 100, "glue of the records kept only");
+
+    // SRV keeps the nearest: 120 backends in eu, then 30 in BR, asked by
+    // a client in Brazil. All 30 Brazilian ones (priority 0) are kept.
+    let mut records: Vec<BackendRecord> = (0..120)
+        .map(|i| {
+            rec(
+                &format!("eu-{i}"),
+                "big",
+                "eu",
+                "DE",
+                &format!("10.8.0.{}", i + 1),
+            )
+        })
+        .collect();
+    records.extend((0..30).map(|i| {
+        rec(
+            &format!("br-{i}"),
+            "big",
+            "sa",
+            "BR",
+            &format!("10.9.0.{}", i + 1),
+        )
+    }));
+    let mut f = Fixture::with(SnapshotBuilder::new().build(&records).snapshot);
+    let ecs = with_edns(
+        q("_big._tcp.internal.", RecordType::SRV),
+        1232,
+        Some("200.160.2.0/24"),
+    );
+    let srv = f.send(&ecs, "127.0.0.1", Transport::Tcp);
+    assert_eq!(srv.answers.len(), 100);
+    let nearest = srv
+        .answers
+        .iter()
+        .filter(|r| matches!(&r.data, RData::SRV(s) if s.priority == 0))
+        .count();
+    assert_eq!(nearest, 30);
 }
 
 /// A FORMERR without OPT says "no EDNS here" (RFC 6891 §7): a query whose
@@ -944,9 +1030,9 @@ fn garbage_is_not_cached_and_the_cache_keeps_to_its_byte_budget() {
     }
     assert_eq!(f.answerer.replies.entries.len(), 0, "error replies cached");
 
-    // Large TCP answers (SRV over 200 backends, ~14 KB each), one per
-    // distinct query (an EDNS option varies): the byte budget empties the
-    // cache long before its entry limit.
+    // Large TCP answers (SRV over 200 backends, cut to the 100 an RRset
+    // holds: ~5 KB each), one per distinct query (an EDNS option varies):
+    // the byte budget empties the cache long before its entry limit.
     let many: Vec<BackendRecord> = (0..200)
         .map(|i| {
             rec(
@@ -961,7 +1047,7 @@ fn garbage_is_not_cached_and_the_cache_keeps_to_its_byte_budget() {
     let mut f = Fixture::with(SnapshotBuilder::new().build(&many).snapshot);
     let mut emptied = 0;
     let mut before = 0;
-    for i in 0..400u32 {
+    for i in 0..1000u32 {
         let mut q = query("_web._tcp.internal.", RecordType::SRV);
         let mut edns = Edns::new();
         edns.options_mut()
