@@ -656,6 +656,53 @@ fn bind_resolves_internal_names_and_lists_of_more_than_100_backends() {
     assert_eq!(ask_tcp(d.addr, &q).answers.len(), 100);
 }
 
+/// QA: on a wildcard address (`0.0.0.0`, the default's, or `::`) a UDP
+/// reply left from whichever address the kernel picked for the route back,
+/// not the one the query was sent to: a client that asked another address
+/// of the host dropped it as a stranger's (`dig`: "communications error
+/// ... timed out", `kdig`: "unexpected reply source 127.0.0.1"), and a
+/// resolver pointed at that address answered SERVFAIL. Now each reply
+/// leaves from its query's destination (`IP_PKTINFO`/`IPV6_PKTINFO`), on
+/// an IPv4 socket and on a dual-stack IPv6 one (IPv4-mapped clients).
+#[test]
+fn udp_replies_on_a_wildcard_address_leave_from_the_address_asked() {
+    for wildcard in ["0.0.0.0", "[::]"] {
+        let listen = format!("listen_addr = \"{wildcard}:0\"");
+        let config = DNS_CONFIG.replace("listen_addr = \"127.0.0.1:0\"", &listen);
+        assert_ne!(config, DNS_CONFIG);
+        let d = start_with_config(&rows(), &config);
+        // Another address of this host than the kernel's choice of source
+        // towards a loopback client (127.0.0.1): all of 127/8 is local.
+        let asked = SocketAddr::from(([127, 0, 0, 2], d.addr.port()));
+        for tool_out in [
+            dig(asked, &["+short", "web.internal", "A"]),
+            kdig(asked, &["+short", "web.internal", "A"]),
+        ] {
+            assert_eq!(short(&tool_out), ["10.1.0.1"], "{wildcard}: {tool_out}");
+        }
+        // A resolver's stub zone at that address.
+        let dir = TempDir::new("dns-unbound-alias");
+        let unbound = Unbound::forwarding_internal_to(&dir, asked);
+        let via = unbound.addr;
+        let out = dig(via, &["web.internal", "A"]);
+        assert_eq!(status(&out), "NOERROR", "{wildcard}: {out}");
+        assert_eq!(
+            short(&dig(via, &["+short", "web.internal", "A"])),
+            ["10.1.0.1"]
+        );
+        // The replies' source, as a connected socket sees it (one that
+        // gets a stranger's datagram errs or times out instead).
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.connect(asked).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        sock.send(&query("web.internal.", RecordType::A).to_vec().unwrap())
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a reply from the address asked");
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 1);
+    }
+}
+
 #[test]
 fn answers_follow_routing_changes_and_drop_unhealthy_and_deleted_backends() {
     let d = start();

@@ -166,6 +166,10 @@ impl DnsServer {
             socket
                 .set_nonblocking(true)
                 .map_err(|cause| BindError::Udp { addr: got, cause })?;
+            // A process from before replies left from their query's
+            // address handed over sockets that do not report it.
+            udp_batch::want_destinations(socket, got)
+                .map_err(|cause| BindError::Udp { addr: got, cause })?;
         }
         while udp.len() < settings.udp_workers.max(1) {
             udp.push(bind_udp(got).map_err(|cause| BindError::Udp { addr: got, cause })?);
@@ -318,6 +322,7 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     // Best effort: a smaller buffer only drops more of a burst.
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
     never_fragment(&socket, addr)?;
+    udp_batch::want_destinations(&socket, addr)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())

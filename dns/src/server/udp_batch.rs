@@ -2,6 +2,16 @@
 //! [`BATCH`] datagrams each way, which is most of what a DNS server spends per
 //! query. Readiness still comes from Tokio; the calls themselves never block
 //! (the socket is non-blocking).
+//!
+//! On a socket bound to a wildcard address (`0.0.0.0`, `::`) each reply
+//! leaves from the address its query was sent to: the kernel reports that
+//! address with every datagram ([`want_destinations`]: `IP_PKTINFO`,
+//! `IPV6_RECVPKTINFO`) and the reply names it as its source (RFC 1122
+//! §4.1.3.5, RFC 2181 §4). Left to itself the kernel picks the source by
+//! the route back to the client, and a client that asked another address
+//! of the host (a second address on an interface, a loopback alias, a
+//! mesh address) drops the reply as coming from a stranger: dig, kdig and
+//! Unbound all did, and timed out.
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -17,6 +27,51 @@ pub const BATCH: usize = 32;
 /// malformed then, answered with FORMERR; real queries are far smaller.
 pub const SLOT: usize = 4096;
 
+/// Control (ancillary data) buffer of one datagram, as `u64`s for the
+/// alignment `cmsghdr` needs: room for one `in6_pktinfo` (40 bytes) and
+/// then some.
+type Control = [u64; 16];
+
+/// The address a datagram was sent to, from its `IP_PKTINFO` or
+/// `IPV6_PKTINFO` control message: the source its reply must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    V4(Ipv4Addr),
+    /// The address, and the interface it came in on (which the reply keeps
+    /// only for a link-local address: it means nothing elsewhere).
+    V6(Ipv6Addr, u32),
+}
+
+/// Asks the kernel to report each datagram's destination address on
+/// `socket` (bound to `addr`), so replies can leave from it. Only a
+/// wildcard address needs it: a socket bound to one address replies from
+/// that address anyway.
+pub fn want_destinations(socket: &impl AsRawFd, addr: SocketAddr) -> io::Result<()> {
+    if !addr.ip().is_unspecified() {
+        return Ok(());
+    }
+    let (level, name) = match addr {
+        SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    };
+    let on: libc::c_int = 1;
+    // SAFETY: an int option, passed by pointer with its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Receive and send buffers for one batch, reused for every batch.
 pub struct Batch {
     bufs: Vec<[u8; SLOT]>,
@@ -24,6 +79,11 @@ pub struct Batch {
     lens: [usize; BATCH],
     peers: [libc::sockaddr_storage; BATCH],
     peer_lens: [libc::socklen_t; BATCH],
+    /// Where each datagram was sent to, when the kernel said (see
+    /// [`want_destinations`]).
+    dests: [Option<Destination>; BATCH],
+    /// Control buffers: received ones, then those of the replies.
+    controls: [Control; BATCH],
     iovs: [libc::iovec; BATCH],
     msgs: [libc::mmsghdr; BATCH],
     /// Replies to send: (slot the query came in, reply bytes).
@@ -42,6 +102,8 @@ impl Batch {
             // SAFETY: all-zero is a valid value for these C structs.
             peers: unsafe { zeroed() },
             peer_lens: [0; BATCH],
+            dests: [None; BATCH],
+            controls: [[0; 16]; BATCH],
             iovs: unsafe { zeroed() },
             msgs: unsafe { zeroed() },
             replies: (0..BATCH).map(|_| (0, Vec::with_capacity(512))).collect(),
@@ -77,6 +139,8 @@ impl Batch {
             hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             hdr.msg_iov = &mut self.iovs[i];
             hdr.msg_iovlen = 1;
+            hdr.msg_control = self.controls[i].as_mut_ptr().cast();
+            hdr.msg_controllen = size_of::<Control>();
             self.msgs[i] = libc::mmsghdr {
                 msg_hdr: hdr,
                 msg_len: 0,
@@ -100,6 +164,9 @@ impl Batch {
         for i in 0..n {
             self.lens[i] = self.msgs[i].msg_len as usize;
             self.peer_lens[i] = self.msgs[i].msg_hdr.msg_namelen;
+            // SAFETY: the header is the one the kernel just filled in, its
+            // control buffer `self.controls[i]`.
+            self.dests[i] = unsafe { destination_of(&self.msgs[i].msg_hdr) };
         }
         Ok(n)
     }
@@ -138,6 +205,13 @@ impl Batch {
             hdr.msg_namelen = self.peer_lens[slot];
             hdr.msg_iov = &mut self.iovs[k];
             hdr.msg_iovlen = 1;
+            if let Some(dest) = self.dests[slot] {
+                // The query's slot: its received control data is no
+                // longer needed.
+                // SAFETY: the buffer is `Control`, aligned and large
+                // enough for one pktinfo message.
+                unsafe { set_source(&mut hdr, &mut self.controls[slot], dest) };
+            }
             self.msgs[k] = libc::mmsghdr {
                 msg_hdr: hdr,
                 msg_len: 0,
@@ -156,6 +230,95 @@ impl Batch {
             return Err(io::Error::last_os_error());
         }
         Ok(n as usize)
+    }
+}
+
+/// The destination address in a received message's `IP_PKTINFO` or
+/// `IPV6_PKTINFO` control message, if it has one.
+///
+/// # Safety
+/// `hdr` is a header `recvmsg` filled in, its control buffer still alive.
+unsafe fn destination_of(hdr: &libc::msghdr) -> Option<Destination> {
+    let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+    while !cmsg.is_null() {
+        let c = &*cmsg;
+        let data = libc::CMSG_DATA(cmsg);
+        let len = c.cmsg_len as usize;
+        match (c.cmsg_level, c.cmsg_type) {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO)
+                if len >= libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize =>
+            {
+                let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                // The local address the datagram was for (for a unicast
+                // query, its destination).
+                let ip = Ipv4Addr::from(u32::from_be(info.ipi_spec_dst.s_addr));
+                return Some(Destination::V4(ip));
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+                if len >= libc::CMSG_LEN(size_of::<libc::in6_pktinfo>() as u32) as usize =>
+            {
+                let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                return Some(Destination::V6(ip, info.ipi6_ifindex));
+            }
+            _ => {}
+        }
+        cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+    }
+    None
+}
+
+/// Makes `hdr` send from `dest`: one `IP_PKTINFO` or `IPV6_PKTINFO` control
+/// message in `control`. The interface is left to routing (index 0) except
+/// for an IPv6 link-local address, which only exists on its own.
+///
+/// # Safety
+/// `control` stays alive (and unmoved) until the message is sent.
+unsafe fn set_source(hdr: &mut libc::msghdr, control: &mut Control, dest: Destination) {
+    *control = [0; 16];
+    hdr.msg_control = control.as_mut_ptr().cast();
+    let (level, kind, len) = match dest {
+        Destination::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>(),
+        ),
+        Destination::V6(..) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    hdr.msg_controllen = libc::CMSG_SPACE(len as u32) as usize;
+    let cmsg = libc::CMSG_FIRSTHDR(hdr);
+    (*cmsg).cmsg_level = level;
+    (*cmsg).cmsg_type = kind;
+    (*cmsg).cmsg_len = libc::CMSG_LEN(len as u32) as usize;
+    let data = libc::CMSG_DATA(cmsg);
+    match dest {
+        Destination::V4(ip) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            std::ptr::write_unaligned(data.cast::<libc::in_pktinfo>(), info);
+        }
+        Destination::V6(ip, ifindex) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: ip.octets(),
+                },
+                ipi6_ifindex: if ip.is_unicast_link_local() {
+                    ifindex
+                } else {
+                    0
+                },
+            };
+            std::ptr::write_unaligned(data.cast::<libc::in6_pktinfo>(), info);
+        }
     }
 }
 
