@@ -1122,3 +1122,43 @@ fn frr_requiring_tcp_md5_takes_the_session_only_with_the_same_password() {
     });
     assert!(!lab.pop(1).log_text().contains("s3cret"));
 }
+
+/// The router restarts (killed, 20 s down, started again): the POP, the
+/// only side that connects, keeps trying every `connect_retry_secs` (1 s
+/// here) and re-announces as soon as GoBGP is back. Until 2026-12-06 the
+/// waits doubled with every refused connect (1, 2, 4, 8, 16 s … up to
+/// 300 s) and GoBGP got the routes back 14 s after it returned.
+#[test]
+fn a_restarted_gobgp_gets_the_routes_back_within_connect_retry_secs() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    lab.bgp_extra[1] = "connect_retry_secs = 1".into();
+    let gobgp = GoBgp::start(&lab.net, 0, ROUTER_ASN, &lab.peers(), 50055);
+    lab.launch(1);
+    when(PATIENCE, || gobgp.route("ipv4", PREFIX4).contains(PREFIX4)).expect("announced");
+    let mark = lab.pop(1).log_mark();
+    drop(gobgp); // kill -9
+    lab.pop(1)
+        .wait_for_log_after(mark, "bgp: session down", PATIENCE)
+        .expect("the POP saw the session go");
+    std::thread::sleep(Duration::from_secs(20));
+    let gobgp = GoBgp::start(&lab.net, 0, ROUTER_ASN, &lab.peers(), 50055);
+    let back = Instant::now();
+    when(PATIENCE, || gobgp.route("ipv4", PREFIX4).contains(PREFIX4)).unwrap_or_else(|| {
+        panic!(
+            "never re-announced: {}\nPOP log:\n{}",
+            gobgp.gobgp(&["neighbor"]),
+            lab.pop(1).log_text()
+        )
+    });
+    let took = back.elapsed();
+    println!(
+        "figure: router back after 20 s down to the routes re-announced: {:.2} s (connect_retry_secs 1)",
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "routes back {took:?} after the router (connect_retry_secs = 1)"
+    );
+    when(PATIENCE, || gobgp.route("ipv6", PREFIX6).contains(PREFIX6)).expect("IPv6 re-announced");
+}

@@ -631,6 +631,17 @@ impl Session {
                 self.send(&Message::Notification(n));
             }
             Action::StartTimer(t, secs) => {
+                // The FSM doubles the connect-retry wait with every failed
+                // connect, up to 300 s. This speaker is the only side that
+                // connects (routers are passive towards it), so that wait
+                // is how long a router that came back goes without the
+                // routes: `connect_retry_secs` is the longest (RFC 4271's
+                // ConnectRetryTime), the first misses still retry at 1 s.
+                let secs = if t == TimerType::ConnectRetry {
+                    secs.min(self.settings.connect_retry_secs)
+                } else {
+                    secs
+                };
                 if let Some(slot) = timer_slot(t) {
                     self.timers[slot] = Some(now + Duration::from_secs(u64::from(secs)));
                 }

@@ -413,6 +413,37 @@ fn connect_failures_retry_on_the_connect_retry_timer() {
         .contains("connection refused"));
 }
 
+/// QA: a router down for 100 s (GoBGP killed, then started again) got the
+/// POP back 59 s after it returned: `rustbgpd-fsm` doubles the connect-retry
+/// wait with every refused connect (5, 10, 20 … up to 300 s), and the
+/// speaker is the only side that connects. Refused or unanswered, a
+/// neighbor is tried again at least every `connect_retry_secs`.
+#[test]
+fn a_neighbor_that_stays_down_is_retried_every_connect_retry_secs() {
+    let t0 = Instant::now();
+    let mut s = Session::new(settings(), t0);
+    let mut now = t0;
+    let limit = Duration::from_secs(u64::from(settings().connect_retry_secs));
+    for attempt in 0..40 {
+        let io: Vec<Io> = std::iter::from_fn(|| s.poll_io()).collect();
+        assert!(io.contains(&Io::Connect), "attempt {attempt}: {io:?}");
+        // Refused at once, or (every third attempt) no answer at all: the
+        // connect-retry timer overtakes it.
+        if attempt % 3 != 2 {
+            s.handle_connect_failed(now, "connection refused");
+        }
+        let next = s.poll_timeout().expect("a retry is scheduled");
+        assert!(
+            next - now <= limit,
+            "attempt {attempt}: next try {:?} later, connect_retry_secs is {limit:?}",
+            next - now
+        );
+        now = next;
+        s.handle_timeout(now);
+    }
+    assert!(now - t0 <= limit * 40);
+}
+
 #[test]
 fn garbage_from_the_peer_gets_a_notification_and_a_close() {
     let t0 = Instant::now();
