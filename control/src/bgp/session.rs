@@ -620,6 +620,17 @@ impl Session {
                         ));
                     }
                 }
+                // Which hold time the router proposed (RFC 4271 §6.2).
+                if n.code == NotificationCode::OpenMessage
+                    && n.subcode == open_subcode::UNACCEPTABLE_HOLD_TIME
+                {
+                    if let Some(open) = &self.peer_open {
+                        text.push_str(&format!(
+                            ": the neighbor's OPEN proposes {} s; BGP allows 0 or at least 3",
+                            open.hold_time
+                        ));
+                    }
+                }
                 let error = n.code != NotificationCode::Cease
                     || n.subcode != cease_subcode::ADMINISTRATIVE_SHUTDOWN;
                 if error {

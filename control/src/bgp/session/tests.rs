@@ -222,6 +222,51 @@ fn a_router_of_another_as_is_refused_naming_both_ases() {
     );
 }
 
+/// QA: a router proposing a hold time of 1 or 2 s (RFC 4271 §6.2: 0 or
+/// at least 3) was refused with "Unacceptable Hold Time (2/6)" alone, not
+/// saying what it proposed. Refused, never established, and said.
+#[test]
+fn a_router_proposing_a_hold_time_of_1_or_2_s_is_refused_saying_so() {
+    for hold in [1u16, 2] {
+        let t0 = Instant::now();
+        let mut s = Session::new(settings(), t0);
+        assert_eq!(s.poll_io(), Some(Io::Connect));
+        s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+        let open = OpenMessage {
+            version: 4,
+            my_as: THEM as u16,
+            hold_time: hold,
+            bgp_identifier: Ipv4Addr::new(10, 0, 0, 1),
+            capabilities: vec![
+                Capability::MultiProtocol {
+                    afi: Afi::Ipv4,
+                    safi: Safi::Unicast,
+                },
+                Capability::FourOctetAs { asn: THEM },
+            ],
+        };
+        let bytes = encode_message(&Message::Open(open)).unwrap();
+        s.handle_bytes(t0, &bytes);
+        assert_ne!(s.state(), SessionState::Established);
+        let sent: Vec<Bytes> = std::iter::from_fn(|| s.poll_transmit()).collect();
+        let mut last = sent.last().unwrap().clone();
+        let Message::Notification(n) = decode_message(&mut last, MAX_MESSAGE_LEN).unwrap() else {
+            panic!("not a NOTIFICATION")
+        };
+        assert_eq!((n.code, n.subcode), (NotificationCode::OpenMessage, 6));
+        assert!(std::iter::from_fn(|| s.poll_io()).any(|io| io == Io::Close));
+        let said = format!(
+            "Unacceptable Hold Time (2/6): the neighbor's OPEN proposes {hold} s; BGP allows 0 or at least 3"
+        );
+        let ev = events(&mut s);
+        assert!(
+            ev.iter().any(|e| matches!(e,
+                SessionEvent::NotificationSent { text, error: true } if *text == said)),
+            "{ev:?}"
+        );
+    }
+}
+
 #[test]
 fn establishes_and_announces_then_drains_and_withdraws() {
     let t0 = Instant::now();
