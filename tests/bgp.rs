@@ -1336,3 +1336,69 @@ fn a_restarted_gobgp_gets_the_routes_back_within_connect_retry_secs() {
     );
     when(PATIENCE, || gobgp.route("ipv6", PREFIX6).contains(PREFIX6)).expect("IPv6 re-announced");
 }
+
+/// IPv6 prefixes over an IPv4 session, the POP with an IPv6 address on the
+/// session's link (and its IPv6 anycast address on its loopback): the next
+/// hop is that link address, which the router reaches and installs. QA:
+/// it was always the IPv4-mapped `::ffff:10.77.0.2`, which BIRD took
+/// (with `extended next hop on`) but could not put in its kernel ("Netlink:
+/// Invalid argument"; Linux has no IPv4 gateway for IPv6 routes), so the
+/// router learned the IPv6 anycast prefix and never forwarded to it.
+#[test]
+fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_hop() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    for (host, addr) in [(0, "fd77::1/64"), (1, "fd77::2/64")] {
+        sh(
+            &lab.net,
+            host,
+            &["ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad"],
+        );
+    }
+    sh(
+        &lab.net,
+        1,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:100::1/128",
+            "dev",
+            "lo",
+        ],
+    );
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    when(PATIENCE, || bird.route(PREFIX6).contains(PREFIX6)).unwrap_or_else(|| {
+        panic!(
+            "no IPv6 route: {}",
+            bird.birdc(&["show", "route", "all", "table", "master6"])
+        )
+    });
+    let route = bird.route(PREFIX6);
+    assert!(
+        route.contains("BGP.next_hop: fd77::2"),
+        "next hop not the POP's IPv6 link address:\n{route}"
+    );
+    // In the router's kernel: it forwards to the POP.
+    let kernel = || {
+        let out = lab
+            .net
+            .command(0, "ip")
+            .args(["-6", "route", "show", PREFIX6])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    when(PATIENCE, || kernel().contains("via fd77::2")).unwrap_or_else(|| {
+        panic!(
+            "not in the router's kernel: {:?}\nBIRD log:\n{}",
+            kernel(),
+            bird.log_text()
+        )
+    });
+    // The IPv4 route keeps the IPv4 address.
+    assert!(bird.route(PREFIX4).contains("via 10.77.0.2"));
+}

@@ -47,8 +47,10 @@ pub struct Bird {
 impl Bird {
     /// Starts BIRD as AS `asn` on host `host` of `net`, with one passive
     /// session per peer. Routes carrying GRACEFUL_SHUTDOWN get LOCAL_PREF
-    /// 0 (RFC 8326's receiver policy), and the best IPv4 routes go into
-    /// the host's kernel table, so the host forwards by them.
+    /// 0 (RFC 8326's receiver policy), and the best routes of both families
+    /// go into the host's kernel table, so the host forwards by them (an
+    /// IPv6 route whose next hop is IPv4-mapped cannot go there: BIRD logs
+    /// `Netlink: Invalid argument` and keeps it unused).
     pub fn start(net: &Net, host: usize, asn: u32, peers: &[Peer]) -> Bird {
         require("bird", "bird2");
         let dir = TempDir::new("bird");
@@ -64,6 +66,7 @@ debug protocols {{ states, events, routes }};
 protocol device {{ scan time 10; }}
 protocol direct {{ ipv4; }}
 protocol kernel {{ ipv4 {{ export filter {{ if source = RTS_BGP then accept; reject; }}; }}; }}
+protocol kernel {{ ipv6 {{ export filter {{ if source = RTS_BGP then accept; reject; }}; }}; }}
 filter from_pop {{
     if (65535, 0) ~ bgp_community then bgp_local_pref = 0;
     accept;

@@ -59,6 +59,9 @@ pub struct SessionContext {
     pub peer_asn: u32,
     /// The session's local address (next hop "self").
     pub local_addr: IpAddr,
+    /// On an IPv4 session, this host's IPv6 address on its link: next hop
+    /// "self" of IPv6 routes (else the IPv4-mapped local address).
+    pub link_ipv6: Option<Ipv6Addr>,
     pub next_hop: NextHop,
     pub med: Option<u32>,
     /// `[bgp] communities` and the neighbor's own.
@@ -86,9 +89,13 @@ impl SessionContext {
             (IpNet::V4(_), IpAddr::V4(a)) => Some(IpAddr::V4(a)),
             (IpNet::V4(_), IpAddr::V6(a)) => a.to_ipv4_mapped().map(IpAddr::V4),
             (IpNet::V6(_), IpAddr::V6(a)) => Some(IpAddr::V6(a)),
-            // IPv6 routes over an IPv4 session: the IPv4-mapped address, as
-            // FRR and GoBGP do.
-            (IpNet::V6(_), IpAddr::V4(a)) => Some(IpAddr::V6(a.to_ipv6_mapped())),
+            // IPv6 routes over an IPv4 session: this host's IPv6 address on
+            // the session's link, as FRR does; without one the IPv4-mapped
+            // address, as GoBGP does (which a Linux router cannot install:
+            // it has no IPv4 gateway for IPv6 routes).
+            (IpNet::V6(_), IpAddr::V4(a)) => Some(IpAddr::V6(
+                self.link_ipv6.unwrap_or_else(|| a.to_ipv6_mapped()),
+            )),
         }
     }
 
@@ -308,6 +315,7 @@ mod tests {
             local_asn,
             peer_asn,
             local_addr: "10.0.0.2".parse().unwrap(),
+            link_ipv6: None,
             next_hop: NextHop::default(),
             med: Some(20),
             communities: vec![65010 << 16 | 100],
@@ -386,6 +394,34 @@ mod tests {
         let (announced, _, attrs) = read(&delta.messages[1]);
         assert_eq!(announced, ["2001:db8:100::/48"]);
         assert!(!attrs.iter().any(|a| matches!(a, PathAttribute::NextHop(_))));
+    }
+
+    /// IPv6 routes on an IPv4 session: the host's IPv6 address on the
+    /// session's link when it has one (a Linux router cannot install an
+    /// IPv4-mapped next hop), in the MP_REACH_NLRI; an explicit IPv6
+    /// next hop still wins.
+    #[test]
+    fn ipv6_routes_on_an_ipv4_session_take_the_link_ipv6_address() {
+        let mut c = ctx(65010, 65000);
+        c.link_ipv6 = Some("fd77::2".parse().unwrap());
+        let rib = c.routes(&ad(&["198.51.100.0/24", "2001:db8:100::/48"], false, 0));
+        let v6 = &rib[&"2001:db8:100::/48".parse().unwrap()];
+        assert_eq!(v6.next_hop, "fd77::2".parse::<IpAddr>().unwrap());
+        let v4 = &rib[&"198.51.100.0/24".parse().unwrap()];
+        assert_eq!(v4.next_hop, "10.0.0.2".parse::<IpAddr>().unwrap());
+        let delta = updates(&Rib::new(), &rib, &c);
+        let raw = delta.messages[1].parse(true, false, &[]).unwrap();
+        let hop = raw.attributes.iter().find_map(|a| match a {
+            PathAttribute::MpReachNlri(r) => Some(r.next_hop),
+            _ => None,
+        });
+        assert_eq!(hop, Some("fd77::2".parse::<IpAddr>().unwrap()));
+        c.next_hop.v6 = Some("fd00::9".parse().unwrap());
+        let rib = c.routes(&ad(&["2001:db8:100::/48"], false, 0));
+        assert_eq!(
+            rib.values().next().unwrap().next_hop,
+            "fd00::9".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! UPDATEs only reset the hold timer. A ROUTE-REFRESH resends every route.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -150,6 +150,9 @@ pub struct Session {
     io: VecDeque<Io>,
     events: VecDeque<SessionEvent>,
     local_addr: Option<IpAddr>,
+    /// This host's IPv6 address on the link of an IPv4 session: the next
+    /// hop of its IPv6 routes (else the IPv4-mapped local address).
+    link_ipv6: Option<Ipv6Addr>,
     negotiated: Option<Negotiated>,
     advertisement: Advertisement,
     /// Adj-RIB-Out: what the peer holds from us.
@@ -240,6 +243,7 @@ impl Session {
             io: VecDeque::new(),
             events: VecDeque::new(),
             local_addr: None,
+            link_ipv6: None,
             negotiated: None,
             advertisement: Advertisement::default(),
             sent: Rib::new(),
@@ -275,6 +279,7 @@ impl Session {
         settings: SessionSettings,
         handed: &HandedSession,
         local: SocketAddr,
+        link_ipv6: Option<Ipv6Addr>,
         advertisement: Advertisement,
         now: Instant,
     ) -> Result<Session, String> {
@@ -286,6 +291,7 @@ impl Session {
         };
         let mut session = Session::held(settings);
         session.start(now);
+        session.set_link_ipv6(link_ipv6);
         session.handle_connected(now, local);
         let ours = session
             .local_open
@@ -369,6 +375,14 @@ impl Session {
         self.peer_open = None;
         self.notified = false;
         self.feed(now, Event::TcpConnectionConfirmed);
+    }
+
+    /// This host's IPv6 address on the link of the connection about to be
+    /// [`handle_connected`](Session::handle_connected) (IPv4 sessions):
+    /// the next hop of IPv6 routes, which a router can install (Linux has
+    /// no IPv4 gateway for IPv6 routes). `None`: the IPv4-mapped address.
+    pub fn set_link_ipv6(&mut self, addr: Option<Ipv6Addr>) {
+        self.link_ipv6 = addr;
     }
 
     pub fn handle_connect_failed(&mut self, now: Instant, error: &str) {
@@ -544,6 +558,7 @@ impl Session {
             local_asn: self.settings.local_asn,
             peer_asn: self.settings.peer_asn,
             local_addr: self.local_addr.unwrap_or(super::routes::NO_ADDR),
+            link_ipv6: self.link_ipv6,
             next_hop: self.settings.next_hop.clone(),
             med: self.settings.med,
             communities: self.settings.communities.clone(),

@@ -546,7 +546,7 @@ fn a_handed_off_session_resumes_without_a_word_to_the_peer() {
     let handed: HandedSession =
         serde_json::from_str(&serde_json::to_string(&handed).unwrap()).unwrap();
     let local = "10.0.0.2:40000".parse().unwrap();
-    let mut new = Session::resume(settings(), &handed, local, routes.clone(), t1).unwrap();
+    let mut new = Session::resume(settings(), &handed, local, None, routes.clone(), t1).unwrap();
     assert_eq!(new.state(), SessionState::Established);
     assert_eq!(new.poll_transmit(), None, "same routes: nothing to send");
     assert_eq!(new.poll_io(), None);
@@ -587,6 +587,7 @@ fn a_resumed_session_sends_only_the_difference() {
         settings(),
         &handed,
         local,
+        None,
         ad(&["198.51.100.0/24"], false, 1),
         t0,
     )
@@ -607,13 +608,13 @@ fn a_changed_hold_time_or_asn_refuses_to_resume() {
     let local = "10.0.0.2:40000".parse().unwrap();
     let mut longer = settings();
     longer.hold_time_secs = 30;
-    let err = Session::resume(longer, &handed, local, ad(&[], false, 0), t0).err();
+    let err = Session::resume(longer, &handed, local, None, ad(&[], false, 0), t0).err();
     assert!(err.is_some_and(|e| e.contains("OPEN differs")));
     let mut other_peer_asn = settings();
     other_peer_asn.peer_asn = 65099;
-    assert!(Session::resume(other_peer_asn, &handed, local, ad(&[], false, 0), t0).is_err());
+    assert!(Session::resume(other_peer_asn, &handed, local, None, ad(&[], false, 0), t0).is_err());
     // And the unchanged one can.
-    assert!(Session::resume(settings(), &handed, local, ad(&[], false, 0), t0).is_ok());
+    assert!(Session::resume(settings(), &handed, local, None, ad(&[], false, 0), t0).is_ok());
 }
 
 /// Only an established session with nothing left to write is handed off.
