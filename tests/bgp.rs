@@ -1402,3 +1402,56 @@ fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_ho
     // The IPv4 route keeps the IPv4 address.
     assert!(bird.route(PREFIX4).contains("via 10.77.0.2"));
 }
+
+/// FRR asks for the IPv4 routes again (`clear bgp ipv4 unicast X soft
+/// in`, a ROUTE-REFRESH) on a session where both offered Enhanced Route
+/// Refresh: the POP answers BoRR, the routes, EoRR (RFC 7313 §4), which
+/// FRR logs, and FRR keeps the routes (the EoRR purges only what was not
+/// sent again). QA: the POP sent the routes of both families and no BoRR
+/// or EoRR.
+#[test]
+fn frr_soft_in_gets_the_routes_between_borr_and_eorr() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let frr = Frr::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    lab.launch(1);
+    let route = |family: &str, prefix: &str| frr.route_json(family, prefix);
+    when(PATIENCE, || !route("ipv4", PREFIX4).is_empty()).unwrap_or_else(|| {
+        panic!(
+            "FRR never learned {PREFIX4}:\n{}\nlog:\n{}",
+            frr.vtysh("show bgp summary"),
+            frr.log_text()
+        )
+    });
+    when(PATIENCE, || !route("ipv6", PREFIX6).is_empty()).expect("IPv6 learned");
+    let pop = lab.net.ip(1).to_string();
+    let neighbor = frr.vtysh(&format!("show bgp neighbors {pop}"));
+    assert!(
+        neighbor.contains("Enhanced Route Refresh: advertised and received"),
+        "{neighbor}"
+    );
+    let mark = lab.pop(1).log_mark();
+    frr.vtysh(&format!("clear bgp ipv4 unicast {pop} soft in"));
+    let log = || frr.log_text();
+    when(PATIENCE, || log().contains("rcvd route-refresh (EoRR)")).unwrap_or_else(|| {
+        panic!(
+            "no EoRR at FRR; log:\n{}\nPOP log:\n{}",
+            log(),
+            lab.pop(1).log_text()
+        )
+    });
+    let log = log();
+    assert!(log.contains("rcvd route-refresh (BoRR)"), "{log}");
+    assert!(!log.contains("whereas no BoRR received"), "{log}");
+    // The IPv4 route once more, the IPv6 one not.
+    let resent = lab
+        .pop(1)
+        .wait_for_log_after(mark, "bgp: routes announced", PATIENCE)
+        .expect("the refresh resent the routes");
+    assert!(resent.contains("prefixes=1"), "{resent}");
+    assert!(!route("ipv4", PREFIX4).is_empty(), "FRR dropped the route");
+    assert!(
+        !route("ipv6", PREFIX6).is_empty(),
+        "FRR dropped the IPv6 route"
+    );
+}

@@ -20,21 +20,23 @@
 //! The speaker only opens connections (it does not listen on port 179):
 //! routers are configured to accept it, which is also what avoids
 //! connection collisions. Routes received from the peer are not used;
-//! UPDATEs only reset the hold timer. A ROUTE-REFRESH resends every route.
+//! UPDATEs only reset the hold timer. A ROUTE-REFRESH resends the routes of
+//! its family (between a BoRR and an EoRR with Enhanced Route Refresh).
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use ipnet::IpNet;
 use rustbgpd_fsm::{Action, Event, PeerConfig, SessionState, TimerType};
 use rustbgpd_wire::notification::{
     cease_subcode, description, encode_shutdown_communication, open_subcode,
 };
 use rustbgpd_wire::{
     decode_message, encode_message, peek_message_length, Afi, Capability, Message,
-    NotificationCode, NotificationMessage, OpenMessage, Safi, EXTENDED_MAX_MESSAGE_LEN,
-    MAX_MESSAGE_LEN,
+    NotificationCode, NotificationMessage, OpenMessage, RouteRefreshMessage, RouteRefreshSubtype,
+    Safi, EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
 };
 
 use super::config::NextHop;
@@ -133,6 +135,8 @@ struct Negotiated {
     four_octet_as: bool,
     max_len: u16,
     hold_time: u16,
+    /// The peer offered Enhanced Route Refresh (RFC 7313), as we do.
+    enhanced_route_refresh: bool,
 }
 
 pub struct Session {
@@ -451,14 +455,17 @@ impl Session {
                 Event::NotificationReceived(n)
             }
             Message::RouteRefresh(r) => {
-                // Everything goes again: the peer asked for a full copy.
-                if self.fsm.state() == SessionState::Established {
-                    self.sent.clear();
-                }
-                if let (Some(afi), Some(safi)) = (r.afi(), r.safi()) {
+                let family = r.afi().zip(r.safi());
+                if let Some((afi, safi)) = family {
                     self.feed(now, Event::RouteRefreshReceived { afi, safi });
                 }
-                self.sync_routes();
+                // A BoRR / EoRR is the peer re-advertising to us (RFC 7313),
+                // not a request; unknown subtypes are ignored.
+                if let (RouteRefreshSubtype::Normal, Some((afi, Safi::Unicast))) =
+                    (r.subtype(), family)
+                {
+                    self.refresh(afi);
+                }
                 return;
             }
             _ => return,
@@ -565,6 +572,37 @@ impl Session {
             ipv4: n.ipv4,
             ipv6: n.ipv6,
             four_octet_as: n.four_octet_as,
+        }
+    }
+
+    /// The peer asked for family `afi` again (ROUTE-REFRESH, RFC 2918):
+    /// every route of it goes again, between a BoRR and an EoRR when the
+    /// peer offered Enhanced Route Refresh (RFC 7313 §4: it may then drop
+    /// what the EoRR leaves stale). A family not negotiated is ignored.
+    fn refresh(&mut self, afi: Afi) {
+        let Some(n) = self.negotiated else { return };
+        let v6 = match afi {
+            Afi::Ipv4 if n.ipv4 => false,
+            Afi::Ipv6 if n.ipv6 => true,
+            _ => return,
+        };
+        if self.fsm.state() != SessionState::Established {
+            return;
+        }
+        let marker = |subtype| {
+            Message::RouteRefresh(RouteRefreshMessage::new_with_subtype(
+                afi,
+                Safi::Unicast,
+                subtype,
+            ))
+        };
+        if n.enhanced_route_refresh {
+            self.send(&marker(RouteRefreshSubtype::BoRR));
+        }
+        self.sent.retain(|p, _| matches!(p, IpNet::V6(_)) != v6);
+        self.sync_routes();
+        if n.enhanced_route_refresh {
+            self.send(&marker(RouteRefreshSubtype::EoRR));
         }
     }
 
@@ -712,6 +750,7 @@ impl Session {
                         MAX_MESSAGE_LEN
                     },
                     hold_time: neg.hold_time,
+                    enhanced_route_refresh: neg.peer_enhanced_route_refresh,
                 };
                 self.negotiated = Some(n);
                 self.established_at = Some(now);

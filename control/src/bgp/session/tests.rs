@@ -519,6 +519,81 @@ fn a_route_refresh_resends_every_route() {
     assert_eq!(peer.take_updates().0, ["198.51.100.0/24"]);
 }
 
+/// QA: FRR (which, like this speaker, offers Enhanced Route Refresh)
+/// asking for IPv4 again (`clear bgp ipv4 unicast X soft in`) got both
+/// families resent and no BoRR/EoRR, which RFC 7313 §4 requires around
+/// the re-advertisement; a BoRR or EoRR from the peer (it re-advertising,
+/// not a request) resent everything too. Now: BoRR, the asked family
+/// only, EoRR; a demarcation from the peer sends nothing.
+#[test]
+fn a_route_refresh_resends_the_asked_family_between_borr_and_eorr() {
+    use rustbgpd_wire::{RouteRefreshMessage, RouteRefreshSubtype};
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    s.set_advertisement(ad(&["198.51.100.0/24", "2001:db8:100::/48"], false, 1));
+    pump(&mut s, &mut peer, t0);
+    peer.take_updates();
+    let read = |s: &mut Session| -> Vec<String> {
+        std::iter::from_fn(|| s.poll_transmit())
+            .map(
+                |mut b| match decode_message(&mut b, MAX_MESSAGE_LEN).unwrap() {
+                    Message::RouteRefresh(r) => format!("{:?} {:?}", r.subtype(), r.afi()),
+                    Message::Update(u) => {
+                        let p = u.parse(true, false, &[]).unwrap();
+                        let mut text: Vec<String> =
+                            p.announced.iter().map(|e| e.prefix.to_string()).collect();
+                        for a in &p.attributes {
+                            if let PathAttribute::MpReachNlri(r) = a {
+                                text.extend(r.announced.iter().map(|e| match e.prefix {
+                                    WirePrefix::V4(p) => p.to_string(),
+                                    WirePrefix::V6(p) => p.to_string(),
+                                }));
+                            }
+                        }
+                        format!("UPDATE {}", text.join(","))
+                    }
+                    other => format!("{other:?}"),
+                },
+            )
+            .collect()
+    };
+    let send = |s: &mut Session, r: RouteRefreshMessage| {
+        let bytes = encode_message(&Message::RouteRefresh(r)).unwrap();
+        s.handle_bytes(t0, &bytes);
+    };
+    send(&mut s, RouteRefreshMessage::new(Afi::Ipv4, Safi::Unicast));
+    assert_eq!(
+        read(&mut s),
+        [
+            "BoRR Some(Ipv4)",
+            "UPDATE 198.51.100.0/24",
+            "EoRR Some(Ipv4)"
+        ]
+    );
+    send(&mut s, RouteRefreshMessage::new(Afi::Ipv6, Safi::Unicast));
+    assert_eq!(
+        read(&mut s),
+        [
+            "BoRR Some(Ipv6)",
+            "UPDATE 2001:db8:100::/48",
+            "EoRR Some(Ipv6)"
+        ]
+    );
+    for subtype in [RouteRefreshSubtype::BoRR, RouteRefreshSubtype::EoRR] {
+        send(
+            &mut s,
+            RouteRefreshMessage::new_with_subtype(Afi::Ipv4, Safi::Unicast, subtype),
+        );
+        assert!(read(&mut s).is_empty(), "{subtype:?} is not a request");
+    }
+    assert_eq!(s.state(), SessionState::Established);
+    // Withdrawn: a refresh sends the markers around nothing.
+    s.set_advertisement(ad(&[], false, 2));
+    read(&mut s);
+    send(&mut s, RouteRefreshMessage::new(Afi::Ipv4, Safi::Unicast));
+    assert_eq!(read(&mut s), ["BoRR Some(Ipv4)", "EoRR Some(Ipv4)"]);
+}
+
 /// A binary upgrade: the session is handed off and resumed by another
 /// `Session` on the same connection (here, the same peer): the peer sees
 /// nothing — no OPEN, no NOTIFICATION, no UPDATE — and the session goes on.
