@@ -169,6 +169,9 @@ pub struct Session {
     /// close follows from it and must not replace its reason in
     /// `last_error` ("connection closed" says less than "Bad Peer AS").
     notified: bool,
+    /// Why the peer's last message did not decode, for the NOTIFICATION
+    /// that answers it ("Unspecific (2/0)" alone says nothing).
+    decode_error: Option<String>,
     /// The OPENs of the current connection (sent, received): what a
     /// binary upgrade hands over for the successor to resume the session.
     local_open: Option<OpenMessage>,
@@ -256,6 +259,7 @@ impl Session {
             flaps: 0,
             last_error: None,
             notified: false,
+            decode_error: None,
             local_open: None,
             peer_open: None,
         }
@@ -421,7 +425,9 @@ impl Session {
                 Err(e) => {
                     self.inbuf.clear();
                     self.last_error = Some(format!("bad message from the peer: {e}"));
+                    self.decode_error = Some(e.to_string());
                     self.feed(now, Event::DecodeError(e));
+                    self.decode_error = None;
                     return;
                 }
             };
@@ -431,7 +437,9 @@ impl Session {
                 Err(e) => {
                     self.inbuf.clear();
                     self.last_error = Some(format!("bad message from the peer: {e}"));
+                    self.decode_error = Some(e.to_string());
                     self.feed(now, Event::DecodeError(e));
+                    self.decode_error = None;
                     return;
                 }
             }
@@ -672,6 +680,9 @@ impl Session {
                             self.settings.peer_asn
                         ));
                     }
+                }
+                if let Some(why) = self.decode_error.take() {
+                    text.push_str(&format!(": the neighbor's message did not decode: {why}"));
                 }
                 // Which hold time the router proposed (RFC 4271 §6.2).
                 if n.code == NotificationCode::OpenMessage

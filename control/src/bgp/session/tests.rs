@@ -505,6 +505,42 @@ fn garbage_from_the_peer_gets_a_notification_and_a_close() {
     assert_eq!(s.state(), SessionState::Idle);
 }
 
+/// QA: a router whose OPEN did not decode (a capability running past its
+/// parameters) was refused with "NOTIFICATION sent … OPEN Message Error:
+/// Unspecific (2/0)" alone, in the log and in `bgp status`: why the OPEN
+/// was bad was dropped. The NOTIFICATION's line says what did not decode.
+#[test]
+fn an_open_that_does_not_decode_is_refused_saying_why() {
+    let t0 = Instant::now();
+    let mut s = Session::new(settings(), t0);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+    // OPEN: version 4, AS 65000, hold 9, id 10.0.0.1, one optional
+    // parameter (capabilities, 6 bytes) whose capability says 40 bytes.
+    let mut open = vec![0xffu8; 16];
+    let body = [4, 0xfd, 0xe8, 0, 9, 10, 0, 0, 1, 8, 2, 6, 1, 40, 0, 1, 0, 1];
+    open.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+    open.push(1);
+    open.extend_from_slice(&body);
+    s.handle_bytes(t0, &open);
+    assert_ne!(s.state(), SessionState::Established);
+    assert!(std::iter::from_fn(|| s.poll_io()).any(|io| io == Io::Close));
+    let ev = events(&mut s);
+    let text = ev
+        .iter()
+        .find_map(|e| match e {
+            SessionEvent::NotificationSent { text, error: true } => Some(text.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no NOTIFICATION: {ev:?}"));
+    assert!(
+        text.starts_with("OPEN Message Error") && text.contains(": the neighbor's message"),
+        "{text}"
+    );
+    let status = s.snapshot(t0).last_error.unwrap();
+    assert!(status.contains("the neighbor's message"), "{status}");
+}
+
 #[test]
 fn a_route_refresh_resends_every_route() {
     let t0 = Instant::now();
