@@ -1427,6 +1427,62 @@ fn an_operators_sqlite3_edit_replicates() {
         .all(|i| c.row(i, "by-hand", "id").is_none())));
 }
 
+/// The sqlite3 shell on `db`, waiting for a live POP's lock as an operator
+/// would.
+fn sqlite3(db: &std::path::Path, command: &str) {
+    let out = std::process::Command::new("sqlite3")
+        .args(["-cmd", ".timeout 5000"])
+        .arg(db)
+        .arg(command)
+        .output()
+        .expect("sqlite3 (Debian package sqlite3; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "sqlite3 {command}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// QA: a backup restored into a POP's `routing.db` in place (`sqlite3
+/// routing.db ".restore backup.db"`: the file keeps its inode, so the check
+/// for a file renamed over did not see it) went unnoticed: replication
+/// went on holding a registration the file no longer had, so the POP did
+/// not route it, its digest matched its peers' (`cluster status`: in
+/// sync), nothing brought the row back and nothing was logged. It is now
+/// said at ERROR, as for a file renamed over, and a restart catches up.
+#[test]
+fn a_backup_restored_into_a_live_routing_db_is_said_and_a_restart_catches_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::start(2, None);
+    c.wait_joined();
+    let backup = c.dir.join("backup-0.db");
+    sqlite3(&c.db_path(0), &format!(".backup '{}'", backup.display()));
+    assert_eq!(
+        c.register(1, "since-backup", "10.77.0.1:9600".parse().unwrap()),
+        201
+    );
+    assert!(common::eventually(PATIENCE, || c
+        .row(0, "since-backup", "id")
+        .is_some()));
+    let mark = c.pop(0).log_mark();
+    sqlite3(&c.db_path(0), &format!(".restore '{}'", backup.display()));
+    assert_eq!(c.row(0, "since-backup", "id"), None, "not restored");
+    let line = c
+        .pop(0)
+        .wait_for_log_after(mark, "was overwritten while replication ran", PATIENCE)
+        .expect("the restore was not said");
+    assert!(
+        line.contains("ERROR") && line.contains("restart edgeproxy"),
+        "{line}"
+    );
+    c.kill(0);
+    c.launch(0);
+    assert!(
+        common::eventually(PATIENCE, || c.row(0, "since-backup", "id").is_some()),
+        "the restarted POP did not catch up"
+    );
+}
+
 #[test]
 fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -27,7 +27,9 @@
 //! most one entry per row; `repl_meta(key, value)` — this POP's own notes,
 //! never replicated: `last_contact_ms`, when it last heard another POP;
 //! `down_since:<id>` and `owed:<id>`, the members' absences
-//! (`node::Absences`).
+//! (`node::Absences`); `writes`, how many transactions replication has
+//! committed to this file (see `ReplDb::with_tx`: another writer's or a
+//! restored backup's count tells replication the file is not its own).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -89,6 +91,18 @@ pub enum DbError {
         .path.display()
     )]
     Replaced { path: PathBuf },
+    /// The file is the one replication opened, but its content is not what
+    /// replication last wrote: a backup restored into it in place
+    /// (`sqlite3 routing.db ".restore backup.db"`). See
+    /// [`ReplDb::with_tx`].
+    #[error(
+        "replication: routing store {} was overwritten while replication ran (a backup \
+         restored into it, or another edgeproxy replicating from the same file?): its versions \
+         are no longer the ones this POP holds; replication no longer reads or writes it \
+         (restart edgeproxy to replicate from the file now there)",
+        .path.display()
+    )]
+    Restored { path: PathBuf },
 }
 
 /// One replicated table as this database has it.
@@ -272,6 +286,12 @@ pub struct ReplDb {
     /// Set once the file at `path` is another: `conn` is then left alone
     /// for good (see [`ReplDb::still_at_its_path`]).
     replaced: bool,
+    /// Set with `replaced` when the file is the same but its content is not
+    /// replication's (see [`ReplDb::with_tx`]).
+    overwritten: bool,
+    /// `repl_meta.writes` as replication's last transaction left it; `None`
+    /// before the first (the open's).
+    writes: Option<i64>,
     tables: Vec<TableInfo>,
     /// `PRAGMA data_version` at the last poll: it moves when another
     /// connection commits, which is when the change log may have grown.
@@ -322,6 +342,8 @@ impl ReplDb {
             path: path.to_path_buf(),
             file,
             replaced: false,
+            overwritten: false,
+            writes: None,
             tables,
             seen_version: None,
         };
@@ -371,27 +393,70 @@ impl ReplDb {
             std::mem::forget(std::mem::replace(&mut self.conn, stand_in));
         }
         if self.replaced {
-            return Err(DbError::Replaced {
-                path: self.path.clone(),
+            let path = self.path.clone();
+            return Err(if self.overwritten {
+                DbError::Restored { path }
+            } else {
+                DbError::Replaced { path }
             });
         }
         Ok(())
     }
 
+    /// Runs `f` in one transaction, counted in `repl_meta.writes`, once the
+    /// file is still replication's own: at its path ([`Self::still_at_its_path`])
+    /// and with the count replication's last transaction left there. A
+    /// backup restored into the file in place (the sqlite3 shell's
+    /// `.restore`: same inode) brings the count of the moment it was taken.
+    /// QA: after such a restore the node went on holding versions of rows
+    /// the file no longer had (a registration made since the backup): the
+    /// POP did not route them, its digest still matched its peers', so
+    /// nothing brought them back, `cluster status` said "in sync", and
+    /// nothing was logged. The transaction is then rolled back and the file
+    /// left alone, as a renamed-over one.
     fn with_tx<T>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, DbError> {
         self.still_at_its_path()?;
+        let expected = self.writes;
         let result = (|| {
             let tx = self
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
+            // `f` never writes this key: read after it, it is what the
+            // transaction found (and the open's creates the table).
+            let found = writes_recorded(&tx)?;
+            if expected.is_some_and(|e| e != found) {
+                return Ok(Err(found));
+            }
+            tx.execute(
+                "INSERT INTO repl_meta (key, value) VALUES ('writes', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [found.wrapping_add(1)],
+            )?;
             tx.commit()?;
-            Ok(out)
+            Ok(Ok((out, found.wrapping_add(1))))
         })();
-        result.map_err(|e| self.err(e))
+        match result.map_err(|e| self.err(e))? {
+            Ok((out, writes)) => {
+                self.writes = Some(writes);
+                Ok(out)
+            }
+            Err(found) => {
+                tracing::debug!(
+                    expected,
+                    found,
+                    "replication: the store's write count moved behind replication's back"
+                );
+                self.replaced = true;
+                self.overwritten = true;
+                Err(DbError::Restored {
+                    path: self.path.clone(),
+                })
+            }
+        }
     }
 
     fn info(&self, table: Table) -> &TableInfo {
@@ -800,6 +865,18 @@ fn record(tx: &rusqlite::Transaction<'_>, rows: &[RowVersion]) -> rusqlite::Resu
     Ok(())
 }
 
+/// `repl_meta.writes`: how many transactions replication has committed to
+/// this file (0 before the first).
+fn writes_recorded(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.query_row(
+        "SELECT value FROM repl_meta WHERE key = 'writes'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(|v| v.unwrap_or(0))
+}
+
 /// `repl_versions` of a database written before versions had intents
 /// (2026-12-05): every version recorded then counts as deliberate.
 fn add_intent_columns(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
@@ -972,6 +1049,41 @@ mod tests {
             .execute("UPDATE backends SET app = 'web2' WHERE id = 'b1'", [])
             .unwrap();
         assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+    }
+
+    /// The file written by another replication than this one: another
+    /// process replicating from it, or a backup restored into it in place
+    /// (`sqlite3 routing.db ".restore backup.db"`, same inode: see
+    /// `tests/replication.rs`), which brings an older count of its writes.
+    #[test]
+    fn a_store_written_by_another_replication_is_left_alone() {
+        let (_d, path, mut db, mut node) = setup();
+        let operator = other(&path);
+        operator.execute(INSERT, []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        let _another = ReplDb::open(&path).unwrap();
+        operator
+            .execute("UPDATE backends SET weight = 9", [])
+            .unwrap();
+        let err = db
+            .poll_changes(&mut node, Now::system(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("was overwritten") && err.contains("restart"),
+            "{err}"
+        );
+        // Rolled back: the change is still in the log for a restart.
+        let logged: i64 = value(&operator, "SELECT COUNT(*) FROM repl_changes");
+        assert_eq!(logged, 1);
+        let row = node
+            .replica()
+            .get(&RowKey::new(Table::Backends, "b1"))
+            .unwrap();
+        assert!(matches!(
+            db.persist_remote(&[row]),
+            Err(DbError::Restored { .. })
+        ));
     }
 
     #[test]
@@ -1252,11 +1364,16 @@ mod tests {
         absences.owed.insert("fra".into(), 1_800_000_000_000);
         db.set_absences(&absences).unwrap();
         db.set_last_contact(5).unwrap();
-        assert_eq!(ReplDb::open(&path).unwrap().absences().unwrap(), absences);
+        drop(db);
+        // The next run's (one replication writes a file at a time: see
+        // `a_store_written_by_another_replication_is_left_alone`).
+        let mut db = ReplDb::open(&path).unwrap();
+        assert_eq!(db.absences().unwrap(), absences);
         // gru is back and fra completed an exchange.
         absences.down_since.remove("gru");
         absences.owed.clear();
         db.set_absences(&absences).unwrap();
+        drop(db);
         let reopened = ReplDb::open(&path).unwrap();
         assert_eq!(reopened.absences().unwrap(), absences);
         assert_eq!(
