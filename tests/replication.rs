@@ -148,12 +148,16 @@ transport_addr = "{ip}:4002"
 
     /// Starts POP `i` (again) and waits until it is ready.
     fn launch(&mut self, i: usize) {
+        self.launch_with_env(i, &[]);
+    }
+
+    fn launch_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
         let path = self.dir.join(&format!("pop-{i}.toml"));
         std::fs::write(&path, self.config(i)).unwrap();
         let proxy = Proxy::spawn_in_netns(
             &self.net.hosts[i].ns,
             &["--config", path.to_str().unwrap()],
-            &[],
+            env,
         );
         let proxy = proxy.ready();
         self.pops[i] = Some(proxy);
@@ -1150,6 +1154,73 @@ fn a_pop_whose_rows_are_stamped_in_the_future_says_so_at_start() {
         .wait_for_log("stamped in the future", PATIENCE)
         .expect("no error at start");
     assert!(line.contains("ERROR"), "{line}");
+}
+
+/// libfaketime's preload library (Debian package faketime), the one for
+/// threaded programs.
+fn libfaketime() -> String {
+    let found = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found
+        .expect("libfaketime (Debian package faketime; .ci/run installs it)")
+        .display()
+        .to_string()
+}
+
+/// QA: a POP whose clock was ten minutes ahead (`faketime`) stamped a
+/// registration then; its clock set back under it (NTP), the POP went on
+/// stamping after that write, so its peers dropped everything it wrote for
+/// the next nine minutes, registrations made with the right clock
+/// included, and only the peers' logs said so (the ERROR was said at start
+/// only). It is now said while the process runs, and when it ends.
+#[test]
+fn a_pop_whose_clock_is_set_back_under_it_says_its_writes_are_dropped() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::hosts(1, None, |_| String::new());
+    // The offset libfaketime applies, read again every second.
+    let offset = c.dir.join("faketime");
+    std::fs::write(&offset, "+600\n").unwrap();
+    let lib = libfaketime();
+    c.launch_with_env(
+        0,
+        &[
+            ("LD_PRELOAD", &lib),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_CACHE_DURATION", "1"),
+            // Timers run on the monotonic clock, which NTP does not step.
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    assert_eq!(c.register(0, "b1", "10.77.0.1:9500".parse().unwrap()), 201);
+    let versions = || -> i64 {
+        rusqlite::Connection::open(c.db_path(0))
+            .and_then(|conn| conn.query_row("SELECT COUNT(*) FROM repl_versions", [], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    assert!(
+        common::eventually(PATIENCE, || versions() > 0),
+        "the registration was never versioned"
+    );
+    let mark = c.pop(0).log_mark();
+    // NTP sets the clock right.
+    std::fs::write(&offset, "+0\n").unwrap();
+    let line = c
+        .pop(0)
+        .wait_for_log_after(mark, "stamped in the future", PATIENCE)
+        .expect("nothing said once the clock was set back");
+    assert!(line.contains("ERROR"), "{line}");
+    let refused_for: u64 = common::field(&line, "refused_for_secs")
+        .and_then(|v| v.parse().ok())
+        .expect("refused_for_secs");
+    assert!((500..=545).contains(&refused_for), "{line}");
+    // Real time passes the stamp (here: the clock is ahead again).
+    std::fs::write(&offset, "+600\n").unwrap();
+    c.pop(0)
+        .wait_for_log_after(mark, "caught up with its newest stamp", PATIENCE)
+        .expect("nothing said once the clock caught up");
 }
 
 #[test]

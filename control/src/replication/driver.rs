@@ -462,7 +462,13 @@ impl Bound {
             gossip_key: (!c.insecure).then(|| secret.gossip_key()),
             seed: u64::from_le_bytes(rng_seed),
         };
-        warn_if_stamped_ahead(replica.max_hlc(), now.wall_ms);
+        let mut stamped_ahead = None;
+        say_if_stamped_ahead(
+            &mut stamped_ahead,
+            replica.max_hlc(),
+            now.wall_ms,
+            Instant::now(),
+        );
         let mut node = Node::new(settings, replica, now);
         let last_contact = db.last_contact()?;
         node.set_last_contact(last_contact);
@@ -563,6 +569,7 @@ impl Bound {
             own_row_found,
             own_row_gate: gate,
             started: Instant::now(),
+            stamped_ahead,
         };
         tokio::spawn(driver.run(transport_events, command_rx, resolved_rx));
         Ok(())
@@ -642,6 +649,9 @@ struct Driver {
     /// Opened once `own_row` is written (see `crate::own_row_gate`).
     own_row_gate: OwnRowGate,
     started: Instant,
+    /// While this POP's newest stamp is ahead of its clock by more than
+    /// peers accept: the limit on saying so (see `say_if_stamped_ahead`).
+    stamped_ahead: Option<LogLimit>,
 }
 
 impl Driver {
@@ -716,6 +726,12 @@ impl Driver {
                 },
                 _ = status_tick.tick() => {
                     self.save_contact(false);
+                    say_if_stamped_ahead(
+                        &mut self.stamped_ahead,
+                        self.node.clock(),
+                        Now::system().wall_ms,
+                        Instant::now(),
+                    );
                     self.publish_status();
                 }
                 _ = seeds_tick.tick() => self.seeds_tick(),
@@ -1321,17 +1337,32 @@ impl Driver {
 /// A POP whose clock was ahead stamped its rows in the future, and its
 /// clock goes on from the newest stamp: until real time catches up, every
 /// peer drops what it writes, a registration made after the clock was
-/// fixed included. Said once at start, with when it ends, instead of only
-/// in the peers' logs.
-fn warn_if_stamped_ahead(newest: Hlc, wall_ms: u64) {
+/// fixed included. Said at start, and while the process runs (a clock set
+/// back under it by NTP: QA, `faketime` 10 minutes ahead then back, saw
+/// every write of the next 9 minutes dropped by the peers with nothing said
+/// at this POP), once a minute while it lasts, and when it ends. `said`:
+/// the limit on the lines, `Some` while it lasts.
+fn say_if_stamped_ahead(said: &mut Option<LogLimit>, newest: Hlc, wall_ms: u64, now: Instant) {
     let ahead_ms = newest.physical_ms().saturating_sub(wall_ms);
     if ahead_ms <= MAX_DRIFT_MS {
+        if said.take().is_some() {
+            tracing::info!(
+                "replication: this POP's clock has caught up with its newest stamp; \
+                 peers take what it writes again"
+            );
+        }
+        return;
+    }
+    let limit = said.get_or_insert_with(|| LogLimit::new(REFUSAL_LOG_EVERY));
+    if limit.hit(now).is_none() {
         return;
     }
     tracing::error!(
         ahead_secs = ahead_ms / 1000,
         refused_for_secs = (ahead_ms - MAX_DRIFT_MS).div_ceil(1000),
-        "replication: this POP's newest row is stamped in the future (its clock was ahead); \
-         peers drop what it writes until its clock passes that stamp, less the drift they accept"
+        newest = %newest,
+        "replication: this POP's newest row is stamped in the future (its clock was ahead, \
+         or has been set back since); peers drop what it writes until its clock passes that \
+         stamp, less the drift they accept (if this POP's clock is the one now wrong, fix it: NTP)"
     );
 }
