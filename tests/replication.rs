@@ -1554,6 +1554,56 @@ fn a_backup_restored_into_a_live_routing_db_is_said_and_a_restart_catches_up() {
     );
 }
 
+/// QA: garbage sent to the gossip port from a new source port per datagram
+/// (a scanner does, and anyone can spoof addresses over UDP) made one WARN
+/// line per datagram: the lines were limited per address only. Now at most
+/// 20 refusal lines a minute, the rest counted and said in one line.
+#[test]
+fn garbage_from_many_addresses_makes_a_bounded_number_of_lines() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(1, None);
+    let mark = c.pop(0).log_mark();
+    let gossip = SocketAddr::new(c.net.ip(0).into(), 4001);
+    c.net.run_in(0, move || {
+        for i in 0..300u32 {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let mut junk = b"EPG".to_vec();
+            junk.extend_from_slice(&i.to_be_bytes());
+            s.send_to(&junk, gossip).unwrap();
+            if i % 50 == 0 {
+                // Leave the receive buffer room.
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    });
+    let refused = || c.metric(0, "edgeproxy_replication_refused_total{reason=\"garbage\"}");
+    assert!(
+        common::eventually(PATIENCE, || refused() >= 250.0),
+        "the garbage did not arrive: {} refused",
+        refused()
+    );
+    let lines = c.pop(0).log_lines_after(mark, "replication: peer refused");
+    assert!(
+        (1..=20).contains(&lines.len()),
+        "{} lines: {:#?}",
+        lines.len(),
+        &lines[..lines.len().min(5)]
+    );
+    // The rest in one line once the minute ends.
+    let line = c
+        .pop(0)
+        .wait_for_log_after(
+            mark,
+            "more refusals in the last minute",
+            Duration::from_secs(75),
+        )
+        .expect("the refusals left out were not said");
+    let left_out: u64 = common::field(&line, "left_out").unwrap().parse().unwrap();
+    assert!(left_out as f64 + 20.0 >= refused(), "{line}");
+    // Still serving its members: the API answers.
+    assert_eq!(c.cluster_status(0)["node_id"], "node-0");
+}
+
 #[test]
 fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());

@@ -60,6 +60,12 @@ const CHANGE_LOG_ERROR_EVERY: Duration = Duration::from_secs(10);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The same refusal (peer, reason) is logged at WARN at most this often.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Refusal lines per [`REFUSAL_LOG_EVERY`], whatever the addresses: QA sent
+/// garbage to the gossip port from a new source port per datagram (as a
+/// scanner, or anyone spoofing addresses, does) and each datagram made a
+/// WARN line (8,232 lines in one second). The rest are counted, and said in
+/// one line when the minute ends.
+const REFUSAL_LINES_PER_WINDOW: u32 = 20;
 /// Anti-entropy exchanges with a member that time out in a row before its
 /// transport is reported silent (one can be lost to a restart or a blip).
 const TIMEOUTS_BEFORE_WARNING: u32 = 3;
@@ -549,6 +555,7 @@ impl Bound {
             down: pops_input.down,
             status: status.clone(),
             refusals_logged: HashMap::new(),
+            refusal_lines: (Instant::now(), 0, 0),
             drift_logged: HashMap::new(),
             transport_silence_logged: HashMap::new(),
             lag_window: (Instant::now(), 0),
@@ -613,6 +620,9 @@ struct Driver {
     down: DownSince,
     status: StatusHandle,
     refusals_logged: HashMap<(SocketAddr, &'static str), Instant>,
+    /// Refusal lines logged in the current window, whatever the address:
+    /// (window start, lines, refusals left out).
+    refusal_lines: (Instant, u32, u64),
     /// Per peer: when a row stamped in the future was last logged, and how
     /// many were dropped since without a line.
     drift_logged: HashMap<String, (Instant, u64)>,
@@ -726,6 +736,7 @@ impl Driver {
                 },
                 _ = status_tick.tick() => {
                     self.save_contact(false);
+                    self.say_refusals_left_out(Instant::now());
                     say_if_stamped_ahead(
                         &mut self.stamped_ahead,
                         self.node.clock(),
@@ -867,8 +878,10 @@ impl Driver {
     }
 
     /// Whether a line keyed `key` is due (none logged for it within
-    /// `REFUSAL_LOG_EVERY`); if so, notes that it is logged now. The map is
-    /// bounded: a flood of distinct addresses cannot grow it without limit.
+    /// `REFUSAL_LOG_EVERY`, and fewer than [`REFUSAL_LINES_PER_WINDOW`]
+    /// refusal lines in the current window); if so, notes that it is logged
+    /// now. The map is bounded: a flood of distinct addresses cannot grow it
+    /// without limit, nor the log.
     fn refusal_log_due(&mut self, key: (SocketAddr, &'static str)) -> bool {
         let now = Instant::now();
         let due = self
@@ -876,12 +889,40 @@ impl Driver {
             .get(&key)
             .is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
         if due {
+            self.say_refusals_left_out(now);
+            let (_, lines, left_out) = &mut self.refusal_lines;
+            if *lines >= REFUSAL_LINES_PER_WINDOW {
+                // Not noted as logged: this address gets its line in a
+                // later window.
+                *left_out += 1;
+                return false;
+            }
+            *lines += 1;
             if self.refusals_logged.len() > 10_000 {
                 self.refusals_logged.clear();
             }
             self.refusals_logged.insert(key, now);
         }
         due
+    }
+
+    /// Once the window of refusal lines has ended: how many refusals it
+    /// left out, if any, in one line; then a new window.
+    fn say_refusals_left_out(&mut self, now: Instant) {
+        let (start, _, left_out) = self.refusal_lines;
+        if now.duration_since(start) < REFUSAL_LOG_EVERY {
+            return;
+        }
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                lines = REFUSAL_LINES_PER_WINDOW,
+                "replication: more refusals in the last minute than are logged (garbage or \
+                 strangers from many addresses?); edgeproxy_replication_refused_total counts \
+                 them all, by reason"
+            );
+        }
+        self.refusal_lines = (now, 0, 0);
     }
 
     fn log_refusal(
