@@ -1414,6 +1414,63 @@ fn an_interface_deleted_by_hand_is_built_again() {
     assert_eq!(m.wg_peers(1).len(), 1);
 }
 
+/// `wireguard-go` stopped under a running POP (SIGSTOP: a debugger, a
+/// frozen cgroup, or hung): it no longer answers on its UAPI socket. The POP
+/// says so, replaces it, and the mesh is rebuilt as it was. Until 2026-12-06
+/// the mesh thread waited for its answer forever (the UAPI client retried a
+/// timed-out read without end): no pass, nothing logged, `mesh status` and
+/// the metrics frozen at their last values (the path still "up") while the
+/// POP's 6PN was dead, until someone resumed the process.
+#[test]
+fn wireguard_go_stopped_under_a_running_pop_is_said_and_replaced() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(2, 2);
+    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
+    for i in 0..2 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    let a1 = m.address(1);
+    let to = SocketAddr::new(IpAddr::V6(a1), 7350);
+    let _b = m.backend(1, to, "wggo");
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("wggo")));
+
+    let child = wireguard_go_child(&m, 1).expect("POP 1 runs wireguard-go");
+    // Resumed whatever happens, so that it can end with its POP.
+    struct ContinueOnDrop(u32);
+    impl Drop for ContinueOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-CONT", &self.0.to_string()])
+                .status();
+        }
+    }
+    let _resume = ContinueOnDrop(child);
+    let mark = m.pop(1).log_mark();
+    common::signal_pid(child, 19); // SIGSTOP
+    let line = m
+        .pop(1)
+        .wait_for_log_after(mark, "mesh: the WireGuard device is gone", PATIENCE)
+        .unwrap_or_else(|| panic!("not noticed; log:\n{}", m.pop(1).log_text()));
+    assert!(line.contains("did not answer"), "{line}");
+    m.pop(1)
+        .wait_for_log_after(mark, "mesh: interface up again", PATIENCE)
+        .unwrap_or_else(|| panic!("not replaced; log:\n{}", m.pop(1).log_text()));
+    m.wait_meshed();
+    let again = wireguard_go_child(&m, 1).expect("wireguard-go runs again");
+    assert_ne!(again, child);
+    let back = common::eventually(PATIENCE, || m.tcp(0, to).ok().as_deref() == Some("wggo"));
+    assert!(
+        back,
+        "POP 0 cannot reach POP 1's 6PN again: {:?}",
+        m.tcp(0, to)
+    );
+}
+
 /// Host 1 drops the mesh's UDP both ways (a firewall between two POPs);
 /// replication's ports stay open, so neither POP is declared down and the
 /// peers stay configured.

@@ -385,7 +385,7 @@ impl Driver {
                     if Some(version) != self.seen_version
                         || self.last_pass.elapsed() >= FULL_PASS
                         || (!self.device_gone
-                            && self.device.as_ref().and_then(Device::exited).is_some())
+                            && self.device.as_ref().and_then(Device::gone).is_some())
                     {
                         self.reconcile().await;
                     }
@@ -481,7 +481,8 @@ impl Driver {
     /// Makes sure the device and its interface are there and up, before a
     /// pass. Set down by hand, the interface has lost its addresses and
     /// routes, and no route can be added to it while it is down: it is
-    /// brought up. Gone — `wireguard-go` exited (killed, crashed), or the
+    /// brought up. Gone — `wireguard-go` exited (killed, crashed) or stopped
+    /// answering on its UAPI socket (stopped, hung), or the
     /// interface was deleted (`ip link del`), taking its addresses and
     /// routes — another device is started on the same interface name, key
     /// and port, and the pass that follows puts back every address, peer
@@ -491,8 +492,8 @@ impl Driver {
         let gone = match &self.device {
             // A restart failed; already logged.
             None => "it could not be started again".to_string(),
-            Some(device) => match device.exited() {
-                Some(how) => format!("wireguard-go exited ({how})"),
+            Some(device) => match device.gone() {
+                Some(how) => how,
                 None => match self.netlink.is_up(self.index).await? {
                     Some(true) => return Ok(()),
                     Some(false) => {

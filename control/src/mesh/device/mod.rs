@@ -128,11 +128,12 @@ impl Device {
     }
 
     /// Whether the device is gone on its own, and how: a `wireguard-go`
-    /// child that exited (killed, crashed). The others live in this
-    /// process or the kernel: `None`.
-    pub fn exited(&self) -> Option<String> {
+    /// child that exited (killed, crashed) or no longer answers on its UAPI
+    /// socket (stopped, hung). The others live in this process or the
+    /// kernel: `None`.
+    pub fn gone(&self) -> Option<String> {
         match self {
-            Device::Userspace(d) => d.exited().map(|s| s.to_string()),
+            Device::Userspace(d) => d.gone(),
             Device::Embedded(_) | Device::Kernel(_) => None,
         }
     }

@@ -1,21 +1,26 @@
 //! `wireguard-go` as the WireGuard device: a child process in the
 //! foreground (`wireguard-go -f <interface>`), configured over its UAPI
-//! socket with defguard_wireguard_rs's client.
+//! socket (the requests and the parsing of answers are
+//! defguard_wireguard_rs's; the socket I/O is ours, see [`exchange`]).
 //!
 //! The child gets `PR_SET_PDEATHSIG`: if edgeproxy dies, even by SIGKILL,
 //! the kernel sends it SIGTERM and the interface goes with it. On a
 //! graceful stop the child is sent SIGTERM and waited for. A child that
-//! exits on its own (killed) is seen by [`WireguardGo::exited`]; the driver
-//! then starts another one. Calls to the
-//! UAPI socket block (a few ms), so they run on the blocking pool.
+//! exits on its own (killed), or stops answering on its UAPI socket
+//! (stopped, hung), is seen by [`WireguardGo::gone`]; the driver then
+//! replaces it. Calls to the UAPI socket block (a few ms), so they run on
+//! the blocking pool, each within [`UAPI_PATIENCE`].
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use defguard_wireguard_rs::{host::Host, key::Key, Userspace, WGApi, WireguardInterfaceApi};
+use defguard_wireguard_rs::{host::Host, key::Key};
 
 use super::{
     configure, defguard_peer, read_peers, DeviceError, DeviceSettings, PeerSpec, PeerStatus,
@@ -25,11 +30,102 @@ use crate::mesh::keys::PublicKey;
 const IMPLEMENTATION: &str = "wireguard-go";
 /// How long `wireguard-go` gets to create its socket.
 const START_PATIENCE: Duration = Duration::from_secs(10);
+/// How long one exchange on the UAPI socket may take. `wireguard-go`
+/// answers in milliseconds; one silent this long is stopped (SIGSTOP, a
+/// frozen cgroup) or hung, and is replaced like one that exited.
+pub const UAPI_PATIENCE: Duration = Duration::from_secs(5);
 
 pub struct WireguardGo {
-    api: Arc<WGApi<Userspace>>,
     child: Arc<Mutex<Child>>,
     socket: PathBuf,
+    /// An exchange on the UAPI socket went unanswered.
+    silent: Arc<AtomicBool>,
+}
+
+/// What went wrong talking to `wireguard-go` on its UAPI socket.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UapiError {
+    #[error("UAPI socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("wireguard-go did not answer on its UAPI socket within {0:?} (stopped or hung?)")]
+    Silent(Duration),
+    #[error("wireguard-go refused the request (errno={0})")]
+    Refused(String),
+    #[error("wireguard-go closed its UAPI socket before answering")]
+    Closed,
+}
+
+/// Where an answer ends: its `errno=` line (after a `get`, the device's
+/// lines come first). Returns the errno's value once that line is whole.
+fn answer_end(answer: &str) -> Option<&str> {
+    answer
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .find_map(|l| l.strip_prefix("errno="))
+        .map(str::trim_end)
+}
+
+/// One request on `wireguard-go`'s UAPI socket (it ends with a blank line)
+/// and its answer, up to and including the `errno=` line, all within
+/// `patience` ([`UAPI_PATIENCE`]). defguard_wireguard_rs's own client retried a read
+/// that timed out without end, so a stopped `wireguard-go` froze the mesh
+/// thread (no pass, no log, status and metrics stuck at their last values)
+/// until someone resumed it.
+fn exchange(socket: &Path, request: &[u8], patience: Duration) -> Result<String, UapiError> {
+    let io = |source| UapiError::Io {
+        path: socket.display().to_string(),
+        source,
+    };
+    let deadline = Instant::now() + patience;
+    let left = || {
+        deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or(UapiError::Silent(patience))
+    };
+    let silent = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            UapiError::Silent(patience)
+        }
+        _ => io(e),
+    };
+    let mut stream = UnixStream::connect(socket).map_err(io)?;
+    stream.set_write_timeout(Some(left()?)).map_err(io)?;
+    stream.write_all(request).map_err(silent)?;
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(errno) = answer_end(&String::from_utf8_lossy(&answer)) {
+            return match errno {
+                "0" => Ok(String::from_utf8_lossy(&answer).into_owned()),
+                other => Err(UapiError::Refused(other.to_string())),
+            };
+        }
+        stream.set_read_timeout(Some(left()?)).map_err(io)?;
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err(UapiError::Closed),
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(silent(e)),
+        }
+    }
+}
+
+/// [`exchange`], noting in `silent` a `wireguard-go` that did not answer.
+fn exchange_noting(
+    socket: &Path,
+    request: &[u8],
+    silent: &AtomicBool,
+) -> Result<String, UapiError> {
+    let answer = exchange(socket, request, UAPI_PATIENCE);
+    if let Err(UapiError::Silent(_)) = answer {
+        silent.store(true, Ordering::Relaxed);
+    }
+    answer
 }
 
 impl WireguardGo {
@@ -63,12 +159,13 @@ impl WireguardGo {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let api = Arc::new(WGApi::<Userspace>::new(s.interface).map_err(|e| fail(e.to_string()))?);
         let host = Host::new(s.listen_port, Key::new(*s.private_key.expose()));
-        let a = Arc::clone(&api);
-        let written = tokio::task::spawn_blocking(move || a.write_host(&host))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let request = format!("set=1\n{}\n", host.as_uapi());
+        let path = socket.clone();
+        let written =
+            tokio::task::spawn_blocking(move || exchange(&path, request.as_bytes(), UAPI_PATIENCE))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
         if let Err(e) = written {
             kill(&child);
             return Err(fail(format!(
@@ -76,38 +173,63 @@ impl WireguardGo {
                 s.listen_port
             )));
         }
-        Ok(WireguardGo { api, child, socket })
+        Ok(WireguardGo {
+            child,
+            socket,
+            silent: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, DeviceError> {
-        let api = Arc::clone(&self.api);
-        read_peers(IMPLEMENTATION, move || api.read_host()).await
-    }
-
-    pub async fn upsert_peer(&mut self, spec: &PeerSpec) -> Result<(), DeviceError> {
-        let api = Arc::clone(&self.api);
-        let peer = defguard_peer(spec);
-        configure(IMPLEMENTATION, spec.public_key, move || {
-            api.configure_peer(&peer)
+        let (socket, silent) = (self.socket.clone(), Arc::clone(&self.silent));
+        read_peers(IMPLEMENTATION, move || {
+            let answer = exchange_noting(&socket, b"get=1\n\n", &silent)?;
+            Host::parse_uapi(answer.as_bytes()).map_err(|e| UapiError::Io {
+                path: socket.display().to_string(),
+                source: e,
+            })
         })
         .await
     }
 
-    pub async fn remove_peer(&mut self, key: &PublicKey) -> Result<(), DeviceError> {
-        let api = Arc::clone(&self.api);
-        let k = Key::new(key.0);
-        configure(IMPLEMENTATION, *key, move || api.remove_peer(&k)).await
+    pub async fn upsert_peer(&mut self, spec: &PeerSpec) -> Result<(), DeviceError> {
+        let request = format!("set=1\n{}\n", defguard_peer(spec).as_uapi_update());
+        self.set(spec.public_key, request).await
     }
 
-    /// How the child ended, if it has (reaped here; asking again gives
-    /// the same answer).
-    pub fn exited(&self) -> Option<std::process::ExitStatus> {
-        self.child
+    pub async fn remove_peer(&mut self, key: &PublicKey) -> Result<(), DeviceError> {
+        let peer = defguard_wireguard_rs::peer::Peer::new(Key::new(key.0));
+        let request = format!("set=1\n{}\n", peer.as_uapi_remove());
+        self.set(*key, request).await
+    }
+
+    async fn set(&self, peer: PublicKey, request: String) -> Result<(), DeviceError> {
+        let (socket, silent) = (self.socket.clone(), Arc::clone(&self.silent));
+        configure(IMPLEMENTATION, peer, move || {
+            exchange_noting(&socket, request.as_bytes(), &silent).map(|_| ())
+        })
+        .await
+    }
+
+    /// Whether the child is gone, and how: it exited (reaped here; asking
+    /// again gives the same answer), or it did not answer on its UAPI
+    /// socket.
+    pub fn gone(&self) -> Option<String> {
+        let exited = self
+            .child
             .lock()
             .expect("not poisoned")
             .try_wait()
             .ok()
-            .flatten()
+            .flatten();
+        match exited {
+            Some(status) => Some(format!("wireguard-go exited ({status})")),
+            None if self.silent.load(Ordering::Relaxed) => Some(format!(
+                "wireguard-go did not answer on its UAPI socket within {UAPI_PATIENCE:?} \
+                 (stopped or hung?)"
+            )),
+            None => None,
+        }
     }
 
     pub async fn stop(self) {
@@ -139,14 +261,18 @@ fn spawn(program: &Path, interface: &str) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
-/// SIGTERM, then SIGKILL after 2 s; reaps the child.
+/// SIGTERM (and SIGCONT, for a stopped one to act on it), then SIGKILL
+/// after 2 s; reaps the child.
 fn kill(child: &Mutex<Child>) {
     let mut child = child.lock().expect("not poisoned");
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
     // SAFETY: signalling our own child by pid.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(child.id() as libc::pid_t, libc::SIGCONT);
+    }
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -156,4 +282,84 @@ fn kill(child: &Mutex<Child>) {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn an_answer_ends_at_its_whole_errno_line() {
+        assert_eq!(answer_end(""), None);
+        assert_eq!(answer_end("public_key=ab\nrx_bytes=1\n"), None);
+        assert_eq!(answer_end("public_key=ab\nerrno=0"), None, "not whole yet");
+        assert_eq!(answer_end("public_key=ab\nerrno=0\n"), Some("0"));
+        assert_eq!(answer_end("errno=-22\n\n"), Some("-22"));
+    }
+
+    /// A socket whose server takes each connection and answers `answer`
+    /// (`None`: never answers, like a stopped `wireguard-go`).
+    fn server(answer: Option<&'static str>) -> (PathBuf, std::thread::JoinHandle<()>) {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "edgeproxy-uapi-test-{}-{}.sock",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 64];
+            let _ = conn.read(&mut request);
+            match answer {
+                Some(a) => {
+                    for piece in a.as_bytes().chunks(7) {
+                        conn.write_all(piece).unwrap();
+                    }
+                }
+                None => std::thread::sleep(Duration::from_millis(600)),
+            }
+        });
+        (path, thread)
+    }
+
+    #[test]
+    fn a_uapi_socket_that_never_answers_fails_within_the_patience() {
+        let (path, thread) = server(None);
+        let started = Instant::now();
+        let answer = exchange(&path, b"get=1\n\n", Duration::from_millis(200));
+        assert!(matches!(answer, Err(UapiError::Silent(_))), "{answer:?}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        let text = answer.unwrap_err().to_string();
+        assert!(
+            text.contains("did not answer") && text.contains("stopped or hung"),
+            "{text}"
+        );
+        thread.join().unwrap();
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn an_answer_in_pieces_is_read_whole_and_errno_is_checked() {
+        let (path, thread) = server(Some("listen_port=51820\npublic_key=00\nerrno=0\n\n"));
+        let answer = exchange(&path, b"get=1\n\n", Duration::from_secs(5)).unwrap();
+        assert!(answer.starts_with("listen_port=51820\n") && answer.contains("errno=0\n"));
+        thread.join().unwrap();
+        let (path2, thread) = server(Some("errno=-22\n\n"));
+        let refused = exchange(&path2, b"set=1\n\n", Duration::from_secs(5));
+        assert!(
+            matches!(&refused, Err(UapiError::Refused(e)) if e == "-22"),
+            "{refused:?}"
+        );
+        thread.join().unwrap();
+        let (path3, thread) = server(Some("listen_port=1\n"));
+        let closed = exchange(&path3, b"get=1\n\n", Duration::from_secs(5));
+        assert!(matches!(closed, Err(UapiError::Closed)), "{closed:?}");
+        thread.join().unwrap();
+        for p in [path, path2, path3] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
