@@ -1471,6 +1471,59 @@ fn wireguard_go_stopped_under_a_running_pop_is_said_and_replaced() {
     );
 }
 
+/// Jumbo frames between POPs (`mesh.mtu = 8920` on a 9000-byte underlay)
+/// with the embedded WireGuard: full-size packets cross the tunnel both
+/// ways. gotatun reads packets from its TUN device into 4096-byte buffers;
+/// until 2026-12-06 the interface took `mesh.mtu` as configured, and every
+/// packet over 4096 bytes that a POP sent into the tunnel was lost without
+/// a word: a TCP connection stalled at its first full-size segment (ping
+/// up to 4048 bytes of payload worked, 4049 did not). The interface is now
+/// kept at what the device carries, said at WARN.
+#[test]
+fn a_jumbo_mtu_on_the_embedded_wireguard_loses_no_full_size_packet() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(2, 2);
+    m.net.set_mtu(9000);
+    m.mesh_extra = vec!["implementation = \"embedded\"\nmtu = 8920".into(); 2];
+    for i in 0..2 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    let a0 = m.address(0);
+    let to = SocketAddr::new(IpAddr::V6(a0), 7360);
+    let _b = m.backend(0, to, "jumbo");
+    // 64 KiB from POP 1 to a backend on POP 0's 6PN address, echoed back:
+    // full-size segments into both POPs' tunnels.
+    let echoed = m.net.run_in(1, move || -> Result<usize, String> {
+        let mut s = TcpStream::connect_timeout(&to, PATIENCE).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(read_line(&s).as_deref(), Some("jumbo"));
+        let sent = vec![b'j'; 64 * 1024];
+        s.write_all(&sent).map_err(|e| e.to_string())?;
+        let mut got = vec![0u8; sent.len()];
+        s.read_exact(&mut got)
+            .map_err(|e| format!("echo of 64 KiB through the tunnel: {e}"))?;
+        assert_eq!(got, sent);
+        Ok(got.len())
+    });
+    assert_eq!(echoed, Ok(64 * 1024));
+    let status = m.mesh_status(1);
+    let mtu = status["mtu"].as_u64().unwrap_or(0);
+    assert!((1280..=4096).contains(&mtu), "{status}");
+    let warned = m
+        .pop(1)
+        .wait_for_log_after(
+            0,
+            "more than this WireGuard implementation carries",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("not said; log:\n{}", m.pop(1).log_text()));
+    assert!(
+        warned.contains("8920") && warned.contains("4096"),
+        "{warned}"
+    );
+}
+
 /// Host 1 drops the mesh's UDP both ways (a firewall between two POPs);
 /// replication's ports stay open, so neither POP is declared down and the
 /// peers stay configured.

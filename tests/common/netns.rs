@@ -127,6 +127,36 @@ impl Net {
         self.hosts[i].ip
     }
 
+    /// Every link between the hosts carries `mtu`-byte packets (jumbo
+    /// frames): each host's `eth0`, its port on the bridge, and the bridge.
+    pub fn set_mtu(&self, mtu: u32) {
+        let mtu = mtu.to_string();
+        for (i, h) in self.hosts.iter().enumerate() {
+            sh(&["ip", "-n", &h.ns, "link", "set", "eth0", "mtu", &mtu]);
+            let port = format!("p{i}");
+            sh(&[
+                "ip",
+                "-n",
+                &self.bridge_ns,
+                "link",
+                "set",
+                &port,
+                "mtu",
+                &mtu,
+            ]);
+        }
+        sh(&[
+            "ip",
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            "br0",
+            "mtu",
+            &mtu,
+        ]);
+    }
+
     /// A command run inside host `i`'s namespace.
     pub fn command(&self, i: usize, program: &str) -> Command {
         let mut cmd = Command::new("ip");

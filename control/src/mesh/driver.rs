@@ -304,7 +304,7 @@ struct Driver {
 
 impl Driver {
     async fn start(
-        p: Prepared,
+        mut p: Prepared,
         snapshot: SnapshotHandle,
         status: StatusHandle,
     ) -> anyhow::Result<Driver> {
@@ -318,6 +318,14 @@ impl Driver {
             wireguard_go: &p.mesh.wireguard_go,
         };
         let device = Device::create(p.mesh.implementation, &settings).await?;
+        let (mtu, capped) = device.interface_mtu(p.mesh.mtu);
+        if capped {
+            tracing::warn!(configured = p.mesh.mtu, mtu,
+                implementation = device.implementation().as_str(),
+                "mesh: mesh.mtu {} is more than this WireGuard implementation carries (packets up to {mtu} bytes); \
+                 the interface uses {mtu}, or longer packets would be lost", p.mesh.mtu);
+            p.mesh.mtu = mtu;
+        }
         let netlink = Netlink::connect()?;
         let setup = async {
             let index = netlink.index(&p.mesh.interface).await?;

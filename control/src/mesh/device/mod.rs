@@ -119,6 +119,17 @@ impl Device {
         }
     }
 
+    /// The interface's MTU for `configured` (`mesh.mtu`): the same, unless
+    /// the device cannot carry packets that long (the embedded one: see
+    /// [`embedded::MAX_MTU`]); then its largest, and `true`.
+    pub fn interface_mtu(&self, configured: u16) -> (u16, bool) {
+        let most = match self {
+            Device::Embedded(_) => embedded::MAX_MTU,
+            Device::Userspace(_) | Device::Kernel(_) => u16::MAX,
+        };
+        (configured.min(most), configured > most)
+    }
+
     pub fn implementation(&self) -> Implementation {
         match self {
             Device::Embedded(_) => Implementation::Embedded,
