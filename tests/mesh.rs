@@ -1543,10 +1543,22 @@ const BLACKHOLE: &str =
 /// `an_established_path_blocked_later_is_called_down_when_its_session_expires`.)
 #[test]
 fn a_blackholed_path_between_two_pops_is_said_and_so_is_its_return() {
+    blackholed_path_is_said_and_so_is_its_return("embedded");
+}
+
+/// The same on wireguard-go, whose handshake times reach the path watch
+/// through its UAPI socket; what edgeproxy says agrees with `wg show`.
+#[test]
+fn a_blackholed_path_is_said_on_wireguard_go_too() {
+    blackholed_path_is_said_and_so_is_its_return("wireguard-go");
+}
+
+fn blackholed_path_is_said_and_so_is_its_return(implementation: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut m = Mesh::hosts(2, 2);
     for i in 0..2 {
-        m.mesh_extra[i] = "persistent_keepalive_secs = 1".into();
+        m.mesh_extra[i] =
+            format!("persistent_keepalive_secs = 1\nimplementation = \"{implementation}\"");
     }
     m.launch(0);
     m.nft(1, BLACKHOLE);
@@ -1572,10 +1584,12 @@ fn a_blackholed_path_between_two_pops_is_said_and_so_is_its_return() {
         metrics.contains("edgeproxy_mesh_peer_path_up{peer=\"node-1\"} 0\n"),
         "{metrics}"
     );
-    assert_eq!(
-        m.wg_peers(0).len(),
-        1,
-        "only the path is gone, not the peer"
+    assert_eq!(m.mesh_status(0)["implementation"], implementation);
+    let wg = m.wg_peers(0);
+    assert_eq!(wg.len(), 1, "only the path is gone, not the peer");
+    assert!(
+        wg.values().all(|p| p.latest_handshake == 0),
+        "wg show has a handshake for a path called down: {wg:?}"
     );
     let marks = [m.pop(0).log_mark(), m.pop(1).log_mark()];
     m.nft(1, "delete table inet blackhole\n");
@@ -1590,6 +1604,11 @@ fn a_blackholed_path_between_two_pops_is_said_and_so_is_its_return() {
     assert!(m
         .metrics(0)
         .contains("edgeproxy_mesh_peer_path_up{peer=\"node-1\"} 1\n"));
+    let wg = m.wg_peers(0);
+    assert!(
+        wg.values().all(|p| p.latest_handshake > 0),
+        "a path said to work again without a handshake in wg show: {wg:?}"
+    );
 }
 
 /// A path that worked, blocked later: called down once its session has
