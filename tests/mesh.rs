@@ -1414,6 +1414,20 @@ fn an_interface_deleted_by_hand_is_built_again() {
     assert_eq!(m.wg_peers(1).len(), 1);
 }
 
+/// Resumes a process stopped with SIGSTOP whatever happens, so that it can
+/// end with its POP.
+struct ContinueOnDrop(u32);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        // Already gone (replaced, as it should be) is fine.
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// `wireguard-go` stopped under a running POP (SIGSTOP: a debugger, a
 /// frozen cgroup, or hung): it no longer answers on its UAPI socket. The POP
 /// says so, replaces it, and the mesh is rebuilt as it was. Until 2026-12-06
@@ -1440,15 +1454,6 @@ fn wireguard_go_stopped_under_a_running_pop_is_said_and_replaced() {
         == Some("wggo")));
 
     let child = wireguard_go_child(&m, 1).expect("POP 1 runs wireguard-go");
-    // Resumed whatever happens, so that it can end with its POP.
-    struct ContinueOnDrop(u32);
-    impl Drop for ContinueOnDrop {
-        fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-CONT", &self.0.to_string()])
-                .status();
-        }
-    }
     let _resume = ContinueOnDrop(child);
     let mark = m.pop(1).log_mark();
     common::signal_pid(child, 19); // SIGSTOP
@@ -1591,6 +1596,31 @@ fn blackholed_path_is_said_and_so_is_its_return(implementation: &str) {
         wg.values().all(|p| p.latest_handshake == 0),
         "wg show has a handshake for a path called down: {wg:?}"
     );
+    if implementation == "wireguard-go" {
+        // POP 0's wireguard-go stops answering (SIGSTOP) and is replaced
+        // while the path is still blocked: the path is still down, and
+        // still said to be. Until 2026-12-06 a read of the device that
+        // failed (always, before a silent one is replaced; by chance, when
+        // one was killed) made the watch forget every peer, and the path
+        // was "up" again (status, metrics) for a first handshake's
+        // allowance, then said down a second time.
+        let mark = m.pop(0).log_mark();
+        let child = wireguard_go_child(&m, 0).expect("POP 0 runs wireguard-go");
+        let _resume = ContinueOnDrop(child);
+        common::signal_pid(child, 19); // SIGSTOP
+        m.pop(0)
+            .wait_for_log_after(mark, "mesh: interface up again", PATIENCE)
+            .unwrap_or_else(|| panic!("not replaced; log:\n{}", m.pop(0).log_text()));
+        let listed = common::eventually(PATIENCE, || {
+            m.mesh_status(0)["peers"].as_array().map(Vec::len) == Some(1)
+        });
+        assert!(listed, "{}", m.mesh_status(0));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            assert_eq!(path_up(0), json!(false), "{}", m.mesh_status(0));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let marks = [m.pop(0).log_mark(), m.pop(1).log_mark()];
     m.nft(1, "delete table inet blackhole\n");
     for (i, mark) in marks.into_iter().enumerate() {

@@ -697,14 +697,18 @@ impl Driver {
 
     async fn publish_status(&mut self) {
         let read = match &self.device {
-            Some(device) => device.peers().await,
-            None => Ok(Vec::new()),
+            Some(device) => device.peers().await.map_err(|e| e.to_string()),
+            None => Err("no device (starting it again failed)".to_string()),
         };
-        let peers = match read {
-            Ok(p) => p,
+        // A read that failed says nothing about the peers (a wireguard-go
+        // being replaced, killed or silent): the path watch keeps what it
+        // knew, as it does across a device built again. Fed as "no peers",
+        // it forgot them, and a blocked path was "up" again for a while.
+        let (peers, read) = match read {
+            Ok(p) => (p, true),
             Err(e) => {
                 tracing::debug!(error = %e, "mesh: cannot read peers for status");
-                Vec::new()
+                (Vec::new(), false)
             }
         };
         let mtu = self.netlink.mtu(self.index).await.ok().flatten();
@@ -719,7 +723,10 @@ impl Driver {
                 keepalive: keepalive(p.keepalive),
             })
             .collect();
-        let events = self.paths.observe(Instant::now(), &readings);
+        let events = match read {
+            true => self.paths.observe(Instant::now(), &readings),
+            false => Vec::new(),
+        };
         let mut peers: Vec<PeerView> = peers
             .into_iter()
             .zip(keys)

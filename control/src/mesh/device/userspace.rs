@@ -71,10 +71,10 @@ fn answer_end(answer: &str) -> Option<&str> {
 
 /// One request on `wireguard-go`'s UAPI socket (it ends with a blank line)
 /// and its answer, up to and including the `errno=` line, all within
-/// `patience` ([`UAPI_PATIENCE`]). defguard_wireguard_rs's own client retried a read
-/// that timed out without end, so a stopped `wireguard-go` froze the mesh
-/// thread (no pass, no log, status and metrics stuck at their last values)
-/// until someone resumed it.
+/// `patience` ([`UAPI_PATIENCE`]). defguard_wireguard_rs's own client
+/// retried a read that timed out without end, so a stopped `wireguard-go`
+/// froze the mesh thread (no pass, no log, status and metrics stuck at
+/// their last values) until someone resumed it.
 fn exchange(socket: &Path, request: &[u8], patience: Duration) -> Result<String, UapiError> {
     let io = |source| UapiError::Io {
         path: socket.display().to_string(),
