@@ -635,14 +635,14 @@ async fn control_loop(
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
-                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness));
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness)).await;
                 watch.seen();
                 watch.reconfigure(&config.config_watch);
             }
             // `[config_watch]`: a changed file is applied as SIGHUP is.
             () = watch.changed() => {
                 tracing::info!("config file changed: re-reading configuration and routing table");
-                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness));
+                reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness)).await;
                 watch.reconfigure(&config.config_watch);
             }
             _ = term.recv() => return Ok(Exit::Stop(config.limits.shutdown_grace)),
@@ -651,7 +651,7 @@ async fn control_loop(
             // published before the caller hears back (calls queued together
             // share one reload).
             cmds = crate::api::next_commands(&mut services.api) => {
-                crate::api::execute_all(cmds, &mut reloader.lock());
+                crate::api::execute_all(cmds, &mut *reloader.lock_async().await);
                 // A write goes out to the other POPs now, not at the next
                 // change-log poll.
                 if let Some(r) = &services.replication {
@@ -677,7 +677,7 @@ async fn control_loop(
 /// SIGHUP (or a change seen by the config watch): re-reads the config file
 /// and applies what can change at run time (an invalid file changes
 /// nothing), then re-reads the routing table and certificates.
-fn reload_config(
+async fn reload_config(
     config_path: Option<&Path>,
     config: &mut Config,
     (ticker, ticks): (&mut tokio::time::Interval, &ReloadThread),
@@ -728,7 +728,7 @@ fn reload_config(
     {
         // The reload warns about listeners (as they now are) with no
         // eligible backend.
-        let mut reloader = reloader.lock();
+        let mut reloader = reloader.lock_async().await;
         reloader.coverage_mut().set_listeners(listener_apps(config));
         reloader.set_own_listeners(own_listeners(engine));
         reloader.reload();
@@ -790,7 +790,7 @@ async fn hand_over(
                 None
             }
             cmds = crate::api::next_commands(&mut services.api) => {
-                crate::api::execute_all(cmds, &mut reloader.lock());
+                crate::api::execute_all(cmds, &mut *reloader.lock_async().await);
                 if let Some(r) = &services.replication {
                     r.poke();
                 }

@@ -101,7 +101,7 @@ impl Driver {
             // in effect when they say it.
             if transitions.iter().any(|t| t.change.reroutes()) {
                 let started = Instant::now();
-                let version = reloader.lock().republish();
+                let version = reloader.lock_async().await.republish();
                 tracing::debug!(
                     version,
                     took_us = started.elapsed().as_micros() as u64,

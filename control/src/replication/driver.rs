@@ -1029,7 +1029,7 @@ impl Driver {
         if reload {
             // Remote rows and liveness reach the shards now, not at the
             // next reload tick.
-            self.reloader.lock().reload();
+            self.reloader.reload_soon();
         }
     }
 
@@ -1289,8 +1289,15 @@ impl Driver {
         if Instant::now().duration_since(self.lag_window.0) >= Duration::from_secs(2) {
             self.recent_lag_ms = None;
         }
-        // Names and regions come from the replicated pops table.
-        if let Ok(rows) = self.reloader.lock().store_mut().load_pops() {
+        // Names and regions come from the replicated pops table; while a
+        // reload holds the table (a starved tick can, for seconds), the
+        // last ones read do: this runs on the control runtime, which must
+        // not wait for it (see `reload_thread`).
+        let rows = self
+            .reloader
+            .try_lock()
+            .map(|mut reloader| reloader.store_mut().load_pops());
+        if let Some(Ok(rows)) = rows {
             self.pops = rows.into_iter().map(|r| (r.node_id.clone(), r)).collect();
         }
         let s = self.node.settings();

@@ -555,7 +555,7 @@ impl Controller {
                         *limit = LogLimit::new(RECORD_ERROR_EVERY);
                     }
                     // This POP's GeoDNS answers from the snapshot too.
-                    self.reloader.lock().reload();
+                    self.reloader.reload_soon();
                 }
                 Err(e) => {
                     self.record_retry_at = Some(now + ROW_READ_EVERY);
