@@ -11,6 +11,8 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -569,6 +571,117 @@ fn unbound_resolves_internal_names_through_the_pop() {
     let big = dig(via, &["+tcp", "ap.backends.internal", "A"]);
     assert_eq!(status(&big), "NOERROR", "{big}");
     assert!(big.contains("ANSWER: 80"), "{big}");
+}
+
+/// A UDP hop between a resolver and the POP that records the queries
+/// reaching the POP (`name. TYPE`), one at a time. Stops when dropped.
+struct CountingHop {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CountingHop {
+    fn to(pop_dns: SocketAddr) -> CountingHop {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let addr = sock.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, stop2) = (Arc::clone(&seen), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65535];
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Ok(q) = Message::from_vec(&buf[..n]) {
+                    if let Some(q) = q.queries.first() {
+                        let line = format!("{} {}", q.name(), q.query_type());
+                        seen2.lock().unwrap().push(line);
+                    }
+                }
+                if let Some(reply) = udp_exchange(pop_dns, &buf[..n]) {
+                    sock.send_to(&reply, from).unwrap();
+                }
+            }
+        });
+        CountingHop {
+            addr,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many queries for `query` (`name. TYPE`) reached the POP.
+    fn count(&self, query: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|q| q.eq_ignore_ascii_case(query))
+            .count()
+    }
+}
+
+impl Drop for CountingHop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// RFC 7871 §7.2.1 through Unbound's subnetcache: an answer that is the
+/// same for every client (a region's backends, NXDOMAIN, NODATA) comes back
+/// with ECS scope 0, and Unbound answers clients of other subnets from the
+/// one copy it cached; only the answer chosen by the client's location
+/// (`web.internal`) is asked again per subnet. Until 2026-12-06 every reply
+/// carried the source prefix as its scope, and each client subnet cost a
+/// query to the POP for every name.
+#[test]
+fn unbound_asks_once_for_answers_that_hold_for_every_subnet() {
+    let d = start();
+    let hop = CountingHop::to(d.addr);
+    let dir = TempDir::new("dns-unbound-scope");
+    let unbound = Unbound::forwarding_internal_to(&dir, hop.addr);
+    let via = unbound.addr;
+    let subnets = ["10.9.0.0/16", "10.8.1.0/24", "192.0.2.0/24"];
+    for subnet in subnets {
+        let ask = |name: &str, qtype: &str| {
+            let out = dig(via, &[&format!("+subnet={subnet}"), name, qtype]);
+            (status(&out), out)
+        };
+        let (rcode, out) = ask("eu.backends.internal", "A");
+        assert_eq!(rcode, "NOERROR", "{out}");
+        assert!(out.contains("IN A 10.2.0.1"), "{out}");
+        // Unbound tells its client the scope it cached the answer for.
+        assert!(out.contains(&format!("CLIENT-SUBNET: {subnet}/0")), "{out}");
+        let (rcode, out) = ask("nope.internal", "A");
+        assert_eq!(rcode, "NXDOMAIN", "{out}");
+        let (rcode, out) = ask("web.internal", "MX");
+        assert_eq!(rcode, "NOERROR", "{out}");
+        assert!(out.contains("ANSWER: 0"), "{out}");
+        let (rcode, out) = ask("web.internal", "A");
+        assert_eq!(rcode, "NOERROR", "{out}");
+        let prefix = subnet.split_once('/').unwrap().1;
+        assert!(
+            out.contains(&format!("CLIENT-SUBNET: {subnet}/{prefix}")),
+            "{out}"
+        );
+    }
+    let seen = hop.seen.lock().unwrap().clone();
+    assert_eq!(hop.count("eu.backends.internal. A"), 1, "{seen:?}");
+    assert_eq!(hop.count("nope.internal. A"), 1, "{seen:?}");
+    assert_eq!(hop.count("web.internal. MX"), 1, "{seen:?}");
+    // The location-dependent answer: a query per client subnet at least
+    // (Unbound's QNAME minimisation asks `web.internal. A` on its way to the
+    // MX too).
+    assert!(hop.count("web.internal. A") >= subnets.len(), "{seen:?}");
 }
 
 /// BIND's `named` (Debian's `bind9`), the other resolver sites run, with

@@ -54,7 +54,7 @@ use hickory_proto::rr::rdata::{A, AAAA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::BinEncoder;
 
-use crate::ecs::{client_location, ClientLocation};
+use crate::ecs::{client_location, ClientLocation, Scope};
 use crate::geodns::{self, ClientPlace, GeoZone};
 use crate::index::{IndexCache, ZoneIndex};
 use crate::names::{classify, relative, Placement, Target};
@@ -334,11 +334,10 @@ impl Answerer {
         self.reply.answers.clear();
         self.reply.authorities.clear();
         self.reply.additionals.clear();
-        self.reply.edns = reply_edns(query_edns, &location);
         let limit = size_limit(transport, query_edns);
 
-        let exists = placement == Placement::Inside
-            && match &geodns {
+        let found = match placement {
+            Placement::Inside => match &geodns {
                 Some(zone) => {
                     let client = ClientPlace::locate(&self.geo, location.geo_address(client));
                     geodns::lookup(
@@ -365,13 +364,20 @@ impl Answerer {
                         max_answers: (usize::from(limit) - 12) / 12,
                         reply: &mut self.reply,
                         added: [0; 2],
+                        scope: Scope::Everyone,
                     };
-                    lookup.run(&self.rel)
+                    lookup.run(&self.rel).then_some(lookup.scope)
                 }
-            };
-        if !exists {
+            },
+            _ => None,
+        };
+        if found.is_none() {
             self.reply.metadata.response_code = ResponseCode::NXDomain;
         }
+        // Only an answer chosen by the client's location is scoped to its
+        // subnet; NXDOMAIN and the rest hold for everyone (`crate::ecs`).
+        let scope = found.unwrap_or_default();
+        self.reply.edns = reply_edns(query_edns, &location, scope);
         if self.reply.answers.is_empty() {
             let soa = match &geodns {
                 Some(zone) => zone.soa(serial(snapshot)),
@@ -397,7 +403,7 @@ impl Answerer {
         self.reply.answers.clear();
         self.reply.authorities.clear();
         self.reply.additionals.clear();
-        self.reply.edns = reply_edns(query_edns, &ClientLocation::Source);
+        self.reply.edns = reply_edns(query_edns, &ClientLocation::Source, Scope::Everyone);
         self.emit_reply(query_edns, transport, out)
     }
 
@@ -515,14 +521,15 @@ fn serial(snapshot: &RoutingSnapshot) -> u32 {
 }
 
 /// The reply's OPT record: present when the query had one (RFC 6891),
-/// advertising our own UDP limit, DO copied (RFC 3225), ECS echoed.
-fn reply_edns(query_edns: Option<&Edns>, location: &ClientLocation) -> Option<Edns> {
+/// advertising our own UDP limit, DO copied (RFC 3225), ECS echoed with
+/// `scope`.
+fn reply_edns(query_edns: Option<&Edns>, location: &ClientLocation, scope: Scope) -> Option<Edns> {
     let q = query_edns?;
     let mut edns = Edns::new();
     edns.set_max_payload(MAX_UDP_PAYLOAD);
     edns.set_version(0);
     edns.set_dnssec_ok(q.flags().dnssec_ok);
-    if let Some(option) = location.reply_option() {
+    if let Some(option) = location.reply_option(scope) {
         edns.options_mut().insert(option);
     }
     Some(edns)
@@ -567,6 +574,8 @@ struct Lookup<'a> {
     /// A and AAAA records added so far (each RRset is capped at
     /// [`MAX_RRSET_RECORDS`]).
     added: [usize; 2],
+    /// Whether a record was chosen or ordered by the client's location.
+    scope: Scope,
 }
 
 impl Lookup<'_> {
@@ -671,6 +680,7 @@ impl Lookup<'_> {
                 if let Some(choice) = choice {
                     let ip = self.snapshot.backend(choice.idx).addr.ip();
                     self.add_address(ip);
+                    self.scope = Scope::Located;
                 }
             }
             return true;
@@ -708,6 +718,11 @@ impl Lookup<'_> {
             .collect();
         records.sort_by_key(|(tier, _, _)| *tier);
         records.truncate(MAX_RRSET_RECORDS);
+        // Priorities (and which records a long list keeps) are the
+        // client's tiers.
+        if !records.is_empty() {
+            self.scope = Scope::Located;
+        }
         for (_, srv, glue) in records {
             self.reply.answers.push(srv);
             self.reply.additionals.push(glue);

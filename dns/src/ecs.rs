@@ -2,9 +2,16 @@
 //!
 //! A resolver that sends ECS tells us the network its client is in; the
 //! geo lookup then uses that network's address instead of the resolver's.
-//! The reply echoes the option with SCOPE PREFIX-LENGTH equal to the source
-//! prefix: the answer was computed from that network address alone, so it
-//! holds for the whole network and no wider.
+//! The reply echoes the option, and its SCOPE PREFIX-LENGTH says for which
+//! clients the answer holds (RFC 7871 §7.2.1):
+//!
+//! - an answer chosen by the client's location (see [`Scope`]) has the
+//!   source prefix as its scope: it was computed from that network address
+//!   alone, so it holds for the whole network and no wider;
+//! - any other answer (NXDOMAIN, NODATA, lists, SOA, NS) has scope
+//!   0: it is the same for every client, and a resolver caching by subnet
+//!   (Unbound's subnetcache) keeps one copy for all of them instead of one
+//!   per client subnet, each costing a query to this server.
 //!
 //! A SOURCE PREFIX-LENGTH of 0 is the client opting out of tailoring
 //! (RFC 7871 §7.1.2): no client location is used at all, not even the
@@ -132,15 +139,36 @@ impl ClientLocation {
         }
     }
 
-    /// The option to put in the reply, if the query had one.
-    pub fn reply_option(&self) -> Option<EdnsOption> {
+    /// The option to put in the reply, if the query had one, for an answer
+    /// whose dependence on the client's location is `scope`.
+    pub fn reply_option(&self, scope: Scope) -> Option<EdnsOption> {
         match self {
             ClientLocation::Source => None,
-            ClientLocation::Subnet(s) | ClientLocation::OptedOut(s) => Some(EdnsOption::Subnet(
-                ClientSubnet::new(s.addr(), s.source_prefix(), s.source_prefix()),
-            )),
+            ClientLocation::Subnet(s) | ClientLocation::OptedOut(s) => {
+                let scope_prefix = match scope {
+                    Scope::Located => s.source_prefix(),
+                    Scope::Everyone => 0,
+                };
+                Some(EdnsOption::Subnet(ClientSubnet::new(
+                    s.addr(),
+                    s.source_prefix(),
+                    scope_prefix,
+                )))
+            }
         }
     }
+}
+
+/// For which clients an answer holds: what the reply's ECS scope says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// The same answer for every client: scope 0.
+    #[default]
+    Everyone,
+    /// Records chosen or ordered by the client's location (an app's
+    /// backend, its SRV priorities, the GeoDNS apex's POPs): the source
+    /// prefix.
+    Located,
 }
 
 #[cfg(test)]
@@ -186,7 +214,8 @@ mod tests {
         assert_eq!(loc, ClientLocation::Source);
         let src = "192.0.2.1".parse().unwrap();
         assert_eq!(loc.geo_address(src), Some(src));
-        assert_eq!(loc.reply_option(), None);
+        assert_eq!(loc.reply_option(Scope::Located), None);
+        assert_eq!(loc.reply_option(Scope::Everyone), None);
     }
 
     #[test]
@@ -197,10 +226,18 @@ mod tests {
             loc.geo_address("127.0.0.1".parse().unwrap()),
             Some("200.160.2.0".parse().unwrap())
         );
-        let Some(EdnsOption::Subnet(reply)) = loc.reply_option() else {
+        let Some(EdnsOption::Subnet(reply)) = loc.reply_option(Scope::Located) else {
             panic!("no reply option")
         };
         assert_eq!((reply.source_prefix(), reply.scope_prefix()), (24, 24));
+        assert_eq!(reply.addr(), "200.160.2.0".parse::<IpAddr>().unwrap());
+        // An answer that does not depend on where the client is holds for
+        // every client: scope 0, the rest echoed as sent.
+        let Some(EdnsOption::Subnet(reply)) = loc.reply_option(Scope::Everyone) else {
+            panic!("no reply option")
+        };
+        assert_eq!((reply.source_prefix(), reply.scope_prefix()), (24, 0));
+        assert_eq!(reply.addr(), "200.160.2.0".parse::<IpAddr>().unwrap());
         let edns = edns_with(&[subnet("2001:12ff::", 32)]);
         assert!(matches!(locate(&edns), Ok(ClientLocation::Subnet(_))));
     }
@@ -210,7 +247,12 @@ mod tests {
         let edns = edns_with(&[subnet("0.0.0.0", 0)]);
         let loc = locate(&edns).unwrap();
         assert_eq!(loc.geo_address("127.0.0.1".parse().unwrap()), None);
-        assert!(loc.reply_option().is_some());
+        for scope in [Scope::Located, Scope::Everyone] {
+            let Some(EdnsOption::Subnet(reply)) = loc.reply_option(scope) else {
+                panic!("no reply option")
+            };
+            assert_eq!((reply.source_prefix(), reply.scope_prefix()), (0, 0));
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! near POPs and each keeps its POP while the set does not change (a POP
 //! that leaves moves only its own clients). The client is located by its
 //! EDNS Client Subnet when present, else by the resolver's address; the
-//! reply's ECS scope is the source prefix (see `crate::ecs`).
+//! reply's ECS scope is the source prefix for the apex's A and AAAA, 0 for
+//! the rest (see `crate::ecs`).
 //!
 //! When no POP takes traffic the answer falls back to the live, undrained
 //! POPs, judged unable to serve: answering nothing would turn a wrong
@@ -32,6 +33,7 @@ use hickory_proto::op::Message;
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 
+use crate::ecs::Scope;
 use crate::zone::{parse_domain, Apex, ZoneError, NS_LABEL};
 
 /// POPs per answer, at most.
@@ -238,9 +240,11 @@ fn address_record(name: &Name, ttl: u32, ip: IpAddr) -> Record {
     Record::from_rdata(name.clone(), ttl, rdata)
 }
 
-/// One query for a name in the zone: fills `reply`'s sections, returns
-/// whether the name exists. `rel` is the name relative to the zone, lower
-/// case (empty for the apex).
+/// One query for a name in the zone: fills `reply`'s sections. `None`: the
+/// name does not exist; else for which clients the answer holds (the apex's
+/// A and AAAA are chosen by the client's location, the rest is the same for
+/// everyone). `rel` is the name relative to the zone, lower case (empty for
+/// the apex).
 pub fn lookup(
     zone: &GeoZone,
     rel: &str,
@@ -249,8 +253,9 @@ pub fn lookup(
     client: &ClientPlace,
     snapshot: &RoutingSnapshot,
     reply: &mut Message,
-) -> bool {
+) -> Option<Scope> {
     let wants = |t: RecordType| qtype == t || qtype == RecordType::ANY;
+    let mut scope = Scope::Everyone;
     match rel {
         "" => {
             if wants(RecordType::SOA) {
@@ -269,6 +274,9 @@ pub fn lookup(
                     continue;
                 }
                 let (chosen, _) = choose(&snapshot.pops, client, Some(family), zone.answers);
+                if !chosen.is_empty() {
+                    scope = Scope::Located;
+                }
                 for pop in chosen {
                     for &ip in &pop.addrs {
                         if has_family_ip(ip, family) {
@@ -277,7 +285,7 @@ pub fn lookup(
                     }
                 }
             }
-            true
+            Some(scope)
         }
         NS_LABEL => {
             for &ip in &zone.ns_addrs {
@@ -290,9 +298,9 @@ pub fn lookup(
                     reply.answers.push(address_record(qname, zone.ttl(), ip));
                 }
             }
-            true
+            Some(Scope::Everyone)
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -642,6 +650,51 @@ mod tests {
             assert!(
                 matches!(&internal.answers[0].data, RData::SOA(s) if s.mname.to_ascii() == "ns.internal.")
             );
+        }
+
+        /// The reply's ECS (source, scope) prefixes.
+        fn scope(m: &Message) -> Option<(u8, u8)> {
+            m.edns
+                .as_ref()?
+                .options()
+                .as_ref()
+                .iter()
+                .find_map(|(_, o)| match o {
+                    EdnsOption::Subnet(s) => Some((s.source_prefix(), s.scope_prefix())),
+                    _ => None,
+                })
+        }
+
+        /// RFC 7871 §7.2.1: only the apex's POPs are chosen by where the
+        /// client is; SOA, NS, `ns.<name>`, NXDOMAIN and NODATA are the same
+        /// for every client: scope 0 (until 2026-12-06, the source prefix).
+        #[test]
+        fn only_the_apex_addresses_are_scoped_to_the_clients_subnet() {
+            let mut snap = SnapshotBuilder::new().build(&[]).snapshot;
+            snap.pops = cluster();
+            let mut a = answerer();
+            let subnet = Some("198.18.2.0/24");
+            for t in [RecordType::A, RecordType::AAAA, RecordType::ANY] {
+                let r = ask(&mut a, &snap, "edge.example.com.", t, subnet);
+                assert_eq!(scope(&r), Some((24, 24)), "{t}");
+            }
+            for (name, t) in [
+                ("edge.example.com.", RecordType::SOA),
+                ("edge.example.com.", RecordType::NS),
+                ("edge.example.com.", RecordType::TXT),
+                ("ns.edge.example.com.", RecordType::A),
+                ("www.edge.example.com.", RecordType::A),
+            ] {
+                let r = ask(&mut a, &snap, name, t, subnet);
+                assert_eq!(scope(&r), Some((24, 0)), "{name} {t}");
+            }
+            // No POP alive: nothing was chosen for anyone.
+            for p in &mut snap.pops {
+                p.alive = false;
+            }
+            let r = ask(&mut a, &snap, "edge.example.com.", RecordType::A, subnet);
+            assert!(r.answers.is_empty());
+            assert_eq!(scope(&r), Some((24, 0)));
         }
 
         #[test]

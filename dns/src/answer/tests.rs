@@ -218,6 +218,69 @@ fn client_subnet_overrides_the_source_and_is_echoed_with_scope() {
     assert_eq!(addrs(&f.send(&q, "10.9.1.1", Transport::Udp)), ["10.1.0.1"]);
 }
 
+/// The reply's ECS option as (source prefix, scope prefix), address checked
+/// to be the one asked for.
+fn ecs_echo(reply: &Message, asked: &str) -> Option<(u8, u8)> {
+    let edns = reply.edns.as_ref()?;
+    let EdnsOption::Subnet(s) = edns.option(hickory_proto::rr::rdata::opt::EdnsCode::Subnet)?
+    else {
+        return None;
+    };
+    let asked: ClientSubnet = asked.parse().unwrap();
+    assert_eq!(s.addr(), asked.addr(), "echoed address");
+    Some((s.source_prefix(), s.scope_prefix()))
+}
+
+/// RFC 7871 §7.2.1: the scope says for which clients an answer holds. Only
+/// records chosen by the client's location (an app's backend, SRV
+/// priorities by tier) hold for its subnet alone; everything else is the
+/// same for every client and gets scope 0, so that a resolver caching by
+/// subnet (Unbound's subnetcache) keeps one copy, not one per subnet. Until
+/// 2026-12-06 every reply echoed the source prefix.
+#[test]
+fn only_answers_chosen_by_location_are_scoped_to_the_clients_subnet() {
+    let mut f = Fixture::new();
+    let subnet = "10.9.0.0/16";
+    let mut scope = |name: &str, qtype: RecordType| {
+        let q = with_edns(query(name, qtype), 1232, Some(subnet));
+        let reply = f.send(&q, "127.0.0.1", Transport::Udp);
+        (reply.metadata.response_code, ecs_echo(&reply, subnet))
+    };
+    let (noerror, nx) = (ResponseCode::NoError, ResponseCode::NXDomain);
+    for (name, qtype) in [
+        ("web.internal.", RecordType::A),
+        ("web.internal.", RecordType::AAAA),
+        ("web.internal.", RecordType::ANY),
+        ("_web._tcp.internal.", RecordType::SRV),
+    ] {
+        assert_eq!(
+            scope(name, qtype),
+            (noerror, Some((16, 16))),
+            "{name} {qtype}"
+        );
+    }
+    for (name, qtype, rcode) in [
+        ("nope.internal.", RecordType::A, nx),
+        ("web.internal.", RecordType::MX, noerror),
+        ("web.internal.", RecordType::TXT, noerror),
+        // api has no IPv4 backend: nothing was chosen for anyone.
+        ("api.internal.", RecordType::A, noerror),
+        ("_web._tcp.internal.", RecordType::A, noerror),
+        ("_nope._tcp.internal.", RecordType::SRV, nx),
+        ("eu-1.web.internal.", RecordType::A, noerror),
+        ("eu.backends.internal.", RecordType::A, noerror),
+        ("eu.backends.internal.", RecordType::AAAA, noerror),
+        ("sa.pops.internal.", RecordType::A, noerror),
+        ("backends.internal.", RecordType::A, noerror),
+        ("ns.internal.", RecordType::A, noerror),
+        ("internal.", RecordType::SOA, noerror),
+        ("internal.", RecordType::NS, noerror),
+        ("internal.", RecordType::ANY, noerror),
+    ] {
+        assert_eq!(scope(name, qtype), (rcode, Some((16, 0))), "{name} {qtype}");
+    }
+}
+
 #[test]
 fn malformed_client_subnet_is_formerr() {
     let mut f = Fixture::new();
