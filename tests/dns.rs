@@ -416,6 +416,13 @@ fn dns_semantics_for_unknown_names_other_types_and_outside_names() {
     assert_eq!(nx.authorities[0].record_type(), RecordType::SOA);
     let refused = ask_udp(d.addr, &query("example.com.", RecordType::A));
     assert_eq!(refused.metadata.response_code, ResponseCode::Refused);
+    // A refusal echoes the client's subnet with scope 0 (RFC 7871 §7.2.1).
+    let refused = dig(d.addr, &["+subnet=10.9.0.0/16", "example.com", "A"]);
+    assert_eq!(status(&refused), "REFUSED", "{refused}");
+    assert!(
+        refused.contains("CLIENT-SUBNET: 10.9.0.0/16/0"),
+        "{refused}"
+    );
 }
 
 #[test]

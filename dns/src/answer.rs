@@ -83,6 +83,10 @@ pub const REPLY_CACHE_BYTES: usize = 2 << 20;
 /// far smaller, and garbage (which gets FORMERR) must not fill the cache.
 const MAX_CACHED_QUERY: usize = 512;
 
+/// What [`Answerer::emit_bare`] is given for errors found before the
+/// query's ECS option was read: no option is echoed.
+const NO_ECS: ClientLocation = ClientLocation::Source;
+
 /// A reply's size limit without EDNS (RFC 1035).
 const CLASSIC_UDP_PAYLOAD: u16 = 512;
 
@@ -281,7 +285,7 @@ impl Answerer {
                 meta.response_code = ResponseCode::FormErr;
                 let found = salvage(query);
                 let (question, edns) = (found.question.as_ref(), found.edns.as_ref());
-                return Some(self.emit_bare(meta, question, edns, transport, out));
+                return Some(self.emit_bare(meta, question, edns, &NO_ECS, transport, out));
             }
         };
         let mut meta = Metadata::response_from_request(&request.metadata);
@@ -289,30 +293,33 @@ impl Answerer {
         if request.metadata.op_code != OpCode::Query {
             meta.response_code = ResponseCode::NotImp;
             let q = request.queries.first();
-            return Some(self.emit_bare(meta, q, query_edns, transport, out));
+            return Some(self.emit_bare(meta, q, query_edns, &NO_ECS, transport, out));
         }
         let [question] = request.queries.as_slice() else {
             meta.response_code = ResponseCode::FormErr;
-            return Some(self.emit_bare(meta, None, query_edns, transport, out));
+            return Some(self.emit_bare(meta, None, query_edns, &NO_ECS, transport, out));
         };
         if let Some(edns) = query_edns {
             if edns.version() > 0 {
                 meta.response_code = ResponseCode::BADVERS;
-                return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+                let q = Some(question);
+                return Some(self.emit_bare(meta, q, query_edns, &NO_ECS, transport, out));
             }
         }
         let location = match client_location(query_edns, query) {
             Ok(l) => l,
             Err(_) => {
                 meta.response_code = ResponseCode::FormErr;
-                return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+                let q = Some(question);
+                return Some(self.emit_bare(meta, q, query_edns, &NO_ECS, transport, out));
             }
         };
         if !matches!(question.query_class(), DNSClass::IN | DNSClass::ANY)
             || matches!(question.query_type(), RecordType::AXFR | RecordType::IXFR)
         {
             meta.response_code = ResponseCode::Refused;
-            return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+            let q = Some(question);
+            return Some(self.emit_bare(meta, q, query_edns, &location, transport, out));
         }
         let mut placement = relative(question.name(), self.zone.domain(), &mut self.rel);
         let geodns = match (&self.geodns, placement) {
@@ -324,7 +331,8 @@ impl Answerer {
         };
         if placement == Placement::Outside {
             meta.response_code = ResponseCode::Refused;
-            return Some(self.emit_bare(meta, Some(question), query_edns, transport, out));
+            let q = Some(question);
+            return Some(self.emit_bare(meta, q, query_edns, &location, transport, out));
         }
 
         meta.authoritative = true;
@@ -388,12 +396,15 @@ impl Answerer {
         Some(self.emit_reply(query_edns, transport, out))
     }
 
-    /// A reply with no records: errors, refusals.
+    /// A reply with no records: errors, refusals. `location`: the query's
+    /// valid ECS option, echoed with scope 0 (a refusal is the same for
+    /// every client); errors found before it was read echo none.
     fn emit_bare(
         &mut self,
         meta: Metadata,
         question: Option<&Query>,
         query_edns: Option<&Edns>,
+        location: &ClientLocation,
         transport: Transport,
         out: &mut Vec<u8>,
     ) -> Answered {
@@ -403,7 +414,7 @@ impl Answerer {
         self.reply.answers.clear();
         self.reply.authorities.clear();
         self.reply.additionals.clear();
-        self.reply.edns = reply_edns(query_edns, &ClientLocation::Source, Scope::Everyone);
+        self.reply.edns = reply_edns(query_edns, location, Scope::Everyone);
         self.emit_reply(query_edns, transport, out)
     }
 

@@ -2,16 +2,20 @@
 //!
 //! A resolver that sends ECS tells us the network its client is in; the
 //! geo lookup then uses that network's address instead of the resolver's.
-//! The reply echoes the option, and its SCOPE PREFIX-LENGTH says for which
-//! clients the answer holds (RFC 7871 §7.2.1):
+//! Every reply to a query with a valid option echoes it (RFC 7871 §7.2.1:
+//! "regardless of whether the client information was needed"), and its
+//! SCOPE PREFIX-LENGTH says for which clients the answer holds:
 //!
 //! - an answer chosen by the client's location (see [`Scope`]) has the
 //!   source prefix as its scope: it was computed from that network address
 //!   alone, so it holds for the whole network and no wider;
-//! - any other answer (NXDOMAIN, NODATA, lists, SOA, NS) has scope
+//! - any other answer (NXDOMAIN, NODATA, lists, SOA, NS, REFUSED) has scope
 //!   0: it is the same for every client, and a resolver caching by subnet
 //!   (Unbound's subnetcache) keeps one copy for all of them instead of one
 //!   per client subnet, each costing a query to this server.
+//!
+//! Errors found before the option is read and checked (NOTIMP, BADVERS,
+//! FORMERR) echo none.
 //!
 //! A SOURCE PREFIX-LENGTH of 0 is the client opting out of tailoring
 //! (RFC 7871 §7.1.2): no client location is used at all, not even the

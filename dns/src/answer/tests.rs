@@ -281,6 +281,35 @@ fn only_answers_chosen_by_location_are_scoped_to_the_clients_subnet() {
     }
 }
 
+/// RFC 7871 §7.2.1: a server that implements ECS and receives the option
+/// MUST include it in its response, "regardless of whether the client
+/// information was needed to formulate an answer". A refusal (a name
+/// outside the zone, a transfer, another class) is the same for every
+/// client: scope 0. Until 2026-12-06 a REFUSED reply dropped the option.
+/// Errors found before the option was read and checked echo none.
+#[test]
+fn refusals_echo_the_client_subnet_with_scope_0() {
+    let mut f = Fixture::new();
+    let subnet = "10.9.0.0/16";
+    let ask = |f: &mut Fixture, msg: Message| {
+        let reply = f.send(
+            &with_edns(msg, 1232, Some(subnet)),
+            "127.0.0.1",
+            Transport::Udp,
+        );
+        (reply.metadata.response_code, ecs_echo(&reply, subnet))
+    };
+    let refused = (ResponseCode::Refused, Some((16, 0)));
+    assert_eq!(ask(&mut f, query("example.com.", RecordType::A)), refused);
+    assert_eq!(ask(&mut f, query("internal.", RecordType::AXFR)), refused);
+    let mut chaos = query("web.internal.", RecordType::TXT);
+    chaos.queries[0].set_query_class(DNSClass::CH);
+    assert_eq!(ask(&mut f, chaos), refused);
+    let mut notify = query("web.internal.", RecordType::A);
+    notify.metadata.op_code = OpCode::Notify;
+    assert_eq!(ask(&mut f, notify), (ResponseCode::NotImp, None));
+}
+
 #[test]
 fn malformed_client_subnet_is_formerr() {
     let mut f = Fixture::new();
