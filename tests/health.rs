@@ -250,6 +250,79 @@ fn a_black_holed_backend_is_detected_by_the_check_timeout() {
     );
 }
 
+/// QA: a check that timed out said only "timed out after 200 ms", alike
+/// for a backend whose connects go unanswered (a full accept queue here; a
+/// firewall dropping SYNs, a host gone) and one that accepts and never
+/// answers the request (a hung service): the operator could not tell a
+/// network fault from an application one. The reason says which step the
+/// check was at.
+#[test]
+fn a_timed_out_check_says_whether_it_had_connected() {
+    let hole = Blackhole::start();
+    // Bound and listening, never accepted: the kernel completes connects,
+    // nothing reads the request.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_dir, proxy) = proxy_over(
+        "health-timeout-step",
+        &[
+            Row::new("hole", "web", "sa", hole.addr.port()),
+            Row::new("hung", "web", "sa", hung.local_addr().unwrap().port()),
+        ],
+        "[health]\nenabled = true\ntype = \"http\"\ninterval_ms = 300\ntimeout_ms = 200\n\
+         unhealthy_threshold = 2\n",
+    );
+    let hole_line = wait_event(&proxy, 0, "health checks failed", "hole")
+        .unwrap_or_else(|| panic!("hole out; proxy log:\n{}", proxy.log_text()));
+    let hung_line = wait_event(&proxy, 0, "health checks failed", "hung")
+        .unwrap_or_else(|| panic!("hung out; proxy log:\n{}", proxy.log_text()));
+    assert!(
+        hole_line.contains("timed out after 200 ms connecting"),
+        "{hole_line}"
+    );
+    assert!(
+        hung_line.contains("timed out after 200 ms waiting for the HTTP answer (connected)"),
+        "{hung_line}"
+    );
+}
+
+/// QA: a failed check's reason dropped the cause under the library's
+/// words: an HTTP backend resetting the connection after the request read
+/// "http: connection error", a gRPC backend refusing connects "grpc
+/// connect: transport error". The reason carries the cause now.
+#[test]
+fn a_failed_checks_reason_carries_its_cause() {
+    use std::io::Read;
+    // Reads the request, then resets the connection (SO_LINGER 0).
+    let resetting = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let rst_port = resetting.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in resetting.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = socket2::SockRef::from(&conn).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let refusing = RefusingPort::new();
+    let (_dir, proxy) = proxy_over(
+        "health-reason-cause",
+        &[
+            Row::new("rst", "web", "sa", rst_port),
+            Row::new("g", "api", "sa", refusing.port()),
+        ],
+        "[health.apps.web]\nenabled = true\ntype = \"http\"\ninterval_ms = 300\n\
+         timeout_ms = 1000\nunhealthy_threshold = 2\n\
+         [health.apps.api]\nenabled = true\ntype = \"grpc\"\ninterval_ms = 300\n\
+         timeout_ms = 1000\nunhealthy_threshold = 2\n",
+    );
+    let rst_line = wait_event(&proxy, 0, "health checks failed", "rst")
+        .unwrap_or_else(|| panic!("rst out; proxy log:\n{}", proxy.log_text()));
+    let g_line = wait_event(&proxy, 0, "health checks failed", "g")
+        .unwrap_or_else(|| panic!("g out; proxy log:\n{}", proxy.log_text()));
+    assert!(rst_line.contains("reset by peer"), "{rst_line}");
+    assert!(g_line.contains("refused"), "{g_line}");
+}
+
 #[test]
 fn a_dead_backend_is_out_one_confirming_check_after_the_first_failed_connect() {
     let mut a = HttpBackend::start("a");

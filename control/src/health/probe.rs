@@ -26,7 +26,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub async fn run(order: &CheckOrder) -> CheckOutcome {
     let s = &order.settings;
     let started = Instant::now();
-    let result = tokio::time::timeout(s.timeout, check(order)).await;
+    let step = Step::default();
+    let result = tokio::time::timeout(s.timeout, check(order, &step)).await;
     let rtt = started.elapsed();
     let (ok, error, local) = match result {
         Ok(Ok(())) => (true, None, false),
@@ -34,7 +35,11 @@ pub async fn run(order: &CheckOrder) -> CheckOutcome {
         Ok(Err(Failed::Here(reason))) => (false, Some(reason), true),
         Err(_) => (
             false,
-            Some(format!("timed out after {} ms", s.timeout.as_millis())),
+            Some(format!(
+                "timed out after {} ms {}",
+                s.timeout.as_millis(),
+                step.at().what()
+            )),
             false,
         ),
     };
@@ -61,21 +66,77 @@ impl From<String> for Failed {
     }
 }
 
-async fn check(order: &CheckOrder) -> Result<(), Failed> {
+/// How far a check got, for the reason of one that times out: a connect
+/// nobody answers (a host or a network gone, SYNs dropped, a full accept
+/// queue) is not a service that accepts and never answers (QA: both said
+/// only "timed out after N ms").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum At {
+    Connecting,
+    TlsHandshake,
+    HttpAnswer,
+    HttpBody,
+    GrpcAnswer,
+    Script,
+}
+
+impl At {
+    const ALL: [At; 6] = [
+        At::Connecting,
+        At::TlsHandshake,
+        At::HttpAnswer,
+        At::HttpBody,
+        At::GrpcAnswer,
+        At::Script,
+    ];
+
+    fn what(self) -> &'static str {
+        match self {
+            At::Connecting => "connecting (the connect was not answered)",
+            At::TlsHandshake => "in the TLS handshake (connected)",
+            At::HttpAnswer => "waiting for the HTTP answer (connected)",
+            At::HttpBody => "reading the HTTP body (answered)",
+            At::GrpcAnswer => "waiting for the gRPC answer (connected)",
+            At::Script => "(the script still ran: killed)",
+        }
+    }
+}
+
+/// The step a check is at; read once the timeout has dropped it.
+#[derive(Debug, Default)]
+struct Step(std::sync::atomic::AtomicU8);
+
+impl Step {
+    fn set(&self, at: At) {
+        self.0.store(at as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn at(&self) -> At {
+        let n = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        At::ALL.get(n as usize).copied().unwrap_or(At::Connecting)
+    }
+}
+
+async fn check(order: &CheckOrder, step: &Step) -> Result<(), Failed> {
     let s = &order.settings;
     match s.kind {
         CheckKind::Tcp => tcp(order.addr).await,
         CheckKind::Http => {
             let stream = connect(order.addr).await?;
-            Ok(http(stream, order.addr, s).await?)
+            Ok(http(stream, order.addr, s, step).await?)
         }
         CheckKind::Https => {
             let stream = connect(order.addr).await?;
+            step.set(At::TlsHandshake);
             let tls = tls_connect(stream, order.addr, s).await?;
-            Ok(http(tls, order.addr, s).await?)
+            Ok(http(tls, order.addr, s, step).await?)
         }
-        CheckKind::Grpc => Ok(grpc(order.addr, s).await?),
-        CheckKind::Script => script(order, s).await,
+        CheckKind::Grpc => Ok(grpc(order.addr, s, step).await?),
+        CheckKind::Script => {
+            step.set(At::Script);
+            script(order, s).await
+        }
     }
 }
 
@@ -99,13 +160,14 @@ async fn tcp(addr: SocketAddr) -> Result<(), Failed> {
     Ok(())
 }
 
-async fn http<S>(stream: S, addr: SocketAddr, s: &CheckSettings) -> Result<(), String>
+async fn http<S>(stream: S, addr: SocketAddr, s: &CheckSettings, step: &Step) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    step.set(At::HttpAnswer);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("http handshake: {e}"))?;
+        .map_err(|e| format!("http handshake: {}", chain(&e)))?;
     // The connection task ends with the check (dropped with this future).
     let conn = tokio::spawn(conn);
     let host = s.host.clone().unwrap_or_else(|| addr.ip().to_string());
@@ -119,7 +181,7 @@ where
         let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| format!("http: {e}"))?;
+            .map_err(|e| format!("http: {}", chain(&e)))?;
         let status = resp.status().as_u16();
         if !s.expected_status.contains(status) {
             return Err(format!(
@@ -128,10 +190,11 @@ where
             ));
         }
         if let Some(needle) = &s.body_contains {
+            step.set(At::HttpBody);
             let mut body = resp.into_body();
             let mut seen: Vec<u8> = Vec::new();
             while let Some(frame) = body.frame().await {
-                let frame = frame.map_err(|e| format!("http body: {e}"))?;
+                let frame = frame.map_err(|e| format!("http body: {}", chain(&e)))?;
                 if let Some(data) = frame.data_ref() {
                     seen.extend_from_slice(data);
                     if contains(&seen, needle.as_bytes()) {
@@ -151,6 +214,23 @@ where
     outcome
 }
 
+/// An error and its causes: a library's own words ("connection error",
+/// "transport error") say nothing an operator can act on, the cause
+/// ("Connection reset by peer") does (QA: reasons stopped at the former).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let words = cause.to_string();
+        if !text.contains(&words) {
+            text.push_str(": ");
+            text.push_str(&words);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -168,7 +248,7 @@ async fn tls_connect(
     tokio_rustls::TlsConnector::from(tls_config())
         .connect(name, stream)
         .await
-        .map_err(|e| format!("tls: {e}"))
+        .map_err(|e| format!("tls: {}", chain(&e)))
 }
 
 /// One client config for every HTTPS check: built once.
@@ -240,7 +320,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
 /// `grpc.health.v1.Health/Check` for the configured service, with the
 /// `tonic-health` client; SERVING is healthy, anything else is not.
-async fn grpc(addr: SocketAddr, s: &CheckSettings) -> Result<(), String> {
+async fn grpc(addr: SocketAddr, s: &CheckSettings, step: &Step) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -250,7 +330,8 @@ async fn grpc(addr: SocketAddr, s: &CheckSettings) -> Result<(), String> {
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| format!("grpc connect: {e}"))?;
+        .map_err(|e| format!("grpc connect: {}", chain(&e)))?;
+    step.set(At::GrpcAnswer);
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: s.grpc_service.clone(),
@@ -323,6 +404,39 @@ impl Drop for GroupKill {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_step_reads_back_as_itself() {
+        let step = Step::default();
+        assert_eq!(step.at(), At::Connecting);
+        for at in At::ALL {
+            step.set(at);
+            assert_eq!(step.at(), at);
+        }
+    }
+
+    #[test]
+    fn a_reason_names_the_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("connection error")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let reset = || std::io::Error::from_raw_os_error(libc::ECONNRESET);
+        assert_eq!(
+            chain(&Outer(reset())),
+            format!("connection error: {}", reset())
+        );
+        // A cause already in the words is not repeated.
+        assert_eq!(chain(&reset()), reset().to_string());
+    }
 
     #[test]
     fn body_search() {
