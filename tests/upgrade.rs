@@ -741,6 +741,37 @@ fn a_new_binary_that_fails_to_start_leaves_the_old_one_serving() {
     eprintln!("4 failed upgrades and 1 good one: {round_trips} new connections, {requests} API/metrics/DNS requests, no failure");
 }
 
+/// A SIGHUP that reaches the new process before it has its handlers
+/// (`kill -HUP $(pidof edgeproxy)`, `pkill -HUP edgeproxy`, a logrotate
+/// hook, during an upgrade) used to get the default action: the successor
+/// died (`killed by signal 1`), the upgrade failed and the reload was lost.
+/// It now waits, blocked, until the new process can handle it. The "new
+/// binary" is a wrapper that sends itself the SIGHUP before it runs the
+/// proxy: the earliest a signal can arrive.
+#[test]
+fn a_reload_signal_at_a_starting_successor_waits_for_it() {
+    let dir = TempDir::new("upgrade-early-hup");
+    let exe = dir.join("edgeproxy");
+    install(&exe, Path::new(BIN));
+    let mut s = Setup::start("upgrade-early-hup", Some(&exe), "");
+    let churn = Churn::start(s.proxy.addr(), 2);
+    install_script(&exe, &format!("kill -HUP $$\nexec {BIN} \"$@\""));
+    let mark = s.proxy.log_mark();
+    let (ok, out) = cli_upgrade(&s.control_socket());
+    assert!(ok, "{out}");
+    let new: u32 = logged(&s.proxy, mark, "upgrade: new process is ready", "pid")
+        .parse()
+        .unwrap();
+    s.chain.pids.push(new);
+    // The successor applies the reload it was sent once it can.
+    s.proxy
+        .wait_for_log_after(mark, "SIGHUP: re-reading configuration", PATIENCE)
+        .unwrap_or_else(|| panic!("the early SIGHUP was lost; log:\n{}", s.proxy.log_text()));
+    assert!(alive(new));
+    let round_trips = churn.finish();
+    eprintln!("{round_trips} new connections across the upgrade, none failed");
+}
+
 #[test]
 fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
     let mut s = Setup::start("upgrade-listeners", None, "");

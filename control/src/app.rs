@@ -574,12 +574,33 @@ struct Signals {
 impl Signals {
     /// Must run inside the control runtime's context.
     fn install() -> anyhow::Result<Signals> {
-        Ok(Signals {
+        let signals = Signals {
             hup: signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?,
             term: signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?,
             usr2: signal(SignalKind::user_defined2()).context("cannot install SIGUSR2 handler")?,
-        })
+        };
+        // A binary upgrade's predecessor starts us with SIGHUP and SIGUSR2
+        // blocked (`upgrade::successor`), so that one sent meanwhile waits
+        // for these handlers instead of killing us: it is delivered now.
+        // Threads started before this keep them blocked; the signal goes to
+        // this one or to those started after.
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises the set before sigaddset and
+        // pthread_sigmask read it; this changes only this thread's mask.
+        let unblocked = unsafe {
+            libc::sigemptyset(set.as_mut_ptr());
+            libc::sigaddset(set.as_mut_ptr(), libc::SIGHUP);
+            libc::sigaddset(set.as_mut_ptr(), libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, set.as_ptr(), std::ptr::null_mut())
+        };
+        if unblocked != 0 {
+            anyhow::bail!(
+                "cannot unblock SIGHUP and SIGUSR2: {}",
+                std::io::Error::from_raw_os_error(unblocked)
+            );
+        }
+        Ok(signals)
     }
 }
 

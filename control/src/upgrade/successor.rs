@@ -191,11 +191,24 @@ pub fn start(
         // Its own group (pgid = its pid), so that a failed start can kill
         // everything it started along with it (see `descendants`).
         .process_group(0);
-    // SAFETY: runs in the forked child before exec; fcntl is
-    // async-signal-safe and touches only the child's descriptor table.
+    // SAFETY: runs in the forked child before exec; fcntl, sigemptyset,
+    // sigaddset and sigprocmask are async-signal-safe and touch only the
+    // child's descriptor table and signal mask.
     unsafe {
         command.pre_exec(move || {
             if libc::fcntl(their_fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // QA: a SIGHUP or SIGUSR2 sent to every edgeproxy (`pkill -HUP
+            // edgeproxy`) during an upgrade reached the new process before
+            // it had handlers: the default action killed it and the upgrade
+            // failed. Blocked, the signal waits (across exec) until the new
+            // process has its handlers and unblocks it (`Signals::install`).
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGHUP);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) == -1 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
