@@ -772,6 +772,77 @@ fn a_reload_signal_at_a_starting_successor_waits_for_it() {
     eprintln!("{round_trips} new connections across the upgrade, none failed");
 }
 
+/// A SIGHUP to the old process while the new one starts (systemd's
+/// `ExecReload` signals `$MAINPID`, still the old process until the new one
+/// is ready) was applied by the old process only: the new one had read the
+/// file before the edit, served the old version once it took over, and the
+/// reload was lost. The old process now passes it on. The new process is
+/// held between reading its file and reporting ready by a PostgreSQL source
+/// that does not answer (connect timeout 2 s).
+#[test]
+fn a_reload_during_an_upgrade_reaches_the_new_process() {
+    let hole = Blackhole::start();
+    let dir = TempDir::new("upgrade-reload-during");
+    let backend = TagBackend::start("a");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("a", "web", "sa", backend.port()));
+    let control = dir.join("ctl.sock");
+    let path = dir.join("edgeproxy.toml");
+    let text = |extra: &str| {
+        format!(
+            "[postgres]\nenabled = true\nurl = \"postgres://u:p@{hole}/db\"\n\
+             connect_timeout_secs = 2\nquery_timeout_secs = 1\n\n\
+             [upgrade]\ncontrol_socket = {control:?}\n\n\
+             [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n{extra}",
+            hole = hole.addr
+        )
+    };
+    std::fs::write(&path, config(&db.path, &text(""))).unwrap();
+    let proxy = Proxy::spawn_exe(
+        Path::new(BIN),
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info"),
+    )
+    .ready();
+    let mut chain = Chain {
+        pids: vec![proxy.pid()],
+    };
+    let mark = proxy.log_mark();
+    let socket = control.clone();
+    let cli = std::thread::spawn(move || cli_upgrade(&socket));
+    // The new process has read its file once it logs having taken over.
+    proxy
+        .wait_for_log_after(
+            mark,
+            "upgrade: took over the previous process's sockets",
+            PATIENCE,
+        )
+        .expect("the new process started");
+    let extra = "[[listener]]\nname = \"extra\"\naddr = \"127.0.0.1:0\"\n";
+    std::fs::write(&path, config(&db.path, &text(extra))).unwrap();
+    signal_pid(chain.newest(), SIGHUP);
+    let (ok, out) = cli.join().unwrap();
+    assert!(ok, "{out}");
+    let new: u32 = logged(&proxy, mark, "upgrade: new process is ready", "pid")
+        .parse()
+        .unwrap();
+    chain.pids.push(new);
+    // Both processes start the listener the reload added: the old one at
+    // the SIGHUP, the new one when it is passed on.
+    assert!(
+        proxy.wait_for_log_count_after(mark, "listening listener=extra", 2, PATIENCE),
+        "the reload was lost; log:\n{}",
+        proxy.log_text()
+    );
+    let line = proxy
+        .log_lines_after(mark, "listening listener=extra")
+        .pop()
+        .unwrap();
+    let addr: SocketAddr = field(&line, "addr").unwrap().parse().unwrap();
+    round_trip(addr, 0).unwrap();
+}
+
 #[test]
 fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
     let mut s = Setup::start("upgrade-listeners", None, "");

@@ -647,6 +647,9 @@ async fn control_loop(
     let mut ticker = tokio::time::interval(config.routing.reload_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let watch = &mut services.watch;
+    // A SIGHUP applied here while an upgrade is in flight, to pass on to the
+    // successor (which may have read the file before it changed).
+    let mut reload_during_upgrade = false;
     loop {
         tokio::select! {
             // Certificate files are polled at the routing reload interval;
@@ -657,6 +660,7 @@ async fn control_loop(
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading configuration and routing table");
                 reload_config(config_path.as_deref(), &mut config, (&mut ticker, ticks), engine, tls, (reloader, &services.steering, &services.readiness)).await;
+                reload_during_upgrade |= services.upgrades.pending();
                 watch.seen();
                 watch.reconfigure(&config.config_watch);
             }
@@ -687,9 +691,16 @@ async fn control_loop(
             }
             event = services.upgrades.next_event() => match event {
                 UpgradeEvent::Requested(reply) => services.upgrades.begin(Some(reply), crate::upgrade::listener_entries(engine.listeners()), tls.served_expired()),
-                UpgradeEvent::Finished(Ok(successor)) => return Ok(Exit::Upgraded(config.limits.shutdown_grace, successor)),
+                UpgradeEvent::Finished(Ok(successor)) => {
+                    // QA: systemd's reload signals $MAINPID, this process
+                    // until the successor is ready; the reload was lost.
+                    if reload_during_upgrade {
+                        successor.pass_on_reload();
+                    }
+                    return Ok(Exit::Upgraded(config.limits.shutdown_grace, successor));
+                }
                 // Logged and answered; this process keeps serving.
-                UpgradeEvent::Finished(Err(_)) => {}
+                UpgradeEvent::Finished(Err(_)) => reload_during_upgrade = false,
             },
         }
     }

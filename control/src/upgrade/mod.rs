@@ -247,6 +247,12 @@ impl Upgrades {
         }
     }
 
+    /// An attempt is in flight: a successor may have read the config file
+    /// already.
+    pub fn pending(&self) -> bool {
+        self.attempt.is_some()
+    }
+
     /// This process serves now; a successor owns the control socket's
     /// file from here on (its predecessor no longer removes it).
     pub fn serving(&mut self) {

@@ -73,6 +73,23 @@ fn reap_when_it_exits(mut child: Child) {
 }
 
 impl Successor {
+    /// Passes on a SIGHUP this process applied while the attempt was in
+    /// flight: the successor may have read the file before it changed, and
+    /// would serve the old version once it takes over. It reported ready, so
+    /// its handlers are in place; a reload with nothing new changes nothing.
+    pub fn pass_on_reload(&self) {
+        tracing::info!(
+            pid = self.pid,
+            "upgrade: a SIGHUP came during the upgrade; passing it on to the new process"
+        );
+        // SAFETY: kill(2) on our own child, which is not reaped (and its pid
+        // not reused) while it runs.
+        if unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGHUP) } == -1 {
+            tracing::error!(pid = self.pid, error = %io::Error::last_os_error(),
+                "upgrade: cannot pass the SIGHUP on to the new process; send it one");
+        }
+    }
+
     /// Hands the successor this process's BGP sessions (stopped, without a
     /// word to their peers), each with its connection, then says the
     /// speaker is done. A session that cannot be sent is closed here (its
