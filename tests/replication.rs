@@ -2199,3 +2199,112 @@ fn no_member_is_declared_down_in_ten_minutes_at_one_percent_loss() {
     }
     c.wait_joined();
 }
+
+/// CPU seconds (user + system) thread `tid` of process `pid` has used.
+fn thread_cpu_secs(pid: u32, tid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    ticks as f64 / common::clock_ticks_per_second()
+}
+
+/// Inserts `n` backends `{prefix}-{k}` into POP `i`'s routing.db in one
+/// transaction, as an operator's bulk import would.
+fn bulk_insert(c: &Cluster, i: usize, prefix: &str, n: usize) {
+    let mut conn = rusqlite::Connection::open(c.db_path(i)).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let tx = conn.transaction().unwrap();
+    {
+        let mut insert = tx
+            .prepare(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
+                 VALUES (?1, 'web', 'eu', ?2, ?3, 1, 1, 100, 150)",
+            )
+            .unwrap();
+        for k in 0..n {
+            let ip = format!("10.78.{}.{}", k / 250, 1 + k % 250);
+            insert
+                .execute(rusqlite::params![format!("{prefix}-{k}"), ip, 80])
+                .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+/// The heal of a big divergence: two POPs (50 ms, 1 % loss), partitioned,
+/// `EDGEPROXY_CATCHUP_ROWS` (default 20,000) rows written on each side, then
+/// healed. Prints the time to identical digests, the "member down" verdicts
+/// during the catch-up, the control thread's CPU and the number of routing
+/// reloads each POP made.
+#[test]
+#[ignore = "takes about a minute; figures for README"]
+fn figures_catchup() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let rows: usize = std::env::var("EDGEPROXY_CATCHUP_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let c = Cluster::start(2, Some(WAN));
+    c.wait_joined();
+    c.net.partition(&[0], &[1]);
+    assert!(common::eventually(PATIENCE, || c
+        .member_state(0, 1)
+        .as_deref()
+        == Some("down")
+        && c.member_state(1, 0).as_deref() == Some("down")));
+    bulk_insert(&c, 0, "left", rows);
+    bulk_insert(&c, 1, "right", rows);
+    // Each side has taken its own rows in.
+    assert!(common::eventually(Duration::from_secs(120), || (0..2).all(
+        |i| c.cluster_status(i)["rows"].as_u64().unwrap_or(0) >= rows as u64
+    )));
+    let marks: Vec<usize> = (0..2).map(|i| c.pop(i).log_mark()).collect();
+    let pids: Vec<u32> = (0..2).map(|i| c.pop(i).pid()).collect();
+    let cpu0: Vec<f64> = pids.iter().map(|&p| thread_cpu_secs(p, p)).collect();
+    c.net.heal();
+    let start = Instant::now();
+    let converged = common::eventually(Duration::from_secs(300), || {
+        let (a, b) = (c.cluster_status(0), c.cluster_status(1));
+        a["digest"] == b["digest"] && a["rows"] == b["rows"]
+    });
+    let took = start.elapsed();
+    let cpu: Vec<f64> = pids
+        .iter()
+        .zip(&cpu0)
+        .map(|(&p, before)| thread_cpu_secs(p, p) - before)
+        .collect();
+    assert!(converged, "no convergence in 300 s");
+    // The shards have every row too.
+    assert!(common::eventually(PATIENCE, || (0..2).all(|i| {
+        c.pop(i)
+            .log_lines_after(marks[i], "routing table reloaded")
+            .last()
+            .and_then(|l| common::field(l, "backends"))
+            .and_then(|b| b.parse::<usize>().ok())
+            .is_some_and(|b| b >= 2 * rows)
+    })));
+    eprintln!("\ncatch-up: 2 POPs, {rows} rows written on each side while partitioned");
+    eprintln!("identical digests {} after the heal", ms(took));
+    for i in 0..2 {
+        if let Ok(dump) = std::env::var("EDGEPROXY_CATCHUP_LOGS") {
+            let lines = c.pop(i).log_lines_after(marks[i], "");
+            std::fs::write(format!("{dump}-{i}.log"), lines.join("\n")).unwrap();
+        }
+        let downs = c.pop(i).log_lines_after(marks[i], "member down");
+        let reloads = c.pop(i).log_lines_after(marks[i], "routing table reloaded");
+        let took_us: Vec<u64> = reloads
+            .iter()
+            .filter_map(|l| common::field(l, "took_us")?.parse().ok())
+            .collect();
+        eprintln!(
+            "POP {i}: control thread CPU {:.2} s; {} routing reloads ({:.2} s in them); {} \"member down\": {downs:?}",
+            cpu[i],
+            reloads.len(),
+            took_us.iter().sum::<u64>() as f64 / 1e6,
+            downs.len(),
+        );
+    }
+}
