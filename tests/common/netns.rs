@@ -131,30 +131,12 @@ impl Net {
     /// frames): each host's `eth0`, its port on the bridge, and the bridge.
     pub fn set_mtu(&self, mtu: u32) {
         let mtu = mtu.to_string();
+        let set = |ns: &str, link: &str| sh(&["ip", "-n", ns, "link", "set", link, "mtu", &mtu]);
         for (i, h) in self.hosts.iter().enumerate() {
-            sh(&["ip", "-n", &h.ns, "link", "set", "eth0", "mtu", &mtu]);
-            let port = format!("p{i}");
-            sh(&[
-                "ip",
-                "-n",
-                &self.bridge_ns,
-                "link",
-                "set",
-                &port,
-                "mtu",
-                &mtu,
-            ]);
+            set(&h.ns, "eth0");
+            set(&self.bridge_ns, &format!("p{i}"));
         }
-        sh(&[
-            "ip",
-            "-n",
-            &self.bridge_ns,
-            "link",
-            "set",
-            "br0",
-            "mtu",
-            &mtu,
-        ]);
+        set(&self.bridge_ns, "br0");
     }
 
     /// A command run inside host `i`'s namespace.
