@@ -2247,7 +2247,13 @@ fn figures_catchup() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let c = Cluster::start(2, Some(WAN));
+    // EDGEPROXY_CATCHUP_RUST_LOG: the POPs' log level (e.g.
+    // `info,control::replication=debug` to see each exchange).
+    let rust_log = std::env::var("EDGEPROXY_CATCHUP_RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut c = Cluster::hosts(2, Some(WAN), |_| String::new());
+    for i in 0..2 {
+        c.launch_with_env(i, &[("RUST_LOG", &rust_log)]);
+    }
     c.wait_joined();
     c.net.partition(&[0], &[1]);
     assert!(common::eventually(PATIENCE, || c

@@ -11,6 +11,8 @@
 //! - [`wire`]: transport messages.
 //! - [`membership`]: SWIM (foca) as data in, data out.
 //! - [`node`]: the node: broadcast and anti-entropy over membership.
+//! - [`sync_budget`]: what one anti-entropy exchange carries, fitted to the
+//!   link.
 //! - [`seeds`]: bootstrap peers resolved again while no member answers.
 //! - [`sim`]: many nodes over a simulated lossy network, for tests and the
 //!   cost figures in README.
@@ -35,6 +37,7 @@ pub mod seal;
 pub mod seeds;
 pub mod sim;
 pub mod status;
+pub mod sync_budget;
 pub mod transport;
 pub mod version;
 pub mod wire;

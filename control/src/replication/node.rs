@@ -33,32 +33,20 @@ use super::hlc::{Hlc, HlcClock};
 use super::membership::{swim_config, MemberEvent, MemberState, Membership, Peer};
 use super::replica::{Merge, Replica};
 use super::seal::{Kind, Refused, Sealer};
+use super::sync_budget::SyncBudget;
 use super::version::{only_verdicts_differ, NodeId, RowKey, RowVersion, Stamp, Table, Version};
 use super::wire::{self, Envelope, Msg, PROTOCOL};
 
-/// Bounds on what one exchange carries, so that a node that was away for a
-/// day catches up over several exchanges instead of stalling its peers with
-/// one huge one.
-pub mod limits {
-    /// Versions listed in one `SyncVersions`.
-    pub const SYNC_VERSIONS: usize = 8192;
-    /// Bytes of rows in one `SyncRows` or `SyncWanted`.
-    pub const SYNC_ROW_BYTES: usize = 512 * 1024;
-    /// Keys asked for in one `SyncRows`.
-    pub const SYNC_WANT: usize = 4096;
-    /// Bytes of rows in one broadcast message.
-    pub const BROADCAST_BYTES: usize = 256 * 1024;
-    /// Anti-entropy exchanges in flight at once.
-    pub const SYNCS_IN_FLIGHT: usize = 2;
-}
+pub use super::sync_budget::limits;
 
 /// In clusters up to this size a change goes straight to every member (one
 /// link delay); above it, to [`fanout`] random members who forward it.
 pub const DIRECT_LIMIT: usize = 16;
 /// How many times a change may be forwarded on the epidemic path.
 pub const MAX_HOPS: u8 = 6;
-/// A sync exchange not finished by then is forgotten.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// A sync exchange whose next step has not arrived by then is forgotten
+/// (what still arrives of it counts; see `Msg::SyncRows`).
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often old tombstones are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -352,6 +340,9 @@ pub struct Stats {
     pub refused: u64,
     pub syncs: u64,
     pub syncs_equal: u64,
+    /// Exchanges whose rows arrived after they had timed out here (merged
+    /// all the same).
+    pub syncs_late: u64,
 }
 
 /// What we know of one peer's replication.
@@ -397,6 +388,8 @@ pub struct MemberStatus {
 struct Session {
     peer: NodeId,
     started: Instant,
+    /// When its last step arrived: it times out [`SYNC_TIMEOUT`] after.
+    progress: Instant,
     /// This node listed only some of the differing buckets (too many
     /// versions): the exchange does not cover everything.
     partial: bool,
@@ -423,6 +416,8 @@ pub struct Node {
     sync_queue: VecDeque<NodeId>,
     sessions: HashMap<u64, Session>,
     peers: HashMap<NodeId, PeerSync>,
+    /// What an exchange with each peer carries, fitted to its link.
+    budgets: HashMap<NodeId, SyncBudget>,
     last_refusal_reply: HashMap<SocketAddr, Instant>,
     /// Gossip addresses to knock on while no member answers (at start, or
     /// after every member went down).
@@ -527,6 +522,7 @@ impl Node {
             sync_queue: VecDeque::new(),
             sessions: HashMap::new(),
             peers: HashMap::new(),
+            budgets: HashMap::new(),
             last_refusal_reply: HashMap::new(),
             bootstrap: Vec::new(),
             next_announce: None,
@@ -841,6 +837,7 @@ impl Node {
         self.absences.owed.remove(id);
         self.absences.down_since.remove(id);
         self.peers.remove(id);
+        self.budgets.remove(id);
         self.sync_queue.retain(|p| &**p != id);
         Ok(Forgotten {
             identities,
@@ -1194,15 +1191,24 @@ impl Node {
                 }
             }
             Msg::SyncBuckets { session, buckets } => {
-                if !self.sessions.contains_key(&session) {
+                let Some(s) = self.sessions.get_mut(&session) else {
                     return;
+                };
+                s.progress = now.mono;
+                let mut differing = self.replica.differing_buckets(&buckets);
+                // The peer may be running an exchange with this node at
+                // the same time (both start one when a partition heals):
+                // listing the same buckets, each side would send its rows
+                // twice, once asked for and once unasked. The node with
+                // the lower id lists from the first bucket up, the other
+                // from the last down.
+                if *self.s.id > *peer {
+                    differing.reverse();
                 }
-                let differing = self.replica.differing_buckets(&buckets);
-                let (buckets, versions) = self.versions_for(&differing);
-                if buckets.len() < differing.len() {
-                    if let Some(s) = self.sessions.get_mut(&session) {
-                        s.partial = true;
-                    }
+                let budget = self.budget(&peer);
+                let (buckets, versions) = self.versions_for(&differing, budget.versions());
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.partial = buckets.len() < differing.len();
                 }
                 self.send(
                     now,
@@ -1220,7 +1226,7 @@ impl Node {
                 buckets,
                 versions,
             } => {
-                let (rows, want, more) = self.compare(&buckets, versions);
+                let (rows, want, more) = self.compare(&buckets, versions, self.budget(&peer));
                 self.send(
                     now,
                     reply_to,
@@ -1239,12 +1245,28 @@ impl Node {
                 want,
                 more,
             } => {
+                let budget = self.budget(&peer);
                 let Some(s) = self.sessions.remove(&session) else {
+                    // An exchange that timed out here, its rows late (a
+                    // slow link): they are rows like any others, and the
+                    // peer still lacks what it asked for. Thrown away, the
+                    // next exchange carried them again over the same slow
+                    // link and timed out in turn.
+                    self.merge_rows(now, &peer, rows, Path::Sync);
+                    let (rows, _) = self.rows_for(&want, budget.row_bytes());
+                    self.send(now, reply_to, Msg::SyncWanted { session, rows }, true);
+                    self.stats.syncs_late += 1;
+                    // Its transport works, only slowly.
+                    self.peers.entry(peer).or_default().timeouts_in_a_row = 0;
                     return;
                 };
                 let received = self.merge_rows(now, &peer, rows, Path::Sync).len();
-                let (rows, truncated) = self.rows_for(&want);
+                let (rows, truncated) = self.rows_for(&want, budget.row_bytes());
                 let sent = rows.len();
+                self.budgets
+                    .entry(s.peer.clone())
+                    .or_default()
+                    .completed(now.mono.duration_since(s.started), SYNC_TIMEOUT);
                 self.send(now, reply_to, Msg::SyncWanted { session, rows }, true);
                 // Buckets left out of this exchange still differ: it is not
                 // complete (nor, for a member owed tombstones, in sync).
@@ -1269,7 +1291,11 @@ impl Node {
                     received,
                     more,
                 });
-                if !more {
+                if more {
+                    // At once, not at the next timer: a catch-up is a
+                    // chain of these.
+                    self.start_syncs(now, false);
+                } else {
                     // Its copy of our row would have come with this one.
                     self.release_own_row(OwnRowDue::NoCopyInCluster);
                 }
@@ -1373,7 +1399,7 @@ impl Node {
         }
         let mut timed_out = Vec::new();
         self.sessions.retain(|_, s| {
-            let live = now.mono.duration_since(s.started) < SYNC_TIMEOUT;
+            let live = now.mono.duration_since(s.progress) < SYNC_TIMEOUT;
             if !live {
                 timed_out.push(s.peer.clone());
             }
@@ -1383,6 +1409,7 @@ impl Node {
         // "in sync" from an older one stayed on display for a peer whose
         // transport port was blocked, its rows no longer arriving.
         for peer in timed_out {
+            self.budgets.entry(peer.clone()).or_default().timed_out();
             let p = self.peers.entry(peer.clone()).or_default();
             p.in_sync = false;
             p.timeouts_in_a_row += 1;
@@ -1436,8 +1463,8 @@ impl Node {
         {
             at = at.min(t);
         }
-        if let Some(started) = self.sessions.values().map(|s| s.started).min() {
-            at = at.min(started + SYNC_TIMEOUT);
+        if let Some(progress) = self.sessions.values().map(|s| s.progress).min() {
+            at = at.min(progress + SYNC_TIMEOUT);
         }
         Some(at)
     }
@@ -1789,6 +1816,7 @@ impl Node {
             Session {
                 peer: peer.id.clone(),
                 started: now.mono,
+                progress: now.mono,
                 partial: false,
             },
         );
@@ -1800,8 +1828,14 @@ impl Node {
         self.send(now, peer.transport, msg, true);
     }
 
-    /// Versions of whole buckets among `differing`, up to the limit.
-    fn versions_for(&self, differing: &[u16]) -> (Vec<u16>, Vec<(RowKey, Stamp)>) {
+    /// What an exchange with `peer` may carry.
+    fn budget(&self, peer: &NodeId) -> SyncBudget {
+        self.budgets.get(peer).copied().unwrap_or_default()
+    }
+
+    /// Versions of whole buckets among `differing`, up to `limit` (a
+    /// bucket over it alone is listed whole).
+    fn versions_for(&self, differing: &[u16], limit: usize) -> (Vec<u16>, Vec<(RowKey, Stamp)>) {
         let mut buckets = Vec::new();
         let mut versions = Vec::new();
         for &b in differing {
@@ -1810,7 +1844,7 @@ impl Node {
                 .versions_in(&[b])
                 .map(|(k, v)| (k.clone(), v))
                 .collect();
-            if !buckets.is_empty() && versions.len() + listed.len() > limits::SYNC_VERSIONS {
+            if !buckets.is_empty() && versions.len() + listed.len() > limit {
                 break;
             }
             buckets.push(b);
@@ -1825,13 +1859,14 @@ impl Node {
         &self,
         buckets: &[u16],
         theirs: Vec<(RowKey, Stamp)>,
+        budget: SyncBudget,
     ) -> (Vec<RowVersion>, Vec<RowKey>, bool) {
         let mut rows = Vec::new();
         let mut want = Vec::new();
         let mut bytes = 0;
         let mut more = false;
         let mut push = |row: RowVersion, rows: &mut Vec<RowVersion>, more: &mut bool| {
-            if bytes + row.wire_size() > limits::SYNC_ROW_BYTES && !rows.is_empty() {
+            if bytes + row.wire_size() > budget.row_bytes() && !rows.is_empty() {
                 *more = true;
                 return;
             }
@@ -1848,7 +1883,7 @@ impl Node {
                 }
                 Some(mine) if mine == *v => {}
                 _ => {
-                    if want.len() < limits::SYNC_WANT {
+                    if want.len() < budget.wants() {
                         want.push(key.clone());
                     } else {
                         more = true;
@@ -1868,13 +1903,13 @@ impl Node {
         (rows, want, more)
     }
 
-    /// The rows for `keys`, up to the limit; true if some did not fit.
-    fn rows_for(&self, keys: &[RowKey]) -> (Vec<RowVersion>, bool) {
+    /// The rows for `keys`, up to `max_bytes`; true if some did not fit.
+    fn rows_for(&self, keys: &[RowKey], max_bytes: usize) -> (Vec<RowVersion>, bool) {
         let mut rows = Vec::new();
         let mut bytes = 0;
         for key in keys {
             if let Some(row) = self.replica.get(key) {
-                if bytes + row.wire_size() > limits::SYNC_ROW_BYTES && !rows.is_empty() {
+                if bytes + row.wire_size() > max_bytes && !rows.is_empty() {
                     return (rows, true);
                 }
                 bytes += row.wire_size();

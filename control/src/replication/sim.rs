@@ -34,6 +34,11 @@ pub struct SimConfig {
     pub jitter: Duration,
     /// Probability that one packet is lost.
     pub loss: f64,
+    /// What each direction of a link carries of transport messages, bytes
+    /// per second (`None`: unlimited). Messages on one direction queue
+    /// behind each other, as a QUIC connection's streams share its
+    /// congestion window; gossip datagrams do not wait behind them.
+    pub bandwidth: Option<u64>,
     pub seed: u64,
     pub gossip_interval: Duration,
     pub sync_interval: Duration,
@@ -51,6 +56,7 @@ impl SimConfig {
             one_way: Duration::from_millis(50),
             jitter: Duration::from_millis(5),
             loss: 0.01,
+            bandwidth: None,
             seed,
             gossip_interval: Duration::from_millis(1000),
             sync_interval: Duration::from_millis(2000),
@@ -78,6 +84,11 @@ pub struct Sim {
     gossip_of: HashMap<SocketAddr, usize>,
     transport_of: HashMap<SocketAddr, usize>,
     queue: BTreeMap<(Instant, u64), Delivery>,
+    /// When each direction of a link (from, to) has sent what it was
+    /// given (with [`SimConfig::bandwidth`]).
+    link_busy_until: HashMap<(usize, usize), Instant>,
+    /// Transport bytes sent, by message kind, all nodes together.
+    pub message_bytes: BTreeMap<&'static str, u64>,
     seq: u64,
     rng: StdRng,
     crashed: HashSet<usize>,
@@ -129,6 +140,8 @@ impl Sim {
             gossip_of: HashMap::new(),
             transport_of: HashMap::new(),
             queue: BTreeMap::new(),
+            link_busy_until: HashMap::new(),
+            message_bytes: BTreeMap::new(),
             seq: 0,
             rng: StdRng::seed_from_u64(cfg.seed),
             crashed: HashSet::new(),
@@ -212,7 +225,8 @@ impl Sim {
                         self.send(i, j, true, bytes);
                     }
                 }
-                Output::Message { to, bytes, .. } => {
+                Output::Message { to, bytes, kind } => {
+                    *self.message_bytes.entry(kind).or_default() += bytes.len() as u64;
                     if let Some(&j) = self.transport_of.get(&to) {
                         self.send(i, j, false, bytes);
                     }
@@ -265,6 +279,13 @@ impl Sim {
                 return;
             }
         } else {
+            if let Some(rate) = self.cfg.bandwidth {
+                let busy = self.link_busy_until.entry((from, to)).or_insert(self.now);
+                let sent = (*busy).max(self.now)
+                    + Duration::from_secs_f64(bytes.len() as f64 / rate.max(1) as f64);
+                *busy = sent;
+                delay += sent - self.now;
+            }
             // Each ~1200-byte packet of the message may be lost; each loss
             // costs QUIC a retransmission timeout, about one round trip more.
             let packets = bytes.len().div_ceil(1200).max(1);
@@ -376,6 +397,21 @@ impl Sim {
             [(RowKey::new(Table::Backends, pk), data.map(String::from))],
         );
         self.persisted[i].insert(pk.to_string(), data.map(String::from));
+        self.drain(i);
+    }
+
+    /// Writes many rows at node `i` in one transaction (a bulk import).
+    pub fn write_many(&mut self, i: usize, rows: impl IntoIterator<Item = (String, String)>) {
+        let now = self.now();
+        let rows: Vec<(String, String)> = rows.into_iter().collect();
+        self.nodes[i].local_writes(
+            now,
+            rows.iter()
+                .map(|(pk, data)| (RowKey::new(Table::Backends, pk), Some(data.clone()))),
+        );
+        for (pk, data) in rows {
+            self.persisted[i].insert(pk, Some(data));
+        }
         self.drain(i);
     }
 

@@ -1562,3 +1562,68 @@ fn a_pop_with_no_row_anywhere_writes_its_own_after_one_exchange_or_the_patience(
     assert!(at - joining < Duration::from_secs(2), "{:?}", at - joining);
     assert_eq!(sim.pop_row(0, 1).unwrap()["wg_public_key"], "k1");
 }
+
+/// A backend row as an operator's bulk import writes it (~230 bytes).
+fn imported_backend(side: &str, k: usize) -> (String, String) {
+    let id = format!("{side}-{k}");
+    let data = format!(
+        r#"{{"id":"{id}","app":"web","region":"eu","country":null,"wg_ip":"10.78.{}.{}","port":80,"healthy":1,"weight":1,"soft_limit":100,"hard_limit":150,"deleted":0,"expired":0,"heartbeat_pop":null,"registered_at":1800000000000}}"#,
+        k / 250,
+        1 + k % 250
+    );
+    (id, data)
+}
+
+/// A big divergence healed over a slow, lossy link (QA: 20,000 rows a side
+/// over 50 ms / 1 % loss took 144 s on real POPs): each anti-entropy
+/// exchange carried 512 KB of rows each way plus the versions listed, more
+/// than the link moved within the exchange's 10 s, so exchanges timed out,
+/// their rows were thrown away on arrival and the next exchange sent them
+/// again; and the two POPs' exchanges listed the same buckets, so each sent
+/// its rows twice. Returns the time from the heal to identical replicas.
+fn heal_a_big_divergence(rows: usize, bytes_per_sec: u64, seed: u64) -> Duration {
+    let mut cfg = SimConfig::wan(2, seed);
+    cfg.bandwidth = Some(bytes_per_sec);
+    let mut sim = joined(cfg);
+    sim.partition(|i| i as u8);
+    sim.run_for(Duration::from_secs(15));
+    sim.write_many(0, (0..rows).map(|k| imported_backend("left", k)));
+    sim.write_many(1, (0..rows).map(|k| imported_backend("right", k)));
+    sim.run_for(Duration::from_secs(1));
+    sim.heal();
+    let healed = sim.elapsed();
+    let converged = sim.run_until(healed + Duration::from_secs(600), Sim::converged);
+    let took = sim.elapsed() - healed;
+    let timed_out = sim
+        .events
+        .iter()
+        .filter(|(at, _, e)| *at >= healed && matches!(e, super::node::Event::SyncTimedOut { .. }))
+        .count();
+    eprintln!(
+        "{rows} rows a side at {bytes_per_sec} B/s: converged {converged} after {took:?}; \
+         {timed_out} exchanges timed out, {} late; bytes by message: {:?}",
+        sim.nodes.iter().map(|n| n.stats.syncs_late).sum::<u64>(),
+        sim.message_bytes
+    );
+    assert!(converged, "not converged in 600 s");
+    took
+}
+
+#[test]
+fn a_big_divergence_heals_over_a_slow_link_without_sending_rows_twice() {
+    // 150 KB/s: what QUIC's congestion control (CUBIC) makes of a 100 ms
+    // round trip with 1 % random loss. The rows alone are ~5.4 MB each
+    // way, 36 s at that rate; before: 172 s, 17 exchanges timed out,
+    // 35 MB sent.
+    let took = heal_a_big_divergence(20_000, 150_000, 41);
+    assert!(took <= Duration::from_secs(75), "healed in {took:?}");
+}
+
+#[test]
+fn exchanges_shrink_to_fit_a_link_too_slow_for_the_largest() {
+    // 40 KB/s: not even one full-size exchange fits the timeout. Rows
+    // ~1.35 MB each way, 34 s; before, no convergence in 600 s (109
+    // exchanges timed out, each starting over).
+    let took = heal_a_big_divergence(5_000, 40_000, 41);
+    assert!(took <= Duration::from_secs(120), "healed in {took:?}");
+}
