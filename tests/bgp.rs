@@ -1337,16 +1337,11 @@ fn a_restarted_gobgp_gets_the_routes_back_within_connect_retry_secs() {
     when(PATIENCE, || gobgp.route("ipv6", PREFIX6).contains(PREFIX6)).expect("IPv6 re-announced");
 }
 
-/// IPv6 prefixes over an IPv4 session, the POP with an IPv6 address on the
-/// session's link (and its IPv6 anycast address on its loopback): the next
-/// hop is that link address, which the router reaches and installs. QA:
-/// it was always the IPv4-mapped `::ffff:10.77.0.2`, which BIRD took
-/// (with `extended next hop on`) but could not put in its kernel ("Netlink:
-/// Invalid argument"; Linux has no IPv4 gateway for IPv6 routes), so the
-/// router learned the IPv6 anycast prefix and never forwarded to it.
-#[test]
-fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_hop() {
-    let _serial = serial();
+/// One POP and BIRD over IPv4, both with an IPv6 address on their link
+/// (`fd77::1`, and the POP's `fd77::2`), the POP's IPv6 anycast address on
+/// its loopback; `more_pop_addrs` runs before the POP starts, to add
+/// addresses to its link.
+fn ipv6_link_lab(more_pop_addrs: impl FnOnce(&Net)) -> (Lab, Bird) {
     let mut lab = Lab::new(1, 9);
     for (host, addr) in [(0, "fd77::1/64"), (1, "fd77::2/64")] {
         sh(
@@ -1368,6 +1363,7 @@ fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_ho
             "lo",
         ],
     );
+    more_pop_addrs(&lab.net);
     let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
     lab.launch(1);
     wait_route(&bird, PREFIX4, true, "announce");
@@ -1377,12 +1373,12 @@ fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_ho
             bird.birdc(&["show", "route", "all", "table", "master6"])
         )
     });
-    let route = bird.route(PREFIX6);
-    assert!(
-        route.contains("BGP.next_hop: fd77::2"),
-        "next hop not the POP's IPv6 link address:\n{route}"
-    );
-    // In the router's kernel: it forwards to the POP.
+    (lab, bird)
+}
+
+/// Waits until the router's kernel forwards the IPv6 anycast prefix via
+/// `hop`.
+fn wait_kernel_route_via(lab: &Lab, bird: &Bird, hop: &str) {
     let kernel = || {
         let out = lab
             .net
@@ -1392,15 +1388,107 @@ fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_ho
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    when(PATIENCE, || kernel().contains("via fd77::2")).unwrap_or_else(|| {
+    when(PATIENCE, || kernel().contains(&format!("via {hop}"))).unwrap_or_else(|| {
         panic!(
-            "not in the router's kernel: {:?}\nBIRD log:\n{}",
+            "not via {hop} in the router's kernel: {:?}\nBIRD log:\n{}",
             kernel(),
             bird.log_text()
         )
     });
+}
+
+/// IPv6 prefixes over an IPv4 session, the POP with an IPv6 address on the
+/// session's link (and its IPv6 anycast address on its loopback): the next
+/// hop is that link address, which the router reaches and installs. QA:
+/// it was always the IPv4-mapped `::ffff:10.77.0.2`, which BIRD took
+/// (with `extended next hop on`) but could not put in its kernel ("Netlink:
+/// Invalid argument"; Linux has no IPv4 gateway for IPv6 routes), so the
+/// router learned the IPv6 anycast prefix and never forwarded to it.
+#[test]
+fn ipv6_prefixes_over_an_ipv4_session_take_the_pops_ipv6_link_address_as_next_hop() {
+    let _serial = serial();
+    let (lab, bird) = ipv6_link_lab(|_| {});
+    let route = bird.route(PREFIX6);
+    assert!(
+        route.contains("BGP.next_hop: fd77::2"),
+        "next hop not the POP's IPv6 link address:\n{route}"
+    );
+    // In the router's kernel: it forwards to the POP.
+    wait_kernel_route_via(&lab, &bird, "fd77::2");
     // The IPv4 route keeps the IPv4 address.
     assert!(bird.route(PREFIX4).contains("via 10.77.0.2"));
+}
+
+/// The POP's link also holds a deprecated address (`preferred_lft 0`, as
+/// when its prefix is renumbered away) and one whose duplicate address
+/// detection failed (the router holds it too), both listed before the
+/// preferred `fd77::2` (the kernel lists the newest first): the next hop
+/// the router sees is `fd77::2`. QA: the first address listed was taken,
+/// here the deprecated `fd77::5`.
+#[test]
+fn ipv6_next_hop_is_a_preferred_address_not_a_deprecated_or_dadfailed_one_listed_first() {
+    let _serial = serial();
+    let (lab, bird) = ipv6_link_lab(|net| {
+        // A duplicate of the router's: DAD marks it tentative, then failed.
+        sh(
+            net,
+            0,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "fd77::9/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        sh(
+            net,
+            1,
+            &["ip", "-6", "addr", "add", "fd77::9/64", "dev", "eth0"],
+        );
+        sh(
+            net,
+            1,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                "fd77::5/64",
+                "dev",
+                "eth0",
+                "nodad",
+                "preferred_lft",
+                "0",
+            ],
+        );
+        // The case at hand: the deprecated address is listed first.
+        let out = net
+            .command(1, "ip")
+            .args(["-6", "addr", "show", "dev", "eth0", "scope", "global"])
+            .output()
+            .unwrap();
+        let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+        let first = listed.find("inet6 ").map(|i| &listed[i..]).unwrap_or("");
+        assert!(
+            first.starts_with("inet6 fd77::5/64") && first.contains("deprecated"),
+            "the deprecated address is not listed first:\n{listed}"
+        );
+    });
+    let route = bird.route(PREFIX6);
+    assert!(
+        route.contains("BGP.next_hop: fd77::2"),
+        "next hop not the POP's preferred IPv6 address:\n{route}"
+    );
+    wait_kernel_route_via(&lab, &bird, "fd77::2");
+    let log = lab.pop(1).log_text();
+    assert!(
+        !log.contains("IPv6 address on the session's interface is deprecated"),
+        "no fallback to a deprecated address, so no WARN about one:\n{log}"
+    );
 }
 
 /// FRR asks for the IPv4 routes again (`clear bgp ipv4 unicast X soft
@@ -1454,4 +1542,41 @@ fn frr_soft_in_gets_the_routes_between_borr_and_eorr() {
         !route("ipv6", PREFIX6).is_empty(),
         "FRR dropped the IPv6 route"
     );
+}
+
+/// The POP's only address on its link is deprecated: it is still the next
+/// hop (better than an IPv4-mapped one the router cannot install), and the
+/// POP says so with a WARN.
+#[test]
+fn a_deprecated_link_address_is_the_next_hop_only_when_alone_with_a_warn() {
+    let _serial = serial();
+    let (lab, bird) = ipv6_link_lab(|net| {
+        sh(
+            net,
+            1,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "change",
+                "fd77::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+                "preferred_lft",
+                "0",
+            ],
+        );
+    });
+    let route = bird.route(PREFIX6);
+    assert!(
+        route.contains("BGP.next_hop: fd77::2"),
+        "next hop not the POP's deprecated IPv6 address:\n{route}"
+    );
+    wait_kernel_route_via(&lab, &bird, "fd77::2");
+    let warned = lab.pop(1).log_lines().into_iter().find(|l| {
+        l.contains("WARN") && l.contains("IPv6 address on the session's interface is deprecated")
+    });
+    let warned = warned.unwrap_or_else(|| panic!("no WARN:\n{}", lab.pop(1).log_text()));
+    assert!(warned.contains("next_hop=fd77::2"), "{warned}");
 }

@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use super::config::{community_text, Bgp, Neighbor};
 use super::handoff::Handed;
+use super::link_address::link_ipv6;
 use super::md5::{self, Md5Key};
 use super::policy::Phase;
 use super::routes::Advertisement;
@@ -379,67 +380,6 @@ fn md5_hint(signed: bool) -> &'static str {
     } else {
         " (or the neighbor requires a TCP MD5 password)"
     }
-}
-
-/// The IPv6 next hop for IPv6 routes on an IPv4 session: a global IPv6
-/// address on the interface holding the session's local address `local`
-/// (FRR does the same), none of `announced` (the anycast addresses on the
-/// loopback are every POP's). `None` when the interface has none (the
-/// routes then carry the IPv4-mapped address) or on an IPv6 session.
-fn link_ipv6(local: IpAddr, announced: &[IpNet]) -> Option<std::net::Ipv6Addr> {
-    use std::ffi::CStr;
-    use std::net::{Ipv4Addr, Ipv6Addr};
-    let IpAddr::V4(local) = local else {
-        return None;
-    };
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list it allocates, freed below
-    // with freeifaddrs; entries are read only in between.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
-    }
-    let mut addrs: Vec<(Vec<u8>, IpAddr)> = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned; its name
-        // is a C string, its `ifa_addr`, when set, a sockaddr of the family
-        // it names.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() && !ifa.ifa_name.is_null() {
-            let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_bytes().to_vec();
-            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-                libc::AF_INET => {
-                    let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                    let a = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                    addrs.push((name, IpAddr::V4(a)));
-                }
-                libc::AF_INET6 => {
-                    let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                    let a = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                    addrs.push((name, IpAddr::V6(a)));
-                }
-                _ => {}
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: `head` came from getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(head) };
-    let (interface, _) = addrs.iter().find(|(_, a)| *a == IpAddr::V4(local))?;
-    addrs.iter().find_map(|(name, a)| match a {
-        IpAddr::V6(a)
-            if name == interface
-                && !a.is_loopback()
-                && !a.is_unspecified()
-                && !a.is_multicast()
-                && !a.is_unicast_link_local()
-                && a.to_ipv4_mapped().is_none()
-                && !announced.iter().any(|p| p.contains(&IpAddr::V6(*a))) =>
-        {
-            Some(*a)
-        }
-        _ => None,
-    })
 }
 
 async fn read_some(stream: &mut Option<TcpStream>, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -12,6 +12,8 @@
 //!   framing, timers as deadlines, the Adj-RIB-Out and restarts.
 //! - [`handoff`]: an established session as a binary upgrade hands it to
 //!   the successor process, beside its connection.
+//! - [`link_address`]: which of the interface's IPv6 addresses is the next
+//!   hop of IPv6 routes on an IPv4 session (a preferred one).
 //!
 //! Then the thin I/O around them: [`driver`] (a task per neighbor on the
 //! control runtime), [`status`] (for the API, `edgeproxy bgp status` and
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod handoff;
+pub mod link_address;
 pub mod md5;
 pub mod metrics;
 pub mod policy;
