@@ -697,6 +697,79 @@ fn rate_limit_refuses_the_excess_of_one_client_while_another_is_unaffected() {
     assert_eq!(field(&line, "refused").as_deref(), Some("3"), "{line}");
 }
 
+/// Which clients were refused: one from 127.0.0.2 over the limit, one from
+/// 127.0.0.3 under it, each from its own source address (no PROXY header;
+/// two shards, steered by client). Every summary line names 127.0.0.2 with
+/// the count it refused and never 127.0.0.3. QA: the line said how many
+/// were refused, not whose, so one abusive client and a wide flood read
+/// the same.
+#[test]
+fn the_rate_limit_summary_names_the_client_over_the_limit_and_not_the_other() {
+    let a = TagBackend::start("a");
+    let (_dir, proxy) = proxy_with_shards(
+        "health-rate-who",
+        &[Row::new("a", "web", "sa", a.port())],
+        "[log]\nsummary_interval_secs = 1\n\
+         [rate_limit]\nenabled = true\nmax_requests = 1\n\
+         window_ms = 3600000\nburst = 2\n",
+        2,
+    );
+    let addr = proxy.addr();
+    let served_from = |source: [u8; 4], tries: usize| {
+        (0..tries)
+            .filter(|_| read_line(&connect_from(addr, source.into())).is_some())
+            .count()
+    };
+    let abuser_served = served_from([127, 0, 0, 2], 12);
+    assert_eq!(
+        served_from([127, 0, 0, 3], 2),
+        2,
+        "the other client is limited"
+    );
+    let refused = 12 - abuser_served as u64;
+    assert!(refused >= 8, "served {abuser_served} of 12 at burst 2");
+    let lines = || proxy.log_lines_after(0, "connections refused by the per-client limits");
+    let logged = |lines: &[String]| -> u64 {
+        lines
+            .iter()
+            .filter_map(|l| field(l, "refused")?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        eventually(PATIENCE, || logged(&lines()) == refused),
+        "{refused} refusals not summed up; proxy log:\n{}",
+        proxy.log_text()
+    );
+    for line in lines() {
+        eprintln!("summary: {line}");
+        let count = field(&line, "refused").unwrap();
+        let top = line
+            .split_once("top_clients=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(top, _)| top.to_string())
+            .unwrap_or_else(|| panic!("no top_clients in {line}"));
+        assert_eq!(top, format!("127.0.0.2: {count}"), "{line}");
+        assert_eq!(field(&line, "clients").as_deref(), Some("1"), "{line}");
+        assert!(!line.contains("127.0.0.3"), "{line}");
+    }
+}
+
+/// A connection to `proxy` from `source` (a loopback address of its own),
+/// with the tests' read timeout.
+fn connect_from(proxy: SocketAddr, source: std::net::Ipv4Addr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("TCP socket");
+    socket
+        .bind(&SocketAddr::from((source, 0)).into())
+        .expect("bind the client's source address");
+    socket
+        .connect_timeout(&proxy.into(), PATIENCE)
+        .expect("connect to the proxy");
+    let stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
 #[test]
 fn concurrent_cap_per_client_holds_while_connections_are_open() {
     let a = TagBackend::start("a");

@@ -15,8 +15,13 @@
 //!   each is failing now. (Shards log once when a backend starts and stops
 //!   failing; this is the running count.)
 //! - per listener, connections refused by the per-client limits
-//!   (`[rate_limit]`). (QA: 265,000 refused in 10 s by `wrk` from one
-//!   client left no line in the log, only a counter.)
+//!   (`[rate_limit]`), naming the clients refused most with their counts
+//!   and how many distinct clients were refused, so one abusive client
+//!   tells itself apart from a wide flood. (QA: 265,000 refused in 10 s by
+//!   `wrk` from one client left no line in the log, only a counter; then a
+//!   line that did not say which client.) The shards keep those per
+//!   interval in fixed memory, written on refusals only
+//!   (`engine::refused_clients`).
 //!
 //! [`Watch`] is the sans-IO core: counters in, what to report out.
 
@@ -25,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
+use engine::refused_clients::{Distinct, Interval, Offender};
 use engine::snapshot::SnapshotHandle;
 use engine::{ListenerSummary, StatsView};
 
@@ -32,6 +38,8 @@ use crate::no_backend_warn::{Reason, SharedCoverage};
 
 /// Backends named in one connect-failure summary line; more are counted.
 const NAMED_BACKENDS: usize = 5;
+/// Clients named in one per-client-limit summary line.
+const NAMED_CLIENTS: usize = 5;
 
 /// Connections refused on one listener during an interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +87,11 @@ pub struct Failures {
 pub struct Limited {
     pub listener: String,
     pub count: u64,
+    /// The clients refused most, heaviest first (at most
+    /// [`NAMED_CLIENTS`]); see [`Report::name_clients`].
+    pub top: Vec<Offender>,
+    /// Distinct clients refused.
+    pub clients: Option<Distinct>,
 }
 
 /// What moved during one interval.
@@ -139,6 +152,8 @@ impl Watch {
                 report.limited.push(Limited {
                     listener: l.name.clone(),
                     count: delta,
+                    top: Vec::new(),
+                    clients: None,
                 });
             }
             limited.insert(l.name.clone(), now);
@@ -165,6 +180,33 @@ impl Watch {
         });
         report
     }
+}
+
+impl Report {
+    /// Names the clients behind each listener's per-client-limit refusals,
+    /// from the interval the shards just ended (see
+    /// `engine::StatsView::take_refused_clients`).
+    pub fn name_clients(&mut self, intervals: Vec<(String, Interval)>) {
+        for (listener, interval) in intervals {
+            if let Some(l) = self.limited.iter_mut().find(|l| l.listener == listener) {
+                l.top = interval.top(NAMED_CLIENTS);
+                l.clients = Some(interval.distinct());
+            }
+        }
+    }
+}
+
+/// `203.0.113.9: 4512, 198.51.100.7: at least 12`: a count is exact unless
+/// the client took the slot of another (a flood of many sources), then it
+/// is what it was refused at least.
+pub fn clients_text(top: &[Offender]) -> String {
+    top.iter()
+        .map(|o| match o.floor {
+            0 => format!("{}: {}", o.ip, o.count),
+            _ => format!("{}: at least {}", o.ip, o.at_least()),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `b1: 5 (failing), b2: 3, and 4 more`.
@@ -221,7 +263,9 @@ impl WatchThread {
                             b.live.is_failing(),
                         )
                     });
-                    let report = watch.observe(&sources.stats.listeners(), backends);
+                    let mut report = watch.observe(&sources.stats.listeners(), backends);
+                    // Every interval, moved or not: this ends the shards'.
+                    report.name_clients(sources.stats.take_refused_clients());
                     log(&report, secs, |listener| {
                         sources.coverage.gap(listener, &sources.snapshot.load())
                     });
@@ -258,7 +302,9 @@ fn log(report: &Report, interval_secs: u64, gap_now: impl Fn(&str) -> Option<Rea
             backends = %failures_text(&report.failures), "backend connect failures");
     }
     for l in &report.limited {
+        let clients = l.clients.map_or_else(|| "?".to_string(), |d| d.to_string());
         tracing::warn!(listener = %l.listener, refused = l.count, interval_secs,
+            %clients, top_clients = ?clients_text(&l.top),
             "connections refused by the per-client limits ([rate_limit]: rate or open connections per client IP)");
     }
 }
@@ -328,7 +374,9 @@ mod tests {
             r.limited,
             [Limited {
                 listener: "a".into(),
-                count: 264_886
+                count: 264_886,
+                top: Vec::new(),
+                clients: None,
             }]
         );
         assert!(r.refused.is_empty(), "not refused for want of a backend");
@@ -339,6 +387,47 @@ mod tests {
             r.limited.iter().map(|l| l.count).collect::<Vec<_>>(),
             [4, 2]
         );
+    }
+
+    #[test]
+    fn per_client_limit_lines_name_the_heaviest_clients_and_count_them_all() {
+        let mut w = Watch::default();
+        let limited = |name: &str, n: u64| ListenerSummary {
+            rejected_client_limit: n,
+            ..listener(name, 0)
+        };
+        w.observe(&[limited("a", 0), limited("b", 0)], []);
+        let mut r = w.observe(&[limited("a", 47), limited("b", 0)], []);
+        let shard = engine::refused_clients::RefusedClients::default();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for _ in 0..40 {
+            shard.record(ip("203.0.113.9"));
+        }
+        for n in 1..=7 {
+            shard.record(ip(&format!("198.51.100.{n}")));
+        }
+        // b's interval is empty and its counter did not move: no line.
+        r.name_clients(vec![
+            ("a".into(), shard.take()),
+            ("b".into(), Interval::default()),
+        ]);
+        assert_eq!(r.limited.len(), 1);
+        let a = &r.limited[0];
+        assert_eq!(a.clients, Some(Distinct::About(8)));
+        assert_eq!(
+            clients_text(&a.top),
+            "203.0.113.9: 40, 198.51.100.1: 1, 198.51.100.2: 1, 198.51.100.3: 1, 198.51.100.4: 1"
+        );
+    }
+
+    #[test]
+    fn an_inexact_count_says_at_least() {
+        let o = Offender {
+            ip: "10.0.0.1".parse().unwrap(),
+            count: 30,
+            floor: 12,
+        };
+        assert_eq!(clients_text(&[o]), "10.0.0.1: at least 18");
     }
 
     #[test]

@@ -104,8 +104,10 @@ pub(crate) async fn serve(
     }
     match result {
         // Counted where they were refused; a flood must not flood the log.
-        Err(ConnError::RateLimited(_) | ConnError::ClientConnLimit(_)) => {
+        Err(ConnError::RateLimited(ip) | ConnError::ClientConnLimit(ip)) => {
             ShardStats::bump(&lctx.stats.rejected_client_limit);
+            // Who, for the summary line (see `refused_clients`).
+            lctx.stats.refused_clients.record(ip);
         }
         Ok(()) => {}
         Err(e) => {

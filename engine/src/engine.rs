@@ -154,6 +154,23 @@ impl StatsView {
             .collect()
     }
 
+    /// Per listener, the clients its per-client limits refused since the
+    /// last call, merged over shards; ends the interval (see
+    /// [`crate::refused_clients`]). One caller only: the traffic watch.
+    pub fn take_refused_clients(&self) -> Vec<(String, crate::refused_clients::Interval)> {
+        let running = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter()
+            .map(|l| {
+                let mut merged = crate::refused_clients::Interval::default();
+                for st in &l.stats {
+                    merged.merge(st.refused_clients.take());
+                }
+                (l.spec.name.to_string(), merged)
+            })
+            .collect()
+    }
+
     pub fn listeners(&self) -> Vec<ListenerSummary> {
         use std::sync::atomic::Ordering::Relaxed;
         let running = self.listeners.lock().unwrap_or_else(|p| p.into_inner());

@@ -23,6 +23,7 @@ pub mod passive;
 pub mod pool;
 pub mod proxy_protocol;
 pub mod rate_limit;
+pub mod refused_clients;
 pub mod rt;
 pub mod select;
 pub mod settings;

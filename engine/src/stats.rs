@@ -129,6 +129,10 @@ pub struct ListenerStats {
     /// Refused by a per-client limit (rate or open connections).
     pub rejected_client_limit: AtomicU64,
     pub active: AtomicU32,
+    /// Which clients the per-client limits refused, this interval (written
+    /// on refusals only; last, away from the counters bumped per
+    /// connection).
+    pub refused_clients: crate::refused_clients::RefusedClients,
 }
 
 impl ShardStats {
