@@ -39,6 +39,10 @@ use crate::upgrade::UpgradeEvent;
 /// The data plane starts accepting last, once everything that can fail
 /// has not (a successor of a binary upgrade that failed after accepting
 /// would drop the connections it took).
+/// How long after a binary upgrade's successor is ready a listener it adds
+/// waits for an address its predecessor may still hold.
+const PREDECESSOR_RELEASE_WINDOW: Duration = Duration::from_secs(10);
+
 pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // A successor of a binary upgrade takes its sockets before anything
     // binds (and before any thread starts: this edits the environment).
@@ -294,6 +298,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     crate::sd_notify::ready(&ready_status(&engine, &[]));
     let ticks = ReloadThread::start(reloader.clone(), config.routing.reload_interval)
         .context("cannot start the routing reload thread")?;
+    if inherited.is_some() {
+        // A config edit or SIGHUP made during the upgrade may have started a
+        // listener in the predecessor, which it closes only now; this
+        // process applies the same edit at once (see `config_watch`).
+        engine.predecessor_may_hold_addresses(PREDECESSOR_RELEASE_WINDOW);
+    }
     // The predecessor of a binary upgrade stops accepting now.
     crate::upgrade::inherit::report_ready();
     upgrades.serving();

@@ -206,6 +206,9 @@ pub struct Engine {
     published_listeners: Arc<Mutex<Vec<RunningListener>>>,
     /// Addresses of listeners removed at run time.
     retired_addrs: Vec<SocketAddr>,
+    /// Until then, a listener added at run time waits for its address to be
+    /// released (see [`Engine::predecessor_may_hold_addresses`]).
+    predecessor_until: Option<std::time::Instant>,
     /// The control side's end of the passive-event channel, until taken.
     passive_events: Option<PassiveEvents>,
 }
@@ -316,6 +319,7 @@ impl Engine {
             listeners: Vec::new(),
             published_listeners: Arc::default(),
             retired_addrs: Vec::new(),
+            predecessor_until: None,
             passive_events: Some(passive_events),
         };
         for id in 0..shard_count {
@@ -452,15 +456,37 @@ impl Engine {
         // A listener restarted on its own old address (a SIGHUP change) may
         // still have sockets closing on the shards; only there is joining the
         // existing group expected.
-        // A running engine does not wait: the address is someone else's.
+        // A running engine does not wait: the address is someone else's,
+        // unless a binary upgrade's predecessor may still hold it.
         let claim = match self.retired_addrs.contains(&spec.addr) {
             true => Claim::Shared,
-            false => Claim::Exclusive(Duration::ZERO),
+            false => Claim::Exclusive(self.predecessor_patience()),
         };
         let group = bind(&spec, self.shards.len(), claim)?;
         let addr = group.local_addr;
         self.hand_out(Arc::new(spec), group)?;
         Ok(addr)
+    }
+
+    /// A binary upgrade's successor, ready: for `window` from now a listener
+    /// added at run time whose address is in use waits (up to 2 s) for it to
+    /// be released instead of failing at once. The predecessor stops
+    /// accepting and closes its listeners once this process is ready, and it
+    /// may have started one from a config edit or SIGHUP made during the
+    /// upgrade, which this process applies too as soon as it is ready (QA:
+    /// "Address already in use", and the listener stayed down until the next
+    /// reload).
+    pub fn predecessor_may_hold_addresses(&mut self, window: Duration) {
+        self.predecessor_until = Some(std::time::Instant::now() + window);
+    }
+
+    /// How long an address in use may be waited for now.
+    fn predecessor_patience(&self) -> Duration {
+        self.predecessor_until.map_or(Duration::ZERO, |until| {
+            until
+                .saturating_duration_since(std::time::Instant::now())
+                .min(RELEASE_PATIENCE)
+        })
     }
 
     /// Gives running listeners new settings on the sockets they already
