@@ -859,6 +859,121 @@ fn a_reload_during_an_upgrade_reaches_the_new_process() {
     });
 }
 
+/// `[config_watch]` on: an edit to the config file while an upgrade is in
+/// flight (the new process has read its file, before it reports ready)
+/// adds a listener on a fixed port; once the old process is gone, that
+/// listener answers, from the new process, which applied the edit as soon
+/// as it was ready. The new process is held between reading its file and
+/// ready by a PostgreSQL source that does not answer (connect timeout 2 s);
+/// the old one's watch (1 s) sees the edit within that time and applies it
+/// too, so both bind the port.
+#[test]
+fn a_config_file_edit_during_an_upgrade_is_applied_by_the_new_process() {
+    let hole = Blackhole::start();
+    let dir = TempDir::new("upgrade-watch-during");
+    let backend = TagBackend::start("a");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new("a", "web", "sa", backend.port()));
+    let control = dir.join("ctl.sock");
+    let path = dir.join("edgeproxy.toml");
+    let text = |extra: &str| {
+        format!(
+            "[config_watch]\nenabled = true\ninterval_secs = 1\n\n\
+             [postgres]\nenabled = true\nurl = \"postgres://u:p@{hole}/db\"\n\
+             connect_timeout_secs = 2\nquery_timeout_secs = 1\n\n\
+             [upgrade]\ncontrol_socket = {control:?}\n\n\
+             [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n{extra}",
+            hole = hole.addr
+        )
+    };
+    std::fs::write(&path, config(&db.path, &text(""))).unwrap();
+    let proxy = Proxy::spawn_exe(
+        Path::new(BIN),
+        &["--config", path.to_str().unwrap()],
+        &[],
+        Some("info"),
+    )
+    .ready();
+    let old = proxy.pid();
+    let mut chain = Chain { pids: vec![old] };
+    // A port of its own for the listener the edit adds.
+    let extra_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mark = proxy.log_mark();
+    let socket = control.clone();
+    let cli = std::thread::spawn(move || cli_upgrade(&socket));
+    // The new process has read its file once it logs having taken over.
+    proxy
+        .wait_for_log_after(
+            mark,
+            "upgrade: took over the previous process's sockets",
+            PATIENCE,
+        )
+        .expect("the new process started");
+    // The case at hand: the upgrade is still in flight.
+    assert!(
+        proxy
+            .log_lines_after(mark, "upgrade: new process is ready")
+            .is_empty(),
+        "the new process was ready before the edit"
+    );
+    let extra = format!("[[listener]]\nname = \"extra\"\naddr = \"{extra_addr}\"\n");
+    std::fs::write(&path, config(&db.path, &text(&extra))).unwrap();
+    let (ok, out) = cli.join().unwrap();
+    assert!(ok, "{out}");
+    let new: u32 = logged(&proxy, mark, "upgrade: new process is ready", "pid")
+        .parse()
+        .unwrap();
+    chain.pids.push(new);
+    // Only the new process is left.
+    assert!(
+        eventually(PATIENCE, || !alive(old)),
+        "the old process did not exit; log:\n{}",
+        proxy.log_text()
+    );
+    assert!(
+        eventually(PATIENCE, || matches!(
+            probe(extra_addr, Duration::from_millis(500)),
+            Probe::Data(_)
+        )),
+        "the edit was lost: nothing serves {extra_addr} once the old process is gone; log:\n{}",
+        proxy.log_text()
+    );
+    assert!(alive(new));
+    round_trip(extra_addr, 0).unwrap();
+    // And at once: the old process stopped serving `extra` when the new one
+    // was ready, so each moment the new one waits is a moment nothing
+    // listens there. QA: it waited for its first check, one interval
+    // (default 5 s) after it was ready.
+    let ready = proxy
+        .log_lines_after(mark, "edgeproxy ready")
+        .into_iter()
+        .find(|l| field(l, "pid") == Some(new.to_string()))
+        .expect("the new process's ready line");
+    let bound = proxy
+        .log_lines_after(mark, "listening listener=extra")
+        .pop()
+        .unwrap();
+    let late = log_time(&bound) - log_time(&ready);
+    eprintln!("figure: the new process served the edit {late:.3} s after it was ready");
+    assert!(
+        late < 0.5,
+        "the new process applied the edit {late:.3} s after it was ready (watch interval 1 s)\n{ready}\n{bound}"
+    );
+}
+
+/// The time of a log line in seconds of its day (tracing's RFC 3339
+/// timestamp, UTC).
+fn log_time(line: &str) -> f64 {
+    let stamp = line.split_whitespace().next().unwrap_or("");
+    let time = stamp.split('T').nth(1).unwrap_or("").trim_end_matches('Z');
+    time.split(':')
+        .map(|p| p.parse::<f64>().unwrap_or(f64::NAN))
+        .fold(0.0, |acc, part| acc * 60.0 + part)
+}
+
 #[test]
 fn a_successor_keeps_the_listeners_it_is_configured_with_and_closes_the_rest() {
     let mut s = Setup::start("upgrade-listeners", None, "");

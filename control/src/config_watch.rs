@@ -5,6 +5,11 @@
 //! applies it (the control loop runs the same code for both); an invalid
 //! new file is refused with an error and the running configuration stays.
 //!
+//! The first check is at once, against the stamp taken before the file
+//! was loaded: an edit made while the process started (a binary upgrade's
+//! new process, between reading its file and ready) is applied as soon as
+//! it serves. Then one check per interval.
+//!
 //! A check is a `stat(2)` of the path (following symlinks, so a
 //! Kubernetes-style `..data` symlink swap counts): device, inode, size and
 //! modification time. An editor's save (write in place, or a new file
@@ -242,8 +247,13 @@ impl ConfigWatch {
 }
 
 fn ticker(interval: Duration) -> tokio::time::Interval {
-    // The first check comes one interval after start, not at once.
-    let mut t = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    // The first check comes at once: the file may have changed since the
+    // stamp was taken before loading it. A binary upgrade's new process
+    // loads its file, then may take seconds to be ready (a slow PostgreSQL
+    // source, a large routing table); an edit meanwhile was applied one
+    // interval after it was ready (QA), while the old process, which may
+    // have applied it already (a new listener), had stopped serving.
+    let mut t = tokio::time::interval(interval);
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     t
 }
