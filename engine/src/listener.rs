@@ -64,7 +64,7 @@ pub fn wait_until_unused(addr: SocketAddr, patience: Duration) -> io::Result<()>
             Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
                 if !logged {
                     tracing::info!(%addr, patience_ms = patience.as_millis() as u64,
-                        "address in use; waiting in case a process that just ended still holds it");
+                        "address in use; waiting in case a process that just ended (or is handing over to this one) still holds it");
                     logged = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
