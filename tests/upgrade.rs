@@ -492,8 +492,18 @@ fn the_old_process_stops_draining_at_a_stop_signal() {
         "old process still draining; log:\n{}",
         s.proxy.log_text()
     );
-    // (No wait for its log pipes to close: the successor holds them.)
-    let status = s.proxy.wait_exit(Duration::ZERO).expect("exited");
+    // (No wait for its log pipes to close: the successor holds them.) Its
+    // main thread may show as a zombie while its other threads still end,
+    // before it can be reaped: ask until it is, as the test below does.
+    let mut status = None;
+    assert!(
+        eventually(PATIENCE, || {
+            status = s.proxy.wait_exit(Duration::ZERO);
+            status.is_some()
+        }),
+        "the old process was never reaped"
+    );
+    let status = status.expect("reaped");
     assert!(status.success(), "old process exited with {status}");
     s.proxy
         .wait_for_log_after(mark, "closing open connections now", PATIENCE)
