@@ -19,7 +19,8 @@
 //! ones stay right and any client refused more than `refused / TRACKED`
 //! times is among them), and distinct clients are counted by linear
 //! counting on a fixed bitmap of [`BITMAP_BITS`] bits (exact for a few,
-//! within a few per cent up to thousands, "more than" beyond).
+//! within a few per cent up to thousands, "more than" beyond, written
+//! `15615+`).
 //!
 //! No lock: the shard is the only writer. Each interval has its own half
 //! (the shard writes the half of the current interval, the reader reads
@@ -132,7 +133,8 @@ impl std::fmt::Display for Distinct {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Distinct::About(n) => write!(f, "{n}"),
-            Distinct::MoreThan(n) => write!(f, "more than {n}"),
+            // No space: it is a log field's value.
+            Distinct::MoreThan(n) => write!(f, "{n}+"),
         }
     }
 }
@@ -397,6 +399,7 @@ mod tests {
             "{top:?}"
         );
         assert!(matches!(got.distinct(), Distinct::MoreThan(_)));
+        assert_eq!(got.distinct().to_string(), "15615+");
     }
 
     #[test]
