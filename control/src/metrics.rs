@@ -638,6 +638,12 @@ fn replication(f: &mut Family<'_>, s: &crate::replication::status::ClusterStatus
         c.syncs_in_sync,
     );
     f.single(
+        "edgeproxy_replication_transport_wire_bytes_sent_total",
+        "counter",
+        "Broadcast and anti-entropy bytes as written on QUIC streams: large messages compressed where the peer negotiated it.",
+        c.transport_wire_bytes_sent,
+    );
+    f.single(
         "edgeproxy_replication_messages_dropped_total",
         "counter",
         "Transport messages dropped (peer queue full or unreachable); anti-entropy repairs them.",

@@ -874,6 +874,15 @@ impl Driver {
             TransportEvent::Unreachable { to, reason } => {
                 tracing::debug!(peer = %to, %reason, "replication: peer unreachable");
             }
+            TransportEvent::Undecodable { from, reason } => {
+                self.node.stats.refused += 1;
+                self.log_refusal(
+                    from,
+                    "garbage",
+                    None,
+                    &format!("undecodable message: {reason}"),
+                );
+            }
         }
     }
 
@@ -1373,6 +1382,11 @@ impl Driver {
                     .transport
                     .stats
                     .dropped
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                transport_wire_bytes_sent: self
+                    .transport
+                    .stats
+                    .wire_bytes_sent
                     .load(std::sync::atomic::Ordering::Relaxed),
                 local_changes: self.local_changes,
             },

@@ -9,6 +9,8 @@
 //! - [`seal`], [`keys`]: gossip datagrams sealed with a key derived from the
 //!   cluster secret; replay protection.
 //! - [`wire`]: transport messages.
+//! - [`frame`]: how a message travels on a connection that negotiated
+//!   framing (large ones compressed).
 //! - [`membership`]: SWIM (foca) as data in, data out.
 //! - [`node`]: the node: broadcast and anti-entropy over membership.
 //! - [`sync_budget`]: what one anti-entropy exchange carries, fitted to the
@@ -26,6 +28,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod driver;
+pub mod frame;
 pub mod hlc;
 pub mod keys;
 pub mod membership;

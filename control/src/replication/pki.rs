@@ -26,8 +26,14 @@ use super::keys::ClusterSecret;
 
 /// The name every node's certificate carries and every client checks.
 pub const SERVER_NAME: &str = "node.edgeproxy-cluster";
-/// ALPN of the replication protocol.
+/// ALPN of the replication protocol: each message is an encoded envelope.
 pub const ALPN: &[u8] = b"edgeproxy-replication/1";
+/// The same, each message framed and large ones compressed (`frame`).
+/// Offered and preferred first; a POP that knows only [`ALPN`] (not yet
+/// upgraded) gets that.
+pub const ALPN_FRAMED: &[u8] = b"edgeproxy-replication/2";
+/// What this node offers and accepts, preferred first.
+pub const ALPNS: &[&[u8]] = &[ALPN_FRAMED, ALPN];
 
 /// Keep-alive on idle connections: a connection to each peer stays open, so
 /// a change goes out without a handshake first (one round trip saved). A
@@ -114,6 +120,15 @@ impl ClusterPki {
     /// TLS for accepting: our leaf, and a client certificate required and
     /// verified against the cluster CA.
     pub fn server_crypto(&self) -> Result<rustls::ServerConfig, PkiError> {
+        self.server_crypto_speaking(ALPNS)
+    }
+
+    /// [`ClusterPki::server_crypto`] accepting only `alpns` (tests: a POP
+    /// of an earlier version).
+    pub(crate) fn server_crypto_speaking(
+        &self,
+        alpns: &[&[u8]],
+    ) -> Result<rustls::ServerConfig, PkiError> {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             self.roots()?,
             Self::provider(),
@@ -127,13 +142,20 @@ impl ClusterPki {
                 vec![self.leaf.clone()],
                 PrivateKeyDer::Pkcs8(self.leaf_key.clone_key()),
             )?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         Ok(config)
     }
 
     /// TLS for connecting: the server verified against the cluster CA, our
     /// leaf as client certificate.
     pub fn client_crypto(&self) -> Result<rustls::ClientConfig, PkiError> {
+        self.client_crypto_speaking(ALPNS)
+    }
+
+    pub(crate) fn client_crypto_speaking(
+        &self,
+        alpns: &[&[u8]],
+    ) -> Result<rustls::ClientConfig, PkiError> {
         let mut config = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
@@ -141,7 +163,7 @@ impl ClusterPki {
                 vec![self.leaf.clone()],
                 PrivateKeyDer::Pkcs8(self.leaf_key.clone_key()),
             )?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         Ok(config)
     }
 
@@ -155,16 +177,32 @@ impl ClusterPki {
     }
 
     pub fn quinn_server(&self) -> Result<quinn::ServerConfig, PkiError> {
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(self.server_crypto()?)
-            .map_err(|e| PkiError::Quic(e.to_string()))?;
+        self.quinn_server_speaking(ALPNS)
+    }
+
+    pub(crate) fn quinn_server_speaking(
+        &self,
+        alpns: &[&[u8]],
+    ) -> Result<quinn::ServerConfig, PkiError> {
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(self.server_crypto_speaking(alpns)?)
+                .map_err(|e| PkiError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Self::transport());
         Ok(config)
     }
 
     pub fn quinn_client(&self) -> Result<quinn::ClientConfig, PkiError> {
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(self.client_crypto()?)
-            .map_err(|e| PkiError::Quic(e.to_string()))?;
+        self.quinn_client_speaking(ALPNS)
+    }
+
+    pub(crate) fn quinn_client_speaking(
+        &self,
+        alpns: &[&[u8]],
+    ) -> Result<quinn::ClientConfig, PkiError> {
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(self.client_crypto_speaking(alpns)?)
+                .map_err(|e| PkiError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Self::transport());
         Ok(config)

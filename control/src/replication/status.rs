@@ -46,6 +46,11 @@ pub struct Counters {
     pub syncs: u64,
     pub syncs_in_sync: u64,
     pub messages_dropped: u64,
+    /// Broadcast and sync bytes as written on QUIC streams (framed, large
+    /// messages compressed); `#[serde(default)]`: absent from a status an
+    /// earlier version wrote.
+    #[serde(default)]
+    pub transport_wire_bytes_sent: u64,
     pub local_changes: u64,
 }
 
