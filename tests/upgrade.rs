@@ -791,61 +791,120 @@ fn a_reload_signal_at_a_starting_successor_waits_for_it() {
 /// that does not answer (connect timeout 2 s). The listener the reload adds
 /// is on a fixed port, which the old process holds until the new one is
 /// ready.
-#[test]
-fn a_reload_during_an_upgrade_reaches_the_new_process() {
-    let hole = Blackhole::start();
-    let dir = TempDir::new("upgrade-reload-during");
-    let backend = TagBackend::start("a");
-    let db = Db::create(dir.join("routing.db"));
-    db.upsert(&Row::new("a", "web", "sa", backend.port()));
-    let control = dir.join("ctl.sock");
-    let path = dir.join("edgeproxy.toml");
-    let text = |extra: &str| {
-        format!(
-            "[postgres]\nenabled = true\nurl = \"postgres://u:p@{hole}/db\"\n\
+/// A binary upgrade held in flight: the new process has read its config
+/// file (it logged taking over the old one's sockets) and waits for a
+/// PostgreSQL source that does not answer (connect timeout 2 s) before it
+/// reports ready. `extra_addr` is a fixed port of its own for a listener
+/// the test adds meanwhile (both processes may start it, the old first).
+struct UpgradeInFlight {
+    proxy: Proxy,
+    chain: Chain,
+    mark: usize,
+    cli: Option<JoinHandle<(bool, String)>>,
+    extra_addr: SocketAddr,
+    path: PathBuf,
+    db: Db,
+    /// The config's sections before the listeners.
+    head: String,
+    _hole: Blackhole,
+    _backend: TagBackend,
+    _dir: TempDir,
+}
+
+impl UpgradeInFlight {
+    fn start(name: &str, head: &str) -> UpgradeInFlight {
+        let hole = Blackhole::start();
+        let dir = TempDir::new(name);
+        let backend = TagBackend::start("a");
+        let db = Db::create(dir.join("routing.db"));
+        db.upsert(&Row::new("a", "web", "sa", backend.port()));
+        let control = dir.join("ctl.sock");
+        let head = format!(
+            "{head}[postgres]\nenabled = true\nurl = \"postgres://u:p@{hole}/db\"\n\
              connect_timeout_secs = 2\nquery_timeout_secs = 1\n\n\
-             [upgrade]\ncontrol_socket = {control:?}\n\n\
-             [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n{extra}",
+             [upgrade]\ncontrol_socket = {control:?}\n\n",
             hole = hole.addr
+        );
+        let path = dir.join("edgeproxy.toml");
+        let extra_addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        write_listeners(&path, &db, &head, "");
+        let proxy = Proxy::spawn_exe(
+            Path::new(BIN),
+            &["--config", path.to_str().unwrap()],
+            &[],
+            Some("info"),
         )
-    };
-    std::fs::write(&path, config(&db.path, &text(""))).unwrap();
-    let proxy = Proxy::spawn_exe(
-        Path::new(BIN),
-        &["--config", path.to_str().unwrap()],
-        &[],
-        Some("info"),
-    )
-    .ready();
-    let mut chain = Chain {
-        pids: vec![proxy.pid()],
-    };
-    // A port of its own for the listener the reload adds: both processes
-    // start it, the old one first.
-    let extra_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mark = proxy.log_mark();
-    let socket = control.clone();
-    let cli = std::thread::spawn(move || cli_upgrade(&socket));
-    // The new process has read its file once it logs having taken over.
-    proxy
-        .wait_for_log_after(
+        .ready();
+        let chain = Chain {
+            pids: vec![proxy.pid()],
+        };
+        let mark = proxy.log_mark();
+        let cli = std::thread::spawn(move || cli_upgrade(&control));
+        proxy
+            .wait_for_log_after(
+                mark,
+                "upgrade: took over the previous process's sockets",
+                PATIENCE,
+            )
+            .expect("the new process started");
+        UpgradeInFlight {
+            proxy,
+            chain,
             mark,
-            "upgrade: took over the previous process's sockets",
-            PATIENCE,
+            cli: Some(cli),
+            extra_addr,
+            path,
+            db,
+            head,
+            _hole: hole,
+            _backend: backend,
+            _dir: dir,
+        }
+    }
+
+    /// Adds the `extra` listener on `extra_addr` to the file.
+    fn add_extra_listener(&self) {
+        let extra = format!(
+            "[[listener]]\nname = \"extra\"\naddr = \"{}\"\n",
+            self.extra_addr
+        );
+        write_listeners(&self.path, &self.db, &self.head, &extra);
+    }
+
+    /// Waits for the upgrade to end; returns the new process's pid.
+    fn finish(&mut self) -> u32 {
+        let (ok, out) = self.cli.take().expect("finished once").join().unwrap();
+        assert!(ok, "{out}");
+        let new: u32 = logged(
+            &self.proxy,
+            self.mark,
+            "upgrade: new process is ready",
+            "pid",
         )
-        .expect("the new process started");
-    let extra = format!("[[listener]]\nname = \"extra\"\naddr = \"{extra_addr}\"\n");
-    std::fs::write(&path, config(&db.path, &text(&extra))).unwrap();
-    signal_pid(chain.newest(), SIGHUP);
-    let (ok, out) = cli.join().unwrap();
-    assert!(ok, "{out}");
-    let new: u32 = logged(&proxy, mark, "upgrade: new process is ready", "pid")
         .parse()
         .unwrap();
-    chain.pids.push(new);
+        self.chain.pids.push(new);
+        new
+    }
+}
+
+/// Writes the config file at `path`: `head`, the `main` listener, then
+/// `extra` lines.
+fn write_listeners(path: &Path, db: &Db, head: &str, extra: &str) {
+    let text = format!("{head}[[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n{extra}");
+    std::fs::write(path, config(&db.path, &text)).unwrap();
+}
+
+#[test]
+fn a_reload_during_an_upgrade_reaches_the_new_process() {
+    let mut u = UpgradeInFlight::start("upgrade-reload-during", "");
+    u.add_extra_listener();
+    signal_pid(u.chain.newest(), SIGHUP);
+    u.finish();
+    let (proxy, mark, extra_addr) = (&u.proxy, u.mark, u.extra_addr);
     // Both processes start the listener the reload added: the old one at
     // the SIGHUP, the new one when it is passed on.
     assert!(
@@ -856,7 +915,7 @@ fn a_reload_during_an_upgrade_reaches_the_new_process() {
     // Once the old process is gone, the new one serves it. QA: on a fixed
     // port the new process found it in use by the old one ("Address already
     // in use") and the listener was gone with the old process.
-    let old = chain.pids[0];
+    let old = u.chain.pids[0];
     assert!(
         eventually(PATIENCE, || !alive(old)),
         "the old process did not exit"
@@ -879,64 +938,21 @@ fn a_reload_during_an_upgrade_reaches_the_new_process() {
 /// too, so both bind the port.
 #[test]
 fn a_config_file_edit_during_an_upgrade_is_applied_by_the_new_process() {
-    let hole = Blackhole::start();
-    let dir = TempDir::new("upgrade-watch-during");
-    let backend = TagBackend::start("a");
-    let db = Db::create(dir.join("routing.db"));
-    db.upsert(&Row::new("a", "web", "sa", backend.port()));
-    let control = dir.join("ctl.sock");
-    let path = dir.join("edgeproxy.toml");
-    let text = |extra: &str| {
-        format!(
-            "[config_watch]\nenabled = true\ninterval_secs = 1\n\n\
-             [postgres]\nenabled = true\nurl = \"postgres://u:p@{hole}/db\"\n\
-             connect_timeout_secs = 2\nquery_timeout_secs = 1\n\n\
-             [upgrade]\ncontrol_socket = {control:?}\n\n\
-             [[listener]]\nname = \"main\"\naddr = \"127.0.0.1:0\"\n{extra}",
-            hole = hole.addr
-        )
-    };
-    std::fs::write(&path, config(&db.path, &text(""))).unwrap();
-    let proxy = Proxy::spawn_exe(
-        Path::new(BIN),
-        &["--config", path.to_str().unwrap()],
-        &[],
-        Some("info"),
-    )
-    .ready();
-    let old = proxy.pid();
-    let mut chain = Chain { pids: vec![old] };
-    // A port of its own for the listener the edit adds.
-    let extra_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mark = proxy.log_mark();
-    let socket = control.clone();
-    let cli = std::thread::spawn(move || cli_upgrade(&socket));
-    // The new process has read its file once it logs having taken over.
-    proxy
-        .wait_for_log_after(
-            mark,
-            "upgrade: took over the previous process's sockets",
-            PATIENCE,
-        )
-        .expect("the new process started");
+    let mut u = UpgradeInFlight::start(
+        "upgrade-watch-during",
+        "[config_watch]\nenabled = true\ninterval_secs = 1\n\n",
+    );
+    let (mark, extra_addr, old) = (u.mark, u.extra_addr, u.chain.pids[0]);
     // The case at hand: the upgrade is still in flight.
     assert!(
-        proxy
+        u.proxy
             .log_lines_after(mark, "upgrade: new process is ready")
             .is_empty(),
         "the new process was ready before the edit"
     );
-    let extra = format!("[[listener]]\nname = \"extra\"\naddr = \"{extra_addr}\"\n");
-    std::fs::write(&path, config(&db.path, &text(&extra))).unwrap();
-    let (ok, out) = cli.join().unwrap();
-    assert!(ok, "{out}");
-    let new: u32 = logged(&proxy, mark, "upgrade: new process is ready", "pid")
-        .parse()
-        .unwrap();
-    chain.pids.push(new);
+    u.add_extra_listener();
+    let new = u.finish();
+    let proxy = &u.proxy;
     // Only the new process is left.
     assert!(
         eventually(PATIENCE, || !alive(old)),
