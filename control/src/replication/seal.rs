@@ -63,7 +63,14 @@ pub enum Refused {
     BadTag,
     #[error("replayed datagram")]
     Replay,
-    #[error("datagram sent {0} ms away from this node's clock (clocks out of sync?)")]
+    /// This node's clock minus the datagram's stamp, ms: positive, the
+    /// sender's clock is behind (or the datagram took that long); negative,
+    /// it is ahead. QA read "sent -599940 ms away" as nonsense.
+    #[error(
+        "datagram stamped {} ms {} this node's clock (clocks out of sync? check NTP on both POPs)",
+        .0.unsigned_abs(),
+        if *.0 >= 0 { "behind" } else { "ahead of" }
+    )]
     Stale(i64),
 }
 
@@ -367,6 +374,14 @@ mod tests {
         let (mut a, mut b) = pair(Some([7; 32]), Some([7; 32]));
         let old = a.seal(Kind::Swim, b"1", NOW - MAX_AGE_MS - 1);
         assert!(matches!(b.open(&old, NOW), Err(Refused::Stale(_))));
+        assert_eq!(
+            Refused::Stale(599_940).to_string(),
+            "datagram stamped 599940 ms behind this node's clock (clocks out of sync? check NTP on both POPs)"
+        );
+        assert_eq!(
+            Refused::Stale(-599_940).to_string(),
+            "datagram stamped 599940 ms ahead of this node's clock (clocks out of sync? check NTP on both POPs)"
+        );
         let d2 = a.seal(Kind::Swim, b"2", NOW);
         let d3 = a.seal(Kind::Swim, b"3", NOW);
         assert!(b.open(&d3, NOW).is_ok());
