@@ -1544,6 +1544,55 @@ fn frr_soft_in_gets_the_routes_between_borr_and_eorr() {
     );
 }
 
+/// The POP renumbered under a running session: a new address added to its
+/// link leaves the routes as they are (the next hop in use still works);
+/// the old one removed, the IPv6 route comes again with the new next hop,
+/// which BIRD installs. QA: the next hop was chosen once, at connect, and
+/// stayed the removed address (unreachable for the router) until the
+/// session restarted.
+#[test]
+fn a_next_hop_removed_from_the_link_is_replaced_under_a_running_session() {
+    let _serial = serial();
+    let (lab, bird) = ipv6_link_lab(|_| {});
+    wait_kernel_route_via(&lab, &bird, "fd77::2");
+    let mark = lab.pop(1).log_mark();
+    sh(
+        &lab.net,
+        1,
+        &[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd77::7/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    sh(
+        &lab.net,
+        1,
+        &["ip", "-6", "addr", "del", "fd77::2/64", "dev", "eth0"],
+    );
+    wait_kernel_route_via(&lab, &bird, "fd77::7");
+    let route = bird.route(PREFIX6);
+    assert!(route.contains("BGP.next_hop: fd77::7"), "{route}");
+    let said = lab
+        .pop(1)
+        .wait_for_log_after(mark, "bgp: the IPv6 next hop changed", PATIENCE)
+        .expect("the change logged");
+    assert!(said.contains("fd77::7"), "{said}");
+    // Still the same session: no reconnect was needed.
+    assert!(
+        lab.pop(1)
+            .log_lines_after(mark, "bgp: session established")
+            .is_empty(),
+        "the session restarted:\n{}",
+        lab.pop(1).log_text()
+    );
+}
+
 /// The POP's only address on its link is deprecated: it is still the next
 /// hop (better than an IPv4-mapped one the router cannot install), and the
 /// POP says so with a WARN.

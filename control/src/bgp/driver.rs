@@ -25,18 +25,24 @@ use tokio::task::JoinHandle;
 
 use super::config::{community_text, Bgp, Neighbor};
 use super::handoff::Handed;
-use super::link_address::link_ipv6;
+use super::link_address::{link_ipv6, link_ipv6_choice, warn_if_deprecated};
 use super::md5::{self, Md5Key};
 use super::policy::Phase;
 use super::routes::Advertisement;
 use super::session::{cease, Io, Session, SessionEvent, SessionSettings};
 use super::status::{BgpStatus, NeighborStatus, StatusHandle};
+use rustbgpd_fsm::SessionState;
 use rustbgpd_wire::notification::cease_subcode;
 
 /// How long an outbound connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Status refresh (uptime) while nothing happens.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// How often an established IPv4 session checks that its IPv6 next hop is
+/// still the address it would choose now (one removed or deprecated from
+/// the interface under a running session would be a next hop the router
+/// cannot reach).
+const NEXT_HOP_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// A write that makes no progress this long (with hold time 0) breaks the
 /// connection.
 const WRITE_STALL_FLOOR: Duration = Duration::from_secs(10);
@@ -405,6 +411,8 @@ impl Task {
         let mut buf = vec![0u8; 16 * 1024];
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_hop_tick = tokio::time::interval(NEXT_HOP_CHECK_EVERY);
+        next_hop_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         if let Some(inherit) = self.inherit.take() {
             let mut inherit = inherit;
             let handed = tokio::select! {
@@ -491,8 +499,34 @@ impl Task {
                     return;
                 }
                 _ = status_tick.tick() => self.publish(),
+                _ = next_hop_tick.tick() => self.check_next_hop(),
             }
         }
+    }
+
+    /// On an established IPv4 session, chooses the IPv6 next hop again and
+    /// re-announces the IPv6 routes if it changed (QA: an operator moving
+    /// the POP to a new address and removing the old left every IPv6 route
+    /// pointing at an address no longer there until the session restarted).
+    fn check_next_hop(&mut self) {
+        if self.session.state() != SessionState::Established {
+            return;
+        }
+        let Some(local) = self.stream.as_ref().and_then(|s| s.local_addr().ok()) else {
+            return;
+        };
+        let before = self.session.link_ipv6();
+        let choice = link_ipv6_choice(local.ip(), &self.announced, before);
+        let now = choice.as_ref().map(|c| c.addr);
+        if now == before {
+            return;
+        }
+        tracing::info!(neighbor = %self.neighbor.label(), before = ?before, now = ?now,
+            "bgp: the IPv6 next hop changed on the session's interface; announcing IPv6 routes again");
+        if let Some(c) = &choice {
+            warn_if_deprecated(c, local.ip());
+        }
+        self.session.set_link_ipv6(now);
     }
 
     /// Logs a failed connect attempt: the first of a run as a warning.

@@ -60,6 +60,18 @@ pub struct Choice {
 /// The next hop among an interface's IPv6 addresses: the first preferred global one that is not `announced`, else
 /// the first deprecated one, else `None`.
 pub fn choose(addrs: &[LinkAddress], announced: &[IpNet]) -> Option<Choice> {
+    choose_keeping(addrs, announced, None)
+}
+
+/// [`choose`], but `current` (the next hop in use) while it is still a
+/// preferred candidate: an address added to the interface (listed first,
+/// being the newest) does not move the routes; one removed or deprecated
+/// does.
+pub fn choose_keeping(
+    addrs: &[LinkAddress],
+    announced: &[IpNet],
+    current: Option<Ipv6Addr>,
+) -> Option<Choice> {
     let candidates = || {
         addrs.iter().filter(|l| {
             let a = l.addr;
@@ -73,7 +85,8 @@ pub fn choose(addrs: &[LinkAddress], announced: &[IpNet]) -> Option<Choice> {
         })
     };
     candidates()
-        .find(|l| !l.deprecated())
+        .find(|l| !l.deprecated() && Some(l.addr) == current)
+        .or_else(|| candidates().find(|l| !l.deprecated()))
         .or_else(|| candidates().next())
         .map(|l| Choice {
             addr: l.addr,
@@ -86,6 +99,20 @@ pub fn choose(addrs: &[LinkAddress], announced: &[IpNet]) -> Option<Choice> {
 /// or when the interface has no usable global IPv6 address (the routes
 /// then carry the IPv4-mapped address).
 pub fn link_ipv6(local: IpAddr, announced: &[IpNet]) -> Option<Ipv6Addr> {
+    let choice = link_ipv6_choice(local, announced, None)?;
+    warn_if_deprecated(&choice, local);
+    Some(choice.addr)
+}
+
+/// What [`link_ipv6`] would choose (keeping `current` while it is still
+/// preferred), and whether it is deprecated, without a word in the log
+/// (the driver checks again every few seconds, and says only what
+/// changed).
+pub fn link_ipv6_choice(
+    local: IpAddr,
+    announced: &[IpNet],
+    current: Option<Ipv6Addr>,
+) -> Option<Choice> {
     let IpAddr::V4(local) = local else {
         return None;
     };
@@ -98,13 +125,16 @@ pub fn link_ipv6(local: IpAddr, announced: &[IpNet]) -> Option<Ipv6Addr> {
             return None;
         }
     };
-    let choice = choose(&parse_if_inet6(&text, &interface), announced)?;
+    choose_keeping(&parse_if_inet6(&text, &interface), announced, current)
+}
+
+/// The WARN for a next hop that is deprecated (the only usable one left).
+pub fn warn_if_deprecated(choice: &Choice, local: IpAddr) {
     if choice.deprecated {
-        tracing::warn!(next_hop = %choice.addr, %interface, %local,
+        tracing::warn!(next_hop = %choice.addr, %local,
             "bgp: the only global IPv6 address on the session's interface is deprecated; \
              announcing IPv6 routes with it as next hop");
     }
-    Some(choice.addr)
 }
 
 /// The addresses of `interface` in `/proc/net/if_inet6`'s text, whose lines
@@ -234,5 +264,29 @@ fd770000000000000000000000000009 02 40 00 80       eth1
         let addrs = [addr("2001:db8:100::1", 0x80), addr("fd77::2", 0x80)];
         assert_eq!(choose(&addrs, &announced).unwrap().addr, v6("fd77::2"));
         assert_eq!(choose(&addrs[..1], &announced), None);
+    }
+
+    /// Checked again under a running session: the next hop in use stays
+    /// while it is preferred, even behind a newer address; deprecated or
+    /// gone, the first preferred one takes over.
+    #[test]
+    fn the_next_hop_in_use_stays_while_it_is_preferred() {
+        let added = [addr("fd77::7", 0x80), addr("fd77::2", 0x80)];
+        let keep = Some(v6("fd77::2"));
+        assert_eq!(
+            choose_keeping(&added, &[], keep).unwrap().addr,
+            v6("fd77::2")
+        );
+        assert_eq!(choose(&added, &[]).unwrap().addr, v6("fd77::7"));
+        let deprecated = [addr("fd77::7", 0x80), addr("fd77::2", IFA_F_DEPRECATED)];
+        assert_eq!(
+            choose_keeping(&deprecated, &[], keep).unwrap().addr,
+            v6("fd77::7")
+        );
+        let removed = [addr("fd77::7", 0x80)];
+        assert_eq!(
+            choose_keeping(&removed, &[], keep).unwrap().addr,
+            v6("fd77::7")
+        );
     }
 }

@@ -389,8 +389,21 @@ impl Session {
     /// [`handle_connected`](Session::handle_connected) (IPv4 sessions):
     /// the next hop of IPv6 routes, which a router can install (Linux has
     /// no IPv4 gateway for IPv6 routes). `None`: the IPv4-mapped address.
+    ///
+    /// On an established session a change goes out at once: the routes
+    /// already sent carry the old next hop (an address since removed or
+    /// deprecated), so they are announced again with the new one.
     pub fn set_link_ipv6(&mut self, addr: Option<Ipv6Addr>) {
-        self.link_ipv6 = addr;
+        if self.link_ipv6 != addr {
+            self.link_ipv6 = addr;
+            self.sync_routes();
+        }
+    }
+
+    /// The next hop of IPv6 routes on this IPv4 session (see
+    /// [`Session::set_link_ipv6`]).
+    pub fn link_ipv6(&self) -> Option<Ipv6Addr> {
+        self.link_ipv6
     }
 
     pub fn handle_connect_failed(&mut self, now: Instant, error: &str) {

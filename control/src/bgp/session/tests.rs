@@ -753,3 +753,60 @@ fn cease_encodes_a_notification_with_its_reason() {
         other => panic!("{other:?}"),
     }
 }
+
+/// The IPv6 next hop of the MP_REACH_NLRI in the UPDATEs since the last
+/// call, with the prefixes each announced.
+fn v6_next_hops(peer: &mut Peer) -> Vec<(std::net::IpAddr, Vec<String>)> {
+    let mut out = Vec::new();
+    for u in peer.updates.drain(..) {
+        for a in u.parse(true, false, &[]).unwrap().attributes {
+            if let PathAttribute::MpReachNlri(r) = a {
+                let prefixes = r
+                    .announced
+                    .iter()
+                    .map(|e| match &e.prefix {
+                        WirePrefix::V4(p) => p.to_string(),
+                        WirePrefix::V6(p) => p.to_string(),
+                    })
+                    .collect();
+                out.push((r.next_hop, prefixes));
+            }
+        }
+    }
+    out
+}
+
+/// QA: the IPv6 next hop was chosen once, when the session connected. An
+/// address removed from (or deprecated on) the interface afterwards stayed
+/// the next hop of every IPv6 route, unreachable for the router, until the
+/// session restarted. A new choice on an established session announces
+/// the IPv6 routes again with it, at once; the same choice sends nothing.
+#[test]
+fn a_changed_ipv6_next_hop_is_announced_again_at_once() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    s.set_link_ipv6(Some("fd77::5".parse().unwrap()));
+    s.set_advertisement(ad(&["198.51.100.0/24", "2001:db8:1::/48"], false, 1));
+    pump(&mut s, &mut peer, t0);
+    assert_eq!(
+        v6_next_hops(&mut peer),
+        [(
+            "fd77::5".parse().unwrap(),
+            vec!["2001:db8:1::/48".to_string()]
+        )]
+    );
+    s.set_link_ipv6(Some("fd77::5".parse().unwrap()));
+    pump(&mut s, &mut peer, t0);
+    assert!(peer.updates.is_empty(), "nothing changed, nothing sent");
+    s.set_link_ipv6(Some("fd77::2".parse().unwrap()));
+    pump(&mut s, &mut peer, t0);
+    assert_eq!(
+        v6_next_hops(&mut peer),
+        [(
+            "fd77::2".parse().unwrap(),
+            vec!["2001:db8:1::/48".to_string()]
+        )],
+        "the IPv6 route again, with the new next hop (the IPv4 one untouched)"
+    );
+    assert_eq!(s.link_ipv6(), Some("fd77::2".parse().unwrap()));
+}
