@@ -2212,22 +2212,63 @@ fn thread_cpu_secs(pid: u32, tid: u32) -> f64 {
 }
 
 /// Inserts `n` backends `{prefix}-{k}` into POP `i`'s routing.db in one
-/// transaction, as an operator's bulk import would.
-fn bulk_insert(c: &Cluster, i: usize, prefix: &str, n: usize) {
+/// transaction, as an operator's bulk import would. `varied`: ids, apps,
+/// regions, addresses, ports, weights and limits drawn at random (a seeded
+/// xorshift), as a real table's are; else all alike but for the number
+/// (which compresses far better).
+fn bulk_insert(c: &Cluster, i: usize, prefix: &str, n: usize, varied: bool) {
     let mut conn = rusqlite::Connection::open(c.db_path(i)).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     let tx = conn.transaction().unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ (i as u64 + 1);
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
     {
         let mut insert = tx
             .prepare(
                 "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit)
-                 VALUES (?1, 'web', 'eu', ?2, ?3, 1, 1, 100, 150)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, 1, ?6, ?7, ?8)",
             )
             .unwrap();
+        let regions = ["sa", "eu", "ap", "us", "af", "me", "oc", "na"];
         for k in 0..n {
-            let ip = format!("10.78.{}.{}", k / 250, 1 + k % 250);
+            let row = if varied {
+                let r = [next(), next(), next()];
+                (
+                    format!("{prefix}-{:016x}{:016x}", r[0], r[1]),
+                    format!("app-{}", r[2] % 50),
+                    regions[(r[2] >> 8) as usize % regions.len()].to_string(),
+                    format!(
+                        "10.{}.{}.{}",
+                        (r[2] >> 16) % 256,
+                        (r[2] >> 24) % 256,
+                        1 + (r[2] >> 32) % 254
+                    ),
+                    (1024 + (r[2] >> 40) % 60000) as i64,
+                    (1 + (r[2] >> 56) % 10) as i64,
+                    [100i64, 200, 500, 1000][(r[1] % 4) as usize],
+                    [150i64, 300, 800, 2000][((r[1] >> 2) % 4) as usize],
+                )
+            } else {
+                (
+                    format!("{prefix}-{k}"),
+                    "web".to_string(),
+                    "eu".to_string(),
+                    format!("10.78.{}.{}", k / 250, 1 + k % 250),
+                    80,
+                    1,
+                    100,
+                    150,
+                )
+            };
             insert
-                .execute(rusqlite::params![format!("{prefix}-{k}"), ip, 80])
+                .execute(rusqlite::params![
+                    row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7
+                ])
                 .unwrap();
         }
     }
@@ -2247,6 +2288,8 @@ fn figures_catchup() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
+    // EDGEPROXY_CATCHUP_VARIED=1: rows as varied as a real table's.
+    let varied = std::env::var("EDGEPROXY_CATCHUP_VARIED").is_ok_and(|v| v == "1");
     // EDGEPROXY_CATCHUP_RUST_LOG: the POPs' log level (e.g.
     // `info,control::replication=debug` to see each exchange).
     let rust_log = std::env::var("EDGEPROXY_CATCHUP_RUST_LOG").unwrap_or_else(|_| "info".into());
@@ -2261,8 +2304,8 @@ fn figures_catchup() {
         .as_deref()
         == Some("down")
         && c.member_state(1, 0).as_deref() == Some("down")));
-    bulk_insert(&c, 0, "left", rows);
-    bulk_insert(&c, 1, "right", rows);
+    bulk_insert(&c, 0, "left", rows, varied);
+    bulk_insert(&c, 1, "right", rows, varied);
     // Each side has taken its own rows in.
     assert!(common::eventually(Duration::from_secs(120), || (0..2).all(
         |i| c.cluster_status(i)["rows"].as_u64().unwrap_or(0) >= rows as u64
@@ -2292,7 +2335,10 @@ fn figures_catchup() {
             .and_then(|b| b.parse::<usize>().ok())
             .is_some_and(|b| b >= 2 * rows)
     })));
-    eprintln!("\ncatch-up: 2 POPs, {rows} rows written on each side while partitioned");
+    eprintln!(
+        "\ncatch-up: 2 POPs, {rows} {} rows written on each side while partitioned",
+        if varied { "varied" } else { "alike" }
+    );
     eprintln!("identical digests {} after the heal", ms(took));
     for i in 0..2 {
         if let Ok(dump) = std::env::var("EDGEPROXY_CATCHUP_LOGS") {
