@@ -492,19 +492,8 @@ fn the_old_process_stops_draining_at_a_stop_signal() {
         "old process still draining; log:\n{}",
         s.proxy.log_text()
     );
-    // (No wait for its log pipes to close: the successor holds them.) Its
-    // main thread may show as a zombie while its other threads still end,
-    // before it can be reaped: ask until it is, as the test below does.
-    let mut status = None;
-    assert!(
-        eventually(PATIENCE, || {
-            status = s.proxy.wait_exit(Duration::ZERO);
-            status.is_some()
-        }),
-        "the old process was never reaped"
-    );
-    let status = status.expect("reaped");
-    assert!(status.success(), "old process exited with {status}");
+    // (No wait for its log pipes to close: the successor holds them.)
+    assert_reaped_cleanly(&mut s.proxy);
     s.proxy
         .wait_for_log_after(mark, "closing open connections now", PATIENCE)
         .unwrap_or_else(|| panic!("no word; log:\n{}", s.proxy.log_text()));
@@ -546,12 +535,18 @@ fn the_old_process_exits_promptly_once_its_drain_is_over() {
     );
     // (Not `wait_exit` with a timeout: after the exit it waits that long
     // for the log pipes to close, which the successor holds, and reads as
-    // a slow exit.) Its main thread may show as a zombie while its other
-    // threads still end, before it can be reaped: ask until it is.
+    // a slow exit.)
+    assert_reaped_cleanly(&mut s.proxy);
+}
+
+/// Reaps the old process of an upgrade and checks it exited with success.
+/// Its main thread may show as a zombie while its other threads still end,
+/// before it can be reaped: asks until it is.
+fn assert_reaped_cleanly(proxy: &mut Proxy) {
     let mut status = None;
     assert!(
         eventually(PATIENCE, || {
-            status = s.proxy.wait_exit(Duration::ZERO);
+            status = proxy.wait_exit(Duration::ZERO);
             status.is_some()
         }),
         "the old process was never reaped"
