@@ -261,6 +261,8 @@ async fn link_task(
     stats: Arc<TransportStats>,
 ) {
     let mut conn: Option<quinn::Connection> = None;
+    // What the connection negotiated: framed (maybe compressed) messages.
+    let mut framed_conn = false;
     let mut failed_at: Option<tokio::time::Instant> = None;
     while let Some(bytes) = rx.recv().await {
         if conn.as_ref().is_some_and(|c| c.close_reason().is_some()) {
@@ -275,6 +277,7 @@ async fn link_task(
             match connect(&endpoint, to).await {
                 Ok(c) => {
                     failed_at = None;
+                    framed_conn = framed(&c);
                     conn = Some(c);
                 }
                 Err(reason) => {
@@ -289,8 +292,9 @@ async fn link_task(
         let c = conn.clone().expect("connected above");
         rtt_us.store(c.rtt().as_micros() as u64, Ordering::Relaxed);
         let stats = Arc::clone(&stats);
+        let framed = framed_conn;
         tokio::spawn(async move {
-            let bytes = match framed(&c) {
+            let bytes = match framed {
                 // About a millisecond for a 512 KB batch of rows, on the
                 // control runtime like every other step of replication.
                 true => frame::encode(&bytes),
