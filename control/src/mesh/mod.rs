@@ -27,5 +27,6 @@ pub mod keys;
 pub mod metrics;
 pub mod netlink;
 pub mod path_watch;
+pub mod probe_watch;
 pub mod plan;
 pub mod status;
