@@ -27,6 +27,8 @@ pub mod keys;
 pub mod metrics;
 pub mod netlink;
 pub mod path_watch;
+pub mod pinger;
 pub mod probe_watch;
+pub mod prober;
 pub mod plan;
 pub mod status;
