@@ -32,3 +32,4 @@ pub mod probe_watch;
 pub mod prober;
 pub mod plan;
 pub mod status;
+pub mod verdict;
