@@ -146,7 +146,11 @@ pub struct PopPrefix(Ipv6Net);
 impl PopPrefix {
     /// A /64 as written in the `pops` table (`prefix6`), if it is one.
     pub fn parse(text: &str) -> Option<PopPrefix> {
-        let net: Ipv6Net = text.trim().parse().ok()?;
+        PopPrefix::from_net(text.trim().parse().ok()?)
+    }
+
+    /// `net` if it is a /64 (no bits set after it).
+    pub fn from_net(net: Ipv6Net) -> Option<PopPrefix> {
         (net.prefix_len() == 64 && net.addr() == net.network()).then_some(PopPrefix(net))
     }
 

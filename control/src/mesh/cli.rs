@@ -84,7 +84,8 @@ pub fn render_status(body: &Value) -> String {
     let mut out = format!(
         "interface {} ({}), listening on UDP {}, endpoint {}\n\
          public key {}\n\
-         6PN: cluster {}{}, this POP {} at {}\n\n",
+         6PN: cluster {}{}, this POP {} at {}\n\
+         path probes: {}\n\n",
         s.interface,
         s.implementation,
         s.listen_port,
@@ -98,6 +99,10 @@ pub fn render_status(body: &Value) -> String {
         },
         s.prefix,
         s.address,
+        match &s.path_probe {
+            Some(socket) => format!("ICMPv6 echo through the tunnel ({socket})"),
+            None => "off (paths judged from WireGuard handshakes only)".into(),
+        },
     );
     let dash = || "-".to_string();
     let mut rows = vec![[
@@ -106,6 +111,7 @@ pub fn render_status(body: &Value) -> String {
         "ALLOWED IPS",
         "HANDSHAKE",
         "PATH",
+        "RTT",
         "RECEIVED",
         "SENT",
     ]
@@ -119,12 +125,16 @@ pub fn render_status(body: &Value) -> String {
             p.last_handshake_secs
                 .map(|t| format!("{t}s ago"))
                 .unwrap_or_else(|| "never".into()),
-            // From the handshake age ("-": no keepalive to judge by).
+            // From the pings, else the handshake age ("-": neither tells).
             match p.path_up {
                 Some(true) => "up".into(),
                 Some(false) => "DOWN".into(),
                 None => dash(),
             },
+            // The last answered ping's round trip.
+            p.probe_rtt_secs
+                .map(|s| format!("{:.1}ms", s * 1000.0))
+                .unwrap_or_else(dash),
             bytes(p.rx_bytes),
             bytes(p.tx_bytes),
         ]);
@@ -346,6 +356,8 @@ mod tests {
                     tx_bytes: 10,
                     persistent_keepalive_secs: Some(25),
                     path_up: Some(false),
+                    probe_rtt_secs: Some(0.0213),
+                    probes_lost: Some(3),
                 },
                 PeerView {
                     public_key: "K2".into(),
@@ -361,12 +373,14 @@ mod tests {
         let text = render_status(&serde_json::to_value(&s).unwrap());
         assert!(text.contains("interface ep6pn (embedded)"), "{text}");
         assert!(text.contains("derived from the cluster secret"), "{text}");
+        assert!(text.contains("path probes: off"), "{text}");
         let fra = text.lines().find(|l| l.starts_with("fra-1")).unwrap();
         for cell in [
             "10.0.0.2:51820",
             "fd12:3456:789a:2::/64",
             "4s ago",
             " DOWN ",
+            " 21.3ms ",
             "2.0 KiB",
             "10 B",
         ] {

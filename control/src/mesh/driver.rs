@@ -18,7 +18,10 @@
 //! replication publishes a membership change or a `pops` row, it
 //! reconciles at once; every [`FULL_PASS`] it reconciles anyway, which puts
 //! back whatever someone changed by hand (`wg set`, `ip route del`, `ip link
-//! set down`).
+//! set down`). Every `mesh.probe_interval_secs` it pings each peer's 6PN
+//! address through the tunnel (`prober`, judged by `probe_watch`); once a
+//! second it reads the device for the status and the handshake ages
+//! (`path_watch`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -37,7 +40,10 @@ use super::keys::{self, PrivateKey, PublicKey};
 use super::netlink::Netlink;
 use super::path_watch::{PathEvent, PathWatch, Reading};
 use super::plan::{self, Advertised, Change, Current, Own, Skip, Update};
+use super::probe_watch::{ProbeEvent, ProbeWatch};
+use super::prober::{Answer, Prober};
 use super::status::{Counters, MeshStatus, PeerView, SkippedView, StatusHandle};
+use super::verdict::Verdict;
 use crate::config::Config;
 use crate::store::RoutingStore;
 
@@ -294,8 +300,16 @@ struct Driver {
     names: HashMap<PublicKey, String>,
     /// POPs left out, and why (logged when that changes).
     skipped: BTreeMap<String, Skip>,
-    /// Whether each peer's path works (see `path_watch`).
+    /// Whether each peer's path works, from its handshake age (see
+    /// `path_watch`): for peers the probes do not judge.
     paths: PathWatch,
+    /// Pings through the tunnel; `None`: off, or no socket to send them.
+    prober: Option<Prober>,
+    /// Whether each peer's path works, from the pings (see `probe_watch`):
+    /// for every peer that has answered one.
+    probes: ProbeWatch,
+    /// Which of the two speaks for each peer (see `verdict`).
+    verdict: Verdict,
     pinned: HashMap<Ipv6Addr, Instant>,
     counters: Counters,
     last_error: Option<String>,
@@ -340,6 +354,25 @@ impl Driver {
                 return Err(e.into());
             }
         };
+        let probe_interval = Duration::from_secs(u64::from(p.mesh.probe_interval_secs));
+        let prober = match p.mesh.probe_interval_secs {
+            0 => {
+                tracing::info!(
+                    "mesh: path probes off (mesh.probe_interval_secs = 0): a blocked \
+                    path is judged from WireGuard handshakes only, which takes minutes"
+                );
+                None
+            }
+            _ => match Prober::start(p.six_pn.pop_address(), probe_interval) {
+                Ok(prober) => Some(prober),
+                Err(e) => {
+                    tracing::warn!(error = %e,
+                        "mesh: cannot probe paths through the tunnel; a blocked path is judged \
+                         from WireGuard handshakes only, which takes minutes");
+                    None
+                }
+            },
+        };
         let (interface, implementation) = (p.mesh.interface.clone(), device.implementation());
         let (listen_port, mtu) = (p.mesh.listen_port, p.mesh.mtu);
         let mut driver = Driver {
@@ -367,6 +400,9 @@ impl Driver {
             names: HashMap::new(),
             skipped: BTreeMap::new(),
             paths: PathWatch::default(),
+            prober,
+            probes: ProbeWatch::new(probe_interval),
+            verdict: Verdict::default(),
             pinned: HashMap::new(),
             counters: Counters::default(),
             last_error: None,
@@ -386,7 +422,9 @@ impl Driver {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut answers = self.prober.as_mut().and_then(Prober::take_answers);
         loop {
+            let probe_at = tokio::time::Instant::from_std(self.probes.poll_timeout(Instant::now()));
             tokio::select! {
                 _ = poll.tick() => {
                     let version = self.snapshot.load().version;
@@ -399,6 +437,10 @@ impl Driver {
                     }
                 }
                 _ = status_tick.tick() => self.publish_status().await,
+                _ = tokio::time::sleep_until(probe_at), if self.prober.is_some() => {
+                    self.probe_round(&mut answers).await
+                }
+                Some(answer) = next_answer(&mut answers) => self.on_answer(answer).await,
                 cmd = commands.recv() => match cmd {
                     Some(Command::Pin(ip, done)) => {
                         if self.own.pop.contains(&ip) {
@@ -561,6 +603,17 @@ impl Driver {
         })
     }
 
+    /// A peer's 6PN address: `::1` of the /64 of this cluster it is
+    /// allowed (what its POP configures on its interface).
+    fn peer_address(&self, allowed: &[ipnet::IpNet]) -> Option<Ipv6Addr> {
+        allowed.iter().find_map(|net| match net {
+            ipnet::IpNet::V6(v6) if self.own.cluster.contains_net(v6) => {
+                PopPrefix::from_net(*v6).map(|p| p.pop_address())
+            }
+            _ => None,
+        })
+    }
+
     fn name(&self, key: &PublicKey) -> String {
         self.names
             .get(key)
@@ -655,7 +708,90 @@ impl Driver {
         self.skipped = now;
     }
 
-    /// Logs a peer's path going down or working again.
+    /// The answers that came in first (so that none waiting to be read
+    /// counts as lost), then the verdicts due, then the probes due.
+    async fn probe_round(&mut self, answers: &mut Option<mpsc::UnboundedReceiver<Answer>>) {
+        let mut changed = false;
+        if let Some(rx) = answers {
+            while let Ok(answer) = rx.try_recv() {
+                changed |= self.take_answer(answer);
+            }
+        }
+        let now = Instant::now();
+        for event in self.probes.judge(now) {
+            self.tell_probe(event);
+            changed = true;
+        }
+        let due = self.probes.poll_probes(now);
+        if let Some(prober) = &self.prober {
+            prober.send(due);
+        }
+        if changed {
+            // Status and metrics show a verdict when it is said.
+            self.publish_status().await;
+        }
+    }
+
+    async fn on_answer(&mut self, answer: Answer) {
+        if self.take_answer(answer) {
+            self.publish_status().await;
+        }
+    }
+
+    /// Hands one answer to the watch; `true` if a path works again.
+    fn take_answer(&mut self, answer: Answer) -> bool {
+        match self
+            .probes
+            .handle_answer(answer.at, answer.from, answer.seq)
+        {
+            Some(event) => {
+                self.tell_probe(event);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Logs a peer's path going down or working again, from the pings.
+    fn tell_probe(&self, event: ProbeEvent) {
+        let status = self.status.load();
+        let name = |key: &str| {
+            let view = status.peers.iter().find(|p| p.public_key == key);
+            let pop = view
+                .and_then(|p| p.node_id.clone())
+                .unwrap_or_else(|| key.to_string());
+            let endpoint = view
+                .and_then(|p| p.endpoint.clone())
+                .unwrap_or_else(|| "-".into());
+            (pop, endpoint)
+        };
+        match event {
+            ProbeEvent::Down {
+                public_key,
+                unanswered,
+                silent_for,
+            } => {
+                let (pop, endpoint) = name(&public_key);
+                tracing::warn!(peer = %pop, %endpoint, unanswered,
+                    silent_secs = silent_for.as_secs_f64(),
+                    "mesh: path to the peer is down: no answer to {unanswered} pings in a row through \
+                     the tunnel (from this POP's 6PN address to the peer's); the path between the \
+                     two POPs is blocked or a WireGuard is stuck, and 6PN traffic to it is lost");
+            }
+            ProbeEvent::Up {
+                public_key,
+                after,
+                rtt,
+            } => {
+                let (pop, endpoint) = name(&public_key);
+                tracing::info!(peer = %pop, %endpoint, after_secs = after.as_secs(),
+                    rtt_ms = rtt.as_secs_f64() * 1000.0,
+                    "mesh: path to the peer works again: it answers pings through the tunnel");
+            }
+        }
+    }
+
+    /// Logs a peer's path going down or working again, from handshakes.
     fn tell_path(&self, peers: &[PeerView], event: PathEvent) {
         let name = |key: &str| {
             let view = peers.iter().find(|p| p.public_key == key);
@@ -727,12 +863,23 @@ impl Driver {
             true => self.paths.observe(Instant::now(), &readings),
             false => Vec::new(),
         };
+        if read {
+            let targets: Vec<(&str, Ipv6Addr)> = peers
+                .iter()
+                .zip(&keys)
+                .filter_map(|(p, key)| Some((key.as_str(), self.peer_address(&p.allowed_ips)?)))
+                .collect();
+            self.probes.set_peers(&targets);
+            self.verdict.retain(&keys);
+        }
         let mut peers: Vec<PeerView> = peers
             .into_iter()
             .zip(keys)
             .map(|(p, key)| PeerView {
                 node_id: self.names.get(&p.public_key).cloned(),
-                path_up: self.paths.path_up(&key, keepalive(p.keepalive)),
+                path_up: Verdict::path_up(&self.probes, &self.paths, &key, keepalive(p.keepalive)),
+                probe_rtt_secs: self.probes.rtt(&key).map(|d| d.as_secs_f64()),
+                probes_lost: self.probes.lost(&key),
                 public_key: key,
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 allowed_ips: p.allowed_ips.iter().map(|a| a.to_string()).collect(),
@@ -742,7 +889,7 @@ impl Driver {
                 persistent_keepalive_secs: p.keepalive,
             })
             .collect();
-        for event in events {
+        for event in self.verdict.handshake_events(&self.probes, events) {
             self.tell_path(&peers, event);
         }
         peers.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -758,6 +905,7 @@ impl Driver {
             prefix: self.six_pn.pop.to_string(),
             address: self.six_pn.pop_address().to_string(),
             mtu,
+            path_probe: self.prober.as_ref().map(|p| p.kind().as_str().to_string()),
             peers,
             skipped: self
                 .skipped
@@ -770,5 +918,13 @@ impl Driver {
             counters: self.counters.clone(),
             last_error: self.last_error.clone(),
         });
+    }
+}
+
+/// The next probe answer; never, without a prober.
+async fn next_answer(answers: &mut Option<mpsc::UnboundedReceiver<Answer>>) -> Option<Answer> {
+    match answers {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -1,6 +1,6 @@
 //! `edgeproxy_mesh_*` in the Prometheus text format, from the published
-//! [`MeshStatus`]: peers, each peer's bytes and handshake age, and the
-//! reconciliation counters.
+//! [`MeshStatus`]: peers, each peer's bytes, handshake age, path verdict
+//! and probes, and the reconciliation counters.
 
 use std::fmt::Write as _;
 
@@ -53,9 +53,15 @@ pub fn write(out: &mut String, s: &MeshStatus) {
         ),
         (
             "edgeproxy_mesh_peer_path_up",
-            "1 while the path to the peer works, 0 when it is down (no WireGuard handshake for \
-             longer than a session lasts); absent without a persistent keepalive to judge by.",
+            "1 while the path to the peer works, 0 when it is down (three pings through the \
+             tunnel unanswered, or, for a peer that never answered one, no WireGuard handshake \
+             for longer than a session lasts); absent when neither can tell.",
             |p| p.path_up.map(u64::from),
+        ),
+        (
+            "edgeproxy_mesh_peer_probes_lost_total",
+            "Pings through the tunnel to the peer's 6PN address that got no answer in time.",
+            |p| p.probes_lost,
         ),
     ] {
         let kind = if name.ends_with("_total") {
@@ -68,6 +74,18 @@ pub fn write(out: &mut String, s: &MeshStatus) {
             if let Some(v) = value(p) {
                 let _ = writeln!(out, "{name}{{peer=\"{}\"}} {v}", label(p));
             }
+        }
+    }
+    let name = "edgeproxy_mesh_peer_probe_rtt_seconds";
+    header(
+        out,
+        name,
+        "gauge",
+        "Round trip of the last answered ping through the tunnel to the peer (absent: none yet).",
+    );
+    for p in &s.peers {
+        if let Some(v) = p.probe_rtt_secs {
+            let _ = writeln!(out, "{name}{{peer=\"{}\"}} {v}", label(p));
         }
     }
     let c = &s.counters;
@@ -118,6 +136,8 @@ mod tests {
                     tx_bytes: 20,
                     last_handshake_secs: Some(3),
                     path_up: Some(false),
+                    probe_rtt_secs: Some(0.0125),
+                    probes_lost: Some(4),
                     ..Default::default()
                 },
                 PeerView {
@@ -140,5 +160,12 @@ mod tests {
             "{out}"
         );
         assert!(!out.contains("edgeproxy_mesh_peer_path_up{peer=\"node-\\\"2\"}"));
+        assert!(
+            out.contains("edgeproxy_mesh_peer_probe_rtt_seconds{peer=\"node-1\"} 0.0125\n"),
+            "{out}"
+        );
+        assert!(out.contains("edgeproxy_mesh_peer_probes_lost_total{peer=\"node-1\"} 4\n"));
+        assert!(!out.contains("edgeproxy_mesh_peer_probe_rtt_seconds{peer=\"node-\\\"2\"}"));
+        assert!(!out.contains("edgeproxy_mesh_peer_probes_lost_total{peer=\"node-\\\"2\"}"));
     }
 }

@@ -13,9 +13,12 @@
 //!
 //! Layout:
 //! - sans-IO: [`addressing`], [`plan`] (with its tests), [`keys`] (file
-//!   I/O only), [`config`];
+//!   I/O only), [`config`], the path verdicts ([`probe_watch`] from pings
+//!   through the tunnel, [`path_watch`] from handshake ages, [`verdict`]
+//!   choosing between them);
 //! - I/O: [`device`] (embedded gotatun, `wireguard-go`, the kernel module),
-//!   [`netlink`] (link, addresses, routes), [`driver`] (the `mesh` thread);
+//!   [`netlink`] (link, addresses, routes), [`pinger`] and [`prober`] (the
+//!   path probes' socket and task), [`driver`] (the `mesh` thread);
 //! - views: [`status`], [`metrics`], [`cli`].
 
 pub mod addressing;
@@ -28,8 +31,8 @@ pub mod metrics;
 pub mod netlink;
 pub mod path_watch;
 pub mod pinger;
+pub mod plan;
 pub mod probe_watch;
 pub mod prober;
-pub mod plan;
 pub mod status;
 pub mod verdict;

@@ -1,6 +1,9 @@
 //! Whether each mesh peer's path works, judged from its WireGuard handshake
 //! age (sans-IO: the driver feeds it what the device reports once a second
-//! and logs what it returns).
+//! and logs what it returns). The pings through the tunnel (`probe_watch`)
+//! tell in seconds and take over for every peer that answers them; this
+//! watch speaks for the others (probes off or impossible, a peer that drops
+//! ICMPv6 echo, a path blocked before its first answer).
 //!
 //! A path blackholed between two POPs (a firewall dropping the tunnel's UDP,
 //! a broken route) leaves everything else as it was: the peer stays

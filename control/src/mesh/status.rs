@@ -21,11 +21,21 @@ pub struct PeerView {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive_secs: Option<u16>,
-    /// Whether the path to the peer works, from its handshake age: `false`
-    /// when it is blocked; `None` when it cannot be told (this POP sends no
-    /// persistent keepalive). See `path_watch`.
+    /// Whether the path to the peer works: `false` when it is blocked. From
+    /// the pings through the tunnel once the peer has answered one (see
+    /// `probe_watch`), else from its handshake age (`path_watch`); `None`
+    /// when it cannot be told (neither an answer nor a persistent
+    /// keepalive of this POP's).
     #[serde(default)]
     pub path_up: Option<bool>,
+    /// Round trip of the last answered ping through the tunnel, seconds;
+    /// `None`: never answered (or probes off).
+    #[serde(default)]
+    pub probe_rtt_secs: Option<f64>,
+    /// Pings to the peer that got no answer in time, since it was added;
+    /// `None`: probes off.
+    #[serde(default)]
+    pub probes_lost: Option<u64>,
 }
 
 /// A POP of the table that is not a peer, and why.
@@ -64,6 +74,10 @@ pub struct MeshStatus {
     pub prefix: String,
     pub address: String,
     pub mtu: Option<u32>,
+    /// The socket the path probes go through (`ping socket`, `raw
+    /// socket`); `None`: probes off or no socket (see `prober`).
+    #[serde(default)]
+    pub path_probe: Option<String>,
     pub peers: Vec<PeerView>,
     pub skipped: Vec<SkippedView>,
     pub counters: Counters,
