@@ -206,6 +206,41 @@ mod tests {
         assert_eq!(echo_reply_seq(&reply_to(&req), 0x1234, TOKEN), Some(0xbeef));
     }
 
+    /// The real socket, on loopback: an address this host does not have
+    /// cannot be bound yet (what the prober retries), and a ping to `::1`
+    /// comes back as the answer to its sequence number (the request itself,
+    /// which a raw socket sees too, is skipped).
+    #[tokio::test]
+    async fn a_ping_to_loopback_is_answered_and_a_missing_address_is_not_bound() {
+        let mut pinger = match Pinger::open() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let not_here = Ipv6Addr::new(0xfd00, 0xdead, 0xbeef, 0, 0, 0, 0, 1);
+        let err = pinger.bind(not_here).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRNOTAVAIL), "{err}");
+        assert!(!pinger.is_bound());
+        pinger.bind(Ipv6Addr::LOCALHOST).unwrap();
+        assert!(pinger.is_bound());
+        pinger.send(Ipv6Addr::LOCALHOST, 4242).unwrap();
+        let echo = tokio::time::timeout(std::time::Duration::from_secs(5), pinger.recv())
+            .await
+            .expect("no answer from ::1 within 5 s")
+            .unwrap();
+        assert_eq!(
+            echo,
+            Echo {
+                from: Ipv6Addr::LOCALHOST,
+                seq: 4242
+            },
+            "{}",
+            pinger.kind().as_str()
+        );
+    }
+
     #[test]
     fn anything_else_is_no_answer() {
         let req = echo_request(7, 1, TOKEN);
