@@ -270,17 +270,26 @@ private_key_file = "{key}"
 
     /// `wg show <if> dump` inside POP `i`'s namespace: public key → peer.
     fn wg_peers(&self, i: usize) -> BTreeMap<String, WgPeer> {
-        let out = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.net.hosts[i].ns,
-            "wg",
-            "show",
-            &self.ifaces[i],
-            "dump",
-        ]);
-        out.lines()
+        self.try_wg_peers(i).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The same, or why `wg show` failed (the interface being built again:
+    /// a new wireguard-go has not opened its UAPI socket yet, and `wg`
+    /// answers "Protocol not supported").
+    fn try_wg_peers(&self, i: usize) -> Result<BTreeMap<String, WgPeer>, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.net.hosts[i].ns, "wg", "show"])
+            .args([&self.ifaces[i], "dump"])
+            .output()
+            .map_err(|e| format!("cannot run wg show: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "POP {i}: wg show failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
             .skip(1) // the interface line (holds the private key)
             .filter_map(|l| {
                 let f: Vec<&str> = l.split('\t').collect();
@@ -297,7 +306,7 @@ private_key_file = "{key}"
                     )
                 })
             })
-            .collect()
+            .collect())
     }
 
     /// `wg show <if> public-key` of POP `i`.
@@ -339,7 +348,7 @@ private_key_file = "{key}"
     /// What `wg show` on POP `i` must list: every other running POP with its
     /// replicated key, endpoint and /64.
     fn matches_membership(&self, i: usize) -> Result<(), String> {
-        let peers = self.wg_peers(i);
+        let peers = self.try_wg_peers(i)?;
         let mut want = BTreeMap::new();
         for j in self.running() {
             if j == i {
