@@ -56,6 +56,9 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// How long an address allocated by a registration stays configured while
 /// the registration makes its way into the routing table.
 const PIN_FOR: Duration = Duration::from_secs(60);
+/// How long an interface found deleted waits for its `wireguard-go` to be
+/// reaped, to say whether it exited too (see [`Device::gone_within`]).
+const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// How long a start may take (`wireguard-go` must come up).
 const START_PATIENCE: Duration = Duration::from_secs(30);
 /// Worker threads of the mesh runtime: encryption and decryption in
@@ -552,7 +555,12 @@ impl Driver {
                         self.netlink.up(self.index, self.mesh.mtu).await?;
                         return Ok(());
                     }
-                    None => "its interface was deleted".to_string(),
+                    // Deleted, and with it (or because of it) a
+                    // wireguard-go may be ending: both are said.
+                    None => match device.gone_within(EXIT_GRACE).await {
+                        Some(how) => format!("its interface was deleted and {how}"),
+                        None => "its interface was deleted".to_string(),
+                    },
                 },
             },
         };
