@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::small_disk::SmallDisk;
 use common::*;
 use serde_json::{json, Value};
 
@@ -449,49 +450,6 @@ fn every_acknowledged_registration_survives_a_crash() {
     );
 }
 
-/// A tmpfs mounted over a test's directory (needs root), unmounted when
-/// dropped: a disk that fills up.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount_over(dir: &TempDir, size: &str) -> SmallDisk {
-        // SAFETY: plain getter.
-        let uid = unsafe { libc::geteuid() };
-        assert_eq!(
-            uid, 0,
-            "this test mounts a tmpfs and needs root (CI runs as root)"
-        );
-        let path = dir.path().to_path_buf();
-        mount(
-            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
-            &path,
-        );
-        SmallDisk(path)
-    }
-
-    fn grow(&self, size: &str) {
-        mount(&["-o", &format!("remount,size={size}")], &self.0);
-    }
-}
-
-fn mount(args: &[&str], at: &std::path::Path) {
-    let out = std::process::Command::new("mount")
-        .args(args)
-        .arg(at)
-        .output()
-        .expect("mount");
-    assert!(out.status.success(), "mount {args:?}: {out:?}");
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// When the disk under routing.db fills up, a registration is refused with
 /// 507 (Insufficient Storage) saying so (never acknowledged and lost), the
 /// process goes on serving what it has, and registrations work again once
@@ -499,7 +457,7 @@ impl Drop for SmallDisk {
 #[test]
 fn a_full_disk_refuses_registrations_clearly_and_recovers() {
     let dir = TempDir::new("api-disk-full");
-    let disk = SmallDisk::mount_over(&dir, "512k");
+    let disk = SmallDisk::mount_over(dir.path(), "512k");
     let keys = format!("token = {TOKEN:?}\nrate_limit_per_sec = 0\n");
     let api = Api::start(&dir, &keys, &[]);
     let mut acked = Vec::new();

@@ -9,6 +9,9 @@
 //! Needs root (network namespaces); `.ci/run` runs the suite as root.
 
 mod common;
+// Tests of one fault family, in their own file; they share `Cluster`.
+#[path = "replication/disk.rs"]
+mod disk;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -17,6 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::Net;
+use common::small_disk::SmallDisk;
 use common::{read_line, Proxy, TagBackend, TempDir};
 use serde_json::{json, Value};
 
@@ -39,6 +43,9 @@ struct Cluster {
     api_extra: String,
     /// Per POP: extra lines of its `[pop]` table.
     pop_extra: Vec<String>,
+    /// Per POP: the small disk its `routing.db` is on, if it is on one
+    /// (see `disk`).
+    disks: Vec<Option<SmallDisk>>,
 }
 
 impl Cluster {
@@ -77,11 +84,28 @@ impl Cluster {
             extra: (0..n).map(extra).collect(),
             api_extra: String::new(),
             pop_extra: vec![String::new(); n],
+            disks: (0..n).map(|_| None).collect(),
         }
     }
 
     fn db_path(&self, i: usize) -> PathBuf {
-        self.dir.join(&format!("routing-{i}.db"))
+        let name = format!("routing-{i}.db");
+        match &self.disks[i] {
+            Some(disk) => disk.path().join(name),
+            None => self.dir.join(&name),
+        }
+    }
+
+    /// Puts POP `i`'s `routing.db` (and whatever SQLite keeps next to it)
+    /// on a tmpfs of `size`, before the POP starts. Needs root.
+    fn put_on_small_disk(&mut self, i: usize, size: &str) {
+        let dir = self.dir.join(&format!("disk-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        self.disks[i] = Some(SmallDisk::mount_over(&dir, size));
+    }
+
+    fn disk(&self, i: usize) -> &SmallDisk {
+        self.disks[i].as_ref().expect("POP is on a small disk")
     }
 
     fn config(&self, i: usize) -> String {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub mod netns;
 pub mod routers;
+pub mod small_disk;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgeproxy");
 

@@ -31,7 +31,7 @@
 //! committed to this file (see `ReplDb::with_tx`: another writer's or a
 //! restored backup's count tells replication the file is not its own).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -580,6 +580,9 @@ impl ReplDb {
         let tables = self.tables.clone();
         let mut total = 0;
         loop {
+            // What this transaction versioned, and what the replica held
+            // before: undone if the transaction fails.
+            let mut versioned: (Vec<RowVersion>, Vec<Option<RowVersion>>) = Default::default();
             let n = self.with_tx(|tx| {
                 let entries: Vec<(i64, String, String)> = {
                     let mut stmt = tx.prepare_cached(
@@ -624,7 +627,18 @@ impl ReplDb {
                         changed.push((key, data, kind));
                     }
                 }
+                let before: HashMap<RowKey, RowVersion> = changed
+                    .iter()
+                    .filter_map(|(key, _, _)| Some((key.clone(), node.replica().get(key)?)))
+                    .collect();
                 let written = node.local_writes_by_kind(now, changed);
+                versioned = (
+                    written.clone(),
+                    written
+                        .iter()
+                        .map(|r| before.get(&r.key).cloned())
+                        .collect(),
+                );
                 record(tx, &written)?;
                 tx.execute("DELETE FROM repl_changes WHERE seq <= ?1", [last])?;
                 Ok((entries.len(), written.len()))
@@ -632,8 +646,9 @@ impl ReplDb {
             let n = n.inspect_err(|_| {
                 // The change log is still there (the transaction rolled
                 // back): look again at the next tick, even if no other
-                // connection commits meanwhile.
+                // connection commits meanwhile, and version it then.
                 self.seen_version = None;
+                node.local_writes_failed(versioned.0, versioned.1);
             })?;
             total += n.1;
             if n.0 < CHANGES_PER_POLL {
@@ -1025,6 +1040,42 @@ mod tests {
             .replica()
             .data(&RowKey::new(Table::Backends, "b1"))
             .is_some());
+    }
+
+    /// A poll whose transaction fails after the node versioned the rows
+    /// (a full disk refuses the commit) leaves the node as it was: a
+    /// registration, versioned even when it repeats its row, got a new
+    /// version, and a broadcast, at every failed poll.
+    #[test]
+    fn versions_a_poll_could_not_record_are_undone() {
+        let (_d, path, mut db, mut node) = setup();
+        let operator = other(&path);
+        operator.execute(INSERT, []).unwrap();
+        operator
+            .execute(
+                "INSERT INTO repl_write_kinds (tbl, pk, deliberate) VALUES ('backends', 'b1', 1)",
+                [],
+            )
+            .unwrap();
+        // Recording a version fails, as a commit on a full disk does.
+        operator
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON repl_versions \
+                 BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END",
+            )
+            .unwrap();
+        let key = RowKey::new(Table::Backends, "b1");
+        for _ in 0..3 {
+            assert!(db.poll_changes(&mut node, Now::system(), false).is_err());
+            assert_eq!(node.replica().get(&key), None);
+        }
+        operator.execute_batch("DROP TRIGGER refuse").unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+        let recorded: i64 = value(&operator, "SELECT hlc FROM repl_versions WHERE pk = 'b1'");
+        assert_eq!(
+            node.replica().get(&key).map(|r| r.version.hlc.0 as i64),
+            Some(recorded)
+        );
     }
 
     /// A 17 MB value written with sqlite3 was versioned, then re-sent at

@@ -1373,6 +1373,40 @@ impl Node {
         written
     }
 
+    /// The caller could not record the versions [`Node::local_writes_by_kind`]
+    /// just gave `written` (its transaction failed: the disk full or
+    /// read-only, the file locked). Each row goes back to what the replica
+    /// held before (`previous`, in the same order; `None`: nothing), unless
+    /// it has won again since, and is not broadcast: the change log still
+    /// holds it, and the next poll versions it again, once, when it can be
+    /// recorded. Kept, a registration (versioned even when it repeats its
+    /// row) got a new version at every failed poll, 20 a second, each one
+    /// broadcast, written and reloaded by every other POP for as long as
+    /// the disk stayed full.
+    pub fn local_writes_failed(
+        &mut self,
+        written: Vec<RowVersion>,
+        previous: Vec<Option<RowVersion>>,
+    ) {
+        let undone: HashMap<RowKey, Version> = written
+            .iter()
+            .map(|r| (r.key.clone(), r.version.clone()))
+            .collect();
+        self.pending
+            .retain(|p| undone.get(&p.key) != Some(&p.version));
+        for (row, previous) in written.into_iter().zip(previous) {
+            if self.replica.stamp_of(&row.key) != Some(row.stamp()) {
+                continue;
+            }
+            match previous {
+                Some(previous) => self.replica.put(previous),
+                None => {
+                    self.replica.remove(&row.key);
+                }
+            }
+        }
+    }
+
     /// Runs whatever is due at `now`.
     pub fn handle_timeout(&mut self, now: Now) {
         if self

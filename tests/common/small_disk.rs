@@ -1,0 +1,116 @@
+//! A small tmpfs mounted over a test's directory (needs root): a disk that
+//! fills up, or is remounted read-only, under a running process.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A tmpfs over a directory, unmounted (lazily: a process may still hold
+/// files there) when dropped.
+pub struct SmallDisk(PathBuf);
+
+/// What [`SmallDisk::fill`] wrote: the disk is full while it exists.
+pub struct Filler(PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (`mount`'s syntax: `512k`, `8m`) over
+    /// `dir`, which must exist.
+    pub fn mount_over(dir: &Path, size: &str) -> SmallDisk {
+        // SAFETY: plain getter.
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(
+            uid, 0,
+            "this test mounts a tmpfs and needs root (CI runs as root)"
+        );
+        mount(
+            &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"],
+            dir,
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn grow(&self, size: &str) {
+        mount(&["-o", &format!("remount,size={size}")], &self.0);
+    }
+
+    /// Fills every free byte with one file, as a log filling `/var` does.
+    /// Deleting it ([`Filler::free`]) gives the room back.
+    pub fn fill(&self) -> Filler {
+        let path = self.0.join("filler.log");
+        let mut file = std::fs::File::create(&path).expect("filler file");
+        let chunk = vec![b'x'; 4096];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        // Whatever a partial page left.
+        while file.write(b"x").is_ok_and(|n| n > 0) {}
+        Filler(path)
+    }
+
+    /// Free bytes left on the disk.
+    pub fn free_bytes(&self) -> u64 {
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path and an out-struct of the right type.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+        assert_eq!(rc, 0, "statvfs {}", self.0.display());
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+
+    /// `mount -o remount,ro`: every write on it fails with EROFS from now
+    /// on (files open for writing make the kernel refuse: the error says so).
+    pub fn remount_read_only(&self) -> Result<(), String> {
+        try_mount(&["-o", "remount,ro"], &self.0)
+    }
+
+    pub fn remount_read_write(&self) {
+        mount(&["-o", "remount,rw"], &self.0);
+    }
+}
+
+impl Filler {
+    /// Deletes the filler: the room is back.
+    pub fn free(self) {
+        std::fs::remove_file(&self.0).expect("remove the filler file");
+    }
+}
+
+fn mount(args: &[&str], at: &Path) {
+    if let Err(e) = try_mount(args, at) {
+        panic!("{e}");
+    }
+}
+
+fn try_mount(args: &[&str], at: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .arg(at)
+        .output()
+        .expect("mount");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount {args:?} {}: {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
