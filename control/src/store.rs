@@ -638,11 +638,16 @@ impl RoutingStore {
         let Some(live) = self.live.as_mut() else {
             return Ok(true);
         };
-        if wal_len(path)? == 0 || !checkpoint(&live.conn, path) {
+        if wal_len(path)? == 0 {
             return Ok(false);
         }
-        // The checkpoint rewrote the main file: that is our doing, not a
-        // reason to reopen, unless the path now names another file.
+        // Folded or not, the checkpoint may have rewritten the main file (in
+        // part when it fails: a full disk lets it overwrite pages but not
+        // add any, and it is tried again every quiet second). That is our
+        // doing, not a change of the table, nor a reason to reopen, unless
+        // the path now names another file. Taken for a change, a full disk
+        // reloaded the table every second, each time with an INFO line.
+        checkpoint(&live.conn, path);
         let stamp = stat_main(path)?;
         if !stamp.same_file(&live.stamp) {
             return Ok(true);
