@@ -616,8 +616,20 @@ fn replication(f: &mut Family<'_>, s: &crate::replication::status::ClusterStatus
     f.single(
         "edgeproxy_replication_rows_applied_total",
         "counter",
-        "Remote row versions applied here.",
+        "Remote row versions applied here (written to routing.db).",
         c.rows_applied,
+    );
+    f.single(
+        "edgeproxy_replication_store_write_failures_total",
+        "counter",
+        "Replication's writes to routing.db that failed (a full disk, a read-only file system, a lock held too long).",
+        c.store_write_failures,
+    );
+    f.single(
+        "edgeproxy_replication_store_writable",
+        "gauge",
+        "0 while replication cannot write routing.db (rows from other POPs wait; anti-entropy brings them again once it can), else 1. The POP routes from its last table meanwhile.",
+        u64::from(s.store_error.is_none()),
     );
     f.single(
         "edgeproxy_replication_conflicts_resolved_total",

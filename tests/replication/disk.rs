@@ -1,9 +1,20 @@
 //! A POP whose disk fills up, or turns read-only, under a running cluster.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Cluster, PATIENCE, SERIAL};
 use crate::common;
+
+/// CPU seconds (user + system) process `pid` has used.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses: utime
+    // and stime are the 14th and 15th of the line, the 12th and 13th here.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: plain getter.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
 
 fn ids_at(c: &Cluster, i: usize) -> Vec<String> {
     let (status, list) = c.api(i, "GET", "/api/v1/backends", None);
@@ -14,16 +25,6 @@ fn ids_at(c: &Cluster, i: usize) -> Vec<String> {
         .iter()
         .map(|b| b["id"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn versioned_hlc(c: &Cluster, i: usize, id: &str) -> Option<i64> {
-    let conn = rusqlite::Connection::open(c.db_path(i)).ok()?;
-    conn.query_row(
-        "SELECT hlc FROM repl_versions WHERE tbl = 'backends' AND pk = ?1",
-        [id],
-        |r| r.get(0),
-    )
-    .ok()
 }
 
 /// POP 0's `routing.db` on a 4 MiB disk, in a cluster of `n`, all joined.
@@ -128,4 +129,101 @@ fn a_full_disk_does_not_reload_an_unchanged_table_every_second() {
     assert!(reloads.len() <= 1, "{reloads:#?}");
     // Still routing every row.
     assert_eq!(ids_at(&c, 0).len(), 40);
+}
+
+/// A POP whose disk fills up (a log filling `/var`) while the others
+/// register, delete and drain: it loses nothing and heals every row within
+/// seconds of the room coming back, routes from its last table meanwhile,
+/// stays a member, says so once (not per row, nor per exchange), in its
+/// status and metrics too (they said nothing: `rows_applied_total` even
+/// climbed by the whole backlog at every exchange, as if written), and does
+/// not spin.
+#[test]
+fn a_full_pop_loses_no_row_says_so_and_heals_when_room_is_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = cluster_with_pop_0_on_a_small_disk(3);
+    let _backend = c.backend(0, 9400, "before");
+    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
+    assert_eq!(c.register(1, "before", addr), 201);
+    assert_eq!(c.register(1, "gone", addr), 201);
+    assert!(common::eventually(PATIENCE, || ids_at(&c, 0).len() == 2));
+    let writable = |c: &Cluster| c.metric(0, "edgeproxy_replication_store_writable");
+    assert_eq!(writable(&c), 1.0);
+    let applied = |c: &Cluster| c.metric(0, "edgeproxy_replication_rows_applied_total");
+    let applied_before = applied(&c);
+
+    let mark = c.pop(0).log_mark();
+    let filler = c.disk(0).fill();
+    for n in 0..30 {
+        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
+    }
+    assert_eq!(c.api(1, "DELETE", "/api/v1/backends/gone", None).0, 200);
+    assert_eq!(c.api(2, "POST", "/api/v1/pop/drain", None).0, 200);
+    let refused = "cannot write remote rows";
+    c.pop(0)
+        .wait_for_log_after(mark, refused, PATIENCE)
+        .expect("no ERROR while the disk is full");
+    assert!(
+        common::eventually(PATIENCE, || writable(&c) == 0.0),
+        "the metrics never said the store is not writable"
+    );
+    let status = c.cluster_status(0);
+    let error = status["store_error"].as_str().unwrap_or_default();
+    assert!(error.contains("disk is full"), "{status}");
+    assert!(c.metric(0, "edgeproxy_replication_store_write_failures_total") > 0.0);
+
+    // Several exchanges (every 2 s with each of two members) go by.
+    let pid = c.pop(0).pid();
+    let cpu = process_cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu = process_cpu_secs(pid) - cpu;
+    assert!(cpu < 1.0, "{cpu:.2} s of CPU in 5 s while the disk is full");
+    let lines = c.pop(0).log_lines_after(mark, refused);
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    // 32 rows were sent; a few may have found room (SQLite reuses its WAL),
+    // the rest are brought again at every exchange.
+    let counted = applied(&c) - applied_before;
+    assert!(counted <= 32.0, "{counted} rows counted as applied");
+    // Still routing from the last table, still a member both ways.
+    assert!(ids_at(&c, 0).contains(&"before".to_string()));
+    let (greeting, _) = c.through(0).expect("the full POP stopped routing");
+    assert_eq!(greeting, "before");
+    for (observer, member) in [(0, 1), (0, 2), (1, 0), (2, 0)] {
+        assert_eq!(c.member_state(observer, member).as_deref(), Some("alive"));
+    }
+    // The others see it is missing rows.
+    assert_eq!(c.member(1, 0).unwrap()["in_sync"], false);
+
+    let freed = Instant::now();
+    filler.free();
+    let healed = || {
+        let ids = ids_at(&c, 0);
+        ids.len() == 31
+            && !ids.iter().any(|id| id == "gone")
+            && c.member(0, 2).is_some_and(|_| {
+                let conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+                conn.query_row(
+                    "SELECT draining FROM pops WHERE node_id = 'node-2'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+                    == Some(1)
+            })
+    };
+    assert!(
+        common::eventually(PATIENCE, healed),
+        "not healed: {:?}\n{}",
+        ids_at(&c, 0),
+        c.pop(0).log_text()
+    );
+    eprintln!("healed {:?} after the room came back", freed.elapsed());
+    c.pop(0)
+        .wait_for_log_after(mark, "remote rows written again", PATIENCE)
+        .expect("no line when the rows are written again");
+    assert!(common::eventually(PATIENCE, || writable(&c) == 1.0));
+    assert_eq!(c.cluster_status(0)["store_error"], serde_json::Value::Null);
+    assert!(common::eventually(PATIENCE, || c.member(1, 0).unwrap()
+        ["in_sync"]
+        == true));
 }

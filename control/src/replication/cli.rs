@@ -89,6 +89,15 @@ pub fn render(body: &Value) -> String {
          {} rows, digest {}; members: {alive} alive, {suspect} suspect, {down} down\n\n",
         s.node_id, s.cluster, s.schema_version, s.gossip_addr, s.transport_addr, s.rows, s.digest
     );
+    if let Some(error) = &s.store_error {
+        // Above the table: the rows below may be what this POP is missing.
+        out.insert_str(
+            out.len() - 1,
+            &format!(
+                "routing.db NOT WRITABLE: {error}\n  (routing from the last table; rows from other POPs are written once it is)\n"
+            ),
+        );
+    }
     let mut rows = vec![[
         "NODE",
         "NAME",
@@ -199,6 +208,17 @@ mod tests {
         // No exchange with it yet: neither "yes" nor "no".
         let syd = text.lines().find(|l| l.starts_with("syd-1")).unwrap();
         assert!(!syd.contains(" no ") && !syd.contains(" yes "), "{syd}");
+        assert!(!text.contains("NOT WRITABLE"), "{text}");
+        let full = ClusterStatus {
+            store_error: Some("database or disk is full".into()),
+            ..status
+        };
+        let text = render(&serde_json::to_value(&full).unwrap());
+        let said = text
+            .lines()
+            .position(|l| l.contains("routing.db NOT WRITABLE: database or disk is full"));
+        let table = text.lines().position(|l| l.starts_with("NODE"));
+        assert!(said.is_some() && said < table, "{text}");
         assert_eq!(
             render(&serde_json::json!({"enabled": false})),
             "replication is off on this POP ([replication] enabled = false)\n"

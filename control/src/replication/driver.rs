@@ -571,6 +571,7 @@ impl Bound {
             seeds,
             change_log_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             remote_write_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
+            store_failures: (0, None),
             resolved_tx,
             own_row,
             own_row_found,
@@ -649,6 +650,9 @@ struct Driver {
     change_log_failing: (LogLimit, u64),
     /// The same for writes of remote rows.
     remote_write_failing: (LogLimit, u64),
+    /// Replication's failed writes to the store, all of them, and the last
+    /// one's error (for status and metrics).
+    store_failures: (u64, Option<String>),
     /// Where a resolution run off the loop sends its results.
     resolved_tx: mpsc::UnboundedSender<Vec<Result<SocketAddr, String>>>,
     /// This POP's row as this start has it (written at start, or when
@@ -775,6 +779,7 @@ impl Driver {
         match self.db.set_absences(&absences) {
             Ok(()) => self.absences_saved = (absences, None),
             Err(e) => {
+                self.store_failed(&e);
                 tracing::warn!(error = %e, "replication: cannot record which members are down; a restart now would not keep their deletions for them");
                 // Again in a second, not at every turn of the loop.
                 self.absences_saved.1 = Some(Instant::now() + Duration::from_secs(1));
@@ -799,6 +804,7 @@ impl Driver {
             return;
         }
         if let Err(e) = self.db.set_last_contact(at) {
+            self.store_failed(&e);
             tracing::warn!(error = %e, "replication: cannot record the last contact with another POP");
         }
         // Failed or not: tried again in a minute, not every second.
@@ -830,6 +836,7 @@ impl Driver {
                 tracing::debug!(rows = n, "replication: local changes versioned");
             }
             Err(e) => {
+                self.store_failed(&e);
                 // Polled every 50 ms: a lock held for a minute (an
                 // operator's sqlite3 session) made 1200 ERROR lines.
                 let (limit, failures) = &mut self.change_log_failing;
@@ -977,6 +984,7 @@ impl Driver {
                         }
                     }
                     Err(e) => {
+                        self.store_failed(&e);
                         // One per batch of rows, several a second while
                         // an operator's sqlite3 holds the lock (QA).
                         let (limit, failures) = &mut self.remote_write_failing;
@@ -1042,12 +1050,28 @@ impl Driver {
         }
     }
 
+    /// Counts a failed write to the store, for status and metrics.
+    fn store_failed(&mut self, e: &super::db::DbError) {
+        self.store_failures.0 += 1;
+        self.store_failures.1 = Some(e.to_string());
+    }
+
+    /// The last failed write's error while replication's writes fail: the
+    /// change log cannot be versioned, or rows from other POPs written
+    /// (both tried again until they go through; this POP's own row and
+    /// its notes are written again by their own turns).
+    fn store_error(&self) -> Option<String> {
+        let failing = self.change_log_failing.1 > 0 || self.remote_write_failing.1 > 0;
+        self.store_failures.1.clone().filter(|_| failing)
+    }
+
     /// Writes this POP's row, held back at start: its identity over the
     /// cluster's copy (which the loop persisted before), whose operator
     /// columns it keeps (`ReplDb::upsert_pop`). True when written.
     fn write_own_row(&mut self, due: OwnRowDue) -> bool {
         let waited_ms = self.started.elapsed().as_millis() as u64;
         if let Err(e) = self.db.upsert_pop(&self.own_row) {
+            self.store_failed(&e);
             // Steering writes it after a wait of its own if this never does.
             tracing::error!(error = %e, "replication: cannot write this POP's own row");
             return false;
@@ -1389,9 +1413,11 @@ impl Driver {
                     .wire_bytes_sent
                     .load(std::sync::atomic::Ordering::Relaxed),
                 local_changes: self.local_changes,
+                store_write_failures: self.store_failures.0,
             },
             refused: crate::replication::metrics::refused_by_reason(),
             recent_lag_ms: self.recent_lag_ms,
+            store_error: self.store_error(),
         });
     }
 }

@@ -186,6 +186,9 @@ pub struct Persist {
     /// What the replica held for each row before it won (`None`: nothing),
     /// to go back to if the write fails.
     previous: Vec<Option<RowVersion>>,
+    /// The rows are counted in `Stats::rows_applied` (remote rows, not this
+    /// node's own row written again).
+    counted: bool,
 }
 
 /// Reportable happenings: for logs and metrics.
@@ -831,6 +834,7 @@ impl Node {
             self.out.push_back(Output::Persist(Persist {
                 rows: vec![row],
                 previous: vec![held],
+                counted: false,
             }));
         }
         let identities = self.prune_forgotten();
@@ -1700,6 +1704,7 @@ impl Node {
             self.out.push_back(Output::Persist(Persist {
                 rows: applied.clone(),
                 previous,
+                counted: true,
             }));
             self.event(Event::Applied {
                 from: peer.clone(),
@@ -1716,6 +1721,7 @@ impl Node {
             self.out.push_back(Output::Persist(Persist {
                 rows: restored,
                 previous: restored_previous,
+                counted: false,
             }));
         }
         applied
@@ -1729,6 +1735,17 @@ impl Node {
     /// A row that has won again since (a newer version, with a batch of its
     /// own) is left alone.
     pub fn persist_failed(&mut self, batch: Persist) {
+        if batch.counted {
+            // Not applied after all: the rows come again. Counted at every
+            // exchange, a full disk made this counter climb by the whole
+            // backlog every sync interval while nothing was written. The
+            // driver publishes stats only after the batch's fate is known,
+            // so the counter is never seen going down.
+            self.stats.rows_applied = self
+                .stats
+                .rows_applied
+                .saturating_sub(batch.rows.len() as u64);
+        }
         for (row, previous) in batch.rows.into_iter().zip(batch.previous) {
             if self.replica.stamp_of(&row.key) != Some(row.stamp()) {
                 continue;

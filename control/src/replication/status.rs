@@ -52,6 +52,11 @@ pub struct Counters {
     #[serde(default)]
     pub transport_wire_bytes_sent: u64,
     pub local_changes: u64,
+    /// Replication's writes to `routing.db` that failed (the change log's
+    /// versions, rows from other POPs, this POP's own row): a full disk, a
+    /// read-only file system, a lock held too long.
+    #[serde(default)]
+    pub store_write_failures: u64,
 }
 
 /// Refused peers by reason label (`secret`, `cluster`, `schema`, …).
@@ -75,6 +80,12 @@ pub struct ClusterStatus {
     /// Largest delay of a row applied in the last second (origin write to
     /// here), ms.
     pub recent_lag_ms: Option<u64>,
+    /// Why replication cannot write `routing.db` (its last error), while it
+    /// cannot: rows from other POPs wait for it (anti-entropy brings them
+    /// again), local changes are versioned once it can. `None` when its
+    /// writes go through.
+    #[serde(default)]
+    pub store_error: Option<String>,
 }
 
 impl ClusterStatus {
