@@ -227,3 +227,51 @@ fn a_full_pop_loses_no_row_says_so_and_heals_when_room_is_back() {
         ["in_sync"]
         == true));
 }
+
+/// A POP restarted while its disk is full (systemd restarting it, or an
+/// operator, because of the alert) exited at start ("replication: routing
+/// store …: database or disk is full") though its table was there to route
+/// from, and again at every restart. Now it starts, routes, joins, says the
+/// store is not writable, and catches up once there is room.
+#[test]
+fn a_pop_restarted_on_a_full_disk_serves_and_catches_up_once_there_is_room() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = cluster_with_pop_0_on_a_small_disk(2);
+    let _backend = c.backend(0, 9400, "before");
+    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
+    assert_eq!(c.register(1, "before", addr), 201);
+    assert!(common::eventually(PATIENCE, || ids_at(&c, 0).len() == 1));
+    c.kill(0);
+    let filler = c.disk(0).fill();
+    for n in 0..10 {
+        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
+    }
+    c.launch(0);
+    c.wait_joined();
+    let (greeting, _) = c.through(0).expect("the restarted POP does not route");
+    assert_eq!(greeting, "before");
+    assert!(
+        common::eventually(PATIENCE, || c
+            .metric(0, "edgeproxy_replication_store_writable")
+            == 0.0),
+        "{}",
+        c.cluster_status(0)
+    );
+
+    filler.free();
+    assert!(
+        common::eventually(PATIENCE, || ids_at(&c, 0).len() == 11),
+        "not caught up: {:?}\n{}",
+        ids_at(&c, 0),
+        c.pop(0).log_text()
+    );
+    c.pop(0)
+        .wait_for_log(
+            "rows changed while edgeproxy did not run are versioned",
+            PATIENCE,
+        )
+        .expect("no line when the store could be written");
+    assert!(common::eventually(PATIENCE, || c
+        .metric(0, "edgeproxy_replication_store_writable")
+        == 1.0));
+}

@@ -105,6 +105,18 @@ pub enum DbError {
     Restored { path: PathBuf },
 }
 
+impl DbError {
+    /// The store refuses writes for want of room or of permission: a full
+    /// disk, a file system turned read-only or failing. Replication goes on
+    /// without writing (the POP routes from the table as it is) and writes
+    /// once it can.
+    pub fn is_unwritable(&self) -> bool {
+        use rusqlite::ErrorCode::{CannotOpen, DiskFull, ReadOnly, SystemIoFailure};
+        matches!(self, DbError::Sql { cause: rusqlite::Error::SqliteFailure(e, _), .. }
+            if matches!(e.code, DiskFull | ReadOnly | SystemIoFailure | CannotOpen))
+    }
+}
+
 /// One replicated table as this database has it.
 #[derive(Debug, Clone)]
 struct TableInfo {
@@ -354,11 +366,57 @@ impl ReplDb {
                 .map(TableInfo::triggers)
                 .collect::<String>()
         );
-        db.with_tx(|tx| {
+        let installed = db.with_tx(|tx| {
             tx.execute_batch(&ddl)?;
             add_intent_columns(tx)
-        })?;
+        });
+        match installed {
+            Ok(()) => {}
+            // QA: a POP restarted while its disk was full (or read-only)
+            // exited here, though its table was there to route from, and
+            // under systemd's Restart= it exited again at every restart.
+            // What the last start installed is used: the routing store,
+            // which opened, has the same columns (a migration that changes
+            // them would have failed to write first).
+            Err(e) if e.is_unwritable() && db.installed_before().map_err(|e| db.err(e))? => {
+                tracing::error!(error = %e,
+                    "replication: cannot write routing.db at start; using the tables and triggers the last start installed, \
+                     and writing nothing until it can (rows from other POPs wait, local changes are versioned then)");
+                db.writes = Some(db.conn.query_row(
+                    "SELECT COALESCE((SELECT value FROM repl_meta WHERE key = 'writes'), 0)",
+                    [],
+                    |r| r.get(0),
+                ).map_err(|e| db.err(e))?);
+            }
+            Err(e) => return Err(e),
+        }
         Ok(db)
+    }
+
+    /// Replication's tables (intents included) and change-capture triggers
+    /// are all in the file, as a start installs them.
+    fn installed_before(&self) -> rusqlite::Result<bool> {
+        let mut names: Vec<String> = ["repl_versions", "repl_changes", "repl_meta"]
+            .map(String::from)
+            .to_vec();
+        for info in &self.tables {
+            for op in ["insert", "update", "delete"] {
+                names.push(format!("repl_{}_{op}", info.table.name()));
+            }
+        }
+        let mut found = self.conn.prepare(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = ?1 AND type IN ('table', 'trigger')",
+        )?;
+        for name in &names {
+            if found.query_row([name], |r| r.get::<_, i64>(0))? == 0 {
+                return Ok(false);
+            }
+        }
+        self.conn.query_row(
+            "SELECT EXISTS(SELECT 1 FROM pragma_table_info('repl_versions') WHERE name = 'intent_hlc')",
+            [],
+            |r| r.get(0),
+        )
     }
 
     /// From now on a write waits at most [`BUSY_WAIT`] for another
@@ -520,6 +578,8 @@ impl ReplDb {
     /// Rows recorded but gone get a tombstone. Empties the change log.
     pub fn reconcile(&mut self, node: &mut Node, now: Now) -> Result<usize, DbError> {
         let tables = self.tables.clone();
+        // Undone if the transaction fails, as in `poll_changes`.
+        let mut versioned: (Vec<RowVersion>, Vec<Option<RowVersion>>) = Default::default();
         self.with_tx(|tx| {
             let mut current: Vec<(RowKey, Option<String>)> = Vec::new();
             let mut present: HashSet<RowKey> = HashSet::new();
@@ -549,13 +609,25 @@ impl ReplDb {
                 .collect();
             current.extend(gone.into_iter().map(|k| (k, None)));
             current.retain(|(key, data)| fits_a_message(key, data));
+            let before: HashMap<RowKey, RowVersion> = current
+                .iter()
+                .filter_map(|(key, _)| Some((key.clone(), node.replica().get(key)?)))
+                .collect();
             let written = node.local_writes(now, current);
+            versioned = (
+                written.clone(),
+                written
+                    .iter()
+                    .map(|r| before.get(&r.key).cloned())
+                    .collect(),
+            );
             record(tx, &written)?;
             tx.execute("DELETE FROM repl_changes", [])?;
             // Edits made while replication did not run count as decisions.
             tx.execute("DELETE FROM repl_write_kinds", [])?;
             Ok(written.len())
         })
+        .inspect_err(|_| node.local_writes_failed(versioned.0, versioned.1))
     }
 
     /// Drains the change log: gives every changed row a new version (in the

@@ -56,6 +56,9 @@ pub const CHANGE_POLL: Duration = Duration::from_millis(50);
 /// At most one ERROR per this while the change log cannot be read, or
 /// remote rows cannot be written.
 const CHANGE_LOG_ERROR_EVERY: Duration = Duration::from_secs(10);
+/// How often a start's comparison of rows and versions is tried again while
+/// the store cannot be written.
+const RECONCILE_RETRY: Duration = Duration::from_secs(2);
 /// How often the published status is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// The same refusal (peer, reason) is logged at WARN at most this often.
@@ -482,11 +485,30 @@ impl Bound {
         // written over at the first turn of the loop.
         let absences_saved = (db.absences()?, None);
         node.restore_absences(now, absences_saved.0.clone());
-        let reconciled = db.reconcile(&mut node, now)?;
+        // A store that cannot be written (a full disk, a read-only file
+        // system) does not stop the start: the POP routes from the table as
+        // it is, and replication writes once it can (see `ReplDb::open`).
+        let (reconciled, reconcile_due) = match db.reconcile(&mut node, now) {
+            Ok(n) => (n, None),
+            Err(e) if e.is_unwritable() => {
+                tracing::error!(error = %e,
+                    "replication: cannot version the rows changed while edgeproxy did not run (routing.db not writable); \
+                     tried again every few seconds");
+                (0, Some(Instant::now()))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let own_row = self.own_pop_row();
         let own_row_found = db.has_pop(&c.node_id)?;
         if gate.is_open() && own_row_found {
-            db.upsert_pop(&own_row)?;
+            if let Err(e) = db.upsert_pop(&own_row) {
+                if !e.is_unwritable() {
+                    return Err(e.into());
+                }
+                // The predecessor's row stays, its identity most likely
+                // this one's.
+                tracing::error!(error = %e, "replication: cannot write this POP's own row (routing.db not writable)");
+            }
         } else {
             // A row written now would beat the cluster's copy of it, and
             // with it the operator's drain of this POP: QA found a drained
@@ -509,7 +531,12 @@ impl Bound {
         if !node.holds_own_row() {
             gate.set_open();
         }
-        let own = db.poll_changes(&mut node, now, true)?;
+        let own = match db.poll_changes(&mut node, now, true) {
+            Ok(n) => n,
+            // The loop polls again, and says so while it fails.
+            Err(e) if e.is_unwritable() => 0,
+            Err(e) => return Err(e.into()),
+        };
         db.wait_briefly_for_locks()?;
         tracing::info!(
             rows = node.replica().len(),
@@ -572,6 +599,7 @@ impl Bound {
             change_log_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             remote_write_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
             store_failures: (0, None),
+            reconcile_due,
             resolved_tx,
             own_row,
             own_row_found,
@@ -653,6 +681,11 @@ struct Driver {
     /// Replication's failed writes to the store, all of them, and the last
     /// one's error (for status and metrics).
     store_failures: (u64, Option<String>),
+    /// The start could not compare the rows with their versions
+    /// (`ReplDb::reconcile`: the store was not writable): when to try again.
+    /// Until it succeeds it stands in for the change-log poll, which it
+    /// includes.
+    reconcile_due: Option<Instant>,
     /// Where a resolution run off the loop sends its results.
     resolved_tx: mpsc::UnboundedSender<Vec<Result<SocketAddr, String>>>,
     /// This POP's row as this start has it (written at start, or when
@@ -829,7 +862,24 @@ impl Driver {
     }
 
     fn poll_changes(&mut self, force: bool) {
-        match self.db.poll_changes(&mut self.node, Now::system(), force) {
+        let result = match self.reconcile_due {
+            // Reads every row: not at every 50 ms poll while it fails.
+            Some(due) if Instant::now() < due => return,
+            Some(_) => {
+                let result = self.db.reconcile(&mut self.node, Now::system());
+                self.reconcile_due = match &result {
+                    Ok(n) => {
+                        tracing::info!(rows = n,
+                            "replication: routing.db writable; the rows changed while edgeproxy did not run are versioned");
+                        None
+                    }
+                    Err(_) => Some(Instant::now() + RECONCILE_RETRY),
+                };
+                result
+            }
+            None => self.db.poll_changes(&mut self.node, Now::system(), force),
+        };
+        match result {
             Ok(0) => {}
             Ok(n) => {
                 self.local_changes += n as u64;
