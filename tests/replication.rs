@@ -33,9 +33,10 @@ const WAN: (Duration, f64) = (Duration::from_millis(50), 0.01);
 /// Generous: links are slow and lossy, the machine small and shared.
 const PATIENCE: Duration = Duration::from_secs(30);
 
+// Fields drop in this order: the POPs stop, their disks are unmounted,
+// then the scratch directory (under a mounted disk it could not go).
 struct Cluster {
     net: Net,
-    dir: TempDir,
     pops: Vec<Option<Proxy>>,
     /// Per POP: extra config lines (e.g. another secret).
     extra: Vec<String>,
@@ -46,6 +47,7 @@ struct Cluster {
     /// Per POP: the small disk its `routing.db` is on, if it is on one
     /// (see `disk`).
     disks: Vec<Option<SmallDisk>>,
+    dir: TempDir,
 }
 
 impl Cluster {
@@ -102,6 +104,14 @@ impl Cluster {
         let dir = self.dir.join(&format!("disk-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         self.disks[i] = Some(SmallDisk::mount_over(&dir, size));
+    }
+
+    /// The same on an ext4 file system that can turn read-only under the
+    /// POP (`SmallDisk::ext4_over`).
+    fn put_on_ext4(&mut self, i: usize, size: u64) {
+        let dir = self.dir.join(&format!("disk-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        self.disks[i] = Some(SmallDisk::ext4_over(&dir, size));
     }
 
     fn disk(&self, i: usize) -> &SmallDisk {

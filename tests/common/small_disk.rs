@@ -28,6 +28,54 @@ impl SmallDisk {
         SmallDisk(dir.to_path_buf())
     }
 
+    /// An ext4 file system of `size` bytes (a loop device over a file
+    /// next to `dir`) mounted over `dir` with `errors=remount-ro`: the kernel
+    /// turns it read-only under running processes on an error
+    /// ([`SmallDisk::fail_read_only`]), as a disk going bad does. (A tmpfs
+    /// cannot be remounted read-only while a process holds a file open for
+    /// writing: `mount` refuses, busy.)
+    pub fn ext4_over(dir: &Path, size: u64) -> SmallDisk {
+        // SAFETY: plain getter.
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(
+            uid, 0,
+            "this test mounts a file system and needs root (CI runs as root)"
+        );
+        let image = dir.with_extension("ext4");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(size))
+            .expect("ext4 image");
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs)");
+        assert!(out.status.success(), "mkfs.ext4: {out:?}");
+        mount(
+            &["-o", "loop,errors=remount-ro", image.to_str().unwrap()],
+            dir,
+        );
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Makes the ext4 file system of [`SmallDisk::ext4_over`] fail as a
+    /// bad disk does: the kernel remounts it read-only at once, open files
+    /// included, until it is unmounted and checked.
+    pub fn fail_read_only(&self) {
+        let dev = std::process::Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.0)
+            .output()
+            .expect("findmnt");
+        let dev = String::from_utf8_lossy(&dev.stdout).trim().to_string();
+        let name = dev.rsplit('/').next().unwrap_or_default().to_string();
+        std::fs::write(
+            format!("/sys/fs/ext4/{name}/trigger_fs_error"),
+            "test: disk gone bad\n",
+        )
+        .unwrap_or_else(|e| panic!("trigger_fs_error on {dev}: {e}"));
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }
