@@ -296,7 +296,7 @@ fn a_pop_restarted_on_a_full_disk_serves_and_catches_up_once_there_is_room() {
 /// right: it keeps routing from its last table (no SIGBUS from SQLite's
 /// mapped `-shm`, no exit), stays a member both ways, says so once and in
 /// its metrics and status, and does not spin. Coming back takes an
-/// unmount, `e2fsck` and a restart, which starts as on a full disk (above).
+/// unmount, `e2fsck` and a restart; a restart before that starts too.
 #[test]
 fn a_pop_whose_disk_turns_read_only_keeps_routing_and_says_so() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -336,4 +336,21 @@ fn a_pop_whose_disk_turns_read_only_keeps_routing_and_says_so() {
     for (observer, member) in [(0, 1), (1, 0)] {
         assert_eq!(c.member_state(observer, member).as_deref(), Some("alive"));
     }
+
+    // Restarted while the file system is still read-only (systemd's
+    // Restart=, a reboot that mounts it read-only again): it starts, routes
+    // and joins. It exited at start: first at replication's tables (see the
+    // full-disk restart above), then at the upgrade control socket, whose
+    // default path is next to routing.db.
+    c.kill(0);
+    c.launch(0);
+    c.wait_joined();
+    let (greeting, _) = c.through(0).expect("the restarted POP does not route");
+    assert_eq!(greeting, "before");
+    c.pop(0)
+        .wait_for_log(
+            "upgrade control socket cannot be created; running without it",
+            PATIENCE,
+        )
+        .expect("the missing control socket is not said");
 }

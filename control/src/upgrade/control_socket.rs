@@ -51,25 +51,31 @@ pub struct Bound {
 
 /// Binds (or, in a successor, takes over) the control socket at `path`.
 /// Returns `Ok(None)` when another live process holds it (logged: that
-/// process, not this one, is what `edgeproxy upgrade` reaches there). A
+/// process, not this one, is what `edgeproxy upgrade` reaches there), or
+/// when its file system is read-only or full (logged). A
 /// leftover file from a process that is gone is replaced.
 pub fn bind(path: &Path) -> std::io::Result<Option<Bound>> {
     let inherited = super::sockets::take_unix_listener(SOCKET_NAME, path);
     let created_here = inherited.is_none();
     let listener = match inherited {
         Some(inherited) => inherited,
-        None => match StdUnixListener::bind(path) {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                if StdUnixStream::connect(path).is_ok() {
-                    tracing::warn!(path = %path.display(),
-                        "upgrade control socket is in use by another process; \
-                         `edgeproxy upgrade` cannot reach this one there (SIGUSR2 still works)");
-                    return Ok(None);
-                }
-                // Nobody answers: a leftover of a process that is gone.
-                std::fs::remove_file(path)?;
-                StdUnixListener::bind(path)?
+        None => match bind_new(path) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(None),
+            // The default path is next to routing.db: a disk turned
+            // read-only (or full) made the start fail here (creating the
+            // file, or removing a killed process's leftover), though the
+            // POP could route from its table (see `replication::db`).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EROFS | libc::ENOSPC | libc::EDQUOT)
+                ) =>
+            {
+                tracing::error!(path = %path.display(), error = %e,
+                    "upgrade control socket cannot be created; running without it \
+                     (`edgeproxy upgrade` cannot reach this process; SIGUSR2 still works)");
+                return Ok(None);
             }
             Err(e) => return Err(e),
         },
@@ -80,6 +86,26 @@ pub fn bind(path: &Path) -> std::io::Result<Option<Bound>> {
         listener,
         created_here,
     }))
+}
+
+/// A new socket file at `path`; `None` when another live process holds it
+/// (logged). A leftover file from a process that is gone is replaced.
+fn bind_new(path: &Path) -> std::io::Result<Option<StdUnixListener>> {
+    match StdUnixListener::bind(path) {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if StdUnixStream::connect(path).is_ok() {
+                tracing::warn!(path = %path.display(),
+                    "upgrade control socket is in use by another process; \
+                     `edgeproxy upgrade` cannot reach this one there (SIGUSR2 still works)");
+                return Ok(None);
+            }
+            // Nobody answers: a leftover of a process that is gone.
+            std::fs::remove_file(path)?;
+            StdUnixListener::bind(path).map(Some)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The served control socket.
