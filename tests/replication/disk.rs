@@ -354,3 +354,48 @@ fn a_pop_whose_disk_turns_read_only_keeps_routing_and_says_so() {
         )
         .expect("the missing control socket is not said");
 }
+
+/// A POP's own row, held back at start until the cluster's word on it is
+/// in routing.db (see README, *Traffic steering*), whose first write fails
+/// (a full disk; here a trigger refusing it, which is deterministic: SQLite
+/// sometimes finds room for one more write in its WAL): replication never
+/// tried again, and steering wrote the row itself 15 s after the start,
+/// saying the cluster's copy never came (and announcing only then).
+#[test]
+fn a_pop_whose_own_row_cannot_be_written_at_start_writes_it_once_it_can() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = cluster_with_pop_0_on_a_small_disk(2);
+    c.kill(0);
+    // Restarted with a new country: its row has to be written.
+    c.pop_extra[0] = "country = \"BR\"".into();
+    let refuse = "CREATE TRIGGER refuse_{op} BEFORE {op} ON pops WHEN NEW.node_id = 'node-0' \
+                  BEGIN SELECT RAISE(ABORT, 'database or disk is full (test)'); END;";
+    let conn = rusqlite::Connection::open(c.db_path(0)).unwrap();
+    for op in ["INSERT", "UPDATE"] {
+        conn.execute_batch(&refuse.replace("{op}", op)).unwrap();
+    }
+    let started = Instant::now();
+    c.launch(0);
+    c.pop(0)
+        .wait_for_log("replication: cannot write this POP's own row", PATIENCE)
+        .unwrap_or_else(|| {
+            panic!(
+                "the own row was written: the trigger did not refuse it:\n{}",
+                c.pop(0).log_text()
+            )
+        });
+    conn.execute_batch("DROP TRIGGER refuse_INSERT; DROP TRIGGER refuse_UPDATE;")
+        .unwrap();
+    c.pop(0)
+        .wait_for_log("written with this start's identity", PATIENCE)
+        .expect("replication never wrote this POP's row");
+    let fallback = c
+        .pop(0)
+        .log_lines_after(0, "replication did not write this POP's row in time");
+    assert!(fallback.is_empty(), "{fallback:#?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "written {:?} after the start",
+        started.elapsed()
+    );
+}

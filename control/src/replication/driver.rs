@@ -43,6 +43,7 @@ use super::pki::ClusterPki;
 use super::seeds::Seeds;
 use super::status::{ClusterStatus, Counters, MemberView, StatusHandle};
 use super::transport::{Transport, TransportEvent};
+use super::version::{RowKey, Table};
 use crate::config::{Config, Pop};
 use crate::own_row_gate::OwnRowGate;
 use crate::reload_thread::SharedReloader;
@@ -603,6 +604,7 @@ impl Bound {
             resolved_tx,
             own_row,
             own_row_found,
+            own_row_failing: false,
             own_row_gate: gate,
             started: Instant::now(),
             stamped_ahead,
@@ -693,6 +695,8 @@ struct Driver {
     own_row: PopRow,
     /// This start found a row of its own in `routing.db` (for the logs).
     own_row_found: bool,
+    /// A write of this POP's row failed (said once) and is held again.
+    own_row_failing: bool,
     /// Opened once `own_row` is written (see `crate::own_row_gate`).
     own_row_gate: OwnRowGate,
     started: Instant,
@@ -1009,6 +1013,10 @@ impl Driver {
     /// Carries out everything the node asked for.
     async fn carry_out(&mut self) {
         let mut reload = false;
+        // The cluster's copy of this POP's row came in a batch the store
+        // refused: this POP's row must not be written over the file's.
+        let mut own_copy_unwritten = false;
+        let own_key = RowKey::new(Table::Pops, self.node.id().to_string());
         let mut membership_changed = std::mem::take(&mut self.membership_dirty);
         while let Some(out) = self.node.poll_output() {
             match out {
@@ -1044,6 +1052,7 @@ impl Driver {
                                 "replication: cannot write remote rows; anti-entropy will bring them again \
                                  (said at most every 10 s while it lasts)");
                         }
+                        own_copy_unwritten |= batch.rows.iter().any(|r| r.key == own_key);
                         self.node.persist_failed(batch);
                     }
                 },
@@ -1051,6 +1060,9 @@ impl Driver {
                     if let Err(e) = self.db.forget(&keys) {
                         tracing::warn!(error = %e, "replication: cannot forget collected tombstones");
                     }
+                }
+                Output::WriteOwnRow(OwnRowDue::CopyArrived) if own_copy_unwritten => {
+                    self.hold_own_row_again();
                 }
                 Output::WriteOwnRow(due) => reload |= self.write_own_row(due),
                 Output::Event(e) => membership_changed |= self.on_event(e),
@@ -1100,6 +1112,26 @@ impl Driver {
         }
     }
 
+    /// Holds this POP's row back again, as at start (`Node::hold_own_row`):
+    /// its write failed, or the cluster's copy it is written over could not
+    /// be persisted (a full disk). The next exchange brings the copy again,
+    /// or ends without a newer one, and the row is due again. Before, a
+    /// failed write was never tried again by replication: the gate stayed
+    /// closed until steering's own wait ran out (15 s), which then wrote
+    /// the row saying the cluster's copy never came. Written over a copy
+    /// not in the file, the row would carry the file's drain state, newer
+    /// than the cluster's.
+    fn hold_own_row_again(&mut self) {
+        use super::config::{OWN_ROW_LONGEST_WAIT_INTERVALS, OWN_ROW_PATIENCE_INTERVALS};
+        self.own_row_failing = true;
+        let gossip = self.node.settings().gossip_interval;
+        self.node.hold_own_row(
+            Now::system(),
+            gossip * OWN_ROW_PATIENCE_INTERVALS,
+            gossip * OWN_ROW_LONGEST_WAIT_INTERVALS,
+        );
+    }
+
     /// Counts a failed write to the store, for status and metrics.
     fn store_failed(&mut self, e: &super::db::DbError) {
         self.store_failures.0 += 1;
@@ -1122,8 +1154,12 @@ impl Driver {
         let waited_ms = self.started.elapsed().as_millis() as u64;
         if let Err(e) = self.db.upsert_pop(&self.own_row) {
             self.store_failed(&e);
-            // Steering writes it after a wait of its own if this never does.
-            tracing::error!(error = %e, "replication: cannot write this POP's own row");
+            if !self.own_row_failing {
+                tracing::error!(error = %e,
+                    "replication: cannot write this POP's own row; tried again once the cluster's copy is in \
+                     routing.db or an exchange ends without one (steering writes it itself after a wait of its own)");
+            }
+            self.hold_own_row_again();
             return false;
         }
         self.poll_changes(true);
