@@ -473,8 +473,11 @@ private_key_file = "{key}"
 impl Drop for Mesh {
     fn drop(&mut self) {
         for p in self.pops.iter_mut().flatten() {
-            p.signal(9);
-            p.wait_exit(PATIENCE);
+            // An upgraded POP's old process has exited already.
+            if p.wait_exit(Duration::ZERO).is_none() {
+                p.signal(9);
+                p.wait_exit(PATIENCE);
+            }
         }
         for i in 0..self.n_pops {
             let _ = std::fs::remove_file(self.socket(i));
@@ -1815,4 +1818,188 @@ fn established_path_blocked_later(implementation: &str, ping_socket_on_pop_1: bo
         assert!(line.contains("after_secs="), "{line}");
     }
     assert_eq!(path_up(0), json!(true), "{}", m.mesh_status(0));
+}
+
+/// A hitless binary upgrade (SIGUSR2) of a meshed POP on the embedded
+/// WireGuard keeps its mesh: the successor takes over the TUN device (its
+/// descriptor handed over with the sockets) once the old process has
+/// stopped its WireGuard, and a TCP connection across 6PN lives on. Until
+/// 2026-12-06 the successor could not create the interface the old process
+/// still held ("Device or resource busy"): every upgrade of a meshed POP
+/// failed, and the old process kept serving.
+#[test]
+fn an_upgraded_pop_keeps_its_mesh_and_a_tcp_connection_across_6pn() {
+    upgraded_pop_keeps_its_mesh("embedded");
+}
+
+/// What a connection across 6PN saw while POP 0 was upgraded: the longest
+/// wait for an echo, how many round trips, and the first error.
+struct Stream {
+    longest: Duration,
+    round_trips: u32,
+    error: Option<String>,
+}
+
+/// From host `from`, one TCP connection to `to` (a [`TagBackend`]): a line
+/// every 20 ms, each echo awaited, until `done`.
+fn stream_until(
+    m: &Mesh,
+    from: usize,
+    to: SocketAddr,
+    done: &std::sync::atomic::AtomicBool,
+) -> Stream {
+    let stream = m.net.run_in(from, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3)).inspect(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        })
+    });
+    let s = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            return Stream {
+                longest: Duration::ZERO,
+                round_trips: 0,
+                error: Some(format!("connect {to}: {e}")),
+            }
+        }
+    };
+    let mut out = Stream {
+        longest: Duration::ZERO,
+        round_trips: 0,
+        error: None,
+    };
+    if read_line(&s).is_none() {
+        out.error = Some("no greeting".into());
+        return out;
+    }
+    let mut n = 0u32;
+    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let msg = format!("line {n}");
+        let sent = Instant::now();
+        if let Err(e) = (&s).write_all(format!("{msg}\n").as_bytes()) {
+            out.error = Some(format!("write: {e}"));
+            return out;
+        }
+        match read_line(&s) {
+            Some(back) if back == msg => {}
+            other => {
+                out.error = Some(format!("echo of {msg:?}: {other:?}"));
+                return out;
+            }
+        }
+        out.longest = out.longest.max(sent.elapsed());
+        out.round_trips += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    out
+}
+
+fn upgraded_pop_keeps_its_mesh(implementation: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(2, 2);
+    m.mesh_extra = vec![format!("implementation = \"{implementation}\""); 2];
+    for i in 0..2 {
+        m.launch(i);
+    }
+    m.wait_meshed();
+    let a1 = m.address(1);
+    let to = SocketAddr::new(IpAddr::V6(a1), 7800);
+    let _b = m.backend(1, to, "one");
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("one")));
+    let cluster = m.mesh_status(0)["cluster_prefix"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let old = m.pop(0).pid();
+    let mark = m.pop(0).log_mark();
+    let mark1 = m.pop(1).log_mark();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (stream, new) = std::thread::scope(|s| {
+        let streamer = s.spawn(|| stream_until(&m, 0, to, &done));
+        std::thread::sleep(Duration::from_millis(500));
+        m.pop(0).signal(12); // SIGUSR2
+        let ready = m
+            .pop(0)
+            .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE);
+        let new: Option<u32> = ready.and_then(|l| common::field(&l, "pid")?.parse().ok());
+        if new.is_some() {
+            // The old process has no connection to drain: it exits at once.
+            m.pops[0]
+                .as_ref()
+                .unwrap()
+                .wait_for_log_after(mark, "shutdown complete", PATIENCE);
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (streamer.join().unwrap(), new)
+    });
+    let new = new.unwrap_or_else(|| panic!("no successor; log:\n{}", m.pop(0).log_text()));
+    let _successor = common::KillOnDrop(new);
+    assert_ne!(new, old);
+    let status = m.pops[0]
+        .as_mut()
+        .unwrap()
+        .wait_exit(PATIENCE)
+        .expect("old process did not exit");
+    assert!(status.success(), "old process exited with {status}");
+    eprintln!(
+        "{implementation}: across the upgrade, {} round trips on one TCP connection over 6PN, \
+         the longest {} ms",
+        stream.round_trips,
+        stream.longest.as_millis()
+    );
+    for line in m.pop(0).log_lines()[mark..].iter() {
+        if line.contains("mesh: WireGuard stopped here") || line.contains("mesh: took over") {
+            eprintln!("{line}");
+        }
+    }
+    assert!(
+        stream.error.is_none(),
+        "the TCP connection across 6PN broke: {:?}; log:\n{}",
+        stream.error,
+        m.pop(0).log_text()
+    );
+    assert!(
+        stream.longest < Duration::from_secs(2),
+        "6PN traffic stopped for {:?} during the upgrade",
+        stream.longest
+    );
+    // The old process is gone; what it leaves is the successor's mesh:
+    // the interface, its peer, the address, the routes, the unreachable
+    // route, and `wg show` reads the successor's device.
+    m.wait_meshed();
+    assert!(common::eventually(PATIENCE, || m
+        .tcp(0, to)
+        .ok()
+        .as_deref()
+        == Some("one")));
+    let unreachable = sh(&[
+        "ip",
+        "-n",
+        &m.net.hosts[0].ns,
+        "-6",
+        "route",
+        "show",
+        "type",
+        "unreachable",
+    ]);
+    assert!(unreachable.contains(&cluster), "{unreachable}");
+    let log = m.pop(0).log_lines()[mark..].join("\n");
+    assert!(
+        log.contains("mesh: took over the interface from the previous process"),
+        "{log}"
+    );
+    // The successor's path probes work from the same 6PN address.
+    let probed = common::eventually(PATIENCE, || {
+        let status = m.mesh_status(0);
+        status["peers"][0]["probe_rtt_secs"].is_number() && status["peers"][0]["path_up"] == true
+    });
+    assert!(probed, "{}", m.mesh_status(0));
+    let log1 = m.pop(1).log_lines()[mark1..].join("\n");
+    assert!(!log1.contains("path to the peer is down"), "{log1}");
 }

@@ -144,7 +144,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     // The mesh interface is up (or the start fails) before this POP's row
     // tells the other POPs to peer with it.
-    let mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
+    let mut mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
     // The data plane starts before replication: steering judges its
     // listeners, and this POP's row must carry that verdict before it first
     // replicates. (A successor of a binary upgrade starts replication only
@@ -346,6 +346,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             // now: nothing is withdrawn or marked "not serving", and the
             // BGP sessions go on in it (the routers see nothing).
             crate::sd_notify::main_pid(successor.pid);
+            // The mesh first: 6PN traffic stops from this process's WireGuard
+            // stopping to the successor's starting on the same TUN device.
+            if let Some(m) = mesh.take() {
+                m.release(Duration::from_secs(5));
+                successor.release_mesh();
+            }
             let sessions = runtime.block_on(services.steering.hand_over());
             successor.release_bgp(sessions);
             // Replication first, the gap in gossip is as short as this:

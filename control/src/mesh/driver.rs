@@ -217,6 +217,10 @@ enum Command {
     Pin(Ipv6Addr, oneshot::Sender<()>),
     /// Remove what the mesh added and stop; answer when done.
     Stop(std_mpsc::Sender<()>),
+    /// Stop the device for a binary upgrade's successor, leaving the
+    /// interface, its addresses and routes and the unreachable route to
+    /// it; answer when done.
+    Release(std_mpsc::Sender<()>),
 }
 
 /// The running mesh.
@@ -248,6 +252,24 @@ impl Handle {
             tracing::info!("mesh: stopped");
         } else {
             tracing::warn!("mesh: did not stop within {patience:?}");
+        }
+    }
+}
+
+impl Handle {
+    /// Hands the mesh to a binary upgrade's successor (blocking, at most
+    /// `patience`): stops this process's WireGuard device, and nothing
+    /// else — the successor took over the TUN device with the sockets and
+    /// starts its own device on it once told (`Successor::release_mesh`).
+    pub fn release(mut self, patience: Duration) {
+        let (tx, rx) = std_mpsc::channel();
+        if self.commands.send(Command::Release(tx)).is_ok() && rx.recv_timeout(patience).is_ok() {
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            tracing::info!("mesh: WireGuard stopped here; the new process runs the interface");
+        } else {
+            tracing::warn!("mesh: did not stop its WireGuard within {patience:?}");
         }
     }
 }
@@ -317,7 +339,24 @@ struct Driver {
     counters: Counters,
     last_error: Option<String>,
     status: StatusHandle,
+    /// Built suspended on the TUN device a previous process handed over:
+    /// the moment that process released it (`None`: not yet), and whether
+    /// this device is started.
+    take_over: Option<TakeOver>,
 }
+
+/// A device built on a TUN device handed over by a binary upgrade, until it
+/// runs (see [`Driver::take_over`]).
+struct TakeOver {
+    /// Since when this process waits for the previous one to release it.
+    since: Instant,
+    /// What the previous process said, once it did.
+    said: Option<Result<crate::upgrade::inherit::MeshHandOff, String>>,
+}
+
+/// How long a successor waits for its predecessor to stop the mesh device
+/// before starting its own anyway (the predecessor hung, or was killed).
+const HAND_OFF_PATIENCE: Duration = Duration::from_secs(30);
 
 impl Driver {
     async fn start(
@@ -410,7 +449,18 @@ impl Driver {
             counters: Counters::default(),
             last_error: None,
             status,
+            take_over: None,
         };
+        if driver.device.as_ref().is_some_and(Device::adopted) {
+            crate::upgrade::inherit::expect_mesh_hand_off();
+            driver.take_over = Some(TakeOver {
+                since: Instant::now(),
+                said: None,
+            });
+            tracing::info!(%interface,
+                "mesh: took the interface over from the previous process; its WireGuard runs \
+                 there until it hands over");
+        }
         // This POP's address is there before anyone is told the POP is up.
         driver.reconcile().await;
         driver.publish_status().await;
@@ -426,6 +476,9 @@ impl Driver {
         let mut status_tick = tokio::time::interval(STATUS_EVERY);
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut answers = self.prober.as_mut().and_then(Prober::take_answers);
+        let mut hand_off = self.take_over.as_ref().map(|_| {
+            tokio::task::spawn_blocking(|| crate::upgrade::inherit::await_mesh(HAND_OFF_PATIENCE))
+        });
         loop {
             let probe_at = tokio::time::Instant::from_std(self.probes.poll_timeout(Instant::now()));
             tokio::select! {
@@ -444,6 +497,13 @@ impl Driver {
                     self.probe_round(&mut answers).await
                 }
                 Some(answer) = next_answer(&mut answers) => self.on_answer(answer).await,
+                said = next_hand_off(&mut hand_off) => {
+                    hand_off = None;
+                    if let Some(t) = &mut self.take_over {
+                        t.said = Some(said);
+                    }
+                    self.take_over().await;
+                }
                 cmd = commands.recv() => match cmd {
                     Some(Command::Pin(ip, done)) => {
                         if self.own.pop.contains(&ip) {
@@ -454,6 +514,13 @@ impl Driver {
                     }
                     Some(Command::Stop(done)) => {
                         self.stop().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(Command::Release(done)) => {
+                        if let Some(device) = self.device.take() {
+                            device.release().await;
+                        }
                         let _ = done.send(());
                         return;
                     }
@@ -481,9 +548,41 @@ impl Driver {
         }
     }
 
+    /// Starts the device built on the TUN device a previous process handed
+    /// over, once that process has released it (or is gone, or did not say
+    /// within [`HAND_OFF_PATIENCE`]). Retried at each pass if it fails.
+    async fn take_over(&mut self) {
+        let Some(t) = &self.take_over else { return };
+        let Some(said) = &t.said else { return };
+        let waited = t.since.elapsed();
+        let said = match said {
+            Ok(crate::upgrade::inherit::MeshHandOff::Released) => "released it".to_string(),
+            Ok(crate::upgrade::inherit::MeshHandOff::Gone) => "exited without a word".to_string(),
+            Err(e) => format!("did not say ({e})"),
+        };
+        let Some(device) = self.device.as_mut() else {
+            return;
+        };
+        match device.resume().await {
+            Ok(()) => {
+                self.take_over = None;
+                tracing::info!(interface = %self.mesh.interface, previous = %said,
+                    waited_ms = waited.as_millis() as u64,
+                    "mesh: took over the interface from the previous process; WireGuard runs here now");
+                self.publish_status().await;
+            }
+            Err(e) => {
+                self.fail(e.into());
+            }
+        }
+    }
+
     /// One pass: desired vs current, then every change.
     async fn reconcile(&mut self) {
         self.last_pass = Instant::now();
+        if self.take_over.as_ref().is_some_and(|t| t.said.is_some()) {
+            self.take_over().await;
+        }
         if let Err(e) = self.keep_device().await {
             self.fail(e);
             return;
@@ -926,6 +1025,19 @@ impl Driver {
             counters: self.counters.clone(),
             last_error: self.last_error.clone(),
         });
+    }
+}
+
+/// What the previous process said about the mesh device; never, when this
+/// process waits for nothing.
+async fn next_hand_off(
+    waiter: &mut Option<
+        tokio::task::JoinHandle<Result<crate::upgrade::inherit::MeshHandOff, String>>,
+    >,
+) -> Result<crate::upgrade::inherit::MeshHandOff, String> {
+    match waiter {
+        Some(task) => task.await.unwrap_or_else(|e| Err(e.to_string())),
+        None => std::future::pending().await,
     }
 }
 

@@ -9,7 +9,7 @@
 //!
 //! After `Ready` the predecessor hands over what only one process may run
 //! at a time: its BGP sessions ([`await_bgp`]) and its replication member
-//! ([`await_replication`]). A thread listens on the channel for them and
+//! ([`await_replication`]), and its mesh device ([`await_mesh`]). A thread listens on the channel for them and
 //! files each as it arrives; components that said they expect one
 //! ([`expect_bgp_hand_off`], [`expect_replication_hand_off`], before
 //! `Ready`) wait for theirs.
@@ -37,6 +37,9 @@ static EXPECT_REPLICATION: AtomicBool = AtomicBool::new(false);
 /// Set when this successor runs a BGP speaker: the channel is kept after
 /// `Ready` for [`await_bgp`].
 static EXPECT_BGP: AtomicBool = AtomicBool::new(false);
+/// Set when this successor took over the mesh's TUN device: the channel is
+/// kept after `Ready` for [`await_mesh`].
+static EXPECT_MESH: AtomicBool = AtomicBool::new(false);
 /// A successor that has not reported yet (set when the channel is adopted,
 /// cleared by the report): waits after `Ready` wait for it.
 static AWAITING_REPORT: AtomicBool = AtomicBool::new(false);
@@ -53,6 +56,8 @@ struct AfterReady {
     replication: Option<ReplicationHandOff>,
     bgp_sessions: Vec<Handed>,
     bgp_done: bool,
+    /// The predecessor stopped its mesh device.
+    mesh: bool,
     /// The predecessor closed the channel (or it broke): nothing more comes.
     closed: bool,
     /// A message that made no sense, or no word in time.
@@ -66,6 +71,7 @@ impl AfterReady {
             replication: None,
             bgp_sessions: Vec::new(),
             bgp_done: false,
+            mesh: false,
             closed: false,
             error: None,
         }
@@ -74,6 +80,7 @@ impl AfterReady {
     fn expected_all(&self) -> bool {
         (!EXPECT_REPLICATION.load(Ordering::Relaxed) || self.replication.is_some())
             && (!EXPECT_BGP.load(Ordering::Relaxed) || self.bgp_done)
+            && (!EXPECT_MESH.load(Ordering::Relaxed) || self.mesh)
     }
 }
 
@@ -156,7 +163,8 @@ fn receive(channel: &Channel) -> Result<BTreeMap<String, Vec<OwnedFd>>, InheritE
             ToSuccessor::Done => return Ok(table),
             ToSuccessor::Replication { .. }
             | ToSuccessor::BgpSession { .. }
-            | ToSuccessor::BgpDone => {
+            | ToSuccessor::BgpDone
+            | ToSuccessor::Mesh => {
                 return Err(InheritError::Protocol(WireError::Decode(
                     "a hand-off meant for after ready came before the sockets".into(),
                 )))
@@ -225,8 +233,9 @@ fn report(msg: FromSuccessor) {
         if let Err(e) = channel.send(&msg.encode(), &[]) {
             tracing::warn!(error = %e, "upgrade: cannot report to the previous process");
         }
-        let expected =
-            EXPECT_REPLICATION.load(Ordering::Relaxed) || EXPECT_BGP.load(Ordering::Relaxed);
+        let expected = EXPECT_REPLICATION.load(Ordering::Relaxed)
+            || EXPECT_BGP.load(Ordering::Relaxed)
+            || EXPECT_MESH.load(Ordering::Relaxed);
         {
             // Under the lock the waiters read it with: none of them sees
             // "not reported, not listening" in between.
@@ -281,6 +290,7 @@ fn listen_after_ready(channel: Channel) {
                     }
                 }
                 Ok(ToSuccessor::BgpDone) => after.bgp_done = true,
+                Ok(ToSuccessor::Mesh) => after.mesh = true,
                 Ok(other) => {
                     tracing::warn!(?other, "upgrade: unexpected message after ready; ignored")
                 }
@@ -394,6 +404,41 @@ pub fn await_bgp(patience: Duration) -> Result<Vec<Handed>, String> {
             });
         }
         None
+    })?
+}
+
+/// The mesh took over the predecessor's TUN device: keep the channel after
+/// `Ready` to hear when the predecessor has stopped its WireGuard on it.
+pub fn expect_mesh_hand_off() {
+    EXPECT_MESH.store(true, Ordering::Relaxed);
+}
+
+/// What the predecessor said about its mesh device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshHandOff {
+    /// It stopped its WireGuard: the TUN device and the UDP port are free.
+    Released,
+    /// It exited or closed the channel without saying (an older binary, or
+    /// it died): its device is gone with it.
+    Gone,
+}
+
+/// After [`report_ready`] (or before: it waits for it): waits up to
+/// `patience` for the predecessor to stop its mesh device. Blocking (run
+/// it on a blocking thread). `Err`: no word within `patience`.
+pub fn await_mesh(patience: Duration) -> Result<MeshHandOff, String> {
+    wait_after_ready(patience, |after| {
+        if after.mesh {
+            return Some(Ok(MeshHandOff::Released));
+        }
+        if !after.listening {
+            return (!AWAITING_REPORT.load(Ordering::Relaxed)).then_some(Ok(MeshHandOff::Gone));
+        }
+        match (after.closed, &after.error) {
+            (true, None) => Some(Ok(MeshHandOff::Gone)),
+            (true, Some(e)) => Some(Err(e.clone())),
+            _ => None,
+        }
     })?
 }
 

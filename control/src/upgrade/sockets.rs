@@ -7,7 +7,8 @@
 //! use: `listener:<name>` (one socket per shard, in `SO_REUSEPORT` group
 //! order), `api`, `metrics`, `dns-udp` (one per UDP worker), `dns-tcp`,
 //! `control` (the upgrade control socket), `replication-gossip`,
-//! `replication-transport`. Add an entry for any new socket with the same
+//! `replication-transport`, `mesh-tun` (the embedded mesh's TUN device, not
+//! a socket). Add an entry for any new socket with the same
 //! two calls: `register` after binding, `take_*` instead of binding when
 //! inherited.
 //!
@@ -186,6 +187,12 @@ pub fn take_unix_listener(name: &str, path: &Path) -> Option<UnixListener> {
         }
     })?;
     fds.into_iter().next().map(UnixListener::from)
+}
+
+/// A descriptor inherited as `name` that is not a socket (the mesh's TUN
+/// device), if `fits` accepts it; else it is closed.
+pub fn take_device(name: &str, fits: impl Fn(&OwnedFd) -> Result<(), String>) -> Option<OwnedFd> {
+    take_checked(name, fits)?.into_iter().next()
 }
 
 /// Closes every inherited socket nothing claimed; returns their names.

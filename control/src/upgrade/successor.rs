@@ -131,6 +131,15 @@ impl Successor {
             tracing::warn!(pid = self.pid, error = %e, "upgrade: cannot tell the new process that replication is released");
         }
     }
+
+    /// Tells the successor this process has stopped its mesh device: the
+    /// successor starts its own on the TUN device it took over.
+    pub fn release_mesh(&self) {
+        if let Err(e) = self.channel.send(&ToSuccessor::Mesh.encode(), &[]) {
+            // A successor without the embedded mesh stopped listening.
+            tracing::debug!(pid = self.pid, error = %e, "upgrade: the new process does not listen for the mesh");
+        }
+    }
 }
 
 /// Why an upgrade did not happen. The old process keeps serving in every

@@ -61,6 +61,10 @@ pub enum ToSuccessor {
     /// After the `BgpSession`s: the parent's speaker has stopped (every
     /// session it had is handed over or closed).
     BgpDone,
+    /// After `Ready`, with the mesh: the parent stopped its WireGuard
+    /// device (it no longer reads the TUN device it handed over, and its
+    /// UDP port is free); the successor starts its own on them.
+    Mesh,
 }
 
 /// Successor → parent.
@@ -115,7 +119,10 @@ impl ToSuccessor {
                 entries.iter().map(|(_, n)| u64::from(*n)).sum()
             }
             ToSuccessor::BgpSession { .. } => 1,
-            ToSuccessor::Done | ToSuccessor::Replication { .. } | ToSuccessor::BgpDone => 0,
+            ToSuccessor::Done
+            | ToSuccessor::Replication { .. }
+            | ToSuccessor::BgpDone
+            | ToSuccessor::Mesh => 0,
         };
         if listed != fds as u64 {
             return Err(WireError::FdCount {
@@ -204,6 +211,9 @@ mod tests {
             // It carries no descriptors.
             assert!(ToSuccessor::decode(&m.encode(), 1).is_err());
         }
+        let m = ToSuccessor::Mesh;
+        assert_eq!(ToSuccessor::decode(&m.encode(), 0).unwrap(), m);
+        assert!(ToSuccessor::decode(&m.encode(), 1).is_err());
         for m in [
             FromSuccessor::Ready { pid: 42 },
             FromSuccessor::Failed {

@@ -196,6 +196,38 @@ impl Device {
         }
     }
 
+    /// Built on a TUN device a previous process handed over, and waiting
+    /// (suspended) until that process releases it: see [`Device::resume`].
+    pub fn adopted(&self) -> bool {
+        match self {
+            Device::Embedded(d) => d.adopted(),
+            Device::Userspace(_) | Device::Kernel(_) => false,
+        }
+    }
+
+    /// Starts an [`Device::adopted`] device once the previous process has
+    /// released the TUN device; the others run already.
+    pub async fn resume(&mut self) -> Result<(), DeviceError> {
+        match self {
+            Device::Embedded(d) => d.resume().await,
+            Device::Userspace(_) | Device::Kernel(_) => Ok(()),
+        }
+    }
+
+    /// Stops the device for the successor of a binary upgrade: the
+    /// embedded one leaves its interface (the successor holds the TUN
+    /// device) and its UAPI socket's path (the successor's now) in place.
+    /// `wireguard-go` cannot be handed over (it dies with the process that
+    /// started it, `PR_SET_PDEATHSIG`): it is stopped, and the successor
+    /// starts its own.
+    pub async fn release(self) {
+        match self {
+            Device::Embedded(d) => d.release().await,
+            Device::Userspace(d) => d.stop().await,
+            Device::Kernel(_) => {}
+        }
+    }
+
     /// Takes the interface down for good (process shutdown).
     pub async fn stop(self) {
         match self {
