@@ -1832,6 +1832,33 @@ fn an_upgraded_pop_keeps_its_mesh_and_a_tcp_connection_across_6pn() {
     upgraded_pop_keeps_its_mesh("embedded");
 }
 
+/// The same on `wireguard-go`.
+#[test]
+fn an_upgraded_pop_keeps_its_mesh_on_wireguard_go_too() {
+    upgraded_pop_keeps_its_mesh("wireguard-go");
+}
+
+/// Every running `wireguard-go` for `interface`: (pid, parent pid).
+fn wireguard_go_processes(interface: &str) -> Vec<(u32, u32)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let ours =
+                args.first()?.ends_with(b"wireguard-go") && args.contains(&interface.as_bytes());
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (_, rest) = stat.split_once(") ")?;
+            let state = rest.split_whitespace().next()?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ours && state != "Z").then_some((pid, ppid))
+        })
+        .collect()
+}
+
 /// What a connection across 6PN saw while POP 0 was upgraded: the longest
 /// wait for an echo, how many round trips, and the first error.
 struct Stream {
@@ -1994,6 +2021,17 @@ fn upgraded_pop_keeps_its_mesh(implementation: &str) {
         log.contains("mesh: took over the interface from the previous process"),
         "{log}"
     );
+    // One hand-over, no fight: neither process saw its device go away.
+    assert!(
+        !log.contains("the WireGuard device is gone") && !log.contains("reconciliation failed"),
+        "{log}"
+    );
+    if implementation == "wireguard-go" {
+        // Exactly one wireguard-go runs the interface: the successor's.
+        let running = wireguard_go_processes(&m.ifaces[0]);
+        assert_eq!(running.len(), 1, "{running:?}");
+        assert_eq!(running[0].1, new, "{running:?}");
+    }
     // The successor's path probes work from the same 6PN address.
     let probed = common::eventually(PATIENCE, || {
         let status = m.mesh_status(0);

@@ -373,26 +373,44 @@ impl Driver {
             listen_port: p.mesh.listen_port,
             wireguard_go: &p.mesh.wireguard_go,
         };
-        let device = Device::create(p.mesh.implementation, &settings).await?;
-        let (mtu, capped) = device.interface_mtu(p.mesh.mtu);
+        // A binary upgrade's successor on wireguard-go: the previous
+        // process's wireguard-go holds the interface (a second one cannot
+        // create it, and it cannot be adopted: it dies with the process that
+        // started it) until that process stops it; then this one starts
+        // its own (see `Driver::take_over`).
+        let deferred = p.mesh.implementation == Implementation::WireguardGo
+            && crate::upgrade::inherit::is_successor();
+        let device = match deferred {
+            true => None,
+            false => Some(Device::create(p.mesh.implementation, &settings).await?),
+        };
+        let (mtu, capped) = device
+            .as_ref()
+            .map_or((p.mesh.mtu, false), |d| d.interface_mtu(p.mesh.mtu));
         if capped {
             tracing::warn!(configured = p.mesh.mtu, mtu,
-                implementation = device.implementation().as_str(),
+                implementation = p.mesh.implementation.as_str(),
                 "mesh: mesh.mtu {} is more than this WireGuard implementation carries (packets up to {mtu} bytes); \
                  the interface uses {mtu}, or longer packets would be lost", p.mesh.mtu);
             p.mesh.mtu = mtu;
         }
         let netlink = Netlink::connect()?;
         let setup = async {
+            netlink.add_unreachable(p.six_pn.cluster.net()).await?;
+            if deferred {
+                // Found again once this process's own device runs.
+                return Ok(0);
+            }
             let index = netlink.index(&p.mesh.interface).await?;
             netlink.up(index, p.mesh.mtu).await?;
-            netlink.add_unreachable(p.six_pn.cluster.net()).await?;
             Ok::<u32, super::netlink::NetlinkError>(index)
         };
         let index = match setup.await {
             Ok(i) => i,
             Err(e) => {
-                device.stop().await;
+                if let Some(device) = device {
+                    device.stop().await;
+                }
                 return Err(e.into());
             }
         };
@@ -415,10 +433,10 @@ impl Driver {
                 }
             },
         };
-        let (interface, implementation) = (p.mesh.interface.clone(), device.implementation());
+        let (interface, implementation) = (p.mesh.interface.clone(), p.mesh.implementation);
         let (listen_port, mtu) = (p.mesh.listen_port, p.mesh.mtu);
         let mut driver = Driver {
-            device: Some(device),
+            device,
             implementation,
             key: p.key,
             device_gone: false,
@@ -451,15 +469,14 @@ impl Driver {
             status,
             take_over: None,
         };
-        if driver.device.as_ref().is_some_and(Device::adopted) {
+        if deferred || driver.device.as_ref().is_some_and(Device::adopted) {
             crate::upgrade::inherit::expect_mesh_hand_off();
             driver.take_over = Some(TakeOver {
                 since: Instant::now(),
                 said: None,
             });
-            tracing::info!(%interface,
-                "mesh: took the interface over from the previous process; its WireGuard runs \
-                 there until it hands over");
+            tracing::info!(%interface, implementation = implementation.as_str(),
+                "mesh: the previous process runs this POP's WireGuard until it hands it over");
         }
         // This POP's address is there before anyone is told the POP is up.
         driver.reconcile().await;
@@ -502,7 +519,8 @@ impl Driver {
                     if let Some(t) = &mut self.take_over {
                         t.said = Some(said);
                     }
-                    self.take_over().await;
+                    // Starts the device, then a pass configures it.
+                    self.reconcile().await;
                 }
                 cmd = commands.recv() => match cmd {
                     Some(Command::Pin(ip, done)) => {
@@ -560,28 +578,38 @@ impl Driver {
             Ok(crate::upgrade::inherit::MeshHandOff::Gone) => "exited without a word".to_string(),
             Err(e) => format!("did not say ({e})"),
         };
-        let Some(device) = self.device.as_mut() else {
-            return;
+        let how = match self.device {
+            Some(_) => "on the TUN device it handed over",
+            None => "with a new wireguard-go (the interface is built again)",
         };
-        match device.resume().await {
+        let started = match self.device.as_mut() {
+            Some(device) => device.resume().await.map_err(anyhow::Error::from),
+            None => self.start_device().await,
+        };
+        match started {
             Ok(()) => {
                 self.take_over = None;
-                tracing::info!(interface = %self.mesh.interface, previous = %said,
+                tracing::info!(interface = %self.mesh.interface, previous = %said, how,
                     waited_ms = waited.as_millis() as u64,
                     "mesh: took over the interface from the previous process; WireGuard runs here now");
                 self.publish_status().await;
             }
-            Err(e) => {
-                self.fail(e.into());
-            }
+            Err(e) => self.fail(e),
         }
     }
 
     /// One pass: desired vs current, then every change.
     async fn reconcile(&mut self) {
         self.last_pass = Instant::now();
-        if self.take_over.as_ref().is_some_and(|t| t.said.is_some()) {
-            self.take_over().await;
+        if let Some(t) = &self.take_over {
+            if t.said.is_some() {
+                self.take_over().await;
+            }
+            if self.device.is_none() {
+                // wireguard-go waiting for the previous process: it runs
+                // the mesh meanwhile, and a pass would start a second one.
+                return;
+            }
         }
         if let Err(e) = self.keep_device().await {
             self.fail(e);
@@ -674,6 +702,15 @@ impl Driver {
         if let Some(old) = self.device.take() {
             old.stop().await;
         }
+        self.start_device().await?;
+        self.device_gone = false;
+        tracing::info!(interface = %self.mesh.interface, "mesh: interface up again");
+        Ok(())
+    }
+
+    /// Starts a device on the interface name, key and port, and brings the
+    /// interface up; the next pass puts back every address, peer and route.
+    async fn start_device(&mut self) -> anyhow::Result<()> {
         let settings = DeviceSettings {
             interface: &self.mesh.interface,
             private_key: &self.key,
@@ -684,8 +721,6 @@ impl Driver {
         self.advertised.clear();
         self.index = self.netlink.index(&self.mesh.interface).await?;
         self.netlink.up(self.index, self.mesh.mtu).await?;
-        self.device_gone = false;
-        tracing::info!(interface = %self.mesh.interface, "mesh: interface up again");
         Ok(())
     }
 
