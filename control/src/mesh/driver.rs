@@ -389,7 +389,7 @@ impl Driver {
             .map_or((p.mesh.mtu, false), |d| d.interface_mtu(p.mesh.mtu));
         if capped {
             tracing::warn!(configured = p.mesh.mtu, mtu,
-                implementation = p.mesh.implementation.as_str(),
+                implementation = device.as_ref().map_or(p.mesh.implementation, Device::implementation).as_str(),
                 "mesh: mesh.mtu {} is more than this WireGuard implementation carries (packets up to {mtu} bytes); \
                  the interface uses {mtu}, or longer packets would be lost", p.mesh.mtu);
             p.mesh.mtu = mtu;
@@ -433,7 +433,12 @@ impl Driver {
                 }
             },
         };
-        let (interface, implementation) = (p.mesh.interface.clone(), p.mesh.implementation);
+        // What `auto` resolved to (a deferred device is wireguard-go, named
+        // as such in the config).
+        let implementation = device
+            .as_ref()
+            .map_or(p.mesh.implementation, Device::implementation);
+        let interface = p.mesh.interface.clone();
         let (listen_port, mtu) = (p.mesh.listen_port, p.mesh.mtu);
         let mut driver = Driver {
             device,
