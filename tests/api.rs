@@ -502,6 +502,75 @@ fn a_full_disk_refuses_registrations_clearly_and_recovers() {
     drop(api);
 }
 
+/// A POP stopped cleanly (SIGTERM folds routing.db's WAL and removes its
+/// `-wal` and `-shm`) that starts again while the disk is full: a reboot
+/// with `/var` full of logs. SQLite could not create the `-shm` a WAL
+/// database needs even to be read, and the start failed ("cannot open
+/// routing store ...: disk I/O error"), so under systemd's `Restart=` the
+/// POP stayed down. It starts, routes from the table as it is in the file,
+/// says once that routing.db cannot be written and why, refuses writes with
+/// 507, shows it in the metrics, and becomes writable by itself once there
+/// is room, without a restart.
+#[test]
+fn a_pop_stopped_cleanly_starts_on_a_full_disk_routes_and_writes_once_there_is_room() {
+    let dir = TempDir::new("api-full-start");
+    let disk = SmallDisk::mount_over(dir.path(), "1m");
+    let keys =
+        format!("token = {TOKEN:?}\n\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n");
+    let before = TagBackend::start("before");
+    let after = TagBackend::start("after");
+    {
+        let mut api = Api::start(&dir, &keys, &[]);
+        assert_eq!(api.register("before", before.port()).0, 201);
+        api.proxy.signal(libc::SIGTERM);
+        assert!(api.proxy.wait_exit(PATIENCE).is_some(), "did not stop");
+    }
+    let shm = dir.join("routing.db-shm");
+    assert!(!shm.exists(), "a clean stop leaves no -shm");
+    let filler = disk.fill();
+
+    let api = Api::start(&dir, &keys, &[]);
+    assert_eq!(which_backend(api.proxy.addr()), "before");
+    let (status, list) = api.call("GET", "/api/v1/backends", None);
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["backends"][0]["id"], "before", "{list}");
+    let (status, reply) = api.register("after", after.port());
+    assert_eq!(status, 507, "Insufficient Storage: {reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains("disk is full"), "{reply}");
+    // One ERROR, saying why; not one per refusal nor per retry.
+    let errors = api.proxy.log_lines_after(0, " ERROR ");
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("routing.db cannot be written"),
+        "{errors:?}"
+    );
+    assert!(errors[0].contains("disk is full"), "{errors:?}");
+    let metrics = api.proxy.metrics_addr();
+    let writable = || {
+        let (status, text) = http_get(metrics, "/metrics");
+        assert_eq!(status, 200);
+        sample(&text, "edgeproxy_routing_store_writable")
+    };
+    assert_eq!(writable(), Some(0.0));
+    assert_eq!(http_get(metrics, "/ready").0, 200, "it serves: ready");
+
+    // Room again: the store switches to read-write by itself.
+    filler.free();
+    assert!(
+        api.proxy
+            .wait_for_log("routing.db can be written again", PATIENCE)
+            .is_some(),
+        "{}",
+        api.proxy.log_text()
+    );
+    assert_eq!(writable(), Some(1.0));
+    assert_eq!(api.register("after", after.port()).0, 201);
+    assert_eq!(api.call("DELETE", "/api/v1/backends/before", None).0, 200);
+    assert_eq!(which_backend(api.proxy.addr()), "after");
+    drop(api);
+}
+
 /// Another writer holding routing.db's lock (an operator's `sqlite3` shell
 /// in a transaction) past the store's busy timeout: a registration is
 /// refused with 503 and `Retry-After`, nothing is written, and the same

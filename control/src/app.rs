@@ -93,6 +93,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     // Rows pointing at a listener would loop: left out from the first
     // snapshot on (the listeners are bound, their ports known).
     let own = OwnListeners::new(sockets.listeners.local_addrs());
+    let store_writable = store.writable_flag();
     let reloader = SharedReloader::new(RoutingReloader::start_with(
         store,
         Some(config.api.heartbeat_ttl),
@@ -240,6 +241,7 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             health: Some(health.clone()),
             readiness: readiness.clone(),
             tls_expiry: tls.expiry(),
+            store_writable: store_writable.clone(),
         };
         metrics = Some(runtime.block_on(async { crate::metrics::serve(listener, sources) })?);
         tracing::info!(%addr, "metrics listening");

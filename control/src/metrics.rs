@@ -40,6 +40,9 @@ pub struct Sources {
     pub steering: Option<crate::steering::Handle>,
     /// The TLS certificates served and when each expires.
     pub tls_expiry: crate::tls::ExpiryView,
+    /// False while routing.db is read as it is because it cannot be
+    /// written (`RoutingStore::writable_flag`).
+    pub store_writable: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Binds the admin listener. Done before the data plane starts, so a bind
@@ -228,6 +231,12 @@ pub fn render(sources: &Sources) -> String {
             l.limit_waits,
         );
     }
+    f.single(
+        "edgeproxy_routing_store_writable",
+        "gauge",
+        "0 while routing.db cannot be opened for writing (a full or read-only disk at start): the POP routes from the table as it is in the file, the discovery API refuses writes (507 when the disk is full), and the read-write open is tried again every few seconds; else 1.",
+        u64::from(sources.store_writable.load(Relaxed)),
+    );
     f.single(
         "edgeproxy_max_connections",
         "gauge",

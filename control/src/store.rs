@@ -34,12 +34,18 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use engine::snapshot::BackendRecord;
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, Row, TransactionBehavior};
 use tracing::{debug, info, warn};
+
+mod read_only;
+use read_only::{connect_immutable, why_unwritable, Access, Retry};
+pub use read_only::{disk_refuses_writes, open_as_is};
 
 /// The original edgeProxy's table, verbatim (`sql/create_routing_db.sql` in
 /// andrebassi/edgeproxy). A new database gets exactly this and then goes
@@ -237,6 +243,23 @@ pub enum StoreError {
     /// The `backends` table lacks columns the proxy needs.
     #[error("routing store {}: table backends lacks column(s) {}", .path.display(), .missing.join(", "))]
     MissingColumns { path: PathBuf, missing: Vec<String> },
+    /// The store is read as it is in the file, without being opened for
+    /// writing (see [`RoutingStore::open`]): nothing was written.
+    #[error(
+        "routing store {} cannot be written: {why}; routing goes on from the table as it is \
+         in the file until it can ({cause})",
+        .path.display()
+    )]
+    NotWritable {
+        path: PathBuf,
+        /// What keeps it from being written ("the disk is full (0 bytes
+        /// free)").
+        why: String,
+        /// `why` is a full disk.
+        full: bool,
+        /// The error of the last attempt to open it for writing.
+        cause: String,
+    },
 }
 
 impl StoreError {
@@ -250,6 +273,17 @@ impl StoreError {
             | StoreError::Read { cause, .. }
             | StoreError::Write { cause, .. } => Some(cause),
             _ => None,
+        }
+    }
+
+    /// A write failed, or was refused, for want of room on the disk.
+    pub fn disk_full(&self) -> bool {
+        match self {
+            StoreError::NotWritable { full, .. } => *full,
+            e => e
+                .sqlite_error()
+                .and_then(rusqlite::Error::sqlite_error_code)
+                .is_some_and(|c| c == ErrorCode::DiskFull),
         }
     }
 }
@@ -429,6 +463,8 @@ struct Fingerprint {
 struct Live {
     conn: Connection,
     stamp: FileStamp,
+    /// An immutable connection (see [`connect_immutable`]): reads only.
+    read_only: bool,
 }
 
 /// The routing table on disk. See the module docs.
@@ -438,6 +474,8 @@ pub struct RoutingStore {
     /// `None` after an error or before the first successful reopen; the next
     /// call opens a fresh connection.
     live: Option<Live>,
+    /// Whether `live` can write, and why not.
+    access: Access,
     /// State at the last successful `load`.
     seen: Option<Fingerprint>,
     /// This store wrote since the last `load`. (`data_version` does not move
@@ -476,6 +514,17 @@ impl RoutingStore {
     /// busy timeout, and brings the schema up to date: creates `backends` if
     /// absent (the original's exact table), adds `country` if absent, records
     /// [`SCHEMA_VERSION`] in `PRAGMA user_version`.
+    ///
+    /// An existing file that the disk keeps from being opened for writing
+    /// (full, read-only) is read as it is instead: SQLite cannot even read a
+    /// WAL database without creating its 32 KiB `-shm`, and a clean stop
+    /// removes it, so a POP stopped cleanly could not start again on a full
+    /// disk (a reboot with `/var` full of logs). Writes are then refused
+    /// ([`StoreError::NotWritable`]), said once at ERROR, and the read-write
+    /// open is tried again every few seconds (see [`fresh`]), then said at
+    /// INFO. A WAL left with rows in it (a crash) is not read that way: an
+    /// immutable read would miss them. A file that does not exist yet still
+    /// has to be created: that fails on a full disk.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let exists = path.try_exists().map_err(|cause| StoreError::Stat {
             path: path.to_path_buf(),
@@ -484,12 +533,24 @@ impl RoutingStore {
         if !exists {
             info!(path = %path.display(), "routing store does not exist, creating it");
         }
-        let mut conn = connect(path, true)?;
-        migrate(&mut conn, path, true)?;
-        let stamp = stat_main(path)?;
+        let mut access = Access::new();
+        let opened = connect(path, true).and_then(|mut conn| {
+            migrate(&mut conn, path, true)?;
+            Ok(conn)
+        });
+        let live = match opened {
+            Ok(conn) => Live {
+                conn,
+                stamp: stat_main(path)?,
+                read_only: false,
+            },
+            Err(e) if exists => read_only_instead(path, e, &mut access)?,
+            Err(e) => return Err(e),
+        };
         Ok(RoutingStore {
             path: path.to_path_buf(),
-            live: Some(Live { conn, stamp }),
+            live: Some(live),
+            access,
             seen: None,
             dirty: false,
             last_activity: Instant::now(),
@@ -570,6 +631,13 @@ impl RoutingStore {
         &self.path
     }
 
+    /// False while the store is read as it is in the file because it cannot
+    /// be opened for writing (see [`RoutingStore::open`]); shared, for the
+    /// metrics.
+    pub fn writable_flag(&self) -> Arc<AtomicBool> {
+        self.access.writable.clone()
+    }
+
     /// Reads every row, deleted ones included (the snapshot builder filters
     /// them). Rows with unreadable values go to [`Loaded::bad_rows`].
     pub fn load(&mut self) -> Result<Loaded, StoreError> {
@@ -582,7 +650,7 @@ impl RoutingStore {
 
     fn load_inner(&mut self) -> Result<Loaded, StoreError> {
         let path = &self.path;
-        let (live, _) = fresh(path, &mut self.live)?;
+        let (live, _) = fresh(path, &mut self.live, &mut self.access, Retry::IfDue)?;
         // A busy table's WAL is folded here once it is big; a quiet table's
         // by `changed` (see `QUIET_BEFORE_CHECKPOINT`).
         if wal_len(path)? > CHECKPOINT_WAL_BYTES && checkpoint(&live.conn, path) {
@@ -614,7 +682,7 @@ impl RoutingStore {
     }
 
     fn changed_inner(&mut self) -> Result<bool, StoreError> {
-        let (live, reopened) = fresh(&self.path, &mut self.live)?;
+        let (live, reopened) = fresh(&self.path, &mut self.live, &mut self.access, Retry::IfDue)?;
         if reopened {
             return Ok(true);
         }
@@ -896,7 +964,8 @@ impl RoutingStore {
     /// with unreadable values are skipped.
     pub fn load_pops(&mut self) -> Result<Vec<PopRow>, StoreError> {
         let path = &self.path;
-        let result = fresh(path, &mut self.live).and_then(|(live, _)| {
+        let opened = fresh(path, &mut self.live, &mut self.access, Retry::IfDue);
+        let result = opened.and_then(|(live, _)| {
             let err = |e| sql_err(path, Op::Read, e);
             if !has_table(&live.conn, "pops").map_err(err)? {
                 return Ok(Vec::new());
@@ -965,7 +1034,7 @@ impl RoutingStore {
     }
 
     fn peek_rows(&mut self, only: Option<&str>) -> Result<Loaded, StoreError> {
-        let result = fresh(&self.path, &mut self.live)
+        let result = fresh(&self.path, &mut self.live, &mut self.access, Retry::IfDue)
             .and_then(|(live, _)| read_rows(&live.conn, &self.path, only));
         match result {
             Ok(mut loaded) => {
@@ -989,7 +1058,12 @@ impl RoutingStore {
     ) -> Result<T, StoreError> {
         let path = &self.path;
         let (seen, dirty) = (self.seen, self.dirty);
-        let result = fresh(path, &mut self.live).and_then(|(live, reopened)| {
+        let access = &mut self.access;
+        let opened = fresh(path, &mut self.live, access, Retry::Now);
+        let result = opened.and_then(|(live, reopened)| {
+            if live.read_only {
+                return Err(access.refusal(path));
+            }
             let err = |e| sql_err(path, Op::Write, e);
             let (out, before) = {
                 let tx = live
@@ -1029,7 +1103,7 @@ impl RoutingStore {
                 Ok(out)
             }
             Err(e) => {
-                self.live = None;
+                forget_unless_refused(&mut self.live, &e);
                 Err(e)
             }
         }
@@ -1040,7 +1114,11 @@ impl RoutingStore {
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
         let path = &self.path;
-        let result = fresh(path, &mut self.live).and_then(|(live, _)| {
+        let access = &mut self.access;
+        let result = fresh(path, &mut self.live, access, Retry::Now).and_then(|(live, _)| {
+            if live.read_only {
+                return Err(access.refusal(path));
+            }
             let out = f(&mut live.conn).map_err(|e| sql_err(path, Op::Write, e))?;
             // Our own write may have moved the main file (SQLite checkpoints
             // a big WAL itself); that is not a reason to distrust the
@@ -1055,7 +1133,7 @@ impl RoutingStore {
                 Ok(out)
             }
             Err(e) => {
-                self.live = None;
+                forget_unless_refused(&mut self.live, &e);
                 Err(e)
             }
         }
@@ -1072,10 +1150,46 @@ pub fn peek_read_only(path: &Path) -> Result<Loaded, StoreError> {
     read_rows(&conn, path, None)
 }
 
+/// After a failed write: the connection is dropped (the next call opens a
+/// fresh one), unless the write was refused before it was tried because the
+/// store is read-only: that connection is still good for reading, and a
+/// new one would count as a change of the table.
+fn forget_unless_refused(slot: &mut Option<Live>, e: &StoreError) {
+    if !matches!(e, StoreError::NotWritable { .. }) {
+        *slot = None;
+    }
+}
+
 /// Returns a connection that matches the file now on disk, opening a new one
 /// if there is none or if the file was replaced or rewritten since the
 /// connection last saw it. The bool says whether it was (re)opened.
-fn fresh<'a>(path: &Path, slot: &'a mut Option<Live>) -> Result<(&'a mut Live, bool), StoreError> {
+///
+/// A read-only connection (see [`RoutingStore::open`]) is replaced by a
+/// read-write one as soon as the file can be opened for writing, tried when
+/// `retry` says so; until then it is kept (a failed try is no change).
+fn fresh<'a>(
+    path: &Path,
+    slot: &'a mut Option<Live>,
+    access: &mut Access,
+    retry: Retry,
+) -> Result<(&'a mut Live, bool), StoreError> {
+    if slot.as_ref().is_some_and(|l| l.read_only) && access.retry_due(retry) {
+        match open_writable(path) {
+            Ok(live) => {
+                access.writable(path);
+                return Ok((slot.insert(live), true));
+            }
+            Err(e) => match why_unwritable(path, &e) {
+                Some(why) => access.unwritable(path, why, &e),
+                // Something else is wrong now: said by the caller, and the
+                // next call starts over.
+                None => {
+                    *slot = None;
+                    return Err(e);
+                }
+            },
+        }
+    }
     let kept = match slot.take() {
         None => None,
         Some(live) => match stat_main(path) {
@@ -1098,7 +1212,7 @@ fn fresh<'a>(path: &Path, slot: &'a mut Option<Live>) -> Result<(&'a mut Live, b
     };
     let (live, reopened) = match kept {
         Some(live) => (live, false),
-        None => (reopen(path)?, true),
+        None => (reopen(path, access)?, true),
     };
     Ok((slot.insert(live), reopened))
 }
@@ -1107,14 +1221,51 @@ fn fresh<'a>(path: &Path, slot: &'a mut Option<Live>) -> Result<(&'a mut Live, b
 /// only `open` creates). Migrates `country` in if possible, but does not
 /// create `backends`: a replacement file without the table is an error for
 /// `load` to report, not an empty routing table.
-fn reopen(path: &Path) -> Result<Live, StoreError> {
+fn reopen(path: &Path, access: &mut Access) -> Result<Live, StoreError> {
+    match open_writable(path) {
+        Ok(live) => {
+            access.writable(path);
+            Ok(live)
+        }
+        Err(e) => read_only_instead(path, e, access),
+    }
+}
+
+fn open_writable(path: &Path) -> Result<Live, StoreError> {
     // Stat before opening: if the file changes between the two, the next
     // check sees a mismatch and reopens again, rather than trusting a
     // connection to a file it has not seen.
     let stamp = stat_main(path)?;
     let mut conn = connect(path, false)?;
     migrate(&mut conn, path, false)?;
-    Ok(Live { conn, stamp })
+    Ok(Live {
+        conn,
+        stamp,
+        read_only: false,
+    })
+}
+
+/// Opening `path` for writing failed with `e`: if the disk is what keeps
+/// it from being written (see [`why_unwritable`]), an immutable connection
+/// that reads the file as it is; otherwise `e`.
+fn read_only_instead(path: &Path, e: StoreError, access: &mut Access) -> Result<Live, StoreError> {
+    let Some(why) = why_unwritable(path, &e) else {
+        return Err(e);
+    };
+    // An immutable connection does not read the WAL: committed rows still
+    // in it would be missing. A clean stop folds and removes it; anything
+    // left is refused, as before.
+    if wal_len(path)? > 0 {
+        return Err(e);
+    }
+    let stamp = stat_main(path)?;
+    let conn = connect_immutable(path)?;
+    access.unwritable(path, why, &e);
+    Ok(Live {
+        conn,
+        stamp,
+        read_only: true,
+    })
 }
 
 /// Closes a connection whose file was replaced or removed. Its `-wal` file is

@@ -192,10 +192,18 @@ fn addr_of(rec: &BackendRecord) -> String {
 /// A store failure as a client should read it: the database busy (another
 /// writer, e.g. an operator's `sqlite3` shell, held its lock past the busy
 /// timeout) is 503 with `Retry-After`, worth repeating; the disk full is
-/// 507 (Insufficient Storage); anything else 500. Nothing was written.
+/// 507 (Insufficient Storage), whether the write failed or a store read
+/// as it is in the file for want of room refused it; anything else 500.
+/// Nothing was written.
 fn store_failed(e: &crate::store::StoreError) -> Reply {
     use rusqlite::ErrorCode;
-    tracing::error!(error = %e, "discovery API: routing store error");
+    match e {
+        // The store said why at ERROR once; each refusal is not news.
+        crate::store::StoreError::NotWritable { .. } => {
+            tracing::warn!(error = %e, "discovery API: write refused")
+        }
+        _ => tracing::error!(error = %e, "discovery API: routing store error"),
+    }
     let code = e
         .sqlite_error()
         .and_then(rusqlite::Error::sqlite_error_code);
@@ -205,7 +213,7 @@ fn store_failed(e: &crate::store::StoreError) -> Reply {
             reply.status = 503;
             reply.retry_after_secs = Some(1);
         }
-        Some(ErrorCode::DiskFull) => reply.status = 507,
+        _ if e.disk_full() => reply.status = 507,
         _ => {}
     }
     reply

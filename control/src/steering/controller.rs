@@ -211,6 +211,7 @@ pub fn start(
     if serving.is_empty() {
         warn_none_reachable();
     }
+    let store_writable = reloader.lock().store_mut().writable_flag();
     let mut controller = Controller {
         snapshot,
         listeners,
@@ -235,6 +236,7 @@ pub fn start(
         record_retry_at: None,
         bgp_enabled: bgp.enabled,
         poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
+        store_writable,
     };
     // The first judgement now, not at the task's first turn: the row holds
     // a real verdict (and the snapshot its POP list) before the proxy says
@@ -314,6 +316,11 @@ struct Controller {
     record_retry_at: Option<Instant>,
     bgp_enabled: bool,
     poll: Duration,
+    /// False while the routing store reads routing.db as it is because the
+    /// disk refuses writes (`RoutingStore::writable_flag`): the row is not
+    /// tried then (the store said why, once) and is recorded once it is
+    /// writable again.
+    store_writable: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controller {
@@ -533,6 +540,12 @@ impl Controller {
     /// session tasks write an UPDATE before this waits on SQLite (the
     /// control runtime has one thread).
     fn record(&mut self) {
+        if !self
+            .store_writable
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
         let Some(state) = self.pending_row.take() else {
             return;
         };

@@ -68,12 +68,28 @@ impl PopRowWriter {
             path: path.to_path_buf(),
             node_id: identity.node_id.clone(),
         };
-        if await_cluster {
-            let found = writer.read()?;
-            return Ok((writer, found));
+        let found = match await_cluster {
+            true => writer.read(),
+            false => writer.ensure(identity).map(Some),
+        };
+        match found {
+            Ok(found) => Ok((writer, found)),
+            // The disk refuses writes (full at start: SQLite cannot even
+            // read without creating the `-shm`): the row as it is in the
+            // file, the operator's drain with it. The routing store says
+            // so and reads it the same way; writes are tried again by the
+            // controller, and go through once there is room.
+            Err(e) if crate::store::disk_refuses_writes(path, &e.cause) => {
+                let Some(as_is) = crate::store::open_as_is(path) else {
+                    return Err(e);
+                };
+                let found = read_state(&as_is, &writer.node_id).map_err(err)?;
+                tracing::warn!(error = %e,
+                    "pop: cannot write this POP's row at start, the disk refuses writes to routing.db; its state read as it is in the file");
+                Ok((writer, found))
+            }
+            Err(e) => Err(e),
         }
-        let state = writer.ensure(identity)?;
-        Ok((writer, Some(state)))
     }
 
     /// From now on a write waits at most [`BUSY_WAIT`] for another
@@ -141,19 +157,7 @@ impl PopRowWriter {
     }
 
     pub fn read(&self) -> Result<Option<PopState>, PopRowError> {
-        self.conn
-            .query_row(
-                "SELECT draining, serving FROM pops WHERE node_id = ?1",
-                [&self.node_id],
-                |r| {
-                    Ok(PopState {
-                        draining: r.get::<_, Option<bool>>(0)?.unwrap_or(false),
-                        serving: r.get::<_, Option<bool>>(1)?.unwrap_or(true),
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+        read_state(&self.conn, &self.node_id).map_err(|e| self.err(e))
     }
 
     /// Writes the state when it differs from the row's (a write that
@@ -169,6 +173,21 @@ impl PopRowWriter {
             .map_err(|e| self.err(e))?;
         Ok(n > 0)
     }
+}
+
+/// The state columns of `node_id`'s row, if it has one.
+fn read_state(conn: &Connection, node_id: &str) -> rusqlite::Result<Option<PopState>> {
+    conn.query_row(
+        "SELECT draining, serving FROM pops WHERE node_id = ?1",
+        [node_id],
+        |r| {
+            Ok(PopState {
+                draining: r.get::<_, Option<bool>>(0)?.unwrap_or(false),
+                serving: r.get::<_, Option<bool>>(1)?.unwrap_or(true),
+            })
+        },
+    )
+    .optional()
 }
 
 #[cfg(test)]
