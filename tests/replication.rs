@@ -209,6 +209,15 @@ transport_addr = "{ip}:4002"
         }
     }
 
+    /// Stops POP `i` cleanly (SIGTERM): routing.db's WAL is folded and its
+    /// `-wal` and `-shm` removed.
+    fn stop(&mut self, i: usize) {
+        if let Some(mut p) = self.pops[i].take() {
+            p.signal(15);
+            assert!(p.wait_exit(PATIENCE).is_some(), "POP {i} did not stop");
+        }
+    }
+
     /// An API call at POP `i`: (status, JSON body).
     fn api(&self, i: usize, method: &'static str, path: &str, body: Option<Value>) -> (u16, Value) {
         let url = format!("http://127.0.0.1:8081{path}");

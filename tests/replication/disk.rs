@@ -296,6 +296,51 @@ fn a_pop_restarted_on_a_full_disk_serves_and_catches_up_once_there_is_room() {
         == 1.0));
 }
 
+/// The same after a clean stop: SIGTERM folds routing.db's WAL and removes
+/// its `-wal` and `-shm`, and SQLite cannot read a WAL database without
+/// creating its `-shm`, so on a full disk the start failed ("replication:
+/// routing store …: disk I/O error"), then at the routing store itself.
+#[test]
+fn a_pop_stopped_cleanly_starts_on_a_full_disk_and_catches_up_once_there_is_room() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = cluster_with_pop_0_on_a_small_disk(2);
+    let _backend = c.backend(0, 9400, "before");
+    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
+    assert_eq!(c.register(1, "before", addr), 201);
+    assert!(common::eventually(PATIENCE, || ids_at(&c, 0).len() == 1));
+    c.stop(0);
+    let mut shm = c.db_path(0).into_os_string();
+    shm.push("-shm");
+    assert!(
+        !std::path::Path::new(&shm).exists(),
+        "a clean stop leaves no -shm"
+    );
+    let filler = c.disk(0).fill();
+    for n in 0..10 {
+        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
+    }
+    c.launch(0);
+    c.wait_joined();
+    let (greeting, _) = c.through(0).expect("the restarted POP does not route");
+    assert_eq!(greeting, "before");
+    assert_eq!(c.metric(0, "edgeproxy_routing_store_writable"), 0.0);
+
+    filler.free();
+    assert!(
+        common::eventually(PATIENCE, || ids_at(&c, 0).len() == 11),
+        "not caught up: {:?}\n{}",
+        ids_at(&c, 0),
+        c.pop(0).log_text()
+    );
+    assert!(common::eventually(PATIENCE, || c
+        .metric(0, "edgeproxy_replication_store_writable")
+        == 1.0));
+    assert_eq!(c.metric(0, "edgeproxy_routing_store_writable"), 1.0);
+    // Registered here, it reaches the other POP.
+    assert_eq!(c.register(0, "after", addr), 201);
+    assert!(common::eventually(PATIENCE, || ids_at(&c, 1).len() == 12));
+}
+
 /// A disk going bad under a running POP: ext4 with `errors=remount-ro`
 /// turns read-only at once, files open for writing included (the kernel
 /// refuses `mount -o remount,ro` of a tmpfs then). Checked and found

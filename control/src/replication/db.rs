@@ -289,9 +289,25 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 /// at the next poll.
 const BUSY_WAIT: Duration = Duration::from_millis(200);
 
+/// A read-write connection to `path` in WAL mode, waiting up to five
+/// seconds for locks (the start's wait, see [`ReplDb::wait_briefly_for_locks`]).
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    Ok(conn)
+}
+
 /// Replication's connection to `routing.db`.
 pub struct ReplDb {
     conn: Connection,
+    /// `conn` reads the file as it is (`crate::store::open_as_is`): the
+    /// disk kept it from being opened for writing at start. Every write
+    /// ([`ReplDb::with_tx`]) first tries the read-write open again.
+    as_is: bool,
     path: PathBuf,
     /// (device, inode) of the file `conn` opened.
     file: (u64, u64),
@@ -318,14 +334,20 @@ impl ReplDb {
             path: path.to_path_buf(),
             cause,
         };
-        let conn = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .map_err(err)?;
+        let (conn, as_is) = match connect(path) {
+            Ok(conn) => (conn, false),
+            // A clean stop removed the `-shm`, and a full disk keeps SQLite
+            // from creating it, even to read: the file is read as it is
+            // (the routing store does the same and says so), and written
+            // once it can be (see `with_tx`).
+            Err(e) if crate::store::disk_refuses_writes(path, &e) => {
+                match crate::store::open_as_is(path) {
+                    Some(conn) => (conn, true),
+                    None => return Err(err(e)),
+                }
+            }
+            Err(e) => return Err(err(e)),
+        };
         let mut tables = Vec::new();
         for table in Table::ALL {
             let mut stmt = conn
@@ -351,6 +373,7 @@ impl ReplDb {
         })?;
         let mut db = ReplDb {
             conn,
+            as_is,
             path: path.to_path_buf(),
             file,
             replaced: false,
@@ -477,6 +500,7 @@ impl ReplDb {
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
     ) -> Result<T, DbError> {
         self.still_at_its_path()?;
+        self.writable_again();
         let expected = self.writes;
         let result = (|| {
             let tx = self
@@ -513,6 +537,23 @@ impl ReplDb {
                 Err(DbError::Restored {
                     path: self.path.clone(),
                 })
+            }
+        }
+    }
+
+    /// A connection reading the file as it is is replaced by a read-write
+    /// one once the disk lets it be opened (a write on it would fail as
+    /// unwritable: the callers' retries bring it back here).
+    fn writable_again(&mut self) {
+        if !self.as_is || file_id(&self.path) != Some(self.file) {
+            return;
+        }
+        if let Ok(conn) = connect(&self.path) {
+            if conn.busy_timeout(BUSY_WAIT).is_ok() {
+                self.conn = conn;
+                self.as_is = false;
+                self.seen_version = None;
+                tracing::info!("replication: routing.db can be written again");
             }
         }
     }
