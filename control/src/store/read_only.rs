@@ -242,3 +242,37 @@ fn uri_path(path: &Path) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RoutingStore;
+
+    /// The immutable connection names the file by a `file:` URI, where `?`
+    /// ends the path, `#` starts a fragment and `%` escapes: a routing.db
+    /// whose path holds them is still the one read.
+    #[test]
+    fn a_path_with_uri_characters_is_read_as_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("odd ?#%41 name.db");
+        let store = RoutingStore::open(&path).unwrap();
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute(
+                "INSERT INTO backends (id, app, region, wg_ip, port, healthy, weight, soft_limit, hard_limit) \
+                 VALUES ('a', 'web', 'sa', '10.0.0.1', 80, 1, 1, 1, 0)",
+                [],
+            )
+            .unwrap();
+        drop(writer);
+        // The last connection closed folds and removes the WAL, as a
+        // clean stop does.
+        drop(store);
+        let conn = open_as_is(&path).expect("read as it is");
+        let id: String = conn
+            .query_row("SELECT id FROM backends", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(id, "a");
+        assert!(!dir.path().join("odd ?#A name.db").exists());
+    }
+}
