@@ -38,7 +38,11 @@ impl Api {
     fn start(dir: &TempDir, api_keys: &str, env: &[(&str, &str)]) -> Api {
         let db = dir.join("routing.db");
         let path = dir.join("edgeproxy.toml");
-        std::fs::write(&path, api_config(&db, api_keys)).unwrap();
+        let toml = api_config(&db, api_keys);
+        // Already there for a second start, maybe on a read-only disk.
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(toml.as_str()) {
+            std::fs::write(&path, toml).unwrap();
+        }
         let proxy = Proxy::start(&["--config", path.to_str().unwrap()], env);
         let line = proxy
             .wait_for_log("api listening", PATIENCE)
@@ -565,6 +569,58 @@ fn a_pop_stopped_cleanly_starts_on_a_full_disk_routes_and_writes_once_there_is_r
         api.proxy.log_text()
     );
     assert_eq!(writable(), Some(1.0));
+    assert_eq!(api.register("after", after.port()).0, 201);
+    assert_eq!(api.call("DELETE", "/api/v1/backends/before", None).0, 200);
+    assert_eq!(which_backend(api.proxy.addr()), "after");
+    drop(api);
+}
+
+/// The same on a file system mounted read-only after a clean stop (a disk
+/// that went bad and came back read-only at boot): it starts, routes,
+/// refuses writes saying why, and writes once the file system is writable
+/// again, without a restart.
+#[test]
+fn a_pop_stopped_cleanly_starts_on_a_read_only_file_system_and_writes_once_it_is_writable() {
+    let dir = TempDir::new("api-ro-start");
+    let disk = SmallDisk::ext4_over(dir.path(), 16 << 20);
+    let keys = format!("token = {TOKEN:?}\n");
+    let before = TagBackend::start("before");
+    let after = TagBackend::start("after");
+    {
+        let mut api = Api::start(&dir, &keys, &[]);
+        assert_eq!(api.register("before", before.port()).0, 201);
+        api.proxy.signal(libc::SIGTERM);
+        assert!(api.proxy.wait_exit(PATIENCE).is_some(), "did not stop");
+    }
+    disk.remount_read_only().unwrap();
+
+    let api = Api::start(&dir, &keys, &[]);
+    assert_eq!(which_backend(api.proxy.addr()), "before");
+    let (status, reply) = api.register("after", after.port());
+    assert_eq!(status, 500, "{reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains("Read-only file system"), "{reply}");
+    // (The upgrade control socket, next to routing.db, says its own.)
+    let errors: Vec<String> = api
+        .proxy
+        .log_lines_after(0, " ERROR ")
+        .into_iter()
+        .filter(|l| !l.contains("upgrade control socket"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(
+        errors[0].contains("routing.db cannot be written"),
+        "{errors:?}"
+    );
+
+    disk.remount_read_write();
+    assert!(
+        api.proxy
+            .wait_for_log("routing.db can be written again", PATIENCE)
+            .is_some(),
+        "{}",
+        api.proxy.log_text()
+    );
     assert_eq!(api.register("after", after.port()).0, 201);
     assert_eq!(api.call("DELETE", "/api/v1/backends/before", None).0, 200);
     assert_eq!(which_backend(api.proxy.addr()), "after");

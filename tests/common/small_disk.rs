@@ -160,5 +160,8 @@ impl Drop for SmallDisk {
             .arg("-l")
             .arg(&self.0)
             .status();
+        // The image of `ext4_over`, if any (a loop device still holding it
+        // keeps it until it lets go).
+        let _ = std::fs::remove_file(self.0.with_extension("ext4"));
     }
 }
