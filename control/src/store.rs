@@ -1260,6 +1260,13 @@ fn read_only_instead(path: &Path, e: StoreError, access: &mut Access) -> Result<
     }
     let stamp = stat_main(path)?;
     let conn = connect_immutable(path)?;
+    // A file this version would migrate first (an upstream edgeProxy's,
+    // one from an older release) lacks tables the POP writes at start
+    // (`pops`): refused with the open's own error, which names the
+    // directory, rather than failing later over a missing table.
+    if needs_migration(&conn, false).unwrap_or(true) {
+        return Err(e);
+    }
     access.unwritable(path, why, &e);
     Ok(Live {
         conn,
@@ -1368,11 +1375,25 @@ fn table_columns(conn: &Connection) -> rusqlite::Result<Vec<String>> {
 
 /// Brings the schema to [`SCHEMA_VERSION`]. Writes nothing when there is
 /// nothing to do (so reopening a current file leaves it untouched).
+/// Whether `conn`'s file lacks something this version's schema has (a
+/// table, a column, the version): what [`migrate`] would do.
+fn needs_migration(conn: &Connection, create: bool) -> rusqlite::Result<bool> {
+    let state = schema_state(conn)?;
+    Ok(if state.has_table {
+        !state.has_country
+            || !state.missing_lifecycle.is_empty()
+            || !has_table(conn, "pops")?
+            || !has_table(conn, "repl_write_kinds")?
+            || !state.has_health_check
+            || state.version < SCHEMA_VERSION
+    } else {
+        create
+    })
+}
+
 fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), StoreError> {
     let err = |e| sql_err(path, Op::Migrate, e);
     let state = schema_state(conn).map_err(err)?;
-    let has_pops = has_table(conn, "pops").map_err(err)?;
-    let has_write_kinds = has_table(conn, "repl_write_kinds").map_err(err)?;
     if state.version > SCHEMA_VERSION {
         warn!(
             path = %path.display(),
@@ -1381,17 +1402,7 @@ fn migrate(conn: &mut Connection, path: &Path, create: bool) -> Result<(), Store
             "routing store schema is newer than this edgeproxy; reading it anyway"
         );
     }
-    let work = if state.has_table {
-        !state.has_country
-            || !state.missing_lifecycle.is_empty()
-            || !has_pops
-            || !has_write_kinds
-            || !state.has_health_check
-            || state.version < SCHEMA_VERSION
-    } else {
-        create
-    };
-    if !work {
+    if !needs_migration(conn, create).map_err(err)? {
         return Ok(());
     }
 
