@@ -650,18 +650,9 @@ impl ReplDb {
                 .collect();
             current.extend(gone.into_iter().map(|k| (k, None)));
             current.retain(|(key, data)| fits_a_message(key, data));
-            let before: HashMap<RowKey, RowVersion> = current
-                .iter()
-                .filter_map(|(key, _)| Some((key.clone(), node.replica().get(key)?)))
-                .collect();
+            let before = held_now(node, current.iter().map(|(key, _)| key));
             let written = node.local_writes(now, current);
-            versioned = (
-                written.clone(),
-                written
-                    .iter()
-                    .map(|r| before.get(&r.key).cloned())
-                    .collect(),
-            );
+            versioned = with_previous(&written, before);
             record(tx, &written)?;
             tx.execute("DELETE FROM repl_changes", [])?;
             // Edits made while replication did not run count as decisions.
@@ -740,18 +731,9 @@ impl ReplDb {
                         changed.push((key, data, kind));
                     }
                 }
-                let before: HashMap<RowKey, RowVersion> = changed
-                    .iter()
-                    .filter_map(|(key, _, _)| Some((key.clone(), node.replica().get(key)?)))
-                    .collect();
+                let before = held_now(node, changed.iter().map(|(key, _, _)| key));
                 let written = node.local_writes_by_kind(now, changed);
-                versioned = (
-                    written.clone(),
-                    written
-                        .iter()
-                        .map(|r| before.get(&r.key).cloned())
-                        .collect(),
-                );
+                versioned = with_previous(&written, before);
                 record(tx, &written)?;
                 tx.execute("DELETE FROM repl_changes WHERE seq <= ?1", [last])?;
                 Ok((entries.len(), written.len()))
@@ -1020,6 +1002,28 @@ fn add_intent_columns(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// What the replica holds now for each of `keys`: what a local write that
+/// fails to be recorded goes back to (`Node::local_writes_failed`).
+fn held_now<'a>(
+    node: &Node,
+    keys: impl Iterator<Item = &'a RowKey>,
+) -> HashMap<RowKey, RowVersion> {
+    keys.filter_map(|key| Some((key.clone(), node.replica().get(key)?)))
+        .collect()
+}
+
+/// `written`, and beside it, in the same order, what each row replaced.
+fn with_previous(
+    written: &[RowVersion],
+    before: HashMap<RowKey, RowVersion>,
+) -> (Vec<RowVersion>, Vec<Option<RowVersion>>) {
+    let previous = written
+        .iter()
+        .map(|r| before.get(&r.key).cloned())
+        .collect();
+    (written.to_vec(), previous)
 }
 
 #[cfg(test)]

@@ -1398,7 +1398,14 @@ impl Node {
             .collect();
         self.pending
             .retain(|p| undone.get(&p.key) != Some(&p.version));
-        for (row, previous) in written.into_iter().zip(previous) {
+        self.take_back(written, previous);
+    }
+
+    /// Puts each of `rows`, whose write failed, back to what the replica
+    /// held before it (`previous`, in the same order; `None`: nothing),
+    /// unless it has won again since.
+    fn take_back(&mut self, rows: Vec<RowVersion>, previous: Vec<Option<RowVersion>>) {
+        for (row, previous) in rows.into_iter().zip(previous) {
             if self.replica.stamp_of(&row.key) != Some(row.stamp()) {
                 continue;
             }
@@ -1746,17 +1753,7 @@ impl Node {
                 .rows_applied
                 .saturating_sub(batch.rows.len() as u64);
         }
-        for (row, previous) in batch.rows.into_iter().zip(batch.previous) {
-            if self.replica.stamp_of(&row.key) != Some(row.stamp()) {
-                continue;
-            }
-            match previous {
-                Some(previous) => self.replica.put(previous),
-                None => {
-                    self.replica.remove(&row.key);
-                }
-            }
-        }
+        self.take_back(batch.rows, batch.previous);
     }
 
     fn queue_forward(&mut self, now: Now, hops: u8, from: &NodeId, rows: Vec<RowVersion>) {
