@@ -902,16 +902,7 @@ impl Driver {
     /// Logs a peer's path going down or working again, from the pings.
     fn tell_probe(&self, event: ProbeEvent) {
         let status = self.status.load();
-        let name = |key: &str| {
-            let view = status.peers.iter().find(|p| p.public_key == key);
-            let pop = view
-                .and_then(|p| p.node_id.clone())
-                .unwrap_or_else(|| key.to_string());
-            let endpoint = view
-                .and_then(|p| p.endpoint.clone())
-                .unwrap_or_else(|| "-".into());
-            (pop, endpoint)
-        };
+        let name = |key: &str| peer_name(&status.peers, key);
         match event {
             ProbeEvent::Down {
                 public_key,
@@ -940,16 +931,7 @@ impl Driver {
 
     /// Logs a peer's path going down or working again, from handshakes.
     fn tell_path(&self, peers: &[PeerView], event: PathEvent) {
-        let name = |key: &str| {
-            let view = peers.iter().find(|p| p.public_key == key);
-            let pop = view
-                .and_then(|p| p.node_id.clone())
-                .unwrap_or_else(|| key.to_string());
-            let endpoint = view
-                .and_then(|p| p.endpoint.clone())
-                .unwrap_or_else(|| "-".into());
-            (pop, endpoint)
-        };
+        let name = |key: &str| peer_name(peers, key);
         match event {
             PathEvent::Down {
                 public_key,
@@ -1066,6 +1048,18 @@ impl Driver {
             last_error: self.last_error.clone(),
         });
     }
+}
+
+/// How the logs name a peer: its POP (else its key) and its endpoint.
+fn peer_name(peers: &[PeerView], key: &str) -> (String, String) {
+    let view = peers.iter().find(|p| p.public_key == key);
+    let pop = view
+        .and_then(|p| p.node_id.clone())
+        .unwrap_or_else(|| key.to_string());
+    let endpoint = view
+        .and_then(|p| p.endpoint.clone())
+        .unwrap_or_else(|| "-".into());
+    (pop, endpoint)
 }
 
 /// What the previous process said about the mesh device; never, when this
