@@ -782,24 +782,35 @@ fn a_killed_pop_leaves_the_mesh_and_comes_back_at_a_new_endpoint_without_disturb
     assert_eq!(m.ifindex(0), index0, "POP 0's interface was recreated");
 }
 
-#[test]
-fn the_mesh_runs_on_wireguard_go_too() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+/// Two POPs on `implementation`, meshed, and a backend answering
+/// `greeting` on POP 1's 6PN address at `port`, which POP 0 reaches through
+/// the tunnel.
+fn two_pops_reaching_a_backend_on_pop_1(
+    implementation: &str,
+    port: u16,
+    greeting: &str,
+) -> (Mesh, SocketAddr, TagBackend) {
     let mut m = Mesh::hosts(2, 2);
-    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
+    m.mesh_extra = vec![format!("implementation = \"{implementation}\""); 2];
     for i in 0..2 {
         m.launch(i);
     }
     m.wait_meshed();
-    assert_eq!(m.mesh_status(0)["implementation"], "wireguard-go");
-    let a1 = m.address(1);
-    let _b = m.backend(1, SocketAddr::new(IpAddr::V6(a1), 7200), "wggo");
-    let to = SocketAddr::new(IpAddr::V6(a1), 7200);
+    let to = SocketAddr::new(IpAddr::V6(m.address(1)), port);
+    let backend = m.backend(1, to, greeting);
     assert!(common::eventually(PATIENCE, || m
         .tcp(0, to)
         .ok()
         .as_deref()
-        == Some("wggo")));
+        == Some(greeting)));
+    (m, to, backend)
+}
+
+#[test]
+fn the_mesh_runs_on_wireguard_go_too() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut m, _to, _b) = two_pops_reaching_a_backend_on_pop_1("wireguard-go", 7200, "wggo");
+    assert_eq!(m.mesh_status(0)["implementation"], "wireguard-go");
     // A graceful stop takes wireguard-go and its interface down.
     let p = m.pops[1].take().unwrap();
     p.signal(common::SIGTERM);
@@ -1320,20 +1331,7 @@ fn wireguard_go_child(m: &Mesh, i: usize) -> Option<u32> {
 #[test]
 fn wireguard_go_killed_under_a_running_pop_is_started_again() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut m = Mesh::hosts(2, 2);
-    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
-    for i in 0..2 {
-        m.launch(i);
-    }
-    m.wait_meshed();
-    let a1 = m.address(1);
-    let _b = m.backend(1, SocketAddr::new(IpAddr::V6(a1), 7300), "wggo");
-    let to = SocketAddr::new(IpAddr::V6(a1), 7300);
-    assert!(common::eventually(PATIENCE, || m
-        .tcp(0, to)
-        .ok()
-        .as_deref()
-        == Some("wggo")));
+    let (m, to, _b) = two_pops_reaching_a_backend_on_pop_1("wireguard-go", 7300, "wggo");
 
     let child = wireguard_go_child(&m, 1).expect("POP 1 runs wireguard-go");
     let mark = m.pop(1).log_mark();
@@ -1461,20 +1459,7 @@ impl Drop for ContinueOnDrop {
 #[test]
 fn wireguard_go_stopped_under_a_running_pop_is_said_and_replaced() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut m = Mesh::hosts(2, 2);
-    m.mesh_extra = vec!["implementation = \"wireguard-go\"".into(); 2];
-    for i in 0..2 {
-        m.launch(i);
-    }
-    m.wait_meshed();
-    let a1 = m.address(1);
-    let to = SocketAddr::new(IpAddr::V6(a1), 7350);
-    let _b = m.backend(1, to, "wggo");
-    assert!(common::eventually(PATIENCE, || m
-        .tcp(0, to)
-        .ok()
-        .as_deref()
-        == Some("wggo")));
+    let (m, to, _b) = two_pops_reaching_a_backend_on_pop_1("wireguard-go", 7350, "wggo");
 
     let child = wireguard_go_child(&m, 1).expect("POP 1 runs wireguard-go");
     let _resume = ContinueOnDrop(child);
@@ -1924,20 +1909,7 @@ fn stream_until(
 
 fn upgraded_pop_keeps_its_mesh(implementation: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let mut m = Mesh::hosts(2, 2);
-    m.mesh_extra = vec![format!("implementation = \"{implementation}\""); 2];
-    for i in 0..2 {
-        m.launch(i);
-    }
-    m.wait_meshed();
-    let a1 = m.address(1);
-    let to = SocketAddr::new(IpAddr::V6(a1), 7800);
-    let _b = m.backend(1, to, "one");
-    assert!(common::eventually(PATIENCE, || m
-        .tcp(0, to)
-        .ok()
-        .as_deref()
-        == Some("one")));
+    let (mut m, to, _b) = two_pops_reaching_a_backend_on_pop_1(implementation, 7800, "one");
     let cluster = m.mesh_status(0)["cluster_prefix"]
         .as_str()
         .unwrap()
