@@ -27,6 +27,23 @@ fn ids_at(c: &Cluster, i: usize) -> Vec<String> {
         .collect()
 }
 
+/// A backend at POP 0 ("before", port 9400), registered at POP 1 and in
+/// POP 0's table; its address.
+fn pop_0_routes_one_backend(c: &Cluster) -> (common::TagBackend, std::net::SocketAddr) {
+    let backend = c.backend(0, 9400, "before");
+    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
+    assert_eq!(c.register(1, "before", addr), 201);
+    assert!(common::eventually(PATIENCE, || ids_at(c, 0).len() == 1));
+    (backend, addr)
+}
+
+/// Registers `r0` to `r9` at POP 1, at `addr`.
+fn register_ten_at_pop_1(c: &Cluster, addr: std::net::SocketAddr) {
+    for n in 0..10 {
+        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
+    }
+}
+
 /// POP 0's `routing.db` on a 4 MiB disk, in a cluster of `n`, all joined.
 fn cluster_with_pop_0_on_a_small_disk(n: usize) -> Cluster {
     let mut c = Cluster::hosts(n, None, |_| String::new());
@@ -258,15 +275,10 @@ fn a_full_pop_loses_no_row_says_so_and_heals_when_room_is_back() {
 fn a_pop_restarted_on_a_full_disk_serves_and_catches_up_once_there_is_room() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut c = cluster_with_pop_0_on_a_small_disk(2);
-    let _backend = c.backend(0, 9400, "before");
-    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
-    assert_eq!(c.register(1, "before", addr), 201);
-    assert!(common::eventually(PATIENCE, || ids_at(&c, 0).len() == 1));
+    let (_backend, addr) = pop_0_routes_one_backend(&c);
     c.kill(0);
     let filler = c.disk(0).fill();
-    for n in 0..10 {
-        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
-    }
+    register_ten_at_pop_1(&c, addr);
     c.launch(0);
     c.wait_joined();
     let (greeting, _) = c.through(0).expect("the restarted POP does not route");
@@ -305,10 +317,7 @@ fn a_pop_restarted_on_a_full_disk_serves_and_catches_up_once_there_is_room() {
 fn a_pop_stopped_cleanly_starts_on_a_full_disk_and_catches_up_once_there_is_room() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut c = cluster_with_pop_0_on_a_small_disk(2);
-    let _backend = c.backend(0, 9400, "before");
-    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
-    assert_eq!(c.register(1, "before", addr), 201);
-    assert!(common::eventually(PATIENCE, || ids_at(&c, 0).len() == 1));
+    let (_backend, addr) = pop_0_routes_one_backend(&c);
     c.stop(0);
     let mut shm = c.db_path(0).into_os_string();
     shm.push("-shm");
@@ -317,9 +326,7 @@ fn a_pop_stopped_cleanly_starts_on_a_full_disk_and_catches_up_once_there_is_room
         "a clean stop leaves no -shm"
     );
     let filler = c.disk(0).fill();
-    for n in 0..10 {
-        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
-    }
+    register_ten_at_pop_1(&c, addr);
     c.launch(0);
     c.wait_joined();
     let (greeting, _) = c.through(0).expect("the restarted POP does not route");
@@ -358,15 +365,10 @@ fn a_pop_whose_disk_turns_read_only_keeps_routing_and_says_so() {
         c.launch(i);
     }
     c.wait_joined();
-    let _backend = c.backend(0, 9400, "before");
-    let addr = std::net::SocketAddr::new(c.net.ip(0).into(), 9400);
-    assert_eq!(c.register(1, "before", addr), 201);
-    assert!(common::eventually(PATIENCE, || ids_at(&c, 0).len() == 1));
+    let (_backend, addr) = pop_0_routes_one_backend(&c);
     let mark = c.pop(0).log_mark();
     c.disk(0).fail_read_only();
-    for n in 0..10 {
-        assert_eq!(c.register(1, &format!("r{n}"), addr), 201);
-    }
+    register_ten_at_pop_1(&c, addr);
     let refused = "cannot write remote rows";
     c.pop(0)
         .wait_for_log_after(mark, refused, PATIENCE)
