@@ -523,12 +523,7 @@ fn a_pop_stopped_cleanly_starts_on_a_full_disk_routes_and_writes_once_there_is_r
         format!("token = {TOKEN:?}\n\n[metrics]\nenabled = true\nlisten_addr = \"127.0.0.1:0\"\n");
     let before = TagBackend::start("before");
     let after = TagBackend::start("after");
-    {
-        let mut api = Api::start(&dir, &keys, &[]);
-        assert_eq!(api.register("before", before.port()).0, 201);
-        api.proxy.signal(libc::SIGTERM);
-        assert!(api.proxy.wait_exit(PATIENCE).is_some(), "did not stop");
-    }
+    register_then_stop(&dir, &keys, &before);
     let shm = dir.join("routing.db-shm");
     assert!(!shm.exists(), "a clean stop leaves no -shm");
     let filler = disk.fill();
@@ -561,6 +556,22 @@ fn a_pop_stopped_cleanly_starts_on_a_full_disk_routes_and_writes_once_there_is_r
 
     // Room again: the store switches to read-write by itself.
     filler.free();
+    writable_again_routes_to(&api, &after, || assert_eq!(writable(), Some(1.0)));
+    drop(api);
+}
+
+/// A POP that registers `before` and is stopped cleanly (SIGTERM: its
+/// WAL folded, `-wal` and `-shm` removed).
+fn register_then_stop(dir: &TempDir, keys: &str, before: &TagBackend) {
+    let mut api = Api::start(dir, keys, &[]);
+    assert_eq!(api.register("before", before.port()).0, 201);
+    api.proxy.signal(libc::SIGTERM);
+    assert!(api.proxy.wait_exit(PATIENCE).is_some(), "did not stop");
+}
+
+/// `api`'s store says it can be written again (then `also` checks more),
+/// and a registration of `after` in place of `before` is routed.
+fn writable_again_routes_to(api: &Api, after: &TagBackend, also: impl FnOnce()) {
     assert!(
         api.proxy
             .wait_for_log("routing.db can be written again", PATIENCE)
@@ -568,11 +579,10 @@ fn a_pop_stopped_cleanly_starts_on_a_full_disk_routes_and_writes_once_there_is_r
         "{}",
         api.proxy.log_text()
     );
-    assert_eq!(writable(), Some(1.0));
+    also();
     assert_eq!(api.register("after", after.port()).0, 201);
     assert_eq!(api.call("DELETE", "/api/v1/backends/before", None).0, 200);
     assert_eq!(which_backend(api.proxy.addr()), "after");
-    drop(api);
 }
 
 /// The same on a file system mounted read-only after a clean stop (a disk
@@ -586,12 +596,7 @@ fn a_pop_stopped_cleanly_starts_on_a_read_only_file_system_and_writes_once_it_is
     let keys = format!("token = {TOKEN:?}\n");
     let before = TagBackend::start("before");
     let after = TagBackend::start("after");
-    {
-        let mut api = Api::start(&dir, &keys, &[]);
-        assert_eq!(api.register("before", before.port()).0, 201);
-        api.proxy.signal(libc::SIGTERM);
-        assert!(api.proxy.wait_exit(PATIENCE).is_some(), "did not stop");
-    }
+    register_then_stop(&dir, &keys, &before);
     disk.remount_read_only().unwrap();
 
     let api = Api::start(&dir, &keys, &[]);
@@ -614,16 +619,7 @@ fn a_pop_stopped_cleanly_starts_on_a_read_only_file_system_and_writes_once_it_is
     );
 
     disk.remount_read_write();
-    assert!(
-        api.proxy
-            .wait_for_log("routing.db can be written again", PATIENCE)
-            .is_some(),
-        "{}",
-        api.proxy.log_text()
-    );
-    assert_eq!(api.register("after", after.port()).0, 201);
-    assert_eq!(api.call("DELETE", "/api/v1/backends/before", None).0, 200);
-    assert_eq!(which_backend(api.proxy.addr()), "after");
+    writable_again_routes_to(&api, &after, || {});
     drop(api);
 }
 
