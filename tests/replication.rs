@@ -1597,6 +1597,39 @@ fn a_backup_restored_into_a_live_routing_db_is_said_and_a_restart_catches_up() {
     );
 }
 
+/// QA, 2026-12-06: every idle replicating POP reloaded its routing table
+/// every 2 s, forever, with an INFO line each time: replication's poll
+/// committed its write count with nothing to version, the routing store
+/// reloaded for that commit, and its WAL fold a second later brought the
+/// poll back. Nothing changes here, so nothing may reload but, at most,
+/// once for the minutely note of the last contact.
+#[test]
+fn an_idle_cluster_does_not_reload_its_routing_table() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(2, None);
+    c.wait_joined();
+    // Settled: each POP's row written and seen by the other.
+    assert!(
+        common::eventually(PATIENCE, || [(0, 1), (1, 0)]
+            .iter()
+            .all(|&(a, b)| c.member(a, b).is_some_and(|m| m["in_sync"] == true))),
+        "never in sync: {}",
+        c.cluster_status(0)
+    );
+    let reloads = |i| c.metric(i, "edgeproxy_routing_reloads_total");
+    let before = [reloads(0), reloads(1)];
+    // An absence has no signal to wait for: a window of three turns of
+    // that loop (a reload tick of 1 s, a quiet second before the fold).
+    std::thread::sleep(Duration::from_secs(7));
+    for (i, before) in before.into_iter().enumerate() {
+        let more = reloads(i) - before;
+        assert!(
+            more <= 1.0,
+            "POP {i} reloaded {more} times in 7 s with nothing changing"
+        );
+    }
+}
+
 /// QA: garbage sent to the gossip port from a new source port per datagram
 /// (a scanner does, and anyone can spoof addresses over UDP) made one WARN
 /// line per datagram: the lines were limited per address only. Now at most

@@ -681,6 +681,23 @@ impl ReplDb {
             return Ok(0);
         }
         self.seen_version = Some(version);
+        // Nothing logged: no transaction. Every transaction of replication's
+        // commits its write count, which other connections see as a change:
+        // the routing store reloaded for it, its WAL fold a second later
+        // brought this poll back, and an idle POP reloaded every 2 s (QA).
+        // A change logged after this look moves the data version again.
+        // The write count is looked at too: a file overwritten under us
+        // (`.restore`) is caught by the transaction's check, log or not.
+        let logged: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM repl_changes)", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))?;
+        let found = writes_recorded(&self.conn).map_err(|e| self.err(e))?;
+        if !logged && self.writes.is_none_or(|w| w == found) {
+            return Ok(0);
+        }
         let tables = self.tables.clone();
         let mut total = 0;
         loop {
@@ -977,8 +994,8 @@ fn record(tx: &rusqlite::Transaction<'_>, rows: &[RowVersion]) -> rusqlite::Resu
 
 /// `repl_meta.writes`: how many transactions replication has committed to
 /// this file (0 before the first).
-fn writes_recorded(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
-    tx.query_row(
+fn writes_recorded(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row(
         "SELECT value FROM repl_meta WHERE key = 'writes'",
         [],
         |r| r.get(0),
@@ -1138,6 +1155,41 @@ mod tests {
         // The same settings again: nothing written, nothing to replicate.
         db.upsert_pop(&row).unwrap();
         assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
+    }
+
+    /// QA, 2026-12-06: every idle replicating POP reloaded its routing table
+    /// every 2 s, forever, each time with an INFO line. A poll with an empty
+    /// change log still committed (its write count), which moved the routing
+    /// store's `data_version` (a reload), whose WAL fold a second later
+    /// moved replication's (a poll), and so on.
+    #[test]
+    fn a_poll_with_nothing_to_version_commits_nothing() {
+        let (_d, path, mut db, mut node) = setup();
+        let reader = other(&path);
+        let before: i64 = value(&reader, "PRAGMA data_version");
+        for _ in 0..3 {
+            assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
+        }
+        let after: i64 = value(&reader, "PRAGMA data_version");
+        assert_eq!(before, after, "an empty poll committed a write");
+        // Something to version still commits (and is seen).
+        reader.execute(INSERT, []).unwrap();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), false).unwrap(), 1);
+    }
+
+    /// The poll that skips its transaction when nothing is logged still
+    /// finds a file another replication wrote (a `.restore` whose backup
+    /// logged nothing).
+    #[test]
+    fn a_store_written_by_another_replication_is_caught_with_nothing_logged() {
+        let (_d, _path, mut db, mut node) = setup();
+        assert_eq!(db.poll_changes(&mut node, Now::system(), true).unwrap(), 0);
+        let _another = ReplDb::open(&_path).unwrap();
+        let err = db
+            .poll_changes(&mut node, Now::system(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("was overwritten"), "{err}");
     }
 
     /// A poll whose transaction failed (an operator's `sqlite3` holding the
