@@ -21,7 +21,7 @@ use engine::own_listeners::OwnListeners;
 use engine::snapshot::{BackendRecord, Country, PopView, SnapshotBuilder, SnapshotHandle};
 
 use crate::no_backend_warn::Coverage;
-use crate::store::{Lifecycle, PopRow, RoutingStore, StoreError};
+use crate::store::{Lifecycle, Loaded, PopRow, RoutingStore, StoreError};
 
 /// Node ids of the cluster members currently alive (this node included),
 /// kept by replication; read when the snapshot's POP list is built.
@@ -108,6 +108,10 @@ pub struct RoutingReloader {
     /// This host's addresses at the last look, and when to look next (see
     /// [`RoutingReloader::host_addresses_moved`]).
     host_addresses: (Option<engine::own_listeners::LocalIps>, Instant),
+    /// What the last reload read from the file (rows as read, and the
+    /// `pops` table when it is used), to tell a commit that changed none of
+    /// it from a change (see [`RoutingReloader::tick_at`]).
+    last_read: Option<(Loaded, Vec<PopRow>)>,
 }
 
 /// How often the host's addresses are read while a listener is bound to
@@ -279,6 +283,7 @@ impl RoutingReloader {
         let mut builder = SnapshotBuilder::new();
         builder.set_own_listeners(own);
         let mut loaded = store.load()?;
+        let read = loaded.clone();
         let Expiry {
             expired,
             next_deadline_ms: next_expiry_ms,
@@ -321,6 +326,7 @@ impl RoutingReloader {
             last_records: loaded.records,
             row_warnings,
             host_addresses: (host, Instant::now() + HOST_ADDRESSES_EVERY),
+            last_read: Some((read, Vec::new())),
         })
     }
 
@@ -411,17 +417,23 @@ impl RoutingReloader {
     pub fn tick_at(&mut self, now: SystemTime) -> Reload {
         let expiry_due = self.next_expiry_ms.is_some_and(|at| unix_ms(now) >= at);
         let host_moved = self.host_addresses_moved();
+        let forced = self.failing || expiry_due || host_moved;
         let changed = match self.store.changed() {
-            Ok(changed) => changed || self.failing || expiry_due || host_moved,
+            Ok(changed) => changed,
             Err(e) => {
                 self.fail(&e);
                 return Reload::Unchanged;
             }
         };
-        if !changed {
+        if !changed && !forced {
             return Reload::Unchanged;
         }
-        self.reload_at(now)
+        // Only the file may have moved: a commit that left every row the
+        // snapshot is built from as it was (replication's notes in
+        // `repl_meta`, the change log it empties, an operator's own table)
+        // publishes nothing. Published, it was an INFO line a minute on
+        // every replicating POP for nothing.
+        self.reload_with(now, !forced)
     }
 
     /// True when this host's addresses changed since the last look (at
@@ -458,6 +470,14 @@ impl RoutingReloader {
     ///
     /// [`reload`]: RoutingReloader::reload
     pub fn reload_at(&mut self, now: SystemTime) -> Reload {
+        self.reload_with(now, false)
+    }
+
+    /// [`reload_at`], publishing nothing when `unless_same` and the file
+    /// holds what the last reload read.
+    ///
+    /// [`reload_at`]: RoutingReloader::reload_at
+    fn reload_with(&mut self, now: SystemTime, unless_same: bool) -> Reload {
         let started = Instant::now();
         let mut loaded = match self.store.load() {
             Ok(r) => r,
@@ -470,6 +490,20 @@ impl RoutingReloader {
             tracing::info!(path = %self.store.path().display(), "routing database readable again");
             self.failing = false;
         }
+        let pop_rows = match &self.pops {
+            Some(_) => self.store.load_pops().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the pops table; the POP list is empty until it is readable");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let read = (loaded, pop_rows);
+        if unless_same && self.last_read.as_ref() == Some(&read) {
+            tracing::debug!("routing store written, no routing row changed: nothing published");
+            return Reload::Unchanged;
+        }
+        self.last_read = Some(read.clone());
+        let (mut loaded, pop_rows) = read;
         let Expiry {
             expired,
             next_deadline_ms: next_expiry_ms,
@@ -497,12 +531,7 @@ impl RoutingReloader {
         let mut built = self.builder.build(&loaded.records);
         self.row_warnings.say_new(&loaded.bad_rows, &built);
         if let Some(input) = &self.pops {
-            match self.store.load_pops() {
-                Ok(rows) => built.snapshot.pops = pop_views(&rows, input),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the pops table; the POP list is empty until it is readable")
-                }
-            }
+            built.snapshot.pops = pop_views(&pop_rows, input);
         }
         let version = built.snapshot.version;
         let backends = built.snapshot.backends.len();
@@ -863,6 +892,35 @@ mod tests {
         assert!(StandIn::from_input(&input("gru")).down_since_ms.is_empty());
         // The alive set may not list this POP itself: it counts anyway.
         assert_eq!(StandIn::from_input(&input("aaa")).down_since_ms.len(), 1);
+    }
+
+    /// A commit that changes no row the snapshot is built from (replication
+    /// noting when it last heard a peer in `repl_meta`, once a minute; an
+    /// operator's table of their own) published the same table again, with
+    /// an INFO line: noise every minute on every replicating POP.
+    #[test]
+    fn a_commit_that_changes_no_routing_row_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routing.db");
+        let mut store = RoutingStore::open(&path).unwrap();
+        store
+            .register(&rec("a"), unix_ms(SystemTime::now()))
+            .unwrap();
+        let mut reloader = RoutingReloader::start(store).unwrap();
+        let before = reloader.handle().load().version;
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .execute_batch("CREATE TABLE notes (k TEXT); INSERT INTO notes VALUES ('x');")
+            .unwrap();
+        assert_eq!(reloader.tick(), Reload::Unchanged);
+        assert_eq!(reloader.handle().load().version, before);
+        // A row that changes is published.
+        other
+            .execute("UPDATE backends SET weight = 7 WHERE id = 'a'", [])
+            .unwrap();
+        assert!(matches!(reloader.tick(), Reload::Published { .. }));
+        // An explicit reload publishes whatever the table holds.
+        assert!(matches!(reloader.reload(), Reload::Published { .. }));
     }
 
     #[test]
