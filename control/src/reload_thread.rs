@@ -24,17 +24,22 @@
 //! 3,000 backends on a saturated core). The control thread runs the
 //! replication, BGP, health and API tasks on one Tokio runtime, so it must
 //! never block on that lock: what only needs a reload soon asks for one
-//! ([`SharedReloader::reload_soon`]: done now if the lock is free, else by
-//! the tick thread once it lets go), what can do without the lock skips its
+//! ([`SharedReloader::reload_soon`]: done by the tick thread, woken for it,
+//! and asked for many times before it runs, done once), what can do without
+//! the lock skips its
 //! turn ([`SharedReloader::try_lock`]), and what must wait waits as a task
 //! ([`SharedReloader::lock_async`]), leaving the runtime to the others.
 //! Before 2026-12-06 it blocked the runtime: a POP whose cores were busy
-//! stopped answering its peers' probes and was declared down.
+//! stopped answering its peers' probes and was declared down. And until
+//! 2026-12-06 `reload_soon` with the lock free reloaded on the caller's
+//! thread, at normal priority: replication asks for one per batch of rows
+//! it applies, so a burst of registrations elsewhere rebuilt the whole
+//! table up to 200 times a second on the control runtime.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
@@ -50,9 +55,11 @@ pub struct SharedReloader(Arc<Shared>);
 
 struct Shared {
     reloader: Mutex<RoutingReloader>,
-    /// A reload was asked for while the lock was taken
-    /// ([`SharedReloader::reload_soon`]): the tick thread does it.
+    /// A reload was asked for ([`SharedReloader::reload_soon`]): the tick
+    /// thread does it.
     reload_due: AtomicBool,
+    /// Wakes the tick thread for it, while one runs.
+    wake: Mutex<Option<Sender<Message>>>,
 }
 
 /// How long [`SharedReloader::lock_async`] lets the runtime run between two
@@ -64,6 +71,7 @@ impl SharedReloader {
         SharedReloader(Arc::new(Shared {
             reloader: Mutex::new(reloader),
             reload_due: AtomicBool::new(false),
+            wake: Mutex::new(None),
         }))
     }
 
@@ -100,10 +108,25 @@ impl SharedReloader {
         }
     }
 
-    /// Reloads now if the lock is free, else has the tick thread reload
-    /// once it lets go (a tick in progress may have read the table before
-    /// what this reload is for). Never waits.
+    /// Has the tick thread reload as soon as it can (after a tick in
+    /// progress, which may have read the table before what this reload is
+    /// for); requests made before it gets to them make one reload. Without
+    /// a tick thread (during start), reloads now if the lock is free. Never
+    /// waits.
     pub fn reload_soon(&self) {
+        self.0.reload_due.store(true, Ordering::Release);
+        let wake = self
+            .0
+            .wake
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        if let Some(wake) = wake {
+            if wake.send(Message::Wake).is_ok() {
+                return;
+            }
+        }
+        self.0.reload_due.store(false, Ordering::Release);
         if let Some(mut reloader) = self.try_lock() {
             reloader.reload();
             return;
@@ -118,8 +141,8 @@ impl SharedReloader {
         }
     }
 
-    /// One turn of the tick thread: a tick, and the reload asked for while
-    /// the lock was taken, if any.
+    /// One turn of the tick thread: a tick, and the reload asked for, if
+    /// any.
     fn tick(&self) {
         let mut reloader = self.lock();
         reloader.tick();
@@ -127,10 +150,31 @@ impl SharedReloader {
             reloader.reload();
         }
     }
+
+    /// The reload asked for, if it is still due (the tick thread, woken).
+    fn reload_if_due(&self) {
+        if !self.0.reload_due.load(Ordering::Acquire) {
+            return;
+        }
+        let mut reloader = self.lock();
+        if self.0.reload_due.swap(false, Ordering::AcqRel) {
+            reloader.reload();
+        }
+    }
+
+    fn set_wake(&self, wake: Option<Sender<Message>>) {
+        *self
+            .0
+            .wake
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = wake;
+    }
 }
 
 enum Message {
     Interval(Duration),
+    /// [`SharedReloader::reload_soon`].
+    Wake,
     Stop,
 }
 
@@ -139,20 +183,27 @@ enum Message {
 pub struct ReloadThread {
     tx: Sender<Message>,
     join: Option<JoinHandle<()>>,
+    /// To stop waking this thread once it stops.
+    reloader: SharedReloader,
 }
 
 impl ReloadThread {
     /// Starts ticking `reloader` every `interval`.
     pub fn start(reloader: SharedReloader, interval: Duration) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        let woken = reloader.clone();
         let join = std::thread::Builder::new()
             .name("routing-reload".into())
             .spawn(move || {
                 lower_priority();
                 let mut interval = interval;
+                // A deadline, not a timeout per receive: wake-ups coming
+                // faster than the interval must not put the tick off.
+                let mut next_tick = Instant::now() + interval;
                 loop {
-                    match rx.recv_timeout(interval) {
+                    match rx.recv_deadline(next_tick) {
                         Err(RecvTimeoutError::Timeout) => {
+                            next_tick = Instant::now() + interval;
                             // A bug in one tick must not end reloading for
                             // the life of the process without a word.
                             let tick = std::panic::AssertUnwindSafe(|| reloader.tick());
@@ -162,14 +213,27 @@ impl ReloadThread {
                                 );
                             }
                         }
-                        Ok(Message::Interval(new)) => interval = new,
+                        Ok(Message::Wake) => {
+                            let reload = std::panic::AssertUnwindSafe(|| reloader.reload_if_due());
+                            if std::panic::catch_unwind(reload).is_err() {
+                                tracing::error!(
+                                    "routing reload panicked; retrying at the next tick"
+                                );
+                            }
+                        }
+                        Ok(Message::Interval(new)) => {
+                            interval = new;
+                            next_tick = Instant::now() + interval;
+                        }
                         Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }
             })?;
+        woken.set_wake(Some(tx.clone()));
         Ok(ReloadThread {
             tx,
             join: Some(join),
+            reloader: woken,
         })
     }
 
@@ -185,6 +249,7 @@ impl ReloadThread {
     }
 
     fn halt(&mut self) {
+        self.reloader.set_wake(None);
         let _ = self.tx.send(Message::Stop);
         if let Some(join) = self.join.take() {
             let _ = join.join();
@@ -323,6 +388,49 @@ mod tests {
         let v1 = handle.load().version;
         reloader.reload_soon();
         assert!(handle.load().version > v1);
+    }
+
+    /// QA: with the lock free, each request reloaded at once on the
+    /// caller's thread (the control runtime, at normal priority), one whole
+    /// rebuild per batch of rows replication applied. With the tick thread
+    /// running, requests wake it, and those made before it gets to them
+    /// make one reload.
+    #[test]
+    fn reloads_asked_for_in_a_burst_are_done_by_the_tick_thread_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let reloader = shared_reloader(&dir);
+        let handle = reloader.lock().handle().clone();
+        // An interval no tick of this test reaches.
+        let thread = ReloadThread::start(reloader.clone(), Duration::from_secs(3600)).unwrap();
+        let v0 = handle.load().version;
+        {
+            // The tick thread busy (a tick in progress) while they come.
+            let _tick = reloader.lock();
+            for _ in 0..1000 {
+                reloader.reload_soon();
+            }
+            assert_eq!(handle.load().version, v0, "reloaded on the caller's thread");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while handle.load().version == v0 {
+            assert!(std::time::Instant::now() < deadline, "never reloaded");
+            std::thread::yield_now();
+        }
+        // The lock free now: still the thread's to do, not the caller's.
+        for _ in 0..1000 {
+            reloader.reload_soon();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while reloader.0.reload_due.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "never reloaded");
+            std::thread::yield_now();
+        }
+        thread.stop();
+        let reloads = handle.load().version - v0;
+        assert!(
+            (2..100).contains(&reloads),
+            "{reloads} reloads for 2,000 requests in two bursts"
+        );
     }
 
     /// Waiting for the lock as a task leaves the runtime to its other tasks

@@ -479,7 +479,7 @@ impl RoutingReloader {
     /// [`reload_at`]: RoutingReloader::reload_at
     fn reload_with(&mut self, now: SystemTime, unless_same: bool) -> Reload {
         let started = Instant::now();
-        let mut loaded = match self.store.load() {
+        let loaded = match self.store.load() {
             Ok(r) => r,
             Err(e) => {
                 self.fail(&e);
