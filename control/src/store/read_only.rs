@@ -46,16 +46,19 @@ impl Access {
 
     /// The connection is read-write (again).
     pub(super) fn writable(&mut self, path: &Path) {
+        // Before the line: what it says is in effect once it is read (a
+        // test read the gauge right after the line and found 0).
+        self.writable.store(true, Ordering::Relaxed);
         if self.unwritable.take().is_some() {
             info!(path = %path.display(),
                 "routing.db can be written again: back to the read-write store, the discovery API accepts writes");
         }
-        self.writable.store(true, Ordering::Relaxed);
     }
 
     /// Opening `path` for writing failed with `cause`, because of `why`.
     /// Said at ERROR once per outage.
     pub(super) fn unwritable(&mut self, path: &Path, why: Why, cause: &StoreError) {
+        self.writable.store(false, Ordering::Relaxed);
         if self.unwritable.is_none() {
             error!(path = %path.display(), why = %why.text, error = %cause,
                 retry_secs = RETRY_WRITABLE.as_secs(),
@@ -70,7 +73,6 @@ impl Access {
             cause: cause.to_string(),
             next_try: Instant::now() + RETRY_WRITABLE,
         });
-        self.writable.store(false, Ordering::Relaxed);
     }
 
     /// Whether a read-only connection should try the read-write open now.
