@@ -34,14 +34,17 @@ use rustbgpd_wire::notification::{
     cease_subcode, description, encode_shutdown_communication, open_subcode,
 };
 use rustbgpd_wire::{
-    decode_message, encode_message, peek_message_length, Afi, Capability, Message,
-    NotificationCode, NotificationMessage, OpenMessage, RouteRefreshMessage, RouteRefreshSubtype,
-    Safi, EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
+    decode_message, encode_message, Afi, Capability, DecodeError, Message, NotificationCode,
+    NotificationMessage, OpenMessage, RouteRefreshMessage, RouteRefreshSubtype, Safi,
+    EXTENDED_MAX_MESSAGE_LEN, MAX_MESSAGE_LEN,
 };
 
 use super::config::NextHop;
 use super::handoff::HandedSession;
 use super::routes::{updates, Advertisement, Rib, SessionContext};
+use frame::{Frame, Inbound};
+
+mod frame;
 
 /// First wait before restarting a session that fell to Idle; doubles with
 /// each fall up to [`IDLE_HOLD_MAX`], back to this after a session that
@@ -432,31 +435,40 @@ impl Session {
         self.inbuf.extend_from_slice(data);
         loop {
             let max_len = self.negotiated.map_or(MAX_MESSAGE_LEN, |n| n.max_len);
-            let len = match peek_message_length(&self.inbuf, max_len) {
-                Ok(Some(len)) if self.inbuf.len() >= usize::from(len) => usize::from(len),
-                Ok(_) => return,
-                Err(e) => {
-                    self.inbuf.clear();
-                    self.last_error = Some(format!("bad message from the peer: {e}"));
-                    self.decode_error = Some(e.to_string());
-                    self.feed(now, Event::DecodeError(e));
-                    self.decode_error = None;
-                    return;
-                }
+            let len = match frame::next(&self.inbuf, max_len) {
+                Frame::Whole(len) => len,
+                Frame::Partial => return,
+                Frame::Bad { error, why } => return self.on_malformed(now, error, why),
             };
-            let mut message = self.inbuf.split_to(len).freeze();
-            match decode_message(&mut message, max_len) {
-                Ok(m) => self.on_message(now, m),
-                Err(e) => {
+            let message = self.inbuf.split_to(len).freeze();
+            match frame::decode(message, max_len) {
+                Inbound::Message(m) => self.on_message(now, m),
+                Inbound::Ignored => {}
+                Inbound::Malformed(e) => return self.on_malformed(now, e, None),
+                Inbound::BadRefresh(n) => {
                     self.inbuf.clear();
-                    self.last_error = Some(format!("bad message from the peer: {e}"));
-                    self.decode_error = Some(e.to_string());
-                    self.feed(now, Event::DecodeError(e));
+                    let why = "a ROUTE-REFRESH of the wrong length (RFC 7313 §5)";
+                    self.last_error = Some(format!("bad message from the peer: {why}"));
+                    self.decode_error = Some(why.into());
+                    // Established, the FSM sends it and closes; before,
+                    // any ROUTE-REFRESH is out of place (FSM error).
+                    self.feed(now, Event::UpdateValidationError(n));
                     self.decode_error = None;
                     return;
                 }
             }
         }
+    }
+
+    /// The peer's message did not decode (`why`, if not the error's own
+    /// words): its NOTIFICATION, and the close.
+    fn on_malformed(&mut self, now: Instant, e: DecodeError, why: Option<String>) {
+        self.inbuf.clear();
+        let why = why.unwrap_or_else(|| e.to_string());
+        self.last_error = Some(format!("bad message from the peer: {why}"));
+        self.decode_error = Some(why);
+        self.feed(now, Event::DecodeError(e));
+        self.decode_error = None;
     }
 
     fn on_message(&mut self, now: Instant, message: Message) {

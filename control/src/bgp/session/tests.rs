@@ -4,6 +4,7 @@
 
 use super::*;
 use rustbgpd_wire::nlri::Prefix as WirePrefix;
+use rustbgpd_wire::peek_message_length;
 use rustbgpd_wire::{PathAttribute, UpdateMessage};
 
 const US: u32 = 65010;
@@ -628,6 +629,108 @@ fn a_route_refresh_resends_the_asked_family_between_borr_and_eorr() {
     read(&mut s);
     send(&mut s, RouteRefreshMessage::new(Afi::Ipv4, Safi::Unicast));
     assert_eq!(read(&mut s), ["BoRR Some(Ipv4)", "EoRR Some(Ipv4)"]);
+}
+
+/// What the session wrote since the last call, decoded; and whether it
+/// asked for the connection to close.
+fn written(s: &mut Session) -> (Vec<Message>, bool) {
+    let sent = std::iter::from_fn(|| s.poll_transmit())
+        .map(|mut b| decode_message(&mut b, MAX_MESSAGE_LEN).unwrap())
+        .collect();
+    let closed = std::iter::from_fn(|| s.poll_io()).any(|io| io == Io::Close);
+    (sent, closed)
+}
+
+/// A message of `kind` whose length field says `len`, `body` after it.
+fn raw_message(kind: u8, len: u16, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![0xffu8; 16];
+    m.extend_from_slice(&len.to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+/// Fuzzing (tests/fuzz_bgp.rs): a NOTIFICATION of 20 bytes got "OPEN
+/// Message Error (2/0)", an OPEN of 28 bytes too, an UPDATE of 22 an
+/// UPDATE Message Error, a KEEPALIVE of 20 a Bad Message Length without
+/// the length, and a KEEPALIVE claiming 4096 bytes was waited for. RFC
+/// 4271 §6.1: each is a Bad Message Length (1/2) whose data is the length,
+/// known from the header.
+#[test]
+fn a_length_wrong_for_its_type_is_a_bad_message_length_from_the_header() {
+    let t0 = Instant::now();
+    for (kind, len) in [(1u8, 28u16), (2, 22), (3, 19), (3, 20), (4, 20), (4, 4096)] {
+        let (mut s, _peer) = established(t0);
+        written(&mut s);
+        // The header alone.
+        s.handle_bytes(t0, &raw_message(kind, len, &[]));
+        let (sent, closed) = written(&mut s);
+        let what = format!("type {kind}, length {len}: {sent:?}");
+        let Some(Message::Notification(n)) = sent.last() else {
+            panic!("no NOTIFICATION: {what}")
+        };
+        assert_eq!(
+            (n.code, n.subcode, n.data.as_ref()),
+            (NotificationCode::MessageHeader, 2, &len.to_be_bytes()[..]),
+            "{what}"
+        );
+        assert!(closed, "{what}");
+        assert_eq!(s.state(), SessionState::Idle, "{what}");
+        // Not the decoder's "must be 19..=4096", which 20 is.
+        let status = s.snapshot(t0).last_error.unwrap();
+        assert!(status.contains(&format!(" of {len} bytes")), "{status}");
+    }
+}
+
+/// Fuzzing: a ROUTE-REFRESH of subtype 244 followed by three bytes reset
+/// the session with "Bad Message Length (1/2)" (the decoder read the bytes
+/// as ORF entries). RFC 7313 §5: a subtype other than 0, 1 and 2 "MUST" be
+/// ignored.
+#[test]
+fn a_route_refresh_of_an_unknown_subtype_is_ignored() {
+    let t0 = Instant::now();
+    let (mut s, _peer) = established(t0);
+    written(&mut s);
+    for body in [
+        &[0, 1, 244, 1, 240, 155, 12][..],
+        &[0, 1, 3, 1],
+        &[0, 2, 255, 1, 0],
+    ] {
+        s.handle_bytes(t0, &raw_message(5, 19 + body.len() as u16, body));
+        assert_eq!(written(&mut s), (vec![], false), "{body:?}");
+        assert_eq!(s.state(), SessionState::Established);
+    }
+}
+
+/// Fuzzing: a BoRR with a byte more was taken as a demarcation, an EoRR
+/// with three more reset the session with a Bad Message Length, and a
+/// refresh request whose ORF entries ran past the message too. RFC 7313
+/// §5: ROUTE-REFRESH Message Error, Invalid Message Length (7/1), the
+/// message as its data.
+#[test]
+fn a_route_refresh_that_does_not_frame_gets_invalid_message_length() {
+    let t0 = Instant::now();
+    for body in [
+        &[0, 1, 1, 1, 0][..],
+        &[0, 2, 2, 1, 1, 2, 3],
+        // When-to-refresh, then an ORF of type 64 said to be 9 bytes.
+        &[0, 1, 0, 1, 1, 64, 0, 9],
+    ] {
+        let (mut s, _peer) = established(t0);
+        written(&mut s);
+        let message = raw_message(5, 19 + body.len() as u16, body);
+        s.handle_bytes(t0, &message);
+        let (sent, closed) = written(&mut s);
+        let Some(Message::Notification(n)) = sent.last() else {
+            panic!("no NOTIFICATION to {body:?}: {sent:?}")
+        };
+        assert_eq!(
+            (n.code, n.subcode, n.data.as_ref()),
+            (NotificationCode::RouteRefreshMessage, 1, &message[..]),
+            "{body:?}"
+        );
+        assert!(closed && s.state() == SessionState::Idle, "{body:?}");
+    }
 }
 
 /// A binary upgrade: the session is handed off and resumed by another
