@@ -20,6 +20,7 @@
 //! sent or received, the session closes and reads nothing more.
 
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bolero::{check, TypeGenerator};
@@ -48,6 +49,24 @@ const UPDATE: u8 = 2;
 const NOTIFICATION: u8 = 3;
 const KEEPALIVE: u8 = 4;
 const ROUTE_REFRESH: u8 = 5;
+
+/// How often the model judged something, to see that the targets reach
+/// what they check (printed after each session target).
+static HEADER_ERRORS: AtomicU64 = AtomicU64::new(0);
+static OPENS_ACCEPTED: AtomicU64 = AtomicU64::new(0);
+static OPENS_REFUSED: AtomicU64 = AtomicU64::new(0);
+static ESTABLISHED: AtomicU64 = AtomicU64::new(0);
+
+fn report(target: &str) {
+    println!(
+        "{target}: {} header/length errors answered, OPENs judged {} accepted / {} refused, \
+         {} runs established",
+        HEADER_ERRORS.load(Relaxed),
+        OPENS_ACCEPTED.load(Relaxed),
+        OPENS_REFUSED.load(Relaxed),
+        ESTABLISHED.load(Relaxed)
+    );
+}
 
 /// Our router id; the router's is 10.0.0.1.
 const OUR_ID: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -551,6 +570,8 @@ struct Harness {
     /// Negotiated Extended Messages: UPDATEs up to 65535 bytes.
     extended: bool,
     established_once: bool,
+    /// Every NOTIFICATION the session sent.
+    notifications: Vec<NotificationMessage>,
 }
 
 /// `bytes` is an OPEN offering Extended Messages (RFC 8654), which this
@@ -589,6 +610,7 @@ impl Harness {
             pending: Vec::new(),
             extended: false,
             established_once: false,
+            notifications: Vec::new(),
         };
         h.drain();
         h
@@ -614,6 +636,9 @@ impl Harness {
             written.push(m);
         }
         let notified = matches!(written.last(), Some(Message::Notification(_)));
+        if let Some(Message::Notification(n)) = written.last() {
+            self.notifications.push(n.clone());
+        }
         let mut closed = false;
         while let Some(io) = self.session.poll_io() {
             match io {
@@ -724,6 +749,7 @@ impl Harness {
                 return;
             }
             Verdict::Error(code, subcode, data) => {
+                HEADER_ERRORS.fetch_add(1, Relaxed);
                 let n = notification.unwrap_or_else(|| panic!("no NOTIFICATION: {}", what()));
                 let out_of_place =
                     *code == 7 && n.code.as_u8() == 5 && state != SessionState::Established;
@@ -810,8 +836,37 @@ impl Harness {
                     let at = cuts
                         .next()
                         .map_or(0, |c| usize::from(c) % (bytes.len() + 1));
+                    let judged = match (m, d) {
+                        // At a message boundary.
+                        (Msg::Open(o), None) if self.connected && self.pending.is_empty() => {
+                            let opened = self.session.state() == SessionState::OpenSent;
+                            open_verdict(o, self.configured_asn).filter(|_| opened)
+                        }
+                        _ => None,
+                    };
+                    let before = self.notifications.len();
                     self.deliver(&bytes[..at], false);
                     self.deliver(&bytes[at..], false);
+                    if let Some(expected) = judged {
+                        let got = self
+                            .notifications
+                            .get(before)
+                            .map(|n| (n.code.as_u8(), n.subcode));
+                        match expected {
+                            OpenVerdict::Accept => {
+                                OPENS_ACCEPTED.fetch_add(1, Relaxed);
+                                assert_eq!(got, None, "{m:?} refused");
+                                assert_eq!(self.session.state(), SessionState::OpenConfirm);
+                            }
+                            OpenVerdict::Refuse(code, subcode) => {
+                                OPENS_REFUSED.fetch_add(1, Relaxed);
+                                assert_eq!(got, Some((code, subcode)), "{m:?}")
+                            }
+                            OpenVerdict::RefuseSomehow => {
+                                assert_eq!(got.map(|g| g.0), Some(2), "{m:?}")
+                            }
+                        }
+                    }
                 }
                 self.deliver(&stream, true);
             }
@@ -870,6 +925,79 @@ impl Harness {
     }
 }
 
+/// What RFC 4271 §6.2 (and RFC 6793, RFC 7607) says of an OPEN.
+#[derive(Debug)]
+enum OpenVerdict {
+    Accept,
+    /// The one thing wrong with it: OPEN Message Error, this subcode.
+    Refuse(u8, u8),
+    /// More than one thing wrong: an OPEN Message Error.
+    RefuseSomehow,
+}
+
+/// A capability both this speaker and the model know, well-formed.
+fn known_by_both(c: &Cap) -> bool {
+    matches!(
+        c,
+        Cap::Ipv4Unicast
+            | Cap::Ipv6Unicast
+            | Cap::FourOctetAs
+            | Cap::FourOctetAsOf(_)
+            | Cap::RouteRefresh
+            | Cap::EnhancedRouteRefresh
+            | Cap::ExtendedMessage
+    )
+}
+
+/// The verdict on an OPEN received in OpenSent, when the model can tell
+/// (well-formed capabilities both sides know, both unicast families).
+fn open_verdict(o: &Open, configured: u32) -> Option<OpenVerdict> {
+    let known = o.caps.iter().all(known_by_both);
+    let four_octet = usize::from(o.usual)
+        + o.caps
+            .iter()
+            .filter(|c| matches!(c, Cap::FourOctetAs | Cap::FourOctetAsOf(_)))
+            .count();
+    let odd = o.odd_param.as_ref().map(|(kind, _)| *kind);
+    if !o.usual || !known || four_octet > 1 || matches!(odd, Some(2 | 255)) {
+        return None;
+    }
+    let sent_asn = o.asn.unwrap_or(configured);
+    let asn = o
+        .caps
+        .iter()
+        .find_map(|c| match c {
+            Cap::FourOctetAsOf(a) => Some(*a),
+            _ => None,
+        })
+        .unwrap_or(sent_asn);
+    let id = o.router_id.unwrap_or(0x0a00_0001);
+    if id == u32::from(OUR_ID) {
+        return None;
+    }
+    let mut wrong = Vec::new();
+    if o.version.unwrap_or(4) != 4 {
+        wrong.push(1);
+    }
+    if asn != configured || u16::try_from(sent_asn).unwrap_or(23456) == 0 {
+        wrong.push(2);
+    }
+    if id == 0 {
+        wrong.push(3);
+    }
+    if odd.is_some() {
+        wrong.push(4);
+    }
+    if matches!(o.hold, 1 | 2) {
+        wrong.push(6);
+    }
+    Some(match wrong[..] {
+        [] => OpenVerdict::Accept,
+        [one] => OpenVerdict::Refuse(2, one),
+        _ => OpenVerdict::RefuseSomehow,
+    })
+}
+
 /// A NOTIFICATION answering a whole message of `kind` that passed the
 /// header checks: an error of that message's kind, or of the state
 /// machine; never one to a NOTIFICATION (RFC 4271 §6.4).
@@ -900,7 +1028,20 @@ struct Run {
     four_byte_peer: bool,
     ipv4: bool,
     ipv6: bool,
+    /// Connected, the router's OPEN first (random steps rarely get that
+    /// far).
+    opening: Option<Opening>,
     steps: Vec<Step>,
+}
+
+/// The router's first OPEN, and a KEEPALIVE after it or not.
+#[derive(Debug, TypeGenerator)]
+struct Opening {
+    open: Open,
+    /// Only capabilities both sides know, well-formed, with the usual
+    /// ones (what a router sends), the other fields as they came.
+    plain: bool,
+    keepalive: bool,
 }
 
 /// A run that gets the session established first, then does `steps`.
@@ -924,8 +1065,29 @@ fn a_session_fed_what_a_router_may_send() {
         .with_type::<Run>()
         .for_each(|run| {
             let mut h = Harness::new(run.four_byte_peer, run.ipv4, run.ipv6);
+            if let Some(o) = &run.opening {
+                let mut open = o.open.clone();
+                if o.plain {
+                    open.usual = true;
+                    open.caps.retain(known_by_both);
+                }
+                let mut msgs = vec![(Msg::Open(open), None)];
+                if o.keepalive {
+                    msgs.push((Msg::Keepalive, None));
+                }
+                h.step(&Step::Connected);
+                h.step(&Step::Send {
+                    msgs,
+                    cuts: vec![],
+                    together: false,
+                });
+            }
             run_steps(&mut h, &run.steps);
+            if h.established_once {
+                ESTABLISHED.fetch_add(1, Relaxed);
+            }
         });
+    report("from a new session");
 }
 
 /// The same from an established session (random steps rarely get there).
@@ -964,4 +1126,5 @@ fn an_established_session_fed_what_a_router_may_send() {
             assert_eq!(h.session.state(), SessionState::Established);
             run_steps(&mut h, &run.steps);
         });
+    report("from an established session");
 }
