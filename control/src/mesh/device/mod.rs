@@ -6,7 +6,8 @@
 //!   socket `/var/run/wireguard/<interface>.sock` (mode 0600) lets `wg show`
 //!   read it.
 //! - [`userspace`]: a `wireguard-go` child process, configured over its
-//!   UAPI socket (defguard_wireguard_rs's client).
+//!   UAPI socket (defguard_wireguard_rs's requests; the answers read by
+//!   [`uapi`]).
 //! - [`kernel`]: the kernel module over netlink (defguard_wireguard_rs).
 //!
 //! Every change is per peer: adding, updating or removing one peer never
@@ -15,6 +16,7 @@
 
 pub mod embedded;
 pub mod kernel;
+pub mod uapi;
 pub mod userspace;
 
 use std::net::SocketAddr;

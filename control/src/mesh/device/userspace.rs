@@ -1,7 +1,8 @@
 //! `wireguard-go` as the WireGuard device: a child process in the
 //! foreground (`wireguard-go -f <interface>`), configured over its UAPI
-//! socket (the requests and the parsing of answers are
-//! defguard_wireguard_rs's; the socket I/O is ours, see [`exchange`]).
+//! socket (the requests are defguard_wireguard_rs's; the socket I/O is
+//! ours, see [`exchange`], and so is the reading of answers, see
+//! [`super::uapi`]).
 //!
 //! The child gets `PR_SET_PDEATHSIG`: if edgeproxy dies, even by SIGKILL,
 //! the kernel sends it SIGTERM and the interface goes with it. On a
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use defguard_wireguard_rs::{host::Host, key::Key};
 
 use super::{
-    configure, defguard_peer, read_peers, DeviceError, DeviceSettings, PeerSpec, PeerStatus,
+    configure, defguard_peer, off_runtime, DeviceError, DeviceSettings, PeerSpec, PeerStatus,
 };
 use crate::mesh::keys::PublicKey;
 
@@ -182,14 +183,15 @@ impl WireguardGo {
 
     pub async fn peers(&self) -> Result<Vec<PeerStatus>, DeviceError> {
         let (socket, silent) = (self.socket.clone(), Arc::clone(&self.silent));
-        read_peers(IMPLEMENTATION, move || {
+        off_runtime(move || {
             let answer = exchange_noting(&socket, b"get=1\n\n", &silent)?;
-            Host::parse_uapi(answer.as_bytes()).map_err(|e| UapiError::Io {
-                path: socket.display().to_string(),
-                source: e,
-            })
+            super::uapi::peers(&answer)
         })
         .await
+        .map_err(|cause| DeviceError::Read {
+            implementation: IMPLEMENTATION,
+            cause,
+        })
     }
 
     pub async fn upsert_peer(&mut self, spec: &PeerSpec) -> Result<(), DeviceError> {
