@@ -337,7 +337,21 @@ async fn grpc(addr: SocketAddr, s: &CheckSettings, step: &Step) -> Result<(), St
             service: s.grpc_service.clone(),
         })
         .await
-        .map_err(|e| format!("grpc: {} {}", e.code(), e.message()))?;
+        // The status's own words ("Unknown error", "transport error") and
+        // then its causes: what was wrong with the answer.
+        .map_err(|e| {
+            let mut reason = format!("grpc: {} {}", e.code(), e.message());
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                let words = cause.to_string();
+                if !reason.contains(&words) {
+                    reason.push_str(": ");
+                    reason.push_str(&words);
+                }
+                source = cause.source();
+            }
+            reason
+        })?;
     let status = reply.into_inner().status;
     match ServingStatus::try_from(status) {
         Ok(ServingStatus::Serving) => Ok(()),
@@ -436,6 +450,57 @@ mod tests {
         );
         // A cause already in the words is not repeated.
         assert_eq!(chain(&reset()), reset().to_string());
+    }
+
+    /// A gRPC check against what is no HTTP/2 server: `bytes` answered
+    /// to the first connection, left open until the check is done.
+    async fn grpc_against(bytes: &'static [u8]) -> CheckOutcome {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = conn.read(&mut request).await;
+            let _ = conn.write_all(bytes).await;
+            // Open until the check is done with it.
+            let _ = conn.read(&mut request).await;
+        });
+        let order = CheckOrder {
+            id: "b-1".into(),
+            app: "web".into(),
+            addr,
+            settings: Arc::new(CheckSettings {
+                kind: CheckKind::Grpc,
+                timeout: Duration::from_secs(5),
+                ..CheckSettings::default()
+            }),
+        };
+        let outcome = run(&order).await;
+        server.abort();
+        outcome
+    }
+
+    /// Fuzzing (tests/fuzz_health.rs): a gRPC check answered with bytes
+    /// that are no HTTP/2 (an HTTP/1.1 server, garbage) failed with "grpc:
+    /// Unknown error transport error": tonic's words, the cause dropped.
+    #[tokio::test]
+    async fn a_grpc_answer_that_is_no_http2_says_what_it_was() {
+        for (bytes, cause) in [
+            (
+                &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+                "http2 error",
+            ),
+            (b"\x00\x00\x00garbage", "connection error"),
+        ] {
+            let outcome = grpc_against(bytes).await;
+            assert!(!outcome.ok);
+            let reason = outcome.error.unwrap();
+            assert!(
+                reason.starts_with("grpc: ") && reason.contains(cause),
+                "{reason}"
+            );
+        }
     }
 
     #[test]
