@@ -51,7 +51,8 @@ const KEEPALIVE: u8 = 4;
 const ROUTE_REFRESH: u8 = 5;
 
 /// How often the model judged something, to see that the targets reach
-/// what they check (printed after each session target).
+/// what they check (printed after each session target; the two run at
+/// once, so the counts are of both so far).
 static HEADER_ERRORS: AtomicU64 = AtomicU64::new(0);
 static OPENS_ACCEPTED: AtomicU64 = AtomicU64::new(0);
 static OPENS_REFUSED: AtomicU64 = AtomicU64::new(0);
@@ -569,17 +570,28 @@ struct Harness {
     pending: Vec<u8>,
     /// Negotiated Extended Messages: UPDATEs up to 65535 bytes.
     extended: bool,
+    /// The router offered four-octet AS numbers (RFC 6793), as we do:
+    /// AS_PATH carries them.
+    four_octet: bool,
     established_once: bool,
     /// Every NOTIFICATION the session sent.
     notifications: Vec<NotificationMessage>,
 }
 
-/// `bytes` is an OPEN offering Extended Messages (RFC 8654), which this
-/// speaker offers too: UPDATEs may then be longer than 4096 bytes.
-fn offers_extended_messages(bytes: &[u8]) -> bool {
+/// Whether `bytes` is an OPEN offering Extended Messages (RFC 8654:
+/// UPDATEs may then be longer than 4096 bytes) and four-octet AS numbers
+/// (RFC 6793), both of which this speaker offers too.
+fn offers(bytes: &[u8]) -> (bool, bool) {
     let mut b = Bytes::copy_from_slice(bytes);
-    matches!(decode_message(&mut b, MAX_MESSAGE_LEN),
-        Ok(Message::Open(o)) if o.capabilities.contains(&Capability::ExtendedMessage))
+    match decode_message(&mut b, MAX_MESSAGE_LEN) {
+        Ok(Message::Open(o)) => (
+            o.capabilities.contains(&Capability::ExtendedMessage),
+            o.capabilities
+                .iter()
+                .any(|c| matches!(c, Capability::FourOctetAs { .. })),
+        ),
+        _ => (false, false),
+    }
 }
 
 fn decode_one(bytes: &Bytes) -> Message {
@@ -609,6 +621,7 @@ impl Harness {
             fresh: false,
             pending: Vec::new(),
             extended: false,
+            four_octet: false,
             established_once: false,
             notifications: Vec::new(),
         };
@@ -626,6 +639,12 @@ impl Harness {
                 "the session wrote with no connection: {bytes:02x?}"
             );
             let m = decode_one(&bytes);
+            // Its attributes and prefixes too, which decoding leaves raw.
+            if let Message::Update(u) = &m {
+                if let Err(e) = u.parse(self.four_octet, false, &[]) {
+                    panic!("the session wrote an UPDATE that does not parse ({e}): {u:?}");
+                }
+            }
             if self.fresh {
                 assert!(matches!(m, Message::Open(_)), "first message {m}, not OPEN");
                 self.fresh = false;
@@ -792,6 +811,7 @@ impl Harness {
                     self.fresh = true;
                     self.pending.clear();
                     self.extended = false;
+                    self.four_octet = false;
                     self.session
                         .handle_connected(self.now, "10.0.0.2:40000".parse().unwrap());
                     let written = self.drain();
@@ -827,7 +847,9 @@ impl Harness {
                         Some(d) => damage(bytes, d),
                         None => bytes,
                     };
-                    self.extended |= offers_extended_messages(&bytes);
+                    let (extended, four_octet) = offers(&bytes);
+                    self.extended |= extended;
+                    self.four_octet |= four_octet;
                     if *together {
                         stream.extend_from_slice(&bytes);
                         continue;
@@ -1087,7 +1109,7 @@ fn a_session_fed_what_a_router_may_send() {
                 ESTABLISHED.fetch_add(1, Relaxed);
             }
         });
-    report("from a new session");
+    report("session targets, after the new-session one");
 }
 
 /// The same from an established session (random steps rarely get there).
@@ -1126,5 +1148,5 @@ fn an_established_session_fed_what_a_router_may_send() {
             assert_eq!(h.session.state(), SessionState::Established);
             run_steps(&mut h, &run.steps);
         });
-    report("from an established session");
+    report("session targets, after the established-session one");
 }
