@@ -35,7 +35,8 @@ fn budget() -> Duration {
 }
 
 /// Checks that passed / failed / timed out (printed after each target, to
-/// see that both ends are reached).
+/// see that both ends are reached; the two targets run at once, so the
+/// counts are of both so far).
 static PASSED: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicU64 = AtomicU64::new(0);
 static TIMED_OUT: AtomicU64 = AtomicU64::new(0);
@@ -51,8 +52,9 @@ fn report(target: &str) {
 
 /// A check's timeout here: short, for many inputs per second.
 const TIMEOUT: Duration = Duration::from_millis(150);
-/// How late past its timeout a check may end (a loaded CI machine).
-const SLACK: Duration = Duration::from_millis(1500);
+/// How late past its timeout a check may end (a loaded CI machine): far
+/// less than "never".
+const SLACK: Duration = Duration::from_secs(3);
 
 /// What the backend does once it has written its answer.
 #[derive(Debug, Clone, Copy, TypeGenerator)]
@@ -378,7 +380,7 @@ fn any_http_answer_from_a_backend() {
                 );
             }
         });
-    report("HTTP answers");
+    report("health targets, after the HTTP answers one");
 }
 
 #[test]
@@ -411,5 +413,5 @@ fn any_bytes_where_an_http_or_grpc_answer_should_be() {
                 assert_ne!(reason, "grpc: Unknown error transport error");
             }
         });
-    report("any bytes");
+    report("health targets, after the any-bytes one");
 }
