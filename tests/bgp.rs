@@ -932,6 +932,71 @@ fn frr_learns_the_prefixes_sees_the_drain_and_loses_them() {
     when(PATIENCE, || route("ipv4", PREFIX4).is_empty()).expect("gone after the POP died");
 }
 
+/// The number after `"key":` in FRR's JSON (its first occurrence).
+fn frr_count(json: &str, key: &str) -> u64 {
+    let pattern = format!("\"{key}\":");
+    json.find(&pattern)
+        .map(|at| &json[at + pattern.len()..])
+        .map(|rest| rest.trim_start())
+        .and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no {key:?} in {json}"))
+}
+
+/// FRR asking for the routes again (`clear bgp ipv4 unicast X soft in`:
+/// a ROUTE-REFRESH; FRR and the POP both offer Enhanced Route Refresh)
+/// gets them again between a BoRR and an EoRR, on the same session: a real
+/// router's side of the ROUTE-REFRESH handling that fuzzing reworked (RFC
+/// 7313 §5's checks in `bgp::session::frame`).
+#[test]
+fn frr_asking_for_the_routes_again_gets_them_on_the_same_session() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let frr = Frr::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    lab.launch(1);
+    when(PATIENCE, || !frr.route_json("ipv4", PREFIX4).is_empty()).unwrap_or_else(|| {
+        panic!(
+            "FRR never learned {PREFIX4}:\n{}\nlog:\n{}",
+            frr.vtysh("show bgp summary"),
+            frr.log_text()
+        )
+    });
+    let pop = lab.net.ip(1).to_string();
+    let stats = || frr.vtysh(&format!("show bgp neighbors {pop} json"));
+    let before = stats();
+    assert!(before.contains("\"bgpState\":\"Established\""), "{before}");
+    let mark = lab.pop(1).log_mark();
+    frr.vtysh(&format!("clear bgp ipv4 unicast {pop} soft in"));
+    when(PATIENCE, || {
+        frr_count(&stats(), "updatesRecv") > frr_count(&before, "updatesRecv")
+    })
+    .unwrap_or_else(|| panic!("no UPDATE after the refresh:\n{}", stats()));
+    let after = stats();
+    assert!(
+        frr_count(&after, "routeRefreshSent") > frr_count(&before, "routeRefreshSent"),
+        "{after}"
+    );
+    // The BoRR and the EoRR around the UPDATE.
+    assert!(
+        frr_count(&after, "routeRefreshRecv") >= frr_count(&before, "routeRefreshRecv") + 2,
+        "no BoRR/EoRR: {after}"
+    );
+    for key in ["opensRecv", "notificationsSent", "notificationsRecv"] {
+        assert_eq!(
+            frr_count(&after, key),
+            frr_count(&before, key),
+            "{key}: {after}"
+        );
+    }
+    assert!(after.contains("\"bgpState\":\"Established\""), "{after}");
+    assert!(!frr.route_json("ipv4", PREFIX4).is_empty());
+    let log = lab.pop(1).log_text();
+    let since: String = log.lines().skip(mark).collect::<Vec<_>>().join("\n");
+    assert!(!since.contains("NOTIFICATION"), "{since}");
+}
+
 #[test]
 fn two_neighbors_bird_over_ipv4_and_gobgp_over_ipv6_with_med_and_communities() {
     let _serial = serial();

@@ -811,6 +811,26 @@ fn the_mesh_runs_on_wireguard_go_too() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (mut m, _to, _b) = two_pops_reaching_a_backend_on_pop_1("wireguard-go", 7200, "wggo");
     assert_eq!(m.mesh_status(0)["implementation"], "wireguard-go");
+    // wireguard-go's `get=1` answer, read by `mesh::device::uapi`: the
+    // peer with its endpoint, allowed IPs, handshake and counters (the
+    // backend was reached through it).
+    let read = || {
+        let status = m.mesh_status(0);
+        let peer = status["peers"][0].clone();
+        (status, peer)
+    };
+    let (_, peer) = read();
+    assert!(peer["endpoint"].is_string(), "{peer}");
+    assert_eq!(
+        peer["allowed_ips"].as_array().map(Vec::len),
+        Some(1),
+        "{peer}"
+    );
+    let read_all = common::eventually(PATIENCE, || {
+        let (_, p) = read();
+        p["last_handshake_secs"].is_u64() && p["rx_bytes"].as_u64() > Some(0)
+    });
+    assert!(read_all, "no handshake or bytes read: {}", read().0);
     // A graceful stop takes wireguard-go and its interface down.
     let p = m.pops[1].take().unwrap();
     p.signal(common::SIGTERM);
