@@ -58,7 +58,13 @@ pub enum UapiError {
     Refused(String),
     #[error("wireguard-go closed its UAPI socket before answering")]
     Closed,
+    #[error("wireguard-go's answer passed {0} bytes without its errno line")]
+    TooLong(usize),
 }
+
+/// Most an answer may hold. A peer takes about 300 bytes of a `get=1`
+/// answer: this is tens of thousands of peers.
+const MAX_ANSWER: usize = 16 << 20;
 
 /// Where an answer ends: its `errno=` line (after a `get`, the device's
 /// lines come first). Returns the errno's value once that line is whole.
@@ -72,7 +78,7 @@ fn answer_end(answer: &str) -> Option<&str> {
 
 /// One request on `wireguard-go`'s UAPI socket (it ends with a blank line)
 /// and its answer, up to and including the `errno=` line, all within
-/// `patience` ([`UAPI_PATIENCE`]). defguard_wireguard_rs's own client
+/// `patience` ([`UAPI_PATIENCE`]) and [`MAX_ANSWER`] bytes. defguard_wireguard_rs's own client
 /// retried a read that timed out without end, so a stopped `wireguard-go`
 /// froze the mesh thread (no pass, no log, status and metrics stuck at
 /// their last values) until someone resumed it.
@@ -98,18 +104,33 @@ fn exchange(socket: &Path, request: &[u8], patience: Duration) -> Result<String,
     stream.set_write_timeout(Some(left()?)).map_err(io)?;
     stream.write_all(request).map_err(silent)?;
     let mut answer = Vec::new();
+    // The answer's whole lines end at `whole`; those before `looked` were
+    // looked at: each byte is looked at once.
+    let (mut whole, mut looked) = (0, 0);
     let mut chunk = [0u8; 4096];
     loop {
-        if let Some(errno) = answer_end(&String::from_utf8_lossy(&answer)) {
-            return match errno {
-                "0" => Ok(String::from_utf8_lossy(&answer).into_owned()),
-                other => Err(UapiError::Refused(other.to_string())),
-            };
+        if whole > looked {
+            let lines = String::from_utf8_lossy(&answer[looked..whole]);
+            if let Some(errno) = answer_end(&lines) {
+                return match errno {
+                    "0" => Ok(String::from_utf8_lossy(&answer).into_owned()),
+                    other => Err(UapiError::Refused(other.to_string())),
+                };
+            }
+            looked = whole;
+        }
+        if answer.len() >= MAX_ANSWER {
+            return Err(UapiError::TooLong(MAX_ANSWER));
         }
         stream.set_read_timeout(Some(left()?)).map_err(io)?;
         match stream.read(&mut chunk) {
             Ok(0) => return Err(UapiError::Closed),
-            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Ok(n) => {
+                if let Some(last) = chunk[..n].iter().rposition(|b| *b == b'\n') {
+                    whole = answer.len() + last + 1;
+                }
+                answer.extend_from_slice(&chunk[..n]);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(silent(e)),
         }
@@ -339,6 +360,40 @@ mod tests {
             text.contains("did not answer") && text.contains("stopped or hung"),
             "{text}"
         );
+        thread.join().unwrap();
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Found reading this client for "bounded reads" (not by a fuzz
+    /// target): an answer that never reaches its `errno=` line was read
+    /// (all of it scanned again after every 4 KiB read) until the patience
+    /// ran out. It ends at MAX_ANSWER bytes, with an error that says so,
+    /// long before.
+    #[test]
+    fn an_answer_that_never_ends_is_cut_at_max_answer() {
+        let path = std::env::temp_dir().join(format!(
+            "edgeproxy-uapi-endless-{}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 64];
+            let _ = conn.read(&mut request);
+            let lines = "rx_bytes=1\n".repeat(400);
+            while conn.write_all(lines.as_bytes()).is_ok() {}
+        });
+        let started = Instant::now();
+        let answer = exchange(&path, b"get=1\n\n", Duration::from_secs(20));
+        let took = started.elapsed();
+        assert!(
+            matches!(answer, Err(UapiError::TooLong(MAX_ANSWER))),
+            "{answer:?} after {took:?}"
+        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        let text = answer.unwrap_err().to_string();
+        assert!(text.contains("errno"), "{text}");
         thread.join().unwrap();
         let _ = std::fs::remove_file(path);
     }
