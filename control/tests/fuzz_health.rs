@@ -316,13 +316,14 @@ fn contract(
 /// The status of the final answer, if `answer` begins with HTTP/1.x
 /// status lines as RFC 9112 §4 writes them (1xx answers skipped; the
 /// reason phrase may hold any byte but CR and LF; a line may end in a bare
-/// LF, RFC 9112 §2.2).
+/// LF, and empty lines before a status line are skipped, RFC 9112 §2.2).
 fn final_status(answer: &[u8]) -> Option<u16> {
     let mut lines = answer
         .split(|b| *b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     loop {
-        let line = lines.next()?;
+        // Empty lines before a status line are skipped (as httparse does).
+        let line = lines.find(|l| !l.is_empty())?;
         let version = line.get(..9)?;
         if version != b"HTTP/1.1 " && version != b"HTTP/1.0 " {
             return None;
@@ -414,4 +415,24 @@ fn any_bytes_where_an_http_or_grpc_answer_should_be() {
             }
         });
     report("health targets, after the any-bytes one");
+}
+
+/// The fuzzer's oracle once disagreed with hyper on an answer whose 1xx
+/// head ended in bare LFs, one more than the blank line ("…Continue\r\n
+/// \n\nHTTP/1.1 200 OK…"): hyper (httparse) skips empty lines before a
+/// status line, as RFC 9112 §2.2 lets a recipient do. Both read 200.
+#[test]
+fn an_empty_line_before_a_status_line_is_skipped() {
+    let answer = b"HTTP/1.1 100 Continue\r\n\n\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    assert_eq!(final_status(answer), Some(200));
+    let (outcome, _) = contract(
+        &runtime(),
+        answer.to_vec(),
+        255,
+        Then::Close,
+        CheckKind::Http,
+        (200, 399),
+        None,
+    );
+    assert!(outcome.ok, "{outcome:?}");
 }
