@@ -585,6 +585,7 @@ impl Bound {
             refusals_logged: HashMap::new(),
             refusal_lines: (Instant::now(), 0, 0),
             drift_logged: HashMap::new(),
+            malformed_logged: HashMap::new(),
             transport_silence_logged: HashMap::new(),
             lag_window: (Instant::now(), 0),
             recent_lag_ms: None,
@@ -657,6 +658,8 @@ struct Driver {
     /// Per peer: when a row stamped in the future was last logged, and how
     /// many were dropped since without a line.
     drift_logged: HashMap<String, (Instant, u64)>,
+    /// The same for malformed rows (`Event::MalformedRow`).
+    malformed_logged: HashMap<String, (Instant, u64)>,
     /// Per peer: when its transport's silence was last logged.
     transport_silence_logged: HashMap<String, Instant>,
     /// (window start, largest lag in it).
@@ -1386,18 +1389,17 @@ impl Driver {
             Event::ClockDrift { peer, ahead_ms } => {
                 // One line per row and exchange was thousands of lines every
                 // sync interval for a POP whose clock had been ahead.
-                let now = Instant::now();
-                let entry = self
-                    .drift_logged
-                    .entry(peer.to_string())
-                    .or_insert((now - REFUSAL_LOG_EVERY, 0));
-                if now.duration_since(entry.0) >= REFUSAL_LOG_EVERY {
-                    let also = std::mem::take(&mut entry.1);
-                    entry.0 = now;
+                if let Some(also) = log_due(&mut self.drift_logged, &peer) {
                     tracing::warn!(%peer, ahead_ms, dropped_since_last_line = also,
                         "replication: dropped a row stamped in the future; check the clocks (NTP) of both POPs");
-                } else {
-                    entry.1 += 1;
+                }
+                false
+            }
+            Event::MalformedRow { peer, key, reason } => {
+                if let Some(also) = log_due(&mut self.malformed_logged, &peer) {
+                    tracing::error!(%peer, row = %key, dropped_since_last_line = also,
+                        "replication: dropped a row no POP could have written ({reason}); \
+                         that POP, or one it replicates from, runs a broken edgeproxy");
                 }
                 false
             }
@@ -1505,6 +1507,23 @@ impl Driver {
             recent_lag_ms: self.recent_lag_ms,
             store_error: self.store_error(),
         });
+    }
+}
+
+/// Whether a line about `peer` is due in `logged` (at most one per
+/// [`REFUSAL_LOG_EVERY`] per peer): `Some(rows dropped since the last line)`,
+/// or `None` after counting this one for the next line.
+fn log_due(logged: &mut HashMap<String, (Instant, u64)>, peer: &str) -> Option<u64> {
+    let now = Instant::now();
+    let entry = logged
+        .entry(peer.to_string())
+        .or_insert((now - REFUSAL_LOG_EVERY, 0));
+    if now.duration_since(entry.0) >= REFUSAL_LOG_EVERY {
+        entry.0 = now;
+        Some(std::mem::take(&mut entry.1))
+    } else {
+        entry.1 += 1;
+        None
     }
 }
 

@@ -235,6 +235,13 @@ pub enum Event {
         peer: NodeId,
         ahead_ms: u64,
     },
+    /// A row no POP could have written was dropped: `peer` (or whoever it
+    /// had the row from) is broken.
+    MalformedRow {
+        peer: NodeId,
+        key: RowKey,
+        reason: &'static str,
+    },
     /// Two live members claim one node id (or a member claims ours): the
     /// one at `impostor` is ignored (no rows to or from it) while the one
     /// at `holder` (the older start) lives. With `ours`, one of the two is
@@ -1647,6 +1654,18 @@ impl Node {
                 self.event(Event::ClockDrift {
                     peer: peer.clone(),
                     ahead_ms: drift.ahead_ms,
+                });
+                continue;
+            }
+            if row.intent.as_ref().is_some_and(|i| i.hlc > row.version.hlc) {
+                // A verdict sits on an earlier deliberate write: a later
+                // intent is no write any POP made. Intents decide first, so
+                // taken, it would beat every write made until then (up to
+                // any time ahead: the drift rule holds for versions).
+                self.event(Event::MalformedRow {
+                    peer: peer.clone(),
+                    key: row.key,
+                    reason: "its intent is later than its version",
                 });
                 continue;
             }

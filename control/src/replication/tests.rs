@@ -150,7 +150,7 @@ fn a_deliberate_write_after_a_delete_on_the_other_side_still_wins() {
 fn a_registration_that_repeats_the_row_is_a_decision_too() {
     // Registered again, same fields: only `expired` differs.
     registered_again_after_a_delete_across_a_partition(1, 14, |sim| {
-        sim.write(0, "x", Some(&backend(0, 1, 0, "n0")))
+        sim.write(0, "x", Some(&backend(0, 1, 0, "n0")));
     });
 }
 
@@ -1626,4 +1626,64 @@ fn exchanges_shrink_to_fit_a_link_too_slow_for_the_largest() {
     // exchanges timed out, each starting over).
     let took = heal_a_big_divergence(5_000, 40_000, 41);
     assert!(took <= Duration::from_secs(120), "healed in {took:?}");
+}
+
+/// Found by `fuzz_replication` (a node fed a buggy peer's messages): a row
+/// whose intent (the deliberate write a verdict sits on) is later than the
+/// row's own version was taken as it was. Its intent, a day ahead here,
+/// beat every deliberate write made since (the drift rule checked the
+/// version only), and anti-entropy handed it back to the POPs that had the
+/// newer write: an acknowledged write lost everywhere.
+#[test]
+fn a_row_whose_intent_is_later_than_its_version_is_refused() {
+    use super::hlc::Hlc;
+    use super::version::{RowVersion, Version};
+    use super::wire::{self, Envelope, Msg, PROTOCOL};
+    use std::sync::Arc;
+
+    let mut sim = joined(SimConfig::wan(3, 41));
+    let now = sim.now();
+    let day_ms = 24 * 3600 * 1000;
+    let bogus = RowVersion {
+        key: RowKey::new(Table::Backends, "x"),
+        version: Version {
+            hlc: Hlc::new(now.wall_ms, 0),
+            origin: Arc::from("n1"),
+        },
+        intent: Some(Version {
+            hlc: Hlc::new(now.wall_ms + day_ms, 0),
+            origin: Arc::from("n1"),
+        }),
+        data: Some(backend(0, 1, 1, "n1")),
+    };
+    let from_n1 = wire::encode(&Envelope {
+        cluster: "sim".into(),
+        schema: 1,
+        protocol: PROTOCOL,
+        from: Arc::from("n1"),
+        reply_to: sim.nodes[1].settings().transport_addr,
+        msg: Msg::Changes {
+            hops: 0,
+            rows: vec![bogus],
+        },
+    });
+    let n1 = sim.nodes[1].settings().transport_addr;
+    sim.nodes[0].handle_message(now, n1, &from_n1);
+    while sim.nodes[0].poll_output().is_some() {}
+    sim.run_for(Duration::from_secs(1));
+    // A deliberate write at n2, after it: the last decision.
+    sim.write(2, "x", Some(&backend(1, 1, 0, "n0")));
+    let t0 = sim.elapsed();
+    sim.run_until(t0 + Duration::from_secs(20), |s| {
+        s.converged() && s.everyone_has("x", Some(&backend(1, 1, 0, "n0")))
+    });
+    for i in 0..3 {
+        assert_eq!(
+            sim.nodes[i]
+                .replica()
+                .data(&RowKey::new(Table::Backends, "x")),
+            Some(backend(1, 1, 0, "n0").as_str()),
+            "node {i}"
+        );
+    }
 }
