@@ -245,7 +245,10 @@ impl Sealer {
             return Err(Refused::Garbage);
         }
         let sent_ms = u64::from_be_bytes(body[1..9].try_into().expect("8 bytes"));
-        let skew = now_ms as i64 - sent_ms as i64;
+        // In i128: either stamp may be anything up to u64::MAX (a peer's
+        // broken clock, or anyone at all in insecure mode).
+        let skew =
+            (now_ms as i128 - sent_ms as i128).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
         if skew.unsigned_abs() > MAX_AGE_MS {
             return Err(Refused::Stale(skew));
         }
@@ -363,6 +366,26 @@ mod tests {
         let d = insecure.seal(Kind::Swim, b"x", NOW);
         assert_eq!(a.open(&d, NOW), Err(Refused::PeerInsecure));
         assert_eq!(b_open_garbage(&mut a), Err(Refused::Garbage));
+    }
+
+    /// Found by `fuzz_replication` (sealed_datagrams_open_once_and_only_whole):
+    /// a datagram stamped at or past 2^63 ms overflowed the skew's
+    /// subtraction, a panic in debug builds; in insecure mode anyone who
+    /// can send a datagram could send it.
+    #[test]
+    fn a_datagram_stamped_at_any_time_is_refused_as_stale_without_panicking() {
+        for secret in [None, Some([7; 32])] {
+            let (mut a, mut b) = pair(secret, secret);
+            for sent in [1 << 63, u64::MAX, 0] {
+                let d = a.seal(Kind::Swim, b"x", sent);
+                match b.open(&d, NOW) {
+                    Err(Refused::Stale(skew)) => {
+                        assert_eq!(skew.signum(), if sent > NOW { -1 } else { 1 }, "{sent}")
+                    }
+                    other => panic!("stamped {sent}: {other:?}"),
+                }
+            }
+        }
     }
 
     fn b_open_garbage(s: &mut Sealer) -> Result<Opened, Refused> {
