@@ -770,10 +770,15 @@ impl ReplDb {
     }
 
     /// Writes rows that arrived from other POPs (and won) into their
-    /// tables, with their versions, in one transaction.
-    pub fn persist_remote(&mut self, rows: &[RowVersion]) -> Result<(), DbError> {
+    /// tables, with their versions, in one transaction. A row its table
+    /// cannot hold (see [`RemoteRowRefused`]) is left out, with its
+    /// version, and the rest written: returned, for the driver to say.
+    pub fn persist_remote(
+        &mut self,
+        rows: &[RowVersion],
+    ) -> Result<Vec<RemoteRowRefused>, DbError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let tables = self.tables.clone();
         self.with_tx(|tx| {
@@ -781,38 +786,45 @@ impl ReplDb {
                 tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM repl_changes", [], |r| {
                     r.get(0)
                 })?;
+            let mut written = Vec::with_capacity(rows.len());
+            let mut refused = Vec::new();
             for row in rows {
                 let info = tables
                     .iter()
                     .find(|t| t.table == row.key.table)
                     .expect("every table is loaded at open");
-                match &row.data {
-                    Some(data) => {
-                        let updated = tx
-                            .prepare_cached(&info.update)?
-                            .execute(params![data, row.key.pk])?;
-                        if updated == 0 {
-                            tx.prepare_cached(&info.insert)?.execute(params![data])?;
-                        }
+                if let Err(reason) = keyed_object(row) {
+                    refused.push(RemoteRowRefused {
+                        key: row.key.clone(),
+                        reason,
+                    });
+                    continue;
+                }
+                // Each row on its own: one the table refuses (a constraint)
+                // is undone alone.
+                tx.execute_batch("SAVEPOINT remote_row")?;
+                match apply_remote(tx, info, row) {
+                    Ok(()) => {
+                        tx.execute_batch("RELEASE remote_row")?;
+                        written.push(row);
                     }
-                    None => {
-                        tx.prepare_cached(&format!(
-                            "DELETE FROM {} WHERE {} = ?1",
-                            quote(info.table.name()),
-                            quote(info.table.key_column())
-                        ))?
-                        .execute([&row.key.pk])?;
+                    Err(e) if refused_for_its_content(&e) => {
+                        tx.execute_batch("ROLLBACK TO remote_row; RELEASE remote_row")?;
+                        refused.push(RemoteRowRefused {
+                            key: row.key.clone(),
+                            reason: e.to_string(),
+                        });
                     }
+                    Err(e) => return Err(e),
                 }
             }
-            record(tx, rows)?;
+            record(tx, written)?;
             // What our own writes just put in the change log is not a local
             // change.
             tx.execute("DELETE FROM repl_changes WHERE seq > ?1", [before])?;
-            Ok(())
-        })?;
+            Ok(refused)
+        })
         // Our commit does not move our own data_version; nothing to poll.
-        Ok(())
     }
 
     /// When this POP last heard another POP (Unix ms), as last recorded;
@@ -970,7 +982,73 @@ impl ReplDb {
     }
 }
 
-fn record(tx: &rusqlite::Transaction<'_>, rows: &[RowVersion]) -> rusqlite::Result<()> {
+/// A remote row left out of its table (see [`ReplDb::persist_remote`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRowRefused {
+    pub key: RowKey,
+    pub reason: String,
+}
+
+/// Every row a POP writes is its table's replicated columns as a JSON
+/// object holding its key (`json_object`, see [`TableInfo`]); anything
+/// else (a broken POP's) would fail the SQL, or, keyed by another id,
+/// overwrite or rename another row.
+fn keyed_object(row: &RowVersion) -> Result<(), String> {
+    let Some(data) = &row.data else {
+        return Ok(());
+    };
+    let column = row.key.table.key_column();
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(data) {
+        Err(e) => Err(format!("its data is not a JSON object: {e}")),
+        Ok(object) => match object.get(column) {
+            Some(serde_json::Value::String(k)) if *k == row.key.pk => Ok(()),
+            other => Err(format!(
+                "its data's {column} is {}, not its key",
+                other.map_or("missing".to_string(), |v| v.to_string())
+            )),
+        },
+    }
+}
+
+/// Writes one remote row (or deletes it, for a tombstone).
+fn apply_remote(
+    tx: &rusqlite::Transaction<'_>,
+    info: &TableInfo,
+    row: &RowVersion,
+) -> rusqlite::Result<()> {
+    match &row.data {
+        Some(data) => {
+            let updated = tx
+                .prepare_cached(&info.update)?
+                .execute(params![data, row.key.pk])?;
+            if updated == 0 {
+                tx.prepare_cached(&info.insert)?.execute(params![data])?;
+            }
+        }
+        None => {
+            tx.prepare_cached(&format!(
+                "DELETE FROM {} WHERE {} = ?1",
+                quote(info.table.name()),
+                quote(info.table.key_column())
+            ))?
+            .execute([&row.key.pk])?;
+        }
+    }
+    Ok(())
+}
+
+/// The table refused the row itself (a NOT NULL or CHECK constraint, a
+/// type), not the file: the other rows can still be written.
+fn refused_for_its_content(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::{ConstraintViolation, TooBig, TypeMismatch};
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, ConstraintViolation | TypeMismatch | TooBig))
+}
+
+fn record<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    rows: impl IntoIterator<Item = &'a RowVersion>,
+) -> rusqlite::Result<()> {
     let mut stmt = tx.prepare_cached(
         "INSERT INTO repl_versions (tbl, pk, hlc, origin, data, intent_hlc, intent_origin) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
@@ -1570,6 +1648,73 @@ mod tests {
         db.persist_remote(&[gone]).unwrap();
         let n: i64 = value(&conn, "SELECT COUNT(*) FROM backends WHERE id = 'b1'");
         assert_eq!(n, 0);
+    }
+
+    /// Found by `fuzz_replication` (a node takes whatever data a buggy
+    /// peer's rows carry): one remote row the table cannot hold (not a
+    /// JSON object, keyed by another id, missing a NOT NULL column) failed
+    /// the whole batch, so the good rows that came with it were never
+    /// written, at every exchange, for as long as the peer held the row;
+    /// and a row keyed by another id renamed the row it was applied to.
+    #[test]
+    fn a_remote_row_the_table_cannot_hold_is_left_out_and_the_rest_written() {
+        let (_d, path, mut db, mut a) = setup();
+        other(&path).execute(INSERT, []).unwrap();
+        db.poll_changes(&mut a, Now::system(), false).unwrap();
+        let b1 = a
+            .replica()
+            .get(&RowKey::new(Table::Backends, "b1"))
+            .unwrap();
+        let remote = |table, pk: &str, data: &str| RowVersion {
+            key: RowKey::new(table, pk),
+            version: Version {
+                hlc: Hlc(b1.version.hlc.0 + 10),
+                origin: Arc::from("b"),
+            },
+            intent: None,
+            data: Some(data.to_string()),
+        };
+        let good = b1.data.clone().unwrap().replace("\"b1\"", "\"b2\"");
+        let renames_b1 = b1
+            .data
+            .clone()
+            .unwrap()
+            .replace("\"port\":80", "\"port\":9");
+        let batch = [
+            remote(Table::Backends, "b3", "0"),
+            remote(
+                Table::Backends,
+                "b1",
+                &renames_b1.replace("\"b1\"", "\"b4\""),
+            ),
+            remote(Table::Pops, "p1", r#"{"node_id":"p1"}"#),
+            remote(Table::Backends, "b2", &good),
+            remote(Table::Backends, "b5", &renames_b1),
+        ];
+        let refused = db.persist_remote(&batch).unwrap();
+        let refused: Vec<String> = refused.iter().map(|r| r.key.to_string()).collect();
+        assert_eq!(
+            refused,
+            ["backends/b3", "backends/b1", "pops/p1", "backends/b5"],
+            "each bad row named"
+        );
+        let conn = other(&path);
+        let ids: Vec<String> = conn
+            .prepare("SELECT id || ':' || port FROM backends ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ids, ["b1:80", "b2:80"], "b1 untouched, b2 written");
+        let pops: i64 = value(&conn, "SELECT COUNT(*) FROM pops");
+        assert_eq!(pops, 0);
+        // Only the written row's version is recorded.
+        let versions: i64 = value(
+            &conn,
+            "SELECT COUNT(*) FROM repl_versions WHERE origin = 'b'",
+        );
+        assert_eq!(versions, 1);
     }
 
     /// A POP stopped for longer than the tombstone TTL must know, once

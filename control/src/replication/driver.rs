@@ -1032,8 +1032,18 @@ impl Driver {
                     self.transport.send(to, bytes);
                 }
                 Output::Persist(batch) => match self.db.persist_remote(&batch.rows) {
-                    Ok(()) => {
+                    Ok(refused) => {
                         reload = true;
+                        for row in refused {
+                            // Every exchange brings such a row again after a
+                            // restart (its version is not recorded): once a
+                            // minute per row is plenty.
+                            if log_due(&mut self.malformed_logged, &row.key.to_string()).is_some() {
+                                tracing::error!(row = %row.key, reason = %row.reason,
+                                    "replication: a remote row does not fit its table and is left out \
+                                     (the POP it came from runs a broken edgeproxy, or its table differs)");
+                            }
+                        }
                         let (limit, failures) = &mut self.remote_write_failing;
                         if *failures > 0 {
                             tracing::info!(
