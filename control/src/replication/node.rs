@@ -1941,7 +1941,14 @@ impl Node {
             rows.push(row);
         };
         let their_map: HashMap<&RowKey, &Stamp> = theirs.iter().map(|(k, v)| (k, v)).collect();
+        // Each key and bucket once, however many times a (broken) peer
+        // lists it: walked as listed, a message of a few MB kept the
+        // control thread busy for tens of seconds.
+        let mut seen: HashSet<&RowKey> = HashSet::new();
         for (key, v) in &theirs {
+            if !seen.insert(key) {
+                continue;
+            }
             match self.replica.stamp_of(key) {
                 Some(mine) if mine.beats(v) => {
                     if let Some(row) = self.replica.get(key) {
@@ -1958,7 +1965,10 @@ impl Node {
                 }
             }
         }
-        for &b in buckets {
+        // In the order listed: the initiator lists from its end (see
+        // `Msg::SyncBuckets`), and what fits the budget comes first.
+        let mut walked: HashSet<u16> = HashSet::new();
+        for &b in buckets.iter().filter(|&&b| walked.insert(b)) {
             for key in self.replica.keys_in(b) {
                 if !their_map.contains_key(key) {
                     if let Some(row) = self.replica.get(key) {
