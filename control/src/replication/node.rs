@@ -433,6 +433,10 @@ pub struct Node {
     /// after every member went down).
     bootstrap: Vec<SocketAddr>,
     next_announce: Option<Instant>,
+    /// This node renewed its identity (told it was down) and no member has
+    /// answered the new one yet: it announces itself to every member it
+    /// knows until one does (see [`Node::announce_renewed`]).
+    rejoining: bool,
     /// Ids seen claimed by two live identities, since when (reported when
     /// still claimed twice after the grace, and again every grace while
     /// it lasts).
@@ -536,6 +540,7 @@ impl Node {
             last_refusal_reply: HashMap::new(),
             bootstrap: Vec::new(),
             next_announce: None,
+            rejoining: false,
             collisions: HashMap::new(),
             last_contact_ms: None,
             contact_persisted: false,
@@ -744,6 +749,31 @@ impl Node {
         }
         self.next_announce =
             (!self.bootstrap.is_empty()).then(|| now.mono + self.s.gossip_interval);
+        self.after_membership(now);
+    }
+
+    /// After this node renewed its identity: announces it to every member
+    /// it knows (an announcement is taken by address, whatever identity the
+    /// receiver holds for it now), and to the bootstrap peers. foca waits,
+    /// silent, for a message addressed to the new identity, and the members
+    /// still held alive may have renewed theirs in the same round trip (a
+    /// healed split: each half told the other it was down) and drop
+    /// whatever comes addressed to their old one: nobody would ever speak.
+    fn announce_renewed(&mut self, now: Now) {
+        let mut to: Vec<SocketAddr> = self
+            .members
+            .states()
+            .into_iter()
+            .map(|(p, _)| p.gossip)
+            .chain(self.bootstrap.iter().copied())
+            .filter(|a| *a != self.s.gossip_addr)
+            .collect();
+        to.sort_unstable();
+        to.dedup();
+        for addr in to {
+            self.members.announce(now.mono, addr);
+        }
+        self.next_announce = Some(now.mono + self.s.gossip_interval);
         self.after_membership(now);
     }
 
@@ -1441,6 +1471,8 @@ impl Node {
         if self.next_announce.is_some_and(|at| at <= now.mono) {
             if self.members.active_count() == 0 {
                 self.announce(now);
+            } else if self.rejoining {
+                self.announce_renewed(now);
             } else {
                 self.next_announce = Some(now.mono + self.s.gossip_interval);
             }
@@ -1603,6 +1635,11 @@ impl Node {
                         self.sync_queue.push_back(peer.id.clone());
                     }
                 }
+                MemberEvent::Rejoined => {
+                    self.rejoining = true;
+                    self.next_announce = Some(now.mono);
+                }
+                MemberEvent::Joined => self.rejoining = false,
                 _ => {}
             }
             self.event(Event::Member(e));
