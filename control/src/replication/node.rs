@@ -47,6 +47,9 @@ pub const MAX_HOPS: u8 = 6;
 /// A sync exchange whose next step has not arrived by then is forgotten
 /// (what still arrives of it counts; see `Msg::SyncRows`).
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// Members (besides the bootstrap peers) a node with no member answering
+/// announces itself to, every gossip interval: see [`Node::announce`].
+const KNOCK_ON_KNOWN: usize = 3;
 /// How often old tombstones are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -434,8 +437,8 @@ pub struct Node {
     bootstrap: Vec<SocketAddr>,
     next_announce: Option<Instant>,
     /// This node renewed its identity (told it was down) and no member has
-    /// answered the new one yet: it announces itself to every member it
-    /// knows until one does (see [`Node::announce_renewed`]).
+    /// answered the new one yet: it announces itself until one does (see
+    /// [`Node::announce`]).
     rejoining: bool,
     /// Ids seen claimed by two live identities, since when (reported when
     /// still claimed twice after the grace, and again every grace while
@@ -743,37 +746,42 @@ impl Node {
         }
     }
 
+    /// Announces this node to its bootstrap peers and to a few members it
+    /// knows (down ones too: an announcement is taken by address, whatever
+    /// identity the receiver holds for it now); again every gossip
+    /// interval while no member answers (see `handle_timeout`).
+    ///
+    /// The members, because the bootstrap peers alone may not do: a POP
+    /// left alone (foca idle, its own knocking on down members stopped)
+    /// whose members restarted meanwhile without hearing of it, and which
+    /// has no bootstrap peer (the cluster's first POP), was never contacted
+    /// again. And a node that renewed its identity (told it was down) waits
+    /// for a message addressed to the new one, while the members it holds
+    /// alive may have renewed theirs in the same round trip (a healed split:
+    /// each half told the other it was down) and drop what comes addressed
+    /// to their old one: nobody spoke again.
     fn announce(&mut self, now: Now) {
-        for addr in self.bootstrap.clone() {
-            self.members.announce(now.mono, addr);
-        }
-        self.next_announce =
-            (!self.bootstrap.is_empty()).then(|| now.mono + self.s.gossip_interval);
-        self.after_membership(now);
-    }
-
-    /// After this node renewed its identity: announces it to every member
-    /// it knows (an announcement is taken by address, whatever identity the
-    /// receiver holds for it now), and to the bootstrap peers. foca waits,
-    /// silent, for a message addressed to the new identity, and the members
-    /// still held alive may have renewed theirs in the same round trip (a
-    /// healed split: each half told the other it was down) and drop
-    /// whatever comes addressed to their old one: nobody would ever speak.
-    fn announce_renewed(&mut self, now: Now) {
-        let mut to: Vec<SocketAddr> = self
+        let mut known: Vec<SocketAddr> = self
             .members
             .states()
             .into_iter()
             .map(|(p, _)| p.gossip)
-            .chain(self.bootstrap.iter().copied())
-            .filter(|a| *a != self.s.gossip_addr)
+            .filter(|a| *a != self.s.gossip_addr && !self.bootstrap.contains(a))
             .collect();
-        to.sort_unstable();
-        to.dedup();
-        for addr in to {
+        known.sort_unstable();
+        known.dedup();
+        known.shuffle(&mut self.rng);
+        known.truncate(KNOCK_ON_KNOWN);
+        for addr in self
+            .bootstrap
+            .clone()
+            .into_iter()
+            .chain(known.iter().copied())
+        {
             self.members.announce(now.mono, addr);
         }
-        self.next_announce = Some(now.mono + self.s.gossip_interval);
+        let anyone = !self.bootstrap.is_empty() || !known.is_empty();
+        self.next_announce = anyone.then(|| now.mono + self.s.gossip_interval);
         self.after_membership(now);
     }
 
@@ -1469,10 +1477,8 @@ impl Node {
         self.prune_forgotten();
         self.report_duplicate_ids(now);
         if self.next_announce.is_some_and(|at| at <= now.mono) {
-            if self.members.active_count() == 0 {
+            if self.members.active_count() == 0 || self.rejoining {
                 self.announce(now);
-            } else if self.rejoining {
-                self.announce_renewed(now);
             } else {
                 self.next_announce = Some(now.mono + self.s.gossip_interval);
             }
@@ -1638,6 +1644,10 @@ impl Node {
                 MemberEvent::Rejoined => {
                     self.rejoining = true;
                     self.next_announce = Some(now.mono);
+                }
+                MemberEvent::Alone => {
+                    self.next_announce
+                        .get_or_insert(now.mono + self.s.gossip_interval);
                 }
                 MemberEvent::Joined => self.rejoining = false,
                 _ => {}

@@ -1780,3 +1780,37 @@ fn a_split_healed_while_every_node_renews_itself_comes_back_together() {
         }
     }
 }
+
+/// Found by `fuzz_replication`'s random-fault simulations (seed 104284): a
+/// POP cut off alone (every member down: foca idle, its timers stopped)
+/// waited for the others to knock, but they had restarted meanwhile, with
+/// memberships that never heard of it (the first restarted through it,
+/// blocked, the second through the first, which then had a member and
+/// stopped knocking on its bootstrap peer). With no bootstrap peer of its
+/// own (the first POP of the cluster), it never spoke again: alone for good
+/// after the heal.
+#[test]
+fn a_pop_left_alone_knocks_on_the_members_it_knew() {
+    let mut sim = joined(SimConfig::wan(3, 44));
+    sim.partition(|i| (i != 0) as u8);
+    sim.run_for(Duration::from_secs(15));
+    assert_eq!(sim.nodes[0].active_members(), 0, "alone");
+    sim.crash(1);
+    sim.crash(2);
+    sim.run_for(Duration::from_secs(1));
+    sim.restart(1, 0);
+    sim.run_for(Duration::from_secs(3));
+    sim.restart(2, 1);
+    assert!(
+        sim.run_until(sim.elapsed() + Duration::from_secs(10), |s| s.nodes[1]
+            .active_members()
+            == 1)
+    );
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(
+        sim.run_until(healed + Duration::from_secs(30), Sim::everyone_alive),
+        "{:?}",
+        sim.not_alive()
+    );
+}
