@@ -28,7 +28,7 @@
 //! it is down, renews its identity: the whole cluster saw it go down and
 //! come back although it had answered in time.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -156,7 +156,7 @@ pub struct Membership {
     turn_undead: Vec<(Peer, Vec<u8>)>,
     /// Suspects as this node holds them, by gossip address: who, at which
     /// incarnation, and when the suspicion expires here.
-    suspicions: HashMap<SocketAddr, Suspicion>,
+    suspicions: BTreeMap<SocketAddr, Suspicion>,
     /// How long a suspicion may last here: foca's `suspect_to_down_after`
     /// plus a probe period, so that the verdict of the member that raised
     /// it (its timer, then its "down" gossip) comes first when it can.
@@ -223,7 +223,7 @@ impl Membership {
     /// production, fixed in simulations).
     pub fn new(me: Peer, config: foca::Config, seed: u64) -> Membership {
         Membership {
-            suspicions: HashMap::new(),
+            suspicions: BTreeMap::new(),
             suspicion_timeout: config.suspect_to_down_after + config.probe_period,
             foca: Foca::new(me, config, StdRng::seed_from_u64(seed), PostcardCodec),
             timers: BTreeMap::new(),
@@ -264,7 +264,7 @@ impl Membership {
     /// Notes new suspicions (a new suspect, or a suspect at a new
     /// incarnation) and forgets those that ended.
     fn track_suspicions(&mut self, now: Instant) {
-        let mut held = HashMap::new();
+        let mut held = BTreeMap::new();
         for m in self.foca.iter_membership_state() {
             if m.state() != State::Suspect {
                 continue;
