@@ -22,7 +22,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::node::{Event, Node, Now, Output, OwnRowDue, Settings};
 use super::replica::Replica;
-use super::version::{RowKey, Table};
+use super::version::{RowKey, RowVersion, Table};
 
 /// The network and the nodes' settings.
 #[derive(Debug, Clone)]
@@ -390,14 +390,17 @@ impl Sim {
     }
 
     /// Writes a row at node `i` (as its database's change log would report).
-    pub fn write(&mut self, i: usize, pk: &str, data: Option<&str>) {
+    /// Returns the version it got (none when the data did not change), for
+    /// tests that check which write won.
+    pub fn write(&mut self, i: usize, pk: &str, data: Option<&str>) -> Vec<RowVersion> {
         let now = self.now();
-        self.nodes[i].local_writes(
+        let written = self.nodes[i].local_writes(
             now,
             [(RowKey::new(Table::Backends, pk), data.map(String::from))],
         );
         self.persisted[i].insert(pk.to_string(), data.map(String::from));
         self.drain(i);
+        written
     }
 
     /// Writes many rows at node `i` in one transaction (a bulk import).
