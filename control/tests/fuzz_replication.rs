@@ -255,11 +255,15 @@ fn sealed_datagrams_open_once_and_only_whole() {
             bytes.extend_from_slice(&d.tail);
             let first = receiver.open(&bytes, NOW);
             let second = receiver.open(&bytes, NOW);
-            let same_sender = cluster == "edge" && schema == 3 && d.sender_key % 2 == 0;
+            let same_key = !d.secure || d.sender_key % 2 == 0;
+            let same_sender = cluster == "edge" && schema == 3 && same_key;
             let fresh = sent_ms.abs_diff(NOW) <= MAX_AGE_MS;
             match &first {
                 Ok(opened) => {
-                    assert!(same_sender && fresh, "{first:?}");
+                    // Without a secret, damage may make anything look right.
+                    if d.secure || bytes == whole {
+                        assert!(same_sender && fresh, "{first:?}");
+                    }
                     if d.secure {
                         // Authenticated: exactly what was sealed, once.
                         assert_eq!(bytes, whole);
