@@ -47,6 +47,9 @@ pub const MAX_HOPS: u8 = 6;
 /// A sync exchange whose next step has not arrived by then is forgotten
 /// (what still arrives of it counts; see `Msg::SyncRows`).
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a node with members announces itself to the bootstrap peers
+/// that are not among them: see [`Node::knock_on_strangers`].
+pub const STRANGER_KNOCK_INTERVAL: Duration = Duration::from_secs(10);
 /// Members (besides the bootstrap peers) a node with no member answering
 /// announces itself to, every gossip interval: see [`Node::announce`].
 const KNOCK_ON_KNOWN: usize = 3;
@@ -440,6 +443,8 @@ pub struct Node {
     /// answered the new one yet: it announces itself until one does (see
     /// [`Node::announce`]).
     rejoining: bool,
+    /// When the bootstrap peers not in the view are next announced to.
+    next_stranger_knock: Instant,
     /// Ids seen claimed by two live identities, since when (reported when
     /// still claimed twice after the grace, and again every grace while
     /// it lasts).
@@ -544,6 +549,7 @@ impl Node {
             bootstrap: Vec::new(),
             next_announce: None,
             rejoining: false,
+            next_stranger_knock: now.mono + STRANGER_KNOCK_INTERVAL,
             collisions: HashMap::new(),
             last_contact_ms: None,
             contact_persisted: false,
@@ -782,6 +788,31 @@ impl Node {
         }
         let anyone = !self.bootstrap.is_empty() || !known.is_empty();
         self.next_announce = anyone.then(|| now.mono + self.s.gossip_interval);
+        self.after_membership(now);
+    }
+
+    /// With members: announces this node to the bootstrap peers that no
+    /// active member is at, every [`STRANGER_KNOCK_INTERVAL`]. SWIM only
+    /// ever talks to members it knows: two groups that formed apart (every
+    /// POP restarted during a split, each joining whichever peer answered
+    /// first) would never merge, had each node stopped announcing itself to
+    /// its bootstrap peers once it had a member. One small datagram per
+    /// such peer; none once every bootstrap peer is a member.
+    fn knock_on_strangers(&mut self, now: Now) {
+        self.next_stranger_knock = now.mono + STRANGER_KNOCK_INTERVAL;
+        let members: Vec<SocketAddr> = self.members.active().map(|p| p.gossip).collect();
+        let strangers: Vec<SocketAddr> = self
+            .bootstrap
+            .iter()
+            .copied()
+            .filter(|a| !members.contains(a))
+            .collect();
+        if strangers.is_empty() {
+            return;
+        }
+        for addr in strangers {
+            self.members.announce(now.mono, addr);
+        }
         self.after_membership(now);
     }
 
@@ -1480,6 +1511,9 @@ impl Node {
             if self.members.active_count() == 0 || self.rejoining {
                 self.announce(now);
             } else {
+                if self.next_stranger_knock <= now.mono {
+                    self.knock_on_strangers(now);
+                }
                 self.next_announce = Some(now.mono + self.s.gossip_interval);
             }
         }

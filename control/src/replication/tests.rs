@@ -1814,3 +1814,34 @@ fn a_pop_left_alone_knocks_on_the_members_it_knew() {
         sim.not_alive()
     );
 }
+
+/// Found by `fuzz_replication`'s random-fault simulations (seed 7671): two
+/// groups formed apart (every POP restarted during a split, each joining
+/// whichever peer answered first) never merged after the heal. A node
+/// announced itself to its bootstrap peers only while it had no member at
+/// all; with one it stopped, and SWIM only ever talks to members it knows.
+/// Here each half's first node has its bootstrap peer in the other half.
+#[test]
+fn groups_formed_apart_merge_through_their_bootstrap_peers() {
+    let mut sim = joined(SimConfig::wan(4, 45));
+    sim.partition(|i| (i >= 2) as u8);
+    for i in 0..4 {
+        sim.crash(i);
+    }
+    sim.run_for(Duration::from_secs(1));
+    sim.restart(0, 2);
+    sim.restart(2, 0);
+    sim.run_for(Duration::from_secs(3));
+    sim.restart(1, 0);
+    sim.restart(3, 2);
+    assert!(sim.run_until(sim.elapsed() + Duration::from_secs(10), |s| {
+        s.nodes[0].active_members() == 1 && s.nodes[2].active_members() == 1
+    }));
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(
+        sim.run_until(healed + Duration::from_secs(30), Sim::everyone_alive),
+        "{:?}",
+        sim.not_alive()
+    );
+}
