@@ -19,7 +19,7 @@ use std::time::Duration;
 use bolero::{check, TypeGenerator};
 use control::replication::frame;
 use control::replication::hlc::{Hlc, MAX_DRIFT_MS};
-use control::replication::node::{Node, Now, Output};
+use control::replication::node::{Event, Node, Now, Output};
 use control::replication::replica::{Replica, BUCKETS};
 use control::replication::seal::{Kind, Refused, Sealer, MAX_AGE_MS};
 use control::replication::sim::{Sim, SimConfig};
@@ -909,10 +909,11 @@ fn env_u64(name: &str, default: u64) -> u64 {
 }
 
 /// One simulation: random writes at random nodes amid loss, jitter,
-/// partitions, cut links and crashes; then the faults stop, every crashed
-/// node restarts, and within a bound every node holds, for every key, the
-/// data of the write with the highest version (nothing acknowledged lost,
-/// nothing deleted back).
+/// partitions, cut links and crashes (a crashed node restarts through its
+/// bootstrap peer); then the faults stop, every crashed node restarts, and
+/// within a bound every node holds, for every key, the data of the write
+/// with the highest version (nothing acknowledged lost, nothing deleted
+/// back).
 fn simulate(seed: u64) -> Result<Settled, String> {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
@@ -933,6 +934,16 @@ fn simulate(seed: u64) -> Result<Settled, String> {
         "{setting}; joined: {joined} at {:?}",
         sim.elapsed()
     )];
+    // Each node's bootstrap peer, as its configuration names it: a lower
+    // node, and for node 0 any other (every POP reaches every other
+    // through them, as a cluster's seeds must allow). Sim::new joins all
+    // through node 0.
+    let seed_of: Vec<usize> = (0..nodes)
+        .map(|i| match i {
+            0 => rng.random_range(1..nodes),
+            _ => rng.random_range(0..i),
+        })
+        .collect();
     let keys = ["a", "b", "c", "d"];
     // Every write that got a version: (key, version, data).
     let mut writes: Vec<(String, Version, Option<String>)> = Vec::new();
@@ -974,7 +985,7 @@ fn simulate(seed: u64) -> Result<Settled, String> {
             8 if !crashed.is_empty() => {
                 let down: Vec<usize> = crashed.iter().copied().collect();
                 let i = down[rng.random_range(0..down.len())];
-                let via = live[rng.random_range(0..live.len())];
+                let via = seed_of[i];
                 sim.restart(i, via);
                 crashed.remove(&i);
                 log.push(format!("restart n{i} via n{via}"));
@@ -992,7 +1003,7 @@ fn simulate(seed: u64) -> Result<Settled, String> {
     }
     sim.heal();
     for i in std::mem::take(&mut crashed) {
-        let via = (0..nodes).find(|j| *j != i).unwrap_or(0);
+        let via = seed_of[i];
         sim.restart(i, via);
         log.push(format!("restart n{i} via n{via}"));
     }
@@ -1023,17 +1034,43 @@ fn simulate(seed: u64) -> Result<Settled, String> {
                     .iter()
                     .map(|k| format!("{k}={:?}", r.data(&RowKey::new(Table::Backends, *k))))
                     .collect();
+                let members: Vec<String> = sim.nodes[i]
+                    .members()
+                    .iter()
+                    .map(|m| {
+                        let p = &m.peer;
+                        format!("{}@{} {}", p.id, p.generation, m.state.as_str())
+                    })
+                    .collect();
                 format!(
-                    "n{i}: {} ({} members)",
+                    "n{i}@{}: {} (members: {})",
+                    sim.nodes[i].settings().generation,
                     rows.join(" "),
-                    sim.nodes[i].active_members()
+                    members.join(", ")
                 )
             })
             .collect();
+        // Membership's events since this many seconds before the heal,
+        // when asked for (EDGEPROXY_SIM_TRACE=<seconds>).
+        let trace: Vec<String> = match std::env::var("EDGEPROXY_SIM_TRACE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            Some(before) => {
+                let from = healed.saturating_sub(Duration::from_secs(before));
+                sim.events
+                    .iter()
+                    .filter(|(t, _, e)| *t >= from && matches!(e, Event::Member(_)))
+                    .map(|(t, i, e)| format!("{t:?} n{i} {e:?}"))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         return Err(format!(
-            "seed {seed}: not settled {bound:?} after the heal\nwinners: {winners:?}\n{}\nlog:\n{}",
+            "seed {seed}: not settled {bound:?} after the heal\nwinners: {winners:?}\n{}\nlog:\n{}\n{}",
             held.join("\n"),
-            log.join("\n")
+            log.join("\n"),
+            trace.join("\n")
         ));
     }
     // What each node's database holds is the winner too.
