@@ -1,13 +1,13 @@
 //! Fuzzing what replication takes from other POPs: transport frames and
-//! messages, sealed gossip datagrams, and a node fed whatever an
-//! authenticated but buggy peer might send; then randomised deterministic
-//! simulations of whole clusters under faults.
+//! messages, sealed gossip datagrams, a node fed whatever an authenticated
+//! but buggy peer might send, and the rows it hands to the database; then
+//! randomised deterministic simulations of whole clusters under faults.
 //!
 //! `bolero` property tests: under `cargo test` each target runs random
-//! inputs for `EDGEPROXY_FUZZ_SECS` seconds (default 10 here; the bolero
-//! targets of this file take 5) on stable Rust; `cargo bolero test --engine
-//! libfuzzer` runs them coverage-guided. The simulation sweep runs
-//! `EDGEPROXY_SIM_SEEDS` seeds (default 8) from `EDGEPROXY_SIM_FIRST_SEED`.
+//! inputs for `EDGEPROXY_FUZZ_SECS` seconds (default 5 here, there are
+//! seven) on stable Rust; `cargo bolero test --engine libfuzzer` runs them
+//! coverage-guided. The simulation sweep runs `EDGEPROXY_SIM_SEEDS` seeds
+//! (default 8, about a second) from `EDGEPROXY_SIM_FIRST_SEED` (default 0).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
