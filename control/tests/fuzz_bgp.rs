@@ -35,12 +35,11 @@ use rustbgpd_wire::{
 };
 
 /// Seconds each target runs under `cargo test` (`EDGEPROXY_FUZZ_SECS`).
+#[path = "../../tests/common/fuzz_budget.rs"]
+mod fuzz_budget;
+
 fn budget() -> Duration {
-    let secs = std::env::var("EDGEPROXY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    Duration::from_secs(secs)
+    fuzz_budget::budget(10)
 }
 
 const MARKER: [u8; 16] = [0xff; 16];

@@ -26,12 +26,11 @@ use control::health::spec::{CheckKind, CheckSettings, StatusRange};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+#[path = "../../tests/common/fuzz_budget.rs"]
+mod fuzz_budget;
+
 fn budget() -> Duration {
-    let secs = std::env::var("EDGEPROXY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    Duration::from_secs(secs)
+    fuzz_budget::budget(10)
 }
 
 /// Checks that passed / failed / timed out (printed after each target, to

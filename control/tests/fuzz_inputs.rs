@@ -17,12 +17,11 @@ use control::upgrade::wire::{FromSuccessor, ToSuccessor};
 use engine::snapshot::SnapshotBuilder;
 use serde_json::{json, Map, Value};
 
+#[path = "../../tests/common/fuzz_budget.rs"]
+mod fuzz_budget;
+
 fn budget() -> Duration {
-    let secs = std::env::var("EDGEPROXY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    Duration::from_secs(secs)
+    fuzz_budget::budget(10)
 }
 
 const NO_ENV: [(&str, &str); 0] = [];

@@ -24,12 +24,11 @@ use ipnet::IpNet;
 /// Seconds each target runs under `cargo test` (`EDGEPROXY_FUZZ_SECS`;
 /// 5 by default: these parsers are small and fast, 5 s is ~10⁴-10⁶
 /// inputs).
+#[path = "../../tests/common/fuzz_budget.rs"]
+mod fuzz_budget;
+
 fn budget() -> Duration {
-    let secs = std::env::var("EDGEPROXY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    Duration::from_secs(secs)
+    fuzz_budget::budget(5)
 }
 
 // ---------------------------------------------------------------------------

@@ -27,12 +27,11 @@ use control::replication::version::{RowKey, RowVersion, Stamp, Table, Version};
 use control::replication::wire::{self, Envelope, Msg, MAX_MESSAGE_BYTES, PROTOCOL};
 
 /// Seconds each bolero target runs under `cargo test`.
+#[path = "../../tests/common/fuzz_budget.rs"]
+mod fuzz_budget;
+
 fn budget() -> Duration {
-    let secs = std::env::var("EDGEPROXY_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    Duration::from_secs(secs)
+    fuzz_budget::budget(5)
 }
 
 // ---------------------------------------------------------------------------
