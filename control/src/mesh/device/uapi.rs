@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 
-use super::userspace::UapiError;
 use super::PeerStatus;
 use crate::mesh::keys::PublicKey;
 
@@ -103,6 +102,25 @@ fn hex_key(value: &str) -> Option<PublicKey> {
         *byte = u8::from_str_radix(text, 16).ok()?;
     }
     Some(PublicKey(key))
+}
+
+/// What went wrong talking to `wireguard-go` on its UAPI socket.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UapiError {
+    #[error("UAPI socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("wireguard-go did not answer on its UAPI socket within {0:?} (stopped or hung?)")]
+    Silent(Duration),
+    #[error("wireguard-go refused the request (errno={0})")]
+    Refused(String),
+    #[error("wireguard-go closed its UAPI socket before answering")]
+    Closed,
+    #[error("wireguard-go's answer passed {0} bytes without its errno line")]
+    TooLong(usize),
 }
 
 /// The peers of a `get=1` answer; `Refused` on a non-zero `errno`. A key

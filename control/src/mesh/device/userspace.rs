@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use defguard_wireguard_rs::{host::Host, key::Key};
 
+use super::uapi::UapiError;
 use super::{
     configure, defguard_peer, off_runtime, DeviceError, DeviceSettings, PeerSpec, PeerStatus,
 };
@@ -41,25 +42,6 @@ pub struct WireguardGo {
     socket: PathBuf,
     /// An exchange on the UAPI socket went unanswered.
     silent: Arc<AtomicBool>,
-}
-
-/// What went wrong talking to `wireguard-go` on its UAPI socket.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum UapiError {
-    #[error("UAPI socket {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("wireguard-go did not answer on its UAPI socket within {0:?} (stopped or hung?)")]
-    Silent(Duration),
-    #[error("wireguard-go refused the request (errno={0})")]
-    Refused(String),
-    #[error("wireguard-go closed its UAPI socket before answering")]
-    Closed,
-    #[error("wireguard-go's answer passed {0} bytes without its errno line")]
-    TooLong(usize),
 }
 
 /// Most an answer may hold. A peer takes about 300 bytes of a `get=1`
