@@ -1736,6 +1736,18 @@ fn a_bucket_listed_many_times_is_walked_once() {
     assert_eq!(replies, 1);
 }
 
+/// Heals the network and expects every node to see every other alive
+/// within 30 s (`context` names the case when not).
+fn heal_and_expect_everyone_alive(sim: &mut Sim, context: &str) {
+    sim.heal();
+    let healed = sim.elapsed();
+    assert!(
+        sim.run_until(healed + Duration::from_secs(30), Sim::everyone_alive),
+        "{context}: {:?}",
+        sim.not_alive()
+    );
+}
+
 /// Found by `fuzz_replication`'s random-fault simulations (seeds 101062,
 /// 102243, 102540 of 100000..105000): a cluster split in two halves for
 /// about as long as it takes to declare the other half down (8 to 11 s
@@ -1758,12 +1770,9 @@ fn a_split_healed_while_every_node_renews_itself_comes_back_together() {
         let mut sim = joined(cfg);
         sim.partition(|i| (i == 0 || i == 3) as u8);
         sim.run_for(Duration::from_millis(split_ms));
-        sim.heal();
-        let healed = sim.elapsed();
-        assert!(
-            sim.run_until(healed + Duration::from_secs(30), Sim::everyone_alive),
-            "{one_way} ms links, split {split_ms} ms: {:?}",
-            sim.not_alive()
+        heal_and_expect_everyone_alive(
+            &mut sim,
+            &format!("{one_way} ms links, split {split_ms} ms"),
         );
         // And each stops announcing itself once answered.
         for i in 0..4 {
@@ -1806,13 +1815,7 @@ fn a_pop_left_alone_knocks_on_the_members_it_knew() {
             .active_members()
             == 1)
     );
-    sim.heal();
-    let healed = sim.elapsed();
-    assert!(
-        sim.run_until(healed + Duration::from_secs(30), Sim::everyone_alive),
-        "{:?}",
-        sim.not_alive()
-    );
+    heal_and_expect_everyone_alive(&mut sim, "after the heal");
 }
 
 /// Found by `fuzz_replication`'s random-fault simulations (seed 7671): two
@@ -1837,11 +1840,5 @@ fn groups_formed_apart_merge_through_their_bootstrap_peers() {
     assert!(sim.run_until(sim.elapsed() + Duration::from_secs(10), |s| {
         s.nodes[0].active_members() == 1 && s.nodes[2].active_members() == 1
     }));
-    sim.heal();
-    let healed = sim.elapsed();
-    assert!(
-        sim.run_until(healed + Duration::from_secs(30), Sim::everyone_alive),
-        "{:?}",
-        sim.not_alive()
-    );
+    heal_and_expect_everyone_alive(&mut sim, "after the heal");
 }
