@@ -121,19 +121,11 @@ impl SharedReloader {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        if let Some(wake) = wake {
-            if wake.send(Message::Wake).is_ok() {
-                return;
-            }
-        }
-        self.0.reload_due.store(false, Ordering::Release);
-        if let Some(mut reloader) = self.try_lock() {
-            reloader.reload();
+        if wake.is_some_and(|wake| wake.send(Message::Wake).is_ok()) {
             return;
         }
-        self.0.reload_due.store(true, Ordering::Release);
-        // The holder may have let go between the try and the flag, and
-        // then nobody would look at it before the next tick: try once more.
+        // No tick thread: done here if the lock is free; a holder that lets
+        // go after this look leaves the flag to the thread's first tick.
         if let Some(mut reloader) = self.try_lock() {
             if self.0.reload_due.swap(false, Ordering::AcqRel) {
                 reloader.reload();
