@@ -204,10 +204,7 @@ fn a_full_pop_loses_no_row_says_so_and_heals_when_room_is_back() {
     assert!(c.metric(0, "edgeproxy_replication_store_write_failures_total") > 0.0);
 
     // Several exchanges (every 2 s with each of two members) go by.
-    let pid = c.pop(0).pid();
-    let cpu = process_cpu_secs(pid);
-    std::thread::sleep(Duration::from_secs(5));
-    let cpu = process_cpu_secs(pid) - cpu;
+    let cpu = cpu_secs_in_five_seconds(&c, 0);
     assert!(cpu < 1.0, "{cpu:.2} s of CPU in 5 s while the disk is full");
     let lines = c.pop(0).log_lines_after(mark, refused);
     assert_eq!(lines.len(), 1, "{lines:#?}");
@@ -376,10 +373,7 @@ fn a_pop_whose_disk_turns_read_only_keeps_routing_and_says_so() {
     assert!(common::eventually(PATIENCE, || {
         c.metric(0, "edgeproxy_replication_store_writable") == 0.0
     }));
-    let pid = c.pop(0).pid();
-    let cpu = process_cpu_secs(pid);
-    std::thread::sleep(Duration::from_secs(5));
-    let cpu = process_cpu_secs(pid) - cpu;
+    let cpu = cpu_secs_in_five_seconds(&c, 0);
     assert!(cpu < 1.0, "{cpu:.2} s of CPU in 5 s on a read-only disk");
     let lines = c.pop(0).log_lines_after(mark, refused);
     assert_eq!(lines.len(), 1, "{lines:#?}");
@@ -452,4 +446,12 @@ fn a_pop_whose_own_row_cannot_be_written_at_start_writes_it_once_it_can() {
         "written {:?} after the start",
         started.elapsed()
     );
+}
+
+/// CPU seconds POP `i` spends over the next five (several sync exchanges).
+fn cpu_secs_in_five_seconds(c: &Cluster, i: usize) -> f64 {
+    let pid = c.pop(i).pid();
+    let before = process_cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    process_cpu_secs(pid) - before
 }
