@@ -306,6 +306,21 @@ mod tests {
     /// A socket whose server takes each connection and answers `answer`
     /// (`None`: never answers, like a stopped `wireguard-go`).
     fn server(answer: Option<&'static str>) -> (PathBuf, std::thread::JoinHandle<()>) {
+        serving(move |mut conn| match answer {
+            Some(a) => {
+                for piece in a.as_bytes().chunks(7) {
+                    conn.write_all(piece).unwrap();
+                }
+            }
+            None => std::thread::sleep(Duration::from_millis(600)),
+        })
+    }
+
+    /// A socket whose server takes one connection, reads the request, then
+    /// does `respond` with it.
+    fn serving(
+        respond: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let path = std::env::temp_dir().join(format!(
             "edgeproxy-uapi-test-{}-{}.sock",
@@ -318,14 +333,7 @@ mod tests {
             let (mut conn, _) = listener.accept().unwrap();
             let mut request = [0u8; 64];
             let _ = conn.read(&mut request);
-            match answer {
-                Some(a) => {
-                    for piece in a.as_bytes().chunks(7) {
-                        conn.write_all(piece).unwrap();
-                    }
-                }
-                None => std::thread::sleep(Duration::from_millis(600)),
-            }
+            respond(conn);
         });
         (path, thread)
     }
@@ -353,16 +361,7 @@ mod tests {
     /// long before.
     #[test]
     fn an_answer_that_never_ends_is_cut_at_max_answer() {
-        let path = std::env::temp_dir().join(format!(
-            "edgeproxy-uapi-endless-{}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
-        let thread = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut request = [0u8; 64];
-            let _ = conn.read(&mut request);
+        let (path, thread) = serving(|mut conn| {
             let lines = "rx_bytes=1\n".repeat(400);
             while conn.write_all(lines.as_bytes()).is_ok() {}
         });
