@@ -202,6 +202,27 @@ fn open_asn(open: &OpenMessage) -> u32 {
         .unwrap_or(u32::from(open.my_as))
 }
 
+/// RFC 6608 §3: the FSM error subcode for a message that `event` brings
+/// in `state` (1 OpenSent, 2 OpenConfirm, 3 Established), so the router
+/// logs which message was out of place; 0 (unspecific) for anything else.
+fn fsm_error_subcode(state: SessionState, event: &Event) -> u8 {
+    let message = matches!(
+        event,
+        Event::OpenReceived(_)
+            | Event::KeepaliveReceived
+            | Event::UpdateReceived
+            | Event::RouteRefreshReceived { .. }
+            | Event::UpdateValidationError(_)
+    );
+    match state {
+        _ if !message => 0,
+        SessionState::OpenSent => 1,
+        SessionState::OpenConfirm => 2,
+        SessionState::Established => 3,
+        _ => 0,
+    }
+}
+
 fn notification_text(n: &NotificationMessage) -> String {
     let mut text = format!(
         "{} ({}/{})",
@@ -679,8 +700,15 @@ impl Session {
     }
 
     fn feed(&mut self, now: Instant, event: Event) {
+        let subcode = fsm_error_subcode(self.fsm.state(), &event);
         let actions = self.fsm.handle_event(event);
-        for action in actions {
+        for mut action in actions {
+            // rustbgpd-fsm sends every FSM error as 5/0, unspecific.
+            if let Action::SendNotification(n) = &mut action {
+                if n.code == NotificationCode::FsmError && n.subcode == 0 {
+                    n.subcode = subcode;
+                }
+            }
             self.apply(now, action);
         }
     }

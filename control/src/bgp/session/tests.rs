@@ -913,3 +913,49 @@ fn a_changed_ipv6_next_hop_is_announced_again_at_once() {
     );
     assert_eq!(s.link_ipv6(), Some("fd77::2".parse().unwrap()));
 }
+
+/// From the helpers' doubts: every FSM error went out as "Finite State
+/// Machine Error (5/0)", unspecific. RFC 6608 §3 names the state the
+/// unexpected message arrived in: 1 in OpenSent, 2 in OpenConfirm, 3 in
+/// Established, so the router's log says which message was out of place.
+#[test]
+fn an_unexpected_message_gets_the_fsm_error_subcode_of_its_state() {
+    let t0 = Instant::now();
+    let keepalive = raw_message(4, 19, &[]);
+    let update = raw_message(2, 23, &[0, 0, 0, 0]);
+    let router_open = || Peer::new().out.pop_front().unwrap();
+    let connected = || {
+        let mut s = Session::new(settings(), t0);
+        assert_eq!(s.poll_io(), Some(Io::Connect));
+        s.handle_connected(t0, "10.0.0.2:40000".parse().unwrap());
+        written(&mut s);
+        assert_eq!(s.state(), SessionState::OpenSent);
+        s
+    };
+    let open_sent = connected();
+    let mut open_confirm = connected();
+    open_confirm.handle_bytes(t0, &router_open());
+    written(&mut open_confirm);
+    assert_eq!(open_confirm.state(), SessionState::OpenConfirm);
+    let (mut established, _peer) = established(t0);
+    written(&mut established);
+    for (mut s, state, message, subcode) in [
+        (open_sent, "OpenSent", keepalive.clone(), 1),
+        (open_confirm, "OpenConfirm", update, 2),
+        (established, "Established", router_open().to_vec(), 3),
+    ] {
+        s.handle_bytes(t0, &message);
+        let (sent, closed) = written(&mut s);
+        let Some(Message::Notification(n)) = sent.last() else {
+            panic!("no NOTIFICATION in {state}: {sent:?}")
+        };
+        assert_eq!(
+            (n.code, n.subcode),
+            (NotificationCode::FsmError, subcode),
+            "{state}"
+        );
+        assert!(closed && s.state() == SessionState::Idle, "{state}");
+        let status = s.snapshot(t0).last_error.unwrap();
+        assert!(status.contains(&format!("in {state} State")), "{status}");
+    }
+}
