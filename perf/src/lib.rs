@@ -11,6 +11,7 @@ pub mod backends;
 pub mod byte_pace;
 pub mod cpu_cap;
 pub mod loadgen;
+pub mod netns;
 pub mod plot;
 pub mod pool;
 pub mod procfs;
@@ -101,6 +102,9 @@ pub struct Options {
     pub command: String,
     /// Print the report to stdout as well.
     pub print: bool,
+    /// Which network namespace the suite runs in ([`netns::Network`]'s
+    /// line), for the report.
+    pub network: String,
 }
 
 impl Options {
@@ -168,6 +172,7 @@ impl Options {
             out_dir: PathBuf::from("perf-report"),
             command: String::new(),
             print: true,
+            network: "network: the host's namespace (the suite's library, not its binary)".into(),
         }
     }
 }
@@ -421,6 +426,7 @@ fn run_in(
             "loadgen_cpus": opts.loadgen_cpus,
             "sources": opts.sources,
             "edgeproxy_bin": opts.edgeproxy_bin,
+            "network": opts.network,
         }),
         peers,
         variants,
@@ -430,6 +436,7 @@ fn run_in(
         notes: vec![
             "CPU figures are the proxy process's time on CPU (schedstat, all threads and children) per request / connection / GB".into(),
             "ratios are medians of this run divided by medians of the other target in the same run".into(),
+            opts.network.clone(),
         ],
     };
     std::fs::write(

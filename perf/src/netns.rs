@@ -1,0 +1,113 @@
+//! The suite's own network namespace, where the kernel's TIME_WAIT table
+//! is the same for every target.
+//!
+//! Why: a connection per request (scenarios c, o's flood, f's handshakes)
+//! leaves a TIME_WAIT socket per closed connection, up to the namespace's
+//! `tcp_max_tw_buckets` (131,072 on the project's VMs); past it the kernel
+//! creates none. A run that starts with room in that table pays for
+//! creating them, and its connects' SYNs meet them (each one found is
+//! killed on the spot); a run that starts with it full pays for neither.
+//! Which run starts with room depended on the runs before it: the first
+//! target of a connection scenario after the keep-alive ones, and whichever
+//! run came 60 s after a fill, when its sockets all expired at once. One
+//! target's run then cost 1–3 % more per connection than the same target's
+//! next run (measured 2026-12-06: README, "The TIME_WAIT table"), as much as
+//! the goals' margins. A busy proxy host that accepts more than 131,072
+//! connections a minute runs with the table full, so the suite takes that
+//! state for every run: in a namespace of its own, with
+//! `tcp_max_tw_buckets` 0, where no socket enters TIME_WAIT. The host's
+//! settings are untouched, and the namespace goes with the process.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Where the suite's sockets are.
+pub enum Network {
+    /// A namespace of its own: loopback up, no TIME_WAIT.
+    Own,
+    /// The host's, for the reason given.
+    Host(String),
+}
+
+impl Network {
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            Network::Own => "network: the suite's own network namespace (loopback), \
+                             tcp_max_tw_buckets 0: no run meets TIME_WAIT sockets \
+                             the runs before it left (README, \"The TIME_WAIT table\")"
+                .into(),
+            Network::Host(why) => format!(
+                "network: the host's namespace ({why}): a run's cost per connection \
+                 depends on how full the runs before it left the TIME_WAIT table"
+            ),
+        }
+    }
+}
+
+/// Moves this process into a new network namespace with its loopback up
+/// and no TIME_WAIT; when that cannot be done, stays in (or goes back to)
+/// the host's. An error only when it can do neither. Call before any
+/// thread starts: a namespace is per thread, and threads started later
+/// inherit their creator's.
+pub fn isolate() -> anyhow::Result<Network> {
+    let host = match std::fs::File::open("/proc/self/ns/net") {
+        Ok(f) => f,
+        Err(e) => return Ok(Network::Host(format!("cannot open /proc/self/ns/net: {e}"))),
+    };
+    // SAFETY: unshare with a flag only; the process is still one thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        return Ok(Network::Host(match e.raw_os_error() {
+            Some(libc::EPERM) => "a namespace of its own needs root".into(),
+            _ => format!("cannot make a network namespace: {e}"),
+        }));
+    }
+    let set_up = loopback_up()
+        .map_err(|e| format!("cannot bring loopback up: {e}"))
+        .and_then(|()| {
+            std::fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", "0")
+                .map_err(|e| format!("cannot set tcp_max_tw_buckets: {e}"))
+        });
+    let Err(why) = set_up else {
+        return Ok(Network::Own);
+    };
+    // SAFETY: setns to the namespace this thread was in, still open.
+    if unsafe { libc::setns(host.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // Nothing would reach anything here: better not to run at all.
+        anyhow::bail!(
+            "{why}; and cannot go back to the host's network namespace: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(Network::Host(why))
+}
+
+/// `ip link set lo up`, with the two ioctls it makes.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket for the ioctls, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; zeroed is its empty value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS / SIOCSIFFLAGS read and write `req`'s flags.
+    let result = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) != 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            match libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        }
+    };
+    // SAFETY: the socket opened above.
+    unsafe { libc::close(fd) };
+    result
+}
