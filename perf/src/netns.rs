@@ -16,10 +16,20 @@
 //! connections a minute runs with the table full, so the suite takes that
 //! state for every run: in a namespace of its own, with
 //! `tcp_max_tw_buckets` 0, where no socket enters TIME_WAIT. The host's
-//! settings are untouched, and the namespace goes with the process.
+//! settings are untouched, and the namespace goes with the process. The
+//! namespace also fixes the congestion control ([`CONGESTION_CONTROL`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
+
+/// The congestion control of every connection in the suite's namespace,
+/// whatever the host's default. Why: the VMs here default to BBR, whose
+/// pacing on loopback held every proxy's bulk flows to 1.5–2 GB/s and,
+/// now and then, reordered a flow's segments across the two CPUs' backlogs
+/// until spurious retransmissions cut one run of one target to 100 MB/s
+/// (README, "Congestion control on loopback"). CUBIC, the kernel's
+/// default, paces nothing: the proxies' own costs decide the figures.
+pub const CONGESTION_CONTROL: &str = "cubic";
 
 /// Where the suite's sockets are.
 pub enum Network {
@@ -33,10 +43,12 @@ impl Network {
     /// One line for the report.
     pub fn describe(&self) -> String {
         match self {
-            Network::Own => "network: the suite's own network namespace (loopback), \
-                             tcp_max_tw_buckets 0: no run meets TIME_WAIT sockets \
-                             the runs before it left (README, \"The TIME_WAIT table\")"
-                .into(),
+            Network::Own => format!(
+                "network: the suite's own network namespace (loopback), \
+                 tcp_max_tw_buckets 0: no run meets TIME_WAIT sockets the runs \
+                 before it left (README, \"The TIME_WAIT table\"); congestion \
+                 control {CONGESTION_CONTROL} (README, \"Congestion control on loopback\")"
+            ),
             Network::Host(why) => format!(
                 "network: the host's namespace ({why}): a run's cost per connection \
                  depends on how full the runs before it left the TIME_WAIT table"
@@ -63,12 +75,14 @@ pub fn isolate() -> anyhow::Result<Network> {
             _ => format!("cannot make a network namespace: {e}"),
         }));
     }
+    let sysctl = |name: &str, value: &str| {
+        std::fs::write(format!("/proc/sys/net/ipv4/{name}"), value)
+            .map_err(|e| format!("cannot set {name}: {e}"))
+    };
     let set_up = loopback_up()
         .map_err(|e| format!("cannot bring loopback up: {e}"))
-        .and_then(|()| {
-            std::fs::write("/proc/sys/net/ipv4/tcp_max_tw_buckets", "0")
-                .map_err(|e| format!("cannot set tcp_max_tw_buckets: {e}"))
-        });
+        .and_then(|()| sysctl("tcp_max_tw_buckets", "0"))
+        .and_then(|()| sysctl("tcp_congestion_control", CONGESTION_CONTROL));
     let Err(why) = set_up else {
         return Ok(Network::Own);
     };
