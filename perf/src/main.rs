@@ -98,10 +98,11 @@ struct Args {
     /// Output directory (report.json, report.txt, *.svg).
     #[arg(long, default_value = "perf-report")]
     out: PathBuf,
-    /// Run in the host's network namespace, with its TIME_WAIT table,
-    /// instead of one of the suite's own where no socket enters TIME_WAIT
-    /// (README, "The TIME_WAIT table"). Without root the suite runs in the
-    /// host's anyway, and its report says so.
+    /// Run in the host's network namespace, with its TIME_WAIT table and
+    /// congestion control, instead of one of the suite's own where no
+    /// socket enters TIME_WAIT and every connection uses CUBIC (README,
+    /// "The TIME_WAIT table", "Congestion control on loopback"). Without
+    /// root the suite runs in the host's anyway, and its report says so.
     #[arg(long)]
     host_network: bool,
 }

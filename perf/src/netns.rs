@@ -1,5 +1,5 @@
 //! The suite's own network namespace, where the kernel's TIME_WAIT table
-//! is the same for every target.
+//! and the congestion control are the same for every target.
 //!
 //! Why: a connection per request (scenarios c, o's flood, f's handshakes)
 //! leaves a TIME_WAIT socket per closed connection, up to the namespace's
@@ -33,7 +33,7 @@ pub const CONGESTION_CONTROL: &str = "cubic";
 
 /// Where the suite's sockets are.
 pub enum Network {
-    /// A namespace of its own: loopback up, no TIME_WAIT.
+    /// A namespace of its own: loopback up, no TIME_WAIT, CUBIC.
     Own,
     /// The host's, for the reason given.
     Host(String),
@@ -51,14 +51,15 @@ impl Network {
             ),
             Network::Host(why) => format!(
                 "network: the host's namespace ({why}): a run's cost per connection \
-                 depends on how full the runs before it left the TIME_WAIT table"
+                 depends on how full the runs before it left the TIME_WAIT table, \
+                 and connections use the host's congestion control"
             ),
         }
     }
 }
 
-/// Moves this process into a new network namespace with its loopback up
-/// and no TIME_WAIT; when that cannot be done, stays in (or goes back to)
+/// Moves this process into a new network namespace with its loopback up,
+/// no TIME_WAIT and [`CONGESTION_CONTROL`]; when that cannot be done, stays in (or goes back to)
 /// the host's. An error only when it can do neither. Call before any
 /// thread starts: a namespace is per thread, and threads started later
 /// inherit their creator's.
