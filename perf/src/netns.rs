@@ -8,7 +8,7 @@
 //! creating them, and its connects' SYNs meet them (each one found is
 //! killed on the spot); a run that starts with it full pays for neither.
 //! Which run starts with room depended on the runs before it: the first
-//! target of a connection scenario after the keep-alive ones, and whichever
+//! target of a connection scenario after the keep-alive ones, and (inferred) whichever
 //! run came 60 s after a fill, when its sockets all expired at once. One
 //! target's run then cost 1–3 % more per connection than the same target's
 //! next run (measured 2026-12-06: README, "The TIME_WAIT table"), as much as
