@@ -131,6 +131,19 @@ fn any_bytes_as_a_transport_frame() {
         .for_each(|bytes: &[u8]| frame_contract(bytes, MAX_MESSAGE_BYTES));
 }
 
+/// Damages well-formed `bytes` (never empty): overwrites the bytes at
+/// `edits` (positions wrap around), cuts them short at `cut`, appends `tail`.
+fn damage(bytes: &mut Vec<u8>, edits: &[(u16, u8)], cut: Option<u16>, tail: &[u8]) {
+    let len = bytes.len();
+    for (at, byte) in edits {
+        bytes[*at as usize % len] = *byte;
+    }
+    if let Some(cut) = cut {
+        bytes.truncate(cut as usize);
+    }
+    bytes.extend_from_slice(tail);
+}
+
 /// Frames that start right: a zstd frame header, or an encoded envelope,
 /// then damaged (bytes overwritten, cut short, trailing bytes).
 #[derive(Debug, TypeGenerator)]
@@ -165,14 +178,7 @@ fn damaged_frames_and_messages() {
                 frame::decode(bytes.clone(), MAX_MESSAGE_BYTES).unwrap(),
                 message
             );
-            let len = bytes.len();
-            for (at, byte) in &case.edits {
-                bytes[*at as usize % len] = *byte;
-            }
-            if let Some(cut) = case.cut {
-                bytes.truncate(cut as usize);
-            }
-            bytes.extend_from_slice(&case.tail);
+            damage(&mut bytes, &case.edits, case.cut, &case.tail);
             frame_contract(&bytes, (case.limit as usize) % (MAX_MESSAGE_BYTES + 1));
             // The damaged bytes as an unframed message (older peers).
             message_contract(&bytes);
@@ -244,14 +250,7 @@ fn sealed_datagrams_open_once_and_only_whole() {
             let kind = if d.kind { Kind::Swim } else { Kind::Refusal };
             let whole = sender.seal(kind, &d.payload, sent_ms);
             let mut bytes = whole.clone();
-            let len = bytes.len();
-            for (at, byte) in &d.edits {
-                bytes[*at as usize % len] = *byte;
-            }
-            if let Some(cut) = d.cut {
-                bytes.truncate(cut as usize);
-            }
-            bytes.extend_from_slice(&d.tail);
+            damage(&mut bytes, &d.edits, d.cut, &d.tail);
             let first = receiver.open(&bytes, NOW);
             let second = receiver.open(&bytes, NOW);
             let same_key = !d.secure || d.sender_key % 2 == 0;
