@@ -268,7 +268,8 @@ async fn accept_multishot_loop(listener: Rc<TcpListener>, back: SocketAddr, mult
 /// dropped and both sockets close, as edgeproxy's `conn` does (`try_join`).
 /// Waiting for the other direction after a failure left a connection whose
 /// client had reset while no request was in flight waiting on its idle
-/// backend for good (seen: 13 backend connections still open after (a)).
+/// backend for good (seen in run 29: 13 backend connections still open
+/// after (a) and (b)).
 async fn serve(client: TcpStream, back: SocketAddr, multishot: bool) -> io::Result<()> {
     let backend = connect(back).await?;
     if multishot {
