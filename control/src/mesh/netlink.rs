@@ -13,6 +13,11 @@
 //!   next backend instead of waiting for a connect timeout, and 6PN traffic
 //!   never leaks to a default route.
 //!
+//! Every route the mesh adds carries edgeproxy's own route protocol,
+//! [`ROUTE_PROTOCOL`] (`ip -6 route` shows `proto 237`): that is how a
+//! start tells a route a previous run left (`leftover`) from an
+//! operator's, which it never touches.
+//!
 //! Reads and changes are separate calls; deciding what to change is
 //! `plan`'s job.
 
@@ -22,8 +27,36 @@ use futures_util::TryStreamExt;
 use ipnet::Ipv6Net;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// The route protocol (`rtm_protocol`) of every route the mesh adds: 237
+/// (0xED, for EDgeproxy). The kernel interprets only 0–4 (`RTPROT_STATIC`
+/// and below) and leaves the rest to routing daemons, asking them not to
+/// collide (`include/uapi/linux/rtnetlink.h`). 237 is in none of the lists
+/// a host names protocols from: the kernel's own (up to 192, EIGRP),
+/// iproute2's `/etc/iproute2/rt_protos`, FRR's `rt_protos.d/frr.conf`
+/// (186–198); nor is it one that other software we know of uses (Calico's
+/// 80, OVN's 84). `ip route add` without `proto` says `boot` (3), and
+/// before 2026-12-06 the mesh's routes were `static` (4), like any
+/// operator's `proto static`: a start could not tell a route a previous run
+/// left from one the operator added.
+pub const ROUTE_PROTOCOL: u8 = 237;
+
+/// [`ROUTE_PROTOCOL`] as the netlink crates spell it.
+fn edgeproxy_protocol() -> RouteProtocol {
+    RouteProtocol::Other(ROUTE_PROTOCOL)
+}
+
+/// An IPv6 `unreachable` route in the main table, as listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnreachableRoute {
+    pub net: Ipv6Net,
+    /// Its `rtm_protocol` ([`ROUTE_PROTOCOL`] when the mesh added it).
+    pub protocol: u8,
+}
 
 /// A netlink call failed.
 #[derive(Debug, thiserror::Error)]
@@ -202,9 +235,7 @@ impl Netlink {
             .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
             .execute();
         while let Some(r) = routes.try_next().await.map_err(call("list routes"))? {
-            if r.header.table != rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN
-                || r.header.kind != RouteType::Unicast
-            {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
                 continue;
             }
             let oif = r.attributes.iter().find_map(|a| match a {
@@ -224,6 +255,30 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every IPv6 `unreachable` route in the main table, with its protocol.
+    pub async fn unreachable_routes(&self) -> Result<Vec<UnreachableRoute>, NetlinkError> {
+        let mut out = Vec::new();
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+            .execute();
+        while let Some(r) = routes.try_next().await.map_err(call("list routes"))? {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN
+                || r.header.kind != RouteType::Unreachable
+            {
+                continue;
+            }
+            if let Some(net) = destination(&r) {
+                out.push(UnreachableRoute {
+                    net,
+                    protocol: u8::from(r.header.protocol),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// `dest` through the interface, preferred source `src`.
     pub async fn add_route(
         &self,
@@ -235,6 +290,7 @@ impl Netlink {
             .destination_prefix(dest.network(), dest.prefix_len())
             .output_interface(index)
             .pref_source(src)
+            .protocol(edgeproxy_protocol())
             .build();
         match self.handle.route().add(msg).replace().execute().await {
             Err(e) if errno_is(&e, libc::EEXIST) => Ok(()),
@@ -242,10 +298,15 @@ impl Netlink {
         }
     }
 
+    /// Removes the route to `dest` through the interface, whatever its
+    /// protocol (an older edgeproxy added them as `static`).
     pub async fn del_route(&self, index: u32, dest: Ipv6Net) -> Result<(), NetlinkError> {
         let msg = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(dest.network(), dest.prefix_len())
             .output_interface(index)
+            // Unspecified matches any (the builder says `static`, which the
+            // kernel would match against the route's protocol).
+            .protocol(RouteProtocol::Unspec)
             .build();
         match self.handle.route().del(msg).execute().await {
             Err(e) if errno_is(&e, libc::ESRCH) => Ok(()),
@@ -258,6 +319,7 @@ impl Netlink {
         let msg = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(net.network(), net.prefix_len())
             .kind(RouteType::Unreachable)
+            .protocol(edgeproxy_protocol())
             .build();
         self.handle
             .route()
@@ -268,10 +330,13 @@ impl Netlink {
             .map_err(call(format!("add unreachable {net}")))
     }
 
+    /// Removes edgeproxy's `unreachable <net>`; never one with another
+    /// protocol (an operator's), which the kernel does not match.
     pub async fn del_unreachable(&self, net: Ipv6Net) -> Result<(), NetlinkError> {
         let msg = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(net.network(), net.prefix_len())
             .kind(RouteType::Unreachable)
+            .protocol(edgeproxy_protocol())
             .build();
         match self.handle.route().del(msg).execute().await {
             Err(e) if errno_is(&e, libc::ESRCH) => Ok(()),
