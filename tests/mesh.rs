@@ -78,6 +78,8 @@ struct Mesh {
     ifaces: Vec<String>,
     /// Extra `[mesh]` lines per POP.
     mesh_extra: Vec<String>,
+    /// `[mesh] enabled` per POP (true unless a test turns it off).
+    mesh_enabled: Vec<bool>,
 }
 
 impl Mesh {
@@ -98,6 +100,7 @@ impl Mesh {
             n_pops: pops,
             ifaces: (0..pops).map(|i| format!("{run}i{i}")).collect(),
             mesh_extra: vec![String::new(); pops],
+            mesh_enabled: vec![true; pops],
         }
     }
 
@@ -177,7 +180,7 @@ transport_addr = "{ip}:4002"
 bootstrap_peers = [{boot}]
 secret = "{SECRET}"
 [mesh]
-enabled = true
+enabled = {enabled}
 interface = "{iface}"
 private_key_file = "{key}"
 {extra}
@@ -189,6 +192,7 @@ private_key_file = "{key}"
             iface = self.ifaces[i],
             key = self.key_path(i).display(),
             extra = self.mesh_extra[i],
+            enabled = self.mesh_enabled[i],
         )
     }
 
@@ -199,8 +203,7 @@ private_key_file = "{key}"
     /// POP `i` started through `wrapper` (which execs the binary: the
     /// child is edgeproxy itself).
     fn launch_wrapped(&mut self, i: usize, wrapper: &[&str]) {
-        let path = self.dir.join(&format!("pop-{i}.toml"));
-        std::fs::write(&path, self.config(i)).unwrap();
+        let path = self.write_config(i);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.net.hosts[i].ns])
             .args(wrapper)
@@ -212,6 +215,14 @@ private_key_file = "{key}"
             Some("info"),
         );
         self.pops[i] = Some(proxy.ready());
+    }
+
+    /// Writes POP `i`'s config file as it stands (a running POP reads it
+    /// again at a binary upgrade); its path.
+    fn write_config(&self, i: usize) -> PathBuf {
+        let path = self.dir.join(&format!("pop-{i}.toml"));
+        std::fs::write(&path, self.config(i)).unwrap();
+        path
     }
 
     fn pop(&self, i: usize) -> &Proxy {
@@ -451,6 +462,20 @@ private_key_file = "{key}"
             s.read_to_string(&mut out).unwrap();
             out
         })
+    }
+
+    /// `ip -6 route <args>` in host `i`'s namespace (must succeed).
+    fn ip6_route(&self, i: usize, args: &[&str]) -> String {
+        let mut all = vec!["ip", "-n", &self.net.hosts[i].ns, "-6", "route"];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+
+    /// `ip -6 route show type unreachable <filter>` in host `i`'s namespace.
+    fn unreachable_routes(&self, i: usize, filter: &[&str]) -> String {
+        let mut args = vec!["show", "type", "unreachable"];
+        args.extend_from_slice(filter);
+        self.ip6_route(i, &args)
     }
 
     fn ifindex(&self, i: usize) -> String {
@@ -2032,4 +2057,194 @@ fn upgraded_pop_keeps_its_mesh(implementation: &str) {
     assert!(probed, "{}", m.mesh_status(0));
     let log1 = m.pop(1).log_lines()[mark1..].join("\n");
     assert!(!log1.contains("path to the peer is down"), "{log1}");
+}
+
+/// The route protocol edgeproxy's mesh gives its routes
+/// (`control/src/mesh/netlink.rs`, `ROUTE_PROTOCOL`).
+const EDGEPROXY_PROTO: &str = "237";
+/// An operator's own unreachable routes, added with `ip`'s defaults
+/// (`proto boot`) and with `proto static`: a start never removes them.
+const OPERATOR_BOOT: &str = "fd00:dead:beef::/48";
+const OPERATOR_STATIC: &str = "fd00:dead:cafe::/48";
+
+/// Adds the operator's two routes in host `i`.
+fn add_operator_routes(m: &Mesh, i: usize) {
+    m.ip6_route(i, &["add", "unreachable", OPERATOR_BOOT]);
+    m.ip6_route(
+        i,
+        &["add", "unreachable", OPERATOR_STATIC, "proto", "static"],
+    );
+}
+
+/// Both of the operator's routes are still there in host `i`.
+fn assert_operator_routes_kept(m: &Mesh, i: usize) {
+    let all = m.unreachable_routes(i, &[]);
+    assert!(
+        all.contains(OPERATOR_BOOT) && all.contains(OPERATOR_STATIC),
+        "an operator's unreachable route was removed: {all}"
+    );
+}
+
+/// Regression: the `unreachable <cluster /48>` route outlived a POP killed
+/// with SIGKILL, and when the POP started again with the mesh off nothing
+/// removed it: every 6PN address failed with "No route to host" on that
+/// host, and nothing said why.
+#[test]
+fn a_killed_pops_unreachable_route_is_removed_when_it_starts_again_with_the_mesh_off() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(1, 1);
+    add_operator_routes(&m, 0);
+    m.launch(0);
+    let cluster = m.mesh_status(0)["cluster_prefix"]
+        .as_str()
+        .expect("mesh status has the cluster prefix")
+        .to_string();
+    // Marked as edgeproxy's, so that it can be told from an operator's.
+    let ours = m.unreachable_routes(0, &["proto", EDGEPROXY_PROTO]);
+    assert!(
+        ours.contains(&cluster),
+        "no unreachable {cluster} route with protocol {EDGEPROXY_PROTO}: {}",
+        m.unreachable_routes(0, &[])
+    );
+    m.kill(0);
+    assert!(
+        m.unreachable_routes(0, &[]).contains(&cluster),
+        "the killed POP's route went with it: this test would prove nothing"
+    );
+    m.mesh_enabled[0] = false;
+    m.launch(0);
+    // Removed before the POP says it is ready.
+    let left = m.unreachable_routes(0, &[]);
+    assert!(
+        !left.contains(&cluster),
+        "the unreachable route a killed POP left is still there with the mesh off: {left}\nlog:\n{}",
+        m.pop(0).log_text()
+    );
+    assert_operator_routes_kept(&m, 0);
+    let said =
+        format!("mesh: removed the unreachable {cluster} route a previous run left (mesh is off)");
+    assert!(
+        m.pop(0).wait_for_log(&said, Duration::ZERO).is_some(),
+        "no {said:?} line:\n{}",
+        m.pop(0).log_text()
+    );
+}
+
+/// An edgeproxy route for a cluster /48 this POP no longer uses (the
+/// prefix changed in the config) is stale too; the current one stays.
+#[test]
+fn a_pop_removes_its_own_unreachable_route_for_a_cluster_prefix_it_no_longer_uses() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(1, 1);
+    const OLD: &str = "fd00:0:1::/48";
+    // As a run with `mesh.prefix = "fd00:0:1::/48"`, killed, left it.
+    m.ip6_route(0, &["add", "unreachable", OLD, "proto", EDGEPROXY_PROTO]);
+    add_operator_routes(&m, 0);
+    m.launch(0);
+    let cluster = m.mesh_status(0)["cluster_prefix"]
+        .as_str()
+        .expect("mesh status has the cluster prefix")
+        .to_string();
+    assert_ne!(cluster, OLD);
+    let ours = m.unreachable_routes(0, &["proto", EDGEPROXY_PROTO]);
+    assert!(ours.contains(&cluster), "{ours}");
+    assert!(
+        !ours.contains(OLD),
+        "the route for the old prefix is still there: {ours}\nlog:\n{}",
+        m.pop(0).log_text()
+    );
+    assert_operator_routes_kept(&m, 0);
+    let said = format!(
+        "mesh: removed the unreachable {OLD} route a previous run left (the cluster's 6PN prefix is now {cluster})"
+    );
+    assert!(
+        m.pop(0).wait_for_log(&said, Duration::ZERO).is_some(),
+        "no {said:?} line:\n{}",
+        m.pop(0).log_text()
+    );
+}
+
+/// Regression: a binary upgrade's old process leaves its unreachable route
+/// for the new one (which normally adds the same); a new one with the mesh
+/// off left it for good. It removes it, but only once the old process has
+/// stopped its mesh.
+#[test]
+fn a_pop_upgraded_with_the_mesh_off_removes_the_route_once_the_old_process_released_its_mesh() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(1, 1);
+    add_operator_routes(&m, 0);
+    m.launch(0);
+    let cluster = m.mesh_status(0)["cluster_prefix"]
+        .as_str()
+        .expect("mesh status has the cluster prefix")
+        .to_string();
+    let old = m.pop(0).pid();
+    let mark = m.pop(0).log_mark();
+    m.mesh_enabled[0] = false;
+    m.write_config(0);
+    m.pop(0).signal(12); // SIGUSR2
+    let new: u32 = m
+        .pop(0)
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .and_then(|l| common::field(&l, "pid")?.parse().ok())
+        .unwrap_or_else(|| panic!("no successor; log:\n{}", m.pop(0).log_text()));
+    let _successor = common::KillOnDrop(new);
+    assert_ne!(new, old);
+    let said =
+        format!("mesh: removed the unreachable {cluster} route a previous run left (mesh is off)");
+    assert!(
+        m.pop(0).wait_for_log_after(mark, &said, PATIENCE).is_some(),
+        "no {said:?} line:\n{}",
+        m.pop(0).log_text()
+    );
+    // Not while the old process still ran its mesh: it says it stopped
+    // its WireGuard before it tells the new one.
+    let lines = m.pop(0).log_lines()[mark..].to_vec();
+    let released = lines
+        .iter()
+        .position(|l| l.contains("mesh: WireGuard stopped here"));
+    let removed = lines.iter().position(|l| l.contains(&said));
+    assert!(
+        released.is_some() && released < removed,
+        "the route was removed before the old process released its mesh:\n{}",
+        lines.join("\n")
+    );
+    let left = m.unreachable_routes(0, &[]);
+    assert!(!left.contains(&cluster), "{left}");
+    assert_operator_routes_kept(&m, 0);
+}
+
+/// Without `CAP_NET_ADMIN` a route a previous run left cannot be removed:
+/// that is said at WARN with the command that removes it, and the POP
+/// starts all the same.
+#[test]
+fn without_cap_net_admin_a_leftover_route_is_said_and_the_pop_starts_anyway() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(1, 1);
+    const LEFT: &str = "fd00:0:2::/48";
+    m.ip6_route(0, &["add", "unreachable", LEFT, "proto", EDGEPROXY_PROTO]);
+    m.mesh_enabled[0] = false;
+    // Root without CAP_NET_ADMIN (setpriv execs the binary).
+    m.launch_wrapped(
+        0,
+        &[
+            "setpriv",
+            "--bounding-set",
+            "-net_admin",
+            "--inh-caps",
+            "-net_admin",
+        ],
+    );
+    let said = format!(
+        "mesh: cannot remove the unreachable {LEFT} route a previous run left (mesh is off)"
+    );
+    let line = m.pop(0).wait_for_log(&said, Duration::ZERO);
+    let line = line.unwrap_or_else(|| panic!("no {said:?} line:\n{}", m.pop(0).log_text()));
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(
+        line.contains(&format!("ip -6 route del unreachable {LEFT} proto 237")),
+        "{line}"
+    );
+    let left = m.unreachable_routes(0, &["proto", EDGEPROXY_PROTO]);
+    assert!(left.contains(LEFT), "{left}");
 }

@@ -145,7 +145,12 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     };
     // The mesh interface is up (or the start fails) before this POP's row
     // tells the other POPs to peer with it.
+    let mesh_cluster = mesh.as_ref().map(|m| m.six_pn().cluster.net());
     let mut mesh = mesh.map(|m| m.start(snapshot.clone())).transpose()?;
+    // The unreachable route a previous run left (killed, or the predecessor
+    // of a binary upgrade) when this run's mesh is off or on another /48:
+    // now, or for a successor once its predecessor stopped its mesh.
+    crate::mesh::leftover::sweep_at_start(&runtime, mesh_cluster);
     // The data plane starts before replication: steering judges its
     // listeners, and this POP's row must carry that verdict before it first
     // replicates. (A successor of a binary upgrade starts replication only
@@ -350,6 +355,9 @@ pub fn run(config_path: Option<PathBuf>) -> anyhow::Result<()> {
             crate::sd_notify::main_pid(successor.pid);
             // The mesh first: 6PN traffic stops from this process's WireGuard
             // stopping to the successor's starting on the same TUN device.
+            // (`Mesh` before `BgpDone` always: a successor with the mesh off
+            // reads `BgpDone` without it as "no mesh ran there", see
+            // `upgrade::inherit::await_no_mesh`.)
             if let Some(m) = mesh.take() {
                 m.release(Duration::from_secs(5));
                 successor.release_mesh();

@@ -18,7 +18,8 @@
 //!   choosing between them);
 //! - I/O: [`device`] (embedded gotatun, `wireguard-go`, the kernel module),
 //!   [`netlink`] (link, addresses, routes), [`pinger`] and [`prober`] (the
-//!   path probes' socket and task), [`driver`] (the `mesh` thread);
+//!   path probes' socket and task), [`driver`] (the `mesh` thread),
+//!   [`leftover`] (at start, unreachable routes a previous run left);
 //! - views: [`status`], [`metrics`], [`cli`].
 
 pub mod addressing;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod device;
 pub mod driver;
 pub mod keys;
+pub mod leftover;
 pub mod metrics;
 pub mod netlink;
 pub mod path_watch;

@@ -431,15 +431,41 @@ pub fn await_mesh(patience: Duration) -> Result<MeshHandOff, String> {
         if after.mesh {
             return Some(Ok(MeshHandOff::Released));
         }
-        if !after.listening {
-            return (!AWAITING_REPORT.load(Ordering::Relaxed)).then_some(Ok(MeshHandOff::Gone));
-        }
-        match (after.closed, &after.error) {
-            (true, None) => Some(Ok(MeshHandOff::Gone)),
-            (true, Some(e)) => Some(Err(e.clone())),
-            _ => None,
-        }
+        mesh_gone(after)
     })?
+}
+
+/// For a successor that needs nothing from its predecessor's mesh but its
+/// absence (`crate::mesh::leftover`: removing a route the predecessor may
+/// still use): waits up to `patience` until the predecessor runs no mesh.
+/// `Released`: it stopped it. `Gone`: it exited or closed the channel, or
+/// it said `BgpDone` without a word about a mesh first — it always says
+/// `Mesh` before `BgpDone` when it runs one (`app::run`), so it ran none.
+/// Needs [`expect_mesh_hand_off`] before [`report_ready`]. Blocking (run
+/// it on a blocking thread). `Err`: no word within `patience`.
+pub fn await_no_mesh(patience: Duration) -> Result<MeshHandOff, String> {
+    wait_after_ready(patience, |after| {
+        if after.mesh {
+            return Some(Ok(MeshHandOff::Released));
+        }
+        if after.bgp_done {
+            return Some(Ok(MeshHandOff::Gone));
+        }
+        mesh_gone(after)
+    })?
+}
+
+/// The predecessor will not say `Mesh` any more: it was never asked to
+/// listen for it, or the channel closed (with the error, if it broke).
+fn mesh_gone(after: &AfterReady) -> Option<Result<MeshHandOff, String>> {
+    if !after.listening {
+        return (!AWAITING_REPORT.load(Ordering::Relaxed)).then_some(Ok(MeshHandOff::Gone));
+    }
+    match (after.closed, &after.error) {
+        (true, None) => Some(Ok(MeshHandOff::Gone)),
+        (true, Some(e)) => Some(Err(e.clone())),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
