@@ -279,6 +279,23 @@ private_key_file = "{key}"
         self.api(i, "GET", "/api/v1/mesh", None).1
     }
 
+    /// The cluster /48 POP `i`'s mesh uses, as its status says.
+    fn cluster_prefix(&self, i: usize) -> String {
+        self.mesh_status(i)["cluster_prefix"]
+            .as_str()
+            .expect("mesh status has the cluster prefix")
+            .to_string()
+    }
+
+    /// POP `i` has logged `said` (already: no waiting).
+    fn assert_said(&self, i: usize, said: &str) {
+        assert!(
+            self.pop(i).wait_for_log(said, Duration::ZERO).is_some(),
+            "no {said:?} line:\n{}",
+            self.pop(i).log_text()
+        );
+    }
+
     /// `wg show <if> dump` inside POP `i`'s namespace: public key → peer.
     fn wg_peers(&self, i: usize) -> BTreeMap<String, WgPeer> {
         self.try_wg_peers(i).unwrap_or_else(|e| panic!("{e}"))
@@ -1955,10 +1972,7 @@ fn stream_until(
 fn upgraded_pop_keeps_its_mesh(implementation: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let (mut m, to, _b) = two_pops_reaching_a_backend_on_pop_1(implementation, 7800, "one");
-    let cluster = m.mesh_status(0)["cluster_prefix"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster = m.cluster_prefix(0);
     let old = m.pop(0).pid();
     let mark = m.pop(0).log_mark();
     let mark1 = m.pop(1).log_mark();
@@ -2095,10 +2109,7 @@ fn a_killed_pops_unreachable_route_is_removed_when_it_starts_again_with_the_mesh
     let mut m = Mesh::hosts(1, 1);
     add_operator_routes(&m, 0);
     m.launch(0);
-    let cluster = m.mesh_status(0)["cluster_prefix"]
-        .as_str()
-        .expect("mesh status has the cluster prefix")
-        .to_string();
+    let cluster = m.cluster_prefix(0);
     // Marked as edgeproxy's, so that it can be told from an operator's.
     let ours = m.unreachable_routes(0, &["proto", EDGEPROXY_PROTO]);
     assert!(
@@ -2123,11 +2134,7 @@ fn a_killed_pops_unreachable_route_is_removed_when_it_starts_again_with_the_mesh
     assert_operator_routes_kept(&m, 0);
     let said =
         format!("mesh: removed the unreachable {cluster} route a previous run left (mesh is off)");
-    assert!(
-        m.pop(0).wait_for_log(&said, Duration::ZERO).is_some(),
-        "no {said:?} line:\n{}",
-        m.pop(0).log_text()
-    );
+    m.assert_said(0, &said);
 }
 
 /// An edgeproxy route for a cluster /48 this POP no longer uses (the
@@ -2141,10 +2148,7 @@ fn a_pop_removes_its_own_unreachable_route_for_a_cluster_prefix_it_no_longer_use
     m.ip6_route(0, &["add", "unreachable", OLD, "proto", EDGEPROXY_PROTO]);
     add_operator_routes(&m, 0);
     m.launch(0);
-    let cluster = m.mesh_status(0)["cluster_prefix"]
-        .as_str()
-        .expect("mesh status has the cluster prefix")
-        .to_string();
+    let cluster = m.cluster_prefix(0);
     assert_ne!(cluster, OLD);
     let ours = m.unreachable_routes(0, &["proto", EDGEPROXY_PROTO]);
     assert!(ours.contains(&cluster), "{ours}");
@@ -2157,11 +2161,7 @@ fn a_pop_removes_its_own_unreachable_route_for_a_cluster_prefix_it_no_longer_use
     let said = format!(
         "mesh: removed the unreachable {OLD} route a previous run left (the cluster's 6PN prefix is now {cluster})"
     );
-    assert!(
-        m.pop(0).wait_for_log(&said, Duration::ZERO).is_some(),
-        "no {said:?} line:\n{}",
-        m.pop(0).log_text()
-    );
+    m.assert_said(0, &said);
 }
 
 /// Regression: a binary upgrade's old process leaves its unreachable route
@@ -2174,10 +2174,7 @@ fn a_pop_upgraded_with_the_mesh_off_removes_the_route_once_the_old_process_relea
     let mut m = Mesh::hosts(1, 1);
     add_operator_routes(&m, 0);
     m.launch(0);
-    let cluster = m.mesh_status(0)["cluster_prefix"]
-        .as_str()
-        .expect("mesh status has the cluster prefix")
-        .to_string();
+    let cluster = m.cluster_prefix(0);
     let old = m.pop(0).pid();
     let mark = m.pop(0).log_mark();
     m.mesh_enabled[0] = false;

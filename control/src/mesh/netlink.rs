@@ -228,35 +228,39 @@ impl Netlink {
         index: u32,
         cluster: Ipv6Net,
     ) -> Result<Vec<Ipv6Net>, NetlinkError> {
-        let mut out = Vec::new();
-        let mut routes = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
-            .execute();
-        while let Some(r) = routes.try_next().await.map_err(call("list routes"))? {
-            if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
-                continue;
-            }
-            let oif = r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            });
-            if oif != Some(index) {
-                continue;
-            }
-            if let Some(net) = destination(&r) {
-                if net.prefix_len() == 64 && cluster.contains(&net) {
-                    out.push(net);
-                }
-            }
-        }
+        let mut out = self
+            .main_table_routes(RouteType::Unicast, |r| {
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                let net = destination(r).filter(|_| oif == Some(index))?;
+                (net.prefix_len() == 64 && cluster.contains(&net)).then_some(net)
+            })
+            .await?;
         out.sort();
         Ok(out)
     }
 
     /// Every IPv6 `unreachable` route in the main table, with its protocol.
     pub async fn unreachable_routes(&self) -> Result<Vec<UnreachableRoute>, NetlinkError> {
+        self.main_table_routes(RouteType::Unreachable, |r| {
+            Some(UnreachableRoute {
+                net: destination(r)?,
+                protocol: u8::from(r.header.protocol),
+            })
+        })
+        .await
+    }
+
+    /// What `keep` takes from each IPv6 route of type `kind` in the main
+    /// table, read as the dump streams in (a host may hold a full table:
+    /// nothing else is kept).
+    async fn main_table_routes<T>(
+        &self,
+        kind: RouteType,
+        mut keep: impl FnMut(&RouteMessage) -> Option<T>,
+    ) -> Result<Vec<T>, NetlinkError> {
         let mut out = Vec::new();
         let mut routes = self
             .handle
@@ -264,16 +268,8 @@ impl Netlink {
             .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
             .execute();
         while let Some(r) = routes.try_next().await.map_err(call("list routes"))? {
-            if r.header.table != RouteHeader::RT_TABLE_MAIN
-                || r.header.kind != RouteType::Unreachable
-            {
-                continue;
-            }
-            if let Some(net) = destination(&r) {
-                out.push(UnreachableRoute {
-                    net,
-                    protocol: u8::from(r.header.protocol),
-                });
+            if r.header.table == RouteHeader::RT_TABLE_MAIN && r.header.kind == kind {
+                out.extend(keep(&r));
             }
         }
         Ok(out)
