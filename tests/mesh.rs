@@ -1486,7 +1486,12 @@ fn an_interface_deleted_by_hand_is_built_again() {
     sh(&["ip", "-n", &m.net.hosts[1].ns, "link", "del", &m.ifaces[1]]);
     m.wait_meshed();
     let back = common::eventually(PATIENCE, || m.tcp(0, to).ok().as_deref() == Some("one"));
-    assert!(back, "POP 1's 6PN did not come back: {:?}", m.tcp(0, to));
+    assert!(
+        back,
+        "POP 1's 6PN did not come back: {:?}; its log:\n{}",
+        m.tcp(0, to),
+        m.pop(1).log_text()
+    );
     let line = m
         .pop(1)
         .wait_for_log_after(mark, "mesh: the WireGuard device is gone", PATIENCE)

@@ -92,25 +92,55 @@ fn take_inherited(interface: &str) -> Option<OwnedFd> {
 }
 
 /// Opens the TUN device: the inherited descriptor, or a new device named
-/// `interface`. Registers a duplicate for the next upgrade.
-fn open_tun(interface: &str, inherited: Option<OwnedFd>) -> Result<TunDevice, String> {
+/// `interface`. Also returns a duplicate of its descriptor, to register for
+/// the next upgrade once the device runs (registered earlier, a device that
+/// then failed to start would leave the registry holding the TUN device, its
+/// name taken until the process ends: every later start failed with EBUSY).
+fn open_tun(interface: &str, inherited: Option<OwnedFd>) -> Result<(TunDevice, OwnedFd), Start> {
     let mut config = gotatun::tun::tun::Configuration::default();
     config.tun_name(interface);
     if let Some(fd) = inherited {
         config.raw_fd(fd.into_raw_fd()).close_fd_on_drop(true);
     }
     let tun = gotatun::tun::tun::create_as_async(&config).map_err(|e| {
-        format!("{e} (needs /dev/net/tun and CAP_NET_ADMIN; is another process using the name?)")
+        let busy = matches!(&e, gotatun::tun::tun::Error::Io(io)
+            if io.raw_os_error() == Some(libc::EBUSY));
+        let cause = format!(
+            "{e} (needs /dev/net/tun and CAP_NET_ADMIN; is another process using the name?)"
+        );
+        if busy {
+            Start::Busy(cause)
+        } else {
+            Start::Failed(cause)
+        }
     })?;
     // SAFETY: the descriptor is open for as long as `tun`, which outlives
-    // this borrow; the registry keeps a duplicate of its own.
+    // this borrow.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(tun.as_raw_fd()) };
-    if let Err(e) = crate::upgrade::sockets::register(TUN_ENTRY, &[fd.as_fd()]) {
-        tracing::warn!(error = %e,
-            "mesh: cannot keep the TUN device for a binary upgrade; an upgrade will fail");
-    }
-    TunDevice::from_tun_device(tun).map_err(|e| e.to_string())
+    let dup = fd
+        .try_clone_to_owned()
+        .map_err(|e| Start::Failed(format!("duplicating the TUN descriptor: {e}")))?;
+    let tun = TunDevice::from_tun_device(tun).map_err(|e| Start::Failed(e.to_string()))?;
+    Ok((tun, dup))
 }
+
+/// Why one attempt to start the device failed.
+enum Start {
+    /// The interface name or the UDP port is still held, maybe by the
+    /// device just stopped (see [`RELEASE_WAIT`]).
+    Busy(String),
+    Failed(String),
+}
+
+/// How long a start waits for the interface name and the UDP port to be
+/// free. A device stopped to be replaced (its interface deleted by hand)
+/// lets go of them a moment after its `stop` returns: gotatun aborts its
+/// buffered TUN and UDP tasks without waiting for them, and their
+/// descriptors close when the runtime drops those tasks. Seen under load:
+/// the replacement's bind failed with "Address already in use" 2 ms after
+/// the stop.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const RELEASE_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn to_ipnetwork(net: &IpNet) -> ipnetwork::IpNetwork {
     ipnetwork::IpNetwork::new(net.addr(), net.prefix_len()).expect("a valid prefix stays valid")
@@ -122,19 +152,42 @@ fn from_ipnetwork(net: &ipnetwork::IpNetwork) -> Option<IpNet> {
 
 impl Embedded {
     pub async fn create(s: &DeviceSettings<'_>) -> Result<Embedded, DeviceError> {
-        let fail = |cause: String| DeviceError::Create {
-            interface: s.interface.to_string(),
-            implementation: IMPLEMENTATION,
-            cause,
-        };
-        let uapi = device::uapi::UapiServer::default_unix_socket(s.interface, None, None)
-            .map_err(|e| fail(format!("UAPI socket: {e:#}")))?;
-        let socket = uapi_socket(s.interface);
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| fail(format!("chmod {}: {e}", socket.display())))?;
         let inherited = take_inherited(s.interface);
         let adopted = inherited.is_some();
-        let tun = open_tun(s.interface, inherited).map_err(fail)?;
+        let mut inherited = inherited;
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        loop {
+            let cause = match Self::start(s, inherited.take()).await {
+                Ok(embedded) => return Ok(embedded),
+                // An inherited TUN device is consumed by the attempt.
+                Err(Start::Busy(cause)) if !adopted && std::time::Instant::now() < deadline => {
+                    tracing::debug!(
+                        cause,
+                        "mesh: interface name or UDP port not free yet; trying again"
+                    );
+                    tokio::time::sleep(RELEASE_POLL).await;
+                    continue;
+                }
+                Err(Start::Busy(cause) | Start::Failed(cause)) => cause,
+            };
+            return Err(DeviceError::Create {
+                interface: s.interface.to_string(),
+                implementation: IMPLEMENTATION,
+                cause,
+            });
+        }
+    }
+
+    /// One attempt to build and start the device. A device that fails is
+    /// stopped before this returns, and nothing of it stays registered.
+    async fn start(s: &DeviceSettings<'_>, inherited: Option<OwnedFd>) -> Result<Embedded, Start> {
+        let adopted = inherited.is_some();
+        let uapi = device::uapi::UapiServer::default_unix_socket(s.interface, None, None)
+            .map_err(|e| Start::Failed(format!("UAPI socket: {e:#}")))?;
+        let socket = uapi_socket(s.interface);
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Start::Failed(format!("chmod {}: {e}", socket.display())))?;
+        let (tun, tun_fd) = open_tun(s.interface, inherited)?;
         let device = device::build()
             .with_default_udp()
             .with_ip(tun)
@@ -143,16 +196,29 @@ impl Embedded {
             .suspended(adopted)
             .build()
             .await
-            .map_err(|e| fail(e.to_string()))?;
+            .map_err(|e| Start::Failed(e.to_string()))?;
         // gotatun opens its UDP socket when the port is set on a keyed
         // device (built without peers it has none yet); a port in use
         // fails here, at start. Adopted, the port is the previous
-        // process's until it releases it: set on resume.
+        // process's until it releases it: set on resume. The port is
+        // remembered even when its bind fails (a second set of the same
+        // port would bind nothing): a retry builds a new device.
         if !adopted {
-            device
-                .set_listen_port(s.listen_port)
-                .await
-                .map_err(|e| fail(format!("UDP port {}: {e}", s.listen_port)))?;
+            if let Err(e) = device.set_listen_port(s.listen_port).await {
+                let busy = matches!(&e, device::Error::Bind(io, _)
+                    if io.kind() == std::io::ErrorKind::AddrInUse);
+                device.stop().await;
+                let cause = format!("UDP port {}: {e}", s.listen_port);
+                return Err(if busy {
+                    Start::Busy(cause)
+                } else {
+                    Start::Failed(cause)
+                });
+            }
+        }
+        if let Err(e) = crate::upgrade::sockets::register(TUN_ENTRY, &[tun_fd.as_fd()]) {
+            tracing::warn!(error = %e,
+                "mesh: cannot keep the TUN device for a binary upgrade; an upgrade will fail");
         }
         Ok(Embedded {
             device,
@@ -265,8 +331,13 @@ impl Embedded {
             Err(e) => Err(e),
         };
         if let Err(e) = started {
-            // Suspended again, the next resume tries again.
+            // Suspended again, the next resume tries again. gotatun keeps
+            // a port whose bind failed as the device's port, and setting
+            // the same port again binds nothing: without a reset, the next
+            // resume of a device without peers said it was running with no
+            // UDP socket at all. Suspended, the reset only stores 0.
             self.device.suspend().await;
+            let _ = self.device.set_listen_port(0).await;
             return Err(DeviceError::Create {
                 interface: self.interface.clone(),
                 implementation: IMPLEMENTATION,
@@ -294,5 +365,143 @@ impl Embedded {
     pub async fn stop(self) {
         self.device.stop().await;
         let _ = std::fs::remove_file(uapi_socket(&self.interface));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One test at a time: the upgrade registry (the TUN device handed
+    /// over) is the process's.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Runs `f` on a thread of its own in a new network namespace (with
+    /// its loopback up), so that the TUN devices and ports a test uses are
+    /// its own. Needs root, as the mesh's integration tests do.
+    fn in_own_network_namespace(f: impl FnOnce() + Send + 'static) {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test creates TUN devices in a network namespace and needs root (CI runs as root)"
+        );
+        std::thread::spawn(move || {
+            // SAFETY: unshare affects only this thread, which nothing else
+            // uses; the threads it starts share its namespace.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("ip");
+            assert!(up.success());
+            f();
+        })
+        .join()
+        .expect("the test thread");
+    }
+
+    /// A start that fails at its UDP port (another program holds it) must
+    /// leave nothing behind: the next start, with the port free, gets the
+    /// interface name. Until 2026-12-07 the failed start left its TUN
+    /// device registered for upgrades, its name taken: every later start
+    /// failed with "Device or resource busy" and the POP's 6PN stayed dead
+    /// (CI, after an interface deleted by hand whose replacement met the
+    /// old device's port not yet released).
+    #[test]
+    fn a_start_that_fails_on_its_port_leaves_the_interface_name_free() {
+        in_own_network_namespace(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let key = crate::mesh::keys::PrivateKey::generate().expect("a key");
+                let interface = format!("ept{}", std::process::id() % 1_000_000);
+                let port = 51_999;
+                let settings = DeviceSettings {
+                    interface: &interface,
+                    private_key: &key,
+                    listen_port: port,
+                    wireguard_go: std::path::Path::new("wireguard-go"),
+                };
+                // Dual-stack: IPv4 and IPv6 binds of the port both fail.
+                let taken = std::net::UdpSocket::bind(("::", port)).expect("bind the port");
+                let refused = Embedded::create(&settings)
+                    .await
+                    .err()
+                    .expect("the port is taken");
+                assert!(
+                    refused.to_string().contains("Address already in use"),
+                    "{refused}"
+                );
+                drop(taken);
+                let device = Embedded::create(&settings)
+                    .await
+                    .unwrap_or_else(|e| panic!("after a failed start: {e}"));
+                device.stop().await;
+            });
+        });
+    }
+
+    /// A device built on an inherited TUN device (a binary upgrade) whose
+    /// first resume fails because the previous process still holds the
+    /// UDP port: once that one lets go, the next resume binds the port.
+    /// Until 2026-12-07 it returned Ok without binding anything when the
+    /// device had no peer yet (gotatun kept the port of the failed bind, and
+    /// setting the same port again was a no-op): the POP's 6PN dead.
+    #[test]
+    fn a_resume_that_met_the_port_taken_binds_it_on_the_next_try() {
+        in_own_network_namespace(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let key = crate::mesh::keys::PrivateKey::generate().expect("a key");
+                let interface = format!("epu{}", std::process::id() % 1_000_000);
+                let port = 51_998;
+                let settings = DeviceSettings {
+                    interface: &interface,
+                    private_key: &key,
+                    listen_port: port,
+                    wireguard_go: std::path::Path::new("wireguard-go"),
+                };
+                let old = Embedded::create(&settings).await.expect("the first device");
+                // What a binary upgrade hands over: the TUN device.
+                let handed = crate::upgrade::sockets::registered()
+                    .expect("duplicates")
+                    .into_iter()
+                    .filter(|(name, _)| name == TUN_ENTRY)
+                    .collect();
+                crate::upgrade::sockets::set_inherited(handed);
+                let mut new = Embedded::create(&settings).await.expect("the successor");
+                assert!(new.adopted());
+                let refused = new
+                    .resume()
+                    .await
+                    .expect_err("the old device holds the port");
+                assert!(
+                    refused.to_string().contains("Address already in use"),
+                    "{refused}"
+                );
+                old.release().await;
+                let deadline = std::time::Instant::now() + RELEASE_WAIT;
+                while let Err(e) = new.resume().await {
+                    assert!(std::time::Instant::now() < deadline, "{e}");
+                    tokio::time::sleep(RELEASE_POLL).await;
+                }
+                let bound = std::net::UdpSocket::bind(("::", port));
+                assert!(
+                    bound
+                        .as_ref()
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse),
+                    "the resumed device does not hold UDP port {port}: {bound:?}"
+                );
+                new.stop().await;
+            });
+        });
     }
 }
