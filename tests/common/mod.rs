@@ -461,13 +461,52 @@ pub fn read_line(mut stream: &TcpStream) -> Option<String> {
     }
 }
 
-/// A port nothing listens on (bound then closed), for something the test
-/// itself starts listening there soon. For a backend that must keep refusing
-/// connections use [`RefusingPort`]: a closed port may be taken meanwhile by
-/// another test's listener.
+/// A port nothing listens on, TCP or UDP, for something the test itself
+/// starts listening there soon (a daemon given the port in its config).
+/// For a backend that must keep refusing connections use [`RefusingPort`].
+///
+/// Picked below the kernel's ephemeral range (`ip_local_port_range`), not by
+/// binding port 0: a port from that range may be taken, between this check
+/// and the daemon's bind, by any outgoing connection's source port or any
+/// other test's port-0 listener, and CI lost a Prometheus start that way
+/// (its bind refused, and the test met the other listener). Below the range
+/// only another pick could take it: picks in one process never repeat, and
+/// each process starts at its own offset.
 pub fn dead_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    static PICKED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const FIRST: u32 = 10_000;
+    let below_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = below_ephemeral.saturating_sub(FIRST);
+    assert!(
+        span >= 1_000,
+        "ip_local_port_range starts at {below_ephemeral}: no room below it for test ports"
+    );
+    let offset = u64::from(std::process::id()) * 7_919;
+    loop {
+        let n = PICKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < span, "no free port left in {FIRST}..{below_ephemeral}");
+        let port = FIRST + ((offset + u64::from(n)) % u64::from(span)) as u32;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if port_is_free(port) {
+            return port;
+        }
+    }
+}
+
+/// Whether no socket holds `port`: a dual-stack wildcard bind conflicts with
+/// any IPv4 or IPv6 bind of the port (an IPv4 one where IPv6 is off).
+fn port_is_free(port: u16) -> bool {
+    static IPV6: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ipv6 = *IPV6.get_or_init(|| std::net::UdpSocket::bind("[::1]:0").is_ok());
+    let any: std::net::IpAddr = if ipv6 {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    TcpListener::bind((any, port)).is_ok() && std::net::UdpSocket::bind((any, port)).is_ok()
 }
 
 /// A port held by a bound socket that never listens: connects to it are

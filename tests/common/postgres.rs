@@ -68,14 +68,6 @@ fn chown(path: &Path, user: Option<(u32, u32)>) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl PgServer {
     /// Creates and starts a cluster; with `tls`, it accepts only TLS
     /// connections (`hostssl`), with that certificate.
@@ -85,7 +77,7 @@ impl PgServer {
         chown(dir.path(), user);
         let server = PgServer {
             bin: bin_dir(),
-            port: free_port(),
+            port: super::dead_port(),
             user,
             tls: tls.is_some(),
             dir,
