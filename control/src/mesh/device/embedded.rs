@@ -20,13 +20,13 @@
 //! one TUN device, and the UDP port free when the new one binds it.
 
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 
 use gotatun::device::{self, DefaultDeviceTransports, Peer};
 use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::x25519;
 use ipnet::IpNet;
 
+use super::embedded_uapi::UapiSocket;
 use super::{DeviceError, DeviceSettings, PeerSpec, PeerStatus};
 use crate::mesh::keys::PublicKey;
 
@@ -43,9 +43,7 @@ const INITIATE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 pub const MAX_MTU: u16 = 4096;
 
 /// The UAPI socket path `wg` looks for.
-pub fn uapi_socket(interface: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("/var/run/wireguard/{interface}.sock"))
-}
+pub use super::embedded_uapi::path as uapi_socket;
 
 /// The registry entry of the TUN device's descriptor (see
 /// [`crate::upgrade::sockets`]).
@@ -53,6 +51,8 @@ pub const TUN_ENTRY: &str = "mesh-tun";
 
 pub struct Embedded {
     device: device::Device<DefaultDeviceTransports>,
+    /// Its accept loop ends when the device is dropped.
+    _uapi_socket: UapiSocket,
     interface: String,
     listen_port: u16,
     /// Built on a TUN device taken over from a previous process, suspended
@@ -182,11 +182,8 @@ impl Embedded {
     /// stopped before this returns, and nothing of it stays registered.
     async fn start(s: &DeviceSettings<'_>, inherited: Option<OwnedFd>) -> Result<Embedded, Start> {
         let adopted = inherited.is_some();
-        let uapi = device::uapi::UapiServer::default_unix_socket(s.interface, None, None)
-            .map_err(|e| Start::Failed(format!("UAPI socket: {e:#}")))?;
-        let socket = uapi_socket(s.interface);
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Start::Failed(format!("chmod {}: {e}", socket.display())))?;
+        let (uapi_socket, uapi) = UapiSocket::bind(s.interface)
+            .map_err(|e| Start::Failed(format!("UAPI socket: {e}")))?;
         let (tun, tun_fd) = open_tun(s.interface, inherited)?;
         let device = device::build()
             .with_default_udp()
@@ -222,6 +219,7 @@ impl Embedded {
         }
         Ok(Embedded {
             device,
+            _uapi_socket: uapi_socket,
             interface: s.interface.to_string(),
             listen_port: s.listen_port,
             adopted,
@@ -441,9 +439,33 @@ mod tests {
                 let device = Embedded::create(&settings)
                     .await
                     .unwrap_or_else(|e| panic!("after a failed start: {e}"));
+                assert_eq!(uapi_listeners(&interface), 1, "the device's own");
                 device.stop().await;
+                // The accept loops end when the runtime drops their tasks.
+                let deadline = std::time::Instant::now() + RELEASE_WAIT;
+                while uapi_listeners(&interface) > 0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "{} UAPI sockets left listening after every device stopped",
+                        uapi_listeners(&interface)
+                    );
+                    tokio::time::sleep(RELEASE_POLL).await;
+                }
             });
         });
+    }
+
+    /// Unix sockets bound to the interface's UAPI path, open in this
+    /// network namespace (`/proc/net/unix` still names a socket whose path
+    /// was removed or bound again).
+    fn uapi_listeners(interface: &str) -> usize {
+        let path = uapi_socket(interface);
+        let path = path.to_str().expect("a UTF-8 path");
+        std::fs::read_to_string("/proc/thread-self/net/unix")
+            .expect("/proc/thread-self/net/unix")
+            .lines()
+            .filter(|line| line.ends_with(path))
+            .count()
     }
 
     /// A device built on an inherited TUN device (a binary upgrade) whose

@@ -15,6 +15,7 @@
 //! after creation, no socket rebind).
 
 pub mod embedded;
+mod embedded_uapi;
 pub mod kernel;
 pub mod uapi;
 pub mod userspace;
