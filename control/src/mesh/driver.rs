@@ -267,7 +267,11 @@ impl Handle {
             if let Some(t) = self.thread.take() {
                 let _ = t.join();
             }
-            tracing::info!("mesh: WireGuard stopped here; the new process runs the interface");
+            // The successor may run the mesh on the interface or, with its
+            // mesh off, let it go: this process cannot tell which.
+            tracing::info!(
+                "mesh: WireGuard stopped here; the interface is left to the new process"
+            );
         } else {
             tracing::warn!("mesh: did not stop its WireGuard within {patience:?}");
         }
