@@ -403,7 +403,7 @@ mod tests {
 
     /// A start that fails at its UDP port (another program holds it) must
     /// leave nothing behind: the next start, with the port free, gets the
-    /// interface name. Until 2026-12-07 the failed start left its TUN
+    /// interface name. Until 2026-12-06 the failed start left its TUN
     /// device registered for upgrades, its name taken: every later start
     /// failed with "Device or resource busy" and the POP's 6PN stayed dead
     /// (CI, after an interface deleted by hand whose replacement met the
@@ -471,7 +471,7 @@ mod tests {
     /// A device built on an inherited TUN device (a binary upgrade) whose
     /// first resume fails because the previous process still holds the
     /// UDP port: once that one lets go, the next resume binds the port.
-    /// Until 2026-12-07 it returned Ok without binding anything when the
+    /// Until 2026-12-06 it returned Ok without binding anything when the
     /// device had no peer yet (gotatun kept the port of the failed bind, and
     /// setting the same port again was a no-op): the POP's 6PN dead.
     #[test]
