@@ -152,9 +152,8 @@ fn from_ipnetwork(net: &ipnetwork::IpNetwork) -> Option<IpNet> {
 
 impl Embedded {
     pub async fn create(s: &DeviceSettings<'_>) -> Result<Embedded, DeviceError> {
-        let inherited = take_inherited(s.interface);
+        let mut inherited = take_inherited(s.interface);
         let adopted = inherited.is_some();
-        let mut inherited = inherited;
         let deadline = std::time::Instant::now() + RELEASE_WAIT;
         loop {
             let cause = match Self::start(s, inherited.take()).await {
