@@ -37,4 +37,6 @@ pub mod plan;
 pub mod probe_watch;
 pub mod prober;
 pub mod status;
+#[cfg(test)]
+mod test_netns;
 pub mod verdict;

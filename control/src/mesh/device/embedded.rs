@@ -368,37 +368,7 @@ impl Embedded {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// One test at a time: the upgrade registry (the TUN device handed
-    /// over) is the process's.
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    /// Runs `f` on a thread of its own in a new network namespace (with
-    /// its loopback up), so that the TUN devices and ports a test uses are
-    /// its own. Needs root, as the mesh's integration tests do.
-    fn in_own_network_namespace(f: impl FnOnce() + Send + 'static) {
-        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "this test creates TUN devices in a network namespace and needs root (CI runs as root)"
-        );
-        std::thread::spawn(move || {
-            // SAFETY: unshare affects only this thread, which nothing else
-            // uses; the threads it starts share its namespace.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "unshare: {}", std::io::Error::last_os_error());
-            let up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .expect("ip");
-            assert!(up.success());
-            f();
-        })
-        .join()
-        .expect("the test thread");
-    }
+    use crate::mesh::test_netns::in_own_network_namespace;
 
     /// A start that fails at its UDP port (another program holds it) must
     /// leave nothing behind: the next start, with the port free, gets the
@@ -409,48 +379,42 @@ mod tests {
     /// old device's port not yet released).
     #[test]
     fn a_start_that_fails_on_its_port_leaves_the_interface_name_free() {
-        in_own_network_namespace(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let key = crate::mesh::keys::PrivateKey::generate().expect("a key");
-                let interface = format!("ept{}", std::process::id() % 1_000_000);
-                let port = 51_999;
-                let settings = DeviceSettings {
-                    interface: &interface,
-                    private_key: &key,
-                    listen_port: port,
-                    wireguard_go: std::path::Path::new("wireguard-go"),
-                };
-                // Dual-stack: IPv4 and IPv6 binds of the port both fail.
-                let taken = std::net::UdpSocket::bind(("::", port)).expect("bind the port");
-                let refused = Embedded::create(&settings)
-                    .await
-                    .err()
-                    .expect("the port is taken");
+        in_own_network_namespace(|| async {
+            let key = crate::mesh::keys::PrivateKey::generate().expect("a key");
+            let interface = format!("ept{}", std::process::id() % 1_000_000);
+            let port = 51_999;
+            let settings = DeviceSettings {
+                interface: &interface,
+                private_key: &key,
+                listen_port: port,
+                wireguard_go: std::path::Path::new("wireguard-go"),
+            };
+            // Dual-stack: IPv4 and IPv6 binds of the port both fail.
+            let taken = std::net::UdpSocket::bind(("::", port)).expect("bind the port");
+            let refused = Embedded::create(&settings)
+                .await
+                .err()
+                .expect("the port is taken");
+            assert!(
+                refused.to_string().contains("Address already in use"),
+                "{refused}"
+            );
+            drop(taken);
+            let device = Embedded::create(&settings)
+                .await
+                .unwrap_or_else(|e| panic!("after a failed start: {e}"));
+            assert_eq!(uapi_listeners(&interface), 1, "the device's own");
+            device.stop().await;
+            // The accept loops end when the runtime drops their tasks.
+            let deadline = std::time::Instant::now() + RELEASE_WAIT;
+            while uapi_listeners(&interface) > 0 {
                 assert!(
-                    refused.to_string().contains("Address already in use"),
-                    "{refused}"
+                    std::time::Instant::now() < deadline,
+                    "{} UAPI sockets left listening after every device stopped",
+                    uapi_listeners(&interface)
                 );
-                drop(taken);
-                let device = Embedded::create(&settings)
-                    .await
-                    .unwrap_or_else(|e| panic!("after a failed start: {e}"));
-                assert_eq!(uapi_listeners(&interface), 1, "the device's own");
-                device.stop().await;
-                // The accept loops end when the runtime drops their tasks.
-                let deadline = std::time::Instant::now() + RELEASE_WAIT;
-                while uapi_listeners(&interface) > 0 {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "{} UAPI sockets left listening after every device stopped",
-                        uapi_listeners(&interface)
-                    );
-                    tokio::time::sleep(RELEASE_POLL).await;
-                }
-            });
+                tokio::time::sleep(RELEASE_POLL).await;
+            }
         });
     }
 
@@ -475,54 +439,48 @@ mod tests {
     /// setting the same port again was a no-op): the POP's 6PN dead.
     #[test]
     fn a_resume_that_met_the_port_taken_binds_it_on_the_next_try() {
-        in_own_network_namespace(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let key = crate::mesh::keys::PrivateKey::generate().expect("a key");
-                let interface = format!("epu{}", std::process::id() % 1_000_000);
-                let port = 51_998;
-                let settings = DeviceSettings {
-                    interface: &interface,
-                    private_key: &key,
-                    listen_port: port,
-                    wireguard_go: std::path::Path::new("wireguard-go"),
-                };
-                let old = Embedded::create(&settings).await.expect("the first device");
-                // What a binary upgrade hands over: the TUN device.
-                let handed = crate::upgrade::sockets::registered()
-                    .expect("duplicates")
-                    .into_iter()
-                    .filter(|(name, _)| name == TUN_ENTRY)
-                    .collect();
-                crate::upgrade::sockets::set_inherited(handed);
-                let mut new = Embedded::create(&settings).await.expect("the successor");
-                assert!(new.adopted());
-                let refused = new
-                    .resume()
-                    .await
-                    .expect_err("the old device holds the port");
-                assert!(
-                    refused.to_string().contains("Address already in use"),
-                    "{refused}"
-                );
-                old.release().await;
-                let deadline = std::time::Instant::now() + RELEASE_WAIT;
-                while let Err(e) = new.resume().await {
-                    assert!(std::time::Instant::now() < deadline, "{e}");
-                    tokio::time::sleep(RELEASE_POLL).await;
-                }
-                let bound = std::net::UdpSocket::bind(("::", port));
-                assert!(
-                    bound
-                        .as_ref()
-                        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse),
-                    "the resumed device does not hold UDP port {port}: {bound:?}"
-                );
-                new.stop().await;
-            });
+        in_own_network_namespace(|| async {
+            let key = crate::mesh::keys::PrivateKey::generate().expect("a key");
+            let interface = format!("epu{}", std::process::id() % 1_000_000);
+            let port = 51_998;
+            let settings = DeviceSettings {
+                interface: &interface,
+                private_key: &key,
+                listen_port: port,
+                wireguard_go: std::path::Path::new("wireguard-go"),
+            };
+            let old = Embedded::create(&settings).await.expect("the first device");
+            // What a binary upgrade hands over: the TUN device.
+            let handed = crate::upgrade::sockets::registered()
+                .expect("duplicates")
+                .into_iter()
+                .filter(|(name, _)| name == TUN_ENTRY)
+                .collect();
+            crate::upgrade::sockets::set_inherited(handed);
+            let mut new = Embedded::create(&settings).await.expect("the successor");
+            assert!(new.adopted());
+            let refused = new
+                .resume()
+                .await
+                .expect_err("the old device holds the port");
+            assert!(
+                refused.to_string().contains("Address already in use"),
+                "{refused}"
+            );
+            old.release().await;
+            let deadline = std::time::Instant::now() + RELEASE_WAIT;
+            while let Err(e) = new.resume().await {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(RELEASE_POLL).await;
+            }
+            let bound = std::net::UdpSocket::bind(("::", port));
+            assert!(
+                bound
+                    .as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse),
+                "the resumed device does not hold UDP port {port}: {bound:?}"
+            );
+            new.stop().await;
         });
     }
 }
