@@ -31,6 +31,7 @@ pub mod pg_source;
 pub mod pool_config;
 pub mod process_metrics;
 pub mod readiness;
+pub mod reload_guard;
 pub mod reload_thread;
 pub mod replication;
 pub mod routing;

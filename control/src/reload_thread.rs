@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
+use crate::reload_guard::{Guard, Turns, STARVED_AFTER};
 use crate::routing::RoutingReloader;
 
 /// The nice value of the reload thread: the lowest priority a thread can give
@@ -175,6 +176,8 @@ enum Message {
 pub struct ReloadThread {
     tx: Sender<Message>,
     join: Option<JoinHandle<()>>,
+    /// Raises the thread while a turn is starved (see [`crate::reload_guard`]).
+    _guard: Guard,
     /// To stop waking this thread once it stops.
     reloader: SharedReloader,
 }
@@ -184,16 +187,22 @@ impl ReloadThread {
     pub fn start(reloader: SharedReloader, interval: Duration) -> std::io::Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let woken = reloader.clone();
+        let turns = Turns::new();
+        let watched = turns.clone();
         let join = std::thread::Builder::new()
             .name("routing-reload".into())
             .spawn(move || {
+                watched.register_current_thread();
                 lower_priority();
                 let mut interval = interval;
                 // A deadline, not a timeout per receive: wake-ups coming
                 // faster than the interval must not put the tick off.
                 let mut next_tick = Instant::now() + interval;
                 loop {
-                    match rx.recv_deadline(next_tick) {
+                    watched.due_at(next_tick, STARVED_AFTER);
+                    let message = rx.recv_deadline(next_tick);
+                    let _turn = TurnEnd(&watched);
+                    match message {
                         Err(RecvTimeoutError::Timeout) => {
                             next_tick = Instant::now() + interval;
                             // A bug in one tick must not end reloading for
@@ -221,10 +230,12 @@ impl ReloadThread {
                     }
                 }
             })?;
+        let guard = Guard::start(turns, STARVED_AFTER)?;
         woken.set_wake(Some(tx.clone()));
         Ok(ReloadThread {
             tx,
             join: Some(join),
+            _guard: guard,
             reloader: woken,
         })
     }
@@ -252,6 +263,18 @@ impl ReloadThread {
 impl Drop for ReloadThread {
     fn drop(&mut self) {
         self.halt();
+    }
+}
+
+/// Marks the end of a turn when dropped (a panic in it included): the
+/// thread goes back under `SCHED_IDLE` if the guard raised it meanwhile.
+struct TurnEnd<'a>(&'a Turns);
+
+impl Drop for TurnEnd<'_> {
+    fn drop(&mut self) {
+        if self.0.turn_done() {
+            lower_priority();
+        }
     }
 }
 
