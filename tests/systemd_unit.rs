@@ -47,7 +47,7 @@ fn systemd_accepts_the_unit() {
         "DynamicUser=yes",
         "AmbientCapabilities=CAP_NET_BIND_SERVICE",
         "LimitNOFILE=",
-        "LimitNICE=+19",
+        "LimitNICE=+0",
         "StateDirectory=edgeproxy",
     ] {
         assert!(text.contains(must), "{must} missing from the unit");
