@@ -434,11 +434,16 @@ fn a_connect_that_fails_for_want_of_a_local_port_is_not_the_backends_fault() {
         ),
         Some(0.0)
     );
+    // The client sees the close before the line reaches the log file: wait
+    // for it.
+    assert!(
+        proxy
+            .wait_for_log("Cannot assign requested address", PATIENCE)
+            .is_some(),
+        "the local failure is logged: {}",
+        proxy.log_text()
+    );
     let log = proxy.log_text();
     assert!(!log.contains("marked failing"), "{log}");
-    assert!(
-        log.contains("Cannot assign requested address"),
-        "the local failure is logged: {log}"
-    );
     drop(first);
 }
