@@ -484,11 +484,6 @@ struct Prometheus {
     web: SocketAddr,
 }
 
-/// Prometheus said another process had its web port.
-fn lost_the_port(log: &std::path::Path) -> bool {
-    std::fs::read_to_string(log).is_ok_and(|l| l.contains("address already in use"))
-}
-
 impl Prometheus {
     /// Starts Debian's `prometheus` scraping `target` every second, its web
     /// API on a free loopback port, its storage under `dir`.
@@ -504,48 +499,37 @@ impl Prometheus {
         )
         .unwrap();
         let log = dir.join("prometheus.log");
-        // The free port is found by binding and letting go, so another
-        // process can take it before Prometheus binds it (CI: "bind:
-        // address already in use", and the port check then met the other
-        // listener): a new port then, a few times.
-        for _ in 0..5 {
-            let web = SocketAddr::from(([127, 0, 0, 1], dead_port()));
-            let daemon = common::daemons::daemon(
-                "prometheus",
-                "prometheus",
-                &[
-                    &format!("--config.file={}", config.display()),
-                    &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
-                    &format!("--web.listen-address={web}"),
-                ],
-                &log,
-                &[web.port()],
-            );
-            // Ready once Prometheus itself answers on the port.
-            let ready = eventually(Duration::from_secs(30), || {
-                ureq::get(&format!("http://{web}/-/ready"))
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_body().read_to_string().ok())
-                    .is_some_and(|body| body.contains("Prometheus"))
-                    || lost_the_port(&log)
-            });
-            if ready && !lost_the_port(&log) {
-                return Prometheus {
-                    _daemon: daemon,
-                    web,
-                };
-            }
-            assert!(
-                lost_the_port(&log),
-                "Prometheus is not ready on {web}:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
-        panic!(
-            "Prometheus found no free port in 5 tries:\n{}",
+        // A port below the ephemeral range (`dead_port`), which no other
+        // socket takes meanwhile.
+        let web = SocketAddr::from(([127, 0, 0, 1], dead_port()));
+        let daemon = common::daemons::daemon(
+            "prometheus",
+            "prometheus",
+            &[
+                &format!("--config.file={}", config.display()),
+                &format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+                &format!("--web.listen-address={web}"),
+            ],
+            &log,
+            &[web.port()],
+        );
+        // Ready once Prometheus itself answers on the port.
+        let ready = eventually(Duration::from_secs(30), || {
+            ureq::get(&format!("http://{web}/-/ready"))
+                .call()
+                .ok()
+                .and_then(|r| r.into_body().read_to_string().ok())
+                .is_some_and(|body| body.contains("Prometheus"))
+        });
+        assert!(
+            ready,
+            "Prometheus is not ready on {web}:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+        Prometheus {
+            _daemon: daemon,
+            web,
+        }
     }
 
     /// `GET /api/v1/<path>` with query parameters, its `data` field; `None`
