@@ -242,3 +242,55 @@ fn routing_changes_under_streaming_load_lose_nothing_and_apply_at_once() {
         ),
     }
 }
+
+/// QA (beside busy loops): one `fsync` inside the proxy's WAL checkpoint
+/// took 3.7 s, and a write begun meanwhile waited for it, because
+/// `wal_checkpoint(TRUNCATE)` holds SQLite's writer lock while it copies and
+/// syncs. Here that sync is held until the test lets it go: a write with no
+/// busy timeout at all must go through meanwhile, and the checkpoint must
+/// still fold the WAL away once the sync returns.
+#[test]
+fn a_write_is_not_held_behind_the_proxy_s_wal_checkpoint() {
+    let dir = TempDir::new("hot-reload-fsync");
+    let backend = TagBackend::start("a");
+    let db = Db::create(dir.join("routing.db"));
+    db.exec(&row("a", "sa", backend.port(), 1));
+    let fault = common::hold_fsync::HoldFsync::build(dir.path());
+    let config_path = dir.join("edgeproxy.toml");
+    std::fs::write(&config_path, config(&db.path, "[pop]\nregion = \"sa\"\n")).unwrap();
+    let proxy = Proxy::start(&["--config", config_path.to_str().unwrap()], &fault.env());
+
+    // A commit the proxy reloads, which leaves frames in the WAL: a second
+    // of quiet later the proxy folds them into the main file, and its sync
+    // of `routing.db` is held.
+    fault.arm();
+    let mark = proxy.log_mark();
+    db.exec("UPDATE backends SET weight = 2 WHERE id = 'a'");
+    proxy
+        .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+        .expect("the first change was not reloaded");
+    assert!(
+        fault.wait_holding(PATIENCE),
+        "the proxy never synced routing.db (no WAL checkpoint); log:\n{}",
+        proxy.log_text()
+    );
+
+    // Another writer, which gives up at once if the database is locked.
+    let writer = rusqlite::Connection::open(&db.path).unwrap();
+    writer.busy_timeout(Duration::ZERO).unwrap();
+    let mark = proxy.log_mark();
+    writer
+        .execute_batch("BEGIN IMMEDIATE; UPDATE backends SET weight = 3 WHERE id = 'a'; COMMIT;")
+        .expect("a write waited for the proxy's checkpoint");
+
+    fault.release();
+    proxy
+        .wait_for_log_after(mark, "routing table reloaded", PATIENCE)
+        .expect("the write made during the checkpoint was not reloaded");
+    let wal = dir.join("routing.db-wal");
+    assert!(
+        common::eventually(PATIENCE, || std::fs::metadata(&wal)
+            .map_or(true, |m| m.len() == 0)),
+        "the WAL was never folded into the main file"
+    );
+}

@@ -11,7 +11,8 @@
 //! `PRAGMA data_version` and two `stat`s) and calls [`RoutingStore::load`] only
 //! when it says yes. Neither a load nor a write checkpoints the WAL (that
 //! `fsync`s); `changed` folds it back once the table has been quiet for a
-//! second, and a load once it passes 1 MiB. Operators may edit the file with
+//! second, and a load once it passes 1 MiB, both without holding other
+//! writers back (`checkpoint`). Operators may edit the file with
 //! the `sqlite3` CLI, or replace it wholesale (`mv new.db routing.db`); both are noticed. Any
 //! failure (the file is gone, corrupt, not a database) is returned as an
 //! error, the caller keeps its last good snapshot, and the next call starts
@@ -43,7 +44,9 @@ use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, Row, TransactionBehavior};
 use tracing::{debug, info, warn};
 
+mod checkpoint;
 mod read_only;
+use checkpoint::checkpoint;
 use read_only::{connect_immutable, why_unwritable, Access, Retry};
 pub use read_only::{disk_refuses_writes, open_as_is};
 
@@ -653,7 +656,8 @@ impl RoutingStore {
         let (live, _) = fresh(path, &mut self.live, &mut self.access, Retry::IfDue)?;
         // A busy table's WAL is folded here once it is big; a quiet table's
         // by `changed` (see `QUIET_BEFORE_CHECKPOINT`).
-        if wal_len(path)? > CHECKPOINT_WAL_BYTES && checkpoint(&live.conn, path) {
+        if wal_len(path)? > CHECKPOINT_WAL_BYTES && checkpoint(&live.conn, path, BUSY_TIMEOUT).ran()
+        {
             live.stamp = stat_main(path)?;
         }
         // Before reading: a commit that lands in between shows up as a change
@@ -715,7 +719,7 @@ impl RoutingStore {
         // doing, not a change of the table, nor a reason to reopen, unless
         // the path now names another file. Taken for a change, a full disk
         // reloaded the table every second, each time with an INFO line.
-        checkpoint(&live.conn, path);
+        checkpoint(&live.conn, path, BUSY_TIMEOUT);
         let stamp = stat_main(path)?;
         if !stamp.same_file(&live.stamp) {
             return Ok(true);
@@ -1282,29 +1286,8 @@ fn read_only_instead(path: &Path, e: StoreError, access: &mut Access) -> Result<
 /// into the new file. Checkpoint and truncate it first. Best effort: if
 /// another connection blocks the checkpoint, there is nothing more to do.
 fn retire(live: Live, path: &Path) {
-    checkpoint(&live.conn, path);
+    checkpoint(&live.conn, path, BUSY_TIMEOUT);
     drop(live);
-}
-
-/// `PRAGMA wal_checkpoint(TRUNCATE)` without waiting on other connections.
-/// Returns whether it ran (even if it could not finish because of a reader).
-fn checkpoint(conn: &Connection, path: &Path) -> bool {
-    let _ = conn.busy_timeout(Duration::ZERO);
-    let result = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
-        r.get::<_, i64>(0)
-    });
-    let _ = conn.busy_timeout(BUSY_TIMEOUT);
-    match result {
-        Ok(0) => true,
-        Ok(_) => {
-            debug!(path = %path.display(), "wal checkpoint incomplete: database busy");
-            true
-        }
-        Err(e) => {
-            debug!(path = %path.display(), error = %e, "wal checkpoint failed");
-            false
-        }
-    }
 }
 
 fn connect(path: &Path, create: bool) -> Result<Connection, StoreError> {

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod daemons;
+pub mod hold_fsync;
 pub mod postgres;
 pub mod streams;
 
