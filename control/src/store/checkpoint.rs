@@ -30,10 +30,10 @@ use tracing::debug;
 pub(super) enum Checkpoint {
     /// Every frame copied into the main file and the WAL truncated to zero.
     Folded,
-    /// Frames copied, not all of them or not truncated: a reader still uses
-    /// the WAL, another connection was checkpointing, or a commit came in.
+    /// Not folded (some frames copied, or none): a reader still uses the
+    /// WAL, another connection was checkpointing, or a commit came in.
     Partial,
-    /// SQLite refused (I/O error, full disk, not in WAL mode).
+    /// SQLite refused (an I/O error, a full disk).
     Failed,
 }
 
