@@ -1479,15 +1479,18 @@ fn wal_len(path: &Path) -> Result<u64, StoreError> {
 }
 
 fn fingerprint(conn: &Connection, path: &Path) -> Result<Fingerprint, StoreError> {
-    // Cached: this runs on every reload tick.
-    let data_version = conn
-        .prepare_cached("PRAGMA data_version")
-        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
-        .map_err(|e| sql_err(path, Op::Read, e))?;
+    let data_version = data_version(conn).map_err(|e| sql_err(path, Op::Read, e))?;
     Ok(Fingerprint {
         data_version,
         main: stat_main(path)?,
     })
+}
+
+/// `PRAGMA data_version`: moves when another connection commits. Cached:
+/// this runs on every reload tick.
+fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.prepare_cached("PRAGMA data_version")
+        .and_then(|mut stmt| stmt.query_row([], |r| r.get(0)))
 }
 
 /// Every row of `backends`, or (`only`) those with that id.

@@ -25,6 +25,8 @@ use std::time::Duration;
 use rusqlite::Connection;
 use tracing::debug;
 
+use super::data_version;
+
 /// What [`checkpoint`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Checkpoint {
@@ -85,10 +87,6 @@ fn copy_then_truncate(conn: &Connection) -> rusqlite::Result<Checkpoint> {
     } else {
         Checkpoint::Partial
     })
-}
-
-fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
 }
 
 #[cfg(test)]
