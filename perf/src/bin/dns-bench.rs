@@ -423,6 +423,12 @@ struct Measure {
     client_cpu_us: f64,
     /// Server context switches per 1,000 completed queries.
     server_switches_per_k: f64,
+    /// dnsperf's voluntary context switches (it waited: for a reply, or
+    /// for room in its window) per 1,000 completed queries.
+    client_waits_per_k: f64,
+    /// dnsperf's involuntary context switches (preempted) per 1,000
+    /// completed queries.
+    client_preempted_per_k: f64,
     /// dnsperf's average response size, bytes: a server whose answers are
     /// larger costs the client (and the loopback) more per query.
     response_bytes: f64,
@@ -444,7 +450,7 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
     } else {
         &[]
     };
-    let before = children_cpu();
+    let before = children_usage();
     let out = Command::new(&args.dnsperf)
         .args(ecs)
         .args(["-s", &addr.ip().to_string(), "-p", &addr.port().to_string()])
@@ -456,7 +462,7 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
         .args(["-T", "1", "-t", "2"])
         .output()
         .with_context(|| format!("cannot run {} (apt-get install dnsperf)", args.dnsperf))?;
-    let client_cpu = children_cpu().saturating_sub(before);
+    let client = children_usage().since(&before);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let completed = number_after(&text, "Queries completed:").unwrap_or(0.0) as u64;
     let qps = number_after(&text, "Queries per second:")
@@ -478,8 +484,11 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
             .unwrap_or(0.0),
         completed,
         cpu_us: f64::NAN,
-        client_cpu_us: client_cpu.as_secs_f64() * 1e6 / (completed.max(1) as f64),
+        client_cpu_us: client.cpu.as_secs_f64() * 1e6 / (completed.max(1) as f64),
         server_switches_per_k: f64::NAN,
+        client_waits_per_k: client.voluntary_switches as f64 * 1e3 / (completed.max(1) as f64),
+        client_preempted_per_k: client.involuntary_switches as f64 * 1e3
+            / (completed.max(1) as f64),
         response_bytes: text
             .find("Average packet size:")
             .and_then(|at| number_after(&text[at..], "response"))
@@ -487,16 +496,42 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
     })
 }
 
-/// User + system time of every child process waited for so far (dnsperf is
-/// the only child this program waits for while measuring).
-fn children_cpu() -> Duration {
+/// What the child processes waited for so far used (dnsperf is the only
+/// child this program waits for while measuring).
+#[derive(Debug, Default, Clone, Copy)]
+struct ChildrenUsage {
+    /// User + system time.
+    cpu: Duration,
+    voluntary_switches: u64,
+    involuntary_switches: u64,
+}
+
+impl ChildrenUsage {
+    fn since(&self, before: &ChildrenUsage) -> ChildrenUsage {
+        ChildrenUsage {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            voluntary_switches: self
+                .voluntary_switches
+                .saturating_sub(before.voluntary_switches),
+            involuntary_switches: self
+                .involuntary_switches
+                .saturating_sub(before.involuntary_switches),
+        }
+    }
+}
+
+fn children_usage() -> ChildrenUsage {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
-        return Duration::ZERO;
+        return ChildrenUsage::default();
     }
     let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
-    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+    ChildrenUsage {
+        cpu: Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime)),
+        voluntary_switches: usage.ru_nvcsw as u64,
+        involuntary_switches: usage.ru_nivcsw as u64,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -565,8 +600,8 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries | avg response bytes |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| run | server | queries/s | avg latency ms | stddev ms | max ms | lost % | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries | dnsperf waits /1k | dnsperf preempted /1k | avg response bytes |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut results: Vec<(&'static str, Measure)> = Vec::new();
     for run in 1..=args.runs {
         for server in [&edge, &knot, &edge_normal, &knot_batch, &knot1] {
@@ -578,7 +613,7 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
             m.cpu_us = used.total().as_secs_f64() * 1e6 / completed;
             m.server_switches_per_k = used.ctx_switches as f64 * 1e3 / completed;
             println!(
-                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
+                "| {run} | {} | {:.0} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} |",
                 server.name,
                 m.qps,
                 m.avg_ms,
@@ -588,6 +623,8 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
                 m.cpu_us,
                 m.client_cpu_us,
                 m.server_switches_per_k,
+                m.client_waits_per_k,
+                m.client_preempted_per_k,
                 m.response_bytes
             );
             if m.completed == 0 {
@@ -605,8 +642,8 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
     };
     let pick = |name: &str, f: fn(&Measure) -> f64| median(series(name, f));
     println!();
-    println!("| median | queries/s | avg latency ms | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries | avg response bytes |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| median | queries/s | avg latency ms | server CPU µs/query | dnsperf CPU µs/query | server switches /1k queries | dnsperf waits /1k | dnsperf preempted /1k | avg response bytes |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for name in [
         "edgeproxy",
         "knot",
@@ -615,12 +652,14 @@ fn run(args: &Args, bin: &Path, dir: &Path) -> anyhow::Result<()> {
         "knot-1-worker",
     ] {
         println!(
-            "| {name} | {:.0} | {:.3} | {:.2} | {:.2} | {:.1} | {:.0} |",
+            "| {name} | {:.0} | {:.3} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} |",
             pick(name, |m| m.qps),
             pick(name, |m| m.avg_ms),
             pick(name, |m| m.cpu_us),
             pick(name, |m| m.client_cpu_us),
             pick(name, |m| m.server_switches_per_k),
+            pick(name, |m| m.client_waits_per_k),
+            pick(name, |m| m.client_preempted_per_k),
             pick(name, |m| m.response_bytes)
         );
     }
