@@ -1,7 +1,8 @@
-//! The DNS server: a thin Tokio driver around [`Answerer`].
+//! The DNS server: UDP worker threads and a Tokio driver for TCP around
+//! [`Answerer`].
 //!
-//! [`DnsServer::bind`] binds both sockets synchronously (UDP first, then TCP
-//! on the port UDP got, so port 0 works), so a bind failure is a startup
+//! [`DnsServer::bind`] binds both sockets synchronously (TCP first, then UDP
+//! on the port TCP got, so port 0 works), so a bind failure is a startup
 //! error. [`DnsServer::run`] must be called on a Tokio runtime (the control
 //! thread's current-thread runtime); it serves until that runtime stops.
 //!
@@ -9,8 +10,9 @@
 //!   goes to one of them at random, [`udp_steering`]), each served by a
 //!   thread of its own (`dns-udp-N`), so answers use more than one core and
 //!   a DNS flood never delays the control thread's other work. Each worker
-//!   reads up to 32 datagrams with one `recvmmsg`, answers them, and sends
-//!   the replies with one `sendmmsg` before reading again ([`udp_batch`]);
+//!   waits in `recvmmsg` itself (no event loop: one system call per wake-up),
+//!   reads up to 32 datagrams with it, answers them, and sends the replies
+//!   with one `sendmmsg` before reading again ([`udp_batch`]);
 //!   so a flood queues in the socket's receive buffer and is dropped by the
 //!   kernel there, not in our memory. The workers run under `SCHED_BATCH`
 //!   unless told otherwise ([`thread_policy`]): a query arriving while its
@@ -31,8 +33,9 @@
 //! - A binary upgrade hands the sockets to the next process
 //!   ([`DnsServer::from_sockets`] takes them over there); the old one stops
 //!   reading through [`DnsServer::run_until`]'s stop signal, between
-//!   batches, so no datagram it has read goes unanswered, and what it has
-//!   not read stays queued for the successor.
+//!   batches (a worker looks at it at least every [`udp_batch::WAIT`]), so
+//!   no datagram it has read goes unanswered, and what it has not read
+//!   stays queued for the successor.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use engine::snapshot::SnapshotHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::answer::{Answerer, Transport};
@@ -162,10 +165,8 @@ impl DnsServer {
             addr: settings.listen,
             cause,
         })?;
+        // Each worker sets its socket's mode itself ([`udp_batch::Batch::prepare`]).
         for socket in &udp {
-            socket
-                .set_nonblocking(true)
-                .map_err(|cause| BindError::Udp { addr: got, cause })?;
             // A process from before replies left from their query's
             // address handed over sockets that do not report it.
             udp_batch::want_destinations(socket, got)
@@ -246,9 +247,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     }
 }
 
-/// A UDP worker: a thread with its own current-thread runtime, serving
-/// `socket` until `stop`. The returned receiver resolves (with an error:
-/// its sender is dropped) when the thread has finished.
+/// A UDP worker: a thread of its own serving `socket` until `stop` (it
+/// waits in the receive itself, see [`udp_batch`]). The returned receiver
+/// resolves (with an error: its sender is dropped) when the thread has
+/// finished.
 fn spawn_udp_worker(
     id: usize,
     socket: std::net::UdpSocket,
@@ -257,10 +259,7 @@ fn spawn_udp_worker(
     snapshot: SnapshotHandle,
     stop: watch::Receiver<bool>,
 ) -> io::Result<oneshot::Receiver<()>> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()?;
+    udp_batch::Batch::prepare(&socket)?;
     let (finished, on_finished) = oneshot::channel::<()>();
     std::thread::Builder::new()
         .name(format!("dns-udp-{id}"))
@@ -272,14 +271,7 @@ fn spawn_udp_worker(
                         "dns: cannot run the udp worker under SCHED_BATCH; it keeps the default policy");
                 }
             }
-            runtime.block_on(async move {
-                match UdpSocket::from_std(socket) {
-                    Ok(socket) => serve_udp(socket, answerer, snapshot, stop).await,
-                    Err(e) => {
-                        tracing::error!(worker = id, error = %e, "dns: cannot serve udp socket")
-                    }
-                }
-            })
+            serve_udp(socket, answerer, snapshot, stop);
         })?;
     Ok(on_finished)
 }
@@ -323,7 +315,6 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let _ = socket.set_recv_buffer_size(UDP_RECV_BUFFER);
     never_fragment(&socket, addr)?;
     udp_batch::want_destinations(&socket, addr)?;
-    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
@@ -405,21 +396,18 @@ fn answer_guarded(
     }
 }
 
-async fn serve_udp(
-    socket: UdpSocket,
+/// Serves `socket` on this thread until `stop` says true.
+fn serve_udp(
+    socket: std::net::UdpSocket,
     mut answerer: Answerer,
     snapshot: SnapshotHandle,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let mut batch = udp_batch::Batch::new();
-    loop {
-        // Stopping only here, between batches: a receive that has not
-        // completed has read nothing (readiness, then recvmmsg in one poll).
-        let received = tokio::select! {
-            r = batch.recv(&socket) => r,
-            () = stopped(&mut stop) => return,
-        };
-        let received = match received {
+    // Stopping only here, between batches: a receive that has not returned
+    // has read nothing, and one that has is answered first.
+    while !*stop.borrow() {
+        let received = match batch.recv(&socket) {
             Ok(n) => n,
             Err(e) => {
                 // ICMP errors from earlier sends surface here (ECONNREFUSED);
@@ -452,7 +440,7 @@ async fn serve_udp(
             }
         }
         if replies > 0 {
-            batch.send(&socket, replies).await;
+            batch.send(&socket, replies);
         }
     }
 }
@@ -667,9 +655,12 @@ mod tests {
         assert_eq!(server.tcp_addr().unwrap().port(), addr.port());
     }
 
-    /// How many of `sent` datagrams each socket of `udp` received (the
-    /// sockets are non-blocking: read until every datagram is accounted for).
+    /// How many of `sent` datagrams each socket of `udp` received (read
+    /// without blocking until every datagram is accounted for).
     fn received_per_socket(udp: &[std::net::UdpSocket], sent: usize) -> Vec<usize> {
+        for socket in udp {
+            socket.set_nonblocking(true).unwrap();
+        }
         let mut counts = vec![0; udp.len()];
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut buf = [0u8; 64];

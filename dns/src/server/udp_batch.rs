@@ -1,7 +1,18 @@
 //! Batched UDP I/O (Linux `recvmmsg`/`sendmmsg`): one system call moves up to
 //! [`BATCH`] datagrams each way, which is most of what a DNS server spends per
-//! query. Readiness still comes from Tokio; the calls themselves never block
-//! (the socket is non-blocking).
+//! query.
+//!
+//! A worker waits for queries inside `recvmmsg` itself (a blocking socket,
+//! `MSG_WAITFORONE`), not in an event loop: one system call per wake-up
+//! instead of three (`epoll_wait`, the receive, and the receive that finds
+//! the socket empty), and, with nothing registered on the socket while the
+//! worker runs, the kernel skips the wake-up callback it otherwise runs for
+//! every query that arrives (in the client's send) and every reply it frees
+//! (in ours). The socket's file status is shared with whoever else holds
+//! it (the other process during a binary upgrade), so a socket found
+//! non-blocking is waited for with `poll` instead: either way the call
+//! returns at least every [`WAIT`], for the worker to look at its stop
+//! signal.
 //!
 //! On a socket bound to a wildcard address (`0.0.0.0`, `::`) each reply
 //! leaves from the address its query was sent to: the kernel reports that
@@ -15,14 +26,15 @@
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
-
-use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use std::time::Duration;
 
 /// Datagrams per system call.
 pub const BATCH: usize = 32;
+/// Longest a receive (or a send waiting for room) blocks: how soon a worker
+/// sees its stop signal when no query comes.
+pub const WAIT: Duration = Duration::from_millis(100);
 /// Bytes read per datagram. A longer query is cut (MSG_TRUNC) and, being
 /// malformed then, answered with FORMERR; real queries are far smaller.
 pub const SLOT: usize = 4096;
@@ -119,14 +131,34 @@ impl Batch {
         )
     }
 
-    /// Waits for datagrams and receives up to [`BATCH`] of them.
-    pub async fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
-        socket
-            .async_io(Interest::READABLE, || self.recv_now(socket.as_raw_fd()))
-            .await
+    /// Makes `socket` wait in [`Batch::recv`]: blocking, for at most
+    /// [`WAIT`].
+    pub fn prepare(socket: &UdpSocket) -> io::Result<()> {
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(WAIT))
     }
 
-    fn recv_now(&mut self, fd: i32) -> io::Result<usize> {
+    /// Waits (at most about [`WAIT`]) for datagrams and receives up to
+    /// [`BATCH`] of them; `Ok(0)` when none came.
+    pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        let fd = socket.as_raw_fd();
+        match self.recv_now(fd, libc::MSG_WAITFORONE) {
+            // Nothing within the receive timeout, or the socket was made
+            // non-blocking by its other holder: wait the other way.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait_for(fd, libc::POLLIN)? {
+                    return Ok(0);
+                }
+                match self.recv_now(fd, libc::MSG_DONTWAIT) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn recv_now(&mut self, fd: i32, flags: libc::c_int) -> io::Result<usize> {
         for i in 0..BATCH {
             self.iovs[i] = libc::iovec {
                 iov_base: self.bufs[i].as_mut_ptr().cast(),
@@ -153,7 +185,7 @@ impl Batch {
                 fd,
                 self.msgs.as_mut_ptr(),
                 BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                flags,
                 std::ptr::null_mut(),
             )
         };
@@ -172,17 +204,32 @@ impl Batch {
     }
 
     /// Sends `self.replies[..count]` to the peers of their slots. A reply the
-    /// kernel refuses (for one peer) is skipped, never retried forever.
-    pub async fn send(&mut self, socket: &UdpSocket, count: usize) {
+    /// kernel refuses (for one peer) is skipped, never retried forever; so
+    /// are the replies still unsent when the socket has had no room for
+    /// [`WAIT`].
+    pub fn send(&mut self, socket: &UdpSocket, count: usize) {
+        let fd = socket.as_raw_fd();
         let mut done = 0;
         while done < count {
-            let sent = socket
-                .async_io(Interest::WRITABLE, || {
-                    self.send_now(socket.as_raw_fd(), done, count)
-                })
-                .await;
-            match sent {
+            match self.send_now(fd, done, count) {
                 Ok(n) => done += n.max(1),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match wait_for(fd, libc::POLLOUT) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::debug!(
+                                dropped = count - done,
+                                "dns: udp send buffer full; replies dropped"
+                            );
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "dns: udp send failed");
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "dns: udp send failed");
                     done += 1;
@@ -231,6 +278,26 @@ impl Batch {
         }
         Ok(n as usize)
     }
+}
+
+/// Waits up to [`WAIT`] for `events` on `fd`: whether they came.
+fn wait_for(fd: i32, events: libc::c_short) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, alive for the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, WAIT.as_millis() as libc::c_int) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n > 0)
 }
 
 /// The destination address in a received message's `IP_PKTINFO` or
@@ -344,5 +411,84 @@ fn to_socket_addr(ss: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<S
             )))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn prepared() -> (UdpSocket, UdpSocket) {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        Batch::prepare(&server).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        (server, client)
+    }
+
+    /// Waiting in the receive: queued datagrams come back in one call, and
+    /// with none the call waits (no spinning) but returns, so the worker
+    /// sees its stop signal.
+    #[test]
+    fn a_receive_takes_what_is_queued_and_waits_a_bounded_time_for_more() {
+        let (server, client) = prepared();
+        for q in [b"one", b"two"] {
+            client.send(q).unwrap();
+        }
+        let mut batch = Batch::new();
+        assert_eq!(batch.recv(&server).unwrap(), 2);
+        assert_eq!(batch.datagram(1).0, b"two");
+
+        let started = Instant::now();
+        assert_eq!(batch.recv(&server).unwrap(), 0);
+        let waited = started.elapsed();
+        assert!(waited >= WAIT / 2, "returned after {waited:?}: it did not wait");
+        assert!(waited < 20 * WAIT, "waited {waited:?}");
+    }
+
+    /// The other process of a binary upgrade holds the same socket (one
+    /// open file description) and may make it non-blocking under us: the
+    /// receive then waits with `poll`, still for a bounded time, and still
+    /// gets what comes.
+    #[test]
+    fn a_socket_its_other_holder_made_non_blocking_is_still_waited_for() {
+        let (server, client) = prepared();
+        server.try_clone().unwrap().set_nonblocking(true).unwrap();
+        let mut batch = Batch::new();
+
+        let started = Instant::now();
+        assert_eq!(batch.recv(&server).unwrap(), 0);
+        let waited = started.elapsed();
+        assert!(waited >= WAIT / 2, "returned after {waited:?}: it spins");
+
+        client.send(b"query").unwrap();
+        assert_eq!(batch.recv(&server).unwrap(), 1);
+        assert_eq!(batch.datagram(0).0, b"query");
+    }
+
+    /// Replies go out to the peers their queries came from.
+    #[test]
+    fn replies_reach_the_peers_of_their_queries() {
+        let (server, first) = prepared();
+        let second = UdpSocket::bind("127.0.0.1:0").unwrap();
+        second.connect(server.local_addr().unwrap()).unwrap();
+        first.send(b"q1").unwrap();
+        second.send(b"q2").unwrap();
+        let mut batch = Batch::new();
+        // Loopback queues a datagram within its sender's call.
+        assert_eq!(batch.recv(&server).unwrap(), 2);
+        for slot in 0..2 {
+            let reply = [batch.datagram(slot).0, b"!"].concat();
+            batch.replies[slot] = (slot, reply);
+        }
+        batch.send(&server, 2);
+        let mut buf = [0u8; 16];
+        for (socket, want) in [(&first, &b"q1!"[..]), (&second, &b"q2!"[..])] {
+            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let n = socket.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want);
+        }
     }
 }
