@@ -143,10 +143,11 @@ impl Batch {
     pub fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         let fd = socket.as_raw_fd();
         match self.recv_now(fd, libc::MSG_WAITFORONE) {
-            // Nothing within the receive timeout, or the socket was made
-            // non-blocking by its other holder: wait the other way.
+            // Nothing within the receive timeout, or at once because the
+            // other holder made the socket non-blocking: then wait the
+            // other way.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if !wait_for(fd, libc::POLLIN)? {
+                if !is_nonblocking(fd)? || !wait_for(fd, libc::POLLIN)? {
                     return Ok(0);
                 }
                 match self.recv_now(fd, libc::MSG_DONTWAIT) {
@@ -278,6 +279,16 @@ impl Batch {
         }
         Ok(n as usize)
     }
+}
+
+/// Whether `fd`'s open file is non-blocking (`O_NONBLOCK`).
+fn is_nonblocking(fd: i32) -> io::Result<bool> {
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(flags & libc::O_NONBLOCK != 0)
 }
 
 /// Waits up to [`WAIT`] for `events` on `fd`: whether they came.
@@ -444,7 +455,10 @@ mod tests {
         let started = Instant::now();
         assert_eq!(batch.recv(&server).unwrap(), 0);
         let waited = started.elapsed();
-        assert!(waited >= WAIT / 2, "returned after {waited:?}: it did not wait");
+        assert!(
+            waited >= WAIT / 2,
+            "returned after {waited:?}: it did not wait"
+        );
         assert!(waited < 20 * WAIT, "waited {waited:?}");
     }
 
@@ -486,7 +500,9 @@ mod tests {
         batch.send(&server, 2);
         let mut buf = [0u8; 16];
         for (socket, want) in [(&first, &b"q1!"[..]), (&second, &b"q2!"[..])] {
-            socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
             let n = socket.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], want);
         }
