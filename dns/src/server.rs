@@ -202,8 +202,10 @@ impl DnsServer {
         self.tcp.local_addr()
     }
 
-    /// Serves both sockets until the runtime stops. Returns early only if the
-    /// sockets cannot be registered with the runtime.
+    /// Serves both sockets until the runtime stops. Returns early only if
+    /// serving cannot start: the TCP listener cannot be registered with the
+    /// runtime, or a UDP worker's socket cannot be set up or its thread
+    /// started.
     pub async fn run(self, answerer: Answerer, snapshot: SnapshotHandle) -> io::Result<()> {
         let (_never, stop) = watch::channel(false);
         self.run_until(answerer, snapshot, stop).await

@@ -465,6 +465,9 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
     let client = children_usage().since(&before);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let completed = number_after(&text, "Queries completed:").unwrap_or(0.0) as u64;
+    // Per-query figures divide by it (never by zero: none answered is an
+    // error the caller reports).
+    let answered = completed.max(1) as f64;
     let qps = number_after(&text, "Queries per second:")
         .with_context(|| format!("unexpected dnsperf output:\n{text}"))?;
     let avg = number_after(&text, "Average Latency (s):").unwrap_or(f64::NAN);
@@ -484,11 +487,10 @@ fn dnsperf(args: &Args, addr: SocketAddr, data: &Path) -> anyhow::Result<Measure
             .unwrap_or(0.0),
         completed,
         cpu_us: f64::NAN,
-        client_cpu_us: client.cpu.as_secs_f64() * 1e6 / (completed.max(1) as f64),
+        client_cpu_us: client.cpu.as_secs_f64() * 1e6 / answered,
         server_switches_per_k: f64::NAN,
-        client_waits_per_k: client.voluntary_switches as f64 * 1e3 / (completed.max(1) as f64),
-        client_preempted_per_k: client.involuntary_switches as f64 * 1e3
-            / (completed.max(1) as f64),
+        client_waits_per_k: client.voluntary_switches as f64 * 1e3 / answered,
+        client_preempted_per_k: client.involuntary_switches as f64 * 1e3 / answered,
         response_bytes: text
             .find("Average packet size:")
             .and_then(|at| number_after(&text[at..], "response"))
