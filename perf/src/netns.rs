@@ -16,7 +16,8 @@
 //! connections a minute runs with the table full, so the suite takes that
 //! state for every run: in a namespace of its own, with
 //! `tcp_max_tw_buckets` 0, where no socket enters TIME_WAIT. The host's
-//! settings are untouched, and the namespace goes with the process. The
+//! settings are untouched (but for a moment, see [`congestion_control`]), and
+//! the namespace goes with the process. The
 //! namespace also fixes the congestion control ([`CONGESTION_CONTROL`]).
 
 use std::io;
@@ -64,9 +65,13 @@ impl Network {
 /// thread starts: a namespace is per thread, and threads started later
 /// inherit their creator's.
 pub fn isolate() -> anyhow::Result<Network> {
-    let host = match std::fs::File::open("/proc/self/ns/net") {
+    let host = match std::fs::File::open("/proc/thread-self/ns/net") {
         Ok(f) => f,
-        Err(e) => return Ok(Network::Host(format!("cannot open /proc/self/ns/net: {e}"))),
+        Err(e) => {
+            return Ok(Network::Host(format!(
+                "cannot open /proc/thread-self/ns/net: {e}"
+            )))
+        }
     };
     // SAFETY: unshare with a flag only; the process is still one thread.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -76,14 +81,10 @@ pub fn isolate() -> anyhow::Result<Network> {
             _ => format!("cannot make a network namespace: {e}"),
         }));
     }
-    let sysctl = |name: &str, value: &str| {
-        std::fs::write(format!("/proc/sys/net/ipv4/{name}"), value)
-            .map_err(|e| format!("cannot set {name}: {e}"))
-    };
     let set_up = loopback_up()
         .map_err(|e| format!("cannot bring loopback up: {e}"))
         .and_then(|()| sysctl("tcp_max_tw_buckets", "0"))
-        .and_then(|()| sysctl("tcp_congestion_control", CONGESTION_CONTROL));
+        .and_then(|()| congestion_control(&host));
     let Err(why) = set_up else {
         return Ok(Network::Own);
     };
@@ -96,6 +97,68 @@ pub fn isolate() -> anyhow::Result<Network> {
         );
     }
     Ok(Network::Host(why))
+}
+
+fn sysctl(name: &str, value: &str) -> Result<(), String> {
+    std::fs::write(format!("/proc/sys/net/ipv4/{name}"), value)
+        .map_err(|e| format!("cannot set {name}: {e}"))
+}
+
+/// Sets this namespace's congestion control to [`CONGESTION_CONTROL`].
+///
+/// Outside the host's namespace the kernel takes only an algorithm in
+/// `tcp_allowed_congestion_control`, a list only the host's namespace can
+/// change, and some hosts leave CUBIC out of it (the project's AMD VMs:
+/// `reno bbr`), so the suite fell back to the host's namespace, its
+/// TIME_WAIT table and BBR. Then CUBIC is allowed in the host's namespace
+/// (`host`) for the moment this namespace takes it and the host's list is
+/// put back: the list only decides which algorithm a namespace or an
+/// unprivileged socket may choose, and this namespace keeps its choice.
+fn congestion_control(host: &std::fs::File) -> Result<(), String> {
+    let Err(refused) = sysctl("tcp_congestion_control", CONGESTION_CONTROL) else {
+        return Ok(());
+    };
+    let ours = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| format!("{refused}; cannot open this namespace: {e}"))?;
+    let allowed_path = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+    in_namespace(host, || {
+        let allowed = std::fs::read_to_string(allowed_path)
+            .map_err(|e| format!("cannot read tcp_allowed_congestion_control: {e}"))?;
+        let allowed = allowed.trim();
+        let with_ours = format!("{allowed} {CONGESTION_CONTROL}");
+        std::fs::write(allowed_path, &with_ours)
+            .map_err(|e| format!("{refused}; cannot allow it in the host's namespace: {e}"))?;
+        let set = in_namespace(&ours, || {
+            sysctl("tcp_congestion_control", CONGESTION_CONTROL)
+        });
+        let restored = std::fs::write(allowed_path, allowed).map_err(|e| {
+            format!("cannot put back the host's tcp_allowed_congestion_control ({allowed:?}): {e}")
+        });
+        set.and(restored)
+    })
+}
+
+/// Runs `f` in the network namespace `ns`, then goes back to the one this
+/// thread was in.
+fn in_namespace<T>(ns: &std::fs::File, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    let here = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| format!("cannot open this namespace: {e}"))?;
+    // SAFETY: setns with an open namespace descriptor; one thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!(
+            "cannot enter a namespace: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    let result = f();
+    // SAFETY: as above, back to the namespace opened first.
+    if unsafe { libc::setns(here.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(format!(
+            "cannot go back to the suite's namespace: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    result
 }
 
 /// `ip link set lo up`, with the two ioctls it makes.
@@ -125,4 +188,58 @@ fn loopback_up() -> io::Result<()> {
     // SAFETY: the socket opened above.
     unsafe { libc::close(fd) };
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALLOWED: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
+
+    fn read(path: &str) -> String {
+        std::fs::read_to_string(path).unwrap().trim().to_string()
+    }
+
+    /// On a host whose allowed list leaves CUBIC out (the project's AMD
+    /// VMs), the suite still gets a namespace of its own with CUBIC, and the
+    /// host's list is as it was afterwards.
+    #[test]
+    fn the_suite_takes_cubic_where_the_host_does_not_allow_it() {
+        // SAFETY: no arguments, no side effects.
+        let uid = unsafe { libc::geteuid() };
+        assert_eq!(
+            uid, 0,
+            "this test changes a host sysctl and needs root (CI runs as root)"
+        );
+        let host_list = read(ALLOWED);
+        let without: Vec<&str> = host_list
+            .split_whitespace()
+            .filter(|name| *name != CONGESTION_CONTROL)
+            .collect();
+        let without = match without.is_empty() {
+            true => "reno".to_string(),
+            false => without.join(" "),
+        };
+        std::fs::write(ALLOWED, &without).unwrap();
+        // A thread of its own: a network namespace is per thread, and this
+        // one's ends with it.
+        let inside = std::thread::spawn(|| {
+            let network = isolate().map_err(|e| e.to_string())?;
+            Ok::<_, String>((
+                matches!(network, Network::Own),
+                network.describe(),
+                read("/proc/sys/net/ipv4/tcp_congestion_control"),
+                read("/proc/sys/net/ipv4/tcp_max_tw_buckets"),
+            ))
+        })
+        .join()
+        .unwrap();
+        let after = read(ALLOWED);
+        std::fs::write(ALLOWED, &host_list).unwrap();
+        let (own, described, congestion, tw_buckets) = inside.unwrap();
+        assert!(own, "{described}");
+        assert_eq!(congestion, CONGESTION_CONTROL);
+        assert_eq!(tw_buckets, "0");
+        assert_eq!(after, without, "the host's allowed list was not put back");
+    }
 }
