@@ -73,10 +73,31 @@ pub fn find(dir: &Path, from_env: Option<String>) -> Commit {
     if let Some(common) = git(&["rev-parse", "--git-common-dir"]).map(absolute) {
         if let Some(branch) = git(&["rev-parse", "--symbolic-full-name", "HEAD"]) {
             if branch.starts_with("refs/") {
-                watch.push(common.join(branch));
+                watch.push(existing_or_parent(common.join(branch)));
             }
         }
-        watch.push(common.join("packed-refs"));
+        let packed = common.join("packed-refs");
+        if packed.exists() {
+            watch.push(packed);
+        }
     }
     Commit { hash, date, watch }
+}
+
+/// `path` if it exists, else its nearest ancestor that does. Cargo takes a
+/// watched path that does not exist as changed on every build, so the build
+/// script reran and the crate (and the binary) rebuilt every time in a
+/// clone without `packed-refs` or with its branch packed. A branch that is
+/// only in `packed-refs` gets its loose file back with the next commit: the
+/// directory it appears in is watched (cargo notices a new file in it); a
+/// loose branch file that `git pack-refs` removes is a change too.
+fn existing_or_parent(path: PathBuf) -> PathBuf {
+    let mut at = path.as_path();
+    while !at.exists() {
+        match at.parent() {
+            Some(parent) => at = parent,
+            None => break,
+        }
+    }
+    at.to_path_buf()
 }

@@ -123,6 +123,23 @@ mod tests {
         assert_eq!(date.len(), 10, "{date}");
         assert!(found.watch.iter().any(|p| p.ends_with(".git/HEAD")));
         assert!(found.watch.iter().any(|p| p.ends_with("refs/heads/main")));
+        // Cargo reruns the build script (and rebuilds the crate) on every
+        // build while a watched path is missing: no `packed-refs` yet here.
+        assert!(!d.join(".git/packed-refs").exists());
+        for path in &found.watch {
+            assert!(path.exists(), "watched but missing: {}", path.display());
+        }
+
+        // The branch only in `packed-refs`: its loose file is gone, and the
+        // directory its next commit writes it to is watched instead.
+        git(d, &["pack-refs", "--all", "--prune"]);
+        assert!(!d.join(".git/refs/heads/main").exists());
+        let found = commit::find(d, None);
+        for path in &found.watch {
+            assert!(path.exists(), "watched but missing: {}", path.display());
+        }
+        assert!(found.watch.iter().any(|p| p.ends_with("packed-refs")));
+        assert!(found.watch.iter().any(|p| p.ends_with(".git/refs/heads")));
     }
 
     #[test]
