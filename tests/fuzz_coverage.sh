@@ -9,7 +9,8 @@
 # them) then fail to link (`undefined symbol: __sanitizer_cov_trace_cmp8`).
 # This builds the one file with the flags cargo-bolero 0.13 uses and runs
 # its test the way cargo-bolero does. SANITIZER: none (default; builds in
-# minutes) or address (AddressSanitizer; over 20 minutes on 2 cores).
+# minutes) or address (AddressSanitizer, the flag cargo-bolero adds; not
+# run through this script yet, and over 20 minutes to build on 2 cores).
 # Needs a nightly toolchain (`rustup toolchain install nightly`). The corpus
 # and any crash are kept in $FUZZ_WORK (default /var/tmp/edgeproxy-fuzz).
 set -euo pipefail
