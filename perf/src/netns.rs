@@ -143,7 +143,8 @@ fn congestion_control(host: &std::fs::File) -> Result<(), String> {
 fn in_namespace<T>(ns: &std::fs::File, f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     let here = std::fs::File::open("/proc/thread-self/ns/net")
         .map_err(|e| format!("cannot open this namespace: {e}"))?;
-    // SAFETY: setns with an open namespace descriptor; one thread.
+    // SAFETY: setns with an open namespace descriptor; it moves this thread
+    // only.
     if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         return Err(format!(
             "cannot enter a namespace: {}",
