@@ -33,6 +33,9 @@ address) flags="$flags -Zsanitizer=address" ;;
     exit 2
     ;;
 esac
+# An explicit target, as cargo-bolero passes: build scripts and proc macros
+# then build without the coverage flags and sanitizer.
+host=$(rustc +nightly -vV | sed -n 's/^host: //p')
 target_dir=${CARGO_TARGET_DIR:-/var/tmp/edgeproxy-target}/fuzz-$sanitizer
 work=${FUZZ_WORK:-/var/tmp/edgeproxy-fuzz}/$test
 mkdir -p "$work/corpus" "$work/crashes"
@@ -40,7 +43,7 @@ mkdir -p "$work/corpus" "$work/crashes"
 # One build: its messages go to the terminal, its artifacts (JSON) to the
 # filter that finds the test executable.
 exe=$(RUSTFLAGS="$flags" RUSTDOCFLAGS="$flags" BOLERO_FUZZER=libfuzzer \
-    cargo +nightly test --target x86_64-unknown-linux-gnu --profile fuzz \
+    cargo +nightly test --target "$host" --profile fuzz \
     -p "$package" --test "$file" --target-dir "$target_dir" --no-run \
     --message-format=json-render-diagnostics | python3 -c '
 import json, sys
