@@ -906,13 +906,96 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Which writes a simulation makes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// Deliberate writes and deletes of `backends` rows (an operator's).
+    Deliberate,
+    /// Every kind a POP makes: deliberate writes and deletes, registrations
+    /// (versioned even when they repeat the row), verdicts (only the
+    /// verdict columns of a live row changed, so they keep its intent) and
+    /// each POP's own `pops` row.
+    EveryKind,
+}
+
+/// A `backends` row as JSON, as an edit or a registration writes it: not
+/// expired, its heartbeats its own POP's. A later write that changes only
+/// `expired` or `heartbeat_pop` is a verdict.
+fn backend_row(key: &str, note: &str) -> String {
+    serde_json::json!({
+        "id": key,
+        "app": "sim",
+        "note": note,
+        "expired": 0,
+        "heartbeat_pop": null,
+    })
+    .to_string()
+}
+
+/// One write of [`Writes::EveryKind`] at live node `i`: the versions it got
+/// (none when it changed nothing), and what it was, for the log.
+fn write_any_kind(
+    sim: &mut Sim,
+    rng: &mut rand::rngs::StdRng,
+    i: usize,
+    keys: &[&str],
+) -> (Vec<RowVersion>, String) {
+    use rand::RngExt;
+    let at = format!("by n{i} at {:?}", sim.elapsed());
+    if rng.random_range(0..10) < 2 {
+        // The POP's own row: a drain set or lifted, as its operator does.
+        let id = sim.id(i).to_string();
+        let draining = rng.random_bool(0.5);
+        let data =
+            serde_json::json!({ "node_id": id, "draining": draining, "note": at }).to_string();
+        let written = sim.write_pop(i, &data);
+        return (written, format!("pop n{i} draining={draining}"));
+    }
+    let key = keys[rng.random_range(0..keys.len())];
+    let held: Option<serde_json::Value> = sim.nodes[i]
+        .replica()
+        .data(&RowKey::new(Table::Backends, key))
+        .and_then(|d| serde_json::from_str(d).ok());
+    let written = match (rng.random_range(0..5), held) {
+        // A verdict on the row as this POP holds it: expired flipped, or
+        // its heartbeats taken over or given back.
+        (0 | 1, Some(mut row)) => {
+            if rng.random_bool(0.5) {
+                let expired = row["expired"].as_u64().unwrap_or(0);
+                row["expired"] = (1 - expired.min(1)).into();
+            } else {
+                let taken = row["heartbeat_pop"].is_null();
+                row["heartbeat_pop"] = if taken {
+                    sim.id(i).into()
+                } else {
+                    serde_json::Value::Null
+                };
+            }
+            let data = row.to_string();
+            let written = sim.write_verdict(i, key, &data);
+            return (written, format!("verdict {key}={data} at n{i}"));
+        }
+        (2, _) => {
+            let data = backend_row(key, &format!("registered {at}"));
+            (sim.write_registration(i, key, &data), Some(data))
+        }
+        (3, _) => (sim.write(i, key, None), None),
+        _ => {
+            let data = backend_row(key, &format!("edited {at}"));
+            (sim.write(i, key, Some(&data)), Some(data))
+        }
+    };
+    let (written, data) = written;
+    (written, format!("write {key}={data:?} at n{i}"))
+}
+
 /// One simulation: random writes at random nodes amid loss, jitter,
 /// partitions, cut links and crashes (a crashed node restarts through its
 /// bootstrap peer); then the faults stop, every crashed node restarts, and
 /// within a bound every node holds, for every key, the data of the write
-/// with the highest version (nothing acknowledged lost, nothing deleted
-/// back).
-fn simulate(seed: u64) -> Result<Settled, String> {
+/// that wins (the later intent, then the later version: nothing
+/// acknowledged lost, nothing deleted back).
+fn simulate(seed: u64, kinds: Writes) -> Result<Settled, String> {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
@@ -942,22 +1025,32 @@ fn simulate(seed: u64) -> Result<Settled, String> {
             _ => rng.random_range(0..i),
         })
         .collect();
-    let keys = ["a", "b", "c", "d"];
-    // Every write that got a version: (key, version, data).
-    let mut writes: Vec<(String, Version, Option<String>)> = Vec::new();
+    // Every kind of write on fewer keys: more of them meet across a
+    // partition, where a verdict made on one side must lose to a
+    // deliberate write made before it on the other.
+    let keys: &[&str] = match kinds {
+        Writes::Deliberate => &["a", "b", "c", "d"],
+        Writes::EveryKind => &["a", "b"],
+    };
+    // Every write that got a version.
+    let mut writes: Vec<RowVersion> = Vec::new();
     let mut crashed: std::collections::BTreeSet<usize> = Default::default();
     let faults = rng.random_range(5..40);
     for _ in 0..faults {
         let live: Vec<usize> = (0..nodes).filter(|i| !crashed.contains(i)).collect();
         match rng.random_range(0..10) {
+            0..=4 if !live.is_empty() && kinds == Writes::EveryKind => {
+                let i = live[rng.random_range(0..live.len())];
+                let (written, what) = write_any_kind(&mut sim, &mut rng, i, keys);
+                writes.extend(written);
+                log.push(what);
+            }
             0..=4 if !live.is_empty() => {
                 let i = live[rng.random_range(0..live.len())];
                 let key = keys[rng.random_range(0..keys.len())];
                 let data = (rng.random_range(0..4) != 0)
                     .then(|| format!("{key} by n{i} at {:?}", sim.elapsed()));
-                for row in sim.write(i, key, data.as_deref()) {
-                    writes.push((row.key.pk, row.version, row.data));
-                }
+                writes.extend(sim.write(i, key, data.as_deref()));
                 log.push(format!("write {key}={data:?} at n{i}"));
             }
             5 => {
@@ -1005,14 +1098,17 @@ fn simulate(seed: u64) -> Result<Settled, String> {
         sim.restart(i, via);
         log.push(format!("restart n{i} via n{via}"));
     }
-    // The winner of every key: the write with the highest version (all
-    // writes here are deliberate: no intents).
-    let mut winners: BTreeMap<String, (Version, Option<String>)> = BTreeMap::new();
-    for (key, version, data) in writes {
-        match winners.get(&key) {
-            Some((v, _)) if !version.beats(v) => {}
+    // The winner of every key: the later intent, then the later version
+    // (a deliberate write's intent is its own version).
+    let mut winners: BTreeMap<RowKey, (Stamp, Option<String>)> = BTreeMap::new();
+    let verdicts = writes.iter().filter(|w| w.intent.is_some()).count();
+    let pops = writes.iter().filter(|w| w.key.table == Table::Pops).count();
+    for row in writes {
+        let stamp = row.stamp();
+        match winners.get(&row.key) {
+            Some((best, _)) if !stamp.beats(best) => {}
             _ => {
-                winners.insert(key, (version, data));
+                winners.insert(row.key, (stamp, row.data));
             }
         }
     }
@@ -1020,7 +1116,7 @@ fn simulate(seed: u64) -> Result<Settled, String> {
         s.converged()
             && winners
                 .iter()
-                .all(|(key, (_, data))| s.everyone_has(key, data.as_deref()))
+                .all(|(key, (_, data))| s.everyone_holds(key, data.as_deref()))
     };
     let healed = sim.elapsed();
     let bound = Duration::from_secs(120);
@@ -1028,9 +1124,9 @@ fn simulate(seed: u64) -> Result<Settled, String> {
         let held: Vec<String> = (0..nodes)
             .map(|i| {
                 let r = sim.nodes[i].replica();
-                let rows: Vec<String> = keys
-                    .iter()
-                    .map(|k| format!("{k}={:?}", r.data(&RowKey::new(Table::Backends, *k))))
+                let rows: Vec<String> = winners
+                    .keys()
+                    .map(|k| format!("{}={:?}", k.pk, r.data(k)))
                     .collect();
                 let members: Vec<String> = sim.nodes[i]
                     .members()
@@ -1074,18 +1170,19 @@ fn simulate(seed: u64) -> Result<Settled, String> {
     // What each node's database holds is the winner too.
     for i in 0..nodes {
         for (key, (_, data)) in &winners {
-            if !sim.persisted(i, key, data.as_deref()) {
-                return Err(format!("seed {seed}: n{i}'s database lacks {key}={data:?}"));
+            if !sim.persisted(i, &key.pk, data.as_deref()) {
+                return Err(format!(
+                    "seed {seed}: n{i}'s database lacks {}={data:?}",
+                    key.pk
+                ));
             }
         }
     }
     Ok(Settled {
-        writes: log.iter().filter(|l| l.starts_with("write")).count(),
-        faults: log
-            .iter()
-            .skip(1)
-            .filter(|l| !l.starts_with("write"))
-            .count(),
+        writes: log.iter().filter(|l| is_write(l)).count(),
+        faults: log.iter().skip(1).filter(|l| !is_write(l)).count(),
+        verdicts,
+        pops,
         took: sim.elapsed() - healed,
     })
 }
@@ -1094,29 +1191,56 @@ fn simulate(seed: u64) -> Result<Settled, String> {
 struct Settled {
     writes: usize,
     faults: usize,
+    /// Writes that kept the intent of the row they changed (verdicts).
+    verdicts: usize,
+    /// Writes of `pops` rows.
+    pops: usize,
     /// From the heal until every node held the winners.
     took: Duration,
 }
 
+/// A line of a simulation's log that is a write, not a fault.
+fn is_write(line: &str) -> bool {
+    ["write", "verdict", "pop"]
+        .iter()
+        .any(|w| line.starts_with(w))
+}
+
 #[test]
 fn clusters_under_random_faults_converge_to_the_last_writes() {
+    sweep(Writes::Deliberate);
+}
+
+/// The same sweep with every kind of write a POP makes, in both tables.
+#[test]
+fn clusters_under_random_faults_converge_with_every_kind_of_write() {
+    sweep(Writes::EveryKind);
+}
+
+/// Runs the seeds `EDGEPROXY_SIM_FIRST_SEED` and the next
+/// `EDGEPROXY_SIM_SEEDS - 1` with `kinds` of writes; fails naming every
+/// seed that did not settle.
+fn sweep(kinds: Writes) {
     let first = env_u64("EDGEPROXY_SIM_FIRST_SEED", 0);
     let seeds = env_u64("EDGEPROXY_SIM_SEEDS", 8);
     let (mut writes, mut faults, mut slowest) = (0, 0, Duration::ZERO);
+    let (mut verdicts, mut pops) = (0, 0);
     let mut failures = Vec::new();
     for seed in first..first + seeds {
-        match simulate(seed) {
+        match simulate(seed, kinds) {
             Ok(s) => {
                 writes += s.writes;
                 faults += s.faults;
+                verdicts += s.verdicts;
+                pops += s.pops;
                 slowest = slowest.max(s.took);
             }
             Err(e) => failures.push(e),
         }
     }
     println!(
-        "{seeds} seeds from {first}: {writes} writes, {faults} faults, \
-         settled at most {slowest:?} after the heal, {} failed",
+        "{seeds} seeds from {first}: {writes} writes ({verdicts} verdicts, {pops} of pops rows), \
+         {faults} faults, settled at most {slowest:?} after the heal, {} failed",
         failures.len()
     );
     assert!(
@@ -1125,4 +1249,12 @@ fn clusters_under_random_faults_converge_to_the_last_writes() {
         failures.len(),
         failures.join("\n\n")
     );
+    // A sweep whose writes never took the paths it is there for would pass
+    // while testing nothing new.
+    if kinds == Writes::EveryKind && seeds >= 8 {
+        assert!(
+            verdicts > 0 && pops > 0,
+            "{seeds} seeds wrote {verdicts} verdicts and {pops} pops rows"
+        );
+    }
 }

@@ -419,19 +419,26 @@ impl Sim {
     }
 
     /// Writes a row at node `i` as its own verdict (an expiry, heartbeats
-    /// taken over) would.
-    pub fn write_verdict(&mut self, i: usize, pk: &str, data: &str) {
-        self.write_as(i, pk, data, super::node::WriteKind::Verdict);
+    /// taken over) would. Returns the version it got, as [`Sim::write`].
+    pub fn write_verdict(&mut self, i: usize, pk: &str, data: &str) -> Vec<RowVersion> {
+        self.write_as(i, pk, data, super::node::WriteKind::Verdict)
     }
 
-    /// Writes a row at node `i` as the registration API would.
-    pub fn write_registration(&mut self, i: usize, pk: &str, data: &str) {
-        self.write_as(i, pk, data, super::node::WriteKind::Registration);
+    /// Writes a row at node `i` as the registration API would. Returns the
+    /// version it got, as [`Sim::write`].
+    pub fn write_registration(&mut self, i: usize, pk: &str, data: &str) -> Vec<RowVersion> {
+        self.write_as(i, pk, data, super::node::WriteKind::Registration)
     }
 
-    fn write_as(&mut self, i: usize, pk: &str, data: &str, kind: super::node::WriteKind) {
+    fn write_as(
+        &mut self,
+        i: usize,
+        pk: &str,
+        data: &str,
+        kind: super::node::WriteKind,
+    ) -> Vec<RowVersion> {
         let now = self.now();
-        self.nodes[i].local_writes_by_kind(
+        let written = self.nodes[i].local_writes_by_kind(
             now,
             [(
                 RowKey::new(Table::Backends, pk),
@@ -441,20 +448,28 @@ impl Sim {
         );
         self.persisted[i].insert(pk.to_string(), Some(data.to_string()));
         self.drain(i);
+        written
     }
 
     /// Writes node `i`'s own row of `pops` as `data` (JSON), as its
     /// database's change log would report: a drain, an identity at start.
     /// Written now, not queued: the caller may be draining node `i`'s
     /// output.
-    pub fn write_pop(&mut self, i: usize, data: &str) {
+    /// Returns the version it got, as [`Sim::write`].
+    pub fn write_pop(&mut self, i: usize, data: &str) -> Vec<RowVersion> {
         let now = self.now();
         let id = self.ids[i].clone();
-        self.nodes[i].local_writes(
+        let written = self.nodes[i].local_writes(
             now,
             [(RowKey::new(Table::Pops, &id), Some(data.to_string()))],
         );
         self.persisted[i].insert(id, Some(data.to_string()));
+        written
+    }
+
+    /// Node `i`'s id.
+    pub fn id(&self, i: usize) -> &str {
+        &self.ids[i]
     }
 
     /// Node `i`'s own `pops` row as node `at` holds it, parsed.
@@ -491,12 +506,16 @@ impl Sim {
         self.persisted[i].get(pk).map(Option::as_deref) == Some(data)
     }
 
-    /// Every live node holds `data` for `pk`.
+    /// Every live node holds `data` for `pk` (of `backends`).
     pub fn everyone_has(&self, pk: &str, data: Option<&str>) -> bool {
-        let key = RowKey::new(Table::Backends, pk);
+        self.everyone_holds(&RowKey::new(Table::Backends, pk), data)
+    }
+
+    /// Every live node holds `data` for `key`.
+    pub fn everyone_holds(&self, key: &RowKey, data: Option<&str>) -> bool {
         (0..self.nodes.len())
             .filter(|i| !self.crashed.contains(i))
-            .all(|i| self.nodes[i].replica().data(&key) == data)
+            .all(|i| self.nodes[i].replica().data(key) == data)
     }
 
     /// Every live node holds exactly the same row versions.
