@@ -309,6 +309,20 @@ transport_addr = "{ip}:4002"
         .flatten()
     }
 
+    /// The replicated version of backend `id` as POP `i`'s routing.db
+    /// holds it: hlc, origin, intent and data.
+    fn version_of(&self, i: usize, id: &str) -> Option<String> {
+        let conn = rusqlite::Connection::open(self.db_path(i)).ok()?;
+        conn.query_row(
+            "SELECT hlc || ' ' || origin || ' intent ' || IFNULL(intent_hlc, '-') || ' ' \
+             || IFNULL(intent_origin, '-') || ' ' || IFNULL(data, 'deleted') \
+             FROM repl_versions WHERE tbl = 'backends' AND pk = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .ok()
+    }
+
     /// A note of POP `i`'s replication in its routing.db (`repl_meta`).
     fn meta(&self, i: usize, key: &str) -> Option<i64> {
         let conn = rusqlite::Connection::open(self.db_path(i)).ok()?;
@@ -530,6 +544,80 @@ fn a_killed_pop_is_shown_down_and_catches_up_after_a_restart() {
         "restarted POP did not catch up"
     );
     c.wait_joined();
+}
+
+/// A POP frozen long enough for the others to declare it down (SIGSTOP: a
+/// hung host, a VM paused to be migrated), then resumed with the same
+/// identity, its clocks jumped and every timer due at once: it is a member
+/// again everywhere, it catches up a registration and a delete made while
+/// it was frozen, what it writes afterwards reaches the others, and it does
+/// not take the freeze for something else.
+#[test]
+fn a_frozen_pop_resumed_is_a_member_again_and_catches_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    assert_eq!(c.register(0, "before-freeze", addr), 201);
+    assert!(common::eventually(PATIENCE, || c.everyone_has(
+        &[0, 1, 2],
+        "before-freeze",
+        "id",
+        "before-freeze"
+    )));
+    c.pop(2).signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    assert!(
+        common::eventually(PATIENCE, || {
+            c.member_state(0, 2).as_deref() == Some("down")
+                && c.member_state(1, 2).as_deref() == Some("down")
+        }),
+        "frozen POP not reported down"
+    );
+    eprintln!("reported down after {:?}", frozen.elapsed());
+    assert_eq!(c.register(0, "while-frozen", addr), 201);
+    let (status, body) = c.api(1, "DELETE", "/api/v1/backends/before-freeze", None);
+    assert!(status < 300, "delete: {status} {body}");
+    let mark = c.pop(2).log_mark();
+    c.pop(2).signal(libc::SIGCONT);
+    let resumed = Instant::now();
+    assert!(
+        common::eventually(PATIENCE, || {
+            c.row(2, "while-frozen", "id").is_some()
+                && c.row(2, "before-freeze", "deleted").as_deref() == Some("1")
+        }),
+        "resumed POP did not catch up: while-frozen {:?}; before-freeze at each POP: {:?}, \
+         {:?}, {:?}\nits log since the resume:\n{}",
+        c.row(2, "while-frozen", "id"),
+        c.version_of(0, "before-freeze"),
+        c.version_of(1, "before-freeze"),
+        c.version_of(2, "before-freeze"),
+        c.pop(2).log_lines_after(mark, "").join("\n"),
+    );
+    c.wait_joined();
+    eprintln!(
+        "caught up and a member again {:?} after the resume",
+        resumed.elapsed()
+    );
+    assert_eq!(c.register(2, "after-resume", addr), 201);
+    assert!(
+        common::eventually(PATIENCE, || c.everyone_has(
+            &[0, 1, 2],
+            "after-resume",
+            "id",
+            "after-resume"
+        )),
+        "a write of the resumed POP did not reach the others"
+    );
+    for line in c.pop(2).log_lines_after(mark, "WARN") {
+        eprintln!("resumed POP: {line}");
+    }
+    let errors = c.pop(2).log_lines_after(mark, "ERROR");
+    assert!(errors.is_empty(), "resumed POP logged errors: {errors:#?}");
+    // Its routing reload was due while it was stopped, on idle cores: not
+    // starved by busy ones (`reload_guard`).
+    let starved = c.pop(2).log_lines_after(mark, "reload starved");
+    assert!(starved.is_empty(), "{starved:#?}");
 }
 
 /// The prefix POP 2 announces in the drain-and-wipe test.

@@ -91,6 +91,30 @@ impl Turns {
         let now = self.epoch.elapsed().as_millis() as u64;
         now > self.overdue_at_ms.load(Ordering::Acquire) && !self.raised.load(Ordering::Acquire)
     }
+
+    /// The guard itself did not run for a while (see [`looked_late`]): a
+    /// turn expected now gets `starved_after` from now, as if it had just
+    /// come due, instead of being judged on time nobody had.
+    fn restart_overdue_clock(&self, starved_after: Duration) {
+        let fresh = (self.epoch.elapsed() + starved_after).as_millis() as u64;
+        // Only a turn that is expected (not u64::MAX) moves, and only later.
+        let _ = self
+            .overdue_at_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+                (at != u64::MAX && at < fresh).then_some(fresh)
+            });
+    }
+}
+
+/// Whether the guard's look at `now`, the one after its look at `previous`
+/// (`period` apart), came more than `starved_after` late. Then the guard,
+/// a thread at normal priority, did not run either: the whole process was
+/// stopped (SIGSTOP, a debugger) or its host paused (a VM migrated, a
+/// hypervisor's steal), and a turn that came due meanwhile was not starved
+/// by busy cores. (Seen: a POP resumed after SIGSTOP said "routing reload
+/// starved under SCHED_IDLE (its cores are busy)" on idle cores.)
+fn looked_late(previous: Instant, now: Instant, period: Duration, starved_after: Duration) -> bool {
+    now.saturating_duration_since(previous) > period + starved_after
 }
 
 /// The guard thread; stops (and is joined) when dropped.
@@ -108,7 +132,19 @@ impl Guard {
             .spawn(move || {
                 let mut refused = false;
                 let period = starved_after / 4;
+                let mut looked = Instant::now();
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(period) {
+                    let now = Instant::now();
+                    let previous = std::mem::replace(&mut looked, now);
+                    if looked_late(previous, now, period, starved_after) {
+                        turns.restart_overdue_clock(starved_after);
+                        tracing::debug!(
+                            gap_ms = (now - previous).as_millis() as u64,
+                            "reload guard: this process did not run for a while (stopped or its host \
+                             paused); the routing reload's turn is judged from now"
+                        );
+                        continue;
+                    }
                     if refused || !turns.starved() {
                         continue;
                     }
@@ -262,5 +298,58 @@ mod tests {
         assert!(turns.raises() >= 1, "never raised");
         assert_eq!(during, libc::SCHED_OTHER, "not raised during its turn");
         assert_eq!(after, libc::SCHED_IDLE, "not lowered after its turn");
+    }
+
+    /// A look a period after the last is on time, a look more than
+    /// `starved_after` past that is late (the guard did not run).
+    #[test]
+    fn a_look_after_a_gap_longer_than_the_starved_time_is_late() {
+        let (period, starved_after) = (Duration::from_millis(250), Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert!(!looked_late(t0, t0 + period, period, starved_after));
+        assert!(!looked_late(
+            t0,
+            t0 + period + starved_after,
+            period,
+            starved_after
+        ));
+        assert!(looked_late(
+            t0,
+            t0 + period + starved_after + Duration::from_millis(1),
+            period,
+            starved_after
+        ));
+        // A clock that went nowhere (or back) is not late.
+        assert!(!looked_late(t0 + period, t0, period, starved_after));
+    }
+
+    /// After a gap, a turn that was overdue is judged from now: not starved
+    /// until `starved_after` has passed again. No turn expected stays none
+    /// expected, and a turn due later keeps its time.
+    #[test]
+    fn a_gap_restarts_the_overdue_clock_of_an_expected_turn_only() {
+        let starved_after = Duration::from_secs(1);
+        // Watching for ten seconds already.
+        let turns = Turns {
+            epoch: Instant::now() - Duration::from_secs(10),
+            ..Arc::into_inner(Turns::new()).unwrap()
+        };
+        turns.restart_overdue_clock(starved_after);
+        assert_eq!(turns.overdue_at_ms.load(Ordering::Acquire), u64::MAX);
+        assert!(!turns.starved());
+
+        // Due at the start, overdue a second later: starved by now.
+        turns.due_at(turns.epoch, starved_after);
+        assert!(turns.starved());
+        turns.restart_overdue_clock(starved_after);
+        assert!(!turns.starved(), "judged on the gap");
+        let fresh = turns.overdue_at_ms.load(Ordering::Acquire);
+        assert!(fresh >= (Duration::from_secs(10) + starved_after).as_millis() as u64);
+
+        // A turn due far ahead keeps its time.
+        turns.due_at(Instant::now() + Duration::from_secs(60), starved_after);
+        let later = turns.overdue_at_ms.load(Ordering::Acquire);
+        turns.restart_overdue_clock(starved_after);
+        assert_eq!(turns.overdue_at_ms.load(Ordering::Acquire), later);
     }
 }
