@@ -809,6 +809,72 @@ hold_time_secs = 3
     assert!(!bird.has_route(PREFIX), "{}", bird.route(PREFIX));
 }
 
+/// A drained POP renamed during its maintenance (stopped, a new
+/// `node_id`, the same host and routing.db) stays drained: its drain was a
+/// column of its old id's row, and the new id's row was written undrained,
+/// so it came back announced and taking traffic.
+#[test]
+fn a_drained_pop_renamed_stays_drained_everywhere() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::start(3, Some(WAN));
+    c.wait_joined();
+    let (status, body) = c.api(2, "POST", "/api/v1/pop/drain", None);
+    assert_eq!(status, 200, "{body}");
+    let draining = |c: &Cluster, at: usize, id: &str| -> Option<String> {
+        let conn = rusqlite::Connection::open(c.db_path(at)).ok()?;
+        conn.query_row(
+            "SELECT CAST(draining AS TEXT) FROM pops WHERE node_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .ok()
+    };
+    assert!(
+        common::eventually(PATIENCE, || (0..3)
+            .all(|i| draining(&c, i, "node-2").as_deref() == Some("1"))),
+        "the drain did not replicate"
+    );
+    c.stop(2);
+    c.extra[2] = "node_id = \"node-2-renamed\"".into();
+    c.launch(2);
+    let said = c.pop(2).wait_for_log("the drain carries over", PATIENCE);
+    assert!(
+        said.as_deref().is_some_and(|l| l.contains("node-2")),
+        "{}",
+        c.pop(2).log_text()
+    );
+    assert!(
+        common::eventually(PATIENCE, || (0..3).all(|i| draining(
+            &c,
+            i,
+            "node-2-renamed"
+        )
+        .as_deref()
+            == Some("1"))),
+        "the renamed POP's row is not drained everywhere: {:?}",
+        (0..3)
+            .map(|i| draining(&c, i, "node-2-renamed"))
+            .collect::<Vec<_>>()
+    );
+    let (_, status) = c.api(2, "GET", "/api/v1/pop", None);
+    assert_eq!(status["draining"], true, "{status}");
+    let log = c.pop(2).log_text();
+    assert!(log.contains("pop: this POP is drained"), "{log}");
+    // Lifted the usual way.
+    let (status, body) = c.api(2, "POST", "/api/v1/pop/undrain", None);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        common::eventually(PATIENCE, || (0..3).all(|i| draining(
+            &c,
+            i,
+            "node-2-renamed"
+        )
+        .as_deref()
+            == Some("0"))),
+        "the undrain did not replicate"
+    );
+}
+
 /// What a POP owes a member that is down (the deletions it keeps past the
 /// tombstone TTL for it) is recorded in its `routing.db`, survives a kill
 /// and restart, and is released once the member is back and in sync.

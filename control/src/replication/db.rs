@@ -926,6 +926,29 @@ impl ReplDb {
             .map_err(|e| self.err(e))
     }
 
+    /// The node id of a drained POP that `routing.db` holds at
+    /// `gossip_addr` under another id than `node_id`: this POP's previous
+    /// identity, when it starts under a new node id on the same host and
+    /// disk (see `Driver`'s start). The one most recently versioned when
+    /// there are several.
+    pub fn drained_pop_at(
+        &self,
+        gossip_addr: &str,
+        node_id: &str,
+    ) -> Result<Option<String>, DbError> {
+        self.conn
+            .query_row(
+                "SELECT p.node_id FROM pops p \
+                 LEFT JOIN repl_versions v ON v.tbl = 'pops' AND v.pk = p.node_id \
+                 WHERE p.gossip_addr = ?1 AND p.node_id IS NOT ?2 AND p.draining != 0 \
+                 ORDER BY v.hlc DESC LIMIT 1",
+                [gossip_addr, node_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// Writes this POP's own row of `pops` when it differs from what is
     /// there (a restart with the same settings writes nothing, so nothing
     /// replicates). `draining` and `serving` are written only when the row
@@ -1196,6 +1219,30 @@ mod tests {
                 .unwrap();
         assert_eq!(data["wg_endpoint"], "10.0.0.1:51900");
         assert_eq!(data["name"], "pop-a2");
+    }
+
+    /// The previous identity of a POP starting under a new node id: a
+    /// drained row at its gossip address under another id; none when that
+    /// row is not drained, is at another address, or is its own id's.
+    #[test]
+    fn a_drained_row_at_the_same_gossip_address_under_another_id_is_found() {
+        let (_d, _path, mut db, _node) = setup();
+        let pop = |id: &str, gossip: &str, draining: bool| crate::store::PopRow {
+            node_id: id.into(),
+            name: format!("pop-{id}"),
+            region: "eu".into(),
+            gossip_addr: gossip.into(),
+            draining,
+            ..Default::default()
+        };
+        db.upsert_pop(&pop("old", "10.0.0.1:4001", true)).unwrap();
+        db.upsert_pop(&pop("elsewhere", "10.0.0.2:4001", true)).unwrap();
+        db.upsert_pop(&pop("serving", "10.0.0.3:4001", false)).unwrap();
+        let found = |gossip: &str, id: &str| db.drained_pop_at(gossip, id).unwrap();
+        assert_eq!(found("10.0.0.1:4001", "new").as_deref(), Some("old"));
+        assert_eq!(found("10.0.0.1:4001", "old"), None, "its own id");
+        assert_eq!(found("10.0.0.3:4001", "new"), None, "not drained");
+        assert_eq!(found("10.0.0.9:4001", "new"), None, "another address");
     }
 
     #[test]

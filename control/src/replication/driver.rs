@@ -499,8 +499,21 @@ impl Bound {
             }
             Err(e) => return Err(e.into()),
         };
-        let own_row = self.own_pop_row();
+        let mut own_row = self.own_pop_row();
         let own_row_found = db.has_pop(&c.node_id)?;
+        if !own_row_found {
+            // A POP renamed during maintenance (a new `node_id`, the same
+            // host and routing.db) would otherwise come back undrained,
+            // announced and taking traffic: its drain was a column of the
+            // row of its old id.
+            if let Some(previous) = db.drained_pop_at(&own_row.gossip_addr, &c.node_id)? {
+                own_row.draining = true;
+                tracing::warn!(node = %c.node_id, %previous, gossip = %own_row.gossip_addr,
+                    "replication: this POP starts under a new node id, and routing.db holds a drained POP \
+                     at its gossip address under another id (its previous one): the drain carries over \
+                     (`edgeproxy undrain` lifts it; `edgeproxy cluster forget` removes the old id)");
+            }
+        }
         if gate.is_open() && own_row_found {
             if let Err(e) = db.upsert_pop(&own_row) {
                 if !e.is_unwritable() {
