@@ -630,6 +630,45 @@ fn a_crashed_pop_is_gone_within_the_hold_time_and_back_when_restarted() {
     assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
 }
 
+/// A POP stopped past the hold time (SIGSTOP: a hung host, a VM paused to
+/// be migrated): BIRD's hold timer drops the session and the route; once
+/// the POP runs again, with the router's NOTIFICATION and its own expired
+/// timers waiting at once, it opens a new session and announces again,
+/// and serves.
+#[test]
+fn a_pop_stopped_past_the_hold_time_announces_again_when_it_runs() {
+    let _serial = serial();
+    let (mut lab, bird) = bird_lab(1, 3);
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    lab.pop(1).signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let gone = wait_route(&bird, PREFIX4, false, "SIGSTOP");
+    println!(
+        "figure: stopped POP to the route gone from BIRD: {:.2} s (hold time 3 s)",
+        gone.duration_since(stopped).as_secs_f64()
+    );
+    assert!(
+        bird.log_text().contains("Hold timer expired"),
+        "BIRD dropped it for another reason:\n{}",
+        bird.log_text()
+    );
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(libc::SIGCONT);
+    let resumed = Instant::now();
+    let back = wait_route(&bird, PREFIX4, true, "SIGCONT");
+    println!(
+        "figure: resumed POP to the route back in BIRD: {:.2} s",
+        back.duration_since(resumed).as_secs_f64()
+    );
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+    for line in lab.pop(1).log_lines_after(mark, "WARN") {
+        println!("resumed POP: {line}");
+    }
+    let errors = lab.pop(1).log_lines_after(mark, "ERROR");
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
 #[test]
 fn backends_all_unhealthy_withdraw_and_healthy_again_announces() {
     let _serial = serial();

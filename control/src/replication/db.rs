@@ -1236,8 +1236,10 @@ mod tests {
             ..Default::default()
         };
         db.upsert_pop(&pop("old", "10.0.0.1:4001", true)).unwrap();
-        db.upsert_pop(&pop("elsewhere", "10.0.0.2:4001", true)).unwrap();
-        db.upsert_pop(&pop("serving", "10.0.0.3:4001", false)).unwrap();
+        db.upsert_pop(&pop("elsewhere", "10.0.0.2:4001", true))
+            .unwrap();
+        db.upsert_pop(&pop("serving", "10.0.0.3:4001", false))
+            .unwrap();
         let found = |gossip: &str, id: &str| db.drained_pop_at(gossip, id).unwrap();
         assert_eq!(found("10.0.0.1:4001", "new").as_deref(), Some("old"));
         assert_eq!(found("10.0.0.1:4001", "old"), None, "its own id");
