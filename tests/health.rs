@@ -250,6 +250,66 @@ fn a_black_holed_backend_is_detected_by_the_check_timeout() {
     );
 }
 
+/// A check in flight when the proxy is stopped (SIGSTOP: a debugger, like a
+/// VM paused to be migrated), answered meanwhile, with its timeout due while
+/// nothing ran: not the backend's failure. On resume the timer and the
+/// answer are both there, and the check failed "timed out" when its timer
+/// was served first; with `unhealthy_threshold = 1` that took the backend
+/// out.
+#[test]
+fn a_check_whose_timeout_came_due_while_the_proxy_was_stopped_is_not_a_failure() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Each check read is told to the test; the first one's answer waits
+    // for the test's word, the others go at once.
+    let (read_tx, checks_read) = mpsc::channel::<()>();
+    let (answer, answer_rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        for (n, conn) in listener.incoming().enumerate() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match conn.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            let _ = read_tx.send(());
+            if n == 0 {
+                let _ = answer_rx.recv();
+            }
+            let _ = conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    let (_dir, proxy) = proxy_over(
+        "health-stopped",
+        &[Row::new("held", "web", "sa", port)],
+        "[health]\nenabled = true\ntype = \"http\"\ninterval_ms = 300\ntimeout_ms = 200\n\
+         unhealthy_threshold = 1\n",
+    );
+    checks_read
+        .recv_timeout(PATIENCE)
+        .expect("the first check never came");
+    let mark = proxy.log_mark();
+    proxy.signal(libc::SIGSTOP);
+    answer.send(()).unwrap();
+    // The fault itself: stopped for three times the check's timeout.
+    std::thread::sleep(Duration::from_millis(600));
+    proxy.signal(libc::SIGCONT);
+    // Two more checks read: the held one's outcome is in by then.
+    for _ in 0..2 {
+        checks_read
+            .recv_timeout(PATIENCE)
+            .expect("checks stopped after the resume");
+    }
+    let failed = proxy.log_lines_after(mark, "health checks failed");
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
 /// QA: a check that timed out said only "timed out after 200 ms", alike
 /// for a backend whose connects go unanswered (a full accept queue here; a
 /// firewall dropping SYNs, a host gone) and one that accepts and never

@@ -129,7 +129,7 @@ impl Driver {
                                     tracing::error!(backend = %id, error = %e, "health check task failed");
                                     checker.on_result(now, &id, CheckOutcome {
                                         ok: false,
-                                        rtt: Duration::ZERO,
+                                        rtt: None,
                                         error: Some(format!("check failed to run: {e}")),
                                         // Our fault, not the backend's.
                                         local: true,

@@ -22,13 +22,38 @@ use super::state::CheckOutcome;
 /// Most of an HTTP body read while looking for `body_contains`.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// How late a check's timeout may fire before the wait counts as time this
+/// process did not run (see [`run`]).
+const LATE_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// Runs `order`'s check to completion or to its timeout.
+///
+/// A timeout that fires more than [`LATE_TIMEOUT`] after it was due came
+/// while this process did not run: it was stopped (SIGSTOP, a debugger),
+/// its VM paused (a live migration) or the control thread starved. The
+/// backend's answer may be waiting in the socket, read by nobody (an HTTP
+/// answer goes through hyper's connection task, which may run after the
+/// check's timer): so the check gets its timeout again, counted from now,
+/// instead of a failure for time it never had. (Seen: a check in flight
+/// across a SIGSTOP failed on resume with "timed out", and with
+/// `unhealthy_threshold = 1` took its backend out.)
 pub async fn run(order: &CheckOrder) -> CheckOutcome {
     let s = &order.settings;
     let started = Instant::now();
     let step = Step::default();
-    let result = tokio::time::timeout(s.timeout, check(order, &step)).await;
-    let rtt = started.elapsed();
+    let mut checking = std::pin::pin!(check(order, &step));
+    let mut result = tokio::time::timeout(s.timeout, checking.as_mut()).await;
+    let waited = started.elapsed();
+    let late = waited.saturating_sub(s.timeout);
+    // The time to the answer, unless the wait took in time nobody ran (an
+    // answer read after its timeout was due was read late too).
+    let mut rtt = (late <= LATE_TIMEOUT).then_some(waited);
+    if result.is_err() && late > LATE_TIMEOUT {
+        tracing::debug!(backend = %order.addr, late_ms = late.as_millis() as u64,
+            "health check's timeout fired late (this process did not run): given its timeout again");
+        result = tokio::time::timeout(s.timeout, checking).await;
+        rtt = None;
+    }
     let (ok, error, local) = match result {
         Ok(Ok(())) => (true, None, false),
         Ok(Err(Failed::Backend(reason))) => (false, Some(reason), false),

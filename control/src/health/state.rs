@@ -110,8 +110,10 @@ pub struct CircuitParams {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckOutcome {
     pub ok: bool,
-    /// Time to the answer (for a success).
-    pub rtt: Duration,
+    /// Time to the answer, for a success whose time is known: none when
+    /// this process did not run while the check waited (see
+    /// `probe::run`), which says nothing of the backend's time.
+    pub rtt: Option<Duration>,
     /// Why it failed, for the API and the logs.
     pub error: Option<String>,
     /// It could not run on this host (no local port, descriptor or memory
@@ -193,12 +195,14 @@ impl BackendHealth {
         let confirming = std::mem::take(&mut self.confirm_pending);
         let ok = outcome.ok;
         if ok {
-            let sample = outcome.rtt.as_secs_f64();
-            let avg = match self.rtt_ewma {
-                None => sample,
-                Some(prev) => prev.as_secs_f64() * (1.0 - RTT_ALPHA) + sample * RTT_ALPHA,
-            };
-            self.rtt_ewma = Some(Duration::from_secs_f64(avg));
+            if let Some(rtt) = outcome.rtt {
+                let sample = rtt.as_secs_f64();
+                let avg = match self.rtt_ewma {
+                    None => sample,
+                    Some(prev) => prev.as_secs_f64() * (1.0 - RTT_ALPHA) + sample * RTT_ALPHA,
+                };
+                self.rtt_ewma = Some(Duration::from_secs_f64(avg));
+            }
             self.consecutive_successes = self.consecutive_successes.saturating_add(1);
             self.consecutive_failures = 0;
         } else {
@@ -337,7 +341,7 @@ mod tests {
     fn ok(ms: u64) -> CheckOutcome {
         CheckOutcome {
             ok: true,
-            rtt: Duration::from_millis(ms),
+            rtt: Some(Duration::from_millis(ms)),
             error: None,
             local: false,
         }
@@ -346,7 +350,7 @@ mod tests {
     fn fail() -> CheckOutcome {
         CheckOutcome {
             ok: false,
-            rtt: Duration::ZERO,
+            rtt: None,
             error: Some("refused".into()),
             local: false,
         }
@@ -415,6 +419,14 @@ mod tests {
         h.on_check(t, fail(), 2, 3);
         let after = h.rtt_ewma.unwrap().as_secs_f64() * 1000.0;
         assert!((after - 13.0).abs() < 1e-6);
+        // A success whose time is unknown (the process did not run while
+        // it waited) counts as a success and leaves the average alone.
+        let unknown = CheckOutcome { rtt: None, ..ok(0) };
+        h.on_check(t, unknown.clone(), 1, 3);
+        assert_eq!(h.on_check(t, unknown, 1, 3), None);
+        assert_eq!(h.consecutive_successes, 2);
+        let same = h.rtt_ewma.unwrap().as_secs_f64() * 1000.0;
+        assert!((same - 13.0).abs() < 1e-6, "{same}");
     }
 
     #[test]

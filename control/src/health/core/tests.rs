@@ -39,7 +39,7 @@ fn params(max_concurrent: usize) -> CheckerParams {
 fn ok() -> CheckOutcome {
     CheckOutcome {
         ok: true,
-        rtt: Duration::from_millis(1),
+        rtt: Some(Duration::from_millis(1)),
         error: None,
         local: false,
     }
@@ -48,7 +48,7 @@ fn ok() -> CheckOutcome {
 fn fail() -> CheckOutcome {
     CheckOutcome {
         ok: false,
-        rtt: Duration::ZERO,
+        rtt: None,
         error: Some("connection refused".into()),
         local: false,
     }
@@ -303,7 +303,7 @@ fn rtt_reaches_the_backends_live_state() {
         &o.id,
         CheckOutcome {
             ok: true,
-            rtt: Duration::from_micros(1500),
+            rtt: Some(Duration::from_micros(1500)),
             error: None,
             local: false,
         },
@@ -451,7 +451,7 @@ fn a_check_that_could_not_run_here_says_nothing_of_the_backend() {
             &o.id,
             CheckOutcome {
                 ok: false,
-                rtt: Duration::ZERO,
+                rtt: None,
                 error: Some("connect: Cannot assign requested address (os error 99)".into()),
                 local: true,
             },
