@@ -71,3 +71,42 @@ fn grpc_not_serving_takes_the_backend_out_and_serving_brings_it_back() {
     rt.block_on(reporter.set_service_status("edge.Echo", ServingStatus::Serving));
     is("health checks pass again", mark).expect("SERVING brings g back");
 }
+
+/// A gRPC backend that takes connections and never answers (listening,
+/// nothing accepts) is taken out by the check's timeout, which says where
+/// the check stood: the check's own timeout bounds gRPC checks, as every
+/// other kind, with no timeout of tonic's beside it.
+#[test]
+fn a_grpc_backend_that_never_answers_is_out_by_the_checks_timeout() {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TempDir::new("health-grpc-hung");
+    let db = Db::create(dir.join("routing.db"));
+    db.upsert(&Row::new(
+        "hung",
+        "api",
+        "sa",
+        hung.local_addr().unwrap().port(),
+    ));
+    let proxy = Proxy::with_config(
+        &dir,
+        &config(
+            &db.path,
+            "[health.apps.api]\nenabled = true\ntype = \"grpc\"\n\
+             interval_ms = 300\ntimeout_ms = 200\nunhealthy_threshold = 2\n",
+        ),
+    );
+    let line = proxy
+        .wait_for_log_where(
+            0,
+            |l| {
+                l.contains("health checks failed") && field(l, "backend").as_deref() == Some("hung")
+            },
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("hung not out; log:\n{}", proxy.log_text()));
+    println!("{line}");
+    assert!(
+        line.contains("timed out after 200 ms waiting for the gRPC answer"),
+        "{line}"
+    );
+}

@@ -348,10 +348,12 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 async fn grpc(addr: SocketAddr, s: &CheckSettings, step: &Step) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    // No timeouts of tonic's own: `run`'s bounds the whole check, says the
+    // step it stopped at, and is given again when it fired while this
+    // process did not run; one of the same length inside raced with it and
+    // failed such a check as "timeout expired".
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("grpc endpoint: {e}"))?
-        .connect_timeout(s.timeout)
-        .timeout(s.timeout);
+        .map_err(|e| format!("grpc endpoint: {e}"))?;
     let channel = endpoint
         .connect()
         .await
