@@ -88,6 +88,20 @@ impl HttpBackend {
     }
 }
 
+/// An HTTP request's head, read byte by byte up to its blank line (so
+/// nothing after it is taken); none if the peer ends or fails first.
+pub fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
 fn serve(
     mut stream: TcpStream,
     name: &str,
@@ -101,14 +115,9 @@ fn serve(
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => return,
-        }
-    }
+    let Some(head) = read_head(&mut stream) else {
+        return;
+    };
     let line = String::from_utf8_lossy(&head);
     let code = if line.starts_with("GET /health ") {
         let n = health.fetch_add(1, SeqCst);
