@@ -829,9 +829,14 @@ fn a_drained_pop_renamed_stays_drained_everywhere() {
         )
         .ok()
     };
+    // Every POP comes to hold `id`'s row with `draining` = `value`.
+    let everyone_holds = |c: &Cluster, id: &str, value: &str| {
+        common::eventually(PATIENCE, || {
+            (0..3).all(|i| draining(c, i, id).as_deref() == Some(value))
+        })
+    };
     assert!(
-        common::eventually(PATIENCE, || (0..3)
-            .all(|i| draining(&c, i, "node-2").as_deref() == Some("1"))),
+        everyone_holds(&c, "node-2", "1"),
         "the drain did not replicate"
     );
     c.stop(2);
@@ -844,13 +849,7 @@ fn a_drained_pop_renamed_stays_drained_everywhere() {
         c.pop(2).log_text()
     );
     assert!(
-        common::eventually(PATIENCE, || (0..3).all(|i| draining(
-            &c,
-            i,
-            "node-2-renamed"
-        )
-        .as_deref()
-            == Some("1"))),
+        everyone_holds(&c, "node-2-renamed", "1"),
         "the renamed POP's row is not drained everywhere: {:?}",
         (0..3)
             .map(|i| draining(&c, i, "node-2-renamed"))
@@ -864,13 +863,7 @@ fn a_drained_pop_renamed_stays_drained_everywhere() {
     let (status, body) = c.api(2, "POST", "/api/v1/pop/undrain", None);
     assert_eq!(status, 200, "{body}");
     assert!(
-        common::eventually(PATIENCE, || (0..3).all(|i| draining(
-            &c,
-            i,
-            "node-2-renamed"
-        )
-        .as_deref()
-            == Some("0"))),
+        everyone_holds(&c, "node-2-renamed", "0"),
         "the undrain did not replicate"
     );
 }
