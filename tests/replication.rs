@@ -614,6 +614,14 @@ fn a_frozen_pop_resumed_is_a_member_again_and_catches_up() {
     }
     let errors = c.pop(2).log_lines_after(mark, "ERROR");
     assert!(errors.is_empty(), "resumed POP logged errors: {errors:#?}");
+    // A peer's handshake given up during the stop is no refusal.
+    let refused: Vec<String> = c
+        .pop(2)
+        .log_lines_after(mark, "peer refused")
+        .into_iter()
+        .filter(|line| line.contains("QUIC handshake"))
+        .collect();
+    assert!(refused.is_empty(), "{refused:#?}");
     // Its routing reload was due while it was stopped, on idle cores: not
     // starved by busy ones (`reload_guard`).
     let starved = c.pop(2).log_lines_after(mark, "reload starved");

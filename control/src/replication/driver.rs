@@ -941,12 +941,20 @@ impl Driver {
                 reason,
             } => {
                 self.node.stats.refused += 1;
-                self.log_refusal(
-                    from,
-                    label,
-                    None,
-                    &format!("QUIC handshake failed: {reason}"),
-                );
+                // Only "secret" is a refusal; a handshake cut short is the
+                // peer giving up on this POP (which did not answer in time:
+                // stopped, overloaded) or a firewall dropping one direction
+                // of the transport port, and said so.
+                let message = if label == "secret" {
+                    format!("QUIC handshake failed: {reason}")
+                } else {
+                    format!(
+                        "QUIC handshake cut short: {reason} (the peer gave up waiting: this POP \
+                         did not answer in time, e.g. it was stopped, or a firewall drops one \
+                         direction of the transport port)"
+                    )
+                };
+                self.log_refusal(from, label, None, &message);
             }
             TransportEvent::Unreachable { to, reason } => {
                 tracing::debug!(peer = %to, %reason, "replication: peer unreachable");
@@ -1018,10 +1026,16 @@ impl Driver {
         peer: Option<&str>,
         reason: &str,
     ) {
-        if self.refusal_log_due((addr, label)) {
-            tracing::warn!(%addr, peer = peer.unwrap_or("?"), reason = label, "replication: peer refused: {reason}");
+        // A handshake cut short is no refusal (see `on_transport`).
+        let headline = if label == "handshake" {
+            "incoming connection failed"
         } else {
-            tracing::debug!(%addr, reason = label, "replication: peer refused: {reason}");
+            "peer refused"
+        };
+        if self.refusal_log_due((addr, label)) {
+            tracing::warn!(%addr, peer = peer.unwrap_or("?"), reason = label, "replication: {headline}: {reason}");
+        } else {
+            tracing::debug!(%addr, reason = label, "replication: {headline}: {reason}");
         }
         crate::replication::metrics::count_refused(label);
     }
