@@ -824,6 +824,74 @@ fn a_killed_pop_leaves_the_mesh_and_comes_back_at_a_new_endpoint_without_disturb
     assert_eq!(m.ifindex(0), index0, "POP 0's interface was recreated");
 }
 
+/// A POP stopped (SIGSTOP: a hung host, a VM paused for a live migration)
+/// until the others take it out of their mesh, then resumed: it is meshed
+/// again on the interface it had, a TCP connection across 6PN to it that was
+/// open before the stop carries on, and the other POPs' tunnel between them
+/// was never disturbed.
+#[test]
+fn a_stopped_pop_is_taken_out_of_the_mesh_and_back_in_once_it_runs() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let m = Mesh::start(3);
+    let index2 = m.ifindex(2);
+    // Long-lived connections over the tunnels: POP 0 ↔ POP 1 (both keep
+    // running), POP 0 ↔ POP 2 (the one stopped).
+    let (a1, a2) = (m.address(1), m.address(2));
+    let _b1 = m.backend(1, SocketAddr::new(IpAddr::V6(a1), 7100), "one");
+    let _b2 = m.backend(2, SocketAddr::new(IpAddr::V6(a2), 7100), "two");
+    let open = |to: Ipv6Addr, greeting: &'static str| {
+        m.net.run_in(0, move || {
+            let s = TcpStream::connect_timeout(&SocketAddr::new(IpAddr::V6(to), 7100), PATIENCE)
+                .unwrap();
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            assert_eq!(read_line(&s).as_deref(), Some(greeting));
+            s
+        })
+    };
+    let to_one = open(a1, "one");
+    let to_two = open(a2, "two");
+    let ping = |s: &TcpStream, n: u32, what: &str| {
+        let mut w = s;
+        w.write_all(format!("ping {n}\n").as_bytes()).unwrap();
+        assert_eq!(read_line(s), Some(format!("ping {n}")), "{what}");
+    };
+    ping(&to_one, 0, "the POP 0 ↔ POP 1 tunnel");
+    ping(&to_two, 0, "the POP 0 ↔ POP 2 tunnel");
+    let key2 = m.wg_public_key(2);
+    let mark = m.pop(2).log_mark();
+    let stopped = Instant::now();
+    m.pop(2).signal(libc::SIGSTOP);
+    // Nothing may ask POP 2 anything now: it answers no socket.
+    for i in [0, 1] {
+        let gone = common::eventually(PATIENCE, || !m.wg_peers(i).contains_key(&key2));
+        assert!(gone, "POP {i} still peers with the stopped POP 2");
+    }
+    eprintln!(
+        "stopped POP out of both meshes after {:?}",
+        stopped.elapsed()
+    );
+    ping(&to_one, 1, "the POP 0 ↔ POP 1 tunnel, POP 2 stopped");
+    m.pop(2).signal(libc::SIGCONT);
+    let resumed = Instant::now();
+    m.wait_meshed();
+    eprintln!("meshed again {:?} after the resume", resumed.elapsed());
+    ping(&to_two, 1, "the POP 0 ↔ POP 2 connection across the stop");
+    ping(&to_one, 2, "the POP 0 ↔ POP 1 tunnel after the resume");
+    for i in [0, 1] {
+        let to = SocketAddr::new(IpAddr::V6(a2), 7100);
+        assert_eq!(m.tcp(i, to).as_deref(), Ok("two"), "POP {i} to POP 2");
+    }
+    assert_eq!(m.ifindex(2), index2, "POP 2's interface was recreated");
+    let errors = m.pop(2).log_lines_after(mark, "ERROR");
+    assert!(
+        errors.is_empty(),
+        "the resumed POP logged errors: {errors:#?}"
+    );
+    for line in m.pop(2).log_lines_after(mark, "WARN") {
+        eprintln!("resumed POP: {line}");
+    }
+}
+
 /// Two POPs on `implementation`, meshed, and a backend answering
 /// `greeting` on POP 1's 6PN address at `port`, which POP 0 reaches through
 /// the tunnel.
