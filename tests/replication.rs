@@ -1888,6 +1888,67 @@ fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     }
 }
 
+/// The cluster secret rotated POP by POP in three rolling steps (README,
+/// "Rotating the cluster secret"): sign with the old secret and accept the
+/// new one; sign with the new one and accept the old; the new one alone.
+/// Every POP restarted at every step is a member again and replicates both
+/// ways with POPs one step behind, and no POP refuses another at any time;
+/// once done, a POP holding only the old secret is refused.
+#[test]
+fn the_cluster_secret_is_rotated_pop_by_pop_without_a_partition() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NEW: &str = "the-rotated-cluster-secret-9876543210";
+    let mut c = Cluster::start(3, None);
+    c.wait_joined();
+    let steps = [
+        format!("secret = \"{SECRET}\"\naccept_secret = \"{NEW}\""),
+        format!("secret = \"{NEW}\"\naccept_secret = \"{SECRET}\""),
+        format!("secret = \"{NEW}\""),
+    ];
+    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    let refusals = |c: &Cluster, i: usize| c.pop(i).log_lines_after(0, "cluster's secret");
+    for (step, extra) in steps.iter().enumerate() {
+        for i in 0..3 {
+            let refused = refusals(&c, i);
+            assert!(refused.is_empty(), "POP {i} refused a peer: {refused:#?}");
+            c.stop(i);
+            c.extra[i] = extra.clone();
+            c.launch(i);
+            c.wait_joined();
+            // Both ways between the POP just changed and the others.
+            let other = (i + 1) % 3;
+            for (at, id) in [
+                (i, format!("s{step}-from-{i}")),
+                (other, format!("s{step}-to-{i}")),
+            ] {
+                assert_eq!(c.register(at, &id, addr), 201);
+                assert!(
+                    common::eventually(PATIENCE, || c.everyone_has(&[0, 1, 2], &id, "id", &id)),
+                    "step {step}, POP {i}: {id} written at POP {at} did not reach every POP"
+                );
+            }
+            eprintln!("step {}: POP {i} changed, a member, replicating", step + 1);
+        }
+    }
+    for i in 0..3 {
+        let refused = refusals(&c, i);
+        assert!(refused.is_empty(), "POP {i} refused a peer: {refused:#?}");
+    }
+    // The old secret no longer opens anything.
+    let marks: Vec<usize> = (0..2).map(|i| c.pop(i).log_mark()).collect();
+    c.stop(2);
+    c.extra[2] = format!("secret = \"{SECRET}\"");
+    c.launch(2);
+    for (i, mark) in marks.into_iter().enumerate() {
+        assert!(
+            c.pop(i)
+                .wait_for_log_after(mark, "does not hold this cluster's secret", PATIENCE)
+                .is_some(),
+            "POP {i} did not refuse the old secret"
+        );
+    }
+}
+
 /// A node of another edgeproxy version (replication schema 99) with the
 /// right secret and cluster name: the protocol's own node, driven by the test
 /// over a real UDP socket in its own namespace.
@@ -1924,6 +1985,7 @@ fn a_peer_with_another_schema_version_is_refused_and_told_why() {
             expected_size: 3,
             tombstone_ttl: Duration::from_secs(3600),
             gossip_key: Some(ClusterSecret::new(SECRET).gossip_key()),
+            accepted_gossip_key: None,
             seed: 7,
         },
         Replica::new(),

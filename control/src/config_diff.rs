@@ -84,6 +84,16 @@ fn render(v: &toml::Value) -> String {
     v.to_string()
 }
 
+/// A secret's change, its values hidden: `(hidden)` or `(unset)`.
+fn hidden_change<T: PartialEq>(key: String, old: &Option<T>, new: &Option<T>) -> Option<Change> {
+    let shown = |v: &Option<T>| if v.is_some() { "(hidden)" } else { "(unset)" }.to_string();
+    (old != new).then(|| Change {
+        key,
+        old: shown(old),
+        new: shown(new),
+    })
+}
+
 /// The configuration to run after a SIGHUP and the restart-only keys the
 /// new file changes (see the module docs). `running` is what runs now.
 pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
@@ -117,24 +127,25 @@ pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
         .zip(&new.bgp.neighbors)
         .enumerate()
     {
-        if old.password != new.password {
-            changes.push(Change {
-                key: format!("bgp.neighbor[{i}].password"),
-                old: if old.password.is_some() {
-                    "(hidden)"
-                } else {
-                    "(unset)"
-                }
-                .into(),
-                new: if new.password.is_some() {
-                    "(hidden)"
-                } else {
-                    "(unset)"
-                }
-                .into(),
-            });
-        }
+        changes.extend(hidden_change(
+            format!("bgp.neighbor[{i}].password"),
+            &old.password,
+            &new.password,
+        ));
     }
+    // So are the replication secrets: a new secret in the same file, or in
+    // the same secret file, is a difference the walk cannot see either.
+    let (was, now) = (&running.replication, &new.replication);
+    changes.extend(hidden_change(
+        "replication.secret".into(),
+        &was.secret,
+        &now.secret,
+    ));
+    changes.extend(hidden_change(
+        "replication.accept_secret".into(),
+        &was.accept_secret,
+        &now.accept_secret,
+    ));
     keep!("geodns", geodns);
     keep!("upgrade", upgrade);
     keep!("postgres", postgres);
@@ -211,6 +222,33 @@ mod tests {
             "bgp.neighbor[0].password: (unset) → (hidden)"
         );
         assert!(split(&running, &running.clone()).1.is_empty());
+    }
+
+    /// QA, 2026-12-07: a new replication secret written over the old one
+    /// and a SIGHUP said nothing, though it applies only at a restart.
+    #[test]
+    fn a_new_replication_secret_needs_a_restart_and_is_not_shown() {
+        let replication = |more: &str| {
+            config(&format!(
+                "[replication]\nenabled = true\nnode_id = \"a\"\n\
+                 secret = \"the-old-secret-0123456789\"\n{more}"
+            ))
+        };
+        let running = replication("");
+        let rotated = config(
+            "[replication]\nenabled = true\nnode_id = \"a\"\n\
+             secret = \"the-new-secret-0123456789\"\n\
+             accept_secret = \"the-old-secret-0123456789\"\n",
+        );
+        let (next, changes) = split(&running, &rotated);
+        assert_eq!(
+            joined(&changes),
+            "replication.secret: (hidden) → (hidden), \
+             replication.accept_secret: (unset) → (hidden)"
+        );
+        assert_eq!(next.replication, running.replication, "runs on as it was");
+        let (_, changes) = split(&running, &replication(""));
+        assert!(changes.is_empty(), "{changes:?}");
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct RawReplication {
     pub cluster_name: Option<String>,
     pub secret: Option<String>,
     pub secret_file: Option<PathBuf>,
+    pub accept_secret: Option<String>,
+    pub accept_secret_file: Option<PathBuf>,
     pub insecure: Option<bool>,
 }
 
@@ -89,6 +91,13 @@ pub struct Replication {
     #[serde(skip)]
     pub secret: Option<Secret>,
     pub secret_file: Option<PathBuf>,
+    /// A second secret whose holders are accepted too (gossip opened with
+    /// its key, QUIC certificates of its CA trusted); this POP still seals
+    /// and signs with `secret` only. For rotating the secret without a
+    /// partition (README "Rotating the cluster secret"). Never serialized.
+    #[serde(skip)]
+    pub accept_secret: Option<Secret>,
+    pub accept_secret_file: Option<PathBuf>,
     /// Run without a secret: no authentication, no encryption.
     pub insecure: bool,
 }
@@ -146,6 +155,11 @@ impl Replication {
             Some(s) => s.cluster_secret(),
             None => ClusterSecret::insecure(&self.cluster_name),
         }
+    }
+
+    /// The second secret accepted from peers, if any.
+    pub fn accepted_secret(&self) -> Option<ClusterSecret> {
+        self.accept_secret.as_ref().map(Secret::cluster_secret)
     }
 }
 
@@ -468,6 +482,15 @@ fn from_raw_on(
             "a secret is set: remove it or remove insecure = true",
         ));
     }
+    let (accept_secret, accept_secret_file) =
+        accepted_secret(raw.accept_secret, raw.accept_secret_file, env)?;
+    if accept_secret.is_some() && secret.is_none() {
+        return Err(invalid(
+            "replication.accept_secret",
+            "is a second secret accepted beside replication.secret while the secret is \
+             rotated: set replication.secret (or _SECRET_FILE) too",
+        ));
+    }
     Ok(Replication {
         enabled,
         node_id,
@@ -482,6 +505,8 @@ fn from_raw_on(
         cluster_name,
         secret,
         secret_file,
+        accept_secret,
+        accept_secret_file,
         insecure,
     })
 }
@@ -498,11 +523,6 @@ fn cluster_secret(
     file_path: Option<PathBuf>,
     env: &dyn Env,
 ) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
-    let read = |path: &std::path::Path| -> Result<Secret, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        check_secret(&text).map_err(|r| format!("{}: {r}", path.display()))
-    };
     credential(
         &CredentialSources {
             key: "replication.secret",
@@ -517,7 +537,39 @@ fn cluster_secret(
         file_secret.as_deref(),
         file_path.as_deref(),
         check_secret,
-        read,
+        read_secret_file,
+    )
+}
+
+/// A secret from its file, checked as one given in the config.
+fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    check_secret(&text).map_err(|r| format!("{}: {r}", path.display()))
+}
+
+/// The second secret accepted while the secret is rotated, read as the
+/// secret is (the same rules, its own keys and variables).
+fn accepted_secret(
+    file_secret: Option<String>,
+    file_path: Option<PathBuf>,
+    env: &dyn Env,
+) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
+    credential(
+        &CredentialSources {
+            key: "replication.accept_secret",
+            file_key: "replication.accept_secret_file",
+            var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
+            file_var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE",
+            hidden: "<redacted>",
+        },
+        env.var("EDGEPROXY_REPLICATION_ACCEPT_SECRET"),
+        env.var("EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE")
+            .map(PathBuf::from),
+        file_secret.as_deref(),
+        file_path.as_deref(),
+        check_secret,
+        read_secret_file,
     )
 }
 
@@ -701,6 +753,51 @@ mod tests {
         .unwrap();
         assert!(!format!("{r:?}").contains("supersecret"));
         assert!(!toml::to_string(&r).unwrap().contains("supersecret"));
+    }
+
+    #[test]
+    fn a_second_secret_is_accepted_only_beside_a_secret_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("next");
+        std::fs::write(&path, "the-next-secret-0123456789\n").unwrap();
+        let r = parse(
+            &format!(
+                "[replication]\nenabled = true\nsecret = \"supersecretsupersecret\"\n\
+                 accept_secret_file = {path:?}\n"
+            ),
+            &NO_ENV,
+        )
+        .unwrap();
+        assert_eq!(
+            r.accepted_secret().map(|s| s.gossip_key()),
+            Some(ClusterSecret::new("the-next-secret-0123456789").gossip_key())
+        );
+        let r = parse(
+            "[replication]\nenabled = true\nsecret = \"supersecretsupersecret\"\n",
+            &[(
+                "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
+                "acceptedacceptedaccepted",
+            )],
+        )
+        .unwrap();
+        assert!(r.accept_secret.is_some());
+        assert!(!format!("{r:?}").contains("acceptedaccepted"));
+        assert!(!toml::to_string(&r).unwrap().contains("acceptedaccepted"));
+        let err = parse(
+            "[replication]\nenabled = true\ninsecure = true\naccept_secret = \"acceptedacceptedaccepted\"\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("set replication.secret"), "{err}");
+        let err = parse(
+            "[replication]\nenabled = true\nsecret = \"supersecretsupersecret\"\naccept_secret = \"short\"\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("replication.accept_secret"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1165,6 +1165,7 @@ mod tests {
             expected_size: 3,
             tombstone_ttl: Duration::from_secs(3600),
             gossip_key: None,
+            accepted_gossip_key: None,
             seed: 1,
         };
         Node::new(s, Replica::new(), Now::system())

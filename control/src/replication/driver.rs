@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::config::Replication;
 use super::db::ReplDb;
 use super::hlc::{Hlc, MAX_DRIFT_MS};
+use super::keys::ClusterSecret;
 use super::membership::{MemberEvent, MemberState};
 use super::metrics::BackAfterTtl;
 use super::node::{
@@ -457,6 +458,21 @@ impl Bound {
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rng_seed)
             .map_err(|_| anyhow::anyhow!("replication: no randomness from the system"))?;
         let secret = c.cluster_secret();
+        let accepted = c.accepted_secret();
+        if accepted.is_some() {
+            if c.accept_secret == c.secret {
+                tracing::warn!(
+                    "replication: accept_secret is the same as secret, so it accepts no other \
+                     POP: rotating the secret, it must hold the secret the POPs not yet \
+                     changed use (README, \"Rotating the cluster secret\")"
+                );
+            } else {
+                tracing::info!(
+                    "replication: also accepting POPs that hold the second secret \
+                     (accept_secret); this POP seals and signs with its own secret"
+                );
+            }
+        }
         let settings = Settings {
             id: Arc::from(c.node_id.as_str()),
             cluster: c.cluster_name.clone(),
@@ -470,6 +486,7 @@ impl Bound {
             expected_size: (self.bootstrap.len() + 1).max(3),
             tombstone_ttl: c.tombstone_ttl,
             gossip_key: (!c.insecure).then(|| secret.gossip_key()),
+            accepted_gossip_key: accepted.as_ref().map(ClusterSecret::gossip_key),
             seed: u64::from_le_bytes(rng_seed),
         };
         let mut stamped_ahead = None;
@@ -558,7 +575,10 @@ impl Bound {
             "replication: routing table loaded"
         );
 
-        let pki = ClusterPki::new(&secret, &c.node_id)?;
+        let mut pki = ClusterPki::new(&secret, &c.node_id)?;
+        if let Some(accepted) = &accepted {
+            pki = pki.accepting(accepted)?;
+        }
         let (transport, transport_events) = Transport::start(self.transport, &pki)?;
         let gossip = UdpSocket::from_std(self.gossip).context("replication: gossip socket")?;
 

@@ -127,6 +127,9 @@ pub struct Settings {
     pub tombstone_ttl: Duration,
     /// `None`: insecure (gossip neither encrypted nor authenticated).
     pub gossip_key: Option<[u8; 32]>,
+    /// A second key gossip is opened with, never sealed with (a secret
+    /// being rotated: `replication.accept_secret`).
+    pub accepted_gossip_key: Option<[u8; 32]>,
     /// Seeds every random choice (fixed in simulations).
     pub seed: u64,
 }
@@ -524,7 +527,8 @@ impl Node {
         };
         let members = Membership::new(me, swim_config(s.expected_size, s.gossip_interval), s.seed);
         let mut rng = StdRng::seed_from_u64(s.seed ^ 0x5EED);
-        let sealer = Sealer::new(&s.cluster, s.schema, s.gossip_key, rng.random());
+        let sealer = Sealer::new(&s.cluster, s.schema, s.gossip_key, rng.random())
+            .accepting(s.accepted_gossip_key);
         let clock = HlcClock::starting_after(replica.max_hlc());
         // Spread first syncs over the interval: a fleet restarted at once
         // must not sync in lockstep.

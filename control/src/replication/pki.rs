@@ -56,6 +56,9 @@ pub enum PkiError {
 /// This node's TLS identity in the cluster.
 pub struct ClusterPki {
     ca: CertificateDer<'static>,
+    /// The CA of a second secret whose holders are trusted too (a secret
+    /// being rotated, `replication.accept_secret`).
+    accepted_ca: Option<CertificateDer<'static>>,
     leaf: CertificateDer<'static>,
     leaf_key: PrivatePkcs8KeyDer<'static>,
 }
@@ -81,15 +84,19 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     Ok(params)
 }
 
+/// The cluster CA `secret` derives: its certificate and key.
+fn cluster_ca(secret: &ClusterSecret) -> Result<(rcgen::Certificate, KeyPair), PkiError> {
+    let ca_der = ed25519_pkcs8(&secret.ca_seed());
+    let ca_key =
+        KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(ca_der), &PKCS_ED25519)?;
+    let ca_cert = ca_params()?.self_signed(&ca_key)?;
+    Ok((ca_cert, ca_key))
+}
+
 impl ClusterPki {
     /// The cluster CA from `secret`, and a new leaf for `node_id` signed by it.
     pub fn new(secret: &ClusterSecret, node_id: &str) -> Result<ClusterPki, PkiError> {
-        let ca_der = ed25519_pkcs8(&secret.ca_seed());
-        let ca_key = KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(ca_der),
-            &PKCS_ED25519,
-        )?;
-        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        let (ca_cert, ca_key) = cluster_ca(secret)?;
         let issuer = Issuer::new(ca_params()?, ca_key);
 
         let leaf_key = KeyPair::generate_for(&PKCS_ED25519)?;
@@ -102,14 +109,26 @@ impl ClusterPki {
         let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
         Ok(ClusterPki {
             ca: ca_cert.der().clone(),
+            accepted_ca: None,
             leaf: leaf_cert.der().clone(),
             leaf_key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
         })
     }
 
+    /// Also trusts the certificates of nodes holding `other` (this node's
+    /// own certificate stays signed by its own secret's CA). Both CAs bear
+    /// one name: the verifier tries each trust anchor of that name in turn.
+    pub fn accepting(mut self, other: &ClusterSecret) -> Result<ClusterPki, PkiError> {
+        self.accepted_ca = Some(cluster_ca(other)?.0.der().clone());
+        Ok(self)
+    }
+
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, PkiError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone())?;
+        if let Some(accepted) = &self.accepted_ca {
+            roots.add(accepted.clone())?;
+        }
         Ok(Arc::new(roots))
     }
 
@@ -281,6 +300,41 @@ mod tests {
         // x as server: the client rejects x's certificate.
         let err = handshake(a.client_crypto().unwrap(), x.server_crypto().unwrap()).unwrap_err();
         assert!(format!("{err}").contains("certificate"), "{err}");
+    }
+
+    /// The three steps of a rotation from `old` to `new` without a
+    /// partition: (1) sign with old, accept new; (2) sign with new, accept
+    /// old; (3) new alone. Nodes one step apart (a rolling change of one
+    /// step) authenticate each other both ways; nodes further apart do not,
+    /// and a third secret is refused by a node at any step.
+    #[test]
+    fn nodes_one_rotation_step_apart_authenticate_each_other() {
+        let old = ClusterSecret::new("the old secret, long enough");
+        let new = ClusterSecret::new("the new secret, long enough");
+        let step0 = ClusterPki::new(&old, "a").unwrap();
+        let step1 = ClusterPki::new(&old, "b").unwrap().accepting(&new).unwrap();
+        let step2 = ClusterPki::new(&new, "c").unwrap().accepting(&old).unwrap();
+        let step3 = ClusterPki::new(&new, "d").unwrap();
+        let both_ways = |x: &ClusterPki, y: &ClusterPki| {
+            handshake(x.client_crypto().unwrap(), y.server_crypto().unwrap())
+                .and_then(|()| handshake(y.client_crypto().unwrap(), x.server_crypto().unwrap()))
+        };
+        for (x, y, what) in [
+            (&step0, &step1, "0 and 1"),
+            (&step1, &step2, "1 and 2"),
+            (&step2, &step3, "2 and 3"),
+        ] {
+            both_ways(x, y).unwrap_or_else(|e| panic!("steps {what}: {e}"));
+        }
+        for (x, y) in [(&step0, &step2), (&step1, &step3), (&step0, &step3)] {
+            let err = both_ways(x, y).unwrap_err();
+            assert!(format!("{err}").contains("certificate"), "{err}");
+        }
+        let stranger = ClusterPki::new(&ClusterSecret::new("a third secret, long"), "x").unwrap();
+        for step in [&step1, &step2] {
+            let err = both_ways(step, &stranger).unwrap_err();
+            assert!(format!("{err}").contains("certificate"), "{err}");
+        }
     }
 
     #[test]

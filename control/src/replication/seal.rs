@@ -134,6 +134,9 @@ pub struct Sealer {
     schema: u32,
     /// `None`: insecure mode (no encryption, no authentication).
     key: Option<LessSafeKey>,
+    /// A second key peers' datagrams may be sealed under (a secret being
+    /// rotated, `replication.accept_secret`); this node never seals with it.
+    accepted: Option<LessSafeKey>,
     session: u64,
     counter: u32,
     windows: HashMap<u64, Window>,
@@ -148,15 +151,21 @@ impl Sealer {
         Sealer {
             cluster,
             schema,
-            key: key.map(|k| {
-                LessSafeKey::new(
-                    UnboundKey::new(&CHACHA20_POLY1305, &k).expect("32-byte ChaCha20 key"),
-                )
-            }),
+            key: key.map(aead_key),
+            accepted: None,
             session,
             counter: 0,
             windows: HashMap::new(),
         }
+    }
+
+    /// Also opens datagrams sealed under `key` (a secure sealer only: an
+    /// insecure one authenticates nothing).
+    pub fn accepting(mut self, key: Option<[u8; 32]>) -> Sealer {
+        if self.key.is_some() {
+            self.accepted = key.map(aead_key);
+        }
+        self
     }
 
     fn header(&self) -> Vec<u8> {
@@ -228,17 +237,22 @@ impl Sealer {
         let nonce: [u8; 12] = rest[..12].try_into().expect("12 bytes");
         let session = u64::from_be_bytes(nonce[..8].try_into().expect("8 bytes"));
         let counter = u32::from_be_bytes(nonce[8..].try_into().expect("4 bytes"));
-        let mut body = rest[12..].to_vec();
+        let sealed = &rest[12..];
+        let aad = &datagram[..aad_len];
+        let mut body = sealed.to_vec();
         let plain_len = match &self.key {
             None => body.len(),
-            Some(key) => key
-                .open_in_place(
-                    Nonce::assume_unique_for_key(nonce),
-                    Aad::from(&datagram[..aad_len]),
-                    &mut body,
-                )
-                .map_err(|_| Refused::BadTag)?
-                .len(),
+            Some(key) => match open_under(key, nonce, aad, &mut body) {
+                Some(len) => len,
+                // Sealed under the accepted key, maybe: from a fresh copy
+                // (a failed open leaves the buffer undefined).
+                None => {
+                    let accepted = self.accepted.as_ref().ok_or(Refused::BadTag)?;
+                    body.clear();
+                    body.extend_from_slice(sealed);
+                    open_under(accepted, nonce, aad, &mut body).ok_or(Refused::BadTag)?
+                }
+            },
         };
         body.truncate(plain_len);
         if body.len() < 9 {
@@ -288,6 +302,18 @@ impl Sealer {
         w.last_ms = now_ms;
         true
     }
+}
+
+fn aead_key(key: [u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &key).expect("32-byte ChaCha20 key"))
+}
+
+/// Opens `body` (ciphertext and tag) in place under `key`: the plaintext's
+/// length, or `None` if it was not sealed under `key` or was altered.
+fn open_under(key: &LessSafeKey, nonce: [u8; 12], aad: &[u8], body: &mut [u8]) -> Option<usize> {
+    key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), body)
+        .ok()
+        .map(|plain| plain.len())
 }
 
 type Header<'a> = (u8, u32, &'a [u8], &'a [u8], usize);
@@ -348,6 +374,34 @@ mod tests {
         let mut c = Sealer::new("edge", 4, Some([7; 32]), 3);
         d[7] = 4;
         assert_eq!(c.open(&d, NOW), Err(Refused::BadTag));
+    }
+
+    /// A secret rotated without a partition: a node accepting the other
+    /// secret opens what either seals, and still seals under its own, which
+    /// a node that accepts nothing else refuses.
+    #[test]
+    fn an_accepted_second_key_opens_datagrams_sealed_under_it() {
+        let (old, new) = (Some([7; 32]), Some([8; 32]));
+        let mut on_old = Sealer::new("edge", 3, old, 1);
+        let mut rotating = Sealer::new("edge", 3, new, 2).accepting(old);
+        let from_old = on_old.seal(Kind::Swim, b"old", NOW);
+        assert_eq!(rotating.open(&from_old, NOW).unwrap().payload, b"old");
+        assert_eq!(rotating.open(&from_old, NOW), Err(Refused::Replay));
+        let from_rotating = rotating.seal(Kind::Swim, b"new", NOW);
+        assert_eq!(on_old.open(&from_rotating, NOW), Err(Refused::BadTag));
+        let mut on_new = Sealer::new("edge", 3, new, 3);
+        assert_eq!(on_new.open(&from_rotating, NOW).unwrap().payload, b"new");
+        // A third key is still refused, and so is tampering under either.
+        let mut stranger = Sealer::new("edge", 3, Some([9; 32]), 4);
+        let d = stranger.seal(Kind::Swim, b"x", NOW);
+        assert_eq!(rotating.open(&d, NOW), Err(Refused::BadTag));
+        let mut d = on_old.seal(Kind::Swim, b"old", NOW);
+        let last = d.len() - 20;
+        d[last] ^= 1;
+        assert_eq!(rotating.open(&d, NOW), Err(Refused::BadTag));
+        // An insecure sealer takes no second key: it authenticates nothing.
+        let insecure = Sealer::new("edge", 3, None, 5).accepting(old);
+        assert!(insecure.accepted.is_none());
     }
 
     #[test]

@@ -196,6 +196,7 @@ impl Sim {
             expected_size: self.cfg.nodes,
             tombstone_ttl: self.cfg.tombstone_ttl,
             gossip_key: Some([42; 32]),
+            accepted_gossip_key: None,
             seed: self
                 .cfg
                 .seed
