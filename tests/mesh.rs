@@ -824,6 +824,39 @@ fn a_killed_pop_leaves_the_mesh_and_comes_back_at_a_new_endpoint_without_disturb
     assert_eq!(m.ifindex(0), index0, "POP 0's interface was recreated");
 }
 
+/// A POP's WireGuard key replaced (the key file removed while it is down,
+/// as after a suspected leak): it starts with a new key pair, the others
+/// peer with its new public key and drop the old one, and the tunnels to it
+/// carry traffic again.
+#[test]
+fn a_pop_restarted_with_a_new_wireguard_key_is_peered_by_its_new_key_only() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::start(3);
+    let old_key = m.wg_public_key(2);
+    m.kill(2);
+    std::fs::remove_file(m.key_path(2)).unwrap();
+    m.launch(2);
+    let new_key = m.wg_public_key(2);
+    assert_ne!(new_key, old_key, "no new key pair");
+    for i in [0, 1] {
+        let rekeyed = common::eventually(PATIENCE, || {
+            let peers = m.wg_peers(i);
+            peers.contains_key(&new_key) && !peers.contains_key(&old_key)
+        });
+        assert!(rekeyed, "POP {i}: {:?}", m.wg_peers(i).keys());
+    }
+    m.wait_meshed();
+    let a2 = m.address(2);
+    let _b = m.backend(2, SocketAddr::new(IpAddr::V6(a2), 7100), "rekeyed");
+    for i in [0, 1] {
+        let to = SocketAddr::new(IpAddr::V6(a2), 7100);
+        assert!(
+            common::eventually(PATIENCE, || m.tcp(i, to).ok().as_deref() == Some("rekeyed")),
+            "POP {i} cannot reach POP 2 under its new key"
+        );
+    }
+}
+
 /// A POP stopped (SIGSTOP: a hung host, a VM paused for a live migration)
 /// until the others take it out of their mesh, then resumed: it is meshed
 /// again on the interface it had, a TCP connection across 6PN to it that was
