@@ -957,6 +957,45 @@ fn with_a_token_every_endpoint_but_health_needs_it() {
     assert_eq!(statuses, [201, 200, 200, 200, 200, 200]);
 }
 
+/// Rotating the API token without refusing a client (README, "Rotating
+/// the API token"): with `accept_token` beside `token` both work, on every
+/// endpoint; any other token is still refused.
+#[test]
+fn a_second_accepted_token_works_beside_the_token_while_clients_move() {
+    const NEXT: &str = "the-next-token-0123456789";
+    let dir = TempDir::new("api-accept-token");
+    // A file next to the config, named by a relative path.
+    std::fs::write(dir.join("next.token"), format!("{NEXT}\n")).unwrap();
+    let api = Api::start(
+        &dir,
+        &format!("token = {TOKEN:?}\naccept_token_file = \"next.token\"\n"),
+        &[],
+    );
+    let body = |id: &str| {
+        json!({"id": id, "app": "web", "region": "sa", "ip": "10.0.0.1", "port": 80}).to_string()
+    };
+    for (token, id) in [(TOKEN, "by-token"), (NEXT, "by-accepted")] {
+        let (status, reply, _) = api.send("POST", "/api/v1/register", Some(token), Some(&body(id)));
+        assert_eq!(status, 201, "registering with {token}: {reply}");
+        let (status, _, _) = api.send("GET", &format!("/api/v1/backends/{id}"), Some(token), None);
+        assert_eq!(status, 200);
+        let (status, _, _) = api.send(
+            "POST",
+            &format!("/api/v1/heartbeat/{id}"),
+            Some(token),
+            None,
+        );
+        assert_eq!(status, 200);
+    }
+    let before = dump(&api.db);
+    for token in ["wrong-token-0123456789abcdef", &NEXT[..NEXT.len() - 1]] {
+        let (status, reply, _) =
+            api.send("POST", "/api/v1/register", Some(token), Some(&body("x")));
+        assert_eq!(status, 401, "{token}: {reply}");
+    }
+    assert_eq!(dump(&api.db), before, "refused requests wrote nothing");
+}
+
 /// Sends a raw HTTP/1.1 request and returns the status code.
 fn raw_status(addr: SocketAddr, request: &str) -> u16 {
     let mut s = TcpStream::connect(addr).unwrap();

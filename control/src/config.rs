@@ -561,6 +561,7 @@ pub fn resolve_paths(raw: &mut RawConfig, config_file: &Path) {
     paths.extend(raw.routing.db_path.as_mut());
     paths.extend(raw.geo.db_path.as_mut());
     paths.extend(raw.api.token_file.as_mut());
+    paths.extend(raw.api.accept_token_file.as_mut());
     paths.extend(raw.replication.secret_file.as_mut());
     paths.extend(raw.replication.accept_secret_file.as_mut());
     paths.extend(raw.upgrade.control_socket.as_mut());

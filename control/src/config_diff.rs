@@ -158,17 +158,19 @@ pub fn split(running: &Config, new: &Config) -> (Config, Vec<Change>) {
     changes.extend(diff("health", &running.health, &health));
     next.health = running.health.clone();
     next.health.rtt_weight = new.health.rtt_weight;
-    // The API's token is never serialized: a change there shows as a
+    // The API's tokens are never serialized: a change there is a
     // difference the key-by-key walk cannot see.
-    let api_changes = diff("api", &running.api, &new.api);
-    if api_changes.is_empty() && running.api != new.api {
-        changes.push(Change {
-            key: "api.token".into(),
-            old: "(hidden)".into(),
-            new: "(hidden)".into(),
-        });
-    }
-    changes.extend(api_changes);
+    changes.extend(diff("api", &running.api, &new.api));
+    changes.extend(hidden_change(
+        "api.token".into(),
+        &running.api.token,
+        &new.api.token,
+    ));
+    changes.extend(hidden_change(
+        "api.accept_token".into(),
+        &running.api.accept_token,
+        &new.api.accept_token,
+    ));
     next.api = running.api.clone();
     (next, changes)
 }
@@ -293,6 +295,11 @@ mod tests {
         let new = config("[api]\ntoken = \"bbbbbbbbbbbbbbbbbbbb\"\n");
         let (_, changes) = split(&running, &new);
         assert_eq!(joined(&changes), "api.token: (hidden) → (hidden)");
+        let rotating = config(
+            "[api]\ntoken = \"aaaaaaaaaaaaaaaaaaaa\"\naccept_token = \"cccccccccccccccccccc\"\n",
+        );
+        let (_, changes) = split(&running, &rotating);
+        assert_eq!(joined(&changes), "api.accept_token: (unset) → (hidden)");
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! `/routing.db`, or run it from a different table depending on where it was
 //! started. Every path written in the file — `routing.db_path` (and its
 //! default `routing.db`, when a file is given), `geo.db_path`, TLS
-//! certificates and keys, `api.token_file`, `replication.secret_file` and
-//! `accept_secret_file`, `upgrade.control_socket`, `mesh.private_key_file`, `postgres.ca_file` — is
-//! resolved against the directory of the file, made absolute. Paths from
+//! certificates and keys, `api.token_file` and `accept_token_file`,
+//! `replication.secret_file` and `accept_secret_file`,
+//! `upgrade.control_socket`, `mesh.private_key_file`, `postgres.ca_file` —
+//! is resolved against the directory of the file, made absolute. Paths from
 //! environment variables keep their meaning (the working directory), as does
 //! everything when there is no file at all (the original edgeProxy's
 //! environment-only mode).
@@ -57,7 +58,7 @@ mod tests {
     fn every_relative_path_is_next_to_the_file() {
         let raw = resolved(
             "[routing]\ndb_path = \"data/routing.db\"\n[geo]\ndb_path = \"geo.mmdb\"\n\
-             [api]\ntoken_file = \"api.token\"\n[replication]\nsecret_file = \"secret\"\naccept_secret_file = \"next\"\n\
+             [api]\ntoken_file = \"api.token\"\naccept_token_file = \"api.next\"\n[replication]\nsecret_file = \"secret\"\naccept_secret_file = \"next\"\n\
              [upgrade]\ncontrol_socket = \"run/ep.sock\"\n[mesh]\nprivate_key_file = \"wg.key\"\n\
              [postgres]\nca_file = \"db-ca.pem\"\n\
              [[listener]]\naddr = \"127.0.0.1:0\"\n[listener.tls]\ncert = \"tls/a.pem\"\nkey = \"tls/a.key\"\n\
@@ -68,6 +69,7 @@ mod tests {
         assert_eq!(raw.routing.db_path, Some(at("data/routing.db")));
         assert_eq!(raw.geo.db_path, Some(at("geo.mmdb")));
         assert_eq!(raw.api.token_file, Some(at("api.token")));
+        assert_eq!(raw.api.accept_token_file, Some(at("api.next")));
         assert_eq!(raw.replication.secret_file, Some(at("secret")));
         assert_eq!(raw.replication.accept_secret_file, Some(at("next")));
         // QA: these three were used as given (the working directory: `/`

@@ -34,6 +34,8 @@ pub struct RawApi {
     pub listen_addr: Option<String>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub accept_token: Option<String>,
+    pub accept_token_file: Option<PathBuf>,
     pub allow_open: Option<bool>,
     pub heartbeat_ttl_secs: Option<u64>,
     pub max_body_bytes: Option<u64>,
@@ -56,6 +58,11 @@ pub struct Api {
     pub token: Option<ApiToken>,
     /// Where the token came from, when it was a file.
     pub token_file: Option<PathBuf>,
+    /// A second token accepted as well, while clients move to a new one
+    /// (README, "Rotating the API token"). Never serialized.
+    #[serde(skip)]
+    pub accept_token: Option<ApiToken>,
+    pub accept_token_file: Option<PathBuf>,
     /// Serve without a token on a non-loopback address (explicit opt-in).
     pub allow_open: bool,
     /// A registered backend whose last heartbeat is this old takes no new
@@ -184,6 +191,14 @@ pub(crate) fn from_raw(raw: RawApi, env: &dyn Env) -> Result<Api, ConfigError> {
     };
 
     let (token, token_file) = token(&raw, env)?;
+    let (accept_token, accept_token_file) = accepted_token(&raw, env)?;
+    if accept_token.is_some() && token.is_none() {
+        return Err(invalid(
+            "api.accept_token",
+            "is a second token accepted beside api.token while clients move to a new token: \
+             set api.token (or api.token_file) too",
+        ));
+    }
 
     let allow_open = env_bool(env, "EDGEPROXY_API_ALLOW_OPEN")?
         .or(raw.allow_open)
@@ -227,6 +242,8 @@ pub(crate) fn from_raw(raw: RawApi, env: &dyn Env) -> Result<Api, ConfigError> {
         listen_addr,
         token,
         token_file,
+        accept_token,
+        accept_token_file,
         allow_open,
         heartbeat_ttl: Duration::from_secs(ttl),
         max_body_bytes: max_body as usize,
@@ -254,6 +271,35 @@ fn token(raw: &RawApi, env: &dyn Env) -> Result<(Option<ApiToken>, Option<PathBu
         env_file.map(|p| PathBuf::from(p.trim())),
         raw.token.as_deref(),
         raw.token_file.as_deref(),
+        ApiToken::new,
+        read_token_file,
+    )
+}
+
+/// The second token accepted while clients move to a new one, read as
+/// the token is (the same rules, its own keys and variables).
+fn accepted_token(
+    raw: &RawApi,
+    env: &dyn Env,
+) -> Result<(Option<ApiToken>, Option<PathBuf>), ConfigError> {
+    let env_token = env
+        .var("EDGEPROXY_API_ACCEPT_TOKEN")
+        .filter(|t| !t.is_empty());
+    let env_file = env
+        .var("EDGEPROXY_API_ACCEPT_TOKEN_FILE")
+        .filter(|p| !p.trim().is_empty());
+    credential(
+        &CredentialSources {
+            key: "api.accept_token",
+            file_key: "api.accept_token_file",
+            var: "EDGEPROXY_API_ACCEPT_TOKEN",
+            file_var: "EDGEPROXY_API_ACCEPT_TOKEN_FILE",
+            hidden: "(hidden)",
+        },
+        env_token,
+        env_file.map(|p| PathBuf::from(p.trim())),
+        raw.accept_token.as_deref(),
+        raw.accept_token_file.as_deref(),
         ApiToken::new,
         read_token_file,
     )
@@ -411,6 +457,41 @@ mod tests {
             a.bind_plan(),
             ("0.0.0.0:8081".parse().unwrap(), Exposure::Token)
         );
+    }
+
+    #[test]
+    fn a_second_token_is_accepted_only_beside_a_token_and_never_rendered() {
+        let a = api(
+            &format!(
+                "[api]\nenabled = true\ntoken = \"{TOKEN}\"\naccept_token = \"next-token-0123456789\"\n"
+            ),
+            &NO_ENV,
+        )
+        .unwrap();
+        let accepted = a.accept_token.as_ref().expect("read");
+        assert!(accepted.matches(b"next-token-0123456789"));
+        assert!(!format!("{a:?}").contains("next-token"));
+        assert!(!toml::to_string(&a).unwrap().contains("next-token"));
+        let a = api(
+            &format!("[api]\nenabled = true\ntoken = \"{TOKEN}\"\n"),
+            &[("EDGEPROXY_API_ACCEPT_TOKEN", "from-the-environment-0123")],
+        )
+        .unwrap();
+        assert!(a
+            .accept_token
+            .is_some_and(|t| t.matches(b"from-the-environment-0123")));
+        let err = api(
+            "[api]\nenabled = true\naccept_token = \"next-token-0123456789\"\n",
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("set api.token"), "{err}");
+        let err = api(
+            &format!("[api]\nenabled = true\ntoken = \"{TOKEN}\"\naccept_token = \"short\"\n"),
+            &NO_ENV,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("api.accept_token"), "{err}");
     }
 
     #[test]

@@ -164,6 +164,7 @@ impl Bound {
         let shared = Arc::new(http::Shared {
             commands: tx,
             token: self.config.token.clone(),
+            accept_token: self.config.accept_token.clone(),
             loopback_only: matches!(self.exposure, Exposure::LoopbackOnly { .. }),
             limiter: Mutex::new(limit::RateLimiter::new(
                 self.config.rate_limit_per_sec,
