@@ -1927,6 +1927,21 @@ fn the_cluster_secret_is_rotated_pop_by_pop_without_a_partition() {
                     "step {step}, POP {i}: {id} written at POP {at} did not reach every POP"
                 );
             }
+            // At step 2 the counter of gossip opened under the accepted
+            // (old) secret tells who still seals with it: the first POP
+            // changed hears the two not yet changed; the last one hears
+            // nobody, the old secret is unused and may go.
+            let accepted =
+                |at: usize| c.metric(at, "edgeproxy_replication_gossip_accepted_secret_total");
+            if step == 1 && i == 0 {
+                assert!(
+                    common::eventually(PATIENCE, || accepted(0) > 0.0),
+                    "POP 0 counted no gossip sealed with the old secret"
+                );
+            }
+            if step == 1 && i == 2 {
+                assert_eq!(accepted(2), 0.0, "the old secret is still in use");
+            }
             eprintln!("step {}: POP {i} changed, a member, replicating", step + 1);
         }
     }

@@ -670,6 +670,12 @@ fn replication(f: &mut Family<'_>, s: &crate::replication::status::ClusterStatus
         "Transport messages dropped (peer queue full or unreachable); anti-entropy repairs them.",
         c.messages_dropped,
     );
+    f.single(
+        "edgeproxy_replication_gossip_accepted_secret_total",
+        "counter",
+        "Gossip datagrams that opened under replication.accept_secret, not this POP's own secret: peers still sealing with that secret. Flat on every POP: no POP uses it any more.",
+        c.gossip_accepted_secret,
+    );
     f.header(
         "edgeproxy_replication_refused_total",
         "counter",

@@ -1559,6 +1559,7 @@ impl Driver {
                     .load(std::sync::atomic::Ordering::Relaxed),
                 local_changes: self.local_changes,
                 store_write_failures: self.store_failures.0,
+                gossip_accepted_secret: stats.gossip_accepted_secret,
             },
             refused: crate::replication::metrics::refused_by_reason(),
             recent_lag_ms: self.recent_lag_ms,

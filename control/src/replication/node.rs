@@ -357,6 +357,9 @@ pub struct Stats {
     /// resolved a conflict).
     pub conflicts: u64,
     pub refused: u64,
+    /// Gossip datagrams opened under the accepted second secret
+    /// (`replication.accept_secret`): peers still sealing with it.
+    pub gossip_accepted_secret: u64,
     pub syncs: u64,
     pub syncs_equal: u64,
     /// Exchanges whose rows arrived after they had timed out here (merged
@@ -1108,7 +1111,9 @@ impl Node {
     /// A gossip datagram from `from`.
     pub fn handle_datagram(&mut self, now: Now, from: SocketAddr, bytes: &[u8]) {
         self.stats.gossip_bytes_received += bytes.len() as u64;
-        match self.sealer.open(bytes, now.wall_ms) {
+        let opened = self.sealer.open(bytes, now.wall_ms);
+        self.stats.gossip_accepted_secret = self.sealer.opened_under_accepted();
+        match opened {
             Ok(opened) => match opened.kind {
                 Kind::Swim => {
                     // Decode errors and packets from down members are

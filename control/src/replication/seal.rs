@@ -137,6 +137,8 @@ pub struct Sealer {
     /// A second key peers' datagrams may be sealed under (a secret being
     /// rotated, `replication.accept_secret`); this node never seals with it.
     accepted: Option<LessSafeKey>,
+    /// Datagrams that opened under `accepted`.
+    opened_under_accepted: u64,
     session: u64,
     counter: u32,
     windows: HashMap<u64, Window>,
@@ -153,6 +155,7 @@ impl Sealer {
             schema,
             key: key.map(aead_key),
             accepted: None,
+            opened_under_accepted: 0,
             session,
             counter: 0,
             windows: HashMap::new(),
@@ -166,6 +169,13 @@ impl Sealer {
             self.accepted = key.map(aead_key);
         }
         self
+    }
+
+    /// Datagrams opened under the accepted key so far (authenticated; a
+    /// replay refused after it still counts): peers sealing with the other
+    /// secret. Flat on every POP once none does.
+    pub fn opened_under_accepted(&self) -> u64 {
+        self.opened_under_accepted
     }
 
     fn header(&self) -> Vec<u8> {
@@ -250,7 +260,9 @@ impl Sealer {
                     let accepted = self.accepted.as_ref().ok_or(Refused::BadTag)?;
                     body.clear();
                     body.extend_from_slice(sealed);
-                    open_under(accepted, nonce, aad, &mut body).ok_or(Refused::BadTag)?
+                    let len = open_under(accepted, nonce, aad, &mut body).ok_or(Refused::BadTag)?;
+                    self.opened_under_accepted += 1;
+                    len
                 }
             },
         };
@@ -386,11 +398,19 @@ mod tests {
         let mut rotating = Sealer::new("edge", 3, new, 2).accepting(old);
         let from_old = on_old.seal(Kind::Swim, b"old", NOW);
         assert_eq!(rotating.open(&from_old, NOW).unwrap().payload, b"old");
+        assert_eq!(rotating.opened_under_accepted(), 1);
         assert_eq!(rotating.open(&from_old, NOW), Err(Refused::Replay));
         let from_rotating = rotating.seal(Kind::Swim, b"new", NOW);
         assert_eq!(on_old.open(&from_rotating, NOW), Err(Refused::BadTag));
         let mut on_new = Sealer::new("edge", 3, new, 3);
         assert_eq!(on_new.open(&from_rotating, NOW).unwrap().payload, b"new");
+        let from_new = on_new.seal(Kind::Swim, b"own", NOW);
+        assert!(rotating.open(&from_new, NOW).is_ok());
+        assert_eq!(
+            rotating.opened_under_accepted(),
+            2,
+            "its own key counts not"
+        );
         // A third key is still refused, and so is tampering under either.
         let mut stranger = Sealer::new("edge", 3, Some([9; 32]), 4);
         let d = stranger.seal(Kind::Swim, b"x", NOW);

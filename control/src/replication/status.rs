@@ -57,6 +57,10 @@ pub struct Counters {
     /// read-only file system, a lock held too long.
     #[serde(default)]
     pub store_write_failures: u64,
+    /// Gossip datagrams that opened under `replication.accept_secret`, not
+    /// this POP's own secret: peers still sealing with that one.
+    #[serde(default)]
+    pub gossip_accepted_secret: u64,
 }
 
 /// Refused peers by reason label (`secret`, `cluster`, `schema`, …).
