@@ -1942,6 +1942,11 @@ fn the_cluster_secret_is_rotated_pop_by_pop_without_a_partition() {
             if step == 1 && i == 2 {
                 assert_eq!(accepted(2), 0.0, "the old secret is still in use");
             }
+            assert_eq!(
+                c.cluster_status(i)["accepting_second_secret"],
+                json!(step < 2),
+                "step {step}, POP {i}"
+            );
             eprintln!("step {}: POP {i} changed, a member, replicating", step + 1);
         }
     }

@@ -98,6 +98,16 @@ pub fn render(body: &Value) -> String {
             ),
         );
     }
+    if s.accepting_second_secret {
+        out.insert_str(
+            out.len() - 1,
+            &format!(
+                "secret rotation: also accepting POPs that hold accept_secret; {} gossip datagrams \
+                 opened under it so far (flat everywhere: no POP uses it any more)\n",
+                s.counters.gossip_accepted_secret
+            ),
+        );
+    }
     let mut rows = vec![[
         "NODE",
         "NAME",
@@ -195,6 +205,17 @@ mod tests {
         let text = render(&serde_json::to_value(&status).unwrap());
         assert!(
             text.contains("node gru-1 in cluster prod (schema 3)"),
+            "{text}"
+        );
+        assert!(!text.contains("secret rotation"), "{text}");
+        let mut rotating = status.clone();
+        rotating.accepting_second_secret = true;
+        rotating.counters.gossip_accepted_secret = 42;
+        let text = render(&serde_json::to_value(&rotating).unwrap());
+        assert!(
+            text.contains(
+                "secret rotation: also accepting POPs that hold accept_secret; 42 gossip"
+            ),
             "{text}"
         );
         assert!(text.contains("2 alive, 0 suspect, 1 down"), "{text}");

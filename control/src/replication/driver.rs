@@ -1564,6 +1564,7 @@ impl Driver {
             refused: crate::replication::metrics::refused_by_reason(),
             recent_lag_ms: self.recent_lag_ms,
             store_error: self.store_error(),
+            accepting_second_secret: s.accepted_gossip_key.is_some(),
         });
     }
 }

@@ -90,6 +90,10 @@ pub struct ClusterStatus {
     /// writes go through.
     #[serde(default)]
     pub store_error: Option<String>,
+    /// `replication.accept_secret` is set: the secret is being rotated
+    /// (README, "Rotating the cluster secret").
+    #[serde(default)]
+    pub accepting_second_secret: bool,
 }
 
 impl ClusterStatus {
