@@ -255,11 +255,7 @@ pub(crate) fn from_raw(raw: RawApi, env: &dyn Env) -> Result<Api, ConfigError> {
 /// The token and the file it came from. The environment wins over the file;
 /// within one source, a literal token and a token file are exclusive.
 fn token(raw: &RawApi, env: &dyn Env) -> Result<(Option<ApiToken>, Option<PathBuf>), ConfigError> {
-    let env_token = env.var("EDGEPROXY_API_TOKEN").filter(|t| !t.is_empty());
-    let env_file = env
-        .var("EDGEPROXY_API_TOKEN_FILE")
-        .filter(|p| !p.trim().is_empty());
-    credential(
+    token_from(
         &CredentialSources {
             key: "api.token",
             file_key: "api.token_file",
@@ -267,12 +263,9 @@ fn token(raw: &RawApi, env: &dyn Env) -> Result<(Option<ApiToken>, Option<PathBu
             file_var: "EDGEPROXY_API_TOKEN_FILE",
             hidden: "(hidden)",
         },
-        env_token,
-        env_file.map(|p| PathBuf::from(p.trim())),
         raw.token.as_deref(),
         raw.token_file.as_deref(),
-        ApiToken::new,
-        read_token_file,
+        env,
     )
 }
 
@@ -282,13 +275,7 @@ fn accepted_token(
     raw: &RawApi,
     env: &dyn Env,
 ) -> Result<(Option<ApiToken>, Option<PathBuf>), ConfigError> {
-    let env_token = env
-        .var("EDGEPROXY_API_ACCEPT_TOKEN")
-        .filter(|t| !t.is_empty());
-    let env_file = env
-        .var("EDGEPROXY_API_ACCEPT_TOKEN_FILE")
-        .filter(|p| !p.trim().is_empty());
-    credential(
+    token_from(
         &CredentialSources {
             key: "api.accept_token",
             file_key: "api.accept_token_file",
@@ -296,10 +283,27 @@ fn accepted_token(
             file_var: "EDGEPROXY_API_ACCEPT_TOKEN_FILE",
             hidden: "(hidden)",
         },
-        env_token,
-        env_file.map(|p| PathBuf::from(p.trim())),
         raw.accept_token.as_deref(),
         raw.accept_token_file.as_deref(),
+        env,
+    )
+}
+
+/// A token from `sources`: an empty variable counts as unset.
+fn token_from(
+    sources: &CredentialSources,
+    literal: Option<&str>,
+    file: Option<&std::path::Path>,
+    env: &dyn Env,
+) -> Result<(Option<ApiToken>, Option<PathBuf>), ConfigError> {
+    let env_token = env.var(sources.var).filter(|t| !t.is_empty());
+    let env_file = env.var(sources.file_var).filter(|p| !p.trim().is_empty());
+    credential(
+        sources,
+        env_token,
+        env_file.map(|p| PathBuf::from(p.trim())),
+        literal,
+        file,
         ApiToken::new,
         read_token_file,
     )

@@ -523,7 +523,7 @@ fn cluster_secret(
     file_path: Option<PathBuf>,
     env: &dyn Env,
 ) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
-    credential(
+    secret_from(
         &CredentialSources {
             key: "replication.secret",
             file_key: "replication.secret_file",
@@ -531,9 +531,44 @@ fn cluster_secret(
             file_var: "EDGEPROXY_REPLICATION_SECRET_FILE",
             hidden: "<redacted>",
         },
-        env.var("EDGEPROXY_REPLICATION_SECRET"),
-        env.var("EDGEPROXY_REPLICATION_SECRET_FILE")
-            .map(PathBuf::from),
+        file_secret,
+        file_path,
+        env,
+    )
+}
+
+/// The second secret accepted while the secret is rotated, read as the
+/// secret is (the same rules, its own keys and variables).
+fn accepted_secret(
+    file_secret: Option<String>,
+    file_path: Option<PathBuf>,
+    env: &dyn Env,
+) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
+    secret_from(
+        &CredentialSources {
+            key: "replication.accept_secret",
+            file_key: "replication.accept_secret_file",
+            var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
+            file_var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE",
+            hidden: "<redacted>",
+        },
+        file_secret,
+        file_path,
+        env,
+    )
+}
+
+/// A secret from `sources` (see [`credential`]).
+fn secret_from(
+    sources: &CredentialSources,
+    file_secret: Option<String>,
+    file_path: Option<PathBuf>,
+    env: &dyn Env,
+) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
+    credential(
+        sources,
+        env.var(sources.var),
+        env.var(sources.file_var).map(PathBuf::from),
         file_secret.as_deref(),
         file_path.as_deref(),
         check_secret,
@@ -546,31 +581,6 @@ fn read_secret_file(path: &std::path::Path) -> Result<Secret, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     check_secret(&text).map_err(|r| format!("{}: {r}", path.display()))
-}
-
-/// The second secret accepted while the secret is rotated, read as the
-/// secret is (the same rules, its own keys and variables).
-fn accepted_secret(
-    file_secret: Option<String>,
-    file_path: Option<PathBuf>,
-    env: &dyn Env,
-) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
-    credential(
-        &CredentialSources {
-            key: "replication.accept_secret",
-            file_key: "replication.accept_secret_file",
-            var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
-            file_var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE",
-            hidden: "<redacted>",
-        },
-        env.var("EDGEPROXY_REPLICATION_ACCEPT_SECRET"),
-        env.var("EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE")
-            .map(PathBuf::from),
-        file_secret.as_deref(),
-        file_path.as_deref(),
-        check_secret,
-        read_secret_file,
-    )
 }
 
 #[cfg(test)]
