@@ -203,6 +203,15 @@ private_key_file = "{key}"
     /// POP `i` started through `wrapper` (which execs the binary: the
     /// child is edgeproxy itself).
     fn launch_wrapped(&mut self, i: usize, wrapper: &[&str]) {
+        self.launch_full(i, wrapper, &[]);
+    }
+
+    /// POP `i` started with more environment variables.
+    fn launch_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.launch_full(i, &[], env);
+    }
+
+    fn launch_full(&mut self, i: usize, wrapper: &[&str], env: &[(&str, &str)]) {
         let path = self.write_config(i);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.net.hosts[i].ns])
@@ -211,7 +220,7 @@ private_key_file = "{key}"
         let proxy = Proxy::spawn_command(
             cmd,
             &["--config", path.to_str().unwrap()],
-            &[],
+            env,
             Some("info"),
         );
         self.pops[i] = Some(proxy.ready());
@@ -822,6 +831,36 @@ fn a_killed_pop_leaves_the_mesh_and_comes_back_at_a_new_endpoint_without_disturb
     }
     ping(&stream, 2);
     assert_eq!(m.ifindex(0), index0, "POP 0's interface was recreated");
+}
+
+/// Rotating the cluster secret moves a /48 derived from it, and a POP whose
+/// backends' addresses would move refuses to start: the step before (the
+/// new secret only accepted) says which prefix to pin, and says nothing
+/// once it is pinned.
+#[test]
+fn a_secret_rotation_under_a_derived_prefix_says_which_prefix_to_pin() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut m = Mesh::hosts(1, 1);
+    let rotating = [(
+        "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
+        "the-next-cluster-secret-0123",
+    )];
+    m.launch_with_env(0, &rotating);
+    let prefix = m.cluster_prefix(0);
+    let line = m
+        .pop(0)
+        .wait_for_log("pin mesh.prefix", PATIENCE)
+        .unwrap_or_else(|| panic!("not said:\n{}", m.pop(0).log_text()));
+    assert!(
+        line.contains(&format!("mesh.prefix = \"{prefix}\"")),
+        "{line}"
+    );
+    m.kill(0);
+    m.mesh_extra[0] = format!("prefix = \"{prefix}\"");
+    m.launch_with_env(0, &rotating);
+    assert_eq!(m.cluster_prefix(0), prefix);
+    let said = m.pop(0).log_lines_after(0, "pin mesh.prefix");
+    assert!(said.is_empty(), "{said:#?}");
 }
 
 /// A POP's WireGuard key replaced (the key file removed while it is down,

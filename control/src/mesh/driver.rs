@@ -126,6 +126,16 @@ pub fn prepare(config: &Config, store: &mut RoutingStore) -> anyhow::Result<Opti
     }
     tracing::info!(cluster = %six_pn.cluster, derived = six_pn.derived, pop = %six_pn.pop,
         address = %six_pn.pop_address(), "mesh: 6PN prefix");
+    // Rotating the secret moves a derived /48 at the step that changes the
+    // secret, and the POP then refuses to start (above): said at the step
+    // before, while the prefix to pin is still the one in use.
+    if six_pn.derived && config.replication.accept_secret.is_some() {
+        tracing::warn!(cluster = %six_pn.cluster,
+            "mesh: the cluster secret is being rotated (replication.accept_secret) and the 6PN /48 \
+             is derived from it: pin mesh.prefix = \"{}\" (EDGEPROXY_6PN_PREFIX) on every POP before \
+             it runs with the new secret, or that POP refuses to start (its backends' 6PN \
+             addresses would move)", six_pn.cluster);
+    }
     Ok(Some(Prepared {
         mesh: mesh.clone(),
         key,
