@@ -3,8 +3,9 @@
 //!
 //! Parsed like every other section of `crate::config`: [`RawApi`] mirrors the
 //! file, [`from_raw`] applies the `EDGEPROXY_*` environment, defaults and
-//! bounds. The token is read here, at load, so `check-config` catches a
-//! missing or bad token file; it is never printed.
+//! bounds. The token (and the second one accepted while clients move to a
+//! new one, `accept_token`) is read here, at load, so `check-config` catches
+//! a missing or bad token file; neither is ever printed.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;

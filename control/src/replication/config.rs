@@ -4,8 +4,9 @@
 //! (`EDGEPROXY_REPLICATION_ENABLED`, `_NODE_ID`, `_GOSSIP_ADDR`,
 //! `_TRANSPORT_ADDR`, `_BOOTSTRAP_PEERS`, `_GOSSIP_INTERVAL_MS`,
 //! `_SYNC_INTERVAL_MS`, `_CLUSTER_NAME`), plus `_SECRET` / `_SECRET_FILE`,
-//! `_ADVERTISE_ADDR` and `_INSECURE`. The secret is read here, at load, so
-//! `check-config` catches a missing or short one; it is never printed.
+//! `_ACCEPT_SECRET` / `_ACCEPT_SECRET_FILE`, `_ADVERTISE_ADDR` and
+//! `_INSECURE`. The secrets are read here, at load, so `check-config` catches
+//! a missing or short one; they are never printed.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
