@@ -863,10 +863,21 @@ fn a_drained_pop_renamed_stays_drained_everywhere() {
             .map(|i| draining(&c, i, "node-2-renamed"))
             .collect::<Vec<_>>()
     );
-    let (_, status) = c.api(2, "GET", "/api/v1/pop", None);
-    assert_eq!(status["draining"], true, "{status}");
-    let log = c.pop(2).log_text();
-    assert!(log.contains("pop: this POP is drained"), "{log}");
+    // Steering adopts the row replication wrote at its next look (it
+    // announces nothing meanwhile), and says so: then the API has it.
+    assert!(
+        c.pop(2)
+            .wait_for_log("pop: this POP is drained", PATIENCE)
+            .is_some(),
+        "{}",
+        c.pop(2).log_text()
+    );
+    let draining_said = || c.api(2, "GET", "/api/v1/pop", None).1["draining"] == true;
+    assert!(
+        common::eventually(PATIENCE, draining_said),
+        "{}",
+        c.api(2, "GET", "/api/v1/pop", None).1
+    );
     // Lifted the usual way.
     let (status, body) = c.api(2, "POST", "/api/v1/pop/undrain", None);
     assert_eq!(status, 200, "{body}");
