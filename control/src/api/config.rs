@@ -191,8 +191,14 @@ pub(crate) fn from_raw(raw: RawApi, env: &dyn Env) -> Result<Api, ConfigError> {
         }
     };
 
-    let (token, token_file) = token(&raw, env)?;
-    let (accept_token, accept_token_file) = accepted_token(&raw, env)?;
+    let (token, token_file) =
+        token_from(&TOKEN, raw.token.as_deref(), raw.token_file.as_deref(), env)?;
+    let (accept_token, accept_token_file) = token_from(
+        &ACCEPT_TOKEN,
+        raw.accept_token.as_deref(),
+        raw.accept_token_file.as_deref(),
+        env,
+    )?;
     if accept_token.is_some() && token.is_none() {
         return Err(invalid(
             "api.accept_token",
@@ -253,42 +259,25 @@ pub(crate) fn from_raw(raw: RawApi, env: &dyn Env) -> Result<Api, ConfigError> {
     })
 }
 
-/// The token and the file it came from. The environment wins over the file;
-/// within one source, a literal token and a token file are exclusive.
-fn token(raw: &RawApi, env: &dyn Env) -> Result<(Option<ApiToken>, Option<PathBuf>), ConfigError> {
-    token_from(
-        &CredentialSources {
-            key: "api.token",
-            file_key: "api.token_file",
-            var: "EDGEPROXY_API_TOKEN",
-            file_var: "EDGEPROXY_API_TOKEN_FILE",
-            hidden: "(hidden)",
-        },
-        raw.token.as_deref(),
-        raw.token_file.as_deref(),
-        env,
-    )
-}
+/// Where the token is given. The environment wins over the file; within
+/// one source, a literal token and a token file are exclusive.
+const TOKEN: CredentialSources = CredentialSources {
+    key: "api.token",
+    file_key: "api.token_file",
+    var: "EDGEPROXY_API_TOKEN",
+    file_var: "EDGEPROXY_API_TOKEN_FILE",
+    hidden: "(hidden)",
+};
 
-/// The second token accepted while clients move to a new one, read as
-/// the token is (the same rules, its own keys and variables).
-fn accepted_token(
-    raw: &RawApi,
-    env: &dyn Env,
-) -> Result<(Option<ApiToken>, Option<PathBuf>), ConfigError> {
-    token_from(
-        &CredentialSources {
-            key: "api.accept_token",
-            file_key: "api.accept_token_file",
-            var: "EDGEPROXY_API_ACCEPT_TOKEN",
-            file_var: "EDGEPROXY_API_ACCEPT_TOKEN_FILE",
-            hidden: "(hidden)",
-        },
-        raw.accept_token.as_deref(),
-        raw.accept_token_file.as_deref(),
-        env,
-    )
-}
+/// Where the second token accepted while clients move to a new one is
+/// given (the same rules, its own keys and variables).
+const ACCEPT_TOKEN: CredentialSources = CredentialSources {
+    key: "api.accept_token",
+    file_key: "api.accept_token_file",
+    var: "EDGEPROXY_API_ACCEPT_TOKEN",
+    file_var: "EDGEPROXY_API_ACCEPT_TOKEN_FILE",
+    hidden: "(hidden)",
+};
 
 /// A token from `sources`: an empty variable counts as unset.
 fn token_from(

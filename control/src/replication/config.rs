@@ -468,7 +468,7 @@ fn from_raw_on(
     let insecure = env_bool(env, "EDGEPROXY_REPLICATION_INSECURE")?
         .or(raw.insecure)
         .unwrap_or(false);
-    let (secret, secret_file) = cluster_secret(raw.secret, raw.secret_file, env)?;
+    let (secret, secret_file) = secret_from(&SECRET, raw.secret, raw.secret_file, env)?;
     if enabled && secret.is_none() && !insecure {
         return Err(invalid(
             "replication.secret",
@@ -483,8 +483,12 @@ fn from_raw_on(
             "a secret is set: remove it or remove insecure = true",
         ));
     }
-    let (accept_secret, accept_secret_file) =
-        accepted_secret(raw.accept_secret, raw.accept_secret_file, env)?;
+    let (accept_secret, accept_secret_file) = secret_from(
+        &ACCEPT_SECRET,
+        raw.accept_secret,
+        raw.accept_secret_file,
+        env,
+    )?;
     if accept_secret.is_some() && secret.is_none() {
         return Err(invalid(
             "replication.accept_secret",
@@ -512,52 +516,29 @@ fn from_raw_on(
     })
 }
 
-/// The cluster secret and the file it came from. The environment wins over
-/// the file; within one source, a literal secret and a secret file are
-/// exclusive (QA: with both in the file the literal was used and the file
-/// never read, so a rotation done by adding `secret_file` kept the old
-/// secret without a word; and a file's `secret` beat
-/// `EDGEPROXY_REPLICATION_SECRET_FILE`). One rule with `api.token` /
-/// `token_file`: [`credential`].
-fn cluster_secret(
-    file_secret: Option<String>,
-    file_path: Option<PathBuf>,
-    env: &dyn Env,
-) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
-    secret_from(
-        &CredentialSources {
-            key: "replication.secret",
-            file_key: "replication.secret_file",
-            var: "EDGEPROXY_REPLICATION_SECRET",
-            file_var: "EDGEPROXY_REPLICATION_SECRET_FILE",
-            hidden: "<redacted>",
-        },
-        file_secret,
-        file_path,
-        env,
-    )
-}
+/// Where the cluster secret is given. The environment wins over the file;
+/// within one source, a literal secret and a secret file are exclusive (QA:
+/// with both in the file the literal was used and the file never read, so a
+/// rotation done by adding `secret_file` kept the old secret without a word;
+/// and a file's `secret` beat `EDGEPROXY_REPLICATION_SECRET_FILE`). One rule
+/// with `api.token` / `token_file`: [`credential`].
+const SECRET: CredentialSources = CredentialSources {
+    key: "replication.secret",
+    file_key: "replication.secret_file",
+    var: "EDGEPROXY_REPLICATION_SECRET",
+    file_var: "EDGEPROXY_REPLICATION_SECRET_FILE",
+    hidden: "<redacted>",
+};
 
-/// The second secret accepted while the secret is rotated, read as the
-/// secret is (the same rules, its own keys and variables).
-fn accepted_secret(
-    file_secret: Option<String>,
-    file_path: Option<PathBuf>,
-    env: &dyn Env,
-) -> Result<(Option<Secret>, Option<PathBuf>), ConfigError> {
-    secret_from(
-        &CredentialSources {
-            key: "replication.accept_secret",
-            file_key: "replication.accept_secret_file",
-            var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
-            file_var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE",
-            hidden: "<redacted>",
-        },
-        file_secret,
-        file_path,
-        env,
-    )
-}
+/// Where the second secret accepted while the secret is rotated is given
+/// (the same rules, its own keys and variables).
+const ACCEPT_SECRET: CredentialSources = CredentialSources {
+    key: "replication.accept_secret",
+    file_key: "replication.accept_secret_file",
+    var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET",
+    file_var: "EDGEPROXY_REPLICATION_ACCEPT_SECRET_FILE",
+    hidden: "<redacted>",
+};
 
 /// A secret from `sources` (see [`credential`]).
 fn secret_from(
