@@ -139,6 +139,7 @@ impl Lab {
                 asn: POP_ASN,
                 hold_secs: self.hold_secs,
                 password: None,
+                bfd: false,
             })
             .collect()
     }
@@ -669,6 +670,197 @@ fn a_pop_stopped_past_the_hold_time_announces_again_when_it_runs() {
     assert!(errors.is_empty(), "{errors:#?}");
 }
 
+/// A lab whose router runs BFD on its session with POP 1 (BIRD's
+/// defaults: it asks for packets 10 ms apart, sends every 100 ms,
+/// multiplier 5), and the POP `bfd = true` (100 ms, multiplier 3: BIRD
+/// declares it down after 300 ms of silence). Hold time 9 s, so that the
+/// hold timer cannot be what drops a session within a second or two.
+fn bfd_lab() -> (Lab, Bird) {
+    let mut lab = Lab::new(1, 9);
+    let mut peers = lab.peers();
+    peers[0].bfd = true;
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &peers);
+    lab.neighbor_extra[1] = "bfd = true".into();
+    lab.sections[1] = format!("[metrics]\nenabled = true\nlisten_addr = \"{BFD_METRICS}\"");
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    wait_bfd_up(&lab, &bird, "start");
+    (lab, bird)
+}
+
+/// POP 1's metrics listener (in its namespace).
+const BFD_METRICS: &str = "127.0.0.1:9090";
+
+fn pop_metrics(lab: &Lab) -> String {
+    lab.net.run_in(1, || {
+        common::http_get(BFD_METRICS.parse().unwrap(), "/metrics").1
+    })
+}
+
+/// Until both BIRD and the POP say the BFD session is up.
+fn wait_bfd_up(lab: &Lab, bird: &Bird, what: &str) {
+    let up = when(PATIENCE, || {
+        let ours: serde_json::Value =
+            serde_json::from_str(&lab.cli(1, &["bgp", "status", "--json"])).unwrap();
+        ours["neighbors"][0]["bfd"] == "up" && bird_bfd_up(bird)
+    });
+    assert!(
+        up.is_some(),
+        "BFD not up ({what}): BIRD says\n{}\nthe POP says\n{}\nPOP log:\n{}",
+        bird.birdc(&["show", "bfd", "sessions"]),
+        lab.cli(1, &["bgp", "status", "--json"]),
+        lab.pop(1).log_text()
+    );
+}
+
+/// `birdc show bfd sessions` lists the POP's session as Up.
+fn bird_bfd_up(bird: &Bird) -> bool {
+    bird.birdc(&["show", "bfd", "sessions"])
+        .lines()
+        .any(|l| l.contains("10.77.0.2") && l.split_whitespace().any(|w| w == "Up"))
+}
+
+/// With BFD, a POP that stops answering (SIGSTOP: a hung host, a paused
+/// VM) loses its route within BFD's detection time, not the hold time:
+/// BIRD's BFD declares it down and takes the BGP session with it. Once the
+/// POP runs again, BFD and the session come back and the route with them.
+#[test]
+fn with_bfd_a_stopped_pop_is_withdrawn_within_a_second_not_the_hold_time() {
+    let _serial = serial();
+    let (lab, bird) = bfd_lab();
+    let bird_mark = bird.log_text().len();
+    lab.pop(1).signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let gone = wait_route(&bird, PREFIX4, false, "SIGSTOP with BFD");
+    let took = gone.duration_since(stopped);
+    println!(
+        "figure: stopped POP to the route gone from BIRD with BFD (100 ms × 3; hold time 9 s): {:.2} s",
+        took.as_secs_f64()
+    );
+    let log = bird.log_text()[bird_mark..].to_string();
+    assert!(
+        log.contains("BFD session down") && !log.contains("Hold timer expired"),
+        "BIRD dropped it for another reason:\n{log}"
+    );
+    // Far under the 9 s hold time (300 ms of detection, and a loaded
+    // 2-core machine's scheduling on top).
+    assert!(took < Duration::from_secs(4), "{took:?}");
+
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(libc::SIGCONT);
+    wait_route(&bird, PREFIX4, true, "SIGCONT");
+    wait_bfd_up(&lab, &bird, "after SIGCONT");
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+    let errors = lab.pop(1).log_lines_after(mark, "ERROR");
+    assert!(errors.is_empty(), "{errors:#?}");
+}
+
+/// The other way: the path to the router breaks both ways. The POP's BFD
+/// session goes down within BIRD's detection time (its 100 ms × 5) and the
+/// POP resets its BGP session at once (Cease, BFD Down) instead of
+/// waiting out the hold time; the status and the metrics count it. Healed,
+/// both come back.
+#[test]
+fn with_bfd_a_cut_path_resets_the_pops_bgp_session_and_it_comes_back() {
+    let _serial = serial();
+    let (lab, bird) = bfd_lab();
+    let mark = lab.pop(1).log_mark();
+    lab.net.partition(&[1], &[0]);
+    let cut = Instant::now();
+    let down = lab
+        .pop(1)
+        .wait_for_log_after(mark, "bfd: session down", PATIENCE)
+        .unwrap_or_else(|| panic!("no BFD down; log:\n{}", lab.pop(1).log_text()));
+    let took = cut.elapsed();
+    println!(
+        "figure: path cut to the POP's BFD session down (BIRD's 100 ms × 5): {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(down.contains("control detection time expired"), "{down}");
+    let mut reset = serde_json::Value::Null;
+    when(PATIENCE, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.cli(1, &["bgp", "status", "--json"])).unwrap();
+        reset = v["neighbors"][0].clone();
+        reset["state"] != "established" && reset["bfd_downs"] == 1
+    })
+    .unwrap_or_else(|| panic!("BGP not reset ({reset}); log:\n{}", lab.pop(1).log_text()));
+    assert!(
+        reset["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("BFD Down")),
+        "{reset}"
+    );
+    // Long before the hold time (9 s) could have said anything.
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    let metrics = pop_metrics(&lab);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edgeproxy_bgp_bfd_session_downs_total{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+
+    lab.net.heal();
+    wait_route(&bird, PREFIX4, true, "healed");
+    wait_bfd_up(&lab, &bird, "healed");
+    let metrics = pop_metrics(&lab);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edgeproxy_bgp_bfd_up{") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert_eq!(lab.ask_anycast().as_deref(), Ok("pop-1"));
+}
+
+/// A binary upgrade hands the BFD session over with the BGP session: the
+/// router's BFD never sees it go down (BIRD 2.0 would take the BGP session
+/// down with it, and the route), and the new process runs it.
+#[test]
+fn with_bfd_a_binary_upgrade_keeps_the_bfd_session_up_at_the_router() {
+    let _serial = serial();
+    let (mut lab, bird) = bfd_lab();
+    let bird_mark = bird.log_text().len();
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(12); // SIGUSR2
+    let ready = lab
+        .pop(1)
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
+    let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
+    let _successor = common::KillOnDrop(new);
+    lab.pop(1)
+        .wait_for_log_after(
+            mark,
+            "bfd: going on with the previous process's session",
+            PATIENCE,
+        )
+        .unwrap_or_else(|| panic!("BFD not taken over; log:\n{}", lab.pop(1).log_text()));
+    // The old process drains and exits; the new one alone runs BFD for
+    // longer than BIRD's detection time, many times over.
+    assert!(
+        lab.pops[1].as_mut().unwrap().wait_exit(PATIENCE).is_some(),
+        "the old process did not exit"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        bird_bfd_up(&bird),
+        "{}",
+        bird.birdc(&["show", "bfd", "sessions"])
+    );
+    let log = bird.log_text()[bird_mark..].to_string();
+    assert!(
+        !log.contains("BFD session down") && !log.contains("Down"),
+        "BIRD saw the session go down during the upgrade:\n{log}"
+    );
+    assert!(bird.has_route(PREFIX4));
+    let status = lab.cli(1, &["bgp", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["neighbors"][0]["bfd"], "up", "{status}");
+    assert_eq!(v["neighbors"][0]["bfd_downs"], 0, "{status}");
+}
+
 #[test]
 fn backends_all_unhealthy_withdraw_and_healthy_again_announces() {
     let _serial = serial();
@@ -1060,6 +1252,7 @@ fn two_neighbors_bird_over_ipv4_and_gobgp_over_ipv6_with_med_and_communities() {
             asn: POP_ASN,
             hold_secs: 9,
             password: None,
+            bfd: false,
         }],
         50052,
     );

@@ -699,6 +699,7 @@ hold_time_secs = 3
             asn: 65010,
             hold_secs: 3,
             password: None,
+            bfd: false,
         }],
     );
     for i in 0..3 {

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod bfd;
 pub mod bgp;
 pub mod bounded_http;
 pub mod check_routing;

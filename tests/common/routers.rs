@@ -33,6 +33,8 @@ pub struct Peer {
     pub hold_secs: u16,
     /// TCP MD5 password (RFC 2385) the router requires of this peer.
     pub password: Option<String>,
+    /// The router runs BFD on this session (BIRD: `bfd on`).
+    pub bfd: bool,
 }
 
 /// BIRD 2 in a namespace.
@@ -82,7 +84,7 @@ protocol bgp {name} {{
     local {local} as {asn};
     neighbor {addr} as {peer_asn};
     passive on;
-    hold time {hold};{password}
+    hold time {hold};{password}{bfd}
     # After an error (a hold timer expiry) BIRD waits 60 s by default
     # before it takes a session again; a lab restarts faster.
     error wait time 1, 5;
@@ -101,7 +103,13 @@ protocol bgp {name} {{
                     .as_ref()
                     .map(|pw| format!("\n    password \"{pw}\";"))
                     .unwrap_or_default(),
+                bfd = if p.bfd { "\n    bfd on;" } else { "" },
             ));
+        }
+        if peers.iter().any(|p| p.bfd) {
+            // BIRD's defaults: it sends every 100 ms, takes packets 10 ms
+            // apart, multiplier 5.
+            conf.push_str("\nprotocol bfd {}\n");
         }
         let conf_path = dir.join("bird.conf");
         std::fs::write(&conf_path, conf).unwrap();

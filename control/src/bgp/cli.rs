@@ -78,6 +78,7 @@ pub fn render(body: &Value) -> String {
         "UPTIME",
         "HOLD",
         "MD5",
+        "BFD",
         "PREFIXES",
         "GSHUT",
         "UPDATES",
@@ -96,6 +97,11 @@ pub fn render(body: &Value) -> String {
                 .map(|h| format!("{h}s"))
                 .unwrap_or_else(dash),
             if n.tcp_md5 { "on" } else { "off" }.to_string(),
+            match &n.bfd {
+                None => dash(),
+                Some(state) if n.bfd_downs > 0 => format!("{state} ({} down)", n.bfd_downs),
+                Some(state) => state.clone(),
+            },
             n.prefixes_announced.to_string(),
             if n.graceful_shutdown { "yes" } else { "no" }.to_string(),
             n.updates_sent.to_string(),
@@ -133,6 +139,8 @@ mod tests {
                     prefixes_announced: 1,
                     graceful_shutdown: true,
                     updates_sent: 2,
+                    bfd: Some("up".into()),
+                    bfd_downs: 1,
                     ..NeighborStatus::default()
                 },
                 NeighborStatus {
@@ -152,7 +160,15 @@ mod tests {
         );
         assert!(text.contains("sessions: 1 of 2 established"), "{text}");
         let up = text.lines().find(|l| l.starts_with("192.0.2.1 ")).unwrap();
-        for cell in ["65000", "established", "1h2m3s", "9s", " on ", "yes"] {
+        for cell in [
+            "65000",
+            "established",
+            "1h2m3s",
+            "9s",
+            " on ",
+            "yes",
+            "up (1 down)",
+        ] {
             assert!(up.contains(cell), "{cell} missing in {up}");
         }
         let down = text.lines().find(|l| l.starts_with("192.0.2.2")).unwrap();

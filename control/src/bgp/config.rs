@@ -39,6 +39,46 @@ pub mod defaults {
     /// Base of the connect-retry back-off (the FSM doubles it, up to 300 s;
     /// the first two misses retry after 1 s).
     pub const CONNECT_RETRY_SECS: u32 = 5;
+    /// BFD: the interval this POP sends at and asks the router for. With
+    /// the multiplier, a router notices a silent POP in 300 ms; 100 ms is
+    /// also what BIRD and FRR send at by default (FRR: 300 ms).
+    pub const BFD_INTERVAL_MS: u32 = 100;
+    /// BFD: packets missed in a row before a session is declared down.
+    pub const BFD_MULTIPLIER: u8 = 3;
+}
+
+/// A neighbor's BFD timers (RFC 5880): this POP sends every
+/// `interval_ms` (less jitter) and asks the router to send no faster; the
+/// router declares the POP down after `multiplier` intervals of silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BfdSettings {
+    pub interval_ms: u32,
+    pub multiplier: u8,
+}
+
+/// As the keys it is read from (`bfd = true`, `bfd_interval_ms`,
+/// `bfd_multiplier`), flattened into the neighbor: `check-config`'s output
+/// loads back.
+impl Serialize for BfdSettings {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("BfdSettings", 3)?;
+        st.serialize_field("bfd", &true)?;
+        st.serialize_field("bfd_interval_ms", &self.interval_ms)?;
+        st.serialize_field("bfd_multiplier", &self.multiplier)?;
+        st.end()
+    }
+}
+
+impl BfdSettings {
+    pub fn timers(&self) -> crate::bfd::Timers {
+        let interval = Duration::from_millis(u64::from(self.interval_ms));
+        crate::bfd::Timers {
+            desired_min_tx: interval,
+            required_min_rx: interval,
+            detect_mult: self.multiplier,
+        }
+    }
 }
 
 /// RFC 8326's GRACEFUL_SHUTDOWN well-known community, 65535:0.
@@ -84,6 +124,9 @@ pub struct RawNeighbor {
     pub description: Option<String>,
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
+    pub bfd: Option<bool>,
+    pub bfd_interval_ms: Option<u32>,
+    pub bfd_multiplier: Option<u8>,
 }
 
 /// The effective `[bgp]` section.
@@ -189,6 +232,9 @@ pub struct Neighbor {
     pub password: Option<Md5Key>,
     /// Where the password came from, when it was a file.
     pub password_file: Option<PathBuf>,
+    /// BFD with this neighbor (`bfd = true`), and its timers.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub bfd: Option<BfdSettings>,
 }
 
 impl Neighbor {
@@ -293,6 +339,7 @@ fn parse_neighbor_spec(spec: &str) -> Result<Neighbor, String> {
         description: None,
         password: None,
         password_file: None,
+        bfd: None,
     })
 }
 
@@ -333,6 +380,44 @@ fn check_asn(asn: u32) -> Result<(), String> {
         return Err(format!("{asn} is a reserved AS number"));
     }
     Ok(())
+}
+
+/// `bfd`, `bfd_interval_ms` and `bfd_multiplier` of neighbor `key`: timers
+/// without `bfd = true` would be ignored without a word, so they are an
+/// error.
+fn bfd_settings(
+    key: &str,
+    on: Option<bool>,
+    interval_ms: Option<u32>,
+    multiplier: Option<u8>,
+) -> Result<Option<BfdSettings>, ConfigError> {
+    if on != Some(true) {
+        if interval_ms.is_some() || multiplier.is_some() {
+            return Err(invalid(
+                format!("{key}.bfd"),
+                "bfd_interval_ms / bfd_multiplier are set but bfd is not: add bfd = true",
+            ));
+        }
+        return Ok(None);
+    }
+    let interval_ms = interval_ms.unwrap_or(defaults::BFD_INTERVAL_MS);
+    if !(10..=60_000).contains(&interval_ms) {
+        return Err(invalid(
+            format!("{key}.bfd_interval_ms"),
+            format!("{interval_ms}: must be 10–60000 (milliseconds)"),
+        ));
+    }
+    let multiplier = multiplier.unwrap_or(defaults::BFD_MULTIPLIER);
+    if multiplier == 0 {
+        return Err(invalid(
+            format!("{key}.bfd_multiplier"),
+            "must be 1–255 (packets missed before the session is down)",
+        ));
+    }
+    Ok(Some(BfdSettings {
+        interval_ms,
+        multiplier,
+    }))
 }
 
 fn check_hold(hold: u16) -> Result<(), String> {
@@ -493,6 +578,7 @@ pub fn from_raw(raw: RawBgp, env: &dyn Env) -> Result<Bgp, ConfigError> {
                 }
                 let (password, password_file) =
                     password(&key, n.password.as_deref(), n.password_file)?;
+                let bfd = bfd_settings(&key, n.bfd, n.bfd_interval_ms, n.bfd_multiplier)?;
                 out.push(Neighbor {
                     address: parse_ip(&format!("{key}.address"), &n.address)?,
                     port,
@@ -511,6 +597,7 @@ pub fn from_raw(raw: RawBgp, env: &dyn Env) -> Result<Bgp, ConfigError> {
                     description: n.description,
                     password,
                     password_file,
+                    bfd,
                 });
             }
             out
@@ -530,6 +617,21 @@ pub fn from_raw(raw: RawBgp, env: &dyn Env) -> Result<Bgp, ConfigError> {
             return Err(invalid(
                 format!("bgp.neighbor[{i}].address"),
                 format!("{} is listed twice", n.socket_addr()),
+            ));
+        }
+        // One BFD session per neighbor address (RFC 5881 finds a session
+        // without a discriminator yet by the address alone).
+        if n.bfd.is_some()
+            && neighbors[..i]
+                .iter()
+                .any(|m| m.bfd.is_some() && m.address == n.address)
+        {
+            return Err(invalid(
+                format!("bgp.neighbor[{i}].bfd"),
+                format!(
+                    "{} has BFD on another neighbor already (one BFD session per address)",
+                    n.address
+                ),
             ));
         }
         // An IPv4 prefix needs an IPv4 next hop: on an IPv6 session only an
@@ -726,6 +828,10 @@ hold_time_secs = 9
             ("[[bgp.neighbor]]\naddress = \"0.0.0.0\"\nasn = 1", "bgp.neighbor[0].address"),
             ("[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\n[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 2", "listed twice"),
             ("[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\nfoo = 1", "foo"),
+            ("[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\nbfd_interval_ms = 50", "add bfd = true"),
+            ("[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\nbfd = true\nbfd_interval_ms = 5", "bgp.neighbor[0].bfd_interval_ms"),
+            ("[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\nbfd = true\nbfd_multiplier = 0", "bgp.neighbor[0].bfd_multiplier"),
+            ("[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nasn = 1\nbfd = true\n[[bgp.neighbor]]\naddress = \"10.0.0.1\"\nport = 1179\nasn = 2\nbfd = true", "one BFD session per address"),
         ] {
             let err = parse(&format!("[bgp]\n{text}\n"), &NO_ENV).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
@@ -740,6 +846,32 @@ hold_time_secs = 9
             let err = parse("", &[(var, value)]).unwrap_err();
             assert!(err.to_string().contains(var), "{var}={value}: {err}");
         }
+    }
+
+    #[test]
+    fn bfd_is_off_unless_asked_and_its_timers_render_back() {
+        let b = parse(ISSUE_EXAMPLE, &NO_ENV).unwrap();
+        assert_eq!(b.neighbors[0].bfd, None);
+        let on = format!("{ISSUE_EXAMPLE}bfd = true\n");
+        let b = parse(&on, &NO_ENV).unwrap();
+        let bfd = b.neighbors[0].bfd.unwrap();
+        assert_eq!((bfd.interval_ms, bfd.multiplier), (100, 3));
+        let t = bfd.timers();
+        assert_eq!(t.desired_min_tx, Duration::from_millis(100));
+        assert_eq!(t.required_min_rx, Duration::from_millis(100));
+        let tuned =
+            format!("{ISSUE_EXAMPLE}bfd = true\nbfd_interval_ms = 50\nbfd_multiplier = 5\n");
+        let b = parse(&tuned, &NO_ENV).unwrap();
+        #[derive(Serialize)]
+        struct Out<'a> {
+            bgp: &'a Bgp,
+        }
+        let text = toml::to_string(&Out { bgp: &b }).unwrap();
+        assert!(text.contains("bfd_interval_ms = 50"), "{text}");
+        assert_eq!(parse(&text, &NO_ENV).unwrap(), b, "{text}");
+        // `bfd = false` with nothing else is just off.
+        let off = format!("{ISSUE_EXAMPLE}bfd = false\n");
+        assert_eq!(parse(&off, &NO_ENV).unwrap().neighbors[0].bfd, None);
     }
 
     #[test]

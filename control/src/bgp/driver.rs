@@ -31,6 +31,7 @@ use super::policy::Phase;
 use super::routes::Advertisement;
 use super::session::{cease, Io, Session, SessionEvent, SessionSettings};
 use super::status::{BgpStatus, NeighborStatus, StatusHandle};
+use crate::bfd::{self, Bfd, BfdView};
 use rustbgpd_fsm::SessionState;
 use rustbgpd_wire::notification::cease_subcode;
 
@@ -77,7 +78,12 @@ pub struct Speaker {
     status: StatusHandle,
     prefixes: Vec<IpNet>,
     prepend: u8,
+    /// The BFD sessions, once started (a successor starts them when its
+    /// predecessor's have been handed over).
+    bfd: BfdSlot,
 }
+
+type BfdSlot = std::sync::Arc<std::sync::Mutex<Option<Bfd>>>;
 
 impl Speaker {
     /// Starts one session per neighbor, announcing nothing yet. Must run
@@ -115,6 +121,7 @@ impl Speaker {
         let mut synced = Vec::new();
         let mut tasks = Vec::new();
         let mut inherit_tx = Vec::new();
+        let mut bfd_neighbors = Vec::new();
         for (index, n) in config.neighbors.iter().enumerate() {
             let mut communities = config.communities.clone();
             communities.extend(&n.communities);
@@ -139,8 +146,22 @@ impl Speaker {
                 inherit_tx.push((n.socket_addr(), tx));
                 rx
             });
+            let bfd = n.bfd.map(|b| {
+                let (view, rx) = watch::channel(BfdView::default());
+                bfd_neighbors.push(bfd::driver::Neighbor {
+                    label: n.label(),
+                    peer: n.address,
+                    local: n.local_address.or(config.local_address),
+                    timers: b.timers(),
+                    view,
+                    inherited: None,
+                });
+                rx
+            });
             let task = Task {
                 index,
+                bfd,
+                bfd_view: BfdView::default(),
                 settings: settings.clone(),
                 session: Session::held(settings),
                 inherit,
@@ -156,9 +177,18 @@ impl Speaker {
             };
             tasks.push(tokio::spawn(task.run(ads.subscribe(), stop.subscribe())));
         }
-        if let Some(inherited) = inherited {
-            tracing::info!("bgp: waiting for the previous process to hand over its sessions");
-            tokio::spawn(distribute(inherited, inherit_tx));
+        let bfd_slot = BfdSlot::default();
+        match inherited {
+            Some(inherited) => {
+                tracing::info!("bgp: waiting for the previous process to hand over its sessions");
+                tokio::spawn(distribute(
+                    inherited,
+                    inherit_tx,
+                    bfd_neighbors,
+                    bfd_slot.clone(),
+                ));
+            }
+            None => start_bfd(bfd_neighbors, &bfd_slot),
         }
         tracing::info!(local_asn = config.local_asn, router_id = %config.router_id,
             neighbors = config.neighbors.len(),
@@ -174,6 +204,7 @@ impl Speaker {
             status,
             prefixes: config.announce.clone(),
             prepend: config.drain_prepend,
+            bfd: bfd_slot,
         }
     }
 
@@ -227,6 +258,15 @@ impl Speaker {
     /// (routers log it) and waits for the tasks, at most `patience`.
     pub async fn stop(&mut self, reason: &str, patience: Duration) {
         self.end(Ending::Stop(reason.to_string()), patience).await;
+        // After the BGP sessions: their Cease comes first, then BFD's
+        // AdminDown.
+        if let Some(bfd) = self.take_bfd() {
+            let _ = tokio::task::spawn_blocking(move || bfd.stop()).await;
+        }
+    }
+
+    fn take_bfd(&self) -> Option<Bfd> {
+        self.bfd.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// A binary upgrade: stops every session without a word to its peer
@@ -238,6 +278,19 @@ impl Speaker {
         let mut handed = Vec::new();
         while let Ok(h) = self.handed.try_recv() {
             handed.push(h);
+        }
+        // BFD last, right before the successor gets it all: the router's
+        // BFD hears nothing from the moment this stops until the successor
+        // sends, and that must stay well under its detection time.
+        if let Some(bfd) = self.take_bfd() {
+            let sessions = tokio::task::spawn_blocking(move || bfd.hand_off())
+                .await
+                .unwrap_or_default();
+            for (peer, state) in sessions {
+                if let Some(h) = handed.iter_mut().find(|h| h.state.peer.ip() == peer) {
+                    h.state.bfd = Some(state);
+                }
+            }
         }
         handed
     }
@@ -280,14 +333,47 @@ pub fn inherit_from_predecessor() -> Inherited {
     rx
 }
 
+/// Starts the BFD sessions (if any neighbor has `bfd = true`); one that
+/// cannot start is an error in the log, and the BGP sessions go on without.
+fn start_bfd(neighbors: Vec<bfd::driver::Neighbor>, slot: &BfdSlot) {
+    if neighbors.is_empty() {
+        return;
+    }
+    let n = neighbors.len();
+    match Bfd::start(neighbors) {
+        Ok(b) => {
+            tracing::info!(sessions = n, "bfd: started");
+            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(b);
+        }
+        Err(e) => tracing::error!(error = %e,
+            "bfd: cannot start; the BGP sessions go on without BFD (routers that require it will not see this POP up)"),
+    }
+}
+
 /// Gives each neighbor's task the predecessor's session with the same
 /// neighbor (or nothing); ends with a Cease the sessions with neighbors
-/// this configuration no longer has.
+/// this configuration no longer has. Then starts BFD, going on with the
+/// predecessor's BFD sessions (its sockets are closed by now).
 async fn distribute(
     inherited: Inherited,
     mut tasks: Vec<(SocketAddr, oneshot::Sender<Option<Handed>>)>,
+    mut bfd_neighbors: Vec<bfd::driver::Neighbor>,
+    bfd_slot: BfdSlot,
 ) {
-    let handed = inherited.await.unwrap_or_default();
+    let mut handed = inherited.await.unwrap_or_default();
+    for h in &mut handed {
+        if let Some(state) = h.state.bfd.take() {
+            match bfd_neighbors
+                .iter_mut()
+                .find(|n| n.peer == h.state.peer.ip())
+            {
+                Some(n) => n.inherited = Some(state),
+                None => tracing::info!(neighbor = %h.state.peer,
+                    "bfd: the previous process ran BFD with a neighbor this configuration runs none with; the router's BFD session times out"),
+            }
+        }
+    }
+    start_bfd(bfd_neighbors, &bfd_slot);
     for h in handed {
         match tasks.iter().position(|(peer, _)| *peer == h.state.peer) {
             Some(i) => {
@@ -334,6 +420,9 @@ type Connecting =
 
 struct Task {
     index: usize,
+    /// The neighbor's BFD session, with `bfd = true`.
+    bfd: Option<watch::Receiver<BfdView>>,
+    bfd_view: BfdView,
     settings: SessionSettings,
     session: Session,
     /// A successor's: the predecessor's session with this neighbor, to come.
@@ -391,6 +480,17 @@ fn md5_hint(signed: bool) -> &'static str {
 async fn read_some(stream: &mut Option<TcpStream>, buf: &mut [u8]) -> std::io::Result<usize> {
     match stream {
         Some(s) => s.read(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The BFD session's next change; `None` once it stopped for good.
+async fn bfd_changed(rx: &mut Option<watch::Receiver<BfdView>>) -> Option<BfdView> {
+    match rx {
+        Some(rx) => {
+            rx.changed().await.ok()?;
+            Some(*rx.borrow_and_update())
+        }
         None => std::future::pending().await,
     }
 }
@@ -498,10 +598,29 @@ impl Task {
                     }
                     return;
                 }
+                view = bfd_changed(&mut self.bfd) => match view {
+                    Some(view) => self.on_bfd(view),
+                    None => {
+                        self.bfd = None;
+                        self.bfd_view = BfdView::default();
+                        self.publish();
+                    }
+                },
                 _ = status_tick.tick() => self.publish(),
                 _ = next_hop_tick.tick() => self.check_next_hop(),
             }
         }
+    }
+
+    /// The BFD session changed: one that went down since the last look
+    /// resets an established BGP session (RFC 5882 §4.3).
+    fn on_bfd(&mut self, view: BfdView) {
+        let went_down = view.downs > self.bfd_view.downs;
+        self.bfd_view = view;
+        if went_down && self.session.state() == SessionState::Established {
+            self.session.handle_bfd_down(Instant::now());
+        }
+        self.publish();
     }
 
     /// On an established IPv4 session, chooses the IPv6 next hop again and
@@ -747,6 +866,7 @@ impl Task {
     fn publish(&self) {
         let s = self.session.snapshot(Instant::now());
         let index = self.index;
+        let bfd = self.bfd_view;
         self.status.update(|status| {
             if let Some(n) = status.neighbors.get_mut(index) {
                 n.state = s.state.as_str().to_string();
@@ -758,6 +878,8 @@ impl Task {
                 n.updates_sent = s.updates_sent;
                 n.flaps = s.flaps;
                 n.last_error = s.last_error;
+                n.bfd = bfd.state.map(|s| s.name().to_string());
+                n.bfd_downs = bfd.downs;
             }
         });
     }

@@ -38,6 +38,12 @@ pub struct HandedSession {
     pub established_ms: u64,
     pub updates_sent: u64,
     pub flaps: u64,
+    /// The BFD session with the same neighbor, when it runs one: the
+    /// successor goes on with it (a fresh one would say Down, and the
+    /// router would take the BGP session down). Absent from a predecessor
+    /// without BFD.
+    #[serde(default)]
+    pub bfd: Option<crate::bfd::HandedBfd>,
 }
 
 /// A handed session with its connection.

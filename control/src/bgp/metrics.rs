@@ -64,6 +64,27 @@ pub fn render(status: &BgpStatus, out: &mut String) {
             let _ = writeln!(out, "{name}{{neighbor=\"{}\"}} {}", n.neighbor, value(n));
         }
     }
+    // BFD: only neighbors that run it have samples.
+    let per_bfd: [(&str, &str, &str, Field); 2] = [
+        (
+            "edgeproxy_bgp_bfd_up",
+            "gauge",
+            "1 while the BFD session with the neighbor is up (neighbors with bfd = true).",
+            |n| u64::from(n.bfd.as_deref() == Some("up")),
+        ),
+        (
+            "edgeproxy_bgp_bfd_session_downs_total",
+            "counter",
+            "Times the BFD session with the neighbor went from up to down (each reset the BGP session).",
+            |n| n.bfd_downs,
+        ),
+    ];
+    for (name, kind, help, value) in per_bfd {
+        family(out, name, kind, help);
+        for n in status.neighbors.iter().filter(|n| n.bfd.is_some()) {
+            let _ = writeln!(out, "{name}{{neighbor=\"{}\"}} {}", n.neighbor, value(n));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -82,6 +103,8 @@ mod tests {
                 uptime_secs: Some(12),
                 prefixes_announced: 2,
                 updates_sent: 3,
+                bfd: Some("up".into()),
+                bfd_downs: 2,
                 ..NeighborStatus::default()
             }],
             ..BgpStatus::default()
@@ -95,6 +118,8 @@ mod tests {
             "edgeproxy_bgp_session_uptime_seconds{neighbor=\"10.0.0.1\"} 12",
             "edgeproxy_bgp_prefixes_announced{neighbor=\"10.0.0.1\"} 2",
             "edgeproxy_bgp_updates_sent_total{neighbor=\"10.0.0.1\"} 3",
+            "edgeproxy_bgp_bfd_up{neighbor=\"10.0.0.1\"} 1",
+            "edgeproxy_bgp_bfd_session_downs_total{neighbor=\"10.0.0.1\"} 2",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
         }

@@ -388,6 +388,7 @@ impl Session {
                 .map_or(0, |t| now.saturating_duration_since(t).as_millis() as u64),
             updates_sent: self.updates_sent,
             flaps: self.flaps,
+            bfd: None,
         })
     }
 
@@ -449,6 +450,17 @@ impl Session {
         }
         self.inbuf.clear();
         self.feed(now, Event::TcpConnectionFails);
+    }
+
+    /// The neighbor's BFD session went from up to down: the path or the
+    /// router failed faster than the hold timer can tell. An established
+    /// session ends with a Cease NOTIFICATION, subcode BFD Down (RFC 9384),
+    /// and starts again like after any error.
+    pub fn handle_bfd_down(&mut self, now: Instant) {
+        if self.fsm.state() != SessionState::Established {
+            return;
+        }
+        self.feed(now, Event::BfdDown);
     }
 
     /// Bytes read from the connection.

@@ -33,6 +33,14 @@ pub struct NeighborStatus {
     /// Times the session left Established.
     pub flaps: u64,
     pub last_error: Option<String>,
+    /// The BFD session's state (`up`, `init`, `down`); `None` without BFD
+    /// for this neighbor (or while it is not running).
+    #[serde(default)]
+    pub bfd: Option<String>,
+    /// Times the BFD session went from up to down (each reset the BGP
+    /// session).
+    #[serde(default)]
+    pub bfd_downs: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

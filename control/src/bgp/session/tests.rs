@@ -422,6 +422,34 @@ fn a_peer_notification_ends_the_session_and_restarts_back_off() {
 }
 
 #[test]
+fn bfd_down_ends_an_established_session_with_cease_bfd_down_and_it_restarts() {
+    let t0 = Instant::now();
+    let (mut s, mut peer) = established(t0);
+    s.handle_bfd_down(t0);
+    let io = pump(&mut s, &mut peer, t0);
+    assert_eq!(io, [Io::Close]);
+    let n = peer.notifications.last().expect("a NOTIFICATION");
+    assert_eq!(
+        (n.code, n.subcode),
+        (NotificationCode::Cease, cease_subcode::BFD_DOWN)
+    );
+    assert_eq!(s.state(), SessionState::Idle);
+    assert!(
+        s.snapshot(t0)
+            .last_error
+            .is_some_and(|e| e.contains("BFD Down")),
+        "{:?}",
+        s.snapshot(t0).last_error
+    );
+    let restart = s.poll_timeout().expect("starts again");
+    s.handle_timeout(restart);
+    assert_eq!(s.poll_io(), Some(Io::Connect));
+    // Not established: nothing to end.
+    s.handle_bfd_down(restart);
+    assert_eq!(s.poll_io(), None);
+}
+
+#[test]
 fn stop_sends_cease_and_never_restarts() {
     let t0 = Instant::now();
     let (mut s, mut peer) = established(t0);
