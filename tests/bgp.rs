@@ -1181,6 +1181,99 @@ fn frr_count(json: &str, key: &str) -> u64 {
 /// gets them again between a BoRR and an EoRR, on the same session: a real
 /// router's side of the ROUTE-REFRESH handling that fuzzing reworked (RFC
 /// 7313 §5's checks in `bgp::session::frame`).
+/// BFD with FRR's bfdd (bgpd `neighbor X bfd`, through zebra; FRR's
+/// timers: 300 ms × 3): the session comes up, a stopped POP's BGP session
+/// is taken down by FRR within a second or two (Cease, BFD Down) though
+/// the hold time is 9 s, it comes back once the POP runs, and a binary
+/// upgrade leaves FRR's BFD session up throughout.
+#[test]
+fn frr_with_bfd_drops_a_stopped_pop_at_once_and_keeps_it_through_an_upgrade() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let mut peers = lab.peers();
+    peers[0].bfd = true;
+    let frr = Frr::start(&lab.net, 0, ROUTER_ASN, &peers);
+    lab.neighbor_extra[1] = "bfd = true".into();
+    lab.launch(1);
+    let pop = lab.net.ip(1).to_string();
+    let bfd_peer = || frr.vtysh(&format!("show bfd peer {pop} json"));
+    let bgp_state = || frr.vtysh(&format!("show bgp neighbors {pop} json"));
+    let wait_up = |what: &str| {
+        when(PATIENCE, || {
+            bfd_peer().contains("\"status\":\"up\"")
+                && bgp_state().contains("\"bgpState\":\"Established\"")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "BFD and BGP not both up at FRR ({what}):\n{}\n{}\nPOP log:\n{}",
+                bfd_peer(),
+                frr.vtysh("show bgp summary"),
+                lab.pop(1).log_text()
+            )
+        });
+    };
+    wait_up("start");
+    let ours = lab.cli(1, &["bgp", "status"]);
+    assert!(
+        ours.lines()
+            .any(|l| l.starts_with("10.77.0.1") && l.contains(" up ")),
+        "{ours}"
+    );
+
+    lab.pop(1).signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    when(PATIENCE, || {
+        !bgp_state().contains("\"bgpState\":\"Established\"")
+    })
+    .expect("FRR kept the session");
+    let took = stopped.elapsed();
+    println!(
+        "figure: stopped POP to FRR's BGP session down with BFD (300 ms × 3; hold time 9 s): {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        frr.log_text().contains("BFD Down"),
+        "FRR dropped it for another reason:\n{}",
+        frr.log_text()
+    );
+    lab.pop(1).signal(libc::SIGCONT);
+    wait_up("after SIGCONT");
+
+    // The upgrade: FRR's BFD session never leaves up (its uptime goes on).
+    let uptime = || -> u64 {
+        let v: serde_json::Value = serde_json::from_str(&bfd_peer()).unwrap();
+        v["uptime"].as_u64().unwrap_or(0)
+    };
+    let before = uptime();
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(12); // SIGUSR2
+    let ready = lab
+        .pop(1)
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
+    let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
+    let _successor = common::KillOnDrop(new);
+    assert!(
+        lab.pops[1].as_mut().unwrap().wait_exit(PATIENCE).is_some(),
+        "the old process did not exit"
+    );
+    // Past FRR's 900 ms detection time, many times over, with the new
+    // process alone.
+    std::thread::sleep(Duration::from_secs(3));
+    let peer = bfd_peer();
+    assert!(peer.contains("\"status\":\"up\""), "{peer}");
+    assert!(
+        uptime() >= before + 3,
+        "FRR's BFD session restarted: {peer}"
+    );
+    assert!(
+        bgp_state().contains("\"bgpState\":\"Established\""),
+        "{}",
+        bgp_state()
+    );
+}
+
 #[test]
 fn frr_asking_for_the_routes_again_gets_them_on_the_same_session() {
     let _serial = serial();

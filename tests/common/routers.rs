@@ -306,6 +306,8 @@ impl Drop for GoBgp {
 /// directory.
 pub struct Frr {
     child: Child,
+    /// With BFD: zebra and bfdd, which bgpd reaches through zebra's socket.
+    helpers: Vec<Child>,
     ns: String,
     vty_dir: PathBuf,
     pub log: PathBuf,
@@ -341,6 +343,9 @@ impl Frr {
             if let Some(pw) = &p.password {
                 conf.push_str(&format!(" neighbor {} password {pw}\n", p.addr));
             }
+            if p.bfd {
+                conf.push_str(&format!(" neighbor {} bfd\n", p.addr));
+            }
         }
         conf.push_str(" address-family ipv6 unicast\n");
         for p in peers {
@@ -351,12 +356,67 @@ impl Frr {
         std::fs::write(&conf_path, conf).unwrap();
         let vty_dir = dir.join("vty");
         std::fs::create_dir_all(&vty_dir).unwrap();
-        let child = net
-            .command(host, BGPD)
-            .arg("-f")
-            .arg(&conf_path)
-            // No zebra, no kernel routes, no user switch, no TCP vty.
-            .args(["-Z", "-n", "-S", "-P", "0", "--vty_socket"])
+        let zserv = dir.join("zserv.api");
+        let mut helpers = Vec::new();
+        let bfd = peers.iter().any(|p| p.bfd);
+        if bfd {
+            // bgpd asks bfdd for its sessions through zebra. Both run as
+            // the `frr` user (they refuse root outside the frrvty group):
+            // the directory must be theirs to write.
+            use std::os::unix::fs::PermissionsExt;
+            for d in [dir.path(), vty_dir.as_path()] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).unwrap();
+            }
+            for (daemon, extra) in [
+                ("zebra", "debug zebra events\n"),
+                ("bfdd", "debug bfd peer\n"),
+            ] {
+                let conf = dir.join(&format!("{daemon}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "hostname r{host}\nlog file {} debugging\n{extra}",
+                        dir.join(&format!("{daemon}.log")).display()
+                    ),
+                )
+                .unwrap();
+                std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+                let mut cmd = net.command(host, &format!("/usr/lib/frr/{daemon}"));
+                cmd.arg("-f")
+                    .arg(&conf)
+                    .arg("-z")
+                    .arg(&zserv)
+                    .arg("--vty_socket")
+                    .arg(&vty_dir)
+                    .arg("-i")
+                    .arg(dir.join(&format!("{daemon}.pid")));
+                if daemon == "bfdd" {
+                    cmd.arg("--bfdctl").arg(dir.join("bfdd.sock"));
+                }
+                let child = cmd
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start {daemon}: {e}"));
+                helpers.push(child);
+                if daemon == "zebra" {
+                    let up = super::eventually(Duration::from_secs(20), || zserv.exists());
+                    assert!(up, "zebra did not come up");
+                }
+            }
+        }
+        let mut bgpd = net.command(host, BGPD);
+        bgpd.arg("-f").arg(&conf_path);
+        if bfd {
+            bgpd.arg("-z").arg(&zserv);
+        } else {
+            // No zebra, no kernel routes.
+            bgpd.arg("-Z");
+        }
+        let child = bgpd
+            // No user switch, no TCP vty.
+            .args(["-n", "-S", "-P", "0", "--vty_socket"])
             .arg(&vty_dir)
             .arg("-i")
             .arg(dir.join("bgpd.pid"))
@@ -367,6 +427,7 @@ impl Frr {
             .expect("cannot start bgpd");
         let frr = Frr {
             child,
+            helpers,
             ns: net.hosts[host].ns.clone(),
             vty_dir,
             log,
@@ -408,8 +469,10 @@ impl Frr {
 
 impl Drop for Frr {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in std::iter::once(&mut self.child).chain(&mut self.helpers) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
