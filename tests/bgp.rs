@@ -755,6 +755,60 @@ fn with_bfd_a_stopped_pop_is_withdrawn_within_a_second_not_the_hold_time() {
     assert!(errors.is_empty(), "{errors:#?}");
 }
 
+/// A POP with `bfd = true` whose router runs no BFD for the session: the
+/// BGP session is up and stays up (BFD never came up, so nothing went
+/// down), and the POP says once, after 10 s, what it is missing.
+#[test]
+fn with_bfd_on_the_pop_only_bgp_stays_up_and_a_warning_says_why() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    lab.neighbor_extra[1] = "bfd = true".into();
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let warn = lab
+        .pop(1)
+        .wait_for_log_after(0, "bfd: no BFD packet from the neighbor yet", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", lab.pop(1).log_text()));
+    assert!(warn.contains("bfd on"), "{warn}");
+    let status = lab.cli(1, &["bgp", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let n = &v["neighbors"][0];
+    assert_eq!(n["state"], "established", "{status}");
+    assert_eq!(n["bfd"], "down", "{status}");
+    assert_eq!(n["flaps"], 0, "{status}");
+    assert!(bird.has_route(PREFIX4));
+    assert_eq!(lab.pop(1).log_lines_after(0, "bfd: no BFD packet").len(), 1);
+}
+
+/// Port 3784 held by another BFD daemon on the POP's host: an ERROR that
+/// says so, and the BGP session goes on without BFD.
+#[test]
+fn with_bfd_port_3784_taken_is_an_error_and_bgp_goes_on() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
+    let _squatter = lab
+        .net
+        .run_in(1, || std::net::UdpSocket::bind("0.0.0.0:3784").unwrap());
+    lab.neighbor_extra[1] = "bfd = true".into();
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce without BFD");
+    let error = lab
+        .pop(1)
+        .wait_for_log_after(0, "bfd: cannot start", PATIENCE)
+        .unwrap_or_else(|| panic!("no error; log:\n{}", lab.pop(1).log_text()));
+    assert!(error.contains("another BFD daemon"), "{error}");
+    let status = lab.cli(1, &["bgp", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["neighbors"][0]["state"], "established", "{status}");
+    assert_eq!(
+        v["neighbors"][0]["bfd"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+}
+
 /// The other way: the path to the router breaks both ways. The POP's BFD
 /// session goes down within BIRD's detection time (its 100 ms × 5) and the
 /// POP resets its BGP session at once (Cease, BFD Down) instead of
