@@ -3,10 +3,11 @@
 //! deadline as its timeout.
 //!
 //! Why a thread and not a task on the control runtime: BFD's promise is a
-//! liveness answer within tens of milliseconds, and the control thread
-//! runs at SCHED_IDLE while the data plane is busy (README, "Reloads under
-//! SCHED_IDLE") — exactly when a late packet would make the router declare
-//! this POP dead. This thread keeps the normal priority.
+//! liveness answer within tens of milliseconds, and the control runtime is
+//! one thread shared by the API, replication (anti-entropy batches, zstd),
+//! health checks and the BGP sessions: any of them running long would
+//! delay a packet the router counts on (QA once found the whole runtime
+//! stalled behind a starved reload, `tests/starved_control.rs`).
 //!
 //! Sockets, RFC 5881: packets are received on UDP port 3784 (one socket
 //! per address family in use) and only with a TTL / hop limit of 255
