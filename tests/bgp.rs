@@ -1328,6 +1328,82 @@ fn frr_with_bfd_drops_a_stopped_pop_at_once_and_keeps_it_through_an_upgrade() {
     );
 }
 
+/// Two BFD sessions from one POP, one per address family: BIRD over IPv4
+/// and FRR over IPv6 (hop limit 255 checked on IPv6 as TTL is on IPv4).
+/// Both come up, and a stopped POP is dropped by both routers.
+#[test]
+fn bfd_to_bird_over_ipv4_and_frr_over_ipv6_at_once() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let (pop, frr_host) = (1, 2);
+    for (host, addr) in [(pop, "fd77::2/64"), (frr_host, "fd77::3/64")] {
+        sh(
+            &lab.net,
+            host,
+            &["ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad"],
+        );
+    }
+    let mut peers = lab.peers();
+    peers[0].bfd = true;
+    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &peers);
+    let frr = Frr::start(
+        &lab.net,
+        frr_host,
+        65001,
+        &[Peer {
+            name: "pop1".into(),
+            addr: "fd77::2".into(),
+            asn: POP_ASN,
+            hold_secs: 9,
+            password: None,
+            bfd: true,
+        }],
+    );
+    lab.bgp_extra[pop] = format!(
+        "next_hop = [\"{}\"]\n\n[[bgp.neighbor]]\naddress = \"fd77::3\"\nasn = 65001\nlocal_address = \"fd77::2\"\nbfd = true",
+        lab.net.ip(pop)
+    );
+    lab.neighbor_extra[pop] = "bfd = true".into();
+    lab.launch(pop);
+    let frr_bfd = || frr.vtysh("show bfd peer fd77::2 json");
+    let frr_bgp = || frr.vtysh("show bgp neighbors fd77::2 json");
+    when(PATIENCE, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&lab.cli(pop, &["bgp", "status", "--json"])).unwrap();
+        v["neighbors"][0]["bfd"] == "up"
+            && v["neighbors"][1]["bfd"] == "up"
+            && bird_bfd_up(&bird)
+            && frr_bfd().contains("\"status\":\"up\"")
+            && frr_bgp().contains("\"bgpState\":\"Established\"")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not every BFD session up:\nPOP: {}\nBIRD: {}\nFRR: {}\nPOP log:\n{}",
+            lab.cli(pop, &["bgp", "status"]),
+            bird.birdc(&["show", "bfd", "sessions"]),
+            frr_bfd(),
+            lab.pop(pop).log_text()
+        )
+    });
+    wait_route(&bird, PREFIX4, true, "announce");
+
+    lab.pop(pop).signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    wait_route(&bird, PREFIX4, false, "SIGSTOP (BIRD, IPv4 BFD)");
+    when(PATIENCE, || {
+        !frr_bgp().contains("\"bgpState\":\"Established\"")
+    })
+    .expect("FRR kept the session");
+    let took = stopped.elapsed();
+    println!(
+        "figure: stopped POP dropped by both routers (BIRD over IPv4, FRR over IPv6, hold time 9 s): {:.2} s",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(frr.log_text().contains("BFD Down"), "{}", frr.log_text());
+    lab.pop(pop).signal(libc::SIGCONT);
+}
+
 #[test]
 fn frr_asking_for_the_routes_again_gets_them_on_the_same_session() {
     let _serial = serial();
