@@ -99,10 +99,12 @@ pub fn render(s: &PopStatus) -> String {
     let mut out = format!("pop {} ({}, region {})\n", s.node_id, s.name, s.region);
     out.push_str(&format!(
         "drained:   {}\n",
-        match (s.draining, s.shutting_down) {
-            (_, true) => "stopping",
-            (true, false) => "yes (edgeproxy undrain to serve again)",
-            (false, false) => "no",
+        match (s.draining, s.shutting_down, s.awaiting_own_row) {
+            (_, true, _) => "stopping",
+            (true, false, true) => "yes, as routing.db says (not known yet: waiting for the cluster's copy of this POP's row)",
+            (false, false, true) => "no, as routing.db says (not known yet: waiting for the cluster's copy of this POP's row)",
+            (true, false, false) => "yes (edgeproxy undrain to serve again)",
+            (false, false, false) => "no",
         }
     ));
     // No serving listener at all: say where one must be, not an empty list.
@@ -190,6 +192,16 @@ mod tests {
         );
         let off = render(&PopStatus::default());
         assert!(off.contains("anycast:   off"), "{off}");
+        let starting = render(&PopStatus {
+            awaiting_own_row: true,
+            ..PopStatus::default()
+        });
+        assert!(
+            starting.contains(
+                "drained:   no, as routing.db says (not known yet: waiting for the cluster's copy"
+            ),
+            "{starting}"
+        );
         let fallback = render(&PopStatus {
             geodns: true,
             geodns_fallback: true,

@@ -634,6 +634,7 @@ impl Controller {
             name: self.identity.name.clone(),
             region: self.identity.region.clone(),
             draining: self.operator_drained,
+            awaiting_own_row: self.awaiting_row.is_some(),
             shutting_down: self.shutting_down,
             serving: verdict.is_serving(),
             verdict: verdict.describe(),

@@ -12,6 +12,12 @@ pub struct PopStatus {
     pub region: String,
     /// Drained by the operator (kept across restarts).
     pub draining: bool,
+    /// Starting with replication: the cluster's copy of this POP's row
+    /// has not come yet, so `draining` is what `routing.db` said, which
+    /// may be older (the POP announces nothing and is left out of GeoDNS
+    /// meanwhile).
+    #[serde(default)]
+    pub awaiting_own_row: bool,
     /// A stop signal arrived.
     pub shutting_down: bool,
     /// Its own verdict: a serving listener runs and has a healthy backend.
