@@ -1981,6 +1981,97 @@ fn the_cluster_secret_is_rotated_pop_by_pop_without_a_partition() {
     }
 }
 
+/// The same rotation with binary upgrades instead of restarts (`edgeproxy
+/// upgrade`, SIGUSR2 here): the new process reads the step's secrets and
+/// goes on as the same member on the sockets it took over, keyed anew.
+/// Every POP stays a member and replicates both ways after each of the
+/// nine upgrades, and nobody refuses anybody.
+#[test]
+fn the_cluster_secret_is_rotated_by_binary_upgrades_without_a_partition() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    const NEW: &str = "the-rotated-cluster-secret-by-upgrade-0123";
+    let mut c = Cluster::start(3, None);
+    c.wait_joined();
+    let steps = [
+        format!("secret = \"{SECRET}\"\naccept_secret = \"{NEW}\""),
+        format!("secret = \"{NEW}\"\naccept_secret = \"{SECRET}\""),
+        format!("secret = \"{NEW}\""),
+    ];
+    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    // The process now serving each POP: the one the test started, then
+    // each upgrade's new process (its log goes on in the same stream).
+    let mut current: Vec<Option<u32>> = vec![None; 3];
+    let mut successors = Vec::new();
+    for (step, extra) in steps.iter().enumerate() {
+        for i in 0..3 {
+            c.extra[i] = extra.clone();
+            std::fs::write(c.dir.join(&format!("pop-{i}.toml")), c.config(i)).unwrap();
+            let mark = c.pop(i).log_mark();
+            match current[i] {
+                None => c.pop(i).signal(12), // SIGUSR2
+                Some(pid) => common::signal_pid(pid, 12),
+            }
+            let ready = c
+                .pop(i)
+                .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "step {step}, POP {i}: no successor:\n{}",
+                        c.pop(i).log_text()
+                    )
+                });
+            let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
+            successors.push(common::KillOnDrop(new));
+            current[i] = Some(new);
+            c.pop(i)
+                .wait_for_log_after(mark, "running it here", PATIENCE)
+                .unwrap_or_else(|| panic!("step {step}, POP {i}: replication not handed over"));
+            c.wait_joined();
+            let other = (i + 1) % 3;
+            for (at, id) in [
+                (i, format!("u{step}-from-{i}")),
+                (other, format!("u{step}-to-{i}")),
+            ] {
+                assert_eq!(c.register(at, &id, addr), 201);
+                assert!(
+                    common::eventually(PATIENCE, || c.everyone_has(&[0, 1, 2], &id, "id", &id)),
+                    "step {step}, POP {i}: {id} written at POP {at} did not reach every POP"
+                );
+            }
+            assert_eq!(
+                c.cluster_status(i)["accepting_second_secret"],
+                json!(step < 2),
+                "step {step}, POP {i}"
+            );
+            eprintln!("step {}: POP {i} upgraded, a member, replicating", step + 1);
+        }
+    }
+    for i in 0..3 {
+        let refused = c.pop(i).log_lines_after(0, "cluster's secret");
+        assert!(refused.is_empty(), "POP {i} refused a peer: {refused:#?}");
+    }
+    // The upgraded processes hold the new secret alone: a POP started on
+    // the old one is refused.
+    let marks: Vec<usize> = (0..2).map(|i| c.pop(i).log_mark()).collect();
+    let last = current[2].unwrap();
+    common::signal_pid(last, libc::SIGTERM);
+    assert!(
+        common::eventually(PATIENCE, || !std::path::Path::new(&format!("/proc/{last}"))
+            .exists()),
+        "POP 2's process did not exit"
+    );
+    c.extra[2] = format!("secret = \"{SECRET}\"");
+    c.launch(2);
+    for (i, mark) in marks.into_iter().enumerate() {
+        assert!(
+            c.pop(i)
+                .wait_for_log_after(mark, "does not hold this cluster's secret", PATIENCE)
+                .is_some(),
+            "POP {i} did not refuse the old secret"
+        );
+    }
+}
+
 /// A node of another edgeproxy version (replication schema 99) with the
 /// right secret and cluster name: the protocol's own node, driven by the test
 /// over a real UDP socket in its own namespace.
