@@ -2003,11 +2003,11 @@ fn the_cluster_secret_is_rotated_by_binary_upgrades_without_a_partition() {
     let mut current: Vec<Option<u32>> = vec![None; 3];
     let mut successors = Vec::new();
     for (step, extra) in steps.iter().enumerate() {
-        for i in 0..3 {
+        for (i, serving) in current.iter_mut().enumerate() {
             c.extra[i] = extra.clone();
             std::fs::write(c.dir.join(&format!("pop-{i}.toml")), c.config(i)).unwrap();
             let mark = c.pop(i).log_mark();
-            match current[i] {
+            match *serving {
                 None => c.pop(i).signal(12), // SIGUSR2
                 Some(pid) => common::signal_pid(pid, 12),
             }
@@ -2022,7 +2022,7 @@ fn the_cluster_secret_is_rotated_by_binary_upgrades_without_a_partition() {
                 });
             let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
             successors.push(common::KillOnDrop(new));
-            current[i] = Some(new);
+            *serving = Some(new);
             c.pop(i)
                 .wait_for_log_after(mark, "running it here", PATIENCE)
                 .unwrap_or_else(|| panic!("step {step}, POP {i}: replication not handed over"));

@@ -653,8 +653,10 @@ fn goals(variants: &[Variant]) -> Vec<Goal> {
             pairs
                 .iter()
                 .map(|(e, h, c)| {
-                    let control = c.map_or(String::new(), |c| format!(" (haproxy2 +{c:.1})"));
-                    format!("+{e:.1} vs +{h:.1} µs{control}")
+                    // Signed: below direct's p99 (a stall that hit direct's
+                    // run) prints as −, not "+-".
+                    let control = c.map_or(String::new(), |c| format!(" (haproxy2 {c:+.1})"));
+                    format!("{e:+.1} vs {h:+.1} µs{control}")
                 })
                 .collect::<Vec<_>>()
                 .join(", ")

@@ -32,6 +32,8 @@ use super::session::{HandedBfd, Session, Timers, Transition};
 /// RFC 5881 §4.
 pub const CONTROL_PORT: u16 = 3784;
 const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// Datagrams read per socket per turn of the loop.
+const RECV_BATCH: usize = 64;
 /// How long a session may go without a packet from its neighbor before one
 /// WARN says so (the router may not run BFD for this session at all).
 const SILENT_NEIGHBOR_WARN: Duration = Duration::from_secs(10);
@@ -199,7 +201,12 @@ impl Loop {
             }
             for rx in [self.rx4.as_ref(), self.rx6.as_ref()].into_iter().flatten() {
                 let fd = rx.as_raw_fd();
-                while let Some((from, ttl, len)) = recv_with_ttl(fd, &mut buf) {
+                // A bounded batch: a flood on port 3784 must not hold the
+                // transmissions back (the rest waits for the next turn).
+                for _ in 0..RECV_BATCH {
+                    let Some((from, ttl, len)) = recv_with_ttl(fd, &mut buf) else {
+                        break;
+                    };
                     let now = Instant::now();
                     Self::receive(&mut self.sessions, from, ttl, &buf[..len], now);
                 }

@@ -3,9 +3,9 @@
 //! The driver feeds it received packets and the time, and sends what it
 //! asks to; tests drive it with simulated time.
 //!
-//! What is left out: demand mode (never asked for, and a peer's demand bit
-//! is honoured only by not expecting its packets, RFC 5880 §6.6 — this
-//! side never sets it, so a peer never may use it), the echo function
+//! What is left out: demand mode (this side never sets the D bit and
+//! ignores a peer's: it keeps sending periodically and expects the same;
+//! BIRD and FRR do not use demand mode unless told to), the echo function
 //! (RFC 5881 echo packets loop through the peer's forwarding plane; a
 //! process cannot offer that) and authentication.
 
