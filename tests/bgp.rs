@@ -781,6 +781,43 @@ fn with_bfd_on_the_pop_only_bgp_stays_up_and_a_warning_says_why() {
     assert_eq!(lab.pop(1).log_lines_after(0, "bfd: no BFD packet").len(), 1);
 }
 
+/// A router that authenticates its BFD packets (BIRD `authentication keyed
+/// sha1`): this side does not support it and discards them, and says so
+/// once, naming the reason, instead of only "no BFD packet yet"; the BGP
+/// session is unaffected.
+#[test]
+fn with_bfd_a_router_that_authenticates_bfd_is_named_and_bgp_stays_up() {
+    let _serial = serial();
+    let mut lab = Lab::new(1, 9);
+    let mut peers = lab.peers();
+    peers[0].bfd = true;
+    let bird = Bird::start_with(
+        &lab.net,
+        0,
+        ROUTER_ASN,
+        &peers,
+        "protocol bfd { interface \"*\" { authentication keyed sha1; password \"bfd-secret\"; }; }",
+    );
+    lab.neighbor_extra[1] = "bfd = true".into();
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    let warn = lab
+        .pop(1)
+        .wait_for_log_after(0, "bfd: the neighbor's BFD packets are discarded", PATIENCE)
+        .unwrap_or_else(|| panic!("no warning; log:\n{}", lab.pop(1).log_text()));
+    assert!(warn.contains("authentication is not supported"), "{warn}");
+    let status = lab.cli(1, &["bgp", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["neighbors"][0]["state"], "established", "{status}");
+    assert_ne!(v["neighbors"][0]["bfd"], "up", "{status}");
+    assert_eq!(
+        lab.pop(1)
+            .log_lines_after(0, "bfd: the neighbor's BFD packets are discarded")
+            .len(),
+        1
+    );
+}
+
 /// Port 3784 held by another BFD daemon on the POP's host: an ERROR that
 /// says so, and the BGP session goes on without BFD.
 #[test]

@@ -54,6 +54,18 @@ impl Bird {
     /// IPv6 route whose next hop is IPv4-mapped cannot go there: BIRD logs
     /// `Netlink: Invalid argument` and keeps it unused).
     pub fn start(net: &Net, host: usize, asn: u32, peers: &[Peer]) -> Bird {
+        Bird::start_with(net, host, asn, peers, "protocol bfd {}")
+    }
+
+    /// [`Bird::start`] with `bfd_protocol` as the `protocol bfd` block
+    /// (used when a peer has `bfd`).
+    pub fn start_with(
+        net: &Net,
+        host: usize,
+        asn: u32,
+        peers: &[Peer],
+        bfd_protocol: &str,
+    ) -> Bird {
         require("bird", "bird2");
         let dir = TempDir::new("bird");
         let socket = dir.join("bird.ctl");
@@ -109,7 +121,7 @@ protocol bgp {name} {{
         if peers.iter().any(|p| p.bfd) {
             // BIRD's defaults: it sends every 100 ms, takes packets 10 ms
             // apart, multiplier 5.
-            conf.push_str("\nprotocol bfd {}\n");
+            conf.push_str(&format!("\n{bfd_protocol}\n"));
         }
         let conf_path = dir.join("bird.conf");
         std::fs::write(&conf_path, conf).unwrap();

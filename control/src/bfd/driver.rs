@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-use super::packet::{diag, Control, State};
+use super::packet::{diag, Control, ParseError, State};
 use super::session::{HandedBfd, Session, Timers, Transition};
 
 /// RFC 5881 §4.
@@ -109,6 +109,7 @@ impl Bfd {
                 downs: 0,
                 heard: false,
                 warned_silent: false,
+                warned_discard: false,
                 started: now,
             });
         }
@@ -156,6 +157,8 @@ struct Live {
     downs: u64,
     heard: bool,
     warned_silent: bool,
+    /// A packet from the neighbor was discarded and said so once.
+    warned_discard: bool,
     started: Instant,
 }
 
@@ -226,7 +229,10 @@ impl Loop {
                     tracing::debug!(neighbor = %s.label, error = %e, "bfd: send failed");
                 }
             }
-            if !s.heard && !s.warned_silent && now.duration_since(s.started) >= SILENT_NEIGHBOR_WARN
+            if !s.heard
+                && !s.warned_silent
+                && !s.warned_discard
+                && now.duration_since(s.started) >= SILENT_NEIGHBOR_WARN
             {
                 s.warned_silent = true;
                 tracing::warn!(neighbor = %s.label, after_secs = SILENT_NEIGHBOR_WARN.as_secs(),
@@ -248,19 +254,32 @@ impl Loop {
         bytes: &[u8],
         now: Instant,
     ) {
+        let from_ip = canonical(from.ip());
+        // Discarded packets from a neighbor's own address are worth one
+        // WARN: without it the session just never comes up, and the only
+        // word would be "no BFD packet from the neighbor yet".
+        let mut discard = |why: String| match sessions.iter_mut().find(|s| s.peer == from_ip) {
+            Some(s) if !s.warned_discard => {
+                s.warned_discard = true;
+                tracing::warn!(neighbor = %s.label, %why,
+                        "bfd: the neighbor's BFD packets are discarded; the session cannot come up");
+            }
+            _ => tracing::debug!(%from, %why, "bfd: packet discarded"),
+        };
         if ttl != Some(255) {
             // RFC 5881 §5 (GTSM): not from this link.
-            tracing::debug!(%from, ?ttl, "bfd: packet discarded: TTL is not 255");
-            return;
+            let ttl = ttl.map_or("unknown".into(), |t| t.to_string());
+            return discard(format!(
+                "TTL {ttl}, not 255: the neighbor is not on a shared link (multihop BFD is not supported)"
+            ));
         }
         let p = match Control::parse(bytes) {
             Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(%from, error = %e, "bfd: packet discarded");
-                return;
+            Err(e @ ParseError::Authenticated) => {
+                return discard(format!("{e} (BFD authentication is not supported: turn it off for this session on the router)"));
             }
+            Err(e) => return discard(e.to_string()),
         };
-        let from_ip = canonical(from.ip());
         let found = if p.your_discr != 0 {
             sessions
                 .iter_mut()
