@@ -688,6 +688,33 @@ fn bfd_lab() -> (Lab, Bird) {
     (lab, bird)
 }
 
+/// POP 1's first neighbor as `bgp status --json` shows it.
+fn first_neighbor(lab: &Lab) -> serde_json::Value {
+    let status = lab.cli(1, &["bgp", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    v["neighbors"][0].clone()
+}
+
+/// A lab whose POP 1 has `bfd = true` towards a BIRD started with
+/// `bfd_protocol` (`None`: BIRD runs no BFD for the session), up and
+/// announcing.
+fn pop_with_bfd_towards_bird(bfd_protocol: Option<&str>) -> (Lab, Bird) {
+    let mut lab = Lab::new(1, 9);
+    let mut peers = lab.peers();
+    peers[0].bfd = bfd_protocol.is_some();
+    let bird = Bird::start_with(
+        &lab.net,
+        0,
+        ROUTER_ASN,
+        &peers,
+        bfd_protocol.unwrap_or_default(),
+    );
+    lab.neighbor_extra[1] = "bfd = true".into();
+    lab.launch(1);
+    wait_route(&bird, PREFIX4, true, "announce");
+    (lab, bird)
+}
+
 /// POP 1's metrics listener (in its namespace).
 const BFD_METRICS: &str = "127.0.0.1:9090";
 
@@ -700,9 +727,7 @@ fn pop_metrics(lab: &Lab) -> String {
 /// Until both BIRD and the POP say the BFD session is up.
 fn wait_bfd_up(lab: &Lab, bird: &Bird, what: &str) {
     let up = when(PATIENCE, || {
-        let ours: serde_json::Value =
-            serde_json::from_str(&lab.cli(1, &["bgp", "status", "--json"])).unwrap();
-        ours["neighbors"][0]["bfd"] == "up" && bird_bfd_up(bird)
+        first_neighbor(lab)["bfd"] == "up" && bird_bfd_up(bird)
     });
     assert!(
         up.is_some(),
@@ -761,22 +786,16 @@ fn with_bfd_a_stopped_pop_is_withdrawn_within_a_second_not_the_hold_time() {
 #[test]
 fn with_bfd_on_the_pop_only_bgp_stays_up_and_a_warning_says_why() {
     let _serial = serial();
-    let mut lab = Lab::new(1, 9);
-    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
-    lab.neighbor_extra[1] = "bfd = true".into();
-    lab.launch(1);
-    wait_route(&bird, PREFIX4, true, "announce");
+    let (lab, bird) = pop_with_bfd_towards_bird(None);
     let warn = lab
         .pop(1)
         .wait_for_log_after(0, "bfd: no BFD packet from the neighbor yet", PATIENCE)
         .unwrap_or_else(|| panic!("no warning; log:\n{}", lab.pop(1).log_text()));
     assert!(warn.contains("bfd on"), "{warn}");
-    let status = lab.cli(1, &["bgp", "status", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
-    let n = &v["neighbors"][0];
-    assert_eq!(n["state"], "established", "{status}");
-    assert_eq!(n["bfd"], "down", "{status}");
-    assert_eq!(n["flaps"], 0, "{status}");
+    let n = first_neighbor(&lab);
+    assert_eq!(n["state"], "established", "{n}");
+    assert_eq!(n["bfd"], "down", "{n}");
+    assert_eq!(n["flaps"], 0, "{n}");
     assert!(bird.has_route(PREFIX4));
     assert_eq!(lab.pop(1).log_lines_after(0, "bfd: no BFD packet").len(), 1);
 }
@@ -788,28 +807,17 @@ fn with_bfd_on_the_pop_only_bgp_stays_up_and_a_warning_says_why() {
 #[test]
 fn with_bfd_a_router_that_authenticates_bfd_is_named_and_bgp_stays_up() {
     let _serial = serial();
-    let mut lab = Lab::new(1, 9);
-    let mut peers = lab.peers();
-    peers[0].bfd = true;
-    let bird = Bird::start_with(
-        &lab.net,
-        0,
-        ROUTER_ASN,
-        &peers,
+    let (lab, _bird) = pop_with_bfd_towards_bird(Some(
         "protocol bfd { interface \"*\" { authentication keyed sha1; password \"bfd-secret\"; }; }",
-    );
-    lab.neighbor_extra[1] = "bfd = true".into();
-    lab.launch(1);
-    wait_route(&bird, PREFIX4, true, "announce");
+    ));
     let warn = lab
         .pop(1)
         .wait_for_log_after(0, "bfd: the neighbor's BFD packets are discarded", PATIENCE)
         .unwrap_or_else(|| panic!("no warning; log:\n{}", lab.pop(1).log_text()));
     assert!(warn.contains("authentication is not supported"), "{warn}");
-    let status = lab.cli(1, &["bgp", "status", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(v["neighbors"][0]["state"], "established", "{status}");
-    assert_ne!(v["neighbors"][0]["bfd"], "up", "{status}");
+    let n = first_neighbor(&lab);
+    assert_eq!(n["state"], "established", "{n}");
+    assert_ne!(n["bfd"], "up", "{n}");
     assert_eq!(
         lab.pop(1)
             .log_lines_after(0, "bfd: the neighbor's BFD packets are discarded")
@@ -836,14 +844,9 @@ fn with_bfd_port_3784_taken_is_an_error_and_bgp_goes_on() {
         .wait_for_log_after(0, "bfd: cannot start", PATIENCE)
         .unwrap_or_else(|| panic!("no error; log:\n{}", lab.pop(1).log_text()));
     assert!(error.contains("another BFD daemon"), "{error}");
-    let status = lab.cli(1, &["bgp", "status", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(v["neighbors"][0]["state"], "established", "{status}");
-    assert_eq!(
-        v["neighbors"][0]["bfd"],
-        serde_json::Value::Null,
-        "{status}"
-    );
+    let n = first_neighbor(&lab);
+    assert_eq!(n["state"], "established", "{n}");
+    assert_eq!(n["bfd"], serde_json::Value::Null, "{n}");
 }
 
 /// The other way: the path to the router breaks both ways. The POP's BFD
@@ -870,9 +873,7 @@ fn with_bfd_a_cut_path_resets_the_pops_bgp_session_and_it_comes_back() {
     assert!(down.contains("control detection time expired"), "{down}");
     let mut reset = serde_json::Value::Null;
     when(PATIENCE, || {
-        let v: serde_json::Value =
-            serde_json::from_str(&lab.cli(1, &["bgp", "status", "--json"])).unwrap();
-        reset = v["neighbors"][0].clone();
+        reset = first_neighbor(&lab);
         reset["state"] != "established" && reset["bfd_downs"] == 1
     })
     .unwrap_or_else(|| panic!("BGP not reset ({reset}); log:\n{}", lab.pop(1).log_text()));
@@ -946,10 +947,9 @@ fn with_bfd_a_binary_upgrade_keeps_the_bfd_session_up_at_the_router() {
         "BIRD saw the session go down during the upgrade:\n{log}"
     );
     assert!(bird.has_route(PREFIX4));
-    let status = lab.cli(1, &["bgp", "status", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(v["neighbors"][0]["bfd"], "up", "{status}");
-    assert_eq!(v["neighbors"][0]["bfd_downs"], 0, "{status}");
+    let n = first_neighbor(&lab);
+    assert_eq!(n["bfd"], "up", "{n}");
+    assert_eq!(n["bfd_downs"], 0, "{n}");
 }
 
 #[test]

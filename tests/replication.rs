@@ -1900,6 +1900,33 @@ fn peers_with_a_wrong_secret_or_cluster_name_are_refused() {
     }
 }
 
+/// The three rolling steps of a cluster secret rotation from [`SECRET`]
+/// to `new`, as `[replication]` lines.
+fn rotation_steps(new: &str) -> [String; 3] {
+    [
+        format!("secret = \"{SECRET}\"\naccept_secret = \"{new}\""),
+        format!("secret = \"{new}\"\naccept_secret = \"{SECRET}\""),
+        format!("secret = \"{new}\""),
+    ]
+}
+
+/// After POP `i` took rotation step `step`: a row written at it and one
+/// written at the next POP reach every POP (`tag` keeps the ids apart).
+fn replicates_both_ways(c: &Cluster, tag: &str, step: usize, i: usize) {
+    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    let other = (i + 1) % 3;
+    for (at, id) in [
+        (i, format!("{tag}{step}-from-{i}")),
+        (other, format!("{tag}{step}-to-{i}")),
+    ] {
+        assert_eq!(c.register(at, &id, addr), 201);
+        assert!(
+            common::eventually(PATIENCE, || c.everyone_has(&[0, 1, 2], &id, "id", &id)),
+            "step {step}, POP {i}: {id} written at POP {at} did not reach every POP"
+        );
+    }
+}
+
 /// The cluster secret rotated POP by POP in three rolling steps (README,
 /// "Rotating the cluster secret"): sign with the old secret and accept the
 /// new one; sign with the new one and accept the old; the new one alone.
@@ -1912,12 +1939,7 @@ fn the_cluster_secret_is_rotated_pop_by_pop_without_a_partition() {
     const NEW: &str = "the-rotated-cluster-secret-9876543210";
     let mut c = Cluster::start(3, None);
     c.wait_joined();
-    let steps = [
-        format!("secret = \"{SECRET}\"\naccept_secret = \"{NEW}\""),
-        format!("secret = \"{NEW}\"\naccept_secret = \"{SECRET}\""),
-        format!("secret = \"{NEW}\""),
-    ];
-    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    let steps = rotation_steps(NEW);
     let refusals = |c: &Cluster, i: usize| c.pop(i).log_lines_after(0, "cluster's secret");
     for (step, extra) in steps.iter().enumerate() {
         for i in 0..3 {
@@ -1928,17 +1950,7 @@ fn the_cluster_secret_is_rotated_pop_by_pop_without_a_partition() {
             c.launch(i);
             c.wait_joined();
             // Both ways between the POP just changed and the others.
-            let other = (i + 1) % 3;
-            for (at, id) in [
-                (i, format!("s{step}-from-{i}")),
-                (other, format!("s{step}-to-{i}")),
-            ] {
-                assert_eq!(c.register(at, &id, addr), 201);
-                assert!(
-                    common::eventually(PATIENCE, || c.everyone_has(&[0, 1, 2], &id, "id", &id)),
-                    "step {step}, POP {i}: {id} written at POP {at} did not reach every POP"
-                );
-            }
+            replicates_both_ways(&c, "s", step, i);
             // At step 2 the counter of gossip opened under the accepted
             // (old) secret tells who still seals with it: the first POP
             // changed hears the two not yet changed; the last one hears
@@ -1992,12 +2004,7 @@ fn the_cluster_secret_is_rotated_by_binary_upgrades_without_a_partition() {
     const NEW: &str = "the-rotated-cluster-secret-by-upgrade-0123";
     let mut c = Cluster::start(3, None);
     c.wait_joined();
-    let steps = [
-        format!("secret = \"{SECRET}\"\naccept_secret = \"{NEW}\""),
-        format!("secret = \"{NEW}\"\naccept_secret = \"{SECRET}\""),
-        format!("secret = \"{NEW}\""),
-    ];
-    let addr: SocketAddr = "10.77.0.1:9400".parse().unwrap();
+    let steps = rotation_steps(NEW);
     // The process now serving each POP: the one the test started, then
     // each upgrade's new process (its log goes on in the same stream).
     let mut current: Vec<Option<u32>> = vec![None; 3];
@@ -2027,17 +2034,7 @@ fn the_cluster_secret_is_rotated_by_binary_upgrades_without_a_partition() {
                 .wait_for_log_after(mark, "running it here", PATIENCE)
                 .unwrap_or_else(|| panic!("step {step}, POP {i}: replication not handed over"));
             c.wait_joined();
-            let other = (i + 1) % 3;
-            for (at, id) in [
-                (i, format!("u{step}-from-{i}")),
-                (other, format!("u{step}-to-{i}")),
-            ] {
-                assert_eq!(c.register(at, &id, addr), 201);
-                assert!(
-                    common::eventually(PATIENCE, || c.everyone_has(&[0, 1, 2], &id, "id", &id)),
-                    "step {step}, POP {i}: {id} written at POP {at} did not reach every POP"
-                );
-            }
+            replicates_both_ways(&c, "u", step, i);
             assert_eq!(
                 c.cluster_status(i)["accepting_second_secret"],
                 json!(step < 2),

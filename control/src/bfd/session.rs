@@ -363,6 +363,24 @@ mod tests {
         now
     }
 
+    /// A packet from a peer (discriminator 9) that has not heard us yet.
+    fn from_peer(poll: bool, required_min_rx_us: u32) -> Control {
+        Control {
+            diag: 0,
+            state: State::Down,
+            poll,
+            final_: false,
+            cpi: false,
+            demand: false,
+            detect_mult: 3,
+            my_discr: 9,
+            your_discr: 0,
+            desired_min_tx_us: 1_000_000,
+            required_min_rx_us,
+            required_min_echo_rx_us: 0,
+        }
+    }
+
     fn pair(now: Instant) -> (Session, Session) {
         (
             Session::new(TIMERS, 0x1111, now),
@@ -462,21 +480,7 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Session::new(TIMERS, 5, t0);
         let _ = a.poll_transmit(t0);
-        let poll = Control {
-            diag: 0,
-            state: State::Down,
-            poll: true,
-            final_: false,
-            cpi: false,
-            demand: false,
-            detect_mult: 3,
-            my_discr: 9,
-            your_discr: 0,
-            desired_min_tx_us: 1_000_000,
-            required_min_rx_us: 100_000,
-            required_min_echo_rx_us: 0,
-        };
-        a.handle_packet(t0 + ms(10), &poll);
+        a.handle_packet(t0 + ms(10), &from_peer(true, 100_000));
         let answer = a.poll_transmit(t0 + ms(10)).expect("F at once");
         assert!(answer.final_ && !answer.poll);
         assert_eq!(answer.your_discr, 9);
@@ -523,21 +527,7 @@ mod tests {
     fn a_peer_that_asks_for_no_packets_gets_none() {
         let t0 = Instant::now();
         let mut a = Session::new(TIMERS, 5, t0);
-        let quiet = Control {
-            diag: 0,
-            state: State::Down,
-            poll: false,
-            final_: false,
-            cpi: false,
-            demand: false,
-            detect_mult: 3,
-            my_discr: 9,
-            your_discr: 0,
-            desired_min_tx_us: 1_000_000,
-            required_min_rx_us: 0,
-            required_min_echo_rx_us: 0,
-        };
-        a.handle_packet(t0, &quiet);
+        a.handle_packet(t0, &from_peer(false, 0));
         a.take_transitions();
         let sent = (0..3000)
             .filter(|i| a.poll_transmit(t0 + ms(*i)).is_some())
