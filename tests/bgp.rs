@@ -688,6 +688,20 @@ fn bfd_lab() -> (Lab, Bird) {
     (lab, bird)
 }
 
+/// Upgrades POP 1's process (SIGUSR2) and waits for the new one to be
+/// ready. Returns the log mark from before the signal and the new process
+/// (killed when dropped).
+fn upgrade_pop1(lab: &Lab) -> (usize, common::KillOnDrop) {
+    let mark = lab.pop(1).log_mark();
+    lab.pop(1).signal(12); // SIGUSR2
+    let ready = lab
+        .pop(1)
+        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
+        .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
+    let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
+    (mark, common::KillOnDrop(new))
+}
+
 /// POP 1's first neighbor as `bgp status --json` shows it.
 fn first_neighbor(lab: &Lab) -> serde_json::Value {
     let status = lab.cli(1, &["bgp", "status", "--json"]);
@@ -914,14 +928,7 @@ fn with_bfd_a_binary_upgrade_keeps_the_bfd_session_up_at_the_router() {
     let _serial = serial();
     let (mut lab, bird) = bfd_lab();
     let bird_mark = bird.log_text().len();
-    let mark = lab.pop(1).log_mark();
-    lab.pop(1).signal(12); // SIGUSR2
-    let ready = lab
-        .pop(1)
-        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
-        .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
-    let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
-    let _successor = common::KillOnDrop(new);
+    let (mark, _successor) = upgrade_pop1(&lab);
     lab.pop(1)
         .wait_for_log_after(
             mark,
@@ -1337,14 +1344,7 @@ fn frr_with_bfd_drops_a_stopped_pop_at_once_and_keeps_it_through_an_upgrade() {
         v["uptime"].as_u64().unwrap_or(0)
     };
     let before = uptime();
-    let mark = lab.pop(1).log_mark();
-    lab.pop(1).signal(12); // SIGUSR2
-    let ready = lab
-        .pop(1)
-        .wait_for_log_after(mark, "upgrade: new process is ready", PATIENCE)
-        .unwrap_or_else(|| panic!("no successor; log:\n{}", lab.pop(1).log_text()));
-    let new: u32 = common::field(&ready, "pid").unwrap().parse().unwrap();
-    let _successor = common::KillOnDrop(new);
+    let (_, _successor) = upgrade_pop1(&lab);
     assert!(
         lab.pops[1].as_mut().unwrap().wait_exit(PATIENCE).is_some(),
         "the old process did not exit"
