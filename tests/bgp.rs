@@ -1279,6 +1279,25 @@ fn frr_count(json: &str, key: &str) -> u64 {
 /// gets them again between a BoRR and an EoRR, on the same session: a real
 /// router's side of the ROUTE-REFRESH handling that fuzzing reworked (RFC
 /// 7313 §5's checks in `bgp::session::frame`).
+/// Whether FRR's BGP session with `pop` is established.
+fn frr_established(frr: &Frr, pop: &str) -> bool {
+    frr.vtysh(&format!("show bgp neighbors {pop} json"))
+        .contains("\"bgpState\":\"Established\"")
+}
+
+/// Until FRR's BGP session with `pop` is down, after a BFD Down; how long
+/// that took from `since`.
+fn frr_drops_with_bfd(frr: &Frr, pop: &str, since: Instant) -> Duration {
+    when(PATIENCE, || !frr_established(frr, pop)).expect("FRR kept the session");
+    let took = since.elapsed();
+    assert!(
+        frr.log_text().contains("BFD Down"),
+        "FRR dropped it for another reason:\n{}",
+        frr.log_text()
+    );
+    took
+}
+
 /// BFD with FRR's bfdd (bgpd `neighbor X bfd`, through zebra; FRR's
 /// timers: 300 ms × 3): the session comes up, a stopped POP's BGP session
 /// is taken down by FRR within a second or two (Cease, BFD Down) though
@@ -1295,11 +1314,9 @@ fn frr_with_bfd_drops_a_stopped_pop_at_once_and_keeps_it_through_an_upgrade() {
     lab.launch(1);
     let pop = lab.net.ip(1).to_string();
     let bfd_peer = || frr.vtysh(&format!("show bfd peer {pop} json"));
-    let bgp_state = || frr.vtysh(&format!("show bgp neighbors {pop} json"));
     let wait_up = |what: &str| {
         when(PATIENCE, || {
-            bfd_peer().contains("\"status\":\"up\"")
-                && bgp_state().contains("\"bgpState\":\"Established\"")
+            bfd_peer().contains("\"status\":\"up\"") && frr_established(&frr, &pop)
         })
         .unwrap_or_else(|| {
             panic!(
@@ -1319,22 +1336,12 @@ fn frr_with_bfd_drops_a_stopped_pop_at_once_and_keeps_it_through_an_upgrade() {
     );
 
     lab.pop(1).signal(libc::SIGSTOP);
-    let stopped = Instant::now();
-    when(PATIENCE, || {
-        !bgp_state().contains("\"bgpState\":\"Established\"")
-    })
-    .expect("FRR kept the session");
-    let took = stopped.elapsed();
+    let took = frr_drops_with_bfd(&frr, &pop, Instant::now());
     println!(
         "figure: stopped POP to FRR's BGP session down with BFD (300 ms × 3; hold time 9 s): {:.2} s",
         took.as_secs_f64()
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert!(
-        frr.log_text().contains("BFD Down"),
-        "FRR dropped it for another reason:\n{}",
-        frr.log_text()
-    );
     lab.pop(1).signal(libc::SIGCONT);
     wait_up("after SIGCONT");
 
@@ -1359,9 +1366,9 @@ fn frr_with_bfd_drops_a_stopped_pop_at_once_and_keeps_it_through_an_upgrade() {
         "FRR's BFD session restarted: {peer}"
     );
     assert!(
-        bgp_state().contains("\"bgpState\":\"Established\""),
+        frr_established(&frr, &pop),
         "{}",
-        bgp_state()
+        frr.vtysh("show bgp summary")
     );
 }
 
@@ -1403,7 +1410,6 @@ fn bfd_to_bird_over_ipv4_and_frr_over_ipv6_at_once() {
     lab.neighbor_extra[pop] = "bfd = true".into();
     lab.launch(pop);
     let frr_bfd = || frr.vtysh("show bfd peer fd77::2 json");
-    let frr_bgp = || frr.vtysh("show bgp neighbors fd77::2 json");
     when(PATIENCE, || {
         let v: serde_json::Value =
             serde_json::from_str(&lab.cli(pop, &["bgp", "status", "--json"])).unwrap();
@@ -1411,7 +1417,7 @@ fn bfd_to_bird_over_ipv4_and_frr_over_ipv6_at_once() {
             && v["neighbors"][1]["bfd"] == "up"
             && bird_bfd_up(&bird)
             && frr_bfd().contains("\"status\":\"up\"")
-            && frr_bgp().contains("\"bgpState\":\"Established\"")
+            && frr_established(&frr, "fd77::2")
     })
     .unwrap_or_else(|| {
         panic!(
@@ -1427,17 +1433,12 @@ fn bfd_to_bird_over_ipv4_and_frr_over_ipv6_at_once() {
     lab.pop(pop).signal(libc::SIGSTOP);
     let stopped = Instant::now();
     wait_route(&bird, PREFIX4, false, "SIGSTOP (BIRD, IPv4 BFD)");
-    when(PATIENCE, || {
-        !frr_bgp().contains("\"bgpState\":\"Established\"")
-    })
-    .expect("FRR kept the session");
-    let took = stopped.elapsed();
+    let took = frr_drops_with_bfd(&frr, "fd77::2", stopped);
     println!(
         "figure: stopped POP dropped by both routers (BIRD over IPv4, FRR over IPv6, hold time 9 s): {:.2} s",
         took.as_secs_f64()
     );
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert!(frr.log_text().contains("BFD Down"), "{}", frr.log_text());
     lab.pop(pop).signal(libc::SIGCONT);
 }
 

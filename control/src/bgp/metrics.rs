@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::status::BgpStatus;
+use super::status::{BgpStatus, NeighborStatus};
 
 /// The phases `edgeproxy_bgp_announcement` has a sample for.
 const PHASES: [&str; 3] = ["announced", "draining", "withdrawn"];
@@ -25,7 +25,6 @@ pub fn render(status: &BgpStatus, out: &mut String) {
         let on = u8::from(status.phase == phase);
         let _ = writeln!(out, "edgeproxy_bgp_announcement{{phase=\"{phase}\"}} {on}");
     }
-    type Field = fn(&super::status::NeighborStatus) -> u64;
     let per_neighbor: [(&str, &str, &str, Field); 5] = [
         (
             "edgeproxy_bgp_session_established",
@@ -58,12 +57,7 @@ pub fn render(status: &BgpStatus, out: &mut String) {
             |n| n.flaps,
         ),
     ];
-    for (name, kind, help, value) in per_neighbor {
-        family(out, name, kind, help);
-        for n in &status.neighbors {
-            let _ = writeln!(out, "{name}{{neighbor=\"{}\"}} {}", n.neighbor, value(n));
-        }
-    }
+    samples(out, &per_neighbor, status.neighbors.iter());
     // BFD: only neighbors that run it have samples.
     let per_bfd: [(&str, &str, &str, Field); 2] = [
         (
@@ -79,9 +73,24 @@ pub fn render(status: &BgpStatus, out: &mut String) {
             |n| n.bfd_downs,
         ),
     ];
-    for (name, kind, help, value) in per_bfd {
+    samples(
+        out,
+        &per_bfd,
+        status.neighbors.iter().filter(|n| n.bfd.is_some()),
+    );
+}
+
+type Field = fn(&NeighborStatus) -> u64;
+
+/// Each family with one sample per neighbor in `neighbors`.
+fn samples<'a>(
+    out: &mut String,
+    families: &[(&str, &str, &str, Field)],
+    neighbors: impl Iterator<Item = &'a NeighborStatus> + Clone,
+) {
+    for (name, kind, help, value) in families {
         family(out, name, kind, help);
-        for n in status.neighbors.iter().filter(|n| n.bfd.is_some()) {
+        for n in neighbors.clone() {
             let _ = writeln!(out, "{name}{{neighbor=\"{}\"}} {}", n.neighbor, value(n));
         }
     }
