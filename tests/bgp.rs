@@ -73,6 +73,18 @@ fn sh(net: &Net, host: usize, args: &[&str]) {
     );
 }
 
+/// Gives each `(host, address/len)` that IPv6 address on its `eth0`
+/// (no duplicate address detection: usable at once).
+fn add_ipv6(lab: &Lab, addrs: &[(usize, &str)]) {
+    for (host, addr) in addrs {
+        sh(
+            &lab.net,
+            *host,
+            &["ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad"],
+        );
+    }
+}
+
 impl Lab {
     /// The hosts, wired; no POP started.
     fn new(n_pops: usize, hold_secs: u16) -> Lab {
@@ -1380,13 +1392,7 @@ fn bfd_to_bird_over_ipv4_and_frr_over_ipv6_at_once() {
     let _serial = serial();
     let mut lab = Lab::new(1, 9);
     let (pop, frr_host) = (1, 2);
-    for (host, addr) in [(pop, "fd77::2/64"), (frr_host, "fd77::3/64")] {
-        sh(
-            &lab.net,
-            host,
-            &["ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad"],
-        );
-    }
+    add_ipv6(&lab, &[(pop, "fd77::2/64"), (frr_host, "fd77::3/64")]);
     let mut peers = lab.peers();
     peers[0].bfd = true;
     let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &peers);
@@ -1495,13 +1501,7 @@ fn two_neighbors_bird_over_ipv4_and_gobgp_over_ipv6_with_med_and_communities() {
     let mut lab = Lab::new(1, 9);
     // GoBGP on the client's host, reached over IPv6.
     let (pop, gobgp_host) = (1, 2);
-    for (host, addr) in [(pop, "fd77::2/64"), (gobgp_host, "fd77::3/64")] {
-        sh(
-            &lab.net,
-            host,
-            &["ip", "-6", "addr", "add", addr, "dev", "eth0", "nodad"],
-        );
-    }
+    add_ipv6(&lab, &[(pop, "fd77::2/64"), (gobgp_host, "fd77::3/64")]);
     let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &lab.peers());
     let gobgp = GoBgp::start(
         &lab.net,
