@@ -41,6 +41,7 @@ fn perf_suite_quick_run_reports_every_scenario() {
     let mut o = quick_options("perf-smoke");
     o.idle_connections = 200;
     o.reload_rate = 500.0;
+    o.tls_paced_share = 0.3;
     let out = o.out_dir.clone();
     let report = run_alone(&o);
 
@@ -129,8 +130,15 @@ fn perf_suite_quick_run_reports_every_scenario() {
         tls.render()
     );
     // TLS bulk is also paced at a share of the closed-loop rate: reported,
-    // and never faster than that rate (one chunk per stream of slack).
+    // and never faster than the pacer lets it be. The window's bytes may
+    // include what the pacer sent during the warm-up and the buffers held
+    // while the reader was descheduled (other tests run alongside: seen at
+    // 1.08x the rate, 2026-12-07), so the bound is the rate over warm-up
+    // plus window, with 5 % for chunk slack and catch-up. At a share of
+    // 0.3 an unpaced stream would move ~3x the rate, far above it; the
+    // pacer's own precision is backends.rs's unit test.
     if tls.median(Kind::Edgeproxy, "hps").is_some() {
+        let spread = (o.warmup + o.duration).as_secs_f64() / o.duration.as_secs_f64();
         for (closed, paced) in [
             ("f_tls_bulk", "f_tls_bulk_paced"),
             ("f_tls_upload", "f_tls_upload_paced"),
@@ -139,7 +147,7 @@ fn perf_suite_quick_run_reports_every_scenario() {
             let paced = variant(paced);
             let moved = paced.median(Kind::Edgeproxy, "mbps").unwrap();
             assert!(
-                moved > 0.0 && moved <= 1.05 * rate,
+                moved > 0.0 && moved <= 1.05 * spread * rate,
                 "paced at {rate:.0} MB/s, moved {moved:.0}\n{}",
                 paced.render()
             );
