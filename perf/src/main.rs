@@ -79,6 +79,17 @@ struct Args {
     /// closed-loop MB/s, per direction; 0 skips the paced runs. Default 0.7.
     #[arg(long)]
     tls_paced_share: Option<f64>,
+    /// Request/response runs (a, b, c, o) whose CPUs lost more than this
+    /// share of the window to the hypervisor (steal time, /proc/stat) are
+    /// run again, up to --steal-repeats times, and the report notes each
+    /// repeat: on a shared VM such a run's tail is the host's. 0: never
+    /// repeat. Default 0.01 (quick: 0).
+    #[arg(long)]
+    max_steal: Option<f64>,
+    /// How many times a run may be repeated for steal time (the last
+    /// attempt is kept, flagged, whatever its steal). Default 2.
+    #[arg(long)]
+    steal_repeats: Option<usize>,
     /// Idle connections in the memory scenario. Default 5000 (quick: 500).
     #[arg(long)]
     idle_connections: Option<usize>,
@@ -187,6 +198,16 @@ fn main() -> anyhow::Result<()> {
             "--tls-paced-share: a share of the slowest target's closed-loop MB/s (0.7), or 0 for no paced runs"
         );
         o.tls_paced_share = share;
+    }
+    if let Some(share) = args.max_steal {
+        anyhow::ensure!(
+            share.is_finite() && (0.0..1.0).contains(&share),
+            "--max-steal: a share of the run's window below 1 (0.01: 30 ms of a 3 s run), or 0 to never repeat a run"
+        );
+        o.max_steal_share = (share > 0.0).then_some(share);
+    }
+    if let Some(n) = args.steal_repeats {
+        o.steal_repeats = n;
     }
     if let Some(n) = args.idle_connections {
         o.idle_connections = n;

@@ -211,6 +211,35 @@ pub fn ipis() -> u64 {
         .sum()
 }
 
+/// Time the hypervisor ran something else while `cpus` had work (the
+/// `steal` column of `/proc/stat`), nanoseconds, summed over `cpus`; all
+/// CPUs when `cpus` is empty. A guest cannot see what ran instead: a stall
+/// that no task of this machine caused shows here.
+pub fn steal_ns(cpus: &[usize]) -> u64 {
+    let Ok(text) = fs::read_to_string("/proc/stat") else {
+        return 0;
+    };
+    steal_ns_in(&text, cpus, 1_000_000_000 / ticks_per_sec())
+}
+
+fn steal_ns_in(stat: &str, cpus: &[usize], tick_ns: u64) -> u64 {
+    stat.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let name = f.next()?;
+            let cpu = name.strip_prefix("cpu")?;
+            let wanted = if cpus.is_empty() {
+                cpu.is_empty()
+            } else {
+                cpu.parse::<usize>().is_ok_and(|c| cpus.contains(&c))
+            };
+            // user nice system idle iowait irq softirq steal
+            wanted.then(|| f.nth(7)?.parse::<u64>().ok()).flatten()
+        })
+        .sum::<u64>()
+        * tick_ns
+}
+
 /// The 1-minute load average.
 pub fn loadavg() -> f64 {
     fs::read_to_string("/proc/loadavg")
@@ -278,5 +307,17 @@ mod tests {
         assert!(cpu(me).total() > Duration::ZERO);
         assert!(rss_bytes(me) > 0);
         assert!(process_tree(me).contains(&me));
+    }
+
+    #[test]
+    fn steal_is_the_eighth_value_of_the_named_cpus() {
+        let stat = "cpu  10 0 5 100 1 0 2 7 0 0\n\
+                    cpu0 5 0 2 50 1 0 1 3 0 0\n\
+                    cpu1 5 0 3 50 0 0 1 4 0 0\n\
+                    intr 12345\n";
+        assert_eq!(steal_ns_in(stat, &[], 10), 70);
+        assert_eq!(steal_ns_in(stat, &[1], 10), 40);
+        assert_eq!(steal_ns_in(stat, &[0, 1], 10), 70);
+        assert_eq!(steal_ns_in(stat, &[2], 10), 0);
     }
 }
