@@ -688,14 +688,7 @@ fn a_pop_stopped_past_the_hold_time_announces_again_when_it_runs() {
 /// declares it down after 300 ms of silence). Hold time 9 s, so that the
 /// hold timer cannot be what drops a session within a second or two.
 fn bfd_lab() -> (Lab, Bird) {
-    let mut lab = Lab::new(1, 9);
-    let mut peers = lab.peers();
-    peers[0].bfd = true;
-    let bird = Bird::start(&lab.net, 0, ROUTER_ASN, &peers);
-    lab.neighbor_extra[1] = "bfd = true".into();
-    lab.sections[1] = format!("[metrics]\nenabled = true\nlisten_addr = \"{BFD_METRICS}\"");
-    lab.launch(1);
-    wait_route(&bird, PREFIX4, true, "announce");
+    let (lab, bird) = pop_with_bfd_towards_bird(Some("protocol bfd {}"));
     wait_bfd_up(&lab, &bird, "start");
     (lab, bird)
 }
@@ -723,7 +716,7 @@ fn first_neighbor(lab: &Lab) -> serde_json::Value {
 
 /// A lab whose POP 1 has `bfd = true` towards a BIRD started with
 /// `bfd_protocol` (`None`: BIRD runs no BFD for the session), up and
-/// announcing.
+/// announcing, its metrics on [`BFD_METRICS`].
 fn pop_with_bfd_towards_bird(bfd_protocol: Option<&str>) -> (Lab, Bird) {
     let mut lab = Lab::new(1, 9);
     let mut peers = lab.peers();
@@ -736,6 +729,7 @@ fn pop_with_bfd_towards_bird(bfd_protocol: Option<&str>) -> (Lab, Bird) {
         bfd_protocol.unwrap_or_default(),
     );
     lab.neighbor_extra[1] = "bfd = true".into();
+    lab.sections[1] = format!("[metrics]\nenabled = true\nlisten_addr = \"{BFD_METRICS}\"");
     lab.launch(1);
     wait_route(&bird, PREFIX4, true, "announce");
     (lab, bird)
