@@ -79,7 +79,7 @@ struct Args {
     /// closed-loop MB/s, per direction; 0 skips the paced runs. Default 0.7.
     #[arg(long)]
     tls_paced_share: Option<f64>,
-    /// Request/response runs (a, b, c, o) whose CPUs lost more than this
+    /// Request/response runs (a, b, c, o, g) whose CPUs lost more than this
     /// share of the window to the hypervisor (steal time, /proc/stat) are
     /// run again, up to --steal-repeats times, and the report notes each
     /// repeat: on a shared VM such a run's tail is the host's. 0: never
