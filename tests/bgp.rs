@@ -807,17 +807,26 @@ fn with_bfd_a_stopped_pop_is_withdrawn_within_a_second_not_the_hold_time() {
 fn with_bfd_on_the_pop_only_bgp_stays_up_and_a_warning_says_why() {
     let _serial = serial();
     let (lab, bird) = pop_with_bfd_towards_bird(None);
-    let warn = lab
-        .pop(1)
-        .wait_for_log_after(0, "bfd: no BFD packet from the neighbor yet", PATIENCE)
-        .unwrap_or_else(|| panic!("no warning; log:\n{}", lab.pop(1).log_text()));
+    let warned = "bfd: no BFD packet from the neighbor yet";
+    let warn = established_after_warning(&lab, warned);
     assert!(warn.contains("bfd on"), "{warn}");
     let n = first_neighbor(&lab);
-    assert_eq!(n["state"], "established", "{n}");
     assert_eq!(n["bfd"], "down", "{n}");
     assert_eq!(n["flaps"], 0, "{n}");
     assert!(bird.has_route(PREFIX4));
     assert_eq!(lab.pop(1).log_lines_after(0, "bfd: no BFD packet").len(), 1);
+}
+
+/// Waits for the POP's log line containing `warning`, checks that its BGP
+/// session is still established, and returns the line.
+fn established_after_warning(lab: &Lab, warning: &str) -> String {
+    let warn = lab
+        .pop(1)
+        .wait_for_log_after(0, warning, PATIENCE)
+        .unwrap_or_else(|| panic!("no {warning:?}; log:\n{}", lab.pop(1).log_text()));
+    let n = first_neighbor(lab);
+    assert_eq!(n["state"], "established", "{n}");
+    warn
 }
 
 /// A router that authenticates its BFD packets (BIRD `authentication keyed
@@ -830,20 +839,12 @@ fn with_bfd_a_router_that_authenticates_bfd_is_named_and_bgp_stays_up() {
     let (lab, _bird) = pop_with_bfd_towards_bird(Some(
         "protocol bfd { interface \"*\" { authentication keyed sha1; password \"bfd-secret\"; }; }",
     ));
-    let warn = lab
-        .pop(1)
-        .wait_for_log_after(0, "bfd: the neighbor's BFD packets are discarded", PATIENCE)
-        .unwrap_or_else(|| panic!("no warning; log:\n{}", lab.pop(1).log_text()));
+    let warned = "bfd: the neighbor's BFD packets are discarded";
+    let warn = established_after_warning(&lab, warned);
     assert!(warn.contains("authentication is not supported"), "{warn}");
     let n = first_neighbor(&lab);
-    assert_eq!(n["state"], "established", "{n}");
     assert_ne!(n["bfd"], "up", "{n}");
-    assert_eq!(
-        lab.pop(1)
-            .log_lines_after(0, "bfd: the neighbor's BFD packets are discarded")
-            .len(),
-        1
-    );
+    assert_eq!(lab.pop(1).log_lines_after(0, warned).len(), 1);
 }
 
 /// Port 3784 held by another BFD daemon on the POP's host: an ERROR that
