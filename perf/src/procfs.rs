@@ -211,15 +211,17 @@ pub fn ipis() -> u64 {
         .sum()
 }
 
-/// Time the hypervisor ran something else while `cpus` had work (the
-/// `steal` column of `/proc/stat`), nanoseconds, summed over `cpus`; all
-/// CPUs when `cpus` is empty. A guest cannot see what ran instead: a stall
-/// that no task of this machine caused shows here.
-pub fn steal_ns(cpus: &[usize]) -> u64 {
+/// Time the hypervisor ran something else while the CPUs of each set had
+/// work (the `steal` column of `/proc/stat`), nanoseconds, summed over the
+/// set's CPUs; all CPUs for an empty set. One read of `/proc/stat` for all
+/// sets. A guest cannot see what ran instead: a stall that no task of this
+/// machine caused shows here.
+pub fn steal_ns<const N: usize>(sets: [&[usize]; N]) -> [u64; N] {
     let Ok(text) = fs::read_to_string("/proc/stat") else {
-        return 0;
+        return [0; N];
     };
-    steal_ns_in(&text, cpus, 1_000_000_000 / ticks_per_sec())
+    let tick_ns = 1_000_000_000 / ticks_per_sec();
+    sets.map(|cpus| steal_ns_in(&text, cpus, tick_ns))
 }
 
 fn steal_ns_in(stat: &str, cpus: &[usize], tick_ns: u64) -> u64 {

@@ -37,9 +37,10 @@ struct Probe {
 
 fn probe(pid: Option<u32>, opts: &Options) -> Probe {
     let me = std::process::id();
+    let [proxy_cpus_steal, run_cpus_steal] = procfs::steal_ns([&opts.proxy_cpus, &run_cpus(opts)]);
     Probe {
-        proxy_cpus_steal: procfs::steal_ns(&opts.proxy_cpus),
-        run_cpus_steal: procfs::steal_ns(&run_cpus(opts)),
+        proxy_cpus_steal,
+        run_cpus_steal,
         cpu: pid.map(procfs::cpu).unwrap_or_default(),
         ipis: procfs::ipis(),
         loadgen_cpu: procfs::threads_cpu_ns(me, "perf-load").unwrap_or(0),
