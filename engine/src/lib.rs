@@ -13,6 +13,7 @@ mod conn;
 mod ctx;
 mod deadlines;
 mod engine;
+pub mod failure_streak;
 pub mod geo;
 mod geo_cache;
 mod idle;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dns::geodns::{self, Standing};
-use engine::log_limit::LogLimit;
+use engine::failure_streak::FailureStreak;
 use engine::snapshot::{PopView, SnapshotHandle};
 use engine::StatsView;
 use tokio::sync::{mpsc, oneshot};
@@ -232,7 +232,7 @@ pub fn start(
         shutdown_waiter: None,
         announced_at_shutdown: false,
         pending_row: None,
-        record_failing: (LogLimit::new(RECORD_ERROR_EVERY), 0),
+        record_failing: FailureStreak::new(RECORD_ERROR_EVERY),
         record_retry_at: None,
         bgp_enabled: bgp.enabled,
         poll: if bgp.enabled { POLL_BGP } else { POLL_IDLE },
@@ -310,7 +310,7 @@ struct Controller {
     /// Row writes failing since the last success, and how often that is
     /// said: QA, a full disk logged one ERROR per evaluation (4 a second,
     /// 50 with BGP) for as long as it lasted.
-    record_failing: (LogLimit, u64),
+    record_failing: FailureStreak,
     /// After a failed write, the next is not tried before this: each may
     /// block the control thread for `pop_row::BUSY_WAIT` on a held lock.
     record_retry_at: Option<Instant>,
@@ -449,15 +449,16 @@ impl Controller {
             Ok(Some(row)) => row,
             Ok(None) => match self.rows.ensure(&self.identity) {
                 Ok(row) => {
+                    // The line below says the row is written: a streak of
+                    // failed writes ends without a line of its own.
+                    let _ = self.record_failing.succeeded();
                     tracing::warn!("pop: replication did not write this POP's row in time; written here, without the cluster's copy");
                     row
                 }
                 Err(e) => {
                     // Said like any failed write of the row (QA: once a
                     // second while a lock or a full disk lasted).
-                    let (limit, failures) = &mut self.record_failing;
-                    *failures += 1;
-                    if let Some(left_out) = limit.hit(now) {
+                    if let Some(left_out) = self.record_failing.failed(now) {
                         tracing::error!(error = %e, left_out,
                             "pop: cannot write this POP's row; trying again every second (said at most every 10 s)");
                     }
@@ -558,23 +559,15 @@ impl Controller {
                 Ok(_) => {
                     self.written = state;
                     self.record_retry_at = None;
-                    let (limit, failures) = &mut self.record_failing;
-                    if *failures > 0 {
-                        tracing::info!(
-                            failures = *failures,
-                            "pop: this POP's state recorded again"
-                        );
-                        *failures = 0;
-                        *limit = LogLimit::new(RECORD_ERROR_EVERY);
+                    if let Some(failures) = self.record_failing.succeeded() {
+                        tracing::info!(failures, "pop: this POP's state recorded again");
                     }
                     // This POP's GeoDNS answers from the snapshot too.
                     self.reloader.reload_soon();
                 }
                 Err(e) => {
                     self.record_retry_at = Some(now + ROW_READ_EVERY);
-                    let (limit, failures) = &mut self.record_failing;
-                    *failures += 1;
-                    if let Some(left_out) = limit.hit(now) {
+                    if let Some(left_out) = self.record_failing.failed(now) {
                         tracing::error!(error = %e, left_out,
                             "pop: cannot record this POP's state; other POPs keep the old one \
                              (tried again every second, said at most every 10 s while it lasts)");
