@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use engine::failure_streak::FailureStreak;
 use engine::log_limit::LogLimit;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
@@ -631,8 +632,8 @@ impl Bound {
             contact_saved: last_contact,
             absences_saved,
             seeds,
-            change_log_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
-            remote_write_failing: (LogLimit::new(CHANGE_LOG_ERROR_EVERY), 0),
+            change_log_failing: FailureStreak::new(CHANGE_LOG_ERROR_EVERY),
+            remote_write_failing: FailureStreak::new(CHANGE_LOG_ERROR_EVERY),
             store_failures: (0, None),
             reconcile_due,
             resolved_tx,
@@ -712,10 +713,10 @@ struct Driver {
     absences_saved: (Absences, Option<Instant>),
     /// Bootstrap peers, resolved again while no member answers.
     seeds: Seeds,
-    /// Failed change-log polls in a row, and the limit on their log lines.
-    change_log_failing: (LogLimit, u64),
+    /// Failed change-log polls in a row, and their log lines.
+    change_log_failing: FailureStreak,
     /// The same for writes of remote rows.
-    remote_write_failing: (LogLimit, u64),
+    remote_write_failing: FailureStreak,
     /// Replication's failed writes to the store, all of them, and the last
     /// one's error (for status and metrics).
     store_failures: (u64, Option<String>),
@@ -820,7 +821,7 @@ impl Driver {
                         Now::system().wall_ms,
                         Instant::now(),
                     );
-                    self.publish_status();
+                    self.publish_status(true);
                 }
                 _ = seeds_tick.tick() => self.seeds_tick(),
                 Some(results) = resolved.recv() => {
@@ -929,9 +930,7 @@ impl Driver {
                 self.store_failed(&e);
                 // Polled every 50 ms: a lock held for a minute (an
                 // operator's sqlite3 session) made 1200 ERROR lines.
-                let (limit, failures) = &mut self.change_log_failing;
-                *failures += 1;
-                if let Some(left_out) = limit.hit(Instant::now()) {
+                if let Some(left_out) = self.change_log_failing.failed(Instant::now()) {
                     tracing::error!(error = %e, left_out,
                         "replication: cannot read the change log; local changes are versioned once it reads again \
                          (said at most every 10 s while it lasts)");
@@ -939,14 +938,8 @@ impl Driver {
                 return;
             }
         }
-        let (limit, failures) = &mut self.change_log_failing;
-        if *failures > 0 {
-            tracing::info!(
-                failures = *failures,
-                "replication: change log readable again"
-            );
-            *failures = 0;
-            *limit = LogLimit::new(CHANGE_LOG_ERROR_EVERY);
+        if let Some(failures) = self.change_log_failing.succeeded() {
+            tracing::info!(failures, "replication: change log readable again");
         }
     }
 
@@ -1068,6 +1061,12 @@ impl Driver {
         let mut own_copy_unwritten = false;
         let own_key = RowKey::new(Table::Pops, self.node.id().to_string());
         let mut membership_changed = std::mem::take(&mut self.membership_dirty);
+        // Remote rows written (or refused): the status and metrics count
+        // them as soon as the table has them, not up to a status tick later
+        // (a client that saw a row through the API read a counter without
+        // it). Names come from the pops table: read again only if one of
+        // its rows came.
+        let mut persisted: Option<bool> = None;
         while let Some(out) = self.node.poll_output() {
             match out {
                 Output::Datagram { to, bytes } => {
@@ -1078,44 +1077,43 @@ impl Driver {
                 Output::Message { to, bytes, .. } => {
                     self.transport.send(to, bytes);
                 }
-                Output::Persist(batch) => match self.db.persist_remote(&batch.rows) {
-                    Ok(refused) => {
-                        reload = true;
-                        for row in refused {
-                            // Every exchange brings such a row again after a
-                            // restart (its version is not recorded): once a
-                            // minute per row is plenty.
-                            if log_due(&mut self.malformed_logged, &row.key.to_string()).is_some() {
-                                tracing::error!(row = %row.key, reason = %row.reason,
-                                    "replication: a remote row does not fit its table and is left out \
-                                     (the POP it came from runs a broken edgeproxy, or its table differs)");
+                Output::Persist(batch) => {
+                    let pops_row = batch.rows.iter().any(|r| r.key.table == Table::Pops);
+                    *persisted.get_or_insert(false) |= pops_row;
+                    match self.db.persist_remote(&batch.rows) {
+                        Ok(refused) => {
+                            reload = true;
+                            for row in refused {
+                                // Every exchange brings such a row again after a
+                                // restart (its version is not recorded): once a
+                                // minute per row is plenty.
+                                if log_due(&mut self.malformed_logged, &row.key.to_string())
+                                    .is_some()
+                                {
+                                    tracing::error!(row = %row.key, reason = %row.reason,
+                                        "replication: a remote row does not fit its table and is left out \
+                                         (the POP it came from runs a broken edgeproxy, or its table differs)");
+                                }
+                            }
+                            if let Some(failures) = self.remote_write_failing.succeeded() {
+                                tracing::info!(failures, "replication: remote rows written again");
                             }
                         }
-                        let (limit, failures) = &mut self.remote_write_failing;
-                        if *failures > 0 {
-                            tracing::info!(
-                                failures = *failures,
-                                "replication: remote rows written again"
-                            );
-                            *failures = 0;
-                            *limit = LogLimit::new(CHANGE_LOG_ERROR_EVERY);
+                        Err(e) => {
+                            self.store_failed(&e);
+                            // One per batch of rows, several a second while
+                            // an operator's sqlite3 holds the lock (QA).
+                            if let Some(left_out) = self.remote_write_failing.failed(Instant::now())
+                            {
+                                tracing::error!(error = %e, rows = batch.rows.len(), left_out,
+                                    "replication: cannot write remote rows; anti-entropy will bring them again \
+                                     (said at most every 10 s while it lasts)");
+                            }
+                            own_copy_unwritten |= batch.rows.iter().any(|r| r.key == own_key);
+                            self.node.persist_failed(batch);
                         }
                     }
-                    Err(e) => {
-                        self.store_failed(&e);
-                        // One per batch of rows, several a second while
-                        // an operator's sqlite3 holds the lock (QA).
-                        let (limit, failures) = &mut self.remote_write_failing;
-                        *failures += 1;
-                        if let Some(left_out) = limit.hit(Instant::now()) {
-                            tracing::error!(error = %e, rows = batch.rows.len(), left_out,
-                                "replication: cannot write remote rows; anti-entropy will bring them again \
-                                 (said at most every 10 s while it lasts)");
-                        }
-                        own_copy_unwritten |= batch.rows.iter().any(|r| r.key == own_key);
-                        self.node.persist_failed(batch);
-                    }
-                },
+                }
                 Output::Forget(keys) => {
                     if let Err(e) = self.db.forget(&keys) {
                         tracing::warn!(error = %e, "replication: cannot forget collected tombstones");
@@ -1163,7 +1161,9 @@ impl Driver {
                 self.liveness.store(Arc::new(alive));
                 reload = true;
             }
-            self.publish_status();
+            self.publish_status(true);
+        } else if let Some(pops_row) = persisted {
+            self.publish_status(pops_row);
         }
         if reload {
             // Remote rows and liveness reach the shards now, not at the
@@ -1203,7 +1203,7 @@ impl Driver {
     /// (both tried again until they go through; this POP's own row and
     /// its notes are written again by their own turns).
     fn store_error(&self) -> Option<String> {
-        let failing = self.change_log_failing.1 > 0 || self.remote_write_failing.1 > 0;
+        let failing = self.change_log_failing.failing() || self.remote_write_failing.failing();
         self.store_failures.1.clone().filter(|_| failing)
     }
 
@@ -1463,7 +1463,9 @@ impl Driver {
         }
     }
 
-    fn publish_status(&mut self) {
+    /// Publishes the status (and so the metrics); `refresh_pops`: reads
+    /// the members' names and regions from the pops table again first.
+    fn publish_status(&mut self, refresh_pops: bool) {
         if Instant::now().duration_since(self.lag_window.0) >= Duration::from_secs(2) {
             self.recent_lag_ms = None;
         }
@@ -1471,9 +1473,9 @@ impl Driver {
         // reload holds the table (a starved tick can, for seconds), the
         // last ones read do: this runs on the control runtime, which must
         // not wait for it (see `reload_thread`).
-        let rows = self
-            .reloader
-            .try_lock()
+        let rows = refresh_pops
+            .then(|| self.reloader.try_lock())
+            .flatten()
             .map(|mut reloader| reloader.store_mut().load_pops());
         if let Some(Ok(rows)) = rows {
             self.pops = rows.into_iter().map(|r| (r.node_id.clone(), r)).collect();
