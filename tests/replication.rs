@@ -1763,6 +1763,31 @@ fn a_backup_restored_into_a_live_routing_db_is_said_and_a_restart_catches_up() {
     );
 }
 
+/// The status, and the metrics read from it, were published at a one
+/// second tick: `edgeproxy_replication_rows_applied_total` counted a remote
+/// row up to a second after `routing.db` (and so the API) had it, and a
+/// client reading both saw the row and a counter without it.
+#[test]
+fn a_remote_row_is_counted_by_the_time_the_table_has_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let c = Cluster::start(2, None);
+    c.wait_joined();
+    let applied = || c.metric(0, "edgeproxy_replication_rows_applied_total");
+    for n in 0..10 {
+        let before = applied();
+        let id = format!("b{n}");
+        assert_eq!(c.register(1, &id, "10.77.0.1:9500".parse().unwrap()), 201);
+        assert!(common::eventually(PATIENCE, || c
+            .row(0, &id, "id")
+            .is_some()));
+        let after = applied();
+        assert!(
+            after > before,
+            "{id} is in POP 0's table, rows_applied_total still {after} (was {before})"
+        );
+    }
+}
+
 /// QA, 2026-12-06: every idle replicating POP reloaded its routing table
 /// every 2 s, forever, with an INFO line each time: replication's poll
 /// committed its write count with nothing to version, the routing store

@@ -1064,8 +1064,11 @@ impl Driver {
         // Remote rows written (or refused): the status and metrics count
         // them as soon as the table has them, not up to a status tick later
         // (a client that saw a row through the API read a counter without
-        // it). Names come from the pops table: read again only if one of
-        // its rows came.
+        // it). Published below, once every batch's fate is known: the node
+        // counts rows as it merges them and takes a refused batch's back, so
+        // a status published between two batches could show a counter that
+        // then goes down. Names come from the pops table: read again only
+        // if one of its rows came.
         let mut persisted: Option<bool> = None;
         while let Some(out) = self.node.poll_output() {
             match out {
