@@ -4,8 +4,9 @@
 //!
 //! Static: a multi-stage build whose runtime stage is not the toolchain,
 //! every file it copies exists, its build context keeps what the build needs
-//! (Cargo.lock, the embedded GeoIP database) and leaves out `target/`, and
-//! the shipped config with the image's environment passes `check-config`.
+//! (Cargo.lock, the embedded GeoIP database) and leaves out `target/`, the
+//! runtime stage copies the binary the `dist` profile built, and the
+//! shipped config with the image's environment passes `check-config`.
 //! With an engine: the image builds, `/ready` answers 200 on the published
 //! metrics port, the demo backend answers through the proxy, and `docker
 //! stop` drains and exits 0.
@@ -132,6 +133,56 @@ fn the_dockerfile_is_multi_stage_and_copies_what_exists() {
             "{var} port {port} not in EXPOSE {exposed:?}"
         );
     }
+}
+
+/// The image ships the binary its build stage built, with the `dist`
+/// profile (whole-program LTO, README "Build profiles"), which Cargo.toml
+/// defines: a profile renamed on one side only would copy a stale or
+/// missing file, or fail the build with "profile `dist` is not defined".
+#[test]
+fn the_image_ships_the_binary_built_with_the_dist_profile() {
+    let ins = instructions(&dockerfile());
+    let build = ins
+        .iter()
+        .find(|(w, r)| w == "RUN" && r.contains("cargo build"))
+        .expect("a RUN cargo build")
+        .1
+        .clone();
+    let words: Vec<&str> = build.split_whitespace().collect();
+    let profile = words
+        .windows(2)
+        .find(|w| w[0] == "--profile")
+        .map(|w| w[1])
+        .unwrap_or_else(|| panic!("the build names no --profile: {build}"));
+    assert_eq!(profile, "dist", "{build}");
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap();
+    let section = manifest
+        .split("[profile.dist]")
+        .nth(1)
+        .unwrap_or_else(|| panic!("Cargo.toml defines no [profile.dist]"));
+    let section = section.split("\n[").next().unwrap();
+    for setting in [
+        "inherits = \"release\"",
+        "lto = \"fat\"",
+        "codegen-units = 1",
+    ] {
+        assert!(section.contains(setting), "[profile.dist] lacks {setting}");
+    }
+    let built = format!("target/{profile}/edgeproxy");
+    assert!(
+        build.contains(&format!("strip --strip-debug {built}")),
+        "{build}"
+    );
+    let copied = ins
+        .iter()
+        .find(|(w, r)| w == "COPY" && r.starts_with("--from=build"))
+        .expect("the runtime stage copies from the build stage")
+        .1
+        .clone();
+    assert!(
+        copied.contains(&format!("/src/{built} ")),
+        "copies {copied}, built {built}"
+    );
 }
 
 #[test]
