@@ -220,3 +220,42 @@ fn overload_at_the_same_rate_offers_every_target_the_fastest_proxys_flood() {
     }
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// (u): edgeproxy's samples, taken through the measured window only (perf
+/// turned on and off through its control FIFO), split into the kernel, its
+/// own code and its libraries, and the parts add up to its CPU per
+/// connection and per request. Direct, no proxy, is not profiled.
+#[test]
+fn where_the_cpu_goes_splits_edgeproxys_samples_and_adds_up() {
+    let mut o = quick_options("perf-cpu-split");
+    o.scenarios = "u".into();
+    o.duration = Duration::from_millis(500);
+    let out = o.out_dir.clone();
+    let report = run_alone(&o);
+    for (id, cpu_key) in [
+        ("u_connections", "cpu_us_per_conn"),
+        ("u_keepalive", "cpu_us_per_req"),
+    ] {
+        let v = report
+            .variants
+            .iter()
+            .find(|v| v.id == id)
+            .unwrap_or_else(|| panic!("no {id}"));
+        let m = |key: &str| {
+            v.median(Kind::Edgeproxy, key)
+                .unwrap_or_else(|| panic!("{id}: no {key}\n{}", v.render()))
+        };
+        let (cpu, kernel, own, libraries) =
+            (m(cpu_key), m("kernel_us"), m("own_us"), m("libraries_us"));
+        assert!(kernel > 0.0 && own > 0.0, "{}", v.render());
+        // perf prints shares to 0.01 %: the parts add up to within that.
+        let sum = kernel + own + libraries;
+        assert!(
+            (sum - cpu).abs() <= 0.01 * cpu,
+            "{sum} of {cpu}\n{}",
+            v.render()
+        );
+        assert_eq!(v.median(Kind::Direct, "own_us"), None, "{}", v.render());
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}

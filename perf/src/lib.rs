@@ -10,6 +10,7 @@
 pub mod backends;
 pub mod byte_pace;
 pub mod cpu_cap;
+pub mod cpu_split;
 pub mod loadgen;
 pub mod netns;
 pub mod plot;
@@ -32,7 +33,7 @@ use crate::report::{Goal, PeerStatus, Report, Variant};
 use crate::targets::{Kind, Running};
 
 /// Scenarios by letter, as in the README (`s`, the syscall census, is not
-/// in the quick set).
+/// in the quick set; `r` and `u` run only when asked for).
 pub const SCENARIOS: &str = "abocdefgps";
 
 #[derive(Clone, Debug)]
@@ -347,6 +348,12 @@ fn run_in(
         let v = scenarios::syscall_census(opts, &mut running);
         progress(&v);
         variants.push(v);
+    }
+    if has('u') {
+        for v in cpu_split::scenarios(opts, &mut running, &setup.work_dir) {
+            progress(&v);
+            variants.push(v);
+        }
     }
     if has('f') {
         for v in tls::scenarios(opts, setup, &mut running, &backends, tls_unavailable) {

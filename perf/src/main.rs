@@ -28,8 +28,10 @@ struct Args {
     /// proxy under a CPU cap), c connection per request, d bulk,
     /// e idle memory, f TLS, g hot reload, p warm backend connections to a
     /// 100 ms-RTT backend (pool on vs off; needs root), s syscall census
-    /// (perf stat tracepoints), r rate limiting's cost in c (on vs off).
-    /// Default: all but r (quick: all but r and s). b takes its rates
+    /// (perf stat tracepoints), r rate limiting's cost in c (on vs off),
+    /// u where each proxy's CPU goes (kernel, own code, libraries: perf
+    /// record through c's and a's loads). Default: all but r and u (quick:
+    /// all but r, s and u). b takes its rates
     /// from a; o measures each target's maximum itself.
     #[arg(long)]
     scenarios: Option<String>,

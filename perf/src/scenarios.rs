@@ -71,7 +71,6 @@ fn us(ns: u64) -> f64 {
 }
 
 /// Latency and CPU metrics of a request/response run.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn rr_sample(
     opts: &Options,
     target: &Running,
@@ -80,6 +79,21 @@ pub(crate) fn rr_sample(
     rate_key: &'static str,
     cpu_key: &'static str,
 ) -> anyhow::Result<Sample> {
+    rr_sample_around(opts, target, run, spec, (rate_key, cpu_key), || {}, || {})
+}
+
+/// [`rr_sample`], calling `started` right after the measured window's first
+/// probe and `ending` right after its last (a profiler attached for the
+/// window: see `cpu_split`).
+pub(crate) fn rr_sample_around(
+    opts: &Options,
+    target: &Running,
+    run: usize,
+    spec: LoadSpec,
+    (rate_key, cpu_key): (&'static str, &'static str),
+    mut started: impl FnMut(),
+    mut ending: impl FnMut(),
+) -> anyhow::Result<Sample> {
     let pid = target.pid();
     let (mut p0, mut p1) = (Probe::default(), Probe::default());
     let (res, elapsed) = loadgen::run_window(
@@ -87,8 +101,14 @@ pub(crate) fn rr_sample(
         &opts.loadgen_cpus,
         opts.warmup,
         opts.duration,
-        || p0 = probe(pid, opts),
-        || p1 = probe(pid, opts),
+        || {
+            p0 = probe(pid, opts);
+            started();
+        },
+        || {
+            p1 = probe(pid, opts);
+            ending();
+        },
     )?;
     let n = res.completed.max(1) as f64;
     let h = &res.latency;
