@@ -403,6 +403,12 @@ fn profiled_run(
         return Err(e);
     }
     let shares = recording.into_inner().finish(&own)?;
+    // Without root, perf_event_paranoid 2 lets perf sample user space only:
+    // a split without the kernel would be wrong, not partial.
+    anyhow::ensure!(
+        shares.kernel > 0.0,
+        "no sample in the kernel: profiling it is not allowed here (kernel.perf_event_paranoid > 1 without root)"
+    );
     let cpu = *sample
         .metrics
         .get(load.cpu_key)
