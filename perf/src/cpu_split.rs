@@ -98,16 +98,33 @@ fn perf_record_works(dir: &Path) -> bool {
 /// How long `perf` may take to come up or to answer a command.
 const PERF_PATIENCE: Duration = Duration::from_secs(10);
 
+/// A `perf record` process and the files it works with (its output, its
+/// log, its control FIFOs): on drop the process is stopped, if it still
+/// runs, and the files removed, whichever stage it got to.
+struct PerfProcess {
+    child: Child,
+    files: Vec<PathBuf>,
+}
+
+impl Drop for PerfProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for file in &self.files {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+}
+
 /// A `perf record` attached to a process tree with sampling off, turned on
 /// and off through its control FIFO (`--control`), which acknowledges each
 /// command: the samples are exactly the measured window's, whatever perf's
 /// own start-up time.
 struct Recording {
-    child: Child,
+    perf: PerfProcess,
     ctl: File,
     ack: File,
     out: PathBuf,
-    fifos: [PathBuf; 2],
     /// perf's standard error, quoted in errors.
     log: PathBuf,
 }
@@ -159,10 +176,10 @@ impl Recording {
             .stderr(File::create(&log)?)
             .spawn()
             .context("perf record")?;
-        // Removes the FIFOs and stops perf if it never comes up.
-        let mut half = HalfOpen {
-            child: Some(child),
-            files: [fifos[0].clone(), fifos[1].clone(), log.clone()],
+        let [ctl_fifo, ack_fifo] = fifos;
+        let mut perf = PerfProcess {
+            child,
+            files: vec![out.clone(), log.clone(), ctl_fifo.clone(), ack_fifo.clone()],
         };
         // The control FIFO opens for writing once perf holds it: that is
         // perf being up (ENXIO until then).
@@ -171,12 +188,11 @@ impl Recording {
             match OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_NONBLOCK)
-                .open(&fifos[0])
+                .open(&ctl_fifo)
             {
                 Ok(f) => break f,
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    let child = half.child.as_mut().expect("held until attached");
-                    if let Some(status) = child.try_wait()? {
+                    if let Some(status) = perf.child.try_wait()? {
                         anyhow::bail!(
                             "perf record exited before attaching: {status}; {}",
                             perf_said(&log)
@@ -196,14 +212,13 @@ impl Recording {
         let ack = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
-            .open(&fifos[1])
+            .open(&ack_fifo)
             .context("perf's acknowledgement FIFO")?;
         Ok(Recording {
-            child: half.child.take().expect("held until attached"),
+            perf,
             ctl,
             ack,
             out,
-            fifos,
             log,
         })
     }
@@ -250,8 +265,8 @@ impl Recording {
     /// returns the shares of its samples, `own` being the executable.
     fn finish(mut self, own: &str) -> anyhow::Result<Shares> {
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.child.wait()?;
+        unsafe { libc::kill(self.perf.child.id() as i32, libc::SIGINT) };
+        self.perf.child.wait()?;
         let report = Command::new("perf")
             .args(["report", "--no-children", "--sort", "dso", "--stdio", "-i"])
             .arg(&self.out)
@@ -259,37 +274,6 @@ impl Recording {
             .output()?;
         let text = String::from_utf8_lossy(&report.stdout);
         shares(&text, own).ok_or_else(|| anyhow::anyhow!("perf recorded no sample"))
-    }
-}
-
-impl Drop for Recording {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.out);
-        let _ = std::fs::remove_file(&self.log);
-        for fifo in &self.fifos {
-            let _ = std::fs::remove_file(fifo);
-        }
-    }
-}
-
-/// A `perf record` not attached yet: stopped, and its FIFOs and log
-/// removed, if it never is.
-struct HalfOpen {
-    child: Option<Child>,
-    files: [PathBuf; 3],
-}
-
-impl Drop for HalfOpen {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-            for file in &self.files {
-                let _ = std::fs::remove_file(file);
-            }
-        }
     }
 }
 
@@ -321,13 +305,20 @@ const LOADS: [Load; 2] = [
 
 /// (u): both loads, every proxy target, `runs` interleaved runs each.
 pub fn scenarios(opts: &Options, targets: &mut [Running], work_dir: &Path) -> Vec<Variant> {
+    let usable = perf_record_works(work_dir);
     LOADS
         .iter()
-        .map(|load| split(opts, targets, work_dir, load))
+        .map(|load| split(opts, targets, work_dir, load, usable))
         .collect()
 }
 
-fn split(opts: &Options, targets: &mut [Running], work_dir: &Path, load: &Load) -> Variant {
+fn split(
+    opts: &Options,
+    targets: &mut [Running],
+    work_dir: &Path,
+    load: &Load,
+    perf_usable: bool,
+) -> Variant {
     let conns = match load.keepalive {
         true => opts.connections,
         false => opts.connect_concurrency,
@@ -346,7 +337,7 @@ fn split(opts: &Options, targets: &mut [Running], work_dir: &Path, load: &Load) 
             col("libraries_us", "libraries µs", true),
         ],
     );
-    if !perf_record_works(work_dir) {
+    if !perf_usable {
         v.notes.push(
             "`perf record` is not usable here (missing, or not allowed): not measured".into(),
         );
