@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 #[derive(Default)]
 pub(crate) struct Alarm {
@@ -29,17 +29,21 @@ impl Alarm {
 
     /// Resolves once rung.
     pub fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.rung.get() {
-                return Poll::Ready(());
-            }
-            let waker = match self.waker.take() {
-                Some(w) if w.will_wake(cx.waker()) => w,
-                _ => cx.waker().clone(),
-            };
-            self.waker.set(Some(waker));
-            Poll::Pending
-        })
+        std::future::poll_fn(move |cx| self.poll_wait(cx))
+    }
+
+    /// [`Alarm::wait`] as a poll: ready once rung, else the task in `cx` is
+    /// the one woken when it rings.
+    pub fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.rung.get() {
+            return Poll::Ready(());
+        }
+        let waker = match self.waker.take() {
+            Some(w) if w.will_wake(cx.waker()) => w,
+            _ => cx.waker().clone(),
+        };
+        self.waker.set(Some(waker));
+        Poll::Pending
     }
 
     /// Drops the waiting task's waker: nobody waits any more, and a waker

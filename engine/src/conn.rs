@@ -87,7 +87,9 @@ pub(crate) async fn serve(
     // Only connections that will write an access-log line keep a tally: a
     // connection's task is what it costs while idle, so without the log it
     // carries one pointer more, not the tally.
-    let tally = ctx.knobs().access_log.then(|| Box::new(Tally::new(peer)));
+    let tally = ctx
+        .with_knobs(|k| k.access_log)
+        .then(|| Box::new(Tally::new(peer)));
     let result = serve_inner(&ctx, &lctx, &client, peer, tally.as_deref()).await;
     if let Some(tally) = &tally {
         let (end, error) = match &result {
@@ -155,15 +157,14 @@ async fn serve_inner(
 ) -> Result<(), ConnError> {
     // The knobs this connection uses, copied out: `Knobs` is 136 bytes, and
     // a local that is borrowed stays in the task for its whole scope.
-    let (connect_timeout, idle_timeout, attempts, rtt_weight) = {
-        let knobs = ctx.knobs();
+    let (connect_timeout, idle_timeout, attempts, rtt_weight) = ctx.with_knobs(|knobs| {
         (
             knobs.connect_timeout,
             knobs.idle_timeout,
             knobs.connect_attempts.get() as usize,
             knobs.rtt_weight,
         )
-    };
+    });
     let buffer_len = ctx.shared.settings.buffer_size as usize;
 
     let (client_addr, pending) = if lctx.spec.accept_proxy_protocol {
@@ -188,7 +189,8 @@ async fn serve_inner(
     // Per-client limits, on the real client (after PROXY protocol) and
     // before any TLS or backend work is spent on it.
     let client_ip = canonical_ip(client_addr.ip());
-    let _client_slot = match ClientSlot::admit(ctx, client_ip, &ctx.knobs().client_limits) {
+    let _client_slot = match ctx.with_knobs(|k| ClientSlot::admit(ctx, client_ip, &k.client_limits))
+    {
         Ok(slot) => slot,
         Err(Refused::Rate) => return Err(ConnError::RateLimited(client_ip)),
         Err(Refused::Concurrent) => return Err(ConnError::ClientConnLimit(client_ip)),

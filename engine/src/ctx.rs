@@ -99,7 +99,14 @@ impl ShardCtx {
 
     /// The current knobs, copied.
     pub fn knobs(&self) -> Knobs {
-        **self.knobs.borrow_mut().load()
+        self.with_knobs(|knobs| *knobs)
+    }
+
+    /// `read` applied to the current knobs, borrowed: what the connection
+    /// path uses, which needs a few fields and not a copy of all of them
+    /// (`Knobs` is 136 bytes). `read` must not ask for the knobs again.
+    pub fn with_knobs<R>(&self, read: impl FnOnce(&Knobs) -> R) -> R {
+        read(self.knobs.borrow_mut().load())
     }
 
     /// Puts the current knobs' affinity TTL and size limit in force in
@@ -149,12 +156,11 @@ impl ConnSlot {
     /// Whether this shard may accept another connection now: below the
     /// per-shard limit and the process-wide one (0 = unlimited).
     pub fn room(ctx: &ShardCtx) -> bool {
-        let knobs = ctx.knobs();
-        let shard_max = knobs.max_connections_per_shard;
+        let (shard_max, global_max) =
+            ctx.with_knobs(|k| (k.max_connections_per_shard, k.max_connections));
         if shard_max != 0 && ctx.stats.active() >= shard_max {
             return false;
         }
-        let global_max = knobs.max_connections;
         global_max == 0 || ctx.shared.active_total.load(Ordering::Relaxed) < global_max
     }
 

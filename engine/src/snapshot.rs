@@ -366,11 +366,18 @@ pub struct RoutingSnapshot {
     /// Interned region names; `Backend::region` indexes this.
     pub regions: Vec<Arc<str>>,
     /// Backend indices per app, in table order.
-    by_app: HashMap<Arc<str>, Vec<BackendIdx>>,
+    by_app: LookupMap<Arc<str>, Vec<BackendIdx>>,
     /// All backend indices, in table order (for listeners serving every app).
     all: Vec<BackendIdx>,
-    by_id: HashMap<Arc<str>, BackendIdx>,
+    by_id: LookupMap<Arc<str>, BackendIdx>,
 }
+
+/// The snapshot's maps, read on every new connection (its listener's app,
+/// a returning client's bound backend): foldhash, seeded per process, not
+/// SipHash, whose hash of a short id was most of each lookup's ~100
+/// instructions. Their keys come from the routing table, not from clients
+/// (the affinity table, keyed by client address, keeps SipHash).
+type LookupMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 impl RoutingSnapshot {
     /// Candidate backends for a listener: those of `app`, or all when `None`.
@@ -435,7 +442,7 @@ impl LiveRegistry {
 
     /// Forgets backends that no snapshot references any more and that have no
     /// open connection, so the registry does not grow without bound.
-    fn retain_ids(&mut self, keep: &HashMap<Arc<str>, BackendIdx>) {
+    fn retain_ids(&mut self, keep: &LookupMap<Arc<str>, BackendIdx>) {
         self.by_id
             .retain(|id, (_, live)| keep.contains_key(id) || live.active() > 0);
     }
