@@ -38,8 +38,10 @@ done
 work=$(mktemp -d /tmp/count-instructions.XXXXXX)
 pids=()
 cleanup() {
+    # SIGTERM: nginx's master stops its worker then (killed, it would leave
+    # the worker running); a proxy still running here is one that failed.
     for pid in "${pids[@]}"; do
-        kill -9 "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
     rm -rf "$work"
