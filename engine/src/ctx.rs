@@ -117,9 +117,7 @@ impl ShardCtx {
     /// knobs only after a change, and the table is written only when a
     /// value differs.
     pub fn sync_affinity(&self, table: &mut AffinityTable) {
-        let mut cache = self.knobs.borrow_mut();
-        let knobs = cache.load();
-        table.configure(knobs.affinity_ttl, knobs.affinity_max_clients);
+        self.with_knobs(|k| table.configure(k.affinity_ttl, k.affinity_max_clients));
     }
 }
 
